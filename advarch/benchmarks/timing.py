@@ -1,0 +1,59 @@
+"""Timing and peak-memory helpers shared by the benchmarks in this package."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Row:
+    """One line of the benchmark table."""
+
+    bench: str
+    contender: str
+    size: str
+    ms: float
+    peak_mb: float = float("nan")
+    ratio: float = float("nan")  # ms / reference ms measured in the same run
+
+
+def time_ms(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak bytes of live tensors allocated while `fn()` runs, in MiB.
+
+    On CPU this replays the profiler's allocation/free events in time order, which counts
+    ATen tensor memory (what scales with T) and nothing else.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return torch.cuda.max_memory_allocated() / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
+    )
+    live = peak = 0
+    for evt in events:
+        live += evt.cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20

@@ -1,0 +1,1 @@
+"""Config helpers: validation against constructors, resolvers and run-directory utilities."""

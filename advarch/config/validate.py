@@ -1,0 +1,92 @@
+"""Config validation against the constructors the YAMLs point at.
+
+Each option YAML is `_target_` plus keys equal to the constructor's keyword arguments, so the
+constructor's signature *is* the schema: unknown keys and wrong types are caught here, before
+any work, with one line naming the key as the user writes it (`model.dim`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hydra.utils import get_class, get_method
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config key has an unknown name, a wrong type or an impossible value."""
+
+
+def _resolve_target(path: str, key: str) -> Any:
+    try:
+        return get_class(path)
+    except Exception:
+        try:
+            return get_method(path)
+        except Exception as err:
+            raise ConfigError(f"{key}._target_={path!r} cannot be imported") from err
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Loose runtime check of a YAML value against a type hint (ints pass for floats)."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (str, bool):
+        return isinstance(value, annotation)
+    base = origin or annotation
+    if base in (list, tuple, Sequence) or (isinstance(base, type) and issubclass(base, Sequence | tuple)):
+        return isinstance(value, list | tuple | ListConfig) and not isinstance(value, str)
+    if base in (dict, Mapping) or (isinstance(base, type) and issubclass(base, Mapping)):
+        return isinstance(value, dict | DictConfig)
+    return True
+
+
+def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
+    """Check `node`'s keys and value types against its `_target_`'s signature.
+
+    Args:
+        node: a config node with `_target_`.
+        key: its dotted name as the user writes it (`model`, `data`).
+        skip: arguments supplied by the code rather than the config (`spec`, `model`).
+    Raises:
+        ConfigError: naming the first offending key.
+    """
+    target = _resolve_target(node["_target_"], key)
+    signature = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:
+        hints = {}
+    params = signature.parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    container = OmegaConf.to_container(node, resolve=True)
+    for name, value in container.items():
+        if name.startswith("_") or name in skip:
+            continue
+        if name not in params:
+            if accepts_any:
+                continue
+            known = ", ".join(p for p in params if p not in ("self", *skip))
+            raise ConfigError(f"{key}.{name} is not an option of {node['_target_']} (options: {known})")
+        hint = hints.get(name, params[name].annotation)
+        if not _matches(value, hint):
+            raise ConfigError(f"{key}.{name}={value!r} has the wrong type (expected {_hint_name(hint)})")
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -1,0 +1,364 @@
+"""Language-model data: documents → train/val/test split by document → tokens → packed sequences.
+
+Sources, in order of precedence: `files` (a glob of .txt/.md/.py/.jsonl/.json/.parquet files),
+`dataset` (a Hugging Face Hub name; fails fast offline), or the default embedded corpus: the
+running interpreter's own standard-library sources (~11 MB of real text, no download).
+Tokenised, packed splits are cached with `datasets` (memory-mapped Arrow) under `cache_dir`,
+keyed by a fingerprint of the sources and options, so the second run starts in seconds.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
+from advarch.spec import DataSpec
+
+SPLITS = ("train", "val", "test")
+STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
+
+
+def stdlib_files() -> list[Path]:
+    """The interpreter's standard-library .py files, without tests and idlelib."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(f for f in root.rglob("*.py") if not STDLIB_SKIP & set(f.relative_to(root).parts))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True if the Hugging Face Hub answers and offline mode is not forced."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def split_documents(
+    n: int, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Indices of documents per split: a seeded permutation cut by fractions (≥1 doc each)."""
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} "
+            "must be in (0, 1) and sum to less than 1"
+        )
+    if n < 3:
+        raise ValueError(f"data: need at least 3 documents to split into train/val/test, found {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * val_fraction))
+    n_test = max(1, round(n * test_fraction))
+    return {
+        "val": order[:n_val],
+        "test": order[n_val : n_val + n_test],
+        "train": order[n_val + n_test :],
+    }
+
+
+class TextDataModule(L.LightningDataModule):
+    """Packed next-token prediction over a text corpus (see the module docstring)."""
+
+    def __init__(
+        self,
+        files: str | None = None,
+        dataset: str | None = None,
+        text_field: str = "text",
+        tokenizer: str = "byte",
+        bpe_vocab_size: int = 4096,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        max_documents: int | None = None,
+        max_eval_sequences: int | None = 512,
+        seed: int = 0,
+        cache_dir: str = "outputs/cache",
+        num_workers: int = 0,
+        retrieval: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if tokenizer not in ("byte", "bpe"):
+            raise ValueError(f"data.tokenizer={tokenizer!r} is not one of: byte, bpe")
+        if seq_len < 2:
+            raise ValueError(f"data.seq_len={seq_len} must be at least 2")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} must be positive")
+        if files is not None and not glob.glob(os.path.expanduser(files), recursive=True):
+            raise FileNotFoundError(f"data.files={files!r} matches no file")
+        self.files, self.dataset_name, self.text_field = files, dataset, text_field
+        self.tokenizer_kind, self.bpe_vocab_size = tokenizer, bpe_vocab_size
+        self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.max_documents, self.max_eval_sequences = max_documents, max_eval_sequences
+        self.cache_root = Path(cache_dir)
+        self.retrieval_cfg = dict(retrieval or {})
+        self.splits: dict[str, Any] = {}
+        self.meta: dict[str, Any] = {}
+        self.tokenizer: ByteTokenizer | BPETokenizer | None = None
+        self.retriever = None
+
+    # -- sources ------------------------------------------------------------------------------
+    def _documents(self) -> tuple[list[str], list[str]]:
+        """(names, texts) of every document of the source."""
+        if self.files is not None:
+            return self._local_documents(
+                sorted(glob.glob(os.path.expanduser(self.files), recursive=True))
+            )
+        if self.dataset_name is not None:
+            return self._hub_documents()
+        paths = stdlib_files()
+        return [str(p) for p in paths], [
+            p.read_text(encoding="utf-8", errors="replace") for p in paths
+        ]
+
+    def _local_documents(self, paths: list[str]) -> tuple[list[str], list[str]]:
+        import datasets
+
+        names: list[str] = []
+        texts: list[str] = []
+        for path in paths:
+            suffix = Path(path).suffix.lower()
+            if suffix in TEXT_SUFFIXES:
+                names.append(path)
+                texts.append(Path(path).read_text(encoding="utf-8", errors="replace"))
+                continue
+            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
+            if builder is None:
+                raise ValueError(
+                    f"data.files: cannot read {path!r} (use text, JSON lines or parquet)"
+                )
+            ds = datasets.load_dataset(builder, data_files=path, split="train")
+            if self.text_field not in ds.column_names:
+                raise ValueError(
+                    f"data.text_field={self.text_field!r} is not a column of {path!r} "
+                    f"(columns: {', '.join(ds.column_names)})"
+                )
+            texts += ds[self.text_field]
+            names += [f"{path}#{i}" for i in range(len(ds))]
+        return names, texts
+
+    def _hub_documents(self) -> tuple[list[str], list[str]]:
+        if not hub_reachable():
+            raise ConnectionError(
+                f"data.dataset={self.dataset_name!r} needs the Hugging Face Hub, which is "
+                "unreachable (offline); use data.files=<glob> for local files"
+            )
+        import datasets
+
+        ds = datasets.load_dataset(self.dataset_name, split="train")
+        if self.text_field not in ds.column_names:
+            raise ValueError(
+                f"data.text_field={self.text_field!r} is not a column of {self.dataset_name}"
+            )
+        return [f"{self.dataset_name}#{i}" for i in range(len(ds))], ds[self.text_field]
+
+    def _fingerprint(self) -> str:
+        if self.files is not None:
+            paths = sorted(glob.glob(os.path.expanduser(self.files), recursive=True))
+            source = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths]
+        elif self.dataset_name is not None:
+            source = [self.dataset_name]
+        else:
+            source = [(str(p), p.stat().st_size) for p in stdlib_files()]
+        options = [
+            self.tokenizer_kind,
+            self.bpe_vocab_size,
+            self.seq_len,
+            self.val_fraction,
+            self.test_fraction,
+            self.max_documents,
+            self.seed,
+            self.text_field,
+            2,
+        ]
+        return hashlib.sha256(json.dumps([source, options]).encode()).hexdigest()[:16]
+
+    # -- preparation --------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self._prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Load the cached splits, or build them: split, tokenize, pack, save atomically."""
+        if self.splits:
+            return
+        import datasets
+
+        cache = self.cache_root / f"text-{self._fingerprint()}"
+        if not (cache / "meta.json").exists():
+            self._build(cache)
+        self.meta = json.loads((cache / "meta.json").read_text())
+        self.tokenizer = (
+            BPETokenizer(cache / "bpe.json") if self.tokenizer_kind == "bpe" else ByteTokenizer()
+        )
+        self.splits = {
+            s: datasets.load_from_disk(str(cache / s)).with_format("torch") for s in SPLITS
+        }
+        self.cache_dir = cache
+        if self.retrieval_cfg:
+            self._attach_retrieval(cache)
+
+    def _build(self, cache: Path) -> None:
+        import datasets
+        import pyarrow as pa
+
+        names, texts = self._documents()
+        if self.max_documents is not None:
+            names, texts = names[: self.max_documents], texts[: self.max_documents]
+        parts = split_documents(len(texts), self.val_fraction, self.test_fraction, self.seed)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        train_texts = [texts[i] for i in parts["train"]]
+        tok = (
+            BPETokenizer.train(train_texts, self.bpe_vocab_size, tmp / "bpe.json")
+            if self.tokenizer_kind == "bpe"
+            else ByteTokenizer()
+        )
+        meta: dict[str, Any] = {
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "pad_id": tok.pad_id,
+            "bos_id": tok.bos_id,
+            "documents": {},
+        }
+        streams = {}
+        for split in SPLITS:
+            docs = [texts[i] for i in parts[split]]
+            encoded = tok.encode_batch(docs)
+            tokens = np.concatenate([np.append(e, tok.eos_id) for e in encoded]).astype(np.int32)
+            doc_ids = np.repeat(parts[split], [len(e) + 1 for e in encoded]).astype(np.int32)
+            n_seq = (len(tokens) - 1) // self.seq_len
+            if n_seq < 1:
+                raise ValueError(
+                    f"data: the {split} split has {len(tokens)} tokens, fewer than "
+                    f"data.seq_len={self.seq_len}+1; add documents or shorten seq_len"
+                )
+            window = self.seq_len + 1
+            starts = np.arange(n_seq) * self.seq_len
+            rows = tokens[starts[:, None] + np.arange(window)]  # (n_seq, T+1)
+            table = pa.table(
+                {
+                    "tokens": pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), window),
+                    "start": pa.array(starts.astype(np.int64)),
+                }
+            )
+            datasets.Dataset(table).save_to_disk(str(tmp / split))
+            n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+            meta["documents"][split] = [names[i] for i in parts[split]]
+            meta[f"{split}_tokens"], meta[f"{split}_bytes"] = int(len(tokens)), int(n_bytes)
+            streams[split] = tokens
+            np.save(tmp / f"{split}_tokens.npy", tokens)
+            np.save(tmp / f"{split}_docs.npy", doc_ids)
+        meta["unigram_bpb"] = unigram_bits_per_byte(
+            streams["train"], streams["val"], tok.vocab_size, meta["val_bytes"]
+        )
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+
+    def _attach_retrieval(self, cache: Path) -> None:
+        from advarch.data.retro_data import NeighbourLookup
+
+        self.retriever = NeighbourLookup.build(self, cache, **self.retrieval_cfg)
+
+    # -- contract -----------------------------------------------------------------------------
+    @property
+    def spec(self) -> DataSpec:
+        self._prepare()
+        r = self.retriever
+        return DataSpec(
+            kind="lm",
+            vocab_size=self.meta["vocab_size"],
+            seq_len=self.seq_len,
+            pad_id=self.meta["pad_id"],
+            eos_id=self.meta["eos_id"],
+            bos_id=self.meta["bos_id"],
+            retrieval_neighbours=r.k if r else 0,
+            retrieval_chunk=r.chunk_size if r else 64,
+            retrieval_neighbour_len=r.neighbour_len if r else 128,
+            extras={
+                "bytes_per_token": self.bytes_per_token("val"),
+                "unigram_bpb": self.meta["unigram_bpb"],
+                "tokenizer": self.tokenizer_kind,
+            },
+        )
+
+    def bytes_per_token(self, split: str) -> float:
+        return self.meta[f"{split}_bytes"] / self.meta[f"{split}_tokens"]
+
+    def _eval_subset(self, split: str):
+        ds = self.splits[split]
+        n = self.max_eval_sequences
+        if n is None or n >= len(ds):
+            return ds
+        return ds.select(np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
+
+    def _loader(self, ds, shuffle: bool, split: str) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=LMCollate(self.retriever, split),
+            drop_last=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self._prepare()
+        return self._loader(self.splits["train"], True, "train")
+
+    def val_dataloader(self) -> DataLoader:
+        self._prepare()
+        return self._loader(self._eval_subset("val"), False, "val")
+
+    def test_dataloader(self) -> DataLoader:
+        self._prepare()
+        return self._loader(self._eval_subset("test"), False, "test")
+
+
+class LMCollate:
+    """Rows of `tokens` (T+1) → input_ids/labels (B, T), plus RETRO neighbours when enabled."""
+
+    def __init__(self, retriever: Any = None, split: str = "train") -> None:
+        self.retriever, self.split = retriever, split
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        tokens = torch.stack([r["tokens"] for r in rows]).long()
+        batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+        if self.retriever is not None:
+            starts = torch.stack([r["start"] for r in rows])
+            batch["neighbours"] = self.retriever.neighbours(self.split, starts, tokens.shape[1] - 1)
+        return batch
+
+
+def unigram_bits_per_byte(
+    train: np.ndarray, val: np.ndarray, vocab_size: int, val_bytes: int
+) -> float:
+    """Cross-entropy of val under the add-one unigram distribution of train, in bits per byte."""
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    log2p = np.log2(counts / counts.sum())
+    return float(-log2p[val].sum() / val_bytes)
+
+
+def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
+    return loss_nats_per_token / math.log(2) / bytes_per_token

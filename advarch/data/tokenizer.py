@@ -1,0 +1,66 @@
+"""Tokenizers: byte-level (no training, vocab 256 + specials) and BPE trained with `tokenizers`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0–255, then specials: <eos>=256, <pad>=257, <bos>=258."""
+
+    name = "byte"
+
+    def __init__(self) -> None:
+        self.eos_id, self.pad_id, self.bos_id = 256, 257, 258
+        self.vocab_size = 259
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int32) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class BPETokenizer:
+    """Byte-level BPE from the `tokenizers` library, trained on the training split and cached."""
+
+    name = "bpe"
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.eos_id = self.tokenizer.token_to_id("<eos>")
+        self.pad_id = self.tokenizer.token_to_id("<pad>")
+        self.bos_id = self.tokenizer.token_to_id("<bos>")
+        self.vocab_size = self.tokenizer.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, path: Path) -> BPETokenizer:
+        """Train on `texts` and save to `path` (atomically), unless `path` already exists."""
+        if not path.exists():
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+            tok = Tokenizer(models.BPE())
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size,
+                special_tokens=["<eos>", "<pad>", "<bos>"],
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                show_progress=False,
+            )
+            tok.train_from_iterator(texts, trainer=trainer)
+            tmp = path.with_suffix(".tmp")
+            tok.save(str(tmp))
+            tmp.replace(path)
+        return cls(path)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.tokenizer.encode_batch(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids))

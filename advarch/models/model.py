@@ -1,0 +1,248 @@
+"""The advarch model: an input adapter, a stack of layers built from patterns, and a head.
+
+One class covers every kind of data the DataSpec describes:
+
+- `lm`: causal decoder over tokens, tied LM head (optionally RETRO chunked cross-attention);
+- `classification` / `regression`: bidirectional encoder over tokens or feature patches,
+  mean-pooled, one head or one head per task;
+- `seq2seq`: bidirectional encoder + causal decoder with cross-attention.
+
+Hybrid stacks come from the `layers` (mixers) and `ffn` patterns, repeated to `depth`:
+`layers=[ssm, attn]`, `ffn=[dense, moe]` gives ssm+dense, attn+moe, ssm+dense, …
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from advarch.models.blocks.attention import Attention, check_heads
+from advarch.models.blocks.norm import make_norm
+from advarch.models.layers import Layer, LayerContext, make_ffn, make_mixer
+from advarch.models.output import ModelOutput
+from advarch.spec import DataSpec
+
+
+def expand_pattern(pattern: str | Sequence[str], depth: int, key: str) -> list[str]:
+    """Cycle a per-layer pattern to `depth` entries (`key` names it in errors)."""
+    items = [pattern] if isinstance(pattern, str) else list(pattern)
+    if not items:
+        raise ValueError(f"{key} must name at least one layer type")
+    return [items[i % len(items)] for i in range(depth)]
+
+
+class Model(nn.Module):
+    """A backbone sized from the DataSpec; see the module docstring for the kinds."""
+
+    def __init__(
+        self,
+        spec: DataSpec,
+        dim: int = 256,
+        depth: int = 4,
+        num_heads: int = 4,
+        layers: str | Sequence[str] = "attn",
+        ffn: str | Sequence[str] = "dense",
+        ffn_hidden: int | None = None,
+        activation: str = "gelu",
+        norm: str = "rmsnorm",
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        feature_patch: int = 8,
+        encoder_depth: int | None = None,
+        heads: str = "auto",
+        moe: dict | None = None,
+        swa: dict | None = None,
+        ssm: dict | None = None,
+        retro: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if dim < 1 or depth < 1:
+            raise ValueError(f"model.dim={dim} and model.depth={depth} must be positive")
+        check_heads(dim, num_heads)
+        self.spec, self.dim = spec, dim
+        self.block_cfg = {"moe": dict(moe or {}), "swa": dict(swa or {}), "ssm": dict(ssm or {})}
+        self.ffn_hidden = ffn_hidden or 4 * dim
+        self.options = dict(num_heads=num_heads, activation=activation, norm=norm, dropout=dropout)
+        self.input = self._make_input(spec, dim, feature_patch)
+        causal = spec.kind in ("lm", "seq2seq")
+        mixers = expand_pattern(layers, depth, "model.layers")
+        ffns = expand_pattern(ffn, depth, "model.ffn")
+        if spec.kind == "seq2seq":
+            enc_depth = encoder_depth or depth
+            self.encoder = self._stack(
+                expand_pattern(layers, enc_depth, "model.layers"),
+                expand_pattern(ffn, enc_depth, "model.ffn"),
+                causal=False,
+            )
+            self.encoder_norm = make_norm(norm, dim)
+            self.target_embed = (
+                self.input if not spec.target_vocab_size or spec.target_vocab_size == spec.vocab_size
+                else nn.Embedding(spec.target_vocab_size, dim)
+            )
+        self.layers = self._stack(mixers, ffns, causal=causal, cross=spec.kind == "seq2seq",
+                                  first_index=len(getattr(self, "encoder", [])))
+        self.final_norm = make_norm(norm, dim)
+        self.retro = self._make_retro(retro, spec) if retro else None
+        self.head, self.num_heads_out = self._make_head(spec, heads, tie_embeddings)
+        self.apply(self._init_weights)
+
+    # -- construction -------------------------------------------------------------------------
+    @staticmethod
+    def _make_input(spec: DataSpec, dim: int, feature_patch: int) -> nn.Module:
+        if spec.vocab_size:
+            return nn.Embedding(spec.vocab_size, dim)
+        if spec.num_features:
+            if feature_patch < 1 or spec.num_features % feature_patch:
+                raise ValueError(
+                    f"model.feature_patch={feature_patch} must divide the data's "
+                    f"{spec.num_features} features"
+                )
+            return FeaturePatches(spec.num_features, feature_patch, dim)
+        raise ValueError(f"data spec {spec.kind!r} has neither vocab_size nor num_features")
+
+    def _stack(self, mixers: list[str], ffns: list[str], causal: bool, cross: bool = False,
+               first_index: int = 0) -> nn.ModuleList:
+        o = self.options
+        out = nn.ModuleList()
+        for i, (mixer_kind, ffn_kind) in enumerate(zip(mixers, ffns, strict=True)):
+            mixer = make_mixer(mixer_kind, self.dim, o["num_heads"], causal, o["dropout"],
+                               self.block_cfg.get(mixer_kind, {}))
+            ffn = make_ffn(ffn_kind, self.dim, self.ffn_hidden, o["activation"], o["dropout"],
+                           self.block_cfg["moe"])
+            cross_attn = Attention(self.dim, o["num_heads"], cross=True, dropout=o["dropout"]) if cross else None
+            out.append(Layer(first_index + i, self.dim, mixer, ffn, o["norm"], cross=cross_attn))
+        return out
+
+    def _make_retro(self, retro: dict, spec: DataSpec) -> nn.Module:
+        from advarch.models.retro_lm import RetroAdapter
+
+        if spec.kind != "lm":
+            raise ValueError(f"model.retro needs language-model data, got data kind {spec.kind!r}")
+        return RetroAdapter(self.dim, len(self.layers), spec, num_heads=self.options["num_heads"],
+                            norm=self.options["norm"], **retro)
+
+    def _make_head(self, spec: DataSpec, heads: str, tie: bool) -> tuple[nn.Linear, int]:
+        if heads not in ("auto", "single", "per_task"):
+            raise ValueError(f"model.heads={heads!r} is not one of: auto, single, per_task")
+        if spec.kind in ("lm", "seq2seq"):
+            vocab = spec.target_vocab_size or spec.vocab_size
+            head = nn.Linear(self.dim, vocab, bias=False)
+            embed = self.target_embed if spec.kind == "seq2seq" else self.input
+            if tie and isinstance(embed, nn.Embedding) and embed.num_embeddings == vocab:
+                head.weight = embed.weight
+            return head, 1
+        scenario = spec.extras.get("scenario", "task")
+        per_task = heads == "per_task" or (heads == "auto" and spec.num_tasks > 1 and scenario == "task")
+        n = spec.num_tasks if per_task else 1
+        return nn.Linear(self.dim, n * max(spec.num_classes, 1)), n
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        *,
+        pad_mask: torch.Tensor | None = None,
+        global_mask: torch.Tensor | None = None,
+        expert_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        neighbours: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """inputs: (B, T) token ids or (B, F) features. Returns logits per the kind:
+        lm/seq2seq (B, T, V); classification (B, C) or (B, tasks, C) with per-task heads;
+        regression (B, tasks)."""
+        ctx = LayerContext(pad_mask=pad_mask, global_mask=global_mask, expert_mask=expert_mask)
+        if pad_mask is None and self.spec.pad_id >= 0 and not inputs.is_floating_point():
+            ctx.pad_mask = inputs == self.spec.pad_id
+        h = self.input(inputs)  # (B, T, D)
+        if self.spec.kind == "seq2seq":
+            h = self._run_seq2seq(h, decoder_input_ids, ctx)
+        elif self.retro is not None:
+            h = self.retro.run(self.layers, h, ctx, inputs, neighbours, self.input)
+        else:
+            for layer in self.layers:
+                h = layer(h, ctx)
+        h = self.final_norm(h)
+        features = None
+        if self.spec.kind in ("classification", "regression"):
+            features = self._pool(h, ctx.pad_mask)  # (B, D)
+            logits = self._classify(features)
+        else:
+            logits = self.head(h)
+        aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else h.new_zeros(())
+        return ModelOutput(logits=logits, aux_loss=aux, stats=ctx.stats, features=features)
+
+    def _run_seq2seq(self, h: torch.Tensor, decoder_input_ids: torch.Tensor | None,
+                     ctx: LayerContext) -> torch.Tensor:
+        if decoder_input_ids is None:
+            raise ValueError("seq2seq models need decoder_input_ids in the batch")
+        for layer in self.encoder:
+            h = layer(h, ctx)
+        ctx.memory, ctx.memory_pad_mask = self.encoder_norm(h), ctx.pad_mask
+        ctx.pad_mask = None
+        d = self.target_embed(decoder_input_ids)
+        for layer in self.layers:
+            d = layer(d, ctx)
+        return d
+
+    @staticmethod
+    def _pool(h: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        if pad_mask is None:
+            return h.mean(1)
+        keep = (~pad_mask).unsqueeze(-1).to(h.dtype)
+        return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+    def _classify(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.head(features)
+        if self.spec.kind == "regression":
+            return logits  # (B, tasks) when per-task, (B, 1) otherwise
+        if self.num_heads_out > 1:
+            return logits.view(features.shape[0], self.num_heads_out, -1)  # (B, tasks, C)
+        return logits
+
+    # -- incremental decoding -----------------------------------------------------------------
+    def init_state(self, batch_size: int) -> list[Any]:
+        """Per-layer recurrent state (KV caches, SSM states) for `step`."""
+        p = next(self.parameters())
+        return [layer.init_state(batch_size, p.device, p.dtype) for layer in self.layers]
+
+    def step(self, token: torch.Tensor, state: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+        """token: (B, 1) newest ids → next-token logits (B, V) and the advanced state."""
+        if self.spec.kind != "lm" or self.retro is not None:
+            raise ValueError("incremental decoding needs a decoder language model without retrieval")
+        ctx = LayerContext()
+        h = self.input(token)
+        new_state = []
+        for layer, s in zip(self.layers, state, strict=True):
+            h, s = layer.step(h, s, ctx)
+            new_state.append(s)
+        return self.head(self.final_norm(h))[:, -1], new_state
+
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoE sub-layers, in order (for expert masks, merging and finetuning)."""
+        return [layer.ffn for layer in self.modules() if isinstance(layer, Layer) and layer.is_moe]
+
+
+class FeaturePatches(nn.Module):
+    """(B, F) features → (B, F/p, D) tokens: each group of p features is one token."""
+
+    def __init__(self, num_features: int, patch: int, dim: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Linear(patch, dim)
+        self.position = nn.Parameter(torch.zeros(num_features // patch, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        return self.proj(x.view(b, -1, self.patch).to(self.proj.weight.dtype)) + self.position

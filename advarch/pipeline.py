@@ -1,0 +1,82 @@
+"""Building the pieces of a run from a composed config: datamodule → spec → model → strategy.
+
+Shared by training, evaluation and the scripts, so a checkpoint's saved config rebuilds
+exactly the module that wrote it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from advarch.config.validate import ConfigError, validate_node
+from advarch.spec import DataSpec
+
+BLOCK_TARGETS = {
+    "moe": "advarch.models.blocks.moe.MoE",
+    "swa": "advarch.models.blocks.sliding_window.SlidingWindowAttention",
+    "ssm": "advarch.models.blocks.ssm.SelectiveSSM",
+}
+BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ConnectionError)
+SUPPLIED_BY_MODEL = ("dim", "hidden", "activation", "dropout", "causal")
+
+
+def validate(cfg: DictConfig) -> None:
+    """One-line ConfigError for unknown keys or wrong types in data, model and strategy."""
+    for group, skip in (("data", ()), ("model", ("spec",)), ("strategy", ("model", "spec"))):
+        if group not in cfg or cfg[group] is None:
+            raise ConfigError(f"{group} is not set; choose one with {group}=<name>")
+        if "_target_" not in cfg[group]:
+            raise ConfigError(f"{group}._target_ is missing")
+        validate_node(cfg[group], group, skip)
+    for block, target in BLOCK_TARGETS.items():
+        options = cfg.model.get(block)
+        if options:
+            node = OmegaConf.merge({"_target_": target}, options)
+            validate_node(node, f"model.{block}", skip=SUPPLIED_BY_MODEL)
+
+
+def build_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, DataSpec]:
+    datamodule = instantiate(cfg.data, _convert_="all")
+    return datamodule, datamodule.spec
+
+
+def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
+    return instantiate(cfg.model, _partial_=True, _convert_="all")(spec=spec)
+
+
+def build_strategy(cfg: DictConfig, model: nn.Module, spec: DataSpec) -> L.LightningModule:
+    """The LightningModule, with the resolved config saved in its hyperparameters."""
+    module = instantiate(cfg.strategy, _partial_=True, _convert_="all")(model=model, spec=spec)
+    module.hparams["cfg"] = OmegaConf.to_container(cfg, resolve=True)
+    return module
+
+
+def build_all(cfg: DictConfig) -> tuple[L.LightningDataModule, DataSpec, L.LightningModule]:
+    """Validate and build; any bad input surfaces as one ConfigError line naming the key."""
+    try:
+        validate(cfg)
+        datamodule, spec = build_datamodule(cfg)
+        model = build_model(cfg, spec)
+        return datamodule, spec, build_strategy(cfg, model, spec)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, BAD_INPUT):
+            raise ConfigError(str(cause).splitlines()[0]) from cause
+        raise
+    except BAD_INPUT as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err).splitlines()[0]) from err
+
+
+def instantiate_dict(node: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a named collection (callbacks, loggers)."""
+    if not node:
+        return []
+    return [instantiate(v, _convert_="all") for v in node.values() if v is not None and "_target_" in v]

@@ -1,0 +1,51 @@
+"""What a run prints: the resolved config as a tree, and a closing summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.panel import Panel
+from rich.syntax import Syntax
+from rich.tree import Tree
+
+from advarch.spec import DataSpec
+
+ORDER = ("data", "model", "strategy", "trainer", "callbacks", "logger", "paths")
+
+
+def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
+    """Print the resolved config as a rich tree (main groups first) and save it as text."""
+    tree = Tree("config", guide_style="dim")
+    keys = [k for k in ORDER if k in cfg] + [k for k in cfg if k not in ORDER]
+    for key in keys:
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        tree.add(key).add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    console = Console()
+    console.print(tree)
+    if save_to is not None:
+        with save_to.open("w") as f:
+            Console(file=f, width=120, color_system=None).print(tree)
+
+
+def print_summary(cfg: DictConfig, spec: DataSpec, metrics: dict[str, float], output_dir: Path) -> None:
+    """A few lines a user reads after training: quality against a baseline, and where things are."""
+    lines = []
+    bpb = metrics.get("val/bpb")
+    baseline = spec.extras.get("unigram_bpb")
+    if bpb is not None and baseline is not None:
+        verdict = "below" if bpb < baseline else "NOT below"
+        lines.append(f"validation bits/byte {bpb:.3f} — {verdict} the unigram baseline {baseline:.3f}")
+    for key in ("val/loss", "val/acc", "test/loss", "test/acc", "test/bpb"):
+        if key in metrics and not (key == "val/loss" and bpb is not None):
+            lines.append(f"{key} = {metrics[key]:.4f}")
+    lines.append(f"checkpoint: {output_dir / 'checkpoints' / 'last.ckpt'}")
+    lines.append(f"run folder (config, CSV logs, plots): {output_dir}")
+    wandb_dir = output_dir / "wandb"
+    if wandb_dir.exists():
+        runs = sorted(wandb_dir.glob("offline-run-*"))
+        if runs:
+            lines.append(f"sync to W&B later: wandb sync {runs[-1]}")
+    Console().print(Panel("\n".join(lines), title="advarch run summary", expand=False))

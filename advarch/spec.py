@@ -1,0 +1,55 @@
+"""The DataSpec contract: what a datamodule tells the model builder.
+
+It lives on its own so that `advarch.data` and `advarch.models` can both import it
+without either importing the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["lm", "classification", "seq2seq", "regression"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Shapes and task layout of a datamodule's batches.
+
+    Attributes:
+        kind: what the model predicts: next tokens (`lm`), a class per sequence
+            (`classification`), a target sequence (`seq2seq`) or real values (`regression`).
+        vocab_size: number of input token ids (0 when inputs are feature vectors).
+        seq_len: tokens per training sequence (source length for seq2seq).
+        num_features: width of feature-vector inputs (0 for token inputs).
+        num_classes: classes per task for classification; outputs per task for regression.
+        task_names: one name per task; a single-task datamodule has one.
+        target_vocab_size: vocabulary of the target side for seq2seq (0 = same as inputs).
+        target_len: target sequence length for seq2seq.
+        pad_id: padding token id, or -1 when batches are never padded.
+        bos_id: id that starts a target sequence (seq2seq decoders, generation).
+        eos_id: id that ends a document, or -1.
+        retrieval_neighbours: neighbours per chunk that batches carry (RETRO), 0 for none.
+        retrieval_chunk: tokens per retrieval chunk.
+        retrieval_neighbour_len: tokens per retrieved neighbour (chunk + continuation).
+    """
+
+    kind: Kind
+    vocab_size: int = 0
+    seq_len: int = 0
+    num_features: int = 0
+    num_classes: int = 0
+    task_names: tuple[str, ...] = ("main",)
+    target_vocab_size: int = 0
+    target_len: int = 0
+    pad_id: int = -1
+    bos_id: int = -1
+    eos_id: int = -1
+    retrieval_neighbours: int = 0
+    retrieval_chunk: int = 64
+    retrieval_neighbour_len: int = 128
+    extras: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)

@@ -1,0 +1,84 @@
+"""Task losses and metrics per data kind, so every strategy scores every kind the same way."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from advarch.models.output import ModelOutput
+from advarch.spec import DataSpec
+
+IGNORE = -100
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Split a batch into the model's positional input and keyword inputs."""
+    inputs = batch["input_ids"] if "input_ids" in batch else batch["inputs"]
+    kwargs = {k: batch[k] for k in ("decoder_input_ids", "neighbours", "global_mask", "pad_mask") if k in batch}
+    return inputs, kwargs
+
+
+def select_task_logits(logits: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
+    """(B, tasks, C) per-task-head logits → (B, C) of each example's own task; (B, C) unchanged."""
+    if logits.dim() == 3 and task is not None:
+        return logits[torch.arange(logits.shape[0], device=logits.device), task]
+    return logits
+
+
+class Objective(nn.Module):
+    """Loss and metrics for one data kind; torchmetrics, one set per split (keys `train_`, …:
+    nn.Module already owns `.train`)."""
+
+    def __init__(self, spec: DataSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.metrics = nn.ModuleDict({f"{split}_": self._metrics() for split in ("train", "val", "test")})
+
+    def _metrics(self) -> nn.ModuleDict:
+        m = nn.ModuleDict({"loss": torchmetrics.MeanMetric()})
+        if self.spec.kind == "regression":
+            m["mse"] = torchmetrics.MeanSquaredError()
+        else:
+            classes = self.spec.target_vocab_size or self.spec.vocab_size if self.spec.kind in (
+                "lm", "seq2seq") else self.spec.num_classes
+            m["acc"] = torchmetrics.Accuracy(task="multiclass", num_classes=classes, ignore_index=IGNORE)
+        return m
+
+    def loss(self, out: ModelOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(loss, predictions-or-logits, targets, weight) for the batch's task loss."""
+        if self.spec.kind in ("lm", "seq2seq"):
+            labels = batch["labels"]
+            if self.spec.pad_id >= 0:
+                labels = labels.masked_fill(labels == self.spec.pad_id, IGNORE)
+            logits = out.logits.flatten(0, 1).float()
+            loss = F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE)
+            return loss, logits, labels.flatten(), int((labels != IGNORE).sum())
+        if self.spec.kind == "regression":
+            pred = out.logits.float()
+            loss = F.mse_loss(pred, batch["targets"].float())
+            return loss, pred, batch["targets"].float(), pred.shape[0]
+        logits = select_task_logits(out.logits, batch.get("task")).float()
+        return F.cross_entropy(logits, batch["labels"]), logits, batch["labels"], logits.shape[0]
+
+    def update(self, split: str, loss: torch.Tensor, preds: torch.Tensor, target: torch.Tensor, weight: int) -> None:
+        m = self.metrics[f"{split}_"]
+        m["loss"].update(loss.detach(), weight=max(weight, 1))
+        key = "mse" if "mse" in m else "acc"
+        m[key].update(preds.detach(), target)
+
+    def compute(self, split: str) -> dict[str, torch.Tensor]:
+        """Epoch values: loss and acc/mse, plus ppl and bits-per-byte for language data."""
+        m = self.metrics[f"{split}_"]
+        values = {name: metric.compute() for name, metric in m.items()}
+        if self.spec.kind in ("lm", "seq2seq"):
+            values["ppl"] = torch.exp(values["loss"].clamp(max=50))
+            bpt = self.spec.extras.get("bytes_per_token")
+            if bpt:
+                values["bpb"] = values["loss"] / math.log(2) / bpt
+        for metric in m.values():
+            metric.reset()
+        return values

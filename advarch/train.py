@@ -1,0 +1,113 @@
+"""Training entry point: compose → validate → build → fit → test → summarise.
+
+`run(cfg)` does the work and returns the metrics; `main` is the Hydra wrapper (the
+`advarch-train` console script and `train.py` at the repository root call it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
+
+log = logging.getLogger("advarch")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train and test one configuration; returns the final metrics (floats)."""
+    import lightning as L
+    import torch
+
+    from advarch.config.runs import WANDB_ID_FILE, previous_wandb_id, resolve_checkpoint
+    from advarch.pipeline import build_all, instantiate_dict
+    from advarch.reporting import print_config_tree, print_summary
+
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir))
+    if cfg.get("extras", {}).get("print_config", True):
+        print_config_tree(cfg, output_dir / "config_tree.txt")
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    datamodule, spec, module = build_all(cfg)  # ConfigError on bad input, before any work
+
+    if "wandb" in (cfg.get("logger") or {}):
+        wandb_id = previous_wandb_id(ckpt) or cfg.logger.wandb.get("id")
+        cfg.logger.wandb.id = wandb_id
+    loggers = instantiate_dict(cfg.get("logger"))
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    trainer_overrides: dict[str, Any] = {}
+    if hasattr(datamodule, "epochs_per_task"):  # a continual stream drives the epochs
+        trainer_overrides = {"max_epochs": datamodule.max_epochs,
+                             "reload_dataloaders_every_n_epochs": datamodule.epochs_per_task}
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir),
+        **trainer_overrides,
+    )
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            (output_dir / WANDB_ID_FILE).write_text(logger.experiment.id)
+    try:
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+            last = output_dir / "checkpoints" / "last.ckpt"
+            trainer.save_checkpoint(last)  # the final state, whatever the checkpoint cadence
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if cfg.get("test", True):
+            results = trainer.test(module, datamodule=datamodule, verbose=False)
+            metrics.update({k: float(v) for r in results for k, v in r.items()})
+    finally:
+        _finish_wandb()
+    print_summary(cfg, spec, metrics, output_dir)
+    return metrics
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run (also after failures and between multirun jobs)."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns `cfg.optimized_metric` for sweepers (NaN for a failed trial)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from advarch.config.validate import ConfigError
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        metrics = run(cfg)
+    except (ConfigError, FloatingPointError) as err:
+        if multirun:
+            log.error("trial failed: %s", err)
+            return math.nan
+        sys.exit(f"error: {err}")
+    except Exception:
+        if multirun:  # record the failure, keep the sweep going
+            log.exception("trial failed")
+            return math.nan
+        raise
+    metric = cfg.get("optimized_metric")
+    if metric is None:
+        return None
+    if metric not in metrics:
+        log.warning("optimized_metric=%s was not logged; known: %s", metric, ", ".join(sorted(metrics)))
+        return math.nan
+    return metrics[metric]
+
+
+if __name__ == "__main__":
+    main()
