@@ -30,6 +30,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from advarch.pipeline import build_all, instantiate_dict
     from advarch.reporting import print_config_tree, print_summary
 
+    quiet_lightning_logs()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir))
@@ -68,6 +69,26 @@ def run(cfg: DictConfig) -> dict[str, float]:
         _finish_wandb()
     print_summary(cfg, spec, metrics, output_dir)
     return metrics
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertising tips are noise in a research log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def quiet_lightning_logs() -> None:
+    """Route Lightning's logs through Hydra's handlers once (it adds its own console handler)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.addFilter(_DropTips())
+        logger.propagate = True
 
 
 def _finish_wandb() -> None:

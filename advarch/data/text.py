@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from advarch.data.sampling import EpochShuffleSampler, batches_done_this_epoch
 from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
 from advarch.spec import DataSpec
 
@@ -313,14 +314,17 @@ class TextDataModule(L.LightningDataModule):
         return ds.select(np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
 
     def _loader(self, ds, shuffle: bool, split: str) -> DataLoader:
+        sampler = None
+        if shuffle:
+            skip = batches_done_this_epoch(self.trainer) * self.batch_size
+            sampler = EpochShuffleSampler(len(ds), self.seed, skip=skip)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=LMCollate(self.retriever, split),
             drop_last=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,80 @@
+"""Evaluate a checkpoint on a datamodule's test split: `python eval.py ckpt_path=<ckpt> [data=…]`.
+
+The checkpoint carries its resolved training config; the model and strategy are rebuilt from
+it, and `data=` (optional) swaps in another compatible datamodule.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import advarch.config.resolvers  # noqa: F401
+from advarch.train import CONFIG_DIR, quiet_lightning_logs
+
+log = logging.getLogger("advarch")
+
+
+def load_checkpoint_config(ckpt_path: str | Path) -> tuple[dict, DictConfig]:
+    """(checkpoint dict, its saved training config) — a ConfigError if either is missing."""
+    import torch
+
+    from advarch.config.validate import ConfigError
+
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={str(ckpt_path)!r} is not a file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    saved = ckpt.get("hyper_parameters", {}).get("cfg")
+    if saved is None:
+        raise ConfigError(f"ckpt_path={str(ckpt_path)!r} has no saved advarch config (hyper_parameters.cfg)")
+    return ckpt, OmegaConf.create(saved)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Rebuild the run from the checkpoint's config, load its weights, and test."""
+    import lightning as L
+
+    from advarch.config.validate import ConfigError
+    from advarch.pipeline import build_all
+
+    ckpt, saved = load_checkpoint_config(cfg.ckpt_path)
+    if cfg.get("data") is not None:
+        saved.data = cfg.data
+    if cfg.get("strategy_overrides"):
+        saved.strategy = OmegaConf.merge(saved.strategy, cfg.strategy_overrides)
+    saved.strategy.pop("pretrained", None)  # weights come from the checkpoint itself
+    L.seed_everything(saved.seed, workers=True)
+    datamodule, _spec, module = build_all(saved)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not fit data={cfg.get('data', {}).get('_target_')}: {first}") from err
+    module.on_load_checkpoint(ckpt)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, default_root_dir=cfg.paths.output_dir,
+                        accelerator=cfg.accelerator, devices=1, enable_model_summary=False)
+    results = trainer.test(module, datamodule=datamodule, verbose=True)
+    return {k: float(v) for r in results for k, v in r.items()}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from advarch.config.validate import ConfigError
+
+    quiet_lightning_logs()
+    try:
+        metrics = evaluate(cfg)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    out = Path(cfg.paths.output_dir) / "metrics.json"
+    out.write_text(__import__("json").dumps(metrics, indent=2))
+    log.info("test metrics written to %s", out)
+
+
+if __name__ == "__main__":
+    main()
