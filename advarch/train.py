@@ -102,7 +102,13 @@ def _finish_wandb() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns `cfg.optimized_metric` for sweepers (NaN for a failed trial)."""
+    """Hydra entry point; returns `cfg.optimized_metric` for sweepers.
+
+    In a multirun, a failed trial (an exception, or a NaN metric) is logged and re-raised as
+    that job's result: Hydra records it and the Optuna sweeper marks the trial FAIL and goes on
+    (`hydra.sweeper.max_failure_rate`). A single run turns bad input and divergence into one
+    `error: …` line.
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -111,16 +117,22 @@ def main(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         metrics = run(cfg)
+        value = _optimized_value(cfg, metrics)
+        if multirun and value is not None and not math.isfinite(value):
+            raise FloatingPointError(f"optimized_metric={cfg.optimized_metric} is {value}")
+        return value
     except (ConfigError, FloatingPointError) as err:
         if multirun:
             log.error("trial failed: %s", err)
-            return math.nan
+            raise
         sys.exit(f"error: {err}")
     except Exception:
-        if multirun:  # record the failure, keep the sweep going
+        if multirun:
             log.exception("trial failed")
-            return math.nan
         raise
+
+
+def _optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     metric = cfg.get("optimized_metric")
     if metric is None:
         return None

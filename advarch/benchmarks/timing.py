@@ -49,11 +49,13 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    # Raw allocator events: +bytes on allocation, −bytes on free, replayed in time order.
     events = sorted(
-        (e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
     )
     live = peak = 0
     for evt in events:
-        live += evt.cpu_memory_usage
+        live += evt.nbytes()
         peak = max(peak, live)
     return peak / 2**20

