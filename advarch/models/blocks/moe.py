@@ -1,0 +1,372 @@
+"""Mixture-of-Experts feed-forward block with token-choice top-k or soft routing.
+
+Implements:
+- Top-k token-choice routing (Shazeer et al. 2017; Mixtral): softmax over the router logits,
+  keep the k largest, renormalise the k gates to sum to one. For k = 1 the gate is the raw
+  probability p_i (Switch Transformer, Fedus et al. 2021, eq. 2): renormalising a single gate
+  gives the constant 1 and would cut the router off from the task gradient.
+- Soft (dense) mixture: y = Σ_i p_i(x) · E_i(x), every expert sees every token.
+- Switch load-balancing loss (Fedus et al. 2021, eq. 4): L_bal = E · Σ_i f_i · P_i, with f_i
+  the fraction of routed token-slots sent to expert i (top-k assignments divided by K, so
+  Σ f = 1) and P_i the mean router probability of expert i over the full softmax. Our
+  convention equals 1.0 at perfect balance (Mixtral's `load_balancing_loss_func` equals K).
+- Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): L_z = mean_tokens (logsumexp(logits))².
+- Auxiliary-loss-free balancing (DeepSeek-V3, Wang et al. 2024): a per-expert bias added to
+  the scores for top-k *selection* only; `update_routing_bias` moves it by
+  rate · sign(mean_load − load) once per optimizer step.
+- GShard capacity (Lepikhin et al. 2020): C = ceil(cf · K · N / E) token-slots per expert.
+
+Shapes: B batch, T time, N = B·T tokens, D model dim, H expert hidden (2H for SwiGLU's fused
+gate and up projections), E experts, K experts per token, S = kept token-slots (≤ N·K).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from advarch.models.blocks.ffn import ACTIVATIONS, FeedForward
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@functools.cache
+def grouped_mm_supported(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether the grouped matmul exists and gives correct values and gradients here.
+
+    Probed once per (dtype, device type): torch's kernel covers only some devices and dtypes
+    (float64 is rejected on CPU, CUDA needs SM ≥ 80), so MoE falls back to a loop over experts.
+    """
+    if _GROUPED_MM is None:
+        return False
+    try:
+        with torch.autocast(device_type, enabled=False), torch.enable_grad():
+            # fixed values, not randn: probing must not advance the global RNG
+            grid = functools.partial(torch.linspace, -1.0, 1.0, dtype=dtype, device=device_type)
+            a = grid(48).reshape(6, 8).requires_grad_(True)
+            b = grid(128).reshape(2, 8, 8).flip(-1).requires_grad_(True)
+            offs = torch.tensor([2, 6], dtype=torch.int32, device=device_type)
+            out = _GROUPED_MM(a, b, offs=offs)
+            ref = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
+            g = grid(48).reshape(6, 8).cos()  # a dense upstream gradient, as in the MoE forward
+            grads = torch.autograd.grad(out, (a, b), g)
+            ref_grads = torch.autograd.grad(ref, (a, b), g)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    pairs = [(out, ref), *zip(grads, ref_grads, strict=True)]
+    return all(torch.allclose(u.float(), v.float(), rtol=2e-2, atol=2e-2) for u, v in pairs)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Grouped-GEMM kernels need a unit last stride and 16-byte aligned rows and pointer."""
+    size = t.element_size()
+    rows_ok = all(s * size % 16 == 0 for s in t.stride()[:-1])
+    return t.stride(-1) == 1 and rows_ok and t.data_ptr() % 16 == 0
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN: router, stacked experts, optional shared experts.
+
+    Expert weights are stacked on dim 0 (`w_in` (E, D, H or 2H), `w_out` (E, H, D)), so
+    merging and continual-learning code can address expert i as `w_in[i]`, `w_out[i]`.
+    Dispatch sorts token-slots by expert (stable), runs the experts as one grouped matmul
+    (`torch.nn.functional.grouped_mm` where supported, else a loop over the E experts) and
+    scatters the gated outputs back with `index_add`.
+
+    Capacity (when `capacity_factor` is set): within each expert, token-slots are kept in
+    flattened (B·T) token order, so the earliest tokens win regardless of whether the expert
+    was their first or second choice; dropped slots contribute zero (the caller's residual
+    carries the token). `use_grouped_mm` may be set False to force the loop path.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int = 8,
+        top_k: int = 2,
+        activation: str = "gelu",
+        num_shared_experts: int = 0,
+        shared_hidden: int | None = None,
+        capacity_factor: float | None = None,
+        soft: bool = False,
+        router_jitter: float = 0.0,
+        balance_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.001,
+        aux_free_bias: bool = False,
+        bias_update_rate: float = 1e-3,
+        dropout: float = 0.0,
+    ) -> None:
+        """Build the router, experts and shared experts.
+
+        Args:
+            dim: model width D.
+            hidden: hidden width H of each routed expert (fine-grained MoE: more, narrower).
+            num_experts: routed experts E.
+            top_k: experts per token K (ignored when `soft`).
+            activation: "gelu" (GELU MLP) or "swiglu".
+            num_shared_experts: always-on experts, fused into one FeedForward of width
+                `num_shared_experts · shared_hidden` (the sum of n MLPs equals one wider MLP).
+            shared_hidden: hidden width of each shared expert; defaults to `hidden`.
+            capacity_factor: None = dropless; else slots per expert C = ceil(cf · K · N / E).
+            soft: dense mixture weighted by the full softmax instead of top-k.
+            router_jitter: ε of the multiplicative U(1−ε, 1+ε) noise on router inputs in training.
+            balance_loss_weight: weight of the Switch balance loss in `aux_loss`.
+            z_loss_weight: weight of the router z-loss in `aux_loss`.
+            aux_free_bias: DeepSeek-V3 selection bias; call `update_routing_bias` per step.
+            bias_update_rate: step size of the selection-bias update.
+            dropout: dropout on the routed output (shared experts apply their own).
+
+        Raises:
+            ValueError: naming the `model.moe.<key>` that is invalid.
+        """
+        super().__init__()
+        _validate(locals())
+        self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
+        self.activation, self.soft, self.capacity_factor = activation, soft, capacity_factor
+        self.router_jitter, self.bias_update_rate = router_jitter, bias_update_rate
+        self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
+        self.use_grouped_mm = True
+        self.in_mult = 2 if activation == "swiglu" else 1
+        self.router = nn.Parameter(torch.empty(num_experts, dim))  # (E, D)
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, hidden * self.in_mult))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        for p in (self.router, self.w_in, self.w_out):
+            _init_stacked_(p)
+        self.shared = None
+        if num_shared_experts:
+            width = num_shared_experts * (shared_hidden or hidden)
+            self.shared = FeedForward(dim, width, activation, dropout)
+        self.dropout = nn.Dropout(dropout)
+        bias = torch.zeros(num_experts) if aux_free_bias else None
+        self.register_buffer("routing_bias", bias)
+        self.register_buffer("load_counts", None if bias is None else bias.clone(), False)
+
+    def forward(
+        self, x: torch.Tensor, expert_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Route tokens, run experts, return output, weighted aux loss and detached stats.
+
+        1. Router logits in float32 (autocast off); disallowed experts get −inf.
+        2. Soft: mix all experts by the full softmax. Top-k: select (with the aux-free bias),
+           sort token-slots by expert, drop beyond capacity, grouped matmul, scatter back.
+        3. Add the shared experts; compute balance loss, z-loss, entropy, load.
+
+        Args:
+            x: (B, T, D) tokens.
+            expert_mask: bool (E,) or (B, E) per sequence, True = expert allowed.
+
+        Returns:
+            y (B, T, D), in the autocast dtype under autocast; aux_loss, a float32 scalar;
+            detached stats: `load` (E,) fraction of token-slots the router sent to each
+            expert (before capacity dropping; soft mode: mean probability), `dropped`
+            fraction of slots dropped, `entropy` mean router entropy, `balance_loss`, `z_loss`.
+        """
+        B, T, D = x.shape
+        xf = x.reshape(B * T, D)  # (N, D)
+        allowed = self._allowed(expert_mask, B, T)  # (N, E) bool or None
+        logits = self._router_logits(xf, allowed)  # (N, E) float32
+        probs = logits.softmax(-1)  # (N, E)
+        if self.soft:
+            y, load, dropped = self._soft_mixture(xf, probs), probs.mean(0).detach(), 0.0
+        else:
+            y, load, dropped = self._routed(xf, probs, allowed)
+        y = self.dropout(y).reshape(B, T, D)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        balance = self.num_experts * (load * probs.mean(0)).sum()
+        z_loss = torch.logsumexp(logits, -1).pow(2).mean()
+        aux_loss = self.balance_loss_weight * balance + self.z_loss_weight * z_loss
+        stats = {
+            "load": load,
+            "dropped": torch.as_tensor(dropped, device=x.device).float(),
+            "entropy": torch.special.entr(probs).sum(-1).mean().detach(),
+            "balance_loss": balance.detach(),
+            "z_loss": z_loss.detach(),
+        }
+        return y, aux_loss, stats
+
+    def _allowed(self, expert_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+        """Expand an (E,) or (B, E) mask to (N, E) tokens; reject rows allowing < K experts."""
+        if expert_mask is None:
+            return None
+        E, need = self.num_experts, 1 if self.soft else self.top_k
+        if expert_mask.dtype != torch.bool or expert_mask.shape not in ((E,), (B, E)):
+            raise ValueError(f"expert_mask must be bool of shape ({E},) or ({B}, {E})")
+        if (expert_mask.sum(-1) < need).any():
+            raise ValueError(f"expert_mask allows fewer than {need} experts in some row")
+        return expert_mask.expand(B, E).repeat_interleave(T, dim=0)  # (N, E)
+
+    def _router_logits(self, xf: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """Router logits in float32 even under autocast, with Switch input jitter in training."""
+        with torch.autocast(xf.device.type, enabled=False):
+            xr = xf.to(torch.promote_types(xf.dtype, torch.float32))  # fp32, or fp64 if given
+            if self.training and self.router_jitter > 0:
+                eps = self.router_jitter
+                xr = xr * torch.empty_like(xr).uniform_(1.0 - eps, 1.0 + eps)
+            logits = F.linear(xr, self.router.to(xr.dtype))  # (N, E)
+        return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+
+    def _routed(
+        self, xf: torch.Tensor, probs: torch.Tensor, allowed: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Top-k routing: returns y (N, D), load f (E,) and the dropped fraction of slots."""
+        N, K, E = xf.shape[0], self.top_k, self.num_experts
+        scores = probs.detach() if self.routing_bias is None else probs.detach() + self.routing_bias
+        if allowed is not None:  # the bias must not revive a masked expert
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        expert = scores.topk(K, dim=-1).indices  # (N, K)
+        gates = probs.gather(1, expert)  # (N, K)
+        if K > 1:
+            gates = gates / gates.sum(-1, keepdim=True)
+        flat = expert.reshape(-1)  # (N·K,) token-major, choice-minor
+        counts = torch.bincount(flat, minlength=E)  # (E,)
+        if self.training and self.load_counts is not None:
+            self.load_counts += counts
+        order = flat.argsort(stable=True)  # (N·K,) by expert, then by token
+        kept = counts
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * K * N / E)
+            start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
+            rank = torch.arange(N * K, device=xf.device) - start[flat[order]]  # (N·K,)
+            order = order[rank < capacity]  # (S,)
+            kept = counts.clamp(max=capacity)
+        token = order // K  # (S,) source token of each kept slot
+        xs = xf.index_select(0, token).to(self._compute_dtype(xf))  # (S, D)
+        out = self._experts(xs, kept)  # (S, D)
+        weighted = out * gates.reshape(-1)[order, None]  # (S, D), float32 gates
+        y = weighted.new_zeros(N, xf.shape[1]).index_add_(0, token, weighted)  # (N, D)
+        dropped = (1.0 - order.numel() / (N * K)) if N else 0.0
+        return y.to(out.dtype), counts.to(probs.dtype) / max(N * K, 1), dropped
+
+    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Run expert e on its contiguous block of `counts[e]` rows of xs (S, D) → (S, D)."""
+        w_in, w_out = self.w_in.to(xs.dtype), self.w_out.to(xs.dtype)
+        if self.use_grouped_mm and self._grouped_ok(xs, w_in, w_out):
+            offs = counts.cumsum(0, dtype=torch.int32)  # (E,) end row of each expert
+            h = self._act(_GROUPED_MM(xs, w_in, offs=offs))  # (S, H)
+            return _GROUPED_MM(h, w_out, offs=offs)
+        # unbind, not w_in[e]: each indexing op would backprop a full (E, …) zero gradient
+        pairs = zip(xs.split(counts.tolist()), w_in.unbind(0), w_out.unbind(0), strict=True)
+        return torch.cat([self._act(b @ wi) @ wo for b, wi, wo in pairs])
+
+    def _grouped_ok(self, xs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
+        if not grouped_mm_supported(xs.dtype, xs.device.type):
+            return False
+        hidden_ok = self.hidden * xs.element_size() % 16 == 0  # rows of the (S, H) activations
+        return hidden_ok and _aligned(xs) and _aligned(w_in) and _aligned(w_out)
+
+    def _soft_mixture(self, xf: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Dense mixture Σ_e p_e · E_e(x): every expert on every token. (N, D) → (N, D)."""
+        xs = xf.to(self._compute_dtype(xf))
+        h = self._act(torch.einsum("nd,edh->enh", xs, self.w_in.to(xs.dtype)))  # (E, N, H)
+        out = torch.bmm(h, self.w_out.to(xs.dtype))  # (E, N, D)
+        return torch.einsum("ne,end->nd", probs, out.to(probs.dtype)).to(xs.dtype)
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(h)
+
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+        """The autocast dtype when autocast is on (grouped_mm is not autocast-aware)."""
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+    @torch.no_grad()
+    def update_routing_bias(self) -> None:
+        """DeepSeek-V3 step: bias += rate · sign(mean_load − load); reset the counts.
+
+        Call once per optimizer step (counts are summed over micro-batches and, under DDP,
+        across ranks). A no-op when `aux_free_bias` is off.
+        """
+        if self.routing_bias is None:
+            return
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.load_counts)
+        counts = self.load_counts
+        self.routing_bias += self.bias_update_rate * torch.sign(counts.mean() - counts)
+        counts.zero_()
+
+    @torch.no_grad()
+    def add_experts(self, n: int) -> None:
+        """Append n freshly initialised experts and router rows; old ones stay unchanged.
+
+        Replaces the stacked parameters, so build the optimizer after calling this.
+        """
+        if n < 1:
+            raise ValueError(f"add_experts(n={n}) needs n >= 1")
+        for name in ("router", "w_in", "w_out"):
+            old = getattr(self, name)
+            new = _init_stacked_(old.new_empty(n, *old.shape[1:]))
+            grown = nn.Parameter(torch.cat([old, new]), requires_grad=old.requires_grad)
+            setattr(self, name, grown)
+        if self.routing_bias is not None:
+            self.routing_bias = torch.cat([self.routing_bias, self.routing_bias.new_zeros(n)])
+            self.load_counts = torch.cat([self.load_counts, self.load_counts.new_zeros(n)])
+        self.num_experts += n
+
+    def extra_repr(self) -> str:
+        mode = "soft" if self.soft else f"top_k={self.top_k}"
+        return f"dim={self.dim}, hidden={self.hidden}, experts={self.num_experts}, {mode}, " + (
+            f"activation={self.activation}, capacity_factor={self.capacity_factor}"
+        )
+
+
+def _init_stacked_(p: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's default init per expert: U(±1/√fan_in), fan_in = dim 1 (router: dim 1)."""
+    bound = p.shape[1] ** -0.5 if p.dim() == 3 else p.shape[-1] ** -0.5
+    with torch.no_grad():
+        return p.uniform_(-bound, bound)
+
+
+def _validate(args: dict) -> None:
+    """Raise ValueError naming the first invalid `model.moe.<key>`."""
+    checks = [
+        (args["dim"] >= 1, "dim", "must be >= 1"),
+        (args["hidden"] >= 1, "hidden", "must be >= 1"),
+        (args["num_experts"] >= 1, "num_experts", "must be >= 1"),
+        (args["top_k"] >= 1, "top_k", "must be >= 1"),
+        (
+            args["top_k"] <= args["num_experts"],
+            "top_k",
+            f"exceeds model.moe.num_experts={args['num_experts']}",
+        ),
+        (args["activation"] in ACTIVATIONS, "activation", f"is not one of {ACTIVATIONS}"),
+        (args["num_shared_experts"] >= 0, "num_shared_experts", "must be >= 0"),
+        (
+            args["shared_hidden"] is None or args["shared_hidden"] >= 1,
+            "shared_hidden",
+            "must be >= 1",
+        ),
+        (
+            args["capacity_factor"] is None or args["capacity_factor"] > 0,
+            "capacity_factor",
+            "must be > 0",
+        ),
+        (
+            not (args["soft"] and args["capacity_factor"] is not None),
+            "capacity_factor",
+            "must be null with model.moe.soft=true (soft routing never drops)",
+        ),
+        (
+            not (args["soft"] and args["aux_free_bias"]),
+            "aux_free_bias",
+            "needs top-k routing (model.moe.soft=false): the bias only affects selection",
+        ),
+        (0.0 <= args["router_jitter"] < 1.0, "router_jitter", "must be in [0, 1)"),
+        (args["balance_loss_weight"] >= 0, "balance_loss_weight", "must be >= 0"),
+        (args["z_loss_weight"] >= 0, "z_loss_weight", "must be >= 0"),
+        (args["bias_update_rate"] > 0, "bias_update_rate", "must be > 0"),
+        (0.0 <= args["dropout"] < 1.0, "dropout", "must be in [0, 1)"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ValueError(f"model.moe.{key}={args[key]!r} {message}")

@@ -1,0 +1,129 @@
+"""ExpertLoadCallback: heatmaps, history and W&B images from synthetic MoE stats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from advarch.callbacks.expert_load import ExpertLoadCallback, plot_expert_load
+
+ROOT = Path(__file__).resolve().parents[2]
+E = 4
+
+
+def synthetic_load(step: int, layer: int) -> torch.Tensor:
+    """A load vector (E,) summing to one that changes with the step and layer."""
+    raw = torch.arange(1, E + 1, dtype=torch.float32) + step * (layer + 1)
+    return raw / raw.sum()
+
+
+class FakeMoEModule(L.LightningModule):
+    """Returns `{"loss", "stats"}` like the strategies do, with two MoE layers (0 and 2)."""
+
+    def __init__(self, with_stats: bool = True) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+        self.with_stats = with_stats
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> dict:
+        loss = (batch[0] * self.weight).sum().pow(2)
+        stats = {"moe/layer1/dropped": torch.tensor(0.0)}
+        for layer in (0, 2):
+            stats[f"moe/layer{layer}/load"] = synthetic_load(self.global_step, layer)
+        return {"loss": loss, "stats": stats if self.with_stats else {}}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fit(tmp_path: Path, max_steps: int, callback: ExpertLoadCallback, stats: bool = True) -> None:
+    loader = DataLoader(TensorDataset(torch.randn(32, 2)), batch_size=2)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    trainer.fit(FakeMoEModule(stats), loader)
+
+
+def expected_window(steps: range) -> np.ndarray:
+    """Mean load over batches whose pre-step global_step is in `steps`: (2 layers, E)."""
+    return np.stack(
+        [np.mean([synthetic_load(s, layer).numpy() for s in steps], axis=0) for layer in (0, 2)]
+    )
+
+
+def test_writes_heatmaps_and_history(tmp_path: Path) -> None:
+    callback = ExpertLoadCallback(every_n_steps=2)
+    fit(tmp_path, max_steps=5, callback=callback)
+    plots = tmp_path / "plots"
+    names = {p.name for p in plots.iterdir()}
+    assert {f"expert_load_step{n}.png" for n in (2, 4, 5)} <= names
+    assert {"expert_load_latest.png", "expert_load_history.npz"} <= names
+    saved = np.load(plots / "expert_load_history.npz")
+    assert saved["steps"].tolist() == [2, 4, 5]
+    assert saved["layers"].tolist() == [0, 2]
+    assert saved["load"].shape == (3, 2, E)
+    # The batch ending at global_step 2 was computed at global_step 1 (and so on).
+    for i, window in enumerate([range(0, 2), range(2, 4), range(4, 5)]):
+        np.testing.assert_allclose(saved["load"][i], expected_window(window), rtol=1e-6)
+    np.testing.assert_allclose(callback.history_array(), saved["load"])
+    assert (plots / "expert_load_latest.png").read_bytes() == (
+        plots / "expert_load_step5.png"
+    ).read_bytes()
+
+
+def test_no_files_without_moe_stats(tmp_path: Path) -> None:
+    fit(tmp_path, max_steps=3, callback=ExpertLoadCallback(every_n_steps=1), stats=False)
+    assert not (tmp_path / "plots").exists()
+
+
+def test_logs_image_to_wandb(tmp_path: Path) -> None:
+    logged: list[tuple[str, list]] = []
+
+    class RecordingWandb(WandbLogger):
+        def __init__(self) -> None:  # no W&B run: only the image call is under test
+            pass
+
+        def log_image(self, key: str, images: list, step: int | None = None, **kw) -> None:
+            logged.append((key, images))
+
+    callback = ExpertLoadCallback(every_n_steps=1, plot_dir=str(tmp_path / "custom"))
+    trainer = SimpleNamespace(
+        global_step=1, loggers=[RecordingWandb()], is_global_zero=True, default_root_dir="."
+    )
+    outputs = {"loss": torch.tensor(0.0), "stats": {"moe/layer0/load": synthetic_load(0, 0)}}
+    callback.on_train_batch_end(trainer, None, outputs, None, 0)
+    assert logged == [("moe/expert_load", [str(tmp_path / "custom" / "expert_load_step1.png")])]
+    assert Path(logged[0][1][0]).stat().st_size > 0
+
+
+def test_plot_function_writes_png_with_nan_padding(tmp_path: Path) -> None:
+    load = np.array([[0.5, 0.5, np.nan], [0.2, 0.3, 0.5]])
+    path = plot_expert_load(load, tmp_path / "x" / "load.png", "title")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_instantiates_the_callback() -> None:
+    from hydra.utils import instantiate
+
+    cfg = OmegaConf.load(ROOT / "configs" / "callbacks" / "expert_load.yaml")
+    callback = instantiate(cfg.expert_load)
+    assert isinstance(callback, ExpertLoadCallback) and callback.every_n_steps == 50
+
+
+def test_invalid_every_n_steps_names_the_key() -> None:
+    with pytest.raises(ValueError, match="callbacks.expert_load.every_n_steps=0"):
+        ExpertLoadCallback(every_n_steps=0)

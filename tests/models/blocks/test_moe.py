@@ -1,0 +1,337 @@
+"""MoE block: parity with a plain per-token reference, losses, capacity, masks, balancing."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from advarch.models.blocks import moe as moe_module
+from advarch.models.blocks.ffn import FeedForward
+from advarch.models.blocks.moe import MoE, grouped_mm_supported
+
+GROUPED = grouped_mm_supported(torch.float32, "cpu")
+
+
+def expert_reference(moe: MoE, e: int, v: torch.Tensor) -> torch.Tensor:
+    """Expert e applied to one token v (D,)."""
+    h = v @ moe.w_in[e]
+    if moe.activation == "swiglu":
+        gate, up = h.chunk(2)
+        h = F.silu(gate) * up
+    else:
+        h = F.gelu(h)
+    return h @ moe.w_out[e]
+
+
+def moe_reference(
+    moe: MoE, x: torch.Tensor, capacity: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loop over tokens and their k experts; returns y (B, T, D) and the aux loss.
+
+    Top-k by probability, gates renormalised over the k (raw probability when k = 1); with a
+    capacity, an expert takes the first `capacity` tokens that chose it, in token order.
+    """
+    tokens = x.reshape(-1, x.shape[-1])
+    E, K, N = moe.num_experts, moe.top_k, tokens.shape[0]
+    rows, probs, lse = [], [], []
+    counts, taken = [0] * E, [0] * E
+    for n in range(N):
+        logits = moe.router @ tokens[n]
+        p = torch.softmax(logits, dim=0)
+        probs.append(p)
+        lse.append(torch.logsumexp(logits, dim=0))
+        top = torch.topk(p, K).indices.tolist()
+        total = sum(p[e] for e in top)
+        row = torch.zeros_like(tokens[n])
+        for e in top:
+            counts[e] += 1
+            if capacity is not None and taken[e] >= capacity:
+                continue
+            taken[e] += 1
+            gate = p[e] / total if K > 1 else p[e]
+            row = row + gate * expert_reference(moe, e, tokens[n])
+        if moe.shared is not None:
+            row = row + moe.shared(tokens[n])
+        rows.append(row)
+    mean_p = torch.stack(probs).mean(0)
+    balance = E * sum(counts[e] / (N * K) * mean_p[e] for e in range(E))
+    z_loss = torch.stack(lse).pow(2).mean()
+    aux = moe.balance_loss_weight * balance + moe.z_loss_weight * z_loss
+    return torch.stack(rows).reshape(x.shape), aux
+
+
+def grads_of(module: torch.nn.Module, x: torch.Tensor, loss: torch.Tensor) -> list[torch.Tensor]:
+    params = [x, *module.parameters()]
+    return list(torch.autograd.grad(loss, params))
+
+
+def count_grouped_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    real = moe_module._GROUPED_MM
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moe_module, "_GROUPED_MM", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "grouped",
+    [
+        False,
+        pytest.param(
+            True, marks=pytest.mark.skipif(not GROUPED, reason="no grouped_mm on this torch/CPU")
+        ),
+    ],
+)
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("shared", [0, 2])
+def test_matches_per_token_reference(
+    grouped: bool, top_k: int, activation: str, shared: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(top_k * 10 + shared)
+    moe = MoE(
+        16,
+        32,
+        num_experts=4,
+        top_k=top_k,
+        activation=activation,
+        num_shared_experts=shared,
+        shared_hidden=16,
+        z_loss_weight=0.1,
+        balance_loss_weight=0.5,
+    )
+    moe.use_grouped_mm = grouped
+    ref = copy.deepcopy(moe).double()
+    if not grouped:
+        moe.double()  # the loop path runs in float64: tight comparison
+    dtype = next(moe.parameters()).dtype
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    x_ref, x_fast = x.clone().requires_grad_(True), x.to(dtype).requires_grad_(True)
+    calls = count_grouped_calls(monkeypatch)
+    y, aux, _ = moe(x_fast)
+    assert calls[0] == (2 if grouped else 0)
+    y_ref, aux_ref = moe_reference(ref, x_ref)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if grouped else {"rtol": 1e-9, "atol": 1e-10}
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(aux.double(), aux_ref, **tol)
+    cot = torch.randn_like(y_ref)
+    fast = grads_of(moe, x_fast, (y * cot.to(dtype)).sum() + aux)
+    slow = grads_of(ref, x_ref, (y_ref * cot).sum() + aux_ref)
+    for g, g_ref in zip(fast, slow, strict=True):
+        torch.testing.assert_close(g.double(), g_ref, **tol)
+
+
+@pytest.mark.parametrize(("dtype", "hidden"), [(torch.float64, 32), (torch.float32, 6)])
+def test_falls_back_to_expert_loop_where_grouped_mm_cannot_run(
+    dtype: torch.dtype, hidden: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float64 is rejected by the probe; 6 float32 columns are not 16-byte aligned rows."""
+    torch.manual_seed(0)
+    moe = MoE(16, hidden, num_experts=4, top_k=2).to(dtype)
+    x = torch.randn(2, 5, 16, dtype=dtype)
+    assert grouped_mm_supported(dtype, "cpu") == (dtype != torch.float64 and GROUPED)
+    calls = count_grouped_calls(monkeypatch)  # after the (cached) probe
+    y, _, _ = moe(x)
+    assert calls[0] == 0
+    torch.testing.assert_close(y, moe_reference(moe, x)[0])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_single_expert_top1_equals_dense_ffn(activation: str) -> None:
+    torch.manual_seed(0)
+    moe = MoE(16, 32, num_experts=1, top_k=1, activation=activation).double()
+    ffn = FeedForward(16, 32, activation).double()
+    with torch.no_grad():
+        moe.w_in[0].copy_(ffn.w_in.weight.T)
+        moe.w_out[0].copy_(ffn.w_out.weight.T)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    torch.testing.assert_close(moe(x)[0], ffn(x))
+
+
+def test_soft_mode_is_probability_weighted_sum_of_all_experts() -> None:
+    torch.manual_seed(1)
+    moe = MoE(8, 16, num_experts=3, soft=True).double()
+    x = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
+    y, _, stats = moe(x)
+    tokens = x.reshape(-1, 8)
+    rows = []
+    for v in tokens:
+        p = torch.softmax(moe.router @ v, dim=0)
+        rows.append(sum(p[e] * expert_reference(moe, e, v) for e in range(3)))
+    y_ref = torch.stack(rows).reshape(x.shape)
+    torch.testing.assert_close(y, y_ref)
+    cot = torch.randn_like(y)
+    fast = grads_of(moe, x, (y * cot).sum())
+    slow = grads_of(moe, x, (y_ref * cot).sum())
+    for g, g_ref in zip(fast, slow, strict=True):
+        torch.testing.assert_close(g, g_ref)
+    assert stats["dropped"] == 0
+
+
+def test_balance_loss_is_one_at_uniform_routing_and_z_loss_is_log_e_squared() -> None:
+    E = 4
+    moe = MoE(E, 8, num_experts=E, top_k=1)
+    with torch.no_grad():
+        moe.router.zero_()  # zero logits: P_i = 1/E for every expert
+    _, _, stats = moe(torch.randn(2, 8, E))
+    torch.testing.assert_close(stats["balance_loss"], torch.tensor(1.0))
+    torch.testing.assert_close(stats["z_loss"], torch.tensor(math.log(E) ** 2))
+    with torch.no_grad():
+        moe.router.copy_(10 * torch.eye(E))  # token n → expert n mod E: f and P both uniform
+    x = torch.eye(E).repeat(3, 1).unsqueeze(0)  # (1, 12, E)
+    _, _, stats = moe(x)
+    torch.testing.assert_close(stats["load"], torch.full((E,), 1 / E))
+    torch.testing.assert_close(stats["balance_loss"], torch.tensor(1.0))
+    _, _, skewed = moe(torch.eye(E)[:1].repeat(12, 1).unsqueeze(0))  # all tokens → expert 0
+    assert skewed["balance_loss"] > 3.5  # → E as routing collapses onto one expert
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_capacity_keeps_earliest_tokens(seed: int, top_k: int) -> None:
+    torch.manual_seed(seed)
+    E, N, cf = 4, 24, 0.75
+    moe = MoE(8, 16, num_experts=E, top_k=top_k, capacity_factor=cf).double()
+    with torch.no_grad():
+        moe.router[0] += 1.0  # skew towards expert 0 so it overflows
+    x = torch.randn(1, N, 8, dtype=torch.float64) + 1.0
+    y, _, stats = moe(x)
+    capacity = math.ceil(cf * top_k * N / E)
+    y_ref, _ = moe_reference(moe, x, capacity=capacity)
+    torch.testing.assert_close(y, y_ref)
+    slots = (stats["load"] * N * top_k).round()  # routed slots per expert
+    expected = (slots - capacity).clamp(min=0).sum() / (N * top_k)
+    assert expected > 0
+    torch.testing.assert_close(stats["dropped"], expected.float())
+
+
+def test_dropless_by_default_drops_nothing() -> None:
+    moe = MoE(8, 16, num_experts=4)
+    assert moe(torch.randn(2, 9, 8))[2]["dropped"] == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_masked_experts_are_never_selected(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    E, B, K = 6, 3, 2
+    moe = MoE(8, 16, num_experts=E, top_k=K, aux_free_bias=True).double()
+    with torch.no_grad():
+        moe.routing_bias.fill_(100.0)  # the selection bias must not revive masked experts
+    mask = torch.rand(B, E, generator=g) < 0.5
+    mask[torch.arange(B), torch.randint(E, (B,), generator=g)] = True
+    mask[torch.arange(B), (torch.arange(B) + 1) % E] = True  # ≥ K allowed per row
+    x = torch.randn(B, 5, 8, dtype=torch.float64, generator=g)
+    y, aux, stats = moe(x, expert_mask=mask)
+    assert torch.isfinite(aux) and all(torch.isfinite(v).all() for v in stats.values())
+    for b in range(B):
+        y_b, _, stats_b = moe(x[b : b + 1], expert_mask=mask[b])
+        assert (stats_b["load"][~mask[b]] == 0).all()
+        torch.testing.assert_close(y[b : b + 1], y_b)
+
+
+def test_mask_allowing_too_few_experts_raises() -> None:
+    moe = MoE(8, 16, num_experts=4, top_k=2)
+    with pytest.raises(ValueError, match="fewer than 2"):
+        moe(torch.randn(2, 3, 8), expert_mask=torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]]).bool())
+
+
+def test_aux_free_bias_moves_load_toward_balance() -> None:
+    torch.manual_seed(0)
+    E = 4
+    moe = MoE(8, 16, num_experts=E, top_k=1, aux_free_bias=True, bias_update_rate=0.01)
+    with torch.no_grad():
+        moe.router[0] = 0.5  # inputs with positive mean prefer expert 0
+    x = torch.randn(4, 16, 8) + 1.0
+    loads = []
+    for _ in range(120):
+        with torch.no_grad():
+            loads.append(moe(x)[2]["load"])
+        moe.update_routing_bias()
+        assert (moe.load_counts == 0).all()  # reset by every update
+    recent = torch.stack(loads[-20:]).mean(0)  # sign updates oscillate: average a window
+    assert loads[0].max() > 0.9 and recent.max() < 0.45
+    assert moe.routing_bias[0] < 0
+
+
+def test_bf16_autocast_runs_with_float32_router(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    moe = MoE(16, 32, num_experts=4, top_k=2, num_shared_experts=1)
+    seen = []
+    real = moe._router_logits
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(moe, "_router_logits", spy)
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    y32 = moe(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux, _ = moe(x)
+    assert y.dtype == torch.bfloat16 and seen == [torch.float32, torch.float32]
+    assert aux.dtype == torch.float32
+    (y.float().sum() + aux).backward()
+    assert moe.router.grad.dtype == torch.float32 and moe.w_in.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y32, rtol=5e-2, atol=5e-2)
+
+
+def test_router_jitter_only_in_training() -> None:
+    moe = MoE(8, 16, num_experts=4, router_jitter=0.5)
+    x = torch.randn(2, 16, 8)
+    moe.eval()
+    torch.testing.assert_close(moe(x)[0], moe(x)[0])
+    moe.train()
+    assert not torch.equal(moe(x)[0], moe(x)[0])
+
+
+def test_add_experts_keeps_old_experts_and_routing() -> None:
+    torch.manual_seed(0)
+    moe = MoE(8, 16, num_experts=4, top_k=2, aux_free_bias=True).double()
+    old = {k: v.clone() for k, v in moe.state_dict().items()}
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    y_old = moe(x)[0]
+    moe.add_experts(2)
+    assert moe.num_experts == 6 and moe.w_in.shape[0] == 6 and moe.routing_bias.shape == (6,)
+    for name in ("router", "w_in", "w_out"):
+        torch.testing.assert_close(getattr(moe, name)[:4], old[name])
+        assert getattr(moe, name)[4:].abs().sum() > 0
+    only_old = torch.tensor([True] * 4 + [False] * 2)
+    torch.testing.assert_close(moe(x, expert_mask=only_old)[0], y_old)
+    y, _, stats = moe(x)
+    y.sum().backward()
+    assert stats["load"].shape == (6,) and moe.w_in.grad.shape[0] == 6
+
+
+def test_stats_are_detached_and_aux_is_weighted() -> None:
+    moe = MoE(8, 16, num_experts=4, balance_loss_weight=0.3, z_loss_weight=0.2)
+    _, aux, stats = moe(torch.randn(2, 5, 8))
+    assert set(stats) == {"load", "dropped", "entropy", "balance_loss", "z_loss"}
+    assert all(not v.requires_grad for v in stats.values())
+    torch.testing.assert_close(aux.detach(), 0.3 * stats["balance_loss"] + 0.2 * stats["z_loss"])
+    torch.testing.assert_close(stats["load"].sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"top_k": 9}, "model.moe.top_k=9 exceeds model.moe.num_experts=8"),
+        ({"activation": "relu"}, "model.moe.activation='relu'"),
+        ({"capacity_factor": 0.0}, "model.moe.capacity_factor=0.0"),
+        ({"soft": True, "capacity_factor": 1.0}, "model.moe.capacity_factor=1.0"),
+        ({"soft": True, "aux_free_bias": True}, "model.moe.aux_free_bias=True"),
+        ({"router_jitter": 1.5}, "model.moe.router_jitter=1.5"),
+        ({"num_shared_experts": -1}, "model.moe.num_shared_experts=-1"),
+    ],
+)
+def test_invalid_config_names_the_key(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        MoE(8, 16, **kwargs)
