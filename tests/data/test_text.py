@@ -1,0 +1,101 @@
+"""The text datamodule: sources, document-level splits, tokenizers, packing and the cache."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from advarch.data.text import TextDataModule, split_documents, stdlib_files, unigram_bits_per_byte
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def write_corpus(folder: Path, n: int = 12) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = [" ".join(rng.choice(WORDS, 200)) + f" doc{i}" for i in range(n)]
+    for i, d in enumerate(docs[: n // 3]):
+        (folder / f"d{i}.txt").write_text(d)
+    with (folder / "more.jsonl").open("w") as f:
+        for d in docs[n // 3: 2 * n // 3]:
+            f.write(json.dumps({"text": d}) + "\n")
+    pq.write_table(pa.table({"text": docs[2 * n // 3:]}), folder / "rest.parquet")
+
+
+def test_local_text_jsonl_parquet_are_all_read(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "corpus")
+    dm = TextDataModule(files=str(tmp_path / "corpus" / "*"), seq_len=32, cache_dir=str(tmp_path / "c"))
+    dm.setup()
+    docs = dm.meta["documents"]
+    assert sum(len(v) for v in docs.values()) == 12
+    assert set(docs["train"]).isdisjoint(docs["val"]) and set(docs["val"]).isdisjoint(docs["test"])
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (16, 32)
+    assert (batch["input_ids"][:, 1:] == batch["labels"][:, :-1]).all()  # labels are shifted inputs
+    text = dm.tokenizer.decode(batch["input_ids"][0].tolist())
+    assert any(w in text for w in WORDS)
+
+
+def test_split_is_by_document_and_seeded() -> None:
+    a = split_documents(100, 0.1, 0.1, seed=3)
+    b = split_documents(100, 0.1, 0.1, seed=3)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(100))
+    assert not np.array_equal(a["val"], split_documents(100, 0.1, 0.1, seed=4)["val"])
+
+
+def test_embedded_corpus_is_the_stdlib_without_tests() -> None:
+    files = stdlib_files()
+    assert len(files) > 300
+    assert not any("/test/" in str(f) or "idlelib" in str(f) for f in files)
+
+
+def test_cache_makes_the_second_load_fast_and_identical(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "corpus")
+    kwargs = dict(files=str(tmp_path / "corpus" / "*"), seq_len=32, cache_dir=str(tmp_path / "c"))
+    first = TextDataModule(**kwargs)
+    first.setup()
+    t0 = time.perf_counter()
+    second = TextDataModule(**kwargs)
+    second.setup()
+    assert time.perf_counter() - t0 < 5.0
+    assert len(list((tmp_path / "c").iterdir())) == 1  # reused, not rebuilt
+    assert second.splits["train"][0]["tokens"].tolist() == first.splits["train"][0]["tokens"].tolist()
+
+
+def test_bpe_tokenizer_trains_on_train_split_and_round_trips(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "corpus")
+    dm = TextDataModule(files=str(tmp_path / "corpus" / "*"), tokenizer="bpe", bpe_vocab_size=300,
+                        seq_len=16, cache_dir=str(tmp_path / "c"))
+    spec = dm.spec
+    assert 256 < spec.vocab_size <= 300
+    assert spec.extras["bytes_per_token"] > 1.5  # merges compress the text
+    ids = dm.tokenizer.encode_batch(["gamma delta"])[0]
+    assert dm.tokenizer.decode(ids.tolist()) == "gamma delta"
+
+
+def test_unigram_baseline_matches_a_hand_computation() -> None:
+    train = np.array([0, 0, 1, 2])
+    val = np.array([0, 1])
+    counts = np.array([2, 1, 1]) + 1.0
+    p = counts / counts.sum()
+    expected = -(np.log2(p[0]) + np.log2(p[1])) / 2
+    assert unigram_bits_per_byte(train, val, 3, val_bytes=2) == pytest.approx(expected)
+
+
+def test_resumed_sampler_skips_consumed_batches() -> None:
+    from advarch.data.sampling import EpochShuffleSampler
+
+    full = list(EpochShuffleSampler(50, seed=1))
+    resumed = EpochShuffleSampler(50, seed=1, skip=20)
+    assert list(resumed) == full[20:]
+    assert list(resumed) == full  # the skip applies once
+    s = EpochShuffleSampler(50, seed=1)
+    s.set_epoch(1)
+    assert list(s) != full
