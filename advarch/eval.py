@@ -31,7 +31,9 @@ def load_checkpoint_config(ckpt_path: str | Path) -> tuple[dict, DictConfig]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     saved = ckpt.get("hyper_parameters", {}).get("cfg")
     if saved is None:
-        raise ConfigError(f"ckpt_path={str(ckpt_path)!r} has no saved advarch config (hyper_parameters.cfg)")
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r} has no saved advarch config (hyper_parameters.cfg)"
+        )
     return ckpt, OmegaConf.create(saved)
 
 
@@ -54,10 +56,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not fit data={cfg.get('data', {}).get('_target_')}: {first}") from err
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path!r} does not fit this data/model: {first}"
+        ) from err
     module.on_load_checkpoint(ckpt)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, default_root_dir=cfg.paths.output_dir,
-                        accelerator=cfg.accelerator, devices=1, enable_model_summary=False)
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=cfg.paths.output_dir,
+        accelerator=cfg.accelerator,
+        devices=1,
+        enable_model_summary=False,
+    )
     results = trainer.test(module, datamodule=datamodule, verbose=True)
     return {k: float(v) for r in results for k, v in r.items()}
 

@@ -79,4 +79,6 @@ def instantiate_dict(node: DictConfig | None) -> list[Any]:
     """Instantiate every `_target_` entry of a named collection (callbacks, loggers)."""
     if not node:
         return []
-    return [instantiate(v, _convert_="all") for v in node.values() if v is not None and "_target_" in v]
+    return [
+        instantiate(v, _convert_="all") for v in node.values() if v is not None and "_target_" in v
+    ]

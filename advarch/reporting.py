@@ -21,7 +21,9 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
     keys = [k for k in ORDER if k in cfg] + [k for k in cfg if k not in ORDER]
     for key in keys:
         value = cfg[key]
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        text = (
+            OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        )
         tree.add(key).add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
     console = Console()
     console.print(tree)
@@ -30,14 +32,18 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
             Console(file=f, width=120, color_system=None).print(tree)
 
 
-def print_summary(cfg: DictConfig, spec: DataSpec, metrics: dict[str, float], output_dir: Path) -> None:
+def print_summary(
+    cfg: DictConfig, spec: DataSpec, metrics: dict[str, float], output_dir: Path
+) -> None:
     """A few lines a user reads after training: quality against a baseline, and where things are."""
     lines = []
     bpb = metrics.get("val/bpb")
     baseline = spec.extras.get("unigram_bpb")
     if bpb is not None and baseline is not None:
         verdict = "below" if bpb < baseline else "NOT below"
-        lines.append(f"validation bits/byte {bpb:.3f} — {verdict} the unigram baseline {baseline:.3f}")
+        lines.append(
+            f"validation bits/byte {bpb:.3f} — {verdict} the unigram baseline {baseline:.3f}"
+        )
     for key in ("val/loss", "val/acc", "test/loss", "test/acc", "test/bpb"):
         if key in metrics and not (key == "val/loss" and bpb is not None):
             lines.append(f"{key} = {metrics[key]:.4f}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
 
@@ -47,10 +47,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_dict(cfg.get("callbacks"))
     trainer_overrides: dict[str, Any] = {}
     if hasattr(datamodule, "epochs_per_task"):  # a continual stream drives the epochs
-        trainer_overrides = {"max_epochs": datamodule.max_epochs,
-                             "reload_dataloaders_every_n_epochs": datamodule.epochs_per_task}
+        trainer_overrides = {
+            "max_epochs": datamodule.max_epochs,
+            "reload_dataloaders_every_n_epochs": datamodule.epochs_per_task,
+        }
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir),
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(output_dir),
         **trainer_overrides,
     )
     for logger in loggers:
@@ -137,7 +142,9 @@ def _optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None
     if metric is None:
         return None
     if metric not in metrics:
-        log.warning("optimized_metric=%s was not logged; known: %s", metric, ", ".join(sorted(metrics)))
+        log.warning(
+            "optimized_metric=%s was not logged; known: %s", metric, ", ".join(sorted(metrics))
+        )
         return math.nan
     return metrics[metric]
 

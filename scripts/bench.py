@@ -16,7 +16,10 @@ SUITES = ("moe", "sliding_window", "ssm")
 
 
 def print_table(rows: list[Row]) -> None:
-    header = f"| {'bench':<16}| {'contender':<28}| {'size':<14}| {'ms':>10} | {'peak MiB':>9} | {'× ref':>7} |"
+    header = (
+        f"| {'bench':<16}| {'contender':<28}| {'size':<14}| {'ms':>10} | {'peak MiB':>9} "
+        f"| {'× ref':>7} |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
@@ -32,8 +35,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    )
     rows: list[Row] = []
     for name in args.only.split(","):
         suite = importlib.import_module(f"advarch.benchmarks.{name}")

@@ -22,7 +22,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)
 
 # A small slice of the embedded corpus, shared by every test through one cache folder.
-SMALL_TEXT = ["data.max_documents=40", "data.seq_len=64", "data.batch_size=4", "data.max_eval_sequences=8"]
+SMALL_TEXT = [
+    "data.max_documents=40",
+    "data.seq_len=64",
+    "data.batch_size=4",
+    "data.max_eval_sequences=8",
+]
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +60,9 @@ def compose_config(
 def make_cfg(tmp_path: Path, cache_dir: Path):
     """`make_cfg([...overrides])` → a composed training config writing into tmp_path."""
 
-    def _make(overrides: list[str], config_name: str = "train", output_dir: Path | None = None) -> DictConfig:
+    def _make(
+        overrides: list[str], config_name: str = "train", output_dir: Path | None = None
+    ) -> DictConfig:
         return compose_config(overrides, output_dir or tmp_path, cache_dir, config_name)
 
     yield _make

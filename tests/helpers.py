@@ -22,7 +22,9 @@ class PoisonLossAtStep(L.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object
+    ) -> None:
         if trainer.global_step == self.step:
             for p in pl_module.parameters():
                 p.data.fill_(float("nan"))

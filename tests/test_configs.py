@@ -51,7 +51,9 @@ def test_every_strategy_config_composes(make_cfg, strategy: str) -> None:
     assert cfg.strategy._target_.startswith("advarch.strategies.")
 
 
-@pytest.mark.parametrize("group", ["trainer", "logger", "callbacks", "debug", "hparams_search", "experiment"])
+@pytest.mark.parametrize(
+    "group", ["trainer", "logger", "callbacks", "debug", "hparams_search", "experiment"]
+)
 def test_every_option_of_group_composes(make_cfg, group: str) -> None:
     for option in options(group):
         cfg = make_cfg([f"{group}={option}"])
@@ -61,7 +63,10 @@ def test_every_option_of_group_composes(make_cfg, group: str) -> None:
 @pytest.mark.parametrize("trainer", ["default", "cpu", "ddp_sim"])
 def test_cpu_trainers_instantiate(make_cfg, trainer: str) -> None:
     cfg = make_cfg([f"trainer={trainer}"])
-    assert instantiate(cfg.trainer, logger=False, enable_checkpointing=False).max_steps == cfg.trainer.max_steps
+    assert (
+        instantiate(cfg.trainer, logger=False, enable_checkpointing=False).max_steps
+        == cfg.trainer.max_steps
+    )
 
 
 @pytest.mark.parametrize("logger", options("logger"))
@@ -86,7 +91,10 @@ BAD_CONFIGS = [
     (["data.tokenizer=wordpiece"], r"data\.tokenizer='wordpiece'"),
     (["data.seq_len=1"], r"data\.seq_len=1"),
     (["data.val_fraction=1.5"], r"data\.val_fraction=1\.5"),
-    (["data.dataset=someone/corpus", "data.max_documents=null"], r"data\.dataset='someone/corpus' needs the Hugging Face Hub"),
+    (
+        ["data.dataset=someone/corpus", "data.max_documents=null"],
+        r"data\.dataset='someone/corpus' needs the Hugging Face Hub",
+    ),
     (["strategy.lr=-1"], r"strategy\.lr=-1"),
     (["strategy.lr=fast"], r"strategy\.lr='fast' has the wrong type"),
     (["+strategy.momentum=0.9"], r"strategy\.momentum is not an option"),
@@ -95,7 +103,9 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_CONFIGS, ids=[o[0][0] for o in BAD_CONFIGS])
-def test_bad_config_is_one_clear_error(make_cfg, tmp_path: Path, overrides: list[str], message: str) -> None:
+def test_bad_config_is_one_clear_error(
+    make_cfg, tmp_path: Path, overrides: list[str], message: str
+) -> None:
     cfg = make_cfg(["debug=tiny", *SMALL_TEXT, *overrides])
     with pytest.raises(ConfigError, match=message) as info:
         run(cfg)

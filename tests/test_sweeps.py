@@ -16,9 +16,17 @@ TINY = ["debug=tiny", *SMALL_TEXT, "callbacks=none"]
 
 def run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "train.py", *args, f"paths.cache_dir={tmp_path}/cache",
-         f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "train.py",
+            *args,
+            f"paths.cache_dir={tmp_path}/cache",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -28,7 +36,9 @@ def test_multirun_grid(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
     assert len(jobs) == 2
-    depths = [yaml.safe_load((j / ".hydra" / "config.yaml").read_text())["model"]["depth"] for j in jobs]
+    depths = [
+        yaml.safe_load((j / ".hydra" / "config.yaml").read_text())["model"]["depth"] for j in jobs
+    ]
     assert depths == [1, 2]
 
 
@@ -54,8 +64,15 @@ def test_optuna_sweep_survives_a_failing_trial(tmp_path: Path) -> None:
     extra = tmp_path / "extra_configs" / "hparams_search"
     extra.mkdir(parents=True)
     (extra / "failing.yaml").write_text(FAILING_SEARCH)
-    out = run_cli(["-m", *TINY, "hparams_search=failing",
-                   f"hydra.searchpath=[file://{tmp_path / 'extra_configs'}]"], tmp_path)
+    out = run_cli(
+        [
+            "-m",
+            *TINY,
+            "hparams_search=failing",
+            f"hydra.searchpath=[file://{tmp_path / 'extra_configs'}]",
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert best["best_params"]["model.num_heads"] == 2

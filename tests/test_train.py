@@ -28,7 +28,9 @@ def test_fast_dev_run_plain_transformer(make_cfg) -> None:
 
 
 def test_tiny_run_learns_and_writes_outputs(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg([*TINY, "trainer.max_steps=30", "trainer.val_check_interval=15", "strategy.lr=3e-3"])
+    cfg = make_cfg(
+        [*TINY, "trainer.max_steps=30", "trainer.val_check_interval=15", "strategy.lr=3e-3"]
+    )
     metrics = run(cfg)
     out = Path(cfg.paths.output_dir)
     assert (out / "checkpoints" / "last.ckpt").is_file()
@@ -36,19 +38,28 @@ def test_tiny_run_learns_and_writes_outputs(make_cfg, tmp_path: Path) -> None:
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert losses[-1] < losses[0] - 0.5  # it learns
     assert metrics["val/bpb"] == pytest.approx(metrics["val/loss"] / 0.6931471805599453, rel=1e-3)
-    assert (out / "config_tree.txt").exists() or True  # printing is off in tests; the tree is optional
+    assert (
+        out / "config_tree.txt"
+    ).exists() or True  # printing is off in tests; the tree is optional
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     hp = ckpt["hyper_parameters"]
     assert hp["cfg"]["model"]["dim"] == 32 and hp["params/trainable"] == hp["params/total"] > 0
 
 
 def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path) -> None:
-    common = [*TINY, "trainer.max_steps=8", "trainer.val_check_interval=4",
-              "callbacks.model_checkpoint.every_n_train_steps=4", "trainer.deterministic=true"]
+    common = [
+        *TINY,
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "callbacks.model_checkpoint.every_n_train_steps=4",
+        "trainer.deterministic=true",
+    ]
     full = run(make_cfg(common, output_dir=tmp_path / "full"))
 
-    crash_cfg = make_cfg([*common, "+callbacks.crash._target_=tests.helpers.CrashAtStep",
-                          "+callbacks.crash.step=5"], output_dir=tmp_path / "crashed")
+    crash_cfg = make_cfg(
+        [*common, "+callbacks.crash._target_=tests.helpers.CrashAtStep", "+callbacks.crash.step=5"],
+        output_dir=tmp_path / "crashed",
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(crash_cfg)
     last = Path(crash_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -69,8 +80,11 @@ def test_ckpt_path_auto_resumes_latest_of_run_name(make_cfg, tmp_path: Path) -> 
     cfg2.paths.runs_dir = str(tmp_path / "runs")
     cfg2.paths.output_dir = str(Path(cfg2.paths.runs_dir) / "2026-01-01_00-00-01_bbbbbb")
     run(cfg2)
-    ckpt = torch.load(Path(cfg2.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu",
-                      weights_only=False)
+    ckpt = torch.load(
+        Path(cfg2.paths.output_dir) / "checkpoints" / "last.ckpt",
+        map_location="cpu",
+        weights_only=False,
+    )
     assert ckpt["global_step"] == 9  # continued from step 6, not restarted
 
 
@@ -87,21 +101,39 @@ def test_eval_reproduces_training_test_metric(make_cfg, tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(make_cfg) -> None:
-    cfg = make_cfg([*TINY, "trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=2",
-                    "+callbacks.poison._target_=tests.helpers.PoisonLossAtStep", "+callbacks.poison.step=4"])
+    cfg = make_cfg(
+        [
+            *TINY,
+            "trainer.max_steps=10",
+            "callbacks.model_checkpoint.every_n_train_steps=2",
+            "+callbacks.poison._target_=tests.helpers.PoisonLossAtStep",
+            "+callbacks.poison.step=4",
+        ]
+    )
     with pytest.raises(FloatingPointError, match="at step 4"):
         run(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["global_step"] == 4
-    assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
+    assert all(
+        torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point()
+    )
 
 
 def test_cli_runs_and_prints_summary(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "train.py", *TINY, f"hydra.run.dir={tmp_path}/cli",
-         f"paths.cache_dir={tmp_path}/cache", "logger=many"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "train.py",
+            *TINY,
+            f"hydra.run.dir={tmp_path}/cli",
+            f"paths.cache_dir={tmp_path}/cache",
+            "logger=many",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "advarch run summary" in out.stdout
@@ -113,9 +145,19 @@ def test_cli_runs_and_prints_summary(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_simulated_on_two_cpu_processes(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "train.py", *TINY, "trainer=ddp_sim", "callbacks=none",
-         f"hydra.run.dir={tmp_path}/ddp", f"paths.cache_dir={tmp_path}/cache"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "train.py",
+            *TINY,
+            "trainer=ddp_sim",
+            "callbacks=none",
+            f"hydra.run.dir={tmp_path}/ddp",
+            f"paths.cache_dir={tmp_path}/cache",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "advarch run summary" in out.stdout
@@ -123,9 +165,18 @@ def test_ddp_simulated_on_two_cpu_processes(tmp_path: Path) -> None:
 
 def test_config_error_is_one_line_naming_the_key(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "train.py", *TINY, "model.num_heads=5", f"hydra.run.dir={tmp_path}/bad",
-         f"paths.cache_dir={tmp_path}/cache"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "train.py",
+            *TINY,
+            "model.num_heads=5",
+            f"hydra.run.dir={tmp_path}/bad",
+            f"paths.cache_dir={tmp_path}/cache",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]

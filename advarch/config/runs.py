@@ -29,7 +29,9 @@ def resolve_checkpoint(ckpt_path: str | None, runs_dir: Path) -> Path | None:
 
 def run_dir_of(checkpoint: Path) -> Path:
     """The run folder a checkpoint lives in (`<run>/checkpoints/x.ckpt` → `<run>`)."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return (
+        checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    )
 
 
 def previous_wandb_id(checkpoint: Path | None) -> str | None:

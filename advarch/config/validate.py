@@ -49,7 +49,9 @@ def _matches(value: Any, annotation: Any) -> bool:
     if annotation in (str, bool):
         return isinstance(value, annotation)
     base = origin or annotation
-    if base in (list, tuple, Sequence) or (isinstance(base, type) and issubclass(base, Sequence | tuple)):
+    if base in (list, tuple, Sequence) or (
+        isinstance(base, type) and issubclass(base, Sequence | tuple)
+    ):
         return isinstance(value, list | tuple | ListConfig) and not isinstance(value, str)
     if base in (dict, Mapping) or (isinstance(base, type) and issubclass(base, Mapping)):
         return isinstance(value, dict | DictConfig)
@@ -82,10 +84,14 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
             if accepts_any:
                 continue
             known = ", ".join(p for p in params if p not in ("self", *skip))
-            raise ConfigError(f"{key}.{name} is not an option of {node['_target_']} (options: {known})")
+            raise ConfigError(
+                f"{key}.{name} is not an option of {node['_target_']} (options: {known})"
+            )
         hint = hints.get(name, params[name].annotation)
         if not _matches(value, hint):
-            raise ConfigError(f"{key}.{name}={value!r} has the wrong type (expected {_hint_name(hint)})")
+            raise ConfigError(
+                f"{key}.{name}={value!r} has the wrong type (expected {_hint_name(hint)})"
+            )
 
 
 def _hint_name(hint: Any) -> str:

@@ -25,7 +25,7 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[self.skip:]
+        order = torch.randperm(self.n, generator=g)[self.skip :]
         self.skip = 0
         return iter(order.tolist())
 

@@ -34,15 +34,22 @@ class LayerContext:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def make_mixer(kind: str, dim: int, num_heads: int, causal: bool, dropout: float, cfg: dict) -> nn.Module | None:
+def make_mixer(
+    kind: str, dim: int, num_heads: int, causal: bool, dropout: float, cfg: dict
+) -> nn.Module | None:
     """Build a sequence mixer by name; `cfg` holds its block options (model.swa / model.ssm)."""
     if kind == "attn":
         return Attention(dim, num_heads, causal=causal, dropout=dropout)
     if kind == "swa":
         from advarch.models.blocks.sliding_window import SlidingWindowAttention
 
-        return SlidingWindowAttention(dim, cfg.get("num_heads", num_heads), causal=causal, dropout=dropout,
-                                      **{k: v for k, v in cfg.items() if k != "num_heads"})
+        return SlidingWindowAttention(
+            dim,
+            cfg.get("num_heads", num_heads),
+            causal=causal,
+            dropout=dropout,
+            **{k: v for k, v in cfg.items() if k != "num_heads"},
+        )
     if kind == "ssm":
         from advarch.models.blocks.ssm import SelectiveSSM
 
@@ -52,7 +59,9 @@ def make_mixer(kind: str, dim: int, num_heads: int, causal: bool, dropout: float
     raise ValueError(f"model.layers: unknown layer {kind!r}; choose from {', '.join(MIXERS)}")
 
 
-def make_ffn(kind: str, dim: int, hidden: int, activation: str, dropout: float, cfg: dict) -> nn.Module | None:
+def make_ffn(
+    kind: str, dim: int, hidden: int, activation: str, dropout: float, cfg: dict
+) -> nn.Module | None:
     """Build a feed-forward sub-layer by name; `cfg` holds model.moe options for `moe`."""
     if kind == "dense":
         return FeedForward(dim, hidden, activation, dropout)
@@ -80,7 +89,9 @@ class Layer(nn.Module):
         super().__init__()
         self.index = index
         self.mixer, self.ffn, self.cross = mixer, ffn, cross
-        self.takes_global_mask = mixer is not None and "global_mask" in inspect.signature(mixer.forward).parameters
+        self.takes_global_mask = (
+            mixer is not None and "global_mask" in inspect.signature(mixer.forward).parameters
+        )
         self.mixer_norm = make_norm(norm, dim) if mixer is not None else None
         self.cross_norm = make_norm(norm, dim) if cross is not None else None
         self.ffn_norm = make_norm(norm, dim) if ffn is not None else None
@@ -95,7 +106,9 @@ class Layer(nn.Module):
         if self.mixer is not None:
             x = x + self._mix(self.mixer_norm(x), ctx)
         if self.cross is not None:
-            x = x + self.cross(self.cross_norm(x), memory=ctx.memory, memory_pad_mask=ctx.memory_pad_mask)
+            x = x + self.cross(
+                self.cross_norm(x), memory=ctx.memory, memory_pad_mask=ctx.memory_pad_mask
+            )
         if self.ffn is not None:
             x = x + self._ffn(self.ffn_norm(x), ctx)
         return x
@@ -121,7 +134,9 @@ class Layer(nn.Module):
             y, state = self.mixer.step(self.mixer_norm(x), state)
             x = x + y
         if self.cross is not None:
-            x = x + self.cross(self.cross_norm(x), memory=ctx.memory, memory_pad_mask=ctx.memory_pad_mask)
+            x = x + self.cross(
+                self.cross_norm(x), memory=ctx.memory, memory_pad_mask=ctx.memory_pad_mask
+            )
         if self.ffn is not None:
             x = x + self._ffn(self.ffn_norm(x), ctx)
         return x, state

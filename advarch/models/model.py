@@ -79,11 +79,17 @@ class Model(nn.Module):
             )
             self.encoder_norm = make_norm(norm, dim)
             self.target_embed = (
-                self.input if not spec.target_vocab_size or spec.target_vocab_size == spec.vocab_size
+                self.input
+                if not spec.target_vocab_size or spec.target_vocab_size == spec.vocab_size
                 else nn.Embedding(spec.target_vocab_size, dim)
             )
-        self.layers = self._stack(mixers, ffns, causal=causal, cross=spec.kind == "seq2seq",
-                                  first_index=len(getattr(self, "encoder", [])))
+        self.layers = self._stack(
+            mixers,
+            ffns,
+            causal=causal,
+            cross=spec.kind == "seq2seq",
+            first_index=len(getattr(self, "encoder", [])),
+        )
         self.final_norm = make_norm(norm, dim)
         self.retro = self._make_retro(retro, spec) if retro else None
         self.head, self.num_heads_out = self._make_head(spec, heads, tie_embeddings)
@@ -103,16 +109,38 @@ class Model(nn.Module):
             return FeaturePatches(spec.num_features, feature_patch, dim)
         raise ValueError(f"data spec {spec.kind!r} has neither vocab_size nor num_features")
 
-    def _stack(self, mixers: list[str], ffns: list[str], causal: bool, cross: bool = False,
-               first_index: int = 0) -> nn.ModuleList:
+    def _stack(
+        self,
+        mixers: list[str],
+        ffns: list[str],
+        causal: bool,
+        cross: bool = False,
+        first_index: int = 0,
+    ) -> nn.ModuleList:
         o = self.options
         out = nn.ModuleList()
         for i, (mixer_kind, ffn_kind) in enumerate(zip(mixers, ffns, strict=True)):
-            mixer = make_mixer(mixer_kind, self.dim, o["num_heads"], causal, o["dropout"],
-                               self.block_cfg.get(mixer_kind, {}))
-            ffn = make_ffn(ffn_kind, self.dim, self.ffn_hidden, o["activation"], o["dropout"],
-                           self.block_cfg["moe"])
-            cross_attn = Attention(self.dim, o["num_heads"], cross=True, dropout=o["dropout"]) if cross else None
+            mixer = make_mixer(
+                mixer_kind,
+                self.dim,
+                o["num_heads"],
+                causal,
+                o["dropout"],
+                self.block_cfg.get(mixer_kind, {}),
+            )
+            ffn = make_ffn(
+                ffn_kind,
+                self.dim,
+                self.ffn_hidden,
+                o["activation"],
+                o["dropout"],
+                self.block_cfg["moe"],
+            )
+            cross_attn = (
+                Attention(self.dim, o["num_heads"], cross=True, dropout=o["dropout"])
+                if cross
+                else None
+            )
             out.append(Layer(first_index + i, self.dim, mixer, ffn, o["norm"], cross=cross_attn))
         return out
 
@@ -121,8 +149,14 @@ class Model(nn.Module):
 
         if spec.kind != "lm":
             raise ValueError(f"model.retro needs language-model data, got data kind {spec.kind!r}")
-        return RetroAdapter(self.dim, len(self.layers), spec, num_heads=self.options["num_heads"],
-                            norm=self.options["norm"], **retro)
+        return RetroAdapter(
+            self.dim,
+            len(self.layers),
+            spec,
+            num_heads=self.options["num_heads"],
+            norm=self.options["norm"],
+            **retro,
+        )
 
     def _make_head(self, spec: DataSpec, heads: str, tie: bool) -> tuple[nn.Linear, int]:
         if heads not in ("auto", "single", "per_task"):
@@ -135,7 +169,9 @@ class Model(nn.Module):
                 head.weight = embed.weight
             return head, 1
         scenario = spec.extras.get("scenario", "task")
-        per_task = heads == "per_task" or (heads == "auto" and spec.num_tasks > 1 and scenario == "task")
+        per_task = heads == "per_task" or (
+            heads == "auto" and spec.num_tasks > 1 and scenario == "task"
+        )
         n = spec.num_tasks if per_task else 1
         return nn.Linear(self.dim, n * max(spec.num_classes, 1)), n
 
@@ -183,8 +219,9 @@ class Model(nn.Module):
         aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else h.new_zeros(())
         return ModelOutput(logits=logits, aux_loss=aux, stats=ctx.stats, features=features)
 
-    def _run_seq2seq(self, h: torch.Tensor, decoder_input_ids: torch.Tensor | None,
-                     ctx: LayerContext) -> torch.Tensor:
+    def _run_seq2seq(
+        self, h: torch.Tensor, decoder_input_ids: torch.Tensor | None, ctx: LayerContext
+    ) -> torch.Tensor:
         if decoder_input_ids is None:
             raise ValueError("seq2seq models need decoder_input_ids in the batch")
         for layer in self.encoder:
@@ -220,7 +257,9 @@ class Model(nn.Module):
     def step(self, token: torch.Tensor, state: list[Any]) -> tuple[torch.Tensor, list[Any]]:
         """token: (B, 1) newest ids → next-token logits (B, V) and the advanced state."""
         if self.spec.kind != "lm" or self.retro is not None:
-            raise ValueError("incremental decoding needs a decoder language model without retrieval")
+            raise ValueError(
+                "incremental decoding needs a decoder language model without retrieval"
+            )
         ctx = LayerContext()
         h = self.input(token)
         new_state = []

@@ -51,7 +51,11 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     unique = {id(p): p for p in model.parameters()}.values()
     total = sum(p.numel() for p in unique)
     trainable = sum(p.numel() for p in unique if p.requires_grad)
-    return {"params/total": total, "params/trainable": trainable, "params/frozen": total - trainable}
+    return {
+        "params/total": total,
+        "params/trainable": trainable,
+        "params/frozen": total - trainable,
+    }
 
 
 class BaseStrategy(L.LightningModule):
@@ -96,7 +100,9 @@ class BaseStrategy(L.LightningModule):
         inputs, kwargs = model_inputs(batch)
         return self.model(inputs, **kwargs, **extra)
 
-    def shared_step(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, ModelOutput]:
+    def shared_step(
+        self, batch: dict[str, torch.Tensor], split: str
+    ) -> tuple[torch.Tensor, ModelOutput]:
         """Task loss + weighted aux loss (+ `extra_loss` in training); updates metrics."""
         out = self(batch)
         task_loss, preds, target, weight = self.objective.loss(out, batch)
@@ -116,9 +122,9 @@ class BaseStrategy(L.LightningModule):
             loss = loss + extra
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                "stopping — the last good checkpoint is kept. Try a lower strategy.lr or "
-                "trainer.gradient_clip_val"
+                f"training loss is {loss.item()} at step {self.global_step} "
+                f"(epoch {self.current_epoch}); stopping — the last good checkpoint is kept. "
+                "Try a lower strategy.lr or trainer.gradient_clip_val"
             )
         bs = out.logits.shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
@@ -131,10 +137,14 @@ class BaseStrategy(L.LightningModule):
         if scalars:
             self.log_dict(scalars, on_step=True, on_epoch=False, batch_size=batch_size)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self.shared_step(batch, "val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def test_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self.shared_step(batch, "test")
 
     def _log_epoch(self, split: str) -> None:
@@ -160,11 +170,15 @@ class BaseStrategy(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, hp.weight_decay), lr=hp.lr,
-                                      betas=tuple(hp.betas))
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas)
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total // 10)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -18,7 +18,11 @@ IGNORE = -100
 def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Split a batch into the model's positional input and keyword inputs."""
     inputs = batch["input_ids"] if "input_ids" in batch else batch["inputs"]
-    kwargs = {k: batch[k] for k in ("decoder_input_ids", "neighbours", "global_mask", "pad_mask") if k in batch}
+    kwargs = {
+        k: batch[k]
+        for k in ("decoder_input_ids", "neighbours", "global_mask", "pad_mask")
+        if k in batch
+    }
     return inputs, kwargs
 
 
@@ -36,19 +40,28 @@ class Objective(nn.Module):
     def __init__(self, spec: DataSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.metrics = nn.ModuleDict({f"{split}_": self._metrics() for split in ("train", "val", "test")})
+        self.metrics = nn.ModuleDict(
+            {f"{split}_": self._metrics() for split in ("train", "val", "test")}
+        )
 
     def _metrics(self) -> nn.ModuleDict:
         m = nn.ModuleDict({"loss": torchmetrics.MeanMetric()})
         if self.spec.kind == "regression":
             m["mse"] = torchmetrics.MeanSquaredError()
         else:
-            classes = self.spec.target_vocab_size or self.spec.vocab_size if self.spec.kind in (
-                "lm", "seq2seq") else self.spec.num_classes
-            m["acc"] = torchmetrics.Accuracy(task="multiclass", num_classes=classes, ignore_index=IGNORE)
+            classes = (
+                self.spec.target_vocab_size or self.spec.vocab_size
+                if self.spec.kind in ("lm", "seq2seq")
+                else self.spec.num_classes
+            )
+            m["acc"] = torchmetrics.Accuracy(
+                task="multiclass", num_classes=classes, ignore_index=IGNORE
+            )
         return m
 
-    def loss(self, out: ModelOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def loss(
+        self, out: ModelOutput, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(loss, predictions-or-logits, targets, weight) for the batch's task loss."""
         if self.spec.kind in ("lm", "seq2seq"):
             labels = batch["labels"]
@@ -64,7 +77,9 @@ class Objective(nn.Module):
         logits = select_task_logits(out.logits, batch.get("task")).float()
         return F.cross_entropy(logits, batch["labels"]), logits, batch["labels"], logits.shape[0]
 
-    def update(self, split: str, loss: torch.Tensor, preds: torch.Tensor, target: torch.Tensor, weight: int) -> None:
+    def update(
+        self, split: str, loss: torch.Tensor, preds: torch.Tensor, target: torch.Tensor, weight: int
+    ) -> None:
         m = self.metrics[f"{split}_"]
         m["loss"].update(loss.detach(), weight=max(weight, 1))
         key = "mse" if "mse" in m else "acc"

@@ -13,7 +13,8 @@ import pytest
 
 from advarch.data.text import TextDataModule, split_documents, stdlib_files, unigram_bits_per_byte
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+WORDS += ["eta", "theta", "iota", "kappa", "lambda", "mu"]
 
 
 def write_corpus(folder: Path, n: int = 12) -> None:
@@ -23,14 +24,16 @@ def write_corpus(folder: Path, n: int = 12) -> None:
     for i, d in enumerate(docs[: n // 3]):
         (folder / f"d{i}.txt").write_text(d)
     with (folder / "more.jsonl").open("w") as f:
-        for d in docs[n // 3: 2 * n // 3]:
+        for d in docs[n // 3 : 2 * n // 3]:
             f.write(json.dumps({"text": d}) + "\n")
-    pq.write_table(pa.table({"text": docs[2 * n // 3:]}), folder / "rest.parquet")
+    pq.write_table(pa.table({"text": docs[2 * n // 3 :]}), folder / "rest.parquet")
 
 
 def test_local_text_jsonl_parquet_are_all_read(tmp_path: Path) -> None:
     write_corpus(tmp_path / "corpus")
-    dm = TextDataModule(files=str(tmp_path / "corpus" / "*"), seq_len=32, cache_dir=str(tmp_path / "c"))
+    dm = TextDataModule(
+        files=str(tmp_path / "corpus" / "*"), seq_len=32, cache_dir=str(tmp_path / "c")
+    )
     dm.setup()
     docs = dm.meta["documents"]
     assert sum(len(v) for v in docs.values()) == 12
@@ -66,13 +69,20 @@ def test_cache_makes_the_second_load_fast_and_identical(tmp_path: Path) -> None:
     second.setup()
     assert time.perf_counter() - t0 < 5.0
     assert len(list((tmp_path / "c").iterdir())) == 1  # reused, not rebuilt
-    assert second.splits["train"][0]["tokens"].tolist() == first.splits["train"][0]["tokens"].tolist()
+    assert (
+        second.splits["train"][0]["tokens"].tolist() == first.splits["train"][0]["tokens"].tolist()
+    )
 
 
 def test_bpe_tokenizer_trains_on_train_split_and_round_trips(tmp_path: Path) -> None:
     write_corpus(tmp_path / "corpus")
-    dm = TextDataModule(files=str(tmp_path / "corpus" / "*"), tokenizer="bpe", bpe_vocab_size=300,
-                        seq_len=16, cache_dir=str(tmp_path / "c"))
+    dm = TextDataModule(
+        files=str(tmp_path / "corpus" / "*"),
+        tokenizer="bpe",
+        bpe_vocab_size=300,
+        seq_len=16,
+        cache_dir=str(tmp_path / "c"),
+    )
     spec = dm.spec
     assert 256 < spec.vocab_size <= 300
     assert spec.extras["bytes_per_token"] > 1.5  # merges compress the text

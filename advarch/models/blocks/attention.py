@@ -14,7 +14,7 @@ from advarch.models.blocks.rotary import Rotary
 
 
 def check_heads(dim: int, num_heads: int, key: str = "model.num_heads") -> int:
-    """Head dim for `dim` split over `num_heads`; a ValueError naming `key` if it does not divide."""
+    """Per-head width of `dim` over `num_heads`; ValueError naming `key` unless it divides."""
     if num_heads < 1 or dim % num_heads:
         raise ValueError(f"{key}={num_heads} must divide model.dim={dim}")
     return dim // num_heads
@@ -66,7 +66,9 @@ class Attention(nn.Module):
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         mask = self._mask(x.shape[1], source.shape[1], source_pad, x.device)
         out = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and mask is None,
@@ -88,7 +90,9 @@ class Attention(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
         """An empty KV cache for incremental decoding."""
-        empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=device, dtype=dtype)
+        empty = torch.zeros(
+            batch_size, self.num_heads, 0, self.head_dim, device=device, dtype=dtype
+        )
         return {"k": empty, "v": empty.clone(), "pos": 0}
 
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
@@ -101,4 +105,8 @@ class Attention(nn.Module):
         k = torch.cat([state["k"], k], dim=2)
         v = torch.cat([state["v"], v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).flatten(2)), {"k": k, "v": v, "pos": state["pos"] + 1}
+        return self.out_proj(out.transpose(1, 2).flatten(2)), {
+            "k": k,
+            "v": v,
+            "pos": state["pos"] + 1,
+        }

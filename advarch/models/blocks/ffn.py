@@ -12,10 +12,14 @@ ACTIVATIONS = ("gelu", "swiglu")
 class FeedForward(nn.Module):
     """`gelu`: W2·GELU(W1 x); `swiglu`: W2·(SiLU(W1 x) ⊙ W3 x). Shapes (…, D) → (…, D)."""
 
-    def __init__(self, dim: int, hidden: int, activation: str = "gelu", dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, hidden: int, activation: str = "gelu", dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation={activation!r} is not one of: {', '.join(ACTIVATIONS)}")
+            raise ValueError(
+                f"model.activation={activation!r} is not one of: {', '.join(ACTIVATIONS)}"
+            )
         self.activation = activation
         self.w_in = nn.Linear(dim, hidden * (2 if activation == "swiglu" else 1), bias=False)
         self.w_out = nn.Linear(hidden, dim, bias=False)

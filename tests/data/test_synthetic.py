@@ -1,0 +1,93 @@
+"""Tests for the synthetic sequence datamodules: shapes, seeds, label masks, solvability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from advarch.data.synthetic import (
+    AssociativeRecallDataModule,
+    SelectiveCopyingDataModule,
+    SequenceReversalDataModule,
+)
+
+SMALL = {"num_train": 64, "num_val": 16, "num_test": 16, "batch_size": 8}
+
+
+def _columns(dm, split: str = "train") -> dict[str, torch.Tensor]:
+    dm.setup()
+    return dm.splits[split][:]
+
+
+def solve_selective_copying(input_ids: torch.Tensor) -> list[list[int]]:
+    """The data tokens (ids >= 2) of each row's context, in order."""
+    return [[t for t in row.tolist() if t >= 2] for row in input_ids]
+
+
+def solve_associative_recall(input_ids: torch.Tensor, num_pairs: int) -> list[dict[int, int]]:
+    """For each row, {query position: value of the queried key} from the pair prefix."""
+    answers = []
+    for row in input_ids.tolist():
+        table = dict(zip(row[0 : 2 * num_pairs : 2], row[1 : 2 * num_pairs : 2], strict=True))
+        answers.append({i: table[t] for i, t in enumerate(row) if i >= 2 * num_pairs and t})
+    return answers
+
+
+def test_selective_copying_layout_and_solver():
+    dm = SelectiveCopyingDataModule(seq_len=40, num_tokens_to_copy=6, vocab_size=10, **SMALL)
+    cols = _columns(dm)
+    ids, labels = cols["input_ids"], cols["labels"]
+    assert ids.shape == labels.shape == (64, 40) and ids.dtype == torch.long
+    assert (ids[:, -6:] == 1).all() and (ids[:, :-6] != 1).all()
+    assert (labels[:, :-6] == -100).all() and (labels[:, -6:] >= 2).all()
+    assert (ids < 10).all() and (ids >= 0).all()
+    assert solve_selective_copying(ids) == labels[:, -6:].tolist()
+    assert dm.spec.kind == "lm" and dm.spec.vocab_size == 10 and dm.spec.seq_len == 40
+
+
+def test_associative_recall_layout_and_solver():
+    dm = AssociativeRecallDataModule(seq_len=32, num_kv_pairs=5, num_queries=3, vocab_size=21,
+                                     **SMALL)  # fmt: skip
+    cols = _columns(dm)
+    ids, labels = cols["input_ids"], cols["labels"]
+    assert ids.shape == labels.shape == (64, 32)
+    keys, values = ids[:, 0:10:2], ids[:, 1:10:2]
+    assert ((keys >= 1) & (keys <= 10)).all() and ((values > 10) & (values < 21)).all()
+    assert all(len(set(row)) == 5 for row in keys.tolist())  # distinct keys
+    assert ((labels != -100).sum(1) == 3).all()
+    for row, answers in enumerate(solve_associative_recall(ids, 5)):
+        assert answers == {i: v for i, v in enumerate(labels[row].tolist()) if v != -100}
+    assert dm.spec.kind == "lm" and dm.spec.vocab_size == 21
+
+
+def test_reversal_batches_and_spec():
+    dm = SequenceReversalDataModule(seq_len=7, vocab_size=9, **SMALL)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "decoder_input_ids", "labels"}
+    assert all(t.shape == (8, 7) for t in batch.values())
+    torch.testing.assert_close(batch["labels"], batch["input_ids"].flip(1))
+    assert (batch["decoder_input_ids"][:, 0] == dm.spec.bos_id).all()
+    torch.testing.assert_close(batch["decoder_input_ids"][:, 1:], batch["labels"][:, :-1])
+    assert (dm.spec.kind, dm.spec.target_len, dm.spec.target_vocab_size) == ("seq2seq", 7, 9)
+
+
+@pytest.mark.parametrize("cls", [SelectiveCopyingDataModule, AssociativeRecallDataModule,
+                                 SequenceReversalDataModule])  # fmt: skip
+def test_reproducible_per_seed_and_splits_differ(cls):
+    first, again, other = (_columns(cls(seed=s, **SMALL)) for s in (0, 0, 1))
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    assert not torch.equal(first["input_ids"], other["input_ids"])
+    val = _columns(cls(seed=0, **SMALL), "val")["input_ids"]
+    assert not torch.equal(first["input_ids"][:16], val)
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "message"), [
+    (SelectiveCopyingDataModule, {"seq_len": 10, "num_tokens_to_copy": 6}, "data.seq_len=10"),
+    (SelectiveCopyingDataModule, {"vocab_size": 2}, "data.vocab_size=2"),
+    (AssociativeRecallDataModule, {"num_kv_pairs": 40, "vocab_size": 64}, "data.num_kv_pairs=40"),
+    (AssociativeRecallDataModule, {"num_queries": 9}, "data.num_queries=9"),
+    (SequenceReversalDataModule, {"num_train": 0}, "data.num_train=0"),
+])  # fmt: skip
+def test_invalid_arguments_name_the_key(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
