@@ -14,7 +14,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401
-from advarch.train import CONFIG_DIR, quiet_lightning_logs
+from advarch.config.compose import CONFIG_DIR
+from advarch.train import quiet_lightning_logs
 
 log = logging.getLogger("advarch")
 

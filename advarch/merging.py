@@ -29,10 +29,11 @@ Implementation choices (each a key of ``configs/merge.yaml``):
 - ``dare_rescale``: ``inverse_density`` multiplies kept entries by 1/ρ, unbiased in expectation
   (DARE paper, PEFT); ``l1`` rescales so each tensor keeps its L1 norm (mergekit).
 - ``per_expert``: stacked MoE expert tensors, shape (E, …) and named by ``expert_patterns``
-  (fnmatch, default ``*experts*``), are trimmed (ties per_tensor), L1-rescaled (dare l1) and
-  slerped per expert slice along dim 0, so one expert's large update cannot crowd out the
-  others'. Sign election and the disjoint mean are per coordinate and so unaffected. Routers and
-  heads are ordinary tensors; pin them with a rule (``keep``/``base``) if they should not merge.
+  (fnmatch; default: the MoE block's ``*.ffn.w_in``, ``*.ffn.w_out``), are trimmed (ties
+  per_tensor), L1-rescaled (dare l1) and slerped per expert slice along dim 0, so one
+  expert's large update cannot crowd out the others'. Sign election and the disjoint mean
+  are per coordinate and so unaffected. Routers and heads are ordinary tensors; pin them
+  with a rule (``keep``/``base``) if they should not merge.
 - ``rules``: fnmatch globs over state-dict names (Lightning checkpoints prefix ``model.``); the
   first match wins. A rule sets ``policy`` ``merge`` (default), ``base`` (keep θ₀; a tensor
   absent from the base is dropped) or ``keep: i`` (take models[i], any shape), and may
@@ -167,7 +168,7 @@ class MergeConfig:
     ties_trim: str = "per_tensor"
     dare_rescale: str = "inverse_density"
     per_expert: bool = True
-    expert_patterns: list[str] = field(default_factory=lambda: ["*experts*"])
+    expert_patterns: list[str] = field(default_factory=lambda: ["*.ffn.w_in", "*.ffn.w_out"])
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)

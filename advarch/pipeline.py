@@ -21,9 +21,11 @@ BLOCK_TARGETS = {
     "moe": "advarch.models.blocks.moe.MoE",
     "swa": "advarch.models.blocks.sliding_window.SlidingWindowAttention",
     "ssm": "advarch.models.blocks.ssm.SelectiveSSM",
+    "retro": "advarch.models.retro_lm.RetroAdapter",
 }
 BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ConnectionError)
 SUPPLIED_BY_MODEL = ("dim", "hidden", "activation", "dropout", "causal")
+SUPPLIED_BY_MODEL_TO = {"retro": ("dim", "num_layers", "spec", "num_heads", "norm")}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -38,7 +40,8 @@ def validate(cfg: DictConfig) -> None:
         options = cfg.model.get(block)
         if options:
             node = OmegaConf.merge({"_target_": target}, options)
-            validate_node(node, f"model.{block}", skip=SUPPLIED_BY_MODEL)
+            skip = SUPPLIED_BY_MODEL_TO.get(block, SUPPLIED_BY_MODEL)
+            validate_node(node, f"model.{block}", skip=skip)
 
 
 def build_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, DataSpec]:

@@ -16,9 +16,9 @@ import hydra
 from omegaconf import DictConfig
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
+from advarch.config.compose import CONFIG_DIR
 
 log = logging.getLogger("advarch")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -66,6 +66,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
             last = output_dir / "checkpoints" / "last.ckpt"
             trainer.save_checkpoint(last)  # the final state, whatever the checkpoint cadence
+            if (
+                getattr(module, "validated_at_step", None) != trainer.global_step
+                and not trainer.fast_dev_run
+            ):
+                trainer.validate(module, datamodule=datamodule, verbose=False)  # fresh final val/*
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if cfg.get("test", True):
             results = trainer.test(module, datamodule=datamodule, verbose=False)

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import advarch.config.resolvers  # noqa: F401
+from advarch.config.compose import compose_run
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "configs")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -39,20 +37,12 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def compose_config(
     overrides: list[str], output_dir: Path, cache: Path, config_name: str = "train"
 ) -> DictConfig:
-    """Compose `configs/<config_name>.yaml` like the CLI does, with outputs in `output_dir`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
+    """Compose like the CLI does, with outputs in `output_dir` and the shared test cache."""
+    cfg = compose_run(overrides, output_dir / "run", config_name, root_dir=output_dir)
     with open_dict(cfg):
-        cfg.paths.root_dir = str(output_dir)
-        cfg.paths.output_dir = str(output_dir / "run")
         cfg.paths.cache_dir = str(cache)
         if "data" in cfg and cfg.data is not None and "cache_dir" in cfg.data:
             cfg.data.cache_dir = str(cache)
-        if "extras" in cfg:
-            cfg.extras.print_config = False
-        del cfg.hydra
     return cfg
 
 

@@ -21,18 +21,24 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-def data_for(model: str) -> list[str]:
-    """Data overrides a model config fits (language models default to the small text corpus)."""
-    if model.startswith("seq2seq"):
-        return ["data=seq2seq_reverse"]
-    if model in ("mmoe", "shared_bottom", "one_gate_moe"):
+MULTI_GATE = ("mmoe", "shared_bottom", "one_gate_moe")  # tabular MMoE family, already tiny
+
+
+def overrides_for(model: str) -> list[str]:
+    """Data (and size) overrides a model config fits; language models get the small corpus."""
+    if model in MULTI_GATE:
         return ["data=mmoe_synthetic"]
-    return list(SMALL_TEXT)
+    if model.startswith("seq2seq"):
+        return ["debug=tiny", "data=seq2seq_reverse"]
+    if model.startswith("retro"):
+        small = ["data.retrieval.chunk_size=16", "data.retrieval.embedder_dim=64"]
+        return ["debug=tiny", "data=text_retrieval", *SMALL_TEXT, *small]
+    return ["debug=tiny", *SMALL_TEXT]
 
 
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_config_builds(make_cfg, model: str) -> None:
-    cfg = make_cfg([f"model={model}", "debug=tiny", *data_for(model)])
+    cfg = make_cfg([f"model={model}", *overrides_for(model)])
     _, spec, module = build_all(cfg)
     assert module.model.spec == spec
 

@@ -240,7 +240,9 @@ def test_slerp_colinear_falls_back_to_lerp() -> None:
 def test_slerp_per_expert_slices() -> None:
     base = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # (E, 2): expert 0, expert 1
     model = torch.tensor([[0.0, 1.0], [0.0, 4.0]])  # expert 0 rotates, expert 1 is colinear
-    out = merge_tensor("moe.experts.w", base, [model], MergeConfig(method="slerp", t=0.5))
+    out = merge_tensor(
+        "model.layers.0.ffn.w_out", base, [model], MergeConfig(method="slerp", t=0.5)
+    )
     r = math.sqrt(0.5)
     torch.testing.assert_close(out, torch.tensor([[r, r], [0.0, 3.0]]))
 
@@ -249,11 +251,11 @@ def test_slerp_per_expert_slices() -> None:
 
 
 def test_per_expert_trim_differs_from_whole_tensor() -> None:
-    base = {"moe.experts.w1": torch.zeros(2, 4, dtype=torch.float64)}
+    base = {"model.layers.0.ffn.w_in": torch.zeros(2, 4, dtype=torch.float64)}
     delta = torch.tensor([[10.0, 9.0, 8.0, 7.0], [0.4, 0.3, 0.2, 0.1]], dtype=torch.float64)
-    models = [{"moe.experts.w1": delta}]
-    per_expert = merge("ties", base, models, density=0.5)["moe.experts.w1"]
-    whole = merge("ties", base, models, density=0.5, per_expert=False)["moe.experts.w1"]
+    models = [{"model.layers.0.ffn.w_in": delta}]
+    per_expert = merge("ties", base, models, density=0.5)["model.layers.0.ffn.w_in"]
+    whole = merge("ties", base, models, density=0.5, per_expert=False)["model.layers.0.ffn.w_in"]
     torch.testing.assert_close(
         whole, delta * torch.tensor([[1.0] * 4, [0.0] * 4], dtype=torch.float64)
     )
@@ -261,7 +263,7 @@ def test_per_expert_trim_differs_from_whole_tensor() -> None:
         per_expert, delta * torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0.0]], dtype=torch.float64)
     )
     renamed = merge("ties", base, models, density=0.5, expert_patterns=["*.mlp.*"])
-    torch.testing.assert_close(renamed["moe.experts.w1"], whole)
+    torch.testing.assert_close(renamed["model.layers.0.ffn.w_in"], whole)
 
 
 def test_global_trim_differs_from_per_tensor_and_matches_reference() -> None:

@@ -156,6 +156,8 @@ class BaseStrategy(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
+        if not self.trainer.sanity_checking:
+            self.validated_at_step = self.global_step  # train.py re-validates a stale final model
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")

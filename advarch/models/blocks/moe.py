@@ -327,6 +327,14 @@ def _init_stacked_(p: torch.Tensor) -> torch.Tensor:
         return p.uniform_(-bound, bound)
 
 
+MODEL_KEYS = {
+    "dim": "model.dim",
+    "hidden": "model.ffn_hidden",
+    "activation": "model.activation",
+    "dropout": "model.dropout",
+}  # arguments the model passes in: errors name the key the user wrote
+
+
 def _validate(args: dict) -> None:
     """Raise ValueError naming the first invalid `model.moe.<key>`."""
     checks = [
@@ -369,4 +377,5 @@ def _validate(args: dict) -> None:
     ]
     for ok, key, message in checks:
         if not ok:
-            raise ValueError(f"model.moe.{key}={args[key]!r} {message}")
+            name = MODEL_KEYS.get(key, f"model.moe.{key}")
+            raise ValueError(f"{name}={args[key]!r} {message}")

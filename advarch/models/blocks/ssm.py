@@ -10,7 +10,10 @@ discretised by zero-order hold on A and the Euler simplification on B used by th
 functions of the input; with `selective=False` they are learned constants (an LTI, S4D-like
 SSM with A initialised S4D-real, A_n = -(n+1)).
 
-Training scan: the recurrence h_t = a_t h_{t-1} + b_t is associative, so it is evaluated by a
+Training scan: `selective_scan` runs the fused C++ kernel of `selective_scan_cpu` on CPU (one
+pass over time per channel block, no (B, T, E, N) tensor; ~20-40x faster than the loop) and
+`selective_scan_parallel` elsewhere or when no compiler is available. The parallel scan: the
+recurrence h_t = a_t h_{t-1} + b_t is associative, so it is evaluated by a
 log-depth odd-even (Blelloch-style) recursion over time: O(T) work, O(log T) sequential
 torch ops, no Python loop over time steps, and only products of decays a_t ∈ (0, 1] are ever
 formed, so nothing can overflow at any length. A custom autograd function saves only the
@@ -29,6 +32,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from advarch.models.blocks.selective_scan_cpu import fused_selective_scan, load_library
 
 
 def _at_least_f32(t: torch.Tensor) -> torch.Tensor:
@@ -135,6 +140,23 @@ class _SelectiveScanFn(torch.autograd.Function):
         return grad_du * delta, grad_delta, grad_A, grad_B, grad_C
 
 
+def selective_scan_parallel(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    z: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Log-depth parallel scan in torch ops (any device); result of `selective_scan_reference`."""
+    u, delta, A, B, C = (_at_least_f32(t).contiguous() for t in (u, delta, A, B, C))
+    y = _SelectiveScanFn.apply(u, delta, A, B, C) + u * D.to(u.dtype)
+    if z is not None:
+        y = y * F.silu(z.to(u.dtype))
+    return y
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -144,12 +166,15 @@ def selective_scan(
     D: torch.Tensor,
     z: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Parallel selective scan; same signature and result as `selective_scan_reference`."""
-    u, delta, A, B, C = (_at_least_f32(t).contiguous() for t in (u, delta, A, B, C))
-    y = _SelectiveScanFn.apply(u, delta, A, B, C) + u * D.to(u.dtype)
-    if z is not None:
-        y = y * F.silu(z.to(u.dtype))
-    return y
+    """Selective scan, same signature and result as `selective_scan_reference`.
+
+    CPU tensors go to the fused C++ kernel (`selective_scan_cpu`), anything else, or a machine
+    where the kernel cannot be built, to `selective_scan_parallel`. Runs in float32 (float64
+    kept) and returns that dtype.
+    """
+    if u.device.type == "cpu" and load_library() is not None:
+        return fused_selective_scan(_at_least_f32(u), delta, A, B, C, D, z)
+    return selective_scan_parallel(u, delta, A, B, C, D, z)
 
 
 class SelectiveSSM(nn.Module):

@@ -324,7 +324,7 @@ def test_stats_are_detached_and_aux_is_weighted() -> None:
     ("kwargs", "message"),
     [
         ({"top_k": 9}, "model.moe.top_k=9 exceeds model.moe.num_experts=8"),
-        ({"activation": "relu"}, "model.moe.activation='relu'"),
+        ({"activation": "relu"}, "model.activation='relu'"),
         ({"capacity_factor": 0.0}, "model.moe.capacity_factor=0.0"),
         ({"soft": True, "capacity_factor": 1.0}, "model.moe.capacity_factor=1.0"),
         ({"soft": True, "aux_free_bias": True}, "model.moe.aux_free_bias=True"),

@@ -1,11 +1,28 @@
-"""Tests for the selective SSM block: parallel scan vs sequential reference, step vs forward."""
+"""Tests for the selective SSM block: fused CPU kernel and parallel scan vs the sequential
+reference (outputs and every gradient), kernel build/fallback, step vs forward."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
 
-from advarch.models.blocks.ssm import SelectiveSSM, selective_scan, selective_scan_reference
+from advarch.models.blocks import ssm
+from advarch.models.blocks.selective_scan_cpu import CHUNK, fused_selective_scan, load_library
+from advarch.models.blocks.ssm import (
+    SelectiveSSM,
+    selective_scan,
+    selective_scan_parallel,
+    selective_scan_reference,
+)
+
+needs_kernel = pytest.mark.skipif(load_library() is None, reason="no C++ compiler for the kernel")
+SCANS = [pytest.param(fused_selective_scan, marks=needs_kernel, id="fused"),
+         pytest.param(selective_scan_parallel, id="parallel")]  # fmt: skip
 
 
 def _scan_inputs(batch: int, length: int, inner: int, state: int, seed: int):
@@ -21,27 +38,106 @@ def _scan_inputs(batch: int, length: int, inner: int, state: int, seed: int):
             rand(batch, length, inner))  # fmt: skip
 
 
-SHAPES = [(1, 1, 3, 2, 0), (2, 37, 5, 4, 1), (3, 64, 4, 3, 2), (1, 129, 6, 16, 3)]
+# (batch, length, inner, state, seed): lengths around and across CHUNK, inner widths with and
+# without a SIMD tail (16 float32 / 8 float64 lanes)
+SHAPES = [(1, 1, 3, 2, 0), (2, 37, 5, 4, 1), (3, 64, 4, 3, 2), (1, 129, 6, 16, 3),
+          (2, 2 * CHUNK + 5, 19, 5, 4), (3, CHUNK - 1, 8, 1, 5)]  # fmt: skip
 
 
+def _assert_matches_reference(scan, inputs, rtol, atol, dtype=torch.float64, threads=1) -> None:
+    """`scan` in `dtype` with `threads` threads against the float64 reference: output and
+    every input gradient."""
+    ref = selective_scan_reference(*inputs)
+    grad_out = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, inputs, grad_out)
+    cast = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = scan(*cast)
+        grads = torch.autograd.grad(fast, cast, grad_out.to(dtype))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(fast, ref.to(dtype), rtol=rtol, atol=atol)
+    for gf, gr in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(gf, gr.to(dtype), rtol=rtol * 10, atol=atol * 10)
+
+
+@pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize(("batch", "length", "inner", "state", "seed"), SHAPES)
 @pytest.mark.parametrize("gate", [True, False])
-def test_selective_scan_matches_reference(batch, length, inner, state, seed, gate):
+def test_scan_matches_reference_float64(scan, batch, length, inner, state, seed, gate):
     inputs = _scan_inputs(batch, length, inner, state, seed)
-    if not gate:
-        inputs = inputs[:-1]
-    fast, ref = selective_scan(*inputs), selective_scan_reference(*inputs)
-    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
-    grad_out = torch.randn_like(ref)
-    for gf, gr in zip(torch.autograd.grad(fast, inputs, grad_out),
-                      torch.autograd.grad(ref, inputs, grad_out), strict=True):  # fmt: skip
-        torch.testing.assert_close(gf, gr, rtol=1e-9, atol=1e-9)
+    _assert_matches_reference(scan, inputs if gate else inputs[:-1], rtol=1e-10, atol=1e-10)
 
 
-def test_scan_survives_huge_decays_and_long_sequences():
+@needs_kernel
+@pytest.mark.parametrize(("batch", "inner"), [(1, 40), (3, 17), (5, 33)])
+def test_fused_float32_and_two_threads(batch, inner):
+    """float32 accuracy, and the per-thread dB/dC/dA/dD buffers summed across 2 threads
+    (one row split into channel groups, or rows split between threads)."""
+    inputs = _scan_inputs(batch, 3 * CHUNK + 7, inner, 16, seed=batch)
+    _assert_matches_reference(fused_selective_scan, inputs, 1e-4, 1e-4, torch.float32, threads=2)
+
+
+@needs_kernel
+def test_fused_accepts_views_and_broadcast_parameters():
+    """B, C as column slices of one projection and an expanded Δ, as SelectiveSSM passes them."""
+    u, delta, A, B, C, D, z = _scan_inputs(2, 70, 12, 4, seed=7)
+    proj = torch.randn(2, 70, 9, dtype=torch.float64, requires_grad=True)
+    dt = torch.rand(12, dtype=torch.float64, requires_grad=True)
+    args = (u, dt.expand(2, 70, 12), A, proj[..., 1:5], proj[..., 5:], D, z)
+    _assert_matches_reference(fused_selective_scan, args, rtol=1e-10, atol=1e-10)
+
+
+@needs_kernel
+def test_dispatch_uses_fused_kernel_on_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ssm, "fused_selective_scan", lambda *a: calls.append(1) or a[0])
+    selective_scan(*_scan_inputs(1, 4, 3, 2, seed=0))
+    assert calls == [1]
+
+
+def test_dispatch_falls_back_to_parallel_scan(monkeypatch):
+    monkeypatch.setattr(ssm, "load_library", lambda: None)
+    monkeypatch.setattr(ssm, "fused_selective_scan", None)  # would raise if called
+    inputs = _scan_inputs(2, 37, 5, 4, seed=1)
+    torch.testing.assert_close(selective_scan(*inputs), selective_scan_reference(*inputs))
+
+
+def test_failed_build_warns_and_returns_none(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    load_library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="fused CPU selective scan unavailable"):
+            assert load_library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert load_library() is None  # cached: warns once
+    finally:
+        load_library.cache_clear()
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_concurrent_first_builds_share_one_library(tmp_path):
+    """Two processes compiling into an empty cache at once both load a complete library."""
+    code = ("from advarch.models.blocks.selective_scan_cpu import load_library as f, BUILD_SECONDS"
+            " as b; assert f() is not None; print(sorted(b))")  # fmt: skip
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE)
+             for _ in range(2)]  # fmt: skip
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    assert len(list((tmp_path / "advarch" / "kernels").glob("*.so"))) == 1
+    assert not list((tmp_path / "advarch" / "kernels").glob("tmp*"))  # temp folders removed
+
+
+@pytest.mark.parametrize("scan", [selective_scan, selective_scan_parallel])
+def test_scan_survives_huge_decays_and_long_sequences(scan):
     u, delta, A, B, C, D, _ = (t.detach().float() for t in _scan_inputs(1, 4096, 4, 16, 4))
     delta[:, ::7] = 50.0  # per-step log-decays down to -400: exp of positives would overflow
-    y = selective_scan(u, delta, A, B, C, D)
+    y = scan(u, delta, A, B, C, D)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y[:, :300], selective_scan_reference(u, delta, A, B, C, D)[:, :300],
                                rtol=1e-4, atol=1e-4)  # fmt: skip

@@ -1,0 +1,42 @@
+"""Composing a training config in code exactly as the `train.py` command line would.
+
+For scripts that run many trainings in one process (reports, demos) and for the tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "configs")
+
+
+def compose_run(
+    overrides: list[str],
+    output_dir: Path,
+    config_name: str = "train",
+    root_dir: Path | None = None,
+) -> DictConfig:
+    """`configs/<config_name>.yaml` with `overrides`, writing into `output_dir`.
+
+    `root_dir` (default: the working directory) anchors `outputs/cache` and `outputs/runs`.
+    The config tree is not printed; the Hydra node is resolved away, so `run(cfg)` works
+    outside `@hydra.main`.
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        if root_dir is not None:
+            cfg.paths.root_dir = str(root_dir)
+        cfg.paths.output_dir = str(output_dir)
+        if "extras" in cfg:
+            cfg.extras.print_config = False
+        del cfg.hydra
+    GlobalHydra.instance().clear()
+    return cfg

@@ -1,0 +1,222 @@
+"""RETRO neighbours for the text datamodule (Borgeaud et al. 2022, §2.3: retrieval per chunk).
+
+Shape legend: B batch, T tokens per sequence, c chunk size, L = T // c chunks per sequence,
+K neighbours per chunk, R = 2c neighbour length (retrieved chunk + its continuation).
+
+`TextDataModule` (with `data.retrieval` set) calls `NeighbourLookup.build` once its tokenised
+splits are cached. The lookup owns the `RetrievalDatabase` over the training split (built or
+loaded from `<text cache>/retro/retro-<key>/`) and the neighbour tables of the validation and
+test streams, precomputed once and cached beside it (`{split}-<hash>.npy`, written atomically),
+so a collate function only gathers rows: training sequences read the database's own table
+(which excludes every document a query chunk or its successor touches), held-out sequences
+read theirs (held-out documents are not in the database, so nothing needs excluding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from advarch.data.retrieval import (
+    Embedder,
+    HashedNgramEmbedder,
+    MiniLMEmbedder,
+    RetrievalDatabase,
+    _save_npy,
+)
+
+log = logging.getLogger(__name__)
+
+EMBEDDERS = ("hashed", "minilm")
+HELD_OUT = ("val", "test")
+
+
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """The keys a user writes under `data.retrieval` (see configs/data/text_retrieval.yaml)."""
+
+    chunk_size: int = 64
+    num_neighbours: int = 2
+    embedder: str = "hashed"
+    embedder_dim: int | None = None
+    ngrams: tuple[int, ...] = (3, 4)
+    index: str = "auto"
+    nprobe: int = 16
+    ef_search: int = 64
+    search_margin: int = 16
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> RetrievalOptions:
+        """Typed options from the YAML dict; unknown keys raise a ValueError naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            options = ", ".join(sorted(known))
+            raise ValueError(
+                f"data.retrieval.{unknown[0]} is not an option; choose from: {options}"
+            )
+        cfg = dict(cfg)
+        if "ngrams" in cfg:
+            cfg["ngrams"] = tuple(int(g) for g in cfg["ngrams"])
+        opts = cls(**cfg)
+        if opts.embedder not in EMBEDDERS:
+            raise ValueError(
+                f"data.retrieval.embedder={opts.embedder!r} is not one of: {', '.join(EMBEDDERS)}"
+            )
+        if opts.embedder == "minilm" and opts.embedder_dim not in (None, MiniLMEmbedder.dim):
+            raise ValueError(
+                f"data.retrieval.embedder_dim={opts.embedder_dim} does not fit "
+                f"data.retrieval.embedder=minilm (fixed width {MiniLMEmbedder.dim}; use null)"
+            )
+        return opts
+
+    def make_embedder(self, pad_id: int, decode: Callable[[Sequence[int]], str]) -> Embedder:
+        if self.embedder == "minilm":
+            return MiniLMEmbedder(decode=decode, progress=False)
+        return HashedNgramEmbedder(dim=self.embedder_dim or 256, n=self.ngrams, pad_id=pad_id)
+
+
+class ProgressEmbedder:
+    """An `Embedder` that advances a progress bar while `progress(...)` is active.
+
+    It embeds in slices of `batch_size` chunks so the bar moves during the one large call that
+    embeds the whole database; its `cache_key` is the wrapped embedder's, so wrapping never
+    invalidates a cache. The bar is dropped on exit, which keeps the object picklable for
+    DataLoader workers.
+    """
+
+    def __init__(self, inner: Embedder, batch_size: int = 4096) -> None:
+        self.inner, self.batch_size, self.dim = inner, batch_size, inner.dim
+        self._bar: Any = None
+
+    def cache_key(self) -> str:
+        return self.inner.cache_key()
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        if self._bar is None:
+            return self.inner.embed(chunks)
+        parts = []
+        for i in range(0, len(chunks), self.batch_size):
+            parts.append(self.inner.embed(chunks[i : i + self.batch_size]))
+            self._bar.update(len(parts[-1]))
+        return np.concatenate(parts) if parts else self.inner.embed(chunks)
+
+    @contextmanager
+    def progress(self, total: int, desc: str) -> Iterator[None]:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, desc=desc, unit="chunk", dynamic_ncols=True) as bar:
+            self._bar = bar
+            try:
+                yield
+            finally:
+                self._bar = None
+
+
+def _stream_hash(*arrays: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.int64).data)
+    return h.hexdigest()
+
+
+class NeighbourLookup:
+    """Neighbours (B, L, K, R) of packed sequences of any split, for `LMCollate`.
+
+    Attributes:
+        db: the training-corpus `RetrievalDatabase`.
+        tables: held-out split → (Q, K) neighbour chunk ids of its grid chunks.
+        k, chunk_size, neighbour_len: K, c and R, for the DataSpec.
+    """
+
+    def __init__(self, db: RetrievalDatabase, tables: dict[str, np.ndarray]) -> None:
+        self.db, self.tables = db, tables
+        self.k, self.chunk_size, self.neighbour_len = (
+            db.num_neighbours,
+            db.chunk_size,
+            db.neighbour_len,
+        )
+
+    @classmethod
+    def build(cls, datamodule: Any, cache: Path, **retrieval_cfg: Any) -> NeighbourLookup:
+        """Build or load the database and held-out tables under `cache/retro`.
+
+        Args:
+            datamodule: a prepared `TextDataModule` (`meta`, `seq_len`, `tokenizer`).
+            cache: its tokenised-corpus folder holding `{split}_tokens.npy` / `_docs.npy`.
+            **retrieval_cfg: the `data.retrieval` keys (`RetrievalOptions`).
+
+        Raises:
+            ValueError: unknown or invalid keys, or a seq_len that is not a whole number of
+                chunks.
+        """
+        opts = RetrievalOptions.from_config(retrieval_cfg)
+        if opts.chunk_size > 0 and datamodule.seq_len % opts.chunk_size:
+            raise ValueError(
+                f"data.seq_len={datamodule.seq_len} is not a multiple of "
+                f"data.retrieval.chunk_size={opts.chunk_size}: RETRO retrieves for whole chunks"
+            )
+        cache = Path(cache)
+        pad_id = datamodule.meta["pad_id"]
+        embedder = ProgressEmbedder(opts.make_embedder(pad_id, datamodule.tokenizer.decode))
+        db = RetrievalDatabase(
+            *_split_arrays(cache, "train"),
+            pad_id=pad_id,
+            chunk_size=opts.chunk_size,
+            num_neighbours=opts.num_neighbours,
+            embedder=embedder,
+            index=opts.index,
+            nprobe=opts.nprobe,
+            ef_search=opts.ef_search,
+            search_margin=opts.search_margin,
+        )
+        folder = cache / "retro" / f"retro-{db.cache_key()}"
+        if not db.load(folder):
+            with embedder.progress(len(db.chunks) + db.num_query_chunks, "retro: build database"):
+                db.build()
+            db.save(folder)
+        tables = {split: _held_out_table(db, embedder, folder, cache, split) for split in HELD_OUT}
+        log.info(
+            "retrieval: %d database chunks (%s), K=%d, chunk %d; %s",
+            len(db.chunks),
+            db.resolved_index_kind,
+            db.num_neighbours,
+            db.chunk_size,
+            folder,
+        )
+        return cls(db, tables)
+
+    def neighbours(self, split: str, starts: torch.Tensor, T: int) -> torch.Tensor:
+        """Neighbours of sequences stream[s : s + T] of `split`: starts (B,) -> (B, L, K, R)."""
+        starts_np = np.asarray(starts.cpu() if torch.is_tensor(starts) else starts, np.int64)
+        if split == "train":
+            return self.db.batch_neighbours(starts_np, T)
+        if split not in self.tables:
+            raise ValueError(f"retrieval: no neighbours for split {split!r}")
+        return self.db.table_neighbours(self.tables[split], starts_np, T)
+
+
+def _split_arrays(cache: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    return np.load(cache / f"{split}_tokens.npy"), np.load(cache / f"{split}_docs.npy")
+
+
+def _held_out_table(
+    db: RetrievalDatabase, embedder: ProgressEmbedder, folder: Path, cache: Path, split: str
+) -> np.ndarray:
+    """The split's (Q, K) neighbour ids, from `folder` or computed and saved atomically."""
+    tokens, docs = _split_arrays(cache, split)
+    path = folder / f"{split}-{_stream_hash(tokens, docs)}.npy"
+    if path.exists():
+        return np.load(path)
+    with embedder.progress(len(tokens) // db.chunk_size, f"retro: {split} neighbours"):
+        table = db.stream_table(tokens, docs)
+    _save_npy(path, table)
+    return table

@@ -1,0 +1,377 @@
+"""Autoregressive sampling from decoder language models, with per-layer caches.
+
+Each new token costs one `Model.step`: dense attention appends to a KV cache (O(t) per token),
+sliding-window attention writes a rolling window cache (O(w)), the selective SSM advances its
+recurrent state (O(1), Mamba §3.4), MoE FFNs are stateless. `use_cache=False` recomputes the
+full forward on the whole prefix at every step: the reference the cached path must match.
+
+Sampling (Holtzman et al. 2020 for nucleus sampling, eq. 3): logits / temperature, keep the
+k largest (top-k), keep the smallest set of tokens whose probability reaches p (top-p), then
+sample; `greedy` takes the argmax. The padding id is never generated: a full forward would
+treat it as padding, so cached and uncached decoding would part ways.
+
+RETRO models (`model.retro` set) have no incremental path: every step runs the full forward on
+the prefix with its neighbours, and each time the sequence completes a chunk the `retrieve`
+callback fetches that chunk's neighbours (RETRO §2.3: chunk u's neighbours inform the tokens
+from the last one of chunk u on, so retrieval must happen before the next prediction).
+
+Shapes: B batch, T prefix length, V vocabulary, m retrieval chunk, K neighbours, R neighbour
+length.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+Retrieve = Callable[[torch.Tensor], torch.Tensor]  # chunk ids (B, m) -> neighbours (B, 1, K, R)
+
+
+def filter_logits(
+    logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """Set every logit outside the top-k and outside the top-p nucleus to −inf.
+
+    Args:
+        logits: (B, V), already divided by the temperature.
+        top_k: keep the k largest per row (ties at the k-th value are all kept); None = all.
+        top_p: keep the smallest prefix of the sorted distribution whose mass reaches p (the
+            most likely token always survives); None or 1.0 = all.
+
+    Returns:
+        (B, V) logits, a new tensor.
+    """
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 or null")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] or null")
+    out = logits.clone()
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        out = out.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = out.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+        drop_sorted = mass_before >= top_p  # the first token has mass_before 0: always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token per row from logits (B, V) → (B,) long."""
+    if greedy or temperature == 0.0:
+        return logits.argmax(-1)
+    if temperature < 0.0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    filtered = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = filtered.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class _Decoder:
+    """One decoding strategy's state: feed tokens, read next-token logits (B, V)."""
+
+    def __init__(self, model: nn.Module, use_cache: bool, retrieve: Retrieve | None) -> None:
+        self.model = model
+        self.retro = getattr(model, "retro", None) is not None
+        self.cached = use_cache and not self.retro
+        self.retrieve = retrieve if self.retro else None
+        self.chunk = model.spec.retrieval_chunk
+        self.neighbours: torch.Tensor | None = None  # (B, L, K, R)
+        self.state: Any = None
+        self.tokens: torch.Tensor | None = None  # (B, T) the prefix so far
+
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens (B, n ≥ 1) to the prefix; logits (B, V) for the token after them."""
+        if self.cached:
+            if self.state is None:
+                self.state = self.model.init_state(tokens.shape[0])
+            for t in range(tokens.shape[1]):  # prefill through `step`, one token at a time
+                logits, self.state = self.model.step(tokens[:, t : t + 1], self.state)
+            return logits
+        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens], 1)
+        if self.retrieve is not None:
+            self._retrieve_completed_chunks()
+        return self.model(self.tokens, neighbours=self.neighbours).logits[:, -1]
+
+    def _retrieve_completed_chunks(self) -> None:
+        """Query neighbours for every chunk completed since the last call."""
+        have = 0 if self.neighbours is None else self.neighbours.shape[1]
+        for u in range(have, self.tokens.shape[1] // self.chunk):
+            chunk = self.tokens[:, u * self.chunk : (u + 1) * self.chunk]  # (B, m)
+            found = self.retrieve(chunk).to(self.tokens.device)  # (B, 1, K, R)
+            self.neighbours = (
+                found if self.neighbours is None else torch.cat([self.neighbours, found], 1)
+            )
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+    use_cache: bool = True,
+    eos_id: int | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    retrieve: Retrieve | None = None,
+) -> torch.Tensor:
+    """Sample up to `max_new_tokens` continuations of `prompt_ids` from a decoder LM.
+
+    Args:
+        model: an `advarch.models.Model` built for `lm` data (put in eval mode here).
+        prompt_ids: (B, T) or (T,) token ids, T ≥ 1.
+        max_new_tokens: tokens to add per row (fewer when every row hit `eos_id`).
+        temperature, top_k, top_p, greedy: see `sample_next`.
+        seed: seeds a private generator, so a seed gives the same tokens whatever else ran.
+        use_cache: incremental decoding with `Model.step`; False recomputes the full forward
+            at every step (the reference; RETRO models always do this).
+        eos_id: stop a row at this id; later positions of that row repeat it.
+        on_token: called with each new column (B,) as it is produced (streaming).
+        retrieve: RETRO only: chunk ids (B, m) → neighbours (B, 1, K, R); None = no retrieval.
+
+    Returns:
+        (B, T + n) prompt followed by the n ≤ max_new_tokens new tokens ((T + n,) for 1-D input).
+    """
+    if getattr(model, "spec", None) is None or model.spec.kind != "lm":
+        raise ValueError("generation needs a decoder language model (data kind 'lm')")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    squeeze = prompt_ids.dim() == 1
+    tokens = prompt_ids.view(1, -1) if squeeze else prompt_ids
+    if tokens.shape[1] == 0:
+        raise ValueError("the prompt needs at least one token (e.g. the end-of-document id)")
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = tokens.to(device=device, dtype=torch.long)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    decoder = _Decoder(model, use_cache, retrieve)
+    pad_id = model.spec.pad_id
+    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
+    new: list[torch.Tensor] = []
+    logits = decoder.feed(tokens) if max_new_tokens else None
+    for i in range(max_new_tokens):
+        if pad_id >= 0:
+            logits[:, pad_id] = float("-inf")
+        token = sample_next(
+            logits,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            generator=generator,
+        )
+        if eos_id is not None:
+            token = token.masked_fill(done, eos_id)
+            done |= token == eos_id
+        new.append(token)
+        if on_token is not None:
+            on_token(token)
+        if bool(done.all()) or i == max_new_tokens - 1:
+            break
+        logits = decoder.feed(token[:, None])
+    out = torch.cat([tokens, *(t[:, None] for t in new)], dim=1)
+    return out[0] if squeeze else out
+
+
+class StreamDecoder:
+    """Token ids → text pieces as they arrive, holding back incomplete multi-byte characters.
+
+    A byte tokenizer emits UTF-8 one byte per token, so "é" arrives as two tokens; decoding
+    the first alone would print U+FFFD. Pending ids are decoded together and held while the
+    text ends in U+FFFD, for at most `max_hold` ids (a UTF-8 character has ≤ 4 bytes, so a
+    longer run is genuinely invalid and is printed with its replacement characters).
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], max_hold: int = 4) -> None:
+        self.decode, self.max_hold = decode, max_hold
+        self.pending: list[int] = []
+
+    def push(self, ids: Sequence[int]) -> str:
+        """Add ids; return the text that is now complete ('' while a character is partial)."""
+        self.pending.extend(int(i) for i in ids)
+        text = self.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < self.max_hold:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held, decoded as is."""
+        text = self.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
+
+@dataclass
+class LoadedLM:
+    """A language model rebuilt from a checkpoint, with what generating text needs."""
+
+    model: nn.Module
+    tokenizer: Any  # `encode_batch(texts)` and `decode(ids)`
+    eos_id: int
+    retrieve: Retrieve | None
+
+
+def load_lm(ckpt_path: str, device: str = "cpu") -> LoadedLM:
+    """Rebuild the decoder LM, its tokenizer and (RETRO) retriever from an advarch checkpoint.
+
+    Raises:
+        ConfigError: a missing file, a checkpoint without an advarch config, a model that is
+            not a language model, or weights that do not fit the rebuilt model.
+    """
+    from advarch.config.validate import ConfigError
+    from advarch.eval import load_checkpoint_config
+    from advarch.pipeline import build_datamodule, build_model
+
+    ckpt, saved = load_checkpoint_config(ckpt_path)
+    datamodule, spec = build_datamodule(saved)
+    if spec.kind != "lm":
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} holds a {spec.kind} model; generation needs a language "
+            "model (data kind 'lm')"
+        )
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError(f"data._target_={saved.data._target_} exposes no tokenizer")
+    model = build_model(saved, spec)
+    weights = {
+        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+    }
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ConfigError(f"ckpt_path={ckpt_path!r}: weights do not fit the model: {err}") from err
+    retriever = getattr(datamodule, "retriever", None)
+    retrieve = None
+    if model.retro is not None and retriever is not None:
+
+        def retrieve(chunk: torch.Tensor) -> torch.Tensor:
+            return retriever.db.query_neighbours(chunk.cpu().numpy())  # (B, 1, K, R)
+
+    return LoadedLM(model.to(device).eval(), tokenizer, spec.eos_id, retrieve)
+
+
+def generate_text(
+    lm: LoadedLM,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    stream: Callable[[str], None] | None = None,
+    stop_at_eos: bool = True,
+    **sampling: Any,
+) -> str:
+    """Continue `prompt` and return the new text; `stream` receives each decoded piece.
+
+    The prompt is preceded by the end-of-document id, as every training document is, so an
+    empty prompt starts a fresh document. `sampling` holds `generate`'s keywords (temperature,
+    top_k, top_p, greedy, seed, use_cache).
+    """
+    ids = [lm.eos_id] if lm.eos_id >= 0 else []
+    ids += [int(i) for i in lm.tokenizer.encode_batch([prompt])[0]]
+    prompt_ids = torch.tensor(ids, dtype=torch.long)
+    pieces = StreamDecoder(lm.tokenizer.decode)
+    emit = stream or (lambda text: None)
+
+    def on_token(token: torch.Tensor) -> None:
+        if not (stop_at_eos and int(token[0]) == lm.eos_id):
+            emit(pieces.push([int(token[0])]))
+
+    out = generate(
+        lm.model,
+        prompt_ids,
+        max_new_tokens,
+        eos_id=lm.eos_id if stop_at_eos and lm.eos_id >= 0 else None,
+        on_token=on_token,
+        retrieve=lm.retrieve,
+        **sampling,
+    )
+    emit(pieces.flush())
+    new = out[len(ids) :].tolist()
+    if stop_at_eos and lm.eos_id in new:
+        new = new[: new.index(lm.eos_id)]
+    return lm.tokenizer.decode(new)
+
+
+@dataclass
+class DecodeSpeed:
+    """Tokens per second of one model with and without the cache."""
+
+    model: str
+    params: int
+    cached: float
+    uncached: float
+
+    @property
+    def speedup(self) -> float:
+        return self.cached / self.uncached
+
+
+def decoding_speed(
+    model: nn.Module, prompt_len: int = 64, new_tokens: int = 512, seed: int = 0
+) -> tuple[float, float]:
+    """(cached, uncached) new tokens per second for one row, greedy, from a random prompt.
+
+    The clock covers prompt prefill and generation, as a user waits for both.
+    """
+    vocab = model.spec.vocab_size
+    prompt = torch.randint(
+        0, min(vocab, 256), (1, prompt_len), generator=torch.Generator().manual_seed(seed)
+    )
+    rates = []
+    for use_cache in (True, False):
+        start = time.perf_counter()
+        out = generate(model, prompt, new_tokens, greedy=True, use_cache=use_cache)
+        rates.append((out.shape[1] - prompt_len) / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def benchmark_decoding(
+    models: dict[str, nn.Module], prompt_len: int = 64, new_tokens: int = 512
+) -> list[DecodeSpeed]:
+    """`decoding_speed` of every named model; one `DecodeSpeed` row each."""
+    rows = []
+    for name, model in models.items():
+        cached, uncached = decoding_speed(model, prompt_len, new_tokens)
+        params = sum(p.numel() for p in model.parameters())
+        rows.append(DecodeSpeed(name, params, cached, uncached))
+    return rows
+
+
+def speed_table(rows: list[DecodeSpeed], prompt_len: int, new_tokens: int) -> str:
+    """Markdown table of `benchmark_decoding` rows."""
+    lines = [
+        f"{new_tokens} new tokens after a {prompt_len}-token prompt, batch 1, greedy, "
+        f"{torch.get_num_threads()} thread(s)",
+        "",
+        "| model | params | tokens/s cached | tokens/s full forward | speed-up |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.params / 1e6:.2f}M | {r.cached:.1f} | {r.uncached:.1f} "
+            f"| {r.speedup:.1f}× |"
+        )
+    return "\n".join(lines)

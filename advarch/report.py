@@ -1,0 +1,503 @@
+"""Reports of finished runs and sweeps: PNG plots and a Markdown summary from the run folders.
+
+A run folder (`outputs/runs/<name>/<time>/`) holds Lightning's CSV log
+`csv/version_*/metrics.csv` (one row per logging call, empty cells for metrics not logged in
+that row), and optionally `plots/expert_load_history.npz` (MoE; `advarch/callbacks/
+expert_load.py`) and `continual/accuracy_matrix.csv` (continual strategies). A sweep folder
+(`outputs/multiruns/<name>/<time>/`) holds one run per numbered subfolder with its
+`.hydra/overrides.yaml`, and `optimization_results.yaml` after an Optuna sweep.
+
+`write_report(folder)` writes `<folder>/report/report.md` and its PNGs: learning curves,
+expert load over training, the continual accuracy matrix with ACC/BWT/forgetting (GEM eq. 2–3,
+Chaudhry et al. 2018), few-shot accuracy with 95% confidence intervals, and for a sweep a
+table of overrides → final metrics with the best configuration marked (plus a report per run).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from advarch.callbacks.expert_load import plot_expert_load
+from advarch.continual_metrics import (
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    plot_accuracy_matrix,
+)
+
+CURVE_PANELS = (  # (title, column pattern) — a panel is drawn when any column matches
+    ("loss", r"(train|val)/loss"),
+    ("accuracy", r"(train|val)/acc"),
+    ("validation accuracy per task", r"val/task_\d+/acc"),
+    ("router entropy (nats)", r"moe/layer\d+/entropy"),
+    ("learning rate", r"lr-.*"),
+)
+SUMMARY_KEYS = (
+    "val/loss",
+    "val/bpb",
+    "val/acc",
+    "test/loss",
+    "test/bpb",
+    "test/acc",
+    "test/acc_ci95",
+    "test/raw_proto_acc",
+    "cl/avg_acc",
+    "cl/bwt",
+    "cl/forgetting",
+)
+FEWSHOT = (("acc", "adapted"), ("raw_proto_acc", "raw prototypes"))
+
+
+# -- reading -----------------------------------------------------------------------------------
+@dataclass
+class Metrics:
+    """A run's CSV log as float columns (NaN where a row did not log the metric)."""
+
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> Metrics:
+        """Concatenate `csv/version_*/metrics.csv` in version order (a resumed run adds one)."""
+        rows: list[dict[str, str]] = []
+        files = sorted(
+            (run_dir / "csv").glob("version_*/metrics.csv"),
+            key=lambda p: int(p.parent.name.split("_")[-1]),
+        )
+        for path in files:
+            with path.open(newline="") as f:
+                rows += list(csv.DictReader(f))
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        return cls({k: np.array([_float(row.get(k)) for row in rows]) for k in keys})
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of the rows that logged `key`."""
+        values = self.columns[key]
+        ok = np.isfinite(values)
+        return self.columns.get("step", np.arange(len(values)))[ok], values[ok]
+
+    def matching(self, pattern: str) -> list[str]:
+        """Columns with at least one value whose name fully matches `pattern`."""
+        rx = re.compile(pattern)
+        return [k for k, v in self.columns.items() if rx.fullmatch(k) and np.isfinite(v).any()]
+
+    def final(self) -> dict[str, float]:
+        """The last logged value of every metric (step and epoch excluded)."""
+        out = {}
+        for key, values in self.columns.items():
+            finite = values[np.isfinite(values)]
+            if key not in ("step", "epoch") and finite.size:
+                out[key] = float(finite[-1])
+        return out
+
+
+def _float(text: str | None) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def read_accuracy_matrix(path: Path) -> tuple[list[str], np.ndarray]:
+    """(task names, R (T, T)) from the CSV `save_accuracy_matrix_csv` writes."""
+    with path.open(newline="") as f:
+        header, *rows = list(csv.reader(f))
+    return header[1:], np.array([[_float(v) for v in row[1:]] for row in rows], dtype=float)
+
+
+def is_run(folder: Path) -> bool:
+    return any((folder / "csv").glob("version_*/metrics.csv"))
+
+
+def sweep_runs(folder: Path) -> list[Path]:
+    """Job folders of a multirun (`0/`, `1/`, …, numerically ordered), finished or not."""
+    jobs = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(jobs, key=lambda p: int(p.name))
+
+
+# -- plots -------------------------------------------------------------------------------------
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_learning_curves(metrics: Metrics, path: Path) -> Path | None:
+    """One panel per `CURVE_PANELS` entry that has data, metric vs optimizer step."""
+    panels = [(t, metrics.matching(p)) for t, p in CURVE_PANELS]
+    panels = [(t, keys) for t, keys in panels if keys]
+    if not panels:
+        return None
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = _figure(6.0 * cols, 3.6 * rows)
+    for i, (title, keys) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for key in keys:
+            steps, values = metrics.series(key)
+            ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=key)
+        ax.set(title=title, xlabel="step")
+        if title == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_expert_load_over_training(
+    steps: np.ndarray, load: np.ndarray, layers: Sequence[int], path: Path
+) -> Path:
+    """One heatmap per MoE layer: logging window (rows, by step) × expert, load fraction."""
+    n = len(layers)
+    cols = min(2, n)
+    rows = math.ceil(n / cols)
+    experts = load.shape[2]
+    fig = _figure(max(4.0, 0.5 * experts + 2.5) * cols, max(2.8, 0.25 * len(steps) + 1.6) * rows)
+    vmax = np.nanmax(load) if np.isfinite(load).any() else 1.0
+    for i, layer in enumerate(layers):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        image = ax.imshow(load[:, i, :], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+        ax.set(title=f"layer {layer}", xlabel="expert", ylabel="step")
+        ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int)
+        ax.set_yticks(ticks, [str(int(steps[t])) for t in ticks])
+        ax.set_xticks(range(experts))
+        fig.colorbar(image, ax=ax, label="fraction of token-slots")
+    return _save(fig, path)
+
+
+def plot_fewshot(final: dict[str, float], path: Path) -> Path | None:
+    """Bars of few-shot accuracy (adapted vs raw prototypes) per split with 95% CIs.
+
+    Drawn only for few-shot runs: those that log `<split>/acc_ci95` or `raw_proto_acc`.
+    """
+    if not any(k.endswith(("/acc_ci95", "/raw_proto_acc")) for k in final):
+        return None
+    bars = [
+        (f"{split} {label}", final[f"{split}/{key}"], final.get(f"{split}/{key}_ci95", 0.0))
+        for split in ("val", "test")
+        for key, label in FEWSHOT
+        if f"{split}/{key}" in final
+    ]
+    if not bars:
+        return None
+    fig = _figure(1.6 * len(bars) + 2.0, 3.6)
+    ax = fig.add_subplot()
+    names, means, cis = zip(*bars, strict=True)
+    ax.bar(range(len(bars)), means, yerr=cis, capsize=6, color="tab:blue", alpha=0.8)
+    ax.set_xticks(range(len(bars)), names, rotation=15)
+    ax.set(ylabel="accuracy", ylim=(0.0, 1.0), title="few-shot accuracy (95% CI over episodes)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_sweep_curves(runs: dict[str, Metrics], key: str, path: Path) -> Path | None:
+    """`key` vs step for every run of a sweep, on one axis."""
+    curves = {name: m.series(key) for name, m in runs.items() if key in m.matching(re.escape(key))}
+    if not curves:
+        return None
+    fig = _figure(7.0, 4.0)
+    ax = fig.add_subplot()
+    for name, (steps, values) in curves.items():
+        ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=name)
+    ax.set(title=f"{key} per run", xlabel="step", ylabel=key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+# -- one run -----------------------------------------------------------------------------------
+@dataclass
+class Report:
+    """Markdown lines and the images they show, written under `folder`."""
+
+    folder: Path
+    lines: list[str] = field(default_factory=list)
+    images: dict[str, Path] = field(default_factory=dict)
+    final: dict[str, float] = field(default_factory=dict)
+
+    def image(self, title: str, path: Path | None, key: str) -> None:
+        if path is not None:
+            self.images[key] = path
+            self.lines += [f"### {title}", "", f"![{title}]({path.relative_to(self.folder)})", ""]
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        self.lines += [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows),
+            "",
+        ]
+
+    def write(self) -> Path:
+        path = self.folder / "report.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(self.lines).rstrip() + "\n")
+        return path
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value:.4g}"
+
+
+def run_report(run_dir: Path, out: Path | None = None) -> Report:
+    """Plots and Markdown for one run folder (written into `out`, default `<run>/report`)."""
+    report = Report(out or run_dir / "report")
+    metrics = Metrics.read(run_dir)
+    report.final = final = metrics.final()
+    report.lines += [f"# Run report: `{run_dir}`", ""]
+    overrides = _overrides(run_dir)
+    if overrides:
+        report.lines += ["Overrides: " + " ".join(f"`{o}`" for o in overrides), ""]
+    report.lines += ["## Final metrics", ""]
+    report.table(["metric", "value"], [[k, _fmt(v)] for k, v in sorted(final.items())])
+    report.lines += ["## Plots", ""]
+    curves = plot_learning_curves(metrics, report.folder / "learning_curves.png")
+    report.image("Learning curves", curves, "learning_curves")
+    _expert_load_section(run_dir, report)
+    _continual_section(run_dir, report)
+    fewshot = plot_fewshot(final, report.folder / "fewshot_accuracy.png")
+    if fewshot is not None:
+        rows = [
+            [
+                f"{split}/{key}",
+                _fmt(final[f"{split}/{key}"]),
+                _fmt(final.get(f"{split}/{key}_ci95")),
+            ]  # fmt: skip
+            for split in ("val", "test")
+            for key, _ in FEWSHOT
+            if f"{split}/{key}" in final
+        ]
+        report.lines += ["## Few-shot accuracy", ""]
+        report.table(["metric", "mean", "± 95% CI"], rows)
+        report.image("Few-shot accuracy", fewshot, "fewshot_accuracy")
+    return report
+
+
+def _expert_load_section(run_dir: Path, report: Report) -> None:
+    npz = run_dir / "plots" / "expert_load_history.npz"
+    if not npz.is_file():
+        return
+    data = np.load(npz)
+    steps, load, layers = data["steps"], data["load"], [int(i) for i in data["layers"]]
+    report.lines += [
+        "## Expert load",
+        "",
+        f"{len(steps)} logging windows, {load.shape[1]} MoE layers, {load.shape[2]} experts; "
+        f"uniform load is {1 / load.shape[2]:.3f}. Max/min over experts in the last window: "
+        + ", ".join(
+            f"layer {layer} {np.nanmax(row):.3f}/{np.nanmin(row):.3f}"
+            for layer, row in zip(layers, load[-1], strict=True)
+        ),
+        "",
+    ]
+    history = plot_expert_load_over_training(
+        steps, load, layers, report.folder / "expert_load_history.png"
+    )
+    report.image("Expert load over training (per layer)", history, "expert_load_history")
+    last = plot_expert_load(
+        load[-1],
+        report.folder / "expert_load_final.png",
+        f"expert load, last window (step {int(steps[-1])})",
+        layers,
+    )
+    report.image("Expert load, last window", last, "expert_load_final")
+
+
+def _continual_section(run_dir: Path, report: Report) -> None:
+    path = run_dir / "continual" / "accuracy_matrix.csv"
+    if not path.is_file():
+        return
+    names, R = read_accuracy_matrix(path)
+    seen = int(np.isfinite(R).all(axis=1).sum())  # finished tasks (rows fully measured)
+    report.lines += ["## Continual learning", ""]
+    if seen:
+        done = R[:seen, :seen]
+        report.table(
+            ["tasks finished", "ACC", "BWT", "forgetting"],
+            [
+                [
+                    str(seen),
+                    _fmt(average_accuracy(done)),
+                    _fmt(backward_transfer(done)),
+                    _fmt(forgetting(done)),
+                ]
+            ],  # fmt: skip
+        )
+    png = plot_accuracy_matrix(R, report.folder / "accuracy_matrix.png", names)
+    report.image("Accuracy matrix R[i, j]", png, "accuracy_matrix")
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in (yaml.safe_load(path.read_text()) or [])] if path.is_file() else []
+
+
+# -- sweeps ------------------------------------------------------------------------------------
+def _run_setting(run_dir: Path, key: str, default: str | None = None) -> str | None:
+    """A key of the run's saved Hydra config (`optimized_metric`, `hydra.sweeper.direction`)."""
+    for name in ("config.yaml", "hydra.yaml"):
+        path = run_dir / ".hydra" / name
+        node = yaml.safe_load(path.read_text()) if path.is_file() else None
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return str(node)
+    return default
+
+
+def best_run(
+    names: list[str],
+    overrides: dict[str, dict[str, str]],
+    finals: dict[str, dict[str, float]],
+    metric: str,
+    direction: str,
+    optuna_best: dict | None = None,
+) -> str | None:
+    """The run Optuna reported best (matched by its overrides), else the best `metric`."""
+    if optuna_best:
+        want = {str(k): v for k, v in optuna_best.items()}
+        for name in names:
+            if all(_same(overrides[name].get(k), v) for k, v in want.items()):
+                return name
+    scored = [
+        (finals[n][metric], n) for n in names if math.isfinite(finals[n].get(metric, math.nan))
+    ]
+    if not scored:
+        return None
+    return (max if direction == "maximize" else min)(scored)[1]
+
+
+def _same(text: str | None, value: object) -> bool:
+    if text is None:
+        return False
+    try:
+        return math.isclose(float(text), float(value), rel_tol=1e-9)
+    except (TypeError, ValueError):
+        return text == str(value)
+
+
+def sweep_report(folder: Path) -> Report:
+    """Comparison table (varying overrides → final metrics, best marked), curves, run reports."""
+    report = Report(folder / "report")
+    jobs = sweep_runs(folder)
+    runs = {j.name: Metrics.read(j) for j in jobs if is_run(j)}
+    overrides = {j.name: dict(o.split("=", 1) for o in _overrides(j) if "=" in o) for j in jobs}
+    finals = {name: m.final() for name, m in runs.items()}
+    names = [j.name for j in jobs]
+    first = jobs[0] if jobs else folder
+    metric = _run_setting(first, "optimized_metric", "val/loss")
+    direction = _run_setting(first, "hydra.sweeper.direction")
+    if direction not in ("minimize", "maximize"):
+        direction = "maximize" if metric.endswith("acc") else "minimize"
+    results_path = folder / "optimization_results.yaml"
+    optuna = yaml.safe_load(results_path.read_text()) if results_path.is_file() else None
+    best = best_run(
+        list(runs), overrides, finals, metric, direction, (optuna or {}).get("best_params")
+    )
+    varying = sorted(
+        {k for o in overrides.values() for k in o}
+        - {k for k in next(iter(overrides.values()), {}) if _constant(overrides, k)}
+    )
+    fixed = {k: v for k, v in next(iter(overrides.values()), {}).items() if k not in varying}
+    keys = [metric] + [
+        k for k in SUMMARY_KEYS if k != metric and any(k in f for f in finals.values())
+    ]
+    report.final = finals.get(best, {}) if best else {}
+    report.lines += [f"# Sweep report: `{folder}`", ""]
+    report.lines += [
+        f"{len(jobs)} runs ({len(runs)} with metrics); best by `{metric}` ({direction})"
+        + (", as reported by Optuna" if optuna else "")
+        + f": run **{best}**."
+        if best
+        else ": none finished.",
+        "",
+    ]
+    if fixed:
+        report.lines += [
+            "Shared overrides: " + " ".join(f"`{k}={v}`" for k, v in fixed.items()),
+            "",
+        ]
+    rows = []
+    for name in names:
+        mark = "★ " + name if name == best else name
+        cells = [overrides[name].get(k, "—") for k in varying]
+        values = [_fmt(finals[name].get(k)) if name in finals else "failed" for k in keys]
+        link = f"[report]({name}/report/report.md)" if name in runs else "—"
+        rows.append([mark, *cells, *values, link])
+    report.lines += ["## Runs", ""]
+    report.table(["run", *varying, *keys, "details"], rows)
+    if optuna:
+        report.lines += [
+            "Optuna best: "
+            + ", ".join(f"`{k}={v}`" for k, v in optuna["best_params"].items())
+            + f" → {_fmt(float(optuna['best_value']))}",
+            "",
+        ]
+    report.lines += ["## Plots", ""]
+    curves = plot_sweep_curves(runs, metric, report.folder / "sweep_curves.png")
+    report.image(f"{metric} per run", curves, "sweep_curves")
+    for job in jobs:
+        if job.name in runs:
+            run_report(job, folder / job.name / "report").write()
+    return report
+
+
+def _constant(overrides: dict[str, dict[str, str]], key: str) -> bool:
+    values = {o.get(key) for o in overrides.values()}
+    return len(values) == 1
+
+
+# -- entry -------------------------------------------------------------------------------------
+def write_report(folder: str | Path, wandb: bool = False) -> Path:
+    """Write `<folder>/report/report.md` (and PNGs) for a run or a sweep folder; its path.
+
+    Raises:
+        FileNotFoundError: `folder` is neither a run (CSV logs) nor a sweep (numbered runs).
+    """
+    folder = Path(folder).expanduser()
+    if is_run(folder):
+        report = run_report(folder)
+    elif folder.is_dir() and sweep_runs(folder):
+        report = sweep_report(folder)
+    else:
+        raise FileNotFoundError(
+            f"{folder} is neither a run folder (csv/version_*/metrics.csv) nor a sweep folder "
+            "(numbered run subfolders)"
+        )
+    path = report.write()
+    if wandb:
+        log_to_wandb(report, name=f"report-{folder.name}")
+    return path
+
+
+def log_to_wandb(report: Report, name: str) -> Path:
+    """Log the report's images and final metrics to an offline W&B run in `<report>/wandb`."""
+    import wandb
+
+    run = wandb.init(
+        mode="offline", dir=str(report.folder), project="advarch", name=name, job_type="report"
+    )
+    try:
+        run.log({f"report/{key}": wandb.Image(str(path)) for key, path in report.images.items()})
+        run.summary.update(report.final)
+        return Path(run.dir).parent
+    finally:
+        run.finish()

@@ -1,0 +1,394 @@
+"""Continual learning inside one `trainer.fit`: task boundaries, accuracy matrix, expert masks.
+
+Used directly (`strategy=naive`) this is plain sequential fine-tuning on the stream; EWC
+(`strategies/ewc.py`) adds a penalty through `extra_loss` and a `consolidate` hook.
+
+The continual datamodule (`advarch/data/digits.py`) switches the training task at epoch
+boundaries and validates on one loader per task. At the end of each task this module
+evaluates every task (seen and unseen) on the validation split to fill the accuracy matrix
+R[i, j] = accuracy on task j after training task i (the untrained model's accuracies b_j are
+measured once at fit start), logs `cl/avg_acc`, `cl/bwt`, `cl/fwt`, `cl/forgetting`
+(definitions in `advarch/continual_metrics.py`), writes `<run>/continual/accuracy_matrix.csv`
+and `<run>/plots/accuracy_matrix.png`, then calls `consolidate(task)`. The matrix, b and the
+number of finished tasks live in the checkpoint, and a resumed run catches up on any task
+boundary the checkpoint was saved before.
+
+Expert masks (MoE models, `expert_masks=true`): task t owns experts [t·E/T, (t+1)·E/T) of every
+MoE layer (the remainder of E/T experts is never used). Training on task t masks the router to
+task t's experts; task-incremental evaluation (`scenario: task`) masks by each example's task
+id. Experts owned by earlier tasks are frozen by restoring their slices (router rows, w_in,
+w_out, routing bias — every tensor an MoE layer holds with leading dim E) from a snapshot
+after every optimizer step. Zeroing their gradients would not do: AdamW's momentum and weight
+decay move a parameter with zero gradient. With `freeze_shared_after_first_task=true`
+everything except the current task's experts and per-task head rows is restored the same
+way after task 0, so old tasks' outputs in task-incremental evaluation are bit-identical.
+Frozen tensors stay in the optimizer, so the optimizer state of a resumed run matches.
+
+`joint=true` is the multi-task upper bound on the same stream: each epoch trains on a random
+1/T of the concatenation of ALL tasks' training sets (so the number of optimizer steps equals
+the sequential runs'), by replacing the datamodule's `train_dataloader` at `setup("fit")`.
+
+Shapes: B batch, E experts per MoE layer, T tasks, C classes per head.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchmetrics
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, RandomSampler
+
+from advarch.continual_metrics import (
+    continual_summary,
+    plot_accuracy_matrix,
+    save_accuracy_matrix_csv,
+)
+from advarch.models.output import ModelOutput
+from advarch.spec import DataSpec
+from advarch.strategies.base import BaseStrategy
+from advarch.strategies.freezing import FrozenSlice, freeze
+from advarch.strategies.objectives import model_inputs, select_task_logits
+
+Batch = dict[str, torch.Tensor]
+NEEDS_MOE = "strategy.expert_masks=true needs a model with MoE layers (model.ffn contains moe)"
+
+
+def expert_tensors(moe: nn.Module, num_experts: int) -> list[torch.Tensor]:
+    """Tensors an MoE layer holds directly with one row per expert (router, experts, bias)."""
+    own = [*moe.parameters(recurse=False), *moe.buffers(recurse=False)]
+    return [t for t in own if t.dim() >= 1 and t.shape[0] == num_experts]
+
+
+class ContinualStrategy(BaseStrategy):
+    """Sequential training on a task stream with continual metrics (`strategy=naive`).
+
+    Args:
+        model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight:
+            see `BaseStrategy`.
+        expert_masks: give each task its own block of MoE experts (module docstring).
+        freeze_shared_after_first_task: after task 0 train only the current task's experts
+            and head rows; everything else is kept bit-identical.
+        joint: the upper bound: train on all tasks' data at once (module docstring).
+
+    Raises:
+        ValueError: for non-classification data, expert masks on a model without MoE layers
+            or with fewer experts per task than `model.moe.top_k`, and joint with freezing.
+    """
+
+    strategy_name = "naive"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: DataSpec,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        aux_loss_weight: float = 1.0,
+        expert_masks: bool = False,
+        freeze_shared_after_first_task: bool = False,
+        joint: bool = False,
+    ) -> None:
+        super().__init__(
+            model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight
+        )
+        if spec.kind != "classification":
+            raise ValueError(
+                f"strategy={self.strategy_name} needs classification data (a task stream such as "
+                f"data=permuted_digits), got data kind {spec.kind!r}"
+            )
+        if joint and freeze_shared_after_first_task:
+            raise ValueError(
+                "strategy.joint=true trains all tasks at once; it cannot be combined "
+                "with strategy.freeze_shared_after_first_task=true"
+            )
+        self.num_tasks = spec.num_tasks
+        self.scenario = spec.extras.get("scenario", "task")
+        owner = self._expert_owner(model, spec.num_tasks) if expert_masks else None
+        self.register_buffer("expert_owner", owner, persistent=False)  # (E,) task id, -1 = unused
+        self.accuracy_matrix = torch.full((self.num_tasks, self.num_tasks), math.nan)  # R
+        self.initial_accuracy = torch.full((self.num_tasks,), math.nan)  # b
+        self.finished_tasks = 0
+        self.task_acc = nn.ModuleDict(
+            {
+                split: nn.ModuleList(torchmetrics.MeanMetric() for _ in range(self.num_tasks))
+                for split in ("val", "test")
+            }
+        )
+        self._frozen: list[FrozenSlice] = []
+        self._frozen_task: int | None = None
+
+    @staticmethod
+    def _expert_owner(model: nn.Module, num_tasks: int) -> torch.Tensor:
+        layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+        if not layers:
+            raise ValueError(NEEDS_MOE)
+        sizes = {m.num_experts for m in layers}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"strategy.expert_masks=true needs the same number of experts in every "
+                f"MoE layer, got {sorted(sizes)}"
+            )
+        E = sizes.pop()
+        need = max(1 if m.soft else m.top_k for m in layers)
+        if num_tasks > E or E // num_tasks < need:
+            raise ValueError(
+                f"strategy.expert_masks=true splits model.moe.num_experts={E} among {num_tasks} "
+                f"tasks ({E // num_tasks} each), fewer than the {need} experts a token is "
+                "routed to (model.moe.top_k)"
+            )
+        block = E // num_tasks
+        owner = torch.arange(E) // block
+        return owner.masked_fill(owner >= num_tasks, -1)
+
+    # -- the stream -----------------------------------------------------------------------------
+    def task_of_epoch(self, epoch: int) -> int:
+        """The task trained in `epoch` (0 for a datamodule that is not a task stream)."""
+        dm = self.trainer.datamodule
+        return dm.task_of_epoch(epoch) if hasattr(dm, "task_of_epoch") else 0
+
+    @property
+    def current_task(self) -> int:
+        return self.task_of_epoch(self.current_epoch)
+
+    def task_train_loader(self, task: int, batch_size: int, seed: int) -> DataLoader:
+        """A shuffled loader over task `task`'s training set (the datamodule's `data["train"]`)."""
+        return DataLoader(
+            self._train_sets()[task],
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def _train_sets(self) -> list[Any]:
+        data = getattr(self.trainer.datamodule, "data", {}).get("train")
+        if data is None:
+            raise ValueError(
+                f"strategy={self.strategy_name} needs a datamodule exposing its "
+                "training sets as data['train'] (one per task)"
+            )
+        return data if isinstance(data, list) else [data]
+
+    def _batches(self, loader: DataLoader) -> Any:
+        return ({k: v.to(self.device) for k, v in batch.items()} for batch in loader)
+
+    # -- forward with expert masks --------------------------------------------------------------
+    def expert_mask(self, batch: Batch, routing_for_training: bool) -> torch.Tensor | None:
+        """(B, E) experts allowed per example: its task's block, in training and in
+        task-incremental evaluation; None (all experts) otherwise or without expert masks."""
+        if self.expert_owner is None or "task" not in batch:
+            return None
+        if not routing_for_training and self.scenario != "task":
+            return None
+        return self.expert_owner[None, :] == batch["task"][:, None]  # (B, E)
+
+    def forward(self, batch: Batch, **extra: Any) -> ModelOutput:
+        mask = self.expert_mask(batch, self.training)
+        if mask is not None:
+            extra.setdefault("expert_mask", mask)
+        return super().forward(batch, **extra)
+
+    def log_probs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """(B, C) log p(y|x) of each example's own head, routed as in training (for Fisher)."""
+        inputs, kwargs = model_inputs(batch)
+        mask = self.expert_mask(batch, routing_for_training=True)
+        if mask is not None:
+            kwargs["expert_mask"] = mask
+        logits = select_task_logits(model(inputs, **kwargs).logits, batch.get("task"))
+        return logits.float().log_softmax(-1)
+
+    # -- evaluation of every task ---------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_tasks(self) -> torch.Tensor:
+        """(T,) validation accuracy on every task with the current weights, in eval mode."""
+        loaders = self.trainer.datamodule.val_dataloader()
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        if len(loaders) != self.num_tasks:
+            raise ValueError(
+                f"the datamodule returned {len(loaders)} validation loaders for "
+                f"{self.num_tasks} tasks"
+            )
+        was_training = self.training
+        self.eval()
+        acc = torch.zeros(self.num_tasks)
+        for task, loader in enumerate(loaders):
+            correct = total = 0
+            for batch in self._batches(loader):
+                logits = select_task_logits(self(batch).logits, batch.get("task"))
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                total += len(batch["labels"])
+            acc[task] = correct / max(total, 1)
+        self.train(was_training)
+        return acc
+
+    def _update_task_acc(self, split: str, task: int, batch: Batch, out: ModelOutput) -> None:
+        logits = select_task_logits(out.logits, batch.get("task"))
+        self.task_acc[split][task].update((logits.argmax(-1) == batch["labels"]).float())
+
+    def _task_acc_values(self, split: str) -> dict[int, torch.Tensor]:
+        values = {j: m.compute() for j, m in enumerate(self.task_acc[split]) if m.update_called}
+        for m in self.task_acc[split]:
+            m.reset()
+        return values
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        _, out = self.shared_step(batch, "val")
+        self._update_task_acc("val", dataloader_idx, batch, out)
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        _, out = self.shared_step(batch, "test")
+        self._update_task_acc("test", dataloader_idx, batch, out)
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        values = self._task_acc_values("val")
+        self.log_dict({f"val/task_{j}/acc": v for j, v in values.items()})
+
+    def on_test_epoch_end(self) -> None:
+        """Per-task test accuracies (the final row of R on the test split) and their mean."""
+        super().on_test_epoch_end()
+        values = self._task_acc_values("test")
+        self.log_dict({f"test/task_{j}/acc": v for j, v in values.items()})
+        if values:
+            self.log("test/avg_acc", torch.stack(list(values.values())).mean())
+
+    # -- task boundaries ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.hparams.joint and stage == "fit":
+            self._train_sets()  # fail early with a clear message
+            self.trainer.datamodule.train_dataloader = self._joint_train_dataloader
+
+    def _joint_train_dataloader(self) -> DataLoader:
+        """A random 1/T of all tasks' training data per epoch (as many steps as one task)."""
+        data = ConcatDataset(self._train_sets())
+        dm = self.trainer.datamodule
+        seed = getattr(dm, "seed", 0) + self.current_epoch
+        sampler = RandomSampler(
+            data,
+            num_samples=len(data) // self.num_tasks,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        return DataLoader(data, batch_size=dm.batch_size, sampler=sampler)
+
+    def on_train_start(self) -> None:
+        if torch.isnan(self.initial_accuracy).all():
+            self.initial_accuracy = self.evaluate_tasks()
+
+    def on_train_epoch_start(self) -> None:
+        task = self.current_task
+        for earlier in range(self.finished_tasks, task):  # boundaries a resumed run missed
+            self.finish_task(earlier)
+        self._freeze_for(task)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self._task_ends_now():
+            self.finish_task(self.current_task)
+
+    def _task_ends_now(self) -> bool:
+        trainer, epoch = self.trainer, self.current_epoch
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch + 1
+        out_of_steps = 0 < trainer.max_steps <= trainer.global_step
+        new_task = self.task_of_epoch(epoch + 1) != self.task_of_epoch(epoch)
+        return last_epoch or out_of_steps or trainer.should_stop or new_task
+
+    def finish_task(self, task: int) -> None:
+        """Fill row `task` of R, log the continual metrics, write the CSV, then consolidate."""
+        if task < self.finished_tasks:
+            return
+        self.accuracy_matrix[task] = self.evaluate_tasks()
+        self.finished_tasks = task + 1
+        seen = task + 1
+        summary = continual_summary(
+            self.accuracy_matrix[:seen, :seen].numpy(), self.initial_accuracy[:seen].numpy()
+        )
+        self.log_dict({f"cl/{k}": v for k, v in summary.items() if math.isfinite(v)})
+        if self.trainer.is_global_zero:
+            save_accuracy_matrix_csv(
+                self.accuracy_matrix.numpy(),
+                self._run_dir / "continual" / "accuracy_matrix.csv",
+                self.spec.task_names,
+            )
+        if task + 1 < self.num_tasks:
+            self.consolidate(task)
+
+    def consolidate(self, task: int) -> None:
+        """Called once at the end of each task but the last; naive fine-tuning keeps nothing."""
+
+    def on_train_end(self) -> None:
+        """Heatmap of R, and a W&B image when a WandbLogger is attached."""
+        if not self.trainer.is_global_zero:
+            return
+        png = plot_accuracy_matrix(
+            self.accuracy_matrix.numpy(),
+            self._run_dir / "plots" / "accuracy_matrix.png",
+            self.spec.task_names,
+        )
+        for logger in self.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_image(key="cl/accuracy_matrix", images=[str(png)])
+
+    @property
+    def _run_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir)
+
+    # -- freezing owned experts and the shared body ---------------------------------------------
+    def _freeze_for(self, task: int) -> None:
+        """Snapshot what training task `task` must not change (from the current weights)."""
+        if self._frozen_task == task:
+            return
+        self._frozen_task = task
+        self._frozen = self.frozen_slices(task) if task > 0 else []
+
+    def frozen_slices(self, task: int) -> list[FrozenSlice]:
+        """Earlier tasks' experts; with freeze_shared, all but task `task`'s experts and head."""
+        shared = self.hparams.freeze_shared_after_first_task
+        out, handled = [], set()
+        if self.expert_owner is not None:
+            owner = self.expert_owner
+            keep = (owner != task) if shared else (owner >= 0) & (owner < task)
+            rows = keep.nonzero()[:, 0].to(self.device)
+            for moe in self.model.moe_layers():
+                for tensor in expert_tensors(moe, len(owner)):
+                    out.append(freeze(tensor, rows))
+                    handled.add(id(tensor))
+        if not shared:
+            return out
+        head = self.model.head
+        if getattr(self.model, "num_heads_out", 1) > 1:  # per-task head rows: task t's C rows
+            C = head.weight.shape[0] // self.model.num_heads_out
+            rows = torch.arange(head.weight.shape[0], device=self.device)
+            rows = rows[(rows < task * C) | (rows >= (task + 1) * C)]
+            for p in head.parameters():
+                out.append(freeze(p, rows))
+                handled.add(id(p))
+        out += [freeze(p) for p in self.model.parameters() if id(p) not in handled]
+        return out
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then frozen slices restored bit-exactly."""
+        super().optimizer_step(*args, **kwargs)
+        for frozen in self._frozen:
+            frozen.restore()
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["continual"] = {
+            "accuracy_matrix": self.accuracy_matrix.clone(),
+            "initial_accuracy": self.initial_accuracy.clone(),
+            "finished_tasks": self.finished_tasks,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("continual")
+        if state is None:
+            return
+        self.accuracy_matrix = state["accuracy_matrix"].clone().cpu()
+        self.initial_accuracy = state["initial_accuracy"].clone().cpu()
+        self.finished_tasks = int(state["finished_tasks"])

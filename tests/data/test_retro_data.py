@@ -1,0 +1,152 @@
+"""RETRO neighbours in the text datamodule: shapes, same-document exclusion, held-out tables
+cached on disk, config checks, and a tiny end-to-end `model=retro data=text_retrieval` run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from advarch.config.validate import ConfigError
+from advarch.data.retro_data import NeighbourLookup
+from advarch.data.text import TextDataModule
+from advarch.pipeline import build_all
+from advarch.train import run
+from tests.conftest import SMALL_TEXT
+
+T, C, K = 64, 16, 2
+RETRIEVAL = {"chunk_size": C, "num_neighbours": K, "embedder_dim": 64}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """80 short documents of random words, some sharing whole sentences (near-duplicates)."""
+    folder = tmp_path_factory.mktemp("retro_corpus")
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(2, 7))) for _ in range(200)]
+    sentences = [" ".join(rng.choice(words, size=12)) + "." for _ in range(40)]
+    for d in range(80):
+        text = " ".join(rng.choice(sentences, size=rng.integers(4, 12)))
+        (folder / f"doc{d:02d}.txt").write_text(text)
+    return str(folder / "*.txt")
+
+
+def make_dm(corpus: str, cache: Path, **retrieval) -> TextDataModule:
+    dm = TextDataModule(
+        files=corpus,
+        seq_len=T,
+        batch_size=4,
+        max_eval_sequences=8,
+        cache_dir=str(cache),
+        val_fraction=0.1,
+        test_fraction=0.1,
+        retrieval={**RETRIEVAL, **retrieval},
+    )
+    dm.setup()
+    return dm
+
+
+@pytest.fixture(scope="module")
+def dm(corpus: str, tmp_path_factory: pytest.TempPathFactory) -> TextDataModule:
+    return make_dm(corpus, tmp_path_factory.mktemp("retro_cache"))
+
+
+def test_spec_and_batch_shapes(dm: TextDataModule) -> None:
+    spec = dm.spec
+    assert (spec.retrieval_neighbours, spec.retrieval_chunk, spec.retrieval_neighbour_len) == (
+        K,
+        C,
+        2 * C,
+    )
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        b = next(iter(loader))
+        assert b["neighbours"].shape == (4, T // C, K, 2 * C)
+        assert b["neighbours"].dtype == torch.long
+        assert b["neighbours"].max() < spec.vocab_size
+
+
+def test_train_neighbours_skip_the_documents_they_inform(dm: TextDataModule) -> None:
+    """Neighbours are the database's chunk + continuation, never from a document that has a
+    token in the query chunk or the chunk after it."""
+    db = dm.retriever.db
+    for i in range(0, 20, 4):
+        starts = dm.splits["train"][i : i + 4]["start"]
+        got = dm.retriever.neighbours("train", starts, T)  # what the collate function returns
+        ids = db.sequence_neighbour_ids(starts.numpy(), T)  # (B, L, K)
+        assert (ids >= 0).all()
+        for row, s in enumerate(starts.tolist()):
+            for u in range(T // C):
+                informed = set(db.doc_ids[s + u * C : s + (u + 2) * C].tolist())
+                for k in range(K):
+                    cid = ids[row, u, k]
+                    assert db.chunk_doc[cid] not in informed
+                    nxt = db.next_chunk[cid]
+                    cont = db.chunks[nxt] if nxt >= 0 else np.full(C, db.pad_id)
+                    want = np.concatenate([db.chunks[cid], cont])
+                    np.testing.assert_array_equal(got[row, u, k].numpy(), want)
+
+
+def test_held_out_tables_match_live_queries_and_are_cached(
+    corpus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dm = make_dm(corpus, tmp_path)
+    db, folder = dm.retriever.db, next((dm.cache_dir / "retro").glob("retro-*"))
+    assert {p.name.split("-")[0] for p in folder.glob("*-*.npy")} == {"val", "test"}
+    ds = dm.splits["val"]
+    rows = ds[:3]
+    got = dm.retriever.neighbours("val", rows["start"], T)
+    want = db.query_neighbours(rows["tokens"][:, :T].numpy())  # held-out docs: nothing excluded
+    torch.testing.assert_close(got, want)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed a cached table")
+
+    monkeypatch.setattr("advarch.data.retrieval.RetrievalDatabase.stream_table", fail)
+    monkeypatch.setattr("advarch.data.retrieval.RetrievalDatabase.build", fail)
+    again = NeighbourLookup.build(dm, dm.cache_dir, **RETRIEVAL)
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(again.tables[split], dm.retriever.tables[split])
+
+
+@pytest.mark.parametrize(
+    ("retrieval", "match"),
+    [
+        ({"chunk_size": 24}, r"data\.seq_len=64 .*data\.retrieval\.chunk_size=24"),
+        ({"chunk_sz": 16}, r"data\.retrieval\.chunk_sz is not an option; choose"),
+        ({"embedder": "bert"}, r"data\.retrieval\.embedder='bert'"),
+        ({"embedder": "minilm", "embedder_dim": 64}, r"data\.retrieval\.embedder_dim=64"),
+        ({"num_neighbours": 0}, r"data\.retrieval\.num_neighbours=0"),
+    ],
+)
+def test_invalid_retrieval_config_names_the_key(
+    corpus: str, tmp_path: Path, retrieval: dict, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_dm(corpus, tmp_path, **retrieval)
+
+
+def test_train_retro_end_to_end(make_cfg, corpus: str) -> None:
+    cfg = make_cfg(
+        [
+            "model=retro",
+            "data=text_retrieval",
+            "debug=tiny",
+            f"data.files={corpus}",
+            f"data.seq_len={T}",
+            "data.batch_size=4",
+            "data.max_eval_sequences=8",
+            f"data.retrieval.chunk_size={C}",
+            "data.retrieval.embedder_dim=64",
+        ]
+    )
+    metrics = run(cfg)
+    assert np.isfinite(metrics["test/loss"]) and np.isfinite(metrics["val/bpb"])
+
+
+def test_retro_model_on_plain_text_says_what_to_do(make_cfg) -> None:
+    with pytest.raises(
+        ConfigError, match=r"model=retro needs data with retrieval \(data=text_retrieval\)"
+    ):
+        build_all(make_cfg(["model=retro", "debug=tiny", *SMALL_TEXT]))

@@ -1,0 +1,335 @@
+"""EWC and the continual base: penalty math, consolidation, expert masks, resume, every model."""
+
+from __future__ import annotations
+
+import copy
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from advarch.config.compose import CONFIG_DIR
+from advarch.data.digits import PermutedDigitsDataModule, SplitDigitsDataModule
+from advarch.models.model import Model
+from advarch.spec import DataSpec
+from advarch.strategies.continual import NEEDS_MOE, ContinualStrategy, expert_tensors
+from advarch.strategies.ewc import EWCStrategy, ewc_penalty
+from advarch.train import run
+
+SMALL = dict(dim=16, depth=1, num_heads=2, ffn_hidden=32)
+MOE = dict(SMALL, ffn=["moe"], moe={"num_experts": 4, "top_k": 1})
+
+
+def small_model(spec: DataSpec, seed: int = 0, **kwargs) -> Model:
+    torch.manual_seed(seed)
+    return Model(spec, **(SMALL | kwargs))
+
+
+def fit(
+    module: L.LightningModule,
+    dm: L.LightningDataModule,
+    root: Path,
+    batches: int = 4,
+    callbacks: list | None = None,
+) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=dm.max_epochs,
+        reload_dataloaders_every_n_epochs=dm.epochs_per_task,
+        limit_train_batches=batches,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        callbacks=callbacks or [],
+    )
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+class Snapshot(L.Callback):
+    """Copies of the module's tensors at the end of `epoch` (before the module's own hook)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.state = epoch, None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            self.state = copy.deepcopy(module.model.state_dict())
+
+
+# -- penalty math -----------------------------------------------------------------------------
+def test_penalty_zero_at_anchor_and_formula_under_perturbation() -> None:
+    g = torch.Generator().manual_seed(0)
+    params = {
+        "a": torch.randn(3, 4, generator=g, dtype=torch.float64),
+        "b": torch.randn(5, dtype=torch.float64),
+    }
+    fisher = {k: torch.rand(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    anchor = {k: v.clone() for k, v in params.items()}
+    assert ewc_penalty(params, [fisher], [anchor], 7.0) == 0
+    delta = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    moved = {k: (params[k] + delta[k]).requires_grad_() for k in params}
+    penalty = ewc_penalty(moved, [fisher], [anchor], 7.0)
+    expected = 0.5 * 7.0 * sum((fisher[k] * delta[k] ** 2).sum() for k in params)
+    torch.testing.assert_close(penalty, expected)
+    grads = torch.autograd.grad(penalty, list(moved.values()))
+    for k, grad in zip(moved, grads, strict=True):  # ∂/∂θ = λ F (θ − θ*)
+        torch.testing.assert_close(grad, 7.0 * fisher[k] * delta[k])
+    two = ewc_penalty(moved, [fisher, fisher], [anchor, anchor], 7.0)
+    torch.testing.assert_close(two, 2 * expected)  # separate mode sums the tasks
+
+
+def ewc_module(spec: DataSpec, **kwargs) -> EWCStrategy:
+    return EWCStrategy(small_model(spec), spec, **kwargs)
+
+
+def test_online_mode_decays_importance_and_keeps_latest_anchor() -> None:
+    spec = PermutedDigitsDataModule(num_tasks=3).spec
+    f1, f2, a1, a2 = ({"w": torch.full((2,), v)} for v in (1.0, 3.0, 10.0, 20.0))
+    online = ewc_module(spec, mode="online", gamma=0.5)
+    online.add_consolidation(f1, a1)
+    online.add_consolidation(f2, a2)
+    assert len(online.importances) == 1
+    torch.testing.assert_close(online.importances[0]["w"], 0.5 * f1["w"] + f2["w"])
+    assert online.anchors[0] is a2
+    separate = ewc_module(spec, mode="separate")
+    separate.add_consolidation(f1, a1)
+    separate.add_consolidation(f2, a2)
+    assert [a["w"][0].item() for a in separate.anchors] == [10.0, 20.0]
+
+
+def test_consolidation_at_boundary_anchors_end_of_task_weights(tmp_path: Path) -> None:
+    dm = PermutedDigitsDataModule(num_tasks=2, epochs_per_task=1, batch_size=32)
+    module = ewc_module(
+        dm.spec, lr=1e-2, warmup_steps=0, ewc_lambda=50.0, fisher_samples=48, fisher_chunk_size=16
+    )
+    snap = Snapshot(epoch=0)
+    fit(module, dm, tmp_path, callbacks=[snap])
+    assert len(module.importances) == 1 and module.fisher.vectorized is True
+    for name, anchor in module.anchors[0].items():
+        assert torch.equal(anchor, snap.state[name]), name
+    assert all((f >= 0).all() for f in module.importances[0].values())
+    assert module.extra_loss() > 0  # weights moved during task 1
+    R = module.accuracy_matrix
+    assert torch.isfinite(R).all() and module.finished_tasks == 2
+    assert (tmp_path / "continual" / "accuracy_matrix.csv").is_file()
+    assert (tmp_path / "plots" / "accuracy_matrix.png").is_file()
+
+
+# -- errors -----------------------------------------------------------------------------------
+def test_impossible_combinations_are_one_line_errors() -> None:
+    spec = SplitDigitsDataModule(num_tasks=5).spec
+    with pytest.raises(ValueError) as err:
+        ContinualStrategy(small_model(spec), spec, expert_masks=True)
+    assert str(err.value) == NEEDS_MOE
+    with pytest.raises(ValueError, match=r"model.moe.num_experts=4 among 5 tasks"):
+        ContinualStrategy(small_model(spec, **MOE), spec, expert_masks=True)
+    with pytest.raises(ValueError, match=r"data kind 'regression'"):
+        ContinualStrategy(small_model(spec), DataSpec(kind="regression", num_features=64))
+    with pytest.raises(ValueError, match=r"strategy.mode='both'"):
+        ewc_module(spec, mode="both")
+    with pytest.raises(ValueError, match=r"strategy.joint=true"):
+        ContinualStrategy(small_model(spec), spec, joint=True, freeze_shared_after_first_task=True)
+
+
+# -- expert masks -----------------------------------------------------------------------------
+def expert_slices(model: Model, experts: list[int]) -> list[torch.Tensor]:
+    return [
+        t.detach()[experts].clone() for moe in model.moe_layers() for t in expert_tensors(moe, 4)
+    ]
+
+
+@pytest.mark.parametrize("freeze_shared", [False, True])
+def test_owned_experts_stay_bit_identical_under_adamw(tmp_path: Path, freeze_shared: bool) -> None:
+    dm = SplitDigitsDataModule(num_tasks=2, epochs_per_task=1, scenario="task", batch_size=32)
+    model = small_model(dm.spec, **MOE)
+    module = ContinualStrategy(
+        model,
+        dm.spec,
+        lr=2e-2,
+        weight_decay=0.5,
+        betas=(0.9, 0.99),
+        warmup_steps=0,
+        expert_masks=True,
+        freeze_shared_after_first_task=freeze_shared,
+    )
+    assert module.expert_owner.tolist() == [0, 0, 1, 1]
+    snap = Snapshot(epoch=0)
+    trainer = fit(module, dm, tmp_path, batches=5, callbacks=[snap])
+    after_task0 = Model(dm.spec, **MOE)
+    after_task0.load_state_dict(snap.state)
+    for old, new in zip(
+        expert_slices(after_task0, [0, 1]), expert_slices(model, [0, 1]), strict=True
+    ):
+        assert torch.equal(old, new)  # task 0's experts: bit-identical after 5 AdamW steps
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(
+            expert_slices(after_task0, [2, 3]), expert_slices(model, [2, 3]), strict=True
+        )
+    ]
+    assert all(changed)  # task 1's experts trained
+    state = trainer.optimizers[0].state[model.moe_layers()[0].w_in]
+    assert state["exp_avg"][:2].abs().max() > 0  # without the restore, momentum would move them
+    shared = [n for n in snap.state if "ffn.w_" not in n and "router" not in n and "head" not in n]
+    same = [torch.equal(snap.state[n], model.state_dict()[n]) for n in shared]
+    assert all(same) if freeze_shared else not all(same)
+    if freeze_shared:  # task 0's outputs are bit-identical: zero forgetting
+        C = dm.spec.num_classes
+        assert torch.equal(snap.state["head.weight"][:C], model.head.weight[:C])
+        R = module.accuracy_matrix
+        assert R[1, 0] == R[0, 0]
+
+
+def test_expert_mask_routing_per_example_task() -> None:
+    spec = SplitDigitsDataModule(num_tasks=2, scenario="task").spec
+    module = ContinualStrategy(small_model(spec, **MOE), spec, expert_masks=True)
+    batch = {"task": torch.tensor([1, 0])}
+    mask = module.expert_mask(batch, routing_for_training=False)
+    assert mask.tolist() == [[False, False, True, True], [True, True, False, False]]
+    domain = PermutedDigitsDataModule(num_tasks=2, scenario="domain").spec
+    free = ContinualStrategy(small_model(domain, **MOE), domain, expert_masks=True)
+    assert free.expert_mask(batch, routing_for_training=False) is None  # no task id at test
+    assert free.expert_mask(batch, routing_for_training=True) is not None
+
+
+# -- end to end through train.py's run --------------------------------------------------------
+STREAM = [
+    "data=permuted_digits",
+    "data.num_tasks=2",
+    "data.epochs_per_task=1",
+    "data.batch_size=32",
+    "trainer.max_steps=-1",
+    "+trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.val_check_interval=1.0",
+    "trainer.check_val_every_n_epoch=1",
+    "callbacks.model_checkpoint.every_n_train_steps=null",
+    "callbacks.model_checkpoint.monitor=null",
+    "callbacks.rich_progress_bar=null",
+    "strategy.fisher_samples=32",
+    "strategy.fisher_chunk_size=16",
+]
+MODELS = [
+    m
+    for m in ("transformer", "moe", "ssm", "longformer")
+    if Path(CONFIG_DIR, "model", f"{m}.yaml").exists()
+]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("strategy", ["ewc", "naive"])
+def test_every_model_trains_with_every_continual_strategy(
+    make_cfg, model: str, strategy: str
+) -> None:
+    overrides = [f"model={model}", f"strategy={strategy}", "debug=tiny", *STREAM]
+    if strategy == "naive":
+        overrides = [o for o in overrides if "fisher" not in o]
+    metrics = run(make_cfg(overrides))
+    assert {
+        "cl/avg_acc",
+        "cl/bwt",
+        "test/task_0/acc",
+        "test/task_1/acc",
+        "test/avg_acc",
+    } <= metrics.keys()
+
+
+def test_ewc_stream_end_to_end_and_eval_gives_the_last_row(make_cfg, tmp_path: Path) -> None:
+    from advarch.eval import evaluate
+
+    cfg = make_cfg(
+        ["strategy=ewc", "debug=tiny", *STREAM, "trainer.limit_test_batches=1.0"],
+        output_dir=tmp_path / "train",
+    )
+    metrics = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert (out / "continual" / "accuracy_matrix.csv").is_file()
+    assert (out / "plots" / "accuracy_matrix.png").is_file()
+    mean = (metrics["test/task_0/acc"] + metrics["test/task_1/acc"]) / 2
+    assert metrics["test/avg_acc"] == pytest.approx(mean)
+    ecfg = make_cfg(
+        [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"],
+        config_name="eval",
+        output_dir=tmp_path / "eval",
+    )
+    evaluated = evaluate(ecfg)
+    for key in ("test/task_0/acc", "test/task_1/acc", "test/avg_acc"):
+        assert evaluated[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+def test_resume_mid_stream_continues_the_same_consolidation(make_cfg, tmp_path: Path) -> None:
+    """Resume from the end of task 1 (consolidated) and from a copy of that checkpoint from
+    before consolidation (the catch-up path): both continue with the same (F, θ*) and penalty.
+
+    Final metrics are not compared: Lightning's data order after a resume is not ours to pin."""
+    common = [
+        "strategy=ewc",
+        "debug=tiny",
+        *STREAM,
+        "data.num_tasks=3",
+        "trainer.deterministic=true",
+        "+callbacks.model_checkpoint.every_n_epochs=1",
+        "+callbacks.model_checkpoint.save_on_train_epoch_end=true",
+    ]
+    full_cfg = make_cfg(common, output_dir=tmp_path / "full")
+    run(full_cfg)
+    crash = make_cfg(
+        [*common, "+callbacks.crash._target_=tests.helpers.CrashAtStep", "+callbacks.crash.step=7"],
+        output_dir=tmp_path / "crashed",
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crash)
+    last = Path(crash.paths.output_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 6 and len(saved["ewc"]["importances"]) == 2
+    early = copy.deepcopy(saved)  # as if saved before the task-1 boundary was processed
+    early["ewc"] = {k: v[:1] for k, v in early["ewc"].items()}
+    early["continual"]["finished_tasks"] = 1
+    early["continual"]["accuracy_matrix"][1] = float("nan")
+    torch.save(early, tmp_path / "early.ckpt")
+    reference = torch.load(
+        Path(full_cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+        map_location="cpu",
+        weights_only=False,
+    )
+    full_penalty = penalty_at_step(Path(full_cfg.paths.output_dir), 6)
+    for name, ckpt in (("resumed", last), ("caught_up", tmp_path / "early.ckpt")):
+        run(make_cfg([*common, f"ckpt_path={ckpt}"], output_dir=tmp_path / name))
+        out = tmp_path / name / "run"
+        # The first step after resuming sees the same weights and the same consolidation.
+        assert penalty_at_step(out, 6) == full_penalty, name
+        state = torch.load(
+            out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+        )
+        assert torch.equal(
+            state["continual"]["accuracy_matrix"][:2], reference["continual"]["accuracy_matrix"][:2]
+        )
+        for key in ("importances", "anchors"):
+            assert len(state["ewc"][key]) == 2
+            for f, g in zip(state["ewc"][key], reference["ewc"][key], strict=True):
+                assert all(torch.equal(f[n], g[n]) for n in g), (name, key)
+
+
+def penalty_at_step(run_dir: Path, step: int) -> str:
+    with (run_dir / "csv" / "version_0" / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["step"] == str(step) and r.get("train/penalty")]
+    return rows[0]["train/penalty"]
+
+
+def test_joint_upper_bound_trains_on_all_tasks(tmp_path: Path) -> None:
+    dm = PermutedDigitsDataModule(num_tasks=2, epochs_per_task=1, batch_size=16)
+    module = ContinualStrategy(small_model(dm.spec), dm.spec, warmup_steps=0, joint=True)
+    seen: list[torch.Tensor] = []
+
+    class Tasks(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            seen.append(batch["task"])
+
+    fit(module, dm, tmp_path, batches=6, callbacks=[Tasks()])
+    assert set(torch.cat(seen).tolist()) == {0, 1}  # every epoch mixes the tasks
+    assert torch.isfinite(module.accuracy_matrix).all()

@@ -1,0 +1,276 @@
+"""Finetune strategy: frozen base bit-identical under AdamW with decay, new experts, delta files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from advarch.config.validate import ConfigError
+from advarch.data.digits import DigitsDataModule
+from advarch.models.model import Model
+from advarch.pipeline import build_all, build_model
+from advarch.spec import DataSpec
+from advarch.strategies.base import parameter_groups
+from advarch.strategies.finetune import (
+    DELTA_FILE,
+    FinetuneStrategy,
+    accuracy,
+    load_finetuned,
+    save_atomic,
+)
+from advarch.train import run
+from tests.conftest import compose_config
+from tests.strategies.conftest import FAST
+
+SPEC = DataSpec(kind="classification", num_features=16, num_classes=10)
+TINY = ["model.dim=32", "model.depth=2", "model.num_heads=2", "model.ffn_hidden=32"]
+QUIET = ["callbacks.rich_model_summary=null", "callbacks.expert_load=null"]
+OLD, NEW = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
+
+
+class ModeProbe(L.Callback):
+    """Records, at every training batch, which modules are in training mode."""
+
+    seen: list[dict[str, bool]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        model = pl_module.model
+        ModeProbe.seen.append(
+            {
+                "input": model.input.training,
+                "mixer": model.layers[0].mixer.training,
+                "moe": model.layers[0].ffn.training,
+                "head": model.head.training,
+            }
+        )
+
+
+def tiny_model(ffn: str = "moe", seed: int = 0) -> Model:
+    torch.manual_seed(seed)
+    moe = {"num_experts": 3, "top_k": 2}
+    return Model(
+        SPEC, dim=16, depth=1, num_heads=2, ffn=ffn, ffn_hidden=8, feature_patch=4, moe=moe
+    )
+
+
+def write_base(path: Path, model: Model) -> str:
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    save_atomic({"state_dict": state, "hyper_parameters": {"cfg": {}}}, path)
+    return str(path)
+
+
+def strategy(tmp_path: Path, ffn: str = "moe", **kwargs) -> FinetuneStrategy:
+    base = write_base(tmp_path / "base.ckpt", tiny_model(ffn))
+    options = {"pretrained": base, "trainable": [], "new_experts": 2, "head_classes": NEW}
+    return FinetuneStrategy(
+        tiny_model(ffn, seed=1), SPEC, weight_decay=0.1, **{**options, **kwargs}
+    )
+
+
+# -- unit tests -------------------------------------------------------------------------------
+def test_old_rows_move_under_adamw_decay_and_are_restored_bit_exactly(tmp_path: Path) -> None:
+    module = strategy(tmp_path)
+    moe = module.model.layers[0].ffn
+    before = {n: p.detach().clone() for n, p in moe.named_parameters()}
+    head_before = module.model.head.weight.detach().clone()
+    opt = torch.optim.AdamW(parameter_groups(module.model, 0.1), lr=0.1)
+    for _ in range(3):
+        out = module.model(torch.rand(8, 16))
+        (out.logits.square().sum() + out.aux_loss).backward()
+        module.on_before_optimizer_step(opt)
+        assert moe.w_in.grad[:3].abs().sum() == 0 and moe.w_in.grad[3:].abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+    # AdamW's decoupled decay moved the old rows although their gradients were zero …
+    assert not torch.equal(moe.w_in[:3], before["w_in"][:3])
+    module.restore_frozen()
+    # … the restore puts them back bit-exactly; the new rows keep their training
+    for name, value in before.items():
+        assert torch.equal(getattr(moe, name)[:3], value[:3]), name
+        assert not torch.equal(getattr(moe, name)[3:], value[3:]), name
+    assert torch.equal(module.model.head.weight[:5], head_before[:5])
+    assert not torch.equal(module.model.head.weight[5:], head_before[5:])
+
+
+def test_plan_freezes_what_it_should_and_counts_rows(tmp_path: Path, capsys) -> None:
+    module = strategy(tmp_path, trainable=["*router*"])
+    model = module.model
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {
+        "layers.0.ffn.router",
+        "layers.0.ffn.w_in",
+        "layers.0.ffn.w_out",
+        "head.weight",
+        "head.bias",
+    }
+    assert module.plan["model.layers.0.ffn.router"] is None  # a whole-tensor glob wins
+    assert module.plan["model.layers.0.ffn.w_in"].tolist() == [3, 4]
+    moe = model.layers[0].ffn
+    expected = moe.router.numel() + 2 * moe.w_in[0].numel() + 2 * moe.w_out[0].numel() + 5 * 16 + 5
+    assert module.hparams["params/trainable"] == expected
+    assert module.hparams["params/total"] == sum(p.numel() for p in model.parameters())
+    module.train()
+    assert not model.input.training and not model.layers[0].mixer.training
+    assert moe.training and model.head.training and model.training
+    assert module.base_expert_mask().tolist() == [True, True, True, False, False]
+    module.on_fit_start()
+    line = f"trainable params: {expected:,d} || all params: {module.hparams['params/total']:,d}"
+    assert line + " || trainable%: " in capsys.readouterr().out
+
+
+def test_eval_rebuild_without_pretrained_has_the_same_architecture(tmp_path: Path) -> None:
+    trained = strategy(tmp_path)
+    rebuilt = FinetuneStrategy(
+        tiny_model(seed=2), SPEC, trainable=[], new_experts=2, head_classes=NEW
+    )
+    rebuilt.load_state_dict(trained.state_dict())  # strict: same names and shapes
+    with pytest.raises(ConfigError, match="strategy.pretrained is not set"):
+        rebuilt.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"pretrained": "/nonexistent/base.ckpt"},
+            r"strategy.pretrained='/nonexistent/base.ckpt' "
+            r"is not a file",
+        ),
+        ({"ffn": "dense"}, r"strategy.new_experts=2 needs a model with MoE layers"),
+        ({"trainable": ["*nothing*"]}, r"strategy.trainable pattern '\*nothing\*' matches no"),
+        ({"trainable": ["*head*"]}, r"strategy.head_classes trains rows of model.head.weight"),
+        ({"head_classes": [12]}, r"strategy.head_classes=\[12\] must be classes 0..9"),
+        ({"new_experts": 0, "head_classes": None}, "leaves nothing to train"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        strategy(tmp_path, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_shape_mismatch_names_the_tensor_and_the_checkpoint(tmp_path: Path) -> None:
+    base = write_base(tmp_path / "base.ckpt", tiny_model())
+    torch.manual_seed(0)
+    wider = Model(
+        SPEC,
+        dim=16,
+        depth=1,
+        num_heads=2,
+        ffn="moe",
+        ffn_hidden=12,
+        feature_patch=4,
+        moe={"num_experts": 3, "top_k": 2},
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"strategy.pretrained='.*base.ckpt': tensor "
+        r"model.layers.0.ffn.w_in has shape \(3, 16, 8\)",
+    ):
+        FinetuneStrategy(wider, SPEC, pretrained=base, trainable=["model.head.*"])
+    # a wholly trainable tensor may change shape: it starts fresh
+    fresh = FinetuneStrategy(wider, SPEC, pretrained=base, trainable=["*.ffn.w_*"])
+    assert fresh.plan == {"model.layers.0.ffn.w_in": None, "model.layers.0.ffn.w_out": None}
+
+
+# -- end to end: pretrain on 0–4, new experts on 5–9 -----------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("finetune")
+    common = [*FAST, *TINY, *QUIET, "trainer.max_steps=6"]
+    base_cfg = compose_config(["experiment=pretrain_digits_0_4", *common], root / "base", cache_dir)
+    run(base_cfg)
+    base = Path(base_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    ModeProbe.seen.clear()
+    ft_cfg = compose_config(
+        [
+            "experiment=finetune_new_experts_5_9",
+            *common,
+            f"strategy.pretrained={base}",
+            "strategy.weight_decay=0.5",
+            f"+callbacks.probe._target_={__name__}.ModeProbe",
+        ],
+        root / "ft",
+        cache_dir,
+    )
+    metrics = run(ft_cfg)
+    return {"base": base, "ft": Path(ft_cfg.paths.output_dir), "metrics": metrics}
+
+
+def test_finetune_run_keeps_the_base_bit_identical(runs: dict) -> None:
+    base = torch.load(runs["base"], weights_only=False)["state_dict"]
+    ft = torch.load(runs["ft"] / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for name, value in base.items():
+        frozen = ft[name][: value.shape[0]]  # old expert rows lead the grown tensors
+        if name.startswith("model.head."):
+            value, frozen = value[:5], frozen[:5]
+        assert torch.equal(value, frozen), name
+    assert not torch.equal(base["model.head.weight"][5:], ft["model.head.weight"][5:])
+    assert ft["model.layers.0.ffn.w_in"].shape[0] == base["model.layers.0.ffn.w_in"].shape[0] + 2
+
+
+def test_finetune_run_logs_params_and_keeps_frozen_modules_in_eval(runs: dict) -> None:
+    metrics = runs["metrics"]
+    assert 0 < metrics["params/trainable"] < metrics["params/total"]
+    assert ModeProbe.seen
+    for modes in ModeProbe.seen:
+        assert modes == {"input": False, "mixer": False, "moe": True, "head": True}
+
+
+def test_delta_holds_only_trained_rows_and_reproduces_the_model(runs: dict) -> None:
+    delta = torch.load(runs["ft"] / DELTA_FILE, weights_only=False)
+    assert Path(delta["base"]) == runs["base"].resolve()
+    assert set(delta["tensors"]) == {
+        *(f"model.layers.{i}.ffn.{n}" for i in (0, 1) for n in ("router", "w_in", "w_out")),
+        "model.head.weight",
+        "model.head.bias",
+    }
+    assert delta["tensors"]["model.layers.0.ffn.w_in"].shape[0] == 2
+    assert delta["rows"]["model.head.bias"] == NEW
+    rebuilt = load_finetuned(runs["ft"] / DELTA_FILE)
+    x = torch.rand(16, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x).logits, finetuned_model(runs)(x).logits)
+
+
+def finetuned_model(runs: dict) -> torch.nn.Module:
+    """The finetune run's last.ckpt rebuilt the way eval.py does (no base checkpoint needed)."""
+    ckpt = torch.load(runs["ft"] / "checkpoints" / "last.ckpt", weights_only=False)
+    saved = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
+    saved.strategy.pop("pretrained")
+    _, _, module = build_all(saved)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.model.eval()
+
+
+def test_old_classes_with_new_experts_masked_equal_the_base(runs: dict) -> None:
+    base_ckpt = torch.load(runs["base"], weights_only=False)
+    cfg = OmegaConf.create(base_ckpt["hyper_parameters"]["cfg"])
+    old = build_model(cfg, DataSpec(**base_ckpt["hyper_parameters"]["spec"]))
+    old.load_state_dict({k.removeprefix("model."): v for k, v in base_ckpt["state_dict"].items()})
+    old.eval()
+    new = finetuned_model(runs)
+    E = new.moe_layers()[0].num_experts
+    mask = torch.arange(E) < E - 2
+    dm = DigitsDataModule(classes=OLD)
+    dm.setup()
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            a = old(batch["inputs"]).logits[:, :5]
+            b = new(batch["inputs"], expert_mask=mask).logits[:, :5]
+            assert torch.equal(a, b)
+    before = accuracy(old, dm.test_dataloader(), classes=OLD)
+    assert accuracy(new, dm.test_dataloader(), expert_mask=mask, classes=OLD) == before
+
+
+def test_load_finetuned_refuses_a_changed_base(runs: dict, tmp_path: Path) -> None:
+    delta = torch.load(runs["ft"] / DELTA_FILE, weights_only=False)
+    ckpt = torch.load(runs["base"], weights_only=False)
+    ckpt["state_dict"]["model.head.bias"] += 1.0
+    delta["base"] = str(save_atomic(ckpt, tmp_path / "changed.ckpt"))
+    with pytest.raises(ValueError, match="changed since"):
+        load_finetuned(save_atomic(delta, tmp_path / DELTA_FILE))

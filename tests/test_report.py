@@ -1,0 +1,188 @@
+"""Run and sweep reports from synthetic run folders, one real tiny run, and the script."""
+
+from __future__ import annotations
+
+import csv
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from matplotlib.image import imread
+
+from advarch.continual_metrics import save_accuracy_matrix_csv
+from advarch.report import Metrics, best_run, write_report
+from tests.conftest import ROOT, SMALL_TEXT
+
+COLUMNS = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "lr-AdamW",
+           "moe/layer0/entropy", "test/acc", "test/acc_ci95", "test/raw_proto_acc",
+           "test/raw_proto_acc_ci95"]  # fmt: skip
+
+
+def write_csv(run: Path, rows: list[dict], version: int = 0) -> None:
+    path = run / "csv" / f"version_{version}" / "metrics.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def synthetic_run(run: Path, final_val: float = 1.0, overrides: list[str] | None = None) -> Path:
+    """A run folder shaped like Lightning's CSVLogger output, with sparse rows."""
+    rows = []
+    for step in range(10):
+        rows.append({"epoch": 0, "step": step, "train/loss": 3.0 - 0.2 * step, "lr-AdamW": 1e-3,
+                     "moe/layer0/entropy": 2.0 - 0.05 * step})  # fmt: skip
+        if step % 5 == 4:
+            rows.append({"epoch": 0, "step": step, "val/loss": final_val + (9 - step) * 0.1,
+                         "val/acc": 0.5 + 0.04 * step, "train/acc": 0.4 + 0.04 * step})  # fmt: skip
+    rows.append({"epoch": 0, "step": 10, "test/acc": 0.8, "test/acc_ci95": 0.05,
+                 "test/raw_proto_acc": 0.7, "test/raw_proto_acc_ci95": 0.06})  # fmt: skip
+    write_csv(run, rows)
+    hydra = run / ".hydra"
+    hydra.mkdir(parents=True, exist_ok=True)
+    (hydra / "overrides.yaml").write_text(yaml.safe_dump(overrides or ["debug=tiny"]))
+    (hydra / "config.yaml").write_text(yaml.safe_dump({"optimized_metric": "val/loss"}))
+    return run
+
+
+def assert_png(path: Path) -> None:
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image.std() > 0.01  # something was drawn
+
+
+def test_metrics_reads_sparse_rows_and_versions(tmp_path: Path) -> None:
+    run = synthetic_run(tmp_path / "run")
+    write_csv(run, [{"epoch": 1, "step": 12, "train/loss": 0.5}], version=1)  # a resumed run
+    m = Metrics.read(run)
+    steps, values = m.series("val/loss")
+    assert steps.tolist() == [4, 9] and values.tolist() == pytest.approx([1.5, 1.0])
+    final = m.final()
+    assert final["train/loss"] == 0.5 and final["val/acc"] == pytest.approx(0.86)
+    assert "step" not in final and final["test/acc"] == 0.8
+    assert m.matching(r"(train|val)/loss") == ["train/loss", "val/loss"]
+
+
+def test_run_report_has_every_section(tmp_path: Path) -> None:
+    run = synthetic_run(tmp_path / "run")
+    steps, experts = np.array([5, 10, 15]), 4
+    load = np.full((3, 2, experts), 0.25)
+    load[:, 1] = [0.7, 0.1, 0.1, 0.1]  # layer 2 collapses onto expert 0
+    (run / "plots").mkdir()
+    np.savez(run / "plots" / "expert_load_history.npz", steps=steps, load=load, layers=[0, 2])
+    R = np.array([[0.9, 0.1, 0.1], [0.6, 0.95, 0.2], [np.nan] * 3])  # task 3 not finished
+    save_accuracy_matrix_csv(R, run / "continual" / "accuracy_matrix.csv", ["t0", "t1", "t2"])
+
+    md = write_report(run).read_text()
+    out = run / "report"
+    for name in ("learning_curves", "expert_load_history", "expert_load_final",
+                 "accuracy_matrix", "fewshot_accuracy"):  # fmt: skip
+        assert_png(out / f"{name}.png")
+        assert f"]({name}.png)" in md
+    assert "| val/loss | 1 |" in md and "| test/acc | 0.8 |" in md
+    assert "layer 2 0.700/0.100" in md
+    # ACC over the 2 finished tasks = (0.6 + 0.95) / 2; BWT = 0.6 − 0.9
+    assert "| 2 | 0.775 | -0.3 | 0.3 |" in md
+    assert "| test/acc | 0.8 | 0.05 |" in md and "| test/raw_proto_acc | 0.7 | 0.06 |" in md
+
+
+def make_sweep(tmp_path: Path) -> Path:
+    sweep = tmp_path / "sweep"
+    settings = [("1e-3", "32", 1.2), ("3e-3", "32", 0.8), ("1e-3", "64", 0.9)]
+    for i, (lr, dim, val) in enumerate(settings):
+        overrides = ["debug=tiny", f"strategy.lr={lr}", f"model.dim={dim}"]
+        synthetic_run(sweep / str(i), final_val=val, overrides=overrides)
+    failed = sweep / "3" / ".hydra"  # a trial that crashed before logging anything
+    failed.mkdir(parents=True)
+    (failed / "overrides.yaml").write_text(
+        yaml.safe_dump(["debug=tiny", "strategy.lr=1e-2", "model.dim=48"])
+    )
+    return sweep
+
+
+def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path)
+    md = write_report(sweep).read_text()
+    assert "Shared overrides: `debug=tiny`" in md
+    assert "| run | model.dim | strategy.lr | val/loss |" in md
+    assert "| ★ 1 | 32 | 3e-3 | 0.8 |" in md
+    assert "| 3 | 48 | 1e-2 | failed |" in md
+    assert_png(sweep / "report" / "sweep_curves.png")
+    assert (sweep / "0" / "report" / "report.md").is_file()
+    assert "[report](2/report/report.md)" in md
+
+    (sweep / "optimization_results.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "optuna",
+                "best_params": {"strategy.lr": 0.001, "model.dim": 64},
+                "best_value": 0.9,
+            }
+        )  # fmt: skip
+    )
+    md = write_report(sweep).read_text()
+    assert "| ★ 2 | 64 | 1e-3 | 0.9 |" in md and "as reported by Optuna" in md
+
+
+def test_best_run_by_direction() -> None:
+    finals = {"0": {"val/acc": 0.5}, "1": {"val/acc": 0.7}, "2": {}}
+    overrides = {n: {} for n in finals}
+    assert best_run(list(finals), overrides, finals, "val/acc", "maximize") == "1"
+    assert best_run(list(finals), overrides, finals, "val/acc", "minimize") == "0"
+    assert best_run(["2"], overrides, finals, "val/acc", "minimize") is None
+
+
+def test_not_a_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(FileNotFoundError, match="neither a run folder"):
+        write_report(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["report.py", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="^error: .*missing is neither a run folder"):
+        runpy.run_path(str(ROOT / "scripts" / "report.py"), run_name="__main__")
+
+
+def test_script_writes_report(tmp_path: Path) -> None:
+    run = synthetic_run(tmp_path / "run")
+    out = subprocess.run(
+        [sys.executable, "scripts/report.py", str(run)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == f"report: {run / 'report' / 'report.md'}"
+
+
+def test_report_of_a_real_tiny_moe_run(make_cfg) -> None:
+    from advarch.train import run
+
+    cfg = make_cfg(
+        [
+            "debug=tiny",
+            *SMALL_TEXT,
+            "model=moe",
+            "callbacks.expert_load.every_n_steps=2",
+            "callbacks.rich_progress_bar=null",
+            "callbacks.rich_model_summary=null",
+        ]  # fmt: skip
+    )
+    metrics = run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    md = write_report(run_dir).read_text()
+    assert f"| val/loss | {metrics['val/loss']:.4g} |" in md
+    assert "## Expert load" in md and "2 MoE layers, 8 experts" in md
+    for name in ("learning_curves", "expert_load_history", "expert_load_final"):
+        assert_png(run_dir / "report" / f"{name}.png")
+
+
+@pytest.mark.slow
+def test_wandb_offline_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = synthetic_run(tmp_path / "run")
+    write_report(run, wandb=True)
+    runs = list((run / "report" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    media = list(runs[0].rglob("*.png"))
+    assert len(media) >= 2  # learning curves and few-shot accuracy
