@@ -37,7 +37,7 @@ from advarch.continual_metrics import (
 
 CURVE_PANELS = (  # (title, column pattern) — a panel is drawn when any column matches
     ("loss", r"(train|val)/loss"),
-    ("accuracy", r"(train|val)/acc"),
+    ("accuracy", r"train/acc_epoch|val/acc"),
     ("validation accuracy per task", r"val/task_\d+/acc"),
     ("router entropy (nats)", r"moe/layer\d+/entropy"),
     ("learning rate", r"lr-.*"),

@@ -81,11 +81,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-class _DropTips(logging.Filter):
-    """Lightning's advertising tips are noise in a research log."""
+class _DropNoise(logging.Filter):
+    """Lightning's advertising tips and its `weights_only` notice are noise in a research log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in record.getMessage()
+        message = record.getMessage()
+        return "Tip:" not in message and "`weights_only` was not set" not in message
+
+
+_NOISE = _DropNoise()
 
 
 def quiet_lightning_logs() -> None:
@@ -94,11 +98,18 @@ def quiet_lightning_logs() -> None:
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
-        logger.addFilter(_DropTips())
         logger.propagate = True
+    # logger filters do not apply to records propagated from children: filter at the source
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+    ):
+        logging.getLogger(name).addFilter(_NOISE)  # a no-op when already there
 
 
 def _finish_wandb() -> None:

@@ -15,6 +15,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import advarch.config.resolvers  # noqa: F401  (registers ${unique:} for the run folder)
+
 
 def _bench(cfg: DictConfig) -> None:
     """Tokens/s of each `bench_models` config at its default size, random weights."""

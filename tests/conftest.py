@@ -38,6 +38,8 @@ def compose_config(
     overrides: list[str], output_dir: Path, cache: Path, config_name: str = "train"
 ) -> DictConfig:
     """Compose like the CLI does, with outputs in `output_dir` and the shared test cache."""
+    if config_name == "train" and not any(o.lstrip("+~").startswith("logger=") for o in overrides):
+        overrides = [*overrides, "logger=csv"]  # W&B (the CLI default) only where a test asks
     cfg = compose_run(overrides, output_dir / "run", config_name, root_dir=output_dir)
     with open_dict(cfg):
         cfg.paths.cache_dir = str(cache)

@@ -9,6 +9,7 @@ import pytest
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 
+from advarch.config.compose import compose_run
 from advarch.config.validate import ConfigError
 from advarch.pipeline import build_all, instantiate_dict
 from advarch.train import run
@@ -122,3 +123,10 @@ def test_bad_config_is_one_clear_error(
 def test_unknown_group_option_names_it(make_cfg) -> None:
     with pytest.raises(HydraException, match="model/nope"):
         make_cfg(["model=nope"])
+
+
+def test_cli_default_logs_csv_and_wandb_offline(tmp_path: Path) -> None:
+    cfg = compose_run([], tmp_path)  # no test-suite overrides: what `python train.py` composes
+    assert set(cfg.logger) == {"csv", "wandb"}
+    assert cfg.logger.wandb.offline is True
+    assert cfg.logger.wandb.save_dir == str(tmp_path)

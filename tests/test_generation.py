@@ -260,14 +260,9 @@ def test_load_lm_rejects_bad_checkpoints(make_cfg, tmp_path: Path) -> None:
 
 
 def test_script_errors_are_one_line(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "scripts/generate.py",
-            f"ckpt_path={tmp_path}/nope.ckpt",
-            f"hydra.run.dir={tmp_path}/run",
-        ],  # fmt: skip
-        cwd=ROOT,
+    out = subprocess.run(  # run as a user would: the default run folder under the cwd
+        [sys.executable, str(ROOT / "scripts" / "generate.py"), f"ckpt_path={tmp_path}/nope.ckpt"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,

@@ -37,6 +37,8 @@ def test_tiny_run_learns_and_writes_outputs(make_cfg, tmp_path: Path) -> None:
     rows = read_metrics(out)
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert losses[-1] < losses[0] - 0.5  # it learns
+    assert len(losses) == 30  # one per step: the epoch aggregate is train/loss_epoch
+    assert any(r.get("train/loss_epoch") for r in rows)
     assert metrics["val/bpb"] == pytest.approx(metrics["val/loss"] / 0.6931471805599453, rel=1e-3)
     assert (
         out / "config_tree.txt"

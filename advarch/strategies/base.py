@@ -148,8 +148,12 @@ class BaseStrategy(L.LightningModule):
         self.shared_step(batch, "test")
 
     def _log_epoch(self, split: str) -> None:
+        """Epoch aggregates; training's are `train/<name>_epoch`, apart from the per-step curve."""
         values = self.objective.compute(split)
-        self.log_dict({f"{split}/{k}": v for k, v in values.items()}, prog_bar=split == "val")
+        suffix = "_epoch" if split == "train" else ""
+        self.log_dict(
+            {f"{split}/{k}{suffix}": v for k, v in values.items()}, prog_bar=split == "val"
+        )
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

@@ -74,14 +74,17 @@ class MoE(nn.Module):
 
     Expert weights are stacked on dim 0 (`w_in` (E, D, H or 2H), `w_out` (E, H, D)), so
     merging and continual-learning code can address expert i as `w_in[i]`, `w_out[i]`.
-    Dispatch sorts token-slots by expert (stable), runs the experts as one grouped matmul
-    (`torch.nn.functional.grouped_mm` where supported, else a loop over the E experts) and
-    scatters the gated outputs back with `index_add`.
+    Dispatch sorts token-slots by expert (stable), runs the experts on their contiguous
+    blocks and scatters the gated outputs back with `index_add`. The experts run as one
+    grouped matmul (`torch.nn.functional.grouped_mm`) on accelerators and as a loop of E dense
+    matmuls on CPU, where torch's grouped kernel measured no faster (1 thread) or 1.3× slower
+    (2 threads) than the loop (`scripts/bench.py`).
 
     Capacity (when `capacity_factor` is set): within each expert, token-slots are kept in
     flattened (B·T) token order, so the earliest tokens win regardless of whether the expert
     was their first or second choice; dropped slots contribute zero (the caller's residual
-    carries the token). `use_grouped_mm` may be set False to force the loop path.
+    carries the token). `use_grouped_mm` (None = the device's default above) may be set True or
+    False to force a path.
     """
 
     def __init__(
@@ -131,7 +134,7 @@ class MoE(nn.Module):
         self.activation, self.soft, self.capacity_factor = activation, soft, capacity_factor
         self.router_jitter, self.bias_update_rate = router_jitter, bias_update_rate
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
-        self.use_grouped_mm = True
+        self.use_grouped_mm: bool | None = None
         self.in_mult = 2 if activation == "swiglu" else 1
         self.router = nn.Parameter(torch.empty(num_experts, dim))  # (E, D)
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, hidden * self.in_mult))
@@ -247,7 +250,8 @@ class MoE(nn.Module):
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run expert e on its contiguous block of `counts[e]` rows of xs (S, D) → (S, D)."""
         w_in, w_out = self.w_in.to(xs.dtype), self.w_out.to(xs.dtype)
-        if self.use_grouped_mm and self._grouped_ok(xs, w_in, w_out):
+        grouped = xs.device.type != "cpu" if self.use_grouped_mm is None else self.use_grouped_mm
+        if grouped and self._grouped_ok(xs, w_in, w_out):
             offs = counts.cumsum(0, dtype=torch.int32)  # (E,) end row of each expert
             h = self._act(_GROUPED_MM(xs, w_in, offs=offs))  # (S, H)
             return _GROUPED_MM(h, w_out, offs=offs)
