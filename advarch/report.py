@@ -34,6 +34,7 @@ from advarch.continual_metrics import (
     forgetting,
     plot_accuracy_matrix,
 )
+from advarch.reporting import SUMMARY_KEYS
 
 CURVE_PANELS = (  # (title, column pattern) — a panel is drawn when any column matches
     ("loss", r"(train|val)/loss"),
@@ -41,19 +42,6 @@ CURVE_PANELS = (  # (title, column pattern) — a panel is drawn when any column
     ("validation accuracy per task", r"val/task_\d+/acc"),
     ("router entropy (nats)", r"moe/layer\d+/entropy"),
     ("learning rate", r"lr-.*"),
-)
-SUMMARY_KEYS = (
-    "val/loss",
-    "val/bpb",
-    "val/acc",
-    "test/loss",
-    "test/bpb",
-    "test/acc",
-    "test/acc_ci95",
-    "test/raw_proto_acc",
-    "cl/avg_acc",
-    "cl/bwt",
-    "cl/forgetting",
 )
 FEWSHOT = (("acc", "adapted"), ("raw_proto_acc", "raw prototypes"))
 

@@ -32,6 +32,22 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
             Console(file=f, width=120, color_system=None).print(tree)
 
 
+SUMMARY_KEYS = (  # the metrics a run summary and a sweep table show, when a run has them
+    "val/loss",
+    "val/bpb",
+    "val/acc",
+    "test/loss",
+    "test/bpb",
+    "test/acc",
+    "test/acc_ci95",
+    "test/raw_proto_acc",
+    "cl/avg_acc",
+    "cl/bwt",
+    "cl/fwt",
+    "cl/forgetting",
+)
+
+
 def print_summary(
     cfg: DictConfig, spec: DataSpec, metrics: dict[str, float], output_dir: Path
 ) -> None:
@@ -44,8 +60,8 @@ def print_summary(
         lines.append(
             f"validation bits/byte {bpb:.3f} — {verdict} the unigram baseline {baseline:.3f}"
         )
-    for key in ("val/loss", "val/acc", "test/loss", "test/acc", "test/bpb"):
-        if key in metrics and not (key == "val/loss" and bpb is not None):
+    for key in SUMMARY_KEYS:
+        if key in metrics and not (key in ("val/loss", "val/bpb") and bpb is not None):
             lines.append(f"{key} = {metrics[key]:.4f}")
     lines.append(f"checkpoint: {output_dir / 'checkpoints' / 'last.ckpt'}")
     lines.append(f"run folder (config, CSV logs, plots): {output_dir}")

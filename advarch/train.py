@@ -61,17 +61,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger":
             (output_dir / WANDB_ID_FILE).write_text(logger.experiment.id)
+    metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
             last = output_dir / "checkpoints" / "last.ckpt"
             trainer.save_checkpoint(last)  # the final state, whatever the checkpoint cadence
+            metrics.update(scalar_metrics(trainer))
             if (
                 getattr(module, "validated_at_step", None) != trainer.global_step
                 and not trainer.fast_dev_run
-            ):
-                trainer.validate(module, datamodule=datamodule, verbose=False)  # fresh final val/*
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            ):  # the last validation predates the final weights: validate them
+                trainer.validate(module, datamodule=datamodule, verbose=False)
+                metrics.update(scalar_metrics(trainer))  # (validate resets the others)
         if cfg.get("test", True):
             results = trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update({k: float(v) for r in results for k, v in r.items()})
@@ -79,6 +81,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         _finish_wandb()
     print_summary(cfg, spec, metrics, output_dir)
     return metrics
+
+
+def scalar_metrics(trainer: Any) -> dict[str, float]:
+    """The trainer's current scalar callback metrics as floats."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
 class _DropNoise(logging.Filter):

@@ -1,4 +1,4 @@
-"""Model merging on digit tasks: one fine-tune per task, merged by every method over a λ sweep.
+r"""Model merging on digit tasks: one fine-tune per task, merged by every method over a λ sweep.
 
 1. Base θ₀: `experiment=pretrain_digits_0_4` on ALL digits for a few steps, so every task has
    room to improve and negation has something to remove.
@@ -12,8 +12,21 @@
    `<out>/merge_table.md`. Merged checkpoints keep θ₀'s config, so `python eval.py
    ckpt_path=<out>/merged/<name>.ckpt` evaluates any of them.
 
-    python scripts/merge_demo.py                      # 5 pair tasks, ~3 min on 2 CPU cores
-    python scripts/merge_demo.py --tasks 0,1,2,3,4 5,6,7,8,9 --lambdas 0.5 1.0
+    python scripts/merge_demo.py                      # 5 pair tasks, ~50 s on 2 shared CPU cores
+
+Defaults (measured, 46 s): θ₀ 0.614 on all digits, TIES / DARE-TIES at λ=0.3 0.631 / 0.639.
+Two halves, digits 0–4 and 5–9 (measured, 49 s):
+
+    python scripts/merge_demo.py --tasks 0,1,2,3,4 5,6,7,8,9 --base-steps 120 --task-steps 150 \
+        --own-head-rows --task-overrides strategy.lr=1e-3 --lambdas 0.3 0.4 0.5 0.7 1.0 \
+        --negation-lambda 1.0
+
+Each task model is 0.978 / 0.983 on its own half but 0.489 / 0.500 on all digits (it forgets the
+other half); merging them gives 0.931 (task arithmetic λ=0.4), 0.928 (soup, DARE λ=0.3), 0.925
+(TIES λ=0.3, DARE-TIES λ=0.4), 0.917 (slerp). Weaker bases kept less (task lr 3e-4 or 1e-3, 150
+steps; θ₀ at 40 / 80 / 100 steps: 0.61 / 0.80 / 0.86, best merge 0.72 / 0.87 / 0.90), so θ₀ here
+is itself at 0.925: the merge undoes the fine-tunes' forgetting rather than beating θ₀.
+Negation (others − τₜ, λ=1): digits 0–4 fall to 0.239 with 5–9 at 0.944; 5–9 to 0.339, 0–4 0.894.
 """
 
 from __future__ import annotations
@@ -207,9 +220,10 @@ def main() -> None:
     parser.add_argument("--density", type=float, help="ties / dare density")
     parser.add_argument(
         "--own-head-rows",
-        action="store_true",
-        help="tasks train only their classes' head rows (and the whole body)",
+        action=argparse.BooleanOptionalAction,
+        help="tasks train only their classes' head rows and the whole body (default: off)",
     )
+    parser.add_argument("--negation-lambda", type=float, help="λ of the negation rows")
     parser.add_argument("--task-overrides", nargs="*", help="extra overrides of the task runs")
     args = parser.parse_args()
     demo = DemoConfig()
@@ -223,6 +237,7 @@ def main() -> None:
         "density",
         "task_overrides",
         "own_head_rows",
+        "negation_lambda",
     ):
         if getattr(args, key) is not None:
             setattr(demo, key, getattr(args, key))

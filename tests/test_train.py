@@ -48,6 +48,17 @@ def test_tiny_run_learns_and_writes_outputs(make_cfg, tmp_path: Path) -> None:
     assert hp["cfg"]["model"]["dim"] == 32 and hp["params/trainable"] == hp["params/total"] > 0
 
 
+def test_final_weights_are_validated_and_fit_metrics_kept(make_cfg) -> None:
+    # validation at steps 3 and 6 of 7: the 7th step's weights get a final validation
+    cfg = make_cfg([*TINY, "trainer.max_steps=7", "test=false"])
+    metrics = run(cfg)
+    rows = read_metrics(Path(cfg.paths.output_dir))
+    val_losses = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert len(val_losses) == 3
+    assert metrics["val/loss"] == pytest.approx(val_losses[-1])
+    assert "train/loss" in metrics  # fit's metrics survive the extra validation
+
+
 def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path) -> None:
     common = [
         *TINY,
