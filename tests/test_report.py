@@ -39,7 +39,8 @@ def synthetic_run(run: Path, final_val: float = 1.0, overrides: list[str] | None
                      "moe/layer0/entropy": 2.0 - 0.05 * step})  # fmt: skip
         if step % 5 == 4:
             rows.append({"epoch": 0, "step": step, "val/loss": final_val + (9 - step) * 0.1,
-                         "val/acc": 0.5 + 0.04 * step, "train/acc_epoch": 0.4 + 0.04 * step})  # fmt: skip
+                         "val/acc": 0.5 + 0.04 * step,
+                         "train/acc_epoch": 0.4 + 0.04 * step})  # fmt: skip
     rows.append({"epoch": 0, "step": 10, "test/acc": 0.8, "test/acc_ci95": 0.05,
                  "test/raw_proto_acc": 0.7, "test/raw_proto_acc_ci95": 0.06})  # fmt: skip
     write_csv(run, rows)
