@@ -67,6 +67,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from advarch.atomic import save_atomic
+
 METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_linear", "dare_ties", "slerp")
 POLICIES = ("merge", "base", "keep")
 TIES_TRIMS = ("per_tensor", "global")
@@ -585,11 +587,4 @@ def merge_checkpoints(
         "models": [str(p) for p in model_paths],
         "config": asdict(cfg),
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(out, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+    return save_atomic(out, out_path)

@@ -51,6 +51,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from torch import nn
 
+from advarch.atomic import save_atomic
 from advarch.config.validate import ConfigError
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
@@ -286,17 +287,6 @@ def delta_of(model: nn.Module, plan: Plan) -> dict[str, dict[str, Any]]:
         if r is not None:
             rows[name] = r.tolist()
     return {"tensors": tensors, "rows": rows}
-
-
-def save_atomic(obj: Any, path: Path) -> Path:
-    """torch.save to a temporary file, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # -- the strategy -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from advarch.atomic import save_atomic
 from advarch.config.validate import ConfigError
 from advarch.data.digits import DigitsDataModule
 from advarch.models.model import Model
@@ -20,7 +21,6 @@ from advarch.strategies.finetune import (
     FinetuneStrategy,
     accuracy,
     load_finetuned,
-    save_atomic,
 )
 from advarch.train import run
 from tests.conftest import compose_config
