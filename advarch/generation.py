@@ -10,10 +10,11 @@ k largest (top-k), keep the smallest set of tokens whose probability reaches p (
 sample; `greedy` takes the argmax. The padding id is never generated: a full forward would
 treat it as padding, so cached and uncached decoding would part ways.
 
-RETRO models (`model.retro` set) have no incremental path: every step runs the full forward on
-the prefix with its neighbours, and each time the sequence completes a chunk the `retrieve`
-callback fetches that chunk's neighbours (RETRO §2.3: chunk u's neighbours inform the tokens
-from the last one of chunk u on, so retrieval must happen before the next prediction).
+RETRO models (`model.retro` set) retrieve each time the sequence completes a chunk: the
+`retrieve` callback fetches that chunk's neighbours before the next prediction (RETRO §2.3:
+chunk u's neighbours inform the tokens from the last one of chunk u on). Cached, the decoder
+self-attention keeps its KV cache and the chunk's neighbours are encoded once, at completion;
+uncached, the full forward reruns the encoder over every chunk's neighbours at each step.
 
 Shapes: B batch, T prefix length, V vocabulary, m retrieval chunk, K neighbours, R neighbour
 length.
@@ -87,34 +88,40 @@ class _Decoder:
     """One decoding strategy's state: feed tokens, read next-token logits (B, V)."""
 
     def __init__(self, model: nn.Module, use_cache: bool, retrieve: Retrieve | None) -> None:
-        self.model = model
-        self.retro = getattr(model, "retro", None) is not None
-        self.cached = use_cache and not self.retro
-        self.retrieve = retrieve if self.retro else None
+        self.model, self.cached = model, use_cache
+        self.retrieve = retrieve if getattr(model, "retro", None) is not None else None
         self.chunk = model.spec.retrieval_chunk
-        self.neighbours: torch.Tensor | None = None  # (B, L, K, R)
+        self.neighbours: torch.Tensor | None = None  # (B, L, K, R) full-forward path
         self.state: Any = None
         self.tokens: torch.Tensor | None = None  # (B, T) the prefix so far
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append tokens (B, n ≥ 1) to the prefix; logits (B, V) for the token after them."""
-        if self.cached:
-            if self.state is None:
-                self.state = self.model.init_state(tokens.shape[0])
-            for t in range(tokens.shape[1]):  # prefill through `step`, one token at a time
-                logits, self.state = self.model.step(tokens[:, t : t + 1], self.state)
-            return logits
         self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens], 1)
-        if self.retrieve is not None:
-            self._retrieve_completed_chunks()
-        return self.model(self.tokens, neighbours=self.neighbours).logits[:, -1]
+        if not self.cached:
+            if self.retrieve is not None:
+                self._retrieve_completed_chunks()
+            return self.model(self.tokens, neighbours=self.neighbours).logits[:, -1]
+        if self.state is None:
+            self.state = self.model.init_state(tokens.shape[0])
+        length = self.tokens.shape[1] - tokens.shape[1]
+        for t in range(tokens.shape[1]):  # prefill through `step`, one token at a time
+            length += 1
+            found = None
+            if self.retrieve is not None and length % self.chunk == 0:
+                found = self._retrieve(self.tokens[:, length - self.chunk : length])
+            logits, self.state = self.model.step(tokens[:, t : t + 1], self.state, found)
+        return logits
+
+    def _retrieve(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Neighbours (B, 1, K, R) of a completed chunk (B, m)."""
+        return self.retrieve(chunk).to(chunk.device)
 
     def _retrieve_completed_chunks(self) -> None:
         """Query neighbours for every chunk completed since the last call."""
         have = 0 if self.neighbours is None else self.neighbours.shape[1]
         for u in range(have, self.tokens.shape[1] // self.chunk):
-            chunk = self.tokens[:, u * self.chunk : (u + 1) * self.chunk]  # (B, m)
-            found = self.retrieve(chunk).to(self.tokens.device)  # (B, 1, K, R)
+            found = self._retrieve(self.tokens[:, u * self.chunk : (u + 1) * self.chunk])
             self.neighbours = (
                 found if self.neighbours is None else torch.cat([self.neighbours, found], 1)
             )
@@ -145,7 +152,7 @@ def generate(
         temperature, top_k, top_p, greedy: see `sample_next`.
         seed: seeds a private generator, so a seed gives the same tokens whatever else ran.
         use_cache: incremental decoding with `Model.step`; False recomputes the full forward
-            at every step (the reference; RETRO models always do this).
+            at every step (the reference).
         eos_id: stop a row at this id; later positions of that row repeat it.
         on_token: called with each new column (B,) as it is produced (streaming).
         retrieve: RETRO only: chunk ids (B, m) → neighbours (B, 1, K, R); None = no retrieval.
@@ -264,14 +271,20 @@ def load_lm(ckpt_path: str, device: str = "cpu") -> LoadedLM:
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise ConfigError(f"ckpt_path={ckpt_path!r}: weights do not fit the model: {err}") from err
-    retriever = getattr(datamodule, "retriever", None)
-    retrieve = None
-    if model.retro is not None and retriever is not None:
-
-        def retrieve(chunk: torch.Tensor) -> torch.Tensor:
-            return retriever.db.query_neighbours(chunk.cpu().numpy())  # (B, 1, K, R)
-
+    retrieve = datamodule_retrieve(datamodule) if model.retro is not None else None
     return LoadedLM(model.to(device).eval(), tokenizer, spec.eos_id, retrieve)
+
+
+def datamodule_retrieve(datamodule: Any) -> Retrieve | None:
+    """The `retrieve` callback over a prepared datamodule's retrieval database (None without)."""
+    retriever = getattr(datamodule, "retriever", None)
+    if retriever is None:
+        return None
+
+    def retrieve(chunk: torch.Tensor) -> torch.Tensor:
+        return retriever.db.query_neighbours(chunk.cpu().numpy())  # (B, 1, K, R)
+
+    return retrieve
 
 
 def generate_text(
@@ -330,11 +343,15 @@ class DecodeSpeed:
 
 
 def decoding_speed(
-    model: nn.Module, prompt_len: int = 64, new_tokens: int = 512, seed: int = 0
+    model: nn.Module,
+    prompt_len: int = 64,
+    new_tokens: int = 512,
+    seed: int = 0,
+    retrieve: Retrieve | None = None,
 ) -> tuple[float, float]:
     """(cached, uncached) new tokens per second for one row, greedy, from a random prompt.
 
-    The clock covers prompt prefill and generation, as a user waits for both.
+    The clock covers prompt prefill, generation and (RETRO) retrieval, as a user waits for all.
     """
     vocab = model.spec.vocab_size
     prompt = torch.randint(
@@ -343,18 +360,24 @@ def decoding_speed(
     rates = []
     for use_cache in (True, False):
         start = time.perf_counter()
-        out = generate(model, prompt, new_tokens, greedy=True, use_cache=use_cache)
+        out = generate(
+            model, prompt, new_tokens, greedy=True, use_cache=use_cache, retrieve=retrieve
+        )
         rates.append((out.shape[1] - prompt_len) / (time.perf_counter() - start))
     return rates[0], rates[1]
 
 
 def benchmark_decoding(
-    models: dict[str, nn.Module], prompt_len: int = 64, new_tokens: int = 512
+    models: dict[str, nn.Module],
+    prompt_len: int = 64,
+    new_tokens: int = 512,
+    retrievers: dict[str, Retrieve] | None = None,
 ) -> list[DecodeSpeed]:
-    """`decoding_speed` of every named model; one `DecodeSpeed` row each."""
+    """`decoding_speed` of every named model (RETRO ones with their `retrievers` entry)."""
     rows = []
     for name, model in models.items():
-        cached, uncached = decoding_speed(model, prompt_len, new_tokens)
+        retrieve = (retrievers or {}).get(name)
+        cached, uncached = decoding_speed(model, prompt_len, new_tokens, retrieve=retrieve)
         params = sum(p.numel() for p in model.parameters())
         rows.append(DecodeSpeed(name, params, cached, uncached))
     return rows

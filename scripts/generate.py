@@ -19,21 +19,31 @@ import advarch.config.resolvers  # noqa: F401  (registers ${unique:} for the run
 
 
 def _bench(cfg: DictConfig) -> None:
-    """Tokens/s of each `bench_models` config at its default size, random weights."""
+    """Tokens/s of each `bench_models` config at its default size, random weights.
+
+    RETRO models read the default corpus with `data=text_retrieval` and query its database.
+    """
     import torch
     from hydra import compose
 
-    from advarch.generation import benchmark_decoding, speed_table
-    from advarch.pipeline import build_model
+    from advarch.generation import benchmark_decoding, datamodule_retrieve, speed_table
+    from advarch.pipeline import build_datamodule, build_model
     from advarch.spec import DataSpec
 
     torch.manual_seed(cfg.seed or 0)
     spec = DataSpec(kind="lm", vocab_size=259, seq_len=256, eos_id=256, pad_id=257, bos_id=258)
-    models = {
-        name: build_model(compose("train", overrides=[f"model={name}"]), spec).to(cfg.device)
-        for name in cfg.bench_models
-    }
-    rows = benchmark_decoding(models, cfg.bench_prompt_len, cfg.bench_new_tokens)
+    models, retrievers = {}, {}
+    for name in cfg.bench_models:
+        overrides = [f"model={name}", *cfg.bench_overrides]
+        train_cfg = compose("train", overrides=overrides)
+        if train_cfg.model.get("retro"):
+            train_cfg = compose("train", overrides=["data=text_retrieval", *overrides])
+            datamodule, retro_spec = build_datamodule(train_cfg)
+            retrievers[name] = datamodule_retrieve(datamodule)
+            models[name] = build_model(train_cfg, retro_spec).to(cfg.device)
+        else:
+            models[name] = build_model(train_cfg, spec).to(cfg.device)
+    rows = benchmark_decoding(models, cfg.bench_prompt_len, cfg.bench_new_tokens, retrievers)
     print(speed_table(rows, cfg.bench_prompt_len, cfg.bench_new_tokens))
 
 

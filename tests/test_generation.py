@@ -177,34 +177,92 @@ def test_eos_in_a_batch_keeps_finished_rows_at_eos() -> None:
             assert (row[end:] == eos).all()
 
 
-def test_retro_retrieves_at_each_completed_chunk() -> None:
-    m, k = 4, 2
-    spec = DataSpec(
-        kind="lm",
-        vocab_size=40,
-        seq_len=16,
-        eos_id=37,
-        pad_id=38,
-        retrieval_neighbours=k,
-        retrieval_chunk=m,
-        retrieval_neighbour_len=2 * m,
-    )
-    model = small_model("transformer", spec=spec, retro={"encoder_depth": 1, "cca_layers": [1]})
+RETRO_M, RETRO_K = 4, 2
+RETRO_SPEC = DataSpec(
+    kind="lm",
+    vocab_size=40,
+    seq_len=16,
+    eos_id=37,
+    pad_id=38,
+    retrieval_neighbours=RETRO_K,
+    retrieval_chunk=RETRO_M,
+    retrieval_neighbour_len=2 * RETRO_M,
+)
+RETRO_ARCHS = {  # decoder stacks with CCA at layer 1, and a hybrid with CCA at 1 and 3
+    "transformer": {"retro": {"encoder_depth": 1, "cca_layers": [1]}},
+    "hybrid": {"retro": {"encoder_depth": 2, "cca_layers": [1, 3]}},
+}
+
+
+def retro_model(arch: str) -> Model:
+    return small_model(arch, spec=RETRO_SPEC, **RETRO_ARCHS[arch])
+
+
+def fake_retrieve(chunk: torch.Tensor) -> torch.Tensor:
+    """(B, m) -> (B, 1, K, R): a deterministic function of the chunk, with some padding."""
+    k, r = RETRO_K, 2 * RETRO_M
+    nb = ((chunk.repeat(1, k * 2) * 7 + torch.arange(k * r)) % 36).view(-1, 1, k, r)
+    return nb.masked_fill(nb % 5 == 0, RETRO_SPEC.pad_id)
+
+
+@pytest.mark.parametrize("arch", list(RETRO_ARCHS))
+def test_retro_step_logits_match_forward(arch: str) -> None:
+    model = retro_model(arch)
+    seq = torch.randint(0, 36, (2, 15), generator=torch.Generator().manual_seed(4))
+    m = RETRO_M
+    chunks = [seq[:, u * m : (u + 1) * m] for u in range(seq.shape[1] // m)]
+    full = model(seq, neighbours=torch.cat([fake_retrieve(c) for c in chunks], 1)).logits
+    state = model.init_state(2)
+    for t in range(seq.shape[1]):
+        found = fake_retrieve(chunks[t // m]) if (t + 1) % m == 0 else None
+        logits, state = model.step(seq[:, t : t + 1], state, found)
+        torch.testing.assert_close(logits, full[:, t], rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(full, model(seq).logits)  # the neighbours did change the output
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_retro_retrieves_at_each_completed_chunk(use_cache: bool) -> None:
+    m = RETRO_M
+    model = retro_model("transformer")
     calls: list[torch.Tensor] = []
 
     def retrieve(chunk: torch.Tensor) -> torch.Tensor:  # (B, m) -> (B, 1, K, R)
         calls.append(chunk.clone())
-        return (chunk.repeat(1, 2 * k) + 1).clamp_max(36).view(-1, 1, k, 2 * m)
+        return fake_retrieve(chunk)
 
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    out = generate(model, prompt, 10, greedy=True, retrieve=retrieve)
+    out = generate(model, prompt, 10, greedy=True, retrieve=retrieve, use_cache=use_cache)
     assert len(calls) == (out.shape[1] - 1) // m == 3  # the last token is never fed back
     for u, chunk in enumerate(calls):
         assert torch.equal(chunk, out[:, u * m : (u + 1) * m])
-    seq, nb = out[:, :-1], torch.cat([retrieve(c) for c in list(calls)], 1)
+    seq, nb = out[:, :-1], torch.cat([fake_retrieve(c) for c in calls], 1)
     last = model(seq, neighbours=nb).logits[:, -1]
-    last[:, spec.pad_id] = -math.inf
+    last[:, RETRO_SPEC.pad_id] = -math.inf
     assert torch.equal(last.argmax(-1), out[:, -1])  # the final prediction saw all neighbours
+
+
+@pytest.mark.parametrize("arch", list(RETRO_ARCHS))
+def test_retro_cached_decoding_equals_full_forward(arch: str) -> None:
+    model = retro_model(arch)
+    prompt = torch.randint(0, 36, (2, 6), generator=torch.Generator().manual_seed(5))
+    runs = {
+        (c, greedy): generate(
+            model, prompt, 17, greedy=greedy, seed=3, use_cache=c, retrieve=fake_retrieve
+        )
+        for c in (True, False)
+        for greedy in (True, False)
+    }
+    assert torch.equal(runs[True, True], runs[False, True])
+    assert torch.equal(runs[True, False], runs[False, False])
+    no_retrieval = generate(model, prompt, 17, seed=3)
+    assert not torch.equal(no_retrieval, runs[True, False])
+
+
+def test_retro_step_refuses_neighbours_off_a_chunk_boundary() -> None:
+    model = retro_model("transformer")
+    state = model.init_state(1)
+    with pytest.raises(ValueError, match="completes none"):
+        model.step(torch.tensor([[3]]), state, fake_retrieve(torch.ones(1, RETRO_M).long()))
 
 
 def test_stream_decoder_holds_partial_utf8() -> None:
@@ -220,11 +278,38 @@ def test_stream_decoder_holds_partial_utf8() -> None:
 
 
 def test_benchmark_rows() -> None:
-    models = {"ssm": small_model("ssm").float(), "longformer": small_model("longformer").float()}
-    rows = benchmark_decoding(models, prompt_len=4, new_tokens=6)
-    assert [r.model for r in rows] == ["ssm", "longformer"]
+    models = {"ssm": small_model("ssm").float(), "retro": retro_model("transformer").float()}
+    calls: list[torch.Tensor] = []
+
+    def retrieve(chunk: torch.Tensor) -> torch.Tensor:
+        calls.append(chunk)
+        return fake_retrieve(chunk)
+
+    rows = benchmark_decoding(models, prompt_len=4, new_tokens=6, retrievers={"retro": retrieve})
+    assert [r.model for r in rows] == ["ssm", "retro"]
     assert all(r.cached > 0 and r.uncached > 0 for r in rows)
+    assert len(calls) == 2 * (9 // RETRO_M)  # cached and full runs each retrieve twice
     assert "| ssm |" in speed_table(rows, 4, 6)
+
+
+def test_bench_script_times_every_model_including_retro(tmp_path: Path) -> None:
+    small = ",".join(f"'{o}'" for o in SMALL_TEXT)  # quoted: the items contain '='
+    args = [
+        "bench=true",
+        "bench_models=[ssm,retro]",
+        f"bench_overrides=[{small}]",
+        "bench_prompt_len=4",
+        "bench_new_tokens=70",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    script = str(ROOT / "scripts/generate.py")
+    done = subprocess.run(
+        [sys.executable, script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| ssm", "| retro"))]
+    assert len(rows) == 2
+    assert all(float(row.split("|")[3]) > 0 for row in rows)
 
 
 # -- checkpoints and the script ---------------------------------------------------------------

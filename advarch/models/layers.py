@@ -103,15 +103,22 @@ class Layer(nn.Module):
         return self.mixer(h, **kwargs)
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        if self.mixer is not None:
-            x = x + self._mix(self.mixer_norm(x), ctx)
-        if self.cross is not None:
-            x = x + self.cross(
-                self.cross_norm(x), memory=ctx.memory, memory_pad_mask=ctx.memory_pad_mask
-            )
-        if self.ffn is not None:
-            x = x + self._ffn(self.ffn_norm(x), ctx)
-        return x
+        return self.ffn_residual(self.cross_residual(self.mixer_residual(x, ctx), ctx), ctx)
+
+    def mixer_residual(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """x + mixer(norm(x)) over a whole sequence (x itself without a mixer)."""
+        return x if self.mixer is None else x + self._mix(self.mixer_norm(x), ctx)
+
+    def cross_residual(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """x + cross(norm(x), memory) in seq2seq decoders (x itself elsewhere)."""
+        if self.cross is None:
+            return x
+        y = self.cross(self.cross_norm(x), memory=ctx.memory, memory_pad_mask=ctx.memory_pad_mask)
+        return x + y
+
+    def ffn_residual(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """x + ffn(norm(x)), the dense FFN or MoE (x itself without an FFN)."""
+        return x if self.ffn is None else x + self._ffn(self.ffn_norm(x), ctx)
 
     def _ffn(self, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         if not self.is_moe:
@@ -130,13 +137,12 @@ class Layer(nn.Module):
 
     def step(self, x: torch.Tensor, state: Any, ctx: LayerContext) -> tuple[torch.Tensor, Any]:
         """One token (B, 1, D) through the layer, advancing the mixer's recurrent state."""
-        if self.mixer is not None:
-            y, state = self.mixer.step(self.mixer_norm(x), state)
-            x = x + y
-        if self.cross is not None:
-            x = x + self.cross(
-                self.cross_norm(x), memory=ctx.memory, memory_pad_mask=ctx.memory_pad_mask
-            )
-        if self.ffn is not None:
-            x = x + self._ffn(self.ffn_norm(x), ctx)
-        return x, state
+        x, state = self.mixer_step(x, state)
+        return self.ffn_residual(self.cross_residual(x, ctx), ctx), state
+
+    def mixer_step(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """`mixer_residual` for one token (B, 1, D), advancing the mixer's state."""
+        if self.mixer is None:
+            return x, state
+        y, state = self.mixer.step(self.mixer_norm(x), state)
+        return x + y, state

@@ -205,7 +205,7 @@ class Model(nn.Module):
         if self.spec.kind == "seq2seq":
             h = self._run_seq2seq(h, decoder_input_ids, ctx)
         elif self.retro is not None:
-            h = self.retro.run(self.layers, h, ctx, inputs, neighbours, self.input)
+            h = self.retro.run(self.layers, h, ctx, neighbours, self.input)
         else:
             for layer in self.layers:
                 h = layer(h, ctx)
@@ -249,24 +249,34 @@ class Model(nn.Module):
         return logits
 
     # -- incremental decoding -----------------------------------------------------------------
-    def init_state(self, batch_size: int) -> list[Any]:
-        """Per-layer recurrent state (KV caches, SSM states) for `step`."""
+    def init_state(self, batch_size: int) -> Any:
+        """Recurrent state for `step`: per-layer KV caches and SSM states (plus RETRO's)."""
         p = next(self.parameters())
-        return [layer.init_state(batch_size, p.device, p.dtype) for layer in self.layers]
+        states = [layer.init_state(batch_size, p.device, p.dtype) for layer in self.layers]
+        return states if self.retro is None else self.retro.init_state(states)
 
-    def step(self, token: torch.Tensor, state: list[Any]) -> tuple[torch.Tensor, list[Any]]:
-        """token: (B, 1) newest ids → next-token logits (B, V) and the advanced state."""
-        if self.spec.kind != "lm" or self.retro is not None:
-            raise ValueError(
-                "incremental decoding needs a decoder language model without retrieval"
-            )
+    def step(
+        self, token: torch.Tensor, state: Any, neighbours: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """token: (B, 1) newest ids → next-token logits (B, V) and the advanced state.
+
+        RETRO: `neighbours` (B, 1, K, R) are those of the chunk this token completes.
+        """
+        if self.spec.kind != "lm":
+            raise ValueError("incremental decoding needs a decoder language model")
+        if neighbours is not None and self.retro is None:
+            raise ValueError("neighbours given to a model without model.retro")
         ctx = LayerContext()
         h = self.input(token)
-        new_state = []
-        for layer, s in zip(self.layers, state, strict=True):
-            h, s = layer.step(h, s, ctx)
-            new_state.append(s)
-        return self.head(self.final_norm(h))[:, -1], new_state
+        if self.retro is not None:
+            h, state = self.retro.step(self.layers, h, state, ctx, neighbours, self.input)
+        else:
+            new_state = []
+            for layer, s in zip(self.layers, state, strict=True):
+                h, s = layer.step(h, s, ctx)
+                new_state.append(s)
+            state = new_state
+        return self.head(self.final_norm(h))[:, -1], state
 
     def moe_layers(self) -> list[nn.Module]:
         """The MoE sub-layers, in order (for expert masks, merging and finetuning)."""

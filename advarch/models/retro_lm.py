@@ -16,6 +16,8 @@ unchanged, so the same weights serve with and without retrieval.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,7 +106,6 @@ class RetroAdapter(nn.Module):
         layers: nn.ModuleList,
         h: torch.Tensor,
         ctx: LayerContext,
-        inputs: torch.Tensor,
         neighbours: torch.Tensor | None,
         embed: nn.Embedding,
     ) -> torch.Tensor:
@@ -115,35 +116,101 @@ class RetroAdapter(nn.Module):
         time only) and add CCA; FFN.
 
         Args:
-            inputs: (B, T) token ids (unused here; the decoder input is already `h`).
             neighbours: (B, L, K, R) token ids, `pad_id` at padding; None = retrieval off.
         """
         if neighbours is None or neighbours.shape[2] == 0:
             for layer in layers:
                 h = layer(h, ctx)
             return h
-        pad = neighbours == self.pad_id if self.pad_id >= 0 else None  # (B, L, K, R)
+        pad = self._pad_mask(neighbours)
         nb_emb = embed(neighbours)  # (B, L, K, R, D)
         encoded = None
         for i, layer in enumerate(layers):
-            if str(i) not in self.cca:
+            if i not in self.cca_layers:
                 h = layer(h, ctx)
                 continue
-            h = _mixer_sublayer(layer, h, ctx)
+            h = _decoder_only(layer).mixer_residual(h, ctx)
             if encoded is None:
                 encoded = self.encoder(nb_emb, h, neighbour_pad_mask=pad)  # (B, L, K, R, D)
             h = h + self.cca[str(i)](self.cca_norm[str(i)](h), encoded, neighbour_pad_mask=pad)
-            h = _ffn_sublayer(layer, h, ctx)
+            h = layer.ffn_residual(h, ctx)
         return h
 
+    def init_state(self, layer_states: list[Any]) -> RetroDecodeState:
+        """Incremental-decoding state around the decoder layers' own states."""
+        return RetroDecodeState(layers=layer_states)
 
-def _mixer_sublayer(layer: Layer, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-    """The first half of `Layer.forward` (decoder-only stacks have no cross-attention)."""
+    def step(
+        self,
+        layers: nn.ModuleList,
+        h: torch.Tensor,
+        state: RetroDecodeState,
+        ctx: LayerContext,
+        neighbours: torch.Tensor | None,
+        embed: nn.Embedding,
+    ) -> tuple[torch.Tensor, RetroDecodeState]:
+        """One new token's embedding h (B, 1, D) through `layers` -> (B, 1, D), new state.
+
+        Equals `run` on the whole prefix at the last position: decoder layers advance their
+        caches; the first CCA layer keeps its states of the current chunk, and when this token
+        completes a chunk, the chunk's neighbours are encoded against them; every position
+        from there to the next completion attends to that one encoding (O(K·R) per token).
+
+        Args:
+            neighbours: (B, 1, K, R) token ids of the chunk this token completes (retrieved
+                after seeing it); None when it completes none or retrieval is off.
+        """
+        m, t = self.encoder.chunk_size, state.position
+        completes = (t + 1) % m == 0
+        if neighbours is not None and not completes:
+            raise ValueError(
+                f"neighbours arrive with the token that completes a chunk of {m}; "
+                f"token {t} completes none"
+            )
+        chunk_states, encoded, pad = state.chunk_states, state.encoded, state.pad
+        new_states = []
+        for i, (layer, s) in enumerate(zip(layers, state.layers, strict=True)):
+            if i not in self.cca_layers:
+                h, s = layer.step(h, s, ctx)
+                new_states.append(s)
+                continue
+            h, s = _decoder_only(layer).mixer_step(h, s)
+            new_states.append(s)
+            if i == self.cca_layers[0]:
+                chunk_states = h if t % m == 0 else torch.cat([chunk_states, h], 1)  # (B, ≤m, D)
+                if completes:  # a chunk without neighbours informs nothing, as in `run`
+                    encoded, pad = None, None
+                    if neighbours is not None and neighbours.shape[2] > 0:
+                        pad = self._pad_mask(neighbours)
+                        encoded = self.encoder(embed(neighbours), chunk_states,
+                                               neighbour_pad_mask=pad)  # fmt: skip
+            if encoded is not None:
+                query = self.cca_norm[str(i)](h)
+                h = h + self.cca[str(i)].step(query, encoded, (t + 1) % m, neighbour_pad_mask=pad)
+            h = layer.ffn_residual(h, ctx)
+        new = RetroDecodeState(new_states, t + 1, chunk_states, encoded, pad)
+        return h, new
+
+    def _pad_mask(self, neighbours: torch.Tensor) -> torch.Tensor | None:
+        return neighbours == self.pad_id if self.pad_id >= 0 else None  # (B, L, K, R)
+
+
+@dataclass
+class RetroDecodeState:
+    """What RETRO carries from one decoded token to the next.
+
+    Shapes: B batch, D model dim, m chunk, K neighbours, R neighbour length.
+    """
+
+    layers: list[Any]  # each decoder layer's mixer state (KV cache, SSM state)
+    position: int = 0  # tokens consumed so far
+    chunk_states: torch.Tensor | None = None  # (B, ≤m, D) first CCA layer, current chunk
+    encoded: torch.Tensor | None = None  # (B, 1, K, R, D) neighbours of the last full chunk
+    pad: torch.Tensor | None = None  # (B, 1, K, R) True at neighbour padding
+
+
+def _decoder_only(layer: Layer) -> Layer:
+    """`layer`, refused if it cross-attends to an encoder (RETRO wires decoder-only stacks)."""
     if layer.cross is not None:
         raise ValueError("model.retro works on decoder-only stacks (no encoder cross-attention)")
-    return h if layer.mixer is None else h + layer._mix(layer.mixer_norm(h), ctx)
-
-
-def _ffn_sublayer(layer: Layer, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-    """The second half of `Layer.forward`: the pre-norm FFN or MoE residual."""
-    return h if layer.ffn is None else h + layer._ffn(layer.ffn_norm(h), ctx)
+    return layer

@@ -148,6 +148,23 @@ class ChunkedCrossAttention(nn.Module):
         out = out.reshape(b, num_chunks * m, d)[:, : t - m + 1]
         return F.pad(out, (0, 0, m - 1, 0))  # the first m-1 positions attend to nothing
 
+    def step(
+        self,
+        h: torch.Tensor,
+        neighbours: torch.Tensor,
+        query_index: int,
+        *,
+        neighbour_pad_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One position h (B, 1, D) as query `query_index` (0..m-1) of the latest completed
+        chunk, whose encoded neighbours are (B, 1, K, R, D) -> (B, 1, D): `forward`'s value at
+        that position, for incremental decoding."""
+        b, _, k, r, d = neighbours.shape
+        q_pos = torch.tensor([self.chunk_size - 1 + query_index], device=h.device)
+        k_pos = torch.arange(r, device=h.device).repeat(k)
+        key_pad = None if neighbour_pad_mask is None else neighbour_pad_mask.reshape(b, k * r)
+        return self.attn(h, neighbours.reshape(b, k * r, d), q_pos, k_pos, key_pad)
+
 
 class _EncoderLayer(nn.Module):
     """Pre-norm self-attention, cross-attention to the chunk, feed-forward (all residual)."""
