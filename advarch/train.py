@@ -45,12 +45,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         cfg.logger.wandb.id = wandb_id
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks"))
-    trainer_overrides: dict[str, Any] = {}
-    if hasattr(datamodule, "epochs_per_task"):  # a continual stream drives the epochs
-        trainer_overrides = {
-            "max_epochs": datamodule.max_epochs,
-            "reload_dataloaders_every_n_epochs": datamodule.epochs_per_task,
-        }
+    # datamodules whose train loader changes with the epoch (continual streams, curricula)
+    trainer_overrides: dict[str, Any] = getattr(datamodule, "trainer_overrides", {})
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,

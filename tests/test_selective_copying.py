@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from hydra.utils import instantiate
 
+from advarch.data.synthetic import SelectiveCopyingDataModule
 from advarch.train import run
 
 SMALL = [
@@ -34,3 +35,21 @@ def test_experiment_trains_and_reports_answer_accuracy(make_cfg, experiment, sel
     metrics = run(cfg)
     assert 0.0 <= metrics["val/acc"] <= 1.0
     assert metrics["val/loss"] == metrics["val/loss"]  # finite, not NaN
+
+
+def test_curriculum_runs_its_stages_through_the_trainer(make_cfg, monkeypatch):
+    served: list[tuple[int, int]] = []  # (epoch, sequence length of the train loader)
+    original = SelectiveCopyingDataModule.train_dataloader
+
+    def spy(self):
+        loader = original(self)
+        served.append((self.trainer.current_epoch, loader.dataset[0]["input_ids"].shape[0]))
+        return loader
+
+    monkeypatch.setattr(SelectiveCopyingDataModule, "train_dataloader", spy)
+    stages = "[{seq_len: 8, num_tokens_to_copy: 2}, {seq_len: 16, epochs: 2}]"
+    cfg = make_cfg(["experiment=selective_copying", *SMALL, "trainer.max_steps=20",
+                    f"data.curriculum={stages}"])  # fmt: skip
+    metrics = run(cfg)  # 4 steps per epoch: stage 1, stage 2 twice, then the task twice
+    assert served == [(0, 8), (1, 16), (2, 16), (3, 24), (4, 24)]
+    assert 0.0 <= metrics["test/acc"] <= 1.0

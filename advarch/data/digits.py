@@ -234,7 +234,7 @@ class DigitsDataModule(_DigitsBase):
 class ContinualDataModule(_DigitsBase):
     """A stream of tasks trained one after another inside ONE `trainer.fit`.
 
-    Contract with the Trainer (train.py sets both from this datamodule):
+    Contract with the Trainer (train.py applies `trainer_overrides`):
 
     - `Trainer(max_epochs=dm.max_epochs, reload_dataloaders_every_n_epochs=dm.epochs_per_task)`,
       with `max_epochs = num_tasks * epochs_per_task`.
@@ -307,6 +307,14 @@ class ContinualDataModule(_DigitsBase):
     def max_epochs(self) -> int:
         """Epochs of the whole stream: `num_tasks * epochs_per_task` (the Trainer's max_epochs)."""
         return self.num_tasks * self.epochs_per_task
+
+    @property
+    def trainer_overrides(self) -> dict[str, int]:
+        """The Trainer arguments of the contract above (train.py applies them)."""
+        return {
+            "max_epochs": self.max_epochs,
+            "reload_dataloaders_every_n_epochs": self.epochs_per_task,
+        }
 
     def task_of_epoch(self, epoch: int) -> int:
         """The task trained during `epoch` (clamped to the last task)."""

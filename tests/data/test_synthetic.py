@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -91,3 +93,48 @@ def test_reproducible_per_seed_and_splits_differ(cls):
 def test_invalid_arguments_name_the_key(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
         cls(**kwargs)
+
+
+def _train_batch_at(dm, epoch: int) -> dict[str, torch.Tensor]:
+    dm.trainer = SimpleNamespace(current_epoch=epoch)
+    return next(iter(dm.train_dataloader()))
+
+
+def test_curriculum_serves_each_stage_then_the_task():
+    stages = [{"seq_len": 16, "num_tokens_to_copy": 2, "epochs": 2}, {"seq_len": 24}]
+    dm = SelectiveCopyingDataModule(seq_len=40, num_tokens_to_copy=6, curriculum=stages, **SMALL)
+    assert dm.trainer_overrides == {"reload_dataloaders_every_n_epochs": 1}
+    assert [dm.stage_of_epoch(e) for e in range(5)] == [0, 0, 1, None, None]
+    expected = {0: (16, 2), 1: (16, 2), 2: (24, 6), 3: (40, 6), 7: (40, 6)}
+    for epoch, (seq_len, copied) in expected.items():
+        batch = _train_batch_at(dm, epoch)
+        assert batch["input_ids"].shape == (8, seq_len)
+        assert ((batch["labels"] != -100).sum(1) == copied).all()
+        answers = solve_selective_copying(batch["input_ids"][:, :-copied])
+        assert answers == batch["labels"][:, -copied:].tolist()
+    val = next(iter(dm.val_dataloader()))
+    assert val["input_ids"].shape == (8, 40) and dm.spec.seq_len == 40
+
+
+def test_curriculum_is_reproducible_and_reshuffled_per_epoch():
+    stages = [{"seq_len": 16, "num_tokens_to_copy": 2, "epochs": 2}]
+    first, again = (SelectiveCopyingDataModule(curriculum=stages, **SMALL) for _ in range(2))
+    epoch0, epoch1 = _train_batch_at(first, 0), _train_batch_at(first, 1)
+    assert torch.equal(epoch0["input_ids"], _train_batch_at(again, 0)["input_ids"])
+    assert not torch.equal(epoch0["input_ids"], epoch1["input_ids"])  # same stage, new order
+    assert first._train_set(0) is first._train_set(1)  # one draw per stage, not per epoch
+    without = SelectiveCopyingDataModule(**SMALL)
+    assert without.trainer_overrides == {} and without.stage_of_epoch(0) is None
+
+
+@pytest.mark.parametrize(("cls", "stage", "message"), [
+    (SelectiveCopyingDataModule, {"seq_len": 512}, r"data.curriculum\[0\].seq_len=512 must be <="),
+    (SelectiveCopyingDataModule, {"seq_len": 20}, r"data.curriculum\[0\].seq_len=20 must be >="),
+    (SelectiveCopyingDataModule, {"vocab_size": 8}, r"data.curriculum\[0\].vocab_size is not"),
+    (SelectiveCopyingDataModule, {"epochs": 0}, r"data.curriculum\[0\].epochs=0"),
+    (AssociativeRecallDataModule, {"num_queries": 9}, r"data.curriculum\[0\].num_queries=9"),
+    (SequenceReversalDataModule, {"seq_len": 0}, r"data.curriculum\[0\].seq_len=0"),
+])  # fmt: skip
+def test_invalid_curriculum_names_the_stage_key(cls, stage, message):
+    with pytest.raises(ValueError, match=message):
+        cls(curriculum=[stage])
