@@ -33,6 +33,7 @@ IGNORE = -100
 BLANK, MARKER = 0, 1  # selective copying: noise token, "copy now" token; data ids 2..V-1
 PAD, BOS = 0, 1  # reversal: padding and target start; data ids 2..V-1
 SPLITS = ("train", "val", "test")
+STAGE_KEYS = ("epochs", "num_train")  # curriculum-stage keys besides the task's size
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class SyntheticSequenceDataModule(L.LightningDataModule):
         batch_size: examples per batch.
         num_workers: DataLoader workers (0 = main process).
         curriculum: warm-up stages, each a mapping of some of `curriculum_keys` to smaller
-            values plus optional `epochs` (default 1); `seq_len` may not exceed the task's.
+            values plus optional `epochs` (default 1) and `num_train` (examples per epoch,
+            default `num_train`); `seq_len` may not exceed the task's.
     """
 
     curriculum_keys: tuple[str, ...] = ()  # size arguments a curriculum stage may set
@@ -108,15 +110,14 @@ class SyntheticSequenceDataModule(L.LightningDataModule):
 
     def _check_curriculum(self) -> None:
         """Every stage sets only known keys to a valid size no longer than the task."""
-        allowed = (*self.curriculum_keys, "epochs")
+        allowed = (*self.curriculum_keys, *STAGE_KEYS)
         for i, stage in enumerate(self.curriculum):
             prefix = f"data.curriculum[{i}]."
             for key in stage:
                 _check(key in allowed, f"{prefix}{key} is not a curriculum option "
                                        f"(options: {', '.join(allowed)})")  # fmt: skip
-            _check(
-                stage.get("epochs", 1) >= 1, f"{prefix}epochs={stage.get('epochs')} must be >= 1"
-            )
+            for key in STAGE_KEYS:
+                _check(stage.get(key, 1) >= 1, f"{prefix}{key}={stage.get(key)} must be >= 1")
             size, longest = self.stage_size(i), self.size["seq_len"]
             _check(size["seq_len"] <= longest,
                    f"{prefix}seq_len={size['seq_len']} must be <= data.seq_len"
@@ -125,7 +126,7 @@ class SyntheticSequenceDataModule(L.LightningDataModule):
 
     def stage_size(self, stage: int) -> dict[str, int]:
         """Task size of curriculum stage `stage` (the task's own values where it sets none)."""
-        overrides = {k: v for k, v in self.curriculum[stage].items() if k != "epochs"}
+        overrides = {k: v for k, v in self.curriculum[stage].items() if k not in STAGE_KEYS}
         return {**self.size, **overrides}
 
     def stage_of_epoch(self, epoch: int) -> int | None:
@@ -161,7 +162,8 @@ class SyntheticSequenceDataModule(L.LightningDataModule):
             rng = np.random.default_rng(
                 np.random.SeedSequence(self.seed, spawn_key=(len(SPLITS) + stage,))
             )
-            self._stage_data = (stage, make_dataset(self.generate(self.sizes["train"], rng, size)))
+            num = self.curriculum[stage].get("num_train", self.sizes["train"])
+            self._stage_data = (stage, make_dataset(self.generate(num, rng, size)))
         return self._stage_data[1]
 
     def train_dataloader(self) -> DataLoader:

@@ -101,7 +101,10 @@ def _train_batch_at(dm, epoch: int) -> dict[str, torch.Tensor]:
 
 
 def test_curriculum_serves_each_stage_then_the_task():
-    stages = [{"seq_len": 16, "num_tokens_to_copy": 2, "epochs": 2}, {"seq_len": 24}]
+    stages = [
+        {"seq_len": 16, "num_tokens_to_copy": 2, "epochs": 2},
+        {"seq_len": 24, "num_train": 8},
+    ]
     dm = SelectiveCopyingDataModule(seq_len=40, num_tokens_to_copy=6, curriculum=stages, **SMALL)
     assert dm.trainer_overrides == {"reload_dataloaders_every_n_epochs": 1}
     assert [dm.stage_of_epoch(e) for e in range(5)] == [0, 0, 1, None, None]
@@ -112,6 +115,7 @@ def test_curriculum_serves_each_stage_then_the_task():
         assert ((batch["labels"] != -100).sum(1) == copied).all()
         answers = solve_selective_copying(batch["input_ids"][:, :-copied])
         assert answers == batch["labels"][:, -copied:].tolist()
+        assert len(dm._train_set(epoch)) == (8 if epoch == 2 else 64)
     val = next(iter(dm.val_dataloader()))
     assert val["input_ids"].shape == (8, 40) and dm.spec.seq_len == 40
 
@@ -132,6 +136,7 @@ def test_curriculum_is_reproducible_and_reshuffled_per_epoch():
     (SelectiveCopyingDataModule, {"seq_len": 20}, r"data.curriculum\[0\].seq_len=20 must be >="),
     (SelectiveCopyingDataModule, {"vocab_size": 8}, r"data.curriculum\[0\].vocab_size is not"),
     (SelectiveCopyingDataModule, {"epochs": 0}, r"data.curriculum\[0\].epochs=0"),
+    (SelectiveCopyingDataModule, {"num_train": 0}, r"data.curriculum\[0\].num_train=0"),
     (AssociativeRecallDataModule, {"num_queries": 9}, r"data.curriculum\[0\].num_queries=9"),
     (SequenceReversalDataModule, {"seq_len": 0}, r"data.curriculum\[0\].seq_len=0"),
 ])  # fmt: skip
