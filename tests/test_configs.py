@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.errors import HydraException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from advarch.config.compose import compose_run
 from advarch.config.validate import ConfigError
@@ -130,3 +132,11 @@ def test_cli_default_logs_csv_and_wandb_offline(tmp_path: Path) -> None:
     assert set(cfg.logger) == {"csv", "wandb"}
     assert cfg.logger.wandb.offline is True
     assert cfg.logger.wandb.save_dir == str(tmp_path)
+
+
+def test_ewc_search_sweeps_keys_of_its_experiment(make_cfg) -> None:
+    search = yaml.safe_load((ROOT / "configs/hparams_search/ewc_optuna.yaml").read_text())
+    cfg = make_cfg(["experiment=ewc_permuted_digits", "hparams_search=ewc_optuna"])
+    assert cfg.optimized_metric == "cl/avg_acc"
+    for key in search["hydra"]["sweeper"]["params"]:
+        assert OmegaConf.select(cfg, key) is not None, key  # a typo would sweep nothing
