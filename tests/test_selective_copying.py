@@ -12,6 +12,7 @@ from advarch.train import run
 SMALL = [
     "data.seq_len=24",
     "data.num_tokens_to_copy=4",
+    "data.curriculum=[{seq_len: 12, num_train: 32}]",  # 2 steps, then the task
     "data.num_train=64",
     "data.num_val=32",
     "data.num_test=32",
@@ -20,6 +21,17 @@ SMALL = [
     "trainer.val_check_interval=2",
     "callbacks=none",
 ]
+
+
+@pytest.mark.parametrize(
+    ("experiment", "selective"), [("selective_copying", True), ("selective_copying_lti", False)]
+)
+def test_experiment_is_the_issue_size_with_a_valid_curriculum(make_cfg, experiment, selective):
+    cfg = make_cfg([f"experiment={experiment}"])
+    assert (cfg.data.seq_len, cfg.data.num_tokens_to_copy, cfg.data.vocab_size) == (256, 16, 16)
+    datamodule = instantiate(cfg.data)  # checks every stage
+    assert datamodule.stage_of_epoch(len(cfg.data.curriculum)) is None
+    assert cfg.model.ssm.selective is selective
 
 
 @pytest.mark.parametrize(
