@@ -88,6 +88,10 @@ class SyntheticSequenceDataModule(L.LightningDataModule):
             _check(value >= 1, f"data.{key}={value} must be >= 1")
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
+        for i, stage in enumerate(curriculum):
+            _check(isinstance(stage, Mapping) and all(isinstance(v, int) for v in stage.values()),
+                   f"data.curriculum[{i}]={stage!r} must map option names to integers, e.g. "
+                   "{seq_len: 64}")  # fmt: skip
         self.curriculum = [dict(stage) for stage in curriculum]
         self.splits: dict[str, datasets.Dataset] = {}
         self._stage_data: tuple[int, datasets.Dataset] | None = None  # (stage, its train set)
@@ -155,6 +159,7 @@ class SyntheticSequenceDataModule(L.LightningDataModule):
         """The task's train split, or the current curriculum stage's (drawn once, on entry)."""
         stage = self.stage_of_epoch(epoch)
         if stage is None:
+            self._stage_data = None  # the warm-up is over: free its examples
             return self.splits["train"]
         if self._stage_data is None or self._stage_data[0] != stage:
             size = self.stage_size(stage)

@@ -137,6 +137,8 @@ def test_curriculum_is_reproducible_and_reshuffled_per_epoch():
     (SelectiveCopyingDataModule, {"vocab_size": 8}, r"data.curriculum\[0\].vocab_size is not"),
     (SelectiveCopyingDataModule, {"epochs": 0}, r"data.curriculum\[0\].epochs=0"),
     (SelectiveCopyingDataModule, {"num_train": 0}, r"data.curriculum\[0\].num_train=0"),
+    (SelectiveCopyingDataModule, {"epochs": "two"}, r"data.curriculum\[0\]=.* must map option"),
+    (SelectiveCopyingDataModule, 64, r"data.curriculum\[0\]=64 must map option"),
     (AssociativeRecallDataModule, {"num_queries": 9}, r"data.curriculum\[0\].num_queries=9"),
     (SequenceReversalDataModule, {"seq_len": 0}, r"data.curriculum\[0\].seq_len=0"),
 ])  # fmt: skip
