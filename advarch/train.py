@@ -25,15 +25,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train and test one configuration; returns the final metrics (floats)."""
     import lightning as L
     import torch
+    from lightning.pytorch.utilities import rank_zero_only
 
+    from advarch.callbacks.signals import SignalCheckpoint
     from advarch.config.runs import WANDB_ID_FILE, previous_wandb_id, resolve_checkpoint
-    from advarch.pipeline import build_all, instantiate_dict
+    from advarch.pipeline import build_all, instantiate_dict, validate
     from advarch.reporting import print_config_tree, print_summary
 
     quiet_lightning_logs()
+    validate(cfg)  # every key, before any work
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("extras", {}).get("print_config", True):
         print_config_tree(cfg, output_dir / "config_tree.txt")
     L.seed_everything(cfg.seed, workers=True)
@@ -44,7 +47,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         wandb_id = previous_wandb_id(ckpt) or cfg.logger.wandb.get("id")
         cfg.logger.wandb.id = wandb_id
     loggers = instantiate_dict(cfg.get("logger"))
-    callbacks = instantiate_dict(cfg.get("callbacks"))
+    last = output_dir / "checkpoints" / "last.ckpt"
+    callbacks = [*instantiate_dict(cfg.get("callbacks")), SignalCheckpoint(last)]
     # datamodules whose train loader changes with the epoch (continual streams, curricula)
     trainer_overrides: dict[str, Any] = getattr(datamodule, "trainer_overrides", {})
     trainer: L.Trainer = hydra.utils.instantiate(
@@ -55,13 +59,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         **trainer_overrides,
     )
     for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
+        if type(logger).__name__ == "WandbLogger" and rank_zero_only.rank == 0:
             (output_dir / WANDB_ID_FILE).write_text(logger.experiment.id)
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-            last = output_dir / "checkpoints" / "last.ckpt"
             trainer.save_checkpoint(last)  # the final state, whatever the checkpoint cadence
             metrics.update(scalar_metrics(trainer))
             if (
@@ -101,6 +104,7 @@ def quiet_lightning_logs() -> None:
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")  # ours is
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
@@ -136,6 +140,8 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from advarch.callbacks.signals import Interrupted
+    from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -145,15 +151,34 @@ def main(cfg: DictConfig) -> float | None:
         if multirun and value is not None and not math.isfinite(value):
             raise FloatingPointError(f"optimized_metric={cfg.optimized_metric} is {value}")
         return value
-    except (ConfigError, FloatingPointError) as err:
+    except Interrupted as err:
+        _finish_wandb()
+        sys.exit(err.exit_code)  # the checkpoint line was printed when it was saved
+    except (ConfigError, CheckpointError, FloatingPointError) as err:
         if multirun:
             log.error("trial failed: %s", err)
             raise
+        if not isinstance(err, FloatingPointError):
+            discard_run_folder(Path(cfg.paths.output_dir))
         sys.exit(f"error: {err}")
     except Exception:
         if multirun:
             log.exception("trial failed")
         raise
+
+
+def discard_run_folder(folder: Path) -> None:
+    """Remove what Hydra and advarch wrote into a run folder that did no work (a config error)."""
+    import contextlib
+    import shutil
+
+    if (folder / "checkpoints").exists():
+        return
+    shutil.rmtree(folder / ".hydra", ignore_errors=True)
+    for name in ("train.log", "config_tree.txt"):
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when nothing else is in it
 
 
 def _optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
