@@ -16,11 +16,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from advarch.config.validate import ConfigError
+
 PREFIX = "model."  # state-dict names of the LightningModule's model in every advarch checkpoint
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or not an advarch checkpoint."""
+class CheckpointError(ConfigError):
+    """A checkpoint file is missing, unreadable or not an advarch checkpoint (a bad input: the
+    entry points print it as one `error:` line, like any ConfigError)."""
 
 
 def read_checkpoint(

@@ -59,12 +59,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     from advarch.checkpoint import CheckpointError
+    from advarch.config.runs import discard_run_folder
     from advarch.config.validate import ConfigError
 
     quiet_lightning_logs()
     try:
+        if OmegaConf.is_missing(cfg, "ckpt_path"):
+            raise ConfigError(
+                "ckpt_path is required: eval.py ckpt_path=<run>/checkpoints/last.ckpt"
+            )
         metrics = evaluate(cfg)
     except (ConfigError, CheckpointError) as err:
+        discard_run_folder()
         sys.exit(f"error: {err}")
     out = Path(cfg.paths.output_dir) / "metrics.json"
     out.write_text(__import__("json").dumps(metrics, indent=2))

@@ -29,30 +29,38 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.config.runs import WANDB_ID_FILE, previous_wandb_id, resolve_checkpoint
-    from advarch.pipeline import build_all, instantiate_dict, validate
+    from advarch.pipeline import (
+        build_all,
+        check_monitors,
+        instantiate_checked,
+        instantiate_dict,
+        validate_run,
+    )
     from advarch.reporting import print_config_tree, print_summary
 
     quiet_lightning_logs()
-    validate(cfg)  # every key, before any work
+    validate_run(cfg)  # every key, before any work
     output_dir = Path(cfg.paths.output_dir)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir))
+    last = output_dir / "checkpoints" / "last.ckpt"
+    callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("extras", {}).get("print_config", True):
         print_config_tree(cfg, output_dir / "config_tree.txt")
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     datamodule, spec, module = build_all(cfg)  # ConfigError on bad input, before any work
+    check_monitors(cfg, module, callbacks)
 
     if "wandb" in (cfg.get("logger") or {}):
         wandb_id = previous_wandb_id(ckpt) or cfg.logger.wandb.get("id")
         cfg.logger.wandb.id = wandb_id
-    loggers = instantiate_dict(cfg.get("logger"))
-    last = output_dir / "checkpoints" / "last.ckpt"
-    callbacks = [*instantiate_dict(cfg.get("callbacks")), SignalCheckpoint(last)]
+    loggers = instantiate_dict(cfg.get("logger"), "logger")
     # datamodules whose train loader changes with the epoch (continual streams, curricula)
     trainer_overrides: dict[str, Any] = getattr(datamodule, "trainer_overrides", {})
-    trainer: L.Trainer = hydra.utils.instantiate(
+    trainer: L.Trainer = instantiate_checked(
         cfg.trainer,
+        "trainer",
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(output_dir),
@@ -142,6 +150,7 @@ def main(cfg: DictConfig) -> float | None:
 
     from advarch.callbacks.signals import Interrupted
     from advarch.checkpoint import CheckpointError
+    from advarch.config.runs import discard_run_folder
     from advarch.config.validate import ConfigError
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -159,26 +168,12 @@ def main(cfg: DictConfig) -> float | None:
             log.error("trial failed: %s", err)
             raise
         if not isinstance(err, FloatingPointError):
-            discard_run_folder(Path(cfg.paths.output_dir))
+            discard_run_folder()
         sys.exit(f"error: {err}")
     except Exception:
         if multirun:
             log.exception("trial failed")
         raise
-
-
-def discard_run_folder(folder: Path) -> None:
-    """Remove what Hydra and advarch wrote into a run folder that did no work (a config error)."""
-    import contextlib
-    import shutil
-
-    if (folder / "checkpoints").exists():
-        return
-    shutil.rmtree(folder / ".hydra", ignore_errors=True)
-    for name in ("train.log", "config_tree.txt"):
-        (folder / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        folder.rmdir()  # only when nothing else is in it
 
 
 def _optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

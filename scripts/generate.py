@@ -65,6 +65,7 @@ def _prompt(cfg: DictConfig) -> str:
 @hydra.main(config_path="../configs", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Generate from `ckpt_path` (or benchmark with `bench=true`); one-line errors."""
+    from advarch.config.runs import discard_run_folder
     from advarch.generation import generate_text, load_lm
     from advarch.train import quiet_lightning_logs
 
@@ -91,6 +92,7 @@ def main(cfg: DictConfig) -> None:
             use_cache=cfg.use_cache,
         )
     except ValueError as err:  # ConfigError included: bad keys, paths, checkpoints
+        discard_run_folder()
         sys.exit(f"error: {err}")
     print("" if cfg.stream else prompt + text)
 

@@ -18,6 +18,7 @@ def main(cfg: DictConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from advarch.config.runs import discard_run_folder
     from advarch.merging import MergeConfig, MergeSummary, merge_checkpoints
 
     raw = OmegaConf.to_container(cfg, resolve=True)
@@ -30,6 +31,7 @@ def main(cfg: DictConfig) -> None:
         ValueError,
         FileNotFoundError,
     ) as err:  # bad config, path or tensor: one line, no traceback
+        discard_run_folder()
         raise SystemExit(f"merge: {err}") from None
     table = Table(title=f"merge: {raw['method']}", show_header=False)
     table.add_column(style="bold")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 from pathlib import Path
 
-from advarch.checkpoint import describe, newest_readable, read_checkpoint
+from advarch.checkpoint import (
+    CheckpointError,
+    describe,
+    newest_readable,
+    read_checkpoint,
+    saved_config,
+)
 
 log = logging.getLogger("advarch")
 
@@ -23,6 +31,13 @@ def resolve_checkpoint(ckpt_path: str | None, runs_dir: Path) -> Path | None:
         return None
     if ckpt_path != "auto":
         ckpt = read_checkpoint(ckpt_path, "ckpt_path")
+        saved_config(ckpt, ckpt_path)
+        if "loops" not in ckpt:
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path!r} holds weights without training state (no loops, "
+                "optimizer); to start from these weights use strategy=finetune "
+                f"strategy.pretrained={ckpt_path}"
+            )
         log.info("resuming %s (%s)", ckpt_path, describe(ckpt))
         return Path(ckpt_path).expanduser()
     candidates = list(runs_dir.glob("*/checkpoints/*.ckpt"))
@@ -56,3 +71,20 @@ def previous_wandb_id(checkpoint: Path | None) -> str | None:
         return None
     file = run_dir_of(checkpoint) / WANDB_ID_FILE
     return file.read_text().strip() if file.is_file() else None
+
+
+def discard_run_folder() -> None:
+    """Remove what Hydra and advarch wrote into this job's run folder when it did no work (a
+    config error): `.hydra/`, the job log and the config tree, then the folder itself if
+    nothing else is in it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.runtime.output_dir)
+    if (folder / "checkpoints").exists():
+        return
+    shutil.rmtree(folder / ".hydra", ignore_errors=True)
+    for name in (f"{hydra_cfg.job.name}.log", "train.log", "config_tree.txt"):
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when nothing else is in it

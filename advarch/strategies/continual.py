@@ -150,6 +150,13 @@ class ContinualStrategy(BaseStrategy):
         owner = torch.arange(E) // block
         return owner.masked_fill(owner >= num_tasks, -1)
 
+    def metric_names(self) -> list[str]:
+        return [
+            *super().metric_names(),
+            *("val/task_*/acc", "test/task_*/acc", "test/avg_acc"),
+            *(f"cl/{k}" for k in ("avg_acc", "bwt", "fwt", "forgetting")),
+        ]
+
     # -- the stream -----------------------------------------------------------------------------
     @property
     def schedule(self) -> TaskSchedule:
