@@ -41,11 +41,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     quiet_lightning_logs()
     validate_run(cfg)  # every key, before any work
     output_dir = Path(cfg.paths.output_dir)
-    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir))
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir), output_dir)
     last = output_dir / "checkpoints" / "last.ckpt"
     callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("extras", {}).get("print_config", True):
+    if cfg.get("extras", {}).get("print_config", True) and rank_zero_only.rank == 0:
         print_config_tree(cfg, output_dir / "config_tree.txt")
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
@@ -86,7 +86,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             metrics.update({k: float(v) for r in results for k, v in r.items()})
     finally:
         _finish_wandb()
-    print_summary(cfg, spec, metrics, output_dir)
+    if rank_zero_only.rank == 0:  # other DDP ranks ran the same job silently
+        print_summary(cfg, spec, metrics, output_dir)
     return metrics
 
 

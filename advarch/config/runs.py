@@ -20,11 +20,14 @@ log = logging.getLogger("advarch")
 WANDB_ID_FILE = "wandb_id.txt"
 
 
-def resolve_checkpoint(ckpt_path: str | None, runs_dir: Path) -> Path | None:
+def resolve_checkpoint(
+    ckpt_path: str | None, runs_dir: Path, output_dir: Path | None = None
+) -> Path | None:
     """The checkpoint a run resumes from, and a log line saying which (or why none).
 
     `None` → fresh start; `auto` → the newest readable checkpoint of this run name
-    (`<runs_dir>/*/checkpoints/*.ckpt`, newest first; unreadable ones are skipped with a
+    (`<runs_dir>/*/checkpoints/*.ckpt`, and the run's own `<output_dir>/checkpoints/`, where a
+    requeued cluster job finds its own; newest first; unreadable ones are skipped with a
     warning); anything else must be a readable checkpoint file (one CheckpointError line).
     """
     if ckpt_path is None:
@@ -40,7 +43,9 @@ def resolve_checkpoint(ckpt_path: str | None, runs_dir: Path) -> Path | None:
             )
         log.info("resuming %s (%s)", ckpt_path, describe(ckpt))
         return Path(ckpt_path).expanduser()
-    candidates = list(runs_dir.glob("*/checkpoints/*.ckpt"))
+    candidates = set(runs_dir.glob("*/checkpoints/*.ckpt"))
+    if output_dir is not None:
+        candidates |= set(output_dir.glob("checkpoints/*.ckpt"))
     if not candidates:
         log.info("ckpt_path=auto: no checkpoint under %s yet; starting fresh", runs_dir)
         return None
