@@ -14,7 +14,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401
-from advarch.config.compose import CONFIG_DIR
 from advarch.train import quiet_lightning_logs
 
 log = logging.getLogger("advarch")
@@ -73,7 +72,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for r in results for k, v in r.items()}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from advarch.config.validate import ConfigError
 
