@@ -29,15 +29,18 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     """
     import lightning as L
     import torch
+    from lightning.pytorch.utilities import rank_zero_only
 
+    from advarch.callbacks.signals import SignalCheckpoint
     from advarch.config.runs import WANDB_ID_FILE, resolve_checkpoint
-    from advarch.pipeline import build_all, instantiate_dict
+    from advarch.pipeline import build_all, instantiate_dict, validate
     from advarch.reporting import print_config_tree, print_summary
 
     quiet_lightning_logs()
+    validate(cfg)  # every key, before any work
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("extras", {}).get("print_config", True):
         print_config_tree(cfg, output_dir / "config_tree.txt")
     L.seed_everything(cfg.seed, workers=True)
@@ -45,7 +48,8 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     datamodule, spec, module = build_all(cfg)  # ConfigError on bad input, before any work
 
     loggers = build_loggers(cfg, identity or RunIdentity(cfg.run_name), module, ckpt)
-    callbacks = instantiate_dict(cfg.get("callbacks"))
+    last = output_dir / "checkpoints" / "last.ckpt"
+    callbacks = [*instantiate_dict(cfg.get("callbacks")), SignalCheckpoint(last)]
     # datamodules whose train loader changes with the epoch (continual streams, curricula)
     trainer_overrides: dict[str, Any] = getattr(datamodule, "trainer_overrides", {})
     trainer: L.Trainer = hydra.utils.instantiate(
@@ -56,13 +60,12 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
         **trainer_overrides,
     )
     for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
+        if type(logger).__name__ == "WandbLogger" and rank_zero_only.rank == 0:
             (output_dir / WANDB_ID_FILE).write_text(logger.experiment.id)
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-            last = output_dir / "checkpoints" / "last.ckpt"
             trainer.save_checkpoint(last)  # the final state, whatever the checkpoint cadence
             metrics.update(scalar_metrics(trainer))
             if (
@@ -127,6 +130,7 @@ def quiet_lightning_logs() -> None:
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")  # ours is
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
@@ -159,15 +163,22 @@ def main(cfg: DictConfig) -> float | None:
     keeps its traceback in `<trial>/error.txt`, and returns the worst value, so the sweep goes
     on and the sweeper ranks it last; `advarch.sweeps.SweepSummary` tabulates the trials.
     """
+    from advarch.callbacks.signals import Interrupted
+    from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError
 
     identity = run_identity(cfg)
-    if identity.job_type != "sweep":
-        try:
-            return _optimized_value(cfg, run(cfg, identity))
-        except (ConfigError, FloatingPointError) as err:
-            sys.exit(f"error: {err}")
-    return _trial(cfg, identity)
+    try:
+        if identity.job_type == "sweep":
+            return _trial(cfg, identity)
+        return _optimized_value(cfg, run(cfg, identity))
+    except Interrupted as err:
+        _finish_wandb()
+        sys.exit(err.exit_code)  # the checkpoint line was printed when it was saved
+    except (ConfigError, CheckpointError, FloatingPointError) as err:
+        if not isinstance(err, FloatingPointError):
+            discard_run_folder(Path(cfg.paths.output_dir))
+        sys.exit(f"error: {err}")
 
 
 def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
@@ -176,6 +187,7 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
 
     from hydra.core.hydra_config import HydraConfig
 
+    from advarch.callbacks.signals import Interrupted
     from advarch.sweeps import worst_value, write_result
 
     hc = HydraConfig.get()
@@ -188,6 +200,8 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
         value = _optimized_value(cfg, metrics)
         if value is not None and not math.isfinite(value):
             raise FloatingPointError(f"optimized_metric={metric} is {value}")
+    except Interrupted:
+        raise  # a signal ends the whole sweep (its checkpoint is saved)
     except Exception as err:  # noqa: BLE001  (a trial's failure must not end the sweep)
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         log.error("trial %s failed: %s", identity.trial or hc.job.num, reason)
@@ -216,6 +230,20 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
         return RunIdentity(cfg.run_name, "sweep", group, " ".join(trial), choices)
     group = choices.get("experiment") or cfg.run_name
     return RunIdentity(cfg.run_name, "train", group, "", choices)
+
+
+def discard_run_folder(folder: Path) -> None:
+    """Remove what Hydra and advarch wrote into a run folder that did no work (a config error)."""
+    import contextlib
+    import shutil
+
+    if (folder / "checkpoints").exists():
+        return
+    shutil.rmtree(folder / ".hydra", ignore_errors=True)
+    for name in ("train.log", "config_tree.txt"):
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when nothing else is in it
 
 
 def _optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
