@@ -31,6 +31,7 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
             Console(file=f, width=120, color_system=None).print(tree)
 
 
+SUMMARY_FILE = "summary.json"  # a run's final metrics and baselines, for reports and tools
 SUMMARY_KEYS = (  # the metrics a run summary and a sweep table show, when a run has them
     "val/loss",
     "val/bpb",
@@ -84,3 +85,13 @@ def print_summary(
     console.rule("advarch run summary", align="left")
     for line in lines:
         console.print(line, markup=False, highlight=False)
+
+
+def save_summary(spec: DataSpec, metrics: dict[str, float], output_dir: Path) -> Path:
+    """`<run>/summary.json`: the final metrics and the data's unigram baseline (if any)."""
+    import json
+
+    path = output_dir / SUMMARY_FILE
+    summary = {"metrics": metrics, "unigram_bpb": spec.extras.get("unigram_bpb")}
+    path.write_text(json.dumps(summary, indent=1, default=float))
+    return path

@@ -34,12 +34,12 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.config.runs import WANDB_ID_FILE, resolve_checkpoint
     from advarch.pipeline import build_all, instantiate_dict, validate
-    from advarch.reporting import print_config_tree, print_summary
+    from advarch.reporting import print_config_tree, print_summary, save_summary
 
     quiet_lightning_logs()
     validate(cfg)  # every key, before any work
     output_dir = Path(cfg.paths.output_dir)
-    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir))
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir), cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("extras", {}).get("print_config", True):
         print_config_tree(cfg, output_dir / "config_tree.txt")
@@ -80,6 +80,8 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     finally:
         _finish_wandb()
     print_summary(cfg, spec, metrics, output_dir)
+    if trainer.is_global_zero:
+        save_summary(spec, metrics, output_dir)
     return metrics
 
 
@@ -125,9 +127,21 @@ _NOISE = _DropNoise()
 
 
 def quiet_lightning_logs() -> None:
-    """Route Lightning's logs through Hydra's handlers once (it adds its own console handler)."""
+    """Route Lightning's logs through Hydra's handlers once and silence known noise at source.
+
+    Lightning adds its own console handler on import (so every line would print twice),
+    faiss announces which CPU build it loaded, `datasets` draws a bar for every tiny save,
+    functorch warns about batching rules it falls back on in the per-example Fisher.
+    """
     import warnings
 
+    import datasets
+    import lightning  # noqa: F401  (imported now so its console handler exists to be removed)
+
+    datasets.disable_progress_bars()
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")  # ours is
