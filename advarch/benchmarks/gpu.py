@@ -40,6 +40,7 @@ MOE_CASES = (("gelu", 16384), ("swiglu", 16384), ("swiglu", 512))  # activation,
 HEADS, HEAD_DIM, WINDOW = 16, 64, 512
 SWA_LENGTHS = (8192, 32768)
 SSM_BATCH, SSM_LENGTHS = 8, (2048, 8192)
+SCAN_TILES = ((16, 32, 8), (16, 16, 4), (8, 32, 4), (32, 16, 8), (16, 64, 8), (8, 16, 2))
 
 
 def cuda_time(fn: Callable[[], object], repeat: int = REPEAT) -> tuple[float, float]:
@@ -162,8 +163,47 @@ def _mambapy_block() -> nn.Module | None:
     return MambaBlock(MambaConfig(d_model=DIM, n_layers=1, d_state=16, expand_factor=2))
 
 
+def scan_tile_rows() -> list[Row]:
+    """The Triton scan alone (fwd+bwd, the block's inner size) per tile shape (CHUNK, BLOCK_E,
+    warps), against the torch parallel scan; leaves the fastest tiles set for the block rows."""
+    from advarch.models.blocks import selective_scan_triton as st
+    from advarch.models.blocks.ssm import selective_scan_parallel
+
+    B, T, E, N = SSM_BATCH, max(SSM_LENGTHS), 2 * DIM, 16
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    u, z = (torch.randn(B, T, E, device=DEVICE, generator=g).bfloat16() for _ in "uz")
+    delta = torch.rand(B, T, E, device=DEVICE, generator=g) * 0.1 + 1e-3
+    Bm, Cm = (torch.randn(B, T, N, device=DEVICE, generator=g).bfloat16() for _ in "BC")
+    A = -torch.arange(1, N + 1.0, device=DEVICE).repeat(E, 1)
+    inputs = [t.requires_grad_() for t in (u, delta, A, Bm, Cm, torch.ones(E, device=DEVICE), z)]
+
+    def scan_pass(scan: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            for t in inputs:
+                t.grad = None
+            scan(*inputs).sum().backward()
+
+        return run
+
+    measured = {"torch parallel scan": cuda_time(scan_pass(selective_scan_parallel), repeat=3)}
+    for chunk, block_e, warps in SCAN_TILES:
+        st.CHUNK, st.BLOCK_E, st.NUM_WARPS = chunk, block_e, warps
+        try:
+            measured[f"triton c{chunk} e{block_e} w{warps}"] = cuda_time(
+                scan_pass(st.triton_selective_scan)
+            )
+        except Exception as err:  # a tile shape the compiler rejects (e.g. out of resources)
+            print(f"triton scan c{chunk} e{block_e} w{warps}: {type(err).__name__}: {err}"[:300])
+    tiles = [k for k in measured if k.startswith("triton")]
+    if tiles:
+        best = min(tiles, key=lambda k: measured[k][0])
+        st.CHUNK, st.BLOCK_E, st.NUM_WARPS = (int(p[1:]) for p in best.split()[1:])
+        print(f"fastest scan tiles: {best}", flush=True)
+    return _rows("ssm scan", f"B={B} T={T} E={E}", measured, "torch parallel scan")
+
+
 def ssm_rows() -> list[Row]:
-    rows = []
+    rows = scan_tile_rows()
     torch.manual_seed(0)
     contenders = {"advarch SelectiveSSM": SelectiveSSM(DIM, d_state=16, expand=2)}
     mambapy = _mambapy_block()
