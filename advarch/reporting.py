@@ -6,7 +6,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.tree import Tree
 
@@ -81,4 +80,7 @@ def print_summary(
         runs = sorted(wandb_dir.glob("offline-run-*"))
         if runs:
             lines.append(f"sync to W&B later: wandb sync {runs[-1]}")
-    Console().print(Panel("\n".join(lines), title="advarch run summary", expand=False))
+    console = Console(soft_wrap=True)  # paths and commands stay whole, never broken mid-line
+    console.rule("advarch run summary", align="left")
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
