@@ -56,6 +56,7 @@ class Model(nn.Module):
         moe: dict | None = None,
         swa: dict | None = None,
         ssm: dict | None = None,
+        ssd: dict | None = None,
         retro: dict | None = None,
     ) -> None:
         super().__init__()
@@ -63,7 +64,10 @@ class Model(nn.Module):
             raise ValueError(f"model.dim={dim} and model.depth={depth} must be positive")
         check_heads(dim, num_heads)
         self.spec, self.dim = spec, dim
-        self.block_cfg = {"moe": dict(moe or {}), "swa": dict(swa or {}), "ssm": dict(ssm or {})}
+        self.block_cfg = {
+            name: dict(options or {})
+            for name, options in (("moe", moe), ("swa", swa), ("ssm", ssm), ("ssd", ssd))
+        }
         self.ffn_hidden = ffn_hidden or 4 * dim
         self.options = dict(num_heads=num_heads, activation=activation, norm=norm, dropout=dropout)
         self.input = self._make_input(spec, dim, feature_patch)
