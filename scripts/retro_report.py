@@ -72,10 +72,10 @@ def chunk_quality(batch: dict[str, torch.Tensor], m: int, pad_id: int) -> np.nda
 def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """Per mode: token-weighted loss, accuracy, bits per byte and, for text, the per-chunk
     losses split by neighbour quality."""
-    from advarch.eval import load_checkpoint_config
+    from advarch.checkpoint import load_with_config
     from advarch.pipeline import build_all
 
-    state, cfg = load_checkpoint_config(ckpt)
+    state, cfg = load_with_config(ckpt)
     cfg.strategy.pop("pretrained", None)  # the weights come from the checkpoint itself
     datamodule, spec, module = build_all(cfg)
     module.load_state_dict(state["state_dict"])
