@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
+from advarch.config.combinations import check_combination, with_default_data
 from advarch.config.compose import CONFIG_DIR
 
 log = logging.getLogger("advarch")
@@ -23,6 +24,7 @@ log = logging.getLogger("advarch")
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train and test one configuration; returns the final metrics (floats)."""
+    check_combination(cfg)  # impossible combinations stop here: no torch, no data, no tree
     import lightning as L
     import torch
 
@@ -124,8 +126,14 @@ def _finish_wandb() -> None:
             wandb.finish()
 
 
+def main() -> None:
+    """The command line: the strategy's default data added (`with_default_data`), then Hydra."""
+    sys.argv[1:] = with_default_data(sys.argv[1:])
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns `cfg.optimized_metric` for sweepers.
 
     In a multirun, a failed trial (an exception, or a NaN metric) is logged and re-raised as

@@ -37,6 +37,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
+from advarch.data.stream import TaskStream
 from advarch.spec import DataSpec
 
 InputFormat = Literal["features", "tokens"]
@@ -231,20 +232,12 @@ class DigitsDataModule(_DigitsBase):
         return self._loader(self.data["test"], shuffle=False)
 
 
-class ContinualDataModule(_DigitsBase):
-    """A stream of tasks trained one after another inside ONE `trainer.fit`.
+class ContinualDataModule(TaskStream, _DigitsBase):
+    """A stream of digit tasks trained one after another inside ONE `trainer.fit`.
 
-    Contract with the Trainer (train.py applies `trainer_overrides`):
-
-    - `Trainer(max_epochs=dm.max_epochs, reload_dataloaders_every_n_epochs=dm.epochs_per_task)`,
-      with `max_epochs = num_tasks * epochs_per_task`.
-    - `train_dataloader()` serves the CURRENT task: `trainer.current_epoch // epochs_per_task`
-      (0 with no trainer attached), clamped to the last task. Lightning re-calls it every
-      `epochs_per_task` epochs, so the task switches exactly at task boundaries; the strategy
-      (EWC) consolidates in `on_train_epoch_end` when `task_of_epoch(epoch + 1)` changes.
-    - `val_dataloader()` / `test_dataloader()` return one loader PER TASK, always all tasks
-      (seen and unseen), so `dataloader_idx == task id` and the strategy can fill the accuracy
-      matrix R[i, j] = accuracy on task j after training task i.
+    The stream contract (Trainer overrides, current task, one evaluation loader per task) is
+    `advarch.data.stream.TaskStream`; `val/test` loaders let the strategy fill the accuracy
+    matrix R[i, j] = accuracy on task j after training task i.
 
     Labels follow `scenario` (module docstring); `spec.num_classes` is classes per task for
     `task`/`domain` and `num_tasks * classes_per_task` for `class`; `spec.task_names` always
@@ -303,28 +296,6 @@ class ContinualDataModule(_DigitsBase):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Task `task`'s view of a split: `(images (n, 8, 8), within-task labels (n,))`."""
 
-    @property
-    def max_epochs(self) -> int:
-        """Epochs of the whole stream: `num_tasks * epochs_per_task` (the Trainer's max_epochs)."""
-        return self.num_tasks * self.epochs_per_task
-
-    @property
-    def trainer_overrides(self) -> dict[str, int]:
-        """The Trainer arguments of the contract above (train.py applies them)."""
-        return {
-            "max_epochs": self.max_epochs,
-            "reload_dataloaders_every_n_epochs": self.epochs_per_task,
-        }
-
-    def task_of_epoch(self, epoch: int) -> int:
-        """The task trained during `epoch` (clamped to the last task)."""
-        return min(epoch // self.epochs_per_task, self.num_tasks - 1)
-
-    @property
-    def current_task(self) -> int:
-        """The task of the attached trainer's current epoch, 0 without a trainer."""
-        return 0 if self.trainer is None else self.task_of_epoch(self.trainer.current_epoch)
-
     def setup(self, stage: str | None = None) -> None:
         """Build every task of every split once (idempotent)."""
         if self.data:
@@ -340,15 +311,10 @@ class ContinualDataModule(_DigitsBase):
                     labelled_dataset(task_images, labels, task, self.input_format)
                 )
 
-    def train_dataloader(self) -> DataLoader:
-        task = self.current_task
-        return self._loader(self.data["train"][task], shuffle=True, seed_offset=task)
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(d, shuffle=False) for d in self.data["val"]]
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(d, shuffle=False) for d in self.data["test"]]
+    def task_loader(
+        self, split: str, task: int, batch_size: int, shuffle: bool, seed: int
+    ) -> DataLoader:
+        return make_loader(self.data[split][task], batch_size, shuffle, seed, self.num_workers)
 
 
 def task_permutation(seed: int, task: int) -> np.ndarray:

@@ -14,10 +14,16 @@ from torch.utils.data import Sampler
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """Indices 0..n−1 in a (seed, epoch)-determined order; `skip` drops the first items once."""
+    """Indices 0..n−1 in a (seed, epoch)-determined order; `skip` drops the first items once.
 
-    def __init__(self, n: int, seed: int, skip: int = 0) -> None:
+    `length` draws that many indices per epoch instead of n (successive permutations when
+    it exceeds n): an epoch of a fixed number of steps over a large set (a task stream's
+    steps per task).
+    """
+
+    def __init__(self, n: int, seed: int, skip: int = 0, length: int | None = None) -> None:
         self.n, self.seed, self.skip, self.epoch = n, seed, skip, 0
+        self.length = n if length is None else length
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this before each epoch."""
@@ -25,12 +31,14 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[self.skip :]
+        rounds = -(-self.length // self.n)  # ceil
+        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(rounds)])
+        order = order[self.skip : self.length]
         self.skip = 0
         return iter(order.tolist())
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return self.length - self.skip
 
 
 def batches_done_this_epoch(trainer: object | None) -> int:
