@@ -14,7 +14,8 @@ from omegaconf import DictConfig, open_dict
 
 from advarch.config.combinations import with_default_data
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "configs")
+# The configs ship inside the package (advarch/configs), so a wheel install finds them anywhere.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def compose_run(
@@ -23,7 +24,7 @@ def compose_run(
     config_name: str = "train",
     root_dir: Path | None = None,
 ) -> DictConfig:
-    """`configs/<config_name>.yaml` with `overrides`, writing into `output_dir`.
+    """`advarch/configs/<config_name>.yaml` with `overrides`, writing into `output_dir`.
 
     Training configs get the strategy's default data as on the command line
     (`advarch.config.combinations.with_default_data`).

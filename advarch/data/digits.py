@@ -38,7 +38,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
 from advarch.data.stream import TaskStream
-from advarch.spec import DataSpec
+from advarch.spec import DataSpec, TaskSchedule
 
 InputFormat = Literal["features", "tokens"]
 Scenario = Literal["task", "domain", "class"]
@@ -235,8 +235,9 @@ class DigitsDataModule(_DigitsBase):
 class ContinualDataModule(TaskStream, _DigitsBase):
     """A stream of digit tasks trained one after another inside ONE `trainer.fit`.
 
-    The stream contract (Trainer overrides, current task, one evaluation loader per task) is
-    `advarch.data.stream.TaskStream`; `val/test` loaders let the strategy fill the accuracy
+    The stream contract (Trainer overrides, the task of each epoch from `self.schedule`, a
+    resumable training loader, one evaluation loader per task) is
+    `advarch.data.stream.TaskStream`; the per-task loaders let the strategy fill the accuracy
     matrix R[i, j] = accuracy on task j after training task i.
 
     Labels follow `scenario` (module docstring); `spec.num_classes` is classes per task for
@@ -269,6 +270,7 @@ class ContinualDataModule(TaskStream, _DigitsBase):
             raise ValueError(f"data.scenario={scenario!r} must be one of {list(SCENARIOS)}")
         self.num_tasks = num_tasks
         self.epochs_per_task = epochs_per_task
+        self.schedule = TaskSchedule(num_tasks, epochs_per_task)
         self.scenario: Scenario = scenario
         total = self.classes_per_task * (num_tasks if scenario == "class" else 1)
         self.spec = DataSpec(

@@ -3,20 +3,21 @@
 One `trainer.fit` trains a whole stream. Contract with the Trainer (train.py applies
 `trainer_overrides`):
 
-- `Trainer(max_epochs=num_tasks * epochs_per_task, reload_dataloaders_every_n_epochs=
-  epochs_per_task, max_steps=-1)`: the stream decides the length (`trainer.max_steps` is
-  ignored; `trainer.limit_train_batches` caps the batches of every epoch, which is how
-  `debug=tiny` runs every task in a few steps).
-- `train_dataloader()` serves the CURRENT task: `task_of_epoch(trainer.current_epoch)` (0 with
-  no trainer attached), clamped to the last task. Lightning re-calls it every
-  `epochs_per_task` epochs, so the task switches exactly at task boundaries; continual
-  strategies consolidate in `on_train_epoch_end` when `task_of_epoch(epoch + 1)` changes.
+- `Trainer(max_epochs=num_tasks * epochs_per_task, reload_dataloaders_every_n_epochs=1,
+  max_steps=-1)`: the stream decides the length (`trainer.max_steps` is ignored;
+  `trainer.limit_train_batches` caps the batches of every epoch, which is how `debug=tiny`
+  runs every task in a few steps).
+- `train_dataloader()` serves the task of the trainer's current epoch (`self.schedule`, a
+  pure function of the epoch Lightning restores from a checkpoint), `epoch_samples(task)`
+  examples shuffled by (seed + task, epoch) and skipping batches a resumed epoch already
+  trained on, so a resumed run trains exactly what the uninterrupted run would. Continual
+  strategies finish a task (EWC consolidates) in `on_train_epoch_end` when
+  `schedule.ends_task(epoch)`.
 - `val_dataloader()` / `test_dataloader()` return one loader PER TASK, always all tasks (seen
   and unseen), so `dataloader_idx == task id`.
 - `data[split][task]` holds each task's dataset; `task_loader(split, task, ...)` batches it the
-  way the stream's own loaders do (strategies use it for the Fisher and the joint bound), and
-  `epoch_samples(task)` is how many training examples one epoch of that task draws, and
-  `joint_train_loader(epoch)` draws that many from all tasks at once (the joint bound).
+  way the stream's own loaders do (strategies use it for the Fisher), and
+  `joint_train_loader()` draws an epoch from all tasks at once (the joint upper bound).
 
 Implemented by the digits streams (`advarch/data/digits.py`) and the text-domain stream
 (`advarch/data/text_domains.py`).
@@ -27,20 +28,25 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any
 
-import torch
-from torch.utils.data import ConcatDataset, DataLoader, RandomSampler
+from torch.utils.data import ConcatDataset, DataLoader
+
+from advarch.data.sampling import resumable_loader
+from advarch.spec import TaskSchedule
 
 
 class TaskStream:
     """Mixin for LightningDataModules that present a stream of tasks (module docstring).
 
-    Subclasses set `num_tasks`, `epochs_per_task` and `data`, and define `task_loader`.
+    Subclasses set `schedule` (and `num_tasks`, `epochs_per_task` as in it), `batch_size`,
+    `seed`, `num_workers` and `data`, and define `task_loader`.
     """
 
+    schedule: TaskSchedule
     num_tasks: int
     epochs_per_task: int
     batch_size: int
     seed: int
+    num_workers: int
     data: dict[str, list[Any]]
     trainer: Any
     collate_fn: Any = None  # how rows become batches (None: torch's default collate)
@@ -48,20 +54,16 @@ class TaskStream:
     @property
     def max_epochs(self) -> int:
         """Epochs of the whole stream: `num_tasks * epochs_per_task` (the Trainer's max_epochs)."""
-        return self.num_tasks * self.epochs_per_task
+        return self.schedule.max_epochs
 
     @property
     def trainer_overrides(self) -> dict[str, int]:
         """The Trainer arguments of the contract above (train.py applies them)."""
-        return {
-            "max_epochs": self.max_epochs,
-            "max_steps": -1,
-            "reload_dataloaders_every_n_epochs": self.epochs_per_task,
-        }
+        return {**self.schedule.trainer_overrides, "max_steps": -1}
 
     def task_of_epoch(self, epoch: int) -> int:
         """The task trained during `epoch` (clamped to the last task)."""
-        return min(epoch // self.epochs_per_task, self.num_tasks - 1)
+        return self.schedule.task_of_epoch(epoch)
 
     @property
     def current_task(self) -> int:
@@ -78,21 +80,26 @@ class TaskStream:
         """Training examples one epoch of task `task` draws (its whole training set here)."""
         return len(self.data["train"][task])
 
-    def joint_train_loader(self, epoch: int) -> DataLoader:
-        """The joint upper bound's epoch: a random draw from ALL tasks' training sets, as many
-        examples as one task's epoch on average (so the optimizer steps match the stream's)."""
-        data = ConcatDataset(self.data["train"])
-        samples = sum(self.epoch_samples(t) for t in range(self.num_tasks)) // self.num_tasks
-        sampler = RandomSampler(
-            data, num_samples=samples, generator=torch.Generator().manual_seed(self.seed + epoch)
-        )
-        return DataLoader(
-            data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_fn
-        )
-
     def train_dataloader(self) -> DataLoader:
         task = self.current_task
-        return self.task_loader("train", task, self.batch_size, True, self.seed + task)
+        return self._resumable(self.data["train"][task], self.seed + task, self.epoch_samples(task))
+
+    def joint_train_loader(self) -> DataLoader:
+        """The joint upper bound's epoch: a random draw from ALL tasks' training sets, as many
+        examples as one task's epoch on average (so the optimizer steps match the stream's)."""
+        samples = sum(self.epoch_samples(t) for t in range(self.num_tasks)) // self.num_tasks
+        return self._resumable(ConcatDataset(self.data["train"]), self.seed, samples)
+
+    def _resumable(self, dataset: Any, seed: int, samples: int) -> DataLoader:
+        return resumable_loader(
+            dataset,
+            self.batch_size,
+            seed,
+            self.trainer,
+            num_samples=samples,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("val")

@@ -8,8 +8,9 @@ deterministic, and a file belongs to at most one domain (files of no listed fami
 train/val/test by document (`split_documents`, seeded), so no file leaks across splits.
 
 `TextDomainsDataModule` is a `TaskStream` (`advarch/data/stream.py`): one domain per epoch,
-`steps_per_task` batches each (sampled from the domain's packed training sequences, a new
-order every epoch, resumable mid-epoch), one validation/test loader per domain. Every batch
+`steps_per_task` batches each (drawn without replacement from the domain's packed training
+sequences, a new draw every epoch, resumable mid-epoch), one validation/test loader per
+domain. Every batch
 carries `task` (the domain id), so per-domain expert masks can route by it. The spec's
 `extras` hold each domain's bytes per token and unigram baseline, so strategies report
 bits per byte per domain.
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from advarch.data.sampling import EpochShuffleSampler, batches_done_this_epoch
+from advarch.data.sampling import EpochShuffleSampler
 from advarch.data.stream import TaskStream
 from advarch.data.text import (
     SPLITS,
@@ -46,7 +47,7 @@ from advarch.data.text import (
     unigram_bits_per_byte,
 )
 from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
-from advarch.spec import DataSpec
+from advarch.spec import DataSpec, TaskSchedule
 
 # Families of standard-library modules/packages (top-level names), one domain each.
 # fmt: off
@@ -173,6 +174,7 @@ class TextDomainsDataModule(TaskStream, L.LightningDataModule):
             )
         self.domains = tuple(domains)
         self.num_tasks = len(self.domains)
+        self.schedule = TaskSchedule(self.num_tasks, self.epochs_per_task)
         self.steps_per_task, self.scenario = steps_per_task, scenario
         self.tokenizer_kind, self.bpe_vocab_size = tokenizer, bpe_vocab_size
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
@@ -287,14 +289,13 @@ class TextDomainsDataModule(TaskStream, L.LightningDataModule):
     def task_loader(
         self, split: str, task: int, batch_size: int, shuffle: bool, seed: int
     ) -> DataLoader:
-        """Training: `epoch_samples(task)` sequences in a (seed, epoch) order, resumable
-        mid-epoch; evaluation: `max_eval_sequences` evenly spaced sequences, in order."""
+        """Shuffled: the whole set in a `seed` order; else `max_eval_sequences` evenly spaced
+        sequences, in order."""
         self._prepare()
         ds = self.data[split][task]
         sampler = None
         if shuffle:
-            skip = batches_done_this_epoch(self.trainer) * batch_size
-            sampler = EpochShuffleSampler(len(ds), seed, skip, self.epoch_samples(task))
+            sampler = EpochShuffleSampler(len(ds), seed)
         else:
             ds = eval_subset(ds, self.max_eval_sequences)
         return DataLoader(

@@ -38,6 +38,7 @@ Shapes: B batch, E experts per MoE layer, T tasks, C classes per head.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,14 @@ import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader
 
+from advarch.checkpoint import CheckpointError
 from advarch.continual_metrics import (
     continual_summary,
     plot_accuracy_matrix,
     save_accuracy_matrix_csv,
 )
 from advarch.models.output import ModelOutput
-from advarch.spec import DataSpec
+from advarch.spec import DataSpec, TaskSchedule
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.freezing import FrozenSlice, freeze
 from advarch.strategies.objectives import IGNORE, model_inputs, select_task_logits
@@ -157,10 +159,15 @@ class ContinualStrategy(BaseStrategy):
         return owner.masked_fill(owner >= num_tasks, -1)
 
     # -- the stream -----------------------------------------------------------------------------
+    @property
+    def schedule(self) -> TaskSchedule:
+        """The stream's task schedule (one task forever for a datamodule that is not a stream)."""
+        schedule = getattr(self.trainer.datamodule, "schedule", None)
+        return schedule if isinstance(schedule, TaskSchedule) else TaskSchedule(1, 1 << 30)
+
     def task_of_epoch(self, epoch: int) -> int:
-        """The task trained in `epoch` (0 for a datamodule that is not a task stream)."""
-        dm = self.trainer.datamodule
-        return dm.task_of_epoch(epoch) if hasattr(dm, "task_of_epoch") else 0
+        """The task trained in `epoch`: a pure function of the (checkpointed) epoch."""
+        return self.schedule.task_of_epoch(epoch)
 
     @property
     def current_task(self) -> int:
@@ -298,9 +305,10 @@ class ContinualStrategy(BaseStrategy):
     def setup(self, stage: str) -> None:
         if self.hparams.joint and stage == "fit":
             stream = self._stream()  # fail early with a clear message
-            stream.train_dataloader = lambda: stream.joint_train_loader(self.current_epoch)
+            stream.train_dataloader = stream.joint_train_loader
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if torch.isnan(self.initial_accuracy).all():
             self.initial_accuracy = self.evaluate_tasks()
 
@@ -319,8 +327,7 @@ class ContinualStrategy(BaseStrategy):
         trainer, epoch = self.trainer, self.current_epoch
         last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch + 1
         out_of_steps = 0 < trainer.max_steps <= trainer.global_step
-        new_task = self.task_of_epoch(epoch + 1) != self.task_of_epoch(epoch)
-        return last_epoch or out_of_steps or trainer.should_stop or new_task
+        return last_epoch or out_of_steps or trainer.should_stop or self.schedule.ends_task(epoch)
 
     def finish_task(self, task: int) -> None:
         """Fill row `task` of R, log the continual metrics, write the CSV, then consolidate."""
@@ -414,12 +421,26 @@ class ContinualStrategy(BaseStrategy):
             "accuracy_matrix": self.accuracy_matrix.clone(),
             "initial_accuracy": self.initial_accuracy.clone(),
             "finished_tasks": self.finished_tasks,
+            "schedule": asdict(self.schedule),
+            "task": self.current_task,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("continual")
         if state is None:
             return
+        saved = state.get("schedule")
+        if (
+            saved is not None
+            and self._trainer is not None
+            and TaskSchedule(**saved) != self.schedule
+        ):
+            raise CheckpointError(
+                f"the checkpoint was written by a stream of {saved['num_tasks']} tasks x "
+                f"{saved['epochs_per_task']} epochs; this run has {self.schedule.num_tasks} x "
+                f"{self.schedule.epochs_per_task} (data.num_tasks, data.epochs_per_task): resume "
+                "with the same stream"
+            )
         self.accuracy_matrix = state["accuracy_matrix"].clone().cpu()
         self.initial_accuracy = state["initial_accuracy"].clone().cpu()
         self.finished_tasks = int(state["finished_tasks"])
