@@ -96,3 +96,29 @@ def test_exact_fisher_is_refused_for_language_models(make_cfg) -> None:
 
     with pytest.raises(ConfigError, match="strategy.fisher_estimator=exact"):
         run(make_cfg(["strategy=ewc", "strategy.fisher_estimator=exact", *STREAM]))
+
+
+def test_new_experts_for_a_new_domain_on_a_frozen_base(make_cfg, tmp_path: Path) -> None:
+    base_cfg = make_cfg(
+        ["strategy=naive", "data.domains=[text,net]", *STREAM], output_dir=tmp_path / "base"
+    )
+    run(base_cfg)
+    base_ckpt = Path(base_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    cfg = make_cfg(
+        [
+            "strategy=finetune",
+            f"strategy.pretrained={base_ckpt}",
+            "strategy.new_experts=2",
+            "strategy.trainable=[]",
+            "data=text_domains",
+            "data.domains=[codecs]",
+            *STREAM,
+        ],
+        output_dir=tmp_path / "grow",
+    )
+    metrics = run(cfg)
+    assert math.isfinite(metrics["test/bpb"])
+    base, grown = final_state(base_ckpt.parent.parent), final_state(Path(cfg.paths.output_dir))
+    router = next(k for k in base if k.endswith(".router"))
+    assert grown[router].shape[0] == base[router].shape[0] + 2  # two new experts per layer
+    assert torch.equal(grown[router][: base[router].shape[0]], base[router])  # old rows kept
