@@ -171,11 +171,18 @@ def hydra_main(cfg: DictConfig) -> float | None:
     keeps its traceback in `<trial>/error.txt`, and returns the worst value, so the sweep goes
     on and the sweeper ranks it last; `advarch.sweeps.SweepSummary` tabulates the trials.
     """
-    from advarch.callbacks.signals import Interrupted
-    from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError
 
     identity = run_identity(cfg)
+    if identity.job_type != "sweep":  # (a trial reports its own failure; the sweep goes on)
+        try:
+            check_combination(cfg)  # before torch is imported: an impossible one stops at once
+        except ConfigError as err:
+            discard_run_folder(Path(cfg.paths.output_dir))
+            sys.exit(f"error: {err}")
+    from advarch.callbacks.signals import Interrupted
+    from advarch.checkpoint import CheckpointError
+
     try:
         if identity.job_type == "sweep":
             return _trial(cfg, identity)

@@ -83,7 +83,7 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a loaded machine; the command itself needs about a second
     )
 
 
@@ -110,6 +110,26 @@ def test_impossible_combination_stops_before_any_work(
     assert result.stdout == ""  # no config tree
     assert not (tmp_path / "outputs" / "cache").exists()  # no data read
     assert not list(tmp_path.glob("outputs/runs/*/*/config_tree.txt"))
+
+
+def test_an_impossible_combination_never_imports_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys; from advarch.train import main\n"
+        "sys.argv = ['train.py', 'model=mmoe', 'data=text']\n"
+        "try:\n    main()\nexcept SystemExit as stop:\n    print(stop, file=sys.stderr)\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'datasets') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+    assert "error: model=mmoe data=text:" in result.stderr
 
 
 def test_the_check_runs_before_anything_else(make_cfg) -> None:
