@@ -3,7 +3,8 @@
 A run folder (`outputs/runs/<name>/<time>/`) holds Lightning's CSV log
 `csv/version_*/metrics.csv` (one row per logging call, empty cells for metrics not logged in
 that row), and optionally `plots/expert_load_history.npz` (MoE; `advarch/callbacks/
-expert_load.py`) and `continual/accuracy_matrix.csv` (continual strategies). A sweep folder
+expert_load.py`) and `continual/accuracy_matrix.csv` or `bpb_matrix.csv` (continual
+strategies). A sweep folder
 (`outputs/multiruns/<name>/<time>/`) holds one run per numbered subfolder with its
 `.hydra/overrides.yaml`, and `optimization_results.yaml` after an Optuna sweep.
 
@@ -30,6 +31,7 @@ from matplotlib.figure import Figure
 
 from advarch.callbacks.expert_load import plot_expert_load
 from advarch.continual_metrics import (
+    HIGHER_IS_BETTER,
     average_accuracy,
     backward_transfer,
     forgetting,
@@ -40,7 +42,8 @@ from advarch.reporting import SUMMARY_FILE, SUMMARY_KEYS
 CURVE_PANELS = (  # (title, column pattern) — a panel is drawn when any column matches
     ("loss", r"(train|val)/loss"),
     ("accuracy", r"train/acc_epoch|val/acc"),
-    ("validation per task", r"val/task_\d+/(acc|bpb)"),
+    ("validation accuracy per task", r"val/task_\d+/acc"),
+    ("validation bits per byte per task", r"val/task_\d+/bpb"),
     ("router entropy (nats)", r"moe/layer\d+/entropy"),
     ("learning rate", r"lr-.*"),
 )
@@ -366,27 +369,34 @@ def _expert_load_section(run_dir: Path, report: Report) -> None:
 
 
 def _continual_section(run_dir: Path, report: Report) -> None:
-    path = run_dir / "continual" / "accuracy_matrix.csv"
-    if not path.is_file():
-        return
-    names, R = read_accuracy_matrix(path)
-    seen = int(np.isfinite(R).all(axis=1).sum())  # finished tasks (rows fully measured)
-    report.lines += ["## Continual learning", ""]
-    if seen:
-        done = R[:seen, :seen]
-        report.table(
-            ["tasks finished", "ACC", "BWT", "forgetting"],
-            [
+    """The task matrix of a continual run: accuracy R (digit streams) or bits per byte B (text
+    domains; lower is better, so BWT and forgetting are taken on −B, as in training)."""
+    for metric, stem, title in (
+        ("acc", "accuracy_matrix", "Accuracy matrix R[i, j]"),
+        ("bpb", "bpb_matrix", "Bits-per-byte matrix B[i, j]"),
+    ):
+        path = run_dir / "continual" / f"{stem}.csv"
+        if not path.is_file():
+            continue
+        names, R = read_accuracy_matrix(path)
+        sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+        seen = int(np.isfinite(R).all(axis=1).sum())  # finished tasks (rows fully measured)
+        report.lines += ["## Continual learning", ""]
+        if seen:
+            done = R[:seen, :seen]
+            report.table(
+                ["tasks finished", metric.upper(), "BWT", "forgetting"],
                 [
-                    str(seen),
-                    _fmt(average_accuracy(done)),
-                    _fmt(backward_transfer(done)),
-                    _fmt(forgetting(done)),
-                ]
-            ],  # fmt: skip
-        )
-    png = plot_accuracy_matrix(R, report.folder / "accuracy_matrix.png", names)
-    report.image("Accuracy matrix R[i, j]", png, "accuracy_matrix")
+                    [
+                        str(seen),
+                        _fmt(average_accuracy(done)),
+                        _fmt(backward_transfer(sign * done)),
+                        _fmt(forgetting(sign * done)),
+                    ]
+                ],  # fmt: skip
+            )
+        png = plot_accuracy_matrix(R, report.folder / f"{stem}.png", names, metric)
+        report.image(title, png, stem)
 
 
 def _overrides(run_dir: Path) -> list[str]:

@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
+from advarch.config.combinations import check_combination, with_default_data
 from advarch.tracking import RunIdentity
 
 log = logging.getLogger("advarch")
@@ -27,6 +28,7 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     `identity` places the run among others on the tracker (default: a single run named
     `cfg.run_name`).
     """
+    check_combination(cfg)  # impossible combinations stop here: no torch, no data, no tree
     import lightning as L
     import torch
     from lightning.pytorch.utilities import rank_zero_only
@@ -168,8 +170,14 @@ def _finish_wandb() -> None:
             wandb.finish()
 
 
+def main() -> None:
+    """The command line: the strategy's default data added (`with_default_data`), then Hydra."""
+    sys.argv[1:] = with_default_data(sys.argv[1:])
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns `cfg.optimized_metric` for sweepers.
 
     A single run turns bad input and divergence into one `error: …` line. In a multirun a
@@ -177,11 +185,18 @@ def main(cfg: DictConfig) -> float | None:
     keeps its traceback in `<trial>/error.txt`, and returns the worst value, so the sweep goes
     on and the sweeper ranks it last; `advarch.sweeps.SweepSummary` tabulates the trials.
     """
-    from advarch.callbacks.signals import Interrupted
-    from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError
 
     identity = run_identity(cfg)
+    if identity.job_type != "sweep":  # (a trial reports its own failure; the sweep goes on)
+        try:
+            check_combination(cfg)  # before torch is imported: an impossible one stops at once
+        except ConfigError as err:
+            discard_run_folder(Path(cfg.paths.output_dir))
+            sys.exit(f"error: {err}")
+    from advarch.callbacks.signals import Interrupted
+    from advarch.checkpoint import CheckpointError
+
     try:
         if identity.job_type == "sweep":
             return _trial(cfg, identity)
