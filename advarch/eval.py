@@ -14,7 +14,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401
-from advarch.config.compose import CONFIG_DIR
 from advarch.train import quiet_lightning_logs
 
 log = logging.getLogger("advarch")
@@ -56,11 +55,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for r in results for k, v in r.items()}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from advarch.checkpoint import CheckpointError
-    from advarch.config.runs import discard_run_folder
     from advarch.config.validate import ConfigError
+    from advarch.train import discard_run_folder
 
     quiet_lightning_logs()
     try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from advarch.checkpoint import (
     CheckpointError,
@@ -20,15 +22,52 @@ log = logging.getLogger("advarch")
 WANDB_ID_FILE = "wandb_id.txt"
 
 
+RESUME_MUST_MATCH = ("model", "data", "strategy", "seed")  # what makes a checkpoint "this run"
+IRRELEVANT = {"data": ("cache_dir", "num_workers")}  # keys that change no result
+
+
+def _differences(saved: Any, current: Any, key: str) -> str | None:
+    """The first `key=value` that differs between two resolved configs (None if none)."""
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        skip = IRRELEVANT.get(key, ())
+        for name in sorted(set(saved) | set(current)):
+            if name in skip:
+                continue
+            found = _differences(saved.get(name), current.get(name), f"{key}.{name}")
+            if found:
+                return found
+        return None
+    return None if saved == current else f"{key}={saved!r} there, {current!r} now"
+
+
+def config_mismatch(ckpt: Mapping[str, Any], cfg: DictConfig) -> str | None:
+    """Why `ckpt` was not written by a run of this configuration (None when it was)."""
+    saved = (ckpt.get("hyper_parameters") or {}).get("cfg")
+    if saved is None:
+        return "no saved advarch config"
+    current = OmegaConf.to_container(cfg, resolve=True)
+    for key in RESUME_MUST_MATCH:
+        found = _differences(saved.get(key), current.get(key), key)
+        if found:
+            return found
+    return None
+
+
 def resolve_checkpoint(
-    ckpt_path: str | None, runs_dir: Path, output_dir: Path | None = None
+    ckpt_path: str | None,
+    runs_dir: Path,
+    cfg: DictConfig | None = None,
+    output_dir: Path | None = None,
 ) -> Path | None:
     """The checkpoint a run resumes from, and a log line saying which (or why none).
 
     `None` → fresh start; `auto` → the newest readable checkpoint of this run name
     (`<runs_dir>/*/checkpoints/*.ckpt`, and the run's own `<output_dir>/checkpoints/`, where a
-    requeued cluster job finds its own; newest first; unreadable ones are skipped with a
-    warning); anything else must be a readable checkpoint file (one CheckpointError line).
+    requeued cluster job finds its own; newest first) written by a run of the same model,
+    data, strategy and seed as `cfg` (trainer settings such as max_steps may change);
+    unreadable or foreign ones are skipped with a warning naming the file and the reason.
+    Anything else must be a readable checkpoint with training state (one CheckpointError
+    line otherwise).
     """
     if ckpt_path is None:
         return None
@@ -49,12 +88,18 @@ def resolve_checkpoint(
     if not candidates:
         log.info("ckpt_path=auto: no checkpoint under %s yet; starting fresh", runs_dir)
         return None
-    path, ckpt, skipped = newest_readable(candidates)
+    if cfg is None:
+        path, ckpt, skipped = newest_readable(candidates)
+    else:
+        path, ckpt, skipped = newest_readable(
+            candidates, mismatch=lambda c: config_mismatch(c, cfg)
+        )
     for reason in skipped:
         log.warning("ckpt_path=auto: skipping %s", reason)
     if path is None:
         log.warning(
-            "ckpt_path=auto: none of the %d checkpoints under %s is readable; starting fresh",
+            "ckpt_path=auto: no readable checkpoint of this configuration among the %d under "
+            "%s; starting fresh",
             len(candidates),
             runs_dir,
         )
@@ -76,20 +121,3 @@ def previous_wandb_id(checkpoint: Path | None) -> str | None:
         return None
     file = run_dir_of(checkpoint) / WANDB_ID_FILE
     return file.read_text().strip() if file.is_file() else None
-
-
-def discard_run_folder() -> None:
-    """Remove what Hydra and advarch wrote into this job's run folder when it did no work (a
-    config error): `.hydra/`, the job log and the config tree, then the folder itself if
-    nothing else is in it."""
-    from hydra.core.hydra_config import HydraConfig
-
-    hydra_cfg = HydraConfig.get()
-    folder = Path(hydra_cfg.runtime.output_dir)
-    if (folder / "checkpoints").exists():
-        return
-    shutil.rmtree(folder / ".hydra", ignore_errors=True)
-    for name in (f"{hydra_cfg.job.name}.log", "train.log", "config_tree.txt"):
-        (folder / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        folder.rmdir()  # only when nothing else is in it
