@@ -139,9 +139,9 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["strategy=ewc", *STREAM, "strategy.ewc_lambda=-1"], "strategy.ewc_lambda=-1"),
     ("train", ["strategy=ewc", *STREAM, "strategy.gamma=2"], "strategy.gamma=2"),
     ("train", ["strategy=ewc", *STREAM, "strategy.fisher_estimator=bogus"], "fisher_estimator"),
-    ("train", ["strategy=ewc"], "strategy=ewc needs classification data"),
-    ("train", ["strategy=fewshot"], "strategy=fewshot"),
-    ("train", ["strategy=multitask"], "strategy=multitask"),
+    ("train", ["strategy=ewc", "data=digits"], "strategy=ewc data=digits"),
+    ("train", ["strategy=fewshot", "data=text"], "strategy=fewshot data=text"),
+    ("train", ["strategy=multitask", "data=text"], "strategy=multitask data=text"),
     (
         "train",
         ["strategy=finetune", "strategy.pretrained=/nonexistent.ckpt"],

@@ -23,6 +23,7 @@ LM = [
     "trainer.accelerator=cpu",
     "trainer.deterministic=true",
     "callbacks.rich_progress_bar=null",
+    "logger=wandb",  # the default logger (debug=tiny alone would switch to CSV)
 ]
 
 

@@ -329,6 +329,15 @@ class ContinualStrategy(BaseStrategy):
         super().on_train_epoch_end()
         if self._task_ends_now():
             self.finish_task(self.current_task)
+            self._save_boundary_checkpoint()
+
+    def _save_boundary_checkpoint(self) -> None:
+        """last.ckpt right after a task's boundary work (R row, consolidation), whatever the
+        checkpoint cadence, so no finished task is ever lost (needs a ModelCheckpoint)."""
+        callback = self.trainer.checkpoint_callback
+        if callback is None or not getattr(callback, "dirpath", None):
+            return
+        self.trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
 
     def _task_ends_now(self) -> bool:
         trainer, epoch = self.trainer, self.current_epoch
