@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 
 LM = [
     "debug=tiny",
+    "model=transformer",  # dense: an MoE's balance loss and capacity depend on the local batch
     "data.max_documents=40",
     "data.seq_len=64",
     "data.max_eval_sequences=8",
@@ -65,5 +66,6 @@ def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(tmp_path
     assert (tmp_path / "ddp" / "checkpoints" / "last.ckpt").is_file()
     one, two = last_values(tmp_path / "single"), last_values(tmp_path / "ddp")
     assert one.keys() == two.keys() and "val/loss" in one and "test/loss" in one
-    for key in one:
-        assert two[key] == pytest.approx(one[key], rel=2e-3, abs=2e-3), key
+    for key in one:  # accuracy is discrete: float noise may flip an argmax tie (1/512 a token)
+        tolerance = 1e-2 if key.endswith("acc") else 2e-3
+        assert two[key] == pytest.approx(one[key], rel=tolerance, abs=tolerance), key

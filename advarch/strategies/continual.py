@@ -337,7 +337,9 @@ class ContinualStrategy(BaseStrategy):
         callback = self.trainer.checkpoint_callback
         if callback is None or not getattr(callback, "dirpath", None):
             return
-        self.trainer.save_checkpoint(Path(callback.dirpath) / "last.ckpt")
+        path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        self.trainer.save_checkpoint(path)
+        callback.last_model_path = str(path)  # its own last.ckpt (else it writes last-v1.ckpt)
 
     def _task_ends_now(self) -> bool:
         trainer, epoch = self.trainer, self.current_epoch
