@@ -98,7 +98,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrainedRun]:
     Every xdist worker shares them: the first trains under a file lock, the others wait and
     read the recorded run folders.
     """
-    shared = tmp_path_factory.getbasetemp().parent / "cli-session"
+    base = tmp_path_factory.getbasetemp()  # xdist: <session>/popen-gwN; else the session's own
+    shared = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "cli-session"
     shared.mkdir(exist_ok=True)
     record = shared / "runs.json"
     with FileLock(str(shared / "lock")):
