@@ -14,28 +14,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401
-from advarch.config.compose import CONFIG_DIR
 from advarch.train import quiet_lightning_logs
 
 log = logging.getLogger("advarch")
-
-
-def load_checkpoint_config(ckpt_path: str | Path) -> tuple[dict, DictConfig]:
-    """(checkpoint dict, its saved training config) — a ConfigError if either is missing."""
-    import torch
-
-    from advarch.config.validate import ConfigError
-
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={str(ckpt_path)!r} is not a file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved = ckpt.get("hyper_parameters", {}).get("cfg")
-    if saved is None:
-        raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r} has no saved advarch config (hyper_parameters.cfg)"
-        )
-    return ckpt, OmegaConf.create(saved)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -45,10 +26,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """
     import lightning as L
 
+    from advarch.checkpoint import load_with_config
     from advarch.config.validate import ConfigError
     from advarch.pipeline import build_all
 
-    ckpt, saved = load_checkpoint_config(cfg.ckpt_path)
+    ckpt, saved = load_with_config(cfg.ckpt_path)
     if cfg.get("data") is not None:
         saved.data = cfg.data
     if cfg.get("strategy_overrides"):
@@ -77,14 +59,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for r in results for k, v in r.items()}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError
 
     quiet_lightning_logs()
     try:
         metrics = evaluate(cfg)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         sys.exit(f"error: {err}")
     out = Path(cfg.paths.output_dir) / "metrics.json"
     out.write_text(__import__("json").dumps(metrics, indent=2))

@@ -249,11 +249,11 @@ def load_lm(ckpt_path: str, device: str = "cpu") -> LoadedLM:
         ConfigError: a missing file, a checkpoint without an advarch config, a model that is
             not a language model, or weights that do not fit the rebuilt model.
     """
+    from advarch.checkpoint import load_with_config, model_weights
     from advarch.config.validate import ConfigError
-    from advarch.eval import load_checkpoint_config
     from advarch.pipeline import build_datamodule, build_model
 
-    ckpt, saved = load_checkpoint_config(ckpt_path)
+    ckpt, saved = load_with_config(ckpt_path)
     datamodule, spec = build_datamodule(saved)
     if spec.kind != "lm":
         raise ConfigError(
@@ -264,11 +264,8 @@ def load_lm(ckpt_path: str, device: str = "cpu") -> LoadedLM:
     if tokenizer is None:
         raise ConfigError(f"data._target_={saved.data._target_} exposes no tokenizer")
     model = build_model(saved, spec)
-    weights = {
-        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
-    }
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(model_weights(ckpt["state_dict"]))
     except RuntimeError as err:
         raise ConfigError(f"ckpt_path={ckpt_path!r}: weights do not fit the model: {err}") from err
     retrieve = datamodule_retrieve(datamodule) if model.retro is not None else None

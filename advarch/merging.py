@@ -68,6 +68,7 @@ import torch
 from torch import Tensor
 
 from advarch.atomic import save_atomic
+from advarch.checkpoint import read_checkpoint
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_linear", "dare_ties", "slerp")
 POLICIES = ("merge", "base", "keep")
@@ -535,12 +536,6 @@ def merge_state_dicts(
     return out
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    # mmap keeps tensors on disk until read; weights_only=False because hyper_parameters hold
-    # arbitrary (trusted, our own) Python objects.
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-
-
 def merge_checkpoints(
     base_path: str | os.PathLike,
     model_paths: Sequence[str | os.PathLike],
@@ -566,13 +561,12 @@ def merge_checkpoints(
         if out_path.exists() and out_path.resolve() == p.resolve():
             raise ValueError(f"out={out_path} would overwrite input checkpoint {p}")
     labels = [f"base ({base_path})", *(f"models[{i}] ({p})" for i, p in enumerate(model_paths))]
-    for label, p in zip(labels, (base_path, *model_paths), strict=True):
-        if not p.is_file():
-            raise FileNotFoundError(f"{label}: no such checkpoint file")
-    checkpoints = [_load_checkpoint(p) for p in (base_path, *model_paths)]
-    for label, ckpt in zip(labels, checkpoints, strict=True):
-        if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
-            raise ValueError(f"{label} has no 'state_dict' entry; expected a Lightning checkpoint")
+    keys = ["base", *(f"models[{i}]" for i in range(len(model_paths)))]
+    # mmap keeps tensors on disk until read: merging streams tensor by tensor
+    checkpoints = [
+        read_checkpoint(p, key, mmap=True)
+        for key, p in zip(keys, (base_path, *model_paths), strict=True)
+    ]
     state = merge_state_dicts(
         checkpoints[0]["state_dict"],
         [c["state_dict"] for c in checkpoints[1:]],

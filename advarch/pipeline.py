@@ -30,7 +30,11 @@ SUPPLIED_BY_MODEL_TO = {"retro": ("dim", "num_layers", "spec", "num_heads", "nor
 
 def validate(cfg: DictConfig) -> None:
     """One-line ConfigError for unknown keys or wrong types in data, model and strategy."""
-    for group, skip in (("data", ()), ("model", ("spec",)), ("strategy", ("model", "spec"))):
+    for group, skip in (
+        ("data", ()),
+        ("model", ("spec", "compile")),
+        ("strategy", ("model", "spec")),
+    ):
         if group not in cfg or cfg[group] is None:
             raise ConfigError(f"{group} is not set; choose one with {group}=<name>")
         if "_target_" not in cfg[group]:
@@ -50,7 +54,16 @@ def build_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, DataSpec]:
 
 
 def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
-    return instantiate(cfg.model, _partial_=True, _convert_="all")(spec=spec)
+    """The model of `cfg.model`; `model.compile=true` compiles its forward in place
+    (`nn.Module.compile`: parameter names and checkpoints stay those of the plain model)."""
+    options = OmegaConf.to_container(cfg.model, resolve=True)
+    compile_model = options.pop("compile", False)
+    if not isinstance(compile_model, bool):
+        raise ConfigError(f"model.compile={compile_model!r} must be true or false")
+    model = instantiate(options, _partial_=True, _convert_="all")(spec=spec)
+    if compile_model:
+        model.compile()
+    return model
 
 
 def build_strategy(cfg: DictConfig, model: nn.Module, spec: DataSpec) -> L.LightningModule:

@@ -53,3 +53,46 @@ class DataSpec:
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
+
+
+@dataclass(frozen=True)
+class TaskSchedule:
+    """Which task a continual stream trains in each epoch: a pure function of the epoch.
+
+    The epoch is Lightning's `trainer.current_epoch`, restored from the checkpoint on resume,
+    so a resumed run trains exactly the task the uninterrupted run would (never a counter that
+    restarts, like Lightning's `reload_dataloaders_every_n_epochs`). Streams reload their
+    training loader every epoch (`trainer_overrides`) and build it from `task_of_epoch` and
+    `epoch_in_task`. The schedule is saved in continual checkpoints and checked on resume.
+
+    Attributes:
+        num_tasks: tasks in the stream.
+        epochs_per_task: training epochs spent on each task.
+    """
+
+    num_tasks: int
+    epochs_per_task: int
+
+    @property
+    def max_epochs(self) -> int:
+        """Epochs of the whole stream (the Trainer's `max_epochs`)."""
+        return self.num_tasks * self.epochs_per_task
+
+    @property
+    def trainer_overrides(self) -> dict[str, int]:
+        """Trainer arguments a stream needs: its length, and a fresh loader every epoch."""
+        return {"max_epochs": self.max_epochs, "reload_dataloaders_every_n_epochs": 1}
+
+    def task_of_epoch(self, epoch: int) -> int:
+        """The task trained during `epoch` (clamped to the last task)."""
+        return min(epoch // self.epochs_per_task, self.num_tasks - 1)
+
+    def epoch_in_task(self, epoch: int) -> int:
+        """How many epochs of its task precede `epoch` (0 on a task's first epoch)."""
+        return epoch - self.task_of_epoch(epoch) * self.epochs_per_task
+
+    def ends_task(self, epoch: int) -> bool:
+        """Whether `epoch` is the last epoch of its task."""
+        return epoch + 1 >= self.max_epochs or self.task_of_epoch(epoch + 1) != self.task_of_epoch(
+            epoch
+        )

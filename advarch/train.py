@@ -13,38 +13,43 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
-from advarch.config.compose import CONFIG_DIR
+from advarch.tracking import RunIdentity
 
 log = logging.getLogger("advarch")
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train and test one configuration; returns the final metrics (floats)."""
+def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float]:
+    """Train and test one configuration; returns the final metrics (floats).
+
+    `identity` places the run among others on the tracker (default: a single run named
+    `cfg.run_name`).
+    """
     import lightning as L
     import torch
+    from lightning.pytorch.utilities import rank_zero_only
 
-    from advarch.config.runs import WANDB_ID_FILE, previous_wandb_id, resolve_checkpoint
-    from advarch.pipeline import build_all, instantiate_dict
+    from advarch.callbacks.signals import SignalCheckpoint
+    from advarch.config.runs import WANDB_ID_FILE, resolve_checkpoint
+    from advarch.pipeline import build_all, instantiate_dict, validate
     from advarch.reporting import print_config_tree, print_summary
 
     quiet_lightning_logs()
+    validate(cfg)  # every key, before any work
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
     echo = cfg.get("extras", {}).get("print_config", True)  # the file is always written
     print_config_tree(cfg, output_dir / "config_tree.txt", echo=echo)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     datamodule, spec, module = build_all(cfg)  # ConfigError on bad input, before any work
 
-    if "wandb" in (cfg.get("logger") or {}):
-        wandb_id = previous_wandb_id(ckpt) or cfg.logger.wandb.get("id")
-        cfg.logger.wandb.id = wandb_id
-    loggers = instantiate_dict(cfg.get("logger"))
-    callbacks = instantiate_dict(cfg.get("callbacks"))
+    loggers = build_loggers(cfg, identity or RunIdentity(cfg.run_name), module, ckpt)
+    last = output_dir / "checkpoints" / "last.ckpt"
+    callbacks = [*instantiate_dict(cfg.get("callbacks")), SignalCheckpoint(last)]
     # datamodules whose train loader changes with the epoch (continual streams, curricula)
     trainer_overrides: dict[str, Any] = getattr(datamodule, "trainer_overrides", {})
     trainer: L.Trainer = hydra.utils.instantiate(
@@ -55,13 +60,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         **trainer_overrides,
     )
     for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
+        if type(logger).__name__ == "WandbLogger" and rank_zero_only.rank == 0:
             (output_dir / WANDB_ID_FILE).write_text(logger.experiment.id)
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-            last = output_dir / "checkpoints" / "last.ckpt"
             trainer.save_checkpoint(last)  # the final state, whatever the checkpoint cadence
             metrics.update(scalar_metrics(trainer))
             if (
@@ -77,6 +81,31 @@ def run(cfg: DictConfig) -> dict[str, float]:
         _finish_wandb()
     print_summary(cfg, spec, metrics, output_dir)
     return metrics
+
+
+def build_loggers(
+    cfg: DictConfig, identity: RunIdentity, module: Any, ckpt: Path | None
+) -> list[Any]:
+    """The configured loggers; W&B gets the run's identity, full config and resume id."""
+    from advarch.config.runs import previous_wandb_id
+    from advarch.strategies.base import count_parameters
+    from advarch.tracking import define_summary, wandb_init_fields
+
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        if name != "wandb":
+            loggers.append(hydra.utils.instantiate(node, _convert_="all"))
+            continue
+        fields = wandb_init_fields(cfg, identity, count_parameters(module.model))
+        fields["id"] = previous_wandb_id(ckpt) or node.get("id")
+        fields["tags"] = list(dict.fromkeys([*(node.get("tags") or []), *fields["tags"]]))
+        logger = hydra.utils.instantiate(node, _partial_=True, _convert_="all")(**fields)
+        mode = OmegaConf.select(cfg, "callbacks.model_checkpoint.mode") or "min"
+        define_summary(logger.experiment, cfg.get("optimized_metric"), mode)
+        loggers.append(logger)
+    return loggers
 
 
 def scalar_metrics(trainer: Any) -> dict[str, float]:
@@ -101,6 +130,7 @@ def quiet_lightning_logs() -> None:
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")  # ours is
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
@@ -124,36 +154,96 @@ def _finish_wandb() -> None:
             wandb.finish()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns `cfg.optimized_metric` for sweepers.
 
-    In a multirun, a failed trial (an exception, or a NaN metric) is logged and re-raised as
-    that job's result: Hydra records it and the Optuna sweeper marks the trial FAIL and goes on
-    (`hydra.sweeper.max_failure_rate`). A single run turns bad input and divergence into one
-    `error: …` line.
+    A single run turns bad input and divergence into one `error: …` line. In a multirun a
+    failed trial (any exception, or a non-finite metric) logs one line with its overrides,
+    keeps its traceback in `<trial>/error.txt`, and returns the worst value, so the sweep goes
+    on and the sweeper ranks it last; `advarch.sweeps.SweepSummary` tabulates the trials.
     """
+    from advarch.callbacks.signals import Interrupted
+    from advarch.checkpoint import CheckpointError
+    from advarch.config.validate import ConfigError
+
+    identity = run_identity(cfg)
+    try:
+        if identity.job_type == "sweep":
+            return _trial(cfg, identity)
+        return _optimized_value(cfg, run(cfg, identity))
+    except Interrupted as err:
+        _finish_wandb()
+        sys.exit(err.exit_code)  # the checkpoint line was printed when it was saved
+    except (ConfigError, CheckpointError, FloatingPointError) as err:
+        if not isinstance(err, FloatingPointError):
+            discard_run_folder(Path(cfg.paths.output_dir))
+        sys.exit(f"error: {err}")
+
+
+def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
+    """One multirun job: never raises, records `result.json` for the sweep table."""
+    import traceback
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from advarch.callbacks.signals import Interrupted
+    from advarch.sweeps import worst_value, write_result
+
+    hc = HydraConfig.get()
+    output_dir = Path(hc.runtime.output_dir)
+    overrides = identity.trial.split()
+    direction = str(OmegaConf.select(hc, "sweeper.direction") or "minimize")
+    metric = cfg.get("optimized_metric")
+    try:
+        metrics = run(cfg, identity)
+        value = _optimized_value(cfg, metrics)
+        if value is not None and not math.isfinite(value):
+            raise FloatingPointError(f"optimized_metric={metric} is {value}")
+    except Interrupted:
+        raise  # a signal ends the whole sweep (its checkpoint is saved)
+    except Exception as err:  # noqa: BLE001  (a trial's failure must not end the sweep)
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        log.error("trial %s failed: %s", identity.trial or hc.job.num, reason)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "error.txt").write_text(traceback.format_exc())
+        write_result(output_dir, overrides, metric, None, {}, error=reason)
+        _finish_wandb()
+        return worst_value(direction)
+    write_result(output_dir, overrides, metric, value, metrics)
+    return value
+
+
+def run_identity(cfg: DictConfig) -> RunIdentity:
+    """The run's place among others, read from Hydra's runtime config (the edge)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from advarch.config.validate import ConfigError
+    from advarch.sweeps import sweep_overrides, trial_overrides
 
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    try:
-        metrics = run(cfg)
-        value = _optimized_value(cfg, metrics)
-        if multirun and value is not None and not math.isfinite(value):
-            raise FloatingPointError(f"optimized_metric={cfg.optimized_metric} is {value}")
-        return value
-    except (ConfigError, FloatingPointError) as err:
-        if multirun:
-            log.error("trial failed: %s", err)
-            raise
-        sys.exit(f"error: {err}")
-    except Exception:
-        if multirun:
-            log.exception("trial failed")
-        raise
+    hc = HydraConfig.get()
+    choices = {k: str(v) for k, v in hc.runtime.choices.items() if v is not None}
+    if hc.mode == RunMode.MULTIRUN:
+        sweep_dir = Path(hc.sweep.dir)
+        trial = trial_overrides(list(hc.overrides.task), sweep_overrides(sweep_dir))
+        group = f"{cfg.run_name}-sweep-{sweep_dir.name}"
+        return RunIdentity(cfg.run_name, "sweep", group, " ".join(trial), choices)
+    group = choices.get("experiment") or cfg.run_name
+    return RunIdentity(cfg.run_name, "train", group, "", choices)
+
+
+def discard_run_folder(folder: Path) -> None:
+    """Remove what Hydra and advarch wrote into a run folder that did no work (a config error)."""
+    import contextlib
+    import shutil
+
+    if (folder / "checkpoints").exists():
+        return
+    shutil.rmtree(folder / ".hydra", ignore_errors=True)
+    for name in ("train.log", "config_tree.txt"):
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when nothing else is in it
 
 
 def _optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

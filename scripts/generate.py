@@ -62,7 +62,7 @@ def _prompt(cfg: DictConfig) -> str:
     return path.read_text(encoding="utf-8")
 
 
-@hydra.main(config_path="../configs", config_name="generate", version_base="1.3")
+@hydra.main(config_path="pkg://advarch.configs", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Generate from `ckpt_path` (or benchmark with `bench=true`); one-line errors."""
     from advarch.generation import generate_text, load_lm

@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 
-@hydra.main(config_path="../configs", config_name="merge", version_base="1.3")
+@hydra.main(config_path="pkg://advarch.configs", config_name="merge", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Merge `models` into `base` with `method` and print a short summary."""
     from omegaconf import OmegaConf

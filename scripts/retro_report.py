@@ -29,10 +29,10 @@ from advarch.train import run
 @torch.no_grad()
 def validation_loss(ckpt: Path, blank_neighbours: bool) -> dict[str, float]:
     """Token-weighted validation loss (nats) and bits per byte of a trained checkpoint."""
-    from advarch.eval import load_checkpoint_config
+    from advarch.checkpoint import load_with_config
     from advarch.pipeline import build_all
 
-    state, cfg = load_checkpoint_config(ckpt)
+    state, cfg = load_with_config(ckpt)
     datamodule, spec, module = build_all(cfg)
     module.load_state_dict(state["state_dict"])
     model = module.model.eval()

@@ -17,7 +17,7 @@ from advarch.pipeline import build_all, instantiate_dict
 from advarch.train import run
 from tests.conftest import ROOT, SMALL_TEXT
 
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "advarch" / "configs"
 
 
 def options(group: str) -> list[str]:
@@ -135,7 +135,7 @@ def test_cli_default_logs_csv_and_wandb_offline(tmp_path: Path) -> None:
 
 
 def test_ewc_search_sweeps_keys_of_its_experiment(make_cfg) -> None:
-    search = yaml.safe_load((ROOT / "configs/hparams_search/ewc_optuna.yaml").read_text())
+    search = yaml.safe_load((ROOT / "advarch/configs/hparams_search/ewc_optuna.yaml").read_text())
     cfg = make_cfg(["experiment=ewc_permuted_digits", "hparams_search=ewc_optuna"])
     assert cfg.optimized_metric == "cl/avg_acc"
     for key in search["hydra"]["sweeper"]["params"]:

@@ -12,7 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "configs")
+# The configs ship inside the package (advarch/configs), so a wheel install finds them anywhere.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def compose_run(
@@ -21,7 +22,7 @@ def compose_run(
     config_name: str = "train",
     root_dir: Path | None = None,
 ) -> DictConfig:
-    """`configs/<config_name>.yaml` with `overrides`, writing into `output_dir`.
+    """`advarch/configs/<config_name>.yaml` with `overrides`, writing into `output_dir`.
 
     `root_dir` (default: the working directory) anchors `outputs/cache` and `outputs/runs`.
     The config tree is not printed; the Hydra node is resolved away, so `run(cfg)` works

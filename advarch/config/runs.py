@@ -2,28 +2,44 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from advarch.config.validate import ConfigError
+from advarch.checkpoint import describe, newest_readable, read_checkpoint
+
+log = logging.getLogger("advarch")
 
 WANDB_ID_FILE = "wandb_id.txt"
 
 
-def latest_checkpoint(runs_dir: Path) -> Path | None:
-    """The newest `checkpoints/last.ckpt` below `runs_dir` (one run name's folder), if any."""
-    candidates = list(runs_dir.glob("*/checkpoints/last.ckpt"))
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
-
 def resolve_checkpoint(ckpt_path: str | None, runs_dir: Path) -> Path | None:
-    """`None` → fresh start; `auto` → newest last.ckpt of this run name (or fresh); else a file."""
+    """The checkpoint a run resumes from, and a log line saying which (or why none).
+
+    `None` → fresh start; `auto` → the newest readable checkpoint of this run name
+    (`<runs_dir>/*/checkpoints/*.ckpt`, newest first; unreadable ones are skipped with a
+    warning); anything else must be a readable checkpoint file (one CheckpointError line).
+    """
     if ckpt_path is None:
         return None
-    if ckpt_path == "auto":
-        return latest_checkpoint(runs_dir)
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path!r} is not a file")
+    if ckpt_path != "auto":
+        ckpt = read_checkpoint(ckpt_path, "ckpt_path")
+        log.info("resuming %s (%s)", ckpt_path, describe(ckpt))
+        return Path(ckpt_path).expanduser()
+    candidates = list(runs_dir.glob("*/checkpoints/*.ckpt"))
+    if not candidates:
+        log.info("ckpt_path=auto: no checkpoint under %s yet; starting fresh", runs_dir)
+        return None
+    path, ckpt, skipped = newest_readable(candidates)
+    for reason in skipped:
+        log.warning("ckpt_path=auto: skipping %s", reason)
+    if path is None:
+        log.warning(
+            "ckpt_path=auto: none of the %d checkpoints under %s is readable; starting fresh",
+            len(candidates),
+            runs_dir,
+        )
+        return None
+    log.info("ckpt_path=auto: resuming %s (%s)", path, describe(ckpt))
     return path
 
 

@@ -37,7 +37,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
-from advarch.spec import DataSpec
+from advarch.data.sampling import resumable_loader
+from advarch.spec import DataSpec, TaskSchedule
 
 InputFormat = Literal["features", "tokens"]
 Scenario = Literal["task", "domain", "class"]
@@ -236,12 +237,12 @@ class ContinualDataModule(_DigitsBase):
 
     Contract with the Trainer (train.py applies `trainer_overrides`):
 
-    - `Trainer(max_epochs=dm.max_epochs, reload_dataloaders_every_n_epochs=dm.epochs_per_task)`,
-      with `max_epochs = num_tasks * epochs_per_task`.
-    - `train_dataloader()` serves the CURRENT task: `trainer.current_epoch // epochs_per_task`
-      (0 with no trainer attached), clamped to the last task. Lightning re-calls it every
-      `epochs_per_task` epochs, so the task switches exactly at task boundaries; the strategy
-      (EWC) consolidates in `on_train_epoch_end` when `task_of_epoch(epoch + 1)` changes.
+    - `Trainer(max_epochs=num_tasks * epochs_per_task, reload_dataloaders_every_n_epochs=1)`.
+    - `train_dataloader()` serves the task of the trainer's current epoch (`self.schedule`, a
+      pure function of the epoch Lightning restores from a checkpoint), shuffled by
+      (seed + task, epoch) and skipping batches a resumed epoch already trained on, so a
+      resumed run trains exactly what the uninterrupted run would. The strategy finishes a
+      task (EWC consolidates) in `on_train_epoch_end` when `schedule.ends_task(epoch)`.
     - `val_dataloader()` / `test_dataloader()` return one loader PER TASK, always all tasks
       (seen and unseen), so `dataloader_idx == task id` and the strategy can fill the accuracy
       matrix R[i, j] = accuracy on task j after training task i.
@@ -276,6 +277,7 @@ class ContinualDataModule(_DigitsBase):
             raise ValueError(f"data.scenario={scenario!r} must be one of {list(SCENARIOS)}")
         self.num_tasks = num_tasks
         self.epochs_per_task = epochs_per_task
+        self.schedule = TaskSchedule(num_tasks, epochs_per_task)
         self.scenario: Scenario = scenario
         total = self.classes_per_task * (num_tasks if scenario == "class" else 1)
         self.spec = DataSpec(
@@ -306,19 +308,16 @@ class ContinualDataModule(_DigitsBase):
     @property
     def max_epochs(self) -> int:
         """Epochs of the whole stream: `num_tasks * epochs_per_task` (the Trainer's max_epochs)."""
-        return self.num_tasks * self.epochs_per_task
+        return self.schedule.max_epochs
 
     @property
     def trainer_overrides(self) -> dict[str, int]:
         """The Trainer arguments of the contract above (train.py applies them)."""
-        return {
-            "max_epochs": self.max_epochs,
-            "reload_dataloaders_every_n_epochs": self.epochs_per_task,
-        }
+        return self.schedule.trainer_overrides
 
     def task_of_epoch(self, epoch: int) -> int:
         """The task trained during `epoch` (clamped to the last task)."""
-        return min(epoch // self.epochs_per_task, self.num_tasks - 1)
+        return self.schedule.task_of_epoch(epoch)
 
     @property
     def current_task(self) -> int:
@@ -342,7 +341,13 @@ class ContinualDataModule(_DigitsBase):
 
     def train_dataloader(self) -> DataLoader:
         task = self.current_task
-        return self._loader(self.data["train"][task], shuffle=True, seed_offset=task)
+        return resumable_loader(
+            self.data["train"][task],
+            self.batch_size,
+            self.seed + task,
+            self.trainer,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(d, shuffle=False) for d in self.data["val"]]

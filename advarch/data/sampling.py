@@ -10,14 +10,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """Indices 0..n−1 in a (seed, epoch)-determined order; `skip` drops the first items once."""
+    """Indices 0..n−1 in a (seed, epoch)-determined order; `skip` drops the first items once.
 
-    def __init__(self, n: int, seed: int, skip: int = 0) -> None:
-        self.n, self.seed, self.skip, self.epoch = n, seed, skip, 0
+    `num_samples` (default n) keeps only the first `num_samples` of each epoch's permutation:
+    a random subset per epoch without replacement.
+    """
+
+    def __init__(
+        self, n: int, seed: int, skip: int = 0, epoch: int = 0, num_samples: int | None = None
+    ) -> None:
+        self.n, self.seed, self.skip, self.epoch = n, seed, skip, epoch
+        self.num_samples = n if num_samples is None else min(num_samples, n)
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this before each epoch."""
@@ -25,17 +32,61 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[self.skip :]
+        order = torch.randperm(self.n, generator=g)[self.skip : self.num_samples]
         self.skip = 0
         return iter(order.tolist())
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return max(self.num_samples - self.skip, 0)
 
 
 def batches_done_this_epoch(trainer: object | None) -> int:
-    """Training batches already consumed in the current epoch (non-zero when resuming)."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    if loop is None or not getattr(loop, "restarting", False):
+    """Training batches already consumed in the current epoch (non-zero when resuming mid-epoch).
+
+    Lightning knows a resume is mid-epoch only after it restored its loops, which is after the
+    train loader was first built (`estimated_stepping_batches` builds it when optimizers are
+    configured); `reload_train_loader_on_resume` makes it build the loader again.
+    """
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None or not loop.restarted_mid_epoch:
         return 0
-    return int(loop.batch_progress.current.ready)
+    return int(loop.epoch_loop.batch_progress.current.ready)
+
+
+def reload_train_loader_on_resume(trainer: object) -> None:
+    """On a resumed fit, have Lightning build the train loader again before the first epoch.
+
+    Call from `on_train_start`: the loops are restored by then, so the loader is built for the
+    restored epoch and skips the batches that epoch already trained on. (Lightning has no public
+    switch for this; dropping its combined loader makes `fit_loop.setup_data` rebuild it.)
+    """
+    if getattr(trainer, "ckpt_path", None):
+        trainer.fit_loop._combined_loader = None
+
+
+def resumable_loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    trainer: object | None,
+    num_samples: int | None = None,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A shuffled training loader for the trainer's current epoch, built fresh every epoch.
+
+    Its order is a pure function of (`seed`, `trainer.current_epoch`), and a run resumed
+    mid-epoch skips the batches it already trained on, so a resumed run sees exactly the
+    batches of the uninterrupted one. Worker seeds come from a generator of its own: building
+    the loader never draws from the global random state.
+    """
+    epoch = int(getattr(trainer, "current_epoch", 0) or 0)
+    skip = batches_done_this_epoch(trainer) * batch_size
+    sampler = EpochShuffleSampler(len(dataset), seed, skip, epoch, num_samples)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from advarch.data.sampling import reload_train_loader_on_resume
 from advarch.models.output import ModelOutput
 from advarch.spec import DataSpec
 from advarch.strategies.objectives import Objective, model_inputs
@@ -154,6 +155,9 @@ class BaseStrategy(L.LightningModule):
         self.log_dict(
             {f"{split}/{k}{suffix}": v for k, v in values.items()}, prog_bar=split == "val"
         )
+
+    def on_train_start(self) -> None:
+        reload_train_loader_on_resume(self.trainer)  # exact batches after a mid-epoch resume
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

@@ -34,21 +34,24 @@ Shapes: B batch, E experts per MoE layer, T tasks, C classes per head.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchmetrics
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, RandomSampler
+from torch.utils.data import ConcatDataset, DataLoader
 
+from advarch.checkpoint import CheckpointError
 from advarch.continual_metrics import (
     continual_summary,
     plot_accuracy_matrix,
     save_accuracy_matrix_csv,
 )
+from advarch.data.sampling import resumable_loader
 from advarch.models.output import ModelOutput
-from advarch.spec import DataSpec
+from advarch.spec import DataSpec, TaskSchedule
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.freezing import FrozenSlice, freeze
 from advarch.strategies.objectives import model_inputs, select_task_logits
@@ -148,10 +151,15 @@ class ContinualStrategy(BaseStrategy):
         return owner.masked_fill(owner >= num_tasks, -1)
 
     # -- the stream -----------------------------------------------------------------------------
+    @property
+    def schedule(self) -> TaskSchedule:
+        """The stream's task schedule (one task forever for a datamodule that is not a stream)."""
+        schedule = getattr(self.trainer.datamodule, "schedule", None)
+        return schedule if isinstance(schedule, TaskSchedule) else TaskSchedule(1, 1 << 30)
+
     def task_of_epoch(self, epoch: int) -> int:
-        """The task trained in `epoch` (0 for a datamodule that is not a task stream)."""
-        dm = self.trainer.datamodule
-        return dm.task_of_epoch(epoch) if hasattr(dm, "task_of_epoch") else 0
+        """The task trained in `epoch`: a pure function of the (checkpointed) epoch."""
+        return self.schedule.task_of_epoch(epoch)
 
     @property
     def current_task(self) -> int:
@@ -268,15 +276,16 @@ class ContinualStrategy(BaseStrategy):
         """A random 1/T of all tasks' training data per epoch (as many steps as one task)."""
         data = ConcatDataset(self._train_sets())
         dm = self.trainer.datamodule
-        seed = getattr(dm, "seed", 0) + self.current_epoch
-        sampler = RandomSampler(
+        return resumable_loader(
             data,
+            dm.batch_size,
+            getattr(dm, "seed", 0),
+            self.trainer,
             num_samples=len(data) // self.num_tasks,
-            generator=torch.Generator().manual_seed(seed),
         )
-        return DataLoader(data, batch_size=dm.batch_size, sampler=sampler)
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if torch.isnan(self.initial_accuracy).all():
             self.initial_accuracy = self.evaluate_tasks()
 
@@ -295,8 +304,7 @@ class ContinualStrategy(BaseStrategy):
         trainer, epoch = self.trainer, self.current_epoch
         last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch + 1
         out_of_steps = 0 < trainer.max_steps <= trainer.global_step
-        new_task = self.task_of_epoch(epoch + 1) != self.task_of_epoch(epoch)
-        return last_epoch or out_of_steps or trainer.should_stop or new_task
+        return last_epoch or out_of_steps or trainer.should_stop or self.schedule.ends_task(epoch)
 
     def finish_task(self, task: int) -> None:
         """Fill row `task` of R, log the continual metrics, write the CSV, then consolidate."""
@@ -383,12 +391,26 @@ class ContinualStrategy(BaseStrategy):
             "accuracy_matrix": self.accuracy_matrix.clone(),
             "initial_accuracy": self.initial_accuracy.clone(),
             "finished_tasks": self.finished_tasks,
+            "schedule": asdict(self.schedule),
+            "task": self.current_task,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("continual")
         if state is None:
             return
+        saved = state.get("schedule")
+        if (
+            saved is not None
+            and self._trainer is not None
+            and TaskSchedule(**saved) != self.schedule
+        ):
+            raise CheckpointError(
+                f"the checkpoint was written by a stream of {saved['num_tasks']} tasks x "
+                f"{saved['epochs_per_task']} epochs; this run has {self.schedule.num_tasks} x "
+                f"{self.schedule.epochs_per_task} (data.num_tasks, data.epochs_per_task): resume "
+                "with the same stream"
+            )
         self.accuracy_matrix = state["accuracy_matrix"].clone().cpu()
         self.initial_accuracy = state["initial_accuracy"].clone().cpu()
         self.finished_tasks = int(state["finished_tasks"])

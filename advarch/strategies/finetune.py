@@ -52,6 +52,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from advarch.atomic import save_atomic
+from advarch.checkpoint import PREFIX, read_checkpoint
 from advarch.config.validate import ConfigError
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
@@ -60,23 +61,13 @@ from advarch.strategies.freezing import FrozenSlice
 log = logging.getLogger("advarch")
 
 DELTA_FILE = "finetuned_delta.pt"
-PREFIX = "model."  # state-dict names of the LightningModule, as in every advarch checkpoint
 Plan = dict[str, torch.Tensor | None]  # tensor name → trainable dim-0 rows; None = all of it
 
 
 # -- base checkpoint --------------------------------------------------------------------------
 def load_base(pretrained: str) -> dict[str, Any]:
-    """The checkpoint dict at `pretrained`; a one-line ValueError if it is not one."""
-    path = Path(pretrained).expanduser()
-    if not path.is_file():
-        raise ValueError(f"strategy.pretrained={pretrained!r} is not a file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
-        raise ValueError(
-            f"strategy.pretrained={pretrained!r} has no state_dict; give an advarch checkpoint "
-            "(<run>/checkpoints/last.ckpt)"
-        )
-    return ckpt
+    """The checkpoint dict at `pretrained`; a one-line CheckpointError if it is not one."""
+    return read_checkpoint(pretrained, "strategy.pretrained")
 
 
 def model_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -395,6 +386,7 @@ class FinetuneStrategy(BaseStrategy):
         self._print_counts(counts["params/trainable"], counts["params/total"])
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         counts = {k: float(v) for k, v in count_plan_parameters(self.model, self.plan).items()}
         self.log_dict(counts, on_step=False, on_epoch=True)
 
@@ -448,7 +440,7 @@ def load_finetuned(delta_path: str | os.PathLike) -> nn.Module:
     """
     from advarch.pipeline import build_model
 
-    delta = torch.load(delta_path, map_location="cpu", weights_only=False)
+    delta = read_checkpoint(delta_path, "delta", require="tensors")
     base = load_base(delta["base"])
     if delta.get("base_fingerprint") not in (None, fingerprint(base["state_dict"])):
         raise ValueError(f"base checkpoint {delta['base']} changed since {delta_path} was made")

@@ -119,7 +119,7 @@ def test_plot_function_writes_png_with_nan_padding(tmp_path: Path) -> None:
 def test_config_instantiates_the_callback() -> None:
     from hydra.utils import instantiate
 
-    cfg = OmegaConf.load(ROOT / "configs" / "callbacks" / "expert_load.yaml")
+    cfg = OmegaConf.load(ROOT / "advarch" / "configs" / "callbacks" / "expert_load.yaml")
     callback = instantiate(cfg.expert_load)
     assert isinstance(callback, ExpertLoadCallback) and callback.every_n_steps == 50
 

@@ -228,7 +228,8 @@ DATA_CONFIGS = [
 
 @pytest.mark.parametrize("name", DATA_CONFIGS)
 def test_data_config_instantiates_and_yields_a_batch(name):
-    config = OmegaConf.load(Path(__file__).parents[2] / "configs" / "data" / f"{name}.yaml")
+    configs = Path(__file__).parents[2] / "advarch" / "configs"
+    config = OmegaConf.load(configs / "data" / f"{name}.yaml")
     dm = instantiate(config)
     assert dm.spec.kind in ("classification", "regression")
     dm.setup()

@@ -35,7 +35,7 @@ def composed_model(name: str) -> DictConfig:
 
 def fitting_models() -> list[str]:
     """Model configs usable on feature-vector classification/regression data (no RETRO)."""
-    names = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
+    names = sorted(p.stem for p in (ROOT / "advarch" / "configs" / "model").glob("*.yaml"))
     return [n for n in names if not composed_model(n).get("retro")]
 
 

@@ -176,7 +176,7 @@ class MoE(nn.Module):
         logits = self._router_logits(xf, allowed)  # (N, E) float32
         probs = logits.softmax(-1)  # (N, E)
         if self.soft:
-            y, load, dropped = self._soft_mixture(xf, probs), probs.mean(0).detach(), 0.0
+            y, load, dropped = self._soft_mixture(xf, probs), probs.mean(0).detach(), None
         else:
             y, load, dropped = self._routed(xf, probs, allowed)
         y = self.dropout(y).reshape(B, T, D)
@@ -187,7 +187,7 @@ class MoE(nn.Module):
         aux_loss = self.balance_loss_weight * balance + self.z_loss_weight * z_loss
         stats = {
             "load": load,
-            "dropped": torch.as_tensor(dropped, device=x.device).float(),
+            "dropped": probs.new_zeros(()) if dropped is None else dropped.detach().float(),
             "entropy": torch.special.entr(probs).sum(-1).mean().detach(),
             "balance_loss": balance.detach(),
             "z_loss": z_loss.detach(),
@@ -217,8 +217,14 @@ class MoE(nn.Module):
 
     def _routed(
         self, xf: torch.Tensor, probs: torch.Tensor, allowed: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Top-k routing: returns y (N, D), load f (E,) and the dropped fraction of slots."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k routing: returns y (N, D), load f (E,) and the dropped fraction of slots.
+
+        Dropless (the default) never reads a value back to the host: counts come from a
+        scatter-add, the experts' row offsets stay on the device, and tokens move to and from
+        the expert order by gathers through the slot permutation and its inverse (`_Permute`),
+        in the compute dtype, with no scatter in either direction.
+        """
         N, K, E = xf.shape[0], self.top_k, self.num_experts
         scores = probs.detach() if self.routing_bias is None else probs.detach() + self.routing_bias
         if allowed is not None:  # the bias must not revive a masked expert
@@ -228,24 +234,33 @@ class MoE(nn.Module):
         if K > 1:
             gates = gates / gates.sum(-1, keepdim=True)
         flat = expert.reshape(-1)  # (N·K,) token-major, choice-minor
-        counts = torch.bincount(flat, minlength=E)  # (E,)
+        counts = torch.zeros(E, dtype=torch.long, device=xf.device).scatter_add_(
+            0, flat, torch.ones_like(flat)
+        )  # (E,); bincount would read its maximum back to the host on CUDA
         if self.training and self.load_counts is not None:
             self.load_counts += counts
+        load = counts.to(probs.dtype) / max(N * K, 1)
         order = flat.argsort(stable=True)  # (N·K,) by expert, then by token
-        kept = counts
-        if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * K * N / E)
-            start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
-            rank = torch.arange(N * K, device=xf.device) - start[flat[order]]  # (N·K,)
-            order = order[rank < capacity]  # (S,)
-            kept = counts.clamp(max=capacity)
+        xc = xf.to(self._compute_dtype(xf))  # gather in the compute dtype (bf16 under autocast)
+        if self.capacity_factor is None:
+            inverse = torch.empty_like(order).scatter_(
+                0, order, torch.arange(N * K, device=order.device)
+            )
+            out = self._experts(_Permute.apply(xc, order, inverse, K), counts)  # (N·K, D)
+            per_token = _Permute.apply(out, inverse, order, 1).view(N, K, -1)  # token order
+            y = (per_token * gates.unsqueeze(-1).to(out.dtype)).sum(1)  # (N, D)
+            return y, load, probs.new_zeros(())
+        capacity = math.ceil(self.capacity_factor * K * N / E)
+        start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
+        rank = torch.arange(N * K, device=xf.device) - start[flat[order]]  # (N·K,)
+        order = order[rank < capacity]  # (S,) earliest tokens first within each expert
+        kept = counts.clamp(max=capacity)
         token = order // K  # (S,) source token of each kept slot
-        xs = xf.index_select(0, token).to(self._compute_dtype(xf))  # (S, D)
-        out = self._experts(xs, kept)  # (S, D)
+        out = self._experts(xc.index_select(0, token), kept)  # (S, D)
         weighted = out * gates.reshape(-1)[order, None]  # (S, D), float32 gates
         y = weighted.new_zeros(N, xf.shape[1]).index_add_(0, token, weighted)  # (N, D)
-        dropped = (1.0 - order.numel() / (N * K)) if N else 0.0
-        return y.to(out.dtype), counts.to(probs.dtype) / max(N * K, 1), dropped
+        dropped = 1.0 - kept.sum().to(probs.dtype) / max(N * K, 1)
+        return y.to(out.dtype), load, dropped
 
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run expert e on its contiguous block of `counts[e]` rows of xs (S, D) → (S, D)."""
@@ -322,6 +337,26 @@ class MoE(nn.Module):
         return f"dim={self.dim}, hidden={self.hidden}, experts={self.num_experts}, {mode}, " + (
             f"activation={self.activation}, capacity_factor={self.capacity_factor}"
         )
+
+
+class _Permute(torch.autograd.Function):
+    """rows = x[perm // fold] for a permutation ``perm`` of len(x)·fold slots, ``inverse`` its
+    inverse. The backward gathers by ``inverse`` and sums the fold copies of each row: a gather
+    where indexing's own backward would scatter-add (atomics on GPUs)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor, fold: int):
+        ctx.save_for_backward(inverse)
+        ctx.fold = fold
+        return x.index_select(0, perm // fold if fold > 1 else perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        rows = grad.index_select(0, inverse)
+        if ctx.fold > 1:
+            rows = rows.view(-1, ctx.fold, grad.shape[-1]).sum(1)
+        return rows, None, None, None
 
 
 def _init_stacked_(p: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ a global query attends to every non-padding key, and every query attends to ever
 a key inside the band that is also global is counted once. Padding keys are never attended;
 padded query rows (and tokens flagged both padding and global) return zeros.
 
+On CUDA `sliding_window_attention` runs compiled FlexAttention with a block mask of the same
+key set (`flex_window`); elsewhere, and with attention dropout, the blocked path below.
 Computation is blocked so time and memory are O(T·w), never a T×T tensor: T is padded to N
 blocks of b queries; each query block scores against its own key block and ⌈reach / b⌉
 neighbour blocks per side, read as one overlapping strided window of the padded keys; the G
@@ -112,6 +114,38 @@ def _global_rows(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, g: _Globals, p: 
 
 
 def sliding_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window: int,
+    causal: bool,
+    pad_mask: Tensor | None = None,
+    global_mask: Tensor | None = None,
+    block_size: int | None = None,
+    dropout: float = 0.0,
+) -> Tensor:
+    """Sliding-window + global attention: FlexAttention on CUDA, the blocked path elsewhere.
+
+    CUDA calls without attention dropout and with a power-of-two head dim ≥ 16 go to
+    `flex_window.flex_window_attention` (compiled FlexAttention, a cached block mask); the rest,
+    CPU included, to `sliding_window_attention_blocked`. Same arguments and result as the latter.
+    """
+    _check(window, causal, global_mask)
+    if q.device.type == "cuda":
+        from advarch.models.blocks import flex_window  # imports FlexAttention where it is used
+
+        if flex_window.flex_supported(q, dropout):
+            return flex_window.flex_window_attention(
+                q, k, v, window=window, causal=causal, pad_mask=pad_mask, global_mask=global_mask
+            )
+    return sliding_window_attention_blocked(
+        q, k, v, window=window, causal=causal, pad_mask=pad_mask, global_mask=global_mask,
+        block_size=block_size, dropout=dropout,
+    )  # fmt: skip
+
+
+def sliding_window_attention_blocked(
     q: Tensor,
     k: Tensor,
     v: Tensor,

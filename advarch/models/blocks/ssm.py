@@ -11,10 +11,11 @@ functions of the input; with `selective=False` they are learned constants (an LT
 SSM with A initialised S4D-real, A_n = -(n+1)).
 
 Training scan: `selective_scan` runs the fused C++ kernel of `selective_scan_cpu` on CPU (one
-pass over time per channel block, no (B, T, E, N) tensor; ~20-40x faster than the loop) and
-`selective_scan_parallel` elsewhere or when no compiler is available. The parallel scan: the
-recurrence h_t = a_t h_{t-1} + b_t is associative, so it is evaluated by a
-log-depth odd-even (Blelloch-style) recursion over time: O(T) work, O(log T) sequential
+pass over time per channel block, no (B, T, E, N) tensor; ~20-40x faster than the loop), the
+Triton kernels of `selective_scan_triton` on CUDA (chunked over time, states on chip), and
+`selective_scan_parallel` elsewhere or when neither a compiler nor Triton is available.
+The parallel scan: the recurrence h_t = a_t h_{t-1} + b_t is associative, so it is evaluated
+by a log-depth odd-even (Blelloch-style) recursion over time: O(T) work, O(log T) sequential
 torch ops, no Python loop over time steps, and only products of decays a_t ∈ (0, 1] are ever
 formed, so nothing can overflow at any length. A custom autograd function saves only the
 inputs (O(T·D)) and recomputes states in the backward, whose adjoint is the same scan run
@@ -27,7 +28,9 @@ R dt rank, K conv kernel.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +160,16 @@ def selective_scan_parallel(
     return y
 
 
+@functools.cache
+def _triton_scan() -> Callable[..., torch.Tensor] | None:
+    """The Triton scan, or None where Triton is not installed (imported on first CUDA use)."""
+    try:
+        from advarch.models.blocks.selective_scan_triton import triton_selective_scan
+    except ImportError:
+        return None
+    return triton_selective_scan
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -168,12 +181,15 @@ def selective_scan(
 ) -> torch.Tensor:
     """Selective scan, same signature and result as `selective_scan_reference`.
 
-    CPU tensors go to the fused C++ kernel (`selective_scan_cpu`), anything else, or a machine
-    where the kernel cannot be built, to `selective_scan_parallel`. Runs in float32 (float64
-    kept) and returns that dtype.
+    CPU tensors go to the fused C++ kernel (`selective_scan_cpu`), CUDA tensors below float64
+    to the Triton kernels (`selective_scan_triton`), anything else, or a machine where neither
+    is available, to `selective_scan_parallel`. Runs in float32 (float64 kept) and returns
+    that dtype.
     """
     if u.device.type == "cpu" and load_library() is not None:
         return fused_selective_scan(_at_least_f32(u), delta, A, B, C, D, z)
+    if u.device.type == "cuda" and u.dtype != torch.float64 and _triton_scan() is not None:
+        return _triton_scan()(u, delta, A, B, C, D, z)
     return selective_scan_parallel(u, delta, A, B, C, D, z)
 
 

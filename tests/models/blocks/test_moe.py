@@ -335,3 +335,60 @@ def test_stats_are_detached_and_aux_is_weighted() -> None:
 def test_invalid_config_names_the_key(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         MoE(8, 16, **kwargs)
+
+
+# ops that read a device value back to the host (.item(), .tolist(), bool(), data-dependent
+# shapes): the dropless grouped path must use none of them, forward or backward
+HOST_READS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "bincount",
+    "masked_select",
+    "unique",
+    "repeat_interleave",
+}
+
+
+@pytest.mark.skipif(not GROUPED, reason="grouped_mm unavailable")
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_grouped_dropless_path_never_reads_back_to_the_host(activation: str) -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    moe = MoE(16, 32, num_experts=4, top_k=2, activation=activation, aux_free_bias=True).train()
+    moe.use_grouped_mm = True  # the accelerator path, on CPU
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    with Ops() as ops:
+        y, aux, _ = moe(x)
+        (y.sum() + aux).backward()
+    assert "_grouped_mm" in ops.names or "grouped_mm" in ops.names
+    assert not ops.names & HOST_READS
+    torch.testing.assert_close(y, moe_reference(moe, x)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_and_backward_do_not_synchronise() -> None:
+    torch.manual_seed(0)
+    moe = MoE(64, 128, num_experts=8, top_k=2, activation="swiglu").cuda()
+    x = torch.randn(4, 32, 64, device="cuda", requires_grad=True)
+    ref = moe_reference(moe.cpu(), x.detach().cpu())[0]
+    moe.cuda()
+    moe(x)  # warm-up: the grouped_mm probe synchronises once per dtype
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, aux, _ = moe(x)
+        (y.float().sum() + aux).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(y.float().cpu(), ref, rtol=3e-2, atol=3e-2)

@@ -1,0 +1,134 @@
+"""Training throughput: tokens/s, samples/s and model FLOPs utilisation (MFU), in every run.
+
+Time is wall clock over windows of `trainer.log_every_n_steps` batches, with the device
+synchronised only at window edges (not every step); validation inside `fit` is paused out.
+The first batch (compilation, cuDNN autotuning, allocator warm-up) is excluded from the run
+totals. MFU = `training_flops_per_token` × tokens/s ÷ the device's dense peak for the
+trainer's precision (the table below; else Lightning's; unknown, e.g. CPUs: MFU not logged
+unless `peak_flops` is given). Run totals land in `trainer.callback_metrics` as
+`train/tokens_per_s`, `train/samples_per_s`, `train/mfu`, which the run summary prints.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from advarch.models.flops import training_flops_per_token
+
+# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, FLOP/s.
+DENSE_PEAK = {
+    "h100": {"bf16": 989e12, "tf32": 494e12},
+    "h200": {"bf16": 989e12, "tf32": 494e12},
+    "a100": {"bf16": 312e12, "tf32": 156e12},
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of ``device`` at the trainer's ``precision`` (None when unknown)."""
+    if device.type != "cuda":
+        return None
+    half = "16" in precision
+    name = torch.cuda.get_device_name(device).lower()
+    for chip, peaks in DENSE_PEAK.items():
+        if chip in name:
+            return peaks["bf16" if half else "tf32"]
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    return get_available_flops(device, torch.bfloat16 if half else "tfloat32")
+
+
+def batch_counts(batch: Any) -> tuple[int, int]:
+    """(samples, tokens) of a batch dict: token ids (B, T) count B·T, other inputs B."""
+    inputs = batch.get("input_ids", batch.get("inputs")) if isinstance(batch, dict) else None
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
+        return 0, 0
+    samples = inputs.shape[0]
+    tokens = inputs.numel() if inputs.dim() == 2 and not inputs.is_floating_point() else samples
+    return samples, tokens
+
+
+class ThroughputCallback(L.Callback):
+    """Logs `train/tokens_per_s`, `train/samples_per_s` and `train/mfu` per window and per run.
+
+    Args:
+        peak_flops: the device's peak FLOP/s for MFU (None: looked up for the device).
+    """
+
+    def __init__(self, peak_flops: float | None = None) -> None:
+        self.peak = peak_flops
+        self.flops_per_token: float | None = None
+        self._window = [0, 0, 0.0]  # samples, tokens, seconds since the last window edge
+        self._total = [0, 0, 0.0]  # the same over the run, first batch excluded
+        self._since: float | None = None  # clock at the last edge (None: paused)
+        self._batches = 0
+
+    def _sync_clock(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def _elapsed(self, device: torch.device) -> float:
+        now = self._sync_clock(device)
+        seconds = 0.0 if self._since is None else now - self._since
+        self._since = now
+        return seconds
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.peak is None:
+            self.peak = peak_flops(pl_module.device, str(trainer.precision))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._since is None:
+            self._since = self._sync_clock(pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        samples, tokens = batch_counts(batch)
+        if self.flops_per_token is None and samples:
+            seq_len = max(tokens // samples, 1)
+            self.flops_per_token = training_flops_per_token(
+                getattr(pl_module, "model", pl_module), seq_len
+            )
+        self._batches += 1
+        if self._batches == 1:  # warm-up batch: restart the clock after it
+            self._elapsed(pl_module.device)
+            return
+        self._window[0] += samples
+        self._window[1] += tokens
+        if self._batches % max(trainer.log_every_n_steps, 1) == 0:
+            self._close_window(pl_module.device)
+            rates = self._rates(self._window)
+            if rates:
+                pl_module.log_dict({f"train/{k}": v for k, v in rates.items()}, on_step=True)
+            self._window = [0, 0, 0.0]
+
+    def _close_window(self, device: torch.device) -> None:
+        self._window[2] += self._elapsed(device)
+        for i in range(3):
+            self._total[i] += self._window[i]
+
+    def _rates(self, counts: list) -> dict[str, float]:
+        samples, tokens, seconds = counts
+        if seconds <= 0 or not samples:
+            return {}
+        rates = {"tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds}
+        if self.peak and self.flops_per_token:
+            rates["mfu"] = rates["tokens_per_s"] * self.flops_per_token / self.peak
+        return rates
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and self._since is not None:
+            self._window[2] += self._elapsed(pl_module.device)
+            self._since = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and self._batches:
+            self._since = self._sync_clock(pl_module.device)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close_window(pl_module.device)  # the unfinished window
+        for key, value in self._rates(self._total).items():
+            trainer.callback_metrics[f"train/{key}"] = torch.tensor(value)

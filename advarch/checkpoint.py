@@ -1,0 +1,120 @@
+"""Reading advarch checkpoints: one loader, one-line errors that name the file.
+
+Every entry point that reads a checkpoint (training's resume and `ckpt_path=auto`, eval,
+generation, merging, the finetune base and its delta) goes through `read_checkpoint`, so a
+missing, empty, truncated or foreign file is always one line naming the file and the key the
+user set, never a torch traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+PREFIX = "model."  # state-dict names of the LightningModule's model in every advarch checkpoint
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or not an advarch checkpoint."""
+
+
+def read_checkpoint(
+    path: str | os.PathLike,
+    key: str = "ckpt_path",
+    require: str | None = "state_dict",
+    mmap: bool = False,
+) -> dict[str, Any]:
+    """The checkpoint dict at `path`.
+
+    Args:
+        path: the file.
+        key: the config key (or label) that named it, for the error message.
+        require: an entry the dict must have (None: any dict).
+        mmap: keep tensors on disk until read (large checkpoints read tensor by tensor).
+
+    Raises:
+        CheckpointError: one line naming `key` and the file: missing, a folder, empty,
+            truncated or not a torch file, not a dict, or without `require`.
+    """
+    file = Path(path).expanduser()
+    where = f"{key}={str(path)!r}" if key else str(path)
+    if not file.exists():
+        raise CheckpointError(f"{where} is not a file")
+    if file.is_dir():
+        raise CheckpointError(f"{where} is a folder, not a checkpoint file")
+    size = file.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{where} is an empty file (0 bytes), not a checkpoint")
+    try:
+        # weights_only=False: hyper_parameters hold (trusted, our own) Python objects
+        ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise CheckpointError(
+            f"{where} is not a readable checkpoint ({size} bytes; truncated or not a torch "
+            f"file: {reason})"
+        ) from err
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{where} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    if require is not None and require not in ckpt:
+        raise CheckpointError(
+            f"{where} has no {require!r} entry; give an advarch checkpoint "
+            "(<run>/checkpoints/last.ckpt)"
+        )
+    return dict(ckpt)
+
+
+def saved_config(
+    ckpt: Mapping[str, Any], path: str | os.PathLike, key: str = "ckpt_path"
+) -> DictConfig:
+    """The resolved training config an advarch run stored in its checkpoint."""
+    saved = (ckpt.get("hyper_parameters") or {}).get("cfg")
+    if saved is None:
+        raise CheckpointError(
+            f"{key}={str(path)!r} has no saved advarch config (hyper_parameters.cfg); "
+            "it was not written by advarch's train.py"
+        )
+    return OmegaConf.create(saved)
+
+
+def load_with_config(path: str | os.PathLike, key: str = "ckpt_path") -> tuple[dict, DictConfig]:
+    """(checkpoint dict, its saved training config), or one CheckpointError line."""
+    ckpt = read_checkpoint(path, key)
+    return ckpt, saved_config(ckpt, path, key)
+
+
+def model_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's tensors of a checkpoint state dict, without the `model.` prefix."""
+    return {k.removeprefix(PREFIX): v for k, v in state.items() if k.startswith(PREFIX)}
+
+
+def describe(ckpt: Mapping[str, Any]) -> str:
+    """`step N, epoch E[, task T]` of a training checkpoint, for resume messages."""
+    text = f"step {ckpt.get('global_step', '?')}, epoch {ckpt.get('epoch', '?')}"
+    continual = ckpt.get("continual")
+    if isinstance(continual, Mapping) and "task" in continual:
+        text += f", task {continual['task']} ({continual.get('finished_tasks', 0)} finished)"
+    return text
+
+
+def newest_readable(
+    candidates: Iterable[Path], key: str = "ckpt_path"
+) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The newest (by modification time) readable checkpoint among `candidates`.
+
+    Returns:
+        (path, checkpoint, skipped): skipped holds one line per newer file that could not be
+        read and why; (None, None, skipped) when none is readable.
+    """
+    skipped: list[str] = []
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            return path, read_checkpoint(path, key="", mmap=True), skipped
+        except CheckpointError as err:
+            skipped.append(str(err))
+    return None, None, skipped

@@ -1,0 +1,1 @@
+"""The Hydra configs shipped with advarch (found as `pkg://advarch.configs`)."""

@@ -1,0 +1,50 @@
+"""Training FLOPs per token of any advarch model, for throughput and MFU.
+
+The usual count (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B): a weight used
+in one multiply-add per token costs 2 FLOPs forward and 4 backward, so training spends
+6 · P FLOPs per token on P matmul weights, plus 12 · D · ctx per token for each attention
+layer's scores and weighted values (ctx = keys a query sees: T for full attention, the window
+for sliding-window attention). MoE experts count only the K of E a token is routed to (all E
+for a soft mixture); embedding lookups are free, a tied output head counts once as a matmul.
+Scans, norms and activations are elementwise and left out, as in those papers.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from advarch.models.blocks.attention import Attention
+from advarch.models.blocks.moe import MoE
+from advarch.models.blocks.sliding_window import SlidingWindowAttention
+
+
+def _matmul_weights(model: nn.Module) -> float:
+    """Weights a token multiplies through, MoE experts scaled by the routed fraction."""
+    total = 0.0
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            total += module.weight.numel()
+        elif isinstance(module, MoE):
+            active = 1.0 if module.soft else module.top_k / module.num_experts
+            total += module.router.numel() + active * (module.w_in.numel() + module.w_out.numel())
+    return total
+
+
+def _attention_context(module: nn.Module, seq_len: int) -> int:
+    """Keys each query attends (0 for modules that are not self-attention)."""
+    if isinstance(module, SlidingWindowAttention):
+        w = module.window if module.causal else 2 * (module.window // 2) + 1
+        return min(w, seq_len)
+    if isinstance(module, Attention) and not module.cross:
+        return seq_len
+    return 0  # cross-attention (its memory is short) and everything else
+
+
+def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Forward + backward FLOPs per token at sequence length ``seq_len``."""
+    attention = sum(
+        12 * m.num_heads * m.head_dim * _attention_context(m, seq_len)
+        for m in model.modules()
+        if isinstance(m, (Attention, SlidingWindowAttention))
+    )
+    return 6 * _matmul_weights(model) + attention

@@ -1,0 +1,128 @@
+"""Multirun bookkeeping: each trial's result file, and the table a sweep ends with.
+
+Every trial writes `result.json` (its overrides, status, optimized metric and final metrics)
+into its folder; when the sweep ends, the Hydra callback `SweepSummary` collects them into
+`<sweep dir>/summary.md` and `summary.csv`, best first, and prints the table. A sweep where
+every trial failed exits non-zero.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+RESULT_FILE = "result.json"
+SWEEP_OVERRIDES_FILE = "sweep_overrides.yaml"
+
+
+def trial_overrides(job_overrides: list[str], sweep_overrides: list[str]) -> list[str]:
+    """The overrides that set this trial apart: those not typed once for the whole sweep."""
+    common = set(sweep_overrides)
+    return [o for o in job_overrides if o not in common]
+
+
+def sweep_overrides(sweep_dir: Path) -> list[str]:
+    """The overrides typed on the sweep's command line (saved by `SweepSummary` at its start)."""
+    saved = sweep_dir / SWEEP_OVERRIDES_FILE
+    return list(OmegaConf.load(saved)) if saved.is_file() else []
+
+
+def worst_value(direction: str) -> float:
+    """What a sweeper should see for a failed trial: the worst possible value."""
+    return -math.inf if direction.startswith("max") else math.inf
+
+
+def write_result(
+    output_dir: Path,
+    overrides: list[str],
+    metric: str | None,
+    value: float | None,
+    metrics: dict[str, float],
+    error: str | None = None,
+) -> None:
+    """Record one trial's outcome next to its run folder's other files."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        "overrides": overrides,
+        "status": "failed" if error else "ok",
+        "metric": metric,
+        "value": value,
+        "error": error,
+        "metrics": metrics,
+    }
+    (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=1, default=float))
+
+
+def collect(sweep_dir: Path, direction: str) -> list[dict[str, Any]]:
+    """One row per trial folder (`<sweep dir>/<n>/result.json`), best first, failures last."""
+    rows = []
+    for path in sweep_dir.glob(f"*/{RESULT_FILE}"):
+        result = json.loads(path.read_text())
+        result["trial"] = int(path.parent.name) if path.parent.name.isdigit() else path.parent.name
+        rows.append(result)
+    sign = -1.0 if direction.startswith("max") else 1.0
+
+    def order(row: dict[str, Any]) -> tuple[int, float, str]:
+        value = row.get("value")
+        ok = row["status"] == "ok" and value is not None and math.isfinite(value)
+        return (0, sign * value, str(row["trial"])) if ok else (1, 0.0, str(row["trial"]))
+
+    return sorted(rows, key=order)
+
+
+def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str | None) -> Table:
+    """`summary.md` and `summary.csv` in the sweep folder; returns the table for the console."""
+    keys = list(dict.fromkeys(o.split("=", 1)[0] for r in rows for o in r["overrides"]))
+    header = ["trial", *keys, metric or "value", "status"]
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        values = dict(o.split("=", 1) for o in row["overrides"] if "=" in o)
+        value = row.get("value")
+        shown = f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else "—"
+        status = row["status"] if row["status"] == "ok" else f"failed: {row.get('error') or ''}"
+        return [str(row["trial"]), *(values.get(k, "") for k in keys), shown, status]
+
+    table_rows = [cells(r) for r in rows]
+    with (sweep_dir / "summary.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([header, *table_rows])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table_rows]
+    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    table = Table(title=f"sweep {sweep_dir} — best first")
+    for name in header:
+        table.add_column(name, overflow="fold")
+    for r in table_rows:
+        table.add_row(*r)
+    return table
+
+
+class SweepSummary(Callback):
+    """Hydra callback: the sweep's table at the end of a multirun; exit 1 if no trial ran."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config.hydra.overrides.task, sweep_dir / SWEEP_OVERRIDES_FILE)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        direction = str(OmegaConf.select(config, "hydra.sweeper.direction") or "minimize")
+        rows = collect(sweep_dir, direction)
+        if not rows:
+            return
+        Console(soft_wrap=True).print(
+            write_summary(sweep_dir, rows, config.get("optimized_metric"))
+        )
+        print(f"sweep table: {sweep_dir / 'summary.md'} (and summary.csv)")
+        if all(r["status"] != "ok" for r in rows):
+            raise SystemExit(
+                f"error: all {len(rows)} trials failed (see {sweep_dir / 'summary.md'})"
+            )

@@ -1,0 +1,102 @@
+"""What identifies a run on an experiment tracker: config, group, name, tags, job type.
+
+W&B runs of one team are compared in a table, so each run carries the whole resolved config
+(nested, filterable as `model.dim`, `strategy.ewc_lambda`, `seed` …), its parameter counts,
+the code version (git commit + dirty flag) and a fingerprint of its data; runs of one sweep or
+experiment share a `group`, and every trial of a sweep has a readable name of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DATA_KEYS_WITHOUT_EFFECT = ("cache_dir", "num_workers", "batch_size", "pin_memory")
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """Where a run stands among others: filled at the edge (train.py) from Hydra's runtime."""
+
+    run_name: str
+    job_type: str = "train"  # train | eval | sweep (a trial of a multirun)
+    group: str | None = None  # the experiment or the sweep
+    trial: str = ""  # a sweep trial's own overrides, e.g. "model.depth=2 strategy.lr=0.001"
+    choices: dict[str, str] = field(default_factory=dict)  # config group → chosen option
+
+    @property
+    def name(self) -> str:
+        return f"{self.run_name} {self.trial}".strip()
+
+    @property
+    def tags(self) -> list[str]:
+        return [
+            f"{g}:{self.choices[g]}" for g in ("model", "strategy", "data") if g in self.choices
+        ]
+
+
+def git_state() -> dict[str, Any]:
+    """The commit advarch runs from and whether its tree has uncommitted changes (else {})."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}  # an installed wheel has no repository
+
+
+def data_fingerprint(data_cfg: DictConfig | dict) -> str:
+    """A short hash of the data options that decide which examples a run sees."""
+    data = (
+        data_cfg if isinstance(data_cfg, dict) else OmegaConf.to_container(data_cfg, resolve=True)
+    )
+    kept = {k: v for k, v in data.items() if k not in DATA_KEYS_WITHOUT_EFFECT}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def tracker_config(cfg: DictConfig, params: dict[str, int]) -> dict[str, Any]:
+    """The resolved run config plus parameter counts, code version and data fingerprint."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["params"] = {k.split("/")[-1]: v for k, v in params.items()}
+    config["git"] = git_state()
+    config["data_fingerprint"] = data_fingerprint(config.get("data") or {})
+    return config
+
+
+def wandb_init_fields(
+    cfg: DictConfig, identity: RunIdentity, params: dict[str, int]
+) -> dict[str, Any]:
+    """Keyword arguments for `WandbLogger` (passed on to `wandb.init`).
+
+    A value the user set under `logger.wandb` (name, group, job_type) wins; `tags` are the
+    user's top-level `tags` plus `model:…`, `strategy:…`, `data:…`.
+    """
+    import wandb
+
+    user = cfg.logger.wandb
+    return {
+        "name": user.get("name") or identity.name,
+        "group": user.get("group") or identity.group,
+        "job_type": user.get("job_type") or identity.job_type,
+        "tags": list(dict.fromkeys([*(cfg.get("tags") or []), *identity.tags])),
+        "config": tracker_config(cfg, params),
+        # our run summary replaces W&B's console sparklines and sync hints
+        "settings": wandb.Settings(quiet=True, silent=True),
+    }
+
+
+def define_summary(experiment: Any, optimized_metric: str | None, mode: str) -> None:
+    """Keep the best value of the optimized metric in the W&B summary (not only the last)."""
+    if optimized_metric:
+        experiment.define_metric(optimized_metric, summary="min" if mode == "min" else "max")

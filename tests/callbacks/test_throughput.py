@@ -1,0 +1,72 @@
+"""Throughput callback and the FLOPs count behind MFU."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from advarch.callbacks.throughput import ThroughputCallback, batch_counts
+from advarch.models.blocks.moe import MoE
+from advarch.models.flops import training_flops_per_token
+from advarch.reporting import throughput_line
+from advarch.train import run
+from tests.conftest import SMALL_TEXT
+
+
+class _TinyLM(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11, bias=False))
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(batch["input_ids"])
+        return nn.functional.cross_entropy(logits.flatten(0, 1), batch["input_ids"].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        ids = torch.randint(0, 11, (24, 5))
+        return torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=3)
+
+
+def test_rates_and_mfu_over_a_run() -> None:
+    callback = ThroughputCallback(peak_flops=1e9)
+    trainer = L.Trainer(max_steps=8, log_every_n_steps=2, callbacks=[callback], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    trainer.fit(_TinyLM())
+    m = trainer.callback_metrics
+    tokens, samples = float(m["train/tokens_per_s"]), float(m["train/samples_per_s"])
+    assert tokens == pytest.approx(5 * samples) and tokens > 0
+    assert callback.flops_per_token == 6 * 8 * 11  # the head's matmul; the lookup is free
+    assert float(m["train/mfu"]) == pytest.approx(tokens * 6 * 8 * 11 / 1e9, rel=1e-5)
+    assert callback._total[0] == 7 * 3  # samples after the warm-up batch
+
+
+def test_batch_counts_tokens_only_for_token_ids() -> None:
+    assert batch_counts({"input_ids": torch.zeros(4, 7, dtype=torch.long)}) == (4, 28)
+    assert batch_counts({"inputs": torch.zeros(4, 64)}) == (4, 4)  # feature vectors
+    assert batch_counts([torch.zeros(2)]) == (0, 0)
+
+
+def test_moe_flops_count_only_routed_experts() -> None:
+    moe = MoE(16, 32, num_experts=8, top_k=2)
+    dense_equivalent = 16 * 8 + 2 * (16 * 32 + 32 * 16)  # router + two experts
+    assert training_flops_per_token(moe, 10) == 6 * dense_equivalent
+    soft = MoE(16, 32, num_experts=8, soft=True)
+    assert training_flops_per_token(soft, 10) == 6 * (16 * 8 + 8 * (16 * 32 + 32 * 16))
+
+
+def test_summary_line_shows_mfu_when_known() -> None:
+    line = throughput_line({"train/tokens_per_s": 12345.6, "train/samples_per_s": 3.25})
+    assert line == "training throughput 12,346 tokens/s · 3.2 samples/s"
+    assert throughput_line({"train/tokens_per_s": 1.0, "train/mfu": 0.4123}).endswith("MFU 41.2%")
+
+
+def test_every_run_reports_throughput(make_cfg, capsys) -> None:
+    metrics = run(make_cfg(["debug=tiny", *SMALL_TEXT, "test=false"]))
+    assert metrics["train/tokens_per_s"] > 0 and "train/mfu" not in metrics  # CPU: no peak
+    assert "training throughput" in capsys.readouterr().out
