@@ -32,7 +32,7 @@ class CliResult:
     stdout: str
     stderr: str
     new_runs: list[Path] = field(default_factory=list)  # outputs/runs/<run_name>/<time>_<id>
-    new_sweeps: list[Path] = field(default_factory=list)  # outputs/multiruns/<name>/<time>_<id>
+    new_sweeps: list[Path] = field(default_factory=list)  # outputs/multiruns/<time>_<id>
 
     @property
     def run_dir(self) -> Path:
@@ -92,8 +92,11 @@ class Project:
         env.pop("PYTEST_XDIST_WORKER", None)
         return env
 
-    def folders(self, kind: str) -> set[Path]:
-        return set((self.root / "outputs" / kind).glob("*/*"))
+    def runs(self) -> set[Path]:
+        return set((self.root / "outputs" / "runs").glob("*/*"))
+
+    def sweeps(self) -> set[Path]:
+        return set((self.root / "outputs" / "multiruns").glob("*"))
 
     def run(self, *args: str, script: str = "train.py", timeout: float = 600) -> CliResult:
         """`python <script> <args>` in the project folder."""
@@ -101,7 +104,7 @@ class Project:
 
     def shell(self, command: str, timeout: float = 600) -> CliResult:
         """A shell command line exactly as a user types it, from the project folder."""
-        runs, sweeps = self.folders("runs"), self.folders("multiruns")
+        runs, sweeps = self.runs(), self.sweeps()
         done = subprocess.run(
             ["bash", "-c", command],
             cwd=self.root,
@@ -115,8 +118,8 @@ class Project:
             done.returncode,
             done.stdout,
             done.stderr,
-            sorted(self.folders("runs") - runs),
-            sorted(self.folders("multiruns") - sweeps),
+            sorted(self.runs() - runs),
+            sorted(self.sweeps() - sweeps),
         )
 
 
