@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from advarch.models.blocks.attention import Attention, check_heads
@@ -105,11 +106,8 @@ class Model(nn.Module):
         if spec.vocab_size:
             return nn.Embedding(spec.vocab_size, dim)
         if spec.num_features:
-            if feature_patch < 1 or spec.num_features % feature_patch:
-                raise ValueError(
-                    f"model.feature_patch={feature_patch} must divide the data's "
-                    f"{spec.num_features} features"
-                )
+            if feature_patch < 1:
+                raise ValueError(f"model.feature_patch={feature_patch} must be >= 1")
             return FeaturePatches(spec.num_features, feature_patch, dim)
         raise ValueError(f"data spec {spec.kind!r} has neither vocab_size nor num_features")
 
@@ -288,14 +286,17 @@ class Model(nn.Module):
 
 
 class FeaturePatches(nn.Module):
-    """(B, F) features → (B, F/p, D) tokens: each group of p features is one token."""
+    """(B, F) features → (B, ⌈F/p⌉, D) tokens: each group of p features is one token; the
+    last group is zero-padded when p does not divide F (e.g. 100 features in patches of 8)."""
 
     def __init__(self, num_features: int, patch: int, dim: int) -> None:
         super().__init__()
         self.patch = patch
+        self.pad = -num_features % patch  # zeros appended to fill the last patch
         self.proj = nn.Linear(patch, dim)
-        self.position = nn.Parameter(torch.zeros(num_features // patch, dim))
+        self.position = nn.Parameter(torch.zeros(-(-num_features // patch), dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
+        x = F.pad(x, (0, self.pad)) if self.pad else x  # (B, ⌈F/p⌉·p)
         return self.proj(x.view(b, -1, self.patch).to(self.proj.weight.dtype)) + self.position
