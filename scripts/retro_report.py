@@ -146,7 +146,7 @@ def main() -> None:
         help="start RETRO from the plain decoder (strategy=retrofit)",
     )
     parser.add_argument("--split", choices=("val", "test"), default="val")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options may follow the overrides
     root = Path("outputs/retro_report") / time.strftime("%Y-%m-%d_%H-%M-%S")
     base = list(args.overrides)
     if not any(o.startswith("experiment=") for o in base):
