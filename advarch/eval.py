@@ -92,13 +92,19 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
 def main(cfg: DictConfig) -> None:
     from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError
+    from advarch.train import discard_run_folder
 
     quiet_lightning_logs()
     from advarch.train import _finish_wandb
 
     try:
+        if OmegaConf.is_missing(cfg, "ckpt_path"):
+            raise ConfigError(
+                "ckpt_path is required: eval.py ckpt_path=<run>/checkpoints/last.ckpt"
+            )
         metrics = evaluate(cfg)
     except (ConfigError, CheckpointError) as err:
+        discard_run_folder()
         sys.exit(f"error: {err}")
     finally:
         _finish_wandb()

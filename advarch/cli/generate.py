@@ -66,7 +66,7 @@ def _prompt(cfg: DictConfig) -> str:
 def main(cfg: DictConfig) -> None:
     """Generate from `ckpt_path` (or benchmark with `bench=true`); one-line errors."""
     from advarch.generation import generate_text, load_lm
-    from advarch.train import quiet_lightning_logs
+    from advarch.train import discard_run_folder, quiet_lightning_logs
 
     if cfg.bench:
         _bench(cfg)
@@ -91,6 +91,7 @@ def main(cfg: DictConfig) -> None:
             use_cache=cfg.use_cache,
         )
     except ValueError as err:  # ConfigError included: bad keys, paths, checkpoints
+        discard_run_folder()
         sys.exit(f"error: {err}")
     print("" if cfg.stream else prompt + text)
 
