@@ -40,12 +40,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from advarch.checkpoint import model_weights, read_checkpoint
 from advarch.config.compose import compose_run
 from advarch.data.digits import DigitsDataModule
 from advarch.merging import MergeConfig, merge_checkpoints
 from advarch.pipeline import build_model
 from advarch.spec import DataSpec
-from advarch.strategies.finetune import accuracy, model_state
+from advarch.strategies.finetune import accuracy
 from advarch.train import run
 
 TASKS = ([0, 1], [2, 3], [4, 5], [6, 7], [8, 9])
@@ -123,7 +124,7 @@ class Evaluator:
     """Per-task and all-digit test accuracy of checkpoints sharing θ₀'s architecture."""
 
     def __init__(self, base: Path, tasks: list[list[int]]) -> None:
-        ckpt = torch.load(base, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(base, key="")
         hp = ckpt["hyper_parameters"]
         self.model = build_model(OmegaConf.create(hp["cfg"]), DataSpec(**hp["spec"])).eval()
         self.tasks = {task_name(t): (t, self._batches(t)) for t in tasks}
@@ -136,10 +137,7 @@ class Evaluator:
         return list(dm.test_dataloader())
 
     def __call__(self, path: Path) -> dict[str, float]:
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        self.model.load_state_dict(
-            {k.removeprefix("model."): v for k, v in model_state(state).items()}
-        )
+        self.model.load_state_dict(model_weights(read_checkpoint(path, key="")["state_dict"]))
         acc = {name: accuracy(self.model, b, classes=t) for name, (t, b) in self.tasks.items()}
         return {**acc, "all": accuracy(self.model, self.all_digits)}
 
