@@ -20,7 +20,10 @@ log = logging.getLogger("advarch")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Rebuild the run from the checkpoint's config, load its weights, and test."""
+    """Rebuild the run from the checkpoint's config, load its weights, and test.
+
+    The run's own test-batch limit applies, so evaluating a checkpoint repeats its test exactly.
+    """
     import lightning as L
 
     from advarch.checkpoint import load_with_config
@@ -44,6 +47,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         ) from err
     module.on_load_checkpoint(ckpt)
     trainer = L.Trainer(
+        limit_test_batches=saved.trainer.get("limit_test_batches") or 1.0,  # the run's protocol
         logger=False,
         enable_checkpointing=False,
         default_root_dir=cfg.paths.output_dir,

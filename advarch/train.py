@@ -43,8 +43,8 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     output_dir = Path(cfg.paths.output_dir)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir), cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("extras", {}).get("print_config", True):
-        print_config_tree(cfg, output_dir / "config_tree.txt")
+    echo = cfg.get("extras", {}).get("print_config", True)  # the file is always written
+    print_config_tree(cfg, output_dir / "config_tree.txt", echo=echo)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     datamodule, spec, module = build_all(cfg)  # ConfigError on bad input, before any work

@@ -167,14 +167,35 @@ def test_step_equals_forward(selective):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
 
 
-def test_block_is_causal_and_selectivity_changes_behaviour():
+def test_block_is_causal():
     x = torch.randn(1, 12, 8, dtype=torch.float64)
     block = _block()
     x2 = x.clone()
     x2[:, 7:] += 1.0
     torch.testing.assert_close(block(x2)[:, :7], block(x)[:, :7])
-    lti = _block(selective=False)
-    assert not hasattr(lti, "x_proj") and lti.B.shape == (4,)
+
+
+@pytest.mark.parametrize("selective", [True, False])
+def test_only_selection_lets_later_tokens_gate_what_an_earlier_one_leaves(selective: bool):
+    """What a token at t=2 contributes to the output at t=11 (through the state) depends on the
+    tokens in between only when Δ, B, C depend on the input: an LTI scan is a fixed filter."""
+    torch.manual_seed(0)
+    block = _block(selective=selective)
+    x = torch.randn(1, 12, 8, dtype=torch.float64)
+
+    def influence(between: torch.Tensor) -> torch.Tensor:
+        a = x.clone()
+        a[:, 6:10] = between  # past the conv window of t=2, before t=11's own window
+        b = a.clone()
+        b[:, 2] += 1.0
+        return block(b)[:, 11] - block(a)[:, 11]
+
+    quiet, loud = influence(torch.zeros(4, 8)), influence(3 * torch.randn(4, 8))
+    assert influence(torch.zeros(4, 8)).abs().max() > 1e-6  # the state carries t=2 that far
+    if selective:
+        assert (quiet - loud).abs().max() > 1e-3 * quiet.abs().max()
+    else:
+        torch.testing.assert_close(quiet, loud, rtol=1e-10, atol=1e-12)
 
 
 def test_left_padding_leaves_real_tokens_unchanged():
