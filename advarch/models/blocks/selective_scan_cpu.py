@@ -17,9 +17,9 @@ added up at the end, so threads never race.
 
 Build: the C++ source `csrc/selective_scan_cpu.cpp` (shipped with the package) is compiled with
 `-O3 -march=native -ffast-math -fopenmp` by `torch.utils.cpp_extension.load` on first use and
-cached in torch's extension folder, under a name keyed by the CPU; later processes load it in
-milliseconds. The library has plain C entry points loaded with ctypes (no Python or torch
-headers, a few seconds to build). `load_library()` returns None (after one warning line) when
+cached in torch's extension folder, under a name keyed by the source and CPU; later processes
+load it in milliseconds. The library has plain C entry points loaded with ctypes (no Python or
+torch headers, a few seconds to build). `load_library()` returns None (after one warning line) when
 there is no compiler or the build fails; callers then use the pure-PyTorch parallel scan.
 
 Shape legend: B batch, T time, E inner channels, N state size.
@@ -49,22 +49,26 @@ LDFLAGS = ["-fopenmp"]  # -ffast-math stays off the link line (see `load_library
 log = logging.getLogger(__name__)
 
 
-def _cpu_key() -> str:
-    """Short hash of the CPU model and flags: -march=native code is only valid on this CPU, and
-    torch's extension cache is keyed by sources and flags only (a home folder may be shared)."""
+def _build_key() -> str:
+    """Short hash of the source and the CPU model and flags, naming the build folder.
+
+    -march=native code is only valid on this CPU (a home folder may be shared between machines),
+    and torch keeps one build per name: with the source in the name, checkouts with different
+    kernels never rebuild over each other's library.
+    """
     cpu = platform.processor() + platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu += "".join(x for x in lines if x.startswith(("model name", "flags")))[:4096]
-    return hashlib.sha256(cpu.encode()).hexdigest()[:12]
+    return hashlib.sha256(SOURCE.read_bytes() + cpu.encode()).hexdigest()[:12]
 
 
 def _build() -> str:
     """Build SOURCE with torch.utils.cpp_extension (quietly) and return the library's path.
 
     torch caches the build in its extension folder (`TORCH_EXTENSIONS_DIR`, default
-    ~/.cache/torch_extensions), rebuilds when the source or flags change, and serialises
-    concurrent first uses (pytest-xdist workers) with a lock file. Compile and link are separate
+    ~/.cache/torch_extensions), rebuilds when the flags change, and serialises concurrent first
+    uses (pytest-xdist workers) with a lock file. Compile and link are separate
     ninja steps, so -ffast-math never reaches the link: gcc < 13 would link crtfastmath.o and
     switch the whole process to flush-to-zero.
     """
@@ -74,10 +78,11 @@ def _build() -> str:
     with warnings.catch_warnings():  # torch warns about compiler versions/ABI: not our message
         warnings.simplefilter("ignore")
         torch_log = logging.getLogger("torch.utils.cpp_extension")
-        level, torch_log.level = torch_log.level, logging.CRITICAL
+        level = torch_log.level
+        torch_log.setLevel(logging.CRITICAL)
         try:
             return cpp_extension.load(
-                name=f"advarch_selective_scan_{_cpu_key()}",
+                name=f"advarch_selective_scan_{_build_key()}",
                 sources=[str(SOURCE)],
                 extra_cflags=CFLAGS,
                 extra_ldflags=LDFLAGS,
