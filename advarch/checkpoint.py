@@ -9,17 +9,19 @@ user set, never a torch traceback.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from advarch.config.validate import ConfigError
+
 PREFIX = "model."  # state-dict names of the LightningModule's model in every advarch checkpoint
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint file is missing, unreadable or not an advarch checkpoint."""
 
 
@@ -103,18 +105,30 @@ def describe(ckpt: Mapping[str, Any]) -> str:
 
 
 def newest_readable(
-    candidates: Iterable[Path], key: str = "ckpt_path"
+    candidates: Iterable[Path],
+    key: str = "ckpt_path",
+    mismatch: Callable[[Mapping[str, Any]], str | None] = lambda ckpt: None,
 ) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
     """The newest (by modification time) readable checkpoint among `candidates`.
 
+    Args:
+        candidates: checkpoint files.
+        key: the config key that asked for them, for messages.
+        mismatch: why a readable checkpoint does not fit (None when it does).
+
     Returns:
         (path, checkpoint, skipped): skipped holds one line per newer file that could not be
-        read and why; (None, None, skipped) when none is readable.
+        read or did not fit, and why; (None, None, skipped) when none qualifies.
     """
     skipped: list[str] = []
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            return path, read_checkpoint(path, key="", mmap=True), skipped
+            ckpt = read_checkpoint(path, key="", mmap=True)
         except CheckpointError as err:
             skipped.append(str(err))
+            continue
+        reason = mismatch(ckpt)
+        if reason is None:
+            return path, ckpt, skipped
+        skipped.append(f"{path}: written by another configuration ({reason})")
     return None, None, skipped

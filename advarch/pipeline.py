@@ -21,6 +21,7 @@ BLOCK_TARGETS = {
     "moe": "advarch.models.blocks.moe.MoE",
     "swa": "advarch.models.blocks.sliding_window.SlidingWindowAttention",
     "ssm": "advarch.models.blocks.ssm.SelectiveSSM",
+    "ssd": "advarch.models.blocks.ssd.Mamba2",
     "retro": "advarch.models.retro_lm.RetroAdapter",
 }
 BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ConnectionError)

@@ -3,7 +3,8 @@
 A run folder (`outputs/runs/<name>/<time>/`) holds Lightning's CSV log
 `csv/version_*/metrics.csv` (one row per logging call, empty cells for metrics not logged in
 that row), and optionally `plots/expert_load_history.npz` (MoE; `advarch/callbacks/
-expert_load.py`) and `continual/accuracy_matrix.csv` (continual strategies). A sweep folder
+expert_load.py`) and `continual/accuracy_matrix.csv` or `bpb_matrix.csv` (continual
+strategies). A sweep folder
 (`outputs/multiruns/<name>/<time>/`) holds one run per numbered subfolder with its
 `.hydra/overrides.yaml`, and `optimization_results.yaml` after an Optuna sweep.
 
@@ -16,6 +17,7 @@ table of overrides → final metrics with the best configuration marked (plus a 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -29,17 +31,19 @@ from matplotlib.figure import Figure
 
 from advarch.callbacks.expert_load import plot_expert_load
 from advarch.continual_metrics import (
+    HIGHER_IS_BETTER,
     average_accuracy,
     backward_transfer,
     forgetting,
     plot_accuracy_matrix,
 )
-from advarch.reporting import SUMMARY_KEYS
+from advarch.reporting import SUMMARY_FILE, SUMMARY_KEYS
 
 CURVE_PANELS = (  # (title, column pattern) — a panel is drawn when any column matches
     ("loss", r"(train|val)/loss"),
     ("accuracy", r"train/acc_epoch|val/acc"),
     ("validation accuracy per task", r"val/task_\d+/acc"),
+    ("validation bits per byte per task", r"val/task_\d+/bpb"),
     ("router entropy (nats)", r"moe/layer\d+/entropy"),
     ("learning rate", r"lr-.*"),
 )
@@ -126,8 +130,23 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def plot_learning_curves(metrics: Metrics, path: Path) -> Path | None:
-    """One panel per `CURVE_PANELS` entry that has data, metric vs optimizer step."""
+def task_boundaries(metrics: Metrics, epochs_per_task: int | None) -> list[float]:
+    """Steps where a task stream moved to its next task (first step of each later task)."""
+    if not epochs_per_task or "epoch" not in metrics.columns:
+        return []
+    steps, epochs = metrics.series("epoch")
+    tasks = epochs // epochs_per_task
+    return [float(steps[i]) for i in range(1, len(tasks)) if tasks[i] > tasks[i - 1]]
+
+
+def plot_learning_curves(
+    metrics: Metrics, path: Path, boundaries: Sequence[float] = ()
+) -> Path | None:
+    """One panel per `CURVE_PANELS` entry that has data, metric vs optimizer step.
+
+    `boundaries` (steps) are drawn as dashed lines: where a task stream changed task, so
+    forgetting shows as an earlier task's validation curve rising or falling after them.
+    """
     panels = [(t, metrics.matching(p)) for t, p in CURVE_PANELS]
     panels = [(t, keys) for t, keys in panels if keys]
     if not panels:
@@ -140,7 +159,9 @@ def plot_learning_curves(metrics: Metrics, path: Path) -> Path | None:
         for key in keys:
             steps, values = metrics.series(key)
             ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=key)
-        ax.set(title=title, xlabel="step")
+        for step in boundaries:
+            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+        ax.set(title=title, xlabel="step" + (" (dashed: next task)" if boundaries else ""))
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
         ax.grid(alpha=0.3)
@@ -194,15 +215,18 @@ def plot_fewshot(final: dict[str, float], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_sweep_curves(runs: dict[str, Metrics], key: str, path: Path) -> Path | None:
-    """`key` vs step for every run of a sweep, on one axis."""
+def plot_sweep_curves(
+    runs: dict[str, Metrics], key: str, path: Path, labels: dict[str, str] | None = None
+) -> Path | None:
+    """`key` vs step for every run of a sweep, on one axis; legend: each run's overrides."""
     curves = {name: m.series(key) for name, m in runs.items() if key in m.matching(re.escape(key))}
     if not curves:
         return None
     fig = _figure(7.0, 4.0)
     ax = fig.add_subplot()
     for name, (steps, values) in curves.items():
-        ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=name)
+        label = (labels or {}).get(name) or name
+        ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=label)
     ax.set(title=f"{key} per run", xlabel="step", ylabel=key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -254,10 +278,13 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
     overrides = _overrides(run_dir)
     if overrides:
         report.lines += ["Overrides: " + " ".join(f"`{o}`" for o in overrides), ""]
-    report.lines += ["## Final metrics", ""]
+    _headline(run_dir, final, report)
+    report.lines += ["## All final metrics", ""]
     report.table(["metric", "value"], [[k, _fmt(v)] for k, v in sorted(final.items())])
     report.lines += ["## Plots", ""]
-    curves = plot_learning_curves(metrics, report.folder / "learning_curves.png")
+    epochs_per_task = _run_setting(run_dir, "data.epochs_per_task")
+    boundaries = task_boundaries(metrics, int(epochs_per_task) if epochs_per_task else None)
+    curves = plot_learning_curves(metrics, report.folder / "learning_curves.png", boundaries)
     report.image("Learning curves", curves, "learning_curves")
     _expert_load_section(run_dir, report)
     _continual_section(run_dir, report)
@@ -277,6 +304,38 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
         report.table(["metric", "mean", "± 95% CI"], rows)
         report.image("Few-shot accuracy", fewshot, "fewshot_accuracy")
     return report
+
+
+HEADLINE = (  # what a reader looks for first, when the run has it
+    ("test/bpb", "test bits/byte"),
+    ("val/acc", "validation accuracy"),
+    ("test/acc", "test accuracy"),
+    ("cl/avg_acc", "continual: average final accuracy (ACC)"),
+    ("cl/avg_bpb", "continual: average final bits/byte"),
+    ("cl/bwt", "continual: backward transfer (BWT)"),
+    ("cl/forgetting", "continual: forgetting"),
+    ("cl/fwt", "continual: forward transfer (FWT)"),
+)
+
+
+def _headline(run_dir: Path, final: dict[str, float], report: Report) -> None:
+    """Headline numbers before the full table: bits/byte against the unigram baseline for
+    language models (from the run's `summary.json`), ACC/BWT/forgetting for task streams."""
+    report.lines += ["## Headline", ""]
+    summary = run_dir / SUMMARY_FILE
+    baseline = json.loads(summary.read_text()).get("unigram_bpb") if summary.is_file() else None
+    bpb = final.get("val/bpb")
+    if bpb is not None and baseline:
+        report.lines += [
+            f"**validation {bpb:.3f} bits/byte** against the unigram baseline {baseline:.3f} "
+            f"({bpb / baseline - 1:+.0%})",
+            "",
+        ]
+    elif bpb is not None:
+        report.lines += [f"**validation {bpb:.3f} bits/byte**", ""]
+    rows = [[label, _fmt(final[key])] for key, label in HEADLINE if key in final]
+    if rows:
+        report.table(["", "value"], rows)
 
 
 def _expert_load_section(run_dir: Path, report: Report) -> None:
@@ -310,27 +369,34 @@ def _expert_load_section(run_dir: Path, report: Report) -> None:
 
 
 def _continual_section(run_dir: Path, report: Report) -> None:
-    path = run_dir / "continual" / "accuracy_matrix.csv"
-    if not path.is_file():
-        return
-    names, R = read_accuracy_matrix(path)
-    seen = int(np.isfinite(R).all(axis=1).sum())  # finished tasks (rows fully measured)
-    report.lines += ["## Continual learning", ""]
-    if seen:
-        done = R[:seen, :seen]
-        report.table(
-            ["tasks finished", "ACC", "BWT", "forgetting"],
-            [
+    """The task matrix of a continual run: accuracy R (digit streams) or bits per byte B (text
+    domains; lower is better, so BWT and forgetting are taken on −B, as in training)."""
+    for metric, stem, title in (
+        ("acc", "accuracy_matrix", "Accuracy matrix R[i, j]"),
+        ("bpb", "bpb_matrix", "Bits-per-byte matrix B[i, j]"),
+    ):
+        path = run_dir / "continual" / f"{stem}.csv"
+        if not path.is_file():
+            continue
+        names, R = read_accuracy_matrix(path)
+        sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+        seen = int(np.isfinite(R).all(axis=1).sum())  # finished tasks (rows fully measured)
+        report.lines += ["## Continual learning", ""]
+        if seen:
+            done = R[:seen, :seen]
+            report.table(
+                ["tasks finished", metric.upper(), "BWT", "forgetting"],
                 [
-                    str(seen),
-                    _fmt(average_accuracy(done)),
-                    _fmt(backward_transfer(done)),
-                    _fmt(forgetting(done)),
-                ]
-            ],  # fmt: skip
-        )
-    png = plot_accuracy_matrix(R, report.folder / "accuracy_matrix.png", names)
-    report.image("Accuracy matrix R[i, j]", png, "accuracy_matrix")
+                    [
+                        str(seen),
+                        _fmt(average_accuracy(done)),
+                        _fmt(backward_transfer(sign * done)),
+                        _fmt(forgetting(sign * done)),
+                    ]
+                ],  # fmt: skip
+            )
+        png = plot_accuracy_matrix(R, report.folder / f"{stem}.png", names, metric)
+        report.image(title, png, stem)
 
 
 def _overrides(run_dir: Path) -> list[str]:
@@ -440,7 +506,10 @@ def sweep_report(folder: Path) -> Report:
             "",
         ]
     report.lines += ["## Plots", ""]
-    curves = plot_sweep_curves(runs, metric, report.folder / "sweep_curves.png")
+    labels = {
+        n: " ".join(f"{k}={overrides[n][k]}" for k in varying if k in overrides[n]) for n in runs
+    }
+    curves = plot_sweep_curves(runs, metric, report.folder / "sweep_curves.png", labels)
     report.image(f"{metric} per run", curves, "sweep_curves")
     for job in jobs:
         if job.name in runs:

@@ -31,6 +31,7 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None, echo: bool =
             Console(file=f, width=120, color_system=None).print(tree)
 
 
+SUMMARY_FILE = "summary.json"  # a run's final metrics and baselines, for reports and tools
 SUMMARY_KEYS = (  # the metrics a run summary and a sweep table show, when a run has them
     "val/loss",
     "val/bpb",
@@ -41,6 +42,7 @@ SUMMARY_KEYS = (  # the metrics a run summary and a sweep table show, when a run
     "test/acc_ci95",
     "test/raw_proto_acc",
     "cl/avg_acc",
+    "cl/avg_bpb",
     "cl/bwt",
     "cl/fwt",
     "cl/forgetting",
@@ -54,6 +56,23 @@ def throughput_line(metrics: dict[str, float]) -> str:
         f"{metrics.get('train/samples_per_s', float('nan')):,.1f} samples/s"
     )
     return line + (f" · MFU {metrics['train/mfu']:.1%}" if "train/mfu" in metrics else "")
+
+
+def matrix_lines(output_dir: Path) -> list[str]:
+    """A continual run's task matrix (`continual/*_matrix.csv`) as aligned text lines."""
+    import csv
+
+    lines = []
+    for path in sorted((output_dir / "continual").glob("*_matrix.csv")):
+        with path.open() as f:
+            rows = list(csv.reader(f))
+        name = path.stem.removesuffix("_matrix")
+        width = max(len(c) for r in rows for c in r[:1]) + 1
+        lines.append(f"{name} matrix (row: trained through, column: evaluated on) — {path.name}")
+        for r in rows:
+            cells = r[1:] if r is rows[0] else [f"{float(c):.3f}" for c in r[1:]]
+            lines.append(r[0].ljust(width) + " ".join(c.rjust(12) for c in cells))
+    return lines
 
 
 def print_summary(
@@ -71,6 +90,7 @@ def print_summary(
     for key in SUMMARY_KEYS:
         if key in metrics and not (key in ("val/loss", "val/bpb") and bpb is not None):
             lines.append(f"{key} = {metrics[key]:.4f}")
+    lines += matrix_lines(output_dir)
     if "train/tokens_per_s" in metrics:
         lines.append(throughput_line(metrics))
     lines.append(f"checkpoint: {output_dir / 'checkpoints' / 'last.ckpt'}")
@@ -84,3 +104,13 @@ def print_summary(
     console.rule("advarch run summary", align="left")
     for line in lines:
         console.print(line, markup=False, highlight=False)
+
+
+def save_summary(spec: DataSpec, metrics: dict[str, float], output_dir: Path) -> Path:
+    """`<run>/summary.json`: the final metrics and the data's unigram baseline (if any)."""
+    import json
+
+    path = output_dir / SUMMARY_FILE
+    summary = {"metrics": metrics, "unigram_bpb": spec.extras.get("unigram_bpb")}
+    path.write_text(json.dumps(summary, indent=1, default=float))
+    return path

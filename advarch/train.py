@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
+from advarch.config.combinations import check_combination, with_default_data
 from advarch.tracking import RunIdentity
 
 log = logging.getLogger("advarch")
@@ -27,6 +28,7 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     `identity` places the run among others on the tracker (default: a single run named
     `cfg.run_name`).
     """
+    check_combination(cfg)  # impossible combinations stop here: no torch, no data, no tree
     import lightning as L
     import torch
     from lightning.pytorch.utilities import rank_zero_only
@@ -34,12 +36,12 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.config.runs import WANDB_ID_FILE, resolve_checkpoint
     from advarch.pipeline import build_all, instantiate_dict, validate
-    from advarch.reporting import print_config_tree, print_summary
+    from advarch.reporting import print_config_tree, print_summary, save_summary
 
     quiet_lightning_logs()
     validate(cfg)  # every key, before any work
     output_dir = Path(cfg.paths.output_dir)
-    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir))
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir), cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     echo = cfg.get("extras", {}).get("print_config", True)  # the file is always written
     print_config_tree(cfg, output_dir / "config_tree.txt", echo=echo)
@@ -80,6 +82,8 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     finally:
         _finish_wandb()
     print_summary(cfg, spec, metrics, output_dir)
+    if trainer.is_global_zero:
+        save_summary(spec, metrics, output_dir)
     return metrics
 
 
@@ -125,9 +129,21 @@ _NOISE = _DropNoise()
 
 
 def quiet_lightning_logs() -> None:
-    """Route Lightning's logs through Hydra's handlers once (it adds its own console handler)."""
+    """Route Lightning's logs through Hydra's handlers once and silence known noise at source.
+
+    Lightning adds its own console handler on import (so every line would print twice),
+    faiss announces which CPU build it loaded, `datasets` draws a bar for every tiny save,
+    functorch warns about batching rules it falls back on in the per-example Fisher.
+    """
     import warnings
 
+    import datasets
+    import lightning  # noqa: F401  (imported now so its console handler exists to be removed)
+
+    datasets.disable_progress_bars()
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")  # ours is
@@ -154,8 +170,14 @@ def _finish_wandb() -> None:
             wandb.finish()
 
 
+def main() -> None:
+    """The command line: the strategy's default data added (`with_default_data`), then Hydra."""
+    sys.argv[1:] = with_default_data(sys.argv[1:])
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns `cfg.optimized_metric` for sweepers.
 
     A single run turns bad input and divergence into one `error: …` line. In a multirun a
@@ -163,11 +185,18 @@ def main(cfg: DictConfig) -> float | None:
     keeps its traceback in `<trial>/error.txt`, and returns the worst value, so the sweep goes
     on and the sweeper ranks it last; `advarch.sweeps.SweepSummary` tabulates the trials.
     """
-    from advarch.callbacks.signals import Interrupted
-    from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError
 
     identity = run_identity(cfg)
+    if identity.job_type != "sweep":  # (a trial reports its own failure; the sweep goes on)
+        try:
+            check_combination(cfg)  # before torch is imported: an impossible one stops at once
+        except ConfigError as err:
+            discard_run_folder(Path(cfg.paths.output_dir))
+            sys.exit(f"error: {err}")
+    from advarch.callbacks.signals import Interrupted
+    from advarch.checkpoint import CheckpointError
+
     try:
         if identity.job_type == "sweep":
             return _trial(cfg, identity)

@@ -1,37 +1,9 @@
 """Write a Markdown report with PNG plots for a run folder or a multirun/sweep folder.
 
-    python scripts/report.py outputs/runs/<name>/<time>
-    python scripts/report.py outputs/multiruns/<name>/<time> [--wandb]
-
-Writes `<folder>/report/report.md`; the logic lives in `advarch.report`.
+The same program as `advarch-report` (installed with the package); see `advarch/cli/report.py`.
 """
 
-from __future__ import annotations
-
-import argparse
-import sys
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("folder", help="a run folder (csv/version_*/metrics.csv) or a sweep folder")
-    parser.add_argument(
-        "--wandb", action="store_true", help="also log the images to an offline W&B run there"
-    )
-    args = parser.parse_args()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from advarch.report import write_report
-
-    try:
-        path = write_report(args.folder, wandb=args.wandb)
-    except FileNotFoundError as err:
-        sys.exit(f"error: {err}")
-    print(f"report: {path}")
-
+from advarch.cli.report import main
 
 if __name__ == "__main__":
     main()

@@ -1,14 +1,24 @@
-"""Retrieval on vs off: validation loss and bits per byte of RETRO and the plain decoder.
+"""Does retrieval help? RETRO with its neighbours vs padding neighbours vs the plain decoder.
 
-    python scripts/retro_report.py [hydra overrides, e.g. trainer.max_steps=100]
+    python scripts/retro_report.py [--retrofit] [--split val|test] [hydra overrides]
+    python scripts/retro_report.py experiment=retro_lookup           # the lookup task
+    python scripts/retro_report.py experiment=retro_vs_plain --retrofit  # stdlib text
 
-Composes `experiment=retro_vs_plain` (plus the overrides), then
-1. trains the RETRO model and evaluates it on the validation split with its neighbours
-   ("on") and with every neighbour replaced by padding ("off": CCA then adds nothing);
-2. trains the plain decoder of the same size for the same steps (`model=transformer`, the
-   same data and batches) and evaluates it the same way;
-and prints a table, also written to `<out>/retro_report.json`. Runs go under
-`outputs/retro_report/<time>/{retro,plain}`.
+Composes the overrides (default `experiment=retro_vs_plain`), then
+1. trains the plain decoder (`model=transformer`, the same data, batches and steps);
+2. trains RETRO from scratch, or with `--retrofit` starts it from the plain decoder's
+   checkpoint (`strategy=retrofit`: the decoder frozen, the neighbour encoder and CCA trained;
+   `strategy.trainable=[*]` trains everything);
+3. evaluates RETRO on the held-out split with its retrieved neighbours, with every neighbour
+   replaced by padding (the same weights, nothing retrieved), and with the neighbours of
+   another sequence of the batch (a random-neighbour control), and the plain decoder.
+
+Reports loss (nats per scored token), accuracy of scored tokens (the lookup task scores only
+its answers) and, for text, bits per byte — plus RETRO's analysis (Borgeaud et al. 2022,
+§4.4): the neighbour quality of every held-out chunk, i.e. the longest run of tokens its first
+neighbour's continuation shares with the true continuation (the tokens that chunk's neighbours
+help predict), and the bits-per-byte gain of neighbours over padding split by it. Prints a table
+and writes `<out>/retro_report.json`; runs go under `outputs/retro_report/<time>/`.
 """
 
 from __future__ import annotations
@@ -19,56 +29,164 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from advarch.config.compose import compose_run
 from advarch.train import run
 
+OVERLAP_BINS = (0, 8, 32)  # quality buckets: shared run of [0, 8), [8, 32), ≥ 32 tokens
+MODES = {"neighbours": "RETRO, neighbours", "padding": "RETRO, padding neighbours",
+         "shuffled": "RETRO, another sequence's neighbours"}  # fmt: skip
+
+
+def longest_shared_run(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Longest common substring length of rows a (N, n) and b (N, n): (N,) int.
+
+    Dynamic programming over a's positions (run[j] = length of the common run ending at
+    a[i], b[j]), vectorised over rows and b's positions.
+    """
+    run = np.zeros(b.shape, dtype=np.int32)
+    best = np.zeros(len(a), dtype=np.int32)
+    for i in range(a.shape[1]):
+        match = a[:, i : i + 1] == b  # (N, n)
+        run = np.where(match, np.pad(run[:, :-1], ((0, 0), (1, 0))) + 1, 0)
+        best = np.maximum(best, run.max(1))
+    return best
+
+
+def chunk_quality(batch: dict[str, torch.Tensor], m: int, pad_id: int) -> np.ndarray:
+    """(B, L−1) longest run shared by chunk u's first neighbour's continuation and the tokens
+    its neighbours help predict (labels at positions [u·m + m − 1, (u+1)·m + m − 1))."""
+    labels, nb = batch["labels"], batch["neighbours"]
+    b, t = labels.shape
+    num = t // m - 1  # the last chunk's continuation runs past the sequence
+    true = labels[:, m - 1 : m - 1 + num * m].reshape(b * num, m).numpy()
+    found = nb[:, :num, 0, m:].reshape(b * num, m).numpy()
+    found = np.where(found == pad_id, -1, found)  # padding shares nothing
+    return longest_shared_run(true, found).reshape(b, num)
+
 
 @torch.no_grad()
-def validation_loss(ckpt: Path, blank_neighbours: bool) -> dict[str, float]:
-    """Token-weighted validation loss (nats) and bits per byte of a trained checkpoint."""
+def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Per mode: token-weighted loss, accuracy, bits per byte and, for text, the per-chunk
+    losses split by neighbour quality."""
     from advarch.checkpoint import load_with_config
     from advarch.pipeline import build_all
 
     state, cfg = load_with_config(ckpt)
+    cfg.strategy.pop("pretrained", None)  # the weights come from the checkpoint itself
     datamodule, spec, module = build_all(cfg)
     module.load_state_dict(state["state_dict"])
     model = module.model.eval()
-    total, count = 0.0, 0
-    for batch in datamodule.val_dataloader():
-        nb = batch.get("neighbours")
-        if nb is not None and blank_neighbours:
-            nb = torch.full_like(nb, spec.pad_id)
-        logits = model(batch["input_ids"], neighbours=nb).logits
+    datamodule.setup("validate")
+    loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+    bpt, m = spec.extras.get("bytes_per_token"), spec.retrieval_chunk
+    sums = {mode: {"loss": 0.0, "correct": 0, "count": 0} for mode in modes}
+    per_chunk: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
+    quality: list[np.ndarray] = []
+    for batch in loader:
         labels = batch["labels"].masked_fill(batch["labels"] == spec.pad_id, -100)
-        total += float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum"))
-        count += int((labels != -100).sum())
-    loss = total / count
-    return {"loss": loss, "bpb": loss / math.log(2) / spec.extras["bytes_per_token"]}
+        nb = batch.get("neighbours")
+        if nb is not None and bpt:
+            quality.append(chunk_quality(batch, m, spec.pad_id))
+        for mode in modes:
+            given = nb
+            if mode == "padding":
+                given = torch.full_like(nb, spec.pad_id)
+            elif mode == "shuffled":
+                given = nb.roll(1, 0)
+            logits = model(batch["input_ids"], neighbours=given).logits
+            nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, T)
+            scored = labels != -100
+            sums[mode]["loss"] += float(nll[scored].sum())
+            sums[mode]["correct"] += int((logits.argmax(-1) == labels)[scored].sum())
+            sums[mode]["count"] += int(scored.sum())
+            if nb is not None and bpt:
+                b, t = labels.shape
+                num = t // m - 1
+                per_chunk[mode].append(nll[:, m - 1 : m - 1 + num * m].reshape(b, num, m).mean(-1))
+    out = {}
+    for mode, s in sums.items():
+        loss = s["loss"] / max(s["count"], 1)
+        row = {"loss": loss, "acc": s["correct"] / max(s["count"], 1)}
+        if bpt:
+            row["bpb"] = loss / math.log(2) / bpt
+        if quality:
+            row["chunk_bpb"] = torch.cat(per_chunk[mode]).flatten().numpy() / math.log(2) / bpt
+        out[mode] = row
+    if quality:
+        out["quality"] = np.concatenate([q.ravel() for q in quality])
+    return out
+
+
+def split_by_quality(rows: dict[str, dict], quality: np.ndarray) -> list[dict[str, float]]:
+    """Per quality bucket: share of chunks, bpb of every row, gain of neighbours over padding."""
+    edges = [*OVERLAP_BINS, 10**9]
+    table = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        sel = (quality >= lo) & (quality < hi)
+        entry: dict[str, float] = {"min_shared": lo, "fraction": float(sel.mean())}
+        for name, row in rows.items():
+            if "chunk_bpb" in row and sel.any():
+                entry[name] = float(row["chunk_bpb"][sel].mean())
+        if sel.any():
+            entry["gain_vs_padding"] = entry[MODES["padding"]] - entry[MODES["neighbours"]]
+        table.append(entry)
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    parser.add_argument(
+        "--retrofit",
+        action="store_true",
+        help="start RETRO from the plain decoder (strategy=retrofit)",
+    )
+    parser.add_argument("--split", choices=("val", "test"), default="val")
     args = parser.parse_args()
     root = Path("outputs/retro_report") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    base = ["experiment=retro_vs_plain", *args.overrides]
-    rows: dict[str, dict[str, float]] = {}
-    for name, extra in (("retro", []), ("plain", ["model=transformer"])):
-        t0 = time.perf_counter()
+    base = list(args.overrides)
+    if not any(o.startswith("experiment=") for o in base):
+        base.insert(0, "experiment=retro_vs_plain")
+    runs: dict[str, dict] = {}
+    for name, extra in (("plain", ["model=transformer", "model.retro=null"]), ("retro", [])):
+        if name == "retro" and args.retrofit:
+            plain_ckpt = (root / "plain" / "checkpoints" / "last.ckpt").resolve()
+            extra = ["strategy=retrofit", f"strategy.pretrained={plain_ckpt}"]
+        t0, cpu0 = time.perf_counter(), time.process_time()
         metrics = run(compose_run([*base, *extra], root / name))
-        ckpt = root / name / "checkpoints" / "last.ckpt"
-        label = "RETRO, neighbours" if name == "retro" else "plain decoder"
-        rows[label] = validation_loss(ckpt, blank_neighbours=False)
-        rows[label] |= {"seconds": time.perf_counter() - t0, "logged_val_bpb": metrics["val/bpb"]}
-        if name == "retro":
-            rows["RETRO, neighbours = padding"] = validation_loss(ckpt, blank_neighbours=True)
-    print(f"\n{'model':32s} {'val loss':>9s} {'val bpb':>8s}")
-    for name, r in rows.items():
-        print(f"{name:32s} {r['loss']:9.4f} {r['bpb']:8.4f}")
-    (root / "retro_report.json").write_text(json.dumps({"overrides": base, "rows": rows}, indent=1))
+        runs[name] = {
+            "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - cpu0,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+        }
+    ckpt = root / "retro" / "checkpoints" / "last.ckpt"
+    found = evaluate(ckpt, args.split, tuple(MODES))
+    rows = {MODES[mode]: found[mode] for mode in MODES}
+    rows["plain decoder"] = evaluate(root / "plain" / "checkpoints" / "last.ckpt", args.split,
+                                     ("neighbours",))["neighbours"]  # fmt: skip
+    report: dict = {"overrides": base, "retrofit": args.retrofit, "split": args.split}
+    report["runs"] = runs
+    has_bpb = "bpb" in rows["plain decoder"]
+    print(f"\n{'model (' + args.split + ')':40s} {'loss':>8s} {'acc':>7s}" + (" bpb" * has_bpb))
+    for name, row in rows.items():
+        print(f"{name:40s} {row['loss']:8.4f} {row['acc']:7.4f}"
+              + (f" {row['bpb']:.4f}" if has_bpb else ""))  # fmt: skip
+    if "quality" in found:
+        q = found["quality"]
+        report["split_by_quality"] = split_by_quality(rows, q)
+        report["quality"] = {"chunks": int(len(q)), "mean_shared": float(q.mean()),
+                             "fraction_shared_ge_32": float((q >= 32).mean())}  # fmt: skip
+        print(f"\nneighbour quality: {len(q)} chunks, {100 * (q >= 32).mean():.1f}% share ≥ 32 "
+              "tokens with the true continuation; bpb by quality:")  # fmt: skip
+        for entry in report["split_by_quality"]:
+            print("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in entry.items()))  # fmt: skip
+    report["rows"] = {n: {k: v for k, v in r.items() if k != "chunk_bpb"} for n, r in rows.items()}
+    (root / "retro_report.json").write_text(json.dumps(report, indent=1))
     print(f"written to {root / 'retro_report.json'}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 
 
@@ -28,3 +30,14 @@ class PoisonLossAtStep(L.Callback):
         if trainer.global_step == self.step:
             for p in pl_module.parameters():
                 p.data.fill_(float("nan"))
+
+
+class SignalAtStep(L.Callback):
+    """Send this process `signum` once optimizer step `step` is done (9 = kill -9: no cleanup)."""
+
+    def __init__(self, step: int, signum: int = 9) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

@@ -42,6 +42,27 @@ def test_metrics_on_hand_made_matrix() -> None:
     )
 
 
+def test_bits_per_byte_is_lower_is_better_with_the_same_sign_conventions() -> None:
+    # bpb B[i, j]: domain 0 improves after domain 1 (2.0 → 1.9), then rises to 2.5 at the end
+    bpb = np.array([[2.0, 3.0, 3.2], [1.9, 2.1, 3.0], [2.5, 2.4, 2.2]])
+    untrained = np.array([8.0, 8.0, 8.0])
+    summary = continual_summary(bpb, untrained, metric="bpb")
+    assert summary["avg_bpb"] == pytest.approx((2.5 + 2.4 + 2.2) / 3)
+    # BWT is a gain: negative = forgetting (bpb rose by 0.5 and 0.3 after learning)
+    assert summary["bwt"] == pytest.approx(((2.0 - 2.5) + (2.1 - 2.4)) / 2)
+    # forgetting is a loss: the rise from the lowest bpb reached (1.9, 2.1) to the final one
+    assert summary["forgetting"] == pytest.approx(((2.5 - 1.9) + (2.4 - 2.1)) / 2)
+    # FWT is a gain: bpb before training a domain, below the untrained model's
+    assert summary["fwt"] == pytest.approx(((8.0 - 3.0) + (8.0 - 3.0)) / 2)
+    # the same matrix as accuracy-like "negative bpb" gives the same gains and losses
+    mirrored = continual_summary(-bpb, -untrained)
+    assert [mirrored[k] for k in ("bwt", "fwt", "forgetting")] == pytest.approx(
+        [summary[k] for k in ("bwt", "fwt", "forgetting")]
+    )
+    with pytest.raises(ValueError, match="metric='loss'"):
+        continual_summary(bpb, untrained, metric="loss")
+
+
 def test_no_forgetting_and_single_task() -> None:
     perfect = np.triu(np.ones((3, 3))) * 0.2 + np.tril(np.ones((3, 3)))  # old tasks stay at 1
     perfect = np.minimum(perfect, 1.0)
@@ -69,4 +90,5 @@ def test_csv_and_heatmap_written(tmp_path: Path) -> None:
     assert rows[2][0] == "after_b" and float(rows[2][1]) == pytest.approx(0.95)
     assert rows[3][1] == "nan"
     png = plot_accuracy_matrix(partial, tmp_path / "plots" / "accuracy_matrix.png", names)
+    assert plot_accuracy_matrix(3 * partial, tmp_path / "bpb.png", names, "bpb").is_file()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

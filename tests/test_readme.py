@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.cli import CliResult, Project
@@ -56,17 +57,25 @@ def smoke(words: list[str]) -> list[str]:
 # command turns its xfail into a failure).
 BROKEN: dict[str, str] = {}
 SKIP = {"make test": "this test suite itself"}
+# Commands the README marks as GPU commands (`--device cuda`, `experiment=gpu_lm`): run where
+# CUDA exists, skipped (with that reason) on CPU-only machines such as CI.
+NEEDS_GPU = ("--device cuda", "experiment=gpu_lm")
 # Commands that need files an earlier command of the same chain made run on one worker, in order.
 CHAINS = {
     "scripts/merge.py": "readme-merge",
     "eval.py ckpt_path=<any": "readme-merge",
     "-m model.depth": "readme-sweep",
     "outputs/multiruns": "readme-sweep",
+    "data.domains=[text,net,concurrency]": "readme-finetune",
+    "strategy=finetune": "readme-finetune",
 }
 
 
 def command_id(line: str) -> str:
     return shlex.join(shlex.split(line, comments=True))
+
+
+LINE_OF = {command_id(line): line for line in readme_commands()}  # as written, placeholders kept
 
 
 def params() -> list:
@@ -78,6 +87,8 @@ def params() -> list:
             marks.append(pytest.mark.xfail(strict=True, reason=BROKEN[cmd]))
         if cmd in SKIP:
             marks.append(pytest.mark.skip(reason=SKIP[cmd]))
+        if any(g in cmd for g in NEEDS_GPU) and not torch.cuda.is_available():
+            marks.append(pytest.mark.skip(reason="a GPU command; this machine has no CUDA"))
         for key, group in CHAINS.items():
             if key in cmd:
                 marks.append(pytest.mark.xdist_group(group))
@@ -90,6 +101,7 @@ class Made:
 
     merged: Path | None = None
     sweep: Path | None = None
+    base: Path | None = None  # the three-domain base that the finetune line extends
 
 
 @pytest.fixture(scope="module")
@@ -104,45 +116,51 @@ def readme_project(tmp_path_factory, cache_dir: Path, trained: dict[str, Trained
     return proj
 
 
-def substitute(words: list[str], proj: Project, trained: dict[str, TrainedRun]) -> list[str]:
-    """Placeholders → files made by earlier commands; `[data=...]` (optional) dropped."""
+def substitute(line: str, proj: Project, trained: dict[str, TrainedRun]) -> list[str]:
+    """The README line's words with placeholders → files made by earlier commands (`[data=...]`,
+    optional, dropped). Placeholders are filled in the text: some hold spaces."""
     a, b = trained["lm"], trained["lm_seed1"]
     run_rel = str(a.run_dir.relative_to(a.run_dir.parents[1]))  # <name>/<run>
-    merged = str(proj.root / "merged.ckpt")
-    out = []
-    for word in words:
-        if word == "[data=...]":
-            continue
-        word = word.replace("models=[<ckpt>,<ckpt>]", f"models=[{a.ckpt},{b.ckpt}]")
-        word = word.replace("models=[<a>,<b>]", f"models=[{a.ckpt},{b.ckpt}]")
-        word = word.replace("out=<ckpt>", f"out={merged}")
-        if "<any ckpt, merged ones too>" in word:
-            assert Made.merged, "the README's merge command runs first and makes this checkpoint"
-            word = word.replace("<any ckpt, merged ones too>", str(Made.merged))
-        word = word.replace("<ckpt>", str(a.ckpt))
-        word = word.replace("outputs/runs/<name>/<run>", f"outputs/runs/{run_rel}")
-        word = word.replace("outputs/runs/<name>/<time>", f"outputs/runs/{run_rel}")
-        if "outputs/multiruns/<time>" in word:
-            assert Made.sweep, "the README's grid sweep runs first and makes this folder"
-            word = word.replace("outputs/multiruns/<time>", str(Made.sweep))
-        assert "<" not in word or word.startswith("'prompt"), f"unknown placeholder in {word}"
-        out.append(word)
-    return out
+    fills = {
+        " [data=...]": "",
+        "models=[<ckpt>,<ckpt>]": f"models=[{a.ckpt},{b.ckpt}]",
+        "models=[<a>,<b>]": f"models=[{a.ckpt},{b.ckpt}]",
+        "out=<ckpt>": f"out={proj.root / 'merged.ckpt'}",
+        "strategy.pretrained=<ckpt>": f"strategy.pretrained={Made.base}",
+        "<any ckpt, merged ones too>": str(Made.merged),
+        "<ckpt>": str(a.ckpt),
+        "outputs/runs/<name>/<run>": f"outputs/runs/{run_rel}",
+        "outputs/runs/<name>/<time>": f"outputs/runs/{run_rel}",
+        "outputs/multiruns/<time>": str(Made.sweep),
+    }
+    for placeholder, value in fills.items():
+        if placeholder in line:
+            assert value != "None", f"{placeholder}: the command making it runs first (CHAINS)"
+            line = line.replace(placeholder, value)
+    words = shlex.split(line, comments=True)
+    assert not [w for w in words if re.search(r"<\w+>", w)], f"unknown placeholder in {line}"
+    return words
 
 
-def check_promises(cmd: str, words: list[str], res: CliResult, proj: Project) -> None:
+def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
     """The files and lines each kind of command promises (README 'Every run writes …').
 
-    `cmd` is the README's command, `words` the one that ran (placeholders substituted)."""
+    `cmd` is the README's command, `line` what ran (placeholders filled, smoke switch added).
+    """
+    words, ran = shlex.split(cmd), shlex.split(line)
     if cmd.startswith(("python train.py", "make train")) and "-m" not in words:
         run = res.run_dir
         for name in (".hydra/config.yaml", "config_tree.txt", "checkpoints/last.ckpt"):
             assert (run / name).is_file(), f"{cmd}: no {name} in {run}"
         assert list(run.glob("csv/version_*/metrics.csv")), cmd
-        if "logger=many" in words:  # (a debug run logs CSV only unless a logger is named)
+        debug = any(w.startswith("debug=") for w in ran)
+        if not debug or {"logger=wandb", "logger=many"} & set(ran):  # debug: CSV unless asked
             assert list(run.glob("wandb/offline-run-*")), f"{cmd}: no offline W&B run"
+        if "logger=many" in words:
             assert list(run.glob("tensorboard/**/events.out.tfevents.*")), cmd
         assert "advarch run summary" in res.stdout
+        if "data.domains=[text,net,concurrency]" in ran:
+            Made.base = run / "checkpoints" / "last.ckpt"
     elif cmd.startswith("python train.py"):
         sweep = res.sweep_dir
         jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
@@ -159,7 +177,7 @@ def check_promises(cmd: str, words: list[str], res: CliResult, proj: Project) ->
     elif cmd.startswith("python eval.py"):
         assert (res.run_dir / "metrics.json").is_file()
     elif cmd.startswith("python scripts/merge.py"):
-        out = Path(re.search(r"out=(\S+)", " ".join(words)).group(1))
+        out = Path(re.search(r"out=(\S+)", " ".join(ran)).group(1))
         assert out.is_file()
         Made.merged = out
     elif "scripts/generate.py" in cmd and "bench=true" in words:
@@ -167,7 +185,7 @@ def check_promises(cmd: str, words: list[str], res: CliResult, proj: Project) ->
     elif "scripts/generate.py" in cmd:
         assert res.stdout.startswith("def fib(n):") and len(res.stdout) > len("def fib(n):\n")
     elif "scripts/report.py" in cmd:
-        folder = Path(words[2]) if Path(words[2]).is_absolute() else proj.root / words[2]
+        folder = Path(ran[2]) if Path(ran[2]).is_absolute() else proj.root / ran[2]
         assert (folder / "report" / "report.md").is_file()
         if "--wandb" in words:
             assert list((folder / "report").glob("wandb/offline-run-*"))
@@ -194,7 +212,7 @@ def test_readme_command(cmd: str, readme_project: Project, trained: dict[str, Tr
         res = readme_project.shell(f"{cmd} && python -c 'import sys; print(sys.prefix)'")
         assert res.check().stdout.strip().endswith(".venv")
         return
-    words = substitute(shlex.split(cmd), readme_project, trained)
+    words = substitute(LINE_OF[cmd], readme_project, trained)
     line = shlex.join([*words, *smoke(shlex.split(cmd))])
     res = readme_project.shell(f"source .venv/bin/activate && {line}").check()
-    check_promises(cmd, words, res, readme_project)
+    check_promises(cmd, line, res, readme_project)

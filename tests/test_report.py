@@ -92,6 +92,16 @@ def test_run_report_has_every_section(tmp_path: Path) -> None:
     assert "| test/acc | 0.8 | 0.05 |" in md and "| test/raw_proto_acc | 0.7 | 0.06 |" in md
 
 
+def test_bits_per_byte_matrix_of_a_text_domain_stream(tmp_path: Path) -> None:
+    run = synthetic_run(tmp_path / "run")
+    B = np.array([[3.0, 3.5], [3.4, 2.8]])  # domain 0 rises from 3.0 to 3.4: forgetting 0.4
+    save_accuracy_matrix_csv(B, run / "continual" / "bpb_matrix.csv", ["text", "net"])
+    md = write_report(run).read_text()
+    assert_png(run / "report" / "bpb_matrix.png")
+    assert "| tasks finished | BPB | BWT | forgetting |" in md
+    assert "| 2 | 3.1 | -0.4 | 0.4 |" in md
+
+
 def make_sweep(tmp_path: Path) -> Path:
     sweep = tmp_path / "sweep"
     settings = [("1e-3", "32", 1.2), ("3e-3", "32", 0.8), ("1e-3", "64", 0.9)]

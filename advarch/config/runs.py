@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from advarch.checkpoint import describe, newest_readable, read_checkpoint
 
@@ -12,12 +16,47 @@ log = logging.getLogger("advarch")
 WANDB_ID_FILE = "wandb_id.txt"
 
 
-def resolve_checkpoint(ckpt_path: str | None, runs_dir: Path) -> Path | None:
+RESUME_MUST_MATCH = ("model", "data", "strategy", "seed")  # what makes a checkpoint "this run"
+IRRELEVANT = {"data": ("cache_dir", "num_workers")}  # keys that change no result
+
+
+def _differences(saved: Any, current: Any, key: str) -> str | None:
+    """The first `key=value` that differs between two resolved configs (None if none)."""
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        skip = IRRELEVANT.get(key, ())
+        for name in sorted(set(saved) | set(current)):
+            if name in skip:
+                continue
+            found = _differences(saved.get(name), current.get(name), f"{key}.{name}")
+            if found:
+                return found
+        return None
+    return None if saved == current else f"{key}={saved!r} there, {current!r} now"
+
+
+def config_mismatch(ckpt: Mapping[str, Any], cfg: DictConfig) -> str | None:
+    """Why `ckpt` was not written by a run of this configuration (None when it was)."""
+    saved = (ckpt.get("hyper_parameters") or {}).get("cfg")
+    if saved is None:
+        return "no saved advarch config"
+    current = OmegaConf.to_container(cfg, resolve=True)
+    for key in RESUME_MUST_MATCH:
+        found = _differences(saved.get(key), current.get(key), key)
+        if found:
+            return found
+    return None
+
+
+def resolve_checkpoint(
+    ckpt_path: str | None, runs_dir: Path, cfg: DictConfig | None = None
+) -> Path | None:
     """The checkpoint a run resumes from, and a log line saying which (or why none).
 
     `None` → fresh start; `auto` → the newest readable checkpoint of this run name
-    (`<runs_dir>/*/checkpoints/*.ckpt`, newest first; unreadable ones are skipped with a
-    warning); anything else must be a readable checkpoint file (one CheckpointError line).
+    (`<runs_dir>/*/checkpoints/*.ckpt`, newest first) written by a run of the same model,
+    data, strategy and seed as `cfg` (trainer settings such as max_steps may change);
+    unreadable or foreign ones are skipped with a warning naming the file and the reason.
+    Anything else must be a readable checkpoint file (one CheckpointError line).
     """
     if ckpt_path is None:
         return None
@@ -29,12 +68,18 @@ def resolve_checkpoint(ckpt_path: str | None, runs_dir: Path) -> Path | None:
     if not candidates:
         log.info("ckpt_path=auto: no checkpoint under %s yet; starting fresh", runs_dir)
         return None
-    path, ckpt, skipped = newest_readable(candidates)
+    if cfg is None:
+        path, ckpt, skipped = newest_readable(candidates)
+    else:
+        path, ckpt, skipped = newest_readable(
+            candidates, mismatch=lambda c: config_mismatch(c, cfg)
+        )
     for reason in skipped:
         log.warning("ckpt_path=auto: skipping %s", reason)
     if path is None:
         log.warning(
-            "ckpt_path=auto: none of the %d checkpoints under %s is readable; starting fresh",
+            "ckpt_path=auto: no readable checkpoint of this configuration among the %d under "
+            "%s; starting fresh",
             len(candidates),
             runs_dir,
         )

@@ -37,7 +37,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
-from advarch.data.sampling import resumable_loader
+from advarch.data.stream import TaskStream
 from advarch.spec import DataSpec, TaskSchedule
 
 InputFormat = Literal["features", "tokens"]
@@ -232,20 +232,13 @@ class DigitsDataModule(_DigitsBase):
         return self._loader(self.data["test"], shuffle=False)
 
 
-class ContinualDataModule(_DigitsBase):
-    """A stream of tasks trained one after another inside ONE `trainer.fit`.
+class ContinualDataModule(TaskStream, _DigitsBase):
+    """A stream of digit tasks trained one after another inside ONE `trainer.fit`.
 
-    Contract with the Trainer (train.py applies `trainer_overrides`):
-
-    - `Trainer(max_epochs=num_tasks * epochs_per_task, reload_dataloaders_every_n_epochs=1)`.
-    - `train_dataloader()` serves the task of the trainer's current epoch (`self.schedule`, a
-      pure function of the epoch Lightning restores from a checkpoint), shuffled by
-      (seed + task, epoch) and skipping batches a resumed epoch already trained on, so a
-      resumed run trains exactly what the uninterrupted run would. The strategy finishes a
-      task (EWC consolidates) in `on_train_epoch_end` when `schedule.ends_task(epoch)`.
-    - `val_dataloader()` / `test_dataloader()` return one loader PER TASK, always all tasks
-      (seen and unseen), so `dataloader_idx == task id` and the strategy can fill the accuracy
-      matrix R[i, j] = accuracy on task j after training task i.
+    The stream contract (Trainer overrides, the task of each epoch from `self.schedule`, a
+    resumable training loader, one evaluation loader per task) is
+    `advarch.data.stream.TaskStream`; the per-task loaders let the strategy fill the accuracy
+    matrix R[i, j] = accuracy on task j after training task i.
 
     Labels follow `scenario` (module docstring); `spec.num_classes` is classes per task for
     `task`/`domain` and `num_tasks * classes_per_task` for `class`; `spec.task_names` always
@@ -305,25 +298,6 @@ class ContinualDataModule(_DigitsBase):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Task `task`'s view of a split: `(images (n, 8, 8), within-task labels (n,))`."""
 
-    @property
-    def max_epochs(self) -> int:
-        """Epochs of the whole stream: `num_tasks * epochs_per_task` (the Trainer's max_epochs)."""
-        return self.schedule.max_epochs
-
-    @property
-    def trainer_overrides(self) -> dict[str, int]:
-        """The Trainer arguments of the contract above (train.py applies them)."""
-        return self.schedule.trainer_overrides
-
-    def task_of_epoch(self, epoch: int) -> int:
-        """The task trained during `epoch` (clamped to the last task)."""
-        return self.schedule.task_of_epoch(epoch)
-
-    @property
-    def current_task(self) -> int:
-        """The task of the attached trainer's current epoch, 0 without a trainer."""
-        return 0 if self.trainer is None else self.task_of_epoch(self.trainer.current_epoch)
-
     def setup(self, stage: str | None = None) -> None:
         """Build every task of every split once (idempotent)."""
         if self.data:
@@ -339,21 +313,10 @@ class ContinualDataModule(_DigitsBase):
                     labelled_dataset(task_images, labels, task, self.input_format)
                 )
 
-    def train_dataloader(self) -> DataLoader:
-        task = self.current_task
-        return resumable_loader(
-            self.data["train"][task],
-            self.batch_size,
-            self.seed + task,
-            self.trainer,
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(d, shuffle=False) for d in self.data["val"]]
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(d, shuffle=False) for d in self.data["test"]]
+    def task_loader(
+        self, split: str, task: int, batch_size: int, shuffle: bool, seed: int
+    ) -> DataLoader:
+        return make_loader(self.data[split][task], batch_size, shuffle, seed, self.num_workers)
 
 
 def task_permutation(seed: int, task: int) -> np.ndarray:

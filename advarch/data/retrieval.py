@@ -23,10 +23,13 @@ Design (the choices the issue left open):
   short once the whole database was searched is filled with missing neighbours (a warning
   says how many).
 - **Cache**: `build_or_load` keys a folder by a hash of (corpus fingerprint, chunk_size,
-  pad_id, embedder config, K, index settings) and stores embeddings, the serialised faiss
-  index and the neighbour table as `.npy` (written to a temp file, then `os.replace`d).
-  Loading reads the neighbour table and embeddings as memory maps and deserialises the
-  index only if a live query needs it.
+  pad_id, embedder config, K, index settings) and stores embeddings and the neighbour table
+  as `.npy` and the faiss index as `index.faiss` (each written to a temp file, then
+  `os.replace`d). Loading memory-maps the neighbour table and embeddings, and the index only
+  if a live query needs it (faiss maps flat codes and IVF lists from the file).
+- **Scale**: `ivf` / `ivfpq` train on a sample (TRAIN_POINTS_PER_LIST per list), add in
+  slices, and `ivfpq` stores d/8 bytes per chunk; the exact re-ranking reads only the
+  candidate rows of the memory-mapped embeddings.
 """
 
 from __future__ import annotations
@@ -47,10 +50,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
+INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 FLAT_MAX_CHUNKS = 16_384  # `index=auto` searches exactly up to this many database chunks
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _QUERY_BATCH = 8192  # query chunks embedded and searched at a time (bounds peak memory)
+TRAIN_POINTS_PER_LIST = 64  # IVF k-means sample: this many points per list (faiss wants >= 39)
+MIN_TRAIN_POINTS = 16_384  # and at least this many (PQ's 256-centroid codebooks want ~10k)
+RERANK = 4  # ivfpq: candidates per wanted hit, re-scored exactly from the stored embeddings
 
 
 def byte_decode(ids: Sequence[int]) -> str:
@@ -76,27 +82,30 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
-_FNV_PRIME = np.uint64(0x100000001B3)
-_GOLDEN = 0x9E3779B97F4A7C15
+_FNV32_PRIME = np.uint32(0x01000193)
+_GOLDEN32 = 0x9E3779B9
 
 
-def _splitmix64(h: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser: spreads every input bit over all 64 output bits."""
-    h = h ^ (h >> np.uint64(30))
-    h = h * np.uint64(0xBF58476D1CE4E5B9)
-    h = h ^ (h >> np.uint64(27))
-    h = h * np.uint64(0x94D049BB133111EB)
-    return h ^ (h >> np.uint64(31))
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser, in place: spreads every input bit over all output bits."""
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h
 
 
 class HashedNgramEmbedder:
     """Weight-free embedding: signed counts of hashed token n-grams (the hashing trick).
 
     With the byte-level tokenizer token n-grams are byte n-grams, so chunks sharing phrases
-    land close. Each n-gram's 64-bit hash picks a bucket (low bits) and a sign (top bit,
-    which makes collisions cancel in expectation); counts are damped with sign·log1p(|x|)
-    when `sublinear_tf` (a tf-idf-like down-weighting of repeated n-grams) and rows are
-    L2-normalised. n-grams touching `pad_id` are ignored. Vectorised over a batch of chunks.
+    land close. Each n-gram's 32-bit hash (FNV-1a over its tokens, MurmurHash3 finaliser)
+    modulo 2·dim picks a bucket (hash // 2) and a sign (its lowest bit, which makes collisions
+    cancel in expectation); counts are damped with sign·log1p(|x|) when `sublinear_tf` (a
+    tf-idf-like down-weighting of repeated n-grams) and rows are L2-normalised. n-grams
+    touching `pad_id` are ignored. Vectorised over batches of `batch_size` chunks, small enough
+    that the (batch, 2·dim) count table stays in cache: one integer bincount per batch.
     """
 
     def __init__(
@@ -106,7 +115,7 @@ class HashedNgramEmbedder:
         seed: int = 0,
         pad_id: int | None = None,
         sublinear_tf: bool = True,
-        batch_size: int = 8192,
+        batch_size: int = 1024,
     ) -> None:
         if dim <= 0:
             raise ValueError(f"data.retrieval.embedder.dim={dim} must be positive")
@@ -116,8 +125,8 @@ class HashedNgramEmbedder:
         self.pad_id, self.sublinear_tf, self.batch_size = pad_id, sublinear_tf, batch_size
 
     def cache_key(self) -> str:
-        cfg = {"name": "hashed_ngram", "dim": self.dim, "n": self.n, "seed": self.seed}
-        cfg |= {"pad_id": self.pad_id, "sublinear_tf": self.sublinear_tf}
+        cfg = {"name": "hashed_ngram", "hash": "fnv1a32+fmix32", "dim": self.dim, "n": self.n}
+        cfg |= {"seed": self.seed, "pad_id": self.pad_id, "sublinear_tf": self.sublinear_tf}
         return json.dumps(cfg, sort_keys=True)
 
     def embed(self, chunks: np.ndarray) -> np.ndarray:
@@ -132,26 +141,34 @@ class HashedNgramEmbedder:
 
     def _embed_batch(self, chunks: np.ndarray) -> np.ndarray:
         n, c = chunks.shape
-        toks = chunks.astype(np.int64).astype(np.uint64) + np.uint64(1)  # (n, c); 0 stays unused
-        real = chunks != self.pad_id if self.pad_id is not None else np.ones_like(chunks, bool)
-        counts = np.zeros(n * self.dim)
-        row_base = (np.arange(n) * self.dim)[:, None]  # (n, 1)
+        slots = np.uint32(2 * self.dim)  # bucket·2 + sign bit
+        toks = chunks.astype(np.uint32) + np.uint32(1)  # (n, c); 0 stays unused
+        pad = chunks == self.pad_id if self.pad_id is not None else None
+        if pad is not None and pad.any():  # pads before each position: windows without pad
+            pads_before = np.zeros((n, c + 1), dtype=np.int32)
+            np.cumsum(pad, axis=1, dtype=np.int32, out=pads_before[:, 1:])
+        else:
+            pads_before = None
+        row_base = np.arange(n, dtype=np.uint32)[:, None] * slots  # (n, 1)
+        hits = []
         for g in self.n:
             if g > c:
                 continue
             w = c - g + 1
-            salt = (self.seed * _GOLDEN + g * 0x632BE59BD9B4E019) % 2**64
-            h = np.full((n, w), salt, dtype=np.uint64)  # (n, w) one hash per n-gram window
+            salt = (self.seed * _GOLDEN32 + g * 0x632BE59B) % 2**32
+            h = np.full((n, w), salt, dtype=np.uint32)  # (n, w) one hash per n-gram window
             for j in range(g):  # FNV-1a over the g tokens of every window at once
-                h = (h ^ toks[:, j : j + w]) * _FNV_PRIME
-            h = _splitmix64(h)
-            bucket = (h % np.uint64(self.dim)).astype(np.int64)
-            sign = np.where(h >> np.uint64(63), 1.0, -1.0)
-            valid = np.lib.stride_tricks.sliding_window_view(real, g, axis=1).all(-1)  # (n, w)
-            counts += np.bincount(
-                (row_base + bucket).ravel(), weights=(sign * valid).ravel(), minlength=n * self.dim
-            )
-        x = counts.reshape(n, self.dim)
+                h ^= toks[:, j : j + w]
+                h *= _FNV32_PRIME
+            h = _fmix32(h) % slots + row_base  # (n, w) flat slot in the (n, 2·dim) table
+            if pads_before is not None:
+                h = h[pads_before[:, g:] == pads_before[:, :w]]
+            hits.append(h.ravel())
+        counts = np.bincount(np.concatenate(hits), minlength=n * int(slots)) if hits else None
+        if counts is None:
+            return np.zeros((n, self.dim), np.float32)
+        counts = counts.reshape(n, self.dim, 2)
+        x = (counts[..., 1] - counts[..., 0]).astype(np.float32)  # (n, dim) signed counts
         if self.sublinear_tf:
             x = np.sign(x) * np.log1p(np.abs(x))
         return _l2_normalise(x)
@@ -286,6 +303,19 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _pq_subquantisers(d: int) -> int:
+    """PQ sub-quantisers for width d: one per 8 dimensions (8-bit codes), a divisor of d."""
+    return max(q for q in range(1, max(1, d // 8) + 1) if d % q == 0)
+
+
+def _read_index(path: Path) -> faiss.Index:
+    """The index at `path`, memory-mapped where faiss can (flat codes, IVF lists)."""
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+
+
 class RetrievalDatabase:
     """Chunk database over a training corpus, its faiss index and precomputed neighbours.
 
@@ -296,8 +326,10 @@ class RetrievalDatabase:
         chunk_size: tokens per chunk (c).
         num_neighbours: neighbours per chunk (K).
         embedder: an `Embedder`; default `HashedNgramEmbedder(pad_id=pad_id)`.
-        index: `flat` (exact inner product), `ivf` (IVF-Flat, nlist ≈ √M), `hnsw`, or `auto`
-            (flat up to FLAT_MAX_CHUNKS chunks, else ivf).
+        index: `flat` (exact inner product), `ivf` (IVF-Flat, nlist ≈ √M), `ivfpq` (IVF with
+            8-bit product-quantised codes, d/8 bytes per chunk, for millions of chunks; hits
+            re-ranked exactly from the stored embeddings), `hnsw`, or `auto` (flat up to
+            FLAT_MAX_CHUNKS chunks, else ivf).
         nprobe: IVF lists probed per query.
         ef_search: HNSW search breadth.
         search_margin: extra hits asked for in the first search, to survive exclusion.
@@ -340,7 +372,7 @@ class RetrievalDatabase:
         self.train_neighbours: np.ndarray | None = None  # (Q, K) chunk ids, -1 = missing
         self.missing = 0  # neighbour slots filled with padding while precomputing
         self._index: faiss.Index | None = None
-        self._index_bytes: np.ndarray | None = None
+        self._index_path: Path | None = None  # index.faiss of the cache folder it came from
 
     # ---- build, save, load --------------------------------------------------------------
     def cache_key(self) -> str:
@@ -390,19 +422,24 @@ class RetrievalDatabase:
         return "flat" if len(self.chunks) <= FLAT_MAX_CHUNKS else "ivf"
 
     def _build_index(self, emb: np.ndarray) -> faiss.Index:
+        """The index over emb (M, d); IVF kinds train their coarse quantiser (and PQ codebooks)
+        on a random sample of TRAIN_POINTS_PER_LIST·nlist rows, so training stays cheap at any M."""
         m, d = emb.shape
         kind = self.resolved_index_kind
         if kind == "flat":
             index = faiss.IndexFlatIP(d)
-        elif kind == "ivf":
-            nlist = max(1, min(int(round(math.sqrt(m))), m // 39 or 1))  # faiss: >= 39 pts/list
-            index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-            rng = np.random.default_rng(0)
-            sample = rng.choice(m, size=min(m, 256 * nlist), replace=False)
-            index.train(emb[np.sort(sample)])
-        else:
+        elif kind == "hnsw":
             index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.add(emb)
+        else:
+            nlist = max(1, min(int(round(math.sqrt(m))), m // 39 or 1))  # faiss: >= 39 pts/list
+            codes = "Flat" if kind == "ivf" else f"PQ{_pq_subquantisers(d)}"
+            index = faiss.index_factory(d, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(0)
+            size = min(m, max(TRAIN_POINTS_PER_LIST * nlist, MIN_TRAIN_POINTS))
+            sample = rng.choice(m, size=size, replace=False)
+            index.train(np.ascontiguousarray(emb[np.sort(sample)]))
+        for i in range(0, m, 65536):  # add in slices: memory-mapped embeddings stay paged out
+            index.add(np.ascontiguousarray(emb[i : i + 65536]))
         self._set_search_params(index)
         return index
 
@@ -414,11 +451,11 @@ class RetrievalDatabase:
 
     @property
     def index(self) -> faiss.Index:
-        """The faiss index, deserialised on first use after a cache load."""
+        """The faiss index, read (memory-mapped) from the cache folder on first use after a load."""
         if self._index is None:
-            if self._index_bytes is None:
+            if self._index_path is None:
                 raise RuntimeError("retrieval database not built: call build() or build_or_load()")
-            self._index = faiss.deserialize_index(np.ascontiguousarray(self._index_bytes))
+            self._index = _read_index(self._index_path)
             self._set_search_params(self._index)
         return self._index
 
@@ -427,7 +464,9 @@ class RetrievalDatabase:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         _save_npy(folder / "embeddings.npy", self.embeddings)
-        _save_npy(folder / "index.npy", faiss.serialize_index(self.index))
+        tmp = folder / f".index.faiss.{os.getpid()}.tmp"
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, folder / "index.faiss")
         _save_npy(folder / "neighbours.npy", self.train_neighbours)
         meta = {"key": self.cache_key(), "index": self.resolved_index_kind}
         meta |= {"chunks": len(self.chunks), "missing": self.missing}
@@ -436,7 +475,10 @@ class RetrievalDatabase:
         os.replace(tmp, folder / "meta.json")
 
     def load(self, folder: str | os.PathLike) -> bool:
-        """Loads a folder written by `save` for this exact configuration; False if absent."""
+        """Loads a folder written by `save` for this exact configuration; False if absent.
+
+        Embeddings and the neighbour table are memory maps; the index is memory-mapped from
+        `index.faiss` only when a live query needs it."""
         folder = Path(folder)
         try:
             meta = json.loads((folder / "meta.json").read_text())
@@ -446,17 +488,42 @@ class RetrievalDatabase:
             return False
         self.embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
         self.train_neighbours = np.load(folder / "neighbours.npy", mmap_mode="r")
-        self._index_bytes = np.load(folder / "index.npy", mmap_mode="r")  # read on first use
-        self._index, self.missing = None, int(meta["missing"])
+        self._index_path, self._index, self.missing = (
+            folder / "index.faiss",
+            None,
+            int(meta["missing"]),
+        )
         return True
 
     def __getstate__(self) -> dict:
-        """DataLoader workers get the arrays; the faiss index is rebuilt from bytes if needed."""
+        """DataLoader workers get the arrays; the faiss index travels as bytes, or as its path
+        when it was loaded from a cache folder (each worker memory-maps it itself)."""
         state = self.__dict__.copy()
-        if state["_index"] is not None:
+        if state["_index"] is not None and state["_index_path"] is None:
             state["_index_bytes"] = faiss.serialize_index(state["_index"])
         state["_index"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        index_bytes = state.pop("_index_bytes", None)
+        self.__dict__.update(state)
+        if index_bytes is not None:
+            self._index = faiss.deserialize_index(index_bytes)
+            self._set_search_params(self._index)
+
+    def _index_search(self, queries: np.ndarray, width: int) -> np.ndarray:
+        """Top `width` chunk ids per query (n, width), -1 past the end; ivfpq re-ranks RERANK×
+        more PQ candidates by their exact inner products with the stored embeddings."""
+        if self.resolved_index_kind != "ivfpq":
+            return self.index.search(queries, width)[1]
+        cand = self.index.search(queries, min(len(self.chunks), RERANK * width))[1]  # (n, w')
+        flat = np.unique(cand[cand >= 0])
+        emb = np.asarray(self.embeddings[flat])  # (u, d) touched rows only (memory map)
+        pos = np.searchsorted(flat, np.maximum(cand, 0))
+        scores = np.einsum("nwd,nd->nw", emb[pos], queries)  # (n, w')
+        scores[cand < 0] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+        return np.take_along_axis(cand, order, 1)
 
     # ---- search -------------------------------------------------------------------------
     def search(self, queries: np.ndarray, exclude: np.ndarray, missing_ok: bool = True):
@@ -475,7 +542,7 @@ class RetrievalDatabase:
         todo = np.arange(len(queries))
         width = min(m, k + self.search_margin)
         while todo.size:
-            _, ids = self.index.search(np.ascontiguousarray(queries[todo]), width)  # (n', w)
+            ids = self._index_search(np.ascontiguousarray(queries[todo]), width)  # (n', w)
             if width < k:
                 ids = np.pad(ids, ((0, 0), (0, k - width)), constant_values=-1)
             doc = self.chunk_doc[ids]  # ids of -1 read a real doc here but are dropped below
@@ -605,20 +672,18 @@ class RetrievalDatabase:
         """Neighbours of several training sequences: (S, L, K, R) long (for a collate_fn)."""
         return torch.from_numpy(self.neighbour_tokens(self.sequence_neighbour_ids(starts, length)))
 
-    def query_neighbours(
+    def query_neighbour_ids(
         self, tokens: np.ndarray, doc_ids: np.ndarray | None = None
-    ) -> torch.Tensor:
-        """Neighbours of held-out sequences (validation/test): tokens (S, T) -> (S, L, K, R).
+    ) -> np.ndarray:
+        """Neighbour chunk ids of sequences searched live: tokens (S, T) -> (S, L, K) int64.
 
         Args:
-            tokens: (S, T) or (T,) token ids, T a multiple of chunk_size.
+            tokens: (S, T) token ids, T a multiple of chunk_size.
             doc_ids: same shape, ids in the *training* id space to exclude (chunk u excludes the
                 documents of its own tokens and of chunk u + 1). None for text whose documents
                 are not in the database (the usual validation split): nothing is excluded.
         """
         tokens = np.asarray(tokens, dtype=np.int64)
-        squeeze = tokens.ndim == 1
-        tokens = tokens.reshape(-1, tokens.shape[-1])  # (S, T)
         s, num_chunks = len(tokens), self._check_length(tokens.shape[1])
         windows = None
         if doc_ids is not None:
@@ -627,7 +692,21 @@ class RetrievalDatabase:
             pos = np.arange(num_chunks)[:, None] * self.chunk_size + np.arange(self.neighbour_len)
             windows = d[:, pos].reshape(s * num_chunks, -1)  # (S·L, 2c)
         ids = self._query_ids(tokens.reshape(s * num_chunks, self.chunk_size), windows, True)
-        out = torch.from_numpy(self.neighbour_tokens(ids.reshape(s, num_chunks, -1)))
+        return ids.reshape(s, num_chunks, -1)
+
+    def query_neighbours(
+        self, tokens: np.ndarray, doc_ids: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Neighbours of held-out sequences (validation/test): tokens (S, T) -> (S, L, K, R).
+
+        tokens may also be one sequence (T,) -> (L, K, R); see `query_neighbour_ids`.
+        """
+        tokens = np.asarray(tokens, dtype=np.int64)
+        squeeze = tokens.ndim == 1
+        tokens = tokens.reshape(-1, tokens.shape[-1])  # (S, T)
+        if doc_ids is not None:
+            doc_ids = np.asarray(doc_ids).reshape(tokens.shape)
+        out = torch.from_numpy(self.neighbour_tokens(self.query_neighbour_ids(tokens, doc_ids)))
         return out[0] if squeeze else out
 
 

@@ -7,7 +7,7 @@ always sees permutation(seed, e), and a resumed run skips the batches it already
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -71,6 +71,7 @@ def resumable_loader(
     trainer: object | None,
     num_samples: int | None = None,
     num_workers: int = 0,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A shuffled training loader for the trainer's current epoch, built fresh every epoch.
 
@@ -89,4 +90,5 @@ def resumable_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_fn,
     )

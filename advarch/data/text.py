@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,12 +205,8 @@ class TextDataModule(L.LightningDataModule):
         import datasets
 
         cache = self.cache_root / f"text-{self._fingerprint()}"
-        if not (cache / "meta.json").exists():
-            self._build(cache)
-        self.meta = json.loads((cache / "meta.json").read_text())
-        self.tokenizer = (
-            BPETokenizer(cache / "bpe.json") if self.tokenizer_kind == "bpe" else ByteTokenizer()
-        )
+        self.meta = load_or_build(cache, self._build)
+        self.tokenizer = load_tokenizer(self.tokenizer_kind, cache)
         self.splits = {
             s: datasets.load_from_disk(str(cache / s)).with_format("torch") for s in SPLITS
         }
@@ -217,64 +214,31 @@ class TextDataModule(L.LightningDataModule):
         if self.retrieval_cfg:
             self._attach_retrieval(cache)
 
-    def _build(self, cache: Path) -> None:
-        import datasets
-        import pyarrow as pa
-
+    def _build(self, tmp: Path) -> dict[str, Any]:
+        """Split, tokenise and pack the documents into `tmp`; returns the meta."""
         names, texts = self._documents()
         if self.max_documents is not None:
             names, texts = names[: self.max_documents], texts[: self.max_documents]
         parts = split_documents(len(texts), self.val_fraction, self.test_fraction, self.seed)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         train_texts = [texts[i] for i in parts["train"]]
-        tok = (
-            BPETokenizer.train(train_texts, self.bpe_vocab_size, tmp / "bpe.json")
-            if self.tokenizer_kind == "bpe"
-            else ByteTokenizer()
-        )
-        meta: dict[str, Any] = {
-            "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id,
-            "pad_id": tok.pad_id,
-            "bos_id": tok.bos_id,
-            "documents": {},
-        }
+        tok = train_tokenizer(self.tokenizer_kind, train_texts, self.bpe_vocab_size, tmp)
+        meta: dict[str, Any] = {**token_ids(tok), "documents": {}}
         streams = {}
         for split in SPLITS:
             docs = [texts[i] for i in parts[split]]
-            encoded = tok.encode_batch(docs)
-            tokens = np.concatenate([np.append(e, tok.eos_id) for e in encoded]).astype(np.int32)
-            doc_ids = np.repeat(parts[split], [len(e) + 1 for e in encoded]).astype(np.int32)
-            n_seq = (len(tokens) - 1) // self.seq_len
-            if n_seq < 1:
-                raise ValueError(
-                    f"data: the {split} split has {len(tokens)} tokens, fewer than "
-                    f"data.seq_len={self.seq_len}+1; add documents or shorten seq_len"
-                )
-            window = self.seq_len + 1
-            starts = np.arange(n_seq) * self.seq_len
-            rows = tokens[starts[:, None] + np.arange(window)]  # (n_seq, T+1)
-            table = pa.table(
-                {
-                    "tokens": pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), window),
-                    "start": pa.array(starts.astype(np.int64)),
-                }
+            tokens, doc_ids = pack_documents(
+                tok, docs, parts[split], self.seq_len, tmp / split, f"{split} split"
             )
-            datasets.Dataset(table).save_to_disk(str(tmp / split))
-            n_bytes = sum(len(d.encode("utf-8")) for d in docs)
             meta["documents"][split] = [names[i] for i in parts[split]]
-            meta[f"{split}_tokens"], meta[f"{split}_bytes"] = int(len(tokens)), int(n_bytes)
+            meta[f"{split}_tokens"] = int(len(tokens))
+            meta[f"{split}_bytes"] = int(sum(len(d.encode("utf-8")) for d in docs))
             streams[split] = tokens
             np.save(tmp / f"{split}_tokens.npy", tokens)
             np.save(tmp / f"{split}_docs.npy", doc_ids)
         meta["unigram_bpb"] = unigram_bits_per_byte(
             streams["train"], streams["val"], tok.vocab_size, meta["val_bytes"]
         )
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
+        return meta
 
     def _attach_retrieval(self, cache: Path) -> None:
         from advarch.data.retro_data import NeighbourLookup
@@ -307,11 +271,7 @@ class TextDataModule(L.LightningDataModule):
         return self.meta[f"{split}_bytes"] / self.meta[f"{split}_tokens"]
 
     def _eval_subset(self, split: str):
-        ds = self.splits[split]
-        n = self.max_eval_sequences
-        if n is None or n >= len(ds):
-            return ds
-        return ds.select(np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
+        return eval_subset(self.splits[split], self.max_eval_sequences)
 
     def _loader(self, ds, shuffle: bool, split: str) -> DataLoader:
         sampler = None
@@ -338,6 +298,94 @@ class TextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self._prepare()
         return self._loader(self._eval_subset("test"), False, "test")
+
+
+def load_or_build(cache: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """The meta.json of a cache folder; when it is missing, `build(tmp)` fills a temporary
+    folder and returns the meta, and the folder is moved into place atomically."""
+    if not (cache / "meta.json").exists():
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / "meta.json").write_text(json.dumps(build(tmp)))
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+    return json.loads((cache / "meta.json").read_text())
+
+
+def train_tokenizer(
+    kind: str, texts: list[str], bpe_vocab_size: int, folder: Path
+) -> ByteTokenizer | BPETokenizer:
+    """The byte tokenizer, or a BPE trained on `texts` and saved as `folder/bpe.json`."""
+    if kind == "bpe":
+        return BPETokenizer.train(texts, bpe_vocab_size, folder / "bpe.json")
+    return ByteTokenizer()
+
+
+def load_tokenizer(kind: str, folder: Path) -> ByteTokenizer | BPETokenizer:
+    """The tokenizer `train_tokenizer` made for a cache folder."""
+    return BPETokenizer(folder / "bpe.json") if kind == "bpe" else ByteTokenizer()
+
+
+def token_ids(tok: ByteTokenizer | BPETokenizer) -> dict[str, int]:
+    """The meta fields every tokenised cache records: vocabulary size and special ids."""
+    return {
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+        "bos_id": tok.bos_id,
+    }
+
+
+def eval_subset(ds: Any, n: int | None) -> Any:
+    """`n` evenly spaced rows of a dataset (all of it when n is None or larger)."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.select(np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
+
+
+def pack_documents(
+    tok: ByteTokenizer | BPETokenizer,
+    docs: list[str],
+    doc_index: np.ndarray,
+    seq_len: int,
+    out: Path,
+    label: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise `docs`, join them with <eos>, cut the stream into rows of `seq_len` + 1 tokens
+    (consecutive rows share one token) and save them as an Arrow dataset at `out`
+    (columns `tokens` (T+1,) and `start`); `label` names the documents in errors.
+
+    Returns:
+        `(tokens, doc_ids)`: the whole token stream and, per token, its document's index
+        (from `doc_index`), both int32.
+
+    Raises:
+        ValueError: naming `data.seq_len` when the documents hold fewer than seq_len+1 tokens.
+    """
+    import datasets
+    import pyarrow as pa
+
+    encoded = tok.encode_batch(docs)
+    tokens = np.concatenate([np.append(e, tok.eos_id) for e in encoded]).astype(np.int32)
+    doc_ids = np.repeat(doc_index, [len(e) + 1 for e in encoded]).astype(np.int32)
+    n_seq = (len(tokens) - 1) // seq_len
+    if n_seq < 1:
+        raise ValueError(
+            f"data: the {label} has {len(tokens)} tokens, fewer than "
+            f"data.seq_len={seq_len}+1; add documents or shorten seq_len"
+        )
+    window = seq_len + 1
+    starts = np.arange(n_seq) * seq_len
+    rows = tokens[starts[:, None] + np.arange(window)]  # (n_seq, T+1)
+    table = pa.table(
+        {
+            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), window),
+            "start": pa.array(starts.astype(np.int64)),
+        }
+    )
+    datasets.Dataset(table).save_to_disk(str(out))
+    return tokens, doc_ids
 
 
 class LMCollate:

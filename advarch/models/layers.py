@@ -1,7 +1,7 @@
 """One residual layer: pre-norm sequence mixer, optional cross-attention, pre-norm FFN or MoE.
 
-The mixer (dense attention, sliding-window attention, selective SSM) and the FFN (dense, MoE)
-are chosen per layer by name, so hybrid stacks are a list in the config.
+The mixer (dense attention, sliding-window attention, selective SSM, Mamba-2 SSD) and the FFN
+(dense, MoE) are chosen per layer by name, so hybrid stacks are a list in the config.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from advarch.models.blocks.attention import Attention
 from advarch.models.blocks.ffn import FeedForward
 from advarch.models.blocks.norm import make_norm
 
-MIXERS = ("attn", "swa", "ssm", "none")
+MIXERS = ("attn", "swa", "ssm", "ssd", "none")
 FFNS = ("dense", "moe", "none")
 
 
@@ -37,7 +37,7 @@ class LayerContext:
 def make_mixer(
     kind: str, dim: int, num_heads: int, causal: bool, dropout: float, cfg: dict
 ) -> nn.Module | None:
-    """Build a sequence mixer by name; `cfg` holds its block options (model.swa / model.ssm)."""
+    """Build a sequence mixer by name; `cfg` holds its block options (model.swa / ssm / ssd)."""
     if kind == "attn":
         return Attention(dim, num_heads, causal=causal, dropout=dropout)
     if kind == "swa":
@@ -54,6 +54,10 @@ def make_mixer(
         from advarch.models.blocks.ssm import SelectiveSSM
 
         return SelectiveSSM(dim, **cfg)
+    if kind == "ssd":
+        from advarch.models.blocks.ssd import Mamba2
+
+        return Mamba2(dim, **cfg)
     if kind == "none":
         return None
     raise ValueError(f"model.layers: unknown layer {kind!r}; choose from {', '.join(MIXERS)}")

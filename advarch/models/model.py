@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from advarch.models.blocks.attention import Attention, check_heads
@@ -56,6 +57,7 @@ class Model(nn.Module):
         moe: dict | None = None,
         swa: dict | None = None,
         ssm: dict | None = None,
+        ssd: dict | None = None,
         retro: dict | None = None,
     ) -> None:
         super().__init__()
@@ -63,7 +65,10 @@ class Model(nn.Module):
             raise ValueError(f"model.dim={dim} and model.depth={depth} must be positive")
         check_heads(dim, num_heads)
         self.spec, self.dim = spec, dim
-        self.block_cfg = {"moe": dict(moe or {}), "swa": dict(swa or {}), "ssm": dict(ssm or {})}
+        self.block_cfg = {
+            name: dict(options or {})
+            for name, options in (("moe", moe), ("swa", swa), ("ssm", ssm), ("ssd", ssd))
+        }
         self.ffn_hidden = ffn_hidden or 4 * dim
         self.options = dict(num_heads=num_heads, activation=activation, norm=norm, dropout=dropout)
         self.input = self._make_input(spec, dim, feature_patch)
@@ -101,11 +106,8 @@ class Model(nn.Module):
         if spec.vocab_size:
             return nn.Embedding(spec.vocab_size, dim)
         if spec.num_features:
-            if feature_patch < 1 or spec.num_features % feature_patch:
-                raise ValueError(
-                    f"model.feature_patch={feature_patch} must divide the data's "
-                    f"{spec.num_features} features"
-                )
+            if feature_patch < 1:
+                raise ValueError(f"model.feature_patch={feature_patch} must be >= 1")
             return FeaturePatches(spec.num_features, feature_patch, dim)
         raise ValueError(f"data spec {spec.kind!r} has neither vocab_size nor num_features")
 
@@ -284,14 +286,17 @@ class Model(nn.Module):
 
 
 class FeaturePatches(nn.Module):
-    """(B, F) features → (B, F/p, D) tokens: each group of p features is one token."""
+    """(B, F) features → (B, ⌈F/p⌉, D) tokens: each group of p features is one token; the
+    last group is zero-padded when p does not divide F (e.g. 100 features in patches of 8)."""
 
     def __init__(self, num_features: int, patch: int, dim: int) -> None:
         super().__init__()
         self.patch = patch
+        self.pad = -num_features % patch  # zeros appended to fill the last patch
         self.proj = nn.Linear(patch, dim)
-        self.position = nn.Parameter(torch.zeros(num_features // patch, dim))
+        self.position = nn.Parameter(torch.zeros(-(-num_features // patch), dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
+        x = F.pad(x, (0, self.pad)) if self.pad else x  # (B, ⌈F/p⌉·p)
         return self.proj(x.view(b, -1, self.patch).to(self.proj.weight.dtype)) + self.position

@@ -1,17 +1,20 @@
-"""Continual learning inside one `trainer.fit`: task boundaries, accuracy matrix, expert masks.
+"""Continual learning inside one `trainer.fit`: task boundaries, metric matrix, expert masks.
 
 Used directly (`strategy=naive`) this is plain sequential fine-tuning on the stream; EWC
 (`strategies/ewc.py`) adds a penalty through `extra_loss` and a `consolidate` hook.
 
-The continual datamodule (`advarch/data/digits.py`) switches the training task at epoch
-boundaries and validates on one loader per task. At the end of each task this module
-evaluates every task (seen and unseen) on the validation split to fill the accuracy matrix
-R[i, j] = accuracy on task j after training task i (the untrained model's accuracies b_j are
-measured once at fit start), logs `cl/avg_acc`, `cl/bwt`, `cl/fwt`, `cl/forgetting`
-(definitions in `advarch/continual_metrics.py`), writes `<run>/continual/accuracy_matrix.csv`
-and `<run>/plots/accuracy_matrix.png`, then calls `consolidate(task)`. The matrix, b and the
-number of finished tasks live in the checkpoint, and a resumed run catches up on any task
-boundary the checkpoint was saved before.
+The stream (`advarch/data/stream.py`: permuted/split/rotated digits, text domains) switches
+the training task at epoch boundaries and validates on one loader per task. The per-task
+metric is accuracy for classification streams (higher is better) and bits per byte for
+language-model streams (lower is better; each domain's own bytes per token). At the end of
+each task this module evaluates every task (seen and unseen) on the validation split to fill
+the matrix R[i, j] = metric on task j after training task i (the untrained model's values
+b_j are measured once at fit start), logs `cl/avg_acc` or `cl/avg_bpb`, `cl/bwt`, `cl/fwt`,
+`cl/forgetting` (definitions and sign conventions in `advarch/continual_metrics.py`), writes
+`<run>/continual/<metric>_matrix.csv` and `<run>/plots/<metric>_matrix.png`, then calls
+`consolidate(task)`. The matrix, b and the number of finished tasks live in the checkpoint
+(keys `accuracy_matrix`, `initial_accuracy` whatever the metric), and a resumed run catches
+up on any task boundary the checkpoint was saved before.
 
 Expert masks (MoE models, `expert_masks=true`): task t owns experts [t·E/T, (t+1)·E/T) of every
 MoE layer (the remainder of E/T experts is never used). Training on task t masks the router to
@@ -24,9 +27,10 @@ everything except the current task's experts and per-task head rows is restored 
 way after task 0, so old tasks' outputs in task-incremental evaluation are bit-identical.
 Frozen tensors stay in the optimizer, so the optimizer state of a resumed run matches.
 
-`joint=true` is the multi-task upper bound on the same stream: each epoch trains on a random
-1/T of the concatenation of ALL tasks' training sets (so the number of optimizer steps equals
-the sequential runs'), by replacing the datamodule's `train_dataloader` at `setup("fit")`.
+`joint=true` is the multi-task upper bound on the same stream: each epoch draws from ALL
+tasks' training sets as many examples as one task's epoch (`TaskStream.joint_train_loader`,
+so the number of optimizer steps equals the sequential runs'), by replacing the datamodule's
+`train_dataloader` at `setup("fit")`.
 
 Shapes: B batch, E experts per MoE layer, T tasks, C classes per head.
 """
@@ -39,9 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchmetrics
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader
 
 from advarch.checkpoint import CheckpointError
 from advarch.continual_metrics import (
@@ -49,15 +54,15 @@ from advarch.continual_metrics import (
     plot_accuracy_matrix,
     save_accuracy_matrix_csv,
 )
-from advarch.data.sampling import resumable_loader
 from advarch.models.output import ModelOutput
 from advarch.spec import DataSpec, TaskSchedule
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.freezing import FrozenSlice, freeze
-from advarch.strategies.objectives import model_inputs, select_task_logits
+from advarch.strategies.objectives import IGNORE, model_inputs, select_task_logits
 
 Batch = dict[str, torch.Tensor]
 NEEDS_MOE = "strategy.expert_masks=true needs a model with MoE layers (model.ffn contains moe)"
+TASK_METRIC = {"classification": "acc", "lm": "bpb"}  # per-task metric of each data kind
 
 
 def expert_tensors(moe: nn.Module, num_experts: int) -> list[torch.Tensor]:
@@ -78,8 +83,9 @@ class ContinualStrategy(BaseStrategy):
         joint: the upper bound: train on all tasks' data at once (module docstring).
 
     Raises:
-        ValueError: for non-classification data, expert masks on a model without MoE layers
-            or with fewer experts per task than `model.moe.top_k`, and joint with freezing.
+        ValueError: for data that is neither classification nor language modelling, expert
+            masks on a model without MoE layers or with fewer experts per task than
+            `model.moe.top_k`, and joint with freezing.
     """
 
     strategy_name = "naive"
@@ -101,10 +107,11 @@ class ContinualStrategy(BaseStrategy):
         super().__init__(
             model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight
         )
-        if spec.kind != "classification":
+        if spec.kind not in TASK_METRIC:
             raise ValueError(
-                f"strategy={self.strategy_name} needs classification data (a task stream such as "
-                f"data=permuted_digits), got data kind {spec.kind!r}"
+                f"strategy={self.strategy_name} needs a classification or language-model task "
+                f"stream (e.g. data=text_domains or data=permuted_digits), got data kind "
+                f"{spec.kind!r}"
             )
         if joint and freeze_shared_after_first_task:
             raise ValueError(
@@ -113,9 +120,10 @@ class ContinualStrategy(BaseStrategy):
             )
         self.num_tasks = spec.num_tasks
         self.scenario = spec.extras.get("scenario", "task")
+        self.task_metric = TASK_METRIC[spec.kind]  # acc (higher is better) or bpb (lower)
         owner = self._expert_owner(model, spec.num_tasks) if expert_masks else None
         self.register_buffer("expert_owner", owner, persistent=False)  # (E,) task id, -1 = unused
-        self.accuracy_matrix = torch.full((self.num_tasks, self.num_tasks), math.nan)  # R
+        self.accuracy_matrix = torch.full((self.num_tasks, self.num_tasks), math.nan)  # R (acc/bpb)
         self.initial_accuracy = torch.full((self.num_tasks,), math.nan)  # b
         self.finished_tasks = 0
         self.task_acc = nn.ModuleDict(
@@ -166,22 +174,17 @@ class ContinualStrategy(BaseStrategy):
         return self.task_of_epoch(self.current_epoch)
 
     def task_train_loader(self, task: int, batch_size: int, seed: int) -> DataLoader:
-        """A shuffled loader over task `task`'s training set (the datamodule's `data["train"]`)."""
-        return DataLoader(
-            self._train_sets()[task],
-            batch_size=batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        """A shuffled loader over task `task`'s training set, batched as the stream does."""
+        return self._stream().task_loader("train", task, batch_size, True, seed)
 
-    def _train_sets(self) -> list[Any]:
-        data = getattr(self.trainer.datamodule, "data", {}).get("train")
-        if data is None:
+    def _stream(self) -> Any:
+        dm = self.trainer.datamodule
+        if not hasattr(dm, "task_loader"):
             raise ValueError(
-                f"strategy={self.strategy_name} needs a datamodule exposing its "
-                "training sets as data['train'] (one per task)"
+                f"strategy={self.strategy_name} needs a task stream (advarch.data.stream."
+                f"TaskStream, e.g. data=text_domains), got {type(dm).__name__}"
             )
-        return data if isinstance(data, list) else [data]
+        return dm
 
     def _batches(self, loader: DataLoader) -> Any:
         return ({k: v.to(self.device) for k, v in batch.items()} for batch in loader)
@@ -203,18 +206,47 @@ class ContinualStrategy(BaseStrategy):
         return super().forward(batch, **extra)
 
     def log_probs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """(B, C) log p(y|x) of each example's own head, routed as in training (for Fisher)."""
+        """Log-probabilities for the Fisher, routed as in training: (B, C) log p(y|x) of each
+        example's own head, or for language models (B, T, V) per position."""
         inputs, kwargs = model_inputs(batch)
         mask = self.expert_mask(batch, routing_for_training=True)
         if mask is not None:
             kwargs["expert_mask"] = mask
-        logits = select_task_logits(model(inputs, **kwargs).logits, batch.get("task"))
+        logits = model(inputs, **kwargs).logits
+        if self.task_metric == "acc":
+            logits = select_task_logits(logits, batch.get("task"))
         return logits.float().log_softmax(-1)
 
     # -- evaluation of every task ---------------------------------------------------------------
+    def task_scores(self, batch: Batch, out: ModelOutput) -> torch.Tensor:
+        """Per-item scores whose mean is the task metric's raw value: correctness (B,) for
+        classification, the negative log-likelihood in nats of every target token (N,) for
+        language models (padding dropped)."""
+        if self.task_metric == "acc":
+            logits = select_task_logits(out.logits, batch.get("task"))
+            return (logits.argmax(-1) == batch["labels"]).float()
+        labels = batch["labels"].flatten()
+        if self.spec.pad_id >= 0:
+            labels = labels.masked_fill(labels == self.spec.pad_id, IGNORE)
+        nll = F.cross_entropy(
+            out.logits.flatten(0, 1).float(), labels, ignore_index=IGNORE, reduction="none"
+        )
+        return nll[labels != IGNORE]
+
+    def task_value(self, task: int, mean_score: torch.Tensor | float) -> torch.Tensor:
+        """The task metric from a mean score: accuracy as is, nats per token → bits per byte
+        with task `task`'s own bytes per token."""
+        mean = torch.as_tensor(mean_score, dtype=torch.float32)
+        if self.task_metric == "acc":
+            return mean
+        per_task = self.spec.extras.get("task_bytes_per_token")
+        bytes_per_token = per_task[task] if per_task else self.spec.extras["bytes_per_token"]
+        return mean / math.log(2) / bytes_per_token
+
     @torch.no_grad()
     def evaluate_tasks(self) -> torch.Tensor:
-        """(T,) validation accuracy on every task with the current weights, in eval mode."""
+        """(T,) validation metric (acc or bpb) on every task with the current weights, in eval
+        mode."""
         loaders = self.trainer.datamodule.val_dataloader()
         loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
         if len(loaders) != self.num_tasks:
@@ -224,23 +256,25 @@ class ContinualStrategy(BaseStrategy):
             )
         was_training = self.training
         self.eval()
-        acc = torch.zeros(self.num_tasks)
+        values = torch.zeros(self.num_tasks)
         for task, loader in enumerate(loaders):
-            correct = total = 0
+            total, count = 0.0, 0
             for batch in self._batches(loader):
-                logits = select_task_logits(self(batch).logits, batch.get("task"))
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
-                total += len(batch["labels"])
-            acc[task] = correct / max(total, 1)
+                scores = self.task_scores(batch, self(batch))
+                total, count = total + float(scores.sum()), count + scores.numel()
+            values[task] = self.task_value(task, total / max(count, 1))
         self.train(was_training)
-        return acc
+        return values
 
     def _update_task_acc(self, split: str, task: int, batch: Batch, out: ModelOutput) -> None:
-        logits = select_task_logits(out.logits, batch.get("task"))
-        self.task_acc[split][task].update((logits.argmax(-1) == batch["labels"]).float())
+        self.task_acc[split][task].update(self.task_scores(batch, out))
 
     def _task_acc_values(self, split: str) -> dict[int, torch.Tensor]:
-        values = {j: m.compute() for j, m in enumerate(self.task_acc[split]) if m.update_called}
+        values = {
+            j: self.task_value(j, m.compute())
+            for j, m in enumerate(self.task_acc[split])
+            if m.update_called
+        }
         for m in self.task_acc[split]:
             m.reset()
         return values
@@ -256,33 +290,22 @@ class ContinualStrategy(BaseStrategy):
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         values = self._task_acc_values("val")
-        self.log_dict({f"val/task_{j}/acc": v for j, v in values.items()})
+        self.log_dict({f"val/task_{j}/{self.task_metric}": v for j, v in values.items()})
 
     def on_test_epoch_end(self) -> None:
-        """Per-task test accuracies (the final row of R on the test split) and their mean."""
+        """Per-task test metrics (the final row of R on the test split) and their mean."""
         super().on_test_epoch_end()
         values = self._task_acc_values("test")
-        self.log_dict({f"test/task_{j}/acc": v for j, v in values.items()})
+        metric = self.task_metric
+        self.log_dict({f"test/task_{j}/{metric}": v for j, v in values.items()})
         if values:
-            self.log("test/avg_acc", torch.stack(list(values.values())).mean())
+            self.log(f"test/avg_{metric}", torch.stack(list(values.values())).mean())
 
     # -- task boundaries ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if self.hparams.joint and stage == "fit":
-            self._train_sets()  # fail early with a clear message
-            self.trainer.datamodule.train_dataloader = self._joint_train_dataloader
-
-    def _joint_train_dataloader(self) -> DataLoader:
-        """A random 1/T of all tasks' training data per epoch (as many steps as one task)."""
-        data = ConcatDataset(self._train_sets())
-        dm = self.trainer.datamodule
-        return resumable_loader(
-            data,
-            dm.batch_size,
-            getattr(dm, "seed", 0),
-            self.trainer,
-            num_samples=len(data) // self.num_tasks,
-        )
+            stream = self._stream()  # fail early with a clear message
+            stream.train_dataloader = stream.joint_train_loader
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -314,13 +337,15 @@ class ContinualStrategy(BaseStrategy):
         self.finished_tasks = task + 1
         seen = task + 1
         summary = continual_summary(
-            self.accuracy_matrix[:seen, :seen].numpy(), self.initial_accuracy[:seen].numpy()
+            self.accuracy_matrix[:seen, :seen].numpy(),
+            self.initial_accuracy[:seen].numpy(),
+            self.task_metric,
         )
         self.log_dict({f"cl/{k}": v for k, v in summary.items() if math.isfinite(v)})
         if self.trainer.is_global_zero:
             save_accuracy_matrix_csv(
                 self.accuracy_matrix.numpy(),
-                self._run_dir / "continual" / "accuracy_matrix.csv",
+                self._run_dir / "continual" / f"{self._matrix_name}.csv",
                 self.spec.task_names,
             )
         if task + 1 < self.num_tasks:
@@ -335,16 +360,21 @@ class ContinualStrategy(BaseStrategy):
             return
         png = plot_accuracy_matrix(
             self.accuracy_matrix.numpy(),
-            self._run_dir / "plots" / "accuracy_matrix.png",
+            self._run_dir / "plots" / f"{self._matrix_name}.png",
             self.spec.task_names,
+            self.task_metric,
         )
         for logger in self.loggers:
             if type(logger).__name__ == "WandbLogger":
-                logger.log_image(key="cl/accuracy_matrix", images=[str(png)])
+                logger.log_image(key=f"cl/{self._matrix_name}", images=[str(png)])
 
     @property
     def _run_dir(self) -> Path:
         return Path(self.trainer.default_root_dir)
+
+    @property
+    def _matrix_name(self) -> str:
+        return "accuracy_matrix" if self.task_metric == "acc" else f"{self.task_metric}_matrix"
 
     # -- freezing owned experts and the shared body ---------------------------------------------
     def _freeze_for(self, task: int) -> None:

@@ -29,6 +29,7 @@ from advarch.strategies.continual import ContinualStrategy
 from advarch.strategies.fisher import Estimator, FisherEstimator, Params
 
 Mode = Literal["separate", "online"]
+SEQUENCE_ESTIMATORS = ("empirical", "batched")  # the Fisher estimators defined for sequences
 
 
 def ewc_penalty(
@@ -101,6 +102,11 @@ class EWCStrategy(ContinualStrategy):
             raise ValueError(f"strategy.mode={mode!r} must be 'separate' or 'online'")
         if not 0 < gamma <= 1:
             raise ValueError(f"strategy.gamma={gamma} must be in (0, 1]")
+        if spec.kind == "lm" and fisher_estimator not in SEQUENCE_ESTIMATORS:
+            raise ValueError(
+                f"strategy.fisher_estimator={fisher_estimator} does not apply to language "
+                f"models; use one of: {', '.join(SEQUENCE_ESTIMATORS)}"
+            )
         self.fisher = FisherEstimator(fisher_estimator, fisher_samples, fisher_chunk_size)
         self.importances: list[Params] = []  # F_k per consolidated task (one entry when online)
         self.anchors: list[Params] = []  # θ*_k, same layout

@@ -10,7 +10,8 @@ What happens, in order:
 1. The model is built from the CURRENT config. The base checkpoint's `state_dict`
    (`strategy.pretrained`, keys `model.<name>`) is copied in strictly: a missing, extra or
    differently shaped tensor is a one-line error naming it and `strategy.pretrained`, except a
-   tensor `trainable` covers whole (e.g. a new head), which keeps its fresh initialisation.
+   tensor `trainable` covers whole (e.g. a new head, or RETRO's neighbour encoder and CCA
+   when retrofitting a plain decoder), which keeps its fresh initialisation.
 2. `new_experts` fresh experts (router rows, routing-bias entries) are appended to every MoE
    layer with `MoE.add_experts`.
 3. The plan maps tensor name → its trainable dim-0 rows (None = the whole tensor): tensors a
@@ -94,7 +95,8 @@ def copy_base(
     model: nn.Module, base: Mapping[str, torch.Tensor], pretrained: str, fresh_ok: set[str]
 ) -> list[str]:
     """Copy the base tensors into `model`; returns the names left fresh (wholly trainable ones
-    whose shape changed). Raises a one-line ValueError for anything else that does not fit."""
+    the base lacks or has in another shape). Raises a one-line ValueError for anything else
+    that does not fit."""
     own = state_tensors(model)
     where = f"strategy.pretrained={pretrained!r}"
     extra = sorted(set(base) - set(own))
@@ -102,6 +104,9 @@ def copy_base(
         raise ValueError(f"{where}: checkpoint tensor {extra[0]} has no place in this model")
     fresh = []
     for name, tensor in own.items():
+        if name not in base and name in fresh_ok:
+            fresh.append(name)  # a new module (e.g. RETRO's CCA on a plain decoder): trained
+            continue
         if name not in base:
             raise ValueError(f"{where}: this model's tensor {name} is not in the checkpoint")
         if base[name].shape == tensor.shape:
@@ -213,7 +218,7 @@ def prepare_model(
         whole = set(glob_matches(model, trainable))
         fresh = copy_base(model, model_state(base), str(pretrained), whole)
         for name in fresh:
-            log.info("finetune: %s has a new shape; trained from a fresh initialisation", name)
+            log.info("finetune: %s is new or reshaped; trained from a fresh initialisation", name)
     if new_experts:
         for _, moe in moes:
             moe.add_experts(new_experts)

@@ -18,6 +18,10 @@ estimator on the first chunk: the vmapped result for one sample is checked again
 and any error or mismatch switches to the loop for good (logged), so the fast path is never
 silently wrong.
 
+Language models: a sample is a sequence, and its log p(y|x) is the MEAN over positions of
+log p(y_t | x_<t) (teacher forcing), the same per-token scale as the training loss; only the
+`empirical` and `batched` estimators apply (the strategy refuses the others).
+
 The model is put in eval mode (no dropout, no router jitter) while estimating. The caller's
 `log_probs(model, batch)` decides what the model sees (expert masks) and which head scores
 (per-task heads); it must return log-probabilities only, so MoE aux losses are excluded.
@@ -40,7 +44,7 @@ log = logging.getLogger("advarch")
 Estimator = Literal["empirical", "sampled", "exact", "batched"]
 ESTIMATORS = ("empirical", "sampled", "exact", "batched")
 Batch = dict[str, torch.Tensor]
-LogProbs = Callable[[nn.Module, Batch], torch.Tensor]  # (model, batch) → (B, C) log p(·|x)
+LogProbs = Callable[[nn.Module, Batch], torch.Tensor]  # → (B, C), or (B, T, V) for sequences
 Params = dict[str, torch.Tensor]
 
 
@@ -54,6 +58,12 @@ class _Bound(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.log_probs(self.model, batch)
+
+
+def target_log_prob(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log p(y|x) of samples: (…, C) log-probabilities and (…) targets → the mean over the
+    leading dims (a single sample's value; a sequence's mean over its positions)."""
+    return log_probs.gather(-1, target.unsqueeze(-1)).mean()
 
 
 def take_samples(batches: Iterable[Batch], num_samples: int, chunk_size: int) -> Iterator[Batch]:
@@ -154,7 +164,7 @@ class FisherEstimator:
         def sample_log_prob(p: Params, example: Batch, y: torch.Tensor) -> torch.Tensor:
             full = {**{f"model.{n}": v for n, v in p.items()}, **buffers}
             one = {k: v.unsqueeze(0) for k, v in example.items()}
-            return functional_call(bound, full, (one,))[0].gather(0, y[None])[0]
+            return target_log_prob(functional_call(bound, full, (one,))[0], y)
 
         per_sample = vmap(grad(sample_log_prob), in_dims=(None, 0, 0))  # → {n: (B, *P)}
         if targets is not None:
@@ -211,11 +221,13 @@ def per_sample_loop(
     names = list(params)
     out = {n: torch.zeros_like(p) for n, p in params.items()}
     for i in range(_size(chunk)):
-        lp = log_probs(model, {k: v[i : i + 1] for k, v in chunk.items()})[0]  # (C,)
-        classes = range(lp.shape[0]) if targets is None else [int(targets[i])]
-        for c in classes:
-            weight = lp[c].detach().exp() if targets is None else 1.0
-            grads = torch.autograd.grad(lp[c], live, retain_graph=True, allow_unused=True)
+        lp = log_probs(model, {k: v[i : i + 1] for k, v in chunk.items()})[0]  # (C,) or (T, V)
+        if targets is None:  # exact: Σ_c p(c|x) (∇ log p(c|x))²
+            terms = [(lp[c], lp[c].detach().exp()) for c in range(lp.shape[0])]
+        else:
+            terms = [(target_log_prob(lp, targets[i]), 1.0)]
+        for value, weight in terms:
+            grads = torch.autograd.grad(value, live, retain_graph=True, allow_unused=True)
             for n, g in zip(names, grads, strict=True):
                 if g is not None:
                     out[n] += weight * g.pow(2)
@@ -225,8 +237,7 @@ def per_sample_loop(
 def _batched_square(model: nn.Module, params: Params, chunk: Batch, log_probs: LogProbs) -> Params:
     """(∇ mean_i log p(y_i|x_i))² over one minibatch: the biased library shortcut."""
     live = [p for p in model.parameters() if p.requires_grad]
-    lp = log_probs(model, chunk)  # (B, C)
-    mean = lp.gather(1, chunk["labels"][:, None]).mean()
+    mean = target_log_prob(log_probs(model, chunk), chunk["labels"])  # over the batch
     grads = torch.autograd.grad(mean, live, allow_unused=True)
     return {
         n: (torch.zeros_like(p) if g is None else g.pow(2))

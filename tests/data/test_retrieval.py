@@ -47,8 +47,8 @@ def chunk_documents_reference(tokens, doc_ids, c, pad):
 
 
 def embed_reference(emb: HashedNgramEmbedder, chunks: np.ndarray) -> np.ndarray:
-    """Per-chunk, per-n-gram loop with the same hash (Python ints, masked to 64 bits)."""
-    mask = 2**64 - 1
+    """Per-chunk, per-n-gram loop with the same hash (Python ints, masked to 32 bits)."""
+    mask = 2**32 - 1
     out = np.zeros((len(chunks), emb.dim))
     for row, chunk in enumerate(chunks.tolist()):
         for g in emb.n:
@@ -56,15 +56,16 @@ def embed_reference(emb: HashedNgramEmbedder, chunks: np.ndarray) -> np.ndarray:
                 window = chunk[s : s + g]
                 if emb.pad_id in window:
                     continue
-                h = (emb.seed * 0x9E3779B97F4A7C15 + g * 0x632BE59BD9B4E019) & mask
+                h = (emb.seed * 0x9E3779B9 + g * 0x632BE59B) & mask
                 for tok in window:
-                    h = ((h ^ (tok + 1)) * 0x100000001B3) & mask
-                h ^= h >> 30
-                h = (h * 0xBF58476D1CE4E5B9) & mask
-                h ^= h >> 27
-                h = (h * 0x94D049BB133111EB) & mask
-                h ^= h >> 31
-                out[row, h % emb.dim] += 1.0 if h >> 63 else -1.0
+                    h = ((h ^ (tok + 1)) * 0x01000193) & mask
+                h ^= h >> 16
+                h = (h * 0x85EBCA6B) & mask
+                h ^= h >> 13
+                h = (h * 0xC2B2AE35) & mask
+                h ^= h >> 16
+                slot = h % (2 * emb.dim)
+                out[row, slot // 2] += 1.0 if slot % 2 else -1.0
     out = np.sign(out) * np.log1p(np.abs(out))
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
@@ -124,13 +125,16 @@ def test_exact_index_returns_true_nearest_neighbours(db):
 
 
 def test_ivf_and_hnsw_agree_with_flat(corpus):
-    """IVF probing every list is exact; HNSW with a wide search is near exact (by score)."""
+    """IVF probing every list is exact; HNSW with a wide search and IVF-PQ re-ranked from the
+    exact embeddings are near exact (by score)."""
     tokens, docs = corpus
     kw = dict(pad_id=PAD, chunk_size=16, num_neighbours=2)
     flat = RetrievalDatabase(tokens, docs, index="flat", **kw).build()
     ivf = RetrievalDatabase(tokens, docs, index="ivf", nprobe=10_000, **kw).build()
     hnsw = RetrievalDatabase(tokens, docs, index="hnsw", ef_search=256, **kw).build()
+    pq = RetrievalDatabase(tokens, docs, index="ivfpq", nprobe=10_000, **kw).build()
     assert (ivf.resolved_index_kind, hnsw.resolved_index_kind) == ("ivf", "hnsw")
+    assert pq.index.code_size == 32  # 256 dims / 8: one byte per sub-quantiser
     c, e = flat.chunk_size, np.asarray(flat.embeddings)
     q = flat.embedder.embed(tokens[: flat.num_query_chunks * c].reshape(-1, c))  # (Q, d)
 
@@ -140,6 +144,7 @@ def test_ivf_and_hnsw_agree_with_flat(corpus):
     want = top1_scores(flat)
     np.testing.assert_allclose(top1_scores(ivf), want, atol=1e-5)
     assert np.isclose(top1_scores(hnsw), want, atol=1e-5).mean() > 0.97
+    assert np.isclose(top1_scores(pq), want, atol=1e-5).mean() > 0.9
 
 
 def _assert_no_leak(db, starts, length, ids):
@@ -266,6 +271,25 @@ def test_cache_round_trip(tmp_path, corpus):
     build_or_load(tmp_path, tokens, docs, **{**kw, "num_neighbours": 3})
     build_or_load(tmp_path, tokens[:-1], docs[:-1], **kw)
     assert len(list(tmp_path.glob("retro-*"))) == 3  # k and the corpus are part of the key
+
+
+def test_ivfpq_cache_is_memory_mapped_and_searches_the_same(tmp_path, corpus):
+    tokens, docs = corpus
+    kw = dict(pad_id=PAD, chunk_size=16, num_neighbours=2, index="ivfpq", nprobe=8)
+    first = build_or_load(tmp_path, tokens, docs, **kw)
+    second = build_or_load(tmp_path, tokens, docs, **kw)
+    assert second._index is None and (second._index_path.name == "index.faiss")
+    assert isinstance(second.embeddings, np.memmap)
+    live = np.arange(3, 400, 7)  # off-grid starts: searched live through the mapped index
+    np.testing.assert_array_equal(
+        first.sequence_neighbour_ids(live, 32), second.sequence_neighbour_ids(live, 32)
+    )
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(second))  # a worker maps the index from its path
+    np.testing.assert_array_equal(
+        clone.sequence_neighbour_ids(live, 32), second.sequence_neighbour_ids(live, 32)
+    )
 
 
 def test_database_pickles_for_dataloader_workers(db):

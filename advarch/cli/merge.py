@@ -1,0 +1,50 @@
+"""Merge checkpoints (task arithmetic, TIES, DARE, SLERP, linear) into one checkpoint.
+
+    python scripts/merge.py method=ties base=a.ckpt models=[b.ckpt,c.ckpt] density=0.2 out=m.ckpt
+
+Settings are documented in configs/merge.yaml; the logic lives in `advarch.merging`.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="pkg://advarch.configs", config_name="merge", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Merge `models` into `base` with `method` and print a short summary."""
+    from omegaconf import OmegaConf
+    from rich.console import Console
+    from rich.table import Table
+
+    from advarch.merging import MergeConfig, MergeSummary, merge_checkpoints
+
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    base, models, out = raw.pop("base"), raw.pop("models"), raw.pop("out")
+    models = [models] if isinstance(models, str) else models
+    summary = MergeSummary()
+    try:
+        path = merge_checkpoints(base, models, MergeConfig.from_dict(raw), out, summary=summary)
+    except (
+        ValueError,
+        FileNotFoundError,
+    ) as err:  # bad config, path or tensor: one line, no traceback
+        raise SystemExit(f"merge: {err}") from None
+    table = Table(title=f"merge: {raw['method']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")  # wrap long paths rather than truncate them
+    table.add_row("base", str(base))
+    for i, model in enumerate(models):
+        table.add_row(f"models[{i}]", str(model))
+    table.add_row("tensors merged", str(summary.merged))
+    table.add_row("copied from base", str(summary.copied_from_base))
+    table.add_row("kept from a model", str(summary.kept_from_model))
+    if summary.dropped:
+        table.add_row("dropped", str(summary.dropped))
+    table.add_row("out", str(path))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Which strategy, data and model go together, decided from config names alone.
+
+Two jobs, both before anything heavy is imported or read:
+
+- `with_default_data(overrides)`: each strategy brings a sensible data choice when the user
+  names none (`STRATEGY_DATA`): `strategy=ewc` → `data=text_domains` (continual language
+  modelling over domains). It rewrites the command-line overrides BEFORE Hydra composes, so
+  the chosen data shows in the config tree, `.hydra/overrides.yaml` and the run's choices
+  like any other. An explicit `data=` or an `experiment=` (which pins its data) always wins.
+- `check_combination(cfg)`: an impossible model × data × strategy combination stops with one
+  `ConfigError` line naming the keys and a combination that works, before the config tree is
+  printed, before torch is imported and before any data is read.
+
+Both work from the `_target_` class paths in `DATA`/rules below (importing the classes would
+import torch, seconds on a busy machine); `tests/test_combinations.py` checks the table
+against the real datamodules. Targets not listed (a user's own classes) are not checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from advarch.config.validate import ConfigError
+
+# strategy → data when the user names none (strategies not listed keep train.yaml's `text`)
+STRATEGY_DATA = {
+    "ewc": "text_domains",
+    "naive": "text_domains",
+    "multitask": "mmoe_synthetic",
+    "fewshot": "fewshot_synthetic",
+}
+PINS_DATA = ("data", "experiment")  # override keys after which the data choice is the user's
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What a datamodule serves, as far as combinations care.
+
+    Attributes:
+        kind: `lm`, `classification`, `regression` or `seq2seq` (its DataSpec kind).
+        stream: a task stream (one task at a time; `advarch.data.stream.TaskStream`).
+        multitask: several tasks served together in every batch.
+        episodes: few-shot episodes (support/query batches).
+        features: feature-vector inputs; None = `data.input_format` decides.
+    """
+
+    kind: str
+    stream: bool = False
+    multitask: bool = False
+    episodes: bool = False
+    features: bool | None = False
+
+
+DIGITS = "advarch.data.digits."
+DATA: dict[str, DataFacts] = {
+    "advarch.data.text.TextDataModule": DataFacts("lm"),
+    "advarch.data.text_domains.TextDomainsDataModule": DataFacts("lm", stream=True),
+    "advarch.data.retro_lookup.RetroLookupDataModule": DataFacts("lm"),
+    DIGITS + "DigitsDataModule": DataFacts("classification", features=None),
+    DIGITS + "PermutedDigitsDataModule": DataFacts("classification", stream=True, features=None),
+    DIGITS + "SplitDigitsDataModule": DataFacts("classification", stream=True, features=None),
+    DIGITS + "RotatedDigitsDataModule": DataFacts("classification", stream=True, features=None),
+    "advarch.data.episodes.FewShotDataModule": DataFacts(
+        "classification", episodes=True, features=None
+    ),
+    "advarch.data.mmoe.MMoESyntheticDataModule": DataFacts(
+        "regression", multitask=True, features=True
+    ),
+    "advarch.data.synthetic.SelectiveCopyingDataModule": DataFacts("lm"),
+    "advarch.data.synthetic.AssociativeRecallDataModule": DataFacts("lm"),
+    "advarch.data.synthetic.SequenceReversalDataModule": DataFacts("seq2seq"),
+}
+CONTINUAL = ("advarch.strategies.continual.ContinualStrategy", "advarch.strategies.ewc.EWCStrategy")
+MULTITASK = "advarch.strategies.multitask.MultiTaskStrategy"
+FEWSHOT = "advarch.strategies.fewshot.FewShotStrategy"
+FINETUNE = "advarch.strategies.finetune.FinetuneStrategy"
+MMOE = "advarch.models.mmoe.MultiGateMoE"
+
+
+# -- default data -----------------------------------------------------------------------------
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def with_default_data(overrides: list[str]) -> list[str]:
+    """`overrides` plus `data=<the strategy's default>` when they name a strategy with a
+    default data (`STRATEGY_DATA`) and neither `data=` nor `experiment=`.
+
+    A sweep over strategies (`strategy=naive,ewc`) gets the default only when every strategy
+    in it has the same one. Command-line flags and other overrides pass through unchanged.
+    """
+    assignments = [o for o in overrides if "=" in o and not o.startswith("-")]
+    if any(_key(o) in PINS_DATA for o in assignments):
+        return overrides
+    strategies = [o.split("=", 1)[1] for o in assignments if _key(o) == "strategy"]
+    if not strategies:
+        return overrides
+    defaults = {STRATEGY_DATA.get(s.strip()) for s in strategies[-1].split(",")}
+    if len(defaults) != 1 or None in defaults:
+        return overrides
+    return [*overrides, f"data={defaults.pop()}"]
+
+
+# -- impossible combinations ------------------------------------------------------------------
+def _choices() -> dict[str, str]:
+    """The group choices of the composed config (`data` → `text`), if Hydra knows them."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return dict(HydraConfig.get().runtime.choices)
+    except (ValueError, AttributeError):
+        return {}
+
+
+def _describe(kind: str, facts: DataFacts) -> str:
+    if facts.stream:
+        return f"a {kind} task stream"
+    if facts.episodes:
+        return "few-shot episodes"
+    if facts.multitask:
+        return f"multi-task {kind} data"
+    return {"lm": "one language-modelling corpus"}.get(kind, f"single-task {kind} data")
+
+
+def check_combination(cfg: DictConfig) -> None:
+    """Raise a one-line ConfigError for a model × data × strategy combination that cannot run.
+
+    Raises:
+        ConfigError: naming the keys as typed (`strategy=fewshot data=text`) and a
+            combination that works.
+    """
+    choices = _choices()
+    names = {
+        g: choices.get(g) or str(cfg[g].get("_target_", "?")).rsplit(".", 1)[-1]
+        for g in ("data", "model", "strategy")
+        if cfg.get(g) is not None
+    }
+    strategy, data, model = (cfg.get(g) or {} for g in ("strategy", "data", "model"))
+    strategy_target = strategy.get("_target_")
+    if strategy_target == FINETUNE:
+        _check_pretrained(strategy.get("pretrained"), names["strategy"])
+    facts = DATA.get(data.get("_target_"))
+    if facts is None:
+        return
+    using = f"strategy={names['strategy']} data={names['data']}"
+    what = _describe(facts.kind, facts)
+    if strategy_target in CONTINUAL and not (
+        facts.stream and facts.kind in ("lm", "classification")
+    ):
+        raise ConfigError(
+            f"{using}: strategy={names['strategy']} trains a task stream, but data="
+            f"{names['data']} is {what}; use data=text_domains (domains of the corpus) or "
+            f"data=permuted_digits, or leave data= out"
+        )
+    if strategy_target == MULTITASK and not facts.multitask:
+        raise ConfigError(
+            f"{using}: strategy=multitask trains several tasks together, but data="
+            f"{names['data']} is {what}; use data=mmoe_synthetic, or leave data= out"
+        )
+    if strategy_target == FEWSHOT and not facts.episodes:
+        raise ConfigError(
+            f"{using}: strategy=fewshot needs episodes, but data={names['data']} is {what}; "
+            f"use data=fewshot_synthetic or data=fewshot_rotated_digits, or leave data= out"
+        )
+    _check_model(model, data, facts, names, what)
+
+
+def _check_model(
+    model: DictConfig, data: DictConfig, facts: DataFacts, names: dict[str, str], what: str
+) -> None:
+    using = f"model={names['model']} data={names['data']}"
+    if model.get("_target_") == MMOE:
+        features = facts.features
+        if features is None:
+            features = data.get("input_format", "features") == "features"
+        if not features or facts.kind not in ("regression", "classification"):
+            raise ConfigError(
+                f"{using}: model={names['model']} reads feature vectors, but data="
+                f"{names['data']} is {what}; use model={names['model']} data=mmoe_synthetic "
+                "strategy=multitask"
+            )
+    if model.get("retro") and not data.get("retrieval"):
+        raise ConfigError(
+            f"{using}: model={names['model']} retrieves neighbours, but data={names['data']} "
+            f"has none; use model={names['model']} data=text_retrieval"
+        )
+
+
+def _check_pretrained(pretrained: str | None, name: str) -> None:
+    if not pretrained:
+        raise ConfigError(
+            f"strategy={name} fine-tunes a trained base: add strategy.pretrained=<run>/"
+            "checkpoints/last.ckpt (e.g. of a `python train.py` run)"
+        )
+    if not Path(str(pretrained)).expanduser().is_file():
+        raise ConfigError(f"strategy.pretrained={pretrained!r} is not a file")

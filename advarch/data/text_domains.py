@@ -1,0 +1,310 @@
+"""Continual language modelling: the embedded corpus as a stream of domains.
+
+The standard library's source files (`advarch.data.text.stdlib_files`) are grouped into
+families of packages, one domain each, by the file's top-level module or package name
+(`email/parser.py` → `email` → `net`). The table `DOMAINS` is fixed, so the grouping is
+deterministic, and a file belongs to at most one domain (files of no listed family, e.g.
+`tkinter` or `distutils`, are left out). Inside each domain the files are split into
+train/val/test by document (`split_documents`, seeded), so no file leaks across splits.
+
+`TextDomainsDataModule` is a `TaskStream` (`advarch/data/stream.py`): one domain per epoch,
+`steps_per_task` batches each (drawn without replacement from the domain's packed training
+sequences, a new draw every epoch, resumable mid-epoch), one validation/test loader per
+domain. Every batch
+carries `task` (the domain id), so per-domain expert masks can route by it. The spec's
+`extras` hold each domain's bytes per token and unigram baseline, so strategies report
+bits per byte per domain.
+
+Shapes: B batch, T sequence length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from advarch.data.sampling import EpochShuffleSampler
+from advarch.data.stream import TaskStream
+from advarch.data.text import (
+    SPLITS,
+    LMCollate,
+    eval_subset,
+    load_or_build,
+    load_tokenizer,
+    pack_documents,
+    split_documents,
+    stdlib_files,
+    token_ids,
+    train_tokenizer,
+    unigram_bits_per_byte,
+)
+from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
+from advarch.spec import DataSpec, TaskSchedule
+
+# Families of standard-library modules/packages (top-level names), one domain each.
+# fmt: off
+DOMAINS: dict[str, tuple[str, ...]] = {
+    # text processing, markup and config formats, command-line parsing
+    "text": (
+        "string", "re", "textwrap", "difflib", "html", "xml", "json", "csv", "configparser",
+        "tomllib", "gettext", "locale", "_strptime", "calendar", "shlex", "fnmatch", "pprint",
+        "reprlib", "_markupbase", "plistlib", "cmd", "getopt", "optparse", "argparse",
+    ),
+    # internet protocols, mail and web
+    "net": (
+        "http", "urllib", "email", "mailbox", "xmlrpc", "wsgiref", "smtplib", "imaplib", "poplib",
+        "ftplib", "nntplib", "telnetlib", "socket", "socketserver", "ssl", "ipaddress", "cgi",
+        "cgitb", "webbrowser", "mimetypes", "smtpd", "asyncore", "asynchat", "uuid", "netrc",
+        "mailcap",
+    ),
+    # threads, processes, event loops
+    "concurrency": (
+        "asyncio", "concurrent", "multiprocessing", "threading", "queue", "sched", "subprocess",
+        "_threading_local", "selectors", "signal", "contextvars", "pty",
+    ),
+    # character codecs, binary encodings, compression, archives, persistence
+    "codecs": (
+        "encodings", "codecs", "base64", "quopri", "uu", "stringprep", "bz2", "lzma", "gzip",
+        "zipfile", "tarfile", "_compression", "zipimport", "zipapp", "pickle", "pickletools",
+        "_compat_pickle", "copyreg", "shelve", "dbm", "xdrlib", "hashlib", "hmac", "secrets",
+        "crypt", "chunk", "aifc", "wave", "sunau", "sndhdr", "imghdr", "colorsys",
+    ),
+    # the language's own tools: parsing, compiling, importing, testing, docs
+    "tooling": (
+        "ast", "dis", "inspect", "tokenize", "token", "keyword", "symtable", "opcode",
+        "py_compile", "compileall", "codeop", "code", "importlib", "pkgutil", "modulefinder",
+        "runpy", "unittest", "doctest", "pdb", "bdb", "trace", "traceback", "pydoc", "pyclbr",
+        "tabnanny", "timeit", "profile", "cProfile", "pstats", "tracemalloc", "lib2to3",
+    ),
+}
+# fmt: on
+DEFAULT_DOMAINS = ("text", "net", "concurrency", "codecs")
+Scenario = Literal["domain", "task"]
+CACHE_VERSION = 1
+
+
+def domain_of(path: Path, root: Path) -> str | None:
+    """The domain of a standard-library file (by its top-level name), or None."""
+    top = path.relative_to(root).parts[0].removesuffix(".py")
+    return next((d for d, names in DOMAINS.items() if top in names), None)
+
+
+def domain_files(domains: tuple[str, ...]) -> dict[str, list[Path]]:
+    """The sorted standard-library files of each domain in `domains`."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out: dict[str, list[Path]] = {d: [] for d in domains}
+    for path in stdlib_files():
+        domain = domain_of(path, root)
+        if domain in out:
+            out[domain].append(path)
+    return out
+
+
+class DomainCollate(LMCollate):
+    """LM batches (input_ids, labels (B, T)) plus each row's domain id `task` (B,)."""
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(rows)
+        batch["task"] = torch.stack([r["task"] for r in rows]).long()
+        return batch
+
+
+class TextDomainsDataModule(TaskStream, L.LightningDataModule):
+    """Next-token prediction over a stream of standard-library domains (module docstring).
+
+    Args:
+        domains: domain names from `DOMAINS`, in training order (at least 1).
+        steps_per_task: training batches per domain (one epoch per domain).
+        scenario: `domain` (no domain id at evaluation) or `task` (evaluation knows the
+            domain: per-domain expert masks route by it).
+        tokenizer: `byte` or `bpe` (trained on the union of the domains' training files).
+        bpe_vocab_size: vocabulary size for `bpe`.
+        seq_len: tokens per packed sequence.
+        batch_size: sequences per batch.
+        val_fraction, test_fraction: fractions of each domain's files held out.
+        max_documents: use only the first N files of each domain (quick experiments).
+        max_eval_sequences: evenly spaced val/test sequences evaluated per domain (None = all).
+        seed: seed of the file split and of the training order.
+        cache_dir: where tokenised, packed domains are cached (Arrow).
+        num_workers: DataLoader worker processes.
+    """
+
+    epochs_per_task = 1
+
+    def __init__(
+        self,
+        domains: list[str] | tuple[str, ...] = DEFAULT_DOMAINS,
+        steps_per_task: int = 75,
+        scenario: Scenario = "domain",
+        tokenizer: str = "byte",
+        bpe_vocab_size: int = 4096,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        max_documents: int | None = None,
+        max_eval_sequences: int | None = 32,
+        seed: int = 0,
+        cache_dir: str = "outputs/cache",
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        unknown = [d for d in domains if d not in DOMAINS]
+        if unknown or not domains or len(set(domains)) != len(domains):
+            raise ValueError(
+                f"data.domains={list(domains)} must be distinct names from: {', '.join(DOMAINS)}"
+            )
+        if steps_per_task < 1:
+            raise ValueError(f"data.steps_per_task={steps_per_task} must be >= 1")
+        if scenario not in ("domain", "task"):
+            raise ValueError(f"data.scenario={scenario!r} must be 'domain' or 'task'")
+        if tokenizer not in ("byte", "bpe"):
+            raise ValueError(f"data.tokenizer={tokenizer!r} is not one of: byte, bpe")
+        if seq_len < 2 or batch_size < 1:
+            raise ValueError(
+                f"data.seq_len={seq_len} must be >= 2 and data.batch_size={batch_size} >= 1"
+            )
+        self.domains = tuple(domains)
+        self.num_tasks = len(self.domains)
+        self.schedule = TaskSchedule(self.num_tasks, self.epochs_per_task)
+        self.steps_per_task, self.scenario = steps_per_task, scenario
+        self.tokenizer_kind, self.bpe_vocab_size = tokenizer, bpe_vocab_size
+        self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.max_documents, self.max_eval_sequences = max_documents, max_eval_sequences
+        self.cache_root = Path(cache_dir)
+        self.data: dict[str, list[Any]] = {}
+        self.meta: dict[str, Any] = {}
+        self.tokenizer: ByteTokenizer | BPETokenizer | None = None
+
+    # -- preparation --------------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        files = domain_files(self.domains)
+        source = {d: [(str(p), p.stat().st_size) for p in fs] for d, fs in files.items()}
+        options = [
+            self.tokenizer_kind,
+            self.bpe_vocab_size,
+            self.seq_len,
+            self.val_fraction,
+            self.test_fraction,
+            self.max_documents,
+            self.seed,
+            CACHE_VERSION,
+        ]
+        return hashlib.sha256(json.dumps([source, options]).encode()).hexdigest()[:16]
+
+    def prepare_data(self) -> None:
+        self._prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Load the cached domains, or build them: split, tokenize, pack, save atomically."""
+        if self.data:
+            return
+        import datasets
+
+        cache = self.cache_root / f"text_domains-{self._fingerprint()}"
+        self.meta = load_or_build(cache, self._build)
+        self.tokenizer = load_tokenizer(self.tokenizer_kind, cache)
+        for split in SPLITS:
+            self.data[split] = []
+            for task, domain in enumerate(self.domains):
+                ds = datasets.load_from_disk(str(cache / domain / split))
+                ds = ds.add_column("task", np.full(len(ds), task, dtype=np.int64))
+                self.data[split].append(ds.with_format("torch"))
+
+    def _build(self, tmp: Path) -> dict[str, Any]:
+        """Split each domain's files, tokenise and pack them into `tmp`; returns the meta."""
+        files = domain_files(self.domains)
+        texts: dict[str, list[str]] = {}
+        parts: dict[str, dict[str, np.ndarray]] = {}
+        for domain, paths in files.items():
+            paths = paths[: self.max_documents] if self.max_documents is not None else paths
+            files[domain] = paths
+            texts[domain] = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+            parts[domain] = split_documents(
+                len(paths), self.val_fraction, self.test_fraction, self.seed
+            )
+        train_texts = [texts[d][i] for d in self.domains for i in parts[d]["train"]]
+        tok = train_tokenizer(self.tokenizer_kind, train_texts, self.bpe_vocab_size, tmp)
+        meta: dict[str, Any] = {**token_ids(tok), "domains": {}}
+        for domain in self.domains:
+            info: dict[str, Any] = {}
+            streams = {}
+            for split in SPLITS:
+                index = parts[domain][split]
+                docs = [texts[domain][i] for i in index]
+                streams[split], _ = pack_documents(
+                    tok, docs, index, self.seq_len, tmp / domain / split, f"{domain} {split} split"
+                )
+                info[f"{split}_tokens"] = int(len(streams[split]))
+                info[f"{split}_bytes"] = int(sum(len(d.encode("utf-8")) for d in docs))
+                info[f"{split}_documents"] = [str(files[domain][i]) for i in index]
+            info["unigram_bpb"] = unigram_bits_per_byte(
+                streams["train"], streams["val"], tok.vocab_size, info["val_bytes"]
+            )
+            meta["domains"][domain] = info
+        return meta
+
+    # -- contract -----------------------------------------------------------------------------
+    @property
+    def spec(self) -> DataSpec:
+        self._prepare()
+        info = [self.meta["domains"][d] for d in self.domains]
+        val_bytes = sum(i["val_bytes"] for i in info)
+        return DataSpec(
+            kind="lm",
+            vocab_size=self.meta["vocab_size"],
+            seq_len=self.seq_len,
+            task_names=self.domains,
+            pad_id=self.meta["pad_id"],
+            eos_id=self.meta["eos_id"],
+            bos_id=self.meta["bos_id"],
+            extras={
+                "bytes_per_token": val_bytes / sum(i["val_tokens"] for i in info),
+                "task_bytes_per_token": [i["val_bytes"] / i["val_tokens"] for i in info],
+                "unigram_bpb": sum(i["unigram_bpb"] * i["val_bytes"] for i in info) / val_bytes,
+                "task_unigram_bpb": [i["unigram_bpb"] for i in info],
+                "scenario": self.scenario,
+                "epochs_per_task": self.epochs_per_task,
+                "steps_per_task": self.steps_per_task,
+                "tokenizer": self.tokenizer_kind,
+            },
+        )
+
+    def epoch_samples(self, task: int) -> int:
+        """One epoch of a domain is `steps_per_task` batches."""
+        return self.steps_per_task * self.batch_size
+
+    def task_loader(
+        self, split: str, task: int, batch_size: int, shuffle: bool, seed: int
+    ) -> DataLoader:
+        """Shuffled: the whole set in a `seed` order; else `max_eval_sequences` evenly spaced
+        sequences, in order."""
+        self._prepare()
+        ds = self.data[split][task]
+        sampler = None
+        if shuffle:
+            sampler = EpochShuffleSampler(len(ds), seed)
+        else:
+            ds = eval_subset(ds, self.max_eval_sequences)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            drop_last=shuffle,
+        )
+
+    collate_fn = DomainCollate()

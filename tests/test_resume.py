@@ -1,0 +1,146 @@
+"""Fault injection through the real CLI: kill -9 and SIGTERM a continual run, resume it with
+`ckpt_path=auto`, and get exactly the uninterrupted run's accuracy matrix, weights and metrics.
+
+The stream: EWC on 3 permuted-digit tasks × 2 epochs × 4 batches (24 steps, tiny model),
+checkpointed at every epoch end as the shipped continual experiments are.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+STREAM = [
+    "strategy=ewc",
+    "model=transformer",
+    "debug=tiny",
+    "data=permuted_digits",
+    "data.num_tasks=3",
+    "data.epochs_per_task=2",
+    "data.batch_size=32",
+    "trainer.max_steps=-1",
+    "+trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.val_check_interval=1.0",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.deterministic=true",
+    "strategy.fisher_samples=32",
+    "strategy.fisher_chunk_size=16",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.expert_load=null",
+    "callbacks.model_checkpoint.filename='epoch-{epoch}'",
+    "callbacks.model_checkpoint.every_n_train_steps=null",
+    "callbacks.model_checkpoint.every_n_epochs=1",
+    "callbacks.model_checkpoint.save_on_train_epoch_end=true",
+    "callbacks.model_checkpoint.monitor=null",
+    "logger=csv",
+]
+STEPS_PER_TASK = 8  # 2 epochs × 4 batches: task boundaries after steps 8 and 16
+
+
+def train(root: Path, name: str, folder: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *STREAM,
+            f"run_name={name}",
+            f"paths.root_dir={root}",
+            f"paths.cache_dir={root}/cache",
+            f"hydra.run.dir={root}/outputs/runs/{name}/{folder}",
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def interrupt_at(step: int, signum: int) -> list[str]:
+    return [
+        "+callbacks.interrupt._target_=tests.helpers.SignalAtStep",
+        f"+callbacks.interrupt.step={step}",
+        f"+callbacks.interrupt.signum={int(signum)}",
+    ]
+
+
+def outcome(run_dir: Path) -> dict:
+    """Final weights, accuracy matrix, EWC state and the last value of every logged metric."""
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    with (run_dir / "csv" / "version_0" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    final = {k: v for r in rows for k, v in r.items() if v and k.split("/")[0] in ("cl", "test")}
+    return {
+        "step": ckpt["global_step"],
+        "state": ckpt["state_dict"],
+        "R": ckpt["continual"]["accuracy_matrix"],
+        "fisher": ckpt["ewc"]["importances"],
+        "metrics": final,
+    }
+
+
+def assert_same(resumed: dict, full: dict) -> None:
+    assert resumed["step"] == full["step"]
+    assert torch.equal(resumed["R"], full["R"]), (resumed["R"], full["R"])
+    assert resumed["metrics"] == full["metrics"]
+    assert resumed["state"].keys() == full["state"].keys()
+    assert all(torch.equal(resumed["state"][k], full["state"][k]) for k in full["state"])
+    for f, g in zip(resumed["fisher"], full["fisher"], strict=True):
+        assert all(torch.equal(f[n], g[n]) for n in g)
+
+
+def test_sigterm_and_kill_9_mid_task_and_at_a_boundary_resume_exactly(tmp_path: Path) -> None:
+    """One chain of interruptions, each resumed with `ckpt_path=auto`, ends exactly where the
+    uninterrupted run does: SIGTERM at step 6 (saved at that step, exit 143); kill -9 at the
+    end of task 0 before its boundary work (R row, Fisher, checkpoint); kill -9 at a random
+    step inside task 1, with the newest last.ckpt then truncated (auto falls back)."""
+    full = train(tmp_path / "reference", "full", "run")
+    assert full.returncode == 0, full.stderr[-3000:]
+    runs = tmp_path / "outputs" / "runs" / "stream"
+
+    stopped = train(tmp_path, "stream", "1-sigterm", *interrupt_at(6, signal.SIGTERM))
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    last = runs / "1-sigterm" / "checkpoints" / "last.ckpt"
+    assert f"SIGTERM received: saved {last} at step 6" in stopped.stdout
+    assert "Traceback" not in stopped.stderr
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 6
+
+    boundary = ["ckpt_path=auto", *interrupt_at(STEPS_PER_TASK, signal.SIGKILL)]
+    killed = train(tmp_path, "stream", "2-boundary", *boundary)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert f"ckpt_path=auto: resuming {last} (step 6, epoch 1, task 0 (0 finished))" in (
+        killed.stdout + killed.stderr
+    )
+
+    step = random.Random(12).choice([s for s in range(9, 16) if s % 4])  # inside task 1
+    killed = train(tmp_path, "stream", "3-mid-task", "ckpt_path=auto", *interrupt_at(step, 9))
+    assert killed.returncode == -signal.SIGKILL, (step, killed.stderr[-2000:])
+    checkpoints = runs / "3-mid-task" / "checkpoints"
+    saved = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == step - step % 4 and saved["continual"]["task"] == 1
+    (checkpoints / "last.ckpt").write_bytes((checkpoints / "last.ckpt").read_bytes()[:1000])
+
+    resumed = train(tmp_path, "stream", "4-resumed", "ckpt_path=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert f"skipping {checkpoints / 'last.ckpt'} is not a readable checkpoint" in log
+    fallback = checkpoints / f"epoch-{saved['epoch']}.ckpt"
+    where = f"(step {saved['global_step']}, epoch {saved['epoch']}, task 1"
+    assert f"resuming {fallback} {where}" in log
+    assert_same(outcome(runs / "4-resumed"), outcome(tmp_path / "reference/outputs/runs/full/run"))
