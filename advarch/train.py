@@ -51,8 +51,8 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     last = output_dir / "checkpoints" / "last.ckpt"
     callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("extras", {}).get("print_config", True) and rank_zero_only.rank == 0:
-        print_config_tree(cfg, output_dir / "config_tree.txt")
+    echo = cfg.get("extras", {}).get("print_config", True) and rank_zero_only.rank == 0
+    print_config_tree(cfg, output_dir / "config_tree.txt", echo=echo)  # the file always
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     datamodule, spec, module = build_all(cfg)  # ConfigError on bad input, before any work

@@ -5,7 +5,8 @@
     python scripts/generate.py bench=true
 
 Quote a prompt with brackets or spaces for both the shell and Hydra: 'prompt="def fib("'.
-Settings are documented in configs/generate.yaml; the logic lives in `advarch.generation`.
+Settings are documented in configs/generate.yaml; the logic lives in `advarch.generation`
+(sampling) and `advarch.benchmarks.decoding` (`bench=true`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def _bench(cfg: DictConfig) -> None:
     import torch
     from hydra import compose
 
-    from advarch.generation import benchmark_decoding, datamodule_retrieve, speed_table
+    from advarch.benchmarks.decoding import benchmark_decoding, speed_table
+    from advarch.generation import datamodule_retrieve
     from advarch.pipeline import build_datamodule, build_model
     from advarch.spec import DataSpec
 

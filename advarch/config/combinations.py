@@ -58,6 +58,7 @@ DIGITS = "advarch.data.digits."
 DATA: dict[str, DataFacts] = {
     "advarch.data.text.TextDataModule": DataFacts("lm"),
     "advarch.data.text_domains.TextDomainsDataModule": DataFacts("lm", stream=True),
+    "advarch.data.retro_lookup.RetroLookupDataModule": DataFacts("lm"),
     DIGITS + "DigitsDataModule": DataFacts("classification", features=None),
     DIGITS + "PermutedDigitsDataModule": DataFacts("classification", stream=True, features=None),
     DIGITS + "SplitDigitsDataModule": DataFacts("classification", stream=True, features=None),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import math
 import os
 import shutil
 import socket
@@ -456,7 +455,3 @@ def unigram_bits_per_byte(
     counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
     log2p = np.log2(counts / counts.sum())
     return float(-log2p[val].sum() / val_bytes)
-
-
-def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
-    return loss_nats_per_token / math.log(2) / bytes_per_token
