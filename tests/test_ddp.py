@@ -66,6 +66,8 @@ def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(tmp_path
     assert (tmp_path / "ddp" / "checkpoints" / "last.ckpt").is_file()
     one, two = last_values(tmp_path / "single"), last_values(tmp_path / "ddp")
     assert one.keys() == two.keys() and "val/loss" in one and "test/loss" in one
-    for key in one:  # accuracy is discrete: float noise may flip an argmax tie (1/512 a token)
-        tolerance = 1e-2 if key.endswith("acc") else 2e-3
+    print("single:", one, "\nddp:   ", two)
+    for key in one:  # accuracy is discrete: float noise may flip an argmax tie (1/512 a token);
+        # perplexity is exp(loss): 2e-3 of a loss near 5 is 1% of the perplexity
+        tolerance = 1e-2 if key.endswith(("acc", "ppl")) else 2e-3
         assert two[key] == pytest.approx(one[key], rel=tolerance, abs=tolerance), key
