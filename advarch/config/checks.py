@@ -133,8 +133,7 @@ def check_collection(node: DictConfig | None, group: str) -> None:
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{group} must be a mapping of named entries, got {node!r}")
     for name, entry in node.items():
-        if entry is None:
-            continue
-        if not isinstance(entry, DictConfig) or "_target_" not in entry:
-            raise ConfigError(f"{group}.{name} has no _target_ (a class to instantiate)")
-        validate_node(entry, f"{group}.{name}")
+        # entries without `_target_` are settings for an entry another option removed (e.g.
+        # debug=tiny's checkpoint cadence under callbacks=none): nothing is built from them
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            validate_node(entry, f"{group}.{name}")
