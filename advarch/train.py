@@ -76,7 +76,10 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     try:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-            trainer.save_checkpoint(last)  # the final state, whatever the checkpoint cadence
+            # the final state, whatever the checkpoint cadence; not from the parent of spawned
+            # DDP workers (ddp_spawn): it holds their weights but not their loop state (step 0)
+            if type(trainer.strategy.launcher).__name__ != "_MultiProcessingLauncher":
+                trainer.save_checkpoint(last)
             metrics.update(scalar_metrics(trainer))
             if (
                 getattr(module, "validated_at_step", None) != trainer.global_step
