@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 train: setup
-	$(PY) train.py
+	$(PY) train.py $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup

@@ -14,8 +14,8 @@ from advarch.spec import DataSpec
 ORDER = ("data", "model", "strategy", "trainer", "callbacks", "logger", "paths")
 
 
-def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
-    """Print the resolved config as a rich tree (main groups first) and save it as text."""
+def print_config_tree(cfg: DictConfig, save_to: Path | None = None, echo: bool = True) -> None:
+    """Save the resolved config as a rich tree (main groups first); print it when `echo`."""
     tree = Tree("config", guide_style="dim")
     keys = [k for k in ORDER if k in cfg] + [k for k in cfg if k not in ORDER]
     for key in keys:
@@ -24,8 +24,8 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
             OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
         )
         tree.add(key).add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
-    console = Console()
-    console.print(tree)
+    if echo:
+        Console().print(tree)
     if save_to is not None:
         with save_to.open("w") as f:
             Console(file=f, width=120, color_system=None).print(tree)

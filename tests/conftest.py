@@ -1,17 +1,22 @@
-"""Shared fixtures: Hydra-composed configs in a tmp_path, a small cached text corpus."""
+"""Shared fixtures: Hydra-composed configs in a tmp_path, a small cached text corpus, the command
+line in a temporary project copy, and the few checkpoints that script and eval tests share."""
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 import advarch.config.resolvers  # noqa: F401
 from advarch.config.compose import compose_run
+from tests.cli import Project
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -28,6 +33,8 @@ SMALL_TEXT = [
     "data.batch_size=4",
     "data.max_eval_sequences=8",
 ]
+# The one tiny-size override set: any sequence model on the small corpus, in seconds.
+TINY = ["debug=tiny", *SMALL_TEXT]
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +68,48 @@ def make_cfg(tmp_path: Path, cache_dir: Path):
 
     yield _make
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def project(tmp_path: Path, cache_dir: Path) -> Project:
+    """A fresh clone's layout in tmp_path for running `python train.py ...` as a user does."""
+    return Project(tmp_path / "project", cache_dir)
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A run made through the command line: its folder and final checkpoint."""
+
+    run_dir: Path
+
+    @property
+    def ckpt(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.ckpt"
+
+
+# Session checkpoints: tiny MoE LMs on the small corpus with 6 test batches, of which
+# debug=tiny's limit_test_batches=2 tests only the first two (eval.py must do the same).
+# logger=wandb: a debug run logs CSV only unless asked, and these carry a W&B run on resume.
+SESSION_LM = ["debug=tiny", *SMALL_TEXT[:-1], "data.max_eval_sequences=24", "logger=wandb"]
+SESSION_RUNS = {"lm": [*SESSION_LM], "lm_seed1": [*SESSION_LM, "seed=1"]}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrainedRun]:
+    """{name: run} of SESSION_RUNS trained once per test session through `python train.py`.
+
+    Every xdist worker shares them: the first trains under a file lock, the others wait and
+    read the recorded run folders.
+    """
+    base = tmp_path_factory.getbasetemp()  # xdist: <session>/popen-gwN; else the session's own
+    shared = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "cli-session"
+    shared.mkdir(exist_ok=True)
+    record = shared / "runs.json"
+    with FileLock(str(shared / "lock")):
+        if not record.is_file():
+            proj = Project(shared / "project", shared / "cache")
+            runs = {
+                name: str(proj.run(*args).check().run_dir) for name, args in SESSION_RUNS.items()
+            }
+            record.write_text(json.dumps(runs))
+    return {name: TrainedRun(Path(d)) for name, d in json.loads(record.read_text()).items()}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,17 +11,16 @@ import torch
 from advarch.data.tokenizer import ByteTokenizer
 from advarch.generation import (
     StreamDecoder,
-    benchmark_decoding,
     filter_logits,
     generate,
     generate_text,
     load_lm,
     sample_next,
-    speed_table,
 )
 from advarch.models import Model
 from advarch.spec import DataSpec
-from tests.conftest import ROOT, SMALL_TEXT
+from tests.cli import Project
+from tests.conftest import SMALL_TEXT, TrainedRun
 
 SPEC = DataSpec(kind="lm", vocab_size=40, seq_len=64, eos_id=37, pad_id=38, bos_id=39)
 MOE = {"num_experts": 4, "top_k": 2}
@@ -277,22 +274,7 @@ def test_stream_decoder_holds_partial_utf8() -> None:
     assert "".join([bad.push([0xFF]) for _ in range(4)] + [bad.flush()]) == "\ufffd" * 4
 
 
-def test_benchmark_rows() -> None:
-    models = {"ssm": small_model("ssm").float(), "retro": retro_model("transformer").float()}
-    calls: list[torch.Tensor] = []
-
-    def retrieve(chunk: torch.Tensor) -> torch.Tensor:
-        calls.append(chunk)
-        return fake_retrieve(chunk)
-
-    rows = benchmark_decoding(models, prompt_len=4, new_tokens=6, retrievers={"retro": retrieve})
-    assert [r.model for r in rows] == ["ssm", "retro"]
-    assert all(r.cached > 0 and r.uncached > 0 for r in rows)
-    assert len(calls) == 2 * (9 // RETRO_M)  # cached and full runs each retrieve twice
-    assert "| ssm |" in speed_table(rows, 4, 6)
-
-
-def test_bench_script_times_every_model_including_retro(tmp_path: Path) -> None:
+def test_bench_script_times_every_model_including_retro(project: Project) -> None:
     small = ",".join(f"'{o}'" for o in SMALL_TEXT)  # quoted: the items contain '='
     args = [
         "bench=true",
@@ -300,13 +282,8 @@ def test_bench_script_times_every_model_including_retro(tmp_path: Path) -> None:
         f"bench_overrides=[{small}]",
         "bench_prompt_len=4",
         "bench_new_tokens=70",
-        f"hydra.run.dir={tmp_path}/run",
     ]
-    script = str(ROOT / "scripts/generate.py")
-    done = subprocess.run(
-        [sys.executable, script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = project.run(*args, script="scripts/generate.py").check()
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| ssm", "| retro"))]
     assert len(rows) == 2
     assert all(float(row.split("|")[3]) > 0 for row in rows)
@@ -324,14 +301,22 @@ def save_checkpoint(make_cfg, tmp_path: Path, overrides: list[str]) -> Path:
     return path
 
 
-def test_load_lm_and_generate_text(make_cfg, tmp_path: Path) -> None:
-    ckpt = save_checkpoint(make_cfg, tmp_path, ["model=hybrid", *SMALL_TEXT])
-    lm = load_lm(str(ckpt))
+def test_generate_from_a_trained_checkpoint(trained: dict[str, TrainedRun]) -> None:
+    """A Lightning-written checkpoint of a CLI run: greedy decoding equals a hand-written argmax
+    loop over full forwards, and sampling draws the same tokens with and without the cache."""
+    lm = load_lm(str(trained["lm"].ckpt))
+    prompt = "def fib(n):"
+    ids = torch.tensor(lm.tokenizer.encode_batch([prompt])[0]).unsqueeze(0)
+    with torch.no_grad():
+        for _ in range(16):
+            ids = torch.cat([ids, lm.model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected = lm.tokenizer.decode(ids[0, -16:].tolist())
     pieces: list[str] = []
-    text = generate_text(lm, "def fib(", 24, stream=pieces.append, seed=0, stop_at_eos=False)
-    assert "".join(pieces) == text and len(text.encode("utf-8", "replace")) > 0
-    again = generate_text(lm, "def fib(", 24, seed=0, stop_at_eos=False, use_cache=False)
-    assert again == text  # cached and full-forward sampling draw the same tokens
+    greedy = generate_text(lm, prompt, 16, stream=pieces.append, greedy=True, stop_at_eos=False)
+    assert greedy == expected and "".join(pieces) == greedy
+    sampled = generate_text(lm, prompt, 24, seed=0, stop_at_eos=False, top_p=0.9)
+    again = generate_text(lm, prompt, 24, seed=0, stop_at_eos=False, top_p=0.9, use_cache=False)
+    assert again == sampled != greedy[:24]
 
 
 def test_load_lm_rejects_bad_checkpoints(make_cfg, tmp_path: Path) -> None:
@@ -344,14 +329,8 @@ def test_load_lm_rejects_bad_checkpoints(make_cfg, tmp_path: Path) -> None:
         load_lm(str(ckpt))
 
 
-def test_script_errors_are_one_line(tmp_path: Path) -> None:
-    out = subprocess.run(  # run as a user would: the default run folder under the cwd
-        [sys.executable, str(ROOT / "scripts" / "generate.py"), f"ckpt_path={tmp_path}/nope.ckpt"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode != 0
+def test_script_errors_are_one_line(project: Project) -> None:
+    out = project.run(f"ckpt_path={project.root}/nope.ckpt", script="scripts/generate.py")
+    assert out.rc != 0
     assert out.stderr.strip().splitlines()[-1].startswith("error: ckpt_path=")
     assert "Traceback" not in out.stderr

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -20,8 +17,8 @@ from advarch.merging import (
     merge_state_dicts,
     merge_tensor,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.cli import Project
+from tests.conftest import TrainedRun
 
 
 def ties_reference(
@@ -458,25 +455,34 @@ def test_merge_checkpoints_errors_name_checkpoint(ckpts, tmp_path: Path) -> None
         merge_checkpoints(base_path, model_paths, MergeConfig(), model_paths[0])
 
 
-def run_script(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "scripts/merge.py", *overrides, f"hydra.run.dir={tmp_path / 'hydra'}"]
-    env = {**os.environ, "COLUMNS": "400"}  # rich: one line per row, paths unwrapped
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
 
-@pytest.mark.slow
-def test_script_end_to_end(ckpts, tmp_path: Path) -> None:
-    base_path, (a, b) = ckpts
-    out = tmp_path / "merged.ckpt"
-    args = [f"base={base_path}", f"models=[{a},{b}]", "density=0.2", "lambda=1.0"]
-    proc = run_script(tmp_path, "method=ties", *args, f"out={out}")
-    assert proc.returncode == 0, proc.stderr
-    assert "tensors merged" in proc.stdout and "merged.ckpt" in proc.stdout
-    sds = [torch.load(p, weights_only=True)["state_dict"] for p in (base_path, a, b)]
-    expected = merge_state_dicts(sds[0], sds[1:], MergeConfig(method="ties", density=0.2))
-    got = torch.load(out, weights_only=True)["state_dict"]
-    assert got.keys() == expected.keys()
-    for k in got:
-        torch.testing.assert_close(got[k], expected[k])
-    bad = run_script(tmp_path, "method=ties", *args, "density=1.5", f"out={out}")
-    assert bad.returncode != 0 and "density=1.5 must be in (0, 1]" in bad.stderr
+def test_script_overrides_change_the_merge_of_trained_checkpoints(
+    project: Project, trained: dict[str, TrainedRun]
+) -> None:
+    """scripts/merge.py on two CLI-trained LMs; expected values written out by hand."""
+    base, other = trained["lm"].ckpt, trained["lm_seed1"].ckpt
+    common = [f"base={base}", f"models=[{other}]"]
+    outs = {name: project.root / f"{name}.ckpt" for name in ("ta", "ties")}
+    merge = "scripts/merge.py"
+    res = project.run(
+        "method=task_arithmetic", *common, "lambda=0.5", f"out={outs['ta']}", script=merge
+    )
+    assert "tensors merged" in res.check().stdout
+    project.run("method=ties", *common, "density=0.2", f"out={outs['ties']}", script=merge).check()
+    b, o = state(base), state(other)
+    ta, ties = state(outs["ta"]), state(outs["ties"])
+    assert ta.keys() == ties.keys() == b.keys()
+    for k, v in b.items():
+        if v.is_floating_point():  # θ₀ + λ τ, λ = 0.5 (not the default 1)
+            torch.testing.assert_close(ta[k], v + 0.5 * (o[k] - v))
+        else:
+            assert torch.equal(ta[k], v) and torch.equal(ties[k], v)
+    # TIES with one model and density 0.2 keeps the top 20% of each tensor's task vector
+    for k in ("model.layers.0.mixer.q_proj.weight", "model.layers.1.mixer.out_proj.weight"):
+        kept = (ties[k] != b[k]).float().mean().item()
+        assert kept == pytest.approx(0.2, abs=0.01), k
+    bad = project.run("method=ties", *common, "density=1.5", f"out={outs['ties']}", script=merge)
+    assert bad.rc != 0 and "density=1.5 must be in (0, 1]" in bad.stderr

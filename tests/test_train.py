@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,14 +9,8 @@ import torch
 
 from advarch.config.validate import ConfigError
 from advarch.train import run
-from tests.conftest import ROOT, SMALL_TEXT
-
-TINY = ["debug=tiny", *SMALL_TEXT]
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "csv" / "version_0" / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
+from tests.cli import Project, read_metrics, series
+from tests.conftest import SESSION_LM, TINY, TrainedRun
 
 
 def test_fast_dev_run_plain_transformer(make_cfg) -> None:
@@ -35,14 +26,13 @@ def test_tiny_run_learns_and_writes_outputs(make_cfg, tmp_path: Path) -> None:
     out = Path(cfg.paths.output_dir)
     assert (out / "checkpoints" / "last.ckpt").is_file()
     rows = read_metrics(out)
-    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    losses = series(rows, "train/loss")
     assert losses[-1] < losses[0] - 0.5  # it learns
     assert len(losses) == 30  # one per step: the epoch aggregate is train/loss_epoch
-    assert any(r.get("train/loss_epoch") for r in rows)
+    assert series(rows, "train/loss_epoch")
     assert metrics["val/bpb"] == pytest.approx(metrics["val/loss"] / 0.6931471805599453, rel=1e-3)
-    assert (
-        out / "config_tree.txt"
-    ).exists() or True  # printing is off in tests; the tree is optional
+    tree = (out / "config_tree.txt").read_text()  # written even when printing is off
+    assert "model" in tree and "dim: 32" in tree
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     hp = ckpt["hyper_parameters"]
     assert hp["cfg"]["model"]["dim"] == 32 and hp["params/trainable"] == hp["params/total"] > 0
@@ -53,7 +43,7 @@ def test_final_weights_are_validated_and_fit_metrics_kept(make_cfg) -> None:
     cfg = make_cfg([*TINY, "trainer.max_steps=7", "test=false"])
     metrics = run(cfg)
     rows = read_metrics(Path(cfg.paths.output_dir))
-    val_losses = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    val_losses = series(rows, "val/loss")
     assert len(val_losses) == 3
     assert metrics["val/loss"] == pytest.approx(val_losses[-1])
     assert "train/loss" in metrics  # fit's metrics survive the extra validation
@@ -83,34 +73,25 @@ def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path) 
         assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
 
 
-def test_ckpt_path_auto_resumes_latest_of_run_name(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg([*TINY, "run_name=autotest"])
-    cfg.paths.runs_dir = str(tmp_path / "runs")
-    first = Path(cfg.paths.runs_dir) / "2026-01-01_00-00-00_aaaaaa"
-    cfg.paths.output_dir = str(first)
-    run(cfg)
-    cfg2 = make_cfg([*TINY, "run_name=autotest", "ckpt_path=auto", "trainer.max_steps=9"])
-    cfg2.paths.runs_dir = str(tmp_path / "runs")
-    cfg2.paths.output_dir = str(Path(cfg2.paths.runs_dir) / "2026-01-01_00-00-01_bbbbbb")
-    run(cfg2)
-    ckpt = torch.load(
-        Path(cfg2.paths.output_dir) / "checkpoints" / "last.ckpt",
-        map_location="cpu",
-        weights_only=False,
-    )
-    assert ckpt["global_step"] == 9  # continued from step 6, not restarted
-
-
-def test_eval_reproduces_training_test_metric(make_cfg, tmp_path: Path) -> None:
-    from advarch.eval import evaluate
-
-    cfg = make_cfg(TINY, output_dir=tmp_path / "train")
-    trained = run(cfg)
-    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    ecfg = make_cfg([f"ckpt_path={ckpt}"], config_name="eval", output_dir=tmp_path / "eval")
-    evaluated = evaluate(ecfg)
-    assert evaluated["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-6)
-    assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], rel=1e-6)
+def test_ckpt_path_auto_resumes_the_newest_run_of_its_run_name(
+    project: Project, trained: dict[str, TrainedRun]
+) -> None:
+    earlier = trained["lm"].run_dir  # outputs/runs/moe-plain/<time>_<id>, made by the CLI
+    link = project.root / "outputs" / "runs" / earlier.parent.name / earlier.name
+    link.parent.mkdir(parents=True)
+    link.symlink_to(earlier)
+    resumed = project.run(*SESSION_LM, "ckpt_path=auto", "trainer.max_steps=9").check()
+    other = project.run(*SESSION_LM, "ckpt_path=auto", "trainer.max_steps=9", "run_name=other")
+    steps = {
+        name: series(read_metrics(res.check().run_dir), "train/loss")
+        for name, res in (("resumed", resumed), ("other", other))
+    }
+    assert len(steps["resumed"]) == 3  # steps 7-9 after the earlier run's 6
+    assert len(steps["other"]) == 9  # another run name starts fresh
+    ckpt = torch.load(resumed.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 9
+    wandb_id = (earlier / "wandb_id.txt").read_text()
+    assert (resumed.run_dir / "wandb_id.txt").read_text() == wandb_id  # the same W&B run goes on
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(make_cfg) -> None:
@@ -133,69 +114,24 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(make_cfg) -> No
     )
 
 
-def test_cli_runs_and_prints_summary(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            *TINY,
-            f"hydra.run.dir={tmp_path}/cli",
-            f"paths.cache_dir={tmp_path}/cache",
-            "logger=many",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "advarch run summary" in out.stdout
-    assert "wandb sync" in out.stdout  # W&B ran offline, with a sync hint
-    assert list((tmp_path / "cli" / "wandb").glob("offline-run-*"))
-    assert (tmp_path / "cli" / "tensorboard").exists()
-
-
 @pytest.mark.slow
-def test_ddp_simulated_on_two_cpu_processes(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            *TINY,
-            "trainer=ddp_sim",
-            "callbacks=none",
-            f"hydra.run.dir={tmp_path}/ddp",
-            f"paths.cache_dir={tmp_path}/cache",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "advarch run summary" in out.stdout
+def test_ddp_simulated_on_two_cpu_processes(project: Project) -> None:
+    res = project.run(*TINY, "trainer=ddp_sim").check()  # default callbacks and loggers
+    assert "advarch run summary" in res.stdout
+    ckpt = torch.load(res.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6  # both processes stepped together, 6 optimizer steps
+    rows = read_metrics(res.run_dir)
+    assert len(series(rows, "train/loss")) == 6 and series(rows, "test/loss")
+    assert list(res.run_dir.glob("wandb/offline-run-*"))
 
 
-def test_config_error_is_one_line_naming_the_key(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            *TINY,
-            "model.num_heads=5",
-            f"hydra.run.dir={tmp_path}/bad",
-            f"paths.cache_dir={tmp_path}/cache",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 1
-    last = out.stderr.strip().splitlines()[-1]
+def test_config_error_is_one_line_naming_the_key(project: Project) -> None:
+    res = project.run(*TINY, "model.num_heads=5")
+    assert res.rc == 1
+    last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "model.num_heads=5" in last
-    assert "Traceback" not in out.stderr
-    assert not (tmp_path / "bad" / "checkpoints").exists()  # stopped before any work
+    assert "Traceback" not in res.stderr
+    assert not res.new_runs  # stopped before any work: not even a run folder
 
 
 def test_config_error_raised_from_run(make_cfg) -> None:

@@ -1,16 +1,17 @@
-"""The merging demonstration end to end at toy size: train, merge, evaluate, negate."""
+"""The merging demonstration (`advarch.demos.merge_digits`, run by scripts/merge_demo.py) end
+to end at toy size: train, merge, evaluate, negate."""
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
+import json
 from pathlib import Path
 
 import pytest
 
+from advarch.demos import merge_digits
 from advarch.eval import evaluate
-from tests.conftest import ROOT, compose_config
+from tests.cli import Project
+from tests.conftest import compose_config
 
 TINY = [
     "model.dim=32",
@@ -21,19 +22,10 @@ TINY = [
 ]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("merge_demo", ROOT / "scripts" / "merge_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["merge_demo"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
-    demo_mod = load_script()
     out = tmp_path_factory.mktemp("merge_demo")
-    demo = demo_mod.DemoConfig(
+    demo = merge_digits.DemoConfig(
         tasks=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
         base_steps=20,
         task_steps=40,
@@ -43,8 +35,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
         overrides=TINY,
         task_overrides=["strategy.lr=3e-3"],
     )
-    rows = demo_mod.run_demo(demo, out)
-    table = demo_mod.table(rows)
+    rows = merge_digits.run_demo(demo, out)
+    table = merge_digits.table(rows)
     assert table.count("\n") == len(rows) + 1 and "| ties | 0.5 |" in table
     return out, rows
 
@@ -60,19 +52,25 @@ def test_negating_a_task_vector_lowers_that_task(demo_run) -> None:
         assert all(0.0 <= v <= 1.0 for v in values.values())
 
 
+def merged_and_row(demo_run, method: str) -> tuple[Path, dict[str, float]]:
+    """The first merged checkpoint of `method` and its row of the demo's table."""
+    out, rows = demo_run
+    merged = sorted((out / "merged").glob(f"*{method}*.ckpt"))[0]
+    references = 1 + 2  # base θ₀ and the two fine-tuned task models come first
+    return merged, rows[references + int(merged.name[:2])][2]
+
+
 def test_merged_checkpoint_evaluates_like_any_other(demo_run, cache_dir: Path) -> None:
     out, _ = demo_run
-    merged = sorted((out / "merged").glob("*ties*.ckpt"))[0]
+    merged, row = merged_and_row(demo_run, "ties")
     cfg = compose_config([f"ckpt_path={merged}"], out / "eval", cache_dir, config_name="eval")
     metrics = evaluate(cfg)
-    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert metrics["test/acc"] == pytest.approx(row["all"], abs=1e-6)  # the demo's own number
 
 
 @pytest.mark.slow
-def test_merged_checkpoint_through_the_eval_cli(demo_run, tmp_path: Path) -> None:
-    out, _ = demo_run
-    merged = sorted((out / "merged").glob("*task_arithmetic*.ckpt"))[0]
-    cmd = [sys.executable, "eval.py", f"ckpt_path={merged}", f"hydra.run.dir={tmp_path}"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "metrics.json").is_file()
+def test_merged_checkpoint_through_the_eval_cli(demo_run, project: Project) -> None:
+    merged, row = merged_and_row(demo_run, "task_arithmetic")
+    res = project.run(f"ckpt_path={merged}", script="eval.py").check()
+    metrics = json.loads((res.run_dir / "metrics.json").read_text())
+    assert metrics["test/acc"] == pytest.approx(row["all"], abs=1e-6)

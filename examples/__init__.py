@@ -1,0 +1,1 @@
+"""Examples of using advarch in your own project (see the README)."""

@@ -1,0 +1,52 @@
+"""`python eval.py` on checkpoints trained through the command line (the session's runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cli import Project, read_metrics
+from tests.conftest import TrainedRun
+
+
+def eval_metrics(project: Project, *args: str) -> dict[str, float]:
+    res = project.run(*args, script="eval.py").check()
+    return json.loads((res.run_dir / "metrics.json").read_text())
+
+
+def test_eval_equals_the_training_test_metrics_under_a_test_batch_limit(
+    project: Project, trained: dict[str, TrainedRun]
+) -> None:
+    # the run tested 2 of its 6 test batches (debug=tiny's limit): eval.py must do the same
+    run = trained["lm"]
+    tested = [r for r in read_metrics(run.run_dir) if "test/loss" in r][-1]
+    evaluated = eval_metrics(project, f"ckpt_path={run.ckpt}")
+    for key in ("test/loss", "test/acc", "test/bpb"):
+        assert evaluated[key] == pytest.approx(tested[key], rel=1e-6), key
+
+
+def test_eval_data_swap_evaluates_the_given_data(
+    project: Project, trained: dict[str, TrainedRun]
+) -> None:
+    run = trained["lm"]
+    same = eval_metrics(project, f"ckpt_path={run.ckpt}")
+    shorter = eval_metrics(
+        project,
+        f"ckpt_path={run.ckpt}",
+        "data=text",
+        "data.max_documents=40",
+        "data.seq_len=16",
+        "data.batch_size=4",
+    )
+    assert shorter["test/loss"] != pytest.approx(same["test/loss"], rel=1e-3)
+
+
+def test_eval_of_a_checkpoint_that_does_not_fit_the_data_is_one_line(
+    project: Project, trained: dict[str, TrainedRun]
+) -> None:
+    res = project.run(f"ckpt_path={trained['lm'].ckpt}", "data=digits", script="eval.py")
+    assert res.rc == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ckpt_path=") and "does not fit this data/model" in last
+    assert "Traceback" not in res.stderr

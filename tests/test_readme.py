@@ -1,0 +1,222 @@
+"""The README is executable: every command of its ```bash blocks runs exactly as written.
+
+Each command runs in a fresh clone's layout (`tests.cli.Project`) with only the smoke switch
+the README documents for it appended (`debug=tiny` …, see SMOKE and the README's "Smoke runs"),
+and its placeholders (`<ckpt>`, `<name>/<run>` …) replaced by files that earlier commands made:
+the session's CLI-trained checkpoints, the README's own merge and grid sweep. Each must exit 0
+and leave the files it promises.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.cli import CliResult, Project
+from tests.conftest import ROOT, TrainedRun
+
+README = (ROOT / "README.md").read_text()
+
+# The documented smoke switch of each program: (command prefix, words appended). First match wins.
+OPTUNA_SMOKE = ["debug=tiny", "hydra.sweeper.n_trials=2"]
+SMOKE: list[tuple[str, list[str]]] = [
+    ("make train", ["ARGS=debug=tiny"]),
+    ("python train.py", ["debug=tiny"]),
+    (
+        "python scripts/generate.py bench=true",
+        ['bench_overrides=["debug=tiny"]', "bench_new_tokens=8"],
+    ),
+    ("python scripts/bench.py", ["--quick", "--only", "moe"]),
+    ("python scripts/merge_demo.py", ["--base-steps", "4", "--task-steps", "4"]),
+]
+
+
+def readme_commands() -> list[str]:
+    """Every non-comment line of the README's ```bash blocks, in order."""
+    blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
+    lines = [line.strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def smoke(words: list[str]) -> list[str]:
+    command = shlex.join(words)
+    if command.startswith("python train.py") and "hparams_search=" in command:
+        return OPTUNA_SMOKE
+    for prefix, extra in SMOKE:
+        if command.startswith(prefix):
+            return extra
+    return []
+
+
+# Commands that fail today: the integrator removes a mark when the fix lands (strict: a fixed
+# command turns its xfail into a failure).
+BROKEN: dict[str, str] = {}
+SKIP = {"make test": "this test suite itself"}
+# Commands the README marks as GPU commands (`--device cuda`, `experiment=gpu_lm`): run where
+# CUDA exists, skipped (with that reason) on CPU-only machines such as CI.
+NEEDS_GPU = ("--device cuda", "experiment=gpu_lm")
+NEEDS_SLURM = "hydra/launcher=slurm"  # submits to a SLURM cluster: runs where `sbatch` exists
+# Commands that need files an earlier command of the same chain made run on one worker, in order.
+CHAINS = {
+    "scripts/merge.py": "readme-merge",
+    "eval.py ckpt_path=<any": "readme-merge",
+    "-m model.depth": "readme-sweep",
+    "outputs/multiruns": "readme-sweep",
+    "data.domains=[text,net,concurrency]": "readme-finetune",
+    "strategy=finetune": "readme-finetune",
+}
+
+
+def command_id(line: str) -> str:
+    return shlex.join(shlex.split(line, comments=True))
+
+
+LINE_OF = {command_id(line): line for line in readme_commands()}  # as written, placeholders kept
+
+
+def params() -> list:
+    out = []
+    for line in readme_commands():
+        cmd = command_id(line)
+        marks = []
+        if cmd in BROKEN:
+            marks.append(pytest.mark.xfail(strict=True, reason=BROKEN[cmd]))
+        if cmd in SKIP:
+            marks.append(pytest.mark.skip(reason=SKIP[cmd]))
+        if any(g in cmd for g in NEEDS_GPU) and not torch.cuda.is_available():
+            marks.append(pytest.mark.skip(reason="a GPU command; this machine has no CUDA"))
+        if NEEDS_SLURM in cmd and shutil.which("sbatch") is None:
+            marks.append(pytest.mark.skip(reason="a SLURM command; this machine has no sbatch"))
+        for key, group in CHAINS.items():
+            if key in cmd:
+                marks.append(pytest.mark.xdist_group(group))
+        out.append(pytest.param(cmd, id=cmd[:80], marks=marks))
+    return out
+
+
+class Made:
+    """Files earlier commands made, for the placeholders of later ones (one per worker)."""
+
+    merged: Path | None = None
+    sweep: Path | None = None
+    base: Path | None = None  # the three-domain base that the finetune line extends
+
+
+@pytest.fixture(scope="module")
+def readme_project(tmp_path_factory, cache_dir: Path, trained: dict[str, TrainedRun]) -> Project:
+    """A clone whose outputs/runs holds the session's trained runs, as after `python train.py`."""
+    proj = Project(tmp_path_factory.mktemp("readme") / "project", cache_dir)
+    for run in trained.values():
+        link = proj.root / "outputs" / "runs" / run.run_dir.parent.name / run.run_dir.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(run.run_dir)
+    (proj.root / "prompt.txt").write_text("def fib(n):\n")
+    return proj
+
+
+def substitute(line: str, proj: Project, trained: dict[str, TrainedRun]) -> list[str]:
+    """The README line's words with placeholders → files made by earlier commands (`[data=...]`,
+    optional, dropped). Placeholders are filled in the text: some hold spaces."""
+    a, b = trained["lm"], trained["lm_seed1"]
+    run_rel = str(a.run_dir.relative_to(a.run_dir.parents[1]))  # <name>/<run>
+    fills = {
+        " [data=...]": "",
+        "models=[<ckpt>,<ckpt>]": f"models=[{a.ckpt},{b.ckpt}]",
+        "models=[<a>,<b>]": f"models=[{a.ckpt},{b.ckpt}]",
+        "out=<ckpt>": f"out={proj.root / 'merged.ckpt'}",
+        "strategy.pretrained=<ckpt>": f"strategy.pretrained={Made.base}",
+        "<any ckpt, merged ones too>": str(Made.merged),
+        "<ckpt>": str(a.ckpt),
+        "outputs/runs/<name>/<run>": f"outputs/runs/{run_rel}",
+        "outputs/runs/<name>/<time>": f"outputs/runs/{run_rel}",
+        "outputs/multiruns/<time>": str(Made.sweep),
+    }
+    for placeholder, value in fills.items():
+        if placeholder in line:
+            assert value != "None", f"{placeholder}: the command making it runs first (CHAINS)"
+            line = line.replace(placeholder, value)
+    words = shlex.split(line, comments=True)
+    assert not [w for w in words if re.search(r"<\w+>", w)], f"unknown placeholder in {line}"
+    return words
+
+
+def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
+    """The files and lines each kind of command promises (README 'Every run writes …').
+
+    `cmd` is the README's command, `line` what ran (placeholders filled, smoke switch added).
+    """
+    words, ran = shlex.split(cmd), shlex.split(line)
+    if cmd.startswith(("python train.py", "make train")) and "-m" not in words:
+        run = res.run_dir
+        for name in (".hydra/config.yaml", "config_tree.txt", "checkpoints/last.ckpt"):
+            assert (run / name).is_file(), f"{cmd}: no {name} in {run}"
+        assert list(run.glob("csv/version_*/metrics.csv")), cmd
+        debug = any(w.startswith("debug=") for w in ran)
+        if not debug or {"logger=wandb", "logger=many"} & set(ran):  # debug: CSV unless asked
+            assert list(run.glob("wandb/offline-run-*")), f"{cmd}: no offline W&B run"
+        if "logger=many" in words:
+            assert list(run.glob("tensorboard/**/events.out.tfevents.*")), cmd
+        assert "advarch run summary" in res.stdout
+        if "data.domains=[text,net,concurrency]" in ran:
+            Made.base = run / "checkpoints" / "last.ckpt"
+    elif cmd.startswith("python train.py"):
+        sweep = res.sweep_dir
+        jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
+        assert jobs and all((j / "checkpoints" / "last.ckpt").is_file() for j in jobs), sweep
+        assert (sweep / "summary.md").is_file() and (sweep / "summary.csv").is_file()
+        if "model.depth=2,4" in words:
+            assert len(jobs) == 2
+            Made.sweep = sweep
+        if "hparams_search=" in cmd:
+            assert len(jobs) == 2  # the smoke switch's n_trials
+            assert (sweep / "optimization_results.yaml").is_file()
+            best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+            assert "best_params" in best
+    elif cmd.startswith("python eval.py"):
+        assert (res.run_dir / "metrics.json").is_file()
+    elif cmd.startswith("python scripts/merge.py"):
+        out = Path(re.search(r"out=(\S+)", " ".join(ran)).group(1))
+        assert out.is_file()
+        Made.merged = out
+    elif "scripts/generate.py" in cmd and "bench=true" in words:
+        assert "cached" in res.stdout
+    elif "scripts/generate.py" in cmd:
+        assert res.stdout.startswith("def fib(n):") and len(res.stdout) > len("def fib(n):\n")
+    elif "scripts/report.py" in cmd:
+        folder = Path(ran[2]) if Path(ran[2]).is_absolute() else proj.root / ran[2]
+        assert (folder / "report" / "report.md").is_file()
+        if "--wandb" in words:
+            assert list((folder / "report").glob("wandb/offline-run-*"))
+    elif "scripts/merge_demo.py" in cmd:
+        assert (proj.root / "outputs" / "merge_demo" / "merge_table.md").is_file()
+    elif "scripts/bench.py" in cmd:
+        assert "| moe" in res.stdout  # the table, here of the smoke form's one suite
+
+
+def test_every_readme_bash_line_is_collected() -> None:
+    cmds = [command_id(line) for line in readme_commands()]
+    assert "make train" in cmds and "python scripts/bench.py" in cmds
+    assert all(c.startswith(("make ", "python ", "source ")) for c in cmds), cmds
+
+
+def test_smoke_switches_are_documented() -> None:
+    for _prefix, extra in [*SMOKE, ("", OPTUNA_SMOKE)]:
+        assert shlex.join(extra) in README, f"README does not document the smoke switch {extra}"
+
+
+@pytest.mark.parametrize("cmd", params())
+def test_readme_command(cmd: str, readme_project: Project, trained: dict[str, TrainedRun]) -> None:
+    if cmd.startswith("source "):
+        res = readme_project.shell(f"{cmd} && python -c 'import sys; print(sys.prefix)'")
+        assert res.check().stdout.strip().endswith(".venv")
+        return
+    words = substitute(LINE_OF[cmd], readme_project, trained)
+    line = shlex.join([*words, *smoke(shlex.split(cmd))])
+    res = readme_project.shell(f"source .venv/bin/activate && {line}").check()
+    check_promises(cmd, line, res, readme_project)

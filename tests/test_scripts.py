@@ -1,0 +1,29 @@
+"""The report scripts that train their own runs, from the command line in a fresh clone."""
+
+from __future__ import annotations
+
+import json
+
+from tests.cli import Project
+from tests.conftest import SMALL_TEXT
+
+
+def test_mmoe_report_tables_every_model_and_correlation(project: Project) -> None:
+    res = project.run(
+        "trainer.max_steps=10", "--correlations", "0.0", "1.0", "--seeds", "0",
+        script="scripts/mmoe_report.py",
+    ).check()  # fmt: skip
+    rows = [line for line in res.stdout.splitlines() if line.startswith("|")]
+    for model in ("mmoe", "one_gate_moe", "shared_bottom"):
+        assert sum(row.split("|")[2].strip() == model for row in rows[2:]) == 2, res.stdout
+
+
+def test_retro_report_compares_neighbours_padding_and_plain(project: Project) -> None:
+    small = ["debug=tiny", *SMALL_TEXT, "data.retrieval.chunk_size=16"]
+    project.run(*small, "data.retrieval.embedder_dim=64", script="scripts/retro_report.py").check()
+    (report,) = (project.root / "outputs" / "retro_report").glob("*/retro_report.json")
+    rows = json.loads(report.read_text())["rows"]
+    assert set(rows) == {"RETRO, neighbours", "RETRO, neighbours = padding", "plain decoder"}
+    with_nb, padded = rows["RETRO, neighbours"], rows["RETRO, neighbours = padding"]
+    assert with_nb["loss"] != padded["loss"]  # the neighbours reach the decoder
+    assert all(r["bpb"] > 0 for r in rows.values())
