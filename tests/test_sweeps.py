@@ -9,60 +9,35 @@ user would open: `summary.md`/`summary.csv`, `result.json`, the offline W&B run 
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.conftest import ROOT
+from tests.cli import Project, read_metrics, series
 from tests.wandb_offline import offline_run
 
 pytestmark = pytest.mark.xdist_group("cli")
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, cache_dir: Path) -> Path:
-    """A fresh working folder whose `outputs/cache` is the session's corpus cache."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "outputs").mkdir()
-    (tmp_path / "outputs" / "cache").symlink_to(cache_dir)
-    return tmp_path
-
-
-def train(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-
-
-def sweep_dir(workdir: Path) -> Path:
-    (found,) = (workdir / "outputs" / "multiruns").iterdir()
-    return found
+def summary_rows(sweep: Path) -> list[dict[str, str]]:
+    with (sweep / "summary.csv").open() as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.mark.slow
-def test_grid_sweep_with_a_failing_trial(workdir: Path) -> None:
+def test_grid_sweep_with_a_failing_trial(project: Project) -> None:
     # num_heads=3 does not divide dim 32: those trials fail, the sweep goes on and exits 0
-    out = train(
-        workdir, "-m", "model.depth=1,2", "model.num_heads=2,3", "debug=tiny", "logger=wandb"
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    log = out.stdout + out.stderr
+    out = project.run(
+        "-m", "model.depth=1,2", "model.num_heads=2,3", "debug=tiny", "logger=wandb"
+    ).check()
+    log = out.output
     assert "Traceback" not in log
     failures = [line for line in log.splitlines() if "failed: model.num_heads=3 must" in line]
     assert len(failures) == 2 and all("trial model.depth=" in line for line in failures)
 
-    folder = sweep_dir(workdir)
-    with (folder / "summary.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    folder = out.sweep_dir
+    rows = summary_rows(folder)
     assert [r["model.num_heads"] for r in rows] == ["2", "2", "3", "3"]  # best first, fails last
     ok = rows[:2]
     assert float(ok[0]["val/loss"]) <= float(ok[1]["val/loss"])
@@ -84,30 +59,34 @@ def test_grid_sweep_with_a_failing_trial(workdir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_where_every_trial_fails_exits_non_zero(workdir: Path) -> None:
-    out = train(workdir, "-m", "model.num_heads=3,5", "debug=tiny")
-    assert out.returncode != 0
-    assert "Traceback" not in out.stdout + out.stderr
+def test_sweep_where_every_trial_fails_exits_non_zero(project: Project) -> None:
+    out = project.run("-m", "model.num_heads=3,5", "debug=tiny")
+    assert out.rc != 0
+    assert "Traceback" not in out.output
     assert "error: all 2 trials failed" in out.stderr
 
 
 @pytest.mark.slow
-def test_optuna_sweep_as_typed(workdir: Path) -> None:
-    out = train(workdir, "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "debug=tiny")
-    assert out.returncode == 0, out.stderr[-3000:]
-    folder = sweep_dir(workdir)
-    with (folder / "summary.csv").open() as f:
-        rows = list(csv.DictReader(f))
+def test_optuna_sweep_as_typed(project: Project) -> None:
+    out = project.run("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "debug=tiny")
+    folder = out.check().sweep_dir
+    rows = summary_rows(folder)
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     assert {"strategy.lr", "strategy.weight_decay", "model.dim"} <= set(rows[0])
-    assert (folder / "optimization_results.yaml").is_file()
+    # each trial's value is its own run's final val/loss, and Optuna's best is the smallest
+    for row in rows:
+        final = series(read_metrics(folder / row["trial"]), "val/loss")[-1]
+        assert float(row["val/loss"]) == pytest.approx(final, rel=1e-6)
+    best = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(float(r["val/loss"]) for r in rows), rel=1e-6)
+    assert float(best["best_params"]["model.dim"]) == float(rows[0]["model.dim"])
 
 
 @pytest.mark.slow
-def test_wandb_run_carries_config_identity_and_summary(workdir: Path) -> None:
-    out = train(workdir, "debug=tiny", "logger=wandb", "tags=[baseline]", "seed=7")
-    assert out.returncode == 0, out.stderr[-3000:]
-    (run_dir,) = (workdir / "outputs" / "runs" / "debug-tiny-moe-plain").iterdir()
+def test_wandb_run_carries_config_identity_and_summary(project: Project) -> None:
+    out = project.run("debug=tiny", "logger=wandb", "tags=[baseline]", "seed=7").check()
+    run_dir = out.run_dir
+    assert run_dir.parent.name == "debug-tiny-moe-plain"
     run = offline_run(run_dir)
     config = run["config"]
     assert config["model"]["dim"] == 32 and config["model"]["moe"]["num_experts"] == 8
@@ -120,3 +99,9 @@ def test_wandb_run_carries_config_identity_and_summary(workdir: Path) -> None:
     assert run["tags"] == ["baseline", "model:moe", "strategy:plain", "data:text"]
     assert set(run["summary"]["val/loss"]) == {"min"}  # the best value, not the last
     assert "test/bpb" in run["summary"]
+
+    evaluated = project.run(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", script="eval.py")
+    eval_dir = evaluated.check().run_dir
+    eval_run = offline_run(eval_dir)
+    assert eval_run["job_type"] == "eval" and eval_run["group"] == run["group"]
+    assert eval_run["config"]["model"] == config["model"] and "test/bpb" in eval_run["summary"]

@@ -131,7 +131,7 @@ def test_config_error_is_one_line_naming_the_key(project: Project) -> None:
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "model.num_heads=5" in last
     assert "Traceback" not in res.stderr
-    assert not list(res.run_dir.glob("checkpoints/*"))  # stopped before any work
+    assert not res.new_runs  # stopped before any work: not even a run folder
 
 
 def test_config_error_raised_from_run(make_cfg) -> None:
