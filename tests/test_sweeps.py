@@ -100,14 +100,8 @@ def test_wandb_run_carries_config_identity_and_summary(project: Project) -> None
     assert set(run["summary"]["val/loss"]) == {"min"}  # the best value, not the last
     assert "test/bpb" in run["summary"]
 
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    evaluated = subprocess.run(
-        [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={ckpt}"],
-        cwd=workdir, capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    (eval_dir,) = (workdir / "outputs" / "runs" / "eval").iterdir()
+    evaluated = project.run(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", script="eval.py")
+    eval_dir = evaluated.check().run_dir
     eval_run = offline_run(eval_dir)
     assert eval_run["job_type"] == "eval" and eval_run["group"] == run["group"]
     assert eval_run["config"]["model"] == config["model"] and "test/bpb" in eval_run["summary"]
