@@ -96,8 +96,12 @@ OPTION_RUNS = {
     ),
     "experiment=expert_masks_split_digits": (["experiment=expert_masks_split_digits"], []),
     "experiment=retro_vs_plain": (["experiment=retro_vs_plain", *SMALL_TEXT, *RETRO_SMALL], []),
+    "experiment=retro_lookup": (
+        ["experiment=retro_lookup", "trainer.max_steps=4", "trainer.val_check_interval=2"],
+        ["checkpoints/last.ckpt", "csv/version_0/metrics.csv"],
+    ),
 }
-DIGIT_STREAM = ["+trainer.limit_train_batches=3", "trainer.limit_val_batches=1"]
+DIGIT_STREAM = ["++trainer.limit_train_batches=3", "trainer.limit_val_batches=1"]
 
 
 @pytest.mark.parametrize("name", list(OPTION_RUNS))
@@ -106,6 +110,8 @@ def test_every_option_runs_end_to_end(make_cfg, name: str) -> None:
     base = ["debug=tiny", *SMALL_TEXT] if "debug=" not in " ".join(overrides) else SMALL_TEXT
     if "digits" in name:
         base = ["debug=tiny", *DIGIT_STREAM]
+    if "retro_lookup" in name:
+        base = ["debug=tiny"]  # its own synthetic database: no text slice
     _, out = trained_run(make_cfg, [*base, *overrides])
     for pattern in promised:
         assert list(out.glob(pattern)), f"{name}: no {pattern} in {out}"
@@ -138,6 +144,7 @@ def test_every_option_is_run_somewhere() -> None:
             "merge_digit_tasks",  # tests/demos/test_merge_digits.py
             "selective_copying",  # test_selective_copying
             "selective_copying_lti",
+            "gpu_lm",  # test_gpu_lm_experiment_runs, where CUDA exists
         },
     }
     ran = {tuple(name.split("=")) for name in OPTION_RUNS}
@@ -152,6 +159,11 @@ def test_every_option_is_run_somewhere() -> None:
 @pytest.mark.parametrize("trainer", ["gpu", "ddp", "fsdp"])
 def test_gpu_trainers_run(make_cfg, trainer: str) -> None:
     trained_run(make_cfg, ["debug=tiny", *SMALL_TEXT, f"trainer={trainer}", "trainer.devices=1"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_lm_experiment_runs(make_cfg) -> None:
+    trained_run(make_cfg, ["experiment=gpu_lm", "debug=tiny", *SMALL_TEXT])
 
 
 @pytest.mark.parametrize("data", options("data"))

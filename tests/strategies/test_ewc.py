@@ -365,7 +365,7 @@ def test_flagship_ewc_forgets_less_than_naive_on_a_tiny_stream(make_cfg, tmp_pat
     tiny = [
         "data.num_tasks=2",
         "data.epochs_per_task=2",
-        "+trainer.limit_train_batches=10",
+        "++trainer.limit_train_batches=10",
         "model.dim=64",
         "model.ffn_hidden=128",
         "strategy.lr=2e-3",
