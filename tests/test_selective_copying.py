@@ -7,6 +7,7 @@ import pytest
 from hydra.utils import instantiate
 
 from advarch.data.synthetic import SelectiveCopyingDataModule
+from advarch.pipeline import build_model
 from advarch.train import run
 
 SMALL = [
@@ -41,7 +42,7 @@ def test_experiment_trains_and_reports_answer_accuracy(make_cfg, experiment, sel
     cfg = make_cfg([f"experiment={experiment}", *SMALL])
     assert cfg.model.depth == 2 and list(cfg.model.layers) == ["ssm"]
     assert cfg.model.ssm.selective is selective
-    model = instantiate(cfg.model, spec=instantiate(cfg.data).spec)
+    model = build_model(cfg, instantiate(cfg.data).spec)
     mixers = [m for m in model.modules() if type(m).__name__ == "SelectiveSSM"]
     assert len(mixers) == 2 and all(m.selective is selective for m in mixers)
     metrics = run(cfg)
