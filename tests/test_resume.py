@@ -31,7 +31,7 @@ STREAM = [
     "data.epochs_per_task=2",
     "data.batch_size=32",
     "trainer.max_steps=-1",
-    "+trainer.limit_train_batches=4",
+    "++trainer.limit_train_batches=4",  # debug=tiny sets it too
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1",
     "trainer.val_check_interval=1.0",
