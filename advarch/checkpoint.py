@@ -22,7 +22,8 @@ PREFIX = "model."  # state-dict names of the LightningModule's model in every ad
 
 
 class CheckpointError(ConfigError):
-    """A checkpoint file is missing, unreadable or not an advarch checkpoint."""
+    """A checkpoint file is missing, unreadable or not an advarch checkpoint (a bad input: the
+    entry points print it as one `error:` line, like any ConfigError)."""
 
 
 def read_checkpoint(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -48,7 +49,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module.on_load_checkpoint(ckpt)
     trainer = L.Trainer(
         limit_test_batches=saved.trainer.get("limit_test_batches") or 1.0,  # the run's protocol
-        logger=False,
+        logger=eval_wandb_logger(cfg, saved, module) if cfg.get("wandb") else False,
         enable_checkpointing=False,
         default_root_dir=cfg.paths.output_dir,
         accelerator=cfg.accelerator,
@@ -59,16 +60,54 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for r in results for k, v in r.items()}
 
 
+def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
+    """An offline W&B run for this evaluation: job_type `eval`, in the training run's group,
+    its config the checkpoint's (plus what the evaluation changed)."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from advarch.strategies.base import count_parameters
+    from advarch.tracking import tracker_config
+
+    config = tracker_config(saved, count_parameters(module.model))
+    config["eval"] = {
+        "ckpt_path": str(cfg.ckpt_path),
+        "data_overridden": cfg.get("data") is not None,
+    }
+    project = OmegaConf.select(saved, "logger.wandb.project") or "advarch"
+    return WandbLogger(
+        project=project,
+        save_dir=cfg.paths.output_dir,
+        offline=True,
+        name=f"eval {saved.run_name}",
+        group=str(saved.run_name),
+        job_type="eval",
+        tags=[*(saved.get("tags") or []), "eval"],
+        config=config,
+        settings=wandb.Settings(quiet=True, silent=True),
+    )
+
+
 @hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError
+    from advarch.train import discard_run_folder
 
     quiet_lightning_logs()
+    from advarch.train import _finish_wandb
+
     try:
+        if OmegaConf.is_missing(cfg, "ckpt_path"):
+            raise ConfigError(
+                "ckpt_path is required: eval.py ckpt_path=<run>/checkpoints/last.ckpt"
+            )
         metrics = evaluate(cfg)
     except (ConfigError, CheckpointError) as err:
+        discard_run_folder()
         sys.exit(f"error: {err}")
+    finally:
+        _finish_wandb()
     out = Path(cfg.paths.output_dir) / "metrics.json"
     out.write_text(__import__("json").dumps(metrics, indent=2))
     log.info("test metrics written to %s", out)

@@ -6,6 +6,7 @@ exactly the module that wrote it.
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Any
 
 import lightning as L
@@ -14,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from advarch.config.checks import check_collection, check_run_keys, check_trainer
 from advarch.config.validate import ConfigError, validate_node
 from advarch.spec import DataSpec
 
@@ -47,6 +49,17 @@ def validate(cfg: DictConfig) -> None:
             node = OmegaConf.merge({"_target_": target}, options)
             skip = SUPPLIED_BY_MODEL_TO.get(block, SUPPLIED_BY_MODEL)
             validate_node(node, f"model.{block}", skip=skip)
+
+
+def validate_run(cfg: DictConfig) -> None:
+    """Everything a training run reads: train.yaml's keys, trainer, callbacks, loggers, then
+    data, model and strategy (`validate`). One ConfigError line naming the first bad key."""
+    check_run_keys(cfg)
+    if cfg.get("trainer") is not None:
+        check_trainer(cfg.trainer)
+    check_collection(cfg.get("callbacks"), "callbacks")
+    check_collection(cfg.get("logger"), "logger")
+    validate(cfg)
 
 
 def build_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, DataSpec]:
@@ -92,10 +105,41 @@ def build_all(cfg: DictConfig) -> tuple[L.LightningDataModule, DataSpec, L.Light
         raise ConfigError(str(err).splitlines()[0]) from err
 
 
-def instantiate_dict(node: DictConfig | None) -> list[Any]:
+def instantiate_checked(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """`instantiate(node)`; a constructor's complaint becomes one ConfigError naming `key`."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ConfigError(f"{key}: {first}") from cause
+    except (ValueError, TypeError) as err:  # Lightning's MisconfigurationException included
+        raise ConfigError(f"{key}: {str(err).strip().splitlines()[0]}") from err
+
+
+def instantiate_dict(node: DictConfig | None, group: str = "") -> list[Any]:
     """Instantiate every `_target_` entry of a named collection (callbacks, loggers)."""
     if not node:
         return []
     return [
-        instantiate(v, _convert_="all") for v in node.values() if v is not None and "_target_" in v
+        instantiate_checked(v, f"{group}.{k}" if group else str(k))
+        for k, v in node.items()
+        if v is not None and "_target_" in v
     ]
+
+
+def check_monitors(cfg: DictConfig, module: Any, callbacks: list[Any]) -> None:
+    """`optimized_metric` and every callback's `monitor` must be a metric the strategy logs."""
+    names = module.metric_names() if hasattr(module, "metric_names") else None
+    if names is None:
+        return
+    wanted = [("optimized_metric", cfg.get("optimized_metric"))]
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is not None and node.get("monitor") is not None:
+            wanted.append((f"callbacks.{name}.monitor", node.monitor))
+    for key, metric in wanted:
+        if metric is not None and not any(fnmatchcase(metric, n) for n in names):
+            raise ConfigError(
+                f"{key}={metric} is not a metric strategy={cfg.strategy._target_.split('.')[-1]} "
+                f"logs; it logs: {', '.join(names)}"
+            )

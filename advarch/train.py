@@ -35,27 +35,35 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
 
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.config.runs import WANDB_ID_FILE, resolve_checkpoint
-    from advarch.pipeline import build_all, instantiate_dict, validate
+    from advarch.pipeline import (
+        build_all,
+        check_monitors,
+        instantiate_checked,
+        instantiate_dict,
+        validate_run,
+    )
     from advarch.reporting import print_config_tree, print_summary, save_summary
 
     quiet_lightning_logs()
-    validate(cfg)  # every key, before any work
+    validate_run(cfg)  # every key, before any work
     output_dir = Path(cfg.paths.output_dir)
-    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir), cfg)
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir), cfg, output_dir)
+    last = output_dir / "checkpoints" / "last.ckpt"
+    callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
     output_dir.mkdir(parents=True, exist_ok=True)
-    echo = cfg.get("extras", {}).get("print_config", True)  # the file is always written
-    print_config_tree(cfg, output_dir / "config_tree.txt", echo=echo)
+    echo = cfg.get("extras", {}).get("print_config", True) and rank_zero_only.rank == 0
+    print_config_tree(cfg, output_dir / "config_tree.txt", echo=echo)  # the file always
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     datamodule, spec, module = build_all(cfg)  # ConfigError on bad input, before any work
+    check_monitors(cfg, module, callbacks)
 
     loggers = build_loggers(cfg, identity or RunIdentity(cfg.run_name), module, ckpt)
-    last = output_dir / "checkpoints" / "last.ckpt"
-    callbacks = [*instantiate_dict(cfg.get("callbacks")), SignalCheckpoint(last)]
     # datamodules whose train loader changes with the epoch (continual streams, curricula)
     trainer_overrides: dict[str, Any] = getattr(datamodule, "trainer_overrides", {})
-    trainer: L.Trainer = hydra.utils.instantiate(
+    trainer: L.Trainer = instantiate_checked(
         cfg.trainer,
+        "trainer",
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(output_dir),
@@ -68,7 +76,10 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     try:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-            trainer.save_checkpoint(last)  # the final state, whatever the checkpoint cadence
+            # the final state, whatever the checkpoint cadence; not from the parent of spawned
+            # DDP workers (ddp_spawn): it holds their weights but not their loop state (step 0)
+            if type(trainer.strategy.launcher).__name__ != "_MultiProcessingLauncher":
+                trainer.save_checkpoint(last)
             metrics.update(scalar_metrics(trainer))
             if (
                 getattr(module, "validated_at_step", None) != trainer.global_step
@@ -81,8 +92,8 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
             metrics.update({k: float(v) for r in results for k, v in r.items()})
     finally:
         _finish_wandb()
-    print_summary(cfg, spec, metrics, output_dir)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero:  # other DDP ranks ran the same job silently
+        print_summary(cfg, spec, metrics, output_dir)
         save_summary(spec, metrics, output_dir)
     return metrics
 
@@ -91,7 +102,10 @@ def build_loggers(
     cfg: DictConfig, identity: RunIdentity, module: Any, ckpt: Path | None
 ) -> list[Any]:
     """The configured loggers; W&B gets the run's identity, full config and resume id."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     from advarch.config.runs import previous_wandb_id
+    from advarch.pipeline import instantiate_checked
     from advarch.strategies.base import count_parameters
     from advarch.tracking import define_summary, wandb_init_fields
 
@@ -100,14 +114,15 @@ def build_loggers(
         if node is None or "_target_" not in node:
             continue
         if name != "wandb":
-            loggers.append(hydra.utils.instantiate(node, _convert_="all"))
+            loggers.append(instantiate_checked(node, f"logger.{name}"))
             continue
         fields = wandb_init_fields(cfg, identity, count_parameters(module.model))
         fields["id"] = previous_wandb_id(ckpt) or node.get("id")
         fields["tags"] = list(dict.fromkeys([*(node.get("tags") or []), *fields["tags"]]))
         logger = hydra.utils.instantiate(node, _partial_=True, _convert_="all")(**fields)
         mode = OmegaConf.select(cfg, "callbacks.model_checkpoint.mode") or "min"
-        define_summary(logger.experiment, cfg.get("optimized_metric"), mode)
+        if rank_zero_only.rank == 0:  # other ranks hold a dummy experiment
+            define_summary(logger.experiment, cfg.get("optimized_metric"), mode)
         loggers.append(logger)
     return loggers
 
@@ -261,15 +276,25 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
     return RunIdentity(cfg.run_name, "train", group, "", choices)
 
 
-def discard_run_folder(folder: Path) -> None:
-    """Remove what Hydra and advarch wrote into a run folder that did no work (a config error)."""
+def discard_run_folder(folder: Path | None = None) -> None:
+    """Remove what Hydra and advarch wrote into a run folder that did no work (a config error):
+    `.hydra/`, the job log and the config tree, then the folder itself if nothing else is in it.
+    `folder` defaults to the current Hydra job's output folder (eval, generate, merge)."""
     import contextlib
     import shutil
 
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get() if HydraConfig.initialized() else None
+    if folder is None:
+        if job is None:
+            return
+        folder = Path(job.runtime.output_dir)
     if (folder / "checkpoints").exists():
         return
     shutil.rmtree(folder / ".hydra", ignore_errors=True)
-    for name in ("train.log", "config_tree.txt"):
+    logs = {"train.log", f"{job.job.name}.log"} if job is not None else {"train.log"}
+    for name in (*logs, "config_tree.txt"):
         (folder / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         folder.rmdir()  # only when nothing else is in it

@@ -49,7 +49,12 @@ def main() -> None:
             f"{'cuda' if torch.cuda.is_available() else 'cpu'}"
         )
     rows: list[Row] = []
-    for name in ["gpu"] if args.device == "cuda" else args.only.split(","):
+    if args.device == "cuda":
+        from advarch.benchmarks import gpu
+
+        names = tuple(n for n in args.only.split(",") if n in gpu.SECTIONS)
+        rows += gpu.run(quick=args.quick, only=names or tuple(gpu.SECTIONS))
+    for name in [] if args.device == "cuda" else args.only.split(","):
         suite = importlib.import_module(f"advarch.benchmarks.{name}")
         rows += suite.run(quick=args.quick)
     print_table(rows)

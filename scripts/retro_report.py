@@ -146,15 +146,23 @@ def main() -> None:
         help="start RETRO from the plain decoder (strategy=retrofit)",
     )
     parser.add_argument("--split", choices=("val", "test"), default="val")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--plain-ckpt",
+        type=Path,
+        default=None,
+        help="reuse this trained plain decoder (same data) instead of training one",
+    )
+    args = parser.parse_intermixed_args()  # options may follow the overrides
     root = Path("outputs/retro_report") / time.strftime("%Y-%m-%d_%H-%M-%S")
     base = list(args.overrides)
     if not any(o.startswith("experiment=") for o in base):
         base.insert(0, "experiment=retro_vs_plain")
     runs: dict[str, dict] = {}
+    plain_ckpt = (args.plain_ckpt or root / "plain" / "checkpoints" / "last.ckpt").resolve()
     for name, extra in (("plain", ["model=transformer", "model.retro=null"]), ("retro", [])):
+        if name == "plain" and args.plain_ckpt is not None:
+            continue
         if name == "retro" and args.retrofit:
-            plain_ckpt = (root / "plain" / "checkpoints" / "last.ckpt").resolve()
             extra = ["strategy=retrofit", f"strategy.pretrained={plain_ckpt}"]
         t0, cpu0 = time.perf_counter(), time.process_time()
         metrics = run(compose_run([*base, *extra], root / name))
@@ -166,8 +174,7 @@ def main() -> None:
     ckpt = root / "retro" / "checkpoints" / "last.ckpt"
     found = evaluate(ckpt, args.split, tuple(MODES))
     rows = {MODES[mode]: found[mode] for mode in MODES}
-    rows["plain decoder"] = evaluate(root / "plain" / "checkpoints" / "last.ckpt", args.split,
-                                     ("neighbours",))["neighbours"]  # fmt: skip
+    rows["plain decoder"] = evaluate(plain_ckpt, args.split, ("neighbours",))["neighbours"]
     report: dict = {"overrides": base, "retrofit": args.retrofit, "split": args.split}
     report["runs"] = runs
     has_bpb = "bpb" in rows["plain decoder"]

@@ -71,6 +71,7 @@ def test_the_table_of_data_facts_matches_the_datamodules(make_cfg) -> None:
         assert facts.multitask == (spec.num_tasks > 1 and not stream and not facts.episodes)
         features = spec.num_features > 0
         assert facts.features in (None, features), yaml.stem
+        assert facts.retrieval == (spec.retrieval_neighbours > 0), yaml.stem
         checked.add(cfg.data._target_)
     assert checked == set(DATA)
 

@@ -135,7 +135,7 @@ def test_every_option_is_run_somewhere() -> None:
             "pretrain_digits_0_4",  # strategies/test_finetune
             "finetune_new_experts_5_9",
             "mmoe_synthetic",  # strategies/test_multitask
-            "merge_digit_tasks",  # test_merge_demo
+            "merge_digit_tasks",  # tests/demos/test_merge_digits.py
             "selective_copying",  # test_selective_copying
             "selective_copying_lti",
             "gpu_lm",  # a GPU run: test_readme's `experiment=gpu_lm` where CUDA is

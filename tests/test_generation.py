@@ -11,13 +11,11 @@ import torch
 from advarch.data.tokenizer import ByteTokenizer
 from advarch.generation import (
     StreamDecoder,
-    benchmark_decoding,
     filter_logits,
     generate,
     generate_text,
     load_lm,
     sample_next,
-    speed_table,
 )
 from advarch.models import Model
 from advarch.spec import DataSpec
@@ -274,21 +272,6 @@ def test_stream_decoder_holds_partial_utf8() -> None:
     assert pieces[1] == "" and pieces[2] == "é"  # é is two bytes
     bad = StreamDecoder(tok.decode)
     assert "".join([bad.push([0xFF]) for _ in range(4)] + [bad.flush()]) == "\ufffd" * 4
-
-
-def test_benchmark_rows() -> None:
-    models = {"ssm": small_model("ssm").float(), "retro": retro_model("transformer").float()}
-    calls: list[torch.Tensor] = []
-
-    def retrieve(chunk: torch.Tensor) -> torch.Tensor:
-        calls.append(chunk)
-        return fake_retrieve(chunk)
-
-    rows = benchmark_decoding(models, prompt_len=4, new_tokens=6, retrievers={"retro": retrieve})
-    assert [r.model for r in rows] == ["ssm", "retro"]
-    assert all(r.cached > 0 and r.uncached > 0 for r in rows)
-    assert len(calls) == 2 * (9 // RETRO_M)  # cached and full runs each retrieve twice
-    assert "| ssm |" in speed_table(rows, 4, 6)
 
 
 def test_bench_script_times_every_model_including_retro(project: Project) -> None:

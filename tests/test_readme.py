@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,7 @@ SKIP = {"make test": "this test suite itself"}
 # Commands the README marks as GPU commands (`--device cuda`, `experiment=gpu_lm`): run where
 # CUDA exists, skipped (with that reason) on CPU-only machines such as CI.
 NEEDS_GPU = ("--device cuda", "experiment=gpu_lm")
+NEEDS_SLURM = "hydra/launcher=slurm"  # submits to a SLURM cluster: runs where `sbatch` exists
 # Commands that need files an earlier command of the same chain made run on one worker, in order.
 CHAINS = {
     "scripts/merge.py": "readme-merge",
@@ -89,6 +91,8 @@ def params() -> list:
             marks.append(pytest.mark.skip(reason=SKIP[cmd]))
         if any(g in cmd for g in NEEDS_GPU) and not torch.cuda.is_available():
             marks.append(pytest.mark.skip(reason="a GPU command; this machine has no CUDA"))
+        if NEEDS_SLURM in cmd and shutil.which("sbatch") is None:
+            marks.append(pytest.mark.skip(reason="a SLURM command; this machine has no sbatch"))
         for key, group in CHAINS.items():
             if key in cmd:
                 marks.append(pytest.mark.xdist_group(group))

@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from advarch.pipeline import instantiate_dict
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "advarch" / "configs" / "experiment").glob("*.yaml"))
+
 
 STREAM = [
     "strategy=ewc",
@@ -31,7 +33,7 @@ STREAM = [
     "data.epochs_per_task=2",
     "data.batch_size=32",
     "trainer.max_steps=-1",
-    "++trainer.limit_train_batches=4",  # debug=tiny sets it too
+    "trainer.limit_train_batches=4",
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1",
     "trainer.val_check_interval=1.0",
@@ -105,6 +107,22 @@ def assert_same(resumed: dict, full: dict) -> None:
         assert all(torch.equal(f[n], g[n]) for n in g)
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_writes_last_ckpt_periodically(make_cfg, experiment: str) -> None:
+    """Lightning 2.6 writes last.ckpt only when a top-k save happens (save_top_k != 0); task
+    streams must save after every epoch's hooks, so every task boundary is in a checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cfg = make_cfg([f"experiment={experiment}"])
+    callbacks = instantiate_dict(cfg.callbacks, "callbacks")
+    (ckpt,) = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    assert ckpt.save_last and ckpt.save_top_k != 0
+    assert ckpt._every_n_train_steps > 0 or ckpt._every_n_epochs >= 1
+    if "epochs_per_task" in cfg.data:  # a task stream
+        assert ckpt._every_n_epochs == 1 and ckpt._save_on_train_epoch_end
+
+
+@pytest.mark.slow
 def test_sigterm_and_kill_9_mid_task_and_at_a_boundary_resume_exactly(tmp_path: Path) -> None:
     """One chain of interruptions, each resumed with `ckpt_path=auto`, ends exactly where the
     uninterrupted run does: SIGTERM at step 6 (saved at that step, exit 143); kill -9 at the

@@ -21,9 +21,14 @@ def test_mmoe_report_tables_every_model_and_correlation(project: Project) -> Non
 def test_retro_report_compares_neighbours_padding_and_plain(project: Project) -> None:
     small = ["debug=tiny", *SMALL_TEXT, "data.retrieval.chunk_size=16"]
     project.run(*small, "data.retrieval.embedder_dim=64", script="scripts/retro_report.py").check()
-    (report,) = (project.root / "outputs" / "retro_report").glob("*/retro_report.json")
-    rows = json.loads(report.read_text())["rows"]
-    assert set(rows) == {"RETRO, neighbours", "RETRO, neighbours = padding", "plain decoder"}
-    with_nb, padded = rows["RETRO, neighbours"], rows["RETRO, neighbours = padding"]
+    (path,) = (project.root / "outputs" / "retro_report").glob("*/retro_report.json")
+    report = json.loads(path.read_text())
+    rows = report["rows"]
+    padding, shuffled = "RETRO, padding neighbours", "RETRO, another sequence's neighbours"
+    assert set(rows) == {"RETRO, neighbours", padding, shuffled, "plain decoder"}
+    with_nb, padded = rows["RETRO, neighbours"], rows[padding]
     assert with_nb["loss"] != padded["loss"]  # the neighbours reach the decoder
     assert all(r["bpb"] > 0 for r in rows.values())
+    buckets = report["split_by_quality"]  # the gain split by neighbour quality
+    assert [b["min_shared"] for b in buckets] == [0, 8, 32]
+    assert abs(sum(b["fraction"] for b in buckets) - 1) < 1e-9

@@ -99,3 +99,9 @@ def test_wandb_run_carries_config_identity_and_summary(project: Project) -> None
     assert run["tags"] == ["baseline", "model:moe", "strategy:plain", "data:text"]
     assert set(run["summary"]["val/loss"]) == {"min"}  # the best value, not the last
     assert "test/bpb" in run["summary"]
+
+    evaluated = project.run(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", script="eval.py")
+    eval_dir = evaluated.check().run_dir
+    eval_run = offline_run(eval_dir)
+    assert eval_run["job_type"] == "eval" and eval_run["group"] == run["group"]
+    assert eval_run["config"]["model"] == config["model"] and "test/bpb" in eval_run["summary"]

@@ -97,6 +97,18 @@ def _mixtral(activation_dim: int, hidden: int, implementation: str) -> nn.Module
     return block
 
 
+class _Compiled(nn.Module):
+    """A module run through torch.compile (Inductor), its parameters those of the original."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.compiled = torch.compile(module)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return self.compiled(x)
+
+
 def moe_rows() -> list[Row]:
     rows = []
     for activation, tokens in MOE_CASES:
@@ -105,6 +117,8 @@ def moe_rows() -> list[Row]:
             f"dense FFN h{TOP_K * HIDDEN}": FeedForward(DIM, TOP_K * HIDDEN, activation),
             "advarch MoE": MoE(DIM, HIDDEN, EXPERTS, TOP_K, activation=activation),
         }
+        ours = contenders["advarch MoE"]
+        contenders["advarch MoE compiled"] = _Compiled(ours)  # fused permute/unpermute
         if activation == "swiglu" and tokens == max(t for _, t in MOE_CASES):
             for impl in ("eager", "grouped_mm"):
                 block = _mixtral(DIM, HIDDEN, impl)
@@ -113,7 +127,11 @@ def moe_rows() -> list[Row]:
         measured = {}
         for name, module in contenders.items():
             module.to(DEVICE)
-            call = module if not isinstance(module, MoE) else (lambda inp, m=module: m(inp)[0])
+            call = (
+                module
+                if not isinstance(module, (MoE, _Compiled))
+                else (lambda inp, m=module: m(inp)[0])
+            )
             measured[name] = cuda_time(train_pass(call, x, list(module.parameters())))
             module.cpu()
         size = f"{tokens} tok {activation}"
@@ -221,15 +239,18 @@ def ssm_rows() -> list[Row]:
     return rows
 
 
-def run(quick: bool = False) -> list[Row]:
-    """All three GPU sections (``quick`` is ignored: these are the issue's sizes)."""
+SECTIONS = {"sliding_window": sliding_window_rows, "ssm": ssm_rows, "moe": moe_rows}
+
+
+def run(quick: bool = False, only: tuple[str, ...] = tuple(SECTIONS)) -> list[Row]:
+    """The GPU sections named in ``only`` (``quick`` is ignored: these are the issue's sizes)."""
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
             "error: --device cuda needs a CUDA GPU (torch.cuda.is_available() is False)"
         )
     rows: list[Row] = []
-    for section in (sliding_window_rows, ssm_rows, moe_rows):
-        section_rows = section()
+    for name in only:
+        section_rows = SECTIONS[name]()
         rows += section_rows
         for r in section_rows:  # as they come, in case a later section fails
             print(f"{r.bench} | {r.contender} | {r.size} | {r.ms:.3f} ms | {r.peak_mb:.0f} MiB | "

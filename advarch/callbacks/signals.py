@@ -1,13 +1,13 @@
-"""Save the run when the process is told to stop: SIGTERM, SIGINT (Ctrl-C), SIGUSR1.
+"""Save the run when the process is told to stop: SIGTERM, SIGINT (Ctrl-C), SIGUSR1/2.
 
-Schedulers send SIGTERM before preemption (SLURM: `--signal=TERM@<s>`, or SIGUSR1 with
-`--signal=USR1@<s>` for a requeue). The handler only records the signal; at the end of the
-current training batch (after its optimizer step, where periodic checkpoints are written too)
-the callback writes `last.ckpt`, prints one line naming it, and raises `Interrupted`, which
-the entry point turns into exit code 128 + the signal number (143 SIGTERM, 130 SIGINT, 138
-SIGUSR1). Resuming from that checkpoint (`ckpt_path=auto`) continues exactly where the
-signal arrived. SIGUSR1 inside a SLURM job also requeues the job (`scontrol requeue`).
-A second Ctrl-C stops at once, without saving.
+Schedulers send SIGTERM before preemption; SLURM sends a chosen signal before the time limit
+(`--signal=USR1@<s>`; the submitit launcher asks for SIGUSR2). The handler only records the
+signal; at the end of the current training batch (after its optimizer step, where periodic
+checkpoints are written too) the callback writes `last.ckpt`, prints one line naming it, and
+raises `Interrupted`, which the entry point turns into exit code 128 + the signal number
+(143 SIGTERM, 130 SIGINT, 138 SIGUSR1, 140 SIGUSR2). Resuming from that checkpoint
+(`ckpt_path=auto`) continues exactly where the signal arrived. SIGUSR1/2 inside a SLURM job
+also requeue the job (`scontrol requeue`). A second Ctrl-C stops at once, without saving.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 import lightning as L
 import torch
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+REQUEUE = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Interrupted(Exception):
@@ -38,7 +39,7 @@ class Interrupted(Exception):
 
 
 class SignalCheckpoint(L.Callback):
-    """Turn SIGTERM / SIGINT / SIGUSR1 during `fit` into a checkpoint and a clean stop.
+    """Turn SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 during `fit` into a checkpoint and a stop.
 
     Args:
         path: where to write the checkpoint (the run's `checkpoints/last.ckpt`).
@@ -88,6 +89,6 @@ class SignalCheckpoint(L.Callback):
                 f"{trainer.global_step}",
                 flush=True,
             )
-            if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID"):
+            if signum in REQUEUE and os.environ.get("SLURM_JOB_ID"):
                 subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
         raise Interrupted(signum, trainer.global_step, self.path)

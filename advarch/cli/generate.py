@@ -5,7 +5,8 @@
     python scripts/generate.py bench=true
 
 Quote a prompt with brackets or spaces for both the shell and Hydra: 'prompt="def fib("'.
-Settings are documented in configs/generate.yaml; the logic lives in `advarch.generation`.
+Settings are documented in configs/generate.yaml; the logic lives in `advarch.generation`
+(sampling) and `advarch.benchmarks.decoding` (`bench=true`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def _bench(cfg: DictConfig) -> None:
     import torch
     from hydra import compose
 
-    from advarch.generation import benchmark_decoding, datamodule_retrieve, speed_table
+    from advarch.benchmarks.decoding import benchmark_decoding, speed_table
+    from advarch.generation import datamodule_retrieve
     from advarch.pipeline import build_datamodule, build_model
     from advarch.spec import DataSpec
 
@@ -66,7 +68,7 @@ def _prompt(cfg: DictConfig) -> str:
 def main(cfg: DictConfig) -> None:
     """Generate from `ckpt_path` (or benchmark with `bench=true`); one-line errors."""
     from advarch.generation import generate_text, load_lm
-    from advarch.train import quiet_lightning_logs
+    from advarch.train import discard_run_folder, quiet_lightning_logs
 
     if cfg.bench:
         _bench(cfg)
@@ -91,6 +93,7 @@ def main(cfg: DictConfig) -> None:
             use_cache=cfg.use_cache,
         )
     except ValueError as err:  # ConfigError included: bad keys, paths, checkpoints
+        discard_run_folder()
         sys.exit(f"error: {err}")
     print("" if cfg.stream else prompt + text)
 

@@ -19,6 +19,7 @@ def main(cfg: DictConfig) -> None:
     from rich.table import Table
 
     from advarch.merging import MergeConfig, MergeSummary, merge_checkpoints
+    from advarch.train import discard_run_folder
 
     raw = OmegaConf.to_container(cfg, resolve=True)
     base, models, out = raw.pop("base"), raw.pop("models"), raw.pop("out")
@@ -30,6 +31,7 @@ def main(cfg: DictConfig) -> None:
         ValueError,
         FileNotFoundError,
     ) as err:  # bad config, path or tensor: one line, no traceback
+        discard_run_folder()
         raise SystemExit(f"merge: {err}") from None
     table = Table(title=f"merge: {raw['method']}", show_header=False)
     table.add_column(style="bold")

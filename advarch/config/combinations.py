@@ -45,6 +45,7 @@ class DataFacts:
         multitask: several tasks served together in every batch.
         episodes: few-shot episodes (support/query batches).
         features: feature-vector inputs; None = `data.input_format` decides.
+        retrieval: batches always carry RETRO neighbours (else only with `data.retrieval`).
     """
 
     kind: str
@@ -52,13 +53,14 @@ class DataFacts:
     multitask: bool = False
     episodes: bool = False
     features: bool | None = False
+    retrieval: bool = False
 
 
 DIGITS = "advarch.data.digits."
 DATA: dict[str, DataFacts] = {
     "advarch.data.text.TextDataModule": DataFacts("lm"),
     "advarch.data.text_domains.TextDomainsDataModule": DataFacts("lm", stream=True),
-    "advarch.data.retro_lookup.RetroLookupDataModule": DataFacts("lm"),
+    "advarch.data.retro_lookup.RetroLookupDataModule": DataFacts("lm", retrieval=True),
     DIGITS + "DigitsDataModule": DataFacts("classification", features=None),
     DIGITS + "PermutedDigitsDataModule": DataFacts("classification", stream=True, features=None),
     DIGITS + "SplitDigitsDataModule": DataFacts("classification", stream=True, features=None),
@@ -182,7 +184,7 @@ def _check_model(
                 f"{names['data']} is {what}; use model={names['model']} data=mmoe_synthetic "
                 "strategy=multitask"
             )
-    if model.get("retro") and not data.get("retrieval"):
+    if model.get("retro") and not (facts.retrieval or data.get("retrieval")):
         raise ConfigError(
             f"{using}: model={names['model']} retrieves neighbours, but data={names['data']} "
             f"has none; use model={names['model']} data=text_retrieval"

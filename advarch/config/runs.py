@@ -9,7 +9,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from advarch.checkpoint import describe, newest_readable, read_checkpoint
+from advarch.checkpoint import (
+    CheckpointError,
+    describe,
+    newest_readable,
+    read_checkpoint,
+    saved_config,
+)
 
 log = logging.getLogger("advarch")
 
@@ -48,23 +54,37 @@ def config_mismatch(ckpt: Mapping[str, Any], cfg: DictConfig) -> str | None:
 
 
 def resolve_checkpoint(
-    ckpt_path: str | None, runs_dir: Path, cfg: DictConfig | None = None
+    ckpt_path: str | None,
+    runs_dir: Path,
+    cfg: DictConfig | None = None,
+    output_dir: Path | None = None,
 ) -> Path | None:
     """The checkpoint a run resumes from, and a log line saying which (or why none).
 
     `None` → fresh start; `auto` → the newest readable checkpoint of this run name
-    (`<runs_dir>/*/checkpoints/*.ckpt`, newest first) written by a run of the same model,
+    (`<runs_dir>/*/checkpoints/*.ckpt`, and the run's own `<output_dir>/checkpoints/`, where a
+    requeued cluster job finds its own; newest first) written by a run of the same model,
     data, strategy and seed as `cfg` (trainer settings such as max_steps may change);
     unreadable or foreign ones are skipped with a warning naming the file and the reason.
-    Anything else must be a readable checkpoint file (one CheckpointError line).
+    Anything else must be a readable checkpoint with training state (one CheckpointError
+    line otherwise).
     """
     if ckpt_path is None:
         return None
     if ckpt_path != "auto":
         ckpt = read_checkpoint(ckpt_path, "ckpt_path")
+        saved_config(ckpt, ckpt_path)
+        if "loops" not in ckpt:
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path!r} holds weights without training state (no loops, "
+                "optimizer); to start from these weights use strategy=finetune "
+                f"strategy.pretrained={ckpt_path}"
+            )
         log.info("resuming %s (%s)", ckpt_path, describe(ckpt))
         return Path(ckpt_path).expanduser()
-    candidates = list(runs_dir.glob("*/checkpoints/*.ckpt"))
+    candidates = set(runs_dir.glob("*/checkpoints/*.ckpt"))
+    if output_dir is not None:
+        candidates |= set(output_dir.glob("checkpoints/*.ckpt"))
     if not candidates:
         log.info("ckpt_path=auto: no checkpoint under %s yet; starting fresh", runs_dir)
         return None

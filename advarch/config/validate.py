@@ -95,4 +95,24 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
 
 
 def _hint_name(hint: Any) -> str:
+    """A type hint as a user reads it; Literal choices listed (`one of 'min', 'max'`)."""
+    choices, types_ = _literal_choices(hint)
+    if choices:
+        names = [repr(c) for c in choices] + [t for t in types_ if t != "NoneType"]
+        return "one of " + ", ".join(names) + (", null" if "NoneType" in types_ else "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _literal_choices(hint: Any) -> tuple[list[Any], list[str]]:
+    """(Literal values, names of the other types) of a hint, through Unions."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return list(typing.get_args(hint)), []
+    if origin in (typing.Union, types.UnionType):
+        choices, names = [], []
+        for arg in typing.get_args(hint):
+            c, n = _literal_choices(arg)
+            choices += c
+            names += n
+        return choices, names
+    return [], [getattr(hint, "__name__", None) or str(hint).replace("typing.", "")]

@@ -32,11 +32,11 @@ from typing import Literal
 import datasets
 import lightning as L
 import numpy as np
-import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
+from advarch.data.loaders import make_dataset, make_loader
 from advarch.data.stream import TaskStream
 from advarch.spec import DataSpec, TaskSchedule
 
@@ -119,11 +119,6 @@ def input_shape_fields(input_format: InputFormat) -> dict[str, int]:
     return {"vocab_size": NUM_LEVELS, "seq_len": NUM_PIXELS}
 
 
-def make_dataset(columns: dict[str, np.ndarray]) -> datasets.Dataset:
-    """An in-memory HF Dataset of numpy columns, returning torch tensors."""
-    return datasets.Dataset.from_dict(columns).with_format("torch")
-
-
 def labelled_dataset(
     images: np.ndarray, labels: np.ndarray, task: int, input_format: InputFormat
 ) -> datasets.Dataset:
@@ -134,20 +129,6 @@ def labelled_dataset(
             "labels": labels.astype(np.int64),
             "task": np.full(len(labels), task, dtype=np.int64),
         }
-    )
-
-
-def make_loader(
-    dataset: datasets.Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0
-) -> DataLoader:
-    """A batching DataLoader; when shuffling, the order is reproducible from `seed`."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
     )
 
 

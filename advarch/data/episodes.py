@@ -46,9 +46,9 @@ from advarch.data.digits import (
     encode_images,
     input_shape_fields,
     load_digit_arrays,
-    make_dataset,
     rotated_digits,
 )
+from advarch.data.loaders import make_dataset
 from advarch.spec import DataSpec
 
 Source = Literal["rotated_digits", "synthetic"]

@@ -56,6 +56,7 @@ CACHE_VERSION = 2
 _QUERY_BATCH = 8192  # query chunks embedded and searched at a time (bounds peak memory)
 TRAIN_POINTS_PER_LIST = 64  # IVF k-means sample: this many points per list (faiss wants >= 39)
 MIN_TRAIN_POINTS = 16_384  # and at least this many (PQ's 256-centroid codebooks want ~10k)
+NOT_SEARCHED = -2  # a lazily searched training table's rows before their first batch
 RERANK = 4  # ivfpq: candidates per wanted hit, re-scored exactly from the stored embeddings
 
 
@@ -348,6 +349,7 @@ class RetrievalDatabase:
         nprobe: int = 16,
         ef_search: int = 64,
         search_margin: int = 16,
+        precompute: bool = True,
     ) -> None:
         _validate(chunk_size, num_neighbours, index, search_margin)
         self.tokens = np.asarray(tokens, dtype=np.int64)
@@ -360,7 +362,7 @@ class RetrievalDatabase:
         self.neighbour_len = 2 * chunk_size
         self.embedder = embedder if embedder is not None else HashedNgramEmbedder(pad_id=pad_id)
         self.index_kind, self.nprobe, self.ef_search = index, nprobe, ef_search
-        self.search_margin = search_margin
+        self.search_margin, self.precompute = search_margin, precompute
         self.chunks, self.chunk_doc, self.next_chunk = chunk_documents(
             self.tokens, self.doc_ids, chunk_size, pad_id
         )
@@ -369,7 +371,8 @@ class RetrievalDatabase:
         self._next_ext = np.r_[self.next_chunk, -1]
         self.num_query_chunks = len(self.tokens) // chunk_size
         self.embeddings: np.ndarray | None = None  # (M, d) float32
-        self.train_neighbours: np.ndarray | None = None  # (Q, K) chunk ids, -1 = missing
+        # (Q, K) chunk ids, -1 = missing, NOT_SEARCHED = left for the first batch that needs it
+        self.train_neighbours: np.ndarray | None = None
         self.missing = 0  # neighbour slots filled with padding while precomputing
         self._index: faiss.Index | None = None
         self._index_path: Path | None = None  # index.faiss of the cache folder it came from
@@ -385,15 +388,24 @@ class RetrievalDatabase:
             "num_neighbours": self.num_neighbours,
             "embedder": self.embedder.cache_key(),
             "index": [self.index_kind, self.nprobe, self.ef_search, self.search_margin],
+            "precompute": self.precompute,
         }
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:24]
 
     def build(self) -> RetrievalDatabase:
-        """Embeds the database chunks, builds the index and precomputes grid neighbours."""
+        """Embeds the database chunks, builds the index and precomputes grid neighbours (or,
+        with `precompute=False`, leaves each to the first batch that needs it)."""
         t0 = time.perf_counter()
         self.embeddings = self.embedder.embed(self.chunks)
         self._index = self._build_index(self.embeddings)
         t1 = time.perf_counter()
+        if not self.precompute:
+            shape = (self.num_query_chunks, self.num_neighbours)
+            self.train_neighbours = np.full(shape, NOT_SEARCHED, dtype=np.int64)
+            log.info("retrieval: %d chunks embedded and indexed (%s) in %.1fs; training "
+                     "neighbours searched as batches need them", len(self.chunks),
+                     self.resolved_index_kind, t1 - t0)  # fmt: skip
+            return self
         starts = np.arange(self.num_query_chunks) * self.chunk_size
         self.train_neighbours = self._stream_neighbour_ids(starts, missing_ok=True)
         self.missing = int((self.train_neighbours < 0).sum())
@@ -487,7 +499,9 @@ class RetrievalDatabase:
         if meta.get("key") != self.cache_key():
             return False
         self.embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
-        self.train_neighbours = np.load(folder / "neighbours.npy", mmap_mode="r")
+        # copy-on-write when searched lazily: rows filled in this process, the file unchanged
+        mode = "r" if self.precompute else "c"
+        self.train_neighbours = np.load(folder / "neighbours.npy", mmap_mode=mode)
         self._index_path, self._index, self.missing = (
             folder / "index.faiss",
             None,
@@ -634,13 +648,23 @@ class RetrievalDatabase:
             raise ValueError(f"sequence starts must lie in [0, {len(self.tokens) - length}]")
         out = np.empty((len(starts), num_chunks, self.num_neighbours), dtype=np.int64)
         aligned = starts % c == 0
-        out[aligned] = self._grid_ids(self.train_neighbours, starts[aligned], num_chunks)
+        out[aligned] = self._train_grid_ids(starts[aligned], num_chunks)
         if not aligned.all():
             live = (starts[~aligned, None] + np.arange(num_chunks) * c).reshape(-1)
             out[~aligned] = self._stream_neighbour_ids(live, True).reshape(
                 -1, num_chunks, out.shape[2]
             )
         return out
+
+    def _train_grid_ids(self, starts: np.ndarray, num_chunks: int) -> np.ndarray:
+        """The training table's rows for grid-aligned starts, searching rows not searched yet."""
+        grid = starts[:, None] // self.chunk_size + np.arange(num_chunks)  # (S, L)
+        ids = np.asarray(self.train_neighbours[grid])  # (S, L, K)
+        todo = np.unique(grid[(ids == NOT_SEARCHED).any(-1)])
+        if todo.size:
+            self.train_neighbours[todo] = self._stream_neighbour_ids(todo * self.chunk_size, True)
+            ids = np.asarray(self.train_neighbours[grid])
+        return ids
 
     def _grid_ids(self, table: np.ndarray, starts: np.ndarray, num_chunks: int) -> np.ndarray:
         grid = starts[:, None] // self.chunk_size + np.arange(num_chunks)  # (S, L)

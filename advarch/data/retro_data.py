@@ -52,6 +52,7 @@ class RetrievalOptions:
     nprobe: int = 16
     ef_search: int = 64
     search_margin: int = 16
+    precompute: bool = True
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> RetrievalOptions:
@@ -177,10 +178,12 @@ class NeighbourLookup:
             nprobe=opts.nprobe,
             ef_search=opts.ef_search,
             search_margin=opts.search_margin,
+            precompute=opts.precompute,
         )
         folder = cache / "retro" / f"retro-{db.cache_key()}"
         if not db.load(folder):
-            with embedder.progress(len(db.chunks) + db.num_query_chunks, "retro: build database"):
+            total = len(db.chunks) + db.num_query_chunks * opts.precompute
+            with embedder.progress(total, "retro: build database"):
                 db.build()
             db.save(folder)
         tables = {split: _held_out_table(db, embedder, folder, cache, split) for split in HELD_OUT}

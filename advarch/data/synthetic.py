@@ -26,7 +26,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
-from advarch.data.digits import make_dataset, make_loader
+from advarch.data.loaders import make_dataset, make_loader
 from advarch.spec import DataSpec
 
 IGNORE = -100

@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import math
 import os
 import shutil
 import socket
@@ -50,6 +49,43 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file; one-line ValueErrors name an empty, binary or non-UTF-8 file."""
+    data = Path(path).read_bytes()
+    if not data:
+        raise ValueError(f"data.files: {path} is empty (0 bytes)")
+    if b"\x00" in data[:8192]:
+        raise ValueError(f"data.files: {path} is a binary file (NUL bytes), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = data[err.start : err.start + 4]
+        raise ValueError(
+            f"data.files: {path} is not UTF-8: byte offset {err.start} ({bad!r}...)"
+        ) from None
+
+
+def read_jsonl(path: str, field: str) -> list[str]:
+    """The `field` of every line of a JSON-lines file; errors name `file:line`."""
+    texts = []
+    lines = read_text_file(path).splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"data.files: {path}:{number}: invalid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise ValueError(
+                f"data.files: {path}:{number}: no string field {field!r} (data.text_field)"
+            )
+        texts.append(row[field])
+    if not texts:
+        raise ValueError(f"data.files: {path} holds no JSON lines")
+    return texts
 
 
 def split_documents(
@@ -138,14 +174,23 @@ class TextDataModule(L.LightningDataModule):
             suffix = Path(path).suffix.lower()
             if suffix in TEXT_SUFFIXES:
                 names.append(path)
-                texts.append(Path(path).read_text(encoding="utf-8", errors="replace"))
+                texts.append(read_text_file(path))
                 continue
-            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
+            if suffix == ".jsonl":
+                rows = read_jsonl(path, self.text_field)
+                texts += rows
+                names += [f"{path}#{i}" for i in range(len(rows))]
+                continue
+            builder = {".json": "json", ".parquet": "parquet"}.get(suffix)
             if builder is None:
                 raise ValueError(
                     f"data.files: cannot read {path!r} (use text, JSON lines or parquet)"
                 )
-            ds = datasets.load_dataset(builder, data_files=path, split="train")
+            try:
+                ds = datasets.load_dataset(builder, data_files=path, split="train")
+            except Exception as err:  # pyarrow / datasets errors: name the file, one line
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+                raise ValueError(f"data.files: cannot read {path}: {reason}") from err
             if self.text_field not in ds.column_names:
                 raise ValueError(
                     f"data.text_field={self.text_field!r} is not a column of {path!r} "
@@ -410,7 +455,3 @@ def unigram_bits_per_byte(
     counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
     log2p = np.log2(counts / counts.sum())
     return float(-log2p[val].sum() / val_bytes)
-
-
-def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
-    return loss_nats_per_token / math.log(2) / bytes_per_token

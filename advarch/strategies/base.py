@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -124,7 +125,7 @@ class BaseStrategy(L.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at step {self.global_step} "
-                f"(epoch {self.current_epoch}); stopping — the last good checkpoint is kept. "
+                f"(epoch {self.current_epoch}); stopping — {self._checkpoint_note()}. "
                 "Try a lower strategy.lr or trainer.gradient_clip_val"
             )
         bs = out.logits.shape[0]
@@ -132,6 +133,14 @@ class BaseStrategy(L.LightningModule):
         self.log("train/aux_loss", out.aux_loss.detach(), batch_size=bs)
         self._log_router_stats(out.stats, bs)
         return {"loss": loss, "stats": out.stats}
+
+    def _checkpoint_note(self) -> str:
+        """Which good checkpoint exists to resume from (the truth, also when there is none)."""
+        callback = self.trainer.checkpoint_callback
+        path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        if path and Path(path).is_file():
+            return f"the last good checkpoint is {path}"
+        return "no checkpoint was written before it, so there is nothing to resume from"
 
     def _log_router_stats(self, stats: dict[str, torch.Tensor], batch_size: int) -> None:
         scalars = {k: v for k, v in stats.items() if v.dim() == 0}
@@ -155,6 +164,14 @@ class BaseStrategy(L.LightningModule):
         self.log_dict(
             {f"{split}/{k}{suffix}": v for k, v in values.items()}, prog_bar=split == "val"
         )
+
+    def metric_names(self) -> list[str]:
+        """What this strategy logs (fnmatch patterns): `optimized_metric` and checkpoint or
+        early-stopping monitors are checked against it before training starts."""
+        values = self.objective.metric_names()
+        names = ["train/loss", "train/aux_loss", "train/penalty", "moe/*", "lr-*", "params/*"]
+        names += [f"train/{v}_epoch" for v in values]
+        return names + [f"{split}/{v}" for split in ("val", "test") for v in values]
 
     def on_train_start(self) -> None:
         reload_train_loader_on_resume(self.trainer)  # exact batches after a mid-epoch resume

@@ -158,6 +158,13 @@ class ContinualStrategy(BaseStrategy):
         owner = torch.arange(E) // block
         return owner.masked_fill(owner >= num_tasks, -1)
 
+    def metric_names(self) -> list[str]:
+        return [
+            *super().metric_names(),
+            *("val/task_*/acc", "test/task_*/acc", "test/avg_acc"),
+            *(f"cl/{k}" for k in ("avg_acc", "bwt", "fwt", "forgetting")),
+        ]
+
     # -- the stream -----------------------------------------------------------------------------
     @property
     def schedule(self) -> TaskSchedule:
@@ -322,6 +329,17 @@ class ContinualStrategy(BaseStrategy):
         super().on_train_epoch_end()
         if self._task_ends_now():
             self.finish_task(self.current_task)
+            self._save_boundary_checkpoint()
+
+    def _save_boundary_checkpoint(self) -> None:
+        """last.ckpt right after a task's boundary work (R row, consolidation), whatever the
+        checkpoint cadence, so no finished task is ever lost (needs a ModelCheckpoint)."""
+        callback = self.trainer.checkpoint_callback
+        if callback is None or not getattr(callback, "dirpath", None):
+            return
+        path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        self.trainer.save_checkpoint(path)
+        callback.last_model_path = str(path)  # its own last.ckpt (else it writes last-v1.ckpt)
 
     def _task_ends_now(self) -> bool:
         trainer, epoch = self.trainer, self.current_epoch

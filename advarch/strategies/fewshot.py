@@ -223,6 +223,10 @@ class FewShotStrategy(BaseStrategy):
             m["raw_proto_acc"].update(torch.tensor(prototype_accuracy(episode)))
         return loss + self.hparams.aux_loss_weight * out.aux_loss, out
 
+    def metric_names(self) -> list[str]:
+        episodic = ("loss", "acc", "acc_ci95", "raw_proto_acc", "raw_proto_acc_ci95")
+        return [*super().metric_names(), *(f"{s}/{k}" for s in ("val", "test") for k in episodic)]
+
     def _log_epoch(self, split: str) -> None:
         m = self.episode_metrics[f"{split}_"]
         if not m["loss"].update_count:

@@ -189,6 +189,16 @@ class MultiTaskStrategy(BaseStrategy):
         self.gate_batches[split] = self.gate_batches.get(split, 0) + 1
 
     # -- epoch logging ------------------------------------------------------------------------
+    def metric_names(self) -> list[str]:
+        score = "mse" if self.spec.kind == "regression" else "acc"
+        per_task = [
+            f"{s}/{name}/{k}"
+            for s in ("val", "test")
+            for name in self.spec.task_names
+            for k in ("loss", score)
+        ]
+        return [*super().metric_names(), *per_task, "multitask/*"]
+
     def _log_epoch(self, split: str) -> None:
         super()._log_epoch(split)
         score = "mse" if self.spec.kind == "regression" else "acc"

@@ -59,6 +59,11 @@ class Objective(nn.Module):
             )
         return m
 
+    def metric_names(self) -> list[str]:
+        """The names `compute` returns (loss, acc or mse, and ppl, bpb for language data)."""
+        names = ["loss", "mse" if self.spec.kind == "regression" else "acc"]
+        return names + (["ppl", "bpb"] if self.spec.kind in ("lm", "seq2seq") else [])
+
     def loss(
         self, out: ModelOutput, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

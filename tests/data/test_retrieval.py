@@ -292,6 +292,25 @@ def test_ivfpq_cache_is_memory_mapped_and_searches_the_same(tmp_path, corpus):
     )
 
 
+def test_lazy_table_searches_rows_on_first_use_and_equals_the_precomputed(tmp_path, corpus):
+    tokens, docs = corpus
+    kw = dict(pad_id=PAD, chunk_size=16, num_neighbours=2)
+    eager = RetrievalDatabase(tokens, docs, **kw).build()
+    lazy = build_or_load(tmp_path, tokens, docs, precompute=False, **kw)
+    assert (lazy.train_neighbours == -2).all()  # nothing searched at build
+    starts = np.array([0, 48, 160, 5])  # grid-aligned rows and one live start
+    np.testing.assert_array_equal(
+        lazy.batch_neighbours(starts, 32), eager.batch_neighbours(starts, 32)
+    )
+    searched = (lazy.train_neighbours != -2).all(1)
+    assert searched.sum() == 6 and searched[[0, 1, 3, 4, 10, 11]].all()
+    again = build_or_load(tmp_path, tokens, docs, precompute=False, **kw)  # cached, copy-on-write
+    np.testing.assert_array_equal(
+        again.batch_neighbours(starts, 32), eager.batch_neighbours(starts, 32)
+    )
+    assert (np.load(next(tmp_path.glob("retro-*/neighbours.npy"))) == -2).all()
+
+
 def test_database_pickles_for_dataloader_workers(db):
     import pickle
 

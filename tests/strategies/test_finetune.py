@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from advarch.atomic import save_atomic
+from advarch.checkpoint import model_weights
 from advarch.config.validate import ConfigError
 from advarch.data.digits import DigitsDataModule
 from advarch.models.model import Model
@@ -251,7 +252,7 @@ def test_old_classes_with_new_experts_masked_equal_the_base(runs: dict) -> None:
     base_ckpt = torch.load(runs["base"], weights_only=False)
     cfg = OmegaConf.create(base_ckpt["hyper_parameters"]["cfg"])
     old = build_model(cfg, DataSpec(**base_ckpt["hyper_parameters"]["spec"]))
-    old.load_state_dict({k.removeprefix("model."): v for k, v in base_ckpt["state_dict"].items()})
+    old.load_state_dict(model_weights(base_ckpt["state_dict"]))
     old.eval()
     new = finetuned_model(runs)
     E = new.moe_layers()[0].num_experts

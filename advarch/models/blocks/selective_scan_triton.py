@@ -29,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK, BLOCK_E, NUM_WARPS = 16, 32, 8
+# Tiles: the fastest of bench --device cuda's sweep on an H200 (B 8, T 8192, E 2048, N 16,
+# fwd+bwd 22.3 ms; 16 / 32 / 8 warps 33.5 ms); ptxas: 128 / 255 registers, no spills.
+CHUNK, BLOCK_E, NUM_WARPS = 8, 16, 2
 
 
 @triton.jit

@@ -382,7 +382,9 @@ def test_cuda_forward_and_backward_do_not_synchronise() -> None:
     x = torch.randn(4, 32, 64, device="cuda", requires_grad=True)
     ref = moe_reference(moe.cpu(), x.detach().cpu())[0]
     moe.cuda()
-    moe(x)  # warm-up: the grouped_mm probe synchronises once per dtype
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        moe(x)  # warm-up under the same dtype: the grouped_mm probe synchronises, once
+    assert grouped_mm_supported(torch.bfloat16, "cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

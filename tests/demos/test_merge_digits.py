@@ -1,17 +1,17 @@
-"""The merging demonstration end to end at toy size: train, merge, evaluate, negate."""
+"""The merging demonstration (`advarch.demos.merge_digits`, run by scripts/merge_demo.py) end
+to end at toy size: train, merge, evaluate, negate."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from advarch.demos import merge_digits
 from advarch.eval import evaluate
 from tests.cli import Project
-from tests.conftest import ROOT, compose_config
+from tests.conftest import compose_config
 
 TINY = [
     "model.dim=32",
@@ -22,19 +22,10 @@ TINY = [
 ]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("merge_demo", ROOT / "scripts" / "merge_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["merge_demo"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
-    demo_mod = load_script()
     out = tmp_path_factory.mktemp("merge_demo")
-    demo = demo_mod.DemoConfig(
+    demo = merge_digits.DemoConfig(
         tasks=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
         base_steps=20,
         task_steps=40,
@@ -44,8 +35,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
         overrides=TINY,
         task_overrides=["strategy.lr=3e-3"],
     )
-    rows = demo_mod.run_demo(demo, out)
-    table = demo_mod.table(rows)
+    rows = merge_digits.run_demo(demo, out)
+    table = merge_digits.table(rows)
     assert table.count("\n") == len(rows) + 1 and "| ties | 0.5 |" in table
     return out, rows
 

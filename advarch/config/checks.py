@@ -1,0 +1,139 @@
+"""Checks of the run-level keys: `train.yaml`'s own keys, the trainer, callbacks and loggers.
+
+Together with `pipeline.validate` (data, model, strategy and block options) this runs before
+the run folder is used and before any data is read, so every bad key is one line naming it.
+Types come from the `_target_`'s signature (`validate_node`); the ranges below are the ones
+Lightning would only reject (or silently accept) after work had started.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from advarch.config.validate import ConfigError, validate_node
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+# key: (smallest allowed value, allowed exceptions below it, what the key means)
+TRAINER_MINIMA: dict[str, tuple[float, tuple[Any, ...], str]] = {
+    "max_steps": (1, (-1,), "optimizer steps (-1: until max_epochs)"),
+    "max_epochs": (1, (-1, None), "epochs (-1: until max_steps)"),
+    "min_steps": (0, (None,), "optimizer steps"),
+    "min_epochs": (0, (None,), "epochs"),
+    "accumulate_grad_batches": (1, (), "batches per optimizer step"),
+    "log_every_n_steps": (1, (), "steps between logged points"),
+    "check_val_every_n_epoch": (1, (None,), "epochs between validations"),
+    "num_sanity_val_steps": (0, (-1, None), "batches (-1: all)"),
+    "gradient_clip_val": (0, (None,), "a gradient norm"),
+    "reload_dataloaders_every_n_epochs": (0, (), "epochs"),
+}
+
+
+def check_run_keys(cfg: DictConfig) -> None:
+    """`seed`, `train`, `test`, `run_name`, `ckpt_path`, `optimized_metric` of train.yaml."""
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r} must be an integer in 0..2**32-1")
+    for key in ("train", "test"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise ConfigError(f"{key}={cfg[key]!r} must be true or false")
+    if not cfg.get("train", True) and not cfg.get("test", True):
+        raise ConfigError("train=false and test=false: nothing to do")
+    for key in ("run_name", "ckpt_path", "optimized_metric"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ConfigError(f"{key}={value!r} must be a non-empty string")
+
+
+def check_trainer(node: DictConfig) -> None:
+    """Types of every `trainer.*` key (Lightning's signature), ranges, devices vs hardware."""
+    validate_node(node, "trainer", skip=("callbacks", "logger", "default_root_dir"))
+    cfg = OmegaConf.to_container(node, resolve=True)
+    for key, (low, allowed, meaning) in TRAINER_MINIMA.items():
+        value = cfg.get(key)
+        if (
+            key in cfg
+            and value not in allowed
+            and not (isinstance(value, int | float) and value >= low)
+        ):
+            extra = " or " + ", ".join(map(str, allowed)) if allowed else ""
+            raise ConfigError(f"trainer.{key}={value!r} must be >= {low}{extra} ({meaning})")
+    _check_interval(cfg.get("val_check_interval"))
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        value = cfg.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"trainer.{key}={value!r} must be >= 0 (a count or a fraction)")
+    _check_devices(cfg.get("accelerator", "auto"), cfg.get("devices", "auto"))
+    _check_strategy(cfg.get("strategy", "auto"))
+
+
+def _check_interval(value: Any) -> None:
+    if value is None or isinstance(value, str | dict):
+        return
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise ConfigError(
+            f"trainer.val_check_interval={value!r} must be in (0, 1] as a fraction of an "
+            "epoch, or a number of batches >= 1"
+        )
+    if isinstance(value, int) and value < 1:
+        raise ConfigError(f"trainer.val_check_interval={value!r} must be >= 1 batches")
+
+
+def _check_devices(accelerator: Any, devices: Any) -> None:
+    import torch
+
+    if isinstance(accelerator, str) and accelerator not in ACCELERATORS:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r} is not one of {', '.join(ACCELERATORS)}"
+        )
+    if isinstance(devices, str) and devices != "auto":
+        try:
+            devices = int(devices)
+        except ValueError:
+            raise ConfigError(
+                f"trainer.devices={devices!r} must be a count, a list of ids or 'auto'"
+            ) from None
+    if isinstance(devices, int) and (devices == 0 or devices < -1):
+        raise ConfigError(f"trainer.devices={devices} must be >= 1 (or -1 / 'auto': all)")
+    if accelerator in ("gpu", "cuda"):
+        available = torch.cuda.device_count()
+        wanted = len(devices) if isinstance(devices, list) else devices
+        if available == 0:
+            raise ConfigError(
+                f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
+                "(use trainer=cpu or trainer.accelerator=cpu)"
+            )
+        if isinstance(wanted, int) and wanted > available:
+            raise ConfigError(f"trainer.devices={devices} but this machine has {available} GPUs")
+    if accelerator == "cpu" and isinstance(devices, int) and devices > (os.cpu_count() or 1):
+        raise ConfigError(
+            f"trainer.devices={devices} CPU processes exceed this machine's {os.cpu_count()} cores"
+        )
+
+
+def _check_strategy(strategy: Any) -> None:
+    if not isinstance(strategy, str) or strategy == "auto":
+        return
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = StrategyRegistry.available_strategies()
+    if strategy not in known and strategy not in ("ddp", "ddp_spawn", "fsdp", "deepspeed"):
+        raise ConfigError(
+            f"trainer.strategy={strategy!r} is not a Lightning strategy "
+            "(e.g. auto, ddp, ddp_spawn, fsdp)"
+        )
+
+
+def check_collection(node: DictConfig | None, group: str) -> None:
+    """Every `_target_` entry of `callbacks` / `logger` against its constructor's signature."""
+    if node is None:
+        return
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{group} must be a mapping of named entries, got {node!r}")
+    for name, entry in node.items():
+        # entries without `_target_` are settings for an entry another option removed (e.g.
+        # debug=tiny's checkpoint cadence under callbacks=none): nothing is built from them
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            validate_node(entry, f"{group}.{name}")

@@ -1,0 +1,30 @@
+"""Generic in-memory datasets and loaders shared by the datamodules (digits, synthetic tasks,
+MMoE, episodes): an HF `datasets.Dataset` of numpy columns and a reproducibly shuffled
+`DataLoader` over it.
+"""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+
+def make_dataset(columns: dict[str, np.ndarray]) -> datasets.Dataset:
+    """An in-memory HF Dataset of numpy columns, returning torch tensors."""
+    return datasets.Dataset.from_dict(columns).with_format("torch")
+
+
+def make_loader(
+    dataset: datasets.Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0
+) -> DataLoader:
+    """A batching DataLoader; when shuffling, the order is reproducible from `seed`."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )

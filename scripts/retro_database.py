@@ -1,0 +1,117 @@
+"""Build speed, cached load and recall@K of the RETRO database over the embedded corpus.
+
+    python scripts/retro_database.py [--index auto|flat|ivf|ivfpq|hnsw] [--max-documents N]
+        [--chunk-size 64] [--k 2] [--queries 2000] [--nprobe 16] [--skip-neighbours]
+
+Tokenises the stdlib corpus as `data=text` does (cached), then, for the training split:
+1. embeds and indexes every database chunk (hashed n-grams, the default retriever), with a
+   progress bar: chunks per second of embedding + indexing;
+2. precomputes the neighbours of every training query chunk (what `data=text_retrieval`
+   stores; not with `--skip-neighbours`), and saves the database to a fresh cache folder;
+3. loads it again from the cache (what a second run does);
+4. searches `--queries` random held-out chunks with the index and exactly (brute force over
+   the embeddings): recall@K = share of the exact top K the index returns.
+Prints one line per measurement and writes `<out>/retro_database_<index>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from advarch.data.retrieval import HashedNgramEmbedder, RetrievalDatabase
+from advarch.data.text import TextDataModule
+
+
+def recall_at_k(db: RetrievalDatabase, queries: np.ndarray, k: int) -> float:
+    """Share of the exact top-k chunks (by inner product) among the index's top k, searched as
+    the database searches (k + search_margin hits, so ivfpq re-ranks as many candidates)."""
+    approx = db._index_search(queries, k + db.search_margin)[:, :k]  # (n, k)
+    emb = np.asarray(db.embeddings)
+    exact = np.argsort(-(queries @ emb.T), axis=1)[:, :k]  # (n, k) brute force
+    return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--index", default="auto")
+    parser.add_argument("--max-documents", type=int, default=None)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--k", type=int, default=2, help="neighbours per chunk, and recall@K")
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--out", default="outputs/retro_database")
+    parser.add_argument(
+        "--skip-neighbours",
+        action="store_true",
+        help="skip the neighbour precomputation (data.retrieval.precompute=false)",
+    )
+    args = parser.parse_args()
+
+    dm = TextDataModule(max_documents=args.max_documents, seq_len=args.chunk_size * 4)
+    dm.prepare_data()
+    tokens, docs = (np.load(dm.cache_dir / f"train_{n}.npy") for n in ("tokens", "docs"))
+    pad = dm.meta["pad_id"]
+    db = RetrievalDatabase(tokens, docs, pad_id=pad, chunk_size=args.chunk_size,
+                           num_neighbours=args.k, embedder=HashedNgramEmbedder(pad_id=pad),
+                           index=args.index, nprobe=args.nprobe)  # fmt: skip
+    m = len(db.chunks)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    parts, step = [], 16384
+    for i in tqdm(range(0, m, step), desc="embed database", unit_scale=step, unit="chunk"):
+        parts.append(db.embedder.embed(db.chunks[i : i + step]))
+    db.embeddings = np.concatenate(parts)
+    t_embed = time.perf_counter() - t0
+    db._index = db._build_index(db.embeddings)
+    t_index = time.perf_counter() - t0 - t_embed
+    cpu_build = time.process_time() - cpu0
+    t1 = time.perf_counter()
+    starts = np.arange(db.num_query_chunks) * db.chunk_size
+    if args.skip_neighbours:
+        db.precompute = False
+        db.train_neighbours = np.full((db.num_query_chunks, args.k), -2, dtype=np.int64)
+    else:
+        db.train_neighbours = db._stream_neighbour_ids(starts, missing_ok=True)
+    t_neigh = time.perf_counter() - t1
+    with tempfile.TemporaryDirectory() as tmp:
+        db.save(tmp)
+        t2 = time.perf_counter()
+        again = RetrievalDatabase(tokens, docs, pad_id=pad, chunk_size=args.chunk_size,
+                                  num_neighbours=args.k, embedder=HashedNgramEmbedder(pad_id=pad),
+                                  index=args.index, nprobe=args.nprobe,
+                                  precompute=not args.skip_neighbours)  # fmt: skip
+        assert again.load(tmp)
+        again.batch_neighbours(starts[:64:4], 4 * args.chunk_size)  # touch the table
+        t_load = time.perf_counter() - t2
+    val, _ = (np.load(dm.cache_dir / f"val_{n}.npy") for n in ("tokens", "docs"))
+    c = args.chunk_size
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(val) // c, size=min(args.queries, len(val) // c), replace=False)
+    queries = db.embedder.embed(val[picks[:, None] * c + np.arange(c)])
+    recall = recall_at_k(db, queries, args.k)
+    report = {
+        "index": db.resolved_index_kind, "chunks": m, "query_chunks": db.num_query_chunks,
+        "embed_s": t_embed, "index_s": t_index,
+        "chunks_per_s_embed_index": m / (t_embed + t_index),
+        "cpu_s_embed_index": cpu_build, "chunks_per_cpu_s": m / cpu_build,
+        "neighbours_s": t_neigh,
+        "cached_load_s": t_load, f"recall@{args.k}": recall, "nprobe": args.nprobe,
+        "max_documents": args.max_documents,
+    }  # fmt: skip
+    for key, value in report.items():
+        print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"retro_database_{db.resolved_index_kind}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Bad input, table-driven: every row must stop with exit ≠ 0, no traceback, and one line
+naming the offending key or file, before any training.
+
+Rows run in-process through the real Hydra entry points (`advarch.train.main`,
+`advarch.eval.main`: the same code path as the command line, sys.argv and all), which keeps
+each row to a second or two; `test_real_cli_subset` runs a representative subset, and the
+scripts (generate, merge), as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from tests.conftest import ROOT, SMALL_TEXT
+
+TINY = ["debug=tiny", "logger=csv", "callbacks.rich_progress_bar=null", *SMALL_TEXT]
+STREAM = ["data=permuted_digits", "data.num_tasks=2", "data.epochs_per_task=1"]
+CKPT = "callbacks.model_checkpoint"
+OUT = "out={f}/merged.ckpt"
+
+
+def _entry(name: str) -> Callable[[], None]:
+    from advarch.eval import main as eval_main
+    from advarch.train import main as train_main
+
+    return {"train": train_main, "eval": eval_main}[name]
+
+
+# (entry point, overrides, text the one error line must contain). `{f}` is the files folder.
+ROWS: list[tuple[str, list[str], str]] = [
+    # train.yaml's own keys
+    ("train", ["seed=abc"], "seed='abc'"),
+    ("train", ["seed=-1"], "seed=-1"),
+    ("train", ["seed=1.5"], "seed=1.5"),
+    ("train", ["train=maybe"], "train='maybe'"),
+    ("train", ["test=2"], "test=2"),
+    ("train", ["train=false", "test=false"], "nothing to do"),
+    ("train", ["run_name=''"], "run_name=''"),
+    ("train", ["optimized_metric=val/bogus"], "optimized_metric=val/bogus"),
+    ("train", ["strategy=ewc", *STREAM, "optimized_metric=cl/bogus"], "optimized_metric=cl/bogus"),
+    ("train", ["optimized_metric=5"], "optimized_metric=5"),
+    # checkpoints
+    ("train", ["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt'"),
+    ("train", ["ckpt_path={f}/empty.ckpt"], "empty.ckpt"),
+    ("train", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),
+    ("train", ["ckpt_path={f}/truncated.ckpt"], "truncated.ckpt"),
+    ("train", ["ckpt_path={f}"], "is a folder"),
+    ("train", ["ckpt_path={f}/list.ckpt"], "list.ckpt"),
+    ("train", ["ckpt_path={f}/nostate.ckpt"], "nostate.ckpt"),
+    # trainer
+    ("train", ["trainer.max_steps=abc"], "trainer.max_steps='abc'"),
+    ("train", ["trainer.max_steps=0"], "trainer.max_steps=0"),
+    ("train", ["trainer.max_steps=-5"], "trainer.max_steps=-5"),
+    ("train", ["trainer.max_epochs=-2"], "trainer.max_epochs=-2"),
+    ("train", ["trainer.val_check_interval=0"], "trainer.val_check_interval=0"),
+    ("train", ["trainer.val_check_interval=-1"], "trainer.val_check_interval=-1"),
+    ("train", ["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5"),
+    ("train", ["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1"),
+    ("train", ["trainer.precision=bogus"], "trainer.precision='bogus'"),
+    ("train", ["trainer.accelerator=bogus"], "trainer.accelerator='bogus'"),
+    ("train", ["trainer.accelerator=gpu"], "trainer.accelerator=gpu"),
+    ("train", ["trainer.devices=0"], "trainer.devices=0"),
+    ("train", ["trainer.devices=abc"], "trainer.devices='abc'"),
+    ("train", ["trainer.devices=512", "trainer.accelerator=cpu"], "trainer.devices=512"),
+    ("train", ["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0"),
+    ("train", ["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0"),
+    ("train", ["trainer.limit_val_batches=-1"], "trainer.limit_val_batches=-1"),
+    ("train", ["trainer.num_sanity_val_steps=-2"], "trainer.num_sanity_val_steps=-2"),
+    ("train", ["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0"),
+    ("train", ["trainer.deterministic=maybe"], "trainer.deterministic='maybe'"),
+    ("train", ["+trainer.strategy=bogus"], "trainer.strategy='bogus'"),
+    ("train", ["+trainer.bogus_key=1"], "trainer.bogus_key"),
+    ("train", ["trainer=bogus"], "trainer"),
+    # callbacks and loggers
+    (
+        "train",
+        ["callbacks.model_checkpoint.save_top_k=abc"],
+        "callbacks.model_checkpoint.save_top_k",
+    ),
+    ("train", [f"{CKPT}.mode=bogus"], f"{CKPT}: `mode` can be min, max"),
+    ("train", ["+callbacks.model_checkpoint.bogus=1"], "callbacks.model_checkpoint.bogus"),
+    ("train", ["callbacks.model_checkpoint.every_n_train_steps=-3"], "every_n_train_steps=-3"),
+    (
+        "train",
+        ["callbacks.lr_monitor.logging_interval=bogus"],
+        "callbacks.lr_monitor.logging_interval",
+    ),
+    ("train", ["callbacks.expert_load.every_n_steps=0"], "callbacks.expert_load.every_n_steps=0"),
+    ("train", ["+callbacks.x._target_=nowhere.Class"], "callbacks.x._target_='nowhere.Class'"),
+    ("train", ["callbacks=bogus"], "callbacks"),
+    ("train", ["logger=bogus"], "logger"),
+    ("train", ["logger=wandb", "logger.wandb.offline=maybe"], "logger.wandb.offline='maybe'"),
+    ("train", ["+logger.csv.bogus=1"], "logger.csv.bogus"),
+    # data
+    ("train", ["data=bogus"], "data"),
+    ("train", ["data.batch_size=0"], "data.batch_size=0"),
+    ("train", ["data.batch_size=abc"], "data.batch_size='abc'"),
+    ("train", ["data.seq_len=1"], "data.seq_len=1"),
+    ("train", ["data.tokenizer=bogus"], "data.tokenizer='bogus'"),
+    ("train", ["data.val_fraction=1.5"], "data.val_fraction=1.5"),
+    ("train", ["+data.bogus=1"], "data.bogus"),
+    ("train", ["data.files=/nonexistent/*.txt"], "data.files='/nonexistent/*.txt'"),
+    ("train", ["data.files={f}/jsonl/*"], "bad.jsonl:3"),
+    ("train", ["data.files={f}/latin1/*"], "latin1.txt is not UTF-8: byte offset 3"),
+    ("train", ["data.files={f}/binary/*"], "noise.txt is a binary file"),
+    ("train", ["data.files={f}/empty/*"], "empty.txt is empty"),
+    ("train", ["data.files={f}/jsonl_field/*"], "nofield.jsonl:1"),
+    ("train", ["data.files={f}/odd.xyz"], "odd.xyz"),
+    ("train", [*STREAM, "data.num_tasks=0"], "data.num_tasks=0"),
+    ("train", [*STREAM, "data.scenario=bogus"], "data.scenario='bogus'"),
+    ("train", [*STREAM, "data.epochs_per_task=0"], "data.epochs_per_task=0"),
+    ("train", [*STREAM, "data.input_format=bogus"], "data.input_format='bogus'"),
+    ("train", ["data=split_digits", "data.num_tasks=3"], "data.num_tasks=3"),
+    ("train", ["data=digits", "data.classes=[11]"], "data.classes=[11]"),
+    # model
+    ("train", ["model=bogus"], "model"),
+    ("train", ["model.num_heads=5"], "model.num_heads=5"),
+    ("train", ["model.dim=abc"], "model.dim='abc'"),
+    ("train", ["model.depth=0"], "model.depth=0"),
+    ("train", ["model.moe.top_k=9"], "model.moe.top_k=9"),
+    ("train", ["model.moe.num_experts=0"], "model.moe.num_experts=0"),
+    ("train", ["+model.bogus=1"], "model.bogus"),
+    ("train", ["model.layers=[bogus]"], "model.layers"),
+    ("train", ["model.activation=bogus"], "model.activation='bogus'"),
+    # strategy
+    ("train", ["strategy=bogus"], "strategy"),
+    ("train", ["strategy.lr=-1"], "strategy.lr=-1"),
+    ("train", ["strategy.lr=abc"], "strategy.lr='abc'"),
+    ("train", ["strategy.warmup_steps=-1"], "strategy.warmup_steps=-1"),
+    ("train", ["strategy=ewc", *STREAM, "strategy.mode=bogus"], "'separate', 'online'"),
+    ("train", ["strategy=ewc", *STREAM, "strategy.ewc_lambda=-1"], "strategy.ewc_lambda=-1"),
+    ("train", ["strategy=ewc", *STREAM, "strategy.gamma=2"], "strategy.gamma=2"),
+    ("train", ["strategy=ewc", *STREAM, "strategy.fisher_estimator=bogus"], "fisher_estimator"),
+    ("train", ["strategy=ewc", "data=digits"], "strategy=ewc data=digits"),
+    ("train", ["strategy=fewshot", "data=text"], "strategy=fewshot data=text"),
+    ("train", ["strategy=multitask", "data=text"], "strategy=multitask data=text"),
+    (
+        "train",
+        ["strategy=finetune", "strategy.pretrained=/nonexistent.ckpt"],
+        "strategy.pretrained",
+    ),
+    ("train", ["strategy=finetune", "strategy.pretrained={f}/garbage.ckpt"], "garbage.ckpt"),
+    # Hydra's own grammar
+    ("train", ["model.dim=[1,"], "'[1,'"),
+    # the other entry points
+    ("eval", [], "ckpt_path"),
+    ("eval", ["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt'"),
+    ("eval", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),
+    ("eval", ["ckpt_path={f}/truncated.ckpt"], "truncated.ckpt"),
+    ("eval", ["ckpt_path={f}/nostate.ckpt"], "nostate.ckpt"),
+    ("eval", ["ckpt_path={f}"], "is a folder"),
+    ("train", ["ckpt_path={f}/weights_only.ckpt"], "weights_only.ckpt"),
+]
+NEEDS_TINY = {"train"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Broken files of every kind the entry points read."""
+    f = tmp_path_factory.mktemp("bad")
+    (f / "empty.ckpt").write_bytes(b"")
+    (f / "garbage.ckpt").write_bytes(os.urandom(2048))
+    torch.save({"state_dict": {"model.w": torch.zeros(64, 64)}}, f / "ok.ckpt")
+    (f / "truncated.ckpt").write_bytes((f / "ok.ckpt").read_bytes()[:3000])
+    torch.save([1, 2, 3], f / "list.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, f / "nostate.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": {"cfg": {}}}, f / "weights_only.ckpt")
+    good = ["alpha beta gamma delta " * 40 + str(i) for i in range(4)]
+    for folder, name, content in (
+        ("jsonl", "bad.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": oops}\n'),
+        ("jsonl_field", "nofield.jsonl", b'{"body": "a"}\n'),
+        ("latin1", "latin1.txt", "caf\u00e9 ol\u00e9".encode("latin-1")),
+        ("binary", "noise.txt", b"\x00\x01" + os.urandom(1000)),
+        ("empty", "empty.txt", b""),
+    ):
+        (f / folder).mkdir()
+        for i, text in enumerate(good):
+            (f / folder / f"good{i}.txt").write_text(text)
+        (f / folder / name).write_bytes(content)
+    (f / "odd.xyz").write_text("x")
+    return f
+
+
+def call_entry(entry: str, args: list[str], out_dir: Path, capsys) -> tuple[int, str, str]:
+    """Run an entry point's Hydra main in-process; (exit code, error line, all output)."""
+    argv = [f"{entry}.py", *args, f"hydra.run.dir={out_dir}", f"paths.root_dir={out_dir.parent}"]
+    GlobalHydra.instance().clear()
+    old = sys.argv
+    sys.argv = argv
+    try:
+        _entry(entry)()
+        code: int | str | None = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = old
+        GlobalHydra.instance().clear()
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    if isinstance(code, str):  # sys.exit("error: ...") — the line the shell would print
+        return 1, code, text + code
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    return code or 0, (lines[-1] if lines else ""), text
+
+
+@pytest.mark.parametrize(
+    ("entry", "args", "expected"), ROWS, ids=[f"{e}:{' '.join(a)}" for e, a, _ in ROWS]
+)
+def test_bad_input_is_one_line_naming_it(
+    entry: str, args: list[str], expected: str, files: Path, tmp_path: Path, capsys
+) -> None:
+    args = [a.replace("{f}", str(files)) for a in args]
+    expected = expected.replace("{f}", str(files))
+    extra = [*TINY, f"paths.cache_dir={files}/cache"] if entry in NEEDS_TINY else []
+    if any(a.startswith("data=") for a in args):  # not the text data: no text options
+        extra = [e for e in extra if e not in SMALL_TEXT]
+    out_dir = tmp_path / "runs" / "bad"
+    code, line, text = call_entry(entry, [*extra, *args], out_dir, capsys)
+    assert code != 0, text[-2000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert expected in text, (line, text[-1500:])
+    if entry == "train":
+        assert not out_dir.exists() or not any(out_dir.iterdir()), list(out_dir.iterdir())
+
+
+REAL_CLI = [
+    ("train.py", ["seed=abc"], "seed='abc'"),
+    ("scripts/generate.py", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),
+    (
+        "scripts/merge.py",
+        ["base={f}/garbage.ckpt", "models=[{f}/ok.ckpt]", OUT],
+        "base=",
+    ),
+    (
+        "scripts/merge.py",
+        ["base={f}/ok.ckpt", "models=[{f}/truncated.ckpt]", OUT],
+        "models[0]",
+    ),
+    ("train.py", ["trainer.val_check_interval=0"], "trainer.val_check_interval=0"),
+    ("train.py", ["strategy=ewc", *STREAM, "strategy.mode=bogus"], "'separate', 'online'"),
+    ("train.py", ["ckpt_path={f}/truncated.ckpt"], "truncated.ckpt"),
+    ("eval.py", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),
+    ("scripts/generate.py", ["ckpt_path={f}/empty.ckpt"], "empty.ckpt"),
+]
+SCRIPT_ERROR = {"scripts/merge.py": "merge: "}  # merge's one line starts with its name
+
+
+@pytest.mark.parametrize(("script", "args", "expected"), REAL_CLI)
+def test_real_cli_subset(
+    script: str, args: list[str], expected: str, files: Path, tmp_path: Path
+) -> None:
+    args = [a.replace("{f}", str(files)) for a in args]
+    extra = TINY if script == "train.py" else []
+    if any(a.startswith("data=") for a in args):
+        extra = [e for e in extra if e not in SMALL_TEXT]
+    out = subprocess.run(
+        [sys.executable, script, *extra, *args, f"hydra.run.dir={tmp_path}/run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(SCRIPT_ERROR.get(script, "error: ")), last
+    assert expected.replace("{f}", str(files)) in last, last
+    assert not (tmp_path / "run").exists()
+
+
+def test_table_is_large_enough() -> None:
+    assert len(ROWS) >= 70
+    assert len({(e, tuple(a)) for e, a, _ in ROWS}) == len(ROWS)
+
+
+def test_nan_message_says_no_checkpoint_exists(tmp_path: Path, capsys) -> None:
+    args = [*TINY, "strategy.lr=1e6", "strategy.warmup_steps=0", "trainer.gradient_clip_val=null"]
+    args += ["callbacks.model_checkpoint.every_n_train_steps=100", f"paths.cache_dir={tmp_path}/c"]
+    code, line, text = call_entry("train", args, tmp_path / "run", capsys)
+    assert code == 1 and "Traceback" not in text
+    assert "training loss is" in line and "no checkpoint was written" in line, line

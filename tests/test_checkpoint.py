@@ -1,0 +1,45 @@
+"""The one checkpoint reader: every broken file is one CheckpointError line naming it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from advarch.checkpoint import CheckpointError, describe, newest_readable, read_checkpoint
+
+
+def test_broken_files_name_the_key_and_the_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"model.w": torch.zeros(32, 32)}, "global_step": 3}, good)
+    cases = {
+        "missing.ckpt": (None, "is not a file"),
+        "empty.ckpt": (b"", "is an empty file"),
+        "garbage.ckpt": (os.urandom(512), "is not a readable checkpoint"),
+        "truncated.ckpt": (good.read_bytes()[:700], "truncated or not a torch file"),
+    }
+    for name, (content, message) in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=message) as info:
+            read_checkpoint(tmp_path / name, "strategy.pretrained")
+        assert f"strategy.pretrained='{tmp_path / name}'" in str(info.value)
+        assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match="is a folder"):
+        read_checkpoint(tmp_path)
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        read_checkpoint(tmp_path / "list.ckpt")
+    assert read_checkpoint(good)["global_step"] == 3
+
+
+def test_newest_readable_skips_broken_newer_files(tmp_path: Path) -> None:
+    old, new = tmp_path / "old.ckpt", tmp_path / "new.ckpt"
+    torch.save({"state_dict": {}, "global_step": 5, "epoch": 1}, old)
+    new.write_bytes(b"\x00" * 100)
+    os.utime(old, (1, 1))
+    path, ckpt, skipped = newest_readable([old, new])
+    assert path == old and describe(ckpt) == "step 5, epoch 1"
+    assert len(skipped) == 1 and str(new) in skipped[0]
