@@ -83,16 +83,18 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str | Non
     keys = list(dict.fromkeys(o.split("=", 1)[0] for r in rows for o in r["overrides"]))
     header = ["trial", *keys, metric or "value", "status"]
 
-    def cells(row: dict[str, Any]) -> list[str]:
+    def cells(row: dict[str, Any], digits: str) -> list[str]:
+        """One row; `digits` formats the metric (rounded for people, full for the CSV)."""
         values = dict(o.split("=", 1) for o in row["overrides"] if "=" in o)
         value = row.get("value")
-        shown = f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else "—"
+        finite = isinstance(value, float) and math.isfinite(value)
+        shown = format(value, digits) if finite else ""
         status = row["status"] if row["status"] == "ok" else f"failed: {row.get('error') or ''}"
         return [str(row["trial"]), *(values.get(k, "") for k in keys), shown, status]
 
-    table_rows = [cells(r) for r in rows]
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([header, *table_rows])
+        csv.writer(f).writerows([header, *(cells(r, ".17g") for r in rows)])
+    table_rows = [[c or "—" for c in cells(r, ".4g")] for r in rows]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table_rows]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
