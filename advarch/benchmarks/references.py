@@ -54,6 +54,11 @@ def _measure(bench: str, size: str, x: torch.Tensor, contenders: dict, ref: str,
     return [Row(bench, name, size, t, ratio=t / ms[ref]) for name, t in ms.items()]
 
 
+
+def skipped_reference(err: ImportError) -> None:
+    """Say which reference is missing from the table (an optional package not installed)."""
+    print(f"reference skipped: {err.name or err} is not installed")
+
 def moe_rows(quick: bool) -> list[Row]:
     dim, hidden, tokens = (128, 512, 1024) if quick else (512, 2048, 4096)
     x = torch.randn(tokens // 512, 512, dim, requires_grad=True)
@@ -72,8 +77,8 @@ def moe_rows(quick: bool) -> list[Row]:
         for p in hf.parameters():
             nn.init.normal_(p, std=0.02)
         contenders["HF Mixtral block (eager)"] = (hf, hf)
-    except ImportError:
-        pass
+    except ImportError as err:
+        skipped_reference(err)
     return _measure("moe swiglu", f"{tokens} tok D={dim}", x, contenders, ref, repeat=5)
 
 
@@ -102,8 +107,8 @@ def sliding_window_rows(quick: bool) -> list[Row]:
                       is_global_attn=False)[0]  # fmt: skip
 
         contenders["HF LongformerSelfAttention"] = (longformer, hf)
-    except ImportError:
-        pass
+    except ImportError as err:
+        skipped_reference(err)
     ref = next(reversed(contenders))
     return _measure("sliding window", f"T={T} w={window}", x, contenders, ref, repeat=3)
 
@@ -118,8 +123,8 @@ def ssm_rows(quick: bool) -> list[Row]:
 
         theirs = MambaBlock(MambaConfig(d_model=dim, n_layers=1, d_state=16, expand_factor=2))
         contenders["mambapy MambaBlock"] = (theirs, theirs)
-    except ImportError:
-        pass
+    except ImportError as err:
+        skipped_reference(err)
     ref = next(reversed(contenders))
     return _measure("mamba block", f"B=1 T={T} D={dim}", x, contenders, ref, repeat=5)
 
