@@ -681,11 +681,6 @@ class RetrievalDatabase:
         ids = self._grid_ids(table, starts, num_chunks)
         return torch.from_numpy(self.neighbour_tokens(ids))
 
-    def sequence_neighbours(self, start: int, length: int) -> torch.Tensor:
-        """Neighbours of the training sequence tokens[start : start + length]: (L, K, R) long."""
-        ids = self.sequence_neighbour_ids([start], length)[0]
-        return torch.from_numpy(self.neighbour_tokens(ids))
-
     def batch_neighbours(self, starts: Sequence[int] | np.ndarray, length: int) -> torch.Tensor:
         """Neighbours of several training sequences: (S, L, K, R) long (for a collate_fn)."""
         return torch.from_numpy(self.neighbour_tokens(self.sequence_neighbour_ids(starts, length)))
