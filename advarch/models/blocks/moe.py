@@ -299,6 +299,22 @@ class MoE(nn.Module):
         device = x.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
+    def expert_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors with one row per expert, by attribute name: expert i is `t[i]`.
+
+        Router rows, stacked expert weights and, with `aux_free_bias`, the selection bias and
+        load counts. Merging, freezing and continual-learning code address experts through
+        this instead of guessing from tensor shapes.
+        """
+        tensors = {
+            "router": self.router,
+            "w_in": self.w_in,
+            "w_out": self.w_out,
+            "routing_bias": self.routing_bias,
+            "load_counts": self.load_counts,
+        }
+        return {name: t for name, t in tensors.items() if t is not None}
+
     @torch.no_grad()
     def update_routing_bias(self) -> None:
         """DeepSeek-V3 step: bias += rate · sign(mean_load − load); reset the counts.
