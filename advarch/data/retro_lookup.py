@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from advarch.data.retrieval import HashedNgramEmbedder, RetrievalDatabase
+from advarch.data.retrieval_database import HashedNgramEmbedder, RetrievalDatabase
 from advarch.data.synthetic import IGNORE, SPLITS, _check, _random_subsets
 from advarch.spec import DataSpec
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advarch.models.blocks.causal_conv import causal_conv, causal_conv_step
 from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.norm import RMSNorm
 from advarch.models.blocks.ssm import _at_least_f32
@@ -177,8 +178,7 @@ class Mamba2(nn.Module):
         if pad_mask is not None:
             x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
         z, xbc, dt = self._split(x)
-        T = x.shape[1]
-        xbc = F.silu(self.conv(xbc.transpose(1, 2))[..., :T].transpose(1, 2))
+        xbc = F.silu(causal_conv(self.conv, xbc))
         if pad_mask is not None:
             xbc = xbc.masked_fill(pad_mask.unsqueeze(-1), 0.0)
         xs, delta, A, B, C = self._ssd_inputs(xbc, dt)
@@ -202,8 +202,7 @@ class Mamba2(nn.Module):
         conv_state, h = state
         z, xbc, dt = self._split(x)
         window = torch.cat([conv_state, xbc], dim=1)  # (B, K, E + 2N)
-        kernel = self.conv.weight.squeeze(1).t()  # (K, E + 2N)
-        xbc = F.silu((window * kernel).sum(1, keepdim=True) + self.conv.bias)
+        xbc = F.silu(causal_conv_step(self.conv, window))
         xs, delta, A, B, C = self._ssd_inputs(xbc, dt)  # xs (B, 1, H, P), delta (B, 1, H)
         xs32, delta = _at_least_f32(xs[:, 0]), delta[:, 0]
         B, C = _at_least_f32(B[:, 0]), _at_least_f32(C[:, 0])

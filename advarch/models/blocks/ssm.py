@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advarch.models.blocks.causal_conv import causal_conv, causal_conv_step
 from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.selective_scan_cpu import fused_selective_scan, load_library
 
@@ -292,7 +293,7 @@ class SelectiveSSM(nn.Module):
         if pad_mask is not None:
             x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
-        u = F.silu(self.conv(u.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2))  # causal
+        u = F.silu(causal_conv(self.conv, u))
         if pad_mask is not None:
             u = u.masked_fill(pad_mask.unsqueeze(-1), 0.0)
         delta, B, C = self._ssm_params(u)
@@ -314,8 +315,7 @@ class SelectiveSSM(nn.Module):
         conv_state, h = state
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, 1, E)
         window = torch.cat([conv_state, u], dim=1)  # (B, K, E)
-        kernel = self.conv.weight.squeeze(1).t()  # (K, E)
-        u = F.silu((window * kernel).sum(1, keepdim=True) + self.conv.bias)  # (B, 1, E)
+        u = F.silu(causal_conv_step(self.conv, window))  # (B, 1, E)
         delta, B, C = (_at_least_f32(t.squeeze(1)) for t in self._ssm_params(u))
         u, z = _at_least_f32(u.squeeze(1)), _at_least_f32(z.squeeze(1))
         A = -torch.exp(_at_least_f32(self.A_log))

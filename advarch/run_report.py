@@ -30,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from advarch.callbacks.expert_load import plot_expert_load
+from advarch.console_summary import SUMMARY_FILE, SUMMARY_KEYS
 from advarch.continual_metrics import (
     HIGHER_IS_BETTER,
     average_accuracy,
@@ -37,7 +38,6 @@ from advarch.continual_metrics import (
     forgetting,
     plot_accuracy_matrix,
 )
-from advarch.reporting import SUMMARY_FILE, SUMMARY_KEYS
 
 CURVE_PANELS = (  # (title, column pattern) — a panel is drawn when any column matches
     ("loss", r"(train|val)/loss"),

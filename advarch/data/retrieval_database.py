@@ -41,12 +41,15 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
 import faiss
 import numpy as np
 import torch
+
+from advarch.atomic import save_npy_atomic, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -297,13 +300,6 @@ def _fingerprint(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def _pq_subquantisers(d: int) -> int:
     """PQ sub-quantisers for width d: one per 8 dimensions (8-bit codes), a divisor of d."""
     return max(q for q in range(1, max(1, d // 8) + 1) if d % q == 0)
@@ -376,6 +372,7 @@ class RetrievalDatabase:
         self.missing = 0  # neighbour slots filled with padding while precomputing
         self._index: faiss.Index | None = None
         self._index_path: Path | None = None  # index.faiss of the cache folder it came from
+        self.folder: Path | None = None  # the cache folder it was saved to or loaded from
 
     # ---- build, save, load --------------------------------------------------------------
     def cache_key(self) -> str:
@@ -474,17 +471,13 @@ class RetrievalDatabase:
     def save(self, folder: str | os.PathLike) -> None:
         """Writes the arrays atomically; meta.json goes last and marks the folder complete."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        _save_npy(folder / "embeddings.npy", self.embeddings)
-        tmp = folder / f".index.faiss.{os.getpid()}.tmp"
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, folder / "index.faiss")
-        _save_npy(folder / "neighbours.npy", self.train_neighbours)
+        save_npy_atomic(self.embeddings, folder / "embeddings.npy")
+        write_atomic(folder / "index.faiss", lambda tmp: faiss.write_index(self.index, str(tmp)))
+        save_npy_atomic(self.train_neighbours, folder / "neighbours.npy")
         meta = {"key": self.cache_key(), "index": self.resolved_index_kind}
         meta |= {"chunks": len(self.chunks), "missing": self.missing}
-        tmp = folder / f".meta.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, folder / "meta.json")
+        write_atomic(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+        self.folder = folder
 
     def load(self, folder: str | os.PathLike) -> bool:
         """Loads a folder written by `save` for this exact configuration; False if absent.
@@ -507,6 +500,7 @@ class RetrievalDatabase:
             None,
             int(meta["missing"]),
         )
+        self.folder = folder
         return True
 
     def __getstate__(self) -> dict:
@@ -687,11 +681,6 @@ class RetrievalDatabase:
         ids = self._grid_ids(table, starts, num_chunks)
         return torch.from_numpy(self.neighbour_tokens(ids))
 
-    def sequence_neighbours(self, start: int, length: int) -> torch.Tensor:
-        """Neighbours of the training sequence tokens[start : start + length]: (L, K, R) long."""
-        ids = self.sequence_neighbour_ids([start], length)[0]
-        return torch.from_numpy(self.neighbour_tokens(ids))
-
     def batch_neighbours(self, starts: Sequence[int] | np.ndarray, length: int) -> torch.Tensor:
         """Neighbours of several training sequences: (S, L, K, R) long (for a collate_fn)."""
         return torch.from_numpy(self.neighbour_tokens(self.sequence_neighbour_ids(starts, length)))
@@ -738,17 +727,22 @@ def build_or_load(
     cache_dir: str | os.PathLike,
     tokens: np.ndarray,
     doc_ids: np.ndarray,
+    building: Callable[[RetrievalDatabase], AbstractContextManager[object]] | None = None,
     **kwargs,
 ) -> RetrievalDatabase:
     """Returns the database for this corpus and config, from `cache_dir` when already built.
 
     kwargs are `RetrievalDatabase`'s keywords (pad_id, chunk_size, num_neighbours, embedder,
-    index, nprobe, ef_search, search_margin). The folder is `cache_dir/retro-<key>`.
+    index, nprobe, ef_search, search_margin, precompute). The folder is `cache_dir/retro-<key>`
+    (`db.folder` afterwards). `building(db)`, when given, is a context held while a database
+    that was not cached is built (a progress bar).
     """
     db = RetrievalDatabase(tokens, doc_ids, **kwargs)
     folder = Path(cache_dir) / f"retro-{db.cache_key()}"
     if db.load(folder):
         log.info("retrieval: loaded %s", folder)
         return db
-    db.build().save(folder)
+    with building(db) if building is not None else nullcontext():
+        db.build()
+    db.save(folder)
     return db

@@ -14,7 +14,7 @@ import yaml
 from matplotlib.image import imread
 
 from advarch.continual_metrics import save_accuracy_matrix_csv
-from advarch.report import Metrics, best_run, write_report
+from advarch.run_report import Metrics, best_run, write_report
 from tests.conftest import ROOT, SMALL_TEXT
 
 COLUMNS = ["epoch", "step", "train/loss", "train/acc_epoch", "val/loss", "val/acc", "lr-AdamW",
