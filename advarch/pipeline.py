@@ -19,6 +19,7 @@ from advarch.config.checks import check_collection, check_run_keys, check_traine
 from advarch.config.validate import ConfigError, validate_node
 from advarch.models.model import Model
 from advarch.spec import DataSpec
+from advarch.strategies.base import BaseStrategy
 
 BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ConnectionError)
 
@@ -133,9 +134,9 @@ def instantiate_dict(node: DictConfig | None, group: str = "") -> list[Any]:
 
 def check_monitors(cfg: DictConfig, module: Any, callbacks: list[Any]) -> None:
     """`optimized_metric` and every callback's `monitor` must be a metric the strategy logs."""
-    names = module.metric_names() if hasattr(module, "metric_names") else None
-    if names is None:
+    if not isinstance(module, BaseStrategy):  # a user's own LightningModule: nothing to check
         return
+    names = module.metric_names()
     wanted = [("optimized_metric", cfg.get("optimized_metric"))]
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is not None and node.get("monitor") is not None:

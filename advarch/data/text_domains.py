@@ -7,7 +7,7 @@ deterministic, and a file belongs to at most one domain (files of no listed fami
 `tkinter` or `distutils`, are left out). Inside each domain the files are split into
 train/val/test by document (`split_documents`, seeded), so no file leaks across splits.
 
-`TextDomainsDataModule` is a `TaskStream` (`advarch/data/stream.py`): one domain per epoch,
+`TextDomainsDataModule` is a task stream (`advarch/data/stream.py`): one domain per epoch,
 `steps_per_task` batches each (drawn without replacement from the domain's packed training
 sequences, a new draw every epoch, resumable mid-epoch), one validation/test loader per
 domain. Every batch
@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from advarch.data.sampling import EpochShuffleSampler
-from advarch.data.stream import TaskStream
+from advarch.data.stream import TaskStreamMixin
 from advarch.data.text import (
     SPLITS,
     LMCollate,
@@ -117,7 +117,7 @@ class DomainCollate(LMCollate):
         return batch
 
 
-class TextDomainsDataModule(TaskStream, L.LightningDataModule):
+class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
     """Next-token prediction over a stream of standard-library domains (module docstring).
 
     Args:
