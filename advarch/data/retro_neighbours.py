@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from advarch.atomic import save_npy_atomic
-from advarch.data.retrieval_database import (
+from advarch.data.chunk_embedders import (
     Embedder,
     HashedNgramEmbedder,
     MiniLMEmbedder,
-    RetrievalDatabase,
-    build_or_load,
+    ProgressEmbedder,
 )
+from advarch.data.retrieval_database import RetrievalDatabase, build_or_load
 
 log = logging.getLogger(__name__)
 
@@ -84,43 +84,6 @@ class RetrievalOptions:
         if self.embedder == "minilm":
             return MiniLMEmbedder(decode=decode, progress=False)
         return HashedNgramEmbedder(dim=self.embedder_dim or 256, n=self.ngrams, pad_id=pad_id)
-
-
-class ProgressEmbedder:
-    """An `Embedder` that advances a progress bar while `progress(...)` is active.
-
-    It embeds in slices of `batch_size` chunks so the bar moves during the one large call that
-    embeds the whole database; its `cache_key` is the wrapped embedder's, so wrapping never
-    invalidates a cache. The bar is dropped on exit, which keeps the object picklable for
-    DataLoader workers.
-    """
-
-    def __init__(self, inner: Embedder, batch_size: int = 4096) -> None:
-        self.inner, self.batch_size, self.dim = inner, batch_size, inner.dim
-        self._bar: Any = None
-
-    def cache_key(self) -> str:
-        return self.inner.cache_key()
-
-    def embed(self, chunks: np.ndarray) -> np.ndarray:
-        if self._bar is None:
-            return self.inner.embed(chunks)
-        parts = []
-        for i in range(0, len(chunks), self.batch_size):
-            parts.append(self.inner.embed(chunks[i : i + self.batch_size]))
-            self._bar.update(len(parts[-1]))
-        return np.concatenate(parts) if parts else self.inner.embed(chunks)
-
-    @contextmanager
-    def progress(self, total: int, desc: str) -> Iterator[None]:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=total, desc=desc, unit="chunk", dynamic_ncols=True) as bar:
-            self._bar = bar
-            try:
-                yield
-            finally:
-                self._bar = None
 
 
 def _stream_hash(*arrays: np.ndarray) -> str:
