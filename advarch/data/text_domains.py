@@ -1,6 +1,6 @@
 """Continual language modelling: the embedded corpus as a stream of domains.
 
-The standard library's source files (`advarch.data.text.stdlib_files`) are grouped into
+The standard library's source files (`advarch.data.corpus.stdlib_files`) are grouped into
 families of packages, one domain each, by the file's top-level module or package name
 (`email/parser.py` → `email` → `net`). The table `DOMAINS` is fixed, so the grouping is
 deterministic, and a file belongs to at most one domain (files of no listed family, e.g.
@@ -31,22 +31,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from advarch.data.sampling import EpochShuffleSampler
-from advarch.data.stream import TaskStreamMixin
-from advarch.data.text import (
-    SPLITS,
+from advarch.data.corpus import SPLITS, split_documents, stdlib_files
+from advarch.data.packing import (
     LMCollate,
     eval_subset,
     load_or_build,
-    load_tokenizer,
     pack_documents,
-    split_documents,
-    stdlib_files,
-    token_ids,
-    train_tokenizer,
     unigram_bits_per_byte,
 )
-from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
+from advarch.data.sampling import EpochShuffleSampler
+from advarch.data.stream import TaskStreamMixin
+from advarch.data.tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    load_tokenizer,
+    token_ids,
+    train_tokenizer,
+)
 from advarch.spec import DataSpec, TaskSchedule
 
 # Families of standard-library modules/packages (top-level names), one domain each.
