@@ -11,24 +11,16 @@ from typing import Any
 
 import lightning as L
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from advarch.config.checks import check_collection, check_run_keys, check_trainer
 from advarch.config.validate import ConfigError, validate_node
+from advarch.models.model import Model
 from advarch.spec import DataSpec
 
-BLOCK_TARGETS = {
-    "moe": "advarch.models.blocks.moe.MoE",
-    "swa": "advarch.models.blocks.sliding_window.SlidingWindowAttention",
-    "ssm": "advarch.models.blocks.ssm.SelectiveSSM",
-    "ssd": "advarch.models.blocks.ssd.Mamba2",
-    "retro": "advarch.models.retro_lm.RetroAdapter",
-}
 BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ConnectionError)
-SUPPLIED_BY_MODEL = ("dim", "hidden", "activation", "dropout", "causal")
-SUPPLIED_BY_MODEL_TO = {"retro": ("dim", "num_layers", "spec", "num_heads", "norm")}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -43,12 +35,23 @@ def validate(cfg: DictConfig) -> None:
         if "_target_" not in cfg[group]:
             raise ConfigError(f"{group}._target_ is missing")
         validate_node(cfg[group], group, skip)
-    for block, target in BLOCK_TARGETS.items():
-        options = cfg.model.get(block)
-        if options:
-            node = OmegaConf.merge({"_target_": target}, options)
-            skip = SUPPLIED_BY_MODEL_TO.get(block, SUPPLIED_BY_MODEL)
-            validate_node(node, f"model.{block}", skip=skip)
+    check_model_options(cfg.model)
+
+
+def check_model_options(node: DictConfig) -> None:
+    """Model's own checks (`Model.check_options`: ranges, cross-field, the typed block configs)
+    on `model.*`, before anything is built; other model classes check in their constructor."""
+    try:
+        model_class = get_class(node._target_)
+    except ValueError:  # a factory function, not a class: it checks when called
+        return
+    if issubclass(model_class, Model):
+        options = OmegaConf.to_container(node, resolve=True)
+        options = {k: v for k, v in options.items() if not k.startswith("_") and k != "compile"}
+        try:
+            model_class.check_options(**options)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
 
 def validate_run(cfg: DictConfig) -> None:

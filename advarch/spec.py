@@ -62,8 +62,8 @@ class TaskSchedule:
     The epoch is Lightning's `trainer.current_epoch`, restored from the checkpoint on resume,
     so a resumed run trains exactly the task the uninterrupted run would (never a counter that
     restarts, like Lightning's `reload_dataloaders_every_n_epochs`). Streams reload their
-    training loader every epoch (`trainer_overrides`) and build it from `task_of_epoch` and
-    `epoch_in_task`. The schedule is saved in continual checkpoints and checked on resume.
+    training loader every epoch (`trainer_overrides`) and build it from `task_of_epoch`. The
+    schedule is saved in continual checkpoints and checked on resume.
 
     Attributes:
         num_tasks: tasks in the stream.
@@ -86,10 +86,6 @@ class TaskSchedule:
     def task_of_epoch(self, epoch: int) -> int:
         """The task trained during `epoch` (clamped to the last task)."""
         return min(epoch // self.epochs_per_task, self.num_tasks - 1)
-
-    def epoch_in_task(self, epoch: int) -> int:
-        """How many epochs of its task precede `epoch` (0 on a task's first epoch)."""
-        return epoch - self.task_of_epoch(epoch) * self.epochs_per_task
 
     def ends_task(self, epoch: int) -> bool:
         """Whether `epoch` is the last epoch of its task."""

@@ -35,6 +35,7 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
 
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.config.runs import WANDB_ID_FILE, resolve_checkpoint
+    from advarch.console_summary import print_config_tree, print_summary, save_summary
     from advarch.pipeline import (
         build_all,
         check_monitors,
@@ -42,7 +43,6 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
         instantiate_dict,
         validate_run,
     )
-    from advarch.reporting import print_config_tree, print_summary, save_summary
 
     quiet_lightning_logs()
     validate_run(cfg)  # every key, before any work

@@ -68,7 +68,7 @@ DATA: dict[str, DataFacts] = {
     "advarch.data.episodes.FewShotDataModule": DataFacts(
         "classification", episodes=True, features=None
     ),
-    "advarch.data.mmoe.MMoESyntheticDataModule": DataFacts(
+    "advarch.data.mmoe_synthetic.MMoESyntheticDataModule": DataFacts(
         "regression", multitask=True, features=True
     ),
     "advarch.data.synthetic.SelectiveCopyingDataModule": DataFacts("lm"),

@@ -8,13 +8,14 @@ any work, with one line naming the key as the user writes it (`model.dim`).
 from __future__ import annotations
 
 import inspect
-import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from hydra.utils import get_class, get_method
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from advarch.typecheck import hint_name, matches
 
 
 class ConfigError(ValueError):
@@ -29,33 +30,6 @@ def _resolve_target(path: str, key: str) -> Any:
             return get_method(path)
         except Exception as err:
             raise ConfigError(f"{key}._target_={path!r} cannot be imported") from err
-
-
-def _matches(value: Any, annotation: Any) -> bool:
-    """Loose runtime check of a YAML value against a type hint (ints pass for floats)."""
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return True
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation in (str, bool):
-        return isinstance(value, annotation)
-    base = origin or annotation
-    if base in (list, tuple, Sequence) or (
-        isinstance(base, type) and issubclass(base, Sequence | tuple)
-    ):
-        return isinstance(value, list | tuple | ListConfig) and not isinstance(value, str)
-    if base in (dict, Mapping) or (isinstance(base, type) and issubclass(base, Mapping)):
-        return isinstance(value, dict | DictConfig)
-    return True
 
 
 def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
@@ -88,31 +62,7 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
                 f"{key}.{name} is not an option of {node['_target_']} (options: {known})"
             )
         hint = hints.get(name, params[name].annotation)
-        if not _matches(value, hint):
+        if not matches(value, hint):
             raise ConfigError(
-                f"{key}.{name}={value!r} has the wrong type (expected {_hint_name(hint)})"
+                f"{key}.{name}={value!r} has the wrong type (expected {hint_name(hint)})"
             )
-
-
-def _hint_name(hint: Any) -> str:
-    """A type hint as a user reads it; Literal choices listed (`one of 'min', 'max'`)."""
-    choices, types_ = _literal_choices(hint)
-    if choices:
-        names = [repr(c) for c in choices] + [t for t in types_ if t != "NoneType"]
-        return "one of " + ", ".join(names) + (", null" if "NoneType" in types_ else "")
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _literal_choices(hint: Any) -> tuple[list[Any], list[str]]:
-    """(Literal values, names of the other types) of a hint, through Unions."""
-    origin = typing.get_origin(hint)
-    if origin is typing.Literal:
-        return list(typing.get_args(hint)), []
-    if origin in (typing.Union, types.UnionType):
-        choices, names = [], []
-        for arg in typing.get_args(hint):
-            c, n = _literal_choices(arg)
-            choices += c
-            names += n
-        return choices, names
-    return [], [getattr(hint, "__name__", None) or str(hint).replace("typing.", "")]

@@ -292,7 +292,7 @@ class TextDataModule(L.LightningDataModule):
         return meta
 
     def _attach_retrieval(self, cache: Path) -> None:
-        from advarch.data.retro_data import NeighbourLookup
+        from advarch.data.retro_neighbours import NeighbourLookup
 
         self.retriever = NeighbourLookup.build(self, cache, **self.retrieval_cfg)
 

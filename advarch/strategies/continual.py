@@ -65,12 +65,6 @@ NEEDS_MOE = "strategy.expert_masks=true needs a model with MoE layers (model.ffn
 TASK_METRIC = {"classification": "acc", "lm": "bpb"}  # per-task metric of each data kind
 
 
-def expert_tensors(moe: nn.Module, num_experts: int) -> list[torch.Tensor]:
-    """Tensors an MoE layer holds directly with one row per expert (router, experts, bias)."""
-    own = [*moe.parameters(recurse=False), *moe.buffers(recurse=False)]
-    return [t for t in own if t.dim() >= 1 and t.shape[0] == num_experts]
-
-
 class ContinualStrategy(BaseStrategy):
     """Sequential training on a task stream with continual metrics (`strategy=naive`).
 
@@ -411,7 +405,7 @@ class ContinualStrategy(BaseStrategy):
             keep = (owner != task) if shared else (owner >= 0) & (owner < task)
             rows = keep.nonzero()[:, 0].to(self.device)
             for moe in self.model.moe_layers():
-                for tensor in expert_tensors(moe, len(owner)):
+                for tensor in moe.expert_tensors().values():
                     out.append(freeze(tensor, rows))
                     handled.add(id(tensor))
         if not shared:

@@ -11,7 +11,6 @@ from advarch.spec import TaskSchedule
 def test_schedule_is_a_pure_function_of_the_epoch() -> None:
     s = TaskSchedule(num_tasks=3, epochs_per_task=2)
     assert [s.task_of_epoch(e) for e in range(8)] == [0, 0, 1, 1, 2, 2, 2, 2]
-    assert [s.epoch_in_task(e) for e in range(6)] == [0, 1, 0, 1, 0, 1]
     assert [s.ends_task(e) for e in range(6)] == [False, True, False, True, False, True]
     assert s.trainer_overrides == {"max_epochs": 6, "reload_dataloaders_every_n_epochs": 1}
 

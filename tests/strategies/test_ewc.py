@@ -14,7 +14,7 @@ from advarch.config.compose import CONFIG_DIR
 from advarch.data.digits import PermutedDigitsDataModule, SplitDigitsDataModule
 from advarch.models.model import Model
 from advarch.spec import DataSpec
-from advarch.strategies.continual import NEEDS_MOE, ContinualStrategy, expert_tensors
+from advarch.strategies.continual import NEEDS_MOE, ContinualStrategy
 from advarch.strategies.ewc import EWCStrategy, ewc_penalty
 from advarch.train import run
 from tests.cli import read_metrics
@@ -140,7 +140,9 @@ def test_impossible_combinations_are_one_line_errors() -> None:
 # -- expert masks -----------------------------------------------------------------------------
 def expert_slices(model: Model, experts: list[int]) -> list[torch.Tensor]:
     return [
-        t.detach()[experts].clone() for moe in model.moe_layers() for t in expert_tensors(moe, 4)
+        t.detach()[experts].clone()
+        for moe in model.moe_layers()
+        for t in moe.expert_tensors().values()
     ]
 
 

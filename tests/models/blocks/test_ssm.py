@@ -8,9 +8,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from advarch.data.synthetic import IGNORE, SelectiveCopyingDataModule
 from advarch.models.blocks import ssm
 from advarch.models.blocks.selective_scan_cpu import CHUNK, fused_selective_scan, load_library
 from advarch.models.blocks.ssm import (
@@ -196,6 +200,58 @@ def test_only_selection_lets_later_tokens_gate_what_an_earlier_one_leaves(select
         assert (quiet - loud).abs().max() > 1e-3 * quiet.abs().max()
     else:
         torch.testing.assert_close(quiet, loud, rtol=1e-10, atol=1e-12)
+
+
+class _CopyingNet(nn.Module):
+    """Embedding, one pre-norm residual SelectiveSSM, norm, head: the smallest SSM LM."""
+
+    def __init__(self, vocab: int, dim: int, selective: bool) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, vocab)
+        self.norm_in, self.norm_out = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.mixer = SelectiveSSM(dim, d_state=4, d_conv=4, expand=2, selective=selective)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)  # (B, T, D)
+        h = h + self.mixer(self.norm_in(h))
+        return self.head(self.norm_out(h))  # (B, T, V)
+
+
+# Selective copying at 32 / 3 (3 data tokens at random places among 29, copied in order after
+# 3 markers; 14 data ids, chance 0.07), 400 steps of 64 fresh examples, AdamW lr 1e-2. Measured
+# answer accuracy on 1000 held-out examples, seeds 0-5: selective 1.000 0.974 0.993 0.972 0.996
+# 1.000; LTI 0.474 0.460 0.471 0.465 0.457 0.479 (0.502 after 1500 steps: a fixed filter with a
+# 4-wide state cannot tell which of the superposed tokens came first). ~4 s per model on 1 core.
+COPYING = {"seq_len": 32, "num_tokens_to_copy": 3}
+
+
+@pytest.mark.parametrize(("selective", "low", "high"), [(True, 0.9, 1.0), (False, 0.3, 0.55)])
+def test_selective_beats_lti_on_selective_copying(selective: bool, low: float, high: float):
+    """The behaviour selectivity exists for: Δ, B, C that depend on the token let one layer skip
+    noise and copy the data tokens in order; the LTI control (same block, selective=False)
+    learns only part of it (it does learn: well above chance)."""
+    task = SelectiveCopyingDataModule(**COPYING, vocab_size=16)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    net = _CopyingNet(task.vocab_size, 32, selective)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.0)
+
+    def batch(size: int, generator: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        columns = task.generate(size, generator, task.size)
+        return torch.from_numpy(columns["input_ids"]), torch.from_numpy(columns["labels"])
+
+    for _ in range(400):
+        ids, labels = batch(64, rng)
+        loss = F.cross_entropy(net(ids).flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ids, labels = batch(1000, np.random.default_rng(1000))
+    with torch.no_grad():
+        predicted = net(ids).argmax(-1)
+    answers = labels != IGNORE
+    accuracy = (predicted[answers] == labels[answers]).float().mean().item()
+    assert low <= accuracy <= high, f"selective={selective}: answer accuracy {accuracy:.3f}"
 
 
 def test_left_padding_leaves_real_tokens_unchanged():
