@@ -68,6 +68,7 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str = "outputs/cache",
         num_workers: int = 0,
         retrieval: dict | None = None,
+        dedupe: bool = False,
     ) -> None:
         super().__init__()
         if tokenizer not in ("byte", "bpe"):
@@ -85,6 +86,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_documents, self.max_eval_sequences = max_documents, max_eval_sequences
         self.cache_root = Path(cache_dir)
         self.retrieval_cfg = dict(retrieval or {})
+        self.dedupe = dedupe
         self.splits: dict[str, Any] = {}
         self.meta: dict[str, Any] = {}
         self.tokenizer: ByteTokenizer | BPETokenizer | None = None
@@ -172,6 +174,7 @@ class TextDataModule(L.LightningDataModule):
             self.seed,
             self.text_field,
             2,
+            *(["dedupe"] if self.dedupe else []),  # keeps earlier caches' keys
         ]
         return hashlib.sha256(json.dumps([source, options]).encode()).hexdigest()[:16]
 
@@ -203,6 +206,9 @@ class TextDataModule(L.LightningDataModule):
         names, texts = self._documents()
         if self.max_documents is not None:
             names, texts = names[: self.max_documents], texts[: self.max_documents]
+        if self.dedupe:  # a byte-identical copy would hand a held-out document to the model
+            keep = sorted({text: i for i, text in reversed(list(enumerate(texts)))}.values())
+            names, texts = [names[i] for i in keep], [texts[i] for i in keep]
         parts = split_documents(len(texts), self.val_fraction, self.test_fraction, self.seed)
         train_texts = [texts[i] for i in parts["train"]]
         tok = train_tokenizer(self.tokenizer_kind, train_texts, self.bpe_vocab_size, tmp)

@@ -44,6 +44,19 @@ def test_local_text_jsonl_parquet_are_all_read(tmp_path: Path) -> None:
     assert any(w in text for w in WORDS)
 
 
+def test_dedupe_drops_byte_identical_documents_before_the_split(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    for i in range(3):  # copies of d0.txt (another version of a file that did not change)
+        (corpus / f"z{i}.txt").write_text((corpus / "d0.txt").read_text())
+    kwargs = dict(files=str(corpus / "*"), seq_len=32, cache_dir=str(tmp_path / "c"))
+    kept, every = TextDataModule(dedupe=True, **kwargs), TextDataModule(**kwargs)
+    kept.setup(), every.setup()
+    names = [n for docs in kept.meta["documents"].values() for n in docs]
+    assert len(names) == 12 and str(corpus / "d0.txt") in names  # the first copy stays
+    assert sum(len(docs) for docs in every.meta["documents"].values()) == 15
+
+
 def test_cache_is_reused_not_rebuilt_and_identical(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
