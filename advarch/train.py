@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
-from advarch.config.combinations import check_combination, with_default_data
+from advarch.config.combinations import check_combination, with_strategy_defaults
 from advarch.tracking import RunIdentity
 
 log = logging.getLogger("advarch")
@@ -189,8 +189,9 @@ def _finish_wandb() -> None:
 
 
 def main() -> None:
-    """The command line: the strategy's default data added (`with_default_data`), then Hydra."""
-    sys.argv[1:] = with_default_data(sys.argv[1:])
+    """The command line: the strategy's default data and optimisation added
+    (`with_strategy_defaults`), then Hydra."""
+    sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
     hydra_main()
 
 

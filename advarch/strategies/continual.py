@@ -69,8 +69,7 @@ class ContinualStrategy(BaseStrategy):
     """Sequential training on a task stream with continual metrics (`strategy=naive`).
 
     Args:
-        model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight:
-            see `BaseStrategy`.
+        base: `BaseStrategy`'s options (optimizer, scheduler, aux_loss_weight).
         expert_masks: give each task its own block of MoE experts (module docstring).
         freeze_shared_after_first_task: after task 0 train only the current task's experts
             and head rows; everything else is kept bit-identical.
@@ -88,19 +87,13 @@ class ContinualStrategy(BaseStrategy):
         self,
         model: nn.Module,
         spec: DataSpec,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        aux_loss_weight: float = 1.0,
+        *,
         expert_masks: bool = False,
         freeze_shared_after_first_task: bool = False,
         joint: bool = False,
+        **base: Any,
     ) -> None:
-        super().__init__(
-            model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight
-        )
+        super().__init__(model, spec, **base)
         if spec.kind not in TASK_METRIC:
             raise ValueError(
                 f"strategy={self.strategy_name} needs a classification or language-model task "
