@@ -21,10 +21,10 @@ from advarch.config.checks import check_collection, check_run_keys, check_traine
 from advarch.config.validate import ConfigError, validate_node
 from advarch.models.model import Model
 from advarch.spec import DataSpec
+from advarch.strategies.base import BaseStrategy
 
 BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ConnectionError)
 SUPPLIED_TO = {  # arguments the code passes, not the config
-    "data": (),
     "model": ("spec", "compile"),
     "strategy": ("model", "spec", "optimizer", "scheduler"),
     "optimizer": ("params",),
@@ -47,7 +47,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{group} is not set; choose one with {group}=<name>")
         if "_target_" not in cfg[group]:
             raise ConfigError(f"{group}._target_ is missing")
-        validate_node(cfg[group], group, SUPPLIED_TO[group])
+        validate_node(cfg[group], group, SUPPLIED_TO.get(group, ()))
     check_model_options(cfg.model)
 
 
@@ -180,9 +180,9 @@ def instantiate_dict(node: DictConfig | None, group: str = "") -> list[Any]:
 
 def check_monitors(cfg: DictConfig, module: Any, callbacks: list[Any]) -> None:
     """`optimized_metric` and every callback's `monitor` must be a metric the strategy logs."""
-    names = module.metric_names() if hasattr(module, "metric_names") else None
-    if names is None:
+    if not isinstance(module, BaseStrategy):  # a user's own LightningModule: nothing to check
         return
+    names = module.metric_names()
     wanted = [("optimized_metric", cfg.get("optimized_metric"))]
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is not None and node.get("monitor") is not None:

@@ -4,6 +4,7 @@ stops the run before any work with one line naming the key."""
 from __future__ import annotations
 
 import math
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ def options(group: str) -> list[str]:
 
 
 MULTI_GATE = ("mmoe", "shared_bottom", "one_gate_moe")  # tabular MMoE family, already tiny
+STDLIB = sysconfig.get_paths()["stdlib"]
 RETRO_SMALL = ["data.retrieval.chunk_size=16", "data.retrieval.embedder_dim=64"]
 # Sequence models on the synthetic sequence data, so every data option of theirs trains once.
 SEQUENCE_DATA = {
@@ -96,6 +98,10 @@ OPTION_RUNS = {
     ),
     "experiment=expert_masks_split_digits": (["experiment=expert_masks_split_digits"], []),
     "experiment=retro_vs_plain": (["experiment=retro_vs_plain", *SMALL_TEXT, *RETRO_SMALL], []),
+    "experiment=retro_versions": (  # this interpreter's stdlib stands in for two versions
+        ["experiment=retro_versions", *SMALL_TEXT, *RETRO_SMALL, f"data.files='{STDLIB}/*.py'"],
+        [],
+    ),
     "experiment=retro_lookup": (
         ["experiment=retro_lookup", "trainer.max_steps=4", "trainer.val_check_interval=2"],
         ["checkpoints/last.ckpt", "csv/version_0/metrics.csv"],

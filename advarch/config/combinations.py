@@ -52,7 +52,7 @@ class DataFacts:
 
     Attributes:
         kind: `lm`, `classification`, `regression` or `seq2seq` (its DataSpec kind).
-        stream: a task stream (one task at a time; `advarch.data.stream.TaskStream`).
+        stream: a task stream (one task at a time; `advarch.spec.TaskStream`).
         multitask: several tasks served together in every batch.
         episodes: few-shot episodes (support/query batches).
         features: feature-vector inputs; None = `data.input_format` decides.

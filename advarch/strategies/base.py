@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from advarch.data.sampling import reload_train_loader_on_resume
-from advarch.models.output import ModelOutput
+from advarch.models.output import ExpertModel, ModelOutput
 from advarch.spec import DataSpec
 from advarch.strategies.objectives import Objective, model_inputs
 from advarch.strategies.optimization import (
@@ -50,6 +50,8 @@ class BaseStrategy(L.LightningModule):
             optimizer steps; configs/scheduler/ in a run.
         aux_loss_weight: multiplier on the model's auxiliary (MoE) loss.
     """
+
+    validated_at_step: int | None = None  # step of the last validation (train.py reads it)
 
     def __init__(
         self,
@@ -108,7 +110,7 @@ class BaseStrategy(L.LightningModule):
     def _checkpoint_note(self) -> str:
         """Which good checkpoint exists to resume from (the truth, also when there is none)."""
         callback = self.trainer.checkpoint_callback
-        path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        path = "" if callback is None else callback.last_model_path or callback.best_model_path
         if path and Path(path).is_file():
             return f"the last good checkpoint is {path}"
         return "no checkpoint was written before it, so there is nothing to resume from"
@@ -160,10 +162,9 @@ class BaseStrategy(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Aux-loss-free MoE balancing: nudge routing biases once per optimizer step."""
-        for module in self.model.modules():
-            update = getattr(module, "update_routing_bias", None)
-            if update is not None:
-                update()
+        if isinstance(self.model, ExpertModel):
+            for moe in self.model.moe_layers():
+                moe.update_routing_bias()
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -94,7 +94,7 @@ class EWCStrategy(ContinualStrategy):
 
     def consolidate(self, task: int) -> None:
         """Estimate F on task `task`'s training data and anchor θ* at the current weights."""
-        seed = getattr(self.trainer.datamodule, "seed", 0) + task
+        seed = self._stream().seed + task
         loader = self.task_train_loader(task, self.hparams.fisher_chunk_size, seed)
         fisher = self.fisher(self.model, self._batches(loader), self.log_probs)
         anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in fisher}

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from advarch.models.output import ModelOutput
+from advarch.models.output import ModelOutput, TaskHeads
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.objectives import select_task_logits
@@ -93,7 +93,7 @@ class MultiTaskStrategy(BaseStrategy):
         **base: Any,
     ) -> None:
         _check_data(spec)
-        heads = getattr(model, "num_heads_out", spec.num_tasks)
+        heads = model.num_heads_out if isinstance(model, TaskHeads) else spec.num_tasks
         if heads != spec.num_tasks:
             raise ValueError(
                 f"strategy=multitask needs one head per task ({spec.num_tasks}); the model has "

@@ -345,6 +345,7 @@ def test_joint_upper_bound_trains_on_all_tasks(tmp_path: Path) -> None:
 
     fit(module, dm, tmp_path, batches=6, callbacks=[Tasks()])
     assert set(torch.cat(seen).tolist()) == {0, 1}  # every epoch mixes the tasks
+    assert "train_dataloader" not in vars(dm)  # the stream was asked, not monkeypatched
     assert torch.isfinite(module.accuracy_matrix).all()
 
 
