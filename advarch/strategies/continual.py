@@ -57,7 +57,7 @@ from advarch.continual_metrics import (
 from advarch.models.output import ExpertModel, ModelOutput, TaskHeads
 from advarch.spec import DataSpec, TaskSchedule, TaskStream
 from advarch.strategies.base import BaseStrategy
-from advarch.strategies.evaluation import mean_score
+from advarch.strategies.evaluation import mean_per_example
 from advarch.strategies.freezing import FrozenSlice, freeze
 from advarch.strategies.objectives import IGNORE, model_inputs, select_task_logits
 
@@ -253,7 +253,7 @@ class ContinualStrategy(BaseStrategy):
         self.eval()
         values = torch.zeros(self.num_tasks)
         for task, loader in enumerate(loaders):
-            score = mean_score(self._batches(loader), lambda b: self.task_scores(b, self(b)))
+            score = mean_per_example(self._batches(loader), lambda b: self.task_scores(b, self(b)))
             values[task] = self.task_value(task, score)
         self.train(was_training)
         return values

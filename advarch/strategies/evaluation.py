@@ -14,7 +14,7 @@ from torch import nn
 Batch = dict[str, torch.Tensor]
 
 
-def mean_score(batches: Iterable[Batch], score: Callable[[Batch], torch.Tensor]) -> float:
+def mean_per_example(batches: Iterable[Batch], score: Callable[[Batch], torch.Tensor]) -> float:
     """Mean of `score(batch)` (one value per example) over every example of `batches`."""
     total, count = 0.0, 0
     for batch in batches:
@@ -45,4 +45,4 @@ def accuracy(
             logits = logits.masked_fill(~allowed, float("-inf"))
         return logits.argmax(-1) == batch["labels"]
 
-    return mean_score(batches, correct)
+    return mean_per_example(batches, correct)
