@@ -1,13 +1,19 @@
-"""The DataSpec contract: what a datamodule tells the model builder.
+"""The data contracts: what a datamodule tells the model builder, the Trainer and strategies.
 
-It lives on its own so that `advarch.data` and `advarch.models` can both import it
-without either importing the other.
+`DataSpec` sizes the model; `TaskSchedule` says which task a stream trains in each epoch;
+`ConfiguresTrainer` and `TaskStream` are the interfaces train.py and the continual strategies
+call instead of probing datamodules for attributes. They live on their own so that
+`advarch.data`, `advarch.models` and `advarch.strategies` can import them without importing
+each other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 Kind = Literal["lm", "classification", "seq2seq", "regression"]
 
@@ -62,8 +68,8 @@ class TaskSchedule:
     The epoch is Lightning's `trainer.current_epoch`, restored from the checkpoint on resume,
     so a resumed run trains exactly the task the uninterrupted run would (never a counter that
     restarts, like Lightning's `reload_dataloaders_every_n_epochs`). Streams reload their
-    training loader every epoch (`trainer_overrides`) and build it from `task_of_epoch` and
-    `epoch_in_task`. The schedule is saved in continual checkpoints and checked on resume.
+    training loader every epoch (`trainer_overrides`) and build it from `task_of_epoch`. The
+    schedule is saved in continual checkpoints and checked on resume.
 
     Attributes:
         num_tasks: tasks in the stream.
@@ -87,12 +93,47 @@ class TaskSchedule:
         """The task trained during `epoch` (clamped to the last task)."""
         return min(epoch // self.epochs_per_task, self.num_tasks - 1)
 
-    def epoch_in_task(self, epoch: int) -> int:
-        """How many epochs of its task precede `epoch` (0 on a task's first epoch)."""
-        return epoch - self.task_of_epoch(epoch) * self.epochs_per_task
-
     def ends_task(self, epoch: int) -> bool:
         """Whether `epoch` is the last epoch of its task."""
         return epoch + 1 >= self.max_epochs or self.task_of_epoch(epoch + 1) != self.task_of_epoch(
             epoch
         )
+
+
+@runtime_checkable
+class ConfiguresTrainer(Protocol):
+    """A datamodule that needs Trainer arguments (task streams, curricula); train.py applies
+    `trainer_overrides` when it builds the Trainer."""
+
+    @property
+    def trainer_overrides(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class TaskStream(ConfiguresTrainer, Protocol):
+    """A datamodule presenting a stream of tasks: what continual strategies call.
+
+    Implemented by `advarch.data.stream.TaskStreamMixin` (digits streams, text domains); the
+    contract in full is in that module's docstring.
+
+    Attributes:
+        schedule: the task of each epoch, a pure function of the (checkpointed) epoch.
+        seed: the stream's seed; strategies derive per-task seeds from it.
+    """
+
+    schedule: TaskSchedule
+    seed: int
+
+    def task_loader(
+        self, split: str, task: int, batch_size: int, shuffle: bool, seed: int
+    ) -> DataLoader:
+        """Batches of task `task`'s `split` set, shuffled reproducibly from `seed` if asked."""
+        ...
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One validation loader per task, all tasks (`dataloader_idx` == task id)."""
+        ...
+
+    def train_jointly(self, joint: bool) -> None:
+        """Serve every training epoch from ALL tasks at once (the joint upper bound) or not."""
+        ...

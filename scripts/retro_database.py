@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from advarch.data.retrieval import HashedNgramEmbedder, RetrievalDatabase
+from advarch.data.chunk_embedders import HashedNgramEmbedder
+from advarch.data.retrieval_database import RetrievalDatabase
 from advarch.data.text import TextDataModule
 
 

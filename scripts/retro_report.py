@@ -3,15 +3,18 @@
     python scripts/retro_report.py [--retrofit] [--split val|test] [hydra overrides]
     python scripts/retro_report.py experiment=retro_lookup           # the lookup task
     python scripts/retro_report.py experiment=retro_vs_plain --retrofit  # stdlib text
+    python scripts/retro_report.py --retrofit --retrofit-steps 1200 --plain-ckpt <plain>
 
 Composes the overrides (default `experiment=retro_vs_plain`), then
 1. trains the plain decoder (`model=transformer`, the same data, batches and steps);
 2. trains RETRO from scratch, or with `--retrofit` starts it from the plain decoder's
    checkpoint (`strategy=retrofit`: the decoder frozen, the neighbour encoder and CCA trained;
-   `strategy.trainable=[*]` trains everything);
+   `--unfreeze` trains the decoder too); with `--retrofit`, also trains the plain
+   decoder on from its checkpoint for as many steps (the same strategy and schedule, every
+   weight trainable): the plain decoder of equal total steps, the control RETRO must beat;
 3. evaluates RETRO on the held-out split with its retrieved neighbours, with every neighbour
    replaced by padding (the same weights, nothing retrieved), and with the neighbours of
-   another sequence of the batch (a random-neighbour control), and the plain decoder.
+   another sequence of the batch (a random-neighbour control), and the plain decoder(s).
 
 Reports loss (nats per scored token), accuracy of scored tokens (the lookup task scores only
 its answers) and, for text, bits per byte — plus RETRO's analysis (Borgeaud et al. 2022,
@@ -39,6 +42,7 @@ from advarch.train import run
 OVERLAP_BINS = (0, 8, 32)  # quality buckets: shared run of [0, 8), [8, 32), ≥ 32 tokens
 MODES = {"neighbours": "RETRO, neighbours", "padding": "RETRO, padding neighbours",
          "shuffled": "RETRO, another sequence's neighbours"}  # fmt: skip
+PLAIN_EQUAL = "plain decoder, equal steps"  # trained on for the retrofit's steps
 
 
 def longest_shared_run(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -133,6 +137,8 @@ def split_by_quality(rows: dict[str, dict], quality: np.ndarray) -> list[dict[st
                 entry[name] = float(row["chunk_bpb"][sel].mean())
         if sel.any():
             entry["gain_vs_padding"] = entry[MODES["padding"]] - entry[MODES["neighbours"]]
+            if PLAIN_EQUAL in entry:
+                entry["gain_vs_plain"] = entry[PLAIN_EQUAL] - entry[MODES["neighbours"]]
         table.append(entry)
     return table
 
@@ -152,6 +158,18 @@ def main() -> None:
         default=None,
         help="reuse this trained plain decoder (same data) instead of training one",
     )
+    parser.add_argument(
+        "--unfreeze",
+        action="store_true",
+        help="with --retrofit: train the decoder too (strategy.trainable=[*])",
+    )
+    parser.add_argument(
+        "--retrofit-steps",
+        type=int,
+        default=None,
+        help="with --retrofit: steps of the retrofit and of the equal-steps plain control "
+        "(default: the overrides' trainer.max_steps, as for the plain decoder)",
+    )
     args = parser.parse_intermixed_args()  # options may follow the overrides
     root = Path("outputs/retro_report") / time.strftime("%Y-%m-%d_%H-%M-%S")
     base = list(args.overrides)
@@ -159,11 +177,21 @@ def main() -> None:
         base.insert(0, "experiment=retro_vs_plain")
     runs: dict[str, dict] = {}
     plain_ckpt = (args.plain_ckpt or root / "plain" / "checkpoints" / "last.ckpt").resolve()
-    for name, extra in (("plain", ["model=transformer", "model.retro=null"]), ("retro", [])):
+    plain_model = ["model=transformer", "model.retro=null"]
+    todo: list[tuple[str, list[str]]] = [("plain", plain_model), ("retro", [])]
+    if args.retrofit:
+        on = ["strategy=retrofit", f"strategy.pretrained={plain_ckpt}"]
+        if args.retrofit_steps is not None:
+            on.append(f"trainer.max_steps={args.retrofit_steps}")
+        unfrozen = ["strategy.trainable=[*]"]
+        todo = [
+            todo[0],
+            ("retro", on + unfrozen * args.unfreeze),
+            ("plain_more", [*plain_model, *on, *unfrozen]),
+        ]
+    for name, extra in todo:
         if name == "plain" and args.plain_ckpt is not None:
             continue
-        if name == "retro" and args.retrofit:
-            extra = ["strategy=retrofit", f"strategy.pretrained={plain_ckpt}"]
         t0, cpu0 = time.perf_counter(), time.process_time()
         metrics = run(compose_run([*base, *extra], root / name))
         runs[name] = {
@@ -175,7 +203,11 @@ def main() -> None:
     found = evaluate(ckpt, args.split, tuple(MODES))
     rows = {MODES[mode]: found[mode] for mode in MODES}
     rows["plain decoder"] = evaluate(plain_ckpt, args.split, ("neighbours",))["neighbours"]
-    report: dict = {"overrides": base, "retrofit": args.retrofit, "split": args.split}
+    if args.retrofit:
+        more = root / "plain_more" / "checkpoints" / "last.ckpt"
+        rows[PLAIN_EQUAL] = evaluate(more, args.split, ("neighbours",))["neighbours"]
+    report: dict = {"overrides": base, "retrofit": args.retrofit, "split": args.split,
+                    "unfreeze": args.unfreeze, "retrofit_steps": args.retrofit_steps}  # fmt: skip
     report["runs"] = runs
     has_bpb = "bpb" in rows["plain decoder"]
     print(f"\n{'model (' + args.split + ')':40s} {'loss':>8s} {'acc':>7s}" + (" bpb" * has_bpb))

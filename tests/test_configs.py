@@ -4,6 +4,7 @@ stops the run before any work with one line naming the key."""
 from __future__ import annotations
 
 import math
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ def options(group: str) -> list[str]:
 
 
 MULTI_GATE = ("mmoe", "shared_bottom", "one_gate_moe")  # tabular MMoE family, already tiny
+STDLIB = sysconfig.get_paths()["stdlib"]
 RETRO_SMALL = ["data.retrieval.chunk_size=16", "data.retrieval.embedder_dim=64"]
 # Sequence models on the synthetic sequence data, so every data option of theirs trains once.
 SEQUENCE_DATA = {
@@ -96,6 +98,10 @@ OPTION_RUNS = {
     ),
     "experiment=expert_masks_split_digits": (["experiment=expert_masks_split_digits"], []),
     "experiment=retro_vs_plain": (["experiment=retro_vs_plain", *SMALL_TEXT, *RETRO_SMALL], []),
+    "experiment=retro_versions": (  # this interpreter's stdlib stands in for two versions
+        ["experiment=retro_versions", *SMALL_TEXT, *RETRO_SMALL, f"data.files='{STDLIB}/*.py'"],
+        [],
+    ),
     "experiment=retro_lookup": (
         ["experiment=retro_lookup", "trainer.max_steps=4", "trainer.val_check_interval=2"],
         ["checkpoints/last.ckpt", "csv/version_0/metrics.csv"],
@@ -133,6 +139,8 @@ def test_every_option_is_run_somewhere() -> None:
             "throughput",
         },
         "hparams_search": {"optuna", "ewc_optuna"},  # test_readme, test_sweeps
+        "optimizer": {"adamw", "adam", "sgd"},  # every run; strategies/test_optimization
+        "scheduler": {"cosine", "linear", "constant"},  # every run; strategies/test_optimization
         "experiment": {
             "ewc_permuted_digits",  # strategies/test_ewc
             "naive_permuted_digits",
@@ -148,7 +156,8 @@ def test_every_option_is_run_somewhere() -> None:
         },
     }
     ran = {tuple(name.split("=")) for name in OPTION_RUNS}
-    for group in ("logger", "callbacks", "debug", "trainer", "experiment", "hparams_search"):
+    groups = ("logger", "callbacks", "debug", "trainer", "experiment", "hparams_search")
+    for group in (*groups, "optimizer", "scheduler"):
         missing = (
             set(options(group)) - elsewhere.get(group, set()) - {o for g, o in ran if g == group}
         )
@@ -215,8 +224,9 @@ BAD_CONFIGS = [
         ["data.dataset=someone/corpus", "data.max_documents=null"],
         r"data\.dataset='someone/corpus' needs the Hugging Face Hub",
     ),
-    (["strategy.lr=-1"], r"strategy\.lr=-1"),
-    (["strategy.lr=fast"], r"strategy\.lr='fast' has the wrong type"),
+    (["optimizer.lr=-1"], r"optimizer\.lr=-1 must be a positive number"),
+    (["optimizer.lr=fast"], r"optimizer\.lr='fast' must be a positive number"),
+    (["scheduler.warmup_steps=fast"], r"scheduler\.warmup_steps='fast' has the wrong type"),
     (["+strategy.momentum=0.9"], r"strategy\.momentum is not an option"),
     (["ckpt_path=/nonexistent/last.ckpt"], r"ckpt_path='/nonexistent/last\.ckpt' is not a file"),
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +13,11 @@ from advarch.generation import (
     filter_logits,
     generate,
     generate_text,
-    load_lm,
     sample_next,
 )
 from advarch.models import Model
 from advarch.spec import DataSpec
+from advarch.trained_lm import load_lm
 from tests.cli import Project
 from tests.conftest import SMALL_TEXT, TrainedRun
 
@@ -290,17 +289,6 @@ def test_bench_script_times_every_model_including_retro(project: Project) -> Non
 
 
 # -- checkpoints and the script ---------------------------------------------------------------
-def save_checkpoint(make_cfg, tmp_path: Path, overrides: list[str]) -> Path:
-    """An untrained module saved as `trainer.save_checkpoint` would (state dict + cfg)."""
-    from advarch.pipeline import build_all
-
-    cfg = make_cfg(["debug=tiny", *overrides])
-    _, _, module = build_all(cfg)
-    path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return path
-
-
 def test_generate_from_a_trained_checkpoint(trained: dict[str, TrainedRun]) -> None:
     """A Lightning-written checkpoint of a CLI run: greedy decoding equals a hand-written argmax
     loop over full forwards, and sampling draws the same tokens with and without the cache."""
@@ -317,16 +305,6 @@ def test_generate_from_a_trained_checkpoint(trained: dict[str, TrainedRun]) -> N
     sampled = generate_text(lm, prompt, 24, seed=0, stop_at_eos=False, top_p=0.9)
     again = generate_text(lm, prompt, 24, seed=0, stop_at_eos=False, top_p=0.9, use_cache=False)
     assert again == sampled != greedy[:24]
-
-
-def test_load_lm_rejects_bad_checkpoints(make_cfg, tmp_path: Path) -> None:
-    from advarch.config.validate import ConfigError
-
-    with pytest.raises(ConfigError, match="is not a file"):
-        load_lm(str(tmp_path / "missing.ckpt"))
-    ckpt = save_checkpoint(make_cfg, tmp_path, ["data=digits", "model=transformer"])
-    with pytest.raises(ConfigError, match="classification model; generation needs"):
-        load_lm(str(ckpt))
 
 
 def test_script_errors_are_one_line(project: Project) -> None:

@@ -32,3 +32,17 @@ def test_retro_report_compares_neighbours_padding_and_plain(project: Project) ->
     buckets = report["split_by_quality"]  # the gain split by neighbour quality
     assert [b["min_shared"] for b in buckets] == [0, 8, 32]
     assert abs(sum(b["fraction"] for b in buckets) - 1) < 1e-9
+
+
+def test_retro_report_retrofit_adds_the_plain_decoder_of_equal_steps(project: Project) -> None:
+    small = ["debug=tiny", *SMALL_TEXT, "data.retrieval.chunk_size=16"]
+    project.run(
+        *small, "data.retrieval.embedder_dim=64", "--retrofit", "--retrofit-steps", "4",
+        script="scripts/retro_report.py",
+    ).check()  # fmt: skip
+    (path,) = (project.root / "outputs" / "retro_report").glob("*/retro_report.json")
+    report = json.loads(path.read_text())
+    assert set(report["runs"]) == {"plain", "retro", "plain_more"}
+    equal = "plain decoder, equal steps"
+    assert report["rows"][equal]["bpb"] != report["rows"]["plain decoder"]["bpb"]  # trained on
+    assert all("gain_vs_plain" in b for b in report["split_by_quality"] if b["fraction"])

@@ -6,7 +6,7 @@
 
 Quote a prompt with brackets or spaces for both the shell and Hydra: 'prompt="def fib("'.
 Settings are documented in configs/generate.yaml; the logic lives in `advarch.generation`
-(sampling) and `advarch.benchmarks.decoding` (`bench=true`).
+(sampling), `advarch.trained_lm` (the checkpoint) and `advarch.benchmarks.decoding` (`bench=true`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def _bench(cfg: DictConfig) -> None:
     from hydra import compose
 
     from advarch.benchmarks.decoding import benchmark_decoding, speed_table
-    from advarch.generation import datamodule_retrieve
     from advarch.pipeline import build_datamodule, build_model
     from advarch.spec import DataSpec
+    from advarch.trained_lm import datamodule_retrieve
 
     torch.manual_seed(cfg.seed or 0)
     spec = DataSpec(kind="lm", vocab_size=259, seq_len=256, eos_id=256, pad_id=257, bos_id=258)
@@ -67,8 +67,9 @@ def _prompt(cfg: DictConfig) -> str:
 @hydra.main(config_path="pkg://advarch.configs", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Generate from `ckpt_path` (or benchmark with `bench=true`); one-line errors."""
-    from advarch.generation import generate_text, load_lm
+    from advarch.generation import generate_text
     from advarch.train import discard_run_folder, quiet_lightning_logs
+    from advarch.trained_lm import load_lm
 
     if cfg.bench:
         _bench(cfg)

@@ -3,7 +3,7 @@
     python scripts/report.py outputs/runs/<name>/<time>
     python scripts/report.py outputs/multiruns/<time> [--wandb]
 
-Writes `<folder>/report/report.md`; the logic lives in `advarch.report`.
+Writes `<folder>/report/report.md`; the logic lives in `advarch.reports`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from advarch.report import write_report
+    from advarch.reports.markdown import write_report
 
     try:
         path = write_report(args.folder, wandb=args.wandb)

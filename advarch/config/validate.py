@@ -8,13 +8,14 @@ any work, with one line naming the key as the user writes it (`model.dim`).
 from __future__ import annotations
 
 import inspect
-import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from hydra.utils import get_class, get_method
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from advarch.typecheck import hint_name, matches
 
 
 class ConfigError(ValueError):
@@ -31,33 +32,6 @@ def _resolve_target(path: str, key: str) -> Any:
             raise ConfigError(f"{key}._target_={path!r} cannot be imported") from err
 
 
-def _matches(value: Any, annotation: Any) -> bool:
-    """Loose runtime check of a YAML value against a type hint (ints pass for floats)."""
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return True
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation in (str, bool):
-        return isinstance(value, annotation)
-    base = origin or annotation
-    if base in (list, tuple, Sequence) or (
-        isinstance(base, type) and issubclass(base, Sequence | tuple)
-    ):
-        return isinstance(value, list | tuple | ListConfig) and not isinstance(value, str)
-    if base in (dict, Mapping) or (isinstance(base, type) and issubclass(base, Mapping)):
-        return isinstance(value, dict | DictConfig)
-    return True
-
-
 def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
     """Check `node`'s keys and value types against its `_target_`'s signature.
 
@@ -69,13 +43,7 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
         ConfigError: naming the first offending key.
     """
     target = _resolve_target(node["_target_"], key)
-    signature = inspect.signature(target)
-    try:
-        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-    except Exception:
-        hints = {}
-    params = signature.parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    params, hints, accepts_any = _signature(target)
     container = OmegaConf.to_container(node, resolve=True)
     for name, value in container.items():
         if name.startswith("_") or name in skip:
@@ -83,36 +51,38 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
         if name not in params:
             if accepts_any:
                 continue
-            known = ", ".join(p for p in params if p not in ("self", *skip))
+            known = ", ".join(p for p in params if p not in skip)
             raise ConfigError(
                 f"{key}.{name} is not an option of {node['_target_']} (options: {known})"
             )
-        hint = hints.get(name, params[name].annotation)
-        if not _matches(value, hint):
+        hint = hints[name]
+        if not matches(value, hint):
             raise ConfigError(
-                f"{key}.{name}={value!r} has the wrong type (expected {_hint_name(hint)})"
+                f"{key}.{name}={value!r} has the wrong type (expected {hint_name(hint)})"
             )
 
 
-def _hint_name(hint: Any) -> str:
-    """A type hint as a user reads it; Literal choices listed (`one of 'min', 'max'`)."""
-    choices, types_ = _literal_choices(hint)
-    if choices:
-        names = [repr(c) for c in choices] + [t for t in types_ if t != "NoneType"]
-        return "one of " + ", ".join(names) + (", null" if "NoneType" in types_ else "")
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """(named parameters, type hints, takes any keyword) of a function or a class's __init__.
 
-
-def _literal_choices(hint: Any) -> tuple[list[Any], list[str]]:
-    """(Literal values, names of the other types) of a hint, through Unions."""
-    origin = typing.get_origin(hint)
-    if origin is typing.Literal:
-        return list(typing.get_args(hint)), []
-    if origin in (typing.Union, types.UnionType):
-        choices, names = [], []
-        for arg in typing.get_args(hint):
-            c, n = _literal_choices(arg)
-            choices += c
-            names += n
-        return choices, names
-    return [], [getattr(hint, "__name__", None) or str(hint).replace("typing.", "")]
+    A class whose __init__ hands `**kwargs` on to its base class (`super().__init__(**base)`)
+    gets the base classes' parameters too, up to the first __init__ without `**kwargs`.
+    """
+    functions = [target]
+    if inspect.isclass(target):
+        functions = [c.__dict__["__init__"] for c in target.__mro__ if "__init__" in c.__dict__]
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for function in functions:
+        try:
+            own_hints = typing.get_type_hints(function)
+        except Exception:
+            own_hints = {}
+        own = inspect.signature(function).parameters
+        for name, param in own.items():
+            if name != "self" and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                params.setdefault(name, param)
+                hints.setdefault(name, own_hints.get(name, param.annotation))
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values()):
+            return params, hints, False
+    return params, hints, True

@@ -29,7 +29,7 @@ Shapes: N ways, K shots, Q queries per class, F features, T tokens, C classes, S
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -227,17 +227,6 @@ def prototype_accuracy(episode: dict[str, torch.Tensor]) -> float:
     prototypes = sums / np.bincount(labels, minlength=n_way)[:, None]  # (N, F)
     distances = ((query[:, None, :] - prototypes[None]) ** 2).sum(-1)  # (N*Q, N)
     return float((distances.argmin(1) == episode["query_labels"].numpy()).mean())
-
-
-def raw_prototype_accuracy(episodes: Iterable[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    """The raw-feature ProtoNet baseline: mean accuracy over episodes and its 95% CI half-width.
-
-    `ci95 = 1.96 * std / sqrt(n)` with the unbiased std over episodes (0 for one episode).
-    """
-    accuracies = np.array([prototype_accuracy(e) for e in episodes])
-    if len(accuracies) < 2:
-        return float(accuracies.mean()), 0.0
-    return float(accuracies.mean()), float(1.96 * accuracies.std(ddof=1) / np.sqrt(len(accuracies)))
 
 
 def rotated_digit_pools(input_format: InputFormat) -> dict[str, tuple[np.ndarray, np.ndarray]]:

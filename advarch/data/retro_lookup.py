@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from advarch.data.retrieval import HashedNgramEmbedder, RetrievalDatabase
+from advarch.data.chunk_embedders import HashedNgramEmbedder
+from advarch.data.retrieval_database import RetrievalDatabase
 from advarch.data.synthetic import IGNORE, SPLITS, _check, _random_subsets
 from advarch.spec import DataSpec
 

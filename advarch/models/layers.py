@@ -1,24 +1,62 @@
-"""One residual layer: pre-norm sequence mixer, optional cross-attention, pre-norm FFN or MoE.
+"""One residual layer: pre-norm sequence mixer, optional cross-attention, pre-norm FFN or MoE,
+and the call contracts of what goes in it.
 
 The mixer (dense attention, sliding-window attention, selective SSM, Mamba-2 SSD) and the FFN
-(dense, MoE) are chosen per layer by name, so hybrid stacks are a list in the config.
+(dense, MoE) are chosen per layer by name from the registry (`advarch/models/registry.py`), so
+hybrid stacks are a list in the config. Every mixer is called one way (`Mixer`); an FFN that
+routes tokens to experts (`RoutedFFN`) also takes the expert mask and reports aux loss and stats.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from advarch.models.blocks.attention import Attention
-from advarch.models.blocks.ffn import FeedForward
 from advarch.models.blocks.norm import make_norm
 
-MIXERS = ("attn", "swa", "ssm", "ssd", "none")
-FFNS = ("dense", "moe", "none")
+
+class Mixer(Protocol):
+    """Every sequence mixer: (B, T, D) → (B, T, D), masks as keywords, one-token decoding.
+
+    `pad_mask` (B, T) is True at padding; `global_mask` (B, T) True at global tokens, which only
+    sliding-window attention needs (dense attention already sees every key, a recurrence has no
+    window to reach beyond).
+    """
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        pad_mask: torch.Tensor | None = None,
+        global_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Any: ...
+
+    def step(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]: ...
+
+
+@runtime_checkable
+class RoutedFFN(Protocol):
+    """A feed-forward sub-layer that routes tokens to experts (`MoE`).
+
+    Called with the expert mask ((E,) or (B, E) bool, True = allowed); returns the output, its
+    weighted aux loss and detached stats. Expert-indexed tensors are named by `expert_tensors`
+    (row i is expert i); `update_routing_bias` runs once per optimizer step.
+    """
+
+    num_experts: int
+
+    def __call__(
+        self, x: torch.Tensor, expert_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def expert_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def update_routing_bias(self) -> None: ...
 
 
 @dataclass
@@ -34,50 +72,6 @@ class LayerContext:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def make_mixer(
-    kind: str, dim: int, num_heads: int, causal: bool, dropout: float, cfg: dict
-) -> nn.Module | None:
-    """Build a sequence mixer by name; `cfg` holds its block options (model.swa / ssm / ssd)."""
-    if kind == "attn":
-        return Attention(dim, num_heads, causal=causal, dropout=dropout)
-    if kind == "swa":
-        from advarch.models.blocks.sliding_window import SlidingWindowAttention
-
-        return SlidingWindowAttention(
-            dim,
-            cfg.get("num_heads", num_heads),
-            causal=causal,
-            dropout=dropout,
-            **{k: v for k, v in cfg.items() if k != "num_heads"},
-        )
-    if kind == "ssm":
-        from advarch.models.blocks.ssm import SelectiveSSM
-
-        return SelectiveSSM(dim, **cfg)
-    if kind == "ssd":
-        from advarch.models.blocks.ssd import Mamba2
-
-        return Mamba2(dim, **cfg)
-    if kind == "none":
-        return None
-    raise ValueError(f"model.layers: unknown layer {kind!r}; choose from {', '.join(MIXERS)}")
-
-
-def make_ffn(
-    kind: str, dim: int, hidden: int, activation: str, dropout: float, cfg: dict
-) -> nn.Module | None:
-    """Build a feed-forward sub-layer by name; `cfg` holds model.moe options for `moe`."""
-    if kind == "dense":
-        return FeedForward(dim, hidden, activation, dropout)
-    if kind == "moe":
-        from advarch.models.blocks.moe import MoE
-
-        return MoE(dim, hidden, activation=activation, dropout=dropout, **cfg)
-    if kind == "none":
-        return None
-    raise ValueError(f"model.ffn: unknown ffn {kind!r}; choose from {', '.join(FFNS)}")
-
-
 class Layer(nn.Module):
     """x ← x + mixer(norm(x)); [x ← x + cross(norm(x), memory)]; x ← x + ffn(norm(x))."""
 
@@ -85,7 +79,7 @@ class Layer(nn.Module):
         self,
         index: int,
         dim: int,
-        mixer: nn.Module | None,
+        mixer: Mixer | None,
         ffn: nn.Module | None,
         norm: str,
         cross: nn.Module | None = None,
@@ -93,25 +87,21 @@ class Layer(nn.Module):
         super().__init__()
         self.index = index
         self.mixer, self.ffn, self.cross = mixer, ffn, cross
-        self.takes_global_mask = (
-            mixer is not None and "global_mask" in inspect.signature(mixer.forward).parameters
-        )
+        self.is_moe = isinstance(ffn, RoutedFFN)  # MoE: takes the expert mask, adds aux loss
         self.mixer_norm = make_norm(norm, dim) if mixer is not None else None
         self.cross_norm = make_norm(norm, dim) if cross is not None else None
         self.ffn_norm = make_norm(norm, dim) if ffn is not None else None
-
-    def _mix(self, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"pad_mask": ctx.pad_mask}
-        if ctx.global_mask is not None and self.takes_global_mask:
-            kwargs["global_mask"] = ctx.global_mask
-        return self.mixer(h, **kwargs)
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         return self.ffn_residual(self.cross_residual(self.mixer_residual(x, ctx), ctx), ctx)
 
     def mixer_residual(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """x + mixer(norm(x)) over a whole sequence (x itself without a mixer)."""
-        return x if self.mixer is None else x + self._mix(self.mixer_norm(x), ctx)
+        if self.mixer is None:
+            return x
+        return x + self.mixer(
+            self.mixer_norm(x), pad_mask=ctx.pad_mask, global_mask=ctx.global_mask
+        )
 
     def cross_residual(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """x + cross(norm(x), memory) in seq2seq decoders (x itself elsewhere)."""
@@ -131,10 +121,6 @@ class Layer(nn.Module):
         ctx.aux_losses.append(aux)
         ctx.stats.update({f"moe/layer{self.index}/{k}": v for k, v in stats.items()})
         return y
-
-    @property
-    def is_moe(self) -> bool:
-        return self.ffn is not None and not isinstance(self.ffn, FeedForward)
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Any:
         return None if self.mixer is None else self.mixer.init_state(batch_size, device, dtype)

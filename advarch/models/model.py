@@ -13,26 +13,27 @@ Hybrid stacks come from the `layers` (mixers) and `ffn` patterns, repeated to `d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advarch.models.blocks.attention import Attention, check_heads
+from advarch.models.blocks.attention import Attention
+from advarch.models.blocks.moe import MoEConfig
 from advarch.models.blocks.norm import make_norm
-from advarch.models.layers import Layer, LayerContext, make_ffn, make_mixer
+from advarch.models.blocks.sliding_window import SlidingWindowConfig
+from advarch.models.blocks.ssd import SSDConfig
+from advarch.models.blocks.ssm import SSMConfig
+from advarch.models.layers import Layer, LayerContext, RoutedFFN
 from advarch.models.output import ModelOutput
+from advarch.models.registry import build_block, check_model, expand_pattern
+from advarch.models.retro_lm import RetroConfig
 from advarch.spec import DataSpec
 
-
-def expand_pattern(pattern: str | Sequence[str], depth: int, key: str) -> list[str]:
-    """Cycle a per-layer pattern to `depth` entries (`key` names it in errors)."""
-    items = [pattern] if isinstance(pattern, str) else list(pattern)
-    if not items:
-        raise ValueError(f"{key} must name at least one layer type")
-    return [items[i % len(items)] for i in range(depth)]
+Options = Mapping[str, Any]  # a block's `model.<name>` mapping as composed from YAML
 
 
 class Model(nn.Module):
@@ -54,32 +55,35 @@ class Model(nn.Module):
         feature_patch: int = 8,
         encoder_depth: int | None = None,
         heads: str = "auto",
-        moe: dict | None = None,
-        swa: dict | None = None,
-        ssm: dict | None = None,
-        ssd: dict | None = None,
-        retro: dict | None = None,
+        moe: MoEConfig | Options | None = None,
+        swa: SlidingWindowConfig | Options | None = None,
+        ssm: SSMConfig | Options | None = None,
+        ssd: SSDConfig | Options | None = None,
+        retro: RetroConfig | Options | None = None,
     ) -> None:
+        """Check every option (`check_model`), then build input, layers, norm and head.
+
+        Block options (`moe`, `swa`, `ssm`, `ssd`, `retro`) are typed configs or the YAML
+        mappings they parse; `retro` left empty builds no RETRO adapter.
+        """
         super().__init__()
-        if dim < 1 or depth < 1:
-            raise ValueError(f"model.dim={dim} and model.depth={depth} must be positive")
-        check_heads(dim, num_heads)
+        self.shape, self.block_configs = check_model(
+            dict(
+                dim=dim, depth=depth, num_heads=num_heads, layers=layers, ffn=ffn,
+                ffn_hidden=ffn_hidden, activation=activation, norm=norm, dropout=dropout,
+                moe=moe, swa=swa, ssm=ssm, ssd=ssd, retro=retro,
+            )
+        )  # fmt: skip
         self.spec, self.dim = spec, dim
-        self.block_cfg = {
-            name: dict(options or {})
-            for name, options in (("moe", moe), ("swa", swa), ("ssm", ssm), ("ssd", ssd))
-        }
-        self.ffn_hidden = ffn_hidden or 4 * dim
-        self.options = dict(num_heads=num_heads, activation=activation, norm=norm, dropout=dropout)
         self.input = self._make_input(spec, dim, feature_patch)
         causal = spec.kind in ("lm", "seq2seq")
-        mixers = expand_pattern(layers, depth, "model.layers")
-        ffns = expand_pattern(ffn, depth, "model.ffn")
+        mixers = expand_pattern(layers, depth, "mixer")
+        ffns = expand_pattern(ffn, depth, "ffn")
         if spec.kind == "seq2seq":
             enc_depth = encoder_depth or depth
             self.encoder = self._stack(
-                expand_pattern(layers, enc_depth, "model.layers"),
-                expand_pattern(ffn, enc_depth, "model.ffn"),
+                expand_pattern(layers, enc_depth, "mixer"),
+                expand_pattern(ffn, enc_depth, "ffn"),
                 causal=False,
             )
             self.encoder_norm = make_norm(norm, dim)
@@ -93,10 +97,10 @@ class Model(nn.Module):
             ffns,
             causal=causal,
             cross=spec.kind == "seq2seq",
-            first_index=len(getattr(self, "encoder", [])),
+            first_index=len(self.encoder) if spec.kind == "seq2seq" else 0,
         )
         self.final_norm = make_norm(norm, dim)
-        self.retro = self._make_retro(retro, spec) if retro else None
+        self.retro = self._make_retro(spec) if retro else None
         self.head, self.num_heads_out = self._make_head(spec, heads, tie_embeddings)
         self.apply(self._init_weights)
 
@@ -119,46 +123,23 @@ class Model(nn.Module):
         cross: bool = False,
         first_index: int = 0,
     ) -> nn.ModuleList:
-        o = self.options
+        shape, configs = self.shape, self.block_configs
         out = nn.ModuleList()
         for i, (mixer_kind, ffn_kind) in enumerate(zip(mixers, ffns, strict=True)):
-            mixer = make_mixer(
-                mixer_kind,
-                self.dim,
-                o["num_heads"],
-                causal,
-                o["dropout"],
-                self.block_cfg.get(mixer_kind, {}),
-            )
-            ffn = make_ffn(
-                ffn_kind,
-                self.dim,
-                self.ffn_hidden,
-                o["activation"],
-                o["dropout"],
-                self.block_cfg["moe"],
-            )
+            mixer = build_block(mixer_kind, configs, shape, causal)
+            ffn = build_block(ffn_kind, configs, shape, causal)
             cross_attn = (
-                Attention(self.dim, o["num_heads"], cross=True, dropout=o["dropout"])
+                Attention(self.dim, shape.num_heads, cross=True, dropout=shape.dropout)
                 if cross
                 else None
             )
-            out.append(Layer(first_index + i, self.dim, mixer, ffn, o["norm"], cross=cross_attn))
+            out.append(Layer(first_index + i, self.dim, mixer, ffn, shape.norm, cross=cross_attn))
         return out
 
-    def _make_retro(self, retro: dict, spec: DataSpec) -> nn.Module:
-        from advarch.models.retro_lm import RetroAdapter
-
+    def _make_retro(self, spec: DataSpec) -> nn.Module:
         if spec.kind != "lm":
             raise ValueError(f"model.retro needs language-model data, got data kind {spec.kind!r}")
-        return RetroAdapter(
-            self.dim,
-            len(self.layers),
-            spec,
-            num_heads=self.options["num_heads"],
-            norm=self.options["norm"],
-            **retro,
-        )
+        return self.block_configs["retro"].build_adapter(self.shape, spec)
 
     def _make_head(self, spec: DataSpec, heads: str, tie: bool) -> tuple[nn.Linear, int]:
         if heads not in ("auto", "single", "per_task"):
@@ -280,9 +261,17 @@ class Model(nn.Module):
             state = new_state
         return self.head(self.final_norm(h))[:, -1], state
 
-    def moe_layers(self) -> list[nn.Module]:
+    def moe_layers(self) -> list[RoutedFFN]:
         """The MoE sub-layers, in order (for expert masks, merging and finetuning)."""
         return [layer.ffn for layer in self.modules() if isinstance(layer, Layer) and layer.is_moe]
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """Every check the constructor makes on its keywords (all but `spec`), building nothing:
+        what `advarch.pipeline.validate` runs before any data is read."""
+        bound = inspect.signature(cls).bind_partial(**options)
+        bound.apply_defaults()
+        check_model(bound.arguments)
 
 
 class FeaturePatches(nn.Module):

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from advarch.models.blocks.config import ACTIVATIONS, BlockConfig, Checks, ModelShape
 from advarch.models.blocks.norm import make_norm
 from advarch.models.blocks.retro import ChunkedCrossAttention, NeighbourEncoder
 from advarch.models.layers import Layer, LayerContext
@@ -75,14 +76,18 @@ class RetroAdapter(nn.Module):
                 f"model.retro.chunk_size={chunk_size} differs from "
                 f"data.retrieval.chunk_size={spec.retrieval_chunk} (use null to follow the data)"
             )
+        config = RetroConfig(
+            cca_layers=cca_layers,
+            encoder_depth=encoder_depth,
+            encoder_ffn_hidden=encoder_ffn_hidden,
+            activation=activation,
+            chunk_size=chunk_size,
+            rotary=rotary,
+            dropout=dropout,
+        )
+        config.validate(ModelShape(dim=dim, depth=num_layers, num_heads=num_heads, norm=norm))
         m = spec.retrieval_chunk
-        layers = default_cca_layers(num_layers) if cca_layers is None else list(cca_layers)
-        bad = [i for i in layers if not 0 <= i < num_layers]
-        if not layers or bad or len(set(layers)) != len(layers):
-            raise ValueError(
-                f"model.retro.cca_layers={layers} must be distinct layer indices in "
-                f"[0, {num_layers}) (model.depth={num_layers}), at least one"
-            )
+        layers = config.layers(num_layers)
         self.cca_layers = tuple(sorted(layers))
         self.pad_id = spec.pad_id
         self.encoder = NeighbourEncoder(
@@ -214,3 +219,56 @@ def _decoder_only(layer: Layer) -> Layer:
     if layer.cross is not None:
         raise ValueError("model.retro works on decoder-only stacks (no encoder cross-attention)")
     return layer
+
+
+@dataclass(frozen=True)
+class RetroConfig(BlockConfig):
+    """`model.retro`: RETRO options (see `RetroAdapter`); the data must carry neighbours."""
+
+    name: ClassVar[str] = "retro"
+
+    cca_layers: Sequence[int] | None = None
+    encoder_depth: int = 2
+    encoder_ffn_hidden: int | None = None
+    activation: str = "gelu"
+    chunk_size: int | None = None
+    rotary: bool = True
+    dropout: float = 0.0
+
+    def layers(self, depth: int) -> list[int]:
+        """The decoder layers with CCA: `cca_layers`, or RETRO's placement scaled to `depth`."""
+        return default_cca_layers(depth) if self.cca_layers is None else list(self.cca_layers)
+
+    def checks(self, shape: ModelShape) -> Checks:
+        layers, depth = self.layers(shape.depth), shape.depth
+        bad = [i for i in layers if not 0 <= i < depth]
+        yield (
+            bool(layers) and not bad and len(set(layers)) == len(layers),
+            f"{self.key('cca_layers')}={layers} must be distinct layer indices in [0, {depth}) "
+            f"(model.depth={depth}), at least one",
+        )
+        yield from self.at_least_one("encoder_depth")
+        hidden = self.encoder_ffn_hidden
+        yield (
+            hidden is None or hidden >= 1,
+            f"{self.key('encoder_ffn_hidden')}={hidden} must be >= 1 or null",
+        )
+        yield (
+            self.activation in ACTIVATIONS,
+            f"{self.key('activation')}={self.activation!r} is not one of: "
+            + ", ".join(ACTIVATIONS),
+        )
+        size = self.chunk_size
+        yield size is None or size >= 1, f"{self.key('chunk_size')}={size} must be >= 1 or null"
+        yield 0.0 <= self.dropout < 1.0, f"{self.key('dropout')}={self.dropout} must be in [0, 1)"
+
+    def build_adapter(self, shape: ModelShape, spec: DataSpec) -> RetroAdapter:
+        """The RETRO adapter of a decoder of `shape` over data described by `spec`."""
+        return RetroAdapter(
+            shape.dim,
+            shape.depth,
+            spec,
+            num_heads=shape.num_heads,
+            norm=shape.norm,
+            **self.options(),
+        )

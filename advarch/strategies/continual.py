@@ -28,9 +28,9 @@ way after task 0, so old tasks' outputs in task-incremental evaluation are bit-i
 Frozen tensors stay in the optimizer, so the optimizer state of a resumed run matches.
 
 `joint=true` is the multi-task upper bound on the same stream: each epoch draws from ALL
-tasks' training sets as many examples as one task's epoch (`TaskStream.joint_train_loader`,
-so the number of optimizer steps equals the sequential runs'), by replacing the datamodule's
-`train_dataloader` at `setup("fit")`.
+tasks' training sets as many examples as one task's epoch (`joint_train_loader` of the
+stream, so the number of optimizer steps equals the sequential runs'): `setup("fit")` asks the
+stream for it with `train_jointly(True)`.
 
 Shapes: B batch, E experts per MoE layer, T tasks, C classes per head.
 """
@@ -54,8 +54,8 @@ from advarch.continual_metrics import (
     plot_accuracy_matrix,
     save_accuracy_matrix_csv,
 )
-from advarch.models.output import ModelOutput
-from advarch.spec import DataSpec, TaskSchedule
+from advarch.models.output import ExpertModel, ModelOutput, TaskHeads
+from advarch.spec import DataSpec, TaskSchedule, TaskStream
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.freezing import FrozenSlice, freeze
 from advarch.strategies.objectives import IGNORE, model_inputs, select_task_logits
@@ -65,18 +65,11 @@ NEEDS_MOE = "strategy.expert_masks=true needs a model with MoE layers (model.ffn
 TASK_METRIC = {"classification": "acc", "lm": "bpb"}  # per-task metric of each data kind
 
 
-def expert_tensors(moe: nn.Module, num_experts: int) -> list[torch.Tensor]:
-    """Tensors an MoE layer holds directly with one row per expert (router, experts, bias)."""
-    own = [*moe.parameters(recurse=False), *moe.buffers(recurse=False)]
-    return [t for t in own if t.dim() >= 1 and t.shape[0] == num_experts]
-
-
 class ContinualStrategy(BaseStrategy):
     """Sequential training on a task stream with continual metrics (`strategy=naive`).
 
     Args:
-        model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight:
-            see `BaseStrategy`.
+        base: `BaseStrategy`'s options (optimizer, scheduler, aux_loss_weight).
         expert_masks: give each task its own block of MoE experts (module docstring).
         freeze_shared_after_first_task: after task 0 train only the current task's experts
             and head rows; everything else is kept bit-identical.
@@ -94,19 +87,13 @@ class ContinualStrategy(BaseStrategy):
         self,
         model: nn.Module,
         spec: DataSpec,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        aux_loss_weight: float = 1.0,
+        *,
         expert_masks: bool = False,
         freeze_shared_after_first_task: bool = False,
         joint: bool = False,
+        **base: Any,
     ) -> None:
-        super().__init__(
-            model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight
-        )
+        super().__init__(model, spec, **base)
         if spec.kind not in TASK_METRIC:
             raise ValueError(
                 f"strategy={self.strategy_name} needs a classification or language-model task "
@@ -137,7 +124,7 @@ class ContinualStrategy(BaseStrategy):
 
     @staticmethod
     def _expert_owner(model: nn.Module, num_tasks: int) -> torch.Tensor:
-        layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+        layers = model.moe_layers() if isinstance(model, ExpertModel) else []
         if not layers:
             raise ValueError(NEEDS_MOE)
         sizes = {m.num_experts for m in layers}
@@ -169,8 +156,8 @@ class ContinualStrategy(BaseStrategy):
     @property
     def schedule(self) -> TaskSchedule:
         """The stream's task schedule (one task forever for a datamodule that is not a stream)."""
-        schedule = getattr(self.trainer.datamodule, "schedule", None)
-        return schedule if isinstance(schedule, TaskSchedule) else TaskSchedule(1, 1 << 30)
+        dm = self.trainer.datamodule
+        return dm.schedule if isinstance(dm, TaskStream) else TaskSchedule(1, 1 << 30)
 
     def task_of_epoch(self, epoch: int) -> int:
         """The task trained in `epoch`: a pure function of the (checkpointed) epoch."""
@@ -184,12 +171,12 @@ class ContinualStrategy(BaseStrategy):
         """A shuffled loader over task `task`'s training set, batched as the stream does."""
         return self._stream().task_loader("train", task, batch_size, True, seed)
 
-    def _stream(self) -> Any:
+    def _stream(self) -> TaskStream:
         dm = self.trainer.datamodule
-        if not hasattr(dm, "task_loader"):
+        if not isinstance(dm, TaskStream):
             raise ValueError(
-                f"strategy={self.strategy_name} needs a task stream (advarch.data.stream."
-                f"TaskStream, e.g. data=text_domains), got {type(dm).__name__}"
+                f"strategy={self.strategy_name} needs a task stream (advarch.spec.TaskStream, "
+                f"e.g. data=text_domains), got {type(dm).__name__}"
             )
         return dm
 
@@ -311,8 +298,7 @@ class ContinualStrategy(BaseStrategy):
     # -- task boundaries ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if self.hparams.joint and stage == "fit":
-            stream = self._stream()  # fail early with a clear message
-            stream.train_dataloader = stream.joint_train_loader
+            self._stream().train_jointly(True)
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -335,7 +321,7 @@ class ContinualStrategy(BaseStrategy):
         """last.ckpt right after a task's boundary work (R row, consolidation), whatever the
         checkpoint cadence, so no finished task is ever lost (needs a ModelCheckpoint)."""
         callback = self.trainer.checkpoint_callback
-        if callback is None or not getattr(callback, "dirpath", None):
+        if callback is None or not callback.dirpath:
             return
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         self.trainer.save_checkpoint(path)
@@ -411,13 +397,13 @@ class ContinualStrategy(BaseStrategy):
             keep = (owner != task) if shared else (owner >= 0) & (owner < task)
             rows = keep.nonzero()[:, 0].to(self.device)
             for moe in self.model.moe_layers():
-                for tensor in expert_tensors(moe, len(owner)):
+                for tensor in moe.expert_tensors().values():
                     out.append(freeze(tensor, rows))
                     handled.add(id(tensor))
         if not shared:
             return out
         head = self.model.head
-        if getattr(self.model, "num_heads_out", 1) > 1:  # per-task head rows: task t's C rows
+        if isinstance(self.model, TaskHeads) and self.model.num_heads_out > 1:  # task t's C rows
             C = head.weight.shape[0] // self.model.num_heads_out
             rows = torch.arange(head.weight.shape[0], device=self.device)
             rows = rows[(rows < task * C) | (rows >= (task + 1) * C)]

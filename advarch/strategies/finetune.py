@@ -290,8 +290,7 @@ class FinetuneStrategy(BaseStrategy):
     """Train only what `trainable`, `new_experts` and `head_classes` name; the base stays frozen.
 
     Args:
-        model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight:
-            see `BaseStrategy`.
+        base: `BaseStrategy`'s options (optimizer, scheduler, aux_loss_weight).
         pretrained: the base run's checkpoint. Required to train; None only rebuilds the
             architecture (eval.py, which loads the weights from the finetuned checkpoint).
         trainable: fnmatch globs over parameter names (`model.head.*`, `*router*`); each must
@@ -304,20 +303,14 @@ class FinetuneStrategy(BaseStrategy):
         self,
         model: nn.Module,
         spec: DataSpec,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        aux_loss_weight: float = 1.0,
+        *,
         pretrained: str | None = None,
         trainable: Sequence[str] = ("model.head.*",),
         new_experts: int = 0,
         head_classes: Sequence[int] | None = None,
+        **base: Any,
     ) -> None:
-        super().__init__(
-            model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight
-        )
+        super().__init__(model, spec, **base)
         base = load_base(pretrained) if pretrained is not None else None
         self.pretrained = None if base is None else str(Path(pretrained).expanduser().resolve())
         self.base_fingerprint = None if base is None else fingerprint(base["state_dict"])

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from advarch.callbacks.throughput import ThroughputCallback, batch_counts
+from advarch.console_summary import throughput_line
 from advarch.models.blocks.moe import MoE
 from advarch.models.flops import training_flops_per_token
-from advarch.reporting import throughput_line
 from advarch.train import run
 from tests.conftest import SMALL_TEXT
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +14,6 @@ from advarch.data.episodes import (
     EpisodeSampler,
     FewShotDataModule,
     prototype_accuracy,
-    raw_prototype_accuracy,
 )
 
 
@@ -27,6 +27,18 @@ def prototype_accuracy_reference(episode: dict[str, torch.Tensor]) -> float:
         distances = {c: float(((x - m) ** 2).sum()) for c, m in means.items()}
         correct += min(distances, key=distances.get) == y
     return correct / len(episode["query_labels"])
+
+
+def raw_prototype_accuracy(episodes: Iterable[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """The raw-feature ProtoNet baseline (`strategy=fewshot` logs it as `raw_proto_acc`): mean
+    accuracy over episodes and its 95% CI half-width.
+
+    `ci95 = 1.96 * std / sqrt(n)` with the unbiased std over episodes (0 for one episode).
+    """
+    accuracies = np.array([prototype_accuracy(e) for e in episodes])
+    if len(accuracies) < 2:
+        return float(accuracies.mean()), 0.0
+    return float(accuracies.mean()), float(1.96 * accuracies.std(ddof=1) / np.sqrt(len(accuracies)))
 
 
 @pytest.fixture(scope="module")

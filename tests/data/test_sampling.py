@@ -11,7 +11,6 @@ from advarch.spec import TaskSchedule
 def test_schedule_is_a_pure_function_of_the_epoch() -> None:
     s = TaskSchedule(num_tasks=3, epochs_per_task=2)
     assert [s.task_of_epoch(e) for e in range(8)] == [0, 0, 1, 1, 2, 2, 2, 2]
-    assert [s.epoch_in_task(e) for e in range(6)] == [0, 1, 0, 1, 0, 1]
     assert [s.ends_task(e) for e in range(6)] == [False, True, False, True, False, True]
     assert s.trainer_overrides == {"max_epochs": 6, "reload_dataloaders_every_n_epochs": 1}
 
@@ -38,3 +37,13 @@ def test_resumable_loader_order_depends_only_on_seed_and_epoch() -> None:
     other = [b.tolist() for b in resumable_loader(data, 5, seed=7, trainer=_Trainer(5))]
     assert first == again and first != other
     assert sorted(sum(first, [])) == list(range(20))
+
+
+def test_resumed_sampler_skips_consumed_batches() -> None:
+    full = list(EpochShuffleSampler(50, seed=1))
+    resumed = EpochShuffleSampler(50, seed=1, skip=20)
+    assert list(resumed) == full[20:]
+    assert list(resumed) == full  # the skip applies once
+    s = EpochShuffleSampler(50, seed=1)
+    s.set_epoch(1)
+    assert list(s) != full

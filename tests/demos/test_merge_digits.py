@@ -33,7 +33,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
         methods=["task_arithmetic", "ties"],
         negation_lambda=1.0,
         overrides=TINY,
-        task_overrides=["strategy.lr=3e-3"],
+        task_overrides=["optimizer.lr=3e-3"],
     )
     rows = merge_digits.run_demo(demo, out)
     table = merge_digits.table(rows)

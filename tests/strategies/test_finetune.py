@@ -16,13 +16,13 @@ from advarch.data.digits import DigitsDataModule
 from advarch.models.model import Model
 from advarch.pipeline import build_all, build_model
 from advarch.spec import DataSpec
-from advarch.strategies.base import parameter_groups
 from advarch.strategies.finetune import (
     DELTA_FILE,
     FinetuneStrategy,
     accuracy,
     load_finetuned,
 )
+from advarch.strategies.optimization import parameter_groups
 from advarch.train import run
 from tests.conftest import compose_config
 from tests.strategies.conftest import FAST
@@ -67,9 +67,7 @@ def write_base(path: Path, model: Model) -> str:
 def strategy(tmp_path: Path, ffn: str = "moe", **kwargs) -> FinetuneStrategy:
     base = write_base(tmp_path / "base.ckpt", tiny_model(ffn))
     options = {"pretrained": base, "trainable": [], "new_experts": 2, "head_classes": NEW}
-    return FinetuneStrategy(
-        tiny_model(ffn, seed=1), SPEC, weight_decay=0.1, **{**options, **kwargs}
-    )
+    return FinetuneStrategy(tiny_model(ffn, seed=1), SPEC, **{**options, **kwargs})
 
 
 # -- unit tests -------------------------------------------------------------------------------
@@ -78,7 +76,7 @@ def test_old_rows_move_under_adamw_decay_and_are_restored_bit_exactly(tmp_path: 
     moe = module.model.layers[0].ffn
     before = {n: p.detach().clone() for n, p in moe.named_parameters()}
     head_before = module.model.head.weight.detach().clone()
-    opt = torch.optim.AdamW(parameter_groups(module.model, 0.1), lr=0.1)
+    opt = torch.optim.AdamW(parameter_groups(module.model), lr=0.1, weight_decay=0.1)
     for _ in range(3):
         out = module.model(torch.rand(8, 16))
         (out.logits.square().sum() + out.aux_loss).backward()
@@ -192,7 +190,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str,
             "experiment=finetune_new_experts_5_9",
             *common,
             f"strategy.pretrained={base}",
-            "strategy.weight_decay=0.5",
+            "optimizer.weight_decay=0.5",
             f"+callbacks.probe._target_={__name__}.ModeProbe",
         ],
         root / "ft",

@@ -6,10 +6,13 @@ encoder memory. Shapes: B batch, T query time, S key time, D model dim, H heads,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advarch.models.blocks.config import BlockConfig, ModelShape
 from advarch.models.blocks.rotary import Rotary
 
 
@@ -52,10 +55,15 @@ class Attention(nn.Module):
         x: torch.Tensor,
         *,
         pad_mask: torch.Tensor | None = None,
+        global_mask: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
         memory_pad_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, D); pad_mask: (B, T) True at padding; memory: (B, S, D) for cross."""
+        """x: (B, T, D); pad_mask: (B, T) True at padding; memory: (B, S, D) for cross.
+
+        `global_mask` is part of the mixer call contract (`advarch.models.layers.Mixer`) and
+        needs nothing here: every token already attends to every allowed key.
+        """
         source, source_pad = (memory, memory_pad_mask) if self.cross else (x, pad_mask)
         if source is None:
             raise ValueError("cross-attention needs an encoder memory")
@@ -110,3 +118,12 @@ class Attention(nn.Module):
             "v": v,
             "pos": state["pos"] + 1,
         }
+
+
+@dataclass(frozen=True)
+class AttentionConfig(BlockConfig):
+    """Dense attention (`attn` in `model.layers`): `model.num_heads` heads, no own options."""
+
+    def build(self, shape: ModelShape, causal: bool = True) -> Attention:
+        """The self-attention mixer of a layer of `shape`."""
+        return Attention(shape.dim, shape.num_heads, causal=causal, dropout=shape.dropout)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("gelu", "swiglu")
+from advarch.models.blocks.config import BlockConfig, ModelShape
 
 
 class FeedForward(nn.Module):
@@ -16,10 +18,8 @@ class FeedForward(nn.Module):
         self, dim: int, hidden: int, activation: str = "gelu", dropout: float = 0.0
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"model.activation={activation!r} is not one of: {', '.join(ACTIVATIONS)}"
-            )
+        shape = ModelShape(dim=dim, num_heads=1, ffn_hidden=hidden, activation=activation)
+        FeedForwardConfig().validate(shape)
         self.activation = activation
         self.w_in = nn.Linear(dim, hidden * (2 if activation == "swiglu" else 1), bias=False)
         self.w_out = nn.Linear(hidden, dim, bias=False)
@@ -33,3 +33,12 @@ class FeedForward(nn.Module):
         else:
             h = F.gelu(h)
         return self.dropout(self.w_out(h))
+
+
+@dataclass(frozen=True)
+class FeedForwardConfig(BlockConfig):
+    """The dense FFN (`dense` in `model.ffn`): no options of its own, only the model's widths."""
+
+    def build(self, shape: ModelShape, causal: bool = True) -> FeedForward:
+        """The FFN of a layer of `shape` (position-wise, so causality does not matter)."""
+        return FeedForward(shape.dim, shape.hidden, shape.activation, shape.dropout)

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from advarch.models.blocks.ffn import ACTIVATIONS, FeedForward
+from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
+from advarch.models.blocks.ffn import FeedForward
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -129,7 +132,24 @@ class MoE(nn.Module):
             ValueError: naming the `model.moe.<key>` that is invalid.
         """
         super().__init__()
-        _validate(locals())
+        config = MoEConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            num_shared_experts=num_shared_experts,
+            shared_hidden=shared_hidden,
+            capacity_factor=capacity_factor,
+            soft=soft,
+            router_jitter=router_jitter,
+            balance_loss_weight=balance_loss_weight,
+            z_loss_weight=z_loss_weight,
+            aux_free_bias=aux_free_bias,
+            bias_update_rate=bias_update_rate,
+        )
+        config.validate(
+            ModelShape(
+                dim=dim, num_heads=1, ffn_hidden=hidden, activation=activation, dropout=dropout
+            )
+        )
         self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
         self.activation, self.soft, self.capacity_factor = activation, soft, capacity_factor
         self.router_jitter, self.bias_update_rate = router_jitter, bias_update_rate
@@ -299,6 +319,22 @@ class MoE(nn.Module):
         device = x.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
+    def expert_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors with one row per expert, by attribute name: expert i is `t[i]`.
+
+        Router rows, stacked expert weights and, with `aux_free_bias`, the selection bias and
+        load counts. Merging, freezing and continual-learning code address experts through
+        this instead of guessing from tensor shapes.
+        """
+        tensors = {
+            "router": self.router,
+            "w_in": self.w_in,
+            "w_out": self.w_out,
+            "routing_bias": self.routing_bias,
+            "load_counts": self.load_counts,
+        }
+        return {name: t for name, t in tensors.items() if t is not None}
+
     @torch.no_grad()
     def update_routing_bias(self) -> None:
         """DeepSeek-V3 step: bias += rate · sign(mean_load − load); reset the counts.
@@ -366,55 +402,69 @@ def _init_stacked_(p: torch.Tensor) -> torch.Tensor:
         return p.uniform_(-bound, bound)
 
 
-MODEL_KEYS = {
-    "dim": "model.dim",
-    "hidden": "model.ffn_hidden",
-    "activation": "model.activation",
-    "dropout": "model.dropout",
-}  # arguments the model passes in: errors name the key the user wrote
+@dataclass(frozen=True)
+class MoEConfig(BlockConfig):
+    """`model.moe`: the MoE options a user sets (see `MoE` for each one's meaning)."""
 
+    name: ClassVar[str] = "moe"
 
-def _validate(args: dict) -> None:
-    """Raise ValueError naming the first invalid `model.moe.<key>`."""
-    checks = [
-        (args["dim"] >= 1, "dim", "must be >= 1"),
-        (args["hidden"] >= 1, "hidden", "must be >= 1"),
-        (args["num_experts"] >= 1, "num_experts", "must be >= 1"),
-        (args["top_k"] >= 1, "top_k", "must be >= 1"),
-        (
-            args["top_k"] <= args["num_experts"],
-            "top_k",
-            f"exceeds model.moe.num_experts={args['num_experts']}",
-        ),
-        (args["activation"] in ACTIVATIONS, "activation", f"is not one of {ACTIVATIONS}"),
-        (args["num_shared_experts"] >= 0, "num_shared_experts", "must be >= 0"),
-        (
-            args["shared_hidden"] is None or args["shared_hidden"] >= 1,
-            "shared_hidden",
-            "must be >= 1",
-        ),
-        (
-            args["capacity_factor"] is None or args["capacity_factor"] > 0,
-            "capacity_factor",
-            "must be > 0",
-        ),
-        (
-            not (args["soft"] and args["capacity_factor"] is not None),
-            "capacity_factor",
-            "must be null with model.moe.soft=true (soft routing never drops)",
-        ),
-        (
-            not (args["soft"] and args["aux_free_bias"]),
-            "aux_free_bias",
-            "needs top-k routing (model.moe.soft=false): the bias only affects selection",
-        ),
-        (0.0 <= args["router_jitter"] < 1.0, "router_jitter", "must be in [0, 1)"),
-        (args["balance_loss_weight"] >= 0, "balance_loss_weight", "must be >= 0"),
-        (args["z_loss_weight"] >= 0, "z_loss_weight", "must be >= 0"),
-        (args["bias_update_rate"] > 0, "bias_update_rate", "must be > 0"),
-        (0.0 <= args["dropout"] < 1.0, "dropout", "must be in [0, 1)"),
-    ]
-    for ok, key, message in checks:
-        if not ok:
-            name = MODEL_KEYS.get(key, f"model.moe.{key}")
-            raise ValueError(f"{name}={args[key]!r} {message}")
+    num_experts: int = 8
+    top_k: int = 2
+    num_shared_experts: int = 0
+    shared_hidden: int | None = None
+    capacity_factor: float | None = None
+    soft: bool = False
+    router_jitter: float = 0.0
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    aux_free_bias: bool = False
+    bias_update_rate: float = 1e-3
+
+    def checks(self, shape: ModelShape) -> Checks:
+        k = self.key
+        yield self.num_experts >= 1, f"{k('num_experts')}={self.num_experts} must be >= 1"
+        yield self.top_k >= 1, f"{k('top_k')}={self.top_k} must be >= 1"
+        yield (
+            self.top_k <= self.num_experts,
+            f"{k('top_k')}={self.top_k} exceeds {k('num_experts')}={self.num_experts}",
+        )
+        yield (
+            self.num_shared_experts >= 0,
+            f"{k('num_shared_experts')}={self.num_shared_experts} must be >= 0",
+        )
+        yield (
+            self.shared_hidden is None or self.shared_hidden >= 1,
+            f"{k('shared_hidden')}={self.shared_hidden} must be >= 1",
+        )
+        cf = self.capacity_factor
+        yield cf is None or cf > 0, f"{k('capacity_factor')}={cf} must be > 0"
+        yield (
+            not (self.soft and cf is not None),
+            f"{k('capacity_factor')}={cf} must be null with {k('soft')}=true "
+            "(soft routing never drops)",
+        )
+        yield (
+            not (self.soft and self.aux_free_bias),
+            f"{k('aux_free_bias')}=True needs top-k routing ({k('soft')}=false): the bias "
+            "only affects selection",
+        )
+        yield (
+            0.0 <= self.router_jitter < 1.0,
+            f"{k('router_jitter')}={self.router_jitter} must be in [0, 1)",
+        )
+        yield (
+            self.balance_loss_weight >= 0,
+            f"{k('balance_loss_weight')}={self.balance_loss_weight} must be >= 0",
+        )
+        yield self.z_loss_weight >= 0, f"{k('z_loss_weight')}={self.z_loss_weight} must be >= 0"
+        yield (
+            self.bias_update_rate > 0,
+            f"{k('bias_update_rate')}={self.bias_update_rate} must be > 0",
+        )
+
+    def build(self, shape: ModelShape, causal: bool = True) -> MoE:
+        """The MoE FFN of a layer of `shape` (routing is the same in causal stacks)."""
+        return MoE(
+            shape.dim, shape.hidden, activation=shape.activation, dropout=shape.dropout,
+            **self.options(),
+        )  # fmt: skip

@@ -33,11 +33,13 @@ W band keys per query block, G global tokens (max over the batch).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.rotary import Rotary
 
 
@@ -285,18 +287,10 @@ class SlidingWindowAttention(nn.Module):
         block_size: int | None = None,
     ) -> None:
         super().__init__()
-        _check(window, causal, None, prefix="model.swa.")
-        if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"model.dim={dim} is not divisible by model.swa.num_heads={num_heads}")
-        if rotary and (dim // num_heads) % 2:
-            raise ValueError(
-                f"model.dim / model.swa.num_heads = {dim // num_heads} must be even for "
-                "model.swa.rotary=true"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.swa.dropout={dropout} must be in [0, 1)")
-        if block_size is not None and block_size < 1:
-            raise ValueError(f"model.swa.block_size={block_size} must be >= 1 or null")
+        config = SlidingWindowConfig(
+            window=window, num_heads=num_heads, rotary=rotary, block_size=block_size
+        )
+        config.validate(ModelShape(dim=dim, num_heads=1, dropout=dropout))
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window, self.causal, self.dropout = window, causal, dropout
         self.block_size = block_size
@@ -356,3 +350,50 @@ class SlidingWindowAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         probs = _softmax(scores, slots <= state.pos, p).to(v.dtype)  # filled slots only
         return self._merge(probs @ v_cache), SlidingWindowState(k_cache, v_cache, state.pos + 1)
+
+
+@dataclass(frozen=True)
+class SlidingWindowConfig(BlockConfig):
+    """`model.swa`: sliding-window attention options (see `SlidingWindowAttention`).
+
+    `num_heads` None takes `model.num_heads`; causality and dropout come from the model.
+    """
+
+    name: ClassVar[str] = "swa"
+
+    window: int = 256
+    num_heads: int | None = None
+    rotary: bool = True
+    block_size: int | None = None
+
+    def heads(self, shape: ModelShape) -> int:
+        return shape.num_heads if self.num_heads is None else self.num_heads
+
+    def checks(self, shape: ModelShape) -> Checks:
+        yield self.window >= 1, f"{self.key('window')}={self.window} must be >= 1"
+        heads, dim = self.heads(shape), shape.dim
+        yield (
+            heads >= 1 and dim % heads == 0,
+            f"model.dim={dim} is not divisible by {self.key('num_heads')}={heads}",
+        )
+        yield (
+            not self.rotary or (dim // heads) % 2 == 0,
+            f"model.dim / {self.key('num_heads')} = {dim // heads} must be even for "
+            f"{self.key('rotary')}=true",
+        )
+        yield (
+            self.block_size is None or self.block_size >= 1,
+            f"{self.key('block_size')}={self.block_size} must be >= 1 or null",
+        )
+
+    def build(self, shape: ModelShape, causal: bool = True) -> SlidingWindowAttention:
+        """The attention mixer of a layer of `shape`."""
+        return SlidingWindowAttention(
+            shape.dim,
+            self.heads(shape),
+            window=self.window,
+            causal=causal,
+            rotary=self.rotary,
+            dropout=shape.dropout,
+            block_size=self.block_size,
+        )

@@ -23,11 +23,15 @@ N state size, L chunk length, c number of chunks, K conv width.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advarch.models.blocks.causal_conv import causal_conv, causal_conv_step
+from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.norm import RMSNorm
 from advarch.models.blocks.ssm import _at_least_f32
 
@@ -124,17 +128,17 @@ class Mamba2(nn.Module):
         dt_max: float = 0.1,
     ) -> None:
         super().__init__()
-        for key, value in (("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
-                           ("head_dim", head_dim), ("chunk_size", chunk_size)):  # fmt: skip
-            if value < 1:
-                raise ValueError(f"model.ssd.{key}={value} must be >= 1")
+        config = SSDConfig(
+            d_state=d_state,
+            d_conv=d_conv,
+            expand=expand,
+            head_dim=head_dim,
+            chunk_size=chunk_size,
+            dt_min=dt_min,
+            dt_max=dt_max,
+        )
+        config.validate(ModelShape(dim=dim, num_heads=1))
         inner = expand * dim
-        if inner % head_dim:
-            raise ValueError(
-                f"model.ssd.head_dim={head_dim} must divide model.ssd.expand · model.dim = {inner}"
-            )
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"model.ssd.dt_min={dt_min} must be in (0, model.ssd.dt_max={dt_max}]")
         self.inner, self.d_state, self.head_dim = inner, d_state, head_dim
         self.heads, self.chunk_size, self.d_conv = inner // head_dim, chunk_size, d_conv
         conv_dim = inner + 2 * d_state
@@ -163,13 +167,18 @@ class Mamba2(nn.Module):
         y = (y + xs * self.D.to(xs.dtype)[:, None]).flatten(-2)
         return self.out_proj(self.norm(y * F.silu(z.to(y.dtype))).to(z.dtype))
 
-    def forward(self, x: Tensor, *, pad_mask: Tensor | None = None) -> Tensor:
-        """Mix x (B, T, D) causally; padded positions are zeroed in and carry nothing."""
+    def forward(
+        self, x: Tensor, *, pad_mask: Tensor | None = None, global_mask: Tensor | None = None
+    ) -> Tensor:
+        """Mix x (B, T, D) causally; padded positions are zeroed in and carry nothing.
+
+        `global_mask` (the mixer call contract, `advarch.models.layers.Mixer`) is unused: a
+        recurrence has no window for global tokens to reach beyond.
+        """
         if pad_mask is not None:
             x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
         z, xbc, dt = self._split(x)
-        T = x.shape[1]
-        xbc = F.silu(self.conv(xbc.transpose(1, 2))[..., :T].transpose(1, 2))
+        xbc = F.silu(causal_conv(self.conv, xbc))
         if pad_mask is not None:
             xbc = xbc.masked_fill(pad_mask.unsqueeze(-1), 0.0)
         xs, delta, A, B, C = self._ssd_inputs(xbc, dt)
@@ -193,8 +202,7 @@ class Mamba2(nn.Module):
         conv_state, h = state
         z, xbc, dt = self._split(x)
         window = torch.cat([conv_state, xbc], dim=1)  # (B, K, E + 2N)
-        kernel = self.conv.weight.squeeze(1).t()  # (K, E + 2N)
-        xbc = F.silu((window * kernel).sum(1, keepdim=True) + self.conv.bias)
+        xbc = F.silu(causal_conv_step(self.conv, window))
         xs, delta, A, B, C = self._ssd_inputs(xbc, dt)  # xs (B, 1, H, P), delta (B, 1, H)
         xs32, delta = _at_least_f32(xs[:, 0]), delta[:, 0]
         B, C = _at_least_f32(B[:, 0]), _at_least_f32(C[:, 0])
@@ -202,3 +210,32 @@ class Mamba2(nn.Module):
         h = torch.exp(delta * A)[..., None, None] * h + drive
         y = torch.einsum("bhpn,bn->bhp", h, C)[:, None].to(xs.dtype)  # (B, 1, H, P)
         return self._out(y, xs, z), (window[:, 1:], h)
+
+
+@dataclass(frozen=True)
+class SSDConfig(BlockConfig):
+    """`model.ssd`: Mamba-2 SSD options (see `Mamba2`)."""
+
+    name: ClassVar[str] = "ssd"
+
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 64
+    chunk_size: int = 64
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+
+    def checks(self, shape: ModelShape) -> Checks:
+        yield from self.at_least_one(*("d_state", "d_conv", "expand", "head_dim", "chunk_size"))
+        inner = self.expand * shape.dim
+        yield (
+            inner % self.head_dim == 0,
+            f"{self.key('head_dim')}={self.head_dim} must divide "
+            f"{self.key('expand')} · model.dim = {inner}",
+        )
+        yield self.ordered("dt_min", "dt_max")
+
+    def build(self, shape: ModelShape, causal: bool = True) -> Mamba2:
+        """The SSD mixer of a layer of `shape` (always causal: it is a recurrence)."""
+        return Mamba2(shape.dim, **self.options())

@@ -31,11 +31,15 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advarch.models.blocks.causal_conv import causal_conv, causal_conv_step
+from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.selective_scan_cpu import fused_selective_scan, load_library
 
 
@@ -219,13 +223,17 @@ class SelectiveSSM(nn.Module):
         dt_max: float = 0.1,
     ) -> None:
         super().__init__()
-        dt_rank = math.ceil(dim / 16) if dt_rank is None else dt_rank
-        for key, value in (("dim", dim), ("d_state", d_state), ("d_conv", d_conv),
-                           ("expand", expand), ("dt_rank", dt_rank)):  # fmt: skip
-            if value < 1:
-                raise ValueError(f"model.ssm.{key}={value} must be >= 1")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"model.ssm.dt_min={dt_min} must be in (0, model.ssm.dt_max={dt_max}]")
+        config = SSMConfig(
+            d_state=d_state,
+            d_conv=d_conv,
+            expand=expand,
+            dt_rank=dt_rank,
+            selective=selective,
+            dt_min=dt_min,
+            dt_max=dt_max,
+        )
+        config.validate(ModelShape(dim=dim, num_heads=1))
+        dt_rank = config.rank(dim)
         inner = expand * dim
         self.d_state, self.d_conv, self.dt_rank, self.selective = (
             d_state,
@@ -262,7 +270,13 @@ class SelectiveSSM(nn.Module):
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.softplus(_at_least_f32(self.dt_proj(dt))), B, C
 
-    def forward(self, x: torch.Tensor, *, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        pad_mask: torch.Tensor | None = None,
+        global_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mix x (B, T, D) causally along time.
 
         Args:
@@ -270,6 +284,8 @@ class SelectiveSSM(nn.Module):
             pad_mask: (B, T) bool, True at padding. Padded inputs and their SSM drive are zeroed,
                 so leading (left) padding leaves real tokens exactly as without it; trailing
                 (right) padding, the norm for causal models, cannot reach earlier tokens anyway.
+            global_mask: unused; part of the mixer call contract (`advarch.models.layers.Mixer`):
+                a recurrence has no window for global tokens to reach beyond.
 
         Returns:
             (B, T, D).
@@ -277,7 +293,7 @@ class SelectiveSSM(nn.Module):
         if pad_mask is not None:
             x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
-        u = F.silu(self.conv(u.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2))  # causal
+        u = F.silu(causal_conv(self.conv, u))
         if pad_mask is not None:
             u = u.masked_fill(pad_mask.unsqueeze(-1), 0.0)
         delta, B, C = self._ssm_params(u)
@@ -299,11 +315,39 @@ class SelectiveSSM(nn.Module):
         conv_state, h = state
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, 1, E)
         window = torch.cat([conv_state, u], dim=1)  # (B, K, E)
-        kernel = self.conv.weight.squeeze(1).t()  # (K, E)
-        u = F.silu((window * kernel).sum(1, keepdim=True) + self.conv.bias)  # (B, 1, E)
+        u = F.silu(causal_conv_step(self.conv, window))  # (B, 1, E)
         delta, B, C = (_at_least_f32(t.squeeze(1)) for t in self._ssm_params(u))
         u, z = _at_least_f32(u.squeeze(1)), _at_least_f32(z.squeeze(1))
         A = -torch.exp(_at_least_f32(self.A_log))
         h = torch.exp(delta.unsqueeze(-1) * A) * h + (delta * u).unsqueeze(-1) * B.unsqueeze(1)
         y = (torch.einsum("ben,bn->be", h, C) + self.D * u) * F.silu(z)  # (B, E)
         return self.out_proj(y.unsqueeze(1).to(x.dtype)), (window[:, 1:], h)
+
+
+@dataclass(frozen=True)
+class SSMConfig(BlockConfig):
+    """`model.ssm`: selective SSM options (see `SelectiveSSM`)."""
+
+    name: ClassVar[str] = "ssm"
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None
+    selective: bool = True
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+
+    def rank(self, dim: int) -> int:
+        """The Δ projection rank: `dt_rank`, or ceil(dim / 16) as in Mamba."""
+        return math.ceil(dim / 16) if self.dt_rank is None else self.dt_rank
+
+    def checks(self, shape: ModelShape) -> Checks:
+        yield from self.at_least_one(*("d_state", "d_conv", "expand"))
+        rank = self.rank(shape.dim)
+        yield rank >= 1, f"{self.key('dt_rank')}={rank} must be >= 1"
+        yield self.ordered("dt_min", "dt_max")
+
+    def build(self, shape: ModelShape, causal: bool = True) -> SelectiveSSM:
+        """The SSM mixer of a layer of `shape` (always causal: it is a recurrence)."""
+        return SelectiveSSM(shape.dim, **self.options())

@@ -311,6 +311,18 @@ def test_add_experts_keeps_old_experts_and_routing() -> None:
     assert stats["load"].shape == (6,) and moe.w_in.grad.shape[0] == 6
 
 
+@pytest.mark.parametrize("aux_free_bias", [False, True])
+def test_expert_tensors_are_every_expert_indexed_tensor(aux_free_bias: bool) -> None:
+    moe = MoE(8, 16, num_experts=4, num_shared_experts=1, aux_free_bias=aux_free_bias)
+    tensors = moe.expert_tensors()
+    bias = ["routing_bias", "load_counts"] if aux_free_bias else []
+    assert list(tensors) == ["router", "w_in", "w_out", *bias]
+    assert all(t.shape[0] == 4 for t in tensors.values())
+    assert tensors["w_in"] is moe.w_in  # the live tensors, so freezing rows acts on the layer
+    moe.add_experts(2)
+    assert all(t.shape[0] == 6 for t in moe.expert_tensors().values())
+
+
 def test_stats_are_detached_and_aux_is_weighted() -> None:
     moe = MoE(8, 16, num_experts=4, balance_loss_weight=0.3, z_loss_weight=0.2)
     _, aux, stats = moe(torch.randn(2, 5, 8))

@@ -1,8 +1,8 @@
-"""Run and sweep reports from synthetic run folders, one real tiny run, and the script."""
+"""Markdown reports of runs and sweeps from synthetic run folders, one real tiny run, and the
+script."""
 
 from __future__ import annotations
 
-import csv
 import runpy
 import subprocess
 import sys
@@ -11,62 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from matplotlib.image import imread
 
 from advarch.continual_metrics import save_accuracy_matrix_csv
-from advarch.report import Metrics, best_run, write_report
+from advarch.reports.markdown import best_run, write_report
 from tests.conftest import ROOT, SMALL_TEXT
-
-COLUMNS = ["epoch", "step", "train/loss", "train/acc_epoch", "val/loss", "val/acc", "lr-AdamW",
-           "moe/layer0/entropy", "test/acc", "test/acc_ci95", "test/raw_proto_acc",
-           "test/raw_proto_acc_ci95"]  # fmt: skip
-
-
-def write_csv(run: Path, rows: list[dict], version: int = 0) -> None:
-    path = run / "csv" / f"version_{version}" / "metrics.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def synthetic_run(run: Path, final_val: float = 1.0, overrides: list[str] | None = None) -> Path:
-    """A run folder shaped like Lightning's CSVLogger output, with sparse rows."""
-    rows = []
-    for step in range(10):
-        rows.append({"epoch": 0, "step": step, "train/loss": 3.0 - 0.2 * step, "lr-AdamW": 1e-3,
-                     "moe/layer0/entropy": 2.0 - 0.05 * step})  # fmt: skip
-        if step % 5 == 4:
-            rows.append({"epoch": 0, "step": step, "val/loss": final_val + (9 - step) * 0.1,
-                         "val/acc": 0.5 + 0.04 * step,
-                         "train/acc_epoch": 0.4 + 0.04 * step})  # fmt: skip
-    rows.append({"epoch": 0, "step": 10, "test/acc": 0.8, "test/acc_ci95": 0.05,
-                 "test/raw_proto_acc": 0.7, "test/raw_proto_acc_ci95": 0.06})  # fmt: skip
-    write_csv(run, rows)
-    hydra = run / ".hydra"
-    hydra.mkdir(parents=True, exist_ok=True)
-    (hydra / "overrides.yaml").write_text(yaml.safe_dump(overrides or ["debug=tiny"]))
-    (hydra / "config.yaml").write_text(yaml.safe_dump({"optimized_metric": "val/loss"}))
-    return run
-
-
-def assert_png(path: Path) -> None:
-    image = imread(path)
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-    assert image.std() > 0.01  # something was drawn
-
-
-def test_metrics_reads_sparse_rows_and_versions(tmp_path: Path) -> None:
-    run = synthetic_run(tmp_path / "run")
-    write_csv(run, [{"epoch": 1, "step": 12, "train/loss": 0.5}], version=1)  # a resumed run
-    m = Metrics.read(run)
-    steps, values = m.series("val/loss")
-    assert steps.tolist() == [4, 9] and values.tolist() == pytest.approx([1.5, 1.0])
-    final = m.final()
-    assert final["train/loss"] == 0.5 and final["val/acc"] == pytest.approx(0.86)
-    assert "step" not in final and final["test/acc"] == 0.8
-    assert m.matching(r"(train|val)/loss") == ["train/loss", "val/loss"]
+from tests.reports.test_figures import assert_png
+from tests.reports.test_run_folders import synthetic_run
 
 
 def test_run_report_has_every_section(tmp_path: Path) -> None:
@@ -106,12 +56,12 @@ def make_sweep(tmp_path: Path) -> Path:
     sweep = tmp_path / "sweep"
     settings = [("1e-3", "32", 1.2), ("3e-3", "32", 0.8), ("1e-3", "64", 0.9)]
     for i, (lr, dim, val) in enumerate(settings):
-        overrides = ["debug=tiny", f"strategy.lr={lr}", f"model.dim={dim}"]
+        overrides = ["debug=tiny", f"optimizer.lr={lr}", f"model.dim={dim}"]
         synthetic_run(sweep / str(i), final_val=val, overrides=overrides)
     failed = sweep / "3" / ".hydra"  # a trial that crashed before logging anything
     failed.mkdir(parents=True)
     (failed / "overrides.yaml").write_text(
-        yaml.safe_dump(["debug=tiny", "strategy.lr=1e-2", "model.dim=48"])
+        yaml.safe_dump(["debug=tiny", "optimizer.lr=1e-2", "model.dim=48"])
     )
     return sweep
 
@@ -120,7 +70,7 @@ def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
     sweep = make_sweep(tmp_path)
     md = write_report(sweep).read_text()
     assert "Shared overrides: `debug=tiny`" in md
-    assert "| run | model.dim | strategy.lr | val/loss |" in md
+    assert "| run | model.dim | optimizer.lr | val/loss |" in md
     assert "| ★ 1 | 32 | 3e-3 | 0.8 |" in md
     assert "| 3 | 48 | 1e-2 | failed |" in md
     assert_png(sweep / "report" / "sweep_curves.png")
@@ -131,7 +81,7 @@ def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
         yaml.safe_dump(
             {
                 "name": "optuna",
-                "best_params": {"strategy.lr": 0.001, "model.dim": 64},
+                "best_params": {"optimizer.lr": 0.001, "model.dim": 64},
                 "best_value": 0.9,
             }
         )  # fmt: skip

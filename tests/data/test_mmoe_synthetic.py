@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from advarch.data.mmoe import MMoESyntheticDataModule, mmoe_synthetic
+from advarch.data.mmoe_synthetic import MMoESyntheticDataModule, mmoe_synthetic
 
 
 def mmoe_synthetic_reference(

@@ -1,35 +1,18 @@
-"""Reports of finished runs and sweeps: PNG plots and a Markdown summary from the run folders.
-
-A run folder (`outputs/runs/<name>/<time>/`) holds Lightning's CSV log
-`csv/version_*/metrics.csv` (one row per logging call, empty cells for metrics not logged in
-that row), and optionally `plots/expert_load_history.npz` (MoE; `advarch/callbacks/
-expert_load.py`) and `continual/accuracy_matrix.csv` or `bpb_matrix.csv` (continual
-strategies). A sweep folder
-(`outputs/multiruns/<name>/<time>/`) holds one run per numbered subfolder with its
-`.hydra/overrides.yaml`, and `optimization_results.yaml` after an Optuna sweep.
-
-`write_report(folder)` writes `<folder>/report/report.md` and its PNGs: learning curves,
-expert load over training, the continual accuracy matrix with ACC/BWT/forgetting (GEM eq. 2–3,
-Chaudhry et al. 2018), few-shot accuracy with 95% confidence intervals, and for a sweep a
-table of overrides → final metrics with the best configuration marked (plus a report per run).
-"""
+"""Markdown reports of a run or a sweep, with their figures; optionally logged to W&B."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from advarch.callbacks.expert_load import plot_expert_load
+from advarch.console_summary import SUMMARY_FILE, SUMMARY_KEYS
 from advarch.continual_metrics import (
     HIGHER_IS_BETTER,
     average_accuracy,
@@ -37,203 +20,24 @@ from advarch.continual_metrics import (
     forgetting,
     plot_accuracy_matrix,
 )
-from advarch.reporting import SUMMARY_FILE, SUMMARY_KEYS
-
-CURVE_PANELS = (  # (title, column pattern) — a panel is drawn when any column matches
-    ("loss", r"(train|val)/loss"),
-    ("accuracy", r"train/acc_epoch|val/acc"),
-    ("validation accuracy per task", r"val/task_\d+/acc"),
-    ("validation bits per byte per task", r"val/task_\d+/bpb"),
-    ("router entropy (nats)", r"moe/layer\d+/entropy"),
-    ("learning rate", r"lr-.*"),
+from advarch.reports.figures import (
+    FEWSHOT,
+    plot_expert_load_over_training,
+    plot_fewshot,
+    plot_learning_curves,
+    plot_sweep_curves,
 )
-FEWSHOT = (("acc", "adapted"), ("raw_proto_acc", "raw prototypes"))
+from advarch.reports.run_folders import (
+    Metrics,
+    is_run,
+    read_accuracy_matrix,
+    run_overrides,
+    run_setting,
+    sweep_runs,
+    task_boundaries,
+)
 
 
-# -- reading -----------------------------------------------------------------------------------
-@dataclass
-class Metrics:
-    """A run's CSV log as float columns (NaN where a row did not log the metric)."""
-
-    columns: dict[str, np.ndarray] = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, run_dir: Path) -> Metrics:
-        """Concatenate `csv/version_*/metrics.csv` in version order (a resumed run adds one)."""
-        rows: list[dict[str, str]] = []
-        files = sorted(
-            (run_dir / "csv").glob("version_*/metrics.csv"),
-            key=lambda p: int(p.parent.name.split("_")[-1]),
-        )
-        for path in files:
-            with path.open(newline="") as f:
-                rows += list(csv.DictReader(f))
-        keys = list(dict.fromkeys(k for row in rows for k in row))
-        return cls({k: np.array([_float(row.get(k)) for row in rows]) for k in keys})
-
-    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, values) of the rows that logged `key`."""
-        values = self.columns[key]
-        ok = np.isfinite(values)
-        return self.columns.get("step", np.arange(len(values)))[ok], values[ok]
-
-    def matching(self, pattern: str) -> list[str]:
-        """Columns with at least one value whose name fully matches `pattern`."""
-        rx = re.compile(pattern)
-        return [k for k, v in self.columns.items() if rx.fullmatch(k) and np.isfinite(v).any()]
-
-    def final(self) -> dict[str, float]:
-        """The last logged value of every metric (step and epoch excluded)."""
-        out = {}
-        for key, values in self.columns.items():
-            finite = values[np.isfinite(values)]
-            if key not in ("step", "epoch") and finite.size:
-                out[key] = float(finite[-1])
-        return out
-
-
-def _float(text: str | None) -> float:
-    try:
-        return float(text) if text not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
-
-
-def read_accuracy_matrix(path: Path) -> tuple[list[str], np.ndarray]:
-    """(task names, R (T, T)) from the CSV `save_accuracy_matrix_csv` writes."""
-    with path.open(newline="") as f:
-        header, *rows = list(csv.reader(f))
-    return header[1:], np.array([[_float(v) for v in row[1:]] for row in rows], dtype=float)
-
-
-def is_run(folder: Path) -> bool:
-    return any((folder / "csv").glob("version_*/metrics.csv"))
-
-
-def sweep_runs(folder: Path) -> list[Path]:
-    """Job folders of a multirun (`0/`, `1/`, …, numerically ordered), finished or not."""
-    jobs = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
-    return sorted(jobs, key=lambda p: int(p.name))
-
-
-# -- plots -------------------------------------------------------------------------------------
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def task_boundaries(metrics: Metrics, epochs_per_task: int | None) -> list[float]:
-    """Steps where a task stream moved to its next task (first step of each later task)."""
-    if not epochs_per_task or "epoch" not in metrics.columns:
-        return []
-    steps, epochs = metrics.series("epoch")
-    tasks = epochs // epochs_per_task
-    return [float(steps[i]) for i in range(1, len(tasks)) if tasks[i] > tasks[i - 1]]
-
-
-def plot_learning_curves(
-    metrics: Metrics, path: Path, boundaries: Sequence[float] = ()
-) -> Path | None:
-    """One panel per `CURVE_PANELS` entry that has data, metric vs optimizer step.
-
-    `boundaries` (steps) are drawn as dashed lines: where a task stream changed task, so
-    forgetting shows as an earlier task's validation curve rising or falling after them.
-    """
-    panels = [(t, metrics.matching(p)) for t, p in CURVE_PANELS]
-    panels = [(t, keys) for t, keys in panels if keys]
-    if not panels:
-        return None
-    cols = min(2, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig = _figure(6.0 * cols, 3.6 * rows)
-    for i, (title, keys) in enumerate(panels):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        for key in keys:
-            steps, values = metrics.series(key)
-            ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=key)
-        for step in boundaries:
-            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
-        ax.set(title=title, xlabel="step" + (" (dashed: next task)" if boundaries else ""))
-        if title == "learning rate":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_expert_load_over_training(
-    steps: np.ndarray, load: np.ndarray, layers: Sequence[int], path: Path
-) -> Path:
-    """One heatmap per MoE layer: logging window (rows, by step) × expert, load fraction."""
-    n = len(layers)
-    cols = min(2, n)
-    rows = math.ceil(n / cols)
-    experts = load.shape[2]
-    fig = _figure(max(4.0, 0.5 * experts + 2.5) * cols, max(2.8, 0.25 * len(steps) + 1.6) * rows)
-    vmax = np.nanmax(load) if np.isfinite(load).any() else 1.0
-    for i, layer in enumerate(layers):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        image = ax.imshow(load[:, i, :], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
-        ax.set(title=f"layer {layer}", xlabel="expert", ylabel="step")
-        ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int)
-        ax.set_yticks(ticks, [str(int(steps[t])) for t in ticks])
-        ax.set_xticks(range(experts))
-        fig.colorbar(image, ax=ax, label="fraction of token-slots")
-    return _save(fig, path)
-
-
-def plot_fewshot(final: dict[str, float], path: Path) -> Path | None:
-    """Bars of few-shot accuracy (adapted vs raw prototypes) per split with 95% CIs.
-
-    Drawn only for few-shot runs: those that log `<split>/acc_ci95` or `raw_proto_acc`.
-    """
-    if not any(k.endswith(("/acc_ci95", "/raw_proto_acc")) for k in final):
-        return None
-    bars = [
-        (f"{split} {label}", final[f"{split}/{key}"], final.get(f"{split}/{key}_ci95", 0.0))
-        for split in ("val", "test")
-        for key, label in FEWSHOT
-        if f"{split}/{key}" in final
-    ]
-    if not bars:
-        return None
-    fig = _figure(1.6 * len(bars) + 2.0, 3.6)
-    ax = fig.add_subplot()
-    names, means, cis = zip(*bars, strict=True)
-    ax.bar(range(len(bars)), means, yerr=cis, capsize=6, color="tab:blue", alpha=0.8)
-    ax.set_xticks(range(len(bars)), names, rotation=15)
-    ax.set(ylabel="accuracy", ylim=(0.0, 1.0), title="few-shot accuracy (95% CI over episodes)")
-    ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_sweep_curves(
-    runs: dict[str, Metrics], key: str, path: Path, labels: dict[str, str] | None = None
-) -> Path | None:
-    """`key` vs step for every run of a sweep, on one axis; legend: each run's overrides."""
-    curves = {name: m.series(key) for name, m in runs.items() if key in m.matching(re.escape(key))}
-    if not curves:
-        return None
-    fig = _figure(7.0, 4.0)
-    ax = fig.add_subplot()
-    for name, (steps, values) in curves.items():
-        label = (labels or {}).get(name) or name
-        ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=label)
-    ax.set(title=f"{key} per run", xlabel="step", ylabel=key)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
-
-
-# -- one run -----------------------------------------------------------------------------------
 @dataclass
 class Report:
     """Markdown lines and the images they show, written under `folder`."""
@@ -275,14 +79,14 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
     metrics = Metrics.read(run_dir)
     report.final = final = metrics.final()
     report.lines += [f"# Run report: `{run_dir}`", ""]
-    overrides = _overrides(run_dir)
+    overrides = run_overrides(run_dir)
     if overrides:
         report.lines += ["Overrides: " + " ".join(f"`{o}`" for o in overrides), ""]
     _headline(run_dir, final, report)
     report.lines += ["## All final metrics", ""]
     report.table(["metric", "value"], [[k, _fmt(v)] for k, v in sorted(final.items())])
     report.lines += ["## Plots", ""]
-    epochs_per_task = _run_setting(run_dir, "data.epochs_per_task")
+    epochs_per_task = run_setting(run_dir, "data.epochs_per_task")
     boundaries = task_boundaries(metrics, int(epochs_per_task) if epochs_per_task else None)
     curves = plot_learning_curves(metrics, report.folder / "learning_curves.png", boundaries)
     report.image("Learning curves", curves, "learning_curves")
@@ -399,24 +203,6 @@ def _continual_section(run_dir: Path, report: Report) -> None:
         report.image(title, png, stem)
 
 
-def _overrides(run_dir: Path) -> list[str]:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return [str(o) for o in (yaml.safe_load(path.read_text()) or [])] if path.is_file() else []
-
-
-# -- sweeps ------------------------------------------------------------------------------------
-def _run_setting(run_dir: Path, key: str, default: str | None = None) -> str | None:
-    """A key of the run's saved Hydra config (`optimized_metric`, `hydra.sweeper.direction`)."""
-    for name in ("config.yaml", "hydra.yaml"):
-        path = run_dir / ".hydra" / name
-        node = yaml.safe_load(path.read_text()) if path.is_file() else None
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return str(node)
-    return default
-
-
 def best_run(
     names: list[str],
     overrides: dict[str, dict[str, str]],
@@ -453,12 +239,12 @@ def sweep_report(folder: Path) -> Report:
     report = Report(folder / "report")
     jobs = sweep_runs(folder)
     runs = {j.name: Metrics.read(j) for j in jobs if is_run(j)}
-    overrides = {j.name: dict(o.split("=", 1) for o in _overrides(j) if "=" in o) for j in jobs}
+    overrides = {j.name: dict(o.split("=", 1) for o in run_overrides(j) if "=" in o) for j in jobs}
     finals = {name: m.final() for name, m in runs.items()}
     names = [j.name for j in jobs]
     first = jobs[0] if jobs else folder
-    metric = _run_setting(first, "optimized_metric", "val/loss")
-    direction = _run_setting(first, "hydra.sweeper.direction")
+    metric = run_setting(first, "optimized_metric", "val/loss")
+    direction = run_setting(first, "hydra.sweeper.direction")
     if direction not in ("minimize", "maximize"):
         direction = "maximize" if metric.endswith("acc") else "minimize"
     results_path = folder / "optimization_results.yaml"

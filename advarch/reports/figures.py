@@ -1,0 +1,131 @@
+"""The report's PNG figures, drawn with matplotlib's Agg canvas (no display needed)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from advarch.reports.run_folders import Metrics
+
+CURVE_PANELS = (  # (title, column pattern) — a panel is drawn when any column matches
+    ("loss", r"(train|val)/loss"),
+    ("accuracy", r"train/acc_epoch|val/acc"),
+    ("validation accuracy per task", r"val/task_\d+/acc"),
+    ("validation bits per byte per task", r"val/task_\d+/bpb"),
+    ("router entropy (nats)", r"moe/layer\d+/entropy"),
+    ("learning rate", r"lr-.*"),
+)
+FEWSHOT = (("acc", "adapted"), ("raw_proto_acc", "raw prototypes"))
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_learning_curves(
+    metrics: Metrics, path: Path, boundaries: Sequence[float] = ()
+) -> Path | None:
+    """One panel per `CURVE_PANELS` entry that has data, metric vs optimizer step.
+
+    `boundaries` (steps) are drawn as dashed lines: where a task stream changed task, so
+    forgetting shows as an earlier task's validation curve rising or falling after them.
+    """
+    panels = [(t, metrics.matching(p)) for t, p in CURVE_PANELS]
+    panels = [(t, keys) for t, keys in panels if keys]
+    if not panels:
+        return None
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = _figure(6.0 * cols, 3.6 * rows)
+    for i, (title, keys) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for key in keys:
+            steps, values = metrics.series(key)
+            ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=key)
+        for step in boundaries:
+            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+        ax.set(title=title, xlabel="step" + (" (dashed: next task)" if boundaries else ""))
+        if title == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_expert_load_over_training(
+    steps: np.ndarray, load: np.ndarray, layers: Sequence[int], path: Path
+) -> Path:
+    """One heatmap per MoE layer: logging window (rows, by step) × expert, load fraction."""
+    n = len(layers)
+    cols = min(2, n)
+    rows = math.ceil(n / cols)
+    experts = load.shape[2]
+    fig = _figure(max(4.0, 0.5 * experts + 2.5) * cols, max(2.8, 0.25 * len(steps) + 1.6) * rows)
+    vmax = np.nanmax(load) if np.isfinite(load).any() else 1.0
+    for i, layer in enumerate(layers):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        image = ax.imshow(load[:, i, :], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+        ax.set(title=f"layer {layer}", xlabel="expert", ylabel="step")
+        ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int)
+        ax.set_yticks(ticks, [str(int(steps[t])) for t in ticks])
+        ax.set_xticks(range(experts))
+        fig.colorbar(image, ax=ax, label="fraction of token-slots")
+    return _save(fig, path)
+
+
+def plot_fewshot(final: dict[str, float], path: Path) -> Path | None:
+    """Bars of few-shot accuracy (adapted vs raw prototypes) per split with 95% CIs.
+
+    Drawn only for few-shot runs: those that log `<split>/acc_ci95` or `raw_proto_acc`.
+    """
+    if not any(k.endswith(("/acc_ci95", "/raw_proto_acc")) for k in final):
+        return None
+    bars = [
+        (f"{split} {label}", final[f"{split}/{key}"], final.get(f"{split}/{key}_ci95", 0.0))
+        for split in ("val", "test")
+        for key, label in FEWSHOT
+        if f"{split}/{key}" in final
+    ]
+    if not bars:
+        return None
+    fig = _figure(1.6 * len(bars) + 2.0, 3.6)
+    ax = fig.add_subplot()
+    names, means, cis = zip(*bars, strict=True)
+    ax.bar(range(len(bars)), means, yerr=cis, capsize=6, color="tab:blue", alpha=0.8)
+    ax.set_xticks(range(len(bars)), names, rotation=15)
+    ax.set(ylabel="accuracy", ylim=(0.0, 1.0), title="few-shot accuracy (95% CI over episodes)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_sweep_curves(
+    runs: dict[str, Metrics], key: str, path: Path, labels: dict[str, str] | None = None
+) -> Path | None:
+    """`key` vs step for every run of a sweep, on one axis; legend: each run's overrides."""
+    curves = {name: m.series(key) for name, m in runs.items() if key in m.matching(re.escape(key))}
+    if not curves:
+        return None
+    fig = _figure(7.0, 4.0)
+    ax = fig.add_subplot()
+    for name, (steps, values) in curves.items():
+        label = (labels or {}).get(name) or name
+        ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=label)
+    ax.set(title=f"{key} per run", xlabel="step", ylabel=key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)

@@ -1,0 +1,104 @@
+"""Reading run and sweep folders: the CSV metrics log, task matrices, overrides, settings."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+
+@dataclass
+class Metrics:
+    """A run's CSV log as float columns (NaN where a row did not log the metric)."""
+
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> Metrics:
+        """Concatenate `csv/version_*/metrics.csv` in version order (a resumed run adds one)."""
+        rows: list[dict[str, str]] = []
+        files = sorted(
+            (run_dir / "csv").glob("version_*/metrics.csv"),
+            key=lambda p: int(p.parent.name.split("_")[-1]),
+        )
+        for path in files:
+            with path.open(newline="") as f:
+                rows += list(csv.DictReader(f))
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        return cls({k: np.array([_float(row.get(k)) for row in rows]) for k in keys})
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of the rows that logged `key`."""
+        values = self.columns[key]
+        ok = np.isfinite(values)
+        return self.columns.get("step", np.arange(len(values)))[ok], values[ok]
+
+    def matching(self, pattern: str) -> list[str]:
+        """Columns with at least one value whose name fully matches `pattern`."""
+        rx = re.compile(pattern)
+        return [k for k, v in self.columns.items() if rx.fullmatch(k) and np.isfinite(v).any()]
+
+    def final(self) -> dict[str, float]:
+        """The last logged value of every metric (step and epoch excluded)."""
+        out = {}
+        for key, values in self.columns.items():
+            finite = values[np.isfinite(values)]
+            if key not in ("step", "epoch") and finite.size:
+                out[key] = float(finite[-1])
+        return out
+
+
+def _float(text: str | None) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def read_accuracy_matrix(path: Path) -> tuple[list[str], np.ndarray]:
+    """(task names, R (T, T)) from the CSV `save_accuracy_matrix_csv` writes."""
+    with path.open(newline="") as f:
+        header, *rows = list(csv.reader(f))
+    return header[1:], np.array([[_float(v) for v in row[1:]] for row in rows], dtype=float)
+
+
+def is_run(folder: Path) -> bool:
+    return any((folder / "csv").glob("version_*/metrics.csv"))
+
+
+def sweep_runs(folder: Path) -> list[Path]:
+    """Job folders of a multirun (`0/`, `1/`, …, numerically ordered), finished or not."""
+    jobs = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(jobs, key=lambda p: int(p.name))
+
+
+def task_boundaries(metrics: Metrics, epochs_per_task: int | None) -> list[float]:
+    """Steps where a task stream moved to its next task (first step of each later task)."""
+    if not epochs_per_task or "epoch" not in metrics.columns:
+        return []
+    steps, epochs = metrics.series("epoch")
+    tasks = epochs // epochs_per_task
+    return [float(steps[i]) for i in range(1, len(tasks)) if tasks[i] > tasks[i - 1]]
+
+
+def run_overrides(run_dir: Path) -> list[str]:
+    """The run's command-line overrides (`.hydra/overrides.yaml`), as written."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in (yaml.safe_load(path.read_text()) or [])] if path.is_file() else []
+
+
+def run_setting(run_dir: Path, key: str, default: str | None = None) -> str | None:
+    """A key of the run's saved Hydra config (`optimized_metric`, `hydra.sweeper.direction`)."""
+    for name in ("config.yaml", "hydra.yaml"):
+        path = run_dir / ".hydra" / name
+        node = yaml.safe_load(path.read_text()) if path.is_file() else None
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return str(node)
+    return default

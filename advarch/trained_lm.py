@@ -1,0 +1,68 @@
+"""A trained language model rebuilt from its checkpoint, with what generating text needs.
+
+`load_lm` reads the checkpoint through `advarch.checkpoint` (the one reader), rebuilds the
+datamodule and model from the config the run saved, loads the weights and, for RETRO models,
+wires the datamodule's retrieval database as the `retrieve` callback that `generate` calls each
+time a chunk completes. Sampling itself lives in `advarch.generation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from advarch.checkpoint import load_with_config, model_weights
+from advarch.config.validate import ConfigError
+from advarch.generation import Retrieve
+from advarch.pipeline import build_datamodule, build_model
+
+
+@dataclass
+class LoadedLM:
+    """A language model rebuilt from a checkpoint, with what generating text needs."""
+
+    model: nn.Module
+    tokenizer: Any  # `encode_batch(texts)` and `decode(ids)`
+    eos_id: int
+    retrieve: Retrieve | None
+
+
+def load_lm(ckpt_path: str, device: str = "cpu") -> LoadedLM:
+    """Rebuild the decoder LM, its tokenizer and (RETRO) retriever from an advarch checkpoint.
+
+    Raises:
+        ConfigError: a missing file, a checkpoint without an advarch config, a model that is
+            not a language model, or weights that do not fit the rebuilt model.
+    """
+    ckpt, saved = load_with_config(ckpt_path)
+    datamodule, spec = build_datamodule(saved)
+    if spec.kind != "lm":
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} holds a {spec.kind} model; generation needs a language "
+            "model (data kind 'lm')"
+        )
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError(f"data._target_={saved.data._target_} exposes no tokenizer")
+    model = build_model(saved, spec)
+    try:
+        model.load_state_dict(model_weights(ckpt["state_dict"]))
+    except RuntimeError as err:
+        raise ConfigError(f"ckpt_path={ckpt_path!r}: weights do not fit the model: {err}") from err
+    retrieve = datamodule_retrieve(datamodule) if model.retro is not None else None
+    return LoadedLM(model.to(device).eval(), tokenizer, spec.eos_id, retrieve)
+
+
+def datamodule_retrieve(datamodule: Any) -> Retrieve | None:
+    """The `retrieve` callback over a prepared datamodule's retrieval database (None without)."""
+    retriever = getattr(datamodule, "retriever", None)
+    if retriever is None:
+        return None
+
+    def retrieve(chunk: torch.Tensor) -> torch.Tensor:
+        return retriever.db.query_neighbours(chunk.cpu().numpy())  # (B, 1, K, R)
+
+    return retrieve

@@ -1,0 +1,69 @@
+"""Runtime checks of plain config values (YAML scalars, lists, mappings) against type hints.
+
+One implementation for every schema: the `_target_` signatures Hydra configs point at
+(`advarch.config.validate`) and the typed block configs (`advarch.models.blocks.config`).
+It sits on its own so models and the Hydra edge can share it without importing each other.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Loose check of a plain value against a type hint (ints pass for floats)."""
+    if hint is inspect.Parameter.empty or hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, a) for a in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    base = origin or hint
+    if base in (list, tuple, Sequence) or (
+        isinstance(base, type) and issubclass(base, Sequence | tuple)
+    ):
+        return isinstance(value, Sequence) and not isinstance(value, str)
+    if base in (dict, Mapping) or (isinstance(base, type) and issubclass(base, Mapping)):
+        return isinstance(value, Mapping)
+    return True
+
+
+def hint_name(hint: Any) -> str:
+    """A type hint as a user reads it; Literal choices listed (`one of 'min', 'max'`)."""
+    choices, names = _literal_choices(hint)
+    if choices:
+        shown = [repr(c) for c in choices] + [n for n in names if n != "NoneType"]
+        return "one of " + ", ".join(shown) + (", null" if "NoneType" in names else "")
+    return _name(hint)
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _literal_choices(hint: Any) -> tuple[list[Any], list[str]]:
+    """(Literal values, names of the other types) of a hint, through Unions."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return list(typing.get_args(hint)), []
+    if origin in (typing.Union, types.UnionType):
+        choices, names = [], []
+        for arg in typing.get_args(hint):
+            c, n = _literal_choices(arg)
+            choices += c
+            names += n
+        return choices, names
+    return [], [_name(hint)]

@@ -1,0 +1,44 @@
+"""The report's figures: drawn when their data is there, skipped (None) when it is not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.image import imread
+
+from advarch.reports.figures import (
+    plot_expert_load_over_training,
+    plot_fewshot,
+    plot_learning_curves,
+    plot_sweep_curves,
+)
+from advarch.reports.run_folders import Metrics
+
+
+def assert_png(path: Path) -> None:
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image.std() > 0.01  # something was drawn
+
+
+def test_figures_are_drawn_from_their_data(tmp_path: Path) -> None:
+    steps = np.arange(5.0)
+    metrics = Metrics({"step": steps, "train/loss": 3 - steps, "val/acc": steps / 5})
+    assert_png(plot_learning_curves(metrics, tmp_path / "curves.png", boundaries=[2.0]))
+    load = np.random.default_rng(0).dirichlet(np.ones(4), size=(3, 2))  # (windows, layers, E)
+    assert_png(
+        plot_expert_load_over_training(np.array([1, 2, 3]), load, [0, 1], tmp_path / "l.png")
+    )
+    final = {"test/acc": 0.8, "test/acc_ci95": 0.05, "test/raw_proto_acc": 0.6}
+    assert_png(plot_fewshot(final, tmp_path / "fewshot.png"))
+    runs = {"0": metrics, "1": Metrics({"step": steps, "val/acc": steps / 4})}
+    assert_png(plot_sweep_curves(runs, "val/acc", tmp_path / "sweep.png", {"0": "lr=1e-3"}))
+
+
+def test_figures_without_data_are_skipped(tmp_path: Path) -> None:
+    empty = Metrics({"step": np.arange(3.0), "other": np.ones(3)})
+    assert plot_learning_curves(empty, tmp_path / "curves.png") is None
+    assert plot_fewshot({"test/acc": 0.9}, tmp_path / "fewshot.png") is None  # not few-shot
+    assert plot_sweep_curves({"0": empty}, "val/acc", tmp_path / "sweep.png") is None
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,304 @@
+"""The continual base (`strategy=naive`) as pure units: the task matrix, task boundaries, the
+per-task metric, expert ownership and the resume state.
+
+No Trainer runs: a stand-in holds what the strategy reads from one (the stream, the epoch,
+the run folder), and the model is a lookup table whose accuracy on every task is set by hand,
+so each expected matrix entry is known exactly. Every test takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from advarch.checkpoint import CheckpointError
+from advarch.continual_metrics import continual_summary
+from advarch.models.output import ModelOutput
+from advarch.spec import DataSpec, TaskSchedule
+from advarch.strategies.continual import ContinualStrategy
+
+T, N = 3, 4  # tasks; validation examples per task (example i of task j has input id j·N + i)
+SPEC = DataSpec(kind="classification", num_features=1, num_classes=2, task_names=("a", "b", "c"))
+
+
+class LookupModel(nn.Module):
+    """Predicts class 0 for the input ids in `right`, class 1 otherwise (every label is 0), so
+    its accuracy on task j is the fraction of task j's ids in `right`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(T * N, 2))
+        self.modes: list[bool] = []  # `training` at every forward
+
+    def set_right(self, per_task: list[int]) -> None:
+        """The first per_task[j] examples of task j are answered right."""
+        with torch.no_grad():
+            self.logits.copy_(torch.tensor([0.0, 1.0]))
+            for j, k in enumerate(per_task):
+                self.logits[j * N : j * N + k] = torch.tensor([1.0, 0.0])
+
+    def forward(self, inputs: torch.Tensor, **kwargs: Any) -> ModelOutput:
+        self.modes.append(self.training)
+        return ModelOutput(logits=self.logits[inputs[:, 0]], aux_loss=torch.zeros(()))
+
+
+def val_loaders(batch_size: int = 3) -> list[list[dict[str, torch.Tensor]]]:
+    """One loader (a list of batches) per task; the last batch of each is short."""
+    loaders = []
+    for j in range(T):
+        ids = torch.arange(j * N, (j + 1) * N)[:, None]
+        loaders.append(
+            [
+                {
+                    "inputs": ids[i : i + batch_size],
+                    "labels": torch.zeros(len(ids[i : i + batch_size]), dtype=torch.long),
+                }
+                for i in range(0, N, batch_size)
+            ]
+        )
+    return loaders
+
+
+class Stream:
+    """A task stream (`advarch.spec.TaskStream`) of fixed per-task validation batches."""
+
+    seed = 0
+    joint = False
+
+    def __init__(self, epochs_per_task: int = 2, num_tasks: int = T) -> None:
+        self.schedule = TaskSchedule(num_tasks=num_tasks, epochs_per_task=epochs_per_task)
+        self.loaders = val_loaders()
+
+    @property
+    def trainer_overrides(self) -> dict[str, int]:
+        return self.schedule.trainer_overrides
+
+    def task_loader(
+        self, split: str, task: int, batch_size: int, shuffle: bool, seed: int
+    ) -> list[dict[str, torch.Tensor]]:
+        return self.loaders[task]
+
+    def val_dataloader(self) -> list[list[dict[str, torch.Tensor]]]:
+        return self.loaders
+
+    def train_jointly(self, joint: bool) -> None:
+        self.joint = joint
+
+
+class Recording(ContinualStrategy):
+    """The naive strategy, recording consolidations and logged values instead of a logger."""
+
+    def __init__(self, model: nn.Module, spec: DataSpec = SPEC, **kwargs: Any) -> None:
+        super().__init__(model, spec, **kwargs)
+        self.consolidated: list[int] = []
+        self.logged: list[dict[str, float]] = []
+
+    def consolidate(self, task: int) -> None:
+        self.consolidated.append(task)
+
+    def log_dict(self, dictionary: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        self.logged.append({k: float(v) for k, v in dictionary.items()})
+
+
+def attach(module: ContinualStrategy, root: Path, stream: Stream | None = None, **state: Any):
+    """A stand-in Trainer holding the stream, the epoch and the run folder."""
+    trainer = SimpleNamespace(
+        datamodule=stream or Stream(),
+        current_epoch=0,
+        global_step=0,
+        max_epochs=None,
+        max_steps=-1,
+        should_stop=False,
+        is_global_zero=True,
+        default_root_dir=str(root),
+        loggers=[],
+        checkpoint_callback=None,
+    )
+    vars(trainer).update(state)
+    module.trainer = trainer
+    return trainer
+
+
+def naive(tmp_path: Path, **state: Any) -> tuple[Recording, LookupModel]:
+    model = LookupModel()
+    module = Recording(model)
+    attach(module, tmp_path, **state)
+    return module, model
+
+
+# -- evaluating every task ---------------------------------------------------------------------
+def test_evaluate_tasks_gives_each_tasks_accuracy_in_eval_mode(tmp_path: Path) -> None:
+    module, model = naive(tmp_path)
+    model.set_right([4, 2, 1])
+    module.train()
+    values = module.evaluate_tasks()
+    torch.testing.assert_close(values, torch.tensor([1.0, 0.5, 0.25]))
+    assert model.modes and not any(model.modes)  # dropout off while measuring
+    assert module.training  # and training mode restored afterwards
+
+
+def test_evaluate_tasks_needs_one_validation_loader_per_task(tmp_path: Path) -> None:
+    module, _ = naive(tmp_path)
+    module.trainer.datamodule.loaders.pop()
+    with pytest.raises(ValueError, match="2 validation loaders for 3 tasks"):
+        module.evaluate_tasks()
+
+
+# -- task boundaries ---------------------------------------------------------------------------
+def test_finishing_tasks_fills_the_matrix_row_by_row(tmp_path: Path) -> None:
+    """Row i of R is the evaluation right after task i; a task finishes once; every task but
+    the last is consolidated; the logged summary is `continual_summary` of the seen block."""
+    module, model = naive(tmp_path)
+    model.set_right([0, 0, 0])
+    module.initial_accuracy = module.evaluate_tasks()  # what on_train_start measures
+    rows = [[4, 1, 0], [2, 4, 2], [1, 3, 4]]  # right answers after training task 0, 1, 2
+    for task, right in enumerate(rows):
+        model.set_right(right)
+        module.finish_task(task)
+        model.set_right([0, 0, 0])  # a repeated boundary must not re-measure
+        module.finish_task(task)
+        assert module.finished_tasks == task + 1
+    want = torch.tensor(rows, dtype=torch.float32) / N
+    torch.testing.assert_close(module.accuracy_matrix, want)
+    assert module.consolidated == [0, 1]
+    assert len(module.logged) == T
+    final = continual_summary(want.numpy(), module.initial_accuracy.numpy(), "acc")
+    assert module.logged[-1] == pytest.approx({f"cl/{k}": v for k, v in final.items()})
+    assert "cl/bwt" not in module.logged[0]  # one task seen: BWT is NaN and not logged
+    with (tmp_path / "continual" / "accuracy_matrix.csv").open() as f:
+        table = list(csv.reader(f))
+    assert len(table) == T + 1 and [float(c) for c in table[-1][1:]] == want[-1].tolist()
+
+
+def test_a_half_finished_matrix_holds_nan_for_unfinished_tasks(tmp_path: Path) -> None:
+    module, model = naive(tmp_path)
+    model.set_right([4, 4, 4])
+    module.finish_task(0)
+    assert module.accuracy_matrix[0].tolist() == [1.0, 1.0, 1.0]
+    assert torch.isnan(module.accuracy_matrix[1:]).all()
+
+
+def test_a_resumed_run_catches_up_on_missed_boundaries(tmp_path: Path) -> None:
+    """Resumed in epoch 4 (task 2 of 3 × 2 epochs) from a checkpoint saved before task 0's
+    boundary work: both missed boundaries are finished, in order, before training goes on."""
+    module, model = naive(tmp_path, current_epoch=4)
+    model.set_right([3, 3, 3])
+    module.on_train_epoch_start()
+    assert module.finished_tasks == 2 and module.consolidated == [0, 1]
+    assert torch.isfinite(module.accuracy_matrix[:2]).all()
+    assert torch.isnan(module.accuracy_matrix[2]).all()
+
+
+@pytest.mark.parametrize(
+    ("state", "ends"),
+    [
+        ({}, [False, True, False, True, False, True]),  # the schedule: every 2nd epoch
+        ({"should_stop": True}, [True] * 6),  # early stopping ends the task in progress
+        ({"max_steps": 5, "global_step": 5}, [True] * 6),  # so does running out of steps
+        ({"max_epochs": 3}, [False, True, True, True, True, True]),  # and the last epoch
+    ],
+)
+def test_a_task_ends_at_its_boundary_or_when_training_stops(
+    tmp_path: Path, state: dict[str, Any], ends: list[bool]
+) -> None:
+    module, _ = naive(tmp_path)
+    got = []
+    for epoch in range(6):
+        attach(module, tmp_path, module.trainer.datamodule, current_epoch=epoch, **state)
+        got.append(module._task_ends_now())
+    assert got == ends
+
+
+def test_without_a_stream_the_whole_run_is_one_task(tmp_path: Path) -> None:
+    module, _ = naive(tmp_path, datamodule=SimpleNamespace(), current_epoch=7)
+    assert module.current_task == 0
+
+
+# -- the per-task metric of language-model streams --------------------------------------------
+def test_lm_streams_score_bits_per_byte_of_each_domain(tmp_path: Path) -> None:
+    """Mean NLL in nats over real target tokens (padding dropped) → bits per byte with the
+    task's own bytes per token."""
+    spec = DataSpec(
+        kind="lm",
+        vocab_size=5,
+        seq_len=3,
+        pad_id=4,
+        task_names=("code", "prose"),
+        extras={"task_bytes_per_token": [2.0, 4.0]},
+    )
+    module = Recording(LookupModel(), spec)
+    logits = torch.randn(1, 3, 5)
+    labels = torch.tensor([[1, 4, 2]])  # the middle position is padding
+    scores = module.task_scores({"labels": labels}, ModelOutput(logits, torch.zeros(())))
+    want = -logits[0].log_softmax(-1)[[0, 2], [1, 2]]
+    torch.testing.assert_close(scores, want)
+    assert module.task_value(1, math.log(2) * 4.0).item() == pytest.approx(1.0)
+    assert module.task_value(0, math.log(2) * 4.0).item() == pytest.approx(2.0)
+
+
+# -- expert ownership --------------------------------------------------------------------------
+class FakeMoE(nn.Module):
+    def __init__(self, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.soft = num_experts, top_k, False
+
+
+class MoEModel(LookupModel):
+    def __init__(self, num_experts: int, top_k: int = 1) -> None:
+        super().__init__()
+        self.moe = nn.ModuleList([FakeMoE(num_experts, top_k) for _ in range(2)])
+
+    def moe_layers(self) -> list[nn.Module]:
+        return list(self.moe)
+
+
+def test_each_task_owns_a_block_of_experts_and_the_remainder_is_unused(tmp_path: Path) -> None:
+    module = Recording(MoEModel(num_experts=7), expert_masks=True)
+    assert module.expert_owner.tolist() == [0, 0, 1, 1, 2, 2, -1]
+    batch = {"task": torch.tensor([2, 0])}
+    mask = module.expert_mask(batch, routing_for_training=True)
+    assert mask.tolist() == [[False] * 4 + [True, True, False], [True, True] + [False] * 5]
+    with pytest.raises(ValueError, match="fewer than the 3 experts a token is routed to"):
+        Recording(MoEModel(num_experts=7, top_k=3), expert_masks=True)
+
+
+def test_class_incremental_evaluation_routes_over_all_experts(tmp_path: Path) -> None:
+    spec = DataSpec(
+        kind="classification", num_classes=2, task_names=("a", "b"), extras={"scenario": "class"}
+    )
+    module = Recording(MoEModel(num_experts=4), spec, expert_masks=True)
+    batch = {"task": torch.tensor([1])}
+    assert module.expert_mask(batch, routing_for_training=False) is None  # task id unknown
+    assert module.expert_mask(batch, routing_for_training=True).tolist() == [
+        [False, False, True, True]
+    ]
+
+
+# -- resume state ------------------------------------------------------------------------------
+def test_the_matrix_survives_a_checkpoint_and_a_different_stream_is_refused(
+    tmp_path: Path,
+) -> None:
+    module, model = naive(tmp_path, current_epoch=2)
+    model.set_right([4, 2, 0])
+    module.initial_accuracy = torch.tensor([0.5, 0.5, 0.5])
+    module.finish_task(0)
+    checkpoint: dict[str, Any] = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["continual"]["task"] == 1
+
+    resumed, _ = naive(tmp_path)
+    resumed.on_load_checkpoint(checkpoint)
+    torch.testing.assert_close(resumed.accuracy_matrix, module.accuracy_matrix, equal_nan=True)
+    torch.testing.assert_close(resumed.initial_accuracy, module.initial_accuracy)
+    assert resumed.finished_tasks == 1
+
+    other, _ = naive(tmp_path, datamodule=Stream(epochs_per_task=3))
+    with pytest.raises(CheckpointError, match=r"3 tasks x 2 epochs; this run has 3 x 3"):
+        other.on_load_checkpoint(checkpoint)

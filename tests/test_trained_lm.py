@@ -1,0 +1,49 @@
+"""Rebuilding a language model from its checkpoint: bad checkpoints are one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from advarch.config.validate import ConfigError
+from advarch.trained_lm import load_lm
+from tests.conftest import SMALL_TEXT
+
+
+def save_checkpoint(make_cfg, tmp_path: Path, overrides: list[str]) -> Path:
+    """An untrained module saved as `trainer.save_checkpoint` would (state dict + cfg)."""
+    from advarch.pipeline import build_all
+
+    cfg = make_cfg(["debug=tiny", *overrides])
+    _, _, module = build_all(cfg)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+def test_load_lm_rebuilds_the_saved_weights(make_cfg, tmp_path: Path) -> None:
+    ckpt = save_checkpoint(make_cfg, tmp_path, ["data=text", "model=transformer", *SMALL_TEXT])
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    lm = load_lm(str(ckpt))
+    assert not lm.model.training and lm.retrieve is None
+    assert lm.tokenizer.decode(lm.tokenizer.encode_batch(["héllo"])[0]) == "héllo"
+    weights = lm.model.state_dict()
+    assert weights.keys() == {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+    for name, value in weights.items():
+        torch.testing.assert_close(value, saved[f"model.{name}"], rtol=0, atol=0)
+
+
+def test_load_lm_rejects_bad_checkpoints(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_lm(str(tmp_path / "missing.ckpt"))
+    ckpt = save_checkpoint(make_cfg, tmp_path, ["data=digits", "model=transformer"])
+    with pytest.raises(ConfigError, match="classification model; generation needs"):
+        load_lm(str(ckpt))
+    ckpt = save_checkpoint(make_cfg, tmp_path, ["data=text", "model=transformer", *SMALL_TEXT])
+    state = torch.load(ckpt, weights_only=False)
+    state["hyper_parameters"]["cfg"]["model"]["dim"] *= 2  # the rebuilt model no longer fits
+    torch.save(state, ckpt)
+    with pytest.raises(ConfigError, match="weights do not fit the model"):
+        load_lm(str(ckpt))
