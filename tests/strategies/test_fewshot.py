@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
 import math
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -18,7 +16,6 @@ from torch.utils.data import DataLoader
 from advarch.config.validate import ConfigError
 from advarch.models import Model
 from advarch.models.output import ModelOutput
-from advarch.pipeline import build_all
 from advarch.spec import DataSpec
 from advarch.strategies.fewshot import (
     FewShotStrategy,
@@ -27,7 +24,13 @@ from advarch.strategies.fewshot import (
     prototypes,
 )
 from advarch.train import run
-from tests.strategies.conftest import FAST, fitting_models, model_overrides
+from tests.strategies.conftest import (
+    FAST,
+    final_module,
+    first_test_batches,
+    fitting_models,
+    model_overrides,
+)
 from tests.wandb_offline import history
 
 N_WAY = 3
@@ -248,19 +251,9 @@ def test_model_features_embed_the_episode() -> None:
     assert out.logits.shape == (6, N_WAY) and torch.isfinite(loss)
 
 
-def episodes_tested(cfg, count: int) -> list[dict[str, torch.Tensor]]:
-    """The first `count` test episodes of the run's data, drawn again from its config."""
-    datamodule, _, _ = build_all(cfg)
-    datamodule.setup("test")
-    return list(itertools.islice(datamodule.test_dataloader(), count))
-
-
 def checkpoint_accuracy(cfg, episodes: list[dict[str, torch.Tensor]]) -> float:
     """Mean ProtoNet query accuracy of the run's final checkpoint, from its model's features."""
-    _, _, module = build_all(cfg)
-    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
-    module.load_state_dict(state["state_dict"])
-    module.eval()
+    module = final_module(cfg)
     with torch.no_grad():
         return float(np.mean([
             nearest_mean_accuracy(module.embed(ep["support"]).features, ep["support_labels"],
@@ -296,7 +289,7 @@ def test_experiments_learn_and_report_the_raw_baseline(
     raw baseline is the nearest-class-mean accuracy of exactly the tested episodes."""
     cfg = make_cfg([*overrides, *EPISODES])
     metrics = run(cfg)
-    episodes = episodes_tested(cfg, 20)
+    episodes = first_test_batches(cfg, 20)
     raw = [nearest_mean_accuracy(ep["support"], ep["support_labels"], ep["query"],
                                  ep["query_labels"]) for ep in episodes]  # fmt: skip
     assert metrics["test/raw_proto_acc"] == pytest.approx(np.mean(raw), abs=1e-6)
@@ -323,5 +316,5 @@ def test_every_fitting_model_trains_fewshot(make_cfg, name: str) -> None:
     ]
     cfg = make_cfg(overrides)
     metrics = run(cfg)
-    accuracy = checkpoint_accuracy(cfg, episodes_tested(cfg, cfg.trainer.limit_test_batches))
+    accuracy = checkpoint_accuracy(cfg, first_test_batches(cfg, cfg.trainer.limit_test_batches))
     assert metrics["test/acc"] == pytest.approx(accuracy, abs=1e-6)
