@@ -24,10 +24,9 @@ from advarch.strategies.fewshot import (
     prototypes,
 )
 from advarch.train import run
+from tests.conftest import final_module, first_batches
 from tests.strategies.conftest import (
     FAST,
-    final_module,
-    first_test_batches,
     fitting_models,
     model_overrides,
 )
@@ -289,7 +288,7 @@ def test_experiments_learn_and_report_the_raw_baseline(
     raw baseline is the nearest-class-mean accuracy of exactly the tested episodes."""
     cfg = make_cfg([*overrides, *EPISODES])
     metrics = run(cfg)
-    episodes = first_test_batches(cfg, 20)
+    episodes = first_batches(cfg, "test", 20)
     raw = [nearest_mean_accuracy(ep["support"], ep["support_labels"], ep["query"],
                                  ep["query_labels"]) for ep in episodes]  # fmt: skip
     assert metrics["test/raw_proto_acc"] == pytest.approx(np.mean(raw), abs=1e-6)
@@ -316,5 +315,5 @@ def test_every_fitting_model_trains_fewshot(make_cfg, name: str) -> None:
     ]
     cfg = make_cfg(overrides)
     metrics = run(cfg)
-    accuracy = checkpoint_accuracy(cfg, first_test_batches(cfg, cfg.trainer.limit_test_batches))
+    accuracy = checkpoint_accuracy(cfg, first_batches(cfg, "test", cfg.trainer.limit_test_batches))
     assert metrics["test/acc"] == pytest.approx(accuracy, abs=1e-6)

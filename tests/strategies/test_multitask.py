@@ -11,10 +11,9 @@ from advarch.models.mmoe import MultiGateMoE
 from advarch.spec import DataSpec
 from advarch.strategies.multitask import MultiTaskStrategy, balanced_task_loss, gate_cosine
 from advarch.train import run
+from tests.conftest import final_module, first_batches
 from tests.strategies.conftest import (
     FAST,
-    final_module,
-    first_test_batches,
     fitting_models,
     model_overrides,
 )
@@ -239,7 +238,7 @@ def test_mmoe_synthetic_experiment_learns_both_tasks(make_cfg) -> None:
     (a constant predictor's MSE), so neither task is starved or given the other's targets."""
     cfg = make_cfg(["experiment=mmoe_synthetic", *LEARNING_MMOE])
     metrics = run(cfg)
-    targets = torch.cat([b["targets"] for b in first_test_batches(cfg, 100)])  # (N, 2)
+    targets = torch.cat([b["targets"] for b in first_batches(cfg, "test", 100)])  # (N, 2)
     for k, name in enumerate(("task_a", "task_b")):
         assert metrics[f"test/{name}/mse"] < 0.5 * targets[:, k].var(correction=0).item(), name
     assert 0.0 < metrics["multitask/gate_cosine"] <= 1.0 + 1e-6
@@ -263,7 +262,7 @@ def test_every_fitting_model_trains_multitask(make_cfg, name: str) -> None:
     cfg = make_cfg(overrides)
     metrics = run(cfg)
     module = final_module(cfg)
-    batches = first_test_batches(cfg, cfg.trainer.limit_test_batches)
+    batches = first_batches(cfg, "test", cfg.trainer.limit_test_batches)
     with torch.no_grad():
         preds = torch.cat([module(b).logits for b in batches])  # (N, 2)
     targets = torch.cat([b["targets"] for b in batches])
