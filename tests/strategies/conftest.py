@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import functools
+import itertools
+from pathlib import Path
+from typing import Any
 
+import lightning as L
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from advarch.config.compose import CONFIG_DIR
+from advarch.pipeline import build_all
 from tests.conftest import ROOT
 
 FAST = [
@@ -43,3 +49,19 @@ def model_overrides(name: str) -> list[str]:
     """Shrink a model config for a few-step run (only the size keys it has)."""
     cfg = composed_model(name)
     return [f"model.{k}={v}" for k, v in SIZES.items() if k in cfg]
+
+
+def final_module(cfg: DictConfig) -> L.LightningModule:
+    """The strategy of a finished run rebuilt from its config, with its last checkpoint's
+    weights, in eval mode: what its test metrics were computed with."""
+    _, _, module = build_all(cfg)
+    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    return module.eval()
+
+
+def first_test_batches(cfg: DictConfig, count: int) -> list[Any]:
+    """The first `count` test batches of the run's data, drawn again from its config."""
+    datamodule, _, _ = build_all(cfg)
+    datamodule.setup("test")
+    return list(itertools.islice(datamodule.test_dataloader(), count))
