@@ -46,7 +46,7 @@ from advarch.data.digits import DigitsDataModule
 from advarch.merging import MergeConfig, merge_checkpoints
 from advarch.pipeline import build_model
 from advarch.spec import DataSpec
-from advarch.strategies.finetune import accuracy
+from advarch.strategies.evaluation import accuracy
 from advarch.train import run
 
 TASKS = ([0, 1], [2, 3], [4, 5], [6, 7], [8, 9])

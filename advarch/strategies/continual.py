@@ -57,6 +57,7 @@ from advarch.continual_metrics import (
 from advarch.models.output import ExpertModel, ModelOutput, TaskHeads
 from advarch.spec import DataSpec, TaskSchedule, TaskStream
 from advarch.strategies.base import BaseStrategy
+from advarch.strategies.evaluation import mean_score
 from advarch.strategies.freezing import FrozenSlice, freeze
 from advarch.strategies.objectives import IGNORE, model_inputs, select_task_logits
 
@@ -252,11 +253,8 @@ class ContinualStrategy(BaseStrategy):
         self.eval()
         values = torch.zeros(self.num_tasks)
         for task, loader in enumerate(loaders):
-            total, count = 0.0, 0
-            for batch in self._batches(loader):
-                scores = self.task_scores(batch, self(batch))
-                total, count = total + float(scores.sum()), count + scores.numel()
-            values[task] = self.task_value(task, total / max(count, 1))
+            score = mean_score(self._batches(loader), lambda b: self.task_scores(b, self(b)))
+            values[task] = self.task_value(task, score)
         self.train(was_training)
         return values
 
