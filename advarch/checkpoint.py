@@ -19,6 +19,19 @@ from omegaconf import DictConfig, OmegaConf
 from advarch.config.validate import ConfigError
 
 PREFIX = "model."  # state-dict names of the LightningModule's model in every advarch checkpoint
+# Strategy keys of runs from before the optimizer and scheduler groups → the group holding each
+# now, and what those runs used: AdamW with a cosine schedule.
+MOVED_STRATEGY_KEYS = {
+    "lr": "optimizer",
+    "weight_decay": "optimizer",
+    "betas": "optimizer",
+    "warmup_steps": "scheduler",
+    "min_lr_ratio": "scheduler",
+}
+LEGACY_TARGETS = {
+    "optimizer": "torch.optim.AdamW",
+    "scheduler": "advarch.strategies.optimization.cosine",
+}
 
 
 class CheckpointError(ConfigError):
@@ -82,7 +95,20 @@ def saved_config(
             f"{key}={str(path)!r} has no saved advarch config (hyper_parameters.cfg); "
             "it was not written by advarch's train.py"
         )
-    return OmegaConf.create(saved)
+    return with_optimization_groups(OmegaConf.create(saved))
+
+
+def with_optimization_groups(cfg: DictConfig) -> DictConfig:
+    """The saved config of a run from before the optimizer/scheduler groups, its strategy's
+    lr, weight_decay, betas, warmup_steps and min_lr_ratio moved to the groups they meant."""
+    strategy = cfg.get("strategy")
+    if not strategy or "optimizer" in cfg:
+        return cfg
+    for group, target in LEGACY_TARGETS.items():
+        keys = [k for k, g in MOVED_STRATEGY_KEYS.items() if g == group and k in strategy]
+        moved = {k: strategy.pop(k) for k in keys}
+        cfg[group] = {"_target_": target, "_partial_": True, **moved}
+    return cfg
 
 
 def load_with_config(path: str | os.PathLike, key: str = "ckpt_path") -> tuple[dict, DictConfig]:

@@ -10,31 +10,44 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from advarch.checkpoint import MOVED_STRATEGY_KEYS
 from advarch.config.checks import check_collection, check_run_keys, check_trainer
 from advarch.config.validate import ConfigError, validate_node
 from advarch.models.model import Model
 from advarch.spec import DataSpec
+from advarch.strategies.base import BaseStrategy
 
 BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ConnectionError)
+SUPPLIED_TO = {  # arguments the code passes, not the config
+    "model": ("spec", "compile"),
+    "strategy": ("model", "spec", "optimizer", "scheduler"),
+    "optimizer": ("params",),
+    "scheduler": ("optimizer", "total_steps"),
+}
 
 
 def validate(cfg: DictConfig) -> None:
-    """One-line ConfigError for unknown keys or wrong types in data, model and strategy."""
-    for group, skip in (
-        ("data", ()),
-        ("model", ("spec", "compile")),
-        ("strategy", ("model", "spec")),
-    ):
+    """One-line ConfigError for unknown keys or wrong types in data, model, strategy,
+    optimizer and scheduler (the last two optional: a checkpoint from before they existed)."""
+    for name, group in MOVED_STRATEGY_KEYS.items():
+        if cfg.get("strategy") and name in cfg.strategy:
+            raise ConfigError(
+                f"strategy.{name} is now {group}.{name} (e.g. {group}.{name}="
+                f"{OmegaConf.select(cfg, f'strategy.{name}')})"
+            )
+    groups = ["data", "model", "strategy"] + [g for g in ("optimizer", "scheduler") if g in cfg]
+    for group in groups:
         if group not in cfg or cfg[group] is None:
             raise ConfigError(f"{group} is not set; choose one with {group}=<name>")
         if "_target_" not in cfg[group]:
             raise ConfigError(f"{group}._target_ is missing")
-        validate_node(cfg[group], group, skip)
+        validate_node(cfg[group], group, SUPPLIED_TO.get(group, ()))
     check_model_options(cfg.model)
 
 
@@ -83,9 +96,42 @@ def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
     return model
 
 
-def build_strategy(cfg: DictConfig, model: nn.Module, spec: DataSpec) -> L.LightningModule:
-    """The LightningModule, with the resolved config saved in its hyperparameters."""
-    module = instantiate(cfg.strategy, _partial_=True, _convert_="all")(model=model, spec=spec)
+def build_optimization(cfg: DictConfig) -> dict[str, Any]:
+    """The `optimizer` and `scheduler` factories of cfg's groups (an absent group leaves the
+    strategy's default), each tried on a one-number parameter: a bad value stops before work.
+    """
+    factories = {
+        group: instantiate(cfg[group], _partial_=True, _convert_="all")
+        for group in ("optimizer", "scheduler")
+        if cfg.get(group) is not None
+    }
+    lr = OmegaConf.select(cfg, "optimizer.lr")
+    if "optimizer" in factories and not (isinstance(lr, int | float) and lr > 0):
+        raise ConfigError(f"optimizer.lr={lr!r} must be a positive number")
+    param = nn.Parameter(torch.zeros(1))
+    tries = {
+        "optimizer": lambda make: make([param]),
+        "scheduler": lambda make: make(torch.optim.SGD([param], lr=1.0), 10),
+    }
+    for group, make in factories.items():
+        try:
+            tries[group](make)
+        except (ValueError, TypeError) as err:
+            message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(
+                message if message.startswith(f"{group}.") else f"{group}: {message}"
+            ) from err
+    return factories
+
+
+def build_strategy(
+    cfg: DictConfig, model: nn.Module, spec: DataSpec, optimization: dict[str, Any]
+) -> L.LightningModule:
+    """The LightningModule given `build_optimization(cfg)`, with the resolved config saved in
+    its hyperparameters."""
+    module = instantiate(cfg.strategy, _partial_=True, _convert_="all")(
+        model=model, spec=spec, **optimization
+    )
     module.hparams["cfg"] = OmegaConf.to_container(cfg, resolve=True)
     return module
 
@@ -94,9 +140,10 @@ def build_all(cfg: DictConfig) -> tuple[L.LightningDataModule, DataSpec, L.Light
     """Validate and build; any bad input surfaces as one ConfigError line naming the key."""
     try:
         validate(cfg)
+        optimization = build_optimization(cfg)
         datamodule, spec = build_datamodule(cfg)
         model = build_model(cfg, spec)
-        return datamodule, spec, build_strategy(cfg, model, spec)
+        return datamodule, spec, build_strategy(cfg, model, spec, optimization)
     except InstantiationException as err:
         cause = err.__cause__ or err
         if isinstance(cause, BAD_INPUT):
@@ -133,9 +180,9 @@ def instantiate_dict(node: DictConfig | None, group: str = "") -> list[Any]:
 
 def check_monitors(cfg: DictConfig, module: Any, callbacks: list[Any]) -> None:
     """`optimized_metric` and every callback's `monitor` must be a metric the strategy logs."""
-    names = module.metric_names() if hasattr(module, "metric_names") else None
-    if names is None:
+    if not isinstance(module, BaseStrategy):  # a user's own LightningModule: nothing to check
         return
+    names = module.metric_names()
     wanted = [("optimized_metric", cfg.get("optimized_metric"))]
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is not None and node.get("monitor") is not None:

@@ -1,13 +1,19 @@
-"""The DataSpec contract: what a datamodule tells the model builder.
+"""The data contracts: what a datamodule tells the model builder, the Trainer and strategies.
 
-It lives on its own so that `advarch.data` and `advarch.models` can both import it
-without either importing the other.
+`DataSpec` sizes the model; `TaskSchedule` says which task a stream trains in each epoch;
+`ConfiguresTrainer` and `TaskStream` are the interfaces train.py and the continual strategies
+call instead of probing datamodules for attributes. They live on their own so that
+`advarch.data`, `advarch.models` and `advarch.strategies` can import them without importing
+each other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 Kind = Literal["lm", "classification", "seq2seq", "regression"]
 
@@ -92,3 +98,42 @@ class TaskSchedule:
         return epoch + 1 >= self.max_epochs or self.task_of_epoch(epoch + 1) != self.task_of_epoch(
             epoch
         )
+
+
+@runtime_checkable
+class ConfiguresTrainer(Protocol):
+    """A datamodule that needs Trainer arguments (task streams, curricula); train.py applies
+    `trainer_overrides` when it builds the Trainer."""
+
+    @property
+    def trainer_overrides(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class TaskStream(ConfiguresTrainer, Protocol):
+    """A datamodule presenting a stream of tasks: what continual strategies call.
+
+    Implemented by `advarch.data.stream.TaskStreamMixin` (digits streams, text domains); the
+    contract in full is in that module's docstring.
+
+    Attributes:
+        schedule: the task of each epoch, a pure function of the (checkpointed) epoch.
+        seed: the stream's seed; strategies derive per-task seeds from it.
+    """
+
+    schedule: TaskSchedule
+    seed: int
+
+    def task_loader(
+        self, split: str, task: int, batch_size: int, shuffle: bool, seed: int
+    ) -> DataLoader:
+        """Batches of task `task`'s `split` set, shuffled reproducibly from `seed` if asked."""
+        ...
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One validation loader per task, all tasks (`dataloader_idx` == task id)."""
+        ...
+
+    def train_jointly(self, joint: bool) -> None:
+        """Serve every training epoch from ALL tasks at once (the joint upper bound) or not."""
+        ...

@@ -28,7 +28,7 @@ class RunIdentity:
     run_name: str
     job_type: str = "train"  # train | eval | sweep (a trial of a multirun)
     group: str | None = None  # the experiment or the sweep
-    trial: str = ""  # a sweep trial's own overrides, e.g. "model.depth=2 strategy.lr=0.001"
+    trial: str = ""  # a sweep trial's own overrides, e.g. "model.depth=2 optimizer.lr=0.001"
     choices: dict[str, str] = field(default_factory=dict)  # config group → chosen option
 
     @property

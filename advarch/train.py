@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
-from advarch.config.combinations import check_combination, with_default_data
+from advarch.config.combinations import check_combination, with_strategy_defaults
 from advarch.tracking import RunIdentity
 
 log = logging.getLogger("advarch")
@@ -43,6 +43,8 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
         instantiate_dict,
         validate_run,
     )
+    from advarch.spec import ConfiguresTrainer
+    from advarch.strategies.base import BaseStrategy
 
     quiet_lightning_logs()
     validate_run(cfg)  # every key, before any work
@@ -60,14 +62,14 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
 
     loggers = build_loggers(cfg, identity or RunIdentity(cfg.run_name), module, ckpt)
     # datamodules whose train loader changes with the epoch (continual streams, curricula)
-    trainer_overrides: dict[str, Any] = getattr(datamodule, "trainer_overrides", {})
+    overrides = datamodule.trainer_overrides if isinstance(datamodule, ConfiguresTrainer) else {}
     trainer: L.Trainer = instantiate_checked(
         cfg.trainer,
         "trainer",
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(output_dir),
-        **trainer_overrides,
+        **overrides,
     )
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger" and rank_zero_only.rank == 0:
@@ -81,10 +83,11 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
             if type(trainer.strategy.launcher).__name__ != "_MultiProcessingLauncher":
                 trainer.save_checkpoint(last)
             metrics.update(scalar_metrics(trainer))
-            if (
-                getattr(module, "validated_at_step", None) != trainer.global_step
-                and not trainer.fast_dev_run
-            ):  # the last validation predates the final weights: validate them
+            validated = isinstance(module, BaseStrategy) and (
+                module.validated_at_step == trainer.global_step
+            )
+            if not validated and not trainer.fast_dev_run:
+                # the last validation predates the final weights: validate them
                 trainer.validate(module, datamodule=datamodule, verbose=False)
                 metrics.update(scalar_metrics(trainer))  # (validate resets the others)
         if cfg.get("test", True):
@@ -186,8 +189,9 @@ def _finish_wandb() -> None:
 
 
 def main() -> None:
-    """The command line: the strategy's default data added (`with_default_data`), then Hydra."""
-    sys.argv[1:] = with_default_data(sys.argv[1:])
+    """The command line: the strategy's default data and optimisation added
+    (`with_strategy_defaults`), then Hydra."""
+    sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
     hydra_main()
 
 

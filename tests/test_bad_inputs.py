@@ -132,9 +132,16 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["model.activation=bogus"], "model.activation='bogus'"),
     # strategy
     ("train", ["strategy=bogus"], "strategy"),
-    ("train", ["strategy.lr=-1"], "strategy.lr=-1"),
-    ("train", ["strategy.lr=abc"], "strategy.lr='abc'"),
-    ("train", ["strategy.warmup_steps=-1"], "strategy.warmup_steps=-1"),
+    ("train", ["+strategy.lr=1e-3"], "strategy.lr is now optimizer.lr"),
+    # optimizer, scheduler
+    ("train", ["optimizer=bogus"], "optimizer"),
+    ("train", ["optimizer.lr=-1"], "optimizer.lr=-1"),
+    ("train", ["optimizer.lr=abc"], "optimizer.lr='abc'"),
+    ("train", ["optimizer=sgd", "optimizer.momentum=-1"], "optimizer: Invalid momentum value"),
+    ("train", ["+optimizer.bogus=1"], "optimizer.bogus is not an option"),
+    ("train", ["scheduler.warmup_steps=-1"], "scheduler.warmup_steps=-1"),
+    ("train", ["scheduler.min_lr_ratio=2"], "scheduler.min_lr_ratio=2"),
+    ("train", ["scheduler=constant", "+scheduler.min_lr_ratio=0.5"], "scheduler.min_lr_ratio"),
     ("train", ["strategy=ewc", *STREAM, "strategy.mode=bogus"], "'separate', 'online'"),
     ("train", ["strategy=ewc", *STREAM, "strategy.ewc_lambda=-1"], "strategy.ewc_lambda=-1"),
     ("train", ["strategy=ewc", *STREAM, "strategy.gamma=2"], "strategy.gamma=2"),
@@ -283,7 +290,7 @@ def test_table_is_large_enough() -> None:
 
 
 def test_nan_message_says_no_checkpoint_exists(tmp_path: Path, capsys) -> None:
-    args = [*TINY, "strategy.lr=1e6", "strategy.warmup_steps=0", "trainer.gradient_clip_val=null"]
+    args = [*TINY, "optimizer.lr=1e6", "scheduler.warmup_steps=0", "trainer.gradient_clip_val=null"]
     args += ["callbacks.model_checkpoint.every_n_train_steps=100", f"paths.cache_dir={tmp_path}/c"]
     code, line, text = call_entry("train", args, tmp_path / "run", capsys)
     assert code == 1 and "Traceback" not in text

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from advarch.config.combinations import DATA, STRATEGY_DATA, with_default_data
 from advarch.config.compose import CONFIG_DIR
 from advarch.config.validate import ConfigError
-from advarch.data.stream import TaskStream
+from advarch.spec import TaskStream
 from advarch.train import run
 from tests.conftest import ROOT, SMALL_TEXT
 from tests.strategies.conftest import FAST

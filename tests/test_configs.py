@@ -139,6 +139,8 @@ def test_every_option_is_run_somewhere() -> None:
             "throughput",
         },
         "hparams_search": {"optuna", "ewc_optuna"},  # test_readme, test_sweeps
+        "optimizer": {"adamw", "adam", "sgd"},  # every run; strategies/test_optimization
+        "scheduler": {"cosine", "linear", "constant"},  # every run; strategies/test_optimization
         "experiment": {
             "ewc_permuted_digits",  # strategies/test_ewc
             "naive_permuted_digits",
@@ -154,7 +156,8 @@ def test_every_option_is_run_somewhere() -> None:
         },
     }
     ran = {tuple(name.split("=")) for name in OPTION_RUNS}
-    for group in ("logger", "callbacks", "debug", "trainer", "experiment", "hparams_search"):
+    groups = ("logger", "callbacks", "debug", "trainer", "experiment", "hparams_search")
+    for group in (*groups, "optimizer", "scheduler"):
         missing = (
             set(options(group)) - elsewhere.get(group, set()) - {o for g, o in ran if g == group}
         )
@@ -221,8 +224,9 @@ BAD_CONFIGS = [
         ["data.dataset=someone/corpus", "data.max_documents=null"],
         r"data\.dataset='someone/corpus' needs the Hugging Face Hub",
     ),
-    (["strategy.lr=-1"], r"strategy\.lr=-1"),
-    (["strategy.lr=fast"], r"strategy\.lr='fast' has the wrong type"),
+    (["optimizer.lr=-1"], r"optimizer\.lr=-1 must be a positive number"),
+    (["optimizer.lr=fast"], r"optimizer\.lr='fast' must be a positive number"),
+    (["scheduler.warmup_steps=fast"], r"scheduler\.warmup_steps='fast' has the wrong type"),
     (["+strategy.momentum=0.9"], r"strategy\.momentum is not an option"),
     (["ckpt_path=/nonexistent/last.ckpt"], r"ckpt_path='/nonexistent/last\.ckpt' is not a file"),
 ]

@@ -72,7 +72,7 @@ def test_optuna_sweep_as_typed(project: Project) -> None:
     folder = out.check().sweep_dir
     rows = summary_rows(folder)
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
-    assert {"strategy.lr", "strategy.weight_decay", "model.dim"} <= set(rows[0])
+    assert {"optimizer.lr", "optimizer.weight_decay", "model.dim"} <= set(rows[0])
     # each trial's value is its own run's final val/loss, and Optuna's best is the smallest
     for row in rows:
         final = series(read_metrics(folder / row["trial"]), "val/loss")[-1]
@@ -90,7 +90,7 @@ def test_wandb_run_carries_config_identity_and_summary(project: Project) -> None
     run = offline_run(run_dir)
     config = run["config"]
     assert config["model"]["dim"] == 32 and config["model"]["moe"]["num_experts"] == 8
-    assert config["seed"] == 7 and config["strategy"]["lr"] > 0 and config["data"]["seq_len"]
+    assert config["seed"] == 7 and config["optimizer"]["lr"] > 0 and config["data"]["seq_len"]
     assert config["params"]["total"] >= config["params"]["trainable"] > 0
     assert len(config["git"]["commit"]) == 40 and isinstance(config["git"]["dirty"], bool)
     assert len(config["data_fingerprint"]) == 12

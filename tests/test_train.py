@@ -20,7 +20,7 @@ def test_fast_dev_run_plain_transformer(make_cfg) -> None:
 
 def test_tiny_run_learns_and_writes_outputs(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg(
-        [*TINY, "trainer.max_steps=30", "trainer.val_check_interval=15", "strategy.lr=3e-3"]
+        [*TINY, "trainer.max_steps=30", "trainer.val_check_interval=15", "optimizer.lr=3e-3"]
     )
     metrics = run(cfg)
     out = Path(cfg.paths.output_dir)

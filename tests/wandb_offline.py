@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,46 @@ def _items(update: Any) -> dict[str, Any]:
     return {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in update}
 
 
+def _rows(update: Any) -> dict[str, Any]:
+    """History items as a nested dict: a media value's fields (`nested_key` [metric, field])
+    under its metric."""
+    row: dict[str, Any] = {}
+    for item in update:
+        *path, leaf = [item.key] if item.key else list(item.nested_key)
+        node = row
+        for key in path:
+            node = node.setdefault(key, {})
+        node[leaf] = json.loads(item.value_json)
+    return row
+
+
+def run_log(run_dir: Path) -> Path:
+    """The one offline run's `.wandb` record log under `run_dir` (W&B's save_dir)."""
+    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return log
+
+
+def finished_records(run_dir: Path, timeout: float = 60.0) -> list[pb.Record]:
+    """The records of a run finished in this process: `run.finish()` can return before W&B's
+    service has written the last rows, so wait (up to `timeout` s) for the final exit record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = records(run_log(run_dir))
+        if (out and out[-1].HasField("exit")) or time.monotonic() > deadline:
+            return out
+        time.sleep(0.1)
+
+
+def history(run_dir: Path) -> list[dict[str, Any]]:
+    """Every `wandb.log` row of a finished run, in order (media rows hold the file's path
+    under `<offline-run>/files/`)."""
+    return [_rows(r.history.item) for r in finished_records(run_dir) if r.HasField("history")]
+
+
 def offline_run(run_dir: Path) -> dict[str, Any]:
     """The run record (name, group, tags, job type), merged config and summary of a run folder."""
-    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     run: dict[str, Any] = {"config": {}, "summary": {}}
-    for record in records(log):
+    for record in records(run_log(run_dir)):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run

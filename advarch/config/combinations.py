@@ -2,11 +2,14 @@
 
 Two jobs, both before anything heavy is imported or read:
 
-- `with_default_data(overrides)`: each strategy brings a sensible data choice when the user
-  names none (`STRATEGY_DATA`): `strategy=ewc` → `data=text_domains` (continual language
-  modelling over domains). It rewrites the command-line overrides BEFORE Hydra composes, so
-  the chosen data shows in the config tree, `.hydra/overrides.yaml` and the run's choices
-  like any other. An explicit `data=` or an `experiment=` (which pins its data) always wins.
+- `with_strategy_defaults(overrides)`: each strategy brings a sensible data choice when the
+  user names none (`with_default_data`, `STRATEGY_DATA`): `strategy=ewc` → `data=text_domains`
+  (continual language modelling over domains), and the optimizer/scheduler values it trains
+  with (`with_default_optimization`, `STRATEGY_OPTIMIZATION`): `strategy=finetune` →
+  `scheduler.warmup_steps=20`. It rewrites the command-line overrides BEFORE Hydra composes,
+  so the choices show in the config tree, `.hydra/overrides.yaml` and the run's choices like
+  any other. The user's own `data=`, `optimizer…`/`scheduler…` keys or an `experiment=` (which
+  pins its own) always win.
 - `check_combination(cfg)`: an impossible model × data × strategy combination stops with one
   `ConfigError` line naming the keys and a combination that works, before the config tree is
   printed, before torch is imported and before any data is read.
@@ -33,6 +36,14 @@ STRATEGY_DATA = {
     "fewshot": "fewshot_synthetic",
 }
 PINS_DATA = ("data", "experiment")  # override keys after which the data choice is the user's
+# strategy → optimizer/scheduler values it trains with (the others keep configs/optimizer/adamw
+# and configs/scheduler/cosine as they are): episodes want less decay, fine-tunes of a frozen
+# base are short, so their warm-up is too.
+STRATEGY_OPTIMIZATION: dict[str, dict[str, float | int]] = {
+    "fewshot": {"optimizer.lr": 1e-3, "optimizer.weight_decay": 0.01},
+    "finetune": {"scheduler.warmup_steps": 20},
+    "retrofit": {"optimizer.lr": 3e-3, "scheduler.warmup_steps": 20},
+}
 
 
 @dataclass(frozen=True)
@@ -41,7 +52,7 @@ class DataFacts:
 
     Attributes:
         kind: `lm`, `classification`, `regression` or `seq2seq` (its DataSpec kind).
-        stream: a task stream (one task at a time; `advarch.data.stream.TaskStream`).
+        stream: a task stream (one task at a time; `advarch.spec.TaskStream`).
         multitask: several tasks served together in every batch.
         episodes: few-shot episodes (support/query batches).
         features: feature-vector inputs; None = `data.input_format` decides.
@@ -87,6 +98,21 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def _assignments(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if "=" in o and not o.startswith("-")]
+
+
+def _strategies(assignments: list[str]) -> list[str]:
+    """The strategies the (last) `strategy=` names: one, or several for a sweep `a,b`."""
+    strategies = [o.split("=", 1)[1] for o in assignments if _key(o) == "strategy"]
+    return [s.strip() for s in strategies[-1].split(",")] if strategies else []
+
+
+def with_strategy_defaults(overrides: list[str]) -> list[str]:
+    """The command line with the named strategy's default data and optimisation added."""
+    return with_default_optimization(with_default_data(overrides))
+
+
 def with_default_data(overrides: list[str]) -> list[str]:
     """`overrides` plus `data=<the strategy's default>` when they name a strategy with a
     default data (`STRATEGY_DATA`) and neither `data=` nor `experiment=`.
@@ -94,16 +120,26 @@ def with_default_data(overrides: list[str]) -> list[str]:
     A sweep over strategies (`strategy=naive,ewc`) gets the default only when every strategy
     in it has the same one. Command-line flags and other overrides pass through unchanged.
     """
-    assignments = [o for o in overrides if "=" in o and not o.startswith("-")]
+    assignments = _assignments(overrides)
     if any(_key(o) in PINS_DATA for o in assignments):
         return overrides
-    strategies = [o.split("=", 1)[1] for o in assignments if _key(o) == "strategy"]
-    if not strategies:
-        return overrides
-    defaults = {STRATEGY_DATA.get(s.strip()) for s in strategies[-1].split(",")}
+    defaults = {STRATEGY_DATA.get(s) for s in _strategies(assignments)}
     if len(defaults) != 1 or None in defaults:
         return overrides
     return [*overrides, f"data={defaults.pop()}"]
+
+
+def with_default_optimization(overrides: list[str]) -> list[str]:
+    """`overrides` plus the named strategy's `STRATEGY_OPTIMIZATION` values, each unless the
+    user sets that key, chooses another option of its group (`optimizer=sgd`) or an
+    `experiment=`; a sweep over strategies only when all of them have the same values."""
+    assignments = _assignments(overrides)
+    keys = {_key(o) for o in assignments}
+    values = {frozenset(STRATEGY_OPTIMIZATION.get(s, {}).items()) for s in _strategies(assignments)}
+    if "experiment" in keys or len(values) != 1:
+        return overrides
+    chosen = sorted(values.pop())
+    return [*overrides, *(f"{k}={v}" for k, v in chosen if not {k, k.split(".")[0]} & keys)]
 
 
 # -- impossible combinations ------------------------------------------------------------------

@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from advarch.config.combinations import with_default_data
+from advarch.config.combinations import with_strategy_defaults
 
 # The configs ship inside the package (advarch/configs), so a wheel install finds them anywhere.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -26,15 +26,15 @@ def compose_run(
 ) -> DictConfig:
     """`advarch/configs/<config_name>.yaml` with `overrides`, writing into `output_dir`.
 
-    Training configs get the strategy's default data as on the command line
-    (`advarch.config.combinations.with_default_data`).
+    Training configs get the strategy's default data and optimisation as on the command line
+    (`advarch.config.combinations.with_strategy_defaults`).
 
     `root_dir` (default: the working directory) anchors `outputs/cache` and `outputs/runs`.
     The config tree is not printed; the Hydra node is resolved away, so `run(cfg)` works
     outside `@hydra.main`.
     """
     if config_name == "train":
-        overrides = with_default_data(overrides)
+        overrides = with_strategy_defaults(overrides)
     GlobalHydra.instance().clear()
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)

@@ -22,7 +22,7 @@ log = logging.getLogger("advarch")
 WANDB_ID_FILE = "wandb_id.txt"
 
 
-RESUME_MUST_MATCH = ("model", "data", "strategy", "seed")  # what makes a checkpoint "this run"
+RESUME_MUST_MATCH = ("model", "data", "strategy", "optimizer", "scheduler", "seed")  # "this run"
 IRRELEVANT = {"data": ("cache_dir", "num_workers")}  # keys that change no result
 
 
@@ -64,7 +64,8 @@ def resolve_checkpoint(
     `None` → fresh start; `auto` → the newest readable checkpoint of this run name
     (`<runs_dir>/*/checkpoints/*.ckpt`, and the run's own `<output_dir>/checkpoints/`, where a
     requeued cluster job finds its own; newest first) written by a run of the same model,
-    data, strategy and seed as `cfg` (trainer settings such as max_steps may change);
+    data, strategy, optimizer, scheduler and seed as `cfg` (trainer settings such as max_steps
+    may change);
     unreadable or foreign ones are skipped with a warning naming the file and the reason.
     Anything else must be a readable checkpoint with training state (one CheckpointError
     line otherwise).

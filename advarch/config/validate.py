@@ -43,13 +43,7 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
         ConfigError: naming the first offending key.
     """
     target = _resolve_target(node["_target_"], key)
-    signature = inspect.signature(target)
-    try:
-        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-    except Exception:
-        hints = {}
-    params = signature.parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    params, hints, accepts_any = _signature(target)
     container = OmegaConf.to_container(node, resolve=True)
     for name, value in container.items():
         if name.startswith("_") or name in skip:
@@ -57,12 +51,38 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
         if name not in params:
             if accepts_any:
                 continue
-            known = ", ".join(p for p in params if p not in ("self", *skip))
+            known = ", ".join(p for p in params if p not in skip)
             raise ConfigError(
                 f"{key}.{name} is not an option of {node['_target_']} (options: {known})"
             )
-        hint = hints.get(name, params[name].annotation)
+        hint = hints[name]
         if not matches(value, hint):
             raise ConfigError(
                 f"{key}.{name}={value!r} has the wrong type (expected {hint_name(hint)})"
             )
+
+
+def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """(named parameters, type hints, takes any keyword) of a function or a class's __init__.
+
+    A class whose __init__ hands `**kwargs` on to its base class (`super().__init__(**base)`)
+    gets the base classes' parameters too, up to the first __init__ without `**kwargs`.
+    """
+    functions = [target]
+    if inspect.isclass(target):
+        functions = [c.__dict__["__init__"] for c in target.__mro__ if "__init__" in c.__dict__]
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for function in functions:
+        try:
+            own_hints = typing.get_type_hints(function)
+        except Exception:
+            own_hints = {}
+        own = inspect.signature(function).parameters
+        for name, param in own.items():
+            if name != "self" and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                params.setdefault(name, param)
+                hints.setdefault(name, own_hints.get(name, param.annotation))
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values()):
+            return params, hints, False
+    return params, hints, True

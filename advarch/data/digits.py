@@ -37,7 +37,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
 from advarch.data.loaders import make_dataset, make_loader
-from advarch.data.stream import TaskStream
+from advarch.data.stream import TaskStreamMixin
 from advarch.spec import DataSpec, TaskSchedule
 
 InputFormat = Literal["features", "tokens"]
@@ -213,12 +213,12 @@ class DigitsDataModule(_DigitsBase):
         return self._loader(self.data["test"], shuffle=False)
 
 
-class ContinualDataModule(TaskStream, _DigitsBase):
+class ContinualDataModule(TaskStreamMixin, _DigitsBase):
     """A stream of digit tasks trained one after another inside ONE `trainer.fit`.
 
     The stream contract (Trainer overrides, the task of each epoch from `self.schedule`, a
     resumable training loader, one evaluation loader per task) is
-    `advarch.data.stream.TaskStream`; the per-task loaders let the strategy fill the accuracy
+    `advarch.data.stream.TaskStreamMixin`; the per-task loaders let the strategy fill the accuracy
     matrix R[i, j] = accuracy on task j after training task i.
 
     Labels follow `scenario` (module docstring); `spec.num_classes` is classes per task for

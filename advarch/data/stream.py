@@ -17,7 +17,8 @@ One `trainer.fit` trains a whole stream. Contract with the Trainer (train.py app
   and unseen), so `dataloader_idx == task id`.
 - `data[split][task]` holds each task's dataset; `task_loader(split, task, ...)` batches it the
   way the stream's own loaders do (strategies use it for the Fisher), and
-  `joint_train_loader()` draws an epoch from all tasks at once (the joint upper bound).
+  `joint_train_loader()` draws an epoch from all tasks at once (the joint upper bound), which
+  `train_dataloader()` serves after `train_jointly(True)`.
 
 Implemented by the digits streams (`advarch/data/digits.py`) and the text-domain stream
 (`advarch/data/text_domains.py`).
@@ -34,8 +35,9 @@ from advarch.data.sampling import resumable_loader
 from advarch.spec import TaskSchedule
 
 
-class TaskStream:
-    """Mixin for LightningDataModules that present a stream of tasks (module docstring).
+class TaskStreamMixin:
+    """Mixin for LightningDataModules that present a stream of tasks (module docstring); it
+    implements the `advarch.spec.TaskStream` protocol the continual strategies call.
 
     Subclasses set `schedule` (and `num_tasks`, `epochs_per_task` as in it), `batch_size`,
     `seed`, `num_workers` and `data`, and define `task_loader`.
@@ -50,6 +52,7 @@ class TaskStream:
     data: dict[str, list[Any]]
     trainer: Any
     collate_fn: Any = None  # how rows become batches (None: torch's default collate)
+    joint: bool = False  # every epoch from all tasks (`train_jointly`, strategy.joint=true)
 
     @property
     def max_epochs(self) -> int:
@@ -80,7 +83,13 @@ class TaskStream:
         """Training examples one epoch of task `task` draws (its whole training set here)."""
         return len(self.data["train"][task])
 
+    def train_jointly(self, joint: bool) -> None:
+        """Serve `joint_train_loader` as every training epoch (the joint upper bound) or not."""
+        self.joint = joint
+
     def train_dataloader(self) -> DataLoader:
+        if self.joint:
+            return self.joint_train_loader()
         task = self.current_task
         return self._resumable(self.data["train"][task], self.seed + task, self.epoch_samples(task))
 

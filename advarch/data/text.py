@@ -13,100 +13,39 @@ import glob
 import hashlib
 import json
 import os
-import shutil
-import socket
-import sysconfig
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
+from advarch.data.corpus import (
+    SPLITS,
+    hub_reachable,
+    read_jsonl,
+    read_text_file,
+    split_documents,
+    stdlib_files,
+)
+from advarch.data.packing import (
+    LMCollate,
+    eval_subset,
+    load_or_build,
+    pack_documents,
+    unigram_bits_per_byte,
+)
 from advarch.data.sampling import EpochShuffleSampler, batches_done_this_epoch
-from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
+from advarch.data.tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    load_tokenizer,
+    token_ids,
+    train_tokenizer,
+)
 from advarch.spec import DataSpec
 
-SPLITS = ("train", "val", "test")
-STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
-
-
-def stdlib_files() -> list[Path]:
-    """The interpreter's standard-library .py files, without tests and idlelib."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(f for f in root.rglob("*.py") if not STDLIB_SKIP & set(f.relative_to(root).parts))
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """True if the Hugging Face Hub answers and offline mode is not forced."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def read_text_file(path: str) -> str:
-    """A UTF-8 text file; one-line ValueErrors name an empty, binary or non-UTF-8 file."""
-    data = Path(path).read_bytes()
-    if not data:
-        raise ValueError(f"data.files: {path} is empty (0 bytes)")
-    if b"\x00" in data[:8192]:
-        raise ValueError(f"data.files: {path} is a binary file (NUL bytes), not text")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        bad = data[err.start : err.start + 4]
-        raise ValueError(
-            f"data.files: {path} is not UTF-8: byte offset {err.start} ({bad!r}...)"
-        ) from None
-
-
-def read_jsonl(path: str, field: str) -> list[str]:
-    """The `field` of every line of a JSON-lines file; errors name `file:line`."""
-    texts = []
-    lines = read_text_file(path).splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"data.files: {path}:{number}: invalid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise ValueError(
-                f"data.files: {path}:{number}: no string field {field!r} (data.text_field)"
-            )
-        texts.append(row[field])
-    if not texts:
-        raise ValueError(f"data.files: {path} holds no JSON lines")
-    return texts
-
-
-def split_documents(
-    n: int, val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, np.ndarray]:
-    """Indices of documents per split: a seeded permutation cut by fractions (≥1 doc each)."""
-    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
-            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} "
-            "must be in (0, 1) and sum to less than 1"
-        )
-    if n < 3:
-        raise ValueError(f"data: need at least 3 documents to split into train/val/test, found {n}")
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(n * val_fraction))
-    n_test = max(1, round(n * test_fraction))
-    return {
-        "val": order[:n_val],
-        "test": order[n_val : n_val + n_test],
-        "train": order[n_val + n_test :],
-    }
 
 
 class TextDataModule(L.LightningDataModule):
@@ -349,115 +288,3 @@ class TextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self._prepare()
         return self._loader(self._eval_subset("test"), False, "test")
-
-
-def load_or_build(cache: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """The meta.json of a cache folder; when it is missing, `build(tmp)` fills a temporary
-    folder and returns the meta, and the folder is moved into place atomically."""
-    if not (cache / "meta.json").exists():
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / "meta.json").write_text(json.dumps(build(tmp)))
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
-    return json.loads((cache / "meta.json").read_text())
-
-
-def train_tokenizer(
-    kind: str, texts: list[str], bpe_vocab_size: int, folder: Path
-) -> ByteTokenizer | BPETokenizer:
-    """The byte tokenizer, or a BPE trained on `texts` and saved as `folder/bpe.json`."""
-    if kind == "bpe":
-        return BPETokenizer.train(texts, bpe_vocab_size, folder / "bpe.json")
-    return ByteTokenizer()
-
-
-def load_tokenizer(kind: str, folder: Path) -> ByteTokenizer | BPETokenizer:
-    """The tokenizer `train_tokenizer` made for a cache folder."""
-    return BPETokenizer(folder / "bpe.json") if kind == "bpe" else ByteTokenizer()
-
-
-def token_ids(tok: ByteTokenizer | BPETokenizer) -> dict[str, int]:
-    """The meta fields every tokenised cache records: vocabulary size and special ids."""
-    return {
-        "vocab_size": tok.vocab_size,
-        "eos_id": tok.eos_id,
-        "pad_id": tok.pad_id,
-        "bos_id": tok.bos_id,
-    }
-
-
-def eval_subset(ds: Any, n: int | None) -> Any:
-    """`n` evenly spaced rows of a dataset (all of it when n is None or larger)."""
-    if n is None or n >= len(ds):
-        return ds
-    return ds.select(np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
-
-
-def pack_documents(
-    tok: ByteTokenizer | BPETokenizer,
-    docs: list[str],
-    doc_index: np.ndarray,
-    seq_len: int,
-    out: Path,
-    label: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenise `docs`, join them with <eos>, cut the stream into rows of `seq_len` + 1 tokens
-    (consecutive rows share one token) and save them as an Arrow dataset at `out`
-    (columns `tokens` (T+1,) and `start`); `label` names the documents in errors.
-
-    Returns:
-        `(tokens, doc_ids)`: the whole token stream and, per token, its document's index
-        (from `doc_index`), both int32.
-
-    Raises:
-        ValueError: naming `data.seq_len` when the documents hold fewer than seq_len+1 tokens.
-    """
-    import datasets
-    import pyarrow as pa
-
-    encoded = tok.encode_batch(docs)
-    tokens = np.concatenate([np.append(e, tok.eos_id) for e in encoded]).astype(np.int32)
-    doc_ids = np.repeat(doc_index, [len(e) + 1 for e in encoded]).astype(np.int32)
-    n_seq = (len(tokens) - 1) // seq_len
-    if n_seq < 1:
-        raise ValueError(
-            f"data: the {label} has {len(tokens)} tokens, fewer than "
-            f"data.seq_len={seq_len}+1; add documents or shorten seq_len"
-        )
-    window = seq_len + 1
-    starts = np.arange(n_seq) * seq_len
-    rows = tokens[starts[:, None] + np.arange(window)]  # (n_seq, T+1)
-    table = pa.table(
-        {
-            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), window),
-            "start": pa.array(starts.astype(np.int64)),
-        }
-    )
-    datasets.Dataset(table).save_to_disk(str(out))
-    return tokens, doc_ids
-
-
-class LMCollate:
-    """Rows of `tokens` (T+1) → input_ids/labels (B, T), plus RETRO neighbours when enabled."""
-
-    def __init__(self, retriever: Any = None, split: str = "train") -> None:
-        self.retriever, self.split = retriever, split
-
-    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        tokens = torch.stack([r["tokens"] for r in rows]).long()
-        batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-        if self.retriever is not None:
-            starts = torch.stack([r["start"] for r in rows])
-            batch["neighbours"] = self.retriever.neighbours(self.split, starts, tokens.shape[1] - 1)
-        return batch
-
-
-def unigram_bits_per_byte(
-    train: np.ndarray, val: np.ndarray, vocab_size: int, val_bytes: int
-) -> float:
-    """Cross-entropy of val under the add-one unigram distribution of train, in bits per byte."""
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
-    log2p = np.log2(counts / counts.sum())
-    return float(-log2p[val].sum() / val_bytes)

@@ -1,13 +1,13 @@
 """Continual language modelling: the embedded corpus as a stream of domains.
 
-The standard library's source files (`advarch.data.text.stdlib_files`) are grouped into
+The standard library's source files (`advarch.data.corpus.stdlib_files`) are grouped into
 families of packages, one domain each, by the file's top-level module or package name
 (`email/parser.py` → `email` → `net`). The table `DOMAINS` is fixed, so the grouping is
 deterministic, and a file belongs to at most one domain (files of no listed family, e.g.
 `tkinter` or `distutils`, are left out). Inside each domain the files are split into
 train/val/test by document (`split_documents`, seeded), so no file leaks across splits.
 
-`TextDomainsDataModule` is a `TaskStream` (`advarch/data/stream.py`): one domain per epoch,
+`TextDomainsDataModule` is a task stream (`advarch/data/stream.py`): one domain per epoch,
 `steps_per_task` batches each (drawn without replacement from the domain's packed training
 sequences, a new draw every epoch, resumable mid-epoch), one validation/test loader per
 domain. Every batch
@@ -31,22 +31,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from advarch.data.sampling import EpochShuffleSampler
-from advarch.data.stream import TaskStream
-from advarch.data.text import (
-    SPLITS,
+from advarch.data.corpus import SPLITS, split_documents, stdlib_files
+from advarch.data.packing import (
     LMCollate,
     eval_subset,
     load_or_build,
-    load_tokenizer,
     pack_documents,
-    split_documents,
-    stdlib_files,
-    token_ids,
-    train_tokenizer,
     unigram_bits_per_byte,
 )
-from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
+from advarch.data.sampling import EpochShuffleSampler
+from advarch.data.stream import TaskStreamMixin
+from advarch.data.tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    load_tokenizer,
+    token_ids,
+    train_tokenizer,
+)
 from advarch.spec import DataSpec, TaskSchedule
 
 # Families of standard-library modules/packages (top-level names), one domain each.
@@ -117,7 +118,7 @@ class DomainCollate(LMCollate):
         return batch
 
 
-class TextDomainsDataModule(TaskStream, L.LightningDataModule):
+class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
     """Next-token prediction over a stream of standard-library domains (module docstring).
 
     Args:

@@ -1,4 +1,5 @@
-"""Tokenizers: byte-level (no training, vocab 256 + specials) and BPE trained with `tokenizers`."""
+"""Tokenizers: byte-level (no training, vocab 256 + specials) and BPE trained with `tokenizers`;
+the helpers that train one for a corpus cache folder, reload it and record its ids."""
 
 from __future__ import annotations
 
@@ -64,3 +65,27 @@ class BPETokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids))
+
+
+def train_tokenizer(
+    kind: str, texts: list[str], bpe_vocab_size: int, folder: Path
+) -> ByteTokenizer | BPETokenizer:
+    """The byte tokenizer, or a BPE trained on `texts` and saved as `folder/bpe.json`."""
+    if kind == "bpe":
+        return BPETokenizer.train(texts, bpe_vocab_size, folder / "bpe.json")
+    return ByteTokenizer()
+
+
+def load_tokenizer(kind: str, folder: Path) -> ByteTokenizer | BPETokenizer:
+    """The tokenizer `train_tokenizer` made for a cache folder."""
+    return BPETokenizer(folder / "bpe.json") if kind == "bpe" else ByteTokenizer()
+
+
+def token_ids(tok: ByteTokenizer | BPETokenizer) -> dict[str, int]:
+    """The meta fields every tokenised cache records: vocabulary size and special ids."""
+    return {
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+        "bos_id": tok.bos_id,
+    }

@@ -18,7 +18,7 @@ Defaults (measured, 46 s): θ₀ 0.614 on all digits, TIES / DARE-TIES at λ=0.3
 Two halves, digits 0–4 and 5–9 (measured, 49 s):
 
     python scripts/merge_demo.py --tasks 0,1,2,3,4 5,6,7,8,9 --base-steps 120 --task-steps 150 \
-        --own-head-rows --task-overrides strategy.lr=1e-3 --lambdas 0.3 0.4 0.5 0.7 1.0 \
+        --own-head-rows --task-overrides optimizer.lr=1e-3 --lambdas 0.3 0.4 0.5 0.7 1.0 \
         --negation-lambda 1.0
 
 Each task model is 0.978 / 0.983 on its own half but 0.489 / 0.500 on all digits (it forgets the
@@ -46,7 +46,7 @@ from advarch.data.digits import DigitsDataModule
 from advarch.merging import MergeConfig, merge_checkpoints
 from advarch.pipeline import build_model
 from advarch.spec import DataSpec
-from advarch.strategies.finetune import accuracy
+from advarch.strategies.evaluation import accuracy
 from advarch.train import run
 
 TASKS = ([0, 1], [2, 3], [4, 5], [6, 7], [8, 9])

@@ -1,10 +1,15 @@
-"""The model-output contract every backbone returns."""
+"""The model contracts strategies rely on: the output every backbone returns, and the
+optional interfaces (`ExpertModel`, `TaskHeads`) they call instead of probing attributes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from advarch.models.layers import RoutedFFN
 
 
 @dataclass
@@ -26,3 +31,19 @@ class ModelOutput:
     aux_loss: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     features: torch.Tensor | None = None
+
+
+@runtime_checkable
+class ExpertModel(Protocol):
+    """A model whose MoE layers strategies mask, freeze, grow, merge and rebalance
+    (`Model`, and `MultiGateMoE` with none); a model without it has no experts."""
+
+    def moe_layers(self) -> list[RoutedFFN]: ...
+
+
+@runtime_checkable
+class TaskHeads(Protocol):
+    """A model with `num_heads_out` outputs per example: one per task or one shared by all
+    (`Model` keeps the per-task heads as equal, task-major row blocks of `head`)."""
+
+    num_heads_out: int

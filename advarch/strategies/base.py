@@ -6,7 +6,6 @@ overriding `extra_loss`, `shared_step` or Lightning hooks.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,37 +15,16 @@ import torch
 from torch import nn
 
 from advarch.data.sampling import reload_train_loader_on_resume
-from advarch.models.output import ModelOutput
+from advarch.models.output import ExpertModel, ModelOutput
 from advarch.spec import DataSpec
 from advarch.strategies.objectives import Objective, model_inputs
-
-NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm)
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices, none on norms, biases, embeddings and 1-d tensors.
-
-    Only trainable parameters are included, so frozen ones never reach the optimizer.
-    """
-    no_decay: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, NO_DECAY_MODULES) or "norm" in type(module).__name__.lower():
-            no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay, rest, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (rest if p.ndim < 2 or id(p) in no_decay else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+from advarch.strategies.optimization import (
+    DEFAULT_OPTIMIZER,
+    DEFAULT_SCHEDULER,
+    OptimizerFactory,
+    SchedulerFactory,
+    parameter_groups,
+)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -66,31 +44,26 @@ class BaseStrategy(L.LightningModule):
     Args:
         model: the plain nn.Module (an advarch Model) to train.
         spec: the datamodule's DataSpec.
-        lr: peak learning rate of AdamW.
-        weight_decay: decoupled weight decay on matrices.
-        betas: AdamW betas.
-        warmup_steps: linear warm-up steps (capped at a tenth of training).
-        min_lr_ratio: final learning rate as a fraction of `lr` after cosine decay.
+        optimizer: builds the optimizer from parameter groups (`optimization.parameter_groups`:
+            no weight decay on norms, biases, embeddings); configs/optimizer/ in a run.
+        scheduler: builds the per-step LR schedule from the optimizer and the total number of
+            optimizer steps; configs/scheduler/ in a run.
         aux_loss_weight: multiplier on the model's auxiliary (MoE) loss.
     """
+
+    validated_at_step: int | None = None  # step of the last validation (train.py reads it)
 
     def __init__(
         self,
         model: nn.Module,
         spec: DataSpec,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
+        optimizer: OptimizerFactory = DEFAULT_OPTIMIZER,
+        scheduler: SchedulerFactory = DEFAULT_SCHEDULER,
         aux_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"strategy.lr={lr} must be positive")
-        if warmup_steps < 0:
-            raise ValueError(f"strategy.warmup_steps={warmup_steps} must be ≥ 0")
-        self.save_hyperparameters(ignore=["model", "spec"])
+        self.save_hyperparameters(ignore=["model", "spec", "optimizer", "scheduler"])
+        self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.hparams["spec"] = asdict(spec)
         self.model = model
         self.spec = spec
@@ -126,7 +99,7 @@ class BaseStrategy(L.LightningModule):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at step {self.global_step} "
                 f"(epoch {self.current_epoch}); stopping — {self._checkpoint_note()}. "
-                "Try a lower strategy.lr or trainer.gradient_clip_val"
+                "Try a lower optimizer.lr or trainer.gradient_clip_val"
             )
         bs = out.logits.shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
@@ -137,7 +110,7 @@ class BaseStrategy(L.LightningModule):
     def _checkpoint_note(self) -> str:
         """Which good checkpoint exists to resume from (the truth, also when there is none)."""
         callback = self.trainer.checkpoint_callback
-        path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        path = "" if callback is None else callback.last_model_path or callback.best_model_path
         if path and Path(path).is_file():
             return f"the last good checkpoint is {path}"
         return "no checkpoint was written before it, so there is nothing to resume from"
@@ -189,22 +162,15 @@ class BaseStrategy(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Aux-loss-free MoE balancing: nudge routing biases once per optimizer step."""
-        for module in self.model.modules():
-            update = getattr(module, "update_routing_bias", None)
-            if update is not None:
-                update()
+        if isinstance(self.model, ExpertModel):
+            for moe in self.model.moe_layers():
+                moe.update_routing_bias()
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas)
-        )
+        optimizer = self.make_optimizer(parameter_groups(self.model))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(hp.warmup_steps, total // 10)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)
-        )
+        scheduler = self.make_scheduler(optimizer, total)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

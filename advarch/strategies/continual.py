@@ -28,9 +28,9 @@ way after task 0, so old tasks' outputs in task-incremental evaluation are bit-i
 Frozen tensors stay in the optimizer, so the optimizer state of a resumed run matches.
 
 `joint=true` is the multi-task upper bound on the same stream: each epoch draws from ALL
-tasks' training sets as many examples as one task's epoch (`TaskStream.joint_train_loader`,
-so the number of optimizer steps equals the sequential runs'), by replacing the datamodule's
-`train_dataloader` at `setup("fit")`.
+tasks' training sets as many examples as one task's epoch (`joint_train_loader` of the
+stream, so the number of optimizer steps equals the sequential runs'): `setup("fit")` asks the
+stream for it with `train_jointly(True)`.
 
 Shapes: B batch, E experts per MoE layer, T tasks, C classes per head.
 """
@@ -54,9 +54,10 @@ from advarch.continual_metrics import (
     plot_accuracy_matrix,
     save_accuracy_matrix_csv,
 )
-from advarch.models.output import ModelOutput
-from advarch.spec import DataSpec, TaskSchedule
+from advarch.models.output import ExpertModel, ModelOutput, TaskHeads
+from advarch.spec import DataSpec, TaskSchedule, TaskStream
 from advarch.strategies.base import BaseStrategy
+from advarch.strategies.evaluation import mean_score
 from advarch.strategies.freezing import FrozenSlice, freeze
 from advarch.strategies.objectives import IGNORE, model_inputs, select_task_logits
 
@@ -69,8 +70,7 @@ class ContinualStrategy(BaseStrategy):
     """Sequential training on a task stream with continual metrics (`strategy=naive`).
 
     Args:
-        model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight:
-            see `BaseStrategy`.
+        base: `BaseStrategy`'s options (optimizer, scheduler, aux_loss_weight).
         expert_masks: give each task its own block of MoE experts (module docstring).
         freeze_shared_after_first_task: after task 0 train only the current task's experts
             and head rows; everything else is kept bit-identical.
@@ -88,19 +88,13 @@ class ContinualStrategy(BaseStrategy):
         self,
         model: nn.Module,
         spec: DataSpec,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        aux_loss_weight: float = 1.0,
+        *,
         expert_masks: bool = False,
         freeze_shared_after_first_task: bool = False,
         joint: bool = False,
+        **base: Any,
     ) -> None:
-        super().__init__(
-            model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight
-        )
+        super().__init__(model, spec, **base)
         if spec.kind not in TASK_METRIC:
             raise ValueError(
                 f"strategy={self.strategy_name} needs a classification or language-model task "
@@ -131,7 +125,7 @@ class ContinualStrategy(BaseStrategy):
 
     @staticmethod
     def _expert_owner(model: nn.Module, num_tasks: int) -> torch.Tensor:
-        layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+        layers = model.moe_layers() if isinstance(model, ExpertModel) else []
         if not layers:
             raise ValueError(NEEDS_MOE)
         sizes = {m.num_experts for m in layers}
@@ -163,8 +157,8 @@ class ContinualStrategy(BaseStrategy):
     @property
     def schedule(self) -> TaskSchedule:
         """The stream's task schedule (one task forever for a datamodule that is not a stream)."""
-        schedule = getattr(self.trainer.datamodule, "schedule", None)
-        return schedule if isinstance(schedule, TaskSchedule) else TaskSchedule(1, 1 << 30)
+        dm = self.trainer.datamodule
+        return dm.schedule if isinstance(dm, TaskStream) else TaskSchedule(1, 1 << 30)
 
     def task_of_epoch(self, epoch: int) -> int:
         """The task trained in `epoch`: a pure function of the (checkpointed) epoch."""
@@ -178,12 +172,12 @@ class ContinualStrategy(BaseStrategy):
         """A shuffled loader over task `task`'s training set, batched as the stream does."""
         return self._stream().task_loader("train", task, batch_size, True, seed)
 
-    def _stream(self) -> Any:
+    def _stream(self) -> TaskStream:
         dm = self.trainer.datamodule
-        if not hasattr(dm, "task_loader"):
+        if not isinstance(dm, TaskStream):
             raise ValueError(
-                f"strategy={self.strategy_name} needs a task stream (advarch.data.stream."
-                f"TaskStream, e.g. data=text_domains), got {type(dm).__name__}"
+                f"strategy={self.strategy_name} needs a task stream (advarch.spec.TaskStream, "
+                f"e.g. data=text_domains), got {type(dm).__name__}"
             )
         return dm
 
@@ -259,11 +253,8 @@ class ContinualStrategy(BaseStrategy):
         self.eval()
         values = torch.zeros(self.num_tasks)
         for task, loader in enumerate(loaders):
-            total, count = 0.0, 0
-            for batch in self._batches(loader):
-                scores = self.task_scores(batch, self(batch))
-                total, count = total + float(scores.sum()), count + scores.numel()
-            values[task] = self.task_value(task, total / max(count, 1))
+            score = mean_score(self._batches(loader), lambda b: self.task_scores(b, self(b)))
+            values[task] = self.task_value(task, score)
         self.train(was_training)
         return values
 
@@ -305,8 +296,7 @@ class ContinualStrategy(BaseStrategy):
     # -- task boundaries ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if self.hparams.joint and stage == "fit":
-            stream = self._stream()  # fail early with a clear message
-            stream.train_dataloader = stream.joint_train_loader
+            self._stream().train_jointly(True)
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -329,7 +319,7 @@ class ContinualStrategy(BaseStrategy):
         """last.ckpt right after a task's boundary work (R row, consolidation), whatever the
         checkpoint cadence, so no finished task is ever lost (needs a ModelCheckpoint)."""
         callback = self.trainer.checkpoint_callback
-        if callback is None or not getattr(callback, "dirpath", None):
+        if callback is None or not callback.dirpath:
             return
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         self.trainer.save_checkpoint(path)
@@ -411,7 +401,7 @@ class ContinualStrategy(BaseStrategy):
         if not shared:
             return out
         head = self.model.head
-        if getattr(self.model, "num_heads_out", 1) > 1:  # per-task head rows: task t's C rows
+        if isinstance(self.model, TaskHeads) and self.model.num_heads_out > 1:  # task t's C rows
             C = head.weight.shape[0] // self.model.num_heads_out
             rows = torch.arange(head.weight.shape[0], device=self.device)
             rows = rows[(rows < task * C) | (rows >= (task + 1) * C)]

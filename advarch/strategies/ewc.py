@@ -51,8 +51,8 @@ class EWCStrategy(ContinualStrategy):
     """Sequential training with the EWC penalty (`strategy=ewc`).
 
     Args:
-        model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight,
-        expert_masks, freeze_shared_after_first_task, joint: see `ContinualStrategy`.
+        continual: `ContinualStrategy`'s options (expert masks, joint …) and `BaseStrategy`'s
+            (optimizer, scheduler, aux_loss_weight).
         ewc_lambda: penalty strength λ.
         mode: `separate` (one (F, θ*) per task, summed) or `online` (decayed F, latest θ*).
         gamma: online-EWC decay γ of the old importance (1 = plain accumulation).
@@ -67,35 +67,16 @@ class EWCStrategy(ContinualStrategy):
         self,
         model: nn.Module,
         spec: DataSpec,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        aux_loss_weight: float = 1.0,
-        expert_masks: bool = False,
-        freeze_shared_after_first_task: bool = False,
-        joint: bool = False,
+        *,
         ewc_lambda: float = 100.0,
         mode: Mode = "separate",
         gamma: float = 1.0,
         fisher_estimator: Estimator = "empirical",
         fisher_samples: int = 512,
         fisher_chunk_size: int = 32,
+        **continual: Any,
     ) -> None:
-        super().__init__(
-            model,
-            spec,
-            lr,
-            weight_decay,
-            betas,
-            warmup_steps,
-            min_lr_ratio,
-            aux_loss_weight,
-            expert_masks,
-            freeze_shared_after_first_task,
-            joint,
-        )
+        super().__init__(model, spec, **continual)
         if ewc_lambda < 0:
             raise ValueError(f"strategy.ewc_lambda={ewc_lambda} must be >= 0")
         if mode not in ("separate", "online"):
@@ -113,7 +94,7 @@ class EWCStrategy(ContinualStrategy):
 
     def consolidate(self, task: int) -> None:
         """Estimate F on task `task`'s training data and anchor θ* at the current weights."""
-        seed = getattr(self.trainer.datamodule, "seed", 0) + task
+        seed = self._stream().seed + task
         loader = self.task_train_loader(task, self.hparams.fisher_chunk_size, seed)
         fisher = self.fisher(self.model, self._batches(loader), self.log_probs)
         anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in fisher}

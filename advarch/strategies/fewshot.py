@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,7 @@ class FewShotStrategy(BaseStrategy):
     """Prototypical-network episodes with support-set adaptation (module docstring).
 
     Args:
+        base: `BaseStrategy`'s options (optimizer, scheduler, aux_loss_weight).
         adaptation: `none`, `finetune_head` or `fomaml`.
         adapt_steps: SGD steps on the support set (`finetune_head`, `fomaml`).
         adapt_lr: learning rate of those steps.
@@ -88,15 +89,11 @@ class FewShotStrategy(BaseStrategy):
         self,
         model: nn.Module,
         spec: DataSpec,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        aux_loss_weight: float = 1.0,
+        *,
         adaptation: Adaptation = "none",
         adapt_steps: int = 10,
         adapt_lr: float = 0.01,
+        **base: Any,
     ) -> None:
         if "n_way" not in spec.extras:
             raise ValueError(
@@ -112,9 +109,7 @@ class FewShotStrategy(BaseStrategy):
                 f"strategy.adapt_steps={adapt_steps} must be >= 0 and "
                 f"strategy.adapt_lr={adapt_lr} > 0"
             )
-        super().__init__(
-            model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight
-        )
+        super().__init__(model, spec, **base)
         self.n_way = spec.extras["n_way"]
         self.episode_metrics = nn.ModuleDict({f"{s}_": self._metric_set() for s in SPLITS})
 

@@ -33,17 +33,19 @@ What happens, in order:
    `load_finetuned` rebuilds base + delta bit-exactly. The Lightning checkpoint keeps the full
    state, so resuming and `eval.py` work as for any run.
 
+Here: the strategy (steps 1–5) and `load_finetuned`; the base checkpoint is read and fitted in
+`finetune_base`, the plan and what stays frozen are `finetune_plan`, and `evaluation.accuracy`
+measures a finetuned model.
+
 Shapes: E experts per MoE layer (E₀ in the base, E₀ + new_experts after growth), C classes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -53,236 +55,23 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from advarch.atomic import save_atomic
-from advarch.checkpoint import PREFIX, read_checkpoint
+from advarch.checkpoint import read_checkpoint
 from advarch.config.validate import ConfigError
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
+from advarch.strategies.finetune_base import fingerprint, load_base, state_tensors
+from advarch.strategies.finetune_plan import (
+    count_plan_parameters,
+    delta_of,
+    frozen_modules,
+    frozen_snapshots,
+    prepare_model,
+)
 from advarch.strategies.freezing import FrozenSlice
 
 log = logging.getLogger("advarch")
 
 DELTA_FILE = "finetuned_delta.pt"
-Plan = dict[str, torch.Tensor | None]  # tensor name → trainable dim-0 rows; None = all of it
-
-
-# -- base checkpoint --------------------------------------------------------------------------
-def load_base(pretrained: str) -> dict[str, Any]:
-    """The checkpoint dict at `pretrained`; a one-line CheckpointError if it is not one."""
-    return read_checkpoint(pretrained, "strategy.pretrained")
-
-
-def model_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's entries of a checkpoint state dict (strategies may store more, e.g. EWC)."""
-    return {k: v for k, v in state.items() if k.startswith(PREFIX)}
-
-
-def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    """A digest of the model tensors' names and bytes: detects a base changed after finetuning."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model_state(state).items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`model.<name>` → the live parameter or persistent buffer (tied tensors under each name)."""
-    return {PREFIX + k: v for k, v in model.state_dict(keep_vars=True).items()}
-
-
-@torch.no_grad()
-def copy_base(
-    model: nn.Module, base: Mapping[str, torch.Tensor], pretrained: str, fresh_ok: set[str]
-) -> list[str]:
-    """Copy the base tensors into `model`; returns the names left fresh (wholly trainable ones
-    the base lacks or has in another shape). Raises a one-line ValueError for anything else
-    that does not fit."""
-    own = state_tensors(model)
-    where = f"strategy.pretrained={pretrained!r}"
-    extra = sorted(set(base) - set(own))
-    if extra:
-        raise ValueError(f"{where}: checkpoint tensor {extra[0]} has no place in this model")
-    fresh = []
-    for name, tensor in own.items():
-        if name not in base and name in fresh_ok:
-            fresh.append(name)  # a new module (e.g. RETRO's CCA on a plain decoder): trained
-            continue
-        if name not in base:
-            raise ValueError(f"{where}: this model's tensor {name} is not in the checkpoint")
-        if base[name].shape == tensor.shape:
-            tensor.copy_(base[name])
-        elif name in fresh_ok:
-            fresh.append(name)
-        else:
-            raise ValueError(
-                f"{where}: tensor {name} has shape {tuple(base[name].shape)} there but "
-                f"{tuple(tensor.shape)} in this model (add experts with strategy.new_experts)"
-            )
-    return fresh
-
-
-# -- the plan ---------------------------------------------------------------------------------
-def named_moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(`model.<path>`, MoE module) for every MoE layer of an advarch Model."""
-    moe_ids = {id(m) for m in getattr(model, "moe_layers", list)()}
-    return [(PREFIX + n, m) for n, m in model.named_modules() if id(m) in moe_ids]
-
-
-def expert_tensor_names(model: nn.Module) -> dict[str, int]:
-    """State names of every tensor an MoE layer holds with one row per expert → its E."""
-    state = state_tensors(model)
-    out = {}
-    for prefix, moe in named_moe_layers(model):
-        own = [*moe.named_parameters(recurse=False), *moe.named_buffers(recurse=False)]
-        for name, tensor in own:
-            full = f"{prefix}.{name}"
-            if full in state and tensor.dim() >= 1 and tensor.shape[0] == moe.num_experts:
-                out[full] = moe.num_experts
-    return out
-
-
-def glob_matches(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Parameter names (`model.` prefix) matching any glob; each glob must match something."""
-    names = [PREFIX + n for n, _ in model.named_parameters()]
-    hits: dict[str, None] = {}
-    for pattern in patterns:
-        matched = [n for n in names if fnmatchcase(n, pattern)]
-        if not matched:
-            raise ValueError(
-                f"strategy.trainable pattern {pattern!r} matches no parameter "
-                f"(names look like {', '.join(names[:3])}, …)"
-            )
-        hits.update(dict.fromkeys(matched))
-    return list(hits)
-
-
-def head_rows(model: nn.Module, classes: Sequence[int]) -> torch.Tensor:
-    """Rows of the classification head for `classes` (in every per-task head)."""
-    spec: DataSpec = model.spec
-    C = spec.num_classes
-    if spec.kind != "classification" or not classes:
-        raise ValueError(
-            f"strategy.head_classes={list(classes)} needs classification data and a class list"
-        )
-    if not all(0 <= c < C for c in classes):
-        raise ValueError(f"strategy.head_classes={list(classes)} must be classes 0..{C - 1}")
-    heads = getattr(model, "num_heads_out", 1)
-    return torch.tensor(sorted({t * C + c for t in range(heads) for c in classes}))
-
-
-def make_plan(
-    model: nn.Module,
-    trainable: Sequence[str],
-    new_experts: int,
-    head_classes: Sequence[int] | None,
-) -> Plan:
-    """Which tensors (and which of their rows) train; see the module docstring, step 3."""
-    plan: Plan = dict.fromkeys(glob_matches(model, trainable))
-    if new_experts:
-        for name, E in expert_tensor_names(model).items():
-            plan.setdefault(name, torch.arange(E - new_experts, E))  # a whole-tensor glob wins
-    if head_classes is not None:
-        rows, state = head_rows(model, head_classes), state_tensors(model)
-        for name in (f"{PREFIX}head.weight", f"{PREFIX}head.bias"):
-            if name in plan:
-                raise ValueError(
-                    f"strategy.head_classes trains rows of {name} but strategy.trainable "
-                    "already trains all of it; drop one"
-                )
-            if name in state:
-                plan[name] = rows
-    if not plan:
-        raise ValueError(
-            "strategy.trainable=[] with strategy.new_experts=0 and no strategy.head_classes "
-            "leaves nothing to train"
-        )
-    return plan
-
-
-def prepare_model(
-    model: nn.Module,
-    base: Mapping[str, torch.Tensor] | None,
-    *,
-    pretrained: str | None,
-    trainable: Sequence[str],
-    new_experts: int,
-    head_classes: Sequence[int] | None,
-) -> Plan:
-    """Load the base (when given), grow the MoE layers, set `requires_grad`; returns the plan."""
-    moes = named_moe_layers(model)
-    if new_experts < 0:
-        raise ValueError(f"strategy.new_experts={new_experts} must be >= 0")
-    if new_experts and not moes:
-        raise ValueError(f"strategy.new_experts={new_experts} needs a model with MoE layers")
-    if base is not None:
-        whole = set(glob_matches(model, trainable))
-        fresh = copy_base(model, model_state(base), str(pretrained), whole)
-        for name in fresh:
-            log.info("finetune: %s is new or reshaped; trained from a fresh initialisation", name)
-    if new_experts:
-        for _, moe in moes:
-            moe.add_experts(new_experts)
-    plan = make_plan(model, trainable, new_experts, head_classes)
-    for name, p in model.named_parameters():
-        p.requires_grad_(PREFIX + name in plan)
-    return plan
-
-
-def frozen_snapshots(model: nn.Module, plan: Plan) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, frozen dim-0 rows, their values now) of partially trained tensors and of floating
-    buffers outside the plan: what the optimizer step may move but must not."""
-    out = []
-    for name, tensor in state_tensors(model).items():
-        if name in plan and plan[name] is None:
-            continue
-        if name in plan:
-            keep = torch.ones(tensor.shape[0], dtype=torch.bool)
-            keep[plan[name]] = False
-            rows = keep.nonzero()[:, 0]
-        elif isinstance(tensor, nn.Parameter) or not tensor.is_floating_point():
-            continue  # frozen parameters are not in the optimizer; int buffers never drift
-        else:
-            rows = None  # the whole buffer
-        if rows is None or rows.numel():
-            value = tensor.detach() if rows is None else tensor.detach().index_select(0, rows)
-            out.append((name, rows, value.clone()))
-    return out
-
-
-def frozen_modules(root: nn.Module) -> list[nn.Module]:
-    """Top-most submodules with parameters, none of them trainable (kept in eval mode)."""
-    params = list(root.parameters())
-    if params and not any(p.requires_grad for p in params):
-        return [root]
-    return [m for child in root.children() for m in frozen_modules(child)]
-
-
-def count_plan_parameters(model: nn.Module, plan: Plan) -> dict[str, int]:
-    """Total, trained and frozen parameters (rows of partial tensors counted per row)."""
-    params = {PREFIX + n: p for n, p in model.named_parameters()}
-    total = sum(p.numel() for p in params.values())
-    trainable = sum(
-        params[n].numel() if rows is None else len(rows) * params[n][0].numel()
-        for n, rows in plan.items()
-        if n in params
-    )
-    return {
-        "params/trainable": trainable,
-        "params/total": total,
-        "params/frozen": total - trainable,
-    }
-
-
-def delta_of(model: nn.Module, plan: Plan) -> dict[str, dict[str, Any]]:
-    """{"tensors": trained tensors (only the trained rows of partial ones), "rows": …}."""
-    state = state_tensors(model)
-    tensors, rows = {}, {}
-    for name, r in plan.items():
-        t = state[name].detach()
-        tensors[name] = (t if r is None else t.index_select(0, r.to(t.device))).cpu().clone()
-        if r is not None:
-            rows[name] = r.tolist()
-    return {"tensors": tensors, "rows": rows}
 
 
 # -- the strategy -----------------------------------------------------------------------------
@@ -290,8 +79,7 @@ class FinetuneStrategy(BaseStrategy):
     """Train only what `trainable`, `new_experts` and `head_classes` name; the base stays frozen.
 
     Args:
-        model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight:
-            see `BaseStrategy`.
+        base: `BaseStrategy`'s options (optimizer, scheduler, aux_loss_weight).
         pretrained: the base run's checkpoint. Required to train; None only rebuilds the
             architecture (eval.py, which loads the weights from the finetuned checkpoint).
         trainable: fnmatch globs over parameter names (`model.head.*`, `*router*`); each must
@@ -304,29 +92,23 @@ class FinetuneStrategy(BaseStrategy):
         self,
         model: nn.Module,
         spec: DataSpec,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        aux_loss_weight: float = 1.0,
+        *,
         pretrained: str | None = None,
         trainable: Sequence[str] = ("model.head.*",),
         new_experts: int = 0,
         head_classes: Sequence[int] | None = None,
+        **base: Any,
     ) -> None:
-        super().__init__(
-            model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight
-        )
-        base = load_base(pretrained) if pretrained is not None else None
-        self.pretrained = None if base is None else str(Path(pretrained).expanduser().resolve())
-        self.base_fingerprint = None if base is None else fingerprint(base["state_dict"])
+        super().__init__(model, spec, **base)
+        ckpt = load_base(pretrained) if pretrained is not None else None
+        self.pretrained = None if ckpt is None else str(Path(pretrained).expanduser().resolve())
+        self.base_fingerprint = None if ckpt is None else fingerprint(ckpt["state_dict"])
         self.options = {
             "trainable": list(trainable),
             "new_experts": new_experts,
             "head_classes": None if head_classes is None else list(head_classes),
         }
-        state = None if base is None else base["state_dict"]
+        state = None if ckpt is None else ckpt["state_dict"]
         self.plan = prepare_model(model, state, pretrained=pretrained, **self.options)
         self.base_experts = next((m.num_experts - new_experts for m in model.moe_layers()), 0)
         self._snapshots = frozen_snapshots(model, self.plan)
@@ -460,28 +242,3 @@ def load_finetuned(delta_path: str | os.PathLike) -> nn.Module:
         else:
             state[name].index_copy_(0, torch.tensor(rows), value)
     return model.eval()
-
-
-@torch.no_grad()
-def accuracy(
-    model: nn.Module,
-    batches: Any,
-    *,
-    expert_mask: torch.Tensor | None = None,
-    classes: Sequence[int] | None = None,
-) -> float:
-    """Accuracy of a classification model over `batches` (dicts with `inputs`, `labels`).
-
-    `classes` restricts the prediction to those classes' logits (task-aware evaluation);
-    `expert_mask` (E,) is passed to the model (e.g. `FinetuneStrategy.base_expert_mask()`).
-    """
-    correct = seen = 0
-    for batch in batches:
-        logits = model(batch["inputs"], expert_mask=expert_mask).logits  # (B, C)
-        if classes is not None:
-            allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
-            allowed[list(classes)] = True
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        seen += len(batch["labels"])
-    return correct / max(seen, 1)

@@ -23,13 +23,14 @@ Shapes: B batch, K tasks, C classes, E experts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from advarch.models.output import ModelOutput
+from advarch.models.output import ModelOutput, TaskHeads
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.objectives import select_task_logits
@@ -72,9 +73,10 @@ def balanced_task_loss(
 
 
 class MultiTaskStrategy(BaseStrategy):
-    """Trains K tasks jointly (module docstring); base-strategy args plus `task_weights`.
+    """Trains K tasks jointly (module docstring).
 
     Args:
+        base: `BaseStrategy`'s options (optimizer, scheduler, aux_loss_weight).
         task_weights: one loss weight per task (in `spec.task_names` order); null = all 1.
 
     Raises:
@@ -86,16 +88,12 @@ class MultiTaskStrategy(BaseStrategy):
         self,
         model: nn.Module,
         spec: DataSpec,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        aux_loss_weight: float = 1.0,
+        *,
         task_weights: Sequence[float] | None = None,
+        **base: Any,
     ) -> None:
         _check_data(spec)
-        heads = getattr(model, "num_heads_out", spec.num_tasks)
+        heads = model.num_heads_out if isinstance(model, TaskHeads) else spec.num_tasks
         if heads != spec.num_tasks:
             raise ValueError(
                 f"strategy=multitask needs one head per task ({spec.num_tasks}); the model has "
@@ -107,9 +105,7 @@ class MultiTaskStrategy(BaseStrategy):
                 f"strategy.task_weights={weights} must give {spec.num_tasks} non-negative weights "
                 f"(tasks {', '.join(spec.task_names)}) with a positive sum"
             )
-        super().__init__(
-            model, spec, lr, weight_decay, betas, warmup_steps, min_lr_ratio, aux_loss_weight
-        )
+        super().__init__(model, spec, **base)
         self.register_buffer("task_weights", torch.tensor(weights), persistent=False)
         self.task_metrics = nn.ModuleDict(
             {f"{s}_{t}": self._task_metric_set() for s in SPLITS for t in spec.task_names}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -14,6 +13,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from advarch.callbacks.expert_load import ExpertLoadCallback, plot_expert_load
+from tests.wandb_offline import history, run_log
 
 ROOT = Path(__file__).resolve().parents[2]
 E = 4
@@ -44,11 +44,17 @@ class FakeMoEModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fit(tmp_path: Path, max_steps: int, callback: ExpertLoadCallback, stats: bool = True) -> None:
+def fit(
+    tmp_path: Path,
+    max_steps: int,
+    callback: ExpertLoadCallback,
+    stats: bool = True,
+    logger: WandbLogger | None = None,
+) -> None:
     loader = DataLoader(TensorDataset(torch.randn(32, 2)), batch_size=2)
     trainer = L.Trainer(
         max_steps=max_steps,
-        logger=False,
+        logger=logger or False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -90,24 +96,22 @@ def test_no_files_without_moe_stats(tmp_path: Path) -> None:
     assert not (tmp_path / "plots").exists()
 
 
-def test_logs_image_to_wandb(tmp_path: Path) -> None:
-    logged: list[tuple[str, list]] = []
-
-    class RecordingWandb(WandbLogger):
-        def __init__(self) -> None:  # no W&B run: only the image call is under test
-            pass
-
-        def log_image(self, key: str, images: list, step: int | None = None, **kw) -> None:
-            logged.append((key, images))
-
-    callback = ExpertLoadCallback(every_n_steps=1, plot_dir=str(tmp_path / "custom"))
-    trainer = SimpleNamespace(
-        global_step=1, loggers=[RecordingWandb()], is_global_zero=True, default_root_dir="."
-    )
-    outputs = {"loss": torch.tensor(0.0), "stats": {"moe/layer0/load": synthetic_load(0, 0)}}
-    callback.on_train_batch_end(trainer, None, outputs, None, 0)
-    assert logged == [("moe/expert_load", [str(tmp_path / "custom" / "expert_load_step1.png")])]
-    assert Path(logged[0][1][0]).stat().st_size > 0
+def test_logs_each_plot_to_an_offline_wandb_run(tmp_path: Path, monkeypatch) -> None:
+    """A real Trainer with the offline W&B logger: one image row per window, the very PNG the
+    callback wrote to its plot folder."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(save_dir=str(tmp_path), project="expert-load", offline=True)
+    plots = tmp_path / "custom"
+    fit(tmp_path, max_steps=4, callback=ExpertLoadCallback(2, str(plots)), logger=logger)
+    logger.experiment.finish()
+    rows = [row for row in history(tmp_path) if "moe/expert_load" in row]
+    assert [row["_step"] for row in rows] == [0, 1]  # W&B's own step: one row per window
+    files = run_log(tmp_path).parent / "files"
+    for row, step in zip(rows, (2, 4), strict=True):
+        image = row["moe/expert_load"]
+        assert image["_type"] == "images/separated" and image["count"] == 1
+        logged = (files / image["filenames"][0]).read_bytes()
+        assert logged == (plots / f"expert_load_step{step}.png").read_bytes()
 
 
 def test_plot_function_writes_png_with_nan_padding(tmp_path: Path) -> None:

@@ -37,3 +37,13 @@ def test_resumable_loader_order_depends_only_on_seed_and_epoch() -> None:
     other = [b.tolist() for b in resumable_loader(data, 5, seed=7, trainer=_Trainer(5))]
     assert first == again and first != other
     assert sorted(sum(first, [])) == list(range(20))
+
+
+def test_resumed_sampler_skips_consumed_batches() -> None:
+    full = list(EpochShuffleSampler(50, seed=1))
+    resumed = EpochShuffleSampler(50, seed=1, skip=20)
+    assert list(resumed) == full[20:]
+    assert list(resumed) == full  # the skip applies once
+    s = EpochShuffleSampler(50, seed=1)
+    s.set_epoch(1)
+    assert list(s) != full

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from advarch.data.text import TextDataModule, split_documents, stdlib_files, unigram_bits_per_byte
+from advarch.data.text import TextDataModule
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
 WORDS += ["eta", "theta", "iota", "kappa", "lambda", "mu"]
@@ -57,20 +57,6 @@ def test_dedupe_drops_byte_identical_documents_before_the_split(tmp_path: Path) 
     assert sum(len(docs) for docs in every.meta["documents"].values()) == 15
 
 
-def test_split_is_by_document_and_seeded() -> None:
-    a = split_documents(100, 0.1, 0.1, seed=3)
-    b = split_documents(100, 0.1, 0.1, seed=3)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(100))
-    assert not np.array_equal(a["val"], split_documents(100, 0.1, 0.1, seed=4)["val"])
-
-
-def test_embedded_corpus_is_the_stdlib_without_tests() -> None:
-    files = stdlib_files()
-    assert len(files) > 300
-    assert not any("/test/" in str(f) or "idlelib" in str(f) for f in files)
-
-
 def test_cache_is_reused_not_rebuilt_and_identical(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -105,24 +91,3 @@ def test_bpe_tokenizer_trains_on_train_split_and_round_trips(tmp_path: Path) -> 
     assert spec.extras["bytes_per_token"] > 1.5  # merges compress the text
     ids = dm.tokenizer.encode_batch(["gamma delta"])[0]
     assert dm.tokenizer.decode(ids.tolist()) == "gamma delta"
-
-
-def test_unigram_baseline_matches_a_hand_computation() -> None:
-    train = np.array([0, 0, 1, 2])
-    val = np.array([0, 1])
-    counts = np.array([2, 1, 1]) + 1.0
-    p = counts / counts.sum()
-    expected = -(np.log2(p[0]) + np.log2(p[1])) / 2
-    assert unigram_bits_per_byte(train, val, 3, val_bytes=2) == pytest.approx(expected)
-
-
-def test_resumed_sampler_skips_consumed_batches() -> None:
-    from advarch.data.sampling import EpochShuffleSampler
-
-    full = list(EpochShuffleSampler(50, seed=1))
-    resumed = EpochShuffleSampler(50, seed=1, skip=20)
-    assert list(resumed) == full[20:]
-    assert list(resumed) == full  # the skip applies once
-    s = EpochShuffleSampler(50, seed=1)
-    s.set_epoch(1)
-    assert list(s) != full

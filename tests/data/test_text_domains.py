@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from advarch.data.stream import TaskStream
 from advarch.data.text_domains import (
     DEFAULT_DOMAINS,
     DOMAINS,
@@ -16,6 +15,7 @@ from advarch.data.text_domains import (
     domain_files,
     domain_of,
 )
+from advarch.spec import TaskStream
 
 SMALL = dict(max_documents=6, seq_len=32, batch_size=4, max_eval_sequences=4, steps_per_task=3)
 

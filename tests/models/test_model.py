@@ -45,3 +45,31 @@ def test_classifier_head_has_the_spec_classes() -> None:
     model = Model(CLS, **SMALL, feature_patch=8)
     out = model(torch.rand(3, 64))
     assert out.logits.shape == (3, 10) and out.features.shape == (3, 16)
+
+
+def test_typed_block_configs_build_the_same_model_as_yaml_mappings() -> None:
+    from advarch.models.blocks.moe import MoEConfig
+    from advarch.models.blocks.ssm import SSMConfig
+
+    kw = dict(SMALL, layers=["ssm", "attn"], ffn=["moe"])
+    torch.manual_seed(0)
+    typed = Model(LM, **kw, moe=MoEConfig(num_experts=4, top_k=2), ssm=SSMConfig(d_state=4))
+    torch.manual_seed(0)
+    mapped = Model(LM, **kw, moe={"num_experts": 4, "top_k": 2}, ssm={"d_state": 4})
+    expected = mapped.state_dict()
+    assert list(typed.state_dict()) == list(expected)
+    for name, value in typed.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    ids = torch.randint(1, 40, (2, 16))
+    torch.testing.assert_close(typed(ids).logits, mapped(ids).logits)
+
+
+def test_models_implement_the_strategy_protocols() -> None:
+    from advarch.models.layers import RoutedFFN
+    from advarch.models.output import ExpertModel, TaskHeads
+
+    model = Model(LM, **SMALL, ffn=["dense", "moe"], moe={"num_experts": 4, "top_k": 2})
+    assert isinstance(model, ExpertModel) and isinstance(model, TaskHeads)
+    (moe,) = model.moe_layers()
+    assert isinstance(moe, RoutedFFN) and moe is model.layers[1].ffn
+    assert not isinstance(torch.nn.Linear(2, 2), ExpertModel)

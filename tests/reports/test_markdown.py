@@ -56,12 +56,12 @@ def make_sweep(tmp_path: Path) -> Path:
     sweep = tmp_path / "sweep"
     settings = [("1e-3", "32", 1.2), ("3e-3", "32", 0.8), ("1e-3", "64", 0.9)]
     for i, (lr, dim, val) in enumerate(settings):
-        overrides = ["debug=tiny", f"strategy.lr={lr}", f"model.dim={dim}"]
+        overrides = ["debug=tiny", f"optimizer.lr={lr}", f"model.dim={dim}"]
         synthetic_run(sweep / str(i), final_val=val, overrides=overrides)
     failed = sweep / "3" / ".hydra"  # a trial that crashed before logging anything
     failed.mkdir(parents=True)
     (failed / "overrides.yaml").write_text(
-        yaml.safe_dump(["debug=tiny", "strategy.lr=1e-2", "model.dim=48"])
+        yaml.safe_dump(["debug=tiny", "optimizer.lr=1e-2", "model.dim=48"])
     )
     return sweep
 
@@ -70,7 +70,7 @@ def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
     sweep = make_sweep(tmp_path)
     md = write_report(sweep).read_text()
     assert "Shared overrides: `debug=tiny`" in md
-    assert "| run | model.dim | strategy.lr | val/loss |" in md
+    assert "| run | model.dim | optimizer.lr | val/loss |" in md
     assert "| ★ 1 | 32 | 3e-3 | 0.8 |" in md
     assert "| 3 | 48 | 1e-2 | failed |" in md
     assert_png(sweep / "report" / "sweep_curves.png")
@@ -81,7 +81,7 @@ def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
         yaml.safe_dump(
             {
                 "name": "optuna",
-                "best_params": {"strategy.lr": 0.001, "model.dim": 64},
+                "best_params": {"optimizer.lr": 0.001, "model.dim": 64},
                 "best_value": 0.9,
             }
         )  # fmt: skip

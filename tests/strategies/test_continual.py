@@ -67,14 +67,29 @@ def val_loaders(batch_size: int = 3) -> list[list[dict[str, torch.Tensor]]]:
 
 
 class Stream:
-    """What the strategy reads from a task stream: its schedule and per-task val loaders."""
+    """A task stream (`advarch.spec.TaskStream`) of fixed per-task validation batches."""
+
+    seed = 0
+    joint = False
 
     def __init__(self, epochs_per_task: int = 2, num_tasks: int = T) -> None:
         self.schedule = TaskSchedule(num_tasks=num_tasks, epochs_per_task=epochs_per_task)
         self.loaders = val_loaders()
 
+    @property
+    def trainer_overrides(self) -> dict[str, int]:
+        return self.schedule.trainer_overrides
+
+    def task_loader(
+        self, split: str, task: int, batch_size: int, shuffle: bool, seed: int
+    ) -> list[dict[str, torch.Tensor]]:
+        return self.loaders[task]
+
     def val_dataloader(self) -> list[list[dict[str, torch.Tensor]]]:
         return self.loaders
+
+    def train_jointly(self, joint: bool) -> None:
+        self.joint = joint
 
 
 class Recording(ContinualStrategy):

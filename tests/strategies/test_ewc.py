@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +17,7 @@ from advarch.models.model import Model
 from advarch.spec import DataSpec
 from advarch.strategies.continual import NEEDS_MOE, ContinualStrategy
 from advarch.strategies.ewc import EWCStrategy, ewc_penalty
+from advarch.strategies.optimization import cosine
 from advarch.train import run
 from tests.cli import read_metrics
 
@@ -106,7 +108,12 @@ def test_online_mode_decays_importance_and_keeps_latest_anchor() -> None:
 def test_consolidation_at_boundary_anchors_end_of_task_weights(tmp_path: Path) -> None:
     dm = PermutedDigitsDataModule(num_tasks=2, epochs_per_task=1, batch_size=32)
     module = ewc_module(
-        dm.spec, lr=1e-2, warmup_steps=0, ewc_lambda=50.0, fisher_samples=48, fisher_chunk_size=16
+        dm.spec,
+        optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95)),
+        scheduler=partial(cosine, warmup_steps=0),
+        ewc_lambda=50.0,
+        fisher_samples=48,
+        fisher_chunk_size=16,
     )
     snap = Snapshot(epoch=0)
     fit(module, dm, tmp_path, callbacks=[snap])
@@ -153,10 +160,8 @@ def test_owned_experts_stay_bit_identical_under_adamw(tmp_path: Path, freeze_sha
     module = ContinualStrategy(
         model,
         dm.spec,
-        lr=2e-2,
-        weight_decay=0.5,
-        betas=(0.9, 0.99),
-        warmup_steps=0,
+        optimizer=partial(torch.optim.AdamW, lr=2e-2, weight_decay=0.5, betas=(0.9, 0.99)),
+        scheduler=partial(cosine, warmup_steps=0),
         expert_masks=True,
         freeze_shared_after_first_task=freeze_shared,
     )
@@ -329,7 +334,9 @@ def penalty_at_step(run_dir: Path, step: int) -> str:
 
 def test_joint_upper_bound_trains_on_all_tasks(tmp_path: Path) -> None:
     dm = PermutedDigitsDataModule(num_tasks=2, epochs_per_task=1, batch_size=16)
-    module = ContinualStrategy(small_model(dm.spec), dm.spec, warmup_steps=0, joint=True)
+    module = ContinualStrategy(
+        small_model(dm.spec), dm.spec, scheduler=partial(cosine, warmup_steps=0), joint=True
+    )
     seen: list[torch.Tensor] = []
 
     class Tasks(L.Callback):
@@ -338,6 +345,7 @@ def test_joint_upper_bound_trains_on_all_tasks(tmp_path: Path) -> None:
 
     fit(module, dm, tmp_path, batches=6, callbacks=[Tasks()])
     assert set(torch.cat(seen).tolist()) == {0, 1}  # every epoch mixes the tasks
+    assert "train_dataloader" not in vars(dm)  # the stream was asked, not monkeypatched
     assert torch.isfinite(module.accuracy_matrix).all()
 
 
@@ -370,7 +378,7 @@ def test_flagship_ewc_forgets_less_than_naive_on_a_tiny_stream(make_cfg, tmp_pat
         "++trainer.limit_train_batches=10",
         "model.dim=64",
         "model.ffn_hidden=128",
-        "strategy.lr=2e-3",
+        "optimizer.lr=2e-3",
         "callbacks.rich_progress_bar=null",
     ]
     got = {

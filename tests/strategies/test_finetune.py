@@ -16,13 +16,9 @@ from advarch.data.digits import DigitsDataModule
 from advarch.models.model import Model
 from advarch.pipeline import build_all, build_model
 from advarch.spec import DataSpec
-from advarch.strategies.base import parameter_groups
-from advarch.strategies.finetune import (
-    DELTA_FILE,
-    FinetuneStrategy,
-    accuracy,
-    load_finetuned,
-)
+from advarch.strategies.evaluation import accuracy
+from advarch.strategies.finetune import DELTA_FILE, FinetuneStrategy, load_finetuned
+from advarch.strategies.optimization import parameter_groups
 from advarch.train import run
 from tests.conftest import compose_config
 from tests.strategies.conftest import FAST
@@ -67,9 +63,7 @@ def write_base(path: Path, model: Model) -> str:
 def strategy(tmp_path: Path, ffn: str = "moe", **kwargs) -> FinetuneStrategy:
     base = write_base(tmp_path / "base.ckpt", tiny_model(ffn))
     options = {"pretrained": base, "trainable": [], "new_experts": 2, "head_classes": NEW}
-    return FinetuneStrategy(
-        tiny_model(ffn, seed=1), SPEC, weight_decay=0.1, **{**options, **kwargs}
-    )
+    return FinetuneStrategy(tiny_model(ffn, seed=1), SPEC, **{**options, **kwargs})
 
 
 # -- unit tests -------------------------------------------------------------------------------
@@ -78,7 +72,7 @@ def test_old_rows_move_under_adamw_decay_and_are_restored_bit_exactly(tmp_path: 
     moe = module.model.layers[0].ffn
     before = {n: p.detach().clone() for n, p in moe.named_parameters()}
     head_before = module.model.head.weight.detach().clone()
-    opt = torch.optim.AdamW(parameter_groups(module.model, 0.1), lr=0.1)
+    opt = torch.optim.AdamW(parameter_groups(module.model), lr=0.1, weight_decay=0.1)
     for _ in range(3):
         out = module.model(torch.rand(8, 16))
         (out.logits.square().sum() + out.aux_loss).backward()
@@ -192,7 +186,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str,
             "experiment=finetune_new_experts_5_9",
             *common,
             f"strategy.pretrained={base}",
-            "strategy.weight_decay=0.5",
+            "optimizer.weight_decay=0.5",
             f"+callbacks.probe._target_={__name__}.ModeProbe",
         ],
         root / "ft",
@@ -275,3 +269,17 @@ def test_load_finetuned_refuses_a_changed_base(runs: dict, tmp_path: Path) -> No
     delta["base"] = str(save_atomic(ckpt, tmp_path / "changed.ckpt"))
     with pytest.raises(ValueError, match="changed since"):
         load_finetuned(save_atomic(delta, tmp_path / DELTA_FILE))
+
+
+def test_new_expert_rows_are_those_of_every_expert_tensor(tmp_path: Path) -> None:
+    """The plan trains the new rows of every tensor `MoE.expert_tensors` names that the model
+    saves (router, stacked experts, routing bias), and nothing else."""
+    moe = {"num_experts": 3, "top_k": 2, "aux_free_bias": True}
+    sizes = {"dim": 16, "depth": 1, "num_heads": 2, "ffn": "moe", "ffn_hidden": 8}
+    base = write_base(tmp_path / "base.ckpt", Model(SPEC, **sizes, feature_patch=4, moe=moe))
+    model = Model(SPEC, **sizes, feature_patch=4, moe=moe)
+    module = FinetuneStrategy(model, SPEC, pretrained=base, trainable=[], new_experts=2)
+    saved = {f"model.{k}" for k in model.state_dict()}
+    expected = {f"model.layers.0.ffn.{n}" for n in model.layers[0].ffn.expert_tensors()} & saved
+    assert set(module.plan) == expected and "model.layers.0.ffn.routing_bias" in expected
+    assert all(rows.tolist() == [3, 4] for rows in module.plan.values())

@@ -10,8 +10,8 @@ import torch
 from advarch.atomic import save_atomic
 from advarch.models.model import Model
 from advarch.spec import DataSpec
-from advarch.strategies.base import parameter_groups
 from advarch.strategies.finetune import FinetuneStrategy
+from advarch.strategies.optimization import parameter_groups
 
 M, K = 4, 2
 SPEC = DataSpec(kind="lm", vocab_size=40, seq_len=12, pad_id=0, retrieval_neighbours=K,
@@ -53,7 +53,7 @@ def test_frozen_retrofit_starts_from_the_decoder_and_trains_only_retro(tmp_path:
                                plain(tokens).logits, rtol=0, atol=0)  # fmt: skip
     decoder = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     model.train()
-    opt = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-2)
+    opt = torch.optim.AdamW(parameter_groups(model), lr=1e-2, weight_decay=0.1)
     loss = model(tokens, neighbours=neighbours).logits.square().mean()
     loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if n in trained)

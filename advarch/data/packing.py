@@ -1,0 +1,112 @@
+"""Tokenised corpora packed for language modelling, as the text datamodules cache them.
+
+`pack_documents` joins documents with <eos> and cuts the stream into rows of seq_len + 1
+tokens saved as an Arrow dataset; `load_or_build` builds a cache folder once, atomically;
+`LMCollate` turns rows into input_ids/labels (plus RETRO neighbours); `unigram_bits_per_byte`
+is the baseline every language-model run is compared with. Shared by `text.py` and
+`text_domains.py`.
+
+Shapes: B batch, T = seq_len.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
+
+
+def load_or_build(cache: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """The meta.json of a cache folder; when it is missing, `build(tmp)` fills a temporary
+    folder and returns the meta, and the folder is moved into place atomically."""
+    if not (cache / "meta.json").exists():
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / "meta.json").write_text(json.dumps(build(tmp)))
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+    return json.loads((cache / "meta.json").read_text())
+
+
+def eval_subset(ds: Any, n: int | None) -> Any:
+    """`n` evenly spaced rows of a dataset (all of it when n is None or larger)."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.select(np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
+
+
+def pack_documents(
+    tok: ByteTokenizer | BPETokenizer,
+    docs: list[str],
+    doc_index: np.ndarray,
+    seq_len: int,
+    out: Path,
+    label: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise `docs`, join them with <eos>, cut the stream into rows of `seq_len` + 1 tokens
+    (consecutive rows share one token) and save them as an Arrow dataset at `out`
+    (columns `tokens` (T+1,) and `start`); `label` names the documents in errors.
+
+    Returns:
+        `(tokens, doc_ids)`: the whole token stream and, per token, its document's index
+        (from `doc_index`), both int32.
+
+    Raises:
+        ValueError: naming `data.seq_len` when the documents hold fewer than seq_len+1 tokens.
+    """
+    import datasets
+    import pyarrow as pa
+
+    encoded = tok.encode_batch(docs)
+    tokens = np.concatenate([np.append(e, tok.eos_id) for e in encoded]).astype(np.int32)
+    doc_ids = np.repeat(doc_index, [len(e) + 1 for e in encoded]).astype(np.int32)
+    n_seq = (len(tokens) - 1) // seq_len
+    if n_seq < 1:
+        raise ValueError(
+            f"data: the {label} has {len(tokens)} tokens, fewer than "
+            f"data.seq_len={seq_len}+1; add documents or shorten seq_len"
+        )
+    window = seq_len + 1
+    starts = np.arange(n_seq) * seq_len
+    rows = tokens[starts[:, None] + np.arange(window)]  # (n_seq, T+1)
+    table = pa.table(
+        {
+            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), window),
+            "start": pa.array(starts.astype(np.int64)),
+        }
+    )
+    datasets.Dataset(table).save_to_disk(str(out))
+    return tokens, doc_ids
+
+
+class LMCollate:
+    """Rows of `tokens` (T+1) → input_ids/labels (B, T), plus RETRO neighbours when enabled."""
+
+    def __init__(self, retriever: Any = None, split: str = "train") -> None:
+        self.retriever, self.split = retriever, split
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        tokens = torch.stack([r["tokens"] for r in rows]).long()
+        batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+        if self.retriever is not None:
+            starts = torch.stack([r["start"] for r in rows])
+            batch["neighbours"] = self.retriever.neighbours(self.split, starts, tokens.shape[1] - 1)
+        return batch
+
+
+def unigram_bits_per_byte(
+    train: np.ndarray, val: np.ndarray, vocab_size: int, val_bytes: int
+) -> float:
+    """Cross-entropy of val under the add-one unigram distribution of train, in bits per byte."""
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    log2p = np.log2(counts / counts.sum())
+    return float(-log2p[val].sum() / val_bytes)

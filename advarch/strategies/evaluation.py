@@ -1,0 +1,48 @@
+"""One evaluation loop: the mean of a per-example score over batches, in eval mode by the caller.
+
+`ContinualStrategy.evaluate_tasks` (each task's accuracy or bits/byte after every task) and
+`accuracy` (a plain model on classification batches: the finetune and merging demos) share it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+def mean_score(batches: Iterable[Batch], score: Callable[[Batch], torch.Tensor]) -> float:
+    """Mean of `score(batch)` (one value per example) over every example of `batches`."""
+    total, count = 0.0, 0
+    for batch in batches:
+        scores = score(batch)
+        total, count = total + float(scores.sum()), count + scores.numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    expert_mask: torch.Tensor | None = None,
+    classes: Sequence[int] | None = None,
+) -> float:
+    """Accuracy of a classification model over `batches` (dicts with `inputs`, `labels`).
+
+    `classes` restricts the prediction to those classes' logits (task-aware evaluation);
+    `expert_mask` (E,) is passed to the model (e.g. `FinetuneStrategy.base_expert_mask()`).
+    """
+
+    def correct(batch: Batch) -> torch.Tensor:
+        logits = model(batch["inputs"], expert_mask=expert_mask).logits  # (B, C)
+        if classes is not None:
+            allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            allowed[list(classes)] = True
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        return logits.argmax(-1) == batch["labels"]
+
+    return mean_score(batches, correct)

@@ -1,0 +1,98 @@
+"""Config validation against `_target_` signatures, and the one type checker it shares with the
+typed block configs (`advarch/typecheck.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import pytest
+from omegaconf import OmegaConf
+
+from advarch.config.validate import ConfigError, validate_node
+from advarch.typecheck import hint_name, matches
+
+
+def target(
+    size: int,
+    rate: float = 0.1,
+    mode: Literal["min", "max"] = "min",
+    name: str | None = None,
+    layers: Sequence[int] = (),
+    flag: bool = False,
+    options: dict | None = None,
+    anything: Any = None,
+) -> None:
+    """A constructor-like callable to validate against."""
+
+
+TARGET = f"{__name__}.target"
+
+
+@pytest.mark.parametrize(
+    ("value", "hint", "ok"),
+    [
+        (3, int, True),
+        (True, int, False),  # YAML booleans are not counts
+        (3, float, True),  # ints pass for floats
+        (3.5, int, False),
+        ("x", str, True),
+        (None, int | None, True),
+        ("a", Literal["a", "b"], True),
+        ("c", Literal["a", "b"], False),
+        ([1, 2], Sequence[int], True),
+        ((1, 2), list[int], True),
+        ("12", Sequence[int], False),  # a string is not a list of things
+        ({"a": 1}, dict, True),
+        ([1], dict, False),
+        (object(), Any, True),
+    ],
+)
+def test_matches(value: Any, hint: Any, ok: bool) -> None:
+    assert matches(value, hint) is ok
+
+
+def test_hint_names_read_as_a_user_would() -> None:
+    assert hint_name(int) == "int"
+    assert hint_name(Literal["min", "max"]) == "one of 'min', 'max'"
+    assert hint_name(Literal["a"] | None) == "one of 'a', null"
+    assert hint_name(int | None) == "int or null"
+    assert hint_name(Sequence[int] | None) == "list of int or null"
+
+
+def validate(**options: Any) -> None:
+    validate_node(OmegaConf.create({"_target_": TARGET, **options}), "thing", skip=("spec",))
+
+
+def test_a_valid_node_passes_and_skipped_keys_are_not_checked() -> None:
+    validate(size=1, rate=1, mode="max", name=None, layers=[1, 2], flag=True, options={})
+    validate(size=1, spec="supplied by the code")
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"size": "big"}, "thing.size='big' has the wrong type (expected int)"),
+        ({"size": 1, "mode": "mid"}, "thing.mode='mid' has the wrong type (expected one of 'min'"),
+        ({"size": 1, "flag": "yes"}, "thing.flag='yes' has the wrong type (expected bool)"),
+        ({"size": 1, "layers": 3}, "thing.layers=3 has the wrong type"),
+        ({"size": 1, "bogus": 2}, f"thing.bogus is not an option of {TARGET} (options: size,"),
+    ],
+)
+def test_the_first_bad_key_is_one_line(options: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(**options)
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+
+
+def test_an_unimportable_target_names_the_key() -> None:
+    node = OmegaConf.create({"_target_": "nowhere.Thing"})
+    with pytest.raises(ConfigError, match=r"^model\._target_='nowhere\.Thing' cannot be imported"):
+        validate_node(node, "model")
+
+
+def test_interpolations_are_resolved_before_checking() -> None:
+    node = OmegaConf.create({"_target_": TARGET, "size": "${width}", "width": 4})
+    with pytest.raises(ConfigError, match="thing.width is not an option"):
+        validate_node(node, "thing")
+    validate_node(OmegaConf.create({"a": 4, "t": {"_target_": TARGET, "size": "${a}"}}).t, "t")

@@ -1,0 +1,52 @@
+"""Documents of a corpus: the embedded standard library, text and JSON-lines files with
+one-line errors, and the seeded split by document."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from advarch.data.corpus import read_jsonl, read_text_file, split_documents, stdlib_files
+
+
+def test_split_is_by_document_and_seeded() -> None:
+    a = split_documents(100, 0.1, 0.1, seed=3)
+    b = split_documents(100, 0.1, 0.1, seed=3)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(100))
+    assert not np.array_equal(a["val"], split_documents(100, 0.1, 0.1, seed=4)["val"])
+
+
+def test_embedded_corpus_is_the_stdlib_without_tests() -> None:
+    files = stdlib_files()
+    assert len(files) > 300
+    assert not any("/test/" in str(f) or "idlelib" in str(f) for f in files)
+
+
+def test_text_and_json_lines_files_are_read_and_bad_ones_named(tmp_path: Path) -> None:
+    good = tmp_path / "a.jsonl"
+    good.write_text(json.dumps({"text": "héllo"}) + "\n\n" + json.dumps({"text": "x"}) + "\n")
+    assert read_jsonl(str(good), "text") == ["héllo", "x"]
+    assert read_text_file(str(good)).startswith('{"text"')
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no"}) + "\n")
+    with pytest.raises(ValueError, match=r"b.jsonl:2: no string field 'text' \(data.text_field\)"):
+        read_jsonl(str(bad), "text")
+    (tmp_path / "c.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:1: invalid JSON"):
+        read_jsonl(str(tmp_path / "c.jsonl"), "text")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.txt is empty \(0 bytes\)"):
+        read_text_file(str(tmp_path / "empty.txt"))
+
+
+def test_a_split_needs_three_documents_and_sane_fractions() -> None:
+    with pytest.raises(ValueError, match="need at least 3 documents"):
+        split_documents(2, 0.1, 0.1, seed=0)
+    with pytest.raises(ValueError, match="data.val_fraction=0.6 and data.test_fraction=0.5"):
+        split_documents(10, 0.6, 0.5, seed=0)
+    parts = split_documents(3, 0.01, 0.01, seed=0)
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [1, 1, 1]  # one doc each at least

@@ -1,0 +1,56 @@
+"""Packing tokenised documents into language-model rows, the collate function, the unigram
+baseline and the atomic cache folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from advarch.data.packing import LMCollate, load_or_build, pack_documents, unigram_bits_per_byte
+from advarch.data.tokenizer import ByteTokenizer
+
+
+def test_packed_rows_overlap_by_one_token_and_record_documents(tmp_path: Path) -> None:
+    tok = ByteTokenizer()
+    tokens, doc_ids = pack_documents(tok, ["abc", "de"], np.array([7, 9]), 2, tmp_path, "docs")
+    assert tokens.tolist() == [97, 98, 99, 256, 100, 101, 256]  # documents joined by <eos>
+    assert doc_ids.tolist() == [7, 7, 7, 7, 9, 9, 9]
+    rows = datasets.load_from_disk(str(tmp_path))[:]
+    assert rows["tokens"] == [[97, 98, 99], [99, 256, 100], [100, 101, 256]]
+    assert rows["start"] == [0, 2, 4]
+    with pytest.raises(ValueError, match=r"the docs has 3 tokens, fewer than data.seq_len=8\+1"):
+        pack_documents(tok, ["ab"], np.array([0]), 8, tmp_path / "short", "docs")
+
+
+def test_collate_shifts_rows_into_inputs_and_labels() -> None:
+    rows = [{"tokens": torch.tensor([1, 2, 3])}, {"tokens": torch.tensor([4, 5, 6])}]
+    batch = LMCollate()(rows)
+    assert batch["input_ids"].tolist() == [[1, 2], [4, 5]]
+    assert batch["labels"].tolist() == [[2, 3], [5, 6]] and "neighbours" not in batch
+
+
+def test_unigram_baseline_matches_a_hand_computation() -> None:
+    train = np.array([0, 0, 1, 2])
+    val = np.array([0, 1])
+    counts = np.array([2, 1, 1]) + 1.0
+    p = counts / counts.sum()
+    expected = -(np.log2(p[0]) + np.log2(p[1])) / 2
+    assert unigram_bits_per_byte(train, val, 3, val_bytes=2) == pytest.approx(expected)
+
+
+def test_a_cache_folder_is_built_once(tmp_path: Path) -> None:
+    calls = []
+
+    def build(folder: Path) -> dict:
+        calls.append(folder)
+        (folder / "data.txt").write_text("x")
+        return {"n": 1}
+
+    cache = tmp_path / "cache"
+    assert load_or_build(cache, build) == {"n": 1} == load_or_build(cache, build)
+    assert len(calls) == 1 and calls[0] != cache  # built beside it, then moved into place
+    assert (cache / "data.txt").read_text() == "x" and not calls[0].exists()
