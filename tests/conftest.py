@@ -26,8 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-if not torch.cuda.is_available():  # Triton kernels run in its interpreter (read at its import)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)
 
 # A small slice of the embedded corpus, shared by every test through one cache folder.
