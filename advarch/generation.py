@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+
+from advarch.models.model import Model
 
 if TYPE_CHECKING:
     from advarch.trained_lm import LoadedLM
@@ -88,9 +89,9 @@ def sample_next(
 class _Decoder:
     """One decoding strategy's state: feed tokens, read next-token logits (B, V)."""
 
-    def __init__(self, model: nn.Module, use_cache: bool, retrieve: Retrieve | None) -> None:
+    def __init__(self, model: Model, use_cache: bool, retrieve: Retrieve | None) -> None:
         self.model, self.cached = model, use_cache
-        self.retrieve = retrieve if getattr(model, "retro", None) is not None else None
+        self.retrieve = retrieve if model.retro is not None else None
         self.chunk = model.spec.retrieval_chunk
         self.neighbours: torch.Tensor | None = None  # (B, L, K, R) full-forward path
         self.state: Any = None
@@ -130,7 +131,7 @@ class _Decoder:
 
 @torch.no_grad()
 def generate(
-    model: nn.Module,
+    model: Model,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -161,7 +162,7 @@ def generate(
     Returns:
         (B, T + n) prompt followed by the n ≤ max_new_tokens new tokens ((T + n,) for 1-D input).
     """
-    if getattr(model, "spec", None) is None or model.spec.kind != "lm":
+    if not isinstance(model, Model) or model.spec.kind != "lm":
         raise ValueError("generation needs a decoder language model (data kind 'lm')")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")

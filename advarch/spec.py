@@ -137,3 +137,19 @@ class TaskStream(ConfiguresTrainer, Protocol):
     def train_jointly(self, joint: bool) -> None:
         """Serve every training epoch from ALL tasks at once (the joint upper bound) or not."""
         ...
+
+
+@runtime_checkable
+class TokenizedText(Protocol):
+    """A text datamodule after setup: `tokenizer` maps text to the token ids of its examples
+    and back (`encode`/`decode`); sampling from a trained LM decodes with it."""
+
+    tokenizer: Any
+
+
+@runtime_checkable
+class ServesNeighbours(Protocol):
+    """A RETRO datamodule after setup: `retriever.db.query_neighbours(chunk ids)` returns the
+    retrieval database's neighbours, the same search training used."""
+
+    retriever: Any

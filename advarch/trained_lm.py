@@ -18,6 +18,7 @@ from advarch.checkpoint import load_with_config, model_weights
 from advarch.config.validate import ConfigError
 from advarch.generation import Retrieve
 from advarch.pipeline import build_datamodule, build_model
+from advarch.spec import ServesNeighbours, TokenizedText
 
 
 @dataclass
@@ -44,7 +45,7 @@ def load_lm(ckpt_path: str, device: str = "cpu") -> LoadedLM:
             f"ckpt_path={ckpt_path!r} holds a {spec.kind} model; generation needs a language "
             "model (data kind 'lm')"
         )
-    tokenizer = getattr(datamodule, "tokenizer", None)
+    tokenizer = datamodule.tokenizer if isinstance(datamodule, TokenizedText) else None
     if tokenizer is None:
         raise ConfigError(f"data._target_={saved.data._target_} exposes no tokenizer")
     model = build_model(saved, spec)
@@ -58,7 +59,7 @@ def load_lm(ckpt_path: str, device: str = "cpu") -> LoadedLM:
 
 def datamodule_retrieve(datamodule: Any) -> Retrieve | None:
     """The `retrieve` callback over a prepared datamodule's retrieval database (None without)."""
-    retriever = getattr(datamodule, "retriever", None)
+    retriever = datamodule.retriever if isinstance(datamodule, ServesNeighbours) else None
     if retriever is None:
         return None
 

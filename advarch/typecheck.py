@@ -42,15 +42,21 @@ def matches(value: Any, hint: Any) -> bool:
 
 
 def hint_name(hint: Any) -> str:
-    """A type hint as a user reads it; Literal choices listed (`one of 'min', 'max'`)."""
+    """A type hint as a user reads it: `int or null`, `list of int`, `one of 'min', 'max'`."""
     choices, names = _literal_choices(hint)
     if choices:
-        shown = [repr(c) for c in choices] + [n for n in names if n != "NoneType"]
-        return "one of " + ", ".join(shown) + (", null" if "NoneType" in names else "")
-    return _name(hint)
+        shown = [repr(c) for c in choices] + [n for n in names if n != "null"]
+        return "one of " + ", ".join(shown) + (", null" if "null" in names else "")
+    return " or ".join(names)
 
 
 def _name(hint: Any) -> str:
+    """One non-union hint: `null` for None, `list of X` for sequences, else its name."""
+    if hint is type(None):
+        return "null"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is not None and isinstance(origin, type) and issubclass(origin, Sequence) and args:
+        return f"list of {_name(args[0])}"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

@@ -3,11 +3,14 @@ line in a temporary project copy, and the few checkpoints that script and eval t
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from filelock import FileLock
@@ -16,14 +19,13 @@ from omegaconf import DictConfig, open_dict
 
 import advarch.config.resolvers  # noqa: F401
 from advarch.config.compose import compose_run
+from advarch.pipeline import build_all
 from tests.cli import Project
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-if not torch.cuda.is_available():  # Triton kernels run in its interpreter (read at its import)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)
 
 # A small slice of the embedded corpus, shared by every test through one cache folder.
@@ -55,6 +57,22 @@ def compose_config(
         if "data" in cfg and cfg.data is not None and "cache_dir" in cfg.data:
             cfg.data.cache_dir = str(cache)
     return cfg
+
+
+def final_module(cfg: DictConfig) -> L.LightningModule:
+    """The strategy of a finished in-process run rebuilt from its config, with its last
+    checkpoint's weights, in eval mode: what its final metrics were computed with."""
+    _, _, module = build_all(cfg)
+    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    return module.eval()
+
+
+def first_batches(cfg: DictConfig, split: str, count: int) -> list[Any]:
+    """The first `count` batches of the run's `split` (val or test), drawn again from its config."""
+    datamodule, _, _ = build_all(cfg)
+    datamodule.setup("validate" if split == "val" else split)
+    return list(itertools.islice(getattr(datamodule, f"{split}_dataloader")(), count))
 
 
 @pytest.fixture

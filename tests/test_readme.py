@@ -9,6 +9,7 @@ and leave the files it promises.
 
 from __future__ import annotations
 
+import glob
 import re
 import shlex
 import shutil
@@ -34,6 +35,7 @@ SMOKE: list[tuple[str, list[str]]] = [
     ),
     ("python scripts/bench.py", ["--quick", "--only", "moe"]),
     ("python scripts/merge_demo.py", ["--base-steps", "4", "--task-steps", "4"]),
+    ("python scripts/retro_report.py", ["debug=tiny", "--retrofit-steps", "6"]),
 ]
 
 
@@ -62,6 +64,15 @@ SKIP = {"make test": "this test suite itself"}
 # CUDA exists, skipped (with that reason) on CPU-only machines such as CI.
 NEEDS_GPU = ("--device cuda", "experiment=gpu_lm")
 NEEDS_SLURM = "hydra/launcher=slurm"  # submits to a SLURM cluster: runs where `sbatch` exists
+
+
+# Experiments over local files outside the repo (data.files): run where their glob matches.
+def experiment_files(name: str) -> str:
+    cfg = yaml.safe_load((ROOT / "advarch" / "configs" / "experiment" / f"{name}.yaml").read_text())
+    return cfg["data"]["files"]
+
+
+NEEDS_FILES = {"experiment=retro_versions": experiment_files("retro_versions")}
 # Commands that need files an earlier command of the same chain made run on one worker, in order.
 CHAINS = {
     "scripts/merge.py": "readme-merge",
@@ -93,6 +104,9 @@ def params() -> list:
             marks.append(pytest.mark.skip(reason="a GPU command; this machine has no CUDA"))
         if NEEDS_SLURM in cmd and shutil.which("sbatch") is None:
             marks.append(pytest.mark.skip(reason="a SLURM command; this machine has no sbatch"))
+        for key, pattern in NEEDS_FILES.items():
+            if key in cmd and not glob.glob(pattern):
+                marks.append(pytest.mark.skip(reason=f"needs local files {pattern}"))
         for key, group in CHAINS.items():
             if key in cmd:
                 marks.append(pytest.mark.xdist_group(group))

@@ -38,11 +38,12 @@ def test_retro_report_retrofit_adds_the_plain_decoder_of_equal_steps(project: Pr
     small = ["debug=tiny", *SMALL_TEXT, "data.retrieval.chunk_size=16"]
     project.run(
         *small, "data.retrieval.embedder_dim=64", "--retrofit", "--retrofit-steps", "4",
-        script="scripts/retro_report.py",
+        "--unfreeze", script="scripts/retro_report.py",
     ).check()  # fmt: skip
     (path,) = (project.root / "outputs" / "retro_report").glob("*/retro_report.json")
     report = json.loads(path.read_text())
     assert set(report["runs"]) == {"plain", "retro", "plain_more"}
+    assert report["unfreeze"] and report["retrofit_steps"] == 4
     equal = "plain decoder, equal steps"
     assert report["rows"][equal]["bpb"] != report["rows"]["plain decoder"]["bpb"]  # trained on
     assert all("gain_vs_plain" in b for b in report["split_by_quality"] if b["fraction"])

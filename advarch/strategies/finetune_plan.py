@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from advarch.checkpoint import PREFIX
+from advarch.models.output import ExpertModel, TaskHeads
 from advarch.spec import DataSpec
 from advarch.strategies.finetune_base import copy_base, model_state, state_tensors
 
@@ -28,7 +29,7 @@ Plan = dict[str, torch.Tensor | None]  # tensor name → trainable dim-0 rows; N
 
 def named_moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(`model.<path>`, MoE module) for every MoE layer of an advarch Model."""
-    moe_ids = {id(m) for m in getattr(model, "moe_layers", list)()}
+    moe_ids = {id(m) for m in model.moe_layers()} if isinstance(model, ExpertModel) else set()
     return [(PREFIX + n, m) for n, m in model.named_modules() if id(m) in moe_ids]
 
 
@@ -69,7 +70,7 @@ def head_rows(model: nn.Module, classes: Sequence[int]) -> torch.Tensor:
         )
     if not all(0 <= c < C for c in classes):
         raise ValueError(f"strategy.head_classes={list(classes)} must be classes 0..{C - 1}")
-    heads = getattr(model, "num_heads_out", 1)
+    heads = model.num_heads_out if isinstance(model, TaskHeads) else 1
     return torch.tensor(sorted({t * C + c for t in range(heads) for c in classes}))
 
 

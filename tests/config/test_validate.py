@@ -56,6 +56,8 @@ def test_hint_names_read_as_a_user_would() -> None:
     assert hint_name(int) == "int"
     assert hint_name(Literal["min", "max"]) == "one of 'min', 'max'"
     assert hint_name(Literal["a"] | None) == "one of 'a', null"
+    assert hint_name(int | None) == "int or null"
+    assert hint_name(Sequence[int] | None) == "list of int or null"
 
 
 def validate(**options: Any) -> None:

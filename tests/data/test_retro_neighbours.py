@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from advarch.config.validate import ConfigError
 from advarch.data.retro_neighbours import NeighbourLookup
 from advarch.data.text import TextDataModule
 from advarch.pipeline import build_all
+from advarch.strategies.objectives import IGNORE
 from advarch.train import run
-from tests.conftest import SMALL_TEXT
+from tests.conftest import SMALL_TEXT, final_module, first_batches
 
 T, C, K = 64, 16, 2
 RETRIEVAL = {"chunk_size": C, "num_neighbours": K, "embedder_dim": 64}
@@ -142,7 +144,21 @@ def test_train_retro_end_to_end(make_cfg, corpus: str) -> None:
         ]
     )
     metrics = run(cfg)
-    assert np.isfinite(metrics["test/loss"]) and np.isfinite(metrics["val/bpb"])
+    module = final_module(cfg)
+    batches = first_batches(cfg, "test", cfg.trainer.limit_test_batches)
+
+    def logits(neighbours) -> torch.Tensor:
+        """Logits (N·T, V) of the final weights on the tested batches with these neighbours."""
+        with torch.no_grad():
+            return torch.cat([module({**b, "neighbours": n}).logits.flatten(0, 1)
+                              for b, n in zip(batches, neighbours, strict=True)])  # fmt: skip
+
+    labels = torch.cat([b["labels"] for b in batches]).flatten()
+    retrieved = [b["neighbours"] for b in batches]
+    loss = F.cross_entropy(logits(retrieved), labels, ignore_index=IGNORE).item()
+    assert metrics["test/loss"] == pytest.approx(loss, rel=1e-5)
+    swapped = [n.roll(1, dims=0) for n in retrieved]  # another sequence's neighbours
+    assert not torch.equal(logits(swapped), logits(retrieved))  # the model reads them
 
 
 def test_retro_model_on_plain_text_says_what_to_do(make_cfg) -> None:

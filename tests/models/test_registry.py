@@ -81,7 +81,11 @@ def test_retro_adapter_builds_from_its_config() -> None:
         ("moe", {"top_k": "2"}, "model.moe.top_k='2' has the wrong type (expected int)"),
         ("moe", {"soft": 1}, "model.moe.soft=1 has the wrong type (expected bool)"),
         ("swa", {"window": 1.5}, "model.swa.window=1.5 has the wrong type"),
-        ("ssm", {"dt_rank": "x"}, "model.ssm.dt_rank='x' has the wrong type (expected int | None)"),
+        (
+            "ssm",
+            {"dt_rank": "x"},
+            "model.ssm.dt_rank='x' has the wrong type (expected int or null)",
+        ),
         ("retro", {"cca_layers": 3}, "model.retro.cca_layers=3 has the wrong type"),
         ("ssd", [1, 2], "model.ssd must be a mapping of options, got [1, 2]"),
     ],

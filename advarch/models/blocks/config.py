@@ -3,9 +3,12 @@
 `ModelShape` holds the model's own keys every block is built from (`model.dim`,
 `model.num_heads`, ...). A block's config (`MoEConfig`, `SlidingWindowConfig`, `SSMConfig`,
 `SSDConfig`, `RetroConfig`) holds the keys a user writes under `model.<name>`; its fields equal
-the block constructor's keywords. Every check lives in a config's `checks`, which the model
-builder, the pre-run validation (`advarch.pipeline.validate`) and the block constructors all
-run, so each bad value gets the same one line naming the key as the user writes it:
+the block constructor's keywords. Dense attention and the dense FFN have configs without fields
+(`AttentionConfig`, `FeedForwardConfig`), so every registered block builds the same way.
+
+Every check lives in a config's `checks`, which the model builder, the pre-run validation
+(`advarch.pipeline.validate`) and the block constructors all run, so each bad value gets the
+same one line naming the key as the user writes it:
 `model.moe.top_k=9 exceeds model.moe.num_experts=8`.
 """
 
