@@ -11,6 +11,7 @@ Shapes: B batch, T = seq_len.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,12 @@ import numpy as np
 import torch
 
 from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
+
+
+def cache_key(source: Any, options: list[Any]) -> str:
+    """16 hex digits naming a text cache folder: the corpus (files with their sizes, or a
+    dataset name) and every option that changes what is built."""
+    return hashlib.sha256(json.dumps([source, options]).encode()).hexdigest()[:16]
 
 
 def load_or_build(cache: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:

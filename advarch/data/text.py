@@ -10,8 +10,6 @@ keyed by a fingerprint of the sources and options, so the second run starts in s
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from advarch.data.corpus import (
 )
 from advarch.data.packing import (
     LMCollate,
+    cache_key,
     eval_subset,
     load_or_build,
     pack_documents,
@@ -176,7 +175,7 @@ class TextDataModule(L.LightningDataModule):
             2,
             *(["dedupe"] if self.dedupe else []),  # keeps earlier caches' keys
         ]
-        return hashlib.sha256(json.dumps([source, options]).encode()).hexdigest()[:16]
+        return cache_key(source, options)
 
     # -- preparation --------------------------------------------------------------------------
     def prepare_data(self) -> None:

@@ -20,8 +20,6 @@ Shapes: B batch, T sequence length.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sysconfig
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +32,7 @@ from torch.utils.data import DataLoader
 from advarch.data.corpus import SPLITS, split_documents, stdlib_files
 from advarch.data.packing import (
     LMCollate,
+    cache_key,
     eval_subset,
     load_or_build,
     pack_documents,
@@ -200,7 +199,7 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
             self.seed,
             CACHE_VERSION,
         ]
-        return hashlib.sha256(json.dumps([source, options]).encode()).hexdigest()[:16]
+        return cache_key(source, options)
 
     def prepare_data(self) -> None:
         self._prepare()
