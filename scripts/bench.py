@@ -17,17 +17,18 @@ SUITES = ("moe", "sliding_window", "ssm")
 
 
 def print_table(rows: list[Row]) -> None:
-    header = (
-        f"| {'bench':<16}| {'contender':<32}| {'size':<18}| {'ms':>10} | {'peak MiB':>9} "
-        f"| {'× ref':>7} |"
-    )
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    """A Markdown table, the text columns as wide as their longest cell."""
+    wide = {
+        col: max(len(col), *(len(getattr(r, col)) for r in rows))
+        for col in ("bench", "contender", "size")
+    }
+    cells = [f"{col:<{n}}" for col, n in wide.items()] + ["        ms", " peak MiB", "  × ref"]
+    print("| " + " | ".join(cells) + " |")
+    print("|" + "|".join("-" * (len(c) + 2) for c in cells) + "|")
     for r in rows:
-        print(
-            f"| {r.bench:<16}| {r.contender:<32}| {r.size:<18}| {r.ms:>10.2f} | "
-            f"{r.peak_mb:>9.1f} | {r.ratio:>7.2f} |"
-        )
+        text = [f"{getattr(r, col):<{n}}" for col, n in wide.items()]
+        print("| " + " | ".join([*text, f"{r.ms:>10.2f}", f"{r.peak_mb:>9.1f}",
+                                 f"{r.ratio:>7.2f}"]) + " |")  # fmt: skip
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 `torch.nn.attention.flex_attention`, compiled, runs a fused flash-style kernel that skips every
 128 × 128 tile its block mask marks empty, so time and memory are O(T·w) like the blocked path
 of `sliding_window`, on tensor cores. The mask is the same key set as
-`sliding_window_mask`: the band (`_in_band`), ∪ global tokens as queries and as keys, − padding
+`sliding_window_mask`: the band (`in_band`), ∪ global tokens as queries and as keys, − padding
 keys; padded query rows are zeroed afterwards. The block mask of a plain band depends only on
 (T, w, causal, device) and is built once and cached; with padding or global tokens it depends
 on the batch and is built per call (compiled, without a T × T tensor).
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from advarch.models.blocks.sliding_window import _in_band
+from advarch.models.blocks.band_attention import in_band
 
 
 def window_mask_mod(
@@ -32,7 +32,7 @@ def window_mask_mod(
     """
 
     def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        allowed = _in_band(q - kv, window, causal)
+        allowed = in_band(q - kv, window, causal)
         if glob is not None:
             allowed = allowed | glob[b, q] | glob[b, kv]
         return allowed if keep is None else allowed & keep[b, kv]

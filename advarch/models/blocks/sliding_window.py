@@ -19,8 +19,8 @@ On CUDA `sliding_window_attention` runs compiled FlexAttention with a block mask
 key set (`flex_window`); elsewhere, and with attention dropout, the blocked path below.
 Computation is blocked so time and memory are O(T·w), never a T×T tensor: T is padded to N
 blocks of b queries; each query block scores against its own key block and ⌈reach / b⌉
-neighbour blocks per side, read as one overlapping strided window of the padded keys; the G
-global keys are extra columns of the same float32 softmax; global query rows are dense, O(G·T).
+neighbour blocks per side plus the G global keys, a few blocks at a time with scores recomputed
+in the backward pass (`band_attention`); global query rows are dense, O(G·T).
 
 Incremental decoding (causal only): ``step`` keeps a rolling cache of the last w rotated keys and
 values (slot p % w holds position p), so memory and time per token are O(w) for any length.
@@ -39,15 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advarch.models.blocks.band_attention import BandAttention, BandLayout, in_band
 from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.rotary import Rotary
-
-
-def _in_band(offset: Tensor, window: int, causal: bool) -> Tensor:
-    """True where a key at distance ``offset = i − j`` lies in query i's window."""
-    if causal:
-        return (offset >= 0) & (offset < window)
-    return offset.abs() <= window // 2
 
 
 def _check(window: int, causal: bool, global_mask: Tensor | None, prefix: str = "") -> None:
@@ -76,11 +70,6 @@ def _softmax(scores: Tensor, allowed: Tensor, dropout: float) -> Tensor:
     scores = scores + bias if scores.requires_grad else scores.add_(bias)
     probs = scores.softmax(dim=-1)
     return F.dropout(probs, p=dropout, training=dropout > 0)
-
-
-def _windows(x: Tensor, left: int, right: int, size: int, step: int) -> Tensor:
-    """(B, H, T, Dh) → overlapping (B, H, N, Dh, size) view of ``x`` padded on the time axis."""
-    return F.pad(x, (0, 0, left, right)).unfold(2, size, step)
 
 
 def _gather_time(x: Tensor, index: Tensor) -> Tensor:
@@ -162,8 +151,9 @@ def sliding_window_attention_blocked(
     """Blocked sliding-window + global attention, O(T·w) time and memory.
 
     1. pad T to N blocks of b; view keys/values as overlapping windows of W = (lb + 1 + rb)·b;
-    2. score each query block against its window (+ G global key columns), mask, softmax;
-    3. multiply by the values; overwrite global query rows with dense rows; zero padded rows.
+    2. `BandAttention`: score each query block against its window (+ G global key columns),
+       mask, softmax, multiply by the values, a tile of blocks at a time;
+    3. overwrite global query rows with dense rows; zero padded rows.
 
     Args:
         q, k, v: (B, H, T, Dh) queries, keys, values (rotary already applied).
@@ -179,33 +169,19 @@ def sliding_window_attention_blocked(
     """
     _check(window, causal, global_mask)
     B, H, T, Dh = q.shape
-    dev = q.device
-    keep = torch.ones(B, T, dtype=torch.bool, device=dev) if pad_mask is None else ~pad_mask
+    keep = torch.ones(B, T, dtype=torch.bool, device=q.device) if pad_mask is None else ~pad_mask
     g = None if global_mask is None else _Globals.of(global_mask & keep)
-    left = min(window - 1 if causal else window // 2, T - 1)  # farthest key behind a query
-    right = 0 if causal else min(window // 2, T - 1)  # farthest key ahead of a query
-    b = min(block_size or max(64, window // 4), T)
-    N, lb, rb = -(-T // b), -(-left // b), -(-right // b)  # blocks; neighbour blocks per side
-    W, tail = (lb + 1 + rb) * b, -T % b  # band keys per query block; time padding to N·b
-    pad = (lb * b, rb * b + tail)  # time padding of keys/values, left and right
+    layout = BandLayout.of(
+        T, window=window, causal=causal, block_size=block_size or max(64, window // 4),
+        keep=keep, heads=H, global_index=None if g is None else g.index,
+        global_valid=None if g is None else g.valid, dropout=dropout,
+    )  # fmt: skip
     q = q * Dh**-0.5
-    qb = F.pad(q, (0, 0, 0, tail)).view(B, H, N, b, Dh)
-    scores = qb @ _windows(k, *pad, W, b)  # (B, H, N, b, W)
-    offset = torch.arange(b, device=dev)[:, None] + lb * b - torch.arange(W, device=dev)  # i − j
-    key_ok = F.pad(keep, pad, value=False).unfold(1, W, b)[:, :, None]  # (B, N, 1, W)
-    allowed = _in_band(offset, window, causal) & key_ok  # (B, N, b, W)
-    if g is not None:  # global key columns, skipping keys the band already holds
-        kg, vg = _gather_time(k, g.index), _gather_time(v, g.index)  # (B, H, G, Dh)
-        i = torch.arange(N * b, device=dev)[None, :, None]
-        col_ok = g.valid[:, None] & ~_in_band(i - g.index[:, None], window, causal)  # (B, N·b, G)
-        scores = torch.cat([scores, qb @ kg[:, :, None].transpose(-1, -2)], dim=-1)
-        allowed = torch.cat([allowed, col_ok.view(B, N, b, -1)], dim=-1)  # (B, N, b, W + G)
-    probs = _softmax(scores, allowed[:, None], dropout).to(v.dtype)  # (B, H, N, b, W + G)
-    del scores  # free before the value matmuls
-    out = probs[..., :W] @ _windows(v, *pad, W, b).transpose(-1, -2)  # (B, H, N, b, Dh)
-    if g is not None:
-        out = out + probs[..., W:] @ vg[:, :, None]
-    out = out.view(B, H, N * b, Dh)[:, :, :T]
+    kg = vg = None
+    if g is not None:  # global key columns, gathered once: (B·H, G, Dh)
+        kg, vg = (_gather_time(x, g.index).flatten(0, 1) for x in (k, v))
+    out = BandAttention.apply(*(x.flatten(0, 1) for x in (q, k, v)), kg, vg, layout)
+    out = out.view(B, H, T, Dh)
     if g is not None:
         rows = _global_rows(q, k, v, keep, g, dropout)
         out = torch.where(global_mask[:, None, :, None], rows, out)  # padded rows zeroed next
@@ -223,7 +199,7 @@ def sliding_window_mask(
 ) -> Tensor:
     """Dense (B or 1, T, T) bool mask, True where query i may attend key j (band ∪ global − pad)."""
     i = torch.arange(T, device=device)
-    allowed = _in_band(i[:, None] - i[None, :], window, causal)[None]  # (1, T, T)
+    allowed = in_band(i[:, None] - i[None, :], window, causal)[None]  # (1, T, T)
     if global_mask is not None:
         gm = global_mask if pad_mask is None else global_mask & ~pad_mask
         allowed = allowed | gm[:, :, None] | gm[:, None, :]

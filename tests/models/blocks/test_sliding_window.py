@@ -34,13 +34,8 @@ def qkv(B: int, H: int, T: int, Dh: int, seed: int = 0):
     return [torch.randn(B, H, T, Dh, generator=gen, dtype=F64, requires_grad=True) for _ in "qkv"]
 
 
-@pytest.mark.parametrize("T,window,block_size", CASES)
-@pytest.mark.parametrize("causal,glob", [(True, False), (False, False), (False, True)])
-@pytest.mark.parametrize("pad", [False, True])
-def test_matches_dense_reference_outputs_and_grads(T, window, block_size, causal, glob, pad):
-    q, k, v = qkv(3, 2, T, 4, seed=T + window)
-    pad_mask, global_mask = masks(3, T, pad, glob, seed=T)
-    kw = dict(window=window, causal=causal, pad_mask=pad_mask, global_mask=global_mask)
+def assert_matches_reference(q, k, v, block_size: int | None, **kw) -> torch.Tensor:
+    """`sliding_window_attention` equals the dense reference in outputs and q/k/v gradients."""
     out = sliding_window_attention(q, k, v, block_size=block_size, **kw)
     ref = sliding_window_attention_reference(q, k, v, **kw)
     torch.testing.assert_close(out, ref)
@@ -51,6 +46,17 @@ def test_matches_dense_reference_outputs_and_grads(T, window, block_size, causal
         strict=True,
     ):
         torch.testing.assert_close(g, g_ref)
+    return out
+
+
+@pytest.mark.parametrize("T,window,block_size", CASES)
+@pytest.mark.parametrize("causal,glob", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("pad", [False, True])
+def test_matches_dense_reference_outputs_and_grads(T, window, block_size, causal, glob, pad):
+    q, k, v = qkv(3, 2, T, 4, seed=T + window)
+    pad_mask, global_mask = masks(3, T, pad, glob, seed=T)
+    kw = dict(window=window, causal=causal, pad_mask=pad_mask, global_mask=global_mask)
+    out = assert_matches_reference(q, k, v, block_size=block_size, **kw)
     if pad:
         assert out.masked_select(pad_mask[:, None, :, None]).eq(0).all()
 
