@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -54,11 +54,8 @@ def validate(cfg: DictConfig) -> None:
 def check_model_options(node: DictConfig) -> None:
     """Model's own checks (`Model.check_options`: ranges, cross-field, the typed block configs)
     on `model.*`, before anything is built; other model classes check in their constructor."""
-    try:
-        model_class = get_class(node._target_)
-    except ValueError:  # a factory function, not a class: it checks when called
-        return
-    if issubclass(model_class, Model):
+    model_class = get_object(node._target_)
+    if isinstance(model_class, type) and issubclass(model_class, Model):  # factories check later
         options = OmegaConf.to_container(node, resolve=True)
         options = {k: v for k, v in options.items() if not k.startswith("_") and k != "compile"}
         try:

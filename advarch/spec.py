@@ -149,7 +149,7 @@ class TokenizedText(Protocol):
 
 @runtime_checkable
 class ServesNeighbours(Protocol):
-    """A RETRO datamodule after setup: `retriever.db.query_neighbours(chunk ids)` returns the
-    retrieval database's neighbours, the same search training used."""
+    """A RETRO datamodule after setup: `retriever.query_neighbours(tokens)` returns the
+    retrieval database's neighbours of new text, the same search (and alignment) training used."""
 
     retriever: Any

@@ -64,6 +64,6 @@ def datamodule_retrieve(datamodule: Any) -> Retrieve | None:
         return None
 
     def retrieve(chunk: torch.Tensor) -> torch.Tensor:
-        return retriever.db.query_neighbours(chunk.cpu().numpy())  # (B, 1, K, R)
+        return retriever.query_neighbours(chunk.cpu().numpy())  # (B, 1, K, R)
 
     return retrieve

@@ -12,7 +12,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from hydra.utils import get_class, get_method
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from advarch.typecheck import hint_name, matches
@@ -24,12 +24,9 @@ class ConfigError(ValueError):
 
 def _resolve_target(path: str, key: str) -> Any:
     try:
-        return get_class(path)
-    except Exception:
-        try:
-            return get_method(path)
-        except Exception as err:
-            raise ConfigError(f"{key}._target_={path!r} cannot be imported") from err
+        return get_object(path)  # a class or a function; no type check, so no error log line
+    except Exception as err:
+        raise ConfigError(f"{key}._target_={path!r} cannot be imported") from err
 
 
 def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:

@@ -188,6 +188,8 @@ class RetrievalDatabase:
         # Row -1 of both is the "missing" neighbour: numpy's index -1 selects it.
         self._chunks_ext = np.vstack([self.chunks, np.full((1, chunk_size), pad_id, np.int32)])
         self._next_ext = np.r_[self.next_chunk, -1]
+        self._prev_ext = np.full(len(self._next_ext), -1)
+        self._prev_ext[self.next_chunk[self.next_chunk >= 0]] = np.flatnonzero(self.next_chunk >= 0)
         self.num_query_chunks = len(self.tokens) // chunk_size
         self.embeddings: np.ndarray | None = None  # (M, d) float32
         # (Q, K) chunk ids, -1 = missing, NOT_SEARCHED = left for the first batch that needs it
@@ -447,11 +449,32 @@ class RetrievalDatabase:
             )
         return length // self.chunk_size
 
-    def neighbour_tokens(self, ids: np.ndarray) -> np.ndarray:
-        """Chunk ids (...,) (-1 = missing) -> (..., R) int64 tokens: chunk + continuation."""
+    def neighbour_tokens(self, ids: np.ndarray, queries: np.ndarray | None = None) -> np.ndarray:
+        """Chunk ids (..., K) (-1 = missing) -> (..., K, R) int64 tokens: chunk + continuation.
+
+        With ``queries`` (..., c), the query chunk each row of ids was retrieved for, every
+        neighbour is aligned to its query: read from its document shifted by the offset
+        δ ∈ [−c, c] at which its chunk agrees with the query chunk on the most tokens (ties: the
+        smallest |δ|). A neighbour from another version of the same text then lines up token by
+        token, and its continuation with the chunk that chunked cross-attention helps predict.
+        """
         ids = np.asarray(ids)
-        cont = self._next_ext[ids]
-        return np.concatenate([self._chunks_ext[ids], self._chunks_ext[cont]], -1).astype(np.int64)
+        if queries is None:
+            cont = self._next_ext[ids]
+            tokens = np.concatenate([self._chunks_ext[ids], self._chunks_ext[cont]], -1)
+            return tokens.astype(np.int64)
+        c, nxt = self.chunk_size, self._next_ext
+        around = (self._prev_ext[ids], ids, nxt[ids], nxt[nxt[ids]])  # 4c tokens of its document
+        doc = np.concatenate([self._chunks_ext[i] for i in around], -1)  # (..., K, 4c)
+        query = np.asarray(queries)[..., None, :]  # (..., 1, c)
+        best, shift = np.full(ids.shape, -1), np.zeros(ids.shape, dtype=np.int64)
+        for delta in sorted(range(-c, c + 1), key=abs):
+            window = doc[..., c + delta : 2 * c + delta]
+            agree = ((window == query) & (window != self.pad_id)).sum(-1)
+            shift = np.where(agree > best, delta, shift)
+            best = np.maximum(best, agree)
+        index = c + shift[..., None] + np.arange(self.neighbour_len)
+        return np.take_along_axis(doc, index, -1).astype(np.int64)
 
     def sequence_neighbour_ids(self, starts: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
         """Neighbour chunk ids of training sequences tokens[s : s + length]: (S, L, K).
@@ -494,6 +517,12 @@ class RetrievalDatabase:
     ) -> torch.Tensor:
         """Neighbours (S, L, K, R) long of sequences stream[s : s + length] of the stream
         `table` was computed for (`stream_table`); starts must be multiples of chunk_size."""
+        return torch.from_numpy(self.neighbour_tokens(self.table_ids(table, starts, length)))
+
+    def table_ids(
+        self, table: np.ndarray, starts: Sequence[int] | np.ndarray, length: int
+    ) -> np.ndarray:
+        """The neighbour ids (S, L, K) of `table_neighbours`."""
         num_chunks = self._check_length(length)
         starts = np.asarray(starts, dtype=np.int64).reshape(-1)
         if (starts % self.chunk_size).any() or (starts // self.chunk_size + num_chunks).max(
@@ -503,8 +532,7 @@ class RetrievalDatabase:
                 f"sequence starts must be multiples of data.retrieval.chunk_size="
                 f"{self.chunk_size} inside the stream of {len(table)} chunks"
             )
-        ids = self._grid_ids(table, starts, num_chunks)
-        return torch.from_numpy(self.neighbour_tokens(ids))
+        return self._grid_ids(table, starts, num_chunks)
 
     def batch_neighbours(self, starts: Sequence[int] | np.ndarray, length: int) -> torch.Tensor:
         """Neighbours of several training sequences: (S, L, K, R) long (for a collate_fn)."""
@@ -533,18 +561,21 @@ class RetrievalDatabase:
         return ids.reshape(s, num_chunks, -1)
 
     def query_neighbours(
-        self, tokens: np.ndarray, doc_ids: np.ndarray | None = None
+        self, tokens: np.ndarray, doc_ids: np.ndarray | None = None, align: bool = False
     ) -> torch.Tensor:
         """Neighbours of held-out sequences (validation/test): tokens (S, T) -> (S, L, K, R).
 
-        tokens may also be one sequence (T,) -> (L, K, R); see `query_neighbour_ids`.
+        tokens may also be one sequence (T,) -> (L, K, R); see `query_neighbour_ids`; ``align``
+        aligns each neighbour to its query chunk (`neighbour_tokens`).
         """
         tokens = np.asarray(tokens, dtype=np.int64)
         squeeze = tokens.ndim == 1
         tokens = tokens.reshape(-1, tokens.shape[-1])  # (S, T)
         if doc_ids is not None:
             doc_ids = np.asarray(doc_ids).reshape(tokens.shape)
-        out = torch.from_numpy(self.neighbour_tokens(self.query_neighbour_ids(tokens, doc_ids)))
+        ids = self.query_neighbour_ids(tokens, doc_ids)
+        queries = tokens.reshape(*ids.shape[:2], self.chunk_size) if align else None
+        out = torch.from_numpy(self.neighbour_tokens(ids, queries))
         return out[0] if squeeze else out
 
 

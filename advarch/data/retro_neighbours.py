@@ -54,6 +54,7 @@ class RetrievalOptions:
     ef_search: int = 64
     search_margin: int = 16
     precompute: bool = True
+    align: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> RetrievalOptions:
@@ -99,11 +100,14 @@ class NeighbourLookup:
     Attributes:
         db: the training-corpus `RetrievalDatabase`.
         tables: held-out split → (Q, K) neighbour chunk ids of its grid chunks.
+        streams: held-out split → its token stream (the query chunks of `tables`).
+        align: align every neighbour to its query chunk (`RetrievalDatabase.neighbour_tokens`).
         k, chunk_size, neighbour_len: K, c and R, for the DataSpec.
     """
 
-    def __init__(self, db: RetrievalDatabase, tables: dict[str, np.ndarray]) -> None:
-        self.db, self.tables = db, tables
+    def __init__(self, db: RetrievalDatabase, tables: dict[str, np.ndarray],
+                 streams: dict[str, np.ndarray], align: bool = False) -> None:  # fmt: skip
+        self.db, self.tables, self.streams, self.align = db, tables, streams, align
         self.k, self.chunk_size, self.neighbour_len = (
             db.num_neighbours,
             db.chunk_size,
@@ -162,16 +166,26 @@ class NeighbourLookup:
             db.chunk_size,
             folder,
         )
-        return cls(db, tables)
+        streams = {split: _split_arrays(cache, split)[0] for split in HELD_OUT}
+        return cls(db, tables, streams, align=opts.align)
 
     def neighbours(self, split: str, starts: torch.Tensor, T: int) -> torch.Tensor:
         """Neighbours of sequences stream[s : s + T] of `split`: starts (B,) -> (B, L, K, R)."""
         starts_np = np.asarray(starts.cpu() if torch.is_tensor(starts) else starts, np.int64)
         if split == "train":
-            return self.db.batch_neighbours(starts_np, T)
-        if split not in self.tables:
+            ids, stream = self.db.sequence_neighbour_ids(starts_np, T), self.db.tokens
+        elif split in self.tables:
+            ids, stream = self.db.table_ids(self.tables[split], starts_np, T), self.streams[split]
+        else:
             raise ValueError(f"retrieval: no neighbours for split {split!r}")
-        return self.db.table_neighbours(self.tables[split], starts_np, T)
+        queries = None
+        if self.align:  # (B, L, c): the query chunk of each row of ids
+            queries = stream[starts_np[:, None] + np.arange(T)].reshape(*ids.shape[:2], -1)
+        return torch.from_numpy(self.db.neighbour_tokens(ids, queries))
+
+    def query_neighbours(self, tokens: np.ndarray) -> torch.Tensor:
+        """Neighbours of new text (generation): tokens (S, T) -> (S, L, K, R), searched live."""
+        return self.db.query_neighbours(tokens, align=self.align)
 
 
 def _split_arrays(cache: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

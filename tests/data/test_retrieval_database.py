@@ -142,6 +142,49 @@ def test_neighbour_tokens_pad_continuation_and_missing(db):
     assert (toks[1] == PAD).all()  # missing neighbour
 
 
+def versions_db(shift: int) -> tuple[RetrievalDatabase, np.ndarray]:
+    """A document and its other version (``shift`` tokens inserted at its start) in one
+    database; returns it and the new version's tokens."""
+    old, docs = make_corpus(num_docs=1, mean_len=200, seed=4)
+    old = old[:160]
+    new = np.r_[np.arange(shift) % 26 + 65, old]
+    tokens = np.r_[old, new, make_corpus(num_docs=20, mean_len=60, seed=5)[0]]
+    doc_ids = np.r_[
+        np.zeros(len(old)), np.ones(len(new)), np.full(len(tokens) - 2 * len(old) - shift, 2)
+    ]
+    db = RetrievalDatabase(tokens, doc_ids.astype(np.int64), pad_id=PAD, chunk_size=16,
+                           num_neighbours=1).build()  # fmt: skip
+    return db, new
+
+
+@pytest.mark.parametrize("shift", [0, 5, 11, 16, 21])
+def test_aligned_neighbours_line_up_with_the_query_and_its_continuation(shift):
+    db, new = versions_db(shift)
+    c = 16
+    for u in range(2, 6):  # query chunk u of the new version; its neighbour: old chunk u − 1
+        query = new[u * c : (u + 1) * c]
+        ids = np.array([[u - 1, u, -1]])
+        aligned = db.neighbour_tokens(ids, query[None])[0]  # (3, 32)
+        for k, chunk in enumerate(ids[0, :2]):  # old chunk `chunk` needs an offset of:
+            if abs(u * c - shift - chunk * c) <= c:  # within reach: chunk + continuation line up
+                np.testing.assert_array_equal(aligned[k], new[u * c : (u + 2) * c])
+        assert (aligned[2] == PAD).all()  # missing stays missing
+        plain = db.neighbour_tokens(ids)[0]
+        np.testing.assert_array_equal(plain[0], db.tokens[(u - 1) * c : (u + 1) * c])
+
+
+def test_alignment_stays_inside_the_neighbours_document():
+    db, new = versions_db(0)
+    query = np.full(16, 7)  # agrees with nothing: shift 0, the plain neighbour
+    first = np.array([0])  # first chunk of document 0: nothing before it in the document
+    np.testing.assert_array_equal(db.neighbour_tokens(first, query), db.neighbour_tokens(first))
+    query = db.tokens[:16].copy()
+    query[:8] = PAD  # a query matching the first chunk's second half 8 tokens to the left
+    query[8:] = db.tokens[:8]
+    got = db.neighbour_tokens(first, query)[0]
+    assert (got[:8] == PAD).all() and (got[8:] == db.tokens[:24]).all()
+
+
 def test_too_few_chunks_outside_own_documents_are_padded(caplog):
     tokens = np.arange(96) % 50
     docs = np.r_[np.zeros(64, int), np.ones(32, int)]  # doc 1 has 2 chunks of 16, doc 0 has 4

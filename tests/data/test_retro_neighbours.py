@@ -90,6 +90,23 @@ def test_train_neighbours_skip_the_documents_they_inform(dm: TextDataModule) -> 
                     np.testing.assert_array_equal(got[row, u, k].numpy(), want)
 
 
+def test_aligned_neighbours_use_each_sequences_own_query_chunks(corpus: str, tmp_path: Path):
+    """`data.retrieval.align=true`: train and held-out neighbours are the database's
+    neighbours of the same ids aligned to the sequence's chunks, as live queries align them."""
+    dm = make_dm(corpus, tmp_path, align=True)
+    lookup, db = dm.retriever, dm.retriever.db
+    starts = dm.splits["train"][:4]["start"]
+    chunks = torch.stack([dm.splits["train"][i]["tokens"][:T] for i in range(4)]).numpy()
+    ids = db.sequence_neighbour_ids(starts.numpy(), T)
+    want = db.neighbour_tokens(ids, chunks.reshape(4, T // C, C))
+    np.testing.assert_array_equal(lookup.neighbours("train", starts, T).numpy(), want)
+    assert not np.array_equal(want, db.neighbour_tokens(ids))  # alignment moved some
+    rows = dm.splits["val"][:3]
+    got = lookup.neighbours("val", rows["start"], T)
+    torch.testing.assert_close(got, lookup.query_neighbours(rows["tokens"][:, :T].numpy()))
+    torch.testing.assert_close(got, db.query_neighbours(rows["tokens"][:, :T].numpy(), align=True))
+
+
 def test_held_out_tables_match_live_queries_and_are_cached(
     corpus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
