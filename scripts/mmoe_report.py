@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from advarch.config.compose import compose_run
+from advarch.config.validate import ConfigError
 from advarch.train import run
 
 MODELS = ("mmoe", "one_gate_moe", "shared_bottom")
@@ -102,4 +104,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:
+        sys.exit(f"error: {err}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from advarch.config.compose import compose_run
+from advarch.config.validate import ConfigError
 from advarch.train import run
 
 OVERLAP_BINS = (0, 8, 32)  # quality buckets: shared run of [0, 8), [8, 32), ≥ 32 tokens
@@ -178,6 +180,7 @@ def main() -> None:
     runs: dict[str, dict] = {}
     plain_ckpt = (args.plain_ckpt or root / "plain" / "checkpoints" / "last.ckpt").resolve()
     plain_model = ["model=transformer", "model.retro=null"]
+    plain_base = [o for o in base if not o.startswith("model.retro.")]  # RETRO's own options
     todo: list[tuple[str, list[str]]] = [("plain", plain_model), ("retro", [])]
     if args.retrofit:
         on = ["strategy=retrofit", f"strategy.pretrained={plain_ckpt}"]
@@ -193,7 +196,8 @@ def main() -> None:
         if name == "plain" and args.plain_ckpt is not None:
             continue
         t0, cpu0 = time.perf_counter(), time.process_time()
-        metrics = run(compose_run([*base, *extra], root / name))
+        overrides = [*(base if name == "retro" else plain_base), *extra]
+        metrics = run(compose_run(overrides, root / name))
         runs[name] = {
             "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - cpu0,
@@ -230,4 +234,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:
+        sys.exit(f"error: {err}")

@@ -37,8 +37,9 @@ def test_retro_report_compares_neighbours_padding_and_plain(project: Project) ->
 def test_retro_report_retrofit_adds_the_plain_decoder_of_equal_steps(project: Project) -> None:
     small = ["debug=tiny", *SMALL_TEXT, "data.retrieval.chunk_size=16"]
     project.run(
-        *small, "data.retrieval.embedder_dim=64", "--retrofit", "--retrofit-steps", "4",
-        "--unfreeze", script="scripts/retro_report.py",
+        *small, "data.retrieval.embedder_dim=64", "data.retrieval.align=true",
+        "model.retro.cca_layers=[1]",  # RETRO's own option: not passed to the plain decoders
+        "--retrofit", "--retrofit-steps", "4", "--unfreeze", script="scripts/retro_report.py",
     ).check()  # fmt: skip
     (path,) = (project.root / "outputs" / "retro_report").glob("*/retro_report.json")
     report = json.loads(path.read_text())
@@ -47,3 +48,11 @@ def test_retro_report_retrofit_adds_the_plain_decoder_of_equal_steps(project: Pr
     equal = "plain decoder, equal steps"
     assert report["rows"][equal]["bpb"] != report["rows"]["plain decoder"]["bpb"]  # trained on
     assert all("gain_vs_plain" in b for b in report["split_by_quality"] if b["fraction"])
+
+
+def test_report_scripts_say_a_bad_override_in_one_line(project: Project) -> None:
+    for script in ("scripts/retro_report.py", "scripts/mmoe_report.py"):
+        res = project.run("model.nope=1", script=script)
+        assert res.rc == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "model.nope" in last, last

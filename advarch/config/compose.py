@@ -10,9 +10,11 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
 from advarch.config.combinations import with_strategy_defaults
+from advarch.config.validate import ConfigError
 
 # The configs ship inside the package (advarch/configs), so a wheel install finds them anywhere.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -31,13 +33,16 @@ def compose_run(
 
     `root_dir` (default: the working directory) anchors `outputs/cache` and `outputs/runs`.
     The config tree is not printed; the Hydra node is resolved away, so `run(cfg)` works
-    outside `@hydra.main`.
+    outside `@hydra.main`. An override that does not compose raises `ConfigError`.
     """
     if config_name == "train":
         overrides = with_strategy_defaults(overrides)
     GlobalHydra.instance().clear()
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        try:
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        except HydraException as err:  # an unknown key or group: one line, as train.py says it
+            raise ConfigError(" ".join(str(err).split())) from err
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         if root_dir is not None:
