@@ -1,4 +1,4 @@
-"""Blocked sliding-window attention vs dense SDPA with a boolean band mask (the reference).
+"""Tiled sliding-window attention vs dense SDPA with a boolean band mask (the reference).
 
 8 heads × 64 head dim, window 512, batch 1, causal, float32; forward at every length and
 forward + backward up to 4k tokens. ``ratio`` is ms / dense ms of the same pass and length.
@@ -20,7 +20,7 @@ HEADS, HEAD_DIM, WINDOW = 8, 64, 512
 DENSE = "dense SDPA band mask"
 CONTENDERS = {
     DENSE: sliding_window_attention_reference,
-    "blocked SWA": sliding_window_attention,
+    "tiled band attention": sliding_window_attention,
 }
 
 

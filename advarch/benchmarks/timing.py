@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +50,8 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                            profile_memory=True) as prof:  # fmt: skip
         fn()
     # Raw allocator events: +bytes on allocation, −bytes on free, replayed in time order.
     events = sorted(
@@ -59,3 +63,17 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
         live += evt.nbytes()
         peak = max(peak, live)
     return peak / 2**20
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: the profiler's C++ side prints stage lines there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -240,7 +240,7 @@ class SlidingWindowState:
 
 
 class SlidingWindowAttention(nn.Module):
-    """Multi-head sliding-window attention: qkv projection, rotary, blocked SWA, out projection.
+    """Multi-head sliding-window attention: qkv projection, rotary, band attention, out projection.
 
     Args:
         dim: model width D.
