@@ -67,7 +67,7 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
     from lightning.pytorch.loggers import WandbLogger
 
     from advarch.strategies.base import count_parameters
-    from advarch.tracking import tracker_config
+    from advarch.tracking import tracker_config, without_anonymous
 
     config = tracker_config(saved, count_parameters(module.model))
     config["eval"] = {
@@ -75,16 +75,18 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
         "data_overridden": cfg.get("data") is not None,
     }
     project = OmegaConf.select(saved, "logger.wandb.project") or "advarch"
-    return WandbLogger(
-        project=project,
-        save_dir=cfg.paths.output_dir,
-        offline=True,
-        name=f"eval {saved.run_name}",
-        group=str(saved.run_name),
-        job_type="eval",
-        tags=[*(saved.get("tags") or []), "eval"],
-        config=config,
-        settings=wandb.Settings(quiet=True, silent=True),
+    return without_anonymous(
+        WandbLogger(
+            project=project,
+            save_dir=cfg.paths.output_dir,
+            offline=True,
+            name=f"eval {saved.run_name}",
+            group=str(saved.run_name),
+            job_type="eval",
+            tags=[*(saved.get("tags") or []), "eval"],
+            config=config,
+            settings=wandb.Settings(quiet=True, silent=True),
+        )
     )
 
 

@@ -110,7 +110,7 @@ def build_loggers(
     from advarch.config.runs import previous_wandb_id
     from advarch.pipeline import instantiate_checked
     from advarch.strategies.base import count_parameters
-    from advarch.tracking import define_summary, wandb_init_fields
+    from advarch.tracking import define_summary, wandb_init_fields, without_anonymous
 
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
@@ -123,6 +123,7 @@ def build_loggers(
         fields["id"] = previous_wandb_id(ckpt) or node.get("id")
         fields["tags"] = list(dict.fromkeys([*(node.get("tags") or []), *fields["tags"]]))
         logger = hydra.utils.instantiate(node, _partial_=True, _convert_="all")(**fields)
+        without_anonymous(logger)
         mode = OmegaConf.select(cfg, "callbacks.model_checkpoint.mode") or "min"
         if rank_zero_only.rank == 0:  # other ranks hold a dummy experiment
             define_summary(logger.experiment, cfg.get("optimized_metric"), mode)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -244,7 +243,7 @@ def test_bad_config_is_one_clear_error(
 
 
 def test_unknown_group_option_names_it(make_cfg) -> None:
-    with pytest.raises(HydraException, match="model/nope"):
+    with pytest.raises(ConfigError, match="model/nope"):
         make_cfg(["model=nope"])
 
 
