@@ -37,7 +37,7 @@ def test_retro_report_compares_neighbours_padding_and_plain(project: Project) ->
 def test_retro_report_retrofit_adds_the_plain_decoder_of_equal_steps(project: Project) -> None:
     small = ["debug=tiny", *SMALL_TEXT, "data.retrieval.chunk_size=16"]
     project.run(
-        *small, "data.retrieval.embedder_dim=64", "data.retrieval.align=true",
+        *small, "data.retrieval.embedder_dim=64", "data.retrieval.align=false",
         "model.retro.cca_layers=[1]",  # RETRO's own option: not passed to the plain decoders
         "--retrofit", "--retrofit-steps", "4", "--unfreeze", script="scripts/retro_report.py",
     ).check()  # fmt: skip

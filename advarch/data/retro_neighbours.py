@@ -54,7 +54,7 @@ class RetrievalOptions:
     ef_search: int = 64
     search_margin: int = 16
     precompute: bool = True
-    align: bool = False
+    align: bool = True
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> RetrievalOptions:
@@ -106,7 +106,7 @@ class NeighbourLookup:
     """
 
     def __init__(self, db: RetrievalDatabase, tables: dict[str, np.ndarray],
-                 streams: dict[str, np.ndarray], align: bool = False) -> None:  # fmt: skip
+                 streams: dict[str, np.ndarray], align: bool) -> None:  # fmt: skip
         self.db, self.tables, self.streams, self.align = db, tables, streams, align
         self.k, self.chunk_size, self.neighbour_len = (
             db.num_neighbours,

@@ -19,7 +19,7 @@ from advarch.train import run
 from tests.conftest import SMALL_TEXT, final_module, first_batches
 
 T, C, K = 64, 16, 2
-RETRIEVAL = {"chunk_size": C, "num_neighbours": K, "embedder_dim": 64}
+RETRIEVAL = {"chunk_size": C, "num_neighbours": K, "embedder_dim": 64, "align": False}
 
 
 @pytest.fixture(scope="module")
