@@ -335,9 +335,10 @@ def log_to_wandb(report: Report, name: str) -> Path:
     """Log the report's images and final metrics to an offline W&B run in `<report>/wandb`."""
     import wandb
 
-    run = wandb.init(
-        mode="offline", dir=str(report.folder), project="advarch", name=name, job_type="report"
-    )
+    run = wandb.init(  # its own run even when the calling process has one open (a notebook)
+        mode="offline", dir=str(report.folder), project="advarch", name=name, job_type="report",
+        reinit="create_new",
+    )  # fmt: skip
     try:
         run.log({f"report/{key}": wandb.Image(str(path)) for key, path in report.images.items()})
         run.summary.update(report.final)

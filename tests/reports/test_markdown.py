@@ -140,10 +140,18 @@ def test_report_of_a_real_tiny_moe_run(make_cfg) -> None:
 
 @pytest.mark.slow
 def test_wandb_offline_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = synthetic_run(tmp_path / "run")
-    write_report(run, wandb=True)
+    (tmp_path / "open").mkdir()
+    open_run = wandb.init(mode="offline", dir=str(tmp_path / "open"))  # the caller's own run
+    try:
+        write_report(run, wandb=True)
+    finally:
+        open_run.finish()
     runs = list((run / "report" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     media = list(runs[0].rglob("*.png"))
     assert len(media) >= 2  # learning curves and few-shot accuracy
+    assert not list((tmp_path / "open").rglob("*.png"))  # nothing logged into the caller's run
