@@ -226,8 +226,11 @@ class ProgressEmbedder:
     @contextmanager
     def progress(self, total: int, desc: str) -> Iterator[None]:
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-        with tqdm(total=total, desc=desc, unit="chunk", dynamic_ncols=True) as bar:
+        # log lines while the bar runs print above it, not through it
+        with logging_redirect_tqdm(), tqdm(total=total, desc=desc, unit="chunk",
+                                           dynamic_ncols=True) as bar:  # fmt: skip
             self._bar = bar
             try:
                 yield
