@@ -21,7 +21,8 @@ its answers) and, for text, bits per byte — plus RETRO's analysis (Borgeaud et
 §4.4): the neighbour quality of every held-out chunk, i.e. the longest run of tokens its first
 neighbour's continuation shares with the true continuation (the tokens that chunk's neighbours
 help predict), and the bits-per-byte gain of neighbours over padding split by it. Prints a table
-and writes `<out>/retro_report.json`; runs go under `outputs/retro_report/<time>/`.
+and writes `<out>/retro_report.json` and `<out>/by_quality.png` (bits/byte per quality bucket,
+one bar per model); runs go under `outputs/retro_report/<time>/`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 from advarch.config.compose import compose_run
 from advarch.config.validate import ConfigError
+from advarch.reports.figures import plot_retrieval_by_quality
 from advarch.train import run
 
 OVERLAP_BINS = (0, 8, 32)  # quality buckets: shared run of [0, 8), [8, 32), ≥ 32 tokens
@@ -228,6 +230,9 @@ def main() -> None:
         for entry in report["split_by_quality"]:
             print("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                    for k, v in entry.items()))  # fmt: skip
+        figure = plot_retrieval_by_quality(report["split_by_quality"], root / "by_quality.png")
+        if figure is not None:
+            print(f"figure: {figure}")
     report["rows"] = {n: {k: v for k, v in r.items() if k != "chunk_bpb"} for n, r in rows.items()}
     (root / "retro_report.json").write_text(json.dumps(report, indent=1))
     print(f"written to {root / 'retro_report.json'}")

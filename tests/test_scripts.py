@@ -6,6 +6,7 @@ import json
 
 from tests.cli import Project
 from tests.conftest import SMALL_TEXT
+from tests.reports.test_figures import assert_png
 
 
 def test_mmoe_report_tables_every_model_and_correlation(project: Project) -> None:
@@ -32,6 +33,7 @@ def test_retro_report_compares_neighbours_padding_and_plain(project: Project) ->
     buckets = report["split_by_quality"]  # the gain split by neighbour quality
     assert [b["min_shared"] for b in buckets] == [0, 8, 32]
     assert abs(sum(b["fraction"] for b in buckets) - 1) < 1e-9
+    assert_png(path.parent / "by_quality.png")  # the same split, drawn
 
 
 def test_retro_report_retrofit_adds_the_plain_decoder_of_equal_steps(project: Project) -> None:

@@ -129,3 +129,39 @@ def plot_sweep_curves(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
+
+
+def plot_retrieval_by_quality(buckets: Sequence[dict], path: Path) -> Path | None:
+    """Bits per byte per neighbour-quality bucket, one bar per model (`retro_report.py`).
+
+    ``buckets``: `split_by_quality`'s entries — `min_shared`, `fraction`, and the bits/byte of
+    each compared model under its name. None when no bucket has chunks.
+    """
+    buckets = [b for b in buckets if b["fraction"] > 0]
+    if not buckets:
+        return None
+    skip = {"min_shared", "fraction", "gain_vs_padding", "gain_vs_plain"}
+    models = [k for k in buckets[0] if k not in skip]
+    bounds = [b["min_shared"] for b in buckets]
+    ticks = [
+        f"{lo}–{hi - 1} tokens" if hi else f"≥ {lo} tokens"
+        for lo, hi in zip(bounds, [*bounds[1:], None], strict=True)
+    ]
+    fig = _figure(2.2 * len(buckets) + 5.0, 4.0)
+    ax = fig.add_subplot()
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        x = np.arange(len(buckets)) + (i - (len(models) - 1) / 2) * width
+        ax.bar(x, [b.get(model, np.nan) for b in buckets], width, label=model)
+    shares = [f"{100 * b['fraction']:.0f}% of chunks" for b in buckets]
+    labels = [f"{t}\n{share}" for t, share in zip(ticks, shares, strict=True)]
+    ax.set_xticks(range(len(buckets)), labels)
+    ax.set(
+        ylabel="bits per byte",
+        title="held-out bits/byte by neighbour quality "
+        "(longest run the first neighbour's continuation shares with the true one)",
+    )
+    ax.title.set_fontsize(9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)

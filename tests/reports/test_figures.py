@@ -11,6 +11,7 @@ from advarch.reports.figures import (
     plot_expert_load_over_training,
     plot_fewshot,
     plot_learning_curves,
+    plot_retrieval_by_quality,
     plot_sweep_curves,
 )
 from advarch.reports.run_folders import Metrics
@@ -34,6 +35,10 @@ def test_figures_are_drawn_from_their_data(tmp_path: Path) -> None:
     assert_png(plot_fewshot(final, tmp_path / "fewshot.png"))
     runs = {"0": metrics, "1": Metrics({"step": steps, "val/acc": steps / 4})}
     assert_png(plot_sweep_curves(runs, "val/acc", tmp_path / "sweep.png", {"0": "lr=1e-3"}))
+    buckets = [{"min_shared": 0, "fraction": 0.6, "RETRO, neighbours": 2.0, "plain decoder": 2.5,
+                "gain_vs_padding": 0.1}, {"min_shared": 32, "fraction": 0.4,
+                "RETRO, neighbours": 1.0, "plain decoder": 2.4}]  # fmt: skip
+    assert_png(plot_retrieval_by_quality(buckets, tmp_path / "quality.png"))
 
 
 def test_figures_without_data_are_skipped(tmp_path: Path) -> None:
@@ -41,4 +46,6 @@ def test_figures_without_data_are_skipped(tmp_path: Path) -> None:
     assert plot_learning_curves(empty, tmp_path / "curves.png") is None
     assert plot_fewshot({"test/acc": 0.9}, tmp_path / "fewshot.png") is None  # not few-shot
     assert plot_sweep_curves({"0": empty}, "val/acc", tmp_path / "sweep.png") is None
+    no_chunks = [{"min_shared": 0, "fraction": 0.0}]
+    assert plot_retrieval_by_quality(no_chunks, tmp_path / "quality.png") is None
     assert not list(tmp_path.iterdir())
