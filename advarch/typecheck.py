@@ -15,7 +15,8 @@ from typing import Any
 
 
 def matches(value: Any, hint: Any) -> bool:
-    """Loose check of a plain value against a type hint (ints pass for floats)."""
+    """Check of a plain value against a type hint (ints pass for floats; sequences element-wise,
+    mappings by kind only)."""
     if hint is inspect.Parameter.empty or hint is Any:
         return True
     origin = typing.get_origin(hint)
@@ -35,7 +36,12 @@ def matches(value: Any, hint: Any) -> bool:
     if base in (list, tuple, Sequence) or (
         isinstance(base, type) and issubclass(base, Sequence | tuple)
     ):
-        return isinstance(value, Sequence) and not isinstance(value, str)
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            return False
+        args = typing.get_args(hint)
+        if base is tuple and args and args[-1] is not Ellipsis:  # tuple[int, str]: fixed fields
+            return len(value) == len(args) and all(map(matches, value, args))
+        return not args or all(matches(v, args[0]) for v in value)  # list[int], tuple[int, ...]
     if base in (dict, Mapping) or (isinstance(base, type) and issubclass(base, Mapping)):
         return isinstance(value, Mapping)
     return True

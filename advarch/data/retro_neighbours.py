@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import typing
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
@@ -33,6 +34,7 @@ from advarch.data.chunk_embedders import (
     ProgressEmbedder,
 )
 from advarch.data.retrieval_database import RetrievalDatabase, build_or_load
+from advarch.typecheck import hint_name, matches
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,16 @@ class RetrievalOptions:
             raise ValueError(
                 f"data.retrieval.{unknown[0]} is not an option; choose from: {options}"
             )
+        hints = typing.get_type_hints(cls)
+        for name, value in cfg.items():
+            if not matches(value, hints[name]):
+                raise ValueError(
+                    f"data.retrieval.{name}={value!r} has the wrong type "
+                    f"(expected {hint_name(hints[name])})"
+                )
         cfg = dict(cfg)
         if "ngrams" in cfg:
-            cfg["ngrams"] = tuple(int(g) for g in cfg["ngrams"])
+            cfg["ngrams"] = tuple(cfg["ngrams"])
         opts = cls(**cfg)
         if opts.embedder not in EMBEDDERS:
             raise ValueError(

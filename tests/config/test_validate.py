@@ -43,6 +43,10 @@ TARGET = f"{__name__}.target"
         ([1, 2], Sequence[int], True),
         ((1, 2), list[int], True),
         ("12", Sequence[int], False),  # a string is not a list of things
+        ([1, "x"], list[int], False),  # elements are checked too
+        ([3, 4], tuple[int, ...], True),
+        ([1, "a"], tuple[int, str], True),
+        ([1], tuple[int, str], False),
         ({"a": 1}, dict, True),
         ([1], dict, False),
         (object(), Any, True),

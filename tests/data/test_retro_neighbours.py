@@ -137,6 +137,9 @@ def test_held_out_tables_match_live_queries_and_are_cached(
         ({"embedder": "bert"}, r"data\.retrieval\.embedder='bert'"),
         ({"embedder": "minilm", "embedder_dim": 64}, r"data\.retrieval\.embedder_dim=64"),
         ({"num_neighbours": 0}, r"data\.retrieval\.num_neighbours=0"),
+        ({"align": "maybe"}, r"data\.retrieval\.align='maybe' has the wrong type \(expected bool"),
+        ({"chunk_size": "abc"}, r"data\.retrieval\.chunk_size='abc' has the wrong type"),
+        ({"ngrams": [3, "x"]}, r"data\.retrieval\.ngrams=\[3, 'x'\] has the wrong type"),
     ],
 )
 def test_invalid_retrieval_config_names_the_key(
