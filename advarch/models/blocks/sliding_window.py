@@ -19,8 +19,9 @@ On CUDA `sliding_window_attention` runs compiled FlexAttention with a block mask
 key set (`flex_window`); elsewhere, and with attention dropout, the blocked path below.
 Computation is blocked so time and memory are O(T·w), never a T×T tensor: T is padded to N
 blocks of b queries; each query block scores against its own key block and ⌈reach / b⌉
-neighbour blocks per side plus the G global keys, a few blocks at a time with scores recomputed
-in the backward pass (`band_attention`); global query rows are dense, O(G·T).
+neighbour blocks per side plus the G global keys, a few blocks at a time (probabilities kept
+for the backward pass, or recomputed there at long T: `band_attention`); global query rows are
+dense, O(G·T).
 
 Incremental decoding (causal only): ``step`` keeps a rolling cache of the last w rotated keys and
 values (slot p % w holds position p), so memory and time per token are O(w) for any length.
