@@ -16,7 +16,8 @@ import torch
 
 from advarch.benchmarks.timing import Row, peak_memory_mb, time_ms
 from advarch.models.blocks.ffn import FeedForward
-from advarch.models.blocks.moe import MoE, grouped_mm_supported
+from advarch.models.blocks.moe import MoE
+from advarch.models.blocks.moe_experts import activate, grouped_mm_supported
 
 NAIVE_TOKENS = 32  # tokens the naive loop really runs; its time is scaled by N / NAIVE_TOKENS
 
@@ -31,7 +32,7 @@ def naive_per_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     for n in range(xf.shape[0]):
         row = xf.new_zeros(xf.shape[1])
         for g, e in zip(gates[n], experts[n].tolist(), strict=True):
-            row = row + g * (moe._act(xf[n] @ moe.w_in[e]) @ moe.w_out[e])
+            row = row + g * (activate(xf[n] @ moe.w_in[e], moe.activation) @ moe.w_out[e])
         rows.append(row)
     return torch.stack(rows).reshape(x.shape)
 

@@ -22,7 +22,6 @@ gate and up projections), E experts, K experts per token, S = kept token-slots (
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -34,42 +33,13 @@ from torch import nn
 
 from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.ffn import FeedForward
-
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-@functools.cache
-def grouped_mm_supported(dtype: torch.dtype, device_type: str) -> bool:
-    """Whether the grouped matmul exists and gives correct values and gradients here.
-
-    Probed once per (dtype, device type): torch's kernel covers only some devices and dtypes
-    (float64 is rejected on CPU, CUDA needs SM ≥ 80), so MoE falls back to a loop over experts.
-    """
-    if _GROUPED_MM is None:
-        return False
-    try:
-        with torch.autocast(device_type, enabled=False), torch.enable_grad():
-            # fixed values, not randn: probing must not advance the global RNG
-            grid = functools.partial(torch.linspace, -1.0, 1.0, dtype=dtype, device=device_type)
-            a = grid(48).reshape(6, 8).requires_grad_(True)
-            b = grid(128).reshape(2, 8, 8).flip(-1).requires_grad_(True)
-            offs = torch.tensor([2, 6], dtype=torch.int32, device=device_type)
-            out = _GROUPED_MM(a, b, offs=offs)
-            ref = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
-            g = grid(48).reshape(6, 8).cos()  # a dense upstream gradient, as in the MoE forward
-            grads = torch.autograd.grad(out, (a, b), g)
-            ref_grads = torch.autograd.grad(ref, (a, b), g)
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-    pairs = [(out, ref), *zip(grads, ref_grads, strict=True)]
-    return all(torch.allclose(u.float(), v.float(), rtol=2e-2, atol=2e-2) for u, v in pairs)
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """Grouped-GEMM kernels need a unit last stride and 16-byte aligned rows and pointer."""
-    size = t.element_size()
-    rows_ok = all(s * size % 16 == 0 for s in t.stride()[:-1])
-    return t.stride(-1) == 1 and rows_ok and t.data_ptr() % 16 == 0
+from advarch.models.blocks.moe_experts import (
+    DroplessExperts,
+    activate,
+    expert_groups,
+    expert_mlp,
+    grouped_mm_runs,
+)
 
 
 class MoE(nn.Module):
@@ -77,11 +47,10 @@ class MoE(nn.Module):
 
     Expert weights are stacked on dim 0 (`w_in` (E, D, H or 2H), `w_out` (E, H, D)), so
     merging and continual-learning code can address expert i as `w_in[i]`, `w_out[i]`.
-    Dispatch sorts token-slots by expert (stable), runs the experts on their contiguous
-    blocks and scatters the gated outputs back with `index_add`. The experts run as one
-    grouped matmul (`torch.nn.functional.grouped_mm`) on accelerators and as a loop of E dense
-    matmuls on CPU, where torch's grouped kernel measured no faster (1 thread) or 1.3× slower
-    (2 threads) than the loop (`scripts/bench.py`).
+    Dispatch sorts token-slots by expert (stable) and runs the experts on their contiguous
+    blocks (`moe_experts`): one grouped matmul (`torch.nn.functional.grouped_mm`) on
+    accelerators, a loop of E dense matmuls on CPU. Dropless, tokens move to expert order and
+    back by gathers; with a capacity, the kept slots' gated outputs are added back by `index_add`.
 
     Capacity (when `capacity_factor` is set): within each expert, token-slots are kept in
     flattened (B·T) token order, so the earliest tokens win regardless of whether the expert
@@ -198,20 +167,21 @@ class MoE(nn.Module):
         if self.soft:
             y, load, dropped = self._soft_mixture(xf, probs), probs.mean(0).detach(), None
         else:
-            y, load, dropped = self._routed(xf, probs, allowed)
+            y, load, dropped = self._routed(xf, logits, probs, allowed)
         y = self.dropout(y).reshape(B, T, D)
         if self.shared is not None:
             y = y + self.shared(x)
-        balance = self.num_experts * (load * probs.mean(0)).sum()
-        z_loss = torch.logsumexp(logits, -1).pow(2).mean()
+        balance = self.num_experts * torch.dot(load, probs.mean(0))
+        z_loss = torch.logsumexp(logits, -1).square().mean()
         aux_loss = self.balance_loss_weight * balance + self.z_loss_weight * z_loss
-        stats = {
-            "load": load,
-            "dropped": probs.new_zeros(()) if dropped is None else dropped.detach().float(),
-            "entropy": torch.special.entr(probs).sum(-1).mean().detach(),
-            "balance_loss": balance.detach(),
-            "z_loss": z_loss.detach(),
-        }
+        with torch.no_grad():
+            stats = {
+                "load": load,
+                "dropped": probs.new_zeros(()) if dropped is None else dropped.float(),
+                "entropy": torch.special.entr(probs).sum(-1).mean(),
+                "balance_loss": balance.detach(),
+                "z_loss": z_loss.detach(),
+            }
         return y, aux_loss, stats
 
     def _allowed(self, expert_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
@@ -228,7 +198,7 @@ class MoE(nn.Module):
     def _router_logits(self, xf: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
         """Router logits in float32 even under autocast, with Switch input jitter in training."""
         with torch.autocast(xf.device.type, enabled=False):
-            xr = xf.to(torch.promote_types(xf.dtype, torch.float32))  # fp32, or fp64 if given
+            xr = xf if xf.dtype == torch.float64 else xf.float()  # fp32, or fp64 if given
             if self.training and self.router_jitter > 0:
                 eps = self.router_jitter
                 xr = xr * torch.empty_like(xr).uniform_(1.0 - eps, 1.0 + eps)
@@ -236,23 +206,26 @@ class MoE(nn.Module):
         return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
 
     def _routed(
-        self, xf: torch.Tensor, probs: torch.Tensor, allowed: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self,
+        xf: torch.Tensor,
+        logits: torch.Tensor,
+        probs: torch.Tensor,
+        allowed: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Top-k routing: returns y (N, D), load f (E,) and the dropped fraction of slots.
 
-        Dropless (the default) never reads a value back to the host: counts come from a
-        scatter-add, the experts' row offsets stay on the device, and tokens move to and from
-        the expert order by gathers through the slot permutation and its inverse (`_Permute`),
-        in the compute dtype, with no scatter in either direction.
+        The renormalised top-k probabilities are the softmax of the chosen logits (the same
+        numbers, fewer ops). Dropless (the default) never reads a value back to the host:
+        counts come from a scatter-add, the experts' row offsets stay on the device, and
+        `DroplessExperts` moves tokens to and from expert order by gathers, in the compute dtype.
         """
         N, K, E = xf.shape[0], self.top_k, self.num_experts
-        scores = probs.detach() if self.routing_bias is None else probs.detach() + self.routing_bias
-        if allowed is not None:  # the bias must not revive a masked expert
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        expert = scores.topk(K, dim=-1).indices  # (N, K)
-        gates = probs.gather(1, expert)  # (N, K)
-        if K > 1:
-            gates = gates / gates.sum(-1, keepdim=True)
+        with torch.no_grad():
+            scores = probs if self.routing_bias is None else probs + self.routing_bias
+            if allowed is not None:  # the bias must not revive a masked expert
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            expert = scores.topk(K, dim=-1).indices  # (N, K)
+        gates = logits.gather(1, expert).softmax(-1) if K > 1 else probs.gather(1, expert)
         flat = expert.reshape(-1)  # (N·K,) token-major, choice-minor
         counts = torch.zeros(E, dtype=torch.long, device=xf.device).scatter_add_(
             0, flat, torch.ones_like(flat)
@@ -263,55 +236,44 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)  # (N·K,) by expert, then by token
         xc = xf.to(self._compute_dtype(xf))  # gather in the compute dtype (bf16 under autocast)
         if self.capacity_factor is None:
-            inverse = torch.empty_like(order).scatter_(
-                0, order, torch.arange(N * K, device=order.device)
+            groups = expert_groups(counts, self._grouped(xc))
+            inverse, keep = order.argsort(), torch.is_grad_enabled()
+            y = DroplessExperts.apply(
+                xc, gates, self.w_in, self.w_out, order, inverse, groups, self.activation, keep
             )
-            out = self._experts(_Permute.apply(xc, order, inverse, K), counts)  # (N·K, D)
-            per_token = _Permute.apply(out, inverse, order, 1).view(N, K, -1)  # token order
-            y = (per_token * gates.unsqueeze(-1).to(out.dtype)).sum(1)  # (N, D)
-            return y, load, probs.new_zeros(())
+            return y, load, None
         capacity = math.ceil(self.capacity_factor * K * N / E)
         start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
         rank = torch.arange(N * K, device=xf.device) - start[flat[order]]  # (N·K,)
         order = order[rank < capacity]  # (S,) earliest tokens first within each expert
         kept = counts.clamp(max=capacity)
         token = order // K  # (S,) source token of each kept slot
-        out = self._experts(xc.index_select(0, token), kept)  # (S, D)
+        groups = expert_groups(kept, self._grouped(xc))
+        w_in, w_out = self.w_in.to(xc.dtype), self.w_out.to(xc.dtype)
+        out = expert_mlp(xc.index_select(0, token), w_in, w_out, groups, self.activation)  # (S, D)
         weighted = out * gates.reshape(-1)[order, None]  # (S, D), float32 gates
         y = weighted.new_zeros(N, xf.shape[1]).index_add_(0, token, weighted)  # (N, D)
         dropped = 1.0 - kept.sum().to(probs.dtype) / max(N * K, 1)
         return y.to(out.dtype), load, dropped
 
-    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Run expert e on its contiguous block of `counts[e]` rows of xs (S, D) → (S, D)."""
-        w_in, w_out = self.w_in.to(xs.dtype), self.w_out.to(xs.dtype)
-        grouped = xs.device.type != "cpu" if self.use_grouped_mm is None else self.use_grouped_mm
-        if grouped and self._grouped_ok(xs, w_in, w_out):
-            offs = counts.cumsum(0, dtype=torch.int32)  # (E,) end row of each expert
-            h = self._act(_GROUPED_MM(xs, w_in, offs=offs))  # (S, H)
-            return _GROUPED_MM(h, w_out, offs=offs)
-        # unbind, not w_in[e]: each indexing op would backprop a full (E, …) zero gradient
-        pairs = zip(xs.split(counts.tolist()), w_in.unbind(0), w_out.unbind(0), strict=True)
-        return torch.cat([self._act(b @ wi) @ wo for b, wi, wo in pairs])
+    def _grouped(self, xc: torch.Tensor) -> bool:
+        """Grouped matmul (accelerators, or when forced) if it can run here, else the loop.
 
-    def _grouped_ok(self, xs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
-        if not grouped_mm_supported(xs.dtype, xs.device.type):
+        On CPU the loop of E dense matmuls is the default: torch's grouped kernel measured no
+        faster (1 thread) or 1.3× slower (2 threads) there (`scripts/bench.py`).
+        """
+        device = xc.device.type
+        if not (device != "cpu" if self.use_grouped_mm is None else self.use_grouped_mm):
             return False
-        hidden_ok = self.hidden * xs.element_size() % 16 == 0  # rows of the (S, H) activations
-        return hidden_ok and _aligned(xs) and _aligned(w_in) and _aligned(w_out)
+        widths = (self.dim, self.hidden)
+        return grouped_mm_runs(xc.dtype, device, widths, (self.w_in, self.w_out))
 
     def _soft_mixture(self, xf: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Dense mixture Σ_e p_e · E_e(x): every expert on every token. (N, D) → (N, D)."""
         xs = xf.to(self._compute_dtype(xf))
-        h = self._act(torch.einsum("nd,edh->enh", xs, self.w_in.to(xs.dtype)))  # (E, N, H)
+        h = activate(torch.einsum("nd,edh->enh", xs, self.w_in.to(xs.dtype)), self.activation)
         out = torch.bmm(h, self.w_out.to(xs.dtype))  # (E, N, D)
         return torch.einsum("ne,end->nd", probs, out.to(probs.dtype)).to(xs.dtype)
-
-    def _act(self, h: torch.Tensor) -> torch.Tensor:
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        return F.gelu(h)
 
     @staticmethod
     def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -373,26 +335,6 @@ class MoE(nn.Module):
         return f"dim={self.dim}, hidden={self.hidden}, experts={self.num_experts}, {mode}, " + (
             f"activation={self.activation}, capacity_factor={self.capacity_factor}"
         )
-
-
-class _Permute(torch.autograd.Function):
-    """rows = x[perm // fold] for a permutation ``perm`` of len(x)·fold slots, ``inverse`` its
-    inverse. The backward gathers by ``inverse`` and sums the fold copies of each row: a gather
-    where indexing's own backward would scatter-add (atomics on GPUs)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor, fold: int):
-        ctx.save_for_backward(inverse)
-        ctx.fold = fold
-        return x.index_select(0, perm // fold if fold > 1 else perm)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        rows = grad.index_select(0, inverse)
-        if ctx.fold > 1:
-            rows = rows.view(-1, ctx.fold, grad.shape[-1]).sum(1)
-        return rows, None, None, None
 
 
 def _init_stacked_(p: torch.Tensor) -> torch.Tensor:
