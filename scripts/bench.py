@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 
 import torch
 
@@ -17,18 +18,22 @@ SUITES = ("moe", "sliding_window", "ssm")
 
 
 def print_table(rows: list[Row]) -> None:
-    """A Markdown table, the text columns as wide as their longest cell."""
+    """A Markdown table, the text columns as wide as their longest cell; host ms (GPU runs)
+    only when measured."""
     wide = {
         col: max(len(col), *(len(getattr(r, col)) for r in rows))
         for col in ("bench", "contender", "size")
     }
-    cells = [f"{col:<{n}}" for col, n in wide.items()] + ["        ms", " peak MiB", "  × ref"]
+    host = any(math.isfinite(r.host_ms) for r in rows)
+    numbers = ["        ms", " peak MiB", "  × ref", *([" host ms"] if host else [])]
+    cells = [f"{col:<{n}}" for col, n in wide.items()] + numbers
     print("| " + " | ".join(cells) + " |")
     print("|" + "|".join("-" * (len(c) + 2) for c in cells) + "|")
     for r in rows:
         text = [f"{getattr(r, col):<{n}}" for col, n in wide.items()]
-        print("| " + " | ".join([*text, f"{r.ms:>10.2f}", f"{r.peak_mb:>9.1f}",
-                                 f"{r.ratio:>7.2f}"]) + " |")  # fmt: skip
+        values = [f"{r.ms:>10.2f}", f"{r.peak_mb:>9.1f}", f"{r.ratio:>7.2f}"]
+        values += [f"{r.host_ms:>8.2f}"] if host else []
+        print("| " + " | ".join(text + values) + " |")
 
 
 def main() -> None:

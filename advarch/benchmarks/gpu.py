@@ -2,7 +2,9 @@
 
 Forward + backward under bf16 autocast (attention inputs in bf16), median of ``REPEAT`` CUDA-
 event timings after ``WARMUP`` untimed calls; peak memory is the most the pass allocates above
-what was live before it (inputs and weights excluded). `ratio` = ms / the row's reference ms.
+what was live before it (inputs and weights excluded). `ratio` = ms / the row's reference ms;
+`host ms` = how long the call took to return on the host: close to ms, the pass is bound by
+per-op host overhead (the MoE's case at these sizes), far below, by its kernels.
 
 - MoE, top-2 of 8 experts, D 1024, expert hidden 2816, 16,384 tokens (and 512 for SwiGLU):
   reference the dense FFN of equal active FLOPs (hidden 5632); HF Mixtral's sparse MoE block
@@ -18,6 +20,7 @@ what was live before it (inputs and weights excluded). `ratio` = ms / the row's 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -43,22 +46,27 @@ SSM_BATCH, SSM_LENGTHS = 8, (2048, 8192)
 SCAN_TILES = ((16, 32, 8), (16, 16, 4), (8, 32, 4), (32, 16, 8), (16, 64, 8), (8, 16, 2))
 
 
-def cuda_time(fn: Callable[[], object], repeat: int = REPEAT) -> tuple[float, float]:
-    """(median ms, peak MiB above the memory live before) of ``fn`` on the current device."""
+def cuda_time(fn: Callable[[], object], repeat: int = REPEAT) -> tuple[float, float, float]:
+    """(median ms, peak MiB above the memory live before, median host ms) of ``fn`` on the
+    current device. Host ms is how long ``fn()`` took to return, i.e. to launch its kernels:
+    when it is close to ms, the GPU waited on the host (per-op overhead, not kernels)."""
     for _ in range(WARMUP):
         fn()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, host = [], []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        launch = time.perf_counter()
         fn()
+        host.append((time.perf_counter() - launch) * 1e3)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return statistics.median(times), peak, statistics.median(host)
 
 
 def train_pass(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -76,9 +84,13 @@ def train_pass(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return run
 
 
-def _rows(bench: str, size: str, measured: dict[str, tuple[float, float]], ref: str) -> list[Row]:
+def _rows(bench: str, size: str, measured: dict[str, tuple[float, float, float]],
+          ref: str) -> list[Row]:  # fmt: skip
     ref_ms = measured[ref][0]
-    return [Row(bench, name, size, ms, peak, ms / ref_ms) for name, (ms, peak) in measured.items()]
+    return [
+        Row(bench, name, size, ms, peak, ms / ref_ms, host)
+        for name, (ms, peak, host) in measured.items()
+    ]
 
 
 def _mixtral(activation_dim: int, hidden: int, implementation: str) -> nn.Module | None:

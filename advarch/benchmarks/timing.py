@@ -23,6 +23,7 @@ class Row:
     ms: float
     peak_mb: float = float("nan")
     ratio: float = float("nan")  # ms / reference ms measured in the same run
+    host_ms: float = float("nan")  # GPU: time for the call to return (launch-bound if ≈ ms)
 
 
 def time_ms(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:

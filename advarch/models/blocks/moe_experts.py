@@ -222,7 +222,7 @@ class DroplessExperts(torch.autograd.Function):
             kept = [groups, pre, h]
         else:
             kept, out = _mlp_loop(xs, w_in_c, w_out_c, groups, activation, keep)
-        per_token = out.index_select(0, inverse).view(N, K, -1)  # (N, K, D) token order
+        per_token = out.index_select(0, inverse).view(N, K, x.shape[1])  # (N, K, D) token order
         gates_c = gates.unsqueeze(-1).to(x.dtype)  # (N, K, 1)
         y = (per_token * gates_c).sum(1)  # (N, D)
         if keep:
