@@ -92,9 +92,9 @@ LINE_OF = {command_id(line): line for line in readme_commands()}  # as written, 
 
 
 def params() -> list:
+    """One test per distinct command: a command the README shows twice runs once."""
     out = []
-    for line in readme_commands():
-        cmd = command_id(line)
+    for cmd in dict.fromkeys(command_id(line) for line in readme_commands()):
         marks = []
         if cmd in BROKEN:
             marks.append(pytest.mark.xfail(strict=True, reason=BROKEN[cmd]))
