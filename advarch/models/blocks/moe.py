@@ -236,12 +236,7 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)  # (N·K,) by expert, then by token
         xc = xf.to(self._compute_dtype(xf))  # gather in the compute dtype (bf16 under autocast)
         if self.capacity_factor is None:
-            groups = expert_groups(counts, self._grouped(xc))
-            inverse, keep = order.argsort(), torch.is_grad_enabled()
-            y = DroplessExperts.apply(
-                xc, gates, self.w_in, self.w_out, order, inverse, groups, self.activation, keep
-            )
-            return y, load, None
+            return self._dropless(xc, gates, counts, order), load, None
         capacity = math.ceil(self.capacity_factor * K * N / E)
         start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
         rank = torch.arange(N * K, device=xf.device) - start[flat[order]]  # (N·K,)
@@ -255,6 +250,26 @@ class MoE(nn.Module):
         y = weighted.new_zeros(N, xf.shape[1]).index_add_(0, token, weighted)  # (N, D)
         dropped = 1.0 - kept.sum().to(probs.dtype) / max(N * K, 1)
         return y.to(out.dtype), load, dropped
+
+    def _dropless(
+        self, xc: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor, order: torch.Tensor
+    ) -> torch.Tensor:
+        """Every token-slot through its expert, mixed by the gates: (N, D).
+
+        Grouped matmul: `DroplessExperts`, one autograd node. Loop (CPU): the same steps
+        recorded by autograd; tokens move by gathers (`index_select`) both ways.
+        """
+        (N, D), K, inverse = xc.shape, self.top_k, order.argsort()  # (N·K,) slot → sorted
+        if self._grouped(xc):
+            offs, keep = expert_groups(counts, True), torch.is_grad_enabled()
+            return DroplessExperts.apply(
+                xc, gates, self.w_in, self.w_out, order, inverse, offs, self.activation, keep
+            )
+        w_in, w_out = self.w_in.to(xc.dtype), self.w_out.to(xc.dtype)
+        xs = xc.index_select(0, order // K)  # (N·K, D) in expert order
+        out = expert_mlp(xs, w_in, w_out, expert_groups(counts, False), self.activation)
+        per_token = out.index_select(0, inverse).view(N, K, D)  # token order
+        return (per_token * gates.unsqueeze(-1).to(out.dtype)).sum(1)
 
     def _grouped(self, xc: torch.Tensor) -> bool:
         """Grouped matmul (accelerators, or when forced) if it can run here, else the loop.

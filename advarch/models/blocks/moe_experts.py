@@ -1,17 +1,18 @@
 """Running MoE experts on token rows grouped by expert: grouped matmul or a loop, and the
-dropless dispatch as one autograd node.
+accelerators' dropless dispatch as one autograd node.
 
 Rows are sorted by expert, so expert e owns one contiguous block. `Groups` says where the
 blocks are: end offsets on the device (int32, for `grouped_mm`, never read by the host) or
 row counts on the host (for the loop of E dense matmuls that CPU and exotic dtypes use).
 
-`DroplessExperts` is the whole dropless path: gather the token-slots into expert order, run
-the experts, gather back and mix by the gates. On accelerators the MoE block is bound by per-op
-host overhead (issue 14: its forward + backward took as long at 512 tokens as at 16,384), so
-the path is one autograd node with a written-out backward: the block's output has 8 autograd
-nodes where autograd's composition of the same ops had 21 (GELU) / 23 (SwiGLU), and a bf16
-forward + backward dispatches 94 / 101 aten ops instead of 111 / 116. Tokens move by gathers
-both ways (no scatter, no atomics).
+`DroplessExperts` is the whole dropless path on the grouped matmul: gather the token-slots
+into expert order, run the experts, gather back and mix by the gates. On accelerators the MoE
+block is bound by per-op host overhead (issue 14: its forward + backward took as long at 512
+tokens as at 16,384), so that path is one autograd node with a written-out backward: the
+block's output has 8 autograd nodes where autograd's composition of the same ops has 21 (GELU)
+/ 23 (SwiGLU), and a bf16 forward + backward dispatches 94 / 100 aten ops instead of 111 /
+116. Tokens move by gathers both ways (no scatter, no atomics). The loop path stays autograd's
+composition (`expert_mlp`): on CPU it is as fast, and it is the node's plain reference.
 
 Shapes: N tokens, K experts per token, S = N·K slots, D model dim, E experts, H the experts'
 first-layer width (2·hidden for SwiGLU's fused gate and up projections).
@@ -112,18 +113,25 @@ def expert_mlp(xs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, groups
 
 def activate(pre: torch.Tensor, activation: str) -> torch.Tensor:
     """GELU, or SwiGLU on fused (gate ‖ up) columns: silu(gate) · up."""
+    return activate_saving(pre, activation)[0]
+
+
+def activate_saving(pre: torch.Tensor, activation: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`activate`, and what `activate_backward` needs besides pre (SwiGLU: silu(gate))."""
     if activation == "swiglu":
         gate, up = pre.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(pre)
+        silu_gate = F.silu(gate)
+        return silu_gate * up, [silu_gate]
+    return F.gelu(pre), []
 
 
-def activate_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str) -> torch.Tensor:
+def activate_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str,
+                      saved: list[torch.Tensor]) -> torch.Tensor:  # fmt: skip
     """The gradient of `activate` at `pre` for the upstream gradient `grad`."""
     if activation == "swiglu":
         gate, up = pre.chunk(2, dim=-1)
         g_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        return torch.cat([g_gate, grad * F.silu(gate)], dim=-1)
+        return torch.cat([g_gate, grad * saved[0]], dim=-1)
     return torch.ops.aten.gelu_backward(grad, pre)
 
 
@@ -136,105 +144,63 @@ class _MLPGrads(NamedTuple):
 
 
 def _mlp_grouped(xs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, offs: torch.Tensor,
-                 activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Every expert's MLP as two grouped matmuls: pre-activation (S, H), activation, output."""
+                 activation: str) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """Every expert's MLP as two grouped matmuls: ([pre-activation (S, H), activation, what
+    the activation's backward needs], output (S, D))."""
     pre = _GROUPED_MM(xs, w_in, offs=offs)
-    h = activate(pre, activation)
-    return pre, h, _GROUPED_MM(h, w_out, offs=offs)
+    h, saved = activate_saving(pre, activation)
+    return [pre, h, *saved], _GROUPED_MM(h, w_out, offs=offs)
 
 
-def _mlp_grouped_backward(grad_out: torch.Tensor, xs: torch.Tensor, pre: torch.Tensor,
-                          h: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
-                          offs: torch.Tensor, activation: str,
-                          need: tuple[bool, bool, bool]) -> _MLPGrads:  # fmt: skip
+def _mlp_grouped_backward(grad_out: torch.Tensor, xs: torch.Tensor, kept: list[torch.Tensor],
+                          w_in: torch.Tensor, w_out: torch.Tensor, offs: torch.Tensor,
+                          activation: str, need: tuple[bool, bool, bool]) -> _MLPGrads:  # fmt: skip
     """Gradients of `_mlp_grouped` for grad_out (S, D)."""
     need_x, need_w_in, need_w_out = need
+    pre, h, *saved = kept
     grad_w_out = _GROUPED_MM(h.t(), grad_out, offs=offs) if need_w_out else None
     if not (need_x or need_w_in):
         return _MLPGrads(None, None, grad_w_out)
-    grad_pre = activate_backward(_GROUPED_MM(grad_out, w_out.transpose(1, 2), offs=offs), pre,
-                                 activation)  # fmt: skip
+    grad_h = _GROUPED_MM(grad_out, w_out.transpose(1, 2), offs=offs)
+    grad_pre = activate_backward(grad_h, pre, activation, saved)
     grad_xs = _GROUPED_MM(grad_pre, w_in.transpose(1, 2), offs=offs) if need_x else None
     grad_w_in = _GROUPED_MM(xs.t(), grad_pre, offs=offs) if need_w_in else None
     return _MLPGrads(grad_xs, grad_w_in, grad_w_out)
 
 
-def _mlp_loop(xs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, counts: list[int],
-              activation: str, keep: bool) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
-    """`_mlp_grouped` one expert at a time: (each expert's pre-activation and activation when
-    `keep`, for the backward; the outputs joined).
-
-    Each expert's temporaries stay small: on CPU a buffer of tens of MB fresh from the OS costs
-    page faults as large as its matmul, while small ones are reused by the allocator."""
-    kept, outs = [], []
-    for b, wi, wo in zip(xs.split(counts), w_in.unbind(0), w_out.unbind(0), strict=True):
-        pre = b @ wi
-        h = activate(pre, activation)
-        outs.append(h @ wo)
-        kept += [pre, h] if keep else []
-    return kept, torch.cat(outs)
-
-
-def _mlp_loop_backward(grad_out: torch.Tensor, xs: torch.Tensor, kept: list[torch.Tensor],
-                       w_in: torch.Tensor, w_out: torch.Tensor, counts: list[int],
-                       activation: str, need: tuple[bool, bool, bool]) -> _MLPGrads:  # fmt: skip
-    """`_mlp_grouped_backward` one expert at a time."""
-    need_x, need_w_in, need_w_out = need
-    grad_xs, grad_w_in, grad_w_out = [], [], []
-    blocks = zip(xs.split(counts), grad_out.split(counts), kept[::2], kept[1::2], w_in, w_out,
-                 strict=True)  # fmt: skip
-    for b, g_out, pre, h, wi, wo in blocks:
-        if need_w_out:
-            grad_w_out.append(h.t() @ g_out)
-        if need_x or need_w_in:
-            g_pre = activate_backward(g_out @ wo.t(), pre, activation)
-            if need_w_in:
-                grad_w_in.append(b.t() @ g_pre)
-            if need_x:
-                grad_xs.append(g_pre @ wi.t())
-    return _MLPGrads(
-        torch.cat(grad_xs) if need_x else None,
-        torch.stack(grad_w_in) if need_w_in else None,
-        torch.stack(grad_w_out) if need_w_out else None,
-    )
-
-
 class DroplessExperts(torch.autograd.Function):
-    """y[n] = Σ_k gates[n, k] · expert_{e(n, k)}(x[n]) for every token n: one autograd node.
+    """y[n] = Σ_k gates[n, k] · expert_{e(n, k)}(x[n]) for every token n, the experts run as
+    grouped matmuls: one autograd node.
 
-    Slot n·K + k is token n's k-th choice; `order` lists the slots sorted by expert and
-    `inverse` is its inverse permutation. Inputs: x (N, D) in the compute dtype, gates (N, K),
-    the stacked weights w_in (E, D, H), w_out (E, H/m, D) in any dtype (cast to x's here; their
-    gradients come back in theirs); `keep`: whether a backward will follow (grad mode on).
-    The experts run as grouped matmuls, or one expert at a time (CPU). The backward skips the
-    gradients nobody asked for (frozen experts, a frozen input).
+    Slot n·K + k is token n's k-th choice; `order` lists the slots sorted by expert, `inverse`
+    is its inverse permutation and `offs` (E,) int32 the end row of each expert's block.
+    Inputs: x (N, D) in the compute dtype, gates (N, K), the stacked weights w_in (E, D, H),
+    w_out (E, H/m, D) in any dtype (cast to x's here; their gradients come back in theirs);
+    `keep`: whether a backward will follow (grad mode on). The backward skips the gradients
+    nobody asked for (frozen experts, a frozen input).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gates: torch.Tensor, w_in: torch.Tensor,
                 w_out: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
-                groups: Groups, activation: str, keep: bool) -> torch.Tensor:  # fmt: skip
+                offs: torch.Tensor, activation: str, keep: bool) -> torch.Tensor:  # fmt: skip
         N, K = gates.shape
         w_in_c, w_out_c = w_in.to(x.dtype), w_out.to(x.dtype)
         xs = x.index_select(0, order // K)  # (S, D) in expert order
-        if isinstance(groups, torch.Tensor):
-            pre, h, out = _mlp_grouped(xs, w_in_c, w_out_c, groups, activation)
-            kept = [groups, pre, h]
-        else:
-            kept, out = _mlp_loop(xs, w_in_c, w_out_c, groups, activation, keep)
+        kept, out = _mlp_grouped(xs, w_in_c, w_out_c, offs, activation)  # kept: pre, h, …
         per_token = out.index_select(0, inverse).view(N, K, x.shape[1])  # (N, K, D) token order
         gates_c = gates.unsqueeze(-1).to(x.dtype)  # (N, K, 1)
         y = (per_token * gates_c).sum(1)  # (N, D)
         if keep:
-            ctx.save_for_backward(xs, per_token, gates_c, w_in_c, w_out_c, order, inverse, *kept)
-            ctx.counts = None if isinstance(groups, torch.Tensor) else groups
+            saved = (xs, per_token, gates_c, w_in_c, w_out_c, order, inverse, offs, *kept)
+            ctx.save_for_backward(*saved)
             ctx.activation, ctx.dtypes = activation, (gates.dtype, w_in.dtype, w_out.dtype)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
-        xs, per_token, gates_c, w_in_c, w_out_c, order, inverse, *kept = ctx.saved_tensors
+        xs, per_token, gates_c, w_in_c, w_out_c, order, inverse, offs, *kept = ctx.saved_tensors
         need_x, need_gates, need_w_in, need_w_out = ctx.needs_input_grad[:4]
         gates_dtype, w_in_dtype, w_out_dtype = ctx.dtypes
         N, K, D = per_token.shape
@@ -243,12 +209,9 @@ class DroplessExperts(torch.autograd.Function):
         if need_gates:
             grad_gates = (per_token * grad_y).sum(-1).to(gates_dtype)  # (N, K)
         grad_out = (grad_y * gates_c).view(N * K, D).index_select(0, order)  # (S, D) expert order
-        need, act = (need_x, need_w_in, need_w_out), ctx.activation
-        if ctx.counts is None:
-            offs, pre, h = kept
-            grads = _mlp_grouped_backward(grad_out, xs, pre, h, w_in_c, w_out_c, offs, act, need)
-        else:
-            grads = _mlp_loop_backward(grad_out, xs, kept, w_in_c, w_out_c, ctx.counts, act, need)
+        need = (need_x, need_w_in, need_w_out)
+        grads = _mlp_grouped_backward(grad_out, xs, kept, w_in_c, w_out_c, offs, ctx.activation,
+                                      need)  # fmt: skip
         grad_x = None
         if need_x:  # back to token order, the K slots of a token summed
             grad_x = grads.xs.index_select(0, inverse).view(N, K, D).sum(1)
