@@ -244,8 +244,7 @@ class MoE(nn.Module):
         kept = counts.clamp(max=capacity)
         token = order // K  # (S,) source token of each kept slot
         groups = expert_groups(kept, self._grouped(xc))
-        w_in, w_out = self.w_in.to(xc.dtype), self.w_out.to(xc.dtype)
-        out = expert_mlp(xc.index_select(0, token), w_in, w_out, groups, self.activation)  # (S, D)
+        out = expert_mlp(xc.index_select(0, token), self.w_in, self.w_out, groups, self.activation)
         weighted = out * gates.reshape(-1)[order, None]  # (S, D), float32 gates
         y = weighted.new_zeros(N, xf.shape[1]).index_add_(0, token, weighted)  # (N, D)
         dropped = 1.0 - kept.sum().to(probs.dtype) / max(N * K, 1)
@@ -257,7 +256,8 @@ class MoE(nn.Module):
         """Every token-slot through its expert, mixed by the gates: (N, D).
 
         Grouped matmul: `DroplessExperts`, one autograd node. Loop (CPU): the same steps
-        recorded by autograd; tokens move by gathers (`index_select`) both ways.
+        recorded by autograd (its plain reference); tokens move by `index_select`, whose
+        backward adds rows back (`index_add`), fine on CPU.
         """
         (N, D), K, inverse = xc.shape, self.top_k, order.argsort()  # (N·K,) slot → sorted
         if self._grouped(xc):
@@ -265,9 +265,9 @@ class MoE(nn.Module):
             return DroplessExperts.apply(
                 xc, gates, self.w_in, self.w_out, order, inverse, offs, self.activation, keep
             )
-        w_in, w_out = self.w_in.to(xc.dtype), self.w_out.to(xc.dtype)
         xs = xc.index_select(0, order // K)  # (N·K, D) in expert order
-        out = expert_mlp(xs, w_in, w_out, expert_groups(counts, False), self.activation)
+        groups = expert_groups(counts, False)
+        out = expert_mlp(xs, self.w_in, self.w_out, groups, self.activation)  # (N·K, D)
         per_token = out.index_select(0, inverse).view(N, K, D)  # token order
         return (per_token * gates.unsqueeze(-1).to(out.dtype)).sum(1)
 

@@ -102,7 +102,9 @@ def expert_groups(counts: torch.Tensor, grouped: bool) -> Groups:
 
 def expert_mlp(xs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, groups: Groups,
                activation: str) -> torch.Tensor:  # fmt: skip
-    """Expert e's MLP on its block of rows xs (S, D) → (S, D), recorded by autograd."""
+    """Expert e's MLP on its block of rows xs (S, D) → (S, D), recorded by autograd; the
+    stacked weights are cast to xs's dtype."""
+    w_in, w_out = w_in.to(xs.dtype), w_out.to(xs.dtype)
     if isinstance(groups, torch.Tensor):
         return _GROUPED_MM(activate(_GROUPED_MM(xs, w_in, offs=groups), activation), w_out,
                            offs=groups)  # fmt: skip
