@@ -2,6 +2,7 @@
 
 Usage: python scripts/bench.py [--only moe,sliding_window,ssm] [--quick]
        python scripts/bench.py --device cuda   # the GPU sizes of advarch.benchmarks.gpu
+       python scripts/bench.py --device cuda --profile   # where the GPU MoE spends its time
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ def main() -> None:
         "--device", choices=("cpu", "cuda"), default="cpu",
         help="cpu: the suites of --only; cuda: every GPU-sized block with its references",
     )  # fmt: skip
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="with --device cuda: profile the MoE and its dense reference (ops, kernel "
+        "launches, top host and device times) instead of timing every block",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.profile and args.device != "cuda":
+        parser.error("--profile needs --device cuda")
     torch.manual_seed(0)
     if args.device == "cuda":
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
@@ -58,6 +66,10 @@ def main() -> None:
     if args.device == "cuda":
         from advarch.benchmarks import gpu
 
+        if args.profile:
+            gpu.require_cuda()
+            gpu.print_moe_profiles()
+            return
         names = tuple(n for n in args.only.split(",") if n in gpu.SECTIONS)
         rows += gpu.run(quick=args.quick, only=names or tuple(gpu.SECTIONS))
     for name in [] if args.device == "cuda" else args.only.split(","):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14's checks on one CUDA GPU, in one go: the GPU benchmark table (scripts/bench.py
-# --device cuda), the CUDA tests of the fast paths (FlexAttention sliding window, Triton scan,
+# --device cuda), where the MoE spends its time (--profile: ops, kernel launches, top host and
+# device times), the CUDA tests of the fast paths (FlexAttention sliding window, Triton scan,
 # sync-free MoE), and short compiled bf16 runs of experiment=gpu_lm (dense, then MoE) for MFU.
 # Usage: scripts/gpu_check.sh [OUT_DIR]   (logs in OUT_DIR, default ./gpu_check)
 set -u
@@ -18,6 +19,7 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to $out/NAM
   echo "== $name: exit $? after $((SECONDS - t0))s"
 }
 step 170 bench python3 scripts/bench.py --device cuda
+step 60 profile python3 scripts/bench.py --device cuda --profile
 lm=(python3 train.py experiment=gpu_lm trainer.max_steps=60 trainer.val_check_interval=60
     trainer.log_every_n_steps=10 +trainer.limit_val_batches=0 test=false logger=csv
     "paths.cache_dir=$PWD/.cache")
@@ -26,3 +28,4 @@ step 80 tests python3 -m pytest -q -p no:cacheprovider tests/models/blocks/test_
   tests/models/blocks/test_selective_scan_triton.py tests/models/blocks/test_moe.py
 step 100 lm_moe "${lm[@]}" model=moe model.ffn_hidden=2048
 for f in bench lm_dense tests lm_moe; do echo "== $f"; tail -n 25 "$out/$f.txt"; done
+echo "== profile (tables in $out/profile.txt)"; grep -h "aten ops" "$out/profile.txt"

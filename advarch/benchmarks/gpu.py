@@ -15,6 +15,9 @@ per-op host overhead (the MoE's case at these sizes), far below, by its kernels.
   mask. Target: advarch ≤ 1.15× FlexAttention in time and peak memory.
 - Mamba block, batch 8, D 1024 (inner 2048, state 16), T 2k and 8k: reference mambapy's block
   (parallel scan in PyTorch) when installed. Target: ≥ 8× faster (ratio ≤ 0.125), linear in T.
+
+`print_moe_profiles` (`--profile`) profiles the eager MoE and its dense reference instead: aten
+ops and kernel launches per pass and the ops with the most host and device time.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from advarch.benchmarks.timing import Row
+from advarch.benchmarks.timing import Row, native_stderr_silenced
 from advarch.models.blocks.ffn import FeedForward
 from advarch.models.blocks.moe import MoE
 from advarch.models.blocks.sliding_window import (
@@ -121,34 +124,92 @@ class _Compiled(nn.Module):
         return self.compiled(x)
 
 
+Contender = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]  # module, its call on x
+
+
+def _moe_contenders(
+    activation: str, tokens: int, references: bool = True
+) -> tuple[torch.Tensor, dict[str, Contender]]:
+    """The input and the contenders of one MoE case, each as (module, its call on x): the
+    dense FFN of equal active FLOPs first (the reference), advarch's MoE eager and compiled,
+    and with ``references`` HF Mixtral's block (SwiGLU at the largest size, when installed)."""
+    x = torch.randn(tokens // 512, 512, DIM, device=DEVICE, requires_grad=True)
+    dense = FeedForward(DIM, TOP_K * HIDDEN, activation)
+    ours = MoE(DIM, HIDDEN, EXPERTS, TOP_K, activation=activation)
+    compiled = _Compiled(ours)  # fused permute/unpermute
+    contenders = {
+        f"dense FFN h{TOP_K * HIDDEN}": (dense, dense),
+        "advarch MoE": (ours, lambda inp: ours(inp)[0]),
+        "advarch MoE compiled": (compiled, lambda inp: compiled(inp)[0]),
+    }
+    if references and activation == "swiglu" and tokens == max(t for _, t in MOE_CASES):
+        for impl in ("eager", "grouped_mm"):
+            block = _mixtral(DIM, HIDDEN, impl)
+            if block is not None:
+                contenders[f"HF Mixtral ({impl} experts)"] = (block, block)
+    return x, contenders
+
+
 def moe_rows() -> list[Row]:
     rows = []
     for activation, tokens in MOE_CASES:
-        x = torch.randn(tokens // 512, 512, DIM, device=DEVICE, requires_grad=True)
-        contenders: dict[str, nn.Module] = {
-            f"dense FFN h{TOP_K * HIDDEN}": FeedForward(DIM, TOP_K * HIDDEN, activation),
-            "advarch MoE": MoE(DIM, HIDDEN, EXPERTS, TOP_K, activation=activation),
-        }
-        ours = contenders["advarch MoE"]
-        contenders["advarch MoE compiled"] = _Compiled(ours)  # fused permute/unpermute
-        if activation == "swiglu" and tokens == max(t for _, t in MOE_CASES):
-            for impl in ("eager", "grouped_mm"):
-                block = _mixtral(DIM, HIDDEN, impl)
-                if block is not None:
-                    contenders[f"HF Mixtral ({impl} experts)"] = block
+        x, contenders = _moe_contenders(activation, tokens)
         measured = {}
-        for name, module in contenders.items():
+        for name, (module, call) in contenders.items():
             module.to(DEVICE)
-            call = (
-                module
-                if not isinstance(module, (MoE, _Compiled))
-                else (lambda inp, m=module: m(inp)[0])
-            )
             measured[name] = cuda_time(train_pass(call, x, list(module.parameters())))
             module.cpu()
         size = f"{tokens} tok {activation}"
-        rows += _rows("moe fwd+bwd", size, measured, ref=f"dense FFN h{TOP_K * HIDDEN}")
+        rows += _rows("moe fwd+bwd", size, measured, ref=next(iter(contenders)))
     return rows
+
+
+def op_profile(run: Callable[[], None], passes: int = 3, top: int = 12) -> str:
+    """Where a pass of ``run`` spends its time: aten ops and kernel launches per pass, and the
+    ops with the most self time on the host and, on CUDA, on the device. For a block bound by
+    host overhead this says which ops to fuse; for one bound by kernels, which kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = DEVICE == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
+    for _ in range(WARMUP):
+        run()
+    with native_stderr_silenced(), profile(activities=activities) as prof:
+        for _ in range(passes):
+            run()
+        if on_cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    aten = sum(e.name.startswith("aten::") and not _under_aten(e) for e in events) / passes
+    launches = sum("LaunchKernel" in e.name for e in events) / passes
+    averages = prof.key_averages()
+    sorts = ["self_cpu_time_total", *(["self_device_time_total"] if on_cuda else [])]
+    tables = [averages.table(sort_by=key, row_limit=top, max_name_column_width=48)
+              for key in sorts]  # fmt: skip
+    head = f"{aten:.0f} aten ops, {launches:.0f} kernel launches per pass"
+    return "\n".join([head, *tables])
+
+
+def _under_aten(event) -> bool:
+    """Whether a profiler event runs inside another aten op (not dispatched by the caller)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def print_moe_profiles() -> None:
+    """`op_profile` of advarch's eager MoE and its dense reference in every MoE case."""
+    for activation, tokens in MOE_CASES:
+        x, contenders = _moe_contenders(activation, tokens, references=False)
+        for name in (next(iter(contenders)), "advarch MoE"):
+            module, call = contenders[name]
+            module.to(DEVICE)
+            report = op_profile(train_pass(call, x, list(module.parameters())))
+            print(f"== {name}, {tokens} tokens, {activation}: {report}", flush=True)
+            module.cpu()
 
 
 def _flex_reference(T: int) -> Callable[..., torch.Tensor]:
@@ -254,12 +315,17 @@ def ssm_rows() -> list[Row]:
 SECTIONS = {"sliding_window": sliding_window_rows, "ssm": ssm_rows, "moe": moe_rows}
 
 
-def run(quick: bool = False, only: tuple[str, ...] = tuple(SECTIONS)) -> list[Row]:
-    """The GPU sections named in ``only`` (``quick`` is ignored: these are the issue's sizes)."""
+def require_cuda() -> None:
+    """Stop with one line when the benchmark device is CUDA and there is no GPU."""
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
             "error: --device cuda needs a CUDA GPU (torch.cuda.is_available() is False)"
         )
+
+
+def run(quick: bool = False, only: tuple[str, ...] = tuple(SECTIONS)) -> list[Row]:
+    """The GPU sections named in ``only`` (``quick`` is ignored: these are the issue's sizes)."""
+    require_cuda()
     rows: list[Row] = []
     for name in only:
         section_rows = SECTIONS[name]()

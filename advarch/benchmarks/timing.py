@@ -51,7 +51,7 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
                                             profile_memory=True) as prof:  # fmt: skip
         fn()
     # Raw allocator events: +bytes on allocation, −bytes on free, replayed in time order.
@@ -67,7 +67,7 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
+def native_stderr_silenced() -> Iterator[None]:
     """Send file descriptor 2 to /dev/null: the profiler's C++ side prints stage lines there."""
     sys.stderr.flush()
     saved = os.dup(2)

@@ -1,7 +1,11 @@
-"""`model.compile=true`: every model family builds compiled and computes what it computes plain.
+"""`model.compile=true`: every model family builds compiled, is captured as one graph, and
+computes what it computes plain.
 
-Dynamo captures the graphs here with the `eager` backend (no code generation), which keeps the
-test to seconds on CPU; the GPU run (`trainer=gpu model.compile=true`) exercises Inductor.
+Dynamo captures the graphs here with a counting `eager` backend (no code generation), which
+keeps the test to seconds on CPU, with the options `model.compile` uses: one graph break in the
+layer loop would make torch.compile run the whole model eagerly. The README's
+`python train.py model.compile=true` runs Inductor on CPU; the GPU run
+(`trainer=gpu model.compile=true`) exercises Inductor there.
 """
 
 from __future__ import annotations
@@ -9,30 +13,35 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 
 from advarch.config.validate import ConfigError
 from advarch.pipeline import build_datamodule, build_model
 from tests.conftest import SMALL_TEXT
 
 FAMILIES = [
+    ["debug=tiny", *SMALL_TEXT],  # the default MoE decoder (CPU: the expert loop operator)
     [
         "debug=tiny",
         *SMALL_TEXT,
         "model=hybrid",
-        "model.layers=[ssm,attn,swa]",
+        "model.layers=[ssm,attn,swa]",  # the fused CPU scan operator, MoE FFNs
         "model.swa.window=8",
     ],
+    ["debug=tiny", "model=seq2seq_moe"],
     ["experiment=mmoe_synthetic"],
 ]
 
 
 @pytest.fixture
-def eager_backend(monkeypatch):
-    real = nn.Module.compile
-    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: real(self, backend="eager"))
+def eager_backend(monkeypatch) -> CompileCounter:
+    """`nn.Module.compile` with its other options as given, the backend a graph counter."""
+    real, counter = nn.Module.compile, CompileCounter()
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: real(self, **kw, backend=counter))
+    return counter
 
 
-@pytest.mark.parametrize("overrides", FAMILIES, ids=["hybrid", "mmoe"])
+@pytest.mark.parametrize("overrides", FAMILIES, ids=["moe", "hybrid", "seq2seq_moe", "mmoe"])
 def test_compiled_model_matches_plain(make_cfg, eager_backend, overrides) -> None:
     cfg = make_cfg([*overrides, "model.compile=true"])
     datamodule, spec = build_datamodule(cfg)
@@ -48,6 +57,7 @@ def test_compiled_model_matches_plain(make_cfg, eager_backend, overrides) -> Non
     assert compiled._compiled_call_impl is not None and plain._compiled_call_impl is None
     assert compiled.state_dict().keys() == plain.state_dict().keys()  # checkpoints unchanged
     out_c, out_p = compiled(inputs), plain(inputs)
+    assert eager_backend.frame_count == 1  # the whole forward is one graph
     torch.testing.assert_close(out_c.logits, out_p.logits)
     (out_c.logits.sum() + out_c.aux_loss).backward()
     assert all(p.grad is not None for p in compiled.parameters() if p.requires_grad)

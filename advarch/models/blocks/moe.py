@@ -36,8 +36,8 @@ from advarch.models.blocks.ffn import FeedForward
 from advarch.models.blocks.moe_experts import (
     DroplessExperts,
     activate,
-    expert_groups,
     expert_mlp,
+    expert_offsets,
     grouped_mm_runs,
 )
 
@@ -243,8 +243,8 @@ class MoE(nn.Module):
         order = order[rank < capacity]  # (S,) earliest tokens first within each expert
         kept = counts.clamp(max=capacity)
         token = order // K  # (S,) source token of each kept slot
-        groups = expert_groups(kept, self._grouped(xc))
-        out = expert_mlp(xc.index_select(0, token), self.w_in, self.w_out, groups, self.activation)
+        xs = xc.index_select(0, token)  # (S, D)
+        out = expert_mlp(xs, self.w_in, self.w_out, kept, self._grouped(xc), self.activation)
         weighted = out * gates.reshape(-1)[order, None]  # (S, D), float32 gates
         y = weighted.new_zeros(N, xf.shape[1]).index_add_(0, token, weighted)  # (N, D)
         dropped = 1.0 - kept.sum().to(probs.dtype) / max(N * K, 1)
@@ -261,13 +261,12 @@ class MoE(nn.Module):
         """
         (N, D), K, inverse = xc.shape, self.top_k, order.argsort()  # (N·K,) slot → sorted
         if self._grouped(xc):
-            offs, keep = expert_groups(counts, True), torch.is_grad_enabled()
+            offs, keep = expert_offsets(counts), torch.is_grad_enabled()
             return DroplessExperts.apply(
                 xc, gates, self.w_in, self.w_out, order, inverse, offs, self.activation, keep
             )
         xs = xc.index_select(0, order // K)  # (N·K, D) in expert order
-        groups = expert_groups(counts, False)
-        out = expert_mlp(xs, self.w_in, self.w_out, groups, self.activation)  # (N·K, D)
+        out = expert_mlp(xs, self.w_in, self.w_out, counts, False, self.activation)  # (N·K, D)
         per_token = out.index_select(0, inverse).view(N, K, D)  # token order
         return (per_token * gates.unsqueeze(-1).to(out.dtype)).sum(1)
 

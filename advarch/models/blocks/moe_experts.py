@@ -1,9 +1,10 @@
 """Running MoE experts on token rows grouped by expert: grouped matmul or a loop, and the
 accelerators' dropless dispatch as one autograd node.
 
-Rows are sorted by expert, so expert e owns one contiguous block. `Groups` says where the
-blocks are: end offsets on the device (int32, for `grouped_mm`, never read by the host) or
-row counts on the host (for the loop of E dense matmuls that CPU and exotic dtypes use).
+Rows are sorted by expert, so expert e owns one contiguous block; (E,) per-expert row counts
+on the device say where the blocks are. The grouped matmul takes their int32 end offsets
+(never read by the host); the loop of E dense matmuls that CPU and exotic dtypes use reads the
+counts back to the host.
 
 `DroplessExperts` is the whole dropless path on the grouped matmul: gather the token-slots
 into expert order, run the experts, gather back and mix by the gates. On accelerators the MoE
@@ -12,7 +13,10 @@ tokens as at 16,384), so that path is one autograd node with a written-out backw
 block's output has 8 autograd nodes where autograd's composition of the same ops has 21 (GELU)
 / 23 (SwiGLU), and a bf16 forward + backward dispatches 94 / 100 aten ops instead of 111 /
 116. Tokens move by gathers both ways (no scatter, no atomics). The loop path stays autograd's
-composition (`expert_mlp`): on CPU it is as fast, and it is the node's plain reference.
+composition (`expert_mlp`): on CPU it is as fast, and it is the node's plain reference. Under
+torch.compile the loop runs as one custom operator (`expert_mlp_loop`, the same written-out
+backward): reading the counts inside a traced graph would break it, and a break in the layer
+loop makes torch.compile leave the whole model uncompiled.
 
 Shapes: N tokens, K experts per token, S = N·K slots, D model dim, E experts, H the experts'
 first-layer width (2·hidden for SwiGLU's fused gate and up projections).
@@ -25,12 +29,13 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_PROBED: dict[tuple[torch.dtype, str], bool] = {}
 
-Groups = torch.Tensor | list[int]  # int32 end offsets (grouped matmul) or row counts (loop)
+Groups = torch.Tensor | list[int]  # int32 end offsets (grouped matmul) or host row counts (loop)
 
 
 @torch.compiler.assume_constant_result
@@ -95,21 +100,25 @@ def grouped_mm_runs(dtype: torch.dtype, device_type: str, widths: tuple[int, ...
     return True
 
 
-def expert_groups(counts: torch.Tensor, grouped: bool) -> Groups:
-    """The row blocks of (E,) per-expert counts: device end offsets, or host counts."""
-    return counts.cumsum(0, dtype=torch.int32) if grouped else counts.tolist()
+def expert_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """The int32 end row of each expert's block, from (E,) per-expert counts (grouped matmul)."""
+    return counts.cumsum(0, dtype=torch.int32)
 
 
-def expert_mlp(xs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, groups: Groups,
-               activation: str) -> torch.Tensor:  # fmt: skip
-    """Expert e's MLP on its block of rows xs (S, D) → (S, D), recorded by autograd; the
-    stacked weights are cast to xs's dtype."""
+def expert_mlp(xs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, counts: torch.Tensor,
+               grouped: bool, activation: str) -> torch.Tensor:  # fmt: skip
+    """Expert e's MLP on its block of rows xs (S, D) → (S, D), the blocks' sizes (E,) counts on
+    the device: grouped matmuls or a loop, recorded by autograd (under torch.compile the loop
+    is the `expert_mlp_loop` operator). The stacked weights are cast to xs's dtype."""
     w_in, w_out = w_in.to(xs.dtype), w_out.to(xs.dtype)
-    if isinstance(groups, torch.Tensor):
-        return _GROUPED_MM(activate(_GROUPED_MM(xs, w_in, offs=groups), activation), w_out,
-                           offs=groups)  # fmt: skip
+    if grouped:
+        offs = expert_offsets(counts)
+        return _GROUPED_MM(activate(_GROUPED_MM(xs, w_in, offs=offs), activation), w_out,
+                           offs=offs)  # fmt: skip
+    if torch.compiler.is_compiling():
+        return expert_mlp_loop(xs, w_in, w_out, counts, activation)[0]
     # unbind, not w_in[e]: each indexing op would backprop a full (E, …) zero gradient
-    blocks = zip(xs.split(groups), w_in.unbind(0), w_out.unbind(0), strict=True)
+    blocks = zip(xs.split(counts.tolist()), w_in.unbind(0), w_out.unbind(0), strict=True)
     return torch.cat([activate(b @ wi, activation) @ wo for b, wi, wo in blocks])
 
 
@@ -145,29 +154,101 @@ class _MLPGrads(NamedTuple):
     w_out: torch.Tensor | None
 
 
-def _mlp_grouped(xs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, offs: torch.Tensor,
-                 activation: str) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
-    """Every expert's MLP as two grouped matmuls: ([pre-activation (S, H), activation, what
-    the activation's backward needs], output (S, D))."""
-    pre = _GROUPED_MM(xs, w_in, offs=offs)
+def _gmm(a: torch.Tensor, b: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """Each block of rows of a (S, K) times its expert's b[e] (E, K, M): (S, M)."""
+    if isinstance(groups, torch.Tensor):
+        return _GROUPED_MM(a, b, offs=groups)
+    return torch.cat([x @ w for x, w in zip(a.split(groups), b.unbind(0), strict=True)])
+
+
+def _gmm_weight_grad(a: torch.Tensor, g: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """a_eᵀ g_e for the row blocks of a (S, K) and g (S, M): the experts' (E, K, M) gradient."""
+    if isinstance(groups, torch.Tensor):
+        return _GROUPED_MM(a.t(), g, offs=groups)
+    pairs = zip(a.split(groups), g.split(groups), strict=True)
+    return torch.stack([x.t() @ y for x, y in pairs])
+
+
+def _mlp(xs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, groups: Groups,
+         activation: str) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """Every expert's MLP: ([pre-activation (S, H), activation, what the activation's
+    backward needs], output (S, D))."""
+    pre = _gmm(xs, w_in, groups)
     h, saved = activate_saving(pre, activation)
-    return [pre, h, *saved], _GROUPED_MM(h, w_out, offs=offs)
+    return [pre, h, *saved], _gmm(h, w_out, groups)
 
 
-def _mlp_grouped_backward(grad_out: torch.Tensor, xs: torch.Tensor, kept: list[torch.Tensor],
-                          w_in: torch.Tensor, w_out: torch.Tensor, offs: torch.Tensor,
-                          activation: str, need: tuple[bool, bool, bool]) -> _MLPGrads:  # fmt: skip
-    """Gradients of `_mlp_grouped` for grad_out (S, D)."""
+def _mlp_backward(grad_out: torch.Tensor, xs: torch.Tensor, kept: list[torch.Tensor],
+                  w_in: torch.Tensor, w_out: torch.Tensor, groups: Groups, activation: str,
+                  need: tuple[bool, bool, bool]) -> _MLPGrads:  # fmt: skip
+    """Gradients of `_mlp` for grad_out (S, D)."""
     need_x, need_w_in, need_w_out = need
     pre, h, *saved = kept
-    grad_w_out = _GROUPED_MM(h.t(), grad_out, offs=offs) if need_w_out else None
+    grad_w_out = _gmm_weight_grad(h, grad_out, groups) if need_w_out else None
     if not (need_x or need_w_in):
         return _MLPGrads(None, None, grad_w_out)
-    grad_h = _GROUPED_MM(grad_out, w_out.transpose(1, 2), offs=offs)
+    grad_h = _gmm(grad_out, w_out.transpose(1, 2), groups)
     grad_pre = activate_backward(grad_h, pre, activation, saved)
-    grad_xs = _GROUPED_MM(grad_pre, w_in.transpose(1, 2), offs=offs) if need_x else None
-    grad_w_in = _GROUPED_MM(xs.t(), grad_pre, offs=offs) if need_w_in else None
+    grad_xs = _gmm(grad_pre, w_in.transpose(1, 2), groups) if need_x else None
+    grad_w_in = _gmm_weight_grad(xs, grad_pre, groups) if need_w_in else None
     return _MLPGrads(grad_xs, grad_w_in, grad_w_out)
+
+
+@torch.library.custom_op("advarch::expert_mlp_loop", mutates_args=())
+def expert_mlp_loop(xs: Tensor, w_in: Tensor, w_out: Tensor, counts: Tensor,
+                    activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """`expert_mlp`'s loop as one operator, which torch.compile keeps whole (it reads the
+    counts inside): the output (S, D), then what its backward needs (pre-activation,
+    activation, SwiGLU's silu(gate) or an empty tensor), which are not differentiable."""
+    (pre, h, *saved), out = _mlp(xs, w_in, w_out, counts.tolist(), activation)
+    return out, pre, h, saved[0] if saved else xs.new_empty(0)
+
+
+@expert_mlp_loop.register_fake
+def _(xs, w_in, w_out, counts, activation):
+    rows, width, hidden = xs.shape[0], w_in.shape[2], w_out.shape[1]
+    silu_gate = xs.new_empty(rows, hidden) if activation == "swiglu" else xs.new_empty(0)
+    return xs.new_empty(rows, w_out.shape[2]), xs.new_empty(rows, width), \
+        xs.new_empty(rows, hidden), silu_gate  # fmt: skip
+
+
+@torch.library.custom_op("advarch::expert_mlp_loop_backward", mutates_args=())
+def _expert_mlp_loop_backward(
+    grad_out: Tensor, xs: Tensor, pre: Tensor, h: Tensor, silu_gate: Tensor, w_in: Tensor,
+    w_out: Tensor, counts: Tensor, activation: str, need: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """`_mlp_backward` of the loop; an empty tensor for each gradient not needed."""
+    kept = [pre, h, *([silu_gate] if activation == "swiglu" else [])]
+    grads = _mlp_backward(grad_out, xs, kept, w_in, w_out, counts.tolist(), activation,
+                          tuple(need))  # fmt: skip
+    return tuple(xs.new_empty(0) if g is None else g for g in grads)
+
+
+@_expert_mlp_loop_backward.register_fake
+def _(grad_out, xs, pre, h, silu_gate, w_in, w_out, counts, activation, need):
+    wanted = zip((xs, w_in, w_out), need, strict=True)
+    return tuple(t.new_empty(t.shape if n else (0,)) for t, n in wanted)
+
+
+def _loop_setup_context(ctx, inputs, output) -> None:
+    xs, w_in, w_out, counts, activation = inputs
+    _, pre, h, silu_gate = output
+    ctx.mark_non_differentiable(pre, h, silu_gate)
+    ctx.set_materialize_grads(False)  # no zero gradients for the outputs only kept
+    ctx.save_for_backward(xs, pre, h, silu_gate, w_in, w_out, counts)
+    ctx.activation = activation
+
+
+def _loop_backward(ctx, grad_out: torch.Tensor | None, *_kept: None):
+    need = list(ctx.needs_input_grad[:3])
+    if grad_out is None:  # nothing flowed back into the output (grads are not materialised)
+        return None, None, None, None, None
+    grads = _expert_mlp_loop_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.activation,
+                                      need)  # fmt: skip
+    return *(g if n else None for g, n in zip(grads, need, strict=True)), None, None
+
+
+expert_mlp_loop.register_autograd(_loop_backward, setup_context=_loop_setup_context)
 
 
 class DroplessExperts(torch.autograd.Function):
@@ -189,7 +270,7 @@ class DroplessExperts(torch.autograd.Function):
         N, K = gates.shape
         w_in_c, w_out_c = w_in.to(x.dtype), w_out.to(x.dtype)
         xs = x.index_select(0, order // K)  # (S, D) in expert order
-        kept, out = _mlp_grouped(xs, w_in_c, w_out_c, offs, activation)  # kept: pre, h, …
+        kept, out = _mlp(xs, w_in_c, w_out_c, offs, activation)  # kept: pre, h, …
         per_token = out.index_select(0, inverse).view(N, K, x.shape[1])  # (N, K, D) token order
         gates_c = gates.unsqueeze(-1).to(x.dtype)  # (N, K, 1)
         y = (per_token * gates_c).sum(1)  # (N, D)
@@ -212,8 +293,7 @@ class DroplessExperts(torch.autograd.Function):
             grad_gates = (per_token * grad_y).sum(-1).to(gates_dtype)  # (N, K)
         grad_out = (grad_y * gates_c).view(N * K, D).index_select(0, order)  # (S, D) expert order
         need = (need_x, need_w_in, need_w_out)
-        grads = _mlp_grouped_backward(grad_out, xs, kept, w_in_c, w_out_c, offs, ctx.activation,
-                                      need)  # fmt: skip
+        grads = _mlp_backward(grad_out, xs, kept, w_in_c, w_out_c, offs, ctx.activation, need)
         grad_x = None
         if need_x:  # back to token order, the K slots of a token summed
             grad_x = grads.xs.index_select(0, inverse).view(N, K, D).sum(1)

@@ -19,8 +19,10 @@ Build: the C++ source `csrc/selective_scan_cpu.cpp` (shipped with the package) i
 `-O3 -march=native -ffast-math -fopenmp` by `torch.utils.cpp_extension.load` on first use and
 cached in torch's extension folder, under a name keyed by the source and CPU; later processes
 load it in milliseconds. The library has plain C entry points loaded with ctypes (no Python or
-torch headers, a few seconds to build). `load_library()` returns None (after one warning line) when
-there is no compiler or the build fails; callers then use the pure-PyTorch parallel scan.
+torch headers, a few seconds to build), called inside the operators `advarch::selective_scan_cpu`
+and its backward (`torch.library.custom_op`), which torch.compile keeps whole in the graph.
+`load_library()` returns None (after one warning line) when there is no compiler or the build
+fails; callers then use the pure-PyTorch parallel scan.
 
 Shape legend: B batch, T time, E inner channels, N state size.
 """
@@ -39,6 +41,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.utils import cpp_extension
 
 CHUNK = 64  # time steps between saved states; must equal kChunk in csrc/selective_scan_cpu.cpp
@@ -130,37 +133,81 @@ def _suffix(t: torch.Tensor) -> str:
     return {torch.float32: "f32", torch.float64: "f64"}[t.dtype]
 
 
-class _FusedScanFn(torch.autograd.Function):
-    """y = (C·h + D u)·SiLU(z) by the fused kernel; saves inputs and chunk-boundary states."""
+@torch.compiler.assume_constant_result
+def kernel_available() -> bool:
+    """Whether the fused kernel loaded here (`load_library()` is not None); a constant of the
+    graph under torch.compile, which cannot trace the loader."""
+    return load_library() is not None
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, save_states):
-        lib, (batch, length, inner), state = load_library(), u.shape, A.shape[1]
-        dims = (batch, length, inner, state, torch.get_num_threads())
-        y = torch.empty_like(u)
-        ckpt = None
-        if save_states:
-            ckpt = u.new_empty(batch, -(-length // CHUNK), state, inner)  # h every CHUNK steps
-        getattr(lib, f"ssm_forward_{_suffix(u)}")(
-            *map(_ptr, (u, delta, A, B, C, D, z, y, ckpt)), *dims
-        )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, ckpt)
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        u, delta, A, B, C, D, z, ckpt = ctx.saved_tensors
-        grad_y = grad_y.contiguous()  # a named reference keeps it alive during the call
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dA, dB, dC, dD = (torch.zeros_like(t) for t in (A, B, C, D))
-        dz = None if z is None else torch.empty_like(z)
-        getattr(load_library(), f"ssm_backward_{_suffix(u)}")(
-            *map(_ptr, (u, delta, A, B, C, D, z, ckpt, grad_y)),
-            *map(_ptr, (du, ddelta, dA, dB, dC, dD, dz)),
-            *u.shape, A.shape[1], torch.get_num_threads(),
-        )  # fmt: skip
-        return du, ddelta, dA, dB, dC, dD, dz, None
+@torch.library.custom_op("advarch::selective_scan_cpu", mutates_args=())
+def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                  z: Tensor | None, save_states: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """y = (C·h + D u)·SiLU(z) by the fused kernel, and with ``save_states`` h every CHUNK
+    steps (B, ceil(T / CHUNK), N, E) for the backward (else an empty tensor). An operator,
+    so that torch.compile keeps a model with this scan in one graph."""
+    y, ckpt = _scan_outputs(u, A, save_states)
+    lib, (batch, length, inner), state = load_library(), u.shape, A.shape[1]
+    getattr(lib, f"ssm_forward_{_suffix(u)}")(
+        *map(_ptr, (u, delta, A, B, C, D, z, y, ckpt if save_states else None)),
+        batch, length, inner, state, torch.get_num_threads(),
+    )  # fmt: skip
+    return y, ckpt
+
+
+@_scan_forward.register_fake
+def _(u, delta, A, B, C, D, z, save_states):
+    return _scan_outputs(u, A, save_states)
+
+
+def _scan_outputs(u: Tensor, A: Tensor, save_states: bool) -> tuple[Tensor, Tensor]:
+    batch, length, inner = u.shape
+    ckpt_shape = (batch, -(-length // CHUNK), A.shape[1], inner) if save_states else (0,)
+    return torch.empty_like(u), u.new_empty(ckpt_shape)
+
+
+@torch.library.custom_op("advarch::selective_scan_cpu_backward", mutates_args=())
+def _scan_backward(grad_y: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   D: Tensor, z: Tensor | None, ckpt: Tensor) -> list[Tensor]:  # fmt: skip
+    """Gradients of `_scan_forward` for grad_y: du, dΔ, dA, dB, dC, dD and, with z, dz."""
+    du, ddelta, dA, dB, dC, dD, dz = _scan_grads(u, delta, A, B, C, D, z)
+    getattr(load_library(), f"ssm_backward_{_suffix(u)}")(
+        *map(_ptr, (u, delta, A, B, C, D, z, ckpt, grad_y)),
+        *map(_ptr, (du, ddelta, dA, dB, dC, dD, dz)),
+        *u.shape, A.shape[1], torch.get_num_threads(),
+    )  # fmt: skip
+    return [du, ddelta, dA, dB, dC, dD, *([] if dz is None else [dz])]
+
+
+@_scan_backward.register_fake
+def _(grad_y, u, delta, A, B, C, D, z, ckpt):
+    return [g for g in _scan_grads(u, delta, A, B, C, D, z) if g is not None]
+
+
+def _scan_grads(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                z: Tensor | None) -> list[Tensor | None]:  # fmt: skip
+    """The kernel's gradient buffers: the summed ones (dA, dB, dC, dD) start at zero."""
+    dz = None if z is None else torch.empty_like(z)
+    return [torch.empty_like(u), torch.empty_like(delta),
+            *(torch.zeros_like(t) for t in (A, B, C, D)), dz]  # fmt: skip
+
+
+def _scan_setup_context(ctx, inputs, output) -> None:
+    u, delta, A, B, C, D, z, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero gradients for the outputs only kept
+    ctx.save_for_backward(u, delta, A, B, C, D, z, output[1])
+
+
+def _scan_backward_autograd(ctx, grad_y: Tensor | None, _grad_ckpt: None):
+    if grad_y is None:  # nothing flowed back into y (grads are not materialised)
+        return (None,) * 8
+    u, delta, A, B, C, D, z, ckpt = ctx.saved_tensors
+    grads = _scan_backward(grad_y.contiguous(), u, delta, A, B, C, D, z, ckpt)
+    return *grads, *([None] if z is None else []), None
+
+
+_scan_forward.register_autograd(_scan_backward_autograd, setup_context=_scan_setup_context)
 
 
 def fused_selective_scan(
@@ -182,4 +229,4 @@ def fused_selective_scan(
     z = None if z is None else z.to(dtype).contiguous()
     inputs = (u, delta, A, B, C, D, z)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return _FusedScanFn.apply(*inputs, save)
+    return _scan_forward(*inputs, save)[0]

@@ -40,7 +40,7 @@ from torch import nn
 
 from advarch.models.blocks.causal_conv import causal_conv, causal_conv_step
 from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
-from advarch.models.blocks.selective_scan_cpu import fused_selective_scan, load_library
+from advarch.models.blocks.selective_scan_cpu import fused_selective_scan, kernel_available
 
 
 def _at_least_f32(t: torch.Tensor) -> torch.Tensor:
@@ -190,7 +190,7 @@ def selective_scan(
     is available, to `selective_scan_parallel`. Runs in float32 (float64 kept) and returns
     that dtype.
     """
-    if u.device.type == "cpu" and load_library() is not None:
+    if u.device.type == "cpu" and kernel_available():
         return fused_selective_scan(_at_least_f32(u), delta, A, B, C, D, z)
     if u.device.type == "cuda" and u.dtype != torch.float64 and _triton_scan() is not None:
         return _triton_scan()(u, delta, A, B, C, D, z)

@@ -1,0 +1,40 @@
+"""`bench.py --device cuda --profile` on CPU at small sizes: per-pass op counts and the tables
+of where the MoE and its dense reference spend their time."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from advarch.benchmarks import gpu
+
+
+@pytest.fixture
+def small_gpu_bench(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU benchmark's MoE section on CPU, at sizes of a unit test."""
+    for name, value in {"DEVICE": "cpu", "DIM": 32, "HIDDEN": 64, "WARMUP": 1,
+                        "MOE_CASES": (("swiglu", 512),)}.items():  # fmt: skip
+        monkeypatch.setattr(gpu, name, value)
+
+
+def test_moe_profiles_count_ops_and_table_the_slowest(
+    small_gpu_bench: None, capsys: pytest.CaptureFixture
+) -> None:
+    gpu.print_moe_profiles()
+    out = capsys.readouterr().out
+    heads = re.findall(r"^== (.+), 512 tokens, swiglu: (\d+) aten ops, 0 kernel launches", out,
+                       re.M)  # fmt: skip
+    assert [name for name, _ in heads] == ["dense FFN h128", "advarch MoE"]
+    dense_ops, moe_ops = (int(n) for _, n in heads)
+    assert 10 < dense_ops < moe_ops  # routing, sorting and gathers on top of the experts
+    assert out.count("Self CPU time total") == 2  # one host-time table each (no device: CPU)
+    assert "aten::mm" in out and "aten::topk" in out
+
+
+def test_op_profile_counts_top_level_ops_once(small_gpu_bench: None) -> None:
+    """An op the caller dispatches counts once; the ops it calls inside (linear: t, mm) do not."""
+    w, x = torch.randn(8, 8), torch.randn(4, 8)
+    head = gpu.op_profile(lambda: torch.nn.functional.linear(x, w).sum(), passes=2)
+    assert head.splitlines()[0] == "2 aten ops, 0 kernel launches per pass"
