@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -50,12 +51,14 @@ SUMMARY_KEYS = (  # the metrics a run summary and a sweep table show, when a run
 
 
 def throughput_line(metrics: dict[str, float]) -> str:
-    """`training throughput 12,345 tokens/s · 96.4 samples/s · MFU 41.2%` (MFU when known)."""
-    line = (
-        f"training throughput {metrics['train/tokens_per_s']:,.0f} tokens/s · "
-        f"{metrics.get('train/samples_per_s', float('nan')):,.1f} samples/s"
-    )
-    return line + (f" · MFU {metrics['train/mfu']:.1%}" if "train/mfu" in metrics else "")
+    """`training throughput 12,345 tokens/s · 96.4 samples/s · MFU 41.2%` (MFU when known;
+    samples/s alone where a sample is not a token sequence, e.g. an image: the rates match)."""
+    tokens, samples = metrics["train/tokens_per_s"], metrics.get("train/samples_per_s")
+    rates = [f"{samples:,.1f} samples/s"] if samples is not None else []
+    if samples is None or not math.isclose(tokens, samples, rel_tol=1e-6):
+        rates.insert(0, f"{tokens:,.0f} tokens/s")
+    mfu = [f"MFU {metrics['train/mfu']:.1%}"] if "train/mfu" in metrics else []
+    return "training throughput " + " · ".join(rates + mfu)
 
 
 def matrix_lines(output_dir: Path) -> list[str]:

@@ -90,7 +90,8 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str | Non
         finite = isinstance(value, float) and math.isfinite(value)
         shown = format(value, digits) if finite else ""
         status = row["status"] if row["status"] == "ok" else f"failed: {row.get('error') or ''}"
-        return [str(row["trial"]), *(values.get(k, "") for k in keys), shown, status]
+        params = (_rounded(values.get(k, ""), digits) for k in keys)
+        return [str(row["trial"]), *params, shown, status]
 
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
         csv.writer(f).writerows([header, *(cells(r, ".17g") for r in rows)])
@@ -104,6 +105,16 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str | Non
     for r in table_rows:
         table.add_row(*r)
     return table
+
+
+def _rounded(text: str, digits: str) -> str:
+    """A sampled float value (`0.0010360000342631323`) in `digits`; anything else as is."""
+    if not any(c in text for c in ".eE"):
+        return text
+    try:
+        return format(float(text), digits)
+    except ValueError:
+        return text
 
 
 class SweepSummary(Callback):

@@ -109,7 +109,6 @@ def build_loggers(
 
     from advarch.config.runs import previous_wandb_id
     from advarch.pipeline import instantiate_checked
-    from advarch.strategies.base import count_parameters
     from advarch.tracking import define_summary, wandb_init_fields, without_anonymous
 
     loggers = []
@@ -119,7 +118,7 @@ def build_loggers(
         if name != "wandb":
             loggers.append(instantiate_checked(node, f"logger.{name}"))
             continue
-        fields = wandb_init_fields(cfg, identity, count_parameters(module.model))
+        fields = wandb_init_fields(cfg, identity, module.parameter_counts())
         fields["id"] = previous_wandb_id(ckpt) or node.get("id")
         fields["tags"] = list(dict.fromkeys([*(node.get("tags") or []), *fields["tags"]]))
         logger = hydra.utils.instantiate(node, _partial_=True, _convert_="all")(**fields)
@@ -154,20 +153,12 @@ def quiet_lightning_logs() -> None:
     faiss announces which CPU build it loaded, `datasets` draws a bar for every tiny save,
     functorch warns about batching rules it falls back on in the per-example Fisher.
     """
-    import warnings
-
     import datasets
     import lightning  # noqa: F401  (imported now so its console handler exists to be removed)
 
     datasets.disable_progress_bars()
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*batching rule.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")  # ours is
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen ones
+    _ignore_known_warnings()
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
@@ -179,6 +170,25 @@ def quiet_lightning_logs() -> None:
         "lightning.pytorch.trainer.connectors.checkpoint_connector",
     ):
         logging.getLogger(name).addFilter(_NOISE)  # a no-op when already there
+
+
+def _ignore_known_warnings() -> None:
+    """Install the filters unless they are there: changing the warning filters resets
+    Python's record of warnings already shown, so a process with several runs (demos,
+    sweeps) would repeat every warning."""
+    import warnings
+
+    last = ".*The dirpath has changed from.*"
+    if any(f[1] is not None and f[1].pattern == last for f in warnings.filters):
+        return
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")  # ours is
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen ones
+    # a resumed run writes into a folder of its own, by design: the old folder keeps its best
+    warnings.filterwarnings("ignore", message=last)
 
 
 def _finish_wandb() -> None:
@@ -194,6 +204,8 @@ def main() -> None:
     """The command line: the strategy's default data and optimisation added
     (`with_strategy_defaults`), then Hydra."""
     sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
+    # before Hydra builds a sweeper: Optuna's storage announces alembic's plugins at INFO
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     hydra_main()
 
 
@@ -284,8 +296,9 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
 
 def discard_run_folder(folder: Path | None = None) -> None:
     """Remove what Hydra and advarch wrote into a run folder that did no work (a config error):
-    `.hydra/`, the job log and the config tree, then the folder itself if nothing else is in it.
-    `folder` defaults to the current Hydra job's output folder (eval, generate, merge)."""
+    `.hydra/`, the job log and the config tree, then the folder itself and its run-name parent
+    if nothing else is in them. `folder` defaults to the current Hydra job's output folder
+    (eval, generate, merge)."""
     import contextlib
     import shutil
 
@@ -304,6 +317,7 @@ def discard_run_folder(folder: Path | None = None) -> None:
         (folder / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         folder.rmdir()  # only when nothing else is in it
+        folder.parent.rmdir()  # the run name's folder, when this was its only run
 
 
 def _optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

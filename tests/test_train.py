@@ -131,7 +131,8 @@ def test_config_error_is_one_line_naming_the_key(project: Project) -> None:
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "model.num_heads=5" in last
     assert "Traceback" not in res.stderr
-    assert not res.new_runs  # stopped before any work: not even a run folder
+    assert not res.new_runs  # stopped before any work: not even a run folder,
+    assert not list((project.root / "outputs" / "runs").glob("*"))  # nor its run name's
 
 
 def test_config_error_raised_from_run(make_cfg) -> None:

@@ -6,19 +6,37 @@ a forward to count them) and train/eval mode counts; on a research console they 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+import lightning as L
 from lightning.pytorch.callbacks import RichModelSummary
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from rich.console import Console
 from rich.table import Table
 
 
-class ModelSummary(RichModelSummary):
-    """Name, type and parameters of each module down to `max_depth`, then the totals."""
+@runtime_checkable
+class CountsParameters(Protocol):
+    """A module that knows how many of its parameters train: `params/total`, `params/trainable`
+    (strategies: a finetune trains some rows of a stacked expert tensor, which
+    `requires_grad` cannot say)."""
 
-    @staticmethod
+    def parameter_counts(self) -> dict[str, int]: ...
+
+
+class ModelSummary(RichModelSummary):
+    """Name, type and parameters of each module down to `max_depth`, then the totals (the
+    module's own counts when it has them)."""
+
+    _counts: dict[str, int] | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(pl_module, CountsParameters):
+            self._counts = pl_module.parameter_counts()
+        super().on_fit_start(trainer, pl_module)
+
     def summarize(
+        self,
         summary_data: list[tuple[str, list[str]]],
         total_parameters: int,
         trainable_parameters: int,
@@ -26,6 +44,9 @@ class ModelSummary(RichModelSummary):
         *args: Any,
         **kwargs: Any,
     ) -> None:
+        if self._counts is not None:
+            total_parameters = self._counts["params/total"]
+            trainable_parameters = self._counts["params/trainable"]
         columns = dict(summary_data)
         table = Table(header_style="bold")
         for name in ("Name", "Type", "Params"):

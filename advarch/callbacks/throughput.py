@@ -42,7 +42,11 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 
 def batch_counts(batch: Any) -> tuple[int, int]:
-    """(samples, tokens) of a batch dict: token ids (B, T) count B·T, other inputs B."""
+    """(samples, tokens) of a batch dict: token ids (B, T) count B·T, other inputs B; a
+    few-shot episode counts its support and query examples."""
+    if isinstance(batch, dict) and "support" in batch:
+        parts = [batch_counts({"inputs": batch[part]}) for part in ("support", "query")]
+        return parts[0][0] + parts[1][0], parts[0][1] + parts[1][1]
     inputs = batch.get("input_ids", batch.get("inputs")) if isinstance(batch, dict) else None
     if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
         return 0, 0

@@ -71,10 +71,10 @@ def main(cfg: DictConfig) -> None:
     from advarch.train import discard_run_folder, quiet_lightning_logs
     from advarch.trained_lm import load_lm
 
+    quiet_lightning_logs()
     if cfg.bench:
         _bench(cfg)
         return
-    quiet_lightning_logs()
     try:
         prompt = _prompt(cfg)
         lm = load_lm(cfg.ckpt_path, cfg.device)

@@ -94,6 +94,7 @@ def train_all(demo: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
             "data.classes=null",
             f"trainer.max_steps={demo.base_steps}",
             f"trainer.val_check_interval={demo.base_steps}",
+            f"trainer.log_every_n_steps={min(10, demo.base_steps)}",  # short runs log too
             *demo.overrides,
         ],
         out / "runs" / "base",
@@ -111,6 +112,7 @@ def train_all(demo: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
                     f"strategy.pretrained={base}",
                     f"trainer.max_steps={steps}",
                     f"trainer.val_check_interval={steps}",
+                    f"trainer.log_every_n_steps={min(10, steps)}",
                     *demo.overrides,
                     *demo.task_overrides,
                 ],

@@ -146,6 +146,10 @@ class BaseStrategy(L.LightningModule):
         names += [f"train/{v}_epoch" for v in values]
         return names + [f"{split}/{v}" for split in ("val", "test") for v in values]
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Total, trainable and frozen parameters of the model (the run's model summary)."""
+        return count_parameters(self.model)
+
     def on_train_start(self) -> None:
         reload_train_loader_on_resume(self.trainer)  # exact batches after a mid-epoch resume
 

@@ -37,6 +37,7 @@ Shapes: B batch, E experts per MoE layer, T tasks, C classes per head.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -63,6 +64,7 @@ from advarch.strategies.objectives import IGNORE, model_inputs, select_task_logi
 
 Batch = dict[str, torch.Tensor]
 NEEDS_MOE = "strategy.expert_masks=true needs a model with MoE layers (model.ffn contains moe)"
+log = logging.getLogger("advarch")
 TASK_METRIC = {"classification": "acc", "lm": "bpb"}  # per-task metric of each data kind
 
 
@@ -114,6 +116,7 @@ class ContinualStrategy(BaseStrategy):
         self.accuracy_matrix = torch.full((self.num_tasks, self.num_tasks), math.nan)  # R (acc/bpb)
         self.initial_accuracy = torch.full((self.num_tasks,), math.nan)  # b
         self.finished_tasks = 0
+        self._stream_was_finished = False  # resumed from a finished stream (`on_fit_start`)
         self.task_acc = nn.ModuleDict(
             {
                 split: nn.ModuleList(torchmetrics.MeanMetric() for _ in range(self.num_tasks))
@@ -283,6 +286,8 @@ class ContinualStrategy(BaseStrategy):
         super().on_validation_epoch_end()
         values = self._task_acc_values("val")
         self.log_dict({f"val/task_{j}/{self.task_metric}": v for j, v in values.items()})
+        if self._stream_was_finished and not self.trainer.sanity_checking:
+            self._log_continual_summary()
 
     def on_test_epoch_end(self) -> None:
         """Per-task test metrics (the final row of R on the test split) and their mean."""
@@ -337,24 +342,46 @@ class ContinualStrategy(BaseStrategy):
             return
         self.accuracy_matrix[task] = self.evaluate_tasks()
         self.finished_tasks = task + 1
-        seen = task + 1
+        self._log_continual_summary()
+        self._save_matrix_csv()
+        if task + 1 < self.num_tasks:
+            self.consolidate(task)
+
+    def _log_continual_summary(self) -> None:
+        """`cl/*` of the finished tasks' rows of R."""
+        seen = self.finished_tasks
         summary = continual_summary(
             self.accuracy_matrix[:seen, :seen].numpy(),
             self.initial_accuracy[:seen].numpy(),
             self.task_metric,
         )
         self.log_dict({f"cl/{k}": v for k, v in summary.items() if math.isfinite(v)})
+
+    def _save_matrix_csv(self) -> None:
         if self.trainer.is_global_zero:
             save_accuracy_matrix_csv(
                 self.accuracy_matrix.numpy(),
                 self._run_dir / "continual" / f"{self._matrix_name}.csv",
                 self.spec.task_names,
             )
-        if task + 1 < self.num_tasks:
-            self.consolidate(task)
 
     def consolidate(self, task: int) -> None:
         """Called once at the end of each task but the last; naive fine-tuning keeps nothing."""
+
+    def on_fit_start(self) -> None:
+        """A run resumed from a checkpoint of a finished stream trains nothing (Lightning skips
+        the fit loop and its hooks): say so, and report the stream's results in this run
+        (matrix CSV and heatmap now, `cl/*` at the validation that follows)."""
+        super().on_fit_start()
+        self._stream_was_finished = self.finished_tasks == self.num_tasks
+        if self._stream_was_finished:
+            log.info(
+                "the checkpoint's stream finished all %d tasks: nothing left to train; "
+                "reporting its continual results",
+                self.num_tasks,
+            )
+            self._save_matrix_csv()
+            self.on_train_end()
 
     def on_train_end(self) -> None:
         """Heatmap of R, and a W&B image when a WandbLogger is attached."""

@@ -167,14 +167,18 @@ class FinetuneStrategy(BaseStrategy):
                 "strategy.pretrained=<run>/checkpoints/last.ckpt"
             )
 
+    def parameter_counts(self) -> dict[str, int]:
+        """The plan's counts: rows of partially trained tensors counted per row."""
+        return count_plan_parameters(self.model, self.plan)
+
     def on_fit_start(self) -> None:
         self._bind_frozen()
-        counts = count_plan_parameters(self.model, self.plan)
+        counts = self.parameter_counts()
         self._print_counts(counts["params/trainable"], counts["params/total"])
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        counts = {k: float(v) for k, v in count_plan_parameters(self.model, self.plan).items()}
+        counts = {k: float(v) for k, v in self.parameter_counts().items()}
         self.log_dict(counts, on_step=False, on_epoch=True)
 
     @staticmethod

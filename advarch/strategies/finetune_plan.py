@@ -121,8 +121,11 @@ def prepare_model(
     if base is not None:
         whole = set(glob_matches(model, trainable))
         fresh = copy_base(model, model_state(base), str(pretrained), whole)
-        for name in fresh:
-            log.info("finetune: %s is new or reshaped; trained from a fresh initialisation", name)
+        if fresh:
+            log.info(
+                "finetune: %d tensors are new or reshaped, trained from a fresh initialisation: %s",
+                len(fresh), _grouped(fresh),
+            )  # fmt: skip
     if new_experts:
         for _, moe in moes:
             moe.add_experts(new_experts)
@@ -130,6 +133,16 @@ def prepare_model(
     for name, p in model.named_parameters():
         p.requires_grad_(PREFIX + name in plan)
     return plan
+
+
+def _grouped(names: Sequence[str], depth: int = 4) -> str:
+    """`a.b.c.d.* (24), a.e.f (1)`: tensor names grouped by their first `depth` components."""
+    groups: dict[str, int] = {}
+    for name in names:
+        parts = name.split(".")
+        key = ".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
+        groups[key] = groups.get(key, 0) + 1
+    return ", ".join(f"{key} ({n})" for key, n in groups.items())
 
 
 def frozen_snapshots(model: nn.Module, plan: Plan) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -50,6 +50,9 @@ def test_batch_counts_tokens_only_for_token_ids() -> None:
     assert batch_counts({"input_ids": torch.zeros(4, 7, dtype=torch.long)}) == (4, 28)
     assert batch_counts({"inputs": torch.zeros(4, 64)}) == (4, 4)  # feature vectors
     assert batch_counts([torch.zeros(2)]) == (0, 0)
+    episode = {"support": torch.zeros(5, 64), "support_labels": torch.zeros(5),
+               "query": torch.zeros(15, 64), "query_labels": torch.zeros(15)}  # fmt: skip
+    assert batch_counts(episode) == (20, 20)  # a few-shot episode: its support and query
 
 
 def test_moe_flops_count_only_routed_experts() -> None:
@@ -64,6 +67,8 @@ def test_summary_line_shows_mfu_when_known() -> None:
     line = throughput_line({"train/tokens_per_s": 12345.6, "train/samples_per_s": 3.25})
     assert line == "training throughput 12,346 tokens/s · 3.2 samples/s"
     assert throughput_line({"train/tokens_per_s": 1.0, "train/mfu": 0.4123}).endswith("MFU 41.2%")
+    images = throughput_line({"train/tokens_per_s": 233.0, "train/samples_per_s": 233.0})
+    assert images == "training throughput 233.0 samples/s"  # a sample is not a token sequence
 
 
 def test_every_run_reports_throughput(make_cfg, capsys) -> None:

@@ -251,12 +251,12 @@ def test_every_model_trains_with_every_continual_strategy(
 
 
 def test_ewc_stream_end_to_end_and_eval_gives_the_last_row(make_cfg, tmp_path: Path) -> None:
+    """…and resuming the finished stream trains nothing but reports its results again: the
+    same `cl/*` metrics, matrix CSV and heatmap in the new run's folder."""
     from advarch.eval import evaluate
 
-    cfg = make_cfg(
-        ["strategy=ewc", "debug=tiny", *STREAM, "trainer.limit_test_batches=1.0"],
-        output_dir=tmp_path / "train",
-    )
+    overrides = ["strategy=ewc", "debug=tiny", *STREAM, "trainer.limit_test_batches=1.0"]
+    cfg = make_cfg(overrides, output_dir=tmp_path / "train")
     metrics = run(cfg)
     out = Path(cfg.paths.output_dir)
     assert (out / "continual" / "accuracy_matrix.csv").is_file()
@@ -271,6 +271,15 @@ def test_ewc_stream_end_to_end_and_eval_gives_the_last_row(make_cfg, tmp_path: P
     evaluated = evaluate(ecfg)
     for key in ("test/task_0/acc", "test/task_1/acc", "test/avg_acc"):
         assert evaluated[key] == pytest.approx(metrics[key], abs=1e-6), key
+    last = out / "checkpoints" / "last.ckpt"
+    resumed = make_cfg([*overrides, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
+    again, again_out = run(resumed), Path(resumed.paths.output_dir)
+    continual = {k: v for k, v in metrics.items() if k.startswith("cl/")}
+    assert "cl/avg_acc" in continual
+    assert {k: again[k] for k in continual} == pytest.approx(continual)
+    matrix = "continual/accuracy_matrix.csv"
+    assert (again_out / matrix).read_text() == (out / matrix).read_text()
+    assert (again_out / "plots" / "accuracy_matrix.png").is_file()
 
 
 def test_resume_mid_stream_continues_the_same_consolidation(make_cfg, tmp_path: Path) -> None:

@@ -115,6 +115,7 @@ def test_plan_freezes_what_it_should_and_counts_rows(tmp_path: Path, capsys) -> 
     module.on_fit_start()
     line = f"trainable params: {expected:,d} || all params: {module.hparams['params/total']:,d}"
     assert line + " || trainable%: " in capsys.readouterr().out
+    assert module.parameter_counts()["params/trainable"] == expected  # the model summary's count
 
 
 def test_eval_rebuild_without_pretrained_has_the_same_architecture(tmp_path: Path) -> None:

@@ -218,6 +218,8 @@ class MoE(nn.Module):
         numbers, fewer ops). Dropless (the default) never reads a value back to the host:
         counts come from a scatter-add, the experts' row offsets stay on the device, and
         `DroplessExperts` moves tokens to and from expert order by gathers, in the compute dtype.
+        With a capacity the kept slots have a data-dependent count: under torch.compile every
+        slot runs instead and the dropped ones get gate 0 (the same result, one graph).
         """
         N, K, E = xf.shape[0], self.top_k, self.num_experts
         with torch.no_grad():
@@ -240,14 +242,17 @@ class MoE(nn.Module):
         capacity = math.ceil(self.capacity_factor * K * N / E)
         start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
         rank = torch.arange(N * K, device=xf.device) - start[flat[order]]  # (N·K,)
-        order = order[rank < capacity]  # (S,) earliest tokens first within each expert
         kept = counts.clamp(max=capacity)
+        dropped = 1.0 - kept.sum().to(probs.dtype) / max(N * K, 1)
+        if torch.compiler.is_compiling():  # static shapes: every slot runs, dropped ones gated 0
+            keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(0, order, rank < capacity)
+            return self._dropless(xc, gates * keep.view(N, K), counts, order), load, dropped
+        order = order[rank < capacity]  # (S,) earliest tokens first within each expert
         token = order // K  # (S,) source token of each kept slot
         xs = xc.index_select(0, token)  # (S, D)
         out = expert_mlp(xs, self.w_in, self.w_out, kept, self._grouped(xc), self.activation)
         weighted = out * gates.reshape(-1)[order, None]  # (S, D), float32 gates
         y = weighted.new_zeros(N, xf.shape[1]).index_add_(0, token, weighted)  # (N, D)
-        dropped = 1.0 - kept.sum().to(probs.dtype) / max(N * K, 1)
         return y.to(out.dtype), load, dropped
 
     def _dropless(
