@@ -187,6 +187,8 @@ def _ignore_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")  # ours is
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen ones
+    # epoch values are torchmetrics' compute(), already reduced over DDP processes (test_ddp)
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*when logging on epoch level.*")
     # a resumed run writes into a folder of its own, by design: the old folder keeps its best
     warnings.filterwarnings("ignore", message=last)
 
@@ -201,8 +203,15 @@ def _finish_wandb() -> None:
 
 
 def main() -> None:
-    """The command line: the strategy's default data and optimisation added
-    (`with_strategy_defaults`), then Hydra."""
+    """The command line: config-group choices checked (`check_group_choices`), the strategy's
+    default data and optimisation added (`with_strategy_defaults`), then Hydra."""
+    from advarch.config.choices import check_group_choices
+    from advarch.config.validate import ConfigError
+
+    try:
+        check_group_choices(sys.argv[1:])  # a misspelt `model=moee` in one line, not a screenful
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
     # before Hydra builds a sweeper: Optuna's storage announces alembic's plugins at INFO
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -121,7 +121,9 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["data=split_digits", "data.num_tasks=3"], "data.num_tasks=3"),
     ("train", ["data=digits", "data.classes=[11]"], "data.classes=[11]"),
     # model
-    ("train", ["model=bogus"], "model"),
+    ("train", ["model=bogus"], "model=bogus is not a model config (options: hybrid, "),
+    ("train", ["model=moee"], "model=moee is not a model config (did you mean model=moe? "),
+    ("train", ["strategy=naive,ewcc"], "strategy=ewcc is not a strategy config (did you mean"),
     ("train", ["model.num_heads=5"], "model.num_heads=5"),
     ("train", ["model.dim=abc"], "model.dim='abc'"),
     ("train", ["model.depth=0"], "model.depth=0"),
