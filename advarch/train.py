@@ -31,6 +31,7 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     check_combination(cfg)  # impossible combinations stop here: no torch, no data, no tree
     import lightning as L
     import torch
+    from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.utilities import rank_zero_only
 
     from advarch.callbacks.signals import SignalCheckpoint
@@ -61,6 +62,8 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     check_monitors(cfg, module, callbacks)
 
     loggers = build_loggers(cfg, identity or RunIdentity(cfg.run_name), module, ckpt)
+    if not loggers:  # `~logger`: the learning-rate monitor refuses a Trainer without loggers
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     # datamodules whose train loader changes with the epoch (continual streams, curricula)
     overrides = datamodule.trainer_overrides if isinstance(datamodule, ConfiguresTrainer) else {}
     trainer: L.Trainer = instantiate_checked(

@@ -123,6 +123,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     # model
     ("train", ["model=bogus"], "model=bogus is not a model config (options: hybrid, "),
     ("train", ["model=moee"], "model=moee is not a model config (did you mean model=moe? "),
+    ("train", ["logger=null"], "logger=null is not a choice: write ~logger to leave it out"),
     ("train", ["strategy=naive,ewcc"], "strategy=ewcc is not a strategy config (did you mean"),
     ("train", ["model.num_heads=5"], "model.num_heads=5"),
     ("train", ["model.dim=abc"], "model.dim='abc'"),

@@ -18,6 +18,15 @@ def test_fast_dev_run_plain_transformer(make_cfg) -> None:
     assert torch.isfinite(torch.tensor(metrics["test/loss"]))
 
 
+def test_a_run_without_loggers_trains_and_summarises(make_cfg) -> None:
+    """`~logger`: no logger, so no learning-rate monitor (it refuses such a Trainer)."""
+    cfg = make_cfg([*TINY, "~logger"])
+    assert "logger" not in cfg
+    metrics = run(cfg)
+    assert metrics["test/loss"] > 0 and metrics["train/tokens_per_s"] > 0
+    assert (Path(cfg.paths.output_dir) / "summary.json").is_file()
+
+
 def test_tiny_run_learns_and_writes_outputs(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg(
         [*TINY, "trainer.max_steps=30", "trainer.val_check_interval=15", "optimizer.lr=3e-3"]

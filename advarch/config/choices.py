@@ -32,7 +32,9 @@ def check_group_choices(argv: list[str]) -> None:
             continue
         options = {p.stem for f in folders for p in (f / group).glob("*.yaml")}
         for choice in (v.strip() for v in value.split(",")):
-            if options and choice not in options and choice != "null":
+            if options and choice == "null":
+                raise ConfigError(f"{group}=null is not a choice: write ~{group} to leave it out")
+            if options and choice not in options:
                 close = difflib.get_close_matches(choice, sorted(options), n=1)
                 hint = f"did you mean {group}={close[0]}? " if close else ""
                 raise ConfigError(

@@ -14,7 +14,7 @@ from advarch.config.validate import ConfigError
 @pytest.mark.parametrize("argv", [
     ["model=moe", "strategy=naive,ewc", "debug=tiny", "model.dim=64", "-m"],
     ["hydra/launcher=joblib", "hydra/sweeper=optuna"],  # Hydra's plugins' groups
-    ["+model=anything", "~logger", "model@extra=moe", "model=glob(*)", "model=null"],
+    ["+model=anything", "~logger", "model@extra=moe", "model=glob(*)"],
     ["hydra.searchpath=[file:///elsewhere]", "model=from_elsewhere"],
 ])  # fmt: skip
 def test_valid_or_unknowable_choices_pass(argv: list[str]) -> None:
@@ -29,3 +29,8 @@ def test_own_config_folder_options_count(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model=mien is not a model config \(did you mean "
                        r"model=mine\? options: hybrid, .*mine"):  # fmt: skip
         check_group_choices(["-cd", str(tmp_path), "model=mien"])
+
+
+def test_null_choice_says_how_to_leave_a_group_out() -> None:
+    with pytest.raises(ConfigError, match="logger=null is not a choice: write ~logger to leave"):
+        check_group_choices(["logger=null"])
