@@ -30,7 +30,7 @@ def check_group_choices(argv: list[str]) -> None:
         group, value = override.split("=", 1)
         if group.startswith("hydra") or "@" in group or any(c in value for c in "()*$"):
             continue
-        options = {p.stem for f in folders for p in (f / group).glob("*.yaml")}
+        options = {_option(p, f / group) for f in folders for p in (f / group).rglob("*.yaml")}
         for choice in (v.strip() for v in value.split(",")):
             if options and choice == "null":
                 raise ConfigError(f"{group}=null is not a choice: write ~{group} to leave it out")
@@ -41,6 +41,11 @@ def check_group_choices(argv: list[str]) -> None:
                     f"{group}={choice} is not a {group} config ({hint}options: "
                     f"{', '.join(sorted(options))})"
                 )
+
+
+def _option(path: Path, group_dir: Path) -> str:
+    """The choice a config file is (`sub/name` for group_dir/sub/name.yaml)."""
+    return path.relative_to(group_dir).with_suffix("").as_posix()
 
 
 def _config_dirs(argv: list[str]) -> list[Path]:

@@ -381,9 +381,12 @@ class ContinualStrategy(BaseStrategy):
                 self.num_tasks,
             )
             self._save_matrix_csv()
-            self.on_train_end()
+            self._plot_matrix()
 
     def on_train_end(self) -> None:
+        self._plot_matrix()
+
+    def _plot_matrix(self) -> None:
         """Heatmap of R, and a W&B image when a WandbLogger is attached."""
         if not self.trainer.is_global_zero:
             return

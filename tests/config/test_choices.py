@@ -24,8 +24,10 @@ def test_valid_or_unknowable_choices_pass(argv: list[str]) -> None:
 def test_own_config_folder_options_count(tmp_path: Path) -> None:
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "mine.yaml").write_text("dim: 8\n")
+    (tmp_path / "model" / "sub").mkdir()
+    (tmp_path / "model" / "sub" / "deep.yaml").write_text("dim: 8\n")
     for argv in (["--config-dir", str(tmp_path)], [f"--config-dir={tmp_path}"]):
-        check_group_choices([*argv, "model=mine"])
+        check_group_choices([*argv, "model=mine", "model=sub/deep"])
     with pytest.raises(ConfigError, match=r"model=mien is not a model config \(did you mean "
                        r"model=mine\? options: hybrid, .*mine"):  # fmt: skip
         check_group_choices(["-cd", str(tmp_path), "model=mien"])

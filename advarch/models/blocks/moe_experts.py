@@ -112,9 +112,7 @@ def expert_mlp(xs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, counts
     is the `expert_mlp_loop` operator). The stacked weights are cast to xs's dtype."""
     w_in, w_out = w_in.to(xs.dtype), w_out.to(xs.dtype)
     if grouped:
-        offs = expert_offsets(counts)
-        return _GROUPED_MM(activate(_GROUPED_MM(xs, w_in, offs=offs), activation), w_out,
-                           offs=offs)  # fmt: skip
+        return _mlp(xs, w_in, w_out, expert_offsets(counts), activation)[1]
     if torch.compiler.is_compiling():
         return expert_mlp_loop(xs, w_in, w_out, counts, activation)[0]
     # unbind, not w_in[e]: each indexing op would backprop a full (E, …) zero gradient
