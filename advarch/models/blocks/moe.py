@@ -22,9 +22,11 @@ gate and up projections), E experts, K experts per token, S = kept token-slots (
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from types import ModuleType
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -40,6 +42,22 @@ from advarch.models.blocks.moe_experts import (
     expert_offsets,
     grouped_mm_runs,
 )
+
+
+class Routing(NamedTuple):
+    """Top-k routing of N tokens to E experts, K each: what `MoE._route` gives its dispatch."""
+
+    expert: torch.Tensor  # (N, K) int64 chosen experts, largest probability first
+    gates: torch.Tensor  # (N, K) float32 mixing weights
+    counts: torch.Tensor  # (E,) integer token-slots per expert
+    offsets: torch.Tensor  # (E,) int32 end of each expert's block of slots in expert order
+    order: torch.Tensor  # (N·K,) slots n·K + k sorted by expert, then by slot (stable)
+    inverse: torch.Tensor  # (N·K,) each slot's place in `order`
+    aux_loss: torch.Tensor  # () balance_loss_weight · balance + z_loss_weight · z-loss
+    load: torch.Tensor  # (E,) fraction of token-slots per expert
+    entropy: torch.Tensor  # () mean router entropy
+    balance: torch.Tensor  # () Switch balance loss, 1.0 at perfect balance
+    z_loss: torch.Tensor  # () mean squared logsumexp of the logits
 
 
 class MoE(nn.Module):
@@ -163,25 +181,24 @@ class MoE(nn.Module):
         xf = x.reshape(B * T, D)  # (N, D)
         allowed = self._allowed(expert_mask, B, T)  # (N, E) bool or None
         logits = self._router_logits(xf, allowed)  # (N, E) float32
-        probs = logits.softmax(-1)  # (N, E)
         if self.soft:
-            y, load, dropped = self._soft_mixture(xf, probs), probs.mean(0).detach(), None
+            probs = logits.softmax(-1)  # (N, E)
+            y, dropped = self._soft_mixture(xf, probs), None
+            aux_loss, load, entropy, balance, z_loss = self._losses(logits, probs, probs.mean(0))
         else:
-            y, load, dropped = self._routed(xf, logits, probs, allowed)
+            route = self._route(logits, allowed)
+            y, dropped = self._routed(xf, route)
+            aux_loss, load, entropy, balance, z_loss = route[6:]
         y = self.dropout(y).reshape(B, T, D)
         if self.shared is not None:
             y = y + self.shared(x)
-        balance = self.num_experts * torch.dot(load, probs.mean(0))
-        z_loss = torch.logsumexp(logits, -1).square().mean()
-        aux_loss = self.balance_loss_weight * balance + self.z_loss_weight * z_loss
-        with torch.no_grad():
-            stats = {
-                "load": load,
-                "dropped": probs.new_zeros(()) if dropped is None else dropped.float(),
-                "entropy": torch.special.entr(probs).sum(-1).mean(),
-                "balance_loss": balance.detach(),
-                "z_loss": z_loss.detach(),
-            }
+        stats = {
+            "load": load.detach(),
+            "dropped": load.new_zeros(()) if dropped is None else dropped.detach().float(),
+            "entropy": entropy.detach(),
+            "balance_loss": balance.detach(),
+            "z_loss": z_loss.detach(),
+        }
         return y, aux_loss, stats
 
     def _allowed(self, expert_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
@@ -205,75 +222,98 @@ class MoE(nn.Module):
             logits = F.linear(xr, self.router.to(xr.dtype))  # (N, E)
         return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
 
-    def _routed(
-        self,
-        xf: torch.Tensor,
-        logits: torch.Tensor,
-        probs: torch.Tensor,
-        allowed: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Top-k routing: returns y (N, D), load f (E,) and the dropped fraction of slots.
+    def _route(self, logits: torch.Tensor, allowed: torch.Tensor | None) -> Routing:
+        """Top-k selection, gates, expert counts, the weighted aux loss and statistics.
 
-        The renormalised top-k probabilities are the softmax of the chosen logits (the same
-        numbers, fewer ops). Dropless (the default) never reads a value back to the host:
-        counts come from a scatter-add, the experts' row offsets stay on the device, and
-        `DroplessExperts` moves tokens to and from expert order by gathers, in the compute dtype.
-        With a capacity the kept slots have a data-dependent count: under torch.compile every
-        slot runs instead and the dropped ones get gate 0 (the same result, one graph).
+        On CUDA (float32 logits, eager, Triton installed) two Triton kernels do it all
+        (`moe_routing_triton`: the block was bound by per-op host overhead there); elsewhere
+        this composition of torch ops, their plain reference. The renormalised top-k
+        probabilities are the softmax of the chosen logits (the same numbers, fewer ops);
+        counts come from a scatter-add (bincount would read its maximum back to the host).
         """
-        N, K, E = xf.shape[0], self.top_k, self.num_experts
+        N, K, E = logits.shape[0], self.top_k, self.num_experts
+        if _fused_routing_runs(logits):
+            fused = _triton_routing().FusedRouting.apply
+            weights = (self.balance_loss_weight, self.z_loss_weight)
+            return Routing(*fused(logits, self.routing_bias, K, weights))
+        probs = logits.softmax(-1)  # (N, E)
         with torch.no_grad():
             scores = probs if self.routing_bias is None else probs + self.routing_bias
             if allowed is not None:  # the bias must not revive a masked expert
                 scores = scores.masked_fill(~allowed, float("-inf"))
             expert = scores.topk(K, dim=-1).indices  # (N, K)
         gates = logits.gather(1, expert).softmax(-1) if K > 1 else probs.gather(1, expert)
-        flat = expert.reshape(-1)  # (N·K,) token-major, choice-minor
-        counts = torch.zeros(E, dtype=torch.long, device=xf.device).scatter_add_(
+        flat = expert.reshape(-1)
+        counts = torch.zeros(E, dtype=torch.long, device=logits.device).scatter_add_(
             0, flat, torch.ones_like(flat)
-        )  # (E,); bincount would read its maximum back to the host on CUDA
+        )  # (E,)
+        order = flat.argsort(stable=True)
+        inverse = torch.empty_like(order).scatter_(
+            0, order, torch.arange(N * K, device=order.device)
+        )
+        load = counts.to(probs.dtype) / max(N * K, 1)
+        losses = self._losses(logits, probs, load)
+        return Routing(expert, gates, counts, expert_offsets(counts), order, inverse, *losses)
+
+    def _losses(self, logits: torch.Tensor, probs: torch.Tensor, load: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """(aux loss, load, entropy, balance loss, z-loss) of the router's softmax `probs`."""
+        balance = self.num_experts * torch.dot(load.detach(), probs.mean(0))
+        z_loss = torch.logsumexp(logits, -1).square().mean()
+        aux_loss = self.balance_loss_weight * balance + self.z_loss_weight * z_loss
+        with torch.no_grad():
+            entropy = torch.special.entr(probs).sum(-1).mean()
+        return aux_loss, load, entropy, balance, z_loss
+
+    def _routed(self, xf: torch.Tensor, route: Routing) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every token through its chosen experts: y (N, D) and the dropped fraction of slots.
+
+        Dropless (the default) never reads a value back to the host: the experts' row
+        offsets stay on the device, and `DroplessExperts` moves tokens to and from expert
+        order by gathers, in the compute dtype. With a capacity the kept slots have a
+        data-dependent count: under torch.compile every slot runs instead and the dropped
+        ones get gate 0 (the same result, one graph).
+        """
+        N, K, E = xf.shape[0], self.top_k, self.num_experts
+        counts, gates = route.counts, route.gates
         if self.training and self.load_counts is not None:
             self.load_counts += counts
-        load = counts.to(probs.dtype) / max(N * K, 1)
-        order = flat.argsort(stable=True)  # (N·K,) by expert, then by token
+        flat, order = route.expert.reshape(-1), route.order  # (N·K,) token-major, choice-minor
         xc = xf.to(self._compute_dtype(xf))  # gather in the compute dtype (bf16 under autocast)
         if self.capacity_factor is None:
-            return self._dropless(xc, gates, counts, order), load, None
+            return self._dropless(xc, route), None
         capacity = math.ceil(self.capacity_factor * K * N / E)
         start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
         rank = torch.arange(N * K, device=xf.device) - start[flat[order]]  # (N·K,)
         kept = counts.clamp(max=capacity)
-        dropped = 1.0 - kept.sum().to(probs.dtype) / max(N * K, 1)
+        dropped = 1.0 - kept.sum() / max(N * K, 1)
         if torch.compiler.is_compiling():  # static shapes: every slot runs, dropped ones gated 0
             keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(0, order, rank < capacity)
-            return self._dropless(xc, gates * keep.view(N, K), counts, order), load, dropped
+            return self._dropless(xc, route._replace(gates=gates * keep.view(N, K))), dropped
         order = order[rank < capacity]  # (S,) earliest tokens first within each expert
         token = order // K  # (S,) source token of each kept slot
         xs = xc.index_select(0, token)  # (S, D)
         out = expert_mlp(xs, self.w_in, self.w_out, kept, self._grouped(xc), self.activation)
         weighted = out * gates.reshape(-1)[order, None]  # (S, D), float32 gates
         y = weighted.new_zeros(N, xf.shape[1]).index_add_(0, token, weighted)  # (N, D)
-        return y.to(out.dtype), load, dropped
+        return y.to(out.dtype), dropped
 
-    def _dropless(
-        self, xc: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor, order: torch.Tensor
-    ) -> torch.Tensor:
+    def _dropless(self, xc: torch.Tensor, route: Routing) -> torch.Tensor:
         """Every token-slot through its expert, mixed by the gates: (N, D).
 
         Grouped matmul: `DroplessExperts`, one autograd node. Loop (CPU): the same steps
         recorded by autograd (its plain reference); tokens move by `index_select`, whose
         backward adds rows back (`index_add`), fine on CPU.
         """
-        (N, D), K, inverse = xc.shape, self.top_k, order.argsort()  # (N·K,) slot → sorted
+        (N, D), K, order, inverse = xc.shape, self.top_k, route.order, route.inverse
         if self._grouped(xc):
-            offs, keep = expert_offsets(counts), torch.is_grad_enabled()
-            return DroplessExperts.apply(
-                xc, gates, self.w_in, self.w_out, order, inverse, offs, self.activation, keep
-            )
+            keep = torch.is_grad_enabled()
+            return DroplessExperts.apply(xc, route.gates, self.w_in, self.w_out, order, inverse,
+                                         route.offsets, self.activation, keep)  # fmt: skip
         xs = xc.index_select(0, order // K)  # (N·K, D) in expert order
-        out = expert_mlp(xs, self.w_in, self.w_out, counts, False, self.activation)  # (N·K, D)
+        out = expert_mlp(xs, self.w_in, self.w_out, route.counts, False, self.activation)
         per_token = out.index_select(0, inverse).view(N, K, D)  # token order
-        return (per_token * gates.unsqueeze(-1).to(out.dtype)).sum(1)
+        return (per_token * route.gates.unsqueeze(-1).to(out.dtype)).sum(1)
 
     def _grouped(self, xc: torch.Tensor) -> bool:
         """Grouped matmul (accelerators, or when forced) if it can run here, else the loop.
@@ -354,6 +394,28 @@ class MoE(nn.Module):
         return f"dim={self.dim}, hidden={self.hidden}, experts={self.num_experts}, {mode}, " + (
             f"activation={self.activation}, capacity_factor={self.capacity_factor}"
         )
+
+
+@functools.cache
+def _triton_routing() -> ModuleType | None:
+    """The Triton routing kernels, or None where Triton is not installed (imported on first use)."""
+    try:
+        from advarch.models.blocks import moe_routing_triton
+    except ImportError:
+        return None
+    return moe_routing_triton
+
+
+def _fused_routing_runs(logits: torch.Tensor) -> bool:
+    """Whether `MoE._route` takes the Triton kernels: float32 CUDA logits, eager, up to 512
+    experts (a token's logits fit on chip), Triton installed."""
+    return (
+        logits.device.type == "cuda"
+        and logits.dtype == torch.float32
+        and logits.shape[1] <= 512
+        and not torch.compiler.is_compiling()
+        and _triton_routing() is not None
+    )
 
 
 def _init_stacked_(p: torch.Tensor) -> torch.Tensor:
