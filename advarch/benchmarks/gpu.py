@@ -131,15 +131,19 @@ def _moe_contenders(
     activation: str, tokens: int, references: bool = True
 ) -> tuple[torch.Tensor, dict[str, Contender]]:
     """The input and the contenders of one MoE case, each as (module, its call on x): the
-    dense FFN of equal active FLOPs first (the reference), advarch's MoE eager and compiled,
-    and with ``references`` HF Mixtral's block (SwiGLU at the largest size, when installed)."""
+    dense FFN of equal active FLOPs first (the reference), advarch's MoE eager (its Triton
+    routing and token moves, then torch's: what the kernels gain) and compiled, and with
+    ``references`` HF Mixtral's block (SwiGLU at the largest size, when installed)."""
     x = torch.randn(tokens // 512, 512, DIM, device=DEVICE, requires_grad=True)
     dense = FeedForward(DIM, TOP_K * HIDDEN, activation)
     ours = MoE(DIM, HIDDEN, EXPERTS, TOP_K, activation=activation)
-    compiled = _Compiled(ours)  # fused permute/unpermute
+    plain = MoE(DIM, HIDDEN, EXPERTS, TOP_K, activation=activation)
+    plain.use_triton = False
+    compiled = _Compiled(ours)  # Inductor fuses the torch routing and moves
     contenders = {
         f"dense FFN h{TOP_K * HIDDEN}": (dense, dense),
         "advarch MoE": (ours, lambda inp: ours(inp)[0]),
+        "advarch MoE, torch routing + moves": (plain, lambda inp: plain(inp)[0]),
         "advarch MoE compiled": (compiled, lambda inp: compiled(inp)[0]),
     }
     if references and activation == "swiglu" and tokens == max(t for _, t in MOE_CASES):
@@ -201,10 +205,11 @@ def _under_aten(event) -> bool:
 
 
 def print_moe_profiles() -> None:
-    """`op_profile` of advarch's eager MoE and its dense reference in every MoE case."""
+    """`op_profile` of advarch's eager MoE (Triton routing and moves, then torch's) and its
+    dense reference in every MoE case."""
     for activation, tokens in MOE_CASES:
         x, contenders = _moe_contenders(activation, tokens, references=False)
-        for name in (next(iter(contenders)), "advarch MoE"):
+        for name in list(contenders)[:3]:  # dense, MoE, MoE with torch routing + moves
             module, call = contenders[name]
             module.to(DEVICE)
             report = op_profile(train_pass(call, x, list(module.parameters())))

@@ -38,8 +38,10 @@ from advarch.models.blocks.ffn import FeedForward
 from advarch.models.blocks.moe_experts import (
     DroplessExperts,
     activate,
+    combine,
     expert_mlp,
     expert_offsets,
+    gather_rows,
     grouped_mm_runs,
 )
 
@@ -74,7 +76,8 @@ class MoE(nn.Module):
     flattened (B·T) token order, so the earliest tokens win regardless of whether the expert
     was their first or second choice; dropped slots contribute zero (the caller's residual
     carries the token). `use_grouped_mm` (None = the device's default above) may be set True or
-    False to force a path.
+    False to force a path; so may `use_triton` (None = on CUDA): routing and the dropless token
+    moves as Triton kernels (`moe_routing_triton`, `moe_permute_triton`) instead of torch ops.
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class MoE(nn.Module):
         self.router_jitter, self.bias_update_rate = router_jitter, bias_update_rate
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.use_grouped_mm: bool | None = None
+        self.use_triton: bool | None = None
         self.in_mult = 2 if activation == "swiglu" else 1
         self.router = nn.Parameter(torch.empty(num_experts, dim))  # (E, D)
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, hidden * self.in_mult))
@@ -225,14 +229,15 @@ class MoE(nn.Module):
     def _route(self, logits: torch.Tensor, allowed: torch.Tensor | None) -> Routing:
         """Top-k selection, gates, expert counts, the weighted aux loss and statistics.
 
-        On CUDA (float32 logits, eager, Triton installed) two Triton kernels do it all
-        (`moe_routing_triton`: the block was bound by per-op host overhead there); elsewhere
-        this composition of torch ops, their plain reference. The renormalised top-k
-        probabilities are the softmax of the chosen logits (the same numbers, fewer ops);
-        counts come from a scatter-add (bincount would read its maximum back to the host).
+        With `_triton` (CUDA, eager, Triton installed), float32 logits and up to 512 experts
+        (a token's logits fit on chip), Triton kernels do it all (`moe_routing_triton`: the
+        block was bound by per-op host overhead there); elsewhere this composition of torch
+        ops, their plain reference. The renormalised top-k probabilities are the softmax of
+        the chosen logits (the same numbers, fewer ops); counts come from a scatter-add
+        (bincount would read its maximum back to the host).
         """
         N, K, E = logits.shape[0], self.top_k, self.num_experts
-        if _fused_routing_runs(logits):
+        if self._triton(logits) and logits.dtype == torch.float32 and E <= 512:
             fused = _triton_routing().FusedRouting.apply
             weights = (self.balance_loss_weight, self.z_loss_weight)
             return Routing(*fused(logits, self.routing_bias, K, weights))
@@ -279,9 +284,9 @@ class MoE(nn.Module):
         if self.training and self.load_counts is not None:
             self.load_counts += counts
         flat, order = route.expert.reshape(-1), route.order  # (N·K,) token-major, choice-minor
-        xc = xf.to(self._compute_dtype(xf))  # gather in the compute dtype (bf16 under autocast)
+        dtype = self._compute_dtype(xf)  # rows move in it (bf16 under autocast)
         if self.capacity_factor is None:
-            return self._dropless(xc, route), None
+            return self._dropless(xf, route, dtype), None
         capacity = math.ceil(self.capacity_factor * K * N / E)
         start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
         rank = torch.arange(N * K, device=xf.device) - start[flat[order]]  # (N·K,)
@@ -289,43 +294,52 @@ class MoE(nn.Module):
         dropped = 1.0 - kept.sum() / max(N * K, 1)
         if torch.compiler.is_compiling():  # static shapes: every slot runs, dropped ones gated 0
             keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(0, order, rank < capacity)
-            return self._dropless(xc, route._replace(gates=gates * keep.view(N, K))), dropped
+            return self._dropless(xf, route._replace(gates=gates * keep.view(N, K)), dtype), dropped
         order = order[rank < capacity]  # (S,) earliest tokens first within each expert
         token = order // K  # (S,) source token of each kept slot
-        xs = xc.index_select(0, token)  # (S, D)
-        out = expert_mlp(xs, self.w_in, self.w_out, kept, self._grouped(xc), self.activation)
+        xs = xf.to(dtype).index_select(0, token)  # (S, D)
+        grouped = self._grouped(dtype, xf.device.type)
+        out = expert_mlp(xs, self.w_in, self.w_out, kept, grouped, self.activation)
         weighted = out * gates.reshape(-1)[order, None]  # (S, D), float32 gates
         y = weighted.new_zeros(N, xf.shape[1]).index_add_(0, token, weighted)  # (N, D)
         return y.to(out.dtype), dropped
 
-    def _dropless(self, xc: torch.Tensor, route: Routing) -> torch.Tensor:
-        """Every token-slot through its expert, mixed by the gates: (N, D).
+    def _dropless(self, xf: torch.Tensor, route: Routing, dtype: torch.dtype) -> torch.Tensor:
+        """Every token-slot through its expert, mixed by the gates: (N, D) in `dtype`.
 
         Grouped matmul: `DroplessExperts`, one autograd node. Loop (CPU): the same steps
         recorded by autograd (its plain reference); tokens move by `index_select`, whose
         backward adds rows back (`index_add`), fine on CPU.
         """
-        (N, D), K, order, inverse = xc.shape, self.top_k, route.order, route.inverse
-        if self._grouped(xc):
+        K, order, inverse = self.top_k, route.order, route.inverse
+        if self._grouped(dtype, xf.device.type):
             keep = torch.is_grad_enabled()
-            return DroplessExperts.apply(xc, route.gates, self.w_in, self.w_out, order, inverse,
-                                         route.offsets, self.activation, keep)  # fmt: skip
-        xs = xc.index_select(0, order // K)  # (N·K, D) in expert order
+            return DroplessExperts.apply(xf, route.gates, self.w_in, self.w_out, order, inverse,
+                                         route.offsets, self.activation, dtype,
+                                         self._triton(xf), keep)  # fmt: skip
+        xs = gather_rows(xf, order, K, dtype)  # (N·K, D) in expert order
         out = expert_mlp(xs, self.w_in, self.w_out, route.counts, False, self.activation)
-        per_token = out.index_select(0, inverse).view(N, K, D)  # token order
-        return (per_token * route.gates.unsqueeze(-1).to(out.dtype)).sum(1)
+        return combine(out, inverse, route.gates, K, dtype)
 
-    def _grouped(self, xc: torch.Tensor) -> bool:
+    def _triton(self, x: torch.Tensor) -> bool:
+        """Whether routing and token moves of x's rows run as Triton kernels: on CUDA unless
+        `use_triton` says otherwise, eager (under torch.compile Inductor fuses the torch ops),
+        Triton installed, at least one row."""
+        wanted = x.is_cuda if self.use_triton is None else self.use_triton
+        if not wanted or torch.compiler.is_compiling() or x.shape[0] == 0:
+            return False
+        return _triton_routing() is not None
+
+    def _grouped(self, dtype: torch.dtype, device: str) -> bool:
         """Grouped matmul (accelerators, or when forced) if it can run here, else the loop.
 
         On CPU the loop of E dense matmuls is the default: torch's grouped kernel measured no
         faster (1 thread) or 1.3× slower (2 threads) there (`scripts/bench.py`).
         """
-        device = xc.device.type
         if not (device != "cpu" if self.use_grouped_mm is None else self.use_grouped_mm):
             return False
         widths = (self.dim, self.hidden)
-        return grouped_mm_runs(xc.dtype, device, widths, (self.w_in, self.w_out))
+        return grouped_mm_runs(dtype, device, widths, (self.w_in, self.w_out))
 
     def _soft_mixture(self, xf: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Dense mixture Σ_e p_e · E_e(x): every expert on every token. (N, D) → (N, D)."""
@@ -404,18 +418,6 @@ def _triton_routing() -> ModuleType | None:
     except ImportError:
         return None
     return moe_routing_triton
-
-
-def _fused_routing_runs(logits: torch.Tensor) -> bool:
-    """Whether `MoE._route` takes the Triton kernels: float32 CUDA logits, eager, up to 512
-    experts (a token's logits fit on chip), Triton installed."""
-    return (
-        logits.device.type == "cuda"
-        and logits.dtype == torch.float32
-        and logits.shape[1] <= 512
-        and not torch.compiler.is_compiling()
-        and _triton_routing() is not None
-    )
 
 
 def _init_stacked_(p: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,11 @@ counts back to the host.
 `DroplessExperts` is the whole dropless path on the grouped matmul: gather the token-slots
 into expert order, run the experts, gather back and mix by the gates. On accelerators the MoE
 block is bound by per-op host overhead (issue 14: its forward + backward took as long at 512
-tokens as at 16,384), so that path is one autograd node with a written-out backward: the
-block's output has 8 autograd nodes where autograd's composition of the same ops has 21 (GELU)
-/ 23 (SwiGLU), and a bf16 forward + backward dispatches 94 / 100 aten ops instead of 111 /
-116. Tokens move by gathers both ways (no scatter, no atomics). The loop path stays autograd's
-composition (`expert_mlp`): on CPU it is as fast, and it is the node's plain reference. Under
+tokens as at 16,384), so that path is one autograd node with a written-out backward, and its
+row moves (`gather_rows`, `combine`, `combine_backward`) are one Triton kernel each on CUDA
+(`moe_permute_triton`; these torch functions are their plain reference). Tokens move by
+gathers both ways (no scatter, no atomics). The loop path stays autograd's composition
+(`expert_mlp`): on CPU it is as fast, and it is the node's plain reference. Under
 torch.compile the loop runs as one custom operator (`expert_mlp_loop`, the same written-out
 backward): reading the counts inside a traced graph would break it, and a break in the layer
 loop makes torch.compile leave the whole model uncompiled.
@@ -25,6 +25,7 @@ first-layer width (2·hidden for SwiGLU's fused gate and up projections).
 from __future__ import annotations
 
 import functools
+import sys
 from typing import NamedTuple
 
 import torch
@@ -249,52 +250,94 @@ def _loop_backward(ctx, grad_out: torch.Tensor | None, *_kept: None):
 expert_mlp_loop.register_autograd(_loop_backward, setup_context=_loop_setup_context)
 
 
+def gather_rows(x: torch.Tensor, order: torch.Tensor, top_k: int, dtype: torch.dtype
+                ) -> torch.Tensor:  # fmt: skip
+    """The token rows of the slots in expert order, x[order // top_k] in `dtype`: (S, D)."""
+    return x.to(dtype).index_select(0, order // top_k)
+
+
+def combine(out: torch.Tensor, inverse: torch.Tensor, gates: torch.Tensor | None, top_k: int,
+            dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """Each token's K rows of out (S, D, expert order), mixed by gates (N, K) or summed (None,
+    the backward of `gather_rows`): (N, D) in `dtype`."""
+    per_token = out.index_select(0, inverse).view(-1, top_k, out.shape[1])  # (N, K, D)
+    if gates is not None:
+        per_token = per_token * gates.unsqueeze(-1).to(out.dtype)
+    return per_token.sum(1).to(dtype)
+
+
+def combine_backward(grad_y: torch.Tensor, out: torch.Tensor, gates: torch.Tensor,
+                     order: torch.Tensor, inverse: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`combine`'s gradients for grad_y (N, D): for out (S, D), expert order, in out's dtype,
+    and for the gates (N, K) in their dtype."""
+    N, K = gates.shape
+    grad_y = grad_y.to(out.dtype).unsqueeze(1)  # (N, 1, D)
+    per_token = out.index_select(0, inverse).view(N, K, -1)
+    grad_gates = (per_token * grad_y).sum(-1, dtype=gates.dtype)
+    grad_out = (grad_y * gates.unsqueeze(-1).to(out.dtype)).view(N * K, -1).index_select(0, order)
+    return grad_out, grad_gates
+
+
+@functools.cache
+def _triton_moves():
+    """`moe_permute_triton` (the row moves above as Triton kernels), or None without Triton."""
+    try:
+        from advarch.models.blocks import moe_permute_triton
+    except ImportError:
+        return None
+    return moe_permute_triton
+
+
+def _row_moves(triton: bool):
+    """What moves `DroplessExperts`' rows: the Triton kernels, or this module's torch functions
+    (their plain reference, and where Triton is not installed)."""
+    return (_triton_moves() if triton else None) or sys.modules[__name__]
+
+
 class DroplessExperts(torch.autograd.Function):
     """y[n] = Σ_k gates[n, k] · expert_{e(n, k)}(x[n]) for every token n, the experts run as
     grouped matmuls: one autograd node.
 
     Slot n·K + k is token n's k-th choice; `order` lists the slots sorted by expert, `inverse`
     is its inverse permutation and `offs` (E,) int32 the end row of each expert's block.
-    Inputs: x (N, D) in the compute dtype, gates (N, K), the stacked weights w_in (E, D, H),
-    w_out (E, H/m, D) in any dtype (cast to x's here; their gradients come back in theirs);
-    `keep`: whether a backward will follow (grad mode on). The backward skips the gradients
-    nobody asked for (frozen experts, a frozen input).
+    Inputs: x (N, D) in any dtype, gates (N, K) float32, the stacked weights w_in (E, D, H),
+    w_out (E, H/m, D) in any dtype; the experts run in `dtype` (weights and rows cast there;
+    gradients come back in each input's dtype); rows move by `gather_rows` / `combine`, as
+    Triton kernels with `triton`; `keep`: whether a backward will follow (grad mode on). The
+    backward skips the gradients nobody asked for (frozen experts, a frozen input).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gates: torch.Tensor, w_in: torch.Tensor,
                 w_out: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
-                offs: torch.Tensor, activation: str, keep: bool) -> torch.Tensor:  # fmt: skip
-        N, K = gates.shape
-        w_in_c, w_out_c = w_in.to(x.dtype), w_out.to(x.dtype)
-        xs = x.index_select(0, order // K)  # (S, D) in expert order
+                offs: torch.Tensor, activation: str, dtype: torch.dtype, triton: bool,
+                keep: bool) -> torch.Tensor:  # fmt: skip
+        K, moves = gates.shape[1], _row_moves(triton)
+        w_in_c, w_out_c = w_in.to(dtype), w_out.to(dtype)
+        xs = moves.gather_rows(x, order, K, dtype)  # (S, D) in expert order
         kept, out = _mlp(xs, w_in_c, w_out_c, offs, activation)  # kept: pre, h, …
-        per_token = out.index_select(0, inverse).view(N, K, x.shape[1])  # (N, K, D) token order
-        gates_c = gates.unsqueeze(-1).to(x.dtype)  # (N, K, 1)
-        y = (per_token * gates_c).sum(1)  # (N, D)
+        y = moves.combine(out, inverse, gates, K, dtype)  # (N, D)
         if keep:
-            saved = (xs, per_token, gates_c, w_in_c, w_out_c, order, inverse, offs, *kept)
-            ctx.save_for_backward(*saved)
-            ctx.activation, ctx.dtypes = activation, (gates.dtype, w_in.dtype, w_out.dtype)
+            ctx.save_for_backward(xs, out, gates, w_in_c, w_out_c, order, inverse, offs, *kept)
+            ctx.activation, ctx.triton = activation, triton
+            ctx.dtypes = (x.dtype, w_in.dtype, w_out.dtype)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
-        xs, per_token, gates_c, w_in_c, w_out_c, order, inverse, offs, *kept = ctx.saved_tensors
+        xs, out, gates, w_in_c, w_out_c, order, inverse, offs, *kept = ctx.saved_tensors
         need_x, need_gates, need_w_in, need_w_out = ctx.needs_input_grad[:4]
-        gates_dtype, w_in_dtype, w_out_dtype = ctx.dtypes
-        N, K, D = per_token.shape
-        grad_y = grad_y.to(per_token.dtype).unsqueeze(1)  # (N, 1, D)
-        grad_gates = None
-        if need_gates:
-            grad_gates = (per_token * grad_y).sum(-1).to(gates_dtype)  # (N, K)
-        grad_out = (grad_y * gates_c).view(N * K, D).index_select(0, order)  # (S, D) expert order
+        x_dtype, w_in_dtype, w_out_dtype = ctx.dtypes
+        moves = _row_moves(ctx.triton)
+        grad_out, grad_gates = moves.combine_backward(grad_y, out, gates, order, inverse)
         need = (need_x, need_w_in, need_w_out)
         grads = _mlp_backward(grad_out, xs, kept, w_in_c, w_out_c, offs, ctx.activation, need)
         grad_x = None
         if need_x:  # back to token order, the K slots of a token summed
-            grad_x = grads.xs.index_select(0, inverse).view(N, K, D).sum(1)
+            grad_x = moves.combine(grads.xs, inverse, None, gates.shape[1], x_dtype)
         grad_w_in = None if grads.w_in is None else grads.w_in.to(w_in_dtype)
         grad_w_out = None if grads.w_out is None else grads.w_out.to(w_out_dtype)
-        return grad_x, grad_gates, grad_w_in, grad_w_out, None, None, None, None, None
+        grad_gates = grad_gates if need_gates else None
+        return grad_x, grad_gates, grad_w_in, grad_w_out, *[None] * 7

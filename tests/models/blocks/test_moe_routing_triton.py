@@ -30,8 +30,8 @@ CASES = [  # tokens, experts, top_k, selection bias, masked experts
 ]
 
 
-def _route(block: MoE, logits: torch.Tensor, allowed, fused: bool, monkeypatch) -> moe.Routing:
-    monkeypatch.setattr(moe, "_fused_routing_runs", lambda _: fused)
+def _route(block: MoE, logits: torch.Tensor, allowed, fused: bool) -> moe.Routing:
+    block.use_triton = fused
     return block._route(logits, allowed)
 
 
@@ -48,7 +48,7 @@ def _logits(tokens: int, experts: int, top_k: int, masked: bool, seed: int):
 
 
 @pytest.mark.parametrize(("tokens", "experts", "top_k", "bias", "masked"), CASES)
-def test_routing_matches_reference(tokens, experts, top_k, bias, masked, monkeypatch):
+def test_routing_matches_reference(tokens, experts, top_k, bias, masked):
     block = MoE(8, 16, experts, top_k, aux_free_bias=bias, balance_loss_weight=0.3,
                 z_loss_weight=0.2).to(DEVICE)  # fmt: skip
     if bias:
@@ -59,7 +59,7 @@ def test_routing_matches_reference(tokens, experts, top_k, bias, masked, monkeyp
         grads, routes = [], []
         for fused in (True, False):
             leaf = logits.clone().requires_grad_()
-            route = _route(block, leaf, allowed, fused, monkeypatch)
+            route = _route(block, leaf, allowed, fused)
             loss = (route.gates * gate_grad).sum() * uses_gates + 3.0 * route.aux_loss * uses_aux
             loss.backward()
             grads.append(leaf.grad)
@@ -79,11 +79,11 @@ def test_routing_matches_reference(tokens, experts, top_k, bias, masked, monkeyp
     ("capacity_factor", "grouped"), [(None, False), (None, True), (0.75, False)]
 )
 @pytest.mark.parametrize(("top_k", "activation"), [(2, "gelu"), (1, "swiglu")])
-def test_block_matches_reference_routing(top_k, activation, capacity_factor, grouped,
-                                         monkeypatch):  # fmt: skip
+def test_block_matches_reference_routing(top_k, activation, capacity_factor, grouped):
     """The MoE block's output, aux loss, statistics and every gradient are the same with the
-    Triton routing as with the torch routing (experts masked per sequence, selection bias),
-    dropless on the loop and on the grouped matmul (`DroplessExperts`), and with a capacity."""
+    Triton routing (and, on the grouped matmul, token moves) as with torch's (experts masked
+    per sequence, selection bias), dropless on the loop and on the grouped matmul
+    (`DroplessExperts`), and with a capacity."""
     if grouped and not grouped_mm_supported(torch.float32, DEVICE):
         pytest.skip("no grouped matmul here")
     torch.manual_seed(0)
@@ -95,8 +95,8 @@ def test_block_matches_reference_routing(top_k, activation, capacity_factor, gro
     x = torch.randn(3, 11, 16, device=DEVICE)
     mask = torch.tensor([[True] * 6, [True, False] * 3, [False, True, True, True, False, True]])
     results = []
-    for block, fused in ((ours, True), (ref, False)):
-        monkeypatch.setattr(moe, "_fused_routing_runs", lambda _, fused=fused: fused)
+    ours.use_triton, ref.use_triton = True, False
+    for block in (ours, ref):
         leaf = x.clone().requires_grad_()
         y, aux, stats = block(leaf, expert_mask=mask.to(DEVICE))
         (y.square().sum() + aux).backward()
@@ -111,9 +111,14 @@ def test_block_matches_reference_routing(top_k, activation, capacity_factor, gro
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_routing_is_taken_on_cuda_only():
-    """The Triton path is chosen for float32 CUDA logits, never on CPU or in float64."""
+def test_triton_is_the_default_on_cuda_only():
+    """Routing and token moves take the Triton kernels on CUDA unless `use_triton` is False,
+    on CPU only when forced (as these tests do, in the interpreter)."""
+    block = MoE(8, 16, 4, 2)
+    assert not block._triton(torch.zeros(1))
     if torch.cuda.is_available():
-        assert moe._fused_routing_runs(torch.zeros(4, 8, device="cuda"))
-        assert not moe._fused_routing_runs(torch.zeros(4, 8, device="cuda", dtype=torch.float64))
-    assert not moe._fused_routing_runs(torch.zeros(4, 8))
+        assert block._triton(torch.zeros(1, device="cuda"))
+        block.use_triton = False
+        assert not block._triton(torch.zeros(1, device="cuda"))
+    block.use_triton = True
+    assert block._triton(torch.zeros(1))
