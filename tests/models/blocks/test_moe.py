@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from advarch.models.blocks.moe import MoE
 from advarch.models.blocks.moe_experts import grouped_mm_supported
 
 GROUPED = grouped_mm_supported(torch.float32, "cpu")
+TRITON = importlib.util.find_spec("triton") is not None
 
 
 def expert_reference(moe: MoE, e: int, v: torch.Tensor) -> torch.Tensor:
@@ -364,8 +366,14 @@ HOST_READS = {
 
 
 @pytest.mark.skipif(not GROUPED, reason="grouped_mm unavailable")
+@pytest.mark.parametrize(
+    "triton",
+    [False, pytest.param(True, marks=pytest.mark.skipif(not TRITON, reason="no Triton"))],
+)
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_grouped_dropless_path_never_reads_back_to_the_host(activation: str) -> None:
+def test_grouped_dropless_path_never_reads_back_to_the_host(activation: str, triton: bool) -> None:
+    """Neither with torch's routing and moves nor with the Triton kernels (in the interpreter
+    here: its own copies to and from host memory are not dispatched ops)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -380,11 +388,13 @@ def test_grouped_dropless_path_never_reads_back_to_the_host(activation: str) -> 
     torch.manual_seed(0)
     moe = MoE(16, 32, num_experts=4, top_k=2, activation=activation, aux_free_bias=True).train()
     moe.use_grouped_mm = True  # the accelerator path, on CPU
+    moe.use_triton = triton
     x = torch.randn(2, 9, 16, requires_grad=True)
     with Ops() as ops:
         y, aux, _ = moe(x)
         (y.sum() + aux).backward()
     assert "_grouped_mm" in ops.names or "grouped_mm" in ops.names
+    assert ("topk" in ops.names) != triton  # the Triton kernels route without torch's topk
     assert not ops.names & HOST_READS
     torch.testing.assert_close(y, moe_reference(moe, x)[0])
 
