@@ -1,5 +1,6 @@
-"""The MoE's Triton kernels compile for an H100/H200 (sm_90) on a machine without a GPU, at the
-tile shapes they launch with, and ptxas spills no registers.
+"""advarch's Triton kernels (MoE routing and token moves, the selective scan) compile for an
+H100/H200 (sm_90) on a machine without a GPU, at the tile shapes they launch with, and ptxas
+spills no registers.
 
 The interpreter tests check what the kernels compute; this checks what only the GPU compiler
 sees (types, constexpr branches, layouts, register pressure). Triton compiles ahead of time
@@ -30,8 +31,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import advarch.models.blocks.moe_permute_triton as permute
 import advarch.models.blocks.moe_routing_triton as routing
+import advarch.models.blocks.selective_scan_triton as scan
 for module, name, signature, constexprs, warps in json.loads(sys.argv[1]):
-    fn = getattr({"routing": routing, "permute": permute}[module], name)
+    fn = getattr({"routing": routing, "permute": permute, "scan": scan}[module], name)
     print("== kernel", name, constexprs, flush=True)
     triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -42,6 +44,7 @@ def _specs() -> list[tuple]:
     """(module, kernel, signature, constexprs, num_warps) of every launch shape family."""
     from advarch.models.blocks import moe_permute_triton as permute
     from advarch.models.blocks import moe_routing_triton as routing
+    from advarch.models.blocks import selective_scan_triton as scan
 
     specs = []
     ptr = "*fp32"
@@ -94,10 +97,25 @@ def _specs() -> list[tuple]:
               "K": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
              rows, permute.NUM_WARPS),
         ]  # fmt: skip
+    tiles = {"CHUNK": scan.CHUNK, "BLOCK_E": scan.BLOCK_E, "BLOCK_N": 16}  # state 16
+    for x in ("*fp32", "*bf16"):
+        inputs = {"u_ptr": x, "dt_ptr": x, "A_ptr": ptr, "B_ptr": x, "C_ptr": x}
+        sizes = {"T": "i32", "E": "i32", "N": "i32", "n_chunks": "i32"}
+        specs += [
+            ("scan", "_fwd_kernel",
+             {**inputs, "y_ptr": ptr, "hs_ptr": ptr, **sizes, "SAVE": "constexpr",
+              "CHUNK": "constexpr", "BLOCK_E": "constexpr", "BLOCK_N": "constexpr"},
+             {"SAVE": True, **tiles}, scan.NUM_WARPS),
+            ("scan", "_bwd_kernel",
+             {**inputs, "dy_ptr": ptr, "hs_ptr": ptr, "du_ptr": ptr, "ddt_ptr": ptr,
+              "dA_ptr": ptr, "dB_ptr": ptr, "dC_ptr": ptr, **sizes, "CHUNK": "constexpr",
+              "BLOCK_E": "constexpr", "BLOCK_N": "constexpr"},
+             tiles, scan.NUM_WARPS),
+        ]  # fmt: skip
     return specs
 
 
-def test_moe_kernels_compile_for_sm90_without_spills(tmp_path: Path) -> None:
+def test_triton_kernels_compile_for_sm90_without_spills(tmp_path: Path) -> None:
     specs = _specs()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DUMP_PTXAS_LOG="1")
