@@ -167,9 +167,10 @@ class MoE(nn.Module):
         """Route tokens, run experts, return output, weighted aux loss and detached stats.
 
         1. Router logits in float32 (autocast off); disallowed experts get −inf.
-        2. Soft: mix all experts by the full softmax. Top-k: select (with the aux-free bias),
-           sort token-slots by expert, drop beyond capacity, grouped matmul, scatter back.
-        3. Add the shared experts; compute balance loss, z-loss, entropy, load.
+        2. Soft: mix all experts by the full softmax. Top-k (`_route`, Triton kernels on
+           CUDA): select (with the aux-free bias), gate, order token-slots by expert; then
+           drop beyond capacity, run the experts (grouped matmul) and gather back.
+        3. Add the shared experts; balance loss, z-loss, entropy, load.
 
         Args:
             x: (B, T, D) tokens.
@@ -192,7 +193,8 @@ class MoE(nn.Module):
         else:
             route = self._route(logits, allowed)
             y, dropped = self._routed(xf, route)
-            aux_loss, load, entropy, balance, z_loss = route[6:]
+            aux_loss, load, entropy = route.aux_loss, route.load, route.entropy
+            balance, z_loss = route.balance, route.z_loss
         y = self.dropout(y).reshape(B, T, D)
         if self.shared is not None:
             y = y + self.shared(x)
