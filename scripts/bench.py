@@ -76,6 +76,8 @@ def main() -> None:
         suite = importlib.import_module(f"advarch.benchmarks.{name}")
         rows += suite.run(quick=args.quick)
     print_table(rows)
+    if args.device == "cuda":
+        gpu.print_target_checks(rows)
 
 
 if __name__ == "__main__":

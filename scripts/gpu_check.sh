@@ -28,5 +28,5 @@ step 80 tests python3 -m pytest -q -p no:cacheprovider tests/models/blocks/test_
   tests/models/blocks/test_selective_scan_triton.py tests/models/blocks/test_moe.py \
   tests/models/blocks/test_moe_routing_triton.py
 step 100 lm_moe "${lm[@]}" model=moe model.ffn_hidden=2048
-for f in bench lm_dense tests lm_moe; do echo "== $f"; tail -n 25 "$out/$f.txt"; done
+for f in bench lm_dense tests lm_moe; do echo "== $f"; tail -n 40 "$out/$f.txt"; done
 echo "== profile (tables in $out/profile.txt)"; grep -h "aten ops" "$out/profile.txt"

@@ -16,6 +16,7 @@ per-op host overhead (the MoE's case at these sizes), far below, by its kernels.
 - Mamba block, batch 8, D 1024 (inner 2048, state 16), T 2k and 8k: reference mambapy's block
   (parallel scan in PyTorch) when installed. Target: ≥ 8× faster (ratio ≤ 0.125), linear in T.
 
+`print_target_checks` ends the table with these targets, each met (✓) or missed (✗).
 `print_moe_profiles` (`--profile`) profiles the eager MoE and its dense reference instead: aten
 ops and kernel launches per pass and the ops with the most host and device time.
 """
@@ -318,6 +319,65 @@ def ssm_rows() -> list[Row]:
 
 
 SECTIONS = {"sliding_window": sliding_window_rows, "ssm": ssm_rows, "moe": moe_rows}
+
+# issue 14's targets: MoE ≤ 1.25× dense at 16k tokens, ≤ 2× at 512, HF Mixtral's faster path
+# ≥ 1.5× slower; sliding window ≤ 1.15× FlexAttention in time and memory; Mamba block ≥ 8×
+# faster than mambapy's and linear in T (allowed: time growing up to 1.15× faster than T)
+MOE_LIMIT = {16384: 1.25, 512: 2.0}
+HF_SLOWER, SWA_LIMIT, MAMBA_LIMIT, MAMBA_LINEAR = 1.5, 1.15, 0.125, 1.15
+
+
+def target_checks(rows: list[Row]) -> list[tuple[bool, str]]:
+    """Issue 14's GPU targets that the rows of one run can decide: (met, one line) each."""
+    at = {(r.bench, r.size, r.contender): r for r in rows}
+    checks: list[tuple[bool, str]] = []
+    for activation, tokens in MOE_CASES:
+        size = f"{tokens} tok {activation}"
+        ours = at.get(("moe fwd+bwd", size, "advarch MoE"))
+        dense = at.get(("moe fwd+bwd", size, f"dense FFN h{TOP_K * HIDDEN}"))
+        if ours is None or dense is None:
+            continue
+        limit, ratio = MOE_LIMIT[tokens], ours.ms / dense.ms
+        checks.append((ratio <= limit, f"MoE {size}: {ratio:.2f}× the dense FFN (≤ {limit})"))
+        hf = [r for key, r in at.items() if key[:2] == ("moe fwd+bwd", size)
+              and r.contender.startswith("HF Mixtral")]  # fmt: skip
+        if hf:
+            fastest = min(hf, key=lambda r: r.ms)
+            slower = fastest.ms / ours.ms
+            text = f"MoE {size}: {fastest.contender} {slower:.2f}× slower (≥ {HF_SLOWER})"
+            checks.append((slower >= HF_SLOWER, text))
+    for T in SWA_LENGTHS:
+        size = f"T={T} w={WINDOW}"
+        ours = at.get(("sliding_window", size, "advarch sliding_window"))
+        flex = at.get(("sliding_window", size, "FlexAttention (compiled)"))
+        if ours is not None and flex is not None:
+            time_ratio, memory_ratio = ours.ms / flex.ms, ours.peak_mb / flex.peak_mb
+            text = (f"sliding window {size}: {time_ratio:.2f}× FlexAttention's time, "
+                    f"{memory_ratio:.2f}× its memory (≤ {SWA_LIMIT})")  # fmt: skip
+            checks.append((max(time_ratio, memory_ratio) <= SWA_LIMIT, text))
+    short, long = min(SSM_LENGTHS), max(SSM_LENGTHS)
+    ours_short, ours, ref = (at.get(("mamba block", f"B={SSM_BATCH} T={T} D={DIM}", name))
+                             for T, name in ((short, "advarch SelectiveSSM"),
+                                             (long, "advarch SelectiveSSM"),
+                                             (long, "mambapy MambaBlock")))  # fmt: skip
+    if ours is not None and ref is not None:
+        ratio = ours.ms / ref.ms
+        text = f"Mamba block T={long}: {ratio:.3f}× mambapy's time (≤ {MAMBA_LIMIT})"
+        checks.append((ratio <= MAMBA_LIMIT, text))
+    if ours is not None and ours_short is not None:
+        growth, limit = ours.ms / ours_short.ms, MAMBA_LINEAR * long / short
+        text = f"Mamba block: ×{growth:.2f} time for ×{long // short} T (≤ ×{limit:.1f})"
+        checks.append((growth <= limit, text))
+    return checks
+
+
+def print_target_checks(rows: list[Row]) -> None:
+    """One line per target: met (✓) or missed (✗), with the measured ratio."""
+    checks = target_checks(rows)
+    if checks:
+        print(f"targets (issue 14): {sum(met for met, _ in checks)} of {len(checks)} met")
+    for met, text in checks:
+        print(f"{'✓' if met else '✗'} {text}")
 
 
 def require_cuda() -> None:
