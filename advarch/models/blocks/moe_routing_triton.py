@@ -71,12 +71,15 @@ def _route_fwd_kernel(
     idx = tl.zeros((BLOCK_N, BLOCK_K), tl.int64)
     chosen = tl.full((BLOCK_N, BLOCK_K), -float("inf"), tl.float32)  # logit, or p for K = 1
     counts = tl.zeros((BLOCK_E,), tl.int32)
+    picked = p  # what a choice records: its probability (K = 1: Switch's gate) or its logit
+    if K > 1:
+        picked = logit
     for k in tl.static_range(K):
         best = tl.argmax(scores, 1)
         hit = cols[None, :] == best[:, None]
         scores = tl.where(hit, -float("inf"), scores)
         counts += tl.sum((hit & row_ok[:, None]).to(tl.int32), 0)
-        value = tl.sum(tl.where(hit, p if K == 1 else logit, 0.0), 1)  # K constexpr
+        value = tl.sum(tl.where(hit, picked, 0.0), 1)
         slot = ks[None, :] == k
         idx = tl.where(slot, best[:, None].to(tl.int64), idx)
         chosen = tl.where(slot, value[:, None], chosen)
