@@ -29,7 +29,7 @@ BLOCK_R, BLOCK_D, NUM_WARPS = 16, 128, 8
 @triton.jit
 def _gather_rows_kernel(x_ptr, order_ptr, xs_ptr, S, D, K: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # S·D > 2³¹
     row_ok = rows < S
     token = tl.load(order_ptr + rows, mask=row_ok, other=0) // K
     for d in range(0, D, BLOCK_D):
@@ -44,7 +44,7 @@ def _gather_rows_kernel(x_ptr, order_ptr, xs_ptr, S, D, K: tl.constexpr,
 def _combine_kernel(out_ptr, inverse_ptr, gates_ptr, y_ptr, N, D, K: tl.constexpr,
                     HAS_GATES: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_D: tl.constexpr):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # S·D > 2³¹
     row_ok = rows < N
     for d in range(0, D, BLOCK_D):
         cols = d + tl.arange(0, BLOCK_D)
@@ -66,7 +66,7 @@ def _combine_kernel(out_ptr, inverse_ptr, gates_ptr, y_ptr, N, D, K: tl.constexp
 def _combine_backward_kernel(grad_y_ptr, out_ptr, gates_ptr, order_ptr, grad_out_ptr,
                              grad_gates_ptr, S, D, K: tl.constexpr, BLOCK_R: tl.constexpr,
                              BLOCK_D: tl.constexpr):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # S·D > 2³¹
     row_ok = rows < S
     slot = tl.load(order_ptr + rows, mask=row_ok, other=0)
     token = slot // K

@@ -51,7 +51,7 @@ def _route_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # N·E may pass 2³¹
     cols, ks = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_K)
     row_ok, col_ok = rows < N, cols < E
     tile_ok = row_ok[:, None] & col_ok[None, :]
@@ -166,7 +166,7 @@ def _route_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # N·E may pass 2³¹
     cols = tl.arange(0, BLOCK_E)
     row_ok, col_ok = rows < N, cols < E
     tile_ok = row_ok[:, None] & col_ok[None, :]
