@@ -400,18 +400,26 @@ def test_grouped_dropless_path_never_reads_back_to_the_host(activation: str, tri
 
 
 @pytest.mark.parametrize(
-    "grouped",
-    [False, pytest.param(True, marks=pytest.mark.skipif(not GROUPED, reason="no grouped_mm"))],
-)
+    ("grouped", "triton"),
+    [
+        (False, False),
+        pytest.param(True, False, marks=pytest.mark.skipif(not GROUPED, reason="no grouped_mm")),
+        pytest.param(True, True, marks=pytest.mark.skipif(
+            not (GROUPED and TRITON), reason="no grouped_mm or Triton")),
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize(
     "frozen", [("w_in",), ("w_out",), ("w_in", "w_out"), ("router", "x"), ("x", "w_in", "w_out")]
 )
-def test_dropless_gradients_with_frozen_inputs(grouped: bool, frozen: tuple[str, ...]) -> None:
-    """The dispatch's hand-written backward skips gradients nobody asked for (frozen experts,
-    a frozen input) and gives the others exactly as when everything trains."""
+def test_dropless_gradients_with_frozen_inputs(
+    grouped: bool, triton: bool, frozen: tuple[str, ...]
+) -> None:
+    """The dispatch's hand-written backward (and the Triton routing's) skips gradients nobody
+    asked for (frozen experts, a frozen input) and gives the others exactly as when
+    everything trains."""
     torch.manual_seed(len(frozen))
     moe = MoE(16, 32, num_experts=4, top_k=2, activation="swiglu")
-    moe.use_grouped_mm = grouped
+    moe.use_grouped_mm, moe.use_triton = grouped, triton
     x = torch.randn(2, 7, 16, requires_grad=True)
     y, aux, _ = moe(x)
     cot = torch.randn_like(y)

@@ -2,9 +2,9 @@
 logits' gradient, then the whole block with either routing.
 
 Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by the test
-package before anything imports Triton), forced on by patching the path choice; sizes cover a
-partial token block, an expert count that is not a power of two, K = 1 (Switch) and K = 3,
-masked experts and the selection bias.
+package before anything imports Triton), forced on with `MoE.use_triton`; sizes cover a partial
+token block, an expert count that is not a power of two, K = 1 (Switch) and K = 3, masked
+experts, the selection bias, and losses using the gates, the aux loss or both.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def test_routing_matches_reference(tokens, experts, top_k, bias, masked):
         for fused in (True, False):
             leaf = logits.clone().requires_grad_()
             route = _route(block, leaf, allowed, fused)
-            loss = (route.gates * gate_grad).sum() * uses_gates + 3.0 * route.aux_loss * uses_aux
-            loss.backward()
+            terms = [(route.gates * gate_grad).sum()] if uses_gates else []
+            terms += [3.0 * route.aux_loss] if uses_aux else []  # an unused output: no gradient
+            sum(terms).backward()
             grads.append(leaf.grad)
             routes.append(route)
         ours, ref = routes
