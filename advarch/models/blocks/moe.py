@@ -22,10 +22,8 @@ gate and up projections), E experts, K experts per token, S = kept token-slots (
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from types import ModuleType
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -44,12 +42,13 @@ from advarch.models.blocks.moe_experts import (
     gather_rows,
     grouped_mm_runs,
 )
+from advarch.models.blocks.triton_modules import triton_module
 
 
 class Routing(NamedTuple):
     """Top-k routing of N tokens to E experts, K each: what `MoE._route` gives its dispatch."""
 
-    expert: torch.Tensor  # (N, K) int64 chosen experts, largest probability first
+    expert: torch.Tensor  # (N, K) int64 chosen experts, highest (biased) score first
     gates: torch.Tensor  # (N, K) float32 mixing weights
     counts: torch.Tensor  # (E,) integer token-slots per expert
     offsets: torch.Tensor  # (E,) int32 end of each expert's block of slots in expert order
@@ -240,7 +239,7 @@ class MoE(nn.Module):
         """
         N, K, E = logits.shape[0], self.top_k, self.num_experts
         if self._triton(logits) and logits.dtype == torch.float32 and E <= 512:
-            fused = _triton_routing().FusedRouting.apply
+            fused = triton_module("moe_routing_triton").FusedRouting.apply
             weights = (self.balance_loss_weight, self.z_loss_weight)
             return Routing(*fused(logits, self.routing_bias, K, weights))
         probs = logits.softmax(-1)  # (N, E)
@@ -330,7 +329,7 @@ class MoE(nn.Module):
         wanted = x.is_cuda if self.use_triton is None else self.use_triton
         if not wanted or torch.compiler.is_compiling() or x.shape[0] == 0:
             return False
-        return _triton_routing() is not None
+        return triton_module("moe_routing_triton") is not None
 
     def _grouped(self, dtype: torch.dtype, device: str) -> bool:
         """Grouped matmul (accelerators, or when forced) if it can run here, else the loop.
@@ -410,16 +409,6 @@ class MoE(nn.Module):
         return f"dim={self.dim}, hidden={self.hidden}, experts={self.num_experts}, {mode}, " + (
             f"activation={self.activation}, capacity_factor={self.capacity_factor}"
         )
-
-
-@functools.cache
-def _triton_routing() -> ModuleType | None:
-    """The Triton routing kernels, or None where Triton is not installed (imported on first use)."""
-    try:
-        from advarch.models.blocks import moe_routing_triton
-    except ImportError:
-        return None
-    return moe_routing_triton
 
 
 def _init_stacked_(p: torch.Tensor) -> torch.Tensor:

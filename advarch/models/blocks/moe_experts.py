@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from advarch.models.blocks.triton_modules import triton_module
+
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_PROBED: dict[tuple[torch.dtype, str], bool] = {}
 
@@ -279,20 +281,10 @@ def combine_backward(grad_y: torch.Tensor, out: torch.Tensor, gates: torch.Tenso
     return grad_out, grad_gates
 
 
-@functools.cache
-def _triton_moves():
-    """`moe_permute_triton` (the row moves above as Triton kernels), or None without Triton."""
-    try:
-        from advarch.models.blocks import moe_permute_triton
-    except ImportError:
-        return None
-    return moe_permute_triton
-
-
 def _row_moves(triton: bool):
     """What moves `DroplessExperts`' rows: the Triton kernels, or this module's torch functions
     (their plain reference, and where Triton is not installed)."""
-    return (_triton_moves() if triton else None) or sys.modules[__name__]
+    return (triton_module("moe_permute_triton") if triton else None) or sys.modules[__name__]
 
 
 class DroplessExperts(torch.autograd.Function):

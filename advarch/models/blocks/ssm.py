@@ -28,9 +28,7 @@ R dt rank, K conv kernel.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,6 +39,7 @@ from torch import nn
 from advarch.models.blocks.causal_conv import causal_conv, causal_conv_step
 from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.selective_scan_cpu import fused_selective_scan, kernel_available
+from advarch.models.blocks.triton_modules import triton_module
 
 
 def _at_least_f32(t: torch.Tensor) -> torch.Tensor:
@@ -164,16 +163,6 @@ def selective_scan_parallel(
     return y
 
 
-@functools.cache
-def _triton_scan() -> Callable[..., torch.Tensor] | None:
-    """The Triton scan, or None where Triton is not installed (imported on first CUDA use)."""
-    try:
-        from advarch.models.blocks.selective_scan_triton import triton_selective_scan
-    except ImportError:
-        return None
-    return triton_selective_scan
-
-
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -192,8 +181,9 @@ def selective_scan(
     """
     if u.device.type == "cpu" and kernel_available():
         return fused_selective_scan(_at_least_f32(u), delta, A, B, C, D, z)
-    if u.device.type == "cuda" and u.dtype != torch.float64 and _triton_scan() is not None:
-        return _triton_scan()(u, delta, A, B, C, D, z)
+    triton_scan = triton_module("selective_scan_triton") if u.device.type == "cuda" else None
+    if triton_scan is not None and u.dtype != torch.float64:
+        return triton_scan.triton_selective_scan(u, delta, A, B, C, D, z)
     return selective_scan_parallel(u, delta, A, B, C, D, z)
 
 
