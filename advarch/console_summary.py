@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -78,6 +79,35 @@ def matrix_lines(output_dir: Path) -> list[str]:
     return lines
 
 
+def split_table_lines(
+    metrics: dict[str, float], split: str, task_names: Sequence[str]
+) -> list[str]:
+    """A split's metrics as aligned text lines: one row per metric, its value over all the
+    data, then each task's (`<split>/task_<j>/<metric>`, a column per task name) where the
+    run evaluated tasks apart."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if parts[0] != split or len(parts) < 2:
+            continue
+        task = parts[1].removeprefix("task_") if len(parts) == 3 else ""
+        if task and not (task.isdigit() and int(task) < len(task_names)):
+            continue
+        column = task_names[int(task)] if task else "all"
+        rows.setdefault(parts[-1], {})[column] = value
+    if not rows:
+        return []
+    columns = ["all", *(n for n in task_names if any(n in r for r in rows.values()))]
+    header = f"{split} metrics"
+    width = max(len(header), *(len(name) for name in rows)) + 1
+    cell = max(10, *(len(c) + 2 for c in columns))
+    lines = [header.ljust(width) + "".join(c.rjust(cell) for c in columns)]
+    for name, values in rows.items():
+        cells = [f"{values[c]:.4f}" if c in values else "" for c in columns]
+        lines.append(name.ljust(width) + "".join(c.rjust(cell) for c in cells))
+    return lines
+
+
 def print_summary(
     cfg: DictConfig, spec: DataSpec, metrics: dict[str, float], output_dir: Path
 ) -> None:
@@ -90,10 +120,16 @@ def print_summary(
         lines.append(
             f"validation bits/byte {bpb:.3f} — {verdict} the unigram baseline {baseline:.3f}"
         )
+    matrix = matrix_lines(output_dir)
+    # a plain run on a task stream: its test values, overall and per task, as one table
+    table = [] if matrix else split_table_lines(metrics, "test", spec.task_names)
+    table = table if any(k.startswith("test/task_") for k in metrics) else []
     for key in SUMMARY_KEYS:
-        if key in metrics and not (key in ("val/loss", "val/bpb") and bpb is not None):
+        shown = key in ("val/loss", "val/bpb") and bpb is not None
+        shown = shown or (bool(table) and key.startswith("test/"))
+        if key in metrics and not shown:
             lines.append(f"{key} = {metrics[key]:.4f}")
-    lines += matrix_lines(output_dir)
+    lines += matrix or table
     if "train/tokens_per_s" in metrics:
         lines.append(throughput_line(metrics))
     lines.append(f"checkpoint: {output_dir / 'checkpoints' / 'last.ckpt'}")

@@ -6,10 +6,11 @@ it, and `data=` (optional) swaps in another compatible datamodule.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -20,7 +21,15 @@ from advarch.train import quiet_lightning_logs
 log = logging.getLogger("advarch")
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
+class Evaluation(NamedTuple):
+    """A checkpoint's test metrics (a task stream's per task as well: `test/task_<j>/…`) and
+    the names of the data's tasks."""
+
+    metrics: dict[str, float]
+    task_names: tuple[str, ...]
+
+
+def evaluate(cfg: DictConfig) -> Evaluation:
     """Rebuild the run from the checkpoint's config, load its weights, and test.
 
     The run's own test-batch limit applies, so evaluating a checkpoint repeats its test exactly.
@@ -38,7 +47,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         saved.strategy = OmegaConf.merge(saved.strategy, cfg.strategy_overrides)
     saved.strategy.pop("pretrained", None)  # weights come from the checkpoint itself
     L.seed_everything(saved.seed, workers=True)
-    datamodule, _spec, module = build_all(saved)
+    datamodule, spec, module = build_all(saved)
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
@@ -56,8 +65,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         devices=1,
         enable_model_summary=False,
     )
-    results = trainer.test(module, datamodule=datamodule, verbose=True)
-    return {k: float(v) for r in results for k, v in r.items()}
+    results = trainer.test(module, datamodule=datamodule, verbose=False)
+    return Evaluation({k: float(v) for r in results for k, v in r.items()}, spec.task_names)
 
 
 def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
@@ -94,24 +103,24 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
 def main(cfg: DictConfig) -> None:
     from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError
-    from advarch.train import discard_run_folder
+    from advarch.console_summary import split_table_lines
+    from advarch.train import _finish_wandb, discard_run_folder
 
     quiet_lightning_logs()
-    from advarch.train import _finish_wandb
-
     try:
         if OmegaConf.is_missing(cfg, "ckpt_path"):
             raise ConfigError(
                 "ckpt_path is required: eval.py ckpt_path=<run>/checkpoints/last.ckpt"
             )
-        metrics = evaluate(cfg)
+        metrics, task_names = evaluate(cfg)
     except (ConfigError, CheckpointError) as err:
         discard_run_folder()
         sys.exit(f"error: {err}")
     finally:
         _finish_wandb()
+    print("\n".join(split_table_lines(metrics, "test", task_names)))
     out = Path(cfg.paths.output_dir) / "metrics.json"
-    out.write_text(__import__("json").dumps(metrics, indent=2))
+    out.write_text(json.dumps(metrics, indent=2))
     log.info("test metrics written to %s", out)
 
 

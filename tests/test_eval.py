@@ -50,3 +50,28 @@ def test_eval_of_a_checkpoint_that_does_not_fit_the_data_is_one_line(
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ckpt_path=") and "does not fit this data/model" in last
     assert "Traceback" not in res.stderr
+
+
+def test_eval_on_a_task_stream_scores_each_task_and_prints_one_table(
+    project: Project, trained: dict[str, TrainedRun]
+) -> None:
+    # an LM of one corpus evaluated on the four text domains: each domain's own values, one
+    # table (metrics by domain), not Lightning's copies of the overall values per loader
+    domains = ["text", "net", "concurrency", "codecs"]
+    small = ["data.max_documents=6", "data.seq_len=32"]
+    res = project.run(f"ckpt_path={trained['lm'].ckpt}", "data=text_domains", *small,
+                      script="eval.py").check()  # fmt: skip
+    metrics = json.loads((res.run_dir / "metrics.json").read_text())
+    per_domain = [metrics[f"test/task_{j}/bpb"] for j in range(len(domains))]
+    assert len(set(per_domain)) == len(domains), per_domain
+    assert min(per_domain) < metrics["test/bpb"] < max(per_domain)
+    lines = res.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("test metrics"))
+    assert header.split()[2:] == ["all", *domains]
+    bpb = next(line for line in lines if line.startswith("bpb ")).split()[1:]
+    assert [float(v) for v in bpb] == pytest.approx([metrics["test/bpb"], *per_domain], abs=1e-4)
+    assert "DataLoader" not in res.stdout
+    # the console shows messages alone and leaves out Lightning's empty announcements; the
+    # run's log file keeps them with their time and logger
+    assert "Seed set to" not in res.stdout and "][INFO]" not in res.stdout
+    assert "Seed set to" in (res.run_dir / "train.log").read_text()

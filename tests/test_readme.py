@@ -243,7 +243,11 @@ def run_readme(cmd: str, proj: Project, trained: dict[str, TrainedRun]) -> None:
     words = substitute(LINE_OF[cmd], proj, trained)
     line = shlex.join([*words, *smoke(shlex.split(cmd))])
     res = proj.shell(f"source .venv/bin/activate && {line}").check()
-    noise = [x for x in res.output.splitlines() if "[ERROR]" in x or "wandb: WARNING" in x]
+    noise = [  # logged errors (console format: `ERROR: …`), W&B's warnings
+        x
+        for x in res.output.splitlines()
+        if x.startswith("ERROR: ") or "[ERROR]" in x or "wandb: WARNING" in x
+    ]
     assert not noise, f"{cmd}: error/warning lines in the console of a run that worked: {noise}"
     check_promises(cmd, line, res, proj)
 

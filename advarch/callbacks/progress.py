@@ -1,16 +1,30 @@
-"""A Rich progress bar whose epoch label reads right in step-budgeted runs.
+"""A Rich progress bar that reads right in step-budgeted runs and in log files.
 
 Lightning labels the bar `Epoch e/max_epochs-1`, which prints `Epoch 3/-2` when training is
-bounded by `trainer.max_steps` (max_epochs = -1). This bar shows the step budget instead.
+bounded by `trainer.max_steps` (max_epochs = -1); this bar shows the step budget instead. It
+leaves out Lightning's logger version (`v_num`), and where the output is not a terminal (a
+log file, a pipe, CI) it draws its final frame wide enough for the metrics to stay on one line
+instead of Rich's default 80 columns, which wrap them mid-pair.
 """
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 from lightning.pytorch.callbacks import RichProgressBar
+
+LOG_WIDTH = 200  # columns of the bar where stdout is not a terminal
 
 
 class StepBudgetProgressBar(RichProgressBar):
     """`Epoch 3/9` when epochs bound the run, `Epoch 3 · max_steps 8000` when steps do."""
+
+    def __init__(self, *args: Any, console_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+        console_kwargs = dict(console_kwargs or {})
+        if not sys.stdout.isatty():
+            console_kwargs.setdefault("width", LOG_WIDTH)
+        super().__init__(*args, console_kwargs=console_kwargs, **kwargs)
 
     def _get_train_description(self, current_epoch: int) -> str:
         max_epochs = self.trainer.max_epochs
@@ -21,3 +35,9 @@ class StepBudgetProgressBar(RichProgressBar):
             f" · max_steps {max_steps}" if max_steps > 0 else ""
         )
         return f"{description:{len(self.validation_description)}}"  # pad: no flicker
+
+    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        """The logged progress-bar metrics, without the logger's version number."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

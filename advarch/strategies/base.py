@@ -123,20 +123,37 @@ class BaseStrategy(L.LightningModule):
     def validation_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self.shared_step(batch, "val")
+        _, out = self.shared_step(batch, "val")
+        self._update_loader_metrics("val", dataloader_idx, batch, out)
 
     def test_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self.shared_step(batch, "test")
+        _, out = self.shared_step(batch, "test")
+        self._update_loader_metrics("test", dataloader_idx, batch, out)
 
-    def _log_epoch(self, split: str) -> None:
-        """Epoch aggregates; training's are `train/<name>_epoch`, apart from the per-step curve."""
+    def _update_loader_metrics(
+        self, split: str, loader: int, batch: dict[str, torch.Tensor], out: ModelOutput
+    ) -> None:
+        """A task stream evaluates task j on loader j: score it apart as well, so a run shows
+        each task's values (`<split>/task_<j>/<metric>`), not only their mix."""
+        loaders = self.trainer.num_val_batches if split == "val" else self.trainer.num_test_batches
+        if len(loaders) > 1 and self.spec.num_tasks == len(loaders):
+            self.objective.update(split, *self.objective.loss(out, batch), task=loader)
+
+    def _log_epoch(self, split: str) -> dict[int, dict[str, torch.Tensor]]:
+        """Epoch aggregates; training's are `train/<name>_epoch`, apart from the per-step curve;
+        each task's, where a task stream evaluated them apart (returned by task)."""
         values = self.objective.compute(split)
         suffix = "_epoch" if split == "train" else ""
         self.log_dict(
             {f"{split}/{k}{suffix}": v for k, v in values.items()}, prog_bar=split == "val"
         )
+        tasks = self.objective.tasks_updated(split)
+        per_task = {task: self.objective.compute(split, task) for task in tasks}
+        for task, values in per_task.items():
+            self.log_dict({f"{split}/task_{task}/{k}": v for k, v in values.items()})
+        return per_task
 
     def metric_names(self) -> list[str]:
         """What this strategy logs (fnmatch patterns): `optimized_metric` and checkpoint or
@@ -144,7 +161,8 @@ class BaseStrategy(L.LightningModule):
         values = self.objective.metric_names()
         names = ["train/loss", "train/aux_loss", "train/penalty", "moe/*", "lr-*", "params/*"]
         names += [f"train/{v}_epoch" for v in values]
-        return names + [f"{split}/{v}" for split in ("val", "test") for v in values]
+        evaluated = [f"{split}/{v}" for split in ("val", "test") for v in values]
+        return names + evaluated + [name.replace("/", "/task_*/") for name in evaluated]
 
     def parameter_counts(self) -> dict[str, int]:
         """Total, trainable and frozen parameters of the model (the run's model summary)."""

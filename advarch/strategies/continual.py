@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -117,12 +116,6 @@ class ContinualStrategy(BaseStrategy):
         self.initial_accuracy = torch.full((self.num_tasks,), math.nan)  # b
         self.finished_tasks = 0
         self._stream_was_finished = False  # resumed from a finished stream (`on_fit_start`)
-        self.task_acc = nn.ModuleDict(
-            {
-                split: nn.ModuleList(torchmetrics.MeanMetric() for _ in range(self.num_tasks))
-                for split in ("val", "test")
-            }
-        )
         self._frozen: list[FrozenSlice] = []
         self._frozen_task: int | None = None
 
@@ -150,10 +143,11 @@ class ContinualStrategy(BaseStrategy):
         return owner.masked_fill(owner >= num_tasks, -1)
 
     def metric_names(self) -> list[str]:
+        average = f"avg_{self.task_metric}"
         return [
             *super().metric_names(),
-            *("val/task_*/acc", "test/task_*/acc", "test/avg_acc"),
-            *(f"cl/{k}" for k in ("avg_acc", "bwt", "fwt", "forgetting")),
+            f"test/{average}",
+            *(f"cl/{k}" for k in (average, "bwt", "fwt", "forgetting")),
         ]
 
     # -- the stream -----------------------------------------------------------------------------
@@ -261,42 +255,17 @@ class ContinualStrategy(BaseStrategy):
         self.train(was_training)
         return values
 
-    def _update_task_acc(self, split: str, task: int, batch: Batch, out: ModelOutput) -> None:
-        self.task_acc[split][task].update(self.task_scores(batch, out))
-
-    def _task_acc_values(self, split: str) -> dict[int, torch.Tensor]:
-        values = {
-            j: self.task_value(j, m.compute())
-            for j, m in enumerate(self.task_acc[split])
-            if m.update_called
-        }
-        for m in self.task_acc[split]:
-            m.reset()
-        return values
-
-    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        _, out = self.shared_step(batch, "val")
-        self._update_task_acc("val", dataloader_idx, batch, out)
-
-    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        _, out = self.shared_step(batch, "test")
-        self._update_task_acc("test", dataloader_idx, batch, out)
-
     def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        values = self._task_acc_values("val")
-        self.log_dict({f"val/task_{j}/{self.task_metric}": v for j, v in values.items()})
+        super().on_validation_epoch_end()  # each task's values too: `val/task_<j>/<metric>`
         if self._stream_was_finished and not self.trainer.sanity_checking:
             self._log_continual_summary()
 
     def on_test_epoch_end(self) -> None:
         """Per-task test metrics (the final row of R on the test split) and their mean."""
-        super().on_test_epoch_end()
-        values = self._task_acc_values("test")
-        metric = self.task_metric
-        self.log_dict({f"test/task_{j}/{metric}": v for j, v in values.items()})
-        if values:
-            self.log(f"test/avg_{metric}", torch.stack(list(values.values())).mean())
+        per_task = self._log_epoch("test")
+        if per_task:
+            values = [v[self.task_metric] for v in per_task.values()]
+            self.log(f"test/avg_{self.task_metric}", torch.stack(values).mean())
 
     # -- task boundaries ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -35,14 +35,17 @@ def select_task_logits(logits: torch.Tensor, task: torch.Tensor | None) -> torch
 
 class Objective(nn.Module):
     """Loss and metrics for one data kind; torchmetrics, one set per split (keys `train_`, …:
-    nn.Module already owns `.train`)."""
+    nn.Module already owns `.train`) and, for data of several tasks, one per task of the
+    evaluation splits (`val_task1_`, …: a task stream evaluates each task on a loader of its
+    own)."""
 
     def __init__(self, spec: DataSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.metrics = nn.ModuleDict(
-            {f"{split}_": self._metrics() for split in ("train", "val", "test")}
-        )
+        per_task = range(spec.num_tasks) if spec.num_tasks > 1 else ()
+        keys = ["train_", "val_", "test_"]
+        keys += [f"{split}_task{t}_" for split in ("val", "test") for t in per_task]
+        self.metrics = nn.ModuleDict({key: self._metrics() for key in keys})
 
     def _metrics(self) -> nn.ModuleDict:
         m = nn.ModuleDict({"loss": torchmetrics.MeanMetric()})
@@ -83,22 +86,45 @@ class Objective(nn.Module):
         return F.cross_entropy(logits, batch["labels"]), logits, batch["labels"], logits.shape[0]
 
     def update(
-        self, split: str, loss: torch.Tensor, preds: torch.Tensor, target: torch.Tensor, weight: int
+        self,
+        split: str,
+        loss: torch.Tensor,
+        preds: torch.Tensor,
+        target: torch.Tensor,
+        weight: int,
+        task: int | None = None,
     ) -> None:
-        m = self.metrics[f"{split}_"]
+        """Add a batch's loss (averaged by `weight`, its counted targets) and predictions to
+        `split`'s metrics, or to task `task`'s metrics of that split."""
+        m = self.metrics[_key(split, task)]
         m["loss"].update(loss.detach(), weight=max(weight, 1))
         key = "mse" if "mse" in m else "acc"
         m[key].update(preds.detach(), target)
 
-    def compute(self, split: str) -> dict[str, torch.Tensor]:
-        """Epoch values: loss and acc/mse, plus ppl and bits-per-byte for language data."""
-        m = self.metrics[f"{split}_"]
+    def tasks_updated(self, split: str) -> list[int]:
+        """The tasks of `split` with per-task values to compute (none for one-task data)."""
+        keys = {t: _key(split, t) for t in range(self.spec.num_tasks)}
+        return [
+            t for t, k in keys.items() if k in self.metrics and self.metrics[k]["loss"].update_count
+        ]
+
+    def compute(self, split: str, task: int | None = None) -> dict[str, torch.Tensor]:
+        """Epoch values of `split` (or of its task `task`), then reset: loss and acc/mse, plus
+        ppl and bits per byte for language data (a task's own bytes per token when known)."""
+        m = self.metrics[_key(split, task)]
         values = {name: metric.compute() for name, metric in m.items()}
         if self.spec.kind in ("lm", "seq2seq"):
             values["ppl"] = torch.exp(values["loss"].clamp(max=50))
-            bpt = self.spec.extras.get("bytes_per_token")
+            per_task = self.spec.extras.get("task_bytes_per_token")
+            bpt = per_task[task] if task is not None and per_task else None
+            bpt = bpt or self.spec.extras.get("bytes_per_token")
             if bpt:
                 values["bpb"] = values["loss"] / math.log(2) / bpt
         for metric in m.values():
             metric.reset()
         return values
+
+
+def _key(split: str, task: int | None) -> str:
+    """The metric set of a split, or of one task of it."""
+    return f"{split}_" if task is None else f"{split}_task{task}_"

@@ -75,7 +75,7 @@ def test_merged_checkpoint_evaluates_like_any_other(demo_run, cache_dir: Path) -
     out, _ = demo_run
     merged, row = merged_and_row(demo_run, "ties")
     cfg = compose_config([f"ckpt_path={merged}"], out / "eval", cache_dir, config_name="eval")
-    metrics = evaluate(cfg)
+    metrics = evaluate(cfg).metrics
     assert metrics["test/acc"] == pytest.approx(row["all"], abs=1e-6)  # the demo's own number
 
 

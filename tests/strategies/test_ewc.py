@@ -268,7 +268,7 @@ def test_ewc_stream_end_to_end_and_eval_gives_the_last_row(make_cfg, tmp_path: P
         config_name="eval",
         output_dir=tmp_path / "eval",
     )
-    evaluated = evaluate(ecfg)
+    evaluated = evaluate(ecfg).metrics
     for key in ("test/task_0/acc", "test/task_1/acc", "test/avg_acc"):
         assert evaluated[key] == pytest.approx(metrics[key], abs=1e-6), key
     last = out / "checkpoints" / "last.ckpt"

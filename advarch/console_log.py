@@ -1,0 +1,31 @@
+"""How log records look on the console (Hydra's `job_logging`, configs/hydra/default.yaml).
+
+The run's `train.log` keeps every record with its time and logger; the console shows the
+message alone, a warning or error with its level in front, and leaves out the announcements
+that say nothing about this run (no GPU, no TPU, the seed the config already shows).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+# Lightning's device lines when there is no such device, its seed line, its step estimate
+_SAID_NOTHING = re.compile(
+    r"^(?:[GTH]PU available: False\b|Seed set to \d+$|Loading `train_dataloader` to estimate)"
+)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`message` for INFO and below, `WARNING: message` / `ERROR: message` above."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno <= logging.INFO else f"{record.levelname}: {text}"
+
+
+class ConsoleNoise(logging.Filter):
+    """Drops the records that say nothing about this run from the console (not the log file)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not _SAID_NOTHING.match(record.getMessage())

@@ -1,0 +1,50 @@
+"""The closing summary of a run on a task stream: per-task test values as one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from advarch.console_summary import print_summary, split_table_lines
+from advarch.spec import DataSpec
+
+STREAM = DataSpec(kind="lm", vocab_size=260, seq_len=32, task_names=("text", "net", "codecs"))
+METRICS = {
+    "val/loss": 2.0,
+    "test/loss": 2.2,
+    "test/bpb": 3.1,
+    "test/task_0/loss": 2.1,
+    "test/task_0/bpb": 3.0,
+    "test/task_1/bpb": 3.4,
+    "test/task_2/loss": 2.5,
+    "test/task_2/bpb": 2.9,
+    "train/loss": 1.0,
+}
+
+
+def test_table_rows_are_metrics_and_columns_all_then_each_task() -> None:
+    lines = split_table_lines(METRICS, "test", STREAM.task_names)
+    assert lines[0].split() == ["test", "metrics", "all", "text", "net", "codecs"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert rows["bpb"].split()[1:] == ["3.1000", "3.0000", "3.4000", "2.9000"]
+    # a value a task lacks leaves its cell empty, in its column
+    loss = rows["loss"]
+    assert loss.split()[1:] == ["2.2000", "2.1000", "2.5000"]
+    assert loss.index("2.5000") == rows["bpb"].index("2.9000")
+    header, loss = split_table_lines(METRICS, "val", STREAM.task_names)  # one task: no columns
+    assert header.split() == ["val", "metrics", "all"] and loss.split() == ["loss", "2.0000"]
+    assert len(header) == len(loss)  # right-aligned under its column
+
+
+@pytest.mark.parametrize("continual", [False, True])
+def test_summary_of_a_stream_run(tmp_path: Path, capsys, continual: bool) -> None:
+    if continual:  # a continual run shows its task matrix instead
+        (tmp_path / "continual").mkdir()
+        (tmp_path / "continual" / "bpb_matrix.csv").write_text("trained,text\ntext,3.0\n")
+    print_summary(OmegaConf.create({}), STREAM, METRICS, tmp_path)
+    out = capsys.readouterr().out
+    assert ("test metrics" in out) is not continual
+    assert ("test/loss = 2.2000" in out) is continual  # the table has it otherwise
+    assert ("bpb matrix" in out) is continual
