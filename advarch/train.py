@@ -307,10 +307,10 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
 
 
 def discard_run_folder(folder: Path | None = None) -> None:
-    """Remove what Hydra and advarch wrote into a run folder that did no work (a config error):
-    `.hydra/`, the job log and the config tree, then the folder itself and its run-name parent
-    if nothing else is in them. `folder` defaults to the current Hydra job's output folder
-    (eval, generate, merge)."""
+    """Remove what Hydra and advarch wrote into a run folder that keeps no results (a config
+    error; any generate.py call): `.hydra/`, the job log and the config tree, then the folder
+    itself and its run-name parent if nothing else is in them. `folder` defaults to the
+    current Hydra job's output folder (eval, generate, merge)."""
     import contextlib
     import shutil
 

@@ -200,8 +200,10 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
         Made.merged = out
     elif "scripts/generate.py" in cmd and "bench=true" in words:
         assert "cached" in res.stdout
+        assert not res.new_runs, f"{cmd}: generation writes no files, yet left {res.new_runs}"
     elif "scripts/generate.py" in cmd:
         assert res.stdout.startswith("def fib(n):") and len(res.stdout) > len("def fib(n):\n")
+        assert not res.new_runs, f"{cmd}: generation writes no files, yet left {res.new_runs}"
     elif "scripts/report.py" in cmd:
         folder = Path(ran[2]) if Path(ran[2]).is_absolute() else proj.root / ran[2]
         assert (folder / "report" / "report.md").is_file()

@@ -72,10 +72,10 @@ def main(cfg: DictConfig) -> None:
     from advarch.trained_lm import load_lm
 
     quiet_lightning_logs()
-    if cfg.bench:
-        _bench(cfg)
-        return
     try:
+        if cfg.bench:
+            _bench(cfg)
+            return
         prompt = _prompt(cfg)
         lm = load_lm(cfg.ckpt_path, cfg.device)
         if cfg.stream:
@@ -94,8 +94,9 @@ def main(cfg: DictConfig) -> None:
             use_cache=cfg.use_cache,
         )
     except ValueError as err:  # ConfigError included: bad keys, paths, checkpoints
-        discard_run_folder()
         sys.exit(f"error: {err}")
+    finally:
+        discard_run_folder()  # generation writes no files: leave no run folder behind
     print("" if cfg.stream else prompt + text)
 
 
