@@ -121,6 +121,8 @@ class SweepSummary(Callback):
     """Hydra callback: the sweep's table at the end of a multirun; exit 1 if no trial ran."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_") or ""):
+            _plain_optuna_logs()
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config.hydra.overrides.task, sweep_dir / SWEEP_OVERRIDES_FILE)
@@ -139,3 +141,19 @@ class SweepSummary(Callback):
             raise SystemExit(
                 f"error: all {len(rows)} trials failed (see {sweep_dir / 'summary.md'})"
             )
+
+
+def _plain_optuna_logs() -> None:
+    """Optuna's lines as Hydra's sweep lines look (`[optuna] A new study created …`): its own
+    handler colours them with escape codes even in a pipe or log file."""
+    import logging
+
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    logger = logging.getLogger("optuna")
+    if not any(h.get_name() == "advarch" for h in logger.handlers):  # once per process
+        handler = logging.StreamHandler()
+        handler.set_name("advarch")
+        handler.setFormatter(logging.Formatter("[optuna] %(message)s"))
+        logger.addHandler(handler)

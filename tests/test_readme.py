@@ -188,6 +188,7 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
             assert len(jobs) == 2
             Made.sweep = sweep
         if "hparams_search=" in cmd:
+            assert "\x1b[" not in res.output, "escape codes (Optuna's colours) in a pipe"
             assert len(jobs) == 2  # the smoke switch's n_trials
             assert (sweep / "optimization_results.yaml").is_file()
             best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
