@@ -83,18 +83,18 @@ def split_table_lines(
     metrics: dict[str, float], split: str, task_names: Sequence[str]
 ) -> list[str]:
     """A split's metrics as aligned text lines: one row per metric, its value over all the
-    data, then each task's (`<split>/task_<j>/<metric>`, a column per task name) where the
-    run evaluated tasks apart."""
+    data, then each task's, a column per task name, where the run scored tasks apart (task
+    streams: `<split>/task_<j>/<metric>`; multi-task data: `<split>/<task name>/<metric>`)."""
+    columns_of = {f"task_{j}": name for j, name in enumerate(task_names)}
+    columns_of |= {name: name for name in task_names}
     rows: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         parts = key.split("/")
-        if parts[0] != split or len(parts) < 2:
+        if parts[0] != split or len(parts) not in (2, 3):
             continue
-        task = parts[1].removeprefix("task_") if len(parts) == 3 else ""
-        if task and not (task.isdigit() and int(task) < len(task_names)):
-            continue
-        column = task_names[int(task)] if task else "all"
-        rows.setdefault(parts[-1], {})[column] = value
+        column = columns_of.get(parts[1]) if len(parts) == 3 else "all"
+        if column is not None:
+            rows.setdefault(parts[-1], {})[column] = value
     if not rows:
         return []
     columns = ["all", *(n for n in task_names if any(n in r for r in rows.values()))]
@@ -121,9 +121,9 @@ def print_summary(
             f"validation bits/byte {bpb:.3f} — {verdict} the unigram baseline {baseline:.3f}"
         )
     matrix = matrix_lines(output_dir)
-    # a plain run on a task stream: its test values, overall and per task, as one table
+    # a run that scored tasks apart (not continual): its test values, overall and per task
     table = [] if matrix else split_table_lines(metrics, "test", spec.task_names)
-    table = table if any(k.startswith("test/task_") for k in metrics) else []
+    table = table if table and table[0].split()[2:] != ["all"] else []  # with task columns
     for key in SUMMARY_KEYS:
         shown = key in ("val/loss", "val/bpb") and bpb is not None
         shown = shown or (bool(table) and key.startswith("test/"))

@@ -230,8 +230,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
     keeps its traceback in `<trial>/error.txt`, and returns the worst value, so the sweep goes
     on and the sweeper ranks it last; `advarch.sweeps.SweepSummary` tabulates the trials.
     """
+    from hydra.core.hydra_config import HydraConfig
+
+    from advarch.config.compose import apply_debug_sizes
     from advarch.config.validate import ConfigError
 
+    apply_debug_sizes(cfg, HydraConfig.get().overrides.task)
     identity = run_identity(cfg)
     if identity.job_type != "sweep":  # (a trial reports its own failure; the sweep goes on)
         try:

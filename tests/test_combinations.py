@@ -99,6 +99,11 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         (["model=mmoe", "data=text"], "model=mmoe data=text:", "data=mmoe_synthetic"),
         (["strategy=ewc", "data=text"], "strategy=ewc data=text:", "data=text_domains"),
         (["strategy=finetune"], "strategy=finetune fine-tunes", "strategy.pretrained="),
+        (
+            ["data=fewshot_synthetic"],
+            "strategy=plain data=fewshot_synthetic:",
+            "use strategy=fewshot data=fewshot_synthetic",
+        ),
     ],
 )
 def test_impossible_combination_stops_before_any_work(

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from advarch.config.compose import compose_run
 from advarch.config.validate import ConfigError
-from advarch.pipeline import instantiate_dict
+from advarch.pipeline import instantiate_dict, validate_run
 from advarch.train import run
 from tests.conftest import ROOT, SMALL_TEXT
 
@@ -46,7 +46,7 @@ FEW_STEPS = [
 def overrides_for(model: str) -> list[str]:
     """Data (and size) overrides a model config fits; language models get the small corpus."""
     if model in MULTI_GATE:
-        return ["data=mmoe_synthetic"]
+        return ["debug=tiny", "data=mmoe_synthetic"]  # tiny already: the sizes do not apply
     if model.startswith("seq2seq"):
         return ["debug=tiny", "data=seq2seq_reverse"]
     if model.startswith("retro"):
@@ -69,6 +69,16 @@ def trained_run(make_cfg, overrides: list[str]) -> tuple[dict[str, float], Path]
 def test_every_model_config_trains_on_data_it_fits(make_cfg, model: str) -> None:
     metrics, _ = trained_run(make_cfg, [f"model={model}", *overrides_for(model), *FEW_STEPS])
     assert metrics["train/loss"] > 0
+
+
+def test_debug_tiny_shrinks_the_sizes_each_model_has(make_cfg) -> None:
+    sequence = make_cfg(["debug=tiny", "model=moe"]).model
+    assert (sequence.dim, sequence.depth, sequence.num_heads, sequence.ffn_hidden) == (32, 2, 2, 64)
+    assert make_cfg(["debug=tiny", "model=moe", "model.dim=48"]).model.dim == 48  # typed wins
+    for model in MULTI_GATE:  # no width or depth of their own: their config as it is
+        cfg = make_cfg(["debug=tiny", f"model={model}", "data=mmoe_synthetic"])
+        assert cfg.model == make_cfg([f"model={model}", "data=mmoe_synthetic"]).model
+        validate_run(cfg)
 
 
 # Options of the other groups, each run once at tiny size; (overrides, files the run promises).

@@ -38,6 +38,14 @@ def test_table_rows_are_metrics_and_columns_all_then_each_task() -> None:
     assert len(header) == len(loss)  # right-aligned under its column
 
 
+def test_multi_task_data_gets_a_column_per_task_name() -> None:
+    spec = DataSpec(kind="regression", num_features=8, task_names=("task_a", "task_b"))
+    metrics = {"test/mse": 1.5, "test/task_a/mse": 1.0, "test/task_b/mse": 2.0}
+    header, mse = split_table_lines(metrics, "test", spec.task_names)
+    assert header.split()[2:] == ["all", "task_a", "task_b"]
+    assert mse.split() == ["mse", "1.5000", "1.0000", "2.0000"]
+
+
 @pytest.mark.parametrize("continual", [False, True])
 def test_summary_of_a_stream_run(tmp_path: Path, capsys, continual: bool) -> None:
     if continual:  # a continual run shows its task matrix instead

@@ -203,6 +203,12 @@ def check_combination(cfg: DictConfig) -> None:
             f"{using}: strategy=fewshot needs episodes, but data={names['data']} is {what}; "
             f"use data=fewshot_synthetic or data=fewshot_rotated_digits, or leave data= out"
         )
+    ours = str(strategy_target).startswith("advarch.strategies.")  # (a user's may read them)
+    if facts.episodes and ours and strategy_target != FEWSHOT:
+        raise ConfigError(
+            f"{using}: data={names['data']} serves {what} (support and query sets), which "
+            f"only strategy=fewshot trains; use strategy=fewshot data={names['data']}"
+        )
     _check_model(model, data, facts, names, what)
 
 

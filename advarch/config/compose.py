@@ -5,6 +5,7 @@ For scripts that run many trainings in one process (reports, demos) and for the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -52,4 +53,19 @@ def compose_run(
             cfg.extras.print_config = False
         del cfg.hydra
     GlobalHydra.instance().clear()
+    apply_debug_sizes(cfg, overrides)
     return cfg
+
+
+def apply_debug_sizes(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Set `debug_model`'s sizes (`debug=tiny`: width, depth, heads, FFN width) on the model
+    keys of those names the model's config has, unless the command line sets them
+    (`debug=tiny model.dim=64`). Every sequence model has them all; the MMoE models have none
+    (they are tiny already), so they keep their own config."""
+    sizes = cfg.get("debug_model")
+    if sizes is None or cfg.get("model") is None:
+        return
+    typed = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    for key, value in sizes.items():
+        if key in cfg.model and f"model.{key}" not in typed:
+            cfg.model[key] = value

@@ -194,8 +194,10 @@ class FisherEstimator:
         try:
             fast = self._vmapped(model, params, one, one_target, log_probs)
         except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
-            log.info(
-                "Fisher: vmap over the model failed (%s); looping over samples", type(err).__name__
+            log.info(  # expected for MoE models: their dispatch sizes depend on the data
+                "Fisher: per-sample gradients one sample at a time (torch.func.vmap cannot "
+                "trace this model: %s)",
+                type(err).__name__,
             )
             return False
         slow = per_sample_loop(model, params, one, one_target, log_probs)
