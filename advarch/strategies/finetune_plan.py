@@ -46,17 +46,27 @@ def expert_tensor_names(model: nn.Module) -> dict[str, int]:
 
 
 def glob_matches(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Parameter names (`model.` prefix) matching any glob; each glob must match something."""
-    names = [PREFIX + n for n, _ in model.named_parameters()]
+    """Parameter names (`model.` prefix) matching any glob; each glob must match something.
+
+    A tensor shared under several names (a language model's head tied to its input embedding)
+    matches under any of them and is listed under its first (`model.input.weight`)."""
+    canonical = {id(p): PREFIX + n for n, p in model.named_parameters()}
+    names = {
+        PREFIX + n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
+    }
     hits: dict[str, None] = {}
     for pattern in patterns:
         matched = [n for n in names if fnmatchcase(n, pattern)]
         if not matched:
             raise ValueError(
                 f"strategy.trainable pattern {pattern!r} matches no parameter "
-                f"(names look like {', '.join(names[:3])}, …)"
+                f"(names look like {', '.join(list(names)[:3])}, …)"
             )
-        hits.update(dict.fromkeys(matched))
+        hits.update(dict.fromkeys(names[n] for n in matched))
+        tied = [n for n in matched if names[n] not in matched]
+        if tied:
+            log.info("strategy.trainable %r: %s is tied to %s, which trains", pattern,
+                     ", ".join(tied), ", ".join(dict.fromkeys(names[n] for n in tied)))  # fmt: skip
     return list(hits)
 
 
@@ -76,12 +86,13 @@ def head_rows(model: nn.Module, classes: Sequence[int]) -> torch.Tensor:
 
 def make_plan(
     model: nn.Module,
-    trainable: Sequence[str],
+    whole: Sequence[str],
     new_experts: int,
     head_classes: Sequence[int] | None,
 ) -> Plan:
-    """Which tensors (and which of their rows) train; see the module docstring, step 3."""
-    plan: Plan = dict.fromkeys(glob_matches(model, trainable))
+    """Which tensors (and which of their rows) train: `whole` (the `strategy.trainable`
+    matches), new expert rows, head rows; see the module docstring, step 3."""
+    plan: Plan = dict.fromkeys(whole)
     if new_experts:
         for name, E in expert_tensor_names(model).items():
             plan.setdefault(name, torch.arange(E - new_experts, E))  # a whole-tensor glob wins
@@ -118,9 +129,9 @@ def prepare_model(
         raise ValueError(f"strategy.new_experts={new_experts} must be >= 0")
     if new_experts and not moes:
         raise ValueError(f"strategy.new_experts={new_experts} needs a model with MoE layers")
+    whole = glob_matches(model, trainable)
     if base is not None:
-        whole = set(glob_matches(model, trainable))
-        fresh = copy_base(model, model_state(base), str(pretrained), whole)
+        fresh = copy_base(model, model_state(base), str(pretrained), set(whole))
         if fresh:
             log.info(
                 "finetune: %d tensors are new or reshaped, trained from a fresh initialisation: %s",
@@ -129,7 +140,7 @@ def prepare_model(
     if new_experts:
         for _, moe in moes:
             moe.add_experts(new_experts)
-    plan = make_plan(model, trainable, new_experts, head_classes)
+    plan = make_plan(model, whole, new_experts, head_classes)
     for name, p in model.named_parameters():
         p.requires_grad_(PREFIX + name in plan)
     return plan

@@ -118,6 +118,20 @@ def test_plan_freezes_what_it_should_and_counts_rows(tmp_path: Path, capsys) -> 
     assert module.parameter_counts()["params/trainable"] == expected  # the model summary's count
 
 
+def test_default_head_glob_trains_a_language_models_tied_head(tmp_path: Path) -> None:
+    # strategy=finetune's default trainable ["model.head.*"] on an LM whose head is its
+    # input embedding: the shared matrix trains (it matched nothing before)
+    lm_spec = DataSpec(kind="lm", vocab_size=40, seq_len=8)
+    torch.manual_seed(0)
+    model = Model(lm_spec, dim=16, depth=1, num_heads=2, ffn_hidden=8)
+    base = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    save_atomic({"state_dict": base, "hyper_parameters": {"cfg": {}}}, tmp_path / "lm.ckpt")
+    module = FinetuneStrategy(model, lm_spec, pretrained=str(tmp_path / "lm.ckpt"))
+    assert list(module.plan) == ["model.input.weight"]
+    trained = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trained == ["input.weight"] and module.model.head.weight.requires_grad
+
+
 def test_eval_rebuild_without_pretrained_has_the_same_architecture(tmp_path: Path) -> None:
     trained = strategy(tmp_path)
     rebuilt = FinetuneStrategy(
