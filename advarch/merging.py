@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import math
 import os
+import typing
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -69,6 +70,7 @@ from torch import Tensor
 
 from advarch.atomic import save_atomic
 from advarch.checkpoint import read_checkpoint
+from advarch.typecheck import hint_name, matches
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_linear", "dare_ties", "slerp")
 POLICIES = ("merge", "base", "keep")
@@ -194,6 +196,13 @@ class MergeConfig:
         unknown = sorted(set(args) - known)
         if unknown:
             raise ValueError(f"{unknown[0]} is not a merge config key")
+        hints = typing.get_type_hints(cls)
+        for name, value in args.items():  # (rules are checked by MergeRule.from_dict)
+            if name != "rules" and not matches(value, hints[name]):
+                key = "lambda" if name == "lam" else name
+                raise ValueError(
+                    f"{key}={value!r} has the wrong type (expected {hint_name(hints[name])})"
+                )
         return cls(**args)
 
     def check_models(self, n: int) -> None:

@@ -1,8 +1,10 @@
 """Benchmark advarch's fast blocks against their references, measured in the same run.
 
-Usage: python scripts/bench.py [--only moe,sliding_window,ssm] [--quick]
-       python scripts/bench.py --device cuda   # the GPU sizes of advarch.benchmarks.gpu
-       python scripts/bench.py --device cuda --profile   # where the GPU MoE spends its time
+usage examples:
+  python scripts/bench.py [--only moe,sliding_window,ssm] [--quick]
+  python scripts/bench.py --only references     # CPU, beside HF Mixtral, Longformer, mambapy
+  python scripts/bench.py --device cuda         # the GPU sizes of advarch.benchmarks.gpu
+  python scripts/bench.py --device cuda --profile   # where the GPU MoE spends its time
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 from advarch.benchmarks.timing import Row
 
-SUITES = ("moe", "sliding_window", "ssm")
+SUITES = ("moe", "sliding_window", "ssm")  # the default; `references` runs on request
+CPU_SUITES = (*SUITES, "references")
 
 
 def print_table(rows: list[Row]) -> None:
@@ -38,8 +41,13 @@ def print_table(rows: list[Row]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", default=",".join(SUITES), help="comma-separated suites")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", default=",".join(SUITES),
+        help=f"comma-separated suites: {', '.join(CPU_SUITES)} (cuda: {', '.join(SUITES)})",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu",
@@ -53,6 +61,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.profile and args.device != "cuda":
         parser.error("--profile needs --device cuda")
+    known = CPU_SUITES if args.device == "cpu" else SUITES
+    unknown = [n for n in args.only.split(",") if n not in known]
+    if unknown:
+        parser.error(f"--only {unknown[0]!r} is not a suite on {args.device} ({', '.join(known)})")
     torch.manual_seed(0)
     if args.device == "cuda":
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
@@ -70,8 +82,7 @@ def main() -> None:
             gpu.require_cuda()
             gpu.print_moe_profiles()
             return
-        names = tuple(n for n in args.only.split(",") if n in gpu.SECTIONS)
-        rows += gpu.run(quick=args.quick, only=names or tuple(gpu.SECTIONS))
+        rows += gpu.run(quick=args.quick, only=tuple(args.only.split(",")))
     for name in [] if args.device == "cuda" else args.only.split(","):
         suite = importlib.import_module(f"advarch.benchmarks.{name}")
         rows += suite.run(quick=args.quick)

@@ -168,6 +168,8 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval", ["ckpt_path={f}/nostate.ckpt"], "nostate.ckpt"),
     ("eval", ["ckpt_path={f}"], "is a folder"),
     ("train", ["ckpt_path={f}/weights_only.ckpt"], "weights_only.ckpt"),
+    ("train", ["ckpt_path={f}/other_model.ckpt"], "was written by a run of another model (model."),
+    ("train", ["data=fewshot_synthetic"], "use strategy=fewshot data=fewshot_synthetic"),
 ]
 NEEDS_TINY = {"train"}
 
@@ -183,6 +185,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save([1, 2, 3], f / "list.ckpt")
     torch.save({"state_dict": {}, "hyper_parameters": {}}, f / "nostate.ckpt")
     torch.save({"state_dict": {}, "hyper_parameters": {"cfg": {}}}, f / "weights_only.ckpt")
+    other = {"model": {"_target_": "advarch.models.Model", "dim": 999}}
+    torch.save({"state_dict": {}, "loops": {}, "hyper_parameters": {"cfg": other}},
+               f / "other_model.ckpt")  # fmt: skip
     good = ["alpha beta gamma delta " * 40 + str(i) for i in range(4)]
     for folder, name, content in (
         ("jsonl", "bad.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": oops}\n'),
@@ -259,6 +264,13 @@ REAL_CLI = [
     ("train.py", ["ckpt_path={f}/truncated.ckpt"], "truncated.ckpt"),
     ("eval.py", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),
     ("scripts/generate.py", ["ckpt_path={f}/empty.ckpt"], "empty.ckpt"),
+    ("scripts/generate.py", [], "ckpt_path is required"),
+    ("scripts/merge.py", ["base={f}/ok.ckpt", "models=[{f}/ok.ckpt]"], "out= is required"),
+    (
+        "scripts/merge.py",
+        ["base={f}/ok.ckpt", "models=[{f}/ok.ckpt]", "lambda=abc", OUT],
+        "lambda='abc' has the wrong type",
+    ),  # fmt: skip
 ]
 SCRIPT_ERROR = {"scripts/merge.py": "merge: "}  # merge's one line starts with its name
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:} for the run folder)
 
@@ -67,6 +67,7 @@ def _prompt(cfg: DictConfig) -> str:
 @hydra.main(config_path="pkg://advarch.configs", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Generate from `ckpt_path` (or benchmark with `bench=true`); one-line errors."""
+    from advarch.config.validate import ConfigError
     from advarch.generation import generate_text
     from advarch.train import discard_run_folder, quiet_lightning_logs
     from advarch.trained_lm import load_lm
@@ -76,6 +77,11 @@ def main(cfg: DictConfig) -> None:
         if cfg.bench:
             _bench(cfg)
             return
+        if OmegaConf.is_missing(cfg, "ckpt_path"):
+            raise ConfigError(
+                "ckpt_path is required: python scripts/generate.py ckpt_path=<run>/checkpoints/"
+                "last.ckpt 'prompt=\"def fib(\"' (or bench=true)"
+            )
         prompt = _prompt(cfg)
         lm = load_lm(cfg.ckpt_path, cfg.device)
         if cfg.stream:

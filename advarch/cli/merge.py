@@ -10,6 +10,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+import advarch.config.resolvers  # noqa: F401  (registers ${unique:} for the run folder)
+
+USAGE = "python scripts/merge.py method=ties base=<ckpt> models=[<ckpt>,<ckpt>] out=<ckpt>"
+
 
 @hydra.main(config_path="pkg://advarch.configs", config_name="merge", version_base="1.3")
 def main(cfg: DictConfig) -> None:
@@ -21,18 +25,23 @@ def main(cfg: DictConfig) -> None:
     from advarch.merging import MergeConfig, MergeSummary, merge_checkpoints
     from advarch.train import discard_run_folder
 
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    base, models, out = raw.pop("base"), raw.pop("models"), raw.pop("out")
-    models = [models] if isinstance(models, str) else models
     summary = MergeSummary()
     try:
+        missing = [k for k in ("base", "models", "out") if OmegaConf.is_missing(cfg, k)]
+        if missing:
+            raise ValueError(f"{missing[0]}= is required: {USAGE}")
+        raw = OmegaConf.to_container(cfg, resolve=True)
+        del raw["run_name"], raw["paths"]
+        base, models, out = raw.pop("base"), raw.pop("models"), raw.pop("out")
+        models = [models] if isinstance(models, str) else models
         path = merge_checkpoints(base, models, MergeConfig.from_dict(raw), out, summary=summary)
     except (
         ValueError,
         FileNotFoundError,
     ) as err:  # bad config, path or tensor: one line, no traceback
-        discard_run_folder()
         raise SystemExit(f"merge: {err}") from None
+    finally:
+        discard_run_folder()  # the merged checkpoint is `out`; the run folder keeps nothing
     table = Table(title=f"merge: {raw['method']}", show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")  # wrap long paths rather than truncate them

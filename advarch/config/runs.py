@@ -53,6 +53,17 @@ def config_mismatch(ckpt: Mapping[str, Any], cfg: DictConfig) -> str | None:
     return None
 
 
+def _other_model(saved: DictConfig, cfg: DictConfig | None) -> str | None:
+    """The first model option (`model.<key>=…`) in which a checkpoint's run differs from `cfg`
+    (None when the same or unknown); `compile` renames no weight."""
+    if cfg is None or cfg.get("model") is None or saved.get("model") is None:
+        return None
+    there, now = (OmegaConf.to_container(c.model, resolve=True) for c in (saved, cfg))
+    there.pop("compile", None)
+    now.pop("compile", None)
+    return _differences(there, now, "model")
+
+
 def resolve_checkpoint(
     ckpt_path: str | None,
     runs_dir: Path,
@@ -74,12 +85,19 @@ def resolve_checkpoint(
         return None
     if ckpt_path != "auto":
         ckpt = read_checkpoint(ckpt_path, "ckpt_path")
-        saved_config(ckpt, ckpt_path)
+        saved = saved_config(ckpt, ckpt_path)
         if "loops" not in ckpt:
             raise CheckpointError(
                 f"ckpt_path={ckpt_path!r} holds weights without training state (no loops, "
                 "optimizer); to start from these weights use strategy=finetune "
                 f"strategy.pretrained={ckpt_path}"
+            )
+        model = _other_model(saved, cfg)
+        if model:  # its weights would not load: say so before any work
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path!r} was written by a run of another model ({model}); "
+                "resume it with its own model options, or start from its weights with "
+                f"strategy=finetune strategy.pretrained={ckpt_path}"
             )
         log.info("resuming %s (%s)", ckpt_path, describe(ckpt))
         return Path(ckpt_path).expanduser()

@@ -143,7 +143,10 @@ class BaseStrategy(L.LightningModule):
 
     def _log_epoch(self, split: str) -> dict[int, dict[str, torch.Tensor]]:
         """Epoch aggregates; training's are `train/<name>_epoch`, apart from the per-step curve;
-        each task's, where a task stream evaluated them apart (returned by task)."""
+        each task's, where a task stream evaluated them apart (returned by task). Nothing for
+        an epoch without batches (a run resumed at the end of its epoch)."""
+        if not self.objective.updated(split):
+            return {}
         values = self.objective.compute(split)
         suffix = "_epoch" if split == "train" else ""
         self.log_dict(

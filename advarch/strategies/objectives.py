@@ -101,12 +101,14 @@ class Objective(nn.Module):
         key = "mse" if "mse" in m else "acc"
         m[key].update(preds.detach(), target)
 
+    def updated(self, split: str, task: int | None = None) -> bool:
+        """Whether `split` (or its task `task`) has values to compute since the last reset."""
+        key = _key(split, task)
+        return key in self.metrics and bool(self.metrics[key]["loss"].update_count)
+
     def tasks_updated(self, split: str) -> list[int]:
         """The tasks of `split` with per-task values to compute (none for one-task data)."""
-        keys = {t: _key(split, t) for t in range(self.spec.num_tasks)}
-        return [
-            t for t, k in keys.items() if k in self.metrics and self.metrics[k]["loss"].update_count
-        ]
+        return [t for t in range(self.spec.num_tasks) if self.updated(split, t)]
 
     def compute(self, split: str, task: int | None = None) -> dict[str, torch.Tensor]:
         """Epoch values of `split` (or of its task `task`), then reset: loss and acc/mse, plus
