@@ -104,9 +104,10 @@ def main(cfg: DictConfig) -> None:
     from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError
     from advarch.console_summary import split_table_lines
-    from advarch.train import _finish_wandb, discard_run_folder
+    from advarch.train import _finish_wandb, discard_run_folder, import_from_working_dir
 
     quiet_lightning_logs()
+    import_from_working_dir()
     try:
         if OmegaConf.is_missing(cfg, "ckpt_path"):
             raise ConfigError(

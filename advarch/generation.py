@@ -26,8 +26,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from advarch.models.model import Model
+from advarch.spec import DataSpec
 
 if TYPE_CHECKING:
     from advarch.trained_lm import LoadedLM
@@ -89,10 +91,13 @@ def sample_next(
 class _Decoder:
     """One decoding strategy's state: feed tokens, read next-token logits (B, V)."""
 
-    def __init__(self, model: Model, use_cache: bool, retrieve: Retrieve | None) -> None:
+    def __init__(self, model: nn.Module, spec: DataSpec, use_cache: bool,
+                 retrieve: Retrieve | None) -> None:  # fmt: skip
         self.model, self.cached = model, use_cache
-        self.retrieve = retrieve if model.retro is not None else None
-        self.chunk = model.spec.retrieval_chunk
+        self.retrieve = retrieve if getattr(model, "retro", None) is not None else None
+        self.chunk = spec.retrieval_chunk
+        # a model without `step` (a user's own) sees at most the positions it was trained on
+        self.context = None if isinstance(model, Model) else spec.seq_len
         self.neighbours: torch.Tensor | None = None  # (B, L, K, R) full-forward path
         self.state: Any = None
         self.tokens: torch.Tensor | None = None  # (B, T) the prefix so far
@@ -103,7 +108,8 @@ class _Decoder:
         if not self.cached:
             if self.retrieve is not None:
                 self._retrieve_completed_chunks()
-            return self.model(self.tokens, neighbours=self.neighbours).logits[:, -1]
+            tokens = self.tokens if self.context is None else self.tokens[:, -self.context :]
+            return self.model(tokens, neighbours=self.neighbours).logits[:, -1]
         if self.state is None:
             self.state = self.model.init_state(tokens.shape[0])
         length = self.tokens.shape[1] - tokens.shape[1]
@@ -131,7 +137,7 @@ class _Decoder:
 
 @torch.no_grad()
 def generate(
-    model: Model,
+    model: nn.Module,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -144,25 +150,30 @@ def generate(
     eos_id: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     retrieve: Retrieve | None = None,
+    spec: DataSpec | None = None,
 ) -> torch.Tensor:
     """Sample up to `max_new_tokens` continuations of `prompt_ids` from a decoder LM.
 
     Args:
-        model: an `advarch.models.Model` built for `lm` data (put in eval mode here).
+        model: a decoder LM (put in eval mode here): an `advarch.models.Model` built for `lm`
+            data, or any module whose forward(ids) gives a `ModelOutput` (with `spec`).
         prompt_ids: (B, T) or (T,) token ids, T ≥ 1.
         max_new_tokens: tokens to add per row (fewer when every row hit `eos_id`).
         temperature, top_k, top_p, greedy: see `sample_next`.
         seed: seeds a private generator, so a seed gives the same tokens whatever else ran.
         use_cache: incremental decoding with `Model.step`; False recomputes the full forward
-            at every step (the reference).
+            at every step (the reference; the only way for other models, e.g. a user's own,
+            which see the last `spec.seq_len` tokens).
         eos_id: stop a row at this id; later positions of that row repeat it.
         on_token: called with each new column (B,) as it is produced (streaming).
         retrieve: RETRO only: chunk ids (B, m) → neighbours (B, 1, K, R); None = no retrieval.
+        spec: the data's DataSpec, for a model that does not carry one (`Model.spec`).
 
     Returns:
         (B, T + n) prompt followed by the n ≤ max_new_tokens new tokens ((T + n,) for 1-D input).
     """
-    if not isinstance(model, Model) or model.spec.kind != "lm":
+    spec = spec or getattr(model, "spec", None)
+    if spec is None or spec.kind != "lm":
         raise ValueError("generation needs a decoder language model (data kind 'lm')")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -176,8 +187,8 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    decoder = _Decoder(model, use_cache, retrieve)
-    pad_id = model.spec.pad_id
+    decoder = _Decoder(model, spec, use_cache and isinstance(model, Model), retrieve)
+    pad_id = spec.pad_id
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
     new: list[torch.Tensor] = []
     logits = decoder.feed(tokens) if max_new_tokens else None
@@ -266,6 +277,7 @@ def generate_text(
         eos_id=lm.eos_id if stop_at_eos and lm.eos_id >= 0 else None,
         on_token=on_token,
         retrieve=lm.retrieve,
+        spec=lm.spec,
         **sampling,
     )
     emit(pieces.flush())

@@ -196,6 +196,16 @@ def _ignore_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=last)
 
 
+def import_from_working_dir() -> None:
+    """Let config `_target_`s name a user's own modules in the folder the command runs in
+    (`examples/own_model`, a `--config-dir` project), as `python -m` would: a script's own
+    folder (scripts/) or a console script's is on `sys.path`, the working directory is not."""
+    import os
+
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+
+
 def _finish_wandb() -> None:
     """Close the W&B run (also after failures and between multirun jobs)."""
     if "wandb" in sys.modules:
@@ -216,6 +226,7 @@ def main() -> None:
     except ConfigError as err:
         sys.exit(f"error: {err}")
     sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
+    import_from_working_dir()
     # before Hydra builds a sweeper: Optuna's storage announces alembic's plugins at INFO
     logging.getLogger("alembic").setLevel(logging.WARNING)
     hydra_main()

@@ -18,7 +18,7 @@ from advarch.checkpoint import load_with_config, model_weights
 from advarch.config.validate import ConfigError
 from advarch.generation import Retrieve
 from advarch.pipeline import build_datamodule, build_model
-from advarch.spec import ServesNeighbours, TokenizedText
+from advarch.spec import DataSpec, ServesNeighbours, TokenizedText
 
 
 @dataclass
@@ -26,6 +26,7 @@ class LoadedLM:
     """A language model rebuilt from a checkpoint, with what generating text needs."""
 
     model: nn.Module
+    spec: DataSpec  # the data it was trained on (vocabulary, context length, special ids)
     tokenizer: Any  # `encode_batch(texts)` and `decode(ids)`
     eos_id: int
     retrieve: Retrieve | None
@@ -53,8 +54,8 @@ def load_lm(ckpt_path: str, device: str = "cpu") -> LoadedLM:
         model.load_state_dict(model_weights(ckpt["state_dict"]))
     except RuntimeError as err:
         raise ConfigError(f"ckpt_path={ckpt_path!r}: weights do not fit the model: {err}") from err
-    retrieve = datamodule_retrieve(datamodule) if model.retro is not None else None
-    return LoadedLM(model.to(device).eval(), tokenizer, spec.eos_id, retrieve)
+    retrieve = datamodule_retrieve(datamodule) if getattr(model, "retro", None) else None
+    return LoadedLM(model.to(device).eval(), spec, tokenizer, spec.eos_id, retrieve)
 
 
 def datamodule_retrieve(datamodule: Any) -> Retrieve | None:

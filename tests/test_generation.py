@@ -16,6 +16,7 @@ from advarch.generation import (
     sample_next,
 )
 from advarch.models import Model
+from advarch.models.output import ModelOutput
 from advarch.spec import DataSpec
 from advarch.trained_lm import load_lm
 from tests.cli import Project
@@ -312,3 +313,27 @@ def test_script_errors_are_one_line(project: Project) -> None:
     assert out.rc != 0
     assert out.stderr.strip().splitlines()[-1].startswith("error: ckpt_path=")
     assert "Traceback" not in out.stderr
+
+
+class CountingLM(torch.nn.Module):
+    """A user's own LM (no `spec`, no `step`): predicts the last token + 1; refuses inputs
+    longer than the positions it was trained on."""
+
+    def __init__(self, spec: DataSpec) -> None:
+        super().__init__()
+        self.spec_len, self.vocab = spec.seq_len, spec.vocab_size
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids: torch.Tensor, **unused) -> ModelOutput:
+        assert input_ids.shape[1] <= self.spec_len, "longer than the trained context"
+        nxt = (input_ids + 1) % self.vocab
+        logits = torch.nn.functional.one_hot(nxt, self.vocab).float() + self.bias
+        return ModelOutput(logits=logits, aux_loss=logits.new_zeros(()))
+
+
+def test_any_lm_module_generates_by_full_forward_within_its_context() -> None:
+    spec = DataSpec(kind="lm", vocab_size=40, seq_len=4)
+    out = generate(CountingLM(spec), torch.tensor([0]), 20, greedy=True, spec=spec)
+    assert out.tolist() == list(range(21))
+    with pytest.raises(ValueError, match="decoder language model"):
+        generate(CountingLM(spec), torch.tensor([0]), 2)  # no spec to go by

@@ -179,6 +179,11 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
         assert "advarch run summary" in res.stdout
         if "data.domains=[text,net,concurrency]" in ran:
             Made.base = run / "checkpoints" / "last.ckpt"
+        if "--config-dir" in words:  # a user's own model samples like any other LM
+            ckpt = run / "checkpoints" / "last.ckpt"
+            cmd = f"python scripts/generate.py ckpt_path={ckpt} prompt=def max_new_tokens=8"
+            sampled = proj.shell(f"source .venv/bin/activate && {cmd}").check()
+            assert sampled.stdout.startswith("def") and len(sampled.stdout) > len("def\n")
     elif cmd.startswith("python train.py"):
         sweep = res.sweep_dir
         jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())

@@ -69,10 +69,11 @@ def main(cfg: DictConfig) -> None:
     """Generate from `ckpt_path` (or benchmark with `bench=true`); one-line errors."""
     from advarch.config.validate import ConfigError
     from advarch.generation import generate_text
-    from advarch.train import discard_run_folder, quiet_lightning_logs
+    from advarch.train import discard_run_folder, import_from_working_dir, quiet_lightning_logs
     from advarch.trained_lm import load_lm
 
     quiet_lightning_logs()
+    import_from_working_dir()
     try:
         if cfg.bench:
             _bench(cfg)
