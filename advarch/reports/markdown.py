@@ -77,7 +77,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
     """Plots and Markdown for one run folder (written into `out`, default `<run>/report`)."""
     report = Report(out or run_dir / "report")
     metrics = Metrics.read(run_dir)
-    report.final = final = metrics.final()
+    report.final = final = {**metrics.final(), **_summary(run_dir).get("metrics", {})}
     report.lines += [f"# Run report: `{run_dir}`", ""]
     overrides = run_overrides(run_dir)
     if overrides:
@@ -114,6 +114,7 @@ HEADLINE = (  # what a reader looks for first, when the run has it
     ("test/bpb", "test bits/byte"),
     ("val/acc", "validation accuracy"),
     ("test/acc", "test accuracy"),
+    ("test/mse", "test mean squared error"),
     ("cl/avg_acc", "continual: average final accuracy (ACC)"),
     ("cl/avg_bpb", "continual: average final bits/byte"),
     ("cl/bwt", "continual: backward transfer (BWT)"),
@@ -126,8 +127,7 @@ def _headline(run_dir: Path, final: dict[str, float], report: Report) -> None:
     """Headline numbers before the full table: bits/byte against the unigram baseline for
     language models (from the run's `summary.json`), ACC/BWT/forgetting for task streams."""
     report.lines += ["## Headline", ""]
-    summary = run_dir / SUMMARY_FILE
-    baseline = json.loads(summary.read_text()).get("unigram_bpb") if summary.is_file() else None
+    baseline = _summary(run_dir).get("unigram_bpb")
     bpb = final.get("val/bpb")
     if bpb is not None and baseline:
         report.lines += [
@@ -138,8 +138,18 @@ def _headline(run_dir: Path, final: dict[str, float], report: Report) -> None:
     elif bpb is not None:
         report.lines += [f"**validation {bpb:.3f} bits/byte**", ""]
     rows = [[label, _fmt(final[key])] for key, label in HEADLINE if key in final]
+    if not rows and bpb is None:  # a kind without a headline metric: its loss
+        rows = [[f"{split} loss", _fmt(final[f"{split}/loss"])] for split in ("val", "test")
+                if f"{split}/loss" in final]  # fmt: skip
     if rows:
         report.table(["", "value"], rows)
+
+
+def _summary(run_dir: Path) -> dict:
+    """The run's `summary.json` (final metrics as the run summary printed them, with run-long
+    throughput; the unigram baseline), or {} for a run that did not finish."""
+    path = run_dir / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _expert_load_section(run_dir: Path, report: Report) -> None:
@@ -280,7 +290,7 @@ def sweep_report(folder: Path) -> Report:
         mark = "★ " + name if name == best else name
         cells = [overrides[name].get(k, "—") for k in varying]
         values = [_fmt(finals[name].get(k)) if name in finals else "failed" for k in keys]
-        link = f"[report]({name}/report/report.md)" if name in runs else "—"
+        link = f"[report](../{name}/report/report.md)" if name in runs else "—"  # from report/
         rows.append([mark, *cells, *values, link])
     report.lines += ["## Runs", ""]
     report.table(["run", *varying, *keys, "details"], rows)

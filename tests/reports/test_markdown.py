@@ -3,6 +3,8 @@ script."""
 
 from __future__ import annotations
 
+import json
+import re
 import runpy
 import subprocess
 import sys
@@ -12,11 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
+from advarch.console_summary import SUMMARY_FILE
 from advarch.continual_metrics import save_accuracy_matrix_csv
 from advarch.reports.markdown import best_run, write_report
 from tests.conftest import ROOT, SMALL_TEXT
 from tests.reports.test_figures import assert_png
-from tests.reports.test_run_folders import synthetic_run
+from tests.reports.test_run_folders import synthetic_run, write_csv
 
 
 def test_run_report_has_every_section(tmp_path: Path) -> None:
@@ -40,6 +43,19 @@ def test_run_report_has_every_section(tmp_path: Path) -> None:
     # ACC over the 2 finished tasks = (0.6 + 0.95) / 2; BWT = 0.6 − 0.9
     assert "| 2 | 0.775 | -0.3 | 0.3 |" in md
     assert "| test/acc | 0.8 | 0.05 |" in md and "| test/raw_proto_acc | 0.7 | 0.06 |" in md
+
+
+def test_final_values_are_the_run_summarys_where_it_has_them(tmp_path: Path) -> None:
+    # the CSV's last throughput row is one logging window (the run-long figure is not in the
+    # CSV); summary.json holds what the run's console summary printed
+    run = synthetic_run(tmp_path / "run")
+    write_csv(run, [{"epoch": 0, "step": 10, "test/acc": 0.3}], version=1)  # the CSV's last
+    summary = {"metrics": {"train/tokens_per_s": 23836.0, "test/mse": 0.25, "test/acc": 0.81},
+               "unigram_bpb": None}  # fmt: skip
+    (run / SUMMARY_FILE).write_text(json.dumps(summary))
+    md = write_report(run).read_text()
+    assert "| train/tokens_per_s | 2.384e+04 |" in md and "| test/acc | 0.81 |" in md
+    assert "| test mean squared error | 0.25 |" in md
 
 
 def test_bits_per_byte_matrix_of_a_text_domain_stream(tmp_path: Path) -> None:
@@ -75,7 +91,9 @@ def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
     assert "| 3 | 48 | 1e-2 | failed |" in md
     assert_png(sweep / "report" / "sweep_curves.png")
     assert (sweep / "0" / "report" / "report.md").is_file()
-    assert "[report](2/report/report.md)" in md
+    links = re.findall(r"\[report\]\(([^)]+)\)", md)
+    assert len(links) == 3  # the finished runs; each link opens from report.md's own folder
+    assert all((sweep / "report" / link).resolve().is_file() for link in links), links
 
     (sweep / "optimization_results.yaml").write_text(
         yaml.safe_dump(
