@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from advarch.config.validate import ConfigError
 
@@ -115,6 +115,18 @@ def load_with_config(path: str | os.PathLike, key: str = "ckpt_path") -> tuple[d
     """(checkpoint dict, its saved training config), or one CheckpointError line."""
     ckpt = read_checkpoint(path, key)
     return ckpt, saved_config(ckpt, path, key)
+
+
+def with_cache_dir(cfg: DictConfig, cache_dir: str) -> DictConfig:
+    """A saved config with its caches (`paths.cache_dir`, `data.cache_dir`) in `cache_dir`:
+    evaluating or sampling a checkpoint reuses or builds tokenised data where it runs, not in
+    the folder the training ran in (which may be elsewhere, or gone)."""
+    with open_dict(cfg):
+        if cfg.get("paths") is not None:
+            cfg.paths.cache_dir = cache_dir
+        if cfg.get("data") is not None and "cache_dir" in cfg.data:
+            cfg.data.cache_dir = cache_dir
+    return cfg
 
 
 def model_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

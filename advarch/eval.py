@@ -36,13 +36,14 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     """
     import lightning as L
 
-    from advarch.checkpoint import load_with_config
+    from advarch.checkpoint import load_with_config, with_cache_dir
     from advarch.config.validate import ConfigError
     from advarch.pipeline import build_all
 
     ckpt, saved = load_with_config(cfg.ckpt_path)
     if cfg.get("data") is not None:
         saved.data = cfg.data
+    saved = with_cache_dir(saved, cfg.paths.cache_dir)
     if cfg.get("strategy_overrides"):
         saved.strategy = OmegaConf.merge(saved.strategy, cfg.strategy_overrides)
     saved.strategy.pop("pretrained", None)  # weights come from the checkpoint itself

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advarch.checkpoint import load_with_config, model_weights
+from advarch.checkpoint import load_with_config, model_weights, with_cache_dir
 from advarch.config.validate import ConfigError
 from advarch.generation import Retrieve
 from advarch.pipeline import build_datamodule, build_model
@@ -32,14 +32,17 @@ class LoadedLM:
     retrieve: Retrieve | None
 
 
-def load_lm(ckpt_path: str, device: str = "cpu") -> LoadedLM:
-    """Rebuild the decoder LM, its tokenizer and (RETRO) retriever from an advarch checkpoint.
+def load_lm(ckpt_path: str, device: str = "cpu", cache_dir: str | None = None) -> LoadedLM:
+    """Rebuild the decoder LM, its tokenizer and (RETRO) retriever from an advarch checkpoint;
+    its data's caches in `cache_dir` (default: where the training run kept them).
 
     Raises:
         ConfigError: a missing file, a checkpoint without an advarch config, a model that is
             not a language model, or weights that do not fit the rebuilt model.
     """
     ckpt, saved = load_with_config(ckpt_path)
+    if cache_dir is not None:
+        saved = with_cache_dir(saved, cache_dir)
     datamodule, spec = build_datamodule(saved)
     if spec.kind != "lm":
         raise ConfigError(

@@ -62,6 +62,10 @@ def test_eval_on_a_task_stream_scores_each_task_and_prints_one_table(
     res = project.run(f"ckpt_path={trained['lm'].ckpt}", "data=text_domains", *small,
                       script="eval.py").check()  # fmt: skip
     metrics = json.loads((res.run_dir / "metrics.json").read_text())
+    # the domains were tokenised into this project's cache, not the training run's project's
+    trained_project = trained["lm"].run_dir.parents[3]
+    assert list((project.root / "outputs" / "cache").glob("text_domains-*"))
+    assert not list((trained_project / "outputs" / "cache").glob("text_domains-*"))
     per_domain = [metrics[f"test/task_{j}/bpb"] for j in range(len(domains))]
     assert len(set(per_domain)) == len(domains), per_domain
     assert min(per_domain) < metrics["test/bpb"] < max(per_domain)

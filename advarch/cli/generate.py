@@ -84,7 +84,7 @@ def main(cfg: DictConfig) -> None:
                 "last.ckpt 'prompt=\"def fib(\"' (or bench=true)"
             )
         prompt = _prompt(cfg)
-        lm = load_lm(cfg.ckpt_path, cfg.device)
+        lm = load_lm(cfg.ckpt_path, cfg.device, cfg.paths.cache_dir)
         if cfg.stream:
             print(prompt, end="", flush=True)
         text = generate_text(
