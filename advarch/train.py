@@ -218,14 +218,15 @@ def _finish_wandb() -> None:
 def main() -> None:
     """The command line: config-group choices checked (`check_group_choices`), the strategy's
     default data and optimisation added (`with_strategy_defaults`), then Hydra."""
-    from advarch.config.choices import check_group_choices
+    from advarch.config.choices import check_group_choices, check_override_keys
     from advarch.config.validate import ConfigError
 
     try:
         check_group_choices(sys.argv[1:])  # a misspelt `model=moee` in one line, not a screenful
+        sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
+        check_override_keys(sys.argv[1:])  # and `model.dimm=64`
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
     import_from_working_dir()
     # before Hydra builds a sweeper: Optuna's storage announces alembic's plugins at INFO
     logging.getLogger("alembic").setLevel(logging.WARNING)

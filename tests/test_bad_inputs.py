@@ -160,6 +160,10 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["strategy=finetune", "strategy.pretrained={f}/garbage.ckpt"], "garbage.ckpt"),
     # Hydra's own grammar
     ("train", ["model.dim=[1,"], "'[1,'"),
+    # a key the config does not have: the nearest one, not Hydra's advice to append it
+    ("train", ["model.dimm=64"], "model.dimm is not a key of model (did you mean model.dim?"),
+    ("train", ["model.moe.topk=1"], "did you mean model.moe.top_k?"),
+    ("train", ["strategy=ewc", *STREAM, "strategy.ewc_lamda=5"], "mean strategy.ewc_lambda?"),
     # the other entry points
     ("eval", [], "ckpt_path"),
     ("eval", ["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt'"),

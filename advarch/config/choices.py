@@ -1,15 +1,21 @@
-"""Config-group choices on the command line (`model=moee`), checked before Hydra composes.
+"""Config-group choices and keys on the command line (`model=moee`, `model.dimm=64`), checked
+before Hydra runs.
 
-Hydra answers a choice no config folder has with its error and every option, a screenful;
-this says it in one line, with the nearest option. Only plain `group=a[,b]` assignments of
-advarch's groups are checked (plus those of `--config-dir` folders); Hydra's own groups
-(`hydra/...`), `+`/`~` edits, `@` packages and sweep functions pass through to Hydra.
+Hydra answers a choice no config folder has with its error and every option, a screenful, and
+a key the config lacks with advice to append it (`+model.dimm=64`), which the run then rejects;
+these say it in one line, with the nearest option or key. Only plain `group=a[,b]` assignments
+of advarch's groups are checked (plus those of `--config-dir` folders); Hydra's own groups
+(`hydra/...`), `+`/`~` edits, `@` packages and sweep functions pass through to Hydra; keys are
+checked for single runs of the packaged configs.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
 
 from advarch.config.validate import ConfigError
 
@@ -57,3 +63,48 @@ def _config_dirs(argv: list[str]) -> list[Path]:
         elif arg.startswith("--config-dir="):
             dirs.append(Path(arg.split("=", 1)[1]))
     return dirs
+
+
+def check_override_keys(argv: list[str], config_name: str = "train") -> None:
+    """Raise `ConfigError` for a `key=value` whose key the composed config does not have,
+    naming the nearest key of its parent and all of them. Sweeps (`-m`) and runs with other
+    flags or config folders (`--config-dir`) are left to Hydra."""
+    if any(a.startswith(("-", "hydra.searchpath")) for a in argv):
+        return
+    overrides = [a for a in argv if "=" in a]
+    key = _unknown_key(overrides, config_name)
+    if key is None:
+        return
+    parent, _, leaf = key.rpartition(".")
+    kept = [o for o in overrides if o.split("=", 1)[0] != key]
+    try:
+        node = OmegaConf.select(_compose(kept, config_name), parent) if parent else None
+    except Exception:  # the rest does not compose either: Hydra says why
+        return
+    if not isinstance(node, DictConfig):
+        return
+    keys = sorted(str(k) for k in node if not str(k).startswith("_"))
+    close = difflib.get_close_matches(leaf, keys, n=1)
+    hint = f"did you mean {parent}.{close[0]}? " if close else ""
+    raise ConfigError(f"{key} is not a key of {parent} ({hint}keys: {', '.join(keys)})")
+
+
+def _unknown_key(overrides: list[str], config_name: str) -> str | None:
+    """The key Hydra could not override (absent from the composed config), if any."""
+    from hydra.errors import ConfigCompositionException
+
+    try:
+        _compose(overrides, config_name)
+    except ConfigCompositionException as err:
+        found = re.match(r"Could not override '([^']+)'", str(err))
+        return found.group(1) if found and "." in found.group(1) else None
+    except Exception:  # any other composition error is Hydra's to report
+        return None
+    return None
+
+
+def _compose(overrides: list[str], config_name: str) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(PACKAGE_CONFIGS), version_base="1.3"):
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
