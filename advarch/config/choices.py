@@ -43,8 +43,9 @@ def check_group_choices(argv: list[str]) -> None:
             if options and choice not in options:
                 close = difflib.get_close_matches(choice, sorted(options), n=1)
                 hint = f"did you mean {group}={close[0]}? " if close else ""
+                article = "an" if group[0] in "aeiou" else "a"
                 raise ConfigError(
-                    f"{group}={choice} is not a {group} config ({hint}options: "
+                    f"{group}={choice} is not {article} {group} config ({hint}options: "
                     f"{', '.join(sorted(options))})"
                 )
 

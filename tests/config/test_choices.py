@@ -36,3 +36,8 @@ def test_own_config_folder_options_count(tmp_path: Path) -> None:
 def test_null_choice_says_how_to_leave_a_group_out() -> None:
     with pytest.raises(ConfigError, match="logger=null is not a choice: write ~logger to leave"):
         check_group_choices(["logger=null"])
+
+
+def test_group_names_read_as_english() -> None:
+    with pytest.raises(ConfigError, match=r"optimizer=sgdd is not an optimizer config \(did you"):
+        check_group_choices(["optimizer=sgdd"])
