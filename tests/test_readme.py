@@ -257,6 +257,8 @@ def run_readme(cmd: str, proj: Project, trained: dict[str, TrainedRun]) -> None:
         if x.startswith("ERROR: ") or "[ERROR]" in x or "wandb: WARNING" in x
     ]
     assert not noise, f"{cmd}: error/warning lines in the console of a run that worked: {noise}"
+    if "retr" in cmd or "bench=true" in cmd:  # they build retrieval databases: no bar redraws
+        assert "\r" not in res.output, f"{cmd}: progress-bar redraws (\\r) in piped output"
     check_promises(cmd, line, res, proj)
 
 

@@ -183,7 +183,9 @@ class MiniLMEmbedder:
         texts = [self.decode(row) for row in np.asarray(chunks).tolist()]
         out = np.zeros((len(texts), self.dim), np.float32)
         starts = range(0, len(texts), self.batch_size)
-        for i in tqdm(starts, desc="MiniLM embed", disable=not self.progress, unit="batch"):
+        for i in tqdm(
+            starts, desc="MiniLM embed", disable=None if self.progress else True, unit="batch"
+        ):
             enc = self._tokenizer(
                 texts[i : i + self.batch_size],
                 padding=True,
@@ -228,9 +230,10 @@ class ProgressEmbedder:
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        # log lines while the bar runs print above it, not through it
+        # disable=None: no bar where output is not a terminal (a log file would keep every
+        # redraw); log lines while the bar runs print above it, not through it
         with logging_redirect_tqdm(), tqdm(total=total, desc=desc, unit="chunk",
-                                           dynamic_ncols=True) as bar:  # fmt: skip
+                                           dynamic_ncols=True, disable=None) as bar:  # fmt: skip
             self._bar = bar
             try:
                 yield
