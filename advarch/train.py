@@ -34,6 +34,7 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.utilities import rank_zero_only
 
+    from advarch.callbacks.known_warnings import IgnoreKnownWarnings
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.config.runs import WANDB_ID_FILE, resolve_checkpoint
     from advarch.console_summary import print_config_tree, print_summary, save_summary
@@ -53,6 +54,7 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir), cfg, output_dir)
     last = output_dir / "checkpoints" / "last.ckpt"
     callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
+    callbacks.append(IgnoreKnownWarnings())  # again in spawned DDP workers
     output_dir.mkdir(parents=True, exist_ok=True)
     echo = cfg.get("extras", {}).get("print_config", True) and rank_zero_only.rank == 0
     print_config_tree(cfg, output_dir / "config_tree.txt", echo=echo)  # the file always
@@ -159,9 +161,11 @@ def quiet_lightning_logs() -> None:
     import datasets
     import lightning  # noqa: F401  (imported now so its console handler exists to be removed)
 
+    from advarch.callbacks.known_warnings import ignore_known_warnings
+
     datasets.disable_progress_bars()
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    _ignore_known_warnings()
+    ignore_known_warnings()
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
@@ -173,27 +177,6 @@ def quiet_lightning_logs() -> None:
         "lightning.pytorch.trainer.connectors.checkpoint_connector",
     ):
         logging.getLogger(name).addFilter(_NOISE)  # a no-op when already there
-
-
-def _ignore_known_warnings() -> None:
-    """Install the filters unless they are there: changing the warning filters resets
-    Python's record of warnings already shown, so a process with several runs (demos,
-    sweeps) would repeat every warning."""
-    import warnings
-
-    last = ".*The dirpath has changed from.*"
-    if any(f[1] is not None and f[1].pattern == last for f in warnings.filters):
-        return
-    warnings.filterwarnings("ignore", message=".*batching rule.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")  # ours is
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen ones
-    # epoch values are torchmetrics' compute(), already reduced over DDP processes (test_ddp)
-    warnings.filterwarnings("ignore", message=".*sync_dist=True.*when logging on epoch level.*")
-    # a resumed run writes into a folder of its own, by design: the old folder keeps its best
-    warnings.filterwarnings("ignore", message=last)
 
 
 def import_from_working_dir() -> None:

@@ -1,0 +1,39 @@
+"""The third-party warnings advarch knows to be noise, ignored in every process of a run.
+
+train.py installs them at start; `IgnoreKnownWarnings` installs them again in each process a
+run spawns (`trainer=ddp` is spawn-based: its workers are fresh interpreters that never ran
+train.py's setup, so without it every worker repeats Lightning's epoch-logging advice).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+
+_LAST = ".*The dirpath has changed from.*"  # the last filter installed: present = all are
+
+
+def ignore_known_warnings() -> None:
+    """Install the filters unless they are there: changing the warning filters resets
+    Python's record of warnings already shown, so a process with several runs (demos,
+    sweeps) would repeat every warning."""
+    if any(f[1] is not None and f[1].pattern == _LAST for f in warnings.filters):
+        return
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")  # ours is
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen ones
+    # epoch values are torchmetrics' compute(), already reduced over DDP processes (test_ddp)
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*when logging on epoch level.*")
+    # a resumed run writes into a folder of its own, by design: the old folder keeps its best
+    warnings.filterwarnings("ignore", message=_LAST)
+
+
+class IgnoreKnownWarnings(L.Callback):
+    """`ignore_known_warnings` in every process of the run, spawned DDP workers included."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        ignore_known_warnings()
