@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +193,8 @@ def run_demo(demo: DemoConfig, out: Path) -> list[tuple[str, str, dict[str, floa
         for t, p in zip(demo.tasks, tasks, strict=True)
     ]
     for i, (method, lam, kwargs) in enumerate(merge_plan(demo, base, tasks)):
-        path = out / "merged" / f"{i:02d}_{method.split()[0]}_{lam}.ckpt"
+        label = re.sub(r"[^\w.]+", "", f"{method.split()[0]}_{lam}").rstrip("_")  # "linear_—"
+        path = out / "merged" / f"{i:02d}_{label}.ckpt"
         merge_checkpoints(kwargs["base"], kwargs["models"], kwargs["cfg"], path)
         rows.append((method, lam, evaluate(path)))
     return rows

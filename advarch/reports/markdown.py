@@ -326,6 +326,8 @@ def write_report(folder: str | Path, wandb: bool = False) -> Path:
         FileNotFoundError: `folder` is neither a run (CSV logs) nor a sweep (numbered runs).
     """
     folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist")
     if is_run(folder):
         report = run_report(folder)
     elif folder.is_dir() and sweep_runs(folder):

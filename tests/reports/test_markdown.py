@@ -120,7 +120,7 @@ def test_not_a_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(FileNotFoundError, match="neither a run folder"):
         write_report(tmp_path)
     monkeypatch.setattr(sys, "argv", ["report.py", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="^error: .*missing is neither a run folder"):
+    with pytest.raises(SystemExit, match="^error: .*missing does not exist$"):
         runpy.run_path(str(ROOT / "scripts" / "report.py"), run_name="__main__")
 
 
