@@ -48,7 +48,8 @@ class Objective(nn.Module):
         self.metrics = nn.ModuleDict({key: self._metrics() for key in keys})
 
     def _metrics(self) -> nn.ModuleDict:
-        m = nn.ModuleDict({"loss": torchmetrics.MeanMetric()})
+        # a NaN loss stays NaN in the mean (torchmetrics' default drops it with a warning)
+        m = nn.ModuleDict({"loss": torchmetrics.MeanMetric(nan_strategy="disable")})
         if self.spec.kind == "regression":
             m["mse"] = torchmetrics.MeanSquaredError()
         else:
