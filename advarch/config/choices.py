@@ -15,8 +15,10 @@ import difflib
 import re
 from pathlib import Path
 
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
+from advarch.config.compose import compose_packaged
 from advarch.config.validate import ConfigError
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -73,13 +75,15 @@ def check_override_keys(argv: list[str], config_name: str = "train") -> None:
     if any(a.startswith(("-", "hydra.searchpath")) for a in argv):
         return
     overrides = [a for a in argv if "=" in a]
+    if not any("." in o.split("=", 1)[0] for o in overrides):
+        return  # group choices (checked above) and top-level keys only: nothing to compose
     key = _unknown_key(overrides, config_name)
     if key is None:
         return
-    parent, _, leaf = key.rpartition(".")
+    parent, _, leaf = key.rpartition(".")  # (a dotted key: parent is never empty)
     kept = [o for o in overrides if o.split("=", 1)[0] != key]
     try:
-        node = OmegaConf.select(_compose(kept, config_name), parent) if parent else None
+        node = OmegaConf.select(compose_packaged(kept, config_name), parent)
     except Exception:  # the rest does not compose either: Hydra says why
         return
     if not isinstance(node, DictConfig):
@@ -91,21 +95,12 @@ def check_override_keys(argv: list[str], config_name: str = "train") -> None:
 
 
 def _unknown_key(overrides: list[str], config_name: str) -> str | None:
-    """The key Hydra could not override (absent from the composed config), if any."""
-    from hydra.errors import ConfigCompositionException
-
+    """The dotted key Hydra could not override (absent from the composed config), if any."""
     try:
-        _compose(overrides, config_name)
+        compose_packaged(overrides, config_name)
     except ConfigCompositionException as err:
         found = re.match(r"Could not override '([^']+)'", str(err))
         return found.group(1) if found and "." in found.group(1) else None
     except Exception:  # any other composition error is Hydra's to report
         return None
     return None
-
-
-def _compose(overrides: list[str], config_name: str) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(PACKAGE_CONFIGS), version_base="1.3"):
-        return compose(config_name, overrides=overrides, return_hydra_config=True)

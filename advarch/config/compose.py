@@ -38,12 +38,10 @@ def compose_run(
     """
     if config_name == "train":
         overrides = with_strategy_defaults(overrides)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        try:
-            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-        except HydraException as err:  # an unknown key or group: one line, as train.py says it
-            raise ConfigError(" ".join(str(err).split())) from err
+    try:
+        cfg = compose_packaged(overrides, config_name)
+    except HydraException as err:  # an unknown key or group: one line, as train.py says it
+        raise ConfigError(" ".join(str(err).split())) from err
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         if root_dir is not None:
@@ -55,6 +53,14 @@ def compose_run(
     GlobalHydra.instance().clear()
     apply_debug_sizes(cfg, overrides)
     return cfg
+
+
+def compose_packaged(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
+    """The packaged `<config_name>.yaml` with `overrides`, Hydra node included, composed as
+    the command line would; Hydra's exceptions as it raises them."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
 
 
 def apply_debug_sizes(cfg: DictConfig, overrides: Sequence[str]) -> None:
