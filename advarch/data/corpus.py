@@ -19,9 +19,13 @@ STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__
 
 
 def stdlib_files() -> list[Path]:
-    """The interpreter's standard-library .py files, without tests and idlelib."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(f for f in root.rglob("*.py") if not STDLIB_SKIP & set(f.relative_to(root).parts))
+    """The interpreter's standard-library .py files, without tests and idlelib (skipped
+    folders are not walked: site-packages alone can hold 100× the stdlib's files)."""
+    files = []
+    for folder, subfolders, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        subfolders[:] = [d for d in subfolders if d not in STDLIB_SKIP]
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
+    return sorted(files)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
