@@ -82,6 +82,27 @@ def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path) 
         assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
 
 
+def test_resume_from_a_checkpoint_at_an_epochs_last_batch(make_cfg, tmp_path: Path) -> None:
+    # debug=tiny's epoch is 3 batches: step 3's checkpoint ends epoch 0, and the resumed run
+    # must start epoch 1 with all of its batches (the skip belongs to epoch 0 alone)
+    common = [
+        *TINY,
+        "trainer.max_steps=7",
+        "trainer.deterministic=true",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.filename='step-{step}'",
+    ]
+    full = make_cfg(common, output_dir=tmp_path / "full")
+    full_metrics = run(full)
+    step_3 = Path(full.paths.output_dir) / "checkpoints" / "step-3.ckpt"
+    resumed = make_cfg([*common, f"ckpt_path={step_3}"], output_dir=tmp_path / "resumed")
+    resumed_metrics = run(resumed)
+    losses = [series(read_metrics(Path(c.paths.output_dir)), "train/loss") for c in (full, resumed)]
+    assert losses[1] == losses[0][3:]  # steps 4-7 on the same batches
+    for key in ("val/loss", "test/loss", "test/acc"):
+        assert resumed_metrics[key] == full_metrics[key], key
+
+
 def test_ckpt_path_auto_resumes_the_newest_run_of_its_run_name(
     project: Project, trained: dict[str, TrainedRun]
 ) -> None:

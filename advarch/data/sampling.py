@@ -14,30 +14,37 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """Indices 0..n−1 in a (seed, epoch)-determined order; `skip` drops the first items once.
+    """Indices 0..n−1 in a (seed, epoch)-determined order; `skip` drops the first items of
+    epoch `epoch` (the one a resumed run is in), once.
 
-    `num_samples` (default n) keeps only the first `num_samples` of each epoch's permutation:
-    a random subset per epoch without replacement.
+    A resume from a checkpoint written at an epoch's last batch skips the whole epoch, and
+    Lightning then never iterates it: the skip is dropped with its epoch, never carried into
+    the next. `num_samples` (default n) keeps only the first `num_samples` of each epoch's
+    permutation: a random subset per epoch without replacement.
     """
 
     def __init__(
         self, n: int, seed: int, skip: int = 0, epoch: int = 0, num_samples: int | None = None
     ) -> None:
         self.n, self.seed, self.skip, self.epoch = n, seed, skip, epoch
+        self.skip_epoch = epoch
         self.num_samples = n if num_samples is None else min(num_samples, n)
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this before each epoch."""
         self.epoch = epoch
 
+    def _skipped(self) -> int:
+        return self.skip if self.epoch == self.skip_epoch else 0
+
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[self.skip : self.num_samples]
+        order = torch.randperm(self.n, generator=g)[self._skipped() : self.num_samples]
         self.skip = 0
         return iter(order.tolist())
 
     def __len__(self) -> int:
-        return max(self.num_samples - self.skip, 0)
+        return max(self.num_samples - self._skipped(), 0)
 
 
 def batches_done_this_epoch(trainer: object | None) -> int:
@@ -45,7 +52,7 @@ def batches_done_this_epoch(trainer: object | None) -> int:
 
     Lightning knows a resume is mid-epoch only after it restored its loops, which is after the
     train loader was first built (`estimated_stepping_batches` builds it when optimizers are
-    configured); `reload_train_loader_on_resume` makes it build the loader again.
+    configured); `resume_train_epoch` makes it build the loader again.
     """
     loop = getattr(trainer, "fit_loop", None)
     if loop is None or not loop.restarted_mid_epoch:
@@ -53,15 +60,25 @@ def batches_done_this_epoch(trainer: object | None) -> int:
     return int(loop.epoch_loop.batch_progress.current.ready)
 
 
-def reload_train_loader_on_resume(trainer: object) -> None:
-    """On a resumed fit, have Lightning build the train loader again before the first epoch.
+def resume_train_epoch(trainer: object) -> None:
+    """On a resumed fit, train the restored epoch's remaining batches exactly as the
+    uninterrupted run would. Call from `on_train_start` (the loops are restored by then).
 
-    Call from `on_train_start`: the loops are restored by then, so the loader is built for the
-    restored epoch and skips the batches that epoch already trained on. (Lightning has no public
-    switch for this; dropping its combined loader makes `fit_loop.setup_data` rebuild it.)
+    - Lightning builds the train loader before it restores its loops: drop it, so that
+      `fit_loop.setup_data` builds it again for the restored epoch, skipping the batches that
+      epoch already trained on (Lightning has no public switch for this).
+    - A checkpoint written at an epoch's last batch (before its end hooks) resumes in the next
+      epoch, but Lightning still flags that epoch as restarted mid-epoch: it would skip its
+      start hooks (a continual stream's task switch) and count its batches as done. Clear the
+      flag, so the epoch starts as in the uninterrupted run.
     """
-    if getattr(trainer, "ckpt_path", None):
-        trainer.fit_loop._combined_loader = None
+    if not getattr(trainer, "ckpt_path", None):
+        return
+    loop = trainer.fit_loop
+    progress = loop.epoch_progress.total
+    if loop.restarted_mid_epoch and progress.processed == progress.started:
+        loop.reset_restart_stage()
+    loop._combined_loader = None
 
 
 def resumable_loader(

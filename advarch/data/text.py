@@ -266,7 +266,8 @@ class TextDataModule(L.LightningDataModule):
         sampler = None
         if shuffle:
             skip = batches_done_this_epoch(self.trainer) * self.batch_size
-            sampler = EpochShuffleSampler(len(ds), self.seed, skip=skip)
+            epoch = int(getattr(self.trainer, "current_epoch", 0) or 0)
+            sampler = EpochShuffleSampler(len(ds), self.seed, skip, epoch)
         return DataLoader(
             ds,
             batch_size=self.batch_size,

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from advarch.data.sampling import reload_train_loader_on_resume
+from advarch.data.sampling import resume_train_epoch
 from advarch.models.output import ExpertModel, ModelOutput
 from advarch.spec import DataSpec
 from advarch.strategies.objectives import Objective, model_inputs
@@ -172,7 +172,7 @@ class BaseStrategy(L.LightningModule):
         return count_parameters(self.model)
 
     def on_train_start(self) -> None:
-        reload_train_loader_on_resume(self.trainer)  # exact batches after a mid-epoch resume
+        resume_train_epoch(self.trainer)  # exact batches and epoch hooks after a resume
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

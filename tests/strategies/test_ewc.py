@@ -399,3 +399,37 @@ def test_flagship_ewc_forgets_less_than_naive_on_a_tiny_stream(make_cfg, tmp_pat
     # measured: forgetting 0.64 (naive) vs 0.02 (EWC) at 20 batches per epoch
     assert got["ewc"]["cl/forgetting"] < got["naive"]["cl/forgetting"] - 0.2
     assert got["ewc"]["cl/avg_acc"] > got["naive"]["cl/avg_acc"]
+
+
+def test_resume_from_a_checkpoint_at_the_last_batch_of_a_task(make_cfg, tmp_path: Path) -> None:
+    """A step checkpoint written at a task's last batch precedes that epoch's end hooks (R row,
+    consolidation). Lightning resumes it in the next epoch, where the task switch, the catch-up
+    of the boundary and the new epoch's batches must all happen as in the uninterrupted run."""
+    common = [
+        "strategy=ewc",
+        "debug=tiny",
+        *STREAM,
+        "trainer.deterministic=true",
+        "callbacks.model_checkpoint.every_n_train_steps=3",  # = the last batch of task 0
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.filename='step-{step}'",
+    ]
+    full = make_cfg(common, output_dir=tmp_path / "full")
+    run(full)
+    checkpoints = Path(full.paths.output_dir) / "checkpoints"
+    boundary = torch.load(checkpoints / "step-3.ckpt", map_location="cpu", weights_only=False)
+    assert boundary["continual"]["finished_tasks"] == 0  # saved before the boundary work
+    resumed = make_cfg(
+        [*common, f"ckpt_path={checkpoints / 'step-3.ckpt'}"], output_dir=tmp_path / "res"
+    )
+    run(resumed)
+    out = Path(resumed.paths.output_dir)
+    assert penalty_at_step(out, 3) == penalty_at_step(Path(full.paths.output_dir), 3)
+    state, reference = (
+        torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        for d in (out, Path(full.paths.output_dir))
+    )
+    assert torch.equal(state["continual"]["accuracy_matrix"],
+                       reference["continual"]["accuracy_matrix"])  # fmt: skip
+    for k, v in reference["state_dict"].items():
+        assert torch.equal(state["state_dict"][k], v), k
