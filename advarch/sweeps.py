@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from advarch.config.resolvers import sweep_direction
+
 RESULT_FILE = "result.json"
 SWEEP_OVERRIDES_FILE = "sweep_overrides.yaml"
 
@@ -129,7 +131,8 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        direction = str(OmegaConf.select(config, "hydra.sweeper.direction") or "minimize")
+        metric = config.get("optimized_metric")
+        direction = OmegaConf.select(config, "hydra.sweeper.direction") or sweep_direction(metric)
         rows = collect(sweep_dir, direction)
         if not rows:
             return

@@ -104,6 +104,8 @@ def without_anonymous(logger: Any) -> Any:
 
 
 def define_summary(experiment: Any, optimized_metric: str | None, mode: str) -> None:
-    """Keep the best value of the optimized metric in the W&B summary (not only the last)."""
-    if optimized_metric:
+    """Keep the best value of the optimized metric in the W&B summary (not only the last);
+    a continual stream's `cl/*` keeps its last: each value averages over the tasks seen so
+    far, so earlier values are not comparable."""
+    if optimized_metric and not optimized_metric.startswith("cl/"):
         experiment.define_metric(optimized_metric, summary="min" if mode == "min" else "max")

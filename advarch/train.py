@@ -112,6 +112,7 @@ def build_loggers(
     """The configured loggers; W&B gets the run's identity, full config and resume id."""
     from lightning.pytorch.utilities import rank_zero_only
 
+    from advarch.config.resolvers import metric_mode
     from advarch.config.runs import previous_wandb_id
     from advarch.pipeline import instantiate_checked
     from advarch.tracking import define_summary, wandb_init_fields, without_anonymous
@@ -128,9 +129,10 @@ def build_loggers(
         fields["tags"] = list(dict.fromkeys([*(node.get("tags") or []), *fields["tags"]]))
         logger = hydra.utils.instantiate(node, _partial_=True, _convert_="all")(**fields)
         without_anonymous(logger)
-        mode = OmegaConf.select(cfg, "callbacks.model_checkpoint.mode") or "min"
+        metric = cfg.get("optimized_metric")
+        mode = OmegaConf.select(cfg, "callbacks.model_checkpoint.mode") or metric_mode(metric)
         if rank_zero_only.rank == 0:  # other ranks hold a dummy experiment
-            define_summary(logger.experiment, cfg.get("optimized_metric"), mode)
+            define_summary(logger.experiment, metric, mode)
         loggers.append(logger)
     return loggers
 
@@ -261,13 +263,14 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     from advarch.callbacks.signals import Interrupted
+    from advarch.config.resolvers import sweep_direction
     from advarch.sweeps import worst_value, write_result
 
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     overrides = identity.trial.split()
-    direction = str(OmegaConf.select(hc, "sweeper.direction") or "minimize")
     metric = cfg.get("optimized_metric")
+    direction = str(OmegaConf.select(hc, "sweeper.direction") or sweep_direction(metric))
     try:
         metrics = run(cfg, identity)
         value = _optimized_value(cfg, metrics)

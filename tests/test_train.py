@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from advarch.config.resolvers import metric_mode
 from advarch.config.validate import ConfigError
 from advarch.train import run
 from tests.cli import Project, read_metrics, series
@@ -170,3 +171,23 @@ def test_config_error_is_one_line_naming_the_key(project: Project) -> None:
 def test_config_error_raised_from_run(make_cfg) -> None:
     with pytest.raises(ConfigError, match=r"model\.dim"):
         run(make_cfg([*TINY, "model.dim=abc"]))
+
+
+def test_an_accuracy_to_optimize_keeps_its_highest_checkpoint(make_cfg) -> None:
+    cfg = make_cfg([*TINY, "optimized_metric=val/acc", "trainer.val_check_interval=3"])
+    assert cfg.callbacks.model_checkpoint.mode == "max"  # from the metric's name
+    run(cfg)
+    accuracy = {int(r["step"]) + 1: float(r["val/acc"]) for r in read_metrics(
+        Path(cfg.paths.output_dir)) if r.get("val/acc")}  # fmt: skip
+    (best,) = (Path(cfg.paths.output_dir) / "checkpoints").glob("best-*.ckpt")
+    assert len(set(accuracy.values())) == len(accuracy) > 1
+    assert best.name == f"best-{max(accuracy, key=accuracy.get)}.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode"),
+    [("val/loss", "min"), ("val/acc", "max"), ("cl/avg_acc", "max"), ("cl/forgetting", "min"),
+     ("cl/bwt", "max"), ("test/task_2/bpb", "min"), ("train/tokens_per_s", "max"), (None, "min")],
+)  # fmt: skip
+def test_metric_mode_by_name(metric: str | None, mode: str) -> None:
+    assert metric_mode(metric) == mode

@@ -12,6 +12,7 @@ import numpy as np
 import yaml
 
 from advarch.callbacks.expert_load import plot_expert_load
+from advarch.config.resolvers import sweep_direction
 from advarch.console_summary import SUMMARY_FILE, SUMMARY_KEYS
 from advarch.continual_metrics import (
     HIGHER_IS_BETTER,
@@ -256,7 +257,7 @@ def sweep_report(folder: Path) -> Report:
     metric = run_setting(first, "optimized_metric", "val/loss")
     direction = run_setting(first, "hydra.sweeper.direction")
     if direction not in ("minimize", "maximize"):
-        direction = "maximize" if metric.endswith("acc") else "minimize"
+        direction = sweep_direction(metric)
     results_path = folder / "optimization_results.yaml"
     optuna = yaml.safe_load(results_path.read_text()) if results_path.is_file() else None
     best = best_run(
