@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import re
 
-# Lightning's device lines when there is no such device, its seed line, its step estimate
+# Lightning's device lines when there is no such device, its seed line, its step estimate,
+# its restatement of a batch limit the config shows (`Trainer(limit_test_batches=1.0)` was …)
 _SAID_NOTHING = re.compile(
-    r"^(?:[GTH]PU available: False\b|Seed set to \d+$|Loading `train_dataloader` to estimate)"
+    r"^(?:[GTH]PU available: False\b|Seed set to \d+$|Loading `train_dataloader` to estimate"
+    r"|`Trainer\(\w+=1(?:\.0)?\)` was configured so )"
 )
 
 

@@ -36,6 +36,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     """
     import lightning as L
 
+    from advarch.callbacks.signals import SignalCheckpoint
     from advarch.checkpoint import load_with_config, with_cache_dir
     from advarch.config.validate import ConfigError
     from advarch.pipeline import build_all
@@ -65,6 +66,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         accelerator=cfg.accelerator,
         devices=1,
         enable_model_summary=False,
+        callbacks=[SignalCheckpoint()],  # a signal stops testing with its exit code
     )
     results = trainer.test(module, datamodule=datamodule, verbose=False)
     return Evaluation({k: float(v) for r in results for k, v in r.items()}, spec.task_names)
@@ -102,6 +104,7 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
 
 @hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from advarch.callbacks.signals import Interrupted
     from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError
     from advarch.console_summary import split_table_lines
@@ -118,6 +121,9 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, CheckpointError) as err:
         discard_run_folder()
         sys.exit(f"error: {err}")
+    except Interrupted as err:  # its line is printed
+        discard_run_folder()
+        sys.exit(err.exit_code)
     finally:
         _finish_wandb()
     print("\n".join(split_table_lines(metrics, "test", task_names)))

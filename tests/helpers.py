@@ -33,11 +33,24 @@ class PoisonLossAtStep(L.Callback):
 
 
 class SignalAtStep(L.Callback):
-    """Send this process `signum` once optimizer step `step` is done (9 = kill -9: no cleanup)."""
+    """Send this process `signum` (`times` times) once optimizer step `step` is done (9 =
+    kill -9: no cleanup)."""
 
-    def __init__(self, step: int, signum: int = 9) -> None:
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signum: int = 9, times: int = 1) -> None:
+        self.step, self.signum, self.times = step, signum, times
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+
+class SignalAtTestBatch(L.Callback):
+    """Send this process `signum` after the first test batch."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def on_test_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if args[-1] == 0:  # batch_idx
             os.kill(os.getpid(), self.signum)

@@ -28,6 +28,8 @@ def ignore_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen ones
     # epoch values are torchmetrics' compute(), already reduced over DDP processes (test_ddp)
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*when logging on epoch level.*")
+    # short epochs: every epoch's values are logged anyway, the step curve has fewer points
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
     # a resumed run writes into a folder of its own, by design: the old folder keeps its best
     warnings.filterwarnings("ignore", message=_LAST)
 

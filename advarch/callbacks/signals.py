@@ -8,6 +8,8 @@ raises `Interrupted`, which the entry point turns into exit code 128 + the signa
 (143 SIGTERM, 130 SIGINT, 138 SIGUSR1, 140 SIGUSR2). Resuming from that checkpoint
 (`ckpt_path=auto`) continues exactly where the signal arrived. SIGUSR1/2 inside a SLURM job
 also requeue the job (`scontrol requeue`). A second Ctrl-C stops at once, without saving.
+Validation or testing outside `fit` (train.py's final test, eval.py) stops after the current
+batch with one line and the same exit code: nothing to save there, and no metrics written.
 """
 
 from __future__ import annotations
@@ -21,45 +23,54 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 REQUEUE = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal after saving `checkpoint`; exit with `exit_code`."""
+    """The run stopped on signal `signum` (its line is printed); exit with `exit_code`."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        self.exit_code = 128 + signum
-        super().__init__(
-            f"{signal.Signals(signum).name} at step {step}: saved {checkpoint}; resume with "
-            "ckpt_path=auto (same run_name) or ckpt_path=<that file>"
-        )
+    def __init__(self, signum: int, message: str) -> None:
+        self.signum, self.exit_code = signum, 128 + signum
+        super().__init__(message)
 
 
 class SignalCheckpoint(L.Callback):
-    """Turn SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 during `fit` into a checkpoint and a stop.
+    """Turn SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 into a checkpoint and a stop during `fit`,
+    and into a stop during validation or testing outside it.
 
     Args:
-        path: where to write the checkpoint (the run's `checkpoints/last.ckpt`).
+        path: where to write the checkpoint (the run's `checkpoints/last.ckpt`); None where
+            nothing trains (eval.py).
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self.received == signal.SIGINT and signum == signal.SIGINT:  # a second Ctrl-C
+            print("SIGINT again: stopped at once, without saving", flush=True)
+            raise Interrupted(signum, "stopped at once on a second Ctrl-C")
         self.received = signum
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Install the handlers (Lightning installed its own SIGTERM one at fit start)."""
+    def _install(self) -> None:
+        """Our handlers replace Lightning's (its SIGTERM one, installed when a trainer function
+        starts, ends the process with exit code 0 and no word)."""
         self.received = None
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -69,19 +80,10 @@ class SignalCheckpoint(L.Callback):
     ) -> None:
         self._restore()
 
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        received = self.received is not None
-        if trainer.world_size > 1:  # every rank stops at the same step
-            flag = torch.tensor(float(received), device=trainer.strategy.root_device)
-            received = bool(trainer.strategy.reduce(flag, reduce_op="max") > 0)
-        if not received:
+        signum = self._received(trainer)
+        if signum is None:
             return
-        signum = self.received or signal.SIGTERM
         trainer.save_checkpoint(self.path)
         if trainer.is_global_zero:
             print(
@@ -91,4 +93,53 @@ class SignalCheckpoint(L.Callback):
             )
             if signum in REQUEUE and os.environ.get("SLURM_JOB_ID"):
                 subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
-        raise Interrupted(signum, trainer.global_step, self.path)
+        raise Interrupted(
+            signum,
+            f"{signal.Signals(signum).name} at step {trainer.global_step}: saved {self.path}; "
+            "resume with ckpt_path=auto (same run_name) or ckpt_path=<that file>",
+        )
+
+    def _received(self, trainer: L.Trainer) -> int | None:
+        """The signal received, agreed by every process (they stop at the same batch)."""
+        received = self.received is not None
+        if trainer.world_size > 1:
+            flag = torch.tensor(float(received), device=trainer.strategy.root_device)
+            received = bool(trainer.strategy.reduce(flag, reduce_op="max") > 0)
+        return (self.received or signal.SIGTERM) if received else None
+
+    # -- validation and testing outside fit -------------------------------------------------
+    def _evaluating_alone(self, trainer: L.Trainer) -> bool:
+        return trainer.state.fn != TrainerFn.FITTING
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._evaluating_alone(trainer):
+            self._install()
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._evaluating_alone(trainer):
+            self._restore()
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._evaluating_alone(trainer):
+            self._stop_evaluation(trainer, "validation")
+
+    def on_test_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._stop_evaluation(trainer, "testing")
+
+    def _stop_evaluation(self, trainer: L.Trainer, stage: str) -> None:
+        signum = self._received(trainer)
+        if signum is None:
+            return
+        name = signal.Signals(signum).name
+        message = f"{name} received: {stage} stopped, no {stage} metrics written"
+        if self.path is not None and self.path.is_file():
+            message += f"; the trained weights are in {self.path} (eval.py ckpt_path=<it>)"
+        if trainer.is_global_zero:
+            print(message, flush=True)
+        raise Interrupted(signum, message)

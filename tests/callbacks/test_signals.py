@@ -1,0 +1,59 @@
+"""Signals outside the training loop: testing stops with the signal's exit code and one line,
+a second Ctrl-C stops at once (exit 130), eval.py stops the same way."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from advarch.callbacks.signals import Interrupted, SignalCheckpoint
+from advarch.eval import evaluate
+from advarch.train import run
+from tests.conftest import TINY, TrainedRun
+
+
+def test_sigterm_while_testing_stops_with_143_and_keeps_the_trained_weights(
+    make_cfg, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (Lightning's own handler ended such a run with exit code 0, no metrics and no word)
+    signal_test = ["+callbacks.stop._target_=tests.helpers.SignalAtTestBatch",
+                   f"+callbacks.stop.signum={int(signal.SIGTERM)}"]  # fmt: skip
+    cfg = make_cfg([*TINY, "trainer.limit_test_batches=4", *signal_test])
+    with pytest.raises(Interrupted) as stopped:
+        run(cfg)
+    assert stopped.value.exit_code == 143
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert last.is_file() and not (Path(cfg.paths.output_dir) / "summary.json").exists()
+    line = "SIGTERM received: testing stopped, no testing metrics written; the trained "
+    assert line + f"weights are in {last}" in capsys.readouterr().out
+    handler = signal.getsignal(signal.SIGTERM)
+    assert not isinstance(getattr(handler, "__self__", None), SignalCheckpoint)  # restored
+
+
+def test_a_second_ctrl_c_stops_at_once_with_130(make_cfg, capsys) -> None:
+    twice = ["+callbacks.stop._target_=tests.helpers.SignalAtStep", "+callbacks.stop.step=2",
+             f"+callbacks.stop.signum={int(signal.SIGINT)}", "+callbacks.stop.times=2"]  # fmt: skip
+    cfg = make_cfg([*TINY, *twice])
+    with pytest.raises(Interrupted) as stopped:
+        run(cfg)
+    assert stopped.value.exit_code == 130
+    assert "SIGINT again: stopped at once, without saving" in capsys.readouterr().out
+
+
+def test_eval_stops_on_sigterm_without_metrics(
+    make_cfg, trained: dict[str, TrainedRun], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = SignalCheckpoint.on_test_batch_end
+
+    def signalled(self, trainer, *args) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        original(self, trainer, *args)
+
+    monkeypatch.setattr(SignalCheckpoint, "on_test_batch_end", signalled)
+    cfg = make_cfg([f"ckpt_path={trained['lm'].ckpt}"], config_name="eval")
+    with pytest.raises(Interrupted, match="SIGTERM received: testing stopped") as stopped:
+        evaluate(cfg)
+    assert stopped.value.exit_code == 143
