@@ -34,6 +34,7 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.utilities import rank_zero_only
 
+    from advarch.callbacks.checkpoint_io import AtomicCheckpointIO
     from advarch.callbacks.known_warnings import IgnoreKnownWarnings
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.config.runs import WANDB_ID_FILE, resolve_checkpoint
@@ -74,6 +75,7 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(output_dir),
+        plugins=[AtomicCheckpointIO()],
         **overrides,
     )
     for logger in loggers:

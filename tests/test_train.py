@@ -191,3 +191,21 @@ def test_an_accuracy_to_optimize_keeps_its_highest_checkpoint(make_cfg) -> None:
 )  # fmt: skip
 def test_metric_mode_by_name(metric: str | None, mode: str) -> None:
     assert metric_mode(metric) == mode
+
+
+def test_checkpoints_are_written_beside_their_name_never_through_tmpdir(
+    make_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning's fsspec transaction writes into TMPDIR and moves the file: across filesystems
+    # that is a copy into last.ckpt, and a kill mid-copy left it empty
+    import fsspec.implementations.local as local_fs
+
+    def no_tmpdir(*args, **kwargs):
+        raise OSError("TMPDIR used for a checkpoint")
+
+    monkeypatch.setattr(local_fs.tempfile, "mkstemp", no_tmpdir)
+    cfg = make_cfg(TINY)
+    run(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert not [p for p in checkpoints.iterdir() if ".tmp" in p.name]
