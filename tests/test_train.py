@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from advarch.checkpoint import CheckpointError
 from advarch.config.resolvers import metric_mode
 from advarch.config.validate import ConfigError
 from advarch.train import run
@@ -209,3 +210,18 @@ def test_checkpoints_are_written_beside_their_name_never_through_tmpdir(
     checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 6
     assert not [p for p in checkpoints.iterdir() if ".tmp" in p.name]
+
+
+def test_resuming_a_file_with_other_data_or_optimizer_is_one_line(make_cfg, tmp_path) -> None:
+    # (its optimizer state would not load: KeyError 'momentum'; other data: a state_dict
+    # traceback after the data was built, or silently another run)
+    first = make_cfg(TINY, output_dir=tmp_path / "first")
+    run(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    for change, named in (("optimizer=sgd", "optimizer."), ("data.seq_len=48", "data.seq_len=")):
+        cfg = make_cfg([*TINY, f"ckpt_path={last}", change], output_dir=tmp_path / "again")
+        with pytest.raises(CheckpointError, match=f"another configuration \\({named}") as err:
+            run(cfg)
+        assert "trainer.* may change" in str(err.value)
+    longer = make_cfg([*TINY, f"ckpt_path={last}", "trainer.max_steps=7"], output_dir=tmp_path)
+    assert run(longer)["test/loss"] > 0  # trainer settings may change

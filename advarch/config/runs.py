@@ -23,7 +23,8 @@ WANDB_ID_FILE = "wandb_id.txt"
 
 
 RESUME_MUST_MATCH = ("model", "data", "strategy", "optimizer", "scheduler", "seed")  # "this run"
-IRRELEVANT = {"data": ("cache_dir", "num_workers")}  # keys that change no result
+# keys that change no result (`model.compile` renames no weight)
+IRRELEVANT = {"data": ("cache_dir", "num_workers"), "model": ("compile",)}
 
 
 def _differences(saved: Any, current: Any, key: str) -> str | None:
@@ -53,17 +54,6 @@ def config_mismatch(ckpt: Mapping[str, Any], cfg: DictConfig) -> str | None:
     return None
 
 
-def _other_model(saved: DictConfig, cfg: DictConfig | None) -> str | None:
-    """The first model option (`model.<key>=…`) in which a checkpoint's run differs from `cfg`
-    (None when the same or unknown); `compile` renames no weight."""
-    if cfg is None or cfg.get("model") is None or saved.get("model") is None:
-        return None
-    there, now = (OmegaConf.to_container(c.model, resolve=True) for c in (saved, cfg))
-    there.pop("compile", None)
-    now.pop("compile", None)
-    return _differences(there, now, "model")
-
-
 def resolve_checkpoint(
     ckpt_path: str | None,
     runs_dir: Path,
@@ -78,26 +68,28 @@ def resolve_checkpoint(
     data, strategy, optimizer, scheduler and seed as `cfg` (trainer settings such as max_steps
     may change);
     unreadable or foreign ones are skipped with a warning naming the file and the reason.
-    Anything else must be a readable checkpoint with training state (one CheckpointError
-    line otherwise).
+    Anything else must be a readable checkpoint with training state, written by a run of
+    the same configuration (one CheckpointError line otherwise: a state that would not load,
+    or would silently train another run).
     """
     if ckpt_path is None:
         return None
     if ckpt_path != "auto":
         ckpt = read_checkpoint(ckpt_path, "ckpt_path")
-        saved = saved_config(ckpt, ckpt_path)
+        saved_config(ckpt, ckpt_path)  # one line when it holds no advarch config
         if "loops" not in ckpt:
             raise CheckpointError(
                 f"ckpt_path={ckpt_path!r} holds weights without training state (no loops, "
                 "optimizer); to start from these weights use strategy=finetune "
                 f"strategy.pretrained={ckpt_path}"
             )
-        model = _other_model(saved, cfg)
-        if model:  # its weights would not load: say so before any work
+        other = None if cfg is None else config_mismatch(ckpt, cfg)
+        if other:  # it would not load, or would go on as another run: say so before any work
+            what = "another model" if other.startswith("model.") else "another configuration"
             raise CheckpointError(
-                f"ckpt_path={ckpt_path!r} was written by a run of another model ({model}); "
-                "resume it with its own model options, or start from its weights with "
-                f"strategy=finetune strategy.pretrained={ckpt_path}"
+                f"ckpt_path={ckpt_path!r} was written by a run of {what} ({other}); resume "
+                "it with its own options (trainer.* may change), or start from its weights "
+                f"with strategy=finetune strategy.pretrained={ckpt_path}"
             )
         log.info("resuming %s (%s)", ckpt_path, describe(ckpt))
         return Path(ckpt_path).expanduser()
