@@ -6,6 +6,7 @@ Shared by the text datamodules (`text.py`, `text_domains.py`).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -26,6 +27,13 @@ def stdlib_files() -> list[Path]:
         subfolders[:] = [d for d in subfolders if d not in STDLIB_SKIP]
         files += [Path(folder, n) for n in names if n.endswith(".py")]
     return sorted(files)
+
+
+def matched_files(pattern: str) -> list[str]:
+    """The files a `data.files` glob matches (`~` expanded, `**` recursive), sorted; the
+    folders a recursive glob also matches are not documents."""
+    return sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                  if os.path.isfile(p))  # fmt: skip
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

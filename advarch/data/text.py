@@ -9,7 +9,7 @@ keyed by a fingerprint of the sources and options, so the second run starts in s
 
 from __future__ import annotations
 
-import glob
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from advarch.data.corpus import (
     SPLITS,
     hub_reachable,
+    matched_files,
     read_jsonl,
     read_text_file,
     split_documents,
@@ -76,7 +77,7 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.seq_len={seq_len} must be at least 2")
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be positive")
-        if files is not None and not glob.glob(os.path.expanduser(files), recursive=True):
+        if files is not None and not matched_files(files):
             raise FileNotFoundError(f"data.files={files!r} matches no file")
         self.files, self.dataset_name, self.text_field = files, dataset, text_field
         self.tokenizer_kind, self.bpe_vocab_size = tokenizer, bpe_vocab_size
@@ -95,9 +96,7 @@ class TextDataModule(L.LightningDataModule):
     def _documents(self) -> tuple[list[str], list[str]]:
         """(names, texts) of every document of the source."""
         if self.files is not None:
-            return self._local_documents(
-                sorted(glob.glob(os.path.expanduser(self.files), recursive=True))
-            )
+            return self._local_documents(matched_files(self.files))
         if self.dataset_name is not None:
             return self._hub_documents()
         paths = stdlib_files()
@@ -126,11 +125,16 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"data.files: cannot read {path!r} (use text, JSON lines or parquet)"
                 )
+            datasets_log = logging.getLogger("datasets")  # it logs the error it then raises
+            level = datasets_log.level
+            datasets_log.setLevel(logging.CRITICAL)
             try:
                 ds = datasets.load_dataset(builder, data_files=path, split="train")
             except Exception as err:  # pyarrow / datasets errors: name the file, one line
                 reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
                 raise ValueError(f"data.files: cannot read {path}: {reason}") from err
+            finally:
+                datasets_log.setLevel(level)
             if self.text_field not in ds.column_names:
                 raise ValueError(
                     f"data.text_field={self.text_field!r} is not a column of {path!r} "
@@ -157,7 +161,7 @@ class TextDataModule(L.LightningDataModule):
 
     def _fingerprint(self) -> str:
         if self.files is not None:
-            paths = sorted(glob.glob(os.path.expanduser(self.files), recursive=True))
+            paths = matched_files(self.files)
             source = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths]
         elif self.dataset_name is not None:
             source = [self.dataset_name]

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from advarch.data.corpus import read_jsonl, read_text_file, split_documents, stdlib_files
+from advarch.data.corpus import (
+    matched_files,
+    read_jsonl,
+    read_text_file,
+    split_documents,
+    stdlib_files,
+)
 
 
 def test_split_is_by_document_and_seeded() -> None:
@@ -50,3 +56,14 @@ def test_a_split_needs_three_documents_and_sane_fractions() -> None:
         split_documents(10, 0.6, 0.5, seed=0)
     parts = split_documents(3, 0.01, 0.01, seed=0)
     assert [len(parts[k]) for k in ("train", "val", "test")] == [1, 1, 1]  # one doc each at least
+
+
+def test_a_files_glob_matches_files_not_folders(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "dir.txt").mkdir()  # a folder named like a document
+    for name in ("a/one.txt", "a/b/two.py", "three.md"):
+        (tmp_path / name).write_text("text")
+    assert matched_files(f"{tmp_path}/**") == [
+        str(tmp_path / n) for n in ("a/b/two.py", "a/one.txt", "three.md")
+    ]
+    assert matched_files(f"{tmp_path}/*.txt") == []

@@ -91,3 +91,15 @@ def test_bpe_tokenizer_trains_on_train_split_and_round_trips(tmp_path: Path) -> 
     assert spec.extras["bytes_per_token"] > 1.5  # merges compress the text
     ids = dm.tokenizer.encode_batch(["gamma delta"])[0]
     assert dm.tokenizer.decode(ids.tolist()) == "gamma delta"
+
+
+def test_a_broken_parquet_file_is_one_error_and_no_log_lines(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "x.parquet").write_text("not parquet at all")
+    dm = TextDataModule(files=str(tmp_path / "corpus" / "*"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"data.files: cannot read .*x\.parquet"):
+        dm.setup()
+    captured = capfd.readouterr()
+    assert "Failed to read schema" not in captured.out + captured.err
