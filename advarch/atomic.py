@@ -23,6 +23,11 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """`path.write_text(text)` atomically."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
 def save_atomic(obj: Any, path: Path) -> Path:
     """torch.save `obj` to `path` atomically."""
     return write_atomic(path, lambda tmp: torch.save(obj, tmp))

@@ -34,6 +34,7 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.utilities import rank_zero_only
 
+    from advarch.atomic import write_text_atomic
     from advarch.callbacks.checkpoint_io import AtomicCheckpointIO
     from advarch.callbacks.known_warnings import IgnoreKnownWarnings
     from advarch.callbacks.signals import SignalCheckpoint
@@ -80,7 +81,7 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     )
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger" and rank_zero_only.rank == 0:
-            (output_dir / WANDB_ID_FILE).write_text(logger.experiment.id)
+            write_text_atomic(output_dir / WANDB_ID_FILE, logger.experiment.id)
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):

@@ -20,6 +20,7 @@ from advarch.checkpoint import (
 log = logging.getLogger("advarch")
 
 WANDB_ID_FILE = "wandb_id.txt"
+WANDB_ID_FORBIDDEN = ":;,#?/'"  # characters W&B refuses in a run id
 
 
 RESUME_MUST_MATCH = ("model", "data", "strategy", "optimizer", "scheduler", "seed")  # "this run"
@@ -127,8 +128,21 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def previous_wandb_id(checkpoint: Path | None) -> str | None:
-    """The W&B run id saved by the run that wrote `checkpoint`, so a resume continues it."""
+    """The W&B run id saved by the run that wrote `checkpoint`, so a resume continues it; a
+    file that holds no valid id is skipped with a warning (the resume gets a new W&B run)."""
     if checkpoint is None:
         return None
     file = run_dir_of(checkpoint) / WANDB_ID_FILE
-    return file.read_text().strip() if file.is_file() else None
+    if not file.is_file():
+        return None
+    try:
+        run_id = file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        run_id, reason = None, f"unreadable ({type(err).__name__})"
+    else:
+        bad = sorted(set(run_id) & set(WANDB_ID_FORBIDDEN + " \t\n"))
+        reason = "empty" if not run_id else f"has {''.join(bad)!r}" if bad else None
+    if reason is None:
+        return run_id
+    log.warning("%s is not a W&B run id (%s): this run starts a new W&B run", file, reason)
+    return None
