@@ -30,3 +30,25 @@ def test_in_a_log_file_the_bar_is_wide_and_shows_no_logger_version(monkeypatch):
     logged = {"v_num": 0, "train/loss": 1.0}
     monkeypatch.setattr(RichProgressBar, "get_metrics", lambda self, trainer, module: logged)
     assert bar.get_metrics(None, None) == {"train/loss": 1.0}
+
+
+def test_a_step_budget_over_several_epochs_is_one_bar_to_its_end(tmp_path) -> None:
+    # (the bar and its time left counted to the end of each epoch: 4 minutes left shown for 8)
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    bar = StepBudgetProgressBar()
+    counts, totals = [], []
+    update, add_task = bar._update, bar._add_task
+    bar._add_task = lambda total, *a, **k: (totals.append(total), add_task(total, *a, **k))[1]
+
+    def _update(task_id, current, *args, **kwargs) -> None:
+        if task_id == bar.train_progress_bar_id:
+            counts.append(current)
+        update(task_id, current, *args, **kwargs)
+
+    bar._update = _update
+    trainer = L.Trainer(max_steps=7, limit_train_batches=3, limit_val_batches=0, callbacks=[bar],
+                        logger=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(BoringModel())
+    assert totals[0] == 7 and counts == list(range(1, 8))  # epochs of 3, 3 and 1 batches
