@@ -48,7 +48,14 @@ def test_a_step_budget_over_several_epochs_is_one_bar_to_its_end(tmp_path) -> No
         update(task_id, current, *args, **kwargs)
 
     bar._update = _update
-    trainer = L.Trainer(max_steps=7, limit_train_batches=3, limit_val_batches=0, callbacks=[bar],
-                        logger=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=7,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        callbacks=[bar],
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(BoringModel())
     assert totals[0] == 7 and counts == list(range(1, 8))  # epochs of 3, 3 and 1 batches
