@@ -9,6 +9,7 @@ user would open: `summary.md`/`summary.csv`, `result.json`, the offline W&B run 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,9 @@ def test_wandb_run_carries_config_identity_and_summary(project: Project) -> None
     assert run["tags"] == ["baseline", "model:moe", "strategy:plain", "data:text"]
     assert set(run["summary"]["val/loss"]) == {"min"}  # the best value, not the last
     assert "test/bpb" in run["summary"]
+    summary = json.loads((run_dir / "summary.json").read_text())["metrics"]
+    # the run's throughput, as the console and summary.json say (not the last window's)
+    assert run["summary"]["train/tokens_per_s"] == pytest.approx(summary["train/tokens_per_s"])
 
     evaluated = project.run(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", script="eval.py")
     eval_dir = evaluated.check().run_dir

@@ -5,8 +5,9 @@ synchronised only at window edges (not every step); validation inside `fit` is p
 The first batch (compilation, cuDNN autotuning, allocator warm-up) is excluded from the run
 totals. MFU = `training_flops_per_token` × tokens/s ÷ the device's dense peak for the
 trainer's precision (the table below; else Lightning's; unknown, e.g. CPUs: MFU not logged
-unless `peak_flops` is given). Run totals land in `trainer.callback_metrics` as
-`train/tokens_per_s`, `train/samples_per_s`, `train/mfu`, which the run summary prints.
+unless `peak_flops` is given). Each window's rates are logged as `train/tokens_per_s`,
+`train/samples_per_s`, `train/mfu`; the run's totals replace them in `trainer.callback_metrics`
+(which the run summary prints) and in the W&B run's summary.
 """
 
 from __future__ import annotations
@@ -133,6 +134,12 @@ class ThroughputCallback(L.Callback):
             self._since = self._sync_clock(pl_module.device)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The run's totals: in the callback metrics (the run summary), and in the W&B run's
+        summary, which would otherwise keep the last window's rates."""
         self._close_window(pl_module.device)  # the unfinished window
-        for key, value in self._rates(self._total).items():
-            trainer.callback_metrics[f"train/{key}"] = torch.tensor(value)
+        totals = {f"train/{key}": value for key, value in self._rates(self._total).items()}
+        for key, value in totals.items():
+            trainer.callback_metrics[key] = torch.tensor(value)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero and totals:
+                logger.experiment.summary.update(totals)
