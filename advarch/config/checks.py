@@ -61,6 +61,7 @@ def check_trainer(node: DictConfig) -> None:
             extra = " or " + ", ".join(map(str, allowed)) if allowed else ""
             raise ConfigError(f"trainer.{key}={value!r} must be >= {low}{extra} ({meaning})")
     _check_interval(cfg.get("val_check_interval"))
+    _check_interval_fits_epoch(cfg)
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
         value = cfg.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
@@ -79,6 +80,19 @@ def _check_interval(value: Any) -> None:
         )
     if isinstance(value, int) and value < 1:
         raise ConfigError(f"trainer.val_check_interval={value!r} must be >= 1 batches")
+
+
+def _check_interval_fits_epoch(cfg: dict[str, Any]) -> None:
+    """Validating per epoch, a batch interval must fit in the epoch's batch limit (Lightning
+    says so only once the data is built, in a traceback)."""
+    interval, limit = cfg.get("val_check_interval"), cfg.get("limit_train_batches")
+    counts = all(isinstance(v, int) and not isinstance(v, bool) for v in (interval, limit))
+    if counts and cfg.get("check_val_every_n_epoch", 1) is not None and interval > limit:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval} must be <= trainer.limit_train_batches="
+            f"{limit} (the batches of an epoch; validation runs per epoch, "
+            "trainer.check_val_every_n_epoch), or trainer.check_val_every_n_epoch=null"
+        )
 
 
 def _check_devices(accelerator: Any, devices: Any) -> None:
