@@ -1,11 +1,13 @@
 """Evaluate a checkpoint on a datamodule's test split: `python eval.py ckpt_path=<ckpt> [data=…]`.
 
 The checkpoint carries its resolved training config; the model and strategy are rebuilt from
-it, and `data=` (optional) swaps in another compatible datamodule.
+it, `data=` (optional) swaps in another compatible datamodule, and `data.<key>=…` without it
+changes the checkpoint's own data (e.g. `data.max_eval_sequences=null`: the whole test split).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import sys
@@ -44,9 +46,11 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     ckpt, saved = load_with_config(cfg.ckpt_path)
     if cfg.get("data") is not None:
         saved.data = cfg.data
+    elif cfg.get("data_overrides"):
+        saved.data = _changed(saved.data, cfg.data_overrides, "data")
     saved = with_cache_dir(saved, cfg.paths.cache_dir)
     if cfg.get("strategy_overrides"):
-        saved.strategy = OmegaConf.merge(saved.strategy, cfg.strategy_overrides)
+        saved.strategy = _changed(saved.strategy, cfg.strategy_overrides, "strategy")
     saved.strategy.pop("pretrained", None)  # weights come from the checkpoint itself
     L.seed_everything(saved.seed, workers=True)
     datamodule, spec, module = build_all(saved)
@@ -70,6 +74,36 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     )
     results = trainer.test(module, datamodule=datamodule, verbose=False)
     return Evaluation({k: float(v) for r in results for k, v in r.items()}, spec.task_names)
+
+
+def _changed(saved: DictConfig, changes: DictConfig, group: str) -> DictConfig:
+    """The checkpoint's `group` config with `changes` to keys it has (ConfigError otherwise)."""
+    from advarch.config.validate import ConfigError
+
+    unknown = sorted(set(changes) - set(saved))
+    if unknown:
+        keys = sorted(str(k) for k in saved if not str(k).startswith("_"))
+        close = difflib.get_close_matches(str(unknown[0]), keys, n=1)
+        hint = f"did you mean {group}.{close[0]}? " if close else ""
+        raise ConfigError(
+            f"{group}.{unknown[0]} is not a key of the checkpoint's {group} "
+            f"({hint}keys: {', '.join(keys)})"
+        )
+    return OmegaConf.merge(saved, changes)
+
+
+def own_data_overrides(argv: list[str]) -> list[str]:
+    """`data.<key>=…` typed without a `data=` choice changes the checkpoint's own data: Hydra
+    gets it as `+data_overrides.<key>=…` (eval.yaml has no data of its own to change)."""
+    if any(a.startswith("data=") for a in argv):
+        return argv
+    return [f"+data_overrides.{a[len('data.') :]}" if a.startswith("data.") else a for a in argv]
+
+
+def main() -> None:
+    """The command line (`eval.py`, `advarch-eval`): see the module docstring."""
+    sys.argv[1:] = own_data_overrides(sys.argv[1:])
+    hydra_main()
 
 
 def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
@@ -103,7 +137,7 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="eval")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from advarch.callbacks.signals import Interrupted
     from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError

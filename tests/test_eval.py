@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from advarch.config.validate import ConfigError
+from advarch.eval import evaluate
 from tests.cli import Project, read_metrics
 from tests.conftest import TrainedRun
 
@@ -80,3 +82,15 @@ def test_eval_on_a_task_stream_scores_each_task_and_prints_one_table(
     # run's log file keeps them with their time and logger
     assert "Seed set to" not in res.stdout and "][INFO]" not in res.stdout
     assert "Seed set to" in (res.run_dir / "train.log").read_text()
+
+
+def test_data_keys_without_data_change_the_checkpoints_own_data(
+    project: Project, trained: dict[str, TrainedRun], make_cfg
+) -> None:
+    run = trained["lm"]
+    fewer = eval_metrics(project, f"ckpt_path={run.ckpt}", "data.max_eval_sequences=3")
+    tested = [r for r in read_metrics(run.run_dir) if "test/loss" in r][-1]
+    assert fewer["test/loss"] != pytest.approx(tested["test/loss"], rel=1e-4)
+    typo = make_cfg([f"ckpt_path={run.ckpt}", "+data_overrides.max_eval_seqs=3"], "eval")
+    with pytest.raises(ConfigError, match="did you mean data.max_eval_sequences"):
+        evaluate(typo)
