@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
+
+log = logging.getLogger("advarch")
+T = TypeVar("T")
 
 
 def cache_key(source: Any, options: list[Any]) -> str:
@@ -31,17 +35,49 @@ def cache_key(source: Any, options: list[Any]) -> str:
     return hashlib.sha256(json.dumps([source, options]).encode()).hexdigest()[:16]
 
 
-def load_or_build(cache: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """The meta.json of a cache folder; when it is missing, `build(tmp)` fills a temporary
-    folder and returns the meta, and the folder is moved into place atomically."""
-    if not (cache / "meta.json").exists():
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / "meta.json").write_text(json.dumps(build(tmp)))
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
-    return json.loads((cache / "meta.json").read_text())
+def load_or_build(
+    cache: Path, build: Callable[[Path], dict[str, Any]], load: Callable[[Path], T]
+) -> tuple[dict[str, Any], T]:
+    """(meta.json, `load(cache)`) of a cache folder. A missing folder is built: `build(tmp)`
+    fills a temporary folder and returns the meta, and the folder is moved into place
+    atomically. A damaged one (unreadable meta, a missing or truncated file) is built again,
+    with a warning naming it; so are the temporary folders of builds that were killed."""
+    _remove_abandoned_builds(cache)
+    for attempt in range(2):
+        if not (cache / "meta.json").exists():
+            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            (tmp / "meta.json").write_text(json.dumps(build(tmp)))
+            shutil.rmtree(cache, ignore_errors=True)
+            os.replace(tmp, cache)
+        try:
+            return json.loads((cache / "meta.json").read_text()), load(cache)
+        except Exception as err:  # noqa: BLE001  (any damage: json, arrow, missing files)
+            if attempt:
+                raise
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            log.warning("data cache %s is damaged (%s): building it again", cache, reason)
+            shutil.rmtree(cache, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _remove_abandoned_builds(cache: Path) -> None:
+    """Delete `<cache>.tmp<pid>` folders whose process is gone (a build killed midway)."""
+    for tmp in cache.parent.glob(f"{cache.name}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def eval_subset(ds: Any, n: int | None) -> Any:

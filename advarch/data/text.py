@@ -194,12 +194,13 @@ class TextDataModule(L.LightningDataModule):
             return
         import datasets
 
+        def load(folder: Path) -> tuple[Any, dict[str, Any]]:
+            splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
+            tokenizer = load_tokenizer(self.tokenizer_kind, folder)
+            return tokenizer, {s: ds.with_format("torch") for s, ds in splits.items()}
+
         cache = self.cache_root / f"text-{self._fingerprint()}"
-        self.meta = load_or_build(cache, self._build)
-        self.tokenizer = load_tokenizer(self.tokenizer_kind, cache)
-        self.splits = {
-            s: datasets.load_from_disk(str(cache / s)).with_format("torch") for s in SPLITS
-        }
+        self.meta, (self.tokenizer, self.splits) = load_or_build(cache, self._build, load)
         self.cache_dir = cache
         if self.retrieval_cfg:
             self._attach_retrieval(cache)

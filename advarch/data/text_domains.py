@@ -213,15 +213,17 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
             return
         import datasets
 
+        def load(folder: Path) -> tuple[Any, dict[str, list[Any]]]:
+            data: dict[str, list[Any]] = {split: [] for split in SPLITS}
+            for split in SPLITS:
+                for task, domain in enumerate(self.domains):
+                    ds = datasets.load_from_disk(str(folder / domain / split))
+                    ds = ds.add_column("task", np.full(len(ds), task, dtype=np.int64))
+                    data[split].append(ds.with_format("torch"))
+            return load_tokenizer(self.tokenizer_kind, folder), data
+
         cache = self.cache_root / f"text_domains-{self._fingerprint()}"
-        self.meta = load_or_build(cache, self._build)
-        self.tokenizer = load_tokenizer(self.tokenizer_kind, cache)
-        for split in SPLITS:
-            self.data[split] = []
-            for task, domain in enumerate(self.domains):
-                ds = datasets.load_from_disk(str(cache / domain / split))
-                ds = ds.add_column("task", np.full(len(ds), task, dtype=np.int64))
-                self.data[split].append(ds.with_format("torch"))
+        self.meta, (self.tokenizer, self.data) = load_or_build(cache, self._build, load)
 
     def _build(self, tmp: Path) -> dict[str, Any]:
         """Split each domain's files, tokenise and pack them into `tmp`; returns the meta."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,30 @@ def test_a_broken_parquet_file_is_one_error_and_no_log_lines(
         dm.setup()
     captured = capfd.readouterr()
     assert "Failed to read schema" not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("damage", ["meta", "arrow", "split"])
+def test_a_damaged_cache_is_built_again_with_a_warning(tmp_path: Path, caplog, damage) -> None:
+    write_corpus(tmp_path / "corpus")
+    kwargs = dict(files=str(tmp_path / "corpus" / "*"), seq_len=32, cache_dir=str(tmp_path / "c"))
+    first = TextDataModule(**kwargs)
+    first.setup()
+    cache, meta = first.cache_dir, first.meta
+    tokens = {split: first.splits[split]["tokens"][:] for split in ("train", "val", "test")}
+    del first  # (its memory map of the files damaged below)
+    abandoned = cache.with_name(cache.name + ".tmp999999999")  # a build killed midway
+    abandoned.mkdir()
+    if damage == "meta":
+        (cache / "meta.json").write_text("{not json")
+    elif damage == "arrow":
+        arrow = next((cache / "train").glob("*.arrow"))
+        arrow.write_bytes(arrow.read_bytes()[:100])
+    else:
+        shutil.rmtree(cache / "test")
+    again = TextDataModule(**kwargs)
+    with caplog.at_level(logging.WARNING, logger="advarch"):
+        again.setup()
+    assert f"data cache {cache} is damaged" in caplog.text
+    assert again.meta == meta and not abandoned.exists()
+    for split, expected in tokens.items():
+        assert again.splits[split]["tokens"][:].equal(expected)
