@@ -50,7 +50,12 @@ def test_a_cache_folder_is_built_once(tmp_path: Path) -> None:
         (folder / "data.txt").write_text("x")
         return {"n": 1}
 
+    def load(folder: Path) -> str:
+        return (folder / "data.txt").read_text()
+
     cache = tmp_path / "cache"
-    assert load_or_build(cache, build) == {"n": 1} == load_or_build(cache, build)
+    assert load_or_build(cache, build, load) == ({"n": 1}, "x") == load_or_build(cache, build, load)
     assert len(calls) == 1 and calls[0] != cache  # built beside it, then moved into place
-    assert (cache / "data.txt").read_text() == "x" and not calls[0].exists()
+    assert not calls[0].exists()
+    (cache / "data.txt").unlink()  # damaged: built again, once
+    assert load_or_build(cache, build, load) == ({"n": 1}, "x") and len(calls) == 2
