@@ -9,6 +9,16 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
+
+LOG_WIDTH = 200  # columns of tables and bars where stdout is not a terminal (Rich assumes 80)
+
+
+def console_width() -> int | None:
+    """The width for Rich output: the terminal's (None), or `LOG_WIDTH` in a pipe or log file,
+    where Rich's 80 columns would wrap table headers and metrics mid-word."""
+    return None if sys.stdout.isatty() else LOG_WIDTH
+
 
 # Lightning's device lines when there is no such device, its seed line, its step estimate,
 # its restatement of a batch limit the config shows (`Trainer(limit_test_batches=1.0)` was …)

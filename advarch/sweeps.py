@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from advarch.config.resolvers import sweep_direction
+from advarch.console_log import console_width
 
 RESULT_FILE = "result.json"
 SWEEP_OVERRIDES_FILE = "sweep_overrides.yaml"
@@ -81,32 +82,47 @@ def collect(sweep_dir: Path, direction: str) -> list[dict[str, Any]]:
 
 
 def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str | None) -> Table:
-    """`summary.md` and `summary.csv` in the sweep folder; returns the table for the console."""
-    keys = list(dict.fromkeys(o.split("=", 1)[0] for r in rows for o in r["overrides"]))
-    header = ["trial", *keys, metric or "value", "status"]
+    """`summary.md` and `summary.csv` in the sweep folder; returns the table for the console.
 
-    def cells(row: dict[str, Any], digits: str) -> list[str]:
+    The CSV has a column per override; the table and summary.md one per override that differs
+    between trials, and name the ones every trial shares once (a line above, the title)."""
+    keys = list(dict.fromkeys(k for r in rows for k, _ in _pairs(r["overrides"])))
+    values = {k: {dict(_pairs(r["overrides"])).get(k) for r in rows} for k in keys}
+    shared = [k for k in keys if len(rows) > 1 and len(values[k]) == 1]
+    every = " ".join(f"{k}={next(iter(values[k]))}" for k in shared)
+
+    def header(columns: list[str]) -> list[str]:
+        return ["trial", *columns, metric or "value", "status"]
+
+    def cells(row: dict[str, Any], digits: str, columns: list[str]) -> list[str]:
         """One row; `digits` formats the metric (rounded for people, full for the CSV)."""
-        values = dict(o.split("=", 1) for o in row["overrides"] if "=" in o)
+        given = dict(_pairs(row["overrides"]))
         value = row.get("value")
         finite = isinstance(value, float) and math.isfinite(value)
         shown = format(value, digits) if finite else ""
         status = row["status"] if row["status"] == "ok" else f"failed: {row.get('error') or ''}"
-        params = (_rounded(values.get(k, ""), digits) for k in keys)
+        params = (_rounded(given.get(k, ""), digits) for k in columns)
         return [str(row["trial"]), *params, shown, status]
 
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([header, *(cells(r, ".17g") for r in rows)])
-    table_rows = [[c or "—" for c in cells(r, ".4g")] for r in rows]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        csv.writer(f).writerows([header(keys), *(cells(r, ".17g", keys) for r in rows)])
+    varied = [k for k in keys if k not in shared]
+    table_rows = [[c or "—" for c in cells(r, ".4g", varied)] for r in rows]
+    lines = [f"every trial: `{every}`", ""] if every else []
+    lines += ["| " + " | ".join(header(varied)) + " |", "|" + "---|" * len(header(varied))]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table_rows]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    table = Table(title=f"sweep {sweep_dir} — best first")
-    for name in header:
+    title = f"sweep {sweep_dir} — best first" + (f" (every trial: {every})" if every else "")
+    table = Table(title=title)
+    for name in header(varied):
         table.add_column(name, overflow="fold")
     for r in table_rows:
         table.add_row(*r)
     return table
+
+
+def _pairs(overrides: list[str]) -> list[tuple[str, str]]:
+    return [tuple(o.split("=", 1)) for o in overrides if "=" in o]
 
 
 def _rounded(text: str, digits: str) -> str:
@@ -136,7 +152,7 @@ class SweepSummary(Callback):
         rows = collect(sweep_dir, direction)
         if not rows:
             return
-        Console(soft_wrap=True).print(
+        Console(soft_wrap=True, width=console_width()).print(
             write_summary(sweep_dir, rows, config.get("optimized_metric"))
         )
         print(f"sweep table: {sweep_dir / 'summary.md'} (and summary.csv)")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from advarch.sweeps import write_summary
 from tests.cli import Project, read_metrics, series
 from tests.wandb_offline import offline_run
 
@@ -34,8 +35,13 @@ def test_grid_sweep_with_a_failing_trial(project: Project) -> None:
     ).check()
     log = out.output
     assert "Traceback" not in log
-    failures = [line for line in log.splitlines() if "failed: model.num_heads=3 must" in line]
-    assert len(failures) == 2 and all("trial model.depth=" in line for line in failures)
+    lines = log.splitlines()
+    failures = [line for line in lines if "failed: model.num_heads=3 must" in line]
+    assert sum("trial model.depth=" in line for line in failures) == 2  # a line per trial
+    # the table in a pipe: a row per trial, not wrapped at 80 columns mid-word
+    assert sum(line.endswith("failed: model.num_heads=3 must divide model.dim=32 │")
+               for line in lines) == 2  # fmt: skip
+    assert any(line.startswith("┃ trial ┃ model.depth ┃ model.num_heads ┃") for line in lines)
 
     folder = out.sweep_dir
     rows = summary_rows(folder)
@@ -109,3 +115,14 @@ def test_wandb_run_carries_config_identity_and_summary(project: Project) -> None
     eval_run = offline_run(eval_dir)
     assert eval_run["job_type"] == "eval" and eval_run["group"] == run["group"]
     assert eval_run["config"]["model"] == config["model"] and "test/bpb" in eval_run["summary"]
+
+
+def test_summary_names_the_overrides_every_trial_shares_once(tmp_path: Path) -> None:
+    rows = [{"trial": n, "overrides": [f"model.depth={d}", "extras.print_config=false"],
+             "status": "ok", "value": v} for n, d, v in ((0, 1, 2.5), (1, 2, 2.0))]  # fmt: skip
+    table = write_summary(tmp_path, rows, "val/loss")
+    md = (tmp_path / "summary.md").read_text()
+    assert md.startswith("every trial: `extras.print_config=false`")
+    assert "| trial | model.depth | val/loss | status |" in md
+    assert "every trial: extras.print_config=false" in str(table.title)
+    assert summary_rows(tmp_path)[0]["extras.print_config"] == "false"  # the CSV keeps all

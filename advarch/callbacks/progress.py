@@ -10,12 +10,11 @@ instead of Rich's default 80 columns, which wrap them mid-pair.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from lightning.pytorch.callbacks import RichProgressBar
 
-LOG_WIDTH = 200  # columns of the bar where stdout is not a terminal
+from advarch.console_log import console_width
 
 
 class StepBudgetProgressBar(RichProgressBar):
@@ -23,8 +22,8 @@ class StepBudgetProgressBar(RichProgressBar):
 
     def __init__(self, *args: Any, console_kwargs: dict[str, Any] | None = None, **kwargs: Any):
         console_kwargs = dict(console_kwargs or {})
-        if not sys.stdout.isatty():
-            console_kwargs.setdefault("width", LOG_WIDTH)
+        if console_width() is not None:
+            console_kwargs.setdefault("width", console_width())
         super().__init__(*args, console_kwargs=console_kwargs, **kwargs)
 
     def _step_budget(self) -> int | None:

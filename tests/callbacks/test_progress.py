@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.callbacks import RichProgressBar
 
-from advarch.callbacks.progress import LOG_WIDTH, StepBudgetProgressBar
+from advarch.callbacks.progress import StepBudgetProgressBar
+from advarch.console_log import LOG_WIDTH
 
 
 @pytest.mark.parametrize(("max_epochs", "max_steps", "label"), [
