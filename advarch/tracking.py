@@ -75,9 +75,10 @@ def tracker_config(cfg: DictConfig, params: dict[str, int]) -> dict[str, Any]:
 
 
 def wandb_init_fields(
-    cfg: DictConfig, identity: RunIdentity, params: dict[str, int]
+    cfg: DictConfig, identity: RunIdentity, config: dict[str, Any]
 ) -> dict[str, Any]:
-    """Keyword arguments for `WandbLogger` (passed on to `wandb.init`).
+    """Keyword arguments for `WandbLogger` (passed on to `wandb.init`); `config` is the run's
+    `tracker_config`.
 
     A value the user set under `logger.wandb` (name, group, job_type) wins; `tags` are the
     user's top-level `tags` plus `model:…`, `strategy:…`, `data:…`.
@@ -90,7 +91,7 @@ def wandb_init_fields(
         "group": user.get("group") or identity.group,
         "job_type": user.get("job_type") or identity.job_type,
         "tags": list(dict.fromkeys([*(cfg.get("tags") or []), *identity.tags])),
-        "config": tracker_config(cfg, params),
+        "config": config,
         # our run summary replaces W&B's console sparklines and sync hints
         "settings": wandb.Settings(quiet=True, silent=True),
     }

@@ -37,6 +37,7 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     from advarch.atomic import write_text_atomic
     from advarch.callbacks.checkpoint_io import AtomicCheckpointIO
     from advarch.callbacks.known_warnings import IgnoreKnownWarnings
+    from advarch.callbacks.run_config import LogRunConfig
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.config.runs import WANDB_ID_FILE, resolve_checkpoint
     from advarch.console_summary import print_config_tree, print_summary, save_summary
@@ -49,6 +50,7 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     )
     from advarch.spec import ConfiguresTrainer
     from advarch.strategies.base import BaseStrategy
+    from advarch.tracking import tracker_config
 
     quiet_lightning_logs()
     validate_run(cfg)  # every key, before any work
@@ -65,9 +67,11 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     datamodule, spec, module = build_all(cfg)  # ConfigError on bad input, before any work
     check_monitors(cfg, module, callbacks)
 
-    loggers = build_loggers(cfg, identity or RunIdentity(cfg.run_name), module, ckpt)
+    config = tracker_config(cfg, module.parameter_counts())
+    loggers = build_loggers(cfg, identity or RunIdentity(cfg.run_name), config, ckpt)
     if not loggers:  # `~logger`: the learning-rate monitor refuses a Trainer without loggers
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks.append(LogRunConfig(config))
     # datamodules whose train loader changes with the epoch (continual streams, curricula)
     overrides = datamodule.trainer_overrides if isinstance(datamodule, ConfiguresTrainer) else {}
     trainer: L.Trainer = instantiate_checked(
@@ -110,9 +114,10 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
 
 
 def build_loggers(
-    cfg: DictConfig, identity: RunIdentity, module: Any, ckpt: Path | None
+    cfg: DictConfig, identity: RunIdentity, config: dict[str, Any], ckpt: Path | None
 ) -> list[Any]:
-    """The configured loggers; W&B gets the run's identity, full config and resume id."""
+    """The configured loggers; W&B gets the run's identity, `config` (its `tracker_config`)
+    and resume id (the others get `config` from `LogRunConfig`)."""
     from lightning.pytorch.utilities import rank_zero_only
 
     from advarch.config.resolvers import metric_mode
@@ -127,7 +132,7 @@ def build_loggers(
         if name != "wandb":
             loggers.append(instantiate_checked(node, f"logger.{name}"))
             continue
-        fields = wandb_init_fields(cfg, identity, module.parameter_counts())
+        fields = wandb_init_fields(cfg, identity, config)
         fields["id"] = previous_wandb_id(ckpt) or node.get("id")
         fields["tags"] = list(dict.fromkeys([*(node.get("tags") or []), *fields["tags"]]))
         logger = hydra.utils.instantiate(node, _partial_=True, _convert_="all")(**fields)

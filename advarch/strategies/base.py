@@ -62,7 +62,8 @@ class BaseStrategy(L.LightningModule):
         aux_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "spec", "optimizer", "scheduler"])
+        # (not logged: the loggers get the whole run config, `train.build_loggers`)
+        self.save_hyperparameters(ignore=["model", "spec", "optimizer", "scheduler"], logger=False)
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.hparams["spec"] = asdict(spec)
         self.model = model
