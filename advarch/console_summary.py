@@ -120,16 +120,16 @@ def print_summary(
         lines.append(
             f"validation bits/byte {bpb:.3f} — {verdict} the unigram baseline {baseline:.3f}"
         )
-    matrix = matrix_lines(output_dir)
-    # a run that scored tasks apart (not continual): its test values, overall and per task
-    table = [] if matrix else split_table_lines(metrics, "test", spec.task_names)
+    matrix = matrix_lines(output_dir)  # a continual run's validation matrix
+    # a run that scored tasks apart: its test values, overall and per task
+    table = split_table_lines(metrics, "test", spec.task_names)
     table = table if table and table[0].split()[2:] != ["all"] else []  # with task columns
     for key in SUMMARY_KEYS:
         shown = key in ("val/loss", "val/bpb") and bpb is not None
         shown = shown or (bool(table) and key.startswith("test/"))
         if key in metrics and not shown:
             lines.append(f"{key} = {metrics[key]:.4f}")
-    lines += matrix or table
+    lines += matrix + table
     if "train/tokens_per_s" in metrics:
         lines.append(throughput_line(metrics))
     lines.append(f"checkpoint: {output_dir / 'checkpoints' / 'last.ckpt'}")
