@@ -26,10 +26,14 @@ from advarch.train import run
 
 MODELS = ("mmoe", "one_gate_moe", "shared_bottom")
 METRICS = ("test/task_a/mse", "test/task_b/mse", "multitask/gate_cosine")
+# one line per run: no bars or model tables (nulling the bar callbacks alone would bring back
+# Lightning's default ones), no plots or checkpoints
 QUIET = [
-    f"callbacks.{name}=null"
-    for name in ("rich_progress_bar", "rich_model_summary", "expert_load", "model_checkpoint")
-]
+    "++trainer.enable_progress_bar=false",
+    "++trainer.enable_model_summary=false",
+    *(f"callbacks.{name}=null" for name in ("rich_progress_bar", "rich_model_summary",
+                                            "expert_load", "model_checkpoint")),
+]  # fmt: skip
 
 
 def grid(
@@ -69,7 +73,9 @@ def grid(
 def table(results: dict[tuple[float, str], np.ndarray], seeds: int) -> str:
     """Markdown table: mean ± std (over seeds) of each metric."""
     lines = [
-        f"| p | model | task_a test MSE | task_b test MSE | gate cosine | (n={seeds} seeds)",
+        f"mean ± std over {seeds} seeds",
+        "",
+        "| p | model | task_a test MSE | task_b test MSE | gate cosine |",
         "|---|---|---|---|---|",
     ]
     for (p, model), values in results.items():

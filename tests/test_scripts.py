@@ -15,8 +15,10 @@ def test_mmoe_report_tables_every_model_and_correlation(project: Project) -> Non
         script="scripts/mmoe_report.py",
     ).check()  # fmt: skip
     rows = [line for line in res.stdout.splitlines() if line.startswith("|")]
+    assert {row.count("|") for row in rows} == {6}  # a markdown table: header, rule, rows
     for model in ("mmoe", "one_gate_moe", "shared_bottom"):
         assert sum(row.split("|")[2].strip() == model for row in rows[2:]) == 2, res.stdout
+    assert "Epoch" not in res.output and "v_num" not in res.output  # one line per run, no bars
 
 
 def test_retro_report_compares_neighbours_padding_and_plain(project: Project) -> None:
