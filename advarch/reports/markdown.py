@@ -32,6 +32,7 @@ from advarch.reports.run_folders import (
     Metrics,
     is_run,
     read_accuracy_matrix,
+    read_file,
     run_overrides,
     run_setting,
     sweep_runs,
@@ -149,8 +150,8 @@ def _headline(run_dir: Path, final: dict[str, float], report: Report) -> None:
 def _summary(run_dir: Path) -> dict:
     """The run's `summary.json` (final metrics as the run summary printed them, with run-long
     throughput; the unigram baseline), or {} for a run that did not finish."""
-    path = run_dir / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    summary = read_file(run_dir / SUMMARY_FILE, json.loads, {})
+    return summary if isinstance(summary, dict) else {}
 
 
 def _expert_load_section(run_dir: Path, report: Report) -> None:
@@ -259,7 +260,7 @@ def sweep_report(folder: Path) -> Report:
     if direction not in ("minimize", "maximize"):
         direction = sweep_direction(metric)
     results_path = folder / "optimization_results.yaml"
-    optuna = yaml.safe_load(results_path.read_text()) if results_path.is_file() else None
+    optuna = read_file(results_path, yaml.safe_load)
     best = best_run(
         list(runs), overrides, finals, metric, direction, (optuna or {}).get("best_params")
     )

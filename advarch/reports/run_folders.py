@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
+
+log = logging.getLogger("advarch")
+
+
+def read_file(path: Path, parse: Callable[[str], Any], default: Any = None) -> Any:
+    """`parse` of a run-folder file's text, or `default` when it is missing or damaged (with a
+    warning naming it: one broken file does not stop a report)."""
+    if not path.is_file():
+        return default
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        log.warning("skipping %s (%s: %s)", path, type(err).__name__, reason)
+        return default
 
 
 @dataclass
@@ -88,15 +106,14 @@ def task_boundaries(metrics: Metrics, epochs_per_task: int | None) -> list[float
 
 def run_overrides(run_dir: Path) -> list[str]:
     """The run's command-line overrides (`.hydra/overrides.yaml`), as written."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return [str(o) for o in (yaml.safe_load(path.read_text()) or [])] if path.is_file() else []
+    overrides = read_file(run_dir / ".hydra" / "overrides.yaml", yaml.safe_load)
+    return [str(o) for o in overrides] if isinstance(overrides, list) else []
 
 
 def run_setting(run_dir: Path, key: str, default: str | None = None) -> str | None:
     """A key of the run's saved Hydra config (`optimized_metric`, `hydra.sweeper.direction`)."""
     for name in ("config.yaml", "hydra.yaml"):
-        path = run_dir / ".hydra" / name
-        node = yaml.safe_load(path.read_text()) if path.is_file() else None
+        node = read_file(run_dir / ".hydra" / name, yaml.safe_load)
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if node is not None:

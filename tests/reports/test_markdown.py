@@ -173,3 +173,19 @@ def test_wandb_offline_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     media = list(runs[0].rglob("*.png"))
     assert len(media) >= 2  # learning curves and few-shot accuracy
     assert not list((tmp_path / "open").rglob("*.png"))  # nothing logged into the caller's run
+
+
+def test_damaged_run_files_are_skipped_with_a_warning_naming_them(tmp_path: Path, caplog) -> None:
+    run = synthetic_run(tmp_path / "run")
+    damaged = {
+        run / ".hydra" / "config.yaml": b"optimized_metric: [unclosed",
+        run / ".hydra" / "overrides.yaml": b"- \xff\xfe",
+        run / SUMMARY_FILE: b"{not json",
+    }
+    for path, content in damaged.items():
+        path.write_bytes(content)
+    with caplog.at_level("WARNING", logger="advarch"):
+        md = write_report(run).read_text()
+    assert "val/loss" in md  # the report of what could be read
+    for path in damaged:
+        assert f"skipping {path} (" in caplog.text
