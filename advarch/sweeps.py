@@ -38,6 +38,27 @@ def sweep_overrides(sweep_dir: Path) -> list[str]:
     return list(OmegaConf.load(saved)) if saved.is_file() else []
 
 
+def earlier_trials(sweep_dir: Path, job_overrides: list[str]) -> list[Path]:
+    """The trial folders of earlier sweeps (siblings of `sweep_dir`) that ran these overrides,
+    `ckpt_path` aside: where `ckpt_path=auto` in a rerun of an interrupted sweep finds each
+    trial's checkpoints."""
+    own = sorted(o for o in job_overrides if not o.startswith("ckpt_path="))
+    found = []
+    for saved in sweep_dir.parent.glob("*/*/.hydra/overrides.yaml"):
+        trial = saved.parent.parent
+        if trial.parent == sweep_dir:
+            continue
+        try:
+            theirs = sorted(
+                str(o) for o in OmegaConf.load(saved) if not str(o).startswith("ckpt_path=")
+            )
+        except Exception:  # noqa: BLE001  (a damaged folder is not this trial's)
+            continue
+        if theirs == own:
+            found.append(trial)
+    return found
+
+
 def worst_value(direction: str) -> float:
     """What a sweeper should see for a failed trial: the worst possible value."""
     return -math.inf if direction.startswith("max") else math.inf

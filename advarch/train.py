@@ -22,11 +22,14 @@ from advarch.tracking import RunIdentity
 log = logging.getLogger("advarch")
 
 
-def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float]:
+def run(
+    cfg: DictConfig, identity: RunIdentity | None = None, earlier_trials: list[Path] | None = None
+) -> dict[str, float]:
     """Train and test one configuration; returns the final metrics (floats).
 
     `identity` places the run among others on the tracker (default: a single run named
-    `cfg.run_name`).
+    `cfg.run_name`); a sweep trial's `earlier_trials` are the folders of the same trial in
+    interrupted sweeps, where `ckpt_path=auto` looks too.
     """
     check_combination(cfg)  # impossible combinations stop here: no torch, no data, no tree
     import lightning as L
@@ -55,7 +58,8 @@ def run(cfg: DictConfig, identity: RunIdentity | None = None) -> dict[str, float
     quiet_lightning_logs()
     validate_run(cfg)  # every key, before any work
     output_dir = Path(cfg.paths.output_dir)
-    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.runs_dir), cfg, output_dir)
+    runs_dir = Path(cfg.paths.runs_dir)
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials or [])
     last = output_dir / "checkpoints" / "last.ckpt"
     callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
     callbacks.append(IgnoreKnownWarnings())  # again in spawned DDP workers
@@ -272,15 +276,18 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
 
     from advarch.callbacks.signals import Interrupted
     from advarch.config.resolvers import sweep_direction
-    from advarch.sweeps import worst_value, write_result
+    from advarch.sweeps import earlier_trials, worst_value, write_result
 
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     overrides = identity.trial.split()
     metric = cfg.get("optimized_metric")
     direction = str(OmegaConf.select(hc, "sweeper.direction") or sweep_direction(metric))
+    earlier = None
+    if cfg.get("ckpt_path") == "auto":  # a rerun of an interrupted sweep: each trial goes on
+        earlier = earlier_trials(Path(hc.sweep.dir).resolve(), list(hc.overrides.task))
     try:
-        metrics = run(cfg, identity)
+        metrics = run(cfg, identity, earlier)
         value = _optimized_value(cfg, metrics)
         if value is not None and not math.isfinite(value):
             raise FloatingPointError(f"optimized_metric={metric} is {value}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,21 @@ def test_summary_names_the_overrides_every_trial_shares_once(tmp_path: Path) -> 
     assert "| trial | model.depth | val/loss | status |" in md
     assert "every trial: extras.print_config=false" in str(table.title)
     assert summary_rows(tmp_path)[0]["extras.print_config"] == "false"  # the CSV keeps all
+
+
+@pytest.mark.slow
+def test_a_rerun_of_an_interrupted_sweep_with_ckpt_path_auto_goes_on(project: Project) -> None:
+    sweep = "python train.py -m model.depth=1,2 debug=tiny"
+    # SIGTERM once trial 0 has written a checkpoint (it saves and the sweep stops: 143)
+    wait = "until [ -f outputs/multiruns/*/0/checkpoints/last.ckpt ]; do sleep 0.05; done"
+    stopped = project.shell(f"{sweep} & pid=$!; {wait}; kill -TERM $pid; wait $pid")
+    assert stopped.rc == 143, stopped.output[-3000:]
+    first = stopped.sweep_dir / "0" / "checkpoints" / "last.ckpt"
+    again = project.shell(f"{sweep} ckpt_path=auto").check()
+    found = re.search(
+        f"ckpt_path=auto: resuming {re.escape(str(first))} \\(step (\\d)", again.output
+    )
+    assert found, again.output[-3000:]
+    trials = again.sweep_dir
+    assert len(series(read_metrics(trials / "0"), "train/loss")) == 6 - int(found[1])
+    assert len(series(read_metrics(trials / "1"), "train/loss")) == 6  # it never ran: fresh

@@ -60,12 +60,14 @@ def resolve_checkpoint(
     runs_dir: Path,
     cfg: DictConfig | None = None,
     output_dir: Path | None = None,
+    earlier_trials: list[Path] | tuple[Path, ...] = (),
 ) -> Path | None:
     """The checkpoint a run resumes from, and a log line saying which (or why none).
 
     `None` → fresh start; `auto` → the newest readable checkpoint of this run name
     (`<runs_dir>/*/checkpoints/*.ckpt`, and the run's own `<output_dir>/checkpoints/`, where a
-    requeued cluster job finds its own; newest first) written by a run of the same model,
+    requeued cluster job finds its own; a sweep trial's also those of `earlier_trials`, the
+    same trial of interrupted sweeps; newest first) written by a run of the same model,
     data, strategy, optimizer, scheduler and seed as `cfg` (trainer settings such as max_steps
     may change);
     unreadable or foreign ones are skipped with a warning naming the file and the reason.
@@ -97,6 +99,8 @@ def resolve_checkpoint(
     candidates = set(runs_dir.glob("*/checkpoints/*.ckpt"))
     if output_dir is not None:
         candidates |= set(output_dir.glob("checkpoints/*.ckpt"))
+    for trial in earlier_trials:
+        candidates |= set(trial.glob("checkpoints/*.ckpt"))
     if not candidates:
         log.info("ckpt_path=auto: no checkpoint under %s yet; starting fresh", runs_dir)
         return None
