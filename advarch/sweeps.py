@@ -21,6 +21,7 @@ from rich.table import Table
 
 from advarch.config.resolvers import sweep_direction
 from advarch.console_log import console_width
+from advarch.reports.run_folders import rounded_value
 
 RESULT_FILE = "result.json"
 SWEEP_OVERRIDES_FILE = "sweep_overrides.yaml"
@@ -122,7 +123,7 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str | Non
         finite = isinstance(value, float) and math.isfinite(value)
         shown = format(value, digits) if finite else ""
         status = row["status"] if row["status"] == "ok" else f"failed: {row.get('error') or ''}"
-        params = (_rounded(given.get(k, ""), digits) for k in columns)
+        params = (rounded_value(given.get(k, ""), digits) for k in columns)
         return [str(row["trial"]), *params, shown, status]
 
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
@@ -144,16 +145,6 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str | Non
 
 def _pairs(overrides: list[str]) -> list[tuple[str, str]]:
     return [tuple(o.split("=", 1)) for o in overrides if "=" in o]
-
-
-def _rounded(text: str, digits: str) -> str:
-    """A sampled float value (`0.0010360000342631323`) in `digits`; anything else as is."""
-    if not any(c in text for c in ".eE"):
-        return text
-    try:
-        return format(float(text), digits)
-    except ValueError:
-        return text
 
 
 class SweepSummary(Callback):

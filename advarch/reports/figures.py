@@ -25,13 +25,12 @@ FEWSHOT = (("acc", "adapted"), ("raw_proto_acc", "raw prototypes"))
 
 
 def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height), layout="constrained")  # room for outside legends
     FigureCanvasAgg(fig)
     return fig
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
@@ -120,14 +119,14 @@ def plot_sweep_curves(
     curves = {name: m.series(key) for name, m in runs.items() if key in m.matching(re.escape(key))}
     if not curves:
         return None
-    fig = _figure(7.0, 4.0)
+    fig = _figure(7.0, 4.0 + 0.2 * math.ceil(len(curves) / 2))  # + the legend's rows
     ax = fig.add_subplot()
     for name, (steps, values) in curves.items():
         label = (labels or {}).get(name) or name
         ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=label)
     ax.set(title=f"{key} per run", xlabel="step", ylabel=key)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    fig.legend(fontsize=7, ncols=2, loc="outside lower center")  # below: it hides no curve
     return _save(fig, path)
 
 

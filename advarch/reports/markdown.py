@@ -33,6 +33,7 @@ from advarch.reports.run_folders import (
     is_run,
     read_accuracy_matrix,
     read_file,
+    rounded_value,
     run_overrides,
     run_setting,
     sweep_runs,
@@ -290,7 +291,7 @@ def sweep_report(folder: Path) -> Report:
     rows = []
     for name in names:
         mark = "★ " + name if name == best else name
-        cells = [overrides[name].get(k, "—") for k in varying]
+        cells = [rounded_value(overrides[name].get(k, "—")) for k in varying]
         values = [_fmt(finals[name].get(k)) if name in finals else "failed" for k in keys]
         link = f"[report](../{name}/report/report.md)" if name in runs else "—"  # from report/
         rows.append([mark, *cells, *values, link])
@@ -305,7 +306,8 @@ def sweep_report(folder: Path) -> Report:
         ]
     report.lines += ["## Plots", ""]
     labels = {
-        n: " ".join(f"{k}={overrides[n][k]}" for k in varying if k in overrides[n]) for n in runs
+        n: " ".join(f"{k}={rounded_value(overrides[n][k])}" for k in varying if k in overrides[n])
+        for n in runs
     }
     curves = plot_sweep_curves(runs, metric, report.folder / "sweep_curves.png", labels)
     report.image(f"{metric} per run", curves, "sweep_curves")
@@ -341,17 +343,21 @@ def write_report(folder: str | Path, wandb: bool = False) -> Path:
         )
     path = report.write()
     if wandb:
-        log_to_wandb(report, name=f"report-{folder.name}")
+        first = folder if is_run(folder) else sweep_runs(folder)[0]
+        run_name = run_setting(first, "run_name", folder.name)
+        group = run_name if is_run(folder) else f"{run_name}-sweep-{folder.name}"
+        log_to_wandb(report, name=f"report-{folder.name}", group=group)
     return path
 
 
-def log_to_wandb(report: Report, name: str) -> Path:
-    """Log the report's images and final metrics to an offline W&B run in `<report>/wandb`."""
+def log_to_wandb(report: Report, name: str, group: str) -> Path:
+    """Log the report's images and final metrics to an offline W&B run in `<report>/wandb`,
+    in the W&B group of the runs it reports on (a sweep's: its trials' group)."""
     import wandb
 
     run = wandb.init(  # its own run even when the calling process has one open (a notebook)
-        mode="offline", dir=str(report.folder), project="advarch", name=name, job_type="report",
-        reinit="create_new",
+        mode="offline", dir=str(report.folder), project="advarch", name=name, group=group,
+        job_type="report", reinit="create_new", settings=wandb.Settings(quiet=True, silent=True),
     )  # fmt: skip
     try:
         run.log({f"report/{key}": wandb.Image(str(path)) for key, path in report.images.items()})

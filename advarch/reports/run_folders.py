@@ -119,3 +119,15 @@ def run_setting(run_dir: Path, key: str, default: str | None = None) -> str | No
         if node is not None:
             return str(node)
     return default
+
+
+def rounded_value(text: str, digits: str = ".4g") -> str:
+    """A sampled float value (`0.0010360000342631323`) in `digits`; anything else, and a value
+    as short as typed (`3e-3`), as is."""
+    if not any(c in text for c in ".eE"):
+        return text
+    try:
+        short = format(float(text), digits)
+    except ValueError:
+        return text
+    return short if len(short) < len(text) else text
