@@ -216,10 +216,11 @@ def main() -> None:
                     "unfreeze": args.unfreeze, "retrofit_steps": args.retrofit_steps}  # fmt: skip
     report["runs"] = runs
     has_bpb = "bpb" in rows["plain decoder"]
-    print(f"\n{'model (' + args.split + ')':40s} {'loss':>8s} {'acc':>7s}" + (" bpb" * has_bpb))
+    print(f"\n{'model (' + args.split + ')':40s} {'loss':>8s} {'acc':>8s}"
+          + (f" {'bpb':>8s}" if has_bpb else ""))  # fmt: skip
     for name, row in rows.items():
-        print(f"{name:40s} {row['loss']:8.4f} {row['acc']:7.4f}"
-              + (f" {row['bpb']:.4f}" if has_bpb else ""))  # fmt: skip
+        print(f"{name:40s} {row['loss']:8.4f} {row['acc']:8.4f}"
+              + (f" {row['bpb']:8.4f}" if has_bpb else ""))  # fmt: skip
     if "quality" in found:
         q = found["quality"]
         report["split_by_quality"] = split_by_quality(rows, q)
@@ -227,9 +228,15 @@ def main() -> None:
                              "fraction_shared_ge_32": float((q >= 32).mean())}  # fmt: skip
         print(f"\nneighbour quality: {len(q)} chunks, {100 * (q >= 32).mean():.1f}% share ≥ 32 "
               "tokens with the true continuation; bpb by quality:")  # fmt: skip
-        for entry in report["split_by_quality"]:
-            print("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                   for k, v in entry.items()))  # fmt: skip
+        buckets = report["split_by_quality"]
+        names = [k for k in buckets[0] if k not in ("min_shared", "fraction")]
+        print(f"  {'shared tokens ≥':>15s} {'chunks':>7s}" + "".join(f" {n:>{max(len(n), 8)}s}"
+                                                             for n in names))  # fmt: skip
+        for b in buckets:
+            print(
+                f"  {b['min_shared']:>15d} {100 * b['fraction']:6.1f}%"
+                + "".join(f" {b.get(n, math.nan):>{max(len(n), 8)}.4f}" for n in names)
+            )
         figure = plot_retrieval_by_quality(report["split_by_quality"], root / "by_quality.png")
         if figure is not None:
             print(f"figure: {figure}")

@@ -161,6 +161,10 @@ def plot_retrieval_by_quality(buckets: Sequence[dict], path: Path) -> Path | Non
         "(longest run the first neighbour's continuation shares with the true one)",
     )
     ax.title.set_fontsize(9)
+    values = np.array([b.get(m, np.nan) for b in buckets for m in models], dtype=float)
+    low, high = np.nanmin(values), np.nanmax(values)
+    pad = 0.15 * (high - low) or 0.05 * abs(high) or 1.0
+    ax.set_ylim(low - pad, high + pad)  # from near the lowest bar: hundredths of a bit show
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
