@@ -174,6 +174,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["ckpt_path={f}/weights_only.ckpt"], "weights_only.ckpt"),
     ("train", ["ckpt_path={f}/other_model.ckpt"], "was written by a run of another model (model."),
     ("train", ["data=fewshot_synthetic"], "use strategy=fewshot data=fewshot_synthetic"),
+    ("train", ["run_name=../../elsewhere"], "run_name='../../elsewhere' must stay inside"),
     (
         "train",
         ["experiment=ewc_permuted_digits", "data=permuted_digits", "trainer.limit_train_batches=2"],

@@ -9,6 +9,7 @@ Lightning would only reject (or silently accept) after work had started.
 from __future__ import annotations
 
 import os
+from pathlib import PurePath
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -45,6 +46,11 @@ def check_run_keys(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise ConfigError(f"{key}={value!r} must be a non-empty string")
+    name = PurePath(str(cfg.get("run_name") or ""))
+    if name.is_absolute() or ".." in name.parts:  # its runs go to outputs/runs/<run_name>/
+        raise ConfigError(
+            f"run_name={str(name)!r} must stay inside outputs/runs (no '..', no '/' first)"
+        )
 
 
 def check_trainer(node: DictConfig) -> None:
