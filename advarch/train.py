@@ -227,7 +227,11 @@ def main() -> None:
     import_from_working_dir()
     # before Hydra builds a sweeper: Optuna's storage announces alembic's plugins at INFO
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    hydra_main()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C before training installs its handlers (imports, data)
+        print("SIGINT received before training started: stopped, nothing saved", file=sys.stderr)
+        sys.exit(130)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="train")
@@ -239,6 +243,14 @@ def hydra_main(cfg: DictConfig) -> float | None:
     keeps its traceback in `<trial>/error.txt`, and returns the worst value, so the sweep goes
     on and the sweeper ranks it last; `advarch.sweeps.SweepSummary` tabulates the trials.
     """
+    try:
+        return _job(cfg)
+    except KeyboardInterrupt:  # Ctrl-C before training installs its handlers (imports, data)
+        discard_run_folder(Path(cfg.paths.output_dir))
+        raise
+
+
+def _job(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from advarch.config.compose import apply_debug_sizes

@@ -1,10 +1,13 @@
 """Signals outside the training loop: testing stops with the signal's exit code and one line,
-a second Ctrl-C stops at once (exit 130), eval.py stops the same way."""
+a second Ctrl-C stops at once (exit 130), eval.py stops the same way, and Ctrl-C while
+starting up is one line."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,22 @@ def test_eval_stops_on_sigterm_without_metrics(
     with pytest.raises(Interrupted, match="SIGTERM received: testing stopped") as stopped:
         evaluate(cfg)
     assert stopped.value.exit_code == 143
+
+
+def test_ctrl_c_while_starting_is_one_line_and_leaves_no_run_folder(project) -> None:
+    # Hydra has made the run folder and its log (train.py's job starts right after, and its
+    # imports of torch and Lightning take seconds)
+    proc = subprocess.Popen(["python", "train.py", "debug=tiny"], cwd=project.root,
+                            env=project.env(), stderr=subprocess.PIPE, text=True)  # fmt: skip
+    runs = project.root / "outputs" / "runs"
+    deadline = time.monotonic() + 60
+    while not list(runs.glob("*/*/train.log")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "SIGINT received before training started: stopped, nothing saved"
+    )
+    assert not list(runs.glob("*/*"))
