@@ -7,7 +7,6 @@ changes the checkpoint's own data (e.g. `data.max_eval_sequences=null`: the whol
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import sys
@@ -78,17 +77,11 @@ def evaluate(cfg: DictConfig) -> Evaluation:
 
 def _changed(saved: DictConfig, changes: DictConfig, group: str) -> DictConfig:
     """The checkpoint's `group` config with `changes` to keys it has (ConfigError otherwise)."""
-    from advarch.config.validate import ConfigError
+    from advarch.config.choices import unknown_key
 
-    unknown = sorted(set(changes) - set(saved))
+    unknown = sorted(str(k) for k in set(changes) - set(saved))
     if unknown:
-        keys = sorted(str(k) for k in saved if not str(k).startswith("_"))
-        close = difflib.get_close_matches(str(unknown[0]), keys, n=1)
-        hint = f"did you mean {group}.{close[0]}? " if close else ""
-        raise ConfigError(
-            f"{group}.{unknown[0]} is not a key of the checkpoint's {group} "
-            f"({hint}keys: {', '.join(keys)})"
-        )
+        raise unknown_key(group, unknown[0], saved, f"the checkpoint's {group}")
     return OmegaConf.merge(saved, changes)
 
 

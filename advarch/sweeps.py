@@ -21,7 +21,7 @@ from rich.table import Table
 
 from advarch.config.resolvers import sweep_direction
 from advarch.console_log import console_width
-from advarch.reports.run_folders import rounded_value
+from advarch.reports.run_folders import rounded_value, run_overrides
 
 RESULT_FILE = "result.json"
 SWEEP_OVERRIDES_FILE = "sweep_overrides.yaml"
@@ -43,21 +43,13 @@ def earlier_trials(sweep_dir: Path, job_overrides: list[str]) -> list[Path]:
     """The trial folders of earlier sweeps (siblings of `sweep_dir`) that ran these overrides,
     `ckpt_path` aside: where `ckpt_path=auto` in a rerun of an interrupted sweep finds each
     trial's checkpoints."""
-    own = sorted(o for o in job_overrides if not o.startswith("ckpt_path="))
-    found = []
-    for saved in sweep_dir.parent.glob("*/*/.hydra/overrides.yaml"):
-        trial = saved.parent.parent
-        if trial.parent == sweep_dir:
-            continue
-        try:
-            theirs = sorted(
-                str(o) for o in OmegaConf.load(saved) if not str(o).startswith("ckpt_path=")
-            )
-        except Exception:  # noqa: BLE001  (a damaged folder is not this trial's)
-            continue
-        if theirs == own:
-            found.append(trial)
-    return found
+
+    def key(overrides: list[str]) -> list[str]:
+        return sorted(o for o in overrides if not o.startswith("ckpt_path="))
+
+    trials = {saved.parent.parent for saved in sweep_dir.parent.glob("*/*/.hydra/overrides.yaml")}
+    own = key(job_overrides)
+    return sorted(t for t in trials if t.parent != sweep_dir and key(run_overrides(t)) == own)
 
 
 def worst_value(direction: str) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ log = logging.getLogger("advarch")
 
 
 def run(
-    cfg: DictConfig, identity: RunIdentity | None = None, earlier_trials: list[Path] | None = None
+    cfg: DictConfig, identity: RunIdentity | None = None, earlier_trials: Sequence[Path] = ()
 ) -> dict[str, float]:
     """Train and test one configuration; returns the final metrics (floats).
 
@@ -59,7 +60,7 @@ def run(
     validate_run(cfg)  # every key, before any work
     output_dir = Path(cfg.paths.output_dir)
     runs_dir = Path(cfg.paths.runs_dir)
-    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials or [])
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials)
     last = output_dir / "checkpoints" / "last.ckpt"
     callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
     callbacks.append(IgnoreKnownWarnings())  # again in spawned DDP workers
@@ -295,7 +296,7 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
     overrides = identity.trial.split()
     metric = cfg.get("optimized_metric")
     direction = str(OmegaConf.select(hc, "sweeper.direction") or sweep_direction(metric))
-    earlier = None
+    earlier: list[Path] = []
     if cfg.get("ckpt_path") == "auto":  # a rerun of an interrupted sweep: each trial goes on
         earlier = earlier_trials(Path(hc.sweep.dir).resolve(), list(hc.overrides.task))
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from hydra.errors import ConfigCompositionException
@@ -88,10 +89,18 @@ def check_override_keys(argv: list[str], config_name: str = "train") -> None:
         return
     if not isinstance(node, DictConfig):
         return
+    raise unknown_key(parent, leaf, node)
+
+
+def unknown_key(parent: str, leaf: str, node: Iterable, owner: str | None = None) -> ConfigError:
+    """`<parent>.<leaf> is not a key of <owner> (did you mean …? keys: …)`, the keys `node`
+    has (its private `_…` ones aside) and the nearest one; `owner` defaults to `parent`."""
     keys = sorted(str(k) for k in node if not str(k).startswith("_"))
     close = difflib.get_close_matches(leaf, keys, n=1)
     hint = f"did you mean {parent}.{close[0]}? " if close else ""
-    raise ConfigError(f"{key} is not a key of {parent} ({hint}keys: {', '.join(keys)})")
+    return ConfigError(
+        f"{parent}.{leaf} is not a key of {owner or parent} ({hint}keys: {', '.join(keys)})"
+    )
 
 
 def _unknown_key(overrides: list[str], config_name: str) -> str | None:

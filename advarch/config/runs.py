@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ def resolve_checkpoint(
     runs_dir: Path,
     cfg: DictConfig | None = None,
     output_dir: Path | None = None,
-    earlier_trials: list[Path] | tuple[Path, ...] = (),
+    earlier_trials: Sequence[Path] = (),
 ) -> Path | None:
     """The checkpoint a run resumes from, and a log line saying which (or why none).
 

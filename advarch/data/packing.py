@@ -43,23 +43,19 @@ def load_or_build(
     atomically. A damaged one (unreadable meta, a missing or truncated file) is built again,
     with a warning naming it; so are the temporary folders of builds that were killed."""
     _remove_abandoned_builds(cache)
-    for attempt in range(2):
-        if not (cache / "meta.json").exists():
-            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            (tmp / "meta.json").write_text(json.dumps(build(tmp)))
-            shutil.rmtree(cache, ignore_errors=True)
-            os.replace(tmp, cache)
+    if (cache / "meta.json").exists():
         try:
             return json.loads((cache / "meta.json").read_text()), load(cache)
         except Exception as err:  # noqa: BLE001  (any damage: json, arrow, missing files)
-            if attempt:
-                raise
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             log.warning("data cache %s is damaged (%s): building it again", cache, reason)
-            shutil.rmtree(cache, ignore_errors=True)
-    raise AssertionError("unreachable")
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "meta.json").write_text(json.dumps(build(tmp)))
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
+    return json.loads((cache / "meta.json").read_text()), load(cache)
 
 
 def _remove_abandoned_builds(cache: Path) -> None:
@@ -75,8 +71,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process
+        pass
     return True
 
 
