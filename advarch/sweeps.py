@@ -21,9 +21,8 @@ from rich.table import Table
 
 from advarch.config.resolvers import sweep_direction
 from advarch.console_log import console_width
-from advarch.reports.run_folders import rounded_value, run_overrides
+from advarch.reports.run_folders import RESULT_FILE, rounded_value, run_overrides
 
-RESULT_FILE = "result.json"
 SWEEP_OVERRIDES_FILE = "sweep_overrides.yaml"
 
 

@@ -42,6 +42,14 @@ class RunIdentity:
         ]
 
 
+def tracker_group(run_name: str, experiment: str | None = None, sweep: str | None = None) -> str:
+    """A run's W&B group: its sweep's (`<run_name>-sweep-<sweep folder>`), else its
+    experiment, else its run name."""
+    if sweep:
+        return f"{run_name}-sweep-{sweep}"
+    return experiment or run_name
+
+
 def git_state() -> dict[str, Any]:
     """The commit advarch runs from and whether its tree has uncommitted changes (else {})."""
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
 from advarch.config.combinations import check_combination, with_strategy_defaults
-from advarch.tracking import RunIdentity
+from advarch.tracking import RunIdentity, tracker_group
 
 log = logging.getLogger("advarch")
 
@@ -330,9 +330,9 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
     if hc.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hc.sweep.dir)
         trial = trial_overrides(list(hc.overrides.task), sweep_overrides(sweep_dir))
-        group = f"{cfg.run_name}-sweep-{sweep_dir.name}"
+        group = tracker_group(cfg.run_name, sweep=sweep_dir.name)
         return RunIdentity(cfg.run_name, "sweep", group, " ".join(trial), choices)
-    group = choices.get("experiment") or cfg.run_name
+    group = tracker_group(cfg.run_name, choices.get("experiment"))
     return RunIdentity(cfg.run_name, "train", group, "", choices)
 
 

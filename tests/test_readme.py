@@ -21,6 +21,7 @@ import yaml
 
 from tests.cli import CliResult, Project
 from tests.conftest import ROOT, TrainedRun
+from tests.wandb_offline import offline_run
 
 README = (ROOT / "README.md").read_text()
 
@@ -213,8 +214,12 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
     elif "scripts/report.py" in cmd:
         folder = Path(ran[2]) if Path(ran[2]).is_absolute() else proj.root / ran[2]
         assert (folder / "report" / "report.md").is_file()
-        if "--wandb" in words:
-            assert list((folder / "report").glob("wandb/offline-run-*"))
+        if "--wandb" in words:  # in the W&B group of the sweep's trials (their resolved name)
+            run_name = yaml.safe_load((folder / "0" / "csv" / "version_0" / "hparams.yaml"
+                                       ).read_text())["run_name"]  # fmt: skip
+            report = offline_run(folder / "report")
+            assert report["group"] == f"{run_name}-sweep-{folder.name}", report["group"]
+            assert run_name.startswith("debug-tiny-") and "${" not in run_name
     elif "scripts/merge_demo.py" in cmd:
         assert (proj.root / "outputs" / "merge_demo" / "merge_table.md").is_file()
     elif "scripts/bench.py" in cmd:

@@ -119,14 +119,15 @@ def plot_sweep_curves(
     curves = {name: m.series(key) for name, m in runs.items() if key in m.matching(re.escape(key))}
     if not curves:
         return None
-    fig = _figure(7.0, 4.0 + 0.2 * math.ceil(len(curves) / 2))  # + the legend's rows
+    names = {name: (labels or {}).get(name) or name for name in curves}
+    ncols = 2 if max(map(len, names.values())) <= 48 else 1  # a long label takes a whole row
+    fig = _figure(7.0, 4.0 + 0.2 * math.ceil(len(curves) / ncols))  # + the legend's rows
     ax = fig.add_subplot()
     for name, (steps, values) in curves.items():
-        label = (labels or {}).get(name) or name
-        ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=label)
+        ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=names[name])
     ax.set(title=f"{key} per run", xlabel="step", ylabel=key)
     ax.grid(alpha=0.3)
-    fig.legend(fontsize=7, ncols=2, loc="outside lower center")  # below: it hides no curve
+    fig.legend(fontsize=7, ncols=ncols, loc="outside lower center")  # below: it hides no curve
     return _save(fig, path)
 
 

@@ -38,7 +38,9 @@ from advarch.reports.run_folders import (
     run_setting,
     sweep_runs,
     task_boundaries,
+    trial_error,
 )
+from advarch.tracking import tracker_group
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Report:
         self.lines += [
             "| " + " | ".join(header) + " |",
             "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(row) + " |" for row in rows),
+            *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows),
             "",
         ]
 
@@ -80,7 +82,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
     """Plots and Markdown for one run folder (written into `out`, default `<run>/report`)."""
     report = Report(out or run_dir / "report")
     metrics = Metrics.read(run_dir)
-    report.final = final = {**metrics.final(), **_summary(run_dir).get("metrics", {})}
+    report.final = final = final_values(run_dir, metrics)
     report.lines += [f"# Run report: `{run_dir}`", ""]
     overrides = run_overrides(run_dir)
     if overrides:
@@ -146,6 +148,12 @@ def _headline(run_dir: Path, final: dict[str, float], report: Report) -> None:
                 if f"{split}/loss" in final]  # fmt: skip
     if rows:
         report.table(["", "value"], rows)
+
+
+def final_values(run_dir: Path, metrics: Metrics) -> dict[str, float]:
+    """A run's final metrics: the CSV log's last values, and where the run finished, those its
+    summary printed (throughput over the whole run, not the last logging window)."""
+    return {**metrics.final(), **_summary(run_dir).get("metrics", {})}
 
 
 def _summary(run_dir: Path) -> dict:
@@ -253,7 +261,8 @@ def sweep_report(folder: Path) -> Report:
     jobs = sweep_runs(folder)
     runs = {j.name: Metrics.read(j) for j in jobs if is_run(j)}
     overrides = {j.name: dict(o.split("=", 1) for o in run_overrides(j) if "=" in o) for j in jobs}
-    finals = {name: m.final() for name, m in runs.items()}
+    finals = {j.name: final_values(j, runs[j.name]) for j in jobs if j.name in runs}
+    errors = {j.name: trial_error(j) for j in jobs}
     names = [j.name for j in jobs]
     first = jobs[0] if jobs else folder
     metric = run_setting(first, "optimized_metric", "val/loss")
@@ -275,12 +284,15 @@ def sweep_report(folder: Path) -> Report:
     ]
     report.final = finals.get(best, {}) if best else {}
     report.lines += [f"# Sweep report: `{folder}`", ""]
-    report.lines += [
-        f"{len(jobs)} runs ({len(runs)} with metrics); best by `{metric}` ({direction})"
-        + (", as reported by Optuna" if optuna else "")
-        + f": run **{best}**."
+    failed = sum(1 for e in errors.values() if e)
+    outcome = (
+        f"best by `{metric}` ({direction}){', as reported by Optuna' if optuna else ''}: "
+        f"run **{best}**."
         if best
-        else ": none finished.",
+        else f"none has a value of `{metric}`."
+    )
+    report.lines += [
+        f"{len(jobs)} runs ({len(runs)} with metrics, {failed} failed); {outcome}",
         "",
     ]
     if fixed:
@@ -292,9 +304,11 @@ def sweep_report(folder: Path) -> Report:
     for name in names:
         mark = "★ " + name if name == best else name
         cells = [rounded_value(overrides[name].get(k, "—")) for k in varying]
-        values = [_fmt(finals[name].get(k)) if name in finals else "failed" for k in keys]
-        link = f"[report](../{name}/report/report.md)" if name in runs else "—"  # from report/
-        rows.append([mark, *cells, *values, link])
+        values = [_fmt(finals[name].get(k)) if name in finals else "—" for k in keys]
+        values[0] = values[0] if name in finals else "failed"  # the optimized metric
+        links = [f"[report](../{name}/report/report.md)"] if name in runs else []  # from report/
+        links += [f"failed: {errors[name]}"] if errors[name] else []
+        rows.append([mark, *cells, *values, " · ".join(links) or "—"])
     report.lines += ["## Runs", ""]
     report.table(["run", *varying, *keys, "details"], rows)
     if optuna:
@@ -304,6 +318,8 @@ def sweep_report(folder: Path) -> Report:
             + f" → {_fmt(float(optuna['best_value']))}",
             "",
         ]
+    if not runs:
+        return report
     report.lines += ["## Plots", ""]
     labels = {
         n: " ".join(f"{k}={rounded_value(overrides[n][k])}" for k in varying if k in overrides[n])
@@ -345,7 +361,8 @@ def write_report(folder: str | Path, wandb: bool = False) -> Path:
     if wandb:
         first = folder if is_run(folder) else sweep_runs(folder)[0]
         run_name = run_setting(first, "run_name", folder.name)
-        group = run_name if is_run(folder) else f"{run_name}-sweep-{folder.name}"
+        experiment = run_setting(first, "hydra.runtime.choices.experiment")
+        group = tracker_group(run_name, experiment, None if is_run(folder) else folder.name)
         log_to_wandb(report, name=f"report-{folder.name}", group=group)
     return path
 

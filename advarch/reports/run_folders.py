@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import re
@@ -15,6 +16,7 @@ import numpy as np
 import yaml
 
 log = logging.getLogger("advarch")
+RESULT_FILE = "result.json"  # a sweep trial's outcome, written by `advarch.sweeps`
 
 
 def read_file(path: Path, parse: Callable[[str], Any], default: Any = None) -> Any:
@@ -40,10 +42,7 @@ class Metrics:
     def read(cls, run_dir: Path) -> Metrics:
         """Concatenate `csv/version_*/metrics.csv` in version order (a resumed run adds one)."""
         rows: list[dict[str, str]] = []
-        files = sorted(
-            (run_dir / "csv").glob("version_*/metrics.csv"),
-            key=lambda p: int(p.parent.name.split("_")[-1]),
-        )
+        files = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=_version)
         for path in files:
             with path.open(newline="") as f:
                 rows += list(csv.DictReader(f))
@@ -104,6 +103,12 @@ def task_boundaries(metrics: Metrics, epochs_per_task: int | None) -> list[float
     return [float(steps[i]) for i in range(1, len(tasks)) if tasks[i] > tasks[i - 1]]
 
 
+def trial_error(run_dir: Path) -> str | None:
+    """Why a sweep trial failed (the one line of its `result.json`), or None."""
+    result = read_file(run_dir / RESULT_FILE, json.loads, {})
+    return result.get("error") if isinstance(result, dict) else None
+
+
 def run_overrides(run_dir: Path) -> list[str]:
     """The run's command-line overrides (`.hydra/overrides.yaml`), as written."""
     overrides = read_file(run_dir / ".hydra" / "overrides.yaml", yaml.safe_load)
@@ -111,14 +116,22 @@ def run_overrides(run_dir: Path) -> list[str]:
 
 
 def run_setting(run_dir: Path, key: str, default: str | None = None) -> str | None:
-    """A key of the run's saved Hydra config (`optimized_metric`, `hydra.sweeper.direction`)."""
-    for name in ("config.yaml", "hydra.yaml"):
-        node = read_file(run_dir / ".hydra" / name, yaml.safe_load)
+    """A key of the run's config (`run_name`, `optimized_metric`, `hydra.sweeper.direction`):
+    resolved as the run logged it (`csv/version_*/hparams.yaml`), else as Hydra saved it
+    (`.hydra/`, where an interpolation such as the default `run_name` does not count)."""
+    logged = sorted((run_dir / "csv").glob("version_*/hparams.yaml"), key=_version)[-1:]
+    for path in [*logged, run_dir / ".hydra" / "config.yaml", run_dir / ".hydra" / "hydra.yaml"]:
+        node = read_file(path, yaml.safe_load)
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
+        if node is not None and "${" not in str(node):
             return str(node)
     return default
+
+
+def _version(path: Path) -> int:
+    """N of a `csv/version_N/…` file."""
+    return int(path.parent.name.split("_")[-1])
 
 
 def rounded_value(text: str, digits: str = ".4g") -> str:

@@ -79,7 +79,11 @@ def make_sweep(tmp_path: Path) -> Path:
     (failed / "overrides.yaml").write_text(
         yaml.safe_dump(["debug=tiny", "optimizer.lr=1e-2", "model.dim=48"])
     )
+    (failed.parent / "result.json").write_text(json.dumps({"status": "failed", "error": ERROR}))
     return sweep
+
+
+ERROR = "model.num_heads=3 must divide model.dim=48 (| in a message)"
 
 
 def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
@@ -88,7 +92,9 @@ def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
     assert "Shared overrides: `debug=tiny`" in md
     assert "| run | model.dim | optimizer.lr | val/loss |" in md
     assert "| ★ 1 | 32 | 3e-3 | 0.8 |" in md
-    assert "| 3 | 48 | 1e-2 | failed |" in md
+    assert "4 runs (3 with metrics, 1 failed); best by `val/loss` (minimize): run **1**." in md
+    escaped = ERROR.replace("|", "\\|")  # a cell's "|" would split the table's row
+    assert f"| 3 | 48 | 1e-2 | failed | — | — | — | — | failed: {escaped} |" in md
     assert_png(sweep / "report" / "sweep_curves.png")
     assert (sweep / "0" / "report" / "report.md").is_file()
     links = re.findall(r"\[report\]\(([^)]+)\)", md)
@@ -106,6 +112,31 @@ def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
     )
     md = write_report(sweep).read_text()
     assert "| ★ 2 | 64 | 1e-3 | 0.9 |" in md and "as reported by Optuna" in md
+
+
+def test_sweep_report_where_every_trial_failed_says_why(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    for trial, heads in enumerate((3, 5)):
+        (sweep / str(trial) / ".hydra").mkdir(parents=True)
+        (sweep / str(trial) / ".hydra" / "overrides.yaml").write_text(
+            yaml.safe_dump([f"model.num_heads={heads}"]))  # fmt: skip
+        error = {"error": f"model.num_heads={heads} must divide model.dim=32"}
+        (sweep / str(trial) / "result.json").write_text(json.dumps(error))
+    md = write_report(sweep).read_text()
+    assert "2 runs (0 with metrics, 2 failed); none has a value of `val/loss`." in md
+    assert "| 1 | 5 | failed | failed: model.num_heads=5 must divide model.dim=32 |" in md
+    assert "## Plots" not in md  # no empty section
+
+
+def test_sweep_report_takes_final_values_from_each_runs_summary(tmp_path: Path) -> None:
+    # summary.json holds what the run's summary printed (throughput over the whole run), the
+    # CSV's last row one logging window: W&B's summary of the report gets the former
+    from advarch.reports.markdown import sweep_report
+
+    sweep = make_sweep(tmp_path)
+    summary = {"metrics": {"val/loss": 0.8, "val/acc": 0.5}}
+    (sweep / "1" / SUMMARY_FILE).write_text(json.dumps(summary))
+    assert sweep_report(sweep).final["val/acc"] == 0.5  # the CSV's last is 0.86
 
 
 def test_best_run_by_direction() -> None:
