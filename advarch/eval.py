@@ -95,7 +95,10 @@ def own_data_overrides(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """The command line (`eval.py`, `advarch-eval`): see the module docstring."""
+    from advarch.config.choices import check_command_line
+
     sys.argv[1:] = own_data_overrides(sys.argv[1:])
+    check_command_line(sys.argv[1:], "eval")  # a mistyped key in one line
     hydra_main()
 
 

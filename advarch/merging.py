@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import typing
 import zlib
 from collections.abc import Mapping, Sequence
@@ -223,6 +224,19 @@ class MergeConfig:
                 _per_model(f"rules[{i}].weights", rule.weights, n)
             if rule.density is not None:
                 _per_model(f"rules[{i}].density", rule.density, n)
+
+    def check_rules_match(self, names: Sequence[str]) -> None:
+        """A rule that matches no tensor is a mistyped pattern: ValueError naming it and
+        tensor names that share a word with it."""
+        for i, rule in enumerate(self.rules):
+            if any(fnmatchcase(name, rule.pattern) for name in names):
+                continue
+            words = [w for w in re.split(r"[*?.\[\]]+", rule.pattern) if w]
+            similar = [n for n in names if any(w in n for w in words)] or list(names)
+            raise ValueError(
+                f"rules[{i}].pattern={rule.pattern!r} matches no tensor (names look like "
+                f"{', '.join(similar[:2])})"
+            )
 
     def resolve(self, name: str, n: int) -> TensorPlan:
         """Parameters for tensor ``name`` given ``n`` models: the first matching rule wins."""
@@ -508,6 +522,7 @@ def merge_state_dicts(
     """
     cfg.check_models(len(models))
     names = list(dict.fromkeys([*base, *(k for m in models for k in m)]))
+    cfg.check_rules_match(names)
     for name in names:
         check_tensor(
             name,

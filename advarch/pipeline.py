@@ -87,7 +87,10 @@ def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
     compile_model = options.pop("compile", False)
     if not isinstance(compile_model, bool):
         raise ConfigError(f"model.compile={compile_model!r} must be true or false")
-    model = instantiate(options, _partial_=True, _convert_="all")(spec=spec)
+    try:
+        model = instantiate(options, _partial_=True, _convert_="all")(spec=spec)
+    except (ValueError, TypeError) as err:  # a constructor's complaint (your own model's too)
+        raise ConfigError(naming("model", err)) from err
     if compile_model:
         model.compile()
     return model
@@ -114,10 +117,7 @@ def build_optimization(cfg: DictConfig) -> dict[str, Any]:
         try:
             tries[group](make)
         except (ValueError, TypeError) as err:
-            message = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(
-                message if message.startswith(f"{group}.") else f"{group}: {message}"
-            ) from err
+            raise ConfigError(naming(group, err)) from err
     return factories
 
 
@@ -152,16 +152,21 @@ def build_all(cfg: DictConfig) -> tuple[L.LightningDataModule, DataSpec, L.Light
         raise ConfigError(str(err).splitlines()[0]) from err
 
 
+def naming(key: str, err: BaseException) -> str:
+    """The first line of `err`, prefixed with the config `key` it came from unless it names a
+    key under it already (`model.dim=…`)."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return first if first.startswith(f"{key}.") else f"{key}: {first}"
+
+
 def instantiate_checked(node: DictConfig, key: str, **kwargs: Any) -> Any:
     """`instantiate(node)`; a constructor's complaint becomes one ConfigError naming `key`."""
     try:
         return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as err:
-        cause = err.__cause__ or err
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise ConfigError(f"{key}: {first}") from cause
+        raise ConfigError(naming(key, err.__cause__ or err)) from err
     except (ValueError, TypeError) as err:  # Lightning's MisconfigurationException included
-        raise ConfigError(f"{key}: {str(err).strip().splitlines()[0]}") from err
+        raise ConfigError(naming(key, err)) from err
 
 
 def instantiate_dict(node: DictConfig | None, group: str = "") -> list[Any]:

@@ -380,6 +380,14 @@ def test_config_validation_names_key(kwargs: dict, message: str) -> None:
         MergeConfig(**kwargs)
 
 
+def test_a_rule_that_matches_no_tensor_names_similar_ones() -> None:
+    rules = [{"pattern": "*.ffn.router", "keep": 0}, {"pattern": "*.router.*", "keep": 0}]
+    base = {"model.layers.0.ffn.router": torch.zeros(2), "model.head.weight": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"rules\[1\].pattern='\*.router.\*' matches no "
+                       r"tensor \(names look like model.layers.0.ffn.router\)$"):  # fmt: skip
+        merge_state_dicts(base, [base], MergeConfig(rules=rules))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -12,11 +12,52 @@ Settings are documented in configs/generate.yaml; the logic lives in `advarch.ge
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:} for the run folder)
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """generate.yaml's settings and their types, checked before any work (see the YAML)."""
+
+    prompt: str
+    prompt_file: str | None
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    greedy: bool
+    seed: int | None
+    use_cache: bool
+    stream: bool
+    stop_at_eos: bool
+    device: str
+    bench: bool
+    bench_models: list[str]
+    bench_overrides: list[str]
+    bench_prompt_len: int
+    bench_new_tokens: int
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Raise ConfigError for a setting of the wrong type or a device torch does not have."""
+    import torch
+
+    from advarch.config.validate import ConfigError, check_fields
+
+    check_fields(cfg, GenerateSettings)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"device={cfg.device!r} is not a torch device (cpu, cuda, cuda:1 …)"
+        ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device}: torch sees no CUDA device here (use device=cpu)")
 
 
 def _bench(cfg: DictConfig) -> None:
@@ -65,7 +106,7 @@ def _prompt(cfg: DictConfig) -> str:
 
 
 @hydra.main(config_path="pkg://advarch.configs", config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """Generate from `ckpt_path` (or benchmark with `bench=true`); one-line errors."""
     from advarch.config.validate import ConfigError
     from advarch.generation import generate_text
@@ -75,6 +116,7 @@ def main(cfg: DictConfig) -> None:
     quiet_lightning_logs()
     import_from_working_dir()
     try:
+        check_settings(cfg)
         if cfg.bench:
             _bench(cfg)
             return
@@ -105,6 +147,14 @@ def main(cfg: DictConfig) -> None:
     finally:
         discard_run_folder()  # generation writes no files: leave no run folder behind
     print("" if cfg.stream else prompt + text)
+
+
+def main() -> None:
+    """The command line (`advarch-generate`): a mistyped key in one line, then Hydra."""
+    from advarch.config.choices import check_command_line
+
+    check_command_line(sys.argv[1:], "generate")
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Settings are documented in configs/merge.yaml; the logic lives in `advarch.mergi
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -16,7 +18,7 @@ USAGE = "python scripts/merge.py method=ties base=<ckpt> models=[<ckpt>,<ckpt>] 
 
 
 @hydra.main(config_path="pkg://advarch.configs", config_name="merge", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """Merge `models` into `base` with `method` and print a short summary."""
     from omegaconf import OmegaConf
     from rich.console import Console
@@ -39,7 +41,7 @@ def main(cfg: DictConfig) -> None:
         ValueError,
         FileNotFoundError,
     ) as err:  # bad config, path or tensor: one line, no traceback
-        raise SystemExit(f"merge: {err}") from None
+        raise SystemExit(f"error: {err}") from None
     finally:
         discard_run_folder()  # the merged checkpoint is `out`; the run folder keeps nothing
     table = Table(title=f"merge: {raw['method']}", show_header=False)
@@ -55,6 +57,14 @@ def main(cfg: DictConfig) -> None:
         table.add_row("dropped", str(summary.dropped))
     table.add_row("out", str(path))
     Console().print(table)
+
+
+def main() -> None:
+    """The command line (`advarch-merge`): a mistyped key in one line, then Hydra."""
+    from advarch.config.choices import check_command_line
+
+    check_command_line(sys.argv[1:], "merge")
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ a key the config lacks with advice to append it (`+model.dimm=64`), which the ru
 these say it in one line, with the nearest option or key. Only plain `group=a[,b]` assignments
 of advarch's groups are checked (plus those of `--config-dir` folders); Hydra's own groups
 (`hydra/...`), `+`/`~` edits, `@` packages and sweep functions pass through to Hydra; keys are
-checked for single runs of the packaged configs.
+checked for single runs of the packaged configs, where a `+key` must add to a top-level key the
+config has (`+modle.dim=3` would be read by nothing).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -70,36 +72,68 @@ def _config_dirs(argv: list[str]) -> list[Path]:
 
 
 def check_override_keys(argv: list[str], config_name: str = "train") -> None:
-    """Raise `ConfigError` for a `key=value` whose key the composed config does not have,
-    naming the nearest key of its parent and all of them. Sweeps (`-m`) and runs with other
-    flags or config folders (`--config-dir`) are left to Hydra."""
-    if any(a.startswith(("-", "hydra.searchpath")) for a in argv):
+    """Raise `ConfigError` for a `key=value` whose key the composed config does not have, or a
+    `+key=value` that adds a top-level key nothing reads, naming the nearest key and all of
+    them. Config folders (`--config-dir`) are searched as Hydra would; sweeps (`-m`) and runs
+    with other flags are left to Hydra."""
+    folders = _config_dirs(argv)
+    flags = [a for a in argv if a.startswith("-") or a.startswith("hydra.searchpath")]
+    if len(flags) > len(folders):  # any flag but `--config-dir`
         return
-    overrides = [a for a in argv if "=" in a]
-    if not any("." in o.split("=", 1)[0] for o in overrides):
-        return  # group choices (checked above) and top-level keys only: nothing to compose
+    searchpath = [f"hydra.searchpath=[{','.join(f'file://{f.resolve()}' for f in folders)}]"]
+    overrides = (searchpath if folders else []) + [
+        a for a in argv if "=" in a and not a.startswith("-")
+    ]
+    if not overrides:
+        return
     key = _unknown_key(overrides, config_name)
-    if key is None:
-        return
-    parent, _, leaf = key.rpartition(".")  # (a dotted key: parent is never empty)
     kept = [o for o in overrides if o.split("=", 1)[0] != key]
     try:
-        node = OmegaConf.select(compose_packaged(kept, config_name), parent)
+        cfg = compose_packaged([o for o in kept if not o.startswith("+")], config_name)
     except Exception:  # the rest does not compose either: Hydra says why
         return
-    if not isinstance(node, DictConfig):
-        return
-    raise unknown_key(parent, leaf, node)
+    if key is not None:
+        parts, depth = key.split("."), 0  # the first part the config lacks
+        while depth < len(parts) - 1 and isinstance(
+            OmegaConf.select(cfg, ".".join(parts[: depth + 1])), DictConfig
+        ):
+            depth += 1
+        parent, leaf = ".".join(parts[:depth]), parts[depth]
+        node = OmegaConf.select(cfg, parent) if parent else _own_keys(cfg)
+        if leaf not in node:
+            raise unknown_key(parent, leaf, node, None if parent else f"the {config_name} config")
+    for added in (o.lstrip("+").split("=", 1)[0] for o in overrides if o.startswith("+")):
+        root = added.split(".")[0].split("@")[0]
+        if root not in cfg:
+            unknown = unknown_key("", root, _own_keys(cfg), f"the {config_name} config")
+            raise ConfigError(f"+{added}: {unknown}")
+
+
+def check_command_line(argv: list[str], config_name: str) -> None:
+    """A program's command line against its own config (`eval`, `generate`, `merge`): group
+    choices and keys as above; exit with one `error: …` line."""
+    try:
+        check_group_choices(argv)
+        check_override_keys(argv, config_name)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+
+
+def _own_keys(cfg: DictConfig) -> list[str]:
+    """The top-level keys of a composed config, Hydra's own node aside."""
+    return [str(k) for k in cfg if k != "hydra"]
 
 
 def unknown_key(parent: str, leaf: str, node: Iterable, owner: str | None = None) -> ConfigError:
     """`<parent>.<leaf> is not a key of <owner> (did you mean …? keys: …)`, the keys `node`
-    has (its private `_…` ones aside) and the nearest one; `owner` defaults to `parent`."""
+    has (its private `_…` ones aside) and the nearest one; `owner` defaults to `parent`
+    (a top-level key: `parent` is "")."""
     keys = sorted(str(k) for k in node if not str(k).startswith("_"))
     close = difflib.get_close_matches(leaf, keys, n=1)
-    hint = f"did you mean {parent}.{close[0]}? " if close else ""
+    prefix = f"{parent}." if parent else ""
+    hint = f"did you mean {prefix}{close[0]}? " if close else ""
     return ConfigError(
-        f"{parent}.{leaf} is not a key of {owner or parent} ({hint}keys: {', '.join(keys)})"
+        f"{prefix}{leaf} is not a key of {owner or parent} ({hint}keys: {', '.join(keys)})"
     )
 
 
@@ -109,7 +143,7 @@ def _unknown_key(overrides: list[str], config_name: str) -> str | None:
         compose_packaged(overrides, config_name)
     except ConfigCompositionException as err:
         found = re.match(r"Could not override '([^']+)'", str(err))
-        return found.group(1) if found and "." in found.group(1) else None
+        return found.group(1) if found else None
     except Exception:  # any other composition error is Hydra's to report
         return None
     return None

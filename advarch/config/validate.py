@@ -59,6 +59,16 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
             )
 
 
+def check_fields(values: DictConfig, schema: type) -> None:
+    """Check a program's own settings (`generate.yaml`) against the types of a dataclass's
+    fields: ConfigError naming the first key of the wrong type."""
+    container = OmegaConf.to_container(values, resolve=True)
+    for name, hint in typing.get_type_hints(schema).items():
+        if name in container and not matches(container[name], hint):
+            value = container[name]
+            raise ConfigError(f"{name}={value!r} has the wrong type (expected {hint_name(hint)})")
+
+
 def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
     """(named parameters, type hints, takes any keyword) of a function or a class's __init__.
 
