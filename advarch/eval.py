@@ -63,6 +63,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     module.on_load_checkpoint(ckpt)
     trainer = L.Trainer(
         limit_test_batches=saved.trainer.get("limit_test_batches") or 1.0,  # the run's protocol
+        precision=saved.trainer.get("precision") or "32-true",  # and numerics
         logger=eval_wandb_logger(cfg, saved, module) if cfg.get("wandb") else False,
         enable_checkpointing=False,
         default_root_dir=cfg.paths.output_dir,

@@ -166,6 +166,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     # a key the config does not have: the nearest one, not Hydra's advice to append it
     ("train", ["model.dimm=64"], "model.dimm is not a key of model (did you mean model.dim?"),
     ("train", ["model.moe.topk=1"], "did you mean model.moe.top_k?"),
+    ("train", ["model.num_experts=4"], "did you mean model.moe.num_experts?"),  # not num_heads
     ("train", ["strategy=ewc", *STREAM, "strategy.ewc_lamda=5"], "mean strategy.ewc_lambda?"),
     ("train", ["modle.dim=3"], "modle is not a key of the train config (did you mean model?"),
     ("train", ["seeed=3"], "seeed is not a key of the train config (did you mean seed?"),

@@ -97,6 +97,7 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
             "data=fewshot_synthetic",
         ),
         (["model=mmoe", "data=text"], "model=mmoe data=text:", "data=mmoe_synthetic"),
+        (["model=seq2seq_moe"], "model=seq2seq_moe data=text:", "data=seq2seq_reverse"),
         (["strategy=ewc", "data=text"], "strategy=ewc data=text:", "data=text_domains"),
         (["strategy=finetune"], "strategy=finetune fine-tunes", "strategy.pretrained="),
         (

@@ -94,3 +94,17 @@ def test_data_keys_without_data_change_the_checkpoints_own_data(
     typo = make_cfg([f"ckpt_path={run.ckpt}", "+data_overrides.max_eval_seqs=3"], "eval")
     with pytest.raises(ConfigError, match="did you mean data.max_eval_sequences"):
         evaluate(typo)
+
+
+def test_eval_tests_in_the_runs_precision(make_cfg, tmp_path) -> None:
+    # a bf16-mixed run's test numbers differ from float32's in the 4th digit: eval.py must
+    # repeat the run's numerics, not only its batches
+    from advarch.train import run
+
+    train_cfg = make_cfg(["debug=tiny", "model=transformer", "trainer.precision=bf16-mixed"])
+    tested = run(train_cfg)
+    ckpt = f"{train_cfg.paths.output_dir}/checkpoints/last.ckpt"
+    cfg = make_cfg([f"ckpt_path={ckpt}", "wandb=false"], "eval", tmp_path / "eval")
+    evaluated = evaluate(cfg).metrics
+    for key in ("test/loss", "test/acc", "test/bpb"):
+        assert evaluated[key] == pytest.approx(tested[key], rel=1e-6), key

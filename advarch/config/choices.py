@@ -129,8 +129,10 @@ def unknown_key(parent: str, leaf: str, node: Iterable, owner: str | None = None
     has (its private `_…` ones aside) and the nearest one; `owner` defaults to `parent`
     (a top-level key: `parent` is "")."""
     keys = sorted(str(k) for k in node if not str(k).startswith("_"))
-    close = difflib.get_close_matches(leaf, keys, n=1)
     prefix = f"{parent}." if parent else ""
+    nested = [f"{k}.{leaf}" for k in keys if isinstance(node, DictConfig)
+              and isinstance(node[k], DictConfig) and leaf in node[k]]  # fmt: skip
+    close = nested or difflib.get_close_matches(leaf, keys, n=1)  # model.moe.top_k for top_k
     hint = f"did you mean {prefix}{close[0]}? " if close else ""
     return ConfigError(
         f"{prefix}{leaf} is not a key of {owner or parent} ({hint}keys: {', '.join(keys)})"

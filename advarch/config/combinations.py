@@ -8,8 +8,9 @@ Two jobs, both before anything heavy is imported or read:
   with (`with_default_optimization`, `STRATEGY_OPTIMIZATION`): `strategy=finetune` →
   `scheduler.warmup_steps=20`. It rewrites the command-line overrides BEFORE Hydra composes,
   so the choices show in the config tree, `.hydra/overrides.yaml` and the run's choices like
-  any other. The user's own `data=`, `optimizer…`/`scheduler…` keys or an `experiment=` (which
-  pins its own) always win.
+  any other; `strategy=fewshot` also sets `model.feature_patch=64` on packaged models that have
+  it (`with_default_model`, `STRATEGY_MODEL`). The user's own `data=`, `optimizer…`/`scheduler…`
+  and model keys or an `experiment=` (which pins its own) always win.
 - `check_combination(cfg)`: an impossible model × data × strategy combination stops with one
   `ConfigError` line naming the keys and a combination that works, before the config tree is
   printed, before torch is imported and before any data is read.
@@ -24,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig
 
 from advarch.config.validate import ConfigError
@@ -44,6 +46,13 @@ STRATEGY_OPTIMIZATION: dict[str, dict[str, float | int]] = {
     "finetune": {"scheduler.warmup_steps": 20},
     "retrofit": {"optimizer.lr": 3e-3, "scheduler.warmup_steps": 20},
 }
+
+# strategy → model keys it trains with, set where the chosen packaged model has them: few-shot
+# episodes are feature vectors whose class signal is mixed across all features, which one
+# shared patch projection cannot unmix (5-way accuracy at chance with patches of 8)
+STRATEGY_MODEL: dict[str, dict[str, int]] = {"fewshot": {"model.feature_patch": 64}}
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+DEFAULT_MODEL = "moe"  # train.yaml's
 
 
 @dataclass(frozen=True)
@@ -109,8 +118,9 @@ def _strategies(assignments: list[str]) -> list[str]:
 
 
 def with_strategy_defaults(overrides: list[str]) -> list[str]:
-    """The command line with the named strategy's default data and optimisation added."""
-    return with_default_optimization(with_default_data(overrides))
+    """The command line with the named strategy's default data, optimisation and model keys
+    added."""
+    return with_default_model(with_default_optimization(with_default_data(overrides)))
 
 
 def with_default_data(overrides: list[str]) -> list[str]:
@@ -142,6 +152,32 @@ def with_default_optimization(overrides: list[str]) -> list[str]:
     return [*overrides, *(f"{k}={v}" for k, v in chosen if not {k, k.split(".")[0]} & keys)]
 
 
+def with_default_model(overrides: list[str]) -> list[str]:
+    """`overrides` plus the named strategy's `STRATEGY_MODEL` keys, each unless the user sets
+    it or an `experiment=`, and only where every chosen model is a packaged config that has
+    the key (a user's own model keeps its own)."""
+    assignments = _assignments(overrides)
+    keys = {_key(o) for o in assignments}
+    values = {frozenset(STRATEGY_MODEL.get(s, {}).items()) for s in _strategies(assignments)}
+    own_configs = any(o.startswith(("--config-dir", "-cd", "hydra.searchpath")) for o in overrides)
+    if "experiment" in keys or len(values) != 1 or own_configs:
+        return overrides  # (a config folder of the user's may hold the model)
+    models = [o.split("=", 1)[1] for o in assignments if _key(o) == "model"]
+    chosen = [m.strip() for m in (models[-1] if models else DEFAULT_MODEL).split(",")]
+    return [*overrides, *(f"{k}={v}" for k, v in sorted(values.pop()) if k not in keys
+                          and all(_model_has(m, k.split(".", 1)[1]) for m in chosen))]  # fmt: skip
+
+
+def _model_has(choice: str, key: str) -> bool:
+    """Whether the packaged model config `choice` (with the configs it builds on) sets `key`."""
+    path = MODEL_CONFIGS / f"{choice}.yaml"
+    if not path.is_file():
+        return False
+    config = yaml.safe_load(path.read_text()) or {}
+    bases = [d for d in config.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+    return key in config or any(_model_has(base, key) for base in bases)
+
+
 # -- impossible combinations ------------------------------------------------------------------
 def _choices() -> dict[str, str]:
     """The group choices of the composed config (`data` → `text`), if Hydra knows them."""
@@ -155,7 +191,7 @@ def _choices() -> dict[str, str]:
 
 def _describe(kind: str, facts: DataFacts) -> str:
     if facts.stream:
-        return f"a {kind} task stream"
+        return f"{'an' if kind == 'lm' else 'a'} {kind} task stream"
     if facts.episodes:
         return "few-shot episodes"
     if facts.multitask:
@@ -226,6 +262,12 @@ def _check_model(
                 f"{names['data']} is {what}; use model={names['model']} data=mmoe_synthetic "
                 "strategy=multitask"
             )
+    if model.get("encoder_depth") and facts.kind != "seq2seq":
+        raise ConfigError(
+            f"{using}: model={names['model']} is an encoder–decoder (model.encoder_depth="
+            f"{model.encoder_depth}), but data={names['data']} is {what}; use "
+            f"model={names['model']} data=seq2seq_reverse"
+        )
     if model.get("retro") and not (facts.retrieval or data.get("retrieval")):
         raise ConfigError(
             f"{using}: model={names['model']} retrieves neighbours, but data={names['data']} "

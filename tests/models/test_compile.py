@@ -28,7 +28,7 @@ FAMILIES = [
         "model.layers=[ssm,attn,swa]",  # the fused CPU scan operator, MoE FFNs
         "model.swa.window=8",
     ],
-    ["debug=tiny", "model=seq2seq_moe"],
+    ["debug=tiny", "model=seq2seq_moe", "data=seq2seq_reverse"],  # encoder and decoder
     ["experiment=mmoe_synthetic"],
 ]
 
@@ -49,6 +49,7 @@ def test_compiled_model_matches_plain(make_cfg, eager_backend, overrides) -> Non
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     inputs = batch["input_ids"] if "input_ids" in batch else batch["inputs"]
+    kwargs = {k: batch[k] for k in ("decoder_input_ids",) if k in batch}  # seq2seq's targets
     torch.manual_seed(0)
     compiled = build_model(cfg, spec)
     cfg.model.compile = False
@@ -56,7 +57,7 @@ def test_compiled_model_matches_plain(make_cfg, eager_backend, overrides) -> Non
     plain = build_model(cfg, spec)
     assert compiled._compiled_call_impl is not None and plain._compiled_call_impl is None
     assert compiled.state_dict().keys() == plain.state_dict().keys()  # checkpoints unchanged
-    out_c, out_p = compiled(inputs), plain(inputs)
+    out_c, out_p = compiled(inputs, **kwargs), plain(inputs, **kwargs)
     assert eager_backend.frame_count == 1  # the whole forward is one graph
     torch.testing.assert_close(out_c.logits, out_p.logits)
     (out_c.logits.sum() + out_c.aux_loss).backward()

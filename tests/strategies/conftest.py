@@ -34,9 +34,11 @@ def composed_model(name: str) -> DictConfig:
 
 
 def fitting_models() -> list[str]:
-    """Model configs usable on feature-vector classification/regression data (no RETRO)."""
+    """Model configs usable on feature-vector classification/regression data (no RETRO, no
+    encoder–decoder)."""
     names = sorted(p.stem for p in (ROOT / "advarch" / "configs" / "model").glob("*.yaml"))
-    return [n for n in names if not composed_model(n).get("retro")]
+    return [n for n in names if not (composed_model(n).get("retro")
+                                     or composed_model(n).get("encoder_depth"))]  # fmt: skip
 
 
 def model_overrides(name: str) -> list[str]:

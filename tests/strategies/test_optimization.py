@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from advarch.checkpoint import saved_config
-from advarch.config.combinations import with_default_optimization
+from advarch.config.combinations import with_default_model, with_default_optimization
 from advarch.pipeline import build_optimization
 from advarch.strategies.optimization import constant, cosine, linear, parameter_groups
 from tests.cli import read_metrics, series
@@ -93,6 +93,22 @@ def test_no_weight_decay_on_norms_biases_embeddings_or_frozen() -> None:
 )
 def test_strategy_optimization_defaults(overrides: list[str], added: list[str]) -> None:
     assert with_default_optimization(overrides) == [*overrides, *added]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "added"),
+    [
+        (["strategy=fewshot"], ["model.feature_patch=64"]),  # the default model, moe
+        (["strategy=fewshot", "model=ssm,transformer"], ["model.feature_patch=64"]),
+        (["strategy=fewshot", "model=mmoe"], []),  # no such key: its own inputs
+        (["strategy=fewshot", "model.feature_patch=8"], []),  # the user's
+        (["strategy=fewshot", "experiment=fewshot_synthetic"], []),
+        (["--config-dir", "mine", "strategy=fewshot", "model=own"], []),  # a model of theirs
+        (["strategy=ewc"], []),
+    ],
+)
+def test_strategy_model_defaults(overrides: list[str], added: list[str]) -> None:
+    assert with_default_model(overrides) == [*overrides, *added]
 
 
 @pytest.mark.parametrize(
