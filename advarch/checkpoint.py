@@ -134,6 +134,12 @@ def model_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(PREFIX): v for k, v in state.items() if k.startswith(PREFIX)}
 
 
+def load_error(err: RuntimeError) -> str:
+    """The first problem `load_state_dict` reports (its message lists every key on a line)."""
+    lines = str(err).splitlines()
+    return lines[1].strip() if len(lines) > 1 else str(err)
+
+
 def describe(ckpt: Mapping[str, Any]) -> str:
     """`step N, epoch E[, task T]` of a training checkpoint, for resume messages."""
     text = f"step {ckpt.get('global_step', '?')}, epoch {ckpt.get('epoch', '?')}"

@@ -38,7 +38,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     import lightning as L
 
     from advarch.callbacks.signals import SignalCheckpoint
-    from advarch.checkpoint import load_with_config, with_cache_dir
+    from advarch.checkpoint import load_error, load_with_config, with_cache_dir
     from advarch.config.validate import ConfigError
     from advarch.pipeline import build_all
 
@@ -56,9 +56,8 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
         raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path!r} does not fit this data/model: {first}"
+            f"ckpt_path={cfg.ckpt_path!r} does not fit this data/model: {load_error(err)}"
         ) from err
     module.on_load_checkpoint(ckpt)
     trainer = L.Trainer(

@@ -1,7 +1,8 @@
 """A trained language model rebuilt from its checkpoint, with what generating text needs.
 
 `load_lm` reads the checkpoint through `advarch.checkpoint` (the one reader), rebuilds the
-datamodule and model from the config the run saved, loads the weights and, for RETRO models,
+datamodule, model and strategy (which may change the model: a fine-tune's new experts) from the
+config the run saved, loads the weights and, for RETRO models,
 wires the datamodule's retrieval database as the `retrieve` callback that `generate` calls each
 time a chunk completes. Sampling itself lives in `advarch.generation`.
 """
@@ -14,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from advarch.checkpoint import load_with_config, model_weights, with_cache_dir
+from advarch.checkpoint import load_error, load_with_config, model_weights, with_cache_dir
 from advarch.config.validate import ConfigError
 from advarch.generation import Retrieve
-from advarch.pipeline import build_datamodule, build_model
+from advarch.pipeline import build_datamodule, build_model, build_optimization, build_strategy
 from advarch.spec import DataSpec, ServesNeighbours, TokenizedText
 
 
@@ -52,11 +53,15 @@ def load_lm(ckpt_path: str, device: str = "cpu", cache_dir: str | None = None) -
     tokenizer = datamodule.tokenizer if isinstance(datamodule, TokenizedText) else None
     if tokenizer is None:
         raise ConfigError(f"data._target_={saved.data._target_} exposes no tokenizer")
-    model = build_model(saved, spec)
+    saved.strategy.pop("pretrained", None)  # weights come from the checkpoint itself
+    # through the run's strategy, which may have grown the model (finetune's new experts)
+    module = build_strategy(saved, build_model(saved, spec), spec, build_optimization(saved))
+    model = module.model
     try:
         model.load_state_dict(model_weights(ckpt["state_dict"]))
     except RuntimeError as err:
-        raise ConfigError(f"ckpt_path={ckpt_path!r}: weights do not fit the model: {err}") from err
+        message = f"ckpt_path={ckpt_path!r}: weights do not fit the model: {load_error(err)}"
+        raise ConfigError(message) from err
     retrieve = datamodule_retrieve(datamodule) if getattr(model, "retro", None) else None
     return LoadedLM(model.to(device).eval(), spec, tokenizer, spec.eos_id, retrieve)
 

@@ -18,6 +18,7 @@ def save_checkpoint(make_cfg, tmp_path: Path, overrides: list[str]) -> Path:
 
     cfg = make_cfg(["debug=tiny", *overrides])
     _, _, module = build_all(cfg)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return path
@@ -33,6 +34,20 @@ def test_load_lm_rebuilds_the_saved_weights(make_cfg, tmp_path: Path) -> None:
     assert weights.keys() == {k.removeprefix("model.") for k in saved if k.startswith("model.")}
     for name, value in weights.items():
         torch.testing.assert_close(value, saved[f"model.{name}"], rtol=0, atol=0)
+
+
+def test_load_lm_rebuilds_a_finetune_that_added_experts(make_cfg, tmp_path: Path) -> None:
+    # the strategy grows the model: rebuilding the plain model would not fit the weights
+    base = save_checkpoint(make_cfg, tmp_path / "base", ["model=moe", *SMALL_TEXT])
+    grown = save_checkpoint(make_cfg, tmp_path / "grown", [
+        "model=moe", *SMALL_TEXT, "strategy=finetune", f"strategy.pretrained={base}",
+        "strategy.new_experts=2"])  # fmt: skip
+    base.unlink()  # generation needs the fine-tune's checkpoint alone
+    lm = load_lm(str(grown))
+    saved = torch.load(grown, weights_only=False)["state_dict"]
+    for name, value in lm.model.state_dict().items():
+        torch.testing.assert_close(value, saved[f"model.{name}"], rtol=0, atol=0)
+    assert lm.model.layers[0].ffn.router.shape[0] == 8 + 2
 
 
 def test_load_lm_rejects_bad_checkpoints(make_cfg, tmp_path: Path) -> None:
