@@ -153,7 +153,7 @@ def newest_readable(
     candidates: Iterable[Path],
     key: str = "ckpt_path",
     mismatch: Callable[[Mapping[str, Any]], str | None] = lambda ckpt: None,
-) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+) -> tuple[Path | None, dict[str, Any] | None, list[str], list[str]]:
     """The newest (by modification time) readable checkpoint among `candidates`.
 
     Args:
@@ -162,18 +162,20 @@ def newest_readable(
         mismatch: why a readable checkpoint does not fit (None when it does).
 
     Returns:
-        (path, checkpoint, skipped): skipped holds one line per newer file that could not be
-        read or did not fit, and why; (None, None, skipped) when none qualifies.
+        (path, checkpoint, unreadable, foreign): one line per newer file that could not be
+        read, and per newer one that did not fit, saying why; path and checkpoint are None
+        when none qualifies.
     """
-    skipped: list[str] = []
+    unreadable: list[str] = []
+    foreign: list[str] = []
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             ckpt = read_checkpoint(path, key="", mmap=True)
         except CheckpointError as err:
-            skipped.append(str(err))
+            unreadable.append(str(err))
             continue
         reason = mismatch(ckpt)
         if reason is None:
-            return path, ckpt, skipped
-        skipped.append(f"{path}: written by another configuration ({reason})")
-    return None, None, skipped
+            return path, ckpt, unreadable, foreign
+        foreign.append(f"{path}: written by another configuration ({reason})")
+    return None, None, unreadable, foreign

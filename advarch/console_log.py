@@ -21,10 +21,12 @@ def console_width() -> int | None:
 
 
 # Lightning's device lines when there is no such device, its seed line, its step estimate,
-# its restatement of a batch limit the config shows (`Trainer(limit_test_batches=1.0)` was …)
+# its restatement of a batch limit the config shows (`Trainer(limit_test_batches=1.0)` was …),
+# its restore lines (advarch's own `resuming <file> (step …)` line says it)
 _SAID_NOTHING = re.compile(
     r"^(?:[GTH]PU available: False\b|Seed set to \d+$|Loading `train_dataloader` to estimate"
-    r"|`Trainer\(\w+=1(?:\.0)?\)` was configured so )"
+    r"|`Trainer\(\w+=1(?:\.0)?\)` was configured so |Restoring states from the checkpoint path"
+    r"|Restored all states from the checkpoint)"
 )
 
 

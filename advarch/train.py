@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ def run(
     check_combination(cfg)  # impossible combinations stop here: no torch, no data, no tree
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
 
     from advarch.atomic import write_text_atomic
@@ -79,6 +82,9 @@ def run(
     callbacks.append(LogRunConfig(config))
     # datamodules whose train loader changes with the epoch (continual streams, curricula)
     overrides = datamodule.trainer_overrides if isinstance(datamodule, ConfiguresTrainer) else {}
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):  # (`callbacks=none`)
+        # no Lightning default checkpointing into the logger's folder: last.ckpt is written below
+        overrides = {**overrides, "enable_checkpointing": False}
     trainer: L.Trainer = instantiate_checked(
         cfg.trainer,
         "trainer",
@@ -204,6 +210,27 @@ def import_from_working_dir() -> None:
         sys.path.append(os.getcwd())
 
 
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt there.
+
+    Importing torch runs Python callbacks from C++ (pybind11), where a KeyboardInterrupt
+    cannot unwind: the process aborts (`terminate called …`, exit -6) instead of stopping
+    with one line. Outside the main thread signals cannot be handled: the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _finish_wandb() -> None:
     """Close the W&B run (also after failures and between multirun jobs)."""
     if "wandb" in sys.modules:
@@ -265,8 +292,9 @@ def _job(cfg: DictConfig) -> float | None:
         except ConfigError as err:
             discard_run_folder(Path(cfg.paths.output_dir))
             sys.exit(f"error: {err}")
-    from advarch.callbacks.signals import Interrupted
-    from advarch.checkpoint import CheckpointError
+    with sigint_held():  # torch's imports run Python inside C++, where Ctrl-C would abort
+        from advarch.callbacks.signals import Interrupted  # (Lightning and torch with it)
+        from advarch.checkpoint import CheckpointError
 
     try:
         if identity.job_type == "sweep":

@@ -40,6 +40,6 @@ def test_newest_readable_skips_broken_newer_files(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "global_step": 5, "epoch": 1}, old)
     new.write_bytes(b"\x00" * 100)
     os.utime(old, (1, 1))
-    path, ckpt, skipped = newest_readable([old, new])
+    path, ckpt, skipped, _ = newest_readable([old, new])
     assert path == old and describe(ckpt) == "step 5, epoch 1"
     assert len(skipped) == 1 and str(new) in skipped[0]

@@ -112,7 +112,18 @@ def test_ckpt_path_auto_resumes_the_newest_run_of_its_run_name(
     link = project.root / "outputs" / "runs" / earlier.parent.name / earlier.name
     link.parent.mkdir(parents=True)
     link.symlink_to(earlier)
+    state = torch.load(earlier / "checkpoints" / "last.ckpt", weights_only=False)
+    state["hyper_parameters"]["cfg"]["seed"] += 1  # newer runs of another seed: passed over
+    for i in range(3):
+        foreign = link.parent / f"9999-seed-{i}" / "checkpoints" / "last.ckpt"
+        foreign.parent.mkdir(parents=True)
+        torch.save(state, foreign)
     resumed = project.run(*SESSION_LM, "ckpt_path=auto", "trainer.max_steps=9").check()
+    said = [line for line in resumed.output.splitlines() if "ckpt_path=auto" in line]
+    assert len(said) == 2, said
+    assert "passing over 3 newer checkpoint(s) of other configurations" in said[0], said
+    assert said[1].startswith(f"ckpt_path=auto: resuming {link}"), said
+    assert "Restor" not in resumed.output  # Lightning's restore lines repeat ours
     other = project.run(*SESSION_LM, "ckpt_path=auto", "trainer.max_steps=9", "run_name=other")
     steps = {
         name: series(read_metrics(res.check().run_dir), "train/loss")

@@ -121,14 +121,15 @@ class ExpertLoadCallback(L.Callback):
     def _flush(self, trainer: L.Trainer, step: int) -> None:
         """Close the window: record its mean load, plot it, save the history, log to W&B."""
         self.layers = sorted(self._window_sum)
-        mean = [self._window_sum[i] / self._window_batches for i in self.layers]
+        batches = self._window_batches
+        mean = [self._window_sum[i] / batches for i in self.layers]
         self.history_steps.append(step)
         self.history.append(_stack_rows(mean))
         self._window_sum, self._window_batches, self._last_step = {}, 0, step
         if not trainer.is_global_zero:
             return
         folder = Path(self.plot_dir or Path(trainer.default_root_dir) / "plots")
-        title = f"expert load, step {step} (mean over {self.every_n_steps} steps)"
+        title = f"expert load, step {step} (mean over {batches} batch{'es' * (batches != 1)})"
         path = folder / f"expert_load_step{step}.png"
         plot_expert_load(self.history[-1], path, title, self.layers)
         shutil.copyfile(path, folder / "expert_load_latest.png")

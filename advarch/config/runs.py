@@ -70,7 +70,8 @@ def resolve_checkpoint(
     same trial of interrupted sweeps; newest first) written by a run of the same model,
     data, strategy, optimizer, scheduler and seed as `cfg` (trainer settings such as max_steps
     may change);
-    unreadable or foreign ones are skipped with a warning naming the file and the reason.
+    unreadable ones are skipped with a warning naming the file and the reason, those of other
+    configurations with one line counting them.
     Anything else must be a readable checkpoint with training state, written by a run of
     the same configuration (one CheckpointError line otherwise: a state that would not load,
     or would silently train another run).
@@ -104,14 +105,13 @@ def resolve_checkpoint(
     if not candidates:
         log.info("ckpt_path=auto: no checkpoint under %s yet; starting fresh", runs_dir)
         return None
-    if cfg is None:
-        path, ckpt, skipped = newest_readable(candidates)
-    else:
-        path, ckpt, skipped = newest_readable(
-            candidates, mismatch=lambda c: config_mismatch(c, cfg)
-        )
-    for reason in skipped:
+    mismatch = (lambda c: None) if cfg is None else (lambda c: config_mismatch(c, cfg))
+    path, ckpt, unreadable, foreign = newest_readable(candidates, mismatch=mismatch)
+    for reason in unreadable:  # damage: each file by name
         log.warning("ckpt_path=auto: skipping %s", reason)
+    if foreign:  # runs of other options under the same run name: one line
+        log.info("ckpt_path=auto: passing over %d newer checkpoint(s) of other configurations "
+                 "(the newest: %s)", len(foreign), foreign[0])  # fmt: skip
     if path is None:
         log.warning(
             "ckpt_path=auto: no readable checkpoint of this configuration among the %d under "

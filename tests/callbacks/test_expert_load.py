@@ -71,9 +71,17 @@ def expected_window(steps: range) -> np.ndarray:
     )
 
 
-def test_writes_heatmaps_and_history(tmp_path: Path) -> None:
+def test_writes_heatmaps_and_history(tmp_path: Path, monkeypatch) -> None:
+    import advarch.callbacks.expert_load as expert_load
+
+    titles, plot = [], expert_load.plot_expert_load
+    monkeypatch.setattr(expert_load, "plot_expert_load",
+                        lambda load, path, title, *a, **k: titles.append(title) or plot(
+                            load, path, title, *a, **k))  # fmt: skip
     callback = ExpertLoadCallback(every_n_steps=2)
     fit(tmp_path, max_steps=5, callback=callback)
+    assert titles == ["expert load, step 2 (mean over 2 batches)", "expert load, step 4 (mean "
+                      "over 2 batches)", "expert load, step 5 (mean over 1 batch)"]  # fmt: skip
     plots = tmp_path / "plots"
     names = {p.name for p in plots.iterdir()}
     assert {f"expert_load_step{n}.png" for n in (2, 4, 5)} <= names
