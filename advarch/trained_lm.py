@@ -52,7 +52,11 @@ def load_lm(ckpt_path: str, device: str = "cpu", cache_dir: str | None = None) -
         )
     tokenizer = datamodule.tokenizer if isinstance(datamodule, TokenizedText) else None
     if tokenizer is None:
-        raise ConfigError(f"data._target_={saved.data._target_} exposes no tokenizer")
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} holds a model of token ids without text (its data, "
+            f"{saved.data._target_}, has no tokenizer); generation needs a model trained on "
+            "text (data=text, text_domains or text_retrieval)"
+        )
     saved.strategy.pop("pretrained", None)  # weights come from the checkpoint itself
     # through the run's strategy, which may have grown the model (finetune's new experts)
     module = build_strategy(saved, build_model(saved, spec), spec, build_optimization(saved))

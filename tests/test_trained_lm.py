@@ -56,6 +56,9 @@ def test_load_lm_rejects_bad_checkpoints(make_cfg, tmp_path: Path) -> None:
     ckpt = save_checkpoint(make_cfg, tmp_path, ["data=digits", "model=transformer"])
     with pytest.raises(ConfigError, match="classification model; generation needs"):
         load_lm(str(ckpt))
+    ckpt = save_checkpoint(make_cfg, tmp_path, ["data=selective_copying", "model=transformer"])
+    with pytest.raises(ConfigError, match="holds a model of token ids without text .* trained on"):
+        load_lm(str(ckpt))
     ckpt = save_checkpoint(make_cfg, tmp_path, ["data=text", "model=transformer", *SMALL_TEXT])
     state = torch.load(ckpt, weights_only=False)
     state["hyper_parameters"]["cfg"]["model"]["dim"] *= 2  # the rebuilt model no longer fits

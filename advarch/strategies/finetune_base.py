@@ -67,6 +67,16 @@ def copy_base(
         else:
             raise ValueError(
                 f"{where}: tensor {name} has shape {tuple(base[name].shape)} there but "
-                f"{tuple(tensor.shape)} in this model (add experts with strategy.new_experts)"
+                f"{tuple(tensor.shape)} in this model ({_shape_hint(name, base[name], tensor)})"
             )
     return fresh
+
+
+def _shape_hint(name: str, saved: torch.Tensor, own: torch.Tensor) -> str:
+    """What to change when a base tensor does not fit: MoE experts differ only in their count
+    (dim 0); anything else means the base was trained with other model settings."""
+    experts = name.rsplit(".", 1)[-1] in ("router", "w_in", "w_out") and ".ffn." in name
+    if experts and saved.shape[1:] == own.shape[1:]:
+        return f"the base has {saved.shape[0]} experts: add more with strategy.new_experts"
+    return ("the base was trained with other model settings: give this run the model keys "
+            "of the base run's .hydra/config.yaml, e.g. its debug=tiny sizes")  # fmt: skip

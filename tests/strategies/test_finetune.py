@@ -298,3 +298,18 @@ def test_new_expert_rows_are_those_of_every_expert_tensor(tmp_path: Path) -> Non
     expected = {f"model.layers.0.ffn.{n}" for n in model.layers[0].ffn.expert_tensors()} & saved
     assert set(module.plan) == expected and "model.layers.0.ffn.routing_bias" in expected
     assert all(rows.tolist() == [3, 4] for rows in module.plan.values())
+
+
+def test_a_base_that_does_not_fit_says_what_to_change() -> None:
+    from advarch.strategies.finetune_base import copy_base
+
+    model = torch.nn.Module()
+    model.ffn = torch.nn.Module()
+    model.ffn.router = torch.nn.Parameter(torch.zeros(10, 4))
+    model.ffn.w_in = torch.nn.Parameter(torch.zeros(10, 4, 8))
+    fewer_experts = {"model.ffn.router": torch.zeros(8, 4), "model.ffn.w_in": torch.zeros(8, 4, 8)}
+    with pytest.raises(ValueError, match="the base has 8 experts: add more with strategy.new_"):
+        copy_base(model, fewer_experts, "base.ckpt", set())
+    narrower = {"model.ffn.router": torch.zeros(10, 2), "model.ffn.w_in": torch.zeros(10, 2, 8)}
+    with pytest.raises(ValueError, match=r"\(10, 2\).*other model settings: give this run the"):
+        copy_base(model, narrower, "base.ckpt", set())  # a base of model.dim=2
