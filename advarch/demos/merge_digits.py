@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,18 @@ class DemoConfig:
     overrides: list[str] = field(default_factory=list)  # extra overrides for every run
     task_overrides: list[str] = field(default_factory=list)  # … for the task fine-tunes only
     own_head_rows: bool = False  # a task trains only its classes' head rows (plus the body)
+
+    def check(self) -> None:
+        """ValueError naming the first bad option, before any training: task digits, step
+        counts, and every merge's settings (built once without checkpoints)."""
+        for task in self.tasks:
+            if not task or any(not 0 <= d <= 9 for d in task) or len(set(task)) < len(task):
+                raise ValueError(f"--tasks {','.join(map(str, task))}: a task is distinct digits "
+                                 "0-9 separated by commas, e.g. 0,1")  # fmt: skip
+        for name in ("base_steps", "task_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        merge_plan(self, Path("base.ckpt"), [Path(f"{i}.ckpt") for i in range(len(self.tasks))])
 
 
 def train(overrides: list[str], output_dir: Path) -> Path:
@@ -211,6 +224,16 @@ def table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def _digits(task: str) -> list[int]:
+    """`0,1` → [0, 1] (ValueError naming the option otherwise)."""
+    try:
+        return [int(d) for d in task.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--tasks {task}: a task is digits 0-9 separated by commas, e.g. 0,1"
+        ) from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/merge_demo"))
@@ -229,20 +252,24 @@ def main() -> None:
     parser.add_argument("--task-overrides", nargs="*", help="extra overrides of the task runs")
     args = parser.parse_args()
     demo = DemoConfig()
-    if args.tasks:
-        demo.tasks = [[int(d) for d in t.split(",")] for t in args.tasks]
-    for key in (
-        "lambdas",
-        "methods",
-        "base_steps",
-        "task_steps",
-        "density",
-        "task_overrides",
-        "own_head_rows",
-        "negation_lambda",
-    ):
-        if getattr(args, key) is not None:
-            setattr(demo, key, getattr(args, key))
+    try:
+        if args.tasks:
+            demo.tasks = [_digits(t) for t in args.tasks]
+        for key in (
+            "lambdas",
+            "methods",
+            "base_steps",
+            "task_steps",
+            "density",
+            "task_overrides",
+            "own_head_rows",
+            "negation_lambda",
+        ):
+            if getattr(args, key) is not None:
+                setattr(demo, key, getattr(args, key))
+        demo.check()
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     torch.set_num_threads(1)
     start = time.perf_counter()

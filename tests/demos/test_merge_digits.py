@@ -85,3 +85,20 @@ def test_merged_checkpoint_through_the_eval_cli(demo_run, project: Project) -> N
     res = project.run(f"ckpt_path={merged}", script="eval.py").check()
     metrics = json.loads((res.run_dir / "metrics.json").read_text())
     assert metrics["test/acc"] == pytest.approx(row["all"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--density", "2"], "error: density=2.0 must be in (0, 1]"),
+        (["--tasks", "0,1", "0,x"], "error: --tasks 0,x: a task is digits 0-9"),
+        (["--tasks", "0,11", "2,3"], "error: --tasks 0,11: a task is distinct digits 0-9"),
+        (["--task-steps", "0"], "error: --task-steps=0 must be >= 1"),
+    ],
+)
+def test_bad_options_stop_before_any_training(args, message, monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(merge_digits, "train", lambda *a: pytest.fail("trained"))
+    monkeypatch.setattr("sys.argv", ["merge_demo.py", "--out", str(tmp_path), *args])
+    with pytest.raises(SystemExit) as stop:
+        merge_digits.main()
+    assert stop.value.code == message or str(stop.value.code).startswith(message)
