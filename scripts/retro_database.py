@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
 from advarch.data.chunk_embedders import HashedNgramEmbedder
-from advarch.data.retrieval_database import RetrievalDatabase
+from advarch.data.retrieval_database import INDEX_KINDS, RetrievalDatabase
 from advarch.data.text import TextDataModule
 
 
@@ -41,7 +43,7 @@ def recall_at_k(db: RetrievalDatabase, queries: np.ndarray, k: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--index", default="auto")
+    parser.add_argument("--index", default="auto", choices=INDEX_KINDS)
     parser.add_argument("--max-documents", type=int, default=None)
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--k", type=int, default=2, help="neighbours per chunk, and recall@K")
@@ -54,14 +56,17 @@ def main() -> None:
         help="skip the neighbour precomputation (data.retrieval.precompute=false)",
     )
     args = parser.parse_args()
-
-    dm = TextDataModule(max_documents=args.max_documents, seq_len=args.chunk_size * 4)
-    dm.prepare_data()
-    tokens, docs = (np.load(dm.cache_dir / f"train_{n}.npy") for n in ("tokens", "docs"))
-    pad = dm.meta["pad_id"]
-    db = RetrievalDatabase(tokens, docs, pad_id=pad, chunk_size=args.chunk_size,
-                           num_neighbours=args.k, embedder=HashedNgramEmbedder(pad_id=pad),
-                           index=args.index, nprobe=args.nprobe)  # fmt: skip
+    datasets.disable_progress_bars()  # a bar for every tiny save of the tokenised corpus
+    try:  # bad sizes (a corpus too small for its splits, a chunk size) in one line
+        dm = TextDataModule(max_documents=args.max_documents, seq_len=args.chunk_size * 4)
+        dm.prepare_data()
+        tokens, docs = (np.load(dm.cache_dir / f"train_{n}.npy") for n in ("tokens", "docs"))
+        pad = dm.meta["pad_id"]
+        db = RetrievalDatabase(tokens, docs, pad_id=pad, chunk_size=args.chunk_size,
+                               num_neighbours=args.k, embedder=HashedNgramEmbedder(pad_id=pad),
+                               index=args.index, nprobe=args.nprobe)  # fmt: skip
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     m = len(db.chunks)
     t0, cpu0 = time.perf_counter(), time.process_time()
     parts, step = [], 16384

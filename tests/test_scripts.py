@@ -60,3 +60,11 @@ def test_report_scripts_say_a_bad_override_in_one_line(project: Project) -> None
         assert res.rc == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
         last = res.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and "model.nope" in last, last
+
+
+def test_retro_database_says_a_corpus_too_small_in_one_line(project: Project) -> None:
+    res = project.run("--max-documents", "5", script="scripts/retro_database.py")
+    assert res.rc == 1 and res.stderr.strip().splitlines() == [
+        "error: data: the val split has 98 tokens, fewer than data.seq_len=256+1; add "
+        "documents or shorten seq_len"
+    ], res.stderr[-2000:]
