@@ -30,6 +30,8 @@ def ignore_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*when logging on epoch level.*")
     # short epochs: every epoch's values are logged anyway, the step curve has fewer points
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+    # bf16-mixed keeps float32 parameters: the summary's 32-bit size is the true one
+    warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
     # a resumed run writes into a folder of its own, by design: the old folder keeps its best
     warnings.filterwarnings("ignore", message=_LAST)
 
