@@ -478,7 +478,10 @@ def test_script_overrides_change_the_merge_of_trained_checkpoints(
     res = project.run(
         "method=task_arithmetic", *common, "lambda=0.5", f"out={outs['ta']}", script=merge
     )
-    assert "tensors merged" in res.check().stdout
+    lines = res.check().stdout.splitlines()
+    assert lines[0] == "merge: task_arithmetic" and f"  base               {base}" in lines
+    assert f"  out                {outs['ta']}" in lines  # whole paths, to copy
+    assert any(line.startswith("  tensors merged") for line in lines)
     project.run("method=ties", *common, "density=0.2", f"out={outs['ties']}", script=merge).check()
     b, o = state(base), state(other)
     ta, ties = state(outs["ta"]), state(outs["ties"])

@@ -21,8 +21,6 @@ USAGE = "python scripts/merge.py method=ties base=<ckpt> models=[<ckpt>,<ckpt>] 
 def hydra_main(cfg: DictConfig) -> None:
     """Merge `models` into `base` with `method` and print a short summary."""
     from omegaconf import OmegaConf
-    from rich.console import Console
-    from rich.table import Table
 
     from advarch.merging import MergeConfig, MergeSummary, merge_checkpoints
     from advarch.train import discard_run_folder
@@ -44,19 +42,13 @@ def hydra_main(cfg: DictConfig) -> None:
         raise SystemExit(f"error: {err}") from None
     finally:
         discard_run_folder()  # the merged checkpoint is `out`; the run folder keeps nothing
-    table = Table(title=f"merge: {raw['method']}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")  # wrap long paths rather than truncate them
-    table.add_row("base", str(base))
-    for i, model in enumerate(models):
-        table.add_row(f"models[{i}]", str(model))
-    table.add_row("tensors merged", str(summary.merged))
-    table.add_row("copied from base", str(summary.copied_from_base))
-    table.add_row("kept from a model", str(summary.kept_from_model))
-    if summary.dropped:
-        table.add_row("dropped", str(summary.dropped))
-    table.add_row("out", str(path))
-    Console().print(table)
+    rows = [("base", base), *((f"models[{i}]", m) for i, m in enumerate(models))]
+    rows += [("tensors merged", summary.merged), ("copied from base", summary.copied_from_base),
+             ("kept from a model", summary.kept_from_model)]  # fmt: skip
+    rows += [("dropped", summary.dropped)] if summary.dropped else []
+    print(f"merge: {raw['method']}")  # one line per row: paths stay whole, to copy
+    for key, value in [*rows, ("out", path)]:
+        print(f"  {key:<18} {value}")
 
 
 def main() -> None:
