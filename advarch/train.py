@@ -46,7 +46,7 @@ def run(
     from advarch.callbacks.known_warnings import IgnoreKnownWarnings
     from advarch.callbacks.run_config import LogRunConfig
     from advarch.callbacks.signals import SignalCheckpoint
-    from advarch.config.runs import WANDB_ID_FILE, resolve_checkpoint
+    from advarch.config.runs import WANDB_ID_FILE, check_base_fits, resolve_checkpoint
     from advarch.console_summary import print_config_tree, print_summary, save_summary
     from advarch.pipeline import (
         build_all,
@@ -61,6 +61,7 @@ def run(
 
     quiet_lightning_logs()
     validate_run(cfg)  # every key, before any work
+    check_base_fits(cfg)  # a fine-tune's base of other model sizes
     output_dir = Path(cfg.paths.output_dir)
     runs_dir = Path(cfg.paths.runs_dir)
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials)

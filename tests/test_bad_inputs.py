@@ -161,6 +161,11 @@ ROWS: list[tuple[str, list[str], str]] = [
         "strategy.pretrained",
     ),
     ("train", ["strategy=finetune", "strategy.pretrained={f}/garbage.ckpt"], "garbage.ckpt"),
+    (
+        "train",
+        ["strategy=finetune", "strategy.pretrained={f}/other_model.ckpt"],
+        "other_model.ckpt' was trained with model.dim=999, this run has model.dim=32: a fine-tune",
+    ),
     # Hydra's own grammar
     ("train", ["model.dim=[1,"], "'[1,'"),
     # a key the config does not have: the nearest one, not Hydra's advice to append it

@@ -55,6 +55,37 @@ def config_mismatch(ckpt: Mapping[str, Any], cfg: DictConfig) -> str | None:
     return None
 
 
+# the keys that size an advarch model's tensors: a fine-tune's base must share them
+BASE_MUST_MATCH = (
+    "model._target_", "model.dim", "model.depth", "model.ffn_hidden", "model.layers",
+    "model.ffn", "model.encoder_depth", "model.feature_patch", "model.activation",
+    "model.tie_embeddings", "model.moe.num_experts", "model.moe.num_shared_experts",
+    "model.moe.shared_hidden", "model.ssm", "data.tokenizer", "data.bpe_vocab_size",
+)  # fmt: skip
+
+
+def check_base_fits(cfg: DictConfig) -> None:
+    """A fine-tune's `strategy.pretrained` run must have this run's model sizes: one
+    CheckpointError naming the first that differs, before the config tree and any data."""
+    pretrained = OmegaConf.select(cfg, "strategy.pretrained")
+    if not pretrained:
+        return
+    base = saved_config(read_checkpoint(pretrained, "strategy.pretrained", mmap=True), pretrained,
+                        "strategy.pretrained")  # fmt: skip
+    for key in BASE_MUST_MATCH:
+        there, here = OmegaConf.select(base, key), OmegaConf.select(cfg, key)
+        if there != here:
+            raise CheckpointError(
+                f"strategy.pretrained={pretrained!r} was trained with {key}={_shown(there)}, "
+                f"this run has {key}={_shown(here)}: a fine-tune keeps its base's model sizes"
+            )
+
+
+def _shown(value: Any) -> str:
+    container = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return str(container).replace(" ", "")
+
+
 def resolve_checkpoint(
     ckpt_path: str | None,
     runs_dir: Path,
