@@ -71,20 +71,20 @@ def grid(
 
 
 def table(results: dict[tuple[float, str], np.ndarray], seeds: int) -> str:
-    """Markdown table: mean ± std (over seeds) of each metric."""
+    """Markdown table: mean ± std (over seeds) of each metric; one seed: its values."""
     lines = [
-        f"mean ± std over {seeds} seeds",
+        f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed (no spread: add --seeds)",
         "",
         "| p | model | task_a test MSE | task_b test MSE | gate cosine |",
         "|---|---|---|---|---|",
     ]
     for (p, model), values in results.items():
         cells = [
-            f"{np.mean(v):.4f} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:.4f}"
-            if np.isfinite(v).all()
-            else "—"
+            "—" if not np.isfinite(v).all()
+            else f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}" if len(v) > 1
+            else f"{v[0]:.4f}"
             for v in values.T
-        ]
+        ]  # fmt: skip
         lines.append(f"| {p} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -95,18 +95,30 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data-seeds", action="store_true", help="redraw the data per seed")
-    parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temp dir)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folders and mmoe_report.md (default: a temp dir)",
+    )
     parser.add_argument(
         "overrides", nargs="*", help="extra Hydra overrides, e.g. trainer.max_steps=500"
     )
-    args = parser.parse_args()
+    # overrides (key=value) anywhere, also after `--seeds 0 1`, whose list would swallow them
+    argv = sys.argv[1:]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides] + overrides)
     torch.set_num_threads(1)
     logging.getLogger("advarch").setLevel(logging.WARNING)
     root = args.out or Path(tempfile.mkdtemp(prefix="mmoe_report_"))
     results = grid(
         args.correlations, args.models, args.seeds, root, args.overrides, args.data_seeds
     )
-    print(table(results, len(args.seeds)))
+    text = table(results, len(args.seeds))
+    print(text)
+    if args.out:
+        (args.out / "mmoe_report.md").write_text(text + "\n")
+        print(f"\nwritten to {args.out / 'mmoe_report.md'}")
 
 
 if __name__ == "__main__":

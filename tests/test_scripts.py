@@ -11,10 +11,20 @@ from tests.reports.test_figures import assert_png
 
 def test_mmoe_report_tables_every_model_and_correlation(project: Project) -> None:
     res = project.run(
-        "trainer.max_steps=10", "--correlations", "0.0", "1.0", "--seeds", "0",
+        "--correlations",
+        "0.0",
+        "1.0",
+        "--seeds",
+        "0",
+        "trainer.max_steps=10",
+        "--out",
+        "mm",
         script="scripts/mmoe_report.py",
-    ).check()  # fmt: skip
+    ).check()  # fmt: skip  (an override after --seeds' list is still an override)
+    assert "\none seed (no spread: add --seeds)\n" in res.stdout
+    assert (project.root / "mm" / "mmoe_report.md").read_text() in res.stdout
     rows = [line for line in res.stdout.splitlines() if line.startswith("|")]
+    assert "±" not in "".join(rows)
     assert {row.count("|") for row in rows} == {6}  # a markdown table: header, rule, rows
     for model in ("mmoe", "one_gate_moe", "shared_bottom"):
         assert sum(row.split("|")[2].strip() == model for row in rows[2:]) == 2, res.stdout
