@@ -22,20 +22,22 @@ CPU_SUITES = (*SUITES, "references")
 
 
 def print_table(rows: list[Row]) -> None:
-    """A Markdown table, the text columns as wide as their longest cell; host ms (GPU runs)
-    only when measured."""
+    """A Markdown table, the text columns as wide as their longest cell; peak memory and host
+    ms (GPU runs) only when measured."""
     wide = {
         col: max(len(col), *(len(getattr(r, col)) for r in rows))
         for col in ("bench", "contender", "size")
     }
     host = any(math.isfinite(r.host_ms) for r in rows)
-    numbers = ["        ms", " peak MiB", "  × ref", *([" host ms"] if host else [])]
+    peak = any(math.isfinite(r.peak_mb) for r in rows)
+    numbers = ["        ms", *([" peak MiB"] if peak else []), "  × ref"]
+    numbers += [" host ms"] if host else []
     cells = [f"{col:<{n}}" for col, n in wide.items()] + numbers
     print("| " + " | ".join(cells) + " |")
     print("|" + "|".join("-" * (len(c) + 2) for c in cells) + "|")
     for r in rows:
         text = [f"{getattr(r, col):<{n}}" for col, n in wide.items()]
-        values = [f"{r.ms:>10.2f}", f"{r.peak_mb:>9.1f}", f"{r.ratio:>7.2f}"]
+        values = [f"{r.ms:>10.2f}", *([f"{r.peak_mb:>9.1f}"] if peak else []), f"{r.ratio:>7.2f}"]
         values += [f"{r.host_ms:>8.2f}"] if host else []
         print("| " + " | ".join(text + values) + " |")
 

@@ -56,9 +56,9 @@ def _measure(bench: str, size: str, x: torch.Tensor, contenders: dict, ref: str,
     return [Row(bench, name, size, t, ratio=t / ms[ref]) for name, t in ms.items()]
 
 
-def skipped_reference(err: ImportError) -> None:
+def skipped_reference(reference: str, err: ImportError) -> None:
     """Say which reference is missing from the table (an optional package not installed)."""
-    print(f"reference skipped: {err.name or err} is not installed")
+    print(f"{reference} skipped: {err.name or err} is not installed (× ref is then advarch's)")
 
 
 def moe_rows(quick: bool) -> list[Row]:
@@ -80,7 +80,7 @@ def moe_rows(quick: bool) -> list[Row]:
             nn.init.normal_(p, std=0.02)
         contenders["HF Mixtral block (eager)"] = (hf, hf)
     except ImportError as err:
-        skipped_reference(err)
+        skipped_reference("HF Mixtral MoE block", err)
     return _measure("moe swiglu", f"{tokens} tok D={dim}", x, contenders, ref, repeat=5)
 
 
@@ -121,7 +121,7 @@ def sliding_window_rows(quick: bool) -> list[Row]:
         modules["HF LongformerSelfAttention"] = (longformer(hf), hf)
         attention["HF LongformerSelfAttention, projections = copies"] = (longformer(copies), copies)
     except ImportError as err:
-        skipped_reference(err)
+        skipped_reference("HF LongformerSelfAttention", err)
     size = f"T={T} w={window}"
     return [
         *_measure("sliding window module", size, x, modules, next(reversed(modules)), repeat=3),
@@ -149,7 +149,7 @@ def ssm_rows(quick: bool) -> list[Row]:
         theirs = MambaBlock(MambaConfig(d_model=dim, n_layers=1, d_state=16, expand_factor=2))
         contenders["mambapy MambaBlock"] = (theirs, theirs)
     except ImportError as err:
-        skipped_reference(err)
+        skipped_reference("mambapy MambaBlock", err)
     ref = next(reversed(contenders))
     return _measure("mamba block", f"B=1 T={T} D={dim}", x, contenders, ref, repeat=5)
 

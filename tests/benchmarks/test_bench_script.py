@@ -17,3 +17,15 @@ def test_unknown_suite_is_one_line_listing_the_suites(device: str, suite: str) -
     assert out.returncode == 2 and "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert f"--only {suite!r} is not a suite on {device} (moe, sliding_window, ssm" in last
+
+
+def test_table_leaves_out_columns_nothing_measured(capsys) -> None:
+    import runpy
+
+    from advarch.benchmarks.timing import Row
+
+    print_table = runpy.run_path(str(ROOT / "scripts" / "bench.py"))["print_table"]
+    print_table([Row("moe", "advarch MoE", "1024 tok", 79.3, ratio=1.0)])  # no peak: no "nan"
+    header, _, row = capsys.readouterr().out.splitlines()
+    assert "peak MiB" not in header and "host ms" not in header and "nan" not in row
+    assert row.split("|")[-2].strip() == "1.00"
