@@ -206,7 +206,8 @@ def run_demo(demo: DemoConfig, out: Path) -> list[tuple[str, str, dict[str, floa
         for t, p in zip(demo.tasks, tasks, strict=True)
     ]
     for i, (method, lam, kwargs) in enumerate(merge_plan(demo, base, tasks)):
-        label = re.sub(r"[^\w.]+", "", f"{method.split()[0]}_{lam}").rstrip("_")  # "linear_—"
+        # "negate 01" at λ 0.5 → 18_negate_01_0.5.ckpt; "linear (soup)" → 00_linear_soup.ckpt
+        label = re.sub(r"[^\w.]+", "_", f"{method} {lam}").strip("_")
         path = out / "merged" / f"{i:02d}_{label}.ckpt"
         merge_checkpoints(kwargs["base"], kwargs["models"], kwargs["cfg"], path)
         rows.append((method, lam, evaluate(path)))

@@ -66,6 +66,8 @@ def test_merging_keeps_both_tasks(demo_run) -> None:
 def merged_and_row(demo_run, method: str) -> tuple[Path, dict[str, float]]:
     """The first merged checkpoint of `method` and its row of the demo's table."""
     out, rows = demo_run
+    names = sorted(p.name for p in (out / "merged").glob("*.ckpt"))
+    assert "00_linear_soup.ckpt" in names and any("_negate_01234_" in n for n in names), names
     merged = sorted((out / "merged").glob(f"*{method}*.ckpt"))[0]
     references = 1 + 2  # base θ₀ and the two fine-tuned task models come first
     return merged, rows[references + int(merged.name[:2])][2]
