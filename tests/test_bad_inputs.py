@@ -176,6 +176,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["modle.dim=3"], "modle is not a key of the train config (did you mean model?"),
     ("train", ["seeed=3"], "seeed is not a key of the train config (did you mean seed?"),
     ("train", ["+modle.dim=3"], "+modle.dim: modle is not a key of the train config (did you"),
+    ("train", ["+experiment=ewc_permuted_digits"], "config already makes; write experiment=ewc"),
     # the other entry points
     ("eval", ["ckpt_path={f}/ok.ckpt", "datta=text"], "datta is not a key of the eval config"),
     ("merge", ["densty=0.3"], "densty is not a key of the merge config (did you mean density?"),

@@ -102,9 +102,15 @@ def check_override_keys(argv: list[str], config_name: str = "train") -> None:
         node = OmegaConf.select(cfg, parent) if parent else _own_keys(cfg)
         if leaf not in node:
             raise unknown_key(parent, leaf, node, None if parent else f"the {config_name} config")
-    for added in (o.lstrip("+").split("=", 1)[0] for o in overrides if o.startswith("+")):
+    groups = {p.name for f in [PACKAGE_CONFIGS, *folders] if f.is_dir() for p in f.iterdir()}
+    chosen = OmegaConf.select(cfg, "hydra.runtime.choices") or {}
+    for override in (o for o in overrides if o.startswith("+")):
+        added, value = override.lstrip("+").split("=", 1)
         root = added.split(".")[0].split("@")[0]
-        if root not in cfg:
+        if added in chosen and not override.startswith("++"):  # Hydra: "Multiple values for"
+            raise ConfigError(f"+{added}={value}: {added} is a choice the {config_name} config "
+                              f"already makes; write {added}={value}")  # fmt: skip
+        if root not in cfg and root not in groups:  # (`+experiment=…` adds a config group)
             unknown = unknown_key("", root, _own_keys(cfg), f"the {config_name} config")
             raise ConfigError(f"+{added}: {unknown}")
 
