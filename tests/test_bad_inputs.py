@@ -172,6 +172,12 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["model.dimm=64"], "model.dimm is not a key of model (did you mean model.dim?"),
     ("train", ["model.moe.topk=1"], "did you mean model.moe.top_k?"),
     ("train", ["model.num_experts=4"], "did you mean model.moe.num_experts?"),  # not num_heads
+    (
+        "train",
+        ["data.seq_lenn=4"],
+        "data.seq_lenn is not a key of data (did you mean data.seq_len?",
+    ),
+    ("train", [*STREAM, "data.bogus=1"], "data.bogus is not a key of data (keys: "),  # ${…} values
     ("train", ["strategy=ewc", *STREAM, "strategy.ewc_lamda=5"], "mean strategy.ewc_lambda?"),
     ("train", ["modle.dim=3"], "modle is not a key of the train config (did you mean model?"),
     ("train", ["seeed=3"], "seeed is not a key of the train config (did you mean seed?"),

@@ -75,7 +75,16 @@ def check_override_keys(argv: list[str], config_name: str = "train") -> None:
     """Raise `ConfigError` for a `key=value` whose key the composed config does not have, or a
     `+key=value` that adds a top-level key nothing reads, naming the nearest key and all of
     them. Config folders (`--config-dir`) are searched as Hydra would; sweeps (`-m`) and runs
-    with other flags are left to Hydra."""
+    with other flags are left to Hydra, and so is anything this check cannot decide."""
+    try:
+        _check_override_keys(argv, config_name)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001  (a check must never be the thing that fails)
+        return
+
+
+def _check_override_keys(argv: list[str], config_name: str) -> None:
     folders = _config_dirs(argv)
     flags = [a for a in argv if a.startswith("-") or a.startswith("hydra.searchpath")]
     if len(flags) > len(folders):  # any flag but `--config-dir`
@@ -136,8 +145,9 @@ def unknown_key(parent: str, leaf: str, node: Iterable, owner: str | None = None
     (a top-level key: `parent` is "")."""
     keys = sorted(str(k) for k in node if not str(k).startswith("_"))
     prefix = f"{parent}." if parent else ""
-    nested = [f"{k}.{leaf}" for k in keys if isinstance(node, DictConfig)
-              and isinstance(node[k], DictConfig) and leaf in node[k]]  # fmt: skip
+    # values unresolved: an interpolation (`${paths.cache_dir}`) may need Hydra's runtime
+    raw = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else {}
+    nested = [f"{k}.{leaf}" for k in keys if isinstance(raw.get(k), dict) and leaf in raw[k]]
     close = nested or difflib.get_close_matches(leaf, keys, n=1)  # model.moe.top_k for top_k
     hint = f"did you mean {prefix}{close[0]}? " if close else ""
     return ConfigError(
