@@ -66,7 +66,9 @@ def read_text_file(path: str) -> str:
 def read_jsonl(path: str, field: str) -> list[str]:
     """The `field` of every line of a JSON-lines file; errors name `file:line`."""
     texts = []
-    lines = read_text_file(path).splitlines()
+    # rows end at "\n" only: a JSON string may hold U+2028 or U+0085 raw, which splitlines()
+    # would break; a byte-order mark (Windows editors) is not part of the first row
+    lines = read_text_file(path).removeprefix("\ufeff").split("\n")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

@@ -140,7 +140,14 @@ class TextDataModule(L.LightningDataModule):
                     f"data.text_field={self.text_field!r} is not a column of {path!r} "
                     f"(columns: {', '.join(ds.column_names)})"
                 )
-            texts += ds[self.text_field]
+            column = ds[self.text_field]
+            bad = next((i for i, t in enumerate(column) if not isinstance(t, str)), None)
+            if bad is not None:  # (JSON lines say the same per line)
+                raise ValueError(
+                    f"data.files: {path}: row {bad}: no string field {self.text_field!r} "
+                    f"(data.text_field; it is {column[bad]!r})"
+                )
+            texts += column
             names += [f"{path}#{i}" for i in range(len(ds))]
         return names, texts
 

@@ -34,6 +34,7 @@ class BPETokenizer:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer.encode_special_tokens = True  # "<eos>" written in a document is its text
         self.eos_id = self.tokenizer.token_to_id("<eos>")
         self.pad_id = self.tokenizer.token_to_id("<pad>")
         self.bos_id = self.tokenizer.token_to_id("<bos>")

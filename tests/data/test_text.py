@@ -107,6 +107,17 @@ def test_a_broken_parquet_file_is_one_error_and_no_log_lines(
     assert "Failed to read schema" not in captured.out + captured.err
 
 
+@pytest.mark.parametrize(("column", "shown"), [(["a b", None], "None"), ([1, 2], "1")])
+def test_a_parquet_row_without_text_is_one_error_naming_it(tmp_path: Path, column, shown) -> None:
+    (tmp_path / "corpus").mkdir()
+    pq.write_table(pa.table({"text": column}), tmp_path / "corpus" / "x.parquet")
+    dm = TextDataModule(files=str(tmp_path / "corpus" / "*"), cache_dir=str(tmp_path / "c"))
+    row = column.index(None) if None in column else 0
+    with pytest.raises(ValueError, match=rf"x\.parquet: row {row}: no string field 'text' "
+                       rf"\(data\.text_field; it is {shown}\)"):  # fmt: skip
+        dm.setup()
+
+
 @pytest.mark.parametrize("damage", ["meta", "arrow", "split"])
 def test_a_damaged_cache_is_built_again_with_a_warning(tmp_path: Path, caplog, damage) -> None:
     write_corpus(tmp_path / "corpus")
