@@ -37,6 +37,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     """
     import lightning as L
 
+    from advarch.callbacks.data_identity import data_changed
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.checkpoint import load_error, load_with_config, with_cache_dir
     from advarch.config.validate import ConfigError
@@ -72,6 +73,10 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         callbacks=[SignalCheckpoint()],  # a signal stops testing with its exit code
     )
     results = trainer.test(module, datamodule=datamodule, verbose=False)
+    own_data = cfg.get("data") is None and not cfg.get("data_overrides")
+    changed = data_changed(ckpt, datamodule) if own_data else None
+    if changed:  # its own data, rebuilt from files that are not those it trained on
+        log.warning("ckpt_path=%s: %s; these metrics are not the run's", cfg.ckpt_path, changed)
     return Evaluation({k: float(v) for r in results for k, v in r.items()}, spec.task_names)
 
 

@@ -43,6 +43,7 @@ def run(
 
     from advarch.atomic import write_text_atomic
     from advarch.callbacks.checkpoint_io import AtomicCheckpointIO
+    from advarch.callbacks.data_identity import DataIdentity
     from advarch.callbacks.known_warnings import IgnoreKnownWarnings
     from advarch.callbacks.run_config import LogRunConfig
     from advarch.callbacks.signals import SignalCheckpoint
@@ -67,6 +68,7 @@ def run(
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials)
     last = output_dir / "checkpoints" / "last.ckpt"
     callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
+    callbacks.append(DataIdentity(None if ckpt is None else str(ckpt)))  # no resume on other data
     callbacks.append(IgnoreKnownWarnings())  # again in spawned DDP workers
     output_dir.mkdir(parents=True, exist_ok=True)
     echo = cfg.get("extras", {}).get("print_config", True) and rank_zero_only.rank == 0
@@ -368,9 +370,8 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
 def discard_run_folder(folder: Path | None = None) -> None:
     """Remove what Hydra and advarch wrote into a run folder that keeps no results (a config
     error; any generate.py call): `.hydra/`, the job log and the config tree, then the folder
-    itself and its run-name parent if nothing else is in them. `folder` defaults to the
-    current Hydra job's output folder (eval, generate, merge)."""
-    import contextlib
+    itself (with the empty folders in it) and its run-name parent if nothing else is in them.
+    `folder` defaults to the current Hydra job's output folder (eval, generate, merge)."""
     import shutil
 
     from hydra.core.hydra_config import HydraConfig
@@ -386,6 +387,9 @@ def discard_run_folder(folder: Path | None = None) -> None:
     logs = {"train.log", f"{job.job.name}.log"} if job is not None else {"train.log"}
     for name in (*logs, "config_tree.txt"):
         (folder / name).unlink(missing_ok=True)
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()  # empty folders a logger made before the error (csv/version_0)
     with contextlib.suppress(OSError):
         folder.rmdir()  # only when nothing else is in it
         folder.parent.rmdir()  # the run name's folder, when this was its only run

@@ -9,17 +9,21 @@ time a chunk completes. Sampling itself lives in `advarch.generation`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from advarch.callbacks.data_identity import data_changed
 from advarch.checkpoint import load_error, load_with_config, model_weights, with_cache_dir
 from advarch.config.validate import ConfigError
 from advarch.generation import Retrieve
 from advarch.pipeline import build_datamodule, build_model, build_optimization, build_strategy
 from advarch.spec import DataSpec, ServesNeighbours, TokenizedText
+
+log = logging.getLogger("advarch")
 
 
 @dataclass
@@ -66,6 +70,9 @@ def load_lm(ckpt_path: str, device: str = "cpu", cache_dir: str | None = None) -
     except RuntimeError as err:
         message = f"ckpt_path={ckpt_path!r}: weights do not fit the model: {load_error(err)}"
         raise ConfigError(message) from err
+    changed = data_changed(ckpt, datamodule)
+    if changed:  # its tokenizer is rebuilt from the files as they are now
+        log.warning("ckpt_path=%s: %s; generation may read other tokens", ckpt_path, changed)
     retrieve = datamodule_retrieve(datamodule) if getattr(model, "retro", None) else None
     return LoadedLM(model.to(device).eval(), spec, tokenizer, spec.eos_id, retrieve)
 

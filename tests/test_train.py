@@ -105,6 +105,32 @@ def test_resume_from_a_checkpoint_at_an_epochs_last_batch(make_cfg, tmp_path: Pa
         assert resumed_metrics[key] == full_metrics[key], key
 
 
+def test_a_resume_on_changed_files_stops_and_eval_warns(make_cfg, tmp_path: Path, caplog) -> None:
+    # a file more re-splits the documents (and retrains a BPE tokenizer): resuming would train
+    # on documents now held out, silently
+    from advarch.eval import evaluate
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"d{i}.txt").write_text(" ".join(f"w{(i * j) % 17}" for j in range(300)))
+    data = [f"data.files={corpus}/*.txt", "data.seq_len=32", "data.batch_size=4"]
+    first = make_cfg(["debug=tiny", *data], output_dir=tmp_path / "first")
+    run(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    (corpus / "added.txt").write_text("another document " * 50)
+    resume = make_cfg(["debug=tiny", *data, f"ckpt_path={last}", "trainer.max_steps=9"],
+                      output_dir=tmp_path / "resumed")  # fmt: skip
+    with pytest.raises(CheckpointError, match="its data changed since it was written .* may "
+                       "have moved between train, val and test"):  # fmt: skip
+        run(resume)
+    with caplog.at_level("WARNING", logger="advarch"):
+        evaluate(make_cfg([f"ckpt_path={last}", "wandb=false"], "eval", tmp_path / "eval"))
+    assert "its data changed since it was written" in caplog.text
+    (corpus / "added.txt").unlink()  # the same files again: resumes
+    assert run(resume)
+
+
 def test_ckpt_path_auto_resumes_the_newest_run_of_its_run_name(
     project: Project, trained: dict[str, TrainedRun]
 ) -> None:

@@ -1,0 +1,58 @@
+"""Which data a checkpoint was trained on, so that a resume never trains on other data.
+
+A datamodule with a cache (`data=text` and the data built on it) names its cache folder after
+a fingerprint of its documents (each file's path, size and modification time) and options.
+Adding, removing or editing a file changes the document-level split and, with BPE, the
+tokenizer: a resumed run would go on with documents it trained on now in val/test and ids that
+mean other tokens, and say nothing. Checkpoints record the fingerprint; a resume whose data
+differs stops with one line, and `eval.py` / `generate.py` warn (`data_changed`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from advarch.checkpoint import CheckpointError
+
+KEY = "data_cache"  # the checkpoint entry: the name of the data's cache folder
+
+
+def data_cache(datamodule: Any) -> str | None:
+    """The name of a prepared datamodule's cache folder (its data's fingerprint), if it has one."""
+    folder = getattr(datamodule, "cache_dir", None)
+    return Path(folder).name if folder else None
+
+
+def data_changed(checkpoint: dict[str, Any], datamodule: Any) -> str | None:
+    """Why the prepared `datamodule` holds other data than `checkpoint` was trained on, or None
+    (also when either does not say)."""
+    saved, now = checkpoint.get(KEY), data_cache(datamodule)
+    if saved is None or now is None or saved == now:
+        return None
+    return (f"its data changed since it was written (cache {saved} then, {now} now: files "
+            "added, removed or edited), so documents may have moved between train, val and "
+            "test and a BPE tokenizer may give other ids")  # fmt: skip
+
+
+class DataIdentity(L.Callback):
+    """Record the data's fingerprint in every checkpoint; refuse to resume on other data."""
+
+    def __init__(self, ckpt_path: str | None = None) -> None:
+        self.ckpt_path = ckpt_path
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:  # fmt: skip
+        name = data_cache(trainer.datamodule)
+        if name is not None:
+            checkpoint[KEY] = name
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:  # fmt: skip
+        # (the data is set up by now, nothing is logged yet)
+        changed = data_changed(checkpoint, trainer.datamodule)
+        if changed:
+            raise CheckpointError(f"ckpt_path={self.ckpt_path!r}: {changed}; restore the files "
+                                  "or start a new run (ckpt_path=null)")  # fmt: skip
