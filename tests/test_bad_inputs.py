@@ -50,6 +50,14 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["optimized_metric=val/bogus"], "optimized_metric=val/bogus"),
     ("train", ["strategy=ewc", *STREAM, "optimized_metric=cl/bogus"], "optimized_metric=cl/bogus"),
     ("train", ["optimized_metric=5"], "optimized_metric=5"),
+    # data options that gave a traceback or were silently changed
+    ("train", ["data.max_documents=-9"], "data.max_documents=-9 must be positive or null"),
+    ("train", ["data.tokenizer=bpe", "data.bpe_vocab_size=50"], "data.bpe_vocab_size=50 must be"),
+    (
+        "train",
+        ["data.val_fraction=0.6", "data.test_fraction=0.39"],
+        "data: 40 documents leave none to train on with data.val_fraction=0.6",
+    ),
     # checkpoints
     ("train", ["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt'"),
     ("train", ["ckpt_path={f}/empty.ckpt"], "empty.ckpt"),

@@ -100,6 +100,11 @@ def split_documents(
     order = np.random.default_rng(seed).permutation(n)
     n_val = max(1, round(n * val_fraction))
     n_test = max(1, round(n * test_fraction))
+    if n_val + n_test >= n:
+        raise ValueError(
+            f"data: {n} documents leave none to train on with data.val_fraction={val_fraction} "
+            f"and data.test_fraction={test_fraction} ({n_val} + {n_test} held out)"
+        )
     return {
         "val": order[:n_val],
         "test": order[n_val : n_val + n_test],

@@ -37,6 +37,7 @@ from advarch.data.packing import (
 )
 from advarch.data.sampling import EpochShuffleSampler, batches_done_this_epoch
 from advarch.data.tokenizer import (
+    BYTE_VOCAB,
     BPETokenizer,
     ByteTokenizer,
     load_tokenizer,
@@ -77,6 +78,11 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.seq_len={seq_len} must be at least 2")
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be positive")
+        if max_documents is not None and max_documents < 1:
+            raise ValueError(f"data.max_documents={max_documents} must be positive or null")
+        if tokenizer == "bpe" and bpe_vocab_size < BYTE_VOCAB:  # (BPE starts from the bytes)
+            raise ValueError(f"data.bpe_vocab_size={bpe_vocab_size} must be at least "
+                             f"{BYTE_VOCAB} (256 bytes and 3 special tokens)")  # fmt: skip
         if files is not None and not matched_files(files):
             raise FileNotFoundError(f"data.files={files!r} matches no file")
         self.files, self.dataset_name, self.text_field = files, dataset, text_field

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+BYTE_VOCAB = 259  # 256 byte values and <eos>, <pad>, <bos>
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0–255, then specials: <eos>=256, <pad>=257, <bos>=258."""
@@ -16,7 +18,7 @@ class ByteTokenizer:
 
     def __init__(self) -> None:
         self.eos_id, self.pad_id, self.bos_id = 256, 257, 258
-        self.vocab_size = 259
+        self.vocab_size = BYTE_VOCAB
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int32) for t in texts]
