@@ -76,7 +76,15 @@ def validate_run(cfg: DictConfig) -> None:
 
 
 def build_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, DataSpec]:
-    datamodule = instantiate(cfg.data, _convert_="all")
+    """The datamodule of `cfg.data` and its spec; bad options or missing files as one
+    ConfigError line (`data.files='x/*.txt' matches no file`)."""
+    try:
+        datamodule = instantiate(cfg.data, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if not isinstance(cause, BAD_INPUT):
+            raise
+        raise ConfigError(naming("data", cause)) from cause
     return datamodule, datamodule.spec
 
 

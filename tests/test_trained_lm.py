@@ -50,12 +50,26 @@ def test_load_lm_rebuilds_a_finetune_that_added_experts(make_cfg, tmp_path: Path
     assert lm.model.layers[0].ffn.router.shape[0] == 8 + 2
 
 
+def _corpus(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(6):
+        (folder / f"d{i}.txt").write_text(f"document {i} " * 100)
+    return folder
+
+
 def test_load_lm_rejects_bad_checkpoints(make_cfg, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not a file"):
         load_lm(str(tmp_path / "missing.ckpt"))
     ckpt = save_checkpoint(make_cfg, tmp_path, ["data=digits", "model=transformer"])
     with pytest.raises(ConfigError, match="classification model; generation needs"):
         load_lm(str(ckpt))
+    corpus = _corpus(tmp_path / "corpus")
+    files = ["data=text", "model=transformer", *SMALL_TEXT, f"data.files={corpus}/*.txt"]
+    gone = save_checkpoint(make_cfg, tmp_path / "gone", files)
+    for f in corpus.iterdir():  # the training files moved away
+        f.unlink()
+    with pytest.raises(ConfigError, match=r"^data.files='.*corpus/\*.txt' matches no file$"):
+        load_lm(str(gone))
     ckpt = save_checkpoint(make_cfg, tmp_path, ["data=selective_copying", "model=transformer"])
     with pytest.raises(ConfigError, match="holds a model of token ids without text .* trained on"):
         load_lm(str(ckpt))
