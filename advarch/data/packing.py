@@ -52,15 +52,20 @@ def load_or_build(
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    (tmp / "meta.json").write_text(json.dumps(build(tmp)))
+    try:
+        (tmp / "meta.json").write_text(json.dumps(build(tmp)))
+    except BaseException:  # bad data, Ctrl-C: no half-built folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(tmp, cache)
     return json.loads((cache / "meta.json").read_text()), load(cache)
 
 
 def _remove_abandoned_builds(cache: Path) -> None:
-    """Delete `<cache>.tmp<pid>` folders whose process is gone (a build killed midway)."""
-    for tmp in cache.parent.glob(f"{cache.name}.tmp*"):
+    """Delete the `<any cache>.tmp<pid>` folders beside `cache` whose process is gone (a build
+    killed midway, whatever data it was for)."""
+    for tmp in cache.parent.glob("*.tmp*"):
         pid = tmp.name.rsplit(".tmp", 1)[1]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)

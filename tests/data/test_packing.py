@@ -59,3 +59,17 @@ def test_a_cache_folder_is_built_once(tmp_path: Path) -> None:
     assert not calls[0].exists()
     (cache / "data.txt").unlink()  # damaged: built again, once
     assert load_or_build(cache, build, load) == ({"n": 1}, "x") and len(calls) == 2
+
+
+def test_a_failed_build_leaves_nothing_and_killed_ones_are_cleared(tmp_path: Path) -> None:
+    def failing(folder: Path) -> dict:
+        (folder / "half.txt").write_text("x")
+        raise ValueError("data: bad file")
+
+    with pytest.raises(ValueError, match="bad file"):
+        load_or_build(tmp_path / "text-a", failing, lambda folder: None)
+    assert not list(tmp_path.iterdir())  # no half-built text-a.tmp<pid>
+    killed = tmp_path / "text-b.tmp999999999"  # another data's build, its process gone
+    killed.mkdir()
+    load_or_build(tmp_path / "text-c", lambda folder: {"n": 1}, lambda folder: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text-c"]
