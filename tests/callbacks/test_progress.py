@@ -60,3 +60,21 @@ def test_a_step_budget_over_several_epochs_is_one_bar_to_its_end(tmp_path) -> No
     )
     trainer.fit(BoringModel())
     assert totals[0] == 7 and counts == list(range(1, 8))  # epochs of 3, 3 and 1 batches
+
+
+def test_in_a_log_file_every_tenth_of_the_run_is_a_progress_line(tmp_path, monkeypatch,
+                                                                  caplog) -> None:  # fmt: skip
+    # (Rich draws only a final frame there: a log followed with tail -f looked dead for a run)
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    trainer = L.Trainer(max_steps=60, limit_train_batches=8, limit_val_batches=0,
+                        accumulate_grad_batches=2, callbacks=[StepBudgetProgressBar()],
+                        logger=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    with caplog.at_level("INFO", logger="advarch"):
+        trainer.fit(BoringModel())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(" · ")[0] for line in lines] == [f"step {s}/60" for s in range(6, 61, 6)]
+    assert lines[-1].split(" · ")[1].endswith("elapsed, 0:00:00 left")
