@@ -95,13 +95,10 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
     ]
     if not overrides:
         return
-    key = _unknown_key(overrides, config_name)
-    kept = [o for o in overrides if o.split("=", 1)[0] != key]
-    try:
-        cfg = compose_packaged([o for o in kept if not o.startswith("+")], config_name)
-    except Exception:  # the rest does not compose either: Hydra says why
-        return
+    assigned = [o for o in overrides if not o.startswith("+")]  # (`+` edits always compose)
+    cfg, key = _compose_or_unknown_key(assigned, config_name)
     if key is not None:
+        cfg = compose_packaged([o for o in assigned if o.split("=", 1)[0] != key], config_name)
         parts, depth = key.split("."), 0  # the first part the config lacks
         while depth < len(parts) - 1 and isinstance(
             OmegaConf.select(cfg, ".".join(parts[: depth + 1])), DictConfig
@@ -155,13 +152,15 @@ def unknown_key(parent: str, leaf: str, node: Iterable, owner: str | None = None
     )
 
 
-def _unknown_key(overrides: list[str], config_name: str) -> str | None:
-    """The dotted key Hydra could not override (absent from the composed config), if any."""
+def _compose_or_unknown_key(
+    overrides: list[str], config_name: str
+) -> tuple[DictConfig | None, str | None]:
+    """(the composed config, None), or (None, the dotted key Hydra could not override because
+    the config lacks it); any other composition error raises (Hydra's to report)."""
     try:
-        compose_packaged(overrides, config_name)
+        return compose_packaged(overrides, config_name), None
     except ConfigCompositionException as err:
         found = re.match(r"Could not override '([^']+)'", str(err))
-        return found.group(1) if found else None
-    except Exception:  # any other composition error is Hydra's to report
-        return None
-    return None
+        if found is None:
+            raise
+        return None, found.group(1)
