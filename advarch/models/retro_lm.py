@@ -240,6 +240,7 @@ class RetroConfig(BlockConfig):
         return default_cca_layers(depth) if self.cca_layers is None else list(self.cca_layers)
 
     def checks(self, shape: ModelShape) -> Checks:
+        yield shape.heads_check()  # the encoder's attention and CCA
         layers, depth = self.layers(shape.depth), shape.depth
         bad = [i for i in layers if not 0 <= i < depth]
         yield (

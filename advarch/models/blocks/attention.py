@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advarch.models.blocks.config import BlockConfig, ModelShape
+from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.rotary import Rotary
 
 
@@ -123,6 +123,9 @@ class Attention(nn.Module):
 @dataclass(frozen=True)
 class AttentionConfig(BlockConfig):
     """Dense attention (`attn` in `model.layers`): `model.num_heads` heads, no own options."""
+
+    def checks(self, shape: ModelShape) -> Checks:
+        yield shape.heads_check()
 
     def build(self, shape: ModelShape, causal: bool = True) -> Attention:
         """The self-attention mixer of a layer of `shape`."""

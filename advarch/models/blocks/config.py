@@ -41,7 +41,8 @@ class ModelShape:
     Attributes:
         dim: model width D (`model.dim`).
         depth: layers (`model.depth`).
-        num_heads: attention heads (`model.num_heads`), must divide `dim`.
+        num_heads: attention heads (`model.num_heads`), must divide `dim` where a layer has
+            dense attention (`heads_check`; SSM-only models ignore it).
         ffn_hidden: FFN / expert hidden width (`model.ffn_hidden`; None = 4·dim).
         activation: FFN activation (`model.activation`).
         norm: normalisation layer (`model.norm`).
@@ -64,8 +65,6 @@ class ModelShape:
     def checks(self) -> Checks:
         yield self.dim >= 1, f"model.dim={self.dim} must be >= 1"
         yield self.depth >= 1, f"model.depth={self.depth} must be >= 1"
-        heads_ok = self.num_heads >= 1 and self.dim % self.num_heads == 0
-        yield heads_ok, f"model.num_heads={self.num_heads} must divide model.dim={self.dim}"
         yield self.hidden >= 1, f"model.ffn_hidden={self.ffn_hidden} must be >= 1 or null"
         yield (
             self.activation in ACTIVATIONS,
@@ -73,6 +72,11 @@ class ModelShape:
         )
         yield self.norm in NORMS, f"model.norm={self.norm!r} is not one of: {', '.join(NORMS)}"
         yield 0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)"
+
+    def heads_check(self) -> tuple[bool, str]:
+        """`model.num_heads` divides `model.dim`: checked by the blocks that attend with it."""
+        heads_ok = self.num_heads >= 1 and self.dim % self.num_heads == 0
+        return heads_ok, f"model.num_heads={self.num_heads} must divide model.dim={self.dim}"
 
     def validate(self) -> None:
         raise_first(self.checks())

@@ -18,7 +18,7 @@ class FeedForward(nn.Module):
         self, dim: int, hidden: int, activation: str = "gelu", dropout: float = 0.0
     ) -> None:
         super().__init__()
-        shape = ModelShape(dim=dim, num_heads=1, ffn_hidden=hidden, activation=activation)
+        shape = ModelShape(dim=dim, ffn_hidden=hidden, activation=activation)
         FeedForwardConfig().validate(shape)
         self.activation = activation
         self.w_in = nn.Linear(dim, hidden * (2 if activation == "swiglu" else 1), bias=False)

@@ -135,9 +135,7 @@ class MoE(nn.Module):
             bias_update_rate=bias_update_rate,
         )
         config.validate(
-            ModelShape(
-                dim=dim, num_heads=1, ffn_hidden=hidden, activation=activation, dropout=dropout
-            )
+            ModelShape(dim=dim, ffn_hidden=hidden, activation=activation, dropout=dropout)
         )
         self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
         self.activation, self.soft, self.capacity_factor = activation, soft, capacity_factor

@@ -267,7 +267,7 @@ class SlidingWindowAttention(nn.Module):
         config = SlidingWindowConfig(
             window=window, num_heads=num_heads, rotary=rotary, block_size=block_size
         )
-        config.validate(ModelShape(dim=dim, num_heads=1, dropout=dropout))
+        config.validate(ModelShape(dim=dim, dropout=dropout))
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window, self.causal, self.dropout = window, causal, dropout
         self.block_size = block_size

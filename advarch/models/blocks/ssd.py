@@ -137,7 +137,7 @@ class Mamba2(nn.Module):
             dt_min=dt_min,
             dt_max=dt_max,
         )
-        config.validate(ModelShape(dim=dim, num_heads=1))
+        config.validate(ModelShape(dim=dim))
         inner = expand * dim
         self.inner, self.d_state, self.head_dim = inner, d_state, head_dim
         self.heads, self.chunk_size, self.d_conv = inner // head_dim, chunk_size, d_conv

@@ -222,7 +222,7 @@ class SelectiveSSM(nn.Module):
             dt_min=dt_min,
             dt_max=dt_max,
         )
-        config.validate(ModelShape(dim=dim, num_heads=1))
+        config.validate(ModelShape(dim=dim))
         dt_rank = config.rank(dim)
         inner = expand * dim
         self.d_state, self.d_conv, self.dt_rank, self.selective = (

@@ -8,7 +8,9 @@ import inspect
 
 import pytest
 
+from advarch.models.blocks.attention import AttentionConfig
 from advarch.models.blocks.config import ModelShape
+from advarch.models.blocks.ffn import FeedForwardConfig
 from advarch.models.blocks.moe import MoE, MoEConfig
 from advarch.models.blocks.sliding_window import SlidingWindowAttention, SlidingWindowConfig
 from advarch.models.blocks.ssd import Mamba2, SSDConfig
@@ -42,8 +44,6 @@ def test_hidden_defaults_to_four_times_dim() -> None:
     [
         (dict(dim=0), "model.dim=0 must be >= 1"),
         (dict(depth=0), "model.depth=0 must be >= 1"),
-        (dict(dim=30, num_heads=4), "model.num_heads=4 must divide model.dim=30"),
-        (dict(num_heads=0), "model.num_heads=0 must divide model.dim=256"),
         (dict(ffn_hidden=0), "model.ffn_hidden=0 must be >= 1 or null"),
         (dict(activation="relu"), "model.activation='relu' is not one of: gelu, swiglu"),
         (dict(norm="batch"), "model.norm='batch' is not one of: rmsnorm, layernorm"),
@@ -52,6 +52,20 @@ def test_hidden_defaults_to_four_times_dim() -> None:
 )
 def test_model_keys_name_themselves(shape: dict, expected: str) -> None:
     assert message(ModelShape(**shape).validate) == expected
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        (dict(dim=30, num_heads=4), "model.num_heads=4 must divide model.dim=30"),
+        (dict(num_heads=0), "model.num_heads=0 must divide model.dim=256"),
+    ],
+)
+def test_num_heads_is_checked_by_the_blocks_that_attend(shape: dict, expected: str) -> None:
+    for config in (AttentionConfig(), RetroConfig()):
+        assert message(lambda c=config: c.validate(ModelShape(**shape))) == expected
+    for config in (SSMConfig(), SSDConfig(head_dim=2), MoEConfig(), FeedForwardConfig()):
+        config.validate(ModelShape(**shape))  # no attention: the heads are not read
 
 
 @pytest.mark.parametrize(
@@ -124,3 +138,19 @@ def test_model_reports_block_errors_only_for_blocks_it_uses() -> None:
     assert message(lambda: Model.check_options(**kw, ffn="moe", moe={"top_k": 9})) == (
         "model.moe.top_k=9 exceeds model.moe.num_experts=8"
     )
+
+
+def test_model_without_attention_takes_any_num_heads() -> None:
+    """A sweep over model.num_heads on an SSM-only model runs every trial; with attention (or
+    a seq2seq decoder's cross-attention) a head count that does not divide dim is refused."""
+    from advarch.spec import DataSpec
+
+    lm = DataSpec(kind="lm", vocab_size=16, seq_len=8)
+    kw = dict(dim=16, depth=2, num_heads=3, ffn_hidden=8)
+    Model(lm, **kw, layers="ssm")
+    Model.check_options(**kw, layers=["ssm", "ssd"], ssd={"head_dim": 8})
+    expected = "model.num_heads=3 must divide model.dim=16"
+    assert message(lambda: Model(lm, **kw, layers=["ssm", "attn"])) == expected
+    assert message(lambda: Model.check_options(**kw, layers=["ssm", "attn"])) == expected
+    seq2seq = DataSpec(kind="seq2seq", vocab_size=16, seq_len=8)
+    assert message(lambda: Model(seq2seq, **kw, layers="ssm")) == expected
