@@ -1,10 +1,10 @@
 """A trained language model rebuilt from its checkpoint, with what generating text needs.
 
 `load_lm` reads the checkpoint through `advarch.checkpoint` (the one reader), rebuilds the
-datamodule, model and strategy (which may change the model: a fine-tune's new experts) from the
-config the run saved, loads the weights and, for RETRO models,
-wires the datamodule's retrieval database as the `retrieve` callback that `generate` calls each
-time a chunk completes. Sampling itself lives in `advarch.generation`.
+model and strategy (which may change the model: a fine-tune's new experts) from the config the
+run saved, loads the weights and takes the tokenizer the checkpoint carries. RETRO models also
+rebuild their datamodule: its retrieval database is the `retrieve` callback that `generate`
+calls each time a chunk completes. Sampling itself lives in `advarch.generation`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from advarch.callbacks.data_identity import data_changed
+from advarch.callbacks.data_identity import data_changed, saved_tokenizer
 from advarch.checkpoint import load_error, load_with_config, model_weights, with_cache_dir
 from advarch.config.validate import ConfigError
 from advarch.generation import Retrieve
@@ -41,6 +42,11 @@ def load_lm(ckpt_path: str, device: str = "cpu", cache_dir: str | None = None) -
     """Rebuild the decoder LM, its tokenizer and (RETRO) retriever from an advarch checkpoint;
     its data's caches in `cache_dir` (default: where the training run kept them).
 
+    A checkpoint that carries its tokenizer needs no data: the model is built from the data
+    spec the run saved, and text goes through the tokenizer it was trained with. RETRO models
+    (their retrieval database) and checkpoints from before tokenizers were saved rebuild the
+    run's datamodule.
+
     Raises:
         ConfigError: a missing file, a checkpoint without an advarch config, a model that is
             not a language model, or weights that do not fit the rebuilt model.
@@ -48,13 +54,19 @@ def load_lm(ckpt_path: str, device: str = "cpu", cache_dir: str | None = None) -
     ckpt, saved = load_with_config(ckpt_path)
     if cache_dir is not None:
         saved = with_cache_dir(saved, cache_dir)
-    datamodule, spec = build_datamodule(saved)
+    tokenizer, datamodule = saved_tokenizer(ckpt), None
+    saved_spec = (ckpt.get("hyper_parameters") or {}).get("spec")
+    if tokenizer is None or saved_spec is None or OmegaConf.select(saved, "model.retro"):
+        datamodule, spec = build_datamodule(saved)
+    else:
+        spec = DataSpec(**saved_spec)
     if spec.kind != "lm":
         raise ConfigError(
             f"ckpt_path={ckpt_path!r} holds a {spec.kind} model; generation needs a language "
             "model (data kind 'lm')"
         )
-    tokenizer = datamodule.tokenizer if isinstance(datamodule, TokenizedText) else None
+    if isinstance(datamodule, TokenizedText):
+        tokenizer = tokenizer or datamodule.tokenizer
     if tokenizer is None:
         raise ConfigError(
             f"ckpt_path={ckpt_path!r} holds a model of token ids without text (its data, "
@@ -70,8 +82,8 @@ def load_lm(ckpt_path: str, device: str = "cpu", cache_dir: str | None = None) -
     except RuntimeError as err:
         message = f"ckpt_path={ckpt_path!r}: weights do not fit the model: {load_error(err)}"
         raise ConfigError(message) from err
-    changed = data_changed(ckpt, datamodule)
-    if changed:  # its tokenizer is rebuilt from the files as they are now
+    changed = datamodule is not None and data_changed(ckpt, datamodule)
+    if changed:  # its retrieval database (or tokenizer) is rebuilt from the files as they are
         log.warning("ckpt_path=%s: %s; generation may read other tokens", ckpt_path, changed)
     retrieve = datamodule_retrieve(datamodule) if getattr(model, "retro", None) else None
     return LoadedLM(model.to(device).eval(), spec, tokenizer, spec.eos_id, retrieve)

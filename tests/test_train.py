@@ -131,6 +131,38 @@ def test_a_resume_on_changed_files_stops_and_eval_warns(make_cfg, tmp_path: Path
     assert run(resume)
 
 
+def test_generation_reads_the_checkpoints_own_tokenizer(make_cfg, tmp_path: Path,
+                                                        caplog) -> None:  # fmt: skip
+    # a BPE tokenizer retrained on edited files would give other ids: the checkpoint carries
+    # the one it learnt with, and generation needs no data at all
+    from advarch.generation import generate_text
+    from advarch.trained_lm import load_lm
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"d{i}.txt").write_text(" ".join(f"w{(i * j) % 17}" for j in range(300)))
+    data = [f"data.files={corpus}/*.txt", "data.seq_len=32", "data.batch_size=4",
+            "data.tokenizer=bpe", "data.bpe_vocab_size=280"]  # fmt: skip
+    cfg = make_cfg(["debug=tiny", *data], output_dir=tmp_path / "run")
+    run(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)["tokenizer"]
+    assert saved["kind"] == "bpe"
+
+    def sample() -> tuple[str, str]:
+        lm = load_lm(str(last))
+        return lm.tokenizer.to_json(), generate_text(lm, "w3 w", 12, greedy=True)
+
+    before = sample()
+    assert before[0] == saved["json"]
+    corpus.rename(tmp_path / "moved")  # the training files are gone
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="advarch"):
+        assert sample() == before
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_ckpt_path_auto_resumes_the_newest_run_of_its_run_name(
     project: Project, trained: dict[str, TrainedRun]
 ) -> None:

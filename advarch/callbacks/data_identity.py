@@ -6,6 +6,9 @@ Adding, removing or editing a file changes the document-level split and, with BP
 tokenizer: a resumed run would go on with documents it trained on now in val/test and ids that
 mean other tokens, and say nothing. Checkpoints record the fingerprint; a resume whose data
 differs stops with one line, and `eval.py` / `generate.py` warn (`data_changed`).
+
+Checkpoints of text also carry their tokenizer (`saved_tokenizer`): `generate.py` decodes with
+the tokenizer the model learnt, whatever happened to the files since.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from typing import Any
 import lightning as L
 
 from advarch.checkpoint import CheckpointError
+from advarch.data.tokenizer import BPETokenizer, ByteTokenizer, from_state, tokenizer_state
 
 KEY = "data_cache"  # the checkpoint entry: the name of the data's cache folder
+TOKENIZER = "tokenizer"  # the checkpoint entry: `tokenizer_state` of a text datamodule
 
 
 def data_cache(datamodule: Any) -> str | None:
@@ -37,8 +42,16 @@ def data_changed(checkpoint: dict[str, Any], datamodule: Any) -> str | None:
             "test and a BPE tokenizer may give other ids")  # fmt: skip
 
 
+def saved_tokenizer(checkpoint: dict[str, Any]) -> ByteTokenizer | BPETokenizer | None:
+    """The tokenizer a checkpoint was trained with (None: not text, or written before
+    checkpoints carried it)."""
+    state = checkpoint.get(TOKENIZER)
+    return from_state(state) if state else None
+
+
 class DataIdentity(L.Callback):
-    """Record the data's fingerprint in every checkpoint; refuse to resume on other data."""
+    """Record the data's fingerprint and tokenizer in every checkpoint; refuse to resume on
+    other data."""
 
     def __init__(self, ckpt_path: str | None = None) -> None:
         self.ckpt_path = ckpt_path
@@ -48,6 +61,9 @@ class DataIdentity(L.Callback):
         name = data_cache(trainer.datamodule)
         if name is not None:
             checkpoint[KEY] = name
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if isinstance(tokenizer, ByteTokenizer | BPETokenizer):
+            checkpoint[TOKENIZER] = tokenizer_state(tokenizer)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:  # fmt: skip

@@ -1,10 +1,13 @@
 """Tokenizers: byte-level (no training, vocab 256 + specials) and BPE trained with `tokenizers`;
-the helpers that train one for a corpus cache folder, reload it and record its ids."""
+the helpers that train one for a corpus cache folder, reload it, record its ids, and turn it
+into a checkpoint entry and back (`tokenizer_state`, `from_state`), so that text is generated
+with the very tokenizer a model was trained with."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,15 +35,31 @@ class BPETokenizer:
 
     name = "bpe"
 
-    def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(path))
+    def __init__(self, tokenizer: Any) -> None:
+        """Wrap a trained `tokenizers.Tokenizer` with the special tokens <eos>, <pad>, <bos>."""
+        self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True  # "<eos>" written in a document is its text
         self.eos_id = self.tokenizer.token_to_id("<eos>")
         self.pad_id = self.tokenizer.token_to_id("<pad>")
         self.bos_id = self.tokenizer.token_to_id("<bos>")
         self.vocab_size = self.tokenizer.get_vocab_size()
+
+    @classmethod
+    def load(cls, path: Path) -> BPETokenizer:
+        """The tokenizer saved at `path` (`tokenizers`' JSON)."""
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)))
+
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        """The tokenizer of a JSON string (`to_json`)."""
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_str(text))
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, path: Path) -> BPETokenizer:
@@ -61,7 +80,7 @@ class BPETokenizer:
             tmp = path.with_suffix(".tmp")
             tok.save(str(tmp))
             tmp.replace(path)
-        return cls(path)
+        return cls.load(path)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int32) for e in self.tokenizer.encode_batch(list(texts))]
@@ -81,7 +100,7 @@ def train_tokenizer(
 
 def load_tokenizer(kind: str, folder: Path) -> ByteTokenizer | BPETokenizer:
     """The tokenizer `train_tokenizer` made for a cache folder."""
-    return BPETokenizer(folder / "bpe.json") if kind == "bpe" else ByteTokenizer()
+    return BPETokenizer.load(folder / "bpe.json") if kind == "bpe" else ByteTokenizer()
 
 
 def token_ids(tok: ByteTokenizer | BPETokenizer) -> dict[str, int]:
@@ -92,3 +111,15 @@ def token_ids(tok: ByteTokenizer | BPETokenizer) -> dict[str, int]:
         "pad_id": tok.pad_id,
         "bos_id": tok.bos_id,
     }
+
+
+def tokenizer_state(tok: ByteTokenizer | BPETokenizer) -> dict[str, str]:
+    """A checkpoint entry that rebuilds `tok` (`from_state`): its kind, and BPE's JSON."""
+    if isinstance(tok, BPETokenizer):
+        return {"kind": "bpe", "json": tok.to_json()}
+    return {"kind": "byte"}
+
+
+def from_state(state: dict[str, str]) -> ByteTokenizer | BPETokenizer:
+    """The tokenizer a `tokenizer_state` entry describes."""
+    return BPETokenizer.from_json(state["json"]) if state["kind"] == "bpe" else ByteTokenizer()
