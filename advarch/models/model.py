@@ -160,6 +160,10 @@ class Model(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
+        """GPT-2's N(0, 0.02) for every Linear and Embedding, zero biases; a layer its block
+        initialised on purpose (`keeps_init`, e.g. Mamba's Δ projection) keeps that init."""
+        if getattr(module, "keeps_init", False):
+            return
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:

@@ -25,17 +25,20 @@ NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm)
 
 def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
     """Trainable parameters in two groups: matrices take the optimizer's weight decay; norms,
-    biases, embeddings and 1-d tensors none (`weight_decay: 0`). Frozen ones are left out."""
+    biases (also stacked ones, `expert_bias`), token embeddings, 1-d tensors and parameters
+    marked `_no_weight_decay` (Mamba's convention: the SSM's A_log) none (`weight_decay: 0`);
+    learned feature positions decay, as GPT-2's. Frozen ones are left out."""
     no_decay: set[int] = set()
     for module in model.modules():
         if isinstance(module, NO_DECAY_MODULES) or "norm" in type(module).__name__.lower():
             no_decay.update(id(p) for p in module.parameters(recurse=False))
     decay, rest, seen = [], [], set()
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (rest if p.ndim < 2 or id(p) in no_decay else decay).append(p)
+        keep = p.ndim < 2 or id(p) in no_decay or name.endswith("bias")
+        (rest if keep or getattr(p, "_no_weight_decay", False) else decay).append(p)
     return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
 
 

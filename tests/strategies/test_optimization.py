@@ -78,6 +78,23 @@ def test_no_weight_decay_on_norms_biases_embeddings_or_frozen() -> None:
     } | {id(model[3].bias)}
 
 
+def test_no_weight_decay_on_stacked_biases_or_ssm_decays() -> None:
+    # 2-d, yet a bias or A_log (decay would pull every A towards -1); learned feature
+    # positions are decayed, as GPT-2's
+    from advarch.models.mmoe import MultiGateMoE
+    from advarch.models.model import Model
+    from advarch.spec import DataSpec
+
+    ssm = Model(DataSpec(kind="lm", vocab_size=16, seq_len=8), dim=16, depth=1, layers="ssm")
+    mmoe = MultiGateMoE(DataSpec(kind="classification", num_features=8, num_classes=2,
+                                 task_names=("a", "b")))  # fmt: skip
+    for model, kept in [(ssm, ["A_log"]), (mmoe, ["expert_bias", "tower_bias", "out_bias"])]:
+        decay, _ = parameter_groups(model)
+        decayed = {id(p) for p in decay["params"]}
+        names = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if id(p) in decayed}
+        assert names and not names & {*kept, "bias"}, names
+
+
 @pytest.mark.parametrize(
     ("overrides", "added"),
     [

@@ -290,12 +290,29 @@ def test_left_padding_leaves_real_tokens_unchanged():
     torch.testing.assert_close(block(padded, pad_mask=pad_mask)[:, 3:], block(x))
 
 
-def test_init_matches_mamba():
-    block = SelectiveSSM(32, d_state=16, dt_min=1e-3, dt_max=0.1)
+def _check_mamba_init(block: SelectiveSSM) -> None:
     delta = torch.nn.functional.softplus(block.dt_proj.bias)
     assert delta.min() >= 1e-3 * 0.999 and delta.max() <= 0.1 * 1.001
+    bound = block.dt_rank**-0.5
+    assert block.dt_proj.weight.abs().max() <= bound and block.dt_proj.weight.std() > bound / 3
     torch.testing.assert_close(-torch.exp(block.A_log[0]), -torch.arange(1, 17.0))
+
+
+def test_init_matches_mamba():
+    block = SelectiveSSM(32, d_state=16, dt_min=1e-3, dt_max=0.1)
+    _check_mamba_init(block)
     assert block.dt_rank == 2 and block.x_proj.out_features == 2 + 32
+
+
+def test_a_model_keeps_mambas_init():
+    # the model's N(0, 0.02) init of every Linear once reset Δ's bias to 0: Δ = 0.69 everywhere
+    from advarch.models.model import Model
+    from advarch.spec import DataSpec
+
+    model = Model(DataSpec(kind="lm", vocab_size=16, seq_len=8), dim=32, depth=2, layers="ssm",
+                  ssm={"d_state": 16, "dt_min": 1e-3, "dt_max": 0.1})  # fmt: skip
+    for layer in model.layers:
+        _check_mamba_init(layer.mixer)
 
 
 def test_long_sequence_forward_backward_is_finite():
