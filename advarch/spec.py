@@ -60,6 +60,19 @@ class DataSpec:
     def num_tasks(self) -> int:
         return len(self.task_names)
 
+    def bytes_per_token(self, split: str, task: int | None = None) -> float | None:
+        """UTF-8 bytes per token of text data's `split` (of its task `task` where known), which
+        turns nats per token into bits per byte; None for data that is not text.
+
+        Text datamodules put `{split: ratio}` in `extras["bytes_per_token"]` and, for a
+        stream of domains, `{split: [ratio per task]}` in `extras["task_bytes_per_token"]`.
+        """
+        per_task = self.extras.get("task_bytes_per_token")
+        if task is not None and per_task:
+            return per_task[split][task]
+        overall = self.extras.get("bytes_per_token")
+        return overall[split] if overall else None
+
 
 @dataclass(frozen=True)
 class TaskSchedule:

@@ -90,7 +90,7 @@ def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[s
     model = module.model.eval()
     datamodule.setup("validate")
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
-    bpt, m = spec.extras.get("bytes_per_token"), spec.retrieval_chunk
+    bpt, m = spec.bytes_per_token(split), spec.retrieval_chunk
     sums = {mode: {"loss": 0.0, "correct": 0, "count": 0} for mode in modes}
     per_chunk: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
     quality: list[np.ndarray] = []

@@ -268,7 +268,7 @@ class TextDataModule(L.LightningDataModule):
             retrieval_chunk=r.chunk_size if r else 64,
             retrieval_neighbour_len=r.neighbour_len if r else 128,
             extras={
-                "bytes_per_token": self.bytes_per_token("val"),
+                "bytes_per_token": {split: self.bytes_per_token(split) for split in SPLITS},
                 "unigram_bpb": self.meta["unigram_bpb"],
                 "tokenizer": self.tokenizer_kind,
             },

@@ -273,8 +273,15 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
             eos_id=self.meta["eos_id"],
             bos_id=self.meta["bos_id"],
             extras={
-                "bytes_per_token": val_bytes / sum(i["val_tokens"] for i in info),
-                "task_bytes_per_token": [i["val_bytes"] / i["val_tokens"] for i in info],
+                "bytes_per_token": {
+                    split: sum(i[f"{split}_bytes"] for i in info)
+                    / sum(i[f"{split}_tokens"] for i in info)
+                    for split in SPLITS
+                },
+                "task_bytes_per_token": {
+                    split: [i[f"{split}_bytes"] / i[f"{split}_tokens"] for i in info]
+                    for split in SPLITS
+                },
                 "unigram_bpb": sum(i["unigram_bpb"] * i["val_bytes"] for i in info) / val_bytes,
                 "task_unigram_bpb": [i["unigram_bpb"] for i in info],
                 "scenario": self.scenario,

@@ -226,14 +226,12 @@ class ContinualStrategy(BaseStrategy):
         return nll[labels != IGNORE]
 
     def task_value(self, task: int, mean_score: torch.Tensor | float) -> torch.Tensor:
-        """The task metric from a mean score: accuracy as is, nats per token → bits per byte
-        with task `task`'s own bytes per token."""
+        """The task metric from a validation mean score: accuracy as is, nats per token → bits
+        per byte with task `task`'s own validation bytes per token."""
         mean = torch.as_tensor(mean_score, dtype=torch.float32)
         if self.task_metric == "acc":
             return mean
-        per_task = self.spec.extras.get("task_bytes_per_token")
-        bytes_per_token = per_task[task] if per_task else self.spec.extras["bytes_per_token"]
-        return mean / math.log(2) / bytes_per_token
+        return mean / math.log(2) / self.spec.bytes_per_token("val", task)
 
     @torch.no_grad()
     def evaluate_tasks(self) -> torch.Tensor:

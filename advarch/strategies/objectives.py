@@ -113,14 +113,13 @@ class Objective(nn.Module):
 
     def compute(self, split: str, task: int | None = None) -> dict[str, torch.Tensor]:
         """Epoch values of `split` (or of its task `task`), then reset: loss and acc/mse, plus
-        ppl and bits per byte for language data (a task's own bytes per token when known)."""
+        ppl and bits per byte for language data (with the split's, or the task's split's, own
+        bytes per token)."""
         m = self.metrics[_key(split, task)]
         values = {name: metric.compute() for name, metric in m.items()}
         if self.spec.kind in ("lm", "seq2seq"):
             values["ppl"] = torch.exp(values["loss"].clamp(max=50))
-            per_task = self.spec.extras.get("task_bytes_per_token")
-            bpt = per_task[task] if task is not None and per_task else None
-            bpt = bpt or self.spec.extras.get("bytes_per_token")
+            bpt = self.spec.bytes_per_token(split, task)
             if bpt:
                 values["bpb"] = values["loss"] / math.log(2) / bpt
         for metric in m.values():

@@ -55,7 +55,10 @@ def test_stream_contract_and_batches(stream: TextDomainsDataModule) -> None:
     assert isinstance(stream, TaskStream)
     spec = stream.spec
     assert spec.kind == "lm" and spec.task_names == DEFAULT_DOMAINS
-    assert len(spec.extras["task_bytes_per_token"]) == 4 and spec.extras["epochs_per_task"] == 1
+    assert spec.extras["epochs_per_task"] == 1
+    for split in ("train", "val", "test"):  # bits per byte per split and task
+        assert len(spec.extras["task_bytes_per_token"][split]) == 4
+        assert spec.bytes_per_token(split, 3) > 0 and spec.bytes_per_token(split) > 0
     assert stream.trainer_overrides == {
         "max_epochs": 4,
         "max_steps": -1,

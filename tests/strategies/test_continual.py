@@ -231,7 +231,7 @@ def test_lm_streams_score_bits_per_byte_of_each_domain(tmp_path: Path) -> None:
         seq_len=3,
         pad_id=4,
         task_names=("code", "prose"),
-        extras={"task_bytes_per_token": [2.0, 4.0]},
+        extras={"task_bytes_per_token": {"val": [2.0, 4.0], "test": [3.0, 5.0]}},
     )
     module = Recording(LookupModel(), spec)
     logits = torch.randn(1, 3, 5)
@@ -302,3 +302,23 @@ def test_the_matrix_survives_a_checkpoint_and_a_different_stream_is_refused(
     other, _ = naive(tmp_path, datamodule=Stream(epochs_per_task=3))
     with pytest.raises(CheckpointError, match=r"3 tasks x 2 epochs; this run has 3 x 3"):
         other.on_load_checkpoint(checkpoint)
+
+
+def test_bits_per_byte_divide_by_each_splits_own_bytes_per_token() -> None:
+    # a BPE tokenizer compresses val and test differently (11% apart on stdlib json/*.py):
+    # test/bpb once took the validation split's ratio
+    from advarch.strategies.objectives import Objective
+
+    spec = DataSpec(kind="lm", vocab_size=5, seq_len=3, task_names=("code", "prose"), extras={
+        "bytes_per_token": {"train": 1.0, "val": 2.0, "test": 4.0},
+        "task_bytes_per_token": {"train": [1.0, 1.0], "val": [2.0, 2.0], "test": [3.0, 5.0]},
+    })  # fmt: skip
+    objective = Objective(spec)
+    nats = torch.tensor(math.log(2) * 12.0)
+    preds, target = torch.zeros(1, 5), torch.zeros(1, dtype=torch.long)
+    for split, task in [("val", None), ("test", None), ("test", 0), ("test", 1)]:
+        objective.update(split, nats, preds, target, 1, task)
+    assert objective.compute("val")["bpb"].item() == pytest.approx(6.0)
+    assert objective.compute("test")["bpb"].item() == pytest.approx(3.0)
+    assert objective.compute("test", 0)["bpb"].item() == pytest.approx(4.0)
+    assert objective.compute("test", 1)["bpb"].item() == pytest.approx(2.4)
