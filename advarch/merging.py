@@ -307,11 +307,14 @@ def _dare_(delta: Tensor, density: float, rescale: str, generator: torch.Generat
 
 
 def _disjoint_mean_(deltas: Tensor, weights: Tensor) -> Tensor:
-    """TIES sign election by total mass, then mean of the agreeing entries; consumes ``deltas``."""
+    """TIES sign election by total mass, then mean of the agreeing entries; consumes ``deltas``.
+
+    The mean divides by Σ_{t∈A} |wₜ|: a negatively weighted model that agrees alone then moves
+    the merge against its task (dividing by wₜ itself would flip it back towards the task)."""
     weighted = deltas.mul_(weights.view(-1, 1, 1))  # (M, G, N)
     elected = weighted.sum(0) >= 0  # (G, N): True elects +, a zero-mass tie elects +
     agree = torch.where(elected, weighted > 0, weighted < 0)  # (M, G, N); zeros never agree
-    divisor = sum(w * a for w, a in zip(weights, agree, strict=True))  # (G, N) Σ_{t∈A} wₜ
+    divisor = sum(w.abs() * a for w, a in zip(weights, agree, strict=True))  # (G, N)
     total = weighted.masked_fill_(~agree, 0.0).sum(0)
     return total / torch.where(divisor == 0, 1.0, divisor)
 

@@ -41,7 +41,7 @@ def ties_reference(
         entries = [w * tau[j] for w, tau in zip(weights, trimmed, strict=True)]
         sign = 1.0 if sum(entries) >= 0 else -1.0
         agree = [(e, w) for e, w in zip(entries, weights, strict=True) if e * sign > 0]
-        mean = sum(e for e, _ in agree) / sum(w for _, w in agree) if agree else 0.0
+        mean = sum(e for e, _ in agree) / sum(abs(w) for _, w in agree) if agree else 0.0
         out.append(b[j] + lam * mean)
     return torch.tensor(out, dtype=base.dtype).view_as(base)
 
@@ -155,6 +155,16 @@ def test_ties_sign_election_hand_made() -> None:
     torch.testing.assert_close(out["x"], torch.tensor([-4.0, 3.0, 0.5], dtype=torch.float64))
 
 
+def test_ties_with_a_negative_weight_moves_against_that_task() -> None:
+    # coordinate 0: only the negated model agrees with the elected sign; its mean must be −τ₂,
+    # as task arithmetic gives, not +τ₂ (dividing by the signed weight flipped it back)
+    base = {"x": torch.zeros(4, dtype=torch.float64)}
+    deltas = [[1.0, 1.0, -1.0, 0.5], [2.0, -1.0, -1.0, 0.5]]
+    models = [{"x": torch.tensor(d, dtype=torch.float64)} for d in deltas]
+    out = merge("ties", base, models, weights=[1.0, -1.0], density=1.0)
+    torch.testing.assert_close(out["x"], torch.tensor([-2.0, 1.0, 1.0, 0.5], dtype=torch.float64))
+
+
 def test_ties_trim_drops_small_entries() -> None:
     base = {"x": torch.zeros(4, dtype=torch.float64)}
     model = {"x": torch.tensor([0.1, -5.0, 0.2, 3.0], dtype=torch.float64)}
@@ -169,7 +179,7 @@ def test_ties_matches_reference(seed: int) -> None:
     models = [
         {"w": base["w"] + torch.randn(6, 5, generator=g, dtype=torch.float64)} for _ in range(3)
     ]
-    weights, densities = [1.0, 0.5, 2.0], [0.2, 0.5, 0.9]
+    weights, densities = [1.0, 0.5 if seed % 2 else -0.5, 2.0], [0.2, 0.5, 0.9]
     out = merge("ties", base, models, weights=weights, density=densities, lam=0.7)
     expected = ties_reference(base["w"], [m["w"] for m in models], weights, densities, 0.7)
     torch.testing.assert_close(out["w"], expected)
