@@ -408,6 +408,12 @@ class ContinualStrategy(BaseStrategy):
         out += [freeze(p) for p in self.model.parameters() if id(p) not in handled]
         return out
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Routing-bias update, then zero the frozen slices' gradients (before clipping)."""
+        super().on_before_optimizer_step(optimizer)
+        for frozen in self._frozen:
+            frozen.zero_grad()
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then frozen slices restored bit-exactly."""
         super().optimizer_step(*args, **kwargs)

@@ -146,9 +146,7 @@ class FinetuneStrategy(BaseStrategy):
         """Routing-bias update, then zero the frozen rows' gradients (before clipping)."""
         super().on_before_optimizer_step(optimizer)
         for frozen in self._frozen:
-            grad = frozen.tensor.grad
-            if grad is not None:
-                grad.index_fill_(0, frozen.rows, 0.0)
+            frozen.zero_grad()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the frozen rows and buffers restored bit-exactly."""

@@ -2,7 +2,10 @@
 
 Restoring after the step (instead of masking gradients) keeps frozen values identical even
 under weight decay and Adam's moment updates, and lets one tensor (stacked experts, a head)
-have frozen and trainable rows. Shared by the continual and frozen-base finetune strategies.
+have frozen and trainable rows. Their gradients are also zeroed before the step, before
+gradient clipping: frozen entries take no share of the clipping norm (which would shrink the
+trainable ones' update) and their Adam moments stay zero. Shared by the continual and
+frozen-base finetune strategies.
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ class FrozenSlice:
     tensor: torch.Tensor
     rows: torch.Tensor | None
     saved: torch.Tensor
+
+    @torch.no_grad()
+    def zero_grad(self) -> None:
+        """Zero the frozen entries' gradient (call before clipping and the optimizer step)."""
+        grad = self.tensor.grad
+        if grad is None:
+            return
+        if self.rows is None:
+            grad.zero_()
+        else:
+            grad.index_fill_(0, self.rows, 0.0)
 
     @torch.no_grad()
     def restore(self) -> None:

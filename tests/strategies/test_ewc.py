@@ -64,6 +64,15 @@ class Snapshot(L.Callback):
             self.state = copy.deepcopy(module.model.state_dict())
 
 
+class Gradients(L.Callback):
+    """The model's gradients at the end of the last training batch (after clipping and the
+    optimizer step, before the next batch clears them)."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.last = {n: p.grad.clone() for n, p in module.model.named_parameters()
+                     if p.grad is not None}  # fmt: skip
+
+
 # -- penalty math -----------------------------------------------------------------------------
 def test_penalty_zero_at_anchor_and_formula_under_perturbation() -> None:
     g = torch.Generator().manual_seed(0)
@@ -166,8 +175,8 @@ def test_owned_experts_stay_bit_identical_under_adamw(tmp_path: Path, freeze_sha
         freeze_shared_after_first_task=freeze_shared,
     )
     assert module.expert_owner.tolist() == [0, 0, 1, 1]
-    snap = Snapshot(epoch=0)
-    trainer = fit(module, dm, tmp_path, batches=5, callbacks=[snap])
+    snap, grads = Snapshot(epoch=0), Gradients()
+    trainer = fit(module, dm, tmp_path, batches=5, callbacks=[snap, grads])
     after_task0 = Model(dm.spec, **MOE)
     after_task0.load_state_dict(snap.state)
     for old, new in zip(
@@ -183,9 +192,14 @@ def test_owned_experts_stay_bit_identical_under_adamw(tmp_path: Path, freeze_sha
     assert all(changed)  # task 1's experts trained
     state = trainer.optimizers[0].state[model.moe_layers()[0].w_in]
     assert state["exp_avg"][:2].abs().max() > 0  # without the restore, momentum would move them
+    # the last step's gradients: frozen entries zeroed before clipping (no share of its norm)
+    grad = grads.last["layers.0.ffn.w_in"]
+    assert not grad[:2].any() and grad[2:].any()
     shared = [n for n in snap.state if "ffn.w_" not in n and "router" not in n and "head" not in n]
     same = [torch.equal(snap.state[n], model.state_dict()[n]) for n in shared]
     assert all(same) if freeze_shared else not all(same)
+    shared_grads = [grads.last[n] for n in shared if n in grads.last]
+    assert any(g.any() for g in shared_grads) is not freeze_shared
     if freeze_shared:  # task 0's outputs are bit-identical: zero forgetting
         C = dm.spec.num_classes
         assert torch.equal(snap.state["head.weight"][:C], model.head.weight[:C])
