@@ -71,12 +71,16 @@ class MoE(nn.Module):
     accelerators, a loop of E dense matmuls on CPU. Dropless, tokens move to expert order and
     back by gathers; with a capacity, the kept slots' gated outputs are added back by `index_add`.
 
-    Capacity (when `capacity_factor` is set): within each expert, token-slots are kept in
-    flattened (B·T) token order, so the earliest tokens win regardless of whether the expert
-    was their first or second choice; dropped slots contribute zero (the caller's residual
-    carries the token). `use_grouped_mm` (None = the device's default above) may be set True or
-    False to force a path; so may `use_triton` (None = on CUDA): routing and the dropless token
-    moves as Triton kernels (`moe_routing_triton`, `moe_permute_triton`) instead of torch ops.
+    Capacity (when `capacity_factor` is set, in training): within each expert, token-slots are
+    kept in flattened (B·T) token order, so the earliest tokens win regardless of whether the
+    expert was their first or second choice; dropped slots contribute zero (the caller's
+    residual carries the token). In eval mode the block is dropless, so a token's output never
+    depends on the other tokens of its batch: metrics do not change with the batch size, and
+    cached decoding (one token per step) equals the full forward.
+
+    `use_grouped_mm` (None = the device's default above) may be set True or False to force a
+    path; so may `use_triton` (None = on CUDA): routing and the dropless token moves as Triton
+    kernels (`moe_routing_triton`, `moe_permute_triton`) instead of torch ops.
     """
 
     def __init__(
@@ -284,7 +288,7 @@ class MoE(nn.Module):
             self.load_counts += counts
         flat, order = route.expert.reshape(-1), route.order  # (N·K,) token-major, choice-minor
         dtype = self._compute_dtype(xf)  # rows move in it (bf16 under autocast)
-        if self.capacity_factor is None:
+        if self.capacity_factor is None or not self.training:  # evaluation never drops
             return self._dropless(xf, route, dtype), None
         capacity = math.ceil(self.capacity_factor * K * N / E)
         start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert

@@ -217,6 +217,22 @@ def test_capacity_keeps_earliest_tokens(seed: int, top_k: int) -> None:
     torch.testing.assert_close(stats["dropped"], expected.float())
 
 
+def test_evaluation_never_drops() -> None:
+    # a capacity depends on the batch: in eval mode a token's output must not (metrics would
+    # change with the batch size, and one-token decoding steps would disagree with the forward)
+    torch.manual_seed(0)
+    moe = MoE(8, 16, num_experts=4, top_k=2, capacity_factor=0.75).double()
+    with torch.no_grad():
+        moe.router[0] += 1.0  # expert 0 overflows
+    x = torch.randn(1, 24, 8, dtype=torch.float64) + 1.0
+    assert moe(x)[2]["dropped"] > 0  # training drops
+    moe.eval()
+    y, _, stats = moe(x)
+    torch.testing.assert_close(y, moe_reference(moe, x)[0])
+    torch.testing.assert_close(y[:, :5], moe(x[:, :5])[0])
+    assert stats["dropped"] == 0
+
+
 def test_dropless_by_default_drops_nothing() -> None:
     moe = MoE(8, 16, num_experts=4)
     assert moe(torch.randn(2, 9, 8))[2]["dropped"] == 0
