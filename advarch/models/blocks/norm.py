@@ -7,7 +7,8 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) · g, computed in float32 for stability under autocast."""
+    """y = x / sqrt(mean(x²) + eps) · g, computed in at least float32 (stable under autocast;
+    float64 stays float64)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -15,9 +16,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(wide.dtype)).to(x.dtype)
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:
