@@ -96,7 +96,7 @@ class EWCStrategy(ContinualStrategy):
         """Estimate F on task `task`'s training data and anchor θ* at the current weights."""
         seed = self._stream().seed + task
         loader = self.task_train_loader(task, self.hparams.fisher_chunk_size, seed)
-        fisher = self.fisher(self.model, self._batches(loader), self.log_probs)
+        fisher = self.fisher(self.model, self._batches(loader), self.log_probs, seed=seed)
         anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in fisher}
         self.add_consolidation(fisher, anchor)
 

@@ -88,7 +88,9 @@ class FisherEstimator:
         estimator: `empirical`, `sampled`, `exact` or `batched` (module docstring).
         num_samples: examples used (fewer if the task has fewer).
         chunk_size: examples per vmapped chunk; also the minibatch size of `batched`.
-        seed: seed of the label draws of `sampled`.
+        seed: seed of the label draws of `sampled`, restarted at every call (a call may
+            name its own), so a task's Fisher never depends on the calls before it: a run
+            resumed after a task boundary estimates the same Fisher as an uninterrupted one.
     """
 
     def __init__(
@@ -105,11 +107,14 @@ class FisherEstimator:
         if chunk_size < 1:
             raise ValueError(f"strategy.fisher_chunk_size={chunk_size} must be >= 1")
         self.estimator, self.num_samples, self.chunk_size = estimator, num_samples, chunk_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.generator = seed, torch.Generator()
         self.vectorized: bool | None = None  # decided once, on the first chunk
 
-    def __call__(self, model: nn.Module, batches: Iterable[Batch], log_probs: LogProbs) -> Params:
-        """Fisher diagonal per trainable parameter name (same shapes), averaged over samples."""
+    def __call__(self, model: nn.Module, batches: Iterable[Batch], log_probs: LogProbs,
+                 seed: int | None = None) -> Params:  # fmt: skip
+        """Fisher diagonal per trainable parameter name (same shapes), averaged over samples;
+        `sampled` draws labels from `seed` (None: the estimator's)."""
+        self.generator.manual_seed(self.seed if seed is None else seed)
         was_training = model.training
         model.eval()
         params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -95,6 +95,17 @@ def test_sampled_uses_labels_drawn_from_the_model() -> None:
     assert_close(got, fisher_reference(model, batch, drawn))
 
 
+def test_sampled_draws_depend_on_the_call_seed_only() -> None:
+    # a resumed run skips the calls of earlier tasks: its next Fisher must not differ
+    model, batch = make_model(), make_batch(6)
+    est = FisherEstimator("sampled", num_samples=6, chunk_size=6)
+    first, again = est(model, [batch], log_probs, seed=5), est(model, [batch], log_probs, seed=5)
+    fresh = FisherEstimator("sampled", num_samples=6, chunk_size=6)(model, [batch], log_probs,
+                                                                    seed=5)  # fmt: skip
+    for name in first:
+        assert torch.equal(first[name], again[name]) and torch.equal(first[name], fresh[name])
+
+
 def test_per_sample_differs_from_batched_on_two_samples() -> None:
     model, batch = make_model(), make_batch(2)
     per_sample = FisherEstimator("empirical", num_samples=2, chunk_size=2)(
