@@ -40,7 +40,7 @@ def accuracy(
     def correct(batch: Batch) -> torch.Tensor:
         logits = model(batch["inputs"], expert_mask=expert_mask).logits  # (B, C)
         if classes is not None:
-            allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
             allowed[list(classes)] = True
             logits = logits.masked_fill(~allowed, float("-inf"))
         return logits.argmax(-1) == batch["labels"]
