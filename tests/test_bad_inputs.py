@@ -125,6 +125,12 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["data.files={f}/empty/*"], "empty.txt is empty"),
     ("train", ["data.files={f}/jsonl_field/*"], "nofield.jsonl:1"),
     ("train", ["data.files={f}/odd.xyz"], "odd.xyz"),
+    (  # drop_last leaves no batch: 0 steps and a "finished" run, before
+        "train",
+        ["data.files={f}/tiny/*", "data.seq_len=8", "data.batch_size=16"],
+        "data: the train split packs into 2 sequences of data.seq_len=8 tokens, fewer than "
+        "data.batch_size=16: not one training batch",
+    ),
     ("train", [*STREAM, "data.num_tasks=0"], "data.num_tasks=0"),
     ("train", [*STREAM, "data.scenario=bogus"], "data.scenario='bogus'"),
     ("train", [*STREAM, "data.epochs_per_task=0"], "data.epochs_per_task=0"),
@@ -245,6 +251,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (f / folder / f"good{i}.txt").write_text(text)
         (f / folder / name).write_bytes(content)
     (f / "odd.xyz").write_text("x")
+    (f / "tiny").mkdir()
+    for i in range(4):
+        (f / "tiny" / f"s{i}.txt").write_text(f"tiny doc {i}")
     return f
 
 

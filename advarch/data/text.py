@@ -256,6 +256,13 @@ class TextDataModule(L.LightningDataModule):
     @property
     def spec(self) -> DataSpec:
         self._prepare()
+        sequences = len(self.splits["train"])
+        if sequences < self.batch_size:  # the training loader drops its one partial batch
+            raise ValueError(
+                f"data: the train split packs into {sequences} sequences of data.seq_len="
+                f"{self.seq_len} tokens, fewer than data.batch_size={self.batch_size}: not one "
+                "training batch; lower data.batch_size or data.seq_len, or add documents"
+            )
         r = self.retriever
         return DataSpec(
             kind="lm",
