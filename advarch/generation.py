@@ -37,6 +37,19 @@ if TYPE_CHECKING:
 Retrieve = Callable[[torch.Tensor], torch.Tensor]  # chunk ids (B, m) -> neighbours (B, 1, K, R)
 
 
+def check_sampling(max_new_tokens: int = 0, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> None:  # fmt: skip
+    """ValueError naming the first sampling option out of range (before any model is read)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0.0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 or null")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] or null")
+
+
 def filter_logits(
     logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
 ) -> torch.Tensor:
@@ -51,10 +64,7 @@ def filter_logits(
     Returns:
         (B, V) logits, a new tensor.
     """
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1 or null")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] or null")
+    check_sampling(top_k=top_k, top_p=top_p)
     out = logits.clone()
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -81,8 +91,7 @@ def sample_next(
     """Pick the next token per row from logits (B, V) → (B,) long."""
     if greedy or temperature == 0.0:
         return logits.argmax(-1)
-    if temperature < 0.0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    check_sampling(temperature=temperature)
     filtered = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = filtered.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -175,8 +184,7 @@ def generate(
     spec = spec or getattr(model, "spec", None)
     if spec is None or spec.kind != "lm":
         raise ValueError("generation needs a decoder language model (data kind 'lm')")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     squeeze = prompt_ids.dim() == 1
     tokens = prompt_ids.view(1, -1) if squeeze else prompt_ids
     if tokens.shape[1] == 0:

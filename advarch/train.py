@@ -44,6 +44,7 @@ def run(
     from advarch.atomic import write_text_atomic
     from advarch.callbacks.checkpoint_io import AtomicCheckpointIO
     from advarch.callbacks.data_identity import DataIdentity
+    from advarch.callbacks.final_validation import ValidateAtLastStep
     from advarch.callbacks.known_warnings import IgnoreKnownWarnings
     from advarch.callbacks.run_config import LogRunConfig
     from advarch.callbacks.signals import SignalCheckpoint
@@ -70,6 +71,8 @@ def run(
     callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
     callbacks.append(DataIdentity(None if ckpt is None else str(ckpt)))  # no resume on other data
     callbacks.append(IgnoreKnownWarnings())  # again in spawned DDP workers
+    final_validation = ValidateAtLastStep()  # the final weights compete for best-*.ckpt
+    callbacks.append(final_validation)
     output_dir.mkdir(parents=True, exist_ok=True)
     echo = cfg.get("extras", {}).get("print_config", True) and rank_zero_only.rank == 0
     print_config_tree(cfg, output_dir / "config_tree.txt", echo=echo)  # the file always
@@ -104,6 +107,11 @@ def run(
     try:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+            finished = 0 < trainer.max_steps <= trainer.global_step
+            if ckpt and finished and not final_validation.trained:
+                log.info("%s already reached trainer.max_steps=%d (step %d): nothing left to "
+                         "train; raise trainer.max_steps to train on. Validating and testing it "
+                         "as it is", ckpt, trainer.max_steps, trainer.global_step)  # fmt: skip
             # the final state, whatever the checkpoint cadence; not from the parent of spawned
             # DDP workers (ddp_spawn): it holds their weights but not their loop state (step 0)
             if type(trainer.strategy.launcher).__name__ != "_MultiProcessingLauncher":

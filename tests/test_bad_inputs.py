@@ -205,6 +205,11 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("generate", ["ckpt_path={f}/ok.ckpt", "greedy=maybe"], "greedy='maybe' has the wrong type"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "seed=abc"], "seed='abc' has the wrong type"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "device=tpu"], "device='tpu' is not a torch device"),
+    # ranges too, before the checkpoint is read (ok.ckpt would fail: no advarch config)
+    ("generate", ["ckpt_path={f}/ok.ckpt", "top_p=0"], "top_p=0 must be in (0, 1] or null"),
+    ("generate", ["ckpt_path={f}/ok.ckpt", "top_k=0"], "top_k=0 must be >= 1 or null"),
+    ("generate", ["ckpt_path={f}/ok.ckpt", "temperature=-1"], "temperature=-1 must be >= 0"),
+    ("generate", ["ckpt_path={f}/ok.ckpt", "max_new_tokens=-5"], "max_new_tokens=-5 must be"),
     ("eval", [], "ckpt_path"),
     ("eval", ["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt'"),
     ("eval", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),

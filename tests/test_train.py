@@ -294,3 +294,33 @@ def test_resuming_a_file_with_other_data_or_optimizer_is_one_line(make_cfg, tmp_
         assert "trainer.* may change" in str(err.value)
     longer = make_cfg([*TINY, f"ckpt_path={last}", "trainer.max_steps=7"], output_dir=tmp_path)
     assert run(longer)["test/loss"] > 0  # trainer settings may change
+
+
+def test_the_best_checkpoint_is_ranked_by_its_own_validation(make_cfg, tmp_path: Path,
+                                                              caplog) -> None:  # fmt: skip
+    # validation every 3 steps mid-epoch, max_steps 8 off that cadence: Lightning's step save
+    # ranked step-6 weights by step 3's score and never ranked the final weights
+    overrides = [
+        "debug=tiny",
+        "trainer.limit_train_batches=50",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=3",
+    ]
+    cfg = make_cfg(overrides, output_dir=tmp_path / "run")
+    metrics = run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    rows = read_metrics(run_dir)
+    scores = {int(r["step"]) + 1: r["val/loss"] for r in rows if "val/loss" in r}
+    assert sorted(scores) == [3, 6, 8]  # the last step is validated inside fit
+    assert metrics["val/loss"] == scores[8]
+    step, best = min(scores.items(), key=lambda s: s[1])
+    ckpt = torch.load(run_dir / "checkpoints" / f"best-{step}.ckpt", weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("RankedCheckpoint"))
+    assert ckpt["global_step"] == step and state["best_model_score"].item() == pytest.approx(best)
+    assert [p.name for p in (run_dir / "checkpoints").glob("best-*.ckpt")] == [f"best-{step}.ckpt"]
+    # resuming the finished run trains nothing, and says so
+    last = run_dir / "checkpoints" / "last.ckpt"
+    again = make_cfg([*overrides, f"ckpt_path={last}"], output_dir=tmp_path / "again")
+    with caplog.at_level("INFO", logger="advarch"):
+        assert run(again)["val/loss"] == metrics["val/loss"]
+    assert "already reached trainer.max_steps=8 (step 8): nothing left to train" in caplog.text

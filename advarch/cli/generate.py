@@ -44,12 +44,15 @@ class GenerateSettings:
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """Raise ConfigError for a setting of the wrong type or a device torch does not have."""
+    """Raise ConfigError (ValueError) for a setting of the wrong type or out of range, or a
+    device torch does not have."""
     import torch
 
     from advarch.config.validate import ConfigError, check_fields
+    from advarch.generation import check_sampling
 
     check_fields(cfg, GenerateSettings)
+    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     try:
         device = torch.device(cfg.device)
     except RuntimeError as err:
