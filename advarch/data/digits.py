@@ -37,6 +37,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
 from advarch.data.loaders import make_dataset, make_loader
+from advarch.data.sampling import resumable_loader
 from advarch.data.stream import TaskStreamMixin
 from advarch.spec import DataSpec, TaskSchedule
 
@@ -161,11 +162,9 @@ class _DigitsBase(L.LightningDataModule):
         self.split_seed = split_seed
         self.num_workers = num_workers
 
-    def _loader(self, dataset: datasets.Dataset, shuffle: bool, seed_offset: int = 0) -> DataLoader:
-        """A DataLoader over `dataset`; shuffling is seeded by `seed + seed_offset`."""
-        return make_loader(
-            dataset, self.batch_size, shuffle, self.seed + seed_offset, self.num_workers
-        )
+    def _loader(self, dataset: datasets.Dataset) -> DataLoader:
+        """An evaluation DataLoader over `dataset`, in order."""
+        return make_loader(dataset, self.batch_size, False, self.seed, self.num_workers)
 
 
 class DigitsDataModule(_DigitsBase):
@@ -204,13 +203,14 @@ class DigitsDataModule(_DigitsBase):
             self.data[split] = labelled_dataset(images[keep], digits[keep], 0, self.input_format)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data["train"], shuffle=True)
+        return resumable_loader(self.data["train"], self.batch_size, self.seed, self.trainer,
+                                num_workers=self.num_workers)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data["val"], shuffle=False)
+        return self._loader(self.data["val"])
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data["test"], shuffle=False)
+        return self._loader(self.data["test"])
 
 
 class ContinualDataModule(TaskStreamMixin, _DigitsBase):

@@ -30,6 +30,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from advarch.data.loaders import make_dataset, make_loader
+from advarch.data.sampling import resumable_loader
 from advarch.spec import DataSpec
 
 TASK_NAMES = ("task_a", "task_b")
@@ -148,12 +149,11 @@ class MMoESyntheticDataModule(L.LightningDataModule):
         self.data = {k: make_dataset({"inputs": x[s], "targets": y[s]}) for k, s in bounds.items()}
 
     def _loader(self, split: str) -> DataLoader:
-        return make_loader(
-            self.data[split], self.batch_size, split == "train", self.seed, self.num_workers
-        )
+        return make_loader(self.data[split], self.batch_size, False, self.seed, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        return resumable_loader(self.data["train"], self.batch_size, self.seed, self.trainer,
+                                num_workers=self.num_workers)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

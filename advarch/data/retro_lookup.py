@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from advarch.data.chunk_embedders import HashedNgramEmbedder
 from advarch.data.retrieval_database import RetrievalDatabase
+from advarch.data.sampling import resumable_loader
 from advarch.data.synthetic import IGNORE, SPLITS, _check, _random_subsets
 from advarch.spec import DataSpec
 
@@ -223,13 +224,18 @@ class RetroLookupDataModule(L.LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         self.setup()
-        shuffle = split == "train"
         table = torch.from_numpy(self.db.neighbour_tokens(np.arange(len(self.db.chunks) + 1)))
-        return DataLoader(
-            self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            num_workers=self.num_workers, collate_fn=_Collate(table),
-        )  # fmt: skip
+        if split == "train":  # (seed, epoch)-ordered, resumable mid-epoch
+            return resumable_loader(
+                self.splits[split],
+                self.batch_size,
+                self.seed,
+                self.trainer,
+                num_workers=self.num_workers,
+                collate_fn=_Collate(table),
+            )
+        return DataLoader(self.splits[split], batch_size=self.batch_size,
+                          num_workers=self.num_workers, collate_fn=_Collate(table))  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -27,6 +27,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from advarch.data.loaders import make_dataset, make_loader
+from advarch.data.sampling import resumable_loader
 from advarch.spec import DataSpec
 
 IGNORE = -100
@@ -174,8 +175,8 @@ class SyntheticSequenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         epoch = 0 if self.trainer is None else self.trainer.current_epoch
-        return make_loader(self._train_set(epoch), self.batch_size, True, self.seed + epoch,
-                           self.num_workers)  # fmt: skip
+        return resumable_loader(self._train_set(epoch), self.batch_size, self.seed, self.trainer,
+                                num_workers=self.num_workers)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
