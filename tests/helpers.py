@@ -54,3 +54,15 @@ class SignalAtTestBatch(L.Callback):
     def on_test_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if args[-1] == 0:  # batch_idx
             os.kill(os.getpid(), self.signum)
+
+
+class SignalAtSanityCheck(L.Callback):
+    """Send this process `signum` after the first batch of fit's sanity validation (Lightning
+    has registered its own SIGTERM handler by then)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.sanity_checking and args[-1] == 0:  # batch_idx
+            os.kill(os.getpid(), self.signum)

@@ -9,7 +9,9 @@ raises `Interrupted`, which the entry point turns into exit code 128 + the signa
 (`ckpt_path=auto`) continues exactly where the signal arrived. SIGUSR1/2 inside a SLURM job
 also requeue the job (`scontrol requeue`). A second Ctrl-C stops at once, without saving.
 Validation or testing outside `fit` (train.py's final test, eval.py) stops after the current
-batch with one line and the same exit code: nothing to save there, and no metrics written.
+batch with one line and the same exit code: nothing to save there, and no metrics written. A
+signal during `fit`'s start (data setup, checkpoint restore, sanity validation) stops the run
+when training would start, with one line and the same exit code.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 REQUEUE = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _not_ours(signum: int, handler: Any) -> Any:
+    """`handler`, or the default one where it is a `SignalCheckpoint`'s (never left behind)."""
+    if isinstance(getattr(handler, "__self__", None), SignalCheckpoint):
+        return signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+    return handler
 
 
 class Interrupted(Exception):
@@ -59,18 +68,39 @@ class SignalCheckpoint(L.Callback):
 
     def _install(self) -> None:
         """Our handlers replace Lightning's (its SIGTERM one, installed when a trainer function
-        starts, ends the process with exit code 0 and no word)."""
-        self.received = None
+        starts, ends the process with exit code 0 and no word); the handlers from before the
+        first install are the ones restored."""
         for signum in SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, signal.signal(signum, self._handle))
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, _not_ours(signum, handler))
         self._previous.clear()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """After Lightning's own teardown, which puts back the handlers it found (ours)."""
+        self._restore()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """From the start of `fit` (data setup, checkpoint restore, sanity validation)."""
+        if stage == "fit":
+            self.received = None
+            self._install()
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()  # over the SIGTERM handler Lightning registered just before
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()
+        signum = self._received(trainer)
+        if signum is None:
+            return
+        where = "the run resumes from its checkpoint" if trainer.ckpt_path else "nothing trained"
+        message = f"{signal.Signals(signum).name} received before training started: {where}"
+        if trainer.is_global_zero:
+            print(f"{message}, nothing saved", flush=True)
+        raise Interrupted(signum, message)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -78,6 +108,11 @@ class SignalCheckpoint(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
+        # no teardown hook follows an exception, only Lightning's teardown: make it put back
+        # the handlers from before ours
+        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", {})
+        for signum in list(originals):
+            originals[signum] = _not_ours(signum, self._previous.get(signum, originals[signum]))
         self._restore()
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
@@ -113,9 +148,11 @@ class SignalCheckpoint(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._evaluating_alone(trainer):
+            self.received = None
             self._install()
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received = None
         self._install()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

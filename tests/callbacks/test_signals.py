@@ -36,6 +36,27 @@ def test_sigterm_while_testing_stops_with_143_and_keeps_the_trained_weights(
     assert not isinstance(getattr(handler, "__self__", None), SignalCheckpoint)  # restored
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_signal_before_the_first_step_stops_with_its_exit_code(make_cfg, capsys,
+                                                                signum) -> None:  # fmt: skip
+    # during fit's start: SIGTERM ended with exit code 0 (Lightning), SIGINT with 1
+    # (KeyboardInterrupt), SIGUSR1 by the default action, each without a word
+    sanity = [
+        "+callbacks.stop._target_=tests.helpers.SignalAtSanityCheck",
+        f"+callbacks.stop.signum={int(signum)}",
+        "trainer.num_sanity_val_steps=2",
+    ]
+    cfg = make_cfg([*TINY, *sanity])
+    before = signal.getsignal(signum)
+    with pytest.raises(Interrupted) as stopped:
+        run(cfg)
+    assert stopped.value.exit_code == 128 + signum
+    name = signal.Signals(signum).name
+    line = f"{name} received before training started: nothing trained, nothing saved"
+    assert line in capsys.readouterr().out
+    assert signal.getsignal(signum) == before  # restored
+
+
 def test_a_second_ctrl_c_stops_at_once_with_130(make_cfg, capsys) -> None:
     twice = ["+callbacks.stop._target_=tests.helpers.SignalAtStep", "+callbacks.stop.step=2",
              f"+callbacks.stop.signum={int(signal.SIGINT)}", "+callbacks.stop.times=2"]  # fmt: skip
