@@ -14,19 +14,21 @@ r"""Model merging on digit tasks: one fine-tune per task, merged by every method
 
     python scripts/merge_demo.py                      # 5 pair tasks, ~50 s on 2 shared CPU cores
 
-Defaults (measured, 46 s): θ₀ 0.614 on all digits, TIES / DARE-TIES at λ=0.3 0.631 / 0.639.
-Two halves, digits 0–4 and 5–9 (measured, 49 s):
+Defaults (measured, 9 s at 1 thread): θ₀ 0.608 on all digits, TIES / DARE-TIES at λ=0.3 0.653 /
+0.669.
+Two halves, digits 0–4 and 5–9 (measured, 13 s at 1 thread):
 
     python scripts/merge_demo.py --tasks 0,1,2,3,4 5,6,7,8,9 --base-steps 120 --task-steps 150 \
         --own-head-rows --task-overrides optimizer.lr=1e-3 --lambdas 0.3 0.4 0.5 0.7 1.0 \
         --negation-lambda 1.0
 
-Each task model is 0.978 / 0.983 on its own half but 0.489 / 0.500 on all digits (it forgets the
-other half); merging them gives 0.931 (task arithmetic λ=0.4), 0.928 (soup, DARE λ=0.3), 0.925
-(TIES λ=0.3, DARE-TIES λ=0.4), 0.917 (slerp). Weaker bases kept less (task lr 3e-4 or 1e-3, 150
-steps; θ₀ at 40 / 80 / 100 steps: 0.61 / 0.80 / 0.86, best merge 0.72 / 0.87 / 0.90), so θ₀ here
-is itself at 0.925: the merge undoes the fine-tunes' forgetting rather than beating θ₀.
-Negation (others − τₜ, λ=1): digits 0–4 fall to 0.239 with 5–9 at 0.944; 5–9 to 0.339, 0–4 0.894.
+Each task model is 0.978 / 0.989 on its own half but 0.489 / 0.497 on all digits (it forgets the
+other half); merging them gives 0.933 (TIES λ=0.3), 0.931 (task arithmetic λ=0.3), 0.925
+(DARE-TIES λ=0.3), 0.922 (DARE λ=0.3), 0.883 (soup), 0.881 (slerp). Weaker bases kept less (earlier
+code: task lr 3e-4 or 1e-3, 150 steps; θ₀ at 40 / 80 / 100 steps: 0.61 / 0.80 / 0.86, best merge
+0.72 / 0.87 / 0.90), so θ₀ here is itself at 0.917: the merge undoes the fine-tunes' forgetting
+rather than beating θ₀. Negation (others − τₜ, λ=1): digits 0–4 fall to 0.233 with 5–9 at 0.933;
+5–9 to 0.328, 0–4 0.917.
 """
 
 from __future__ import annotations
