@@ -378,7 +378,7 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
 def discard_run_folder(folder: Path | None = None) -> None:
     """Remove what Hydra and advarch wrote into a run folder that keeps no results (a config
     error; any generate.py call): `.hydra/`, the job log and the config tree, then the folder
-    itself (with the empty folders in it) and its run-name parent if nothing else is in them.
+    itself (with the empty folders in it) and the parents it leaves empty (`outputs/runs/…`).
     `folder` defaults to the current Hydra job's output folder (eval, generate, merge)."""
     import shutil
 
@@ -398,9 +398,16 @@ def discard_run_folder(folder: Path | None = None) -> None:
     for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
         with contextlib.suppress(OSError):
             sub.rmdir()  # empty folders a logger made before the error (csv/version_0)
-    with contextlib.suppress(OSError):
-        folder.rmdir()  # only when nothing else is in it
-        folder.parent.rmdir()  # the run name's folder, when this was its only run
+    # the folder and its run-name parent, then (under the folder the command runs in) the
+    # parents left empty: outputs/runs, outputs
+    top = Path.cwd().resolve()
+    for depth, path in enumerate((folder.resolve(), *folder.resolve().parents)):
+        if depth >= 2 and (path == top or top not in path.parents):
+            break
+        try:
+            path.rmdir()  # only when empty
+        except OSError:
+            break
 
 
 def _optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

@@ -368,3 +368,10 @@ def test_nan_message_says_no_checkpoint_exists(tmp_path: Path, capsys) -> None:
     assert code == 1 and "Traceback" not in text
     assert "training loss is" in line and "no checkpoint was written" in line, line
     assert "Encountered nan" not in text  # metrics keep NaN as NaN, no warning before the line
+
+
+def test_a_config_error_leaves_no_empty_folders(project) -> None:
+    # the run folder went, but outputs/runs/<run name> and outputs/runs stayed behind
+    res = project.run("model.num_heads=5")
+    assert res.rc == 1 and res.stderr.strip().endswith("must divide model.dim=128")
+    assert not (project.root / "outputs" / "runs").exists()

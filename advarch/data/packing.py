@@ -11,6 +11,7 @@ Shapes: B batch, T = seq_len.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,6 +57,8 @@ def load_or_build(
         (tmp / "meta.json").write_text(json.dumps(build(tmp)))
     except BaseException:  # bad data, Ctrl-C: no half-built folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            cache.parent.rmdir()  # nor a cache folder this build made and left empty
         raise
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(tmp, cache)

@@ -66,10 +66,11 @@ def test_a_failed_build_leaves_nothing_and_killed_ones_are_cleared(tmp_path: Pat
         (folder / "half.txt").write_text("x")
         raise ValueError("data: bad file")
 
+    cache = tmp_path / "cache"
     with pytest.raises(ValueError, match="bad file"):
-        load_or_build(tmp_path / "text-a", failing, lambda folder: None)
-    assert not list(tmp_path.iterdir())  # no half-built text-a.tmp<pid>
-    killed = tmp_path / "text-b.tmp999999999"  # another data's build, its process gone
-    killed.mkdir()
-    load_or_build(tmp_path / "text-c", lambda folder: {"n": 1}, lambda folder: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["text-c"]
+        load_or_build(cache / "text-a", failing, lambda folder: None)
+    assert not cache.exists()  # no half-built text-a.tmp<pid>, nor the cache folder it made
+    killed = cache / "text-b.tmp999999999"  # another data's build, its process gone
+    killed.mkdir(parents=True)
+    load_or_build(cache / "text-c", lambda folder: {"n": 1}, lambda folder: None)
+    assert sorted(p.name for p in cache.iterdir()) == ["text-c"]
