@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from advarch.config.validate import ConfigError
+from advarch.reasons import short_reason
 
 PREFIX = "model."  # state-dict names of the LightningModule's model in every advarch checkpoint
 # Strategy keys of runs from before the optimizer and scheduler groups → the group holding each
@@ -70,7 +71,7 @@ def read_checkpoint(
         # weights_only=False: hyper_parameters hold (trusted, our own) Python objects
         ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        reason = short_reason(err)
         raise CheckpointError(
             f"{where} is not a readable checkpoint ({size} bytes; truncated or not a torch "
             f"file: {reason})"

@@ -200,6 +200,16 @@ ROWS: list[tuple[str, list[str], str]] = [
     # the other entry points
     ("eval", ["ckpt_path={f}/ok.ckpt", "datta=text"], "datta is not a key of the eval config"),
     ("merge", ["densty=0.3"], "densty is not a key of the merge config (did you mean density?"),
+    (
+        "merge",
+        ["base={f}/ok.ckpt", "models=[{f}/ok.ckpt]", "out={f}/jsonl"],
+        "out={f}/jsonl is a folder; name the file, e.g. out={f}/jsonl/merged.ckpt",
+    ),  # (a traceback)
+    (
+        "merge",
+        ["base={f}/ok.ckpt", "models=[{f}/ok.ckpt]", "out={f}/nowhere/m.ckpt"],
+        "its folder {f}/nowhere does not exist",
+    ),
     ("generate", ["promt=x"], "promt is not a key of the generate config (did you mean prompt?"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "max_new_tokens=abc"], "max_new_tokens='abc' has the"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "greedy=maybe"], "greedy='maybe' has the wrong type"),

@@ -43,3 +43,16 @@ def test_newest_readable_skips_broken_newer_files(tmp_path: Path) -> None:
     path, ckpt, skipped, _ = newest_readable([old, new])
     assert path == old and describe(ckpt) == "step 5, epoch 1"
     assert len(skipped) == 1 and str(new) in skipped[0]
+
+
+def test_a_reason_is_cut_at_a_sentence_not_mid_word() -> None:
+    from advarch.reasons import short_reason
+
+    miniz = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central "
+                         "directory. This is an internal miniz error. If you are seeing this "
+                         "error, there is a high chance that your file is corrupted.")  # fmt: skip
+    assert short_reason(miniz) == (
+        "PytorchStreamReader failed reading zip archive: failed finding central directory."
+    )
+    assert short_reason(ValueError("x " * 200)).endswith("x…")
+    assert short_reason(EOFError()) == "EOFError"

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
+from advarch.reasons import short_reason
 
 log = logging.getLogger("advarch")
 T = TypeVar("T")
@@ -48,7 +49,7 @@ def load_or_build(
         try:
             return json.loads((cache / "meta.json").read_text()), load(cache)
         except Exception as err:  # noqa: BLE001  (any damage: json, arrow, missing files)
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            reason = short_reason(err)
             log.warning("data cache %s is damaged (%s): building it again", cache, reason)
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

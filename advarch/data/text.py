@@ -44,6 +44,7 @@ from advarch.data.tokenizer import (
     token_ids,
     train_tokenizer,
 )
+from advarch.reasons import short_reason
 from advarch.spec import DataSpec
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
@@ -137,7 +138,7 @@ class TextDataModule(L.LightningDataModule):
             try:
                 ds = datasets.load_dataset(builder, data_files=path, split="train")
             except Exception as err:  # pyarrow / datasets errors: name the file, one line
-                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+                reason = short_reason(err)
                 raise ValueError(f"data.files: cannot read {path}: {reason}") from err
             finally:
                 datasets_log.setLevel(level)
