@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import signal
@@ -24,6 +25,7 @@ from advarch.config.combinations import check_combination, with_strategy_default
 from advarch.tracking import RunIdentity, tracker_group
 
 log = logging.getLogger("advarch")
+DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)  # one line, no traceback
 
 
 def run(
@@ -318,6 +320,14 @@ def _job(cfg: DictConfig) -> float | None:
         if not isinstance(err, FloatingPointError):
             discard_run_folder(Path(cfg.paths.output_dir))
         sys.exit(f"error: {err}")
+    except OSError as err:  # a full or read-only disk, a folder without write permission
+        if err.errno not in DISK_ERRORS:
+            raise
+        _finish_wandb()
+        where = err.filename or cfg.paths.output_dir
+        sys.exit(f"error: cannot write {where}: {err.strerror} (the last complete checkpoint "
+                 "stays where it was written; free space or choose paths.cache_dir / "
+                 "hydra.run.dir elsewhere)")  # fmt: skip
 
 
 def _trial(cfg: DictConfig, identity: RunIdentity) -> float:

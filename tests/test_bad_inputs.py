@@ -385,3 +385,19 @@ def test_a_config_error_leaves_no_empty_folders(project) -> None:
     res = project.run("model.num_heads=5")
     assert res.rc == 1 and res.stderr.strip().endswith("must divide model.dim=128")
     assert not (project.root / "outputs" / "runs").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file(files: Path, tmp_path: Path, capsys,
+                                                 monkeypatch) -> None:  # fmt: skip
+    # torch's writer on a full disk: a traceback ending in "unexpected pos 16000 vs 15894"
+    import errno
+
+    def full(obj, f, *args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+
+    monkeypatch.setattr("advarch.atomic.torch.save", full)
+    args = [*TINY, f"paths.cache_dir={files}/cache"]
+    code, line, text = call_entry("train", args, tmp_path / "runs" / "full", capsys)
+    assert code != 0 and "Traceback" not in text, text[-2000:]
+    assert line.startswith("error: cannot write ") and "checkpoints/" in line, line
+    assert ".tmp" not in line and "No space left on device" in line, line
