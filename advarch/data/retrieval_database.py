@@ -54,6 +54,7 @@ from advarch.atomic import save_npy_atomic, write_atomic
 from advarch.data.chunk_embedders import Embedder, HashedNgramEmbedder
 
 log = logging.getLogger(__name__)
+CACHE_FILES = ("embeddings.npy", "index.faiss", "neighbours.npy")  # besides meta.json (last)
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 FLAT_MAX_CHUNKS = 16_384  # `index=auto` searches exactly up to this many database chunks
@@ -126,6 +127,16 @@ def _fingerprint(*arrays: np.ndarray) -> str:
 def _pq_subquantisers(d: int) -> int:
     """PQ sub-quantisers for width d: one per 8 dimensions (8-bit codes), a divisor of d."""
     return max(q for q in range(1, max(1, d // 8) + 1) if d % q == 0)
+
+
+def _damaged_file(folder: Path, sizes: dict[str, int]) -> str | None:
+    """Which file of a saved database is missing or not the size it was written with."""
+    for name, size in sizes.items():
+        path = folder / name
+        now = path.stat().st_size if path.is_file() else None
+        if now != size:
+            return f"{name}: {'missing' if now is None else f'{now} bytes'}, {size} written"
+    return None
 
 
 def _read_index(path: Path) -> faiss.Index:
@@ -303,11 +314,13 @@ class RetrievalDatabase:
         save_npy_atomic(self.train_neighbours, folder / "neighbours.npy")
         meta = {"key": self.cache_key(), "index": self.resolved_index_kind}
         meta |= {"chunks": len(self.chunks), "missing": self.missing}
+        meta["bytes"] = {name: (folder / name).stat().st_size for name in CACHE_FILES}
         write_atomic(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
         self.folder = folder
 
     def load(self, folder: str | os.PathLike) -> bool:
-        """Loads a folder written by `save` for this exact configuration; False if absent.
+        """Loads a folder written by `save` for this exact configuration; False if absent or
+        damaged (a file not the size it was written with: it is then built again).
 
         Embeddings and the neighbour table are memory maps; the index is memory-mapped from
         `index.faiss` only when a live query needs it."""
@@ -317,6 +330,10 @@ class RetrievalDatabase:
         except (FileNotFoundError, json.JSONDecodeError):
             return False
         if meta.get("key") != self.cache_key():
+            return False
+        damaged = _damaged_file(folder, meta.get("bytes", {}))
+        if damaged:
+            log.warning("retrieval cache %s is damaged (%s): building it again", folder, damaged)
             return False
         self.embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
         # copy-on-write when searched lazily: rows filled in this process, the file unchanged

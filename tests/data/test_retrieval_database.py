@@ -260,6 +260,23 @@ def test_cache_round_trip(tmp_path, corpus):
     assert len(list(tmp_path.glob("retro-*"))) == 3  # k and the corpus are part of the key
 
 
+@pytest.mark.parametrize("damaged", ["embeddings.npy", "index.faiss", "neighbours.npy"])
+def test_a_truncated_cache_file_is_built_again(tmp_path, corpus, caplog, damaged):
+    # ("mmap length is greater than file size" with no file named; a 110-line faiss traceback
+    # at the first batch)
+    tokens, docs = corpus
+    kw = dict(pad_id=PAD, chunk_size=16, num_neighbours=2, embedder=CountingEmbedder(pad_id=PAD))
+    first = build_or_load(tmp_path, tokens, docs, **kw)
+    path = first.folder / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    calls = CountingEmbedder.calls
+    with caplog.at_level("WARNING"):
+        again = build_or_load(tmp_path, tokens, docs, **kw)
+    assert f"is damaged ({damaged}: " in caplog.text and CountingEmbedder.calls > calls
+    np.testing.assert_array_equal(first.train_neighbours, again.train_neighbours)
+    assert build_or_load(tmp_path, tokens, docs, **kw).folder == again.folder  # whole again
+
+
 def test_ivfpq_cache_is_memory_mapped_and_searches_the_same(tmp_path, corpus):
     tokens, docs = corpus
     kw = dict(pad_id=PAD, chunk_size=16, num_neighbours=2, index="ivfpq", nprobe=8)
