@@ -580,7 +580,7 @@ def merge_checkpoints(
     Raises:
         FileNotFoundError: An input checkpoint does not exist.
         ValueError: Invalid settings, a file without ``state_dict``, mismatched tensors, or an
-            ``out`` path that is a folder, in no folder, or equal to an input.
+            ``out`` path that is a folder or equal to an input.
     """
     base_path, out_path = Path(base_path), Path(out_path)
     model_paths = [Path(p) for p in model_paths]
@@ -588,8 +588,6 @@ def merge_checkpoints(
         raise ValueError(
             f"out={out_path} is a folder; name the file, e.g. out={out_path / 'merged.ckpt'}"
         )
-    if not out_path.parent.is_dir():
-        raise ValueError(f"out={out_path}: its folder {out_path.parent} does not exist")
     for p in (base_path, *model_paths):
         if out_path.exists() and out_path.resolve() == p.resolve():
             raise ValueError(f"out={out_path} would overwrite input checkpoint {p}")

@@ -205,10 +205,11 @@ ROWS: list[tuple[str, list[str], str]] = [
         ["base={f}/ok.ckpt", "models=[{f}/ok.ckpt]", "out={f}/jsonl"],
         "out={f}/jsonl is a folder; name the file, e.g. out={f}/jsonl/merged.ckpt",
     ),  # (a traceback)
-    (
+    (  # (it suggested a merge rule for the first tensor that differed)
         "merge",
-        ["base={f}/ok.ckpt", "models=[{f}/ok.ckpt]", "out={f}/nowhere/m.ckpt"],
-        "its folder {f}/nowhere does not exist",
+        ["base={f}/attn.ckpt", "models=[{f}/ssm.ckpt]", OUT],
+        "models[0]='{f}/ssm.ckpt' is another architecture than base (model.layers=['ssm'] "
+        "there, ['attn'] in base='{f}/attn.ckpt'): merging needs checkpoints of one model",
     ),
     ("generate", ["promt=x"], "promt is not a key of the generate config (did you mean prompt?"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "max_new_tokens=abc"], "max_new_tokens='abc' has the"),
@@ -248,6 +249,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save({"state_dict": {"model.w": torch.zeros(64, 64)}}, f / "ok.ckpt")
     (f / "truncated.ckpt").write_bytes((f / "ok.ckpt").read_bytes()[:3000])
     torch.save([1, 2, 3], f / "list.ckpt")
+    for mixer in ("attn", "ssm"):  # models of two architectures
+        cfg = {"model": {"_target_": "advarch.models.Model", "layers": [mixer]}}
+        torch.save({"state_dict": {"model.w": torch.zeros(2)}, "hyper_parameters": {"cfg": cfg}},
+                   f / f"{mixer}.ckpt")  # fmt: skip
     torch.save({"state_dict": {}, "hyper_parameters": {}}, f / "nostate.ckpt")
     torch.save({"state_dict": {}, "hyper_parameters": {"cfg": {}}}, f / "weights_only.ckpt")
     other = {"model": {"_target_": "advarch.models.Model", "dim": 999}}

@@ -8,6 +8,7 @@ Settings are documented in configs/merge.yaml; the logic lives in `advarch.mergi
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -34,6 +35,7 @@ def hydra_main(cfg: DictConfig) -> None:
         del raw["run_name"], raw["paths"]
         base, models, out = raw.pop("base"), raw.pop("models"), raw.pop("out")
         models = [models] if isinstance(models, str) else models
+        check_one_architecture(base, models)
         path = merge_checkpoints(base, models, MergeConfig.from_dict(raw), out, summary=summary)
     except (
         ValueError,
@@ -49,6 +51,28 @@ def hydra_main(cfg: DictConfig) -> None:
     print(f"merge: {raw['method']}")  # one line per row: paths stay whole, to copy
     for key, value in [*rows, ("out", path)]:
         print(f"  {key:<18} {value}")
+
+
+def check_one_architecture(base: str, models: list[str]) -> None:
+    """ValueError naming the first model checkpoint whose saved config builds another
+    architecture than the base's (a tensor-by-tensor error would suggest a rule instead)."""
+    from advarch.checkpoint import read_checkpoint
+    from advarch.config.runs import architecture_difference
+
+    def saved(path: str, key: str) -> Any:
+        return (read_checkpoint(path, key, mmap=True).get("hyper_parameters") or {}).get("cfg")
+
+    base_cfg = saved(base, "base")
+    for i, path in enumerate(models):
+        model_cfg = saved(path, f"models[{i}]")
+        differs = base_cfg and model_cfg and architecture_difference(model_cfg, base_cfg)
+        if differs:
+            key, there, here = differs
+            raise ValueError(
+                f"models[{i}]={path!r} is another architecture than base ({key}={there} there, "
+                f"{here} in base={base!r}): merging needs checkpoints of one model, e.g. "
+                "fine-tunes of one base"
+            )
 
 
 def main() -> None:

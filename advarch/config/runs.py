@@ -72,13 +72,24 @@ def check_base_fits(cfg: DictConfig) -> None:
         return
     base = saved_config(read_checkpoint(pretrained, "strategy.pretrained", mmap=True), pretrained,
                         "strategy.pretrained")  # fmt: skip
+    differs = architecture_difference(base, cfg)
+    if differs:
+        key, there, here = differs
+        raise CheckpointError(
+            f"strategy.pretrained={pretrained!r} was trained with {key}={there}, this run has "
+            f"{key}={here}: a fine-tune keeps its base's model sizes"
+        )
+
+
+def architecture_difference(first: Any, second: Any) -> tuple[str, str, str] | None:
+    """The first of `BASE_MUST_MATCH` whose value differs between two run configs: (key, its
+    value in `first`, in `second`), or None when they build the same architecture."""
+    first, second = OmegaConf.create(first), OmegaConf.create(second)
     for key in BASE_MUST_MATCH:
-        there, here = OmegaConf.select(base, key), OmegaConf.select(cfg, key)
+        there, here = OmegaConf.select(first, key), OmegaConf.select(second, key)
         if there != here:
-            raise CheckpointError(
-                f"strategy.pretrained={pretrained!r} was trained with {key}={_shown(there)}, "
-                f"this run has {key}={_shown(here)}: a fine-tune keeps its base's model sizes"
-            )
+            return key, _shown(there), _shown(here)
+    return None
 
 
 def _shown(value: Any) -> str:
