@@ -17,6 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+import advarch
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 DATA_KEYS_WITHOUT_EFFECT = ("cache_dir", "num_workers", "batch_size", "pin_memory")
 
@@ -74,10 +76,12 @@ def data_fingerprint(data_cfg: DictConfig | dict) -> str:
 
 
 def tracker_config(cfg: DictConfig, params: dict[str, int]) -> dict[str, Any]:
-    """The resolved run config plus parameter counts, code version and data fingerprint."""
+    """The resolved run config plus parameter counts, code version (git state and package
+    version) and data fingerprint."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config["params"] = {k.split("/")[-1]: v for k, v in params.items()}
-    config["git"] = git_state()
+    config["git"] = git_state()  # {} for an installed package: its version says which code
+    config["advarch_version"] = advarch.__version__
     config["data_fingerprint"] = data_fingerprint(config.get("data") or {})
     return config
 

@@ -275,7 +275,7 @@ def test_stream_decoder_holds_partial_utf8() -> None:
 
 
 def test_bench_script_times_every_model_including_retro(project: Project) -> None:
-    small = ",".join(f"'{o}'" for o in SMALL_TEXT)  # quoted: the items contain '='
+    small = ",".join(f"'{o}'" for o in ["debug=tiny", *SMALL_TEXT])  # quoted: '=' inside
     args = [
         "bench=true",
         "bench_models=[ssm,retro]",
@@ -287,6 +287,8 @@ def test_bench_script_times_every_model_including_retro(project: Project) -> Non
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| ssm", "| retro"))]
     assert len(rows) == 2
     assert all(float(row.split("|")[3]) > 0 for row in rows)
+    # debug=tiny shrinks the models, as in train.py (they were benchmarked at full size)
+    assert all(float(row.split("|")[2].strip().rstrip("M")) < 0.1 for row in rows), rows
 
 
 # -- checkpoints and the script ---------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import advarch
 from advarch.sweeps import write_summary
 from tests.cli import Project, read_metrics, series
 from tests.wandb_offline import offline_run
@@ -102,9 +103,11 @@ def test_wandb_run_carries_config_identity_and_summary(project: Project) -> None
     assert config["params"]["total"] >= config["params"]["trainable"] > 0
     assert len(config["git"]["commit"]) == 40 and isinstance(config["git"]["dirty"], bool)
     assert len(config["data_fingerprint"]) == 12
+    assert config["advarch_version"] == advarch.__version__  # (an installed package has no git)
     # the run config alone: no copies of the strategy's arguments at the top level
     assert set(config) <= {*yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()),
-                           "params", "git", "data_fingerprint", "_wandb"}  # fmt: skip
+                           "params", "git", "advarch_version", "data_fingerprint",
+                           "_wandb"}  # fmt: skip
     hparams = yaml.safe_load((run_dir / "csv" / "version_0" / "hparams.yaml").read_text())
     assert hparams["model"] == config["model"] and hparams["git"] == config["git"]
     assert run["name"] == "debug-tiny-moe-plain" and run["group"] == "debug-tiny-moe-plain"

@@ -72,6 +72,7 @@ def _bench(cfg: DictConfig) -> None:
     from hydra import compose
 
     from advarch.benchmarks.decoding import benchmark_decoding, speed_table
+    from advarch.config.compose import apply_debug_sizes
     from advarch.pipeline import build_datamodule, build_model
     from advarch.spec import DataSpec
     from advarch.trained_lm import datamodule_retrieve
@@ -81,9 +82,11 @@ def _bench(cfg: DictConfig) -> None:
     models, retrievers = {}, {}
     for name in cfg.bench_models:
         overrides = [f"model={name}", *cfg.bench_overrides]
-        train_cfg = compose("train", overrides=overrides)
-        if train_cfg.model.get("retro"):
-            train_cfg = compose("train", overrides=["data=text_retrieval", *overrides])
+        retro = bool(compose("train", overrides=overrides).model.get("retro"))
+        train_cfg = compose("train", overrides=[*(["data=text_retrieval"] if retro else []),
+                                                *overrides])  # fmt: skip
+        apply_debug_sizes(train_cfg, overrides)  # `debug=tiny` shrinks the models, as in train.py
+        if retro:
             datamodule, retro_spec = build_datamodule(train_cfg)
             retrievers[name] = datamodule_retrieve(datamodule)
             models[name] = build_model(train_cfg, retro_spec).to(cfg.device)

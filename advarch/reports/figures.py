@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -53,9 +54,16 @@ def plot_learning_curves(
     fig = _figure(6.0 * cols, 3.6 * rows)
     for i, (title, keys) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
-        for key in keys:
+        drawn: dict[tuple, Any] = {}  # identical series (e.g. the lr of two parameter groups)
+        for key in keys:  # are one line, labelled with every name
             steps, values = metrics.series(key)
-            ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3, label=key)
+            same = drawn.get((tuple(steps), tuple(values)))
+            if same is not None:
+                same.set_label(f"{same.get_label()} = {key}")
+                continue
+            (line,) = ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3,
+                              label=key)  # fmt: skip
+            drawn[(tuple(steps), tuple(values))] = line
         for step in boundaries:
             ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
         ax.set(title=title, xlabel="step" + (" (dashed: next task)" if boundaries else ""))

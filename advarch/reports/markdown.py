@@ -73,9 +73,16 @@ class Report:
 
 
 def _fmt(value: float | None) -> str:
+    """Four significant digits, trailing zeros kept (3.900, not 3.9, beside 3.914); large
+    values (throughput) whole, with thousands separators."""
     if value is None or not math.isfinite(value):
         return "—"
-    return f"{value:.4g}"
+    return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:#.4g}".rstrip(".")
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 MoE layer`, `2 MoE layers`."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def run_report(run_dir: Path, out: Path | None = None) -> Report:
@@ -172,7 +179,8 @@ def _expert_load_section(run_dir: Path, report: Report) -> None:
     report.lines += [
         "## Expert load",
         "",
-        f"{len(steps)} logging windows, {load.shape[1]} MoE layers, {load.shape[2]} experts; "
+        f"{_count(len(steps), 'logging window')}, {_count(load.shape[1], 'MoE layer')}, "
+        f"{load.shape[2]} experts; "
         f"uniform load is {1 / load.shape[2]:.3f}. Max/min over experts in the last window: "
         + ", ".join(
             f"layer {layer} {np.nanmax(row):.3f}/{np.nanmin(row):.3f}"

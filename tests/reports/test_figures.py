@@ -49,3 +49,17 @@ def test_figures_without_data_are_skipped(tmp_path: Path) -> None:
     no_chunks = [{"min_shared": 0, "fraction": 0.0}]
     assert plot_retrieval_by_quality(no_chunks, tmp_path / "quality.png") is None
     assert not list(tmp_path.iterdir())
+
+
+def test_identical_series_are_one_line_named_by_both(tmp_path: Path, monkeypatch) -> None:
+    # the learning rate of AdamW's two parameter groups drew two lines on top of each other
+    import advarch.reports.figures as figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.setdefault("fig", fig) and path)
+    lr = np.array([1e-3, 2e-3, 1e-3])
+    metrics = Metrics({"step": np.arange(3.0), "lr-AdamW/pg1": lr, "lr-AdamW/pg2": lr.copy(),
+                       "train/loss": np.array([3.0, 2.0, 1.0])})  # fmt: skip
+    plot_learning_curves(metrics, tmp_path / "curves.png")
+    panel = next(ax for ax in drawn["fig"].axes if ax.get_title() == "learning rate")
+    assert [line.get_label() for line in panel.get_lines()] == ["lr-AdamW/pg1 = lr-AdamW/pg2"]

@@ -38,11 +38,14 @@ def test_run_report_has_every_section(tmp_path: Path) -> None:
                  "accuracy_matrix", "fewshot_accuracy"):  # fmt: skip
         assert_png(out / f"{name}.png")
         assert f"]({name}.png)" in md
-    assert "| val/loss | 1 |" in md and "| test/acc | 0.8 |" in md
+    assert "| val/loss | 1.000 |" in md and "| test/acc | 0.8000 |" in md
     assert "layer 2 0.700/0.100" in md
     # ACC over the 2 finished tasks = (0.6 + 0.95) / 2; BWT = 0.6 − 0.9
-    assert "| 2 | 0.775 | -0.3 | 0.3 |" in md
-    assert "| test/acc | 0.8 | 0.05 |" in md and "| test/raw_proto_acc | 0.7 | 0.06 |" in md
+    assert "| 2 | 0.7750 | -0.3000 | 0.3000 |" in md
+    assert (
+        "| test/acc | 0.8000 | 0.05000 |" in md
+        and "| test/raw_proto_acc | 0.7000 | 0.06000 |" in md
+    )
 
 
 def test_final_values_are_the_run_summarys_where_it_has_them(tmp_path: Path) -> None:
@@ -54,8 +57,8 @@ def test_final_values_are_the_run_summarys_where_it_has_them(tmp_path: Path) -> 
                "unigram_bpb": None}  # fmt: skip
     (run / SUMMARY_FILE).write_text(json.dumps(summary))
     md = write_report(run).read_text()
-    assert "| train/tokens_per_s | 2.384e+04 |" in md and "| test/acc | 0.81 |" in md
-    assert "| test mean squared error | 0.25 |" in md
+    assert "| train/tokens_per_s | 23,836 |" in md and "| test/acc | 0.8100 |" in md
+    assert "| test mean squared error | 0.2500 |" in md
 
 
 def test_bits_per_byte_matrix_of_a_text_domain_stream(tmp_path: Path) -> None:
@@ -65,7 +68,7 @@ def test_bits_per_byte_matrix_of_a_text_domain_stream(tmp_path: Path) -> None:
     md = write_report(run).read_text()
     assert_png(run / "report" / "bpb_matrix.png")
     assert "| tasks finished | BPB | BWT | forgetting |" in md
-    assert "| 2 | 3.1 | -0.4 | 0.4 |" in md
+    assert "| 2 | 3.100 | -0.4000 | 0.4000 |"  # trailing zeros kept (3.900 beside 3.914) in md
 
 
 def make_sweep(tmp_path: Path) -> Path:
@@ -91,7 +94,7 @@ def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
     md = write_report(sweep).read_text()
     assert "Shared overrides: `debug=tiny`" in md
     assert "| run | model.dim | optimizer.lr | val/loss |" in md
-    assert "| ★ 1 | 32 | 3e-3 | 0.8 |" in md
+    assert "| ★ 1 | 32 | 3e-3 | 0.8000 |" in md
     assert "4 runs (3 with metrics, 1 failed); best by `val/loss` (minimize): run **1**." in md
     escaped = ERROR.replace("|", "\\|")  # a cell's "|" would split the table's row
     assert f"| 3 | 48 | 1e-2 | failed | — | — | — | — | failed: {escaped} |" in md
@@ -111,7 +114,7 @@ def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
         )  # fmt: skip
     )
     md = write_report(sweep).read_text()
-    assert "| ★ 2 | 64 | 1e-3 | 0.9 |" in md and "as reported by Optuna" in md
+    assert "| ★ 2 | 64 | 1e-3 | 0.9000 |" in md and "as reported by Optuna" in md
 
 
 def test_sweep_report_where_every_trial_failed_says_why(tmp_path: Path) -> None:
