@@ -20,6 +20,7 @@ from advarch.checkpoint import MOVED_STRATEGY_KEYS
 from advarch.config.checks import check_collection, check_run_keys, check_trainer
 from advarch.config.validate import ConfigError, validate_node
 from advarch.models.model import Model
+from advarch.reasons import short_reason
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
 
@@ -97,6 +98,14 @@ def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
         raise ConfigError(f"model.compile={compile_model!r} must be true or false")
     try:
         model = instantiate(options, _partial_=True, _convert_="all")(spec=spec)
+    except InstantiationException as err:  # (with _partial_: only locating the class fails)
+        cause: BaseException = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ConfigError(
+            f"model._target_={options.get('_target_')!r} cannot be imported "
+            f"({short_reason(cause)}); run from the folder that holds its module, or install it"
+        ) from err
     except (ValueError, TypeError) as err:  # a constructor's complaint (your own model's too)
         raise ConfigError(naming("model", err)) from err
     if compile_model:
@@ -164,7 +173,7 @@ def naming(key: str, err: BaseException) -> str:
     """The first line of `err`, prefixed with the config `key` it came from unless it names a
     key under it already (`model.dim=…`)."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return first if first.startswith(f"{key}.") else f"{key}: {first}"
+    return first if first.startswith((f"{key}.", f"{key}=", f"{key}:")) else f"{key}: {first}"
 
 
 def instantiate_checked(node: DictConfig, key: str, **kwargs: Any) -> Any:

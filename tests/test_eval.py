@@ -108,3 +108,23 @@ def test_eval_tests_in_the_runs_precision(make_cfg, tmp_path) -> None:
     evaluated = evaluate(cfg).metrics
     for key in ("test/loss", "test/acc", "test/bpb"):
         assert evaluated[key] == pytest.approx(tested[key], rel=1e-6), key
+
+
+def test_a_model_class_that_cannot_be_imported_is_one_line(
+    project: Project, trained: dict[str, TrainedRun], tmp_path
+) -> None:
+    # a run of your own model (`--config-dir`), evaluated where its module is not importable:
+    # Hydra's "Error executing job … set env var HYDRA_FULL_ERROR=1"
+    import torch
+
+    ckpt = torch.load(trained["lm"].ckpt, weights_only=False)
+    ckpt["hyper_parameters"]["cfg"]["model"]["_target_"] = "mypkg.models.Net"
+    ckpt.pop("tokenizer", None)  # (generate then rebuilds the data first, as for old runs)
+    moved = tmp_path / "own.ckpt"
+    torch.save(ckpt, moved)
+    for script in ("eval.py", "scripts/generate.py"):
+        res = project.run(f"ckpt_path={moved}", script=script)
+        assert res.rc == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-1000:]
+        assert "model._target_='mypkg.models.Net' cannot be imported" in lines[0]
