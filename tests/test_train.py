@@ -68,7 +68,8 @@ def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path) 
         "callbacks.model_checkpoint.every_n_train_steps=4",
         "trainer.deterministic=true",
     ]
-    full = run(make_cfg(common, output_dir=tmp_path / "full"))
+    full_cfg = make_cfg(common, output_dir=tmp_path / "full")
+    full = run(full_cfg)
 
     crash_cfg = make_cfg(
         [*common, "+callbacks.crash._target_=tests.helpers.CrashAtStep", "+callbacks.crash.step=5"],
@@ -79,9 +80,15 @@ def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path) 
     last = Path(crash_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
 
-    resumed = run(make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed"))
+    resumed_cfg = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
+    resumed = run(resumed_cfg)
     for key in ("val/loss", "test/loss", "test/acc"):
         assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+    # step 4 is epoch 1's first batch: its epoch mean counts that batch too (it was the mean of
+    # the batches after the resume alone)
+    epochs = [series(read_metrics(Path(c.paths.output_dir)), "train/loss_epoch")
+              for c in (full_cfg, resumed_cfg)]  # fmt: skip
+    assert len(epochs[0]) == 3 and epochs[1] == pytest.approx(epochs[0][1:], rel=1e-6)
 
 
 @pytest.mark.parametrize(

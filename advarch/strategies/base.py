@@ -38,6 +38,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     }
 
 
+TRAIN_METRICS = "train_epoch_metrics"  # checkpoint entry: the running training epoch's metrics
+
+
 class BaseStrategy(L.LightningModule):
     """Trains `model` on the task its DataSpec describes.
 
@@ -70,6 +73,7 @@ class BaseStrategy(L.LightningModule):
         self.spec = spec
         self.objective = Objective(spec)
         self.hparams.update(count_parameters(model))
+        self._saved_train_metrics: dict[str, Any] | None = None  # a resume's, until train start
 
     # -- steps --------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], **extra: Any) -> ModelOutput:
@@ -174,6 +178,15 @@ class BaseStrategy(L.LightningModule):
 
     def on_train_start(self) -> None:
         resume_train_epoch(self.trainer)  # exact batches and epoch hooks after a resume
+        saved, self._saved_train_metrics = self._saved_train_metrics, None
+        if saved and self.trainer.fit_loop.restarted_mid_epoch:  # (else a new epoch starts)
+            self.objective.load_state("train", saved)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TRAIN_METRICS] = self.objective.state("train")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._saved_train_metrics = checkpoint.get(TRAIN_METRICS)  # restored in on_train_start
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

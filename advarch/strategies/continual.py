@@ -422,6 +422,7 @@ class ContinualStrategy(BaseStrategy):
 
     # -- checkpoint -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["continual"] = {
             "accuracy_matrix": self.accuracy_matrix.clone(),
             "initial_accuracy": self.initial_accuracy.clone(),
@@ -431,6 +432,7 @@ class ContinualStrategy(BaseStrategy):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("continual")
         if state is None:
             return

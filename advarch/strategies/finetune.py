@@ -188,6 +188,7 @@ class FinetuneStrategy(BaseStrategy):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["advarch_finetune"] = {
             "base": self.pretrained,
             "trained": {n: None if r is None else r.tolist() for n, r in self.plan.items()},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,25 @@ class Objective(nn.Module):
     def tasks_updated(self, split: str) -> list[int]:
         """The tasks of `split` with per-task values to compute (none for one-task data)."""
         return [t for t in range(self.spec.num_tasks) if self.updated(split, t)]
+
+    def state(self, split: str) -> dict[str, dict[str, Any]]:
+        """The running state of `split`'s metrics (a checkpoint keeps training's, so an epoch
+        resumed in the middle averages all of its batches, as the uninterrupted run does)."""
+        return {
+            name: {
+                "tensors": {k: v.clone() for k, v in metric.metric_state.items()},
+                "updates": metric.update_count,
+            }  # fmt: skip
+            for name, metric in self.metrics[_key(split, None)].items()
+        }
+
+    def load_state(self, split: str, state: dict[str, dict[str, Any]]) -> None:
+        """Put back a `state` of `split`'s metrics."""
+        for name, saved in state.items():
+            metric = self.metrics[_key(split, None)][name]
+            for key, value in saved["tensors"].items():
+                setattr(metric, key, value.to(metric.device))
+            metric._update_count, metric._computed = saved["updates"], None
 
     def compute(self, split: str, task: int | None = None) -> dict[str, torch.Tensor]:
         """Epoch values of `split` (or of its task `task`), then reset: loss and acc/mse, plus
