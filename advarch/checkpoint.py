@@ -9,6 +9,7 @@ user set, never a torch traceback.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -136,9 +137,16 @@ def model_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_error(err: RuntimeError) -> str:
-    """The first problem `load_state_dict` reports (its message lists every key on a line)."""
-    lines = str(err).splitlines()
-    return lines[1].strip() if len(lines) > 1 else str(err)
+    """The first problem `load_state_dict` reports, short: its message lists every missing or
+    unexpected key on one line (hundreds for another architecture)."""
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
+    listed = re.match(r"(Missing|Unexpected) key\(s\) in state_dict: (.*)", lines[0])
+    if listed is None:
+        return lines[0]
+    keys = re.findall(r'"([^"]+)"', listed.group(2))
+    missing = listed.group(1) == "Missing"
+    whose, where = ("model", "checkpoint") if missing else ("checkpoint", "model")
+    return f"{len(keys)} tensor(s) of the {whose} are not in the {where} (the first: {keys[0]})"
 
 
 def describe(ckpt: Mapping[str, Any]) -> str:

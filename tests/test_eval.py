@@ -48,11 +48,13 @@ def test_eval_data_swap_evaluates_the_given_data(
 def test_eval_of_a_checkpoint_that_does_not_fit_the_data_is_one_line(
     project: Project, trained: dict[str, TrainedRun]
 ) -> None:
-    res = project.run(f"ckpt_path={trained['lm'].ckpt}", "data=digits", script="eval.py")
-    assert res.rc == 1
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ckpt_path=") and "does not fit this data/model" in last
-    assert "Traceback" not in res.stderr
+    for data in ("data=digits", "data=seq2seq_reverse"):  # (the second listed 100+ keys)
+        res = project.run(f"ckpt_path={trained['lm'].ckpt}", data, script="eval.py")
+        assert res.rc == 1 and "Traceback" not in res.stderr
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ckpt_path=") and "does not fit this data/model" in last
+        assert len(last) < 400, last
+    assert "tensor(s) of the model are not in the checkpoint (the first: model.encoder." in last
 
 
 def test_eval_on_a_task_stream_scores_each_task_and_prints_one_table(
