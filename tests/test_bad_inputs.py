@@ -119,6 +119,11 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["data.val_fraction=1.5"], "data.val_fraction=1.5"),
     ("train", ["+data.bogus=1"], "data.bogus"),
     ("train", ["data.files=/nonexistent/*.txt"], "data.files='/nonexistent/*.txt'"),
+    (
+        "train",
+        ["data.files={f}/tiny"],
+        "matches no file; it is a folder: its files are data.files='{f}/tiny/*'",
+    ),
     ("train", ["data.files={f}/jsonl/*"], "bad.jsonl:3"),
     ("train", ["data.files={f}/latin1/*"], "latin1.txt is not UTF-8: byte offset 3"),
     ("train", ["data.files={f}/binary/*"], "noise.txt is a binary file"),

@@ -85,7 +85,13 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.bpe_vocab_size={bpe_vocab_size} must be at least "
                              f"{BYTE_VOCAB} (256 bytes and 3 special tokens)")  # fmt: skip
         if files is not None and not matched_files(files):
-            raise FileNotFoundError(f"data.files={files!r} matches no file")
+            folder = isinstance(files, str) and Path(files).expanduser().is_dir()
+            hint = (
+                f"; it is a folder: its files are data.files='{files.rstrip('/')}/*'"
+                if folder
+                else ""
+            )
+            raise FileNotFoundError(f"data.files={files!r} matches no file{hint}")
         self.files, self.dataset_name, self.text_field = files, dataset, text_field
         self.tokenizer_kind, self.bpe_vocab_size = tokenizer, bpe_vocab_size
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
