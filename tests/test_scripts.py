@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.cli import Project
 from tests.conftest import SMALL_TEXT
 from tests.reports.test_figures import assert_png
@@ -78,3 +80,11 @@ def test_retro_database_says_a_corpus_too_small_in_one_line(project: Project) ->
         "error: data: the val split has 98 tokens, fewer than data.seq_len=256+1; add "
         "documents or shorten seq_len"
     ], res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["scripts/generate.py", "scripts/merge.py"])
+def test_help_shows_the_programs_own_settings(project: Project, script: str) -> None:
+    # it listed the training config groups (data=, model= …), which these programs refuse
+    done = project.run("--help", script=script).check()
+    assert "Usage: python " + script in done.stdout and "== Settings (key=value) ==" in done.stdout
+    assert "Configuration groups" not in done.stdout and "strategy:" not in done.stdout
