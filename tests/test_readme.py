@@ -220,6 +220,8 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
             report = offline_run(folder / "report")
             assert report["group"] == f"{run_name}-sweep-{folder.name}", report["group"]
             assert run_name.startswith("debug-tiny-") and "${" not in run_name
+            assert report["config"]["best_run"] and "best_overrides" in report["config"]
+            assert f"sync to W&B later: wandb sync {folder / 'report' / 'wandb'}" in res.stdout
     elif "scripts/merge_demo.py" in cmd:
         assert (proj.root / "outputs" / "merge_demo" / "merge_table.md").is_file()
     elif "scripts/bench.py" in cmd:

@@ -31,6 +31,9 @@ def main() -> None:
     except FileNotFoundError as err:
         sys.exit(f"error: {err}")
     print(f"report: {path}")
+    runs = sorted((path.parent / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime)
+    if args.wandb and runs:
+        print(f"sync to W&B later: wandb sync {runs[-1]}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -51,6 +52,7 @@ class Report:
     lines: list[str] = field(default_factory=list)
     images: dict[str, Path] = field(default_factory=dict)
     final: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the W&B run's: what it reports on
 
     def image(self, title: str, path: Path | None, key: str) -> None:
         if path is not None:
@@ -92,6 +94,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
     report.final = final = final_values(run_dir, metrics)
     report.lines += [f"# Run report: `{run_dir}`", ""]
     overrides = run_overrides(run_dir)
+    report.config = {"run": str(run_dir), "overrides": list(overrides)}
     if overrides:
         report.lines += ["Overrides: " + " ".join(f"`{o}`" for o in overrides), ""]
     _headline(run_dir, final, report)
@@ -291,6 +294,13 @@ def sweep_report(folder: Path) -> Report:
         k for k in SUMMARY_KEYS if k != metric and any(k in f for f in finals.values())
     ]
     report.final = finals.get(best, {}) if best else {}
+    report.config = {
+        "sweep": str(folder),
+        "metric": metric,
+        "direction": direction,
+        "best_run": best,
+        "best_overrides": overrides.get(best, {}) if best else {},
+    }
     report.lines += [f"# Sweep report: `{folder}`", ""]
     failed = sum(1 for e in errors.values() if e)
     outcome = (
@@ -382,7 +392,8 @@ def log_to_wandb(report: Report, name: str, group: str) -> Path:
 
     run = wandb.init(  # its own run even when the calling process has one open (a notebook)
         mode="offline", dir=str(report.folder), project="advarch", name=name, group=group,
-        job_type="report", reinit="create_new", settings=wandb.Settings(quiet=True, silent=True),
+        job_type="report", config=report.config, reinit="create_new",
+        settings=wandb.Settings(quiet=True, silent=True),
     )  # fmt: skip
     try:
         run.log({f"report/{key}": wandb.Image(str(path)) for key, path in report.images.items()})

@@ -207,6 +207,11 @@ def test_wandb_offline_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     media = list(runs[0].rglob("*.png"))
     assert len(media) >= 2  # learning curves and few-shot accuracy
     assert not list((tmp_path / "open").rglob("*.png"))  # nothing logged into the caller's run
+    # the report run says which run it reports on (its config was empty)
+    from tests.wandb_offline import finished_records, offline_run
+
+    finished_records(run / "report")
+    assert offline_run(run / "report")["config"]["run"] == str(run)
 
 
 def test_damaged_run_files_are_skipped_with_a_warning_naming_them(tmp_path: Path, caplog) -> None:
