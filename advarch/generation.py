@@ -22,6 +22,7 @@ length.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ from advarch.spec import DataSpec
 if TYPE_CHECKING:
     from advarch.trained_lm import LoadedLM
 
+log = logging.getLogger("advarch")
 Retrieve = Callable[[torch.Tensor], torch.Tensor]  # chunk ids (B, m) -> neighbours (B, 1, K, R)
 
 
@@ -270,6 +272,10 @@ def generate_text(
     """
     ids = [lm.eos_id] if lm.eos_id >= 0 else []
     ids += [int(i) for i in lm.tokenizer.encode_batch([prompt])[0]]
+    if isinstance(lm.model, Model) and len(ids) + max_new_tokens > lm.spec.seq_len:
+        log.warning("prompt and new tokens reach %d tokens, beyond the %d the model was trained "
+                    "on (data.seq_len): positions past them were never trained",
+                    len(ids) + max_new_tokens, lm.spec.seq_len)  # fmt: skip
     prompt_ids = torch.tensor(ids, dtype=torch.long)
     pieces = StreamDecoder(lm.tokenizer.decode)
     emit = stream or (lambda text: None)

@@ -310,6 +310,16 @@ def test_generate_from_a_trained_checkpoint(trained: dict[str, TrainedRun]) -> N
     assert again == sampled != greedy[:24]
 
 
+def test_generating_past_the_trained_context_says_so(trained: dict[str, TrainedRun],
+                                                     caplog) -> None:  # fmt: skip
+    lm = load_lm(str(trained["lm"].ckpt))
+    with caplog.at_level("WARNING", logger="advarch"):
+        generate_text(lm, "x", 4, greedy=True)
+    assert not caplog.text
+    generate_text(lm, "x" * lm.spec.seq_len, 4, greedy=True)
+    assert f"beyond the {lm.spec.seq_len} the model was trained on" in caplog.text
+
+
 def test_script_errors_are_one_line(project: Project) -> None:
     out = project.run(f"ckpt_path={project.root}/nope.ckpt", script="scripts/generate.py")
     assert out.rc != 0
