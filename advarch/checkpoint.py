@@ -149,6 +149,18 @@ def load_error(err: RuntimeError) -> str:
     return f"{len(keys)} tensor(s) of the {whose} are not in the {where} (the first: {keys[0]})"
 
 
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """CheckpointError naming the first parameter that holds NaN or inf after loading `where`
+    (bytes damaged inside an intact archive load without complaint, then every metric is NaN).
+    Buffers are not checked: masks may hold -inf on purpose."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise CheckpointError(
+                f"{where}: parameter {name!r} holds NaN or inf (a damaged file, or a run that "
+                "diverged before it was written)"
+            )
+
+
 def describe(ckpt: Mapping[str, Any]) -> str:
     """`step N, epoch E[, task T]` of a training checkpoint, for resume messages."""
     text = f"step {ckpt.get('global_step', '?')}, epoch {ckpt.get('epoch', '?')}"

@@ -39,7 +39,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
 
     from advarch.callbacks.data_identity import data_changed
     from advarch.callbacks.signals import SignalCheckpoint
-    from advarch.checkpoint import load_error, load_with_config, with_cache_dir
+    from advarch.checkpoint import check_finite, load_error, load_with_config, with_cache_dir
     from advarch.config.validate import ConfigError
     from advarch.pipeline import build_all
 
@@ -60,6 +60,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path!r} does not fit this data/model: {load_error(err)}"
         ) from err
+    check_finite(module, f"ckpt_path={cfg.ckpt_path!r}")
     module.on_load_checkpoint(ckpt)
     trainer = L.Trainer(
         limit_test_batches=saved.trainer.get("limit_test_batches") or 1.0,  # the run's protocol

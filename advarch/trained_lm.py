@@ -18,7 +18,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from advarch.callbacks.data_identity import data_changed, saved_tokenizer
-from advarch.checkpoint import load_error, load_with_config, model_weights, with_cache_dir
+from advarch.checkpoint import (
+    check_finite,
+    load_error,
+    load_with_config,
+    model_weights,
+    with_cache_dir,
+)
 from advarch.config.validate import ConfigError
 from advarch.generation import Retrieve
 from advarch.pipeline import build_datamodule, build_model, build_optimization, build_strategy
@@ -82,6 +88,7 @@ def load_lm(ckpt_path: str, device: str = "cpu", cache_dir: str | None = None) -
     except RuntimeError as err:
         message = f"ckpt_path={ckpt_path!r}: weights do not fit the model: {load_error(err)}"
         raise ConfigError(message) from err
+    check_finite(model, f"ckpt_path={ckpt_path!r}")
     changed = datamodule is not None and data_changed(ckpt, datamodule)
     if changed:  # its retrieval database (or tokenizer) is rebuilt from the files as they are
         log.warning("ckpt_path=%s: %s; generation may read other tokens", ckpt_path, changed)

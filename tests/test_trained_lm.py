@@ -79,3 +79,19 @@ def test_load_lm_rejects_bad_checkpoints(make_cfg, tmp_path: Path) -> None:
     torch.save(state, ckpt)
     with pytest.raises(ConfigError, match="weights do not fit the model"):
         load_lm(str(ckpt))
+
+
+def test_a_checkpoint_with_nan_weights_is_one_line(make_cfg, tmp_path: Path) -> None:
+    # bytes damaged inside an intact archive: eval printed loss nan and exited 0
+    from advarch.eval import evaluate
+
+    ckpt = save_checkpoint(make_cfg, tmp_path, ["data=text", "model=transformer", *SMALL_TEXT])
+    state = torch.load(ckpt, weights_only=False)
+    name = next(k for k in state["state_dict"] if k.endswith("q_proj.weight"))
+    state["state_dict"][name][0, 0] = float("nan")
+    torch.save(state, ckpt)
+    expected = f"parameter '{name.removeprefix('model.')}' holds NaN or inf"
+    with pytest.raises(ConfigError, match=expected):
+        load_lm(str(ckpt))
+    with pytest.raises(ConfigError, match=f"parameter 'model.{name[6:]}' holds NaN or inf"):
+        evaluate(make_cfg([f"ckpt_path={ckpt}", "wandb=false"], "eval", tmp_path / "eval"))
