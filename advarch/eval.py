@@ -108,6 +108,25 @@ def main() -> None:
     hydra_main()
 
 
+def run_choice_tags(cfg: DictConfig) -> list[str]:
+    """`model:…`, `strategy:…`, `data:…` as the training run's W&B run has them (read from its
+    folder), the data this evaluation chose where it chose one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from advarch.config.runs import run_dir_of
+    from advarch.reports.run_folders import run_setting
+
+    run_dir = run_dir_of(Path(cfg.ckpt_path))
+    here = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    tags = []
+    for group in ("model", "strategy", "data"):
+        choice = (here.get(group) if group == "data" else None) or run_setting(
+            run_dir, f"hydra.runtime.choices.{group}"
+        )
+        tags += [f"{group}:{choice}"] if choice else []
+    return tags
+
+
 def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
     """An offline W&B run for this evaluation: job_type `eval`, in the training run's group,
     its config the checkpoint's (plus what the evaluation changed)."""
@@ -131,7 +150,7 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
             name=f"eval {saved.run_name}",
             group=str(saved.run_name),
             job_type="eval",
-            tags=[*(saved.get("tags") or []), "eval"],
+            tags=[*(saved.get("tags") or []), *run_choice_tags(cfg), "eval"],
             config=config,
             settings=wandb.Settings(quiet=True, silent=True),
         )

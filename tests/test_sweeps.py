@@ -123,6 +123,7 @@ def test_wandb_run_carries_config_identity_and_summary(project: Project) -> None
     eval_dir = evaluated.check().run_dir
     eval_run = offline_run(eval_dir)
     assert eval_run["job_type"] == "eval" and eval_run["group"] == run["group"]
+    assert eval_run["tags"] == [*run["tags"], "eval"]  # filterable like the training run
     assert eval_run["config"]["model"] == config["model"] and "test/bpb" in eval_run["summary"]
 
 
