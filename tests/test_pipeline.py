@@ -82,3 +82,13 @@ def test_instantiate_checked_names_the_key() -> None:
     node = OmegaConf.create({"_target_": "datetime.timedelta", "days": "x"})
     with pytest.raises(ConfigError, match=r"^callbacks\.clock: "):
         instantiate_checked(node, "callbacks.clock")
+
+
+def test_a_message_naming_its_key_gets_no_prefix() -> None:
+    from advarch.pipeline import naming
+
+    assert naming("model", ValueError("model=retro needs data=text_retrieval")) == (
+        "model=retro needs data=text_retrieval"  # (was "model: model=retro …")
+    )
+    assert naming("model", ValueError("model.dim=3 is odd")) == "model.dim=3 is odd"
+    assert naming("model", TypeError("bad width")) == "model: bad width"
