@@ -119,7 +119,7 @@ class Objective(nn.Module):
             name: {
                 "tensors": {k: v.clone() for k, v in metric.metric_state.items()},
                 "updates": metric.update_count,
-            }  # fmt: skip
+            }
             for name, metric in self.metrics[_key(split, None)].items()
         }
 
