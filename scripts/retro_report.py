@@ -32,6 +32,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,9 @@ def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[s
     sums = {mode: {"loss": 0.0, "correct": 0, "count": 0} for mode in modes}
     per_chunk: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
     quality: list[np.ndarray] = []
-    for batch in loader:
+    batches = list(loader)
+    others = _neighbours_of_others(batches) if "shuffled" in modes else None
+    for batch in batches:
         labels = batch["labels"].masked_fill(batch["labels"] == spec.pad_id, -100)
         nb = batch.get("neighbours")
         if nb is not None and bpt:
@@ -104,7 +107,7 @@ def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[s
             if mode == "padding":
                 given = torch.full_like(nb, spec.pad_id)
             elif mode == "shuffled":
-                given = nb.roll(1, 0)
+                given = next(others)
             logits = model(batch["input_ids"], neighbours=given).logits
             nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, T)
             scored = labels != -100
@@ -127,6 +130,18 @@ def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[s
     if quality:
         out["quality"] = np.concatenate([q.ravel() for q in quality])
     return out
+
+
+def _neighbours_of_others(batches: list[dict[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
+    """Per batch, its sequences' neighbours replaced by those of the split's previous sequence
+    (the last one's for the first): the random-neighbour control, even for batches of one."""
+    every = torch.cat([batch["neighbours"] for batch in batches]).roll(1, 0)
+    if len(every) < 2:
+        raise ConfigError(
+            "the held-out split has 1 sequence: the other-sequence neighbour "
+            "control needs 2 (a longer split, or a shorter data.seq_len)"
+        )
+    return iter(every.split([len(batch["neighbours"]) for batch in batches]))
 
 
 def split_by_quality(rows: dict[str, dict], quality: np.ndarray) -> list[dict[str, float]]:

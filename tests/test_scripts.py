@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.cli import Project
 from tests.conftest import SMALL_TEXT
@@ -88,3 +89,19 @@ def test_help_shows_the_programs_own_settings(project: Project, script: str) -> 
     done = project.run("--help", script=script).check()
     assert "Usage: python " + script in done.stdout and "== Settings (key=value) ==" in done.stdout
     assert "Configuration groups" not in done.stdout and "strategy:" not in done.stdout
+
+
+def test_the_other_sequence_control_never_gives_a_sequence_its_own_neighbours() -> None:
+    # it rolled each batch by one: a batch of one sequence got its own neighbours back
+    import runpy
+
+    from advarch.config.validate import ConfigError
+
+    others = runpy.run_path("scripts/retro_report.py")["_neighbours_of_others"]
+    batches = [
+        {"neighbours": torch.arange(n).view(n, 1) + first} for first, n in [(0, 1), (1, 1), (2, 2)]
+    ]
+    given = [t.flatten().tolist() for t in others(batches)]
+    assert given == [[3], [0], [1, 2]]  # each sequence gets the split's previous one's
+    with pytest.raises(ConfigError, match="held-out split has 1 sequence"):
+        others(batches[:1])

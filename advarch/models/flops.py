@@ -6,7 +6,10 @@ in one multiply-add per token costs 2 FLOPs forward and 4 backward, so training 
 layer's scores and weighted values (ctx = keys a query sees: T for full attention, the window
 for sliding-window attention). MoE experts count only the K of E a token is routed to (all E
 for a soft mixture); embedding lookups are free, a tied output head counts once as a matmul.
-Scans, norms and activations are elementwise and left out, as in those papers.
+RETRO's neighbour encoder runs on K·R neighbour tokens per chunk of m decoder tokens, so its
+weights (and CCA's keys and values) count K·R/m times per decoder token, with the attention
+of the encoder (over R and over the chunk's m) and of CCA (over K·R). Scans, norms and
+activations are elementwise and left out, as in those papers.
 """
 
 from __future__ import annotations
@@ -16,17 +19,46 @@ from torch import nn
 from advarch.models.blocks.attention import Attention
 from advarch.models.blocks.moe import MoE
 from advarch.models.blocks.sliding_window import SlidingWindowAttention
+from advarch.models.retro_lm import RetroAdapter
 
 
 def _matmul_weights(model: nn.Module) -> float:
-    """Weights a token multiplies through, MoE experts scaled by the routed fraction."""
-    total = 0.0
+    """Weights a token multiplies through, MoE experts scaled by the routed fraction and
+    RETRO's by the neighbour tokens they see per decoder token."""
+    total, rates = 0.0, _neighbour_rates(model)
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv1d)):
-            total += module.weight.numel()
+            total += rates.get(id(module), 1.0) * module.weight.numel()
         elif isinstance(module, MoE):
             active = 1.0 if module.soft else module.top_k / module.num_experts
             total += module.router.numel() + active * (module.w_in.numel() + module.w_out.numel())
+    return total
+
+
+def _neighbour_rates(model: nn.Module) -> dict[int, float]:
+    """RETRO's linears that run on neighbour tokens, by id: K·R/m of them per decoder token (the
+    encoder's, but for its cross-attention keys and values, of the chunk's m states; CCA's
+    keys and values)."""
+    rates: dict[int, float] = {}
+    for adapter in (m for m in model.modules() if isinstance(m, RetroAdapter)):
+        per_token = adapter.neighbours * adapter.neighbour_len / adapter.encoder.chunk_size
+        encoder = [m for m in adapter.encoder.modules() if isinstance(m, nn.Linear)]
+        rates |= dict.fromkeys(map(id, encoder), per_token)
+        rates |= {id(layer.cross_attn.to_kv): 1.0 for layer in adapter.encoder.layers}
+        rates |= {id(cca.attn.to_kv): per_token for cca in adapter.cca.values()}
+    return rates
+
+
+def _retrieval_attention(model: nn.Module) -> float:
+    """RETRO's attention FLOPs per decoder token: the encoder's self-attention over a
+    neighbour's R tokens and cross-attention over its chunk's m, for K·R/m neighbour tokens,
+    and each CCA sub-layer's over the K·R neighbour tokens."""
+    total = 0.0
+    for adapter in (m for m in model.modules() if isinstance(m, RetroAdapter)):
+        k, r, m = adapter.neighbours, adapter.neighbour_len, adapter.encoder.chunk_size
+        dim = adapter.encoder.layers[0].self_attn.to_q.in_features
+        total += len(adapter.encoder.layers) * 12 * dim * (r + m) * k * r / m
+        total += len(adapter.cca) * 12 * dim * k * r
     return total
 
 
@@ -47,4 +79,4 @@ def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
         for m in model.modules()
         if isinstance(m, (Attention, SlidingWindowAttention))
     )
-    return 6 * _matmul_weights(model) + attention
+    return 6 * _matmul_weights(model) + attention + _retrieval_attention(model)

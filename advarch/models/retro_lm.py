@@ -90,6 +90,10 @@ class RetroAdapter(nn.Module):
         layers = config.layers(num_layers)
         self.cca_layers = tuple(sorted(layers))
         self.pad_id = spec.pad_id
+        self.neighbours, self.neighbour_len = (
+            spec.retrieval_neighbours,
+            spec.retrieval_neighbour_len,
+        )
         self.encoder = NeighbourEncoder(
             dim,
             num_heads,

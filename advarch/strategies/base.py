@@ -152,7 +152,9 @@ class BaseStrategy(L.LightningModule):
         an epoch without batches (a run resumed at the end of its epoch)."""
         if not self.objective.updated(split):
             return {}
-        values = self.objective.compute(split)
+        values = self.objective.compute(
+            split, text_of=self.trained_task if split == "train" else None
+        )
         suffix = "_epoch" if split == "train" else ""
         self.log_dict(
             {f"{split}/{k}{suffix}": v for k, v in values.items()}, prog_bar=split == "val"
@@ -162,6 +164,12 @@ class BaseStrategy(L.LightningModule):
         for task, values in per_task.items():
             self.log_dict({f"{split}/task_{task}/{k}": v for k, v in values.items()})
         return per_task
+
+    @property
+    def trained_task(self) -> int | None:
+        """The one task this epoch's training batches come from (a continual stream), or None
+        where they mix tasks."""
+        return None
 
     def metric_names(self) -> list[str]:
         """What this strategy logs (fnmatch patterns): `optimized_metric` and checkpoint or

@@ -165,6 +165,10 @@ class ContinualStrategy(BaseStrategy):
     def current_task(self) -> int:
         return self.task_of_epoch(self.current_epoch)
 
+    @property
+    def trained_task(self) -> int | None:
+        return None if self.hparams.joint else self.current_task
+
     def task_train_loader(self, task: int, batch_size: int, seed: int) -> DataLoader:
         """A shuffled loader over task `task`'s training set, batched as the stream does."""
         return self._stream().task_loader("train", task, batch_size, True, seed)

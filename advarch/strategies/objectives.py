@@ -131,15 +131,17 @@ class Objective(nn.Module):
                 setattr(metric, key, value.to(metric.device))
             metric._update_count, metric._computed = saved["updates"], None
 
-    def compute(self, split: str, task: int | None = None) -> dict[str, torch.Tensor]:
+    def compute(self, split: str, task: int | None = None, text_of: int | None = None
+                ) -> dict[str, torch.Tensor]:  # fmt: skip
         """Epoch values of `split` (or of its task `task`), then reset: loss and acc/mse, plus
-        ppl and bits per byte for language data (with the split's, or the task's split's, own
-        bytes per token)."""
+        ppl and bits per byte for language data, with the split's own bytes per token, or its
+        task's: `task`, or `text_of` where all of the split's batches came from that one task
+        (a domain stream's training epoch)."""
         m = self.metrics[_key(split, task)]
         values = {name: metric.compute() for name, metric in m.items()}
         if self.spec.kind in ("lm", "seq2seq"):
             values["ppl"] = torch.exp(values["loss"].clamp(max=50))
-            bpt = self.spec.bytes_per_token(split, task)
+            bpt = self.spec.bytes_per_token(split, text_of if task is None else task)
             if bpt:
                 values["bpb"] = values["loss"] / math.log(2) / bpt
         for metric in m.values():

@@ -168,3 +168,20 @@ def test_invalid_configuration_names_the_key(kwargs: dict, spec: DataSpec, match
 
 def test_chunk_size_equal_to_the_data_is_accepted() -> None:
     assert RetroAdapter(16, 3, SPEC, num_heads=2, chunk_size=M).encoder.chunk_size == M
+
+
+def test_training_flops_per_token_count_the_neighbour_tokens() -> None:
+    """The FLOPs behind RETRO's MFU equal torch's own count of its matmuls and attention
+    (attention as matmuls), a forward and backward at T = L·m: the neighbour encoder runs on
+    K·R/m neighbour tokens per decoder token (counted once per token, MFU read 43% of this)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from advarch.models.flops import training_flops_per_token
+
+    inputs, nb = batch()
+    for model, neighbours in zip(make_models(), (nb, None), strict=True):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(inputs, neighbours=neighbours).logits.sum().backward()
+        counted = counter.get_total_flops() / inputs.numel()
+        assert training_flops_per_token(model, inputs.shape[1]) == pytest.approx(counted)

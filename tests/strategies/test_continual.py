@@ -243,6 +243,25 @@ def test_lm_streams_score_bits_per_byte_of_each_domain(tmp_path: Path) -> None:
     assert module.task_value(0, math.log(2) * 4.0).item() == pytest.approx(2.0)
 
 
+def test_a_streams_training_epoch_scores_bits_per_byte_with_its_domains_ratio(
+    tmp_path: Path,
+) -> None:
+    # a domain stream trains one domain per epoch: train/bpb_epoch once took the whole
+    # stream's train bytes per token (8% off with BPE on the stdlib domains)
+    spec = DataSpec(kind="lm", vocab_size=5, seq_len=3, task_names=("code", "prose"), extras={
+        "bytes_per_token": {"train": 3.0, "val": 3.0, "test": 3.0},
+        "task_bytes_per_token": {split: [2.0, 4.0] for split in ("train", "val", "test")},
+    })  # fmt: skip
+    nats = torch.tensor(math.log(2) * 8.0)
+    preds, target = torch.zeros(1, 5), torch.zeros(1, dtype=torch.long)
+    for joint, want in [(False, 2.0), (True, 8.0 / 3.0)]:  # epoch 2: the second domain's
+        module = Recording(LookupModel(), spec, joint=joint)
+        attach(module, tmp_path, stream=Stream(num_tasks=2), current_epoch=2)
+        module.objective.update("train", nats, preds, target, 1)
+        module._log_epoch("train")
+        assert module.logged[0]["train/bpb_epoch"] == pytest.approx(want)
+
+
 # -- expert ownership --------------------------------------------------------------------------
 class FakeMoE(nn.Module):
     def __init__(self, num_experts: int, top_k: int) -> None:
