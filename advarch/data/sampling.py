@@ -2,7 +2,8 @@
 
 A plain `RandomSampler` with a generator continues its random stream across epochs, so a run
 resumed from a checkpoint would see a different order than the uninterrupted run. Here epoch e
-always sees permutation(seed, e), and a resumed run skips the batches it already trained on.
+always sees permutation(seed, e), and a resumed run skips the batches it already trained on,
+on one process or several (DDP).
 """
 
 from __future__ import annotations
@@ -10,25 +11,32 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Indices 0..n−1 in a (seed, epoch)-determined order; `skip` drops the first items of
-    epoch `epoch` (the one a resumed run is in), once.
+class EpochShuffleSampler(DistributedSampler):
+    """Indices 0..n−1 in a (seed, epoch)-determined order, or process `rank`'s share of them;
+    `skip` drops the first items of epoch `epoch` (the one a resumed run is in) and of no other.
 
-    A resume from a checkpoint written at an epoch's last batch skips the whole epoch, and
-    Lightning then never iterates it: the skip is dropped with its epoch, never carried into
-    the next. `num_samples` (default n) keeps only the first `num_samples` of each epoch's
-    permutation: a random subset per epoch without replacement.
+    Of `world` processes (DDP), process `rank` takes every world-th index of the order, cut to
+    a multiple of `world` so that all take as many: the global batch is the one a single
+    process would take. It is a `DistributedSampler` so that Lightning does not wrap it in its
+    own, which shuffles again with a seed of its own: a resumed epoch, shorter by its skip,
+    then saw other batches than the uninterrupted run (and the next epoch, the skip gone,
+    stopped on the wrapper's fixed shard size). The skip counts every process's samples.
+    `num_samples` (default n) keeps only the first `num_samples` of each epoch's permutation:
+    a random subset per epoch without replacement.
     """
 
     def __init__(
-        self, n: int, seed: int, skip: int = 0, epoch: int = 0, num_samples: int | None = None
-    ) -> None:
+        self, n: int, seed: int, skip: int = 0, epoch: int = 0, num_samples: int | None = None,
+        rank: int = 0, world: int = 1,
+    ) -> None:  # fmt: skip
+        # not DistributedSampler.__init__: it asks torch.distributed for the world
         self.n, self.seed, self.skip, self.epoch = n, seed, skip, epoch
         self.skip_epoch = epoch
         self.num_samples = n if num_samples is None else min(num_samples, n)
+        self.rank, self.num_replicas = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this before each epoch."""
@@ -37,27 +45,44 @@ class EpochShuffleSampler(Sampler[int]):
     def _skipped(self) -> int:
         return self.skip if self.epoch == self.skip_epoch else 0
 
+    def _kept(self) -> int:
+        """Indices of this epoch's order that the processes take together, after the skip."""
+        left = max(self.num_samples - self._skipped(), 0)
+        return left // self.num_replicas * self.num_replicas
+
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[self._skipped() : self.num_samples]
-        self.skip = 0
-        return iter(order.tolist())
+        start = self._skipped()
+        order = torch.randperm(self.n, generator=g)[start : start + self._kept()]
+        return iter(order[self.rank :: self.num_replicas].tolist())
 
     def __len__(self) -> int:
-        return max(self.num_samples - self._skipped(), 0)
+        return self._kept() // self.num_replicas
 
 
-def batches_done_this_epoch(trainer: object | None) -> int:
-    """Training batches already consumed in the current epoch (non-zero when resuming mid-epoch).
+def shard(trainer: object | None) -> dict[str, int]:
+    """This process's `rank` among the trainer's `world` of processes (0 of 1 without one)."""
+    return {
+        "rank": int(getattr(trainer, "global_rank", 0) or 0),
+        "world": int(getattr(trainer, "world_size", 1) or 1),
+    }
 
-    Lightning knows a resume is mid-epoch only after it restored its loops, which is after the
-    train loader was first built (`estimated_stepping_batches` builds it when optimizers are
-    configured); `resume_train_epoch` makes it build the loader again.
+
+def samples_done_this_epoch(trainer: object | None, batch_size: int) -> int:
+    """Training samples already consumed in the current epoch by all processes together
+    (non-zero when resuming mid-epoch): what a resumed epoch's sampler skips.
+
+    Each of the world's processes took `batch_size` per batch from its share of the sampler's
+    order (`EpochShuffleSampler` deals it out rank by rank). Lightning knows a resume
+    is mid-epoch only after it restored its loops, which is after the train loader was first
+    built (`estimated_stepping_batches` builds it when optimizers are configured);
+    `resume_train_epoch` makes it build the loader again.
     """
     loop = getattr(trainer, "fit_loop", None)
     if loop is None or not loop.restarted_mid_epoch:
         return 0
-    return int(loop.epoch_loop.batch_progress.current.ready)
+    batches = int(loop.epoch_loop.batch_progress.current.ready)
+    return batches * batch_size * shard(trainer)["world"]
 
 
 def resume_train_epoch(trainer: object) -> None:
@@ -98,8 +123,8 @@ def resumable_loader(
     the loader never draws from the global random state.
     """
     epoch = int(getattr(trainer, "current_epoch", 0) or 0)
-    skip = batches_done_this_epoch(trainer) * batch_size
-    sampler = EpochShuffleSampler(len(dataset), seed, skip, epoch, num_samples)
+    skip = samples_done_this_epoch(trainer, batch_size)
+    sampler = EpochShuffleSampler(len(dataset), seed, skip, epoch, num_samples, **shard(trainer))
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -35,7 +35,7 @@ from advarch.data.packing import (
     pack_documents,
     unigram_bits_per_byte,
 )
-from advarch.data.sampling import EpochShuffleSampler, batches_done_this_epoch
+from advarch.data.sampling import EpochShuffleSampler, samples_done_this_epoch, shard
 from advarch.data.tokenizer import (
     BYTE_VOCAB,
     BPETokenizer,
@@ -297,9 +297,9 @@ class TextDataModule(L.LightningDataModule):
     def _loader(self, ds, shuffle: bool, split: str) -> DataLoader:
         sampler = None
         if shuffle:
-            skip = batches_done_this_epoch(self.trainer) * self.batch_size
+            skip = samples_done_this_epoch(self.trainer, self.batch_size)
             epoch = int(getattr(self.trainer, "current_epoch", 0) or 0)
-            sampler = EpochShuffleSampler(len(ds), self.seed, skip, epoch)
+            sampler = EpochShuffleSampler(len(ds), self.seed, skip, epoch, **shard(self.trainer))
         return DataLoader(
             ds,
             batch_size=self.batch_size,

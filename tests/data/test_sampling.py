@@ -42,8 +42,39 @@ def test_resumable_loader_order_depends_only_on_seed_and_epoch() -> None:
 def test_resumed_sampler_skips_consumed_batches() -> None:
     full = list(EpochShuffleSampler(50, seed=1))
     resumed = EpochShuffleSampler(50, seed=1, skip=20)
-    assert list(resumed) == full[20:]
-    assert list(resumed) == full  # the skip applies once
+    assert list(resumed) == full[20:] == list(resumed) and len(resumed) == 30  # its epoch's
+    resumed.set_epoch(1)
+    assert list(resumed) == list(EpochShuffleSampler(50, seed=1, epoch=1))  # and no other's
     s = EpochShuffleSampler(50, seed=1)
     s.set_epoch(1)
     assert list(s) != full
+
+
+def test_ddp_processes_share_the_order_and_a_resumed_epoch_continues_it() -> None:
+    # Lightning wrapped the sampler in its own distributed one, which shuffled again: a resumed
+    # epoch (shorter by its skip) saw other batches, and the next one stopped on an
+    # AssertionError (the wrapper's shard size was fixed when it was built)
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    from advarch.data.sampling import samples_done_this_epoch
+
+    world, batch, done = 2, 3, 2
+    progress = SimpleNamespace(current=SimpleNamespace(ready=done))
+    epoch_loop = SimpleNamespace(batch_progress=progress)
+    loop = SimpleNamespace(restarted_mid_epoch=True, epoch_loop=epoch_loop)
+    skip = samples_done_this_epoch(SimpleNamespace(fit_loop=loop, world_size=world), batch)
+    one = list(EpochShuffleSampler(25, seed=5))
+    for rank in range(world):
+        full = EpochShuffleSampler(25, seed=5, rank=rank, world=world)
+        assert isinstance(full, DistributedSampler)  # so Lightning does not wrap it
+        assert list(full) == one[rank:24:world] and len(full) == 12  # as many for each
+        resumed = EpochShuffleSampler(25, seed=5, skip=skip, rank=rank, world=world)
+        assert list(resumed) == list(full)[done * batch :] and len(resumed) == 12 - done * batch
+        resumed.set_epoch(1)  # the next epoch whole
+        assert list(resumed) == one_epoch(1, rank, world) and len(resumed) == 12
+
+
+def one_epoch(epoch: int, rank: int, world: int) -> list[int]:
+    return list(EpochShuffleSampler(25, seed=5, epoch=epoch))[rank : 25 // world * world : world]
