@@ -151,8 +151,9 @@ class RetroLookupDataModule(L.LightningDataModule):
     def spec(self) -> DataSpec:
         m = self.chunk_size
         return DataSpec(kind="lm", vocab_size=self.vocab_size, seq_len=self.seq_len, pad_id=PAD,
-                        retrieval_neighbours=self.num_neighbours, retrieval_chunk=m,
-                        retrieval_neighbour_len=2 * m, task_names=("retro_lookup",))  # fmt: skip
+                        padded_inputs=False, retrieval_neighbours=self.num_neighbours,
+                        retrieval_chunk=m, retrieval_neighbour_len=2 * m,
+                        task_names=("retro_lookup",))  # fmt: skip
 
     # -- data -----------------------------------------------------------------------------
     def _facts(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

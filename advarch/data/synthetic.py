@@ -349,7 +349,7 @@ class SequenceReversalDataModule(SyntheticSequenceDataModule):
         seq_len = self.size["seq_len"]
         return DataSpec(kind="seq2seq", vocab_size=self.vocab_size, seq_len=seq_len,
                         target_vocab_size=self.vocab_size, target_len=seq_len, pad_id=PAD,
-                        bos_id=BOS, task_names=("reversal",))  # fmt: skip
+                        padded_inputs=False, bos_id=BOS, task_names=("reversal",))  # fmt: skip
 
     def generate(
         self, num: int, rng: np.random.Generator, size: dict[str, int]

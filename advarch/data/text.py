@@ -276,6 +276,7 @@ class TextDataModule(L.LightningDataModule):
             vocab_size=self.meta["vocab_size"],
             seq_len=self.seq_len,
             pad_id=self.meta["pad_id"],
+            padded_inputs=False,  # packed: every sequence is seq_len tokens of text
             eos_id=self.meta["eos_id"],
             bos_id=self.meta["bos_id"],
             retrieval_neighbours=r.k if r else 0,

@@ -270,6 +270,7 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
             seq_len=self.seq_len,
             task_names=self.domains,
             pad_id=self.meta["pad_id"],
+            padded_inputs=False,  # packed: every sequence is seq_len tokens of text
             eos_id=self.meta["eos_id"],
             bos_id=self.meta["bos_id"],
             extras={

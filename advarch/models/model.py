@@ -186,7 +186,8 @@ class Model(nn.Module):
         lm/seq2seq (B, T, V); classification (B, C) or (B, tasks, C) with per-task heads;
         regression (B, tasks)."""
         ctx = LayerContext(pad_mask=pad_mask, global_mask=global_mask, expert_mask=expert_mask)
-        if pad_mask is None and self.spec.pad_id >= 0 and not inputs.is_floating_point():
+        padded = self.spec.padded_inputs and self.spec.pad_id >= 0
+        if pad_mask is None and padded and not inputs.is_floating_point():
             ctx.pad_mask = inputs == self.spec.pad_id
         h = self.input(inputs)  # (B, T, D)
         if self.spec.kind == "seq2seq":
