@@ -60,9 +60,16 @@ def test_final_weights_are_validated_and_fit_metrics_kept(make_cfg) -> None:
     assert "train/loss" in metrics  # fit's metrics survive the extra validation
 
 
-def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "data",
+    [SMALL_TEXT, ["strategy=fewshot"], ["strategy=multitask"]],
+    ids=["text", "fewshot", "multitask"],  # few-shot replayed its epoch's episodes from the first
+)
+def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path,
+                                                      data: list[str]) -> None:  # fmt: skip
     common = [
-        *TINY,
+        "debug=tiny",
+        *data,
         "trainer.max_steps=8",
         "trainer.val_check_interval=4",
         "callbacks.model_checkpoint.every_n_train_steps=4",
@@ -83,12 +90,27 @@ def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path) 
     resumed_cfg = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
     resumed = run(resumed_cfg)
     for key in ("val/loss", "test/loss", "test/acc"):
-        assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
-    # step 4 is epoch 1's first batch: its epoch mean counts that batch too (it was the mean of
-    # the batches after the resume alone)
-    epochs = [series(read_metrics(Path(c.paths.output_dir)), "train/loss_epoch")
+        if key in full:  # (multitask: per-task MSE, no accuracy)
+            assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+    losses = [series(read_metrics(Path(c.paths.output_dir)), "train/loss")
               for c in (full_cfg, resumed_cfg)]  # fmt: skip
-    assert len(epochs[0]) == 3 and epochs[1] == pytest.approx(epochs[0][1:], rel=1e-6)
+    assert losses[1] == pytest.approx(losses[0][4:], rel=1e-6)  # steps 4-7 on the same batches
+    # step 4 is epoch 1's first batch: its epoch means count that batch too (they were the
+    # means of the batches after the resume alone; few-shot's and multitask's per-task ones
+    # still were)
+    full_epochs, resumed_epochs = (epoch_values(Path(c.paths.output_dir))
+                                   for c in (full_cfg, resumed_cfg))  # fmt: skip
+    assert "train/loss_epoch" in full_epochs and full_epochs.keys() == resumed_epochs.keys()
+    for key, values in full_epochs.items():
+        assert len(values) == 3 and resumed_epochs[key] == pytest.approx(values[1:], rel=1e-6), key
+
+
+def epoch_values(run_dir: Path) -> dict[str, list[float]]:
+    """Every training epoch aggregate of a run (train/<metric>_epoch, train/<task>/<metric>)."""
+    rows = read_metrics(run_dir)
+    keys = {k for row in rows for k in row if k.startswith("train/")}
+    keys = {k for k in keys if k.endswith("_epoch") or k.count("/") == 2}
+    return {k: series(rows, k) for k in sorted(keys)}
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ Shapes: N ways, K shots, Q queries per class, F features, T tokens, C classes, S
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,6 +49,7 @@ from advarch.data.digits import (
     rotated_digits,
 )
 from advarch.data.loaders import make_dataset
+from advarch.data.sampling import EpochSampler, samples_done_this_epoch, shard
 from advarch.spec import DataSpec
 
 Source = Literal["rotated_digits", "synthetic"]
@@ -191,26 +192,24 @@ class EpisodeDataset(Dataset):
         return {k: torch.from_numpy(v) for k, v in plan.items()}
 
 
-class EpochEpisodeSampler(Sampler[int]):
-    """Yields episode ids `epoch * n .. epoch * n + n - 1`, so each epoch sees new episodes.
+class EpochEpisodeSampler(EpochSampler):
+    """Episode ids `epoch · n … epoch · n + n − 1`, so each epoch sees new episodes
+    (`EpochSampler`: a run resumed mid-epoch continues with the episode it stopped at, and DDP
+    processes share them). With `epoch` None (no trainer) it counts its own passes instead."""
 
-    `epoch_fn` returns the trainer's current epoch (resume-safe), or None without a trainer,
-    in which case the sampler counts its own passes.
-    """
+    def __init__(self, num_episodes: int, epoch: int | None = None, skip: int = 0,
+                 rank: int = 0, world: int = 1) -> None:  # fmt: skip
+        super().__init__(num_episodes, skip, epoch or 0, rank, world)
+        self.count_passes = epoch is None
 
-    def __init__(self, num_episodes: int, epoch_fn: Callable[[], int | None]) -> None:
-        self.num_episodes = num_episodes
-        self.epoch_fn = epoch_fn
-        self.passes = 0
-
-    def __len__(self) -> int:
-        return self.num_episodes
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        return torch.arange(epoch * self.size, (epoch + 1) * self.size)
 
     def __iter__(self) -> Iterator[int]:
-        epoch = self.epoch_fn()
-        epoch = self.passes if epoch is None else epoch
-        self.passes += 1
-        return iter(range(epoch * self.num_episodes, (epoch + 1) * self.num_episodes))
+        order = super().__iter__()
+        if self.count_passes:
+            self.epoch += 1
+        return order
 
 
 def prototype_accuracy(episode: dict[str, torch.Tensor]) -> float:
@@ -371,11 +370,13 @@ class FewShotDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def _epoch(self) -> int | None:
-        return None if self.trainer is None else self.trainer.current_epoch
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", EpochEpisodeSampler(self.episodes["train"], self._epoch))
+        episodes, trainer = self.episodes["train"], self.trainer
+        if trainer is None:
+            return self._loader("train", EpochEpisodeSampler(episodes))
+        skip = samples_done_this_epoch(trainer, 1)  # an episode a batch
+        sampler = EpochEpisodeSampler(episodes, trainer.current_epoch, skip, **shard(trainer))
+        return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

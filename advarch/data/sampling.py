@@ -14,9 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
-class EpochShuffleSampler(DistributedSampler):
-    """Indices 0..n−1 in a (seed, epoch)-determined order, or process `rank`'s share of them;
-    `skip` drops the first items of epoch `epoch` (the one a resumed run is in) and of no other.
+class EpochSampler(DistributedSampler):
+    """An epoch's order of `size` indices (`epoch_order`, a pure function of the epoch), or
+    process `rank`'s share of it; `skip` drops the first items of epoch `epoch` (the one a
+    resumed run is in) and of no other.
 
     Of `world` processes (DDP), process `rank` takes every world-th index of the order, cut to
     a multiple of `world` so that all take as many: the global batch is the one a single
@@ -24,19 +25,17 @@ class EpochShuffleSampler(DistributedSampler):
     own, which shuffles again with a seed of its own: a resumed epoch, shorter by its skip,
     then saw other batches than the uninterrupted run (and the next epoch, the skip gone,
     stopped on the wrapper's fixed shard size). The skip counts every process's samples.
-    `num_samples` (default n) keeps only the first `num_samples` of each epoch's permutation:
-    a random subset per epoch without replacement.
     """
 
-    def __init__(
-        self, n: int, seed: int, skip: int = 0, epoch: int = 0, num_samples: int | None = None,
-        rank: int = 0, world: int = 1,
-    ) -> None:  # fmt: skip
+    def __init__(self, size: int, skip: int = 0, epoch: int = 0, rank: int = 0,
+                 world: int = 1) -> None:  # fmt: skip
         # not DistributedSampler.__init__: it asks torch.distributed for the world
-        self.n, self.seed, self.skip, self.epoch = n, seed, skip, epoch
-        self.skip_epoch = epoch
-        self.num_samples = n if num_samples is None else min(num_samples, n)
+        self.size, self.skip, self.epoch, self.skip_epoch = size, skip, epoch, epoch
         self.rank, self.num_replicas = rank, world
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The (size,) indices of `epoch`, in order."""
+        raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this before each epoch."""
@@ -47,17 +46,34 @@ class EpochShuffleSampler(DistributedSampler):
 
     def _kept(self) -> int:
         """Indices of this epoch's order that the processes take together, after the skip."""
-        left = max(self.num_samples - self._skipped(), 0)
+        left = max(self.size - self._skipped(), 0)
         return left // self.num_replicas * self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         start = self._skipped()
-        order = torch.randperm(self.n, generator=g)[start : start + self._kept()]
+        order = self.epoch_order(self.epoch)[start : start + self._kept()]
         return iter(order[self.rank :: self.num_replicas].tolist())
 
     def __len__(self) -> int:
         return self._kept() // self.num_replicas
+
+
+class EpochShuffleSampler(EpochSampler):
+    """Indices 0..n−1 in a (seed, epoch)-determined order (`EpochSampler`: resumable, shared
+    among DDP processes). `num_samples` (default n) keeps only the first `num_samples` of each
+    epoch's permutation: a random subset per epoch without replacement."""
+
+    def __init__(
+        self, n: int, seed: int, skip: int = 0, epoch: int = 0, num_samples: int | None = None,
+        rank: int = 0, world: int = 1,
+    ) -> None:  # fmt: skip
+        size = n if num_samples is None else min(num_samples, n)
+        super().__init__(size, skip, epoch, rank, world)
+        self.n, self.seed = n, seed
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)[: self.size]
 
 
 def shard(trainer: object | None) -> dict[str, int]:

@@ -6,18 +6,25 @@ overriding `extra_loss`, `shared_step` or Lightning hooks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torchmetrics
 from torch import nn
 
 from advarch.data.sampling import resume_train_epoch
 from advarch.models.output import ExpertModel, ModelOutput
 from advarch.spec import DataSpec
-from advarch.strategies.objectives import Objective, model_inputs
+from advarch.strategies.objectives import (
+    Objective,
+    load_metrics_state,
+    metrics_state,
+    model_inputs,
+)
 from advarch.strategies.optimization import (
     DEFAULT_OPTIMIZER,
     DEFAULT_SCHEDULER,
@@ -184,14 +191,18 @@ class BaseStrategy(L.LightningModule):
         """Total, trainable and frozen parameters of the model (the run's model summary)."""
         return count_parameters(self.model)
 
+    def training_metrics(self) -> Mapping[str, torchmetrics.Metric]:
+        """The metrics of the running training epoch, which checkpoints keep."""
+        return self.objective.training_metrics()
+
     def on_train_start(self) -> None:
         resume_train_epoch(self.trainer)  # exact batches and epoch hooks after a resume
         saved, self._saved_train_metrics = self._saved_train_metrics, None
         if saved and self.trainer.fit_loop.restarted_mid_epoch:  # (else a new epoch starts)
-            self.objective.load_state("train", saved)
+            load_metrics_state(self.training_metrics(), saved)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[TRAIN_METRICS] = self.objective.state("train")
+        checkpoint[TRAIN_METRICS] = metrics_state(self.training_metrics())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._saved_train_metrics = checkpoint.get(TRAIN_METRICS)  # restored in on_train_start

@@ -220,7 +220,11 @@ class FewShotStrategy(BaseStrategy):
 
     def metric_names(self) -> list[str]:
         episodic = ("loss", "acc", "acc_ci95", "raw_proto_acc", "raw_proto_acc_ci95")
-        return [*super().metric_names(), *(f"{s}/{k}" for s in ("val", "test") for k in episodic)]
+        evaluated = [f"{s}/{k}" for s in ("val", "test") for k in episodic]
+        return [*super().metric_names(), *evaluated, *(f"train/{k}_epoch" for k in episodic)]
+
+    def training_metrics(self) -> Mapping[str, torchmetrics.Metric]:
+        return self.episode_metrics["train_"]
 
     def _log_epoch(self, split: str) -> None:
         m = self.episode_metrics[f"{split}_"]
@@ -234,8 +238,10 @@ class FewShotStrategy(BaseStrategy):
             )
         for metric in m.values():
             metric.reset()
+        suffix = "_epoch" if split == "train" else ""  # apart from the per-step train/loss
         self.log_dict(
-            {f"{split}/{k}": v.float() for k, v in values.items()}, prog_bar=split == "val"
+            {f"{split}/{k}{suffix}": v.float() for k, v in values.items()},
+            prog_bar=split == "val",
         )
 
 

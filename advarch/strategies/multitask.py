@@ -22,7 +22,7 @@ Shapes: B batch, K tasks, C classes, E experts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -194,6 +194,14 @@ class MultiTaskStrategy(BaseStrategy):
             for k in ("loss", score)
         ]
         return [*super().metric_names(), *per_task, "multitask/*"]
+
+    def training_metrics(self) -> Mapping[str, torchmetrics.Metric]:
+        tasks = {
+            f"{name}/{k}": metric
+            for name in self.spec.task_names
+            for k, metric in self.task_metrics[f"train_{name}"].items()
+        }
+        return {**super().training_metrics(), **tasks}
 
     def _log_epoch(self, split: str) -> None:
         super()._log_epoch(split)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -112,24 +113,9 @@ class Objective(nn.Module):
         """The tasks of `split` with per-task values to compute (none for one-task data)."""
         return [t for t in range(self.spec.num_tasks) if self.updated(split, t)]
 
-    def state(self, split: str) -> dict[str, dict[str, Any]]:
-        """The running state of `split`'s metrics (a checkpoint keeps training's, so an epoch
-        resumed in the middle averages all of its batches, as the uninterrupted run does)."""
-        return {
-            name: {
-                "tensors": {k: v.clone() for k, v in metric.metric_state.items()},
-                "updates": metric.update_count,
-            }
-            for name, metric in self.metrics[_key(split, None)].items()
-        }
-
-    def load_state(self, split: str, state: dict[str, dict[str, Any]]) -> None:
-        """Put back a `state` of `split`'s metrics."""
-        for name, saved in state.items():
-            metric = self.metrics[_key(split, None)][name]
-            for key, value in saved["tensors"].items():
-                setattr(metric, key, value.to(metric.device))
-            metric._update_count, metric._computed = saved["updates"], None
+    def training_metrics(self) -> Mapping[str, torchmetrics.Metric]:
+        """The running training epoch's metrics (all tasks together)."""
+        return self.metrics[_key("train", None)]
 
     def compute(self, split: str, task: int | None = None, text_of: int | None = None
                 ) -> dict[str, torch.Tensor]:  # fmt: skip
@@ -147,6 +133,33 @@ class Objective(nn.Module):
         for metric in m.values():
             metric.reset()
         return values
+
+
+def metrics_state(metrics: Mapping[str, torchmetrics.Metric]) -> dict[str, dict[str, Any]]:
+    """The running state of `metrics` (a checkpoint keeps training's, so an epoch resumed in
+    the middle averages all of its batches, as the uninterrupted run does)."""
+    return {
+        name: {
+            "tensors": {k: _map(v, torch.Tensor.clone) for k, v in metric.metric_state.items()},
+            "updates": metric.update_count,
+        }
+        for name, metric in metrics.items()
+    }
+
+
+def load_metrics_state(metrics: Mapping[str, torchmetrics.Metric],
+                       state: dict[str, dict[str, Any]]) -> None:  # fmt: skip
+    """Put back a `metrics_state` of `metrics`."""
+    for name, saved in state.items():
+        metric = metrics[name]
+        for key, value in saved["tensors"].items():
+            setattr(metric, key, _map(value, lambda t, m=metric: t.to(m.device)))
+        metric._update_count, metric._computed = saved["updates"], None
+
+
+def _map(state: torch.Tensor | list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]):
+    """`fn` on a metric state: a tensor, or the list a concatenating metric keeps."""
+    return [fn(t) for t in state] if isinstance(state, list) else fn(state)
 
 
 def _key(split: str, task: int | None) -> str:
