@@ -43,15 +43,19 @@ class Mixer(Protocol):
 class RoutedFFN(Protocol):
     """A feed-forward sub-layer that routes tokens to experts (`MoE`).
 
-    Called with the expert mask ((E,) or (B, E) bool, True = allowed); returns the output, its
-    weighted aux loss and detached stats. Expert-indexed tensors are named by `expert_tensors`
-    (row i is expert i); `update_routing_bias` runs once per optimizer step.
+    Called with the expert mask ((E,) or (B, E) bool, True = allowed) and the padding mask
+    ((B, T) bool, True at padding: no loss, statistic or capacity for those tokens); returns
+    the output, its weighted aux loss and detached stats. Expert-indexed tensors are named by
+    `expert_tensors` (row i is expert i); `update_routing_bias` runs once per optimizer step.
     """
 
     num_experts: int
 
     def __call__(
-        self, x: torch.Tensor, expert_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        expert_mask: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def expert_tensors(self) -> dict[str, torch.Tensor]: ...
@@ -117,7 +121,7 @@ class Layer(nn.Module):
     def _ffn(self, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         if not self.is_moe:
             return self.ffn(h)
-        y, aux, stats = self.ffn(h, expert_mask=ctx.expert_mask)
+        y, aux, stats = self.ffn(h, expert_mask=ctx.expert_mask, pad_mask=ctx.pad_mask)
         ctx.aux_losses.append(aux)
         ctx.stats.update({f"moe/layer{self.index}/{k}": v for k, v in stats.items()})
         return y

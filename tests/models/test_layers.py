@@ -38,8 +38,10 @@ class TinyRouter(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.ones(2))
+        self.pad_masks: list[torch.Tensor | None] = []
 
-    def forward(self, x, expert_mask=None):
+    def forward(self, x, expert_mask=None, pad_mask=None):
+        self.pad_masks.append(pad_mask)
         gate = self.w if expert_mask is None else self.w * expert_mask
         return x * gate.sum(), gate.square().sum(), {"load": gate.detach()}
 
@@ -95,15 +97,17 @@ def test_routed_ffns_are_recognised_by_protocol_not_by_class() -> None:
     assert not Layer(0, D, None, FeedForward(D, 8), "rmsnorm").is_moe
 
 
-def test_routed_ffn_gets_the_expert_mask_and_reports_aux_loss_and_stats() -> None:
+def test_routed_ffn_gets_both_masks_and_reports_aux_loss_and_stats() -> None:
     router = TinyRouter()
     layer = Layer(3, 4, None, router, "rmsnorm")
-    ctx = LayerContext(expert_mask=torch.tensor([1.0, 0.0]))
+    pad = torch.tensor([[False, True]])
+    ctx = LayerContext(pad_mask=pad, expert_mask=torch.tensor([1.0, 0.0]))
     x = torch.randn(1, 2, 4)
     y = layer(x, ctx)
     torch.testing.assert_close(y, x + layer.ffn_norm(x) * 1.0)  # only expert 0 allowed
     assert len(ctx.aux_losses) == 1 and ctx.aux_losses[0].item() == 1.0
     assert set(ctx.stats) == {"moe/layer3/load"}
+    assert router.pad_masks == [pad]  # padding counts in no routing statistic
 
 
 def test_layer_equals_the_pre_norm_residual_reference() -> None:

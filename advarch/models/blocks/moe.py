@@ -59,6 +59,7 @@ class Routing(NamedTuple):
     entropy: torch.Tensor  # () mean router entropy
     balance: torch.Tensor  # () Switch balance loss, 1.0 at perfect balance
     z_loss: torch.Tensor  # () mean squared logsumexp of the logits
+    routed: torch.Tensor | None = None  # (E,) slots of real tokens per expert (None: = counts)
 
 
 class MoE(nn.Module):
@@ -163,7 +164,10 @@ class MoE(nn.Module):
         self.register_buffer("load_counts", None if bias is None else bias.clone(), False)
 
     def forward(
-        self, x: torch.Tensor, expert_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        expert_mask: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Route tokens, run experts, return output, weighted aux loss and detached stats.
 
@@ -176,6 +180,10 @@ class MoE(nn.Module):
         Args:
             x: (B, T, D) tokens.
             expert_mask: bool (E,) or (B, E) per sequence, True = expert allowed.
+            pad_mask: bool (B, T), True at padding: padding tokens are routed like the others
+                (their outputs are the caller's to ignore) but count in no loss or statistic
+                and take no expert's capacity (as HF Mixtral's balance loss with its
+                attention mask).
 
         Returns:
             y (B, T, D), in the autocast dtype under autocast; aux_loss, a float32 scalar;
@@ -186,13 +194,15 @@ class MoE(nn.Module):
         B, T, D = x.shape
         xf = x.reshape(B * T, D)  # (N, D)
         allowed = self._allowed(expert_mask, B, T)  # (N, E) bool or None
+        real = None if pad_mask is None else ~pad_mask.reshape(B * T)  # (N,) False at padding
         logits = self._router_logits(xf, allowed)  # (N, E) float32
         if self.soft:
             probs = logits.softmax(-1)  # (N, E)
             y, dropped = self._soft_mixture(xf, probs), None
-            aux_loss, load, entropy, balance, z_loss = self._losses(logits, probs, probs.mean(0))
+            load = _token_mean(probs, real)
+            aux_loss, load, entropy, balance, z_loss = self._losses(logits, probs, load, real)
         else:
-            route = self._route(logits, allowed)
+            route = self._route(logits, allowed, real)
             y, dropped = self._routed(xf, route)
             aux_loss, load, entropy = route.aux_loss, route.load, route.entropy
             balance, z_loss = route.balance, route.z_loss
@@ -229,18 +239,23 @@ class MoE(nn.Module):
             logits = F.linear(xr, self.router.to(xr.dtype))  # (N, E)
         return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
 
-    def _route(self, logits: torch.Tensor, allowed: torch.Tensor | None) -> Routing:
-        """Top-k selection, gates, expert counts, the weighted aux loss and statistics.
+    def _route(self, logits: torch.Tensor, allowed: torch.Tensor | None,
+               real: torch.Tensor | None = None) -> Routing:  # fmt: skip
+        """Top-k selection, gates, expert counts, the weighted aux loss and statistics; `real`
+        (N,) is False at padding tokens, which count in neither loss nor load and come last in
+        each expert's block (so capacity keeps the real tokens).
 
-        With `_triton` (CUDA, eager, Triton installed), float32 logits and up to 512 experts
-        (a token's logits fit on chip), Triton kernels do it all (`moe_routing_triton`: the
+        With `_triton` (CUDA, eager, Triton installed), float32 logits, up to 512 experts (a
+        token's logits fit on chip) and no padding mask (packed text has none), Triton kernels
+        do it all (`moe_routing_triton`: the
         block was bound by per-op host overhead there); elsewhere this composition of torch
         ops, their plain reference. The renormalised top-k probabilities are the softmax of
         the chosen logits (the same numbers, fewer ops); counts come from a scatter-add
         (bincount would read its maximum back to the host).
         """
         N, K, E = logits.shape[0], self.top_k, self.num_experts
-        if self._triton(logits) and logits.dtype == torch.float32 and E <= 512:
+        fusable = real is None and logits.dtype == torch.float32 and E <= 512
+        if fusable and self._triton(logits):
             fused = triton_module("moe_routing_triton").FusedRouting.apply
             weights = (self.balance_loss_weight, self.z_loss_weight)
             return Routing(*fused(logits, self.routing_bias, K, weights))
@@ -252,25 +267,27 @@ class MoE(nn.Module):
             expert = scores.topk(K, dim=-1).indices  # (N, K)
         gates = logits.gather(1, expert).softmax(-1) if K > 1 else probs.gather(1, expert)
         flat = expert.reshape(-1)
-        counts = torch.zeros(E, dtype=torch.long, device=logits.device).scatter_add_(
-            0, flat, torch.ones_like(flat)
-        )  # (E,)
-        order = flat.argsort(stable=True)
+        counts = _bincount(flat, None, E)  # (E,)
+        routed = counts if real is None else _bincount(flat, real.repeat_interleave(K), E)
+        key = flat if real is None else flat * 2 + (~real).repeat_interleave(K)  # padding last
+        order = key.argsort(stable=True)
         inverse = torch.empty_like(order).scatter_(
             0, order, torch.arange(N * K, device=order.device)
         )
-        load = counts.to(probs.dtype) / max(N * K, 1)
-        losses = self._losses(logits, probs, load)
-        return Routing(expert, gates, counts, expert_offsets(counts), order, inverse, *losses)
+        load = routed.to(probs.dtype) / routed.sum().clamp(min=1)
+        losses = self._losses(logits, probs, load, real)
+        offsets = expert_offsets(counts)
+        return Routing(expert, gates, counts, offsets, order, inverse, *losses, routed=routed)
 
-    def _losses(self, logits: torch.Tensor, probs: torch.Tensor, load: torch.Tensor
-                ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        """(aux loss, load, entropy, balance loss, z-loss) of the router's softmax `probs`."""
-        balance = self.num_experts * torch.dot(load.detach(), probs.mean(0))
-        z_loss = torch.logsumexp(logits, -1).square().mean()
+    def _losses(self, logits: torch.Tensor, probs: torch.Tensor, load: torch.Tensor,
+                real: torch.Tensor | None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """(aux loss, load, entropy, balance loss, z-loss) of the router's softmax `probs`, means
+        over the `real` tokens (all without a padding mask)."""
+        balance = self.num_experts * torch.dot(load.detach(), _token_mean(probs, real))
+        z_loss = _token_mean(torch.logsumexp(logits, -1).square(), real)
         aux_loss = self.balance_loss_weight * balance + self.z_loss_weight * z_loss
         with torch.no_grad():
-            entropy = torch.special.entr(probs).sum(-1).mean()
+            entropy = _token_mean(torch.special.entr(probs).sum(-1), real)
         return aux_loss, load, entropy, balance, z_loss
 
     def _routed(self, xf: torch.Tensor, route: Routing) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -284,8 +301,9 @@ class MoE(nn.Module):
         """
         N, K, E = xf.shape[0], self.top_k, self.num_experts
         counts, gates = route.counts, route.gates
+        routed = counts if route.routed is None else route.routed  # slots of real tokens
         if self.training and self.load_counts is not None:
-            self.load_counts += counts
+            self.load_counts += routed
         flat, order = route.expert.reshape(-1), route.order  # (N·K,) token-major, choice-minor
         dtype = self._compute_dtype(xf)  # rows move in it (bf16 under autocast)
         if self.capacity_factor is None or not self.training:  # evaluation never drops
@@ -293,12 +311,13 @@ class MoE(nn.Module):
         capacity = math.ceil(self.capacity_factor * K * N / E)
         start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
         rank = torch.arange(N * K, device=xf.device) - start[flat[order]]  # (N·K,)
-        kept = counts.clamp(max=capacity)
-        dropped = 1.0 - kept.sum() / max(N * K, 1)
+        kept = routed.clamp(max=capacity)
+        dropped = 1.0 - kept.sum() / routed.sum().clamp(min=1)
+        fits = rank < routed[flat[order]].clamp(max=capacity)  # real slots within capacity
         if torch.compiler.is_compiling():  # static shapes: every slot runs, dropped ones gated 0
-            keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(0, order, rank < capacity)
+            keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(0, order, fits)
             return self._dropless(xf, route._replace(gates=gates * keep.view(N, K)), dtype), dropped
-        order = order[rank < capacity]  # (S,) earliest tokens first within each expert
+        order = order[fits]  # (S,) earliest real tokens first within each expert
         token = order // K  # (S,) source token of each kept slot
         xs = xf.to(dtype).index_select(0, token)  # (S, D)
         grouped = self._grouped(dtype, xf.device.type)
@@ -411,6 +430,21 @@ class MoE(nn.Module):
         return f"dim={self.dim}, hidden={self.hidden}, experts={self.num_experts}, {mode}, " + (
             f"activation={self.activation}, capacity_factor={self.capacity_factor}"
         )
+
+
+def _bincount(index: torch.Tensor, weight: torch.Tensor | None, size: int) -> torch.Tensor:
+    """(size,) int64 count of each value of `index`, or of those where `weight` is True, by a
+    scatter-add (`torch.bincount` reads its maximum back to the host)."""
+    ones = torch.ones_like(index) if weight is None else weight.long()
+    return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, ones)
+
+
+def _token_mean(values: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-token `values` (N, …) over dim 0, over the `real` tokens only if given."""
+    if real is None:
+        return values.mean(0)
+    weight = real.to(values.dtype).reshape(-1, *[1] * (values.dim() - 1))
+    return (values * weight).sum(0) / weight.sum().clamp(min=1)
 
 
 def _init_stacked_(p: torch.Tensor) -> torch.Tensor:

@@ -556,3 +556,37 @@ def test_cuda_forward_and_backward_do_not_synchronise() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(y.float().cpu(), ref, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_padding_counts_in_no_loss_or_statistic(soft: bool) -> None:
+    # padding tokens were routed like the others: they moved the balance loss, z-loss, load
+    # and entropy (HF Mixtral's balance loss leaves them out with its attention mask)
+    torch.manual_seed(0)
+    moe = MoE(8, 16, num_experts=4, top_k=2, soft=soft).eval()
+    real = torch.randn(2, 5, 8)
+    padded = torch.cat([torch.randn(2, 3, 8), real], dim=1)  # 3 padding tokens first
+    pad = torch.arange(8).expand(2, 8) < 3
+    y, aux, stats = moe(padded, pad_mask=pad)
+    want_y, want_aux, want_stats = moe(real)
+    torch.testing.assert_close(y[:, 3:], want_y)  # each token's output is its own
+    torch.testing.assert_close(aux, want_aux)
+    for key, value in want_stats.items():
+        torch.testing.assert_close(stats[key], value, msg=key)
+
+
+def test_padding_takes_no_experts_capacity() -> None:
+    # padding first in token order took the capacity the real tokens after it needed
+    torch.manual_seed(1)
+    real = torch.randn(1, 8, 8)
+    padded = torch.cat([torch.randn(1, 8, 8), real], dim=1)
+    pad = torch.arange(16)[None] < 8
+    # capacity ceil(cf · K · N / E) = 2 token-slots per expert in both batches
+    moe = MoE(8, 16, num_experts=4, top_k=2, capacity_factor=0.25).train()
+    y, aux, stats = moe(padded, pad_mask=pad)
+    moe.capacity_factor = 0.5
+    want_y, want_aux, want_stats = moe(real)
+    assert want_stats["dropped"] > 0  # capacity binds
+    torch.testing.assert_close(y[:, 8:], want_y)
+    torch.testing.assert_close(stats["dropped"], want_stats["dropped"])
+    torch.testing.assert_close(stats["load"], want_stats["load"])
