@@ -105,6 +105,34 @@ def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path,
         assert len(values) == 3 and resumed_epochs[key] == pytest.approx(values[1:], rel=1e-6), key
 
 
+def test_a_resume_mid_way_through_a_whole_epoch_trains_the_rest_of_it(make_cfg, tmp_path):
+    # digits' epoch is 17 batches (no batch limit, unlike debug=tiny's 3): the resumed epoch's
+    # loader was short by its skip, and Lightning, counting on from step 8, ended it 8 batches
+    # early (a different run)
+    common = [
+        "debug=tiny",
+        "data=digits",
+        "trainer.limit_train_batches=null",
+        "trainer.max_steps=24",
+        "trainer.val_check_interval=8",
+        "callbacks.model_checkpoint.every_n_train_steps=8",
+        "trainer.deterministic=true",
+    ]
+    full_cfg = make_cfg(common, output_dir=tmp_path / "full")
+    full = run(full_cfg)
+    crash = ["+callbacks.crash._target_=tests.helpers.CrashAtStep", "+callbacks.crash.step=10"]
+    crash_cfg = make_cfg([*common, *crash], output_dir=tmp_path / "crashed")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crash_cfg)
+    last = Path(crash_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    resumed_cfg = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
+    resumed = run(resumed_cfg)
+    losses = [series(read_metrics(Path(c.paths.output_dir)), "train/loss")
+              for c in (full_cfg, resumed_cfg)]  # fmt: skip
+    assert len(losses[0]) == 24 and losses[1] == losses[0][8:]
+    assert resumed["test/acc"] == full["test/acc"] and resumed["val/loss"] == full["val/loss"]
+
+
 def epoch_values(run_dir: Path) -> dict[str, list[float]]:
     """Every training epoch aggregate of a run (train/<metric>_epoch, train/<task>/<metric>)."""
     rows = read_metrics(run_dir)

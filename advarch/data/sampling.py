@@ -25,6 +25,10 @@ class EpochSampler(DistributedSampler):
     own, which shuffles again with a seed of its own: a resumed epoch, shorter by its skip,
     then saw other batches than the uninterrupted run (and the next epoch, the skip gone,
     stopped on the wrapper's fixed shard size). The skip counts every process's samples.
+
+    The length is the whole epoch's share, skip or not: Lightning counts a resumed epoch's
+    batches on from its restored progress and ends the epoch at the loader's length, so a
+    length short by the skip ended it that many batches early (a silently different run).
     """
 
     def __init__(self, size: int, skip: int = 0, epoch: int = 0, rank: int = 0,
@@ -44,18 +48,13 @@ class EpochSampler(DistributedSampler):
     def _skipped(self) -> int:
         return self.skip if self.epoch == self.skip_epoch else 0
 
-    def _kept(self) -> int:
-        """Indices of this epoch's order that the processes take together, after the skip."""
-        left = max(self.size - self._skipped(), 0)
-        return left // self.num_replicas * self.num_replicas
-
     def __iter__(self) -> Iterator[int]:
-        start = self._skipped()
-        order = self.epoch_order(self.epoch)[start : start + self._kept()]
+        whole = self.size // self.num_replicas * self.num_replicas  # as many for every process
+        order = self.epoch_order(self.epoch)[self._skipped() : whole]
         return iter(order[self.rank :: self.num_replicas].tolist())
 
     def __len__(self) -> int:
-        return self._kept() // self.num_replicas
+        return self.size // self.num_replicas
 
 
 class EpochShuffleSampler(EpochSampler):
