@@ -75,20 +75,7 @@ def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path,
         "callbacks.model_checkpoint.every_n_train_steps=4",
         "trainer.deterministic=true",
     ]
-    full_cfg = make_cfg(common, output_dir=tmp_path / "full")
-    full = run(full_cfg)
-
-    crash_cfg = make_cfg(
-        [*common, "+callbacks.crash._target_=tests.helpers.CrashAtStep", "+callbacks.crash.step=5"],
-        output_dir=tmp_path / "crashed",
-    )
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(crash_cfg)
-    last = Path(crash_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
-
-    resumed_cfg = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
-    resumed = run(resumed_cfg)
+    (full_cfg, full), (resumed_cfg, resumed) = crash_and_resume(make_cfg, tmp_path, common, 5)
     for key in ("val/loss", "test/loss", "test/acc"):
         if key in full:  # (multitask: per-task MSE, no accuracy)
             assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
@@ -118,19 +105,28 @@ def test_a_resume_mid_way_through_a_whole_epoch_trains_the_rest_of_it(make_cfg, 
         "callbacks.model_checkpoint.every_n_train_steps=8",
         "trainer.deterministic=true",
     ]
-    full_cfg = make_cfg(common, output_dir=tmp_path / "full")
-    full = run(full_cfg)
-    crash = ["+callbacks.crash._target_=tests.helpers.CrashAtStep", "+callbacks.crash.step=10"]
-    crash_cfg = make_cfg([*common, *crash], output_dir=tmp_path / "crashed")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(crash_cfg)
-    last = Path(crash_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    resumed_cfg = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
-    resumed = run(resumed_cfg)
+    (full_cfg, full), (resumed_cfg, resumed) = crash_and_resume(make_cfg, tmp_path, common, 10)
     losses = [series(read_metrics(Path(c.paths.output_dir)), "train/loss")
               for c in (full_cfg, resumed_cfg)]  # fmt: skip
     assert len(losses[0]) == 24 and losses[1] == losses[0][8:]
     assert resumed["test/acc"] == full["test/acc"] and resumed["val/loss"] == full["val/loss"]
+
+
+def crash_and_resume(make_cfg, tmp_path: Path, common: list[str], step: int) -> tuple:
+    """The uninterrupted run, and a run crashed at `step` resumed from its last.ckpt (written
+    at the checkpoint step before): ((config, metrics) of each)."""
+    full_cfg = make_cfg(common, output_dir=tmp_path / "full")
+    full = run(full_cfg)
+    crash = ["+callbacks.crash._target_=tests.helpers.CrashAtStep", f"+callbacks.crash.step={step}"]
+    crash_cfg = make_cfg([*common, *crash], output_dir=tmp_path / "crashed")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crash_cfg)
+    last = Path(crash_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    every = int(next(o for o in common if "every_n_train_steps" in o).split("=")[1])
+    assert saved == (step - 1) // every * every  # mid-way between two checkpoints
+    resumed_cfg = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
+    return (full_cfg, full), (resumed_cfg, run(resumed_cfg))
 
 
 def epoch_values(run_dir: Path) -> dict[str, list[float]]:
