@@ -21,6 +21,7 @@ from advarch.config.validate import ConfigError
 from advarch.reasons import short_reason
 
 PREFIX = "model."  # state-dict names of the LightningModule's model in every advarch checkpoint
+TOKENIZER = "tokenizer"  # the entry of text checkpoints: their data's `tokenizer_state`
 # Strategy keys of runs from before the optimizer and scheduler groups → the group holding each
 # now, and what those runs used: AdamW with a cosine schedule.
 MOVED_STRATEGY_KEYS = {

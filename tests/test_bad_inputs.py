@@ -19,6 +19,7 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
+from advarch.data.tokenizer import BPETokenizer, tokenizer_state
 from tests.conftest import ROOT, SMALL_TEXT
 
 TINY = ["debug=tiny", "logger=csv", "callbacks.rich_progress_bar=null", *SMALL_TEXT]
@@ -216,6 +217,11 @@ ROWS: list[tuple[str, list[str], str]] = [
         "models[0]='{f}/ssm.ckpt' is another architecture than base (model.layers=['ssm'] "
         "there, ['attn'] in base='{f}/attn.ckpt'): merging needs checkpoints of one model",
     ),
+    (  # (it merged them and wrote the base's tokenizer beside the mixed weights)
+        "merge",
+        ["base={f}/bytes.ckpt", "models=[{f}/bpe.ckpt]", OUT],
+        "models[0]='{f}/bpe.ckpt' was trained on another tokenizer (BPE, ",
+    ),
     ("generate", ["promt=x"], "promt is not a key of the generate config (did you mean prompt?"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "max_new_tokens=abc"], "max_new_tokens='abc' has the"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "greedy=maybe"], "greedy='maybe' has the wrong type"),
@@ -258,6 +264,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cfg = {"model": {"_target_": "advarch.models.Model", "layers": [mixer]}}
         torch.save({"state_dict": {"model.w": torch.zeros(2)}, "hyper_parameters": {"cfg": cfg}},
                    f / f"{mixer}.ckpt")  # fmt: skip
+    bpe = BPETokenizer.train(["alpha beta gamma delta " * 50], 300, f / "bpe.json")
+    for name, tokenizer in (("bytes", {"kind": "byte"}), ("bpe", tokenizer_state(bpe))):
+        cfg = {"model": {"_target_": "advarch.models.Model", "layers": ["attn"]}}
+        torch.save({"state_dict": {"model.w": torch.zeros(2)}, "hyper_parameters": {"cfg": cfg},
+                    "tokenizer": tokenizer}, f / f"{name}.ckpt")  # fmt: skip
     torch.save({"state_dict": {}, "hyper_parameters": {}}, f / "nostate.ckpt")
     torch.save({"state_dict": {}, "hyper_parameters": {"cfg": {}}}, f / "weights_only.ckpt")
     other = {"model": {"_target_": "advarch.models.Model", "dim": 999}}

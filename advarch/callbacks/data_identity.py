@@ -18,11 +18,10 @@ from typing import Any
 
 import lightning as L
 
-from advarch.checkpoint import CheckpointError
+from advarch.checkpoint import TOKENIZER, CheckpointError
 from advarch.data.tokenizer import BPETokenizer, ByteTokenizer, from_state, tokenizer_state
 
 KEY = "data_cache"  # the checkpoint entry: the name of the data's cache folder
-TOKENIZER = "tokenizer"  # the checkpoint entry: `tokenizer_state` of a text datamodule
 
 
 def data_cache(datamodule: Any) -> str | None:

@@ -55,16 +55,19 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def check_one_architecture(base: str, models: list[str]) -> None:
     """ValueError naming the first model checkpoint whose saved config builds another
-    architecture than the base's (a tensor-by-tensor error would suggest a rule instead)."""
-    from advarch.checkpoint import read_checkpoint
+    architecture than the base's (a tensor-by-tensor error would suggest a rule instead), or
+    that was trained on another tokenizer (its token ids mean other text)."""
+    from advarch.checkpoint import TOKENIZER, read_checkpoint
     from advarch.config.runs import architecture_difference
+    from advarch.data.tokenizer import tokenizer_difference
 
-    def saved(path: str, key: str) -> Any:
-        return (read_checkpoint(path, key, mmap=True).get("hyper_parameters") or {}).get("cfg")
+    def saved(path: str, key: str) -> tuple[Any, Any]:
+        ckpt = read_checkpoint(path, key, mmap=True)
+        return (ckpt.get("hyper_parameters") or {}).get("cfg"), ckpt.get(TOKENIZER)
 
-    base_cfg = saved(base, "base")
+    base_cfg, base_tokenizer = saved(base, "base")
     for i, path in enumerate(models):
-        model_cfg = saved(path, f"models[{i}]")
+        model_cfg, tokenizer = saved(path, f"models[{i}]")
         differs = base_cfg and model_cfg and architecture_difference(model_cfg, base_cfg)
         if differs:
             key, there, here = differs
@@ -72,6 +75,13 @@ def check_one_architecture(base: str, models: list[str]) -> None:
                 f"models[{i}]={path!r} is another architecture than base ({key}={there} there, "
                 f"{here} in base={base!r}): merging needs checkpoints of one model, e.g. "
                 "fine-tunes of one base"
+            )
+        other = tokenizer_difference(tokenizer, base_tokenizer)
+        if other:
+            raise ValueError(
+                f"models[{i}]={path!r} was trained on another tokenizer ({other[0]}) than "
+                f"base={base!r} ({other[1]}): its token ids mean other text, so its weights "
+                "do not add up with the base's; merge models of one tokenizer"
             )
 
 

@@ -123,3 +123,18 @@ def tokenizer_state(tok: ByteTokenizer | BPETokenizer) -> dict[str, str]:
 def from_state(state: dict[str, str]) -> ByteTokenizer | BPETokenizer:
     """The tokenizer a `tokenizer_state` entry describes."""
     return BPETokenizer.from_json(state["json"]) if state["kind"] == "bpe" else ByteTokenizer()
+
+
+def tokenizer_difference(first: dict[str, str] | None, second: dict[str, str] | None
+                         ) -> tuple[str, str] | None:  # fmt: skip
+    """How two `tokenizer_state` entries differ, each described, or None where they are equal
+    or either is unknown: token ids of one mean other text to a model of the other."""
+    if not first or not second or first == second:
+        return None
+    one, other = _describe(first), _describe(second)
+    return (one, other) if one != other else (f"{one}, its merges learnt on other text", other)
+
+
+def _describe(state: dict[str, str]) -> str:
+    kind = "bytes" if state["kind"] == "byte" else "BPE"
+    return f"{kind}, {from_state(state).vocab_size} ids"

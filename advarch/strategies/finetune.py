@@ -55,8 +55,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from advarch.atomic import save_atomic
-from advarch.checkpoint import read_checkpoint
+from advarch.checkpoint import TOKENIZER, read_checkpoint
 from advarch.config.validate import ConfigError
+from advarch.data.tokenizer import tokenizer_difference, tokenizer_state
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.finetune_base import fingerprint, load_base, state_tensors
@@ -103,6 +104,7 @@ class FinetuneStrategy(BaseStrategy):
         ckpt = load_base(pretrained) if pretrained is not None else None
         self.pretrained = None if ckpt is None else str(Path(pretrained).expanduser().resolve())
         self.base_fingerprint = None if ckpt is None else fingerprint(ckpt["state_dict"])
+        self.base_tokenizer = None if ckpt is None else ckpt.get(TOKENIZER)
         self.options = {
             "trainable": list(trainable),
             "new_experts": new_experts,
@@ -163,6 +165,16 @@ class FinetuneStrategy(BaseStrategy):
             raise ConfigError(
                 "strategy.pretrained is not set; give the base run's checkpoint, e.g. "
                 "strategy.pretrained=<run>/checkpoints/last.ckpt"
+            )
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        data = tokenizer_state(tokenizer) if tokenizer is not None else None
+        differs = tokenizer_difference(self.base_tokenizer, data)
+        if differs:
+            raise ConfigError(
+                f"strategy.pretrained={self.pretrained} was trained on a tokenizer ({differs[0]}) "
+                f"other than this data's ({differs[1]}): its token ids would mean other text. "
+                "Fine-tune with the base's data.tokenizer (and, for bpe, its data.bpe_vocab_size "
+                "and data.files, which the merges are learnt from)"
             )
 
     def parameter_counts(self) -> dict[str, int]:

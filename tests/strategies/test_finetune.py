@@ -313,3 +313,25 @@ def test_a_base_that_does_not_fit_says_what_to_change() -> None:
     narrower = {"model.ffn.router": torch.zeros(10, 2), "model.ffn.w_in": torch.zeros(10, 2, 8)}
     with pytest.raises(ValueError, match=r"\(10, 2\).*other model settings: give this run the"):
         copy_base(model, narrower, "base.ckpt", set())  # a base of model.dim=2
+
+
+def test_a_base_of_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    # a BPE base fine-tuned on other files trained on ids that mean other text, silently
+    from types import SimpleNamespace
+
+    from advarch.data.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_state
+
+    model = tiny_model()
+    path = write_base(tmp_path / "base.ckpt", model)
+    base = torch.load(path, weights_only=False)
+    bpe = BPETokenizer.train(["alpha beta gamma " * 40], 300, tmp_path / "bpe.json")
+    save_atomic({**base, "tokenizer": tokenizer_state(bpe)}, Path(path))
+    strategy = FinetuneStrategy(model, SPEC, pretrained=path, trainable=["model.head.*"])
+    for tokenizer, fits in ((ByteTokenizer(), False), (bpe, True), (None, True)):
+        strategy.trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=tokenizer))
+        if fits:  # the same tokenizer, or data without one
+            strategy.setup("fit")
+            continue
+        with pytest.raises(ConfigError, match=r"was trained on a tokenizer \(BPE, \d+ ids\) "
+                           r"other than this data's \(bytes, 259 ids\)"):  # fmt: skip
+            strategy.setup("fit")
