@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
 from advarch.config.combinations import check_combination, with_strategy_defaults
+from advarch.slurm import requeue
 from advarch.tracking import RunIdentity, tracker_group
 
 log = logging.getLogger("advarch")
@@ -38,6 +39,7 @@ def run(
     interrupted sweeps, where `ckpt_path=auto` looks too.
     """
     check_combination(cfg)  # impossible combinations stop here: no torch, no data, no tree
+    PHASE["fit_started"] = False
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -108,6 +110,7 @@ def run(
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):
+            PHASE["fit_started"] = True
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
             finished = 0 < trainer.max_steps <= trainer.global_step
             if ckpt and finished and not final_validation.trained:
@@ -223,25 +226,64 @@ def import_from_working_dir() -> None:
         sys.path.append(os.getcwd())
 
 
-@contextlib.contextmanager
-def sigint_held() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt there.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+PHASE = {"fit_started": False}  # where a stop signal without a handler of training's came
 
-    Importing torch runs Python callbacks from C++ (pybind11), where a KeyboardInterrupt
-    cannot unwind: the process aborts (`terminate called …`, exit -6) instead of stopping
-    with one line. Outside the main thread signals cannot be handled: the block runs as is.
+
+class Stopped(BaseException):
+    """A stop signal (SIGTERM, SIGUSR1/2) where training has no handler of its own
+    (`SignalCheckpoint`): before `fit` (imports, data, model) or after it. A BaseException,
+    as KeyboardInterrupt is for SIGINT, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM, SIGUSR1 and SIGUSR2 stop the command like Ctrl-C (they ended it silently, with
+    exit code -15, and a SLURM job unrequeued, while data or the model were built)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            if signum != signal.SIGINT:
+                signal.signal(signum, _raise_stopped)
+
+
+def stopped_line(signum: int) -> str:
+    """What a stop outside training's handlers did, for the console."""
+    name = signal.Signals(signum).name
+    if PHASE["fit_started"]:
+        return f"{name} received after training: stopped (its checkpoints are written)"
+    return f"{name} received before training started: stopped, nothing saved"
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold the stop signals until the block ends, then raise there (KeyboardInterrupt for
+    SIGINT, `Stopped` for the others).
+
+    Importing torch runs Python callbacks from C++ (pybind11), where an exception raised by a
+    signal handler cannot unwind: the process aborts (`terminate called …`, exit -6) instead
+    of stopping with one line. Outside the main thread signals cannot be handled: the block
+    runs as is.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in STOP_SIGNALS}  # fmt: skip
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if received:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt if received[0] == signal.SIGINT else Stopped(received[0])
 
 
 def _finish_wandb() -> None:
@@ -268,11 +310,14 @@ def main() -> None:
     import_from_working_dir()
     # before Hydra builds a sweeper: Optuna's storage announces alembic's plugins at INFO
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    stop_on_signals()
     try:
         hydra_main()
-    except KeyboardInterrupt:  # Ctrl-C before training installs its handlers (imports, data)
-        print("SIGINT received before training started: stopped, nothing saved", file=sys.stderr)
-        sys.exit(130)
+    except (KeyboardInterrupt, Stopped) as err:  # outside training's handlers (imports, data)
+        signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
+        print(stopped_line(signum), file=sys.stderr)
+        requeue(signum)
+        sys.exit(128 + signum)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="train")
@@ -286,8 +331,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     """
     try:
         return _job(cfg)
-    except KeyboardInterrupt:  # Ctrl-C before training installs its handlers (imports, data)
-        discard_run_folder(Path(cfg.paths.output_dir))
+    except (KeyboardInterrupt, Stopped):  # outside training's handlers (imports, data)
+        discard_run_folder(Path(cfg.paths.output_dir))  # (a folder with checkpoints stays)
         raise
 
 
@@ -305,7 +350,7 @@ def _job(cfg: DictConfig) -> float | None:
         except ConfigError as err:
             discard_run_folder(Path(cfg.paths.output_dir))
             sys.exit(f"error: {err}")
-    with sigint_held():  # torch's imports run Python inside C++, where Ctrl-C would abort
+    with signals_held():  # torch's imports run Python inside C++, where a raise would abort
         from advarch.callbacks.signals import Interrupted  # (Lightning and torch with it)
         from advarch.checkpoint import CheckpointError
 

@@ -66,3 +66,16 @@ class SignalAtSanityCheck(L.Callback):
     def on_validation_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.sanity_checking and args[-1] == 0:  # batch_idx
             os.kill(os.getpid(), self.signum)
+
+
+class SignalAtLastValidation(L.Callback):
+    """Send this process `signum` after the first batch of `fit`'s validation at its last
+    step (no training batch end follows it)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        last = 0 < trainer.max_steps <= trainer.global_step
+        if last and not trainer.sanity_checking and args[-1] == 0:  # batch_idx
+            os.kill(os.getpid(), self.signum)

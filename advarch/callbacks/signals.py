@@ -16,9 +16,7 @@ when training would start, with one line and the same exit code.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,8 +25,9 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
+from advarch.slurm import requeue
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
-REQUEUE = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _not_ours(signum: int, handler: Any) -> Any:
@@ -126,8 +125,7 @@ class SignalCheckpoint(L.Callback):
                 f"{trainer.global_step}",
                 flush=True,
             )
-            if signum in REQUEUE and os.environ.get("SLURM_JOB_ID"):
-                subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+            requeue(signum)
         raise Interrupted(
             signum,
             f"{signal.Signals(signum).name} at step {trainer.global_step}: saved {self.path}; "
@@ -148,12 +146,17 @@ class SignalCheckpoint(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._evaluating_alone(trainer):
-            self.received = None
+            self._stop_if_fit_was_signalled(trainer, "validation")
             self._install()
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.received = None
+        self._stop_if_fit_was_signalled(trainer, "testing")
         self._install()
+
+    def _stop_if_fit_was_signalled(self, trainer: L.Trainer, stage: str) -> None:
+        """A signal that came after `fit`'s last batch (in its final validation, where no
+        batch end follows) stops the run before `stage`: fit has saved its final state."""
+        self._stop(trainer, "received at the end of training: {stage} not run", stage, True)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._evaluating_alone(trainer):
@@ -170,13 +173,19 @@ class SignalCheckpoint(L.Callback):
         self._stop_evaluation(trainer, "testing")
 
     def _stop_evaluation(self, trainer: L.Trainer, stage: str) -> None:
+        self._stop(trainer, "received: {stage} stopped, no {stage} metrics written", stage)
+
+    def _stop(self, trainer: L.Trainer, what: str, stage: str, requeued: bool = False) -> None:
+        """Where a signal was received: one line (`what`, then where the trained weights are)
+        and `Interrupted`; `requeued`: a SLURM job asks to run again (to test)."""
         signum = self._received(trainer)
         if signum is None:
             return
-        name = signal.Signals(signum).name
-        message = f"{name} received: {stage} stopped, no {stage} metrics written"
+        message = f"{signal.Signals(signum).name} {what.format(stage=stage)}"
         if self.path is not None and self.path.is_file():
             message += f"; the trained weights are in {self.path} (eval.py ckpt_path=<it>)"
         if trainer.is_global_zero:
             print(message, flush=True)
+            if requeued:
+                requeue(signum)
         raise Interrupted(signum, message)

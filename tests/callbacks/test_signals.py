@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from advarch.callbacks.signals import Interrupted, SignalCheckpoint
 from advarch.eval import evaluate
@@ -83,10 +84,13 @@ def test_eval_stops_on_sigterm_without_metrics(
     assert stopped.value.exit_code == 143
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("delay", [0.2, 0.5, 1.0])  # in torch's imports, which call C++
-def test_ctrl_c_while_starting_is_one_line_and_leaves_no_run_folder(project, delay) -> None:
+def test_a_signal_while_starting_is_one_line_and_leaves_no_run_folder(project, delay,
+                                                                      signum) -> None:  # fmt: skip
     # Hydra has made the run folder and its log (train.py's job starts right after, and its
-    # imports of torch and Lightning take seconds; a Ctrl-C inside them aborted the process)
+    # imports of torch and Lightning take seconds; a Ctrl-C inside them aborted the process,
+    # and a SIGTERM before fit ended it silently with exit code -15)
     proc = subprocess.Popen(["python", "train.py", "debug=tiny"], cwd=project.root,
                             env=project.env(), stderr=subprocess.PIPE, text=True)  # fmt: skip
     runs = project.root / "outputs" / "runs"
@@ -94,8 +98,24 @@ def test_ctrl_c_while_starting_is_one_line_and_leaves_no_run_folder(project, del
     while not list(runs.glob("*/*/train.log")) and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(delay)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert err.strip() == "SIGINT received before training started: stopped, nothing saved"
+    assert proc.returncode == 128 + signum and "Traceback" not in err, err[-2000:]
+    name = signal.Signals(signum).name
+    assert err.strip() == f"{name} received before training started: stopped, nothing saved"
     assert not list(runs.glob("*/*"))
+
+
+def test_a_signal_in_fits_last_validation_stops_before_the_test(make_cfg, capsys) -> None:
+    # no training batch ends after it: the signal waited, then the test's start forgot it and
+    # the run went on to exit 0 (a first Ctrl-C there did nothing)
+    last = ["+callbacks.stop._target_=tests.helpers.SignalAtLastValidation",
+            f"+callbacks.stop.signum={int(signal.SIGTERM)}"]  # fmt: skip
+    cfg = make_cfg([*TINY, *last])
+    with pytest.raises(Interrupted) as stopped:
+        run(cfg)
+    assert stopped.value.exit_code == 143
+    saved = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    line = "SIGTERM received at the end of training: testing not run; the trained weights are in"
+    assert f"{line} {saved}" in capsys.readouterr().out
+    assert torch.load(saved, weights_only=False)["global_step"] == cfg.trainer.max_steps
