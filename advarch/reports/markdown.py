@@ -40,6 +40,7 @@ from advarch.reports.run_folders import (
     sweep_runs,
     task_boundaries,
     trial_error,
+    unfinished,
 )
 from advarch.tracking import tracker_group
 
@@ -97,14 +98,21 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
     report.config = {"run": str(run_dir), "overrides": list(overrides)}
     if overrides:
         report.lines += ["Overrides: " + " ".join(f"`{o}`" for o in overrides), ""]
+    stopped = unfinished(run_dir, metrics)
+    note = []  # a run that did not finish: its "final" metrics are the last it logged
+    if stopped:
+        note = [f"**{stopped[:1].upper()}{stopped[1:]}**: the values are the last it logged.", ""]
+    report.lines += ["## Headline", "", *note]
     _headline(run_dir, final, report)
-    report.lines += ["## All final metrics", ""]
+    report.lines += ["## All final metrics", "", *note]
     report.table(["metric", "value"], [[k, _fmt(v)] for k, v in sorted(final.items())])
     report.lines += ["## Plots", ""]
     epochs_per_task = run_setting(run_dir, "data.epochs_per_task")
     boundaries = task_boundaries(metrics, int(epochs_per_task) if epochs_per_task else None)
     curves = plot_learning_curves(metrics, report.folder / "learning_curves.png", boundaries)
     report.image("Learning curves", curves, "learning_curves")
+    for problem in metrics.problems:
+        report.lines += [f"Left out of the learning curves: {problem}", ""]
     _expert_load_section(run_dir, report)
     _continual_section(run_dir, report)
     fewshot = plot_fewshot(final, report.folder / "fewshot_accuracy.png")
@@ -141,7 +149,6 @@ HEADLINE = (  # what a reader looks for first, when the run has it
 def _headline(run_dir: Path, final: dict[str, float], report: Report) -> None:
     """Headline numbers before the full table: bits/byte against the unigram baseline for
     language models (from the run's `summary.json`), ACC/BWT/forgetting for task streams."""
-    report.lines += ["## Headline", ""]
     baseline = _summary(run_dir).get("unigram_bpb")
     bpb = final.get("val/bpb")
     if bpb is not None and baseline:
@@ -326,6 +333,8 @@ def sweep_report(folder: Path) -> Report:
         values[0] = values[0] if name in finals else "failed"  # the optimized metric
         links = [f"[report](../{name}/report/report.md)"] if name in runs else []  # from report/
         links += [f"failed: {errors[name]}"] if errors[name] else []
+        stopped = name in runs and not errors[name] and unfinished(folder / name, runs[name])
+        links += [stopped] if stopped else []
         rows.append([mark, *cells, *values, " · ".join(links) or "—"])
     report.lines += ["## Runs", ""]
     report.table(["run", *varying, *keys, "details"], rows)

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from advarch.console_summary import SUMMARY_FILE
+
 log = logging.getLogger("advarch")
 RESULT_FILE = "result.json"  # a sweep trial's outcome, written by `advarch.sweeps`
 
@@ -34,20 +36,27 @@ def read_file(path: Path, parse: Callable[[str], Any], default: Any = None) -> A
 
 @dataclass
 class Metrics:
-    """A run's CSV log as float columns (NaN where a row did not log the metric)."""
+    """A run's CSV log as float columns (NaN where a row did not log the metric); `problems`:
+    the damaged log files left out, each as `<path> (what is wrong)`."""
 
     columns: dict[str, np.ndarray] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
 
     @classmethod
     def read(cls, run_dir: Path) -> Metrics:
-        """Concatenate `csv/version_*/metrics.csv` in version order (a resumed run adds one)."""
+        """Concatenate `csv/version_*/metrics.csv` in version order (a resumed run adds one).
+        A damaged file is left out with a warning naming it: the rest of a report still holds."""
         rows: list[dict[str, str]] = []
-        files = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=_version)
-        for path in files:
-            with path.open(newline="") as f:
-                rows += list(csv.DictReader(f))
+        problems = []
+        for path in sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=_version):
+            try:
+                rows += _log_rows(path)
+            except ValueError as err:
+                problems.append(f"{path} ({err})")
+                log.warning("skipping %s", problems[-1])
         keys = list(dict.fromkeys(k for row in rows for k in row))
-        return cls({k: np.array([_float(row.get(k)) for row in rows]) for k in keys})
+        columns = {k: np.array([_float(row.get(k)) for row in rows]) for k in keys}
+        return cls(columns, problems)
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of the rows that logged `key`."""
@@ -70,11 +79,57 @@ class Metrics:
         return out
 
 
+def _log_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV metrics log, as Lightning's CSVLogger writes it.
+
+    Raises:
+        ValueError: what makes the file no such log (not UTF-8 or CSV text, empty, no `step`
+            column, a line with more fields than the header, no numeric step at all).
+    """
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:
+                raise ValueError("empty file")
+            if "step" not in reader.fieldnames:
+                header = ",".join(reader.fieldnames)
+                raise ValueError(f"no `step` column: its first line is {header[:60]!r}")
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader's key for fields beyond the header's
+                    raise ValueError(f"line {reader.line_num} has more fields than the header")
+                rows.append(row)
+    except UnicodeDecodeError as err:
+        what = f"byte {err.start} is {err.object[err.start]:#04x}"
+        raise ValueError(f"not UTF-8 text: {what}") from None
+    except csv.Error as err:
+        raise ValueError(f"not CSV: {err}") from None
+    if not any(math.isfinite(_float(row["step"])) for row in rows):
+        raise ValueError("no numeric value in its `step` column")
+    return rows
+
+
 def _float(text: str | None) -> float:
     try:
         return float(text) if text not in (None, "") else math.nan
     except ValueError:
         return math.nan
+
+
+def unfinished(run_dir: Path, metrics: Metrics) -> str | None:
+    """`stopped at step 60 of 200 — not finished` for a run that wrote no `summary.json`
+    (killed, crashed or interrupted: its last logged values are not final ones); None for a
+    run that finished."""
+    if (run_dir / SUMMARY_FILE).is_file():
+        return None
+    steps = metrics.columns.get("step", np.array([]))
+    if not np.isfinite(steps).any():
+        return f"not finished (no {SUMMARY_FILE})"
+    done = int(np.nanmax(steps)) + 1  # Lightning logs a step under the number of steps before it
+    total = int(run_setting(run_dir, "trainer.max_steps") or -1)
+    if 0 < total <= done:
+        return f"trained its {total} steps but stopped before its final test — not finished"
+    return f"stopped at step {done}{f' of {total}' if total > 0 else ''} — not finished"
 
 
 def read_accuracy_matrix(path: Path) -> tuple[list[str], np.ndarray]:

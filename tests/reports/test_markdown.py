@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
+from advarch.callbacks.signals import Interrupted
 from advarch.console_summary import SUMMARY_FILE
 from advarch.continual_metrics import save_accuracy_matrix_csv
 from advarch.reports.markdown import best_run, write_report
-from tests.conftest import ROOT, SMALL_TEXT
+from tests.conftest import ROOT, SMALL_TEXT, TINY
 from tests.reports.test_figures import assert_png
 from tests.reports.test_run_folders import synthetic_run, write_csv
 
@@ -115,6 +117,65 @@ def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
     )
     md = write_report(sweep).read_text()
     assert "| ★ 2 | 64 | 1e-3 | 0.9000 |" in md and "as reported by Optuna" in md
+
+
+def test_report_of_a_run_stopped_early_says_so(make_cfg) -> None:
+    from advarch.train import run
+
+    stop = ["+callbacks.stop._target_=tests.helpers.SignalAtStep", "+callbacks.stop.step=4",
+            f"+callbacks.stop.signum={int(signal.SIGTERM)}"]  # fmt: skip
+    cfg = make_cfg([*TINY, *stop])  # debug=tiny: 6 steps
+    with pytest.raises(Interrupted):
+        run(cfg)
+    md = write_report(cfg.paths.output_dir).read_text()
+    note = "**Stopped at step 4 of 6 — not finished**: the values are the last it logged."
+    assert md.count(note) == 2  # under the headline and the table of all final metrics
+    assert md.index("## Headline") < md.index(note) < md.index("## All final metrics")
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "note"),
+    [
+        (20, "stopped at step 11 of 20 — not finished"),
+        (10, "trained its 10 steps but stopped before its final test — not finished"),
+    ],
+)
+def test_sweep_report_names_an_unfinished_trial(tmp_path: Path, max_steps: int,
+                                                note: str) -> None:  # fmt: skip
+    sweep = make_sweep(tmp_path)
+    (sweep / "0" / SUMMARY_FILE).unlink()  # no summary: it stopped after logging step 10
+    config = {"trainer": {"max_steps": max_steps}}
+    (sweep / "0" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    md = write_report(sweep).read_text()
+    assert f"[report](../0/report/report.md) · {note} |" in md
+    assert md.count("not finished") == 1  # the other trials finished
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        (b"", "empty file"),
+        (
+            b"this is not,a metrics log\n1,2\n",
+            "no `step` column: its first line is 'this is not,a metrics log'",
+        ),
+        (b"step,train/loss\n1,2.0\n2,1.5,0.3\n", "line 3 has more fields than the header"),
+        (b"step,train/loss\nfoo,bar\n", "no numeric value in its `step` column"),
+        (b"\xe9\x00garbage", "not UTF-8 text: byte 0 is 0xe9"),
+    ],
+    ids=["empty", "no-step", "extra-field", "no-numbers", "binary"],
+)
+def test_a_damaged_metrics_log_is_named_and_left_out(tmp_path: Path, caplog, content: bytes,
+                                                     what: str) -> None:  # fmt: skip
+    run = synthetic_run(tmp_path / "run")
+    damaged = run / "csv" / "version_1" / "metrics.csv"  # a resumed run's log
+    damaged.parent.mkdir()
+    damaged.write_bytes(content)
+    with caplog.at_level("WARNING", logger="advarch"):
+        md = write_report(run).read_text()
+    assert f"skipping {damaged} ({what})" in caplog.text
+    assert f"Left out of the learning curves: {damaged} ({what})" in md
+    assert "| val/loss | 1.000 |" in md and "](learning_curves.png)" in md  # version_0's
 
 
 def test_sweep_report_where_every_trial_failed_says_why(tmp_path: Path) -> None:

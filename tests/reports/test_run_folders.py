@@ -4,12 +4,14 @@ task boundaries, saved overrides and settings."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from advarch.console_summary import SUMMARY_FILE
 from advarch.continual_metrics import save_accuracy_matrix_csv
 from advarch.reports.run_folders import (
     Metrics,
@@ -36,7 +38,7 @@ def write_csv(run: Path, rows: list[dict], version: int = 0) -> None:
 
 
 def synthetic_run(run: Path, final_val: float = 1.0, overrides: list[str] | None = None) -> Path:
-    """A run folder shaped like Lightning's CSVLogger output, with sparse rows."""
+    """A finished run's folder, its CSV log shaped like Lightning's CSVLogger's (sparse rows)."""
     rows = []
     for step in range(10):
         rows.append({"epoch": 0, "step": step, "train/loss": 3.0 - 0.2 * step, "lr-AdamW": 1e-3,
@@ -52,6 +54,7 @@ def synthetic_run(run: Path, final_val: float = 1.0, overrides: list[str] | None
     hydra.mkdir(parents=True, exist_ok=True)
     (hydra / "overrides.yaml").write_text(yaml.safe_dump(overrides or ["debug=tiny"]))
     (hydra / "config.yaml").write_text(yaml.safe_dump({"optimized_metric": "val/loss"}))
+    (run / SUMMARY_FILE).write_text(json.dumps({"metrics": {}}))  # a run that finished
     return run
 
 
