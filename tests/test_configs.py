@@ -262,3 +262,14 @@ def test_ewc_search_sweeps_keys_of_its_experiment(make_cfg) -> None:
     assert cfg.optimized_metric == "cl/avg_acc"
     for key in search["hydra"]["sweeper"]["params"]:
         assert OmegaConf.select(cfg, key) is not None, key  # a typo would sweep nothing
+
+
+def test_checkpoint_names_are_the_readmes(make_cfg) -> None:
+    # the README: best-<step>.ckpt, but epoch-<n>.ckpt for the digit task streams it names
+    epochs = {"naive_permuted_digits", "ewc_permuted_digits", "joint_permuted_digits",
+              "expert_masks_split_digits"}  # fmt: skip
+    for experiment in options("experiment"):
+        checkpoint = make_cfg([f"experiment={experiment}"]).callbacks.model_checkpoint
+        want = "epoch-{epoch}" if experiment in epochs else "best-{step}"
+        assert checkpoint.filename == want, experiment
+        assert (checkpoint.every_n_epochs == 1) == (experiment in epochs), experiment
