@@ -11,7 +11,8 @@ for a higher-is-better metric:
   relative to the untrained model.
 - Forgetting (Chaudhry et al. 2018, "Riemannian Walk", eq. 6 averaged over tasks):
   1/(T−1) Σ_{j<T−1} (max_{l<T−1} R[l, j] − R[T−1, j]); the drop from the best accuracy ever
-  reached on task j to the final one (the max runs over every earlier row, as in the paper).
+  reached on task j to the final one (the max runs over every earlier row, as in the paper,
+  rows from before task j was trained included): negative where the final one beats them all.
 
 For a lower-is-better metric (`bpb`) the same definitions are applied to −R and −b, so the
 sign conventions stay: BWT and FWT are GAINS (positive = the metric got better: lower bpb;

@@ -73,6 +73,15 @@ def test_no_forgetting_and_single_task() -> None:
     assert math.isnan(forward_transfer(one, np.array([0.1])))
 
 
+def test_forgetting_is_negative_where_old_tasks_end_better_than_ever_before() -> None:
+    # the README: best over every row but the last (rows before a task was trained included)
+    # minus the final value; a task still improving while later ones train gives < 0
+    R = np.array([[0.60, 0.30, 0.1], [0.62, 0.80, 0.1], [0.65, 0.81, 0.9]])
+    assert forgetting(R) == pytest.approx(((0.62 - 0.65) + (0.80 - 0.81)) / 2)  # -0.02
+    bpb = continual_summary(np.array([[3.0, 3.5], [2.9, 2.8]]), np.full(2, 4.0), metric="bpb")
+    assert bpb["forgetting"] == pytest.approx(2.9 - 3.0)  # final 2.9, lowest earlier 3.0
+
+
 def test_bad_shapes_raise() -> None:
     with pytest.raises(ValueError, match="square"):
         average_accuracy(np.zeros((2, 3)))
