@@ -56,8 +56,9 @@ class ModelSummary(RichModelSummary):
         console = Console(soft_wrap=True)
         console.print(table)
         frozen = total_parameters - trainable_parameters
+        share = f" ({trainable_parameters / total_parameters:.1%})" if frozen else ""
         console.print(
-            f"params: {get_human_readable_count(trainable_parameters).strip()} trainable, "
+            f"params: {get_human_readable_count(trainable_parameters).strip()} trainable{share}, "
             f"{get_human_readable_count(frozen).strip()} frozen, {model_size:.1f} MB",
             highlight=False,
         )

@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -183,21 +182,11 @@ class FinetuneStrategy(BaseStrategy):
 
     def on_fit_start(self) -> None:
         self._bind_frozen()
-        counts = self.parameter_counts()
-        self._print_counts(counts["params/trainable"], counts["params/total"])
 
     def on_train_start(self) -> None:
         super().on_train_start()
         counts = {k: float(v) for k, v in self.parameter_counts().items()}
         self.log_dict(counts, on_step=False, on_epoch=True)
-
-    @staticmethod
-    @rank_zero_only
-    def _print_counts(trainable: int, total: int) -> None:
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / max(total, 1):.4f}"
-        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -22,7 +22,7 @@ class RowsTrained(L.LightningModule):
 
 
 @pytest.mark.parametrize(("module", "line"), [
-    (RowsTrained(), "params: 10 trainable, 30 frozen"),
+    (RowsTrained(), "params: 10 trainable (25.0%), 30 frozen"),  # the share, where some are
     (nn.Linear(4, 5), "params: 25 trainable, 0 frozen"),  # requires_grad counts
 ])  # fmt: skip
 def test_totals_are_the_modules_own_counts(module, line, capsys) -> None:
