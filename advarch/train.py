@@ -52,6 +52,7 @@ def run(
     from advarch.callbacks.known_warnings import IgnoreKnownWarnings
     from advarch.callbacks.run_config import LogRunConfig
     from advarch.callbacks.signals import SignalCheckpoint
+    from advarch.callbacks.skipped_fit import QuietSkippedFit
     from advarch.config.runs import WANDB_ID_FILE, check_base_fits, resolve_checkpoint
     from advarch.console_summary import print_config_tree, print_summary, save_summary
     from advarch.pipeline import (
@@ -75,6 +76,7 @@ def run(
     callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
     callbacks.append(DataIdentity(None if ckpt is None else str(ckpt)))  # no resume on other data
     callbacks.append(IgnoreKnownWarnings())  # again in spawned DDP workers
+    callbacks.append(QuietSkippedFit())  # a finished checkpoint: advarch's line alone
     final_validation = ValidateAtLastStep()  # the final weights compete for best-*.ckpt
     callbacks.append(final_validation)
     output_dir.mkdir(parents=True, exist_ok=True)
