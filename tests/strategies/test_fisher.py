@@ -135,12 +135,15 @@ def test_per_task_head_only_own_rows_get_importance() -> None:
     assert head[0].abs().max() == 0 and head[1].abs().max() > 0
 
 
-def test_moe_model_falls_back_to_loop_and_matches_reference() -> None:
+def test_moe_model_falls_back_to_loop_and_matches_reference(caplog) -> None:
     model = make_model(ffn=["moe"], moe={"num_experts": 4, "top_k": 2})
     batch = make_batch(4)
     est = FisherEstimator("empirical", num_samples=4, chunk_size=4)
-    got = est(model, [batch], log_probs)
+    with caplog.at_level("DEBUG", logger="advarch"):
+        got = est(model, [batch], log_probs)
     assert est.vectorized is False  # data-dependent dispatch cannot be vmapped
+    (record,) = [r for r in caplog.records if "Fisher" in r.getMessage()]  # one line, and no
+    assert record.levelname == "DEBUG" and "the same Fisher" in record.getMessage()  # console
     assert model.training  # eval only while estimating
     assert_close(got, fisher_reference(model, batch, batch["labels"]))
 
