@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,18 +13,24 @@ import torch
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
-    """`write(tmp)` to a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """`write(tmp)` to a temporary file beside `path`, then rename it over `path`.
+
+    An OSError of the temporary file (a read-only folder, a full disk: a write's error names no
+    file) is raised naming `path`, the file the caller meant.
+    """
+    with contextlib.suppress(FileExistsError):  # a file in the folder's place: ENOTDIR below
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as err:  # (a full or read-only disk): name the file meant, not the tmp
-        if err.filename != str(tmp):
+    except OSError as err:
+        if err.filename not in (None, str(tmp)):
             raise
         raise OSError(err.errno, err.strerror, str(path)) from err
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only folder refuses even this)
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -35,14 +40,20 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 
 def save_atomic(obj: Any, path: Path) -> Path:
-    """torch.save `obj` to `path` atomically. A full disk is an OSError (ENOSPC) naming `path`:
-    torch's writer reports it as a RuntimeError ("unexpected pos …") that says neither."""
-    try:
-        return write_atomic(path, lambda tmp: torch.save(obj, tmp))
-    except RuntimeError as err:
-        if shutil.disk_usage(path.parent).free > 1 << 20:
-            raise
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+    """torch.save `obj` to `path` atomically, into a file Python opens: torch's own writer
+    reports a folder it cannot write and a full disk as RuntimeErrors ("open file failed",
+    "unexpected pos …") without errno or file; here they are OSErrors naming `path`."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as err:  # torch's report of the file's own OSError
+                if not isinstance(err.__context__, OSError):
+                    raise
+                raise OSError(err.__context__.errno, err.__context__.strerror) from err
+
+    return write_atomic(path, write)
 
 
 def save_npy_atomic(array: np.ndarray, path: Path) -> Path:

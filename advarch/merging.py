@@ -578,9 +578,10 @@ def merge_checkpoints(
     ``state_dict`` and records the merge settings under ``advarch_merge``.
 
     Raises:
-        FileNotFoundError: An input checkpoint does not exist.
+        CheckpointError: An input checkpoint is missing or unreadable.
         ValueError: Invalid settings, a file without ``state_dict``, mismatched tensors, or an
             ``out`` path that is a folder or equal to an input.
+        OSError: ``out`` cannot be written (read-only, full disk), naming ``out_path``.
     """
     base_path, out_path = Path(base_path), Path(out_path)
     model_paths = [Path(p) for p in model_paths]

@@ -360,6 +360,16 @@ REAL_CLI = [
         ["base={f}/ok.ckpt", "models=[{f}/ok.ckpt]", "lambda=abc", OUT],
         "lambda='abc' has the wrong type",
     ),  # fmt: skip
+    (  # (a traceback naming the temporary file, or "No space left" for any failed open)
+        "scripts/merge.py",
+        ["base={f}/ok.ckpt", "models=[{f}/ok.ckpt]", "out={f}/odd.xyz/m.ckpt"],
+        "error: cannot write out={f}/odd.xyz/m.ckpt: Not a directory",
+    ),
+    (
+        "scripts/merge.py",
+        ["base={f}/ok.ckpt", "models=[{f}/ok.ckpt]", "out=/proc/m.ckpt"],
+        "error: cannot write out=/proc/m.ckpt: No such file or directory",
+    ),
 ]
 
 
@@ -413,8 +423,8 @@ def test_a_full_disk_is_one_line_naming_the_file(files: Path, tmp_path: Path, ca
     # torch's writer on a full disk: a traceback ending in "unexpected pos 16000 vs 15894"
     import errno
 
-    def full(obj, f, *args, **kwargs) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+    def full(obj, f, *args, **kwargs) -> None:  # as a write to a full disk: no file named
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr("advarch.atomic.torch.save", full)
     args = [*TINY, f"paths.cache_dir={files}/cache"]
@@ -422,3 +432,14 @@ def test_a_full_disk_is_one_line_naming_the_file(files: Path, tmp_path: Path, ca
     assert code != 0 and "Traceback" not in text, text[-2000:]
     assert line.startswith("error: cannot write ") and "checkpoints/" in line, line
     assert ".tmp" not in line and "No space left on device" in line, line
+
+
+def test_a_full_disk_stops_a_merge_in_one_line_naming_out(
+    files: Path, tmp_path: Path, capsys
+) -> None:
+    # a traceback ending in torch's "unexpected pos …"; the temporary file is /dev/full here
+    (tmp_path / f".m.ckpt.tmp{os.getpid()}").symlink_to("/dev/full")
+    args = [f"base={files}/ok.ckpt", f"models=[{files}/ok.ckpt]", f"out={tmp_path}/m.ckpt"]
+    code, line, text = call_entry("merge", args, tmp_path / "run", capsys)
+    assert code != 0 and "Traceback" not in text, text[-2000:]
+    assert line == f"error: cannot write out={tmp_path}/m.ckpt: No space left on device", line

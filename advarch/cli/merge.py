@@ -37,11 +37,10 @@ def hydra_main(cfg: DictConfig) -> None:
         models = [models] if isinstance(models, str) else models
         check_one_architecture(base, models)
         path = merge_checkpoints(base, models, MergeConfig.from_dict(raw), out, summary=summary)
-    except (
-        ValueError,
-        FileNotFoundError,
-    ) as err:  # bad config, path or tensor: one line, no traceback
+    except ValueError as err:  # bad config, path or tensor: one line, no traceback
         raise SystemExit(f"error: {err}") from None
+    except OSError as err:  # (inputs that cannot be read are ValueErrors: CheckpointError)
+        raise SystemExit(f"error: cannot write out={cfg.out}: {err.strerror}") from None
     finally:
         discard_run_folder()  # the merged checkpoint is `out`; the run folder keeps nothing
     rows = [("base", base), *((f"models[{i}]", m) for i, m in enumerate(models))]
