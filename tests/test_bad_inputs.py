@@ -443,3 +443,34 @@ def test_a_full_disk_stops_a_merge_in_one_line_naming_out(
     code, line, text = call_entry("merge", args, tmp_path / "run", capsys)
     assert code != 0 and "Traceback" not in text, text[-2000:]
     assert line == f"error: cannot write out={tmp_path}/m.ckpt: No space left on device", line
+
+
+# (a file of the user's config folder, its text, overrides, the error line after the folder)
+OWN_CONFIGS = [
+    (
+        "model/bad.yaml",
+        "_target_: advarch.models.Model\ndim: [1\n",
+        ["model=bad"],
+        "model/bad.yaml is not valid YAML (line 2, column 6: while parsing a flow sequence: "
+        "expected ',' or ']', but got '<stream end>')",
+    ),
+    (
+        "model/mine/bad.yaml",
+        "dim: 8\nmoe: top_k: 2\n",
+        ["model=mine/bad"],
+        "model/mine/bad.yaml is not valid YAML (line 2, column 11: mapping values are not "
+        "allowed here)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("file", "text", "args", "expected"), OWN_CONFIGS)
+def test_a_config_dir_file_that_is_not_yaml_is_one_line_naming_it(
+    project, tmp_path: Path, file: str, text: str, args: list[str], expected: str
+) -> None:
+    # (Hydra's traceback, ending in the YAML parser's error)
+    mine = tmp_path / "mine"
+    (mine / file).parent.mkdir(parents=True)
+    (mine / file).write_text(text)
+    res = project.run("--config-dir", str(mine), *args)
+    assert res.rc == 1 and res.stderr.strip() == f"error: {mine}/{expected}", res.output[-3000:]

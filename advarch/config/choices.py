@@ -74,8 +74,9 @@ def _config_dirs(argv: list[str]) -> list[Path]:
 def check_override_keys(argv: list[str], config_name: str = "train") -> None:
     """Raise `ConfigError` for a `key=value` whose key the composed config does not have, or a
     `+key=value` that adds a top-level key nothing reads, naming the nearest key and all of
-    them. Config folders (`--config-dir`) are searched as Hydra would; sweeps (`-m`) and runs
-    with other flags are left to Hydra, and so is anything this check cannot decide."""
+    them, or a config file it loads that is not YAML. Config folders (`--config-dir`) are
+    searched as Hydra would; sweeps (`-m`) and runs with other flags are left to Hydra, and so
+    is anything this check cannot decide."""
     try:
         _check_override_keys(argv, config_name)
     except ConfigError:

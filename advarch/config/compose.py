@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -57,10 +58,24 @@ def compose_run(
 
 def compose_packaged(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
     """The packaged `<config_name>.yaml` with `overrides`, Hydra node included, composed as
-    the command line would; Hydra's exceptions as it raises them."""
+    the command line would; Hydra's exceptions as it raises them, and a config file that is
+    not YAML as a ConfigError naming it."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    try:
+        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+            return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    except yaml.MarkedYAMLError as err:  # (a user's `--config-dir` file: Hydra's traceback)
+        raise _yaml_error(err) from None
+
+
+def _yaml_error(err: yaml.MarkedYAMLError) -> ConfigError:
+    """`<file> is not valid YAML (line L, column C: <what the parser expected>)`, at the
+    construct the problem is in (the `[` a list never closes) when the parser names one."""
+    mark = err.context_mark or err.problem_mark
+    what = ": ".join(m for m in (err.context, err.problem) if m)
+    return ConfigError(
+        f"{mark.name} is not valid YAML (line {mark.line + 1}, column {mark.column + 1}: {what})"
+    )
 
 
 def apply_debug_sizes(cfg: DictConfig, overrides: Sequence[str]) -> None:
