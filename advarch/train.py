@@ -298,12 +298,18 @@ def _finish_wandb() -> None:
 
 
 def main() -> None:
-    """The command line: config-group choices checked (`check_group_choices`), the strategy's
-    default data and optimisation added (`with_strategy_defaults`), then Hydra."""
-    from advarch.config.choices import check_group_choices, check_override_keys
+    """The command line: config folders and group choices checked (`check_config_dirs`,
+    `check_group_choices`), the strategy's default data and optimisation added
+    (`with_strategy_defaults`), keys checked (`check_override_keys`), then Hydra."""
+    from advarch.config.choices import (
+        check_config_dirs,
+        check_group_choices,
+        check_override_keys,
+    )
     from advarch.config.validate import ConfigError
 
     try:
+        check_config_dirs(sys.argv[1:])  # before its options are called unknown
         check_group_choices(sys.argv[1:])  # a misspelt `model=moee` in one line, not a screenful
         sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
         check_override_keys(sys.argv[1:])  # and `model.dimm=64`

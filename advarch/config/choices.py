@@ -27,6 +27,15 @@ from advarch.config.validate import ConfigError
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def check_config_dirs(argv: list[str]) -> None:
+    """Raise `ConfigError` for a `--config-dir` that is not a folder: Hydra would search
+    nothing there, and the options meant to come from it would be called unknown."""
+    for folder in _config_dirs(argv):
+        if not folder.is_dir():
+            state = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise ConfigError(f"--config-dir {folder} {state}")
+
+
 def check_group_choices(argv: list[str]) -> None:
     """Raise `ConfigError` for a `group=option` whose option no config folder holds.
 
@@ -124,8 +133,9 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
 
 def check_command_line(argv: list[str], config_name: str) -> None:
     """A program's command line against its own config (`eval`, `generate`, `merge`): group
-    choices and keys as above; exit with one `error: …` line."""
+    folders, choices and keys as above; exit with one `error: …` line."""
     try:
+        check_config_dirs(argv)
         check_group_choices(argv)
         check_override_keys(argv, config_name)
     except ConfigError as err:
