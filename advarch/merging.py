@@ -71,7 +71,7 @@ from torch import Tensor
 
 from advarch.atomic import save_atomic
 from advarch.checkpoint import read_checkpoint
-from advarch.typecheck import hint_name, matches
+from advarch.typecheck import matches, wrong_type
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare", "dare_linear", "dare_ties", "slerp")
 POLICIES = ("merge", "base", "keep")
@@ -201,9 +201,7 @@ class MergeConfig:
         for name, value in args.items():  # (rules are checked by MergeRule.from_dict)
             if name != "rules" and not matches(value, hints[name]):
                 key = "lambda" if name == "lam" else name
-                raise ValueError(
-                    f"{key}={value!r} has the wrong type (expected {hint_name(hints[name])})"
-                )
+                raise ValueError(wrong_type(key, value, hints[name]))
         return cls(**args)
 
     def check_models(self, n: int) -> None:

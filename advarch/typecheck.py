@@ -47,6 +47,23 @@ def matches(value: Any, hint: Any) -> bool:
     return True
 
 
+def wrong_type(key: str, value: Any, hint: Any) -> str:
+    """`<key>=<value> has the wrong type (expected <hint>)`, plus `quote_hint`'s advice."""
+    advice = quote_hint(key, value, hint)
+    return f"{key}={value!r} has the wrong type (expected {hint_name(hint)}){advice}"
+
+
+def quote_hint(key: str, value: Any, hint: Any = str) -> str:
+    """`: nan reads as a float; quote it, run_name="'nan'"` when `value` is a number or a
+    boolean whose text `hint` takes as a string, else "": Hydra (and YAML) read `nan`, `42`,
+    `true` as values, so a name that looks like one must be quoted to stay text."""
+    if not isinstance(value, bool | int | float) or not matches(str(value), hint):
+        return ""
+    text = str(value).lower()
+    kind = {bool: "a boolean", int: "an integer", float: "a float"}[type(value)]
+    return f": {text} reads as {kind}; quote it, {key}=\"'{text}'\""
+
+
 def hint_name(hint: Any) -> str:
     """A type hint as a user reads it: `int or null`, `list of int`, `one of 'min', 'max'`."""
     choices, names = _literal_choices(hint)

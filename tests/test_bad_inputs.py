@@ -225,6 +225,12 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("generate", ["promt=x"], "promt is not a key of the generate config (did you mean prompt?"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "max_new_tokens=abc"], "max_new_tokens='abc' has the"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "greedy=maybe"], "greedy='maybe' has the wrong type"),
+    (
+        "generate",
+        ["ckpt_path={f}/ok.ckpt", "prompt=42"],
+        "prompt=42 has the wrong type (expected str): 42 reads as an integer; quote it, "
+        "prompt=\"'42'\"",
+    ),
     ("generate", ["ckpt_path={f}/ok.ckpt", "seed=abc"], "seed='abc' has the wrong type"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "device=tpu"], "device='tpu' is not a torch device"),
     # ranges too, before the checkpoint is read (ok.ckpt would fail: no advarch config)
@@ -353,6 +359,12 @@ REAL_CLI = [
         "train.py",
         ["--config-dir", "/nonexistent", "model=torch_transformer"],
         "error: --config-dir /nonexistent does not exist",
+    ),
+    (  # (it said "must be a non-empty string": Hydra reads nan as a float)
+        "train.py",
+        ["run_name=nan"],
+        "error: run_name=nan must be a non-empty string: nan reads as a float; quote it, "
+        "run_name=\"'nan'\"",
     ),
     ("train.py", ["trainer.val_check_interval=0"], "trainer.val_check_interval=0"),
     ("train.py", ["strategy=ewc", *STREAM, "strategy.mode=bogus"], "'separate', 'online'"),

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from advarch.config.validate import ConfigError, validate_node
+from advarch.typecheck import quote_hint
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 # key: (smallest allowed value, allowed exceptions below it, what the key means)
@@ -45,7 +46,7 @@ def check_run_keys(cfg: DictConfig) -> None:
     for key in ("run_name", "ckpt_path", "optimized_metric"):
         value = cfg.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise ConfigError(f"{key}={value!r} must be a non-empty string")
+            raise ConfigError(f"{key}={value!r} must be a non-empty string{quote_hint(key, value)}")
     name = PurePath(str(cfg.get("run_name") or ""))
     if name.is_absolute() or ".." in name.parts:  # its runs go to outputs/runs/<run_name>/
         raise ConfigError(

@@ -15,7 +15,7 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from advarch.typecheck import hint_name, matches
+from advarch.typecheck import matches, wrong_type
 
 
 class ConfigError(ValueError):
@@ -54,9 +54,7 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
             )
         hint = hints[name]
         if not matches(value, hint):
-            raise ConfigError(
-                f"{key}.{name}={value!r} has the wrong type (expected {hint_name(hint)})"
-            )
+            raise ConfigError(wrong_type(f"{key}.{name}", value, hint))
 
 
 def check_fields(values: DictConfig, schema: type) -> None:
@@ -65,8 +63,7 @@ def check_fields(values: DictConfig, schema: type) -> None:
     container = OmegaConf.to_container(values, resolve=True)
     for name, hint in typing.get_type_hints(schema).items():
         if name in container and not matches(container[name], hint):
-            value = container[name]
-            raise ConfigError(f"{name}={value!r} has the wrong type (expected {hint_name(hint)})")
+            raise ConfigError(wrong_type(name, container[name], hint))
 
 
 def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:

@@ -34,7 +34,7 @@ from advarch.data.chunk_embedders import (
     ProgressEmbedder,
 )
 from advarch.data.retrieval_database import RetrievalDatabase, build_or_load
-from advarch.typecheck import hint_name, matches
+from advarch.typecheck import matches, wrong_type
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,7 @@ class RetrievalOptions:
         hints = typing.get_type_hints(cls)
         for name, value in cfg.items():
             if not matches(value, hints[name]):
-                raise ValueError(
-                    f"data.retrieval.{name}={value!r} has the wrong type "
-                    f"(expected {hint_name(hints[name])})"
-                )
+                raise ValueError(wrong_type(f"data.retrieval.{name}", value, hints[name]))
         cfg = dict(cfg)
         if "ngrams" in cfg:
             cfg["ngrams"] = tuple(cfg["ngrams"])

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from advarch.config.validate import ConfigError, validate_node
-from advarch.typecheck import hint_name, matches
+from advarch.typecheck import hint_name, matches, quote_hint
 
 
 def target(
@@ -62,6 +62,21 @@ def test_hint_names_read_as_a_user_would() -> None:
     assert hint_name(Literal["a"] | None) == "one of 'a', null"
     assert hint_name(int | None) == "int or null"
     assert hint_name(Sequence[int] | None) == "list of int or null"
+
+
+@pytest.mark.parametrize(
+    ("value", "hint", "advice"),
+    [
+        (float("nan"), str, ": nan reads as a float; quote it, key=\"'nan'\""),
+        (42, str | None, ": 42 reads as an integer; quote it, key=\"'42'\""),
+        (True, str, ": true reads as a boolean; quote it, key=\"'true'\""),
+        (1, Literal["a", "b"], ""),  # quoting would not help
+        (None, str, ""),  # null is no text: nothing to quote
+        ([1], str, ""),
+    ],
+)
+def test_a_number_for_text_says_to_quote_it(value: Any, hint: Any, advice: str) -> None:
+    assert quote_hint("key", value, hint) == advice
 
 
 def validate(**options: Any) -> None:

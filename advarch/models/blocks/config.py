@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from advarch.typecheck import hint_name, matches
+from advarch.typecheck import matches, wrong_type
 
 Checks = Iterator[tuple[bool, str]]  # (holds, the one-line message naming the key if not)
 ACTIVATIONS = ("gelu", "swiglu")
@@ -114,10 +114,7 @@ class BlockConfig:
                     f"{cls.key(field)} is not an option of model.{cls.name} (options: {known})"
                 )
             if not matches(value, hints[field]):
-                raise ValueError(
-                    f"{cls.key(field)}={value!r} has the wrong type "
-                    f"(expected {hint_name(hints[field])})"
-                )
+                raise ValueError(wrong_type(cls.key(field), value, hints[field]))
         return cls(**(options or {}))
 
     def checks(self, shape: ModelShape) -> Checks:
