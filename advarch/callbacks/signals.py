@@ -30,9 +30,13 @@ from advarch.slurm import requeue
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
+def _ours(handler: Any) -> bool:
+    return isinstance(getattr(handler, "__self__", None), SignalCheckpoint)
+
+
 def _not_ours(signum: int, handler: Any) -> Any:
     """`handler`, or the default one where it is a `SignalCheckpoint`'s (never left behind)."""
-    if isinstance(getattr(handler, "__self__", None), SignalCheckpoint):
+    if _ours(handler):
         return signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
     return handler
 
@@ -72,14 +76,21 @@ class SignalCheckpoint(L.Callback):
         for signum in SIGNALS:
             self._previous.setdefault(signum, signal.signal(signum, self._handle))
 
-    def _restore(self) -> None:
+    def _restore(self, trainer: L.Trainer) -> None:
+        """Put back the handlers from before the first install, also in what Lightning's
+        teardown will put back: it found ours when `fit` started (`setup` installs them
+        before), and left them installed after the run, to catch the next Ctrl-C for a
+        callback whose run was over."""
+        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", {})
+        for signum, handler in originals.items():
+            if _ours(handler):
+                originals[signum] = _not_ours(signum, self._previous.get(signum, handler))
         for signum, handler in self._previous.items():
             signal.signal(signum, _not_ours(signum, handler))
         self._previous.clear()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """After Lightning's own teardown, which puts back the handlers it found (ours)."""
-        self._restore()
+        self._restore(trainer)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """From the start of `fit` (data setup, checkpoint restore, sanity validation)."""
@@ -102,17 +113,12 @@ class SignalCheckpoint(L.Callback):
         raise Interrupted(signum, message)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
+        self._restore(trainer)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        # no teardown hook follows an exception, only Lightning's teardown: make it put back
-        # the handlers from before ours
-        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", {})
-        for signum in list(originals):
-            originals[signum] = _not_ours(signum, self._previous.get(signum, originals[signum]))
-        self._restore()
+        self._restore(trainer)  # (no teardown hook follows an exception)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         signum = self._received(trainer)
@@ -160,10 +166,10 @@ class SignalCheckpoint(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._evaluating_alone(trainer):
-            self._restore()
+            self._restore(trainer)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
+        self._restore(trainer)
 
     def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self._evaluating_alone(trainer):

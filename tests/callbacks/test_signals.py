@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from advarch.callbacks.signals import Interrupted, SignalCheckpoint
+from advarch.callbacks.signals import SIGNALS, Interrupted, SignalCheckpoint
 from advarch.eval import evaluate
 from advarch.train import run
 from tests.conftest import TINY, TrainedRun
@@ -35,6 +35,15 @@ def test_sigterm_while_testing_stops_with_143_and_keeps_the_trained_weights(
     assert line + f"weights are in {last}" in capsys.readouterr().out
     handler = signal.getsignal(signal.SIGTERM)
     assert not isinstance(getattr(handler, "__self__", None), SignalCheckpoint)  # restored
+
+
+def test_a_run_puts_back_every_handler_it_found(make_cfg) -> None:
+    # Lightning's teardown put back the handlers it found at fit's start, ours, after ours
+    # had been restored: the next Ctrl-C (a sweep's next trial, a notebook) went to a callback
+    # whose run was over, and did nothing
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    run(make_cfg(TINY))
+    assert {s: signal.getsignal(s) for s in SIGNALS} == before
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
