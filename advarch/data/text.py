@@ -215,6 +215,9 @@ class TextDataModule(L.LightningDataModule):
         import datasets
 
         def load(folder: Path) -> tuple[Any, dict[str, Any]]:
+            for split in SPLITS:  # retrieval and reports read these: damaged, rebuild them
+                for array in ("tokens", "docs"):
+                    np.load(folder / f"{split}_{array}.npy", mmap_mode="r")
             splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
             tokenizer = load_tokenizer(self.tokenizer_kind, folder)
             return tokenizer, {s: ds.with_format("torch") for s, ds in splits.items()}

@@ -120,7 +120,8 @@ def test_a_parquet_row_without_text_is_one_error_naming_it(tmp_path: Path, colum
         dm.setup()
 
 
-@pytest.mark.parametrize("damage", ["meta", "arrow", "split"])
+@pytest.mark.parametrize("damage", ["meta", "arrow", "split", "tokens"])  # (tokens: kept, and
+# retrieval stopped on an error naming no file)
 def test_a_damaged_cache_is_built_again_with_a_warning(tmp_path: Path, caplog, damage) -> None:
     write_corpus(tmp_path / "corpus")
     kwargs = dict(files=str(tmp_path / "corpus" / "*"), seq_len=32, cache_dir=str(tmp_path / "c"))
@@ -136,6 +137,9 @@ def test_a_damaged_cache_is_built_again_with_a_warning(tmp_path: Path, caplog, d
     elif damage == "arrow":
         arrow = next((cache / "train").glob("*.arrow"))
         arrow.write_bytes(arrow.read_bytes()[:100])
+    elif damage == "tokens":
+        array = cache / "val_tokens.npy"
+        array.write_bytes(array.read_bytes()[:90])
     else:
         shutil.rmtree(cache / "test")
     again = TextDataModule(**kwargs)
