@@ -40,6 +40,17 @@ def run(
     """
     check_combination(cfg)  # impossible combinations stop here: no torch, no data, no tree
     PHASE["fit_started"] = False
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from advarch.run_lock import run_folder_lock
+
+    with run_folder_lock(Path(cfg.paths.output_dir), rank_zero_only.rank):
+        return _run(cfg, identity, earlier_trials)
+
+
+def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence[Path]
+         ) -> dict[str, float]:  # fmt: skip
+    """`run`'s work, in its locked run folder."""
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint

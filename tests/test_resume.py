@@ -13,12 +13,14 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from advarch.pipeline import instantiate_dict
+from tests.cli import Project
 from tests.conftest import ROOT
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "advarch" / "configs" / "experiment").glob("*.yaml"))
@@ -162,3 +164,35 @@ def test_sigterm_and_kill_9_mid_task_and_at_a_boundary_resume_exactly(tmp_path: 
     where = f"(step {saved['global_step']}, epoch {saved['epoch']}, task 1"
     assert f"resuming {fallback} {where}" in log
     assert_same(outcome(runs / "4-resumed"), outcome(tmp_path / "reference/outputs/runs/full/run"))
+
+
+def test_a_folder_or_checkpoint_in_use_by_a_running_run_is_refused(project: Project) -> None:
+    # two runs in one folder interleaved their logs, wrote each other's checkpoints and died on
+    # the CSV logger; ckpt_path=auto resumed a run still training (one W&B run for both)
+    first = subprocess.Popen(  # noqa: S603
+        ["python", "train.py", "debug=tiny", "run_name=busy", "trainer.max_steps=100000",
+         "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2"],
+        cwd=project.root, env=project.env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        pattern = "outputs/runs/busy/*/checkpoints/last.ckpt"
+        while not list(project.root.glob(pattern)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (last,) = project.root.glob(pattern)
+        folder = last.parent.parent
+        same = project.run("debug=tiny", f"hydra.run.dir={folder}")
+        assert same.rc == 1 and same.stderr.strip() == (
+            f"error: {folder} is in use by another run (process {first.pid}): give this one its "
+            "own folder (another hydra.run.dir, or leave it out)"
+        )
+        auto = project.run("debug=tiny", "run_name=busy", "ckpt_path=auto")
+        assert auto.rc == 1 and "Traceback" not in auto.stderr
+        assert "belongs to a run still training" in auto.stderr
+        assert f"(process {first.pid}): stop it before resuming it" in auto.stderr
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    resumed = project.run("debug=tiny", "run_name=busy", "ckpt_path=auto", "trainer.max_steps=4")
+    resumed.check()  # killed with -9: its folder is free again

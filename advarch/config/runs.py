@@ -16,6 +16,7 @@ from advarch.checkpoint import (
     read_checkpoint,
     saved_config,
 )
+from advarch.run_lock import holder
 
 log = logging.getLogger("advarch")
 
@@ -137,6 +138,7 @@ def resolve_checkpoint(
                 "it with its own options (trainer.* may change), or start from its weights "
                 f"with strategy=finetune strategy.pretrained={ckpt_path}"
             )
+        check_not_training(Path(ckpt_path).expanduser(), output_dir, "ckpt_path")
         log.info("resuming %s (%s)", ckpt_path, describe(ckpt))
         return Path(ckpt_path).expanduser()
     candidates = set(runs_dir.glob("*/checkpoints/*.ckpt"))
@@ -156,14 +158,30 @@ def resolve_checkpoint(
                  "(the newest: %s)", len(foreign), foreign[0])  # fmt: skip
     if path is None:
         log.warning(
-            "ckpt_path=auto: no readable checkpoint of this configuration among the %d under "
-            "%s; starting fresh",
+            "ckpt_path=auto: no %scheckpoint of this configuration among the %d under %s; "
+            "starting fresh",
+            "readable " if unreadable else "",
             len(candidates),
             runs_dir,
         )
         return None
+    check_not_training(path, output_dir, "ckpt_path=auto: the newest checkpoint of this run")
     log.info("ckpt_path=auto: resuming %s (%s)", path, describe(ckpt))
     return path
+
+
+def check_not_training(checkpoint: Path, output_dir: Path | None, what: str) -> None:
+    """One CheckpointError line if `checkpoint`'s run (not this one) is still training: both
+    would write its checkpoints and W&B run."""
+    run_dir = run_dir_of(checkpoint)
+    if output_dir is not None and run_dir.resolve() == output_dir.resolve():
+        return  # (this run's own folder: a requeued job resuming itself)
+    pid = holder(run_dir)
+    if pid is not None:
+        raise CheckpointError(
+            f"{what}, {checkpoint}, belongs to a run still training (process {pid}): stop it "
+            "before resuming it, or give this run another run_name"
+        )
 
 
 def run_dir_of(checkpoint: Path) -> Path:

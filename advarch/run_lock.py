@@ -1,0 +1,61 @@
+"""One run per folder: a training run holds an exclusive lock on `<run>/.lock` while it works.
+
+Two runs in one folder (the same `hydra.run.dir`) interleaved their logs, wrote one another's
+checkpoints and died on the CSV logger; `ckpt_path=auto` resumed a run that was still
+training, and both logged to one W&B run. The lock is the kernel's (`flock`): it goes with its
+process, so a run killed with -9 leaves none behind, and a requeued job takes its folder back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from advarch.config.validate import ConfigError
+
+LOCK_FILE = ".lock"
+
+
+def holder(folder: Path) -> str | None:
+    """The process id holding `folder`'s run lock (its run is still working), or None."""
+    try:
+        file = (folder / LOCK_FILE).open("r")
+    except OSError:  # no lock file: no run there now
+        return None
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return file.read().strip() or "unknown"
+        fcntl.flock(file, fcntl.LOCK_UN)
+    return None
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path, rank: int = 0) -> Iterator[None]:
+    """Hold `folder`'s run lock for the block (process `rank` 0 of a DDP run; the others
+    share its folder); one ConfigError line if another live process holds it."""
+    if rank != 0:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    with path.open("a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            raise ConfigError(
+                f"{folder} is in use by another run (process {file.read().strip()}): give "
+                "this one its own folder (another hydra.run.dir, or leave it out)"
+            ) from None
+        file.truncate(0)
+        file.write(str(os.getpid()))
+        file.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # (still locked: no other run takes it meanwhile)
