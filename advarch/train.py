@@ -389,9 +389,10 @@ def _job(cfg: DictConfig) -> float | None:
             raise
         _finish_wandb()
         where = err.filename or cfg.paths.output_dir
-        sys.exit(f"error: cannot write {where}: {err.strerror} (the last complete checkpoint "
-                 "stays where it was written; free space or choose paths.cache_dir / "
-                 "hydra.run.dir elsewhere)")  # fmt: skip
+        saved = sorted(Path(cfg.paths.output_dir).glob("checkpoints/*.ckpt"))
+        kept = f"{saved[-1].parent} keeps its complete checkpoints" if saved else "nothing saved"
+        sys.exit(f"error: cannot write {where}: {err.strerror} ({kept}; free space or choose "
+                 "paths.cache_dir / hydra.run.dir elsewhere)")  # fmt: skip
 
 
 def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
