@@ -52,6 +52,8 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     if cfg.get("strategy_overrides"):
         saved.strategy = _changed(saved.strategy, cfg.strategy_overrides, "strategy")
     saved.strategy.pop("pretrained", None)  # weights come from the checkpoint itself
+    if cfg.get("data") is not None:
+        check_data_kind(cfg.ckpt_path, ckpt, saved)
     L.seed_everything(saved.seed, workers=True)
     datamodule, spec, module = build_all(saved)
     try:
@@ -79,6 +81,36 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     if changed:  # its own data, rebuilt from files that are not those it trained on
         log.warning("ckpt_path=%s: %s; these metrics are not the run's", cfg.ckpt_path, changed)
     return Evaluation({k: float(v) for r in results for k, v in r.items()}, spec.task_names)
+
+
+KINDS = {"lm": "language modelling", "classification": "classification",
+         "seq2seq": "sequence-to-sequence", "regression": "regression"}  # fmt: skip
+
+
+def check_data_kind(ckpt_path: str, ckpt: dict, saved: DictConfig) -> None:
+    """One ConfigError line where `data=` swaps in data of another kind than the checkpoint
+    learnt (a classifier on a text corpus): the strategy's own checks spoke of keys the user
+    never set (`strategy.fisher_estimator=exact does not apply to language models`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from advarch.config.validate import ConfigError
+    from advarch.pipeline import BAD_INPUT, build_datamodule, naming
+
+    learnt = ((ckpt.get("hyper_parameters") or {}).get("spec") or {}).get("kind")
+    try:
+        _, spec = build_datamodule(saved)
+    except BAD_INPUT as err:  # (too few documents for seq_len, …: as build_all says it)
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(naming("data", err)) from err
+    if learnt and learnt != spec.kind:
+        chosen = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        data = chosen.get("data") or saved.data._target_.rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} is a {KINDS.get(learnt, learnt)} model and data={data} "
+            f"is {KINDS.get(spec.kind, spec.kind)} data: evaluate it on data of its own kind "
+            "(or leave data= out: its own data)"
+        )
 
 
 def _changed(saved: DictConfig, changes: DictConfig, group: str) -> DictConfig:

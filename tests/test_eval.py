@@ -48,13 +48,23 @@ def test_eval_data_swap_evaluates_the_given_data(
 def test_eval_of_a_checkpoint_that_does_not_fit_the_data_is_one_line(
     project: Project, trained: dict[str, TrainedRun]
 ) -> None:
-    for data in ("data=digits", "data=seq2seq_reverse"):  # (the second listed 100+ keys)
-        res = project.run(f"ckpt_path={trained['lm'].ckpt}", data, script="eval.py")
+    # data of another kind: said so (it listed 100+ missing keys, or a strategy key's rule)
+    for data, kind in [("digits", "classification"), ("seq2seq_reverse", "sequence-to-sequence")]:
+        res = project.run(f"ckpt_path={trained['lm'].ckpt}", f"data={data}", script="eval.py")
         assert res.rc == 1 and "Traceback" not in res.stderr
-        last = res.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: ckpt_path=") and "does not fit this data/model" in last
-        assert len(last) < 400, last
-    assert "tensor(s) of the model are not in the checkpoint (the first: model.encoder." in last
+        assert res.stderr.strip() == (
+            f"error: ckpt_path={str(trained['lm'].ckpt)!r} is a language modelling model and "
+            f"data={data} is {kind} data: evaluate it on data of its own kind (or leave data= "
+            "out: its own data)"
+        )
+    # of its kind, other sizes: the first tensor that does not fit
+    bpe = ["data=text", "data.tokenizer=bpe", "data.bpe_vocab_size=300", "data.seq_len=32",
+           "data.max_documents=6"]  # fmt: skip
+    res = project.run(f"ckpt_path={trained['lm'].ckpt}", *bpe, script="eval.py")
+    assert res.rc == 1 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ckpt_path=") and "does not fit this data/model" in last
+    assert len(last) < 400, last
 
 
 def test_eval_on_a_task_stream_scores_each_task_and_prints_one_table(
