@@ -494,3 +494,25 @@ def test_a_config_dir_file_that_is_not_yaml_is_one_line_naming_it(
     (mine / file).write_text(text)
     res = project.run("--config-dir", str(mine), *args)
     assert res.rc == 1 and res.stderr.strip() == f"error: {mine}/{expected}", res.output[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        ("train.py", [*TINY, "hydra.run.dir={f}/odd.xyz/run"]),
+        ("train.py", ["-m", *TINY, "seed=1,2", "hydra.sweep.dir={f}/odd.xyz/sweep"]),
+        ("eval.py", ["ckpt_path={f}/ok.ckpt", "hydra.run.dir={f}/odd.xyz/run"]),
+    ],
+)
+def test_an_output_folder_that_cannot_be_made_is_one_line(script: str, args: list[str],
+                                                         files: Path) -> None:  # fmt: skip
+    # Hydra makes it before any advarch code runs: a chain of pathlib.mkdir tracebacks (a
+    # read-only working folder, a file in the folder's place)
+    args = [a.replace("{f}", str(files)) for a in args]
+    out = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    key = "hydra.sweep.dir" if "-m" in args else "hydra.run.dir"
+    folder = next(a.split("=", 1)[1] for a in args if a.startswith(key))
+    assert out.returncode == 1 and out.stderr.strip() == (
+        f"error: cannot write {key}={folder}: Not a directory (choose another {key})"
+    ), out.stderr[-3000:]
