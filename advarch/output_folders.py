@@ -1,7 +1,10 @@
-"""The run's (or sweep's) output folder made before Hydra makes it: one line if it cannot be.
+"""The run's (or sweep's) output folder made before Hydra makes it: one line if it cannot be,
+or if another run works in it.
 
-Hydra creates `hydra.run.dir` (or the sweep's folder) before any advarch code runs, so a
-read-only or missing parent ended the command in a chain of `pathlib.mkdir` tracebacks.
+Hydra creates `hydra.run.dir` (or the sweep's folder) and writes `.hydra/` into it before any
+advarch code runs, so a read-only or missing parent ended the command in a chain of
+`pathlib.mkdir` tracebacks, and a second run in a live run's folder rewrote that run's
+recorded config before its lock (`advarch.run_lock`) refused it.
 """
 
 from __future__ import annotations
@@ -10,23 +13,36 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from advarch.run_lock import holder, in_use
 
 
 class OutputFolder(Callback):
     """Hydra callback: make the run or sweep folder first; `error: cannot write …` if not."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _make(config.hydra.run.dir, "hydra.run.dir")
+        _make(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _make(config.hydra.sweep.dir, "hydra.sweep.dir")
+        _make(config, "hydra.sweep.dir")
 
 
-def _make(folder: str, key: str) -> None:
+def _make(config: DictConfig, key: str) -> None:
+    """Make the folder `key` names; its `${now:}` and `${unique:}` are cached in `config`, so
+    Hydra resolves the same folder after."""
+    HydraConfig.instance().set_config(config)  # (${hydra:…} in run_name; the job sets it again)
+    folder = OmegaConf.select(config, key, throw_on_resolution_failure=False)
+    if folder is None:
+        return  # (Hydra says why when it resolves it)
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         reason = err.strerror or type(err).__name__
         sys.exit(f"error: cannot write {key}={folder}: {reason} (choose another {key})")
+    for run in (Path(folder), *(p for p in Path(folder).iterdir() if p.is_dir())):  # (trials)
+        pid = holder(run)
+        if pid is not None:
+            sys.exit(f"error: {in_use(run, pid, key)}")

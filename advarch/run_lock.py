@@ -19,6 +19,10 @@ from advarch.config.validate import ConfigError
 LOCK_FILE = ".lock"
 
 
+class FolderInUse(ConfigError):
+    """Another live process holds this run folder: nothing of it may be touched."""
+
+
 def holder(folder: Path) -> str | None:
     """The process id holding `folder`'s run lock (its run is still working), or None."""
     try:
@@ -48,10 +52,7 @@ def run_folder_lock(folder: Path, rank: int = 0) -> Iterator[None]:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             file.seek(0)
-            raise ConfigError(
-                f"{folder} is in use by another run (process {file.read().strip()}): give "
-                "this one its own folder (another hydra.run.dir, or leave it out)"
-            ) from None
+            raise FolderInUse(in_use(folder, file.read().strip(), "hydra.run.dir")) from None
         file.truncate(0)
         file.write(str(os.getpid()))
         file.flush()
@@ -59,3 +60,9 @@ def run_folder_lock(folder: Path, rank: int = 0) -> Iterator[None]:
             yield
         finally:
             path.unlink(missing_ok=True)  # (still locked: no other run takes it meanwhile)
+
+
+def in_use(folder: Path | str, pid: str, key: str) -> str:
+    """The one line refusing a folder another run works in."""
+    return (f"{folder} is in use by another run (process {pid}): give this one its own folder "
+            f"(another {key}, or leave it out)")  # fmt: skip

@@ -372,6 +372,7 @@ def _job(cfg: DictConfig) -> float | None:
     with signals_held():  # torch's imports run Python inside C++, where a raise would abort
         from advarch.callbacks.signals import Interrupted  # (Lightning and torch with it)
         from advarch.checkpoint import CheckpointError
+        from advarch.run_lock import FolderInUse
 
     try:
         if identity.job_type == "sweep":
@@ -381,7 +382,7 @@ def _job(cfg: DictConfig) -> float | None:
         _finish_wandb()
         sys.exit(err.exit_code)  # the checkpoint line was printed when it was saved
     except (ConfigError, CheckpointError, FloatingPointError) as err:
-        if not isinstance(err, FloatingPointError):
+        if not isinstance(err, FloatingPointError | FolderInUse):  # (another run's folder)
             discard_run_folder(Path(cfg.paths.output_dir))
         sys.exit(f"error: {err}")
     except OSError as err:  # a full or read-only disk, a folder without write permission
@@ -403,6 +404,7 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
 
     from advarch.callbacks.signals import Interrupted
     from advarch.config.resolvers import sweep_direction
+    from advarch.run_lock import FolderInUse
     from advarch.sweeps import earlier_trials, worst_value, write_result
 
     hc = HydraConfig.get()
@@ -420,6 +422,9 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
             raise FloatingPointError(f"optimized_metric={metric} is {value}")
     except Interrupted:
         raise  # a signal ends the whole sweep (its checkpoint is saved)
+    except FolderInUse as err:  # another run's folder: nothing written into it
+        log.error("trial %s failed: %s", identity.trial or hc.job.num, err)
+        return worst_value(direction)
     except Exception as err:  # noqa: BLE001  (a trial's failure must not end the sweep)
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         log.error("trial %s failed: %s", identity.trial or hc.job.num, reason)

@@ -178,9 +178,10 @@ def check_not_training(checkpoint: Path, output_dir: Path | None, what: str) -> 
         return  # (this run's own folder: a requeued job resuming itself)
     pid = holder(run_dir)
     if pid is not None:
+        other = ", or give this run another run_name" if what.startswith("ckpt_path=auto") else ""
         raise CheckpointError(
             f"{what}, {checkpoint}, belongs to a run still training (process {pid}): stop it "
-            "before resuming it, or give this run another run_name"
+            f"before resuming it{other}"
         )
 
 
