@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from advarch.run_lock import holder, in_use
+from advarch.run_lock import holder, in_use, process_rank
 
 
 class OutputFolder(Callback):
@@ -42,6 +42,8 @@ def _make(config: DictConfig, key: str) -> None:
     except OSError as err:
         reason = err.strerror or type(err).__name__
         sys.exit(f"error: cannot write {key}={folder}: {reason} (choose another {key})")
+    if process_rank() != 0:
+        return  # (DDP's other processes run in rank 0's folder)
     for run in (Path(folder), *(p for p in Path(folder).iterdir() if p.is_dir())):  # (trials)
         pid = holder(run)
         if pid is not None:

@@ -38,11 +38,20 @@ def holder(folder: Path) -> str | None:
     return None
 
 
+def process_rank() -> int:
+    """This process's global rank as Lightning reads it from the launcher's environment (0
+    outside DDP): DDP's other processes run in rank 0's folder, under its lock."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
 @contextlib.contextmanager
-def run_folder_lock(folder: Path, rank: int = 0) -> Iterator[None]:
-    """Hold `folder`'s run lock for the block (process `rank` 0 of a DDP run; the others
-    share its folder); one ConfigError line if another live process holds it."""
-    if rank != 0:
+def run_folder_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s run lock for the block (in rank 0 of a DDP run, `process_rank`); one
+    `FolderInUse` line if another live process holds it."""
+    if process_rank() != 0:
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)

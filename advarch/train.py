@@ -40,11 +40,9 @@ def run(
     """
     check_combination(cfg)  # impossible combinations stop here: no torch, no data, no tree
     PHASE["fit_started"] = False
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
     from advarch.run_lock import run_folder_lock
 
-    with run_folder_lock(Path(cfg.paths.output_dir), rank_zero_only.rank):
+    with run_folder_lock(Path(cfg.paths.output_dir)):
         return _run(cfg, identity, earlier_trials)
 
 
