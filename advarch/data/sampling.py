@@ -8,13 +8,14 @@ on one process or several (DDP).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
-class EpochSampler(DistributedSampler):
+class EpochSampler(DistributedSampler, ABC):
     """An epoch's order of `size` indices (`epoch_order`, a pure function of the epoch), or
     process `rank`'s share of it; `skip` drops the first items of epoch `epoch` (the one a
     resumed run is in) and of no other.
@@ -37,9 +38,9 @@ class EpochSampler(DistributedSampler):
         self.size, self.skip, self.epoch, self.skip_epoch = size, skip, epoch, epoch
         self.rank, self.num_replicas = rank, world
 
+    @abstractmethod
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The (size,) indices of `epoch`, in order."""
-        raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this before each epoch."""
