@@ -497,22 +497,23 @@ def test_a_config_dir_file_that_is_not_yaml_is_one_line_naming_it(
 
 
 @pytest.mark.parametrize(
-    ("script", "args"),
+    ("script", "args", "key"),
     [
-        ("train.py", [*TINY, "hydra.run.dir={f}/odd.xyz/run"]),
-        ("train.py", ["-m", *TINY, "seed=1,2", "hydra.sweep.dir={f}/odd.xyz/sweep"]),
-        ("eval.py", ["ckpt_path={f}/ok.ckpt", "hydra.run.dir={f}/odd.xyz/run"]),
+        ("train.py", TINY, "hydra.run.dir"),
+        ("train.py", ["-m", *TINY, "seed=1,2"], "hydra.sweep.dir"),
+        ("eval.py", ["ckpt_path={f}/ok.ckpt"], "hydra.run.dir"),
     ],
 )
 def test_an_output_folder_that_cannot_be_made_is_one_line(script: str, args: list[str],
-                                                         files: Path) -> None:  # fmt: skip
-    # Hydra makes it before any advarch code runs: a chain of pathlib.mkdir tracebacks (a
-    # read-only working folder, a file in the folder's place)
+                                                         key: str, files: Path,
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    # Hydra makes it before any advarch code runs: a chain of pathlib.mkdir tracebacks. The
+    # command runs where `outputs` cannot be a folder (as in a read-only working folder)
+    (tmp_path / "outputs").write_text("a file where the outputs folder goes")
     args = [a.replace("{f}", str(files)) for a in args]
-    out = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
-    key = "hydra.sweep.dir" if "-m" in args else "hydra.run.dir"
-    folder = next(a.split("=", 1)[1] for a in args if a.startswith(key))
-    assert out.returncode == 1 and out.stderr.strip() == (
-        f"error: cannot write {key}={folder}: Not a directory (choose another {key})"
-    ), out.stderr[-3000:]
+    out = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    line = out.stderr.strip()
+    assert out.returncode == 1 and "\n" not in line, out.stderr[-3000:]
+    assert line.startswith(f"error: cannot write {key}=") and "outputs/" in line, line
+    assert line.endswith(f": Not a directory (choose another {key})"), line
