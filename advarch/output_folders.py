@@ -44,7 +44,8 @@ def _make(config: DictConfig, key: str) -> None:
         sys.exit(f"error: cannot write {key}={folder}: {reason} (choose another {key})")
     if process_rank() != 0:
         return  # (DDP's other processes run in rank 0's folder)
-    for run in (Path(folder), *(p for p in Path(folder).iterdir() if p.is_dir())):  # (trials)
+    trials = [p for p in Path(folder).iterdir() if p.is_dir()] if key == "hydra.sweep.dir" else []
+    for run in (Path(folder), *trials):
         pid = holder(run)
         if pid is not None:
             sys.exit(f"error: {in_use(run, pid, key)}")

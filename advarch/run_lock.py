@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from advarch.config.validate import ConfigError
 
@@ -24,14 +26,15 @@ class FolderInUse(ConfigError):
 
 
 def holder(folder: Path) -> str | None:
-    """The process id holding `folder`'s run lock (its run is still working), or None."""
+    """The process id holding `folder`'s run lock (its run is still working), or None. The
+    probe's lock is shared: probes never refuse one another."""
     try:
         file = (folder / LOCK_FILE).open("r")
     except OSError:  # no lock file: no run there now
         return None
     with file:
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return file.read().strip() or "unknown"
         fcntl.flock(file, fcntl.LOCK_UN)
@@ -40,28 +43,27 @@ def holder(folder: Path) -> str | None:
 
 def process_rank() -> int:
     """This process's global rank as Lightning reads it from the launcher's environment (0
-    outside DDP): DDP's other processes run in rank 0's folder, under its lock."""
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+    outside DDP): DDP's other processes run in rank 0's folder, under its lock. The first
+    process of a node after the first (`NODE_RANK`) has no rank of its own yet."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "NODE_RANK"):
         if key in os.environ:
             return int(os.environ[key])
     return 0
 
 
 @contextlib.contextmanager
-def run_folder_lock(folder: Path) -> Iterator[None]:
+def run_folder_lock(folder: Path, key: str = "hydra.run.dir") -> Iterator[None]:
     """Hold `folder`'s run lock for the block (in rank 0 of a DDP run, `process_rank`); one
-    `FolderInUse` line if another live process holds it."""
+    `FolderInUse` line, advising another `key`, if another live process holds it."""
     if process_rank() != 0:
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    with path.open("a+") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            raise FolderInUse(in_use(folder, file.read().strip(), "hydra.run.dir")) from None
+    locked = _lock(path)
+    if isinstance(locked, str):
+        raise FolderInUse(in_use(folder, locked, key))
+    with locked as file:
         file.truncate(0)
         file.write(str(os.getpid()))
         file.flush()
@@ -69,6 +71,39 @@ def run_folder_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             path.unlink(missing_ok=True)  # (still locked: no other run takes it meanwhile)
+
+
+def _lock(path: Path, patience_s: float = 0.5) -> TextIO | str:
+    """`path` opened and exclusively locked, or the process id of the live run holding it.
+
+    A `holder` probe holds the lock for microseconds: it is waited for. A lock taken on a file
+    its run unlinked as it released it is no lock (the next run would create and lock a new
+    file): it is taken again on the file now at `path`.
+    """
+    deadline = time.monotonic() + patience_s
+    while True:
+        file = path.open("a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            pid = file.read().strip() or "unknown"
+            file.close()
+            if time.monotonic() >= deadline:
+                return pid
+            time.sleep(0.01)
+            continue
+        if _same_file(path, file):
+            return file
+        file.close()
+
+
+def _same_file(path: Path, file: TextIO) -> bool:
+    """Whether `file` is still the one at `path` (not unlinked since it was opened)."""
+    try:
+        return path.stat().st_ino == os.fstat(file.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def in_use(folder: Path | str, pid: str, key: str) -> str:

@@ -1,4 +1,5 @@
-"""Requeueing a SLURM job that its scheduler warned of the end of its time.
+"""The signals that stop a run, and requeueing a SLURM job that its scheduler warned of the
+end of its time.
 
 SLURM sends a chosen signal before the time limit (`--signal=USR1@<s>`; the submitit launcher
 asks for SIGUSR2); a job that saved its state asks to run again and resumes from it.
@@ -10,6 +11,7 @@ import os
 import signal
 import subprocess
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # save and stop
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 

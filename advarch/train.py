@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
 from advarch.config.combinations import check_combination, with_strategy_defaults
-from advarch.slurm import requeue
+from advarch.slurm import STOP_SIGNALS, requeue
 from advarch.tracking import RunIdentity, tracker_group
 
 log = logging.getLogger("advarch")
@@ -39,10 +39,12 @@ def run(
     interrupted sweeps, where `ckpt_path=auto` looks too.
     """
     check_combination(cfg)  # impossible combinations stop here: no torch, no data, no tree
-    PHASE["fit_started"] = False
+    PHASE["training_started"] = False
     from advarch.run_lock import run_folder_lock
 
-    with run_folder_lock(Path(cfg.paths.output_dir)):
+    sweep = identity is not None and identity.job_type == "sweep"
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"  # (where to choose another folder)
+    with run_folder_lock(Path(cfg.paths.output_dir), key):
         return _run(cfg, identity, earlier_trials)
 
 
@@ -51,7 +53,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     """`run`'s work, in its locked run folder."""
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LambdaCallback, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
 
     from advarch.atomic import write_text_atomic
@@ -88,6 +90,8 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     callbacks.append(QuietSkippedFit())  # a finished checkpoint: advarch's line alone
     final_validation = ValidateAtLastStep()  # the final weights compete for best-*.ckpt
     callbacks.append(final_validation)
+    # a stop signal outside `SignalCheckpoint`'s handlers comes before training or after it
+    callbacks.append(LambdaCallback(on_train_start=_training_started))
     output_dir.mkdir(parents=True, exist_ok=True)
     echo = cfg.get("extras", {}).get("print_config", True) and rank_zero_only.rank == 0
     print_config_tree(cfg, output_dir / "config_tree.txt", echo=echo)  # the file always
@@ -121,7 +125,6 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     metrics: dict[str, float] = {}
     try:
         if cfg.get("train", True):
-            PHASE["fit_started"] = True
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
             finished = 0 < trainer.max_steps <= trainer.global_step
             if ckpt and finished and not final_validation.trained:
@@ -237,8 +240,11 @@ def import_from_working_dir() -> None:
         sys.path.append(os.getcwd())
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
-PHASE = {"fit_started": False}  # where a stop signal without a handler of training's came
+PHASE = {"training_started": False}  # where a stop signal without a handler of training's came
+
+
+def _training_started(*_: Any) -> None:
+    PHASE["training_started"] = True  # (a function of the module: ddp_spawn pickles callbacks)
 
 
 class Stopped(BaseException):
@@ -267,7 +273,7 @@ def stop_on_signals() -> None:
 def stopped_line(signum: int) -> str:
     """What a stop outside training's handlers did, for the console."""
     name = signal.Signals(signum).name
-    if PHASE["fit_started"]:
+    if PHASE["training_started"]:
         return f"{name} received after training: stopped (its checkpoints are written)"
     return f"{name} received before training started: stopped, nothing saved"
 
@@ -332,8 +338,11 @@ def main() -> None:
         hydra_main()
     except (KeyboardInterrupt, Stopped) as err:  # outside training's handlers (imports, data)
         signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
-        print(stopped_line(signum), file=sys.stderr)
-        requeue(signum)
+        from advarch.run_lock import process_rank
+
+        if process_rank() == 0:  # (every process of a DDP job gets the signal)
+            print(stopped_line(signum), file=sys.stderr)
+            requeue(signum)
         sys.exit(128 + signum)
 
 

@@ -68,6 +68,14 @@ def train_losses(run_dir: Path) -> list[float]:
         return [float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]]
 
 
+def epoch_values(run_dir: Path) -> dict[str, list[float]]:
+    """Every training epoch's aggregate (`train/<metric>_epoch`), epoch by epoch."""
+    with (run_dir / "csv" / "version_0" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    keys = [k for k in rows[0] if k.startswith("train/") and k.endswith("_epoch")]
+    return {k: [float(r[k]) for r in rows if r[k]] for k in keys}
+
+
 def test_two_cpu_processes_equal_one_process_and_resume_exactly(tmp_path: Path) -> None:
     single = train(tmp_path, "single", "data.batch_size=8", "trainer.devices=1", *STEP_CHECKPOINTS)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -94,3 +102,22 @@ def test_two_cpu_processes_equal_one_process_and_resume_exactly(tmp_path: Path) 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "ddp")[2:]
     assert last_values(tmp_path / "resumed") == two
+    # the resumed epoch's averages count every process's batches before the stop once (each
+    # process loaded rank 0's own running sums: its batches twice, the other's never)
+    uninterrupted, continued = epoch_values(tmp_path / "ddp"), epoch_values(tmp_path / "resumed")
+    assert continued.keys() == uninterrupted.keys() and "train/loss_epoch" in continued
+    for key, values in uninterrupted.items():  # (float32 sums in another order)
+        assert continued[key] == pytest.approx(values, rel=1e-5), key
+
+    # on another number of processes the skip and the epoch's length would not match: refused
+    alone = train(tmp_path, "alone", "data.batch_size=4", "trainer.devices=1",
+                  *STEP_CHECKPOINTS, f"ckpt_path={step_2}")  # fmt: skip
+    assert alone.returncode == 1 and "Traceback" not in alone.stderr, alone.stderr[-3000:]
+    assert (
+        alone.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "stopped in the middle of an epoch, trained by 2 process(es); this run has 1: resume it "
+            "with as many (trainer.devices × trainer.num_nodes), or from a checkpoint of an epoch's end"
+        )
+    )

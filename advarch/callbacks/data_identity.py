@@ -60,9 +60,9 @@ class DataIdentity(L.Callback):
         name = data_cache(trainer.datamodule)
         if name is not None:
             checkpoint[KEY] = name
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        if isinstance(tokenizer, ByteTokenizer | BPETokenizer):
-            checkpoint[TOKENIZER] = tokenizer_state(tokenizer)
+        tokenizer = tokenizer_state(getattr(trainer.datamodule, "tokenizer", None))
+        if tokenizer is not None:
+            checkpoint[TOKENIZER] = tokenizer
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:  # fmt: skip

@@ -25,9 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from advarch.slurm import requeue
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+from advarch.slurm import STOP_SIGNALS, requeue
 
 
 def _ours(handler: Any) -> bool:
@@ -73,7 +71,7 @@ class SignalCheckpoint(L.Callback):
         """Our handlers replace Lightning's (its SIGTERM one, installed when a trainer function
         starts, ends the process with exit code 0 and no word); the handlers from before the
         first install are the ones restored."""
-        for signum in SIGNALS:
+        for signum in STOP_SIGNALS:
             self._previous.setdefault(signum, signal.signal(signum, self._handle))
 
     def _restore(self, trainer: L.Trainer) -> None:

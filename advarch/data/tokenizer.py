@@ -113,11 +113,12 @@ def token_ids(tok: ByteTokenizer | BPETokenizer) -> dict[str, int]:
     }
 
 
-def tokenizer_state(tok: ByteTokenizer | BPETokenizer) -> dict[str, str]:
-    """A checkpoint entry that rebuilds `tok` (`from_state`): its kind, and BPE's JSON."""
+def tokenizer_state(tok: object) -> dict[str, str] | None:
+    """A checkpoint entry that rebuilds `tok` (`from_state`): its kind, and BPE's JSON; None
+    for a tokenizer of another kind (a user's datamodule's), which advarch cannot rebuild."""
     if isinstance(tok, BPETokenizer):
         return {"kind": "bpe", "json": tok.to_json()}
-    return {"kind": "byte"}
+    return {"kind": "byte"} if isinstance(tok, ByteTokenizer) else None
 
 
 def from_state(state: dict[str, str]) -> ByteTokenizer | BPETokenizer:
@@ -129,7 +130,11 @@ def tokenizer_difference(first: dict[str, str] | None, second: dict[str, str] | 
                          ) -> tuple[str, str] | None:  # fmt: skip
     """How two `tokenizer_state` entries differ, each described, or None where they are equal
     or either is unknown: token ids of one mean other text to a model of the other."""
-    if not first or not second or first == second:
+    if (
+        not first
+        or not second
+        or tokenizer_state(from_state(first)) == tokenizer_state(from_state(second))
+    ):  # (written anew: tokenizers' versions write the same merges differently)
         return None
     one, other = _describe(first), _describe(second)
     return (one, other) if one != other else (f"{one}, its merges learnt on other text", other)

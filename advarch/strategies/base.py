@@ -16,6 +16,7 @@ import torch
 import torchmetrics
 from torch import nn
 
+from advarch.config.validate import ConfigError
 from advarch.data.sampling import resume_train_epoch
 from advarch.models.output import ExpertModel, ModelOutput
 from advarch.spec import DataSpec
@@ -46,6 +47,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 TRAIN_METRICS = "train_epoch_metrics"  # checkpoint entry: the running training epoch's metrics
+WORLD_SIZE = "world_size"  # checkpoint entry: how many processes trained (DDP)
 
 
 class BaseStrategy(L.LightningModule):
@@ -81,6 +83,7 @@ class BaseStrategy(L.LightningModule):
         self.objective = Objective(spec)
         self.hparams.update(count_parameters(model))
         self._saved_train_metrics: dict[str, Any] | None = None  # a resume's, until train start
+        self._saved_world_size: int | None = None
 
     # -- steps --------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], **extra: Any) -> ModelOutput:
@@ -197,15 +200,32 @@ class BaseStrategy(L.LightningModule):
 
     def on_train_start(self) -> None:
         resume_train_epoch(self.trainer)  # exact batches and epoch hooks after a resume
+        if not self.trainer.fit_loop.restarted_mid_epoch:
+            return  # (a new epoch starts)
+        self._check_world_size()
         saved, self._saved_train_metrics = self._saved_train_metrics, None
-        if saved and self.trainer.fit_loop.restarted_mid_epoch:  # (else a new epoch starts)
+        if saved and self.trainer.global_rank == 0:  # (it holds every process's batches)
             load_metrics_state(self.training_metrics(), saved)
+
+    def _check_world_size(self) -> None:
+        """An epoch resumed in the middle skips what the saved run's processes trained and ends
+        at the batch count of its own: on another number of processes it would silently train
+        other batches than the uninterrupted run."""
+        saved, world = self._saved_world_size, self.trainer.world_size
+        if saved is not None and saved != world:
+            raise ConfigError(
+                f"ckpt_path={self.trainer.ckpt_path} stopped in the middle of an epoch, trained "
+                f"by {saved} process(es); this run has {world}: resume it with as many "
+                "(trainer.devices × trainer.num_nodes), or from a checkpoint of an epoch's end"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[TRAIN_METRICS] = metrics_state(self.training_metrics())
+        checkpoint[WORLD_SIZE] = self.trainer.world_size
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._saved_train_metrics = checkpoint.get(TRAIN_METRICS)  # restored in on_train_start
+        self._saved_world_size = checkpoint.get(WORLD_SIZE)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

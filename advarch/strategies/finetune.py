@@ -166,7 +166,11 @@ class FinetuneStrategy(BaseStrategy):
                 "strategy.pretrained=<run>/checkpoints/last.ckpt"
             )
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
-        data = tokenizer_state(tokenizer) if tokenizer is not None else None
+        data = tokenizer_state(tokenizer)
+        if self.base_tokenizer and tokenizer is not None and data is None:
+            log.warning("this data's tokenizer (%s) is not one of advarch's: whether its token ids "
+                        "mean the same text as strategy.pretrained's is not checked",
+                        type(tokenizer).__name__)  # fmt: skip
         differs = tokenizer_difference(self.base_tokenizer, data)
         if differs:
             raise ConfigError(

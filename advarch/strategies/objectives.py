@@ -137,19 +137,27 @@ class Objective(nn.Module):
 
 def metrics_state(metrics: Mapping[str, torchmetrics.Metric]) -> dict[str, dict[str, Any]]:
     """The running state of `metrics` (a checkpoint keeps training's, so an epoch resumed in
-    the middle averages all of its batches, as the uninterrupted run does)."""
-    return {
-        name: {
-            "tensors": {k: _map(v, torch.Tensor.clone) for k, v in metric.metric_state.items()},
-            "updates": metric.update_count,
-        }
-        for name, metric in metrics.items()
-    }
+    the middle averages all of its batches, as the uninterrupted run does), over all of DDP's
+    processes: a collective, as saving a checkpoint is (only rank 0's copy is written)."""
+    state = {}
+    for name, metric in metrics.items():
+        with metric.sync_context():  # (no-op on one process)
+            tensors = {k: _saved(metric, k, v) for k, v in metric.metric_state.items()}
+        state[name] = {"tensors": tensors, "updates": metric.update_count}
+    return state
+
+
+def _saved(metric: torchmetrics.Metric, key: str, value: torch.Tensor | list[torch.Tensor]
+           ) -> torch.Tensor | list[torch.Tensor]:  # fmt: skip
+    """A copy of one state; a concatenating state stays a list (syncing concatenates it)."""
+    if isinstance(metric._defaults[key], list) and isinstance(value, torch.Tensor):
+        return [value.clone()]
+    return _map(value, torch.Tensor.clone)
 
 
 def load_metrics_state(metrics: Mapping[str, torchmetrics.Metric],
                        state: dict[str, dict[str, Any]]) -> None:  # fmt: skip
-    """Put back a `metrics_state` of `metrics`."""
+    """Put back a `metrics_state` of `metrics` (in one process of DDP's: it holds them all)."""
     for name, saved in state.items():
         metric = metrics[name]
         for key, value in saved["tensors"].items():

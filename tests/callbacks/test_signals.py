@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from advarch.callbacks.signals import SIGNALS, Interrupted, SignalCheckpoint
+from advarch.callbacks.signals import Interrupted, SignalCheckpoint
 from advarch.eval import evaluate
-from advarch.train import run
+from advarch.slurm import STOP_SIGNALS
+from advarch.train import Stopped, run, stop_on_signals, stopped_line
 from tests.conftest import TINY, TrainedRun
 
 
@@ -41,9 +42,9 @@ def test_a_run_puts_back_every_handler_it_found(make_cfg) -> None:
     # Lightning's teardown put back the handlers it found at fit's start, ours, after ours
     # had been restored: the next Ctrl-C (a sweep's next trial, a notebook) went to a callback
     # whose run was over, and did nothing
-    before = {s: signal.getsignal(s) for s in SIGNALS}
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     run(make_cfg(TINY))
-    assert {s: signal.getsignal(s) for s in SIGNALS} == before
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
@@ -113,6 +114,32 @@ def test_a_signal_while_starting_is_one_line_and_leaves_no_run_folder(project, d
     name = signal.Signals(signum).name
     assert err.strip() == f"{name} received before training started: stopped, nothing saved"
     assert not list(runs.glob("*/*"))
+
+
+def test_a_signal_as_fit_starts_says_nothing_was_trained(make_cfg, monkeypatch) -> None:
+    # before `SignalCheckpoint` installs its handlers (DDP start, prepare_data, wandb.init) the
+    # entry point's handler stops the run: its line said "after training … checkpoints are
+    # written" for a run that never trained
+    from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
+
+    original = _DataConnector.prepare_data
+
+    def signalled(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        original(self)
+
+    monkeypatch.setattr(_DataConnector, "prepare_data", signalled)
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        stop_on_signals()
+        with pytest.raises(Stopped):
+            run(make_cfg(TINY))
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert stopped_line(signal.SIGTERM) == (
+        "SIGTERM received before training started: stopped, nothing saved"
+    )
 
 
 def test_a_signal_in_fits_last_validation_stops_before_the_test(make_cfg, capsys) -> None:

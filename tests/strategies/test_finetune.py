@@ -314,7 +314,7 @@ def test_a_base_that_does_not_fit_says_what_to_change() -> None:
         copy_base(model, narrower, "base.ckpt", set())  # a base of model.dim=2
 
 
-def test_a_base_of_another_tokenizer_is_refused(tmp_path: Path) -> None:
+def test_a_base_of_another_tokenizer_is_refused(tmp_path: Path, caplog) -> None:
     # a BPE base fine-tuned on other files trained on ids that mean other text, silently
     from types import SimpleNamespace
 
@@ -334,3 +334,7 @@ def test_a_base_of_another_tokenizer_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=r"was trained on a tokenizer \(BPE, \d+ ids\) "
                            r"other than this data's \(bytes, 259 ids\)"):  # fmt: skip
             strategy.setup("fit")
+    # a user's datamodule's own tokenizer cannot be compared: said so (it was called "bytes")
+    strategy.trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=SimpleNamespace()))
+    strategy.setup("fit")
+    assert "this data's tokenizer (SimpleNamespace) is not one of advarch's" in caplog.text
