@@ -481,6 +481,13 @@ OWN_CONFIGS = [
         "model/mine/bad.yaml is not valid YAML (line 2, column 11: mapping values are not "
         "allowed here)",
     ),
+    (  # a sweep: every job ended in the parser's traceback, and the command exited 0
+        "model/bad.yaml",
+        "_target_: advarch.models.Model\ndim: [1\n",
+        ["-m", "model=transformer,bad", "debug=tiny"],
+        "model/bad.yaml is not valid YAML (line 2, column 6: while parsing a flow sequence: "
+        "expected ',' or ']', but got '<stream end>')",
+    ),
 ]
 
 

@@ -113,11 +113,9 @@ def test_two_cpu_processes_equal_one_process_and_resume_exactly(tmp_path: Path) 
     alone = train(tmp_path, "alone", "data.batch_size=4", "trainer.devices=1",
                   *STEP_CHECKPOINTS, f"ckpt_path={step_2}")  # fmt: skip
     assert alone.returncode == 1 and "Traceback" not in alone.stderr, alone.stderr[-3000:]
-    assert (
-        alone.stderr.strip()
-        .splitlines()[-1]
-        .endswith(
-            "stopped in the middle of an epoch, trained by 2 process(es); this run has 1: resume it "
-            "with as many (trainer.devices × trainer.num_nodes), or from a checkpoint of an epoch's end"
-        )
-    )
+    refusal = alone.stderr.strip().splitlines()[-1]
+    assert refusal.endswith(
+        "stopped in the middle of an epoch, trained by 2 process(es); this run has 1: resume "
+        "it with as many (trainer.devices × trainer.num_nodes), or from a checkpoint of an "
+        "epoch's end"
+    ), refusal

@@ -21,7 +21,7 @@ from pathlib import Path
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
-from advarch.config.compose import compose_packaged
+from advarch.config.compose import check_yaml, compose_packaged
 from advarch.config.validate import ConfigError
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -50,7 +50,8 @@ def check_group_choices(argv: list[str]) -> None:
         group, value = override.split("=", 1)
         if group.startswith("hydra") or "@" in group or any(c in value for c in "()*$"):
             continue
-        options = {_option(p, f / group) for f in folders for p in (f / group).rglob("*.yaml")}
+        files = {_option(p, f / group): p for f in folders for p in (f / group).rglob("*.yaml")}
+        options = set(files)
         for choice in (v.strip() for v in value.split(",")):
             if options and choice == "null":
                 raise ConfigError(f"{group}=null is not a choice: write ~{group} to leave it out")
@@ -62,6 +63,8 @@ def check_group_choices(argv: list[str]) -> None:
                     f"{group}={choice} is not {article} {group} config ({hint}options: "
                     f"{', '.join(sorted(options))})"
                 )
+            if choice in files:  # (a sweep's jobs would each end in the parser's traceback)
+                check_yaml(files[choice])
 
 
 def _option(path: Path, group_dir: Path) -> str:

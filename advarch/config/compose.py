@@ -68,6 +68,15 @@ def compose_packaged(overrides: Sequence[str], config_name: str = "train") -> Di
         raise _yaml_error(err) from None
 
 
+def check_yaml(path: Path) -> None:
+    """Raise `ConfigError` where the config file `path` is not YAML (`_yaml_error`)."""
+    try:
+        with path.open() as file:  # (the parser's marks name the file)
+            yaml.safe_load(file)
+    except yaml.MarkedYAMLError as err:
+        raise _yaml_error(err) from None
+
+
 def _yaml_error(err: yaml.MarkedYAMLError) -> ConfigError:
     """`<file> is not valid YAML (line L, column C: <what the parser expected>)`, at the
     construct the problem is in (the `[` a list never closes) when the parser names one."""
