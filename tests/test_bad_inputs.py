@@ -24,6 +24,7 @@ from tests.conftest import ROOT, SMALL_TEXT
 
 TINY = ["debug=tiny", "logger=csv", "callbacks.rich_progress_bar=null", *SMALL_TEXT]
 STREAM = ["data=permuted_digits", "data.num_tasks=2", "data.epochs_per_task=1"]
+RETRIEVAL = ["model=retro", "data=text_retrieval"]
 CKPT = "callbacks.model_checkpoint"
 OUT = "out={f}/merged.ckpt"
 
@@ -143,6 +144,10 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", [*STREAM, "data.input_format=bogus"], "data.input_format='bogus'"),
     ("train", ["data=split_digits", "data.num_tasks=3"], "data.num_tasks=3"),
     ("train", ["data=digits", "data.classes=[11]"], "data.classes=[11]"),
+    # retrieval options faiss failed on after the database's build (a traceback, a run folder)
+    ("train", [*RETRIEVAL, "data.retrieval.nprobe=0"], "data.retrieval.nprobe=0 must be positive"),
+    ("train", [*RETRIEVAL, "data.retrieval.ef_search=-1"], "data.retrieval.ef_search=-1 must be"),
+    ("train", [*RETRIEVAL, "data.retrieval.ngrams=[]"], "data.retrieval.ngrams=[] must be"),
     # model
     ("train", ["model=bogus"], "model=bogus is not a model config (options: hybrid, "),
     ("train", ["model=moee"], "model=moee is not a model config (did you mean model=moe? "),

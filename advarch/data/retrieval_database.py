@@ -66,11 +66,15 @@ NOT_SEARCHED = -2  # a lazily searched training table's rows before their first 
 RERANK = 4  # ivfpq: candidates per wanted hit, re-scored exactly from the stored embeddings
 
 
-def _validate(chunk_size: int, num_neighbours: int, index: str, search_margin: int) -> None:
-    if chunk_size <= 0:
-        raise ValueError(f"data.retrieval.chunk_size={chunk_size} must be positive")
-    if num_neighbours <= 0:
-        raise ValueError(f"data.retrieval.num_neighbours={num_neighbours} must be positive")
+def check_options(chunk_size: int, num_neighbours: int, index: str, search_margin: int,
+                  nprobe: int, ef_search: int) -> None:  # fmt: skip
+    """A ValueError naming the `data.retrieval` key of a value no database can use (faiss
+    failed on it in the first search, after the whole build)."""
+    counts = {"chunk_size": chunk_size, "num_neighbours": num_neighbours, "nprobe": nprobe,
+              "ef_search": ef_search}  # fmt: skip
+    for key, value in counts.items():
+        if value <= 0:
+            raise ValueError(f"data.retrieval.{key}={value} must be positive")
     if index not in INDEX_KINDS:
         raise ValueError(f"data.retrieval.index={index!r} is not one of: {', '.join(INDEX_KINDS)}")
     if search_margin < 0:
@@ -181,7 +185,7 @@ class RetrievalDatabase:
         search_margin: int = 16,
         precompute: bool = True,
     ) -> None:
-        _validate(chunk_size, num_neighbours, index, search_margin)
+        check_options(chunk_size, num_neighbours, index, search_margin, nprobe, ef_search)
         self.tokens = np.asarray(tokens, dtype=np.int64)
         self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
         if self.tokens.ndim != 1 or self.tokens.shape != self.doc_ids.shape:

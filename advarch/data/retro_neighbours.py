@@ -33,7 +33,7 @@ from advarch.data.chunk_embedders import (
     MiniLMEmbedder,
     ProgressEmbedder,
 )
-from advarch.data.retrieval_database import RetrievalDatabase, build_or_load
+from advarch.data.retrieval_database import RetrievalDatabase, build_or_load, check_options
 from advarch.typecheck import matches, wrong_type
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,20 @@ class RetrievalOptions:
             raise ValueError(
                 f"data.retrieval.embedder={opts.embedder!r} is not one of: {', '.join(EMBEDDERS)}"
             )
+        check_options(opts.chunk_size, opts.num_neighbours, opts.index, opts.search_margin,
+                      opts.nprobe, opts.ef_search)  # fmt: skip
+        if opts.embedder_dim is not None and opts.embedder_dim <= 0:
+            raise ValueError(f"data.retrieval.embedder_dim={opts.embedder_dim} must be positive")
+        if not opts.ngrams or min(opts.ngrams) < 1:
+            raise ValueError(f"data.retrieval.ngrams={list(opts.ngrams)} must be positive n-gram "
+                             "sizes")  # fmt: skip
         if opts.embedder == "minilm" and opts.embedder_dim not in (None, MiniLMEmbedder.dim):
             raise ValueError(
                 f"data.retrieval.embedder_dim={opts.embedder_dim} does not fit "
                 f"data.retrieval.embedder=minilm (fixed width {MiniLMEmbedder.dim}; use null)"
             )
+        if opts.embedder == "minilm" and not MiniLMEmbedder.installed():
+            raise ValueError(MiniLMEmbedder.MISSING)
         return opts
 
     def make_embedder(self, pad_id: int, decode: Callable[[Sequence[int]], str]) -> Embedder:

