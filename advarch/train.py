@@ -192,11 +192,15 @@ def scalar_metrics(trainer: Any) -> dict[str, float]:
 
 
 class _DropNoise(logging.Filter):
-    """Lightning's advertising tips and its `weights_only` notice are noise in a research log."""
+    """Lightning's advertising tips, its `weights_only` notice and DDP's start-up lines (each
+    process's seed and rank, a banner) are noise in a research log."""
+
+    NOISE = ("Tip:", "`weights_only` was not set", "Seed set to", "Initializing distributed:",
+             "All distributed processes registered")  # fmt: skip
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return "Tip:" not in message and "`weights_only` was not set" not in message
+        return not any(noise in message for noise in self.NOISE)
 
 
 _NOISE = _DropNoise()
@@ -226,6 +230,8 @@ def quiet_lightning_logs() -> None:
         "lightning.pytorch.utilities.rank_zero",
         "lightning.fabric.utilities.rank_zero",
         "lightning.pytorch.trainer.connectors.checkpoint_connector",
+        "lightning.fabric.utilities.distributed",
+        "lightning.fabric.utilities.seed",
     ):
         logging.getLogger(name).addFilter(_NOISE)  # a no-op when already there
 
@@ -368,7 +374,8 @@ def _job(cfg: DictConfig) -> float | None:
     from advarch.config.compose import apply_debug_sizes
     from advarch.config.validate import ConfigError
 
-    apply_debug_sizes(cfg, HydraConfig.get().overrides.task)
+    if apply_debug_sizes(cfg, HydraConfig.get().overrides.task):
+        _record_config(cfg)  # (Hydra recorded the model of the sizes before)
     identity = run_identity(cfg)
     if identity.job_type != "sweep":  # (a trial reports its own failure; the sweep goes on)
         try:
@@ -401,6 +408,19 @@ def _job(cfg: DictConfig) -> float | None:
         kept = f"{saved[-1].parent} keeps its complete checkpoints" if saved else "nothing saved"
         sys.exit(f"error: cannot write {where}: {err.strerror} ({kept}; free space or choose "
                  "paths.cache_dir / hydra.run.dir elsewhere)")  # fmt: skip
+
+
+def _record_config(cfg: DictConfig) -> None:
+    """Write `cfg` over the job's `.hydra/config.yaml`, as Hydra writes it: the config the run
+    trains."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from advarch.atomic import write_text_atomic
+
+    hc = HydraConfig.get()
+    if hc.output_subdir is not None:  # (none in DDP's other processes)
+        folder = Path(hc.runtime.output_dir) / hc.output_subdir
+        write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(cfg))
 
 
 def _trial(cfg: DictConfig, identity: RunIdentity) -> float:

@@ -45,6 +45,16 @@ class SignalAtStep(L.Callback):
                 os.kill(os.getpid(), self.signum)
 
 
+class SignalOnException(L.Callback):
+    """Send this process `signum` as the run stops on an exception (while its loggers finish)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def on_exception(self, trainer: L.Trainer, *args: object) -> None:
+        os.kill(os.getpid(), self.signum)
+
+
 class SignalAtTestBatch(L.Callback):
     """Send this process `signum` after the first test batch."""
 

@@ -171,6 +171,10 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
         run = res.run_dir
         for name in (".hydra/config.yaml", "config_tree.txt", "checkpoints/last.ckpt"):
             assert (run / name).is_file(), f"{cmd}: no {name} in {run}"
+        # the recorded config is the model trained (debug=tiny's sizes were missing from it)
+        trained = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+        recorded = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        assert recorded["model"] == trained["hyper_parameters"]["cfg"]["model"], cmd
         assert list(run.glob("csv/version_*/metrics.csv")), cmd
         debug = any("debug=" in w for w in ran)  # also make's ARGS=debug=tiny
         if not debug or {"logger=wandb", "logger=many"} & set(ran):  # debug: CSV unless asked

@@ -59,11 +59,13 @@ class SignalCheckpoint(L.Callback):
     def __init__(self, path: Path | None = None) -> None:
         self.path = None if path is None else Path(path)
         self.received: int | None = None
+        self.saved = False  # on the signal (a second Ctrl-C while the run winds down says so)
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:  # a second Ctrl-C
-            print("SIGINT again: stopped at once, without saving", flush=True)
+            saved = f"{self.path} is saved" if self.saved else "without saving"
+            print(f"SIGINT again: stopped at once, {saved}", flush=True)
             raise Interrupted(signum, "stopped at once on a second Ctrl-C")
         self.received = signum
 
@@ -93,7 +95,7 @@ class SignalCheckpoint(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """From the start of `fit` (data setup, checkpoint restore, sanity validation)."""
         if stage == "fit":
-            self.received = None
+            self.received, self.saved = None, False
             self._install()
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -123,6 +125,9 @@ class SignalCheckpoint(L.Callback):
         if signum is None:
             return
         trainer.save_checkpoint(self.path)
+        self.saved = True
+        # this step's metrics, which Lightning logs after the hook (the loggers save on a stop)
+        trainer._logger_connector.update_train_step_metrics()
         if trainer.is_global_zero:
             print(
                 f"{signal.Signals(signum).name} received: saved {self.path} at step "

@@ -87,15 +87,16 @@ def _yaml_error(err: yaml.MarkedYAMLError) -> ConfigError:
     )
 
 
-def apply_debug_sizes(cfg: DictConfig, overrides: Sequence[str]) -> None:
+def apply_debug_sizes(cfg: DictConfig, overrides: Sequence[str]) -> bool:
     """Set `debug_model`'s sizes (`debug=tiny`: width, depth, heads, FFN width) on the model
     keys of those names the model's config has, unless the command line sets them
-    (`debug=tiny model.dim=64`). Every sequence model has them all; the MMoE models have none
-    (they are tiny already), so they keep their own config."""
+    (`debug=tiny model.dim=64`); whether any was set. Every sequence model has them all; the
+    MMoE models have none (they are tiny already), so they keep their own config."""
     sizes = cfg.get("debug_model")
     if sizes is None or cfg.get("model") is None:
-        return
+        return False
     typed = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    for key, value in sizes.items():
-        if key in cfg.model and f"model.{key}" not in typed:
-            cfg.model[key] = value
+    applied = {k: v for k, v in sizes.items() if k in cfg.model and f"model.{k}" not in typed}
+    for key, value in applied.items():
+        cfg.model[key] = value
+    return bool(applied)

@@ -17,6 +17,7 @@ from advarch.callbacks.signals import Interrupted, SignalCheckpoint
 from advarch.eval import evaluate
 from advarch.slurm import STOP_SIGNALS
 from advarch.train import Stopped, run, stop_on_signals, stopped_line
+from tests.cli import read_metrics
 from tests.conftest import TINY, TrainedRun
 
 
@@ -76,6 +77,27 @@ def test_a_second_ctrl_c_stops_at_once_with_130(make_cfg, capsys) -> None:
         run(cfg)
     assert stopped.value.exit_code == 130
     assert "SIGINT again: stopped at once, without saving" in capsys.readouterr().out
+
+
+def test_a_second_ctrl_c_after_the_save_says_it_is_saved(make_cfg, capsys) -> None:
+    # while the run winds down (its loggers finish) after the first saved: it said "without
+    # saving" under the line naming the checkpoint
+    first = ["+callbacks.stop._target_=tests.helpers.SignalAtStep", "+callbacks.stop.step=2",
+             f"+callbacks.stop.signum={int(signal.SIGINT)}"]  # fmt: skip
+    second = ["+callbacks.again._target_=tests.helpers.SignalOnException",
+              f"+callbacks.again.signum={int(signal.SIGINT)}"]  # fmt: skip
+    cfg = make_cfg([*TINY, *first, *second])
+    with pytest.raises(Interrupted) as stopped:
+        run(cfg)
+    assert stopped.value.exit_code == 130
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    out = capsys.readouterr().out
+    assert f"SIGINT received: saved {last} at step 2" in out
+    assert f"SIGINT again: stopped at once, {last} is saved" in out
+    # the metrics of the step the signal ended are in the CSV (Lightning logs them after the
+    # hook that stopped): a run stopped at its second step kept only the first's
+    steps = [row["step"] for row in read_metrics(last.parent.parent) if "train/loss" in row]
+    assert steps == [0, 1], steps
 
 
 def test_eval_stops_on_sigterm_without_metrics(
