@@ -12,6 +12,7 @@ from rich.syntax import Syntax
 from rich.tree import Tree
 
 from advarch.spec import DataSpec
+from advarch.tracking import sync_hint
 
 ORDER = ("data", "model", "strategy", "trainer", "callbacks", "logger", "paths")
 
@@ -134,11 +135,9 @@ def print_summary(
         lines.append(throughput_line(metrics))
     lines.append(f"checkpoint: {output_dir / 'checkpoints' / 'last.ckpt'}")
     lines.append(f"run folder (config, CSV logs, plots): {output_dir}")
-    wandb_dir = output_dir / "wandb"
-    if wandb_dir.exists():
-        runs = sorted(wandb_dir.glob("offline-run-*"))
-        if runs:
-            lines.append(f"sync to W&B later: wandb sync {runs[-1]}")
+    hint = sync_hint(output_dir)
+    if hint:
+        lines.append(hint)
     console = Console(soft_wrap=True)  # paths and commands stay whole, never broken mid-line
     console.rule("advarch run summary", align="left")
     for line in lines:

@@ -195,6 +195,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from advarch.checkpoint import CheckpointError
     from advarch.config.validate import ConfigError
     from advarch.console_summary import split_table_lines
+    from advarch.tracking import sync_hint
     from advarch.train import _finish_wandb, discard_run_folder, import_from_working_dir
 
     quiet_lightning_logs()
@@ -217,6 +218,9 @@ def hydra_main(cfg: DictConfig) -> None:
     out = Path(cfg.paths.output_dir) / "metrics.json"
     out.write_text(json.dumps(metrics, indent=2))
     log.info("test metrics written to %s", out)
+    hint = sync_hint(Path(cfg.paths.output_dir))
+    if hint:
+        print(hint)
 
 
 if __name__ == "__main__":

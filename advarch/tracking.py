@@ -122,3 +122,10 @@ def define_summary(experiment: Any, optimized_metric: str | None, mode: str) -> 
     far, so earlier values are not comparable."""
     if optimized_metric and not optimized_metric.startswith("cl/"):
         experiment.define_metric(optimized_metric, summary="min" if mode == "min" else "max")
+
+
+def sync_hint(folder: Path) -> str | None:
+    """`sync to W&B later: wandb sync <run>` for the newest offline W&B run in `folder/wandb`
+    (runs are named by their start time), or None where there is none."""
+    runs = sorted((folder / "wandb").glob("offline-run-*"))
+    return f"sync to W&B later: wandb sync {runs[-1]}" if runs else None

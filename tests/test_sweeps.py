@@ -125,6 +125,8 @@ def test_wandb_run_carries_config_identity_and_summary(project: Project) -> None
     assert eval_run["job_type"] == "eval" and eval_run["group"] == run["group"]
     assert eval_run["tags"] == [*run["tags"], "eval"]  # filterable like the training run
     assert eval_run["config"]["model"] == config["model"] and "test/bpb" in eval_run["summary"]
+    (offline,) = (eval_dir / "wandb").glob("offline-run-*")  # (eval.py never named it)
+    assert evaluated.stdout.strip().endswith(f"sync to W&B later: wandb sync {offline}")
 
 
 def test_summary_names_the_overrides_every_trial_shares_once(tmp_path: Path) -> None:

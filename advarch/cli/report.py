@@ -25,15 +25,16 @@ def main() -> None:
 
     matplotlib.use("Agg")
     from advarch.reports.markdown import write_report
+    from advarch.tracking import sync_hint
 
     try:
         path = write_report(args.folder, wandb=args.wandb)
     except FileNotFoundError as err:
         sys.exit(f"error: {err}")
     print(f"report: {path}")
-    runs = sorted((path.parent / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime)
-    if args.wandb and runs:
-        print(f"sync to W&B later: wandb sync {runs[-1]}")
+    hint = sync_hint(path.parent)
+    if args.wandb and hint:
+        print(hint)
 
 
 if __name__ == "__main__":
