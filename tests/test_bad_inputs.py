@@ -243,6 +243,38 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("generate", ["ckpt_path={f}/ok.ckpt", "top_k=0"], "top_k=0 must be >= 1 or null"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "temperature=-1"], "temperature=-1 must be >= 0"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "max_new_tokens=-5"], "max_new_tokens=-5 must be"),
+    # the decoding benchmark's settings, before any model is built
+    (  # (a ZeroDivisionError traceback after timing)
+        "generate",
+        [
+            "bench=true",
+            'bench_overrides=["debug=tiny"]',
+            "bench_new_tokens=0",
+            "bench_models=[transformer]",
+        ],
+        "error: bench_new_tokens=0 must be at least 1",
+    ),
+    (  # (torch's "negative dimension" traceback)
+        "generate",
+        [
+            "bench=true",
+            'bench_overrides=["debug=tiny"]',
+            "bench_prompt_len=-3",
+            "bench_models=[transformer]",
+        ],
+        "error: bench_prompt_len=-3 must be at least 1",
+    ),
+    ("generate", ["bench=true", "bench_models=[]"], "error: bench_models=[] names no model"),
+    (  # (Hydra's "Error executing job", and every option on lines of their own)
+        "generate",
+        ["bench=true", "bench_models=[foo]"],
+        "error: bench_models: model=foo is not a model config (options: ",
+    ),
+    (  # (Hydra's advice to append it: +model.dimm=3)
+        "generate",
+        ["bench=true", 'bench_overrides=["debug=tiny","model.dimm=3"]'],
+        "model.dimm is not a key of model (did you mean model.dim?",
+    ),
     ("eval", ["-cd", "{f}/odd.xyz", "ckpt_path={f}/ok.ckpt"], "-dir {f}/odd.xyz is a file, not"),
     ("eval", [], "ckpt_path"),
     ("eval", ["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt'"),

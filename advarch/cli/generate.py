@@ -61,6 +61,32 @@ def check_settings(cfg: DictConfig) -> None:
         ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device}: torch sees no CUDA device here (use device=cpu)")
+    if cfg.bench:
+        check_bench(cfg)
+
+
+def check_bench(cfg: DictConfig) -> None:
+    """Raise ConfigError for benchmark settings that cannot run, before any model is built:
+    no tokens (a division by zero, or torch's negative dimension, after the models were
+    built), no models (an empty table, exit 0), a model or training override the configs
+    lack (Hydra's screenful, or its advice to append the key: `+model.dimm=3`)."""
+    from advarch.config.choices import check_group_choices, check_overrides
+    from advarch.config.validate import ConfigError
+
+    for key in ("bench_prompt_len", "bench_new_tokens"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be at least 1")
+    if not cfg.bench_models:
+        raise ConfigError("bench_models=[] names no model to time (e.g. bench_models=[ssm,moe])")
+    for name in cfg.bench_models:
+        try:
+            check_group_choices([f"model={name}"])
+        except ConfigError as err:
+            raise ConfigError(f"bench_models: {err}") from err
+        try:
+            check_overrides([f"model={name}", *cfg.bench_overrides], "train")
+        except ConfigError as err:
+            raise ConfigError(f"bench_overrides with model={name}: {err}") from err
 
 
 def _bench(cfg: DictConfig) -> None:
@@ -69,10 +95,9 @@ def _bench(cfg: DictConfig) -> None:
     RETRO models read the default corpus with `data=text_retrieval` and query its database.
     """
     import torch
-    from hydra import compose
 
     from advarch.benchmarks.decoding import benchmark_decoding, speed_table
-    from advarch.config.compose import apply_debug_sizes
+    from advarch.config.compose import apply_debug_sizes, compose_packaged
     from advarch.pipeline import build_datamodule, build_model
     from advarch.spec import DataSpec
     from advarch.trained_lm import datamodule_retrieve
@@ -82,9 +107,9 @@ def _bench(cfg: DictConfig) -> None:
     models, retrievers = {}, {}
     for name in cfg.bench_models:
         overrides = [f"model={name}", *cfg.bench_overrides]
-        retro = bool(compose("train", overrides=overrides).model.get("retro"))
-        train_cfg = compose("train", overrides=[*(["data=text_retrieval"] if retro else []),
-                                                *overrides])  # fmt: skip
+        # (not the app's `hydra.compose`: `check_bench`'s compositions reset Hydra's state)
+        retro = bool(compose_packaged(overrides).model.get("retro"))
+        train_cfg = compose_packaged([*(["data=text_retrieval"] if retro else []), *overrides])
         apply_debug_sizes(train_cfg, overrides)  # `debug=tiny` shrinks the models, as in train.py
         if retro:
             datamodule, retro_spec = build_datamodule(train_cfg)

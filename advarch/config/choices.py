@@ -134,13 +134,19 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
             raise ConfigError(f"+{added}: {unknown}")
 
 
+def check_overrides(argv: list[str], config_name: str) -> None:
+    """Raise `ConfigError` for a config folder, group choice or key of `argv` that
+    `config_name`'s configs lack (the checks above, in order)."""
+    check_config_dirs(argv)
+    check_group_choices(argv)
+    check_override_keys(argv, config_name)
+
+
 def check_command_line(argv: list[str], config_name: str) -> None:
-    """A program's command line against its own config (`eval`, `generate`, `merge`): group
-    folders, choices and keys as above; exit with one `error: …` line."""
+    """A program's command line against its own config (`eval`, `generate`, `merge`):
+    `check_overrides`; exit with one `error: …` line."""
     try:
-        check_config_dirs(argv)
-        check_group_choices(argv)
-        check_override_keys(argv, config_name)
+        check_overrides(argv, config_name)
     except ConfigError as err:
         sys.exit(f"error: {err}")
 
