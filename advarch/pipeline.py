@@ -12,15 +12,19 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from advarch.checkpoint import MOVED_STRATEGY_KEYS
 from advarch.config.checks import check_collection, check_run_keys, check_trainer
-from advarch.config.validate import ConfigError, validate_node
+from advarch.config.validate import (
+    ConfigError,
+    locate_target,
+    unimportable_target,
+    validate_node,
+)
 from advarch.models.model import Model
-from advarch.reasons import short_reason
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
 
@@ -55,7 +59,7 @@ def validate(cfg: DictConfig) -> None:
 def check_model_options(node: DictConfig) -> None:
     """Model's own checks (`Model.check_options`: ranges, cross-field, the typed block configs)
     on `model.*`, before anything is built; other model classes check in their constructor."""
-    model_class = get_object(node._target_)
+    model_class = locate_target(node._target_, "model")
     if isinstance(model_class, type) and issubclass(model_class, Model):  # factories check later
         options = OmegaConf.to_container(node, resolve=True)
         options = {k: v for k, v in options.items() if not k.startswith("_") and k != "compile"}
@@ -99,13 +103,7 @@ def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
     try:
         model = instantiate(options, _partial_=True, _convert_="all")(spec=spec)
     except InstantiationException as err:  # (with _partial_: only locating the class fails)
-        cause: BaseException = err
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        raise ConfigError(
-            f"model._target_={options.get('_target_')!r} cannot be imported "
-            f"({short_reason(cause)}); run from the folder that holds its module, or install it"
-        ) from err
+        raise unimportable_target(options.get("_target_"), "model", err) from err
     except (ValueError, TypeError) as err:  # a constructor's complaint (your own model's too)
         raise ConfigError(naming("model", err)) from err
     if compile_model:

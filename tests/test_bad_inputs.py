@@ -473,6 +473,33 @@ def test_a_config_error_leaves_no_empty_folders(project) -> None:
     assert not (project.root / "outputs" / "runs").exists()
 
 
+def test_an_own_model_module_that_cannot_be_imported_is_one_line(tmp_path: Path, capsys) -> None:
+    # your own model (`--config-dir`), trained or evaluated where its module is not importable:
+    # Hydra's `get_object` logged three ERROR lines (`Error getting object at …`) before ours,
+    # and eval and train gave no reason and no hint (generate did)
+    from omegaconf import OmegaConf
+
+    from advarch.config.compose import compose_run
+
+    (tmp_path / "mine" / "model").mkdir(parents=True)
+    (tmp_path / "mine" / "model" / "own.yaml").write_text("_target_: my_models.Net\ndim: 8\n")
+    saved = compose_run(["debug=tiny"], tmp_path / "trained")
+    saved.model = {"_target_": "my_models.Net", "dim": 8}
+    ckpt = {"state_dict": {}, "hyper_parameters": {"cfg": OmegaConf.to_container(saved)}}
+    torch.save(ckpt, tmp_path / "own.ckpt")
+    expected = (
+        "error: model._target_='my_models.Net' cannot be imported (No module named "
+        "'my_models'); run from the folder that holds its module, or install it"
+    )
+    for entry, args in (
+        ("train", ["--config-dir", str(tmp_path / "mine"), "model=own", "debug=tiny"]),
+        ("eval", [f"ckpt_path={tmp_path / 'own.ckpt'}"]),
+    ):
+        code, line, text = call_entry(entry, args, tmp_path / "runs" / entry, capsys)
+        assert code == 1 and line == expected, (entry, text[-2000:])
+        assert "Error getting object" not in text and "Are you sure" not in text, text[-2000:]
+
+
 def test_a_full_disk_is_one_line_naming_the_file(files: Path, tmp_path: Path, capsys,
                                                  monkeypatch) -> None:  # fmt: skip
     # torch's writer on a full disk: a traceback ending in "unexpected pos 16000 vs 15894"

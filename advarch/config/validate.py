@@ -12,9 +12,10 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from hydra.utils import get_object
+from hydra._internal.utils import _locate
 from omegaconf import DictConfig, OmegaConf
 
+from advarch.reasons import short_reason
 from advarch.typecheck import matches, wrong_type
 
 
@@ -22,11 +23,27 @@ class ConfigError(ValueError):
     """A config key has an unknown name, a wrong type or an impossible value."""
 
 
-def _resolve_target(path: str, key: str) -> Any:
+def locate_target(path: str, key: str) -> Any:
+    """The class or function `<key>._target_` names, or `unimportable_target`'s one line.
+
+    Hydra's `_locate`, as `instantiate` uses it: `hydra.utils.get_object` logs three ERROR
+    lines of its own (`Error getting object at …`, the import error, `Are you sure …`) before
+    raising, ahead of the one `error:` line."""
     try:
-        return get_object(path)  # a class or a function; no type check, so no error log line
-    except Exception as err:
-        raise ConfigError(f"{key}._target_={path!r} cannot be imported") from err
+        return _locate(path)
+    except Exception as err:  # ImportError, ValueError (`a..b`), any error the module raises
+        raise unimportable_target(path, key, err) from err
+
+
+def unimportable_target(path: str, key: str, err: BaseException) -> ConfigError:
+    """`<key>._target_=<path> cannot be imported (<the first error's reason>)`, and what to do
+    when its package is not found (a user's own model, run from another folder)."""
+    while err.__cause__ is not None:  # (Hydra wraps the import's error in its own)
+        err = err.__cause__
+    hint = ""
+    if isinstance(err, ModuleNotFoundError) and err.name == path.split(".")[0]:
+        hint = "; run from the folder that holds its module, or install it"
+    return ConfigError(f"{key}._target_={path!r} cannot be imported ({short_reason(err)}){hint}")
 
 
 def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
@@ -39,7 +56,7 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
     Raises:
         ConfigError: naming the first offending key.
     """
-    target = _resolve_target(node["_target_"], key)
+    target = locate_target(node["_target_"], key)
     params, hints, accepts_any = _signature(target)
     container = OmegaConf.to_container(node, resolve=True)
     for name, value in container.items():
