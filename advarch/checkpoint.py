@@ -1,9 +1,10 @@
 """Reading advarch checkpoints: one loader, one-line errors that name the file.
 
 Every entry point that reads a checkpoint (training's resume and `ckpt_path=auto`, eval,
-generation, merging, the finetune base and its delta) goes through `read_checkpoint`, so a
-missing, empty, truncated or foreign file is always one line naming the file and the key the
-user set, never a torch traceback.
+generation, merging, the finetune base and its delta) goes through `read_checkpoint` (its
+file checks, `checkpoint_file`, also run alone before torch is imported), so a missing, empty,
+truncated or foreign file is always one line naming the file and the key the user set, never
+a torch traceback.
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from advarch.config.validate import ConfigError
 from advarch.reasons import short_reason
 
+if TYPE_CHECKING:  # (torch is imported where it is used: `checkpoint_file` checks run first)
+    import torch
+
 PREFIX = "model."  # state-dict names of the LightningModule's model in every advarch checkpoint
 TOKENIZER = "tokenizer"  # the entry of text checkpoints: their data's `tokenizer_state`
+# The first bytes of what `torch.save` writes: a zip archive, or (before torch 1.6, or with
+# `_use_new_zipfile_serialization=False`) a pickle stream of protocol 2.
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80\x02")
 # Strategy keys of runs from before the optimizer and scheduler groups → the group holding each
 # now, and what those runs used: AdamW with a cosine schedule.
 MOVED_STRATEGY_KEYS = {
@@ -57,18 +63,14 @@ def read_checkpoint(
         mmap: keep tensors on disk until read (large checkpoints read tensor by tensor).
 
     Raises:
-        CheckpointError: one line naming `key` and the file: missing, a folder, empty,
-            truncated or not a torch file, not a dict, or without `require`.
+        CheckpointError: one line naming `key` and the file: `checkpoint_file`'s, truncated
+            or damaged, not a dict, or without `require`.
     """
-    file = Path(path).expanduser()
-    where = f"{key}={str(path)!r}" if key else str(path)
-    if not file.exists():
-        raise CheckpointError(f"{where} is not a file")
-    if file.is_dir():
-        raise CheckpointError(f"{where} is a folder, not a checkpoint file")
+    import torch
+
+    file = checkpoint_file(path, key)
+    where = _named(path, key)
     size = file.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{where} is an empty file (0 bytes), not a checkpoint")
     try:
         # weights_only=False: hyper_parameters hold (trusted, our own) Python objects
         ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
@@ -86,6 +88,31 @@ def read_checkpoint(
             "(<run>/checkpoints/last.ckpt)"
         )
     return dict(ckpt)
+
+
+def checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
+    """The file at `path`, or one CheckpointError line naming `key` and the file: missing, a
+    folder, empty, or not written by `torch.save` (a text file: torch's unpickler says
+    `Memo value not found at index 101`, or with mmap that the file was not saved with
+    `_use_new_zipfile_serialization=True`). Reads a few bytes, without torch: the checks
+    before a run imports it use this too."""
+    file = Path(path).expanduser()
+    where = _named(path, key)
+    if not file.exists():
+        raise CheckpointError(f"{where} is not a file")
+    if file.is_dir():
+        raise CheckpointError(f"{where} is a folder, not a checkpoint file")
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"{where} is an empty file (0 bytes), not a checkpoint")
+    with file.open("rb") as stream:
+        if not stream.read(4).startswith(TORCH_FILE_STARTS):
+            raise CheckpointError(f"{where} is not a checkpoint file (not a torch.save archive)")
+    return file
+
+
+def _named(path: str | os.PathLike, key: str) -> str:
+    """`key='path'` for messages (the path alone without a key)."""
+    return f"{key}={str(path)!r}" if key else str(path)
 
 
 def saved_config(
@@ -154,6 +181,8 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
     """CheckpointError naming the first parameter that holds NaN or inf after loading `where`
     (bytes damaged inside an intact archive load without complaint, then every metric is NaN).
     Buffers are not checked: masks may hold -inf on purpose."""
+    import torch
+
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
             raise CheckpointError(

@@ -27,6 +27,7 @@ STREAM = ["data=permuted_digits", "data.num_tasks=2", "data.epochs_per_task=1"]
 RETRIEVAL = ["model=retro", "data=text_retrieval"]
 CKPT = "callbacks.model_checkpoint"
 OUT = "out={f}/merged.ckpt"
+NOT_TORCH = "is not a checkpoint file (not a torch.save archive)"
 
 
 def _entry(name: str) -> Callable[[], None]:
@@ -282,6 +283,31 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval", ["ckpt_path={f}/truncated.ckpt"], "truncated.ckpt"),
     ("eval", ["ckpt_path={f}/nostate.ckpt"], "nostate.ckpt"),
     ("eval", ["ckpt_path={f}"], "is a folder"),
+    # a text file, wherever a checkpoint goes: torch's "Memo value not found at index 101",
+    # or with mmap its advice to save with `_use_new_zipfile_serialization=True`
+    ("train", ["ckpt_path={f}/notes.txt"], "error: ckpt_path='{f}/notes.txt' " + NOT_TORCH),
+    ("eval", ["ckpt_path={f}/notes.txt"], "error: ckpt_path='{f}/notes.txt' " + NOT_TORCH),
+    ("generate", ["ckpt_path={f}/notes.txt"], "error: ckpt_path='{f}/notes.txt' " + NOT_TORCH),
+    (
+        "merge",
+        ["base={f}/notes.txt", "models=[{f}/ok.ckpt]", OUT],
+        "base='{f}/notes.txt' " + NOT_TORCH,
+    ),
+    (
+        "merge",
+        ["base={f}/ok.ckpt", "models=[{f}/notes.txt]", OUT],
+        "models[0]='{f}/notes.txt' " + NOT_TORCH,
+    ),
+    (
+        "train",
+        ["strategy=finetune", "strategy.pretrained={f}/notes.txt"],
+        "error: strategy.pretrained='{f}/notes.txt' " + NOT_TORCH,
+    ),
+    (  # (it said "is not a file")
+        "train",
+        ["strategy=finetune", "strategy.pretrained={f}"],
+        "error: strategy.pretrained='{f}' is a folder, not a checkpoint file",
+    ),
     ("train", ["ckpt_path={f}/weights_only.ckpt"], "weights_only.ckpt"),
     ("train", ["ckpt_path={f}/other_model.ckpt"], "was written by a run of another model (model."),
     ("train", ["data=fewshot_synthetic"], "use strategy=fewshot data=fewshot_synthetic"),
@@ -300,6 +326,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Broken files of every kind the entry points read."""
     f = tmp_path_factory.mktemp("bad")
     (f / "empty.ckpt").write_bytes(b"")
+    (f / "notes.txt").write_text("hello\n")
     (f / "garbage.ckpt").write_bytes(os.urandom(2048))
     torch.save({"state_dict": {"model.w": torch.zeros(64, 64)}}, f / "ok.ckpt")
     (f / "truncated.ckpt").write_bytes((f / "ok.ckpt").read_bytes()[:3000])

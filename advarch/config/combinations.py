@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
+from advarch.checkpoint import checkpoint_file
 from advarch.config.validate import ConfigError
 
 # strategy → data when the user names none (strategies not listed keep train.yaml's `text`)
@@ -281,5 +282,4 @@ def _check_pretrained(pretrained: str | None, name: str) -> None:
             f"strategy={name} fine-tunes a trained base: add strategy.pretrained=<run>/"
             "checkpoints/last.ckpt (e.g. of a `python train.py` run)"
         )
-    if not Path(str(pretrained)).expanduser().is_file():
-        raise ConfigError(f"strategy.pretrained={pretrained!r} is not a file")
+    checkpoint_file(pretrained, "strategy.pretrained")
