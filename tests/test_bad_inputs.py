@@ -223,6 +223,13 @@ ROWS: list[tuple[str, list[str], str]] = [
         "models[0]='{f}/ssm.ckpt' is another architecture than base (model.layers=['ssm'] "
         "there, ['attn'] in base='{f}/attn.ckpt'): merging needs checkpoints of one model",
     ),
+    (  # (it said "data.tokenizer=None there, byte in base": digits have no tokenizer)
+        "merge",
+        ["base={f}/text_moe.ckpt", "models=[{f}/digits_moe.ckpt]", OUT],
+        "models[0]='{f}/digits_moe.ckpt' is another architecture than base (data._target_="
+        "advarch.data.digits.PermutedDigitsDataModule there, advarch.data.text.TextDataModule in "
+        "base='{f}/text_moe.ckpt')",
+    ),
     (  # (it merged them and wrote the base's tokenizer beside the mixed weights)
         "merge",
         ["base={f}/bytes.ckpt", "models=[{f}/bpe.ckpt]", OUT],
@@ -340,6 +347,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cfg = {"model": {"_target_": "advarch.models.Model", "layers": ["attn"]}}
         torch.save({"state_dict": {"model.w": torch.zeros(2)}, "hyper_parameters": {"cfg": cfg},
                     "tokenizer": tokenizer}, f / f"{name}.ckpt")  # fmt: skip
+    for name, data in (
+        ("text_moe", {"_target_": "advarch.data.text.TextDataModule", "tokenizer": "byte"}),
+        ("digits_moe", {"_target_": "advarch.data.digits.PermutedDigitsDataModule"}),
+    ):
+        cfg = {"model": {"_target_": "advarch.models.Model", "ffn": "moe"}, "data": data}
+        torch.save({"state_dict": {"model.w": torch.zeros(2)}, "hyper_parameters": {"cfg": cfg}},
+                   f / f"{name}.ckpt")  # fmt: skip
     torch.save({"state_dict": {}, "hyper_parameters": {}}, f / "nostate.ckpt")
     torch.save({"state_dict": {}, "hyper_parameters": {"cfg": {}}}, f / "weights_only.ckpt")
     other = {"model": {"_target_": "advarch.models.Model", "dim": 999}}

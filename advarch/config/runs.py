@@ -89,8 +89,19 @@ def architecture_difference(first: Any, second: Any) -> tuple[str, str, str] | N
     for key in BASE_MUST_MATCH:
         there, here = OmegaConf.select(first, key), OmegaConf.select(second, key)
         if there != here:
+            if key.startswith("data.") and None in (there, here):
+                key = _other_data(first, second) or key
+                there, here = OmegaConf.select(first, key), OmegaConf.select(second, key)
             return key, _shown(there), _shown(here)
     return None
+
+
+def _other_data(first: DictConfig, second: DictConfig) -> str | None:
+    """`data._target_` where the two runs' data modules differ: a data key one of them lacks
+    means data of another kind (digits have no `data.tokenizer`), which `data.tokenizer=None`
+    would not say."""
+    key = "data._target_"
+    return key if OmegaConf.select(first, key) != OmegaConf.select(second, key) else None
 
 
 def _shown(value: Any) -> str:
