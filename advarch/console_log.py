@@ -20,13 +20,15 @@ def console_width() -> int | None:
     return None if sys.stdout.isatty() else LOG_WIDTH
 
 
-# Lightning's device lines when there is no such device, its seed line, its step estimate,
-# its restatement of a batch limit the config shows (`Trainer(limit_test_batches=1.0)` was …),
-# its restore lines (advarch's own `resuming <file> (step …)` line says it)
+# Lightning's device lines when there is no such device, its seed line (each DDP process's),
+# its step estimate, its restatement of a batch limit the config shows
+# (`Trainer(limit_test_batches=1.0)` was …), its restore lines (advarch's own `resuming <file>
+# (step …)` line says it), DDP's start-up lines (each process's rank, a banner of dashes)
 _SAID_NOTHING = re.compile(
-    r"^(?:[GTH]PU available: False\b|Seed set to \d+$|Loading `train_dataloader` to estimate"
-    r"|`Trainer\(\w+=1(?:\.0)?\)` was configured so |Restoring states from the checkpoint path"
-    r"|Restored all states from the checkpoint)"
+    r"^(?:[GTH]PU available: False\b|(?:\[rank: \d+\] )?Seed set to \d+$"
+    r"|Loading `train_dataloader` to estimate|`Trainer\(\w+=1(?:\.0)?\)` was configured so "
+    r"|Restoring states from the checkpoint path|Restored all states from the checkpoint"
+    r"|Initializing distributed: GLOBAL_RANK|-{20,}\ndistributed_backend=)"
 )
 
 

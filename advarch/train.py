@@ -192,15 +192,11 @@ def scalar_metrics(trainer: Any) -> dict[str, float]:
 
 
 class _DropNoise(logging.Filter):
-    """Lightning's advertising tips, its `weights_only` notice and DDP's start-up lines (each
-    process's seed and rank, a banner) are noise in a research log."""
-
-    NOISE = ("Tip:", "`weights_only` was not set", "Seed set to", "Initializing distributed:",
-             "All distributed processes registered")  # fmt: skip
+    """Lightning's advertising tips and its `weights_only` notice are noise in a research log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(noise in message for noise in self.NOISE)
+        return "Tip:" not in message and "`weights_only` was not set" not in message
 
 
 _NOISE = _DropNoise()
@@ -230,8 +226,6 @@ def quiet_lightning_logs() -> None:
         "lightning.pytorch.utilities.rank_zero",
         "lightning.fabric.utilities.rank_zero",
         "lightning.pytorch.trainer.connectors.checkpoint_connector",
-        "lightning.fabric.utilities.distributed",
-        "lightning.fabric.utilities.seed",
     ):
         logging.getLogger(name).addFilter(_NOISE)  # a no-op when already there
 
