@@ -9,6 +9,7 @@ recorded config before its lock (`advarch.run_lock`) refused it.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,3 +50,15 @@ def _make(config: DictConfig, key: str) -> None:
         pid = holder(run)
         if pid is not None:
             sys.exit(f"error: {in_use(run, pid, key)}")
+
+
+def unmakeable(folder: Path) -> str | None:
+    """Why `folder` cannot be made or written into (a file where it or a folder above it goes,
+    or no write permission there), else None. Nothing is made: a program checks its output
+    folder before its work and leaves nothing behind when it refuses."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return "is a file, not a folder" if existing == folder else f"is inside {existing}, a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return "is not writable" if existing == folder else f"cannot be made in {existing}"
+    return None

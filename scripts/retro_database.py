@@ -28,8 +28,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from advarch.data.chunk_embedders import HashedNgramEmbedder
+from advarch.data.corpus import SPLITS
+from advarch.data.packing import TooFewTokens
 from advarch.data.retrieval_database import INDEX_KINDS, RetrievalDatabase
 from advarch.data.text import TextDataModule
+from advarch.output_folders import unmakeable
 
 
 def recall_at_k(db: RetrievalDatabase, queries: np.ndarray, k: int) -> float:
@@ -39,6 +42,38 @@ def recall_at_k(db: RetrievalDatabase, queries: np.ndarray, k: int) -> float:
     emb = np.asarray(db.embeddings)
     exact = np.argsort(-(queries @ emb.T), axis=1)[:, :k]  # (n, k) brute force
     return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Exit with one `error:` line naming the first bad option, before any tokenising or
+    embedding (faiss and numpy raised tracebacks at the end, `--queries 0` printed a NaN
+    recall, the data module named its own keys, `--out` a file failed after all the work)."""
+    shortest = min(HashedNgramEmbedder().n)
+    minimums = [
+        ("--chunk-size", args.chunk_size, shortest,
+         f" (the embedder hashes {shortest}-token n-grams: a shorter chunk embeds to nothing)"),
+        ("--k", args.k, 1, ""),
+        ("--queries", args.queries, 1, ""),
+        ("--nprobe", args.nprobe, 1, ""),
+        ("--max-documents", args.max_documents, len(SPLITS),
+         " (a document each for train, val and test)"),
+    ]  # fmt: skip
+    for option, value, least, why in minimums:
+        if value is not None and value < least:
+            sys.exit(f"error: {option} {value} must be at least {least}{why}")
+    problem = unmakeable(Path(args.out))
+    if problem:
+        sys.exit(f"error: --out {args.out} {problem}")
+
+
+def too_few_tokens(err: TooFewTokens, args: argparse.Namespace) -> str:
+    """The data module's "fewer than data.seq_len" said with this script's options."""
+    docs = f" of --max-documents {args.max_documents}" if args.max_documents else ""
+    fix = "raise --max-documents or lower --chunk-size" if docs else "lower --chunk-size"
+    return (
+        f"the {err.label}{docs} has {err.tokens} tokens, fewer than the {err.seq_len + 1} of "
+        f"one sequence (4 × --chunk-size {args.chunk_size}, + 1): {fix}"
+    )
 
 
 def main() -> None:
@@ -56,8 +91,10 @@ def main() -> None:
         help="skip the neighbour precomputation (data.retrieval.precompute=false)",
     )
     args = parser.parse_args()
+    check_options(args)
     datasets.disable_progress_bars()  # a bar for every tiny save of the tokenised corpus
-    try:  # bad sizes (a corpus too small for its splits, a chunk size) in one line
+    try:  # a corpus too small for its splits in one line
+        # sequences of 4 chunks: the cache data=text_retrieval builds (seq_len 256, chunks of 64)
         dm = TextDataModule(max_documents=args.max_documents, seq_len=args.chunk_size * 4)
         dm.prepare_data()
         tokens, docs = (np.load(dm.cache_dir / f"train_{n}.npy") for n in ("tokens", "docs"))
@@ -65,9 +102,13 @@ def main() -> None:
         db = RetrievalDatabase(tokens, docs, pad_id=pad, chunk_size=args.chunk_size,
                                num_neighbours=args.k, embedder=HashedNgramEmbedder(pad_id=pad),
                                index=args.index, nprobe=args.nprobe)  # fmt: skip
+    except TooFewTokens as err:
+        sys.exit(f"error: {too_few_tokens(err, args)}")
     except ValueError as err:
         sys.exit(f"error: {err}")
     m = len(db.chunks)
+    if args.k > m:  # (recall@K then counted missing hits; the neighbour table filled memory)
+        sys.exit(f"error: --k {args.k} exceeds the database's {m} chunks")
     t0, cpu0 = time.perf_counter(), time.process_time()
     parts, step = [], 16384
     for i in tqdm(range(0, m, step), desc="embed database", unit_scale=step, unit="chunk"):
@@ -113,7 +154,7 @@ def main() -> None:
     for key, value in report.items():
         print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # (checked up front: a folder, or makeable)
     path = out / f"retro_database_{db.resolved_index_kind}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"written to {path}")

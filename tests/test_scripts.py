@@ -76,11 +76,41 @@ def test_report_scripts_say_a_bad_override_in_one_line(project: Project) -> None
 
 
 def test_retro_database_says_a_corpus_too_small_in_one_line(project: Project) -> None:
+    # it named data.seq_len (4 × --chunk-size), which the script has no option for
     res = project.run("--max-documents", "5", script="scripts/retro_database.py")
     assert res.rc == 1 and res.stderr.strip().splitlines() == [
-        "error: data: the val split has 98 tokens, fewer than data.seq_len=256+1; add "
-        "documents or shorten seq_len"
+        "error: the val split of --max-documents 5 has 98 tokens, fewer than the 257 of one "
+        "sequence (4 × --chunk-size 64, + 1): raise --max-documents or lower --chunk-size"
     ], res.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [  # faiss's and numpy's tracebacks after the embedding, a NaN recall, the data's own keys
+        (["--nprobe", "0", "--max-documents", "20", "--index", "ivf"],
+         "--nprobe 0 must be at least 1"),
+        (["--queries", "-5", "--max-documents", "20"], "--queries -5 must be at least 1"),
+        (["--queries", "0"], "--queries 0 must be at least 1"),
+        (["--k", "0"], "--k 0 must be at least 1"),
+        (["--max-documents", "0"], "--max-documents 0 must be at least 3 (a document each for "
+                                   "train, val and test)"),
+        (["--chunk-size", "0"], "--chunk-size 0 must be at least 3 (the embedder hashes 3-token "
+                                "n-grams: a shorter chunk embeds to nothing)"),
+        (["--chunk-size", "100000", "--max-documents", "40"], "the val split of --max-documents "
+         "40 has 81004 tokens, fewer than the 400001 of one sequence (4 × --chunk-size 100000, "
+         "+ 1): raise --max-documents or lower --chunk-size"),
+        (["--k", "100000", "--max-documents", "20"], "--k 100000 exceeds the database's 7775 "
+                                                    "chunks"),  # (memory ran out)
+        (["--out", "notes.txt"], "--out notes.txt is a file, not a folder"),  # (after the work)
+    ],
+)  # fmt: skip
+def test_retro_database_says_a_bad_option_in_one_line(
+    project: Project, args: list[str], line: str
+) -> None:
+    (project.root / "notes.txt").write_text("a file where --out goes")
+    res = project.run(*args, script="scripts/retro_database.py")
+    assert res.rc == 1 and res.stderr.strip() == f"error: {line}", res.stderr[-2000:]
+    assert not (project.root / "outputs" / "retro_database").exists()
 
 
 @pytest.mark.parametrize("script", ["scripts/generate.py", "scripts/merge.py"])

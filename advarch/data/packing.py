@@ -92,6 +92,18 @@ def eval_subset(ds: Any, n: int | None) -> Any:
     return ds.select(np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
 
 
+class TooFewTokens(ValueError):
+    """A split holds fewer tokens than one packed sequence; its sizes stay readable, so a
+    program that sets seq_len from its own option can name that option instead."""
+
+    def __init__(self, label: str, tokens: int, seq_len: int) -> None:
+        super().__init__(
+            f"data: the {label} has {tokens} tokens, fewer than data.seq_len={seq_len}+1; add "
+            "documents or shorten seq_len"
+        )
+        self.label, self.tokens, self.seq_len = label, tokens, seq_len
+
+
 def pack_documents(
     tok: ByteTokenizer | BPETokenizer,
     docs: list[str],
@@ -109,7 +121,7 @@ def pack_documents(
         (from `doc_index`), both int32.
 
     Raises:
-        ValueError: naming `data.seq_len` when the documents hold fewer than seq_len+1 tokens.
+        TooFewTokens: naming `data.seq_len` when the documents hold fewer than seq_len+1 tokens.
     """
     import datasets
     import pyarrow as pa
@@ -119,10 +131,7 @@ def pack_documents(
     doc_ids = np.repeat(doc_index, [len(e) + 1 for e in encoded]).astype(np.int32)
     n_seq = (len(tokens) - 1) // seq_len
     if n_seq < 1:
-        raise ValueError(
-            f"data: the {label} has {len(tokens)} tokens, fewer than "
-            f"data.seq_len={seq_len}+1; add documents or shorten seq_len"
-        )
+        raise TooFewTokens(label, len(tokens), seq_len)
     window = seq_len + 1
     starts = np.arange(n_seq) * seq_len
     rows = tokens[starts[:, None] + np.arange(window)]  # (n_seq, T+1)
