@@ -111,8 +111,10 @@ def main() -> None:
         sys.exit(f"error: --k {args.k} exceeds the database's {m} chunks")
     t0, cpu0 = time.perf_counter(), time.process_time()
     parts, step = [], 16384
-    for i in tqdm(range(0, m, step), desc="embed database", unit_scale=step, unit="chunk"):
-        parts.append(db.embedder.embed(db.chunks[i : i + step]))
+    with tqdm(total=m, desc="embed database", unit="chunk") as bar:  # (it counted whole steps)
+        for i in range(0, m, step):
+            parts.append(db.embedder.embed(db.chunks[i : i + step]))
+            bar.update(len(parts[-1]))
     db.embeddings = np.concatenate(parts)
     t_embed = time.perf_counter() - t0
     db._index = db._build_index(db.embeddings)

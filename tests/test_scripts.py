@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -111,6 +112,17 @@ def test_retro_database_says_a_bad_option_in_one_line(
     res = project.run(*args, script="scripts/retro_database.py")
     assert res.rc == 1 and res.stderr.strip() == f"error: {line}", res.stderr[-2000:]
     assert not (project.root / "outputs" / "retro_database").exists()
+
+
+def test_retro_database_bar_counts_the_database_chunks(project: Project) -> None:
+    # its total was the chunks rounded up to whole embedding steps of 16384
+    res = project.run(
+        "--max-documents", "20", "--queries", "10", "--skip-neighbours",
+        script="scripts/retro_database.py",
+    ).check()  # fmt: skip
+    chunks = next(line.split()[1] for line in res.stdout.splitlines() if line.startswith("chunks "))
+    totals = set(re.findall(r"embed database: +\d+%\|[^|]*\| *\d+/(\d+)", res.stderr))
+    assert totals == {chunks}, res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("script", ["scripts/generate.py", "scripts/merge.py"])
