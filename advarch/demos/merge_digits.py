@@ -80,12 +80,15 @@ class DemoConfig:
     own_head_rows: bool = False  # a task trains only its classes' head rows (plus the body)
 
     def check(self) -> None:
-        """ValueError naming the first bad option, before any training: task digits, step
-        counts, and every merge's settings (built once without checkpoints)."""
-        for task in self.tasks:
+        """ValueError naming the first bad option, before any training: task digits (each
+        task once), step counts, and every merge's settings (built once without checkpoints)."""
+        for i, task in enumerate(self.tasks):
             if not task or any(not 0 <= d <= 9 for d in task) or len(set(task)) < len(task):
                 raise ValueError(f"--tasks {','.join(map(str, task))}: a task is distinct digits "
                                  "0-9 separated by commas, e.g. 0,1")  # fmt: skip
+            if set(task) in [set(t) for t in self.tasks[:i]]:  # (its rows twice, slerp 01→01)
+                raise ValueError(f"--tasks {','.join(map(str, task))}: the same digits as an "
+                                 "earlier task; give each task once")  # fmt: skip
         for name in ("base_steps", "task_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")

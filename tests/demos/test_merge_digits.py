@@ -96,6 +96,10 @@ def test_merged_checkpoint_through_the_eval_cli(demo_run, project: Project) -> N
         (["--tasks", "0,1", "0,x"], "error: --tasks 0,x: a task is digits 0-9"),
         (["--tasks", "0,11", "2,3"], "error: --tasks 0,11: a task is distinct digits 0-9"),
         (["--task-steps", "0"], "error: --task-steps=0 must be >= 1"),
+        (  # (it trained 0,1 twice: duplicate rows and a slerp of a model with itself)
+            ["--tasks", "0,1", "2,3", "1,0"],
+            "error: --tasks 1,0: the same digits as an earlier task; give each task once",
+        ),
     ],
 )
 def test_bad_options_stop_before_any_training(args, message, monkeypatch, tmp_path) -> None:
