@@ -125,6 +125,16 @@ def test_retro_database_bar_counts_the_database_chunks(project: Project) -> None
     assert totals == {chunks}, res.stderr[-2000:]
 
 
+def test_merge_demo_says_an_out_that_is_a_file_in_one_line(project: Project) -> None:
+    # run_lock's NotADirectoryError traceback as the base run began
+    (project.root / "notes.txt").write_text("a file where --out goes")
+    res = project.run(
+        "--base-steps", "4", "--task-steps", "4", "--out", "notes.txt",
+        script="scripts/merge_demo.py",
+    )  # fmt: skip
+    assert res.rc == 1 and res.stderr.strip() == "error: --out notes.txt is a file, not a folder"
+
+
 @pytest.mark.parametrize("script", ["scripts/generate.py", "scripts/merge.py"])
 def test_help_shows_the_programs_own_settings(project: Project, script: str) -> None:
     # it listed the training config groups (data=, model= …), which these programs refuse
