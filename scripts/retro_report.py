@@ -39,6 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from advarch.checkpoint import load_with_config
+from advarch.config.choices import check_command_line
+from advarch.config.combinations import with_strategy_defaults
 from advarch.config.compose import compose_run
 from advarch.config.validate import ConfigError
 from advarch.reports.figures import plot_retrieval_by_quality
@@ -81,7 +84,6 @@ def chunk_quality(batch: dict[str, torch.Tensor], m: int, pad_id: int) -> np.nda
 def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """Per mode: token-weighted loss, accuracy, bits per byte and, for text, the per-chunk
     losses split by neighbour quality."""
-    from advarch.checkpoint import load_with_config
     from advarch.pipeline import build_all
 
     state, cfg = load_with_config(ckpt)
@@ -162,6 +164,20 @@ def split_by_quality(rows: dict[str, dict], quality: np.ndarray) -> list[dict[st
     return table
 
 
+def check_options(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Exit with one `error:` line naming the first bad option, or override of the RETRO run,
+    before any training. (Each failed only after the plain decoder trained, naming keys the
+    user never typed, `ckpt_path` or `trainer.max_steps`, or advising `+model.dimm=3`;
+    `--unfreeze` alone was ignored.)"""
+    if args.unfreeze and not args.retrofit:
+        sys.exit("error: --unfreeze trains the decoder of a retrofit: add --retrofit")
+    if args.retrofit_steps is not None and args.retrofit_steps < 1:
+        sys.exit(f"error: --retrofit-steps {args.retrofit_steps} must be at least 1")
+    if args.plain_ckpt is not None:  # a file of train.py's, with its config, as evaluate reads
+        load_with_config(args.plain_ckpt, "--plain-ckpt")
+    check_command_line(with_strategy_defaults(overrides), "train")  # as train.py checks its own
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
@@ -209,6 +225,7 @@ def main() -> None:
             ("retro", on + unfrozen * args.unfreeze),
             ("plain_more", [*plain_model, *on, *unfrozen]),
         ]
+    check_options(args, [*base, *dict(todo)["retro"]])
     for name, extra in todo:
         if name == "plain" and args.plain_ckpt is not None:
             continue

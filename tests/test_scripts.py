@@ -76,6 +76,34 @@ def test_report_scripts_say_a_bad_override_in_one_line(project: Project) -> None
         assert last.startswith("error: ") and "model.nope" in last, last
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [  # each failed after training: the plain decoder, or the RETRO run too
+        (["--plain-ckpt", "cut.ckpt", "debug=tiny"], "--plain-ckpt='cut.ckpt' is not a readable "
+         "checkpoint (100 bytes; truncated or not a torch file: "),  # (it said ckpt_path=)
+        (["--plain-ckpt", "outputs", "debug=tiny"], "--plain-ckpt='outputs' is a folder, not a "
+         "checkpoint file"),
+        (["--plain-ckpt", "gone.ckpt", "debug=tiny"], "--plain-ckpt='gone.ckpt' is not a file"),
+        (["--retrofit", "--retrofit-steps", "0", "debug=tiny"],
+         "--retrofit-steps 0 must be at least 1"),  # (it said trainer.max_steps=0)
+        (["debug=tiny", "model.dimm=3"], "model.dimm is not a key of model (did you mean "
+         "model.dim? "),  # (Hydra's advice: append +model.dimm=3)
+        (["--unfreeze", "debug=tiny"],  # (ignored: exit 0)
+         "--unfreeze trains the decoder of a retrofit: add --retrofit"),
+    ],
+)  # fmt: skip
+def test_retro_report_says_a_bad_option_before_training(
+    project: Project, args: list[str], line: str
+) -> None:
+    cut = project.root / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(64)}}, cut)
+    cut.write_bytes(cut.read_bytes()[:100])
+    res = project.run(*args, script="scripts/retro_report.py")
+    assert res.rc == 1 and res.stderr.strip().startswith(f"error: {line}"), res.stderr[-2000:]
+    assert "\n" not in res.stderr.strip(), res.stderr[-2000:]
+    assert not (project.root / "outputs" / "retro_report").exists()  # nothing trained
+
+
 def test_retro_database_says_a_corpus_too_small_in_one_line(project: Project) -> None:
     # it named data.seq_len (4 × --chunk-size), which the script has no option for
     res = project.run("--max-documents", "5", script="scripts/retro_database.py")
