@@ -164,6 +164,21 @@ def split_by_quality(rows: dict[str, dict], quality: np.ndarray) -> list[dict[st
     return table
 
 
+def quality_table(buckets: list[dict[str, float]]) -> str:
+    """The bpb of every row and the gains per quality bucket: a line per row, a column per
+    bucket, on the grid of the table above. (With a column per row it ran 136 characters wide,
+    190 with --retrofit, and a terminal wrapped its header apart from its values.)"""
+    ends = [*OVERLAP_BINS[1:], None]
+    heads = [f"{b['min_shared']}-{end - 1}" if end else f"{b['min_shared']}+"
+             for b, end in zip(buckets, ends, strict=True)]  # fmt: skip
+    every = dict.fromkeys(k for b in buckets for k in b)  # (an empty bucket has no bpbs)
+    names = [k for k in every if k not in ("min_shared", "fraction")]
+    lines = [f"{'tokens shared':40s}" + "".join(f" {h:>8s}" for h in heads)]
+    lines.append(f"{'chunks':40s}" + "".join(f" {100 * b['fraction']:7.1f}%" for b in buckets))
+    lines += [f"{n:40s}" + "".join(f" {b.get(n, math.nan):8.4f}" for b in buckets) for n in names]
+    return "\n".join(lines)
+
+
 def check_options(args: argparse.Namespace, overrides: list[str]) -> None:
     """Exit with one `error:` line naming the first bad option, or override of the RETRO run,
     before any training. (Each failed only after the plain decoder trained, naming keys the
@@ -260,15 +275,7 @@ def main() -> None:
                              "fraction_shared_ge_32": float((q >= 32).mean())}  # fmt: skip
         print(f"\nneighbour quality: {len(q)} chunks, {100 * (q >= 32).mean():.1f}% share ≥ 32 "
               "tokens with the true continuation; bpb by quality:")  # fmt: skip
-        buckets = report["split_by_quality"]
-        names = [k for k in buckets[0] if k not in ("min_shared", "fraction")]
-        print(f"  {'shared tokens ≥':>15s} {'chunks':>7s}" + "".join(f" {n:>{max(len(n), 8)}s}"
-                                                             for n in names))  # fmt: skip
-        for b in buckets:
-            print(
-                f"  {b['min_shared']:>15d} {100 * b['fraction']:6.1f}%"
-                + "".join(f" {b.get(n, math.nan):>{max(len(n), 8)}.4f}" for n in names)
-            )
+        print(quality_table(report["split_by_quality"]))
         figure = plot_retrieval_by_quality(report["split_by_quality"], root / "by_quality.png")
         if figure is not None:
             print(f"figure: {figure}")

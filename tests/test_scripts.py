@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,6 +103,28 @@ def test_retro_report_says_a_bad_option_before_training(
     assert res.rc == 1 and res.stderr.strip().startswith(f"error: {line}"), res.stderr[-2000:]
     assert "\n" not in res.stderr.strip(), res.stderr[-2000:]
     assert not (project.root / "outputs" / "retro_report").exists()  # nothing trained
+
+
+def test_retro_report_quality_table_fits_a_terminal_in_aligned_columns() -> None:
+    # a column per model ran 190 characters wide with --retrofit: the terminal wrapped the
+    # header apart from its values; and an empty first bucket left out every model
+    import runpy
+
+    script = runpy.run_path("scripts/retro_report.py")
+    names = [*script["MODES"].values(), "plain decoder", script["PLAIN_EQUAL"]]
+    rows = {name: {"chunk_bpb": np.array([3.0, 2.0, 1.0 + i])} for i, name in enumerate(names)}
+    table = script["quality_table"](script["split_by_quality"](rows, np.array([9, 9, 40])))
+    lines = table.splitlines()
+    assert len({len(line) for line in lines}) == 1 and len(lines[0]) <= 80, table
+    assert lines[0].split() == ["tokens", "shared", "0-7", "8-31", "32+"], table
+    assert [line[:40].strip() for line in lines[1:]] == [
+        "chunks",
+        *names,
+        "gain_vs_padding",
+        "gain_vs_plain",
+    ]
+    cells = [line[40:].split() for line in lines[2:]]
+    assert all(len(c) == 3 and c[0] == "nan" and c[1] != "nan" for c in cells), table
 
 
 def test_retro_database_says_a_corpus_too_small_in_one_line(project: Project) -> None:
