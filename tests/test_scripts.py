@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.cli import Project
-from tests.conftest import SMALL_TEXT
+from tests.conftest import ROOT, SMALL_TEXT
 from tests.reports.test_figures import assert_png
 
 
@@ -110,7 +110,7 @@ def test_retro_report_quality_table_fits_a_terminal_in_aligned_columns() -> None
     # header apart from its values; and an empty first bucket left out every model
     import runpy
 
-    script = runpy.run_path("scripts/retro_report.py")
+    script = runpy.run_path(f"{ROOT}/scripts/retro_report.py")
     names = [*script["MODES"].values(), "plain decoder", script["PLAIN_EQUAL"]]
     rows = {name: {"chunk_bpb": np.array([3.0, 2.0, 1.0 + i])} for i, name in enumerate(names)}
     table = script["quality_table"](script["split_by_quality"](rows, np.array([9, 9, 40])))
@@ -138,31 +138,48 @@ def test_retro_database_says_a_corpus_too_small_in_one_line(project: Project) ->
 
 @pytest.mark.parametrize(
     ("args", "line"),
-    [  # faiss's and numpy's tracebacks after the embedding, a NaN recall, the data's own keys
+    [  # faiss's traceback after the embedding, the data's own keys, memory run out
         (["--nprobe", "0", "--max-documents", "20", "--index", "ivf"],
          "--nprobe 0 must be at least 1"),
-        (["--queries", "-5", "--max-documents", "20"], "--queries -5 must be at least 1"),
-        (["--queries", "0"], "--queries 0 must be at least 1"),
-        (["--k", "0"], "--k 0 must be at least 1"),
-        (["--max-documents", "0"], "--max-documents 0 must be at least 3 (a document each for "
-                                   "train, val and test)"),
-        (["--chunk-size", "0"], "--chunk-size 0 must be at least 3 (the embedder hashes 3-token "
-                                "n-grams: a shorter chunk embeds to nothing)"),
         (["--chunk-size", "100000", "--max-documents", "40"], "the val split of --max-documents "
          "40 has 81004 tokens, fewer than the 400001 of one sequence (4 × --chunk-size 100000, "
          "+ 1): raise --max-documents or lower --chunk-size"),
         (["--k", "100000", "--max-documents", "20"], "--k 100000 exceeds the database's 7775 "
-                                                    "chunks"),  # (memory ran out)
-        (["--out", "notes.txt"], "--out notes.txt is a file, not a folder"),  # (after the work)
+                                                    "chunks"),
     ],
 )  # fmt: skip
 def test_retro_database_says_a_bad_option_in_one_line(
     project: Project, args: list[str], line: str
 ) -> None:
-    (project.root / "notes.txt").write_text("a file where --out goes")
     res = project.run(*args, script="scripts/retro_database.py")
     assert res.rc == 1 and res.stderr.strip() == f"error: {line}", res.stderr[-2000:]
     assert not (project.root / "outputs" / "retro_database").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "line"),
+    [  # numpy's traceback, a NaN recall, the data module's keys, a file at --out after the work
+        ({"queries": -5}, "--queries -5 must be at least 1"),
+        ({"queries": 0}, "--queries 0 must be at least 1"),
+        ({"k": 0}, "--k 0 must be at least 1"),
+        ({"max_documents": 0}, "--max-documents 0 must be at least 3 (a document each for "
+                               "train, val and test)"),
+        ({"chunk_size": 0}, "--chunk-size 0 must be at least 3 (the embedder hashes 3-token "
+                            "n-grams: a shorter chunk embeds to nothing)"),
+        ({"out": "{tmp}/notes.txt"}, "--out {tmp}/notes.txt is a file, not a folder"),
+    ],
+)  # fmt: skip
+def test_retro_database_checks_its_options_first(tmp_path, option: dict, line: str) -> None:
+    import argparse
+    import runpy
+
+    (tmp_path / "notes.txt").write_text("a file where --out goes")
+    defaults = {"chunk_size": 64, "k": 2, "queries": 2000, "nprobe": 16, "max_documents": None,
+                "out": str(tmp_path / "out")}  # fmt: skip
+    given = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in option.items()}
+    check_options = runpy.run_path(f"{ROOT}/scripts/retro_database.py")["check_options"]
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(line.format(tmp=tmp_path))}$"):
+        check_options(argparse.Namespace(**{**defaults, **given}))
 
 
 def test_retro_database_bar_counts_the_database_chunks(project: Project) -> None:
@@ -200,7 +217,7 @@ def test_the_other_sequence_control_never_gives_a_sequence_its_own_neighbours() 
 
     from advarch.config.validate import ConfigError
 
-    others = runpy.run_path("scripts/retro_report.py")["_neighbours_of_others"]
+    others = runpy.run_path(f"{ROOT}/scripts/retro_report.py")["_neighbours_of_others"]
     batches = [
         {"neighbours": torch.arange(n).view(n, 1) + first} for first, n in [(0, 1), (1, 1), (2, 2)]
     ]
