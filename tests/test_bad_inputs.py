@@ -450,6 +450,18 @@ REAL_CLI = [
     ("eval.py", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),
     ("scripts/generate.py", ["ckpt_path={f}/empty.ckpt"], "empty.ckpt"),
     ("scripts/generate.py", [], "ckpt_path is required"),
+    (  # (Hydra's parser: "mismatched input '(' expecting <EOF>" and a link)
+        "scripts/generate.py",
+        ["ckpt_path={f}/ok.ckpt", "prompt=def f(x):"],
+        "error: prompt=def f(x):: Hydra cannot read this value (mismatched input '(' expecting "
+        "<EOF>); quote it for Hydra and the shell: 'prompt=\"def f(x):\"'",
+    ),
+    (
+        "train.py",
+        ["run_name=my(run)"],
+        "error: run_name=my(run): Hydra cannot read this value (Error parsing override "
+        "'run_name=my(run)'); quote it for Hydra and the shell: 'run_name=\"my(run)\"'",
+    ),
     ("scripts/merge.py", ["base={f}/ok.ckpt", "models=[{f}/ok.ckpt]"], "out= is required"),
     (
         "scripts/merge.py",

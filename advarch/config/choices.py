@@ -36,6 +36,27 @@ def check_config_dirs(argv: list[str]) -> None:
             raise ConfigError(f"--config-dir {folder} {state}")
 
 
+def check_override_syntax(argv: list[str]) -> None:
+    """Raise `ConfigError` for a `key=value` Hydra's grammar cannot read (`prompt=def f(x):`,
+    parentheses read as a function call), saying how to quote it: Hydra answered with its
+    parser's `mismatched input '(' expecting <EOF>` and a link."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for override in (a for a in argv if "=" in a and not a.startswith("-")):
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as err:
+            key, value = override.split("=", 1)
+            inner = "'" if '"' in value else '"'
+            reason = str(err).splitlines()[0]
+            raise ConfigError(
+                f"{override}: Hydra cannot read this value ({reason}); quote it for Hydra and "
+                f"the shell: '{key}={inner}{value}{inner}'"
+            ) from None
+
+
 def check_group_choices(argv: list[str]) -> None:
     """Raise `ConfigError` for a `group=option` whose option no config folder holds.
 
@@ -138,6 +159,7 @@ def check_overrides(argv: list[str], config_name: str) -> None:
     """Raise `ConfigError` for a config folder, group choice or key of `argv` that
     `config_name`'s configs lack (the checks above, in order)."""
     check_config_dirs(argv)
+    check_override_syntax(argv)
     check_group_choices(argv)
     check_override_keys(argv, config_name)
 

@@ -380,9 +380,11 @@ def write_report(folder: str | Path, wandb: bool = False) -> Path:
     elif folder.is_dir() and sweep_runs(folder):
         report = sweep_report(folder)
     else:
+        runs = sorted(p for p in folder.iterdir() if is_run(p)) if folder.is_dir() else []
+        hint = f"; it holds {len(runs)} run(s), the newest {runs[-1]}" if runs else ""
         raise FileNotFoundError(
             f"{folder} is neither a run folder (csv/version_*/metrics.csv) nor a sweep folder "
-            "(numbered run subfolders)"
+            f"(numbered run subfolders){hint}"
         )
     path = report.write()
     if wandb:

@@ -214,6 +214,13 @@ def test_best_run_by_direction() -> None:
 def test_not_a_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError, match="neither a run folder"):
         write_report(tmp_path)
+    # a run name's folder (`outputs/runs/<name>`) points at its runs
+    for run in ("2026-01-01_10-00-00_a", "2026-01-02_10-00-00_b"):
+        (tmp_path / run / "csv" / "version_0").mkdir(parents=True)
+        (tmp_path / run / "csv" / "version_0" / "metrics.csv").write_text("step\n")
+    newest = tmp_path / "2026-01-02_10-00-00_b"
+    with pytest.raises(FileNotFoundError, match=f"; it holds 2 run\\(s\\), the newest {newest}$"):
+        write_report(tmp_path)
     monkeypatch.setattr(sys, "argv", ["report.py", str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="^error: .*missing does not exist$"):
         runpy.run_path(str(ROOT / "scripts" / "report.py"), run_name="__main__")
