@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import lightning as L
 
@@ -16,6 +17,16 @@ class CrashAtStep(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+class IdleSteps(L.Callback):
+    """Sleep `seconds` after every optimizer step: a long run that leaves the CPU to others."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: object) -> None:
+        time.sleep(self.seconds)
 
 
 class PoisonLossAtStep(L.Callback):

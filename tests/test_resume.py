@@ -171,7 +171,8 @@ def test_a_folder_or_checkpoint_in_use_by_a_running_run_is_refused(project: Proj
     # the CSV logger; ckpt_path=auto resumed a run still training (one W&B run for both)
     first = subprocess.Popen(  # noqa: S603
         ["python", "train.py", "debug=tiny", "run_name=busy", "trainer.max_steps=100000",
-         "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2"],
+         "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2",
+         "+callbacks.idle._target_=tests.helpers.IdleSteps", "+callbacks.idle.seconds=0.5"],
         cwd=project.root, env=project.env(), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
