@@ -71,18 +71,18 @@ def check_group_choices(argv: list[str]) -> None:
         group, value = override.split("=", 1)
         if group.startswith("hydra") or "@" in group or any(c in value for c in "()*$"):
             continue
+        # option → its file (a `--config-dir` file, searched first by Hydra, over ours)
         files = {_option(p, f / group): p for f in folders for p in (f / group).rglob("*.yaml")}
-        options = set(files)
         for choice in (v.strip() for v in value.split(",")):
-            if options and choice == "null":
+            if files and choice == "null":
                 raise ConfigError(f"{group}=null is not a choice: write ~{group} to leave it out")
-            if options and choice not in options:
-                close = difflib.get_close_matches(choice, sorted(options), n=1)
+            if files and choice not in files:
+                close = difflib.get_close_matches(choice, sorted(files), n=1)
                 hint = f"did you mean {group}={close[0]}? " if close else ""
                 article = "an" if group[0] in "aeiou" else "a"
                 raise ConfigError(
                     f"{group}={choice} is not {article} {group} config ({hint}options: "
-                    f"{', '.join(sorted(options))})"
+                    f"{', '.join(sorted(files))})"
                 )
             if choice in files:  # (a sweep's jobs would each end in the parser's traceback)
                 check_yaml(files[choice])
