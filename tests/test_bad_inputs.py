@@ -198,6 +198,16 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["model.dimm=64"], "model.dimm is not a key of model (did you mean model.dim?"),
     ("train", ["model.moe.topk=1"], "did you mean model.moe.top_k?"),
     ("train", ["model.num_experts=4"], "did you mean model.moe.num_experts?"),  # not num_heads
+    (  # a block the model lacks (Hydra's "Key 'window' is not in struct", a screenful)
+        "train",
+        ["model.layers=[attn,swa]", "model.swa.window=32"],
+        "model.swa.window=32: model.swa is null in this config; write +model.swa.window=32",
+    ),
+    (  # (model=retro_moe listed 2 of the MoE options: "not a key of model.moe")
+        "train",
+        ["model=retro_moe", "data=text_retrieval", "model.moe.capacity_factor=0"],
+        "model.moe.capacity_factor=0 must be > 0",
+    ),
     (
         "train",
         ["data.seq_lenn=4"],

@@ -3,6 +3,7 @@ stops the run before any work with one line naming the key."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sysconfig
 from pathlib import Path
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 
 from advarch.config.compose import compose_run
 from advarch.config.validate import ConfigError
+from advarch.models.registry import BLOCKS
 from advarch.pipeline import instantiate_dict, validate_run
 from advarch.train import run
 from tests.conftest import ROOT, SMALL_TEXT
@@ -63,6 +65,18 @@ def trained_run(make_cfg, overrides: list[str]) -> tuple[dict[str, float], Path]
     finite = [v for k, v in metrics.items() if k.startswith("test/")]
     assert finite and all(math.isfinite(v) for v in finite)
     return metrics, out
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_block_section_of_a_model_config_has_every_option(make_cfg, model: str) -> None:
+    """`model.<block>.<option>=…` works on every model that has the block (`model=retro_moe`
+    listed 2 of the 11 MoE options: `model.moe.capacity_factor=1.25` was "not a key", and a
+    retrofit of a `model=moe` base was refused over the absent `num_shared_experts`)."""
+    cfg = make_cfg([f"model={model}"]).model
+    for name, block in BLOCKS.items():
+        if name in cfg and cfg[name] is not None and block.config.name:
+            fields = {f.name for f in dataclasses.fields(block.config)}
+            assert set(cfg[name]) == fields, f"model={model}: model.{name}"
 
 
 @pytest.mark.parametrize("model", options("model"))

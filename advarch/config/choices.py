@@ -142,6 +142,10 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
         node = OmegaConf.select(cfg, parent) if parent else _own_keys(cfg)
         if leaf not in node:
             raise unknown_key(parent, leaf, node, None if parent else f"the {config_name} config")
+        if node[leaf] is None:  # a null section (`model.swa` of model=transformer): `+` sets it
+            override = next(o for o in assigned if o.split("=", 1)[0] == key)
+            raise ConfigError(f"{override}: {parent}.{leaf} is null in this config; "
+                              f"write +{override} to set it")  # fmt: skip
     groups = {p.name for f in [PACKAGE_CONFIGS, *folders] if f.is_dir() for p in f.iterdir()}
     chosen = OmegaConf.select(cfg, "hydra.runtime.choices") or {}
     for override in (o for o in overrides if o.startswith("+")):
