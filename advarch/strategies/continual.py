@@ -37,6 +37,7 @@ Shapes: B batch, E experts per MoE layer, T tasks, C classes per head.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import asdict
@@ -185,6 +186,15 @@ class ContinualStrategy(BaseStrategy):
     def _batches(self, loader: DataLoader) -> Any:
         return ({k: v.to(self.device) for k, v in batch.items()} for batch in loader)
 
+    def _val_batch_count(self, loader: DataLoader) -> int | None:
+        """The batches of `loader` Lightning's validation runs (None: all):
+        `trainer.limit_val_batches`, a count or a fraction of the loader, rounded down as
+        Lightning does."""
+        limit = getattr(self.trainer, "limit_val_batches", 1.0)
+        if isinstance(limit, int):
+            return limit
+        return None if limit == 1.0 else int(len(loader) * limit)
+
     # -- forward with expert masks --------------------------------------------------------------
     def expert_mask(self, batch: Batch, routing_for_training: bool) -> torch.Tensor | None:
         """(B, E) experts allowed per example: its task's block, in training and in
@@ -240,7 +250,8 @@ class ContinualStrategy(BaseStrategy):
     @torch.no_grad()
     def evaluate_tasks(self) -> torch.Tensor:
         """(T,) validation metric (acc or bpb) on every task with the current weights, in eval
-        mode."""
+        mode, on the batches validation uses (`trainer.limit_val_batches`): the matrix row of a
+        boundary equals the `val/task_<j>/*` values logged with the same weights."""
         loaders = self.trainer.datamodule.val_dataloader()
         loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
         if len(loaders) != self.num_tasks:
@@ -252,7 +263,8 @@ class ContinualStrategy(BaseStrategy):
         self.eval()
         values = torch.zeros(self.num_tasks)
         for task, loader in enumerate(loaders):
-            score = mean_per_example(self._batches(loader), lambda b: self.task_scores(b, self(b)))
+            batches = itertools.islice(self._batches(loader), self._val_batch_count(loader))
+            score = mean_per_example(batches, lambda b: self.task_scores(b, self(b)))
             values[task] = self.task_value(task, score)
         self.train(was_training)
         return values

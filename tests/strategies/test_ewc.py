@@ -277,6 +277,12 @@ def test_ewc_stream_end_to_end_and_eval_gives_the_last_row(make_cfg, tmp_path: P
     assert (out / "plots" / "accuracy_matrix.png").is_file()
     mean = (metrics["test/task_0/acc"] + metrics["test/task_1/acc"]) / 2
     assert metrics["test/avg_acc"] == pytest.approx(mean)
+    with (out / "continual" / "accuracy_matrix.csv").open() as f:
+        last_row = [float(c) for c in list(csv.reader(f))[-1][1:]]
+    rows = read_metrics(out)  # the last validation ran on the final weights, as did the row
+    last_val = [[float(r[f"val/task_{j}/acc"]) for r in rows if r.get(f"val/task_{j}/acc")][-1]
+                for j in range(2)]  # fmt: skip
+    assert last_row == pytest.approx(last_val, abs=1e-6)  # (on every batch, not val's one)
     ecfg = make_cfg(
         [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"],
         config_name="eval",
