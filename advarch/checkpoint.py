@@ -191,6 +191,13 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
             )
 
 
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint lives in (`<run>/checkpoints/x.ckpt` → `<run>`)."""
+    return (
+        checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    )
+
+
 def describe(ckpt: Mapping[str, Any]) -> str:
     """`step N, epoch E[, task T]` of a training checkpoint, for resume messages."""
     text = f"step {ckpt.get('global_step', '?')}, epoch {ckpt.get('epoch', '?')}"

@@ -4,16 +4,22 @@ Lightning's writer deletes an existing `metrics.csv` whenever a new writer start
 version folder. Under `ddp_spawn` every stage (fit, validate, test) starts new worker
 processes, so the test stage's writer erased the training curve. This writer continues the
 file instead: it takes the existing header as its known columns and appends.
+
+A resumed run starts its file with the rows its checkpoint's run logged before the checkpoint
+(`carry_rows`), so that its curves start at step 0, as the uninterrupted run's do.
 """
 
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from advarch.atomic import write_atomic
 
 
 class _ContinuingWriter(ExperimentWriter):
@@ -35,3 +41,23 @@ class CSVLogger(LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    def carry_rows(self, source: Path, before_step: int) -> None:
+        """Start this run's `metrics.csv` with the rows of `source` (the metrics of the run a
+        checkpoint of step `before_step` resumes) logged before that step; those from later,
+        which the resumed run logs again, are left out. Nothing when `source` is missing."""
+        if not source.is_file():
+            return
+        with source.open(newline="") as file:
+            reader = csv.DictReader(file)
+            rows = [r for r in reader if r.get("step") and int(float(r["step"])) < before_step]
+            header = list(reader.fieldnames or [])
+
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        write_atomic(Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE, write)
+        self.experiment.metrics_keys = header  # (a writer made before: it appends to these)

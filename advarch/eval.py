@@ -145,7 +145,7 @@ def run_choice_tags(cfg: DictConfig) -> list[str]:
     folder), the data this evaluation chose where it chose one."""
     from hydra.core.hydra_config import HydraConfig
 
-    from advarch.config.runs import run_dir_of
+    from advarch.checkpoint import run_dir_of
     from advarch.reports.run_folders import run_setting
 
     run_dir = run_dir_of(Path(cfg.ckpt_path))

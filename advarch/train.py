@@ -62,6 +62,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     from advarch.callbacks.final_validation import ValidateAtLastStep
     from advarch.callbacks.known_warnings import IgnoreKnownWarnings
     from advarch.callbacks.process_group import DestroyProcessGroupAtExit
+    from advarch.callbacks.resumed_curves import ResumedCurves
     from advarch.callbacks.run_config import LogRunConfig
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.callbacks.skipped_fit import QuietSkippedFit
@@ -89,6 +90,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     callbacks.append(DataIdentity(None if ckpt is None else str(ckpt)))  # no resume on other data
     callbacks.append(IgnoreKnownWarnings())  # again in spawned DDP workers
     callbacks.append(DestroyProcessGroupAtExit())  # gloo's workers abort at exit without it
+    callbacks.append(ResumedCurves(ckpt, output_dir))  # a resume's CSV curves from step 0
     callbacks.append(QuietSkippedFit())  # a finished checkpoint: advarch's line alone
     final_validation = ValidateAtLastStep()  # the final weights compete for best-*.ckpt
     callbacks.append(final_validation)

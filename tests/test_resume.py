@@ -90,7 +90,9 @@ def outcome(run_dir: Path) -> dict:
     with (run_dir / "csv" / "version_0" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     final = {k: v for r in rows for k, v in r.items() if v and k.split("/")[0] in ("cl", "test")}
+    timing = ("train/tokens_per_s", "train/samples_per_s")
     return {
+        "curves": [{k: v for k, v in r.items() if k not in timing} for r in rows],
         "step": ckpt["global_step"],
         "state": ckpt["state_dict"],
         "R": ckpt["continual"]["accuracy_matrix"],
@@ -103,6 +105,7 @@ def assert_same(resumed: dict, full: dict) -> None:
     assert resumed["step"] == full["step"]
     assert torch.equal(resumed["R"], full["R"]), (resumed["R"], full["R"])
     assert resumed["metrics"] == full["metrics"]
+    assert resumed["curves"] == full["curves"]  # every row from step 0: the report's curves
     assert resumed["state"].keys() == full["state"].keys()
     assert all(torch.equal(resumed["state"][k], full["state"][k]) for k in full["state"])
     for f, g in zip(resumed["fisher"], full["fisher"], strict=True):

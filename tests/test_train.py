@@ -81,7 +81,8 @@ def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path,
             assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
     losses = [series(read_metrics(Path(c.paths.output_dir)), "train/loss")
               for c in (full_cfg, resumed_cfg)]  # fmt: skip
-    assert losses[1] == pytest.approx(losses[0][4:], rel=1e-6)  # steps 4-7 on the same batches
+    # steps 0-3 carried from the crashed run's CSV, 4-7 trained again on the same batches
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
     # step 4 is epoch 1's first batch: its epoch means count that batch too (they were the
     # means of the batches after the resume alone; few-shot's and multitask's per-task ones
     # still were)
@@ -89,7 +90,7 @@ def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path: Path,
                                    for c in (full_cfg, resumed_cfg))  # fmt: skip
     assert "train/loss_epoch" in full_epochs and full_epochs.keys() == resumed_epochs.keys()
     for key, values in full_epochs.items():
-        assert len(values) == 3 and resumed_epochs[key] == pytest.approx(values[1:], rel=1e-6), key
+        assert len(values) == 3 and resumed_epochs[key] == pytest.approx(values, rel=1e-6), key
 
 
 def test_a_resume_mid_way_through_a_whole_epoch_trains_the_rest_of_it(make_cfg, tmp_path):
@@ -108,7 +109,7 @@ def test_a_resume_mid_way_through_a_whole_epoch_trains_the_rest_of_it(make_cfg, 
     (full_cfg, full), (resumed_cfg, resumed) = crash_and_resume(make_cfg, tmp_path, common, 10)
     losses = [series(read_metrics(Path(c.paths.output_dir)), "train/loss")
               for c in (full_cfg, resumed_cfg)]  # fmt: skip
-    assert len(losses[0]) == 24 and losses[1] == losses[0][8:]
+    assert len(losses[0]) == 24 and losses[1] == losses[0]  # (steps 0-7 from the crashed run)
     assert resumed["test/acc"] == full["test/acc"] and resumed["val/loss"] == full["val/loss"]
 
 
@@ -165,7 +166,7 @@ def test_resume_from_a_checkpoint_at_an_epochs_last_batch(make_cfg, tmp_path: Pa
     resumed = make_cfg([*common, f"ckpt_path={step_3}"], output_dir=tmp_path / "resumed")
     resumed_metrics = run(resumed)
     losses = [series(read_metrics(Path(c.paths.output_dir)), "train/loss") for c in (full, resumed)]
-    assert losses[1] == losses[0][3:]  # steps 4-7 on the same batches
+    assert losses[1] == losses[0]  # steps 0-2 carried from the run's CSV, 3-6 on the same batches
     for key in ("val/loss", "test/loss", "test/acc"):
         if key in full_metrics:  # (multitask: per-task MSE, no accuracy)
             assert resumed_metrics[key] == full_metrics[key], key
@@ -253,7 +254,8 @@ def test_ckpt_path_auto_resumes_the_newest_run_of_its_run_name(
         name: series(read_metrics(res.check().run_dir), "train/loss")
         for name, res in (("resumed", resumed), ("other", other))
     }
-    assert len(steps["resumed"]) == 3  # steps 7-9 after the earlier run's 6
+    earlier_losses = series(read_metrics(earlier), "train/loss")
+    assert steps["resumed"][:6] == earlier_losses and len(steps["resumed"]) == 9  # then 7-9
     assert len(steps["other"]) == 9  # another run name starts fresh
     ckpt = torch.load(resumed.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 9

@@ -14,6 +14,7 @@ from advarch.checkpoint import (
     describe,
     newest_readable,
     read_checkpoint,
+    run_dir_of,
     saved_config,
 )
 from advarch.run_lock import holder
@@ -194,13 +195,6 @@ def check_not_training(checkpoint: Path, output_dir: Path | None, what: str) -> 
             f"{what}, {checkpoint}, belongs to a run still training (process {pid}): stop it "
             f"before resuming it{other}"
         )
-
-
-def run_dir_of(checkpoint: Path) -> Path:
-    """The run folder a checkpoint lives in (`<run>/checkpoints/x.ckpt` → `<run>`)."""
-    return (
-        checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    )
 
 
 def previous_wandb_id(checkpoint: Path | None) -> str | None:
