@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-from advarch.config.combinations import DATA, STRATEGY_DATA, with_default_data
+from advarch.config import combinations
+from advarch.config.combinations import (
+    DATA,
+    STRATEGY_DATA,
+    check_combination,
+    with_default_data,
+    with_strategy_defaults,
+)
 from advarch.config.compose import CONFIG_DIR
 from advarch.config.validate import ConfigError
 from advarch.spec import TaskStream
@@ -100,6 +113,11 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         (["model=seq2seq_moe"], "model=seq2seq_moe data=text:", "data=seq2seq_reverse"),
         (["strategy=ewc", "data=text"], "strategy=ewc data=text:", "data=text_domains"),
         (["strategy=finetune"], "strategy=finetune fine-tunes", "strategy.pretrained="),
+        (  # no data has neighbours and a task stream: another strategy, not a circle
+            ["model=retro", "strategy=ewc", "debug=tiny"],
+            "model=retro strategy=ewc:",
+            "use strategy=plain data=text_retrieval",
+        ),
         (
             ["data=fewshot_synthetic"],
             "strategy=plain data=fewshot_synthetic:",
@@ -156,3 +174,77 @@ def test_strategies_run_as_typed_with_their_default_data(
     extra = stream if strategy == "naive" else []
     metrics = run(make_cfg([f"model={model}", f"strategy={strategy}", *FAST, *size, *extra]))
     assert metrics
+
+
+GROUPS = ("data", "model", "strategy")  # what the combination check reads
+TRAIN_DEFAULTS = {  # train.yaml's choices of them
+    group: choice
+    for entry in OmegaConf.load(Path(CONFIG_DIR, "train.yaml")).defaults
+    if isinstance(entry, DictConfig)
+    for group, choice in entry.items()
+    if group in GROUPS
+}
+
+
+@pytest.fixture(scope="module")
+def group_nodes() -> dict[tuple[str, str], DictConfig]:
+    """Every option of the three groups composed once: (group, option) → its node."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        nodes = {
+            (group, p.stem): compose(overrides=[f"+{group}={p.stem}"])[group]
+            for group in GROUPS
+            for p in Path(CONFIG_DIR, group).glob("*.yaml")
+        }
+    GlobalHydra.instance().clear()
+    return nodes
+
+
+def combination_error(nodes, monkeypatch, command: list[str]) -> str | None:
+    """What the combination check says of `python train.py <command>` (None: it passes): the
+    strategy's defaults added as the command line adds them, the three groups' nodes with the
+    command's keys set (composing the whole tree 150 times would take half a minute)."""
+    typed = dict(o.split("=", 1) for o in with_strategy_defaults(command))
+    choices = {group: typed.get(group, TRAIN_DEFAULTS[group]) for group in GROUPS}
+    cfg = OmegaConf.create({group: nodes[group, choice] for group, choice in choices.items()})
+    for key, value in typed.items():
+        if "." in key:
+            OmegaConf.update(cfg, key, value)
+    monkeypatch.setattr(combinations, "_choices", lambda: choices)
+    try:
+        check_combination(cfg)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def followed(command: list[str], hint: str) -> list[str]:
+    """`command` with the keys one alternative of a hint names set as it says (a new strategy
+    drops the old one's keys, as a user would)."""
+    keys = dict(o.split("=", 1) for o in hint.split() if "=" in o)
+    dropped = ("strategy.",) if "strategy" in keys else ()
+    kept = [o for o in command if o.split("=", 1)[0] not in keys and not o.startswith(dropped)]
+    return [*kept, *(f"{k}={v}" for k, v in keys.items())]
+
+
+def test_every_hint_of_every_model_and_strategy_passes(
+    group_nodes, monkeypatch, tmp_path: Path
+) -> None:
+    """Each model with each strategy as typed: it passes, or its one line names what to use,
+    and every alternative named passes (no hint leads to another refusal)."""
+    base = tmp_path / "base.ckpt"
+    torch.save({}, base)  # (a fine-tune's base; the check reads only that it is torch's file)
+    models, strategies = ({o for g, o in group_nodes if g == group} for group in GROUPS[1:])
+    for model, strategy in itertools.product(sorted(models), sorted(strategies)):
+        command = [f"model={model}", f"strategy={strategy}"]
+        if "pretrained" in group_nodes["strategy", strategy]:  # (asked for first: tested above)
+            command.append(f"strategy.pretrained={base}")
+        error = combination_error(group_nodes, monkeypatch, command)
+        if error is None:
+            continue
+        hint = re.search(r"(?:; use|, so it needs) ([^;]+)$", error)
+        assert hint, error
+        alternatives = [a for a in hint[1].split(" or ") if "leave data= out" not in a]
+        for alternative in alternatives:
+            fixed = followed(command, alternative)
+            assert combination_error(group_nodes, monkeypatch, fixed) is None, (error, fixed)

@@ -13,7 +13,9 @@ Two jobs, both before anything heavy is imported or read:
   and model keys or an `experiment=` (which pins its own) always win.
 - `check_combination(cfg)`: an impossible model × data × strategy combination stops with one
   `ConfigError` line naming the keys and a combination that works, before the config tree is
-  printed, before torch is imported and before any data is read.
+  printed, before torch is imported and before any data is read. What a strategy and a model
+  need of their data (`STRATEGY_NEEDS`, `_model_need`) are checked together, so a hint names
+  only data that suits both (and another strategy where none does): following it passes.
 
 Both work from the `_target_` class paths in `DATA`/rules below (importing the classes would
 import torch, seconds on a busy machine); `tests/test_combinations.py` checks the table
@@ -22,8 +24,11 @@ against the real datamodules. Targets not listed (a user's own classes) are not 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig
@@ -53,6 +58,7 @@ STRATEGY_OPTIMIZATION: dict[str, dict[str, float | int]] = {
 # shared patch projection cannot unmix (5-way accuracy at chance with patches of 8)
 STRATEGY_MODEL: dict[str, dict[str, int]] = {"fewshot": {"model.feature_patch": 64}}
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+DATA_CONFIGS = MODEL_CONFIGS.parent / "data"
 DEFAULT_MODEL = "moe"  # train.yaml's
 
 
@@ -101,6 +107,43 @@ MULTITASK = "advarch.strategies.multitask.MultiTaskStrategy"
 FEWSHOT = "advarch.strategies.fewshot.FewShotStrategy"
 FINETUNE = "advarch.strategies.finetune.FinetuneStrategy"
 MMOE = "advarch.models.mmoe.MultiGateMoE"
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a strategy or a model needs of its data, and the packaged data that has it.
+
+    Attributes:
+        what: the need as a message says it (`trains a task stream`).
+        fits: whether a datamodule, by its facts and its config, serves it.
+        options: packaged data options that serve it, in the order a hint names them.
+        lacking: how a message says data lacks it (None: `is <what the data is>`).
+    """
+
+    what: str
+    fits: Callable[[DataFacts, Mapping[str, Any]], bool]
+    options: tuple[str, ...]
+    lacking: str | None = None
+
+
+def _continual_stream(facts: DataFacts, _: Mapping[str, Any]) -> bool:
+    return facts.stream and facts.kind in ("lm", "classification")
+
+
+STREAM_NEED = Need("trains a task stream", _continual_stream, ("text_domains", "permuted_digits"))
+STRATEGY_NEEDS: dict[str, Need] = {
+    **dict.fromkeys(CONTINUAL, STREAM_NEED),
+    MULTITASK: Need(
+        "trains several tasks together", lambda facts, _: facts.multitask, ("mmoe_synthetic",)
+    ),
+    FEWSHOT: Need(
+        "needs episodes",
+        lambda facts, _: facts.episodes,
+        ("fewshot_synthetic", "fewshot_rotated_digits"),
+    ),
+}
+# the MMoE family's data (feature vectors), in the order a hint names them
+FEATURE_DATA = ("mmoe_synthetic", "permuted_digits", "digits", "fewshot_synthetic")
 
 
 # -- default data -----------------------------------------------------------------------------
@@ -220,60 +263,101 @@ def check_combination(cfg: DictConfig) -> None:
     facts = DATA.get(data.get("_target_"))
     if facts is None:
         return
-    using = f"strategy={names['strategy']} data={names['data']}"
     what = _describe(facts.kind, facts)
-    if strategy_target in CONTINUAL and not (
-        facts.stream and facts.kind in ("lm", "classification")
-    ):
-        raise ConfigError(
-            f"{using}: strategy={names['strategy']} trains a task stream, but data="
-            f"{names['data']} is {what}; use data=text_domains (domains of the corpus) or "
-            f"data=permuted_digits, or leave data= out"
-        )
-    if strategy_target == MULTITASK and not facts.multitask:
-        raise ConfigError(
-            f"{using}: strategy=multitask trains several tasks together, but data="
-            f"{names['data']} is {what}; use data=mmoe_synthetic, or leave data= out"
-        )
-    if strategy_target == FEWSHOT and not facts.episodes:
-        raise ConfigError(
-            f"{using}: strategy=fewshot needs episodes, but data={names['data']} is {what}; "
-            f"use data=fewshot_synthetic or data=fewshot_rotated_digits, or leave data= out"
-        )
+    _check_needs(STRATEGY_NEEDS.get(strategy_target), _model_need(model), facts, data, names, what)
+    using = f"strategy={names['strategy']} data={names['data']}"
     ours = str(strategy_target).startswith("advarch.strategies.")  # (a user's may read them)
     if facts.episodes and ours and strategy_target != FEWSHOT:
         raise ConfigError(
             f"{using}: data={names['data']} serves {what} (support and query sets), which "
             f"only strategy=fewshot trains; use strategy=fewshot data={names['data']}"
         )
-    _check_model(model, data, facts, names, what)
 
 
-def _check_model(
-    model: DictConfig, data: DictConfig, facts: DataFacts, names: dict[str, str], what: str
+def _check_needs(
+    wanted: Need | None,
+    needed: Need | None,
+    facts: DataFacts,
+    data: Mapping[str, Any],
+    names: dict[str, str],
+    what: str,
 ) -> None:
-    using = f"model={names['model']} data={names['data']}"
+    """The strategy's need (`wanted`) and the model's (`needed`) against the data. A hint names
+    only data that serves both, so following it passes; where no data does, another strategy."""
+    strategy_ok = wanted is None or wanted.fits(facts, data)
+    model_ok = needed is None or needed.fits(facts, data)
+    if strategy_ok and model_ok:
+        return
+    model, strategy, chosen = names["model"], names["strategy"], names["data"]
+    if wanted is not None and needed is not None and not _serving(wanted, needed):
+        raise ConfigError(
+            f"model={model} strategy={strategy}: model={model} {needed.what} and strategy="
+            f"{strategy} {wanted.what}, but no data does both; use strategy=plain "
+            f"data={needed.options[0]}"
+        )
+    if not strategy_ok:
+        options = _serving(wanted, needed) if needed is not None else list(wanted.options)
+        leave = ", or leave data= out" if STRATEGY_DATA.get(strategy) in options else ""
+        raise ConfigError(
+            f"strategy={strategy} data={chosen}: strategy={strategy} {wanted.what}, but data="
+            f"{chosen} is {what}; use {' or '.join(f'data={o}' for o in options)}{leave}"
+        )
+    option = (_serving(needed, wanted) if wanted is not None else needed.options)[0]
+    raise ConfigError(
+        f"model={model} data={chosen}: model={model} {needed.what}, but data={chosen} "
+        f"{needed.lacking or 'is ' + what}; use model={model} data={option}"
+    )
+
+
+def _model_need(model: Mapping[str, Any]) -> Need | None:
+    """What the model needs of its data: feature vectors (the MMoE family), source and target
+    sequences (an encoder–decoder) or neighbours (RETRO); None where any data fits."""
     if model.get("_target_") == MMOE:
-        features = facts.features
-        if features is None:
-            features = data.get("input_format", "features") == "features"
-        if not features or facts.kind not in ("regression", "classification"):
-            raise ConfigError(
-                f"{using}: model={names['model']} reads feature vectors, but data="
-                f"{names['data']} is {what}; use model={names['model']} data=mmoe_synthetic "
-                "strategy=multitask"
-            )
-    if model.get("encoder_depth") and facts.kind != "seq2seq":
-        raise ConfigError(
-            f"{using}: model={names['model']} is an encoder–decoder (model.encoder_depth="
-            f"{model.encoder_depth}), but data={names['data']} is {what}; use "
-            f"model={names['model']} data=seq2seq_reverse"
+        return Need("reads feature vectors", _feature_vectors, FEATURE_DATA)
+    if model.get("encoder_depth"):
+        return Need(
+            f"is an encoder–decoder (model.encoder_depth={model.get('encoder_depth')})",
+            lambda facts, _: facts.kind == "seq2seq",
+            ("seq2seq_reverse",),
         )
-    if model.get("retro") and not (facts.retrieval or data.get("retrieval")):
-        raise ConfigError(
-            f"{using}: model={names['model']} retrieves neighbours, but data={names['data']} "
-            f"has none; use model={names['model']} data=text_retrieval"
+    if model.get("retro"):
+        return Need(
+            "retrieves neighbours",
+            lambda facts, data: facts.retrieval or bool(data.get("retrieval")),
+            ("text_retrieval", "retro_lookup"),
+            lacking="has none",
         )
+    return None
+
+
+def _feature_vectors(facts: DataFacts, data: Mapping[str, Any]) -> bool:
+    """Feature-vector inputs of regression or classification (digits: `data.input_format`)."""
+    features = facts.features
+    if features is None:
+        features = data.get("input_format", "features") == "features"
+    return features and facts.kind in ("regression", "classification")
+
+
+def _serving(need: Need, also: Need) -> list[str]:
+    """`need`'s data options that serve `also` too, in `need`'s order."""
+    return [option for option in need.options if _serves(also, option)]
+
+
+def _serves(need: Need, option: str) -> bool:
+    """Whether the packaged data option `option` (`configs/data/<option>.yaml`) serves `need`."""
+    data = _packaged_data(option)
+    return need.fits(DATA[data["_target_"]], data)
+
+
+@cache
+def _packaged_data(choice: str) -> dict[str, Any]:
+    """The packaged data config `choice` over the configs it builds on (text_retrieval: text)."""
+    config = yaml.safe_load((DATA_CONFIGS / f"{choice}.yaml").read_text()) or {}
+    bases = [d for d in config.pop("defaults", []) if isinstance(d, str) and d != "_self_"]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged |= _packaged_data(base)
+    return merged | config
 
 
 def _check_pretrained(pretrained: str | None, name: str) -> None:
