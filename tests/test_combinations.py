@@ -248,3 +248,19 @@ def test_every_hint_of_every_model_and_strategy_passes(
         for alternative in alternatives:
             fixed = followed(command, alternative)
             assert combination_error(group_nodes, monkeypatch, fixed) is None, (error, fixed)
+
+
+def test_retrofit_onto_a_model_without_retro_says_so_before_asking_for_the_base(
+    make_cfg, tmp_path: Path
+) -> None:
+    base = tmp_path / "plain.ckpt"
+    torch.save({}, base)
+    for pretrained in ([], [f"strategy.pretrained={base}"]):
+        cfg = make_cfg(["model=transformer", "strategy=retrofit", "debug=tiny", *pretrained])
+        with pytest.raises(ConfigError) as err:
+            check_combination(cfg)
+        assert str(err.value).startswith("model=transformer strategy=retrofit: strategy=retrofit")
+        assert str(err.value).endswith("it needs model=retro or model=retro_moe")
+    # the plain decoder trained on as a retrofit's control (scripts/retro_report.py --retrofit)
+    unfrozen = ["strategy.trainable=[*]", f"strategy.pretrained={base}"]
+    check_combination(make_cfg(["model=transformer", "strategy=retrofit", *unfrozen]))

@@ -42,6 +42,7 @@ STRATEGY_DATA = {
     "naive": "text_domains",
     "multitask": "mmoe_synthetic",
     "fewshot": "fewshot_synthetic",
+    "retrofit": "text_retrieval",
 }
 PINS_DATA = ("data", "experiment")  # override keys after which the data choice is the user's
 # strategy → optimizer/scheduler values it trains with (the others keep configs/optimizer/adamw
@@ -259,6 +260,7 @@ def check_combination(cfg: DictConfig) -> None:
     strategy, data, model = (cfg.get(g) or {} for g in ("strategy", "data", "model"))
     strategy_target = strategy.get("_target_")
     if strategy_target == FINETUNE:
+        _check_retrofit(strategy, model, names)
         _check_pretrained(strategy.get("pretrained"), names["strategy"])
     facts = DATA.get(data.get("_target_"))
     if facts is None:
@@ -358,6 +360,21 @@ def _packaged_data(choice: str) -> dict[str, Any]:
     for base in bases:
         merged |= _packaged_data(base)
     return merged | config
+
+
+def _check_retrofit(
+    strategy: Mapping[str, Any], model: Mapping[str, Any], names: dict[str, str]
+) -> None:
+    """A fine-tune that trains RETRO's encoder and cross-attention (`strategy=retrofit`:
+    `model.retro.*`) needs a model that has them; said before the checkpoint is asked for, as
+    no checkpoint helps (else: a pattern that "matches no parameter" once the model is built)."""
+    patterns = [p for p in strategy.get("trainable") or [] if str(p).startswith("model.retro")]
+    if patterns and not model.get("retro"):
+        raise ConfigError(
+            f"model={names['model']} strategy={names['strategy']}: strategy="
+            f"{names['strategy']} adds retrieval to a trained decoder (strategy.trainable="
+            f"[{', '.join(patterns)}]), so it needs model=retro or model=retro_moe"
+        )
 
 
 def _check_pretrained(pretrained: str | None, name: str) -> None:
