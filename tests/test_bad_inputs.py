@@ -139,11 +139,11 @@ ROWS: list[tuple[str, list[str], str]] = [
         "data: the train split packs into 2 sequences of data.seq_len=8 tokens, fewer than "
         "data.batch_size=16: not one training batch",
     ),
-    ("train", [*STREAM, "data.num_tasks=0"], "data.num_tasks=0"),
-    ("train", [*STREAM, "data.scenario=bogus"], "data.scenario='bogus'"),
-    ("train", [*STREAM, "data.epochs_per_task=0"], "data.epochs_per_task=0"),
-    ("train", [*STREAM, "data.input_format=bogus"], "data.input_format='bogus'"),
-    ("train", ["data=split_digits", "data.num_tasks=3"], "data.num_tasks=3"),
+    ("train", ["strategy=naive", *STREAM, "data.num_tasks=0"], "data.num_tasks=0"),
+    ("train", ["strategy=naive", *STREAM, "data.scenario=bogus"], "data.scenario='bogus'"),
+    ("train", ["strategy=naive", *STREAM, "data.epochs_per_task=0"], "data.epochs_per_task=0"),
+    ("train", ["strategy=naive", *STREAM, "data.input_format=bogus"], "data.input_format='bogus'"),
+    ("train", ["strategy=naive", "data=split_digits", "data.num_tasks=3"], "data.num_tasks=3"),
     ("train", ["data=digits", "data.classes=[11]"], "data.classes=[11]"),
     # retrieval options faiss failed on after the database's build (a traceback, a run folder)
     ("train", [*RETRIEVAL, "data.retrieval.nprobe=0"], "data.retrieval.nprobe=0 must be positive"),

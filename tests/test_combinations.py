@@ -264,3 +264,23 @@ def test_retrofit_onto_a_model_without_retro_says_so_before_asking_for_the_base(
     # the plain decoder trained on as a retrofit's control (scripts/retro_report.py --retrofit)
     unfrozen = ["strategy.trainable=[*]", f"strategy.pretrained={base}"]
     check_combination(make_cfg(["model=transformer", "strategy=retrofit", *unfrozen]))
+
+
+@pytest.mark.parametrize("data", ["text_domains", "permuted_digits", "split_digits"])
+def test_plain_training_of_a_task_stream_names_the_continual_strategies(make_cfg, data) -> None:
+    cfg = make_cfg(["model=moe", f"data={data}", "strategy=plain", "debug=tiny"])
+    with pytest.raises(ConfigError, match=f"^strategy=plain data={data}: ") as err:
+        check_combination(cfg)
+    assert "use strategy=naive" in str(err.value) and "strategy.joint=true" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["strategy=plain", "data=text_domains", "data.domains=[codecs]"],  # one domain: a corpus
+        ["strategy=naive", "data=text_domains"],
+        ["strategy=naive", "strategy.joint=true", "data=permuted_digits"],
+    ],
+)
+def test_a_task_stream_of_one_task_or_a_continual_strategy_passes(make_cfg, overrides) -> None:
+    check_combination(make_cfg(["model=moe", *overrides]))

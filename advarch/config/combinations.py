@@ -107,6 +107,7 @@ CONTINUAL = ("advarch.strategies.continual.ContinualStrategy", "advarch.strategi
 MULTITASK = "advarch.strategies.multitask.MultiTaskStrategy"
 FEWSHOT = "advarch.strategies.fewshot.FewShotStrategy"
 FINETUNE = "advarch.strategies.finetune.FinetuneStrategy"
+PLAIN = "advarch.strategies.plain.PlainStrategy"
 MMOE = "advarch.models.mmoe.MultiGateMoE"
 
 
@@ -274,6 +275,12 @@ def check_combination(cfg: DictConfig) -> None:
             f"{using}: data={names['data']} serves {what} (support and query sets), which "
             f"only strategy=fewshot trains; use strategy=fewshot data={names['data']}"
         )
+    if facts.stream and strategy_target == PLAIN and not _one_task(data):
+        raise ConfigError(
+            f"{using}: data={names['data']} serves {what}, which strategy=plain would train "
+            "one task after another without continual metrics; use strategy=naive (in "
+            "sequence, cl/* metrics and matrix) or strategy=naive strategy.joint=true (all at once)"
+        )
 
 
 def _check_needs(
@@ -360,6 +367,13 @@ def _packaged_data(choice: str) -> dict[str, Any]:
     for base in bases:
         merged |= _packaged_data(base)
     return merged | config
+
+
+def _one_task(data: Mapping[str, Any]) -> bool:
+    """Whether a task stream holds one task (`data.domains=[codecs]`, `data.num_tasks=1`):
+    trained plainly, it is one corpus."""
+    domains = data.get("domains")
+    return (len(domains) if domains is not None else data.get("num_tasks")) == 1
 
 
 def _check_retrofit(
