@@ -4,11 +4,12 @@ Lightning labels the bar `Epoch e/max_epochs-1`, which prints `Epoch 3/-2` when 
 bounded by `trainer.max_steps` (max_epochs = -1); this bar shows the step budget instead, and
 counts (with its time left) towards the end of the budget, not of the current epoch. It
 leaves out Lightning's logger version (`v_num`), and where the output is not a terminal (a
-log file, a pipe, CI) it draws its final frame wide enough for the metrics to stay on one line
-instead of Rich's default 80 columns, which wrap them mid-pair. There, where Rich draws only
-that final frame, it also logs a progress line every tenth of the run (`step 30/300 · 0:00:19
-elapsed, 0:02:51 left · train/loss 2.93`), so that a log followed with `tail -f` shows that
-the run is alive and when it will end.
+log file, a pipe, CI) it draws its final frame as one line however many metrics it shows: at
+Rich's default 80 columns (or any fixed width) they wrapped onto a line of their own, padded
+to the width with spaces. There, where Rich draws only that final frame, it also logs a
+progress line every tenth of the run (`step 30/300 · 0:00:19 elapsed, 0:02:51 left ·
+train/loss 2.93`), so that a log followed with `tail -f` shows that the run is alive and when
+it will end.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from advarch.console_log import console_width
 
 log = logging.getLogger("advarch")
 LOGGED_STEPS = 50  # shorter runs log no progress lines
+UNBOUNDED = 100_000  # the bar's width in a log file: its frame is as long as its content
 
 
 class StepBudgetProgressBar(RichProgressBar):
@@ -32,8 +34,8 @@ class StepBudgetProgressBar(RichProgressBar):
 
     def __init__(self, *args: Any, console_kwargs: dict[str, Any] | None = None, **kwargs: Any):
         console_kwargs = dict(console_kwargs or {})
-        if console_width() is not None:
-            console_kwargs.setdefault("width", console_width())
+        if console_width() is not None:  # (its table is not expanded: no padding to the width)
+            console_kwargs.setdefault("width", UNBOUNDED)
         super().__init__(*args, console_kwargs=console_kwargs, **kwargs)
 
     def _step_budget(self) -> int | None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 from types import SimpleNamespace
+from typing import Any
 
+import lightning as L
 import pytest
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.demos.boring_classes import BoringModel
 
 from advarch.callbacks.progress import StepBudgetProgressBar
-from advarch.console_log import LOG_WIDTH
 
 
 @pytest.mark.parametrize(("max_epochs", "max_steps", "label"), [
@@ -24,20 +26,40 @@ def test_label_never_shows_a_negative_epoch_budget(max_epochs, max_steps, label)
     assert bar._get_train_description(3).strip() == label
 
 
-def test_in_a_log_file_the_bar_is_wide_and_shows_no_logger_version(monkeypatch):
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
-    bar = StepBudgetProgressBar()
-    assert bar._console_kwargs["width"] == LOG_WIDTH  # metrics on one line, not wrapped at 80
+FEWSHOT_BAR = ("train/loss", "val/loss", "val/acc", "val/acc_ci95", "val/raw_proto_acc",
+               "val/raw_proto_acc_ci95", "val/a_long_metric", "val/another_long_one")  # fmt: skip
+
+
+class ManyMetrics(BoringModel):
+    """Shows more metrics on the bar than fit in 200 columns (a few-shot run's, and more)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        out = super().training_step(batch, batch_idx)
+        for name in FEWSHOT_BAR:
+            self.log(name, 0.118, prog_bar=True)
+        return out
+
+
+def test_in_a_log_file_the_bar_is_one_line_whatever_its_metrics(tmp_path, capsys) -> None:
+    # (at a fixed width the last metrics wrapped onto a line of their own, padded with spaces)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, callbacks=[StepBudgetProgressBar()],
+                        logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(ManyMetrics())
+    out = capsys.readouterr().out  # (not a terminal)
+    (bar,) = [line for line in out.splitlines() if line.startswith("Epoch")]
+    assert all(f"{name}: 0.118" in bar for name in FEWSHOT_BAR) and bar == bar.rstrip()
+    assert out.count("val/raw_proto_acc_ci95") == 1  # on the bar's line alone
+
+
+def test_the_bar_shows_no_logger_version(monkeypatch) -> None:
     logged = {"v_num": 0, "train/loss": 1.0}
     monkeypatch.setattr(RichProgressBar, "get_metrics", lambda self, trainer, module: logged)
-    assert bar.get_metrics(None, None) == {"train/loss": 1.0}
+    assert StepBudgetProgressBar().get_metrics(None, None) == {"train/loss": 1.0}
 
 
 def test_a_step_budget_over_several_epochs_is_one_bar_to_its_end(tmp_path) -> None:
     # (the bar and its time left counted to the end of each epoch: 4 minutes left shown for 8)
-    import lightning as L
-    from lightning.pytorch.demos.boring_classes import BoringModel
-
     bar = StepBudgetProgressBar()
     counts, totals = [], []
     update, add_task = bar._update, bar._add_task
@@ -65,9 +87,6 @@ def test_a_step_budget_over_several_epochs_is_one_bar_to_its_end(tmp_path) -> No
 def test_in_a_log_file_every_tenth_of_the_run_is_a_progress_line(tmp_path, monkeypatch,
                                                                   caplog) -> None:  # fmt: skip
     # (Rich draws only a final frame there: a log followed with tail -f looked dead for a run)
-    import lightning as L
-    from lightning.pytorch.demos.boring_classes import BoringModel
-
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
     trainer = L.Trainer(max_steps=60, limit_train_batches=8, limit_val_batches=0,
                         accumulate_grad_batches=2, callbacks=[StepBudgetProgressBar()],
