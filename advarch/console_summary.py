@@ -44,6 +44,7 @@ SUMMARY_KEYS = (  # the metrics a run summary and a sweep table show, when a run
     "test/acc",
     "test/acc_ci95",
     "test/raw_proto_acc",
+    "test/raw_proto_acc_ci95",
     "cl/avg_acc",
     "cl/avg_bpb",
     "cl/bwt",

@@ -55,3 +55,15 @@ def test_summary_of_a_stream_run(tmp_path: Path, capsys, continual: bool) -> Non
     out = capsys.readouterr().out
     assert "test metrics" in out and "test/loss = 2.2000" not in out  # the table has it
     assert ("bpb matrix" in out) is continual
+
+
+def test_few_shot_summary_shows_every_test_metric_eval_prints(tmp_path: Path, capsys) -> None:
+    # (it showed test/acc_ci95 but not test/raw_proto_acc_ci95, which eval.py printed)
+    spec = DataSpec(kind="classification", num_features=64, num_classes=5)
+    test = {"test/loss": 1.25, "test/acc": 0.2867, "test/acc_ci95": 0.0653,
+            "test/raw_proto_acc": 0.3133, "test/raw_proto_acc_ci95": 0.118}  # fmt: skip
+    print_summary(OmegaConf.create({}), spec, {"val/loss": 1.3, **test}, tmp_path)
+    out = capsys.readouterr().out.splitlines()
+    for row in split_table_lines(test, "test", spec.task_names)[1:]:  # eval.py's lines
+        name, value = row.split()
+        assert f"test/{name} = {value}" in out

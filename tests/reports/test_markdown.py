@@ -99,7 +99,7 @@ def test_sweep_report_marks_the_best_run(tmp_path: Path) -> None:
     assert "| ★ 1 | 32 | 3e-3 | 0.8000 |" in md
     assert "4 runs (3 with metrics, 1 failed); best by `val/loss` (minimize): run **1**." in md
     escaped = ERROR.replace("|", "\\|")  # a cell's "|" would split the table's row
-    assert f"| 3 | 48 | 1e-2 | failed | — | — | — | — | failed: {escaped} |" in md
+    assert f"| 3 | 48 | 1e-2 | failed | — | — | — | — | — | failed: {escaped} |" in md
     assert_png(sweep / "report" / "sweep_curves.png")
     assert (sweep / "0" / "report" / "report.md").is_file()
     links = re.findall(r"\[report\]\(([^)]+)\)", md)
