@@ -81,6 +81,20 @@ def matrix_lines(output_dir: Path) -> list[str]:
     return lines
 
 
+def with_task_names(metrics: dict[str, float], task_names: Sequence[str]) -> dict[str, float]:
+    """`<split>/task_<j>/<metric>` keys as `<split>/<name of task j>/<metric>`: the names the
+    summary's table gives the columns, for reports (`test/net/bpb`, not `test/task_1/bpb`)."""
+    names = {f"task_{j}": name for j, name in enumerate(task_names)}
+
+    def named(key: str) -> str:
+        parts = key.split("/")
+        if len(parts) == 3 and parts[1] in names:
+            parts[1] = names[parts[1]]
+        return "/".join(parts)
+
+    return {named(key): value for key, value in metrics.items()}
+
+
 def split_table_lines(
     metrics: dict[str, float], split: str, task_names: Sequence[str]
 ) -> list[str]:
@@ -146,10 +160,15 @@ def print_summary(
 
 
 def save_summary(spec: DataSpec, metrics: dict[str, float], output_dir: Path) -> Path:
-    """`<run>/summary.json`: the final metrics and the data's unigram baseline (if any)."""
+    """`<run>/summary.json`: the final metrics, the data's unigram baseline (if any) and its
+    task names (a report names the tasks as the summary does)."""
     import json
 
     path = output_dir / SUMMARY_FILE
-    summary = {"metrics": metrics, "unigram_bpb": spec.extras.get("unigram_bpb")}
+    summary = {
+        "metrics": metrics,
+        "unigram_bpb": spec.extras.get("unigram_bpb"),
+        "task_names": list(spec.task_names),
+    }
     path.write_text(json.dumps(summary, indent=1, default=float))
     return path

@@ -14,7 +14,7 @@ import yaml
 
 from advarch.callbacks.expert_load import plot_expert_load
 from advarch.config.resolvers import sweep_direction
-from advarch.console_summary import SUMMARY_FILE, SUMMARY_KEYS
+from advarch.console_summary import SUMMARY_FILE, SUMMARY_KEYS, with_task_names
 from advarch.continual_metrics import (
     HIGHER_IS_BETTER,
     average_accuracy,
@@ -105,7 +105,9 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
     report.lines += ["## Headline", "", *note]
     _headline(run_dir, final, report)
     report.lines += ["## All final metrics", "", *note]
-    report.table(["metric", "value"], [[k, _fmt(v)] for k, v in sorted(final.items())])
+    names = _summary(run_dir).get("task_names") or ()  # as printed; tasks in their order
+    named = with_task_names(dict(sorted(final.items())), names)
+    report.table(["metric", "value"], [[k, _fmt(v)] for k, v in named.items()])
     report.lines += ["## Plots", ""]
     epochs_per_task = run_setting(run_dir, "data.epochs_per_task")
     boundaries = task_boundaries(metrics, int(epochs_per_task) if epochs_per_task else None)
@@ -175,7 +177,7 @@ def final_values(run_dir: Path, metrics: Metrics) -> dict[str, float]:
 
 def _summary(run_dir: Path) -> dict:
     """The run's `summary.json` (final metrics as the run summary printed them, with run-long
-    throughput; the unigram baseline), or {} for a run that did not finish."""
+    throughput; the unigram baseline; the task names), or {} for a run that did not finish."""
     summary = read_file(run_dir / SUMMARY_FILE, json.loads, {})
     return summary if isinstance(summary, dict) else {}
 

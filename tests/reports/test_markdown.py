@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from advarch.callbacks.signals import Interrupted
-from advarch.console_summary import SUMMARY_FILE
+from advarch.console_summary import SUMMARY_FILE, save_summary
 from advarch.continual_metrics import save_accuracy_matrix_csv
 from advarch.reports.markdown import best_run, write_report
+from advarch.spec import DataSpec
 from tests.conftest import ROOT, SMALL_TEXT, TINY
 from tests.reports.test_figures import assert_png
 from tests.reports.test_run_folders import synthetic_run, write_csv
@@ -71,6 +72,18 @@ def test_bits_per_byte_matrix_of_a_text_domain_stream(tmp_path: Path) -> None:
     assert_png(run / "report" / "bpb_matrix.png")
     assert "| tasks finished | BPB | BWT | forgetting |" in md
     assert "| 2 | 3.100 | -0.4000 | 0.4000 |"  # trailing zeros kept (3.900 beside 3.914) in md
+
+
+def test_run_report_names_the_tasks_as_the_run_summary_does(tmp_path: Path) -> None:
+    # (the console's table said text, net; report.md listed test/task_0/…, test/task_1/…)
+    run = synthetic_run(tmp_path / "run")
+    spec = DataSpec(kind="lm", vocab_size=260, task_names=("text", "net"))
+    metrics = {"test/bpb": 3.1, "test/task_0/bpb": 3.0, "test/task_1/bpb": 3.2}
+    save_summary(spec, metrics, run)
+    md = write_report(run).read_text()
+    assert "| test/text/bpb | 3.000 |" in md and "| test/net/bpb | 3.200 |" in md
+    assert "task_0" not in md and "| test/bpb | 3.100 |" in md
+    assert md.index("test/text/bpb") < md.index("test/net/bpb")  # in the tasks' order
 
 
 def make_sweep(tmp_path: Path) -> Path:
