@@ -2,7 +2,9 @@
 
 The run's `train.log` keeps every record with its time and logger; the console shows the
 message alone, a warning or error with its level in front, and leaves out the announcements
-that say nothing about this run (no GPU, no TPU, the seed the config already shows).
+that say nothing about this run (no GPU, no TPU, the seed the config already shows). What a
+run prints besides its records (the run summary, a stop on a signal) goes into `train.log`
+too, through `keep_in_log`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 import sys
 
 LOG_WIDTH = 200  # columns of tables and bars where stdout is not a terminal (Rich assumes 80)
+PRINTED = "advarch.console"  # the logger of lines the console printed: train.log's copy
 
 
 def console_width() -> int | None:
@@ -32,6 +35,21 @@ _SAID_NOTHING = re.compile(
 )
 
 
+def keep_in_log(*lines: str) -> None:
+    """Record lines the console printed outside logging (the run summary, a stop line), so
+    that `train.log` holds them too; `ConsoleNoise` keeps them off the console (once is enough).
+    """
+    printed = logging.getLogger(PRINTED)
+    for line in lines:
+        printed.info(line)
+
+
+def say(line: str) -> None:
+    """Print `line` (flushed: a stopping process's last word) and keep it in `train.log`."""
+    print(line, flush=True)
+    keep_in_log(line)
+
+
 class ConsoleFormatter(logging.Formatter):
     """`message` for INFO and below, `WARNING: message` / `ERROR: message` above."""
 
@@ -41,7 +59,10 @@ class ConsoleFormatter(logging.Formatter):
 
 
 class ConsoleNoise(logging.Filter):
-    """Drops the records that say nothing about this run from the console (not the log file)."""
+    """Drops from the console (not the log file) the records that say nothing about this run,
+    and the copies of what it printed already."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == PRINTED:
+            return False
         return record.levelno > logging.INFO or not _SAID_NOTHING.match(record.getMessage())

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
 
+from advarch.console_log import keep_in_log
 from advarch.spec import DataSpec
 from advarch.tracking import sync_hint
 
@@ -157,6 +158,7 @@ def print_summary(
     console.rule("advarch run summary", align="left")
     for line in lines:
         console.print(line, markup=False, highlight=False)
+    keep_in_log("advarch run summary", *lines)
 
 
 def save_summary(spec: DataSpec, metrics: dict[str, float], output_dir: Path) -> Path:

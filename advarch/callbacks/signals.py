@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
+from advarch.console_log import say
 from advarch.slurm import STOP_SIGNALS, requeue
 
 
@@ -109,7 +110,7 @@ class SignalCheckpoint(L.Callback):
         where = "the run resumes from its checkpoint" if trainer.ckpt_path else "nothing trained"
         message = f"{signal.Signals(signum).name} received before training started: {where}"
         if trainer.is_global_zero:
-            print(f"{message}, nothing saved", flush=True)
+            say(f"{message}, nothing saved")
         raise Interrupted(signum, message)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -129,11 +130,8 @@ class SignalCheckpoint(L.Callback):
         # this step's metrics, which Lightning logs after the hook (the loggers save on a stop)
         trainer._logger_connector.update_train_step_metrics()
         if trainer.is_global_zero:
-            print(
-                f"{signal.Signals(signum).name} received: saved {self.path} at step "
-                f"{trainer.global_step}",
-                flush=True,
-            )
+            name = signal.Signals(signum).name
+            say(f"{name} received: saved {self.path} at step {trainer.global_step}")
             requeue(signum)
         raise Interrupted(
             signum,
@@ -194,7 +192,7 @@ class SignalCheckpoint(L.Callback):
         if self.path is not None and self.path.is_file():
             message += f"; the trained weights are in {self.path} (eval.py ckpt_path=<it>)"
         if trainer.is_global_zero:
-            print(message, flush=True)
+            say(message)
             if requeued:
                 requeue(signum)
         raise Interrupted(signum, message)
