@@ -154,5 +154,7 @@ def test_a_rerun_of_an_interrupted_sweep_with_ckpt_path_auto_goes_on(project: Pr
     )
     assert found, again.output[-3000:]
     trials = again.sweep_dir
-    assert len(series(read_metrics(trials / "0"), "train/loss")) == 6 - int(found[1])
+    carried = series(read_metrics(stopped.sweep_dir / "0"), "train/loss")[: int(found[1])]
+    resumed = series(read_metrics(trials / "0"), "train/loss")
+    assert len(resumed) == 6 and resumed[: len(carried)] == carried  # steps before: its CSV's
     assert len(series(read_metrics(trials / "1"), "train/loss")) == 6  # it never ran: fresh
