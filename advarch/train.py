@@ -64,9 +64,10 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     from advarch.callbacks.process_group import DestroyProcessGroupAtExit
     from advarch.callbacks.resumed_curves import ResumedCurves
     from advarch.callbacks.run_config import LogRunConfig
-    from advarch.callbacks.signals import SignalCheckpoint
+    from advarch.callbacks.signals import Interrupted, SignalCheckpoint
     from advarch.callbacks.skipped_fit import QuietSkippedFit
     from advarch.config.runs import WANDB_ID_FILE, check_base_fits, resolve_checkpoint
+    from advarch.console_log import say
     from advarch.console_summary import print_config_tree, print_summary, save_summary
     from advarch.pipeline import (
         build_all,
@@ -77,7 +78,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     )
     from advarch.spec import ConfiguresTrainer
     from advarch.strategies.base import BaseStrategy
-    from advarch.tracking import tracker_config
+    from advarch.tracking import sync_hint, tracker_config
 
     quiet_lightning_logs()
     validate_run(cfg)  # every key, before any work
@@ -150,6 +151,12 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
         if cfg.get("test", True):
             results = trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update({k: float(v) for r in results for k, v in r.items()})
+    except Interrupted:  # (its line was printed where it stopped)
+        _finish_wandb()  # the offline run complete, the part trained is worth syncing too
+        hint = sync_hint(output_dir)
+        if hint and trainer.is_global_zero:
+            say(hint)
+        raise
     finally:
         _finish_wandb()
     if trainer.is_global_zero:  # other DDP ranks ran the same job silently

@@ -27,14 +27,17 @@ def test_sigterm_while_testing_stops_with_143_and_keeps_the_trained_weights(
     # (Lightning's own handler ended such a run with exit code 0, no metrics and no word)
     signal_test = ["+callbacks.stop._target_=tests.helpers.SignalAtTestBatch",
                    f"+callbacks.stop.signum={int(signal.SIGTERM)}"]  # fmt: skip
-    cfg = make_cfg([*TINY, "trainer.limit_test_batches=4", *signal_test])
+    cfg = make_cfg([*TINY, "trainer.limit_test_batches=4", *signal_test, "logger=wandb"])
     with pytest.raises(Interrupted) as stopped:
         run(cfg)
     assert stopped.value.exit_code == 143
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert last.is_file() and not (Path(cfg.paths.output_dir) / "summary.json").exists()
     line = "SIGTERM received: testing stopped, no testing metrics written; the trained "
-    assert line + f"weights are in {last}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert line + f"weights are in {last}" in out
+    (offline,) = Path(cfg.paths.output_dir).glob("wandb/offline-run-*")  # (it said nothing)
+    assert out.rstrip().endswith(f"sync to W&B later: wandb sync {offline}")
     handler = signal.getsignal(signal.SIGTERM)
     assert not isinstance(getattr(handler, "__self__", None), SignalCheckpoint)  # restored
 
