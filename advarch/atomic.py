@@ -1,4 +1,8 @@
-"""Atomic file writes: readers (and a crash mid-write) never see half a file."""
+"""Atomic file writes: readers (and a crash mid-write) never see half a file.
+
+torch and numpy are imported where a tensor or array is written: train.py writes text before
+its stop signals are held for torch's import (a Ctrl-C inside torch's C++ aborts the process).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,10 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
@@ -43,6 +47,7 @@ def save_atomic(obj: Any, path: Path) -> Path:
     """torch.save `obj` to `path` atomically, into a file Python opens: torch's own writer
     reports a folder it cannot write and a full disk as RuntimeErrors ("open file failed",
     "unexpected pos …") without errno or file; here they are OSErrors naming `path`."""
+    import torch
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:
@@ -58,6 +63,7 @@ def save_atomic(obj: Any, path: Path) -> Path:
 
 def save_npy_atomic(array: np.ndarray, path: Path) -> Path:
     """np.save `array` to `path` (the exact name, no `.npy` appended) atomically."""
+    import numpy as np
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:

@@ -186,6 +186,9 @@ def check_options(args: argparse.Namespace, overrides: list[str]) -> None:
     `--unfreeze` alone was ignored.)"""
     if args.unfreeze and not args.retrofit:
         sys.exit("error: --unfreeze trains the decoder of a retrofit: add --retrofit")
+    if args.retrofit_steps is not None and not args.retrofit:  # (it was ignored)
+        sys.exit("error: --retrofit-steps sets the steps of a retrofit: add --retrofit, or set "
+                 "trainer.max_steps for the runs without one")  # fmt: skip
     if args.retrofit_steps is not None and args.retrofit_steps < 1:
         sys.exit(f"error: --retrofit-steps {args.retrofit_steps} must be at least 1")
     if args.plain_ckpt is not None:  # a file of train.py's, with its config, as evaluate reads

@@ -51,6 +51,8 @@ def smoke(words: list[str]) -> list[str]:
     command = shlex.join(words)
     if command.startswith("python train.py") and "hparams_search=" in command:
         return OPTUNA_SMOKE
+    if command.startswith("python scripts/retro_report.py") and "--retrofit" not in words:
+        return ["debug=tiny"]  # (--retrofit-steps belongs to a retrofit)
     for prefix, extra in SMOKE:
         if command.startswith(prefix):
             return extra

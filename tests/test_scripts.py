@@ -105,6 +105,17 @@ def test_retro_report_says_a_bad_option_before_training(
     assert not (project.root / "outputs" / "retro_report").exists()  # nothing trained
 
 
+def test_retro_report_retrofit_steps_without_a_retrofit_is_one_line() -> None:
+    import argparse
+    import runpy
+
+    check_options = runpy.run_path(f"{ROOT}/scripts/retro_report.py")["check_options"]
+    args = argparse.Namespace(retrofit=False, unfreeze=False, retrofit_steps=6, plain_ckpt=None)
+    with pytest.raises(SystemExit, match="^error: --retrofit-steps sets the steps of a retrofit: "
+                       "add --retrofit"):  # fmt: skip
+        check_options(args, ["debug=tiny"])  # (it was ignored)
+
+
 def test_retro_report_quality_table_fits_a_terminal_in_aligned_columns() -> None:
     # a column per model ran 190 characters wide with --retrofit: the terminal wrapped the
     # header apart from its values; and an empty first bucket left out every model
