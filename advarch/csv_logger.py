@@ -34,6 +34,8 @@ class _ContinuingWriter(ExperimentWriter):
 class CSVLogger(LightningCSVLogger):
     """`lightning.pytorch.loggers.CSVLogger` whose writer continues an existing file."""
 
+    _carried = 0  # rows at the file's start carried from the run a resume continues
+
     @property
     @rank_zero_experiment
     def experiment(self) -> _ExperimentWriter:
@@ -52,7 +54,28 @@ class CSVLogger(LightningCSVLogger):
             reader = csv.DictReader(file)
             rows = [r for r in reader if r.get("step") and int(float(r["step"])) < before_step]
             header = list(reader.fieldnames or [])
+        self._write(header, rows)
+        self.experiment.metrics_keys = header  # (a writer made before: it appends to these)
+        self._carried = len(rows)
 
+    def finalize(self, status: str) -> None:
+        """Save, then drop the carried rows the resumed run logged again: a checkpoint of an
+        epoch's last step is restored before that epoch's end, whose rows it logs anew."""
+        super().finalize(status)
+        carried, path = self._carried, Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not carried or not path.is_file():
+            return
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
+            rows = list(reader)
+            header = list(reader.fieldnames or [])
+        again = {_logged(row) for row in rows[carried:]}
+        kept = [row for row in rows[:carried] if _logged(row) not in again] + rows[carried:]
+        if len(kept) < len(rows):
+            self._write(header, kept)
+        self._carried = 0
+
+    def _write(self, header: list[str], rows: list[dict[str, str]]) -> None:
         def write(tmp: Path) -> None:
             with tmp.open("w", newline="") as file:
                 writer = csv.DictWriter(file, fieldnames=header)
@@ -60,4 +83,8 @@ class CSVLogger(LightningCSVLogger):
                 writer.writerows(rows)
 
         write_atomic(Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE, write)
-        self.experiment.metrics_keys = header  # (a writer made before: it appends to these)
+
+
+def _logged(row: dict[str, str]) -> tuple[str, frozenset[str]]:
+    """What a row logged: its step and the metrics it holds."""
+    return row.get("step", ""), frozenset(k for k, v in row.items() if v != "" and k != "step")

@@ -152,8 +152,8 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
             results = trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update({k: float(v) for r in results for k, v in r.items()})
     except Interrupted:  # (its line was printed where it stopped)
-        _finish_wandb()  # the offline run complete, the part trained is worth syncing too
-        hint = sync_hint(output_dir)
+        to_wandb = any(type(logger).__name__ == "WandbLogger" for logger in loggers)
+        hint = sync_hint(output_dir) if to_wandb else None  # the part trained is worth a look
         if hint and trainer.is_global_zero:
             say(hint)
         raise

@@ -167,6 +167,12 @@ def test_resume_from_a_checkpoint_at_an_epochs_last_batch(make_cfg, tmp_path: Pa
     resumed_metrics = run(resumed)
     losses = [series(read_metrics(Path(c.paths.output_dir)), "train/loss") for c in (full, resumed)]
     assert losses[1] == losses[0]  # steps 0-2 carried from the run's CSV, 3-6 on the same batches
+    timing = ("train/tokens_per_s", "train/samples_per_s")
+    full_rows, resumed_rows = (
+        [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(run_dir)]
+        for run_dir in (Path(full.paths.output_dir), Path(resumed.paths.output_dir))
+    )
+    assert resumed_rows == full_rows  # (epoch 0's end, carried and logged again, once)
     for key in ("val/loss", "test/loss", "test/acc"):
         if key in full_metrics:  # (multitask: per-task MSE, no accuracy)
             assert resumed_metrics[key] == full_metrics[key], key

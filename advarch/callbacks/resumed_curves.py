@@ -2,9 +2,10 @@
 
 A resume writes into a folder of its own; its `metrics.csv` began at the checkpoint's step, so
 `report.py` on it drew half curves (W&B continues the same run and has them all). At the start
-of training, when the checkpoint's step is restored, each CSV logger starts its file with the
-rows the checkpoint's run logged before that step (`CSVLogger.carry_rows`); a run requeued into
-its own folder drops the rows logged after its checkpoint, which it logs again.
+of fit, each CSV logger starts its file with the rows the checkpoint's run logged before the
+checkpoint's step (`CSVLogger.carry_rows`); a run requeued into its own folder, or logging
+outside it (`logger.csv.save_dir`), drops from its file the rows logged after its checkpoint,
+which it logs again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from advarch.checkpoint import run_dir_of
 from advarch.csv_logger import CSVLogger
@@ -23,12 +25,21 @@ class ResumedCurves(L.Callback):
     def __init__(self, checkpoint: Path | None, output_dir: Path) -> None:
         self.checkpoint, self.output_dir = checkpoint, output_dir
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.checkpoint is None or not trainer.is_global_zero:
             return
+        saved = torch.load(self.checkpoint, map_location="cpu", mmap=True, weights_only=False)
+        step = int(saved["global_step"])  # (restored only later: a finished one never trains)
         earlier_run = run_dir_of(self.checkpoint.resolve())
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
-                metrics = Path(logger.experiment.metrics_file_path)
-                source = earlier_run / metrics.resolve().relative_to(self.output_dir.resolve())
-                logger.carry_rows(source, trainer.global_step)
+                logger.carry_rows(self._source(logger, earlier_run), step)
+
+    def _source(self, logger: CSVLogger, earlier_run: Path) -> Path:
+        """The earlier run's file of `logger`: at the same place in its folder, or, for a file
+        outside the run folder (`logger.csv.save_dir`), the same file."""
+        metrics = Path(logger.experiment.metrics_file_path).resolve()
+        output_dir = self.output_dir.resolve()
+        if not metrics.is_relative_to(output_dir):
+            return metrics
+        return earlier_run / metrics.relative_to(output_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,12 +45,29 @@ def _differences(saved: Any, current: Any, key: str) -> str | None:
     return None if saved == current else f"{key}={saved!r} there, {current!r} now"
 
 
+def with_block_defaults(model: Any) -> Any:
+    """A model config whose block sections (`moe`, `ssm`, …) hold every option, the block's
+    default where absent: a config written before its YAML listed an option ran with that
+    default, which is no difference."""
+    if not isinstance(model, Mapping):
+        return model
+    from advarch.models.registry import BLOCKS  # (torch: by then imported for the checkpoint)
+
+    filled = dict(model)
+    for name, block in BLOCKS.items():
+        if block.config.name and isinstance(filled.get(name), Mapping):
+            defaults = {f.name: f.default for f in dataclasses.fields(block.config)}
+            filled[name] = {**defaults, **filled[name]}
+    return filled
+
+
 def config_mismatch(ckpt: Mapping[str, Any], cfg: DictConfig) -> str | None:
     """Why `ckpt` was not written by a run of this configuration (None when it was)."""
     saved = (ckpt.get("hyper_parameters") or {}).get("cfg")
     if saved is None:
         return "no saved advarch config"
     current = OmegaConf.to_container(cfg, resolve=True)
+    saved, current = (dict(c, model=with_block_defaults(c.get("model"))) for c in (saved, current))
     for key in RESUME_MUST_MATCH:
         found = _differences(saved.get(key), current.get(key), key)
         if found:
@@ -86,7 +104,10 @@ def check_base_fits(cfg: DictConfig) -> None:
 def architecture_difference(first: Any, second: Any) -> tuple[str, str, str] | None:
     """The first of `BASE_MUST_MATCH` whose value differs between two run configs: (key, its
     value in `first`, in `second`), or None when they build the same architecture."""
-    first, second = OmegaConf.create(first), OmegaConf.create(second)
+    first, second = (
+        OmegaConf.create({**c, "model": with_block_defaults(c.get("model"))})
+        for c in (_container(first), _container(second))
+    )
     for key in BASE_MUST_MATCH:
         there, here = OmegaConf.select(first, key), OmegaConf.select(second, key)
         if there != here:
@@ -95,6 +116,10 @@ def architecture_difference(first: Any, second: Any) -> tuple[str, str, str] | N
                 there, here = OmegaConf.select(first, key), OmegaConf.select(second, key)
             return key, _shown(there), _shown(here)
     return None
+
+
+def _container(config: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
 
 
 def _other_data(first: DictConfig, second: DictConfig) -> str | None:

@@ -189,11 +189,15 @@ class ContinualStrategy(BaseStrategy):
     def _val_batch_count(self, loader: DataLoader) -> int | None:
         """The batches of `loader` Lightning's validation runs (None: all):
         `trainer.limit_val_batches`, a count or a fraction of the loader, rounded down as
-        Lightning does."""
+        Lightning does. A count is each process's under DDP: as many batches of the unsharded
+        loader as all of them read together (a shard takes every W-th example). Where
+        validation is off (a limit of 0) the matrix still reads every batch."""
         limit = getattr(self.trainer, "limit_val_batches", 1.0)
+        if limit == 0 or (isinstance(limit, float) and limit == 1.0):
+            return None
         if isinstance(limit, int):
-            return limit
-        return None if limit == 1.0 else int(len(loader) * limit)
+            return limit * getattr(self.trainer, "world_size", 1)
+        return max(int(len(loader) * limit), 1)
 
     # -- forward with expert masks --------------------------------------------------------------
     def expert_mask(self, batch: Batch, routing_for_training: bool) -> torch.Tensor | None:

@@ -6,8 +6,14 @@ import logging
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from advarch.config.runs import WANDB_ID_FILE, previous_wandb_id
+from advarch.config.runs import (
+    WANDB_ID_FILE,
+    architecture_difference,
+    config_mismatch,
+    previous_wandb_id,
+)
 
 
 @pytest.mark.parametrize(
@@ -24,3 +30,19 @@ def test_previous_wandb_id(tmp_path: Path, caplog, content: bytes, reason: str |
     else:
         assert run_id is None
         assert f"{tmp_path / WANDB_ID_FILE} is not a W&B run id ({reason}" in caplog.text
+
+
+def test_a_block_option_a_saved_config_lacks_is_its_default(make_cfg) -> None:
+    # model=hybrid's YAML listed 2 of the SSM's 7 options until it listed all: its checkpoints
+    # then read "written by a run of another model (model.ssm.d_conv=None there, 4 now)", and
+    # ckpt_path=auto started such a run afresh
+    cfg = make_cfg(["model=hybrid"])
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    saved["model"]["ssm"] = {"d_state": 16, "expand": 2}
+    assert config_mismatch({"hyper_parameters": {"cfg": saved}}, cfg) is None
+    assert architecture_difference(saved, cfg) is None
+    saved["model"]["ssm"]["d_conv"] = 3  # a value other than the default still differs
+    assert config_mismatch({"hyper_parameters": {"cfg": saved}}, cfg) == (
+        "model.ssm.d_conv=3 there, 4 now"
+    )
+    assert architecture_difference(saved, cfg)[0] == "model.ssm"

@@ -145,12 +145,16 @@ def test_evaluate_tasks_gives_each_tasks_accuracy_in_eval_mode(tmp_path: Path) -
     assert module.training  # and training mode restored afterwards
 
 
-@pytest.mark.parametrize(("limit", "want"), [(1, [1.0, 2 / 3, 0.0]), (0.5, [1.0, 2 / 3, 0.0]),
-                                             (1.0, [0.75, 0.5, 0.0])])  # fmt: skip
-def test_evaluate_tasks_reads_the_batches_validation_reads(tmp_path: Path, limit, want) -> None:
+@pytest.mark.parametrize(("limit", "world", "want"), [
+    (1, 1, [1.0, 2 / 3, 0.0]), (0.5, 1, [1.0, 2 / 3, 0.0]), (1.0, 1, [0.75, 0.5, 0.0]),
+    (0, 1, [0.75, 0.5, 0.0]),  # validation off: every batch (a matrix of zeros, as if perfect)
+    (1, 2, [0.75, 0.5, 0.0]),  # DDP: each of 2 processes reads a batch of its shard
+])  # fmt: skip
+def test_evaluate_tasks_reads_the_batches_validation_reads(tmp_path: Path, limit, world,
+                                                           want) -> None:  # fmt: skip
     """`trainer.limit_val_batches`, a count or a fraction (of 2 batches: 3 examples, then 1):
     the matrix was measured on every batch while `val/*` read the limit's."""
-    module, model = naive(tmp_path, limit_val_batches=limit)
+    module, model = naive(tmp_path, limit_val_batches=limit, world_size=world)
     model.set_right([3, 2, 0])  # the first batch: 3 of 3 right, 2 of 3, none
     torch.testing.assert_close(module.evaluate_tasks(), torch.tensor(want))
 
