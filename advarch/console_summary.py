@@ -82,10 +82,15 @@ def matrix_lines(output_dir: Path) -> list[str]:
     return lines
 
 
+def task_columns(task_names: Sequence[str]) -> dict[str, str]:
+    """`task_<j>` (a task stream's metric keys) → the name of task j."""
+    return {f"task_{j}": name for j, name in enumerate(task_names)}
+
+
 def with_task_names(metrics: dict[str, float], task_names: Sequence[str]) -> dict[str, float]:
     """`<split>/task_<j>/<metric>` keys as `<split>/<name of task j>/<metric>`: the names the
     summary's table gives the columns, for reports (`test/net/bpb`, not `test/task_1/bpb`)."""
-    names = {f"task_{j}": name for j, name in enumerate(task_names)}
+    names = task_columns(task_names)
 
     def named(key: str) -> str:
         parts = key.split("/")
@@ -102,8 +107,7 @@ def split_table_lines(
     """A split's metrics as aligned text lines: one row per metric, its value over all the
     data, then each task's, a column per task name, where the run scored tasks apart (task
     streams: `<split>/task_<j>/<metric>`; multi-task data: `<split>/<task name>/<metric>`)."""
-    columns_of = {f"task_{j}": name for j, name in enumerate(task_names)}
-    columns_of |= {name: name for name in task_names}
+    columns_of = task_columns(task_names) | {name: name for name in task_names}
     rows: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         parts = key.split("/")

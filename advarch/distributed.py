@@ -4,7 +4,9 @@ Lightning destroys the group at exit for NCCL only. A gloo process (`trainer=ddp
 DDP) that exits with it alive can abort at interpreter shutdown ("terminate called without an
 active exception", SIGABRT): gloo's threads still hold tensors whose release needs the
 interpreter (pytorch/pytorch#190489; 8 of 15 four-process spawns aborted here, 0 of 30 with
-the group destroyed at exit). Torch only, so that spawned test workers stay light.
+the group destroyed at exit). It covers spawned workers (`ddp_spawn`) and the processes of
+`trainer=ddp`; fork-started ones (`ddp_fork`) leave through `os._exit`, which runs no exit
+handler. Torch only, so that spawned test workers stay light.
 """
 
 from __future__ import annotations

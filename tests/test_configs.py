@@ -79,6 +79,16 @@ def test_every_block_section_of_a_model_config_has_every_option(make_cfg, model:
             assert set(cfg[name]) == fields, f"model={model}: model.{name}"
 
 
+@pytest.mark.parametrize(
+    ("model", "block", "source"),
+    [("retro_moe", "retro", "retro"), ("hybrid", "ssm", "ssm"), ("hybrid", "swa", "longformer")],
+)
+def test_a_block_section_copied_from_its_model_config_holds_its_values(
+    make_cfg, model: str, block: str, source: str
+) -> None:  # fmt: skip
+    assert make_cfg([f"model={model}"]).model[block] == make_cfg([f"model={source}"]).model[block]
+
+
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_config_trains_on_data_it_fits(make_cfg, model: str) -> None:
     metrics, _ = trained_run(make_cfg, [f"model={model}", *overrides_for(model), *FEW_STEPS])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,8 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
     _headline(run_dir, final, report)
     report.lines += ["## All final metrics", "", *note]
     names = _summary(run_dir).get("task_names") or ()  # as printed; tasks in their order
-    named = with_task_names(dict(sorted(final.items())), names)
+    in_order = sorted(final.items(), key=lambda item: _numbers_as_numbers(item[0]))
+    named = with_task_names(dict(in_order), names)
     report.table(["metric", "value"], [[k, _fmt(v)] for k, v in named.items()])
     report.lines += ["## Plots", ""]
     epochs_per_task = run_setting(run_dir, "data.epochs_per_task")
@@ -414,3 +416,8 @@ def log_to_wandb(report: Report, name: str, group: str) -> Path:
         return Path(run.dir).parent
     finally:
         run.finish()
+
+
+def _numbers_as_numbers(key: str) -> list[str | int]:
+    """A sort key that orders `task_2` before `task_10`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]

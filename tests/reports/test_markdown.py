@@ -86,6 +86,17 @@ def test_run_report_names_the_tasks_as_the_run_summary_does(tmp_path: Path) -> N
     assert md.index("test/text/bpb") < md.index("test/net/bpb")  # in the tasks' order
 
 
+def test_run_report_lists_twelve_tasks_in_their_order(tmp_path: Path) -> None:
+    # (sorted as text, task_10 and task_11 came before task_2)
+    run = synthetic_run(tmp_path / "run")
+    names = tuple(f"domain{j}" for j in range(12))
+    spec = DataSpec(kind="lm", vocab_size=260, task_names=names)
+    save_summary(spec, {f"test/task_{j}/bpb": 3.0 + j / 100 for j in range(12)}, run)
+    md = write_report(run).read_text()
+    places = [md.index(f"| test/domain{j}/bpb |") for j in range(12)]
+    assert places == sorted(places)
+
+
 def make_sweep(tmp_path: Path) -> Path:
     sweep = tmp_path / "sweep"
     settings = [("1e-3", "32", 1.2), ("3e-3", "32", 0.8), ("1e-3", "64", 0.9)]
