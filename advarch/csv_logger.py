@@ -50,10 +50,8 @@ class CSVLogger(LightningCSVLogger):
         which the resumed run logs again, are left out. Nothing when `source` is missing."""
         if not source.is_file():
             return
-        with source.open(newline="") as file:
-            reader = csv.DictReader(file)
-            rows = [r for r in reader if r.get("step") and int(float(r["step"])) < before_step]
-            header = list(reader.fieldnames or [])
+        header, rows = _read(source)
+        rows = [r for r in rows if r.get("step") and int(float(r["step"])) < before_step]
         self._write(header, rows)
         self.experiment.metrics_keys = header  # (a writer made before: it appends to these)
         self._carried = len(rows)
@@ -65,10 +63,7 @@ class CSVLogger(LightningCSVLogger):
         carried, path = self._carried, Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
         if not carried or not path.is_file():
             return
-        with path.open(newline="") as file:
-            reader = csv.DictReader(file)
-            rows = list(reader)
-            header = list(reader.fieldnames or [])
+        header, rows = _read(path)
         again = {_logged(row) for row in rows[carried:]}
         kept = [row for row in rows[:carried] if _logged(row) not in again] + rows[carried:]
         if len(kept) < len(rows):
@@ -83,6 +78,14 @@ class CSVLogger(LightningCSVLogger):
                 writer.writerows(rows)
 
         write_atomic(Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE, write)
+
+
+def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A metrics file's header and rows."""
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
 
 
 def _logged(row: dict[str, str]) -> tuple[str, frozenset[str]]:
