@@ -56,6 +56,18 @@ class SignalAtStep(L.Callback):
                 os.kill(os.getpid(), self.signum)
 
 
+class SignalAtBatch(L.Callback):
+    """Send this process `signum` once training batch `batch` (counted over the whole run) is
+    done: with gradient accumulation, a batch that steps no optimizer."""
+
+    def __init__(self, batch: int, signum: int) -> None:
+        self.batch, self.signum = batch, signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.fit_loop.epoch_loop.total_batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
 class SignalOnException(L.Callback):
     """Send this process `signum` as the run stops on an exception (while its loggers finish)."""
 

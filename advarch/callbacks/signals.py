@@ -3,10 +3,12 @@
 Schedulers send SIGTERM before preemption; SLURM sends a chosen signal before the time limit
 (`--signal=USR1@<s>`; the submitit launcher asks for SIGUSR2). The handler only records the
 signal; at the end of the current training batch (after its optimizer step, where periodic
-checkpoints are written too) the callback writes `last.ckpt`, prints one line naming it, and
-raises `Interrupted`, which the entry point turns into exit code 128 + the signal number
+checkpoints are written too; after the step's validation where one is due, as Lightning's
+checkpoints after a validation) the callback writes `last.ckpt`, prints one line naming it,
+and raises `Interrupted`, which the entry point turns into exit code 128 + the signal number
 (143 SIGTERM, 130 SIGINT, 138 SIGUSR1, 140 SIGUSR2). Resuming from that checkpoint
-(`ckpt_path=auto`) continues exactly where the signal arrived. SIGUSR1/2 inside a SLURM job
+(`ckpt_path=auto`) continues exactly where the signal arrived: its curves, best checkpoint and
+early stopping are the uninterrupted run's. SIGUSR1/2 inside a SLURM job
 also requeue the job (`scontrol requeue`). A second Ctrl-C stops at once, without saving.
 Validation or testing outside `fit` (train.py's final test, eval.py) stops after the current
 batch with one line and the same exit code: nothing to save there, and no metrics written. A
@@ -61,6 +63,7 @@ class SignalCheckpoint(L.Callback):
         self.path = None if path is None else Path(path)
         self.received: int | None = None
         self.saved = False  # on the signal (a second Ctrl-C while the run winds down says so)
+        self._stop_after_validation: int | None = None  # the signal, where its step validates
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -98,6 +101,9 @@ class SignalCheckpoint(L.Callback):
         if stage == "fit":
             self.received, self.saved = None, False
             self._install()
+            # last: a stop saves what every other callback did at that batch or validation
+            # (the checkpoint callbacks' best-k, early stopping's count)
+            trainer.callbacks = [c for c in trainer.callbacks if c is not self] + [self]
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()  # over the SIGTERM handler Lightning registered just before
@@ -122,13 +128,27 @@ class SignalCheckpoint(L.Callback):
         self._restore(trainer)  # (no teardown hook follows an exception)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._stop_after_validation = None
         signum = self._received(trainer)
         if signum is None:
             return
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop._should_accumulate():  # no optimizer step yet: stop after the one due
+            return
+        if epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            # validation follows this step: save after it (the resume skips it), see
+            # `on_validation_end`; were it skipped after all, the next batch's end saves
+            self._stop_after_validation = signum
+            return
+        self._save_and_stop(trainer, signum, log_step=True)
+
+    def _save_and_stop(self, trainer: L.Trainer, signum: int, log_step: bool = False) -> None:
+        """Write `last.ckpt`, say so and raise `Interrupted`; `log_step`: log this step's
+        metrics, which Lightning logs after the batch-end hooks (the loggers save on a stop)."""
         trainer.save_checkpoint(self.path)
         self.saved = True
-        # this step's metrics, which Lightning logs after the hook (the loggers save on a stop)
-        trainer._logger_connector.update_train_step_metrics()
+        if log_step:
+            trainer._logger_connector.update_train_step_metrics()
         if trainer.is_global_zero:
             name = signal.Signals(signum).name
             say(f"{name} received: saved {self.path} at step {trainer.global_step}")
@@ -168,6 +188,12 @@ class SignalCheckpoint(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._evaluating_alone(trainer):
             self._restore(trainer)
+        elif self._stop_after_validation is not None and not trainer.sanity_checking:
+            signum, self._stop_after_validation = self._stop_after_validation, None
+            if not (trainer.should_stop and trainer.fit_loop._can_stop_early):
+                self._save_and_stop(trainer, signum)
+            # else fit ends here (its last step, early stopping): it saves the final state,
+            # and the signal stops the run before testing
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore(trainer)

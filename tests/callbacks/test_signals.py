@@ -167,10 +167,18 @@ def test_a_signal_as_fit_starts_says_nothing_was_trained(make_cfg, monkeypatch) 
     )
 
 
-def test_a_signal_in_fits_last_validation_stops_before_the_test(make_cfg, capsys) -> None:
+@pytest.mark.parametrize(
+    "signal_at",
+    [["SignalAtLastValidation"], ["SignalAtBatch", "+callbacks.stop.batch=5"]],
+    ids=["last-validation", "last-step"],
+)
+def test_a_signal_at_fits_last_step_or_validation_stops_before_the_test(
+    make_cfg, capsys, signal_at
+) -> None:
     # no training batch ends after it: the signal waited, then the test's start forgot it and
-    # the run went on to exit 0 (a first Ctrl-C there did nothing)
-    last = ["+callbacks.stop._target_=tests.helpers.SignalAtLastValidation",
+    # the run went on to exit 0 (a first Ctrl-C there did nothing); one at the last step
+    # (debug=tiny's 6th, batch 5) validates the final weights first, as the run would
+    last = [f"+callbacks.stop._target_=tests.helpers.{signal_at[0]}", *signal_at[1:],
             f"+callbacks.stop.signum={int(signal.SIGTERM)}"]  # fmt: skip
     cfg = make_cfg([*TINY, *last])
     with pytest.raises(Interrupted) as stopped:
@@ -180,3 +188,7 @@ def test_a_signal_in_fits_last_validation_stops_before_the_test(make_cfg, capsys
     line = "SIGTERM received at the end of training: testing not run; the trained weights are in"
     assert f"{line} {saved}" in capsys.readouterr().out
     assert torch.load(saved, weights_only=False)["global_step"] == cfg.trainer.max_steps
+    validated = [
+        row["step"] for row in read_metrics(Path(cfg.paths.output_dir)) if "val/loss" in row
+    ]
+    assert validated == [2, 5]  # (steps 3 and 6, logged 0-based)
