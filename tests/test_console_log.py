@@ -54,17 +54,19 @@ def run_logging(log_file: Path) -> Iterator[None]:
         file.close()
 
 
-def test_a_stop_line_is_printed_once_and_kept_in_train_log(make_cfg, tmp_path: Path,
-                                                           capsys) -> None:  # fmt: skip
+@pytest.mark.parametrize(("signum", "times"), [(signal.SIGTERM, 1), (signal.SIGINT, 2)])
+def test_a_stop_line_is_printed_once_and_kept_in_train_log(make_cfg, tmp_path: Path, capsys,
+                                                           signum, times) -> None:  # fmt: skip
     # (train.log held Lightning's few lines: the line saying where the stopped run was saved
-    # was on the console alone)
+    # was on the console alone, and later the second Ctrl-C's line)
     stop = ["+callbacks.stop._target_=tests.helpers.SignalAtStep", "+callbacks.stop.step=2",
-            f"+callbacks.stop.signum={int(signal.SIGTERM)}"]  # fmt: skip
+            f"+callbacks.stop.signum={int(signum)}", f"+callbacks.stop.times={times}"]  # fmt: skip
     cfg = make_cfg([*TINY, *stop])
     log_file = tmp_path / "train.log"
     with run_logging(log_file), pytest.raises(Interrupted):
         run(cfg)
-    line = f"SIGTERM received: saved {cfg.paths.output_dir}/checkpoints/last.ckpt at step 2"
+    saved = f"SIGTERM received: saved {cfg.paths.output_dir}/checkpoints/last.ckpt at step 2"
+    line = saved if times == 1 else "SIGINT again: stopped at once, without saving"
     assert capsys.readouterr().out.count(line) == 1  # printed, not logged again
     assert f"[advarch.console][INFO] - {line}\n" in log_file.read_text()
 

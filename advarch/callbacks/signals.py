@@ -69,7 +69,7 @@ class SignalCheckpoint(L.Callback):
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:  # a second Ctrl-C
             saved = f"{self.path} is saved" if self.saved else "without saving"
-            print(f"SIGINT again: stopped at once, {saved}", flush=True)
+            say(f"SIGINT again: stopped at once, {saved}")
             raise Interrupted(signum, "stopped at once on a second Ctrl-C")
         self.received = signum
 
