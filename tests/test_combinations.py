@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from yaml import safe_load
 
 from advarch.config import combinations
 from advarch.config.combinations import (
@@ -217,8 +218,8 @@ def combination_error(nodes, monkeypatch, command: list[str]) -> str | None:
     choices = {group: typed.get(group, TRAIN_DEFAULTS[group]) for group in GROUPS}
     cfg = OmegaConf.create({group: nodes[group, choice] for group, choice in choices.items()})
     for key, value in typed.items():
-        if "." in key:
-            OmegaConf.update(cfg, key, value)
+        if "." in key:  # (read as Hydra reads it: `data.domains=[text]` is a list)
+            OmegaConf.update(cfg, key, safe_load(value))
     monkeypatch.setattr(combinations, "_choices", lambda: choices)
     try:
         check_combination(cfg)
@@ -283,13 +284,41 @@ def test_plain_training_of_a_task_stream_names_the_continual_strategies(make_cfg
     assert "use strategy=naive" in str(err.value) and "strategy.joint=true" in str(err.value)
 
 
+@pytest.mark.parametrize("data", ["text_domains", "permuted_digits", "split_digits"])
+@pytest.mark.parametrize("strategy", ["plain", "finetune"])
+def test_a_task_stream_without_task_boundaries_stops_with_alternatives_that_pass(
+    group_nodes, monkeypatch, tmp_path: Path, strategy: str, data: str
+) -> None:
+    """strategy=finetune trained a stream's tasks in sequence without any cl/* metric, as
+    strategy=plain did before it was refused; it says so before asking for its base, and each
+    alternative named passes."""
+    base = tmp_path / "base.ckpt"
+    torch.save({}, base)
+    command = ["model=moe", f"strategy={strategy}", f"data={data}"]
+    for pretrained in ([], [f"strategy.pretrained={base}"]) if strategy == "finetune" else ([],):
+        error = combination_error(group_nodes, monkeypatch, [*command, *pretrained])
+        assert error is not None and error.startswith(f"strategy={strategy} data={data}: ")
+        assert "one after another without continual metrics" in error and "strategy=naive" in error
+    hint = re.search(r"; use ([^;]+)$", error)[1]
+    for alternative in hint.split(" or "):
+        fixed = followed([*command, *pretrained], alternative)
+        assert combination_error(group_nodes, monkeypatch, fixed) is None, (error, fixed)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
         ["strategy=plain", "data=text_domains", "data.domains=[codecs]"],  # one domain: a corpus
+        ["strategy=finetune", "data=text_domains", "data.domains=[codecs]"],  # (README's command)
+        ["strategy=finetune", "data=split_digits", "data.num_tasks=1"],
         ["strategy=naive", "data=text_domains"],
         ["strategy=naive", "strategy.joint=true", "data=permuted_digits"],
     ],
 )
-def test_a_task_stream_of_one_task_or_a_continual_strategy_passes(make_cfg, overrides) -> None:
-    check_combination(make_cfg(["model=moe", *overrides]))
+def test_a_task_stream_of_one_task_or_a_continual_strategy_passes(
+    make_cfg, tmp_path: Path, overrides
+) -> None:
+    base = tmp_path / "base.ckpt"
+    torch.save({}, base)
+    pretrained = [f"strategy.pretrained={base}"] if "strategy=finetune" in overrides else []
+    check_combination(make_cfg(["model=moe", *overrides, *pretrained]))

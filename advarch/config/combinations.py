@@ -119,22 +119,54 @@ class Need:
         what: the need as a message says it (`trains a task stream`).
         fits: whether a datamodule, by its facts and its config, serves it.
         options: packaged data options that serve it, in the order a hint names them.
-        lacking: how a message says data lacks it (None: `is <what the data is>`).
+        lacking: how a message says data lacks it (None: `is <what the data is>`; `{what}`
+            stands for what the data is).
+        instead: the hint where the fix is not other data but keys or another strategy
+            (`{one_task}`: the key that keeps one task of the data); None: the options.
     """
 
     what: str
     fits: Callable[[DataFacts, Mapping[str, Any]], bool]
     options: tuple[str, ...]
     lacking: str | None = None
+    instead: str | None = None
 
 
 def _continual_stream(facts: DataFacts, _: Mapping[str, Any]) -> bool:
     return facts.stream and facts.kind in ("lm", "classification")
 
 
+def _one_task(facts: DataFacts, data: Mapping[str, Any]) -> bool:
+    """Whether data is not a task stream, or a stream of one task (`data.domains=[codecs]`,
+    `data.num_tasks=1`): trained as one task, it is one corpus."""
+    domains = data.get("domains")
+    return not facts.stream or (len(domains) if domains is not None else data.get("num_tasks")) == 1
+
+
+def _one_task_need(instead: str) -> Need:
+    """What a strategy without task boundaries needs: one task, as the data that is not a
+    stream (any model's, for hints that must serve it too) has it; on a stream it would train
+    the tasks one after another without the continual metrics, so the hint is `instead`."""
+    return Need(
+        "trains one task",
+        _one_task,
+        ("text", "digits", "text_retrieval", "retro_lookup", "mmoe_synthetic", "seq2seq_reverse"),
+        "is {what}, whose tasks it would train one after another without continual metrics",
+        instead,
+    )
+
+
 STREAM_NEED = Need("trains a task stream", _continual_stream, ("text_domains", "permuted_digits"))
 STRATEGY_NEEDS: dict[str, Need] = {
     **dict.fromkeys(CONTINUAL, STREAM_NEED),
+    PLAIN: _one_task_need(
+        "strategy=naive (in sequence, with cl/* metrics and matrix) or strategy=naive "
+        "strategy.joint=true (all at once)"
+    ),
+    FINETUNE: _one_task_need(  # (strategy=retrofit too)
+        "{one_task} (a stream of one task) or strategy=naive (the stream in sequence, with "
+        "cl/* metrics and matrix, from scratch)"
+    ),
     MULTITASK: Need(
         "trains several tasks together", lambda facts, _: facts.multitask, ("mmoe_synthetic",)
     ),
@@ -262,10 +294,21 @@ def check_combination(cfg: DictConfig) -> None:
     strategy_target = strategy.get("_target_")
     if strategy_target == FINETUNE:
         _check_retrofit(strategy, model, names)
-        _check_pretrained(strategy.get("pretrained"), names["strategy"])
     facts = DATA.get(data.get("_target_"))
-    if facts is None:
-        return
+    if facts is not None:
+        _check_data(strategy_target, model, facts, data, names)
+    if strategy_target == FINETUNE:  # (after what no checkpoint would help)
+        _check_pretrained(strategy.get("pretrained"), names["strategy"])
+
+
+def _check_data(
+    strategy_target: str | None,
+    model: Mapping[str, Any],
+    facts: DataFacts,
+    data: Mapping[str, Any],
+    names: dict[str, str],
+) -> None:
+    """The strategy's and the model's needs (`_check_needs`), then episodes only fewshot reads."""
     what = _describe(facts.kind, facts)
     _check_needs(STRATEGY_NEEDS.get(strategy_target), _model_need(model), facts, data, names, what)
     using = f"strategy={names['strategy']} data={names['data']}"
@@ -274,12 +317,6 @@ def check_combination(cfg: DictConfig) -> None:
         raise ConfigError(
             f"{using}: data={names['data']} serves {what} (support and query sets), which "
             f"only strategy=fewshot trains; use strategy=fewshot data={names['data']}"
-        )
-    if facts.stream and strategy_target == PLAIN and not _one_task(data):
-        raise ConfigError(
-            f"{using}: data={names['data']} serves {what}, which strategy=plain would train "
-            "one task after another without continual metrics; use strategy=naive (in "
-            "sequence, cl/* metrics and matrix) or strategy=naive strategy.joint=true (all at once)"
         )
 
 
@@ -307,15 +344,29 @@ def _check_needs(
     if not strategy_ok:
         options = _serving(wanted, needed) if needed is not None else list(wanted.options)
         leave = ", or leave data= out" if STRATEGY_DATA.get(strategy) in options else ""
+        hint = " or ".join(f"data={o}" for o in options) + leave
+        if wanted.instead is not None and model_ok:  # (else other data serves the model too)
+            hint = wanted.instead.format(one_task=_one_task_key(data))
         raise ConfigError(
             f"strategy={strategy} data={chosen}: strategy={strategy} {wanted.what}, but data="
-            f"{chosen} is {what}; use {' or '.join(f'data={o}' for o in options)}{leave}"
+            f"{chosen} {_lacks(wanted, what)}; use {hint}"
         )
     option = (_serving(needed, wanted) if wanted is not None else needed.options)[0]
     raise ConfigError(
         f"model={model} data={chosen}: model={model} {needed.what}, but data={chosen} "
-        f"{needed.lacking or 'is ' + what}; use model={model} data={option}"
+        f"{_lacks(needed, what)}; use model={model} data={option}"
     )
+
+
+def _lacks(need: Need, what: str) -> str:
+    """How a message says data that is `what` lacks `need` (`is an lm task stream`)."""
+    return (need.lacking or "is {what}").format(what=what)
+
+
+def _one_task_key(data: Mapping[str, Any]) -> str:
+    """The override that keeps one task of a task stream: its first domain or task."""
+    domains = data.get("domains")
+    return "data.num_tasks=1" if domains is None else f"data.domains=[{domains[0]}]"
 
 
 def _model_need(model: Mapping[str, Any]) -> Need | None:
@@ -367,13 +418,6 @@ def _packaged_data(choice: str) -> dict[str, Any]:
     for base in bases:
         merged |= _packaged_data(base)
     return merged | config
-
-
-def _one_task(data: Mapping[str, Any]) -> bool:
-    """Whether a task stream holds one task (`data.domains=[codecs]`, `data.num_tasks=1`):
-    trained plainly, it is one corpus."""
-    domains = data.get("domains")
-    return (len(domains) if domains is not None else data.get("num_tasks")) == 1
 
 
 def _check_retrofit(
