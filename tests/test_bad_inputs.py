@@ -203,6 +203,18 @@ ROWS: list[tuple[str, list[str], str]] = [
         ["model.layers=[attn,swa]", "model.swa.window=32"],
         "model.swa.window=32: model.swa is null in this config; write +model.swa.window=32",
     ),
+    (  # options of a block no layer has (they were accepted and read by nothing)
+        "train",
+        ["model=transformer", "+model.swa.window=32"],
+        "+model.swa.window=32: model=transformer's layer pattern uses the blocks attn, dense "
+        "(model.layers=[attn], model.ffn=[dense]) and no swa block, so nothing would read",
+    ),
+    (
+        "train",
+        ["model=hybrid", "model.layers=[attn,ssm]", "model.swa.window=32"],
+        "model.swa.window=32: model=hybrid's layer pattern uses the blocks attn, ssm, dense, moe",
+    ),
+    ("train", ["model.swa.window=32"], "add swa to model.layers, or use model=hybrid or model="),
     (  # (model=retro_moe listed 2 of the MoE options: "not a key of model.moe")
         "train",
         ["model=retro_moe", "data=text_retrieval", "model.moe.capacity_factor=0"],

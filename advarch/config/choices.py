@@ -7,7 +7,8 @@ these say it in one line, with the nearest option or key. Only plain `group=a[,b
 of advarch's groups are checked (plus those of `--config-dir` folders); Hydra's own groups
 (`hydra/...`), `+`/`~` edits, `@` packages and sweep functions pass through to Hydra; keys are
 checked for single runs of the packaged configs, where a `+key` must add to a top-level key the
-config has (`+modle.dim=3` would be read by nothing).
+config has (`+modle.dim=3` would be read by nothing) and a block's options (`model.swa.*`) need
+a layer of that block in the model's layer pattern.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ from pathlib import Path
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
+from advarch.config.combinations import PACKAGE_CONFIGS, packaged_config
 from advarch.config.compose import check_yaml, compose_packaged
 from advarch.config.validate import ConfigError
 
-PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MODEL = "advarch.models.Model"
+# block → the layer pattern (`model.<key>`) whose entries name it, for the blocks with options
+# (`model.swa.window`); `advarch.models.registry` (which imports torch) holds the same, tested
+PATTERN_BLOCKS = {"swa": "layers", "ssm": "layers", "ssd": "layers", "moe": "ffn"}
 
 
 def check_config_dirs(argv: list[str]) -> None:
@@ -107,7 +112,8 @@ def _config_dirs(argv: list[str]) -> list[Path]:
 def check_override_keys(argv: list[str], config_name: str = "train") -> None:
     """Raise `ConfigError` for a `key=value` whose key the composed config does not have, or a
     `+key=value` that adds a top-level key nothing reads, naming the nearest key and all of
-    them, or a config file it loads that is not YAML. Config folders (`--config-dir`) are
+    them, for options of a block no layer of the model has (`unused_block`), or a config file
+    it loads that is not YAML. Config folders (`--config-dir`) are
     searched as Hydra would; sweeps (`-m`) and runs with other flags are left to Hydra, and so
     is anything this check cannot decide."""
     try:
@@ -144,8 +150,13 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
             raise unknown_key(parent, leaf, node, None if parent else f"the {config_name} config")
         if node[leaf] is None:  # a null section (`model.swa` of model=transformer): `+` sets it
             override = next(o for o in assigned if o.split("=", 1)[0] == key)
-            raise ConfigError(f"{override}: {parent}.{leaf} is null in this config; "
-                              f"write +{override} to set it")  # fmt: skip
+            raise unused_block(override, cfg) or ConfigError(
+                f"{override}: {parent}.{leaf} is null in this config; write +{override} to set it"
+            )
+    for override in overrides:
+        error = unused_block(override, cfg)
+        if error is not None:
+            raise error
     groups = {p.name for f in [PACKAGE_CONFIGS, *folders] if f.is_dir() for p in f.iterdir()}
     chosen = OmegaConf.select(cfg, "hydra.runtime.choices") or {}
     for override in (o for o in overrides if o.startswith("+")):
@@ -157,6 +168,51 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
         if root not in cfg and root not in groups:  # (`+experiment=…` adds a config group)
             unknown = unknown_key("", root, _own_keys(cfg), f"the {config_name} config")
             raise ConfigError(f"+{added}: {unknown}")
+
+
+def unused_block(override: str, cfg: DictConfig) -> ConfigError | None:
+    """The one line for an override of a block's options (`+model.swa.window=32`) that no
+    layer of the model would read: its layer pattern names no such block. None where one does,
+    for other keys, a null value and a model other than advarch's `Model`."""
+    key, value = override.lstrip("+").split("=", 1)
+    parts = key.split(".")
+    model = cfg.get("model")
+    if (
+        len(parts) < 2
+        or parts[0] != "model"
+        or parts[1] not in PATTERN_BLOCKS
+        or value == "null"
+        or not isinstance(model, DictConfig)
+        or model.get("_target_") != MODEL
+    ):
+        return None
+    block, pattern = parts[1], PATTERN_BLOCKS[parts[1]]
+    patterns = {k: _entries(model.get(k)) for k in ("layers", "ffn")}
+    if block in patterns[pattern]:
+        return None
+    used = [b for b in dict.fromkeys(patterns["layers"] + patterns["ffn"]) if b != "none"]
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.model")
+    which = f"model={choice}" if choice else "the model"
+    shown = ", ".join(f"model.{k}=[{','.join(v)}]" for k, v in patterns.items())
+    others = [m for m in _packaged_models() if block in _entries(packaged_config("model", m).get(
+        pattern))]  # fmt: skip
+    instead = " or ".join(f"model={m}" for m in others if m != choice)
+    return ConfigError(
+        f"{override}: {which}'s layer pattern uses the blocks {', '.join(used) or 'none'} "
+        f"({shown}) and no {block} block, so nothing would read model.{block}; add {block} to "
+        f"model.{pattern}" + (f", or use {instead}" if instead else "")
+    )
+
+
+def _entries(pattern: object) -> list[str]:
+    """A layer pattern's entries (`model.layers=attn` is one)."""
+    if pattern is None:
+        return []
+    return [str(pattern)] if isinstance(pattern, str) else [str(p) for p in pattern]
+
+
+def _packaged_models() -> list[str]:
+    return sorted(p.stem for p in (PACKAGE_CONFIGS / "model").glob("*.yaml"))
 
 
 def check_overrides(argv: list[str], config_name: str) -> None:

@@ -58,8 +58,7 @@ STRATEGY_OPTIMIZATION: dict[str, dict[str, float | int]] = {
 # episodes are feature vectors whose class signal is mixed across all features, which one
 # shared patch projection cannot unmix (5-way accuracy at chance with patches of 8)
 STRATEGY_MODEL: dict[str, dict[str, int]] = {"fewshot": {"model.feature_patch": 64}}
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
-DATA_CONFIGS = MODEL_CONFIGS.parent / "data"
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "moe"  # train.yaml's
 
 
@@ -248,12 +247,23 @@ def with_default_model(overrides: list[str]) -> list[str]:
 
 def _model_has(choice: str, key: str) -> bool:
     """Whether the packaged model config `choice` (with the configs it builds on) sets `key`."""
-    path = MODEL_CONFIGS / f"{choice}.yaml"
+    return key in packaged_config("model", choice)
+
+
+@cache
+def packaged_config(group: str, choice: str) -> dict[str, Any]:
+    """The packaged config `choice` of `group` over the configs it builds on (data=
+    text_retrieval: text's keys, then its own; sections replaced whole); {} where the package
+    has no such option. Shared: not to be changed."""
+    path = PACKAGE_CONFIGS / group / f"{choice}.yaml"
     if not path.is_file():
-        return False
+        return {}
     config = yaml.safe_load(path.read_text()) or {}
-    bases = [d for d in config.get("defaults", []) if isinstance(d, str) and d != "_self_"]
-    return key in config or any(_model_has(base, key) for base in bases)
+    bases = [d for d in config.pop("defaults", []) if isinstance(d, str) and d != "_self_"]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged |= packaged_config(group, base)
+    return merged | config
 
 
 # -- impossible combinations ------------------------------------------------------------------
@@ -405,19 +415,8 @@ def _serving(need: Need, also: Need) -> list[str]:
 
 def _serves(need: Need, option: str) -> bool:
     """Whether the packaged data option `option` (`configs/data/<option>.yaml`) serves `need`."""
-    data = _packaged_data(option)
+    data = packaged_config("data", option)
     return need.fits(DATA[data["_target_"]], data)
-
-
-@cache
-def _packaged_data(choice: str) -> dict[str, Any]:
-    """The packaged data config `choice` over the configs it builds on (text_retrieval: text)."""
-    config = yaml.safe_load((DATA_CONFIGS / f"{choice}.yaml").read_text()) or {}
-    bases = [d for d in config.pop("defaults", []) if isinstance(d, str) and d != "_self_"]
-    merged: dict[str, Any] = {}
-    for base in bases:
-        merged |= _packaged_data(base)
-    return merged | config
 
 
 def _check_retrofit(

@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from advarch.config.choices import check_group_choices
+from advarch.config.choices import (
+    PATTERN_BLOCKS,
+    check_group_choices,
+    check_override_keys,
+)
+from advarch.config.combinations import packaged_config
 from advarch.config.validate import ConfigError
+from advarch.models.registry import BLOCKS, PATTERNS
+
+CONFIGS = Path(__file__).resolve().parents[2] / "advarch" / "configs"
 
 
 @pytest.mark.parametrize("argv", [
@@ -41,3 +49,30 @@ def test_null_choice_says_how_to_leave_a_group_out() -> None:
 def test_group_names_read_as_english() -> None:
     with pytest.raises(ConfigError, match=r"optimizer=sgdd is not an optimizer config \(did you"):
         check_group_choices(["optimizer=sgdd"])
+
+
+def test_the_blocks_of_layer_patterns_match_the_registry() -> None:
+    patterns = {role: key.split(".")[1] for role, (key, _) in PATTERNS.items()}
+    registered = {
+        n: patterns[b.role] for n, b in BLOCKS.items() if b.config.name and b.role in patterns
+    }
+    assert registered == PATTERN_BLOCKS
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml")))
+def test_the_options_of_every_block_a_packaged_model_has_are_accepted(model: str) -> None:
+    """Each packaged model's own block sections (hybrid's swa and ssm, retro_moe's moe and
+    retro) take an override; a null section takes `+` where the pattern adds its block."""
+    config = packaged_config("model", model)
+    sections = {b: config[b] for b in [*PATTERN_BLOCKS, "retro"] if isinstance(config.get(b), dict)}
+    check_override_keys(
+        [f"model={model}", *(f"model.{b}.{setting(s)}" for b, s in sections.items())]
+    )
+    if config.get("_target_") == "advarch.models.Model" and "swa" not in sections:
+        check_override_keys([f"model={model}", "model.layers=[attn,swa]", "+model.swa.window=8"])
+
+
+def setting(section: dict) -> str:
+    """`key=value` of a section's first option that is set (its own value again)."""
+    key, value = next((k, v) for k, v in section.items() if v is not None)
+    return f"{key}={str(value).lower()}"
