@@ -203,6 +203,12 @@ ROWS: list[tuple[str, list[str], str]] = [
         ["model.layers=[attn,swa]", "model.swa.window=32"],
         "model.swa.window=32: model.swa is null in this config; write +model.swa.window=32",
     ),
+    (  # (it said `write +data.retrieval.num_neighbours=4`: a section of defaults, unbounded)
+        "train",
+        ["data.retrieval.num_neighbours=4"],
+        "data.retrieval.num_neighbours=4: data.retrieval is null in data=text; "
+        "data=text_retrieval has it: write data=text_retrieval data.retrieval.num_neighbours=4",
+    ),
     (  # options of a block no layer has (they were accepted and read by nothing)
         "train",
         ["model=transformer", "+model.swa.window=32"],

@@ -18,6 +18,7 @@ import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
@@ -150,9 +151,7 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
             raise unknown_key(parent, leaf, node, None if parent else f"the {config_name} config")
         if node[leaf] is None:  # a null section (`model.swa` of model=transformer): `+` sets it
             override = next(o for o in assigned if o.split("=", 1)[0] == key)
-            raise unused_block(override, cfg) or ConfigError(
-                f"{override}: {parent}.{leaf} is null in this config; write +{override} to set it"
-            )
+            raise unused_block(override, cfg) or null_section(override, f"{parent}.{leaf}", cfg)
     for override in overrides:
         error = unused_block(override, cfg)
         if error is not None:
@@ -168,6 +167,36 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
         if root not in cfg and root not in groups:  # (`+experiment=…` adds a config group)
             unknown = unknown_key("", root, _own_keys(cfg), f"the {config_name} config")
             raise ConfigError(f"+{added}: {unknown}")
+
+
+def null_section(override: str, section: str, cfg: DictConfig) -> ConfigError:
+    """The one line for an override inside a null section (`data.retrieval.num_neighbours=4`
+    on data=text): the options of its group that have the section, where one does (they hold
+    it whole, with the keys that go with it: data=text_retrieval bounds its corpus and its
+    search for debug=tiny); `+` where none does, and for a block's options, whose unset keys
+    take the block's defaults."""
+    group, _, inner = section.partition(".")
+    choice = OmegaConf.select(cfg, f"hydra.runtime.choices.{group}") if inner else None
+    options = [] if choice is None or group == "model" and inner in PATTERN_BLOCKS else [
+        o for o in _packaged(group)
+        if o != choice and _select(packaged_config(group, o), inner) is not None
+    ]  # fmt: skip
+    if not options:
+        return ConfigError(
+            f"{override}: {section} is null in this config; write +{override} to set it"
+        )
+    named = " or ".join(f"{group}={o}" for o in options)
+    return ConfigError(
+        f"{override}: {section} is null in {group}={choice}; {named} "
+        f"{'has' if len(options) == 1 else 'have'} it: write {group}={options[0]} {override}"
+    )
+
+
+def _select(config: Any, dotted: str) -> Any:
+    """The value at `dotted` of nested mappings (None where absent)."""
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def unused_block(override: str, cfg: DictConfig) -> ConfigError | None:
@@ -194,7 +223,7 @@ def unused_block(override: str, cfg: DictConfig) -> ConfigError | None:
     choice = OmegaConf.select(cfg, "hydra.runtime.choices.model")
     which = f"model={choice}" if choice else "the model"
     shown = ", ".join(f"model.{k}=[{','.join(v)}]" for k, v in patterns.items())
-    others = [m for m in _packaged_models() if block in _entries(packaged_config("model", m).get(
+    others = [m for m in _packaged("model") if block in _entries(packaged_config("model", m).get(
         pattern))]  # fmt: skip
     instead = " or ".join(f"model={m}" for m in others if m != choice)
     return ConfigError(
@@ -211,8 +240,9 @@ def _entries(pattern: object) -> list[str]:
     return [str(pattern)] if isinstance(pattern, str) else [str(p) for p in pattern]
 
 
-def _packaged_models() -> list[str]:
-    return sorted(p.stem for p in (PACKAGE_CONFIGS / "model").glob("*.yaml"))
+def _packaged(group: str) -> list[str]:
+    """The packaged options of a config group, sorted."""
+    return sorted(p.stem for p in (PACKAGE_CONFIGS / group).glob("*.yaml"))
 
 
 def check_overrides(argv: list[str], config_name: str) -> None:

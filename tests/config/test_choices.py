@@ -3,6 +3,7 @@ stopped (own config folders, Hydra's groups, edits, sweeps)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,32 @@ def setting(section: dict) -> str:
     """`key=value` of a section's first option that is set (its own value again)."""
     key, value = next((k, v) for k, v in section.items() if v is not None)
     return f"{key}={str(value).lower()}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint", "following"),
+    [
+        (
+            ["data.retrieval.num_neighbours=4"],
+            "data.retrieval is null in data=text; data=text_retrieval has it: write "
+            "data=text_retrieval data.retrieval.num_neighbours=4",
+            ["data=text_retrieval", "data.retrieval.num_neighbours=4"],
+        ),
+        (
+            ["model=transformer", "model.retro.encoder_depth=3"],
+            "model.retro is null in model=transformer; model=retro or model=retro_moe have it",
+            ["model=retro", "model.retro.encoder_depth=3"],
+        ),
+        (  # a block's options: `+` (the rest take the block's defaults)
+            ["model.layers=[attn,swa]", "model.swa.window=32"],
+            "model.swa is null in this config; write +model.swa.window=32 to set it",
+            ["model.layers=[attn,swa]", "+model.swa.window=32"],
+        ),
+    ],
+)
+def test_a_null_section_names_the_options_that_have_it(
+    argv: list[str], hint: str, following: list[str]
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        check_override_keys(argv)
+    check_override_keys(following)
