@@ -300,6 +300,11 @@ ROWS: list[tuple[str, list[str], str]] = [
         ],
         "error: bench_prompt_len=-3 must be at least 1",
     ),
+    (  # (torch's traceback: it could not allocate the 800 GB prompt; the models take any length)
+        "generate",
+        ["bench=true", "bench_prompt_len=100000000000", "bench_models=[transformer]"],
+        "error: bench_prompt_len=100000000000: the full forward's logits of 100,000,000,000 + 512",
+    ),
     ("generate", ["bench=true", "bench_models=[]"], "error: bench_models=[] names no model"),
     (  # (Hydra's "Error executing job", and every option on lines of their own)
         "generate",

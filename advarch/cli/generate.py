@@ -11,6 +11,7 @@ Settings are documented in configs/generate.yaml; the logic lives in `advarch.ge
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:} for the run folder)
+
+BENCH_VOCAB = 259  # the benchmark models' vocabulary: bytes and 3 specials, as data=text's
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ def check_bench(cfg: DictConfig) -> None:
     for key in ("bench_prompt_len", "bench_new_tokens"):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} must be at least 1")
+    check_bench_length(cfg.bench_prompt_len, cfg.bench_new_tokens, cfg.device)
     if not cfg.bench_models:
         raise ConfigError("bench_models=[] names no model to time (e.g. bench_models=[ssm,moe])")
     for name in cfg.bench_models:
@@ -87,6 +91,31 @@ def check_bench(cfg: DictConfig) -> None:
             check_overrides([f"model={name}", *cfg.bench_overrides], "train")
         except ConfigError as err:
             raise ConfigError(f"bench_overrides with model={name}: {err}") from err
+
+
+def check_bench_length(prompt_len: int, new_tokens: int, device: str) -> None:
+    """Raise ConfigError for a benchmark longer than the device's memory holds.
+
+    The models bound no length (rotary positions, no position table; attention by SDPA's
+    memory-efficient kernels): what breaks is memory, at the latest for the full forward's
+    logits of every position, (1, T, V) float32 with T = prompt + new tokens (V = the bench
+    vocabulary). A prompt that long failed to be allocated, with torch's traceback."""
+    import torch
+
+    from advarch.config.validate import ConfigError
+
+    per_token = 4 * BENCH_VOCAB
+    if device.startswith("cuda"):
+        memory = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if (prompt_len + new_tokens) * per_token > memory:
+        raise ConfigError(
+            f"bench_prompt_len={prompt_len}: the full forward's logits of {prompt_len:,} + "
+            f"{new_tokens:,} tokens alone take more than the {memory / 2**30:.0f} GiB of "
+            f"device={device} (the models read any length; here at most bench_prompt_len="
+            f"{memory // per_token - new_tokens:,})"
+        )
 
 
 def _bench(cfg: DictConfig) -> None:
@@ -103,7 +132,8 @@ def _bench(cfg: DictConfig) -> None:
     from advarch.trained_lm import datamodule_retrieve
 
     torch.manual_seed(cfg.seed or 0)
-    spec = DataSpec(kind="lm", vocab_size=259, seq_len=256, eos_id=256, pad_id=257, bos_id=258)
+    spec = DataSpec(kind="lm", vocab_size=BENCH_VOCAB, seq_len=256, eos_id=256, pad_id=257,
+                    bos_id=258)  # fmt: skip
     models, retrievers = {}, {}
     for name in cfg.bench_models:
         overrides = [f"model={name}", *cfg.bench_overrides]
