@@ -32,7 +32,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ from advarch.checkpoint import load_with_config
 from advarch.config.choices import check_command_line
 from advarch.config.combinations import with_strategy_defaults
 from advarch.config.compose import compose_run
+from advarch.config.runs import config_mismatch
 from advarch.config.validate import ConfigError
 from advarch.reports.figures import plot_retrieval_by_quality
 from advarch.train import run
@@ -179,11 +180,15 @@ def quality_table(buckets: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def check_options(args: argparse.Namespace, overrides: list[str]) -> None:
+def check_options(
+    args: argparse.Namespace, overrides: list[str], plain: Sequence[str] = ()
+) -> None:
     """Exit with one `error:` line naming the first bad option, or override of the RETRO run,
-    before any training. (Each failed only after the plain decoder trained, naming keys the
-    user never typed, `ckpt_path` or `trainer.max_steps`, or advising `+model.dimm=3`;
-    `--unfreeze` alone was ignored.)"""
+    or a `--plain-ckpt` that is not the plain decoder of the `plain` overrides, before any
+    training. (Each failed only after the plain decoder trained, naming keys the user never
+    typed, `ckpt_path` or `trainer.max_steps`, or advising `+model.dimm=3`; `--unfreeze` alone
+    was ignored; another model's checkpoint was compared as the plain decoder, on its own data,
+    or ended in an IndexError after training.)"""
     if args.unfreeze and not args.retrofit:
         sys.exit("error: --unfreeze trains the decoder of a retrofit: add --retrofit")
     if args.retrofit_steps is not None and not args.retrofit:  # (it was ignored)
@@ -191,9 +196,18 @@ def check_options(args: argparse.Namespace, overrides: list[str]) -> None:
                  "trainer.max_steps for the runs without one")  # fmt: skip
     if args.retrofit_steps is not None and args.retrofit_steps < 1:
         sys.exit(f"error: --retrofit-steps {args.retrofit_steps} must be at least 1")
+    plain_ckpt = None
     if args.plain_ckpt is not None:  # a file of train.py's, with its config, as evaluate reads
-        load_with_config(args.plain_ckpt, "--plain-ckpt")
+        plain_ckpt, _ = load_with_config(args.plain_ckpt, "--plain-ckpt")
     check_command_line(with_strategy_defaults(overrides), "train")  # as train.py checks its own
+    if plain_ckpt is not None and plain:  # (its sizes and data are what is compared)
+        expected = compose_run(list(plain), Path("outputs/retro_report/plain"))
+        other = config_mismatch(plain_ckpt, expected, ("model", "data"))
+        if other:
+            sys.exit(
+                f"error: --plain-ckpt {args.plain_ckpt} is not the plain decoder these runs "
+                f"compare RETRO with (model=transformer, their sizes and data): {other}"
+            )
 
 
 def main() -> None:
@@ -209,7 +223,8 @@ def main() -> None:
         "--plain-ckpt",
         type=Path,
         default=None,
-        help="reuse this trained plain decoder (same data) instead of training one",
+        help="reuse this trained plain decoder (of the same overrides: its model and data must "
+        "be those of the plain run) instead of training one",
     )
     parser.add_argument(
         "--unfreeze",
@@ -243,7 +258,7 @@ def main() -> None:
             ("retro", on + unfrozen * args.unfreeze),
             ("plain_more", [*plain_model, *on, *unfrozen]),
         ]
-    check_options(args, [*base, *dict(todo)["retro"]])
+    check_options(args, [*base, *dict(todo)["retro"]], [*plain_base, *plain_model])
     for name, extra in todo:
         if name == "plain" and args.plain_ckpt is not None:
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +115,46 @@ def test_retro_report_retrofit_steps_without_a_retrofit_is_one_line() -> None:
     with pytest.raises(SystemExit, match="^error: --retrofit-steps sets the steps of a retrofit: "
                        "add --retrofit"):  # fmt: skip
         check_options(args, ["debug=tiny"])  # (it was ignored)
+
+
+@pytest.mark.parametrize(
+    ("kind", "differs"),
+    [
+        (["model=moe"], "model.ffn=['moe'] there, ['dense'] now"),
+        (["model=retro"], "model.retro={'cca_layers': None, "),  # RETRO as its own control
+        (["model=transformer", "model.retro=null", "data.seq_len=64"], "data.seq_len=64 there"),
+    ],
+)
+def test_retro_report_refuses_a_plain_ckpt_of_another_model_before_training(
+    make_cfg, tmp_path, kind: list[str], differs: str
+) -> None:
+    """Another model's checkpoint was evaluated as the plain decoder, on its own data (a moe
+    on data=text: another split, the table's "plain decoder" row), then an IndexError ended
+    the report after RETRO had trained; the plain decoder of the same overrides passes."""
+    import argparse
+    import runpy
+
+    from omegaconf import OmegaConf
+
+    check_options = runpy.run_path(f"{ROOT}/scripts/retro_report.py")["check_options"]
+    base = ["experiment=retro_vs_plain", "debug=tiny"]
+    plain = [*base, "model=transformer", "model.retro=null"]
+
+    def checkpoint(overrides: list[str], name: str) -> Path:
+        path = tmp_path / f"{name}.ckpt"
+        cfg = OmegaConf.to_container(make_cfg(overrides), resolve=True)
+        torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {"cfg": cfg}}, path)
+        return path
+
+    args = argparse.Namespace(retrofit=False, unfreeze=False, retrofit_steps=None)
+    args.plain_ckpt = checkpoint([*base, *kind], "other")
+    with pytest.raises(SystemExit) as stop:
+        check_options(args, base, plain)
+    line = str(stop.value)
+    start = f"error: --plain-ckpt {args.plain_ckpt} is not the plain decoder these runs compare"
+    assert line.startswith(start) and differs in line and "\n" not in line, line
+    args.plain_ckpt = checkpoint(plain, "plain")
+    check_options(args, base, plain)
 
 
 def test_retro_report_quality_table_fits_a_terminal_in_aligned_columns() -> None:

@@ -61,14 +61,17 @@ def with_block_defaults(model: Any) -> Any:
     return filled
 
 
-def config_mismatch(ckpt: Mapping[str, Any], cfg: DictConfig) -> str | None:
-    """Why `ckpt` was not written by a run of this configuration (None when it was)."""
+def config_mismatch(
+    ckpt: Mapping[str, Any], cfg: DictConfig, keys: Sequence[str] = RESUME_MUST_MATCH
+) -> str | None:
+    """Why `ckpt` was not written by a run of this configuration (None when it was): the first
+    `key=value` of `keys` that differs (`model.ffn=['moe'] there, ['dense'] now`)."""
     saved = (ckpt.get("hyper_parameters") or {}).get("cfg")
     if saved is None:
         return "no saved advarch config"
     current = OmegaConf.to_container(cfg, resolve=True)
     saved, current = (dict(c, model=with_block_defaults(c.get("model"))) for c in (saved, current))
-    for key in RESUME_MUST_MATCH:
+    for key in keys:
         found = _differences(saved.get(key), current.get(key), key)
         if found:
             return found
