@@ -179,16 +179,27 @@ def load_error(err: RuntimeError) -> str:
 
 def check_finite(model: torch.nn.Module, where: str) -> None:
     """CheckpointError naming the first parameter that holds NaN or inf after loading `where`
-    (bytes damaged inside an intact archive load without complaint, then every metric is NaN).
-    Buffers are not checked: masks may hold -inf on purpose."""
+    (bytes damaged inside an intact archive load without complaint, then every metric is NaN)."""
+    name = non_finite_parameter(model)
+    if name is not None:
+        raise CheckpointError(
+            f"{where}: parameter {name!r} holds NaN or inf (a damaged file, or a run that "
+            "diverged before it was written)"
+        )
+
+
+def non_finite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding NaN or inf, None where all are finite (one
+    host-device sync). Buffers are not checked: masks may hold -inf on purpose."""
     import torch
 
-    for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
-            raise CheckpointError(
-                f"{where}: parameter {name!r} holds NaN or inf (a damaged file, or a run that "
-                "diverged before it was written)"
-            )
+    named = list(model.named_parameters())
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(param).all() for _, param in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0, 0])][0]
 
 
 def run_dir_of(checkpoint: Path) -> Path:

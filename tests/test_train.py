@@ -314,6 +314,22 @@ def test_ckpt_path_auto_resumes_the_newest_run_of_its_run_name(
     assert (resumed.run_dir / "wandb_id.txt").read_text() == wandb_id  # the same W&B run goes on
 
 
+def test_diverged_weights_are_never_saved(make_cfg) -> None:
+    # lr 1e4: step 3's update made every weight NaN, its periodic save wrote them over the last
+    # good last.ckpt (and as best-3.ckpt), and step 4's NaN loss then named that file "good"
+    cfg = make_cfg([*TINY, "optimizer.lr=1e4", "scheduler=constant", "trainer.max_steps=30"])
+    with pytest.raises(FloatingPointError) as diverged:
+        run(cfg)
+    saved = sorted((Path(cfg.paths.output_dir) / "checkpoints").glob("*.ckpt"))
+    for ckpt in saved:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    named = str(diverged.value)
+    assert "is NaN or inf at step" in named and "stopping without saving it" in named
+    assert ("nothing to resume from" in named) == (not saved), named
+    assert not saved or f"the last good checkpoint is {saved[-1]}" in named
+
+
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(make_cfg) -> None:
     cfg = make_cfg(
         [

@@ -16,6 +16,7 @@ import torch
 import torchmetrics
 from torch import nn
 
+from advarch.checkpoint import non_finite_parameter
 from advarch.config.validate import ConfigError
 from advarch.data.sampling import resume_train_epoch
 from advarch.models.output import ExpertModel, ModelOutput
@@ -220,6 +221,15 @@ class BaseStrategy(L.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Diverged weights are not saved (over the last good checkpoint, or as the best): the
+        run stops where they are found, as at a non-finite loss (the next step's check)."""
+        name = non_finite_parameter(self.model)
+        if name is not None:
+            raise FloatingPointError(
+                f"parameter {name!r} is NaN or inf at step {self.global_step} (epoch "
+                f"{self.current_epoch}); stopping without saving it — {self._checkpoint_note()}"
+                ". Try a lower optimizer.lr or trainer.gradient_clip_val"
+            )
         checkpoint[TRAIN_METRICS] = metrics_state(self.training_metrics())
         checkpoint[WORLD_SIZE] = self.trainer.world_size
 
