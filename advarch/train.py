@@ -84,7 +84,8 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     validate_run(cfg)  # every key, before any work
     check_base_fits(cfg)  # a fine-tune's base of other model sizes
     output_dir = Path(cfg.paths.output_dir)
-    runs_dir = Path(cfg.paths.runs_dir)
+    sweep = identity is not None and identity.job_type == "sweep"
+    runs_dir = None if sweep else Path(cfg.paths.runs_dir)  # (a trial: its earlier trials')
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials)
     last = output_dir / "checkpoints" / "last.ckpt"
     callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]

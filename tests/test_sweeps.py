@@ -148,7 +148,11 @@ def test_a_rerun_of_an_interrupted_sweep_with_ckpt_path_auto_goes_on(project: Pr
     stopped = project.shell(f"{sweep} & pid=$!; {wait}; kill -TERM $pid; wait $pid")
     assert stopped.rc == 143, stopped.output[-3000:]
     first = stopped.sweep_dir / "0" / "checkpoints" / "last.ckpt"
+    # a newer single run of the run name, as trial 1 but for max_steps (another LR schedule):
+    # trial 1 resumed it
+    project.shell("python train.py debug=tiny trainer.max_steps=9").check()
     again = project.shell(f"{sweep} ckpt_path=auto").check()
+    assert "outputs/runs/" not in again.output  # (nothing resumed from single runs)
     found = re.search(
         f"ckpt_path=auto: resuming {re.escape(str(first))} \\(step (\\d)", again.output
     )

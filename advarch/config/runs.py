@@ -140,7 +140,7 @@ def _shown(value: Any) -> str:
 
 def resolve_checkpoint(
     ckpt_path: str | None,
-    runs_dir: Path,
+    runs_dir: Path | None,
     cfg: DictConfig | None = None,
     output_dir: Path | None = None,
     earlier_trials: Sequence[Path] = (),
@@ -149,8 +149,9 @@ def resolve_checkpoint(
 
     `None` → fresh start; `auto` → the newest readable checkpoint of this run name
     (`<runs_dir>/*/checkpoints/*.ckpt`, and the run's own `<output_dir>/checkpoints/`, where a
-    requeued cluster job finds its own; a sweep trial's also those of `earlier_trials`, the
-    same trial of interrupted sweeps; newest first) written by a run of the same model,
+    requeued cluster job finds its own; a sweep trial's, whose `runs_dir` is None, those of
+    `earlier_trials` instead, the same trial of interrupted sweeps, not other runs of its run
+    name with other trainer settings; newest first) written by a run of the same model,
     data, strategy, optimizer, scheduler and seed as `cfg` (trainer settings such as max_steps
     may change);
     unreadable ones are skipped with a warning naming the file and the reason, those of other
@@ -181,13 +182,14 @@ def resolve_checkpoint(
         check_not_training(Path(ckpt_path).expanduser(), output_dir, "ckpt_path")
         log.info("resuming %s (%s)", ckpt_path, describe(ckpt))
         return Path(ckpt_path).expanduser()
-    candidates = set(runs_dir.glob("*/checkpoints/*.ckpt"))
+    candidates = set() if runs_dir is None else set(runs_dir.glob("*/checkpoints/*.ckpt"))
     if output_dir is not None:
         candidates |= set(output_dir.glob("checkpoints/*.ckpt"))
     for trial in earlier_trials:
         candidates |= set(trial.glob("checkpoints/*.ckpt"))
+    where = f"under {runs_dir}" if runs_dir is not None else "in this trial's earlier sweeps"
     if not candidates:
-        log.info("ckpt_path=auto: no checkpoint under %s yet; starting fresh", runs_dir)
+        log.info("ckpt_path=auto: no checkpoint %s yet; starting fresh", where)
         return None
     mismatch = (lambda c: None) if cfg is None else (lambda c: config_mismatch(c, cfg))
     path, ckpt, unreadable, foreign = newest_readable(candidates, mismatch=mismatch)
@@ -198,11 +200,10 @@ def resolve_checkpoint(
                  "(the newest: %s)", len(foreign), foreign[0])  # fmt: skip
     if path is None:
         log.warning(
-            "ckpt_path=auto: no %scheckpoint of this configuration among the %d under %s; "
-            "starting fresh",
+            "ckpt_path=auto: no %scheckpoint of this configuration among the %d %s; starting fresh",
             "readable " if unreadable else "",
             len(candidates),
-            runs_dir,
+            where,
         )
         return None
     check_not_training(path, output_dir, "ckpt_path=auto: the newest checkpoint of this run")
