@@ -88,15 +88,14 @@ def task_columns(task_names: Sequence[str]) -> dict[str, str]:
 
 
 def with_task_names(metrics: dict[str, float], task_names: Sequence[str]) -> dict[str, float]:
-    """`<split>/task_<j>/<metric>` keys as `<split>/<name of task j>/<metric>`: the names the
-    summary's table gives the columns, for reports (`test/net/bpb`, not `test/task_1/bpb`)."""
+    """`<split>/task_<j>/<metric>` keys followed by the name of task j, as the summary's table
+    names the columns (`test/task_1/bpb (net)`): the key as the CSV and W&B log it, the task
+    as the console shows it."""
     names = task_columns(task_names)
 
     def named(key: str) -> str:
         parts = key.split("/")
-        if len(parts) == 3 and parts[1] in names:
-            parts[1] = names[parts[1]]
-        return "/".join(parts)
+        return f"{key} ({names[parts[1]]})" if len(parts) == 3 and parts[1] in names else key
 
     return {named(key): value for key, value in metrics.items()}
 

@@ -75,15 +75,16 @@ def test_bits_per_byte_matrix_of_a_text_domain_stream(tmp_path: Path) -> None:
 
 
 def test_run_report_names_the_tasks_as_the_run_summary_does(tmp_path: Path) -> None:
-    # (the console's table said text, net; report.md listed test/task_0/…, test/task_1/…)
+    # (the console's table said text, net; report.md listed test/task_0/…, test/task_1/…,
+    # then test/text/…, a key the CSV and W&B do not have)
     run = synthetic_run(tmp_path / "run")
     spec = DataSpec(kind="lm", vocab_size=260, task_names=("text", "net"))
     metrics = {"test/bpb": 3.1, "test/task_0/bpb": 3.0, "test/task_1/bpb": 3.2}
     save_summary(spec, metrics, run)
     md = write_report(run).read_text()
-    assert "| test/text/bpb | 3.000 |" in md and "| test/net/bpb | 3.200 |" in md
-    assert "task_0" not in md and "| test/bpb | 3.100 |" in md
-    assert md.index("test/text/bpb") < md.index("test/net/bpb")  # in the tasks' order
+    assert "| test/task_0/bpb (text) | 3.000 |" in md and "| test/task_1/bpb (net) | 3.200 |" in md
+    assert "| test/bpb | 3.100 |" in md
+    assert md.index("(text)") < md.index("(net)")  # in the tasks' order
 
 
 def test_run_report_lists_twelve_tasks_in_their_order(tmp_path: Path) -> None:
@@ -93,7 +94,7 @@ def test_run_report_lists_twelve_tasks_in_their_order(tmp_path: Path) -> None:
     spec = DataSpec(kind="lm", vocab_size=260, task_names=names)
     save_summary(spec, {f"test/task_{j}/bpb": 3.0 + j / 100 for j in range(12)}, run)
     md = write_report(run).read_text()
-    places = [md.index(f"| test/domain{j}/bpb |") for j in range(12)]
+    places = [md.index(f"| test/task_{j}/bpb (domain{j}) |") for j in range(12)]
     assert places == sorted(places)
 
 
