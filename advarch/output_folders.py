@@ -62,3 +62,11 @@ def unmakeable(folder: Path) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return "is not writable" if existing == folder else f"cannot be made in {existing}"
     return None
+
+
+def exit_if_unmakeable(folder: Path, option: str = "--out") -> None:
+    """Exit with one `error: <option> <folder> <why>` line where `unmakeable(folder)`: the
+    check a program's output-folder option gets before any work."""
+    problem = unmakeable(Path(folder))
+    if problem:
+        sys.exit(f"error: {option} {folder} {problem}")

@@ -22,6 +22,7 @@ import torch
 
 from advarch.config.compose import compose_run
 from advarch.config.validate import ConfigError
+from advarch.output_folders import exit_if_unmakeable
 from advarch.train import run
 
 MODELS = ("mmoe", "one_gate_moe", "shared_bottom")
@@ -89,7 +90,9 @@ def table(results: dict[tuple[float, str], np.ndarray], seeds: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, `--out` checked before any run (a file there ended the first run in
+    a NotADirectoryError traceback)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--correlations", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -105,9 +108,15 @@ def main() -> None:
         "overrides", nargs="*", help="extra Hydra overrides, e.g. trainer.max_steps=500"
     )
     # overrides (key=value) anywhere, also after `--seeds 0 1`, whose list would swallow them
-    argv = sys.argv[1:]
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args([a for a in argv if a not in overrides] + overrides)
+    if args.out is not None:
+        exit_if_unmakeable(args.out)
+    return args
+
+
+def main() -> None:
+    args = parse(sys.argv[1:])
     torch.set_num_threads(1)
     logging.getLogger("advarch").setLevel(logging.WARNING)
     root = args.out or Path(tempfile.mkdtemp(prefix="mmoe_report_"))

@@ -32,7 +32,7 @@ from advarch.data.corpus import SPLITS
 from advarch.data.packing import TooFewTokens
 from advarch.data.retrieval_database import INDEX_KINDS, RetrievalDatabase
 from advarch.data.text import TextDataModule
-from advarch.output_folders import unmakeable
+from advarch.output_folders import exit_if_unmakeable
 
 
 def recall_at_k(db: RetrievalDatabase, queries: np.ndarray, k: int) -> float:
@@ -61,9 +61,7 @@ def check_options(args: argparse.Namespace) -> None:
     for option, value, least, why in minimums:
         if value is not None and value < least:
             sys.exit(f"error: {option} {value} must be at least {least}{why}")
-    problem = unmakeable(Path(args.out))
-    if problem:
-        sys.exit(f"error: --out {args.out} {problem}")
+    exit_if_unmakeable(Path(args.out))
 
 
 def too_few_tokens(err: TooFewTokens, args: argparse.Namespace) -> str:

@@ -37,6 +37,18 @@ def test_mmoe_report_tables_every_model_and_correlation(project: Project) -> Non
     assert "Epoch" not in res.output and "v_num" not in res.output  # one line per run, no bars
 
 
+def test_mmoe_report_says_an_out_that_is_a_file_in_one_line(tmp_path: Path) -> None:
+    # a NotADirectoryError traceback as the first run began
+    import runpy
+
+    out = tmp_path / "text.ckpt"
+    out.write_text("a file where --out goes")
+    parse = runpy.run_path(f"{ROOT}/scripts/mmoe_report.py")["parse"]
+    line = f"error: --out {out} is a file, not a folder"
+    with pytest.raises(SystemExit, match=f"^{re.escape(line)}$"):
+        parse(["--seeds", "0", "--models", "mmoe", "--out", str(out), "trainer.max_steps=2"])
+
+
 def test_retro_report_compares_neighbours_padding_and_plain(project: Project) -> None:
     small = ["debug=tiny", *SMALL_TEXT, "data.retrieval.chunk_size=16"]
     project.run(*small, "data.retrieval.embedder_dim=64", script="scripts/retro_report.py").check()

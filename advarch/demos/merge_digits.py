@@ -48,7 +48,7 @@ from advarch.checkpoint import model_weights, read_checkpoint
 from advarch.config.compose import compose_run
 from advarch.data.digits import DigitsDataModule
 from advarch.merging import MergeConfig, merge_checkpoints
-from advarch.output_folders import unmakeable
+from advarch.output_folders import exit_if_unmakeable
 from advarch.pipeline import build_model
 from advarch.spec import DataSpec
 from advarch.strategies.evaluation import accuracy
@@ -275,9 +275,7 @@ def main() -> None:
             if getattr(args, key) is not None:
                 setattr(demo, key, getattr(args, key))
         demo.check()
-        problem = unmakeable(args.out)  # (run_lock's traceback as the first run began)
-        if problem:
-            raise ValueError(f"--out {args.out} {problem}")
+        exit_if_unmakeable(args.out)  # (run_lock's traceback as the first run began)
     except ValueError as err:
         sys.exit(f"error: {err}")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
