@@ -6,7 +6,9 @@ mean ± std over seeds. Seeds change the initialisation and shuffling (`seed`); 
 fixed (`data.seed`, default 0) so a sweep over p changes nothing but the task relationship.
 `--data-seeds` redraws the data per seed as well, as the paper does (much noisier at this size).
 
-    python scripts/mmoe_report.py --correlations 0.0 0.5 1.0 --seeds 0 1 2
+    python scripts/mmoe_report.py --correlations 0.0 0.5 1.0 --seeds 0 1 2 trainer.max_steps=500
+
+Overrides (key=value) may go anywhere among the options.
 """
 
 from __future__ import annotations
@@ -107,9 +109,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "overrides", nargs="*", help="extra Hydra overrides, e.g. trainer.max_steps=500"
     )
-    # overrides (key=value) anywhere, also after `--seeds 0 1`, whose list would swallow them
+    # overrides (key=value) anywhere: taken out before argparse, as moved to the end the last
+    # list option swallowed them (`--models mmoe trainer.max_steps=2`: an invalid model)
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in argv if a not in overrides] + overrides)
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = [*overrides, *args.overrides]
     if args.out is not None:
         exit_if_unmakeable(args.out)
     return args

@@ -49,6 +49,24 @@ def test_mmoe_report_says_an_out_that_is_a_file_in_one_line(tmp_path: Path) -> N
         parse(["--seeds", "0", "--models", "mmoe", "--out", str(out), "trainer.max_steps=2"])
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--correlations", "1", "--seeds", "0", "--models", "mmoe", "trainer.max_steps=2"],
+        ["trainer.max_steps=2", "--models", "mmoe", "--seeds", "0", "--correlations", "1"],
+        ["--models", "mmoe", "trainer.max_steps=2", "--seeds", "0", "--correlations", "1"],
+    ],
+)
+def test_mmoe_report_takes_an_override_anywhere(argv: list[str]) -> None:
+    # moved to the end, the override was swallowed by the last list option: "argument
+    # --models: invalid choice: 'trainer.max_steps=2'"
+    import runpy
+
+    args = runpy.run_path(f"{ROOT}/scripts/mmoe_report.py")["parse"](argv)
+    assert (args.models, args.seeds, args.correlations) == (["mmoe"], [0], [1.0])
+    assert args.overrides == ["trainer.max_steps=2"]
+
+
 def test_retro_report_compares_neighbours_padding_and_plain(project: Project) -> None:
     small = ["debug=tiny", *SMALL_TEXT, "data.retrieval.chunk_size=16"]
     project.run(*small, "data.retrieval.embedder_dim=64", script="scripts/retro_report.py").check()
