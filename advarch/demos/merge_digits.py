@@ -45,7 +45,10 @@ import torch
 from omegaconf import OmegaConf
 
 from advarch.checkpoint import model_weights, read_checkpoint
+from advarch.config.choices import check_overrides
+from advarch.config.combinations import with_strategy_defaults
 from advarch.config.compose import compose_run
+from advarch.config.validate import ConfigError
 from advarch.data.digits import DigitsDataModule
 from advarch.merging import MergeConfig, merge_checkpoints
 from advarch.output_folders import exit_if_unmakeable
@@ -94,6 +97,14 @@ class DemoConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         merge_plan(self, Path("base.ckpt"), [Path(f"{i}.ckpt") for i in range(len(self.tasks))])
+        # keys and choices as train.py checks its own (a misspelt --task-overrides key stopped
+        # in Hydra's traceback after the base had trained)
+        task = task_overrides(self, self.tasks[0], Path("base.ckpt"))
+        for option, overrides in (("overrides", base_overrides(self)), ("--task-overrides", task)):
+            try:
+                check_overrides(with_strategy_defaults(overrides), "train")
+            except ConfigError as err:
+                raise ValueError(f"{option}: {err}") from None
 
 
 def train(overrides: list[str], output_dir: Path) -> Path:
@@ -106,39 +117,42 @@ def task_name(task: list[int]) -> str:
     return "".join(map(str, task))
 
 
+def base_overrides(demo: DemoConfig) -> list[str]:
+    """θ₀'s run: all digits."""
+    return [
+        "experiment=pretrain_digits_0_4",
+        "data.classes=null",
+        f"trainer.max_steps={demo.base_steps}",
+        f"trainer.val_check_interval={demo.base_steps}",
+        f"trainer.log_every_n_steps={min(10, demo.base_steps)}",  # short runs log too
+        *demo.overrides,
+    ]
+
+
+def task_overrides(demo: DemoConfig, task: list[int], base: Path) -> list[str]:
+    """The fine-tune of one task from θ₀ at `base`."""
+    steps, classes = demo.task_steps, f"[{','.join(map(str, task))}]"
+    head = [f"strategy.head_classes={classes}", f"strategy.trainable=[{BODY}]"]
+    return [
+        "experiment=merge_digit_tasks",
+        f"data.classes={classes}",
+        *(head if demo.own_head_rows else []),
+        f"strategy.pretrained={base}",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        f"trainer.log_every_n_steps={min(10, steps)}",
+        *demo.overrides,
+        *demo.task_overrides,
+    ]
+
+
 def train_all(demo: DemoConfig, out: Path) -> tuple[Path, list[Path]]:
     """θ₀ on all digits, then one full fine-tune per task from θ₀."""
-    base = train(
-        [
-            "experiment=pretrain_digits_0_4",
-            "data.classes=null",
-            f"trainer.max_steps={demo.base_steps}",
-            f"trainer.val_check_interval={demo.base_steps}",
-            f"trainer.log_every_n_steps={min(10, demo.base_steps)}",  # short runs log too
-            *demo.overrides,
-        ],
-        out / "runs" / "base",
-    )
-    tasks = []
-    for task in demo.tasks:
-        steps, classes = demo.task_steps, f"[{','.join(map(str, task))}]"
-        head = [f"strategy.head_classes={classes}", f"strategy.trainable=[{BODY}]"]
-        tasks.append(
-            train(
-                [
-                    "experiment=merge_digit_tasks",
-                    f"data.classes={classes}",
-                    *(head if demo.own_head_rows else []),
-                    f"strategy.pretrained={base}",
-                    f"trainer.max_steps={steps}",
-                    f"trainer.val_check_interval={steps}",
-                    f"trainer.log_every_n_steps={min(10, steps)}",
-                    *demo.overrides,
-                    *demo.task_overrides,
-                ],
-                out / "runs" / f"task_{task_name(task)}",
-            )
-        )
+    base = train(base_overrides(demo), out / "runs" / "base")
+    tasks = [
+        train(task_overrides(demo, task, base), out / "runs" / f"task_{task_name(task)}")
+        for task in demo.tasks
+    ]
     return base, tasks
 
 

@@ -100,6 +100,11 @@ def test_merged_checkpoint_through_the_eval_cli(demo_run, project: Project) -> N
             ["--tasks", "0,1", "2,3", "1,0"],
             "error: --tasks 1,0: the same digits as an earlier task; give each task once",
         ),
+        (  # (Hydra's traceback after the base model had trained)
+            ["--task-overrides", "model.dmi=3"],
+            "error: --task-overrides: model.dmi is not a key of model (did you mean model.dim? ",
+        ),
+        (["--task-overrides", "optimizer=adamx"], "error: --task-overrides: optimizer=adamx "),
     ],
 )
 def test_bad_options_stop_before_any_training(args, message, monkeypatch, tmp_path) -> None:
