@@ -298,7 +298,8 @@ def main() -> None:
     text = table(run_demo(demo, args.out))
     (args.out / "merge_table.md").write_text(text + "\n")
     print(text)
-    print(f"\n{time.perf_counter() - start:.0f} s; merged checkpoints in {args.out / 'merged'}")
+    print(f"\n{time.perf_counter() - start:.0f} s; table in {args.out / 'merge_table.md'}, "
+          f"merged checkpoints in {args.out / 'merged'}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -113,3 +113,14 @@ def test_bad_options_stop_before_any_training(args, message, monkeypatch, tmp_pa
     with pytest.raises(SystemExit) as stop:
         merge_digits.main()
     assert stop.value.code == message or str(stop.value.code).startswith(message)
+
+
+def test_the_last_line_says_where_the_table_is(monkeypatch, tmp_path, capsys) -> None:
+    # it named only the merged checkpoints' folder, not merge_table.md
+    rows = [("base θ₀", "—", {"01": 0.5, "all": 0.25})]
+    monkeypatch.setattr(merge_digits, "run_demo", lambda demo, out: rows)
+    monkeypatch.setattr("sys.argv", ["merge_demo.py", "--out", str(tmp_path)])
+    merge_digits.main()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"table in {tmp_path / 'merge_table.md'}, merged checkpoints in " in last, last
+    assert (tmp_path / "merge_table.md").read_text().startswith("| method | λ | task 01 |")
