@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 import datasets
 import numpy as np
@@ -33,6 +34,22 @@ from advarch.data.packing import TooFewTokens
 from advarch.data.retrieval_database import INDEX_KINDS, RetrievalDatabase
 from advarch.data.text import TextDataModule
 from advarch.output_folders import exit_if_unmakeable
+
+
+class FrameLines:
+    """The stream of a progress bar where output is not a terminal: each frame a line of its
+    own (tqdm redraws over `\r`, which ran the 0% and 100% frames into one line)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream, self.encoding = stream, getattr(stream, "encoding", None)  # (its bar style)
+
+    def write(self, text: str) -> None:
+        frame = text.replace("\r", "").rstrip()
+        if frame:
+            self.stream.write(frame + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def recall_at_k(db: RetrievalDatabase, queries: np.ndarray, k: int) -> float:
@@ -109,7 +126,8 @@ def main() -> None:
         sys.exit(f"error: --k {args.k} exceeds the database's {m} chunks")
     t0, cpu0 = time.perf_counter(), time.process_time()
     parts, step = [], 16384
-    with tqdm(total=m, desc="embed database", unit="chunk") as bar:  # (it counted whole steps)
+    lines = None if sys.stderr.isatty() else FrameLines(sys.stderr)
+    with tqdm(total=m, desc="embed database", unit="chunk", file=lines) as bar:  # (not steps)
         for i in range(0, m, step):
             parts.append(db.embedder.embed(db.chunks[i : i + step]))
             bar.update(len(parts[-1]))
@@ -147,7 +165,7 @@ def main() -> None:
         "embed_s": t_embed, "index_s": t_index,
         "chunks_per_s_embed_index": m / (t_embed + t_index),
         "cpu_s_embed_index": cpu_build, "chunks_per_cpu_s": m / cpu_build,
-        "neighbours_s": t_neigh,
+        "neighbours_s": "skipped" if args.skip_neighbours else t_neigh,
         "cached_load_s": t_load, f"recall@{args.k}": recall, "nprobe": args.nprobe,
         "max_documents": args.max_documents,
     }  # fmt: skip

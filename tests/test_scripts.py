@@ -273,6 +273,10 @@ def test_retro_database_bar_counts_the_database_chunks(project: Project) -> None
     chunks = next(line.split()[1] for line in res.stdout.splitlines() if line.startswith("chunks "))
     totals = set(re.findall(r"embed database: +\d+%\|[^|]*\| *\d+/(\d+)", res.stderr))
     assert totals == {chunks}, res.stderr[-2000:]
+    # piped, its frames ran into one line over \r; and a skipped step reported a time
+    frames = [line for line in res.stderr.splitlines() if "embed database" in line]
+    assert "\r" not in res.stderr and all(f.count("embed database") == 1 for f in frames)
+    assert re.search(r"^neighbours_s +skipped$", res.stdout, re.M), res.stdout
 
 
 def test_merge_demo_says_an_out_that_is_a_file_in_one_line(project: Project) -> None:
