@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from advarch.benchmarks.timing import Row
+from advarch.benchmarks.timing import SMOKE_NOTE, Row
 
 SUITES = ("moe", "sliding_window", "ssm")  # the default; `references` runs on request
 CPU_SUITES = (*SUITES, "references")
@@ -89,6 +89,8 @@ def main() -> None:
         suite = importlib.import_module(f"advarch.benchmarks.{name}")
         rows += suite.run(quick=args.quick)
     print_table(rows)
+    if args.quick:
+        print(f"--quick: {SMOKE_NOTE}")
     if args.device == "cuda":
         gpu.print_target_checks(rows)
 

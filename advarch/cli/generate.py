@@ -125,7 +125,7 @@ def _bench(cfg: DictConfig) -> None:
     """
     import torch
 
-    from advarch.benchmarks.decoding import benchmark_decoding, speed_table
+    from advarch.benchmarks.decoding import benchmark_decoding, smoke_note, speed_table
     from advarch.config.compose import apply_debug_sizes, compose_packaged
     from advarch.pipeline import build_datamodule, build_model
     from advarch.spec import DataSpec
@@ -149,6 +149,9 @@ def _bench(cfg: DictConfig) -> None:
             models[name] = build_model(train_cfg, spec).to(cfg.device)
     rows = benchmark_decoding(models, cfg.bench_prompt_len, cfg.bench_new_tokens, retrievers)
     print(speed_table(rows, cfg.bench_prompt_len, cfg.bench_new_tokens))
+    note = smoke_note(list(cfg.bench_overrides), cfg.bench_new_tokens)
+    if note:
+        print(note)
 
 
 def _prompt(cfg: DictConfig) -> str:

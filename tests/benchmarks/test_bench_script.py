@@ -29,3 +29,17 @@ def test_table_leaves_out_columns_nothing_measured(capsys) -> None:
     header, _, row = capsys.readouterr().out.splitlines()
     assert "peak MiB" not in header and "host ms" not in header and "nan" not in row
     assert row.split("|")[-2].strip() == "1.00"
+
+
+def test_quick_says_its_timings_mean_nothing(monkeypatch, capsys) -> None:
+    # smoke sizes showed fwd 37.8 ms above fwd+bwd 17.7 ms, with no word of warning
+    import runpy
+
+    from advarch.benchmarks import moe
+    from advarch.benchmarks.timing import Row
+
+    monkeypatch.setattr(moe, "run", lambda quick: [Row("moe fwd", "dense", "N=512", 1.0)])
+    monkeypatch.setattr("sys.argv", ["bench.py", "--quick", "--only", "moe"])
+    runpy.run_path(str(ROOT / "scripts" / "bench.py"), run_name="__main__")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "--quick: sizes too small for the timings to mean anything (a smoke run)"

@@ -23,3 +23,14 @@ def test_benchmark_rows() -> None:
     # warm-up of 2 tokens retrieved once (4 + 2 − 1)
     assert len(calls) == 2 * (9 // RETRO_M) + 2 * (5 // RETRO_M)
     assert "| ssm |" in speed_table(rows, 4, 6)
+
+
+def test_smoke_sizes_say_the_timings_mean_nothing() -> None:
+    # the README's smoke run (debug=tiny models, 8 new tokens) showed cached decoding at
+    # 0.2-0.9x the full forward, with no word of warning
+    from advarch.benchmarks.decoding import smoke_note
+
+    note = smoke_note(["debug=tiny"], 8)
+    assert note == ("note: debug=tiny bench_new_tokens=8: sizes too small for the timings to "
+                    "mean anything (a smoke run)")  # fmt: skip
+    assert smoke_note(["model.dim=512"], 512) is None
