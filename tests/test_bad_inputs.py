@@ -238,7 +238,13 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["+modle.dim=3"], "+modle.dim: modle is not a key of the train config (did you"),
     ("train", ["+experiment=ewc_permuted_digits"], "config already makes; write experiment=ewc"),
     # the other entry points
-    ("eval", ["ckpt_path={f}/ok.ckpt", "datta=text"], "datta is not a key of the eval config"),
+    ("eval", ["ckpt_path={f}/ok.ckpt", "datta=text"], "eval config (did you mean data? keys: "),
+    (  # (it listed the eval keys without data, and --help listed model as a group)
+        "eval",
+        ["ckpt_path={f}/ok.ckpt", "model=ssm"],
+        "model=ssm: eval.py evaluates the checkpoint's own model; model is not a key of the eval "
+        "config (keys: accelerator, ckpt_path, data, data_overrides, paths, run_name, ",
+    ),
     ("merge", ["densty=0.3"], "densty is not a key of the merge config (did you mean density?"),
     (
         "merge",

@@ -289,12 +289,15 @@ def test_merge_demo_says_an_out_that_is_a_file_in_one_line(project: Project) -> 
     assert res.rc == 1 and res.stderr.strip() == "error: --out notes.txt is a file, not a folder"
 
 
-@pytest.mark.parametrize("script", ["scripts/generate.py", "scripts/merge.py"])
+@pytest.mark.parametrize("script", ["scripts/generate.py", "scripts/merge.py", "eval.py"])
 def test_help_shows_the_programs_own_settings(project: Project, script: str) -> None:
     # it listed the training config groups (data=, model= …), which these programs refuse
     done = project.run("--help", script=script).check()
     assert "Usage: python " + script in done.stdout and "== Settings (key=value) ==" in done.stdout
     assert "Configuration groups" not in done.stdout and "strategy:" not in done.stdout
+    if script == "eval.py":  # its one group, with every option
+        data = sorted(p.stem for p in (ROOT / "advarch/configs/data").glob("*.yaml"))
+        assert f"data: {', '.join(data)}" in done.stdout.splitlines()
 
 
 def test_the_other_sequence_control_never_gives_a_sequence_its_own_neighbours() -> None:

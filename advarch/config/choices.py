@@ -31,6 +31,13 @@ MODEL = "advarch.models.Model"
 # block → the layer pattern (`model.<key>`) whose entries name it, for the blocks with options
 # (`model.swa.window`); `advarch.models.registry` (which imports torch) holds the same, tested
 PATTERN_BLOCKS = {"swa": "layers", "ssm": "layers", "ssd": "layers", "moe": "ffn"}
+# the programs that read a training run's checkpoint → what they do with it: a training group
+# on their command line (`eval.py model=ssm`) is refused, saying the checkpoint's own is used
+CHECKPOINT_PROGRAMS = {
+    "eval": "eval.py evaluates",
+    "generate": "scripts/generate.py samples from",
+    "merge": "scripts/merge.py keeps",
+}
 
 
 def check_config_dirs(argv: list[str]) -> None:
@@ -146,9 +153,16 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
         ):
             depth += 1
         parent, leaf = ".".join(parts[:depth]), parts[depth]
-        node = OmegaConf.select(cfg, parent) if parent else _own_keys(cfg)
+        node = OmegaConf.select(cfg, parent) if parent else _accepted_keys(cfg)
         if leaf not in node:
-            raise unknown_key(parent, leaf, node, None if parent else f"the {config_name} config")
+            unknown = unknown_key(
+                parent, leaf, node, None if parent else f"the {config_name} config"
+            )
+            own = CHECKPOINT_PROGRAMS.get(config_name)
+            if parent or own is None or leaf not in _packaged_groups():
+                raise unknown
+            override = next(o for o in assigned if o.split("=", 1)[0] == key)
+            raise ConfigError(f"{override}: {own} the checkpoint's own {leaf}; {unknown}")
         if node[leaf] is None:  # a null section (`model.swa` of model=transformer): `+` sets it
             override = next(o for o in assigned if o.split("=", 1)[0] == key)
             raise unused_block(override, cfg) or null_section(override, f"{parent}.{leaf}", cfg)
@@ -165,7 +179,7 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
             raise ConfigError(f"+{added}={value}: {added} is a choice the {config_name} config "
                               f"already makes; write {added}={value}")  # fmt: skip
         if root not in cfg and root not in groups:  # (`+experiment=…` adds a config group)
-            unknown = unknown_key("", root, _own_keys(cfg), f"the {config_name} config")
+            unknown = unknown_key("", root, _accepted_keys(cfg), f"the {config_name} config")
             raise ConfigError(f"+{added}: {unknown}")
 
 
@@ -266,6 +280,19 @@ def check_command_line(argv: list[str], config_name: str) -> None:
 def _own_keys(cfg: DictConfig) -> list[str]:
     """The top-level keys of a composed config, Hydra's own node aside."""
     return [str(k) for k in cfg if k != "hydra"]
+
+
+def _accepted_keys(cfg: DictConfig) -> list[str]:
+    """The top-level keys a command line may set: the config's own (`_own_keys`) and its
+    config groups, a group chosen as null (eval's `data`) too."""
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices") or {}
+    groups = [str(g) for g in choices if g != "hydra" and "/" not in str(g)]
+    return list(dict.fromkeys(_own_keys(cfg) + groups))
+
+
+def _packaged_groups() -> set[str]:
+    """The packaged config groups (`model`, `strategy`, `trainer`, …)."""
+    return {p.name for p in PACKAGE_CONFIGS.iterdir() if p.is_dir() and p.name != "__pycache__"}
 
 
 def unknown_key(parent: str, leaf: str, node: Iterable, owner: str | None = None) -> ConfigError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -21,16 +22,27 @@ def sweep_direction(metric: str | None) -> str:
     return "maximize" if metric_mode(metric) == "max" else "minimize"
 
 
+def config_options(group: str) -> str:
+    """The packaged options of a config group, comma-separated (`digits, text, …`)."""
+    folder = Path(__file__).resolve().parent.parent / "configs" / group
+    return ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+
+
 def register_resolvers() -> None:
     """`${unique:}` — a short random id, cached per config, so run folders never collide;
     `${range:a,b}` — [a, a+1, …, b−1], e.g. RETRO's CCA in every layer after the first at any
     depth: `cca_layers: ${range:1,${model.depth}}`; `${metric_mode:m}` and
-    `${sweep_direction:m}` — whether higher or lower values of metric m are better."""
+    `${sweep_direction:m}` — whether higher or lower values of metric m are better;
+    `${config_options:g}` — the options of config group g (a `--help` lists them)."""
     if not OmegaConf.has_resolver("unique"):
         OmegaConf.register_new_resolver("unique", lambda: secrets.token_hex(3), use_cache=True)
     if not OmegaConf.has_resolver("range"):
         OmegaConf.register_new_resolver("range", lambda a, b: list(range(int(a), int(b))))
-    for name, resolve in (("metric_mode", metric_mode), ("sweep_direction", sweep_direction)):
+    for name, resolve in (
+        ("metric_mode", metric_mode),
+        ("sweep_direction", sweep_direction),
+        ("config_options", config_options),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolve)
 

@@ -106,3 +106,16 @@ def test_a_null_section_names_the_options_that_have_it(
     with pytest.raises(ConfigError, match=re.escape(hint)):
         check_override_keys(argv)
     check_override_keys(following)
+
+
+def test_eval_refusal_lists_every_key_it_takes_and_each_is_taken() -> None:
+    # data (a group chosen as null) was left out of the keys, though eval.py takes it
+    with pytest.raises(
+        ConfigError, match="model=ssm: eval.py evaluates the checkpoint's own"
+    ) as err:
+        check_override_keys(["ckpt_path=x.ckpt", "model=ssm"], "eval")
+    keys = str(err.value).split("keys: ")[1].rstrip(")").split(", ")
+    assert "data" in keys and "model" not in keys
+    values = {"data": "text", "strategy_overrides": "{}", "data_overrides": "{}", "paths": "{}"}
+    for key in keys:
+        check_override_keys(["ckpt_path=x.ckpt", f"{key}={values.get(key, 'x')}"], "eval")
