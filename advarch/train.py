@@ -333,6 +333,7 @@ def main() -> None:
         check_group_choices,
         check_override_keys,
         check_override_syntax,
+        check_single_run,
     )
     from advarch.config.validate import ConfigError
 
@@ -340,6 +341,7 @@ def main() -> None:
         check_config_dirs(sys.argv[1:])  # before its options are called unknown
         check_override_syntax(sys.argv[1:])  # `run_name=a(b)` quoted, not Hydra's parser error
         check_group_choices(sys.argv[1:])  # a misspelt `model=moee` in one line, not a screenful
+        check_single_run(sys.argv[1:])  # `model.depth=2,4` without -m
         sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
         check_override_keys(sys.argv[1:])  # and `model.dimm=64`
     except ConfigError as err:

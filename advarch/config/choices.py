@@ -14,6 +14,7 @@ a layer of that block in the model's layer pattern.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import sys
 from collections.abc import Iterable
@@ -50,24 +51,100 @@ def check_config_dirs(argv: list[str]) -> None:
 
 
 def check_override_syntax(argv: list[str]) -> None:
-    """Raise `ConfigError` for a `key=value` Hydra's grammar cannot read (`prompt=def f(x):`,
-    parentheses read as a function call), saying how to quote it: Hydra answered with its
-    parser's `mismatched input '(' expecting <EOF>` and a link."""
+    """Raise `ConfigError` for an override Hydra's grammar cannot read, with a hint that reads
+    when followed: Hydra answered with its parser's `mismatched input '(' expecting <EOF>` and
+    a link, or a screenful.
+
+    - `prompt=def f(x):` (parentheses read as a function call): quote the value;
+    - `model.layers=[ssm,attn` (an unclosed list): the `]` it lacks;
+    - `bench_overrides=[debug=tiny,model.dim=3]` (`=` inside a list): quote each element;
+    - `model.depth` (no `=`): write `model.depth=<value>`.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
     parser = OverridesParser.create()
-    for override in (a for a in argv if "=" in a and not a.startswith("-")):
+    for override in _overrides(argv):
         try:
             parser.parse_overrides([override])
         except OverrideParseException as err:
-            key, value = override.split("=", 1)
-            inner = "'" if '"' in value else '"'
-            reason = str(err).splitlines()[0]
+            raise _unreadable(override, str(err).splitlines()[0], parser) from None
+
+
+def check_single_run(argv: list[str]) -> None:
+    """Raise `ConfigError` for a sweep's values (`model.depth=2,4`) in a run without `-m`:
+    Hydra's "Ambiguous value for argument", five lines and HYDRA_FULL_ERROR. After
+    `check_group_choices`, which names a misspelt option among them (`strategy=naive,ewcc`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    multirun = any(
+        a in ("-m", "--multirun", "--config-dir", "-cd") or a.startswith(_MULTIRUN_SETTINGS)
+        for a in argv
+    )  # (a config folder of the user's may set hydra.mode: MULTIRUN as hparams_search does)
+    if multirun:
+        return
+    parser = OverridesParser.create()
+    for override in _overrides(argv):
+        parsed = parser.parse_override(override)
+        if parsed.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
             raise ConfigError(
-                f"{override}: Hydra cannot read this value ({reason}); quote it for Hydra and "
-                f"the shell: '{key}={inner}{value}{inner}'"
-            ) from None
+                f"{override} is a sweep (one run per value): add -m to run the sweep, or give "
+                f"{parsed.key_or_group} one value"
+            )
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The overrides of a command line: not its flags, nor a flag's value (`-cd conf`)."""
+    return [
+        a for i, a in enumerate(argv)
+        if not a.startswith("-") and not (i and argv[i - 1].startswith("-") and "=" not in a)
+    ]  # fmt: skip
+
+
+# overrides that make a run a multirun (hparams_search's configs set hydra.mode: MULTIRUN)
+_MULTIRUN_SETTINGS = ("hydra.mode=", "hparams_search=", "+hparams_search=")
+
+
+def _unreadable(override: str, reason: str, parser: Any) -> ConfigError:
+    """The one line for an override the grammar cannot read, with the first fix the grammar
+    reads (each hint is parsed before it is given)."""
+    from hydra.errors import OverrideParseException
+
+    def reads(candidate: str) -> bool:
+        try:
+            parser.parse_overrides([candidate])
+        except OverrideParseException:
+            return False
+        return True
+
+    if "=" not in override:
+        return ConfigError(f"{override} has no value: write {override}=<value>")
+    key, value = override.split("=", 1)
+    missing = "".join(
+        close * (value.count(open_) - value.count(close))
+        for open_, close in ("[]", "{}")
+        if value.count(open_) > value.count(close)
+    )
+    if missing and reads(f"{override}{missing}"):
+        return ConfigError(
+            f"{override}: the {'list' if missing[0] == ']' else 'mapping'} has no closing "
+            f"{missing}: write {key}={value}{missing}"
+        )
+    if value.startswith("[") and value.endswith("]") and "=" in value:
+        elements = [e.strip().strip("\"'") for e in value[1:-1].split(",")]
+        quoted = f"{key}=[{','.join(json.dumps(e) for e in elements)}]"
+        if reads(quoted):
+            return ConfigError(
+                f"{override}: Hydra cannot read a list element with = in it unquoted; quote "
+                f"each element, for Hydra and the shell: '{quoted}'"
+            )
+    inner = "'" if '"' in value else '"'
+    quoted = f"{key}={inner}{value}{inner}"
+    hint = f"; quote it for Hydra and the shell: '{quoted}'" if reads(quoted) else ""
+    if value.startswith(("[", "{")):  # (quoted, a list would be one string)
+        hint = ""
+    return ConfigError(f"{override}: Hydra cannot read this value ({reason}){hint}")
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -265,6 +342,7 @@ def check_overrides(argv: list[str], config_name: str) -> None:
     check_config_dirs(argv)
     check_override_syntax(argv)
     check_group_choices(argv)
+    check_single_run(argv)
     check_override_keys(argv, config_name)
 
 

@@ -7,13 +7,17 @@ import re
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from advarch.config.choices import (
     PATTERN_BLOCKS,
     check_group_choices,
     check_override_keys,
+    check_override_syntax,
+    check_single_run,
 )
 from advarch.config.combinations import packaged_config
+from advarch.config.compose import compose_packaged
 from advarch.config.validate import ConfigError
 from advarch.models.registry import BLOCKS, PATTERNS
 
@@ -119,3 +123,48 @@ def test_eval_refusal_lists_every_key_it_takes_and_each_is_taken() -> None:
     values = {"data": "text", "strategy_overrides": "{}", "data_overrides": "{}", "paths": "{}"}
     for key in keys:
         check_override_keys(["ckpt_path=x.ckpt", f"{key}={values.get(key, 'x')}"], "eval")
+
+
+@pytest.mark.parametrize(("override", "line", "followed", "config", "key", "value"), [
+    (  # (it said to quote the list, which makes it one string)
+        "model.layers=[ssm,attn",
+        "model.layers=[ssm,attn: the list has no closing ]: write model.layers=[ssm,attn]",
+        "model.layers=[ssm,attn]", "train", "model.layers", ["ssm", "attn"],
+    ),
+    (  # (it said to quote the list whole: "has the wrong type (expected list of str)")
+        "bench_overrides=[debug=tiny,model.dim=3]",
+        "bench_overrides=[debug=tiny,model.dim=3]: Hydra cannot read a list element with = in "
+        "it unquoted; quote each element, for Hydra and the shell: "
+        "'bench_overrides=[\"debug=tiny\",\"model.dim=3\"]'",
+        'bench_overrides=["debug=tiny","model.dim=3"]', "generate", "bench_overrides",
+        ["debug=tiny", "model.dim=3"],
+    ),
+    (  # (Hydra's "missing EQUAL at '<EOF>'", a link and HYDRA_FULL_ERROR)
+        "model.depth", "model.depth has no value: write model.depth=<value>",
+        "model.depth=3", "train", "model.depth", 3,
+    ),
+])  # fmt: skip
+def test_an_unreadable_override_gets_a_hint_that_reads(
+    override: str, line: str, followed: str, config: str, key: str, value: object
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        check_override_syntax(["debug=tiny", override])
+    assert str(err.value) == line
+    check_override_syntax(["debug=tiny", followed])  # the hint, followed, is read as meant
+    composed = compose_packaged([followed], config)
+    assert OmegaConf.to_container(OmegaConf.select(composed, key)) == value if isinstance(
+        value, list) else OmegaConf.select(composed, key) == value  # fmt: skip
+
+
+def test_a_sweep_without_multirun_says_to_add_it() -> None:
+    # (Hydra's "Ambiguous value for argument", five lines and HYDRA_FULL_ERROR)
+    with pytest.raises(ConfigError) as err:
+        check_single_run(["model.depth=2,4", "debug=tiny"])
+    assert str(err.value) == (
+        "model.depth=2,4 is a sweep (one run per value): add -m to run the sweep, or give "
+        "model.depth one value"
+    )
+    for multirun in (["-m"], ["--multirun"], ["hparams_search=optuna"], ["hydra.mode=MULTIRUN"]):
+        check_single_run([*multirun, "model.depth=2,4", "debug=tiny"])
+    check_single_run(["-cn", "mine", "~logger", "prompt='a,b'", "model.layers=[ssm,attn]"])
+    check_override_syntax(["--config-dir", "conf", "-cn", "mine", "~logger", "prompt='a,b'"])
