@@ -286,6 +286,11 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("generate", ["ckpt_path={f}/ok.ckpt", "temperature=-1"], "temperature=-1 must be >= 0"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "max_new_tokens=-5"], "max_new_tokens=-5 must be"),
     # the decoding benchmark's settings, before any model is built
+    (  # (the model's constructor: "model: '>=' not supported between instances of 'str' …")
+        "generate",
+        ["bench=true", 'bench_overrides=["debug=tiny","model.dim=abc"]', "bench_models=[ssm]"],
+        "error: bench_overrides with model=ssm: model.dim='abc' has the wrong type (expected int)",
+    ),
     (  # (a ZeroDivisionError traceback after timing)
         "generate",
         [

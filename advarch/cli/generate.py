@@ -75,6 +75,7 @@ def check_bench(cfg: DictConfig) -> None:
     lack (Hydra's screenful, or its advice to append the key: `+model.dimm=3`)."""
     from advarch.config.choices import check_group_choices, check_overrides
     from advarch.config.validate import ConfigError
+    from advarch.pipeline import validate
 
     for key in ("bench_prompt_len", "bench_new_tokens"):
         if cfg[key] < 1:
@@ -89,6 +90,7 @@ def check_bench(cfg: DictConfig) -> None:
             raise ConfigError(f"bench_models: {err}") from err
         try:
             check_overrides([f"model={name}", *cfg.bench_overrides], "train")
+            validate(_bench_config(name, cfg.bench_overrides))  # types and ranges, as train.py
         except ConfigError as err:
             raise ConfigError(f"bench_overrides with model={name}: {err}") from err
 
@@ -126,7 +128,6 @@ def _bench(cfg: DictConfig) -> None:
     import torch
 
     from advarch.benchmarks.decoding import benchmark_decoding, smoke_note, speed_table
-    from advarch.config.compose import apply_debug_sizes, compose_packaged
     from advarch.pipeline import build_datamodule, build_model
     from advarch.spec import DataSpec
     from advarch.trained_lm import datamodule_retrieve
@@ -136,12 +137,8 @@ def _bench(cfg: DictConfig) -> None:
                     bos_id=258)  # fmt: skip
     models, retrievers = {}, {}
     for name in cfg.bench_models:
-        overrides = [f"model={name}", *cfg.bench_overrides]
-        # (not the app's `hydra.compose`: `check_bench`'s compositions reset Hydra's state)
-        retro = bool(compose_packaged(overrides).model.get("retro"))
-        train_cfg = compose_packaged([*(["data=text_retrieval"] if retro else []), *overrides])
-        apply_debug_sizes(train_cfg, overrides)  # `debug=tiny` shrinks the models, as in train.py
-        if retro:
+        train_cfg = _bench_config(name, cfg.bench_overrides)
+        if train_cfg.model.get("retro"):
             datamodule, retro_spec = build_datamodule(train_cfg)
             retrievers[name] = datamodule_retrieve(datamodule)
             models[name] = build_model(train_cfg, retro_spec).to(cfg.device)
@@ -152,6 +149,19 @@ def _bench(cfg: DictConfig) -> None:
     note = smoke_note(list(cfg.bench_overrides), cfg.bench_new_tokens)
     if note:
         print(note)
+
+
+def _bench_config(name: str, bench_overrides: list[str]) -> DictConfig:
+    """The training config of benchmark model `name` with `bench_overrides`, as train.py
+    composes it (RETRO models with data=text_retrieval, `debug=tiny`'s sizes applied)."""
+    from advarch.config.compose import apply_debug_sizes, compose_packaged
+
+    overrides = [f"model={name}", *bench_overrides]
+    # (not the app's `hydra.compose`: `check_bench`'s compositions reset Hydra's state)
+    retro = bool(compose_packaged(overrides).model.get("retro"))
+    train_cfg = compose_packaged([*(["data=text_retrieval"] if retro else []), *overrides])
+    apply_debug_sizes(train_cfg, overrides)  # `debug=tiny` shrinks the models, as in train.py
+    return train_cfg
 
 
 def _prompt(cfg: DictConfig) -> str:
