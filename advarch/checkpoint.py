@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from advarch.config.validate import ConfigError
-from advarch.reasons import short_reason
 
 if TYPE_CHECKING:  # (torch is imported where it is used: `checkpoint_file` checks run first)
     import torch
@@ -75,11 +74,9 @@ def read_checkpoint(
         # weights_only=False: hyper_parameters hold (trusted, our own) Python objects
         ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        reason = short_reason(err)
-        raise CheckpointError(
-            f"{where} is not a readable checkpoint ({size} bytes; truncated or not a torch "
-            f"file: {reason})"
-        ) from err
+        # (torch's reason, an OS error's `[Errno 22] Invalid argument` from mmap, tells a user
+        # nothing the size does not)
+        raise CheckpointError(f"{where} is truncated or not a checkpoint ({size} bytes)") from err
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{where} holds a {type(ckpt).__name__}, not a checkpoint dict")
     if require is not None and require not in ckpt:
