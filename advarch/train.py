@@ -89,7 +89,8 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials)
     last = output_dir / "checkpoints" / "last.ckpt"
     callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
-    callbacks.append(DataIdentity(None if ckpt is None else str(ckpt)))  # no resume on other data
+    resumed = None if ckpt is None else str(ckpt)  # no resume on other data; then "resuming"
+    callbacks.append(DataIdentity(resumed, auto=cfg.get("ckpt_path") == "auto"))
     callbacks.append(IgnoreKnownWarnings())  # again in spawned DDP workers
     callbacks.append(DestroyProcessGroupAtExit())  # gloo's workers abort at exit without it
     callbacks.append(ResumedCurves(ckpt, output_dir))  # a resume's CSV curves from step 0

@@ -239,9 +239,13 @@ def test_a_resume_on_changed_files_stops_and_eval_warns(make_cfg, tmp_path: Path
     (corpus / "added.txt").write_text("another document " * 50)
     resume = make_cfg(["debug=tiny", *data, f"ckpt_path={last}", "trainer.max_steps=9"],
                       output_dir=tmp_path / "resumed")  # fmt: skip
-    with pytest.raises(CheckpointError, match="its data changed since it was written .* may "
-                       "have moved between train, val and test"):  # fmt: skip
+    with caplog.at_level("INFO", logger="advarch"), pytest.raises(
+        CheckpointError, match="its data changed since it was written .* may have moved between "
+        "train, val and test"
+    ):  # fmt: skip
         run(resume)
+    assert "resuming" not in caplog.text  # (it said "resuming <ckpt> (step 6, …)" first)
+    caplog.clear()
     with caplog.at_level("WARNING", logger="advarch"):
         evaluate(make_cfg([f"ckpt_path={last}", "wandb=false"], "eval", tmp_path / "eval"))
     assert "its data changed since it was written" in caplog.text

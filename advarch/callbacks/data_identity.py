@@ -13,13 +13,16 @@ the tokenizer the model learnt, whatever happened to the files since.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
-from advarch.checkpoint import TOKENIZER, CheckpointError
+from advarch.checkpoint import TOKENIZER, CheckpointError, describe
 from advarch.data.tokenizer import BPETokenizer, ByteTokenizer, from_state, tokenizer_state
+
+log = logging.getLogger("advarch")
 
 KEY = "data_cache"  # the checkpoint entry: the name of the data's cache folder
 
@@ -52,8 +55,13 @@ class DataIdentity(L.Callback):
     """Record the data's fingerprint and tokenizer in every checkpoint; refuse to resume on
     other data."""
 
-    def __init__(self, ckpt_path: str | None = None) -> None:
+    def __init__(self, ckpt_path: str | None = None, auto: bool = False) -> None:
+        """Args:
+        ckpt_path: the checkpoint the run resumes from (None: a fresh start).
+        auto: it was found by `ckpt_path=auto` (so the "resuming" line says).
+        """
         self.ckpt_path = ckpt_path
+        self.auto = auto
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:  # fmt: skip
@@ -71,3 +79,6 @@ class DataIdentity(L.Callback):
         if changed:
             raise CheckpointError(f"ckpt_path={self.ckpt_path!r}: {changed}; restore the files "
                                   "or start a new run (ckpt_path=null)")  # fmt: skip
+        if trainer.is_global_zero:  # announced once accepted: never before its refusal
+            where = "ckpt_path=auto: " if self.auto else ""
+            log.info("%sresuming %s (%s)", where, self.ckpt_path, describe(checkpoint))

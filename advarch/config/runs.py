@@ -12,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from advarch.checkpoint import (
     CheckpointError,
-    describe,
     newest_readable,
     read_checkpoint,
     run_dir_of,
@@ -145,7 +144,8 @@ def resolve_checkpoint(
     output_dir: Path | None = None,
     earlier_trials: Sequence[Path] = (),
 ) -> Path | None:
-    """The checkpoint a run resumes from, and a log line saying which (or why none).
+    """The checkpoint a run resumes from, and a log line saying why none where none is
+    (`DataIdentity` says "resuming <path> (step …)" once the data is checked and it loads).
 
     `None` → fresh start; `auto` → the newest readable checkpoint of this run name
     (`<runs_dir>/*/checkpoints/*.ckpt`, and the run's own `<output_dir>/checkpoints/`, where a
@@ -180,8 +180,7 @@ def resolve_checkpoint(
                 f"with strategy=finetune strategy.pretrained={ckpt_path}"
             )
         check_not_training(Path(ckpt_path).expanduser(), output_dir, "ckpt_path")
-        log.info("resuming %s (%s)", ckpt_path, describe(ckpt))
-        return Path(ckpt_path).expanduser()
+        return Path(ckpt_path).expanduser()  # (`DataIdentity` says "resuming" once it loads)
     candidates = set() if runs_dir is None else set(runs_dir.glob("*/checkpoints/*.ckpt"))
     if output_dir is not None:
         candidates |= set(output_dir.glob("checkpoints/*.ckpt"))
@@ -207,8 +206,7 @@ def resolve_checkpoint(
         )
         return None
     check_not_training(path, output_dir, "ckpt_path=auto: the newest checkpoint of this run")
-    log.info("ckpt_path=auto: resuming %s (%s)", path, describe(ckpt))
-    return path
+    return path  # (`DataIdentity` says "ckpt_path=auto: resuming" once its data is checked)
 
 
 def check_not_training(checkpoint: Path, output_dir: Path | None, what: str) -> None:
