@@ -27,9 +27,35 @@ SWEEP_OVERRIDES_FILE = "sweep_overrides.yaml"
 
 
 def trial_overrides(job_overrides: list[str], sweep_overrides: list[str]) -> list[str]:
-    """The overrides that set this trial apart: those not typed once for the whole sweep."""
-    common = set(sweep_overrides)
-    return [o for o in job_overrides if o not in common]
+    """The overrides that set this trial apart: those not typed once for the whole sweep.
+
+    Compared by key and value, not text: Hydra's sweeper hands a job `trainer.deterministic=True`
+    for the `trainer.deterministic=true` typed, which set no trial apart."""
+    common = {_parsed(o) for o in sweep_overrides}
+    return [o for o in job_overrides if _parsed(o) not in common]
+
+
+def shared_overrides(sweep_overrides: list[str]) -> list[str]:
+    """The overrides of a sweep's command line that every trial runs, as typed (not the
+    swept ones: `model.depth=1,2`, `choice(…)`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    try:
+        return [o for o in sweep_overrides if not parser.parse_override(o).is_sweep_override()]
+    except Exception:  # noqa: BLE001  (none shown rather than a failed table)
+        return []
+
+
+def _parsed(override: str) -> tuple[str, ...]:
+    """An override as Hydra reads it: (edit, key, value); the text where it does not parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        found = OverridesParser.create().parse_override(override)
+    except Exception:  # noqa: BLE001
+        return (override,)
+    return (str(found.type), found.get_key_element(), repr(found.value()))
 
 
 def sweep_overrides(sweep_dir: Path) -> list[str]:
@@ -98,11 +124,14 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str | Non
     """`summary.md` and `summary.csv` in the sweep folder; returns the table for the console.
 
     The CSV has a column per override; the table and summary.md one per override that differs
-    between trials, and name the ones every trial shares once (a line above, the title)."""
+    between trials, and name the ones every trial shares once (a line above, the title): those
+    typed for the whole sweep (`shared_overrides`), as typed, and any the trials' rows share."""
     keys = list(dict.fromkeys(k for r in rows for k, _ in _pairs(r["overrides"])))
     values = {k: {dict(_pairs(r["overrides"])).get(k) for r in rows} for k in keys}
     shared = [k for k in keys if len(rows) > 1 and len(values[k]) == 1]
-    every = " ".join(f"{k}={next(iter(values[k]))}" for k in shared)
+    typed = shared_overrides(sweep_overrides(sweep_dir))  # (no trial's own: none in rows)
+    named = {o.lstrip("+~").split("=", 1)[0] for o in typed}
+    every = " ".join([*typed, *(f"{k}={next(iter(values[k]))}" for k in shared if k not in named)])
 
     def header(columns: list[str]) -> list[str]:
         return ["trial", *columns, metric or "value", "status"]

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import advarch
-from advarch.sweeps import write_summary
+from advarch.sweeps import SWEEP_OVERRIDES_FILE, trial_overrides, write_summary
 from tests.cli import Project, read_metrics, series
 from tests.wandb_offline import offline_run
 
@@ -127,6 +127,23 @@ def test_wandb_run_carries_config_identity_and_summary(project: Project) -> None
     assert eval_run["config"]["model"] == config["model"] and "test/bpb" in eval_run["summary"]
     (offline,) = (eval_dir / "wandb").glob("offline-run-*")  # (eval.py never named it)
     assert evaluated.stdout.strip().endswith(f"sync to W&B later: wandb sync {offline}")
+
+
+def test_summary_names_every_override_typed_for_the_whole_sweep_as_typed(tmp_path: Path) -> None:
+    # Hydra hands each job `trainer.deterministic=True` for the `true` typed: that one read as
+    # the trial's own, the others as shared and left out, and the header said only
+    # "(every trial: trainer.deterministic=True)"
+    typed = ["model.depth=1,2", "debug=tiny", "trainer.deterministic=true", "trainer.max_steps=4"]
+    yaml.safe_dump(typed, (tmp_path / SWEEP_OVERRIDES_FILE).open("w"))
+    jobs = [[f"model.depth={d}", "debug=tiny", "trainer.deterministic=True", "trainer.max_steps=4"]
+            for d in (1, 2)]  # fmt: skip
+    rows = [{"trial": n, "overrides": trial_overrides(job, typed), "status": "ok", "value": 2.0 - n}
+            for n, job in enumerate(jobs)]  # fmt: skip
+    assert [r["overrides"] for r in rows] == [["model.depth=1"], ["model.depth=2"]]
+    table = write_summary(tmp_path, rows, "val/loss")
+    every = "debug=tiny trainer.deterministic=true trainer.max_steps=4"
+    assert (tmp_path / "summary.md").read_text().startswith(f"every trial: `{every}`\n")
+    assert str(table.title).endswith(f"(every trial: {every})")
 
 
 def test_summary_names_the_overrides_every_trial_shares_once(tmp_path: Path) -> None:
