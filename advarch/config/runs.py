@@ -30,11 +30,19 @@ RESUME_MUST_MATCH = ("model", "data", "strategy", "optimizer", "scheduler", "see
 IRRELEVANT = {"data": ("cache_dir", "num_workers"), "model": ("compile",)}
 
 
+# the keys that tell most, said first: a model's class and its layer pattern before its sizes
+FIRST = {"model": ("_target_", "layers", "ffn"), "data": ("_target_",)}
+
+
 def _differences(saved: Any, current: Any, key: str) -> str | None:
-    """The first `key=value` that differs between two resolved configs (None if none)."""
+    """The first `key=value` that differs between two resolved configs (None if none), the
+    `FIRST` keys before the others."""
     if isinstance(saved, Mapping) and isinstance(current, Mapping):
         skip = IRRELEVANT.get(key, ())
-        for name in sorted(set(saved) | set(current)):
+        first = FIRST.get(key, ())
+        names = sorted(set(saved) | set(current), key=lambda n: (n not in first, first.index(
+            n) if n in first else 0, n))  # fmt: skip
+        for name in names:
             if name in skip:
                 continue
             found = _differences(saved.get(name), current.get(name), f"{key}.{name}")
@@ -70,11 +78,33 @@ def config_mismatch(
         return "no saved advarch config"
     current = OmegaConf.to_container(cfg, resolve=True)
     saved, current = (dict(c, model=with_block_defaults(c.get("model"))) for c in (saved, current))
+    kinds = task_kinds(ckpt, saved, current) if "data" in keys else None
+    if kinds:
+        there, now = (str((c.get("data") or {}).get("_target_")) for c in (saved, current))
+        return f"data._target_={there} there, {now} now: {kinds}"
     for key in keys:
         found = _differences(saved.get(key), current.get(key), key)
         if found:
             return found
     return None
+
+
+def task_kinds(ckpt: Mapping[str, Any], saved: Mapping[str, Any], current: Mapping[str, Any]
+               ) -> str | None:  # fmt: skip
+    """`a classification model, this run language modelling` where the checkpoint learnt
+    another kind of task than this run's data serves (None where the same, or unknown)."""
+    from advarch.config.combinations import DATA
+    from advarch.eval import KINDS
+
+    def kind(config: Mapping[str, Any]) -> str | None:
+        facts = DATA.get(str((config.get("data") or {}).get("_target_")))
+        return None if facts is None else facts.kind
+
+    learnt = ((ckpt.get("hyper_parameters") or {}).get("spec") or {}).get("kind") or kind(saved)
+    now = kind(current)
+    if learnt is None or now is None or learnt == now:
+        return None
+    return f"a {KINDS.get(learnt, learnt)} model, this run {KINDS.get(now, now)}"
 
 
 # the keys that size an advarch model's tensors: a fine-tune's base must share them
@@ -174,10 +204,17 @@ def resolve_checkpoint(
         other = None if cfg is None else config_mismatch(ckpt, cfg)
         if other:  # it would not load, or would go on as another run: say so before any work
             what = "another model" if other.startswith("model.") else "another configuration"
+            what = (
+                "another task" if other.startswith("data._target_=") and ": a " in other else what
+            )
+            # a fine-tune of it only where one would be accepted (`check_base_fits`)
+            base = (ckpt.get("hyper_parameters") or {}).get("cfg")
+            fits = base is not None and architecture_difference(base, cfg) is None
+            finetune = (f", or start from its weights with strategy=finetune "
+                        f"strategy.pretrained={ckpt_path}") if fits else ""  # fmt: skip
             raise CheckpointError(
                 f"ckpt_path={ckpt_path!r} was written by a run of {what} ({other}); resume "
-                "it with its own options (trainer.* may change), or start from its weights "
-                f"with strategy=finetune strategy.pretrained={ckpt_path}"
+                f"it with its own options (trainer.* may change){finetune}"
             )
         check_not_training(Path(ckpt_path).expanduser(), output_dir, "ckpt_path")
         return Path(ckpt_path).expanduser()  # (`DataIdentity` says "resuming" once it loads)

@@ -46,3 +46,36 @@ def test_a_block_option_a_saved_config_lacks_is_its_default(make_cfg) -> None:
         "model.ssm.d_conv=3 there, 4 now"
     )
     assert architecture_difference(saved, cfg)[0] == "model.ssm"
+
+
+@pytest.mark.parametrize(("saved", "line", "finetune"), [
+    (  # (it named model.feature_patch=64 and suggested a fine-tune, which was then refused)
+        ["experiment=naive_permuted_digits"],
+        "another task (data._target_=advarch.data.digits.PermutedDigitsDataModule there, "
+        "advarch.data.text.TextDataModule now: a classification model, this run language "
+        "modelling)",
+        False,
+    ),
+    (["model=ssm"], "another model (model.layers=['ssm'] there, ['attn'] now)", False),  # (ffn)
+    (["seed=7"], "another configuration (seed=7 there, 42 now)", True),
+])  # fmt: skip
+def test_a_resume_of_another_run_names_the_most_telling_difference(
+    make_cfg, tmp_path: Path, saved: list[str], line: str, finetune: bool
+) -> None:
+    import torch
+
+    from advarch.checkpoint import CheckpointError
+    from advarch.config.runs import check_base_fits, resolve_checkpoint
+
+    other = OmegaConf.to_container(make_cfg(["debug=tiny", *saved]), resolve=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "loops": {}, "hyper_parameters": {"cfg": other}}, ckpt)
+    cfg = make_cfg(["debug=tiny", "seed=42"])
+    with pytest.raises(CheckpointError) as err:
+        resolve_checkpoint(str(ckpt), tmp_path / "runs", cfg, tmp_path / "out")
+    assert f"was written by a run of {line}; resume it with its own options" in str(err.value)
+    hint = f"strategy=finetune strategy.pretrained={ckpt}"
+    assert (hint in str(err.value)) == finetune
+    if finetune:  # followed, the fine-tune's base fits
+        check_base_fits(make_cfg(["debug=tiny", "seed=42", *hint.split()]))
