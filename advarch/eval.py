@@ -191,27 +191,23 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
 
 @hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="eval")
 def hydra_main(cfg: DictConfig) -> None:
-    from advarch.callbacks.signals import Interrupted
-    from advarch.checkpoint import CheckpointError
+    from advarch.checkpoint import CheckpointError, checkpoint_file
     from advarch.config.validate import ConfigError
     from advarch.console_summary import split_table_lines
     from advarch.tracking import sync_hint
     from advarch.train import _finish_wandb, discard_run_folder, import_from_working_dir
 
-    quiet_lightning_logs()
     import_from_working_dir()
     try:
         if OmegaConf.is_missing(cfg, "ckpt_path"):
             raise ConfigError(
                 "ckpt_path is required: eval.py ckpt_path=<run>/checkpoints/last.ckpt"
             )
-        metrics, task_names = evaluate(cfg)
+        checkpoint_file(cfg.ckpt_path, "ckpt_path")  # a mistyped path: said before torch loads
+        metrics, task_names = _evaluate_until_stopped(cfg)
     except (ConfigError, CheckpointError) as err:
         discard_run_folder()
         sys.exit(f"error: {err}")
-    except Interrupted as err:  # its line is printed
-        discard_run_folder()
-        sys.exit(err.exit_code)
     finally:
         _finish_wandb()
     print("\n".join(split_table_lines(metrics, "test", task_names)))
@@ -221,6 +217,19 @@ def hydra_main(cfg: DictConfig) -> None:
     hint = sync_hint(Path(cfg.paths.output_dir))
     if hint:
         print(hint)
+
+
+def _evaluate_until_stopped(cfg: DictConfig) -> Evaluation:
+    """`evaluate`; a stop signal ends the command with its exit code (its line is printed)."""
+    quiet_lightning_logs()
+    from advarch.callbacks.signals import Interrupted
+    from advarch.train import discard_run_folder
+
+    try:
+        return evaluate(cfg)
+    except Interrupted as err:
+        discard_run_folder()
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":
