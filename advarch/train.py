@@ -382,6 +382,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def _job(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from advarch.checkpoint import CheckpointError, checkpoint_file
     from advarch.config.compose import apply_debug_sizes
     from advarch.config.validate import ConfigError
 
@@ -389,14 +390,15 @@ def _job(cfg: DictConfig) -> float | None:
         _record_config(cfg)  # (Hydra recorded the model of the sizes before)
     identity = run_identity(cfg)
     if identity.job_type != "sweep":  # (a trial reports its own failure; the sweep goes on)
-        try:
-            check_combination(cfg)  # before torch is imported: an impossible one stops at once
-        except ConfigError as err:
+        try:  # before torch is imported: an impossible run or a mistyped path stops at once
+            check_combination(cfg)
+            if cfg.get("ckpt_path") not in (None, "auto"):
+                checkpoint_file(cfg.ckpt_path, "ckpt_path")
+        except (ConfigError, CheckpointError) as err:
             discard_run_folder(Path(cfg.paths.output_dir))
             sys.exit(f"error: {err}")
     with signals_held():  # torch's imports run Python inside C++, where a raise would abort
         from advarch.callbacks.signals import Interrupted  # (Lightning and torch with it)
-        from advarch.checkpoint import CheckpointError
         from advarch.run_lock import FolderInUse
 
     try:

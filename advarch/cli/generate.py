@@ -182,24 +182,29 @@ def _prompt(cfg: DictConfig) -> str:
 @hydra.main(config_path="pkg://advarch.configs", config_name="generate", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     """Generate from `ckpt_path` (or benchmark with `bench=true`); one-line errors."""
+    from advarch.checkpoint import checkpoint_file
     from advarch.config.validate import ConfigError
-    from advarch.generation import generate_text
     from advarch.train import discard_run_folder, import_from_working_dir, quiet_lightning_logs
-    from advarch.trained_lm import load_lm
 
-    quiet_lightning_logs()
     import_from_working_dir()
     try:
-        check_settings(cfg)
-        if cfg.bench:
-            _bench(cfg)
-            return
-        if OmegaConf.is_missing(cfg, "ckpt_path"):
+        if not cfg.bench and OmegaConf.is_missing(cfg, "ckpt_path"):
             raise ConfigError(
                 "ckpt_path is required: python scripts/generate.py ckpt_path=<run>/checkpoints/"
                 "last.ckpt 'prompt=\"def fib(\"' (or bench=true)"
             )
+        if not cfg.bench:
+            checkpoint_file(cfg.ckpt_path, "ckpt_path")  # a mistyped path: before torch loads
+        check_settings(cfg)
+        if cfg.bench:
+            quiet_lightning_logs()
+            _bench(cfg)
+            return
         prompt = _prompt(cfg)
+        quiet_lightning_logs()
+        from advarch.generation import generate_text
+        from advarch.trained_lm import load_lm
+
         lm = load_lm(cfg.ckpt_path, cfg.device, cfg.paths.cache_dir)
         if cfg.stream:
             print(prompt, end="", flush=True)
