@@ -13,7 +13,9 @@ forward also stores h every `CHUNK` steps, (B, T/CHUNK, N, E); the backward walk
 reverse one chunk at a time, recomputing that chunk's states from its checkpoint into a small
 buffer, so the backward costs about two forwards and O(B·T·N·E / CHUNK) extra memory. dB and
 dC (sums over channels) and dA, dD (sums over batch and time) go to per-thread buffers that are
-added up at the end, so threads never race.
+added up at the end, so threads never race. Asked for it (`return_last_state`, what
+`SelectiveSSM.prefill` needs to decode on from a prompt), the forward also writes the state
+after the last step, (B, N, E); it carries no gradient.
 
 Build: the C++ source `csrc/selective_scan_cpu.cpp` (shipped with the package) is compiled with
 `-O3 -march=native -ffast-math -fopenmp` by `torch.utils.cpp_extension.load` on first use and
@@ -120,7 +122,7 @@ def load_library() -> ctypes.CDLL | None:
     if lib.ssm_chunk() != CHUNK:
         raise RuntimeError(f"kernel chunk {lib.ssm_chunk()} != CHUNK={CHUNK}")
     for suffix in ("f32", "f64"):
-        getattr(lib, f"ssm_forward_{suffix}").argtypes = [ptr] * 9 + [i64] * 4 + [ctypes.c_int]
+        getattr(lib, f"ssm_forward_{suffix}").argtypes = [ptr] * 10 + [i64] * 4 + [ctypes.c_int]
         getattr(lib, f"ssm_backward_{suffix}").argtypes = [ptr] * 16 + [i64] * 4 + [ctypes.c_int]
     return lib
 
@@ -142,28 +144,34 @@ def kernel_available() -> bool:
 
 @torch.library.custom_op("advarch::selective_scan_cpu", mutates_args=())
 def _scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
-                  z: Tensor | None, save_states: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """y = (C·h + D u)·SiLU(z) by the fused kernel, and with ``save_states`` h every CHUNK
-    steps (B, ceil(T / CHUNK), N, E) for the backward (else an empty tensor). An operator,
-    so that torch.compile keeps a model with this scan in one graph."""
-    y, ckpt = _scan_outputs(u, A, save_states)
+                  z: Tensor | None, save_states: bool,
+                  last_state: bool = False) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """y = (C·h + D u)·SiLU(z) by the fused kernel; with ``save_states`` h every CHUNK
+    steps (B, ceil(T / CHUNK), N, E) for the backward, with ``last_state`` the state after
+    the last step (B, N, E) for decoding (each an empty tensor otherwise). An operator, so
+    that torch.compile keeps a model with this scan in one graph."""
+    y, ckpt, last = _scan_outputs(u, A, save_states, last_state)
     lib, (batch, length, inner), state = load_library(), u.shape, A.shape[1]
     getattr(lib, f"ssm_forward_{_suffix(u)}")(
-        *map(_ptr, (u, delta, A, B, C, D, z, y, ckpt if save_states else None)),
+        *map(_ptr, (u, delta, A, B, C, D, z, y, ckpt if save_states else None,
+                    last if last_state else None)),
         batch, length, inner, state, torch.get_num_threads(),
     )  # fmt: skip
-    return y, ckpt
+    return y, ckpt, last
 
 
 @_scan_forward.register_fake
-def _(u, delta, A, B, C, D, z, save_states):
-    return _scan_outputs(u, A, save_states)
+def _(u, delta, A, B, C, D, z, save_states, last_state=False):
+    return _scan_outputs(u, A, save_states, last_state)
 
 
-def _scan_outputs(u: Tensor, A: Tensor, save_states: bool) -> tuple[Tensor, Tensor]:
+def _scan_outputs(
+    u: Tensor, A: Tensor, save_states: bool, last_state: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     batch, length, inner = u.shape
     ckpt_shape = (batch, -(-length // CHUNK), A.shape[1], inner) if save_states else (0,)
-    return torch.empty_like(u), u.new_empty(ckpt_shape)
+    last_shape = (batch, A.shape[1], inner) if last_state else (0,)
+    return torch.empty_like(u), u.new_empty(ckpt_shape), u.new_empty(last_shape)
 
 
 @torch.library.custom_op("advarch::selective_scan_cpu_backward", mutates_args=())
@@ -193,18 +201,18 @@ def _scan_grads(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
 
 
 def _scan_setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, D, z, _ = inputs
-    ctx.mark_non_differentiable(output[1])
+    u, delta, A, B, C, D, z, *_ = inputs
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)  # no zero gradients for the outputs only kept
     ctx.save_for_backward(u, delta, A, B, C, D, z, output[1])
 
 
-def _scan_backward_autograd(ctx, grad_y: Tensor | None, _grad_ckpt: None):
+def _scan_backward_autograd(ctx, grad_y: Tensor | None, _grad_ckpt: None, _grad_last: None):
     if grad_y is None:  # nothing flowed back into y (grads are not materialised)
-        return (None,) * 8
+        return (None,) * 9
     u, delta, A, B, C, D, z, ckpt = ctx.saved_tensors
     grads = _scan_backward(grad_y.contiguous(), u, delta, A, B, C, D, z, ckpt)
-    return *grads, *([None] if z is None else []), None
+    return *grads, *([None] if z is None else []), None, None
 
 
 _scan_forward.register_autograd(_scan_backward_autograd, setup_context=_scan_setup_context)
@@ -218,7 +226,8 @@ def fused_selective_scan(
     C: torch.Tensor,
     D: torch.Tensor,
     z: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Selective scan by the fused kernel (CPU, float32/float64, `load_library()` not None).
 
     Same arguments and result as `advarch.models.blocks.ssm.selective_scan_reference`; every
@@ -229,4 +238,5 @@ def fused_selective_scan(
     z = None if z is None else z.to(dtype).contiguous()
     inputs = (u, delta, A, B, C, D, z)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return _scan_forward(*inputs, save)[0]
+    y, _, last = _scan_forward(*inputs, save, return_last_state)
+    return (y, last.transpose(1, 2)) if return_last_state else y

@@ -10,7 +10,7 @@ runs as one program per (batch, block of channels). Each program walks time in c
 (a₁, b₁) ∘ (a₂, b₂) = (a₁a₂, a₂b₁ + b₂)), adds the carried state times the cumulative decay,
 and writes y. States stay in registers in float32; inputs may be bf16 or float32. Nothing of
 size (B, T, E, N) ever touches memory: the forward saves only the state at each chunk start,
-(B, T / CHUNK, E, N).
+(B, T / CHUNK, E, N), and, for decoding, the state after the last step (B, E, N).
 
 The backward visits the chunks last to first. It recomputes the chunk's states from the saved
 chunk-start state, runs the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} as a reverse associative
@@ -51,9 +51,10 @@ def _chunk_states(u, dt, A, Bt, h0):
 
 @triton.jit
 def _fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, hs_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, hs_ptr, last_ptr,
     T, E, N, n_chunks,
-    SAVE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+    SAVE: tl.constexpr, LAST: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_b, pid_e = tl.program_id(0), tl.program_id(1)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -79,6 +80,8 @@ def _fwd_kernel(
         tl.store(y_ptr + te, tl.sum(hc * Ct[:, None, :], axis=2), mask=te_ok)
         h = tl.sum(tl.where((rows == CHUNK - 1)[:, None, None], hc, 0.0), axis=0)  # padded
         # rows past T have a = 1, b = 0, so the last row is the state at min(end, T − 1)
+    if LAST:
+        tl.store(last_ptr + (pid_b * E + e[:, None]) * N + n[None, :], h, mask=en_ok)
 
 
 @triton.jit
@@ -137,25 +140,29 @@ def _launch_shape(u: torch.Tensor, A: torch.Tensor) -> tuple[tuple[int, int], in
 
 
 class _TritonScanFn(torch.autograd.Function):
-    """y_t = C_t · h_t; saves inputs and chunk-start states, recomputes the rest backward."""
+    """y_t = C_t · h_t and the last state (B, E, N) (with `last`; no gradient); saves inputs
+    and chunk-start states, recomputes the rest backward."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
+    def forward(ctx, u, delta, A, B, C, last):
         Bsz, T, E = u.shape
         N = A.shape[1]
         grid, n_chunks, block_n = _launch_shape(u, A)
         save = torch.is_grad_enabled() or any(ctx.needs_input_grad)
         y = torch.empty(Bsz, T, E, device=u.device, dtype=torch.float32)
         hs = torch.empty(Bsz, n_chunks if save else 1, E, N, device=u.device, dtype=torch.float32)
+        h_last = torch.zeros(Bsz, E, N, device=u.device, dtype=torch.float32) if last else hs
         _fwd_kernel[grid](
-            u, delta, A, B, C, y, hs, T, E, N, n_chunks,
-            SAVE=save, CHUNK=CHUNK, BLOCK_E=BLOCK_E, BLOCK_N=block_n, num_warps=NUM_WARPS,
+            u, delta, A, B, C, y, hs, h_last, T, E, N, n_chunks,
+            SAVE=save, LAST=last, CHUNK=CHUNK, BLOCK_E=BLOCK_E, BLOCK_N=block_n,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
         ctx.save_for_backward(u, delta, A, B, C, hs)
-        return y
+        ctx.mark_non_differentiable(h_last)
+        return y, h_last
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _d_last):
         u, delta, A, B, C, hs = ctx.saved_tensors
         Bsz, T, E = u.shape
         N = A.shape[1]
@@ -170,7 +177,7 @@ class _TritonScanFn(torch.autograd.Function):
             CHUNK=CHUNK, BLOCK_E=BLOCK_E, BLOCK_N=block_n, num_warps=NUM_WARPS,
         )  # fmt: skip
         grads = (du, ddelta, dA.sum(0), dB, dC)
-        return tuple(g.to(x.dtype) for g, x in zip(grads, (u, delta, A, B, C), strict=True))
+        return *(g.to(x.dtype) for g, x in zip(grads, (u, delta, A, B, C), strict=True)), None
 
 
 def triton_selective_scan(
@@ -181,9 +188,12 @@ def triton_selective_scan(
     C: torch.Tensor,
     D: torch.Tensor,
     z: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`selective_scan_reference` through the Triton kernels; y in float32 (inputs any float)."""
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`selective_scan_reference` through the Triton kernels; y (and the last state) in
+    float32 (inputs any float)."""
     u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
-    y = _TritonScanFn.apply(u, delta, A.float().contiguous(), B, C)
+    y, last = _TritonScanFn.apply(u, delta, A.float().contiguous(), B, C, return_last_state)
     y = y + u.float() * D.float()
-    return y if z is None else y * torch.nn.functional.silu(z.float())
+    y = y if z is None else y * torch.nn.functional.silu(z.float())
+    return (y, last) if return_last_state else y

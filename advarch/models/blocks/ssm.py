@@ -58,7 +58,8 @@ def selective_scan_reference(
     C: torch.Tensor,
     D: torch.Tensor,
     z: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequential selective scan, one time step per iteration (slow; for tests and benchmarks).
 
     Args:
@@ -69,9 +70,12 @@ def selective_scan_reference(
         C: output matrices (B, T, N).
         D: skip weights (E,).
         z: optional gate (B, T, E); the output is multiplied by SiLU(z).
+        return_last_state: also return the state after the last step.
 
     Returns:
-        y (B, T, E) in the dtype of `u`, computed in float32 (or float64 for float64 inputs).
+        y (B, T, E) in the dtype of `u`, computed in float32 (or float64 for float64 inputs);
+        with `return_last_state`, (y, h_T (B, E, N)), the state `SelectiveSSM.step` carries,
+        in the computation's dtype (the fast scans return it without gradient).
     """
     dtype_in = u.dtype
     u, delta, A, B, C = (_at_least_f32(t) for t in (u, delta, A, B, C))
@@ -85,7 +89,7 @@ def selective_scan_reference(
     y = torch.stack(ys, dim=1) + u * D.to(u.dtype)
     if z is not None:
         y = y * F.silu(z.to(u.dtype))
-    return y.to(dtype_in)
+    return (y.to(dtype_in), h) if return_last_state else y.to(dtype_in)
 
 
 def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -120,16 +124,19 @@ def _scan_states(u, delta, A, B) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _SelectiveScanFn(torch.autograd.Function):
-    """y_t = C_t · h_t with h from `_scan_states`; saves inputs only, recomputes h backward."""
+    """y_t = C_t · h_t with h from `_scan_states`, and the last state (B, E, N) (without
+    gradient, for decoding); saves inputs only, recomputes h backward."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
         ctx.save_for_backward(u, delta, A, B, C)
         _, h = _scan_states(u, delta, A, B)
-        return torch.einsum("bnte,btn->bte", h, C)
+        last = h[:, :, -1].transpose(1, 2).clone()  # (B, E, N), not a view keeping h alive
+        ctx.mark_non_differentiable(last)
+        return torch.einsum("bnte,btn->bte", h, C), last
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, _grad_last):
         u, delta, A, B, C = ctx.saved_tensors
         a, h = _scan_states(u, delta, A, B)
         grad_C = torch.einsum("bnte,bte->btn", h, grad_y)
@@ -154,13 +161,15 @@ def selective_scan_parallel(
     C: torch.Tensor,
     D: torch.Tensor,
     z: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-depth parallel scan in torch ops (any device); result of `selective_scan_reference`."""
     u, delta, A, B, C = (_at_least_f32(t).contiguous() for t in (u, delta, A, B, C))
-    y = _SelectiveScanFn.apply(u, delta, A, B, C) + u * D.to(u.dtype)
+    y, last = _SelectiveScanFn.apply(u, delta, A, B, C)
+    y = y + u * D.to(u.dtype)
     if z is not None:
         y = y * F.silu(z.to(u.dtype))
-    return y
+    return (y, last) if return_last_state else y
 
 
 def selective_scan(
@@ -171,20 +180,22 @@ def selective_scan(
     C: torch.Tensor,
     D: torch.Tensor,
     z: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Selective scan, same signature and result as `selective_scan_reference`.
 
     CPU tensors go to the fused C++ kernel (`selective_scan_cpu`), CUDA tensors below float64
     to the Triton kernels (`selective_scan_triton`), anything else, or a machine where neither
     is available, to `selective_scan_parallel`. Runs in float32 (float64 kept) and returns
-    that dtype.
+    that dtype. The last state (`return_last_state`, for decoding) carries no gradient.
     """
+    args = (delta, A, B, C, D, z, return_last_state)
     if u.device.type == "cpu" and kernel_available():
-        return fused_selective_scan(_at_least_f32(u), delta, A, B, C, D, z)
+        return fused_selective_scan(_at_least_f32(u), *args)
     triton_scan = triton_module("selective_scan_triton") if u.device.type == "cuda" else None
     if triton_scan is not None and u.dtype != torch.float64:
-        return triton_scan.triton_selective_scan(u, delta, A, B, C, D, z)
-    return selective_scan_parallel(u, delta, A, B, C, D, z)
+        return triton_scan.triton_selective_scan(u, *args)
+    return selective_scan_parallel(u, *args)
 
 
 class SelectiveSSM(nn.Module):

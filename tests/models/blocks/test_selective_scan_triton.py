@@ -56,6 +56,17 @@ def test_outputs_and_all_gradients_match_reference(gate):
         assert _rel(g, r) < 1e-5, name
 
 
+def test_last_state_matches_reference():
+    """The state after the last step (a partial last chunk, a partial channel block)."""
+    inputs = [t.detach() for t in _inputs(2, 21, 12, 3, seed=5)]
+    _, h_ref = selective_scan_reference(*inputs, return_last_state=True)
+    fast = [t.float().to(DEVICE) for t in inputs]
+    y, h = triton_scan.triton_selective_scan(*fast, return_last_state=True)
+    assert h.shape == (2, 12, 3) and h.dtype == torch.float32
+    assert _rel(h, h_ref) < 1e-5
+    torch.testing.assert_close(y, triton_scan.triton_selective_scan(*fast), rtol=0, atol=0)
+
+
 def test_bfloat16_inputs_keep_a_float32_state():
     inputs = _inputs(1, 17, 8, 4, seed=3)
     y = selective_scan_reference(*inputs)

@@ -75,7 +75,22 @@ def test_scan_matches_reference_float64(scan, batch, length, inner, state, seed,
     _assert_matches_reference(scan, inputs if gate else inputs[:-1], rtol=1e-10, atol=1e-10)
 
 
-@needs_kernel
+@pytest.mark.parametrize("scan", SCANS)
+@pytest.mark.parametrize(("batch", "length", "inner", "state", "seed"), SHAPES)
+def test_last_state_matches_reference(scan, batch, length, inner, state, seed):
+    """`return_last_state` gives the reference's final h (what `step` carries on from), in
+    float64 and float32, with the same y as without it; it carries no gradient."""
+    inputs = _scan_inputs(batch, length, inner, state, seed)
+    y_ref, h_ref = selective_scan_reference(*inputs, return_last_state=True)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        cast = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        y, h = scan(*cast, return_last_state=True)
+        assert h.shape == (batch, inner, state) and not h.requires_grad
+        torch.testing.assert_close(h, h_ref.to(dtype), rtol=tol, atol=tol)
+        torch.testing.assert_close(y, scan(*cast), rtol=0, atol=0)
+    torch.testing.assert_close(y_ref, selective_scan_reference(*inputs))
+
+
 @needs_kernel
 @pytest.mark.parametrize("gate", [True, False])
 def test_fused_scan_is_a_well_formed_operator(gate):

@@ -103,9 +103,10 @@ def _specs() -> list[tuple]:
         sizes = {"T": "i32", "E": "i32", "N": "i32", "n_chunks": "i32"}
         specs += [
             ("scan", "_fwd_kernel",
-             {**inputs, "y_ptr": ptr, "hs_ptr": ptr, **sizes, "SAVE": "constexpr",
-              "CHUNK": "constexpr", "BLOCK_E": "constexpr", "BLOCK_N": "constexpr"},
-             {"SAVE": True, **tiles}, scan.NUM_WARPS),
+             {**inputs, "y_ptr": ptr, "hs_ptr": ptr, "last_ptr": ptr, **sizes,
+              "SAVE": "constexpr", "LAST": "constexpr", "CHUNK": "constexpr",
+              "BLOCK_E": "constexpr", "BLOCK_N": "constexpr"},
+             {"SAVE": True, "LAST": True, **tiles}, scan.NUM_WARPS),
             ("scan", "_bwd_kernel",
              {**inputs, "dy_ptr": ptr, "hs_ptr": ptr, "du_ptr": ptr, "ddt_ptr": ptr,
               "dA_ptr": ptr, "dB_ptr": ptr, "dC_ptr": ptr, **sizes, "CHUNK": "constexpr",

@@ -219,8 +219,17 @@ void backward_chunk(const Args<T>& p, const Grads<T>& g, int64_t b, int64_t e0, 
     for (int l = 0; l < W; ++l) part.dA[(e0 + l) * N + n] += dAt[n * W + l];
 }
 
+// The state after the last step of row b, channels e0..e0+W-1, into h_last (B, N, E).
+template <typename T, int W>
+void store_last(const Args<T>& p, int64_t b, int64_t e0, const T* h, T* h_last) {
+  const int64_t E = p.inner, N = p.state;
+  for (int64_t n = 0; n < N; ++n)
+    for (int l = 0; l < W; ++l) h_last[(b * N + n) * E + e0 + l] = h[n * W + l];
+}
+
+// y for every step; with ckpt, the state at each chunk start; with h_last, the final state.
 template <typename T>
-void forward(const Args<T>& p, T* y, T* ckpt, int threads) {
+void forward(const Args<T>& p, T* y, T* ckpt, T* h_last, int threads) {
   constexpr int W = 64 / sizeof(T);
   const Layout lay(p.batch, p.inner, W, threads);
   const int64_t N = p.state;
@@ -240,6 +249,13 @@ void forward(const Args<T>& p, T* y, T* ckpt, int threads) {
           else
             forward_chunk<T, 1>(p, b, lay.e0(blk, W), t0, t1, y, ckpt, h, At.data());
         }
+      }
+      for (int64_t blk = first; h_last && blk < last; ++blk) {
+        const T* h = hs.data() + (blk - first) * N * W;
+        if (blk < lay.full)
+          store_last<T, W>(p, b, lay.e0(blk, W), h, h_last);
+        else
+          store_last<T, 1>(p, b, lay.e0(blk, W), h, h_last);
       }
     }
   }
@@ -299,11 +315,11 @@ void backward(const Args<T>& p, const Grads<T>& g, int threads) {
 #define SSM_ENTRY_POINTS(T, SUFFIX)                                                          \
   extern "C" void ssm_forward_##SUFFIX(const T* u, const T* delta, const T* A, const T* B,  \
                                         const T* C, const T* D, const T* z, T* y, T* ckpt,  \
-                                        int64_t batch, int64_t length, int64_t inner,       \
-                                        int64_t state, int threads) {                       \
+                                        T* h_last, int64_t batch, int64_t length,           \
+                                        int64_t inner, int64_t state, int threads) {        \
     const Args<T> p{u, delta, A, B, C, D, z, batch, length, inner, state,                   \
                     (length + kChunk - 1) / kChunk};                                          \
-    forward(p, y, ckpt, threads);                                                            \
+    forward(p, y, ckpt, h_last, threads);                                                    \
   }                                                                                           \
   extern "C" void ssm_backward_##SUFFIX(                                                     \
       const T* u, const T* delta, const T* A, const T* B, const T* C, const T* D, const T* z, \
