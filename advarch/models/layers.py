@@ -23,7 +23,9 @@ class Mixer(Protocol):
 
     `pad_mask` (B, T) is True at padding; `global_mask` (B, T) True at global tokens, which only
     sliding-window attention needs (dense attention already sees every key, a recurrence has no
-    window to reach beyond).
+    window to reach beyond). `prefill` runs a whole prompt (B, T, D) in the sequence-parallel
+    form and returns its output with the decoding state after it: the state T calls of `step`
+    from `init_state` would reach, so decoding goes on from a prompt in one pass.
     """
 
     def __call__(
@@ -37,6 +39,8 @@ class Mixer(Protocol):
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Any: ...
 
     def step(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]: ...
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]: ...
 
 
 @runtime_checkable
@@ -139,4 +143,17 @@ class Layer(nn.Module):
         if self.mixer is None:
             return x, state
         y, state = self.mixer.step(self.mixer_norm(x), state)
+        return x + y, state
+
+    def prefill(self, x: torch.Tensor, ctx: LayerContext) -> tuple[torch.Tensor, Any]:
+        """A prompt (B, T, D) through the layer in one pass, and the mixer's state after it
+        (what `step` over the prompt's tokens gives; FFN and MoE act per token)."""
+        x, state = self.mixer_prefill(x)
+        return self.ffn_residual(self.cross_residual(x, ctx), ctx), state
+
+    def mixer_prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """`mixer_residual` over a prompt (B, T, D), with the mixer's state after it."""
+        if self.mixer is None:
+            return x, None
+        y, state = self.mixer.prefill(self.mixer_norm(x))
         return x + y, state

@@ -67,11 +67,7 @@ class Attention(nn.Module):
         source, source_pad = (memory, memory_pad_mask) if self.cross else (x, pad_mask)
         if source is None:
             raise ValueError("cross-attention needs an encoder memory")
-        q = self._heads(self.q_proj(x))
-        k, v = (self._heads(t) for t in self.kv_proj(source).chunk(2, dim=-1))
-        if self.rotary is not None:
-            positions = torch.arange(x.shape[1], device=x.device)
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        q, k, v = self._project(x, source, torch.arange(x.shape[1], device=x.device))
         mask = self._mask(x.shape[1], source.shape[1], source_pad, x.device)
         out = F.scaled_dot_product_attention(
             q,
@@ -81,6 +77,21 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and mask is None,
         )
+        return self._merge(out)
+
+    def _project(
+        self, x: torch.Tensor, source: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q from x (B, T, D), k and v from source (B, S, D), each (B, H, ·, Dh); rotary at
+        `positions` (T,) (self-attention only, so T = S)."""
+        q = self._heads(self.q_proj(x))
+        k, v = (self._heads(t) for t in self.kv_proj(source).chunk(2, dim=-1))
+        if self.rotary is not None:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        return q, k, v
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        """Heads (B, H, T, Dh) → output projection (B, T, D)."""
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
     def _mask(
@@ -105,19 +116,21 @@ class Attention(nn.Module):
 
     def step(self, x: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """x: (B, 1, D) the newest token; attends to the cache plus itself."""
-        q = self._heads(self.q_proj(x))
-        k, v = (self._heads(t) for t in self.kv_proj(x).chunk(2, dim=-1))
-        if self.rotary is not None:
-            positions = torch.tensor([state["pos"]], device=x.device)
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        q, k, v = self._project(x, x, torch.tensor([state["pos"]], device=x.device))
         k = torch.cat([state["k"], k], dim=2)
         v = torch.cat([state["v"], v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).flatten(2)), {
-            "k": k,
-            "v": v,
-            "pos": state["pos"] + 1,
-        }
+        return self._merge(out), {"k": k, "v": v, "pos": state["pos"] + 1}
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """A prompt x (B, T, D) in one causal pass → (B, T, D) and the KV cache after it.
+
+        The cache holds the prompt's rotated keys and values at positions 0..T−1, exactly
+        what T calls of `step` would have appended, so decoding continues at position T.
+        """
+        q, k, v = self._project(x, x, torch.arange(x.shape[1], device=x.device))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self._merge(out), {"k": k, "v": v, "pos": x.shape[1]}
 
 
 @dataclass(frozen=True)

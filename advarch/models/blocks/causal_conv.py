@@ -32,3 +32,9 @@ def causal_conv_step(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
     """The output at the newest step of `window` (B, K, C), the last K inputs; (B, 1, C)."""
     kernel = conv.weight.squeeze(1).t()  # (K, C)
     return (window * kernel).sum(1, keepdim=True) + conv.bias
+
+
+def conv_window(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The last K−1 inputs of x (B, T, C), zeros before the start: (B, K−1, C), the window
+    `causal_conv_step` continues from after x (a prompt's conv state for decoding)."""
+    return F.pad(x, (0, 0, kernel_size - 1, 0))[:, x.shape[1] :]

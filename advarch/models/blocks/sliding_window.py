@@ -24,7 +24,8 @@ for the backward pass, or recomputed there at long T: `band_attention`); global 
 dense, O(G·T).
 
 Incremental decoding (causal only): ``step`` keeps a rolling cache of the last w rotated keys and
-values (slot p % w holds position p), so memory and time per token are O(w) for any length.
+values (slot p % w holds position p), so memory and time per token are O(w) for any length;
+``prefill`` runs a prompt through the blocked attention and fills that cache in one pass.
 Rotary positions are absolute, 0..T−1, padding included.
 
 Shapes: B batch, T time, D model dim, H heads, Dh head dim, b block size, N blocks,
@@ -294,6 +295,12 @@ class SlidingWindowAttention(nn.Module):
         """x (B, T, D); pad_mask / global_mask (B, T) bool → (B, T, D), zeros at padding."""
         _check(self.window, self.causal, global_mask, prefix="model.swa.")
         q, k, v = self._qkv(x, torch.arange(x.shape[1], device=x.device))
+        return self._attend(q, k, v, pad_mask, global_mask)
+
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, pad_mask: Tensor | None, global_mask: Tensor | None
+    ) -> Tensor:
+        """Band attention of q, k, v (B, H, T, Dh) → output projection (B, T, D)."""
         y = sliding_window_attention(
             q,
             k,
@@ -327,6 +334,19 @@ class SlidingWindowAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         probs = _softmax(scores, slots <= state.pos, p).to(v.dtype)  # filled slots only
         return self._merge(probs @ v_cache), SlidingWindowState(k_cache, v_cache, state.pos + 1)
+
+    def prefill(self, x: Tensor) -> tuple[Tensor, SlidingWindowState]:
+        """A prompt x (B, T, D) through the blocked band attention, O(T·w) → (B, T, D) and the
+        rolling cache after it: the last min(T, w) rotated keys and values, position p in slot
+        p % w, as T calls of `step` would have left it (the other slots stay empty)."""
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, torch.arange(T, device=x.device))
+        state = self.init_state(B, x.device, k.dtype)
+        last = torch.arange(max(0, T - self.window), T, device=x.device)
+        slots = last % self.window
+        state.k[:, :, slots], state.v[:, :, slots] = k[:, :, last], v[:, :, last]
+        state.pos = T
+        return self._attend(q, k, v, None, None), state
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ matmul (tensor cores on GPUs, BLAS on CPUs), work O(T·L), no Python loop over t
 
 The block (Mamba-2 §7): in_proj → z, x, B, C, Δ; causal depthwise conv + SiLU on (x, B, C);
 Δ = softplus(Δ + bias); SSD; y ← RMSNorm(y · SiLU(z)); out_proj. `step` decodes one token in
-O(1) time and memory from (conv window, state).
+O(1) time and memory from (conv window, state); `prefill` gives that state after a whole prompt
+from the chunked pass (its final chunk-recurrence state, the prompt's last conv inputs).
 
 Shapes: B batch, T time, D model dim, E inner dim (expand·D), H heads (E / P), P head dim,
 N state size, L chunk length, c number of chunks, K conv width.
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advarch.models.blocks.causal_conv import causal_conv, causal_conv_step
+from advarch.models.blocks.causal_conv import causal_conv, causal_conv_step, conv_window
 from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.norm import RMSNorm
 from advarch.models.blocks.ssm import _at_least_f32
@@ -177,13 +178,21 @@ class Mamba2(nn.Module):
         """
         if pad_mask is not None:
             x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
-        z, xbc, dt = self._split(x)
-        xbc = F.silu(causal_conv(self.conv, xbc))
+        return self._mix(x, pad_mask)[0]
+
+    def _mix(self, x: Tensor, pad_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """in_proj → causal conv + SiLU → chunked SSD → gated norm → out_proj over x (B, T, D).
+
+        Returns the output (B, T, D), the conv's inputs (B, T, E + 2N) and the SSD state after
+        the last step (B, H, P, N).
+        """
+        z, xbc_in, dt = self._split(x)
+        xbc = F.silu(causal_conv(self.conv, xbc_in))
         if pad_mask is not None:
             xbc = xbc.masked_fill(pad_mask.unsqueeze(-1), 0.0)
         xs, delta, A, B, C = self._ssd_inputs(xbc, dt)
-        y, _ = ssd_chunked(xs, delta, A, B, C, self.chunk_size)
-        return self._out(y, xs, z)
+        y, h = ssd_chunked(xs, delta, A, B, C, self.chunk_size)
+        return self._out(y, xs, z), xbc_in, h
 
     def init_state(
         self, batch_size: int, device: torch.device | str, dtype: torch.dtype
@@ -210,6 +219,14 @@ class Mamba2(nn.Module):
         h = torch.exp(delta * A)[..., None, None] * h + drive
         y = torch.einsum("bhpn,bn->bhp", h, C)[:, None].to(xs.dtype)  # (B, 1, H, P)
         return self._out(y, xs, z), (window[:, 1:], h)
+
+    def prefill(self, x: Tensor) -> tuple[Tensor, SSDState]:
+        """A prompt x (B, T, D) through the chunked SSD → (B, T, D) and the state after it: the
+        last K−1 conv inputs and the final state of the chunk recurrence (in `init_state`'s
+        dtype), what T calls of `step` would leave."""
+        y, xbc_in, h = self._mix(x, None)
+        state_dtype = torch.promote_types(x.dtype, torch.float32)
+        return y, (conv_window(xbc_in, self.d_conv), h.to(state_dtype))
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,10 @@ by a log-depth odd-even (Blelloch-style) recursion over time: O(T) work, O(log T
 torch ops, no Python loop over time steps, and only products of decays a_t ∈ (0, 1] are ever
 formed, so nothing can overflow at any length. A custom autograd function saves only the
 inputs (O(T·D)) and recomputes states in the backward, whose adjoint is the same scan run
-backwards in time. `selective_scan_reference` is the plain sequential loop (the semantics of
-mamba's `selective_scan_ref`) that tests and benchmarks compare against.
+backwards in time. Every scan can also return the state after its last step, from which
+`step` decodes on after a prompt run by `SelectiveSSM.prefill`. `selective_scan_reference` is
+the plain sequential loop (the semantics of mamba's `selective_scan_ref`) that tests and
+benchmarks compare against.
 
 Shape legend: B batch, T time, D model dim, E inner dim (expand·D), N state size,
 R dt rank, K conv kernel.
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advarch.models.blocks.causal_conv import causal_conv, causal_conv_step
+from advarch.models.blocks.causal_conv import causal_conv, causal_conv_step, conv_window
 from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.selective_scan_cpu import fused_selective_scan, kernel_available
 from advarch.models.blocks.triton_modules import triton_module
@@ -295,15 +297,26 @@ class SelectiveSSM(nn.Module):
         """
         if pad_mask is not None:
             x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
-        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
-        u = F.silu(causal_conv(self.conv, u))
+        return self._mix(x, pad_mask)[0]
+
+    def _mix(
+        self, x: torch.Tensor, pad_mask: torch.Tensor | None, last_state: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """in_proj → causal conv + SiLU → scan → out_proj over x (B, T, D).
+
+        Returns the output (B, T, D), the conv's inputs (B, T, E) and, with `last_state`, the
+        scan's state after the last step (B, E, N) (else None).
+        """
+        u_in, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
+        u = F.silu(causal_conv(self.conv, u_in))
         if pad_mask is not None:
             u = u.masked_fill(pad_mask.unsqueeze(-1), 0.0)
         delta, B, C = self._ssm_params(u)
         A = -torch.exp(_at_least_f32(self.A_log))  # (E, N)
         with torch.autocast(x.device.type, enabled=False):  # the scan always runs in float32
-            y = selective_scan(u, delta, A, B, C, self.D, z)
-        return self.out_proj(y.to(x.dtype))
+            out = selective_scan(u, delta, A, B, C, self.D, z, return_last_state=last_state)
+        y, h = out if last_state else (out, None)
+        return self.out_proj(y.to(x.dtype)), u_in, h
 
     def init_state(
         self, batch_size: int, device: torch.device | str, dtype: torch.dtype
@@ -325,6 +338,12 @@ class SelectiveSSM(nn.Module):
         h = torch.exp(delta.unsqueeze(-1) * A) * h + (delta * u).unsqueeze(-1) * B.unsqueeze(1)
         y = (torch.einsum("ben,bn->be", h, C) + self.D * u) * F.silu(z)  # (B, E)
         return self.out_proj(y.unsqueeze(1).to(x.dtype)), (window[:, 1:], h)
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, SSMState]:
+        """A prompt x (B, T, D) through the fast scan → (B, T, D) and the state after it: the
+        last K−1 conv inputs and the scan's final h, what T calls of `step` would leave."""
+        y, u_in, h = self._mix(x, None, last_state=True)
+        return y, (conv_window(u_in, self.d_conv), h)
 
 
 @dataclass(frozen=True)
