@@ -1,9 +1,11 @@
 """Autoregressive sampling from decoder language models, with per-layer caches.
 
-Each new token costs one `Model.step`: dense attention appends to a KV cache (O(t) per token),
-sliding-window attention writes a rolling window cache (O(w)), the selective SSM advances its
-recurrent state (O(1), Mamba §3.4), MoE FFNs are stateless. `use_cache=False` recomputes the
-full forward on the whole prefix at every step: the reference the cached path must match.
+The prompt costs one `Model.prefill`: every layer runs it in its sequence-parallel form (as in
+training) and hands over the state decoding goes on from. Each new token then costs one
+`Model.step`: dense attention appends to a KV cache (O(t) per token), sliding-window attention
+writes a rolling window cache (O(w)), the selective SSM advances its recurrent state (O(1),
+Mamba §3.4), MoE FFNs are stateless. `use_cache=False` recomputes the full forward on the
+whole prefix at every step: the reference the cached path must match.
 
 Sampling (Holtzman et al. 2020 for nucleus sampling, eq. 3): logits / temperature, keep the
 k largest (top-k), keep the smallest set of tokens whose probability reaches p (top-p), then
@@ -14,7 +16,8 @@ RETRO models (`model.retro` set) retrieve each time the sequence completes a chu
 `retrieve` callback fetches that chunk's neighbours before the next prediction (RETRO §2.3:
 chunk u's neighbours inform the tokens from the last one of chunk u on). Cached, the decoder
 self-attention keeps its KV cache and the chunk's neighbours are encoded once, at completion;
-uncached, the full forward reruns the encoder over every chunk's neighbours at each step.
+uncached, the full forward reruns the encoder over every chunk's neighbours at each step. The
+prompt's chunks are retrieved together before its prefill, as the uncached path does.
 
 Shapes: B batch, T prefix length, V vocabulary, m retrieval chunk, K neighbours, R neighbour
 length.
@@ -109,27 +112,35 @@ class _Decoder:
         self.chunk = spec.retrieval_chunk
         # a model without `step` (a user's own) sees at most the positions it was trained on
         self.context = None if isinstance(model, Model) else spec.seq_len
-        self.neighbours: torch.Tensor | None = None  # (B, L, K, R) full-forward path
+        self.neighbours: torch.Tensor | None = None  # (B, L, K, R) full forward and prefill
         self.state: Any = None
         self.tokens: torch.Tensor | None = None  # (B, T) the prefix so far
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append tokens (B, n ≥ 1) to the prefix; logits (B, V) for the token after them."""
+        """Append the prompt (B, T ≥ 1), then one token (B, 1) per call, to the prefix; logits
+        (B, V) for the token after them.
+
+        Cached, the prompt goes through `Model.prefill` in one pass (RETRO: with the
+        neighbours of every chunk it completes), each later token through `Model.step`.
+        """
         self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens], 1)
-        if not self.cached:
-            if self.retrieve is not None:
-                self._retrieve_completed_chunks()
-            tokens = self.tokens if self.context is None else self.tokens[:, -self.context :]
-            return self.model(tokens, neighbours=self.neighbours).logits[:, -1]
-        if self.state is None:
-            self.state = self.model.init_state(tokens.shape[0])
-        length = self.tokens.shape[1] - tokens.shape[1]
-        for t in range(tokens.shape[1]):  # prefill through `step`, one token at a time
-            length += 1
-            found = None
-            if self.retrieve is not None and length % self.chunk == 0:
-                found = self._retrieve(self.tokens[:, length - self.chunk : length])
-            logits, self.state = self.model.step(tokens[:, t : t + 1], self.state, found)
+        if self.cached and self.state is not None:
+            return self._step(tokens)
+        if self.retrieve is not None:
+            self._retrieve_completed_chunks()
+        if self.cached:
+            logits, self.state = self.model.prefill(tokens, self.neighbours)
+            return logits
+        tokens = self.tokens if self.context is None else self.tokens[:, -self.context :]
+        return self.model(tokens, neighbours=self.neighbours).logits[:, -1]
+
+    def _step(self, token: torch.Tensor) -> torch.Tensor:
+        """The newest token (B, 1) through `Model.step`, with the neighbours of the chunk it
+        completes (RETRO); logits (B, V)."""
+        found = None
+        if self.retrieve is not None and self.tokens.shape[1] % self.chunk == 0:
+            found = self._retrieve(self.tokens[:, -self.chunk :])
+        logits, self.state = self.model.step(token, self.state, found)
         return logits
 
     def _retrieve(self, chunk: torch.Tensor) -> torch.Tensor:

@@ -250,10 +250,7 @@ class Model(nn.Module):
 
         RETRO: `neighbours` (B, 1, K, R) are those of the chunk this token completes.
         """
-        if self.spec.kind != "lm":
-            raise ValueError("incremental decoding needs a decoder language model")
-        if neighbours is not None and self.retro is None:
-            raise ValueError("neighbours given to a model without model.retro")
+        self._check_decoding(neighbours)
         ctx = LayerContext()
         h = self.input(token)
         if self.retro is not None:
@@ -265,6 +262,38 @@ class Model(nn.Module):
                 new_state.append(s)
             state = new_state
         return self.head(self.final_norm(h))[:, -1], state
+
+    def prefill(
+        self, tokens: torch.Tensor, neighbours: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """A prompt (B, T) → next-token logits (B, V) and the decoding state after it.
+
+        What `init_state` and T calls of `step` give, from one pass of every layer in its
+        sequence-parallel form (`Layer.prefill`): KV caches from the prompt's keys and values,
+        SSM states from the scans' final states; no loop over the prompt's tokens. FFNs and
+        MoE act per token (an MoE in eval mode is dropless, so a token routes alike either way).
+
+        RETRO: `neighbours` (B, T // m, K, R) are those of every chunk the prompt completes, as
+        `step` would have received them one chunk at a time.
+        """
+        self._check_decoding(neighbours)
+        ctx = LayerContext()
+        h = self.input(tokens)  # (B, T, D)
+        if self.retro is not None:
+            h, state = self.retro.prefill(self.layers, h, ctx, neighbours, self.input)
+        else:
+            state = []
+            for layer in self.layers:
+                h, s = layer.prefill(h, ctx)
+                state.append(s)
+        return self.head(self.final_norm(h[:, -1:]))[:, -1], state
+
+    def _check_decoding(self, neighbours: torch.Tensor | None) -> None:
+        """ValueError unless this is a decoder LM and neighbours come only to a RETRO model."""
+        if self.spec.kind != "lm":
+            raise ValueError("incremental decoding needs a decoder language model")
+        if neighbours is not None and self.retro is None:
+            raise ValueError("neighbours given to a model without model.retro")
 
     def moe_layers(self) -> list[RoutedFFN]:
         """The MoE sub-layers, in order (for expert masks, merging and finetuning)."""

@@ -200,6 +200,49 @@ class RetroAdapter(nn.Module):
         new = RetroDecodeState(new_states, t + 1, chunk_states, encoded, pad)
         return h, new
 
+    def prefill(
+        self,
+        layers: nn.ModuleList,
+        h: torch.Tensor,
+        ctx: LayerContext,
+        neighbours: torch.Tensor | None,
+        embed: nn.Embedding,
+    ) -> tuple[torch.Tensor, RetroDecodeState]:
+        """`run` over a prompt's embeddings h (B, T, D), with the state `step` goes on from.
+
+        Each layer runs in one pass (`Layer.prefill`); the state keeps what T calls of `step`
+        would: the layers' states, the first CCA layer's states of the current chunk (the
+        positions from ⌊(T − 1) / m⌋·m on) and the encoding of the last completed chunk's
+        neighbours, which the positions up to the next completion attend to.
+
+        Args:
+            neighbours: (B, T // m, K, R) token ids of every completed chunk; None (or K = 0,
+                or T < m) = no retrieval.
+        """
+        T, m = h.shape[1], self.encoder.chunk_size
+        if neighbours is not None and (neighbours.shape[1] == 0 or neighbours.shape[2] == 0):
+            neighbours = None  # nothing retrieved: the plain layers, as in `run`
+        pad = None if neighbours is None else self._pad_mask(neighbours)
+        encoded = chunk_states = None
+        states = []
+        for i, layer in enumerate(layers):
+            if i not in self.cca_layers:
+                h, s = layer.prefill(h, ctx)
+                states.append(s)
+                continue
+            h, s = _decoder_only(layer).mixer_prefill(h)
+            states.append(s)
+            if i == self.cca_layers[0]:
+                chunk_states = h[:, (T - 1) // m * m :]  # (B, ≤m, D)
+                if neighbours is not None:
+                    encoded = self.encoder(embed(neighbours), h, neighbour_pad_mask=pad)
+            if encoded is not None:
+                h = h + self.cca[str(i)](self.cca_norm[str(i)](h), encoded, neighbour_pad_mask=pad)
+            h = layer.ffn_residual(h, ctx)
+        last_encoded = None if encoded is None else encoded[:, -1:]  # (B, 1, K, R, D)
+        last_pad = None if pad is None else pad[:, -1:]
+        return h, RetroDecodeState(states, T, chunk_states, last_encoded, last_pad)
+
     def _pad_mask(self, neighbours: torch.Tensor) -> torch.Tensor | None:
         return neighbours == self.pad_id if self.pad_id >= 0 else None  # (B, L, K, R)
 

@@ -16,13 +16,22 @@ import pytest
 import torch
 from torch import nn
 
+from advarch.config.combinations import packaged_config
+from advarch.generation import generate
+from advarch.models import Model
 from advarch.models.blocks import ssm
 from advarch.models.blocks.attention import Attention
 from advarch.models.blocks.sliding_window import SlidingWindowAttention
 from advarch.models.blocks.ssd import Mamba2
 from advarch.models.blocks.ssm import SelectiveSSM
+from advarch.spec import DataSpec
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
+SPEC = DataSpec(kind="lm", vocab_size=40, seq_len=128, eos_id=37, pad_id=38)
+RETRO_M = 4
+RETRO_SPEC = dataclasses.replace(
+    SPEC, retrieval_neighbours=2, retrieval_chunk=RETRO_M, retrieval_neighbour_len=2 * RETRO_M
+)
 MIXERS = {  # small blocks whose chunk, window and conv sizes the prompt lengths cross
     "attn": lambda: Attention(16, 2),
     "swa": lambda: SlidingWindowAttention(16, 2, window=5),
@@ -83,3 +92,111 @@ def test_ssm_prefill_without_the_fused_kernel(monkeypatch) -> None:
     """The parallel scan's last state serves prefill where the C++ kernel is unavailable."""
     monkeypatch.setattr(ssm, "kernel_available", lambda: False)
     test_mixer_prefill_equals_stepping("ssm", 71)
+
+
+def packaged_model(name: str, spec: DataSpec = SPEC, **extra: Any) -> Model:
+    """The packaged `model=<name>` at a test width, weights sharpened for decisive argmaxes."""
+    packaged = packaged_config("model", name)  # shared: read, not changed
+    options = {k: v for k, v in packaged.items() if k not in ("_target_", "compile")}
+    options |= {"dim": 32, "num_heads": 2, "ffn_hidden": 48, **extra}
+    torch.manual_seed(0)
+    model = Model(spec, **options).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() >= 2 and "conv" not in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def fake_retrieve(chunk: torch.Tensor) -> torch.Tensor:
+    """(B, m) → (B, 1, K, R): a deterministic function of the chunk, with some padding."""
+    k, r = RETRO_SPEC.retrieval_neighbours, RETRO_SPEC.retrieval_neighbour_len
+    nb = ((chunk.repeat(1, k * 2) * 7 + torch.arange(k * r)) % 36).view(-1, 1, k, r)
+    return nb.masked_fill(nb % 5 == 0, RETRO_SPEC.pad_id)
+
+
+def step_model(model: Model, seq: torch.Tensor, state: Any, start: int = 0, retrieve=None):
+    """seq[:, start:] through `Model.step`, one token at a time, retrieving (RETRO) the chunk
+    of seq each token completes; the last logits and the state."""
+    m = model.spec.retrieval_chunk
+    for t in range(start, seq.shape[1]):
+        found = None
+        if retrieve is not None and (t + 1) % m == 0:
+            found = retrieve(seq[:, t + 1 - m : t + 1])
+        logits, state = model.step(seq[:, t : t + 1], state, found)
+    return logits, state
+
+
+def greedy_from(model: Model, logits: torch.Tensor, state: Any, seq: torch.Tensor, n: int,
+                retrieve=None) -> torch.Tensor:  # fmt: skip
+    """n greedy tokens stepped on from (logits, state) after the prefix seq (B, T), never
+    the padding id (as `generate`)."""
+    for _ in range(n):
+        logits = logits.index_fill(-1, torch.tensor([SPEC.pad_id]), float("-inf"))
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+        logits, state = step_model(model, seq, state, seq.shape[1] - 1, retrieve)
+    return seq
+
+
+MODELS = {  # packaged config → extra options (a capacity that eval mode must not apply)
+    "transformer": {},
+    "moe": {},
+    "moe_capacity": {"moe": {**packaged_config("model", "moe")["moe"], "capacity_factor": 1.0}},
+    "longformer": {},
+    "ssm": {},
+    "mamba2": {"ssd": {**packaged_config("model", "mamba2")["ssd"], "chunk_size": 16}},
+    "hybrid": {},
+}
+
+
+@pytest.mark.parametrize("length", [3, 70])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_prefill_equals_stepping(name: str, length: int) -> None:
+    """Logits and state as the token loop gives them, and the same greedy continuation; 70
+    crosses the packaged window (64), SSD's chunk (16) and the fused scan's 64-step chunk."""
+    model = packaged_model(name.removesuffix("_capacity"), **MODELS[name])
+    prompt = torch.randint(0, 36, (2, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        logits, state = model.prefill(prompt)
+        logits_ref, state_ref = step_model(model, prompt, model.init_state(2))
+        torch.testing.assert_close(logits, logits_ref, **TOL)
+        assert_same_state(state, state_ref)
+        cont = greedy_from(model, logits, state, prompt, 12)
+        assert torch.equal(cont, greedy_from(model, logits_ref, state_ref, prompt, 12))
+        assert torch.equal(cont, generate(model, prompt, 12, greedy=True))
+
+
+@pytest.mark.parametrize("length", [3, 8, 14])
+@pytest.mark.parametrize("name", ["retro", "retro_moe"])
+def test_retro_prefill_equals_stepping(name: str, length: int) -> None:
+    """RETRO: the neighbours of every chunk the prompt completes (none, a whole number of
+    chunks, a partial last chunk) go in at once; CCA state and continuation as stepped."""
+    model = packaged_model(name, RETRO_SPEC, depth=4)
+    prompt = torch.randint(0, 36, (2, length), generator=torch.Generator().manual_seed(length))
+    chunks = [prompt[:, u * RETRO_M : (u + 1) * RETRO_M] for u in range(length // RETRO_M)]
+    neighbours = torch.cat([fake_retrieve(c) for c in chunks], 1) if chunks else None
+    with torch.no_grad():
+        logits, state = model.prefill(prompt, neighbours)
+        logits_ref, state_ref = step_model(model, prompt, model.init_state(2), 0, fake_retrieve)
+        torch.testing.assert_close(logits, logits_ref, **TOL)
+        assert_same_state(state, state_ref)
+        cont = greedy_from(model, logits, state, prompt, 10, fake_retrieve)
+        assert torch.equal(cont, greedy_from(model, logits_ref, state_ref, prompt, 10,
+                                             fake_retrieve))  # fmt: skip
+        assert torch.equal(cont, generate(model, prompt, 10, greedy=True, retrieve=fake_retrieve))
+
+
+def test_generate_prefills_the_prompt_in_one_call(monkeypatch) -> None:
+    """The prompt costs one `prefill`, no `step`; each new token but the last one `step`."""
+    model = packaged_model("hybrid")
+    calls = {"prefill": 0, "step": 0}
+    for method in calls:
+        original = getattr(model, method)
+
+        def counted(*args, _original=original, _method=method, **kwargs):
+            calls[_method] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(model, method, counted)
+    generate(model, torch.randint(0, 36, (1, 40)), 5, greedy=True)
+    assert calls == {"prefill": 1, "step": 4}
