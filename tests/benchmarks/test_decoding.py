@@ -18,7 +18,7 @@ def test_benchmark_rows() -> None:
 
     rows = benchmark_decoding(models, prompt_len=4, new_tokens=6, retrievers={"retro": retrieve})
     assert [r.model for r in rows] == ["ssm", "retro"]
-    assert all(r.cached > 0 and r.uncached > 0 for r in rows)
+    assert all(r.cached > 0 and r.uncached > 0 and r.prefill > 0 and r.stepped > 0 for r in rows)
     # cached and full runs each retrieve twice (4 + 6 − 1 tokens fed), after their untimed
     # warm-up of 2 tokens retrieved once (4 + 2 − 1)
     assert len(calls) == 2 * (9 // RETRO_M) + 2 * (5 // RETRO_M)
