@@ -224,9 +224,14 @@ class BaseStrategy(L.LightningModule):
         """Diverged weights are not saved (over the last good checkpoint, or as the best): the
         run stops where they are found, as at a non-finite loss (the next step's check)."""
         name = non_finite_parameter(self.model)
-        if name is not None:
+        diverged = name is not None
+        if self.trainer.world_size > 1:  # every process stops, or none does: sharded weights
+            # (FSDP) put a NaN in one process's shard only, and the others would wait for it
+            diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
+            which = f"parameter {name!r}" if name else "a parameter of another process's shard"
             raise FloatingPointError(
-                f"parameter {name!r} is NaN or inf at step {self.global_step} (epoch "
+                f"{which} is NaN or inf at step {self.global_step} (epoch "
                 f"{self.current_epoch}); stopping without saving it — {self._checkpoint_note()}"
                 ". Try a lower optimizer.lr or trainer.gradient_clip_val"
             )
