@@ -220,7 +220,7 @@ ROWS: list[tuple[str, list[str], str]] = [
         ["model=hybrid", "model.layers=[attn,ssm]", "model.swa.window=32"],
         "model.swa.window=32: model=hybrid's layer pattern uses the blocks attn, ssm, dense, moe",
     ),
-    ("train", ["model.swa.window=32"], "add swa to model.layers, or use model=hybrid or model="),
+    ("train", ["model.swa.window=32"], "+model.swa.window=32), or use model=hybrid or model="),
     (  # (model=retro_moe listed 2 of the MoE options: "not a key of model.moe")
         "train",
         ["model=retro_moe", "data=text_retrieval", "model.moe.capacity_factor=0"],

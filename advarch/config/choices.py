@@ -317,10 +317,12 @@ def unused_block(override: str, cfg: DictConfig) -> ConfigError | None:
     others = [m for m in _packaged("model") if block in _entries(packaged_config("model", m).get(
         pattern))]  # fmt: skip
     instead = " or ".join(f"model={m}" for m in others if m != choice)
+    plus = "+" if model.get(block) is None else ""  # (a null section takes its keys with +)
+    added = f"model.{pattern}=[{','.join([*patterns[pattern], block])}] {plus}{key}={value}"
     return ConfigError(
         f"{override}: {which}'s layer pattern uses the blocks {', '.join(used) or 'none'} "
         f"({shown}) and no {block} block, so nothing would read model.{block}; add {block} to "
-        f"model.{pattern}" + (f", or use {instead}" if instead else "")
+        f"model.{pattern} ({added})" + (f", or use {instead}" if instead else "")
     )
 
 

@@ -97,6 +97,11 @@ def setting(section: dict) -> str:
             "model.retro is null in model=transformer; model=retro or model=retro_moe have it",
             ["model=retro", "model.retro.encoder_depth=3"],
         ),
+        (  # a block no layer has: its `add swa to model.layers` then met the null section
+            ["model=transformer", "model.swa.window=32"],
+            "add swa to model.layers (model.layers=[attn,swa] +model.swa.window=32)",
+            ["model=transformer", "model.layers=[attn,swa]", "+model.swa.window=32"],
+        ),
         (  # a block's options: `+` (the rest take the block's defaults)
             ["model.layers=[attn,swa]", "model.swa.window=32"],
             "model.swa is null in this config; write +model.swa.window=32 to set it",
