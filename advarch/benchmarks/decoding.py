@@ -67,10 +67,19 @@ def prefill_speed(model: Model, prompt_len: int = 64, seed: int = 0) -> tuple[fl
     rates = []
     for run in (lambda: model.prefill(prompt), stepped):
         run()
+        _wait_for(prompt.device)
         start = time.perf_counter()
         run()
+        _wait_for(prompt.device)
         rates.append(prompt_len / (time.perf_counter() - start))
     return rates[0], rates[1]
+
+
+def _wait_for(device: torch.device) -> None:
+    """Wait for the work queued on `device`: CUDA runs kernels asynchronously, so a clock read
+    at once stops at their launch (a one-pass prefill would look far faster than it is)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def decoding_speed(
@@ -86,14 +95,17 @@ def decoding_speed(
     both ways decode two tokens first, untimed, so neither pays the first call's setup.
     """
     prompt = _random_prompt(model, prompt_len, seed)
+    device = next(model.parameters()).device
     for use_cache in (True, False):  # warm-up: first calls pay for kernels, caches, allocations
         generate(model, prompt, 2, greedy=True, use_cache=use_cache, retrieve=retrieve)
     rates = []
     for use_cache in (True, False):
+        _wait_for(device)
         start = time.perf_counter()
         out = generate(
             model, prompt, new_tokens, greedy=True, use_cache=use_cache, retrieve=retrieve
         )
+        _wait_for(device)
         rates.append((out.shape[1] - prompt_len) / (time.perf_counter() - start))
     return rates[0], rates[1]
 
