@@ -111,9 +111,15 @@ class BaseStrategy(L.LightningModule):
         if extra is not None:
             self.log("train/penalty", extra.detach(), on_step=True, on_epoch=False)
             loss = loss + extra
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        diverged = not finite
+        if self.trainer.world_size > 1:  # every process stops, or none does: one whose batch
+            # alone gave NaN raised while the others waited for its gradients (a hang)
+            diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
+            value = loss.item() if not finite else "not finite on another process"
             raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} "
+                f"training loss is {value} at step {self.global_step} "
                 f"(epoch {self.current_epoch}); stopping — {self._checkpoint_note()}. "
                 "Try a lower optimizer.lr or trainer.gradient_clip_val"
             )

@@ -316,16 +316,28 @@ def test_class_incremental_evaluation_routes_over_all_experts(tmp_path: Path) ->
 
 
 # -- resume state ------------------------------------------------------------------------------
+class OtherProcessDiverged:
+    """A stand-in DDP strategy whose other process found NaN."""
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        return True  # (any process: the other one's)
+
+
 def test_a_save_stops_every_process_when_one_shard_diverged(tmp_path: Path) -> None:
     # FSDP shards the weights: a NaN in another process's shard only left this one saving
     # while that one raised, and the save's barrier waited for it (a hang, not a stop)
-    class OtherShardDiverged:
-        def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-            return True  # (any process: the other one's weights are not finite)
-
-    module, _ = naive(tmp_path, world_size=2, strategy=OtherShardDiverged())
+    module, _ = naive(tmp_path, world_size=2, strategy=OtherProcessDiverged())
     with pytest.raises(FloatingPointError, match="a parameter of another process's shard"):
         module.on_save_checkpoint({})
+
+
+def test_a_step_stops_every_process_when_one_loss_diverged(tmp_path: Path) -> None:
+    # DDP: a NaN loss from one process's batch raised there, while the others went on into
+    # backward and waited for its gradients in the all-reduce (a hang, not a stop)
+    module, _ = naive(tmp_path, world_size=2, strategy=OtherProcessDiverged())
+    batch = Stream().loaders[0][0]
+    with pytest.raises(FloatingPointError, match="training loss is not finite on another"):
+        module.training_step(batch, 0)
 
 
 def test_the_matrix_survives_a_checkpoint_and_a_different_stream_is_refused(
