@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from advarch.config.resolvers import sweep_direction
 from advarch.console_log import console_width
@@ -155,11 +156,11 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str | Non
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table_rows]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     title = f"sweep {sweep_dir} — best first" + (f" (every trial: {every})" if every else "")
-    table = Table(title=title)
+    table = Table(title=Text(title))  # (Text: `[attn,swa]` is a value, not Rich markup)
     for name in header(varied):
-        table.add_column(name, overflow="fold")
+        table.add_column(Text(name), overflow="fold")
     for r in table_rows:
-        table.add_row(*r)
+        table.add_row(*map(Text, r))
     return table
 
 

@@ -196,6 +196,38 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["model.dim=[1,"], "'[1,'"),
     # a key the config does not have: the nearest one, not Hydra's advice to append it
     ("train", ["model.dimm=64"], "model.dimm is not a key of model (did you mean model.dim?"),
+    # … in a sweep too, each swept config (Hydra: four lines and advice to append it)
+    (
+        "train",
+        ["-m", "model.dimm=2,4"],
+        "model.dimm is not a key of model (did you mean model.dim?",
+    ),
+    (
+        "train",
+        ["-m", "optimizer=adam,sgd", "optimizer.betas=[0.9,0.95]"],
+        "optimizer.betas is not a key of optimizer (keys: lr, momentum, nesterov, weight_decay) — "
+        "in the sweep's trials with optimizer=sgd",
+    ),
+    (
+        "train",
+        ["-m", "hydra.sweeper.n_trials=2"],
+        "hydra.sweeper.n_trials is not a key of hydra.sweeper (keys: max_batch_size, params)",
+    ),
+    (
+        "train",
+        ["-m", "model=longformer,transformer", "model.swa.window=16"],
+        "and no swa block, so nothing would read model.swa; add swa to model.layers (model."
+        "layers=[attn,swa] +model.swa.window=16), or use model=hybrid or model=longformer; in a "
+        "sweep over configs with and without it, ++model.swa.window=16 sets it in every trial — "
+        "in the sweep's trials with model=transformer",
+    ),
+    # `+` on a key the config has (Hydra: "Could not append to config", three lines)
+    (
+        "train",
+        ["model=longformer", "+model.swa.window=16"],
+        "+model.swa.window=16: model=longformer has model.swa.window already; write "
+        "model.swa.window=16",
+    ),
     ("train", ["model.moe.topk=1"], "did you mean model.moe.top_k?"),
     ("train", ["model.num_experts=4"], "did you mean model.moe.num_experts?"),  # not num_heads
     (  # a block the model lacks (Hydra's "Key 'window' is not in struct", a screenful)

@@ -9,12 +9,14 @@ user would open: `summary.md`/`summary.csv`, `result.json`, the offline W&B run 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 
 import advarch
 from advarch.sweeps import SWEEP_OVERRIDES_FILE, trial_overrides, write_summary
@@ -155,6 +157,20 @@ def test_summary_names_the_overrides_every_trial_shares_once(tmp_path: Path) -> 
     assert "| trial | model.depth | val/loss | status |" in md
     assert "every trial: extras.print_config=false" in str(table.title)
     assert summary_rows(tmp_path)[0]["extras.print_config"] == "false"  # the CSV keeps all
+
+
+def test_the_console_table_shows_values_in_brackets(tmp_path: Path) -> None:
+    # a swept layer pattern, `[attn,swa]`, read as Rich markup printed an empty cell
+    patterns = ((0, "[attn]", 2.5), (1, "[attn,swa]", 2.0))
+    rows = [{"trial": n, "overrides": [f"model.layers={p}", "+model.swa.window=16"],
+             "status": "ok", "value": v} for n, p, v in patterns]  # fmt: skip
+    rows[0] |= {"status": "failed", "error": "model.layers=[attn] has [no] swa"}
+    console = Console(file=io.StringIO(), width=200)
+    console.print(write_summary(tmp_path, rows, "val/loss"))
+    shown = console.file.getvalue()
+    assert "│ [attn,swa] " in shown and "│ [attn]     " in shown, shown
+    assert "failed: model.layers=[attn] has [no] swa" in shown
+    assert "(every trial: +model.swa.window=16)" in shown
 
 
 @pytest.mark.slow

@@ -198,9 +198,9 @@ def check_override_keys(argv: list[str], config_name: str = "train") -> None:
     """Raise `ConfigError` for a `key=value` whose key the composed config does not have, or a
     `+key=value` that adds a top-level key nothing reads, naming the nearest key and all of
     them, for options of a block no layer of the model has (`unused_block`), or a config file
-    it loads that is not YAML. Config folders (`--config-dir`) are
-    searched as Hydra would; sweeps (`-m`) and runs with other flags are left to Hydra, and so
-    is anything this check cannot decide."""
+    it loads that is not YAML. Config folders (`--config-dir`) are searched as Hydra would;
+    a sweep (`-m`) is checked trial by trial (`_trials`); runs with other flags are left to
+    Hydra, and so is anything this check cannot decide."""
     try:
         _check_override_keys(argv, config_name)
     except ConfigError:
@@ -211,8 +211,11 @@ def check_override_keys(argv: list[str], config_name: str = "train") -> None:
 
 def _check_override_keys(argv: list[str], config_name: str) -> None:
     folders = _config_dirs(argv)
-    flags = [a for a in argv if a.startswith("-") or a.startswith("hydra.searchpath")]
-    if len(flags) > len(folders):  # any flag but `--config-dir`
+    flags = [
+        a for a in argv
+        if a.startswith("-") and a not in ("-m", "--multirun") or a.startswith("hydra.searchpath")
+    ]  # fmt: skip
+    if len(flags) > len(folders):  # any flag but `--config-dir` and `-m`
         return
     searchpath = [f"hydra.searchpath=[{','.join(f'file://{f.resolve()}' for f in folders)}]"]
     overrides = (searchpath if folders else []) + [
@@ -220,6 +223,51 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
     ]
     if not overrides:
         return
+    trials = _trials(overrides)
+    unused = []
+    for swept, trial in trials:
+        try:
+            unused.append(_check_trial(trial, config_name, folders, len(trials) > 1))
+        except ConfigError as err:
+            raise ConfigError(
+                f"{err} — in the sweep's trials with {swept}" if swept else str(err)
+            ) from None
+    if all(unused):  # a sweep may set a block's options for the trials whose pattern has it
+        raise unused[0]
+
+
+def _trials(overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """The command lines of a sweep's trials to check, each with the swept values that pick it
+    (`model=ssm`): each value of a swept config group or layer pattern (`model=moe,ssm`,
+    `model.layers=[attn],[attn,swa]`) once, the other sweeps at their first value, whose keys
+    are those of every value (an `interval` as null); a single run's overrides as they are."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    first, options = [], []
+    for text, override in zip(overrides, parsed, strict=True):
+        if not override.is_sweep_override():
+            first.append(text)
+            options.append([])
+            continue
+        key = override.get_key_element()
+        values = list(override.sweep_string_iterator()) if override.is_discrete_sweep() else []
+        first.append(f"{key}={values[0] if values else 'null'}")
+        varied = "." not in key or key.lstrip("+") in {f"model.{p}" for p in ("layers", "ffn")}
+        options.append([f"{key}={v}" for v in values[1:]] if varied else [])
+    picked = " ".join(first[i] for i, others in enumerate(options) if others)
+    trials = [(picked, first)]
+    for i, others in enumerate(options):
+        trials += [(other, [*first[:i], other, *first[i + 1 :]]) for other in others]
+    return trials
+
+
+def _check_trial(
+    overrides: list[str], config_name: str, folders: list[Path], sweep: bool
+) -> ConfigError | None:
+    """Raise `ConfigError` for a key of one run's `overrides` that its config lacks (`sweep`:
+    one trial of several, whose configs may differ); returns the `unused_block` error of its
+    first override that sets a block no layer has, if any."""
     assigned = [o for o in overrides if not o.startswith("+")]  # (`+` edits always compose)
     cfg, key = _compose_or_unknown_key(assigned, config_name)
     if key is not None:
@@ -242,10 +290,10 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
             raise ConfigError(f"{override}: {own} the checkpoint's own {leaf}; {unknown}")
         if node[leaf] is None:  # a null section (`model.swa` of model=transformer): `+` sets it
             override = next(o for o in assigned if o.split("=", 1)[0] == key)
-            raise unused_block(override, cfg) or null_section(override, f"{parent}.{leaf}", cfg)
-    for override in overrides:
-        error = unused_block(override, cfg)
-        if error is not None:
+            error = unused_block(override, cfg) or null_section(override, f"{parent}.{leaf}", cfg)
+            if sweep:  # (`+` would fail in the trials whose config has the key)
+                error = ConfigError(f"{error}; in a sweep over configs with and without it, "
+                                    f"++{override} sets it in every trial")  # fmt: skip
             raise error
     groups = {p.name for f in [PACKAGE_CONFIGS, *folders] if f.is_dir() for p in f.iterdir()}
     chosen = OmegaConf.select(cfg, "hydra.runtime.choices") or {}
@@ -255,9 +303,23 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
         if added in chosen and not override.startswith("++"):  # Hydra: "Multiple values for"
             raise ConfigError(f"+{added}={value}: {added} is a choice the {config_name} config "
                               f"already makes; write {added}={value}")  # fmt: skip
+        if not override.startswith("++") and _has_key(cfg, added):  # Hydra: "already at"
+            owner = chosen.get(root)
+            where = f"{root}={owner}" if owner else f"the {config_name} config"
+            raise ConfigError(f"+{added}={value}: {where} has {added} already; write "
+                              f"{added}={value}" + (f" (or ++{added}={value} where some trials' "
+                              "configs lack it)" if sweep else ""))  # fmt: skip
         if root not in cfg and root not in groups:  # (`+experiment=…` adds a config group)
             unknown = unknown_key("", root, _accepted_keys(cfg), f"the {config_name} config")
             raise ConfigError(f"+{added}: {unknown}")
+    return next((error for o in overrides if (error := unused_block(o, cfg))), None)
+
+
+def _has_key(cfg: DictConfig, dotted: str) -> bool:
+    """Whether `cfg` has the key `dotted` (null or not), as Hydra's `+` append sees it."""
+    parent, _, leaf = dotted.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node
 
 
 def null_section(override: str, section: str, cfg: DictConfig) -> ConfigError:
