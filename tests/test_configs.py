@@ -99,6 +99,10 @@ def test_debug_tiny_shrinks_the_sizes_each_model_has(make_cfg) -> None:
     sequence = make_cfg(["debug=tiny", "model=moe"]).model
     assert (sequence.dim, sequence.depth, sequence.num_heads, sequence.ffn_hidden) == (32, 2, 2, 64)
     assert make_cfg(["debug=tiny", "model=moe", "model.dim=48"]).model.dim == 48  # typed wins
+    # a layer of every block of a longer pattern: hybrid's [ssm,attn,ssm,swa] (depth 2 ran no swa)
+    assert make_cfg(["debug=tiny", "model=hybrid"]).model.depth == 4
+    assert make_cfg(["debug=tiny", "model=hybrid", "model.depth=2"]).model.depth == 2  # typed
+    assert make_cfg(["debug=tiny", "model=hybrid", "model.depth=3"]).model.depth == 3
     for model in MULTI_GATE:  # no width or depth of their own: their config as it is
         cfg = make_cfg(["debug=tiny", f"model={model}", "data=mmoe_synthetic"])
         assert cfg.model == make_cfg([f"model={model}", "data=mmoe_synthetic"]).model

@@ -25,7 +25,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from advarch.config.combinations import PACKAGE_CONFIGS, packaged_config
-from advarch.config.compose import check_yaml, compose_packaged
+from advarch.config.compose import check_yaml, compose_packaged, pattern_entries
 from advarch.config.validate import ConfigError
 
 MODEL = "advarch.models.Model"
@@ -369,15 +369,15 @@ def unused_block(override: str, cfg: DictConfig) -> ConfigError | None:
     ):
         return None
     block, pattern = parts[1], PATTERN_BLOCKS[parts[1]]
-    patterns = {k: _entries(model.get(k)) for k in ("layers", "ffn")}
+    patterns = {k: pattern_entries(model.get(k)) for k in ("layers", "ffn")}
     if block in patterns[pattern]:
-        return None
+        return _dropped_by_depth(override, block, pattern, patterns[pattern], model)
     used = [b for b in dict.fromkeys(patterns["layers"] + patterns["ffn"]) if b != "none"]
     choice = OmegaConf.select(cfg, "hydra.runtime.choices.model")
     which = f"model={choice}" if choice else "the model"
     shown = ", ".join(f"model.{k}=[{','.join(v)}]" for k, v in patterns.items())
-    others = [m for m in _packaged("model") if block in _entries(packaged_config("model", m).get(
-        pattern))]  # fmt: skip
+    others = [m for m in _packaged("model")
+              if block in pattern_entries(packaged_config("model", m).get(pattern))]  # fmt: skip
     instead = " or ".join(f"model={m}" for m in others if m != choice)
     plus = "+" if model.get(block) is None else ""  # (a null section takes its keys with +)
     added = f"model.{pattern}=[{','.join([*patterns[pattern], block])}] {plus}{key}={value}"
@@ -388,11 +388,24 @@ def unused_block(override: str, cfg: DictConfig) -> ConfigError | None:
     )
 
 
-def _entries(pattern: object) -> list[str]:
-    """A layer pattern's entries (`model.layers=attn` is one)."""
-    if pattern is None:
-        return []
-    return [str(pattern)] if isinstance(pattern, str) else [str(p) for p in pattern]
+def _dropped_by_depth(override: str, block: str, pattern: str, entries: list[str],
+                      model: DictConfig) -> ConfigError | None:  # fmt: skip
+    """The one line for a block's options whose block the model's depth cuts from its cycled
+    pattern (`model=hybrid model.depth=2`: [ssm,attn,ssm,swa] → [ssm,attn]); None otherwise."""
+    depths = [model.get(k) for k in ("depth", "encoder_depth")]
+    if not all(d is None or isinstance(d, int) for d in depths) or depths[0] is None:
+        return None
+    depth = max(d for d in depths if d is not None)
+    if block in entries[:depth]:
+        return None
+    keys = zip(("depth", "encoder_depth"), depths, strict=True)
+    named = " and ".join(f"model.{k}={d}" for k, d in keys if d is not None)
+    return ConfigError(
+        f"{override}: {named} cycles model.{pattern}=[{','.join(entries)}] to "
+        f"[{','.join(entries[:depth])}], which has no {block} layer, so nothing would read "
+        f"model.{block}; raise model.depth to {entries.index(block) + 1} or put {block} earlier "
+        f"in model.{pattern}"
+    )
 
 
 def _packaged(group: str) -> list[str]:

@@ -90,13 +90,24 @@ def _yaml_error(err: yaml.MarkedYAMLError) -> ConfigError:
 def apply_debug_sizes(cfg: DictConfig, overrides: Sequence[str]) -> bool:
     """Set `debug_model`'s sizes (`debug=tiny`: width, depth, heads, FFN width) on the model
     keys of those names the model's config has, unless the command line sets them
-    (`debug=tiny model.dim=64`); whether any was set. Every sequence model has them all; the
+    (`debug=tiny model.dim=64`), the depth no lower than the layer patterns' length (every
+    block of `model=hybrid` still runs); whether any was set. Every sequence model has them all; the
     MMoE models have none (they are tiny already), so they keep their own config."""
     sizes = cfg.get("debug_model")
     if sizes is None or cfg.get("model") is None:
         return False
     typed = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     applied = {k: v for k, v in sizes.items() if k in cfg.model and f"model.{k}" not in typed}
+    if "depth" in applied and isinstance(cfg.model.depth, int):  # a layer of every block
+        longest = max(len(pattern_entries(cfg.model.get(k))) for k in ("layers", "ffn"))
+        applied["depth"] = min(cfg.model.depth, max(applied["depth"], longest))
     for key, value in applied.items():
         cfg.model[key] = value
     return bool(applied)
+
+
+def pattern_entries(pattern: object) -> list[str]:
+    """A layer pattern's entries (`model.layers=attn` is one; a list config too)."""
+    if pattern is None:
+        return []
+    return [str(pattern)] if isinstance(pattern, str) else [str(p) for p in pattern]

@@ -117,6 +117,23 @@ def test_a_null_section_names_the_options_that_have_it(
     check_override_keys(following)
 
 
+def test_options_of_a_block_the_depth_cuts_from_the_pattern_are_refused() -> None:
+    # model=hybrid cycles [ssm,attn,ssm,swa] to depth 2: [ssm,attn], no swa layer
+    with pytest.raises(ConfigError) as err:
+        check_override_keys(["model=hybrid", "model.depth=2", "model.swa.window=32"])
+    assert str(err.value) == (
+        "model.swa.window=32: model.depth=2 cycles model.layers=[ssm,attn,ssm,swa] to "
+        "[ssm,attn], which has no swa layer, so nothing would read model.swa; raise model.depth "
+        "to 4 or put swa earlier in model.layers"
+    )
+    check_override_keys(["model=hybrid", "model.depth=4", "model.swa.window=32"])  # followed
+    check_override_keys(["model=hybrid", "model.depth=2", "model.layers=[swa,ssm]",
+                         "model.swa.window=32"])  # fmt: skip
+    check_override_keys(["model=hybrid", "model.depth=2", "model.ssm.d_state=8"])  # ssm is kept
+    with pytest.raises(ConfigError, match="model.depth=1 cycles model.ffn=.dense,moe. to .dense."):
+        check_override_keys(["model=hybrid", "model.depth=1", "model.moe.top_k=1"])
+
+
 def test_eval_refusal_lists_every_key_it_takes_and_each_is_taken() -> None:
     # data (a group chosen as null) was left out of the keys, though eval.py takes it
     with pytest.raises(
