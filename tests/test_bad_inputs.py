@@ -221,6 +221,19 @@ ROWS: list[tuple[str, list[str], str]] = [
         "sweep over configs with and without it, ++model.swa.window=16 sets it in every trial — "
         "in the sweep's trials with model=transformer",
     ),
+    # an interval: the grid sweeper cannot (a traceback); Optuna samples floats for an int key
+    (
+        "train",
+        ["-m", "optimizer.lr=interval(0.001,0.01)"],
+        "optimizer.lr=interval(0.001,0.01): a grid sweep runs listed values (optimizer.lr=a,b,c or "
+        "range(…)); an interval is sampled by hparams_search=optuna",
+    ),
+    (
+        "train",
+        ["-m", "hparams_search=optuna", "model.dim=interval(16,32)"],
+        "model.dim=interval(16,32): model.dim takes an int (model.dim=128) and an interval samples "
+        "floats; write model.dim=int(interval(16,32))",
+    ),
     # `+` on a key the config has (Hydra: "Could not append to config", three lines)
     (
         "train",

@@ -72,11 +72,11 @@ def check_override_syntax(argv: list[str]) -> None:
 
 
 def check_single_run(argv: list[str]) -> None:
-    """Raise `ConfigError` for a sweep's values (`model.depth=2,4`) in a run without `-m`:
-    Hydra's "Ambiguous value for argument", five lines and HYDRA_FULL_ERROR. After
+    """Raise `ConfigError` for a sweep's values (`model.depth=2,4`, `range(2,5)`, an
+    `interval(…)`) in a run without `-m`: Hydra's "Ambiguous value for argument", five lines
+    and HYDRA_FULL_ERROR. After
     `check_group_choices`, which names a misspelt option among them (`strategy=naive,ewcc`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ValueType
 
     multirun = any(
         a in ("-m", "--multirun", "--config-dir", "-cd") or a.startswith(_MULTIRUN_SETTINGS)
@@ -87,7 +87,12 @@ def check_single_run(argv: list[str]) -> None:
     parser = OverridesParser.create()
     for override in _overrides(argv):
         parsed = parser.parse_override(override)
-        if parsed.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
+        if parsed.is_interval_sweep():
+            raise ConfigError(
+                f"{override} is a search interval: sample it with -m hparams_search=optuna, or "
+                f"give {parsed.key_or_group} one value"
+            )
+        if parsed.is_sweep_override():  # (`a,b`, choice(…), range(…), glob(…))
             raise ConfigError(
                 f"{override} is a sweep (one run per value): add -m to run the sweep, or give "
                 f"{parsed.key_or_group} one value"
@@ -224,16 +229,48 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
     if not overrides:
         return
     trials = _trials(overrides)
-    unused = []
+    unused, configs = [], []
     for swept, trial in trials:
         try:
-            unused.append(_check_trial(trial, config_name, folders, len(trials) > 1))
+            cfg, error = _check_trial(trial, config_name, folders, len(trials) > 1)
         except ConfigError as err:
             raise ConfigError(
                 f"{err} — in the sweep's trials with {swept}" if swept else str(err)
             ) from None
+        unused.append(error)
+        configs.append(cfg)
     if all(unused):  # a sweep may set a block's options for the trials whose pattern has it
         raise unused[0]
+    _check_intervals(overrides, config_name, configs[0])
+
+
+def _check_intervals(overrides: list[str], config_name: str, cfg: DictConfig) -> None:
+    """Raise `ConfigError` for an `interval(…)` the sweeper cannot sample: the grid sweeper
+    enumerates values (Hydra: a traceback), and Optuna samples floats, which a key holding an
+    int refuses in every trial (`model.dim=interval(16,32)`: `int(interval(16,32))`). `cfg`:
+    the first trial's config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    intervals = [(t, o) for t, o in zip(overrides, parsed, strict=True) if o.is_interval_sweep()]
+    if not intervals:
+        return
+    if str(OmegaConf.select(cfg, "hydra.sweeper._target_")).endswith("BasicSweeper"):
+        text, override = intervals[0]
+        raise ConfigError(
+            f"{text}: a grid sweep runs listed values ({override.key_or_group}=a,b,c or "
+            "range(…)); an interval is sampled by hparams_search=optuna"
+        )
+    sampled = {t for t, _ in intervals}  # the config's own values, for their types
+    own = compose_packaged([o for o in overrides if o not in sampled and o[0] != "+"], config_name)
+    for text, override in intervals:
+        key, interval = override.key_or_group, override.value()
+        current = OmegaConf.select(own, key)
+        if isinstance(interval.start, float) and type(current) is int:
+            raise ConfigError(
+                f"{text}: {key} takes an int ({key}={current}) and an interval samples floats; "
+                f"write {key}=int(interval({interval.start:g},{interval.end:g}))"
+            )
 
 
 def _trials(overrides: list[str]) -> list[tuple[str, list[str]]]:
@@ -264,10 +301,10 @@ def _trials(overrides: list[str]) -> list[tuple[str, list[str]]]:
 
 def _check_trial(
     overrides: list[str], config_name: str, folders: list[Path], sweep: bool
-) -> ConfigError | None:
+) -> tuple[DictConfig, ConfigError | None]:
     """Raise `ConfigError` for a key of one run's `overrides` that its config lacks (`sweep`:
-    one trial of several, whose configs may differ); returns the `unused_block` error of its
-    first override that sets a block no layer has, if any."""
+    one trial of several, whose configs may differ); returns its config (the `+` edits aside)
+    and the `unused_block` error of its first override that sets a block no layer has, if any."""
     assigned = [o for o in overrides if not o.startswith("+")]  # (`+` edits always compose)
     cfg, key = _compose_or_unknown_key(assigned, config_name)
     if key is not None:
@@ -312,7 +349,7 @@ def _check_trial(
         if root not in cfg and root not in groups:  # (`+experiment=…` adds a config group)
             unknown = unknown_key("", root, _accepted_keys(cfg), f"the {config_name} config")
             raise ConfigError(f"+{added}: {unknown}")
-    return next((error for o in overrides if (error := unused_block(o, cfg))), None)
+    return cfg, next((error for o in overrides if (error := unused_block(o, cfg))), None)
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:

@@ -186,6 +186,15 @@ def test_a_sweep_without_multirun_says_to_add_it() -> None:
         "model.depth=2,4 is a sweep (one run per value): add -m to run the sweep, or give "
         "model.depth one value"
     )
+    for sweep in ("model.depth=range(2,5)", "model.depth=choice(2,4)", "model=glob(m*)"):
+        with pytest.raises(ConfigError, match=re.escape(f"{sweep} is a sweep (one run per")):
+            check_single_run([sweep])
+    with pytest.raises(ConfigError) as err:
+        check_single_run(["optimizer.lr=interval(0.001,0.01)"])
+    assert str(err.value) == (
+        "optimizer.lr=interval(0.001,0.01) is a search interval: sample it with -m "
+        "hparams_search=optuna, or give optimizer.lr one value"
+    )
     for multirun in (["-m"], ["--multirun"], ["hparams_search=optuna"], ["hydra.mode=MULTIRUN"]):
         check_single_run([*multirun, "model.depth=2,4", "debug=tiny"])
     check_single_run(["-cn", "mine", "~logger", "prompt='a,b'", "model.layers=[ssm,attn]"])
