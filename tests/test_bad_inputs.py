@@ -608,13 +608,6 @@ def test_nan_message_says_no_checkpoint_exists(tmp_path: Path, capsys) -> None:
     assert "Encountered nan" not in text  # metrics keep NaN as NaN, no warning before the line
 
 
-def test_a_config_error_leaves_no_empty_folders(project) -> None:
-    # the run folder went, but outputs/runs/<run name> and outputs/runs stayed behind
-    res = project.run("model.num_heads=5")
-    assert res.rc == 1 and res.stderr.strip().endswith("must divide model.dim=128")
-    assert not (project.root / "outputs" / "runs").exists()
-
-
 def test_an_own_model_module_that_cannot_be_imported_is_one_line(tmp_path: Path, capsys) -> None:
     # your own model (`--config-dir`), trained or evaluated where its module is not importable:
     # Hydra's `get_object` logged three ERROR lines (`Error getting object at …`) before ours,

@@ -368,13 +368,16 @@ def test_ddp_simulated_on_two_cpu_processes(project: Project) -> None:
 
 
 def test_config_error_is_one_line_naming_the_key(project: Project) -> None:
-    res = project.run(*TINY, "model.num_heads=5")
+    res = project.run("model.num_heads=5")
     assert res.rc == 1
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "model.num_heads=5" in last
+    assert res.stderr.strip().endswith("must divide model.dim=128")
     assert "Traceback" not in res.stderr
     assert not res.new_runs  # stopped before any work: not even a run folder,
     assert not list((project.root / "outputs" / "runs").glob("*"))  # nor its run name's
+    # (the run folder went, but outputs/runs/<run name> and outputs/runs stayed behind)
+    assert not (project.root / "outputs" / "runs").exists()
 
 
 def test_config_error_raised_from_run(make_cfg) -> None:
