@@ -220,6 +220,10 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
     elif "scripts/report.py" in cmd:
         folder = Path(ran[2]) if Path(ran[2]).is_absolute() else proj.root / ran[2]
         assert (folder / "report" / "report.md").is_file()
+        said = f"report: {Path(ran[2]) / 'report' / 'report.md'}"  # the path as typed
+        assert res.stdout.splitlines()[0] == said, res.stdout
+        if "--wandb" not in words:
+            assert res.stdout.strip() == said, res.stdout  # that line alone
         if "--wandb" in words:  # in the W&B group of the sweep's trials (their resolved name)
             run_name = yaml.safe_load((folder / "0" / "csv" / "version_0" / "hparams.yaml"
                                        ).read_text())["run_name"]  # fmt: skip
