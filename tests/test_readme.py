@@ -9,6 +9,7 @@ and leave the files it promises.
 
 from __future__ import annotations
 
+import csv
 import glob
 import re
 import shlex
@@ -19,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from tests.cli import CliResult, Project
+from tests.cli import CliResult, Project, read_metrics, series
 from tests.conftest import ROOT, TrainedRun
 from tests.wandb_offline import offline_run
 
@@ -205,6 +206,8 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
             assert (sweep / "optimization_results.yaml").is_file()
             best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
             assert "best_params" in best
+        if "hparams_search=optuna" in words:
+            check_optuna_sweep(sweep, best)
     elif cmd.startswith("python eval.py"):
         assert (res.run_dir / "metrics.json").is_file()
     elif cmd.startswith("python scripts/merge.py"):
@@ -236,6 +239,20 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
         assert (proj.root / "outputs" / "merge_demo" / "merge_table.md").is_file()
     elif "scripts/bench.py" in cmd:
         assert "| moe" in res.stdout  # the table, here of the smoke form's one suite
+
+
+def check_optuna_sweep(sweep: Path, best: dict) -> None:
+    """`python train.py -m hparams_search=optuna`: a row per trial holding its sampled values,
+    each trial's value its own run's final val/loss, and Optuna's best the smallest."""
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert {"optimizer.lr", "optimizer.weight_decay", "model.dim"} <= set(rows[0])
+    for row in rows:
+        final = series(read_metrics(sweep / row["trial"]), "val/loss")[-1]
+        assert float(row["val/loss"]) == pytest.approx(final, rel=1e-6)
+    assert best["best_value"] == pytest.approx(min(float(r["val/loss"]) for r in rows), rel=1e-6)
+    assert float(best["best_params"]["model.dim"]) == float(rows[0]["model.dim"])
 
 
 def test_every_readme_bash_line_is_collected() -> None:
