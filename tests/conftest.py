@@ -107,8 +107,10 @@ class TrainedRun:
 
 # Session checkpoints: tiny MoE LMs on the small corpus with 6 test batches, of which
 # debug=tiny's limit_test_batches=2 tests only the first two (eval.py must do the same).
-# logger=wandb: a debug run logs CSV only unless asked, and these carry a W&B run on resume.
-SESSION_LM = ["debug=tiny", *SMALL_TEXT[:-1], "data.max_eval_sequences=24", "logger=wandb"]
+# logger=wandb: a debug run logs CSV only unless asked, and these carry a W&B run on resume
+# (tests/test_sweeps.py reads the W&B record of lm_seed1, test_readme's eval.py line lm's).
+SESSION_LM = ["debug=tiny", *SMALL_TEXT[:-1], "data.max_eval_sequences=24", "logger=wandb",
+              "tags=[baseline]"]  # fmt: skip
 SESSION_RUNS = {"lm": [*SESSION_LM], "lm_seed1": [*SESSION_LM, "seed=1"]}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import re
 import shlex
 import shutil
@@ -210,6 +211,8 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
             check_optuna_sweep(sweep, best)
     elif cmd.startswith("python eval.py"):
         assert (res.run_dir / "metrics.json").is_file()
+        if "outputs/runs/<name>/<run>" in cmd:  # the session's CLI-trained run `lm`
+            check_eval_of_a_trained_run(res, proj.root / Path(ran[2].split("=", 1)[1]))
     elif cmd.startswith("python scripts/merge.py"):
         out = Path(re.search(r"out=(\S+)", " ".join(ran)).group(1))
         assert out.is_file()
@@ -253,6 +256,25 @@ def check_optuna_sweep(sweep: Path, best: dict) -> None:
         assert float(row["val/loss"]) == pytest.approx(final, rel=1e-6)
     assert best["best_value"] == pytest.approx(min(float(r["val/loss"]) for r in rows), rel=1e-6)
     assert float(best["best_params"]["model.dim"]) == float(rows[0]["model.dim"])
+
+
+def check_eval_of_a_trained_run(res: CliResult, ckpt: Path) -> None:
+    """`python eval.py ckpt_path=<a CLI-trained run's last.ckpt>`: the run's own test metrics
+    (it tested 2 of its 6 test batches, debug=tiny's limit: eval.py must do the same), and a
+    W&B run in the training run's group, filterable by its tags."""
+    run_dir = ckpt.parents[1]
+    tested = [r for r in read_metrics(run_dir) if "test/loss" in r][-1]
+    evaluated = json.loads((res.run_dir / "metrics.json").read_text())
+    for key in ("test/loss", "test/acc", "test/bpb"):
+        assert evaluated[key] == pytest.approx(tested[key], rel=1e-6), key
+    run, eval_run = offline_run(run_dir), offline_run(res.run_dir)
+    assert "baseline" in run["tags"]  # (the session runs' typed tags=[baseline])
+    assert eval_run["job_type"] == "eval" and eval_run["group"] == run["group"]
+    assert eval_run["tags"] == [*run["tags"], "eval"]  # filterable like the training run
+    assert eval_run["config"]["model"] == run["config"]["model"]
+    assert "test/bpb" in eval_run["summary"]
+    (offline,) = (res.run_dir / "wandb").glob("offline-run-*")  # (eval.py never named it)
+    assert res.stdout.strip().endswith(f"sync to W&B later: wandb sync {offline}")
 
 
 def test_every_readme_bash_line_is_collected() -> None:
