@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -12,19 +13,33 @@ from tests.cli import Project, read_metrics
 from tests.conftest import TrainedRun
 
 
-def eval_metrics(project: Project, *args: str) -> dict[str, float]:
-    res = project.run(*args, script="eval.py").check()
-    return json.loads((res.run_dir / "metrics.json").read_text())
+def eval_metrics(project: Project, monkeypatch: pytest.MonkeyPatch, *args: str) -> dict[str, float]:
+    """The metrics of `python eval.py <args>` in the project folder, run in this process (its
+    argument handling included): for tests of what is evaluated, not of what eval.py says."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from advarch.eval import main
+
+    out = project.root / "outputs" / "runs" / "eval" / "in-process"
+    monkeypatch.chdir(project.root)
+    monkeypatch.setattr(sys, "argv", ["eval.py", *args, "wandb=false", f"hydra.run.dir={out}"])
+    GlobalHydra.instance().clear()
+    try:
+        main()
+    finally:
+        GlobalHydra.instance().clear()
+    return json.loads((out / "metrics.json").read_text())
 
 
 def test_eval_data_swap_evaluates_the_given_data(
-    project: Project, trained: dict[str, TrainedRun]
+    project: Project, trained: dict[str, TrainedRun], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # on its own data eval.py gives the run's test metrics (test_readme's eval.py line)
     run = trained["lm"]
     same = [r for r in read_metrics(run.run_dir) if "test/loss" in r][-1]
     shorter = eval_metrics(
         project,
+        monkeypatch,
         f"ckpt_path={run.ckpt}",
         "data=text",
         "data.max_documents=40",
@@ -86,10 +101,10 @@ def test_eval_on_a_task_stream_scores_each_task_and_prints_one_table(
 
 
 def test_data_keys_without_data_change_the_checkpoints_own_data(
-    project: Project, trained: dict[str, TrainedRun], make_cfg
+    project: Project, trained: dict[str, TrainedRun], make_cfg, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = trained["lm"]
-    fewer = eval_metrics(project, f"ckpt_path={run.ckpt}", "data.max_eval_sequences=3")
+    fewer = eval_metrics(project, monkeypatch, f"ckpt_path={run.ckpt}", "data.max_eval_sequences=3")
     tested = [r for r in read_metrics(run.run_dir) if "test/loss" in r][-1]
     assert fewer["test/loss"] != pytest.approx(tested["test/loss"], rel=1e-4)
     typo = make_cfg([f"ckpt_path={run.ckpt}", "+data_overrides.max_eval_seqs=3"], "eval")
