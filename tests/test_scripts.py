@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,20 @@ def test_mmoe_report_takes_an_override_anywhere(argv: list[str]) -> None:
     assert args.overrides == ["trainer.max_steps=2"]
 
 
-def test_retro_report_compares_neighbours_padding_and_plain(project: Project) -> None:
+def run_in_process(project: Project, monkeypatch, script: str, *args: str) -> None:
+    """`python <script> <args>` in the project folder, run in this process: for the scripts
+    that train their runs in-process anyway, where a test reads the files they write."""
+    import runpy
+
+    monkeypatch.chdir(project.root)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(ROOT / script), run_name="__main__")
+
+
+def test_retro_report_compares_neighbours_padding_and_plain(project: Project, monkeypatch) -> None:
     small = ["debug=tiny", *SMALL_TEXT, "data.retrieval.chunk_size=16"]
-    project.run(*small, "data.retrieval.embedder_dim=64", script="scripts/retro_report.py").check()
+    run_in_process(project, monkeypatch, "scripts/retro_report.py", *small,
+                   "data.retrieval.embedder_dim=64")  # fmt: skip
     (path,) = (project.root / "outputs" / "retro_report").glob("*/retro_report.json")
     report = json.loads(path.read_text())
     rows = report["rows"]
@@ -84,13 +96,16 @@ def test_retro_report_compares_neighbours_padding_and_plain(project: Project) ->
     assert_png(path.parent / "by_quality.png")  # the same split, drawn
 
 
-def test_retro_report_retrofit_adds_the_plain_decoder_of_equal_steps(project: Project) -> None:
+def test_retro_report_retrofit_adds_the_plain_decoder_of_equal_steps(
+    project: Project, monkeypatch
+) -> None:
     small = ["debug=tiny", *SMALL_TEXT, "data.retrieval.chunk_size=16"]
-    project.run(
+    run_in_process(
+        project, monkeypatch, "scripts/retro_report.py",
         *small, "data.retrieval.embedder_dim=64", "data.retrieval.align=false",
         "model.retro.cca_layers=[1]",  # RETRO's own option: not passed to the plain decoders
-        "--retrofit", "--retrofit-steps", "4", "--unfreeze", script="scripts/retro_report.py",
-    ).check()  # fmt: skip
+        "--retrofit", "--retrofit-steps", "4", "--unfreeze",
+    )  # fmt: skip
     (path,) = (project.root / "outputs" / "retro_report").glob("*/retro_report.json")
     report = json.loads(path.read_text())
     assert set(report["runs"]) == {"plain", "retro", "plain_more"}
