@@ -175,6 +175,14 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["scheduler.min_lr_ratio=2"], "scheduler.min_lr_ratio=2"),
     ("train", ["scheduler=constant", "+scheduler.min_lr_ratio=0.5"], "scheduler.min_lr_ratio"),
     ("train", ["strategy=ewc", *STREAM, "strategy.mode=bogus"], "'separate', 'online'"),
+    # freezing the shared body without expert masks or task heads: later tasks trained nothing
+    # (an all-equal matrix that read as zero forgetting)
+    (
+        "train",
+        ["strategy=naive", *STREAM, "strategy.freeze_shared_after_first_task=true"],
+        "this model has neither a head per task nor expert masks, so later tasks would train "
+        "nothing: add strategy.expert_masks=true",
+    ),
     ("train", ["strategy=ewc", *STREAM, "strategy.ewc_lambda=-1"], "strategy.ewc_lambda=-1"),
     ("train", ["strategy=ewc", *STREAM, "strategy.gamma=2"], "strategy.gamma=2"),
     ("train", ["strategy=ewc", *STREAM, "strategy.fisher_estimator=bogus"], "fisher_estimator"),

@@ -81,7 +81,7 @@ class ContinualStrategy(BaseStrategy):
     Raises:
         ValueError: for data that is neither classification nor language modelling, expert
             masks on a model without MoE layers or with fewer experts per task than
-            `model.moe.top_k`, and joint with freezing.
+            `model.moe.top_k`, joint with freezing, and freezing that leaves nothing to train.
     """
 
     strategy_name = "naive"
@@ -108,6 +108,8 @@ class ContinualStrategy(BaseStrategy):
                 "strategy.joint=true trains all tasks at once; it cannot be combined "
                 "with strategy.freeze_shared_after_first_task=true"
             )
+        if freeze_shared_after_first_task and not expert_masks:
+            self._check_something_trains(model)
         self.num_tasks = spec.num_tasks
         self.scenario = spec.extras.get("scenario", "task")
         self.task_metric = TASK_METRIC[spec.kind]  # acc (higher is better) or bpb (lower)
@@ -119,6 +121,26 @@ class ContinualStrategy(BaseStrategy):
         self._stream_was_finished = False  # resumed from a finished stream (`on_fit_start`)
         self._frozen: list[FrozenSlice] = []
         self._frozen_task: int | None = None
+
+    @staticmethod
+    def _check_something_trains(model: nn.Module) -> None:
+        """Freezing the shared body without expert masks leaves only the task heads' rows to
+        train: refuse a model without a head per task (a language model), whose later tasks
+        would train nothing and read as zero forgetting."""
+        if isinstance(model, TaskHeads) and model.num_heads_out > 1:
+            return
+        has_moe = isinstance(model, ExpertModel) and bool(model.moe_layers())
+        fix = (
+            "add strategy.expert_masks=true"
+            if has_moe
+            else "use an MoE model with "
+            "strategy.expert_masks=true (e.g. model=moe) or a classifier with a head per task"
+        )
+        raise ValueError(
+            "strategy.freeze_shared_after_first_task=true trains only the current task's experts "
+            "(strategy.expert_masks=true) and its head rows after task 0; this model has neither "
+            f"a head per task nor expert masks, so later tasks would train nothing: {fix}"
+        )
 
     @staticmethod
     def _expert_owner(model: nn.Module, num_tasks: int) -> torch.Tensor:

@@ -151,6 +151,12 @@ def test_impossible_combinations_are_one_line_errors() -> None:
         ewc_module(spec, mode="both")
     with pytest.raises(ValueError, match=r"strategy.joint=true"):
         ContinualStrategy(small_model(spec), spec, joint=True, freeze_shared_after_first_task=True)
+    # freezing the body without expert masks: only a head per task is left to train
+    domain = SplitDigitsDataModule(num_tasks=5, scenario="domain").spec
+    with pytest.raises(ValueError, match=r"so later tasks would train nothing: add strategy\."):
+        ContinualStrategy(small_model(domain, **MOE), domain, freeze_shared_after_first_task=True)
+    task = SplitDigitsDataModule(num_tasks=5, scenario="task").spec
+    ContinualStrategy(small_model(task), task, freeze_shared_after_first_task=True)
 
 
 # -- expert masks -----------------------------------------------------------------------------
