@@ -110,3 +110,54 @@ def in_use(folder: Path | str, pid: str, key: str) -> str:
     """The one line refusing a folder another run works in."""
     return (f"{folder} is in use by another run (process {pid}): give this one its own folder "
             f"(another {key}, or leave it out)")  # fmt: skip
+
+
+# what a run leaves in its folder besides Hydra's `.hydra/` and `train.log`, which a new run
+# there rewrites before any of advarch's code runs
+RUN_FILES = ("checkpoints/*.ckpt", "csv/version_*/metrics.csv", "summary.json")
+
+
+def check_new_folder(argv: list[str]) -> None:
+    """Raise `ConfigError` for a command line that puts a new run in a folder holding another
+    (`hydra.run.dir=x` typed twice, a sweep's `hydra.sweep.dir`): its CSV got both runs' rows,
+    Lightning added `-v1` checkpoints beside the first run's and Hydra rewrote its `.hydra/`.
+    A resume goes on in its own folder (`ckpt_path=auto`, or a checkpoint inside it). And for
+    `paths.output_dir`, which moved the checkpoints and CSV but not `.hydra/` or `train.log`."""
+    if process_rank() != 0:  # (DDP's other processes: rank 0's command line, its folder)
+        return
+    given = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith(("-", "+")))
+    if "paths.output_dir" in given:
+        raise ConfigError(
+            f"paths.output_dir={given['paths.output_dir']}: a run's folder is the one Hydra makes "
+            "for its .hydra/ and train.log too; choose it with hydra.run.dir=<folder> "
+            "(hydra.sweep.dir=<folder> with -m)"
+        )
+    sweep = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    folder_text = given.get(key, "").strip("'\"")
+    if not folder_text or "${" in folder_text:
+        return
+    folder, ckpt = Path(folder_text).expanduser(), given.get("ckpt_path", "").strip("'\"")
+    if (
+        ckpt == "auto"
+        or ckpt
+        and Path(ckpt).expanduser().resolve().is_relative_to(folder.resolve())
+    ):
+        return
+    patterns = [f"*/{p}" for p in RUN_FILES] if sweep else RUN_FILES
+    found = next((f for p in patterns for f in sorted(folder.glob(p))), None)
+    if found is None:
+        return
+    run = folder / found.relative_to(folder).parts[0] if sweep else folder
+    pid = holder(run)
+    if pid is not None:  # (still training there: not to be resumed either)
+        raise FolderInUse(in_use(run, pid, key))
+    last = folder / "checkpoints" / "last.ckpt"
+    if sweep:
+        resume = ", or rerun the sweep with ckpt_path=auto to resume its trials"
+    else:
+        resume = f", or resume that run with ckpt_path={last}" if last.is_file() else ""
+    raise ConfigError(
+        f"{key}={folder_text} already holds a run ({found.relative_to(folder)}): a new one there "
+        f"would add to its CSV and checkpoints; choose an empty folder{resume}"
+    )

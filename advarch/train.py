@@ -337,6 +337,7 @@ def main() -> None:
         check_single_run,
     )
     from advarch.config.validate import ConfigError
+    from advarch.run_lock import check_new_folder
 
     try:
         check_config_dirs(sys.argv[1:])  # before its options are called unknown
@@ -345,6 +346,7 @@ def main() -> None:
         check_single_run(sys.argv[1:])  # `model.depth=2,4` without -m
         sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
         check_override_keys(sys.argv[1:])  # and `model.dimm=64`
+        check_new_folder(sys.argv[1:])  # not into a folder holding another run
     except ConfigError as err:
         sys.exit(f"error: {err}")
     import_from_working_dir()

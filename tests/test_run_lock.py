@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from advarch import run_lock
-from advarch.run_lock import LOCK_FILE, FolderInUse, holder, process_rank, run_folder_lock
+from advarch.config.validate import ConfigError
+from advarch.run_lock import (
+    LOCK_FILE,
+    FolderInUse,
+    check_new_folder,
+    holder,
+    process_rank,
+    run_folder_lock,
+)
 
 
 def test_a_second_run_is_refused_and_names_the_key_to_change(tmp_path: Path) -> None:
@@ -67,3 +75,53 @@ def test_the_process_rank_is_read_as_lightning_reads_it(monkeypatch, environment
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
     assert process_rank() == rank
+
+
+def test_a_new_run_in_a_folder_holding_another_is_one_line(project) -> None:
+    # `hydra.run.dir=x` typed twice: the second run appended its rows to the first's CSV,
+    # added last-v1.ckpt beside its checkpoints and rewrote its .hydra/ before any check
+    folder = project.root / "fixed run"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("the first run's")
+    again = project.run("debug=tiny", f"hydra.run.dir={folder}")
+    assert again.rc == 1 and "Traceback" not in again.output, again.output[-2000:]
+    assert again.stderr.strip() == (
+        f"error: hydra.run.dir={folder} already holds a run (checkpoints/last.ckpt): a new one "
+        "there would add to its CSV and checkpoints; choose an empty folder, or resume that run "
+        f"with ckpt_path={folder}/checkpoints/last.ckpt"
+    )
+    assert (folder / ".hydra" / "config.yaml").read_text() == "the first run's"  # untouched
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["-m", "hydra.sweep.dir={f}"], "hydra.sweep.dir={f} already holds a run (0/summary.json)"
+         ": a new one there would add to its CSV and checkpoints; choose an empty folder, or "
+         "rerun the sweep with ckpt_path=auto to resume its trials"),
+        (["paths.output_dir=elsewhere"], "paths.output_dir=elsewhere: a run's folder is the one "
+         "Hydra makes for its .hydra/ and train.log too; choose it with hydra.run.dir=<folder> "
+         "(hydra.sweep.dir=<folder> with -m)"),
+    ],
+)  # fmt: skip
+def test_a_folder_holding_runs_is_refused(tmp_path: Path, argv: list[str], said: str) -> None:
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError) as err:
+        check_new_folder([a.replace("{f}", str(tmp_path)) for a in argv])
+    assert str(err.value) == said.replace("{f}", str(tmp_path))
+
+
+def test_a_resume_goes_on_in_its_own_folder(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    for resume in ("ckpt_path=auto", f"ckpt_path={last}"):  # (a requeued job takes it back)
+        check_new_folder([f"hydra.run.dir={tmp_path}", resume])
+    check_new_folder(["-m", f"hydra.sweep.dir={tmp_path}"])  # (no trial's run in it)
+    check_new_folder([f"hydra.run.dir={tmp_path / 'new'}"])
+    check_new_folder(["hydra.run.dir=outputs/${now:%H}"])  # (decided by Hydra: left to it)
+    with pytest.raises(ConfigError, match="choose an empty folder, or resume that run"):
+        check_new_folder([f"hydra.run.dir={tmp_path}", f"ckpt_path={tmp_path}/../x.ckpt"])
