@@ -79,6 +79,14 @@ def read_checkpoint(
         raise CheckpointError(f"{where} is truncated or not a checkpoint ({size} bytes)") from err
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{where} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    if require is not None and require not in ckpt and {"base", "tensors"} <= set(ckpt):
+        whole = Path(file).parent / "checkpoints" / "last.ckpt"  # (`<run>/finetuned_delta.pt`)
+        raise CheckpointError(
+            f"{where} is a fine-tune's delta (its trained tensors and the base it extends, "
+            f"{ckpt['base']}); give the fine-tune run's checkpoint, which holds the whole model "
+            f"({whole if whole.is_file() else '<run>/checkpoints/last.ckpt'}), or rebuild it in "
+            "Python with advarch.strategies.finetune.load_finetuned"
+        )
     if require is not None and require not in ckpt:
         raise CheckpointError(
             f"{where} has no {require!r} entry; give an advarch checkpoint "

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from advarch.atomic import save_atomic
-from advarch.checkpoint import model_weights
+from advarch.checkpoint import CheckpointError, model_weights, read_checkpoint
 from advarch.config.validate import ConfigError
 from advarch.data.digits import DigitsDataModule
 from advarch.models.model import Model
@@ -244,6 +244,17 @@ def test_delta_holds_only_trained_rows_and_reproduces_the_model(runs: dict) -> N
     x = torch.rand(16, 64)
     with torch.no_grad():
         assert torch.equal(rebuilt(x).logits, finetuned_model(runs)(x).logits)
+    # the tools that read checkpoints (eval.py, generate.py, merge.py) name the run's own: it
+    # holds the whole model (they said the delta had no 'state_dict' entry)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(runs["ft"] / DELTA_FILE)
+    assert str(err.value) == (
+        f"ckpt_path='{runs['ft'] / DELTA_FILE}' is a fine-tune's delta (its trained tensors and "
+        "the base it extends, "
+        f"{runs['base'].resolve()}); give the fine-tune run's checkpoint, which holds the whole "
+        f"model ({runs['ft'] / 'checkpoints' / 'last.ckpt'}), or rebuild it in Python with "
+        "advarch.strategies.finetune.load_finetuned"
+    )
 
 
 def finetuned_model(runs: dict) -> torch.nn.Module:
