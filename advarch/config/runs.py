@@ -130,7 +130,24 @@ def check_base_fits(cfg: DictConfig) -> None:
         raise CheckpointError(
             f"strategy.pretrained={pretrained!r} was trained with {key}={there}, this run has "
             f"{key}={here}: a fine-tune keeps its base's model sizes"
+            f"{ran_with(Path(pretrained).expanduser())}"
         )
+
+
+def ran_with(checkpoint: Path) -> str:
+    """` (its run: python train.py <overrides>)`, the command line that made `checkpoint`'s
+    run as Hydra recorded it (`.hydra/overrides.yaml`), so that a refusal names the options to
+    type (`model=transformer`); empty where the run folder has no record."""
+    import yaml
+
+    record = run_dir_of(checkpoint) / ".hydra" / "overrides.yaml"
+    try:
+        overrides = yaml.safe_load(record.read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    if not isinstance(overrides, list):
+        return ""
+    return f" (its run: {' '.join(['python train.py', *map(str, overrides)])})"
 
 
 def architecture_difference(first: Any, second: Any) -> tuple[str, str, str] | None:
@@ -214,7 +231,8 @@ def resolve_checkpoint(
                         f"strategy.pretrained={ckpt_path}") if fits else ""  # fmt: skip
             raise CheckpointError(
                 f"ckpt_path={ckpt_path!r} was written by a run of {what} ({other}); resume "
-                f"it with its own options (trainer.* may change){finetune}"
+                f"it with its own options{ran_with(Path(ckpt_path))} (trainer.* may change)"
+                f"{finetune}"
             )
         check_not_training(Path(ckpt_path).expanduser(), output_dir, "ckpt_path")
         return Path(ckpt_path).expanduser()  # (`DataIdentity` says "resuming" once it loads)

@@ -71,11 +71,23 @@ def test_a_resume_of_another_run_names_the_most_telling_difference(
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     torch.save({"state_dict": {}, "loops": {}, "hyper_parameters": {"cfg": other}}, ckpt)
+    (tmp_path / "run" / ".hydra").mkdir()  # its command line, as Hydra records it
+    (tmp_path / "run" / ".hydra" / "overrides.yaml").write_text(f"- debug=tiny\n- {saved[0]}\n")
     cfg = make_cfg(["debug=tiny", "seed=42"])
     with pytest.raises(CheckpointError) as err:
         resolve_checkpoint(str(ckpt), tmp_path / "runs", cfg, tmp_path / "out")
-    assert f"was written by a run of {line}; resume it with its own options" in str(err.value)
+    assert (
+        f"was written by a run of {line}; resume it with its own options (its run: python "
+        f"train.py debug=tiny {saved[0]}) (trainer.* may change)"
+    ) in str(err.value)
     hint = f"strategy=finetune strategy.pretrained={ckpt}"
     assert (hint in str(err.value)) == finetune
     if finetune:  # followed, the fine-tune's base fits
         check_base_fits(make_cfg(["debug=tiny", "seed=42", *hint.split()]))
+    elif saved == ["model=ssm"]:  # a fine-tune of it names the base's options too
+        with pytest.raises(CheckpointError) as err:
+            check_base_fits(make_cfg(["debug=tiny", *hint.split()]))
+        assert str(err.value).endswith(
+            "a fine-tune keeps its base's model sizes (its run: python train.py debug=tiny "
+            "model=ssm)"
+        )
