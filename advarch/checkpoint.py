@@ -173,6 +173,11 @@ def load_error(err: RuntimeError) -> str:
     """The first problem `load_state_dict` reports, short: its message lists every missing or
     unexpected key on one line (hundreds for another architecture)."""
     lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
+    sizes = re.match(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])"
+                     r"\) from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)",
+                     lines[0])  # fmt: skip
+    if sizes is not None:
+        return f"{sizes[1]} is {sizes[2]} in the checkpoint, {sizes[3]} in this model"
     listed = re.match(r"(Missing|Unexpected) key\(s\) in state_dict: (.*)", lines[0])
     if listed is None:
         return lines[0]

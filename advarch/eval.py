@@ -40,6 +40,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     from advarch.callbacks.data_identity import data_changed
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.checkpoint import check_finite, load_error, load_with_config, with_cache_dir
+    from advarch.config.runs import ran_with
     from advarch.config.validate import ConfigError
     from advarch.pipeline import build_all
 
@@ -59,8 +60,13 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
+        swapped = cfg.get("data") is not None or cfg.get("data_overrides")
+        own = ""
+        if swapped:  # (the checkpoint's own data fits it)
+            run = ran_with(Path(cfg.ckpt_path))
+            own = f"; this data sizes the model otherwise than its run's{run}: leave data= out"
         raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path!r} does not fit this data/model: {load_error(err)}"
+            f"ckpt_path={cfg.ckpt_path!r} does not fit this data/model: {load_error(err)}{own}"
         ) from err
     check_finite(module, f"ckpt_path={cfg.ckpt_path!r}")
     module.on_load_checkpoint(ckpt)
