@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from pathlib import Path
 
 import lightning as L
 
@@ -112,3 +114,17 @@ class SignalAtLastValidation(L.Callback):
         last = 0 < trainer.max_steps <= trainer.global_step
         if last and not trainer.sanity_checking and args[-1] == 0:  # batch_idx
             os.kill(os.getpid(), self.signum)
+
+
+class StuckInNativeCode(L.Callback):
+    """After training batch `batch`, write the file `ready` and spend about a minute in one
+    native call that releases the GIL (PBKDF2): the main thread runs no Python meanwhile, so
+    no signal handler either, as in one long attention backward."""
+
+    def __init__(self, ready: str, batch: int = 1) -> None:
+        self.ready, self.batch = Path(ready), batch
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.fit_loop.epoch_loop.total_batch_idx == self.batch:
+            self.ready.write_text("stuck")
+            hashlib.pbkdf2_hmac("sha256", b"advarch", b"salt", 200_000_000)

@@ -18,7 +18,13 @@ when training would start, with one line and the same exit code.
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -50,6 +56,78 @@ class Interrupted(Exception):
         super().__init__(message)
 
 
+class SecondCtrlC:
+    """A second Ctrl-C that stops the process even inside one long native operation.
+
+    CPython runs a signal handler only between bytecodes: during one long native call (an
+    attention backward over 100k tokens) the first Ctrl-C and the second waited for it, for
+    minutes. A thread reads the signal numbers the interpreter's C-level handler writes to a
+    wakeup socket (`signal.set_wakeup_fd`) as they arrive; a Ctrl-C after an earlier one (a
+    terminal's Ctrl-C reaches every process of the group at once: a burst counts once) that
+    the Python handler has not acted on within `grace_s` prints `line()` and ends the process
+    with exit code 130. Forked children (DataLoader workers) write to no wakeup socket.
+    """
+
+    BURST_S = 0.3  # signals closer than this are one keypress reaching several processes
+
+    def __init__(self, line: Callable[[], str], grace_s: float = 1.0) -> None:
+        self.line, self.grace_s = line, grace_s
+        self.handled = False  # the Python handler acted on the second Ctrl-C
+        self._sockets: tuple[socket.socket, socket.socket] | None = None
+        self._previous_fd = -1
+
+    def start(self) -> None:
+        """Watch from now (the main thread only: where `set_wakeup_fd` may be called)."""
+        if self._sockets is not None or threading.current_thread() is not threading.main_thread():
+            return
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._sockets, self.handled = (reader, writer), False
+        threading.Thread(target=self._watch, args=(reader,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop watching; the wakeup fd from before `start` is put back."""
+        if self._sockets is None or threading.current_thread() is not threading.main_thread():
+            return
+        signal.set_wakeup_fd(self._previous_fd)
+        for sock in self._sockets:
+            sock.close()  # (the thread's recv returns: it ends)
+        self._sockets = None
+
+    def _watch(self, reader: socket.socket) -> None:
+        first = None  # when the first Ctrl-C came
+        while True:
+            try:
+                received = reader.recv(64)
+            except OSError:
+                return
+            if not received:
+                return
+            now = time.monotonic()
+            if signal.SIGINT not in received:
+                continue
+            if first is None or now - first < self.BURST_S:
+                first = first or now
+                continue
+            time.sleep(self.grace_s)  # the Python handler's turn, where it can run
+            if self._sockets is None or self.handled:
+                return
+            say(self.line())
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGINT)  # (no cleanup can run while the op holds the thread)
+
+
+def _no_wakeup_fd_in_child() -> None:
+    """A forked child (a DataLoader worker) has no watching thread: its signals must not be
+    counted by the parent's."""
+    if threading.current_thread() is threading.main_thread():
+        signal.set_wakeup_fd(-1)
+
+
+os.register_at_fork(after_in_child=_no_wakeup_fd_in_child)
+
+
 class SignalCheckpoint(L.Callback):
     """Turn SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 into a checkpoint and a stop during `fit`,
     and into a stop during validation or testing outside it.
@@ -65,18 +143,25 @@ class SignalCheckpoint(L.Callback):
         self.saved = False  # on the signal (a second Ctrl-C while the run winds down says so)
         self._stop_after_validation: int | None = None  # the signal, where its step validates
         self._previous: dict[int, Any] = {}
+        self._watch = SecondCtrlC(self._stopped_at_once)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:  # a second Ctrl-C
-            saved = f"{self.path} is saved" if self.saved else "without saving"
-            say(f"SIGINT again: stopped at once, {saved}")
+            self._watch.handled = True
+            say(self._stopped_at_once())
             raise Interrupted(signum, "stopped at once on a second Ctrl-C")
         self.received = signum
+
+    def _stopped_at_once(self) -> str:
+        saved = f"{self.path} is saved" if self.saved else "without saving"
+        return f"SIGINT again: stopped at once, {saved}"
 
     def _install(self) -> None:
         """Our handlers replace Lightning's (its SIGTERM one, installed when a trainer function
         starts, ends the process with exit code 0 and no word); the handlers from before the
         first install are the ones restored."""
+        if not self._previous:
+            self._watch.start()
         for signum in STOP_SIGNALS:
             self._previous.setdefault(signum, signal.signal(signum, self._handle))
 
@@ -91,6 +176,8 @@ class SignalCheckpoint(L.Callback):
                 originals[signum] = _not_ours(signum, self._previous.get(signum, handler))
         for signum, handler in self._previous.items():
             signal.signal(signum, _not_ours(signum, handler))
+        if self._previous:
+            self._watch.stop()
         self._previous.clear()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

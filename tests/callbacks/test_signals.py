@@ -18,7 +18,7 @@ from advarch.eval import evaluate
 from advarch.slurm import STOP_SIGNALS
 from advarch.train import Stopped, run, stop_on_signals, stopped_line
 from tests.cli import read_metrics
-from tests.conftest import TINY, TrainedRun
+from tests.conftest import ROOT, TINY, TrainedRun
 
 
 def test_sigterm_while_testing_stops_with_143_and_keeps_the_trained_weights(
@@ -139,6 +139,33 @@ def test_a_signal_while_starting_is_one_line_and_leaves_no_run_folder(project, d
     name = signal.Signals(signum).name
     assert err.strip() == f"{name} received before training started: stopped, nothing saved"
     assert not list(runs.glob("*/*"))
+
+
+def test_a_second_ctrl_c_stops_at_once_inside_a_long_native_call(project) -> None:
+    # the handlers run between bytecodes: in one long native op (an attention backward over
+    # 100k tokens) neither Ctrl-C was acted on for 14 minutes, until kill -9
+    ready = project.root / "stuck"
+    stuck = ["+callbacks.stuck._target_=tests.helpers.StuckInNativeCode",
+             f"+callbacks.stuck.ready={ready}"]  # fmt: skip
+    env = {**project.env(), "PYTHONPATH": f"{project.root}:{ROOT}"}  # (and tests.helpers)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    proc = subprocess.Popen(["python", "train.py", "debug=tiny", *stuck], cwd=project.root,
+                            env=env, **pipes)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # (waits for the op: nothing to save before it ends)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    second = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert time.monotonic() - second < 10  # (the call alone takes about a minute)
+    assert out.rstrip().endswith("SIGINT again: stopped at once, without saving"), out[-2000:]
+    (log,) = (project.root / "outputs" / "runs").glob("*/*/train.log")
+    assert "[advarch.console][INFO] - SIGINT again: stopped at once, without saving" in (
+        log.read_text()
+    )
 
 
 def test_a_signal_as_fit_starts_says_nothing_was_trained(make_cfg, monkeypatch) -> None:
