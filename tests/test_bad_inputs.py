@@ -27,6 +27,7 @@ STREAM = ["data=permuted_digits", "data.num_tasks=2", "data.epochs_per_task=1"]
 RETRIEVAL = ["model=retro", "data=text_retrieval"]
 CKPT = "callbacks.model_checkpoint"
 OUT = "out={f}/merged.ckpt"
+OWN_MODEL_CONFIGS = f"hydra.searchpath=[file://{ROOT}/examples/own_model/configs]"  # --config-dir
 NOT_TORCH = "is not a checkpoint file (not a torch.save archive)"
 
 
@@ -162,6 +163,11 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["+model.bogus=1"], "model.bogus"),
     ("train", ["model.layers=[bogus]"], "model.layers"),
     ("train", ["model.activation=bogus"], "model.activation='bogus'"),
+    (  # your own model's checks (the example's `dim % num_heads`: a ZeroDivisionError traceback)
+        "train",
+        [OWN_MODEL_CONFIGS, "model=torch_transformer", "model.num_heads=0"],
+        "error: model.num_heads=0 must be >= 1",
+    ),
     # strategy
     ("train", ["strategy=bogus"], "strategy"),
     ("train", ["+strategy.lr=1e-3"], "strategy.lr is now optimizer.lr"),

@@ -23,6 +23,9 @@ class TorchTransformerLM(nn.Module):
         num_heads: attention heads.
         ffn_hidden: feed-forward width.
         dropout: dropout in every layer.
+
+    Raises:
+        ValueError: an option out of range, naming its key as the YAML does (`model.dim=0`).
     """
 
     def __init__(
@@ -37,6 +40,13 @@ class TorchTransformerLM(nn.Module):
         super().__init__()
         if spec.kind != "lm":
             raise ValueError(f"model=torch_transformer needs language-model data, got {spec.kind}")
+        # the framework prints a constructor's ValueError as one line: name the key as in YAML
+        sizes = {"dim": dim, "depth": depth, "num_heads": num_heads, "ffn_hidden": ffn_hidden}
+        for key, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"model.{key}={value} must be >= 1")
+        if not 0 <= dropout <= 1:
+            raise ValueError(f"model.dropout={dropout} must be in [0, 1]")
         if dim % num_heads:
             raise ValueError(f"model.num_heads={num_heads} must divide model.dim={dim}")
         self.embed = nn.Embedding(spec.vocab_size, dim)
