@@ -61,7 +61,7 @@ import re
 import typing
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,17 @@ TIES_TRIMS = ("per_tensor", "global")
 DARE_RESCALES = ("inverse_density", "l1")
 SIGN_ELECTION_METHODS = ("ties", "dare_ties")
 DARE_METHODS = ("dare", "dare_linear", "dare_ties")
+TASK_VECTOR_METHODS = ("task_arithmetic", "ties", *DARE_METHODS)  # θ₀ + λ·(combined τ)
+# merge.yaml key: the methods whose code reads it; any other method ignores it
+READ_BY_METHODS: dict[str, tuple[str, ...]] = {
+    "weights": ("linear", *TASK_VECTOR_METHODS),
+    "density": ("ties", *DARE_METHODS),
+    "lambda": TASK_VECTOR_METHODS,
+    "t": ("slerp",),
+    "seed": DARE_METHODS,
+    "ties_trim": ("ties",),
+    "dare_rescale": DARE_METHODS,
+}
 # Lightning bookkeeping a merged checkpoint drops: it is loaded for inference or fine-tuning, not
 # resumed mid-run.
 DROPPED_CHECKPOINT_KEYS = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
@@ -101,6 +112,11 @@ def _check_density(key: str, value: float | Sequence[float] | None) -> None:
 def _check_t(key: str, value: float | None) -> None:
     if value is not None and not 0.0 <= value <= 1.0:
         raise ValueError(f"{key}={value} must be in [0, 1]")
+
+
+def _field(key: str) -> str:
+    """The dataclass field of a merge.yaml key (``lambda`` is ``lam`` in Python)."""
+    return "lam" if key == "lambda" else key
 
 
 def _per_model(key: str, value: float | Sequence[float], n: int) -> tuple[float, ...]:
@@ -133,7 +149,7 @@ class MergeRule:
             raise ValueError(f"{key}.{unknown[0]} is not a rule key; use one of: {sorted(known)}")
         if "pattern" not in raw:
             raise ValueError(f"{key}.pattern is required")
-        args = {("lam" if k == "lambda" else k): v for k, v in raw.items()}
+        args = {_field(k): v for k, v in raw.items()}
         if args.get("keep") is not None:
             if args.get("policy", "keep") != "keep":
                 raise ValueError(f"{key}.keep is set, so {key}.policy must be 'keep'")
@@ -191,8 +207,9 @@ class MergeConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> MergeConfig:
-        """Build from merge.yaml keys (without base/models/out), mapping ``lambda`` to ``lam``."""
-        args = {("lam" if k == "lambda" else k): v for k, v in raw.items()}
+        """Build from merge.yaml keys (without base/models/out), mapping ``lambda`` to ``lam``;
+        an option the method never reads is refused (``check_options_apply``)."""
+        args = {_field(k): v for k, v in raw.items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(args) - known)
         if unknown:
@@ -202,7 +219,28 @@ class MergeConfig:
             if name != "rules" and not matches(value, hints[name]):
                 key = "lambda" if name == "lam" else name
                 raise ValueError(wrong_type(key, value, hints[name]))
-        return cls(**args)
+        cfg = cls(**args)
+        cfg.check_options_apply()
+        return cfg
+
+    def check_options_apply(self) -> None:
+        """ValueError naming the first option that ``method`` never reads, set away from its
+        default (top level) or set at all (rules): the merge would be the same without it."""
+        unset = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        given = [(key, getattr(self, _field(key)), unset[_field(key)]) for key in READ_BY_METHODS]
+        for i, rule in enumerate(self.rules):
+            given += [
+                (f"rules[{i}].{key}", getattr(rule, _field(key)), None)
+                for key in ("weights", "density", "lambda", "t")
+            ]
+        for key, value, default in given:
+            methods = READ_BY_METHODS[key.split(".")[-1]]
+            if value != default and self.method not in methods:
+                readers = ", ".join(m for m in methods if m != "dare")  # (an alias of dare_linear)
+                raise ValueError(
+                    f"{key}={value} has no effect with method={self.method} "
+                    f"(it applies to {readers})"
+                )
 
     def check_models(self, n: int) -> None:
         """Validate settings that depend on the number of models."""

@@ -305,6 +305,17 @@ ROWS: list[tuple[str, list[str], str]] = [
         "config (keys: accelerator, ckpt_path, data, data_overrides, paths, run_name, ",
     ),
     ("merge", ["densty=0.3"], "densty is not a key of the merge config (did you mean density?"),
+    (  # (an option the method never reads: the same merge as without it, and no word)
+        "merge",
+        ["method=linear", "base={f}/ok.ckpt", "models=[{f}/ok.ckpt]", "density=0.2", OUT],
+        "error: density=0.2 has no effect with method=linear (it applies to ties, dare_linear, "
+        "dare_ties)",
+    ),
+    (
+        "merge",
+        ["method=slerp", "base={f}/ok.ckpt", "models=[{f}/ok.ckpt]", "lambda=3", OUT],
+        "error: lambda=3 has no effect with method=slerp (it applies to task_arithmetic, ties, ",
+    ),
     (
         "merge",
         ["base={f}/ok.ckpt", "models=[{f}/ok.ckpt]", "out={f}/jsonl"],

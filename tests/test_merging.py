@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from advarch.merging import (
@@ -18,7 +19,7 @@ from advarch.merging import (
     merge_tensor,
 )
 from tests.cli import Project
-from tests.conftest import TrainedRun
+from tests.conftest import ROOT, TrainedRun
 
 
 def ties_reference(
@@ -419,6 +420,61 @@ def test_from_dict_maps_lambda() -> None:
     assert cfg.lam == 0.3 and cfg.rules[0].lam == 2
     with pytest.raises(ValueError, match="lamda is not a merge config key"):
         MergeConfig.from_dict({"lamda": 1.0})
+
+
+TASK_VECTORS = "(it applies to task_arithmetic, ties, dare_linear, dare_ties)"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"method": "linear", "density": 0.2},
+            "density=0.2 has no effect with method=linear (it applies to ties, dare_linear, "
+            "dare_ties)",
+        ),
+        (
+            {"method": "slerp", "lambda": 3},
+            f"lambda=3 has no effect with method=slerp {TASK_VECTORS}",
+        ),
+        (
+            {"method": "ties", "t": 0.3},
+            "t=0.3 has no effect with method=ties (it applies to slerp)",
+        ),
+        ({"method": "slerp", "weights": [2.0]}, "weights=[2.0] has no effect with method=slerp"),
+        (
+            {"method": "ties", "seed": 3},
+            "seed=3 has no effect with method=ties (it applies to dare_",
+        ),
+        (
+            {"method": "dare_ties", "ties_trim": "global"},
+            "ties_trim=global has no effect with method",
+        ),
+        (
+            {"method": "ties", "dare_rescale": "l1"},
+            "dare_rescale=l1 has no effect with method=ties",
+        ),
+        (
+            {"method": "linear", "rules": [{"pattern": "*", "lambda": 0.5}]},
+            f"rules[0].lambda=0.5 has no effect with method=linear {TASK_VECTORS}",
+        ),
+    ],
+)
+def test_an_option_the_method_never_reads_is_refused(raw: dict, message: str) -> None:
+    # (the merge was tensor-for-tensor the one without it)
+    with pytest.raises(ValueError) as err:
+        MergeConfig.from_dict(raw)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "method", ["linear", "task_arithmetic", "ties", "dare", "dare_ties", "slerp"]
+)
+def test_merge_yaml_defaults_are_taken_by_every_method(method: str) -> None:
+    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "advarch/configs/merge.yaml"))
+    for key in ("defaults", "run_name", "base", "models", "out", "hydra"):
+        del raw[key]
+    assert MergeConfig.from_dict({**raw, "method": method}).method == method
 
 
 def test_in_memory_inputs_unchanged() -> None:

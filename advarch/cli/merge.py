@@ -35,8 +35,9 @@ def hydra_main(cfg: DictConfig) -> None:
         del raw["run_name"], raw["paths"]
         base, models, out = raw.pop("base"), raw.pop("models"), raw.pop("out")
         models = [models] if isinstance(models, str) else models
+        merge_cfg = MergeConfig.from_dict(raw)  # (settings first: before reading a checkpoint)
         check_one_architecture(base, models)
-        path = merge_checkpoints(base, models, MergeConfig.from_dict(raw), out, summary=summary)
+        path = merge_checkpoints(base, models, merge_cfg, out, summary=summary)
     except ValueError as err:  # bad config, path or tensor: one line, no traceback
         raise SystemExit(f"error: {err}") from None
     except OSError as err:  # (inputs that cannot be read are ValueErrors: CheckpointError)
