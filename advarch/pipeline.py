@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from advarch.checkpoint import MOVED_STRATEGY_KEYS
-from advarch.config.checks import check_collection, check_run_keys, check_trainer
+from advarch.config.checks import check_collection, check_optimizer, check_run_keys, check_trainer
 from advarch.config.validate import (
     ConfigError,
     locate_target,
@@ -39,7 +39,8 @@ SUPPLIED_TO = {  # arguments the code passes, not the config
 
 def validate(cfg: DictConfig) -> None:
     """One-line ConfigError for unknown keys or wrong types in data, model, strategy,
-    optimizer and scheduler (the last two optional: a checkpoint from before they existed)."""
+    optimizer and scheduler (the last two optional: a checkpoint from before they existed),
+    and for the optimizer's values out of range (`check_optimizer`)."""
     for name, group in MOVED_STRATEGY_KEYS.items():
         if cfg.get("strategy") and name in cfg.strategy:
             raise ConfigError(
@@ -53,6 +54,8 @@ def validate(cfg: DictConfig) -> None:
         if "_target_" not in cfg[group]:
             raise ConfigError(f"{group}._target_ is missing")
         validate_node(cfg[group], group, SUPPLIED_TO.get(group, ()))
+    if "optimizer" in groups:
+        check_optimizer(cfg.optimizer)
     check_model_options(cfg.model)
 
 
@@ -120,9 +123,6 @@ def build_optimization(cfg: DictConfig) -> dict[str, Any]:
         for group in ("optimizer", "scheduler")
         if cfg.get(group) is not None
     }
-    lr = OmegaConf.select(cfg, "optimizer.lr")
-    if "optimizer" in factories and not (isinstance(lr, int | float) and lr > 0):
-        raise ConfigError(f"optimizer.lr={lr!r} must be a positive number")
     param = nn.Parameter(torch.zeros(1))
     tries = {
         "optimizer": lambda make: make([param]),

@@ -175,7 +175,25 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["optimizer=bogus"], "optimizer"),
     ("train", ["optimizer.lr=-1"], "optimizer.lr=-1"),
     ("train", ["optimizer.lr=abc"], "optimizer.lr='abc'"),
-    ("train", ["optimizer=sgd", "optimizer.momentum=-1"], "optimizer: Invalid momentum value"),
+    (
+        "train",
+        ["optimizer=sgd", "optimizer.momentum=-1"],
+        "optimizer.momentum=-1 must be in [0, 1)",
+    ),
+    # (torch took these and trained: steps that grow without bound, or no new gradient)
+    (
+        "train",
+        ["optimizer=sgd", "optimizer.momentum=1.5"],
+        "optimizer.momentum=1.5 must be in [0, 1)",
+    ),
+    (
+        "train",
+        ["optimizer=sgd", "+optimizer.dampening=1"],
+        "optimizer.dampening=1 must be in [0, 1)",
+    ),
+    # (torch's "Invalid beta parameter at index 1: 1.5", naming no key)
+    ("train", ["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5] must be in [0, 1) each"),
+    ("train", ["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1 must be >= 0"),
     ("train", ["+optimizer.bogus=1"], "optimizer.bogus is not an option"),
     ("train", ["scheduler.warmup_steps=-1"], "scheduler.warmup_steps=-1"),
     ("train", ["scheduler.min_lr_ratio=2"], "scheduler.min_lr_ratio=2"),

@@ -3,12 +3,13 @@
 Together with `pipeline.validate` (data, model, strategy and block options) this runs before
 the run folder is used and before any data is read, so every bad key is one line naming it.
 Types come from the `_target_`'s signature (`validate_node`); the ranges below are the ones
-Lightning would only reject (or silently accept) after work had started.
+Lightning or torch would only reject (or silently accept) after work had started.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import PurePath
 from typing import Any
 
@@ -30,6 +31,17 @@ TRAINER_MINIMA: dict[str, tuple[float, tuple[Any, ...], str]] = {
     "num_sanity_val_steps": (0, (-1, None), "batches (-1: all)"),
     "gradient_clip_val": (0, (None,), "a gradient norm"),
     "reload_dataloaders_every_n_epochs": (0, (), "epochs"),
+}
+
+# optimizer key (any optimizer's, by that name): (whether a value is allowed, the allowed values
+# in words). torch.optim takes momentum=1.5 (steps grow without bound) and dampening=1 (no new
+# gradient enters the momentum) without a word, and names neither betas nor weight_decay.
+OPTIMIZER_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "lr": (lambda v: v > 0, "a positive number"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "dampening": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "betas": (lambda v: 0 <= v < 1, "in [0, 1) each"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -145,6 +157,19 @@ def _check_strategy(strategy: Any) -> None:
             f"trainer.strategy={strategy!r} is not a Lightning strategy "
             "(e.g. auto, ddp, ddp_spawn, fsdp)"
         )
+
+
+def check_optimizer(node: DictConfig) -> None:
+    """The `OPTIMIZER_RANGES` of the `optimizer.*` keys the config has."""
+    cfg = OmegaConf.to_container(node, resolve=True)
+    for key, (allowed, words) in OPTIMIZER_RANGES.items():
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        values = value if key == "betas" and isinstance(value, list) else [value]
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if not (numbers and all(allowed(v) for v in values)):
+            raise ConfigError(f"optimizer.{key}={value!r} must be {words}")
 
 
 def check_collection(node: DictConfig | None, group: str) -> None:
