@@ -208,7 +208,16 @@ ROWS: list[tuple[str, list[str], str]] = [
         "nothing: add strategy.expert_masks=true",
     ),
     ("train", ["strategy=ewc", *STREAM, "strategy.ewc_lambda=-1"], "strategy.ewc_lambda=-1"),
-    ("train", ["strategy=ewc", *STREAM, "strategy.gamma=2"], "strategy.gamma=2"),
+    (
+        "train",
+        ["strategy=ewc", *STREAM, "strategy.mode=online", "strategy.gamma=2"],
+        "strategy.gamma=2 must be in (0, 1]",
+    ),
+    (  # (it trained as without it: strategy.mode=separate never reads gamma)
+        "train",
+        ["strategy=ewc", *STREAM, "strategy.gamma=0.9"],
+        "error: strategy.gamma=0.9 applies with strategy.mode=online (add strategy.mode=online)",
+    ),
     ("train", ["strategy=ewc", *STREAM, "strategy.fisher_estimator=bogus"], "fisher_estimator"),
     ("train", ["strategy=ewc", "data=digits"], "strategy=ewc data=digits"),
     ("train", ["strategy=fewshot", "data=text"], "strategy=fewshot data=text"),

@@ -7,8 +7,9 @@ these say it in one line, with the nearest option or key. Only plain `group=a[,b
 of advarch's groups are checked (plus those of `--config-dir` folders); Hydra's own groups
 (`hydra/...`), `+`/`~` edits, `@` packages and sweep functions pass through to Hydra; keys are
 checked for single runs of the packaged configs, where a `+key` must add to a top-level key the
-config has (`+modle.dim=3` would be read by nothing) and a block's options (`model.swa.*`) need
-a layer of that block in the model's layer pattern.
+config has (`+modle.dim=3` would be read by nothing), a block's options (`model.swa.*`) need
+a layer of that block in the model's layer pattern, and an option of one mode needs that mode
+(`strategy.gamma`: `strategy.mode=online`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ MODEL = "advarch.models.Model"
 # block → the layer pattern (`model.<key>`) whose entries name it, for the blocks with options
 # (`model.swa.window`); `advarch.models.registry` (which imports torch) holds the same, tested
 PATTERN_BLOCKS = {"swa": "layers", "ssm": "layers", "ssd": "layers", "moe": "ffn"}
+# option → (the key whose value makes it read, that value): typed under another value, nothing
+# reads it (a config that lists it, as ewc_permuted_digits lists gamma, is not refused)
+READ_WITH = {"strategy.gamma": ("strategy.mode", "online")}
 # the programs that read a training run's checkpoint → what they do with it: a training group
 # on their command line (`eval.py model=ssm`) is refused, saying the checkpoint's own is used
 CHECKPOINT_PROGRAMS = {
@@ -349,7 +353,8 @@ def _check_trial(
         if root not in cfg and root not in groups:  # (`+experiment=…` adds a config group)
             unknown = unknown_key("", root, _accepted_keys(cfg), f"the {config_name} config")
             raise ConfigError(f"+{added}: {unknown}")
-    return cfg, next((error for o in overrides if (error := unused_block(o, cfg))), None)
+    unused = (unused_block(o, cfg) or unused_option(o, cfg) for o in overrides)
+    return cfg, next((error for error in unused if error), None)
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:
@@ -423,6 +428,19 @@ def unused_block(override: str, cfg: DictConfig) -> ConfigError | None:
         f"({shown}) and no {block} block, so nothing would read model.{block}; add {block} to "
         f"model.{pattern} ({added})" + (f", or use {instead}" if instead else "")
     )
+
+
+def unused_option(override: str, cfg: DictConfig) -> ConfigError | None:
+    """The one line for an override of a `READ_WITH` option that the config's value of the key
+    it goes with leaves unread (`strategy.gamma=0.9` with `strategy.mode=separate`); None for
+    other keys and where it is read."""
+    key, value = override.lstrip("+").split("=", 1)
+    if key not in READ_WITH:
+        return None
+    mode_key, mode = READ_WITH[key]
+    if OmegaConf.select(cfg, mode_key) in (None, mode):
+        return None
+    return ConfigError(f"{key}={value} applies with {mode_key}={mode} (add {mode_key}={mode})")
 
 
 def _dropped_by_depth(override: str, block: str, pattern: str, entries: list[str],

@@ -134,6 +134,19 @@ def test_options_of_a_block_the_depth_cuts_from_the_pattern_are_refused() -> Non
         check_override_keys(["model=hybrid", "model.depth=1", "model.moe.top_k=1"])
 
 
+def test_an_option_of_another_mode_is_refused_only_where_typed() -> None:
+    # strategy.gamma decays online EWC's importance; with the default mode=separate it trained
+    # exactly as without it
+    with pytest.raises(ConfigError) as err:
+        check_override_keys(["strategy=ewc", "strategy.gamma=0.9"])
+    assert str(err.value) == (
+        "strategy.gamma=0.9 applies with strategy.mode=online (add strategy.mode=online)"
+    )
+    check_override_keys(["strategy=ewc", "strategy.gamma=0.9", "strategy.mode=online"])  # followed
+    # the experiment's own gamma (0.7, mode=online) is not the user's: comparing modes passes
+    check_override_keys(["experiment=ewc_permuted_digits", "strategy.mode=separate"])
+
+
 def test_eval_refusal_lists_every_key_it_takes_and_each_is_taken() -> None:
     # data (a group chosen as null) was left out of the keys, though eval.py takes it
     with pytest.raises(
