@@ -50,6 +50,21 @@ def say(line: str) -> None:
     keep_in_log(line)
 
 
+def worker_console() -> None:
+    """Give a spawned DDP worker (`trainer=ddp_sim`: a fresh interpreter Hydra never configured)
+    the launching process's console: messages alone, through `ConsoleNoise`, so that each
+    worker's DDP start-up banner stays off it. A process with handlers (Hydra's) keeps its own.
+    """
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(ConsoleFormatter("%(message)s"))
+    console.addFilter(ConsoleNoise())
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+
+
 class ConsoleFormatter(logging.Formatter):
     """`message` for INFO and below, `WARNING: message` / `ERROR: message` above."""
 

@@ -66,6 +66,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     from advarch.callbacks.run_config import LogRunConfig
     from advarch.callbacks.signals import Interrupted, SignalCheckpoint
     from advarch.callbacks.skipped_fit import QuietSkippedFit
+    from advarch.callbacks.worker_console import WorkerConsole
     from advarch.config.runs import WANDB_ID_FILE, check_base_fits, resolve_checkpoint
     from advarch.console_log import say
     from advarch.console_summary import print_config_tree, print_summary, save_summary
@@ -91,6 +92,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
     resumed = None if ckpt is None else str(ckpt)  # no resume on other data; then "resuming"
     callbacks.append(DataIdentity(resumed, auto=cfg.get("ckpt_path") == "auto"))
+    callbacks.append(WorkerConsole())  # spawned DDP workers' console as this one's
     callbacks.append(IgnoreKnownWarnings())  # again in spawned DDP workers
     callbacks.append(DestroyProcessGroupAtExit())  # gloo's workers abort at exit without it
     callbacks.append(ResumedCurves(ckpt, output_dir))  # a resume's CSV curves from step 0

@@ -365,6 +365,8 @@ def test_ddp_simulated_on_two_cpu_processes(project: Project) -> None:
     assert list(res.run_dir.glob("wandb/offline-run-*"))
     # the spawned worker ignores the warnings the launching process does
     assert "sync_dist=True" not in res.output and "LeafSpec" not in res.output
+    # nor do the workers print DDP's start-up banner (per process, per fit/validate/test)
+    assert "Initializing distributed" not in res.output and "distributed_backend" not in res.output
 
 
 def test_config_error_is_one_line_naming_the_key(project: Project) -> None:
