@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -365,8 +366,10 @@ def test_ddp_simulated_on_two_cpu_processes(project: Project) -> None:
     assert list(res.run_dir.glob("wandb/offline-run-*"))
     # the spawned worker ignores the warnings the launching process does
     assert "sync_dist=True" not in res.output and "LeafSpec" not in res.output
-    # nor do the workers print DDP's start-up banner (per process, per fit/validate/test)
+    # nor do the workers print DDP's start-up banner (per process, per fit/validate/test) or
+    # Lightning's DistributedSampler advice (README's DDP section says it)
     assert "Initializing distributed" not in res.output and "distributed_backend" not in res.output
+    assert "DistributedSampler" not in res.output and not re.search(r"\.py:\d+: ", res.output)
 
 
 def test_config_error_is_one_line_naming_the_key(project: Project) -> None:

@@ -32,6 +32,8 @@ def ignore_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
     # bf16-mixed keeps float32 parameters: the summary's 32-bit size is the true one
     warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
+    # validation and test on several processes repeat a few samples: README's DDP section says so
+    warnings.filterwarnings("ignore", message=".*Using `DistributedSampler` with the dataloaders.*")
     # a resumed run writes into a folder of its own, by design: the old folder keeps its best
     warnings.filterwarnings("ignore", message=_LAST)
 
