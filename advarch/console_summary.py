@@ -87,17 +87,18 @@ def task_columns(task_names: Sequence[str]) -> dict[str, str]:
     return {f"task_{j}": name for j, name in enumerate(task_names)}
 
 
-def with_task_names(metrics: dict[str, float], task_names: Sequence[str]) -> dict[str, float]:
-    """`<split>/task_<j>/<metric>` keys followed by the name of task j, as the summary's table
+def task_named(key: str, task_names: Sequence[str]) -> str:
+    """A `<split>/task_<j>/<metric>` key followed by the name of task j, as the summary's table
     names the columns (`test/task_1/bpb (net)`): the key as the CSV and W&B log it, the task
-    as the console shows it."""
+    as the console shows it. Other keys as they are."""
     names = task_columns(task_names)
+    parts = key.split("/")
+    return f"{key} ({names[parts[1]]})" if len(parts) == 3 and parts[1] in names else key
 
-    def named(key: str) -> str:
-        parts = key.split("/")
-        return f"{key} ({names[parts[1]]})" if len(parts) == 3 and parts[1] in names else key
 
-    return {named(key): value for key, value in metrics.items()}
+def with_task_names(metrics: dict[str, float], task_names: Sequence[str]) -> dict[str, float]:
+    """`metrics` with each key `task_named`."""
+    return {task_named(key, task_names): value for key, value in metrics.items()}
 
 
 def split_table_lines(

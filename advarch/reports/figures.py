@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from advarch.console_summary import task_named
 from advarch.reports.run_folders import Metrics
 
 CURVE_PANELS = (  # (title, column pattern) — a panel is drawn when any column matches
@@ -38,12 +39,13 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def plot_learning_curves(
-    metrics: Metrics, path: Path, boundaries: Sequence[float] = ()
+    metrics: Metrics, path: Path, boundaries: Sequence[float] = (), task_names: Sequence[str] = ()
 ) -> Path | None:
     """One panel per `CURVE_PANELS` entry that has data, metric vs optimizer step.
 
     `boundaries` (steps) are drawn as dashed lines: where a task stream changed task, so
     forgetting shows as an earlier task's validation curve rising or falling after them.
+    `task_names` name the per-task curves as the report's tables do (`val/task_1/bpb (net)`).
     """
     panels = [(t, metrics.matching(p)) for t, p in CURVE_PANELS]
     panels = [(t, keys) for t, keys in panels if keys]
@@ -57,12 +59,13 @@ def plot_learning_curves(
         drawn: dict[tuple, Any] = {}  # identical series (e.g. the lr of two parameter groups)
         for key in keys:  # are one line, labelled with every name
             steps, values = metrics.series(key)
+            label = task_named(key, task_names)
             same = drawn.get((tuple(steps), tuple(values)))
             if same is not None:
-                same.set_label(f"{same.get_label()} = {key}")
+                same.set_label(f"{same.get_label()} = {label}")
                 continue
             (line,) = ax.plot(steps, values, marker="o" if len(values) < 30 else None, ms=3,
-                              label=key)  # fmt: skip
+                              label=label)  # fmt: skip
             drawn[(tuple(steps), tuple(values))] = line
         for step in boundaries:
             ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)

@@ -113,7 +113,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
     report.lines += ["## Plots", ""]
     epochs_per_task = run_setting(run_dir, "data.epochs_per_task")
     boundaries = task_boundaries(metrics, int(epochs_per_task) if epochs_per_task else None)
-    curves = plot_learning_curves(metrics, report.folder / "learning_curves.png", boundaries)
+    curves = plot_learning_curves(metrics, report.folder / "learning_curves.png", boundaries, names)
     report.image("Learning curves", curves, "learning_curves")
     for problem in metrics.problems:
         report.lines += [f"Left out of the learning curves: {problem}", ""]

@@ -73,17 +73,30 @@ def test_bits_per_byte_matrix_of_a_text_domain_stream(tmp_path: Path) -> None:
     assert "| 2 | 3.100 | -0.4000 | 0.4000 |"  # trailing zeros kept (3.900 beside 3.914) in md
 
 
-def test_run_report_names_the_tasks_as_the_run_summary_does(tmp_path: Path) -> None:
+def test_run_report_names_the_tasks_as_the_run_summary_does(tmp_path: Path, monkeypatch) -> None:
     # (the console's table said text, net; report.md listed test/task_0/…, test/task_1/…,
     # then test/text/…, a key the CSV and W&B do not have)
+    # (and the learning curves' legend said val/task_0/bpb, val/task_1/bpb)
+    import advarch.reports.figures as figures
+
     run = synthetic_run(tmp_path / "run")
+    curves = run / "csv" / "version_1" / "metrics.csv"  # per-task validation, as a stream logs
+    curves.parent.mkdir()
+    curves.write_text("epoch,step,val/task_0/bpb,val/task_1/bpb\n0,11,3.1,3.3\n1,12,3.0,3.2\n")
     spec = DataSpec(kind="lm", vocab_size=260, task_names=("text", "net"))
     metrics = {"test/bpb": 3.1, "test/task_0/bpb": 3.0, "test/task_1/bpb": 3.2}
     save_summary(spec, metrics, run)
+    drawn = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
     md = write_report(run).read_text()
     assert "| test/task_0/bpb (text) | 3.000 |" in md and "| test/task_1/bpb (net) | 3.200 |" in md
     assert "| test/bpb | 3.100 |" in md
     assert md.index("(text)") < md.index("(net)")  # in the tasks' order
+    title = "validation bits per byte per task"
+    (panel,) = [ax for fig in drawn for ax in fig.axes if ax.get_title() == title]
+    labels = [line.get_label() for line in panel.get_lines()]
+    assert labels == ["val/task_0/bpb (text)", "val/task_1/bpb (net)"]
 
 
 def test_run_report_lists_twelve_tasks_in_their_order(tmp_path: Path) -> None:
