@@ -23,7 +23,12 @@ CURVE_PANELS = (  # (title, column pattern) — a panel is drawn when any column
     ("router entropy (nats)", r"moe/layer\d+/entropy"),
     ("learning rate", r"lr-.*"),
 )
-FEWSHOT = (("acc", "adapted"), ("raw_proto_acc", "raw prototypes"))
+FEWSHOT = ("acc", "raw_proto_acc")  # the run's few-shot accuracy, the raw-input baseline's
+ADAPTED = {  # strategy.adaptation → what the run's `acc` measured
+    "none": "ProtoNet",
+    "finetune_head": "ProtoNet + fine-tuned head",
+    "fomaml": "Proto-MAML (first-order)",
+}
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -98,17 +103,19 @@ def plot_expert_load_over_training(
     return _save(fig, path)
 
 
-def plot_fewshot(final: dict[str, float], path: Path) -> Path | None:
-    """Bars of few-shot accuracy (adapted vs raw prototypes) per split with 95% CIs.
+def plot_fewshot(final: dict[str, float], path: Path, adaptation: str = "none") -> Path | None:
+    """Bars of few-shot accuracy (the run's, named by its `adaptation`, vs raw prototypes) per
+    split with 95% CIs.
 
     Drawn only for few-shot runs: those that log `<split>/acc_ci95` or `raw_proto_acc`.
     """
     if not any(k.endswith(("/acc_ci95", "/raw_proto_acc")) for k in final):
         return None
+    labels = {"acc": ADAPTED.get(adaptation, adaptation), "raw_proto_acc": "raw prototypes"}
     bars = [
-        (f"{split} {label}", final[f"{split}/{key}"], final.get(f"{split}/{key}_ci95", 0.0))
+        (f"{split} {labels[key]}", final[f"{split}/{key}"], final.get(f"{split}/{key}_ci95", 0.0))
         for split in ("val", "test")
-        for key, label in FEWSHOT
+        for key in FEWSHOT
         if f"{split}/{key}" in final
     ]
     if not bars:

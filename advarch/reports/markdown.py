@@ -119,7 +119,8 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
         report.lines += [f"Left out of the learning curves: {problem}", ""]
     _expert_load_section(run_dir, report)
     _continual_section(run_dir, report)
-    fewshot = plot_fewshot(final, report.folder / "fewshot_accuracy.png")
+    adaptation = run_setting(run_dir, "strategy.adaptation", "none")
+    fewshot = plot_fewshot(final, report.folder / "fewshot_accuracy.png", adaptation)
     if fewshot is not None:
         rows = [
             [
@@ -128,7 +129,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
                 _fmt(final.get(f"{split}/{key}_ci95")),
             ]  # fmt: skip
             for split in ("val", "test")
-            for key, _ in FEWSHOT
+            for key in FEWSHOT
             if f"{split}/{key}" in final
         ]
         report.lines += ["## Few-shot accuracy", ""]

@@ -24,8 +24,12 @@ from tests.reports.test_figures import assert_png
 from tests.reports.test_run_folders import synthetic_run, write_csv
 
 
-def test_run_report_has_every_section(tmp_path: Path) -> None:
+def test_run_report_has_every_section(tmp_path: Path, monkeypatch) -> None:
+    import advarch.reports.figures as figures
+
     run = synthetic_run(tmp_path / "run")
+    config = {"optimized_metric": "val/loss", "strategy": {"adaptation": "none"}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))  # strategy=fewshot's
     steps, experts = np.array([5, 10, 15]), 4
     load = np.full((3, 2, experts), 0.25)
     load[:, 1] = [0.7, 0.1, 0.1, 0.1]  # layer 2 collapses onto expert 0
@@ -34,6 +38,9 @@ def test_run_report_has_every_section(tmp_path: Path) -> None:
     R = np.array([[0.9, 0.1, 0.1], [0.6, 0.95, 0.2], [np.nan] * 3])  # task 3 not finished
     save_accuracy_matrix_csv(R, run / "continual" / "accuracy_matrix.csv", ["t0", "t1", "t2"])
 
+    drawn = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
     md = write_report(run).read_text()
     out = run / "report"
     for name in ("learning_curves", "expert_load_history", "expert_load_final",
@@ -48,6 +55,10 @@ def test_run_report_has_every_section(tmp_path: Path) -> None:
         "| test/acc | 0.8000 | 0.05000 |" in md
         and "| test/raw_proto_acc | 0.7000 | 0.06000 |" in md
     )
+    # the few-shot bars name what ran: ProtoNet, not "adapted" (adaptation=none adapts nothing)
+    (bars,) = [ax for fig in drawn for ax in fig.axes if ax.get_title().startswith("few-shot")]
+    names = [t.get_text() for t in bars.get_xticklabels()]
+    assert names == ["val ProtoNet", "test ProtoNet", "test raw prototypes"]
 
 
 def test_final_values_are_the_run_summarys_where_it_has_them(tmp_path: Path) -> None:
