@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401
-from advarch.train import quiet_lightning_logs
+from advarch.console_log import quiet_lightning_logs
 
 log = logging.getLogger("advarch")
 

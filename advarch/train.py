@@ -68,7 +68,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     from advarch.callbacks.skipped_fit import QuietSkippedFit
     from advarch.callbacks.worker_console import WorkerConsole
     from advarch.config.runs import WANDB_ID_FILE, check_base_fits, resolve_checkpoint
-    from advarch.console_log import say
+    from advarch.console_log import quiet_lightning_logs, say
     from advarch.console_summary import print_config_tree, print_summary, save_summary
     from advarch.pipeline import (
         build_all,
@@ -204,45 +204,6 @@ def build_loggers(
 def scalar_metrics(trainer: Any) -> dict[str, float]:
     """The trainer's current scalar callback metrics as floats."""
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-
-
-class _DropNoise(logging.Filter):
-    """Lightning's advertising tips and its `weights_only` notice are noise in a research log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return "Tip:" not in message and "`weights_only` was not set" not in message
-
-
-_NOISE = _DropNoise()
-
-
-def quiet_lightning_logs() -> None:
-    """Route Lightning's logs through Hydra's handlers once and silence known noise at source.
-
-    Lightning adds its own console handler on import (so every line would print twice),
-    faiss announces which CPU build it loaded, `datasets` draws a bar for every tiny save,
-    functorch warns about batching rules it falls back on in the per-example Fisher.
-    """
-    import datasets
-    import lightning  # noqa: F401  (imported now so its console handler exists to be removed)
-
-    from advarch.callbacks.known_warnings import ignore_known_warnings
-
-    datasets.disable_progress_bars()
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    ignore_known_warnings()
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        logger.handlers.clear()
-        logger.propagate = True
-    # logger filters do not apply to records propagated from children: filter at the source
-    for name in (
-        "lightning.pytorch.utilities.rank_zero",
-        "lightning.fabric.utilities.rank_zero",
-        "lightning.pytorch.trainer.connectors.checkpoint_connector",
-    ):
-        logging.getLogger(name).addFilter(_NOISE)  # a no-op when already there
 
 
 def import_from_working_dir() -> None:

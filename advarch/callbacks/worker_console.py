@@ -21,7 +21,7 @@ class WorkerConsole(L.Callback):
 
 
 def _unpickled() -> WorkerConsole:
-    from advarch.train import quiet_lightning_logs
+    from advarch.console_log import quiet_lightning_logs
 
     worker_console()
     quiet_lightning_logs()  # Lightning's own handler off: its records reach the console's

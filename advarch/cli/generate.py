@@ -184,7 +184,8 @@ def hydra_main(cfg: DictConfig) -> None:
     """Generate from `ckpt_path` (or benchmark with `bench=true`); one-line errors."""
     from advarch.checkpoint import checkpoint_file
     from advarch.config.validate import ConfigError
-    from advarch.train import discard_run_folder, import_from_working_dir, quiet_lightning_logs
+    from advarch.console_log import quiet_lightning_logs
+    from advarch.train import discard_run_folder, import_from_working_dir
 
     import_from_working_dir()
     try:

@@ -36,6 +36,8 @@ PATTERN_BLOCKS = {"swa": "layers", "ssm": "layers", "ssd": "layers", "moe": "ffn
 # option → (the key whose value makes it read, that value): typed under another value, nothing
 # reads it (a config that lists it, as ewc_permuted_digits lists gamma, is not refused)
 READ_WITH = {"strategy.gamma": ("strategy.mode", "online")}
+# keys whose swept values decide what reads other options: each value is checked (`_trials`)
+SWEPT_READERS = {"model.layers", "model.ffn", *(key for key, _ in READ_WITH.values())}
 # the programs that read a training run's checkpoint → what they do with it: a training group
 # on their command line (`eval.py model=ssm`) is refused, saying the checkpoint's own is used
 CHECKPOINT_PROGRAMS = {
@@ -279,9 +281,10 @@ def _check_intervals(overrides: list[str], config_name: str, cfg: DictConfig) ->
 
 def _trials(overrides: list[str]) -> list[tuple[str, list[str]]]:
     """The command lines of a sweep's trials to check, each with the swept values that pick it
-    (`model=ssm`): each value of a swept config group or layer pattern (`model=moe,ssm`,
-    `model.layers=[attn],[attn,swa]`) once, the other sweeps at their first value, whose keys
-    are those of every value (an `interval` as null); a single run's overrides as they are."""
+    (`model=ssm`): each value of a swept config group or `SWEPT_READERS` key (`model=moe,ssm`,
+    `model.layers=[attn],[attn,swa]`, `strategy.mode=separate,online`) once, the other sweeps
+    at their first value, whose keys are those of every value (an `interval` as null); a single
+    run's overrides as they are."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -294,7 +297,7 @@ def _trials(overrides: list[str]) -> list[tuple[str, list[str]]]:
         key = override.get_key_element()
         values = list(override.sweep_string_iterator()) if override.is_discrete_sweep() else []
         first.append(f"{key}={values[0] if values else 'null'}")
-        varied = "." not in key or key.lstrip("+") in {f"model.{p}" for p in ("layers", "ffn")}
+        varied = "." not in key or key.lstrip("+") in SWEPT_READERS
         options.append([f"{key}={v}" for v in values[1:]] if varied else [])
     picked = " ".join(first[i] for i, others in enumerate(options) if others)
     trials = [(picked, first)]

@@ -145,6 +145,10 @@ def test_an_option_of_another_mode_is_refused_only_where_typed() -> None:
     check_override_keys(["strategy=ewc", "strategy.gamma=0.9", "strategy.mode=online"])  # followed
     # the experiment's own gamma (0.7, mode=online) is not the user's: comparing modes passes
     check_override_keys(["experiment=ewc_permuted_digits", "strategy.mode=separate"])
+    # a sweep over the modes: gamma is read by the online trials
+    check_override_keys(
+        ["-m", "strategy=ewc", "strategy.mode=separate,online", "strategy.gamma=0.9"]
+    )
 
 
 def test_eval_refusal_lists_every_key_it_takes_and_each_is_taken() -> None:
