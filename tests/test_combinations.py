@@ -55,6 +55,16 @@ def test_default_data_of_each_strategy(overrides: list[str], added: str | None) 
     assert result == (overrides if added is None else [*overrides, added])
 
 
+def test_defaults_join_the_overrides_before_a_flag() -> None:
+    # Hydra reads the overrides as one run of words: `strategy=ewc --cfg job data=text_domains`
+    # was "unrecognized arguments: data=text_domains"
+    assert with_strategy_defaults(["strategy=ewc", "--cfg", "job"])[:2] == [
+        "strategy=ewc", "data=text_domains"]  # fmt: skip
+    assert with_strategy_defaults(["strategy=ewc", "--cfg", "job"])[-2:] == ["--cfg", "job"]
+    assert with_default_data(["--cfg", "job", "strategy=ewc"]) == [
+        "--cfg", "job", "strategy=ewc", "data=text_domains"]  # fmt: skip
+
+
 def test_composed_config_gets_the_default_and_explicit_data_wins(make_cfg) -> None:
     for strategy, data in STRATEGY_DATA.items():
         cfg = make_cfg([f"strategy={strategy}"])

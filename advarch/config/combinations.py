@@ -185,7 +185,19 @@ def _key(override: str) -> str:
 
 
 def _assignments(overrides: list[str]) -> list[str]:
-    return [o for o in overrides if "=" in o and not o.startswith("-")]
+    return [o for o in overrides if _is_assignment(o)]
+
+
+def _is_assignment(word: str) -> bool:
+    return "=" in word and not word.startswith("-")
+
+
+def _added(overrides: list[str], defaults: list[str]) -> list[str]:
+    """`overrides` with `defaults` after its last assignment: Hydra's parser reads the
+    overrides as one run of words, so a default after a flag (`strategy=ewc --cfg job`) was an
+    'unrecognized argument'."""
+    last = max((i for i, o in enumerate(overrides) if _is_assignment(o)), default=-1)
+    return [*overrides[: last + 1], *defaults, *overrides[last + 1 :]]
 
 
 def _strategies(assignments: list[str]) -> list[str]:
@@ -213,7 +225,7 @@ def with_default_data(overrides: list[str]) -> list[str]:
     defaults = {STRATEGY_DATA.get(s) for s in _strategies(assignments)}
     if len(defaults) != 1 or None in defaults:
         return overrides
-    return [*overrides, f"data={defaults.pop()}"]
+    return _added(overrides, [f"data={defaults.pop()}"])
 
 
 def with_default_optimization(overrides: list[str]) -> list[str]:
@@ -226,7 +238,7 @@ def with_default_optimization(overrides: list[str]) -> list[str]:
     if "experiment" in keys or len(values) != 1:
         return overrides
     chosen = sorted(values.pop())
-    return [*overrides, *(f"{k}={v}" for k, v in chosen if not {k, k.split(".")[0]} & keys)]
+    return _added(overrides, [f"{k}={v}" for k, v in chosen if not {k, k.split(".")[0]} & keys])
 
 
 def with_default_model(overrides: list[str]) -> list[str]:
@@ -241,8 +253,9 @@ def with_default_model(overrides: list[str]) -> list[str]:
         return overrides  # (a config folder of the user's may hold the model)
     models = [o.split("=", 1)[1] for o in assignments if _key(o) == "model"]
     chosen = [m.strip() for m in (models[-1] if models else DEFAULT_MODEL).split(",")]
-    return [*overrides, *(f"{k}={v}" for k, v in sorted(values.pop()) if k not in keys
-                          and all(_model_has(m, k.split(".", 1)[1]) for m in chosen))]  # fmt: skip
+    added = [f"{k}={v}" for k, v in sorted(values.pop()) if k not in keys
+             and all(_model_has(m, k.split(".", 1)[1]) for m in chosen)]  # fmt: skip
+    return _added(overrides, added)
 
 
 def _model_has(choice: str, key: str) -> bool:
