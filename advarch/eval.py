@@ -60,11 +60,11 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        swapped = cfg.get("data") is not None or cfg.get("data_overrides")
+        typed = "data=" if cfg.get("data") is not None else "the data.* overrides"
         own = ""
-        if swapped:  # (the checkpoint's own data fits it)
+        if cfg.get("data") is not None or cfg.get("data_overrides"):  # (its own data fits it)
             run = ran_with(Path(cfg.ckpt_path))
-            own = f"; this data sizes the model otherwise than its run's{run}: leave data= out"
+            own = f"; this data sizes the model otherwise than its run's{run}: leave {typed} out"
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path!r} does not fit this data/model: {load_error(err)}{own}"
         ) from err

@@ -39,8 +39,7 @@ SUPPLIED_TO = {  # arguments the code passes, not the config
 
 def validate(cfg: DictConfig) -> None:
     """One-line ConfigError for unknown keys or wrong types in data, model, strategy,
-    optimizer and scheduler (the last two optional: a checkpoint from before they existed),
-    and for the optimizer's values out of range (`check_optimizer`)."""
+    optimizer and scheduler (the last two optional: a checkpoint from before they existed)."""
     for name, group in MOVED_STRATEGY_KEYS.items():
         if cfg.get("strategy") and name in cfg.strategy:
             raise ConfigError(
@@ -54,8 +53,6 @@ def validate(cfg: DictConfig) -> None:
         if "_target_" not in cfg[group]:
             raise ConfigError(f"{group}._target_ is missing")
         validate_node(cfg[group], group, SUPPLIED_TO.get(group, ()))
-    if "optimizer" in groups:
-        check_optimizer(cfg.optimizer)
     check_model_options(cfg.model)
 
 
@@ -74,13 +71,16 @@ def check_model_options(node: DictConfig) -> None:
 
 def validate_run(cfg: DictConfig) -> None:
     """Everything a training run reads: train.yaml's keys, trainer, callbacks, loggers, then
-    data, model and strategy (`validate`). One ConfigError line naming the first bad key."""
+    data, model and strategy (`validate`) and the optimizer's ranges (`check_optimizer`). One
+    ConfigError line naming the first bad key."""
     check_run_keys(cfg)
     if cfg.get("trainer") is not None:
         check_trainer(cfg.trainer)
     check_collection(cfg.get("callbacks"), "callbacks")
     check_collection(cfg.get("logger"), "logger")
     validate(cfg)
+    if cfg.get("optimizer") is not None:  # (training only: eval.py builds no optimizer)
+        check_optimizer(cfg.optimizer)
 
 
 def build_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, DataSpec]:

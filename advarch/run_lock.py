@@ -115,6 +115,13 @@ def in_use(folder: Path | str, pid: str, key: str) -> str:
 # what a run leaves in its folder besides Hydra's `.hydra/` and `train.log`, which a new run
 # there rewrites before any of advarch's code runs
 RUN_FILES = ("checkpoints/*.ckpt", "csv/version_*/metrics.csv", "summary.json")
+PRINT_ONLY = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve"}
+
+
+def earlier_run_file(folder: Path, sweep: bool = False) -> Path | None:
+    """A file another run left in `folder` (in a trial's folder of it: `sweep`), or None."""
+    patterns = [f"*/{p}" for p in RUN_FILES] if sweep else RUN_FILES
+    return next((f for p in patterns for f in sorted(folder.glob(p))), None)
 
 
 def check_new_folder(argv: list[str]) -> None:
@@ -123,7 +130,7 @@ def check_new_folder(argv: list[str]) -> None:
     Lightning added `-v1` checkpoints beside the first run's and Hydra rewrote its `.hydra/`.
     A resume goes on in its own folder (`ckpt_path=auto`, or a checkpoint inside it). And for
     `paths.output_dir`, which moved the checkpoints and CSV but not `.hydra/` or `train.log`."""
-    if process_rank() != 0:  # (DDP's other processes: rank 0's command line, its folder)
+    if process_rank() != 0 or set(argv) & PRINT_ONLY:  # (DDP's other processes: rank 0's)
         return
     given = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith(("-", "+")))
     if "paths.output_dir" in given:
@@ -137,15 +144,14 @@ def check_new_folder(argv: list[str]) -> None:
     folder_text = given.get(key, "").strip("'\"")
     if not folder_text or "${" in folder_text:
         return
-    folder, ckpt = Path(folder_text).expanduser(), given.get("ckpt_path", "").strip("'\"")
+    folder, ckpt = Path(folder_text), given.get("ckpt_path", "").strip("'\"")  # (Hydra: no ~)
     if (
         ckpt == "auto"
         or ckpt
         and Path(ckpt).expanduser().resolve().is_relative_to(folder.resolve())
     ):
         return
-    patterns = [f"*/{p}" for p in RUN_FILES] if sweep else RUN_FILES
-    found = next((f for p in patterns for f in sorted(folder.glob(p))), None)
+    found = earlier_run_file(folder, sweep)
     if found is None:
         return
     run = folder / found.relative_to(folder).parts[0] if sweep else folder
@@ -154,7 +160,7 @@ def check_new_folder(argv: list[str]) -> None:
         raise FolderInUse(in_use(run, pid, key))
     last = folder / "checkpoints" / "last.ckpt"
     if sweep:
-        resume = ", or rerun the sweep with ckpt_path=auto to resume its trials"
+        resume = ", or rerun the same grid with ckpt_path=auto to resume its trials"
     else:
         resume = f", or resume that run with ckpt_path={last}" if last.is_file() else ""
     raise ConfigError(

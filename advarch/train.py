@@ -68,6 +68,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     from advarch.callbacks.skipped_fit import QuietSkippedFit
     from advarch.callbacks.worker_console import WorkerConsole
     from advarch.config.runs import WANDB_ID_FILE, check_base_fits, resolve_checkpoint
+    from advarch.config.validate import ConfigError
     from advarch.console_log import quiet_lightning_logs, say
     from advarch.console_summary import print_config_tree, print_summary, save_summary
     from advarch.pipeline import (
@@ -77,6 +78,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
         instantiate_dict,
         validate_run,
     )
+    from advarch.run_lock import earlier_run_file
     from advarch.spec import ConfiguresTrainer
     from advarch.strategies.base import BaseStrategy
     from advarch.tracking import sync_hint, tracker_config
@@ -88,6 +90,14 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     sweep = identity is not None and identity.job_type == "sweep"
     runs_dir = None if sweep else Path(cfg.paths.runs_dir)  # (a trial: its earlier trials')
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials)
+    auto_fresh = ckpt is None and cfg.get("ckpt_path") == "auto"
+    other_run = earlier_run_file(output_dir) if auto_fresh else None
+    if other_run is not None:  # (none of this configuration there: `check_new_folder` let it)
+        raise ConfigError(
+            f"{output_dir} holds another run ({other_run.relative_to(output_dir)}) and "
+            "ckpt_path=auto found no checkpoint of this configuration: a fresh run there would "
+            "add to its CSV and checkpoints; give it an empty folder"
+        )
     last = output_dir / "checkpoints" / "last.ckpt"
     callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
     resumed = None if ckpt is None else str(ckpt)  # no resume on other data; then "resuming"

@@ -14,6 +14,7 @@ from advarch.pipeline import (
     check_monitors,
     instantiate_checked,
     validate,
+    validate_run,
 )
 
 DIGITS = ["data=digits", "model=transformer", "debug=tiny"]
@@ -92,3 +93,12 @@ def test_a_message_naming_its_key_gets_no_prefix() -> None:
     )
     assert naming("model", ValueError("model.dim=3 is odd")) == "model.dim=3 is odd"
     assert naming("model", TypeError("bad width")) == "model: bad width"
+
+
+def test_the_optimizers_ranges_are_a_training_runs_not_evals(make_cfg) -> None:
+    # eval.py validates a checkpoint's saved config and builds no optimizer: a run saved with
+    # a momentum now out of range still evaluates
+    cfg = make_cfg(["optimizer=sgd", "optimizer.momentum=1.0"])
+    validate(cfg)
+    with pytest.raises(ConfigError, match=r"optimizer.momentum=1.0 must be in \[0, 1\)"):
+        validate_run(cfg)

@@ -19,6 +19,7 @@ from advarch.run_lock import (
     process_rank,
     run_folder_lock,
 )
+from tests.conftest import TINY
 
 
 def test_a_second_run_is_refused_and_names_the_key_to_change(tmp_path: Path) -> None:
@@ -100,7 +101,7 @@ def test_a_new_run_in_a_folder_holding_another_is_one_line(project) -> None:
     [
         (["-m", "hydra.sweep.dir={f}"], "hydra.sweep.dir={f} already holds a run (0/summary.json)"
          ": a new one there would add to its CSV and checkpoints; choose an empty folder, or "
-         "rerun the sweep with ckpt_path=auto to resume its trials"),
+         "rerun the same grid with ckpt_path=auto to resume its trials"),
         (["paths.output_dir=elsewhere"], "paths.output_dir=elsewhere: a run's folder is the one "
          "Hydra makes for its .hydra/ and train.log too; choose it with hydra.run.dir=<folder> "
          "(hydra.sweep.dir=<folder> with -m)"),
@@ -125,3 +126,37 @@ def test_a_resume_goes_on_in_its_own_folder(tmp_path: Path) -> None:
     check_new_folder(["hydra.run.dir=outputs/${now:%H}"])  # (decided by Hydra: left to it)
     with pytest.raises(ConfigError, match="choose an empty folder, or resume that run"):
         check_new_folder([f"hydra.run.dir={tmp_path}", f"ckpt_path={tmp_path}/../x.ckpt"])
+
+
+def test_commands_that_only_print_and_a_tilde_are_left_to_hydra(
+    tmp_path: Path, monkeypatch
+) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    for flag in (["--cfg", "job"], ["--help"], ["--info"], ["-c", "hydra"]):
+        check_new_folder([f"hydra.run.dir={tmp_path}", *flag])  # (nothing written there)
+    # Hydra makes `./~/…` of a `~` (the shell leaves it in `key=~/x`): not the home folder
+    monkeypatch.setenv("HOME", str(tmp_path.parent))
+    monkeypatch.chdir(tmp_path.parent)
+    check_new_folder([f"hydra.run.dir=~/{tmp_path.name}"])
+
+
+def test_ckpt_path_auto_starting_fresh_in_a_folder_holding_another_run_is_refused(
+    make_cfg, tmp_path: Path
+) -> None:
+    # `check_new_folder` lets ckpt_path=auto through; finding none of this configuration, it
+    # started fresh there, on top of the other run's CSV and checkpoints
+    from advarch.train import run
+
+    folder = tmp_path / "run"
+    (folder / "csv" / "version_0").mkdir(parents=True)
+    (folder / "csv" / "version_0" / "metrics.csv").write_text("step\n0\n")
+    cfg = make_cfg([*TINY, "ckpt_path=auto"], output_dir=tmp_path)  # (its folder: run/)
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    assert str(err.value) == (
+        f"{folder} holds another run (csv/version_0/metrics.csv) and ckpt_path=auto found no "
+        "checkpoint of this configuration: a fresh run there would add to its CSV and "
+        "checkpoints; give it an empty folder"
+    )
+    assert (folder / "csv" / "version_0" / "metrics.csv").read_text() == "step\n0\n"

@@ -18,6 +18,7 @@ when training would start, with one line and the same exit code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -83,20 +84,25 @@ class SecondCtrlC:
         reader, writer = socket.socketpair()
         writer.setblocking(False)
         self._previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        _WAKEUP_FDS.add(writer.fileno())
         self._sockets, self.handled = (reader, writer), False
-        threading.Thread(target=self._watch, args=(reader,), daemon=True).start()
+        threading.Thread(target=self._watch, args=(self._sockets,), daemon=True).start()
 
     def stop(self) -> None:
         """Stop watching; the wakeup fd from before `start` is put back."""
         if self._sockets is None or threading.current_thread() is not threading.main_thread():
             return
         signal.set_wakeup_fd(self._previous_fd)
-        for sock in self._sockets:
-            sock.close()  # (the thread's recv returns: it ends)
+        reader, writer = self._sockets
+        _WAKEUP_FDS.discard(writer.fileno())
+        with contextlib.suppress(OSError):  # (the thread's recv returns, whatever forked
+            reader.shutdown(socket.SHUT_RDWR)  # workers hold copies of the fds: it ends)
+        for sock in (reader, writer):
+            sock.close()
         self._sockets = None
 
-    def _watch(self, reader: socket.socket) -> None:
-        first = None  # when the first Ctrl-C came
+    def _watch(self, sockets: tuple[socket.socket, socket.socket]) -> None:
+        reader, first = sockets[0], None  # (when the first Ctrl-C came)
         while True:
             try:
                 received = reader.recv(64)
@@ -111,18 +117,23 @@ class SecondCtrlC:
                 first = first or now
                 continue
             time.sleep(self.grace_s)  # the Python handler's turn, where it can run
-            if self._sockets is None or self.handled:
+            if self._sockets is not sockets or self.handled:  # (stopped, or a later start's)
                 return
             say(self.line())
             sys.stderr.flush()
             os._exit(128 + signal.SIGINT)  # (no cleanup can run while the op holds the thread)
 
 
+_WAKEUP_FDS: set[int] = set()  # the wakeup sockets `SecondCtrlC` watches in this process
+
+
 def _no_wakeup_fd_in_child() -> None:
     """A forked child (a DataLoader worker) has no watching thread: its signals must not be
-    counted by the parent's."""
+    counted by the parent's. Another wakeup fd (asyncio's) stays."""
     if threading.current_thread() is threading.main_thread():
-        signal.set_wakeup_fd(-1)
+        previous = signal.set_wakeup_fd(-1)
+        if previous not in _WAKEUP_FDS:
+            signal.set_wakeup_fd(previous)
 
 
 os.register_at_fork(after_in_child=_no_wakeup_fd_in_child)

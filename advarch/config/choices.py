@@ -37,7 +37,8 @@ PATTERN_BLOCKS = {"swa": "layers", "ssm": "layers", "ssd": "layers", "moe": "ffn
 # reads it (a config that lists it, as ewc_permuted_digits lists gamma, is not refused)
 READ_WITH = {"strategy.gamma": ("strategy.mode", "online")}
 # keys whose swept values decide what reads other options: each value is checked (`_trials`)
-SWEPT_READERS = {"model.layers", "model.ffn", *(key for key, _ in READ_WITH.values())}
+SWEPT_READERS = {"model.layers", "model.ffn", "model.depth", "model.encoder_depth",
+                 *(key for key, _ in READ_WITH.values())}  # fmt: skip
 # the programs that read a training run's checkpoint → what they do with it: a training group
 # on their command line (`eval.py model=ssm`) is refused, saying the checkpoint's own is used
 CHECKPOINT_PROGRAMS = {
@@ -235,6 +236,7 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
     if not overrides:
         return
     trials = _trials(overrides)
+    typed = {_sampled(o): o for o in overrides}  # (an interval's trials hold `key=null`)
     unused, configs = [], []
     for swept, trial in trials:
         try:
@@ -246,7 +248,10 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
         unused.append(error)
         configs.append(cfg)
     if all(unused):  # a sweep may set a block's options for the trials whose pattern has it
-        raise unused[0]
+        message = str(unused[0])
+        for placeholder, text in typed.items():
+            message = message.replace(placeholder, text) if placeholder else message
+        raise ConfigError(message)
     _check_intervals(overrides, config_name, configs[0])
 
 
@@ -277,6 +282,12 @@ def _check_intervals(overrides: list[str], config_name: str, cfg: DictConfig) ->
                 f"{text}: {key} takes an int ({key}={current}) and an interval samples floats; "
                 f"write {key}=int(interval({interval.start:g},{interval.end:g}))"
             )
+
+
+def _sampled(override: str) -> str:
+    """`key=null`, how `_trials` writes an `interval(…)` override; "" for any other."""
+    key, _, value = override.partition("=")
+    return f"{key}=null" if re.search(r"\binterval\(", value) else ""
 
 
 def _trials(overrides: list[str]) -> list[tuple[str, list[str]]]:

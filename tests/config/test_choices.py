@@ -216,3 +216,18 @@ def test_a_sweep_without_multirun_says_to_add_it() -> None:
         check_single_run([*multirun, "model.depth=2,4", "debug=tiny"])
     check_single_run(["-cn", "mine", "~logger", "prompt='a,b'", "model.layers=[ssm,attn]"])
     check_override_syntax(["--config-dir", "conf", "-cn", "mine", "~logger", "prompt='a,b'"])
+
+
+def test_a_sweep_checks_each_value_of_what_decides_the_readers() -> None:
+    # depth 2 of hybrid's [ssm,attn,ssm,swa] has no swa layer, depth 4 reads model.swa
+    check_override_keys(["-m", "model=hybrid", "model.depth=2,4", "model.swa.window=32"])
+    with pytest.raises(ConfigError, match=r"^model.swa.window=32: model.depth=2 cycles"):
+        check_override_keys(["-m", "model=hybrid", "model.depth=2,3", "model.swa.window=32"])
+    # an interval's trials are checked as `key=null`: the line quotes what was typed
+    with pytest.raises(ConfigError) as err:
+        check_override_keys(["-m", "hparams_search=optuna", "strategy=ewc",
+                             "strategy.gamma=interval(0.5,1.0)"])  # fmt: skip
+    assert str(err.value) == (
+        "strategy.gamma=interval(0.5,1.0) applies with strategy.mode=online (add "
+        "strategy.mode=online)"
+    )
