@@ -96,23 +96,28 @@ def test_a_new_run_in_a_folder_holding_another_is_one_line(project) -> None:
     assert (folder / ".hydra" / "config.yaml").read_text() == "the first run's"  # untouched
 
 
-@pytest.mark.parametrize(
-    ("argv", "said"),
-    [
-        (["-m", "hydra.sweep.dir={f}"], "hydra.sweep.dir={f} already holds a run (0/summary.json)"
-         ": a new one there would add to its CSV and checkpoints; choose an empty folder, or "
-         "rerun the same grid with ckpt_path=auto to resume its trials"),
-        (["paths.output_dir=elsewhere"], "paths.output_dir=elsewhere: a run's folder is the one "
-         "Hydra makes for its .hydra/ and train.log too; choose it with hydra.run.dir=<folder> "
-         "(hydra.sweep.dir=<folder> with -m)"),
-    ],
-)  # fmt: skip
-def test_a_folder_holding_runs_is_refused(tmp_path: Path, argv: list[str], said: str) -> None:
-    (tmp_path / "0").mkdir()
-    (tmp_path / "0" / "summary.json").write_text("{}")
+def test_a_sweep_into_a_folder_holding_one_is_one_line(project) -> None:
+    # the README's grid sweep with the folder chosen (README: hydra.sweep.dir=<folder>) twice
+    folder = project.root / "grid"
+    (folder / "0").mkdir(parents=True)
+    (folder / "0" / "summary.json").write_text("{}")
+    again = project.run("-m", "model.depth=2,4", f"hydra.sweep.dir={folder}", "debug=tiny")
+    assert again.rc == 1 and "Traceback" not in again.output, again.output[-2000:]
+    assert again.stderr.strip() == (
+        f"error: hydra.sweep.dir={folder} already holds a run (0/summary.json): a new one "
+        "there would add to its CSV and checkpoints; choose an empty folder, or rerun the same "
+        "grid with ckpt_path=auto to resume its trials"
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["0"]  # (no trial folder made)
+
+
+def test_choosing_the_folder_through_paths_is_refused() -> None:
     with pytest.raises(ConfigError) as err:
-        check_new_folder([a.replace("{f}", str(tmp_path)) for a in argv])
-    assert str(err.value) == said.replace("{f}", str(tmp_path))
+        check_new_folder(["paths.output_dir=elsewhere"])
+    assert str(err.value) == (
+        "paths.output_dir=elsewhere: a run's folder is the one Hydra makes for its .hydra/ and "
+        "train.log too; choose it with hydra.run.dir=<folder> (hydra.sweep.dir=<folder> with -m)"
+    )
 
 
 def test_a_resume_goes_on_in_its_own_folder(tmp_path: Path) -> None:
