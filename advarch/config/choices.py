@@ -235,8 +235,10 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
     ]
     if not overrides:
         return
-    trials = _trials(overrides)
-    typed = {_sampled(o): o for o in overrides}  # (an interval's trials hold `key=null`)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = list(zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True))
+    trials = _trials(parsed)
     unused, configs = [], []
     for swept, trial in trials:
         try:
@@ -249,21 +251,19 @@ def _check_override_keys(argv: list[str], config_name: str) -> None:
         configs.append(cfg)
     if all(unused):  # a sweep may set a block's options for the trials whose pattern has it
         message = str(unused[0])
-        for placeholder, text in typed.items():
-            message = message.replace(placeholder, text) if placeholder else message
+        for text, override in parsed:  # (an interval's trials hold `key=null`)
+            if override.is_interval_sweep():
+                message = message.replace(f"{override.get_key_element()}=null", text)
         raise ConfigError(message)
-    _check_intervals(overrides, config_name, configs[0])
+    _check_intervals(parsed, config_name, configs[0])
 
 
-def _check_intervals(overrides: list[str], config_name: str, cfg: DictConfig) -> None:
+def _check_intervals(parsed: list[tuple[str, Any]], config_name: str, cfg: DictConfig) -> None:
     """Raise `ConfigError` for an `interval(…)` the sweeper cannot sample: the grid sweeper
     enumerates values (Hydra: a traceback), and Optuna samples floats, which a key holding an
-    int refuses in every trial (`model.dim=interval(16,32)`: `int(interval(16,32))`). `cfg`:
-    the first trial's config."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    intervals = [(t, o) for t, o in zip(overrides, parsed, strict=True) if o.is_interval_sweep()]
+    int refuses in every trial (`model.dim=interval(16,32)`: `int(interval(16,32))`). `parsed`:
+    the overrides as typed and as Hydra parses them; `cfg`: the first trial's config."""
+    intervals = [(t, o) for t, o in parsed if o.is_interval_sweep()]
     if not intervals:
         return
     if str(OmegaConf.select(cfg, "hydra.sweeper._target_")).endswith("BasicSweeper"):
@@ -273,7 +273,8 @@ def _check_intervals(overrides: list[str], config_name: str, cfg: DictConfig) ->
             "range(…)); an interval is sampled by hparams_search=optuna"
         )
     sampled = {t for t, _ in intervals}  # the config's own values, for their types
-    own = compose_packaged([o for o in overrides if o not in sampled and o[0] != "+"], config_name)
+    kept = [t for t, _ in parsed if t not in sampled and t[0] != "+"]
+    own = compose_packaged(kept, config_name)
     for text, override in intervals:
         key, interval = override.key_or_group, override.value()
         current = OmegaConf.select(own, key)
@@ -284,23 +285,14 @@ def _check_intervals(overrides: list[str], config_name: str, cfg: DictConfig) ->
             )
 
 
-def _sampled(override: str) -> str:
-    """`key=null`, how `_trials` writes an `interval(…)` override; "" for any other."""
-    key, _, value = override.partition("=")
-    return f"{key}=null" if re.search(r"\binterval\(", value) else ""
-
-
-def _trials(overrides: list[str]) -> list[tuple[str, list[str]]]:
+def _trials(parsed: list[tuple[str, Any]]) -> list[tuple[str, list[str]]]:
     """The command lines of a sweep's trials to check, each with the swept values that pick it
     (`model=ssm`): each value of a swept config group or `SWEPT_READERS` key (`model=moe,ssm`,
     `model.layers=[attn],[attn,swa]`, `strategy.mode=separate,online`) once, the other sweeps
     at their first value, whose keys are those of every value (an `interval` as null); a single
-    run's overrides as they are."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    run's overrides as they are. `parsed`: each override as typed and as Hydra parses it."""
     first, options = [], []
-    for text, override in zip(overrides, parsed, strict=True):
+    for text, override in parsed:
         if not override.is_sweep_override():
             first.append(text)
             options.append([])
