@@ -164,7 +164,9 @@ class _DigitsBase(L.LightningDataModule):
 
     def _loader(self, dataset: datasets.Dataset) -> DataLoader:
         """An evaluation DataLoader over `dataset`, in order."""
-        return make_loader(dataset, self.batch_size, False, self.seed, self.num_workers)
+        return make_loader(
+            dataset, self.batch_size, False, self.seed, self.num_workers, self.trainer
+        )
 
 
 class DigitsDataModule(_DigitsBase):
@@ -297,7 +299,8 @@ class ContinualDataModule(TaskStreamMixin, _DigitsBase):
     def task_loader(
         self, split: str, task: int, batch_size: int, shuffle: bool, seed: int
     ) -> DataLoader:
-        return make_loader(self.data[split][task], batch_size, shuffle, seed, self.num_workers)
+        dataset = self.data[split][task]
+        return make_loader(dataset, batch_size, shuffle, seed, self.num_workers, self.trainer)
 
 
 def task_permutation(seed: int, task: int) -> np.ndarray:

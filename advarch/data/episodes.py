@@ -49,7 +49,7 @@ from advarch.data.digits import (
     rotated_digits,
 )
 from advarch.data.loaders import make_dataset
-from advarch.data.sampling import EpochSampler, samples_done_this_epoch, shard
+from advarch.data.sampling import EpochSampler, eval_sampler, samples_done_this_epoch, shard
 from advarch.spec import DataSpec
 
 Source = Literal["rotated_digits", "synthetic"]
@@ -379,7 +379,7 @@ class FewShotDataModule(L.LightningDataModule):
         return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader("val", eval_sampler(self.episodes["val"], self.trainer))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", eval_sampler(self.episodes["test"], self.trainer))

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from advarch.data.sampling import eval_sampler
+
 
 def make_dataset(columns: dict[str, np.ndarray]) -> datasets.Dataset:
     """An in-memory HF Dataset of numpy columns, returning torch tensors."""
@@ -17,13 +19,20 @@ def make_dataset(columns: dict[str, np.ndarray]) -> datasets.Dataset:
 
 
 def make_loader(
-    dataset: datasets.Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0
+    dataset: datasets.Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    trainer: object | None = None,
 ) -> DataLoader:
-    """A batching DataLoader; when shuffling, the order is reproducible from `seed`."""
+    """A batching DataLoader; when shuffling, the order is reproducible from `seed`, else it
+    is in order, `trainer`'s process taking its own share (`eval_sampler`)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=None if shuffle else eval_sampler(len(dataset), trainer),
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,

@@ -149,7 +149,9 @@ class MMoESyntheticDataModule(L.LightningDataModule):
         self.data = {k: make_dataset({"inputs": x[s], "targets": y[s]}) for k, s in bounds.items()}
 
     def _loader(self, split: str) -> DataLoader:
-        return make_loader(self.data[split], self.batch_size, False, self.seed, self.num_workers)
+        return make_loader(
+            self.data[split], self.batch_size, False, self.seed, self.num_workers, self.trainer
+        )
 
     def train_dataloader(self) -> DataLoader:
         return resumable_loader(self.data["train"], self.batch_size, self.seed, self.trainer,

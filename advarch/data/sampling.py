@@ -76,6 +76,36 @@ class EpochShuffleSampler(EpochSampler):
         return torch.randperm(self.n, generator=g)[: self.size]
 
 
+class EvalShardSampler(DistributedSampler):
+    """Process `rank`'s share of `n` evaluation items, in order: every `world`-th index from
+    `rank`, so each item is evaluated by exactly one process.
+
+    Lightning's own `DistributedSampler` evens the shares by repeating up to world−1 items,
+    which then count twice in validation and test metrics. Unequal shares are exact: the
+    metrics are torchmetrics, whose synced states add up whatever each process saw.
+    """
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        # not DistributedSampler.__init__: it asks torch.distributed for the world
+        self.n, self.rank, self.num_replicas, self.epoch, self.shuffle = n, rank, world, 0, False
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.num_replicas))
+
+
+def eval_sampler(n: int, trainer: object | None) -> EvalShardSampler | None:
+    """This process's evaluation sampler over `n` items: None (all of them, in order) on one
+    process. With fewer items than processes also None, so that Lightning's sampler gives
+    every process one: a process with none would skip the metrics' sync the others wait in."""
+    where = shard(trainer)
+    if where["world"] == 1 or n < where["world"]:
+        return None
+    return EvalShardSampler(n, **where)
+
+
 def shard(trainer: object | None) -> dict[str, int]:
     """This process's `rank` among the trainer's `world` of processes (0 of 1 without one)."""
     return {

@@ -180,11 +180,15 @@ class SyntheticSequenceDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return make_loader(self.splits["val"], self.batch_size, False, self.seed, self.num_workers)
+        return make_loader(
+            self.splits["val"], self.batch_size, False, self.seed, self.num_workers, self.trainer
+        )
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return make_loader(self.splits["test"], self.batch_size, False, self.seed, self.num_workers)
+        return make_loader(
+            self.splits["test"], self.batch_size, False, self.seed, self.num_workers, self.trainer
+        )
 
 
 class SelectiveCopyingDataModule(SyntheticSequenceDataModule):

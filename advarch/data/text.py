@@ -35,7 +35,12 @@ from advarch.data.packing import (
     pack_documents,
     unigram_bits_per_byte,
 )
-from advarch.data.sampling import EpochShuffleSampler, samples_done_this_epoch, shard
+from advarch.data.sampling import (
+    EpochShuffleSampler,
+    eval_sampler,
+    samples_done_this_epoch,
+    shard,
+)
 from advarch.data.tokenizer import (
     BYTE_VOCAB,
     BPETokenizer,
@@ -303,7 +308,7 @@ class TextDataModule(L.LightningDataModule):
         return eval_subset(self.splits[split], self.max_eval_sequences)
 
     def _loader(self, ds, shuffle: bool, split: str) -> DataLoader:
-        sampler = None
+        sampler = eval_sampler(len(ds), self.trainer)
         if shuffle:
             skip = samples_done_this_epoch(self.trainer, self.batch_size)
             epoch = int(getattr(self.trainer, "current_epoch", 0) or 0)

@@ -38,7 +38,7 @@ from advarch.data.packing import (
     pack_documents,
     unigram_bits_per_byte,
 )
-from advarch.data.sampling import EpochShuffleSampler
+from advarch.data.sampling import EpochShuffleSampler, eval_sampler
 from advarch.data.stream import TaskStreamMixin
 from advarch.data.tokenizer import (
     BPETokenizer,
@@ -303,11 +303,11 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
         sequences, in order."""
         self._prepare()
         ds = self.data[split][task]
-        sampler = None
         if shuffle:
             sampler = EpochShuffleSampler(len(ds), seed)
         else:
             ds = eval_subset(ds, self.max_eval_sequences)
+            sampler = eval_sampler(len(ds), self.trainer)
         return DataLoader(
             ds,
             batch_size=batch_size,

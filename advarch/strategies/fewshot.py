@@ -42,6 +42,7 @@ from advarch.data.episodes import prototype_accuracy
 from advarch.models.output import ModelOutput
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
+from advarch.strategies.objectives import WeightedMean
 
 Adaptation = Literal["none", "finetune_head", "fomaml"]
 ADAPTATIONS = ("none", "finetune_head", "fomaml")
@@ -117,7 +118,7 @@ class FewShotStrategy(BaseStrategy):
     def _metric_set() -> nn.ModuleDict:
         return nn.ModuleDict(
             {
-                "loss": torchmetrics.MeanMetric(),
+                "loss": WeightedMean(),
                 "acc": torchmetrics.CatMetric(),
                 "raw_proto_acc": torchmetrics.CatMetric(),
             }

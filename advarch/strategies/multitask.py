@@ -33,7 +33,7 @@ from torch import nn
 from advarch.models.output import ModelOutput, TaskHeads
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
-from advarch.strategies.objectives import select_task_logits
+from advarch.strategies.objectives import WeightedMean, select_task_logits
 
 SPLITS = ("train", "val", "test")
 
@@ -118,7 +118,7 @@ class MultiTaskStrategy(BaseStrategy):
             score = torchmetrics.MeanSquaredError()
         else:
             score = torchmetrics.Accuracy(task="multiclass", num_classes=self.spec.num_classes)
-        return nn.ModuleDict({"loss": torchmetrics.MeanMetric(), "score": score})
+        return nn.ModuleDict({"loss": WeightedMean(), "score": score})
 
     # -- steps --------------------------------------------------------------------------------
     def shared_step(

@@ -35,6 +35,36 @@ def select_task_logits(logits: torch.Tensor, task: torch.Tensor | None) -> torch
     return logits
 
 
+class WeightedMean(torchmetrics.Metric):
+    """The mean of values weighted by counts: an epoch's loss from its batches' mean losses,
+    each weighted by the targets it counted, over every DDP process.
+
+    torchmetrics' `MeanMetric` either checks every update for NaN (a host sync per step on an
+    accelerator, and a diverged loss silently dropped from the mean), or, with
+    `nan_strategy="disable"`, replaces the weights by ones (torchmetrics issue #3434): the
+    loss became the plain mean of the batches' means, over-weighting a short last batch.
+    Here a NaN stays NaN and nothing syncs. The states are `MeanMetric`'s, by name and
+    meaning, so checkpoints keep loading.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("mean_value", torch.tensor(0.0), dist_reduce_fx="sum")  # Σ value·weight
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: float | torch.Tensor = 1.0) -> None:
+        value = torch.as_tensor(value, dtype=self.mean_value.dtype, device=self.device)
+        weight = torch.as_tensor(weight, dtype=value.dtype, device=value.device)
+        weight = torch.broadcast_to(weight, value.shape)
+        self.mean_value += (value * weight).sum()
+        self.weight += weight.sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.mean_value / self.weight
+
+
 class Objective(nn.Module):
     """Loss and metrics for one data kind; torchmetrics, one set per split (keys `train_`, …:
     nn.Module already owns `.train`) and, for data of several tasks, one per task of the
@@ -50,8 +80,7 @@ class Objective(nn.Module):
         self.metrics = nn.ModuleDict({key: self._metrics() for key in keys})
 
     def _metrics(self) -> nn.ModuleDict:
-        # a NaN loss stays NaN in the mean (torchmetrics' default drops it with a warning)
-        m = nn.ModuleDict({"loss": torchmetrics.MeanMetric(nan_strategy="disable")})
+        m = nn.ModuleDict({"loss": WeightedMean()})
         if self.spec.kind == "regression":
             m["mse"] = torchmetrics.MeanSquaredError()
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from advarch.data.sampling import EpochShuffleSampler, resumable_loader
+from advarch.data.sampling import EpochShuffleSampler, eval_sampler, resumable_loader
 from advarch.spec import TaskSchedule
 
 
@@ -81,3 +81,19 @@ def test_ddp_processes_share_the_order_and_a_resumed_epoch_continues_it() -> Non
 
 def one_epoch(epoch: int, rank: int, world: int) -> list[int]:
     return list(EpochShuffleSampler(25, seed=5, epoch=epoch))[rank : 25 // world * world : world]
+
+
+class _Process:  # what eval_sampler reads of a trainer
+    def __init__(self, rank: int, world: int) -> None:
+        self.global_rank, self.world_size = rank, world
+
+
+def test_evaluation_shares_count_every_example_once() -> None:
+    # Lightning's DistributedSampler evens 7 examples on 2 processes as 4 + 4: one twice
+    shares = [list(eval_sampler(7, _Process(rank, 2))) for rank in range(2)]
+    assert shares == [[0, 2, 4, 6], [1, 3, 5]]
+    assert [len(eval_sampler(7, _Process(rank, 2))) for rank in range(2)] == [4, 3]
+    assert eval_sampler(7, _Process(0, 1)) is None  # one process: all of them, in order
+    # fewer examples than processes: Lightning's sampler, so that no process has none (a
+    # process without batches would not join the metrics' sync the others wait in)
+    assert eval_sampler(1, _Process(0, 2)) is None
