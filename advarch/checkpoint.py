@@ -147,9 +147,15 @@ def with_optimization_groups(cfg: DictConfig) -> DictConfig:
 
 
 def load_with_config(path: str | os.PathLike, key: str = "ckpt_path") -> tuple[dict, DictConfig]:
-    """(checkpoint dict, its saved training config), or one CheckpointError line."""
+    """(checkpoint dict, its saved training config), or one CheckpointError line. A text run
+    that tokenised with another checkpoint's tokenizer (a fine-tune: `data.tokenizer_from`, its
+    base, which may be gone since) reads it from this one, which carries the same."""
     ckpt = read_checkpoint(path, key)
-    return ckpt, saved_config(ckpt, path, key)
+    saved = saved_config(ckpt, path, key)
+    data = saved.get("data")
+    if data is not None and data.get("tokenizer_from") and ckpt.get(TOKENIZER):
+        data.tokenizer_from = str(path)
+    return ckpt, saved
 
 
 def with_cache_dir(cfg: DictConfig, cache_dir: str) -> DictConfig:

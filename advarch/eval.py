@@ -50,6 +50,8 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     elif cfg.get("data_overrides"):
         saved.data = _changed(saved.data, cfg.data_overrides, "data")
     saved = with_cache_dir(saved, cfg.paths.cache_dir)
+    if cfg.get("data") is not None or cfg.get("data_overrides"):  # (its own: `load_with_config`)
+        saved.data = with_tokenizer_of(saved.data, ckpt, cfg.ckpt_path)
     if cfg.get("strategy_overrides"):
         saved.strategy = _changed(saved.strategy, cfg.strategy_overrides, "strategy")
     saved.strategy.pop("pretrained", None)  # weights come from the checkpoint itself
@@ -87,6 +89,34 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     if changed:  # its own data, rebuilt from files that are not those it trained on
         log.warning("ckpt_path=%s: %s; these metrics are not the run's", cfg.ckpt_path, changed)
     return Evaluation({k: float(v) for r in results for k, v in r.items()}, spec.task_names)
+
+
+def with_tokenizer_of(data: DictConfig, ckpt: dict, ckpt_path: str) -> DictConfig:
+    """`data`, where it is text, tokenised with the checkpoint's own tokenizer
+    (`data.tokenizer_from`): other files would learn another BPE, whose ids mean other text to
+    this model (scores without meaning), or size its embedding otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from advarch.checkpoint import TOKENIZER
+    from advarch.config.validate import ConfigError, takes_option
+    from advarch.data.tokenizer import describe_tokenizer
+
+    state = ckpt.get(TOKENIZER)
+    if not state or not takes_option(data, "data", "tokenizer_from"):
+        return data  # (not text, or a checkpoint from before checkpoints carried tokenizers)
+    typed = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    for override in typed:
+        key = override.split("=", 1)[0].lstrip("+~").replace("data_overrides.", "data.")
+        if key in ("data.tokenizer", "data.bpe_vocab_size", "data.tokenizer_from"):
+            raise ConfigError(
+                f"{key}: eval.py tokenises text with the checkpoint's own tokenizer "
+                f"({describe_tokenizer(state)}), the ids its model learnt; leave {key} out"
+            )
+    data = data.copy()
+    with open_dict(data):
+        data.tokenizer_from = str(ckpt_path)
+    return data
 
 
 KINDS = {"lm": "language modelling", "classification": "classification",

@@ -67,7 +67,12 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     from advarch.callbacks.signals import Interrupted, SignalCheckpoint
     from advarch.callbacks.skipped_fit import QuietSkippedFit
     from advarch.callbacks.worker_console import WorkerConsole
-    from advarch.config.runs import WANDB_ID_FILE, check_base_fits, resolve_checkpoint
+    from advarch.config.runs import (
+        WANDB_ID_FILE,
+        check_base_fits,
+        resolve_checkpoint,
+        use_base_tokenizer,
+    )
     from advarch.config.validate import ConfigError
     from advarch.console_log import quiet_lightning_logs, say
     from advarch.console_summary import print_config_tree, print_summary, save_summary
@@ -86,6 +91,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     quiet_lightning_logs()
     validate_run(cfg)  # every key, before any work
     check_base_fits(cfg)  # a fine-tune's base of other model sizes
+    use_base_tokenizer(cfg)  # and its ids
     output_dir = Path(cfg.paths.output_dir)
     sweep = identity is not None and identity.job_type == "sweep"
     runs_dir = None if sweep else Path(cfg.paths.runs_dir)  # (a trial: its earlier trials')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,15 +63,14 @@ def test_eval_of_a_checkpoint_that_does_not_fit_the_data_is_one_line(
             "out: its own data)"
         )
     # of its kind, other sizes: the first tensor that does not fit
-    bpe = ["data=text", "data.tokenizer=bpe", "data.bpe_vocab_size=300", "data.seq_len=32",
-           "data.max_documents=6"]  # fmt: skip
-    res = project.run(f"ckpt_path={trained['lm'].ckpt}", *bpe, script="eval.py")
+    res = project.run(f"ckpt_path={trained['lm'].ckpt}", "data=selective_copying",
+                      script="eval.py")  # fmt: skip
     assert res.rc == 1 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ckpt_path=") and "does not fit this data/model" in last
     assert (  # (torch's "copying a param with shape torch.Size(…)" reworded)
         "does not fit this data/model: model.input.weight is [259, 32] in the checkpoint, "
-        "[300, 32] in this model; this data sizes the model otherwise than its run's (its run: "
+        "[16, 32] in this model; this data sizes the model otherwise than its run's (its run: "
         "python train.py debug=tiny "
     ) in last and last.endswith("): leave data= out"), last
 
@@ -148,3 +148,57 @@ def test_a_model_class_that_cannot_be_imported_is_one_line(
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-1000:]
         assert "model._target_='mypkg.models.Net' cannot be imported" in lines[0]
+
+
+def test_a_bpe_model_reads_other_files_with_its_own_tokenizer(
+    project: Project, make_cfg, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # eval.py on other files learnt a new BPE from them and scored the model with ids that
+    # mean other text, silently (or, on few files, refused a vocabulary of another size); a
+    # fine-tune on other files was refused. Both now tokenise with the model's own tokenizer.
+    import torch
+
+    from advarch.data.tokenizer import BPETokenizer
+    from advarch.train import run
+
+    def corpus(name: str, files: int, word: int) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(files):
+            (folder / f"d{i}.txt").write_text(" ".join(f"w{(i * j) % word}" for j in range(300)))
+        return f"data.files={folder}/*.txt"
+
+    base_files, other_files = corpus("base", 12, 17), corpus("other", 6, 5)  # too few merges
+    bpe, small = ["data.tokenizer=bpe", "data.bpe_vocab_size=280"], ["data.seq_len=32"]
+    base = make_cfg(["debug=tiny", base_files, *bpe, *small], output_dir=tmp_path / "base")
+    run(base)
+    ckpt = Path(base.paths.output_dir) / "checkpoints" / "last.ckpt"
+    learnt = BPETokenizer.from_json(torch.load(ckpt, weights_only=False)["tokenizer"]["json"])
+
+    def caches() -> set[Path]:  # (the cache folder is shared by the test session)
+        return set((project.root / "outputs" / "cache").glob("text-*/bpe.json"))
+
+    before = caches()
+    metrics = eval_metrics(project, monkeypatch, f"ckpt_path={ckpt}", "data=text", other_files,
+                           *small)  # fmt: skip
+    built = caches() - before
+    assert metrics["test/bpb"] > 0 and len(built) == 1
+    assert BPETokenizer.load(built.pop()).to_json() == learnt.to_json()
+    # a tokenizer typed for it is refused: the model knows its own ids only
+    with pytest.raises(SystemExit) as refused:
+        eval_metrics(project, monkeypatch, f"ckpt_path={ckpt}", "data.tokenizer=bpe")
+    assert str(refused.value.code) == (
+        "error: data.tokenizer: eval.py tokenises text with the checkpoint's own tokenizer (BPE, "
+        f"{learnt.vocab_size} ids), the ids its model learnt; leave data.tokenizer out"
+    )
+
+    finetune = make_cfg(["debug=tiny", "strategy=finetune", f"strategy.pretrained={ckpt}",
+                         other_files, *bpe, *small], output_dir=tmp_path / "finetune")  # fmt: skip
+    run(finetune)
+    assert finetune.data.tokenizer_from == str(ckpt)
+    tuned = Path(finetune.paths.output_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(tuned, weights_only=False)["tokenizer"]["json"]
+    assert BPETokenizer.from_json(state).to_json() == learnt.to_json()
+    # its config names the base's checkpoint as its tokenizer's: gone, the fine-tune's serves
+    ckpt.rename(ckpt.with_name("moved.ckpt"))
+    assert eval_metrics(project, monkeypatch, f"ckpt_path={tuned}")["test/bpb"] > 0

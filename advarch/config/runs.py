@@ -134,6 +134,17 @@ def check_base_fits(cfg: DictConfig) -> None:
         )
 
 
+def use_base_tokenizer(cfg: DictConfig) -> None:
+    """A fine-tune of a BPE run tokenises its data with its base's tokenizer: one learnt anew
+    on other files would give ids that mean other text to the base's embedding. Set in place
+    (`data.tokenizer_from`), so that the run's config and its resumes say so. Call after
+    `check_base_fits`, which made sure the base is a BPE run of the same vocabulary size."""
+    pretrained = OmegaConf.select(cfg, "strategy.pretrained")
+    data = cfg.get("data") or {}
+    if pretrained and data.get("tokenizer") == "bpe" and data.get("tokenizer_from", 0) is None:
+        data.tokenizer_from = str(pretrained)
+
+
 def ran_with(checkpoint: Path) -> str:
     """` (its run: python train.py <overrides>)`, the command line that made `checkpoint`'s
     run as Hydra recorded it (`.hydra/overrides.yaml`), so that a refusal names the options to

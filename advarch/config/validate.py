@@ -74,6 +74,11 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
             raise ConfigError(wrong_type(f"{key}.{name}", value, hint))
 
 
+def takes_option(node: DictConfig, key: str, name: str) -> bool:
+    """Whether `node`'s `_target_` (the config `key`'s) has a parameter `name`."""
+    return name in _signature(locate_target(node["_target_"], key))[0]
+
+
 def check_fields(values: DictConfig, schema: type) -> None:
     """Check a program's own settings (`generate.yaml`) against the types of a dataclass's
     fields: ConfigError naming the first key of the wrong type."""

@@ -5,6 +5,8 @@ Sources, in order of precedence: `files` (a glob of .txt/.md/.py/.jsonl/.json/.p
 running interpreter's own standard-library sources (~11 MB of real text, no download).
 Tokenised, packed splits are cached with `datasets` (memory-mapped Arrow) under `cache_dir`,
 keyed by a fingerprint of the sources and options, so the second run starts in seconds.
+`tokenizer_from` (a text run's checkpoint) tokenises with that model's tokenizer instead of
+learning one: what evaluating or fine-tuning it on other text needs.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from advarch.data.tokenizer import (
     BYTE_VOCAB,
     BPETokenizer,
     ByteTokenizer,
+    chosen_tokenizer,
+    given_tokenizer_key,
     load_tokenizer,
     token_ids,
     train_tokenizer,
@@ -65,6 +69,7 @@ class TextDataModule(L.LightningDataModule):
         text_field: str = "text",
         tokenizer: str = "byte",
         bpe_vocab_size: int = 4096,
+        tokenizer_from: str | None = None,
         seq_len: int = 256,
         batch_size: int = 16,
         val_fraction: float = 0.05,
@@ -98,6 +103,7 @@ class TextDataModule(L.LightningDataModule):
             )
             raise FileNotFoundError(f"data.files={files!r} matches no file{hint}")
         self.files, self.dataset_name, self.text_field = files, dataset, text_field
+        tokenizer, self.given_tokenizer = chosen_tokenizer(tokenizer, tokenizer_from)
         self.tokenizer_kind, self.bpe_vocab_size = tokenizer, bpe_vocab_size
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
@@ -207,6 +213,7 @@ class TextDataModule(L.LightningDataModule):
             self.text_field,
             2,
             *(["dedupe"] if self.dedupe else []),  # keeps earlier caches' keys
+            *given_tokenizer_key(self.given_tokenizer),
         ]
         return cache_key(source, options)
 
@@ -247,7 +254,9 @@ class TextDataModule(L.LightningDataModule):
             names, texts = [names[i] for i in keep], [texts[i] for i in keep]
         parts = split_documents(len(texts), self.val_fraction, self.test_fraction, self.seed)
         train_texts = [texts[i] for i in parts["train"]]
-        tok = train_tokenizer(self.tokenizer_kind, train_texts, self.bpe_vocab_size, tmp)
+        tok = train_tokenizer(
+            self.tokenizer_kind, train_texts, self.bpe_vocab_size, tmp, self.given_tokenizer
+        )
         meta: dict[str, Any] = {**token_ids(tok), "documents": {}}
         streams = {}
         for split in SPLITS:

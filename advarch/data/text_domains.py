@@ -43,6 +43,8 @@ from advarch.data.stream import TaskStreamMixin
 from advarch.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
+    chosen_tokenizer,
+    given_tokenizer_key,
     load_tokenizer,
     token_ids,
     train_tokenizer,
@@ -127,6 +129,8 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
             domain: per-domain expert masks route by it).
         tokenizer: `byte` or `bpe` (trained on the union of the domains' training files).
         bpe_vocab_size: vocabulary size for `bpe`.
+        tokenizer_from: a text run's checkpoint whose tokenizer to use instead (`tokenizer`
+            and `bpe_vocab_size` then follow it).
         seq_len: tokens per packed sequence.
         batch_size: sequences per batch.
         val_fraction, test_fraction: fractions of each domain's files held out.
@@ -146,6 +150,7 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
         scenario: Scenario = "domain",
         tokenizer: str = "byte",
         bpe_vocab_size: int = 4096,
+        tokenizer_from: str | None = None,
         seq_len: int = 256,
         batch_size: int = 16,
         val_fraction: float = 0.1,
@@ -176,6 +181,7 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
         self.num_tasks = len(self.domains)
         self.schedule = TaskSchedule(self.num_tasks, self.epochs_per_task)
         self.steps_per_task, self.scenario = steps_per_task, scenario
+        tokenizer, self.given_tokenizer = chosen_tokenizer(tokenizer, tokenizer_from)
         self.tokenizer_kind, self.bpe_vocab_size = tokenizer, bpe_vocab_size
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
@@ -198,6 +204,7 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
             self.max_documents,
             self.seed,
             CACHE_VERSION,
+            *given_tokenizer_key(self.given_tokenizer),
         ]
         return cache_key(source, options)
 
@@ -238,7 +245,9 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
                 len(paths), self.val_fraction, self.test_fraction, self.seed
             )
         train_texts = [texts[d][i] for d in self.domains for i in parts[d]["train"]]
-        tok = train_tokenizer(self.tokenizer_kind, train_texts, self.bpe_vocab_size, tmp)
+        tok = train_tokenizer(
+            self.tokenizer_kind, train_texts, self.bpe_vocab_size, tmp, self.given_tokenizer
+        )
         meta: dict[str, Any] = {**token_ids(tok), "domains": {}}
         for domain in self.domains:
             info: dict[str, Any] = {}

@@ -5,6 +5,8 @@ with the very tokenizer a model was trained with."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,12 +92,62 @@ class BPETokenizer:
 
 
 def train_tokenizer(
-    kind: str, texts: list[str], bpe_vocab_size: int, folder: Path
+    kind: str,
+    texts: list[str],
+    bpe_vocab_size: int,
+    folder: Path,
+    given: BPETokenizer | None = None,
 ) -> ByteTokenizer | BPETokenizer:
-    """The byte tokenizer, or a BPE trained on `texts` and saved as `folder/bpe.json`."""
+    """The byte tokenizer, or a BPE trained on `texts`, saved as `folder/bpe.json`; or the
+    `given` BPE (`chosen_tokenizer`), saved there as if trained, where a trained model's ids
+    must keep their meaning."""
+    if given is not None:
+        (folder / "bpe.json").write_text(given.to_json(), encoding="utf-8")
+        return given
     if kind == "bpe":
         return BPETokenizer.train(texts, bpe_vocab_size, folder / "bpe.json")
     return ByteTokenizer()
+
+
+def chosen_tokenizer(kind: str, tokenizer_from: str | None) -> tuple[str, BPETokenizer | None]:
+    """(`data.tokenizer`'s kind, the BPE to use as it is) of the options `tokenizer` and
+    `tokenizer_from`: the latter's tokenizer decides both where it is given (a byte-level one
+    needs no file)."""
+    if tokenizer_from is None:
+        return kind, None
+    given = read_tokenizer(tokenizer_from)
+    return given.name, given if isinstance(given, BPETokenizer) else None
+
+
+def read_tokenizer(path: str, key: str = "data.tokenizer_from") -> ByteTokenizer | BPETokenizer:
+    """The tokenizer of a text run's checkpoint (or of a BPE `bpe.json`, a data cache's): the
+    ids a trained model knows. One line naming `key` and the file where there is none."""
+    file = Path(path).expanduser()
+    if file.suffix == ".json":
+        if not file.is_file():
+            raise FileNotFoundError(f"{key}={path!r}: no such file")
+        try:
+            return BPETokenizer.load(file)
+        except Exception as err:  # tokenizers' parse errors: name the file, one line
+            raise ValueError(f"{key}={path!r} is not a tokenizer's JSON file ({err})") from err
+    from advarch.checkpoint import TOKENIZER, read_checkpoint
+
+    state = read_checkpoint(path, key, require=None, mmap=True).get(TOKENIZER)
+    if not state:
+        raise ValueError(
+            f"{key}={path!r} carries no tokenizer: give a checkpoint of a text run (or the "
+            "bpe.json of its data cache)"
+        )
+    return from_state(state)
+
+
+def given_tokenizer_key(tok: BPETokenizer | None) -> list[str]:
+    """What a data cache's key adds for a `given` tokenizer: a hash of its vocabulary and
+    merges (nothing without one, so that earlier caches keep their keys)."""
+    if tok is None:
+        return []
+    state = json.dumps(tokenizer_state(tok), sort_keys=True).encode("utf-8")
+    return ["tokenizer_from", hashlib.sha256(state).hexdigest()[:16]]
 
 
 def load_tokenizer(kind: str, folder: Path) -> ByteTokenizer | BPETokenizer:
@@ -136,10 +188,11 @@ def tokenizer_difference(first: dict[str, str] | None, second: dict[str, str] | 
         or tokenizer_state(from_state(first)) == tokenizer_state(from_state(second))
     ):  # (written anew: tokenizers' versions write the same merges differently)
         return None
-    one, other = _describe(first), _describe(second)
+    one, other = describe_tokenizer(first), describe_tokenizer(second)
     return (one, other) if one != other else (f"{one}, its merges learnt on other text", other)
 
 
-def _describe(state: dict[str, str]) -> str:
+def describe_tokenizer(state: dict[str, str]) -> str:
+    """`BPE, 512 ids` or `bytes, 259 ids`: a `tokenizer_state` entry in words."""
     kind = "bytes" if state["kind"] == "byte" else "BPE"
     return f"{kind}, {from_state(state).vocab_size} ids"

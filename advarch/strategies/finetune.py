@@ -176,8 +176,8 @@ class FinetuneStrategy(BaseStrategy):
             raise ConfigError(
                 f"strategy.pretrained={self.pretrained} was trained on a tokenizer ({differs[0]}) "
                 f"other than this data's ({differs[1]}): its token ids would mean other text. "
-                "Fine-tune with the base's data.tokenizer (and, for bpe, its data.bpe_vocab_size "
-                "and data.files, which the merges are learnt from)"
+                "Leave data.tokenizer_from out: advarch's text data then tokenises with the "
+                "base's tokenizer"
             )
 
     def parameter_counts(self) -> dict[str, int]:
