@@ -471,3 +471,22 @@ def test_the_best_checkpoint_is_ranked_by_its_own_validation(make_cfg, tmp_path:
     with caplog.at_level("INFO", logger="advarch"):
         assert run(again)["val/loss"] == metrics["val/loss"]
     assert "already reached trainer.max_steps=8 (step 8): nothing left to train" in caplog.text
+
+
+def test_a_run_ended_by_its_epochs_ranks_its_final_weights(make_cfg, tmp_path: Path) -> None:
+    # the last epoch's 3 batches end off the 2-step cadence: its final weights were validated
+    # after fit, where no checkpoint callback saw them, and best-2.ckpt stayed "best" though
+    # step 3 scored better
+    epochs = ["trainer.max_steps=-1", "trainer.max_epochs=1", "trainer.val_check_interval=2"]
+    saves = "callbacks.model_checkpoint.every_n_train_steps=2"
+    cfg = make_cfg(["debug=tiny", *epochs, saves], output_dir=tmp_path)
+    run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    scores = {int(r["step"]) + 1: r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r}
+    assert sorted(scores) == [2, 3]  # the last step is validated inside fit
+    step, best = min(scores.items(), key=lambda s: s[1])
+    assert [p.name for p in (run_dir / "checkpoints").glob("best-*.ckpt")] == [f"best-{step}.ckpt"]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("RankedCheckpoint"))
+    assert state["best_model_score"].item() == pytest.approx(best)
+    assert state["best_model_path"].endswith(f"best-{step}.ckpt")

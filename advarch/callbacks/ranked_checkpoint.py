@@ -3,10 +3,12 @@ weights.
 
 Lightning's step-triggered save (`every_n_train_steps`) runs in `on_train_batch_end`, before
 that step's validation: mid-epoch it ranks the new weights by the previous validation's score
-(`best-200.ckpt` scored by step 100's weights), and a run that `max_steps` ends off the
-validation cadence never ranks its final weights. Here a step-triggered save writes `last.ckpt`
-(the resume point) at once and ranks the weights at the end of the next validation, which
-`ValidateAtLastStep` also runs at the run's last step.
+(`best-200.ckpt` scored by step 100's weights), and a run that ends off the validation
+cadence (`max_steps`, `max_epochs`, `max_time`, early stopping) never ranks its final weights.
+Here a step-triggered save, or the stop's, writes `last.ckpt` (the resume point) at once and
+ranks the weights at the end of the next validation, which Lightning runs when a stop is asked
+for (`ValidateAtLastStep` asks at the run's last step). Lightning orders checkpoint callbacks
+last, so the others have asked by then.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class RankedCheckpoint(ModelCheckpoint):
                            outputs: Any, batch: Any, batch_idx: int) -> None:  # fmt: skip
         every = self._every_n_train_steps
         due = every >= 1 and trainer.global_step % every == 0
-        final = 0 < trainer.max_steps <= trainer.global_step
+        final = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
         skip = self._should_skip_saving_checkpoint(trainer)
         if self.monitor is None or not (due or final) or skip:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -39,7 +41,7 @@ class RankedCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-        if not (self._rank_at_validation and fitting):
+        if not ((self._rank_at_validation or trainer.should_stop) and fitting):
             super().on_validation_end(trainer, pl_module)
             return
         self._rank_at_validation = False
