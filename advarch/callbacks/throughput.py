@@ -1,7 +1,9 @@
 """Training throughput: tokens/s, samples/s and model FLOPs utilisation (MFU), in every run.
 
 Time is wall clock over windows of `trainer.log_every_n_steps` batches, with the device
-synchronised only at window edges (not every step); validation inside `fit` is paused out.
+synchronised only at window edges (not every step). Validation inside `fit` and an epoch's
+end (a task stream's boundary work: evaluating every task, EWC's Fisher, its checkpoint) are
+paused out, up to the next batch.
 The first batch (compilation, cuDNN autotuning, allocator warm-up) is excluded from the run
 totals. MFU = `training_flops_per_token` × tokens/s ÷ the device's dense peak for the
 trainer's precision (the table below; else Lightning's; unknown, e.g. CPUs: MFU not logged
@@ -124,14 +126,18 @@ class ThroughputCallback(L.Callback):
             rates["mfu"] = rates["tokens_per_s"] * self.flops_per_token / self.peak
         return rates
 
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "fit" and self._since is not None:
-            self._window[2] += self._elapsed(pl_module.device)
+    def _pause(self, device: torch.device) -> None:
+        """Stop the clock until the next batch starts it."""
+        if self._since is not None:
+            self._window[2] += self._elapsed(device)
             self._since = None
 
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "fit" and self._batches:
-            self._since = self._sync_clock(pl_module.device)
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self._pause(pl_module.device)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._pause(pl_module.device)  # (callbacks' hook runs before the module's)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The run's totals: in the callback metrics (the run summary), and in the W&B run's

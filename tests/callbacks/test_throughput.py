@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import pytest
 import torch
@@ -75,3 +77,19 @@ def test_every_run_reports_throughput(make_cfg, capsys) -> None:
     metrics = run(make_cfg(["debug=tiny", *SMALL_TEXT, "test=false"]))
     assert metrics["train/tokens_per_s"] > 0 and "train/mfu" not in metrics  # CPU: no peak
     assert "training throughput" in capsys.readouterr().out
+
+
+class _SlowEpochEnds(_TinyLM):
+    def on_train_epoch_end(self) -> None:  # a task boundary's evaluation and Fisher
+        time.sleep(0.5)
+
+
+def test_epoch_end_work_is_not_training_time() -> None:
+    # a continual run's task boundaries counted as training: EWC read 11x slower than naive
+    callback = ThroughputCallback()
+    trainer = L.Trainer(max_epochs=3, log_every_n_steps=2, callbacks=[callback], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(_SlowEpochEnds())
+    assert callback._total[0] == 23 * 3  # 3 epochs of 8 batches, the warm-up one aside
+    assert callback._total[2] < 0.5  # of > 1 s in two epoch ends before the last batch
