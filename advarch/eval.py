@@ -33,17 +33,22 @@ class Evaluation(NamedTuple):
 def evaluate(cfg: DictConfig) -> Evaluation:
     """Rebuild the run from the checkpoint's config, load its weights, and test.
 
-    The run's own test-batch limit applies, so evaluating a checkpoint repeats its test exactly.
+    The run's own test-batch limit applies (unless `limit_test_batches` is given), so
+    evaluating a checkpoint repeats its test exactly.
     """
     import lightning as L
 
     from advarch.callbacks.data_identity import data_changed
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.checkpoint import check_finite, load_error, load_with_config, with_cache_dir
+    from advarch.config.checks import check_accelerator, check_batch_limit
     from advarch.config.runs import ran_with
     from advarch.config.validate import ConfigError
     from advarch.pipeline import build_all
 
+    check_accelerator(cfg.accelerator, "accelerator", "accelerator=cpu")
+    limit = cfg.get("limit_test_batches")
+    check_batch_limit(limit, "limit_test_batches")
     ckpt, saved = load_with_config(cfg.ckpt_path)
     if cfg.get("data") is not None:
         saved.data = cfg.data
@@ -73,7 +78,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     check_finite(module, f"ckpt_path={cfg.ckpt_path!r}")
     module.on_load_checkpoint(ckpt)
     trainer = L.Trainer(
-        limit_test_batches=saved.trainer.get("limit_test_batches") or 1.0,  # the run's protocol
+        limit_test_batches=limit or saved.trainer.get("limit_test_batches") or 1.0,  # the run's
         precision=saved.trainer.get("precision") or "32-true",  # and numerics
         logger=eval_wandb_logger(cfg, saved, module) if cfg.get("wandb") else False,
         enable_checkpointing=False,

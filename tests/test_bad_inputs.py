@@ -82,6 +82,15 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["trainer.precision=bogus"], "trainer.precision='bogus'"),
     ("train", ["trainer.accelerator=bogus"], "trainer.accelerator='bogus'"),
     ("train", ["trainer.accelerator=gpu"], "trainer.accelerator=gpu"),
+    ("train", ["trainer.accelerator=tpu"], "trainer.accelerator=tpu but this machine has no TPU"),
+    (  # (the stream's own length won, and the console said "max_epochs=4 reached")
+        "train",
+        ["strategy=naive", "trainer.max_epochs=2"],
+        "trainer.max_epochs=2: data=text_domains is a task stream, which trains each task in "
+        "turn for data.steps_per_task (data.domains sets the tasks); set those instead",
+    ),
+    ("train", ["strategy=ewc", *STREAM, "trainer.max_steps=5"], "for data.epochs_per_task (data"),
+    ("train", ["trainer.limit_test_batches=1.5"], "trainer.limit_test_batches=1.5 must be a"),
     ("train", ["trainer.devices=0"], "trainer.devices=0"),
     ("train", ["trainer.devices=abc"], "trainer.devices='abc'"),
     ("train", ["trainer.devices=512", "trainer.accelerator=cpu"], "trainer.devices=512"),
@@ -329,7 +338,8 @@ ROWS: list[tuple[str, list[str], str]] = [
         "eval",
         ["ckpt_path={f}/ok.ckpt", "model=ssm"],
         "model=ssm: eval.py evaluates the checkpoint's own model; model is not a key of the eval "
-        "config (keys: accelerator, ckpt_path, data, data_overrides, paths, run_name, ",
+        "config (keys: accelerator, ckpt_path, data, data_overrides, limit_test_batches, paths, "
+        "run_name, ",
     ),
     ("merge", ["densty=0.3"], "densty is not a key of the merge config (did you mean density?"),
     (  # (an option the method never reads: the same merge as without it, and no word)
@@ -426,6 +436,18 @@ ROWS: list[tuple[str, list[str], str]] = [
     ),
     ("eval", ["-cd", "{f}/odd.xyz", "ckpt_path={f}/ok.ckpt"], "-dir {f}/odd.xyz is a file, not"),
     ("eval", [], "ckpt_path"),
+    (
+        "eval",
+        ["ckpt_path={f}/ok.ckpt", "accelerator=gpu"],
+        "accelerator=gpu but this machine has no CUDA GPU (use accelerator=cpu)",
+    ),  # fmt: skip
+    ("eval", ["ckpt_path={f}/ok.ckpt", "limit_test_batches=-1"], "limit_test_batches=-1 must be"),
+    (  # (a node nothing read: the run's 2 batches were tested, silently)
+        "eval",
+        ["ckpt_path={f}/ok.ckpt", "+trainer.limit_test_batches=1.0"],
+        "+trainer.limit_test_batches: trainer is not a key of the eval config",
+    ),
+    ("train", ["data.tokenizer_from={f}/notes.txt"], "data.tokenizer_from='{f}/notes.txt' is not"),
     ("eval", ["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt'"),
     ("eval", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),
     ("eval", ["ckpt_path={f}/truncated.ckpt"], "truncated.ckpt"),

@@ -111,6 +111,9 @@ def test_data_keys_without_data_change_the_checkpoints_own_data(
     fewer = eval_metrics(project, monkeypatch, f"ckpt_path={run.ckpt}", "data.max_eval_sequences=3")
     tested = [r for r in read_metrics(run.run_dir) if "test/loss" in r][-1]
     assert fewer["test/loss"] != pytest.approx(tested["test/loss"], rel=1e-4)
+    # a debug=tiny run tests 2 batches: limit_test_batches=1.0 tests them all (24 sequences)
+    every = eval_metrics(project, monkeypatch, f"ckpt_path={run.ckpt}", "limit_test_batches=1.0")
+    assert every["test/loss"] != pytest.approx(tested["test/loss"], rel=1e-4)
     typo = make_cfg([f"ckpt_path={run.ckpt}", "+data_overrides.max_eval_seqs=3"], "eval")
     with pytest.raises(ConfigError, match="did you mean data.max_eval_sequences"):
         evaluate(typo)

@@ -82,11 +82,17 @@ def check_trainer(node: DictConfig) -> None:
     _check_interval(cfg.get("val_check_interval"))
     _check_interval_fits_epoch(cfg)
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
-        value = cfg.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-            raise ConfigError(f"trainer.{key}={value!r} must be >= 0 (a count or a fraction)")
+        check_batch_limit(cfg.get(key), f"trainer.{key}")
     _check_devices(cfg.get("accelerator", "auto"), cfg.get("devices", "auto"))
     _check_strategy(cfg.get("strategy", "auto"))
+
+
+def check_batch_limit(value: Any, key: str) -> None:
+    """A batch limit is a count (>= 0), a fraction of the loader in [0, 1], or null."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if value is not None and not (number and value >= 0 and (isinstance(value, int) or value <= 1)):
+        raise ConfigError(f"{key}={value!r} must be a count of batches (>= 0) or a fraction "
+                          "in [0, 1]")  # fmt: skip
 
 
 def _check_interval(value: Any) -> None:
@@ -114,13 +120,30 @@ def _check_interval_fits_epoch(cfg: dict[str, Any]) -> None:
         )
 
 
-def _check_devices(accelerator: Any, devices: Any) -> None:
+def check_accelerator(accelerator: Any, key: str = "trainer.accelerator",
+                      cpu: str = "trainer=cpu or trainer.accelerator=cpu") -> None:  # fmt: skip
+    """One line for an accelerator that is not one, or that this machine lacks (Lightning
+    says so in a traceback once the trainer is built); `cpu`: how to ask for the CPU."""
+    import importlib.util
+
     import torch
 
     if isinstance(accelerator, str) and accelerator not in ACCELERATORS:
-        raise ConfigError(
-            f"trainer.accelerator={accelerator!r} is not one of {', '.join(ACCELERATORS)}"
-        )
+        raise ConfigError(f"{key}={accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+    lacks = {
+        "gpu": "no CUDA GPU" if torch.cuda.device_count() == 0 else None,
+        "mps": None if torch.backends.mps.is_available() else "no Apple GPU (MPS)",
+        "tpu": "no TPU (torch_xla)" if importlib.util.find_spec("torch_xla") is None else None,
+    }
+    lack = lacks.get("gpu" if accelerator == "cuda" else accelerator)
+    if lack:
+        raise ConfigError(f"{key}={accelerator} but this machine has {lack} (use {cpu})")
+
+
+def _check_devices(accelerator: Any, devices: Any) -> None:
+    import torch
+
+    check_accelerator(accelerator)
     if isinstance(devices, str) and devices != "auto":
         try:
             devices = int(devices)
@@ -133,11 +156,6 @@ def _check_devices(accelerator: Any, devices: Any) -> None:
     if accelerator in ("gpu", "cuda"):
         available = torch.cuda.device_count()
         wanted = len(devices) if isinstance(devices, list) else devices
-        if available == 0:
-            raise ConfigError(
-                f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
-                "(use trainer=cpu or trainer.accelerator=cpu)"
-            )
         if isinstance(wanted, int) and wanted > available:
             raise ConfigError(f"trainer.devices={devices} but this machine has {available} GPUs")
     if accelerator == "cpu" and isinstance(devices, int) and devices > (os.cpu_count() or 1):

@@ -356,8 +356,11 @@ def _check_trial(
             raise ConfigError(f"+{added}={value}: {where} has {added} already; write "
                               f"{added}={value}" + (f" (or ++{added}={value} where some trials' "
                               "configs lack it)" if sweep else ""))  # fmt: skip
-        if root not in cfg and root not in groups:  # (`+experiment=…` adds a config group)
-            unknown = unknown_key("", root, _accepted_keys(cfg), f"the {config_name} config")
+        # `+experiment=…` adds a config group; a key under a group the config does not take
+        # (`+trainer.limit_test_batches=…` for eval.py) would add a node nothing reads
+        accepted = _accepted_keys(cfg)
+        if root not in cfg and (root not in groups or "." in added and root not in accepted):
+            unknown = unknown_key("", root, accepted, f"the {config_name} config")
             raise ConfigError(f"+{added}: {unknown}")
     unused = (unused_block(o, cfg) or unused_option(o, cfg) for o in overrides)
     return cfg, next((error for error in unused if error), None)

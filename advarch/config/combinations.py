@@ -290,6 +290,30 @@ def _choices() -> dict[str, str]:
         return {}
 
 
+def _check_stream_length(data: Mapping[str, Any], name: str) -> None:
+    """A task stream trains every task in turn for a length of its own (`TaskStream`): a
+    typed `trainer.max_steps` or `trainer.max_epochs` would be overridden without a word."""
+    length = "data.steps_per_task" if "steps_per_task" in data else "data.epochs_per_task"
+    tasks = "data.domains" if "domains" in data else "data.num_tasks"
+    for override in _typed():
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in ("trainer.max_steps", "trainer.max_epochs") and value not in ("-1", "null"):
+            raise ConfigError(
+                f"{key}={value}: data={name} is a task stream, which trains each task in turn "
+                f"for {length} ({tasks} sets the tasks); set those instead"
+            )
+
+
+def _typed() -> list[str]:
+    """The overrides of the command line (`trainer.max_steps=5`), if Hydra knows them."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ValueError, AttributeError):
+        return []
+
+
 def _describe(kind: str, facts: DataFacts) -> str:
     if facts.stream:
         return f"{'an' if kind == 'lm' else 'a'} {kind} task stream"
@@ -320,6 +344,8 @@ def check_combination(cfg: DictConfig) -> None:
     facts = DATA.get(data.get("_target_"))
     if facts is not None:
         _check_data(strategy_target, model, facts, data, names)
+    if facts is not None and facts.stream:
+        _check_stream_length(data, names["data"])
     if strategy_target == FINETUNE:  # (after what no checkpoint would help)
         _check_pretrained(strategy.get("pretrained"), names["strategy"])
 
