@@ -141,7 +141,11 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["data.files={f}/latin1/*"], "latin1.txt is not UTF-8: byte offset 3"),
     ("train", ["data.files={f}/binary/*"], "noise.txt is a binary file"),
     ("train", ["data.files={f}/empty/*"], "empty.txt is empty"),
-    ("train", ["data.files={f}/jsonl_field/*"], "nofield.jsonl:1"),
+    (
+        "train",
+        ["data.files={f}/jsonl_field/*"],
+        "nofield.jsonl:1: no string field 'text' (data.text_field); its fields: body",
+    ),
     ("train", ["data.files={f}/odd.xyz"], "odd.xyz"),
     (  # drop_last leaves no batch: 0 steps and a "finished" run, before
         "train",

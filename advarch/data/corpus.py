@@ -78,12 +78,22 @@ def read_jsonl(path: str, field: str) -> list[str]:
             raise ValueError(f"data.files: {path}:{number}: invalid JSON ({err.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
             raise ValueError(
-                f"data.files: {path}:{number}: no string field {field!r} (data.text_field)"
+                f"data.files: {path}:{number}: no string field {field!r} (data.text_field); "
+                + what_row_holds(row, field)
             )
         texts.append(row[field])
     if not texts:
         raise ValueError(f"data.files: {path} holds no JSON lines")
     return texts
+
+
+def what_row_holds(row: object, field: str) -> str:
+    """What a JSON line holds instead of a string `field`: its fields, or its kind."""
+    if not isinstance(row, dict):
+        return f"the line is a JSON {type(row).__name__}, not an object"
+    if field in row:
+        return f"it is {row[field]!r}"[:80]
+    return f"its fields: {', '.join(row) or 'none'}"
 
 
 def split_documents(

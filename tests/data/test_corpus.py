@@ -72,3 +72,14 @@ def test_a_files_glob_matches_files_not_folders(tmp_path: Path) -> None:
         str(tmp_path / n) for n in ("a/b/two.py", "a/one.txt", "three.md")
     ]
     assert matched_files(f"{tmp_path}/*.txt") == []
+
+
+def test_a_json_line_without_the_field_names_the_fields_it_has(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"body": "a", "title": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"rows.jsonl:1: no string field 'text' "
+                       r"\(data.text_field\); its fields: body, title$"):  # fmt: skip
+        read_jsonl(str(rows), "text")
+    rows.write_text('{"text": 3}\n[1]\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:1: .*; it is 3$"):
+        read_jsonl(str(rows), "text")
