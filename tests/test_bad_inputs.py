@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
@@ -146,7 +147,25 @@ ROWS: list[tuple[str, list[str], str]] = [
         ["data.files={f}/jsonl_field/*"],
         "nofield.jsonl:1: no string field 'text' (data.text_field); its fields: body",
     ),
-    ("train", ["data.files={f}/odd.xyz"], "odd.xyz"),
+    (  # any suffix is text: one document (it was refused unread)
+        "train",
+        ["data.files={f}/odd.xyz"],
+        "need at least 3 documents to split into train/val/test, found 1",
+    ),
+    ("train", ["data.files={f}/d.csv"], "is not a column of '{f}/d.csv' (columns: id, body)"),
+    (
+        "train",
+        ["data.files={f}/saved/*"],
+        "belongs to a folder written by save_to_disk: load the folder with "
+        "data.dataset='{f}/saved' instead",
+    ),
+    ("train", ["data.dataset={f}/splits"], "holds no 'train' split (splits: validation)"),
+    (
+        "train",
+        ["data.dataset={f}/tiny"],
+        "data.dataset='{f}/tiny' is a folder not written by save_to_disk (no state.json or "
+        "dataset_dict.json); its files are data.files='{f}/tiny/*'",
+    ),
     (  # drop_last leaves no batch: 0 steps and a "finished" run, before
         "train",
         ["data.files={f}/tiny/*", "data.seq_len=8", "data.batch_size=16"],
@@ -539,6 +558,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (f / folder / f"good{i}.txt").write_text(text)
         (f / folder / name).write_bytes(content)
     (f / "odd.xyz").write_text("x")
+    (f / "d.csv").write_text("id,body\n1,some text\n")
+    rows = datasets.Dataset.from_dict({"text": good})
+    rows.save_to_disk(str(f / "saved"))
+    datasets.DatasetDict({"validation": rows}).save_to_disk(str(f / "splits"))
     (f / "tiny").mkdir()
     for i in range(4):
         (f / "tiny" / f"s{i}.txt").write_text(f"tiny doc {i}")

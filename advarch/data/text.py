@@ -1,8 +1,10 @@
 """Language-model data: documents → train/val/test split by document → tokens → packed sequences.
 
-Sources, in order of precedence: `files` (a glob of .txt/.md/.py/.jsonl/.json/.parquet files),
-`dataset` (a Hugging Face Hub name; fails fast offline), or the default embedded corpus: the
-running interpreter's own standard-library sources (~11 MB of real text, no download).
+Sources, in order of precedence: `files` (a glob: .jsonl/.json/.csv/.parquet/.arrow files are
+tables of one document per row, any other file one UTF-8 text document), `dataset` (a folder
+written by `save_to_disk`, or a Hugging Face Hub name: fails fast offline), or the default
+embedded corpus: the running interpreter's own standard-library sources (~11 MB of real text,
+no download).
 Tokenised, packed splits are cached with `datasets` (memory-mapped Arrow) under `cache_dir`,
 keyed by a fingerprint of the sources and options, so the second run starts in seconds.
 `tokenizer_from` (a text run's checkpoint) tokenises with that model's tokenizer instead of
@@ -11,7 +13,6 @@ learning one: what evaluating or fine-tuning it on other text needs.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,7 @@ from torch.utils.data import DataLoader
 
 from advarch.data.corpus import (
     SPLITS,
-    hub_reachable,
     matched_files,
-    read_jsonl,
-    read_text_file,
     split_documents,
     stdlib_files,
 )
@@ -43,6 +41,13 @@ from advarch.data.sampling import (
     samples_done_this_epoch,
     shard,
 )
+from advarch.data.sources import (
+    file_documents,
+    folder_files,
+    hub_documents,
+    local_dataset,
+    saved_documents,
+)
 from advarch.data.tokenizer import (
     BYTE_VOCAB,
     BPETokenizer,
@@ -53,10 +58,7 @@ from advarch.data.tokenizer import (
     token_ids,
     train_tokenizer,
 )
-from advarch.reasons import short_reason
 from advarch.spec import DataSpec
-
-TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
 
 
 class TextDataModule(L.LightningDataModule):
@@ -103,6 +105,7 @@ class TextDataModule(L.LightningDataModule):
             )
             raise FileNotFoundError(f"data.files={files!r} matches no file{hint}")
         self.files, self.dataset_name, self.text_field = files, dataset, text_field
+        self.local_dataset = local_dataset(dataset) if dataset is not None else None
         tokenizer, self.given_tokenizer = chosen_tokenizer(tokenizer, tokenizer_from)
         self.tokenizer_kind, self.bpe_vocab_size = tokenizer, bpe_vocab_size
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
@@ -124,80 +127,22 @@ class TextDataModule(L.LightningDataModule):
     def _documents(self) -> tuple[list[str], list[str]]:
         """(names, texts) of every document of the source."""
         if self.files is not None:
-            return self._local_documents(matched_files(self.files))
+            return file_documents(matched_files(self.files), self.text_field)
+        if self.local_dataset is not None:
+            return saved_documents(self.local_dataset, self.dataset_name, self.text_field)
         if self.dataset_name is not None:
-            return self._hub_documents()
+            return hub_documents(self.dataset_name, self.text_field)
         paths = stdlib_files()
         return [str(p) for p in paths], [
             p.read_text(encoding="utf-8", errors="replace") for p in paths
         ]
 
-    def _local_documents(self, paths: list[str]) -> tuple[list[str], list[str]]:
-        import datasets
-
-        names: list[str] = []
-        texts: list[str] = []
-        for path in paths:
-            suffix = Path(path).suffix.lower()
-            if suffix in TEXT_SUFFIXES:
-                names.append(path)
-                texts.append(read_text_file(path))
-                continue
-            if suffix == ".jsonl":
-                rows = read_jsonl(path, self.text_field)
-                texts += rows
-                names += [f"{path}#{i}" for i in range(len(rows))]
-                continue
-            builder = {".json": "json", ".parquet": "parquet"}.get(suffix)
-            if builder is None:
-                raise ValueError(
-                    f"data.files: cannot read {path!r} (use text, JSON lines or parquet)"
-                )
-            datasets_log = logging.getLogger("datasets")  # it logs the error it then raises
-            level = datasets_log.level
-            datasets_log.setLevel(logging.CRITICAL)
-            try:
-                ds = datasets.load_dataset(builder, data_files=path, split="train")
-            except Exception as err:  # pyarrow / datasets errors: name the file, one line
-                reason = short_reason(err)
-                raise ValueError(f"data.files: cannot read {path}: {reason}") from err
-            finally:
-                datasets_log.setLevel(level)
-            if self.text_field not in ds.column_names:
-                raise ValueError(
-                    f"data.text_field={self.text_field!r} is not a column of {path!r} "
-                    f"(columns: {', '.join(ds.column_names)})"
-                )
-            column = ds[self.text_field]
-            bad = next((i for i, t in enumerate(column) if not isinstance(t, str)), None)
-            if bad is not None:  # (JSON lines say the same per line)
-                raise ValueError(
-                    f"data.files: {path}: row {bad}: no string field {self.text_field!r} "
-                    f"(data.text_field; it is {column[bad]!r})"
-                )
-            texts += column
-            names += [f"{path}#{i}" for i in range(len(ds))]
-        return names, texts
-
-    def _hub_documents(self) -> tuple[list[str], list[str]]:
-        if not hub_reachable():
-            raise ConnectionError(
-                f"data.dataset={self.dataset_name!r} needs the Hugging Face Hub, which is "
-                "unreachable (offline); use data.files=<glob> for local files"
-            )
-        import datasets
-
-        ds = datasets.load_dataset(self.dataset_name, split="train")
-        if self.text_field not in ds.column_names:
-            raise ValueError(
-                f"data.text_field={self.text_field!r} is not a column of {self.dataset_name}"
-            )
-        return [f"{self.dataset_name}#{i}" for i in range(len(ds))], ds[self.text_field]
-
     def _fingerprint(self) -> str:
         if self.files is not None:
             paths = matched_files(self.files)
             source = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths]
+        elif self.local_dataset is not None:
+            source = ["load_from_disk", folder_files(self.local_dataset)]
         elif self.dataset_name is not None:
             source = [self.dataset_name]
         else:

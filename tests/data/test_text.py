@@ -149,3 +149,71 @@ def test_a_damaged_cache_is_built_again_with_a_warning(tmp_path: Path, caplog, d
     assert again.meta == meta and not abandoned.exists()
     for split, expected in tokens.items():
         assert again.splits[split]["tokens"][:].equal(expected)
+
+
+def docs_of(files: str, tmp_path: Path, **kwargs) -> dict[str, list[str]]:
+    """The documents per split of a datamodule over `files`, built in `tmp_path`/c."""
+    dm = TextDataModule(files=files, seq_len=16, cache_dir=str(tmp_path / "c"), **kwargs)
+    dm.setup()
+    return dm.meta["documents"]
+
+
+def test_any_utf8_file_is_a_text_document_whatever_its_suffix(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("main.cpp", "page.html", "paper.tex", "README", "Makefile"):
+        (src / name).write_text(f"{name}: " + " ".join(WORDS) * 20)
+    docs = docs_of(str(src / "*"), tmp_path)
+    assert sorted(sum(docs.values(), [])) == sorted(str(p) for p in src.iterdir())
+
+
+def test_a_csv_file_is_a_table_of_its_text_column(tmp_path: Path) -> None:
+    table = tmp_path / "d.csv"
+    table.write_text(
+        "id,body\n" + "".join(f'{i},"{" ".join(WORDS)}, row {i}\n"\n' for i in range(5))
+    )
+    docs = docs_of(str(table), tmp_path, text_field="body")
+    assert sorted(sum(docs.values(), [])) == [f"{table}#{i}" for i in range(5)]
+    with pytest.raises(ValueError, match=r"data.text_field='text' is not a column of '.*d\.csv' "
+                       r"\(columns: id, body\)"):  # fmt: skip
+        docs_of(str(table), tmp_path)
+
+
+def write_saved(folder: Path, n: int, splits: tuple[str, ...] = ()) -> None:
+    """A `save_to_disk` folder of `n` rows: a Dataset, or a DatasetDict of `splits`."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": [" ".join(WORDS) + f" row {i}" for i in range(n)]})
+    (datasets.DatasetDict({s: ds for s in splits}) if splits else ds).save_to_disk(str(folder))
+
+
+def test_a_save_to_disk_folder_is_read_offline_and_keyed_by_its_files(tmp_path: Path) -> None:
+    write_saved(tmp_path / "saved", 6)
+    kwargs = dict(dataset=str(tmp_path / "saved"), seq_len=16, cache_dir=str(tmp_path / "c"))
+    dm = TextDataModule(**kwargs)
+    dm.setup()
+    assert sum(len(v) for v in dm.meta["documents"].values()) == 6
+    key = dm._fingerprint()
+    write_saved(tmp_path / "saved", 7)  # its content changed: another cache
+    assert TextDataModule(**kwargs)._fingerprint() != key
+    write_saved(tmp_path / "dict", 5, ("train", "validation"))
+    dm = TextDataModule(**{**kwargs, "dataset": str(tmp_path / "dict")})
+    dm.setup()  # a DatasetDict: its train split
+    assert sum(len(v) for v in dm.meta["documents"].values()) == 5
+    hint = r"saved/dataset_info.json belongs to a folder written by save_to_disk: load the folder"
+    with pytest.raises(ValueError, match=rf"data.files: .*{hint} with data.dataset='.*saved'"):
+        docs_of(str(tmp_path / "saved" / "*"), tmp_path)
+    assert len(docs_of(str(tmp_path / "saved" / "*.arrow"), tmp_path)["train"]) == 5
+
+
+def test_a_wrong_dataset_folder_is_one_line_saying_what_to_use(tmp_path: Path) -> None:
+    write_saved(tmp_path / "dict", 3, ("validation",))
+    dm = TextDataModule(dataset=str(tmp_path / "dict"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"holds no 'train' split \(splits: validation\); name a "
+                       r"split's folder, e.g. data.dataset='.*dict/validation'"):  # fmt: skip
+        dm.setup()
+    with pytest.raises(ValueError, match=r"is a folder not written by save_to_disk .*; its files "
+                       rf"are data.files='{tmp_path}/\*'"):  # fmt: skip
+        TextDataModule(dataset=f"{tmp_path}/")
+    with pytest.raises(ValueError, match=r"data.dataset='/nonexistent/x': no such folder"):
+        TextDataModule(dataset="/nonexistent/x")

@@ -1,0 +1,163 @@
+"""Where a text corpus's documents come from, with one-line errors naming the file or key:
+local files (tables by suffix, any other file one UTF-8 text document), a folder written by
+`Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a Hugging Face Hub dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from advarch.data.corpus import hub_reachable, read_jsonl, read_text_file
+from advarch.reasons import short_reason
+
+# Files read as tables (one document per row, its `data.text_field`), by suffix; any other
+# file is one text document (.txt, .md, .py, .cpp, .html, .tex, no suffix …).
+TABLE_BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+SAVED_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
+
+
+def file_documents(paths: list[str], field: str) -> tuple[list[str], list[str]]:
+    """(names, texts) of the documents of local files: a table's rows (`<file>#<row>`), or a
+    whole text file (its path)."""
+    for path in paths:  # before reading any: the hint is what the user needs
+        refuse_saved_metadata(path)
+    names: list[str] = []
+    texts: list[str] = []
+    for path in paths:
+        rows = table_rows(path, field)
+        if rows is None:
+            names.append(path)
+            texts.append(read_text_file(path))
+        else:
+            names += [f"{path}#{i}" for i in range(len(rows))]
+            texts += rows
+    return names, texts
+
+
+def table_rows(path: str, field: str) -> list[str] | None:
+    """The `field` of every row of a table file, or None if `path` is not a table."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".jsonl":
+        return read_jsonl(path, field)
+    builder = TABLE_BUILDERS.get(suffix)
+    if builder is None:
+        return None
+    return column_texts(read_table(path, builder), field, "data.files", path)
+
+
+def read_table(path: str, builder: str) -> Any:
+    """A table file as a `datasets.Dataset`; a one-line ValueError names a broken file."""
+    import datasets
+
+    datasets_log = logging.getLogger("datasets")  # it logs the error it then raises
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)
+    try:
+        return datasets.load_dataset(builder, data_files=path, split="train")
+    except Exception as err:  # pyarrow / datasets errors: name the file, one line
+        raise ValueError(f"data.files: cannot read {path}: {short_reason(err)}") from err
+    finally:
+        datasets_log.setLevel(level)
+
+
+def column_texts(ds: Any, field: str, key: str, name: str) -> list[str]:
+    """The `field` column of a dataset as strings; one-line ValueErrors name a missing column
+    (listing those there are) or the first row without a string."""
+    if field not in ds.column_names:
+        raise ValueError(
+            f"data.text_field={field!r} is not a column of {name!r} "
+            f"(columns: {', '.join(ds.column_names)})"
+        )
+    column = list(ds[field])
+    bad = next((i for i, t in enumerate(column) if not isinstance(t, str)), None)
+    if bad is not None:  # (JSON lines say the same per line)
+        raise ValueError(
+            f"{key}: {name}: row {bad}: no string field {field!r} "
+            f"(data.text_field; it is {column[bad]!r})"
+        )
+    return column
+
+
+def refuse_saved_metadata(path: str) -> None:
+    """Refuse, pointing to `data.dataset`, a metadata file of a save_to_disk folder (what
+    `data.files=<that folder>/*` matches besides its Arrow files)."""
+    file = Path(path)
+    if file.name not in SAVED_METADATA or not is_saved_dataset(file.parent):
+        return
+    root = file.parent
+    if (root.parent / "dataset_dict.json").is_file():  # one split of a DatasetDict
+        root = root.parent
+    raise ValueError(
+        f"data.files: {path} belongs to a folder written by save_to_disk: load the folder "
+        f"with data.dataset={str(root)!r} instead"
+    )
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """Whether `folder` was written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def local_dataset(name: str) -> Path | None:
+    """The folder `data.dataset` names, or None for a Hub name; a one-line ValueError for a
+    path that is no save_to_disk folder."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if is_saved_dataset(folder):
+            return folder
+        raise ValueError(
+            f"data.dataset={name!r} is a folder not written by save_to_disk (no state.json "
+            f"or dataset_dict.json); its files are data.files='{name.rstrip('/')}/*'"
+        )
+    if name.startswith(("/", "~", ".")):
+        raise ValueError(
+            f"data.dataset={name!r}: no such folder (a local dataset is a folder written by "
+            "save_to_disk; a Hub dataset is a name such as owner/name)"
+        )
+    return None
+
+
+def saved_documents(folder: Path, name: str, field: str) -> tuple[list[str], list[str]]:
+    """(names, texts) of a save_to_disk folder: a Dataset's rows, or a DatasetDict's `train`
+    split's."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as err:  # a damaged folder: name it, one line
+        raise ValueError(f"data.dataset={name!r}: cannot read it ({short_reason(err)})") from err
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            split = next(iter(ds), "<split>")
+            raise ValueError(
+                f"data.dataset={name!r} holds no 'train' split (splits: {', '.join(ds)}); "
+                f"name a split's folder, e.g. data.dataset='{name.rstrip('/')}/{split}'"
+            )
+        ds = ds["train"]
+    rows = column_texts(ds, field, "data.dataset", name)
+    return [f"{name}#{i}" for i in range(len(rows))], rows
+
+
+def folder_files(folder: Path) -> list[tuple[str, int, float]]:
+    """(path, size, modification time) of every file under `folder`, sorted: what a cache key
+    of a local dataset holds, so it changes when the folder's content does."""
+    files = sorted(Path(root, f) for root, _, names in os.walk(folder) for f in names)
+    return [(str(p), p.stat().st_size, p.stat().st_mtime) for p in files]
+
+
+def hub_documents(name: str, field: str) -> tuple[list[str], list[str]]:
+    """(names, texts) of a Hub dataset's `train` split; a one-line error when offline."""
+    if not hub_reachable():
+        raise ConnectionError(
+            f"data.dataset={name!r} needs the Hugging Face Hub, which is unreachable "
+            "(offline); use data.files=<glob> for local files, or data.dataset=<a folder "
+            "written by save_to_disk>"
+        )
+    import datasets
+
+    ds = datasets.load_dataset(name, split="train")
+    rows = column_texts(ds, field, "data.dataset", name)
+    return [f"{name}#{i}" for i in range(len(rows))], rows
