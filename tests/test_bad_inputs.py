@@ -147,10 +147,10 @@ ROWS: list[tuple[str, list[str], str]] = [
         ["data.files={f}/jsonl_field/*"],
         "nofield.jsonl:1: no string field 'text' (data.text_field); its fields: body",
     ),
-    (  # any suffix is text: one document (it was refused unread)
+    (  # any suffix is text: one byte, too small even cut into pieces (it was refused unread)
         "train",
         ["data.files={f}/odd.xyz"],
-        "need at least 3 documents to split into train/val/test, found 1",
+        "odd.xyz, 1 character): too small to split into train/val/test even cut at line ends",
     ),
     ("train", ["data.files={f}/d.csv"], "is not a column of '{f}/d.csv' (columns: id, body)"),
     (

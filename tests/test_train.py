@@ -224,6 +224,19 @@ def test_resume_from_a_checkpoint_at_an_epochs_last_batch(make_cfg, tmp_path: Pa
             assert resumed_metrics[key] == full_metrics[key], key
 
 
+def test_one_text_file_trains_cut_into_pieces(make_cfg, tmp_path: Path, caplog) -> None:
+    # one book (tinyshakespeare) was refused: "need at least 3 documents, found 1"
+    book = tmp_path / "book.txt"
+    book.write_text("".join(f"w{i % 13} w{i % 7} said: line {i}\n" for i in range(3000)))
+    data = [f"data.files={book}", "data.seq_len=32", "data.batch_size=4"]
+    with caplog.at_level("INFO", logger="advarch"):
+        metrics = run(make_cfg(["debug=tiny", *data], output_dir=tmp_path / "run"))
+    assert "data: 1 document; cut into 15 pieces at line ends for the train/val/test split" in (
+        caplog.messages
+    )
+    assert torch.isfinite(torch.tensor(metrics["test/loss"]))
+
+
 def test_a_resume_on_changed_files_stops_and_eval_warns(make_cfg, tmp_path: Path, caplog) -> None:
     # a file more re-splits the documents (and retrains a BPE tokenizer): resuming would train
     # on documents now held out, silently

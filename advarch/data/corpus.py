@@ -1,5 +1,6 @@
 """Text corpora as documents: the standard library's sources, local text and JSON-lines files,
-and the seeded split of documents into train/val/test (no document crosses splits).
+and the seeded split of documents into train/val/test (no document crosses splits); a corpus
+of fewer than 3 documents (one book) is cut at line ends into pieces first.
 
 Shared by the text datamodules (`text.py`, `text_domains.py`).
 """
@@ -16,6 +17,12 @@ from pathlib import Path
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+MIN_DOCUMENTS = len(SPLITS)  # a split by document gives each split one at least
+# A corpus of fewer documents is cut into about PIECES pieces, none under MIN_PIECE_CHARS
+# characters (a document's short tail joins the piece before it). Changing either changes what
+# such a corpus builds without changing its cache key: give the key a new option then.
+PIECES = 100
+MIN_PIECE_CHARS = 4096
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
 
 
@@ -120,3 +127,82 @@ def split_documents(
         "test": order[n_val : n_val + n_test],
         "train": order[n_val + n_test :],
     }
+
+
+def cut_documents(names: list[str], texts: list[str]) -> tuple[list[str], list[str]]:
+    """(names, texts) of a corpus of fewer than 3 documents cut into pieces at line ends, so
+    train, val and test each get text of their own; a larger corpus is returned unchanged (its
+    split stays by document). A piece is named `<document>:<line>` (`:<line>:<column>` where
+    it starts mid-line). One-line ValueError when even the pieces are fewer than 3.
+    (`cut_note` says it to the user.)"""
+    if len(texts) >= MIN_DOCUMENTS:
+        return names, texts
+    size = max(sum(map(len, texts)) // PIECES, MIN_PIECE_CHARS)
+    cut_names: list[str] = []
+    cut_texts: list[str] = []
+    for name, text in zip(names, texts, strict=True):
+        start, line = 0, 1
+        for piece in cut_text(text, size):
+            cut_names.append(f"{name}:{place(text, start, line)}")
+            cut_texts.append(piece)
+            start, line = start + len(piece), line + piece.count("\n")
+    if len(cut_texts) < MIN_DOCUMENTS:
+        raise ValueError(too_small(names, texts, len(cut_texts)))
+    return cut_names, cut_texts
+
+
+def place(text: str, offset: int, line: int) -> str:
+    """`line` (or `line:column` mid-line) of a character offset of `text` on that line."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    return f"{line}" if offset == line_start else f"{line}:{offset - line_start + 1}"
+
+
+def cut_text(text: str, size: int) -> list[str]:
+    """`text` in pieces of about `size` characters, each ending at a line end (in a line much
+    longer than `size`, after a space); a tail under MIN_PIECE_CHARS joins the piece before."""
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start >= size + MIN_PIECE_CHARS:
+        end = cut_point(text, start, size)
+        pieces.append(text[start:end])
+        start = end
+    tail = text[start:]
+    if pieces and len(tail) < MIN_PIECE_CHARS:
+        pieces[-1] += tail
+    elif tail:
+        pieces.append(tail)
+    return pieces
+
+
+def cut_point(text: str, start: int, size: int) -> int:
+    """Where the piece of `text` from `start` ends: after the first line end at `size`
+    characters or more (in a line longer than 2·`size`: after a space there, else at `size`)."""
+    for separator in ("\n", " "):
+        found = text.find(separator, start + size - 1, start + 2 * size)
+        if found >= 0:
+            return found + 1
+    return start + size
+
+
+def cut_note(documents: int, pieces: int) -> str:
+    """The line saying a corpus was cut (every run on it logs it: the cache remembers)."""
+    return (f"data: {count(documents, 'document')}; cut into {pieces} pieces at line ends for "
+            "the train/val/test split")  # fmt: skip
+
+
+def too_small(names: list[str], texts: list[str], pieces: int) -> str:
+    """The error for a corpus too small to split even when cut, saying what to add."""
+    chars = sum(map(len, texts))
+    which = f"{names[0]}, " if len(names) == 1 else ""
+    return (
+        f"data: {count(len(texts), 'document')} ({which}{count(chars, 'character')}): too small "
+        f"to split into train/val/test even cut at line ends into pieces of at least "
+        f"{MIN_PIECE_CHARS} characters ({pieces} of the {MIN_DOCUMENTS} needed); add text (over "
+        f"{MIN_DOCUMENTS} × {MIN_PIECE_CHARS} characters) or files ({MIN_DOCUMENTS} or more are "
+        "split by file)"
+    )
+
+
+def count(n: int, noun: str) -> str:
+    """`1 document`, `2 documents`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -4,7 +4,8 @@ Sources, in order of precedence: `files` (a glob: .jsonl/.json/.csv/.parquet/.ar
 tables of one document per row, any other file one UTF-8 text document), `dataset` (a folder
 written by `save_to_disk`, or a Hugging Face Hub name: fails fast offline), or the default
 embedded corpus: the running interpreter's own standard-library sources (~11 MB of real text,
-no download).
+no download). A corpus of fewer than 3 documents (one book) is cut at line ends into about 100
+pieces, which are split instead (`corpus.cut_documents`).
 Tokenised, packed splits are cached with `datasets` (memory-mapped Arrow) under `cache_dir`,
 keyed by a fingerprint of the sources and options, so the second run starts in seconds.
 `tokenizer_from` (a text run's checkpoint) tokenises with that model's tokenizer instead of
@@ -13,6 +14,7 @@ learning one: what evaluating or fine-tuning it on other text needs.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from torch.utils.data import DataLoader
 
 from advarch.data.corpus import (
     SPLITS,
+    cut_documents,
+    cut_note,
     matched_files,
     split_documents,
     stdlib_files,
@@ -59,6 +63,8 @@ from advarch.data.tokenizer import (
     train_tokenizer,
 )
 from advarch.spec import DataSpec
+
+log = logging.getLogger("advarch")
 
 
 class TextDataModule(L.LightningDataModule):
@@ -186,6 +192,8 @@ class TextDataModule(L.LightningDataModule):
         cache = self.cache_root / f"text-{self._fingerprint()}"
         self.meta, (self.tokenizer, self.splits) = load_or_build(cache, self._build, load)
         self.cache_dir = cache
+        if "cut" in self.meta:  # one document (a book): said on every run, not only a build
+            log.info(cut_note(**self.meta["cut"]))
         if self.retrieval_cfg:
             self._attach_retrieval(cache)
 
@@ -197,12 +205,16 @@ class TextDataModule(L.LightningDataModule):
         if self.dedupe:  # a byte-identical copy would hand a held-out document to the model
             keep = sorted({text: i for i, text in reversed(list(enumerate(texts)))}.values())
             names, texts = [names[i] for i in keep], [texts[i] for i in keep]
+        documents = len(texts)
+        names, texts = cut_documents(names, texts)  # (fewer than 3: pieces of them)
         parts = split_documents(len(texts), self.val_fraction, self.test_fraction, self.seed)
         train_texts = [texts[i] for i in parts["train"]]
         tok = train_tokenizer(
             self.tokenizer_kind, train_texts, self.bpe_vocab_size, tmp, self.given_tokenizer
         )
         meta: dict[str, Any] = {**token_ids(tok), "documents": {}}
+        if len(texts) != documents:
+            meta["cut"] = {"documents": documents, "pieces": len(texts)}
         streams = {}
         for split in SPLITS:
             docs = [texts[i] for i in parts[split]]

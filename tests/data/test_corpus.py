@@ -1,5 +1,5 @@
 """Documents of a corpus: the embedded standard library, text and JSON-lines files with
-one-line errors, and the seeded split by document."""
+one-line errors, the seeded split by document, and the cut of fewer than 3 documents."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from advarch.data.corpus import (
+    MIN_PIECE_CHARS,
+    cut_documents,
     matched_files,
     read_jsonl,
     read_text_file,
@@ -83,3 +85,28 @@ def test_a_json_line_without_the_field_names_the_fields_it_has(tmp_path: Path) -
     rows.write_text('{"text": 3}\n[1]\n')
     with pytest.raises(ValueError, match=r"rows.jsonl:1: .*; it is 3$"):
         read_jsonl(str(rows), "text")
+
+
+def test_one_document_is_cut_at_line_ends_into_about_a_hundred_pieces() -> None:
+    book = "".join(f"line {i} of the book\n" for i in range(40_000))  # ~840 000 characters
+    names, pieces = cut_documents(["book.txt"], [book])
+    assert 90 <= len(pieces) <= 100 and "".join(pieces) == book
+    assert all(p.endswith("\n") and len(p) >= MIN_PIECE_CHARS for p in pieces)
+    assert names[:2] == ["book.txt:1", f"book.txt:{pieces[0].count(chr(10)) + 1}"]
+    assert cut_documents(["book.txt"], [book]) == (names, pieces)  # deterministic
+
+
+def test_a_line_too_long_is_cut_after_a_space_and_more_documents_stay_whole() -> None:
+    line = "word " * 6000  # 30 000 characters, no line end
+    names, pieces = cut_documents(["a#0", "b#0"], [line, "short"])
+    assert "".join(pieces) == line + "short" and len(pieces) == 8
+    assert all(p.endswith(" ") for p in pieces[:-2]) and names[1] == "a#0:1:4101"
+    three = (["a", "b", "c"], ["x", "y", "z"])
+    assert cut_documents(*three) == three  # split by document, as before
+
+
+def test_a_document_too_small_even_cut_is_one_line_saying_what_to_add() -> None:
+    with pytest.raises(ValueError, match=r"^data: 1 document \(a.cpp, 9000 characters\): too "
+                       r"small to split into train/val/test even cut at line ends into pieces "
+                       r"of at least 4096 characters \(2 of the 3 needed\); add text"):  # fmt: skip
+        cut_documents(["a.cpp"], [("x" * 99 + "\n") * 90])

@@ -217,3 +217,19 @@ def test_a_wrong_dataset_folder_is_one_line_saying_what_to_use(tmp_path: Path) -
         TextDataModule(dataset=f"{tmp_path}/")
     with pytest.raises(ValueError, match=r"data.dataset='/nonexistent/x': no such folder"):
         TextDataModule(dataset="/nonexistent/x")
+
+
+def test_one_book_is_cut_into_pieces_and_every_run_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    book = tmp_path / "book.txt"
+    book.write_text("".join(f"{' '.join(WORDS)} {i}\n" for i in range(4000)))  # ~290 kB
+    for _ in range(2):  # the build, then the cache
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="advarch"):
+            docs = docs_of(str(book), tmp_path)
+        assert "data: 1 document; cut into 69 pieces at line ends for the train/val/test split" in (
+            caplog.messages
+        )
+    assert [len(docs[s]) for s in ("train", "val", "test")] == [63, 3, 3]
+    assert docs["val"][0].startswith(f"{book}:")
