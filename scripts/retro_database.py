@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -32,7 +31,6 @@ from advarch.data.chunk_embedders import HashedNgramEmbedder
 from advarch.data.corpus import SPLITS
 from advarch.data.packing import TooFewTokens
 from advarch.data.retrieval_database import INDEX_KINDS, RetrievalDatabase
-from advarch.data.text import TextDataModule
 from advarch.output_folders import exit_if_unmakeable
 
 
@@ -107,6 +105,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     check_options(args)
+    import datasets  # (with Lightning: seconds, after the options' one-line checks)
+
+    from advarch.data.text import TextDataModule
+
     datasets.disable_progress_bars()  # a bar for every tiny save of the tokenised corpus
     try:  # a corpus too small for its splits in one line
         # sequences of 4 chunks: the cache data=text_retrieval builds (seq_len 256, chunks of 64)

@@ -79,6 +79,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["trainer.val_check_interval=0"], "trainer.val_check_interval=0"),
     ("train", ["trainer.val_check_interval=-1"], "trainer.val_check_interval=-1"),
     ("train", ["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5"),
+    ("train", ["trainer.val_check_interval=0.5"], "needs trainer.check_val_every_n_epoch=1"),
     ("train", ["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1"),
     ("train", ["trainer.precision=bogus"], "trainer.precision='bogus'"),
     ("train", ["trainer.accelerator=bogus"], "trainer.accelerator='bogus'"),

@@ -3,7 +3,9 @@
 Time is wall clock over windows of `trainer.log_every_n_steps` batches, with the device
 synchronised only at window edges (not every step). Validation inside `fit` and an epoch's
 end (a task stream's boundary work: evaluating every task, EWC's Fisher, its checkpoint) are
-paused out, up to the next batch.
+paused out, up to the next batch. Rates are the whole job's: under DDP every process trains
+a batch of the same size, so a process's counts times the processes; MFU divides by as many
+devices' peaks.
 The first batch (compilation, cuDNN autotuning, allocator warm-up) is excluded from the run
 totals. MFU = `training_flops_per_token` × tokens/s ÷ the device's dense peak for the
 trainer's precision (the table below; else Lightning's; unknown, e.g. CPUs: MFU not logged
@@ -72,6 +74,7 @@ class ThroughputCallback(L.Callback):
         self._total = [0, 0, 0.0]  # the same over the run, first batch excluded
         self._since: float | None = None  # clock at the last edge (None: paused)
         self._batches = 0
+        self._processes = 1
 
     def _sync_clock(self, device: torch.device) -> float:
         if device.type == "cuda":
@@ -87,6 +90,7 @@ class ThroughputCallback(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.peak is None:
             self.peak = peak_flops(pl_module.device, str(trainer.precision))
+        self._processes = max(int(trainer.world_size), 1)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._since is None:
@@ -103,8 +107,8 @@ class ThroughputCallback(L.Callback):
         if self._batches == 1:  # warm-up batch: restart the clock after it
             self._elapsed(pl_module.device)
             return
-        self._window[0] += samples
-        self._window[1] += tokens
+        self._window[0] += samples * self._processes
+        self._window[1] += tokens * self._processes
         if self._batches % max(trainer.log_every_n_steps, 1) == 0:
             self._close_window(pl_module.device)
             rates = self._rates(self._window)
@@ -123,7 +127,8 @@ class ThroughputCallback(L.Callback):
             return {}
         rates = {"tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds}
         if self.peak and self.flops_per_token:
-            rates["mfu"] = rates["tokens_per_s"] * self.flops_per_token / self.peak
+            peak = self.peak * self._processes
+            rates["mfu"] = rates["tokens_per_s"] * self.flops_per_token / peak
         return rates
 
     def _pause(self, device: torch.device) -> None:

@@ -80,6 +80,7 @@ def check_trainer(node: DictConfig) -> None:
             extra = " or " + ", ".join(map(str, allowed)) if allowed else ""
             raise ConfigError(f"trainer.{key}={value!r} must be >= {low}{extra} ({meaning})")
     _check_interval(cfg.get("val_check_interval"))
+    _check_fraction_per_epoch(cfg)
     _check_interval_fits_epoch(cfg)
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
         check_batch_limit(cfg.get(key), f"trainer.{key}")
@@ -105,6 +106,17 @@ def _check_interval(value: Any) -> None:
         )
     if isinstance(value, int) and value < 1:
         raise ConfigError(f"trainer.val_check_interval={value!r} must be >= 1 batches")
+
+
+def _check_fraction_per_epoch(cfg: dict[str, Any]) -> None:
+    """A fraction of an epoch needs validation per epoch (Lightning: its raw sentence)."""
+    value = cfg.get("val_check_interval")
+    if isinstance(value, float) and cfg.get("check_val_every_n_epoch") is None:
+        raise ConfigError(
+            f"trainer.val_check_interval={value} is a fraction of an epoch, which needs "
+            "trainer.check_val_every_n_epoch=1 (validation per epoch; it is null: every N "
+            "batches across epochs)"
+        )
 
 
 def _check_interval_fits_epoch(cfg: dict[str, Any]) -> None:

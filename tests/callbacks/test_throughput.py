@@ -93,3 +93,24 @@ def test_epoch_end_work_is_not_training_time() -> None:
     trainer.fit(_SlowEpochEnds())
     assert callback._total[0] == 23 * 3  # 3 epochs of 8 batches, the warm-up one aside
     assert callback._total[2] < 0.5  # of > 1 s in two epoch ends before the last batch
+
+
+def test_ddp_rates_are_the_jobs() -> None:
+    # each of 2 processes trains its own batch of 3: the job's rate counts both (it printed
+    # one process's, half the job's tokens/s); MFU divides by both devices' peaks
+    from types import SimpleNamespace
+
+    callback = ThroughputCallback(peak_flops=1e9)
+    trainer = SimpleNamespace(world_size=2, precision="32-true", log_every_n_steps=1000,
+                              callback_metrics={}, loggers=[])  # fmt: skip
+    module = _TinyLM()
+    callback.on_train_start(trainer, module)
+    batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long)}
+    for i in range(4):
+        callback.on_train_batch_start(trainer, module, batch, i)
+        callback.on_train_batch_end(trainer, module, None, batch, i)
+    callback.on_train_end(trainer, module)
+    assert callback._total[:2] == [3 * 3 * 2, 3 * 3 * 2 * 5]  # the warm-up batch aside
+    m = trainer.callback_metrics
+    per_device = float(m["train/tokens_per_s"]) / 2 * callback.flops_per_token / 1e9
+    assert float(m["train/mfu"]) == pytest.approx(per_device, rel=1e-5)
