@@ -516,9 +516,14 @@ def _optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None
     if metric is None:
         return None
     if metric not in metrics:
-        log.warning(
-            "optimized_metric=%s was not logged; known: %s", metric, ", ".join(sorted(metrics))
-        )
+        split = str(metric).split("/")[0]
+        if split == "val" and OmegaConf.select(cfg, "trainer.limit_val_batches") == 0:
+            why = "trainer.limit_val_batches=0 validates nothing"
+        elif split == "test" and cfg.get("test") is False:
+            why = "test=false tests nothing"
+        else:
+            why = f"known: {', '.join(sorted(metrics))}"
+        log.warning("optimized_metric=%s was not logged: %s", metric, why)
         return math.nan
     return metrics[metric]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 from pathlib import Path
@@ -503,3 +504,20 @@ def test_a_run_ended_by_its_epochs_ranks_its_final_weights(make_cfg, tmp_path: P
     state = next(v for k, v in last["callbacks"].items() if k.startswith("RankedCheckpoint"))
     assert state["best_model_score"].item() == pytest.approx(best)
     assert state["best_model_path"].endswith(f"best-{step}.ckpt")
+
+
+def test_an_optimized_metric_not_logged_says_why(caplog) -> None:
+    # with limit_val_batches=0 it listed 22 metric names instead
+    from omegaconf import OmegaConf
+
+    from advarch.train import _optimized_value
+
+    cfg = OmegaConf.create({"optimized_metric": "val/loss", "trainer": {"limit_val_batches": 0}})
+    with caplog.at_level("WARNING", logger="advarch"):
+        assert math.isnan(_optimized_value(cfg, {"train/loss": 1.0}))
+    assert "val/loss was not logged: trainer.limit_val_batches=0 validates nothing" in caplog.text
+    cfg.trainer.limit_val_batches = 1.0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="advarch"):
+        _optimized_value(cfg, {"train/loss": 1.0, "test/loss": 2.0})
+    assert "val/loss was not logged: known: test/loss, train/loss" in caplog.text
