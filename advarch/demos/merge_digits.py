@@ -260,7 +260,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/merge_demo"))
     parser.add_argument("--tasks", nargs="+", help="digit tasks, e.g. 0,1 2,3 (default: pairs)")
     parser.add_argument("--lambdas", nargs="+", type=float)
-    parser.add_argument("--methods", nargs="+", choices=METHODS)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        help="the λ-swept methods (default: all); the soup, slerp and negation always run",
+    )
     parser.add_argument("--base-steps", type=int)
     parser.add_argument("--task-steps", type=int)
     parser.add_argument("--density", type=float, help="ties / dare density")
