@@ -137,6 +137,16 @@ def test_strategy_model_defaults(overrides: list[str], added: list[str]) -> None
             lambda s: 1.0 if s < 1 else 1 - (s - 1) / 9,
         ),
         (["optimizer=adam", "optimizer.lr=0.05", "scheduler=constant"], "lr-Adam", lambda s: 1.0),
+        (  # once per optimizer step, not per micro-batch (it logged each step's rows twice)
+            [
+                "optimizer=adam",
+                "optimizer.lr=0.05",
+                "scheduler=constant",
+                "trainer.accumulate_grad_batches=2",
+            ],
+            "lr-Adam",
+            lambda s: 1.0,
+        ),  # fmt: skip
     ],
 )
 def test_optimizer_and_scheduler_options_change_the_run(
