@@ -49,13 +49,17 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     check_accelerator(cfg.accelerator, "accelerator", "accelerator=cpu")
     limit = cfg.get("limit_test_batches")
     check_batch_limit(limit, "limit_test_batches")
+    if limit == 0:
+        raise ConfigError("limit_test_batches=0 tests nothing: give a count or a fraction, or "
+                          "leave it out (the run's own)")  # fmt: skip
     ckpt, saved = load_with_config(cfg.ckpt_path)
     if cfg.get("data") is not None:
         saved.data = cfg.data
     elif cfg.get("data_overrides"):
         saved.data = _changed(saved.data, cfg.data_overrides, "data")
     saved = with_cache_dir(saved, cfg.paths.cache_dir)
-    if cfg.get("data") is not None or cfg.get("data_overrides"):  # (its own: `load_with_config`)
+    learnt_from = set(cfg.get("data_overrides") or {}) & set(TOKENIZER_SOURCE)
+    if cfg.get("data") is not None or learnt_from:  # (its own data: `load_with_config`)
         saved.data = with_tokenizer_of(saved.data, ckpt, cfg.ckpt_path)
     if cfg.get("strategy_overrides"):
         saved.strategy = _changed(saved.strategy, cfg.strategy_overrides, "strategy")
@@ -78,7 +82,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     check_finite(module, f"ckpt_path={cfg.ckpt_path!r}")
     module.on_load_checkpoint(ckpt)
     trainer = L.Trainer(
-        limit_test_batches=limit or saved.trainer.get("limit_test_batches") or 1.0,  # the run's
+        limit_test_batches=limit or saved.trainer.get("limit_test_batches") or 1.0,
         precision=saved.trainer.get("precision") or "32-true",  # and numerics
         logger=eval_wandb_logger(cfg, saved, module) if cfg.get("wandb") else False,
         enable_checkpointing=False,
@@ -96,23 +100,29 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     return Evaluation({k: float(v) for r in results for k, v in r.items()}, spec.task_names)
 
 
+# data keys that decide what a text datamodule learns its tokenizer from (others, such as
+# data.batch_size or data.max_eval_sequences, keep the run's own tokenizer and data cache)
+TOKENIZER_SOURCE = (
+    "files", "dataset", "text_field", "tokenizer", "bpe_vocab_size", "tokenizer_from",
+    "val_fraction", "test_fraction", "max_documents", "seed", "dedupe", "domains",
+)  # fmt: skip
+
+
 def with_tokenizer_of(data: DictConfig, ckpt: dict, ckpt_path: str) -> DictConfig:
     """`data`, where it is text, tokenised with the checkpoint's own tokenizer
     (`data.tokenizer_from`): other files would learn another BPE, whose ids mean other text to
     this model (scores without meaning), or size its embedding otherwise."""
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     from advarch.checkpoint import TOKENIZER
+    from advarch.config.typed import typed_overrides
     from advarch.config.validate import ConfigError, takes_option
     from advarch.data.tokenizer import describe_tokenizer
 
     state = ckpt.get(TOKENIZER)
     if not state or not takes_option(data, "data", "tokenizer_from"):
         return data  # (not text, or a checkpoint from before checkpoints carried tokenizers)
-    typed = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    for override in typed:
-        key = override.split("=", 1)[0].lstrip("+~").replace("data_overrides.", "data.")
+    for key in typed_overrides():
         if key in ("data.tokenizer", "data.bpe_vocab_size", "data.tokenizer_from"):
             raise ConfigError(
                 f"{key}: eval.py tokenises text with the checkpoint's own tokenizer "

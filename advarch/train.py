@@ -71,7 +71,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
         WANDB_ID_FILE,
         check_base_fits,
         resolve_checkpoint,
-        use_base_tokenizer,
+        use_resumed_tokenizer,
     )
     from advarch.config.validate import ConfigError
     from advarch.console_log import quiet_lightning_logs, say
@@ -90,12 +90,12 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
 
     quiet_lightning_logs()
     validate_run(cfg)  # every key, before any work
-    check_base_fits(cfg)  # a fine-tune's base of other model sizes
-    use_base_tokenizer(cfg)  # and its ids
+    check_base_fits(cfg)  # a fine-tune's base of other model sizes (its tokenizer taken)
     output_dir = Path(cfg.paths.output_dir)
     sweep = identity is not None and identity.job_type == "sweep"
     runs_dir = None if sweep else Path(cfg.paths.runs_dir)  # (a trial: its earlier trials')
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials)
+    use_resumed_tokenizer(cfg, ckpt)
     auto_fresh = ckpt is None and cfg.get("ckpt_path") == "auto"
     other_run = earlier_run_file(output_dir) if auto_fresh else None
     if other_run is not None:  # (none of this configuration there: `check_new_folder` let it)

@@ -233,7 +233,7 @@ def combination_error(nodes, monkeypatch, command: list[str]) -> str | None:
         if "." in key:  # (read as Hydra reads it: `data.domains=[text]` is a list)
             OmegaConf.update(cfg, key, safe_load(value))
     monkeypatch.setattr(combinations, "_choices", lambda: choices)
-    monkeypatch.setattr(combinations, "_typed", lambda: command)
+    monkeypatch.setattr(combinations, "typed_overrides", lambda: typed)
     try:
         check_combination(cfg)
     except ConfigError as err:

@@ -187,6 +187,11 @@ def test_a_bpe_model_reads_other_files_with_its_own_tokenizer(
     built = caches() - before
     assert metrics["test/bpb"] > 0 and len(built) == 1
     assert BPETokenizer.load(built.pop()).to_json() == learnt.to_json()
+    # keys that leave the tokenizer's source as it was keep the run's own cache (its name)
+    before = caches()
+    eval_metrics(project, monkeypatch, f"ckpt_path={ckpt}", "data.max_eval_sequences=3")
+    run_cache = torch.load(ckpt, weights_only=False)["data_cache"]
+    assert {p.parent.name for p in caches() - before} <= {run_cache}  # (reused, or its name)
     # a tokenizer typed for it is refused: the model knows its own ids only
     with pytest.raises(SystemExit) as refused:
         eval_metrics(project, monkeypatch, f"ckpt_path={ckpt}", "data.tokenizer=bpe")
@@ -195,13 +200,26 @@ def test_a_bpe_model_reads_other_files_with_its_own_tokenizer(
         f"{learnt.vocab_size} ids), the ids its model learnt; leave data.tokenizer out"
     )
 
-    finetune = make_cfg(["debug=tiny", "strategy=finetune", f"strategy.pretrained={ckpt}",
-                         other_files, *bpe, *small], output_dir=tmp_path / "finetune")  # fmt: skip
+    # a fine-tune takes its base's tokenizer, and its kind and size, without being told
+    tune = ["debug=tiny", "strategy=finetune", f"strategy.pretrained={ckpt}", *small]
+    finetune = make_cfg([*tune, other_files], output_dir=tmp_path / "finetune")
     run(finetune)
-    assert finetune.data.tokenizer_from == str(ckpt)
+    assert finetune.data.tokenizer_from == str(ckpt) and finetune.data.bpe_vocab_size == 280
     tuned = Path(finetune.paths.output_dir) / "checkpoints" / "last.ckpt"
     state = torch.load(tuned, weights_only=False)["tokenizer"]["json"]
     assert BPETokenizer.from_json(state).to_json() == learnt.to_json()
+    # one from before data.tokenizer_from (of its base's files, the only data it could have)
+    # resumes as it ran: learning the same BPE from them, in the same data cache
+    older = make_cfg([*tune, base_files, *bpe], output_dir=tmp_path / "older")
+    run(older)
+    written = torch.load(Path(older.paths.output_dir) / "checkpoints" / "last.ckpt",
+                         weights_only=False)  # fmt: skip
+    written["hyper_parameters"]["cfg"]["data"].pop("tokenizer_from")
+    written["data_cache"] = run_cache
+    torch.save(written, tmp_path / "older.ckpt")
+    resumed = make_cfg([*tune, base_files, *bpe, f"ckpt_path={tmp_path / 'older.ckpt'}",
+                        "trainer.max_steps=8"], output_dir=tmp_path / "resumed")  # fmt: skip
+    assert run(resumed)["test/bpb"] > 0 and resumed.data.tokenizer_from is None
     # its config names the base's checkpoint as its tokenizer's: gone, the fine-tune's serves
     ckpt.rename(ckpt.with_name("moved.ckpt"))
     assert eval_metrics(project, monkeypatch, f"ckpt_path={tuned}")["test/bpb"] > 0

@@ -34,6 +34,7 @@ import yaml
 from omegaconf import DictConfig
 
 from advarch.checkpoint import checkpoint_file
+from advarch.config.typed import typed_overrides
 from advarch.config.validate import ConfigError
 
 # strategy → data when the user names none (strategies not listed keep train.yaml's `text`)
@@ -295,23 +296,14 @@ def _check_stream_length(data: Mapping[str, Any], name: str) -> None:
     typed `trainer.max_steps` or `trainer.max_epochs` would be overridden without a word."""
     length = "data.steps_per_task" if "steps_per_task" in data else "data.epochs_per_task"
     tasks = "data.domains" if "domains" in data else "data.num_tasks"
-    for override in _typed():
-        key, _, value = override.lstrip("+~").partition("=")
-        if key in ("trainer.max_steps", "trainer.max_epochs") and value not in ("-1", "null"):
+    typed = typed_overrides()
+    for key in ("trainer.max_steps", "trainer.max_epochs"):
+        value = typed.get(key, "-1")
+        if value not in ("-1", "null", ""):  # ("": `~key`, the default)
             raise ConfigError(
                 f"{key}={value}: data={name} is a task stream, which trains each task in turn "
                 f"for {length} ({tasks} sets the tasks); set those instead"
             )
-
-
-def _typed() -> list[str]:
-    """The overrides of the command line (`trainer.max_steps=5`), if Hydra knows them."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except (ValueError, AttributeError):
-        return []
 
 
 def _describe(kind: str, facts: DataFacts) -> str:

@@ -17,6 +17,7 @@ from advarch.checkpoint import (
     run_dir_of,
     saved_config,
 )
+from advarch.config.typed import typed_overrides
 from advarch.run_lock import holder
 
 log = logging.getLogger("advarch")
@@ -26,8 +27,9 @@ WANDB_ID_FORBIDDEN = ":;,#?/'"  # characters W&B refuses in a run id
 
 
 RESUME_MUST_MATCH = ("model", "data", "strategy", "optimizer", "scheduler", "seed")  # "this run"
-# keys that change no result (`model.compile` renames no weight)
-IRRELEVANT = {"data": ("cache_dir", "num_workers"), "model": ("compile",)}
+# keys that change no result (`model.compile` renames no weight; `data.tokenizer_from` names
+# a file: the tokenizer it holds is in the data's fingerprint, which `DataIdentity` checks)
+IRRELEVANT = {"data": ("cache_dir", "num_workers", "tokenizer_from"), "model": ("compile",)}
 
 
 # the keys that tell most, said first: a model's class and its layer pattern before its sizes
@@ -118,12 +120,14 @@ BASE_MUST_MATCH = (
 
 def check_base_fits(cfg: DictConfig) -> None:
     """A fine-tune's `strategy.pretrained` run must have this run's model sizes: one
-    CheckpointError naming the first that differs, before the config tree and any data."""
+    CheckpointError naming the first that differs, before the config tree and any data. A BPE
+    base lends its tokenizer first (`take_base_tokenizer`)."""
     pretrained = OmegaConf.select(cfg, "strategy.pretrained")
     if not pretrained:
         return
     base = saved_config(read_checkpoint(pretrained, "strategy.pretrained", mmap=True), pretrained,
                         "strategy.pretrained")  # fmt: skip
+    take_base_tokenizer(cfg, base, str(pretrained))
     differs = architecture_difference(base, cfg)
     if differs:
         key, there, here = differs
@@ -134,15 +138,30 @@ def check_base_fits(cfg: DictConfig) -> None:
         )
 
 
-def use_base_tokenizer(cfg: DictConfig) -> None:
+def take_base_tokenizer(cfg: DictConfig, base: DictConfig, pretrained: str) -> None:
     """A fine-tune of a BPE run tokenises its data with its base's tokenizer: one learnt anew
     on other files would give ids that mean other text to the base's embedding. Set in place
-    (`data.tokenizer_from`), so that the run's config and its resumes say so. Call after
-    `check_base_fits`, which made sure the base is a BPE run of the same vocabulary size."""
-    pretrained = OmegaConf.select(cfg, "strategy.pretrained")
+    (`data.tokenizer_from`, and the base's `data.tokenizer` and `data.bpe_vocab_size` unless
+    typed: typed ones must match the base's), so that the run's config says so."""
+    data, base_data = cfg.get("data") or {}, base.get("data") or {}
+    if base_data.get("tokenizer") != "bpe" or "tokenizer_from" not in data:
+        return
+    if not {"data.tokenizer", "data.bpe_vocab_size"} & typed_overrides().keys():
+        data.tokenizer, data.bpe_vocab_size = "bpe", base_data.get("bpe_vocab_size")
+    if data.tokenizer_from is None:
+        data.tokenizer_from = pretrained
+
+
+def use_resumed_tokenizer(cfg: DictConfig, ckpt: Path | None) -> None:
+    """A resumed run tokenises as it did: from the checkpoint it resumes where it read another
+    checkpoint's tokenizer (that one carries the same, and the base it named may be gone), and
+    by learning one where it did (a fine-tune from before `data.tokenizer_from`)."""
     data = cfg.get("data") or {}
-    if pretrained and data.get("tokenizer") == "bpe" and data.get("tokenizer_from", 0) is None:
-        data.tokenizer_from = str(pretrained)
+    if ckpt is None or "tokenizer_from" not in data:
+        return
+    saved = ((read_checkpoint(ckpt, "ckpt_path", mmap=True).get("hyper_parameters") or {})
+             .get("cfg") or {}).get("data") or {}  # fmt: skip
+    data.tokenizer_from = str(ckpt) if saved.get("tokenizer_from") else None
 
 
 def ran_with(checkpoint: Path) -> str:

@@ -97,11 +97,17 @@ class EvalShardSampler(DistributedSampler):
 
 
 def eval_sampler(n: int, trainer: object | None) -> EvalShardSampler | None:
-    """This process's evaluation sampler over `n` items: None (all of them, in order) on one
-    process. With fewer items than processes also None, so that Lightning's sampler gives
-    every process one: a process with none would skip the metrics' sync the others wait in."""
+    """This process's evaluation sampler over `n` items under plain DDP; None (Lightning's
+    sampler: all items in order on one process, even shares otherwise) where unequal shares
+    would hang:
+    - fewer items than processes: a process with none would skip the metrics' sync the
+      others wait in;
+    - a strategy that shards the weights (FSDP, DeepSpeed): every forward gathers them from
+      all processes, so a process with one batch more would wait for the others forever.
+    """
     where = shard(trainer)
-    if where["world"] == 1 or n < where["world"]:
+    plain_ddp = type(getattr(trainer, "strategy", None)).__name__ == "DDPStrategy"
+    if where["world"] == 1 or n < where["world"] or not plain_ddp:
         return None
     return EvalShardSampler(n, **where)
 

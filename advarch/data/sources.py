@@ -5,6 +5,8 @@ local files (tables by suffix, any other file one UTF-8 text document), a folder
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import os
 from pathlib import Path
@@ -14,8 +16,9 @@ from advarch.data.corpus import hub_reachable, read_jsonl, read_text_file
 from advarch.reasons import short_reason
 
 # Files read as tables (one document per row, its `data.text_field`), by suffix; any other
-# file is one text document (.txt, .md, .py, .cpp, .html, .tex, no suffix …).
-TABLE_BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+# file is one text document (.txt, .md, .py, .cpp, .html, .tex, no suffix …), and so is a
+# .json file holding one object (a package.json in a code folder), not rows.
+TABLE_BUILDERS = {".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 SAVED_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
@@ -42,10 +45,40 @@ def table_rows(path: str, field: str) -> list[str] | None:
     suffix = Path(path).suffix.lower()
     if suffix == ".jsonl":
         return read_jsonl(path, field)
+    if suffix == ".csv":
+        return csv_texts(path, field)
     builder = TABLE_BUILDERS.get(suffix)
-    if builder is None:
+    if builder is None or suffix == ".json" and one_json_object(path):
         return None
     return column_texts(read_table(path, builder), field, "data.files", path)
+
+
+def one_json_object(path: str) -> bool:
+    """Whether a .json file holds one JSON object (a config file: text), not rows."""
+    try:
+        return isinstance(json.loads(read_text_file(path)), dict)
+    except json.JSONDecodeError:  # (JSON lines in a .json file: rows)
+        return False
+
+
+def csv_texts(path: str, field: str) -> list[str]:
+    """The non-empty `field` cells of a CSV file, as typed: a table reader would guess types
+    (an all-number column became ints) and read an empty cell as missing."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            if field not in columns:
+                raise ValueError(
+                    f"data.text_field={field!r} is not a column of {path!r} "
+                    f"(columns: {', '.join(columns) or 'none'})"
+                )
+            texts = [row[field] for row in reader if row[field]]
+        except (csv.Error, UnicodeDecodeError) as err:
+            raise ValueError(f"data.files: cannot read {path}: {short_reason(err)}") from err
+    if not texts:
+        raise ValueError(f"data.files: {path} has no text in its column {field!r}")
+    return texts
 
 
 def read_table(path: str, builder: str) -> Any:

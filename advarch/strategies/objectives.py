@@ -43,8 +43,10 @@ class WeightedMean(torchmetrics.Metric):
     accelerator, and a diverged loss silently dropped from the mean), or, with
     `nan_strategy="disable"`, replaces the weights by ones (torchmetrics issue #3434): the
     loss became the plain mean of the batches' means, over-weighting a short last batch.
-    Here a NaN stays NaN and nothing syncs. The states are `MeanMetric`'s, by name and
-    meaning, so checkpoints keep loading.
+    Here a NaN stays NaN, a batch of weight 0 (no counted target: its mean loss is NaN) adds
+    nothing, and nothing syncs. The states keep `MeanMetric`'s names, so checkpoints load; one
+    written mid-epoch before this class holds a sum of batch means and their count, which the
+    resumed epoch's training loss then weights by one target a batch.
     """
 
     full_state_update = False
@@ -58,7 +60,7 @@ class WeightedMean(torchmetrics.Metric):
         value = torch.as_tensor(value, dtype=self.mean_value.dtype, device=self.device)
         weight = torch.as_tensor(weight, dtype=value.dtype, device=value.device)
         weight = torch.broadcast_to(weight, value.shape)
-        self.mean_value += (value * weight).sum()
+        self.mean_value += torch.where(weight > 0, value * weight, 0.0).sum()
         self.weight += weight.sum()
 
     def compute(self) -> torch.Tensor:
@@ -129,7 +131,7 @@ class Objective(nn.Module):
         """Add a batch's loss (averaged by `weight`, its counted targets) and predictions to
         `split`'s metrics, or to task `task`'s metrics of that split."""
         m = self.metrics[_key(split, task)]
-        m["loss"].update(loss.detach(), weight=max(weight, 1))
+        m["loss"].update(loss.detach(), weight=weight)
         key = "mse" if "mse" in m else "acc"
         m[key].update(preds.detach(), target)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import lightning as L
 import pytest
 import torch
@@ -79,20 +77,40 @@ def test_every_run_reports_throughput(make_cfg, capsys) -> None:
     assert "training throughput" in capsys.readouterr().out
 
 
+class _Clock:
+    """A clock that moves only when told: a training step takes 1 s, an epoch's end 100 s."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class _SlowEpochEnds(_TinyLM):
+    def __init__(self, clock: _Clock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def training_step(self, batch, batch_idx):
+        self.clock.now += 1.0
+        return super().training_step(batch, batch_idx)
+
     def on_train_epoch_end(self) -> None:  # a task boundary's evaluation and Fisher
-        time.sleep(0.5)
+        self.clock.now += 100.0
 
 
-def test_epoch_end_work_is_not_training_time() -> None:
+def test_epoch_end_work_is_not_training_time(monkeypatch: pytest.MonkeyPatch) -> None:
     # a continual run's task boundaries counted as training: EWC read 11x slower than naive
+    clock = _Clock()
+    monkeypatch.setattr("advarch.callbacks.throughput.time.perf_counter", clock)
     callback = ThroughputCallback()
     trainer = L.Trainer(max_epochs=3, log_every_n_steps=2, callbacks=[callback], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)  # fmt: skip
-    trainer.fit(_SlowEpochEnds())
+    trainer.fit(_SlowEpochEnds(clock))
     assert callback._total[0] == 23 * 3  # 3 epochs of 8 batches, the warm-up one aside
-    assert callback._total[2] < 0.5  # of > 1 s in two epoch ends before the last batch
+    assert callback._total[2] == 23.0  # a second a step; none of the 200 s of epoch ends
 
 
 def test_ddp_rates_are_the_jobs() -> None:

@@ -83,9 +83,14 @@ def one_epoch(epoch: int, rank: int, world: int) -> list[int]:
     return list(EpochShuffleSampler(25, seed=5, epoch=epoch))[rank : 25 // world * world : world]
 
 
+class DDPStrategy:  # Lightning's plain DDP, by name
+    pass
+
+
 class _Process:  # what eval_sampler reads of a trainer
-    def __init__(self, rank: int, world: int) -> None:
+    def __init__(self, rank: int, world: int, strategy: object | None = None) -> None:
         self.global_rank, self.world_size = rank, world
+        self.strategy = DDPStrategy() if strategy is None else strategy
 
 
 def test_evaluation_shares_count_every_example_once() -> None:
@@ -97,3 +102,5 @@ def test_evaluation_shares_count_every_example_once() -> None:
     # fewer examples than processes: Lightning's sampler, so that no process has none (a
     # process without batches would not join the metrics' sync the others wait in)
     assert eval_sampler(1, _Process(0, 2)) is None
+    # FSDP gathers the weights in every forward: a process with a batch more would hang
+    assert eval_sampler(7, _Process(0, 2, strategy=object())) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,21 @@ def test_a_csv_file_is_a_table_of_its_text_column(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"data.text_field='text' is not a column of '.*d\.csv' "
                        r"\(columns: id, body\)"):  # fmt: skip
         docs_of(str(table), tmp_path)
+
+
+def test_csv_cells_are_text_as_typed_and_a_json_object_is_a_document() -> None:
+    # a table reader guessed types: an all-number column was ints, an empty cell missing
+    from advarch.data.sources import file_documents
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        (root / "n.csv").write_text("id,text\n1,123\n2,\n3,0.50\n")
+        (root / "package.json").write_text('{"name": "x", "version": "1.0"}')  # a code folder's
+        (root / "rows.json").write_text('[{"text": "first"}, {"text": "second"}]')
+        names, texts = file_documents([str(root / f) for f in ("n.csv", "package.json",
+                                                               "rows.json")], "text")  # fmt: skip
+    assert texts == ["123", "0.50", '{"name": "x", "version": "1.0"}', "first", "second"]
+    assert names[2].endswith("package.json") and names[3].endswith("rows.json#0")
 
 
 def write_saved(folder: Path, n: int, splits: tuple[str, ...] = ()) -> None:

@@ -31,9 +31,11 @@ def test_an_epoch_loss_is_the_loss_over_all_its_targets() -> None:
 def test_a_nan_stays_in_the_mean_and_old_checkpoints_states_load() -> None:
     mean = WeightedMean()
     mean.update(torch.tensor(2.0), weight=3)
+    mean.update(torch.tensor(float("nan")), weight=0)  # no counted target: nothing to add
+    assert mean.compute().item() == 2.0
     mean.update(torch.tensor(float("nan")), weight=1)
     assert mean.compute().isnan()  # a diverged batch is not dropped from the epoch's loss
-    # a checkpoint of MeanMetric's states (sum of value·weight, sum of weights) resumes
+    # a checkpoint's states (Σ value·weight, Σ weight, MeanMetric's names) resume
     state = {"tensors": {"mean_value": torch.tensor(6.0), "weight": torch.tensor(3.0)},
              "updates": 1}  # fmt: skip
     resumed = {"loss": WeightedMean()}
