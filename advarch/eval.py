@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -175,11 +176,13 @@ def _changed(saved: DictConfig, changes: DictConfig, group: str) -> DictConfig:
 
 
 def own_data_overrides(argv: list[str]) -> list[str]:
-    """`data.<key>=…` typed without a `data=` choice changes the checkpoint's own data: Hydra
-    gets it as `+data_overrides.<key>=…` (eval.yaml has no data of its own to change)."""
-    if any(a.startswith("data=") for a in argv):
+    """`data.<key>=…` (or `+data.<key>=…`) typed without a `data=` choice changes the
+    checkpoint's own data: Hydra gets it as `+data_overrides.<key>=…` (eval.yaml has no data of
+    its own to change; `+data.<key>` made a data node without a datamodule)."""
+    if any(a.lstrip("+").startswith("data=") for a in argv):
         return argv
-    return [f"+data_overrides.{a[len('data.') :]}" if a.startswith("data.") else a for a in argv]
+    own = re.compile(r"^\+{0,2}data\.")
+    return [own.sub("+data_overrides.", a) if own.match(a) else a for a in argv]
 
 
 def main() -> None:

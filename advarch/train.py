@@ -70,6 +70,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     from advarch.config.runs import (
         WANDB_ID_FILE,
         check_base_fits,
+        check_tokenizer_keys,
         resolve_checkpoint,
         use_resumed_tokenizer,
     )
@@ -91,6 +92,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     quiet_lightning_logs()
     validate_run(cfg)  # every key, before any work
     check_base_fits(cfg)  # a fine-tune's base of other model sizes (its tokenizer taken)
+    check_tokenizer_keys(cfg)
     output_dir = Path(cfg.paths.output_dir)
     sweep = identity is not None and identity.job_type == "sweep"
     runs_dir = None if sweep else Path(cfg.paths.runs_dir)  # (a trial: its earlier trials')

@@ -92,6 +92,12 @@ ROWS: list[tuple[str, list[str], str]] = [
         "turn for data.steps_per_task (data.domains sets the tasks); set those instead",
     ),
     ("train", ["strategy=ewc", *STREAM, "trainer.max_steps=5"], "for data.epochs_per_task (data"),
+    ("train", ["strategy=naive", "+trainer.max_time=00:00:00:06"], "trainer.max_time=00:00:00:06:"),
+    (  # (the checkpoint's tokenizer won, and the run's config said 1024)
+        "train",
+        ["data.tokenizer_from={f}/ok.ckpt", "data.bpe_vocab_size=1024"],
+        "data.bpe_vocab_size=1024: data.tokenizer_from={f}/ok.ckpt decides the tokenizer",
+    ),
     ("train", ["trainer.limit_test_batches=1.5"], "trainer.limit_test_batches=1.5 must be a"),
     ("train", ["trainer.devices=0"], "trainer.devices=0"),
     ("train", ["trainer.devices=abc"], "trainer.devices='abc'"),
@@ -466,6 +472,7 @@ ROWS: list[tuple[str, list[str], str]] = [
         "accelerator=gpu but this machine has no CUDA GPU (use accelerator=cpu)",
     ),  # fmt: skip
     ("eval", ["ckpt_path={f}/ok.ckpt", "limit_test_batches=-1"], "limit_test_batches=-1 must be"),
+    ("eval", ["ckpt_path={f}/text_moe.ckpt", "+data.foo=1"], "data.foo is not a key of the"),
     (  # (a node nothing read: the run's 2 batches were tested, silently)
         "eval",
         ["ckpt_path={f}/ok.ckpt", "+trainer.limit_test_batches=1.0"],

@@ -293,11 +293,13 @@ def _choices() -> dict[str, str]:
 
 def _check_stream_length(data: Mapping[str, Any], name: str) -> None:
     """A task stream trains every task in turn for a length of its own (`TaskStream`): a
-    typed `trainer.max_steps` or `trainer.max_epochs` would be overridden without a word."""
+    typed `trainer.max_steps` or `trainer.max_epochs` would be overridden without a word, and
+    `trainer.max_time` would end the stream after some tasks, its continual metrics read as
+    if it were whole."""
     length = "data.steps_per_task" if "steps_per_task" in data else "data.epochs_per_task"
     tasks = "data.domains" if "domains" in data else "data.num_tasks"
     typed = typed_overrides()
-    for key in ("trainer.max_steps", "trainer.max_epochs"):
+    for key in ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time"):
         value = typed.get(key, "-1")
         if value not in ("-1", "null", ""):  # ("": `~key`, the default)
             raise ConfigError(

@@ -18,6 +18,7 @@ from advarch.checkpoint import (
     saved_config,
 )
 from advarch.config.typed import typed_overrides
+from advarch.config.validate import ConfigError
 from advarch.run_lock import holder
 
 log = logging.getLogger("advarch")
@@ -150,6 +151,20 @@ def take_base_tokenizer(cfg: DictConfig, base: DictConfig, pretrained: str) -> N
         data.tokenizer, data.bpe_vocab_size = "bpe", base_data.get("bpe_vocab_size")
     if data.tokenizer_from is None:
         data.tokenizer_from = pretrained
+
+
+def check_tokenizer_keys(cfg: DictConfig) -> None:
+    """`data.tokenizer_from` decides the tokenizer, its kind and size: a `data.tokenizer` or
+    `data.bpe_vocab_size` typed beside it would be ignored (one ConfigError line instead)."""
+    typed = typed_overrides()
+    if not typed.get("data.tokenizer_from") or OmegaConf.select(cfg, "data.tokenizer_from") is None:
+        return
+    for key in ("data.tokenizer", "data.bpe_vocab_size"):
+        if key in typed:
+            raise ConfigError(
+                f"{key}={typed[key]}: data.tokenizer_from={typed['data.tokenizer_from']} decides "
+                f"the tokenizer (its kind and size); leave {key} out"
+            )
 
 
 def use_resumed_tokenizer(cfg: DictConfig, ckpt: Path | None) -> None:

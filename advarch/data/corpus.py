@@ -186,8 +186,8 @@ def cut_point(text: str, start: int, size: int) -> int:
 
 def cut_note(documents: int, pieces: int) -> str:
     """The line saying a corpus was cut (every run on it logs it: the cache remembers)."""
-    return (f"data: {count(documents, 'document')}; cut into {pieces} pieces at line ends for "
-            "the train/val/test split")  # fmt: skip
+    return (f"data: {count(documents, 'document')}; cut into {pieces} pieces at line ends (or "
+            "spaces, in a long line) for the train/val/test split")  # fmt: skip
 
 
 def too_small(names: list[str], texts: list[str], pieces: int) -> str:

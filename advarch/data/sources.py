@@ -48,17 +48,28 @@ def table_rows(path: str, field: str) -> list[str] | None:
     if suffix == ".csv":
         return csv_texts(path, field)
     builder = TABLE_BUILDERS.get(suffix)
-    if builder is None or suffix == ".json" and one_json_object(path):
+    if builder is None or suffix == ".json" and config_file(path, field):
         return None
     return column_texts(read_table(path, builder), field, "data.files", path)
 
 
-def one_json_object(path: str) -> bool:
-    """Whether a .json file holds one JSON object (a config file: text), not rows."""
+def config_file(path: str, field: str) -> bool:
+    """Whether a .json file holds one JSON object without `field` (a package.json: a text
+    document), not rows (a list, JSON lines, or one object holding its text in `field`)."""
     try:
-        return isinstance(json.loads(read_text_file(path)), dict)
+        value = json.loads(read_text_file(path))
     except json.JSONDecodeError:  # (JSON lines in a .json file: rows)
         return False
+    return isinstance(value, dict) and field not in value
+
+
+def csv_delimiter(f: Any, field: str) -> str:
+    """The separator of a CSV file: the first of `,`, `;`, tab and `|` whose split of the
+    header names `field` (a comma where none does); `f` is left at its start."""
+    header = f.readline()
+    f.seek(0)
+    fits = (d for d in ",;\t|" if field in next(csv.reader([header], delimiter=d), []))
+    return next(fits, ",")
 
 
 def csv_texts(path: str, field: str) -> list[str]:
@@ -66,7 +77,7 @@ def csv_texts(path: str, field: str) -> list[str]:
     (an all-number column became ints) and read an empty cell as missing."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         try:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, delimiter=csv_delimiter(f, field))
             columns = reader.fieldnames or []
             if field not in columns:
                 raise ValueError(

@@ -187,12 +187,15 @@ def test_csv_cells_are_text_as_typed_and_a_json_object_is_a_document() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         (root / "n.csv").write_text("id,text\n1,123\n2,\n3,0.50\n")
+        (root / "semi.csv").write_text('\ufeffid;text\n1;"a, b; c"\n')  # (a BOM, semicolons)
+        (root / "one.json").write_text('{"text": "all of it"}')  # one row: its text
         (root / "package.json").write_text('{"name": "x", "version": "1.0"}')  # a code folder's
         (root / "rows.json").write_text('[{"text": "first"}, {"text": "second"}]')
-        names, texts = file_documents([str(root / f) for f in ("n.csv", "package.json",
-                                                               "rows.json")], "text")  # fmt: skip
-    assert texts == ["123", "0.50", '{"name": "x", "version": "1.0"}', "first", "second"]
-    assert names[2].endswith("package.json") and names[3].endswith("rows.json#0")
+        files = ("n.csv", "semi.csv", "package.json", "rows.json", "one.json")
+        names, texts = file_documents([str(root / f) for f in files], "text")
+    assert texts == ["123", "0.50", "a, b; c", '{"name": "x", "version": "1.0"}', "first",
+                     "second", "all of it"]  # fmt: skip
+    assert names[3].endswith("package.json") and names[4].endswith("rows.json#0")
 
 
 def write_saved(folder: Path, n: int, splits: tuple[str, ...] = ()) -> None:
@@ -244,8 +247,9 @@ def test_one_book_is_cut_into_pieces_and_every_run_says_so(
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="advarch"):
             docs = docs_of(str(book), tmp_path)
-        assert "data: 1 document; cut into 69 pieces at line ends for the train/val/test split" in (
-            caplog.messages
+        assert (
+            "data: 1 document; cut into 69 pieces at line ends (or spaces, in a long line) "
+            "for the train/val/test split" in (caplog.messages)
         )
     assert [len(docs[s]) for s in ("train", "val", "test")] == [63, 3, 3]
     assert docs["val"][0].startswith(f"{book}:")
