@@ -91,6 +91,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
 
     quiet_lightning_logs()
     validate_run(cfg)  # every key, before any work
+    data_typed = OmegaConf.to_container(cfg.data) if cfg.get("data") is not None else None
     check_base_fits(cfg)  # a fine-tune's base of other model sizes (its tokenizer taken)
     check_tokenizer_keys(cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -98,6 +99,8 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     runs_dir = None if sweep else Path(cfg.paths.runs_dir)  # (a trial: its earlier trials')
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials)
     use_resumed_tokenizer(cfg, ckpt)
+    if cfg.get("data") is not None and OmegaConf.to_container(cfg.data) != data_typed:
+        _record_config(cfg)  # (the tokenizer a base or a resume lent)
     auto_fresh = ckpt is None and cfg.get("ckpt_path") == "auto"
     other_run = earlier_run_file(output_dir) if auto_fresh else None
     if other_run is not None:  # (none of this configuration there: `check_new_folder` let it)
@@ -413,7 +416,9 @@ def _record_config(cfg: DictConfig) -> None:
 
     from advarch.atomic import write_text_atomic
 
-    hc = HydraConfig.get()
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    if hc is None or OmegaConf.is_missing(hc.runtime, "output_dir"):
+        return  # (`run(cfg)` of a config composed in code: no job folder)
     if hc.output_subdir is not None:  # (none in DDP's other processes)
         folder = Path(hc.runtime.output_dir) / hc.output_subdir
         write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(cfg))

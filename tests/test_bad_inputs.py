@@ -148,7 +148,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["data.files={f}/jsonl/*"], "bad.jsonl:3"),
     ("train", ["data.files={f}/latin1/*"], "latin1.txt is not UTF-8: byte offset 3"),
     ("train", ["data.files={f}/binary/*"], "noise.txt is a binary file"),
-    ("train", ["data.files={f}/empty/*"], "empty.txt is empty"),
+    ("train", ["data.files={f}/empty/*"], "empty.txt is empty"),  # (nothing but empty files)
     (
         "train",
         ["data.files={f}/jsonl_field/*"],
@@ -160,6 +160,7 @@ ROWS: list[tuple[str, list[str], str]] = [
         "odd.xyz, 1 character): too small to split into train/val/test even cut at line ends",
     ),
     ("train", ["data.files={f}/d.csv"], "is not a column of '{f}/d.csv' (columns: id, body)"),
+    ("train", ["data.dataset={f}/d.csv"], "is a file; a file of text is data.files={f}/d.csv"),
     (
         "train",
         ["data.files={f}/saved/*"],
@@ -562,7 +563,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("empty", "empty.txt", b""),
     ):
         (f / folder).mkdir()
-        for i, text in enumerate(good):
+        for i, text in enumerate(good if folder != "empty" else []):  # (empty ones are left out)
             (f / folder / f"good{i}.txt").write_text(text)
         (f / folder / name).write_bytes(content)
     (f / "odd.xyz").write_text("x")

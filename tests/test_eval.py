@@ -204,7 +204,12 @@ def test_a_bpe_model_reads_other_files_with_its_own_tokenizer(
     tune = ["debug=tiny", "strategy=finetune", f"strategy.pretrained={ckpt}", *small]
     finetune = make_cfg([*tune, other_files], output_dir=tmp_path / "finetune")
     run(finetune)
-    assert finetune.data.tokenizer_from == str(ckpt) and finetune.data.bpe_vocab_size == 280
+    assert finetune.data.tokenizer_from == str(ckpt.resolve())
+    assert finetune.data.bpe_vocab_size == 280 and finetune.data.tokenizer == "bpe"
+    # the base's own size typed (as its run's command line has it) is no contradiction
+    typed = make_cfg([*tune, other_files, "data.bpe_vocab_size=280", "trainer.max_steps=1"],
+                     output_dir=tmp_path / "typed")  # fmt: skip
+    assert run(typed)["test/bpb"] > 0
     tuned = Path(finetune.paths.output_dir) / "checkpoints" / "last.ckpt"
     state = torch.load(tuned, weights_only=False)["tokenizer"]["json"]
     assert BPETokenizer.from_json(state).to_json() == learnt.to_json()

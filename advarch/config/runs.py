@@ -147,10 +147,12 @@ def take_base_tokenizer(cfg: DictConfig, base: DictConfig, pretrained: str) -> N
     data, base_data = cfg.get("data") or {}, base.get("data") or {}
     if base_data.get("tokenizer") != "bpe" or "tokenizer_from" not in data:
         return
-    if not {"data.tokenizer", "data.bpe_vocab_size"} & typed_overrides().keys():
-        data.tokenizer, data.bpe_vocab_size = "bpe", base_data.get("bpe_vocab_size")
-    if data.tokenizer_from is None:
-        data.tokenizer_from = pretrained
+    typed = typed_overrides()
+    for key in ("tokenizer", "bpe_vocab_size"):
+        if f"data.{key}" not in typed:
+            data[key] = base_data.get(key)
+    if data.tokenizer_from is None:  # (absolute: the run's config is read from other folders)
+        data.tokenizer_from = str(Path(pretrained).expanduser().resolve())
 
 
 def check_tokenizer_keys(cfg: DictConfig) -> None:

@@ -19,17 +19,24 @@ from advarch.reasons import short_reason
 # file is one text document (.txt, .md, .py, .cpp, .html, .tex, no suffix …), and so is a
 # .json file holding one object (a package.json in a code folder), not rows.
 TABLE_BUILDERS = {".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+log = logging.getLogger("advarch")
 SAVED_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
 def file_documents(paths: list[str], field: str) -> tuple[list[str], list[str]]:
     """(names, texts) of the documents of local files: a table's rows (`<file>#<row>`), or a
-    whole text file (its path)."""
+    whole text file (its path). Empty files are left out, said in one line (a code folder's
+    `__init__.py`, `.gitkeep`); a glob of nothing but empty files is refused naming one."""
     for path in paths:  # before reading any: the hint is what the user needs
         refuse_saved_metadata(path)
+    empty = [p for p in paths if os.path.getsize(p) == 0]
+    if empty and len(empty) == len(paths):
+        read_text_file(empty[0])  # (its one-line error)
+    if empty:
+        log.info("data.files: left out %d empty file(s), e.g. %s", len(empty), empty[0])
     names: list[str] = []
     texts: list[str] = []
-    for path in paths:
+    for path in (p for p in paths if p not in set(empty)):
         rows = table_rows(path, field)
         if rows is None:
             names.append(path)
@@ -156,6 +163,8 @@ def local_dataset(name: str) -> Path | None:
             f"data.dataset={name!r} is a folder not written by save_to_disk (no state.json "
             f"or dataset_dict.json); its files are data.files='{name.rstrip('/')}/*'"
         )
+    if folder.is_file():
+        raise ValueError(f"data.dataset={name!r} is a file; a file of text is data.files={name}")
     if name.startswith(("/", "~", ".")):
         raise ValueError(
             f"data.dataset={name!r}: no such folder (a local dataset is a folder written by "

@@ -180,6 +180,20 @@ def test_a_csv_file_is_a_table_of_its_text_column(tmp_path: Path) -> None:
         docs_of(str(table), tmp_path)
 
 
+def test_empty_files_are_left_out_in_one_line(caplog) -> None:
+    # a code folder's empty __init__.py stopped the run
+    from advarch.data.sources import file_documents
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        (root / "__init__.py").write_text("")
+        (root / "mod.py").write_text("x = 1\n")
+        with caplog.at_level(logging.INFO, logger="advarch"):
+            names, texts = file_documents([str(root / "__init__.py"), str(root / "mod.py")], "t")
+    assert texts == ["x = 1\n"] and names[0].endswith("mod.py")
+    assert "data.files: left out 1 empty file(s), e.g. " in caplog.text
+
+
 def test_csv_cells_are_text_as_typed_and_a_json_object_is_a_document() -> None:
     # a table reader guessed types: an all-number column was ints, an empty cell missing
     from advarch.data.sources import file_documents
