@@ -20,8 +20,12 @@ from tests.conftest import SESSION_LM, SMALL_TEXT, TINY, TrainedRun
 
 
 def test_fast_dev_run_plain_transformer(make_cfg) -> None:
-    metrics = run(make_cfg([*TINY, "debug=fdr"]))
+    cfg = make_cfg([*TINY, "debug=fdr"])
+    metrics = run(cfg)
     assert torch.isfinite(torch.tensor(metrics["test/loss"]))
+    # a smoke run ranks nothing (Lightning's fast_dev_run; the final state is last.ckpt)
+    saved = [p.name for p in (Path(cfg.paths.output_dir) / "checkpoints").glob("*.ckpt")]
+    assert saved == ["last.ckpt"]
 
 
 def test_a_run_without_loggers_trains_and_summarises(make_cfg) -> None:

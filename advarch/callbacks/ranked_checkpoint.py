@@ -41,7 +41,8 @@ class RankedCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-        if not ((self._rank_at_validation or trainer.should_stop) and fitting):
+        ranks = self._rank_at_validation or trainer.should_stop and not trainer.fast_dev_run
+        if not (ranks and fitting):
             super().on_validation_end(trainer, pl_module)
             return
         self._rank_at_validation = False
