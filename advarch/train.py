@@ -91,7 +91,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
 
     quiet_lightning_logs()
     validate_run(cfg)  # every key, before any work
-    data_typed = OmegaConf.to_container(cfg.data) if cfg.get("data") is not None else None
+    data_before = OmegaConf.to_container(cfg.data) if cfg.get("data") is not None else None
     check_base_fits(cfg)  # a fine-tune's base of other model sizes (its tokenizer taken)
     check_tokenizer_keys(cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -99,7 +99,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     runs_dir = None if sweep else Path(cfg.paths.runs_dir)  # (a trial: its earlier trials')
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials)
     use_resumed_tokenizer(cfg, ckpt)
-    if cfg.get("data") is not None and OmegaConf.to_container(cfg.data) != data_typed:
+    if cfg.get("data") is not None and OmegaConf.to_container(cfg.data) != data_before:
         _record_config(cfg)  # (the tokenizer a base or a resume lent)
     auto_fresh = ckpt is None and cfg.get("ckpt_path") == "auto"
     other_run = earlier_run_file(output_dir) if auto_fresh else None
