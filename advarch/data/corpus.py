@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import socket
 import sysconfig
@@ -23,6 +24,7 @@ MIN_DOCUMENTS = len(SPLITS)  # a split by document gives each split one at least
 # such a corpus builds without changing its cache key: give the key a new option then.
 PIECES = 100
 MIN_PIECE_CHARS = 4096
+log = logging.getLogger("advarch")
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
 
 
@@ -70,9 +72,10 @@ def read_text_file(path: str) -> str:
         ) from None
 
 
-def read_jsonl(path: str, field: str) -> list[str]:
-    """The `field` of every line of a JSON-lines file; errors name `file:line`."""
-    texts = []
+def read_jsonl(path: str, field: str) -> dict[int, str]:
+    """The `field` of the JSON lines of a file that hold text (row number → text, see
+    `rows_with_text`); errors name `file:line`."""
+    cells: list[str | None] = []
     # rows end at "\n" only: a JSON string may hold U+2028 or U+0085 raw, which splitlines()
     # would break; a byte-order mark (Windows editors) is not part of the first row
     lines = read_text_file(path).removeprefix("\ufeff").split("\n")
@@ -83,15 +86,29 @@ def read_jsonl(path: str, field: str) -> list[str]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"data.files: {path}:{number}: invalid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+        if not isinstance(row, dict) or field not in row or not isinstance(row[field], str | None):
             raise ValueError(
                 f"data.files: {path}:{number}: no string field {field!r} (data.text_field); "
                 + what_row_holds(row, field)
             )
-        texts.append(row[field])
-    if not texts:
+        cells.append(row[field])
+    if not cells:
         raise ValueError(f"data.files: {path} holds no JSON lines")
-    return texts
+    return rows_with_text(cells, "data.files", path, field)
+
+
+def rows_with_text(cells: list[str | None], key: str, name: str, field: str) -> dict[int, str]:
+    """Row number → text of a table's `field` cells; a null or empty cell is a row without
+    text, left out and counted in one line (the same in JSON lines, CSV, Parquet and datasets);
+    a ValueError naming `key` and `name` when no row holds text."""
+    kept = {i: text for i, text in enumerate(cells) if text}
+    if not kept:
+        raise ValueError(f"{key}: {name} has no text in its {field!r} (data.text_field): "
+                         f"all {len(cells)} rows are empty or null")  # fmt: skip
+    if len(kept) < len(cells):
+        log.info("%s: %s: left out %d of %d rows with an empty or null %r",
+                 key, name, len(cells) - len(kept), len(cells), field)  # fmt: skip
+    return kept
 
 
 def what_row_holds(row: object, field: str) -> str:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from advarch.data.corpus import hub_reachable, read_jsonl, read_text_file
+from advarch.data.corpus import hub_reachable, read_jsonl, read_text_file, rows_with_text
 from advarch.reasons import short_reason
 
 # Files read as tables (one document per row, its `data.text_field`), by suffix; any other
@@ -42,13 +42,14 @@ def file_documents(paths: list[str], field: str) -> tuple[list[str], list[str]]:
             names.append(path)
             texts.append(read_text_file(path))
         else:
-            names += [f"{path}#{i}" for i in range(len(rows))]
-            texts += rows
+            names += [f"{path}#{i}" for i in rows]
+            texts += rows.values()
     return names, texts
 
 
-def table_rows(path: str, field: str) -> list[str] | None:
-    """The `field` of every row of a table file, or None if `path` is not a table."""
+def table_rows(path: str, field: str) -> dict[int, str] | None:
+    """Row number → `field` of the rows of a table file that hold text (`rows_with_text`), or
+    None if `path` is not a table."""
     suffix = Path(path).suffix.lower()
     if suffix == ".jsonl":
         return read_jsonl(path, field)
@@ -79,9 +80,9 @@ def csv_delimiter(f: Any, field: str) -> str:
     return next(fits, ",")
 
 
-def csv_texts(path: str, field: str) -> list[str]:
-    """The non-empty `field` cells of a CSV file, as typed: a table reader would guess types
-    (an all-number column became ints) and read an empty cell as missing."""
+def csv_texts(path: str, field: str) -> dict[int, str]:
+    """Row number → `field` cell of a CSV file's rows with text (`rows_with_text`), as typed: a
+    table reader would guess types (an all-number column became ints)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         try:
             reader = csv.DictReader(f, delimiter=csv_delimiter(f, field))
@@ -91,12 +92,10 @@ def csv_texts(path: str, field: str) -> list[str]:
                     f"data.text_field={field!r} is not a column of {path!r} "
                     f"(columns: {', '.join(columns) or 'none'})"
                 )
-            texts = [row[field] for row in reader if row[field]]
+            cells = [row[field] for row in reader]
         except (csv.Error, UnicodeDecodeError) as err:
             raise ValueError(f"data.files: cannot read {path}: {short_reason(err)}") from err
-    if not texts:
-        raise ValueError(f"data.files: {path} has no text in its column {field!r}")
-    return texts
+    return rows_with_text(cells, "data.files", path, field)
 
 
 def read_table(path: str, builder: str) -> Any:
@@ -114,22 +113,23 @@ def read_table(path: str, builder: str) -> Any:
         datasets_log.setLevel(level)
 
 
-def column_texts(ds: Any, field: str, key: str, name: str) -> list[str]:
-    """The `field` column of a dataset as strings; one-line ValueErrors name a missing column
-    (listing those there are) or the first row without a string."""
+def column_texts(ds: Any, field: str, key: str, name: str) -> dict[int, str]:
+    """Row number → `field` of a dataset's rows with text (`rows_with_text`); one-line
+    ValueErrors name a missing column (listing those there are) or the first row holding
+    neither a string nor null."""
     if field not in ds.column_names:
         raise ValueError(
             f"data.text_field={field!r} is not a column of {name!r} "
             f"(columns: {', '.join(ds.column_names)})"
         )
     column = list(ds[field])
-    bad = next((i for i, t in enumerate(column) if not isinstance(t, str)), None)
+    bad = next((i for i, t in enumerate(column) if not isinstance(t, str | None)), None)
     if bad is not None:  # (JSON lines say the same per line)
         raise ValueError(
             f"{key}: {name}: row {bad}: no string field {field!r} "
             f"(data.text_field; it is {column[bad]!r})"
         )
-    return column
+    return rows_with_text(column, key, name, field)
 
 
 def refuse_saved_metadata(path: str) -> None:
@@ -191,7 +191,7 @@ def saved_documents(folder: Path, name: str, field: str) -> tuple[list[str], lis
             )
         ds = ds["train"]
     rows = column_texts(ds, field, "data.dataset", name)
-    return [f"{name}#{i}" for i in range(len(rows))], rows
+    return [f"{name}#{i}" for i in rows], list(rows.values())
 
 
 def folder_files(folder: Path) -> list[tuple[str, int, float]]:
@@ -213,4 +213,4 @@ def hub_documents(name: str, field: str) -> tuple[list[str], list[str]]:
 
     ds = datasets.load_dataset(name, split="train")
     rows = column_texts(ds, field, "data.dataset", name)
-    return [f"{name}#{i}" for i in range(len(rows))], rows
+    return [f"{name}#{i}" for i in rows], list(rows.values())

@@ -37,12 +37,12 @@ def test_embedded_corpus_is_the_stdlib_without_tests() -> None:
 def test_text_and_json_lines_files_are_read_and_bad_ones_named(tmp_path: Path) -> None:
     good = tmp_path / "a.jsonl"
     good.write_text(json.dumps({"text": "héllo"}) + "\n\n" + json.dumps({"text": "x"}) + "\n")
-    assert read_jsonl(str(good), "text") == ["héllo", "x"]
+    assert read_jsonl(str(good), "text") == {0: "héllo", 1: "x"}
     separators = ["a\u2028b", "c\u0085d", "e\u2029f"]  # raw in JSON strings (ensure_ascii=False)
     odd = tmp_path / "odd.jsonl"
     rows = [json.dumps({"text": t}, ensure_ascii=False) for t in separators]
     odd.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode())  # a BOM, Windows line ends
-    assert read_jsonl(str(odd), "text") == separators
+    assert list(read_jsonl(str(odd), "text").values()) == separators
     assert read_text_file(str(good)).startswith('{"text"')
     bad = tmp_path / "b.jsonl"
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no"}) + "\n")
