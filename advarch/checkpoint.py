@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 
 if TYPE_CHECKING:  # (torch is imported where it is used: `checkpoint_file` checks run first)
     import torch

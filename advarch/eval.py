@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401
 from advarch.console_log import quiet_lightning_logs
+from advarch.spec import kind_name
 
 log = logging.getLogger("advarch")
 
@@ -44,7 +45,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     from advarch.checkpoint import check_finite, load_error, load_with_config, with_cache_dir
     from advarch.config.checks import check_accelerator, check_batch_limit
     from advarch.config.runs import ran_with
-    from advarch.config.validate import ConfigError
+    from advarch.errors import ConfigError
     from advarch.pipeline import build_all
 
     check_accelerator(cfg.accelerator, "accelerator", "accelerator=cpu")
@@ -117,8 +118,9 @@ def with_tokenizer_of(data: DictConfig, ckpt: dict, ckpt_path: str) -> DictConfi
 
     from advarch.checkpoint import TOKENIZER
     from advarch.config.typed import typed_overrides
-    from advarch.config.validate import ConfigError, takes_option
+    from advarch.config.validate import takes_option
     from advarch.data.tokenizer import describe_tokenizer
+    from advarch.errors import ConfigError
 
     state = ckpt.get(TOKENIZER)
     if not state or not takes_option(data, "data", "tokenizer_from"):
@@ -135,17 +137,13 @@ def with_tokenizer_of(data: DictConfig, ckpt: dict, ckpt_path: str) -> DictConfi
     return data
 
 
-KINDS = {"lm": "language modelling", "classification": "classification",
-         "seq2seq": "sequence-to-sequence", "regression": "regression"}  # fmt: skip
-
-
 def check_data_kind(ckpt_path: str, ckpt: dict, saved: DictConfig) -> None:
     """One ConfigError line where `data=` swaps in data of another kind than the checkpoint
     learnt (a classifier on a text corpus): the strategy's own checks spoke of keys the user
     never set (`strategy.fisher_estimator=exact does not apply to language models`)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from advarch.config.validate import ConfigError
+    from advarch.errors import ConfigError
     from advarch.pipeline import BAD_INPUT, build_datamodule, naming
 
     learnt = ((ckpt.get("hyper_parameters") or {}).get("spec") or {}).get("kind")
@@ -159,8 +157,8 @@ def check_data_kind(ckpt_path: str, ckpt: dict, saved: DictConfig) -> None:
         chosen = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
         data = chosen.get("data") or saved.data._target_.rsplit(".", 1)[-1]
         raise ConfigError(
-            f"ckpt_path={ckpt_path!r} is a {KINDS.get(learnt, learnt)} model and data={data} "
-            f"is {KINDS.get(spec.kind, spec.kind)} data: evaluate it on data of its own kind "
+            f"ckpt_path={ckpt_path!r} is a {kind_name(learnt)} model and data={data} "
+            f"is {kind_name(spec.kind)} data: evaluate it on data of its own kind "
             "(or leave data= out: its own data)"
         )
 
@@ -246,8 +244,8 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
 @hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="eval")
 def hydra_main(cfg: DictConfig) -> None:
     from advarch.checkpoint import CheckpointError, checkpoint_file
-    from advarch.config.validate import ConfigError
     from advarch.console_summary import split_table_lines
+    from advarch.errors import ConfigError
     from advarch.tracking import sync_hint
     from advarch.train import _finish_wandb, discard_run_folder, import_from_working_dir
 

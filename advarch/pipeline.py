@@ -18,12 +18,8 @@ from torch import nn
 
 from advarch.checkpoint import MOVED_STRATEGY_KEYS
 from advarch.config.checks import check_collection, check_optimizer, check_run_keys, check_trainer
-from advarch.config.validate import (
-    ConfigError,
-    locate_target,
-    unimportable_target,
-    validate_node,
-)
+from advarch.config.validate import locate_target, unimportable_target, validate_node
+from advarch.errors import ConfigError
 from advarch.models.model import Model
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
@@ -195,8 +191,9 @@ def instantiate_dict(node: DictConfig | None, group: str = "") -> list[Any]:
     ]
 
 
-def check_monitors(cfg: DictConfig, module: Any, callbacks: list[Any]) -> None:
-    """`optimized_metric` and every callback's `monitor` must be a metric the strategy logs."""
+def check_monitors(cfg: DictConfig, module: Any) -> None:
+    """`optimized_metric` and every `callbacks.<name>.monitor` of the config must be a metric
+    the strategy logs."""
     if not isinstance(module, BaseStrategy):  # a user's own LightningModule: nothing to check
         return
     names = module.metric_names()

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 
 LOCK_FILE = ".lock"
 

@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
 Kind = Literal["lm", "classification", "seq2seq", "regression"]
+KIND_NAMES = {"lm": "language modelling", "classification": "classification",
+              "seq2seq": "sequence-to-sequence", "regression": "regression"}  # fmt: skip
+
+
+def kind_name(kind: str) -> str:
+    """What a `DataSpec.kind` means, in words for an error line (`language modelling`)."""
+    return KIND_NAMES.get(kind, kind)
 
 
 @dataclass(frozen=True)

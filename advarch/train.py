@@ -26,7 +26,7 @@ from advarch.slurm import STOP_SIGNALS, requeue
 from advarch.tracking import RunIdentity, tracker_group
 
 log = logging.getLogger("advarch")
-DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)  # one line, no traceback
+WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)  # one line, no traceback
 
 
 def run(
@@ -74,9 +74,9 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
         resolve_checkpoint,
         use_resumed_tokenizer,
     )
-    from advarch.config.validate import ConfigError
     from advarch.console_log import quiet_lightning_logs, say
     from advarch.console_summary import print_config_tree, print_summary, save_summary
+    from advarch.errors import ConfigError
     from advarch.pipeline import (
         build_all,
         check_monitors,
@@ -128,7 +128,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     datamodule, spec, module = build_all(cfg)  # ConfigError on bad input, before any work
-    check_monitors(cfg, module, callbacks)
+    check_monitors(cfg, module)
 
     config = tracker_config(cfg, module.parameter_counts())
     loggers = build_loggers(cfg, identity or RunIdentity(cfg.run_name), config, ckpt)
@@ -320,7 +320,7 @@ def main() -> None:
         check_override_syntax,
         check_single_run,
     )
-    from advarch.config.validate import ConfigError
+    from advarch.errors import ConfigError
     from advarch.run_lock import check_new_folder
 
     try:
@@ -370,7 +370,7 @@ def _job(cfg: DictConfig) -> float | None:
 
     from advarch.checkpoint import CheckpointError, checkpoint_file
     from advarch.config.compose import apply_debug_sizes
-    from advarch.config.validate import ConfigError
+    from advarch.errors import ConfigError
 
     if apply_debug_sizes(cfg, HydraConfig.get().overrides.task):
         _record_config(cfg)  # (Hydra recorded the model of the sizes before)
@@ -399,14 +399,14 @@ def _job(cfg: DictConfig) -> float | None:
             discard_run_folder(Path(cfg.paths.output_dir))
         sys.exit(f"error: {err}")
     except OSError as err:  # a full or read-only disk, a folder without write permission
-        if err.errno not in DISK_ERRORS:
+        if err.errno not in WRITE_ERRORS:
             raise
         _finish_wandb()
         where = err.filename or cfg.paths.output_dir
         saved = sorted(Path(cfg.paths.output_dir).glob("checkpoints/*.ckpt"))
         kept = f"{saved[-1].parent} keeps its complete checkpoints" if saved else "nothing saved"
-        sys.exit(f"error: cannot write {where}: {err.strerror} ({kept}; free space or choose "
-                 "paths.cache_dir / hydra.run.dir elsewhere)")  # fmt: skip
+        sys.exit(f"error: cannot write {where}: {err.strerror} ({kept}; free space, allow "
+                 "writing, or choose paths.cache_dir / hydra.run.dir elsewhere)")  # fmt: skip
 
 
 def _record_config(cfg: DictConfig) -> None:

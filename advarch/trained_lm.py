@@ -25,7 +25,7 @@ from advarch.checkpoint import (
     model_weights,
     with_cache_dir,
 )
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.generation import Retrieve
 from advarch.pipeline import build_datamodule, build_model, build_optimization, build_strategy
 from advarch.spec import DataSpec, ServesNeighbours, TokenizedText

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from advarch.config.compose import compose_run
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.output_folders import exit_if_unmakeable
 from advarch.train import run
 

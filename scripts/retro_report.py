@@ -44,7 +44,7 @@ from advarch.config.choices import check_command_line
 from advarch.config.combinations import with_strategy_defaults
 from advarch.config.compose import compose_run
 from advarch.config.runs import config_mismatch
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.reports.figures import plot_retrieval_by_quality
 from advarch.train import run
 

@@ -760,7 +760,7 @@ def test_a_full_disk_is_one_line_naming_the_file(files: Path, tmp_path: Path, ca
     assert line.startswith("error: cannot write ") and "checkpoints/" in line, line
     assert ".tmp" not in line and "No space left on device" in line, line
     # no checkpoint was written (it said the last complete one stayed where it was written)
-    assert "(nothing saved; free space or choose paths.cache_dir" in line, line
+    assert "(nothing saved; free space, allow writing, or choose paths.cache_dir" in line, line
 
 
 def test_a_full_disk_stops_a_merge_in_one_line_naming_out(

@@ -26,7 +26,7 @@ from advarch.config.combinations import (
     with_strategy_defaults,
 )
 from advarch.config.compose import CONFIG_DIR
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.spec import TaskStream
 from advarch.train import run
 from tests.conftest import ROOT, SMALL_TEXT

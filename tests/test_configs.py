@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from advarch.config.compose import compose_run
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.models.registry import BLOCKS
 from advarch.pipeline import instantiate_dict, validate_run
 from advarch.train import run

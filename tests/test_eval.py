@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.eval import evaluate
 from tests.cli import Project, read_metrics
 from tests.conftest import TrainedRun

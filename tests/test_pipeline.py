@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.models.model import Model
 from advarch.pipeline import (
     build_all,
@@ -71,12 +71,12 @@ def test_a_build_time_complaint_is_one_config_error_line(make_cfg) -> None:
 def test_monitors_must_be_metrics_the_strategy_logs(make_cfg) -> None:
     cfg = make_cfg(DIGITS)
     _, _, module = build_all(cfg)
-    check_monitors(cfg, module, [])
+    check_monitors(cfg, module)
     with open_dict(cfg):
         cfg.optimized_metric = "val/bogus"
     with pytest.raises(ConfigError, match="optimized_metric=val/bogus is not a metric"):
-        check_monitors(cfg, module, [])
-    check_monitors(cfg, object(), [])  # a user's own LightningModule: its names are unknown
+        check_monitors(cfg, module)
+    check_monitors(cfg, object())  # a user's own LightningModule: its names are unknown
 
 
 def test_instantiate_checked_names_the_key() -> None:

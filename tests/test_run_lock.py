@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from advarch import run_lock
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.run_lock import (
     LOCK_FILE,
     FolderInUse,

@@ -319,7 +319,7 @@ def test_the_other_sequence_control_never_gives_a_sequence_its_own_neighbours() 
     # it rolled each batch by one: a batch of one sequence got its own neighbours back
     import runpy
 
-    from advarch.config.validate import ConfigError
+    from advarch.errors import ConfigError
 
     others = runpy.run_path(f"{ROOT}/scripts/retro_report.py")["_neighbours_of_others"]
     batches = [

@@ -13,7 +13,7 @@ import torch
 from advarch.callbacks.signals import Interrupted
 from advarch.checkpoint import CheckpointError
 from advarch.config.resolvers import metric_mode
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.train import run
 from tests.cli import Project, read_metrics, series
 from tests.conftest import SESSION_LM, SMALL_TEXT, TINY, TrainedRun

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.trained_lm import load_lm
 from tests.conftest import SMALL_TEXT
 

@@ -51,7 +51,8 @@ def check_settings(cfg: DictConfig) -> None:
     device torch does not have."""
     import torch
 
-    from advarch.config.validate import ConfigError, check_fields
+    from advarch.config.validate import check_fields
+    from advarch.errors import ConfigError
     from advarch.generation import check_sampling
 
     check_fields(cfg, GenerateSettings)
@@ -74,7 +75,7 @@ def check_bench(cfg: DictConfig) -> None:
     built), no models (an empty table, exit 0), a model or training override the configs
     lack (Hydra's screenful, or its advice to append the key: `+model.dimm=3`)."""
     from advarch.config.choices import check_group_choices, check_overrides
-    from advarch.config.validate import ConfigError
+    from advarch.errors import ConfigError
     from advarch.pipeline import validate
 
     for key in ("bench_prompt_len", "bench_new_tokens"):
@@ -104,7 +105,7 @@ def check_bench_length(prompt_len: int, new_tokens: int, device: str) -> None:
     vocabulary). A prompt that long failed to be allocated, with torch's traceback."""
     import torch
 
-    from advarch.config.validate import ConfigError
+    from advarch.errors import ConfigError
 
     per_token = 4 * BENCH_VOCAB
     if device.startswith("cuda"):
@@ -167,7 +168,7 @@ def _bench_config(name: str, bench_overrides: list[str]) -> DictConfig:
 def _prompt(cfg: DictConfig) -> str:
     from pathlib import Path
 
-    from advarch.config.validate import ConfigError
+    from advarch.errors import ConfigError
 
     if cfg.prompt_file is None:
         return str(cfg.prompt)
@@ -183,8 +184,8 @@ def _prompt(cfg: DictConfig) -> str:
 def hydra_main(cfg: DictConfig) -> None:
     """Generate from `ckpt_path` (or benchmark with `bench=true`); one-line errors."""
     from advarch.checkpoint import checkpoint_file
-    from advarch.config.validate import ConfigError
     from advarch.console_log import quiet_lightning_logs
+    from advarch.errors import ConfigError
     from advarch.train import discard_run_folder, import_from_working_dir
 
     import_from_working_dir()

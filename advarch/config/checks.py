@@ -15,7 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from advarch.config.validate import ConfigError, validate_node
+from advarch.config.validate import validate_node
+from advarch.errors import ConfigError
 from advarch.typecheck import quote_hint
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")

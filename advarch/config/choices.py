@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from advarch.config.combinations import PACKAGE_CONFIGS, packaged_config
 from advarch.config.compose import check_yaml, compose_packaged, pattern_entries
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 
 MODEL = "advarch.models.Model"
 # block → the layer pattern (`model.<key>`) whose entries name it, for the blocks with options

@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 
 from advarch.checkpoint import checkpoint_file
 from advarch.config.typed import typed_overrides
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 
 # strategy → data when the user names none (strategies not listed keep train.yaml's `text`)
 STRATEGY_DATA = {

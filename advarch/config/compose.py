@@ -16,7 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
 from advarch.config.combinations import with_strategy_defaults
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 
 # The configs ship inside the package (advarch/configs), so a wheel install finds them anywhere.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")

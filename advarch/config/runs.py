@@ -18,8 +18,9 @@ from advarch.checkpoint import (
     saved_config,
 )
 from advarch.config.typed import typed_overrides
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.run_lock import holder
+from advarch.spec import kind_name
 
 log = logging.getLogger("advarch")
 
@@ -97,7 +98,6 @@ def task_kinds(ckpt: Mapping[str, Any], saved: Mapping[str, Any], current: Mappi
     """`a classification model, this run language modelling` where the checkpoint learnt
     another kind of task than this run's data serves (None where the same, or unknown)."""
     from advarch.config.combinations import DATA
-    from advarch.eval import KINDS
 
     def kind(config: Mapping[str, Any]) -> str | None:
         facts = DATA.get(str((config.get("data") or {}).get("_target_")))
@@ -107,7 +107,7 @@ def task_kinds(ckpt: Mapping[str, Any], saved: Mapping[str, Any], current: Mappi
     now = kind(current)
     if learnt is None or now is None or learnt == now:
         return None
-    return f"a {KINDS.get(learnt, learnt)} model, this run {KINDS.get(now, now)}"
+    return f"a {kind_name(learnt)} model, this run {kind_name(now)}"
 
 
 # the keys that size an advarch model's tensors: a fine-tune's base must share them

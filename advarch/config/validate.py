@@ -15,12 +15,9 @@ from typing import Any
 from hydra._internal.utils import _locate
 from omegaconf import DictConfig, OmegaConf
 
+from advarch.errors import ConfigError
 from advarch.reasons import short_reason
 from advarch.typecheck import matches, wrong_type
-
-
-class ConfigError(ValueError):
-    """A config key has an unknown name, a wrong type or an impossible value."""
 
 
 def locate_target(path: str, key: str) -> Any:

@@ -212,22 +212,6 @@ class EpochEpisodeSampler(EpochSampler):
         return order
 
 
-def prototype_accuracy(episode: dict[str, torch.Tensor]) -> float:
-    """Query accuracy of nearest class mean (squared Euclidean) on the raw inputs of an episode.
-
-    Computed in numpy float64: on these tiny arrays torch's intra-op threads only add overhead.
-    """
-    support = episode["support"].flatten(1).numpy().astype(np.float64)  # (N*K, F)
-    query = episode["query"].flatten(1).numpy().astype(np.float64)  # (N*Q, F)
-    labels = episode["support_labels"].numpy()
-    n_way = int(labels.max()) + 1
-    sums = np.zeros((n_way, support.shape[1]))
-    np.add.at(sums, labels, support)
-    prototypes = sums / np.bincount(labels, minlength=n_way)[:, None]  # (N, F)
-    distances = ((query[:, None, :] - prototypes[None]) ** 2).sum(-1)  # (N*Q, N)
-    return float((distances.argmin(1) == episode["query_labels"].numpy()).mean())
-
-
 def rotated_digit_pools(input_format: InputFormat) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """`{split: (inputs, class ids)}` of the rotated-digits few-shot set, split by digit."""
     images, digits = rotated_digits(*load_digit_arrays())

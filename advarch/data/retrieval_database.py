@@ -454,7 +454,7 @@ class RetrievalDatabase:
 
         The same precomputation as the training table, for another split's concatenated
         tokens (N',); doc_ids (N',) in the training id space, or None to exclude nothing (the
-        database holds only training documents). Feed the result to `table_neighbours`.
+        database holds only training documents). `table_ids` / `table_neighbours` read it.
         """
         tokens = np.asarray(tokens, dtype=np.int64)
         docs = None if doc_ids is None else np.asarray(doc_ids, dtype=np.int64)
@@ -556,7 +556,7 @@ class RetrievalDatabase:
         return self._grid_ids(table, starts, num_chunks)
 
     def batch_neighbours(self, starts: Sequence[int] | np.ndarray, length: int) -> torch.Tensor:
-        """Neighbours of several training sequences: (S, L, K, R) long (for a collate_fn)."""
+        """Neighbour tokens (S, L, K, R) long of training sequences stream[s : s + length]."""
         return torch.from_numpy(self.neighbour_tokens(self.sequence_neighbour_ids(starts, length)))
 
     def query_neighbour_ids(

@@ -48,8 +48,8 @@ from advarch.checkpoint import model_weights, read_checkpoint
 from advarch.config.choices import check_overrides
 from advarch.config.combinations import with_strategy_defaults
 from advarch.config.compose import compose_run
-from advarch.config.validate import ConfigError
 from advarch.data.digits import DigitsDataModule
+from advarch.errors import ConfigError
 from advarch.merging import MergeConfig, merge_checkpoints
 from advarch.output_folders import exit_if_unmakeable
 from advarch.pipeline import build_model

@@ -52,7 +52,6 @@ PATTERNS: dict[Role, tuple[str, str]] = {
     "mixer": ("model.layers", "layer"),
     "ffn": ("model.ffn", "ffn"),
 }  # role: (its pattern's key, what an entry is called in errors)
-OPTION_KEYS = tuple(name for name, b in BLOCKS.items() if b.config.name)  # model.<key> mappings
 
 
 def names(role: Role) -> list[str]:

@@ -17,10 +17,11 @@ import torchmetrics
 from torch import nn
 
 from advarch.checkpoint import non_finite_parameter
-from advarch.config.validate import ConfigError
 from advarch.data.sampling import resume_train_epoch
+from advarch.errors import ConfigError
 from advarch.models.output import ExpertModel, ModelOutput
 from advarch.spec import DataSpec
+from advarch.strategies.freezing import FrozenSlice
 from advarch.strategies.objectives import (
     Objective,
     load_metrics_state,
@@ -85,6 +86,7 @@ class BaseStrategy(L.LightningModule):
         self.hparams.update(count_parameters(model))
         self._saved_train_metrics: dict[str, Any] | None = None  # a resume's, until train start
         self._saved_world_size: int | None = None
+        self.frozen: list[FrozenSlice] = []  # kept bit-exact through every optimizer step
 
     # -- steps --------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], **extra: Any) -> ModelOutput:
@@ -260,10 +262,19 @@ class BaseStrategy(L.LightningModule):
         self._log_epoch("test")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Aux-loss-free MoE balancing: nudge routing biases once per optimizer step."""
+        """Aux-loss-free MoE balancing: nudge routing biases once per optimizer step; then
+        zero the frozen slices' gradients (before clipping: they take no share of its norm)."""
         if isinstance(self.model, ExpertModel):
             for moe in self.model.moe_layers():
                 moe.update_routing_bias()
+        for frozen in self.frozen:
+            frozen.zero_grad()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the frozen slices restored bit-exactly (`freezing`)."""
+        super().optimizer_step(*args, **kwargs)
+        for frozen in self.frozen:
+            frozen.restore()
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

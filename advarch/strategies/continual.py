@@ -119,7 +119,6 @@ class ContinualStrategy(BaseStrategy):
         self.initial_accuracy = torch.full((self.num_tasks,), math.nan)  # b
         self.finished_tasks = 0
         self._stream_was_finished = False  # resumed from a finished stream (`on_fit_start`)
-        self._frozen: list[FrozenSlice] = []
         self._frozen_task: int | None = None
 
     @staticmethod
@@ -423,7 +422,7 @@ class ContinualStrategy(BaseStrategy):
         if self._frozen_task == task:
             return
         self._frozen_task = task
-        self._frozen = self.frozen_slices(task) if task > 0 else []
+        self.frozen = self.frozen_slices(task) if task > 0 else []
 
     def frozen_slices(self, task: int) -> list[FrozenSlice]:
         """Earlier tasks' experts; with freeze_shared, all but task `task`'s experts and head."""
@@ -449,18 +448,6 @@ class ContinualStrategy(BaseStrategy):
                 handled.add(id(p))
         out += [freeze(p) for p in self.model.parameters() if id(p) not in handled]
         return out
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Routing-bias update, then zero the frozen slices' gradients (before clipping)."""
-        super().on_before_optimizer_step(optimizer)
-        for frozen in self._frozen:
-            frozen.zero_grad()
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimizer step, then frozen slices restored bit-exactly."""
-        super().optimizer_step(*args, **kwargs)
-        for frozen in self._frozen:
-            frozen.restore()
 
     # -- checkpoint -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -38,7 +38,6 @@ import torchmetrics
 from torch import nn
 from torch.func import functional_call
 
-from advarch.data.episodes import prototype_accuracy
 from advarch.models.output import ModelOutput
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
@@ -58,6 +57,15 @@ def prototypes(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch
 def prototype_logits(query: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     """Negative squared Euclidean distances (M, D), (N, D) → (M, N) (Snell et al. eq. 2)."""
     return -(query.unsqueeze(1) - protos.unsqueeze(0)).pow(2).sum(-1)
+
+
+def raw_prototype_accuracy(episode: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Query accuracy of the nearest class mean on an episode's raw inputs (float64): how
+    hard the episodes are before any learning, the baseline `raw_proto_acc`."""
+    support, query = episode["support"].flatten(1).double(), episode["query"].flatten(1).double()
+    labels = episode["support_labels"]
+    logits = prototype_logits(query, prototypes(support, labels, int(labels.max()) + 1))
+    return (logits.argmax(1) == episode["query_labels"]).double().mean()
 
 
 def prototype_head(protos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,10 +221,7 @@ class FewShotStrategy(BaseStrategy):
         m["loss"].update(loss.detach())
         m["acc"].update((out.logits.argmax(-1) == labels).float().mean().detach())
         if split != "train":
-            episode = {
-                k: batch[k].cpu() for k in ("support", "support_labels", "query", "query_labels")
-            }
-            m["raw_proto_acc"].update(torch.tensor(prototype_accuracy(episode)))
+            m["raw_proto_acc"].update(raw_prototype_accuracy(batch).float())
         return loss + self.hparams.aux_loss_weight * out.aux_loss, out
 
     def metric_names(self) -> list[str]:

@@ -55,8 +55,8 @@ from torch import nn
 
 from advarch.atomic import save_atomic
 from advarch.checkpoint import TOKENIZER, read_checkpoint
-from advarch.config.validate import ConfigError
 from advarch.data.tokenizer import tokenizer_difference, tokenizer_state
+from advarch.errors import ConfigError
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.finetune_base import fingerprint, load_base, state_tensors
@@ -113,7 +113,6 @@ class FinetuneStrategy(BaseStrategy):
         self.plan = prepare_model(model, state, pretrained=pretrained, **self.options)
         self.base_experts = next((m.num_experts - new_experts for m in model.moe_layers()), 0)
         self._snapshots = frozen_snapshots(model, self.plan)
-        self._frozen: list[FrozenSlice] = []
         self._bind_frozen()
         self._frozen_modules = frozen_modules(model)
         self.hparams.update(count_plan_parameters(model, self.plan))
@@ -123,11 +122,11 @@ class FinetuneStrategy(BaseStrategy):
     def _bind_frozen(self) -> None:
         """Point the snapshots at the live tensors on the current device."""
         state = state_tensors(self.model)
-        self._frozen = []
+        self.frozen = []
         for name, rows, saved in self._snapshots:
             tensor = state[name]
             rows = None if rows is None else rows.to(tensor.device)
-            self._frozen.append(FrozenSlice(tensor, rows, saved.to(tensor.device)))
+            self.frozen.append(FrozenSlice(tensor, rows, saved.to(tensor.device)))
 
     def train(self, mode: bool = True) -> FinetuneStrategy:
         """Like nn.Module.train, but modules with nothing trainable always stay in eval mode."""
@@ -142,21 +141,6 @@ class FinetuneStrategy(BaseStrategy):
         if not moes or moes[0].num_experts == self.base_experts:
             return None
         return torch.arange(moes[0].num_experts, device=self.device) < self.base_experts
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Routing-bias update, then zero the frozen rows' gradients (before clipping)."""
-        super().on_before_optimizer_step(optimizer)
-        for frozen in self._frozen:
-            frozen.zero_grad()
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimizer step, then the frozen rows and buffers restored bit-exactly."""
-        super().optimizer_step(*args, **kwargs)
-        self.restore_frozen()
-
-    def restore_frozen(self) -> None:
-        for frozen in self._frozen:
-            frozen.restore()
 
     # -- hooks --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -4,8 +4,8 @@ Restoring after the step (instead of masking gradients) keeps frozen values iden
 under weight decay and Adam's moment updates, and lets one tensor (stacked experts, a head)
 have frozen and trainable rows. Their gradients are also zeroed before the step, before
 gradient clipping: frozen entries take no share of the clipping norm (which would shrink the
-trainable ones' update) and their Adam moments stay zero. Shared by the continual and
-frozen-base finetune strategies.
+trainable ones' update) and their Adam moments stay zero. `BaseStrategy` does both for
+the slices a strategy lists in `frozen` (the continual and frozen-base finetune strategies).
 """
 
 from __future__ import annotations

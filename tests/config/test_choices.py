@@ -18,7 +18,7 @@ from advarch.config.choices import (
 )
 from advarch.config.combinations import packaged_config
 from advarch.config.compose import compose_packaged
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.models.registry import BLOCKS, PATTERNS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "advarch" / "configs"

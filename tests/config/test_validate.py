@@ -9,7 +9,8 @@ from typing import Any, Literal
 import pytest
 from omegaconf import OmegaConf
 
-from advarch.config.validate import ConfigError, validate_node
+from advarch.config.validate import validate_node
+from advarch.errors import ConfigError
 from advarch.typecheck import hint_name, matches, quote_hint
 
 

@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from advarch.data.episodes import (
-    EpisodeSampler,
-    FewShotDataModule,
-    prototype_accuracy,
-)
+from advarch.data.episodes import EpisodeSampler, FewShotDataModule
+from advarch.strategies.fewshot import raw_prototype_accuracy as prototype_accuracy
 
 
 def prototype_accuracy_reference(episode: dict[str, torch.Tensor]) -> float:
@@ -35,7 +32,7 @@ def raw_prototype_accuracy(episodes: Iterable[dict[str, torch.Tensor]]) -> tuple
 
     `ci95 = 1.96 * std / sqrt(n)` with the unbiased std over episodes (0 for one episode).
     """
-    accuracies = np.array([prototype_accuracy(e) for e in episodes])
+    accuracies = np.array([float(prototype_accuracy(e)) for e in episodes])
     if len(accuracies) < 2:
         return float(accuracies.mean()), 0.0
     return float(accuracies.mean()), float(1.96 * accuracies.std(ddof=1) / np.sqrt(len(accuracies)))
@@ -124,7 +121,8 @@ def test_prototype_accuracy_matches_reference(seed):
     inputs = torch.from_numpy(np.random.default_rng(seed).normal(size=(63, 6)))
     plan = {k: torch.from_numpy(v) for k, v in sampler.episode(0).items()}
     episode = {**plan, "support": inputs[plan["support"]], "query": inputs[plan["query"]]}
-    assert prototype_accuracy(episode) == pytest.approx(prototype_accuracy_reference(episode))
+    expected = prototype_accuracy_reference(episode)
+    assert float(prototype_accuracy(episode)) == pytest.approx(expected)
 
 
 def test_raw_prototype_accuracy_on_a_separable_toy_set():

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advarch.config.validate import ConfigError
 from advarch.data.retro_neighbours import NeighbourLookup
 from advarch.data.text import TextDataModule
+from advarch.errors import ConfigError
 from advarch.pipeline import build_all
 from advarch.strategies.objectives import IGNORE
 from advarch.train import run

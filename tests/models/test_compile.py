@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.pipeline import build_datamodule, build_model
 from tests.conftest import SMALL_TEXT
 

@@ -81,7 +81,7 @@ def test_bits_per_byte_matrix_of_a_text_domain_stream(tmp_path: Path) -> None:
     md = write_report(run).read_text()
     assert_png(run / "report" / "bpb_matrix.png")
     assert "| tasks finished | BPB | BWT | forgetting |" in md
-    assert "| 2 | 3.100 | -0.4000 | 0.4000 |"  # trailing zeros kept (3.900 beside 3.914) in md
+    assert "| 2 | 3.100 | -0.4000 | 0.4000 |" in md  # trailing zeros kept (3.900 beside 3.914)
 
 
 def test_run_report_names_the_tasks_as_the_run_summary_does(tmp_path: Path, monkeypatch) -> None:

@@ -92,7 +92,7 @@ def test_variants_run_on_text_domains(make_cfg, extra: list[str]) -> None:
 
 
 def test_exact_fisher_is_refused_for_language_models(make_cfg) -> None:
-    from advarch.config.validate import ConfigError
+    from advarch.errors import ConfigError
 
     with pytest.raises(ConfigError, match="strategy.fisher_estimator=exact"):
         run(make_cfg(["strategy=ewc", "strategy.fisher_estimator=exact", *STREAM]))

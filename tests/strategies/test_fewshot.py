@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.models import Model
 from advarch.models.output import ModelOutput
 from advarch.spec import DataSpec

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advarch.config.validate import ConfigError
+from advarch.errors import ConfigError
 from advarch.models.mmoe import MultiGateMoE
 from advarch.spec import DataSpec
 from advarch.strategies.multitask import MultiTaskStrategy, balanced_task_loss, gate_cosine
