@@ -24,8 +24,12 @@ import torch
 
 from advarch.models.flops import training_flops_per_token
 
-# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, FLOP/s.
+# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, FLOP/s; the first name
+# the device's holds wins (the PCIe and NVL cards run at lower clocks than the SXM ones).
 DENSE_PEAK = {
+    "h100 pcie": {"bf16": 756e12, "tf32": 378e12},
+    "h100 nvl": {"bf16": 835e12, "tf32": 418e12},
+    "h200 nvl": {"bf16": 835e12, "tf32": 418e12},
     "h100": {"bf16": 989e12, "tf32": 494e12},
     "h200": {"bf16": 989e12, "tf32": 494e12},
     "a100": {"bf16": 312e12, "tf32": 156e12},

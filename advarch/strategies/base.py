@@ -27,6 +27,7 @@ from advarch.strategies.objectives import (
     load_metrics_state,
     metrics_state,
     model_inputs,
+    own_metric_states,
 )
 from advarch.strategies.optimization import (
     DEFAULT_OPTIMIZER,
@@ -88,6 +89,10 @@ class BaseStrategy(L.LightningModule):
         self._saved_world_size: int | None = None
         self.frozen: list[FrozenSlice] = []  # kept bit-exact through every optimizer step
 
+    def setup(self, stage: str) -> None:
+        """This process's own metric states (`own_metric_states`: ddp_spawn shared them)."""
+        own_metric_states(self)
+
     # -- steps --------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], **extra: Any) -> ModelOutput:
         inputs, kwargs = model_inputs(batch)
@@ -96,19 +101,22 @@ class BaseStrategy(L.LightningModule):
     def shared_step(
         self, batch: dict[str, torch.Tensor], split: str
     ) -> tuple[torch.Tensor, ModelOutput]:
-        """Task loss + weighted aux loss (+ `extra_loss` in training); updates metrics."""
+        """The task loss of a batch and the model's output; updates the split's metrics."""
         out = self(batch)
         task_loss, preds, target, weight = self.objective.loss(out, batch)
         self.objective.update(split, task_loss, preds, target, weight)
-        loss = task_loss + self.hparams.aux_loss_weight * out.aux_loss
-        return loss, out
+        return task_loss, out
 
     def extra_loss(self) -> torch.Tensor | None:
         """A regulariser added to the training loss (EWC's penalty); none by default."""
         return None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        loss, out = self.shared_step(batch, "train")
+        """Optimises task loss + weighted aux loss + `extra_loss`; logs each part on its own
+        (`train/loss` is the task loss, like `train/loss_epoch` and `val/loss`: comparable
+        across models and strategies whatever their regularisers)."""
+        task_loss, out = self.shared_step(batch, "train")
+        loss = task_loss + self.hparams.aux_loss_weight * out.aux_loss
         extra = self.extra_loss()
         if extra is not None:
             self.log("train/penalty", extra.detach(), on_step=True, on_epoch=False)
@@ -126,7 +134,7 @@ class BaseStrategy(L.LightningModule):
                 "Try a lower optimizer.lr or trainer.gradient_clip_val"
             )
         bs = out.logits.shape[0]
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/loss", task_loss.detach(), prog_bar=True, batch_size=bs)
         self.log("train/aux_loss", out.aux_loss.detach(), batch_size=bs)
         self._log_router_stats(out.stats, bs)
         return {"loss": loss, "stats": out.stats}

@@ -58,7 +58,7 @@ from advarch.continual_metrics import (
 from advarch.models.output import ExpertModel, ModelOutput, TaskHeads
 from advarch.spec import DataSpec, TaskSchedule, TaskStream
 from advarch.strategies.base import BaseStrategy
-from advarch.strategies.evaluation import mean_per_example
+from advarch.strategies.evaluation import score_sums, sharded
 from advarch.strategies.freezing import FrozenSlice, freeze
 from advarch.strategies.objectives import IGNORE, model_inputs, select_task_logits
 
@@ -210,14 +210,15 @@ class ContinualStrategy(BaseStrategy):
     def _val_batch_count(self, loader: DataLoader) -> int | None:
         """The batches of `loader` Lightning's validation runs (None: all):
         `trainer.limit_val_batches`, a count or a fraction of the loader, rounded down as
-        Lightning does. A count is each process's under DDP: as many batches of the unsharded
-        loader as all of them read together (a shard takes every W-th example). Where
-        validation is off (a limit of 0) the matrix still reads every batch."""
+        Lightning does. A count is each process's under DDP: of a loader holding this
+        process's share (`sharded`) as many; of one holding every example, as many as all
+        processes read together (a share takes every W-th example). Where validation is off
+        (a limit of 0) the matrix still reads every batch."""
         limit = getattr(self.trainer, "limit_val_batches", 1.0)
         if limit == 0 or (isinstance(limit, float) and limit == 1.0):
             return None
         if isinstance(limit, int):
-            return limit * getattr(self.trainer, "world_size", 1)
+            return limit if sharded(loader) else limit * getattr(self.trainer, "world_size", 1)
         return max(int(len(loader) * limit), 1)
 
     # -- forward with expert masks --------------------------------------------------------------
@@ -289,8 +290,10 @@ class ContinualStrategy(BaseStrategy):
         values = torch.zeros(self.num_tasks)
         for task, loader in enumerate(loaders):
             batches = itertools.islice(self._batches(loader), self._val_batch_count(loader))
-            score = mean_per_example(batches, lambda b: self.task_scores(b, self(b)))
-            values[task] = self.task_value(task, score)
+            sums = score_sums(batches, lambda b: self.task_scores(b, self(b)))
+            if sharded(loader):  # this process's share: add the others' (every process's R)
+                sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
+            values[task] = self.task_value(task, sums[0] / sums[1].clamp_min(1))
         self.train(was_training)
         return values
 
@@ -308,6 +311,7 @@ class ContinualStrategy(BaseStrategy):
 
     # -- task boundaries ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.hparams.joint and stage == "fit":
             self._stream().train_jointly(True)
 

@@ -1,7 +1,9 @@
-"""One evaluation loop: the mean of a per-example score over batches, in eval mode by the caller.
+"""One evaluation loop: the sum and mean of a per-example score over batches, in eval mode by
+the caller.
 
-`ContinualStrategy.evaluate_tasks` (each task's accuracy or bits/byte after every task) and
-`accuracy` (a plain model on classification batches: the finetune and merging demos) share it.
+`ContinualStrategy.evaluate_tasks` (each task's accuracy or bits/byte after every task, its
+sums added across DDP processes) and `accuracy` (a plain model on classification batches: the
+finetune and merging demos) share it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,25 @@ from torch import nn
 Batch = dict[str, torch.Tensor]
 
 
-def mean_per_example(batches: Iterable[Batch], score: Callable[[Batch], torch.Tensor]) -> float:
-    """Mean of `score(batch)` (one value per example) over every example of `batches`."""
-    total, count = 0.0, 0
+def score_sums(batches: Iterable[Batch], score: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
+    """(2,) float64: the sum of `score(batch)` (one value per example) over every example of
+    `batches`, and their count: sums add up across DDP processes, means would not."""
+    sums = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
         scores = score(batch)
-        total, count = total + float(scores.sum()), count + scores.numel()
+        sums += torch.stack([scores.double().sum().cpu(), torch.tensor(scores.numel())])
+    return sums
+
+
+def sharded(loader: Iterable[Batch]) -> bool:
+    """Whether `loader` holds one DDP process's share of its examples (its sampler deals them
+    out to `num_replicas` processes, as `DistributedSampler` does), not all of them."""
+    return getattr(getattr(loader, "sampler", None), "num_replicas", 1) > 1
+
+
+def mean_per_example(batches: Iterable[Batch], score: Callable[[Batch], torch.Tensor]) -> float:
+    """Mean of `score(batch)` (one value per example) over every example of `batches`."""
+    total, count = score_sums(batches, score).tolist()
     return total / max(count, 1)
 
 

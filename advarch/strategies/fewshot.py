@@ -211,7 +211,7 @@ class FewShotStrategy(BaseStrategy):
     def shared_step(
         self, batch: dict[str, torch.Tensor], split: str
     ) -> tuple[torch.Tensor, ModelOutput]:
-        """Query cross-entropy of one episode (+ weighted aux loss); records episode accuracy."""
+        """Query cross-entropy of one episode; records episode accuracy."""
         if "support" not in batch:
             raise ValueError("strategy=fewshot needs episode batches (support/query keys)")
         out = self.episode_logits(batch)
@@ -222,7 +222,7 @@ class FewShotStrategy(BaseStrategy):
         m["acc"].update((out.logits.argmax(-1) == labels).float().mean().detach())
         if split != "train":
             m["raw_proto_acc"].update(raw_prototype_accuracy(batch).float())
-        return loss + self.hparams.aux_loss_weight * out.aux_loss, out
+        return loss, out
 
     def metric_names(self) -> list[str]:
         episodic = ("loss", "acc", "acc_ci95", "raw_proto_acc", "raw_proto_acc_ci95")

@@ -144,6 +144,7 @@ class FinetuneStrategy(BaseStrategy):
 
     # -- hooks --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage == "fit" and self.pretrained is None:
             raise ConfigError(
                 "strategy.pretrained is not set; give the base run's checkpoint, e.g. "

@@ -124,7 +124,7 @@ class MultiTaskStrategy(BaseStrategy):
     def shared_step(
         self, batch: dict[str, torch.Tensor], split: str
     ) -> tuple[torch.Tensor, ModelOutput]:
-        """Task-balanced loss + weighted aux loss; updates overall, per-task and gate stats."""
+        """Task-balanced loss; updates overall, per-task and gate stats."""
         out = self(batch)
         example_loss, task, preds, target = self._example_losses(out, batch)
         task_loss, per_task, present = balanced_task_loss(example_loss, task, self.task_weights)
@@ -132,7 +132,7 @@ class MultiTaskStrategy(BaseStrategy):
         self.objective.update(split, task_loss, overall_preds, target, target.shape[0])
         self._update_task_metrics(split, per_task, present, preds, target, task)
         self._accumulate_gates(split, out.stats)
-        return task_loss + self.hparams.aux_loss_weight * out.aux_loss, out
+        return task_loss, out
 
     def _example_losses(
         self, out: ModelOutput, batch: dict[str, torch.Tensor]

@@ -132,3 +132,17 @@ def test_ddp_rates_are_the_jobs() -> None:
     m = trainer.callback_metrics
     per_device = float(m["train/tokens_per_s"]) / 2 * callback.flops_per_token / 1e9
     assert float(m["train/mfu"]) == pytest.approx(per_device, rel=1e-5)
+
+
+@pytest.mark.parametrize(("name", "bf16", "tf32"), [
+    ("NVIDIA H100 80GB HBM3", 989e12, 494e12), ("NVIDIA H100 PCIe", 756e12, 378e12),
+    ("NVIDIA H100 NVL", 835e12, 418e12), ("NVIDIA H200", 989e12, 494e12),
+    ("NVIDIA H200 NVL", 835e12, 418e12), ("NVIDIA A100-SXM4-80GB", 312e12, 156e12),
+])  # fmt: skip
+def test_each_card_has_its_own_dense_peak(monkeypatch, name: str, bf16: float, tf32: float):
+    # a PCIe or NVL card got the SXM peak: its MFU 1.2-1.3x too low
+    from advarch.callbacks.throughput import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    cuda = torch.device("cuda", 0)
+    assert (peak_flops(cuda, "bf16-mixed"), peak_flops(cuda, "32-true")) == (bf16, tf32)
