@@ -120,11 +120,22 @@ def _named(path: str | os.PathLike, key: str) -> str:
     return f"{key}={str(path)!r}" if key else str(path)
 
 
+def saved_hparam(ckpt: Mapping[str, Any], name: str) -> Any:
+    """What a run stored in its checkpoint's `hyper_parameters` under `name` (`cfg`: its
+    resolved config, `spec`: its DataSpec), or None (a checkpoint not written by advarch)."""
+    return (ckpt.get("hyper_parameters") or {}).get(name)
+
+
+def saved_kind(ckpt: Mapping[str, Any]) -> str | None:
+    """The task kind (`DataSpec.kind`) a checkpoint's model learnt, or None where unknown."""
+    return (saved_hparam(ckpt, "spec") or {}).get("kind")
+
+
 def saved_config(
     ckpt: Mapping[str, Any], path: str | os.PathLike, key: str = "ckpt_path"
 ) -> DictConfig:
     """The resolved training config an advarch run stored in its checkpoint."""
-    saved = (ckpt.get("hyper_parameters") or {}).get("cfg")
+    saved = saved_hparam(ckpt, "cfg")
     if saved is None:
         raise CheckpointError(
             f"{key}={str(path)!r} has no saved advarch config (hyper_parameters.cfg); "

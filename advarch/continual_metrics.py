@@ -119,15 +119,15 @@ def plot_accuracy_matrix(
     Accuracy is drawn on [0, 1]; bits per byte on the matrix's own range with the colour map
     reversed, so brighter is better for both.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     R = _square(R)
     T = R.shape[0]
     size = 1.2 + 0.75 * T
-    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    fig = Figure(figsize=(size + 1.0, size))  # (no pyplot: a notebook keeps its backend)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     finite = R[np.isfinite(R)]
     if metric == "acc" or finite.size == 0:
         low, high, cmap = 0.0, 1.0, "viridis"
@@ -150,5 +150,4 @@ def plot_accuracy_matrix(
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

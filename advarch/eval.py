@@ -143,10 +143,11 @@ def check_data_kind(ckpt_path: str, ckpt: dict, saved: DictConfig) -> None:
     never set (`strategy.fisher_estimator=exact does not apply to language models`)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from advarch.checkpoint import saved_kind
     from advarch.errors import ConfigError
     from advarch.pipeline import BAD_INPUT, build_datamodule, naming
 
-    learnt = ((ckpt.get("hyper_parameters") or {}).get("spec") or {}).get("kind")
+    learnt = saved_kind(ckpt)
     try:
         _, spec = build_datamodule(saved)
     except BAD_INPUT as err:  # (too few documents for seq_len, …: as build_all says it)

@@ -21,6 +21,7 @@ from advarch.config.checks import check_collection, check_optimizer, check_run_k
 from advarch.config.validate import locate_target, unimportable_target, validate_node
 from advarch.errors import ConfigError
 from advarch.models.model import Model
+from advarch.reasons import first_line
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
 
@@ -155,18 +156,18 @@ def build_all(cfg: DictConfig) -> tuple[L.LightningDataModule, DataSpec, L.Light
     except InstantiationException as err:
         cause = err.__cause__ or err
         if isinstance(cause, BAD_INPUT):
-            raise ConfigError(str(cause).splitlines()[0]) from cause
+            raise ConfigError(first_line(cause)) from cause
         raise
     except BAD_INPUT as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(str(err).splitlines()[0]) from err
+        raise ConfigError(first_line(err)) from err
 
 
 def naming(key: str, err: BaseException) -> str:
     """The first line of `err`, prefixed with the config `key` it came from unless it names a
     key under it already (`model.dim=…`)."""
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    first = first_line(err)
     return first if first.startswith((f"{key}.", f"{key}=", f"{key}:")) else f"{key}: {first}"
 
 

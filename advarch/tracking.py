@@ -102,7 +102,7 @@ def wandb_init_fields(
         "name": user.get("name") or identity.name,
         "group": user.get("group") or identity.group,
         "job_type": user.get("job_type") or identity.job_type,
-        "tags": list(dict.fromkeys([*(cfg.get("tags") or []), *identity.tags])),
+        "tags": list(dict.fromkeys([*map(str, cfg.get("tags") or []), *identity.tags])),
         "config": config,
         # our run summary replaces W&B's console sparklines and sync hints
         "settings": wandb.Settings(quiet=True, silent=True),

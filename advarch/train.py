@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
 from advarch.config.combinations import check_combination, with_strategy_defaults
+from advarch.reasons import first_line
 from advarch.slurm import STOP_SIGNALS, requeue
 from advarch.tracking import RunIdentity, tracker_group
 
@@ -454,7 +455,7 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
         log.error("trial %s failed: %s", identity.trial or hc.job.num, err)
         return worst_value(direction)
     except Exception as err:  # noqa: BLE001  (a trial's failure must not end the sweep)
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         log.error("trial %s failed: %s", identity.trial or hc.job.num, reason)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "error.txt").write_text(traceback.format_exc())

@@ -23,6 +23,7 @@ from advarch.checkpoint import (
     load_error,
     load_with_config,
     model_weights,
+    saved_hparam,
     with_cache_dir,
 )
 from advarch.errors import ConfigError
@@ -61,7 +62,7 @@ def load_lm(ckpt_path: str, device: str = "cpu", cache_dir: str | None = None) -
     if cache_dir is not None:
         saved = with_cache_dir(saved, cache_dir)
     tokenizer, datamodule = saved_tokenizer(ckpt), None
-    saved_spec = (ckpt.get("hyper_parameters") or {}).get("spec")
+    saved_spec = saved_hparam(ckpt, "spec")
     if tokenizer is None or saved_spec is None or OmegaConf.select(saved, "model.retro"):
         datamodule, spec = build_datamodule(saved)
     else:

@@ -78,6 +78,10 @@ def _name(hint: Any) -> str:
     if hint is type(None):
         return "null"
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple and args and args[-1] is not Ellipsis:  # fixed fields: say how many
+        kinds = list(dict.fromkeys(hint_name(a) for a in args))
+        return f"list of {len(args)}, " + (f"each {kinds[0]}" if len(kinds) == 1 else
+                                             ", ".join(hint_name(a) for a in args))  # fmt: skip
     if origin is not None and isinstance(origin, type) and issubclass(origin, Sequence) and args:
         return f"list of {_name(args[0])}"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -52,6 +52,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["test=2"], "test=2"),
     ("train", ["train=false", "test=false"], "nothing to do"),
     ("train", ["run_name=''"], "run_name=''"),
+    ("train", ["tags=notalist"], "tags='notalist' must be a list: tags=[notalist]"),
     ("train", ["optimized_metric=val/bogus"], "optimized_metric=val/bogus"),
     ("train", ["strategy=ewc", *STREAM, "optimized_metric=cl/bogus"], "optimized_metric=cl/bogus"),
     ("train", ["optimized_metric=5"], "optimized_metric=5"),
@@ -233,6 +234,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ),
     # (torch's "Invalid beta parameter at index 1: 1.5", naming no key)
     ("train", ["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5] must be in [0, 1) each"),
+    ("train", ["optimizer.betas=[0.9]"], "(expected list of 2, each float or Tensor)"),
     ("train", ["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1 must be >= 0"),
     ("train", ["+optimizer.bogus=1"], "optimizer.bogus is not an option"),
     ("train", ["scheduler.warmup_steps=-1"], "scheduler.warmup_steps=-1"),

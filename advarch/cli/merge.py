@@ -57,13 +57,13 @@ def check_one_architecture(base: str, models: list[str]) -> None:
     """ValueError naming the first model checkpoint whose saved config builds another
     architecture than the base's (a tensor-by-tensor error would suggest a rule instead), or
     that was trained on another tokenizer (its token ids mean other text)."""
-    from advarch.checkpoint import TOKENIZER, read_checkpoint
+    from advarch.checkpoint import TOKENIZER, read_checkpoint, saved_hparam
     from advarch.config.runs import architecture_difference
     from advarch.data.tokenizer import tokenizer_difference
 
     def saved(path: str, key: str) -> tuple[Any, Any]:
         ckpt = read_checkpoint(path, key, mmap=True)
-        return (ckpt.get("hyper_parameters") or {}).get("cfg"), ckpt.get(TOKENIZER)
+        return saved_hparam(ckpt, "cfg"), ckpt.get(TOKENIZER)
 
     base_cfg, base_tokenizer = saved(base, "base")
     for i, path in enumerate(models):

@@ -47,7 +47,8 @@ OPTIMIZER_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
 
 
 def check_run_keys(cfg: DictConfig) -> None:
-    """`seed`, `train`, `test`, `run_name`, `ckpt_path`, `optimized_metric` of train.yaml."""
+    """`seed`, `train`, `test`, `tags`, `run_name`, `ckpt_path`, `optimized_metric` of
+    train.yaml."""
     seed = cfg.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise ConfigError(f"seed={seed!r} must be an integer in 0..2**32-1")
@@ -60,6 +61,9 @@ def check_run_keys(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise ConfigError(f"{key}={value!r} must be a non-empty string{quote_hint(key, value)}")
+    tags = cfg.get("tags")
+    if tags is not None and not OmegaConf.is_list(tags):  # a word became a tag per letter
+        raise ConfigError(f"tags={tags!r} must be a list: tags=[{tags}] (or tags=[a,b])")
     name = PurePath(str(cfg.get("run_name") or ""))
     if name.is_absolute() or ".." in name.parts:  # its runs go to outputs/runs/<run_name>/
         raise ConfigError(

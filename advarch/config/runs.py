@@ -16,6 +16,8 @@ from advarch.checkpoint import (
     read_checkpoint,
     run_dir_of,
     saved_config,
+    saved_hparam,
+    saved_kind,
 )
 from advarch.config.typed import typed_overrides
 from advarch.errors import ConfigError
@@ -77,7 +79,7 @@ def config_mismatch(
 ) -> str | None:
     """Why `ckpt` was not written by a run of this configuration (None when it was): the first
     `key=value` of `keys` that differs (`model.ffn=['moe'] there, ['dense'] now`)."""
-    saved = (ckpt.get("hyper_parameters") or {}).get("cfg")
+    saved = saved_hparam(ckpt, "cfg")
     if saved is None:
         return "no saved advarch config"
     current = OmegaConf.to_container(cfg, resolve=True)
@@ -103,7 +105,7 @@ def task_kinds(ckpt: Mapping[str, Any], saved: Mapping[str, Any], current: Mappi
         facts = DATA.get(str((config.get("data") or {}).get("_target_")))
         return None if facts is None else facts.kind
 
-    learnt = ((ckpt.get("hyper_parameters") or {}).get("spec") or {}).get("kind") or kind(saved)
+    learnt = saved_kind(ckpt) or kind(saved)
     now = kind(current)
     if learnt is None or now is None or learnt == now:
         return None
@@ -176,9 +178,8 @@ def use_resumed_tokenizer(cfg: DictConfig, ckpt: Path | None) -> None:
     data = cfg.get("data") or {}
     if ckpt is None or "tokenizer_from" not in data:
         return
-    saved = ((read_checkpoint(ckpt, "ckpt_path", mmap=True).get("hyper_parameters") or {})
-             .get("cfg") or {}).get("data") or {}  # fmt: skip
-    data.tokenizer_from = str(ckpt) if saved.get("tokenizer_from") else None
+    saved = saved_hparam(read_checkpoint(ckpt, "ckpt_path", mmap=True), "cfg") or {}
+    data.tokenizer_from = str(ckpt) if (saved.get("data") or {}).get("tokenizer_from") else None
 
 
 def ran_with(checkpoint: Path) -> str:
@@ -272,7 +273,7 @@ def resolve_checkpoint(
                 "another task" if other.startswith("data._target_=") and ": a " in other else what
             )
             # a fine-tune of it only where one would be accepted (`check_base_fits`)
-            base = (ckpt.get("hyper_parameters") or {}).get("cfg")
+            base = saved_hparam(ckpt, "cfg")
             fits = base is not None and architecture_difference(base, cfg) is None
             finetune = (f", or start from its weights with strategy=finetune "
                         f"strategy.pretrained={ckpt_path}") if fits else ""  # fmt: skip

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from advarch.console_summary import SUMMARY_FILE
+from advarch.reasons import short_reason
 
 log = logging.getLogger("advarch")
 RESULT_FILE = "result.json"  # a sweep trial's outcome, written by `advarch.sweeps`
@@ -29,8 +30,7 @@ def read_file(path: Path, parse: Callable[[str], Any], default: Any = None) -> A
     try:
         return parse(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-        log.warning("skipping %s (%s: %s)", path, type(err).__name__, reason)
+        log.warning("skipping %s (%s: %s)", path, type(err).__name__, short_reason(err))
         return default
 
 
