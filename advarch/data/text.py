@@ -52,8 +52,8 @@ from advarch.data.sources import (
     local_dataset,
     saved_documents,
 )
+from advarch.data.text_options import check_text_options
 from advarch.data.tokenizer import (
-    BYTE_VOCAB,
     BPETokenizer,
     ByteTokenizer,
     chosen_tokenizer,
@@ -91,17 +91,7 @@ class TextDataModule(L.LightningDataModule):
         dedupe: bool = False,
     ) -> None:
         super().__init__()
-        if tokenizer not in ("byte", "bpe"):
-            raise ValueError(f"data.tokenizer={tokenizer!r} is not one of: byte, bpe")
-        if seq_len < 2:
-            raise ValueError(f"data.seq_len={seq_len} must be at least 2")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size} must be positive")
-        if max_documents is not None and max_documents < 1:
-            raise ValueError(f"data.max_documents={max_documents} must be positive or null")
-        if tokenizer == "bpe" and bpe_vocab_size < BYTE_VOCAB:  # (BPE starts from the bytes)
-            raise ValueError(f"data.bpe_vocab_size={bpe_vocab_size} must be at least "
-                             f"{BYTE_VOCAB} (256 bytes and 3 special tokens)")  # fmt: skip
+        check_text_options(tokenizer, bpe_vocab_size, seq_len, batch_size, max_documents)
         if files is not None and not matched_files(files):
             folder = isinstance(files, str) and Path(files).expanduser().is_dir()
             hint = (

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from advarch.data.corpus import SPLITS, split_documents, stdlib_files
+from advarch.data.corpus import MIN_DOCUMENTS, SPLITS, split_documents, stdlib_files
 from advarch.data.packing import (
     LMCollate,
     cache_key,
@@ -40,6 +40,7 @@ from advarch.data.packing import (
 )
 from advarch.data.sampling import EpochShuffleSampler, eval_sampler
 from advarch.data.stream import TaskStreamMixin
+from advarch.data.text_options import check_text_options
 from advarch.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
@@ -134,7 +135,8 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
         seq_len: tokens per packed sequence.
         batch_size: sequences per batch.
         val_fraction, test_fraction: fractions of each domain's files held out.
-        max_documents: use only the first N files of each domain (quick experiments).
+        max_documents: use only the first N files of each domain (quick experiments; at
+            least 3, one per split).
         max_eval_sequences: evenly spaced val/test sequences evaluated per domain (None = all).
         seed: seed of the file split and of the training order.
         cache_dir: where tokenised, packed domains are cached (Arrow).
@@ -171,12 +173,11 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
             raise ValueError(f"data.steps_per_task={steps_per_task} must be >= 1")
         if scenario not in ("domain", "task"):
             raise ValueError(f"data.scenario={scenario!r} must be 'domain' or 'task'")
-        if tokenizer not in ("byte", "bpe"):
-            raise ValueError(f"data.tokenizer={tokenizer!r} is not one of: byte, bpe")
-        if seq_len < 2 or batch_size < 1:
-            raise ValueError(
-                f"data.seq_len={seq_len} must be >= 2 and data.batch_size={batch_size} >= 1"
-            )
+        check_text_options(tokenizer, bpe_vocab_size, seq_len, batch_size, max_documents)
+        if max_documents is not None and max_documents < MIN_DOCUMENTS:  # (split by file)
+            raise ValueError(f"data.max_documents={max_documents} must be at least "
+                             f"{MIN_DOCUMENTS} or null: each domain's files are split into "
+                             "train/val/test")  # fmt: skip
         self.domains = tuple(domains)
         self.num_tasks = len(self.domains)
         self.schedule = TaskSchedule(self.num_tasks, self.epochs_per_task)
