@@ -1,7 +1,8 @@
 """Tokenised corpora packed for language modelling, as the text datamodules cache them.
 
 `pack_documents` joins documents with <eos> and cuts the stream into rows of seq_len + 1
-tokens saved as an Arrow dataset; `load_or_build` builds a cache folder once, atomically;
+tokens saved as an Arrow dataset, `pack_splits` does it for each of train/val/test and returns
+their sizes for the meta; `load_or_build` builds a cache folder once, atomically;
 `LMCollate` turns rows into input_ids/labels (plus RETRO neighbours); `unigram_bits_per_byte`
 is the baseline every language-model run is compared with. Shared by `text.py` and
 `text_domains.py`.
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from advarch.data.corpus import SPLITS
 from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
 from advarch.reasons import short_reason
 
@@ -143,6 +145,35 @@ def pack_documents(
     )
     datasets.Dataset(table).save_to_disk(str(out))
     return tokens, doc_ids
+
+
+def pack_splits(
+    tok: ByteTokenizer | BPETokenizer,
+    texts: list[str],
+    parts: dict[str, np.ndarray],
+    seq_len: int,
+    out: Path,
+    corpus: str | None = None,
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Pack each split's documents (`parts`: indices into `texts`) into `out/<split>` with
+    `pack_documents`; `corpus` (a domain) names the splits in errors.
+
+    Returns:
+        `(sizes, packed)`: the meta both text datamodules keep per corpus (`<split>_tokens`,
+        `<split>_bytes`, the val `unigram_bpb`), and each split's `(tokens, doc_ids)`.
+    """
+    sizes: dict[str, Any] = {}
+    packed = {}
+    for split in SPLITS:
+        docs = [texts[i] for i in parts[split]]
+        label = f"{corpus} {split} split" if corpus else f"{split} split"
+        packed[split] = pack_documents(tok, docs, parts[split], seq_len, out / split, label)
+        sizes[f"{split}_tokens"] = int(len(packed[split][0]))
+        sizes[f"{split}_bytes"] = int(sum(len(d.encode("utf-8")) for d in docs))
+    sizes["unigram_bpb"] = unigram_bits_per_byte(
+        packed["train"][0], packed["val"][0], tok.vocab_size, sizes["val_bytes"]
+    )
+    return sizes, packed
 
 
 class LMCollate:

@@ -36,8 +36,7 @@ from advarch.data.packing import (
     cache_key,
     eval_subset,
     load_or_build,
-    pack_documents,
-    unigram_bits_per_byte,
+    pack_splits,
 )
 from advarch.data.sampling import (
     EpochShuffleSampler,
@@ -202,24 +201,14 @@ class TextDataModule(L.LightningDataModule):
         tok = train_tokenizer(
             self.tokenizer_kind, train_texts, self.bpe_vocab_size, tmp, self.given_tokenizer
         )
-        meta: dict[str, Any] = {**token_ids(tok), "documents": {}}
+        sizes, packed = pack_splits(tok, texts, parts, self.seq_len, tmp)
+        meta: dict[str, Any] = {**token_ids(tok), "documents": {}, **sizes}
         if len(texts) != documents:
             meta["cut"] = {"documents": documents, "pieces": len(texts)}
-        streams = {}
-        for split in SPLITS:
-            docs = [texts[i] for i in parts[split]]
-            tokens, doc_ids = pack_documents(
-                tok, docs, parts[split], self.seq_len, tmp / split, f"{split} split"
-            )
+        for split, (tokens, doc_ids) in packed.items():  # (retrieval and reports read these)
             meta["documents"][split] = [names[i] for i in parts[split]]
-            meta[f"{split}_tokens"] = int(len(tokens))
-            meta[f"{split}_bytes"] = int(sum(len(d.encode("utf-8")) for d in docs))
-            streams[split] = tokens
             np.save(tmp / f"{split}_tokens.npy", tokens)
             np.save(tmp / f"{split}_docs.npy", doc_ids)
-        meta["unigram_bpb"] = unigram_bits_per_byte(
-            streams["train"], streams["val"], tok.vocab_size, meta["val_bytes"]
-        )
         return meta
 
     def _attach_retrieval(self, cache: Path) -> None:

@@ -35,8 +35,7 @@ from advarch.data.packing import (
     cache_key,
     eval_subset,
     load_or_build,
-    pack_documents,
-    unigram_bits_per_byte,
+    pack_splits,
 )
 from advarch.data.sampling import EpochShuffleSampler, eval_sampler
 from advarch.data.stream import TaskStreamMixin
@@ -251,20 +250,11 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
         )
         meta: dict[str, Any] = {**token_ids(tok), "domains": {}}
         for domain in self.domains:
-            info: dict[str, Any] = {}
-            streams = {}
-            for split in SPLITS:
-                index = parts[domain][split]
-                docs = [texts[domain][i] for i in index]
-                streams[split], _ = pack_documents(
-                    tok, docs, index, self.seq_len, tmp / domain / split, f"{domain} {split} split"
-                )
-                info[f"{split}_tokens"] = int(len(streams[split]))
-                info[f"{split}_bytes"] = int(sum(len(d.encode("utf-8")) for d in docs))
-                info[f"{split}_documents"] = [str(files[domain][i]) for i in index]
-            info["unigram_bpb"] = unigram_bits_per_byte(
-                streams["train"], streams["val"], tok.vocab_size, info["val_bytes"]
+            info, _ = pack_splits(
+                tok, texts[domain], parts[domain], self.seq_len, tmp / domain, domain
             )
+            for split, index in parts[domain].items():
+                info[f"{split}_documents"] = [str(files[domain][i]) for i in index]
             meta["domains"][domain] = info
         return meta
 
