@@ -176,6 +176,18 @@ def pack_splits(
     return sizes, packed
 
 
+def check_fills_a_batch(sequences: int, label: str, seq_len: int, batch_size: int) -> None:
+    """One-line ValueError when a training split (`label`, e.g. `train split`) packs into fewer
+    sequences than one batch: `data=text`'s loader drops that partial batch and would train on
+    nothing; a task stream would train the task for one short step, not data.steps_per_task."""
+    if sequences < batch_size:
+        raise ValueError(
+            f"data: the {label} packs into {sequences} sequences of data.seq_len={seq_len} "
+            f"tokens, fewer than data.batch_size={batch_size}: not one training batch; lower "
+            "data.batch_size or data.seq_len, or add documents"
+        )
+
+
 class LMCollate:
     """Rows of `tokens` (T+1) → input_ids/labels (B, T), plus RETRO neighbours when enabled."""
 

@@ -34,6 +34,7 @@ from advarch.data.corpus import (
 from advarch.data.packing import (
     LMCollate,
     cache_key,
+    check_fills_a_batch,
     eval_subset,
     load_or_build,
     pack_splits,
@@ -220,13 +221,7 @@ class TextDataModule(L.LightningDataModule):
     @property
     def spec(self) -> DataSpec:
         self._prepare()
-        sequences = len(self.splits["train"])
-        if sequences < self.batch_size:  # the training loader drops its one partial batch
-            raise ValueError(
-                f"data: the train split packs into {sequences} sequences of data.seq_len="
-                f"{self.seq_len} tokens, fewer than data.batch_size={self.batch_size}: not one "
-                "training batch; lower data.batch_size or data.seq_len, or add documents"
-            )
+        check_fills_a_batch(len(self.splits["train"]), "train split", self.seq_len, self.batch_size)
         r = self.retriever
         return DataSpec(
             kind="lm",

@@ -33,6 +33,7 @@ from advarch.data.corpus import MIN_DOCUMENTS, SPLITS, split_documents, stdlib_f
 from advarch.data.packing import (
     LMCollate,
     cache_key,
+    check_fills_a_batch,
     eval_subset,
     load_or_build,
     pack_splits,
@@ -262,6 +263,8 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
     @property
     def spec(self) -> DataSpec:
         self._prepare()
+        for domain, train in zip(self.domains, self.data["train"], strict=True):
+            check_fills_a_batch(len(train), f"{domain} train split", self.seq_len, self.batch_size)
         info = [self.meta["domains"][d] for d in self.domains]
         val_bytes = sum(i["val_bytes"] for i in info)
         return DataSpec(

@@ -1,4 +1,5 @@
-"""data=text and data=text_domains refuse the same options in the same one line."""
+"""data=text and data=text_domains refuse the same options, and a train split smaller than a
+batch, in the same one line."""
 
 from __future__ import annotations
 
@@ -41,4 +42,25 @@ def test_text_domains_refuses_fewer_files_than_splits(tmp_path: Path) -> None:
     assert str(caught.value) == (
         "data.max_documents=2 must be at least 3 or null: each domain's files are split into "
         "train/val/test"
+    )
+
+
+@pytest.mark.parametrize(
+    ("datamodule", "options", "split"),
+    [
+        (TextDataModule, {"max_documents": 40}, "train split"),
+        (TextDomainsDataModule, {"domains": ["codecs"], "max_documents": 3}, "codecs train split"),
+    ],
+    ids=["text", "text_domains"],
+)
+def test_a_train_split_smaller_than_a_batch_is_refused_naming_it(
+    datamodule: type, options: dict, split: str, cache_dir: Path
+) -> None:
+    dm = datamodule(**options, seq_len=64, batch_size=10**6, cache_dir=str(cache_dir))
+    with pytest.raises(ValueError) as caught:
+        _ = dm.spec
+    assert str(caught.value).startswith(f"data: the {split} packs into ")
+    assert str(caught.value).endswith(
+        " sequences of data.seq_len=64 tokens, fewer than data.batch_size=1000000: not one "
+        "training batch; lower data.batch_size or data.seq_len, or add documents"
     )
