@@ -52,7 +52,7 @@ from advarch.data.sources import (
     local_dataset,
     saved_documents,
 )
-from advarch.data.text_options import check_text_options
+from advarch.data.text_options import cache_key_options, check_text_options
 from advarch.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
@@ -144,13 +144,7 @@ class TextDataModule(L.LightningDataModule):
         else:
             source = [(str(p), p.stat().st_size) for p in stdlib_files()]
         options = [
-            self.tokenizer_kind,
-            self.bpe_vocab_size,
-            self.seq_len,
-            self.val_fraction,
-            self.test_fraction,
-            self.max_documents,
-            self.seed,
+            *cache_key_options(self),
             self.text_field,
             2,
             *(["dedupe"] if self.dedupe else []),  # keeps earlier caches' keys

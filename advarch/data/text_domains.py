@@ -40,7 +40,7 @@ from advarch.data.packing import (
 )
 from advarch.data.sampling import EpochShuffleSampler, eval_sampler
 from advarch.data.stream import TaskStreamMixin
-from advarch.data.text_options import check_text_options
+from advarch.data.text_options import cache_key_options, check_text_options
 from advarch.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
@@ -197,13 +197,7 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
         files = domain_files(self.domains)
         source = {d: [(str(p), p.stat().st_size) for p in fs] for d, fs in files.items()}
         options = [
-            self.tokenizer_kind,
-            self.bpe_vocab_size,
-            self.seq_len,
-            self.val_fraction,
-            self.test_fraction,
-            self.max_documents,
-            self.seed,
+            *cache_key_options(self),
             CACHE_VERSION,
             *given_tokenizer_key(self.given_tokenizer),
         ]
