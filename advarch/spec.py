@@ -72,9 +72,18 @@ class DataSpec:
     def num_tasks(self) -> int:
         return len(self.task_names)
 
+    @property
+    def token_bytes(self) -> list[int] | None:
+        """UTF-8 bytes of each token id's text (0 for <eos> and the other specials), which text
+        datamodules put in `extras["token_bytes"]`: bits per byte divide the nats of the tokens
+        scored by their own bytes. None for data that is not text, and in checkpoints written
+        before it (their bits per byte fall back to `bytes_per_token`)."""
+        return self.extras.get("token_bytes")
+
     def bytes_per_token(self, split: str, task: int | None = None) -> float | None:
-        """UTF-8 bytes per token of text data's `split` (of its task `task` where known), which
-        turns nats per token into bits per byte; None for data that is not text.
+        """UTF-8 bytes per token of text data's whole `split` (of its task `task` where known);
+        None for data that is not text. Bits per byte divide by it only without `token_bytes`:
+        a subset of the split is scored, whose bytes per token differ with BPE.
 
         Text datamodules put `{split: ratio}` in `extras["bytes_per_token"]` and, for a
         stream of domains, `{split: [ratio per task]}` in `extras["task_bytes_per_token"]`.

@@ -230,6 +230,7 @@ class TextDataModule(L.LightningDataModule):
             retrieval_neighbour_len=r.neighbour_len if r else 128,
             extras={
                 "bytes_per_token": {split: self.bytes_per_token(split) for split in SPLITS},
+                "token_bytes": self.tokenizer.token_bytes(),  # exact bits per byte
                 "unigram_bpb": self.meta["unigram_bpb"],
                 "tokenizer": self.tokenizer_kind,
             },

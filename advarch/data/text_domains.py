@@ -12,8 +12,8 @@ train/val/test by document (`split_documents`, seeded), so no file leaks across 
 sequences, a new draw every epoch, resumable mid-epoch), one validation/test loader per
 domain. Every batch
 carries `task` (the domain id), so per-domain expert masks can route by it. The spec's
-`extras` hold each domain's bytes per token and unigram baseline, so strategies report
-bits per byte per domain.
+`extras` hold the UTF-8 bytes of each token id, so strategies report bits per byte (per
+domain too) over the bytes of the tokens they score, and each domain's unigram baseline.
 
 Shapes: B batch, T sequence length.
 """
@@ -282,6 +282,7 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
                 },
                 "unigram_bpb": sum(i["unigram_bpb"] * i["val_bytes"] for i in info) / val_bytes,
                 "task_unigram_bpb": [i["unigram_bpb"] for i in info],
+                "token_bytes": self.tokenizer.token_bytes(),  # exact bits per byte
                 "scenario": self.scenario,
                 "epochs_per_task": self.epochs_per_task,
                 "steps_per_task": self.steps_per_task,

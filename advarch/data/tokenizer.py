@@ -31,6 +31,10 @@ class ByteTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of each id's text: 1 for a byte, 0 for the specials (bits per byte)."""
+        return [1] * 256 + [0] * (self.vocab_size - 256)
+
 
 class BPETokenizer:
     """Byte-level BPE from the `tokenizers` library, trained on the training split and cached."""
@@ -89,6 +93,24 @@ class BPETokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids))
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of each id's text (bits per byte): a ByteLevel token writes each byte as
+        one character of its alphabet; the specials (<eos>, …) are no text, 0 bytes."""
+        from tokenizers import pre_tokenizers
+
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        specials = set(self.tokenizer.get_added_tokens_decoder())
+        return [
+            0 if i in specials else _byte_level_length(self.tokenizer.id_to_token(i), alphabet)
+            for i in range(self.vocab_size)
+        ]
+
+
+def _byte_level_length(token: str | None, alphabet: set[str]) -> int:
+    """Bytes a ByteLevel token stands for: one per alphabet character (any other character,
+    from a tokenizer of another kind, counts its own UTF-8 bytes)."""
+    return sum(1 if ch in alphabet else len(ch.encode("utf-8")) for ch in token or "")
 
 
 def train_tokenizer(

@@ -6,7 +6,7 @@ Used directly (`strategy=naive`) this is plain sequential fine-tuning on the str
 The stream (`advarch/data/stream.py`: permuted/split/rotated digits, text domains) switches
 the training task at epoch boundaries and validates on one loader per task. The per-task
 metric is accuracy for classification streams (higher is better) and bits per byte for
-language-model streams (lower is better; each domain's own bytes per token). At the end of
+language-model streams (lower is better; over the UTF-8 bytes of the tokens scored). At the end of
 each task this module evaluates every task (seen and unseen) on the validation split to fill
 the matrix R[i, j] = metric on task j after training task i (the untrained model's values
 b_j are measured once at fit start), logs `cl/avg_acc` or `cl/avg_bpb`, `cl/bwt`, `cl/fwt`,
@@ -58,7 +58,7 @@ from advarch.continual_metrics import (
 from advarch.models.output import ExpertModel, ModelOutput, TaskHeads
 from advarch.spec import DataSpec, TaskSchedule, TaskStream
 from advarch.strategies.base import BaseStrategy
-from advarch.strategies.evaluation import score_sums, sharded
+from advarch.strategies.evaluation import mean_of, score_sums, sharded
 from advarch.strategies.freezing import FrozenSlice, freeze
 from advarch.strategies.objectives import IGNORE, model_inputs, select_task_logits
 
@@ -252,8 +252,9 @@ class ContinualStrategy(BaseStrategy):
     # -- evaluation of every task ---------------------------------------------------------------
     def task_scores(self, batch: Batch, out: ModelOutput) -> torch.Tensor:
         """Per-item scores whose mean is the task metric's raw value: correctness (B,) for
-        classification, the negative log-likelihood in nats of every target token (N,) for
-        language models (padding dropped)."""
+        classification; for language models, of every target token (padding dropped), the
+        negative log-likelihood in nats and its UTF-8 bytes (N, 2), or the nats alone (N,)
+        for data without a byte table (a checkpoint written before it)."""
         if self.task_metric == "acc":
             logits = select_task_logits(out.logits, batch.get("task"))
             return (logits.argmax(-1) == batch["labels"]).float()
@@ -263,15 +264,21 @@ class ContinualStrategy(BaseStrategy):
         nll = F.cross_entropy(
             out.logits.flatten(0, 1).float(), labels, ignore_index=IGNORE, reduction="none"
         )
-        return nll[labels != IGNORE]
+        scored = labels != IGNORE
+        if self.objective.token_bytes is None:
+            return nll[scored]
+        return torch.stack([nll[scored], self.objective.token_bytes[labels[scored]]], -1)
 
     def task_value(self, task: int, mean_score: torch.Tensor | float) -> torch.Tensor:
-        """The task metric from a validation mean score: accuracy as is, nats per token → bits
-        per byte with task `task`'s own validation bytes per token."""
+        """The task metric from the mean of `task_scores`: accuracy as is; bits per byte, the
+        mean nats / ln 2 / the mean bytes of the tokens scored, or without their bytes / task
+        `task`'s whole validation split's bytes per token."""
         mean = torch.as_tensor(mean_score, dtype=torch.float32)
         if self.task_metric == "acc":
             return mean
-        return mean / math.log(2) / self.spec.bytes_per_token("val", task)
+        if mean.dim() == 0:
+            return mean / math.log(2) / self.spec.bytes_per_token("val", task)
+        return mean[0] / math.log(2) / mean[1]
 
     @torch.no_grad()
     def evaluate_tasks(self) -> torch.Tensor:
@@ -293,7 +300,7 @@ class ContinualStrategy(BaseStrategy):
             sums = score_sums(batches, lambda b: self.task_scores(b, self(b)))
             if sharded(loader):  # this process's share: add the others' (every process's R)
                 sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
-            values[task] = self.task_value(task, sums[0] / sums[1].clamp_min(1))
+            values[task] = self.task_value(task, mean_of(sums))
         self.train(was_training)
         return values
 

@@ -17,13 +17,22 @@ Batch = dict[str, torch.Tensor]
 
 
 def score_sums(batches: Iterable[Batch], score: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
-    """(2,) float64: the sum of `score(batch)` (one value per example) over every example of
-    `batches`, and their count: sums add up across DDP processes, means would not."""
+    """float64, on the CPU: over every example of `batches`, the sum of `score(batch)`'s one
+    value per example (N,), or of each of its columns (N, K) (bits per byte: nats, bytes),
+    then the count of examples. Sums add up across DDP processes; means would not."""
     sums = torch.zeros(2, dtype=torch.float64)
-    for batch in batches:
-        scores = score(batch)
-        sums += torch.stack([scores.double().sum().cpu(), torch.tensor(scores.numel())])
+    for i, batch in enumerate(batches):
+        scores = score(batch).double()
+        count = torch.tensor([len(scores)], dtype=torch.float64)
+        part = torch.cat([scores.sum(0).reshape(-1).cpu(), count])
+        sums = part if i == 0 else sums + part
     return sums
+
+
+def mean_of(sums: torch.Tensor) -> torch.Tensor:
+    """The means of `score_sums`: () for one value per example, (K,) for K columns."""
+    mean = sums[:-1] / sums[-1].clamp_min(1)
+    return mean[0] if mean.numel() == 1 else mean
 
 
 def sharded(loader: Iterable[Batch]) -> bool:
@@ -34,8 +43,7 @@ def sharded(loader: Iterable[Batch]) -> bool:
 
 def mean_per_example(batches: Iterable[Batch], score: Callable[[Batch], torch.Tensor]) -> float:
     """Mean of `score(batch)` (one value per example) over every example of `batches`."""
-    total, count = score_sums(batches, score).tolist()
-    return total / max(count, 1)
+    return float(mean_of(score_sums(batches, score)))
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from advarch.models.output import ModelOutput
 from advarch.spec import DataSpec
 
 IGNORE = -100
+BYTES = "bytes_per_token"  # the metric of UTF-8 bytes per scored target token (not logged)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -88,11 +89,15 @@ class Objective(nn.Module):
     """Loss and metrics for one data kind; torchmetrics, one set per split (keys `train_`, …:
     nn.Module already owns `.train`) and, for data of several tasks, one per task of the
     evaluation splits (`val_task1_`, …: a task stream evaluates each task on a loader of its
-    own)."""
+    own). Bits per byte divide the nats of the targets scored by those targets' UTF-8 bytes,
+    counted with the data's `token_bytes` table beside the loss."""
 
     def __init__(self, spec: DataSpec) -> None:
         super().__init__()
         self.spec = spec
+        table = spec.token_bytes if spec.kind in ("lm", "seq2seq") else None
+        table = None if table is None else torch.tensor(table, dtype=torch.float32)
+        self.register_buffer("token_bytes", table, persistent=False)  # (V,), from the data
         per_task = range(spec.num_tasks) if spec.num_tasks > 1 else ()
         keys = ["train_", "val_", "test_"]
         keys += [f"{split}_task{t}_" for split in ("val", "test") for t in per_task]
@@ -111,6 +116,8 @@ class Objective(nn.Module):
             m["acc"] = torchmetrics.Accuracy(
                 task="multiclass", num_classes=classes, ignore_index=IGNORE
             )
+        if self.token_bytes is not None:
+            m[BYTES] = WeightedMean()  # synced, reset and checkpointed as the loss is
         return m
 
     def metric_names(self) -> list[str]:
@@ -151,6 +158,14 @@ class Objective(nn.Module):
         m["loss"].update(loss.detach(), weight=weight)
         key = "mse" if "mse" in m else "acc"
         m[key].update(preds.detach(), target)
+        if BYTES in m:
+            m[BYTES].update(*self.target_bytes(target))
+
+    def target_bytes(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(UTF-8 bytes of each target token, 1.0 where it is scored and 0.0 where ignored):
+        a `WeightedMean` of them is the bytes per token of the text scored."""
+        scored = target != IGNORE
+        return self.token_bytes[target.masked_fill(~scored, 0)], scored.float()
 
     def updated(self, split: str, task: int | None = None) -> bool:
         """Whether `split` (or its task `task`) has values to compute since the last reset."""
@@ -168,19 +183,28 @@ class Objective(nn.Module):
     def compute(self, split: str, task: int | None = None, text_of: int | None = None
                 ) -> dict[str, torch.Tensor]:  # fmt: skip
         """Epoch values of `split` (or of its task `task`), then reset: loss and acc/mse, plus
-        ppl and bits per byte for language data, with the split's own bytes per token, or its
-        task's: `task`, or `text_of` where all of the split's batches came from that one task
-        (a domain stream's training epoch)."""
+        ppl and bits per byte for language data (`_bytes_per_token`)."""
         m = self.metrics[_key(split, task)]
-        values = {name: metric.compute() for name, metric in m.items()}
+        values = {name: metric.compute() for name, metric in m.items() if name != BYTES}
         if self.spec.kind in ("lm", "seq2seq"):
             values["ppl"] = torch.exp(values["loss"].clamp(max=50))
-            bpt = self.spec.bytes_per_token(split, text_of if task is None else task)
-            if bpt:
+            bpt = self._bytes_per_token(m, split, text_of if task is None else task)
+            if bpt is not None:
                 values["bpb"] = values["loss"] / math.log(2) / bpt
         for metric in m.values():
             metric.reset()
         return values
+
+    def _bytes_per_token(
+        self, m: nn.ModuleDict, split: str, task: int | None
+    ) -> torch.Tensor | float | None:
+        """UTF-8 bytes per token of the targets `m` scored. Without a byte table (a checkpoint
+        written before it) or a count (an epoch resumed from one), the whole split's ratio, or
+        its task's: `task`, or the `text_of` task all of a domain stream's training epoch
+        came from; None for data that is not text."""
+        if BYTES in m and m[BYTES].update_count:
+            return m[BYTES].compute()
+        return self.spec.bytes_per_token(split, task) or None
 
 
 def metrics_state(metrics: Mapping[str, torchmetrics.Metric]) -> dict[str, dict[str, Any]]:
