@@ -90,12 +90,14 @@ def write_result(
     value: float | None,
     metrics: dict[str, float],
     error: str | None = None,
+    status: str | None = None,
 ) -> None:
-    """Record one trial's outcome next to its run folder's other files."""
+    """Record one trial's outcome next to its run folder's other files: `status` ok, failed
+    (with `error`'s line) or interrupted (a stop signal: `error` says where it saved)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "overrides": overrides,
-        "status": "failed" if error else "ok",
+        "status": status or ("failed" if error else "ok"),
         "metric": metric,
         "value": value,
         "error": error,
@@ -143,7 +145,7 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str | Non
         value = row.get("value")
         finite = isinstance(value, float) and math.isfinite(value)
         shown = format(value, digits) if finite else ""
-        status = row["status"] if row["status"] == "ok" else f"failed: {row.get('error') or ''}"
+        status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('error')}"
         params = (rounded_value(given.get(k, ""), digits) for k in columns)
         return [str(row["trial"]), *params, shown, status]
 
@@ -182,17 +184,23 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         metric = config.get("optimized_metric")
         direction = OmegaConf.select(config, "hydra.sweeper.direction") or sweep_direction(metric)
-        rows = collect(sweep_dir, direction)
-        if not rows:
-            return
-        Console(soft_wrap=True, width=console_width()).print(
-            write_summary(sweep_dir, rows, config.get("optimized_metric"))
-        )
-        print(f"sweep table: {sweep_dir / 'summary.md'} (and summary.csv)")
-        if all(r["status"] != "ok" for r in rows):
+        rows = show_summary(sweep_dir, metric, direction)
+        if rows and all(r["status"] != "ok" for r in rows):
             raise SystemExit(
                 f"error: all {len(rows)} trials failed (see {sweep_dir / 'summary.md'})"
             )
+
+
+def show_summary(sweep_dir: Path, metric: str | None, direction: str) -> list[dict[str, Any]]:
+    """Write and print the table of the sweep's trials so far (none: nothing); its rows."""
+    rows = collect(sweep_dir, direction)
+    if rows:
+        Console(soft_wrap=True, width=console_width()).print(write_summary(sweep_dir, rows, metric))
+        print(f"sweep table: {sweep_dir / 'summary.md'} (and summary.csv)")
+    return rows
+
+
+RESUME_SWEEP = "rerun the same command with ckpt_path=auto to go on"
 
 
 def _plain_optuna_logs() -> None:

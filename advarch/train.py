@@ -268,9 +268,14 @@ def stop_on_signals() -> None:
                 signal.signal(signum, _raise_stopped)
 
 
-def stopped_line(signum: int) -> str:
-    """What a stop outside training's handlers did, for the console."""
+def stopped_line(signum: int, sweep: bool = False) -> str:
+    """What a stop outside training's handlers did, for the console. A sweep's launching
+    process (`-m`) cannot tell what its trials saved: they say it themselves."""
+    from advarch.sweeps import RESUME_SWEEP
+
     name = signal.Signals(signum).name
+    if sweep:
+        return f"{name} received: sweep stopped (its trials keep what they saved); {RESUME_SWEEP}"
     if PHASE["training_started"]:
         return f"{name} received after training: stopped (its checkpoints are written)"
     return f"{name} received before training started: stopped, nothing saved"
@@ -345,7 +350,8 @@ def main() -> None:
         from advarch.run_lock import process_rank
 
         if process_rank() == 0:  # (every process of a DDP job gets the signal)
-            print(stopped_line(signum), file=sys.stderr)
+            sweep = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+            print(stopped_line(signum, sweep), file=sys.stderr)
             requeue(signum)
         sys.exit(128 + signum)
 
@@ -434,7 +440,13 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
     from advarch.callbacks.signals import Interrupted
     from advarch.config.resolvers import sweep_direction
     from advarch.run_lock import FolderInUse
-    from advarch.sweeps import earlier_trials, worst_value, write_result
+    from advarch.sweeps import (
+        RESUME_SWEEP,
+        earlier_trials,
+        show_summary,
+        worst_value,
+        write_result,
+    )
 
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
@@ -449,8 +461,11 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
         value = _optimized_value(cfg, metrics)
         if value is not None and not math.isfinite(value):
             raise FloatingPointError(f"optimized_metric={metric} is {value}")
-    except Interrupted:
-        raise  # a signal ends the whole sweep (its checkpoint is saved)
+    except Interrupted as err:  # a signal ends the whole sweep (its checkpoint is saved)
+        write_result(output_dir, overrides, metric, None, {}, str(err), status="interrupted")
+        show_summary(Path(hc.sweep.dir), metric, direction)
+        print(f"sweep stopped: {RESUME_SWEEP} (finished trials are kept, this one resumes)")
+        raise
     except FolderInUse as err:  # another run's folder: nothing written into it
         log.error("trial %s failed: %s", identity.trial or hc.job.num, err)
         return worst_value(direction)

@@ -242,11 +242,12 @@ def resolve_checkpoint(
     """The checkpoint a run resumes from, and a log line saying why none where none is
     (`DataIdentity` says "resuming <path> (step …)" once the data is checked and it loads).
 
-    `None` → fresh start; `auto` → the newest readable checkpoint of this run name
-    (`<runs_dir>/*/checkpoints/*.ckpt`, and the run's own `<output_dir>/checkpoints/`, where a
-    requeued cluster job finds its own; a sweep trial's, whose `runs_dir` is None, those of
-    `earlier_trials` instead, the same trial of interrupted sweeps, not other runs of its run
-    name with other trainer settings; newest first) written by a run of the same model,
+    `None` → fresh start; `auto` → the newest readable checkpoint of the run's own
+    `<output_dir>/checkpoints/` (a requeued cluster job's, a rerun into a named folder), else
+    of this run name (`<runs_dir>/*/checkpoints/*.ckpt`; a sweep trial's, whose `runs_dir` is
+    None, those of `earlier_trials` instead, the same trial of interrupted sweeps, not other
+    runs of its run name with other trainer settings; newest first) written by a run of the
+    same model,
     data, strategy, optimizer, scheduler and seed as `cfg` (trainer settings such as max_steps
     may change);
     unreadable ones are skipped with a warning naming the file and the reason, those of other
@@ -284,17 +285,22 @@ def resolve_checkpoint(
             )
         check_not_training(Path(ckpt_path).expanduser(), output_dir, "ckpt_path")
         return Path(ckpt_path).expanduser()  # (`DataIdentity` says "resuming" once it loads)
+    own = set() if output_dir is None else set(output_dir.glob("checkpoints/*.ckpt"))
     candidates = set() if runs_dir is None else set(runs_dir.glob("*/checkpoints/*.ckpt"))
-    if output_dir is not None:
-        candidates |= set(output_dir.glob("checkpoints/*.ckpt"))
     for trial in earlier_trials:
         candidates |= set(trial.glob("checkpoints/*.ckpt"))
     where = f"under {runs_dir}" if runs_dir is not None else "in this trial's earlier sweeps"
-    if not candidates:
+    if not candidates | own:
         log.info("ckpt_path=auto: no checkpoint %s yet; starting fresh", where)
         return None
     mismatch = (lambda c: None) if cfg is None else (lambda c: config_mismatch(c, cfg))
-    path, ckpt, unreadable, foreign = newest_readable(candidates, mismatch=mismatch)
+    path, unreadable, foreign = None, [], []
+    # the run's own folder first (a rerun into a named folder, `hydra.sweep.dir=<sweep>`,
+    # goes on from its checkpoints, not from a newer run's), then the others, newest first
+    for group in (own, candidates - own):
+        if group and path is None:
+            path, _, skipped, other = newest_readable(group, mismatch=mismatch)
+            unreadable, foreign = unreadable + skipped, foreign + other
     for reason in unreadable:  # damage: each file by name
         log.warning("ckpt_path=auto: skipping %s", reason)
     if foreign:  # runs of other options under the same run name: one line
@@ -304,7 +310,7 @@ def resolve_checkpoint(
         log.warning(
             "ckpt_path=auto: no %scheckpoint of this configuration among the %d %s; starting fresh",
             "readable " if unreadable else "",
-            len(candidates),
+            len(candidates | own),
             where,
         )
         return None

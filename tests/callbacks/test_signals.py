@@ -192,6 +192,12 @@ def test_a_signal_as_fit_starts_says_nothing_was_trained(make_cfg, monkeypatch) 
     assert stopped_line(signal.SIGTERM) == (
         "SIGTERM received before training started: stopped, nothing saved"
     )
+    # a parallel sweep's launching process: its trials were training and saved (it said
+    # "before training started: stopped, nothing saved")
+    assert stopped_line(signal.SIGINT, sweep=True) == (
+        "SIGINT received: sweep stopped (its trials keep what they saved); rerun the same "
+        "command with ckpt_path=auto to go on"
+    )
 
 
 @pytest.mark.parametrize(

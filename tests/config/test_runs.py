@@ -91,3 +91,28 @@ def test_a_resume_of_another_run_names_the_most_telling_difference(
             "a fine-tune keeps its base's model sizes (its run: python train.py debug=tiny "
             "model=ssm)"
         )
+
+
+def test_auto_resumes_the_runs_own_folder_before_a_newer_run(make_cfg, tmp_path: Path) -> None:
+    # `hydra.sweep.dir=<old sweep> ckpt_path=auto` resumed each trial from a newer sweep's
+    # checkpoints of the same overrides, though the hint said it resumes that folder's trials
+    import os
+
+    import torch
+
+    from advarch.config.runs import resolve_checkpoint
+
+    cfg = make_cfg([])
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    state = {"hyper_parameters": {"cfg": saved}, "loops": {}, "state_dict": {}}
+    own, newer = tmp_path / "old_sweep" / "0", tmp_path / "new_sweep" / "0"
+    for folder, when in ((own, 1_000_000), (newer, 2_000_000)):
+        (folder / "checkpoints").mkdir(parents=True)
+        torch.save(state, folder / "checkpoints" / "last.ckpt")
+        os.utime(folder / "checkpoints" / "last.ckpt", (when, when))
+    found = resolve_checkpoint("auto", None, cfg, own, earlier_trials=[newer])
+    assert found == own / "checkpoints" / "last.ckpt"
+    elsewhere = tmp_path / "fresh_sweep" / "0"  # a new folder: the newest of the earlier ones
+    assert resolve_checkpoint("auto", None, cfg, elsewhere, [own, newer]) == (
+        newer / "checkpoints" / "last.ckpt"
+    )
