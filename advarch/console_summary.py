@@ -129,13 +129,19 @@ def split_table_lines(
     return lines
 
 
+def unigram_baseline(spec: DataSpec, metrics: dict[str, float]) -> float | None:
+    """The unigram model's validation bits per byte: on the tokens validation scored
+    (`val/unigram_bpb`), else (a checkpoint from before it) on the whole validation split."""
+    return metrics.get("val/unigram_bpb", spec.extras.get("unigram_bpb"))
+
+
 def print_summary(
     cfg: DictConfig, spec: DataSpec, metrics: dict[str, float], output_dir: Path
 ) -> None:
     """A few lines a user reads after training: quality against a baseline, and where things are."""
     lines = []
     bpb = metrics.get("val/bpb")
-    baseline = spec.extras.get("unigram_bpb")
+    baseline = unigram_baseline(spec, metrics)
     if bpb is not None and baseline is not None:
         verdict = "below" if bpb < baseline else "NOT below"
         lines.append(
@@ -173,7 +179,7 @@ def save_summary(spec: DataSpec, metrics: dict[str, float], output_dir: Path) ->
     path = output_dir / SUMMARY_FILE
     summary = {
         "metrics": metrics,
-        "unigram_bpb": spec.extras.get("unigram_bpb"),
+        "unigram_bpb": unigram_baseline(spec, metrics),
         "task_names": list(spec.task_names),
     }
     path.write_text(json.dumps(summary, indent=1, default=float))

@@ -80,6 +80,14 @@ class DataSpec:
         before it (their bits per byte fall back to `bytes_per_token`)."""
         return self.extras.get("token_bytes")
 
+    @property
+    def unigram_bits(self) -> list[float] | None:
+        """Bits of each token id under the add-one unigram model of the training text, which
+        text datamodules put in `extras["unigram_bits"]`: every evaluation scores it on the
+        tokens it scores (`<split>/unigram_bpb`), the baseline a model must beat. None for data
+        that is not text, and in checkpoints written before it."""
+        return self.extras.get("unigram_bits")
+
     def bytes_per_token(self, split: str, task: int | None = None) -> float | None:
         """UTF-8 bytes per token of text data's whole `split` (of its task `task` where known);
         None for data that is not text. Bits per byte divide by it only without `token_bytes`:

@@ -3,8 +3,9 @@
 `pack_documents` joins documents with <eos> and cuts the stream into rows of seq_len + 1
 tokens saved as an Arrow dataset, `pack_splits` does it for each of train/val/test and returns
 their sizes for the meta; `load_or_build` builds a cache folder once, atomically;
-`LMCollate` turns rows into input_ids/labels (plus RETRO neighbours); `unigram_bits_per_byte`
-is the baseline every language-model run is compared with. Shared by `text.py` and
+`LMCollate` turns rows into input_ids/labels (plus RETRO neighbours); `unigram_token_bits` is
+the baseline every language-model evaluation scores beside its own bits per byte
+(`unigram_bits_per_byte`: the same on a whole split, kept in the meta). Shared by `text.py` and
 `text_domains.py`.
 
 Shapes: B batch, T = seq_len.
@@ -31,6 +32,7 @@ from advarch.reasons import short_reason
 
 log = logging.getLogger("advarch")
 T = TypeVar("T")
+UNIGRAM = "train_unigram_counts.npy"  # a cache folder's counts of its training targets
 
 
 def cache_key(source: Any, options: list[Any]) -> str:
@@ -201,6 +203,25 @@ class LMCollate:
             starts = torch.stack([r["start"] for r in rows])
             batch["neighbours"] = self.retriever.neighbours(self.split, starts, tokens.shape[1] - 1)
         return batch
+
+
+def unigram_token_bits(trains: list[Any], vocab_size: int, counts_file: Path) -> list[float]:
+    """Bits of each token id under the add-one unigram model of the training targets of
+    `trains` (packed-row datasets): the baseline scored beside every evaluation's bits per
+    byte, on the same tokens (`Objective`). The counts are kept in `counts_file` (a cache
+    folder's), so a run reads the training split once per cache."""
+    if counts_file.is_file():
+        counts = np.load(counts_file)
+    else:
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for ds in trains:
+            for rows in ds.with_format("numpy").iter(batch_size=4096):
+                counts += np.bincount(rows["tokens"][:, 1:].ravel(), minlength=vocab_size)
+        tmp = counts_file.with_name(f"{counts_file.stem}.tmp{os.getpid()}.npy")
+        np.save(tmp, counts)
+        os.replace(tmp, counts_file)  # (atomic: two runs may count at once)
+    smoothed = counts.astype(np.float64) + 1.0
+    return (-np.log2(smoothed / smoothed.sum())).tolist()
 
 
 def unigram_bits_per_byte(

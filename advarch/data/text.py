@@ -32,12 +32,14 @@ from advarch.data.corpus import (
     stdlib_files,
 )
 from advarch.data.packing import (
+    UNIGRAM,
     LMCollate,
     cache_key,
     check_fills_a_batch,
     eval_subset,
     load_or_build,
     pack_splits,
+    unigram_token_bits,
 )
 from advarch.data.sampling import (
     EpochShuffleSampler,
@@ -231,6 +233,9 @@ class TextDataModule(L.LightningDataModule):
             extras={
                 "bytes_per_token": {split: self.bytes_per_token(split) for split in SPLITS},
                 "token_bytes": self.tokenizer.token_bytes(),  # exact bits per byte
+                "unigram_bits": unigram_token_bits(
+                    [self.splits["train"]], self.meta["vocab_size"], self.cache_dir / UNIGRAM
+                ),
                 "unigram_bpb": self.meta["unigram_bpb"],
                 "tokenizer": self.tokenizer_kind,
             },

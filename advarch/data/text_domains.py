@@ -31,12 +31,14 @@ from torch.utils.data import DataLoader
 
 from advarch.data.corpus import MIN_DOCUMENTS, SPLITS, split_documents, stdlib_files
 from advarch.data.packing import (
+    UNIGRAM,
     LMCollate,
     cache_key,
     check_fills_a_batch,
     eval_subset,
     load_or_build,
     pack_splits,
+    unigram_token_bits,
 )
 from advarch.data.sampling import EpochShuffleSampler, eval_sampler
 from advarch.data.stream import TaskStreamMixin
@@ -226,6 +228,7 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
 
         cache = self.cache_root / f"text_domains-{self._fingerprint()}"
         self.meta, (self.tokenizer, self.data) = load_or_build(cache, self._build, load)
+        self.cache_dir = cache
 
     def _build(self, tmp: Path) -> dict[str, Any]:
         """Split each domain's files, tokenise and pack them into `tmp`; returns the meta."""
@@ -283,6 +286,9 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
                 "unigram_bpb": sum(i["unigram_bpb"] * i["val_bytes"] for i in info) / val_bytes,
                 "task_unigram_bpb": [i["unigram_bpb"] for i in info],
                 "token_bytes": self.tokenizer.token_bytes(),  # exact bits per byte
+                "unigram_bits": unigram_token_bits(  # (of all domains' training text)
+                    self.data["train"], self.meta["vocab_size"], self.cache_dir / UNIGRAM
+                ),
                 "scenario": self.scenario,
                 "epochs_per_task": self.epochs_per_task,
                 "steps_per_task": self.steps_per_task,

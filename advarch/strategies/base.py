@@ -203,7 +203,7 @@ class BaseStrategy(L.LightningModule):
         early-stopping monitors are checked against it before training starts."""
         values = self.objective.metric_names()
         names = ["train/loss", "train/aux_loss", "train/penalty", "moe/*", "lr-*", "params/*"]
-        names += [f"train/{v}_epoch" for v in values]
+        names += [f"train/{v}_epoch" for v in values if v != "unigram_bpb"]  # (evaluated only)
         evaluated = [f"{split}/{v}" for split in ("val", "test") for v in values]
         return names + evaluated + [name.replace("/", "/task_*/") for name in evaluated]
 

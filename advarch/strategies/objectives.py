@@ -16,6 +16,8 @@ from advarch.spec import DataSpec
 
 IGNORE = -100
 BYTES = "bytes_per_token"  # the metric of UTF-8 bytes per scored target token (not logged)
+UNIGRAM = "unigram_bits"  # the unigram model's bits per scored target token (logged per byte)
+HIDDEN = (BYTES, UNIGRAM)  # states of the logged values, not values themselves
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -98,12 +100,16 @@ class Objective(nn.Module):
         table = spec.token_bytes if spec.kind in ("lm", "seq2seq") else None
         table = None if table is None else torch.tensor(table, dtype=torch.float32)
         self.register_buffer("token_bytes", table, persistent=False)  # (V,), from the data
+        bits = spec.unigram_bits if table is not None else None
+        bits = None if bits is None else torch.tensor(bits, dtype=torch.float32)
+        self.register_buffer("unigram_bits", bits, persistent=False)  # (V,), the baseline
         per_task = range(spec.num_tasks) if spec.num_tasks > 1 else ()
         keys = ["train_", "val_", "test_"]
         keys += [f"{split}_task{t}_" for split in ("val", "test") for t in per_task]
-        self.metrics = nn.ModuleDict({key: self._metrics() for key in keys})
+        self.metrics = nn.ModuleDict({key: self._metrics(key != "train_") for key in keys})
 
-    def _metrics(self) -> nn.ModuleDict:
+    def _metrics(self, evaluated: bool) -> nn.ModuleDict:
+        """A split's metrics; an `evaluated` one (val, test) scores the unigram baseline too."""
         m = nn.ModuleDict({"loss": WeightedMean()})
         if self.spec.kind == "regression":
             m["mse"] = torchmetrics.MeanSquaredError()
@@ -118,12 +124,17 @@ class Objective(nn.Module):
             )
         if self.token_bytes is not None:
             m[BYTES] = WeightedMean()  # synced, reset and checkpointed as the loss is
+        if evaluated and self.unigram_bits is not None:
+            m[UNIGRAM] = WeightedMean()
         return m
 
     def metric_names(self) -> list[str]:
-        """The names `compute` returns (loss, acc or mse, and ppl, bpb for language data)."""
+        """The names `compute` returns (loss, acc or mse, and ppl, bpb for language data, and
+        where the data gives its unigram model, that baseline's bits per byte on the same
+        tokens: `unigram_bpb`, evaluated splits only)."""
         names = ["loss", "mse" if self.spec.kind == "regression" else "acc"]
-        return names + (["ppl", "bpb"] if self.spec.kind in ("lm", "seq2seq") else [])
+        names += ["ppl", "bpb"] if self.spec.kind in ("lm", "seq2seq") else []
+        return names + (["unigram_bpb"] if self.unigram_bits is not None else [])
 
     def loss(
         self, out: ModelOutput, batch: dict[str, torch.Tensor]
@@ -160,6 +171,9 @@ class Objective(nn.Module):
         m[key].update(preds.detach(), target)
         if BYTES in m:
             m[BYTES].update(*self.target_bytes(target))
+        if UNIGRAM in m:
+            scored = target != IGNORE
+            m[UNIGRAM].update(self.unigram_bits[target.masked_fill(~scored, 0)], scored.float())
 
     def target_bytes(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(UTF-8 bytes of each target token, 1.0 where it is scored and 0.0 where ignored):
@@ -185,12 +199,14 @@ class Objective(nn.Module):
         """Epoch values of `split` (or of its task `task`), then reset: loss and acc/mse, plus
         ppl and bits per byte for language data (`_bytes_per_token`)."""
         m = self.metrics[_key(split, task)]
-        values = {name: metric.compute() for name, metric in m.items() if name != BYTES}
+        values = {name: metric.compute() for name, metric in m.items() if name not in HIDDEN}
         if self.spec.kind in ("lm", "seq2seq"):
             values["ppl"] = torch.exp(values["loss"].clamp(max=50))
             bpt = self._bytes_per_token(m, split, text_of if task is None else task)
             if bpt is not None:
                 values["bpb"] = values["loss"] / math.log(2) / bpt
+            if UNIGRAM in m and m[UNIGRAM].update_count and bpt is not None:
+                values["unigram_bpb"] = m[UNIGRAM].compute() / bpt
         for metric in m.values():
             metric.reset()
         return values

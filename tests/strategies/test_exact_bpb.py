@@ -95,6 +95,15 @@ def test_text_bits_per_byte_count_the_bytes_of_the_sequences_scored(tmp_path: Pa
     assert metrics["test/bpb"] == pytest.approx(want, rel=1e-5)
     split_ratio = math.log2(spec.vocab_size) / spec.bytes_per_token("test")
     assert abs(split_ratio / want - 1) > 1e-3  # (the whole split's ratio is off)
+    # the unigram baseline on the same tokens: the add-one unigram of the training targets
+    # (it was the whole validation split's, 5.6% from the scored text's in a debug run)
+    train = np.concatenate([r["tokens"][1:].numpy() for r in dm.splits["train"]])
+    counts = np.bincount(train, minlength=spec.vocab_size) + 1.0
+    targets = torch.cat([t.flatten() for t in labels]).numpy()
+    bits = -np.log2(counts / counts.sum())[targets].sum()
+    scored_bytes = sum(spec.token_bytes[i] for i in targets)
+    assert metrics["test/unigram_bpb"] == pytest.approx(bits / scored_bytes, rel=1e-5)
+    assert (dm.cache_dir / "train_unigram_counts.npy").is_file()  # (counted once a cache)
 
 
 def test_domain_bits_per_byte_per_domain_pooled_and_in_the_matrix(cache_dir: Path) -> None:
@@ -116,6 +125,7 @@ def test_domain_bits_per_byte_per_domain_pooled_and_in_the_matrix(cache_dir: Pat
     assert metrics["test/avg_bpb"] == pytest.approx(np.mean(per_domain), rel=1e-5)
     pooled = exact_bpb(labels["test"], spec.token_bytes, V)  # Σ nats / Σ bytes of all domains
     assert metrics["test/bpb"] == pytest.approx(pooled, rel=1e-5)
+    assert 0 < metrics["test/task_0/unigram_bpb"] < metrics["test/task_0/bpb"]  # (uniform)
     matrix_row = [exact_bpb([t], spec.token_bytes, V) for t in labels["val"]]
     torch.testing.assert_close(module.evaluate_tasks(), torch.tensor(matrix_row))
 
