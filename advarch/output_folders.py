@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import setup_globals
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from advarch.config.compose import CONFIG_DIR
+from advarch.config.resolvers import register_resolvers
 from advarch.run_lock import holder, in_use, process_rank
 
 
@@ -70,3 +73,13 @@ def exit_if_unmakeable(folder: Path, option: str = "--out") -> None:
     problem = unmakeable(Path(folder))
     if problem:
         sys.exit(f"error: {option} {folder} {problem}")
+
+
+def stamped_folder(parent: Path) -> Path:
+    """`parent/<time>_<id>`, named by the pattern that names train.py's run folders (the last
+    part of the packaged `hydra.run.dir`), so that a script's reruns never share a folder."""
+    hydra = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "hydra" / "default.yaml"))
+    pattern = Path(hydra["run"]["dir"]).name
+    setup_globals()  # Hydra's `${now:}`
+    register_resolvers()  # advarch's `${unique:}`
+    return Path(parent) / OmegaConf.create({"name": pattern}).name

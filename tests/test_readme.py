@@ -238,8 +238,10 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
             assert run_name.startswith("debug-tiny-") and "${" not in run_name
             assert report["config"]["best_run"] and "best_overrides" in report["config"]
             assert f"sync to W&B later: wandb sync {folder / 'report' / 'wandb'}" in res.stdout
-    elif "scripts/merge_demo.py" in cmd:
-        assert (proj.root / "outputs" / "merge_demo" / "merge_table.md").is_file()
+    elif "scripts/merge_demo.py" in cmd:  # (a rerun wrote over the last one's folder)
+        (table,) = (proj.root / "outputs" / "merge_demo").glob("*_*/merge_table.md")
+        folder = table.parent.relative_to(proj.root)
+        assert res.stdout.startswith(f"merge demo: writing into {folder}\n"), res.stdout
     elif "scripts/bench.py" in cmd:
         assert "| moe" in res.stdout  # the table, here of the smoke form's one suite
 

@@ -9,8 +9,13 @@ r"""Model merging on digit tasks: one fine-tune per task, merged by every method
    models, and negation: θ₀ − λ τₜ for each task (Ilharco et al. 2023, §3).
 4. Each merged checkpoint is evaluated on each task's test digits and on all digits (10-way
    argmax, the head's full output), and a markdown table is printed and written to
-   `<out>/merge_table.md`. Merged checkpoints keep θ₀'s config, so `python eval.py
-   ckpt_path=<out>/merged/<name>.ckpt` evaluates any of them.
+   `merge_table.md`. Merged checkpoints keep θ₀'s config, so `python eval.py
+   ckpt_path=<folder>/merged/<name>.ckpt` evaluates any of them.
+
+Each demo writes into a folder of its own, `<out>/<time>_<id>/` (`--out`, default
+`outputs/merge_demo`), named as train.py names its run folders and printed as it starts:
+`runs/` (θ₀ and the task fine-tunes), `merged/` and `merge_table.md`. A rerun never mixes its
+checkpoints, CSVs or W&B runs with an earlier one's.
 
     python scripts/merge_demo.py                      # 5 pair tasks, ~50 s on 2 shared CPU cores
 
@@ -51,7 +56,7 @@ from advarch.config.compose import compose_run
 from advarch.data.digits import DigitsDataModule
 from advarch.errors import ConfigError
 from advarch.merging import MergeConfig, merge_checkpoints
-from advarch.output_folders import exit_if_unmakeable
+from advarch.output_folders import exit_if_unmakeable, stamped_folder
 from advarch.pipeline import build_model
 from advarch.spec import DataSpec
 from advarch.strategies.evaluation import accuracy
@@ -257,7 +262,12 @@ def _digits(task: str) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("outputs/merge_demo"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/merge_demo"),
+        help="each demo writes into a new folder <out>/<time>_<id>/ (default: %(default)s)",
+    )
     parser.add_argument("--tasks", nargs="+", help="digit tasks, e.g. 0,1 2,3 (default: pairs)")
     parser.add_argument("--lambdas", nargs="+", type=float)
     parser.add_argument(
@@ -300,11 +310,13 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    text = table(run_demo(demo, args.out))
-    (args.out / "merge_table.md").write_text(text + "\n")
+    folder = stamped_folder(args.out)
+    print(f"merge demo: writing into {folder}", flush=True)
+    text = table(run_demo(demo, folder))
+    (folder / "merge_table.md").write_text(text + "\n")
     print(text)
-    print(f"\n{time.perf_counter() - start:.0f} s; table in {args.out / 'merge_table.md'}, "
-          f"merged checkpoints in {args.out / 'merged'}")  # fmt: skip
+    print(f"\n{time.perf_counter() - start:.0f} s; table in {folder / 'merge_table.md'}, "
+          f"merged checkpoints in {folder / 'merged'}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -115,12 +115,36 @@ def test_bad_options_stop_before_any_training(args, message, monkeypatch, tmp_pa
     assert stop.value.code == message or str(stop.value.code).startswith(message)
 
 
+def fake_demo(monkeypatch, rows: list) -> None:
+    """`run_demo` without training: one merged checkpoint per call, named by the call."""
+    calls = []
+
+    def run_demo(demo, out: Path) -> list:
+        calls.append(out)
+        (out / "merged").mkdir(parents=True, exist_ok=True)
+        (out / "merged" / f"{len(calls):02d}_linear_soup.ckpt").write_text("")
+        return rows
+
+    monkeypatch.setattr(merge_digits, "run_demo", run_demo)
+
+
 def test_the_last_line_says_where_the_table_is(monkeypatch, tmp_path, capsys) -> None:
     # it named only the merged checkpoints' folder, not merge_table.md
-    rows = [("base θ₀", "—", {"01": 0.5, "all": 0.25})]
-    monkeypatch.setattr(merge_digits, "run_demo", lambda demo, out: rows)
+    fake_demo(monkeypatch, [("base θ₀", "—", {"01": 0.5, "all": 0.25})])
     monkeypatch.setattr("sys.argv", ["merge_demo.py", "--out", str(tmp_path)])
     merge_digits.main()
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert f"table in {tmp_path / 'merge_table.md'}, merged checkpoints in " in last, last
-    assert (tmp_path / "merge_table.md").read_text().startswith("| method | λ | task 01 |")
+    first, *_, last = capsys.readouterr().out.strip().splitlines()
+    (table,) = tmp_path.glob("*/merge_table.md")
+    assert first == f"merge demo: writing into {table.parent}"
+    assert f"table in {table}, merged checkpoints in {table.parent / 'merged'}" in last, last
+    assert table.read_text().startswith("| method | λ | task 01 |")
+
+
+def test_a_rerun_writes_into_a_folder_of_its_own(monkeypatch, tmp_path) -> None:
+    # a rerun wrote into <out>/merged beside the earlier run's checkpoints (and its runs/)
+    fake_demo(monkeypatch, [("base θ₀", "—", {"01": 0.5, "all": 0.25})])
+    monkeypatch.setattr("sys.argv", ["merge_demo.py", "--out", str(tmp_path)])
+    merge_digits.main()
+    merge_digits.main()
+    merged = [sorted(p.name for p in (f / "merged").iterdir()) for f in tmp_path.iterdir()]
+    assert sorted(merged) == [["01_linear_soup.ckpt"], ["02_linear_soup.ckpt"]], merged
