@@ -8,7 +8,9 @@ fixed (`data.seed`, default 0) so a sweep over p changes nothing but the task re
 
     python scripts/mmoe_report.py --correlations 0.0 0.5 1.0 --seeds 0 1 2 trainer.max_steps=500
 
-Overrides (key=value) may go anywhere among the options.
+Overrides (key=value) may go anywhere among the options. Each call writes into a folder of its
+own, `<out>/<time>_<id>/` (`--out`, default `outputs/mmoe_report`): a run folder per (p, model,
+seed) with its CSV curves and last.ckpt, and `mmoe_report.md`, the table printed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,13 @@ import torch
 
 from advarch.config.compose import compose_run
 from advarch.errors import ConfigError
-from advarch.output_folders import exit_if_unmakeable
+from advarch.output_folders import exit_if_unmakeable, stamped_folder
 from advarch.train import run
 
 MODELS = ("mmoe", "one_gate_moe", "shared_bottom")
 METRICS = ("test/task_a/mse", "test/task_b/mse", "multitask/gate_cosine")
 # one line per run: no bars or model tables (nulling the bar callbacks alone would bring back
-# Lightning's default ones), no plots or checkpoints
+# Lightning's default ones), no plots, no best-*.ckpt (train.py still writes each last.ckpt)
 QUIET = [
     "++trainer.enable_progress_bar=false",
     "++trainer.enable_model_summary=false",
@@ -103,8 +104,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        default=None,
-        help="run folders and mmoe_report.md (default: a temp dir)",
+        default=Path("outputs/mmoe_report"),
+        help="each call writes its run folders and mmoe_report.md into a new folder "
+        "<out>/<time>_<id>/ (default: %(default)s)",
     )
     parser.add_argument(
         "overrides", nargs="*", help="extra Hydra overrides, e.g. trainer.max_steps=500"
@@ -114,8 +116,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args([a for a in argv if a not in overrides])
     args.overrides = [*overrides, *args.overrides]
-    if args.out is not None:
-        exit_if_unmakeable(args.out)
+    exit_if_unmakeable(args.out)
     return args
 
 
@@ -123,15 +124,15 @@ def main() -> None:
     args = parse(sys.argv[1:])
     torch.set_num_threads(1)
     logging.getLogger("advarch").setLevel(logging.WARNING)
-    root = args.out or Path(tempfile.mkdtemp(prefix="mmoe_report_"))
+    root = stamped_folder(args.out)
+    print(f"mmoe report: writing into {root}", flush=True)
     results = grid(
         args.correlations, args.models, args.seeds, root, args.overrides, args.data_seeds
     )
     text = table(results, len(args.seeds))
     print(text)
-    if args.out:
-        (args.out / "mmoe_report.md").write_text(text + "\n")
-        print(f"\nwritten to {args.out / 'mmoe_report.md'}")
+    (root / "mmoe_report.md").write_text(text + "\n")
+    print(f"\nwritten to {root / 'mmoe_report.md'}")
 
 
 if __name__ == "__main__":

@@ -29,13 +29,36 @@ def test_mmoe_report_tables_every_model_and_correlation(project: Project) -> Non
         script="scripts/mmoe_report.py",
     ).check()  # fmt: skip  (an override after --seeds' list is still an override)
     assert "\none seed (no spread: add --seeds)\n" in res.stdout
-    assert (project.root / "mm" / "mmoe_report.md").read_text() in res.stdout
+    (report,) = (project.root / "mm").glob("*_*/mmoe_report.md")  # a folder of this call's own
+    assert report.read_text() in res.stdout
     rows = [line for line in res.stdout.splitlines() if line.startswith("|")]
     assert "±" not in "".join(rows)
     assert {row.count("|") for row in rows} == {6}  # a markdown table: header, rule, rows
     for model in ("mmoe", "one_gate_moe", "shared_bottom"):
         assert sum(row.split("|")[2].strip() == model for row in rows[2:]) == 2, res.stdout
     assert "Epoch" not in res.output and "v_num" not in res.output  # one line per run, no bars
+
+
+def test_mmoe_report_without_out_keeps_its_table_under_outputs(
+    project: Project, monkeypatch, capsys
+) -> None:
+    # it trained into a temp folder never removed, printed checkpoint paths into it, and wrote
+    # no mmoe_report.md
+    folders = []
+
+    def run(cfg) -> dict[str, float]:
+        folders.append(Path(cfg.paths.output_dir))
+        folders[-1].mkdir(parents=True)
+        return {"test/task_a/mse": 0.5, "test/task_b/mse": 0.25}
+
+    monkeypatch.setattr("advarch.train.run", run)  # (the table, not the training)
+    argv = ["--correlations", "1", "--seeds", "0", "--models", "mmoe"]
+    run_in_process(project, monkeypatch, "scripts/mmoe_report.py", *argv)
+    (report,) = (project.root / "outputs" / "mmoe_report").glob("*_*/mmoe_report.md")
+    assert folders == [report.parent.relative_to(project.root) / "p1.0-mmoe-s0"]
+    out = capsys.readouterr().out
+    assert out.startswith(f"mmoe report: writing into {report.parent.relative_to(project.root)}")
+    assert "| 1.0 | mmoe | 0.5000 | 0.2500 | — |" in report.read_text()
 
 
 def test_mmoe_report_says_an_out_that_is_a_file_in_one_line(tmp_path: Path) -> None:
