@@ -21,6 +21,11 @@ SUITES = ("moe", "sliding_window", "ssm")  # the default; `references` runs on r
 CPU_SUITES = (*SUITES, "references")
 
 
+def cell(value: float, width: int, digits: int) -> str:
+    """`value` right-aligned in `width`, or `—` where that row did not measure it (NaN)."""
+    return f"{value:>{width}.{digits}f}" if math.isfinite(value) else f"{'—':>{width}}"
+
+
 def print_table(rows: list[Row]) -> None:
     """A Markdown table, the text columns as wide as their longest cell; peak memory and host
     ms (GPU runs) only when measured."""
@@ -37,8 +42,8 @@ def print_table(rows: list[Row]) -> None:
     print("|" + "|".join("-" * (len(c) + 2) for c in cells) + "|")
     for r in rows:
         text = [f"{getattr(r, col):<{n}}" for col, n in wide.items()]
-        values = [f"{r.ms:>10.2f}", *([f"{r.peak_mb:>9.1f}"] if peak else []), f"{r.ratio:>7.2f}"]
-        values += [f"{r.host_ms:>8.2f}"] if host else []
+        values = [f"{r.ms:>10.2f}", *([cell(r.peak_mb, 9, 1)] if peak else []), cell(r.ratio, 7, 2)]
+        values += [cell(r.host_ms, 8, 2)] if host else []
         print("| " + " | ".join(text + values) + " |")
 
 

@@ -31,6 +31,20 @@ def test_table_leaves_out_columns_nothing_measured(capsys) -> None:
     assert row.split("|")[-2].strip() == "1.00"
 
 
+def test_table_marks_a_row_not_measured_with_a_dash(capsys) -> None:
+    # the naive per-token MoE rows printed "nan" under peak MiB
+    import runpy
+
+    from advarch.benchmarks.timing import Row
+
+    print_table = runpy.run_path(str(ROOT / "scripts" / "bench.py"))["print_table"]
+    print_table([Row("moe", "dense", "N=512", 2.0, peak_mb=3.5, ratio=1.0),
+                 Row("moe", "naive per-token", "N=512", 9.0, ratio=4.5)])  # fmt: skip
+    measured, unmeasured = capsys.readouterr().out.splitlines()[2:]
+    assert measured.split("|")[5].strip() == "3.5" and unmeasured.split("|")[5].strip() == "—"
+    assert "nan" not in unmeasured
+
+
 def test_quick_says_its_timings_mean_nothing(monkeypatch, capsys) -> None:
     # smoke sizes showed fwd 37.8 ms above fwd+bwd 17.7 ms, with no word of warning
     import runpy
