@@ -371,11 +371,27 @@ def _constant(overrides: dict[str, dict[str, str]], key: str) -> bool:
 
 
 # -- entry -------------------------------------------------------------------------------------
+def not_reportable(folder: Path) -> str:
+    """Why `folder` has no report, in one line: a sweep trial that failed before it logged
+    (its `result.json` says why, `error.txt` holds the traceback), or neither a run nor a sweep
+    folder (then its newest run, where it holds runs)."""
+    reason = trial_error(folder) if folder.is_dir() else None
+    if reason is not None:
+        return f"{folder}: this sweep trial failed ({reason}); see {folder / 'error.txt'}"
+    runs = sorted(p for p in folder.iterdir() if is_run(p)) if folder.is_dir() else []
+    hint = f"; it holds {len(runs)} run(s), the newest {runs[-1]}" if runs else ""
+    return (
+        f"{folder} is neither a run folder (csv/version_*/metrics.csv) nor a sweep folder "
+        f"(numbered run subfolders){hint}"
+    )
+
+
 def write_report(folder: str | Path, wandb: bool = False) -> Path:
     """Write `<folder>/report/report.md` (and PNGs) for a run or a sweep folder; its path.
 
     Raises:
-        FileNotFoundError: `folder` is neither a run (CSV logs) nor a sweep (numbered runs).
+        FileNotFoundError: `folder` is neither a run (CSV logs) nor a sweep (numbered runs),
+            or is a sweep trial that failed (`not_reportable` says which).
     """
     folder = Path(folder).expanduser()
     if not folder.exists():
@@ -385,12 +401,7 @@ def write_report(folder: str | Path, wandb: bool = False) -> Path:
     elif folder.is_dir() and sweep_runs(folder):
         report = sweep_report(folder)
     else:
-        runs = sorted(p for p in folder.iterdir() if is_run(p)) if folder.is_dir() else []
-        hint = f"; it holds {len(runs)} run(s), the newest {runs[-1]}" if runs else ""
-        raise FileNotFoundError(
-            f"{folder} is neither a run folder (csv/version_*/metrics.csv) nor a sweep folder "
-            f"(numbered run subfolders){hint}"
-        )
+        raise FileNotFoundError(not_reportable(folder))
     path = report.write()
     if wandb:
         first = folder if is_run(folder) else sweep_runs(folder)[0]

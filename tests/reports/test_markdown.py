@@ -274,6 +274,19 @@ def test_not_a_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         runpy.run_path(str(ROOT / "scripts" / "report.py"), run_name="__main__")
 
 
+def test_a_failed_trial_points_at_its_error(tmp_path: Path, monkeypatch) -> None:
+    # it said the trial was "neither a run folder … nor a sweep folder"
+    from advarch.sweeps import write_result
+
+    trial = tmp_path / "0"
+    write_result(trial, ["model.dim=7"], "val/loss", None, {}, error="ValueError: dim 7")
+    (trial / "error.txt").write_text("Traceback …\nValueError: dim 7\n")
+    monkeypatch.setattr(sys, "argv", ["report.py", str(trial)])
+    line = f"error: {trial}: this sweep trial failed (ValueError: dim 7); see {trial}/error.txt"
+    with pytest.raises(SystemExit, match=f"^{re.escape(line)}$"):
+        runpy.run_path(str(ROOT / "scripts" / "report.py"), run_name="__main__")
+
+
 def test_report_of_a_real_tiny_moe_run(make_cfg) -> None:
     from advarch.train import run
 
