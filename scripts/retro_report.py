@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from advarch.benchmarks.timing import tiny_overrides, too_small
 from advarch.checkpoint import load_with_config
 from advarch.config.choices import check_command_line
 from advarch.config.combinations import with_strategy_defaults
@@ -286,6 +287,9 @@ def main() -> None:
     for name, row in rows.items():
         print(f"{name:40s} {row['loss']:8.4f} {row['acc']:8.4f}"
               + (f" {row['bpb']:8.4f}" if has_bpb else ""))  # fmt: skip
+    tiny = tiny_overrides(base)
+    if tiny:  # (as bench.py and generate.py say under their tables at these sizes)
+        print(f"note: {' '.join(tiny)}: {too_small('losses')}")
     if "quality" in found:
         q = found["quality"]
         report["split_by_quality"] = split_by_quality(rows, q)

@@ -101,10 +101,16 @@ def run_in_process(project: Project, monkeypatch, script: str, *args: str) -> No
     runpy.run_path(str(ROOT / script), run_name="__main__")
 
 
-def test_retro_report_compares_neighbours_padding_and_plain(project: Project, monkeypatch) -> None:
+def test_retro_report_compares_neighbours_padding_and_plain(
+    project: Project, monkeypatch, capsys
+) -> None:
     small = ["debug=tiny", *SMALL_TEXT, "data.retrieval.chunk_size=16"]
     run_in_process(project, monkeypatch, "scripts/retro_report.py", *small,
                    "data.retrieval.embedder_dim=64")  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()  # under the table, as bench.py says (it did not)
+    last_row = next(i for i, line in enumerate(lines) if line.startswith("plain decoder "))
+    note = "note: debug=tiny: sizes too small for the losses to mean anything (a smoke run)"
+    assert lines[last_row + 1] == note, lines
     (path,) = (project.root / "outputs" / "retro_report").glob("*/retro_report.json")
     report = json.loads(path.read_text())
     rows = report["rows"]

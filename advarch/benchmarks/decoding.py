@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from advarch.benchmarks.timing import SMOKE_NOTE
+from advarch.benchmarks.timing import SMOKE_NOTE, tiny_overrides
 from advarch.generation import Retrieve, generate
 from advarch.models import Model
 
@@ -150,6 +150,6 @@ def smoke_note(overrides: list[str], new_tokens: int) -> str | None:
     """One line where the benchmark runs at smoke sizes (`debug=tiny` models, or fewer than
     SMOKE_TOKENS new tokens), whose cached decoding measured 0.2–0.9× the full forward; None
     at real sizes."""
-    small = [o for o in overrides if o.lstrip("+") == "debug=tiny"]
+    small = tiny_overrides(overrides)
     small += [f"bench_new_tokens={new_tokens}"] if new_tokens < SMOKE_TOKENS else []
     return f"note: {' '.join(small)}: {SMOKE_NOTE}" if small else None

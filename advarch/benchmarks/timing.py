@@ -7,7 +7,7 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,17 @@ class Row:
     host_ms: float = float("nan")  # GPU: time for the call to return (launch-bound if ≈ ms)
 
 
-SMOKE_NOTE = "sizes too small for the timings to mean anything (a smoke run)"
+def too_small(what: str) -> str:
+    """The words under a table measured at smoke sizes: its `what` mean nothing there."""
+    return f"sizes too small for the {what} to mean anything (a smoke run)"
+
+
+def tiny_overrides(overrides: Sequence[str]) -> list[str]:
+    """The `debug=tiny` (smoke sizes) among a command's overrides."""
+    return [o for o in overrides if o.lstrip("+") == "debug=tiny"]
+
+
+SMOKE_NOTE = too_small("timings")
 
 
 def time_ms(
