@@ -289,6 +289,18 @@ def test_retrofit_onto_a_model_without_retro_says_so_before_asking_for_the_base(
     check_combination(make_cfg(["model=transformer", "strategy=retrofit", *unfrozen]))
 
 
+@pytest.mark.parametrize("experiment", ["finetune_new_experts_5_9", "merge_digit_tasks"])
+def test_a_fine_tuning_experiment_without_its_base_names_the_base_command(
+    make_cfg, experiment: str
+) -> None:
+    # it suggested a `python train.py` run, whose LM checkpoint does not fit the digits model
+    cfg = make_cfg([f"experiment={experiment}", "debug=tiny"])
+    with pytest.raises(ConfigError) as err:
+        check_combination(cfg)
+    assert str(err.value).endswith("(e.g. of a `python train.py experiment=pretrain_digits_0_4` "
+                                   "run)"), err.value  # fmt: skip
+
+
 @pytest.mark.parametrize("data", ["text_domains", "permuted_digits", "split_digits"])
 def test_plain_training_of_a_task_stream_names_the_continual_strategies(make_cfg, data) -> None:
     cfg = make_cfg(["model=moe", f"data={data}", "strategy=plain", "debug=tiny"])

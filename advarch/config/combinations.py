@@ -269,15 +269,32 @@ def packaged_config(group: str, choice: str) -> dict[str, Any]:
     """The packaged config `choice` of `group` over the configs it builds on (data=
     text_retrieval: text's keys, then its own; sections replaced whole); {} where the package
     has no such option. Shared: not to be changed."""
-    path = PACKAGE_CONFIGS / group / f"{choice}.yaml"
-    if not path.is_file():
-        return {}
-    config = yaml.safe_load(path.read_text()) or {}
-    bases = [d for d in config.pop("defaults", []) if isinstance(d, str) and d != "_self_"]
+    config = _packaged_yaml(group, choice)
     merged: dict[str, Any] = {}
-    for base in bases:
+    for base in _bases(config.pop("defaults", [])):
         merged |= packaged_config(group, base)
     return merged | config
+
+
+def _packaged_yaml(group: str, choice: str) -> dict[str, Any]:
+    """The packaged file `configs/<group>/<choice>.yaml` as written; {} where there is none."""
+    path = PACKAGE_CONFIGS / group / f"{choice}.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _bases(defaults: list[Any]) -> list[str]:
+    """The options of its own group a config's defaults list builds on (not `_self_`, not
+    other groups' `override /group: option`)."""
+    return [d for d in defaults if isinstance(d, str) and d != "_self_"]
+
+
+def _base_experiment(experiment: str | None) -> str | None:
+    """The packaged experiment a fine-tuning experiment builds on, whose run its
+    `strategy.pretrained` is (finetune_new_experts_5_9 → pretrain_digits_0_4); None if none."""
+    if not experiment:
+        return None
+    bases = _bases(_packaged_yaml("experiment", experiment).get("defaults", []))
+    return bases[0] if bases else None
 
 
 # -- impossible combinations ------------------------------------------------------------------
@@ -341,7 +358,8 @@ def check_combination(cfg: DictConfig) -> None:
     if facts is not None and facts.stream:
         _check_stream_length(data, names["data"])
     if strategy_target == FINETUNE:  # (after what no checkpoint would help)
-        _check_pretrained(strategy.get("pretrained"), names["strategy"])
+        base = _base_experiment(choices.get("experiment"))
+        _check_pretrained(strategy.get("pretrained"), names["strategy"], base)
 
 
 def _check_data(
@@ -467,10 +485,13 @@ def _check_retrofit(
         )
 
 
-def _check_pretrained(pretrained: str | None, name: str) -> None:
+def _check_pretrained(pretrained: str | None, name: str, base: str | None) -> None:
+    """A fine-tune names its base checkpoint; where the experiment says which run that is
+    (`_base_experiment`), the refusal names that command."""
     if not pretrained:
+        command = "python train.py" + (f" experiment={base}" if base else "")
         raise ConfigError(
             f"strategy={name} fine-tunes a trained base: add strategy.pretrained=<run>/"
-            "checkpoints/last.ckpt (e.g. of a `python train.py` run)"
+            f"checkpoints/last.ckpt (e.g. of a `{command}` run)"
         )
     checkpoint_file(pretrained, "strategy.pretrained")
