@@ -60,20 +60,22 @@ class EpochSampler(DistributedSampler, ABC):
 
 class EpochShuffleSampler(EpochSampler):
     """Indices 0..n−1 in a (seed, epoch)-determined order (`EpochSampler`: resumable, shared
-    among DDP processes). `num_samples` (default n) keeps only the first `num_samples` of each
-    epoch's permutation: a random subset per epoch without replacement."""
+    among DDP processes). `num_samples` (default n) draws that many an epoch: the first of the
+    epoch's permutation (a random subset without replacement), or, more than n, successive
+    permutations (each index as often as the others, ±1): an epoch of a fixed number of
+    steps (`data.steps_per_task`) trains all of them on a small set too."""
 
     def __init__(
         self, n: int, seed: int, skip: int = 0, epoch: int = 0, num_samples: int | None = None,
         rank: int = 0, world: int = 1,
     ) -> None:  # fmt: skip
-        size = n if num_samples is None else min(num_samples, n)
-        super().__init__(size, skip, epoch, rank, world)
+        super().__init__(n if num_samples is None else num_samples, skip, epoch, rank, world)
         self.n, self.seed = n, seed
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)[: self.size]
+        passes = -(-self.size // max(self.n, 1))  # (the first: a smaller epoch's whole order)
+        return torch.cat([torch.randperm(self.n, generator=g) for _ in range(passes)])[: self.size]
 
 
 class EvalShardSampler(DistributedSampler):

@@ -23,6 +23,18 @@ def test_subset_sampler_keeps_a_prefix_of_the_epoch_permutation() -> None:
     assert list(EpochShuffleSampler(40, seed=3, epoch=3)) != full
 
 
+def test_an_epoch_longer_than_the_set_draws_it_again_and_again() -> None:
+    # a domain smaller than data.steps_per_task × batch_size trained fewer steps, silently
+    small = EpochShuffleSampler(7, seed=3, epoch=1, num_samples=20)
+    order = list(small)
+    assert len(small) == 20 and len(order) == 20
+    assert order[:7] == list(EpochShuffleSampler(7, seed=3, epoch=1))  # its first pass
+    assert sorted(order[7:14]) == list(range(7)) and sorted(order[14:]) != list(range(7))
+    counts = [order.count(i) for i in range(7)]
+    assert max(counts) - min(counts) <= 1  # each as often as the others
+    assert order == list(EpochShuffleSampler(7, seed=3, epoch=1, num_samples=20))  # (pure)
+
+
 class _Trainer:  # what resumable_loader reads of a trainer
     def __init__(self, epoch: int) -> None:
         self.current_epoch = epoch
