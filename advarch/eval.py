@@ -245,10 +245,11 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
 @hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="eval")
 def hydra_main(cfg: DictConfig) -> None:
     from advarch.checkpoint import CheckpointError, checkpoint_file
+    from advarch.config.validate import import_from_working_dir
     from advarch.console_summary import split_table_lines
     from advarch.errors import ConfigError
-    from advarch.tracking import sync_hint
-    from advarch.train import _finish_wandb, discard_run_folder, import_from_working_dir
+    from advarch.output_folders import discard_run_folder
+    from advarch.tracking import finish_wandb, sync_hint
 
     import_from_working_dir()
     try:
@@ -262,7 +263,7 @@ def hydra_main(cfg: DictConfig) -> None:
         discard_run_folder()
         sys.exit(f"error: {err}")
     finally:
-        _finish_wandb()
+        finish_wandb()
     print("\n".join(split_table_lines(metrics, "test", task_names)))
     out = Path(cfg.paths.output_dir) / "metrics.json"
     out.write_text(json.dumps(metrics, indent=2))
@@ -276,7 +277,7 @@ def _evaluate_until_stopped(cfg: DictConfig) -> Evaluation:
     """`evaluate`; a stop signal ends the command with its exit code (its line is printed)."""
     quiet_lightning_logs()
     from advarch.callbacks.signals import Interrupted
-    from advarch.train import discard_run_folder
+    from advarch.output_folders import discard_run_folder
 
     try:
         return evaluate(cfg)

@@ -9,6 +9,7 @@ recorded config before its lock (`advarch.run_lock`) refused it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -83,3 +84,36 @@ def stamped_folder(parent: Path) -> Path:
     setup_globals()  # Hydra's `${now:}`
     register_resolvers()  # advarch's `${unique:}`
     return Path(parent) / OmegaConf.create({"name": pattern}).name
+
+
+def discard_run_folder(folder: Path | None = None) -> None:
+    """Remove what Hydra and advarch wrote into a run folder that keeps no results (a config
+    error; any generate.py call): `.hydra/`, the job log and the config tree, then the folder
+    itself (with the empty folders in it) and the parents it leaves empty (`outputs/runs/…`).
+    `folder` defaults to the current Hydra job's output folder (eval, generate, merge)."""
+    import shutil
+
+    job = HydraConfig.get() if HydraConfig.initialized() else None
+    if folder is None:
+        if job is None:
+            return
+        folder = Path(job.runtime.output_dir)
+    if (folder / "checkpoints").exists():
+        return
+    shutil.rmtree(folder / ".hydra", ignore_errors=True)
+    logs = {"train.log", f"{job.job.name}.log"} if job is not None else {"train.log"}
+    for name in (*logs, "config_tree.txt"):
+        (folder / name).unlink(missing_ok=True)
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()  # empty folders a logger made before the error (csv/version_0)
+    # the folder and its run-name parent, then (under the folder the command runs in) the
+    # parents left empty: outputs/runs, outputs
+    top = Path.cwd().resolve()
+    for depth, path in enumerate((folder.resolve(), *folder.resolve().parents)):
+        if depth >= 2 and (path == top or top not in path.parents):
+            break
+        try:
+            path.rmdir()  # only when empty
+        except OSError:
+            break

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,12 @@ def sync_hint(folder: Path) -> str | None:
     (runs are named by their start time), or None where there is none."""
     runs = sorted((folder / "wandb").glob("offline-run-*"))
     return f"sync to W&B later: wandb sync {runs[-1]}" if runs else None
+
+
+def finish_wandb() -> None:
+    """Close the W&B run (also after failures and between multirun jobs)."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

@@ -6,14 +6,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import math
 import signal
 import sys
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
 from advarch.config.combinations import check_combination, with_strategy_defaults
+from advarch.config.validate import import_from_working_dir
+from advarch.output_folders import discard_run_folder
 from advarch.reasons import first_line
-from advarch.slurm import STOP_SIGNALS, requeue
-from advarch.tracking import RunIdentity, tracker_group
+from advarch.slurm import requeue
+from advarch.stop_signals import (
+    PHASE,
+    Stopped,
+    signals_held,
+    stop_on_signals,
+    stopped_line,
+    training_started,
+)
+from advarch.tracking import RunIdentity, finish_wandb, tracker_group
 
 log = logging.getLogger("advarch")
 WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)  # one line, no traceback
@@ -122,7 +130,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     final_validation = ValidateAtLastStep()  # the final weights compete for best-*.ckpt
     callbacks.append(final_validation)
     # a stop signal outside `SignalCheckpoint`'s handlers comes before training or after it
-    callbacks.append(LambdaCallback(on_train_start=_training_started))
+    callbacks.append(LambdaCallback(on_train_start=training_started))
     output_dir.mkdir(parents=True, exist_ok=True)
     echo = cfg.get("extras", {}).get("print_config", True) and rank_zero_only.rank == 0
     print_config_tree(cfg, output_dir / "config_tree.txt", echo=echo)  # the file always
@@ -184,7 +192,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
             say(hint)
         raise
     finally:
-        _finish_wandb()
+        finish_wandb()
     if trainer.is_global_zero:  # other DDP ranks ran the same job silently
         print_summary(cfg, spec, metrics, output_dir)
         save_summary(spec, metrics, output_dir)
@@ -226,93 +234,6 @@ def build_loggers(
 def scalar_metrics(trainer: Any) -> dict[str, float]:
     """The trainer's current scalar callback metrics as floats."""
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-
-
-def import_from_working_dir() -> None:
-    """Let config `_target_`s name a user's own modules in the folder the command runs in
-    (`examples/own_model`, a `--config-dir` project), as `python -m` would: a script's own
-    folder (scripts/) or a console script's is on `sys.path`, the working directory is not."""
-    import os
-
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-
-
-PHASE = {"training_started": False}  # where a stop signal without a handler of training's came
-
-
-def _training_started(*_: Any) -> None:
-    PHASE["training_started"] = True  # (a function of the module: ddp_spawn pickles callbacks)
-
-
-class Stopped(BaseException):
-    """A stop signal (SIGTERM, SIGUSR1/2) where training has no handler of its own
-    (`SignalCheckpoint`): before `fit` (imports, data, model) or after it. A BaseException,
-    as KeyboardInterrupt is for SIGINT, so that no `except Exception` swallows it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_stopped(signum: int, frame: Any) -> None:
-    raise Stopped(signum)
-
-
-def stop_on_signals() -> None:
-    """SIGTERM, SIGUSR1 and SIGUSR2 stop the command like Ctrl-C (they ended it silently, with
-    exit code -15, and a SLURM job unrequeued, while data or the model were built)."""
-    if threading.current_thread() is threading.main_thread():
-        for signum in STOP_SIGNALS:
-            if signum != signal.SIGINT:
-                signal.signal(signum, _raise_stopped)
-
-
-def stopped_line(signum: int, sweep: bool = False) -> str:
-    """What a stop outside training's handlers did, for the console. A sweep's launching
-    process (`-m`) cannot tell what its trials saved: they say it themselves."""
-    from advarch.sweeps import RESUME_SWEEP
-
-    name = signal.Signals(signum).name
-    if sweep:
-        return f"{name} received: sweep stopped (its trials keep what they saved); {RESUME_SWEEP}"
-    if PHASE["training_started"]:
-        return f"{name} received after training: stopped (its checkpoints are written)"
-    return f"{name} received before training started: stopped, nothing saved"
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold the stop signals until the block ends, then raise there (KeyboardInterrupt for
-    SIGINT, `Stopped` for the others).
-
-    Importing torch runs Python callbacks from C++ (pybind11), where an exception raised by a
-    signal handler cannot unwind: the process aborts (`terminate called …`, exit -6) instead
-    of stopping with one line. Outside the main thread signals cannot be handled: the block
-    runs as is.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in STOP_SIGNALS}  # fmt: skip
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if received:
-        raise KeyboardInterrupt if received[0] == signal.SIGINT else Stopped(received[0])
-
-
-def _finish_wandb() -> None:
-    """Close the W&B run (also after failures and between multirun jobs)."""
-    if "wandb" in sys.modules:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
 
 
 def main() -> None:
@@ -399,7 +320,7 @@ def _job(cfg: DictConfig) -> float | None:
             return _trial(cfg, identity)
         return _optimized_value(cfg, run(cfg, identity))
     except Interrupted as err:
-        _finish_wandb()
+        finish_wandb()
         sys.exit(err.exit_code)  # the checkpoint line was printed when it was saved
     except (ConfigError, CheckpointError, FloatingPointError) as err:
         if not isinstance(err, FloatingPointError | FolderInUse):  # (another run's folder)
@@ -408,7 +329,7 @@ def _job(cfg: DictConfig) -> float | None:
     except OSError as err:  # a full or read-only disk, a folder without write permission
         if err.errno not in WRITE_ERRORS:
             raise
-        _finish_wandb()
+        finish_wandb()
         where = err.filename or cfg.paths.output_dir
         saved = sorted(Path(cfg.paths.output_dir).glob("checkpoints/*.ckpt"))
         kept = f"{saved[-1].parent} keeps its complete checkpoints" if saved else "nothing saved"
@@ -475,7 +396,7 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "error.txt").write_text(traceback.format_exc())
         write_result(output_dir, overrides, metric, None, {}, error=reason)
-        _finish_wandb()
+        finish_wandb()
         return worst_value(direction)
     write_result(output_dir, overrides, metric, value, metrics)
     return value
@@ -497,41 +418,6 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
         return RunIdentity(cfg.run_name, "sweep", group, " ".join(trial), choices)
     group = tracker_group(cfg.run_name, choices.get("experiment"))
     return RunIdentity(cfg.run_name, "train", group, "", choices)
-
-
-def discard_run_folder(folder: Path | None = None) -> None:
-    """Remove what Hydra and advarch wrote into a run folder that keeps no results (a config
-    error; any generate.py call): `.hydra/`, the job log and the config tree, then the folder
-    itself (with the empty folders in it) and the parents it leaves empty (`outputs/runs/…`).
-    `folder` defaults to the current Hydra job's output folder (eval, generate, merge)."""
-    import shutil
-
-    from hydra.core.hydra_config import HydraConfig
-
-    job = HydraConfig.get() if HydraConfig.initialized() else None
-    if folder is None:
-        if job is None:
-            return
-        folder = Path(job.runtime.output_dir)
-    if (folder / "checkpoints").exists():
-        return
-    shutil.rmtree(folder / ".hydra", ignore_errors=True)
-    logs = {"train.log", f"{job.job.name}.log"} if job is not None else {"train.log"}
-    for name in (*logs, "config_tree.txt"):
-        (folder / name).unlink(missing_ok=True)
-    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
-        with contextlib.suppress(OSError):
-            sub.rmdir()  # empty folders a logger made before the error (csv/version_0)
-    # the folder and its run-name parent, then (under the folder the command runs in) the
-    # parents left empty: outputs/runs, outputs
-    top = Path.cwd().resolve()
-    for depth, path in enumerate((folder.resolve(), *folder.resolve().parents)):
-        if depth >= 2 and (path == top or top not in path.parents):
-            break
-        try:
-            path.rmdir()  # only when empty
-        except OSError:
-            break
 
 
 def _optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

@@ -184,9 +184,10 @@ def _prompt(cfg: DictConfig) -> str:
 def hydra_main(cfg: DictConfig) -> None:
     """Generate from `ckpt_path` (or benchmark with `bench=true`); one-line errors."""
     from advarch.checkpoint import checkpoint_file
+    from advarch.config.validate import import_from_working_dir
     from advarch.console_log import quiet_lightning_logs
     from advarch.errors import ConfigError
-    from advarch.train import discard_run_folder, import_from_working_dir
+    from advarch.output_folders import discard_run_folder
 
     import_from_working_dir()
     try:

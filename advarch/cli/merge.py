@@ -24,7 +24,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from omegaconf import OmegaConf
 
     from advarch.merging import MergeConfig, MergeSummary, merge_checkpoints
-    from advarch.train import discard_run_folder
+    from advarch.output_folders import discard_run_folder
 
     summary = MergeSummary()
     try:

@@ -8,6 +8,7 @@ any work, with one line naming the key as the user writes it (`model.dim`).
 from __future__ import annotations
 
 import inspect
+import sys
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -109,3 +110,13 @@ def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values()):
             return params, hints, False
     return params, hints, True
+
+
+def import_from_working_dir() -> None:
+    """Let config `_target_`s name a user's own modules in the folder the command runs in
+    (`examples/own_model`, a `--config-dir` project), as `python -m` would: a script's own
+    folder (scripts/) or a console script's is on `sys.path`, the working directory is not."""
+    import os
+
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())

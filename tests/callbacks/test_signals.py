@@ -16,7 +16,8 @@ import torch
 from advarch.callbacks.signals import Interrupted, SignalCheckpoint
 from advarch.eval import evaluate
 from advarch.slurm import STOP_SIGNALS
-from advarch.train import Stopped, run, stop_on_signals, stopped_line
+from advarch.stop_signals import Stopped, stop_on_signals, stopped_line
+from advarch.train import run
 from tests.cli import read_metrics
 from tests.conftest import ROOT, TINY, TrainedRun
 
