@@ -62,20 +62,14 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     """`run`'s work, in its locked run folder."""
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import LambdaCallback, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
 
     from advarch.atomic import write_text_atomic
     from advarch.callbacks.checkpoint_io import AtomicCheckpointIO
-    from advarch.callbacks.data_identity import DataIdentity
     from advarch.callbacks.final_validation import ValidateAtLastStep
-    from advarch.callbacks.known_warnings import IgnoreKnownWarnings
-    from advarch.callbacks.process_group import DestroyProcessGroupAtExit
-    from advarch.callbacks.resumed_curves import ResumedCurves
     from advarch.callbacks.run_config import LogRunConfig
-    from advarch.callbacks.signals import Interrupted, SignalCheckpoint
-    from advarch.callbacks.skipped_fit import QuietSkippedFit
-    from advarch.callbacks.worker_console import WorkerConsole
+    from advarch.callbacks.signals import Interrupted
     from advarch.config.runs import (
         WANDB_ID_FILE,
         check_base_fits,
@@ -119,18 +113,12 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
             "add to its CSV and checkpoints; give it an empty folder"
         )
     last = output_dir / "checkpoints" / "last.ckpt"
-    callbacks = [*instantiate_dict(cfg.get("callbacks"), "callbacks"), SignalCheckpoint(last)]
-    resumed = None if ckpt is None else str(ckpt)  # no resume on other data; then "resuming"
-    callbacks.append(DataIdentity(resumed, auto=cfg.get("ckpt_path") == "auto"))
-    callbacks.append(WorkerConsole())  # spawned DDP workers' console as this one's
-    callbacks.append(IgnoreKnownWarnings())  # again in spawned DDP workers
-    callbacks.append(DestroyProcessGroupAtExit())  # gloo's workers abort at exit without it
-    callbacks.append(ResumedCurves(ckpt, output_dir))  # a resume's CSV curves from step 0
-    callbacks.append(QuietSkippedFit())  # a finished checkpoint: advarch's line alone
     final_validation = ValidateAtLastStep()  # the final weights compete for best-*.ckpt
-    callbacks.append(final_validation)
-    # a stop signal outside `SignalCheckpoint`'s handlers comes before training or after it
-    callbacks.append(LambdaCallback(on_train_start=training_started))
+    callbacks = [
+        *instantiate_dict(cfg.get("callbacks"), "callbacks"),
+        *run_callbacks(cfg, ckpt, output_dir),
+        final_validation,
+    ]
     output_dir.mkdir(parents=True, exist_ok=True)
     echo = cfg.get("extras", {}).get("print_config", True) and rank_zero_only.rank == 0
     print_config_tree(cfg, output_dir / "config_tree.txt", echo=echo)  # the file always
@@ -199,6 +187,34 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     return metrics
 
 
+def run_callbacks(cfg: DictConfig, ckpt: Path | None, output_dir: Path) -> list[Any]:
+    """The callbacks every run has beside the config's: signals save `last.ckpt`, the data's
+    identity is checked on resume, spawned DDP workers print and exit as this process does,
+    a resume's curves start at step 0, and a stop outside training says what it saved."""
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    from advarch.callbacks.data_identity import DataIdentity
+    from advarch.callbacks.known_warnings import IgnoreKnownWarnings
+    from advarch.callbacks.process_group import DestroyProcessGroupAtExit
+    from advarch.callbacks.resumed_curves import ResumedCurves
+    from advarch.callbacks.signals import SignalCheckpoint
+    from advarch.callbacks.skipped_fit import QuietSkippedFit
+    from advarch.callbacks.worker_console import WorkerConsole
+
+    resumed = None if ckpt is None else str(ckpt)  # no resume on other data; then "resuming"
+    return [
+        SignalCheckpoint(output_dir / "checkpoints" / "last.ckpt"),
+        DataIdentity(resumed, auto=cfg.get("ckpt_path") == "auto"),
+        WorkerConsole(),  # spawned DDP workers' console as this one's
+        IgnoreKnownWarnings(),  # again in spawned DDP workers
+        DestroyProcessGroupAtExit(),  # gloo's workers abort at exit without it
+        ResumedCurves(ckpt, output_dir),  # a resume's CSV curves from step 0
+        QuietSkippedFit(),  # a finished checkpoint: advarch's line alone
+        # a stop signal outside `SignalCheckpoint`'s handlers comes before training or after
+        LambdaCallback(on_train_start=training_started),
+    ]
+
+
 def build_loggers(
     cfg: DictConfig, identity: RunIdentity, config: dict[str, Any], ckpt: Path | None
 ) -> list[Any]:
@@ -220,7 +236,7 @@ def build_loggers(
             continue
         fields = wandb_init_fields(cfg, identity, config)
         fields["id"] = previous_wandb_id(ckpt) or node.get("id")
-        fields["tags"] = list(dict.fromkeys([*(node.get("tags") or []), *fields["tags"]]))
+        fields["tags"] = list(dict.fromkeys([*map(str, node.get("tags") or []), *fields["tags"]]))
         logger = hydra.utils.instantiate(node, _partial_=True, _convert_="all")(**fields)
         without_anonymous(logger)
         metric = cfg.get("optimized_metric")

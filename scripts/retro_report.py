@@ -50,6 +50,7 @@ from advarch.reports.figures import plot_retrieval_by_quality
 from advarch.train import run
 
 OVERLAP_BINS = (0, 8, 32)  # quality buckets: shared run of [0, 8), [8, 32), ≥ 32 tokens
+LN2 = math.log(2)  # nats per bit
 MODES = {"neighbours": "RETRO, neighbours", "padding": "RETRO, padding neighbours",
          "shuffled": "RETRO, another sequence's neighbours"}  # fmt: skip
 PLAIN_EQUAL = "plain decoder, equal steps"  # trained on for the retrofit's steps
@@ -96,16 +97,28 @@ def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[s
     datamodule.setup("validate")
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
     bpt, m = spec.bytes_per_token(split), spec.retrieval_chunk
+    # bits per byte over the scored tokens' own UTF-8 bytes (a checkpoint without their
+    # table: the split's bytes per token), as training's metrics count them
+    table = None if spec.token_bytes is None else torch.tensor(spec.token_bytes).double()
     sums = {mode: {"loss": 0.0, "correct": 0, "count": 0} for mode in modes}
-    per_chunk: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
+    per_chunk: dict[str, list[torch.Tensor]] = {mode: [] for mode in modes}
+    chunk_bytes: list[torch.Tensor] = []
+    scored_bytes = 0.0
     quality: list[np.ndarray] = []
     batches = list(loader)
     others = _neighbours_of_others(batches) if "shuffled" in modes else None
     for batch in batches:
         labels = batch["labels"].masked_fill(batch["labels"] == spec.pad_id, -100)
         nb = batch.get("neighbours")
+        b, t = labels.shape
+        num = t // m - 1  # (the first chunk has no neighbours yet)
+        if table is not None:
+            target_bytes = table[labels.clamp_min(0)] * (labels != -100)  # (B, T)
+            scored_bytes += float(target_bytes.sum())
         if nb is not None and bpt:
             quality.append(chunk_quality(batch, m, spec.pad_id))
+            if table is not None:
+                chunk_bytes.append(_chunks(target_bytes, m, num))
         for mode in modes:
             given = nb
             if mode == "padding":
@@ -119,21 +132,27 @@ def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[s
             sums[mode]["correct"] += int((logits.argmax(-1) == labels)[scored].sum())
             sums[mode]["count"] += int(scored.sum())
             if nb is not None and bpt:
-                b, t = labels.shape
-                num = t // m - 1
-                per_chunk[mode].append(nll[:, m - 1 : m - 1 + num * m].reshape(b, num, m).mean(-1))
+                per_chunk[mode].append(_chunks(nll.double(), m, num))
     out = {}
     for mode, s in sums.items():
         loss = s["loss"] / max(s["count"], 1)
         row = {"loss": loss, "acc": s["correct"] / max(s["count"], 1)}
         if bpt:
-            row["bpb"] = loss / math.log(2) / bpt
+            row["bpb"] = (s["loss"] / scored_bytes if table is not None else loss / bpt) / LN2
         if quality:
-            row["chunk_bpb"] = torch.cat(per_chunk[mode]).flatten().numpy() / math.log(2) / bpt
+            nats = torch.cat(per_chunk[mode]).flatten()
+            each = torch.cat(chunk_bytes).flatten() if table is not None else bpt * m
+            row["chunk_bpb"] = (nats / each / LN2).numpy()
         out[mode] = row
     if quality:
         out["quality"] = np.concatenate([q.ravel() for q in quality])
     return out
+
+
+def _chunks(values: torch.Tensor, m: int, num: int) -> torch.Tensor:
+    """(B, num) sums over each retrieval chunk of `m` targets after the first chunk: the
+    targets chunk c's neighbours inform (its last token's through the next chunk's)."""
+    return values[:, m - 1 : m - 1 + num * m].reshape(values.shape[0], num, m).sum(-1)
 
 
 def _neighbours_of_others(batches: list[dict[str, torch.Tensor]]) -> Iterator[torch.Tensor]:

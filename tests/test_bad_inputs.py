@@ -53,6 +53,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["train=false", "test=false"], "nothing to do"),
     ("train", ["run_name=''"], "run_name=''"),
     ("train", ["tags=notalist"], "tags='notalist' must be a list: tags=[notalist]"),
+    ("train", ["logger=wandb", "logger.wandb.tags=word"], "logger.wandb.tags='word' must be a"),
     ("train", ["optimized_metric=val/bogus"], "optimized_metric=val/bogus"),
     ("train", ["strategy=ewc", *STREAM, "optimized_metric=cl/bogus"], "optimized_metric=cl/bogus"),
     ("train", ["optimized_metric=5"], "optimized_metric=5"),

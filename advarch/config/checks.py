@@ -61,9 +61,10 @@ def check_run_keys(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise ConfigError(f"{key}={value!r} must be a non-empty string{quote_hint(key, value)}")
-    tags = cfg.get("tags")
-    if tags is not None and not OmegaConf.is_list(tags):  # a word became a tag per letter
-        raise ConfigError(f"tags={tags!r} must be a list: tags=[{tags}] (or tags=[a,b])")
+    for key in ("tags", "logger.wandb.tags"):  # a word became a W&B tag per letter
+        tags = OmegaConf.select(cfg, key)
+        if tags is not None and not OmegaConf.is_list(tags):
+            raise ConfigError(f"{key}={tags!r} must be a list: {key}=[{tags}] (or {key}=[a,b])")
     name = PurePath(str(cfg.get("run_name") or ""))
     if name.is_absolute() or ".." in name.parts:  # its runs go to outputs/runs/<run_name>/
         raise ConfigError(

@@ -209,7 +209,7 @@ def unigram_token_bits(trains: list[Any], vocab_size: int, counts_file: Path) ->
     """Bits of each token id under the add-one unigram model of the training targets of
     `trains` (packed-row datasets): the baseline scored beside every evaluation's bits per
     byte, on the same tokens (`Objective`). The counts are kept in `counts_file` (a cache
-    folder's), so a run reads the training split once per cache."""
+    folder's, where it can be written), so a run reads the training split once per cache."""
     if counts_file.is_file():
         counts = np.load(counts_file)
     else:
@@ -218,8 +218,9 @@ def unigram_token_bits(trains: list[Any], vocab_size: int, counts_file: Path) ->
             for rows in ds.with_format("numpy").iter(batch_size=4096):
                 counts += np.bincount(rows["tokens"][:, 1:].ravel(), minlength=vocab_size)
         tmp = counts_file.with_name(f"{counts_file.stem}.tmp{os.getpid()}.npy")
-        np.save(tmp, counts)
-        os.replace(tmp, counts_file)  # (atomic: two runs may count at once)
+        with contextlib.suppress(OSError):  # (a cache this user cannot write: count each run)
+            np.save(tmp, counts)
+            os.replace(tmp, counts_file)  # (atomic: two runs may count at once)
     smoothed = counts.astype(np.float64) + 1.0
     return (-np.log2(smoothed / smoothed.sum())).tolist()
 

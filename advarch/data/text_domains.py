@@ -9,11 +9,11 @@ train/val/test by document (`split_documents`, seeded), so no file leaks across 
 
 `TextDomainsDataModule` is a task stream (`advarch/data/stream.py`): one domain per epoch,
 `steps_per_task` batches each (drawn without replacement from the domain's packed training
-sequences, a new draw every epoch, resumable mid-epoch), one validation/test loader per
-domain. Every batch
-carries `task` (the domain id), so per-domain expert masks can route by it. The spec's
-`extras` hold the UTF-8 bytes of each token id, so strategies report bits per byte (per
-domain too) over the bytes of the tokens they score, and each domain's unigram baseline.
+sequences, again once all are drawn, a new draw every epoch, resumable mid-epoch), one
+validation/test loader per domain. Every batch carries `task` (the domain id), so per-domain
+expert masks can route by it. The spec's `extras` hold the UTF-8 bytes of each token id and
+its bits under the unigram model of all domains' training text, so strategies report bits
+per byte (per domain too) and the unigram baseline over the tokens they score.
 
 Shapes: B batch, T sequence length.
 """
@@ -284,7 +284,6 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
                     for split in SPLITS
                 },
                 "unigram_bpb": sum(i["unigram_bpb"] * i["val_bytes"] for i in info) / val_bytes,
-                "task_unigram_bpb": [i["unigram_bpb"] for i in info],
                 "token_bytes": self.tokenizer.token_bytes(),  # exact bits per byte
                 "unigram_bits": unigram_token_bits(  # (of all domains' training text)
                     self.data["train"], self.meta["vocab_size"], self.cache_dir / UNIGRAM

@@ -159,9 +159,11 @@ def task_boundaries(metrics: Metrics, epochs_per_task: int | None) -> list[float
 
 
 def trial_error(run_dir: Path) -> str | None:
-    """Why a sweep trial failed (the one line of its `result.json`), or None."""
+    """Why a sweep trial failed (the one line of its `result.json`), or None: also for one a
+    signal stopped (`interrupted`: its checkpoint goes on, its report says where it stopped)."""
     result = read_file(run_dir / RESULT_FILE, json.loads, {})
-    return result.get("error") if isinstance(result, dict) else None
+    failed = isinstance(result, dict) and result.get("status", "failed") == "failed"
+    return result.get("error") if failed else None
 
 
 def run_overrides(run_dir: Path) -> list[str]:

@@ -118,6 +118,9 @@ class ContinualStrategy(BaseStrategy):
         self.accuracy_matrix = torch.full((self.num_tasks, self.num_tasks), math.nan)  # R (acc/bpb)
         self.initial_accuracy = torch.full((self.num_tasks,), math.nan)  # b
         self.finished_tasks = 0
+        # bits per byte of R over the scored tokens' own bytes; a stream resumed from a
+        # checkpoint measured before them goes on over the split's ratio (`on_load_checkpoint`)
+        self.scored_bytes = self.task_metric == "bpb" and self.objective.token_bytes is not None
         self._stream_was_finished = False  # resumed from a finished stream (`on_fit_start`)
         self._frozen_task: int | None = None
 
@@ -254,7 +257,7 @@ class ContinualStrategy(BaseStrategy):
         """Per-item scores whose mean is the task metric's raw value: correctness (B,) for
         classification; for language models, of every target token (padding dropped), the
         negative log-likelihood in nats and its UTF-8 bytes (N, 2), or the nats alone (N,)
-        for data without a byte table (a checkpoint written before it)."""
+        without a byte table or resumed from a stream measured without one (`scored_bytes`)."""
         if self.task_metric == "acc":
             logits = select_task_logits(out.logits, batch.get("task"))
             return (logits.argmax(-1) == batch["labels"]).float()
@@ -265,9 +268,13 @@ class ContinualStrategy(BaseStrategy):
             out.logits.flatten(0, 1).float(), labels, ignore_index=IGNORE, reduction="none"
         )
         scored = labels != IGNORE
-        if self.objective.token_bytes is None:
+        if not self.scored_bytes:
             return nll[scored]
         return torch.stack([nll[scored], self.objective.token_bytes[labels[scored]]], -1)
+
+    def score_width(self) -> int:
+        """Values per item of `task_scores`: 2 for bits per byte over the scored bytes."""
+        return 2 if self.scored_bytes else 1
 
     def task_value(self, task: int, mean_score: torch.Tensor | float) -> torch.Tensor:
         """The task metric from the mean of `task_scores`: accuracy as is; bits per byte, the
@@ -297,7 +304,7 @@ class ContinualStrategy(BaseStrategy):
         values = torch.zeros(self.num_tasks)
         for task, loader in enumerate(loaders):
             batches = itertools.islice(self._batches(loader), self._val_batch_count(loader))
-            sums = score_sums(batches, lambda b: self.task_scores(b, self(b)))
+            sums = score_sums(batches, lambda b: self.task_scores(b, self(b)), self.score_width())
             if sharded(loader):  # this process's share: add the others' (every process's R)
                 sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
             values[task] = self.task_value(task, mean_of(sums))
@@ -491,3 +498,10 @@ class ContinualStrategy(BaseStrategy):
         self.accuracy_matrix = state["accuracy_matrix"].clone().cpu()
         self.initial_accuracy = state["initial_accuracy"].clone().cpu()
         self.finished_tasks = int(state["finished_tasks"])
+        saved_spec = checkpoint.get("hyper_parameters", {}).get("spec") or {}
+        if self.scored_bytes and "token_bytes" not in (saved_spec.get("extras") or {}):
+            self.scored_bytes = False  # one definition in one matrix
+            log.info(
+                "resumed a stream whose bits-per-byte matrix was measured over each "
+                "split's bytes per token (before exact bits per byte): its rows go on so"
+            )

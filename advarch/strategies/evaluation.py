@@ -16,16 +16,17 @@ from torch import nn
 Batch = dict[str, torch.Tensor]
 
 
-def score_sums(batches: Iterable[Batch], score: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
-    """float64, on the CPU: over every example of `batches`, the sum of `score(batch)`'s one
-    value per example (N,), or of each of its columns (N, K) (bits per byte: nats, bytes),
-    then the count of examples. Sums add up across DDP processes; means would not."""
-    sums = torch.zeros(2, dtype=torch.float64)
-    for i, batch in enumerate(batches):
-        scores = score(batch).double()
-        count = torch.tensor([len(scores)], dtype=torch.float64)
-        part = torch.cat([scores.sum(0).reshape(-1).cpu(), count])
-        sums = part if i == 0 else sums + part
+def score_sums(
+    batches: Iterable[Batch], score: Callable[[Batch], torch.Tensor], width: int = 1
+) -> torch.Tensor:
+    """(width + 1,) float64, on the CPU: over every example of `batches`, the sum of
+    `score(batch)`'s one value per example (N,), or of each of its `width` columns (N, K)
+    (bits per byte: nats, bytes), then the count of examples. Sums add up across DDP
+    processes; means would not (a process without batches adds zeros of the same width)."""
+    sums = torch.zeros(width + 1, dtype=torch.float64)
+    for batch in batches:
+        scores = score(batch).cpu().double()  # (float64 on the CPU: not every device has it)
+        sums += torch.cat([scores.sum(0).reshape(-1), torch.tensor([float(len(scores))])])
     return sums
 
 

@@ -62,10 +62,11 @@ def prototype_logits(query: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
 def raw_prototype_accuracy(episode: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Query accuracy of the nearest class mean on an episode's raw inputs (float64): how
     hard the episodes are before any learning, the baseline `raw_proto_acc`."""
-    support, query = episode["support"].flatten(1).double(), episode["query"].flatten(1).double()
-    labels = episode["support_labels"]
+    support = episode["support"].flatten(1).cpu().double()  # (float64: not on every device)
+    query = episode["query"].flatten(1).cpu().double()
+    labels = episode["support_labels"].cpu()
     logits = prototype_logits(query, prototypes(support, labels, int(labels.max()) + 1))
-    return (logits.argmax(1) == episode["query_labels"]).double().mean()
+    return (logits.argmax(1) == episode["query_labels"].cpu()).double().mean()
 
 
 def prototype_head(protos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

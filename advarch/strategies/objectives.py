@@ -214,10 +214,11 @@ class Objective(nn.Module):
     def _bytes_per_token(
         self, m: nn.ModuleDict, split: str, task: int | None
     ) -> torch.Tensor | float | None:
-        """UTF-8 bytes per token of the targets `m` scored. Without a byte table (a checkpoint
-        written before it) or a count (an epoch resumed from one), the whole split's ratio, or
-        its task's: `task`, or the `text_of` task all of a domain stream's training epoch
-        came from; None for data that is not text."""
+        """UTF-8 bytes per token of the targets `m` scored (an epoch resumed from a state
+        saved before the byte count: of the batches scored since). Without a byte table (a
+        checkpoint written before it), the whole split's ratio, or its task's: `task`, or the
+        `text_of` task all of a domain stream's training epoch came from; None for data that
+        is not text."""
         if BYTES in m and m[BYTES].update_count:
             return m[BYTES].compute()
         return self.spec.bytes_per_token(split, task) or None

@@ -98,3 +98,17 @@ def test_matrix_settings_and_sweep_jobs(tmp_path: Path) -> None:
     (tmp_path / "sweep" / "notes").mkdir()
     assert [p.name for p in sweep_runs(tmp_path / "sweep")] == ["9", "10"]
     assert is_run(run) and not is_run(tmp_path / "sweep")
+
+
+def test_a_trial_a_signal_stopped_is_not_a_failed_one(tmp_path: Path) -> None:
+    # its result.json records where it saved: the sweep report counted it as failed and
+    # report.py pointed at an error.txt never written
+    from advarch.reports.run_folders import trial_error
+    from advarch.sweeps import write_result
+
+    stopped, failed = tmp_path / "0", tmp_path / "1"
+    write_result(stopped, ["model.depth=1"], "val/loss", None, {}, "SIGTERM at step 4: saved x",
+                 status="interrupted")  # fmt: skip
+    write_result(failed, ["model.depth=2"], "val/loss", None, {}, "model.dim must be even")
+    assert trial_error(stopped) is None
+    assert trial_error(failed) == "model.dim must be even"
