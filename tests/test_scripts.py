@@ -51,7 +51,7 @@ def test_mmoe_report_without_out_keeps_its_table_under_outputs(
         folders[-1].mkdir(parents=True)
         return {"test/task_a/mse": 0.5, "test/task_b/mse": 0.25}
 
-    monkeypatch.setattr("advarch.train.run", run)  # (the table, not the training)
+    monkeypatch.setattr("advarch.reports.mmoe.run", run)  # (the table, not the training)
     argv = ["--correlations", "1", "--seeds", "0", "--models", "mmoe"]
     run_in_process(project, monkeypatch, "scripts/mmoe_report.py", *argv)
     (report,) = (project.root / "outputs" / "mmoe_report").glob("*_*/mmoe_report.md")
@@ -63,11 +63,11 @@ def test_mmoe_report_without_out_keeps_its_table_under_outputs(
 
 def test_mmoe_report_says_an_out_that_is_a_file_in_one_line(tmp_path: Path) -> None:
     # a NotADirectoryError traceback as the first run began
-    import runpy
 
     out = tmp_path / "text.ckpt"
     out.write_text("a file where --out goes")
-    parse = runpy.run_path(f"{ROOT}/scripts/mmoe_report.py")["parse"]
+    from advarch.reports.mmoe import parse
+
     line = f"error: --out {out} is a file, not a folder"
     with pytest.raises(SystemExit, match=f"^{re.escape(line)}$"):
         parse(["--seeds", "0", "--models", "mmoe", "--out", str(out), "trainer.max_steps=2"])
@@ -84,9 +84,10 @@ def test_mmoe_report_says_an_out_that_is_a_file_in_one_line(tmp_path: Path) -> N
 def test_mmoe_report_takes_an_override_anywhere(argv: list[str]) -> None:
     # moved to the end, the override was swallowed by the last list option: "argument
     # --models: invalid choice: 'trainer.max_steps=2'"
-    import runpy
 
-    args = runpy.run_path(f"{ROOT}/scripts/mmoe_report.py")["parse"](argv)
+    from advarch.reports.mmoe import parse
+
+    args = parse(argv)
     assert (args.models, args.seeds, args.correlations) == (["mmoe"], [0], [1.0])
     assert args.overrides == ["trainer.max_steps=2"]
 
@@ -182,9 +183,9 @@ def test_retro_report_says_a_bad_option_before_training(
 
 def test_retro_report_retrofit_steps_without_a_retrofit_is_one_line() -> None:
     import argparse
-    import runpy
 
-    check_options = runpy.run_path(f"{ROOT}/scripts/retro_report.py")["check_options"]
+    from advarch.reports.retro import check_options
+
     args = argparse.Namespace(retrofit=False, unfreeze=False, retrofit_steps=6, plain_ckpt=None)
     with pytest.raises(SystemExit, match="^error: --retrofit-steps sets the steps of a retrofit: "
                        "add --retrofit"):  # fmt: skip
@@ -206,11 +207,11 @@ def test_retro_report_refuses_a_plain_ckpt_of_another_model_before_training(
     on data=text: another split, the table's "plain decoder" row), then an IndexError ended
     the report after RETRO had trained; the plain decoder of the same overrides passes."""
     import argparse
-    import runpy
 
     from omegaconf import OmegaConf
 
-    check_options = runpy.run_path(f"{ROOT}/scripts/retro_report.py")["check_options"]
+    from advarch.reports.retro import check_options
+
     base = ["experiment=retro_vs_plain", "debug=tiny"]
     plain = [*base, "model=transformer", "model.retro=null"]
 
@@ -234,12 +235,11 @@ def test_retro_report_refuses_a_plain_ckpt_of_another_model_before_training(
 def test_retro_report_quality_table_fits_a_terminal_in_aligned_columns() -> None:
     # a column per model ran 190 characters wide with --retrofit: the terminal wrapped the
     # header apart from its values; and an empty first bucket left out every model
-    import runpy
+    import advarch.reports.retro as script
 
-    script = runpy.run_path(f"{ROOT}/scripts/retro_report.py")
-    names = [*script["MODES"].values(), "plain decoder", script["PLAIN_EQUAL"]]
+    names = [*script.MODES.values(), "plain decoder", script.PLAIN_EQUAL]
     rows = {name: {"chunk_bpb": np.array([3.0, 2.0, 1.0 + i])} for i, name in enumerate(names)}
-    table = script["quality_table"](script["split_by_quality"](rows, np.array([9, 9, 40])))
+    table = script.quality_table(script.split_by_quality(rows, np.array([9, 9, 40])))
     lines = table.splitlines()
     assert len({len(line) for line in lines}) == 1 and len(lines[0]) <= 80, table
     assert lines[0].split() == ["tokens", "shared", "0-7", "8-31", "32+"], table
@@ -297,13 +297,13 @@ def test_retro_database_says_a_bad_option_in_one_line(
 )  # fmt: skip
 def test_retro_database_checks_its_options_first(tmp_path, option: dict, line: str) -> None:
     import argparse
-    import runpy
 
     (tmp_path / "notes.txt").write_text("a file where --out goes")
     defaults = {"chunk_size": 64, "k": 2, "queries": 2000, "nprobe": 16, "max_documents": None,
                 "out": str(tmp_path / "out")}  # fmt: skip
     given = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in option.items()}
-    check_options = runpy.run_path(f"{ROOT}/scripts/retro_database.py")["check_options"]
+    from advarch.benchmarks.retro_database import check_options
+
     with pytest.raises(SystemExit, match=f"^error: {re.escape(line.format(tmp=tmp_path))}$"):
         check_options(argparse.Namespace(**{**defaults, **given}))
 
@@ -346,11 +346,9 @@ def test_help_shows_the_programs_own_settings(project: Project, script: str) -> 
 
 def test_the_other_sequence_control_never_gives_a_sequence_its_own_neighbours() -> None:
     # it rolled each batch by one: a batch of one sequence got its own neighbours back
-    import runpy
-
     from advarch.errors import ConfigError
+    from advarch.reports.retro import _neighbours_of_others as others
 
-    others = runpy.run_path(f"{ROOT}/scripts/retro_report.py")["_neighbours_of_others"]
     batches = [
         {"neighbours": torch.arange(n).view(n, 1) + first} for first, n in [(0, 1), (1, 1), (2, 2)]
     ]
