@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from advarch.models.flops import training_flops_per_token
+from advarch.models.flops import feature_tokens, training_flops_per_token
 
 # Dense (no sparsity) tensor-core peaks from the vendors' datasheets, FLOP/s; the first name
 # the device's holds wins (the PCIe and NVL cards run at lower clocks than the SXM ones).
@@ -50,18 +50,19 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return get_available_flops(device, torch.bfloat16 if half else "tfloat32")
 
 
-def batch_counts(batch: Any) -> tuple[int, int]:
-    """(samples, tokens) of a batch dict: token ids (B, T) count B·T, other inputs B; a
+def batch_counts(batch: Any, feature_tokens: int = 1) -> tuple[int, int]:
+    """(samples, tokens) of a batch dict: token ids (B, T) count B·T, other inputs B times
+    the tokens the model makes of one (`flops.feature_tokens`: its feature patches); a
     few-shot episode counts its support and query examples."""
     if isinstance(batch, dict) and "support" in batch:
-        parts = [batch_counts({"inputs": batch[part]}) for part in ("support", "query")]
+        parts = [batch_counts({"inputs": batch[p]}, feature_tokens) for p in ("support", "query")]
         return parts[0][0] + parts[1][0], parts[0][1] + parts[1][1]
     inputs = batch.get("input_ids", batch.get("inputs")) if isinstance(batch, dict) else None
     if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
         return 0, 0
     samples = inputs.shape[0]
-    tokens = inputs.numel() if inputs.dim() == 2 and not inputs.is_floating_point() else samples
-    return samples, tokens
+    ids = inputs.dim() == 2 and not inputs.is_floating_point()
+    return samples, inputs.numel() if ids else samples * feature_tokens
 
 
 class ThroughputCallback(L.Callback):
@@ -79,6 +80,7 @@ class ThroughputCallback(L.Callback):
         self._since: float | None = None  # clock at the last edge (None: paused)
         self._batches = 0
         self._processes = 1
+        self._feature_tokens = 1
 
     def _sync_clock(self, device: torch.device) -> float:
         if device.type == "cuda":
@@ -95,13 +97,14 @@ class ThroughputCallback(L.Callback):
         if self.peak is None:
             self.peak = peak_flops(pl_module.device, str(trainer.precision))
         self._processes = max(int(trainer.world_size), 1)
+        self._feature_tokens = feature_tokens(pl_module)  # (a digit: 8 patches, not 1 token)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._since is None:
             self._since = self._sync_clock(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        samples, tokens = batch_counts(batch)
+        samples, tokens = batch_counts(batch, self._feature_tokens)
         if self.flops_per_token is None and samples:
             seq_len = max(tokens // samples, 1)
             self.flops_per_token = training_flops_per_token(

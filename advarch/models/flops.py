@@ -19,6 +19,7 @@ from torch import nn
 from advarch.models.blocks.attention import Attention
 from advarch.models.blocks.moe import MoE
 from advarch.models.blocks.sliding_window import SlidingWindowAttention
+from advarch.models.model import FeaturePatches
 from advarch.models.retro_lm import RetroAdapter
 
 
@@ -70,6 +71,13 @@ def _attention_context(module: nn.Module, seq_len: int) -> int:
     if isinstance(module, Attention) and not module.cross:
         return seq_len
     return 0  # cross-attention (its memory is short) and everything else
+
+
+def feature_tokens(model: nn.Module) -> int:
+    """Tokens one feature-vector example becomes in `model` (⌈F/p⌉ patches), 1 without
+    patches: the sequence length its throughput and FLOPs count."""
+    patches = next((m for m in model.modules() if isinstance(m, FeaturePatches)), None)
+    return 1 if patches is None else patches.position.shape[0]
 
 
 def training_flops_per_token(model: nn.Module, seq_len: int) -> float:

@@ -49,6 +49,7 @@ def test_rates_and_mfu_over_a_run() -> None:
 def test_batch_counts_tokens_only_for_token_ids() -> None:
     assert batch_counts({"input_ids": torch.zeros(4, 7, dtype=torch.long)}) == (4, 28)
     assert batch_counts({"inputs": torch.zeros(4, 64)}) == (4, 4)  # feature vectors
+    assert batch_counts({"inputs": torch.zeros(4, 64)}, feature_tokens=8) == (4, 32)  # patches
     assert batch_counts([torch.zeros(2)]) == (0, 0)
     episode = {"support": torch.zeros(5, 64), "support_labels": torch.zeros(5),
                "query": torch.zeros(15, 64), "query_labels": torch.zeros(15)}  # fmt: skip
@@ -146,3 +147,17 @@ def test_each_card_has_its_own_dense_peak(monkeypatch, name: str, bf16: float, t
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     cuda = torch.device("cuda", 0)
     assert (peak_flops(cuda, "bf16-mixed"), peak_flops(cuda, "32-true")) == (bf16, tf32)
+
+
+def test_a_feature_model_counts_its_patches_as_tokens() -> None:
+    # a digits classifier cuts 64 features into 8 patch tokens: throughput counted one token an
+    # example and FLOPs at sequence length 1, so its MFU read ~8x too low
+    from advarch.models.flops import feature_tokens, training_flops_per_token
+    from advarch.models.model import Model
+    from advarch.spec import DataSpec
+
+    spec = DataSpec(kind="classification", num_features=100, num_classes=10)
+    model = Model(spec, dim=16, depth=1, num_heads=2, feature_patch=8)
+    assert feature_tokens(model) == 13  # ⌈100/8⌉
+    assert feature_tokens(_TinyLM()) == 1
+    assert training_flops_per_token(model, 13) > training_flops_per_token(model, 1)
