@@ -89,6 +89,9 @@ class ExpertLoadCallback(L.Callback):
         self._window_batches = 0
         self._last_step = -1
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step  # (a resume's: no window closes before a step)
+
     def on_train_batch_end(
         self,
         trainer: L.Trainer,
@@ -110,7 +113,7 @@ class ExpertLoadCallback(L.Callback):
             same_shape = previous is not None and previous.shape == load.shape
             self._window_sum[layer] = previous + load if same_shape else load.copy()
         self._window_batches += 1
-        step = trainer.global_step
+        step = trainer.global_step  # (under gradient accumulation: steps, not micro-batches)
         if step % self.every_n_steps == 0 and step != self._last_step:
             self._flush(trainer, step)
 

@@ -50,6 +50,7 @@ def fit(
     callback: ExpertLoadCallback,
     stats: bool = True,
     logger: WandbLogger | None = None,
+    accumulate: int = 1,
 ) -> None:
     loader = DataLoader(TensorDataset(torch.randn(32, 2)), batch_size=2)
     trainer = L.Trainer(
@@ -60,6 +61,7 @@ def fit(
         enable_model_summary=False,
         default_root_dir=tmp_path,
         callbacks=[callback],
+        accumulate_grad_batches=accumulate,
     )
     trainer.fit(FakeMoEModule(stats), loader)
 
@@ -97,6 +99,19 @@ def test_writes_heatmaps_and_history(tmp_path: Path, monkeypatch) -> None:
     assert (plots / "expert_load_latest.png").read_bytes() == (
         plots / "expert_load_step5.png"
     ).read_bytes()
+
+
+def test_windows_are_optimizer_steps_under_gradient_accumulation(tmp_path: Path) -> None:
+    # a heatmap of step 0 came after the first micro-batch, before any step, and the windows
+    # then held 1, 3, 4, 4 micro-batches
+    callback = ExpertLoadCallback(every_n_steps=2)
+    fit(tmp_path, max_steps=4, callback=callback, accumulate=2)
+    assert callback.history_steps == [2, 4]
+    names = {p.name for p in (tmp_path / "plots").iterdir()}
+    assert "expert_load_step0.png" not in names
+    steps = [0, 0, 1, 1]  # the global step of each micro-batch of a window: 2 steps × 2
+    for i, window in enumerate([steps, [s + 2 for s in steps]]):
+        np.testing.assert_allclose(callback.history_array()[i], expected_window(window), rtol=1e-6)
 
 
 def test_no_files_without_moe_stats(tmp_path: Path) -> None:
