@@ -238,7 +238,8 @@ def test_retro_report_quality_table_fits_a_terminal_in_aligned_columns() -> None
     import advarch.reports.retro as script
 
     names = [*script.MODES.values(), "plain decoder", script.PLAIN_EQUAL]
-    rows = {name: {"chunk_bpb": np.array([3.0, 2.0, 1.0 + i])} for i, name in enumerate(names)}
+    rows = {name: {"chunk_bits": np.array([3.0, 2.0, 1.0 + i]), "chunk_bytes": np.ones(3)}
+            for i, name in enumerate(names)}  # fmt: skip
     table = script.quality_table(script.split_by_quality(rows, np.array([9, 9, 40])))
     lines = table.splitlines()
     assert len({len(line) for line in lines}) == 1 and len(lines[0]) <= 80, table

@@ -85,8 +85,9 @@ def chunk_quality(batch: dict[str, torch.Tensor], m: int, pad_id: int) -> np.nda
 
 @torch.no_grad()
 def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Per mode: token-weighted loss, accuracy, bits per byte and, for text, the per-chunk
-    losses split by neighbour quality."""
+    """Per mode: token-weighted loss, accuracy, bits per byte and, for text, each chunk's bits
+    and bytes (`chunk_bits`, `chunk_bytes`: a quality bucket pools them), with the chunks'
+    neighbour quality."""
     from advarch.pipeline import build_all
 
     state, cfg = load_with_config(ckpt)
@@ -142,7 +143,8 @@ def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[s
         if quality:
             nats = torch.cat(per_chunk[mode]).flatten()
             each = torch.cat(chunk_bytes).flatten() if table is not None else bpt * m
-            row["chunk_bpb"] = (nats / each / LN2).numpy()
+            row["chunk_bits"] = (nats / LN2).numpy()  # bits and bytes: a bucket's bpb pools them
+            row["chunk_bytes"] = (each * torch.ones_like(nats)).numpy()
         out[mode] = row
     if quality:
         out["quality"] = np.concatenate([q.ravel() for q in quality])
@@ -175,8 +177,8 @@ def split_by_quality(rows: dict[str, dict], quality: np.ndarray) -> list[dict[st
         sel = (quality >= lo) & (quality < hi)
         entry: dict[str, float] = {"min_shared": lo, "fraction": float(sel.mean())}
         for name, row in rows.items():
-            if "chunk_bpb" in row and sel.any():
-                entry[name] = float(row["chunk_bpb"][sel].mean())
+            if "chunk_bits" in row and sel.any():  # Σ bits / Σ bytes of the bucket's chunks
+                entry[name] = float(row["chunk_bits"][sel].sum() / row["chunk_bytes"][sel].sum())
         if sel.any():
             entry["gain_vs_padding"] = entry[MODES["padding"]] - entry[MODES["neighbours"]]
             if PLAIN_EQUAL in entry:
@@ -321,7 +323,8 @@ def compare() -> None:
         figure = plot_retrieval_by_quality(report["split_by_quality"], root / "by_quality.png")
         if figure is not None:
             print(f"figure: {figure}")
-    report["rows"] = {n: {k: v for k, v in r.items() if k != "chunk_bpb"} for n, r in rows.items()}
+    kept = {n: {k: v for k, v in r.items() if not k.startswith("chunk_")} for n, r in rows.items()}
+    report["rows"] = kept
     (root / "retro_report.json").write_text(json.dumps(report, indent=1))
     print(f"written to {root / 'retro_report.json'}")
 
