@@ -62,6 +62,12 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["data.tokenizer=bpe", "data.bpe_vocab_size=50"], "data.bpe_vocab_size=50 must be"),
     (
         "train",
+        ["data.bpe_vocab_size=100"],
+        "data.bpe_vocab_size=100 sizes a BPE vocabulary, and "
+        "data.tokenizer=byte: add data.tokenizer=bpe",
+    ),  # (it trained byte-level, silently)
+    (
+        "train",
         ["data.val_fraction=0.6", "data.test_fraction=0.39"],
         "data: 40 documents leave none to train on with data.val_fraction=0.6",
     ),

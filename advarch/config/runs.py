@@ -158,10 +158,17 @@ def take_base_tokenizer(cfg: DictConfig, base: DictConfig, pretrained: str) -> N
 
 
 def check_tokenizer_keys(cfg: DictConfig) -> None:
-    """`data.tokenizer_from` decides the tokenizer, its kind and size: a `data.tokenizer` or
-    `data.bpe_vocab_size` typed beside it would be ignored (one ConfigError line instead)."""
+    """Typed tokenizer keys that would be ignored, as one ConfigError line: a
+    `data.bpe_vocab_size` of a byte-level tokenizer, and a `data.tokenizer` or
+    `data.bpe_vocab_size` beside `data.tokenizer_from` (which decides the kind and size)."""
     typed = typed_overrides()
+    kind = OmegaConf.select(cfg, "data.tokenizer")
     if not typed.get("data.tokenizer_from") or OmegaConf.select(cfg, "data.tokenizer_from") is None:
+        if "data.bpe_vocab_size" in typed and kind not in (None, "bpe"):
+            raise ConfigError(
+                f"data.bpe_vocab_size={typed['data.bpe_vocab_size']} sizes a BPE vocabulary, and "
+                f"data.tokenizer={kind}: add data.tokenizer=bpe (or leave data.bpe_vocab_size out)"
+            )
         return
     for key in ("data.tokenizer", "data.bpe_vocab_size"):
         if key in typed:

@@ -92,18 +92,23 @@ def read_jsonl(path: str, field: str) -> dict[int, str]:
                 + what_row_holds(row, field)
             )
         cells.append(row[field])
-    if not cells:
-        raise ValueError(f"data.files: {path} holds no JSON lines")
     return rows_with_text(cells, "data.files", path, field)
+
+
+class NoTextRows(ValueError):
+    """A table none of whose rows holds text: among other files it is left out (as an empty
+    file is), alone it stops the run with this line."""
 
 
 def rows_with_text(cells: list[str | None], key: str, name: str, field: str) -> dict[int, str]:
     """Row number → text of a table's `field` cells; a null or empty cell is a row without
     text, left out and counted in one line (the same in JSON lines, CSV, Parquet and datasets);
-    a ValueError naming `key` and `name` when no row holds text."""
+    `NoTextRows` naming `key` and `name` when no row holds text."""
     kept = {i: text for i, text in enumerate(cells) if text}
+    if not cells:
+        raise NoTextRows(f"{key}: {name} holds no rows")
     if not kept:
-        raise ValueError(f"{key}: {name} has no text in its {field!r} (data.text_field): "
+        raise NoTextRows(f"{key}: {name} has no text in its {field!r} (data.text_field): "
                          f"all {len(cells)} rows are empty or null")  # fmt: skip
     if len(kept) < len(cells):
         log.info("%s: %s: left out %d of %d rows with an empty or null %r",

@@ -12,7 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from advarch.data.corpus import hub_reachable, read_jsonl, read_text_file, rows_with_text
+from advarch.data.corpus import (
+    NoTextRows,
+    hub_reachable,
+    read_jsonl,
+    read_text_file,
+    rows_with_text,
+)
 from advarch.reasons import short_reason
 
 # Files read as tables (one document per row, its `data.text_field`), by suffix; any other
@@ -36,14 +42,25 @@ def file_documents(paths: list[str], field: str) -> tuple[list[str], list[str]]:
         log.info("data.files: left out %d empty file(s), e.g. %s", len(empty), empty[0])
     names: list[str] = []
     texts: list[str] = []
+    without_text: list[NoTextRows] = []  # tables whose rows hold none: left out as empty files
     for path in (p for p in paths if p not in set(empty)):
-        rows = table_rows(path, field)
+        try:
+            rows = table_rows(path, field)
+        except NoTextRows as err:
+            without_text.append(err)
+            continue
         if rows is None:
             names.append(path)
             texts.append(read_text_file(path))
         else:
             names += [f"{path}#{i}" for i in rows]
             texts += rows.values()
+    if without_text and not texts:
+        raise without_text[0]
+    if without_text:
+        example = str(without_text[0]).removeprefix("data.files: ")
+        log.info("data.files: left out %d table(s) without text, e.g. %s", len(without_text),
+                 example)  # fmt: skip
     return names, texts
 
 
@@ -56,19 +73,25 @@ def table_rows(path: str, field: str) -> dict[int, str] | None:
     if suffix == ".csv":
         return csv_texts(path, field)
     builder = TABLE_BUILDERS.get(suffix)
-    if builder is None or suffix == ".json" and config_file(path, field):
+    kind = json_kind(path, field) if suffix == ".json" else "rows"
+    if builder is None or kind == "document":
         return None
+    if kind == "no rows":  # (datasets' own words: 'Instruction "train" corresponds to no data!')
+        raise NoTextRows(f"data.files: {path} holds no rows")
     return column_texts(read_table(path, builder), field, "data.files", path)
 
 
-def config_file(path: str, field: str) -> bool:
-    """Whether a .json file holds one JSON object without `field` (a package.json: a text
-    document), not rows (a list, JSON lines, or one object holding its text in `field`)."""
+def json_kind(path: str, field: str) -> str:
+    """What a .json file holds: `document`, one JSON object without `field` (a package.json:
+    a text document); `no rows`, an empty list; else `rows` (a list, JSON lines, or one
+    object holding its text in `field`)."""
     try:
         value = json.loads(read_text_file(path))
     except json.JSONDecodeError:  # (JSON lines in a .json file: rows)
-        return False
-    return isinstance(value, dict) and field not in value
+        return "rows"
+    if isinstance(value, dict) and field not in value:
+        return "document"
+    return "no rows" if value == [] else "rows"
 
 
 def csv_delimiter(f: Any, field: str) -> str:

@@ -143,6 +143,16 @@ def test_rows_without_text_are_left_out_alike_in_every_table_kind(caplog) -> Non
         with pytest.raises(ValueError, match=r"data.files: .*e\.jsonl has no text in its 'text' "
                            r"\(data.text_field\): all 2 rows are empty or null$"):  # fmt: skip
             file_documents([str(root / "e.jsonl")], "text")
+        # beside other files, a table without text is left out as an empty file is (it
+        # stopped the run); a list of no rows says so (it said datasets' 'no data!')
+        (root / "none.json").write_text("[ ]")
+        with caplog.at_level(logging.INFO, logger="advarch"):
+            names, texts = file_documents([str(root / "e.jsonl"), *files], "text")
+        assert texts == ["one", "four", "two", "p1", "j1"]
+        assert f"data.files: left out 1 table(s) without text, e.g. {root / 'e.jsonl'} has no" in (
+            caplog.text)  # fmt: skip
+        with pytest.raises(ValueError, match=r"none\.json holds no rows$"):
+            file_documents([str(root / "none.json")], "text")
 
 
 @pytest.mark.parametrize("damage", ["meta", "arrow", "split", "tokens"])  # (tokens: kept, and
