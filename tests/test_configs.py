@@ -107,6 +107,12 @@ def test_debug_tiny_shrinks_the_sizes_each_model_has(make_cfg) -> None:
         cfg = make_cfg(["debug=tiny", f"model={model}", "data=mmoe_synthetic"])
         assert cfg.model == make_cfg([f"model={model}", "data=mmoe_synthetic"]).model
         validate_run(cfg)
+    # a typed stream length trains that many steps a task (debug=tiny's 3 won, silently)
+    stream = ["debug=tiny", "strategy=naive"]
+    assert make_cfg(stream).trainer.limit_train_batches == 3
+    assert make_cfg([*stream, "data.steps_per_task=25"]).trainer.limit_train_batches == 1.0
+    typed = [*stream, "data.steps_per_task=25", "trainer.limit_train_batches=2"]
+    assert make_cfg(typed).trainer.limit_train_batches == 2
 
 
 # Options of the other groups, each run once at tiny size; (overrides, files the run promises).

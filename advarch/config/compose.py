@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from advarch.config.combinations import with_strategy_defaults
 from advarch.errors import ConfigError
@@ -91,19 +91,24 @@ def apply_debug_sizes(cfg: DictConfig, overrides: Sequence[str]) -> bool:
     """Set `debug_model`'s sizes (`debug=tiny`: width, depth, heads, FFN width) on the model
     keys of those names the model's config has, unless the command line sets them
     (`debug=tiny model.dim=64`), the depth no lower than the layer patterns' length (every
-    block of `model=hybrid` still runs); whether any was set. Every sequence model has them all; the
+    block of `model=hybrid` still runs); whether any was set. A typed `data.steps_per_task`
+    trains that many steps a task (not debug=tiny's 3). Every sequence model has them all; the
     MMoE models have none (they are tiny already), so they keep their own config."""
     sizes = cfg.get("debug_model")
     if sizes is None or cfg.get("model") is None:
         return False
     typed = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    stream_steps = "data.steps_per_task" in typed and "trainer.limit_train_batches" not in typed
+    stream_steps = stream_steps and OmegaConf.select(cfg, "trainer.limit_train_batches") is not None
+    if stream_steps:
+        cfg.trainer.limit_train_batches = 1.0  # (its 3 batches a task won, silently)
     applied = {k: v for k, v in sizes.items() if k in cfg.model and f"model.{k}" not in typed}
     if "depth" in applied and isinstance(cfg.model.depth, int):  # a layer of every block
         longest = max(len(pattern_entries(cfg.model.get(k))) for k in ("layers", "ffn"))
         applied["depth"] = min(cfg.model.depth, max(applied["depth"], longest))
     for key, value in applied.items():
         cfg.model[key] = value
-    return bool(applied)
+    return bool(applied) or stream_steps
 
 
 def pattern_entries(pattern: object) -> list[str]:
