@@ -143,7 +143,7 @@ def check_data_kind(ckpt_path: str, ckpt: dict, saved: DictConfig) -> None:
     never set (`strategy.fisher_estimator=exact does not apply to language models`)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from advarch.checkpoint import saved_kind
+    from advarch.checkpoint import saved_hparam, saved_kind
     from advarch.errors import ConfigError
     from advarch.pipeline import BAD_INPUT, build_datamodule, naming
 
@@ -162,6 +162,16 @@ def check_data_kind(ckpt_path: str, ckpt: dict, saved: DictConfig) -> None:
             f"is {kind_name(spec.kind)} data: evaluate it on data of its own kind "
             "(or leave data= out: its own data)"
         )
+    heads = saved_hparam(ckpt, "spec") or {}
+    layout = (len(heads.get("task_names") or ()), heads.get("num_classes"))
+    now = (spec.num_tasks, spec.num_classes)
+    if heads and spec.kind in ("classification", "regression") and layout != now:
+        # (10 classes of one task and 5 tasks of 2 fill one head alike: read as another's)
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} learnt {layout[0]} task(s) of {layout[1]} outputs and this "
+            f"data has {now[0]} of {now[1]}: its head would be read as "
+            "another's; evaluate it on data of its own tasks (or leave data= out)"
+        )  # fmt: skip
 
 
 def _changed(saved: DictConfig, changes: DictConfig, group: str) -> DictConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -228,3 +229,18 @@ def test_a_bpe_model_reads_other_files_with_its_own_tokenizer(
     # its config names the base's checkpoint as its tokenizer's: gone, the fine-tune's serves
     ckpt.rename(ckpt.with_name("moved.ckpt"))
     assert eval_metrics(project, monkeypatch, f"ckpt_path={tuned}")["test/bpb"] > 0
+
+
+def test_data_of_other_tasks_that_fill_the_head_alike_is_refused(
+    project: Project, make_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # ten classes of one task read as five tasks of two (data=split_digits): acc 0.603, no word
+    from advarch.train import run
+
+    cfg = make_cfg(["data=digits", "debug=tiny"], output_dir=tmp_path / "digits")
+    run(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    line = (f"error: ckpt_path={str(ckpt)!r} learnt 1 task(s) of 10 outputs and this data has 5 "
+            "of 2: its head would be read as another's")  # fmt: skip
+    with pytest.raises(SystemExit, match=f"^{re.escape(line)}"):
+        eval_metrics(project, monkeypatch, f"ckpt_path={ckpt}", "data=split_digits")
