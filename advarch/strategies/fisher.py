@@ -107,14 +107,17 @@ class FisherEstimator:
         if chunk_size < 1:
             raise ValueError(f"strategy.fisher_chunk_size={chunk_size} must be >= 1")
         self.estimator, self.num_samples, self.chunk_size = estimator, num_samples, chunk_size
-        self.seed, self.generator = seed, torch.Generator()
+        self.seed = seed
+        # a call's own: held only during it (a Generator does not pickle into ddp_spawn's
+        # workers: `trainer=ddp_sim strategy=ewc` hung on the unpickling error)
+        self.generator: torch.Generator | None = None
         self.vectorized: bool | None = None  # decided once, on the first chunk
 
     def __call__(self, model: nn.Module, batches: Iterable[Batch], log_probs: LogProbs,
                  seed: int | None = None) -> Params:  # fmt: skip
         """Fisher diagonal per trainable parameter name (same shapes), averaged over samples;
         `sampled` draws labels from `seed` (None: the estimator's)."""
-        self.generator.manual_seed(self.seed if seed is None else seed)
+        self.generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         was_training = model.training
         model.eval()
         params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -128,6 +131,7 @@ class FisherEstimator:
                     count += 1 if self.estimator == "batched" else _size(chunk)
         finally:
             model.train(was_training)
+            self.generator = None
         return {n: f / max(count, 1) for n, f in fisher.items()}
 
     # -- one chunk ----------------------------------------------------------------------------

@@ -159,3 +159,24 @@ def test_take_samples_rechunks_and_caps() -> None:
 def test_bad_estimator_names_the_key() -> None:
     with pytest.raises(ValueError, match="strategy.fisher_estimator='diag'"):
         FisherEstimator("diag")
+
+
+def _receive(estimator: FisherEstimator, seen: object) -> None:
+    seen.put(estimator.estimator)
+
+
+def test_the_estimator_crosses_into_a_spawned_process() -> None:
+    # ddp_spawn sends the strategy to its workers: a torch.Generator it held failed to unpickle
+    # there ("unable to resize file"), and `trainer=ddp_sim strategy=ewc` hung
+    import torch.multiprocessing as mp
+
+    estimator = FisherEstimator("sampled")
+    model = nn.Linear(3, 2)
+    batch = {"inputs": torch.randn(4, 3), "labels": torch.tensor([0, 1, 0, 1])}
+    estimator(model, [batch], lambda m, b: m(b["inputs"]).log_softmax(-1))  # (used once)
+    context = mp.get_context("spawn")
+    seen = context.SimpleQueue()
+    worker = context.Process(target=_receive, args=(estimator, seen))
+    worker.start()
+    worker.join(60)
+    assert worker.exitcode == 0 and seen.get() == "sampled"
