@@ -84,7 +84,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     check_finite(module, f"ckpt_path={cfg.ckpt_path!r}")
     module.on_load_checkpoint(ckpt)
     trainer = L.Trainer(
-        limit_test_batches=limit or saved.trainer.get("limit_test_batches") or 1.0,
+        limit_test_batches=limit or runs_test_limit(saved, ckpt),
         precision=saved.trainer.get("precision") or "32-true",  # and numerics
         logger=eval_wandb_logger(cfg, saved, module) if cfg.get("wandb") else False,
         enable_checkpointing=False,
@@ -135,6 +135,15 @@ def with_tokenizer_of(data: DictConfig, ckpt: dict, ckpt_path: str) -> DictConfi
     with open_dict(data):
         data.tokenizer_from = str(ckpt_path)
     return data
+
+
+def runs_test_limit(saved: DictConfig, ckpt: dict) -> int | float:
+    """The run's own `trainer.limit_test_batches` on this one process: a count was each of
+    the run's DDP processes' (a 2-process `debug=tiny` run tested 4 batches, eval.py 2)."""
+    from advarch.strategies.base import WORLD_SIZE
+
+    limit = saved.trainer.get("limit_test_batches") or 1.0
+    return limit * int(ckpt.get(WORLD_SIZE) or 1) if isinstance(limit, int) else limit
 
 
 def check_data_kind(ckpt_path: str, ckpt: dict, saved: DictConfig) -> None:

@@ -244,3 +244,17 @@ def test_data_of_other_tasks_that_fill_the_head_alike_is_refused(
             "of 2: its head would be read as another's")  # fmt: skip
     with pytest.raises(SystemExit, match=f"^{re.escape(line)}"):
         eval_metrics(project, monkeypatch, f"ckpt_path={ckpt}", "data=split_digits")
+
+
+def test_the_runs_test_batch_count_was_each_of_its_processes() -> None:
+    # a 2-process debug=tiny run tested 4 batches; eval.py on one process tested 2 (7.5122 for
+    # the run's 7.5212)
+    from omegaconf import OmegaConf
+
+    from advarch.eval import runs_test_limit
+
+    saved = OmegaConf.create({"trainer": {"limit_test_batches": 2}})
+    assert runs_test_limit(saved, {"world_size": 2}) == 4
+    assert runs_test_limit(saved, {}) == 2  # (a checkpoint from before the count)
+    fraction = OmegaConf.create({"trainer": {"limit_test_batches": 0.5}})
+    assert runs_test_limit(fraction, {"world_size": 2}) == 0.5
