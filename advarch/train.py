@@ -399,7 +399,8 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
         if value is not None and not math.isfinite(value):
             raise FloatingPointError(f"optimized_metric={metric} is {value}")
     except Interrupted as err:  # a signal ends the whole sweep (its checkpoint is saved)
-        write_result(output_dir, overrides, metric, None, {}, str(err), status="interrupted")
+        where = str(err).split("; resume")[0]  # (a trial resumes with the sweep, not alone)
+        write_result(output_dir, overrides, metric, None, {}, where, status="interrupted")
         show_summary(Path(hc.sweep.dir), metric, direction)
         print(f"sweep stopped: {RESUME_SWEEP} (finished trials are kept, this one resumes)")
         raise

@@ -160,7 +160,8 @@ def test_a_rerun_of_an_interrupted_sweep_with_ckpt_path_auto_goes_on(project: Pr
     # the table of the trials so far, and how to go on (it ended on the checkpoint's line)
     assert "sweep stopped: rerun the same command with ckpt_path=auto to go on" in stopped.output
     table = (stopped.sweep_dir / "summary.md").read_text()
-    assert "| interrupted: SIGTERM at step " in table and f"saved {first};" in table, table
+    assert "| interrupted: SIGTERM at step " in table and f"saved {first} |" in table, table
+    assert "ckpt_path=<that file>" not in table  # (a trial goes on with its sweep, not alone)
     # a newer single run of the run name, as trial 1 but for max_steps (another LR schedule):
     # trial 1 resumed it
     project.shell("python train.py debug=tiny trainer.max_steps=9").check()
