@@ -18,6 +18,8 @@ PHASE = {"training_started": False}  # where a stop signal without a handler of 
 
 
 def training_started(*_: Any) -> None:
+    """`on_train_start`: a stop signal from here on comes after training began, whose
+    checkpoints are written (`stopped_line` says so)."""
     PHASE["training_started"] = True  # (a function of the module: ddp_spawn pickles callbacks)
 
 
