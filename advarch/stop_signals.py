@@ -1,7 +1,8 @@
 """Stop signals outside training's own handlers (`callbacks.signals`): while the command
 imports, builds data and model, or after `fit`. SIGTERM, SIGUSR1 and SIGUSR2 stop it like
 Ctrl-C, with one line saying what was saved, and never inside torch's imports (which would
-abort the process).
+abort the process) nor inside Hydra between a sweep's trials (where it failed in Hydra's own
+code, or wrote no table): a sweep holds them there and stops as its next trial starts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 from advarch.slurm import STOP_SIGNALS
 
-PHASE = {"training_started": False}  # where a stop signal without a handler of training's came
+PHASE = {"training_started": False, "between_trials": False}  # where a stop signal came
+HELD: list[int] = []  # stop signals received between a sweep's trials (`hold_between_trials`)
 
 
 def training_started(*_: Any) -> None:
@@ -33,8 +35,15 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-def _raise_stopped(signum: int, frame: Any) -> None:
-    raise Stopped(signum)
+def _stop(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    if PHASE["between_trials"]:
+        HELD.append(signum)  # (raised as the next trial starts: `trial_running`)
+        return
+    raise _stop(signum)
 
 
 def stop_on_signals() -> None:
@@ -42,8 +51,26 @@ def stop_on_signals() -> None:
     exit code -15, and a SLURM job unrequeued, while data or the model were built)."""
     if threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
-            if signum != signal.SIGINT:
-                signal.signal(signum, _raise_stopped)
+            signal.signal(signum, _on_stop_signal)
+
+
+def hold_between_trials() -> None:
+    """From here on (a sweep whose trials run in this process), a stop signal that comes
+    while Hydra prepares the next trial waits for it to start (`trial_running`)."""
+    PHASE["between_trials"] = True
+
+
+@contextlib.contextmanager
+def trial_running() -> Iterator[None]:
+    """One job of the command (a sweep's trial, or the single run): stop signals act at once
+    within it; one held since the last trial stops the sweep here, before it starts."""
+    between, PHASE["between_trials"] = PHASE["between_trials"], False
+    try:
+        if HELD:
+            raise _stop(HELD[0])
+        yield
+    finally:
+        PHASE["between_trials"] = between
 
 
 def stopped_line(signum: int, sweep: bool = False) -> str:

@@ -20,9 +20,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from advarch.atomic import write_text_atomic
 from advarch.config.resolvers import sweep_direction
 from advarch.console_log import console_width
 from advarch.reports.run_folders import RESULT_FILE, rounded_value, run_overrides
+from advarch.stop_signals import hold_between_trials
 
 SWEEP_OVERRIDES_FILE = "sweep_overrides.yaml"
 
@@ -103,7 +105,8 @@ def write_result(
         "error": error,
         "metrics": metrics,
     }
-    (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=1, default=float))
+    # whole or absent: a parallel sweep's launcher may read it as a stop signal ends the sweep
+    write_text_atomic(output_dir / RESULT_FILE, json.dumps(result, indent=1, default=float))
 
 
 def collect(sweep_dir: Path, direction: str) -> list[dict[str, Any]]:
@@ -179,16 +182,36 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config.hydra.overrides.task, sweep_dir / SWEEP_OVERRIDES_FILE)
+        RUNNING_SWEEP.update(_table_of(config))
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
+        if launcher.endswith(".BasicLauncher"):  # trials run here, one after another
+            hold_between_trials()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        metric = config.get("optimized_metric")
-        direction = OmegaConf.select(config, "hydra.sweeper.direction") or sweep_direction(metric)
-        rows = show_summary(sweep_dir, metric, direction)
+        table = _table_of(config)
+        rows = show_summary(**table)
+        sweep_dir = table["sweep_dir"]
         if rows and all(r["status"] != "ok" for r in rows):
             raise SystemExit(
                 f"error: all {len(rows)} trials failed (see {sweep_dir / 'summary.md'})"
             )
+
+
+def _table_of(config: DictConfig) -> dict[str, Any]:
+    """`show_summary`'s arguments for the sweep of Hydra's `config`."""
+    metric = config.get("optimized_metric")
+    direction = OmegaConf.select(config, "hydra.sweeper.direction") or sweep_direction(metric)
+    return {"sweep_dir": Path(config.hydra.sweep.dir), "metric": metric, "direction": direction}
+
+
+RUNNING_SWEEP: dict[str, Any] = {}  # the sweep this process launched: its table's arguments
+
+
+def show_running_sweep() -> None:
+    """The table of the trials so far of the sweep this process launched (a stop signal
+    ended it between or before trials, or in the launcher of parallel ones)."""
+    if RUNNING_SWEEP:
+        show_summary(**RUNNING_SWEEP)
 
 
 def show_summary(sweep_dir: Path, metric: str | None, direction: str) -> list[dict[str, Any]]:

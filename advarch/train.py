@@ -25,12 +25,14 @@ from advarch.output_folders import discard_run_folder
 from advarch.reasons import first_line
 from advarch.slurm import requeue
 from advarch.stop_signals import (
+    HELD,
     PHASE,
     Stopped,
     signals_held,
     stop_on_signals,
     stopped_line,
     training_started,
+    trial_running,
 )
 from advarch.tracking import RunIdentity, finish_wandb, tracker_group
 
@@ -288,9 +290,16 @@ def main() -> None:
 
         if process_rank() == 0:  # (every process of a DDP job gets the signal)
             sweep = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+            if sweep:
+                from advarch.sweeps import show_running_sweep
+
+                show_running_sweep()  # the trials so far
             print(stopped_line(signum, sweep), file=sys.stderr)
             requeue(signum)
         sys.exit(128 + signum)
+    if HELD:  # as the sweep's table was written: every trial ran
+        name = signal.Signals(HELD[0]).name
+        print(f"{name} received as the sweep ended: its trials all ran", file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://advarch.configs", config_name="train")
@@ -303,7 +312,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     on and the sweeper ranks it last; `advarch.sweeps.SweepSummary` tabulates the trials.
     """
     try:
-        return _job(cfg)
+        with trial_running():  # (a signal held since the last trial stops the sweep here)
+            return _job(cfg)
     except (KeyboardInterrupt, Stopped):  # outside training's handlers (imports, data)
         discard_run_folder(Path(cfg.paths.output_dir))  # (a folder with checkpoints stays)
         raise

@@ -150,6 +150,24 @@ def test_the_console_table_shows_values_in_brackets(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_signal_between_trials_stops_the_sweep_with_its_table(project: Project) -> None:
+    # SIGTERM as trial 0 has ended: while Hydra composes trial 1, or as it starts
+    wait = "until [ -f outputs/multiruns/*/0/result.json ]; do sleep 0.02; done"
+    stopped = project.shell(
+        f"python train.py -m model.depth=1,2 debug=tiny & pid=$!; {wait}; kill -TERM $pid; "
+        "wait $pid"
+    )
+    assert stopped.rc == 143 and "Traceback" not in stopped.output, stopped.output[-3000:]
+    assert stopped.output.rstrip().endswith(
+        "SIGTERM received: sweep stopped (its trials keep what they saved); rerun the same "
+        "command with ckpt_path=auto to go on"
+    )
+    (row,) = summary_rows(stopped.sweep_dir)  # trial 0, done; trial 1 not begun
+    assert row["trial"] == "0" and row["status"] == "ok", row
+    assert not (stopped.sweep_dir / "1").exists()
+
+
+@pytest.mark.slow
 def test_a_rerun_of_an_interrupted_sweep_with_ckpt_path_auto_goes_on(project: Project) -> None:
     sweep = "python train.py -m model.depth=1,2 debug=tiny"
     # SIGTERM once trial 0 has written a checkpoint (it saves and the sweep stops: 143)

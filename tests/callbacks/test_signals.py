@@ -16,7 +16,15 @@ import torch
 from advarch.callbacks.signals import Interrupted, SignalCheckpoint
 from advarch.eval import evaluate
 from advarch.slurm import STOP_SIGNALS
-from advarch.stop_signals import Stopped, stop_on_signals, stopped_line
+from advarch.stop_signals import (
+    HELD,
+    PHASE,
+    Stopped,
+    hold_between_trials,
+    stop_on_signals,
+    stopped_line,
+    trial_running,
+)
 from advarch.train import run
 from tests.cli import read_metrics
 from tests.conftest import ROOT, TINY, TrainedRun
@@ -41,6 +49,33 @@ def test_sigterm_while_testing_stops_with_143_and_keeps_the_trained_weights(
     assert out.rstrip().endswith(f"sync to W&B later: wandb sync {offline}")
     handler = signal.getsignal(signal.SIGTERM)
     assert not isinstance(getattr(handler, "__self__", None), SignalCheckpoint)  # restored
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_between_sweep_trials_stops_the_sweep_as_the_next_trial_starts(
+    monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    # raised inside Hydra as it composed the next trial, it wrote no table and could end in
+    # Hydra's own error
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    monkeypatch.setitem(PHASE, "between_trials", False)
+    monkeypatch.setattr("advarch.stop_signals.HELD", held := [])
+    try:
+        stop_on_signals()
+        hold_between_trials()
+        os.kill(os.getpid(), signum)  # (Python runs the handler before the next line)
+        assert held == [signum]
+        stop = KeyboardInterrupt if signum == signal.SIGINT else Stopped
+        with pytest.raises(stop), trial_running():
+            pytest.fail("the trial started")
+        assert PHASE["between_trials"]  # (its own stop signals acted at once)
+        held.clear()
+        with trial_running(), pytest.raises(Stopped):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert not HELD
 
 
 def test_a_run_puts_back_every_handler_it_found(make_cfg) -> None:

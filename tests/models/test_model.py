@@ -96,3 +96,24 @@ def test_models_implement_the_strategy_protocols() -> None:
     (moe,) = model.moe_layers()
     assert isinstance(moe, RoutedFFN) and moe is model.layers[1].ffn
     assert not isinstance(torch.nn.Linear(2, 2), ExpertModel)
+
+
+def test_seq2seq_global_tokens_reach_the_encoder_not_the_causal_decoder() -> None:
+    # global tokens (B, S) mark SOURCE positions for the bidirectional encoder's sliding-window
+    # attention; the causal decoder (targets of another length T) must not receive them. The
+    # model cleared the source pad_mask before the decoder but passed global_mask on, so a
+    # seq2seq model with swa layers raised "global_mask needs bidirectional attention".
+    spec = DataSpec(kind="seq2seq", vocab_size=30, seq_len=9, target_len=5, pad_id=0, bos_id=1)
+    torch.manual_seed(0)
+    model = Model(spec, **SMALL, layers=["swa"], swa={"window": 3}).eval()
+    src, tgt = torch.randint(2, 30, (2, 9)), torch.randint(2, 30, (2, 5))
+    glob = torch.zeros(2, 9, dtype=torch.bool)
+    glob[:, 0] = True
+    out = model(src, global_mask=glob, decoder_input_ids=tgt).logits
+    assert out.shape == (2, 5, 30)
+    plain = model(src, decoder_input_ids=tgt).logits
+    assert not torch.allclose(out, plain)  # the encoder's first token saw the whole source
+    later = tgt.clone()
+    later[:, 3:] = later[:, 3:] % 28 + 2
+    moved = model(src, global_mask=glob, decoder_input_ids=later).logits
+    torch.testing.assert_close(moved[:, :3], out[:, :3])  # the decoder stays causal

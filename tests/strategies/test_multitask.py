@@ -155,6 +155,20 @@ def test_balanced_loss_ignores_task_frequency() -> None:
     assert loss.item() == pytest.approx(3.0)  # not the example mean 1.4
 
 
+def test_a_batch_of_zero_weight_tasks_only_has_a_finite_zero_loss() -> None:
+    # strategy.task_weights accepts a zero weight (non-negative, positive sum); a classification
+    # batch whose examples all belong to zero-weight tasks then divided 0 by Σ_present w = 0:
+    # a NaN loss (training stops with "training loss is nan", validation's loss turns NaN).
+    # Such a batch weighs nothing: its loss is 0 and it sends no gradient.
+    losses = torch.tensor([0.7, 1.3, 0.2], requires_grad=True)
+    tasks = torch.tensor([1, 1, 1])
+    loss, per_task, present = balanced_task_loss(losses, tasks, torch.tensor([1.0, 0.0]))
+    assert present.tolist() == [False, True]
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    (grad,) = torch.autograd.grad(loss, losses)
+    assert torch.equal(grad, torch.zeros(3))
+
+
 def test_strategy_loss_applies_task_weights_and_logs_per_task() -> None:
     torch.manual_seed(0)
     model = MultiGateMoE(SPEC, num_experts=4)

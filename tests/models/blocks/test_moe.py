@@ -590,3 +590,33 @@ def test_padding_takes_no_experts_capacity() -> None:
     torch.testing.assert_close(y[:, 8:], want_y)
     torch.testing.assert_close(stats["dropped"], want_stats["dropped"])
     torch.testing.assert_close(stats["load"], want_stats["load"])
+
+
+def test_aux_free_bias_balances_the_allowed_experts_under_an_expert_mask() -> None:
+    # DeepSeek-V3's rule nudges an expert's bias by sign(mean load − its load): overloaded
+    # experts lose selection bias, underloaded ones gain it, until the tokens spread evenly over
+    # the experts they can be routed to. Under an expert mask (continual expert_masks=true:
+    # task t's block of experts) the masked-out experts take no token by construction, yet
+    # their zero counts pulled the mean down: both allowed experts counted as "overloaded",
+    # both biases fell in lockstep, and a 73/27 split between them was never corrected (the
+    # same router over just those two experts, unmasked, balances to ~50/50).
+    def recent_load(num_experts: int, mask: torch.Tensor | None) -> torch.Tensor:
+        torch.manual_seed(0)
+        moe = MoE(8, 16, num_experts=num_experts, top_k=1, aux_free_bias=True,
+                  bias_update_rate=0.01)  # fmt: skip
+        with torch.no_grad():
+            moe.router.zero_()
+            moe.router[0] = 0.25  # inputs with positive mean prefer expert 0
+        x = torch.randn(4, 32, 8) + 1.0
+        loads = []
+        for _ in range(200):
+            with torch.no_grad():
+                loads.append(moe(x, expert_mask=mask)[2]["load"])
+            moe.update_routing_bias()
+        return torch.stack(loads[-40:]).mean(0)  # sign updates oscillate: average a window
+
+    alone = recent_load(2, None)
+    assert alone.max() < 0.6  # the reference: two experts, no mask, balanced
+    masked = recent_load(4, torch.tensor([True, True, False, False]))
+    assert masked[2:].sum() == 0
+    assert masked[:2].max() < 0.6, f"allowed experts stay unbalanced: {masked[:2].tolist()}"
