@@ -13,7 +13,10 @@ Implements:
 - Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): L_z = mean_tokens (logsumexp(logits))².
 - Auxiliary-loss-free balancing (DeepSeek-V3, Wang et al. 2024): a per-expert bias added to
   the scores for top-k *selection* only; `update_routing_bias` moves it by
-  rate · sign(mean_load − load) once per optimizer step.
+  rate · sign(fair_load − load) once per optimizer step. The fair load is the mean load where
+  every expert is open to every token; under an expert mask, each token's K slots shared
+  among the experts open to it (a masked-out expert's zero load is its fair load: counting
+  it in a mean made every allowed expert look overloaded, and they never balanced).
 - GShard capacity (Lepikhin et al. 2020): C = ceil(cf · K · N / E) token-slots per expert.
 
 Shapes: B batch, T time, N = B·T tokens, D model dim, H expert hidden (2H for SwiGLU's fused
@@ -162,6 +165,7 @@ class MoE(nn.Module):
         bias = torch.zeros(num_experts) if aux_free_bias else None
         self.register_buffer("routing_bias", bias)
         self.register_buffer("load_counts", None if bias is None else bias.clone(), False)
+        self.register_buffer("fair_counts", None if bias is None else bias.clone(), False)
 
     def forward(
         self,
@@ -203,6 +207,8 @@ class MoE(nn.Module):
             aux_loss, load, entropy, balance, z_loss = self._losses(logits, probs, load, real)
         else:
             route = self._route(logits, allowed, real)
+            if self.training and self.load_counts is not None:
+                self._count_load(route, allowed, real)
             y, dropped = self._routed(xf, route)
             aux_loss, load, entropy = route.aux_loss, route.load, route.entropy
             balance, z_loss = route.balance, route.z_loss
@@ -290,6 +296,22 @@ class MoE(nn.Module):
             entropy = _token_mean(torch.special.entr(probs).sum(-1), real)
         return aux_loss, load, entropy, balance, z_loss
 
+    @torch.no_grad()
+    def _count_load(self, route: Routing, allowed: torch.Tensor | None,
+                    real: torch.Tensor | None) -> None:  # fmt: skip
+        """Add the batch's real token-slots per expert to `load_counts`, and their fair share
+        to `fair_counts`: equal among all experts, or each token's K slots equal among the
+        experts its mask allows."""
+        routed = route.counts if route.routed is None else route.routed  # (E,)
+        self.load_counts += routed
+        if allowed is None:
+            self.fair_counts += routed.sum() / self.num_experts
+            return
+        share = allowed / allowed.sum(-1, keepdim=True)  # (N, E): rows sum to 1
+        if real is not None:
+            share = share * real.unsqueeze(-1)
+        self.fair_counts += self.top_k * share.sum(0)
+
     def _routed(self, xf: torch.Tensor, route: Routing) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every token through its chosen experts: y (N, D) and the dropped fraction of slots.
 
@@ -302,8 +324,6 @@ class MoE(nn.Module):
         N, K, E = xf.shape[0], self.top_k, self.num_experts
         counts, gates = route.counts, route.gates
         routed = counts if route.routed is None else route.routed  # slots of real tokens
-        if self.training and self.load_counts is not None:
-            self.load_counts += routed
         flat, order = route.expert.reshape(-1), route.order  # (N·K,) token-major, choice-minor
         dtype = self._compute_dtype(xf)  # rows move in it (bf16 under autocast)
         if self.capacity_factor is None or not self.training:  # evaluation never drops
@@ -389,23 +409,26 @@ class MoE(nn.Module):
             "w_out": self.w_out,
             "routing_bias": self.routing_bias,
             "load_counts": self.load_counts,
+            "fair_counts": self.fair_counts,
         }
         return {name: t for name, t in tensors.items() if t is not None}
 
     @torch.no_grad()
     def update_routing_bias(self) -> None:
-        """DeepSeek-V3 step: bias += rate · sign(mean_load − load); reset the counts.
+        """DeepSeek-V3 step: bias += rate · sign(fair_load − load); reset the counts.
 
         Call once per optimizer step (counts are summed over micro-batches and, under DDP,
         across ranks). A no-op when `aux_free_bias` is off.
         """
         if self.routing_bias is None:
             return
+        counts = torch.stack([self.load_counts, self.fair_counts])  # (2, E)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.load_counts)
-        counts = self.load_counts
-        self.routing_bias += self.bias_update_rate * torch.sign(counts.mean() - counts)
-        counts.zero_()
+            dist.all_reduce(counts)
+        load, fair = counts
+        self.routing_bias += self.bias_update_rate * torch.sign(fair - load)
+        self.load_counts.zero_()
+        self.fair_counts.zero_()
 
     @torch.no_grad()
     def add_experts(self, n: int) -> None:
@@ -423,6 +446,7 @@ class MoE(nn.Module):
         if self.routing_bias is not None:
             self.routing_bias = torch.cat([self.routing_bias, self.routing_bias.new_zeros(n)])
             self.load_counts = torch.cat([self.load_counts, self.load_counts.new_zeros(n)])
+            self.fair_counts = torch.cat([self.fair_counts, self.fair_counts.new_zeros(n)])
         self.num_experts += n
 
     def extra_repr(self) -> str:

@@ -335,7 +335,7 @@ def test_add_experts_keeps_old_experts_and_routing() -> None:
 def test_expert_tensors_are_every_expert_indexed_tensor(aux_free_bias: bool) -> None:
     moe = MoE(8, 16, num_experts=4, num_shared_experts=1, aux_free_bias=aux_free_bias)
     tensors = moe.expert_tensors()
-    bias = ["routing_bias", "load_counts"] if aux_free_bias else []
+    bias = ["routing_bias", "load_counts", "fair_counts"] if aux_free_bias else []
     assert list(tensors) == ["router", "w_in", "w_out", *bias]
     assert all(t.shape[0] == 4 for t in tensors.values())
     assert tensors["w_in"] is moe.w_in  # the live tensors, so freezing rows acts on the layer
