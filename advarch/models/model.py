@@ -215,7 +215,7 @@ class Model(nn.Module):
         for layer in self.encoder:
             h = layer(h, ctx)
         ctx.memory, ctx.memory_pad_mask = self.encoder_norm(h), ctx.pad_mask
-        ctx.pad_mask = None
+        ctx.pad_mask = ctx.global_mask = None  # (source positions: the decoder is causal)
         d = self.target_embed(decoder_input_ids)
         for layer in self.layers:
             d = layer(d, ctx)
