@@ -61,7 +61,7 @@ def balanced_task_loss(
 
     Returns:
         `(loss scalar, per-task mean losses (K,), present (K,) bool)`; tasks absent from the
-        batch have mean 0 and do not count.
+        batch have mean 0 and do not count. A batch of zero-weight tasks only has loss 0.
     """
     k = weights.shape[0]
     counts = torch.bincount(task, minlength=k)  # (K,)
@@ -69,7 +69,8 @@ def balanced_task_loss(
     per_task = sums / counts.clamp_min(1)
     present = counts > 0
     w = weights.to(example_loss.dtype) * present
-    return (w * per_task).sum() / w.sum(), per_task, present
+    total = w.sum()
+    return (w * per_task).sum() / torch.where(total > 0, total, 1.0), per_task, present
 
 
 class MultiTaskStrategy(BaseStrategy):
