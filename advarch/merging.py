@@ -493,18 +493,46 @@ def merge_tensor(
     return merged.reshape(base_t.shape).to(base_t.dtype)
 
 
+def tied_names(
+    base: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]], cfg: MergeConfig
+) -> dict[str, str]:
+    """{name: the earlier name it is tied to}: one tensor saved under two names (a language
+    model's output head tied to its input embedding), in the base and in every model alike,
+    under the same rule. Merged once: two DARE draws, one per name, untied it, and a global
+    TIES threshold counted its entries twice."""
+
+    def tensor_id(t: Tensor | None) -> tuple | None:
+        if t is None or t.numel() == 0:
+            return None
+        return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name in base:
+        ids = tuple(tensor_id(s.get(name)) for s in (base, *models))
+        if None in ids:
+            continue
+        earlier = first.setdefault(ids, name)
+        if earlier != name and cfg.resolve(earlier, len(models)) == cfg.resolve(name, len(models)):
+            tied[name] = earlier
+    return tied
+
+
 def global_thresholds(
     base: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]], cfg: MergeConfig
 ) -> list[float]:
-    """Per model, the k-th largest |τₜ| over all tensors that use the model-wide density.
+    """Per model, the k-th largest |τₜ| over all tensors that use the model-wide density
+    (a tied tensor once).
 
     Exact: one model's task-vector magnitudes at a time go into one flat buffer.
     """
     n = len(models)
+    tied = tied_names(base, models, cfg)
     names = [
         k
         for k, b in base.items()
-        if b.is_floating_point()
+        if k not in tied
+        and b.is_floating_point()
         and b.numel() > 0
         and all(k in m for m in models)
         and (plan := cfg.resolve(k, n)).policy == "merge"
@@ -544,7 +572,8 @@ def merge_state_dicts(
     """Merge ``models`` into ``base`` tensor by tensor; inputs are not modified.
 
     Every key is checked before any arithmetic, so a mismatch fails fast. Output keys follow the
-    base order, then keys only some models have (kept via rules).
+    base order, then keys only some models have (kept via rules). A tensor tied under two
+    names (`tied_names`) is merged once and stays tied.
 
     Args:
         base: θ₀ state dict.
@@ -574,8 +603,12 @@ def merge_state_dicts(
     if cfg.method == "ties" and cfg.ties_trim == "global":
         thresholds = global_thresholds(base, models, cfg)
     summary = summary if summary is not None else MergeSummary()
+    tied = tied_names(base, models, cfg)
     out: dict[str, Tensor] = {}
     for name in names:
+        if name in tied:
+            out[name] = out[tied[name]]
+            continue
         base_t, model_ts = base.get(name), [m.get(name) for m in models]
         merged = merge_tensor(
             name,

@@ -308,6 +308,30 @@ def test_global_trim_matches_concatenated_reference(seed: int) -> None:
     torch.testing.assert_close(flat(out), expected)
 
 
+@pytest.mark.parametrize(
+    ("method", "options"), [("dare_linear", {"density": 0.5}),
+                            ("ties", {"density": 0.4, "ties_trim": "global"})],
+)  # fmt: skip
+def test_a_tied_tensor_is_merged_once_and_stays_tied(method: str, options: dict) -> None:
+    # a language model's head tied to its input embedding: one tensor under two names. Two
+    # DARE draws (seeded by name) untied it; a global TIES threshold counted it twice
+    def tied(seed: int) -> dict[str, torch.Tensor]:
+        sd = rand_sd(seed)
+        return {"input.weight": sd["w"], "b": sd["b"], "head.weight": sd["w"]}
+
+    base, models = tied(0), [tied(1), tied(2)]
+    out = merge(method, base, models, **options)
+    assert out["head.weight"] is out["input.weight"]
+    once = [{k: v for k, v in sd.items() if k != "head.weight"} for sd in (base, *models)]
+    alone = merge(method, once[0], once[1:], **options)
+    for key in ("input.weight", "b"):
+        torch.testing.assert_close(out[key], alone[key], rtol=0, atol=0)
+    untied = [{k: v.clone() for k, v in sd.items()} for sd in (base, *models)]
+    assert not merge(method, untied[0], untied[1:], **options)["head.weight"].equal(
+        out["head.weight"]
+    )  # (each name merged by its own draw / with the threshold counting both)
+
+
 def test_non_float_tensors_copied_from_base() -> None:
     base, models = rand_sd(0), [rand_sd(1), rand_sd(2)]
     out = merge("ties", base, models, density=0.5)
