@@ -18,6 +18,7 @@ from advarch.data.corpus import (
     read_jsonl,
     read_text_file,
     rows_with_text,
+    what_row_holds,
 )
 from advarch.reasons import short_reason
 
@@ -148,9 +149,12 @@ def column_texts(ds: Any, field: str, key: str, name: str) -> dict[int, str]:
     column = list(ds[field])
     bad = next((i for i, t in enumerate(column) if not isinstance(t, str | None)), None)
     if bad is not None:  # (JSON lines say the same per line)
+        hint = ""
+        if isinstance(column[bad], list) and len(column) == 1:
+            hint = "; one object of columns is one row: write a list of rows or JSON lines"
         raise ValueError(
             f"{key}: {name}: row {bad}: no string field {field!r} "
-            f"(data.text_field; it is {column[bad]!r})"
+            f"(data.text_field; {what_row_holds({field: column[bad]}, field)}){hint}"
         )
     return rows_with_text(column, key, name, field)
 

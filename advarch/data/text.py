@@ -93,7 +93,9 @@ class TextDataModule(L.LightningDataModule):
         dedupe: bool = False,
     ) -> None:
         super().__init__()
-        check_text_options(tokenizer, bpe_vocab_size, seq_len, batch_size, max_documents)
+        check_text_options(
+            tokenizer, bpe_vocab_size, seq_len, batch_size, max_documents, max_eval_sequences
+        )
         if files is not None and not matched_files(files):
             folder = isinstance(files, str) and Path(files).expanduser().is_dir()
             hint = (

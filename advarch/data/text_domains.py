@@ -175,7 +175,9 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
             raise ValueError(f"data.steps_per_task={steps_per_task} must be >= 1")
         if scenario not in ("domain", "task"):
             raise ValueError(f"data.scenario={scenario!r} must be 'domain' or 'task'")
-        check_text_options(tokenizer, bpe_vocab_size, seq_len, batch_size, max_documents)
+        check_text_options(
+            tokenizer, bpe_vocab_size, seq_len, batch_size, max_documents, max_eval_sequences
+        )
         if max_documents is not None and max_documents < MIN_DOCUMENTS:  # (split by file)
             raise ValueError(f"data.max_documents={max_documents} must be at least "
                              f"{MIN_DOCUMENTS} or null: each domain's files are split into "

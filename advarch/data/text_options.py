@@ -25,7 +25,12 @@ class PackedTextOptions(Protocol):
 
 
 def check_text_options(
-    tokenizer: str, bpe_vocab_size: int, seq_len: int, batch_size: int, max_documents: int | None
+    tokenizer: str,
+    bpe_vocab_size: int,
+    seq_len: int,
+    batch_size: int,
+    max_documents: int | None,
+    max_eval_sequences: int | None,
 ) -> None:
     """One-line ValueError naming the `data.<key>` of a value no text datamodule can build."""
     if tokenizer not in ("byte", "bpe"):
@@ -36,6 +41,9 @@ def check_text_options(
         raise ValueError(f"data.batch_size={batch_size} must be positive")
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"data.max_documents={max_documents} must be positive or null")
+    if max_eval_sequences is not None and max_eval_sequences < 1:  # (0 evaluated nothing)
+        raise ValueError(f"data.max_eval_sequences={max_eval_sequences} must be positive, "
+                         "or null for every sequence")  # fmt: skip
     if tokenizer == "bpe" and bpe_vocab_size < BYTE_VOCAB:  # (BPE starts from the bytes)
         raise ValueError(f"data.bpe_vocab_size={bpe_vocab_size} must be at least "
                          f"{BYTE_VOCAB} (256 bytes and 3 special tokens)")  # fmt: skip

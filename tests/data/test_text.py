@@ -119,6 +119,21 @@ def test_a_parquet_row_with_no_string_is_one_error_naming_it(tmp_path: Path) -> 
         dm.setup()
 
 
+def test_a_json_object_of_columns_is_one_short_line_saying_what_is_read(tmp_path: Path) -> None:
+    # `{"text": [doc, doc, …]}` is read as one row holding a list: the refusal printed the
+    # whole list (433 KB on one line for 25 files)
+    (tmp_path / "corpus").mkdir()
+    docs = ["some document text " * 500] * 25
+    (tmp_path / "corpus" / "columns.json").write_text(json.dumps({"text": docs}))
+    dm = TextDataModule(files=str(tmp_path / "corpus" / "*"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError) as caught:
+        dm.setup()
+    line = str(caught.value)
+    assert len(line) < 300 and "\n" not in line, line[:500]
+    assert "columns.json: row 0: no string field 'text' (data.text_field; it is ['some" in line
+    assert line.endswith("one object of columns is one row: write a list of rows or JSON lines")
+
+
 def test_rows_without_text_are_left_out_alike_in_every_table_kind(caplog) -> None:
     # a JSON null stopped the run where an empty CSV cell was skipped without a word
     from advarch.data.sources import file_documents

@@ -19,6 +19,10 @@ BAD_OPTIONS = [
     ({"seq_len": 1}, "data.seq_len=1 must be at least 2"),
     ({"batch_size": 0}, "data.batch_size=0 must be positive"),
     ({"max_documents": 0}, "data.max_documents=0 must be positive or null"),
+    (  # (validation and testing scored nothing, and the run said nothing of it)
+        {"max_eval_sequences": 0},
+        "data.max_eval_sequences=0 must be positive, or null for every sequence",
+    ),
     (  # (data=text_domains trained with it)
         {"tokenizer": "bpe", "bpe_vocab_size": 100},
         "data.bpe_vocab_size=100 must be at least 259 (256 bytes and 3 special tokens)",
