@@ -29,7 +29,7 @@ from advarch.output_folders import exit_if_unmakeable, stamped_folder
 from advarch.train import run
 
 MODELS = ("mmoe", "one_gate_moe", "shared_bottom")
-METRICS = ("test/task_a/mse", "test/task_b/mse", "multitask/gate_cosine")
+METRICS = ("test/task_a/mse", "test/task_b/mse", "test/gate_cosine")
 # one line per run: no bars or model tables (nulling the bar callbacks alone would bring back
 # Lightning's default ones), no plots, no best-*.ckpt (train.py still writes each last.ckpt)
 QUIET = [

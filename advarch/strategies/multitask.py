@@ -13,8 +13,8 @@ carry targets for all K tasks in every example (`targets` (B, K)); classificatio
 Gate statistics: models with per-task gates (`advarch.models.mmoe.MultiGateMoE`) report the
 batch-mean gate of task k as `stats["gate/task_{k}"]` (E,). Over each validation and test epoch
 the strategy averages them and logs the mean pairwise cosine similarity of the tasks' gate
-distributions (`multitask/gate_cosine`) and per-task expert usage
-(`multitask/<task>/expert{e}`). Related tasks share experts (cosine near 1); unrelated tasks
+distributions (`<split>/gate_cosine`) and per-task expert usage
+(`<split>/<task>/expert{e}`), for validation and test apart. Related tasks share experts (cosine near 1); unrelated tasks
 split them (lower cosine).
 
 Shapes: B batch, K tasks, C classes, E experts.
@@ -194,7 +194,9 @@ class MultiTaskStrategy(BaseStrategy):
             for name in self.spec.task_names
             for k in ("loss", score)
         ]
-        return [*super().metric_names(), *per_task, "multitask/*"]
+        gates = [f"{s}/gate_cosine" for s in ("val", "test")]
+        gates += [f"{s}/{name}/expert*" for s in ("val", "test") for name in self.spec.task_names]
+        return [*super().metric_names(), *per_task, *gates]
 
     def training_metrics(self) -> Mapping[str, torchmetrics.Metric]:
         tasks = {
@@ -217,9 +219,9 @@ class MultiTaskStrategy(BaseStrategy):
                 metric.reset()
         if split in self.gate_sums:
             gates = self.gate_sums.pop(split) / self.gate_batches.pop(split)  # (K, E)
-            values["multitask/gate_cosine"] = gate_cosine(gates)
+            values[f"{split}/gate_cosine"] = gate_cosine(gates)  # (split: no mixed series)
             for name, usage in zip(self.spec.task_names, gates, strict=True):
-                values.update({f"multitask/{name}/expert{e}": u for e, u in enumerate(usage)})
+                values.update({f"{split}/{name}/expert{e}": u for e, u in enumerate(usage)})
         if values:
             self.log_dict(values)
 

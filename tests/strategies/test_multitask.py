@@ -255,8 +255,8 @@ def test_mmoe_synthetic_experiment_learns_both_tasks(make_cfg) -> None:
     targets = torch.cat([b["targets"] for b in first_batches(cfg, "test", 100)])  # (N, 2)
     for k, name in enumerate(("task_a", "task_b")):
         assert metrics[f"test/{name}/mse"] < 0.5 * targets[:, k].var(correction=0).item(), name
-    assert 0.0 < metrics["multitask/gate_cosine"] <= 1.0 + 1e-6
-    usage = [metrics[f"multitask/task_a/expert{e}"] for e in range(8)]
+    assert 0.0 < metrics["test/gate_cosine"] <= 1.0 + 1e-6
+    usage = [metrics[f"test/task_a/expert{e}"] for e in range(8)]
     assert sum(usage) == pytest.approx(1.0, abs=1e-4)
 
 
