@@ -16,12 +16,15 @@ Design (the choices the issue left open):
   sequence starting at a multiple of c reads its neighbours from that table; other starts
   and held-out text are queried live (embed + search) with the same rule.
 - **Exclusion**: a query chunk may straddle documents. Its neighbours may come from no
-  document that has a token in the query chunk *or in the chunk after it* (the tokens they
-  help predict through chunked cross-attention's causal offset), so no neighbour leaks text
-  of the document being predicted. Search asks for K + `search_margin` hits, drops excluded
-  ones (vectorised), and re-searches the rows left short with 4× the width; a row still
-  short once the whole database was searched is filled with missing neighbours (a warning
-  says how many).
+  document that has a token in the query chunk, the chunk after it, or the rest of its
+  sequence: chunked cross-attention hands them to the chunk after it, and causal
+  self-attention on to every later position (RETRO §3 drops neighbours of the training
+  sequence's own document), so no neighbour leaks text the sequence predicts. The training
+  table holds each grid chunk's neighbours under the first two (a chunk belongs to many
+  sequences); a sequence's rows that break the third are searched again. Search asks for
+  K + `search_margin` hits, drops excluded ones (vectorised), and re-searches the rows left
+  short with 4× the width; a row still short once the whole database was searched is filled
+  with missing neighbours (a warning says how many).
 - **Cache**: `build_or_load` keys a folder by a hash of (corpus fingerprint, chunk_size,
   pad_id, embedder config, K, index settings) and stores embeddings and the neighbour table
   as `.npy` and the faiss index as `index.faiss` (each written to a temp file, then
@@ -417,19 +420,27 @@ class RetrievalDatabase:
             )
         return out
 
-    def _query_ids(self, chunks: np.ndarray, doc_windows: np.ndarray | None, missing_ok: bool):
-        """chunks (n, c) and doc ids of the tokens they inform (n, w) or None -> (n, K)."""
+    def _query_ids(self, chunks: np.ndarray, excluded: np.ndarray | None, missing_ok: bool):
+        """chunks (n, c) and the doc ids each must not retrieve from (n, X), -1 padded, or
+        None -> (n, K)."""
         out = np.empty((len(chunks), self.num_neighbours), dtype=np.int64)
         for i in range(0, len(chunks), _QUERY_BATCH):
             sl = slice(i, i + _QUERY_BATCH)
             emb = self.embedder.embed(chunks[sl])
-            excl = (
-                _excluded_docs(doc_windows[sl])
-                if doc_windows is not None
-                else np.full((len(emb), 1), -1, np.int64)
-            )
+            excl = excluded[sl] if excluded is not None else np.full((len(emb), 1), -1, np.int64)
             out[sl] = self.search(emb, excl, missing_ok)
         return out
+
+    def _stream_docs(self, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """The documents (n, X) of the training stream's tokens [begin, end) per row, -1
+        padded: the runs of equal doc ids the range overlaps (few: no per-token window)."""
+        if not hasattr(self, "_run_starts"):  # (built on first use: old pickles lack it)
+            self._run_starts = np.flatnonzero(np.r_[True, np.diff(self.doc_ids) != 0])
+        first = np.searchsorted(self._run_starts, begin, side="right") - 1  # (n,)
+        last = np.searchsorted(self._run_starts, np.maximum(end, begin + 1) - 1, side="right") - 1
+        runs = first[:, None] + np.arange(int((last - first).max(initial=0)) + 1)  # (n, X)
+        docs = self.doc_ids[self._run_starts[np.minimum(runs, len(self._run_starts) - 1)]]
+        return np.where(runs <= last[:, None], docs, -1)
 
     def _stream_neighbour_ids(
         self,
@@ -444,10 +455,10 @@ class RetrievalDatabase:
             tokens, doc_ids = self.tokens, self.doc_ids
         c, n = self.chunk_size, len(tokens)
         pos = chunk_starts[:, None] + np.arange(2 * c)  # (n, 2c): the chunk and the next one
-        docs = None
+        excluded = None
         if doc_ids is not None:
-            docs = np.where(pos < n, doc_ids[np.minimum(pos, n - 1)], -1)
-        return self._query_ids(tokens[pos[:, :c]], docs, missing_ok)
+            excluded = _excluded_docs(np.where(pos < n, doc_ids[np.minimum(pos, n - 1)], -1))
+        return self._query_ids(tokens[pos[:, :c]], excluded, missing_ok)
 
     def stream_table(self, tokens: np.ndarray, doc_ids: np.ndarray | None = None) -> np.ndarray:
         """Neighbour ids (Q, K) of every grid chunk of a held-out stream (validation/test).
@@ -500,8 +511,9 @@ class RetrievalDatabase:
     def sequence_neighbour_ids(self, starts: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
         """Neighbour chunk ids of training sequences tokens[s : s + length]: (S, L, K).
 
-        Grid-aligned starts (s % chunk_size == 0) read the precomputed table; others are
-        embedded and searched now (slower; same exclusion rule).
+        Grid-aligned starts (s % chunk_size == 0) read the precomputed table, and rows whose
+        neighbours come from a document later in their sequence are searched again; other
+        starts are embedded and searched now (slower). Both under the module's exclusion.
         """
         if self.train_neighbours is None:
             raise RuntimeError("retrieval database not built: call build() or build_or_load()")
@@ -509,14 +521,19 @@ class RetrievalDatabase:
         starts = np.asarray(starts, dtype=np.int64).reshape(-1)
         if starts.size and (starts.min() < 0 or starts.max() + length > len(self.tokens)):
             raise ValueError(f"sequence starts must lie in [0, {len(self.tokens) - length}]")
-        out = np.empty((len(starts), num_chunks, self.num_neighbours), dtype=np.int64)
+        out = np.full((len(starts), num_chunks, self.num_neighbours), -1, dtype=np.int64)
         aligned = starts % c == 0
         out[aligned] = self._train_grid_ids(starts[aligned], num_chunks)
-        if not aligned.all():
-            live = (starts[~aligned, None] + np.arange(num_chunks) * c).reshape(-1)
-            out[~aligned] = self._stream_neighbour_ids(live, True).reshape(
-                -1, num_chunks, out.shape[2]
-            )
+        ids = out.reshape(-1, self.num_neighbours)  # (S·L, K), a view
+        chunk_starts = (starts[:, None] + np.arange(num_chunks) * c).reshape(-1)
+        informed_end = np.maximum(np.repeat(starts + length, num_chunks), chunk_starts + 2 * c)
+        excluded = self._stream_docs(chunk_starts, np.minimum(informed_end, len(self.tokens)))
+        got = np.where(ids >= 0, self.chunk_doc[ids], -1)  # (S·L, K)
+        leaks = ((got[:, :, None] == excluded[:, None, :]) & (got[:, :, None] >= 0)).any((1, 2))
+        redo = leaks | ~np.repeat(aligned, num_chunks)
+        if redo.any():
+            chunks = self.tokens[chunk_starts[redo, None] + np.arange(c)]
+            ids[redo] = self._query_ids(chunks, excluded[redo], True)
         return out
 
     def _train_grid_ids(self, starts: np.ndarray, num_chunks: int) -> np.ndarray:
@@ -567,18 +584,20 @@ class RetrievalDatabase:
         Args:
             tokens: (S, T) token ids, T a multiple of chunk_size.
             doc_ids: same shape, ids in the *training* id space to exclude (chunk u excludes the
-                documents of its own tokens and of chunk u + 1). None for text whose documents
-                are not in the database (the usual validation split): nothing is excluded.
+                documents of its own tokens and of every later one: the module's exclusion).
+                None for text whose documents are not in the database (the usual validation
+                split): nothing is excluded.
         """
         tokens = np.asarray(tokens, dtype=np.int64)
         s, num_chunks = len(tokens), self._check_length(tokens.shape[1])
-        windows = None
+        excluded = None
         if doc_ids is not None:
+            c, T = self.chunk_size, tokens.shape[1]
             d = np.asarray(doc_ids, dtype=np.int64).reshape(tokens.shape)
-            d = np.pad(d, ((0, 0), (0, self.chunk_size)), constant_values=-1)
-            pos = np.arange(num_chunks)[:, None] * self.chunk_size + np.arange(self.neighbour_len)
-            windows = d[:, pos].reshape(s * num_chunks, -1)  # (S·L, 2c)
-        ids = self._query_ids(tokens.reshape(s * num_chunks, self.chunk_size), windows, True)
+            d = np.pad(d, ((0, 0), (0, T)), constant_values=-1)
+            pos = np.arange(num_chunks)[:, None] * c + np.arange(max(T, 2 * c))  # (L, W)
+            excluded = _excluded_docs(d[:, pos].reshape(s * num_chunks, -1))  # (S·L, X)
+        ids = self._query_ids(tokens.reshape(s * num_chunks, self.chunk_size), excluded, True)
         return ids.reshape(s, num_chunks, -1)
 
     def query_neighbours(

@@ -13,8 +13,8 @@ carry targets for all K tasks in every example (`targets` (B, K)); classificatio
 Gate statistics: models with per-task gates (`advarch.models.mmoe.MultiGateMoE`) report the
 batch-mean gate of task k as `stats["gate/task_{k}"]` (E,). Over each validation and test epoch
 the strategy averages them and logs the mean pairwise cosine similarity of the tasks' gate
-distributions (`<split>/gate_cosine`) and per-task expert usage
-(`<split>/<task>/expert{e}`), for validation and test apart. Related tasks share experts (cosine near 1); unrelated tasks
+distributions (`<split>/gate_cosine`) and per-task expert usage (`<split>/<task>/expert{e}`),
+for validation and test apart. Related tasks share experts (cosine near 1); unrelated tasks
 split them (lower cosine).
 
 Shapes: B batch, K tasks, C classes, E experts.

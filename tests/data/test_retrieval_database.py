@@ -92,12 +92,13 @@ def test_ivf_and_hnsw_agree_with_flat(corpus):
 
 
 def _assert_no_leak(db, starts, length, ids):
-    """No neighbour's document appears in its query chunk or the chunk after it."""
+    """No neighbour's document appears in its query chunk, the chunk after it, or the rest
+    of its sequence."""
     c, n = db.chunk_size, len(db.tokens)
     for s, seq_ids in zip(starts, ids, strict=True):
         for u, chunk_ids in enumerate(seq_ids):
             a = s + u * c
-            forbidden = set(db.doc_ids[a : min(a + 2 * c, n)].tolist())
+            forbidden = set(db.doc_ids[a : min(max(a + 2 * c, s + length), n)].tolist())
             got = {int(db.chunk_doc[i]) for i in chunk_ids if i >= 0}
             assert not got & forbidden, (s, u, got & forbidden)
 
@@ -320,3 +321,33 @@ def test_database_pickles_for_dataloader_workers(db):
 
     clone = pickle.loads(pickle.dumps(db))
     np.testing.assert_array_equal(clone.batch_neighbours([5], 32), db.batch_neighbours([5], 32))
+
+
+def test_no_neighbour_from_a_document_later_in_the_same_training_sequence():
+    """RETRO (Borgeaud et al. 2022) trains without neighbours from the training sequence's own
+    documents. Chunk u's neighbours enter the residual stream at the token completing chunk u
+    (chunked cross-attention), and causal self-attention then carries them to EVERY later
+    position of the sequence, not only to chunk u + 1 (a RETRO `Model`'s logits at chunks
+    u + 1 … L − 1 all change with chunk u's neighbours). So a neighbour of chunk u may not come
+    from a document whose tokens the sequence predicts at or after chunk u; excluding only the
+    documents of chunks u and u + 1 hands the model, e.g., the exact text of chunk u + 3.
+
+    Stream (chunk 4, one 16-token training sequence at 0): chunk 0 = doc A's start, chunk 1 =
+    A's end + doc B, chunks 2-3 = doc D, whose first chunk repeats A's first chunk."""
+    c, T = 4, 16
+    a, b, d = [10, 11, 12, 13, 14, 15], [90, 91], [10, 11, 12, 13, 20, 21, 22, 23]
+    rng = np.random.default_rng(0)
+    others = [rng.integers(30, 80, 12) for _ in range(20)]  # unrelated documents
+    parts = [a, b, d, *others]
+    tokens = np.concatenate([np.asarray(p) for p in parts])
+    docs = np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)])
+    db = RetrievalDatabase(tokens, docs, pad_id=PAD, chunk_size=c, num_neighbours=2,
+                           index="flat").build()  # fmt: skip
+    ids = db.sequence_neighbour_ids([0], T)[0]  # (L, K)
+    for u in range(T // c):
+        predicted_later = set(docs[u * c : T].tolist())  # documents the sequence still predicts
+        got = {int(db.chunk_doc[i]) for i in ids[u] if i >= 0}
+        assert not got & predicted_later, (
+            f"chunk {u}'s neighbours come from documents {sorted(got & predicted_later)} that "
+            f"the same sequence predicts from chunk {u} on: {db.neighbour_tokens(ids[u]).tolist()}"
+        )
