@@ -240,29 +240,35 @@ def generate(
 class StreamDecoder:
     """Token ids → text pieces as they arrive, holding back incomplete multi-byte characters.
 
-    A byte tokenizer emits UTF-8 one byte per token, so "é" arrives as two tokens; decoding
-    the first alone would print U+FFFD. Pending ids are decoded together and held while the
-    text ends in U+FFFD, for at most `max_hold` ids (a UTF-8 character has ≤ 4 bytes, so a
-    longer run is genuinely invalid and is printed with its replacement characters).
+    A token may end inside a UTF-8 character (a byte tokenizer's "é" is two tokens; a BPE
+    token can hold the end of one CJK character and the start of the next), and decoding it
+    alone would print U+FFFD. The ids since the text last ended on a whole character are
+    decoded together: what precedes a trailing run of U+FFFD is final (more bytes can only
+    complete the last character) and is returned; the rest waits for the ids that complete it,
+    or for `flush` (a genuinely invalid byte is printed as U+FFFD then).
     """
 
-    def __init__(self, decode: Callable[[Sequence[int]], str], max_hold: int = 4) -> None:
-        self.decode, self.max_hold = decode, max_hold
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self.decode = decode
         self.pending: list[int] = []
+        self.returned = 0  # characters of decode(pending) already returned
 
     def push(self, ids: Sequence[int]) -> str:
         """Add ids; return the text that is now complete ('' while a character is partial)."""
         self.pending.extend(int(i) for i in ids)
         text = self.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < self.max_hold:
-            return ""
-        self.pending = []
-        return text
+        final = text.rstrip("\ufffd")
+        piece = final[self.returned :]
+        if len(final) == len(text):  # on a whole character: start afresh
+            self.pending, self.returned = [], 0
+        else:
+            self.returned = max(self.returned, len(final))
+        return piece
 
     def flush(self) -> str:
         """Whatever is still held, decoded as is."""
-        text = self.decode(self.pending) if self.pending else ""
-        self.pending = []
+        text = self.decode(self.pending)[self.returned :] if self.pending else ""
+        self.pending, self.returned = [], 0
         return text
 
 

@@ -349,3 +349,25 @@ def test_any_lm_module_generates_by_full_forward_within_its_context() -> None:
     assert out.tolist() == list(range(21))
     with pytest.raises(ValueError, match="decoder language model"):
         generate(CountingLM(spec), torch.tensor([0]), 2)  # no spec to go by
+
+
+def test_stream_decoder_multibyte_tokens_straddling_characters() -> None:
+    """A BPE token may hold several bytes and end inside a character (byte-level BPE learns
+    merges like "last byte of one CJK character + first two bytes of the next"). Streaming must
+    still print exactly the text the whole sequence decodes to: what is printed is the decode
+    of the pieces' concatenation, never a U+FFFD for a character that later tokens complete.
+    With 4 ids held at most (a byte-tokenizer's bound), a run of straddling multi-byte tokens
+    is cut mid-character and both halves print as U+FFFD."""
+    text = "伪乑上仨仃伟与东仗仞仢乱伩乥亼丕伐人义们"  # 3-byte characters
+    data = text.encode("utf-8")
+    # pieces of 2, then 3 bytes: every piece ends one byte before a character's end
+    pieces = [data[:2]] + [data[i : i + 3] for i in range(2, len(data), 3)]
+
+    def decode(ids: list[int]) -> str:  # lossy, as `tokenizers`' ByteLevel decoder is
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    assert decode(list(range(len(pieces)))) == text
+    decoder = StreamDecoder(decode)
+    streamed = [decoder.push([i]) for i in range(len(pieces))] + [decoder.flush()]
+    assert "".join(streamed) == text
+    assert all(streamed[1:-1]), streamed  # a character as soon as its last byte arrives
