@@ -436,11 +436,12 @@ class ContinualStrategy(BaseStrategy):
 
     # -- freezing owned experts and the shared body ---------------------------------------------
     def _freeze_for(self, task: int) -> None:
-        """Snapshot what training task `task` must not change (from the current weights)."""
+        """Snapshot what training task `task` must not change (from the current weights);
+        nothing under `joint`, whose every epoch trains every task's experts."""
         if self._frozen_task == task:
             return
         self._frozen_task = task
-        self.frozen = self.frozen_slices(task) if task > 0 else []
+        self.frozen = self.frozen_slices(task) if task > 0 and not self.hparams.joint else []
 
     def frozen_slices(self, task: int) -> list[FrozenSlice]:
         """Earlier tasks' experts; with freeze_shared, all but task `task`'s experts and head."""

@@ -380,3 +380,40 @@ def test_bits_per_byte_divide_by_each_splits_own_bytes_per_token() -> None:
     assert objective.compute("test")["bpb"].item() == pytest.approx(3.0)
     assert objective.compute("test", 0)["bpb"].item() == pytest.approx(4.0)
     assert objective.compute("test", 1)["bpb"].item() == pytest.approx(2.4)
+
+
+class TensorMoE(FakeMoE):
+    """A FakeMoE holding one weight row per expert (`expert_tensors`, as `MoE` has)."""
+
+    def __init__(self, num_experts: int, top_k: int) -> None:
+        super().__init__(num_experts, top_k)
+        self.w = nn.Parameter(torch.randn(num_experts, 3))
+
+    def expert_tensors(self) -> dict[str, torch.Tensor]:
+        return {"w": self.w}
+
+
+class TensorMoEModel(LookupModel):
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.moe = nn.ModuleList([TensorMoE(num_experts, 1) for _ in range(2)])
+
+    def moe_layers(self) -> list[nn.Module]:
+        return list(self.moe)
+
+
+def test_joint_training_with_expert_masks_freezes_no_tasks_experts(tmp_path: Path) -> None:
+    """`joint=true` is the multi-task upper bound: every epoch draws from ALL tasks' data, and
+    each example is routed to its own task's experts (`expert_mask` in training). No task's
+    experts may then be frozen: freezing "earlier tasks'" experts by the epoch's place in the
+    schedule leaves task 0's examples training on frozen experts for the rest of the run
+    (from epoch `epochs_per_task` on), which is no upper bound."""
+    module = Recording(TensorMoEModel(num_experts=6), expert_masks=True, joint=True)
+    stream = Stream(epochs_per_task=1)
+    attach(module, tmp_path, stream=stream)
+    module.setup("fit")
+    assert stream.joint  # the stream serves all tasks' data every epoch
+    for epoch in range(T):
+        module.trainer.current_epoch = epoch
+        module.on_train_epoch_start()
+        assert module.frozen == [], f"epoch {epoch}: {len(module.frozen)} slices frozen"
