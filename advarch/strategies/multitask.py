@@ -111,8 +111,8 @@ class MultiTaskStrategy(BaseStrategy):
         self.task_metrics = nn.ModuleDict(
             {f"{s}_{t}": self._task_metric_set() for s in SPLITS for t in spec.task_names}
         )
+        # per split: (K·E + 1,) the tasks' gates summed over examples, then the example count
         self.gate_sums: dict[str, torch.Tensor] = {}
-        self.gate_batches: dict[str, int] = {}
 
     def _task_metric_set(self) -> nn.ModuleDict:
         if self.spec.kind == "regression":
@@ -132,7 +132,7 @@ class MultiTaskStrategy(BaseStrategy):
         overall_preds = preds if self.spec.kind == "regression" else select_task_logits(preds, task)
         self.objective.update(split, task_loss, overall_preds, target, target.shape[0])
         self._update_task_metrics(split, per_task, present, preds, target, task)
-        self._accumulate_gates(split, out.stats)
+        self._accumulate_gates(split, out.stats, preds.shape[0])
         return task_loss, out
 
     def _example_losses(
@@ -177,13 +177,21 @@ class MultiTaskStrategy(BaseStrategy):
                 m["loss"].update(per_task[k].detach(), weight=int(rows.sum()))
                 m["score"].update(preds[rows, k].detach(), target[rows])
 
-    def _accumulate_gates(self, split: str, stats: dict[str, torch.Tensor]) -> None:
+    def _accumulate_gates(self, split: str, stats: dict[str, torch.Tensor], examples: int) -> None:
+        """Add a batch's mean gates (`gate/task_k`, (E,) each) weighted by its examples."""
         keys = [f"gate/task_{k}" for k in range(self.spec.num_tasks)]
         if split == "train" or keys[0] not in stats:
             return
-        gates = torch.stack([stats[k] for k in keys]).float()  # (K, E)
-        self.gate_sums[split] = self.gate_sums.get(split, 0) + gates
-        self.gate_batches[split] = self.gate_batches.get(split, 0) + 1
+        gates = torch.stack([stats[k] for k in keys]).double().flatten() * examples  # (K·E,)
+        sums = torch.cat([gates, gates.new_tensor([examples])])
+        self.gate_sums[split] = self.gate_sums.get(split, 0) + sums
+
+    def _epoch_gates(self, split: str) -> torch.Tensor:
+        """The split's gates (K, E) averaged over its examples, across DDP processes."""
+        sums = self.gate_sums.pop(split)
+        if self._trainer is not None:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        return (sums[:-1] / sums[-1]).float().view(self.spec.num_tasks, -1)
 
     # -- epoch logging ------------------------------------------------------------------------
     def metric_names(self) -> list[str]:
@@ -218,7 +226,7 @@ class MultiTaskStrategy(BaseStrategy):
             for metric in m.values():
                 metric.reset()
         if split in self.gate_sums:
-            gates = self.gate_sums.pop(split) / self.gate_batches.pop(split)  # (K, E)
+            gates = self._epoch_gates(split)  # (K, E)
             values[f"{split}/gate_cosine"] = gate_cosine(gates)  # (split: no mixed series)
             for name, usage in zip(self.spec.task_names, gates, strict=True):
                 values.update({f"{split}/{name}/expert{e}": u for e, u in enumerate(usage)})

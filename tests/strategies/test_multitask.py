@@ -179,7 +179,7 @@ def test_strategy_loss_applies_task_weights_and_logs_per_task() -> None:
     assert loss.item() == pytest.approx(((mse[0] + 3 * mse[1]) / 4).item(), rel=1e-5)
     m = strategy.task_metrics["val_task_b"]
     assert m["score"].compute().item() == pytest.approx(mse[1].item(), rel=1e-5)
-    assert strategy.gate_sums["val"].shape == (2, 4)
+    assert strategy._epoch_gates("val").shape == (2, 4)  # (tasks, experts)
 
 
 def test_classification_batches_use_each_examples_task_head() -> None:
@@ -283,3 +283,27 @@ def test_every_fitting_model_trains_multitask(make_cfg, name: str) -> None:
     for k, name in enumerate(("task_a", "task_b")):
         mse = F.mse_loss(preds[:, k], targets[:, k]).item()
         assert metrics[f"test/{name}/mse"] == pytest.approx(mse, rel=1e-5), name
+
+
+def test_epoch_gate_usage_weights_every_example_equally() -> None:
+    """`<split>/<task>/expert{e}` is the task's gate averaged over the epoch's examples (and
+    the cosine is of those averages). Batches of different sizes (a short last batch) must
+    count by their examples, as every other epoch metric does (`WeightedMean`): the mean of
+    per-batch means over-weights the short batch."""
+    torch.manual_seed(0)
+    model = MultiGateMoE(SPEC, num_experts=4).eval()
+    strategy = MultiTaskStrategy(model, SPEC).eval()
+    x, y = torch.randn(6, 12) * 3, torch.randn(6, 2)
+    logged: dict[str, float] = {}
+    strategy.log_dict = lambda values, *a, **k: logged.update(  # type: ignore[method-assign]
+        {n: float(v) for n, v in values.items()}
+    )
+    with torch.no_grad():
+        whole = model(x).stats  # the batch-mean gates of all 6 examples at once
+        for rows in (slice(0, 5), slice(5, 6)):  # a batch of 5, then a short one of 1
+            strategy.shared_step({"inputs": x[rows], "targets": y[rows]}, "val")
+    strategy._log_epoch("val")
+    for k, task in enumerate(SPEC.task_names):
+        for e in range(4):
+            want = float(whole[f"gate/task_{k}"][e])
+            assert logged[f"val/{task}/expert{e}"] == pytest.approx(want, rel=1e-5)
