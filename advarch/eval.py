@@ -87,7 +87,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     trainer = L.Trainer(
         limit_test_batches=limit or runs_test_limit(saved, ckpt),
         precision=saved.trainer.get("precision") or "32-true",  # and numerics
-        logger=eval_wandb_logger(cfg, saved, module) if cfg.get("wandb") else False,
+        logger=eval_wandb_logger(cfg, saved, module, ckpt) if cfg.get("wandb") else False,
         enable_checkpointing=False,
         default_root_dir=cfg.paths.output_dir,
         accelerator=cfg.accelerator,
@@ -246,9 +246,10 @@ def run_choice_tags(cfg: DictConfig) -> list[str]:
     return tags
 
 
-def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
+def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any, ckpt: dict) -> Any:
     """An offline W&B run for this evaluation: job_type `eval`, in the training run's group,
-    its config the checkpoint's (plus what the evaluation changed)."""
+    its config the checkpoint's plus what the evaluation changed and the optimizer steps the
+    checkpoint had trained (its own step counter starts at 0)."""
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
@@ -259,6 +260,7 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any) -> Any:
     config["eval"] = {
         "ckpt_path": str(cfg.ckpt_path),
         "data_overridden": cfg.get("data") is not None,
+        "trained_steps": int(ckpt.get("global_step", 0)),
     }
     project = OmegaConf.select(saved, "logger.wandb.project") or "advarch"
     return without_anonymous(

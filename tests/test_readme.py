@@ -274,6 +274,8 @@ def check_eval_of_a_trained_run(res: CliResult, ckpt: Path) -> None:
     assert eval_run["job_type"] == "eval" and eval_run["group"] == run["group"]
     assert eval_run["tags"] == [*run["tags"], "eval"]  # filterable like the training run
     assert eval_run["config"]["model"] == run["config"]["model"]
+    trained = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    assert eval_run["config"]["eval"]["trained_steps"] == trained > 0
     assert "test/bpb" in eval_run["summary"]
     (offline,) = (res.run_dir / "wandb").glob("offline-run-*")  # (eval.py never named it)
     assert res.stdout.strip().endswith(f"sync to W&B later: wandb sync {offline}")
