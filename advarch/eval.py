@@ -39,6 +39,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     evaluating a checkpoint repeats its test exactly.
     """
     import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from advarch.callbacks.data_identity import data_changed
     from advarch.callbacks.signals import SignalCheckpoint
@@ -46,7 +47,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     from advarch.config.checks import check_accelerator, check_batch_limit
     from advarch.config.runs import ran_with
     from advarch.errors import ConfigError
-    from advarch.pipeline import build_all
+    from advarch.pipeline import batch_limit_error, build_all
 
     check_accelerator(cfg.accelerator, "accelerator", "accelerator=cpu")
     limit = cfg.get("limit_test_batches")
@@ -95,7 +96,12 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         enable_model_summary=False,
         callbacks=[SignalCheckpoint()],  # a signal stops testing with its exit code
     )
-    results = trainer.test(module, datamodule=datamodule, verbose=False)
+    try:
+        results = trainer.test(module, datamodule=datamodule, verbose=False)
+    except MisconfigurationException as err:  # (Lightning's, of a fraction of no batch)
+        if (named := batch_limit_error(err, "")) is None:
+            raise
+        raise named from err
     own_data = cfg.get("data") is None and not cfg.get("data_overrides")
     changed = data_changed(ckpt, datamodule) if own_data else None
     if changed:  # its own data, rebuilt from files that are not those it trained on

@@ -6,6 +6,7 @@ exactly the module that wrote it.
 
 from __future__ import annotations
 
+import re
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -208,3 +209,47 @@ def check_monitors(cfg: DictConfig, module: Any) -> None:
                 f"{key}={metric} is not a metric strategy={cfg.strategy._target_.split('.')[-1]} "
                 f"logs; it logs: {', '.join(names)}"
             )
+
+
+# Lightning's refusal of a fraction of a loader that is less than one batch
+_NO_BATCH = re.compile(r"check (\S+) of the `(\w+)_dataloader` but \S+ \* (\d+) < 1")
+
+
+def no_batch_line(key: str, limit: float, batches: int) -> str:
+    """One line for a batch fraction that leaves none of a loader's `batches`."""
+    return (f"{key}={limit} of {batches} batches is none: give at least {1 / batches:.3g}, or "
+            "a count of batches")  # fmt: skip
+
+
+def batch_limit_error(err: Exception, prefix: str) -> ConfigError | None:
+    """Lightning's refusal of a `limit_<stage>_batches` fraction that leaves no batch (a
+    traceback, after training for the test's) as one ConfigError line naming the key as the
+    user writes it (`prefix` "trainer." for train.py, "" for eval.py); None for other errors."""
+    found = _NO_BATCH.search(str(err))
+    if found is None:
+        return None
+    limit, stage, batches = found.groups()
+    return ConfigError(no_batch_line(f"{prefix}limit_{stage}_batches", float(limit), int(batches)))
+
+
+def check_batch_fractions(trainer_cfg: DictConfig, datamodule: Any) -> None:
+    """A fraction of the training, validation or test batches that leaves none, refused
+    before training starts (Lightning finds it as it starts, validates or tests, the run
+    folder written). Loaders that cannot be built yet (they need the trainer) are left to
+    `batch_limit_error`."""
+    from lightning.fabric.utilities.data import has_len
+
+    for stage in ("train", "val", "test"):
+        limit = trainer_cfg.get(f"limit_{stage}_batches")
+        if not isinstance(limit, float) or not 0 < limit < 1:
+            continue
+        try:
+            loaders = getattr(datamodule, f"{stage}_dataloader")()
+        except Exception:  # noqa: BLE001  (checked as Lightning builds it)
+            continue
+        if isinstance(loaders, dict):
+            loaders = list(loaders.values())
+        for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
+            if has_len(loader) and len(loader) > 0 and int(len(loader) * limit) == 0:
+                key = f"trainer.limit_{stage}_batches"
+                raise ConfigError(no_batch_line(key, limit, len(loader)))

@@ -64,6 +64,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     """`run`'s work, in its locked run folder."""
     import lightning as L
     import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -83,7 +84,9 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     from advarch.console_summary import print_config_tree, print_summary, save_summary
     from advarch.errors import ConfigError
     from advarch.pipeline import (
+        batch_limit_error,
         build_all,
+        check_batch_fractions,
         check_monitors,
         instantiate_checked,
         instantiate_dict,
@@ -128,6 +131,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     torch.set_float32_matmul_precision("high")
     datamodule, spec, module = build_all(cfg)  # ConfigError on bad input, before any work
     check_monitors(cfg, module)
+    check_batch_fractions(cfg.trainer, datamodule)
 
     config = tracker_config(cfg, module.parameter_counts())
     loggers = build_loggers(cfg, identity or RunIdentity(cfg.run_name), config, ckpt)
@@ -175,6 +179,10 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
         if cfg.get("test", True):
             results = trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update({k: float(v) for r in results for k, v in r.items()})
+    except MisconfigurationException as err:  # (Lightning's, of a fraction of no batch)
+        if (named := batch_limit_error(err, "trainer.")) is None:
+            raise
+        raise named from err
     except Interrupted:  # (its line was printed where it stopped)
         to_wandb = any(type(logger).__name__ == "WandbLogger" for logger in loggers)
         hint = sync_hint(output_dir) if to_wandb else None  # the part trained is worth a look

@@ -113,6 +113,15 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0"),
     ("train", ["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0"),
     ("train", ["trainer.limit_val_batches=-1"], "trainer.limit_val_batches=-1"),
+    # fractions that leave no batch: Lightning's traceback (the test's after training)
+    *(
+        (
+            "train",
+            [f"trainer.limit_{stage}_batches=0.0001"],
+            f"trainer.limit_{stage}_batches=0.0001 of ",
+        )
+        for stage in ("train", "val", "test")
+    ),  # fmt: skip
     ("train", ["trainer.num_sanity_val_steps=-2"], "trainer.num_sanity_val_steps=-2"),
     ("train", ["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0"),
     ("train", ["trainer.deterministic=maybe"], "trainer.deterministic='maybe'"),

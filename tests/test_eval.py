@@ -118,6 +118,13 @@ def test_data_keys_without_data_change_the_checkpoints_own_data(
     typo = make_cfg([f"ckpt_path={run.ckpt}", "+data_overrides.max_eval_seqs=3"], "eval")
     with pytest.raises(ConfigError, match="did you mean data.max_eval_sequences"):
         evaluate(typo)
+    # (Lightning's traceback: "You requested to check 0.0001 of the `test_dataloader` …")
+    none = make_cfg([f"ckpt_path={run.ckpt}", "limit_test_batches=0.0001"], "eval")
+    with pytest.raises(ConfigError) as refused:
+        evaluate(none)
+    assert str(refused.value) == (
+        "limit_test_batches=0.0001 of 6 batches is none: give at least 0.167, or a count of batches"
+    )
 
 
 def test_eval_tests_in_the_runs_precision(make_cfg, tmp_path) -> None:
