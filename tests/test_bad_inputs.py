@@ -113,6 +113,11 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0"),
     ("train", ["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0"),
     ("train", ["trainer.limit_val_batches=-1"], "trainer.limit_val_batches=-1"),
+    (  # (it trained on the files alone, silently)
+        "train",
+        ["data.files={f}/*.txt", "data.dataset={f}"],
+        "data.files='{f}/*.txt' and data.dataset='{f}' both name the text: give one of them",
+    ),
     # fractions that leave no batch: Lightning's traceback (the test's after training)
     *(
         (

@@ -96,6 +96,11 @@ class TextDataModule(L.LightningDataModule):
         check_text_options(
             tokenizer, bpe_vocab_size, seq_len, batch_size, max_documents, max_eval_sequences
         )
+        if files is not None and dataset is not None:  # (the dataset was left unread)
+            raise ValueError(
+                f"data.files={files!r} and data.dataset={dataset!r} both name the text: give "
+                "one of them"
+            )
         if files is not None and not matched_files(files):
             folder = isinstance(files, str) and Path(files).expanduser().is_dir()
             hint = (
