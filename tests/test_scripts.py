@@ -119,6 +119,10 @@ def test_retro_report_compares_neighbours_padding_and_plain(
     assert set(rows) == {"RETRO, neighbours", padding, shuffled, "plain decoder"}
     with_nb, padded = rows["RETRO, neighbours"], rows[padding]
     assert with_nb["loss"] != padded["loss"]  # the neighbours reach the decoder
+    for row, run in (("RETRO, neighbours", "retro"), ("plain decoder", "plain")):
+        # the batches each run validated (debug=tiny: 2), as its summary above the table says
+        logged = report["runs"][run]["metrics"]["val/loss"]
+        assert rows[row]["loss"] == pytest.approx(logged, rel=1e-5), row
     assert all(r["bpb"] > 0 for r in rows.values())
     buckets = report["split_by_quality"]  # the gain split by neighbour quality
     assert [b["min_shared"] for b in buckets] == [0, 8, 32]

@@ -28,16 +28,19 @@ one bar per model); runs go under `outputs/retro_report/<time>/`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from advarch.benchmarks.timing import tiny_overrides, too_small
 from advarch.checkpoint import load_with_config
@@ -83,11 +86,20 @@ def chunk_quality(batch: dict[str, torch.Tensor], m: int, pad_id: int) -> np.nda
     return longest_shared_run(true, found).reshape(b, num)
 
 
+def runs_batch_count(cfg: Any, split: str, batches: int) -> int:
+    """How many of a split's `batches` the run scored: its `trainer.limit_<split>_batches`
+    (a count, or a fraction as Lightning rounds it down)."""
+    limit = OmegaConf.select(cfg, f"trainer.limit_{split}_batches")
+    if limit is None:
+        return batches
+    return min(batches, limit if isinstance(limit, int) else int(batches * limit))
+
+
 @torch.no_grad()
 def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """Per mode: token-weighted loss, accuracy, bits per byte and, for text, each chunk's bits
     and bytes (`chunk_bits`, `chunk_bytes`: a quality bucket pools them), with the chunks'
-    neighbour quality."""
+    neighbour quality; over the batches the run scored (`runs_batch_count`)."""
     from advarch.pipeline import build_all
 
     state, cfg = load_with_config(ckpt)
@@ -106,7 +118,7 @@ def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[s
     chunk_bytes: list[torch.Tensor] = []
     scored_bytes = 0.0
     quality: list[np.ndarray] = []
-    batches = list(loader)
+    batches = list(itertools.islice(loader, runs_batch_count(cfg, split, len(loader))))
     others = _neighbours_of_others(batches) if "shuffled" in modes else None
     for batch in batches:
         labels = batch["labels"].masked_fill(batch["labels"] == spec.pad_id, -100)
