@@ -3,14 +3,16 @@
 Every entry point that reads a checkpoint (training's resume and `ckpt_path=auto`, eval,
 generation, merging, the finetune base and its delta) goes through `read_checkpoint` (its
 file checks, `checkpoint_file`, also run alone before torch is imported), so a missing, empty,
-truncated or foreign file is always one line naming the file and the key the user set, never
-a torch traceback.
+truncated, damaged or foreign file is always one line naming the file and the key the user
+set, never a torch traceback nor weights read wrong (torch does not check the archive's
+checksums: `check_checksums` does, once per file version).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +72,7 @@ def read_checkpoint(
     file = checkpoint_file(path, key)
     where = _named(path, key)
     size = file.stat().st_size
+    check_checksums(file, where)
     try:
         # weights_only=False: hyper_parameters hold (trusted, our own) Python objects
         ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
@@ -93,6 +96,29 @@ def read_checkpoint(
             "(<run>/checkpoints/last.ckpt)"
         )
     return dict(ckpt)
+
+
+_CHECKED: set[tuple[str, int, int]] = set()  # (file, size, mtime) whose checksums match
+
+
+def check_checksums(file: Path, where: str) -> None:
+    """Every record of a `torch.save` zip archive against its CRC-32 (bytes changed on disk
+    or in a copy load silently as wrong weights otherwise). Read once per file version."""
+    stat = file.stat()
+    version = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if version in _CHECKED or not zipfile.is_zipfile(file):
+        return  # (not a zip: the pickle format of old torch, without checksums)
+    try:
+        with zipfile.ZipFile(file) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise CheckpointError(f"{where} is damaged ({err})") from err
+    if damaged is not None:
+        raise CheckpointError(
+            f"{where} is damaged: its record {damaged} does not match its checksum (changed on "
+            "disk or in a copy); use another checkpoint"
+        )
+    _CHECKED.add(version)
 
 
 def checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path") -> Path:

@@ -76,6 +76,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["ckpt_path={f}/empty.ckpt"], "empty.ckpt"),
     ("train", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),
     ("train", ["ckpt_path={f}/truncated.ckpt"], "truncated.ckpt"),
+    ("train", ["ckpt_path={f}/damaged.ckpt"], "damaged.ckpt' is damaged: its record"),
     ("train", ["ckpt_path={f}"], "is a folder"),
     ("train", ["ckpt_path={f}/list.ckpt"], "list.ckpt"),
     ("train", ["ckpt_path={f}/nostate.ckpt"], "nostate.ckpt"),
@@ -506,6 +507,11 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval", ["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt'"),
     ("eval", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),
     ("eval", ["ckpt_path={f}/truncated.ckpt"], "truncated.ckpt"),
+    (  # (torch read the changed bytes as weights, silently)
+        "eval",
+        ["ckpt_path={f}/damaged.ckpt"],
+        "damaged.ckpt' is damaged: its record ok/data/0 does not match its checksum",
+    ),
     ("eval", ["ckpt_path={f}/nostate.ckpt"], "nostate.ckpt"),
     ("eval", ["ckpt_path={f}"], "is a folder"),
     # a text file, wherever a checkpoint goes: torch's "Memo value not found at index 101",
@@ -555,6 +561,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (f / "garbage.ckpt").write_bytes(os.urandom(2048))
     torch.save({"state_dict": {"model.w": torch.zeros(64, 64)}}, f / "ok.ckpt")
     (f / "truncated.ckpt").write_bytes((f / "ok.ckpt").read_bytes()[:3000])
+    damaged = bytearray((f / "ok.ckpt").read_bytes())  # whole, but bytes of a tensor changed
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 8] = b"\xff" * 8
+    (f / "damaged.ckpt").write_bytes(damaged)
     torch.save([1, 2, 3], f / "list.ckpt")
     for mixer in ("attn", "ssm"):  # models of two architectures
         cfg = {"model": {"_target_": "advarch.models.Model", "layers": [mixer]}}

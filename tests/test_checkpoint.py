@@ -42,6 +42,30 @@ def test_broken_files_name_the_key_and_the_file(tmp_path: Path) -> None:
     assert read_checkpoint(good)["global_step"] == 3
 
 
+def test_a_checkpoint_whose_bytes_changed_is_refused_and_auto_takes_an_older_one(
+    tmp_path: Path,
+) -> None:
+    # torch reads a whole archive whose tensor bytes changed (a disk or copy error) as weights
+    weights = torch.arange(4096, dtype=torch.float32)
+    old, new = tmp_path / "old.ckpt", tmp_path / "new.ckpt"
+    torch.save({"state_dict": {"model.w": weights}, "global_step": 5}, old)
+    torch.save({"state_dict": {"model.w": weights}, "global_step": 9}, new)
+    data = bytearray(new.read_bytes())
+    at = data.find(weights[2000:2002].numpy().tobytes())
+    data[at : at + 8] = bytes(8)
+    new.write_bytes(data)
+    assert not torch.load(new)["state_dict"]["model.w"].equal(weights)  # read silently
+    with pytest.raises(CheckpointError) as refused:
+        read_checkpoint(new)
+    assert str(refused.value) == (
+        f"ckpt_path='{new}' is damaged: its record new/data/0 does not match its checksum "
+        "(changed on disk or in a copy); use another checkpoint"
+    )
+    os.utime(old, (1, 1))
+    path, ckpt, skipped, _ = newest_readable([old, new])
+    assert path == old and ckpt["global_step"] == 5 and "is damaged" in skipped[0]
+
+
 def test_newest_readable_skips_broken_newer_files(tmp_path: Path) -> None:
     old, new = tmp_path / "old.ckpt", tmp_path / "new.ckpt"
     torch.save({"state_dict": {}, "global_step": 5, "epoch": 1}, old)
