@@ -526,7 +526,8 @@ class RetrievalDatabase:
         out[aligned] = self._train_grid_ids(starts[aligned], num_chunks)
         ids = out.reshape(-1, self.num_neighbours)  # (S·L, K), a view
         chunk_starts = (starts[:, None] + np.arange(num_chunks) * c).reshape(-1)
-        informed_end = np.maximum(np.repeat(starts + length, num_chunks), chunk_starts + 2 * c)
+        # (the sequence's last position predicts the token after it: one more)
+        informed_end = np.maximum(np.repeat(starts + length + 1, num_chunks), chunk_starts + 2 * c)
         excluded = self._stream_docs(chunk_starts, np.minimum(informed_end, len(self.tokens)))
         got = np.where(ids >= 0, self.chunk_doc[ids], -1)  # (S·L, K)
         leaks = ((got[:, :, None] == excluded[:, None, :]) & (got[:, :, None] >= 0)).any((1, 2))

@@ -93,12 +93,12 @@ def test_ivf_and_hnsw_agree_with_flat(corpus):
 
 def _assert_no_leak(db, starts, length, ids):
     """No neighbour's document appears in its query chunk, the chunk after it, or the rest
-    of its sequence."""
+    of its sequence (and the token its last position predicts)."""
     c, n = db.chunk_size, len(db.tokens)
     for s, seq_ids in zip(starts, ids, strict=True):
         for u, chunk_ids in enumerate(seq_ids):
             a = s + u * c
-            forbidden = set(db.doc_ids[a : min(max(a + 2 * c, s + length), n)].tolist())
+            forbidden = set(db.doc_ids[a : min(max(a + 2 * c, s + length + 1), n)].tolist())
             got = {int(db.chunk_doc[i]) for i in chunk_ids if i >= 0}
             assert not got & forbidden, (s, u, got & forbidden)
 
