@@ -103,14 +103,25 @@ _CHECKED: set[tuple[str, int, int]] = set()  # (file, size, mtime) whose checksu
 
 def check_checksums(file: Path, where: str) -> None:
     """Every record of a `torch.save` zip archive against its CRC-32 (bytes changed on disk
-    or in a copy load silently as wrong weights otherwise). Read once per file version."""
+    or in a copy load silently as wrong weights otherwise). Read once per file version;
+    records saved without one (`torch.serialization.set_crc32_options(False)`: 0) pass."""
     stat = file.stat()
     version = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
     if version in _CHECKED or not zipfile.is_zipfile(file):
         return  # (not a zip: the pickle format of old torch, without checksums)
+    damaged = None
     try:
         with zipfile.ZipFile(file) as archive:
-            damaged = archive.testzip()
+            for record in archive.infolist():
+                if record.CRC == 0 and record.file_size:
+                    continue
+                try:
+                    with archive.open(record) as stream:  # (raises at the end on a mismatch)
+                        while stream.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    damaged = record.filename
+                    break
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise CheckpointError(f"{where} is damaged ({err})") from err
     if damaged is not None:

@@ -232,14 +232,16 @@ def batch_limit_error(err: Exception, prefix: str) -> ConfigError | None:
     return ConfigError(no_batch_line(f"{prefix}limit_{stage}_batches", float(limit), int(batches)))
 
 
-def check_batch_fractions(trainer_cfg: DictConfig, datamodule: Any) -> None:
+def check_batch_fractions(cfg: DictConfig, datamodule: Any) -> None:
     """A fraction of the training, validation or test batches that leaves none, refused
     before training starts (Lightning finds it as it starts, validates or tests, the run
-    folder written). Loaders that cannot be built yet (they need the trainer) are left to
-    `batch_limit_error`."""
+    folder written), for the stages the run has (`train`, `test`). Loaders that cannot be
+    built yet (they need the trainer) are left to `batch_limit_error`."""
     from lightning.fabric.utilities.data import has_len
 
-    for stage in ("train", "val", "test"):
+    stages = ["train", "val"] if cfg.get("train", True) else []
+    trainer_cfg = cfg.trainer
+    for stage in [*stages, "test"] if cfg.get("test", True) else stages:
         limit = trainer_cfg.get(f"limit_{stage}_batches")
         if not isinstance(limit, float) or not 0 < limit < 1:
             continue

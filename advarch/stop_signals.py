@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -40,8 +41,11 @@ def _stop(signum: int) -> BaseException:
 
 
 def _on_stop_signal(signum: int, frame: Any) -> None:
-    if PHASE["between_trials"]:
+    if PHASE["between_trials"] and not HELD:  # (a second one acts at once: nothing hangs)
         HELD.append(signum)  # (raised as the next trial starts: `trial_running`)
+        name = signal.Signals(signum).name
+        print(f"{name} received: the sweep stops as its next trial starts (again: at once)",
+              file=sys.stderr)  # fmt: skip
         return
     raise _stop(signum)
 
@@ -54,10 +58,13 @@ def stop_on_signals() -> None:
             signal.signal(signum, _on_stop_signal)
 
 
-def hold_between_trials() -> None:
+def hold_between_trials(hold: bool = True) -> None:
     """From here on (a sweep whose trials run in this process), a stop signal that comes
-    while Hydra prepares the next trial waits for it to start (`trial_running`)."""
-    PHASE["between_trials"] = True
+    while Hydra prepares the next trial waits for it to start (`trial_running`); `hold`
+    False: no longer, and none is held (the sweep is over)."""
+    PHASE["between_trials"] = hold
+    if not hold:
+        HELD.clear()
 
 
 @contextlib.contextmanager
@@ -108,4 +115,4 @@ def signals_held() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if received:
-        raise KeyboardInterrupt if received[0] == signal.SIGINT else Stopped(received[0])
+        raise _stop(received[0])

@@ -28,6 +28,7 @@ from advarch.stop_signals import (
     HELD,
     PHASE,
     Stopped,
+    hold_between_trials,
     signals_held,
     stop_on_signals,
     stopped_line,
@@ -131,7 +132,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     torch.set_float32_matmul_precision("high")
     datamodule, spec, module = build_all(cfg)  # ConfigError on bad input, before any work
     check_monitors(cfg, module)
-    check_batch_fractions(cfg.trainer, datamodule)
+    check_batch_fractions(cfg, datamodule)
 
     config = tracker_config(cfg, module.parameter_counts())
     loggers = build_loggers(cfg, identity or RunIdentity(cfg.run_name), config, ckpt)
@@ -292,6 +293,7 @@ def main() -> None:
     stop_on_signals()
     try:
         hydra_main()
+        ended_as_held = list(HELD)
     except (KeyboardInterrupt, Stopped) as err:  # outside training's handlers (imports, data)
         signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
         from advarch.run_lock import process_rank
@@ -305,8 +307,10 @@ def main() -> None:
             print(stopped_line(signum, sweep), file=sys.stderr)
             requeue(signum)
         sys.exit(128 + signum)
-    if HELD:  # as the sweep's table was written: every trial ran
-        name = signal.Signals(HELD[0]).name
+    finally:
+        hold_between_trials(False)  # (a process may go on: tests, notebooks)
+    if ended_as_held:  # as the sweep's table was written: every trial ran
+        name = signal.Signals(ended_as_held[0]).name
         print(f"{name} received as the sweep ended: its trials all ran", file=sys.stderr)
 
 

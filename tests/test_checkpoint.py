@@ -64,6 +64,13 @@ def test_a_checkpoint_whose_bytes_changed_is_refused_and_auto_takes_an_older_one
     os.utime(old, (1, 1))
     path, ckpt, skipped, _ = newest_readable([old, new])
     assert path == old and ckpt["global_step"] == 5 and "is damaged" in skipped[0]
+    # a file saved without checksums (its records' CRC-32 is 0) is read as torch reads it
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"state_dict": {"model.w": weights}}, unchecked := tmp_path / "no_crc.ckpt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert read_checkpoint(unchecked)["state_dict"]["model.w"].equal(weights)
 
 
 def test_newest_readable_skips_broken_newer_files(tmp_path: Path) -> None:

@@ -209,6 +209,8 @@ class RetrievalDatabase:
         self._prev_ext = np.full(len(self._next_ext), -1)
         self._prev_ext[self.next_chunk[self.next_chunk >= 0]] = np.flatnonzero(self.next_chunk >= 0)
         self.num_query_chunks = len(self.tokens) // chunk_size
+        # where each run of equal doc ids starts in the stream (`_stream_docs`)
+        self._run_starts = np.flatnonzero(np.r_[True, np.diff(self.doc_ids) != 0])
         self.embeddings: np.ndarray | None = None  # (M, d) float32
         # (Q, K) chunk ids, -1 = missing, NOT_SEARCHED = left for the first batch that needs it
         self.train_neighbours: np.ndarray | None = None
@@ -434,8 +436,6 @@ class RetrievalDatabase:
     def _stream_docs(self, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
         """The documents (n, X) of the training stream's tokens [begin, end) per row, -1
         padded: the runs of equal doc ids the range overlaps (few: no per-token window)."""
-        if not hasattr(self, "_run_starts"):  # (built on first use: old pickles lack it)
-            self._run_starts = np.flatnonzero(np.r_[True, np.diff(self.doc_ids) != 0])
         first = np.searchsorted(self._run_starts, begin, side="right") - 1  # (n,)
         last = np.searchsorted(self._run_starts, np.maximum(end, begin + 1) - 1, side="right") - 1
         runs = first[:, None] + np.arange(int((last - first).max(initial=0)) + 1)  # (n, X)

@@ -40,7 +40,7 @@ SPLITS = ("train", "val", "test")
 
 def gate_cosine(gates: torch.Tensor) -> torch.Tensor:
     """Mean pairwise cosine similarity of K gate distributions (K, E) → scalar (1 for K = 1)."""
-    unit = F.normalize(gates.double(), dim=-1)
+    unit = F.normalize(gates.float(), dim=-1)  # (float32: MPS has no float64)
     sim = unit @ unit.T  # (K, K)
     k = gates.shape[0]
     if k == 1:
@@ -182,7 +182,7 @@ class MultiTaskStrategy(BaseStrategy):
         keys = [f"gate/task_{k}" for k in range(self.spec.num_tasks)]
         if split == "train" or keys[0] not in stats:
             return
-        gates = torch.stack([stats[k] for k in keys]).double().flatten() * examples  # (K·E,)
+        gates = torch.stack([stats[k] for k in keys]).float().flatten() * examples  # (K·E,)
         sums = torch.cat([gates, gates.new_tensor([examples])])
         self.gate_sums[split] = self.gate_sums.get(split, 0) + sums
 

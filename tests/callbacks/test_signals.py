@@ -53,7 +53,7 @@ def test_sigterm_while_testing_stops_with_143_and_keeps_the_trained_weights(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_between_sweep_trials_stops_the_sweep_as_the_next_trial_starts(
-    monkeypatch: pytest.MonkeyPatch, signum: int
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], signum: int
 ) -> None:
     # raised inside Hydra as it composed the next trial, it wrote no table and could end in
     # Hydra's own error
@@ -65,7 +65,13 @@ def test_a_signal_between_sweep_trials_stops_the_sweep_as_the_next_trial_starts(
         hold_between_trials()
         os.kill(os.getpid(), signum)  # (Python runs the handler before the next line)
         assert held == [signum]
+        name = signal.Signals(signum).name
+        assert capsys.readouterr().err == (
+            f"{name} received: the sweep stops as its next trial starts (again: at once)\n"
+        )
         stop = KeyboardInterrupt if signum == signal.SIGINT else Stopped
+        with pytest.raises(stop):  # a second one: at once (Hydra may hang there)
+            os.kill(os.getpid(), signum)
         with pytest.raises(stop), trial_running():
             pytest.fail("the trial started")
         assert PHASE["between_trials"]  # (its own stop signals acted at once)
