@@ -259,6 +259,8 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any, ckpt: dic
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
+    from advarch.checkpoint import run_dir_of
+    from advarch.reports.run_folders import wandb_group
     from advarch.strategies.base import count_parameters
     from advarch.tracking import tracker_config, without_anonymous
 
@@ -275,7 +277,7 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any, ckpt: dic
             save_dir=cfg.paths.output_dir,
             offline=True,
             name=f"eval {saved.run_name}",
-            group=str(saved.run_name),
+            group=wandb_group(run_dir_of(Path(cfg.ckpt_path))) or str(saved.run_name),
             job_type="eval",
             tags=[*(saved.get("tags") or []), *run_choice_tags(cfg), "eval"],
             config=config,

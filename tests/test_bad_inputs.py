@@ -865,3 +865,18 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(script: str, args: lis
     assert out.returncode == 1 and "\n" not in line, out.stderr[-3000:]
     assert line.startswith(f"error: cannot write {key}=") and "outputs/" in line, line
     assert line.endswith(f": Not a directory (choose another {key})"), line
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path: Path, capsys) -> None:
+    # hunter 31: a UTF-16 prompt file (Windows editors' "Unicode") ended in
+    # "error: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte":
+    # one line, but it names neither prompt_file nor the file (README: "one line naming
+    # the key"); data.files names its file for the same problem.
+    torch.save({"state_dict": {"model.w": torch.zeros(4, 4)}}, tmp_path / "ok.ckpt")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes("def fib(n):".encode("utf-16"))
+    code, line, text = call_entry(
+        "generate", [f"ckpt_path={tmp_path}/ok.ckpt", f"prompt_file={prompt}"],
+        tmp_path / "runs" / "bad", capsys)  # fmt: skip
+    assert code != 0 and "Traceback" not in text
+    assert "prompt_file" in line and str(prompt) in line, line

@@ -284,3 +284,20 @@ def test_the_unigram_baseline_is_the_runs_training_texts() -> None:
     assert module.objective.unigram_bits.tolist() == [1.0, 2.0, 3.0]
     use_runs_unigram(module, ckpt({}))  # (a checkpoint from before the table)
     assert module.objective.unigram_bits.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_eval_wandb_run_lands_in_the_training_runs_group(project: Project) -> None:
+    # hunter 31: eval.yaml says its W&B run goes to "the training run's group". train.py
+    # groups a run by its experiment (`tracker_group(run_name, experiment)`), a sweep trial by
+    # its sweep; eval.py used `saved.run_name`, so for `experiment=…` runs (whose run_name is
+    # not the experiment's name, e.g. under debug=tiny, fewshot_synthetic-1shot-none,
+    # mmoe_synthetic-mmoe-p1.0) the evaluation sat in a group of its own.
+    from tests.wandb_offline import offline_run
+
+    train = project.run("experiment=mmoe_synthetic", "debug=tiny", "logger=wandb").check()
+    ckpt = train.run_dir / "checkpoints" / "last.ckpt"
+    evaluated = project.run(f"ckpt_path={ckpt}", script="eval.py").check()
+    run, eval_run = offline_run(train.run_dir), offline_run(evaluated.run_dir)
+    assert run["group"] == "mmoe_synthetic"  # (train.py: the experiment's name)
+    assert eval_run["job_type"] == "eval"
+    assert eval_run["group"] == run["group"]

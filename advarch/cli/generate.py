@@ -168,6 +168,7 @@ def _bench_config(name: str, bench_overrides: list[str]) -> DictConfig:
 def _prompt(cfg: DictConfig) -> str:
     from pathlib import Path
 
+    from advarch.data.corpus import decode_utf8
     from advarch.errors import ConfigError
 
     if cfg.prompt_file is None:
@@ -177,7 +178,10 @@ def _prompt(cfg: DictConfig) -> str:
     path = Path(cfg.prompt_file).expanduser()
     if not path.is_file():
         raise ConfigError(f"prompt_file={cfg.prompt_file!r} is not a file")
-    return path.read_text(encoding="utf-8")
+    try:
+        return decode_utf8(path.read_bytes(), "prompt_file", path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 @hydra.main(config_path="pkg://advarch.configs", config_name="generate", version_base="1.3")

@@ -63,12 +63,18 @@ def read_text_file(path: str) -> str:
         raise ValueError(f"data.files: {path} is empty (0 bytes)")
     if b"\x00" in data[:8192]:
         raise ValueError(f"data.files: {path} is a binary file (NUL bytes), not text")
+    return decode_utf8(data, "data.files", path)
+
+
+def decode_utf8(data: bytes, key: str, path: str | Path) -> str:
+    """The bytes of file `path` as UTF-8 text, or a one-line ValueError naming the option `key`,
+    the file and the first byte that is not UTF-8."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         bad = data[err.start : err.start + 4]
         raise ValueError(
-            f"data.files: {path} is not UTF-8: byte offset {err.start} ({bad!r}...)"
+            f"{key}: {path} is not UTF-8: byte offset {err.start} ({bad!r}...)"
         ) from None
 
 

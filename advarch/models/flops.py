@@ -8,8 +8,10 @@ for sliding-window attention). MoE experts count only the K of E a token is rout
 for a soft mixture); embedding lookups are free, a tied output head counts once as a matmul.
 RETRO's neighbour encoder runs on K·R neighbour tokens per chunk of m decoder tokens, so its
 weights (and CCA's keys and values) count K·R/m times per decoder token, with the attention
-of the encoder (over R and over the chunk's m) and of CCA (over K·R). Scans, norms and
-activations are elementwise and left out, as in those papers.
+of the encoder (over R and over the chunk's m) and of CCA (over K·R). Mamba-2's chunked SSD
+is matmuls too (`ssd_chunked`: its multiply-adds per token below, 6 FLOPs each); an MMoE's
+experts, gates and towers are einsums over its weights, plus each gate's mix of the experts.
+Mamba's selective scan, norms and activations are elementwise and left out, as in those papers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from torch import nn
 from advarch.models.blocks.attention import Attention
 from advarch.models.blocks.moe import MoE
 from advarch.models.blocks.sliding_window import SlidingWindowAttention
+from advarch.models.blocks.ssd import Mamba2
+from advarch.models.mmoe import MultiGateMoE
 from advarch.models.model import FeaturePatches
 from advarch.models.retro_lm import RetroAdapter
 
@@ -33,6 +37,26 @@ def _matmul_weights(model: nn.Module) -> float:
         elif isinstance(module, MoE):
             active = 1.0 if module.soft else module.top_k / module.num_experts
             total += module.router.numel() + active * (module.w_in.numel() + module.w_out.numel())
+        elif isinstance(module, MultiGateMoE):  # per example; every expert runs on each
+            gates = [] if module.gate is None else [module.gate]
+            weights = [module.expert_in, *gates, module.tower_in, module.tower_out]
+            total += sum(w.numel() for w in weights)
+            if module.gate is not None:  # each gate's weighted sum of the E experts' H outputs
+                total += module.gate.shape[0] * module.expert_bias.numel()
+    return total
+
+
+def _ssd_multiply_adds(model: nn.Module, seq_len: int) -> float:
+    """Multiply-adds per token of every Mamba-2 layer's chunked SSD at chunks of L = min(chunk,
+    T), c = ⌈T / L⌉ of them: C Bᵀ within a chunk (L·N), its weighted sum of x (E·L), each
+    chunk's state (E·N), the recurrence over the c + 1 chunk states ((c + 1)²·E·N per
+    sequence) and the carried states' share of the outputs (E·N)."""
+    total = 0.0
+    for m in (m for m in model.modules() if isinstance(m, Mamba2)):
+        L = min(m.chunk_size, seq_len)
+        chunks = -(-seq_len // L)
+        E, N = m.inner, m.d_state
+        total += L * N + E * L + 2 * E * N + (chunks + 1) ** 2 * E * N / seq_len
     return total
 
 
@@ -87,4 +111,5 @@ def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
         for m in model.modules()
         if isinstance(m, (Attention, SlidingWindowAttention))
     )
-    return 6 * _matmul_weights(model) + attention + _retrieval_attention(model)
+    matmuls = _matmul_weights(model) + _ssd_multiply_adds(model, seq_len)
+    return 6 * matmuls + attention + _retrieval_attention(model)

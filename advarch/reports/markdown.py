@@ -42,8 +42,8 @@ from advarch.reports.run_folders import (
     task_boundaries,
     trial_error,
     unfinished,
+    wandb_group,
 )
-from advarch.tracking import tracker_group
 
 
 @dataclass
@@ -294,8 +294,9 @@ def sweep_report(folder: Path) -> Report:
         direction = sweep_direction(metric)
     results_path = folder / "optimization_results.yaml"
     optuna = read_file(results_path, yaml.safe_load)
+    finished = [n for n in runs if not errors[n]]  # a failed trial's last values are no result
     best = best_run(
-        list(runs), overrides, finals, metric, direction, (optuna or {}).get("best_params")
+        finished, overrides, finals, metric, direction, (optuna or {}).get("best_params")
     )
     varying = sorted(
         {k for o in overrides.values() for k in o}
@@ -404,21 +405,20 @@ def write_report(folder: str | Path, wandb: bool = False) -> Path:
         raise FileNotFoundError(not_reportable(folder))
     path = report.write()
     if wandb:
-        first = folder if is_run(folder) else sweep_runs(folder)[0]
-        run_name = run_setting(first, "run_name", folder.name)
-        experiment = run_setting(first, "hydra.runtime.choices.experiment")
-        group = tracker_group(run_name, experiment, None if is_run(folder) else folder.name)
-        log_to_wandb(report, name=f"report-{folder.name}", group=group)
+        first = folder if is_run(folder) else sweep_runs(folder)[0]  # (a trial: the sweep's)
+        group = wandb_group(first) or folder.name
+        project = run_setting(first, "logger.wandb.project") or "advarch"
+        log_to_wandb(report, name=f"report-{folder.name}", group=group, project=project)
     return path
 
 
-def log_to_wandb(report: Report, name: str, group: str) -> Path:
+def log_to_wandb(report: Report, name: str, group: str, project: str = "advarch") -> Path:
     """Log the report's images and final metrics to an offline W&B run in `<report>/wandb`,
-    in the W&B group of the runs it reports on (a sweep's: its trials' group)."""
+    in the W&B project and group of the runs it reports on (a sweep's: its trials' group)."""
     import wandb
 
     run = wandb.init(  # its own run even when the calling process has one open (a notebook)
-        mode="offline", dir=str(report.folder), project="advarch", name=name, group=group,
+        mode="offline", dir=str(report.folder), project=project, name=name, group=group,
         job_type="report", config=report.config, reinit="create_new",
         settings=wandb.Settings(quiet=True, silent=True),
     )  # fmt: skip

@@ -17,6 +17,7 @@ import yaml
 
 from advarch.console_summary import SUMMARY_FILE
 from advarch.reasons import short_reason
+from advarch.tracking import tracker_group
 
 log = logging.getLogger("advarch")
 RESULT_FILE = "result.json"  # a sweep trial's outcome, written by `advarch.sweeps`
@@ -170,6 +171,17 @@ def run_overrides(run_dir: Path) -> list[str]:
     """The run's command-line overrides (`.hydra/overrides.yaml`), as written."""
     overrides = read_file(run_dir / ".hydra" / "overrides.yaml", yaml.safe_load)
     return [str(o) for o in overrides] if isinstance(overrides, list) else []
+
+
+def wandb_group(run_dir: Path) -> str | None:
+    """The W&B group train.py gave the run in `run_dir` (the user's `logger.wandb.group`, else
+    its sweep's, experiment's or run name's: `tracker_group`); None where no run name is kept."""
+    run_name = run_setting(run_dir, "run_name")
+    if run_name is None:
+        return None
+    sweep = run_dir.parent.name if run_setting(run_dir, "hydra.mode") == "MULTIRUN" else None
+    experiment = run_setting(run_dir, "hydra.runtime.choices.experiment")
+    return run_setting(run_dir, "logger.wandb.group") or tracker_group(run_name, experiment, sweep)
 
 
 def run_setting(run_dir: Path, key: str, default: str | None = None) -> str | None:

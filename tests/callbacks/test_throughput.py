@@ -10,7 +10,10 @@ from torch import nn
 from advarch.callbacks.throughput import ThroughputCallback, batch_counts
 from advarch.console_summary import throughput_line
 from advarch.models.blocks.moe import MoE
+from advarch.models.blocks.ssd import Mamba2
 from advarch.models.flops import training_flops_per_token
+from advarch.models.mmoe import MultiGateMoE
+from advarch.spec import DataSpec
 from advarch.train import run
 from tests.conftest import SMALL_TEXT
 
@@ -62,6 +65,37 @@ def test_moe_flops_count_only_routed_experts() -> None:
     assert training_flops_per_token(moe, 10) == 6 * dense_equivalent
     soft = MoE(16, 32, num_experts=8, soft=True)
     assert training_flops_per_token(soft, 10) == 6 * (16 * 8 + 8 * (16 * 32 + 32 * 16))
+
+
+def counted_training_flops(module: nn.Module, *inputs: torch.Tensor) -> float:
+    """Matmul FLOPs of one forward and backward as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = module(*(x.requires_grad_() for x in inputs))
+        (out if isinstance(out, torch.Tensor) else out.logits).sum().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize(("seq_len", "chunk"), [(128, 32), (96, 96)])
+def test_mamba2_flops_count_its_chunked_matmuls(seq_len: int, chunk: int) -> None:
+    # Mamba-2's SSD is matmuls (C Bᵀ, its weighted sum, states): left out, its MFU read about
+    # a third low beside attention's (hunter 31)
+    block = Mamba2(32, d_state=16, head_dim=16, chunk_size=chunk, d_conv=4).double()
+    x = torch.randn(2, seq_len, 32, dtype=torch.float64)
+    counted = counted_training_flops(block, x) / (2 * seq_len)
+    conv = 6 * block.conv.weight.numel()  # (counted as weights; on CPU it runs as addcmul)
+    assert training_flops_per_token(block, seq_len) == pytest.approx(counted + conv, rel=1e-9)
+
+
+@pytest.mark.parametrize("gating", ["per_task", "shared", "none"])
+def test_mmoe_flops_count_experts_gates_and_towers(gating: str) -> None:
+    # an MMoE counted 0 FLOPs (einsums over parameters, no nn.Linear): no MFU (hunter 31)
+    spec = DataSpec(kind="regression", num_features=10, task_names=("a", "b", "c"))
+    model = MultiGateMoE(spec, num_experts=1 if gating == "none" else 4, gating=gating).double()
+    x = torch.randn(5, 10, dtype=torch.float64)
+    counted = counted_training_flops(model, x) / 5  # a token is an example
+    assert training_flops_per_token(model, 1) == pytest.approx(counted, rel=1e-9)
 
 
 def test_summary_line_shows_mfu_when_known() -> None:

@@ -347,3 +347,45 @@ def test_damaged_run_files_are_skipped_with_a_warning_naming_them(tmp_path: Path
     assert "val/loss" in md  # the report of what could be read
     for path in damaged:
         assert f"skipping {path} (" in caplog.text
+
+
+def test_sweep_report_never_marks_a_failed_trial_best(tmp_path: Path) -> None:
+    # hunter 31: a trial that diverged ("training loss is nan": FloatingPointError, result.json
+    # status failed, Optuna/the sweeper were handed the worst value) keeps the val/loss its CSV
+    # logged before diverging. The sweep table (`advarch.sweeps.collect`) ranks failures last;
+    # the report must agree: the best run is the best of the trials that finished (run 1).
+    from advarch.reports.markdown import sweep_report
+
+    sweep = make_sweep(tmp_path)
+    overrides = ["debug=tiny", "optimizer.lr=3e-2", "model.dim=32"]
+    diverged = synthetic_run(sweep / "4", final_val=0.5, overrides=overrides)
+    (diverged / SUMMARY_FILE).unlink()  # it raised: no run summary
+    error = "FloatingPointError: training loss is nan at step 10 (epoch 0)"
+    (diverged / "result.json").write_text(json.dumps(
+        {"overrides": ["optimizer.lr=3e-2"], "status": "failed", "metric": "val/loss",
+         "value": None, "error": error, "metrics": {}}))  # fmt: skip
+    report = sweep_report(sweep)
+    assert report.config["best_run"] == "1"
+    assert "best by `val/loss` (minimize): run **1**." in "\n".join(report.lines)
+
+
+def test_wandb_report_run_goes_to_the_runs_own_project_and_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # hunter 31: a run trained with logger.wandb.project=myproj logger.wandb.group=ablation
+    # lives in W&B project myproj, group ablation (train.py's `wandb_init_fields`: "a value
+    # the user set under logger.wandb wins"); `report.py <run> --wandb` logged the report into
+    # project "advarch" (hard-coded) and the group of its run_name, so it is not beside it.
+    from tests.wandb_offline import finished_records, records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = synthetic_run(tmp_path / "run")
+    logged = {"run_name": "mine", "optimized_metric": "val/loss",
+              "logger": {"wandb": {"project": "myproj", "group": "ablation"}}}  # fmt: skip
+    (run / "csv" / "version_0" / "hparams.yaml").write_text(yaml.safe_dump(logged))
+    write_report(run, wandb=True)
+    finished_records(run / "report")
+    (log,) = (run / "report").glob("wandb/offline-run-*/run-*.wandb")
+    (record,) = [r.run for r in records(log) if r.WhichOneof("record_type") == "run"][:1]
+    assert record.project == "myproj"
+    assert record.run_group == "ablation"
