@@ -4,23 +4,81 @@
 so `python train.py ...` writes the real run folder `outputs/runs/<run_name>/<time>_<id>`
 (real `${unique:}`, real `run_name`), logs CSV + W&B offline (the default logger) and reads
 the tokenised corpus from `outputs/cache`, which points at the test session's shared cache.
-`read_metrics` is the one reader of a run's CSV metrics.
+Its `.venv/bin/python` runs a script in a warm interpreter (`tests.warm_python`): the same
+run, without the seconds of imports. `read_metrics` is the one reader of a run's CSV metrics.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.warm_python import SOCKET_ENV, launcher_source
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent  # the environment running the tests
 # Repository entries a user's clone has besides the code we symlink wholesale.
 SKIP = {".git", ".venv", "outputs", "tests", ".pytest_cache", ".ruff_cache", "__pycache__"}
+INTERPRETER = re.compile(r"python(3(\.\d+)?)?")  # the names .venv/bin/ gives python
+
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# What commands inherit: the session's environment as it starts, not what in-process runs add
+# to it later (Lightning's PL_GLOBAL_SEED, W&B's service socket).
+SESSION_ENV = dict(os.environ)
+
+
+def base_env() -> dict[str, str]:
+    """The environment of every command: the session's, W&B offline, one thread."""
+    env = {**SESSION_ENV, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    return env
+
+
+_WARM_SOCKET: list[str] = []
+
+
+def warm_socket() -> str:
+    """The socket of this test process's warm-python server, started on first use; it ends
+    when this process does (its stdin closes). Until it has imported, commands run cold."""
+    if not _WARM_SOCKET:
+        folder = Path(tempfile.mkdtemp(prefix="advarch-warm-"))
+        env = {k: v for k, v in base_env().items() if k != "PYTHONPATH"}
+        with (folder / "log").open("wb") as log:
+            subprocess.Popen(  # noqa: S603
+                [sys.executable, str(ROOT / "tests" / "warm_python.py"), str(folder / "socket")],
+                env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        launcher = folder / "python"
+        launcher.write_text(launcher_source(sys.executable, str(ROOT / "tests")))
+        launcher.chmod(0o755)
+        _WARM_SOCKET.append(str(folder / "socket"))
+    return _WARM_SOCKET[0]
+
+
+def run_python(
+    args: list[str], cwd: Path, timeout: float = 600, warm: bool = True
+) -> subprocess.CompletedProcess:
+    """`python <script> <args>` from `cwd` outside a project in `base_env()`; `warm=False`: a
+    cold interpreter (its own hash seed: for runs whose equality across processes is tested)."""
+    env = base_env()
+    python = [sys.executable]
+    if warm:
+        env[SOCKET_ENV] = warm_socket()
+        python = [str(Path(env[SOCKET_ENV]).with_name("python"))]
+    return subprocess.run(  # noqa: S603
+        [*python, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @dataclass
@@ -72,24 +130,35 @@ class Project:
         self._make_venv()
 
     def _make_venv(self) -> None:
-        """`.venv` as `make setup` leaves it (installed stamp newer than pyproject.toml)."""
+        """`.venv` as `make setup` leaves it (installed stamp newer than pyproject.toml), its
+        `python` the warm launcher and `activate` pointing at it."""
         venv = self.root / ".venv"
         if venv.exists():
             return
-        venv.mkdir()
-        for name in ("bin", "lib", "pyvenv.cfg"):
+        (venv / "bin").mkdir(parents=True)
+        for entry in (VENV / "bin").iterdir():
+            made = venv / "bin" / entry.name
+            if INTERPRETER.fullmatch(entry.name):
+                made.write_text(launcher_source(sys.executable, str(ROOT / "tests")))
+                made.chmod(0o755)
+            elif entry.name == "activate":
+                made.write_text(entry.read_text().replace(str(VENV), str(venv)))
+            else:
+                made.symlink_to(entry)
+        for name in ("lib", "pyvenv.cfg"):
             (venv / name).symlink_to(VENV / name)
         (venv / ".installed").touch()
 
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+    def env(self, warm: bool = True) -> dict[str, str]:
+        """The command's environment; `warm=False`: a cold interpreter, for tests of the
+        process itself (its start, kill -9, its pid)."""
+        env = base_env()
         env.update(
             PYTHONPATH=str(self.root),  # the clone's own package, as `pip install -e .` gives
-            WANDB_MODE="offline",  # belt and braces: W&B is offline by default anyway
-            OMP_NUM_THREADS="1",
             PATH=f"{self.root / '.venv' / 'bin'}:{env.get('PATH', '')}",
         )
-        env.pop("PYTEST_XDIST_WORKER", None)
+        if warm:
+            env[SOCKET_ENV] = warm_socket()
         return env
 
     def runs(self) -> set[Path]:

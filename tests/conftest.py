@@ -20,12 +20,9 @@ from omegaconf import DictConfig, open_dict
 import advarch.config.resolvers  # noqa: F401
 from advarch.config.compose import compose_run
 from advarch.pipeline import build_all
-from tests.cli import Project
+from tests.cli import Project  # (sets W&B and Hugging Face offline)
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)
 
 # A small slice of the embedded corpus, shared by every test through one cache folder.

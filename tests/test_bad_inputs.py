@@ -10,7 +10,6 @@ scripts (generate, merge), as real subprocesses.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from advarch.data.tokenizer import BPETokenizer, tokenizer_state
+from tests.cli import run_python
 from tests.conftest import ROOT, SMALL_TEXT
 
 TINY = ["debug=tiny", "logger=csv", "callbacks.rich_progress_bar=null", *SMALL_TEXT]
@@ -720,14 +720,7 @@ def test_real_cli_subset(
     extra = TINY if script == "train.py" else []
     if any(a.startswith("data=") for a in args):
         extra = [e for e in extra if e not in SMALL_TEXT]
-    out = subprocess.run(
-        [sys.executable, script, *extra, *args, f"hydra.run.dir={tmp_path}/run"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "WANDB_MODE": "offline"},
-    )
+    out = run_python([script, *extra, *args, f"hydra.run.dir={tmp_path}/run"], cwd=ROOT)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
@@ -859,8 +852,7 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(script: str, args: lis
     # command runs where `outputs` cannot be a folder (as in a read-only working folder)
     (tmp_path / "outputs").write_text("a file where the outputs folder goes")
     args = [a.replace("{f}", str(files)) for a in args]
-    out = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = run_python([str(ROOT / script), *args], cwd=tmp_path)
     line = out.stderr.strip()
     assert out.returncode == 1 and "\n" not in line, out.stderr[-3000:]
     assert line.startswith(f"error: cannot write {key}=") and "outputs/" in line, line

@@ -29,6 +29,7 @@ from advarch.config.compose import CONFIG_DIR
 from advarch.errors import ConfigError
 from advarch.spec import TaskStream
 from advarch.train import run
+from tests.cli import run_python
 from tests.conftest import ROOT, SMALL_TEXT
 from tests.strategies.conftest import FAST
 
@@ -101,15 +102,7 @@ def test_the_table_of_data_facts_matches_the_datamodules(make_cfg) -> None:
 
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,  # a loaded machine; the command itself needs about a second
-    )
+    return run_python([str(ROOT / "train.py"), *args], cwd)
 
 
 @pytest.mark.parametrize(

@@ -5,14 +5,13 @@ and a resume mid-epoch that continues exactly."""
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from advarch.train import run
+from tests.cli import run_python
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -31,20 +30,11 @@ LM = [
 
 
 def train(tmp: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            *LM,
-            f"hydra.run.dir={tmp}/{name}",
-            f"paths.cache_dir={tmp}/cache",
-            *extra,
-        ],
+    return run_python(
+        ["train.py", *LM, f"hydra.run.dir={tmp}/{name}", f"paths.cache_dir={tmp}/cache", *extra],
         cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"},
+        warm=False,  # (each run in a process of its own hash seed, as a resumed run is)
     )
 
 

@@ -8,11 +8,9 @@ checkpointed at every epoch end as the shipped continual experiments are.
 from __future__ import annotations
 
 import csv
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 import torch
 
 from advarch.pipeline import instantiate_dict
-from tests.cli import Project
+from tests.cli import Project, run_python
 from tests.conftest import ROOT
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "advarch" / "configs" / "experiment").glob("*.yaml"))
@@ -56,10 +54,8 @@ STEPS_PER_TASK = 8  # 2 epochs × 4 batches: task boundaries after steps 8 and 1
 
 
 def train(root: Path, name: str, folder: str, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    return subprocess.run(
+    return run_python(
         [
-            sys.executable,
             "train.py",
             *STREAM,
             f"run_name={name}",
@@ -69,10 +65,7 @@ def train(root: Path, name: str, folder: str, *extra: str) -> subprocess.Complet
             *extra,
         ],
         cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
+        warm=False,  # (each run in a process of its own hash seed, as a resumed run is)
     )
 
 
@@ -176,7 +169,7 @@ def test_a_folder_or_checkpoint_in_use_by_a_running_run_is_refused(project: Proj
         ["python", "train.py", "debug=tiny", "run_name=busy", "trainer.max_steps=100000",
          "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=2",
          "+callbacks.idle._target_=tests.helpers.IdleSteps", "+callbacks.idle.seconds=0.5"],
-        cwd=project.root, env=project.env(), stdout=subprocess.DEVNULL,
+        cwd=project.root, env=project.env(warm=False), stdout=subprocess.DEVNULL,  # (its pid)
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

@@ -168,8 +168,13 @@ def test_a_signal_while_starting_is_one_line_and_leaves_no_run_folder(project, d
     # Hydra has made the run folder and its log (train.py's job starts right after, and its
     # imports of torch and Lightning take seconds; a Ctrl-C inside them aborted the process,
     # and a SIGTERM before fit ended it silently with exit code -15)
-    proc = subprocess.Popen(["python", "train.py", "debug=tiny"], cwd=project.root,
-                            env=project.env(), stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        ["python", "train.py", "debug=tiny"],
+        cwd=project.root,
+        env=project.env(warm=False),
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip  (the imports are what it interrupts)
     runs = project.root / "outputs" / "runs"
     deadline = time.monotonic() + 60
     while not list(runs.glob("*/*/train.log")) and time.monotonic() < deadline:

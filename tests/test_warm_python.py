@@ -1,0 +1,79 @@
+"""The CLI tests' warm interpreter (`tests.warm_python`) runs a script as a fresh `python` would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cli import Project, warm_socket
+
+PROBE = """\
+import json, os, sys
+warm = "torch" in sys.modules  # (imported by the server, never by this script)
+print(json.dumps({"warm": warm, "name": __name__, "argv": sys.argv, "path0": sys.path[0],
+                  "cwd": os.getcwd(), "executable": sys.executable, "stdin": sys.stdin.read(),
+                  "probe": os.environ.get("ADVARCH_PROBE"), "pythonpath": sys.path[1]}))
+sys.stderr.write("to stderr\\n")
+sys.exit(int(os.environ.get("ADVARCH_PROBE_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def probe(project: Project) -> Project:
+    (project.root / "probe.py").write_text(PROBE)
+    deadline = time.monotonic() + 120
+    while not Path(warm_socket()).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # (the server imports torch and Lightning before it listens)
+    return project
+
+
+def run_probe(project: Project, *, env: dict[str, str] | None = None) -> tuple[dict, object]:
+    import json
+
+    done = subprocess.run(["python", "probe.py", "a b", "c"], cwd=project.root,
+                          env={**project.env(), "ADVARCH_PROBE": "x", **(env or {})}, input="in",
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return json.loads(done.stdout), done
+
+
+def test_a_script_runs_warm_as_a_fresh_python_would(probe: Project) -> None:
+    seen, done = run_probe(probe)
+    assert seen["warm"] and seen["name"] == "__main__"
+    assert seen["argv"] == ["probe.py", "a b", "c"] and seen["stdin"] == "in"
+    assert seen["path0"] == str(probe.root.resolve()) and seen["cwd"] == str(probe.root)
+    assert seen["pythonpath"] == str(probe.root)  # PYTHONPATH, before site-packages
+    assert seen["executable"] == str(probe.root / ".venv" / "bin" / "python")
+    assert seen["probe"] == "x" and done.stderr == "to stderr\n" and done.returncode == 0
+    _, done = run_probe(probe, env={"ADVARCH_PROBE_EXIT": "3"})
+    assert done.returncode == 3
+
+
+def test_a_variable_read_at_import_time_runs_it_cold(probe: Project) -> None:
+    seen, done = run_probe(probe, env={"OMP_NUM_THREADS": "2"})  # (read as torch loads)
+    assert not seen["warm"] and seen["argv"] == ["probe.py", "a b", "c"] and done.returncode == 0
+
+
+def test_signals_reach_the_script_and_its_death_is_the_launchers(probe: Project) -> None:
+    (probe.root / "wait.py").write_text(
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: sys.exit(7))\n"
+        "print('ready', flush=True)\ntime.sleep(60)\n"
+    )
+    for signum, code in [(signal.SIGUSR1, 7), (signal.SIGTERM, -signal.SIGTERM)]:
+        proc = subprocess.Popen(["python", "wait.py"], cwd=probe.root, env=probe.env(),
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == code
+
+
+def test_an_uncaught_exception_prints_its_traceback_and_exits_1(probe: Project) -> None:
+    (probe.root / "fail.py").write_text("import atexit\natexit.register(print, 'atexit')\n1 / 0\n")
+    done = probe.shell("python fail.py")
+    assert done.rc == 1 and done.stderr.rstrip().endswith("ZeroDivisionError: division by zero")
+    assert done.stdout == "atexit\n" and os.path.basename(done.command) == "python fail.py"
