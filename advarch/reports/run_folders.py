@@ -179,7 +179,9 @@ def wandb_group(run_dir: Path) -> str | None:
     run_name = run_setting(run_dir, "run_name")
     if run_name is None:
         return None
-    sweep = run_dir.parent.name if run_setting(run_dir, "hydra.mode") == "MULTIRUN" else None
+    sweep = None
+    if run_setting(run_dir, "hydra.mode") == "MULTIRUN":  # (its trial folder may be nested)
+        sweep = Path(run_setting(run_dir, "hydra.sweep.dir") or run_dir.parent).name
     experiment = run_setting(run_dir, "hydra.runtime.choices.experiment")
     return run_setting(run_dir, "logger.wandb.group") or tracker_group(run_name, experiment, sweep)
 
