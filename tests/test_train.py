@@ -505,6 +505,36 @@ def test_the_best_checkpoint_is_ranked_by_its_own_validation(make_cfg, tmp_path:
     assert "already reached trainer.max_steps=8 (step 8): nothing left to train" in caplog.text
 
 
+def test_a_resume_with_another_checkpoint_cadence_keeps_the_ranked_record(
+    make_cfg, tmp_path: Path, recwarn, caplog
+) -> None:
+    # the record's key held the cadence: resuming with another every_n_train_steps printed
+    # Lightning's "Please add the following callbacks: [RankedCheckpoint{…}]" (tester 29 F4)
+    first = make_cfg(["debug=tiny", "callbacks.model_checkpoint.every_n_train_steps=4",
+                      "trainer.max_steps=4"], output_dir=tmp_path / "a")  # fmt: skip
+    run(first)
+    ckpt = torch.load(Path(first.paths.output_dir) / "checkpoints" / "last.ckpt",
+                      weights_only=False)  # fmt: skip
+    (key,) = [k for k in ckpt["callbacks"] if k.startswith("RankedCheckpoint")]
+    assert key == "RankedCheckpoint{'monitor': 'val/loss', 'mode': 'min'}"
+    keyed_by_cadence = (
+        key[:-1]
+        + ", 'every_n_train_steps': 4, 'every_n_epochs': 0, "
+        + ("'train_time_interval': None}")
+    )  # as checkpoints saved before this change name it
+    ckpt["callbacks"] = {keyed_by_cadence: ckpt["callbacks"][key]}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    for name, extra in [("b", []), ("c", ["callbacks.model_checkpoint.monitor=val/acc",
+                                          "callbacks.model_checkpoint.mode=max"])]:  # fmt: skip
+        resumed = make_cfg(["debug=tiny", "trainer.max_steps=6", f"ckpt_path={tmp_path}/old.ckpt",
+                            *extra], output_dir=tmp_path / name)  # fmt: skip
+        with caplog.at_level("WARNING", logger="advarch"):
+            run(resumed)
+    assert not [w for w in recwarn if "Please add the following callbacks" in str(w.message)]
+    afresh = "the checkpoint ranked its best by val/loss (min); this run ranks by val/acc (max)"
+    assert caplog.text.count(afresh) == 1  # (said for the run that ranks another metric)
+
+
 def test_a_run_ended_by_its_epochs_ranks_its_final_weights(make_cfg, tmp_path: Path) -> None:
     # the last epoch's 3 batches end off the 2-step cadence: its final weights were validated
     # after fit, where no checkpoint callback saw them, and best-2.ckpt stayed "best" though

@@ -34,6 +34,10 @@ def ignore_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
     # validation and test on several processes repeat a few samples: README's DDP section says so
     warnings.filterwarnings("ignore", message=".*Using `DistributedSampler` with the dataloaders.*")
+    # the ranked best-k record under another key: RankedCheckpoint finds it or says it restarts
+    warnings.filterwarnings(
+        "ignore", message=r'.*Please add the following callbacks: \["RankedCheckpoint\{[^"]*\}"\]'
+    )
     # a resumed run writes into a folder of its own, by design: the old folder keeps its best
     warnings.filterwarnings("ignore", message=_LAST)
 

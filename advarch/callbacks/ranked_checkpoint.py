@@ -9,15 +9,22 @@ Here a step-triggered save, or the stop's, writes `last.ckpt` (the resume point)
 ranks the weights at the end of the next validation, which Lightning runs when a stop is asked
 for (`ValidateAtLastStep` asks at the run's last step). Lightning orders checkpoint callbacks
 last, so the others have asked by then.
+
+Its state (the best-k record) is keyed by the metric and direction it ranks, not by the
+cadence: a resume that checkpoints more or less often keeps the record.
 """
 
 from __future__ import annotations
 
+import ast
+import logging
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
+
+log = logging.getLogger("advarch")
 
 
 class RankedCheckpoint(ModelCheckpoint):
@@ -26,6 +33,33 @@ class RankedCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rank_at_validation = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:  # fmt: skip
+        """Find this record in a checkpoint that keyed it with its cadence (saved before the
+        key left it out); say so where the checkpoint ranked another metric or direction."""
+        states = checkpoint.get("callbacks") or {}
+        name = type(self).__qualname__
+        saved = {k: ast.literal_eval(k[len(name) :]) for k in states
+                 if isinstance(k, str) and k.startswith(name + "{")}  # fmt: skip
+        if self.state_key in states or not saved:
+            return
+        wanted = (self.monitor, self.mode)
+        same = [k for k, v in saved.items() if (v.get("monitor"), v.get("mode")) == wanted]
+        if same:
+            states[self.state_key] = states[same[0]]
+            return
+        before = next(iter(saved.values()))
+        if before.get("monitor") is not None and self.monitor is not None:
+            log.warning(
+                "the checkpoint ranked its best by %s (%s); this run ranks by %s (%s): its "
+                "best checkpoints start afresh",
+                before["monitor"], before.get("mode"), self.monitor, self.mode,
+            )  # fmt: skip
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:  # fmt: skip
