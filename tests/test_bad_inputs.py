@@ -171,6 +171,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["data.files={f}/jsonl/*"], "bad.jsonl:3"),
     ("train", ["data.files={f}/latin1/*"], "latin1.txt is not UTF-8: byte offset 3"),
     ("train", ["data.files={f}/binary/*"], "noise.txt is a binary file"),
+    ("train", ["data.files={f}/utf16/*"], "utf16.txt is UTF-16 text (its byte-order mark): save"),
     ("train", ["data.files={f}/empty/*"], "empty.txt is empty"),  # (nothing but empty files)
     (
         "train",
@@ -592,6 +593,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("jsonl_field", "nofield.jsonl", b'{"body": "a"}\n'),
         ("latin1", "latin1.txt", "caf\u00e9 ol\u00e9".encode("latin-1")),
         ("binary", "noise.txt", b"\x00\x01" + os.urandom(1000)),
+        ("utf16", "utf16.txt", 'Windows\' "Unicode" text'.encode("utf-16")),  # (NUL bytes too)
         ("empty", "empty.txt", b""),
     ):
         (f / folder).mkdir()
@@ -871,4 +873,5 @@ def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path: Path, capsys) -> None
         "generate", [f"ckpt_path={tmp_path}/ok.ckpt", f"prompt_file={prompt}"],
         tmp_path / "runs" / "bad", capsys)  # fmt: skip
     assert code != 0 and "Traceback" not in text
-    assert "prompt_file" in line and str(prompt) in line, line
+    said = f"prompt_file: {prompt} is UTF-16 text (its byte-order mark): save it as UTF-8"
+    assert line == f"error: {said}", line

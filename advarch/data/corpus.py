@@ -56,19 +56,24 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")  # the byte-order marks UTF-16 text starts with
+
+
 def read_text_file(path: str) -> str:
     """A UTF-8 text file; one-line ValueErrors name an empty, binary or non-UTF-8 file."""
     data = Path(path).read_bytes()
     if not data:
         raise ValueError(f"data.files: {path} is empty (0 bytes)")
-    if b"\x00" in data[:8192]:
+    if b"\x00" in data[:8192] and not data.startswith(UTF16_MARKS):
         raise ValueError(f"data.files: {path} is a binary file (NUL bytes), not text")
     return decode_utf8(data, "data.files", path)
 
 
 def decode_utf8(data: bytes, key: str, path: str | Path) -> str:
     """The bytes of file `path` as UTF-8 text, or a one-line ValueError naming the option `key`,
-    the file and the first byte that is not UTF-8."""
+    the file and the first byte that is not UTF-8 (or that it is UTF-16)."""
+    if data.startswith(UTF16_MARKS):
+        raise ValueError(f"{key}: {path} is UTF-16 text (its byte-order mark): save it as UTF-8")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
