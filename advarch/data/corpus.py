@@ -45,6 +45,12 @@ def matched_files(pattern: str) -> list[str]:
                   if os.path.isfile(p))  # fmt: skip
 
 
+def broken_links(pattern: str) -> list[str]:
+    """The links a `data.files` glob matches whose target is gone (not in `matched_files`)."""
+    return sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                  if os.path.islink(p) and not os.path.exists(p))  # fmt: skip
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True if the Hugging Face Hub answers and offline mode is not forced."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":

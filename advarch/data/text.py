@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from advarch.data.corpus import (
     SPLITS,
+    broken_links,
     cut_documents,
     cut_note,
     matched_files,
@@ -103,9 +104,12 @@ class TextDataModule(L.LightningDataModule):
             )
         if files is not None and not matched_files(files):
             folder = isinstance(files, str) and Path(files).expanduser().is_dir()
+            broken = broken_links(files)
             hint = (
                 f"; it is a folder: its files are data.files='{files.rstrip('/')}/*'"
                 if folder
+                else f" but {len(broken)} broken link(s), e.g. {_link(broken[0])}"
+                if broken
                 else ""
             )
             raise FileNotFoundError(f"data.files={files!r} matches no file{hint}")
@@ -132,6 +136,9 @@ class TextDataModule(L.LightningDataModule):
     def _documents(self) -> tuple[list[str], list[str]]:
         """(names, texts) of every document of the source."""
         if self.files is not None:
+            if broken := broken_links(self.files):
+                log.info("data.files: left out %d broken link(s), e.g. %s", len(broken),
+                         _link(broken[0]))  # fmt: skip
             return file_documents(matched_files(self.files), self.text_field)
         if self.local_dataset is not None:
             return saved_documents(self.local_dataset, self.dataset_name, self.text_field)
@@ -280,3 +287,8 @@ class TextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self._prepare()
         return self._loader(self._eval_subset("test"), False, "test")
+
+
+def _link(path: str) -> str:
+    """`path → its missing target`, for the one-line notes on broken links."""
+    return f"{path} → {os.readlink(path)}"

@@ -243,6 +243,25 @@ def test_empty_files_are_left_out_in_one_line(caplog) -> None:
     assert "data.files: left out 1 empty file(s), e.g. " in caplog.text
 
 
+def test_broken_links_are_said_not_dropped_silently(tmp_path: Path, caplog) -> None:
+    # a glob's links to moved files were left out without a word (tester 29 F7)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (src / name).write_text(" ".join(WORDS) * 20)
+    (src / "gone.txt").symlink_to(tmp_path / "moved.txt")
+    with caplog.at_level(logging.INFO, logger="advarch"):
+        docs = docs_of(str(src / "*"), tmp_path)
+    assert sorted(sum(docs.values(), [])) == [str(src / n) for n in ("a.txt", "b.txt", "c.txt")]
+    assert f"data.files: left out 1 broken link(s), e.g. {src}/gone.txt → {tmp_path}/moved.txt" in (
+        caplog.text
+    )
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (src / name).unlink()
+    with pytest.raises(FileNotFoundError, match=r"matches no file but 1 broken link\(s\), e\.g\."):
+        docs_of(str(src / "*"), tmp_path)
+
+
 def test_csv_cells_are_text_as_typed_and_a_json_object_is_a_document() -> None:
     # a table reader guessed types: an all-number column was ints
     from advarch.data.sources import file_documents
