@@ -302,6 +302,12 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["model.dim=[1,"], "'[1,'"),
     # a key the config does not have: the nearest one, not Hydra's advice to append it
     ("train", ["model.dimm=64"], "model.dimm is not a key of model (did you mean model.dim?"),
+    # … or the options that have it (tester 29 F7)
+    (
+        "train",
+        ["strategy.ewc_lambda=10"],
+        "strategy.ewc_lambda is not a key of strategy (strategy=ewc has it; keys: aux_loss_weight)",
+    ),
     # … in a sweep too, each swept config (Hydra: four lines and advice to append it)
     (
         "train",
@@ -311,8 +317,8 @@ ROWS: list[tuple[str, list[str], str]] = [
     (
         "train",
         ["-m", "optimizer=adam,sgd", "optimizer.betas=[0.9,0.95]"],
-        "optimizer.betas is not a key of optimizer (keys: lr, momentum, nesterov, weight_decay) — "
-        "in the sweep's trials with optimizer=sgd",
+        "optimizer.betas is not a key of optimizer (optimizer=adam or optimizer=adamw have it; "
+        "keys: lr, momentum, nesterov, weight_decay) — in the sweep's trials with optimizer=sgd",
     ),
     (
         "train",

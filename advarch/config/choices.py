@@ -525,9 +525,20 @@ def unknown_key(parent: str, leaf: str, node: Iterable, owner: str | None = None
     nested = [f"{k}.{leaf}" for k in keys if isinstance(raw.get(k), dict) and leaf in raw[k]]
     close = nested or difflib.get_close_matches(leaf, keys, n=1)  # model.moe.top_k for top_k
     hint = f"did you mean {prefix}{close[0]}? " if close else ""
+    if not close and (having := _options_with(parent, leaf)):  # strategy=ewc for ewc_lambda
+        verb = "has" if len(having) == 1 else "have"
+        hint = f"{' or '.join(f'{parent}={o}' for o in having)} {verb} it; "
     return ConfigError(
         f"{prefix}{leaf} is not a key of {owner or parent} ({hint}keys: {', '.join(keys)})"
     )
+
+
+def _options_with(group: str, key: str) -> list[str]:
+    """The packaged options of config group `group` that have the top-level `key`."""
+    if group not in _packaged_groups():
+        return []
+    options = sorted(p.stem for p in (PACKAGE_CONFIGS / group).glob("*.yaml"))
+    return [o for o in options if key in packaged_config(group, o)]
 
 
 def _compose_or_unknown_key(
