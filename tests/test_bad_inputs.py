@@ -302,6 +302,14 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["model.dim=[1,"], "'[1,'"),
     # a key the config does not have: the nearest one, not Hydra's advice to append it
     ("train", ["model.dimm=64"], "model.dimm is not a key of model (did you mean model.dim?"),
+    # a mapping where a list goes, or the reverse: Hydra's five lines (tester 29 F7)
+    (
+        "train",
+        ["data=selective_copying", "model=ssm", "data.curriculum={seq_len: 64, steps: 10}"],
+        "data.curriculum={seq_len: 64, steps: 10}: data.curriculum holds a list, and this gives a "
+        "mapping",
+    ),
+    ("train", ["model.moe=[1,2]"], "model.moe=[1,2]: model.moe holds a mapping, and this gives a"),
     # … or the options that have it (tester 29 F7)
     (
         "train",

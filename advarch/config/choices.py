@@ -24,6 +24,7 @@ from typing import Any
 
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigTypeError
 
 from advarch.config.combinations import PACKAGE_CONFIGS, packaged_config
 from advarch.config.compose import check_yaml, compose_packaged, pattern_entries
@@ -551,5 +552,19 @@ def _compose_or_unknown_key(
     except ConfigCompositionException as err:
         found = re.match(r"Could not override '([^']+)'", str(err))
         if found is None:
-            raise
+            mismatched = _mismatched_shape(err)
+            if mismatched is None:
+                raise
+            raise mismatched from None
         return None, found.group(1)
+
+
+def _mismatched_shape(err: ConfigCompositionException) -> ConfigError | None:
+    """`key=value` giving a mapping where the config holds a list, or the reverse (Hydra's
+    five lines: "Cannot merge DictConfig with ListConfig"), in one line; None for others."""
+    cause = err.__cause__
+    if not isinstance(cause, ConfigTypeError) or not str(cause).startswith("Cannot merge"):
+        return None
+    override = str(err).removeprefix("Error merging override ")
+    holds, given = ("a list", "a mapping") if cause.object_type is list else ("a mapping", "a list")
+    return ConfigError(f"{override}: {cause.full_key} holds {holds}, and this gives {given}")
