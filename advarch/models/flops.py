@@ -4,8 +4,10 @@ The usual count (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B): a
 in one multiply-add per token costs 2 FLOPs forward and 4 backward, so training spends
 6 · P FLOPs per token on P matmul weights, plus 12 · D · ctx per token for each attention
 layer's scores and weighted values (ctx = keys a query sees: T for full attention, the window
-for sliding-window attention). MoE experts count only the K of E a token is routed to (all E
-for a soft mixture); embedding lookups are free, a tied output head counts once as a matmul.
+for sliding-window attention, the source's T for a seq2seq decoder's cross-attention; a
+seq2seq model's tokens are its source's, as many as its targets' in the shipped tasks). MoE
+experts count only the K of E a token is routed to (all E for a soft mixture); embedding
+lookups are free, a tied output head counts once as a matmul.
 RETRO's neighbour encoder runs on K·R neighbour tokens per chunk of m decoder tokens, so its
 weights (and CCA's keys and values) count K·R/m times per decoder token, with the attention
 of the encoder (over R and over the chunk's m) and of CCA (over K·R). Mamba-2's chunked SSD
@@ -88,13 +90,12 @@ def _retrieval_attention(model: nn.Module) -> float:
 
 
 def _attention_context(module: nn.Module, seq_len: int) -> int:
-    """Keys each query attends (0 for modules that are not self-attention)."""
+    """Keys each query attends: its window, else the sequence (a seq2seq decoder's
+    cross-attention: the source, whose tokens are the ones counted)."""
     if isinstance(module, SlidingWindowAttention):
         w = module.window if module.causal else 2 * (module.window // 2) + 1
         return min(w, seq_len)
-    if isinstance(module, Attention) and not module.cross:
-        return seq_len
-    return 0  # cross-attention (its memory is short) and everything else
+    return seq_len
 
 
 def feature_tokens(model: nn.Module) -> int:
@@ -106,10 +107,11 @@ def feature_tokens(model: nn.Module) -> int:
 
 def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Forward + backward FLOPs per token at sequence length ``seq_len``."""
+    retro = {id(m) for a in model.modules() if isinstance(a, RetroAdapter) for m in a.modules()}
     attention = sum(
         12 * m.num_heads * m.head_dim * _attention_context(m, seq_len)
         for m in model.modules()
-        if isinstance(m, (Attention, SlidingWindowAttention))
-    )
+        if isinstance(m, (Attention, SlidingWindowAttention)) and id(m) not in retro
+    )  # (RETRO's: `_retrieval_attention`)
     matmuls = _matmul_weights(model) + _ssd_multiply_adds(model, seq_len)
     return 6 * matmuls + attention + _retrieval_attention(model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 import pytest
 import torch
@@ -67,12 +69,12 @@ def test_moe_flops_count_only_routed_experts() -> None:
     assert training_flops_per_token(soft, 10) == 6 * (16 * 8 + 8 * (16 * 32 + 32 * 16))
 
 
-def counted_training_flops(module: nn.Module, *inputs: torch.Tensor) -> float:
+def counted_training_flops(module: Callable, *inputs: torch.Tensor) -> float:
     """Matmul FLOPs of one forward and backward as torch's FlopCounterMode counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        out = module(*(x.requires_grad_() for x in inputs))
+        out = module(*(x.requires_grad_() if x.is_floating_point() else x for x in inputs))
         (out if isinstance(out, torch.Tensor) else out.logits).sum().backward()
     return counter.get_total_flops()
 
@@ -96,6 +98,22 @@ def test_mmoe_flops_count_experts_gates_and_towers(gating: str) -> None:
     x = torch.randn(5, 10, dtype=torch.float64)
     counted = counted_training_flops(model, x) / 5  # a token is an example
     assert training_flops_per_token(model, 1) == pytest.approx(counted, rel=1e-9)
+
+
+def test_seq2seq_flops_count_the_decoders_cross_attention() -> None:
+    # cross-attention counted 0 FLOPs ("its memory is short"): a seq2seq decoder's attends the
+    # whole source, as much as its self-attention (hunter 31)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from advarch.models.model import Model
+
+    spec = DataSpec(kind="seq2seq", vocab_size=20, seq_len=12, target_vocab_size=20,
+                    target_len=12, pad_id=19, bos_id=18)  # fmt: skip
+    model = Model(spec, dim=16, depth=2, num_heads=2).double()
+    source, target = torch.randint(0, 18, (2, 12)), torch.randint(0, 18, (2, 12))
+    with sdpa_kernel(SDPBackend.MATH):  # (attention as matmuls, which the counter counts)
+        counted = counted_training_flops(lambda x: model(x, decoder_input_ids=target), source)
+    assert training_flops_per_token(model, 12) == pytest.approx(counted / source.numel())
 
 
 def test_summary_line_shows_mfu_when_known() -> None:
