@@ -277,7 +277,7 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any, ckpt: dic
             save_dir=cfg.paths.output_dir,
             offline=True,
             name=f"eval {saved.run_name}",
-            group=wandb_group(run_dir_of(Path(cfg.ckpt_path))) or str(saved.run_name),
+            group=wandb_group(run_dir_of(Path(cfg.ckpt_path).expanduser())) or str(saved.run_name),
             job_type="eval",
             tags=[*(saved.get("tags") or []), *run_choice_tags(cfg), "eval"],
             config=config,

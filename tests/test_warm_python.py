@@ -15,9 +15,11 @@ from tests.cli import Project, warm_socket
 PROBE = """\
 import json, os, sys
 warm = "torch" in sys.modules  # (imported by the server, never by this script)
+seed = sys.modules["torch"].initial_seed() if warm else None
 print(json.dumps({"warm": warm, "name": __name__, "argv": sys.argv, "path0": sys.path[0],
                   "cwd": os.getcwd(), "executable": sys.executable, "stdin": sys.stdin.read(),
-                  "probe": os.environ.get("ADVARCH_PROBE"), "pythonpath": sys.path[1]}))
+                  "probe": os.environ.get("ADVARCH_PROBE"), "pythonpath": sys.path[1],
+                  "file": __file__, "seed": seed}))
 sys.stderr.write("to stderr\\n")
 sys.exit(int(os.environ.get("ADVARCH_PROBE_EXIT", "0")))
 """
@@ -49,8 +51,24 @@ def test_a_script_runs_warm_as_a_fresh_python_would(probe: Project) -> None:
     assert seen["pythonpath"] == str(probe.root)  # PYTHONPATH, before site-packages
     assert seen["executable"] == str(probe.root / ".venv" / "bin" / "python")
     assert seen["probe"] == "x" and done.stderr == "to stderr\n" and done.returncode == 0
-    _, done = run_probe(probe, env={"ADVARCH_PROBE_EXIT": "3"})
+    assert seen["file"] == str(probe.root / "probe.py")  # absolute, as python makes it
+    again, done = run_probe(probe, env={"ADVARCH_PROBE_EXIT": "3"})
     assert done.returncode == 3
+    assert again["seed"] != seen["seed"]  # torch seeded afresh, as in a new process (review 31)
+
+
+def test_a_spawned_process_finds_the_script_from_its_own_folder(probe: Project) -> None:
+    # multiprocessing's spawn re-imports __main__ from the folder python started in: it was
+    # the server's, and a DDP worker ran another copy of train.py (review 31)
+    (probe.root / "spawn.py").write_text(
+        "import multiprocessing as mp\n"
+        "def square(x):\n    return x * x\n"
+        "if __name__ == '__main__':\n"
+        "    with mp.get_context('spawn').Pool(1) as pool:\n"
+        "        print(pool.map(square, [3]))\n"
+    )
+    done = probe.shell("python spawn.py")
+    assert done.rc == 0 and done.stdout == "[9]\n", done.output
 
 
 def test_a_variable_read_at_import_time_runs_it_cold(probe: Project) -> None:
@@ -76,4 +94,5 @@ def test_an_uncaught_exception_prints_its_traceback_and_exits_1(probe: Project) 
     (probe.root / "fail.py").write_text("import atexit\natexit.register(print, 'atexit')\n1 / 0\n")
     done = probe.shell("python fail.py")
     assert done.rc == 1 and done.stderr.rstrip().endswith("ZeroDivisionError: division by zero")
+    assert done.stderr.count('  File "') == 1  # the script's frame alone, as python shows it
     assert done.stdout == "atexit\n" and os.path.basename(done.command) == "python fail.py"

@@ -10,14 +10,18 @@ signals it gets to that child and exits as the child did.
 
 What a fork cannot reproduce runs in a cold interpreter (`exec` of the real python): flags
 instead of a script path, an environment that differs in a variable libraries read as they are
-imported (`differs`), no server. Tests that time the process's own start or kill it with -9
-ask for a cold one (`Project.env(warm=False)`): a killed launcher cannot pass the kill on.
+imported (`differs`), no server. A fork shares the server's hash seed (torch, numpy and
+`random` are reseeded), its umask, limits and niceness, and gets no descriptor above 2; the
+script's pid is not the launcher's. So tests of the process itself (signals while it imports,
+its pid) and of equality between runs in separate processes ask for a cold interpreter
+(`Project.env(warm=False)`, `run_python(warm=False)`).
 
 The launcher runs under `python -IS`, so this module imports nothing beyond the standard library.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -99,7 +103,11 @@ def _run_warm(path: str, args: list[str]) -> int | None:
     held: list[int] = []  # signals that came before it
 
     def relay(signum: int, _frame: object) -> None:
-        os.kill(child[0], signum) if child else held.append(signum)
+        if not child:
+            held.append(signum)
+            return
+        with contextlib.suppress(ProcessLookupError):  # (it has just ended)
+            os.kill(child[0], signum)
 
     for signum in RELAYED:
         signal.signal(signum, relay)
@@ -198,9 +206,11 @@ def _run(request: dict, fds: list[int], imports_set: dict[str, str], base_path: 
     """Become `python <args>` started in the request's folder, environment and streams, with
     the variables the preloaded imports set, as they would have set them."""
     import atexit
+    import builtins
     import importlib
-    import runpy
+    import importlib.machinery
     import threading
+    import types
 
     for signum in RELAYED + (signal.SIGCHLD,):
         signal.signal(signum, signal.SIG_DFL)
@@ -208,7 +218,7 @@ def _run(request: dict, fds: list[int], imports_set: dict[str, str], base_path: 
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
-    _reopen_stdio()
+    _stdio_as_python_sets_it()
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update({**request["env"], **imports_set})
@@ -222,19 +232,29 @@ def _run(request: dict, fds: list[int], imports_set: dict[str, str], base_path: 
     sys.executable = request["executable"]
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()  # (a fresh process seeds from the OS)
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()  # (so does torch's default generator)
+    if "multiprocessing.process" in sys.modules:  # (spawn finds __main__ from it)
+        sys.modules["multiprocessing.process"].ORIGINAL_DIR = os.getcwd()
+    path = os.path.abspath(script)  # (python's __main__.__file__, its code's file name)
+    main = types.ModuleType("__main__")
+    loader = importlib.machinery.SourceFileLoader("__main__", path)
+    main.__dict__.update(__file__=path, __cached__=None, __builtins__=builtins, __loader__=loader)
+    sys.modules["__main__"] = main
     code = 0
     try:
-        runpy.run_path(script, run_name="__main__")
+        with open(path, "rb") as f:
+            source = f.read()
+        exec(compile(source, path, "exec", dont_inherit=True), main.__dict__)
     except SystemExit as stop:
         code = _exit_code(stop.code)
-    except KeyboardInterrupt:
-        sys.excepthook(*sys.exc_info())
-        code = -signal.SIGINT
-    except BaseException:  # noqa: BLE001  (python prints it and exits 1)
-        sys.excepthook(*sys.exc_info())
-        code = 1
-    threading._shutdown()  # as the interpreter ends: threads, then atexit, then the streams
+    except BaseException as err:  # noqa: BLE001  (python prints it and exits 1, or by SIGINT)
+        err.with_traceback(err.__traceback__.tb_next)  # (from the script's frame, as python)
+        sys.excepthook(type(err), err, err.__traceback__)
+        code = -signal.SIGINT if isinstance(err, KeyboardInterrupt) else 1
+    threading._shutdown()  # as the interpreter ends: threads, atexit, the script's objects
     atexit._run_exitfuncs()
+    main.__dict__.clear()  # (a file it left open is flushed as it is freed)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -256,33 +276,13 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-_SERVER_STREAMS = []  # the server's own stdio objects: never closed (they wrap fds 0-2)
-
-
-def _reopen_stdio() -> None:
-    """New `sys.stdin/stdout/stderr` on fds 0-2, configured as python configures them at
-    start: the server's encodings and `-u`; line-buffered where a terminal or stderr."""
-    import io
-
-    _SERVER_STREAMS.extend((sys.stdin, sys.stdout, sys.stderr))
-    unbuffered = isinstance(sys.stdout.buffer, io.FileIO)  # python -u / PYTHONUNBUFFERED
-    made = []
-    for fd, old in enumerate((sys.stdin, sys.stdout, sys.stderr)):
-        mode = "rb" if fd == 0 else "wb"
-        raw = unbuffered and fd > 0
-        buffer = io.FileIO(fd, mode, closefd=False) if raw else open(fd, mode, closefd=False)  # noqa: SIM115
-        made.append(
-            io.TextIOWrapper(
-                buffer,
-                encoding=old.encoding,
-                errors=old.errors,
-                newline="\n",
-                line_buffering=fd > 0 and not raw and (os.isatty(fd) or fd == 2),
-                write_through=raw,
-            )  # fmt: skip
-        )
-    sys.stdin, sys.stdout, sys.stderr = made
-    sys.__stdin__, sys.__stdout__, sys.__stderr__ = made
+def _stdio_as_python_sets_it() -> None:
+    """The server's own stdio objects, now on the request's fds 0-2 (kept, not replaced:
+    imports bound logging handlers and W&B's console capture to them), line-buffered where
+    python would make them so: a terminal, or stderr (not under `python -u`)."""
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        if not stream.write_through:
+            stream.reconfigure(line_buffering=os.isatty(fd) or fd == 2)
 
 
 if __name__ == "__main__":

@@ -40,25 +40,24 @@ def _matmul_weights(model: nn.Module) -> float:
             active = 1.0 if module.soft else module.top_k / module.num_experts
             total += module.router.numel() + active * (module.w_in.numel() + module.w_out.numel())
         elif isinstance(module, MultiGateMoE):  # per example; every expert runs on each
-            gates = [] if module.gate is None else [module.gate]
-            weights = [module.expert_in, *gates, module.tower_in, module.tower_out]
+            weights = [module.expert_in, module.tower_in, module.tower_out]
             total += sum(w.numel() for w in weights)
-            if module.gate is not None:  # each gate's weighted sum of the E experts' H outputs
-                total += module.gate.shape[0] * module.expert_bias.numel()
+            if module.gate is not None:  # its weights, and each gate's sum of the experts' outputs
+                total += module.gate.numel() + module.gate.shape[0] * module.expert_bias.numel()
     return total
 
 
 def _ssd_multiply_adds(model: nn.Module, seq_len: int) -> float:
     """Multiply-adds per token of every Mamba-2 layer's chunked SSD at chunks of L = min(chunk,
-    T), c = ⌈T / L⌉ of them: C Bᵀ within a chunk (L·N), its weighted sum of x (E·L), each
-    chunk's state (E·N), the recurrence over the c + 1 chunk states ((c + 1)²·E·N per
-    sequence) and the carried states' share of the outputs (E·N)."""
+    T), c = ⌈T / L⌉ of them, inner width I, state N: C Bᵀ within a chunk (L·N), its weighted
+    sum of x (I·L), each chunk's state (I·N), the recurrence over the c + 1 chunk states
+    ((c + 1)²·I·N per sequence) and the carried states' share of the outputs (I·N)."""
     total = 0.0
     for m in (m for m in model.modules() if isinstance(m, Mamba2)):
         L = min(m.chunk_size, seq_len)
         chunks = -(-seq_len // L)
-        E, N = m.inner, m.d_state
-        total += L * N + E * L + 2 * E * N + (chunks + 1) ** 2 * E * N / seq_len
+        inner, N = m.inner, m.d_state
+        total += L * N + inner * L + 2 * inner * N + (chunks + 1) ** 2 * inner * N / seq_len
     return total
 
 

@@ -41,6 +41,7 @@ from advarch.reports.run_folders import (
     sweep_runs,
     task_boundaries,
     trial_error,
+    trial_finished,
     unfinished,
     wandb_group,
 )
@@ -294,7 +295,7 @@ def sweep_report(folder: Path) -> Report:
         direction = sweep_direction(metric)
     results_path = folder / "optimization_results.yaml"
     optuna = read_file(results_path, yaml.safe_load)
-    finished = [n for n in runs if not errors[n]]  # a failed trial's last values are no result
+    finished = [n for n in runs if trial_finished(folder / n)]  # (a stopped one's: no result)
     best = best_run(
         finished, overrides, finals, metric, direction, (optuna or {}).get("best_params")
     )

@@ -167,6 +167,13 @@ def trial_error(run_dir: Path) -> str | None:
     return result.get("error") if failed else None
 
 
+def trial_finished(run_dir: Path) -> bool:
+    """Whether a sweep trial's `result.json` says it finished (status `ok`), as the sweep's
+    table ranks it; a run without one (not a trial) counts as finished."""
+    result = read_file(run_dir / RESULT_FILE, json.loads, {})
+    return not result or isinstance(result, dict) and result.get("status") == "ok"
+
+
 def run_overrides(run_dir: Path) -> list[str]:
     """The run's command-line overrides (`.hydra/overrides.yaml`), as written."""
     overrides = read_file(run_dir / ".hydra" / "overrides.yaml", yaml.safe_load)

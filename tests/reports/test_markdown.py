@@ -367,6 +367,11 @@ def test_sweep_report_never_marks_a_failed_trial_best(tmp_path: Path) -> None:
     report = sweep_report(sweep)
     assert report.config["best_run"] == "1"
     assert "best by `val/loss` (minimize): run **1**." in "\n".join(report.lines)
+    # … nor a trial a signal stopped (its values are not final; the table ranks it last)
+    (diverged / "result.json").write_text(json.dumps(
+        {"overrides": ["optimizer.lr=3e-2"], "status": "interrupted", "metric": "val/loss",
+         "value": None, "metrics": {}}))  # fmt: skip
+    assert sweep_report(sweep).config["best_run"] == "1"
 
 
 def test_wandb_report_run_goes_to_the_runs_own_project_and_group(
