@@ -2,7 +2,7 @@
 # Issue 14's checks on one CUDA GPU, in one go: the GPU benchmark table (scripts/bench.py
 # --device cuda), where the MoE spends its time (--profile: ops, kernel launches, top host and
 # device times), the CUDA tests of the fast paths (FlexAttention sliding window, Triton scan,
-# sync-free MoE, Triton routing), and short compiled bf16 runs of experiment=gpu_lm (dense, then MoE) for MFU.
+# sync-free MoE, Triton routing and row moves), and short compiled bf16 runs of experiment=gpu_lm (dense, then MoE) for MFU.
 # Usage: scripts/gpu_check.sh [OUT_DIR]   (logs in OUT_DIR, default ./gpu_check)
 set -u
 out="${1:-gpu_check}"
@@ -24,9 +24,9 @@ lm=(python3 train.py experiment=gpu_lm trainer.max_steps=60 trainer.val_check_in
     trainer.log_every_n_steps=10 +trainer.limit_val_batches=0 test=false logger=csv
     "paths.cache_dir=$PWD/.cache")
 step 130 lm_dense "${lm[@]}"
-step 80 tests python3 -m pytest -q -p no:cacheprovider tests/models/blocks/test_flex_window.py \
+step 110 tests python3 -m pytest -q -p no:cacheprovider tests/models/blocks/test_flex_window.py \
   tests/models/blocks/test_selective_scan_triton.py tests/models/blocks/test_moe.py \
-  tests/models/blocks/test_moe_routing_triton.py
+  tests/models/blocks/test_moe_routing_triton.py tests/models/blocks/test_moe_permute_triton.py
 step 100 lm_moe "${lm[@]}" model=moe model.ffn_hidden=2048
 for f in bench lm_dense tests lm_moe; do echo "== $f"; tail -n 40 "$out/$f.txt"; done
 echo "== profile (tables in $out/profile.txt)"; grep -h "aten ops" "$out/profile.txt"

@@ -54,3 +54,23 @@ def test_quick_says_its_timings_mean_nothing(monkeypatch, capsys) -> None:
     runpy.run_path(str(ROOT / "scripts" / "bench.py"), run_name="__main__")
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == "--quick: sizes too small for the timings to mean anything (a smoke run)"
+
+
+def test_cuda_quick_does_not_call_full_size_timings_a_smoke_run(monkeypatch, capsys) -> None:
+    # --device cuda ignores --quick (issue 14's sizes always), yet the full-size GPU table was
+    # labelled "sizes too small for the timings to mean anything (a smoke run)"
+    import runpy
+
+    from advarch.benchmarks import gpu
+    from advarch.benchmarks.timing import SMOKE_NOTE, Row
+
+    monkeypatch.setattr(
+        gpu, "run", lambda quick, only: [Row("moe fwd+bwd", "advarch MoE", "16384 tok gelu", 3.84)]
+    )
+    monkeypatch.setattr("sys.argv", ["bench.py", "--device", "cuda", "--quick"])
+    try:
+        runpy.run_path(str(ROOT / "scripts" / "bench.py"), run_name="__main__")
+    except SystemExit as stop:  # refusing --quick on cuda (a usage line) is fine too
+        assert stop.code == 2
+        return
+    assert SMOKE_NOTE not in capsys.readouterr().out

@@ -47,14 +47,20 @@ def band_block_mask(length: int, window: int, causal: bool, device: torch.device
 
 
 def _block_mask(mask_mod: Callable, batch: int | None, length: int, device) -> BlockMask:
-    compile_mask = torch.device(device).type == "cuda"  # no dense T × T mask on the way
-    return create_block_mask(mask_mod, batch, None, length, length, device=device,
-                             _compile=compile_mask)  # fmt: skip
+    """The block mask of `mask_mod`; on CUDA through a compiled builder (no dense T × T mask
+    on the way), itself traced where the model is compiled (one graph, no break per layer)."""
+    build = create_block_mask
+    if torch.device(device).type == "cuda" and not torch.compiler.is_compiling():
+        build = _compiled(create_block_mask)
+    return build(mask_mod, batch, None, length, length, device=device)
 
 
 @functools.cache
-def _compiled_flex() -> Callable[..., Tensor]:
-    return torch.compile(flex_attention, dynamic=False)
+def _compiled(function: Callable) -> Callable:
+    """`function` compiled, for a fixed T as specialised as before; a second T (prompts'
+    prefills) compiles its shapes as symbols, rather than recompiling until Dynamo's limit, past
+    which FlexAttention runs unfused, O(T²) (`dynamic=None`: Dynamo's automatic dynamic)."""
+    return torch.compile(function, dynamic=None)
 
 
 def flex_supported(q: Tensor, dropout: float) -> bool:
@@ -92,6 +98,6 @@ def flex_window_attention(
         keep = None if pad_mask is None else ~pad_mask
         glob = None if global_mask is None else global_mask if keep is None else global_mask & keep
         block_mask = _block_mask(window_mask_mod(window, causal, keep, glob), B, T, q.device)
-    attend = _compiled_flex() if compiled else flex_attention
+    attend = _compiled(flex_attention) if compiled else flex_attention
     out = attend(q, k, v, block_mask=block_mask)
     return out if pad_mask is None else out.masked_fill(pad_mask[:, None, :, None], 0.0)

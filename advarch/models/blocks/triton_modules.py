@@ -2,19 +2,29 @@
 
 Blocks import these lazily so CPU-only installs never import Triton; a module that fails to
 import while Triton is installed raises (a broken kernel must not silently fall back).
+Under `torch.compile` the lookup is one constant, not a graph break in every layer.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
+import sys
 from types import ModuleType
 
+import torch
 
-@functools.cache
+_TRITON = importlib.util.find_spec("triton") is not None  # (found, not imported)
+
+
+@torch.compiler.assume_constant_result
+def triton_installed() -> bool:
+    return _TRITON
+
+
 def triton_module(name: str) -> ModuleType | None:
     """`advarch.models.blocks.<name>`, or None without Triton."""
-    if importlib.util.find_spec("triton") is None:
+    if not triton_installed():
         return None
-    return importlib.import_module(f"advarch.models.blocks.{name}")
+    full = f"advarch.models.blocks.{name}"
+    return sys.modules.get(full) or importlib.import_module(full)

@@ -104,3 +104,52 @@ def test_module_on_cuda_matches_cpu_under_bf16_autocast():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = attn.cuda()(x.cuda())
     assert (out.float().cpu() - ref).norm() / ref.norm() < 2e-2
+
+
+def test_cuda_block_mask_does_not_break_a_compiled_graph(monkeypatch):
+    """Under `model.compile=true` on CUDA each sliding-window layer builds (or looks up) its
+    block mask inside the traced forward (Dynamo traces through the cache), with the
+    options `_block_mask` picks for a CUDA device. That must not break the graph (a break in
+    the layer loop leaves most of the model uncompiled); here the mask is built on the CPU with
+    exactly those options."""
+    from torch._dynamo.testing import CompileCounter
+
+    real = flex_window.create_block_mask
+
+    def built_here(mask_mod, B, H, Q_LEN, KV_LEN, device=None, *args, **kwargs):
+        return real(mask_mod, B, H, Q_LEN, KV_LEN, "cpu", *args, **kwargs)  # CUDA's options
+
+    monkeypatch.setattr(flex_window, "create_block_mask", built_here)
+    band_block_mask.cache_clear()
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        y = x.sin()
+        mask = band_block_mask(x.shape[-1], 8, True, torch.device("cuda"))
+        return y * mask.kv_num_blocks.sum()
+
+    torch._dynamo.reset()
+    graphs = CompileCounter()
+    torch.compile(layer, backend=graphs)(torch.ones(2, 256))
+    band_block_mask.cache_clear()
+    assert graphs.frame_count == 1
+
+
+def test_compiled_flex_keeps_compiling_new_lengths():
+    """Prompts of different lengths (each `prefill`) reach the compiled FlexAttention with a new
+    T each time. Past Dynamo's recompile limit (8 by default; 2 here) a function compiled for
+    static shapes stops compiling and runs eagerly: FlexAttention's unfused implementation,
+    which materialises the (B, H, T, T) scores, the O(T²) memory the window exists to avoid.
+    New lengths must keep the fused kernel (here: no recompile-limit hit over 4 lengths)."""
+    flex_window._compiled.cache_clear()
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+            for T in (20, 21, 22, 23):
+                q, k, v = _qkv(T, seed=T)
+                with torch.no_grad():
+                    out = flex_window_attention(q, k, v, window=4, causal=True)
+                ref = sliding_window_attention_reference(q, k, v, window=4, causal=True)
+                torch.testing.assert_close(out, ref)
+    finally:
+        flex_window._compiled.cache_clear()
+        torch._dynamo.reset()

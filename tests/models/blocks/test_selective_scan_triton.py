@@ -10,12 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from advarch.benchmarks.gpu import SCAN_TILES
 from advarch.models.blocks.ssm import SelectiveSSM, selective_scan, selective_scan_reference
 
 pytest.importorskip("triton")
 triton_scan = pytest.importorskip("advarch.models.blocks.selective_scan_triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LAUNCHED_TILES = (triton_scan.CHUNK, triton_scan.BLOCK_E, triton_scan.NUM_WARPS)  # the defaults
 
 
 @pytest.fixture(autouse=True)
@@ -104,3 +106,46 @@ def test_cuda_block_dispatches_to_triton_and_matches_cpu(monkeypatch):
     x = torch.randn(2, 64, 32)
     ref = block(x)
     torch.testing.assert_close(block.cuda()(x.cuda()).cpu(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_lookup_does_not_break_a_compiled_graph():
+    """On CUDA `selective_scan` looks its kernel module up with `triton_module` inside the
+    model's forward, so under `model.compile=true` that lookup is traced by Dynamo. It must not
+    break the graph: a break in the layer loop leaves most of the model uncompiled (every SSM
+    layer on a GPU). The CPU compile test cannot see this (the CPU branch never looks it up)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from advarch.models.blocks.triton_modules import triton_module
+
+    triton_module("selective_scan_triton")  # cached eagerly first, as after an eager step
+
+    def layer(x: torch.Tensor) -> torch.Tensor:  # ops, then selective_scan's lookup, then ops
+        u = torch.nn.functional.silu(x)
+        module = triton_module("selective_scan_triton")
+        return u * 2 if module is not None else u
+
+    torch._dynamo.reset()
+    graphs = CompileCounter()
+    torch.compile(layer, backend=graphs)(torch.ones(3))
+    assert graphs.frame_count == 1  # one graph; a break makes it 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tiles", [LAUNCHED_TILES, *SCAN_TILES])
+def test_cuda_scan_at_launched_and_swept_tiles(tiles, monkeypatch):
+    """The other tests here run at 8×8 tiles; on a GPU the layout of the reverse associative
+    scan (the adjoint) depends on the tile shape and warps, so check the tiles the block
+    launches and each tile `bench --device cuda` sweeps (and then keeps for its Mamba rows):
+    outputs and every gradient against the reference."""
+    for name, value in zip(("CHUNK", "BLOCK_E", "NUM_WARPS"), tiles, strict=True):
+        monkeypatch.setattr(triton_scan, name, value)
+    ref_in = _inputs(2, 75, 40, 16, seed=7)
+    y = selective_scan_reference(*ref_in)
+    dy = torch.randn_like(y)
+    ref_grads = torch.autograd.grad(y, ref_in, dy)
+    fast_in = [t.detach().float().cuda().requires_grad_() for t in ref_in]
+    out = triton_scan.triton_selective_scan(*fast_in)
+    grads = torch.autograd.grad(out, fast_in, dy.float().cuda())
+    assert _rel(out, y) < 1e-5
+    for name, g, r in zip(("u", "delta", "A", "B", "C", "D", "z"), grads, ref_grads, strict=True):
+        assert _rel(g, r) < 1e-5, name
