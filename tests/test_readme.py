@@ -326,6 +326,6 @@ def run_readme(cmd: str, proj: Project, trained: dict[str, TrainedRun]) -> None:
 def test_readme_command(cmd: str, readme_project: Project, trained: dict[str, TrainedRun]) -> None:
     if cmd.startswith("source "):
         res = readme_project.shell(f"{cmd} && python -c 'import sys; print(sys.prefix)'")
-        assert res.check().stdout.strip().endswith(".venv")
+        assert res.check().stdout.strip() == str(readme_project.root / ".venv")
         return
     run_readme(cmd, readme_project, trained)

@@ -79,7 +79,7 @@ def launch(real_python: str) -> None:
         status = _run_warm(path, args)
         if status is not None:
             _exit_as(status)
-    os.execv(real_python, [real_python, *args])
+    os.execv(real_python, [os.path.abspath(sys.argv[0]), *args])  # (its venv: the project's)
 
 
 def _run_warm(path: str, args: list[str]) -> int | None:
@@ -145,6 +145,7 @@ def _exit_as(status: int) -> None:
 def serve(socket_path: str) -> None:
     """Import PRELOAD, then fork a child for each request on `socket_path`, forever."""
     import importlib
+    import shutil
 
     base_env = dict(os.environ)
     for name in PRELOAD:
@@ -159,6 +160,7 @@ def serve(socket_path: str) -> None:
     while True:
         ready, _, _ = select.select([listener, sys.stdin], [], [])
         if sys.stdin in ready:  # the test process that started it has ended
+            shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)  # (socket, log)
             os._exit(0)
         conn, _ = listener.accept()
         sys.stdout.flush()
