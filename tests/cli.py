@@ -45,6 +45,7 @@ def base_env() -> dict[str, str]:
 
 
 _WARM_SOCKET: list[str] = []
+_WARM_SERVER: list[subprocess.Popen] = []  # (held, so it is never collected while it runs)
 
 
 def warm_socket() -> str:
@@ -54,7 +55,7 @@ def warm_socket() -> str:
         folder = Path(tempfile.mkdtemp(prefix="advarch-warm-"))
         env = {k: v for k, v in base_env().items() if k != "PYTHONPATH"}
         with (folder / "log").open("wb") as log:
-            subprocess.Popen(  # noqa: S603
+            server = subprocess.Popen(  # noqa: S603
                 [sys.executable, str(ROOT / "tests" / "warm_python.py"), str(folder / "socket")],
                 env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -62,6 +63,7 @@ def warm_socket() -> str:
         launcher = folder / "python"
         launcher.write_text(launcher_source(sys.executable, str(ROOT / "tests")))
         launcher.chmod(0o755)
+        _WARM_SERVER.append(server)
         _WARM_SOCKET.append(str(folder / "socket"))
     return _WARM_SOCKET[0]
 

@@ -181,7 +181,10 @@ def _manage(
     (size,) = HEADER.unpack(head)
     data = b""
     while len(data) < size:
-        data += conn.recv(size - len(data))
+        chunk = conn.recv(size - len(data))
+        if not chunk:  # the launcher went away mid-request
+            os._exit(0)
+        data += chunk
     request = json.loads(data)
     if changed := differs(request["env"], base_env):
         print(f"cold: {' '.join(request['args'])}: {', '.join(changed)} differ", flush=True)
