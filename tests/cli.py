@@ -44,6 +44,23 @@ def base_env() -> dict[str, str]:
     return env
 
 
+def make_venv(venv: Path) -> None:
+    """A virtual environment at `venv` over the one running the tests: its `python` the warm
+    launcher, its `activate` pointing at itself, the rest linked."""
+    (venv / "bin").mkdir(parents=True)
+    for entry in (VENV / "bin").iterdir():
+        made = venv / "bin" / entry.name
+        if INTERPRETER.fullmatch(entry.name):
+            made.write_text(launcher_source(sys.executable, str(ROOT / "tests")))
+            made.chmod(0o755)
+        elif entry.name == "activate":
+            made.write_text(entry.read_text().replace(str(VENV), str(venv)))
+        else:
+            made.symlink_to(entry)
+    for name in ("lib", "pyvenv.cfg"):
+        (venv / name).symlink_to(VENV / name)
+
+
 _WARM_SOCKET: list[str] = []
 _WARM_SERVER: list[subprocess.Popen] = []  # (held, so it is never collected while it runs)
 
@@ -60,9 +77,7 @@ def warm_socket() -> str:
                 env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-        launcher = folder / "python"
-        launcher.write_text(launcher_source(sys.executable, str(ROOT / "tests")))
-        launcher.chmod(0o755)
+        make_venv(folder / "venv")  # (its python for `run_python`)
         _WARM_SERVER.append(server)
         _WARM_SOCKET.append(str(folder / "socket"))
     return _WARM_SOCKET[0]
@@ -77,7 +92,7 @@ def run_python(
     python = [sys.executable]
     if warm:
         env[SOCKET_ENV] = warm_socket()
-        python = [str(Path(env[SOCKET_ENV]).with_name("python"))]
+        python = [str(Path(env[SOCKET_ENV]).with_name("venv") / "bin" / "python")]
     return subprocess.run(  # noqa: S603
         [*python, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -132,24 +147,11 @@ class Project:
         self._make_venv()
 
     def _make_venv(self) -> None:
-        """`.venv` as `make setup` leaves it (installed stamp newer than pyproject.toml), its
-        `python` the warm launcher and `activate` pointing at it."""
+        """`.venv` as `make setup` leaves it (installed stamp newer than pyproject.toml)."""
         venv = self.root / ".venv"
-        if venv.exists():
-            return
-        (venv / "bin").mkdir(parents=True)
-        for entry in (VENV / "bin").iterdir():
-            made = venv / "bin" / entry.name
-            if INTERPRETER.fullmatch(entry.name):
-                made.write_text(launcher_source(sys.executable, str(ROOT / "tests")))
-                made.chmod(0o755)
-            elif entry.name == "activate":
-                made.write_text(entry.read_text().replace(str(VENV), str(venv)))
-            else:
-                made.symlink_to(entry)
-        for name in ("lib", "pyvenv.cfg"):
-            (venv / name).symlink_to(VENV / name)
-        (venv / ".installed").touch()
+        if not venv.exists():
+            make_venv(venv)
+            (venv / ".installed").touch()
 
     def env(self, warm: bool = True) -> dict[str, str]:
         """The command's environment; `warm=False`: a cold interpreter, for tests of the

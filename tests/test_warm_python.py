@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import Project, warm_socket
+from tests.cli import Project, base_env, warm_socket
 
 PROBE = """\
 import json, os, sys
@@ -96,3 +96,13 @@ def test_an_uncaught_exception_prints_its_traceback_and_exits_1(probe: Project) 
     assert done.rc == 1 and done.stderr.rstrip().endswith("ZeroDivisionError: division by zero")
     assert done.stderr.count('  File "') == 1  # the script's frame alone, as python shows it
     assert done.stdout == "atexit\n" and os.path.basename(done.command) == "python fail.py"
+
+
+def test_a_cold_fallback_has_the_environments_packages(probe: Project) -> None:
+    # a fallback outside a project (run_python) ran a python without the venv: no torch
+    for python, env in [(Path(warm_socket()).with_name("venv") / "bin" / "python", base_env()),
+                        (probe.root / ".venv" / "bin" / "python", probe.env())]:  # fmt: skip
+        done = subprocess.run([str(python), "-c", "import torch, sys; print(sys.prefix)"],
+                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == str(python.parent.parent)  # (flags: always cold)
