@@ -96,6 +96,14 @@ def test_a_new_run_in_a_folder_holding_another_is_one_line(project) -> None:
     assert (folder / ".hydra" / "config.yaml").read_text() == "the first run's"  # untouched
 
 
+def test_the_readmes_grid_sweep_twice_as_written_gets_two_folders(project) -> None:
+    # by default (no hydra.sweep.dir typed) a rerun is a new sweep beside the first
+    first, second = (project.run("-m", "model.depth=2,4", "debug=tiny").check() for _ in "ab")
+    assert first.sweep_dir != second.sweep_dir
+    for res in (first, second):  # both trials of each finished, in their own sweep's folder
+        assert sorted(p.parent.name for p in res.sweep_dir.glob("*/summary.json")) == ["0", "1"]
+
+
 def test_a_sweep_into_a_folder_holding_one_is_one_line(project) -> None:
     # the README's grid sweep with the folder chosen (README: hydra.sweep.dir=<folder>) twice
     folder = project.root / "grid"
