@@ -535,6 +535,15 @@ def test_a_resume_with_another_checkpoint_cadence_keeps_the_ranked_record(
     assert caplog.text.count(afresh) == 1  # (said for the run that ranks another metric)
 
 
+def test_a_record_key_with_a_time_interval_is_read_not_a_traceback() -> None:
+    # a timedelta's repr is no literal: ast.literal_eval raised as such a run resumed
+    from advarch.callbacks.ranked_checkpoint import _options
+
+    key = ("{'monitor': 'val/loss', 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs':"
+           " None, 'train_time_interval': datetime.timedelta(seconds=60)}")  # fmt: skip
+    assert _options(key) == {"monitor": "val/loss", "mode": "min"}
+
+
 def test_a_run_ended_by_its_epochs_ranks_its_final_weights(make_cfg, tmp_path: Path) -> None:
     # the last epoch's 3 batches end off the 2-step cadence: its final weights were validated
     # after fit, where no checkpoint callback saw them, and best-2.ckpt stayed "best" though

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import re
 from typing import Any
 
 import lightning as L
@@ -44,7 +45,7 @@ class RankedCheckpoint(ModelCheckpoint):
         key left it out); say so where the checkpoint ranked another metric or direction."""
         states = checkpoint.get("callbacks") or {}
         name = type(self).__qualname__
-        saved = {k: ast.literal_eval(k[len(name) :]) for k in states
+        saved = {k: _options(k[len(name) :]) for k in states
                  if isinstance(k, str) and k.startswith(name + "{")}  # fmt: skip
         if self.state_key in states or not saved:
             return
@@ -83,3 +84,12 @@ class RankedCheckpoint(ModelCheckpoint):
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)  # the resume point knows the new best
+
+
+def _options(text: str) -> dict[str, Any]:
+    """The options a state key names (`{'monitor': 'val/loss', …}`); those that are not plain
+    values (a `train_time_interval`'s timedelta) read as absent."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return dict(re.findall(r"'(monitor|mode)': '([^']*)'", text))
