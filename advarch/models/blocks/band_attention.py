@@ -11,8 +11,10 @@ like autograd) and beyond that recomputes them tile by tile, as FlashAttention d
 
 Backward per tile (P the probabilities, M the dropout keep-mask scaled by 1 / (1 − p), O the
 output, dO its gradient): dV = (P∘M)ᵀ dO, dP = (dO Vᵀ)∘M, dS = P∘(dP − rowsum(dO∘O)), dQ = dS K,
-dK = dSᵀ Q (FlashAttention-2, Dao 2023, Alg. 2). Dropout masks are drawn from a generator seeded
-once per call, so the backward pass redraws exactly the forward's masks.
+dK = dSᵀ Q (FlashAttention-2, Dao 2023, Alg. 2). Dropout keep-masks are drawn in the forward from
+the default generator (a seeded run repeats; a compiled model traces them, where a generator of
+its own would break the graph) and kept for the backward as one byte a score, as autograd keeps
+F.dropout's mask.
 
 Shapes: BH batch × heads, T time, Dh head dim, N blocks of b queries, W band keys per block,
 G global keys, h × n the (batch·head, block) extent of a tile.
@@ -53,7 +55,6 @@ class BandLayout:
     key_ok: Tensor  # (B, N, W) False at padding keys and outside 0..T−1
     col_ok: Tensor | None  # (B, N, b, G) global key columns a query sees (outside its band)
     dropout: float
-    seed: int  # of the dropout masks
 
     @classmethod
     def of(
@@ -81,8 +82,7 @@ class BandLayout:
             i = torch.arange(N * b, device=keep.device)[None, :, None]
             outside = ~in_band(i - global_index[:, None], window, causal)  # (B, N·b, G)
             col_ok = (global_valid[:, None] & outside).view(keep.shape[0], N, b, -1)
-        seed = int(torch.randint(2**62, ())) if dropout else 0
-        return cls(window, causal, T, b, lb, rb, heads, key_ok, col_ok, dropout, seed)
+        return cls(window, causal, T, b, lb, rb, heads, key_ok, col_ok, dropout)
 
     @property
     def blocks(self) -> int:
@@ -123,11 +123,13 @@ class BandLayout:
         if self.col_ok is not None:
             scores[..., self.W :].masked_fill_(~self.col_ok[rows, ns], lowest)
 
-    def keep_scale(self, shape: torch.Size, tile: int, device: torch.device) -> Tensor:
-        """Dropout keep-mask of tile number ``tile``, scaled by 1 / (1 − p); the same every draw."""
-        gen = torch.Generator(device).manual_seed(self.seed + tile)
-        keep = torch.rand(shape, generator=gen, device=device) >= self.dropout
-        return keep / (1 - self.dropout)
+    def keep_mask(self, scores: Tensor) -> Tensor:
+        """A fresh dropout keep-mask (bool) of a tile's scores."""
+        return torch.rand(scores.shape, device=scores.device) >= self.dropout
+
+    def dropped(self, p: Tensor, keep: Tensor) -> Tensor:
+        """Probabilities (or their gradients) after dropout: kept ones scaled by 1 / (1 − p)."""
+        return p * keep / (1 - self.dropout)
 
 
 def _probs(layout: BandLayout, q: Tensor, k: Tensor, kg: Tensor | None, hs: slice,
@@ -154,19 +156,21 @@ class BandAttention(torch.autograd.Function):
         out = q.new_empty(BH, N, b, Dh)
         keep = any(ctx.needs_input_grad) and layout.score_bytes(BH, G) <= KEEP_BYTES
         kept = [] if keep else None  # probabilities for the backward, if not recomputed there
-        for tile, (hs, ns) in enumerate(layout.tiles(BH, G)):
+        masks = []  # dropout keep-masks, one a tile
+        for hs, ns in layout.tiles(BH, G):
             p = _probs(layout, qb[hs, ns], kw[hs, ns], None if kg is None else kg[hs], hs, ns)
             if kept is not None:
                 kept.append(p)
             if layout.dropout:
-                p = p * layout.keep_scale(p.shape, tile, p.device)
+                masks.append(layout.keep_mask(p))
+                p = layout.dropped(p, masks[-1])
             p = p.to(v.dtype)
             o = p[..., :W] @ vw[hs, ns]
             out[hs, ns] = o if not G else o + p[..., W:] @ vg[hs, None]
         dev = q.device.type
         ctx.autocast = dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev)
         ctx.layout, ctx.kept = layout, kept
-        ctx.save_for_backward(qb, k, v, kg, vg, out)
+        ctx.save_for_backward(qb, k, v, kg, vg, out, *masks)
         return out.view(BH, N * b, Dh)[:, :T]
 
     @staticmethod
@@ -174,11 +178,12 @@ class BandAttention(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         with torch.autocast(*ctx.autocast):  # recompute the probabilities as the forward did
             kept, ctx.kept = ctx.kept, None
-            return BandAttention._grads(ctx.layout, kept, grad, *ctx.saved_tensors)
+            qb, k, v, kg, vg, out, *masks = ctx.saved_tensors
+            return BandAttention._grads(ctx.layout, kept, masks, grad, qb, k, v, kg, vg, out)
 
     @staticmethod
-    def _grads(layout: BandLayout, kept: list[Tensor] | None, grad: Tensor, qb: Tensor,
-               k: Tensor, v: Tensor, kg: Tensor | None, vg: Tensor | None,
+    def _grads(layout: BandLayout, kept: list[Tensor] | None, masks: list[Tensor], grad: Tensor,
+               qb: Tensor, k: Tensor, v: Tensor, kg: Tensor | None, vg: Tensor | None,
                out: Tensor) -> tuple[Tensor | None, ...]:  # fmt: skip
         BH, N, b, Dh = qb.shape
         T, W, G, S = layout.T, layout.W, 0 if kg is None else kg.shape[1], layout.lb + 1 + layout.rb
@@ -198,9 +203,7 @@ class BandAttention(torch.autograd.Function):
                 dp = torch.cat([dp, go_t @ vg[hs, None].transpose(-1, -2)], dim=-1)
             dp, p_dropped = dp.to(acc), p
             if layout.dropout:
-                keep = layout.keep_scale(p.shape, tile, p.device)
-                p_dropped = p * keep
-                dp.mul_(keep)
+                p_dropped, dp = layout.dropped(p, masks[tile]), layout.dropped(dp, masks[tile])
             p_dropped = p_dropped.to(v.dtype)
             ds = dp.sub_(delta[hs, ns]).mul_(p).to(q_t.dtype)
             dq_t = ds[..., :W] @ k_t

@@ -232,3 +232,27 @@ def test_global_tokens_rejected_when_causal():
         )
     with pytest.raises(ValueError, match="model.swa.causal=true"):
         SlidingWindowAttention(16, 2, causal=False).init_state(1, "cpu", torch.float32)
+
+
+def test_compiled_dropout_is_one_graph_and_exact():
+    """`model.compile=true` keeps a model in one graph (tests/models/test_compile.py; a break in
+    the layer loop leaves most of it uncompiled). With attention dropout the blocked path runs on
+    CUDA too (FlexAttention has none): its keep-masks come from the default generator, so the
+    compiled forward and backward are one graph and equal eager under the same seed."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    attn = SlidingWindowAttention(32, 4, window=8, dropout=0.3).double()
+    x = torch.randn(2, 21, 32, dtype=F64, requires_grad=True)
+
+    def run(module):
+        torch.manual_seed(1)
+        y = module(x)
+        return y, *torch.autograd.grad(y.square().sum(), x)
+
+    torch._dynamo.reset()
+    graphs = CompileCounterWithBackend("aot_eager")
+    compiled = run(torch.compile(attn, backend=graphs))
+    assert graphs.frame_count == 1
+    for got, want in zip(compiled, run(attn), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
