@@ -19,6 +19,10 @@ dΔu = Σ_n g B, dB = Σ_e g Δu, dC = Σ_e h dy, d log a = g (h_t − b_t) (= g
 dΔ = dΔu · u + Σ_n d log a · A, dA = Σ_t d log a · Δ. dB and dC sum over channel blocks with
 atomic adds; dA is summed over time in the program and over batches by torch.
 
+Element offsets are int32 where every offset fits (the faster address arithmetic) and int64
+past 2³¹ (`_offsets_fit_int32`): the saved chunk-start states alone have B·T·E·N / CHUNK
+elements.
+
 Shapes: B batch, T time, E channels, N state size (padded to a power of two on chip).
 Import only where Triton is installed; tests run it on CPU with ``TRITON_INTERPRET=1``.
 """
@@ -50,13 +54,23 @@ def _chunk_states(u, dt, A, Bt, h0):
 
 
 @triton.jit
+def _program(WIDE: tl.constexpr):
+    """(batch, channel block) of this program; int64 when offsets need it, so all index
+    arithmetic that starts from them is int64."""
+    pid_b, pid_e = tl.program_id(0), tl.program_id(1)
+    if WIDE:
+        pid_b, pid_e = pid_b.to(tl.int64), pid_e.to(tl.int64)
+    return pid_b, pid_e
+
+
+@triton.jit
 def _fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, hs_ptr, last_ptr,
     T, E, N, n_chunks,
     SAVE: tl.constexpr, LAST: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    pid_b, pid_e = tl.program_id(0), tl.program_id(1)
+    pid_b, pid_e = _program(WIDE)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
     rows = tl.arange(0, CHUNK)
@@ -89,9 +103,9 @@ def _bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, hs_ptr,
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr,
     T, E, N, n_chunks,
-    CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    pid_b, pid_e = tl.program_id(0), tl.program_id(1)
+    pid_b, pid_e = _program(WIDE)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
     rows = tl.arange(0, CHUNK)
@@ -133,10 +147,20 @@ def _bwd_kernel(
     tl.store(dA_ptr + (pid_b * E + e[:, None]) * N + n[None, :], dA, mask=en_ok)
 
 
-def _launch_shape(u: torch.Tensor, A: torch.Tensor) -> tuple[tuple[int, int], int, int]:
+def _offsets_fit_int32(Bsz: int, n_chunks: int, E: int, block_n: int) -> bool:
+    """Whether every element offset the kernels form, masked lanes included, is below 2³¹:
+    rows·E of the (B, T, E) tensors (one row ahead), rows·N of B and C, chunk starts·E·N."""
+    rows, e_pad = Bsz * (n_chunks + 1) * CHUNK, triton.cdiv(E, BLOCK_E) * BLOCK_E
+    largest = max(rows * e_pad, rows * block_n, Bsz * (n_chunks + 1) * e_pad * block_n)
+    return largest < 2**31
+
+
+def _launch_shape(u: torch.Tensor, A: torch.Tensor) -> tuple[tuple[int, int], int, int, bool]:
+    """Grid, chunks, padded state size and whether offsets need int64."""
     Bsz, T, E = u.shape
     grid = (Bsz, triton.cdiv(E, BLOCK_E))
-    return grid, triton.cdiv(T, CHUNK), triton.next_power_of_2(A.shape[1])
+    n_chunks, block_n = triton.cdiv(T, CHUNK), triton.next_power_of_2(A.shape[1])
+    return grid, n_chunks, block_n, not _offsets_fit_int32(Bsz, n_chunks, E, block_n)
 
 
 class _TritonScanFn(torch.autograd.Function):
@@ -147,14 +171,14 @@ class _TritonScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, last):
         Bsz, T, E = u.shape
         N = A.shape[1]
-        grid, n_chunks, block_n = _launch_shape(u, A)
+        grid, n_chunks, block_n, wide = _launch_shape(u, A)
         save = torch.is_grad_enabled() or any(ctx.needs_input_grad)
         y = torch.empty(Bsz, T, E, device=u.device, dtype=torch.float32)
         hs = torch.empty(Bsz, n_chunks if save else 1, E, N, device=u.device, dtype=torch.float32)
         h_last = torch.zeros(Bsz, E, N, device=u.device, dtype=torch.float32) if last else hs
         _fwd_kernel[grid](
             u, delta, A, B, C, y, hs, h_last, T, E, N, n_chunks,
-            SAVE=save, LAST=last, CHUNK=CHUNK, BLOCK_E=BLOCK_E, BLOCK_N=block_n,
+            SAVE=save, LAST=last, CHUNK=CHUNK, BLOCK_E=BLOCK_E, BLOCK_N=block_n, WIDE=wide,
             num_warps=NUM_WARPS,
         )  # fmt: skip
         ctx.save_for_backward(u, delta, A, B, C, hs)
@@ -166,7 +190,7 @@ class _TritonScanFn(torch.autograd.Function):
         u, delta, A, B, C, hs = ctx.saved_tensors
         Bsz, T, E = u.shape
         N = A.shape[1]
-        grid, n_chunks, block_n = _launch_shape(u, A)
+        grid, n_chunks, block_n, wide = _launch_shape(u, A)
         du = torch.empty(Bsz, T, E, device=u.device, dtype=torch.float32)
         ddelta = torch.empty_like(du)
         dA = torch.empty(Bsz, E, N, device=u.device, dtype=torch.float32)
@@ -174,7 +198,7 @@ class _TritonScanFn(torch.autograd.Function):
         dC = torch.zeros_like(dB)
         _bwd_kernel[grid](
             u, delta, A, B, C, dy.contiguous(), hs, du, ddelta, dA, dB, dC, T, E, N, n_chunks,
-            CHUNK=CHUNK, BLOCK_E=BLOCK_E, BLOCK_N=block_n, num_warps=NUM_WARPS,
+            CHUNK=CHUNK, BLOCK_E=BLOCK_E, BLOCK_N=block_n, WIDE=wide, num_warps=NUM_WARPS,
         )  # fmt: skip
         grads = (du, ddelta, dA.sum(0), dB, dC)
         return *(g.to(x.dtype) for g, x in zip(grads, (u, delta, A, B, C), strict=True)), None
