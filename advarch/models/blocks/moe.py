@@ -225,13 +225,14 @@ class MoE(nn.Module):
         return y, aux_loss, stats
 
     def _allowed(self, expert_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
-        """Expand an (E,) or (B, E) mask to (N, E) tokens; reject rows allowing < K experts."""
+        """Expand an (E,) or (B, E) mask to (N, E) tokens; reject rows allowing < K experts
+        (in eager mode: a value test is a branch on data, which breaks a compiled graph)."""
         if expert_mask is None:
             return None
         E, need = self.num_experts, 1 if self.soft else self.top_k
         if expert_mask.dtype != torch.bool or expert_mask.shape not in ((E,), (B, E)):
             raise ValueError(f"expert_mask must be bool of shape ({E},) or ({B}, {E})")
-        if (expert_mask.sum(-1) < need).any():
+        if not torch.compiler.is_compiling() and (expert_mask.sum(-1) < need).any():
             raise ValueError(f"expert_mask allows fewer than {need} experts in some row")
         return expert_mask.expand(B, E).repeat_interleave(T, dim=0)  # (N, E)
 
