@@ -271,18 +271,7 @@ def test_expert_mask_compiles_to_one_graph_that_matches_eager(aux_free_bias: boo
     torch.manual_seed(0)
     moe = MoE(16, 32, num_experts=4, top_k=2, aux_free_bias=aux_free_bias).double()
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]]).bool()
-    graphs = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(moe, backend=graphs)
-    x = torch.randn(2, 9, 16, dtype=torch.float64)
-    results = []
-    for module in (compiled, moe):
-        inp = x.clone().requires_grad_(True)
-        y, aux, stats = module(inp, expert_mask=mask)
-        grads = torch.autograd.grad((y * y).sum() + aux, [inp, *moe.parameters()])
-        results.append((y, aux, stats["load"], *grads))
-    assert graphs.frame_count == 1
-    for got, want in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert_one_graph_equal_to_eager(moe, expert_mask=mask)
 
 
 def test_aux_free_bias_moves_load_toward_balance() -> None:
@@ -520,13 +509,19 @@ def test_loop_path_compiles_to_one_graph_that_matches_eager(
     moe = MoE(16, 32, num_experts=4, top_k=2, activation=activation,
               capacity_factor=capacity_factor).double()  # fmt: skip
     moe.use_grouped_mm = False
+    assert_one_graph_equal_to_eager(moe)
+
+
+def assert_one_graph_equal_to_eager(moe: MoE, **kwargs: torch.Tensor) -> None:
+    """`moe` (float64, 16 wide) compiled with `aot_eager` is one graph whose outputs, load,
+    dropped share and every gradient equal eager's on a (2, 9) batch."""
     graphs = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(moe, backend=graphs)
     x = torch.randn(2, 9, 16, dtype=torch.float64)
     results = []
     for module in (compiled, moe):
         inp = x.clone().requires_grad_(True)
-        y, aux, stats = module(inp)
+        y, aux, stats = module(inp, **kwargs)
         grads = torch.autograd.grad((y * y).sum() + aux, [inp, *moe.parameters()])
         results.append((y, aux, stats["load"], stats["dropped"], *grads))
     assert graphs.frame_count == 1
