@@ -71,7 +71,7 @@ class Model(nn.Module):
             dict(
                 dim=dim, depth=depth, num_heads=num_heads, layers=layers, ffn=ffn,
                 ffn_hidden=ffn_hidden, activation=activation, norm=norm, dropout=dropout,
-                moe=moe, swa=swa, ssm=ssm, ssd=ssd, retro=retro,
+                encoder_depth=encoder_depth, moe=moe, swa=swa, ssm=ssm, ssd=ssd, retro=retro,
             )
         )  # fmt: skip
         self.spec, self.dim = spec, dim
@@ -80,7 +80,7 @@ class Model(nn.Module):
         mixers = expand_pattern(layers, depth, "mixer")
         ffns = expand_pattern(ffn, depth, "ffn")
         if spec.kind == "seq2seq":
-            enc_depth = encoder_depth or depth
+            enc_depth = depth if encoder_depth is None else encoder_depth
             self.encoder = self._stack(
                 expand_pattern(layers, enc_depth, "mixer"),
                 expand_pattern(ffn, enc_depth, "ffn"),

@@ -99,6 +99,9 @@ def check_model(options: Mapping[str, Any]) -> tuple[ModelShape, dict[str, Block
     shape_keys = [f.name for f in dataclasses.fields(ModelShape)]
     shape = ModelShape(**{k: options[k] for k in shape_keys})
     shape.validate()
+    encoder_depth = options.get("encoder_depth")
+    if encoder_depth is not None and encoder_depth < 1:
+        raise ValueError(f"model.encoder_depth={encoder_depth} must be >= 1 or null (model.depth)")
     configs = block_configs(options)
     used = {*check_pattern(options["layers"], "mixer"), *check_pattern(options["ffn"], "ffn")}
     if options.get("retro"):  # an empty mapping leaves RETRO off, as `Model` does

@@ -117,3 +117,15 @@ def test_seq2seq_global_tokens_reach_the_encoder_not_the_causal_decoder() -> Non
     later[:, 3:] = later[:, 3:] % 28 + 2
     moved = model(src, global_mask=glob, decoder_input_ids=later).logits
     torch.testing.assert_close(moved[:, :3], out[:, :3])  # the decoder stays causal
+
+
+@pytest.mark.parametrize("encoder_depth", [0, -1])
+def test_seq2seq_encoder_depth_below_one_is_refused(encoder_depth: int) -> None:
+    # every other depth is range-checked (model.depth=0, model.retro.encoder_depth=0 are one
+    # line each); model.encoder_depth=0 silently built a model.depth-layer encoder (`or depth`)
+    # and -1 a seq2seq model with no encoder layer at all, both through train.py's validation
+    spec = DataSpec(kind="seq2seq", vocab_size=30, seq_len=9, target_len=5, pad_id=0, bos_id=1)
+    with pytest.raises(ValueError, match=f"model.encoder_depth={encoder_depth}"):
+        Model.check_options(**SMALL, encoder_depth=encoder_depth)  # pipeline.validate's check
+    with pytest.raises(ValueError, match=f"model.encoder_depth={encoder_depth}"):
+        Model(spec, **SMALL, encoder_depth=encoder_depth)
