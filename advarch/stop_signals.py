@@ -2,7 +2,9 @@
 imports, builds data and model, or after `fit`. SIGTERM, SIGUSR1 and SIGUSR2 stop it like
 Ctrl-C, with one line saying what was saved, and never inside torch's imports (which would
 abort the process) nor inside Hydra between a sweep's trials (where it failed in Hydra's own
-code, or wrote no table): a sweep holds them there and stops as its next trial starts.
+code, or wrote no table): a sweep holds them there and stops as its next trial starts. A
+parallel sweep's launcher (`hydra_plugins.advarch_launcher`) holds them too and asks its
+trials, in other processes, to save and stop through a file (`stop_requests_by_file`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from advarch.slurm import STOP_SIGNALS
 
+STOP_REQUEST_FILE = ".stop_requested"  # in a parallel sweep's folder, naming the signal
 PHASE = {"training_started": False, "between_trials": False}  # where a stop signal came
 HELD: list[int] = []  # stop signals received between a sweep's trials (`hold_between_trials`)
 
@@ -116,3 +120,51 @@ def signals_held() -> Iterator[None]:
             signal.signal(signum, handler)
     if received:
         raise _stop(received[0])
+
+
+def stop_request_file(sweep_dir: Path) -> Path:
+    """The file through which a parallel sweep's launcher asks its trials to stop."""
+    return sweep_dir / STOP_REQUEST_FILE
+
+
+def requested_stop(path: Path | None) -> int | None:
+    """The stop signal the file at `path` names (`stop_requests_by_file`), or None."""
+    if path is None:
+        return None
+    try:
+        return signal.Signals[path.read_text().strip()].value
+    except (OSError, KeyError):  # (none, or not written whole yet: seen at the next look)
+        return None
+
+
+@contextlib.contextmanager
+def stop_requests_by_file(path: Path) -> Iterator[None]:
+    """While the block runs (a launcher waiting for trials that run in other processes), the
+    first stop signal is held and its name written to `path`: the running trials see it at their
+    next step, save and stop, and no trial starts (`requested_stop`); the block then ends and it
+    is raised there (KeyboardInterrupt for SIGINT, `Stopped` for the others). A second one is
+    raised at once. The file is removed as the block ends.
+    """
+    held: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if held:
+            raise _stop(signum)
+        held.append(signum)
+        from advarch.atomic import write_text_atomic
+
+        name = signal.Signals(signum).name
+        write_text_atomic(path, name)
+        print(f"{name} received: the running trials save and stop, then the sweep (again: at "
+              "once)", file=sys.stderr)  # fmt: skip
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS} if main else {}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        path.unlink(missing_ok=True)
+    if held:
+        raise _stop(held[0])

@@ -29,8 +29,10 @@ from advarch.stop_signals import (
     PHASE,
     Stopped,
     hold_between_trials,
+    requested_stop,
     signals_held,
     stop_on_signals,
+    stop_request_file,
     stopped_line,
     training_started,
     trial_running,
@@ -214,7 +216,7 @@ def run_callbacks(cfg: DictConfig, ckpt: Path | None, output_dir: Path) -> list[
 
     resumed = None if ckpt is None else str(ckpt)  # no resume on other data; then "resuming"
     return [
-        SignalCheckpoint(output_dir / "checkpoints" / "last.ckpt"),
+        SignalCheckpoint(output_dir / "checkpoints" / "last.ckpt", parallel_stop_file()),
         DataIdentity(resumed, auto=cfg.get("ckpt_path") == "auto"),
         WorkerConsole(),  # spawned DDP workers' console as this one's
         IgnoreKnownWarnings(),  # again in spawned DDP workers
@@ -323,12 +325,37 @@ def hydra_main(cfg: DictConfig) -> float | None:
     keeps its traceback in `<trial>/error.txt`, and returns the worst value, so the sweep goes
     on and the sweeper ranks it last; `advarch.sweeps.SweepSummary` tabulates the trials.
     """
+    stop_file = parallel_stop_file()
+    if stop_file is not None:  # a parallel sweep's worker: a signal between trials is held
+        stop_on_signals()
+        hold_between_trials()
     try:
         with trial_running():  # (a signal held since the last trial stops the sweep here)
-            return _job(cfg)
+            if requested_stop(stop_file) is None:  # (else its parallel sweep stops: not begun)
+                return _job(cfg)
     except (KeyboardInterrupt, Stopped):  # outside training's handlers (imports, data)
-        discard_run_folder(Path(cfg.paths.output_dir))  # (a folder with checkpoints stays)
-        raise
+        if stop_file is None:  # (a parallel trial returns: its launcher stops the sweep)
+            discard_run_folder(Path(cfg.paths.output_dir))  # (a folder with checkpoints stays)
+            raise
+    discard_run_folder(Path(cfg.paths.output_dir))
+    return None
+
+
+def parallel_stop_file() -> Path | None:
+    """In a trial of a parallel sweep (`hydra/launcher=local_parallel`), the file through which
+    its launcher asks the trials to stop (`hydra_plugins.advarch_launcher`); else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    if hc is None or hc.mode != RunMode.MULTIRUN:
+        return None
+    launcher = str(OmegaConf.select(hc, "launcher._target_") or "")
+    return (
+        stop_request_file(Path(hc.sweep.dir))
+        if launcher.endswith(".LocalParallelLauncher")
+        else None
+    )
 
 
 def _job(cfg: DictConfig) -> float | None:
@@ -423,6 +450,9 @@ def _trial(cfg: DictConfig, identity: RunIdentity) -> float:
     except Interrupted as err:  # a signal ends the whole sweep (its checkpoint is saved)
         where = str(err).split("; resume")[0]  # (a trial resumes with the sweep, not alone)
         write_result(output_dir, overrides, metric, None, {}, where, status="interrupted")
+        if parallel_stop_file() is not None:  # its launcher stops the sweep, with the table
+            finish_wandb()
+            return worst_value(direction)
         show_summary(Path(hc.sweep.dir), metric, direction)
         print(f"sweep stopped: {RESUME_SWEEP} (finished trials are kept, this one resumes)")
         raise

@@ -168,6 +168,40 @@ def test_a_signal_between_trials_stops_the_sweep_with_its_table(project: Project
 
 
 @pytest.mark.slow
+def test_a_signal_lets_a_parallel_sweeps_running_trials_save(project: Project) -> None:
+    """`hydra/launcher=local_parallel`: joblib's own stop SIGKILLs its workers mid-step or
+    mid-save, and the trials record nothing. SIGTERM to the launcher once a trial has a
+    checkpoint: every trial that began saves and records its row, none starts after, the sweep
+    stops with its table, and a rerun with ckpt_path=auto finishes them from their steps."""
+    sweep = "python train.py -m hydra/launcher=local_parallel model.depth=1,2,3 debug=tiny"
+    wait = "until ls outputs/multiruns/*/*/checkpoints/last.ckpt 2>/dev/null; do sleep 0.05; done"
+    stopped = project.shell(f"{sweep} & pid=$!; {wait}; kill -TERM $pid; wait $pid")
+    assert stopped.rc == 143 and "Traceback" not in stopped.output, stopped.output[-3000:]
+    assert "SIGTERM received: the running trials save and stop, then the sweep" in stopped.output
+    assert stopped.output.rstrip().endswith(
+        "SIGTERM received: sweep stopped (its trials keep what they saved); rerun the same "
+        "command with ckpt_path=auto to go on"
+    )
+    rows = {row["trial"]: row for row in summary_rows(stopped.sweep_dir)}
+    begun = sorted(p.name for p in stopped.sweep_dir.iterdir() if p.name.isdigit())
+    assert begun and sorted(rows) == begun, (begun, rows)  # every trial begun has its row
+    steps = {}
+    for trial, row in rows.items():
+        saved = re.fullmatch(r"interrupted: SIGTERM at step (\d): saved (.+)", row["status"])
+        assert row["status"] == "ok" or saved, row
+        if saved:
+            assert Path(saved[2]) == stopped.sweep_dir / trial / "checkpoints" / "last.ckpt"
+            steps[trial] = int(saved[1])
+    assert steps, rows  # (the trial whose checkpoint was waited for was running)
+    assert not (stopped.sweep_dir / ".stop_requested").exists()
+    again = project.shell(f"{sweep} ckpt_path=auto").check()
+    for trial, step in steps.items():
+        saved = stopped.sweep_dir / trial / "checkpoints" / "last.ckpt"
+        assert f"ckpt_path=auto: resuming {saved} (step {step}" in again.output, again.output
+    assert [r["status"] for r in summary_rows(again.sweep_dir)] == ["ok"] * 3
+
+
+@pytest.mark.slow
 def test_a_rerun_of_an_interrupted_sweep_with_ckpt_path_auto_goes_on(project: Project) -> None:
     sweep = "python train.py -m model.depth=1,2 debug=tiny"
     # SIGTERM once trial 0 has written a checkpoint (it saves and the sweep stops: 143)

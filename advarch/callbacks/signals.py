@@ -36,6 +36,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from advarch.console_log import say
 from advarch.slurm import STOP_SIGNALS, requeue
+from advarch.stop_signals import requested_stop
 
 
 def _ours(handler: Any) -> bool:
@@ -146,10 +147,13 @@ class SignalCheckpoint(L.Callback):
     Args:
         path: where to write the checkpoint (the run's `checkpoints/last.ckpt`); None where
             nothing trains (eval.py).
+        stop_request: a file whose appearance stops the run as the signal it names would (a
+            parallel sweep's launcher writes it: `stop_signals.stop_requests_by_file`).
     """
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, stop_request: Path | None = None) -> None:
         self.path = None if path is None else Path(path)
+        self.stop_request = stop_request
         self.received: int | None = None
         self.saved = False  # on the signal (a second Ctrl-C while the run winds down says so)
         self._stop_after_validation: int | None = None  # the signal, where its step validates
@@ -258,12 +262,14 @@ class SignalCheckpoint(L.Callback):
         )
 
     def _received(self, trainer: L.Trainer) -> int | None:
-        """The signal received, agreed by every process (they stop at the same batch)."""
-        received = self.received is not None
+        """The signal received or requested (`stop_request`), agreed by every process (they
+        stop at the same batch)."""
+        signum = self.received or requested_stop(self.stop_request)  # (a request is no Ctrl-C
+        received = signum is not None  # of its own: a Ctrl-C after it is the first)
         if trainer.world_size > 1:
             flag = torch.tensor(float(received), device=trainer.strategy.root_device)
             received = bool(trainer.strategy.reduce(flag, reduce_op="max") > 0)
-        return (self.received or signal.SIGTERM) if received else None
+        return (signum or signal.SIGTERM) if received else None
 
     # -- validation and testing outside fit -------------------------------------------------
     def _evaluating_alone(self, trainer: L.Trainer) -> bool:

@@ -1,0 +1,30 @@
+"""advarch's Hydra launcher for `hydra/launcher=local_parallel` (a Hydra plugin: Hydra
+instantiates launchers only from the `hydra_plugins` package).
+
+Hydra's joblib launcher runs a sweep's trials in parallel worker processes. On a stop signal
+(Ctrl-C, SIGTERM) joblib stops by killing its workers (SIGKILL), in the middle of a step or
+of writing a checkpoint, and the trials record nothing. `LocalParallelLauncher` holds the
+signal instead: the running trials save `last.ckpt` and record `interrupted` rows, no more
+trials start, and the sweep then stops with its table (`stop_signals.stop_requests_by_file`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.core.utils import JobReturn
+from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+
+from advarch.stop_signals import stop_request_file, stop_requests_by_file
+
+
+class LocalParallelLauncher(JoblibLauncher):
+    """Hydra's joblib launcher whose stop signals let the running trials save (module doc)."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+               ) -> Sequence[JobReturn]:  # fmt: skip
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        with stop_requests_by_file(stop_request_file(sweep_dir)):
+            return super().launch(job_overrides, initial_job_idx)
