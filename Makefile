@@ -26,4 +26,4 @@ bench: setup
 	$(PY) scripts/bench.py
 
 lint: setup
-	$(VENV)/bin/ruff check advarch scripts tests train.py eval.py
+	$(VENV)/bin/ruff check advarch hydra_plugins scripts tests train.py eval.py
