@@ -10,9 +10,11 @@ trials, in other processes, to save and stop through a file (`stop_requests_by_f
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,3 +170,23 @@ def stop_requests_by_file(path: Path) -> Iterator[None]:
         path.unlink(missing_ok=True)
     if held:
         raise _stop(held[0])
+
+
+def stop_when_orphaned(poll_s: float = 1.0) -> None:
+    """In a parallel sweep's worker process: once its launcher is gone (kill -9, which no
+    handler sees, so no stop request comes), stop as on SIGTERM — a running trial saves and
+    records its row — then end the process, which would otherwise wait for work forever and
+    hold its trial's folder. Once per process."""
+    if any(t.name == "advarch-orphan-watch" for t in threading.enumerate()):
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        while not PHASE["between_trials"]:  # (set again as the trial returns)
+            time.sleep(0.1)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="advarch-orphan-watch", daemon=True).start()

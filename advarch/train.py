@@ -33,6 +33,7 @@ from advarch.stop_signals import (
     signals_held,
     stop_on_signals,
     stop_request_file,
+    stop_when_orphaned,
     stopped_line,
     training_started,
     trial_running,
@@ -329,6 +330,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     if stop_file is not None:  # a parallel sweep's worker: a signal between trials is held
         stop_on_signals()
         hold_between_trials()
+        stop_when_orphaned()
     try:
         with trial_running():  # (a signal held since the last trial stops the sweep here)
             if requested_stop(stop_file) is None:  # (else its parallel sweep stops: not begun)

@@ -8,10 +8,16 @@ user would open: `summary.md`/`summary.csv`, `result.json`, the offline W&B run 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import re
+import shlex
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -199,6 +205,48 @@ def test_a_signal_lets_a_parallel_sweeps_running_trials_save(project: Project) -
         saved = stopped.sweep_dir / trial / "checkpoints" / "last.ckpt"
         assert f"ckpt_path=auto: resuming {saved} (step {step}" in again.output, again.output
     assert [r["status"] for r in summary_rows(again.sweep_dir)] == ["ok"] * 3
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_parallel_sweep_leaves_no_trial_training(project: Project) -> None:
+    """kill -9 of a `hydra/launcher=local_parallel` sweep (tester 33 F5): its workers went on
+    training as orphans, holding the trials' folders (the rerun was refused "in use by another
+    run"), then waited for work forever. Now each notices, saves as on SIGTERM, records its
+    row and ends; the rerun with ckpt_path=auto goes on from those checkpoints."""
+    sweep = ["python", "train.py", "-m", "hydra/launcher=local_parallel", "model.depth=1,2",
+             "debug=tiny", "trainer.max_steps=60"]  # fmt: skip
+    launcher = subprocess.Popen(  # noqa: S603  (its own group: its workers are in it)
+        sweep, cwd=project.root, env=project.env(warm=False), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not list(project.root.glob("outputs/multiruns/*/*/checkpoints/last.ckpt")):
+            assert time.monotonic() < deadline, "no trial checkpoint in 180 s"
+            time.sleep(0.05)
+        launcher.kill()
+        launcher.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while subprocess.run(["pgrep", "-g", str(launcher.pid)], stdout=subprocess.DEVNULL
+                             ).returncode == 0:  # fmt: skip
+            assert time.monotonic() < deadline, "its workers still run 60 s after kill -9"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    (sweep_dir,) = project.sweeps()
+    saved = {}
+    for result in sorted(sweep_dir.glob("*/result.json")):
+        row = json.loads(result.read_text())
+        assert row["status"] in ("ok", "interrupted"), row
+        if row["status"] == "interrupted":
+            saved[result.parent] = int(re.search(r"at step (\d+)", row["error"])[1])
+    assert saved, list(sweep_dir.iterdir())
+    again = project.shell(shlex.join([*sweep, "ckpt_path=auto"])).check()
+    for trial, step in saved.items():
+        ckpt = trial / "checkpoints" / "last.ckpt"
+        assert f"ckpt_path=auto: resuming {ckpt} (step {step}," in again.output, again.output
+    assert [r["status"] for r in summary_rows(again.sweep_dir)] == ["ok", "ok"]
 
 
 @pytest.mark.slow
