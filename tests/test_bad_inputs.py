@@ -286,6 +286,52 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["strategy=ewc", *STREAM, "strategy.fisher_estimator=bogus"], "fisher_estimator"),
     ("train", ["strategy=ewc", "data=digits"], "strategy=ewc data=digits"),
     ("train", ["strategy=fewshot", "data=text"], "strategy=fewshot data=text"),
+    # (tester 33: accepted, then a traceback inside training, or a NaN loss blaming optimizer.lr)
+    ("train", ["strategy=fewshot", "data=fewshot_synthetic", "data.k_shot=0"], "data.k_shot=0"),
+    ("train", ["strategy=fewshot", "data=fewshot_synthetic", "data.n_query=0"], "data.n_query=0"),
+    (
+        "train",
+        ["strategy=fewshot", "data=fewshot_synthetic", "data.n_way=500"],
+        "data.n_way=500 exceeds the 120 classes of the train split",
+    ),
+    (
+        "train",
+        ["strategy=fewshot", "data=fewshot_rotated_digits", "data.n_way=10"],
+        "data.n_way=10 exceeds the 8 classes of the val split",
+    ),
+    (
+        "train",
+        ["strategy=fewshot", "data=fewshot_synthetic", "data.samples_per_class=1"],
+        "exceeds the 1 examples of the smallest class of the train split",
+    ),
+    (
+        "train",
+        ["strategy=fewshot", "data=fewshot_synthetic", "data.signal_dims=0"],
+        "data.signal_dims=0 must be >= 1",
+    ),
+    (
+        "train",
+        ["strategy=multitask", "data=mmoe_synthetic", "data.noise_std=-1"],
+        "data.noise_std=-1",
+    ),
+    (
+        "train",
+        [
+            "strategy=fewshot",
+            "data=fewshot_synthetic",
+            "strategy.adaptation=fomaml",
+            "strategy.adapt_lr=nan",
+        ],
+        "strategy.adapt_lr=nan is not a number",
+    ),
+    ("train", ["strategy=ewc", *STREAM, "strategy.ewc_lambda=nan"], "strategy.ewc_lambda=nan"),
+    ("train", ["strategy.aux_loss_weight=nan"], "strategy.aux_loss_weight=nan"),
+    ("train", ["strategy.aux_loss_weight=-1"], "strategy.aux_loss_weight=-1 must be >= 0"),
+    (
+        "train",
+        ["strategy=multitask", "data=mmoe_synthetic", "strategy.task_weights=[1,nan]"],
+        "strategy.task_weights=[1, nan] is not a number",
+    ),
     ("train", ["strategy=multitask", "data=text"], "strategy=multitask data=text"),
     (
         "train",

@@ -8,6 +8,7 @@ any work, with one line naming the key as the user writes it (`model.dim`).
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 import typing
 from collections.abc import Sequence
@@ -70,6 +71,17 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
         hint = hints[name]
         if not matches(value, hint):
             raise ConfigError(wrong_type(f"{key}.{name}", value, hint))
+        if _holds_nan(value):  # (it passes every range check: NaN compares false)
+            raise ConfigError(f"{key}.{name}={value} is not a number (nan): give a number")
+
+
+def _holds_nan(value: Any) -> bool:
+    """Whether a config value is NaN or holds one (in a list or mapping)."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and any(_holds_nan(v) for v in value)
 
 
 def takes_option(node: DictConfig, key: str, name: str) -> bool:

@@ -29,7 +29,7 @@ Shapes: N ways, K shots, Q queries per class, F features, T tokens, C classes, S
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from advarch.data.digits import (
     NUM_DIGITS,
+    NUM_ROTATIONS,
     InputFormat,
     check_input_format,
     encode_images,
@@ -71,6 +72,16 @@ class SyntheticFewShotSet:
     features: np.ndarray
     classes: np.ndarray
     signal_basis: np.ndarray
+
+
+def check_synthetic(signal_dims: int, noise_dims: int, signal_std: float, noise_std: float
+                    ) -> None:  # fmt: skip
+    """ValueError naming the first synthetic-set option out of range (NaN included)."""
+    lowest = {"signal_dims": (signal_dims, 1), "noise_dims": (noise_dims, 0),
+              "signal_std": (signal_std, 0), "noise_std": (noise_std, 0)}  # fmt: skip
+    for key, (value, low) in lowest.items():
+        if not value >= low:
+            raise ValueError(f"data.{key}={value} must be >= {low}")
 
 
 def synthetic_fewshot(
@@ -104,6 +115,38 @@ def synthetic_fewshot(
     )
 
 
+def check_episodes(n_way: int, k_shot: int, n_query: int, class_sizes: Sequence[int],
+                   split: str = "") -> None:  # fmt: skip
+    """ValueError naming the key unless N-way K-shot episodes with Q queries can be drawn from
+    classes of `class_sizes` examples (those of `split`, where given)."""
+    if min(n_way, k_shot, n_query) < 1:
+        raise ValueError(
+            f"data.n_way={n_way}, data.k_shot={k_shot}, data.n_query={n_query} must be >= 1"
+        )
+    where = f" of the {split} split" if split else ""
+    if n_way > len(class_sizes):
+        raise ValueError(f"data.n_way={n_way} exceeds the {len(class_sizes)} classes{where}")
+    if k_shot + n_query > min(class_sizes):
+        raise ValueError(
+            f"data.k_shot={k_shot} + data.n_query={n_query} exceeds the {min(class_sizes)} "
+            f"examples of the smallest class{where}"
+        )
+
+
+def split_class_sizes(source: Source, num_classes: int, samples_per_class: int
+                      ) -> dict[str, list[int]]:  # fmt: skip
+    """Examples per class of each split, as `FewShotDataModule.setup` builds them (the
+    synthetic options count only for `synthetic`): what its episodes are checked against
+    before any data is built."""
+    if source == "synthetic":
+        train, val = round(0.6 * num_classes), round(0.2 * num_classes)
+        counts = {"train": train, "val": val, "test": num_classes - train - val}
+        return {split: [samples_per_class] * n for split, n in counts.items()}
+    per_digit = np.bincount(load_digit_arrays()[1], minlength=NUM_DIGITS)
+    return {split: [int(per_digit[d]) for d in digits] * NUM_ROTATIONS
+            for split, digits in ROTATED_DIGIT_SPLITS.items()}  # fmt: skip
+
+
 class EpisodeSampler:
     """Plans episodes over a pool of examples; episode `index` is a pure function of the seed.
 
@@ -131,18 +174,7 @@ class EpisodeSampler:
     ) -> None:
         self.class_ids = np.unique(classes)
         self.members = [np.flatnonzero(classes == c) for c in self.class_ids]
-        if min(n_way, k_shot, n_query) < 1:
-            raise ValueError(
-                f"data.n_way={n_way}, data.k_shot={k_shot}, data.n_query={n_query} must be >= 1"
-            )
-        if n_way > len(self.class_ids):
-            raise ValueError(f"data.n_way={n_way} exceeds the {len(self.class_ids)} classes")
-        smallest = min(len(m) for m in self.members)
-        if k_shot + n_query > smallest:
-            raise ValueError(
-                f"data.k_shot={k_shot} + data.n_query={n_query} exceeds the {smallest} "
-                "examples of the smallest class"
-            )
+        check_episodes(n_way, k_shot, n_query, [len(m) for m in self.members])
         self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
         self.seed, self.stream = seed, stream
 
@@ -287,6 +319,10 @@ class FewShotDataModule(L.LightningDataModule):
                 f"data.episodes_per_epoch={episodes_per_epoch}, data.val_episodes={val_episodes}"
                 f" and data.test_episodes={test_episodes} must be >= 1"
             )
+        if source == "synthetic":
+            check_synthetic(signal_dims, noise_dims, signal_std, noise_std)
+        for split, sizes in split_class_sizes(source, num_classes, samples_per_class).items():
+            check_episodes(n_way, k_shot, n_query, sizes, split)
         self.source: Source = source
         self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
         self.episodes = {"train": episodes_per_epoch, "val": val_episodes, "test": test_episodes}

@@ -77,6 +77,8 @@ class BaseStrategy(L.LightningModule):
         aux_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        if not aux_loss_weight >= 0:
+            raise ValueError(f"strategy.aux_loss_weight={aux_loss_weight} must be >= 0")
         # (not logged: the loggers get the whole run config, `train.build_loggers`)
         self.save_hyperparameters(ignore=["model", "spec", "optimizer", "scheduler"], logger=False)
         self.make_optimizer, self.make_scheduler = optimizer, scheduler

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from advarch.data.episodes import EpisodeSampler, FewShotDataModule
+from advarch.data.episodes import EpisodeSampler, FewShotDataModule, split_class_sizes
 from advarch.strategies.fewshot import raw_prototype_accuracy as prototype_accuracy
 
 
@@ -157,8 +157,25 @@ def test_synthetic_baseline_is_hard_raw_and_easy_projected(synthetic):
         ({"source": "synthetic", "input_format": "tokens"}, "data.input_format='tokens'"),
         ({"source": "omniglot"}, "data.source='omniglot'"),
         ({"test_episodes": 0}, "data.test_episodes=0"),
+        ({"k_shot": 0}, "data.k_shot=0"),
+        ({"n_query": 0}, "data.n_query=0"),
+        ({"source": "synthetic", "num_classes": 3}, "data.n_way=5 exceeds the 2 classes"),
+        ({"source": "synthetic", "samples_per_class": 1}, "exceeds the 1 examples"),
+        ({"source": "synthetic", "signal_dims": 0}, "data.signal_dims=0 must be >= 1"),
+        ({"source": "synthetic", "noise_std": -1.0}, "data.noise_std=-1.0 must be >= 0"),
+        ({"source": "synthetic", "signal_std": float("nan")}, "data.signal_std=nan"),
     ],
 )
-def test_invalid_config_names_the_key(kwargs, message):
+def test_invalid_config_names_the_key_before_any_data(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        FewShotDataModule(**kwargs).setup()
+        FewShotDataModule(**kwargs)  # (setup, inside training, builds the data)
+
+
+@pytest.mark.parametrize("source", ["rotated_digits", "synthetic"])
+def test_class_sizes_checked_before_setup_are_those_setup_builds(source):
+    dm = FewShotDataModule(source=source, n_query=5, num_classes=37, samples_per_class=11)
+    dm.setup()
+    built = {split: sorted(len(m) for m in sampler.members)
+             for split, sampler in dm.samplers.items()}  # fmt: skip
+    expected = split_class_sizes(source, num_classes=37, samples_per_class=11)
+    assert built == {split: sorted(sizes) for split, sizes in expected.items()}
