@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from advarch.callbacks.signals import Interrupted
 from advarch.checkpoint import model_weights, read_checkpoint
 from advarch.config.choices import check_overrides
 from advarch.config.combinations import with_strategy_defaults
@@ -59,6 +61,7 @@ from advarch.merging import MergeConfig, merge_checkpoints
 from advarch.output_folders import exit_if_unmakeable, stamped_folder
 from advarch.pipeline import build_model
 from advarch.spec import DataSpec
+from advarch.stop_signals import Stopped, stop_on_signals
 from advarch.strategies.evaluation import accuracy
 from advarch.train import run
 
@@ -312,7 +315,15 @@ def main() -> None:
     start = time.perf_counter()
     folder = stamped_folder(args.out)
     print(f"merge demo: writing into {folder}", flush=True)
-    text = table(run_demo(demo, folder))
+    stop_on_signals()
+    try:
+        text = table(run_demo(demo, folder))
+    except Interrupted as err:  # a signal while a run trained: its line is printed
+        sys.exit(err.exit_code)
+    except (KeyboardInterrupt, Stopped) as err:  # while merging or evaluating
+        signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
+        print(f"{signal.Signals(signum).name} received: merge demo stopped", file=sys.stderr)
+        sys.exit(128 + signum)
     (folder / "merge_table.md").write_text(text + "\n")
     print(text)
     print(f"\n{time.perf_counter() - start:.0f} s; table in {folder / 'merge_table.md'}, "

@@ -148,3 +148,18 @@ def test_a_rerun_writes_into_a_folder_of_its_own(monkeypatch, tmp_path) -> None:
     merge_digits.main()
     merged = [sorted(p.name for p in (f / "merged").iterdir()) for f in tmp_path.iterdir()]
     assert sorted(merged) == [["01_linear_soup.ckpt"], ["02_linear_soup.ckpt"]], merged
+
+
+@pytest.mark.slow
+def test_sigterm_while_it_trains_is_one_line(project: Project) -> None:
+    """SIGTERM to `scripts/merge_demo.py` while its base trains (tester 33 F6): the stop
+    callback's line and exit 143, not an `Interrupted` traceback and exit 1."""
+    metrics = "outputs/merge_demo/*/runs/base/csv/version_0/metrics.csv"
+    stopped = project.shell(
+        "python scripts/merge_demo.py --base-steps 2000 --task-steps 4 & pid=$!; "
+        f"until ls {metrics} 2>/dev/null; do sleep 0.05; done; kill -TERM $pid; wait $pid"
+    )
+    assert stopped.rc == 143 and "Traceback" not in stopped.output, stopped.output[-3000:]
+    stop, *after = stopped.output.strip().splitlines()[-2:]  # (then W&B's sync line, as train.py)
+    assert stop.startswith("SIGTERM received: saved ") and "runs/base/" in stop, stop
+    assert all(line.startswith("sync to W&B later: wandb sync ") for line in after), after
