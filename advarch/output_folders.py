@@ -10,6 +10,7 @@ recorded config before its lock (`advarch.run_lock`) refused it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from pathlib import Path
@@ -44,9 +45,11 @@ def _make(config: DictConfig, key: str) -> None:
         return  # (Hydra says why when it resolves it)
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
+        _write_probe(Path(folder))
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        sys.exit(f"error: cannot write {key}={folder}: {reason} (choose another {key})")
+        free = "free space, or " if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        sys.exit(f"error: cannot write {key}={folder}: {reason} ({free}choose another {key})")
     if process_rank() != 0:
         return  # (DDP's other processes run in rank 0's folder)
     trials = [p for p in Path(folder).iterdir() if p.is_dir()] if key == "hydra.sweep.dir" else []
@@ -54,6 +57,19 @@ def _make(config: DictConfig, key: str) -> None:
         pid = holder(run)
         if pid is not None:
             sys.exit(f"error: {in_use(run, pid, key)}")
+
+
+PROBE_BYTES = 64 << 10  # more than Hydra's `.hydra/` files and a run's first log lines
+
+
+def _write_probe(folder: Path) -> None:
+    """Write and remove `PROBE_BYTES` in `folder`: a full disk (or quota) raises here, where
+    Hydra writing `.hydra/config.yaml` next would end in its traceback."""
+    probe = folder / f".space_probe_{os.getpid()}"
+    try:
+        probe.write_bytes(bytes(PROBE_BYTES))
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def unmakeable(folder: Path) -> str | None:

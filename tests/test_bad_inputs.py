@@ -850,6 +850,34 @@ def test_a_full_disk_is_one_line_naming_the_file(files: Path, tmp_path: Path, ca
     assert "(nothing saved; free space, allow writing, or choose paths.cache_dir" in line, line
 
 
+@pytest.mark.parametrize("entry", ["train", "eval"])
+def test_a_disk_full_before_the_run_folder_is_written_is_one_line(
+    entry: str, files: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # tester 33 F4: Hydra writes `.hydra/config.yaml` before any advarch code runs; on a full
+    # disk that was its chained OSError traceback (train.py and eval.py alike)
+    import errno
+    import pathlib
+
+    real = pathlib.Path.write_bytes
+
+    def full(path: pathlib.Path, data: bytes) -> int:  # as the disk: no space for a file
+        if path.parent.name == "full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    args = [*TINY, f"paths.cache_dir={files}/cache"] if entry == "train" else [
+        f"ckpt_path={files}/ok.ckpt"]  # fmt: skip
+    code, line, text = call_entry(entry, args, tmp_path / "runs" / "full", capsys)
+    assert code != 0 and "Traceback" not in text, text[-2000:]
+    assert line == (
+        f"error: cannot write hydra.run.dir={tmp_path / 'runs' / 'full'}: No space left on "
+        "device (free space, or choose another hydra.run.dir)"
+    ), line
+    assert not list((tmp_path / "runs" / "full").iterdir())  # (nothing left behind)
+
+
 def test_a_full_disk_stops_a_merge_in_one_line_naming_out(
     files: Path, tmp_path: Path, capsys
 ) -> None:
