@@ -19,9 +19,9 @@ dΔu = Σ_n g B, dB = Σ_e g Δu, dC = Σ_e h dy, d log a = g (h_t − b_t) (= g
 dΔ = dΔu · u + Σ_n d log a · A, dA = Σ_t d log a · Δ. dB and dC sum over channel blocks with
 atomic adds; dA is summed over time in the program and over batches by torch.
 
-Element offsets are int32 where every offset fits (the faster address arithmetic) and int64
-past 2³¹ (`_offsets_fit_int32`): the saved chunk-start states alone have B·T·E·N / CHUNK
-elements.
+Addresses are a chunk's base, an int64 scalar (the saved chunk-start states alone have
+B·T·E·N / CHUNK elements, past 2³¹ at B 64 of the bench size), plus int32 offsets within the
+chunk, the same every chunk.
 
 Shapes: B batch, T time, E channels, N state size (padded to a power of two on chip).
 Import only where Triton is installed; tests run it on CPU with ``TRITON_INTERPRET=1``.
@@ -54,48 +54,39 @@ def _chunk_states(u, dt, A, Bt, h0):
 
 
 @triton.jit
-def _program(WIDE: tl.constexpr):
-    """(batch, channel block) of this program; int64 when offsets need it, so all index
-    arithmetic that starts from them is int64."""
-    pid_b, pid_e = tl.program_id(0), tl.program_id(1)
-    if WIDE:
-        pid_b, pid_e = pid_b.to(tl.int64), pid_e.to(tl.int64)
-    return pid_b, pid_e
-
-
-@triton.jit
 def _fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, hs_ptr, last_ptr,
     T, E, N, n_chunks,
     SAVE: tl.constexpr, LAST: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_b, pid_e = _program(WIDE)
+    pid_b, pid_e = tl.program_id(0), tl.program_id(1)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
     rows = tl.arange(0, CHUNK)
     en_ok = (e < E)[:, None] & (n < N)[None, :]
-    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=en_ok, other=0.0)
+    en = e[:, None] * N + n[None, :]  # offsets within a (E, N) state
+    te, tn = rows[:, None] * E + e[None, :], rows[:, None] * N + n[None, :]  # within a chunk
+    A = tl.load(A_ptr + en, mask=en_ok, other=0.0)
     h = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
     for c in range(n_chunks):
         t = c * CHUNK + rows
         te_ok = (t < T)[:, None] & (e < E)[None, :]
         tn_ok = (t < T)[:, None] & (n < N)[None, :]
-        te = (pid_b * T + t[:, None]) * E + e[None, :]
-        tn = (pid_b * T + t[:, None]) * N + n[None, :]
-        u = tl.load(u_ptr + te, mask=te_ok, other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + te, mask=te_ok, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32)
+        row = (pid_b * T + c * CHUNK).to(tl.int64)  # the chunk's first row of (B·T, ·)
+        u = tl.load(u_ptr + row * E + te, mask=te_ok, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + row * E + te, mask=te_ok, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + row * N + tn, mask=tn_ok, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + row * N + tn, mask=tn_ok, other=0.0).to(tl.float32)
         if SAVE:
-            hs = ((pid_b * n_chunks + c) * E + e[:, None]) * N + n[None, :]
-            tl.store(hs_ptr + hs, h, mask=en_ok)
+            start = (pid_b * n_chunks + c).to(tl.int64) * E * N  # of the chunk-start state
+            tl.store(hs_ptr + start + en, h, mask=en_ok)
         hc, _ = _chunk_states(u, dt, A, Bt, h)
-        tl.store(y_ptr + te, tl.sum(hc * Ct[:, None, :], axis=2), mask=te_ok)
+        tl.store(y_ptr + row * E + te, tl.sum(hc * Ct[:, None, :], axis=2), mask=te_ok)
         h = tl.sum(tl.where((rows == CHUNK - 1)[:, None, None], hc, 0.0), axis=0)  # padded
         # rows past T have a = 1, b = 0, so the last row is the state at min(end, T − 1)
     if LAST:
-        tl.store(last_ptr + (pid_b * E + e[:, None]) * N + n[None, :], h, mask=en_ok)
+        tl.store(last_ptr + pid_b.to(tl.int64) * E * N + en, h, mask=en_ok)
 
 
 @triton.jit
@@ -103,14 +94,16 @@ def _bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, dy_ptr, hs_ptr,
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr,
     T, E, N, n_chunks,
-    CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_b, pid_e = _program(WIDE)
+    pid_b, pid_e = tl.program_id(0), tl.program_id(1)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
     rows = tl.arange(0, CHUNK)
     en_ok = (e < E)[:, None] & (n < N)[None, :]
-    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=en_ok, other=0.0)
+    en = e[:, None] * N + n[None, :]  # offsets within a (E, N) state
+    te, tn = rows[:, None] * E + e[None, :], rows[:, None] * N + n[None, :]  # within a chunk
+    A = tl.load(A_ptr + en, mask=en_ok, other=0.0)
     g_next = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)  # g at the first step of the later chunk
     dA = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
     for i in range(n_chunks):
@@ -118,17 +111,16 @@ def _bwd_kernel(
         t = c * CHUNK + rows
         te_ok = (t < T)[:, None] & (e < E)[None, :]
         tn_ok = (t < T)[:, None] & (n < N)[None, :]
-        te = (pid_b * T + t[:, None]) * E + e[None, :]
-        tn = (pid_b * T + t[:, None]) * N + n[None, :]
-        u = tl.load(u_ptr + te, mask=te_ok, other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + te, mask=te_ok, other=0.0).to(tl.float32)
+        row = (pid_b * T + c * CHUNK).to(tl.int64)  # the chunk's first row of (B·T, ·)
+        u = tl.load(u_ptr + row * E + te, mask=te_ok, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + row * E + te, mask=te_ok, other=0.0).to(tl.float32)
         next_ok = (t + 1 < T)[:, None] & (e < E)[None, :]
-        dt_next = tl.load(dt_ptr + te + E, mask=next_ok, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + tn, mask=tn_ok, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + te, mask=te_ok, other=0.0).to(tl.float32)
-        hs = ((pid_b * n_chunks + c) * E + e[:, None]) * N + n[None, :]
-        h0 = tl.load(hs_ptr + hs, mask=en_ok, other=0.0)
+        dt_next = tl.load(dt_ptr + (row + 1) * E + te, mask=next_ok, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + row * N + tn, mask=tn_ok, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + row * N + tn, mask=tn_ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * E + te, mask=te_ok, other=0.0).to(tl.float32)
+        start = (pid_b * n_chunks + c).to(tl.int64) * E * N  # of the chunk-start state
+        h0 = tl.load(hs_ptr + start + en, mask=en_ok, other=0.0)
         h, b = _chunk_states(u, dt, A, Bt, h0)
         # adjoint, last step first: g_t = C_t dy_t + a_{t+1} g_{t+1}
         a_next = tl.exp(dt_next[:, :, None] * A[None, :, :])
@@ -139,28 +131,19 @@ def _bwd_kernel(
         d_du = tl.sum(g * Bt[:, None, :], axis=2)  # dL/d(Δu), (CHUNK, BE)
         dlog_a = g * (h - b)  # dL/d(ΔA) = g_t a_t h_{t−1}
         ddt = d_du * u + tl.sum(dlog_a * A[None, :, :], axis=2)
-        tl.store(du_ptr + te, d_du * dt, mask=te_ok)
-        tl.store(ddt_ptr + te, ddt, mask=te_ok)
+        tl.store(du_ptr + row * E + te, d_du * dt, mask=te_ok)
+        tl.store(ddt_ptr + row * E + te, ddt, mask=te_ok)
         dA += tl.sum(dlog_a * dt[:, :, None], axis=0)
-        tl.atomic_add(dB_ptr + tn, tl.sum(g * (dt * u)[:, :, None], axis=1), mask=tn_ok)
-        tl.atomic_add(dC_ptr + tn, tl.sum(h * dy[:, :, None], axis=1), mask=tn_ok)
-    tl.store(dA_ptr + (pid_b * E + e[:, None]) * N + n[None, :], dA, mask=en_ok)
+        tl.atomic_add(dB_ptr + row * N + tn, tl.sum(g * (dt * u)[:, :, None], axis=1), mask=tn_ok)
+        tl.atomic_add(dC_ptr + row * N + tn, tl.sum(h * dy[:, :, None], axis=1), mask=tn_ok)
+    tl.store(dA_ptr + pid_b.to(tl.int64) * E * N + en, dA, mask=en_ok)
 
 
-def _offsets_fit_int32(Bsz: int, n_chunks: int, E: int, block_n: int) -> bool:
-    """Whether every element offset the kernels form, masked lanes included, is below 2³¹:
-    rows·E of the (B, T, E) tensors (one row ahead), rows·N of B and C, chunk starts·E·N."""
-    rows, e_pad = Bsz * (n_chunks + 1) * CHUNK, triton.cdiv(E, BLOCK_E) * BLOCK_E
-    largest = max(rows * e_pad, rows * block_n, Bsz * (n_chunks + 1) * e_pad * block_n)
-    return largest < 2**31
-
-
-def _launch_shape(u: torch.Tensor, A: torch.Tensor) -> tuple[tuple[int, int], int, int, bool]:
-    """Grid, chunks, padded state size and whether offsets need int64."""
+def _launch_shape(u: torch.Tensor, A: torch.Tensor) -> tuple[tuple[int, int], int, int]:
+    """Grid, chunks and the padded state size."""
     Bsz, T, E = u.shape
     grid = (Bsz, triton.cdiv(E, BLOCK_E))
-    n_chunks, block_n = triton.cdiv(T, CHUNK), triton.next_power_of_2(A.shape[1])
-    return grid, n_chunks, block_n, not _offsets_fit_int32(Bsz, n_chunks, E, block_n)
+    return grid, triton.cdiv(T, CHUNK), triton.next_power_of_2(A.shape[1])
 
 
 class _TritonScanFn(torch.autograd.Function):
@@ -171,14 +154,14 @@ class _TritonScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, last):
         Bsz, T, E = u.shape
         N = A.shape[1]
-        grid, n_chunks, block_n, wide = _launch_shape(u, A)
+        grid, n_chunks, block_n = _launch_shape(u, A)
         save = torch.is_grad_enabled() or any(ctx.needs_input_grad)
         y = torch.empty(Bsz, T, E, device=u.device, dtype=torch.float32)
         hs = torch.empty(Bsz, n_chunks if save else 1, E, N, device=u.device, dtype=torch.float32)
         h_last = torch.zeros(Bsz, E, N, device=u.device, dtype=torch.float32) if last else hs
         _fwd_kernel[grid](
             u, delta, A, B, C, y, hs, h_last, T, E, N, n_chunks,
-            SAVE=save, LAST=last, CHUNK=CHUNK, BLOCK_E=BLOCK_E, BLOCK_N=block_n, WIDE=wide,
+            SAVE=save, LAST=last, CHUNK=CHUNK, BLOCK_E=BLOCK_E, BLOCK_N=block_n,
             num_warps=NUM_WARPS,
         )  # fmt: skip
         ctx.save_for_backward(u, delta, A, B, C, hs)
@@ -190,7 +173,7 @@ class _TritonScanFn(torch.autograd.Function):
         u, delta, A, B, C, hs = ctx.saved_tensors
         Bsz, T, E = u.shape
         N = A.shape[1]
-        grid, n_chunks, block_n, wide = _launch_shape(u, A)
+        grid, n_chunks, block_n = _launch_shape(u, A)
         du = torch.empty(Bsz, T, E, device=u.device, dtype=torch.float32)
         ddelta = torch.empty_like(du)
         dA = torch.empty(Bsz, E, N, device=u.device, dtype=torch.float32)
@@ -198,7 +181,7 @@ class _TritonScanFn(torch.autograd.Function):
         dC = torch.zeros_like(dB)
         _bwd_kernel[grid](
             u, delta, A, B, C, dy.contiguous(), hs, du, ddelta, dA, dB, dC, T, E, N, n_chunks,
-            CHUNK=CHUNK, BLOCK_E=BLOCK_E, BLOCK_N=block_n, WIDE=wide, num_warps=NUM_WARPS,
+            CHUNK=CHUNK, BLOCK_E=BLOCK_E, BLOCK_N=block_n, num_warps=NUM_WARPS,
         )  # fmt: skip
         grads = (du, ddelta, dA.sum(0), dB, dC)
         return *(g.to(x.dtype) for g, x in zip(grads, (u, delta, A, B, C), strict=True)), None
