@@ -22,7 +22,7 @@ from typing import Any
 from advarch.slurm import STOP_SIGNALS
 
 STOP_REQUEST_FILE = ".stop_requested"  # in a parallel sweep's folder, naming the signal
-PHASE = {"training_started": False, "between_trials": False}  # where a stop signal came
+PHASE = {"training_started": False, "between_trials": False, "sweep_worker": False}
 HELD: list[int] = []  # stop signals received between a sweep's trials (`hold_between_trials`)
 
 
@@ -49,9 +49,10 @@ def _stop(signum: int) -> BaseException:
 def _on_stop_signal(signum: int, frame: Any) -> None:
     if PHASE["between_trials"] and not HELD:  # (a second one acts at once: nothing hangs)
         HELD.append(signum)  # (raised as the next trial starts: `trial_running`)
-        name = signal.Signals(signum).name
-        print(f"{name} received: the sweep stops as its next trial starts (again: at once)",
-              file=sys.stderr)  # fmt: skip
+        if not PHASE["sweep_worker"]:  # (a parallel sweep's launcher says what happens)
+            name = signal.Signals(signum).name
+            print(f"{name} received: the sweep stops as its next trial starts (again: at once)",
+                  file=sys.stderr)  # fmt: skip
         return
     raise _stop(signum)
 
@@ -148,6 +149,7 @@ def stop_requests_by_file(path: Path) -> Iterator[None]:
     raised at once. The file is removed as the block ends.
     """
     held: list[int] = []
+    path.unlink(missing_ok=True)  # (one left by a launcher killed before it could remove it)
 
     def on_signal(signum: int, frame: Any) -> None:
         if held:
@@ -172,21 +174,22 @@ def stop_requests_by_file(path: Path) -> Iterator[None]:
         raise _stop(held[0])
 
 
-def stop_when_orphaned(poll_s: float = 1.0) -> None:
-    """In a parallel sweep's worker process: once its launcher is gone (kill -9, which no
-    handler sees, so no stop request comes), stop as on SIGTERM — a running trial saves and
-    records its row — then end the process, which would otherwise wait for work forever and
-    hold its trial's folder. Once per process."""
-    if any(t.name == "advarch-orphan-watch" for t in threading.enumerate()):
-        return
-    launcher = os.getppid()
+def sweep_worker_started(launcher: int, poll_s: float = 1.0) -> None:
+    """A parallel sweep's worker process, as it starts (before any trial): stop signals are
+    held between trials, silently (the launcher says what happens), and act within one as in
+    any run; and once the `launcher` process is gone (kill -9, which no handler sees, so no
+    stop request comes) the worker stops as on SIGTERM — a running trial saves and records its
+    row — then ends, where it would wait for work forever, holding its trial's folder."""
+    stop_on_signals()
+    hold_between_trials()
+    PHASE["sweep_worker"] = True
 
     def watch() -> None:
-        while os.getppid() == launcher:
+        while os.getppid() == launcher:  # (a worker outliving it is adopted by another)
             time.sleep(poll_s)
         os.kill(os.getpid(), signal.SIGTERM)
         while not PHASE["between_trials"]:  # (set again as the trial returns)
             time.sleep(0.1)
         os._exit(128 + signal.SIGTERM)
 
-    threading.Thread(target=watch, name="advarch-orphan-watch", daemon=True).start()
+    threading.Thread(target=watch, name="advarch-launcher-watch", daemon=True).start()

@@ -33,7 +33,6 @@ from advarch.stop_signals import (
     signals_held,
     stop_on_signals,
     stop_request_file,
-    stop_when_orphaned,
     stopped_line,
     training_started,
     trial_running,
@@ -326,11 +325,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     keeps its traceback in `<trial>/error.txt`, and returns the worst value, so the sweep goes
     on and the sweeper ranks it last; `advarch.sweeps.SweepSummary` tabulates the trials.
     """
-    stop_file = parallel_stop_file()
-    if stop_file is not None:  # a parallel sweep's worker: a signal between trials is held
-        stop_on_signals()
-        hold_between_trials()
-        stop_when_orphaned()
+    stop_file = parallel_stop_file()  # (its workers hold signals between trials)
     try:
         with trial_running():  # (a signal held since the last trial stops the sweep here)
             if requested_stop(stop_file) is None:  # (else its parallel sweep stops: not begun)
@@ -352,12 +347,9 @@ def parallel_stop_file() -> Path | None:
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     if hc is None or hc.mode != RunMode.MULTIRUN:
         return None
-    launcher = str(OmegaConf.select(hc, "launcher._target_") or "")
-    return (
-        stop_request_file(Path(hc.sweep.dir))
-        if launcher.endswith(".LocalParallelLauncher")
-        else None
-    )
+    if not str(OmegaConf.select(hc, "launcher._target_")).endswith(".LocalParallelLauncher"):
+        return None
+    return stop_request_file(Path(hc.runtime.cwd, hc.sweep.dir))  # (hydra.job.chdir=true)
 
 
 def _job(cfg: DictConfig) -> float | None:

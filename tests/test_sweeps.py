@@ -18,6 +18,7 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -188,23 +189,70 @@ def test_a_signal_lets_a_parallel_sweeps_running_trials_save(project: Project) -
         "SIGTERM received: sweep stopped (its trials keep what they saved); rerun the same "
         "command with ckpt_path=auto to go on"
     )
-    rows = {row["trial"]: row for row in summary_rows(stopped.sweep_dir)}
-    begun = sorted(p.name for p in stopped.sweep_dir.iterdir() if p.name.isdigit())
-    assert begun and sorted(rows) == begun, (begun, rows)  # every trial begun has its row
-    steps = {}
-    for trial, row in rows.items():
-        saved = re.fullmatch(r"interrupted: SIGTERM at step (\d): saved (.+)", row["status"])
-        assert row["status"] == "ok" or saved, row
-        if saved:
-            assert Path(saved[2]) == stopped.sweep_dir / trial / "checkpoints" / "last.ckpt"
-            steps[trial] = int(saved[1])
-    assert steps, rows  # (the trial whose checkpoint was waited for was running)
+    steps = saved_steps(stopped.sweep_dir, "SIGTERM")
     assert not (stopped.sweep_dir / ".stop_requested").exists()
     again = project.shell(f"{sweep} ckpt_path=auto").check()
     for trial, step in steps.items():
-        saved = stopped.sweep_dir / trial / "checkpoints" / "last.ckpt"
-        assert f"ckpt_path=auto: resuming {saved} (step {step}" in again.output, again.output
+        saved = trial / "checkpoints" / "last.ckpt"
+        assert f"ckpt_path=auto: resuming {saved} (step {step}," in again.output, again.output
     assert [r["status"] for r in summary_rows(again.sweep_dir)] == ["ok"] * 3
+
+
+def saved_steps(sweep_dir: Path, name: str) -> dict[Path, int]:
+    """Every trial of a stopped sweep has its row, finished or stopped by signal `name`;
+    {trial folder: its step} of those that saved while training (at least one: the sweep was
+    stopped once a trial had a checkpoint)."""
+    rows = {row["trial"]: row for row in summary_rows(sweep_dir)}
+    begun = sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit())
+    assert begun and sorted(rows) == begun, (begun, rows)  # every trial begun has its row
+    steps = {}
+    for trial, row in rows.items():
+        assert row["status"] == "ok" or row["status"].startswith(f"interrupted: {name} "), row
+        saved = re.fullmatch(f"interrupted: {name} at step (\\d+): saved (.+)", row["status"])
+        if saved:  # (else stopped before training or in its final test: nothing to go on)
+            assert Path(saved[2]) == sweep_dir / trial / "checkpoints" / "last.ckpt"
+            steps[sweep_dir / trial] = int(saved[1])
+    assert steps, rows
+    return steps
+
+
+@contextlib.contextmanager
+def parallel_sweep_training(project: Project, sweep: list[str]) -> Iterator[subprocess.Popen]:
+    """`sweep` started in a group of its own (as a terminal's job: its workers are in it, cold,
+    so they are its children), yielded once a trial has a checkpoint; the group is killed
+    after. Its output goes to `sweep.txt` beside the project (a pipe nobody reads would fill)."""
+    with (project.root.parent / "sweep.txt").open("w") as output:
+        launcher = subprocess.Popen(  # noqa: S603
+            sweep, cwd=project.root, env=project.env(warm=False), stdout=output,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not list(project.root.glob("outputs/multiruns/*/*/checkpoints/last.ckpt")):
+            assert time.monotonic() < deadline, "no trial checkpoint in 180 s"
+            time.sleep(0.05)
+        yield launcher
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_parallel_sweep_with_an_idle_worker(project: Project) -> None:
+    """Ctrl-C reaches every process of the group: the launcher, its trial and its idle worker
+    (one trial, two workers), which died of it and broke the pool (joblib then killed the
+    trial). As typed in the README (its smoke switch and enough steps to stop it midway)."""
+    sweep = ["python", "train.py", "-m", "hydra/launcher=local_parallel", "debug=tiny",
+             "trainer.max_steps=60"]  # fmt: skip
+    with parallel_sweep_training(project, sweep) as launcher:
+        os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C
+        launcher.wait(timeout=120)
+    output = (project.root.parent / "sweep.txt").read_text()
+    assert launcher.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "BrokenProcessPool" not in output, output[-3000:]
+    (sweep_dir,) = project.sweeps()
+    saved_steps(sweep_dir, "SIGINT")
 
 
 @pytest.mark.slow
@@ -215,15 +263,7 @@ def test_kill_9_of_a_parallel_sweep_leaves_no_trial_training(project: Project) -
     row and ends; the rerun with ckpt_path=auto goes on from those checkpoints."""
     sweep = ["python", "train.py", "-m", "hydra/launcher=local_parallel", "model.depth=1,2",
              "debug=tiny", "trainer.max_steps=60"]  # fmt: skip
-    launcher = subprocess.Popen(  # noqa: S603  (its own group: its workers are in it)
-        sweep, cwd=project.root, env=project.env(warm=False), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while not list(project.root.glob("outputs/multiruns/*/*/checkpoints/last.ckpt")):
-            assert time.monotonic() < deadline, "no trial checkpoint in 180 s"
-            time.sleep(0.05)
+    with parallel_sweep_training(project, sweep) as launcher:
         launcher.kill()
         launcher.wait(timeout=60)
         deadline = time.monotonic() + 60
@@ -231,15 +271,12 @@ def test_kill_9_of_a_parallel_sweep_leaves_no_trial_training(project: Project) -
                              ).returncode == 0:  # fmt: skip
             assert time.monotonic() < deadline, "its workers still run 60 s after kill -9"
             time.sleep(0.2)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(launcher.pid, signal.SIGKILL)
     (sweep_dir,) = project.sweeps()
     saved = {}
     for result in sorted(sweep_dir.glob("*/result.json")):
         row = json.loads(result.read_text())
         assert row["status"] in ("ok", "interrupted"), row
-        if row["status"] == "interrupted":
+        if row["status"] == "interrupted" and "at step" in row["error"]:
             saved[result.parent] = int(re.search(r"at step (\d+)", row["error"])[1])
     assert saved, list(sweep_dir.iterdir())
     again = project.shell(shlex.join([*sweep, "ckpt_path=auto"])).check()

@@ -264,8 +264,9 @@ class SignalCheckpoint(L.Callback):
     def _received(self, trainer: L.Trainer) -> int | None:
         """The signal received or requested (`stop_request`), agreed by every process (they
         stop at the same batch)."""
-        signum = self.received or requested_stop(self.stop_request)  # (a request is no Ctrl-C
-        received = signum is not None  # of its own: a Ctrl-C after it is the first)
+        # (a request is not `self.received`: a Ctrl-C after it is a first Ctrl-C, which saves)
+        signum = self.received or requested_stop(self.stop_request)
+        received = signum is not None
         if trainer.world_size > 1:
             flag = torch.tensor(float(received), device=trainer.strategy.root_device)
             received = bool(trainer.strategy.reduce(flag, reduce_op="max") > 0)

@@ -102,8 +102,10 @@ class MMoESyntheticDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.num_features={num_features} must be >= 2 (u1 is orthogonal to u2)"
             )
-        if not (scale > 0 and noise_std >= 0):
-            raise ValueError(f"data.scale={scale} must be > 0 and data.noise_std={noise_std} >= 0")
+        if not scale > 0:
+            raise ValueError(f"data.scale={scale} must be > 0")
+        if not noise_std >= 0:
+            raise ValueError(f"data.noise_std={noise_std} must be >= 0")
         if num_samples - val_samples - test_samples < 1 or min(val_samples, test_samples) < 1:
             raise ValueError(
                 f"data.num_samples={num_samples} must exceed data.val_samples={val_samples} + "

@@ -10,21 +10,28 @@ trials start, and the sweep then stops with its table (`stop_signals.stop_reques
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
-from advarch.stop_signals import stop_request_file, stop_requests_by_file
+from advarch.stop_signals import stop_request_file, stop_requests_by_file, sweep_worker_started
 
 
 class LocalParallelLauncher(JoblibLauncher):
-    """Hydra's joblib launcher whose stop signals let the running trials save (module doc)."""
+    """Hydra's joblib launcher whose stop signals let the running trials save (module doc).
+
+    Each worker process starts holding stop signals (`sweep_worker_started`: a Ctrl-C reaches
+    every process of the group, idle and starting workers too, which died of it and broke the
+    pool) and watching this process, which it outlives only to save its trial.
+    """
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
                ) -> Sequence[JobReturn]:  # fmt: skip
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        with stop_requests_by_file(stop_request_file(sweep_dir)):
+        self.joblib.update(initializer=sweep_worker_started, initargs=(os.getpid(),))
+        with stop_requests_by_file(stop_request_file(sweep_dir.resolve())):
             return super().launch(job_overrides, initial_job_idx)

@@ -21,7 +21,10 @@ from advarch.stop_signals import (
     PHASE,
     Stopped,
     hold_between_trials,
+    requested_stop,
     stop_on_signals,
+    stop_request_file,
+    stop_requests_by_file,
     stopped_line,
     trial_running,
 )
@@ -82,6 +85,28 @@ def test_a_signal_between_sweep_trials_stops_the_sweep_as_the_next_trial_starts(
         for s, handler in before.items():
             signal.signal(s, handler)
     assert not HELD
+
+
+def test_a_parallel_sweeps_launcher_holds_a_signal_and_asks_its_trials_to_stop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the launcher's first signal is written for the trials (in other processes) and raised as
+    # the block ends; a second acts at once; a request file left by a killed launcher is gone
+    # as the next one starts (it turned a rerun into that folder into a silent no-op)
+    request = stop_request_file(tmp_path)
+    request.write_text("SIGTERM")
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    with pytest.raises(Stopped) as stopped, stop_requests_by_file(request):
+        assert requested_stop(request) is None
+        os.kill(os.getpid(), signal.SIGUSR1)  # (the handler runs before the next line)
+        assert requested_stop(request) == signal.SIGUSR1
+        assert "SIGUSR1 received: the running trials save and stop" in capsys.readouterr().err
+    assert stopped.value.signum == signal.SIGUSR1 and not request.exists()
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+    with pytest.raises(KeyboardInterrupt), stop_requests_by_file(request):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # (raised here)
+        pytest.fail("a second signal waited")
 
 
 def test_a_run_puts_back_every_handler_it_found(make_cfg) -> None:

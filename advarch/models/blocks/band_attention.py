@@ -7,7 +7,8 @@ no step allocates a T·W-sized tensor. On CPU that halves the time at long T: a 
 hundreds of MB is page-faulted in on every call (as long as a matmul takes), while a tile of a
 few MB comes from the allocator's heap and stays in cache for the mask and softmax passes. The
 backward pass reuses the forward's probabilities up to ``KEEP_BYTES`` a call (O(T·w) memory,
-like autograd) and beyond that recomputes them tile by tile, as FlashAttention does (O(T·Dh)).
+like autograd) and beyond that recomputes them tile by tile, as FlashAttention does (O(T·Dh));
+with attention dropout the keep-masks are kept at any T (one byte a score, O(T·w)).
 
 Backward per tile (P the probabilities, M the dropout keep-mask scaled by 1 / (1 − p), O the
 output, dO its gradient): dV = (P∘M)ᵀ dO, dP = (dO Vᵀ)∘M, dS = P∘(dP − rowsum(dO∘O)), dQ = dS K,

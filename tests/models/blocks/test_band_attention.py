@@ -45,7 +45,7 @@ def test_tiles_cover_every_block_once(monkeypatch, blocks_per_tile):
 
 @pytest.mark.parametrize("keep_bytes", [0, 10**9])
 @pytest.mark.parametrize("causal,glob", [(True, False), (False, True)])
-def test_dropout_backward_redraws_the_forward_masks(monkeypatch, keep_bytes, causal, glob):
+def test_dropout_backward_uses_the_forward_masks(monkeypatch, keep_bytes, causal, glob):
     """Finite differences of the dropout forward (same seed each call) equal the hand-written
     backward: the backward tiles use exactly the forward's keep-masks."""
     monkeypatch.setattr(band_attention, "TILE_BYTES", 2000)  # several tiles, several masks
