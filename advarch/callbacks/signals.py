@@ -148,7 +148,9 @@ class SignalCheckpoint(L.Callback):
         path: where to write the checkpoint (the run's `checkpoints/last.ckpt`); None where
             nothing trains (eval.py).
         stop_request: a file whose appearance stops the run as the signal it names would (a
-            parallel sweep's launcher writes it: `stop_signals.stop_requests_by_file`).
+            parallel sweep's launcher writes it: `stop_signals.stop_requests_by_file`). Such a
+            trial leaves requeueing a SLURM job to its launcher, once every trial has saved
+            (`scontrol requeue` ends the whole job, the other trials with it).
     """
 
     def __init__(self, path: Path | None = None, stop_request: Path | None = None) -> None:
@@ -254,12 +256,16 @@ class SignalCheckpoint(L.Callback):
         if trainer.is_global_zero:
             name = signal.Signals(signum).name
             say(f"{name} received: saved {self.path} at step {trainer.global_step}")
-            requeue(signum)
+            self._requeue(signum)
         raise Interrupted(
             signum,
             f"{signal.Signals(signum).name} at step {trainer.global_step}: saved {self.path}; "
             "resume with ckpt_path=auto (same run_name) or ckpt_path=<that file>",
         )
+
+    def _requeue(self, signum: int) -> None:
+        if self.stop_request is None:  # (else a parallel sweep's trial: see `stop_request`)
+            requeue(signum)
 
     def _received(self, trainer: L.Trainer) -> int | None:
         """The signal received or requested (`stop_request`), agreed by every process (they
@@ -325,5 +331,5 @@ class SignalCheckpoint(L.Callback):
         if trainer.is_global_zero:
             say(message)
             if requeued:
-                requeue(signum)
+                self._requeue(signum)
         raise Interrupted(signum, message)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,6 +108,23 @@ def test_a_parallel_sweeps_launcher_holds_a_signal_and_asks_its_trials_to_stop(
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)  # (raised here)
         pytest.fail("a second signal waited")
+
+
+@pytest.mark.parametrize("parallel_trial", [False, True])
+def test_only_a_parallel_sweeps_launcher_requeues_a_slurm_job(
+    parallel_trial: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `scontrol requeue` ends the whole job: a parallel trial that saved first would end the
+    # others mid-save. Each trial saves and stops; its launcher requeues once they all have.
+    asked: list[int] = []
+    monkeypatch.setattr("advarch.callbacks.signals.requeue", asked.append)
+    request = stop_request_file(tmp_path) if parallel_trial else None
+    callback = SignalCheckpoint(tmp_path / "last.ckpt", stop_request=request)
+    trainer = SimpleNamespace(save_checkpoint=lambda path: None, is_global_zero=True,
+                              global_step=3)  # fmt: skip
+    with pytest.raises(Interrupted):
+        callback._save_and_stop(trainer, signal.SIGUSR1)
+    assert asked == ([] if parallel_trial else [signal.SIGUSR1])
 
 
 def test_a_run_puts_back_every_handler_it_found(make_cfg) -> None:
