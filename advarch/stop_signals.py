@@ -24,6 +24,7 @@ from advarch.slurm import STOP_SIGNALS
 STOP_REQUEST_FILE = ".stop_requested"  # in a parallel sweep's folder, naming the signal
 PHASE = {"training_started": False, "between_trials": False, "sweep_worker": False}
 HELD: list[int] = []  # stop signals received between a sweep's trials (`hold_between_trials`)
+_LAUNCHER_GONE = threading.Event()  # a parallel sweep's worker outlived its launcher
 
 
 def training_started(*_: Any) -> None:
@@ -174,6 +175,12 @@ def stop_requests_by_file(path: Path) -> Iterator[None]:
         raise _stop(held[0])
 
 
+def launcher_gone() -> bool:
+    """Whether this process is a parallel sweep's worker that outlived its launcher (a
+    function, not the Event: Hydra's task function is pickled by value for the workers)."""
+    return _LAUNCHER_GONE.is_set()
+
+
 def sweep_worker_started(launcher: int, poll_s: float = 1.0) -> None:
     """A parallel sweep's worker process, as it starts (before any trial): stop signals are
     held between trials, silently (the launcher says what happens), and act within one as in
@@ -187,9 +194,11 @@ def sweep_worker_started(launcher: int, poll_s: float = 1.0) -> None:
     def watch() -> None:
         while os.getppid() == launcher:  # (a worker outliving it is adopted by another)
             time.sleep(poll_s)
-        os.kill(os.getpid(), signal.SIGTERM)
-        while not PHASE["between_trials"]:  # (set again as the trial returns)
+        _LAUNCHER_GONE.set()  # no trial starts from here on; the one running ends the process
+        if not PHASE["between_trials"]:
+            os.kill(os.getpid(), signal.SIGTERM)  # (it saves and stops)
+        while not PHASE["between_trials"]:
             time.sleep(0.1)
-        os._exit(128 + signal.SIGTERM)
+        os._exit(128 + signal.SIGTERM)  # (idle, or its trial ended the process already)
 
     threading.Thread(target=watch, name="advarch-launcher-watch", daemon=True).start()

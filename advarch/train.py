@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from advarch.stop_signals import (
     PHASE,
     Stopped,
     hold_between_trials,
+    launcher_gone,
     requested_stop,
     signals_held,
     stop_on_signals,
@@ -328,12 +330,15 @@ def hydra_main(cfg: DictConfig) -> float | None:
     stop_file = parallel_stop_file()  # (its workers hold signals between trials)
     try:
         with trial_running():  # (a signal held since the last trial stops the sweep here)
-            if requested_stop(stop_file) is None:  # (else its parallel sweep stops: not begun)
-                return _job(cfg)
+            if requested_stop(stop_file) is None and not launcher_gone():
+                return _job(cfg)  # (else its parallel sweep stops: not begun)
     except (KeyboardInterrupt, Stopped):  # outside training's handlers (imports, data)
         if stop_file is None:  # (a parallel trial returns: its launcher stops the sweep)
             discard_run_folder(Path(cfg.paths.output_dir))  # (a folder with checkpoints stays)
             raise
+    finally:
+        if launcher_gone():  # (its trial recorded: nothing waits for this worker)
+            os._exit(128 + signal.SIGTERM)
     discard_run_folder(Path(cfg.paths.output_dir))
     return None
 

@@ -222,6 +222,7 @@ def parallel_sweep_training(project: Project, sweep: list[str]) -> Iterator[subp
     try:
         deadline = time.monotonic() + 180
         while not list(project.root.glob("outputs/multiruns/*/*/checkpoints/last.ckpt")):
+            assert launcher.poll() is None, (project.root.parent / "sweep.txt").read_text()
             assert time.monotonic() < deadline, "no trial checkpoint in 180 s"
             time.sleep(0.05)
         yield launcher
@@ -253,8 +254,10 @@ def test_kill_9_of_a_parallel_sweep_leaves_no_trial_training(project: Project) -
     """kill -9 of a `hydra/launcher=local_parallel` sweep (tester 33 F5): its workers went on
     training as orphans, holding the trials' folders (the rerun was refused "in use by another
     run"), then waited for work forever. Now each notices, saves as on SIGTERM, records its
-    row and ends; the rerun with ckpt_path=auto goes on from those checkpoints."""
-    sweep = ["python", "train.py", "-m", "hydra/launcher=local_parallel", "model.depth=1,2",
+    row and ends, and none starts a queued trial; the rerun with ckpt_path=auto goes on from
+    those checkpoints."""
+    # 3 trials, 2 workers: one queued
+    sweep = ["python", "train.py", "-m", "hydra/launcher=local_parallel", "model.depth=1,2,3",
              "debug=tiny", "trainer.max_steps=60"]  # fmt: skip
     with parallel_sweep_training(project, sweep) as launcher:
         launcher.kill()
@@ -276,7 +279,8 @@ def test_kill_9_of_a_parallel_sweep_leaves_no_trial_training(project: Project) -
     for trial, step in saved.items():
         ckpt = trial / "checkpoints" / "last.ckpt"
         assert f"ckpt_path=auto: resuming {ckpt} (step {step}," in again.output, again.output
-    assert [r["status"] for r in summary_rows(again.sweep_dir)] == ["ok", "ok"]
+    assert not (sweep_dir / "2" / "result.json").exists()  # (the queued one never ran)
+    assert [r["status"] for r in summary_rows(again.sweep_dir)] == ["ok", "ok", "ok"]
 
 
 @pytest.mark.slow

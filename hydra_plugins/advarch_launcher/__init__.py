@@ -24,8 +24,9 @@ class LocalParallelLauncher(JoblibLauncher):
     """Hydra's joblib launcher whose stop signals let the running trials save (module doc).
 
     Each worker process starts holding stop signals (`sweep_worker_started`: a Ctrl-C reaches
-    every process of the group, idle and starting workers too, which died of it and broke the
-    pool) and watching this process, which it outlives only to save its trial.
+    every process of the group, idle workers too, which died of it and broke the pool; a
+    worker in its first ~0.2 s, before the handlers are in, still does) and watching this
+    process, which it outlives only to save its trial.
     """
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int

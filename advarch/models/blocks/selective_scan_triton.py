@@ -73,7 +73,7 @@ def _fwd_kernel(
         t = c * CHUNK + rows
         te_ok = (t < T)[:, None] & (e < E)[None, :]
         tn_ok = (t < T)[:, None] & (n < N)[None, :]
-        row = (pid_b * T + c * CHUNK).to(tl.int64)  # the chunk's first row of (B·T, ·)
+        row = pid_b.to(tl.int64) * T + c * CHUNK  # the chunk's first row of (B·T, ·)
         u = tl.load(u_ptr + row * E + te, mask=te_ok, other=0.0).to(tl.float32)
         dt = tl.load(dt_ptr + row * E + te, mask=te_ok, other=0.0).to(tl.float32)
         Bt = tl.load(B_ptr + row * N + tn, mask=tn_ok, other=0.0).to(tl.float32)
@@ -111,7 +111,7 @@ def _bwd_kernel(
         t = c * CHUNK + rows
         te_ok = (t < T)[:, None] & (e < E)[None, :]
         tn_ok = (t < T)[:, None] & (n < N)[None, :]
-        row = (pid_b * T + c * CHUNK).to(tl.int64)  # the chunk's first row of (B·T, ·)
+        row = pid_b.to(tl.int64) * T + c * CHUNK  # the chunk's first row of (B·T, ·)
         u = tl.load(u_ptr + row * E + te, mask=te_ok, other=0.0).to(tl.float32)
         dt = tl.load(dt_ptr + row * E + te, mask=te_ok, other=0.0).to(tl.float32)
         next_ok = (t + 1 < T)[:, None] & (e < E)[None, :]

@@ -153,13 +153,14 @@ def test_cuda_scan_at_launched_and_swept_tiles(tiles, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_scan_past_int32_offsets(monkeypatch):
-    """T 2¹⁷, E 2¹³, N 16: the saved chunk-start states hold 2³¹ elements, so their offsets
-    pass int32 (they wrapped when computed in int32). Channels are independent: the last
-    channel block's outputs and input gradients equal a run of that block alone."""
+    """T 2¹⁸, E 2¹³, N 16: u, Δ, y and their gradients hold 2³¹ elements and the saved
+    chunk-start states 2³², so their offsets pass int32 (they wrapped when computed in int32).
+    Channels are independent: the last channel block's outputs and input gradients equal a
+    run of that block alone."""
     for name, value in zip(("CHUNK", "BLOCK_E", "NUM_WARPS"), LAUNCHED_TILES, strict=True):
         monkeypatch.setattr(triton_scan, name, value)
     g = torch.Generator("cuda").manual_seed(0)
-    T, E, N, block = 2**17, 2**13, 16, LAUNCHED_TILES[1]
+    T, E, N, block = 2**18, 2**13, 16, LAUNCHED_TILES[1]
     u = torch.randn(1, T, E, device="cuda", dtype=torch.bfloat16, generator=g)
     delta = (torch.rand(1, T, E, device="cuda", generator=g) * 0.5 + 0.01).bfloat16()
     A = -torch.rand(E, N, device="cuda", generator=g) - 0.1
