@@ -139,9 +139,8 @@ def split_class_sizes(source: Source, num_classes: int, samples_per_class: int
     synthetic options count only for `synthetic`): what its episodes are checked against
     before any data is built."""
     if source == "synthetic":
-        train, val = round(0.6 * num_classes), round(0.2 * num_classes)
-        counts = {"train": train, "val": val, "test": num_classes - train - val}
-        return {split: [samples_per_class] * n for split, n in counts.items()}
+        bounds = synthetic_split_bounds(num_classes)
+        return {split: [samples_per_class] * (hi - lo) for split, (lo, hi) in bounds.items()}
     per_digit = np.bincount(load_digit_arrays()[1], minlength=NUM_DIGITS)
     return {split: [int(per_digit[d]) for d in digits] * NUM_ROTATIONS
             for split, digits in ROTATED_DIGIT_SPLITS.items()}  # fmt: skip
@@ -255,14 +254,17 @@ def rotated_digit_pools(input_format: InputFormat) -> dict[str, tuple[np.ndarray
     return pools
 
 
+def synthetic_split_bounds(num_classes: int) -> dict[str, tuple[int, int]]:
+    """`{split: (first class, end)}`: the first 60% of classes train, 20% val, 20% test."""
+    train, val = round(0.6 * num_classes), round(0.2 * num_classes)
+    return {"train": (0, train), "val": (train, train + val), "test": (train + val, num_classes)}
+
+
 def synthetic_pools(data: SyntheticFewShotSet) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """`{split: (features, class ids)}`: the first 60% of classes train, 20% val, 20% test."""
-    num_classes = int(data.classes.max()) + 1
-    bounds = np.cumsum([0, round(0.6 * num_classes), round(0.2 * num_classes)])
-    edges = {"train": (0, bounds[1]), "val": (bounds[1], bounds[2]), "test": (bounds[2], None)}
+    """`{split: (features, class ids)}` of `synthetic_split_bounds`."""
     pools = {}
-    for split, (lo, hi) in edges.items():
-        keep = (data.classes >= lo) & (data.classes < (num_classes if hi is None else hi))
+    for split, (lo, hi) in synthetic_split_bounds(int(data.classes.max()) + 1).items():
+        keep = (data.classes >= lo) & (data.classes < hi)
         pools[split] = (data.features[keep], data.classes[keep])
     return pools
 
