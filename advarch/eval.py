@@ -257,12 +257,12 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any, ckpt: dic
     its config the checkpoint's plus what the evaluation changed and the optimizer steps the
     checkpoint had trained (its own step counter starts at 0)."""
     import wandb
-    from lightning.pytorch.loggers import WandbLogger
 
     from advarch.checkpoint import run_dir_of
     from advarch.reports.run_folders import wandb_group
     from advarch.strategies.base import count_parameters
-    from advarch.tracking import tracker_config, without_anonymous
+    from advarch.tracking import tracker_config
+    from advarch.wandb_logger import WandbLogger
 
     config = tracker_config(saved, count_parameters(module.model))
     config["eval"] = {
@@ -271,18 +271,16 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any, ckpt: dic
         "trained_steps": int(ckpt.get("global_step", 0)),
     }
     project = OmegaConf.select(saved, "logger.wandb.project") or "advarch"
-    return without_anonymous(
-        WandbLogger(
-            project=project,
-            save_dir=cfg.paths.output_dir,
-            offline=True,
-            name=f"eval {saved.run_name}",
-            group=wandb_group(run_dir_of(Path(cfg.ckpt_path).expanduser())) or str(saved.run_name),
-            job_type="eval",
-            tags=[*(saved.get("tags") or []), *run_choice_tags(cfg), "eval"],
-            config=config,
-            settings=wandb.Settings(quiet=True, silent=True),
-        )
+    return WandbLogger(
+        project=project,
+        save_dir=cfg.paths.output_dir,
+        offline=True,
+        name=f"eval {saved.run_name}",
+        group=wandb_group(run_dir_of(Path(cfg.ckpt_path).expanduser())) or str(saved.run_name),
+        job_type="eval",
+        tags=[*(saved.get("tags") or []), *run_choice_tags(cfg), "eval"],
+        config=config,
+        settings=wandb.Settings(quiet=True, silent=True),
     )
 
 

@@ -110,13 +110,6 @@ def wandb_init_fields(
     }
 
 
-def without_anonymous(logger: Any) -> Any:
-    """The `WandbLogger` without the `anonymous=None` Lightning passes to `wandb.init`: the
-    setting has no effect, and W&B ≥ 0.22 prints a warning for it on every run."""
-    logger._wandb_init.pop("anonymous", None)
-    return logger
-
-
 def define_summary(experiment: Any, optimized_metric: str | None, mode: str) -> None:
     """Keep the best value of the optimized metric in the W&B summary (not only the last);
     a continual stream's `cl/*` keeps its last: each value averages over the tasks seen so

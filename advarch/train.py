@@ -240,7 +240,7 @@ def build_loggers(
     from advarch.config.resolvers import metric_mode
     from advarch.config.runs import previous_wandb_id
     from advarch.pipeline import instantiate_checked
-    from advarch.tracking import define_summary, wandb_init_fields, without_anonymous
+    from advarch.tracking import define_summary, wandb_init_fields
 
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
@@ -253,7 +253,6 @@ def build_loggers(
         fields["id"] = previous_wandb_id(ckpt) or node.get("id")
         fields["tags"] = list(dict.fromkeys([*map(str, node.get("tags") or []), *fields["tags"]]))
         logger = hydra.utils.instantiate(node, _partial_=True, _convert_="all")(**fields)
-        without_anonymous(logger)
         metric = cfg.get("optimized_metric")
         mode = OmegaConf.select(cfg, "callbacks.model_checkpoint.mode") or metric_mode(metric)
         if rank_zero_only.rank == 0:  # other ranks hold a dummy experiment

@@ -398,6 +398,8 @@ def test_ddp_simulated_on_two_cpu_processes(project: Project) -> None:
     assert summary["cl/avg_bpb"] == pytest.approx(mean, rel=1e-5)
     # the spawned worker ignores the warnings the launching process does
     assert "sync_dist=True" not in res.output and "LeafSpec" not in res.output
+    # nor W&B its `wandb.require("service")` warning each time ddp_spawn pickled the logger
+    assert "wandb: WARNING" not in res.output
     # nor do the workers print DDP's start-up banner (per process, per fit/validate/test) or
     # Lightning's DistributedSampler advice (README's DDP section says it)
     assert "Initializing distributed" not in res.output and "distributed_backend" not in res.output
