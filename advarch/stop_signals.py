@@ -175,6 +175,34 @@ def stop_requests_by_file(path: Path) -> Iterator[None]:
         raise _stop(held[0])
 
 
+@contextlib.contextmanager
+def spawned_with_signals_blocked() -> Iterator[None]:
+    """While the block runs, the processes this thread (or a thread it starts) spawns begin
+    with the stop signals blocked, as a signal mask passes through fork and exec: a parallel
+    sweep's workers, which a Ctrl-C to the group killed in their first moments, before their
+    handlers were in (`sweep_worker_started` unblocks them then). This process still takes
+    them: a thread started first, with them unblocked, receives them, and Python runs the
+    handlers in the main thread as ever (between its bytecodes: joblib's wait polls).
+
+    Python's resource tracker is started first: starting it unblocks SIGINT and SIGTERM
+    (`multiprocessing.resource_tracker.ensure_running` up to CPython 3.12), and loky starts
+    it as it spawns its first worker."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    done = threading.Event()
+    threading.Thread(target=done.wait, name="advarch-signal-receiver", daemon=True).start()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        done.set()
+
+
 def launcher_gone() -> bool:
     """Whether this process is a parallel sweep's worker that outlived its launcher (a
     function, not the Event: Hydra's task function is pickled by value for the workers)."""
@@ -186,10 +214,12 @@ def sweep_worker_started(launcher: int, poll_s: float = 1.0) -> None:
     held between trials, silently (the launcher says what happens), and act within one as in
     any run; and once the `launcher` process is gone (kill -9, which no handler sees, so no
     stop request comes) the worker stops as on SIGTERM — a running trial saves and records its
-    row — then ends, where it would wait for work forever, holding its trial's folder."""
+    row — then ends, where it would wait for work forever, holding its trial's folder. It
+    started with stop signals blocked (`spawned_with_signals_blocked`): they act from here."""
     stop_on_signals()
     hold_between_trials()
     PHASE["sweep_worker"] = True
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # (a signal since: held now)
 
     def watch() -> None:
         while os.getppid() == launcher:  # (a worker outliving it is adopted by another)

@@ -18,7 +18,7 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -209,11 +209,27 @@ def assert_rows_of_stopped_trials(sweep_dir: Path, name: str) -> None:
     assert saved, rows
 
 
+def a_trial_saved(project: Project, launcher: int) -> bool:
+    """Whether a trial of the sweep has written its checkpoint."""
+    return bool(list(project.root.glob("outputs/multiruns/*/*/checkpoints/last.ckpt")))
+
+
+def a_worker_starting(project: Project, launcher: int) -> bool:
+    """Whether a worker process of the sweep's pool exists (it is in its first moments: its
+    interpreter starting, before its stop-signal handlers are in)."""
+    found = subprocess.run(["pgrep", "-f", "-g", str(launcher), "popen_loky_posix"],
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+    return found.returncode == 0
+
+
 @contextlib.contextmanager
-def parallel_sweep_training(project: Project, sweep: list[str]) -> Iterator[subprocess.Popen]:
+def parallel_sweep(
+    project: Project, sweep: list[str], ready: Callable[[Project, int], bool] = a_trial_saved
+) -> Iterator[subprocess.Popen]:
     """`sweep` started in a group of its own (as a terminal's job: its workers are in it, cold,
-    so they are its children), yielded once a trial has a checkpoint; the group is killed
-    after. Its output goes to `sweep.txt` beside the project (a pipe nobody reads would fill)."""
+    so they are its children), yielded once `ready` (by default: once a trial has a
+    checkpoint); the group is killed after. Its output goes to `sweep.txt` beside the project
+    (a pipe nobody reads would fill)."""
     with (project.root.parent / "sweep.txt").open("w") as output:
         launcher = subprocess.Popen(  # noqa: S603
             sweep, cwd=project.root, env=project.env(warm=False), stdout=output,
@@ -221,10 +237,10 @@ def parallel_sweep_training(project: Project, sweep: list[str]) -> Iterator[subp
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
-        while not list(project.root.glob("outputs/multiruns/*/*/checkpoints/last.ckpt")):
+        while not ready(project, launcher.pid):
             assert launcher.poll() is None, (project.root.parent / "sweep.txt").read_text()
-            assert time.monotonic() < deadline, "no trial checkpoint in 180 s"
-            time.sleep(0.05)
+            assert time.monotonic() < deadline, f"not {ready.__name__} in 180 s"
+            time.sleep(0.005)
         yield launcher
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -239,7 +255,7 @@ def test_ctrl_c_stops_a_parallel_sweep_with_an_idle_worker(project: Project) -> 
     trial). As typed in the README (its smoke switch and enough steps to stop it midway)."""
     sweep = ["python", "train.py", "-m", "hydra/launcher=local_parallel", "debug=tiny",
              "trainer.max_steps=60"]  # fmt: skip
-    with parallel_sweep_training(project, sweep) as launcher:
+    with parallel_sweep(project, sweep) as launcher:
         os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C
         launcher.wait(timeout=120)
     output = (project.root.parent / "sweep.txt").read_text()
@@ -247,6 +263,28 @@ def test_ctrl_c_stops_a_parallel_sweep_with_an_idle_worker(project: Project) -> 
     assert "Traceback" not in output and "BrokenProcessPool" not in output, output[-3000:]
     (sweep_dir,) = project.sweeps()
     assert_rows_of_stopped_trials(sweep_dir, "SIGINT")
+
+
+@pytest.mark.slow
+def test_ctrl_c_as_a_parallel_sweeps_workers_start_stops_it_in_one_line(project: Project) -> None:
+    """Ctrl-C while the pool's workers start (their interpreters, before their handlers are
+    in): a worker died of it (KeyboardInterrupt), the pool broke, and the sweep ended in a
+    `BrokenProcessPool` traceback. Workers now start with stop signals blocked, unblocked
+    once their handlers are in, so it is one stop like any other."""
+    sweep = ["python", "train.py", "-m", "hydra/launcher=local_parallel", "model.depth=1,2",
+             "debug=tiny"]  # fmt: skip
+    with parallel_sweep(project, sweep, ready=a_worker_starting) as launcher:
+        os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C
+        launcher.wait(timeout=120)
+    output = (project.root.parent / "sweep.txt").read_text()
+    assert launcher.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "BrokenProcessPool" not in output, output[-3000:]
+    assert output.rstrip().endswith(
+        "SIGINT received: sweep stopped (its trials keep what they saved); rerun the same "
+        "command with ckpt_path=auto to go on"
+    ), output[-3000:]
+    (sweep_dir,) = project.sweeps()
+    assert not [p for p in sweep_dir.iterdir() if p.name.isdigit()]  # no trial began
 
 
 @pytest.mark.slow
@@ -259,7 +297,7 @@ def test_kill_9_of_a_parallel_sweep_leaves_no_trial_training(project: Project) -
     # 3 trials, 2 workers: one queued
     sweep = ["python", "train.py", "-m", "hydra/launcher=local_parallel", "model.depth=1,2,3",
              "debug=tiny", "trainer.max_steps=60"]  # fmt: skip
-    with parallel_sweep_training(project, sweep) as launcher:
+    with parallel_sweep(project, sweep) as launcher:
         launcher.kill()
         launcher.wait(timeout=60)
         deadline = time.monotonic() + 60

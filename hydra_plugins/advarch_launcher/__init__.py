@@ -17,16 +17,21 @@ from pathlib import Path
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
-from advarch.stop_signals import stop_request_file, stop_requests_by_file, sweep_worker_started
+from advarch.stop_signals import (
+    spawned_with_signals_blocked,
+    stop_request_file,
+    stop_requests_by_file,
+    sweep_worker_started,
+)
 
 
 class LocalParallelLauncher(JoblibLauncher):
     """Hydra's joblib launcher whose stop signals let the running trials save (module doc).
 
-    Each worker process starts holding stop signals (`sweep_worker_started`: a Ctrl-C reaches
-    every process of the group, idle workers too, which died of it and broke the pool; a
-    worker in its first ~0.2 s, before the handlers are in, still does) and watching this
-    process, which it outlives only to save its trial.
+    Each worker process starts with stop signals blocked, then holds them between trials
+    (`sweep_worker_started`: a Ctrl-C reaches every process of the group, idle or starting
+    workers too, which died of it and broke the pool), and watches this process, which it
+    outlives only to save its trial.
     """
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
@@ -34,5 +39,6 @@ class LocalParallelLauncher(JoblibLauncher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.joblib.update(initializer=sweep_worker_started, initargs=(os.getpid(),))
-        with stop_requests_by_file(stop_request_file(sweep_dir.resolve())):
+        stop_file = stop_request_file(sweep_dir.resolve())
+        with stop_requests_by_file(stop_file), spawned_with_signals_blocked():
             return super().launch(job_overrides, initial_job_idx)

@@ -204,8 +204,10 @@ def test_eval_stops_on_sigterm_without_metrics(
     assert stopped.value.exit_code == 143
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-@pytest.mark.parametrize("delay", [0.2, 0.5, 1.0])  # in torch's imports, which call C++
+@pytest.mark.parametrize(  # in torch's imports, which call C++ (each signal, each phase:
+    ("delay", "signum"),  # the handlers are the same for both, so not every pair)
+    [(0.2, signal.SIGINT), (0.5, signal.SIGTERM), (1.0, signal.SIGINT)],
+)
 def test_a_signal_while_starting_is_one_line_and_leaves_no_run_folder(project, delay,
                                                                       signum) -> None:  # fmt: skip
     # Hydra has made the run folder and its log (train.py's job starts right after, and its
