@@ -204,13 +204,15 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
 
 def run_callbacks(cfg: DictConfig, ckpt: Path | None, output_dir: Path) -> list[Any]:
     """The callbacks every run has beside the config's: signals save `last.ckpt`, the data's
-    identity is checked on resume, spawned DDP workers print and exit as this process does,
-    a resume's curves start at step 0, and a stop outside training says what it saved."""
+    identity is checked on resume, a resume draws on from the saved random states, spawned
+    DDP workers print and exit as this process does, a resume's curves start at step 0, and a
+    stop outside training says what it saved."""
     from lightning.pytorch.callbacks import LambdaCallback
 
     from advarch.callbacks.data_identity import DataIdentity
     from advarch.callbacks.known_warnings import IgnoreKnownWarnings
     from advarch.callbacks.process_group import DestroyProcessGroupAtExit
+    from advarch.callbacks.random_state import RandomStateCheckpoint
     from advarch.callbacks.resumed_curves import ResumedCurves
     from advarch.callbacks.signals import SignalCheckpoint
     from advarch.callbacks.skipped_fit import QuietSkippedFit
@@ -220,6 +222,7 @@ def run_callbacks(cfg: DictConfig, ckpt: Path | None, output_dir: Path) -> list[
     return [
         SignalCheckpoint(output_dir / "checkpoints" / "last.ckpt", parallel_stop_file()),
         DataIdentity(resumed, auto=cfg.get("ckpt_path") == "auto"),
+        RandomStateCheckpoint(),  # a resume draws the dropout masks the run would have drawn
         WorkerConsole(),  # spawned DDP workers' console as this one's
         IgnoreKnownWarnings(),  # again in spawned DDP workers
         DestroyProcessGroupAtExit(),  # gloo's workers abort at exit without it

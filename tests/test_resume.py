@@ -27,6 +27,7 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "advarch" / "configs" / "experiment
 STREAM = [
     "strategy=ewc",
     "model=transformer",
+    "model.dropout=0.1",  # (drawn from the global random state: the checkpoints keep it)
     "debug=tiny",
     "data=permuted_digits",
     "data.num_tasks=3",

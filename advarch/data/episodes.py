@@ -50,7 +50,13 @@ from advarch.data.digits import (
     rotated_digits,
 )
 from advarch.data.loaders import make_dataset
-from advarch.data.sampling import EpochSampler, eval_sampler, samples_done_this_epoch, shard
+from advarch.data.sampling import (
+    EpochSampler,
+    data_loader,
+    eval_sampler,
+    samples_done_this_epoch,
+    shard,
+)
 from advarch.spec import DataSpec
 
 Source = Literal["rotated_digits", "synthetic"]
@@ -384,8 +390,9 @@ class FewShotDataModule(L.LightningDataModule):
         return EpisodeDataset(inputs, self.samplers[split], self.episodes[split])
 
     def _loader(self, split: str, sampler: Sampler[int] | None = None) -> DataLoader:
-        return DataLoader(
+        return data_loader(
             self.episode_dataset(split),
+            self.seed,
             batch_size=None,  # one episode per batch, not collated
             sampler=sampler,
             num_workers=self.num_workers,

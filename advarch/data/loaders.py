@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import datasets
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
-from advarch.data.sampling import eval_sampler
+from advarch.data.sampling import data_loader, eval_sampler
 
 
 def make_dataset(columns: dict[str, np.ndarray]) -> datasets.Dataset:
@@ -28,12 +27,12 @@ def make_loader(
 ) -> DataLoader:
     """A batching DataLoader; when shuffling, the order is reproducible from `seed`, else it
     is in order, `trainer`'s process taking its own share (`eval_sampler`)."""
-    return DataLoader(
+    return data_loader(
         dataset,
+        seed,
         batch_size=batch_size,
         shuffle=shuffle,
         sampler=None if shuffle else eval_sampler(len(dataset), trainer),
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from advarch.data.chunk_embedders import HashedNgramEmbedder
 from advarch.data.retrieval_database import RetrievalDatabase
-from advarch.data.sampling import eval_sampler, resumable_loader
+from advarch.data.sampling import data_loader, eval_sampler, resumable_loader
 from advarch.data.synthetic import IGNORE, SPLITS, _check, _random_subsets
 from advarch.spec import DataSpec
 
@@ -236,9 +236,9 @@ class RetroLookupDataModule(L.LightningDataModule):
                 collate_fn=_Collate(table),
             )
         dataset = self.splits[split]
-        return DataLoader(dataset, batch_size=self.batch_size,
-                          sampler=eval_sampler(len(dataset), self.trainer),
-                          num_workers=self.num_workers, collate_fn=_Collate(table))  # fmt: skip
+        return data_loader(dataset, self.seed, batch_size=self.batch_size,
+                           sampler=eval_sampler(len(dataset), self.trainer),
+                           num_workers=self.num_workers, collate_fn=_Collate(table))  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -160,6 +160,15 @@ def resume_train_epoch(trainer: object) -> None:
     loop._combined_loader = None
 
 
+def data_loader(dataset: Dataset, seed: int = 0, **options: object) -> DataLoader:
+    """A `DataLoader` whose worker seeds come from a generator of its own (from `seed`):
+    building its iterator, each epoch and each validation, draws nothing from the global
+    random state, which dropout and router noise draw from. Those draws then follow the
+    training steps alone, and a resume that sets the saved states back draws what the
+    uninterrupted run draws (`callbacks.random_state`)."""
+    return DataLoader(dataset, generator=torch.Generator().manual_seed(seed), **options)
+
+
 def resumable_loader(
     dataset: Dataset,
     batch_size: int,
@@ -173,18 +182,18 @@ def resumable_loader(
 
     Its order is a pure function of (`seed`, `trainer.current_epoch`), and a run resumed
     mid-epoch skips the batches it already trained on, so a resumed run sees exactly the
-    batches of the uninterrupted one. Worker seeds come from a generator of its own: building
-    the loader never draws from the global random state.
+    batches of the uninterrupted one (`data_loader`: nor does it draw from the global random
+    state).
     """
     epoch = int(getattr(trainer, "current_epoch", 0) or 0)
     skip = samples_done_this_epoch(trainer, batch_size)
     sampler = EpochShuffleSampler(len(dataset), seed, skip, epoch, num_samples, **shard(trainer))
-    return DataLoader(
+    return data_loader(
         dataset,
+        seed,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
         collate_fn=collate_fn,
     )

@@ -44,6 +44,7 @@ from advarch.data.packing import (
 )
 from advarch.data.sampling import (
     EpochShuffleSampler,
+    data_loader,
     eval_sampler,
     samples_done_this_epoch,
     shard,
@@ -267,8 +268,9 @@ class TextDataModule(L.LightningDataModule):
             skip = samples_done_this_epoch(self.trainer, self.batch_size)
             epoch = int(getattr(self.trainer, "current_epoch", 0) or 0)
             sampler = EpochShuffleSampler(len(ds), self.seed, skip, epoch, **shard(self.trainer))
-        return DataLoader(
+        return data_loader(
             ds,
+            self.seed,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,

@@ -40,7 +40,7 @@ from advarch.data.packing import (
     pack_splits,
     unigram_token_bits,
 )
-from advarch.data.sampling import EpochShuffleSampler, eval_sampler
+from advarch.data.sampling import EpochShuffleSampler, data_loader, eval_sampler
 from advarch.data.stream import TaskStreamMixin
 from advarch.data.text_options import cache_key_options, check_text_options
 from advarch.data.tokenizer import (
@@ -313,8 +313,9 @@ class TextDomainsDataModule(TaskStreamMixin, L.LightningDataModule):
         else:
             ds = eval_subset(ds, self.max_eval_sequences)
             sampler = eval_sampler(len(ds), self.trainer)
-        return DataLoader(
+        return data_loader(
             ds,
+            seed,
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
