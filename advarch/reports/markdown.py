@@ -38,6 +38,7 @@ from advarch.reports.run_folders import (
     rounded_value,
     run_overrides,
     run_setting,
+    stream_epochs_per_task,
     sweep_runs,
     task_boundaries,
     trial_error,
@@ -112,8 +113,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
     named = with_task_names(dict(in_order), names)
     report.table(["metric", "value"], [[k, _fmt(v)] for k, v in named.items()])
     report.lines += ["## Plots", ""]
-    epochs_per_task = run_setting(run_dir, "data.epochs_per_task")
-    boundaries = task_boundaries(metrics, int(epochs_per_task) if epochs_per_task else None)
+    boundaries = task_boundaries(metrics, stream_epochs_per_task(run_dir))
     curves = plot_learning_curves(metrics, report.folder / "learning_curves.png", boundaries, names)
     report.image("Learning curves", curves, "learning_curves")
     for problem in metrics.problems:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import logging
 import math
@@ -151,12 +152,33 @@ def sweep_runs(folder: Path) -> list[Path]:
 
 
 def task_boundaries(metrics: Metrics, epochs_per_task: int | None) -> list[float]:
-    """Steps where a task stream moved to its next task (first step of each later task)."""
+    """Steps where a task stream moved to its next task (the first training step of each later
+    task). Rows that trained nothing count for none: the final test's is logged an epoch past
+    the stream's last."""
     if not epochs_per_task or "epoch" not in metrics.columns:
         return []
-    steps, epochs = metrics.series("epoch")
-    tasks = epochs // epochs_per_task
+    epochs = metrics.columns["epoch"]
+    trained = np.zeros(len(epochs), dtype=bool)
+    for key in metrics.matching(r"train/.+"):
+        trained |= np.isfinite(metrics.columns[key])
+    steps = metrics.columns.get("step", np.arange(len(epochs)))[trained & np.isfinite(epochs)]
+    tasks = epochs[trained & np.isfinite(epochs)] // epochs_per_task
     return [float(steps[i]) for i in range(1, len(tasks)) if tasks[i] > tasks[i - 1]]
+
+
+def stream_epochs_per_task(run_dir: Path) -> int | None:
+    """The epochs each task of the run's stream trains: its data's `epochs_per_task` option, or
+    where its data fixes them, its data class's (`data=text_domains`: one epoch a domain);
+    None for data that is no task stream."""
+    value = run_setting(run_dir, "data.epochs_per_task")
+    target = run_setting(run_dir, "data._target_")
+    if value is None and target is not None:
+        module, _, name = target.rpartition(".")
+        try:
+            value = getattr(importlib.import_module(module), name).epochs_per_task
+        except (ImportError, AttributeError, ValueError):  # (no such class, or no stream)
+            return None
+    return int(value) if value is not None else None
 
 
 def trial_error(run_dir: Path) -> str | None:

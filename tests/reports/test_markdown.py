@@ -394,3 +394,28 @@ def test_wandb_report_run_goes_to_the_runs_own_project_and_group(
     (record,) = [r.run for r in records(log) if r.WhichOneof("record_type") == "run"][:1]
     assert record.project == "myproj"
     assert record.run_group == "ablation"
+
+
+def test_learning_curves_mark_where_each_domain_of_a_text_domain_stream_starts(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """`data=text_domains` (the README's `strategy=ewc` / `naive` streams) trains one domain an
+    epoch, fixed by its class: its config has no `epochs_per_task`, and the report drew no
+    boundary (hunter 35 F2)."""
+    import advarch.reports.markdown as markdown
+
+    run = tmp_path / "run"  # 4 domains × 3 steps, validated after each, then the final test
+    rows = [
+        {"epoch": step // 3, "step": step, "train/loss": 5.0 - 0.1 * step} for step in range(12)
+    ]
+    rows += [{"epoch": 4, "step": 12, "test/acc": 0.5}]
+    write_csv(run, rows)
+    data = {"_target_": "advarch.data.text_domains.TextDomainsDataModule", "steps_per_task": 3}
+    (run / "csv" / "version_0" / "hparams.yaml").write_text(yaml.safe_dump({"data": data}))
+    drawn = []
+    plot = markdown.plot_learning_curves
+    monkeypatch.setattr(markdown, "plot_learning_curves",
+                        lambda m, path, boundaries, names: drawn.append(boundaries)
+                        or plot(m, path, boundaries, names))  # fmt: skip
+    write_report(run)
+    assert drawn == [[3.0, 6.0, 9.0]]

@@ -72,6 +72,7 @@ def test_metrics_reads_sparse_rows_and_versions(tmp_path: Path) -> None:
 
 def test_task_boundaries_are_the_first_steps_of_later_tasks(tmp_path: Path) -> None:
     rows = [{"epoch": e, "step": 3 * e + i, "train/loss": 1.0} for e in range(4) for i in range(3)]
+    rows.append({"epoch": 4, "step": 12, "test/acc": 1.0})  # the final test: no task starts
     write_csv(tmp_path, rows)
     metrics = Metrics.read(tmp_path)
     assert task_boundaries(metrics, epochs_per_task=2) == [6.0]  # epoch 2 starts task 1
