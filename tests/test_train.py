@@ -445,7 +445,8 @@ def test_an_accuracy_to_optimize_keeps_its_highest_checkpoint(make_cfg) -> None:
 @pytest.mark.parametrize(
     ("metric", "mode"),
     [("val/loss", "min"), ("val/acc", "max"), ("cl/avg_acc", "max"), ("cl/forgetting", "min"),
-     ("cl/bwt", "max"), ("test/task_2/bpb", "min"), ("train/tokens_per_s", "max"), (None, "min")],
+     ("cl/bwt", "max"), ("test/task_2/bpb", "min"), ("train/tokens_per_s", "max"), (None, "min"),
+     ("train/acc_epoch", "max"), ("train/loss_epoch", "min"), ("train/acc_step", "max")],
 )  # fmt: skip
 def test_metric_mode_by_name(metric: str | None, mode: str) -> None:
     assert metric_mode(metric) == mode

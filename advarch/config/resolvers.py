@@ -13,8 +13,10 @@ HIGHER_IS_BETTER = ("acc", "accuracy", "bwt", "fwt", "f1", "auc", "mfu", "_per_s
 
 def metric_mode(metric: str | None) -> str:
     """`max` for a metric where higher is better (accuracies, transfer, F1, throughput), else
-    `min` (losses, bits per byte, perplexity, forgetting, MSE)."""
-    return "max" if str(metric or "").rsplit("/", 1)[-1].endswith(HIGHER_IS_BETTER) else "min"
+    `min` (losses, bits per byte, perplexity, forgetting, MSE); Lightning's `_epoch` and `_step`
+    aggregates (`train/acc_epoch`) as their metric."""
+    name = str(metric or "").rsplit("/", 1)[-1].removesuffix("_epoch").removesuffix("_step")
+    return "max" if name.endswith(HIGHER_IS_BETTER) else "min"
 
 
 def sweep_direction(metric: str | None) -> str:
