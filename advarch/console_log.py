@@ -31,7 +31,8 @@ _SAID_NOTHING = re.compile(
     r"^(?:[GTH]PU available: False\b|(?:\[rank: \d+\] )?Seed set to \d+$"
     r"|Loading `train_dataloader` to estimate|`Trainer\(\w+=1(?:\.0)?\)` was configured so "
     r"|Restoring states from the checkpoint path|Restored all states from the checkpoint"
-    r"|Initializing distributed: GLOBAL_RANK|-{20,}\ndistributed_backend=)"
+    r"|Initializing distributed: GLOBAL_RANK|-{20,}\ndistributed_backend="
+    r"|`Trainer\.fit` stopped: `max_(?:steps|epochs)=-?\d+` reached\.$)"
 )
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
 
-from advarch.console_log import keep_in_log
+from advarch.console_log import console_width, keep_in_log
 from advarch.spec import DataSpec
 from advarch.tracking import sync_hint
 
@@ -19,20 +19,26 @@ ORDER = ("data", "model", "strategy", "trainer", "callbacks", "logger", "paths")
 
 
 def print_config_tree(cfg: DictConfig, save_to: Path | None = None, echo: bool = True) -> None:
-    """Save the resolved config as a rich tree (main groups first); print it when `echo`."""
+    """Save the resolved config as a rich tree (main groups first); print it when `echo`.
+    Long values (paths) wrap on the console, never cropped, and the file is as wide as its
+    longest line: a cropped path looked whole."""
     tree = Tree("config", guide_style="dim")
     keys = [k for k in ORDER if k in cfg] + [k for k in cfg if k not in ORDER]
+    longest = 0
     for key in keys:
         value = cfg[key]
         text = (
             OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
         )
-        tree.add(key).add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+        longest = max(longest, *(len(line) for line in text.splitlines() or [""]))
+        tree.add(key).add(
+            Syntax(text, "yaml", theme="ansi_dark", background_color="default", word_wrap=True)
+        )
     if echo:
-        Console().print(tree)
+        Console(width=console_width()).print(tree)
     if save_to is not None:
         with save_to.open("w") as f:
-            Console(file=f, width=120, color_system=None).print(tree)
+            Console(file=f, width=max(120, longest + 16), color_system=None).print(tree)
 
 
 SUMMARY_FILE = "summary.json"  # a run's final metrics and baselines, for reports and tools

@@ -1,4 +1,5 @@
-"""The closing summary of a run on a task stream: per-task test values as one table."""
+"""What a run prints and saves about itself: the config tree, and the closing summary of a task
+stream (per-task test values as one table)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from advarch.console_summary import print_summary, split_table_lines
+from advarch.console_summary import print_config_tree, print_summary, split_table_lines
 from advarch.spec import DataSpec
 
 STREAM = DataSpec(kind="lm", vocab_size=260, seq_len=32, task_names=("text", "net", "codecs"))
@@ -67,3 +68,14 @@ def test_few_shot_summary_shows_every_test_metric_eval_prints(tmp_path: Path, ca
     for row in split_table_lines(test, "test", spec.task_names)[1:]:  # eval.py's lines
         name, value = row.split()
         assert f"test/{name} = {value}" in out
+
+
+def test_the_config_tree_shows_long_values_whole(tmp_path: Path, capsys) -> None:
+    # a log file or a pipe is 80 columns, the saved tree was 120: both cropped a path with no
+    # mark, and the run folder printed was not the run's (`…_32cbc` for `…_32cbc2`)
+    folder = "/runs/" + "x" * 150 + "/2026-12-07_06-21-26_32cbc2"
+    cfg = OmegaConf.create({"paths": {"output_dir": folder}, "seed": 0})
+    print_config_tree(cfg, tmp_path / "config_tree.txt")
+    printed = "".join(line.strip(" │") for line in capsys.readouterr().out.splitlines())
+    assert folder in printed  # (wrapped on the console)
+    assert f"output_dir: {folder}\n" in (tmp_path / "config_tree.txt").read_text()  # one line

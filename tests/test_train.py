@@ -588,3 +588,13 @@ def test_an_optimized_metric_not_logged_says_why(caplog) -> None:
     with caplog.at_level("WARNING", logger="advarch"):
         _optimized_value(cfg, {"train/loss": 1.0, "test/loss": 2.0})
     assert "val/loss was not logged: known: test/loss, train/loss" in caplog.text
+
+
+def test_a_run_resumed_in_its_own_folder_warns_of_nothing(project: Project) -> None:
+    # the resume a refused run suggests, `hydra.run.dir=<run> ckpt_path=<its last.ckpt>` (a
+    # requeued job's too): Lightning warned that the checkpoint folder is not empty
+    folder = project.root / "my run"
+    project.run("debug=tiny", "trainer.max_steps=3", f"hydra.run.dir={folder}").check()
+    again = project.run("debug=tiny", f"hydra.run.dir={folder}",
+                        f"ckpt_path={folder}/checkpoints/last.ckpt").check()  # fmt: skip
+    assert "exists and is not empty" not in again.output, again.output[-2000:]

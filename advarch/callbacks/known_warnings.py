@@ -38,6 +38,9 @@ def ignore_known_warnings() -> None:
     warnings.filterwarnings(
         "ignore", message=r'.*Please add the following callbacks: \["RankedCheckpoint\{[^"]*\}"\]'
     )
+    # a run resumed in its own folder (`hydra.run.dir=<run> ckpt_path=auto`, a requeued job):
+    # any other run into a folder holding one is refused before it starts (`output_folders`)
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty")
     # a resumed run writes into a folder of its own, by design: the old folder keeps its best
     warnings.filterwarnings("ignore", message=_LAST)
 
