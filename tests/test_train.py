@@ -598,3 +598,18 @@ def test_a_run_resumed_in_its_own_folder_warns_of_nothing(project: Project) -> N
     again = project.run("debug=tiny", f"hydra.run.dir={folder}",
                         f"ckpt_path={folder}/checkpoints/last.ckpt").check()  # fmt: skip
     assert "exists and is not empty" not in again.output, again.output[-2000:]
+
+
+def test_a_finished_run_trained_on_continues_its_step_and_epoch_count(make_cfg, tmp_path) -> None:
+    # "nothing left to train; raise trainer.max_steps to train on": the final checkpoint (at
+    # an epoch's end) went on at step 7 of epoch 3, not step 6 of epoch 2
+    finished = make_cfg(TINY, output_dir=tmp_path / "six")  # 6 steps, 3 an epoch
+    run(finished)
+    last = Path(finished.paths.output_dir) / "checkpoints" / "last.ckpt"
+    on = make_cfg([*TINY, "trainer.max_steps=9", f"ckpt_path={last}"], output_dir=tmp_path / "on")
+    straight = make_cfg([*TINY, "trainer.max_steps=9"], output_dir=tmp_path / "nine")
+    run(on), run(straight)
+    timing = {"train/tokens_per_s", "train/samples_per_s"}  # (a resume's first step: none)
+    steps = [[(r.get("epoch"), r["step"], sorted(r.keys() - timing))
+              for r in read_metrics(Path(c.paths.output_dir))] for c in (on, straight)]  # fmt: skip
+    assert steps[0] == steps[1]  # every row at the same step and epoch, with the same keys
