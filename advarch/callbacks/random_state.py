@@ -4,12 +4,14 @@ uninterrupted run draws.
 Dropout and MoE router noise draw from the global random states. Lightning keeps none of them
 in a checkpoint, and a resumed run is seeded as it starts, so from the resumed step on it drew
 the first steps' masks again (another run: final val/loss 5.131777 for 5.131849). Each
-checkpoint now holds torch's (CPU and every CUDA device), numpy's and Python's states, and a
-resumed run sets them back as it trains its first batch: at the same point of the stream as
-the uninterrupted run, since nothing else between two training batches draws from them
-(a `DataLoader`'s worker seeds come from a generator of its own: `data.sampling.data_loader`).
-A DDP process restores the states of process 0, which writes the checkpoint: every process
-was seeded alike and draws alike.
+checkpoint now holds torch's (CPU, and the process's own CUDA device), numpy's and Python's
+states, and a resumed run sets them back as it trains its first batch: at the same point of
+the stream as the uninterrupted run, since nothing else between two training batches draws
+from them (a `DataLoader`'s worker seeds come from a generator of its own:
+`data.sampling.data_loader`). A checkpoint written before that batch (the final one of a
+resume with nothing left to train) keeps the loaded states. Each DDP process restores the
+states of process 0, which writes the checkpoint, into its own device: every process was
+seeded alike and draws alike, each on its own GPU.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import torch
 
 
 def random_states() -> dict[str, Any]:
-    """The global random states: torch's (CPU, and each CUDA device once CUDA is in use),
-    numpy's and Python's."""
+    """The global random states: torch's (CPU, and the current CUDA device's once CUDA is in
+    use), numpy's and Python's."""
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
         "numpy": _numpy_state(),
         "python": random.getstate(),
     }
@@ -41,12 +43,11 @@ def _numpy_state() -> tuple:
 
 
 def set_random_states(states: dict[str, Any]) -> None:
-    """Set the states `random_states` returned; CUDA's only where this process has as many
-    devices (a checkpoint of a GPU run resumed on CPU draws on the CPU alone)."""
+    """Set the states `random_states` returned, CUDA's into the current device (a GPU run's
+    resumed on CPU draws on the CPU alone)."""
     torch.set_rng_state(states["torch"])
-    cuda = states.get("cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
     name, key, position, has_gauss, cached = states["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), position, has_gauss, cached))
     random.setstate(states["python"])
@@ -60,7 +61,7 @@ class RandomStateCheckpoint(L.Callback):
         self._resumed: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return random_states()
+        return random_states() if self._resumed is None else self._resumed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resumed = state_dict
