@@ -128,3 +128,20 @@ class StuckInNativeCode(L.Callback):
         if trainer.fit_loop.epoch_loop.total_batch_idx == self.batch:
             self.ready.write_text("stuck")
             hashlib.pbkdf2_hmac("sha256", b"advarch", b"salt", 200_000_000)
+
+
+class RecordBlockedSignals(L.Callback):
+    """Append the names of the signals this process's main thread blocks, as training starts,
+    to the file at `path` (one line a process)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, *args: object) -> None:
+        import signal
+
+        blocked = sorted(
+            signal.Signals(s).name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        )
+        with open(self.path, "a") as f:
+            f.write(" ".join(blocked) + "\n")

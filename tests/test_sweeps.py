@@ -348,3 +348,20 @@ def test_a_rerun_of_an_interrupted_sweep_with_ckpt_path_auto_goes_on(project: Pr
     resumed = series(read_metrics(trials / "0"), "train/loss")
     assert len(resumed) == 6 and resumed[: len(carried)] == carried  # steps before: its CSV's
     assert len(series(read_metrics(trials / "1"), "train/loss")) == 6  # it never ran: fresh
+
+
+@pytest.mark.slow
+def test_a_parallel_sweep_of_one_job_at_a_time_trains_with_stop_signals_unblocked(
+    project: Project,
+) -> None:
+    # review35 F3: with hydra.launcher.n_jobs=1 joblib runs the trials in the launcher itself,
+    # whose stop signals `spawned_with_signals_blocked` blocks for the whole launch: the trials
+    # trained with SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 blocked, and every process they start
+    # (DDP's other ranks, DataLoader workers, W&B's service) inherited the mask
+    record = project.root.parent / "blocked.txt"
+    result = project.run("-m", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=1",
+                         "debug=tiny", "trainer.max_steps=1",
+                         "+callbacks.mask._target_=tests.helpers.RecordBlockedSignals",
+                         f"+callbacks.mask.path={record}")  # fmt: skip
+    assert result.rc == 0, result.output[-3000:]
+    assert record.read_text().splitlines() == [""]  # one trial, nothing blocked

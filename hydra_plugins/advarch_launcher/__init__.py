@@ -10,12 +10,14 @@ trials start, and the sweep then stops with its table (`stop_signals.stop_reques
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+from joblib import effective_n_jobs
 
 from advarch.stop_signals import (
     spawned_with_signals_blocked,
@@ -40,5 +42,12 @@ class LocalParallelLauncher(JoblibLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.joblib.update(initializer=sweep_worker_started, initargs=(os.getpid(),))
         stop_file = stop_request_file(sweep_dir.resolve())
-        with stop_requests_by_file(stop_file), spawned_with_signals_blocked():
+        blocked = spawned_with_signals_blocked() if self._spawns() else contextlib.nullcontext()
+        with stop_requests_by_file(stop_file), blocked:
             return super().launch(job_overrides, initial_job_idx)
+
+    def _spawns(self) -> bool:
+        """Whether joblib runs the trials in processes it spawns: one job at a time, or its
+        threading backend, runs them here, where stop signals must stay unblocked."""
+        processes = self.joblib.get("backend") in (None, "loky", "multiprocessing")
+        return processes and effective_n_jobs(self.joblib.get("n_jobs", -1)) > 1
