@@ -113,6 +113,11 @@ def test_debug_tiny_shrinks_the_sizes_each_model_has(make_cfg) -> None:
     assert make_cfg([*stream, "data.steps_per_task=25"]).trainer.limit_train_batches == 1.0
     typed = [*stream, "data.steps_per_task=25", "trainer.limit_train_batches=2"]
     assert make_cfg(typed).trainer.limit_train_batches == 2
+    # EWC's Fisher from 8 examples, also where an experiment set it (512), unless typed
+    fisher = [["strategy=ewc"], ["experiment=ewc_permuted_digits"],
+              ["strategy=ewc", "strategy.fisher_samples=32"]]  # fmt: skip
+    assert [make_cfg(["debug=tiny", *o]).strategy.fisher_samples for o in fisher] == [8, 8, 32]
+    assert make_cfg(["strategy=ewc"]).strategy.fisher_samples == 64
 
 
 # Options of the other groups, each run once at tiny size; (overrides, files the run promises).

@@ -93,11 +93,18 @@ def apply_debug_sizes(cfg: DictConfig, overrides: Sequence[str]) -> bool:
     (`debug=tiny model.dim=64`), the depth no lower than the layer patterns' length (every
     block of `model=hybrid` still runs); whether any was set. A typed `data.steps_per_task`
     trains that many steps a task (not debug=tiny's 3). Every sequence model has them all; the
-    MMoE models have none (they are tiny already), so they keep their own config."""
+    MMoE models have none (they are tiny already), so they keep their own config. The
+    strategy's keys of `debug_strategy` (EWC's `fisher_samples`) are set alike, over what an
+    experiment set too."""
     sizes = cfg.get("debug_model")
     if sizes is None or cfg.get("model") is None:
         return False
     typed = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    strategy = cfg.get("strategy") or {}
+    shrunk = {k: v for k, v in (cfg.get("debug_strategy") or {}).items()
+              if k in strategy and f"strategy.{k}" not in typed}  # fmt: skip
+    for key, value in shrunk.items():
+        cfg.strategy[key] = value
     stream_steps = "data.steps_per_task" in typed and "trainer.limit_train_batches" not in typed
     stream_steps = stream_steps and OmegaConf.select(cfg, "trainer.limit_train_batches") is not None
     if stream_steps:
@@ -108,7 +115,7 @@ def apply_debug_sizes(cfg: DictConfig, overrides: Sequence[str]) -> bool:
         applied["depth"] = min(cfg.model.depth, max(applied["depth"], longest))
     for key, value in applied.items():
         cfg.model[key] = value
-    return bool(applied) or stream_steps
+    return bool(applied) or bool(shrunk) or stream_steps
 
 
 def pattern_entries(pattern: object) -> list[str]:

@@ -168,7 +168,7 @@ def resume_train_epoch(trainer: object) -> None:
     loop._combined_loader = None
 
 
-def data_loader(dataset: Dataset, seed: int = 0, **options: object) -> DataLoader:
+def data_loader(dataset: Dataset, seed: int, **options: object) -> DataLoader:
     """A `DataLoader` whose worker seeds come from a generator of its own (from `seed`):
     building its iterator, each epoch and each validation, draws nothing from the global
     random state, which dropout and router noise draw from. Those draws then follow the
