@@ -12,9 +12,18 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from typing import Protocol, runtime_checkable
 
 LOG_WIDTH = 200  # columns of tables and bars where stdout is not a terminal (Rich assumes 80)
 PRINTED = "advarch.console"  # the logger of lines the console printed: train.log's copy
+
+
+@runtime_checkable
+class NamesItsRun(Protocol):
+    """Console output (a progress bar, the model's table) that names its run where several
+    runs print to one console at once: a parallel sweep's trials (`RunIdentity.label`)."""
+
+    run_label: str | None
 
 
 def console_width() -> int | None:

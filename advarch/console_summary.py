@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 from rich.tree import Tree
 
@@ -142,9 +143,14 @@ def unigram_baseline(spec: DataSpec, metrics: dict[str, float]) -> float | None:
 
 
 def print_summary(
-    cfg: DictConfig, spec: DataSpec, metrics: dict[str, float], output_dir: Path
+    cfg: DictConfig,
+    spec: DataSpec,
+    metrics: dict[str, float],
+    output_dir: Path,
+    run_label: str | None = None,
 ) -> None:
-    """A few lines a user reads after training: quality against a baseline, and where things are."""
+    """A few lines a user reads after training: quality against a baseline, and where things
+    are; under a title that names a sweep's trial (`run_label`)."""
     lines = []
     bpb = metrics.get("val/bpb")
     baseline = unigram_baseline(spec, metrics)
@@ -171,10 +177,11 @@ def print_summary(
     if hint:
         lines.append(hint)
     console = Console(soft_wrap=True)  # paths and commands stay whole, never broken mid-line
-    console.rule("advarch run summary", align="left")
+    title = "advarch run summary" + (f" · {run_label}" if run_label else "")
+    console.rule(escape(title), align="left")
     for line in lines:
         console.print(line, markup=False, highlight=False)
-    keep_in_log("advarch run summary", *lines)
+    keep_in_log(title, *lines)
 
 
 def save_summary(spec: DataSpec, metrics: dict[str, float], output_dir: Path) -> Path:

@@ -33,10 +33,19 @@ class RunIdentity:
     group: str | None = None  # the experiment or the sweep
     trial: str = ""  # a sweep trial's own overrides, e.g. "model.depth=2 optimizer.lr=0.001"
     choices: dict[str, str] = field(default_factory=dict)  # config group → chosen option
+    number: int | None = None  # a sweep trial's number (its folder's name)
 
     @property
     def name(self) -> str:
         return f"{self.run_name} {self.trial}".strip()
+
+    @property
+    def label(self) -> str | None:
+        """How a sweep trial's console output names it (`trial 1 (model.depth=2)`): a parallel
+        sweep's trials print to one console at once. None for a single run."""
+        if self.job_type != "sweep" or self.number is None:
+            return None
+        return f"trial {self.number}" + (f" ({self.trial})" if self.trial else "")
 
     @property
     def tags(self) -> list[str]:

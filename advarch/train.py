@@ -85,7 +85,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
         resolve_checkpoint,
         use_resumed_tokenizer,
     )
-    from advarch.console_log import quiet_lightning_logs, say
+    from advarch.console_log import NamesItsRun, quiet_lightning_logs, say
     from advarch.console_summary import print_config_tree, print_summary, save_summary
     from advarch.errors import ConfigError
     from advarch.pipeline import (
@@ -143,6 +143,10 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     if not loggers:  # `~logger`: the learning-rate monitor refuses a Trainer without loggers
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(LogRunConfig(config))
+    run_label = identity.label if identity else None
+    for callback in callbacks:
+        if isinstance(callback, NamesItsRun):
+            callback.run_label = run_label
     # datamodules whose train loader changes with the epoch (continual streams, curricula)
     overrides = datamodule.trainer_overrides if isinstance(datamodule, ConfiguresTrainer) else {}
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):  # (`callbacks=none`)
@@ -197,7 +201,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     finally:
         finish_wandb()
     if trainer.is_global_zero:  # other DDP ranks ran the same job silently
-        print_summary(cfg, spec, metrics, output_dir)
+        print_summary(cfg, spec, metrics, output_dir, run_label)
         save_summary(spec, metrics, output_dir)
     return metrics
 
@@ -485,7 +489,7 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
         sweep_dir = Path(hc.sweep.dir)
         trial = trial_overrides(list(hc.overrides.task), sweep_overrides(sweep_dir))
         group = tracker_group(cfg.run_name, sweep=sweep_dir.name)
-        return RunIdentity(cfg.run_name, "sweep", group, " ".join(trial), choices)
+        return RunIdentity(cfg.run_name, "sweep", group, " ".join(trial), choices, hc.job.num)
     group = tracker_group(cfg.run_name, choices.get("experiment"))
     return RunIdentity(cfg.run_name, "train", group, "", choices)
 

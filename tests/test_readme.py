@@ -198,9 +198,17 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
         jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
         assert jobs and all((j / "checkpoints" / "last.ckpt").is_file() for j in jobs), sweep
         assert (sweep / "summary.md").is_file() and (sweep / "summary.csv").is_file()
+        # each trial's output names it (a parallel sweep's trials print at once)
+        for job in jobs:
+            assert re.search(f"^advarch run summary · trial {job.name}\\b", res.stdout, re.M)
         if "model.depth=2,4" in words:
             assert len(jobs) == 2
+            assert "advarch run summary · trial 1 (model.depth=4) ─" in res.stdout
+            assert "\ntrial 1 (model.depth=4)\n┏━" in res.stdout  # the model's table
             Made.sweep = sweep
+        if "hydra/launcher=local_parallel" in words:  # (not every joblib option: an address)
+            assert "[HYDRA] 1 trial in 2 worker processes (hydra.launcher.n_jobs=2)\n" in res.output
+            assert "trial 0 Epoch " in res.stdout and "Joblib.Parallel(" not in res.output
         if "hparams_search=" in cmd:
             assert "\x1b[" not in res.output, "escape codes (Optuna's colours) in a pipe"
             assert len(jobs) == 2  # the smoke switch's n_trials

@@ -365,3 +365,5 @@ def test_a_parallel_sweep_of_one_job_at_a_time_trains_with_stop_signals_unblocke
                          f"+callbacks.mask.path={record}")  # fmt: skip
     assert result.rc == 0, result.output[-3000:]
     assert record.read_text().splitlines() == [""]  # one trial, nothing blocked
+    assert "[HYDRA] 1 trial in this process, one at a time (hydra.launcher.n_jobs=1)\n" in (
+        result.output)  # fmt: skip

@@ -29,6 +29,7 @@ class ModelSummary(RichModelSummary):
     module's own counts when it has them)."""
 
     _counts: dict[str, int] | None = None
+    run_label: str | None = None  # the table's title in a sweep's trial (`NamesItsRun`)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if isinstance(pl_module, CountsParameters):
@@ -48,7 +49,7 @@ class ModelSummary(RichModelSummary):
             total_parameters = self._counts["params/total"]
             trainable_parameters = self._counts["params/trainable"]
         columns = dict(summary_data)
-        table = Table(header_style="bold")
+        table = Table(header_style="bold", title=self.run_label, title_justify="left")
         for name in ("Name", "Type", "Params"):
             table.add_column(name, justify="right" if name == "Params" else "left")
         for row in zip(columns["Name"], columns["Type"], columns["Params"], strict=True):

@@ -21,6 +21,8 @@ import time
 from typing import Any
 
 from lightning.pytorch.callbacks import RichProgressBar
+from rich.markup import escape
+from rich.progress import TextColumn
 
 from advarch.console_log import console_width
 
@@ -30,7 +32,10 @@ UNBOUNDED = 100_000  # the bar's width in a log file: its frame is as long as it
 
 
 class StepBudgetProgressBar(RichProgressBar):
-    """`Epoch 3/9` when epochs bound the run, `Epoch 3 · max_steps 8000` when steps do."""
+    """`Epoch 3/9` when epochs bound the run, `Epoch 3 · max_steps 8000` when steps do; a
+    sweep's trial names itself in front of every bar (`NamesItsRun`)."""
+
+    run_label: str | None = None
 
     def __init__(self, *args: Any, console_kwargs: dict[str, Any] | None = None, **kwargs: Any):
         console_kwargs = dict(console_kwargs or {})
@@ -97,6 +102,10 @@ class StepBudgetProgressBar(RichProgressBar):
             f" · max_steps {max_steps}" if max_steps > 0 else ""
         )
         return f"{description:{len(self.validation_description)}}"  # pad: no flicker
+
+    def configure_columns(self, trainer: Any) -> list:
+        columns = super().configure_columns(trainer)
+        return [TextColumn(escape(self.run_label)), *columns] if self.run_label else columns
 
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         """The logged progress-bar metrics, without the logger's version number."""

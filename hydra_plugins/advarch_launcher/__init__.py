@@ -11,6 +11,7 @@ trials start, and the sweep then stops with its table (`stop_signals.stop_reques
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,12 +43,41 @@ class LocalParallelLauncher(JoblibLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.joblib.update(initializer=sweep_worker_started, initargs=(os.getpid(),))
         stop_file = stop_request_file(sweep_dir.resolve())
-        blocked = spawned_with_signals_blocked() if self._spawns() else contextlib.nullcontext()
-        with stop_requests_by_file(stop_file), blocked:
+        spawns = self._spawns()
+        blocked = spawned_with_signals_blocked() if spawns else contextlib.nullcontext()
+        trials = f"{len(job_overrides)} trial" + ("s" if len(job_overrides) != 1 else "")
+        where = f"{effective_n_jobs(self.joblib['n_jobs'])} worker processes" if spawns else (
+            "this process, one at a time")  # fmt: skip
+        opening = OpeningLine(f"{trials} in {where} (hydra.launcher.n_jobs="
+                              f"{self.joblib['n_jobs']})")  # fmt: skip
+        with stop_requests_by_file(stop_file), blocked, opening:
             return super().launch(job_overrides, initial_job_idx)
 
     def _spawns(self) -> bool:
         """Whether joblib runs the trials in processes it spawns: one job at a time, or its
         threading backend, runs them here, where stop signals must stay unblocked."""
         processes = self.joblib.get("backend") in (None, "loky", "multiprocessing")
-        return processes and effective_n_jobs(self.joblib.get("n_jobs", -1)) > 1
+        return processes and effective_n_jobs(self.joblib["n_jobs"]) > 1
+
+
+class OpeningLine(logging.Filter, contextlib.AbstractContextManager):
+    """While in use, Hydra's joblib launcher opens with `line` instead of every joblib option
+    (`Joblib.Parallel(n_jobs=2,backend=loky,…,initializer=<function … at 0x7f…>)`)."""
+
+    LOGGER = "hydra_plugins.hydra_joblib_launcher._core"
+
+    def __init__(self, line: str) -> None:
+        super().__init__()
+        self.line = line
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Joblib.Parallel("):
+            record.msg, record.args = self.line, ()
+        return True
+
+    def __enter__(self) -> OpeningLine:
+        logging.getLogger(self.LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger(self.LOGGER).removeFilter(self)
