@@ -43,7 +43,8 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-def _stop(signum: int) -> BaseException:
+def stop_exception(signum: int) -> BaseException:
+    """What a stop signal raises outside training's handlers: KeyboardInterrupt for SIGINT."""
     return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
 
 
@@ -55,7 +56,7 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
             print(f"{name} received: the sweep stops as its next trial starts (again: at once)",
                   file=sys.stderr)  # fmt: skip
         return
-    raise _stop(signum)
+    raise stop_exception(signum)
 
 
 def stop_on_signals() -> None:
@@ -82,7 +83,7 @@ def trial_running() -> Iterator[None]:
     between, PHASE["between_trials"] = PHASE["between_trials"], False
     try:
         if HELD:
-            raise _stop(HELD[0])
+            raise stop_exception(HELD[0])
         yield
     finally:
         PHASE["between_trials"] = between
@@ -123,7 +124,7 @@ def signals_held() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if received:
-        raise _stop(received[0])
+        raise stop_exception(received[0])
 
 
 def stop_request_file(sweep_dir: Path) -> Path:
@@ -141,38 +142,42 @@ def requested_stop(path: Path | None) -> int | None:
         return None
 
 
+SWEEP_STOPS = "the running trials save and stop, then the sweep (again: at once)"
+
+
 @contextlib.contextmanager
-def stop_requests_by_file(path: Path) -> Iterator[None]:
-    """While the block runs (a launcher waiting for trials that run in other processes), the
-    first stop signal is held and its name written to `path`: the running trials see it at their
-    next step, save and stop, and no trial starts (`requested_stop`); the block then ends and it
-    is raised there (KeyboardInterrupt for SIGINT, `Stopped` for the others). A second one is
-    raised at once. The file is removed as the block ends.
+def stop_requests_by_file(path: Path, announce: str | None = SWEEP_STOPS) -> Iterator[list[int]]:
+    """While the block runs (a launcher waiting for runs in other processes: a parallel sweep's
+    trials, spawned DDP workers), the first stop signal is held (in the yielded list), `<its
+    name> received: <announce>` printed, and its name written to `path`: the running trials
+    see it at their next step, save and stop, and no trial starts (`requested_stop`); the block
+    then ends and it is raised there (KeyboardInterrupt for SIGINT, `Stopped` for the others).
+    A second one is raised at once. The file is removed as the block ends.
     """
     held: list[int] = []
     path.unlink(missing_ok=True)  # (one left by a launcher killed before it could remove it)
 
     def on_signal(signum: int, frame: Any) -> None:
         if held:
-            raise _stop(signum)
+            raise stop_exception(signum)
         held.append(signum)
         from advarch.atomic import write_text_atomic
 
         name = signal.Signals(signum).name
         write_text_atomic(path, name)
-        print(f"{name} received: the running trials save and stop, then the sweep (again: at "
-              "once)", file=sys.stderr)  # fmt: skip
+        if announce:
+            print(f"{name} received: {announce}", file=sys.stderr)
 
     main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS} if main else {}
     try:
-        yield
+        yield held
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         path.unlink(missing_ok=True)
     if held:
-        raise _stop(held[0])
+        raise stop_exception(held[0])
 
 
 @contextlib.contextmanager

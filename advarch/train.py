@@ -87,6 +87,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     )
     from advarch.console_log import NamesItsRun, quiet_lightning_logs, say
     from advarch.console_summary import print_config_tree, print_summary, save_summary
+    from advarch.ddp_launcher import StopForwardingLauncher, forward_stop_signals
     from advarch.errors import ConfigError
     from advarch.pipeline import (
         batch_limit_error,
@@ -161,6 +162,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
         plugins=[AtomicCheckpointIO()],
         **overrides,
     )
+    forward_stop_signals(trainer)  # spawned DDP workers stop when this process is told to
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger" and rank_zero_only.rank == 0:
             write_text_atomic(output_dir / WANDB_ID_FILE, logger.experiment.id)
@@ -175,7 +177,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
                          "as it is", ckpt, trainer.max_steps, trainer.global_step)  # fmt: skip
             # the final state, whatever the checkpoint cadence; not from the parent of spawned
             # DDP workers (ddp_spawn): it holds their weights but not their loop state (step 0)
-            if type(trainer.strategy.launcher).__name__ != "_MultiProcessingLauncher":
+            if not isinstance(trainer.strategy.launcher, StopForwardingLauncher):
                 trainer.save_checkpoint(last)
             metrics.update(scalar_metrics(trainer))
             validated = isinstance(module, BaseStrategy) and (

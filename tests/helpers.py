@@ -58,6 +58,19 @@ class SignalAtStep(L.Callback):
                 os.kill(os.getpid(), self.signum)
 
 
+class SignalLauncherAtStep(L.Callback):
+    """In a spawned DDP worker of rank 0, send the launching process `signum` once optimizer
+    step `step` is done, and wait for it to be passed on (so the run stops at that step)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            os.kill(os.getppid(), self.signum)
+            time.sleep(1.0)
+
+
 class SignalAtBatch(L.Callback):
     """Send this process `signum` once training batch `batch` (counted over the whole run) is
     done: with gradient accumulation, a batch that steps no optimizer."""

@@ -385,7 +385,18 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(make_cfg) -> No
 @pytest.mark.slow
 def test_ddp_simulated_on_two_cpu_processes(project: Project) -> None:
     # a task stream: its matrix R is evaluated outside Lightning's loops
-    res = project.run(*TINY, "strategy=naive", "trainer=ddp_sim", "logger=wandb").check()
+    ddp_sim = [*TINY, "strategy=naive", "trainer=ddp_sim", "logger=wandb"]
+    # SIGTERM to the launching process alone (`kill <pid>`, a container's stop) mid-task: its
+    # workers never heard it, trained to the end, and it then exited 143 without a word
+    stopped = project.run(*ddp_sim, "+callbacks.stop._target_=tests.helpers.SignalLauncherAtStep",
+                          "+callbacks.stop.step=5", "+callbacks.stop.signum=15")  # fmt: skip
+    saved = stopped.run_dir / "checkpoints" / "last.ckpt"
+    assert stopped.rc == 143 and "Traceback" not in stopped.output, stopped.output[-3000:]
+    assert f"SIGTERM received: saved {saved} at step 5\n" in stopped.stdout, stopped.output
+    assert "advarch run summary" not in stopped.stdout and "received before" not in stopped.output
+    assert torch.load(saved, weights_only=False)["global_step"] == 5
+    res = project.run(*ddp_sim, "ckpt_path=auto").check()  # the rest, from that checkpoint
+    assert f"resuming {saved} (step 5" in res.output
     assert "advarch run summary" in res.stdout
     ckpt = torch.load(res.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     steps = ckpt["global_step"]  # both processes stepped together

@@ -73,7 +73,8 @@ class StepBudgetProgressBar(RichProgressBar):
         if self._step_budget():  # the run's batches so far (a resumed run's included)
             batch_idx = trainer.fit_loop.epoch_loop.total_batch_idx
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if console_width() is not None:  # not a terminal: the bar shows only its last frame
+        # not a terminal: the bar shows only its last frame; a line a step, not one a process
+        if console_width() is not None and trainer.is_global_zero:
             self._log_progress(trainer, pl_module)
 
     def _log_progress(self, trainer: Any, pl_module: Any) -> None:

@@ -156,6 +156,8 @@ class SignalCheckpoint(L.Callback):
     def __init__(self, path: Path | None = None, stop_request: Path | None = None) -> None:
         self.path = None if path is None else Path(path)
         self.stop_request = stop_request
+        self.launcher_request: Path | None = None  # the same from spawned DDP workers' launching
+        # process, of its own signals (`ddp_launcher`): it requeues a SLURM job as ever
         self.received: int | None = None
         self.saved = False  # on the signal (a second Ctrl-C while the run winds down says so)
         self._stop_after_validation: int | None = None  # the signal, where its step validates
@@ -271,7 +273,8 @@ class SignalCheckpoint(L.Callback):
         """The signal received or requested (`stop_request`), agreed by every process (they
         stop at the same batch)."""
         # (a request is not `self.received`: a Ctrl-C after it is a first Ctrl-C, which saves)
-        signum = self.received or requested_stop(self.stop_request)
+        signum = (self.received or requested_stop(self.stop_request)
+                  or requested_stop(self.launcher_request))  # fmt: skip
         received = signum is not None
         if trainer.world_size > 1:
             flag = torch.tensor(float(received), device=trainer.strategy.root_device)

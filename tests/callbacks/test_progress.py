@@ -97,3 +97,21 @@ def test_in_a_log_file_every_tenth_of_the_run_is_a_progress_line(tmp_path, monke
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split(" · ")[0] for line in lines] == [f"step {s}/60" for s in range(6, 61, 6)]
     assert lines[-1].split(" · ")[1].endswith("elapsed, 0:00:00 left")
+
+
+def test_only_the_first_ddp_process_logs_progress_lines(monkeypatch, caplog) -> None:
+    # (every process of `trainer=ddp_sim` logged its own, with its own loss: twice the lines)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    monkeypatch.setattr(RichProgressBar, "on_train_batch_end", lambda *args: None)
+    for rank in (1, 0):  # (each process its own bar)
+        bar = StepBudgetProgressBar()
+        bar._started = (0.0, 0)
+        trainer = SimpleNamespace(estimated_stepping_batches=60, global_step=6, max_steps=60,
+                                  max_epochs=-1, accumulate_grad_batches=1, callback_metrics={},
+                                  is_global_zero=rank == 0,
+                                  fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+                                      total_batch_idx=5)))  # fmt: skip
+        bar._trainer = trainer
+        with caplog.at_level("INFO", logger="advarch"):
+            bar.on_train_batch_end(trainer, None, None, None, 5)
+    assert [r.getMessage().split(" · ")[0] for r in caplog.records] == ["step 6/60"]
