@@ -132,6 +132,8 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0"),
     ("train", ["trainer.deterministic=maybe"], "trainer.deterministic='maybe'"),
     ("train", ["+trainer.strategy=bogus"], "trainer.strategy='bogus'"),
+    # (Lightning casts the whole module: epoch means stopped counting after ~256 batches)
+    ("train", ["trainer.precision=bf16-true"], "trainer.precision=bf16-true"),
     ("train", ["+trainer.bogus_key=1"], "trainer.bogus_key"),
     ("train", ["trainer=bogus"], "trainer"),
     # callbacks and loggers

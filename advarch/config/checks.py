@@ -92,6 +92,7 @@ def check_trainer(node: DictConfig) -> None:
         check_batch_limit(cfg.get(key), f"trainer.{key}")
     _check_devices(cfg.get("accelerator", "auto"), cfg.get("devices", "auto"))
     _check_strategy(cfg.get("strategy", "auto"))
+    _check_precision(cfg.get("precision"))
 
 
 def check_batch_limit(value: Any, key: str) -> None:
@@ -179,6 +180,20 @@ def _check_devices(accelerator: Any, devices: Any) -> None:
     if accelerator == "cpu" and isinstance(devices, int) and devices > (os.cpu_count() or 1):
         raise ConfigError(
             f"trainer.devices={devices} CPU processes exceed this machine's {os.cpu_count()} cores"
+        )
+
+
+def _check_precision(precision: Any) -> None:
+    """16-bit weights (`bf16-true`, `16-true`): Lightning casts the whole module, so running
+    metrics and statistics sum in 16 bits too (an epoch's mean stops counting after ~256
+    batches: train/loss_epoch 4.0 for a mean of 3.0), as do optimizer updates and RoPE's
+    frequencies; advarch trains 16-bit compute with 32-bit weights (`*-mixed`)."""
+    if str(precision) in ("bf16-true", "16-true"):
+        mixed = "16-mixed" if str(precision).startswith("16") else "bf16-mixed"
+        raise ConfigError(
+            f"trainer.precision={precision} keeps weights, optimizer states and running metrics "
+            f"in 16 bits (epoch means stop counting after ~256 batches); use {mixed} (16-bit "
+            "compute, 32-bit weights)"
         )
 
 
