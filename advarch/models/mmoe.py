@@ -48,6 +48,8 @@ class MultiGateMoE(nn.Module):
         ValueError: naming the `model.<key>` that is invalid.
     """
 
+    OUTPUT_LAYERS = ("tower_*", "out_bias")  # after the pooled features (`OutputLayers`)
+
     def __init__(
         self,
         spec: DataSpec,

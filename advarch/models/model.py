@@ -39,6 +39,8 @@ Options = Mapping[str, Any]  # a block's `model.<name>` mapping as composed from
 class Model(nn.Module):
     """A backbone sized from the DataSpec; see the module docstring for the kinds."""
 
+    OUTPUT_LAYERS = ("head.*",)  # after the pooled features (`OutputLayers`)
+
     def __init__(
         self,
         spec: DataSpec,

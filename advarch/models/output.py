@@ -1,5 +1,6 @@
 """The model contracts strategies rely on: the output every backbone returns, and the
-optional interfaces (`ExpertModel`, `TaskHeads`) they call instead of probing attributes."""
+optional interfaces (`ExpertModel`, `TaskHeads`, `OutputLayers`) they call instead of probing
+attributes."""
 
 from __future__ import annotations
 
@@ -47,3 +48,12 @@ class TaskHeads(Protocol):
     (`Model` keeps the per-task heads as equal, task-major row blocks of `head`)."""
 
     num_heads_out: int
+
+
+@runtime_checkable
+class OutputLayers(Protocol):
+    """A model whose layers after its pooled `features` are the parameters its
+    `OUTPUT_LAYERS` globs name (`Model`: its head; `MultiGateMoE`: its towers): what reads the
+    features alone (few-shot episodes) trains them not, a fine-tune trains them by default."""
+
+    OUTPUT_LAYERS: tuple[str, ...]

@@ -30,15 +30,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import nn
+from torch._functorch import config as functorch_config
 from torch.func import functional_call
 
-from advarch.models.output import ModelOutput
+from advarch.models.output import ModelOutput, OutputLayers
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.objectives import WeightedMean
@@ -120,6 +122,12 @@ class FewShotStrategy(BaseStrategy):
                 f"strategy.adapt_lr={adapt_lr} > 0"
             )
         super().__init__(model, spec, **base)
+        # the episode loss reads the pooled features alone: the model's output layers learn
+        # nothing (and DDP stops at the first step on parameters without a gradient)
+        globs = self.model.OUTPUT_LAYERS if isinstance(self.model, OutputLayers) else ()
+        for name, parameter in self.model.named_parameters():
+            if any(fnmatchcase(name, glob) for glob in globs):
+                parameter.requires_grad_(False)
         self.n_way = spec.extras["n_way"]
         self.episode_metrics = nn.ModuleDict({f"{s}_": self._metric_set() for s in SPLITS})
 
@@ -187,7 +195,9 @@ class FewShotStrategy(BaseStrategy):
         In training the result carries gradients to the model (first-order); in evaluation it
         is detached.
         """
-        with torch.inference_mode(False), torch.enable_grad():
+        # (a compiled model's graph donates its buffers, which the retained inner backward needs)
+        no_donation = functorch_config.patch(donated_buffer=False)
+        with torch.inference_mode(False), torch.enable_grad(), no_donation:
             support, query, labels = (t.clone() for t in (support, query, labels))
             fast = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
             s = self.embed(support, fast)

@@ -54,9 +54,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from advarch.atomic import save_atomic
-from advarch.checkpoint import TOKENIZER, read_checkpoint
+from advarch.checkpoint import PREFIX, TOKENIZER, read_checkpoint
 from advarch.data.tokenizer import tokenizer_difference, tokenizer_state
 from advarch.errors import ConfigError
+from advarch.models.output import OutputLayers
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.finetune_base import fingerprint, load_base, state_tensors
@@ -83,7 +84,8 @@ class FinetuneStrategy(BaseStrategy):
         pretrained: the base run's checkpoint. Required to train; None only rebuilds the
             architecture (eval.py, which loads the weights from the finetuned checkpoint).
         trainable: fnmatch globs over parameter names (`model.head.*`, `*router*`); each must
-            match a parameter; matched tensors train whole.
+            match a parameter; matched tensors train whole. None: the model's output layers
+            (`OutputLayers`: its head, or a multi-task model's towers).
         new_experts: experts appended to every MoE layer; only their rows train.
         head_classes: train only these classes' head rows (weight and bias); the rest frozen.
     """
@@ -94,7 +96,7 @@ class FinetuneStrategy(BaseStrategy):
         spec: DataSpec,
         *,
         pretrained: str | None = None,
-        trainable: Sequence[str] = ("model.head.*",),
+        trainable: Sequence[str] | None = None,
         new_experts: int = 0,
         head_classes: Sequence[int] | None = None,
         **base: Any,
@@ -105,7 +107,7 @@ class FinetuneStrategy(BaseStrategy):
         self.base_fingerprint = None if ckpt is None else fingerprint(ckpt["state_dict"])
         self.base_tokenizer = None if ckpt is None else ckpt.get(TOKENIZER)
         self.options = {
-            "trainable": list(trainable),
+            "trainable": output_layers(model) if trainable is None else list(trainable),
             "new_experts": new_experts,
             "head_classes": None if head_classes is None else list(head_classes),
         }
@@ -235,3 +237,14 @@ def load_finetuned(delta_path: str | os.PathLike) -> nn.Module:
         else:
             state[name].index_copy_(0, torch.tensor(rows), value)
     return model.eval()
+
+
+def output_layers(model: nn.Module) -> list[str]:
+    """`strategy.trainable`'s default: globs of the model's layers after its pooled features
+    (its head; a multi-task model's towers)."""
+    if not isinstance(model, OutputLayers):
+        raise ValueError(
+            f"strategy.trainable=null trains the model's output layers, which "
+            f"{type(model).__name__} does not name (OUTPUT_LAYERS): give strategy.trainable globs"
+        )
+    return [PREFIX + glob for glob in model.OUTPUT_LAYERS]

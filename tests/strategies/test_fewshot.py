@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from advarch.errors import ConfigError
 from advarch.models import Model
+from advarch.models.mmoe import MultiGateMoE
 from advarch.models.output import ModelOutput
 from advarch.spec import DataSpec
 from advarch.strategies.fewshot import (
@@ -317,3 +318,65 @@ def test_every_fitting_model_trains_fewshot(make_cfg, name: str) -> None:
     metrics = run(cfg)
     accuracy = checkpoint_accuracy(cfg, first_batches(cfg, "test", cfg.trainer.limit_test_batches))
     assert metrics["test/acc"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def small_fewshot(adaptation: str, compiled: bool = False, mmoe: bool = False
+                  ) -> FewShotStrategy:  # fmt: skip
+    """A 5-way 1-shot strategy on 64 features (episodes: `small_episodes`)."""
+    extras = {"n_way": 5, "k_shot": 1, "n_query": 15}
+    spec = DataSpec(kind="classification", num_features=64, num_classes=5,
+                    task_names=("synthetic",), extras=extras)  # fmt: skip
+    torch.manual_seed(0)
+    model = MultiGateMoE(spec, num_experts=2) if mmoe else Model(
+        spec, dim=32, depth=1, num_heads=2, layers=["attn"], ffn=["dense"], ffn_hidden=64,
+        feature_patch=64)  # fmt: skip
+    if compiled:
+        model.compile()  # what model.compile=true does (advarch.pipeline.build_model)
+    return FewShotStrategy(model, spec, adaptation=adaptation, adapt_steps=1, adapt_lr=0.01)
+
+
+def small_episodes(count: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        {
+            "support": torch.randn(5, 64, generator=gen),
+            "support_labels": torch.arange(5),
+            "query": torch.randn(5 * 15, 64, generator=gen),
+            "query_labels": torch.arange(5).repeat(15),
+        }
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize("mmoe", [False, True])
+@pytest.mark.parametrize("adaptation", ["none", "fomaml"])
+def test_every_trained_parameter_gets_a_gradient(adaptation: str, mmoe: bool) -> None:
+    # DDP (trainer=ddp_sim) stopped at the first step ('parameters that were not used in
+    # producing the loss'): the model's output layers, which the episode loss never reads
+    fs = small_fewshot(adaptation, mmoe=mmoe)
+    (episode,) = small_episodes(1)
+    F.cross_entropy(fs.episode_logits(episode).logits, episode["query_labels"]).backward()
+    assert [n for n, p in fs.named_parameters() if p.requires_grad and p.grad is None] == []
+    frozen = [n for n, p in fs.model.named_parameters() if not p.requires_grad]
+    assert frozen == (["tower_in", "tower_bias", "tower_out", "out_bias"] if mmoe else
+                      ["head.weight", "head.bias"])  # (the summary counts them frozen)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_fomaml_evaluates_a_compiled_model() -> None:
+    """`model.compile=true strategy=fewshot strategy.adaptation=fomaml`: the inner loop's
+    `autograd.grad(..., retain_graph=True)` meets Inductor's donated buffers in the graph
+    compiled for evaluation, and the first validation stopped the run ('This backward function
+    was compiled with non-empty donated buffers which requires ... retain_graph=False'). The
+    compiled model must adapt and predict as the plain one does."""
+    episodes = small_episodes(2)
+    logits = []
+    for compiled in (False, True):
+        fs = small_fewshot("fomaml", compiled)
+        fs.train()  # a training step, as the run takes before its first validation
+        loss = F.cross_entropy(fs.episode_logits(episodes[0]).logits, episodes[0]["query_labels"])
+        loss.backward()
+        fs.eval()
+        with torch.inference_mode():  # as Lightning validates
+            logits.append(fs.episode_logits(episodes[1]).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)

@@ -13,6 +13,7 @@ from advarch.atomic import save_atomic
 from advarch.checkpoint import CheckpointError, model_weights, read_checkpoint
 from advarch.data.digits import DigitsDataModule
 from advarch.errors import ConfigError
+from advarch.models.mmoe import MultiGateMoE
 from advarch.models.model import Model
 from advarch.pipeline import build_all, build_model
 from advarch.spec import DataSpec
@@ -350,3 +351,20 @@ def test_a_base_of_another_tokenizer_is_refused(tmp_path: Path, caplog) -> None:
     strategy.trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=SimpleNamespace()))
     strategy.setup("fit")
     assert "this data's tokenizer (SimpleNamespace) is not one of advarch's" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["model", "mmoe"])
+def test_by_default_the_output_layers_train(tmp_path: Path, family: str) -> None:
+    # (the default was `model.head.*`, which the multi-task models lack: mmoe, one_gate_moe
+    # and shared_bottom stopped with 'matches no parameter' as typed)
+    spec = DataSpec(kind="classification", num_features=16, num_classes=10,
+                    task_names=("a", "b"))  # fmt: skip
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return MultiGateMoE(spec, num_experts=2) if family == "mmoe" else tiny_model()
+
+    module = FinetuneStrategy(build(), spec, pretrained=write_base(tmp_path / "base.ckpt", build()))
+    trained = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trained == (["tower_in", "tower_bias", "tower_out", "out_bias"] if family == "mmoe"
+                       else ["head.weight", "head.bias"])  # fmt: skip
