@@ -320,6 +320,20 @@ def test_generating_past_the_trained_context_says_so(trained: dict[str, TrainedR
     assert f"beyond the {lm.spec.seq_len} the model was trained on" in caplog.text
 
 
+def test_a_warning_comes_before_the_streamed_text(
+    project: Project, trained: dict[str, TrainedRun]
+) -> None:
+    # (the prompt was echoed, then generation warned of a length beyond the trained context:
+    # `def fib(n):WARNING: …` cut the text in two)
+    ckpt = trained["lm"].ckpt
+    seq_len = load_lm(str(ckpt)).spec.seq_len
+    typed = f"""'prompt="def fib(n):"' max_new_tokens={seq_len} greedy=true"""
+    out = project.shell(f"python scripts/generate.py ckpt_path={ckpt} {typed} 2>&1").check()
+    lines = out.stdout.splitlines()
+    (warning,) = [i for i, line in enumerate(lines) if "beyond the" in line]
+    assert lines[warning + 1].startswith("def fib(n):") and "def fib(n):" not in lines[warning]
+
+
 def test_script_errors_are_one_line(project: Project) -> None:
     out = project.run(f"ckpt_path={project.root}/nope.ckpt", script="scripts/generate.py")
     assert out.rc != 0

@@ -92,7 +92,8 @@ class StepBudgetProgressBar(RichProgressBar):
         clock = [str(datetime.timedelta(seconds=round(t))) for t in (elapsed, left)]
         loss = trainer.callback_metrics.get("train/loss")
         shown = f" · train/loss {float(loss):.4g}" if loss is not None else ""
-        log.info("step %d/%d · %s elapsed, %s left%s", step, total, *clock, shown)
+        label = f"{self.run_label} · " if self.run_label else ""  # (a parallel sweep's trial)
+        log.info("%sstep %d/%d · %s elapsed, %s left%s", label, step, total, *clock, shown)
 
     def _get_train_description(self, current_epoch: int) -> str:
         max_epochs = self.trainer.max_epochs

@@ -213,13 +213,12 @@ def hydra_main(cfg: DictConfig) -> None:
         from advarch.trained_lm import load_lm
 
         lm = load_lm(cfg.ckpt_path, cfg.device, cfg.paths.cache_dir)
-        if cfg.stream:
-            print(prompt, end="", flush=True)
+        echo = PromptThenPieces(prompt) if cfg.stream else None
         text = generate_text(
             lm,
             prompt,
             cfg.max_new_tokens,
-            stream=(lambda piece: print(piece, end="", flush=True)) if cfg.stream else None,
+            stream=echo,
             stop_at_eos=cfg.stop_at_eos,
             temperature=cfg.temperature,
             top_k=cfg.top_k,
@@ -232,7 +231,19 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(f"error: {err}")
     finally:
         discard_run_folder()  # generation writes no files: leave no run folder behind
-    print("" if cfg.stream else prompt + text)
+    print(echo.prompt if echo else prompt + text)  # (streamed: the prompt if nothing came)
+
+
+class PromptThenPieces:
+    """Prints the prompt with the first piece, then each piece as it comes: generation's
+    warnings (a length beyond the trained context) come before the text, not inside it."""
+
+    def __init__(self, prompt: str) -> None:
+        self.prompt = prompt  # not yet printed
+
+    def __call__(self, piece: str) -> None:
+        print(self.prompt + piece, end="", flush=True)
+        self.prompt = ""
 
 
 def main() -> None:

@@ -99,19 +99,35 @@ def test_in_a_log_file_every_tenth_of_the_run_is_a_progress_line(tmp_path, monke
     assert lines[-1].split(" · ")[1].endswith("elapsed, 0:00:00 left")
 
 
+def at_step_6_of_60(is_global_zero: bool = True) -> SimpleNamespace:
+    """A trainer at the end of optimizer step 6 of 60 (a progress line is due)."""
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(total_batch_idx=5))
+    return SimpleNamespace(estimated_stepping_batches=60, global_step=6, max_steps=60,
+                           max_epochs=-1, accumulate_grad_batches=1, callback_metrics={},
+                           is_global_zero=is_global_zero, fit_loop=loop)  # fmt: skip
+
+
+def logged_progress(trainers: list[SimpleNamespace], label: str | None, caplog) -> list[str]:
+    """The progress lines each trainer's own bar logs at its batch end (a log file)."""
+    for trainer in trainers:
+        bar = StepBudgetProgressBar()
+        bar._started, bar.run_label, bar._trainer = (0.0, 0), label, trainer
+        with caplog.at_level("INFO", logger="advarch"):
+            bar.on_train_batch_end(trainer, None, None, None, 5)
+    return [r.getMessage() for r in caplog.records]
+
+
 def test_only_the_first_ddp_process_logs_progress_lines(monkeypatch, caplog) -> None:
     # (every process of `trainer=ddp_sim` logged its own, with its own loss: twice the lines)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
     monkeypatch.setattr(RichProgressBar, "on_train_batch_end", lambda *args: None)
-    for rank in (1, 0):  # (each process its own bar)
-        bar = StepBudgetProgressBar()
-        bar._started = (0.0, 0)
-        trainer = SimpleNamespace(estimated_stepping_batches=60, global_step=6, max_steps=60,
-                                  max_epochs=-1, accumulate_grad_batches=1, callback_metrics={},
-                                  is_global_zero=rank == 0,
-                                  fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
-                                      total_batch_idx=5)))  # fmt: skip
-        bar._trainer = trainer
-        with caplog.at_level("INFO", logger="advarch"):
-            bar.on_train_batch_end(trainer, None, None, None, 5)
-    assert [r.getMessage().split(" · ")[0] for r in caplog.records] == ["step 6/60"]
+    lines = logged_progress([at_step_6_of_60(False), at_step_6_of_60()], None, caplog)
+    assert [line.split(" · ")[0] for line in lines] == ["step 6/60"]
+
+
+def test_a_sweep_trials_progress_lines_name_it(monkeypatch, caplog) -> None:
+    # (a parallel sweep's trials log into one console: their lines read alike)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    monkeypatch.setattr(RichProgressBar, "on_train_batch_end", lambda *args: None)
+    (line,) = logged_progress([at_step_6_of_60()], "trial 1 (model.depth=2)", caplog)
+    assert line.startswith("trial 1 (model.depth=2) · step 6/60 · ")
