@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import sys
+import time
 
 import torch
 
@@ -92,9 +94,12 @@ def main() -> None:
             gpu.print_moe_profiles()
             return
         rows += gpu.run(quick=args.quick, only=tuple(args.only.split(",")))
-    for name in [] if args.device == "cuda" else args.only.split(","):
-        suite = importlib.import_module(f"advarch.benchmarks.{name}")
-        rows += suite.run(quick=args.quick)
+    suites = [] if args.device == "cuda" else args.only.split(",")
+    for number, name in enumerate(suites, 1):  # (the table waits for all: say what runs)
+        print(f"[{number}/{len(suites)}] {name} …", end="", file=sys.stderr, flush=True)
+        start = time.monotonic()
+        rows += importlib.import_module(f"advarch.benchmarks.{name}").run(quick=args.quick)
+        print(f" done in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
     print_table(rows)
     if args.quick and args.device == "cpu":  # (cuda runs issue 14's sizes whatever it is told)
         print(f"--quick: {SMOKE_NOTE}")

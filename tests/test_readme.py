@@ -252,6 +252,7 @@ def check_promises(cmd: str, line: str, res: CliResult, proj: Project) -> None:
         assert res.stdout.startswith(f"merge demo: writing into {folder}\n"), res.stdout
     elif "scripts/bench.py" in cmd:
         assert "| moe" in res.stdout  # the table, here of the smoke form's one suite
+        assert re.search(r"^\[1/\d\] moe … done in \d+ s$", res.stderr, re.M)  # (not a hang)
 
 
 def check_optuna_sweep(sweep: Path, best: dict) -> None:
