@@ -282,6 +282,7 @@ def main() -> None:
     from advarch.config.choices import (
         check_config_dirs,
         check_group_choices,
+        check_launcher_at_hand,
         check_override_keys,
         check_override_syntax,
         check_single_run,
@@ -294,6 +295,7 @@ def main() -> None:
         check_override_syntax(sys.argv[1:])  # `run_name=a(b)` quoted, not Hydra's parser error
         check_group_choices(sys.argv[1:])  # a misspelt `model=moee` in one line, not a screenful
         check_single_run(sys.argv[1:])  # `model.depth=2,4` without -m
+        check_launcher_at_hand(sys.argv[1:])  # hydra/launcher=slurm off a cluster
         sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
         check_override_keys(sys.argv[1:])  # and `model.dimm=64`
         check_new_folder(sys.argv[1:])  # not into a folder holding another run

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -367,3 +368,18 @@ def test_a_parallel_sweep_of_one_job_at_a_time_trains_with_stop_signals_unblocke
     assert record.read_text().splitlines() == [""]  # one trial, nothing blocked
     assert "[HYDRA] 1 trial in this process, one at a time (hydra.launcher.n_jobs=1)\n" in (
         result.output)  # fmt: skip
+
+
+@pytest.mark.skipif(bool(shutil.which("sbatch") and shutil.which("srun")), reason="on a cluster")
+def test_the_slurm_sweep_off_a_cluster_is_one_line(project: Project) -> None:
+    # (submitit stopped in a 25-line traceback, "Could not detect srun", and left a sweep folder)
+    readme = ("python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu hydra."
+              "launcher.signal_delay_s=120 experiment=ewc_permuted_digits ckpt_path=auto")
+    res = project.shell(f"{readme} debug=tiny")
+    assert res.rc == 1 and "Traceback" not in res.output, res.output[-3000:]
+    assert res.stderr.strip().splitlines() == [
+        "error: hydra/launcher=slurm submits to a SLURM cluster, and this machine has no sbatch "
+        "on PATH: run it on the cluster's login node, or here without it "
+        "(hydra/launcher=local_parallel runs the trials side by side)"
+    ]
+    assert not project.sweeps() and not res.new_runs  # (no folder)

@@ -79,6 +79,21 @@ def check_override_syntax(argv: list[str]) -> None:
             raise _unreadable(override, str(err).splitlines()[0], parser) from None
 
 
+def check_launcher_at_hand(argv: list[str]) -> None:
+    """Raise `ConfigError` for `hydra/launcher=slurm` where SLURM's commands are not on PATH:
+    submitit stopped in a 25-line traceback ("Could not detect srun"), its sweep folder left."""
+    import shutil
+
+    if "hydra/launcher=slurm" in argv:
+        missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+        if missing:
+            raise ConfigError(
+                f"hydra/launcher=slurm submits to a SLURM cluster, and this machine has no "
+                f"{missing[0]} on PATH: run it on the cluster's login node, or here without it "
+                "(hydra/launcher=local_parallel runs the trials side by side)"
+            )
+
+
 def check_single_run(argv: list[str]) -> None:
     """Raise `ConfigError` for a sweep's values (`model.depth=2,4`, `range(2,5)`, an
     `interval(…)`) in a run without `-m`: Hydra's "Ambiguous value for argument", five lines
