@@ -373,8 +373,10 @@ def test_a_parallel_sweep_of_one_job_at_a_time_trains_with_stop_signals_unblocke
 @pytest.mark.skipif(bool(shutil.which("sbatch") and shutil.which("srun")), reason="on a cluster")
 def test_the_slurm_sweep_off_a_cluster_is_one_line(project: Project) -> None:
     # (submitit stopped in a 25-line traceback, "Could not detect srun", and left a sweep folder)
-    readme = ("python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu hydra."
-              "launcher.signal_delay_s=120 experiment=ewc_permuted_digits ckpt_path=auto")
+    readme = (
+        "python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu hydra."
+        "launcher.signal_delay_s=120 experiment=ewc_permuted_digits ckpt_path=auto"
+    )
     res = project.shell(f"{readme} debug=tiny")
     assert res.rc == 1 and "Traceback" not in res.output, res.output[-3000:]
     assert res.stderr.strip().splitlines() == [
