@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.progress import TextColumn
 
 from advarch.console_log import console_width
+from advarch.spec import TaskStream
 
 log = logging.getLogger("advarch")
 LOGGED_STEPS = 50  # shorter runs log no progress lines
@@ -32,8 +33,9 @@ UNBOUNDED = 100_000  # the bar's width in a log file: its frame is as long as it
 
 
 class StepBudgetProgressBar(RichProgressBar):
-    """`Epoch 3/9` when epochs bound the run, `Epoch 3 · max_steps 8000` when steps do; a
-    sweep's trial names itself in front of every bar (`NamesItsRun`)."""
+    """`Epoch 3/9` when epochs bound the run, `Epoch 3 · max_steps 8000` when steps do, after
+    the task of a continual stream (`task 2/5 (perm1) · Epoch 3/9`); a sweep's trial names
+    itself in front of every bar (`NamesItsRun`)."""
 
     run_label: str | None = None
 
@@ -96,14 +98,17 @@ class StepBudgetProgressBar(RichProgressBar):
         log.info("%sstep %d/%d · %s elapsed, %s left%s", label, step, total, *clock, shown)
 
     def _get_train_description(self, current_epoch: int) -> str:
+        task = task_label(getattr(self.trainer, "datamodule", None), current_epoch)
         max_epochs = self.trainer.max_epochs
         if max_epochs is not None and max_epochs >= 0:
-            return super()._get_train_description(current_epoch)
-        max_steps = self.trainer.max_steps
-        description = f"Epoch {current_epoch}" + (
-            f" · max_steps {max_steps}" if max_steps > 0 else ""
-        )
-        return f"{description:{len(self.validation_description)}}"  # pad: no flicker
+            description = super()._get_train_description(current_epoch)
+        else:
+            max_steps = self.trainer.max_steps
+            description = f"Epoch {current_epoch}" + (
+                f" · max_steps {max_steps}" if max_steps > 0 else ""
+            )
+            description = f"{description:{len(self.validation_description)}}"  # no flicker
+        return f"{task} · {description}" if task else description
 
     def configure_columns(self, trainer: Any) -> list:
         columns = super().configure_columns(trainer)
@@ -114,3 +119,15 @@ class StepBudgetProgressBar(RichProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+def task_label(datamodule: Any, epoch: int) -> str:
+    """`task 2/5 (perm1)`: the task a stream trains in `epoch` (its boundaries are a continual
+    run's moments to watch); '' for other data, or a stream trained on all tasks at once."""
+    if not isinstance(datamodule, TaskStream) or getattr(datamodule, "joint", False):
+        return ""
+    schedule = datamodule.schedule
+    task = schedule.task_of_epoch(epoch)
+    names = getattr(getattr(datamodule, "spec", None), "task_names", ())
+    name = f" ({names[task]})" if len(names) == schedule.num_tasks else ""
+    return f"task {task + 1}/{schedule.num_tasks}{name}"

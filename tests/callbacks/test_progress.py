@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from advarch.callbacks.progress import StepBudgetProgressBar
+from advarch.spec import TaskSchedule
 
 
 @pytest.mark.parametrize(("max_epochs", "max_steps", "label"), [
@@ -131,3 +132,30 @@ def test_a_sweep_trials_progress_lines_name_it(monkeypatch, caplog) -> None:
     monkeypatch.setattr(RichProgressBar, "on_train_batch_end", lambda *args: None)
     (line,) = logged_progress([at_step_6_of_60()], "trial 1 (model.depth=2)", caplog)
     assert line.startswith("trial 1 (model.depth=2) · step 6/60 · ")
+
+
+class TwoTaskStream:
+    """The parts of a `TaskStream` the bar reads: 2 tasks of 3 epochs each."""
+
+    schedule = TaskSchedule(num_tasks=2, epochs_per_task=3)
+    seed, trainer_overrides, joint = 0, {}, False
+    spec = SimpleNamespace(task_names=("perm0", "perm1"))
+
+    def task_loader(self, *args: Any) -> None: ...
+
+    def val_dataloader(self) -> None: ...
+
+    def train_jointly(self, joint: bool) -> None: ...
+
+
+@pytest.mark.parametrize(("epoch", "joint", "label"), [
+    (0, False, "task 1/2 (perm0) · Epoch 0/5"),
+    (4, False, "task 2/2 (perm1) · Epoch 4/5"),
+    (4, True, "Epoch 4/5"),  # (all tasks at once: strategy.joint=true)
+])  # fmt: skip
+def test_a_stream_shows_the_task_of_the_epoch(epoch: int, joint: bool, label: str) -> None:
+    # (`Epoch 7/49` all through 5 tasks: nothing said which task trained)
+    bar, stream = StepBudgetProgressBar(), TwoTaskStream()
+    stream.joint = joint
+    bar._trainer = SimpleNamespace(max_epochs=6, max_steps=-1, datamodule=stream)
+    assert bar._get_train_description(epoch).strip() == label
