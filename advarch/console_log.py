@@ -35,13 +35,15 @@ def console_width() -> int | None:
 # Lightning's device lines when there is no such device, its seed line (each DDP process's),
 # its step estimate, its restatement of a batch limit the config shows
 # (`Trainer(limit_test_batches=1.0)` was …), its restore lines (advarch's own `resuming <file>
-# (step …)` line says it), DDP's start-up lines (each process's rank, a banner of dashes)
+# (step …)` line says it), DDP's start-up lines (each process's rank, a banner of dashes), its
+# `fast_dev_run` announcement (checkpointing suppressed: advarch writes `last.ckpt` all the same)
 _SAID_NOTHING = re.compile(
     r"^(?:[GTH]PU available: False\b|(?:\[rank: \d+\] )?Seed set to \d+$"
     r"|Loading `train_dataloader` to estimate|`Trainer\(\w+=1(?:\.0)?\)` was configured so "
     r"|Restoring states from the checkpoint path|Restored all states from the checkpoint"
     r"|Initializing distributed: GLOBAL_RANK|-{20,}\ndistributed_backend="
-    r"|`Trainer\.fit` stopped: `max_(?:steps|epochs)=-?\d+` reached\.$)"
+    r"|`Trainer\.fit` stopped: `max_(?:steps|epochs)=-?\d+` reached\.$"
+    r"|Running in `fast_dev_run` mode: )"
 )
 
 

@@ -172,6 +172,9 @@ def print_summary(
     if "train/tokens_per_s" in metrics:
         lines.append(throughput_line(metrics))
     lines.append(f"checkpoint: {output_dir / 'checkpoints' / 'last.ckpt'}")
+    profiles = sorted(output_dir.glob("*-profile.txt"))  # (debug=profiler's, per stage)
+    if profiles:
+        lines.append(f"profile: {', '.join(p.name for p in profiles)} in the run folder")
     lines.append(f"run folder (config, CSV logs, plots): {output_dir}")
     hint = sync_hint(output_dir)
     if hint:

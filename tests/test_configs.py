@@ -151,7 +151,7 @@ DIGIT_STREAM = ["++trainer.limit_train_batches=3", "trainer.limit_val_batches=1"
 
 
 @pytest.mark.parametrize("name", list(OPTION_RUNS))
-def test_every_option_runs_end_to_end(make_cfg, name: str) -> None:
+def test_every_option_runs_end_to_end(make_cfg, name: str, capsys) -> None:
     overrides, promised = OPTION_RUNS[name]
     base = ["debug=tiny", *SMALL_TEXT] if "debug=" not in " ".join(overrides) else SMALL_TEXT
     if "digits" in name:
@@ -159,6 +159,9 @@ def test_every_option_runs_end_to_end(make_cfg, name: str) -> None:
     _, out = trained_run(make_cfg, [*base, *overrides])
     for pattern in promised:
         assert list(out.glob(pattern)), f"{name}: no {pattern} in {out}"
+    if name == "debug=profiler":  # (its summary says where: nothing did)
+        said = "profile: fit-profile.txt, test-profile.txt in the run folder\n"
+        assert said in capsys.readouterr().out
 
 
 def test_every_option_is_run_somewhere() -> None:
