@@ -20,6 +20,8 @@ CURVE_PANELS = (  # (title, column pattern) — a panel is drawn when any column
     ("accuracy", r"train/acc_epoch|val/acc"),
     ("validation accuracy per task", r"val/task_\d+/acc"),
     ("validation bits per byte per task", r"val/task_\d+/bpb"),
+    ("loss per task", r"(train|val)/task_(?!\d+/)[^/]+/loss"),  # a multi-task run's named tasks
+    ("gate similarity between tasks (cosine)", r"val/gate_cosine"),
     ("router entropy (nats)", r"moe/layer\d+/entropy"),
     ("learning rate", r"lr-.*"),
 )

@@ -63,3 +63,22 @@ def test_identical_series_are_one_line_named_by_both(tmp_path: Path, monkeypatch
     plot_learning_curves(metrics, tmp_path / "curves.png")
     panel = next(ax for ax in drawn["fig"].axes if ax.get_title() == "learning rate")
     assert [line.get_label() for line in panel.get_lines()] == ["lr-AdamW/pg1 = lr-AdamW/pg2"]
+
+
+def test_a_multitask_run_draws_its_tasks_and_their_gates(tmp_path: Path, monkeypatch) -> None:
+    # (its report drew the total loss and the learning rate alone: new-user 36 F9)
+    import advarch.reports.figures as figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.setdefault("fig", fig) and path)
+    curve = np.array([3.0, 2.0, 1.0])
+    per_task = {key: curve + i for i, key in enumerate(
+        ["train/task_a/loss", "val/task_a/loss", "val/task_b/loss"])}  # fmt: skip
+    stream = {"val/task_0/loss": curve}  # (a stream's numbered tasks: not in that panel)
+    metrics = Metrics({"step": np.arange(3.0), "train/loss": curve, "val/gate_cosine": curve / 3,
+                       **per_task, **stream})  # fmt: skip
+    plot_learning_curves(metrics, tmp_path / "curves.png")
+    panels = {ax.get_title(): [line.get_label() for line in ax.get_lines()]
+              for ax in drawn["fig"].axes}  # fmt: skip
+    assert panels["loss per task"] == ["train/task_a/loss", "val/task_a/loss", "val/task_b/loss"]
+    assert panels["gate similarity between tasks (cosine)"] == ["val/gate_cosine"]
