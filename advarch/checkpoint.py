@@ -141,7 +141,8 @@ def checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
     file = Path(path).expanduser()
     where = _named(path, key)
     if not file.exists():
-        raise CheckpointError(f"{where} is not a file")
+        auto = " (auto, the newest run's last.ckpt, is train.py's)" if str(path) == "auto" else ""
+        raise CheckpointError(f"{where} is not a file{auto}")
     if file.is_dir():
         raise CheckpointError(f"{where} is a folder, not a checkpoint file")
     if file.stat().st_size == 0:

@@ -568,6 +568,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ),
     ("train", ["data.tokenizer_from={f}/notes.txt"], "data.tokenizer_from='{f}/notes.txt' is not"),
     ("eval", ["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt'"),
+    ("eval", ["ckpt_path=auto"], "ckpt_path='auto' is not a file (auto, the newest run's"),
     ("eval", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),
     ("eval", ["ckpt_path={f}/truncated.ckpt"], "truncated.ckpt"),
     (  # (torch read the changed bytes as weights, silently)

@@ -29,7 +29,7 @@ class ModelSummary(RichModelSummary):
     module's own counts when it has them)."""
 
     _counts: dict[str, int] | None = None
-    run_label: str | None = None  # the table's title in a sweep's trial (`NamesItsRun`)
+    run_label: str | None = None  # above the table in a sweep's trial (`NamesItsRun`)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if isinstance(pl_module, CountsParameters):
@@ -49,12 +49,14 @@ class ModelSummary(RichModelSummary):
             total_parameters = self._counts["params/total"]
             trainable_parameters = self._counts["params/trainable"]
         columns = dict(summary_data)
-        table = Table(header_style="bold", title=self.run_label, title_justify="left")
+        table = Table(header_style="bold")
         for name in ("Name", "Type", "Params"):
             table.add_column(name, justify="right" if name == "Params" else "left")
         for row in zip(columns["Name"], columns["Type"], columns["Params"], strict=True):
             table.add_row(*row)
         console = Console(soft_wrap=True)
+        if self.run_label:  # (its own line: as typed, not read as markup, never wrapped)
+            console.print(self.run_label, markup=False, highlight=False)
         console.print(table)
         frozen = total_parameters - trainable_parameters
         share = f" ({trainable_parameters / total_parameters:.1%})" if frozen else ""

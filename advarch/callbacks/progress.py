@@ -112,7 +112,11 @@ class StepBudgetProgressBar(RichProgressBar):
 
     def configure_columns(self, trainer: Any) -> list:
         columns = super().configure_columns(trainer)
-        return [TextColumn(escape(self.run_label)), *columns] if self.run_label else columns
+        if not self.run_label:
+            return columns
+        # (TextColumn formats its text: a trial's `model.moe={…}` braces are literal)
+        label = escape(self.run_label).replace("{", "{{").replace("}", "}}")
+        return [TextColumn(label), *columns]
 
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         """The logged progress-bar metrics, without the logger's version number."""

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from advarch.checkpoint import (
+    PREFIX,
     CheckpointError,
     newest_readable,
     read_checkpoint,
@@ -74,6 +75,22 @@ def with_block_defaults(model: Any) -> Any:
     return filled
 
 
+def with_trainable_resolved(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A config whose fine-tune `strategy.trainable: null` (the model's output layers) names
+    them as globs (`['model.head.*']`): a run from before null was the default saved those."""
+    strategy, model = config.get("strategy"), config.get("model")
+    if not (isinstance(strategy, Mapping) and "trainable" in strategy
+            and strategy["trainable"] is None and isinstance(model, Mapping)):  # fmt: skip
+        return config
+    from hydra.utils import get_class
+
+    try:
+        layers = get_class(str(model.get("_target_"))).OUTPUT_LAYERS
+    except (ImportError, AttributeError, ValueError):  # (no such class, or it names none)
+        return config
+    return dict(config, strategy=dict(strategy, trainable=[PREFIX + g for g in layers]))
+
+
 def config_mismatch(
     ckpt: Mapping[str, Any], cfg: DictConfig, keys: Sequence[str] = RESUME_MUST_MATCH
 ) -> str | None:
@@ -83,7 +100,8 @@ def config_mismatch(
     if saved is None:
         return "no saved advarch config"
     current = OmegaConf.to_container(cfg, resolve=True)
-    saved, current = (dict(c, model=with_block_defaults(c.get("model"))) for c in (saved, current))
+    saved, current = (dict(with_trainable_resolved(c), model=with_block_defaults(c.get("model")))
+                      for c in (saved, current))  # fmt: skip
     kinds = task_kinds(ckpt, saved, current) if "data" in keys else None
     if kinds:
         there, now = (str((c.get("data") or {}).get("_target_")) for c in (saved, current))

@@ -44,6 +44,7 @@ from advarch.models.output import ModelOutput, OutputLayers
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.objectives import WeightedMean
+from advarch.strategies.optimization import parameter_groups
 
 Adaptation = Literal["none", "finetune_head", "fomaml"]
 ADAPTATIONS = ("none", "finetune_head", "fomaml")
@@ -121,15 +122,36 @@ class FewShotStrategy(BaseStrategy):
                 f"strategy.adapt_steps={adapt_steps} must be >= 0 and "
                 f"strategy.adapt_lr={adapt_lr} > 0"
             )
-        super().__init__(model, spec, **base)
         # the episode loss reads the pooled features alone: the model's output layers learn
         # nothing (and DDP stops at the first step on parameters without a gradient)
-        globs = self.model.OUTPUT_LAYERS if isinstance(self.model, OutputLayers) else ()
-        for name, parameter in self.model.named_parameters():
-            if any(fnmatchcase(name, glob) for glob in globs):
-                parameter.requires_grad_(False)
+        for parameter in output_layers(model):
+            parameter.requires_grad_(False)
+        super().__init__(model, spec, **base)  # (its parameter counts: those frozen too)
         self.n_way = spec.extras["n_way"]
         self.episode_metrics = nn.ModuleDict({f"{s}_": self._metric_set() for s in SPLITS})
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint from before the output layers were frozen holds an optimizer over them
+        too (torch refuses its groups' sizes): their entries go, and it resumes (they never
+        stepped: no gradient reached them)."""
+        super().on_load_checkpoint(checkpoint)
+        frozen = output_layers(self.model)
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        before = parameter_groups(self.model)  # (the groups as that optimizer was built)
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        sizes = [len(group["params"]) for group in before]
+        gone = {id(p) for p in frozen}
+        for saved in checkpoint.get("optimizer_states", []):
+            if not gone or [len(g["params"]) for g in saved["param_groups"]] != sizes:
+                continue  # (written with them frozen)
+            for group, built in zip(saved["param_groups"], before, strict=True):
+                kept = [i for i, p in zip(group["params"], built["params"], strict=True)
+                        if id(p) not in gone]  # fmt: skip
+                for index in set(group["params"]) - set(kept):
+                    saved["state"].pop(index, None)
+                group["params"] = kept
 
     @staticmethod
     def _metric_set() -> nn.ModuleDict:
@@ -271,3 +293,10 @@ def _merge(logits: torch.Tensor, *outs: ModelOutput) -> ModelOutput:
     """Query logits with the summed aux losses and the query pass's stats."""
     aux = torch.stack([o.aux_loss for o in outs]).sum()
     return ModelOutput(logits=logits, aux_loss=aux, stats=outs[-1].stats)
+
+
+def output_layers(model: nn.Module) -> list[nn.Parameter]:
+    """The model's parameters after its pooled features (`OutputLayers`; none if it names
+    none)."""
+    globs = model.OUTPUT_LAYERS if isinstance(model, OutputLayers) else ()
+    return [p for n, p in model.named_parameters() if any(fnmatchcase(n, g) for g in globs)]

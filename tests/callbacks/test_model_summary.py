@@ -34,3 +34,12 @@ def test_totals_are_the_modules_own_counts(module, line, capsys) -> None:
     ModelSummary().on_fit_start(trainer, module)
     out = " ".join(capsys.readouterr().out.split())
     assert line in out
+
+
+def test_a_trials_label_above_the_table_keeps_its_list_overrides(capsys) -> None:
+    # review 36: `Table(title=...)` read markup: `[attn,ssm]` vanished from the title
+    summary = ModelSummary()
+    summary.run_label = "trial 1 (model.layers=[attn,ssm])"
+    summary.summarize([("Name", ["net"]), ("Type", ["Linear"]), ("Params", ["25"])], 25, 25, 0.0)
+    out = "".join(capsys.readouterr().out.split())
+    assert "trial1(model.layers=[attn,ssm])" in out

@@ -159,3 +159,24 @@ def test_a_stream_shows_the_task_of_the_epoch(epoch: int, joint: bool, label: st
     stream.joint = joint
     bar._trainer = SimpleNamespace(max_epochs=6, max_steps=-1, datamodule=stream)
     assert bar._get_train_description(epoch).strip() == label
+
+
+# review 36: a trial's label is its overrides as typed; a dict or interpolation override holds
+# braces, which `TextColumn` reads as a format field (KeyError: 'num_experts' at the first
+# render: the trial fails)
+@pytest.mark.parametrize("label", [
+    "trial 0 (+model.moe={num_experts:4})",
+    "trial 1 (model.ffn_hidden=${model.dim})",
+    "trial 2 (model.layers=[attn,ssm])",
+])  # fmt: skip
+def test_a_trial_label_renders_as_typed(label: str) -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    bar = StepBudgetProgressBar()
+    bar.run_label = label
+    progress = Progress(*bar.configure_columns(SimpleNamespace()))
+    progress.add_task("Epoch 0", total=10)
+    console = Console(width=200, record=True)
+    console.print(progress.get_renderable())
+    assert label in console.export_text()

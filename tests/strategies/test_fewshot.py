@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -380,3 +381,33 @@ def test_fomaml_evaluates_a_compiled_model() -> None:
         with torch.inference_mode():  # as Lightning validates
             logits.append(fs.episode_logits(episodes[1]).logits)
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_run_from_before_the_frozen_output_layers_resumes(make_cfg, tmp_path, monkeypatch
+                                                            ) -> None:  # fmt: skip
+    # review 36: a few-shot checkpoint written before the output layers were frozen holds an
+    # optimizer over them too; resuming it (ckpt_path=auto after an upgrade, a requeued SLURM
+    # job) stopped with torch's "loaded state dict contains a parameter group that doesn't
+    # match the size of optimizer's group" and a traceback
+    import advarch.strategies.fewshot as fewshot
+
+    common = ["data=fewshot_synthetic", "strategy=fewshot", *SMALL_EPISODES, *FAST]
+    with monkeypatch.context() as before:  # the code before: nothing frozen
+        before.setattr(fewshot, "fnmatchcase", lambda name, glob: False)
+        before_cfg = make_cfg([*common, "trainer.max_steps=2"], output_dir=tmp_path / "before")
+        run(before_cfg)
+    last = Path(before_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    resumed = make_cfg([*common, "trainer.max_steps=4", f"ckpt_path={last}"],
+                       output_dir=tmp_path / "resumed")  # fmt: skip
+    run(resumed)
+
+
+@pytest.mark.parametrize("mmoe", [False, True])
+def test_the_checkpoints_parameter_counts_are_the_summarys(mmoe: bool) -> None:
+    # review 36: BaseStrategy records `count_parameters(model)` in hparams (the checkpoint's
+    # hyper_parameters) before few-shot freezes the output layers: it says 0 frozen while
+    # the model summary says the head is (finetune updates its hparams after its plan)
+    fs = small_fewshot("none", mmoe=mmoe)
+    saved = {k: v for k, v in fs.hparams.items() if k.startswith("params/")}
+    assert saved == fs.parameter_counts()

@@ -368,3 +368,20 @@ def test_by_default_the_output_layers_train(tmp_path: Path, family: str) -> None
     trained = [n for n, p in module.model.named_parameters() if p.requires_grad]
     assert trained == (["tower_in", "tower_bias", "tower_out", "out_bias"] if family == "mmoe"
                        else ["head.weight", "head.bias"])  # fmt: skip
+
+
+def test_a_finetune_from_before_the_null_default_resumes(make_cfg) -> None:
+    # review 36: a fine-tune started before `strategy.trainable` defaulted to null saved
+    # `trainable: ['model.head.*']`; the same command after the upgrade composes `null`, which
+    # trains the same tensors, yet `config_mismatch` calls the checkpoint another
+    # configuration: ckpt_path=<it> stops ("strategy.trainable=['model.head.*'] there, None
+    # now"), ckpt_path=auto skips it and trains from the base again
+    from omegaconf import OmegaConf
+
+    from advarch.config.runs import config_mismatch
+
+    overrides = ["debug=tiny", "strategy=finetune", "strategy.pretrained=/base/last.ckpt"]
+    now = make_cfg(overrides)
+    before = make_cfg([*overrides, "strategy.trainable=[model.head.*]"])
+    ckpt = {"hyper_parameters": {"cfg": OmegaConf.to_container(before, resolve=True)}}
+    assert config_mismatch(ckpt, now) is None
