@@ -1,21 +1,26 @@
-"""Spawned DDP workers (`ddp_spawn`: `trainer=ddp`, `trainer=ddp_sim`) stop as one run does.
+"""Spawned DDP workers (`ddp_spawn`, `ddp_fork`: `trainer=ddp`, `trainer=ddp_sim`) stop as
+one run does.
 
 Lightning's launching process waits for its workers; a stop signal sent to it alone (`kill
-<pid>`, a container's SIGTERM to its first process) never reached them: they trained to the
-end while it waited, then it ended with exit code 143 and not a word (no test, no summary).
-And a worker's stop (`Interrupted`, once saved) came back as a failed process: Lightning's
-"Detected KeyboardInterrupt" and exit code 1 for a Ctrl-C. `StopForwardingLauncher` passes
-its stop signals on to the workers through a file (`stop_signals.stop_requests_by_file`: not
-as signals, which a Ctrl-C from a terminal already sent them, and a second is "stop at
-once"); they save and stop at the same batch (`SignalCheckpoint`), and their stop comes back
-as a result: the launching process raises the same `Interrupted`, as a single process would.
+<pid>`, a container's stop) never reached them: they trained to the end while it waited, then
+it ended with exit code 143 and not a word (no test, no summary). And a worker's stop
+(`Interrupted`, once saved) came back as a failed process: Lightning's "Detected
+KeyboardInterrupt" and exit code 1 for a Ctrl-C. `StopForwardingLauncher` passes the first
+stop signal on through a file (`SignalCheckpoint.launcher_request`: not as a signal, which a
+terminal's Ctrl-C has already sent them, and a second Ctrl-C stops at once), and a later one
+as the signal itself; the workers save and stop at the same step, and their stop comes back as
+a result: the launching process raises the same `Interrupted`, as a single process would.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,12 +29,14 @@ from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.multiprocessing.spawn import ProcessException
 
+from advarch.atomic import write_text_atomic
 from advarch.callbacks.signals import Interrupted, SignalCheckpoint
-from advarch.stop_signals import stop_exception, stop_requests_by_file, training_started
+from advarch.slurm import STOP_SIGNALS
+from advarch.stop_signals import Stopped, training_started
 
 
 def forward_stop_signals(trainer: Any) -> None:
-    """Launch `trainer`'s spawned DDP workers (if any) through `StopForwardingLauncher`."""
+    """Launch `trainer`'s DDP worker processes (if any) through `StopForwardingLauncher`."""
     launcher = trainer.strategy.launcher
     if type(launcher) is _MultiProcessingLauncher:
         launcher = StopForwardingLauncher(launcher._strategy, launcher._start_method)
@@ -62,7 +69,7 @@ class _StopAsResult:
 
 
 class StopForwardingLauncher(_MultiProcessingLauncher):
-    """Lightning's launcher of spawned workers whose stop signals reach them (module doc)."""
+    """Lightning's launcher of worker processes whose stop signals reach them (module doc)."""
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         folder = Path(tempfile.mkdtemp(prefix="advarch-stop-"))
@@ -70,20 +77,53 @@ class StopForwardingLauncher(_MultiProcessingLauncher):
         for watcher in watchers:  # (sent to the workers with the trainer)
             watcher.launcher_request = folder / "stop_requested"
         try:
-            with stop_requests_by_file(folder / "stop_requested", announce=None) as held:
+            with passed_on(folder / "stop_requested", lambda: self.procs) as held:
                 try:
                     result = super().launch(_StopAsResult(function), *args, trainer=trainer,
                                             **kwargs)  # fmt: skip
-                except ProcessException:  # a worker the signal ended before its handlers
-                    if not held:
+                except ProcessException:  # a worker the signal ended: before its handlers,
+                    if not held:  # or at once on a second Ctrl-C
                         raise
-                    raise stop_exception(held[0]) from None
-                if isinstance(result, WorkerStopped):
-                    raise Interrupted(result.signum, result.message)
-                if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-                    training_started()  # (here too: a stop after it says its checkpoints are in)
-            return result  # (a signal after the workers' last batch: raised as the block ends)
+                    result = None
         finally:
             for watcher in watchers:
                 watcher.launcher_request = None
             shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(result, WorkerStopped):  # (its line is printed: where it saved)
+            raise Interrupted(result.signum, result.message)
+        if len(held) > 1:  # (the workers said how they stopped)
+            raise Interrupted(held[-1], f"{signal.Signals(held[-1]).name} again: stopped at once")
+        if result is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            training_started()  # (here too: a stop from here on says its checkpoints are in)
+        if held:  # before the workers' handlers, or after their last batch: `stopped_line`
+            raise Stopped(held[0])  # (not KeyboardInterrupt: Lightning makes it exit code 1)
+        return result
+
+
+@contextlib.contextmanager
+def passed_on(request: Path, workers: Callable[[], list[Any]]) -> Iterator[list[int]]:
+    """While the block runs, every stop signal is recorded in the yielded list: the first is
+    written to `request` (the workers save and stop at their next step), a later one sent to
+    the live `workers()` themselves (a second Ctrl-C: they stop at once)."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # (no handlers there)
+        yield held
+        return
+    here = os.getpid()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        held.append(signum)
+        if len(held) == 1:  # (also in a forked worker before its own handlers)
+            write_text_atomic(request, signal.Signals(signum).name)
+        elif os.getpid() == here:
+            for worker in workers():
+                if worker.is_alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    try:
+        yield held
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -36,15 +36,15 @@ def training_started(*_: Any) -> None:
 class Stopped(BaseException):
     """A stop signal (SIGTERM, SIGUSR1/2) where training has no handler of its own
     (`SignalCheckpoint`): before `fit` (imports, data, model) or after it. A BaseException,
-    as KeyboardInterrupt is for SIGINT, so that no `except Exception` swallows it."""
+    as KeyboardInterrupt is for SIGINT, so that no `except Exception` swallows it. SIGINT too
+    out of Lightning's calls (`ddp_launcher`), which turn a KeyboardInterrupt into exit 1."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
 
 
-def stop_exception(signum: int) -> BaseException:
-    """What a stop signal raises outside training's handlers: KeyboardInterrupt for SIGINT."""
+def _stop(signum: int) -> BaseException:
     return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
 
 
@@ -56,7 +56,7 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
             print(f"{name} received: the sweep stops as its next trial starts (again: at once)",
                   file=sys.stderr)  # fmt: skip
         return
-    raise stop_exception(signum)
+    raise _stop(signum)
 
 
 def stop_on_signals() -> None:
@@ -83,7 +83,7 @@ def trial_running() -> Iterator[None]:
     between, PHASE["between_trials"] = PHASE["between_trials"], False
     try:
         if HELD:
-            raise stop_exception(HELD[0])
+            raise _stop(HELD[0])
         yield
     finally:
         PHASE["between_trials"] = between
@@ -124,7 +124,7 @@ def signals_held() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if received:
-        raise stop_exception(received[0])
+        raise _stop(received[0])
 
 
 def stop_request_file(sweep_dir: Path) -> Path:
@@ -142,42 +142,38 @@ def requested_stop(path: Path | None) -> int | None:
         return None
 
 
-SWEEP_STOPS = "the running trials save and stop, then the sweep (again: at once)"
-
-
 @contextlib.contextmanager
-def stop_requests_by_file(path: Path, announce: str | None = SWEEP_STOPS) -> Iterator[list[int]]:
-    """While the block runs (a launcher waiting for runs in other processes: a parallel sweep's
-    trials, spawned DDP workers), the first stop signal is held (in the yielded list), `<its
-    name> received: <announce>` printed, and its name written to `path`: the running trials
-    see it at their next step, save and stop, and no trial starts (`requested_stop`); the block
-    then ends and it is raised there (KeyboardInterrupt for SIGINT, `Stopped` for the others).
-    A second one is raised at once. The file is removed as the block ends.
+def stop_requests_by_file(path: Path) -> Iterator[None]:
+    """While the block runs (a launcher waiting for trials that run in other processes), the
+    first stop signal is held and its name written to `path`: the running trials see it at their
+    next step, save and stop, and no trial starts (`requested_stop`); the block then ends and it
+    is raised there (KeyboardInterrupt for SIGINT, `Stopped` for the others). A second one is
+    raised at once. The file is removed as the block ends.
     """
     held: list[int] = []
     path.unlink(missing_ok=True)  # (one left by a launcher killed before it could remove it)
 
     def on_signal(signum: int, frame: Any) -> None:
         if held:
-            raise stop_exception(signum)
+            raise _stop(signum)
         held.append(signum)
         from advarch.atomic import write_text_atomic
 
         name = signal.Signals(signum).name
         write_text_atomic(path, name)
-        if announce:
-            print(f"{name} received: {announce}", file=sys.stderr)
+        print(f"{name} received: the running trials save and stop, then the sweep (again: at "
+              "once)", file=sys.stderr)  # fmt: skip
 
     main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS} if main else {}
     try:
-        yield held
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         path.unlink(missing_ok=True)
     if held:
-        raise stop_exception(held[0])
+        raise _stop(held[0])
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -158,3 +159,40 @@ class RecordBlockedSignals(L.Callback):
         )
         with open(self.path, "a") as f:
             f.write(" ".join(blocked) + "\n")
+
+
+class SignalLauncherTwiceAtStep(L.Callback):
+    """In a DDP worker of rank 0, send the launching process `signum` twice
+    back to back once optimizer step `step` is done (`kill <pid>` twice, a Ctrl-C pressed
+    twice in a launcher whose workers are in another process group), then give it time."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            os.kill(os.getppid(), self.signum)
+            time.sleep(0.2)
+            os.kill(os.getppid(), self.signum)
+            time.sleep(1.0)
+
+
+class CtrlCAsWorkersStart(L.Callback):
+    """A Ctrl-C from a terminal (to the launching process and its spawned DDP
+    workers) while the workers start, before their handlers are in: as a worker unpickles its
+    trainer, the first one to do so sends SIGINT to its launching process and to itself."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if os.environ.get("LOCAL_RANK") is None:  # (a spawned worker, as it starts)
+            try:
+                os.close(os.open(self.flag, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
+            os.kill(os.getppid(), signal.SIGINT)
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)

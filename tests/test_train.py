@@ -624,3 +624,39 @@ def test_a_finished_run_trained_on_continues_its_step_and_epoch_count(make_cfg, 
     steps = [[(r.get("epoch"), r["step"], sorted(r.keys() - timing))
               for r in read_metrics(Path(c.paths.output_dir))] for c in (on, straight)]  # fmt: skip
     assert steps[0] == steps[1]  # every row at the same step and epoch, with the same keys
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [15, 2])
+def test_a_second_stop_signal_to_the_ddp_launcher_stops_its_workers(
+    project: Project, signum: int
+) -> None:
+    # review 36: the second signal raised at once in the launching process, which removed the
+    # stop request before the workers read it: they trained to the end (while it waited for
+    # them at exit), and it said "received before training started: nothing saved" (SIGTERM)
+    # or Lightning's "Detected KeyboardInterrupt" with exit code 1 (SIGINT)
+    twice = ["+callbacks.stop._target_=tests.helpers.SignalLauncherTwiceAtStep",
+             "+callbacks.stop.step=3", f"+callbacks.stop.signum={signum}"]  # fmt: skip
+    stopped = project.run(*TINY, "trainer=ddp_sim", "trainer.max_steps=12", *twice)
+    saved = stopped.run_dir / "checkpoints" / "last.ckpt"
+    assert stopped.rc == 128 + signum, stopped.output[-3000:]
+    assert "Detected KeyboardInterrupt" not in stopped.output
+    assert "before training started" not in stopped.output, stopped.output[-3000:]
+    assert torch.load(saved, weights_only=False)["global_step"] <= 4  # not trained to the end
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_as_ddp_workers_start_is_one_stop(project: Project, tmp_path: Path) -> None:
+    # review 36: a worker the Ctrl-C ended before its handlers failed its process; the
+    # launcher raised KeyboardInterrupt for it, which Lightning's `_call_and_handle_interrupt`
+    # turned into "Detected KeyboardInterrupt, attempting graceful shutdown ..." and exit 1
+    ctrl_c = ["+callbacks.ctrlc._target_=tests.helpers.CtrlCAsWorkersStart",
+              f"+callbacks.ctrlc.flag={tmp_path / 'sent'}"]  # fmt: skip
+    spawned = "trainer.strategy=ddp_spawn"  # (trainer=ddp spawns its workers; ddp_sim forks)
+    res = project.run(*TINY, "trainer=ddp_sim", "trainer.max_steps=3", *ctrl_c, spawned)
+    assert (tmp_path / "sent").exists()
+    assert res.rc == 130, res.output[-3000:]
+    assert "Detected KeyboardInterrupt" not in res.output
+    assert res.stderr.strip().endswith(
+        "SIGINT received before training started: stopped, nothing saved"
+    ), res.output[-3000:]
