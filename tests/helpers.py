@@ -60,15 +60,18 @@ class SignalAtStep(L.Callback):
 
 
 class SignalLauncherAtStep(L.Callback):
-    """In a spawned DDP worker of rank 0, send the launching process `signum` once optimizer
-    step `step` is done, and wait for it to be passed on (so the run stops at that step)."""
+    """In a DDP worker of rank 0, send the launching process `signum` (`times` times, 0.2 s
+    apart: `kill <pid>` twice) once optimizer step `step` is done, and wait for it to be
+    passed on (so the run stops at that step)."""
 
-    def __init__(self, step: int, signum: int) -> None:
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signum: int, times: int = 1) -> None:
+        self.step, self.signum, self.times = step, signum, times
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step == self.step and trainer.is_global_zero:
-            os.kill(os.getppid(), self.signum)
+            for sent in range(self.times):
+                time.sleep(0.2 if sent else 0.0)
+                os.kill(os.getppid(), self.signum)
             time.sleep(1.0)
 
 
@@ -159,22 +162,6 @@ class RecordBlockedSignals(L.Callback):
         )
         with open(self.path, "a") as f:
             f.write(" ".join(blocked) + "\n")
-
-
-class SignalLauncherTwiceAtStep(L.Callback):
-    """In a DDP worker of rank 0, send the launching process `signum` twice
-    back to back once optimizer step `step` is done (`kill <pid>` twice, a Ctrl-C pressed
-    twice in a launcher whose workers are in another process group), then give it time."""
-
-    def __init__(self, step: int, signum: int) -> None:
-        self.step, self.signum = step, signum
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step and trainer.is_global_zero:
-            os.kill(os.getppid(), self.signum)
-            time.sleep(0.2)
-            os.kill(os.getppid(), self.signum)
-            time.sleep(1.0)
 
 
 class CtrlCAsWorkersStart(L.Callback):

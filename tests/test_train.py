@@ -635,8 +635,9 @@ def test_a_second_stop_signal_to_the_ddp_launcher_stops_its_workers(
     # stop request before the workers read it: they trained to the end (while it waited for
     # them at exit), and it said "received before training started: nothing saved" (SIGTERM)
     # or Lightning's "Detected KeyboardInterrupt" with exit code 1 (SIGINT)
-    twice = ["+callbacks.stop._target_=tests.helpers.SignalLauncherTwiceAtStep",
-             "+callbacks.stop.step=3", f"+callbacks.stop.signum={signum}"]  # fmt: skip
+    twice = ["+callbacks.stop._target_=tests.helpers.SignalLauncherAtStep",
+             "+callbacks.stop.step=3", f"+callbacks.stop.signum={signum}",
+             "+callbacks.stop.times=2"]  # fmt: skip
     stopped = project.run(*TINY, "trainer=ddp_sim", "trainer.max_steps=12", *twice)
     saved = stopped.run_dir / "checkpoints" / "last.ckpt"
     assert stopped.rc == 128 + signum, stopped.output[-3000:]
