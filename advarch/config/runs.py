@@ -84,9 +84,11 @@ def with_trainable_resolved(config: Mapping[str, Any]) -> Mapping[str, Any]:
         return config
     from hydra.utils import get_class
 
+    from advarch.models.output import output_layer_globs
+
     try:
-        layers = get_class(str(model.get("_target_"))).OUTPUT_LAYERS
-    except (ImportError, AttributeError, ValueError):  # (no such class, or it names none)
+        layers = output_layer_globs(get_class(str(model.get("_target_"))))
+    except (ImportError, AttributeError, ValueError):  # (no such class)
         return config
     return dict(config, strategy=dict(strategy, trainable=[PREFIX + g for g in layers]))
 

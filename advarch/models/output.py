@@ -57,3 +57,8 @@ class OutputLayers(Protocol):
     features alone (few-shot episodes) trains them not, a fine-tune trains them by default."""
 
     OUTPUT_LAYERS: tuple[str, ...]
+
+
+def output_layer_globs(model: object) -> tuple[str, ...]:
+    """The model's `OUTPUT_LAYERS`; `head.*` for one that names none (advarch's convention)."""
+    return model.OUTPUT_LAYERS if isinstance(model, OutputLayers) else ("head.*",)

@@ -40,7 +40,7 @@ from torch import nn
 from torch._functorch import config as functorch_config
 from torch.func import functional_call
 
-from advarch.models.output import ModelOutput, OutputLayers
+from advarch.models.output import ModelOutput, output_layer_globs
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.objectives import WeightedMean
@@ -296,7 +296,6 @@ def _merge(logits: torch.Tensor, *outs: ModelOutput) -> ModelOutput:
 
 
 def output_layers(model: nn.Module) -> list[nn.Parameter]:
-    """The model's parameters after its pooled features (`OutputLayers`; none if it names
-    none)."""
-    globs = model.OUTPUT_LAYERS if isinstance(model, OutputLayers) else ()
+    """The model's parameters after its pooled features (`output_layer_globs`)."""
+    globs = output_layer_globs(model)
     return [p for n, p in model.named_parameters() if any(fnmatchcase(n, g) for g in globs)]

@@ -57,7 +57,7 @@ from advarch.atomic import save_atomic
 from advarch.checkpoint import PREFIX, TOKENIZER, read_checkpoint
 from advarch.data.tokenizer import tokenizer_difference, tokenizer_state
 from advarch.errors import ConfigError
-from advarch.models.output import OutputLayers
+from advarch.models.output import output_layer_globs
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
 from advarch.strategies.finetune_base import fingerprint, load_base, state_tensors
@@ -242,9 +242,4 @@ def load_finetuned(delta_path: str | os.PathLike) -> nn.Module:
 def output_layers(model: nn.Module) -> list[str]:
     """`strategy.trainable`'s default: globs of the model's layers after its pooled features
     (its head; a multi-task model's towers)."""
-    if not isinstance(model, OutputLayers):
-        raise ValueError(
-            f"strategy.trainable=null trains the model's output layers, which "
-            f"{type(model).__name__} does not name (OUTPUT_LAYERS): give strategy.trainable globs"
-        )
-    return [PREFIX + glob for glob in model.OUTPUT_LAYERS]
+    return [PREFIX + glob for glob in output_layer_globs(model)]

@@ -385,3 +385,23 @@ def test_a_finetune_from_before_the_null_default_resumes(make_cfg) -> None:
     before = make_cfg([*overrides, "strategy.trainable=[model.head.*]"])
     ckpt = {"hyper_parameters": {"cfg": OmegaConf.to_container(before, resolve=True)}}
     assert config_mismatch(ckpt, now) is None
+
+
+def test_a_model_that_names_no_output_layers_trains_its_head_by_default(tmp_path: Path) -> None:
+    # (review 36: a user's model without OUTPUT_LAYERS stopped where `model.head.*`, the old
+    # default, trained its head)
+    class OwnModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.body, self.head = torch.nn.Linear(16, 8), torch.nn.Linear(8, 10)
+
+        def moe_layers(self) -> list:  # (`ExpertModel`: none)
+            return []
+
+    base = tmp_path / "base.ckpt"
+    save_atomic({"state_dict": {f"model.{k}": v for k, v in OwnModel().state_dict().items()},
+                 "hyper_parameters": {"cfg": {}}}, base)  # fmt: skip
+    module = FinetuneStrategy(OwnModel(), SPEC, pretrained=str(base))
+    trained = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trained == ["head.weight", "head.bias"]
