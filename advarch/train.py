@@ -162,7 +162,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
         plugins=[AtomicCheckpointIO()],
         **overrides,
     )
-    forward_stop_signals(trainer)  # spawned DDP workers stop when this process is told to
+    forward_stop_signals(trainer)  # DDP worker processes stop when this process is told to
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger" and rank_zero_only.rank == 0:
             write_text_atomic(output_dir / WANDB_ID_FILE, logger.experiment.id)
