@@ -55,7 +55,12 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     if limit == 0:
         raise ConfigError("limit_test_batches=0 tests nothing: give a count or a fraction, or "
                           "leave it out (the run's own)")  # fmt: skip
+    if cfg.get("wandb") not in (None, True, False):
+        raise ConfigError(f"wandb={cfg.wandb!r} must be true, false or null (as the run)")
     ckpt, saved = load_with_config(cfg.ckpt_path)
+    log_to_wandb = cfg.get("wandb")
+    if log_to_wandb is None:  # as the run: a debug=* run logged no W&B run, nor does its eval
+        log_to_wandb = OmegaConf.select(saved, "logger.wandb") is not None
     if cfg.get("data") is not None:
         saved.data = cfg.data
     elif cfg.get("data_overrides"):
@@ -88,7 +93,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     trainer = L.Trainer(
         limit_test_batches=limit or runs_test_limit(saved, ckpt),
         precision=evaluated_precision(saved.trainer.get("precision")),  # and numerics
-        logger=eval_wandb_logger(cfg, saved, module, ckpt) if cfg.get("wandb") else False,
+        logger=eval_wandb_logger(cfg, saved, module, ckpt) if log_to_wandb else False,
         enable_checkpointing=False,
         default_root_dir=cfg.paths.output_dir,
         accelerator=cfg.accelerator,
@@ -254,8 +259,9 @@ def run_choice_tags(cfg: DictConfig) -> list[str]:
 
 def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any, ckpt: dict) -> Any:
     """An offline W&B run for this evaluation: job_type `eval`, in the training run's group,
-    its config the checkpoint's plus what the evaluation changed and the optimizer steps the
-    checkpoint had trained (its own step counter starts at 0)."""
+    its config the checkpoint's with `ckpt_path` the evaluated checkpoint, plus what the
+    evaluation changed and the optimizer steps the checkpoint had trained (its own step
+    counter starts at 0)."""
     import wandb
 
     from advarch.checkpoint import run_dir_of
@@ -265,8 +271,8 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any, ckpt: dic
     from advarch.wandb_logger import WandbLogger
 
     config = tracker_config(saved, count_parameters(module.model))
+    config["ckpt_path"] = str(cfg.ckpt_path)  # (the run's own says what it resumed from)
     config["eval"] = {
-        "ckpt_path": str(cfg.ckpt_path),
         "data_overridden": cfg.get("data") is not None,
         "trained_steps": int(ckpt.get("global_step", 0)),
     }

@@ -135,10 +135,14 @@ def test_eval_tests_in_the_runs_precision(make_cfg, tmp_path) -> None:
     train_cfg = make_cfg(["debug=tiny", "model=transformer", "trainer.precision=bf16-mixed"])
     tested = run(train_cfg)
     ckpt = f"{train_cfg.paths.output_dir}/checkpoints/last.ckpt"
-    cfg = make_cfg([f"ckpt_path={ckpt}", "wandb=false"], "eval", tmp_path / "eval")
+    cfg = make_cfg([f"ckpt_path={ckpt}"], "eval", tmp_path / "eval")
     evaluated = evaluate(cfg).metrics
     for key in ("test/loss", "test/acc", "test/bpb"):
         assert evaluated[key] == pytest.approx(tested[key], rel=1e-6), key
+    # a debug=* run logged no W&B run (CSV only): nor does its evaluation, unless asked
+    assert not (tmp_path / "eval" / "wandb").exists()
+    with pytest.raises(ConfigError, match="^wandb='yes' must be true, false or null"):
+        evaluate(make_cfg([f"ckpt_path={ckpt}", "wandb=yes"], "eval", tmp_path / "eval2"))
 
 
 def test_a_model_class_that_cannot_be_imported_is_one_line(

@@ -285,6 +285,8 @@ def check_eval_of_a_trained_run(res: CliResult, ckpt: Path) -> None:
     assert eval_run["config"]["model"] == run["config"]["model"]
     trained = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
     assert eval_run["config"]["eval"]["trained_steps"] == trained > 0
+    typed = eval_run["config"]["ckpt_path"]  # what it read (the run's: what it resumed)
+    assert typed.startswith("outputs/runs/") and ckpt.as_posix().endswith(f"/{typed}")
     assert "test/bpb" in eval_run["summary"]
     (offline,) = (res.run_dir / "wandb").glob("offline-run-*")  # (eval.py never named it)
     assert res.stdout.strip().endswith(f"sync to W&B later: wandb sync {offline}")

@@ -117,6 +117,15 @@ def test_a_null_section_names_the_options_that_have_it(
     check_override_keys(following)
 
 
+def test_a_misspelt_option_of_a_null_block_section_gets_the_nearest_option() -> None:
+    # (`+model.ssm.d_stat=4`, as the plain advice said, would be refused only by the run)
+    with pytest.raises(ConfigError) as err:
+        check_override_keys(["model.layers=[ssm,attn]", "model.ssm.d_stat=4"])
+    assert str(err.value) == (
+        "model.ssm.d_stat=4: d_stat is not an option of model.ssm (did you mean model.ssm.d_state?)"
+    )
+
+
 def test_options_of_a_block_the_depth_cuts_from_the_pattern_are_refused() -> None:
     # model=hybrid cycles [ssm,attn,ssm,swa] to depth 2: [ssm,attn], no swa layer
     with pytest.raises(ConfigError) as err:
