@@ -114,6 +114,12 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
             "data=fewshot_synthetic",
         ),
         (["model=mmoe", "data=text"], "model=mmoe data=text:", "data=mmoe_synthetic"),
+        (  # the data the strategy brought, said as the strategy the user typed
+            ["model=mmoe", "strategy=ewc"],
+            "model=mmoe strategy=ewc: model=mmoe reads feature vectors, but data=text_domains "
+            "(strategy=ewc's) is",
+            "use model=mmoe data=permuted_digits",
+        ),
         (["model=seq2seq_moe"], "model=seq2seq_moe data=text:", "data=seq2seq_reverse"),
         (["strategy=ewc", "data=text"], "strategy=ewc data=text:", "data=text_domains"),
         (["strategy=finetune"], "strategy=finetune fine-tunes", "strategy.pretrained="),

@@ -413,9 +413,12 @@ def _check_needs(
             f"{chosen} {_lacks(wanted, what)}; use {hint}"
         )
     option = (_serving(needed, wanted) if wanted is not None else needed.options)[0]
+    using, given = f"model={model} data={chosen}", f"data={chosen}"
+    if STRATEGY_DATA.get(strategy) == chosen:  # (said as what the user typed: the strategy)
+        using, given = f"model={model} strategy={strategy}", f"{given} (strategy={strategy}'s)"
     raise ConfigError(
-        f"model={model} data={chosen}: model={model} {needed.what}, but data={chosen} "
-        f"{_lacks(needed, what)}; use model={model} data={option}"
+        f"{using}: model={model} {needed.what}, but {given} {_lacks(needed, what)}; use "
+        f"model={model} data={option}"
     )
 
 
