@@ -218,6 +218,7 @@ class RetrievalDatabase:
         self._index: faiss.Index | None = None
         self._index_path: Path | None = None  # index.faiss of the cache folder it came from
         self.folder: Path | None = None  # the cache folder it was saved to or loaded from
+        self.built: str | None = None  # what `build` did and how long it took (None: loaded)
 
     # ---- build, save, load --------------------------------------------------------------
     def cache_key(self) -> str:
@@ -241,25 +242,17 @@ class RetrievalDatabase:
         self.embeddings = self.embedder.embed(self.chunks)
         self._index = self._build_index(self.embeddings)
         t1 = time.perf_counter()
+        self.built = f"embedded and indexed in {t1 - t0:.1f} s"
         if not self.precompute:
             shape = (self.num_query_chunks, self.num_neighbours)
             self.train_neighbours = np.full(shape, NOT_SEARCHED, dtype=np.int64)
-            log.info("retrieval: %d chunks embedded and indexed (%s) in %.1fs; training "
-                     "neighbours searched as batches need them", len(self.chunks),
-                     self.resolved_index_kind, t1 - t0)  # fmt: skip
+            self.built += "; training neighbours searched as batches need them"
             return self
         starts = np.arange(self.num_query_chunks) * self.chunk_size
         self.train_neighbours = self._stream_neighbour_ids(starts, missing_ok=True)
         self.missing = int((self.train_neighbours < 0).sum())
-        log.info(
-            "retrieval: %d chunks embedded and indexed (%s) in %.1fs; neighbours of %d query "
-            "chunks in %.1fs",
-            len(self.chunks),
-            self.resolved_index_kind,
-            t1 - t0,
-            self.num_query_chunks,
-            time.perf_counter() - t1,
-        )
+        self.built += (f"; neighbours of {self.num_query_chunks} query chunks in "
+                       f"{time.perf_counter() - t1:.1f} s")  # fmt: skip
         if self.missing:
             log.warning(
                 "retrieval: %d of %d neighbour slots had no chunk outside the query's documents "
@@ -637,7 +630,6 @@ def build_or_load(
     db = RetrievalDatabase(tokens, doc_ids, **kwargs)
     folder = Path(cache_dir) / f"retro-{db.cache_key()}"
     if db.load(folder):
-        log.info("retrieval: loaded %s", folder)
         return db
     with building(db) if building is not None else nullcontext():
         db.build()

@@ -174,11 +174,12 @@ class NeighbourLookup:
         assert folder is not None  # build_or_load saved or loaded it
         tables = {split: _held_out_table(db, embedder, folder, cache, split) for split in HELD_OUT}
         log.info(
-            "retrieval: %d database chunks (%s), K=%d, chunk %d; %s",
+            "retrieval: %d database chunks (%s), K=%d, chunk %d, %s; %s",
             len(db.chunks),
             db.resolved_index_kind,
             db.num_neighbours,
             db.chunk_size,
+            db.built or "from the cache",
             folder,
         )
         streams = {split: _split_arrays(cache, split)[0] for split in HELD_OUT}

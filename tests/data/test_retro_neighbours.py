@@ -3,6 +3,7 @@ cached on disk, config checks, and a tiny end-to-end `model=retro data=text_retr
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +109,12 @@ def test_aligned_neighbours_use_each_sequences_own_query_chunks(corpus: str, tmp
 
 
 def test_held_out_tables_match_live_queries_and_are_cached(
-    corpus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    corpus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    dm = make_dm(corpus, tmp_path)
+    with caplog.at_level(logging.INFO, logger="advarch"):
+        dm = make_dm(corpus, tmp_path)
+    (said,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrieval")]
+    assert ", embedded and indexed in " in said  # one line a database: built, or (below) cached
     db, folder = dm.retriever.db, next((dm.cache_dir / "retro").glob("retro-*"))
     assert {p.name.split("-")[0] for p in folder.glob("*-*.npy")} == {"val", "test"}
     ds = dm.splits["val"]
@@ -124,7 +128,11 @@ def test_held_out_tables_match_live_queries_and_are_cached(
 
     monkeypatch.setattr("advarch.data.retrieval_database.RetrievalDatabase.stream_table", fail)
     monkeypatch.setattr("advarch.data.retrieval_database.RetrievalDatabase.build", fail)
-    again = NeighbourLookup.build(dm, dm.cache_dir, **RETRIEVAL)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="advarch"):
+        again = NeighbourLookup.build(dm, dm.cache_dir, **RETRIEVAL)
+    (said,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrieval")]
+    assert f", from the cache; {folder}" in said
     for split in ("val", "test"):
         np.testing.assert_array_equal(again.tables[split], dm.retriever.tables[split])
 
