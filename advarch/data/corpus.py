@@ -109,7 +109,19 @@ def read_jsonl(path: str, field: str) -> dict[int, str]:
                 + what_row_holds(row, field)
             )
         cells.append(row[field])
-    return rows_with_text(cells, "data.files", path, field)
+    return rows_with_text(without_lone_surrogates(cells, path), "data.files", path, field)
+
+
+def without_lone_surrogates(cells: list[str | None], path: str) -> list[str | None]:
+    """`cells` without the lone surrogates JSON escapes can hold (`"\\ud83d"`, half of an
+    emoji's UTF-16 pair in cut text), which no UTF-8 text holds, counted in one line: the
+    tokenizers would fail on them naming nothing; a .json table's reader drops them too."""
+    kept = [None if c is None else c.encode("utf-8", "ignore").decode("utf-8") for c in cells]
+    dropped = sum(len(c) - len(k) for c, k in zip(cells, kept, strict=True) if c is not None)
+    if dropped:
+        log.info("data.files: %s: left out %d lone UTF-16 surrogate characters (%s, half of a "
+                 "pair, no UTF-8 text)", path, dropped, r"\ud800-\udfff")  # fmt: skip
+    return kept
 
 
 class NoTextRows(ValueError):

@@ -17,15 +17,17 @@ b_j are measured once at fit start), logs `cl/avg_acc` or `cl/avg_bpb`, `cl/bwt`
 up on any task boundary the checkpoint was saved before.
 
 Expert masks (MoE models, `expert_masks=true`): task t owns experts [t·E/T, (t+1)·E/T) of every
-MoE layer (the remainder of E/T experts is never used). Training on task t masks the router to
-task t's experts; task-incremental evaluation (`scenario: task`) masks by each example's task
-id. Experts owned by earlier tasks are frozen by restoring their slices (router rows, w_in,
-w_out, routing bias — every tensor an MoE layer holds with leading dim E) from a snapshot
-after every optimizer step. Zeroing their gradients would not do: AdamW's momentum and weight
-decay move a parameter with zero gradient. With `freeze_shared_after_first_task=true`
-everything except the current task's experts and per-task head rows is restored the same
-way after task 0, so old tasks' outputs in task-incremental evaluation are bit-identical.
-Frozen tensors stay in the optimizer, so the optimizer state of a resumed run matches.
+MoE layer (the remainder of E/T experts is never used: closed to routing, `MoE.open_experts`,
+so evaluation without a task id never meets an untrained expert). Training on task t masks the
+router to task t's experts; task-incremental evaluation (`scenario: task`) masks by each
+example's task id. Experts owned by earlier tasks are frozen by restoring their slices (router
+rows, w_in, w_out, routing bias — every tensor an MoE layer holds with leading dim E) from a
+snapshot after every optimizer step. Zeroing their gradients would not do: AdamW's momentum
+and weight decay move a parameter with zero gradient. With `freeze_shared_after_first_task=true`
+everything except the current task's experts and head rows (its head, or its classes' rows of
+the class scenario's one head) is restored the same way after task 0, so old tasks' outputs in
+task-incremental evaluation are bit-identical. Frozen tensors stay in the optimizer, so the
+optimizer state of a resumed run matches.
 
 `joint=true` is the multi-task upper bound on the same stream: each epoch draws from ALL
 tasks' training sets as many examples as one task's epoch (`joint_train_loader` of the
@@ -108,13 +110,16 @@ class ContinualStrategy(BaseStrategy):
                 "strategy.joint=true trains all tasks at once; it cannot be combined "
                 "with strategy.freeze_shared_after_first_task=true"
             )
-        if freeze_shared_after_first_task and not expert_masks:
-            self._check_something_trains(model)
         self.num_tasks = spec.num_tasks
         self.scenario = spec.extras.get("scenario", "task")
+        if freeze_shared_after_first_task and not expert_masks:
+            self._check_something_trains(model, self.scenario, self.num_tasks)
         self.task_metric = TASK_METRIC[spec.kind]  # acc (higher is better) or bpb (lower)
         owner = self._expert_owner(model, spec.num_tasks) if expert_masks else None
         self.register_buffer("expert_owner", owner, persistent=False)  # (E,) task id, -1 = unused
+        if owner is not None and bool((owner < 0).any()):  # never trained: never routed to
+            for layer in model.moe_layers():  # (nor in evaluation, eval.py, generation)
+                layer.open_experts = owner >= 0
         self.accuracy_matrix = torch.full((self.num_tasks, self.num_tasks), math.nan)  # R (acc/bpb)
         self.initial_accuracy = torch.full((self.num_tasks,), math.nan)  # b
         self.finished_tasks = 0
@@ -125,11 +130,20 @@ class ContinualStrategy(BaseStrategy):
         self._frozen_task: int | None = None
 
     @staticmethod
-    def _check_something_trains(model: nn.Module) -> None:
-        """Freezing the shared body without expert masks leaves only the task heads' rows to
-        train: refuse a model without a head per task (a language model), whose later tasks
-        would train nothing and read as zero forgetting."""
+    def head_blocks(model: nn.Module, scenario: str, num_tasks: int) -> int:
+        """In how many blocks of rows, one per task in task order, the output head's rows
+        fall: a head per task, or the class scenario's one head of every task's classes
+        (task t's are classes t·c … (t+1)·c − 1); 1 where the tasks share the head's rows."""
         if isinstance(model, TaskHeads) and model.num_heads_out > 1:
+            return model.num_heads_out
+        return num_tasks if scenario == "class" else 1
+
+    @classmethod
+    def _check_something_trains(cls, model: nn.Module, scenario: str, num_tasks: int) -> None:
+        """Freezing the shared body without expert masks leaves only the task's head rows to
+        train: refuse a model without head rows per task (a language model), whose later tasks
+        would train nothing and read as zero forgetting."""
+        if cls.head_blocks(model, scenario, num_tasks) > 1:
             return
         has_moe = isinstance(model, ExpertModel) and bool(model.moe_layers())
         fix = (
@@ -458,8 +472,9 @@ class ContinualStrategy(BaseStrategy):
         if not shared:
             return out
         head = self.model.head
-        if isinstance(self.model, TaskHeads) and self.model.num_heads_out > 1:  # task t's C rows
-            C = head.weight.shape[0] // self.model.num_heads_out
+        heads = self.head_blocks(self.model, self.scenario, self.num_tasks)
+        if heads > 1:  # task t's C rows (its head, or its classes' rows of the one head)
+            C = head.weight.shape[0] // heads
             rows = torch.arange(head.weight.shape[0], device=self.device)
             rows = rows[(rows < task * C) | (rows >= (task + 1) * C)]
             for p in head.parameters():

@@ -110,3 +110,19 @@ def test_a_document_too_small_even_cut_is_one_line_saying_what_to_add() -> None:
                        r"small to split into train/val/test even cut at line ends into pieces "
                        r"of at least 4096 characters \(2 of the 3 needed\); add text"):  # fmt: skip
         cut_documents(["a.cpp"], [("x" * 99 + "\n") * 90])
+
+
+def test_a_json_line_holding_a_lone_surrogate_is_named_or_read_as_utf8(tmp_path: Path) -> None:
+    """`"\\ud83d"` (half of an emoji's UTF-16 pair, as truncated scraped text holds) is valid
+    JSON, but no UTF-8 text: json.loads returns a str that cannot be encoded, and the build
+    then failed in the tokenizer with `'utf-8' codec can't encode character '\\ud83d' in
+    position 4200`, naming neither the file nor the row. A .json table's reader drops it."""
+    rows = tmp_path / "a.jsonl"
+    rows.write_text('{"text": "fine"}\n{"text": "cut emoji \\ud83d here"}\n')
+    try:
+        texts = read_jsonl(str(rows), "text")
+    except ValueError as err:  # refused, naming the row
+        assert "a.jsonl:2" in str(err)
+        return
+    for text in texts.values():
+        text.encode("utf-8")  # what the tokenizers and the byte counts do with it

@@ -225,6 +225,49 @@ def test_expert_mask_routing_per_example_task() -> None:
     assert free.expert_mask(batch, routing_for_training=True) is not None
 
 
+def test_evaluation_without_a_task_id_never_routes_to_experts_no_task_owns() -> None:
+    """Expert masks give task t experts [t·E/T, (t+1)·E/T); the remainder (here 6 and 7 of 8,
+    three tasks) is never trained: training masks every token to its task's block. Evaluation
+    without a task id (domain/class scenarios) routed over all E, unowned experts included: a
+    debug=tiny split_digits class-incremental run (E=8, top_k=1, 5 tasks) sent 99.9-100% of
+    every task's validation tokens to expert 6, which no task trained, so its whole accuracy
+    matrix and test metrics measured an untrained expert."""
+    spec = PermutedDigitsDataModule(num_tasks=3, scenario="domain").spec
+    moe = dict(SMALL, ffn=["moe"], moe={"num_experts": 8, "top_k": 1}, feature_patch=8)
+    module = ContinualStrategy(small_model(spec, **moe), spec, expert_masks=True)
+    assert module.expert_owner.tolist() == [0, 0, 1, 1, 2, 2, -1, -1]
+    module.eval()
+    torch.manual_seed(0)
+    batch = {"inputs": torch.rand(64, 64), "labels": torch.zeros(64, dtype=torch.long),
+             "task": torch.arange(64) % 3}  # fmt: skip
+    with torch.no_grad():
+        stats = module(batch).stats
+    loads = [v for k, v in stats.items() if k.endswith("/load")]
+    assert loads
+    for load in loads:  # fraction of token-slots per expert
+        assert load[6:].sum() == 0, load.tolist()
+
+
+def test_freezing_the_shared_body_in_class_scenario_leaves_the_tasks_head_rows_trainable() -> None:
+    """`freeze_shared_after_first_task` trains "the current task's experts and head rows". In
+    the class scenario the single head's rows of task t are its classes t·c..(t+1)·c−1, but the
+    whole head was frozen (rows are only left free for a head per task): the new classes keep
+    their random rows. `experiment=expert_masks_split_digits data.scenario=class` then learns
+    no later task: R[2,2] = R[3,3] = 0.000, R[4,4] = 0.183 (train/acc of tasks 1-4 ≈ 0.5);
+    with freeze_shared_after_first_task=false the diagonal is 0.94, 0.83, 0.94, 0.97."""
+    spec = SplitDigitsDataModule(num_tasks=5, scenario="class").spec
+    moe = dict(SMALL, ffn=["moe"], moe={"num_experts": 10, "top_k": 2}, feature_patch=8)
+    model = small_model(spec, **moe)
+    module = ContinualStrategy(model, spec, expert_masks=True, freeze_shared_after_first_task=True)
+    task, c = 1, 2  # task 1 holds digits 2 and 3: the head's rows 2 and 3
+    frozen_rows = set()
+    for piece in module.frozen_slices(task):
+        if piece.tensor is model.head.weight:
+            rows = range(model.head.weight.shape[0]) if piece.rows is None else piece.rows.tolist()
+            frozen_rows |= set(rows)
+    assert frozen_rows.isdisjoint(range(task * c, (task + 1) * c)), sorted(frozen_rows)
+
+
 # -- end to end through train.py's run --------------------------------------------------------
 STREAM = [
     "data=permuted_digits",

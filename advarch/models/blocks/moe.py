@@ -166,6 +166,9 @@ class MoE(nn.Module):
         self.register_buffer("routing_bias", bias)
         self.register_buffer("load_counts", None if bias is None else bias.clone(), False)
         self.register_buffer("fair_counts", None if bias is None else bias.clone(), False)
+        # (E,) bool, the experts routing may use (None: all); set by a training setup that
+        # trains only some (continual expert masks: experts no task owns are closed)
+        self.register_buffer("open_experts", None, False)
 
     def forward(
         self,
@@ -225,8 +228,12 @@ class MoE(nn.Module):
         return y, aux_loss, stats
 
     def _allowed(self, expert_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
-        """Expand an (E,) or (B, E) mask to (N, E) tokens; reject rows allowing < K experts
-        (in eager mode: a value test is a branch on data, which breaks a compiled graph)."""
+        """Expand an (E,) or (B, E) mask, and the open experts, to (N, E) tokens; reject rows
+        allowing < K experts (in eager mode: a value test is a branch on data, which breaks a
+        compiled graph)."""
+        if self.open_experts is not None:
+            open_experts = self.open_experts
+            expert_mask = open_experts if expert_mask is None else expert_mask & open_experts
         if expert_mask is None:
             return None
         E, need = self.num_experts, 1 if self.soft else self.top_k
