@@ -313,3 +313,19 @@ def newest_readable(
             return path, ckpt, unreadable, foreign
         foreign.append(f"{path}: written by another configuration ({reason})")
     return None, None, unreadable, foreign
+
+
+def ran_with(checkpoint: Path) -> str:
+    """` (its run: python train.py <overrides>)`, the command line that made `checkpoint`'s
+    run as Hydra recorded it (`.hydra/overrides.yaml`), so that a refusal names the options to
+    type (`model=transformer`); empty where the run folder has no record."""
+    import yaml
+
+    record = run_dir_of(checkpoint) / ".hydra" / "overrides.yaml"
+    try:
+        overrides = yaml.safe_load(record.read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    if not isinstance(overrides, list):
+        return ""
+    return f" (its run: {' '.join(['python train.py', *map(str, overrides)])})"

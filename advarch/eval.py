@@ -43,9 +43,14 @@ def evaluate(cfg: DictConfig) -> Evaluation:
 
     from advarch.callbacks.data_identity import data_changed
     from advarch.callbacks.signals import SignalCheckpoint
-    from advarch.checkpoint import check_finite, load_error, load_with_config, with_cache_dir
+    from advarch.checkpoint import (
+        check_finite,
+        load_error,
+        load_with_config,
+        ran_with,
+        with_cache_dir,
+    )
     from advarch.config.checks import check_accelerator, check_batch_limit
-    from advarch.config.runs import ran_with
     from advarch.errors import ConfigError
     from advarch.pipeline import batch_limit_error, build_all
 

@@ -13,6 +13,7 @@ the tokenizer the model learnt, whatever happened to the files since.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from advarch.data.tokenizer import BPETokenizer, ByteTokenizer, from_state, toke
 log = logging.getLogger("advarch")
 
 KEY = "data_cache"  # the checkpoint entry: the name of the data's cache folder
+HELD_OUT = ("val", "test")
 
 
 def data_cache(datamodule: Any) -> str | None:
@@ -42,6 +44,26 @@ def data_changed(checkpoint: dict[str, Any], datamodule: Any) -> str | None:
     return (f"its data changed since it was written (cache {saved} then, {now} now: files "
             "added, removed or edited), so documents may have moved between train, val and "
             "test and a BPE tokenizer may give other ids")  # fmt: skip
+
+
+def held_out_trained_on(checkpoint: dict[str, Any], datamodule: Any) -> dict[str, list[str]]:
+    """{split: names} of the prepared `datamodule`'s validation and test documents that
+    `checkpoint`'s run trained on: a fine-tune on other options of the same corpus
+    (`data.max_documents`, `data.seed`, …) splits it otherwise, and its held-out metrics
+    would measure text its base learnt. Read from the base's data cache (its `meta.json`
+    names each split's documents) where it is beside this data's; empty where it is not, the
+    data is the same or either keeps no document names."""
+    saved, now = checkpoint.get(KEY), data_cache(datamodule)
+    documents = (getattr(datamodule, "meta", None) or {}).get("documents")
+    if saved is None or now is None or saved == now or not documents:
+        return {}
+    try:
+        meta = json.loads((Path(datamodule.cache_dir).parent / saved / "meta.json").read_text())
+        trained = set(meta["documents"]["train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    seen = {split: [n for n in documents.get(split, []) if n in trained] for split in HELD_OUT}
+    return {split: names for split, names in seen.items() if names}
 
 
 def saved_tokenizer(checkpoint: dict[str, Any]) -> ByteTokenizer | BPETokenizer | None:

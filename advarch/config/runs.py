@@ -14,6 +14,7 @@ from advarch.checkpoint import (
     PREFIX,
     CheckpointError,
     newest_readable,
+    ran_with,
     read_checkpoint,
     run_dir_of,
     saved_config,
@@ -207,22 +208,6 @@ def use_resumed_tokenizer(cfg: DictConfig, ckpt: Path | None) -> None:
         return
     saved = saved_hparam(read_checkpoint(ckpt, "ckpt_path", mmap=True), "cfg") or {}
     data.tokenizer_from = str(ckpt) if (saved.get("data") or {}).get("tokenizer_from") else None
-
-
-def ran_with(checkpoint: Path) -> str:
-    """` (its run: python train.py <overrides>)`, the command line that made `checkpoint`'s
-    run as Hydra recorded it (`.hydra/overrides.yaml`), so that a refusal names the options to
-    type (`model=transformer`); empty where the run folder has no record."""
-    import yaml
-
-    record = run_dir_of(checkpoint) / ".hydra" / "overrides.yaml"
-    try:
-        overrides = yaml.safe_load(record.read_text())
-    except (OSError, yaml.YAMLError):
-        return ""
-    if not isinstance(overrides, list):
-        return ""
-    return f" (its run: {' '.join(['python train.py', *map(str, overrides)])})"
 
 
 def architecture_difference(first: Any, second: Any) -> tuple[str, str, str] | None:

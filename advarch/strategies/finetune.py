@@ -54,7 +54,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from advarch.atomic import save_atomic
-from advarch.checkpoint import PREFIX, TOKENIZER, read_checkpoint
+from advarch.callbacks.data_identity import KEY as DATA_KEY
+from advarch.callbacks.data_identity import held_out_trained_on
+from advarch.checkpoint import PREFIX, TOKENIZER, ran_with, read_checkpoint
 from advarch.data.tokenizer import tokenizer_difference, tokenizer_state
 from advarch.errors import ConfigError
 from advarch.models.output import output_layer_globs
@@ -70,6 +72,7 @@ from advarch.strategies.finetune_plan import (
 )
 from advarch.strategies.freezing import FrozenSlice
 
+SPLIT_NAMES = {"val": "validation", "test": "test"}
 log = logging.getLogger("advarch")
 
 DELTA_FILE = "finetuned_delta.pt"
@@ -106,6 +109,7 @@ class FinetuneStrategy(BaseStrategy):
         self.pretrained = None if ckpt is None else str(Path(pretrained).expanduser().resolve())
         self.base_fingerprint = None if ckpt is None else fingerprint(ckpt["state_dict"])
         self.base_tokenizer = None if ckpt is None else ckpt.get(TOKENIZER)
+        self.base_data = {} if ckpt is None else {DATA_KEY: ckpt.get(DATA_KEY)}
         self.options = {
             "trainable": output_layers(model) if trainable is None else list(trainable),
             "new_experts": new_experts,
@@ -166,6 +170,24 @@ class FinetuneStrategy(BaseStrategy):
                 "Leave data.tokenizer_from out: advarch's text data then tokenises with the "
                 "base's tokenizer"
             )
+        if stage == "fit":
+            self._warn_of_held_out_text_the_base_learnt()
+
+    def _warn_of_held_out_text_the_base_learnt(self) -> None:
+        """One warning where this data's validation or test documents were the base's
+        training documents (the same corpus split otherwise)."""
+        datamodule = self.trainer.datamodule
+        seen = held_out_trained_on(self.base_data, datamodule)
+        if not seen:
+            return
+        held = (datamodule.meta or {}).get("documents", {})
+        said = " and ".join(f"{len(names)} of the {len(held[split])} {SPLIT_NAMES[split]}"
+                            for split, names in seen.items())  # fmt: skip
+        example = next(iter(seen.values()))[0]
+        log.warning("strategy.pretrained=%s trained on %s documents of this run (e.g. %s): "
+                    "their metrics partly measure text the base learnt; give this run the "
+                    "base's data options%s", self.pretrained, said, example,
+                    ran_with(Path(self.pretrained)))  # fmt: skip
 
     def parameter_counts(self) -> dict[str, int]:
         """The plan's counts: rows of partially trained tensors counted per row."""

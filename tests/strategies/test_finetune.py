@@ -405,3 +405,39 @@ def test_a_model_that_names_no_output_layers_trains_its_head_by_default(tmp_path
     module = FinetuneStrategy(OwnModel(), SPEC, pretrained=str(base))
     trained = [n for n, p in module.model.named_parameters() if p.requires_grad]
     assert trained == ["head.weight", "head.bias"]
+
+
+def test_a_base_that_trained_on_this_runs_held_out_documents_is_said(
+    tmp_path: Path, caplog
+) -> None:
+    # hunter 37: a fine-tune on more of the base's corpus (data.max_documents) splits it
+    # otherwise: 15 of 34 validation documents had been the base's training text, silently
+    from types import SimpleNamespace
+
+    from advarch.callbacks.data_identity import KEY, data_cache
+    from advarch.data.text import TextDataModule
+
+    def text(documents: int) -> TextDataModule:
+        dm = TextDataModule(seq_len=32, batch_size=2, max_documents=documents,
+                            cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        dm.setup()
+        return dm
+
+    base_data, more = text(40), text(60)
+    path = write_base(tmp_path / "base.ckpt", tiny_model())
+    save_atomic({**torch.load(path, weights_only=False), KEY: data_cache(base_data)}, Path(path))
+    strategy = FinetuneStrategy(tiny_model(), SPEC, pretrained=path)
+    trained = set(base_data.meta["documents"]["train"])
+    seen = [n for s in ("val", "test") for n in more.meta["documents"][s] if n in trained]
+    assert seen  # (the premise: the other split puts some of them in this run's val/test)
+    for datamodule, said in ((base_data, False), (more, True)):
+        caplog.clear()
+        strategy.trainer = SimpleNamespace(datamodule=datamodule)
+        strategy.setup("fit")
+        assert ("trained on " in caplog.text) == said, caplog.text
+    assert f"strategy.pretrained={Path(path).resolve()} trained on " in caplog.text
+    assert (
+        "trained on 2 of the 3 validation and 2 of the 3 test documents of this run (e.g. "
+        in caplog.text
+    )
+    assert "their metrics partly measure text the base learnt" in caplog.text
