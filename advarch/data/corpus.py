@@ -66,13 +66,15 @@ UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")  # the byte-order marks UTF-16 text sta
 
 
 def read_text_file(path: str) -> str:
-    """A UTF-8 text file; one-line ValueErrors name an empty, binary or non-UTF-8 file."""
+    """A UTF-8 text file without its byte-order mark (Windows editors write one: it is no
+    part of the text, nor of a table's first row); one-line ValueErrors name an empty, binary
+    or non-UTF-8 file."""
     data = Path(path).read_bytes()
     if not data:
         raise ValueError(f"data.files: {path} is empty (0 bytes)")
     if b"\x00" in data[:8192] and not data.startswith(UTF16_MARKS):
         raise ValueError(f"data.files: {path} is a binary file (NUL bytes), not text")
-    return decode_utf8(data, "data.files", path)
+    return decode_utf8(data, "data.files", path).removeprefix("\ufeff")
 
 
 def decode_utf8(data: bytes, key: str, path: str | Path) -> str:
@@ -94,8 +96,8 @@ def read_jsonl(path: str, field: str) -> dict[int, str]:
     `rows_with_text`); errors name `file:line`."""
     cells: list[str | None] = []
     # rows end at "\n" only: a JSON string may hold U+2028 or U+0085 raw, which splitlines()
-    # would break; a byte-order mark (Windows editors) is not part of the first row
-    lines = read_text_file(path).removeprefix("\ufeff").split("\n")
+    # would break
+    lines = read_text_file(path).split("\n")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

@@ -126,3 +126,10 @@ def test_a_json_line_holding_a_lone_surrogate_is_named_or_read_as_utf8(tmp_path:
         return
     for text in texts.values():
         text.encode("utf-8")  # what the tokenizers and the byte counts do with it
+
+
+def test_a_byte_order_mark_is_no_part_of_a_text_file(tmp_path: Path) -> None:
+    # (hunter 37: a plain text file kept it as three byte tokens; JSON lines and CSV drop it)
+    marked = tmp_path / "a.txt"
+    marked.write_bytes("\ufeffdef f():\n".encode())
+    assert read_text_file(str(marked)) == "def f():\n"
