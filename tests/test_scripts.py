@@ -23,12 +23,15 @@ def test_mmoe_report_tables_every_model_and_correlation(project: Project) -> Non
         "1.0",
         "--seeds",
         "0",
+        "debug=tiny",
         "trainer.max_steps=10",
         "--out",
         "mm",
         script="scripts/mmoe_report.py",
     ).check()  # fmt: skip  (an override after --seeds' list is still an override)
     assert "\none seed (no spread: add --seeds)\n" in res.stdout
+    note = "note: debug=tiny: sizes too small for the test errors to mean anything (a smoke run)"
+    assert res.stdout.rstrip().splitlines()[-3] == note, res.stdout  # under its table
     (report,) = (project.root / "mm").glob("*_*/mmoe_report.md")  # a folder of this call's own
     assert report.read_text() in res.stdout
     rows = [line for line in res.stdout.splitlines() if line.startswith("|")]
@@ -113,6 +116,7 @@ def test_retro_report_compares_neighbours_padding_and_plain(
     note = "note: debug=tiny: sizes too small for the losses to mean anything (a smoke run)"
     assert lines[last_row + 1] == note, lines
     (path,) = (project.root / "outputs" / "retro_report").glob("*/retro_report.json")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}", path.parent.name)  # unique
     report = json.loads(path.read_text())
     rows = report["rows"]
     padding, shuffled = "RETRO, padding neighbours", "RETRO, another sequence's neighbours"

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from advarch.benchmarks.timing import tiny_overrides, too_small
 from advarch.config.compose import compose_run
 from advarch.errors import exit_on_config_error
 from advarch.output_folders import exit_if_unmakeable, stamped_folder
@@ -132,6 +133,9 @@ def report() -> None:
     )
     text = table(results, len(args.seeds))
     print(text)
+    tiny = tiny_overrides(args.overrides)
+    if tiny:  # (as the other reports and benchmarks say under their tables at these sizes)
+        print(f"note: {' '.join(tiny)}: {too_small('test errors')}")
     (root / "mmoe_report.md").write_text(text + "\n")
     print(f"\nwritten to {root / 'mmoe_report.md'}")
 

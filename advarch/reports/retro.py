@@ -22,7 +22,7 @@ its answers) and, for text, bits per byte — plus RETRO's analysis (Borgeaud et
 neighbour's continuation shares with the true continuation (the tokens that chunk's neighbours
 help predict), and the bits-per-byte gain of neighbours over padding split by it. Prints a table
 and writes `<out>/retro_report.json` and `<out>/by_quality.png` (bits/byte per quality bucket,
-one bar per model); runs go under `outputs/retro_report/<time>/`.
+one bar per model); runs go under `outputs/retro_report/<time>_<id>/`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from advarch.config.combinations import with_strategy_defaults
 from advarch.config.compose import compose_run
 from advarch.config.runs import config_mismatch
 from advarch.errors import ConfigError, exit_on_config_error
+from advarch.output_folders import stamped_folder
 from advarch.reports.figures import plot_retrieval_by_quality
 from advarch.train import run
 
@@ -274,7 +275,7 @@ def compare() -> None:
         "(default: the overrides' trainer.max_steps, as for the plain decoder)",
     )
     args = parser.parse_intermixed_args()  # options may follow the overrides
-    root = Path("outputs/retro_report") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    root = stamped_folder(Path("outputs/retro_report"))  # (two reports never share one)
     base = list(args.overrides)
     if not any(o.startswith("experiment=") for o in base):
         base.insert(0, "experiment=retro_vs_plain")
