@@ -61,8 +61,10 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
     for name, value in container.items():
         if name.startswith("_") or name in skip:
             continue
+        if _holds_nan(value):  # (it passes every range check: NaN compares false)
+            raise ConfigError(f"{key}.{name}={value} is not a number (nan): give a number")
         if name not in params:
-            if accepts_any:
+            if accepts_any:  # (its **kwargs take it: their receiver checks it)
                 continue
             known = ", ".join(p for p in params if p not in skip)
             raise ConfigError(
@@ -71,8 +73,6 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
         hint = hints[name]
         if not matches(value, hint):
             raise ConfigError(wrong_type(f"{key}.{name}", value, hint))
-        if _holds_nan(value):  # (it passes every range check: NaN compares false)
-            raise ConfigError(f"{key}.{name}={value} is not a number (nan): give a number")
 
 
 def _holds_nan(value: Any) -> bool:

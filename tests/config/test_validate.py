@@ -116,3 +116,15 @@ def test_interpolations_are_resolved_before_checking() -> None:
     with pytest.raises(ConfigError, match="thing.width is not an option"):
         validate_node(node, "thing")
     validate_node(OmegaConf.create({"a": 4, "t": {"_target_": TARGET, "size": "${a}"}}).t, "t")
+
+
+def own_model(size: int, **options: Any) -> None:
+    """A user's own constructor that takes any option (its **options checked by its code)."""
+
+
+def test_a_nan_is_refused_in_options_taken_by_kwargs_too() -> None:
+    # (the NaN check came after the name lookup, which lets **kwargs options through unchecked)
+    node = OmegaConf.create({"_target_": f"{__name__}.own_model", "size": 2, "rate": float("nan")})
+    with pytest.raises(ConfigError, match=r"^model\.rate=nan is not a number \(nan\)"):
+        validate_node(node, "model")
+    validate_node(OmegaConf.create({**node, "rate": 0.5}), "model")  # any other value passes
