@@ -17,7 +17,8 @@ Implements:
   every expert is open to every token; under an expert mask, each token's K slots shared
   among the experts open to it (a masked-out expert's zero load is its fair load: counting
   it in a mean made every allowed expert look overloaded, and they never balanced).
-- GShard capacity (Lepikhin et al. 2020): C = ceil(cf · K · N / E) token-slots per expert.
+- GShard capacity (Lepikhin et al. 2020): C = ceil(cf · K · N / E) token-slots per expert, N
+  the real tokens (padding is none).
 
 Shapes: B batch, T time, N = B·T tokens, D model dim, H expert hidden (2H for SwiGLU's fused
 gate and up projections), E experts, K experts per token, S = kept token-slots (≤ N·K).
@@ -25,7 +26,6 @@ gate and up projections), E experts, K experts per token, S = kept token-slots (
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -116,7 +116,8 @@ class MoE(nn.Module):
             num_shared_experts: always-on experts, fused into one FeedForward of width
                 `num_shared_experts · shared_hidden` (the sum of n MLPs equals one wider MLP).
             shared_hidden: hidden width of each shared expert; defaults to `hidden`.
-            capacity_factor: None = dropless; else slots per expert C = ceil(cf · K · N / E).
+            capacity_factor: None = dropless; else slots per expert C = ceil(cf · K · N / E),
+                N the tokens that are not padding.
             soft: dense mixture weighted by the full softmax instead of top-k.
             router_jitter: ε of the multiplicative U(1−ε, 1+ε) noise on router inputs in training.
             balance_loss_weight: weight of the Switch balance loss in `aux_loss`.
@@ -336,7 +337,8 @@ class MoE(nn.Module):
         dtype = self._compute_dtype(xf)  # rows move in it (bf16 under autocast)
         if self.capacity_factor is None or not self.training:  # evaluation never drops
             return self._dropless(xf, route, dtype), None
-        capacity = math.ceil(self.capacity_factor * K * N / E)
+        # C = ceil(cf · K · N / E) over the real tokens' K·N slots (padding is no token)
+        capacity = torch.ceil(self.capacity_factor * routed.sum() / E).long()
         start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
         rank = torch.arange(N * K, device=xf.device) - start[flat[order]]  # (N·K,)
         kept = routed.clamp(max=capacity)

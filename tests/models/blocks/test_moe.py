@@ -598,10 +598,10 @@ def test_padding_takes_no_experts_capacity() -> None:
     real = torch.randn(1, 8, 8)
     padded = torch.cat([torch.randn(1, 8, 8), real], dim=1)
     pad = torch.arange(16)[None] < 8
-    # capacity ceil(cf · K · N / E) = 2 token-slots per expert in both batches
-    moe = MoE(8, 16, num_experts=4, top_k=2, capacity_factor=0.25).train()
+    # capacity ceil(cf · K · N / E) over the N = 8 real tokens: 2 token-slots per expert in
+    # both batches (the padding counted in N gave the real tokens twice as many)
+    moe = MoE(8, 16, num_experts=4, top_k=2, capacity_factor=0.5).train()
     y, aux, stats = moe(padded, pad_mask=pad)
-    moe.capacity_factor = 0.5
     want_y, want_aux, want_stats = moe(real)
     assert want_stats["dropped"] > 0  # capacity binds
     torch.testing.assert_close(y[:, 8:], want_y)
