@@ -60,7 +60,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     if limit == 0:
         raise ConfigError("limit_test_batches=0 tests nothing: give a count or a fraction, or "
                           "leave it out (the run's own)")  # fmt: skip
-    if cfg.get("wandb") not in (None, True, False):
+    if not isinstance(cfg.get("wandb"), bool | None):  # (1 == True: `in` would take 1)
         raise ConfigError(f"wandb={cfg.wandb!r} must be true, false or null (as the run)")
     ckpt, saved = load_with_config(cfg.ckpt_path)
     log_to_wandb = cfg.get("wandb")

@@ -147,6 +147,17 @@ def test_impossible_combination_stops_before_any_work(
     assert not list(tmp_path.glob("outputs/runs/*/*/config_tree.txt"))
 
 
+def test_an_impossible_model_for_data_the_user_typed_names_that_data(tmp_path: Path) -> None:
+    # review 37: data=text_domains typed by the user is not "strategy=ewc's": the line named
+    # the strategy (`model=mmoe strategy=ewc: ... data=text_domains (strategy=ewc's)`) for any
+    # data that happens to be the strategy's default, whoever chose it
+    result = cli(["model=mmoe", "strategy=ewc", "data=text_domains"], tmp_path)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: model=mmoe data=text_domains: "), line
+    assert "(strategy=ewc's)" not in line, line
+
+
 # debug=tiny: the job rewrites .hydra/config.yaml first (it imported torch there, where signals
 # are not held: a Ctrl-C in torch's C++ callbacks aborted the process, exit -6)
 @pytest.mark.parametrize(

@@ -141,8 +141,9 @@ def test_eval_tests_in_the_runs_precision(make_cfg, tmp_path) -> None:
         assert evaluated[key] == pytest.approx(tested[key], rel=1e-6), key
     # a debug=* run logged no W&B run (CSV only): nor does its evaluation, unless asked
     assert not (tmp_path / "eval" / "wandb").exists()
-    with pytest.raises(ConfigError, match="^wandb='yes' must be true, false or null"):
-        evaluate(make_cfg([f"ckpt_path={ckpt}", "wandb=yes"], "eval", tmp_path / "eval2"))
+    for typed, said in (("yes", "'yes'"), ("1", "1")):
+        with pytest.raises(ConfigError, match=f"^wandb={said} must be true, false or null"):
+            evaluate(make_cfg([f"ckpt_path={ckpt}", f"wandb={typed}"], "eval", tmp_path / "e2"))
 
 
 def test_a_model_class_that_cannot_be_imported_is_one_line(

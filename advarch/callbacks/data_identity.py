@@ -54,16 +54,28 @@ def held_out_trained_on(checkpoint: dict[str, Any], datamodule: Any) -> dict[str
     names each split's documents) where it is beside this data's; empty where it is not, the
     data is the same or either keeps no document names."""
     saved, now = checkpoint.get(KEY), data_cache(datamodule)
-    documents = (getattr(datamodule, "meta", None) or {}).get("documents")
+    documents = split_documents_of(getattr(datamodule, "meta", None) or {})
     if saved is None or now is None or saved == now or not documents:
         return {}
     try:
         meta = json.loads((Path(datamodule.cache_dir).parent / saved / "meta.json").read_text())
-        trained = set(meta["documents"]["train"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return {}
+    trained = set(split_documents_of(meta).get("train", ()))
     seen = {split: [n for n in documents.get(split, []) if n in trained] for split in HELD_OUT}
     return {split: names for split, names in seen.items() if names}
+
+
+def split_documents_of(meta: dict[str, Any]) -> dict[str, list[str]]:
+    """{split: document names} a text cache's meta records: `documents` (data=text), or each
+    domain's `<split>_documents` (data=text_domains); {} where it names none."""
+    if isinstance(meta.get("documents"), dict):
+        return meta["documents"]
+    named: dict[str, list[str]] = {}
+    for domain in (meta.get("domains") or {}).values():
+        for split in ("train", *HELD_OUT):
+            named.setdefault(split, []).extend(domain.get(f"{split}_documents", []))
+    return {split: names for split, names in named.items() if names}
 
 
 def saved_tokenizer(checkpoint: dict[str, Any]) -> ByteTokenizer | BPETokenizer | None:

@@ -402,7 +402,7 @@ def null_section(override: str, section: str, cfg: DictConfig) -> ConfigError:
         if o != choice and _select(packaged_config(group, o), inner) is not None
     ]  # fmt: skip
     if not options:
-        return _misspelt_block_option(override, section) or ConfigError(
+        return _unknown_block_option(override, section) or ConfigError(
             f"{override}: {section} is null in this config; write +{override} to set it"
         )
     named = " or ".join(f"{group}={o}" for o in options)
@@ -412,22 +412,24 @@ def null_section(override: str, section: str, cfg: DictConfig) -> ConfigError:
     )
 
 
-def _misspelt_block_option(override: str, section: str) -> ConfigError | None:
-    """The one line for a misspelt option of a null block section (`model.ssm.d_stat=4`): the
-    nearest key the packaged models write under it (`+` would only have the run refuse it
-    later); None for a key those configs have or one near none of them."""
+def _unknown_block_option(override: str, section: str) -> ConfigError | None:
+    """The one line for an option a null block section does not have (`model.ssm.d_stat=4`),
+    with the nearest of the options the packaged models write under it, which are all of the
+    block's (tests/config/test_choices.py holds them to the block's config): `+` would only
+    have the run refuse it later. None for one of its options and other keys."""
     group, _, block = section.partition(".")
     key = override.lstrip("+").split("=", 1)[0]
     if group != "model" or block not in PATTERN_BLOCKS or key.count(".") != 2:
         return None
-    written = {k for m in _packaged("model")
-               for k in (packaged_config("model", m).get(block) or {})}  # fmt: skip
+    options = sorted({k for m in _packaged("model")
+                      for k in (packaged_config("model", m).get(block) or {})})  # fmt: skip
     leaf = key.rsplit(".", 1)[1]
-    close = difflib.get_close_matches(leaf, sorted(written), n=1)
-    if leaf in written or not close:
+    if leaf in options:
         return None
+    close = difflib.get_close_matches(leaf, options, n=1)
+    hint = f"did you mean {section}.{close[0]}? " if close else ""
     return ConfigError(f"{override}: {leaf} is not an option of {section} "
-                       f"(did you mean {section}.{close[0]}?)")  # fmt: skip
+                       f"({hint}options: {', '.join(options)})")  # fmt: skip
 
 
 def _select(config: Any, dotted: str) -> Any:

@@ -181,6 +181,10 @@ FEATURE_DATA = ("mmoe_synthetic", "permuted_digits", "digits", "fewshot_syntheti
 
 
 # -- default data -----------------------------------------------------------------------------
+# the `data=` overrides this process's command line got from its strategy, not from the user
+STRATEGY_BROUGHT: set[str] = set()
+
+
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -226,6 +230,7 @@ def with_default_data(overrides: list[str]) -> list[str]:
     defaults = {STRATEGY_DATA.get(s) for s in _strategies(assignments)}
     if len(defaults) != 1 or None in defaults:
         return overrides
+    STRATEGY_BROUGHT.add(f"data={next(iter(defaults))}")
     return _added(overrides, [f"data={defaults.pop()}"])
 
 
@@ -414,7 +419,7 @@ def _check_needs(
         )
     option = (_serving(needed, wanted) if wanted is not None else needed.options)[0]
     using, given = f"model={model} data={chosen}", f"data={chosen}"
-    if STRATEGY_DATA.get(strategy) == chosen:  # (said as what the user typed: the strategy)
+    if given in STRATEGY_BROUGHT:  # (said as what the user typed: the strategy)
         using, given = f"model={model} strategy={strategy}", f"{given} (strategy={strategy}'s)"
     raise ConfigError(
         f"{using}: model={model} {needed.what}, but {given} {_lacks(needed, what)}; use "

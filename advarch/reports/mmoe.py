@@ -132,10 +132,10 @@ def report() -> None:
         args.correlations, args.models, args.seeds, root, args.overrides, args.data_seeds
     )
     text = table(results, len(args.seeds))
-    print(text)
     tiny = tiny_overrides(args.overrides)
     if tiny:  # (as the other reports and benchmarks say under their tables at these sizes)
-        print(f"note: {' '.join(tiny)}: {too_small('test errors')}")
+        text += f"\n\nnote: {' '.join(tiny)}: {too_small('test errors')}"
+    print(text)
     (root / "mmoe_report.md").write_text(text + "\n")
     print(f"\nwritten to {root / 'mmoe_report.md'}")
 

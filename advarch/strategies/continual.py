@@ -68,6 +68,13 @@ Batch = dict[str, torch.Tensor]
 NEEDS_MOE = "strategy.expert_masks=true needs a model with MoE layers (model.ffn contains moe)"
 log = logging.getLogger("advarch")
 TASK_METRIC = {"classification": "acc", "lm": "bpb"}  # per-task metric of each data kind
+OPEN_EXPERTS = "open_experts"  # checkpoint["continual"] entry: (E,) bools, or None (all open)
+
+
+def saved_open_experts(checkpoint: dict[str, Any]) -> list[bool] | None:
+    """The experts a continual run with expert masks left open to routing (those its tasks
+    own), from its checkpoint; None where every expert is open."""
+    return (checkpoint.get("continual") or {}).get(OPEN_EXPERTS)
 
 
 class ContinualStrategy(BaseStrategy):
@@ -486,7 +493,10 @@ class ContinualStrategy(BaseStrategy):
     # -- checkpoint -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
+        owner = self.expert_owner
         checkpoint["continual"] = {
+            # experts no task owns, closed to routing: a fine-tune of this run keeps them so
+            OPEN_EXPERTS: None if owner is None or (owner >= 0).all() else (owner >= 0).tolist(),
             "accuracy_matrix": self.accuracy_matrix.clone(),
             "initial_accuracy": self.initial_accuracy.clone(),
             "finished_tasks": self.finished_tasks,
@@ -514,6 +524,11 @@ class ContinualStrategy(BaseStrategy):
         self.accuracy_matrix = state["accuracy_matrix"].clone().cpu()
         self.initial_accuracy = state["initial_accuracy"].clone().cpu()
         self.finished_tasks = int(state["finished_tasks"])
+        owner = self.expert_owner
+        if OPEN_EXPERTS not in state and owner is not None and bool((owner < 0).any()):
+            log.warning("resumed a checkpoint written before experts no task owns were closed "
+                        "to routing: its accuracy matrix rows so far were measured with them "
+                        "open, the rest closed")  # fmt: skip
         saved_spec = checkpoint.get("hyper_parameters", {}).get("spec") or {}
         if self.scored_bytes and "token_bytes" not in (saved_spec.get("extras") or {}):
             self.scored_bytes = False  # one definition in one matrix

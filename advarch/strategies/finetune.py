@@ -55,13 +55,14 @@ from torch import nn
 
 from advarch.atomic import save_atomic
 from advarch.callbacks.data_identity import KEY as DATA_KEY
-from advarch.callbacks.data_identity import held_out_trained_on
+from advarch.callbacks.data_identity import held_out_trained_on, split_documents_of
 from advarch.checkpoint import PREFIX, TOKENIZER, ran_with, read_checkpoint
 from advarch.data.tokenizer import tokenizer_difference, tokenizer_state
 from advarch.errors import ConfigError
 from advarch.models.output import output_layer_globs
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
+from advarch.strategies.continual import saved_open_experts
 from advarch.strategies.finetune_base import fingerprint, load_base, state_tensors
 from advarch.strategies.finetune_plan import (
     count_plan_parameters,
@@ -116,7 +117,9 @@ class FinetuneStrategy(BaseStrategy):
             "head_classes": None if head_classes is None else list(head_classes),
         }
         state = None if ckpt is None else ckpt["state_dict"]
-        self.plan = prepare_model(model, state, pretrained=pretrained, **self.options)
+        open_experts = None if ckpt is None else saved_open_experts(ckpt)
+        self.plan = prepare_model(model, state, pretrained=pretrained, open_experts=open_experts,
+                                  **self.options)  # fmt: skip
         self.base_experts = next((m.num_experts - new_experts for m in model.moe_layers()), 0)
         self._snapshots = frozen_snapshots(model, self.plan)
         self._bind_frozen()
@@ -180,7 +183,7 @@ class FinetuneStrategy(BaseStrategy):
         seen = held_out_trained_on(self.base_data, datamodule)
         if not seen:
             return
-        held = (datamodule.meta or {}).get("documents", {})
+        held = split_documents_of(datamodule.meta)
         said = " and ".join(f"{len(names)} of the {len(held[split])} {SPLIT_NAMES[split]}"
                             for split, names in seen.items())  # fmt: skip
         example = next(iter(seen.values()))[0]
@@ -250,7 +253,8 @@ def load_finetuned(delta_path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"base checkpoint {delta['base']} changed since {delta_path} was made")
     cfg = OmegaConf.create(delta["config"])
     model = build_model(cfg, DataSpec(**delta["spec"]))
-    prepare_model(model, base["state_dict"], pretrained=delta["base"], **delta["options"])
+    prepare_model(model, base["state_dict"], pretrained=delta["base"],
+                  open_experts=saved_open_experts(base), **delta["options"])  # fmt: skip
     state = state_tensors(model)
     for name, value in delta["tensors"].items():
         rows = delta["rows"].get(name)

@@ -122,8 +122,11 @@ def prepare_model(
     trainable: Sequence[str],
     new_experts: int,
     head_classes: Sequence[int] | None,
+    open_experts: Sequence[bool] | None = None,
 ) -> Plan:
-    """Load the base (when given), grow the MoE layers, set `requires_grad`; returns the plan."""
+    """Load the base (when given), close the experts its run closed (`open_experts`: a
+    continual run's experts no task owns, never trained), grow the MoE layers (new experts
+    open), set `requires_grad`; returns the plan."""
     moes = named_moe_layers(model)
     if new_experts < 0:
         raise ValueError(f"strategy.new_experts={new_experts} must be >= 0")
@@ -137,6 +140,9 @@ def prepare_model(
                 "finetune: %d tensors are new or reshaped, trained from a fresh initialisation: %s",
                 len(fresh), _grouped(fresh),
             )  # fmt: skip
+    if open_experts is not None:
+        for _, moe in moes:
+            moe.open_experts = torch.tensor(open_experts, dtype=torch.bool)
     if new_experts:
         for _, moe in moes:
             moe.add_experts(new_experts)

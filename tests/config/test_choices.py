@@ -122,8 +122,23 @@ def test_a_misspelt_option_of_a_null_block_section_gets_the_nearest_option() -> 
     with pytest.raises(ConfigError) as err:
         check_override_keys(["model.layers=[ssm,attn]", "model.ssm.d_stat=4"])
     assert str(err.value) == (
-        "model.ssm.d_stat=4: d_stat is not an option of model.ssm (did you mean model.ssm.d_state?)"
+        "model.ssm.d_stat=4: d_stat is not an option of model.ssm (did you mean "
+        "model.ssm.d_state? options: d_conv, d_state, dt_max, dt_min, dt_rank, expand, selective)"
     )
+
+
+def test_the_packaged_models_write_every_option_of_each_block() -> None:
+    # (the check above takes a block's options from them, without importing torch)
+    import dataclasses
+
+    from advarch.config.choices import PATTERN_BLOCKS, _packaged
+    from advarch.config.combinations import packaged_config
+    from advarch.models.registry import BLOCKS
+
+    for block in PATTERN_BLOCKS:
+        written = {k for m in _packaged("model")
+                   for k in (packaged_config("model", m).get(block) or {})}  # fmt: skip
+        assert written == {f.name for f in dataclasses.fields(BLOCKS[block].config)}, block
 
 
 def test_options_of_a_block_the_depth_cuts_from_the_pattern_are_refused() -> None:
@@ -240,3 +255,13 @@ def test_a_sweep_checks_each_value_of_what_decides_the_readers() -> None:
         "strategy.gamma=interval(0.5,1.0) applies with strategy.mode=online (add "
         "strategy.mode=online)"
     )
+
+
+def test_an_option_no_block_has_is_not_advised_with_a_plus() -> None:
+    # review 37: a key near none of the block's options kept the plain advice, `write
+    # +model.ssm.xyz=4 to set it`, which the run then refuses (`model.ssm.xyz is not an option
+    # of model.ssm (options: d_state, …)`): the advice must not lead to a second error
+    with pytest.raises(ConfigError) as err:
+        check_override_keys(["model.layers=[ssm,attn]", "model.ssm.xyz=4"])
+    assert "+model.ssm.xyz=4" not in str(err.value), str(err.value)
+    assert "xyz is not an option of model.ssm" in str(err.value)

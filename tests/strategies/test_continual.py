@@ -9,6 +9,7 @@ so each expected matrix entry is known exactly. Every test takes milliseconds.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -293,9 +294,21 @@ class MoEModel(LookupModel):
         return list(self.moe)
 
 
-def test_each_task_owns_a_block_of_experts_and_the_remainder_is_unused(tmp_path: Path) -> None:
+def test_each_task_owns_a_block_of_experts_and_the_remainder_is_unused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     module = Recording(MoEModel(num_experts=7), expert_masks=True)
     assert module.expert_owner.tolist() == [0, 0, 1, 1, 2, 2, -1]
+    # closed to routing, and saved so (a fine-tune of the run keeps them closed)
+    assert all(m.open_experts.tolist() == [True] * 6 + [False] for m in module.model.moe)
+    attach(module, tmp_path)
+    checkpoint: dict[str, Any] = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["continual"]["open_experts"] == [True] * 6 + [False]
+    del checkpoint["continual"]["open_experts"]  # (a checkpoint from before they were closed)
+    with caplog.at_level(logging.WARNING, logger="advarch"):
+        module.on_load_checkpoint(checkpoint)
+    assert "measured with them open, the rest closed" in caplog.text
     batch = {"task": torch.tensor([2, 0])}
     mask = module.expert_mask(batch, routing_for_training=True)
     assert mask.tolist() == [[False] * 4 + [True, True, False], [True, True] + [False] * 5]

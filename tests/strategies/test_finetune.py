@@ -441,3 +441,59 @@ def test_a_base_that_trained_on_this_runs_held_out_documents_is_said(
         in caplog.text
     )
     assert "their metrics partly measure text the base learnt" in caplog.text
+
+
+def test_a_fine_tune_of_a_continual_expert_mask_base_routes_as_its_base(tmp_path: Path) -> None:
+    # review 37: expert masks close the experts no task owns (MoE.open_experts), but the buffer
+    # is non-persistent and only ContinualStrategy sets it: a fine-tune of such a base (its head
+    # by default, the body frozen) routed to the untrained experts its base never used, so its
+    # starting model was not the base that the base's own evaluation measured
+    from advarch.data.digits import PermutedDigitsDataModule
+    from advarch.strategies.continual import ContinualStrategy
+
+    spec = PermutedDigitsDataModule(num_tasks=3, scenario="domain").spec
+    options = dict(dim=16, depth=1, num_heads=2, ffn_hidden=32, ffn=["moe"], feature_patch=8,
+                   moe={"num_experts": 8, "top_k": 1})  # fmt: skip
+    torch.manual_seed(0)
+    base = ContinualStrategy(Model(spec, **options), spec, expert_masks=True)
+    assert base.model.layers[0].ffn.open_experts.tolist() == [True] * 6 + [False] * 2
+    path = write_base(tmp_path / "base.ckpt", base.model)
+    ckpt = torch.load(path, weights_only=False)  # with the entry a continual run saves
+    save_atomic({**ckpt, "continual": {"open_experts": [True] * 6 + [False] * 2}}, Path(path))
+    module = FinetuneStrategy(Model(spec, **options), spec, pretrained=path)
+    x = torch.rand(64, 64)
+    base.eval(), module.eval()
+    with torch.no_grad():
+        loads = module.model(x).stats
+        torch.testing.assert_close(module.model(x).logits, base.model(x).logits)
+    for name, load in loads.items():
+        if name.endswith("/load"):
+            assert load[6:].sum() == 0, (name, load.tolist())
+
+
+def test_a_base_that_trained_on_a_domain_stream_is_checked_for_held_out_documents(
+    tmp_path: Path,
+) -> None:
+    # review 37: a continual LM base (strategy=ewc: data=text_domains) names its documents per
+    # domain (`meta.domains.<d>.train_documents`), not in `meta.documents`: a fine-tune on the
+    # same files as data=text (split otherwise) was never warned, its val/test partly the
+    # base's training text
+    import sysconfig
+
+    from advarch.callbacks.data_identity import KEY, data_cache, held_out_trained_on
+    from advarch.data.text import TextDataModule
+    from advarch.data.text_domains import TextDomainsDataModule
+
+    stream = TextDomainsDataModule(domains=["net"], max_documents=12, seq_len=32, batch_size=2,
+                                   cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    stream.setup()  # net's first 12 files: asynchat.py … email/contentmanager.py
+    net = stream.meta["domains"]["net"]
+    email = Path(sysconfig.get_paths()["stdlib"]) / "email" / "*.py"
+    text = TextDataModule(files=str(email), max_documents=8, seq_len=32, batch_size=2,
+                          cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    text.setup()
+    trained = set(net["train_documents"])
+    seen = {s: [n for n in text.meta["documents"][s] if n in trained] for s in ("val", "test")}
+    assert any(seen.values())  # (the premise: data=text's split puts some in its val/test)
+    found = held_out_trained_on({KEY: data_cache(stream)}, text)
+    assert found == {s: names for s, names in seen.items() if names}

@@ -457,6 +457,8 @@ class MoE(nn.Module):
             self.routing_bias = torch.cat([self.routing_bias, self.routing_bias.new_zeros(n)])
             self.load_counts = torch.cat([self.load_counts, self.load_counts.new_zeros(n)])
             self.fair_counts = torch.cat([self.fair_counts, self.fair_counts.new_zeros(n)])
+        if self.open_experts is not None:  # (new experts are open)
+            self.open_experts = torch.cat([self.open_experts, self.open_experts.new_ones(n)])
         self.num_experts += n
 
     def extra_repr(self) -> str:

@@ -637,3 +637,17 @@ def test_aux_free_bias_balances_the_allowed_experts_under_an_expert_mask() -> No
     masked = recent_load(4, torch.tensor([True, True, False, False]))
     assert masked[2:].sum() == 0
     assert masked[:2].max() < 0.6, f"allowed experts stay unbalanced: {masked[:2].tolist()}"
+
+
+def test_added_experts_are_open_where_some_experts_are_closed() -> None:
+    # review 37: `open_experts` (E,) is an expert tensor like the routing bias, but
+    # `add_experts` grows only the parameters and the bias: the next forward failed on
+    # `expert_mask & open_experts` with (E + n,) and (E,) shapes
+    torch.manual_seed(0)
+    moe = MoE(8, 16, num_experts=4, top_k=1)
+    moe.open_experts = torch.tensor([True, True, True, False])
+    moe.add_experts(2)
+    assert moe.open_experts.tolist() == [True, True, True, False, True, True]
+    mask = torch.tensor([False, False, False, False, True, True])
+    _, _, stats = moe(torch.randn(2, 3, 8), expert_mask=mask)
+    assert stats["load"][:4].sum() == 0
