@@ -301,7 +301,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from advarch.config.validate import import_from_working_dir
     from advarch.console_summary import split_table_lines
     from advarch.errors import ConfigError
-    from advarch.output_folders import discard_run_folder
+    from advarch.output_folders import check_writable, discard_run_folder
     from advarch.tracking import finish_wandb, sync_hint
 
     import_from_working_dir()
@@ -311,6 +311,7 @@ def hydra_main(cfg: DictConfig) -> None:
                 "ckpt_path is required: eval.py ckpt_path=<run>/checkpoints/last.ckpt"
             )
         checkpoint_file(cfg.ckpt_path, "ckpt_path")  # a mistyped path: said before torch loads
+        check_writable(Path(cfg.paths.cache_dir), "paths.cache_dir")
         metrics, task_names = _evaluate_until_stopped(cfg)
     except (ConfigError, CheckpointError) as err:
         discard_run_folder()

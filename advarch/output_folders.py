@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from advarch.config.compose import CONFIG_DIR
 from advarch.config.resolvers import register_resolvers
+from advarch.errors import ConfigError
 from advarch.run_lock import holder, in_use, process_rank
 
 
@@ -44,12 +45,9 @@ def _make(config: DictConfig, key: str) -> None:
     if folder is None:
         return  # (Hydra says why when it resolves it)
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        _write_probe(Path(folder))
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        free = "free space, or " if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        sys.exit(f"error: cannot write {key}={folder}: {reason} ({free}choose another {key})")
+        check_writable(Path(folder), key)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     if process_rank() != 0:
         return  # (DDP's other processes run in rank 0's folder)
     trials = [p for p in Path(folder).iterdir() if p.is_dir()] if key == "hydra.sweep.dir" else []
@@ -60,6 +58,23 @@ def _make(config: DictConfig, key: str) -> None:
 
 
 PROBE_BYTES = 64 << 10  # more than Hydra's `.hydra/` files and a run's first log lines
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Make `folder` (the config's `key`, e.g. `paths.cache_dir`) and write a probe into it: a
+    ConfigError naming the key where it cannot be (a file in the way, no permission, a full
+    disk), before any work; its data builds failed in a traceback or a line naming no key."""
+    problem = unmakeable(folder)  # (a file in the way: said so, not `File exists`)
+    if problem:
+        raise ConfigError(f"cannot write {key}={folder}: it {problem} (choose another {key})")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_probe(folder)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        free = "free space, or " if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise ConfigError(f"cannot write {key}={folder}: {reason} ({free}choose another {key})"
+                          ) from None  # fmt: skip
 
 
 def _write_probe(folder: Path) -> None:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
 from advarch.config.combinations import check_combination, with_strategy_defaults
 from advarch.config.validate import import_from_working_dir
-from advarch.output_folders import discard_run_folder
+from advarch.output_folders import check_writable, discard_run_folder
 from advarch.reasons import first_line
 from advarch.slurm import requeue
 from advarch.stop_signals import (
@@ -55,6 +55,7 @@ def run(
     interrupted sweeps, where `ckpt_path=auto` looks too.
     """
     check_combination(cfg)  # impossible combinations stop here: no torch, no data, no tree
+    check_writable(Path(cfg.paths.cache_dir), "paths.cache_dir")  # where its data is built
     PHASE["training_started"] = False
     from advarch.run_lock import run_folder_lock
 
@@ -380,6 +381,7 @@ def _job(cfg: DictConfig) -> float | None:
     if identity.job_type != "sweep":  # (a trial reports its own failure; the sweep goes on)
         try:  # before torch is imported: an impossible run or a mistyped path stops at once
             check_combination(cfg)
+            check_writable(Path(cfg.paths.cache_dir), "paths.cache_dir")
             if cfg.get("ckpt_path") not in (None, "auto"):
                 checkpoint_file(cfg.ckpt_path, "ckpt_path")
         except (ConfigError, CheckpointError) as err:
@@ -405,6 +407,7 @@ def _job(cfg: DictConfig) -> float | None:
             raise
         finish_wandb()
         where = err.filename or cfg.paths.output_dir
+        discard_run_folder(Path(cfg.paths.output_dir))  # (one that holds checkpoints stays)
         saved = sorted(Path(cfg.paths.output_dir).glob("checkpoints/*.ckpt"))
         kept = f"{saved[-1].parent} keeps its complete checkpoints" if saved else "nothing saved"
         sys.exit(f"error: cannot write {where}: {err.strerror} ({kept}; free space, allow "

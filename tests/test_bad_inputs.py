@@ -10,6 +10,7 @@ scripts (generate, merge), as real subprocesses.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -949,7 +950,43 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(script: str, args: lis
     line = out.stderr.strip()
     assert out.returncode == 1 and "\n" not in line, out.stderr[-3000:]
     assert line.startswith(f"error: cannot write {key}=") and "outputs/" in line, line
-    assert line.endswith(f": Not a directory (choose another {key})"), line
+    assert re.search(
+        f": it is inside ({tmp_path}/)?outputs, a file \\(choose another {key}\\)$", line
+    )
+
+
+@pytest.mark.parametrize("entry", ["train", "eval"])
+def test_a_cache_dir_that_cannot_be_written_is_one_line_naming_the_key(
+    entry: str, files: Path, tmp_path: Path, capsys
+) -> None:
+    # new-user 37 F2: a file there ended in a 32-line NotADirectoryError traceback (a folder
+    # that cannot be made: `error: [Errno 2] No such file or directory: '/proc/…'`)
+    (tmp_path / "cache").write_text("a file where the cache folder goes")
+    args = [*TINY] if entry == "train" else [f"ckpt_path={files}/ok.ckpt"]
+    args.append(f"paths.cache_dir={tmp_path / 'cache'}")
+    code, line, text = call_entry(entry, args, tmp_path / "run", capsys)
+    assert code != 0 and "Traceback" not in text, text[-2000:]
+    assert line == (f"error: cannot write paths.cache_dir={tmp_path / 'cache'}: it is a file, "
+                    "not a folder (choose another paths.cache_dir)"), line  # fmt: skip
+    assert not (tmp_path / "run").exists()  # (no run folder left behind)
+
+
+def test_a_full_cache_disk_is_named_as_the_cache(files: Path, tmp_path: Path, capsys,
+                                                 monkeypatch) -> None:  # fmt: skip
+    # new-user 37 F1: a write() to a full disk names no file: the line blamed the run folder
+    # (on another disk) and left it behind
+    import errno
+
+    def full(*args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("advarch.data.text.pack_splits", full)  # (it writes the token arrays)
+    args = [*TINY, f"paths.cache_dir={tmp_path / 'cache'}"]
+    code, line, text = call_entry("train", args, tmp_path / "run", capsys)
+    assert code != 0 and "Traceback" not in text, text[-2000:]
+    assert line.startswith(f"error: cannot write {tmp_path / 'cache'}/text-"), line
+    assert "No space left on device (nothing saved; free space" in line, line
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path: Path, capsys) -> None:

@@ -60,10 +60,12 @@ def load_or_build(
     tmp.mkdir(parents=True)
     try:
         (tmp / "meta.json").write_text(json.dumps(build(tmp)))
-    except BaseException:  # bad data, Ctrl-C: no half-built folder stays behind
+    except BaseException as err:  # bad data, Ctrl-C: no half-built folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(OSError):
             cache.parent.rmdir()  # nor a cache folder this build made and left empty
+        if isinstance(err, OSError) and err.filename is None:  # (a write(): a full disk)
+            raise OSError(err.errno, err.strerror, str(cache)) from err  # names the cache
         raise
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(tmp, cache)
