@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 import advarch.config.resolvers  # noqa: F401
 from advarch.console_log import quiet_lightning_logs
 from advarch.spec import kind_name
+from advarch.stop_signals import Stopped, signals_held, stopping_in_one_line
 
 log = logging.getLogger("advarch")
 
@@ -240,7 +241,8 @@ def main() -> None:
 
     sys.argv[1:] = own_data_overrides(sys.argv[1:])
     check_command_line(sys.argv[1:], "eval")  # a mistyped key in one line
-    hydra_main()
+    with stopping_in_one_line("evaluation"):
+        hydra_main()
 
 
 def run_choice_tags(cfg: DictConfig) -> list[str]:
@@ -316,6 +318,9 @@ def hydra_main(cfg: DictConfig) -> None:
     except (ConfigError, CheckpointError) as err:
         discard_run_folder()
         sys.exit(f"error: {err}")
+    except (KeyboardInterrupt, Stopped):  # before testing (its own stop: `Interrupted`)
+        _discard_eval_folder(cfg)
+        raise
     finally:
         finish_wandb()
     print("\n".join(split_table_lines(metrics, "test", task_names)))
@@ -329,15 +334,28 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def _evaluate_until_stopped(cfg: DictConfig) -> Evaluation:
     """`evaluate`; a stop signal ends the command with its exit code (its line is printed)."""
-    quiet_lightning_logs()
-    from advarch.callbacks.signals import Interrupted
-    from advarch.output_folders import discard_run_folder
+    with signals_held():  # torch's imports run Python inside C++, where a raise would abort
+        quiet_lightning_logs()  # (Lightning and torch imported)
+        from advarch.callbacks.signals import Interrupted
 
     try:
         return evaluate(cfg)
     except Interrupted as err:
-        discard_run_folder()
+        _discard_eval_folder(cfg)
         sys.exit(err.exit_code)
+
+
+def _discard_eval_folder(cfg: DictConfig) -> None:
+    """Leave nothing of a stopped evaluation: its W&B run (which logged nothing) and its
+    folder."""
+    import shutil
+
+    from advarch.output_folders import discard_run_folder
+    from advarch.tracking import finish_wandb
+
+    finish_wandb()
+    shutil.rmtree(Path(cfg.paths.output_dir) / "wandb", ignore_errors=True)
+    discard_run_folder()
 
 
 if __name__ == "__main__":

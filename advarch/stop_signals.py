@@ -10,6 +10,7 @@ trials, in other processes, to save and stop through a file (`stop_requests_by_f
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -100,6 +101,23 @@ def stopped_line(signum: int, sweep: bool = False) -> str:
     if PHASE["training_started"]:
         return f"{name} received after training: stopped (its checkpoints are written)"
     return f"{name} received before training started: stopped, nothing saved"
+
+
+@contextlib.contextmanager
+def stopping_in_one_line(what: str) -> Iterator[None]:
+    """A command's work (eval.py's `what` = "evaluation", generate.py's), stopped by a signal
+    in one line and its exit code, `SIGINT received: evaluation stopped`: Ctrl-C as it started
+    was a 60-line traceback, and SIGTERM ended it without a word."""
+    stop_on_signals()
+    try:
+        yield
+    except (KeyboardInterrupt, Stopped) as err:
+        signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
+        print(f"{signal.Signals(signum).name} received: {what} stopped", file=sys.stderr)
+        # (an import of torch it stopped leaves torch's loggers at Hydra's INFO: torch's
+        # exit-time cache statistics would follow the line)
+        logging.getLogger("torch").setLevel(logging.WARNING)
+        sys.exit(128 + signum)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:} for the run folder)
+from advarch.stop_signals import Stopped, signals_held, stopping_in_one_line
 
 BENCH_VOCAB = 259  # the benchmark models' vocabulary: bytes and 3 specials, as data=text's
 
@@ -194,6 +195,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from advarch.output_folders import discard_run_folder
 
     import_from_working_dir()
+    echo = None
     try:
         if not cfg.bench and OmegaConf.is_missing(cfg, "ckpt_path"):
             raise ConfigError(
@@ -208,9 +210,10 @@ def hydra_main(cfg: DictConfig) -> None:
             _bench(cfg)
             return
         prompt = _prompt(cfg)
-        quiet_lightning_logs()
-        from advarch.generation import generate_text
-        from advarch.trained_lm import load_lm
+        with signals_held():  # torch's imports run Python inside C++, where a raise would abort
+            quiet_lightning_logs()  # (Lightning and torch imported)
+            from advarch.generation import generate_text
+            from advarch.trained_lm import load_lm
 
         lm = load_lm(cfg.ckpt_path, cfg.device, cfg.paths.cache_dir)
         echo = PromptThenPieces(prompt) if cfg.stream else None
@@ -229,6 +232,10 @@ def hydra_main(cfg: DictConfig) -> None:
         )
     except ValueError as err:  # ConfigError included: bad keys, paths, checkpoints
         sys.exit(f"error: {err}")
+    except (KeyboardInterrupt, Stopped):  # (said in one line, on a line of its own)
+        if echo is not None and echo.mid_line:
+            print(flush=True)
+        raise
     finally:
         discard_run_folder()  # generation writes no files: leave no run folder behind
     print(echo.prompt if echo else prompt + text)  # (streamed: the prompt if nothing came)
@@ -240,10 +247,13 @@ class PromptThenPieces:
 
     def __init__(self, prompt: str) -> None:
         self.prompt = prompt  # not yet printed
+        self.mid_line = False  # whether the text printed so far ends inside a line
 
     def __call__(self, piece: str) -> None:
-        print(self.prompt + piece, end="", flush=True)
+        text = self.prompt + piece
+        print(text, end="", flush=True)
         self.prompt = ""
+        self.mid_line = not text.endswith("\n") if text else self.mid_line
 
 
 def main() -> None:
@@ -251,7 +261,8 @@ def main() -> None:
     from advarch.config.choices import check_command_line
 
     check_command_line(sys.argv[1:], "generate")
-    hydra_main()
+    with stopping_in_one_line("generation"):
+        hydra_main()
 
 
 if __name__ == "__main__":

@@ -233,6 +233,30 @@ def test_a_signal_while_starting_is_one_line_and_leaves_no_run_folder(project, d
     assert not list(runs.glob("*/*"))
 
 
+@pytest.mark.parametrize(("script", "what", "signum"), [
+    ("eval.py", "evaluation", signal.SIGINT), ("scripts/generate.py", "generation", signal.SIGTERM),
+])  # fmt: skip
+def test_a_signal_while_eval_or_generate_starts_is_one_line(project, trained, script, what,
+                                                             signum) -> None:  # fmt: skip
+    # new-user 37 F4: a Ctrl-C as they started was a 56-61-line traceback, a SIGTERM an exit
+    # without a word, and each left its run folder (and an empty W&B run) behind
+    extra = ["max_new_tokens=64"] if script != "eval.py" else []
+    proc = subprocess.Popen(
+        ["python", script, f"ckpt_path={trained['lm'].ckpt}", *extra], cwd=project.root,
+        env=project.env(warm=False), stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    runs = project.root / "outputs" / "runs"
+    deadline = time.monotonic() + 60
+    while not list(runs.glob("*/*/*.log")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(1.0)  # (in torch's and Lightning's imports)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum and "Traceback" not in err, err[-2000:]
+    assert err.strip() == f"{signal.Signals(signum).name} received: {what} stopped"
+    assert not list(runs.glob("*/*"))
+
+
 def test_a_second_ctrl_c_stops_at_once_inside_a_long_native_call(project) -> None:
     # the handlers run between bytecodes: in one long native op (an attention backward over
     # 100k tokens) neither Ctrl-C was acted on for 14 minutes, until kill -9
