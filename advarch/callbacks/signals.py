@@ -140,6 +140,9 @@ def _no_wakeup_fd_in_child() -> None:
 os.register_at_fork(after_in_child=_no_wakeup_fd_in_child)
 
 
+ACKNOWLEDGE_AFTER_S = 1.0  # a stop not saved by then is said to be coming
+
+
 class SignalCheckpoint(L.Callback):
     """Turn SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 into a checkpoint and a stop during `fit`,
     and into a stop during validation or testing outside it.
@@ -163,13 +166,29 @@ class SignalCheckpoint(L.Callback):
         self._stop_after_validation: int | None = None  # the signal, where its step validates
         self._previous: dict[int, Any] = {}
         self._watch = SecondCtrlC(self._stopped_at_once)
+        self._acknowledges = False  # a signal in training, in the first process: said soon
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:  # a second Ctrl-C
             self._watch.handled = True
             say(self._stopped_at_once())
             raise Interrupted(signum, "stopped at once on a second Ctrl-C")
+        if self.received is None and self._acknowledges:
+            acknowledge = threading.Timer(ACKNOWLEDGE_AFTER_S, self._acknowledge, (signum,))
+            acknowledge.daemon = True
+            acknowledge.start()
         self.received = signum
+
+    def _acknowledge(self, signum: int) -> None:
+        """Say that the signal was heard where the step it waits for is long (a step of many
+        accumulated batches: silent, a user pressed Ctrl-C again and lost the save). Written
+        to the terminal's file directly, from a timer thread: no print inside a handler."""
+        if self.saved:
+            return
+        again = " (Ctrl-C again: at once, without saving)" if signum == signal.SIGINT else ""
+        line = f"{signal.Signals(signum).name} received: saving when this step ends{again}\n"
+        with contextlib.suppress(OSError):
+            os.write(sys.stderr.fileno(), line.encode())
 
     def _stopped_at_once(self) -> str:
         saved = f"{self.path} is saved" if self.saved else "without saving"
@@ -218,6 +237,7 @@ class SignalCheckpoint(L.Callback):
         self._install()
         signum = self._received(trainer)
         if signum is None:
+            self._acknowledges = trainer.is_global_zero and self.path is not None
             return
         where = "the run resumes from its checkpoint" if trainer.ckpt_path else "nothing trained"
         message = f"{signal.Signals(signum).name} received before training started: {where}"
@@ -226,6 +246,7 @@ class SignalCheckpoint(L.Callback):
         raise Interrupted(signum, message)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._acknowledges = False
         self._restore(trainer)
 
     def on_exception(

@@ -188,6 +188,25 @@ def test_a_second_ctrl_c_after_the_save_says_it_is_saved(make_cfg, capsys) -> No
     assert steps == [0, 1], steps
 
 
+def test_a_ctrl_c_in_a_long_step_is_heard_at_once(make_cfg, capfd, tmp_path: Path) -> None:
+    # new-user 37 F8: nothing was said until the step ended (5 s for 8 accumulated batches): a
+    # user pressed Ctrl-C again and lost the save. A stop saved within a second says nothing
+    ctrl_c = ["+callbacks.stop._target_=tests.helpers.SignalAtStep", "+callbacks.stop.step=2",
+              f"+callbacks.stop.signum={int(signal.SIGINT)}"]  # fmt: skip
+    heard = "SIGINT received: saving when this step ends (Ctrl-C again: at once, without saving)"
+    for idle, said in ((0.0, False), (2.0, True)):  # (the step's end 2 s after the signal)
+        slow = [
+            "+callbacks.idle._target_=tests.helpers.IdleSteps",
+            f"+callbacks.idle.seconds={idle}",
+        ]
+        cfg = make_cfg([*TINY, *ctrl_c, *slow], output_dir=tmp_path / f"idle-{idle}")
+        with pytest.raises(Interrupted):
+            run(cfg)
+        out, err = capfd.readouterr()
+        assert (heard in err) is said, err
+        assert f"SIGINT received: saved {cfg.paths.output_dir}/checkpoints/last.ckpt" in out
+
+
 def test_eval_stops_on_sigterm_without_metrics(
     make_cfg, trained: dict[str, TrainedRun], monkeypatch: pytest.MonkeyPatch
 ) -> None:
