@@ -123,6 +123,12 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         (["model=seq2seq_moe"], "model=seq2seq_moe data=text:", "data=seq2seq_reverse"),
         (["strategy=ewc", "data=text"], "strategy=ewc data=text:", "data=text_domains"),
         (["strategy=finetune"], "strategy=finetune fine-tunes", "strategy.pretrained="),
+        (  # a base that fits: a plain decoder of its sizes on its data (new-user 37 F3: it
+            # named a `python train.py` run, an MoE, which the retrofit then refused)
+            ["model=retro", "strategy=retrofit", "debug=tiny"],
+            "strategy=retrofit fine-tunes",
+            "(e.g. of a `python train.py model=transformer data=text_retrieval debug=tiny` run)",
+        ),
         (  # no data has neighbours and a task stream: another strategy, not a circle
             ["model=retro", "strategy=ewc", "debug=tiny"],
             "model=retro strategy=ewc:",

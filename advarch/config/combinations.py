@@ -61,6 +61,8 @@ STRATEGY_OPTIMIZATION: dict[str, dict[str, float | int]] = {
 STRATEGY_MODEL: dict[str, dict[str, int]] = {"fewshot": {"model.feature_patch": 64}}
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "moe"  # train.yaml's
+# a retrofit's model → the plain decoder of its sizes it starts from (README: Retrieval)
+RETROFIT_BASES = {"retro": "transformer", "retro_moe": DEFAULT_MODEL}
 
 
 @dataclass(frozen=True)
@@ -363,7 +365,7 @@ def check_combination(cfg: DictConfig) -> None:
     if facts is not None and facts.stream:
         _check_stream_length(data, names["data"])
     if strategy_target == FINETUNE:  # (after what no checkpoint would help)
-        base = _base_experiment(choices.get("experiment"))
+        base = _base_command(choices, names["strategy"])
         _check_pretrained(strategy.get("pretrained"), names["strategy"], base)
 
 
@@ -493,11 +495,29 @@ def _check_retrofit(
         )
 
 
-def _check_pretrained(pretrained: str | None, name: str, base: str | None) -> None:
-    """A fine-tune names its base checkpoint; where the experiment says which run that is
-    (`_base_experiment`), the refusal names that command."""
+def _base_command(choices: Mapping[str, str], strategy: str) -> str:
+    """The `python train.py …` of a run this fine-tune can start from: the experiment it
+    builds on (`_base_experiment`), else this run's experiment and model (a retrofit's
+    without RETRO, `RETROFIT_BASES`, on its data: the same documents in the same splits), at
+    this run's debug sizes."""
+    experiment = choices.get("experiment")
+    base = _base_experiment(experiment)
+    words = ["python train.py", f"experiment={base or experiment}" if base or experiment else ""]
+    if not base:
+        model = choices.get("model") or DEFAULT_MODEL
+        retrofit = strategy == "retrofit"
+        model = RETROFIT_BASES.get(model, model) if retrofit else model
+        words.append(f"model={model}" if model != DEFAULT_MODEL else "")
+        same_data = retrofit and not experiment and choices.get("data")
+        words.append(f"data={choices['data']}" if same_data else "")
+    words.append(f"debug={choices['debug']}" if choices.get("debug") else "")
+    return " ".join(w for w in words if w)
+
+
+def _check_pretrained(pretrained: str | None, name: str, command: str) -> None:
+    """A fine-tune names its base checkpoint; the refusal names a run that fits
+    (`_base_command`)."""
     if not pretrained:
-        command = "python train.py" + (f" experiment={base}" if base else "")
         raise ConfigError(
             f"strategy={name} fine-tunes a trained base: add strategy.pretrained=<run>/"
             f"checkpoints/last.ckpt (e.g. of a `{command}` run)"
