@@ -9,9 +9,11 @@ too, through `keep_in_log`.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 import sys
+import time
 from typing import Protocol, runtime_checkable
 
 LOG_WIDTH = 200  # columns of tables and bars where stdout is not a terminal (Rich assumes 80)
@@ -24,6 +26,15 @@ class NamesItsRun(Protocol):
     runs print to one console at once: a parallel sweep's trials (`RunIdentity.label`)."""
 
     run_label: str | None
+
+
+def progress_line(done: int, total: int, since: float, start: int = 0) -> str:
+    """`30/300 · 0:00:19 elapsed, 0:02:51 left`: long work's place for a log, where no bar is
+    drawn; `since` is when it started (`time.monotonic()`), at `start` (a resumed run's step)."""
+    elapsed = time.monotonic() - since
+    left = elapsed / max(done - start, 1) * (total - done)
+    clock = [str(datetime.timedelta(seconds=round(t))) for t in (elapsed, left)]
+    return f"{done}/{total} · {clock[0]} elapsed, {clock[1]} left"
 
 
 def console_width() -> int | None:

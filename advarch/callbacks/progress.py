@@ -14,7 +14,6 @@ it will end.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import time
@@ -24,7 +23,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from rich.markup import escape
 from rich.progress import TextColumn
 
-from advarch.console_log import console_width
+from advarch.console_log import console_width, progress_line
 from advarch.spec import TaskStream
 
 log = logging.getLogger("advarch")
@@ -89,13 +88,11 @@ class StepBudgetProgressBar(RichProgressBar):
             return  # (accumulated batches end at the same step)
         self._logged_step = step
         since, first = self._started
-        elapsed = time.monotonic() - since
-        left = elapsed / max(step - first, 1) * (total - step)
-        clock = [str(datetime.timedelta(seconds=round(t))) for t in (elapsed, left)]
+        where = progress_line(step, int(total), since, first)
         loss = trainer.callback_metrics.get("train/loss")
-        shown = f" · train/loss {float(loss):.4g}" if loss is not None else ""
+        shown = f" · train/loss {float(loss):.3f}" if loss is not None else ""
         label = f"{self.run_label} · " if self.run_label else ""  # (a parallel sweep's trial)
-        log.info("%sstep %d/%d · %s elapsed, %s left%s", label, step, total, *clock, shown)
+        log.info("%sstep %s%s", label, where, shown)
 
     def _get_train_description(self, current_epoch: int) -> str:
         task = task_label(getattr(self.trainer, "datamodule", None), current_epoch)

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from advarch.console_log import console_width, progress_line
+
+log = logging.getLogger("advarch")
 
 
 def byte_decode(ids: Sequence[int]) -> str:
@@ -234,15 +240,41 @@ class ProgressEmbedder:
 
     @contextmanager
     def progress(self, total: int, desc: str) -> Iterator[None]:
+        """A bar on a terminal; elsewhere (a log file, a pipe) a line at every tenth of
+        `total`: a database's neighbour search runs for minutes, which showed nothing."""
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        # disable=None: no bar where output is not a terminal (a log file would keep every
-        # redraw); log lines while the bar runs print above it, not through it
+        if console_width() is not None:
+            self._bar = TenthsLog(total, desc)
+            try:
+                yield
+            finally:
+                self._bar = None
+            return
+        # log lines while the bar runs print above it, not through it
         with logging_redirect_tqdm(), tqdm(total=total, desc=desc, unit="chunk",
-                                           dynamic_ncols=True, disable=None) as bar:  # fmt: skip
+                                           dynamic_ncols=True) as bar:  # fmt: skip
             self._bar = bar
             try:
                 yield
             finally:
                 self._bar = None
+
+
+class TenthsLog:
+    """Progress as a log line at each tenth of `total`, `<desc> 16000/160000 · 0:01:17
+    elapsed, 0:11:33 left`, once the work has taken `QUIET_S` (a bar's `update` where none is
+    drawn; work of seconds says nothing)."""
+
+    QUIET_S = 10.0
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.done, self.since = total, desc, 0, time.monotonic()
+
+    def update(self, n: int) -> None:
+        tenth = self.done * 10 // max(self.total, 1)
+        self.done += n
+        slow = time.monotonic() - self.since >= self.QUIET_S
+        if slow and self.done * 10 // max(self.total, 1) > tenth:
+            log.info("%s %s", self.desc, progress_line(self.done, self.total, self.since))

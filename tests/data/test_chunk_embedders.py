@@ -88,6 +88,7 @@ def test_progress_embedder_counts_chunks_and_changes_nothing(monkeypatch) -> Non
             updates.append(n)
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr("advarch.data.chunk_embedders.console_width", lambda: None)  # a terminal
     inner = HashedNgramEmbedder(dim=16, pad_id=PAD)
     wrapped = ProgressEmbedder(inner, batch_size=4)
     chunks = np.random.default_rng(0).integers(0, 256, size=(10, 8))
@@ -121,3 +122,21 @@ def test_minilm_embedder():
     assert emb.shape == (3, 384) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
+
+
+def test_a_long_build_off_a_terminal_logs_its_progress(caplog, monkeypatch) -> None:
+    # new-user 37 F11: a database's neighbour search ran for minutes without a line where no
+    # bar is drawn (a log file, a pipe); work of seconds says nothing
+    import logging
+
+    from advarch.data.chunk_embedders import TenthsLog
+
+    now = [0.0]
+    monkeypatch.setattr("time.monotonic", lambda: now[0])
+    progress = TenthsLog(100, "retro: build database")  # (its start: 0 s)
+    with caplog.at_level(logging.INFO, logger="advarch"):
+        for now[0] in (1.0, 2.0, 12.0, 13.0, 14.0):  # (quiet for the first 10 s)
+            progress.update(20)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("retro: build database 60/100 · 0:00:12 elapsed, 0:00:08 left")
+    assert len(lines) == 3 and lines[-1].startswith("retro: build database 100/100 ·")
