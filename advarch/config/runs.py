@@ -330,6 +330,24 @@ def resolve_checkpoint(
     return path  # (`DataIdentity` says "ckpt_path=auto: resuming" once its data is checked)
 
 
+def schedule_change(checkpoint: Path, cfg: DictConfig) -> str | None:
+    """What resuming `checkpoint` with another `trainer.max_steps` does to a learning-rate
+    schedule that decays over the run (not `scheduler=constant`): it is recomputed for the
+    new length, so the rate jumps at the resumed step; None where nothing changes."""
+    scheduler = str(OmegaConf.select(cfg, "scheduler._target_") or "")
+    saved = saved_hparam(read_checkpoint(checkpoint, "ckpt_path", mmap=True), "cfg") or {}
+    before = (saved.get("trainer") or {}).get("max_steps")
+    now = OmegaConf.select(cfg, "trainer.max_steps")
+    if not scheduler or scheduler.endswith(".constant") or before == now:
+        return None
+    if not (isinstance(before, int) and isinstance(now, int) and min(before, now) > 0):
+        return None
+    choice = scheduler.rsplit(".", 1)[-1]
+    return (f"trainer.max_steps={now} (the checkpoint's run: {before}): the learning rate "
+            f"follows scheduler={choice} over {now} steps from here on, not the {before}-step "
+            "schedule the run began, so it jumps at the resumed step")  # fmt: skip
+
+
 def check_not_training(checkpoint: Path, output_dir: Path | None, what: str) -> None:
     """One CheckpointError line if `checkpoint`'s run (not this one) is still training: both
     would write its checkpoints and W&B run."""

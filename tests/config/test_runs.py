@@ -116,3 +116,27 @@ def test_auto_resumes_the_runs_own_folder_before_a_newer_run(make_cfg, tmp_path:
     assert resolve_checkpoint("auto", None, cfg, elsewhere, [own, newer]) == (
         newer / "checkpoints" / "last.ckpt"
     )
+
+
+def test_resuming_with_another_max_steps_says_the_schedule_is_recomputed(
+    make_cfg, tmp_path: Path
+) -> None:
+    # new-user 37 F10: "raise trainer.max_steps to train on" restarted the cosine part-way up
+    # (lr 2e-4 at the old end, 1.2e-3 a step later), without a word
+    import torch
+
+    from advarch.config.runs import schedule_change
+
+    saved = make_cfg(["debug=tiny", "trainer.max_steps=30"])
+    ckpt = tmp_path / "last.ckpt"
+    config = OmegaConf.to_container(saved, resolve=True)
+    torch.save({"state_dict": {}, "hyper_parameters": {"cfg": config}}, ckpt)
+    longer = make_cfg(["debug=tiny", "trainer.max_steps=60"])
+    assert schedule_change(ckpt, longer) == (
+        "trainer.max_steps=60 (the checkpoint's run: 30): the learning rate follows "
+        "scheduler=cosine over 60 steps from here on, not the 30-step schedule the run began, so "
+        "it jumps at the resumed step"
+    )
+    assert schedule_change(ckpt, saved) is None  # the same length
+    assert schedule_change(ckpt, make_cfg(["debug=tiny", "trainer.max_steps=60",
+                                           "scheduler=constant"])) is None  # fmt: skip
