@@ -152,6 +152,11 @@ def print_summary(
     """A few lines a user reads after training: quality against a baseline, and where things
     are; under a title that names a sweep's trial (`run_label`)."""
     lines = []
+    memorised = OmegaConf.select(cfg, "trainer.overfit_batches") or 0
+    loss = metrics.get("train/loss_epoch", metrics.get("train/loss"))
+    if memorised and loss is not None:  # (debug=overfit: what it checks)
+        lines.append(f"overfit_batches={memorised}: train/loss {loss:.3f} on the batches it "
+                     "memorises (validation reads held-out ones: expect it to rise)")  # fmt: skip
     bpb = metrics.get("val/bpb")
     baseline = unigram_baseline(spec, metrics)
     if bpb is not None and baseline is not None:

@@ -162,6 +162,9 @@ def test_every_option_runs_end_to_end(make_cfg, name: str, capsys) -> None:
     if name == "debug=profiler":  # (its summary says where: nothing did)
         said = "profile: fit-profile.txt, test-profile.txt in the run folder\n"
         assert said in capsys.readouterr().out
+    if name == "debug=overfit":  # (its summary said the held-out loss alone: "NOT below …")
+        said = "overfit_batches=4: train/loss "
+        assert said in capsys.readouterr().out
 
 
 def test_every_option_is_run_somewhere() -> None:
