@@ -79,3 +79,20 @@ def test_the_config_tree_shows_long_values_whole(tmp_path: Path, capsys) -> None
     printed = "".join(line.strip(" │") for line in capsys.readouterr().out.splitlines())
     assert folder in printed  # (wrapped on the console)
     assert f"output_dir: {folder}\n" in (tmp_path / "config_tree.txt").read_text()  # one line
+
+
+def test_a_resumed_offline_run_names_every_part_of_its_id_in_order(tmp_path: Path) -> None:
+    # new-user 37 F5: after kill -9 (which prints nothing) and ckpt_path=auto the one sync line
+    # named the resumed part: pasted, it uploaded steps 100-300 only
+    from advarch.tracking import sync_hint
+
+    runs = tmp_path / "outputs" / "runs" / "moe-plain"
+    killed = runs / "2026-12-07_10-53-03_33de7b" / "wandb" / "offline-run-20261207_105310-g5r7j6jx"
+    other = runs / "2026-12-07_10-54-00_aaaaaa" / "wandb" / "offline-run-20261207_105402-zzzzzzzz"
+    resumed = runs / "2026-12-07_10-54-56_8104e8" / "wandb" / "offline-run-20261207_105501-g5r7j6jx"
+    for part in (killed, other, resumed):
+        part.mkdir(parents=True)
+    assert sync_hint(resumed.parents[1]) == (
+        f"sync to W&B later: wandb sync --id g5r7j6jx {killed} {resumed}"
+    )
+    assert sync_hint(other.parents[1]) == f"sync to W&B later: wandb sync {other}"  # one part
