@@ -50,6 +50,8 @@ def matches(value: Any, hint: Any) -> bool:
 def wrong_type(key: str, value: Any, hint: Any) -> str:
     """`<key>=<value> has the wrong type (expected <hint>)`, plus `quote_hint`'s advice."""
     advice = quote_hint(key, value, hint)
+    if isinstance(value, float) and value.is_integer() and matches(int(value), hint):
+        advice = f": write {key}={int(value)}"  # (`1e3` reads as a float)
     return f"{key}={value!r} has the wrong type (expected {hint_name(hint)}){advice}"
 
 

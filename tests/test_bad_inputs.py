@@ -461,6 +461,11 @@ ROWS: list[tuple[str, list[str], str]] = [
         "run_name, ",
     ),
     ("merge", ["densty=0.3"], "densty is not a key of the merge config (did you mean density?"),
+    (  # (new-user 37 F12: its example named method=ties)
+        "merge",
+        ["method=linear", "models=[{f}/ok.ckpt]", OUT],
+        "error: base= is required: python scripts/merge.py method=linear base=<ckpt> models=",
+    ),
     (  # (an option the method never reads: the same merge as without it, and no word)
         "merge",
         ["method=linear", "base={f}/ok.ckpt", "models=[{f}/ok.ckpt]", "density=0.2", OUT],

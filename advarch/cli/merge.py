@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:} for the run folder)
 
-USAGE = "python scripts/merge.py method=ties base=<ckpt> models=[<ckpt>,<ckpt>] out=<ckpt>"
+# (every method merges into `base`: the models' differences from it; linear averages them too)
+USAGE = "python scripts/merge.py method={method} base=<ckpt> models=[<ckpt>,<ckpt>] out=<ckpt>"
 
 
 @hydra.main(config_path="pkg://advarch.configs", config_name="merge", version_base="1.3")
@@ -30,7 +31,7 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         missing = [k for k in ("base", "models", "out") if OmegaConf.is_missing(cfg, k)]
         if missing:
-            raise ValueError(f"{missing[0]}= is required: {USAGE}")
+            raise ValueError(f"{missing[0]}= is required: {USAGE.format(method=cfg.method)}")
         raw = OmegaConf.to_container(cfg, resolve=True)
         del raw["run_name"], raw["paths"]
         base, models, out = raw.pop("base"), raw.pop("models"), raw.pop("out")

@@ -40,6 +40,10 @@ READ_WITH = {"strategy.gamma": ("strategy.mode", "online")}
 # keys whose swept values decide what reads other options: each value is checked (`_trials`)
 SWEPT_READERS = {"model.layers", "model.ffn", "model.depth", "model.encoder_depth",
                  *(key for key, _ in READ_WITH.values())}  # fmt: skip
+# other libraries' names for keys (no spelling is near): the key a did-you-mean names
+ALIASES = {"learning_rate": "lr", "epochs": "max_epochs", "steps": "max_steps",
+           "num_layers": "depth", "n_layers": "depth", "hidden_size": "dim", "d_model": "dim",
+           "n_heads": "num_heads", "num_attention_heads": "num_heads"}  # fmt: skip
 # the programs that read a training run's checkpoint → what they do with it: a training group
 # on their command line (`eval.py model=ssm`) is refused, saying the checkpoint's own is used
 CHECKPOINT_PROGRAMS = {
@@ -559,7 +563,8 @@ def unknown_key(parent: str, leaf: str, node: Iterable, owner: str | None = None
     # values unresolved: an interpolation (`${paths.cache_dir}`) may need Hydra's runtime
     raw = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else {}
     nested = [f"{k}.{leaf}" for k in keys if isinstance(raw.get(k), dict) and leaf in raw[k]]
-    close = nested or difflib.get_close_matches(leaf, keys, n=1)  # model.moe.top_k for top_k
+    alias = [ALIASES[leaf]] if ALIASES.get(leaf) in keys else []  # (lr for learning_rate)
+    close = nested or alias or difflib.get_close_matches(leaf, keys, n=1)  # model.moe.top_k
     hint = f"did you mean {prefix}{close[0]}? " if close else ""
     if not close and (having := _options_with(parent, leaf)):  # strategy=ewc for ewc_lambda
         verb = "has" if len(having) == 1 else "have"

@@ -265,3 +265,13 @@ def test_an_option_no_block_has_is_not_advised_with_a_plus() -> None:
         check_override_keys(["model.layers=[ssm,attn]", "model.ssm.xyz=4"])
     assert "+model.ssm.xyz=4" not in str(err.value), str(err.value)
     assert "xyz is not an option of model.ssm" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [("optimizer.learning_rate=1e-3", "optimizer.lr"), ("model.num_layers=3", "model.depth")],
+)
+def test_another_librarys_name_for_a_key_gets_ours(typed: str, meant: str) -> None:
+    # new-user 37 F12: no spelling of learning_rate is near lr: no did-you-mean
+    with pytest.raises(ConfigError, match=f"did you mean {re.escape(meant)}\\?"):
+        check_override_keys([typed])

@@ -128,3 +128,13 @@ def test_a_nan_is_refused_in_options_taken_by_kwargs_too() -> None:
     with pytest.raises(ConfigError, match=r"^model\.rate=nan is not a number \(nan\)"):
         validate_node(node, "model")
     validate_node(OmegaConf.create({**node, "rate": 0.5}), "model")  # any other value passes
+
+
+def test_a_whole_float_for_an_integer_says_how_to_write_it() -> None:
+    # new-user 37 F12: `trainer.max_steps=1e3` reads as the float 1000.0
+    node = OmegaConf.create({"_target_": TARGET, "size": 1e3})
+    with pytest.raises(ConfigError) as err:
+        validate_node(node, "model")
+    assert str(err.value) == (
+        "model.size=1000.0 has the wrong type (expected int): write model.size=1000"
+    )
