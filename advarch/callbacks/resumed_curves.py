@@ -5,7 +5,9 @@ A resume writes into a folder of its own; its `metrics.csv` began at the checkpo
 of fit, each CSV logger starts its file with the rows the checkpoint's run logged before the
 checkpoint's step (`CSVLogger.carry_rows`); a run requeued into its own folder, or logging
 outside it (`logger.csv.save_dir`), drops from its file the rows logged after its checkpoint,
-which it logs again.
+which it logs again. Every checkpoint flushes the CSV rows logged so far first: a kill -9
+right after one (before the logger's periodic flush) lost the rows of its step's validation,
+which the resume, starting after that step, never logged again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ class ResumedCurves(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 logger.carry_rows(self._source(logger, earlier_run), step)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict) -> None:  # fmt: skip
+        for logger in trainer.loggers:  # (before the checkpoint file is written)
+            if isinstance(logger, CSVLogger):
+                logger.save()
 
     def _source(self, logger: CSVLogger, earlier_run: Path) -> Path:
         """The earlier run's file of `logger`: at the same place in its folder, or, for a file
