@@ -313,7 +313,7 @@ def hydra_main(cfg: DictConfig) -> None:
                 "ckpt_path is required: eval.py ckpt_path=<run>/checkpoints/last.ckpt"
             )
         checkpoint_file(cfg.ckpt_path, "ckpt_path")  # a mistyped path: said before torch loads
-        check_writable(Path(cfg.paths.cache_dir), "paths.cache_dir")
+        check_writable(Path(cfg.paths.cache_dir), "paths.cache_dir", keep=False)
         metrics, task_names = _evaluate_until_stopped(cfg)
     except (ConfigError, CheckpointError) as err:
         discard_run_folder()

@@ -60,13 +60,18 @@ def _make(config: DictConfig, key: str) -> None:
 PROBE_BYTES = 64 << 10  # more than Hydra's `.hydra/` files and a run's first log lines
 
 
-def check_writable(folder: Path, key: str) -> None:
-    """Make `folder` (the config's `key`, e.g. `paths.cache_dir`) and write a probe into it: a
-    ConfigError naming the key where it cannot be (a file in the way, no permission, a full
-    disk), before any work; its data builds failed in a traceback or a line naming no key."""
+def check_writable(folder: Path, key: str, keep: bool = True) -> None:
+    """Check that `folder` (the config's `key`, e.g. `paths.cache_dir`) exists or can be made,
+    and takes a probe's bytes: a ConfigError naming the key where not (a file in the way, no
+    permission, a full disk), before any work; a cache's data builds failed in a traceback or
+    a line naming no key. A folder that exists is taken as it is (a built cache on a read-only
+    disk is read); one made here is removed again unless `keep`."""
+    if folder.is_dir() and not keep:
+        return
     problem = unmakeable(folder)  # (a file in the way: said so, not `File exists`)
     if problem:
         raise ConfigError(f"cannot write {key}={folder}: it {problem} (choose another {key})")
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _write_probe(folder)
@@ -75,6 +80,10 @@ def check_writable(folder: Path, key: str) -> None:
         free = "free space, or " if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise ConfigError(f"cannot write {key}={folder}: {reason} ({free}choose another {key})"
                           ) from None  # fmt: skip
+    finally:
+        for path in made if not keep else ():  # (deepest first: nothing left behind)
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def _write_probe(folder: Path) -> None:

@@ -55,7 +55,7 @@ def run(
     interrupted sweeps, where `ckpt_path=auto` looks too.
     """
     check_combination(cfg)  # impossible combinations stop here: no torch, no data, no tree
-    check_writable(Path(cfg.paths.cache_dir), "paths.cache_dir")  # where its data is built
+    check_writable(Path(cfg.paths.cache_dir), "paths.cache_dir", keep=False)  # (its data's)
     PHASE["training_started"] = False
     from advarch.run_lock import run_folder_lock
 
@@ -385,7 +385,7 @@ def _job(cfg: DictConfig) -> float | None:
     if identity.job_type != "sweep":  # (a trial reports its own failure; the sweep goes on)
         try:  # before torch is imported: an impossible run or a mistyped path stops at once
             check_combination(cfg)
-            check_writable(Path(cfg.paths.cache_dir), "paths.cache_dir")
+            check_writable(Path(cfg.paths.cache_dir), "paths.cache_dir", keep=False)
             if cfg.get("ckpt_path") not in (None, "auto"):
                 checkpoint_file(cfg.ckpt_path, "ckpt_path")
         except (ConfigError, CheckpointError) as err:

@@ -1008,3 +1008,27 @@ def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path: Path, capsys) -> None
     assert code != 0 and "Traceback" not in text
     said = f"prompt_file: {prompt} is UTF-16 text (its byte-order mark): save it as UTF-8"
     assert line == f"error: {said}", line
+
+
+def test_a_built_cache_on_a_read_only_disk_still_trains(
+    make_cfg, cache_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # review 37b: a team's data cache built once and shared read-only (a read-only mount: even
+    # root gets EROFS) trained before 543e6e4, which only reads a built cache; the new probe
+    # (`check_writable(paths.cache_dir)` in train.run, _job and eval.py) refuses it before it
+    # looks whether anything needs building
+    import errno
+
+    from advarch import output_folders
+    from advarch.train import run
+
+    run(make_cfg([*TINY], output_dir=tmp_path / "build"))  # (the cache built, as a team would)
+    probe = output_folders._write_probe
+
+    def read_only(folder: Path) -> None:
+        if Path(folder).resolve() == cache_dir.resolve():
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        probe(folder)
+
+    monkeypatch.setattr(output_folders, "_write_probe", read_only)
+    run(make_cfg([*TINY], output_dir=tmp_path / "again"))  # reads the built cache only

@@ -8,7 +8,7 @@ log file, a pipe, CI) it draws its final frame as one line however many metrics 
 Rich's default 80 columns (or any fixed width) they wrapped onto a line of their own, padded
 to the width with spaces. There, where Rich draws only that final frame, it also logs a
 progress line every tenth of the run (`step 30/300 · 0:00:19 elapsed, 0:02:51 left ·
-train/loss 2.93`), so that a log followed with `tail -f` shows that the run is alive and when
+train/loss 2.930`), so that a log followed with `tail -f` shows that the run is alive and when
 it will end.
 """
 
@@ -90,7 +90,7 @@ class StepBudgetProgressBar(RichProgressBar):
         since, first = self._started
         where = progress_line(step, int(total), since, first)
         loss = trainer.callback_metrics.get("train/loss")
-        shown = f" · train/loss {float(loss):.3f}" if loss is not None else ""
+        shown = "" if loss is None else f" · train/loss {_decimals(float(loss))}"
         label = f"{self.run_label} · " if self.run_label else ""  # (a parallel sweep's trial)
         log.info("%sstep %s%s", label, where, shown)
 
@@ -120,6 +120,11 @@ class StepBudgetProgressBar(RichProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+def _decimals(value: float) -> str:
+    """3 decimals in every line (`4.600`, not `4.6` beside `4.13`); a tiny value in E form."""
+    return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2e}"
 
 
 def task_label(datamodule: Any, epoch: int) -> str:

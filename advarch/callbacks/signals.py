@@ -167,28 +167,28 @@ class SignalCheckpoint(L.Callback):
         self._previous: dict[int, Any] = {}
         self._watch = SecondCtrlC(self._stopped_at_once)
         self._acknowledges = False  # a signal in training, in the first process: said soon
+        self._acknowledgement = threading.Timer(0, lambda: None)  # (none pending)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:  # a second Ctrl-C
             self._watch.handled = True
+            self._acknowledgement.cancel()
             say(self._stopped_at_once())
             raise Interrupted(signum, "stopped at once on a second Ctrl-C")
         if self.received is None and self._acknowledges:
-            acknowledge = threading.Timer(ACKNOWLEDGE_AFTER_S, self._acknowledge, (signum,))
-            acknowledge.daemon = True
-            acknowledge.start()
+            self._acknowledgement = threading.Timer(ACKNOWLEDGE_AFTER_S, self._acknowledge,
+                                                    (signum,))  # fmt: skip
+            self._acknowledgement.daemon = True
+            self._acknowledgement.start()
         self.received = signum
 
     def _acknowledge(self, signum: int) -> None:
         """Say that the signal was heard where the step it waits for is long (a step of many
-        accumulated batches: silent, a user pressed Ctrl-C again and lost the save). Written
-        to the terminal's file directly, from a timer thread: no print inside a handler."""
-        if self.saved:
-            return
-        again = " (Ctrl-C again: at once, without saving)" if signum == signal.SIGINT else ""
-        line = f"{signal.Signals(signum).name} received: saving when this step ends{again}\n"
-        with contextlib.suppress(OSError):
-            os.write(sys.stderr.fileno(), line.encode())
+        accumulated batches: silent, a user pressed Ctrl-C again and lost the save). From a
+        timer thread (cancelled by the save or a second Ctrl-C): no print inside a handler."""
+        if not self.saved:
+            again = " (Ctrl-C again: at once, without saving)" if signum == signal.SIGINT else ""
+            say(f"{signal.Signals(signum).name} received: saving when this step ends{again}")
 
     def _stopped_at_once(self) -> str:
         saved = f"{self.path} is saved" if self.saved else "without saving"
@@ -272,6 +272,7 @@ class SignalCheckpoint(L.Callback):
     def _save_and_stop(self, trainer: L.Trainer, signum: int, log_step: bool = False) -> None:
         """Write `last.ckpt`, say so and raise `Interrupted`; `log_step`: log this step's
         metrics, which Lightning logs after the batch-end hooks (the loggers save on a stop)."""
+        self._acknowledgement.cancel()
         trainer.save_checkpoint(self.path)
         self.saved = True
         if log_step:

@@ -61,6 +61,7 @@ STRATEGY_OPTIMIZATION: dict[str, dict[str, float | int]] = {
 STRATEGY_MODEL: dict[str, dict[str, int]] = {"fewshot": {"model.feature_patch": 64}}
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "moe"  # train.yaml's
+DEFAULT_DATA = "text"  # train.yaml's
 # a retrofit's model → the plain decoder of its sizes it starts from (README: Retrieval)
 RETROFIT_BASES = {"retro": "transformer", "retro_moe": DEFAULT_MODEL}
 
@@ -226,6 +227,7 @@ def with_default_data(overrides: list[str]) -> list[str]:
     A sweep over strategies (`strategy=naive,ewc`) gets the default only when every strategy
     in it has the same one. Command-line flags and other overrides pass through unchanged.
     """
+    STRATEGY_BROUGHT.clear()  # (this command line's, not an earlier one's in this process)
     assignments = _assignments(overrides)
     if any(_key(o) in PINS_DATA for o in assignments):
         return overrides
@@ -497,8 +499,9 @@ def _check_retrofit(
 
 def _base_command(choices: Mapping[str, str], strategy: str) -> str:
     """The `python train.py …` of a run this fine-tune can start from: the experiment it
-    builds on (`_base_experiment`), else this run's experiment and model (a retrofit's
-    without RETRO, `RETROFIT_BASES`, on its data: the same documents in the same splits), at
+    builds on (`_base_experiment`), else this run's experiment, model (a retrofit's without
+    RETRO, `RETROFIT_BASES`) and data (a retrofit's: the same documents in the same splits;
+    data of other inputs than text's: digits; not a stream, which plain training refuses), at
     this run's debug sizes."""
     experiment = choices.get("experiment")
     base = _base_experiment(experiment)
@@ -508,8 +511,10 @@ def _base_command(choices: Mapping[str, str], strategy: str) -> str:
         retrofit = strategy == "retrofit"
         model = RETROFIT_BASES.get(model, model) if retrofit else model
         words.append(f"model={model}" if model != DEFAULT_MODEL else "")
-        same_data = retrofit and not experiment and choices.get("data")
-        words.append(f"data={choices['data']}" if same_data else "")
+        data = choices.get("data")
+        facts = DATA.get(packaged_config("data", data).get("_target_")) if data else None
+        own = facts is not None and not facts.stream and data != DEFAULT_DATA  # (its inputs)
+        words.append(f"data={data}" if not experiment and (retrofit or own) else "")
     words.append(f"debug={choices['debug']}" if choices.get("debug") else "")
     return " ".join(w for w in words if w)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -331,21 +332,33 @@ def resolve_checkpoint(
 
 
 def schedule_change(checkpoint: Path, cfg: DictConfig) -> str | None:
-    """What resuming `checkpoint` with another `trainer.max_steps` does to a learning-rate
-    schedule that decays over the run (not `scheduler=constant`): it is recomputed for the
-    new length, so the rate jumps at the resumed step; None where nothing changes."""
-    scheduler = str(OmegaConf.select(cfg, "scheduler._target_") or "")
-    saved = saved_hparam(read_checkpoint(checkpoint, "ckpt_path", mmap=True), "cfg") or {}
-    before = (saved.get("trainer") or {}).get("max_steps")
-    now = OmegaConf.select(cfg, "trainer.max_steps")
-    if not scheduler or scheduler.endswith(".constant") or before == now:
+    """What resuming `checkpoint` with another `trainer.max_steps` does to the learning rate:
+    the schedule is computed for the new length (a cosine's decay, any warm-up's tenth of the
+    run), so the rate at the resumed step jumps; None where it stays."""
+    import torch
+    from hydra.utils import instantiate
+
+    ckpt = read_checkpoint(checkpoint, "ckpt_path", mmap=True)
+    before = ((saved_hparam(ckpt, "cfg") or {}).get("trainer") or {}).get("max_steps")
+    now, step = OmegaConf.select(cfg, "trainer.max_steps"), int(ckpt.get("global_step", 0))
+    scheduler = OmegaConf.select(cfg, "scheduler")
+    steps = (before, now)
+    if scheduler is None or before == now or not all(isinstance(n, int) and n > 0 for n in steps):
         return None
-    if not (isinstance(before, int) and isinstance(now, int) and min(before, now) > 0):
+    make = instantiate(scheduler)  # (a partial: the strategy gives optimizer and total steps)
+    rates = []
+    for total in steps:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        rates.append(make(optimizer, total).lr_lambdas[0](step))
+    if math.isclose(*rates, rel_tol=1e-6):
         return None
-    choice = scheduler.rsplit(".", 1)[-1]
-    return (f"trainer.max_steps={now} (the checkpoint's run: {before}): the learning rate "
-            f"follows scheduler={choice} over {now} steps from here on, not the {before}-step "
-            "schedule the run began, so it jumps at the resumed step")  # fmt: skip
+    lr = float(OmegaConf.select(cfg, "optimizer.lr") or 1.0)
+    choice = str(scheduler._target_).rsplit(".", 1)[-1]
+    return (
+        f"trainer.max_steps={now} (the checkpoint's run: {before}): scheduler={choice} is "
+        f"computed over {now} steps from here on, so the learning rate at step {step} is "
+        f"{rates[1] * lr:.2e}, where the {before}-step schedule had {rates[0] * lr:.2e}"
+    )
 
 
 def check_not_training(checkpoint: Path, output_dir: Path | None, what: str) -> None:

@@ -61,18 +61,19 @@ def validate_node(node: DictConfig, key: str, skip: Sequence[str] = ()) -> None:
     for name, value in container.items():
         if name.startswith("_") or name in skip:
             continue
-        if _holds_nan(value):  # (it passes every range check: NaN compares false)
-            raise ConfigError(f"{key}.{name}={value} is not a number (nan): give a number")
+        nan = _holds_nan(value)  # (it passes every range check: NaN compares false)
         if name not in params:
-            if accepts_any:  # (its **kwargs take it: their receiver checks it)
+            if accepts_any and not nan:  # (its **kwargs take it: their receiver checks it)
                 continue
-            known = ", ".join(p for p in params if p not in skip)
-            raise ConfigError(
-                f"{key}.{name} is not an option of {node['_target_']} (options: {known})"
-            )
-        hint = hints[name]
-        if not matches(value, hint):
-            raise ConfigError(wrong_type(f"{key}.{name}", value, hint))
+            if not accepts_any:
+                known = ", ".join(p for p in params if p not in skip)
+                raise ConfigError(
+                    f"{key}.{name} is not an option of {node['_target_']} (options: {known})"
+                )
+        elif not matches(value, hints[name]):
+            raise ConfigError(wrong_type(f"{key}.{name}", value, hints[name]))
+        if nan:
+            raise ConfigError(f"{key}.{name}={value} is not a number (nan): give a number")
 
 
 def _holds_nan(value: Any) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from advarch.console_log import console_width, progress_line
+from advarch.console_log import progress_line
 
 log = logging.getLogger("advarch")
 
@@ -245,7 +246,7 @@ class ProgressEmbedder:
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        if console_width() is not None:
+        if not sys.stderr.isatty():  # (where tqdm draws)
             self._bar = TenthsLog(total, desc)
             try:
                 yield

@@ -14,6 +14,7 @@ Shapes: B batch, T = seq_len.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
 from advarch.reasons import short_reason
 
 log = logging.getLogger("advarch")
+UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # a disk's, not data's
 T = TypeVar("T")
 UNIGRAM = "train_unigram_counts.npy"  # a cache folder's counts of its training targets
 
@@ -64,9 +66,9 @@ def load_or_build(
         shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(OSError):
             cache.parent.rmdir()  # nor a cache folder this build made and left empty
-        if isinstance(err, OSError) and err.filename is None:  # (a write(): a full disk)
-            raise OSError(err.errno, err.strerror, str(cache)) from err  # names the cache
-        raise
+        if isinstance(err, OSError) and err.filename is None and err.errno in UNWRITABLE:
+            raise type(err)(err.errno, err.strerror, str(cache)) from err  # (a write(): names
+        raise  # the cache, not the run folder)
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(tmp, cache)
     return json.loads((cache / "meta.json").read_text()), load(cache)

@@ -6,7 +6,7 @@ overriding `extra_loss`, `shared_step` or Lightning hooks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,27 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 TRAIN_METRICS = "train_epoch_metrics"  # checkpoint entry: the running training epoch's metrics
 WORLD_SIZE = "world_size"  # checkpoint entry: how many processes trained (DDP)
+OPEN_EXPERTS = "open_experts"  # checkpoint entry: (E,) the experts routing may use, or None
+
+
+def saved_open_experts(checkpoint: dict[str, Any]) -> list[bool] | None:
+    """The experts a checkpoint's model left open to routing (`MoE.open_experts`: a continual
+    run's experts no task owns are closed); None where every expert is open."""
+    return checkpoint.get(OPEN_EXPERTS)
+
+
+def open_experts(model: nn.Module) -> list[bool] | None:
+    """The experts `model`'s MoE layers leave open to routing (the same in every layer), or
+    None where they are all open."""
+    layers = model.moe_layers() if isinstance(model, ExpertModel) else []
+    closing = [m.open_experts for m in layers if getattr(m, "open_experts", None) is not None]
+    return closing[0].tolist() if closing else None
+
+
+def close_experts(model: nn.Module, open_ones: Sequence[bool]) -> None:
+    """Close `model`'s MoE layers to the experts `open_ones` marks False."""
+    for layer in model.moe_layers() if isinstance(model, ExpertModel) else []:
+        layer.open_experts = torch.tensor(list(open_ones), dtype=torch.bool)
 
 
 class BaseStrategy(L.LightningModule):
@@ -255,10 +276,13 @@ class BaseStrategy(L.LightningModule):
             )
         checkpoint[TRAIN_METRICS] = metrics_state(self.training_metrics())
         checkpoint[WORLD_SIZE] = self.trainer.world_size
+        checkpoint[OPEN_EXPERTS] = open_experts(self.model)  # (eval.py, a fine-tune of it)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._saved_train_metrics = checkpoint.get(TRAIN_METRICS)  # restored in on_train_start
         self._saved_world_size = checkpoint.get(WORLD_SIZE)
+        if saved_open_experts(checkpoint) is not None:  # (a model rebuilt without its base)
+            close_experts(self.model, saved_open_experts(checkpoint))
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

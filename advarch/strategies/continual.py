@@ -59,7 +59,7 @@ from advarch.continual_metrics import (
 )
 from advarch.models.output import ExpertModel, ModelOutput, TaskHeads
 from advarch.spec import DataSpec, TaskSchedule, TaskStream
-from advarch.strategies.base import BaseStrategy
+from advarch.strategies.base import OPEN_EXPERTS, BaseStrategy, close_experts
 from advarch.strategies.evaluation import mean_of, score_sums, sharded
 from advarch.strategies.freezing import FrozenSlice, freeze
 from advarch.strategies.objectives import IGNORE, model_inputs, select_task_logits
@@ -68,13 +68,6 @@ Batch = dict[str, torch.Tensor]
 NEEDS_MOE = "strategy.expert_masks=true needs a model with MoE layers (model.ffn contains moe)"
 log = logging.getLogger("advarch")
 TASK_METRIC = {"classification": "acc", "lm": "bpb"}  # per-task metric of each data kind
-OPEN_EXPERTS = "open_experts"  # checkpoint["continual"] entry: (E,) bools, or None (all open)
-
-
-def saved_open_experts(checkpoint: dict[str, Any]) -> list[bool] | None:
-    """The experts a continual run with expert masks left open to routing (those its tasks
-    own), from its checkpoint; None where every expert is open."""
-    return (checkpoint.get("continual") or {}).get(OPEN_EXPERTS)
 
 
 class ContinualStrategy(BaseStrategy):
@@ -125,8 +118,7 @@ class ContinualStrategy(BaseStrategy):
         owner = self._expert_owner(model, spec.num_tasks) if expert_masks else None
         self.register_buffer("expert_owner", owner, persistent=False)  # (E,) task id, -1 = unused
         if owner is not None and bool((owner < 0).any()):  # never trained: never routed to
-            for layer in model.moe_layers():  # (nor in evaluation, eval.py, generation)
-                layer.open_experts = owner >= 0
+            close_experts(model, (owner >= 0).tolist())  # (nor in evaluation, by any program)
         self.accuracy_matrix = torch.full((self.num_tasks, self.num_tasks), math.nan)  # R (acc/bpb)
         self.initial_accuracy = torch.full((self.num_tasks,), math.nan)  # b
         self.finished_tasks = 0
@@ -493,10 +485,7 @@ class ContinualStrategy(BaseStrategy):
     # -- checkpoint -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        owner = self.expert_owner
         checkpoint["continual"] = {
-            # experts no task owns, closed to routing: a fine-tune of this run keeps them so
-            OPEN_EXPERTS: None if owner is None or (owner >= 0).all() else (owner >= 0).tolist(),
             "accuracy_matrix": self.accuracy_matrix.clone(),
             "initial_accuracy": self.initial_accuracy.clone(),
             "finished_tasks": self.finished_tasks,
@@ -525,10 +514,10 @@ class ContinualStrategy(BaseStrategy):
         self.initial_accuracy = state["initial_accuracy"].clone().cpu()
         self.finished_tasks = int(state["finished_tasks"])
         owner = self.expert_owner
-        if OPEN_EXPERTS not in state and owner is not None and bool((owner < 0).any()):
-            log.warning("resumed a checkpoint written before experts no task owns were closed "
-                        "to routing: its accuracy matrix rows so far were measured with them "
-                        "open, the rest closed")  # fmt: skip
+        if OPEN_EXPERTS not in checkpoint and owner is not None and bool((owner < 0).any()):
+            log.warning("this checkpoint was written before experts no task owns were closed "
+                        "to routing: its accuracy matrix so far was measured with them open "
+                        "(from here on they are closed)")  # fmt: skip
         saved_spec = checkpoint.get("hyper_parameters", {}).get("spec") or {}
         if self.scored_bytes and "token_bytes" not in (saved_spec.get("extras") or {}):
             self.scored_bytes = False  # one definition in one matrix

@@ -61,8 +61,7 @@ from advarch.data.tokenizer import tokenizer_difference, tokenizer_state
 from advarch.errors import ConfigError
 from advarch.models.output import output_layer_globs
 from advarch.spec import DataSpec
-from advarch.strategies.base import BaseStrategy
-from advarch.strategies.continual import saved_open_experts
+from advarch.strategies.base import BaseStrategy, saved_open_experts
 from advarch.strategies.finetune_base import fingerprint, load_base, state_tensors
 from advarch.strategies.finetune_plan import (
     count_plan_parameters,

@@ -20,6 +20,7 @@ from torch import nn
 from advarch.checkpoint import PREFIX
 from advarch.models.output import ExpertModel, TaskHeads
 from advarch.spec import DataSpec
+from advarch.strategies.base import close_experts
 from advarch.strategies.finetune_base import copy_base, model_state, state_tensors
 
 log = logging.getLogger("advarch")
@@ -141,8 +142,7 @@ def prepare_model(
                 len(fresh), _grouped(fresh),
             )  # fmt: skip
     if open_experts is not None:
-        for _, moe in moes:
-            moe.open_experts = torch.tensor(open_experts, dtype=torch.bool)
+        close_experts(model, open_experts)
     if new_experts:
         for _, moe in moes:
             moe.add_experts(new_experts)

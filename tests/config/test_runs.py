@@ -130,13 +130,42 @@ def test_resuming_with_another_max_steps_says_the_schedule_is_recomputed(
     saved = make_cfg(["debug=tiny", "trainer.max_steps=30"])
     ckpt = tmp_path / "last.ckpt"
     config = OmegaConf.to_container(saved, resolve=True)
-    torch.save({"state_dict": {}, "hyper_parameters": {"cfg": config}}, ckpt)
+    torch.save({"state_dict": {}, "global_step": 30, "hyper_parameters": {"cfg": config}}, ckpt)
     longer = make_cfg(["debug=tiny", "trainer.max_steps=60"])
-    assert schedule_change(ckpt, longer) == (
-        "trainer.max_steps=60 (the checkpoint's run: 30): the learning rate follows "
-        "scheduler=cosine over 60 steps from here on, not the 30-step schedule the run began, so "
-        "it jumps at the resumed step"
-    )
+    said = schedule_change(ckpt, longer)
+    assert said is not None and said.startswith(
+        "trainer.max_steps=60 (the checkpoint's run: 30): scheduler=cosine is computed over 60 "
+        "steps from here on, so the learning rate at step 30 is "
+    ), said
     assert schedule_change(ckpt, saved) is None  # the same length
-    assert schedule_change(ckpt, make_cfg(["debug=tiny", "trainer.max_steps=60",
-                                           "scheduler=constant"])) is None  # fmt: skip
+    # a constant rate past both warm-ups: nothing changes
+    constant = ["debug=tiny", "scheduler=constant"]
+    config = OmegaConf.to_container(make_cfg([*constant, "trainer.max_steps=30"]), resolve=True)
+    torch.save({"state_dict": {}, "global_step": 30, "hyper_parameters": {"cfg": config}}, ckpt)
+    assert schedule_change(ckpt, make_cfg([*constant, "trainer.max_steps=60"])) is None
+
+
+def test_a_constant_schedule_whose_warm_up_grows_past_the_resumed_step_is_said(
+    make_cfg, tmp_path: Path
+) -> None:
+    # review 37b: scheduler=constant's warm-up is min(warmup_steps, total_steps // 10): 10 steps
+    # of a 100-step run, 50 of a 1000-step one. Resumed at step 20 with max_steps=1000, the lr
+    # falls from 1.0x to 21/50 = 0.42x and climbs again, yet `schedule_change` returns None
+    # for every constant schedule
+    import torch
+
+    from advarch.config.runs import schedule_change
+    from advarch.strategies.optimization import constant
+
+    saved = make_cfg(["debug=tiny", "scheduler=constant", "trainer.max_steps=100"])
+    ckpt = tmp_path / "last.ckpt"
+    config = OmegaConf.to_container(saved, resolve=True)
+    torch.save({"state_dict": {}, "global_step": 20, "hyper_parameters": {"cfg": config}}, ckpt)
+    longer = make_cfg(["debug=tiny", "scheduler=constant", "trainer.max_steps=1000"])
+    rates = []
+    for total in (100, 1000):  # (the premise: the rate at the resumed step changes)
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        schedule = constant(optimizer, total, warmup_steps=50)
+        rates.append(schedule.lr_lambdas[0](20))
+    assert rates == [1.0, 21 / 50]
+    assert schedule_change(ckpt, longer) is not None

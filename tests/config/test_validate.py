@@ -138,3 +138,24 @@ def test_a_whole_float_for_an_integer_says_how_to_write_it() -> None:
     assert str(err.value) == (
         "model.size=1000.0 has the wrong type (expected int): write model.size=1000"
     )
+
+
+def named_model(size: int, activation: str = "gelu") -> None:
+    """A constructor without **kwargs, with a string option."""
+
+
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [
+        ("activation", r"^model\.activation=nan has the wrong type"),  # a string: no number
+        ("dimm", r"^model\.dimm is not an option"),  # a misspelt key: no number either
+    ],
+)
+def test_a_nan_where_no_number_goes_is_not_asked_for_a_number(option: str, said: str) -> None:
+    # review 37b: 5cbc55d moved the NaN check before the name lookup and the type check: a
+    # `nan` typed for a string option, or under a misspelt key, now reads `give a number`
+    node = OmegaConf.create(
+        {"_target_": f"{__name__}.named_model", "size": 2, option: float("nan")}
+    )
+    with pytest.raises(ConfigError, match=said):
+        validate_node(node, "model")

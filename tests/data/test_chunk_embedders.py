@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -88,7 +89,7 @@ def test_progress_embedder_counts_chunks_and_changes_nothing(monkeypatch) -> Non
             updates.append(n)
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
-    monkeypatch.setattr("advarch.data.chunk_embedders.console_width", lambda: None)  # a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # (a terminal, where tqdm draws)
     inner = HashedNgramEmbedder(dim=16, pad_id=PAD)
     wrapped = ProgressEmbedder(inner, batch_size=4)
     chunks = np.random.default_rng(0).integers(0, 256, size=(10, 8))
@@ -140,3 +141,17 @@ def test_a_long_build_off_a_terminal_logs_its_progress(caplog, monkeypatch) -> N
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("retro: build database 60/100 · 0:00:12 elapsed, 0:00:08 left")
     assert len(lines) == 3 and lines[-1].startswith("retro: build database 100/100 ·")
+
+
+def test_no_bar_is_drawn_into_a_redirected_stderr(monkeypatch) -> None:
+    # review 37b: `python train.py … 2> err.log` at a terminal (stdout a terminal, stderr a
+    # file). tqdm draws on stderr; `disable=None` asked stderr (no bar in a file), and the new
+    # choice asks stdout (`console_width`), so every redraw of the bar lands in err.log
+    import io
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # stdout a terminal
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a file, not a terminal
+    wrapped = ProgressEmbedder(HashedNgramEmbedder(dim=16, pad_id=PAD), batch_size=4)
+    with wrapped.progress(10, "retro: build database"):
+        wrapped.embed(np.random.default_rng(0).integers(0, 256, size=(10, 8)))
+    assert sys.stderr.getvalue() == "", sys.stderr.getvalue()

@@ -74,3 +74,17 @@ def test_a_failed_build_leaves_nothing_and_killed_ones_are_cleared(tmp_path: Pat
     killed.mkdir(parents=True)
     load_or_build(cache / "text-c", lambda folder: {"n": 1}, lambda folder: None)
     assert sorted(p.name for p in cache.iterdir()) == ["text-c"]
+
+
+def test_a_build_error_that_names_no_file_keeps_its_kind_and_words(tmp_path: Path) -> None:
+    # review 37b: 543e6e4 re-raises every OSError without a filename as `OSError(errno,
+    # strerror, cache)` to name the cache of a full disk; a ConnectionError (an OSError: the
+    # offline Hub's `data.dataset=… needs the Hugging Face Hub, which is unreachable`) became
+    # `OSError: [Errno None] None: '<cache>'`, a traceback instead of its one line
+    message = "data.dataset='x' needs the Hugging Face Hub, which is unreachable (offline)"
+
+    def build(tmp: Path) -> dict:
+        raise ConnectionError(message)
+
+    with pytest.raises(ConnectionError, match=r"^data\.dataset='x' needs the Hugging Face Hub"):
+        load_or_build(tmp_path / "cache" / "text-0", build, lambda folder: None)

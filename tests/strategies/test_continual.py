@@ -304,11 +304,11 @@ def test_each_task_owns_a_block_of_experts_and_the_remainder_is_unused(
     attach(module, tmp_path)
     checkpoint: dict[str, Any] = {}
     module.on_save_checkpoint(checkpoint)
-    assert checkpoint["continual"]["open_experts"] == [True] * 6 + [False]
-    del checkpoint["continual"]["open_experts"]  # (a checkpoint from before they were closed)
+    assert checkpoint["open_experts"] == [True] * 6 + [False]
+    del checkpoint["open_experts"]  # (a checkpoint from before they were closed)
     with caplog.at_level(logging.WARNING, logger="advarch"):
         module.on_load_checkpoint(checkpoint)
-    assert "measured with them open, the rest closed" in caplog.text
+    assert "its accuracy matrix so far was measured with them open" in caplog.text
     batch = {"task": torch.tensor([2, 0])}
     mask = module.expert_mask(batch, routing_for_training=True)
     assert mask.tolist() == [[False] * 4 + [True, True, False], [True, True] + [False] * 5]
@@ -430,3 +430,21 @@ def test_joint_training_with_expert_masks_freezes_no_tasks_experts(tmp_path: Pat
         module.trainer.current_epoch = epoch
         module.on_train_epoch_start()
         assert module.frozen == [], f"epoch {epoch}: {len(module.frozen)} slices frozen"
+
+
+def test_evaluating_a_checkpoint_from_before_closed_experts_does_not_say_resumed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # review 37b: eval.py calls `module.on_load_checkpoint` (advarch/eval.py) on a module no
+    # Trainer fits: an old expert-mask run's evaluation said `resumed a checkpoint written
+    # before …`, about its accuracy-matrix rows, where nothing resumes; what differs there is
+    # that the evaluation routes with the unowned experts closed, and its run tested them open
+    saved = Recording(MoEModel(num_experts=7), expert_masks=True)
+    attach(saved, tmp_path)
+    checkpoint: dict[str, Any] = {}
+    saved.on_save_checkpoint(checkpoint)
+    del checkpoint["open_experts"]  # (a checkpoint from before they were closed)
+    evaluated = Recording(MoEModel(num_experts=7), expert_masks=True)  # (as eval.py builds it)
+    with caplog.at_level(logging.WARNING, logger="advarch"):
+        evaluated.on_load_checkpoint(checkpoint)
+    assert "resumed" not in caplog.text, caplog.text

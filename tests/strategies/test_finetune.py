@@ -459,7 +459,7 @@ def test_a_fine_tune_of_a_continual_expert_mask_base_routes_as_its_base(tmp_path
     assert base.model.layers[0].ffn.open_experts.tolist() == [True] * 6 + [False] * 2
     path = write_base(tmp_path / "base.ckpt", base.model)
     ckpt = torch.load(path, weights_only=False)  # with the entry a continual run saves
-    save_atomic({**ckpt, "continual": {"open_experts": [True] * 6 + [False] * 2}}, Path(path))
+    save_atomic({**ckpt, "open_experts": [True] * 6 + [False] * 2}, Path(path))
     module = FinetuneStrategy(Model(spec, **options), spec, pretrained=path)
     x = torch.rand(64, 64)
     base.eval(), module.eval()
@@ -497,3 +497,42 @@ def test_a_base_that_trained_on_a_domain_stream_is_checked_for_held_out_document
     assert any(seen.values())  # (the premise: data=text's split puts some in its val/test)
     found = held_out_trained_on({KEY: data_cache(stream)}, text)
     assert found == {s: names for s, names in seen.items() if names}
+
+
+def test_a_fine_tune_of_a_continual_expert_mask_base_evaluates_as_it_trained(
+    tmp_path: Path,
+) -> None:
+    # review 37b: eval.py and generate.py (trained_lm.load_lm) rebuild a fine-tune without its
+    # base (`saved.strategy.pop("pretrained")`: weights from the checkpoint itself), and the
+    # closed experts live only in the base's checkpoint["continual"] (`open_experts` is a
+    # non-persistent buffer, the fine-tune's checkpoint keeps no copy): the evaluated model
+    # routes to the never-trained experts the fine-tune itself never used
+    from advarch.data.digits import PermutedDigitsDataModule
+    from advarch.strategies.continual import ContinualStrategy
+
+    spec = PermutedDigitsDataModule(num_tasks=3, scenario="domain").spec
+    options = dict(dim=16, depth=1, num_heads=2, ffn_hidden=32, ffn=["moe"], feature_patch=8,
+                   moe={"num_experts": 8, "top_k": 1})  # fmt: skip
+    torch.manual_seed(0)
+    base = ContinualStrategy(Model(spec, **options), spec, expert_masks=True)
+    path = write_base(tmp_path / "base.ckpt", base.model)
+    ckpt = torch.load(path, weights_only=False)
+    save_atomic({**ckpt, "open_experts": [True] * 6 + [False] * 2}, Path(path))
+    tuned = FinetuneStrategy(Model(spec, **options), spec, pretrained=path)
+    # as eval.py builds it: strategy.pretrained popped, the fine-tune's checkpoint loaded
+    # (which keeps its model's open experts: `BaseStrategy.on_save_checkpoint`)
+    from advarch.strategies.base import open_experts
+
+    checkpoint = {"state_dict": tuned.state_dict(), "open_experts": open_experts(tuned.model),
+                  "advarch_finetune": {"base": str(path), "trained": {}}}  # fmt: skip
+    evaluated = FinetuneStrategy(Model(spec, **options), spec)
+    evaluated.load_state_dict(checkpoint["state_dict"])
+    evaluated.on_load_checkpoint(checkpoint)
+    x = torch.rand(64, 64)
+    tuned.eval(), evaluated.eval()
+    with torch.no_grad():
+        loads = evaluated.model(x).stats
+        torch.testing.assert_close(evaluated.model(x).logits, tuned.model(x).logits)
+    for name, load in loads.items():
+        if name.endswith("/load"):
+            assert load[6:].sum() == 0, (name, load.tolist())
