@@ -655,7 +655,7 @@ def test_a_ctrl_c_as_ddp_workers_start_is_one_stop(project: Project, tmp_path: P
               f"+callbacks.ctrlc.flag={tmp_path / 'sent'}"]  # fmt: skip
     spawned = "trainer.strategy=ddp_spawn"  # (trainer=ddp spawns its workers; ddp_sim forks)
     res = project.run(*TINY, "trainer=ddp_sim", "trainer.max_steps=3", *ctrl_c, spawned)
-    assert (tmp_path / "sent").exists()
+    assert (tmp_path / "sent").exists(), res.output[-3000:]
     assert res.rc == 130, res.output[-3000:]
     assert "Detected KeyboardInterrupt" not in res.output
     assert res.stderr.strip().endswith(

@@ -167,12 +167,12 @@ class SignalCheckpoint(L.Callback):
         self._previous: dict[int, Any] = {}
         self._watch = SecondCtrlC(self._stopped_at_once)
         self._acknowledges = False  # a signal in training, in the first process: said soon
-        self._acknowledgement = threading.Timer(0, lambda: None)  # (none pending)
+        self._acknowledgement: threading.Timer | None = None  # (a lock: set only once heard)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:  # a second Ctrl-C
             self._watch.handled = True
-            self._acknowledgement.cancel()
+            self._cancel_acknowledgement()
             say(self._stopped_at_once())
             raise Interrupted(signum, "stopped at once on a second Ctrl-C")
         if self.received is None and self._acknowledges:
@@ -181,6 +181,10 @@ class SignalCheckpoint(L.Callback):
             self._acknowledgement.daemon = True
             self._acknowledgement.start()
         self.received = signum
+
+    def _cancel_acknowledgement(self) -> None:
+        if self._acknowledgement is not None:
+            self._acknowledgement.cancel()
 
     def _acknowledge(self, signum: int) -> None:
         """Say that the signal was heard where the step it waits for is long (a step of many
@@ -272,7 +276,7 @@ class SignalCheckpoint(L.Callback):
     def _save_and_stop(self, trainer: L.Trainer, signum: int, log_step: bool = False) -> None:
         """Write `last.ckpt`, say so and raise `Interrupted`; `log_step`: log this step's
         metrics, which Lightning logs after the batch-end hooks (the loggers save on a stop)."""
-        self._acknowledgement.cancel()
+        self._cancel_acknowledgement()
         trainer.save_checkpoint(self.path)
         self.saved = True
         if log_step:
