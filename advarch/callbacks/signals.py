@@ -190,7 +190,7 @@ class SignalCheckpoint(L.Callback):
         """Say that the signal was heard where the step it waits for is long (a step of many
         accumulated batches: silent, a user pressed Ctrl-C again and lost the save). From a
         timer thread (cancelled by the save or a second Ctrl-C): no print inside a handler."""
-        if not self.saved:
+        if not self.saved and self._acknowledges:  # (not a stop once training ended)
             again = " (Ctrl-C again: at once, without saving)" if signum == signal.SIGINT else ""
             say(f"{signal.Signals(signum).name} received: saving when this step ends{again}")
 
@@ -221,6 +221,7 @@ class SignalCheckpoint(L.Callback):
         if self._previous:
             self._watch.stop()
         self._previous.clear()
+        self._cancel_acknowledgement()  # (the run ended another way: an exception, its end)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore(trainer)
