@@ -69,9 +69,11 @@ def open_experts(model: nn.Module) -> list[bool] | None:
 
 
 def close_experts(model: nn.Module, open_ones: Sequence[bool]) -> None:
-    """Close `model`'s MoE layers to the experts `open_ones` marks False."""
+    """Close `model`'s MoE layers to the experts `open_ones` marks False (on each layer's
+    device: a resumed run restores its checkpoint where the model already trains)."""
     for layer in model.moe_layers() if isinstance(model, ExpertModel) else []:
-        layer.open_experts = torch.tensor(list(open_ones), dtype=torch.bool)
+        device = next(layer.parameters(), torch.empty(0)).device
+        layer.open_experts = torch.tensor(list(open_ones), dtype=torch.bool, device=device)
 
 
 class BaseStrategy(L.LightningModule):

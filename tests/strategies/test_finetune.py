@@ -448,27 +448,10 @@ def test_a_fine_tune_of_a_continual_expert_mask_base_routes_as_its_base(tmp_path
     # is non-persistent and only ContinualStrategy sets it: a fine-tune of such a base (its head
     # by default, the body frozen) routed to the untrained experts its base never used, so its
     # starting model was not the base that the base's own evaluation measured
-    from advarch.data.digits import PermutedDigitsDataModule
-    from advarch.strategies.continual import ContinualStrategy
-
-    spec = PermutedDigitsDataModule(num_tasks=3, scenario="domain").spec
-    options = dict(dim=16, depth=1, num_heads=2, ffn_hidden=32, ffn=["moe"], feature_patch=8,
-                   moe={"num_experts": 8, "top_k": 1})  # fmt: skip
-    torch.manual_seed(0)
-    base = ContinualStrategy(Model(spec, **options), spec, expert_masks=True)
+    spec, options, base, path = continual_expert_base(tmp_path)
     assert base.model.layers[0].ffn.open_experts.tolist() == [True] * 6 + [False] * 2
-    path = write_base(tmp_path / "base.ckpt", base.model)
-    ckpt = torch.load(path, weights_only=False)  # with the entry a continual run saves
-    save_atomic({**ckpt, "open_experts": [True] * 6 + [False] * 2}, Path(path))
     module = FinetuneStrategy(Model(spec, **options), spec, pretrained=path)
-    x = torch.rand(64, 64)
-    base.eval(), module.eval()
-    with torch.no_grad():
-        loads = module.model(x).stats
-        torch.testing.assert_close(module.model(x).logits, base.model(x).logits)
-    for name, load in loads.items():
-        if name.endswith("/load"):
-            assert load[6:].sum() == 0, (name, load.tolist())
+    assert_routes_as(module.model, base.model)
 
 
 def test_a_base_that_trained_on_a_domain_stream_is_checked_for_held_out_documents(
@@ -504,9 +487,26 @@ def test_a_fine_tune_of_a_continual_expert_mask_base_evaluates_as_it_trained(
 ) -> None:
     # review 37b: eval.py and generate.py (trained_lm.load_lm) rebuild a fine-tune without its
     # base (`saved.strategy.pop("pretrained")`: weights from the checkpoint itself), and the
-    # closed experts live only in the base's checkpoint["continual"] (`open_experts` is a
-    # non-persistent buffer, the fine-tune's checkpoint keeps no copy): the evaluated model
+    # closed experts lived only in the base's checkpoint (`open_experts` is a non-persistent
+    # buffer, the fine-tune's checkpoint kept no copy): the evaluated model
     # routes to the never-trained experts the fine-tune itself never used
+    from advarch.strategies.base import open_experts
+
+    spec, options, _, path = continual_expert_base(tmp_path)
+    tuned = FinetuneStrategy(Model(spec, **options), spec, pretrained=path)
+    # as eval.py builds it: strategy.pretrained popped, the fine-tune's checkpoint loaded
+    # (which keeps its model's open experts: `BaseStrategy.on_save_checkpoint`)
+    checkpoint = {"state_dict": tuned.state_dict(), "open_experts": open_experts(tuned.model),
+                  "advarch_finetune": {"base": str(path), "trained": {}}}  # fmt: skip
+    evaluated = FinetuneStrategy(Model(spec, **options), spec)
+    evaluated.load_state_dict(checkpoint["state_dict"])
+    evaluated.on_load_checkpoint(checkpoint)
+    assert_routes_as(evaluated.model, tuned.model)
+
+
+def continual_expert_base(tmp_path: Path) -> tuple[DataSpec, dict, torch.nn.Module, str]:
+    """(spec, model options, strategy, checkpoint path) of a continual expert-mask run of 3
+    tasks on 8 experts: experts 6 and 7 no task owns, closed, saved so in its checkpoint."""
     from advarch.data.digits import PermutedDigitsDataModule
     from advarch.strategies.continual import ContinualStrategy
 
@@ -516,23 +516,18 @@ def test_a_fine_tune_of_a_continual_expert_mask_base_evaluates_as_it_trained(
     torch.manual_seed(0)
     base = ContinualStrategy(Model(spec, **options), spec, expert_masks=True)
     path = write_base(tmp_path / "base.ckpt", base.model)
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=False)  # with the entry its checkpoints have
     save_atomic({**ckpt, "open_experts": [True] * 6 + [False] * 2}, Path(path))
-    tuned = FinetuneStrategy(Model(spec, **options), spec, pretrained=path)
-    # as eval.py builds it: strategy.pretrained popped, the fine-tune's checkpoint loaded
-    # (which keeps its model's open experts: `BaseStrategy.on_save_checkpoint`)
-    from advarch.strategies.base import open_experts
+    return spec, options, base, path
 
-    checkpoint = {"state_dict": tuned.state_dict(), "open_experts": open_experts(tuned.model),
-                  "advarch_finetune": {"base": str(path), "trained": {}}}  # fmt: skip
-    evaluated = FinetuneStrategy(Model(spec, **options), spec)
-    evaluated.load_state_dict(checkpoint["state_dict"])
-    evaluated.on_load_checkpoint(checkpoint)
+
+def assert_routes_as(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """`model` gives `reference`'s logits and routes no token to experts 6 and 7."""
     x = torch.rand(64, 64)
-    tuned.eval(), evaluated.eval()
+    model.eval(), reference.eval()
     with torch.no_grad():
-        loads = evaluated.model(x).stats
-        torch.testing.assert_close(evaluated.model(x).logits, tuned.model(x).logits)
+        loads = model(x).stats
+        torch.testing.assert_close(model(x).logits, reference(x).logits)
     for name, load in loads.items():
         if name.endswith("/load"):
             assert load[6:].sum() == 0, (name, load.tolist())
