@@ -102,7 +102,8 @@ def test_eval_on_a_task_stream_scores_each_task_and_prints_one_table(
     # the console shows messages alone and leaves out Lightning's empty announcements; the
     # run's log file keeps them with their time and logger
     assert "Seed set to" not in res.stdout and "][INFO]" not in res.stdout
-    assert "Seed set to" in (res.run_dir / "train.log").read_text()
+    assert "Seed set to" in (res.run_dir / "eval.log").read_text()  # (named for the program)
+    assert not (res.run_dir / "train.log").exists()
 
 
 def test_data_keys_without_data_change_the_checkpoints_own_data(
