@@ -156,6 +156,8 @@ class SignalCheckpoint(L.Callback):
             (`scontrol requeue` ends the whole job, the other trials with it).
     """
 
+    run_label: str | None = None  # a sweep trial's name, before its lines (`NamesItsRun`)
+
     def __init__(self, path: Path | None = None, stop_request: Path | None = None) -> None:
         self.path = None if path is None else Path(path)
         self.stop_request = stop_request
@@ -192,7 +194,12 @@ class SignalCheckpoint(L.Callback):
         timer thread (cancelled by the save or a second Ctrl-C): no print inside a handler."""
         if not self.saved and self._acknowledges:  # (not a stop once training ended)
             again = " (Ctrl-C again: at once, without saving)" if signum == signal.SIGINT else ""
-            say(f"{signal.Signals(signum).name} received: saving when this step ends{again}")
+            self._say(f"{signal.Signals(signum).name} received: saving when this step ends{again}")
+
+    def _say(self, line: str) -> None:
+        """`say` a line naming no file, after the trial it is of (a parallel sweep's trials
+        share one console)."""
+        say(f"{self.run_label} · {line}" if self.run_label else line)
 
     def _stopped_at_once(self) -> str:
         saved = f"{self.path} is saved" if self.saved else "without saving"
@@ -247,7 +254,7 @@ class SignalCheckpoint(L.Callback):
         where = "the run resumes from its checkpoint" if trainer.ckpt_path else "nothing trained"
         message = f"{signal.Signals(signum).name} received before training started: {where}"
         if trainer.is_global_zero:
-            say(f"{message}, nothing saved")
+            self._say(f"{message}, nothing saved")
         raise Interrupted(signum, message)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

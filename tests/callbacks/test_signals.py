@@ -381,3 +381,16 @@ def test_a_second_ctrl_c_within_the_second_is_not_followed_by_saving(tmp_path: P
     out, err = capfd.readouterr()
     assert "stopped at once, without saving" in out + err
     assert "saving when this step ends" not in err, err
+
+
+def test_a_sweep_trials_acknowledgement_names_the_trial(capsys) -> None:
+    # review 37b F14: a terminal Ctrl-C reaches every trial of a parallel sweep, and each said
+    # the same `SIGINT received: saving when this step ends` with no word of which it was
+    from advarch.console_log import NamesItsRun
+
+    callback = SignalCheckpoint(Path("last.ckpt"))
+    assert isinstance(callback, NamesItsRun)  # (train.py gives it the trial's label)
+    callback.run_label, callback._acknowledges = "trial 1 (model.depth=4)", True
+    callback._acknowledge(signal.SIGTERM)
+    out = capsys.readouterr().out
+    assert out == "trial 1 (model.depth=4) · SIGTERM received: saving when this step ends\n"
