@@ -90,6 +90,7 @@ def load_lm(ckpt_path: str, device: str = "cpu", cache_dir: str | None = None) -
         message = f"ckpt_path={ckpt_path!r}: weights do not fit the model: {load_error(err)}"
         raise ConfigError(message) from err
     check_finite(model, f"ckpt_path={ckpt_path!r}")
+    module.on_load_checkpoint(ckpt)  # the model's state beside its weights (closed experts)
     changed = datamodule is not None and data_changed(ckpt, datamodule)
     if changed:  # its retrieval database (or tokenizer) is rebuilt from the files as they are
         log.warning("ckpt_path=%s: %s; generation may read other tokens", ckpt_path, changed)

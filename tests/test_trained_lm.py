@@ -95,3 +95,32 @@ def test_a_checkpoint_with_nan_weights_is_one_line(make_cfg, tmp_path: Path) -> 
         load_lm(str(ckpt))
     with pytest.raises(ConfigError, match=f"parameter 'model.{name[6:]}' holds NaN or inf"):
         evaluate(make_cfg([f"ckpt_path={ckpt}", "wandb=false"], "eval", tmp_path / "eval"))
+
+
+def test_generation_of_a_fine_tune_routes_as_it_trained(make_cfg, tmp_path: Path) -> None:
+    # hunter 38: a fine-tune of a continual expert-mask LM base (3 domains on 8 experts: 2
+    # owned by none, closed) keeps them closed and saves `open_experts` in its checkpoint;
+    # eval.py restored them, load_lm (scripts/generate.py) did not: 98.7 % of its logits came
+    # from a model routing to experts that never trained
+    from advarch.pipeline import build_all
+    from advarch.strategies.base import open_experts
+
+    def save(module, path: Path, **entries) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+        torch.save({**state, **entries}, path)
+        return path
+
+    closed = [True] * 6 + [False] * 2
+    _, _, base = build_all(make_cfg(["debug=tiny", "model=moe", *SMALL_TEXT]))
+    base_path = save(base, tmp_path / "base" / "model.ckpt", open_experts=closed)
+    _, _, tuned = build_all(make_cfg(["debug=tiny", "model=moe", *SMALL_TEXT, "strategy=finetune",
+                                      f"strategy.pretrained={base_path}",
+                                      "strategy.new_experts=2"]))  # fmt: skip
+    assert tuned.model.layers[0].ffn.open_experts.tolist() == [*closed, True, True]  # (premise)
+    path = save(tuned, tmp_path / "tuned" / "model.ckpt", open_experts=open_experts(tuned.model))
+    lm = load_lm(str(path))
+    ids = torch.randint(0, 200, (4, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, tuned.model.eval()(ids).logits)
+    assert all(m.open_experts.tolist() == [*closed, True, True] for m in lm.model.moe_layers())

@@ -107,6 +107,7 @@ def evaluate(ckpt: Path, split: str, modes: tuple[str, ...]) -> dict[str, dict[s
     cfg.strategy.pop("pretrained", None)  # the weights come from the checkpoint itself
     datamodule, spec, module = build_all(cfg)
     module.load_state_dict(state["state_dict"])
+    module.on_load_checkpoint(state)  # the model's state beside its weights (closed experts)
     model = module.model.eval()
     datamodule.setup("validate")
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
