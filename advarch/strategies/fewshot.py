@@ -214,6 +214,9 @@ class FewShotStrategy(BaseStrategy):
     ) -> ModelOutput:
         """First-order Proto-MAML: inner SGD on the support, query logits at the adapted weights.
 
+        The head starts at the prototypes' (W₀, b₀) and adapts as variables of its own (no
+        inner gradient through its initialisation: Triantafillou et al. 2020); the query
+        logits add W₀ − sg(W₀) back, so training reaches the body through the prototypes too.
         In training the result carries gradients to the model (first-order); in evaluation it
         is detached.
         """
@@ -223,19 +226,21 @@ class FewShotStrategy(BaseStrategy):
             support, query, labels = (t.clone() for t in (support, query, labels))
             fast = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
             s = self.embed(support, fast)
-            fast["__w"], fast["__b"] = prototype_head(prototypes(s.features, labels, self.n_way))
+            head = prototype_head(prototypes(s.features, labels, self.n_way))
+            fast["__w"], fast["__b"] = (t.detach().requires_grad_() for t in head)
             for _ in range(self.hparams.adapt_steps):
                 s = self.embed(support, _body(fast))
                 loss = F.cross_entropy(s.features @ fast["__w"].T + fast["__b"], labels)
                 grads = torch.autograd.grad(
                     loss, list(fast.values()), allow_unused=True, retain_graph=True
-                )  # the head init's graph
+                )  # (the support pass's aux loss still trains)
                 fast = {
                     n: p if g is None else p - self.hparams.adapt_lr * g.detach()
                     for (n, p), g in zip(fast.items(), grads, strict=True)
                 }
+            w, b = (fast[n] + (t - t.detach()) for n, t in zip(("__w", "__b"), head, strict=True))
             q = self.embed(query, _body(fast))
-            out = _merge(q.features @ fast["__w"].T + fast["__b"], s, q)
+            out = _merge(q.features @ w.T + b, s, q)
         if not self.training:
             out = ModelOutput(out.logits.detach(), out.aux_loss.detach(), out.stats)
         return out

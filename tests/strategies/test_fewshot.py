@@ -154,15 +154,20 @@ def fomaml_reference(
 ) -> torch.Tensor:
     """One Proto-MAML step written out by hand for the linear embedder.
 
-    First order: the inner gradients are constants (detached); `second_order=True` keeps their
-    graph (double backward), the term first-order MAML drops.
+    The head starts at the prototypes' (2c, −‖c‖²) and the inner step takes the support loss's
+    partial derivatives in body and head as separate variables (Triantafillou et al. 2020: no
+    inner gradient through the head's initialisation; the query logits reach it). First
+    order: the inner gradients are constants (detached); `second_order=True` keeps their graph
+    (double backward), the term first-order MAML drops.
     """
     w, b = model.proj.weight, model.proj.bias
-    z = ep["support"] @ w.T + b
-    c = prototypes(z, ep["support_labels"], N_WAY)
+    c = prototypes(ep["support"] @ w.T + b, ep["support_labels"], N_WAY)
     hw, hb = 2 * c, -(c**2).sum(-1)
-    loss = F.cross_entropy(z @ hw.T + hb, ep["support_labels"])
-    grads = torch.autograd.grad(loss, (w, b, hw, hb), create_graph=second_order, retain_graph=True)
+
+    def support_loss(w, b, hw, hb) -> torch.Tensor:
+        return F.cross_entropy((ep["support"] @ w.T + b) @ hw.T + hb, ep["support_labels"])
+
+    grads = torch.func.grad(support_loss, argnums=(0, 1, 2, 3))(w, b, hw, hb)
     gw, gb, ghw, ghb = grads if second_order else (g.detach() for g in grads)
     w2, b2, hw2, hb2 = w - lr * gw, b - lr * gb, hw - lr * ghw, hb - lr * ghb
     return (ep["query"] @ w2.T + b2) @ hw2.T + hb2
