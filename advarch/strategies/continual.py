@@ -303,8 +303,9 @@ class ContinualStrategy(BaseStrategy):
     @torch.no_grad()
     def evaluate_tasks(self) -> torch.Tensor:
         """(T,) validation metric (acc or bpb) on every task with the current weights, in eval
-        mode, on the batches validation uses (`trainer.limit_val_batches`): the matrix row of a
-        boundary equals the `val/task_<j>/*` values logged with the same weights."""
+        mode and the trainer's precision (autocast under `*-mixed`, as validation), on the
+        batches validation uses (`trainer.limit_val_batches`): the matrix row of a boundary
+        equals the `val/task_<j>/*` values logged with the same weights."""
         loaders = self.trainer.datamodule.val_dataloader()
         loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
         if len(loaders) != self.num_tasks:
@@ -315,9 +316,12 @@ class ContinualStrategy(BaseStrategy):
         was_training = self.training
         self.eval()
         values = torch.zeros(self.num_tasks)
+        precision = self.trainer.precision_plugin.val_step_context
         for task, loader in enumerate(loaders):
             batches = itertools.islice(self._batches(loader), self._val_batch_count(loader))
-            sums = score_sums(batches, lambda b: self.task_scores(b, self(b)), self.score_width())
+            with precision():
+                sums = score_sums(batches, lambda b: self.task_scores(b, self(b)),
+                                  self.score_width())  # fmt: skip
             if sharded(loader):  # this process's share: add the others' (every process's R)
                 sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
             values[task] = self.task_value(task, mean_of(sums))

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 
 from advarch.checkpoint import CheckpointError
@@ -122,6 +123,7 @@ def attach(module: ContinualStrategy, root: Path, stream: Stream | None = None, 
         default_root_dir=str(root),
         loggers=[],
         checkpoint_callback=None,
+        precision_plugin=Precision(),  # (32-true's: evaluation without autocast)
     )
     vars(trainer).update(state)
     module.trainer = trainer
