@@ -297,7 +297,7 @@ def test_kill_9_of_a_parallel_sweep_leaves_no_trial_training(project: Project) -
     those checkpoints."""
     # 3 trials, 2 workers: one queued
     sweep = ["python", "train.py", "-m", "hydra/launcher=local_parallel", "model.depth=1,2,3",
-             "debug=tiny", "trainer.max_steps=60"]  # fmt: skip
+             "debug=tiny", "trainer.max_steps=24"]  # fmt: skip
     with parallel_sweep(project, sweep) as launcher:
         launcher.kill()
         launcher.wait(timeout=60)
