@@ -120,17 +120,17 @@ class SignalAtSanityCheck(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-class SignalAtLastValidation(L.Callback):
-    """Send this process `signum` after the first batch of `fit`'s validation at its last
-    step (no training batch end follows it)."""
+class SignalInValidation(L.Callback):
+    """Send this process `signum` after the first batch of `fit`'s validation at optimizer
+    step `step` (None: its last step, where no training batch end follows)."""
 
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
+    def __init__(self, signum: int, step: int | None = None) -> None:
+        self.signum, self.step = signum, step
 
     def on_validation_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        last = 0 < trainer.max_steps <= trainer.global_step
-        if last and not trainer.sanity_checking and args[-1] == 0:  # batch_idx
-            os.kill(os.getpid(), self.signum)
+        step = trainer.max_steps if self.step is None else self.step
+        if trainer.global_step == step and not trainer.sanity_checking and args[-1] == 0:
+            os.kill(os.getpid(), self.signum)  # (args[-1]: batch_idx)
 
 
 class StuckInNativeCode(L.Callback):

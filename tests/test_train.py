@@ -146,27 +146,34 @@ def crash_and_resume(make_cfg, tmp_path: Path, common: list[str], step: int) -> 
 
 
 @pytest.mark.parametrize(
-    ("batch", "extra"),
-    [(2, []), (3, ["trainer.accumulate_grad_batches=2"])],
-    ids=["validation-due", "mid-accumulation"],
+    ("signal_at", "extra"),
+    [
+        (["SignalAtBatch", "+callbacks.stop.batch=2"], []),
+        (["SignalAtBatch", "+callbacks.stop.batch=3"], ["trainer.accumulate_grad_batches=2"]),
+        (["SignalInValidation", "+callbacks.stop.step=3"], []),
+    ],
+    ids=["validation-due", "mid-accumulation", "in-validation"],
 )
-def test_a_signal_at_any_batch_resumes_as_the_uninterrupted_run(make_cfg, tmp_path: Path,
-                                                                batch, extra) -> None:  # fmt: skip
+def test_a_signal_at_any_batch_resumes_as_the_uninterrupted_run(
+    make_cfg, tmp_path: Path, signal_at: list[str], extra: list[str]
+) -> None:
     # batch 2 ends epoch 0 at step 3, where validation and a checkpoint are due: the stop saved
     # before that validation, which the resume skipped (a row short, best-k ranked without it);
     # batch 3 (accumulating 2: epoch 1's first) steps no optimizer: the stop lost its gradient
-    # (final train/loss 5.252 vs 5.251)
+    # (final train/loss 5.252 vs 5.251); a signal in step 3's validation (new user 38) waited
+    # for step 4's end, a whole step more before the save
     common = ["debug=tiny", "trainer.max_steps=6", "trainer.deterministic=true", *STOCHASTIC,
               *extra]  # fmt: skip
     full = make_cfg(common, output_dir=tmp_path / "full")
     full_metrics = run(full)
-    signum = f"+callbacks.stop.signum={int(signal.SIGTERM)}"
-    signal_at = ["+callbacks.stop._target_=tests.helpers.SignalAtBatch",
-                 f"+callbacks.stop.batch={batch}", signum]  # fmt: skip
-    stopped = make_cfg([*common, *signal_at], output_dir=tmp_path / "stopped")
+    stop = [f"+callbacks.stop._target_=tests.helpers.{signal_at[0]}", *signal_at[1:],
+            f"+callbacks.stop.signum={int(signal.SIGTERM)}"]  # fmt: skip
+    stopped = make_cfg([*common, *stop], output_dir=tmp_path / "stopped")
     with pytest.raises(Interrupted):
         run(stopped)
     last = Path(stopped.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if signal_at[0] == "SignalInValidation":  # (saved when that validation ended)
+        assert torch.load(last, weights_only=False)["global_step"] == 3
     resumed = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
     resumed_metrics = run(resumed)
     timing = ("train/tokens_per_s", "train/samples_per_s")
@@ -179,7 +186,7 @@ def test_a_signal_at_any_batch_resumes_as_the_uninterrupted_run(make_cfg, tmp_pa
     best = [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
             ["callbacks"] for c in (full, resumed)]  # fmt: skip
     assert [best_score(states) for states in best] == [best_score(best[0])] * 2
-    if batch == 2:  # step 3's validation ranked its weights before the stop
+    if not extra:  # (not accumulating) step 3's validation ranked its weights before the stop
         assert (Path(stopped.paths.output_dir) / "checkpoints" / "best-3.ckpt").is_file()
 
 

@@ -336,9 +336,12 @@ class SignalCheckpoint(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._evaluating_alone(trainer):
             self._restore(trainer)
-        elif self._stop_after_validation is not None and not trainer.sanity_checking:
-            signum, self._stop_after_validation = self._stop_after_validation, None
-            if not (trainer.should_stop and trainer.fit_loop._can_stop_early):
+        elif not trainer.sanity_checking:
+            # (a signal heard during the validation stops here too, not a whole step later)
+            signum = self._stop_after_validation or self._received(trainer)
+            self._stop_after_validation = None
+            fit_ends = trainer.should_stop and trainer.fit_loop._can_stop_early
+            if signum is not None and not fit_ends:
                 self._save_and_stop(trainer, signum)
             # else fit ends here (its last step, early stopping): it saves the final state,
             # and the signal stops the run before testing

@@ -340,7 +340,7 @@ def test_a_signal_as_fit_starts_says_nothing_was_trained(make_cfg, monkeypatch) 
 
 @pytest.mark.parametrize(
     "signal_at",
-    [["SignalAtLastValidation"], ["SignalAtBatch", "+callbacks.stop.batch=5"]],
+    [["SignalInValidation"], ["SignalAtBatch", "+callbacks.stop.batch=5"]],
     ids=["last-validation", "last-step"],
 )
 def test_a_signal_at_fits_last_step_or_validation_stops_before_the_test(
