@@ -130,14 +130,16 @@ def define_summary(experiment: Any, optimized_metric: str | None, mode: str) -> 
 def sync_hint(folder: Path) -> str | None:
     """`sync to W&B later: wandb sync <run>` for the newest offline W&B run in `folder/wandb`
     (runs are named by their start time and end in their id), or None where there is none.
-    A resumed run's parts (the same id in the folders of its run name, a kill -9'd part that
-    printed nothing among them) are named together in the order they ran: wandb has no
-    offline resume (README: Resuming)."""
+    A resumed run's parts (the same id in the folders of its run name, or a sweep trial's in
+    its earlier sweeps' folders; a kill -9'd part that printed nothing among them) are named
+    together in the order they ran: wandb has no offline resume (README: Resuming)."""
     runs = sorted((folder / "wandb").glob("offline-run-*"))
     if not runs:
         return None
     run_id = runs[-1].name.rsplit("-", 1)[-1]
-    parts = sorted(folder.parent.glob(f"*/wandb/offline-run-*-{run_id}"), key=lambda p: p.name)
+    pattern = f"wandb/offline-run-*-{run_id}"
+    found = {*folder.parent.glob(f"*/{pattern}"), *folder.parent.parent.glob(f"*/*/{pattern}")}
+    parts = sorted(found, key=lambda p: p.name)  # (named by their start time)
     if len(parts) > 1:
         return f"sync to W&B later: wandb sync --id {run_id} {' '.join(map(str, parts))}"
     return f"sync to W&B later: wandb sync {runs[-1]}"

@@ -96,3 +96,17 @@ def test_a_resumed_offline_run_names_every_part_of_its_id_in_order(tmp_path: Pat
         f"sync to W&B later: wandb sync --id g5r7j6jx {killed} {resumed}"
     )
     assert sync_hint(other.parents[1]) == f"sync to W&B later: wandb sync {other}"  # one part
+
+
+def test_a_resumed_sweep_trial_names_its_part_in_the_earlier_sweep(tmp_path: Path) -> None:
+    # new user 38 M2: a trial resumed by a rerun of its sweep with ckpt_path=auto is in the new
+    # sweep's folder, its first part in the earlier sweep's: the line named the resumed part
+    from advarch.tracking import sync_hint
+
+    sweeps = tmp_path / "outputs" / "multiruns"
+    first = sweeps / "2026-12-07_13-26-56_0dbf22" / "0" / "wandb" / "offline-run-20261207_132700-a7"
+    other = sweeps / "2026-12-07_13-26-56_0dbf22" / "1" / "wandb" / "offline-run-20261207_132701-b8"
+    again = sweeps / "2026-12-07_13-27-07_4531d5" / "0" / "wandb" / "offline-run-20261207_132710-a7"
+    for part in (first, other, again):
+        part.mkdir(parents=True)
+    assert sync_hint(again.parents[1]) == f"sync to W&B later: wandb sync --id a7 {first} {again}"
