@@ -186,7 +186,9 @@ def check_data_kind(ckpt_path: str, ckpt: dict, saved: DictConfig) -> None:
 
     from advarch.checkpoint import saved_hparam, saved_kind
     from advarch.errors import ConfigError
+    from advarch.models.model import head_groups
     from advarch.pipeline import BAD_INPUT, build_datamodule, naming
+    from advarch.spec import DataSpec
 
     learnt = saved_kind(ckpt)
     try:
@@ -203,16 +205,24 @@ def check_data_kind(ckpt_path: str, ckpt: dict, saved: DictConfig) -> None:
             f"is {kind_name(spec.kind)} data: evaluate it on data of its own kind "
             "(or leave data= out: its own data)"
         )
-    heads = saved_hparam(ckpt, "spec") or {}
-    layout = (len(heads.get("task_names") or ()), heads.get("num_classes"))
-    now = (spec.num_tasks, spec.num_classes)
-    if heads and spec.kind in ("classification", "regression") and layout != now:
-        # (10 classes of one task and 5 tasks of 2 fill one head alike: read as another's)
+    learnt_spec = saved_hparam(ckpt, "spec")
+    if learnt_spec is None or spec.kind not in ("classification", "regression"):
+        return
+    heads = saved.model.get("heads", "auto")
+    layout, now = ((head_groups(s, heads), s.num_classes) for s in (DataSpec(**learnt_spec), spec))
+    if layout != now:  # (a head per task of 2 and one shared of 10 fill 10 outputs alike:
+        # read as another's; a domain stream's shared head of 10 digits reads any 10 digits)
         raise ConfigError(
-            f"ckpt_path={ckpt_path!r} learnt {layout[0]} task(s) of {layout[1]} outputs and this "
-            f"data has {now[0]} of {now[1]}: its head would be read as "
-            "another's; evaluate it on data of its own tasks (or leave data= out)"
-        )  # fmt: skip
+            f"ckpt_path={ckpt_path!r} learnt {heads_text(*layout)} and this data has "
+            f"{heads_text(*now)}: its head would be read as another's; evaluate it on data of "
+            "its own tasks (or leave data= out)"
+        )
+
+
+def heads_text(groups: int, outputs: int) -> str:
+    """`a head of 10 outputs per task for 5 tasks` / `one head of 10 outputs`."""
+    return (f"a head of {outputs} outputs per task for {groups} tasks" if groups > 1
+            else f"one head of {outputs} outputs")  # fmt: skip
 
 
 def _changed(saved: DictConfig, changes: DictConfig, group: str) -> DictConfig:

@@ -253,10 +253,29 @@ def test_data_of_other_tasks_that_fill_the_head_alike_is_refused(
     cfg = make_cfg(["data=digits", "debug=tiny"], output_dir=tmp_path / "digits")
     run(cfg)
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    line = (f"error: ckpt_path={str(ckpt)!r} learnt 1 task(s) of 10 outputs and this data has 5 "
-            "of 2: its head would be read as another's")  # fmt: skip
+    line = (
+        f"error: ckpt_path={str(ckpt)!r} learnt one head of 10 outputs and this data has a head "
+        "of 2 outputs per task for 5 tasks: its head would be read as another's"
+    )
     with pytest.raises(SystemExit, match=f"^{re.escape(line)}"):
         eval_metrics(project, monkeypatch, f"ckpt_path={ckpt}", "data=split_digits")
+
+
+def test_a_shared_heads_stream_is_evaluated_on_any_data_of_its_outputs(make_cfg) -> None:
+    # new user 38 M3: a domain stream's one head of 10 digits (experiment=ewc_permuted_digits)
+    # was refused on data=digits and data=rotated_digits ("5 task(s) of 10 outputs", "its head
+    # would be read as another's"): it reads any 10 digits as it learnt them
+    from dataclasses import asdict
+
+    from advarch.data.digits import PermutedDigitsDataModule
+    from advarch.eval import check_data_kind
+
+    learnt = PermutedDigitsDataModule(num_tasks=5, scenario="domain").spec
+    ckpt = {"hyper_parameters": {"spec": asdict(learnt)}}
+    for data in ("digits", "rotated_digits", "split_digits data.scenario=class"):
+        check_data_kind("stream.ckpt", ckpt, make_cfg([*f"data={data}".split(), "debug=tiny"]))
+    with pytest.raises(ConfigError, match="has a head of 2 outputs per task for 5 tasks"):
+        check_data_kind("stream.ckpt", ckpt, make_cfg(["data=split_digits", "debug=tiny"]))
 
 
 def test_the_runs_test_batch_count_was_each_of_its_processes() -> None:

@@ -153,11 +153,7 @@ class Model(nn.Module):
             if tie and isinstance(embed, nn.Embedding) and embed.num_embeddings == vocab:
                 head.weight = embed.weight
             return head, 1
-        scenario = spec.extras.get("scenario", "task")
-        per_task = heads == "per_task" or (
-            heads == "auto" and spec.num_tasks > 1 and scenario == "task"
-        )
-        n = spec.num_tasks if per_task else 1
+        n = head_groups(spec, heads)
         return nn.Linear(self.dim, n * max(spec.num_classes, 1)), n
 
     @staticmethod
@@ -325,3 +321,14 @@ class FeaturePatches(nn.Module):
         b = x.shape[0]
         x = F.pad(x, (0, self.pad)) if self.pad else x  # (B, ⌈F/p⌉·p)
         return self.proj(x.view(b, -1, self.patch).to(self.proj.weight.dtype)) + self.position
+
+
+def head_groups(spec: DataSpec, heads: str = "auto") -> int:
+    """How many groups of `spec.num_classes` outputs a classifier's head has: one per task
+    (`model.heads=per_task`, or `auto` on a task-incremental stream), else one shared by
+    every task (a domain or class scenario, single-task data)."""
+    scenario = spec.extras.get("scenario", "task")
+    per_task = heads == "per_task" or (
+        heads == "auto" and spec.num_tasks > 1 and scenario == "task"
+    )
+    return spec.num_tasks if per_task else 1
