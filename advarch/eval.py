@@ -2,7 +2,8 @@
 
 The checkpoint carries its resolved training config; the model and strategy are rebuilt from
 it, `data=` (optional) swaps in another compatible datamodule, and `data.<key>=…` without it
-changes the checkpoint's own data (e.g. `data.max_eval_sequences=null`: the whole test split).
+changes the checkpoint's own data (e.g. `data.max_eval_sequences=null`: the whole test split),
+as `strategy.<key>=…` does its strategy (e.g. `strategy.adaptation=none`).
 """
 
 from __future__ import annotations
@@ -235,21 +236,22 @@ def _changed(saved: DictConfig, changes: DictConfig, group: str) -> DictConfig:
     return OmegaConf.merge(saved, changes)
 
 
-def own_data_overrides(argv: list[str]) -> list[str]:
-    """`data.<key>=…` (or `+data.<key>=…`) typed without a `data=` choice changes the
-    checkpoint's own data: Hydra gets it as `+data_overrides.<key>=…` (eval.yaml has no data of
-    its own to change; `+data.<key>` made a data node without a datamodule)."""
-    if any(a.lstrip("+").startswith("data=") for a in argv):
-        return argv
-    own = re.compile(r"^\+{0,2}data\.")
-    return [own.sub("+data_overrides.", a) if own.match(a) else a for a in argv]
+def checkpoint_overrides(argv: list[str]) -> list[str]:
+    """`strategy.<key>=…`, and `data.<key>=…` typed without a `data=` choice, change the
+    checkpoint's own strategy and data: Hydra gets them as `+strategy_overrides.<key>=…` and
+    `+data_overrides.<key>=…` (eval.yaml has neither group to change; `+data.<key>` made a data
+    node without a datamodule), as it does those keys typed without their `+`."""
+    data_chosen = any(a.lstrip("+").startswith("data=") for a in argv)
+    groups = ["strategy"] if data_chosen else ["strategy", "data"]
+    own = re.compile(rf"^\+{{0,2}}({'|'.join(groups)})(_overrides)?\.")
+    return [own.sub(r"+\1_overrides.", a) if own.match(a) else a for a in argv]
 
 
 def main() -> None:
     """The command line (`eval.py`, `advarch-eval`): see the module docstring."""
     from advarch.config.choices import check_command_line
 
-    sys.argv[1:] = own_data_overrides(sys.argv[1:])
+    sys.argv[1:] = checkpoint_overrides(sys.argv[1:])
     check_command_line(sys.argv[1:], "eval")  # a mistyped key in one line
     with stopping_in_one_line("evaluation"):
         hydra_main()

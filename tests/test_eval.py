@@ -336,3 +336,28 @@ def test_a_run_of_16_bit_weights_is_evaluated_in_mixed_precision(trained, evalua
     # (review 36: train.py refuses bf16-true now, whose metrics sum in 16 bits; a run trained so
     # before was evaluated in it all the same)
     assert evaluated_precision(trained) == evaluated
+
+
+def test_strategy_keys_change_the_checkpoints_own_strategy(
+    project: Project, make_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # new user 38 M4: `strategy.adaptation=none` said "did you mean strategy_overrides?", and
+    # `strategy_overrides.adaptation=none` then "is not a key of strategy_overrides (keys: )":
+    # only `+strategy_overrides.…`, written nowhere, worked
+    from advarch.config.choices import check_command_line
+    from advarch.eval import checkpoint_overrides
+    from advarch.train import run
+
+    cfg = make_cfg(["strategy=fewshot", "debug=tiny"], output_dir=tmp_path / "fewshot")
+    run(cfg)
+    ckpt = f"ckpt_path={Path(cfg.paths.output_dir) / 'checkpoints' / 'last.ckpt'}"
+    own = eval_metrics(project, monkeypatch, ckpt)
+    typed = [eval_metrics(project, monkeypatch, ckpt, f"{key}.adaptation=finetune_head")
+             for key in ("strategy", "strategy_overrides", "+strategy_overrides")]  # fmt: skip
+    assert typed[0] == typed[1] == typed[2] and typed[0]["test/loss"] != own["test/loss"]
+    with pytest.raises(SystemExit, match="^error: strategy.adaptations is not a key of the chec"):
+        eval_metrics(project, monkeypatch, ckpt, "strategy.adaptations=none")  # (did you mean)
+    line = ("strategy=ewc: eval.py evaluates the checkpoint's own strategy; change its keys with "
+            "strategy.<key>=…")  # fmt: skip
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(line)}$"):
+        check_command_line(checkpoint_overrides([ckpt, "strategy=ewc"]), "eval")

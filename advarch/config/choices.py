@@ -354,6 +354,8 @@ def _check_trial(
             if parent or own is None or leaf not in _packaged_groups():
                 raise unknown
             override = next(o for o in assigned if o.split("=", 1)[0] == key)
+            if config_name == "eval" and leaf == "strategy":  # (`eval.checkpoint_overrides`)
+                unknown = ConfigError("change its keys with strategy.<key>=…")
             raise ConfigError(f"{override}: {own} the checkpoint's own {leaf}; {unknown}")
         if node[leaf] is None:  # a null section (`model.swa` of model=transformer): `+` sets it
             override = next(o for o in assigned if o.split("=", 1)[0] == key)
