@@ -83,6 +83,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
         WANDB_ID_FILE,
         check_base_fits,
         check_tokenizer_keys,
+        evaluation_change,
         resolve_checkpoint,
         schedule_change,
         use_resumed_tokenizer,
@@ -114,9 +115,9 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     sweep = identity is not None and identity.job_type == "sweep"
     runs_dir = None if sweep else Path(cfg.paths.runs_dir)  # (a trial: its earlier trials')
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials)
-    changed = None if ckpt is None else schedule_change(ckpt, cfg)
-    if changed:
-        log.warning("%s", changed)
+    for change in (schedule_change, evaluation_change) if ckpt is not None else ():
+        if changed := change(ckpt, cfg):
+            log.warning("%s", changed)
     use_resumed_tokenizer(cfg, ckpt)
     if cfg.get("data") is not None and OmegaConf.to_container(cfg.data) != data_before:
         _record_config(cfg)  # (the tokenizer a base or a resume lent)

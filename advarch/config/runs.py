@@ -37,6 +37,9 @@ RESUME_MUST_MATCH = ("model", "data", "strategy", "optimizer", "scheduler", "see
 # keys that change no result (`model.compile` renames no weight; `data.tokenizer_from` names
 # a file: the tokenizer it holds is in the data's fingerprint, which `DataIdentity` checks)
 IRRELEVANT = {"data": ("cache_dir", "num_workers", "tokenizer_from"), "model": ("compile",)}
+# keys that change what validation and the test score, not what trains: a resume may change
+# them (as `trainer.limit_val_batches`), and says so (`evaluation_change`)
+EVALUATION_ONLY = {"data": ("max_eval_sequences",)}
 
 
 # the keys that tell most, said first: a model's class and its layer pattern before its sizes
@@ -47,7 +50,7 @@ def _differences(saved: Any, current: Any, key: str) -> str | None:
     """The first `key=value` that differs between two resolved configs (None if none), the
     `FIRST` keys before the others."""
     if isinstance(saved, Mapping) and isinstance(current, Mapping):
-        skip = IRRELEVANT.get(key, ())
+        skip = (*IRRELEVANT.get(key, ()), *EVALUATION_ONLY.get(key, ()))
         first = FIRST.get(key, ())
         names = sorted(set(saved) | set(current), key=lambda n: (n not in first, first.index(
             n) if n in first else 0, n))  # fmt: skip
@@ -359,6 +362,22 @@ def schedule_change(checkpoint: Path, cfg: DictConfig) -> str | None:
         f"computed over {now} steps from here on, so the learning rate at step {step} is "
         f"{rates[1] * lr:.2e}, where the {before}-step schedule had {rates[0] * lr:.2e}"
     )
+
+
+def evaluation_change(checkpoint: Path, cfg: DictConfig) -> str | None:
+    """What resuming `checkpoint` with other `EVALUATION_ONLY` keys does (None where they are
+    its run's): validation scores other sequences from here on than the curves so far."""
+    saved = saved_hparam(read_checkpoint(checkpoint, "ckpt_path", mmap=True), "cfg") or {}
+    for group, keys in EVALUATION_ONLY.items():
+        for key in keys:
+            before = (saved.get(group) or {}).get(key)
+            now = OmegaConf.select(cfg, f"{group}.{key}")
+            if key in (saved.get(group) or {}) and before != now:
+                return (
+                    f"{group}.{key}={now} (the checkpoint's run: {before}): validation and the "
+                    "test score other sequences than its curves so far"
+                )
+    return None
 
 
 def check_not_training(checkpoint: Path, output_dir: Path | None, what: str) -> None:

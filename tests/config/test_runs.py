@@ -169,3 +169,27 @@ def test_a_constant_schedule_whose_warm_up_grows_past_the_resumed_step_is_said(
         rates.append(schedule.lr_lambdas[0](20))
     assert rates == [1.0, 21 / 50]
     assert schedule_change(ckpt, longer) is not None
+
+
+def test_a_resume_that_scores_other_sequences_goes_on_and_says_so(make_cfg, tmp_path: Path) -> None:
+    # new user 38 M5: ckpt_path=auto with data.max_eval_sequences=64 (128 when it started)
+    # passed over the run's checkpoint, "no checkpoint of this configuration; starting fresh":
+    # a requeued job whose command asked for more validation sequences trained from step 0
+    import torch
+
+    from advarch.config.runs import evaluation_change, resolve_checkpoint
+
+    saved = make_cfg(["debug=tiny"])
+    ckpt = tmp_path / "runs" / "2026-12-07_10-00-00_abcdef" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    config = OmegaConf.to_container(saved, resolve=True)
+    torch.save({"state_dict": {}, "loops": {}, "global_step": 3,
+                "hyper_parameters": {"cfg": config}}, ckpt)  # fmt: skip
+    more = make_cfg(["debug=tiny", "data.max_eval_sequences=64"])
+    assert config_mismatch(torch.load(ckpt, weights_only=False), more) is None
+    assert resolve_checkpoint("auto", tmp_path / "runs", more, tmp_path / "new") == ckpt
+    assert evaluation_change(ckpt, more) == (
+        "data.max_eval_sequences=64 (the checkpoint's run: 128): validation and the test score "
+        "other sequences than its curves so far"
+    )
+    assert evaluation_change(ckpt, saved) is None
