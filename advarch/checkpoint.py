@@ -318,7 +318,10 @@ def newest_readable(
 def ran_with(checkpoint: Path) -> str:
     """` (its run: python train.py <overrides>)`, the command line that made `checkpoint`'s
     run as Hydra recorded it (`.hydra/overrides.yaml`), so that a refusal names the options to
-    type (`model=transformer`); empty where the run folder has no record."""
+    type (`model=transformer`), quoted for a shell where they need it
+    (`'data.curriculum=[{seq_len: 64}]'`); empty where the run folder has no record."""
+    import shlex
+
     import yaml
 
     record = run_dir_of(checkpoint) / ".hydra" / "overrides.yaml"
@@ -328,4 +331,4 @@ def ran_with(checkpoint: Path) -> str:
         return ""
     if not isinstance(overrides, list):
         return ""
-    return f" (its run: {' '.join(['python train.py', *map(str, overrides)])})"
+    return f" (its run: {shlex.join(['python', 'train.py', *map(str, overrides)])})"

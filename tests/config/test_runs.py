@@ -193,3 +193,18 @@ def test_a_resume_that_scores_other_sequences_goes_on_and_says_so(make_cfg, tmp_
         "other sequences than its curves so far"
     )
     assert evaluation_change(ckpt, saved) is None
+
+
+def test_the_run_a_refusal_names_is_a_command_a_shell_takes(tmp_path: Path) -> None:
+    # new user 38 L5: `data.curriculum=[{seq_len: 64, num_tokens_to_copy: 8}]` was named bare:
+    # pasted, bash split the list into three words
+    import shlex
+
+    from advarch.checkpoint import ran_with
+
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    curriculum = "data.curriculum=[{seq_len: 64, num_tokens_to_copy: 8}]"
+    (tmp_path / "run" / ".hydra" / "overrides.yaml").write_text(f"- model=ssm\n- '{curriculum}'\n")
+    said = ran_with(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert said == f" (its run: python train.py model=ssm '{curriculum}')"
+    assert shlex.split(said[len(" (its run: ") : -1])[3] == curriculum
