@@ -50,6 +50,31 @@ def shared_overrides(sweep_overrides: list[str]) -> list[str]:
         return []
 
 
+def searched_keys(sweep_dir: Path) -> set[str]:
+    """The keys a sweep sets apart per trial: swept on its command line (`model.depth=1,2`) or
+    in its sweeper's search space (`hparams_search=optuna`: `model.dim: choice(96, 128, 192)`,
+    from a trial's `.hydra/hydra.yaml`). Trials that drew one value of such a key alike still
+    show it as a column: it was searched, not fixed."""
+    import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from advarch.reports.run_folders import read_file
+
+    space: dict = {}
+    for record in sorted(sweep_dir.glob("*/.hydra/hydra.yaml"))[:1]:  # (the same in each)
+        hydra_config = read_file(record, yaml.safe_load) or {}
+        space = ((hydra_config.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    parser, keys = OverridesParser.create(), set()
+    for override in [*sweep_overrides(sweep_dir), *(f"{k}={v}" for k, v in space.items())]:
+        try:
+            parsed = parser.parse_override(override)
+        except Exception:  # noqa: BLE001  (a column too many rather than a failed table)
+            continue
+        if parsed.is_sweep_override():
+            keys.add(parsed.key_or_group)
+    return keys
+
+
 def _parsed(override: str) -> tuple[str, ...]:
     """An override as Hydra reads it: (edit, key, value); the text where it does not parse."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -134,7 +159,8 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str | Non
     typed for the whole sweep (`shared_overrides`), as typed, and any the trials' rows share."""
     keys = list(dict.fromkeys(k for r in rows for k, _ in _pairs(r["overrides"])))
     values = {k: {dict(_pairs(r["overrides"])).get(k) for r in rows} for k in keys}
-    shared = [k for k in keys if len(rows) > 1 and len(values[k]) == 1]
+    searched = searched_keys(sweep_dir)
+    shared = [k for k in keys if len(rows) > 1 and len(values[k]) == 1 and k not in searched]
     typed = shared_overrides(sweep_overrides(sweep_dir))  # (no trial's own: none in rows)
     named = {o.lstrip("+~").split("=", 1)[0] for o in typed}
     every = " ".join([*typed, *(f"{k}={next(iter(values[k]))}" for k in shared if k not in named)])

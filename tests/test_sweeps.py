@@ -143,6 +143,25 @@ def test_summary_names_the_overrides_every_trial_shares_once(tmp_path: Path) -> 
     assert summary_rows(tmp_path)[0]["extras.print_config"] == "false"  # the CSV keeps all
 
 
+def test_a_searched_key_the_trials_drew_alike_is_a_column_not_shared(tmp_path: Path) -> None:
+    # new user 38 L6: both trials of `-m hparams_search=optuna … hydra.sweeper.n_trials=2` drew
+    # model.dim=128: the title said "(every trial: hparams_search=optuna debug=tiny
+    # model.dim=128)", as if it were fixed, and its column was gone
+    yaml.safe_dump(["hparams_search=optuna", "debug=tiny"],
+                   (tmp_path / SWEEP_OVERRIDES_FILE).open("w"))  # fmt: skip
+    space = {"optimizer.lr": "interval(3e-4, 3e-3)", "model.dim": "choice(96, 128, 192)"}
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)
+    yaml.safe_dump({"hydra": {"sweeper": {"params": space}}},
+                   (tmp_path / "0" / ".hydra" / "hydra.yaml").open("w"))  # fmt: skip
+    rows = [{"trial": n, "overrides": [f"optimizer.lr={lr}", "model.dim=128"], "status": "ok",
+             "value": 4.0 + n} for n, lr in enumerate((0.001, 0.002))]  # fmt: skip
+    table = write_summary(tmp_path, rows, "val/loss")
+    md = (tmp_path / "summary.md").read_text()
+    assert md.startswith("every trial: `hparams_search=optuna debug=tiny`\n"), md
+    assert "| trial | optimizer.lr | model.dim | val/loss | status |" in md
+    assert str(table.title).endswith("(every trial: hparams_search=optuna debug=tiny)")
+
+
 def test_the_console_table_shows_values_in_brackets(tmp_path: Path) -> None:
     # a swept layer pattern, `[attn,swa]`, read as Rich markup printed an empty cell
     patterns = ((0, "[attn]", 2.5), (1, "[attn,swa]", 2.0))
