@@ -23,10 +23,15 @@ from rich.text import Text
 from advarch.atomic import write_text_atomic
 from advarch.config.resolvers import sweep_direction
 from advarch.console_log import console_width
-from advarch.reports.run_folders import RESULT_FILE, rounded_value, run_overrides
+from advarch.reports.run_folders import (
+    RESULT_FILE,
+    SWEEP_OVERRIDES_FILE,
+    rounded_value,
+    run_overrides,
+    searched_keys,
+    sweep_overrides,
+)
 from advarch.stop_signals import hold_between_trials
-
-SWEEP_OVERRIDES_FILE = "sweep_overrides.yaml"
 
 
 def trial_overrides(job_overrides: list[str], sweep_overrides: list[str]) -> list[str]:
@@ -50,31 +55,6 @@ def shared_overrides(sweep_overrides: list[str]) -> list[str]:
         return []
 
 
-def searched_keys(sweep_dir: Path) -> set[str]:
-    """The keys a sweep sets apart per trial: swept on its command line (`model.depth=1,2`) or
-    in its sweeper's search space (`hparams_search=optuna`: `model.dim: choice(96, 128, 192)`,
-    from a trial's `.hydra/hydra.yaml`). Trials that drew one value of such a key alike still
-    show it as a column: it was searched, not fixed."""
-    import yaml
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from advarch.reports.run_folders import read_file
-
-    space: dict = {}
-    for record in sorted(sweep_dir.glob("*/.hydra/hydra.yaml"))[:1]:  # (the same in each)
-        hydra_config = read_file(record, yaml.safe_load) or {}
-        space = ((hydra_config.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
-    parser, keys = OverridesParser.create(), set()
-    for override in [*sweep_overrides(sweep_dir), *(f"{k}={v}" for k, v in space.items())]:
-        try:
-            parsed = parser.parse_override(override)
-        except Exception:  # noqa: BLE001  (a column too many rather than a failed table)
-            continue
-        if parsed.is_sweep_override():
-            keys.add(parsed.key_or_group)
-    return keys
-
-
 def _parsed(override: str) -> tuple[str, ...]:
     """An override as Hydra reads it: (edit, key, value); the text where it does not parse."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -84,12 +64,6 @@ def _parsed(override: str) -> tuple[str, ...]:
     except Exception:  # noqa: BLE001
         return (override,)
     return (str(found.type), found.get_key_element(), repr(found.value()))
-
-
-def sweep_overrides(sweep_dir: Path) -> list[str]:
-    """The overrides typed on the sweep's command line (saved by `SweepSummary` at its start)."""
-    saved = sweep_dir / SWEEP_OVERRIDES_FILE
-    return list(OmegaConf.load(saved)) if saved.is_file() else []
 
 
 def earlier_trials(sweep_dir: Path, job_overrides: list[str]) -> list[Path]:

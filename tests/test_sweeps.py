@@ -160,6 +160,17 @@ def test_a_searched_key_the_trials_drew_alike_is_a_column_not_shared(tmp_path: P
     assert md.startswith("every trial: `hparams_search=optuna debug=tiny`\n"), md
     assert "| trial | optimizer.lr | model.dim | val/loss | status |" in md
     assert str(table.title).endswith("(every trial: hparams_search=optuna debug=tiny)")
+    # … and so in scripts/report.py's sweep report (its trials' recorded command lines)
+    from advarch.reports.markdown import write_report
+
+    for row in rows:
+        record = tmp_path / str(row["trial"]) / ".hydra"
+        record.mkdir(parents=True, exist_ok=True)
+        typed = ["hparams_search=optuna", "debug=tiny", *row["overrides"]]
+        yaml.safe_dump(typed, (record / "overrides.yaml").open("w"))
+    report = write_report(tmp_path).read_text()
+    assert "Shared overrides: `hparams_search=optuna` `debug=tiny`\n" in report, report
+    assert "| run | model.dim | optimizer.lr |" in report, report
 
 
 def test_the_console_table_shows_values_in_brackets(tmp_path: Path) -> None:

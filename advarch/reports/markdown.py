@@ -38,6 +38,7 @@ from advarch.reports.run_folders import (
     rounded_value,
     run_overrides,
     run_setting,
+    searched_keys,
     stream_epochs_per_task,
     sweep_runs,
     task_boundaries,
@@ -299,9 +300,11 @@ def sweep_report(folder: Path) -> Report:
     best = best_run(
         finished, overrides, finals, metric, direction, (optuna or {}).get("best_params")
     )
+    searched = searched_keys(folder)  # (drawn alike by every trial: still searched)
     varying = sorted(
         {k for o in overrides.values() for k in o}
         - {k for k in next(iter(overrides.values()), {}) if _constant(overrides, k)}
+        | (searched & {k for o in overrides.values() for k in o})
     )
     fixed = {k: v for k, v in next(iter(overrides.values()), {}).items() if k not in varying}
     keys = [metric] + [

@@ -244,3 +244,35 @@ def rounded_value(text: str, digits: str = ".4g") -> str:
     except ValueError:
         return text
     return short if len(short) < len(text) else text
+
+
+SWEEP_OVERRIDES_FILE = "sweep_overrides.yaml"  # a sweep's command line (`SweepSummary`)
+
+
+def sweep_overrides(sweep_dir: Path) -> list[str]:
+    """The overrides typed on the sweep's command line (saved by `SweepSummary` at its start)."""
+    saved = sweep_dir / SWEEP_OVERRIDES_FILE
+    typed = read_file(saved, yaml.safe_load, [])
+    return [str(o) for o in typed] if isinstance(typed, list) else []
+
+
+def searched_keys(sweep_dir: Path) -> set[str]:
+    """The keys a sweep sets apart per trial: swept on its command line (`model.depth=1,2`) or
+    in its sweeper's search space (`hparams_search=optuna`: `model.dim: choice(96, 128, 192)`,
+    from a trial's `.hydra/hydra.yaml`). Trials that drew one value of such a key alike still
+    show it as a column: it was searched, not fixed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    space: dict = {}
+    for record in sorted(sweep_dir.glob("*/.hydra/hydra.yaml"))[:1]:  # (the same in each)
+        hydra_config = read_file(record, yaml.safe_load) or {}
+        space = ((hydra_config.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    parser, keys = OverridesParser.create(), set()
+    for override in [*sweep_overrides(sweep_dir), *(f"{k}={v}" for k, v in space.items())]:
+        try:
+            parsed = parser.parse_override(override)
+        except Exception:  # noqa: BLE001  (a column too many rather than a failed table)
+            continue
+        if parsed.is_sweep_override():
+            keys.add(parsed.key_or_group)
+    return keys
