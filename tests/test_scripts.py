@@ -342,6 +342,16 @@ def test_retro_database_bar_counts_the_database_chunks(project: Project) -> None
     frames = [line for line in res.stderr.splitlines() if "embed database" in line]
     assert "\r" not in res.stderr and all(f.count("embed database") == 1 for f in frames)
     assert re.search(r"^neighbours_s +skipped$", res.stdout, re.M), res.stdout
+    # (new user 38 L7) nprobe, an IVF index's, was printed for this flat one; a rerun wrote
+    # over the last one's file
+    assert re.search(r"^index +flat$", res.stdout, re.M) and "nprobe" not in res.stdout
+    again = project.run(
+        "--max-documents", "20", "--queries", "10", "--skip-neighbours",
+        script="scripts/retro_database.py",
+    ).check()  # fmt: skip
+    written = [line.split()[-1] for r in (res, again) for line in r.stdout.splitlines()
+               if line.startswith("written to ")]  # fmt: skip
+    assert len(set(written)) == 2 and all((project.root / w).is_file() for w in written)
 
 
 def test_merge_demo_says_an_out_that_is_a_file_in_one_line(project: Project) -> None:

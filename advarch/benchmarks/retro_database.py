@@ -11,7 +11,7 @@ Tokenises the stdlib corpus as `data=text` does (cached), then, for the training
 3. loads it again from the cache (what a second run does);
 4. searches `--queries` random held-out chunks with the index and exactly (brute force over
    the embeddings): recall@K = share of the exact top K the index returns.
-Prints one line per measurement and writes `<out>/retro_database_<index>.json`.
+Prints one line per measurement and writes `<out>/<time>_<id>/retro_database_<index>.json`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from advarch.data.chunk_embedders import HashedNgramEmbedder
 from advarch.data.corpus import SPLITS
 from advarch.data.packing import TooFewTokens
 from advarch.data.retrieval_database import INDEX_KINDS, RetrievalDatabase
-from advarch.output_folders import exit_if_unmakeable
+from advarch.output_folders import exit_if_unmakeable, stamped_folder
 
 
 class FrameLines:
@@ -168,13 +168,14 @@ def main() -> None:
         "chunks_per_s_embed_index": m / (t_embed + t_index),
         "cpu_s_embed_index": cpu_build, "chunks_per_cpu_s": m / cpu_build,
         "neighbours_s": "skipped" if args.skip_neighbours else t_neigh,
-        "cached_load_s": t_load, f"recall@{args.k}": recall, "nprobe": args.nprobe,
+        "cached_load_s": t_load, f"recall@{args.k}": recall,
+        **({"nprobe": args.nprobe} if "ivf" in db.resolved_index_kind else {}),  # (IVF's alone)
         "max_documents": args.max_documents,
     }  # fmt: skip
     for key, value in report.items():
         print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)  # (checked up front: a folder, or makeable)
+    out = stamped_folder(Path(args.out))  # (a rerun's beside it: checked up front, makeable)
+    out.mkdir(parents=True, exist_ok=True)
     path = out / f"retro_database_{db.resolved_index_kind}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"written to {path}")
