@@ -40,6 +40,7 @@ def test_mmoe_report_tables_every_model_and_correlation(project: Project) -> Non
     for model in ("mmoe", "one_gate_moe", "shared_bottom"):
         assert sum(row.split("|")[2].strip() == model for row in rows[2:]) == 2, res.stdout
     assert "Epoch" not in res.output and "v_num" not in res.output  # one line per run, no bars
+    assert "nan" not in res.stdout  # (new user 38 L8: shared_bottom, no gates: gate_cosine=nan)
 
 
 def test_a_smoke_mmoe_report_says_so_in_its_file(project: Project) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -68,7 +69,11 @@ def grid(
                 rows.append([metrics.get(k, float("nan")) for k in METRICS])
                 print(
                     f"p={p} model={model} seed={seed}: "
-                    + ", ".join(f"{k}={v:.4f}" for k, v in zip(METRICS, rows[-1], strict=True)),
+                    + ", ".join(
+                        f"{k}={v:.4f}"
+                        for k, v in zip(METRICS, rows[-1], strict=True)
+                        if not math.isnan(v)
+                    ),  # (a model without gates has no cosine)
                     flush=True,
                 )
             results[(p, model)] = np.array(rows)
