@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from advarch.benchmarks.timing import too_small
 from advarch.callbacks.signals import Interrupted
 from advarch.checkpoint import model_weights, read_checkpoint
 from advarch.config.choices import check_overrides
@@ -253,6 +254,16 @@ def table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+SMOKE_STEPS = 10  # fewer training steps than this: a smoke run (`--base-steps 4 --task-steps 4`)
+
+
+def smoke_note(demo: DemoConfig) -> str | None:
+    """The words under a table of runs too short to learn the digits (None otherwise)."""
+    steps = {"--base-steps": demo.base_steps, "--task-steps": demo.task_steps}
+    short = [f"{k} {v}" for k, v in steps.items() if v < SMOKE_STEPS]
+    return f"note: {' '.join(short)}: {too_small('accuracies')}" if short else None
+
+
 def _digits(task: str) -> list[int]:
     """`0,1` → [0, 1] (ValueError naming the option otherwise)."""
     try:
@@ -324,6 +335,8 @@ def main() -> None:
         signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
         print(f"{signal.Signals(signum).name} received: merge demo stopped", file=sys.stderr)
         sys.exit(128 + signum)
+    if note := smoke_note(demo):  # under the table, in its file too
+        text += f"\n\n{note}"
     (folder / "merge_table.md").write_text(text + "\n")
     print(text)
     print(f"\n{time.perf_counter() - start:.0f} s; table in {folder / 'merge_table.md'}, "
