@@ -39,6 +39,11 @@ STAGE_KEYS = ("epochs", "num_train")  # curriculum-stage keys besides the task's
 log = logging.getLogger(__name__)
 
 
+def _sizes(size: dict[str, int]) -> str:
+    """`seq_len=64 num_tokens_to_copy=8`: a task size as its keys are typed."""
+    return " ".join(f"{k}={v}" for k, v in size.items())
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -143,6 +148,10 @@ class SyntheticSequenceDataModule(L.LightningDataModule):
                 return stage
         return None
 
+    def _first_epoch(self, stage: int) -> int:
+        """The epoch curriculum stage `stage` starts at (past the last: the task's own)."""
+        return sum(spec.get("epochs", 1) for spec in self.curriculum[:stage])
+
     @property
     def trainer_overrides(self) -> dict[str, int]:
         """Trainer arguments this datamodule needs: a new train loader per epoch in a curriculum."""
@@ -160,15 +169,22 @@ class SyntheticSequenceDataModule(L.LightningDataModule):
         """The task's train split, or the current curriculum stage's (drawn once, on entry)."""
         stage = self.stage_of_epoch(epoch)
         if stage is None:
-            self._stage_data = None  # the warm-up is over: free its examples
+            if self._stage_data is not None:  # the warm-up is over: free its examples
+                log.info("curriculum done: from epoch %d the task itself (%s, %d examples)",
+                         self._first_epoch(len(self.curriculum)), _sizes(self.size),
+                         self.sizes["train"])  # fmt: skip
+            self._stage_data = None
             return self.splits["train"]
         if self._stage_data is None or self._stage_data[0] != stage:
             size = self.stage_size(stage)
-            log.info("curriculum stage %d/%d: %s", stage + 1, len(self.curriculum), size)
+            num = self.curriculum[stage].get("num_train", self.sizes["train"])
+            first, last = self._first_epoch(stage), self._first_epoch(stage + 1) - 1
+            epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+            log.info("curriculum stage %d/%d (%s): %s, %d examples", stage + 1,
+                     len(self.curriculum), epochs, _sizes(size), num)  # fmt: skip
             rng = np.random.default_rng(
                 np.random.SeedSequence(self.seed, spawn_key=(len(SPLITS) + stage,))
             )
-            num = self.curriculum[stage].get("num_train", self.sizes["train"])
             self._stage_data = (stage, make_dataset(self.generate(num, rng, size)))
         return self._stage_data[1]
 

@@ -100,12 +100,13 @@ def _train_batch_at(dm, epoch: int) -> dict[str, torch.Tensor]:
     return next(iter(dm.train_dataloader()))
 
 
-def test_curriculum_serves_each_stage_then_the_task():
+def test_curriculum_serves_each_stage_then_the_task(caplog):
     stages = [
         {"seq_len": 16, "num_tokens_to_copy": 2, "epochs": 2},
         {"seq_len": 24, "num_train": 8},
     ]
     dm = SelectiveCopyingDataModule(seq_len=40, num_tokens_to_copy=6, curriculum=stages, **SMALL)
+    caplog.set_level("INFO", logger="advarch")
     assert dm.trainer_overrides == {"reload_dataloaders_every_n_epochs": 1}
     assert [dm.stage_of_epoch(e) for e in range(5)] == [0, 0, 1, None, None]
     expected = {0: (16, 2), 1: (16, 2), 2: (24, 6), 3: (40, 6), 7: (40, 6)}
@@ -118,6 +119,14 @@ def test_curriculum_serves_each_stage_then_the_task():
         assert len(dm._train_set(epoch)) == (8 if epoch == 2 else 64)
     val = next(iter(dm.val_dataloader()))
     assert val["input_ids"].shape == (8, 40) and dm.spec.seq_len == 40
+    # each stage said once, with its epochs and examples, and the task's own start (new user
+    # 38 L10: a stage's epochs and num_train went unsaid, and nothing marked the task's start)
+    assert [r.getMessage() for r in caplog.records] == [
+        "curriculum stage 1/2 (epochs 0-1): seq_len=16 num_tokens_to_copy=2, 64 examples",
+        "curriculum stage 2/2 (epoch 2): seq_len=24 num_tokens_to_copy=6, 8 examples",
+        "curriculum done: from epoch 3 the task itself (seq_len=40 num_tokens_to_copy=6, 64 "
+        "examples)",
+    ]
 
 
 def test_curriculum_is_reproducible_and_reshuffled_per_epoch():
