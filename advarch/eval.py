@@ -82,7 +82,14 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     if cfg.get("data") is not None:
         check_data_kind(cfg.ckpt_path, ckpt, saved)
     L.seed_everything(saved.seed, workers=True)
-    datamodule, spec, module = build_all(saved)
+    try:
+        datamodule, spec, module = build_all(saved)
+    except ConfigError as err:  # (its own files gone: say where to point it)
+        moved = cfg.get("data") is None and "data.files=" in str(err) and "matches no" in str(err)
+        if not moved:
+            raise
+        raise ConfigError(f"{err}; the run read its text there: give data.files=<where the files "
+                          "are now>, or data=<other data>") from err  # fmt: skip
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:

@@ -361,3 +361,28 @@ def test_strategy_keys_change_the_checkpoints_own_strategy(
             "strategy.<key>=…")  # fmt: skip
     with pytest.raises(SystemExit, match=f"^error: {re.escape(line)}$"):
         check_command_line(checkpoint_overrides([ckpt, "strategy=ewc"]), "eval")
+
+
+def test_a_run_whose_files_moved_is_told_where_to_point_eval(make_cfg, tmp_path: Path) -> None:
+    # new user 38 L4: eval.py of a run whose data.files had moved said only "data.files=…
+    # matches no file", a key the user never typed to eval.py
+    import shutil
+    import sysconfig
+
+    from advarch.train import run
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(Path(sysconfig.get_paths()["stdlib"]) / "json", corpus)
+    files = f"data.files={corpus}/*.py"
+    cfg = make_cfg(["debug=tiny", files], output_dir=tmp_path / "run")
+    run(cfg)
+    corpus.rename(tmp_path / "moved")
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError) as refused:
+        evaluate(make_cfg([f"ckpt_path={ckpt}"], "eval", tmp_path / "eval"))
+    assert str(refused.value) == (
+        f"data.files='{corpus}/*.py' matches no file; the run read its text there: give "
+        "data.files=<where the files are now>, or data=<other data>"
+    )
+    moved = [f"ckpt_path={ckpt}", f"+data_overrides.files={tmp_path / 'moved'}/*.py"]
+    assert evaluate(make_cfg(moved, "eval", tmp_path / "eval2")).metrics["test/bpb"] > 0
