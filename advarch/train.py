@@ -115,9 +115,6 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     sweep = identity is not None and identity.job_type == "sweep"
     runs_dir = None if sweep else Path(cfg.paths.runs_dir)  # (a trial: its earlier trials')
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir, cfg, output_dir, earlier_trials)
-    for change in (schedule_change, evaluation_change) if ckpt is not None else ():
-        if changed := change(ckpt, cfg):
-            log.warning("%s", changed)
     use_resumed_tokenizer(cfg, ckpt)
     if cfg.get("data") is not None and OmegaConf.to_container(cfg.data) != data_before:
         _record_config(cfg)  # (the tokenizer a base or a resume lent)
@@ -131,9 +128,10 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
         )
     last = output_dir / "checkpoints" / "last.ckpt"
     final_validation = ValidateAtLastStep()  # the final weights compete for best-*.ckpt
+    changes = [] if ckpt is None else [schedule_change(ckpt, cfg), evaluation_change(ckpt, cfg)]
     callbacks = [
         *instantiate_dict(cfg.get("callbacks"), "callbacks"),
-        *run_callbacks(cfg, ckpt, output_dir),
+        *run_callbacks(cfg, ckpt, output_dir, [c for c in changes if c]),
         final_validation,
     ]
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -214,9 +212,12 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     return metrics
 
 
-def run_callbacks(cfg: DictConfig, ckpt: Path | None, output_dir: Path) -> list[Any]:
+def run_callbacks(
+    cfg: DictConfig, ckpt: Path | None, output_dir: Path, changes: Sequence[str] = ()
+) -> list[Any]:
     """The callbacks every run has beside the config's: signals save `last.ckpt`, the data's
-    identity is checked on resume, a resume draws on from the saved random states, spawned
+    identity is checked on resume (then `changes`, what its other options change, are said),
+    a resume draws on from the saved random states, spawned
     DDP workers print and exit as this process does, a resume's curves start at step 0, and a
     stop outside training says what it saved."""
     from lightning.pytorch.callbacks import LambdaCallback
@@ -233,7 +234,7 @@ def run_callbacks(cfg: DictConfig, ckpt: Path | None, output_dir: Path) -> list[
     resumed = None if ckpt is None else str(ckpt)  # no resume on other data; then "resuming"
     return [
         SignalCheckpoint(output_dir / "checkpoints" / "last.ckpt", parallel_stop_file()),
-        DataIdentity(resumed, auto=cfg.get("ckpt_path") == "auto"),
+        DataIdentity(resumed, auto=cfg.get("ckpt_path") == "auto", changes=changes),
         RandomStateCheckpoint(),  # a resume draws the dropout masks the run would have drawn
         WorkerConsole(),  # spawned DDP workers' console as this one's
         IgnoreKnownWarnings(),  # again in spawned DDP workers

@@ -280,12 +280,19 @@ def test_a_resume_on_changed_files_stops_and_eval_warns(make_cfg, tmp_path: Path
     ):  # fmt: skip
         run(resume)
     assert "resuming" not in caplog.text  # (it said "resuming <ckpt> (step 6, …)" first)
+    # … nor what its longer schedule would change (new user 38 L9: said, then refused)
+    assert "learning rate" not in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="advarch"):
         evaluate(make_cfg([f"ckpt_path={last}", "wandb=false"], "eval", tmp_path / "eval"))
     assert "its data changed since it was written" in caplog.text
     (corpus / "added.txt").unlink()  # the same files again: resumes
-    assert run(resume)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="advarch"):
+        assert run(resume)
+    said = [r.getMessage() for r in caplog.records]
+    resuming = next(i for i, m in enumerate(said) if m.startswith(f"resuming {last}"))
+    assert said[resuming + 1].startswith("trainer.max_steps=9 (the checkpoint's run: 6)")
 
 
 def test_generation_reads_the_checkpoints_own_tokenizer(make_cfg, tmp_path: Path,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,17 @@ class DataIdentity(L.Callback):
     """Record the data's fingerprint and tokenizer in every checkpoint; refuse to resume on
     other data."""
 
-    def __init__(self, ckpt_path: str | None = None, auto: bool = False) -> None:
+    def __init__(
+        self, ckpt_path: str | None = None, auto: bool = False, changes: Sequence[str] = ()
+    ) -> None:
         """Args:
         ckpt_path: the checkpoint the run resumes from (None: a fresh start).
         auto: it was found by `ckpt_path=auto` (so the "resuming" line says).
+        changes: what the resume's other options change (warnings under the "resuming" line).
         """
         self.ckpt_path = ckpt_path
         self.auto = auto
+        self.changes = list(changes)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:  # fmt: skip
@@ -116,3 +121,5 @@ class DataIdentity(L.Callback):
         if trainer.is_global_zero:  # announced once accepted: never before its refusal
             where = "ckpt_path=auto: " if self.auto else ""
             log.info("%sresuming %s (%s)", where, self.ckpt_path, describe(checkpoint))
+            for change in self.changes:
+                log.warning("%s", change)
