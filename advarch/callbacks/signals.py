@@ -4,7 +4,8 @@ Schedulers send SIGTERM before preemption; SLURM sends a chosen signal before th
 (`--signal=USR1@<s>`; the submitit launcher asks for SIGUSR2). The handler only records the
 signal; at the end of the current training batch (after its optimizer step, where periodic
 checkpoints are written too; after the step's validation where one is due, as Lightning's
-checkpoints after a validation) the callback writes `last.ckpt`, prints one line naming it,
+checkpoints after a validation; at a validation's end when heard during it, where no
+accumulation is half done) the callback writes `last.ckpt`, prints one line naming it,
 and raises `Interrupted`, which the entry point turns into exit code 128 + the signal number
 (143 SIGTERM, 130 SIGINT, 138 SIGUSR1, 140 SIGUSR2). Resuming from that checkpoint
 (`ckpt_path=auto`) continues exactly where the signal arrived: its curves, best checkpoint and
@@ -337,8 +338,12 @@ class SignalCheckpoint(L.Callback):
         if self._evaluating_alone(trainer):
             self._restore(trainer)
         elif not trainer.sanity_checking:
-            # (a signal heard during the validation stops here too, not a whole step later)
-            signum = self._stop_after_validation or self._received(trainer)
+            # a signal heard during the validation stops here too, not a whole step later,
+            # unless it validated in the middle of an accumulation (the step's end saves)
+            accumulating = trainer.fit_loop.epoch_loop._should_accumulate()
+            signum = self._stop_after_validation or (
+                None if accumulating else self._received(trainer)
+            )
             self._stop_after_validation = None
             fit_ends = trainer.should_stop and trainer.fit_loop._can_stop_early
             if signum is not None and not fit_ends:
