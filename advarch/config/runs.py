@@ -46,18 +46,20 @@ EVALUATION_ONLY = {"data": ("max_eval_sequences",)}
 FIRST = {"model": ("_target_", "layers", "ffn"), "data": ("_target_",)}
 
 
-def _differences(saved: Any, current: Any, key: str) -> str | None:
+def _differences(
+    saved: Any, current: Any, key: str, skip: Mapping[str, Sequence[str]]
+) -> str | None:
     """The first `key=value` that differs between two resolved configs (None if none), the
-    `FIRST` keys before the others."""
+    `FIRST` keys before the others; `skip`: the keys of each section left out."""
     if isinstance(saved, Mapping) and isinstance(current, Mapping):
-        skip = (*IRRELEVANT.get(key, ()), *EVALUATION_ONLY.get(key, ()))
+        left_out = skip.get(key, ())
         first = FIRST.get(key, ())
         names = sorted(set(saved) | set(current), key=lambda n: (n not in first, first.index(
             n) if n in first else 0, n))  # fmt: skip
         for name in names:
-            if name in skip:
+            if name in left_out:
                 continue
-            found = _differences(saved.get(name), current.get(name), f"{key}.{name}")
+            found = _differences(saved.get(name), current.get(name), f"{key}.{name}", skip)
             if found:
                 return found
         return None
@@ -99,10 +101,14 @@ def with_trainable_resolved(config: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def config_mismatch(
-    ckpt: Mapping[str, Any], cfg: DictConfig, keys: Sequence[str] = RESUME_MUST_MATCH
+    ckpt: Mapping[str, Any],
+    cfg: DictConfig,
+    keys: Sequence[str] = RESUME_MUST_MATCH,
+    resuming: bool = False,
 ) -> str | None:
     """Why `ckpt` was not written by a run of this configuration (None when it was): the first
-    `key=value` of `keys` that differs (`model.ffn=['moe'] there, ['dense'] now`)."""
+    `key=value` of `keys` that differs (`model.ffn=['moe'] there, ['dense'] now`); `resuming`:
+    the `EVALUATION_ONLY` keys may differ too (a resume goes on, `evaluation_change` says it)."""
     saved = saved_hparam(ckpt, "cfg")
     if saved is None:
         return "no saved advarch config"
@@ -113,8 +119,10 @@ def config_mismatch(
     if kinds:
         there, now = (str((c.get("data") or {}).get("_target_")) for c in (saved, current))
         return f"data._target_={there} there, {now} now: {kinds}"
+    may_change = EVALUATION_ONLY if resuming else {}
+    skip = {g: (*IRRELEVANT.get(g, ()), *may_change.get(g, ())) for g in keys}
     for key in keys:
-        found = _differences(saved.get(key), current.get(key), key)
+        found = _differences(saved.get(key), current.get(key), key, skip)
         if found:
             return found
     return None
@@ -283,7 +291,7 @@ def resolve_checkpoint(
                 "optimizer); to start from these weights use strategy=finetune "
                 f"strategy.pretrained={ckpt_path}"
             )
-        other = None if cfg is None else config_mismatch(ckpt, cfg)
+        other = None if cfg is None else config_mismatch(ckpt, cfg, resuming=True)
         if other:  # it would not load, or would go on as another run: say so before any work
             what = "another model" if other.startswith("model.") else "another configuration"
             what = (
@@ -309,7 +317,9 @@ def resolve_checkpoint(
     if not candidates | own:
         log.info("ckpt_path=auto: no checkpoint %s yet; starting fresh", where)
         return None
-    mismatch = (lambda c: None) if cfg is None else (lambda c: config_mismatch(c, cfg))
+    mismatch = (
+        (lambda c: None) if cfg is None else (lambda c: config_mismatch(c, cfg, resuming=True))
+    )
     path, unreadable, foreign = None, [], []
     # the run's own folder first (a rerun into a named folder, `hydra.sweep.dir=<sweep>`,
     # goes on from its checkpoints, not from a newer run's), then the others, newest first
@@ -375,7 +385,8 @@ def evaluation_change(checkpoint: Path, cfg: DictConfig) -> str | None:
             if key in (saved.get(group) or {}) and before != now:
                 return (
                     f"{group}.{key}={now} (the checkpoint's run: {before}): validation and the "
-                    "test score other sequences than its curves so far"
+                    "test score other sequences than its curves so far, its best checkpoints' "
+                    "ranking and early stopping's count"
                 )
     return None
 
