@@ -134,7 +134,8 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], metric: str | Non
     keys = list(dict.fromkeys(k for r in rows for k, _ in _pairs(r["overrides"])))
     values = {k: {dict(_pairs(r["overrides"])).get(k) for r in rows} for k in keys}
     searched = searched_keys(sweep_dir)
-    shared = [k for k in keys if len(rows) > 1 and len(values[k]) == 1 and k not in searched]
+    shared = [k for k in keys if len(rows) > 1 and len(values[k]) == 1
+              and k.lstrip("+~") not in searched]  # fmt: skip
     typed = shared_overrides(sweep_overrides(sweep_dir))  # (no trial's own: none in rows)
     named = {o.lstrip("+~").split("=", 1)[0] for o in typed}
     every = " ".join([*typed, *(f"{k}={next(iter(values[k]))}" for k in shared if k not in named)])

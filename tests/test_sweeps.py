@@ -149,16 +149,20 @@ def test_a_searched_key_the_trials_drew_alike_is_a_column_not_shared(tmp_path: P
     # model.dim=128)", as if it were fixed, and its column was gone
     yaml.safe_dump(["hparams_search=optuna", "debug=tiny"],
                    (tmp_path / SWEEP_OVERRIDES_FILE).open("w"))  # fmt: skip
-    space = {"optimizer.lr": "interval(3e-4, 3e-3)", "model.dim": "choice(96, 128, 192)"}
+    space = {
+        "optimizer.lr": "interval(3e-4, 3e-3)",
+        "model.dim": "choice(96, 128, 192)",
+        "+model.extra": "choice(1, 2)",
+    }  # fmt: skip  (review 38: a `+` key too)
     (tmp_path / "0" / ".hydra").mkdir(parents=True)
     yaml.safe_dump({"hydra": {"sweeper": {"params": space}}},
                    (tmp_path / "0" / ".hydra" / "hydra.yaml").open("w"))  # fmt: skip
-    rows = [{"trial": n, "overrides": [f"optimizer.lr={lr}", "model.dim=128"], "status": "ok",
-             "value": 4.0 + n} for n, lr in enumerate((0.001, 0.002))]  # fmt: skip
+    rows = [{"trial": n, "overrides": [f"optimizer.lr={lr}", "model.dim=128", "+model.extra=1"],
+             "status": "ok", "value": 4.0 + n} for n, lr in enumerate((0.001, 0.002))]  # fmt: skip
     table = write_summary(tmp_path, rows, "val/loss")
     md = (tmp_path / "summary.md").read_text()
     assert md.startswith("every trial: `hparams_search=optuna debug=tiny`\n"), md
-    assert "| trial | optimizer.lr | model.dim | val/loss | status |" in md
+    assert "| trial | optimizer.lr | model.dim | +model.extra | val/loss | status |" in md
     assert str(table.title).endswith("(every trial: hparams_search=optuna debug=tiny)")
     # … and so in scripts/report.py's sweep report (its trials' recorded command lines)
     from advarch.reports.markdown import write_report
@@ -170,7 +174,7 @@ def test_a_searched_key_the_trials_drew_alike_is_a_column_not_shared(tmp_path: P
         yaml.safe_dump(typed, (record / "overrides.yaml").open("w"))
     report = write_report(tmp_path).read_text()
     assert "Shared overrides: `hparams_search=optuna` `debug=tiny`\n" in report, report
-    assert "| run | model.dim | optimizer.lr |" in report, report
+    assert "| run | +model.extra | model.dim | optimizer.lr |" in report, report
 
 
 def test_the_console_table_shows_values_in_brackets(tmp_path: Path) -> None:

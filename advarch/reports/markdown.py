@@ -304,7 +304,7 @@ def sweep_report(folder: Path) -> Report:
     varying = sorted(
         {k for o in overrides.values() for k in o}
         - {k for k in next(iter(overrides.values()), {}) if _constant(overrides, k)}
-        | (searched & {k for o in overrides.values() for k in o})
+        | {k for o in overrides.values() for k in o if k.lstrip("+~") in searched}
     )
     fixed = {k: v for k, v in next(iter(overrides.values()), {}).items() if k not in varying}
     keys = [metric] + [

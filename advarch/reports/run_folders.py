@@ -263,10 +263,9 @@ def searched_keys(sweep_dir: Path) -> set[str]:
     show it as a column: it was searched, not fixed."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    space: dict = {}
-    for record in sorted(sweep_dir.glob("*/.hydra/hydra.yaml"))[:1]:  # (the same in each)
-        hydra_config = read_file(record, yaml.safe_load) or {}
-        space = ((hydra_config.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    record = next(iter(sorted(sweep_dir.glob("*/.hydra/hydra.yaml"))), None)  # (one for all)
+    hydra_config = (read_file(record, yaml.safe_load) if record else None) or {}
+    space = ((hydra_config.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
     parser, keys = OverridesParser.create(), set()
     for override in [*sweep_overrides(sweep_dir), *(f"{k}={v}" for k, v in space.items())]:
         try:
