@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -320,8 +321,6 @@ def ran_with(checkpoint: Path) -> str:
     run as Hydra recorded it (`.hydra/overrides.yaml`), so that a refusal names the options to
     type (`model=transformer`), quoted for a shell where they need it
     (`'data.curriculum=[{seq_len: 64}]'`); empty where the run folder has no record."""
-    import shlex
-
     import yaml
 
     record = run_dir_of(checkpoint) / ".hydra" / "overrides.yaml"

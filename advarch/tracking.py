@@ -138,7 +138,9 @@ def sync_hint(folder: Path) -> str | None:
         return None
     run_id = runs[-1].name.rsplit("-", 1)[-1]
     pattern = f"wandb/offline-run-*-{run_id}"
-    found = {*folder.parent.glob(f"*/{pattern}"), *folder.parent.parent.glob(f"*/*/{pattern}")}
+    found = set(folder.parent.glob(f"*/{pattern}"))
+    if folder.name.isdigit():  # a sweep trial's folder (`hydra.sweep.subdir`): earlier sweeps'
+        found |= set(folder.parent.parent.glob(f"*/*/{pattern}"))
     parts = sorted(found, key=lambda p: p.name)  # (named by their start time)
     if len(parts) > 1:
         return f"sync to W&B later: wandb sync --id {run_id} {' '.join(map(str, parts))}"

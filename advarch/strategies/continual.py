@@ -519,9 +519,12 @@ class ContinualStrategy(BaseStrategy):
         self.finished_tasks = int(state["finished_tasks"])
         owner = self.expert_owner
         if OPEN_EXPERTS not in checkpoint and owner is not None and bool((owner < 0).any()):
+            resumed = self._trainer is not None  # (else eval.py, generation: nothing goes on)
+            measured = ("its accuracy matrix so far was measured with them open (from here on "
+                        "they are closed)" if resumed else "its run measured them open; this "
+                        "model routes with them closed")  # fmt: skip
             log.warning("this checkpoint was written before experts no task owns were closed "
-                        "to routing: its accuracy matrix so far was measured with them open "
-                        "(from here on they are closed)")  # fmt: skip
+                        "to routing: %s", measured)  # fmt: skip
         saved_spec = checkpoint.get("hyper_parameters", {}).get("spec") or {}
         if self.scored_bytes and "token_bytes" not in (saved_spec.get("extras") or {}):
             self.scored_bytes = False  # one definition in one matrix

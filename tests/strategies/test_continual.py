@@ -450,3 +450,5 @@ def test_evaluating_a_checkpoint_from_before_closed_experts_does_not_say_resumed
     with caplog.at_level(logging.WARNING, logger="advarch"):
         evaluated.on_load_checkpoint(checkpoint)
     assert "resumed" not in caplog.text, caplog.text
+    # (review 38 L5) nor its matrix "from here on": nothing goes on
+    assert "its run measured them open; this model routes with them closed" in caplog.text
