@@ -138,10 +138,14 @@ def sync_hint(folder: Path) -> str | None:
         return None
     run_id = runs[-1].name.rsplit("-", 1)[-1]
     pattern = f"wandb/offline-run-*-{run_id}"
-    found = set(folder.parent.glob(f"*/{pattern}"))
+    found = []
     if folder.name.isdigit():  # a sweep trial's folder (`hydra.sweep.subdir`): earlier sweeps'
-        found |= set(folder.parent.parent.glob(f"*/*/{pattern}"))
-    parts = sorted(found, key=lambda p: p.name)  # (named by their start time)
+        found += folder.parent.parent.glob(f"*/*/{pattern}")
+    found += folder.parent.glob(f"*/{pattern}")
+    unique: dict[str, Path] = {}  # one path a part (a folder linked in holds the same): its own
+    for part in sorted(found, key=lambda p: (p.resolve() != p.absolute(), str(p))):
+        unique.setdefault(part.name, part)
+    parts = sorted(unique.values(), key=lambda p: p.name)  # (named by their start time)
     if len(parts) > 1:
         return f"sync to W&B later: wandb sync --id {run_id} {' '.join(map(str, parts))}"
     return f"sync to W&B later: wandb sync {runs[-1]}"

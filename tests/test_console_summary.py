@@ -109,4 +109,6 @@ def test_a_resumed_sweep_trial_names_its_part_in_the_earlier_sweep(tmp_path: Pat
     again = sweeps / "2026-12-07_13-27-07_4531d5" / "0" / "wandb" / "offline-run-20261207_132710-a7"
     for part in (first, other, again):
         part.mkdir(parents=True)
+    # (a folder linked into the sweeps holds the same parts: named once)
+    (sweeps / "linked").symlink_to(first.parents[2], target_is_directory=True)
     assert sync_hint(again.parents[1]) == f"sync to W&B later: wandb sync --id a7 {first} {again}"
