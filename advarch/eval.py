@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import advarch.config.resolvers  # noqa: F401
 from advarch.console_log import quiet_lightning_logs
+from advarch.errors import ConfigError
 from advarch.spec import kind_name
 from advarch.stop_signals import Stopped, signals_held, stopping_in_one_line
 
@@ -53,7 +54,6 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         with_cache_dir,
     )
     from advarch.config.checks import check_accelerator, check_batch_limit
-    from advarch.errors import ConfigError
     from advarch.pipeline import batch_limit_error, build_all
 
     check_accelerator(cfg.accelerator, "accelerator", "accelerator=cpu")
@@ -146,7 +146,6 @@ def with_tokenizer_of(data: DictConfig, ckpt: dict, ckpt_path: str) -> DictConfi
     from advarch.config.typed import typed_overrides
     from advarch.config.validate import takes_option
     from advarch.data.tokenizer import describe_tokenizer
-    from advarch.errors import ConfigError
 
     state = ckpt.get(TOKENIZER)
     if not state or not takes_option(data, "data", "tokenizer_from"):
@@ -193,7 +192,6 @@ def check_data_kind(ckpt_path: str, ckpt: dict, saved: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from advarch.checkpoint import saved_hparam, saved_kind
-    from advarch.errors import ConfigError
     from advarch.models.model import head_groups
     from advarch.pipeline import BAD_INPUT, build_datamodule, naming
     from advarch.spec import DataSpec
@@ -250,6 +248,13 @@ def checkpoint_overrides(argv: list[str]) -> list[str]:
     node without a datamodule), as it does those keys typed without their `+`."""
     data_chosen = any(a.lstrip("+").startswith("data=") for a in argv)
     groups = ["strategy"] if data_chosen else ["strategy", "data"]
+    removed = next(
+        (a for a in argv if re.match(rf"^~({'|'.join(groups)})(_overrides)?\.", a)), None
+    )
+    if removed is not None:  # (Hydra's "Could not delete from config" otherwise)
+        group = removed[1:].split(".", 1)[0].removesuffix("_overrides")
+        raise ConfigError(f"{removed}: eval.py changes the checkpoint's {group} keys "
+                          f"({group}.<key>=…) and removes none")  # fmt: skip
     own = re.compile(rf"^\+{{0,2}}({'|'.join(groups)})(_overrides)?\.")
     return [own.sub(r"+\1_overrides.", a) if own.match(a) else a for a in argv]
 
@@ -258,7 +263,10 @@ def main() -> None:
     """The command line (`eval.py`, `advarch-eval`): see the module docstring."""
     from advarch.config.choices import check_command_line
 
-    sys.argv[1:] = checkpoint_overrides(sys.argv[1:])
+    try:
+        sys.argv[1:] = checkpoint_overrides(sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     check_command_line(sys.argv[1:], "eval")  # a mistyped key in one line
     with stopping_in_one_line("evaluation"):
         hydra_main()
@@ -321,7 +329,6 @@ def hydra_main(cfg: DictConfig) -> None:
     from advarch.checkpoint import CheckpointError, checkpoint_file
     from advarch.config.validate import import_from_working_dir
     from advarch.console_summary import split_table_lines
-    from advarch.errors import ConfigError
     from advarch.output_folders import check_writable, discard_run_folder
     from advarch.tracking import finish_wandb, sync_hint
 

@@ -361,6 +361,11 @@ def test_strategy_keys_change_the_checkpoints_own_strategy(
             "strategy.<key>=…")  # fmt: skip
     with pytest.raises(SystemExit, match=f"^error: {re.escape(line)}$"):
         check_command_line(checkpoint_overrides([ckpt, "strategy=ewc"]), "eval")
+    # (review 38) removing a key: Hydra's "Could not delete from config" and its hint
+    for removed, group in (("~strategy.adapt_lr", "strategy"), ("~data.seq_len", "data")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(removed)}: eval.py changes the "
+                           f"checkpoint's {group} keys"):  # fmt: skip
+            checkpoint_overrides([ckpt, removed])
 
 
 def test_a_run_whose_files_moved_is_told_where_to_point_eval(make_cfg, tmp_path: Path) -> None:
