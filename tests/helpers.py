@@ -87,6 +87,18 @@ class SignalAtBatch(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalAtEpochEnd(L.Callback):
+    """Send this process `signum` in the end hooks of epoch `epoch` (where a task stream
+    evaluates its tasks)."""
+
+    def __init__(self, epoch: int, signum: int) -> None:
+        self.epoch, self.signum = epoch, signum
+
+    def on_train_epoch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), self.signum)
+
+
 class SignalOnException(L.Callback):
     """Send this process `signum` as the run stops on an exception (while its loggers finish)."""
 

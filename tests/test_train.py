@@ -152,6 +152,8 @@ VALIDATING_MID_STEP = [
     "trainer.limit_train_batches=6",
     "trainer.val_check_interval=3",
 ]
+# 3 batches an epoch, validated every 4 steps: epoch 0 ends (step 3) with no validation due
+VALIDATING_ACROSS_EPOCHS = ["trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=4"]
 
 
 @pytest.mark.parametrize(
@@ -161,8 +163,17 @@ VALIDATING_MID_STEP = [
         (["SignalAtBatch", "+callbacks.stop.batch=3"], ACCUMULATING, None),
         (["SignalInValidation", "+callbacks.stop.step=3"], [], 3),
         (["SignalInValidation", "+callbacks.stop.step=1"], VALIDATING_MID_STEP, 2),
+        (["SignalAtBatch", "+callbacks.stop.batch=2"], VALIDATING_ACROSS_EPOCHS, 3),
+        (["SignalAtEpochEnd", "+callbacks.stop.epoch=0"], VALIDATING_ACROSS_EPOCHS, 3),
     ],
-    ids=["validation-due", "mid-accumulation", "in-validation", "in-validation-mid-step"],
+    ids=[
+        "validation-due",
+        "mid-accumulation",
+        "in-validation",
+        "in-validation-mid-step",
+        "epoch-end",
+        "in-epoch-end-hooks",
+    ],
 )
 def test_a_signal_at_any_batch_resumes_as_the_uninterrupted_run(
     make_cfg, tmp_path: Path, signal_at: list[str], extra: list[str], saved_at: int | None
@@ -173,7 +184,9 @@ def test_a_signal_at_any_batch_resumes_as_the_uninterrupted_run(
     # (final train/loss 5.252 vs 5.251); a signal in step 3's validation (new user 38) waited
     # for step 4's end, a whole step more before the save; one in a validation half-way
     # through an accumulated step saves at that step's end (review 38: saved at the
-    # validation, the resume lost the half step's gradient: test/loss 5.2068 for 5.1992)
+    # validation, the resume lost the half step's gradient: test/loss 5.2068 for 5.1992); one
+    # at an epoch's last batch, no validation due, saved before the epoch's end hooks, which
+    # the resume skipped: its train/*_epoch row was lost; one in those hooks saved a batch later
     common = ["debug=tiny", "trainer.max_steps=6", "trainer.deterministic=true", *STOCHASTIC,
               *extra]  # fmt: skip
     full = make_cfg(common, output_dir=tmp_path / "full")

@@ -167,6 +167,7 @@ class SignalCheckpoint(L.Callback):
         self.received: int | None = None
         self.saved = False  # on the signal (a second Ctrl-C while the run winds down says so)
         self._stop_after_validation: int | None = None  # the signal, where its step validates
+        self._stop_at_next_epoch: int | None = None  # the signal, at an epoch's last batch
         self._previous: dict[int, Any] = {}
         self._watch = SecondCtrlC(self._stopped_at_once)
         self._acknowledges = False  # a signal in training, in the first process: said soon
@@ -237,7 +238,7 @@ class SignalCheckpoint(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """From the start of `fit` (data setup, checkpoint restore, sanity validation)."""
         if stage == "fit":
-            self.received, self.saved = None, False
+            self.received, self.saved, self._stop_at_next_epoch = None, False, None
             self._install()
             # last: a stop saves what every other callback did at that batch or validation
             # (the checkpoint callbacks' best-k, early stopping's count)
@@ -280,7 +281,20 @@ class SignalCheckpoint(L.Callback):
             # `on_validation_end`; were it skipped after all, the next batch's end saves
             self._stop_after_validation = signum
             return
+        if epoch_loop._num_ready_batches_reached():
+            # the epoch's last batch: save once its end hooks have run (its training aggregates
+            # row; Lightning resumes such a checkpoint in the next epoch, skipping them)
+            self._stop_at_next_epoch = signum
+            return
         self._save_and_stop(trainer, signum, log_step=True)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save a signal heard at the previous epoch's last batch or in its end hooks (a task
+        boundary's evaluation) before this epoch trains."""
+        signum = self._stop_at_next_epoch or self._received(trainer)
+        self._stop_at_next_epoch = None
+        if signum is not None:
+            self._save_and_stop(trainer, signum)
 
     def _save_and_stop(self, trainer: L.Trainer, signum: int, log_step: bool = False) -> None:
         """Write `last.ckpt`, say so and raise `Interrupted`; `log_step`: log this step's

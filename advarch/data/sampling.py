@@ -151,9 +151,10 @@ def resume_train_epoch(trainer: object) -> None:
       start hooks (a continual stream's task switch) and count its batches as done. Clear the
       flag, so the epoch starts as in the uninterrupted run.
     - A checkpoint of a fit that had ended with its epoch (the final one, resumed with a
-      higher `trainer.max_steps`): Lightning restarted the ended epoch, found its batches
-      done, ran it empty and went on an epoch and a step later (step 7 of epoch 3 after step
-      5 of epoch 1). Its next epoch starts afresh, as the uninterrupted run's does.
+      higher `trainer.max_steps`), or written as an epoch started (a stop signal heard at the
+      last one's last batch): Lightning restarted the ended epoch, found its batches done,
+      ran it empty and went on an epoch and a step later (step 7 of epoch 3 after step 5 of
+      epoch 1). Its next epoch starts afresh, as the uninterrupted run's does.
     """
     if not getattr(trainer, "ckpt_path", None):
         return
@@ -162,7 +163,7 @@ def resume_train_epoch(trainer: object) -> None:
     if loop.restarted_mid_epoch and progress.total.processed == progress.total.started:
         loop.reset_restart_stage()
     ended = progress.total.completed == progress.total.ready  # (no epoch was in progress)
-    if ended and loop.epoch_loop.restarted_on_last:
+    if (ended or loop.restarted_on_epoch_start) and loop.epoch_loop.restarted_on_last:
         loop.epoch_loop.reset_restart_stage()
         loop.epoch_loop.restarting = False
     loop._combined_loader = None
