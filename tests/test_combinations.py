@@ -121,6 +121,12 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
             "use model=mmoe data=permuted_digits",
         ),
         (["model=seq2seq_moe"], "model=seq2seq_moe data=text:", "data=seq2seq_reverse"),
+        (  # Longformer's global tokens see the future: a causal LM cannot have them
+            ["model=longformer", "model.swa.global_tokens=[0]"],
+            "model=longformer data=text: model=longformer has global tokens "
+            "(model.swa.global_tokens=[0]), which need bidirectional attention",
+            "use model=longformer data=digits",
+        ),
         (["strategy=ewc", "data=text"], "strategy=ewc data=text:", "data=text_domains"),
         (["strategy=finetune"], "strategy=finetune fine-tunes", "strategy.pretrained="),
         (  # a base that fits: a plain decoder of its sizes on its data (new-user 37 F3: it

@@ -460,7 +460,20 @@ def _model_need(model: Mapping[str, Any]) -> Need | None:
             ("text_retrieval", "retro_lookup"),
             lacking="has none",
         )
+    global_tokens = (model.get("swa") or {}).get("global_tokens")
+    if global_tokens and "swa" in _names(model.get("layers")):
+        return Need(
+            f"has global tokens (model.swa.global_tokens={list(global_tokens)}), which need "
+            "bidirectional attention",
+            lambda facts, _: facts.kind != "lm",
+            ("digits", "seq2seq_reverse"),
+        )
     return None
+
+
+def _names(pattern: Any) -> list[str]:
+    """The block names of a `model.layers` pattern (a name or a list of them)."""
+    return [pattern] if isinstance(pattern, str) else [str(p) for p in pattern or ()]
 
 
 def _feature_vectors(facts: DataFacts, data: Mapping[str, Any]) -> bool:

@@ -24,7 +24,7 @@ from torch import nn
 from advarch.models.blocks.attention import Attention
 from advarch.models.blocks.moe import MoEConfig
 from advarch.models.blocks.norm import make_norm
-from advarch.models.blocks.sliding_window import SlidingWindowConfig
+from advarch.models.blocks.sliding_window import CAUSAL_GLOBAL_TOKENS, SlidingWindowConfig
 from advarch.models.blocks.ssd import SSDConfig
 from advarch.models.blocks.ssm import SSMConfig
 from advarch.models.layers import Layer, LayerContext, RoutedFFN
@@ -80,6 +80,9 @@ class Model(nn.Module):
         self.input = self._make_input(spec, dim, feature_patch)
         causal = spec.kind in ("lm", "seq2seq")
         mixers = expand_pattern(layers, depth, "mixer")
+        global_tokens = self.block_configs["swa"].global_tokens
+        if spec.kind == "lm" and global_tokens and "swa" in mixers:
+            raise ValueError(CAUSAL_GLOBAL_TOKENS.format(list(global_tokens)))
         ffns = expand_pattern(ffn, depth, "ffn")
         if spec.kind == "seq2seq":
             enc_depth = depth if encoder_depth is None else encoder_depth

@@ -119,6 +119,21 @@ def test_seq2seq_global_tokens_reach_the_encoder_not_the_causal_decoder() -> Non
     torch.testing.assert_close(moved[:, :3], out[:, :3])  # the decoder stays causal
 
 
+def test_swa_global_tokens_serve_the_bidirectional_layers_and_an_lm_refuses_them() -> None:
+    # `model.swa.global_tokens=[0]`: global in a classifier's encoder and a seq2seq encoder,
+    # never in a seq2seq decoder (causal); a language model, all causal, refuses them
+    swa = {"window": 3, "global_tokens": [0]}
+    seq2seq = DataSpec(kind="seq2seq", vocab_size=30, seq_len=9, target_len=5, pad_id=0, bos_id=1)
+    classifier = Model(CLS, **SMALL, layers=["swa"], swa=swa)
+    translator = Model(seq2seq, **SMALL, layers=["swa", "attn"], swa=swa)
+    assert [layer.mixer.global_tokens for layer in classifier.layers] == [[0], [0]]
+    assert translator.encoder[0].mixer.global_tokens == [0]
+    assert translator.layers[0].mixer.global_tokens == []
+    with pytest.raises(ValueError, match=r"^model\.swa\.global_tokens=\[0\] needs bidirectional"):
+        Model(LM, **SMALL, layers=["swa"], swa=swa)
+    Model(LM, **SMALL, layers=["attn"], swa=swa)  # (no swa layer: nothing to refuse)
+
+
 @pytest.mark.parametrize("encoder_depth", [0, -1])
 def test_seq2seq_encoder_depth_below_one_is_refused(encoder_depth: int) -> None:
     # every other depth is range-checked (model.depth=0, model.retro.encoder_depth=0 are one

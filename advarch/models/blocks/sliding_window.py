@@ -13,7 +13,9 @@ Window definition (w = ``window``; counts are for rows away from the sequence en
 Global tokens are bidirectional only (``global_mask`` with ``causal=True`` raises ValueError):
 a global query attends to every non-padding key, and every query attends to every global key;
 a key inside the band that is also global is counted once. Padding keys are never attended;
-padded query rows (and tokens flagged both padding and global) return zeros.
+padded query rows (and tokens flagged both padding and global) return zeros. The module's
+``global_tokens`` fixes positions that are global in every sequence (Longformer's [CLS] of a
+classifier, §3.1), added to the ``global_mask`` a caller passes.
 
 On CUDA `sliding_window_attention` runs compiled FlexAttention with a block mask of the same
 key set (`flex_window`); elsewhere, and with attention dropout, the blocked path below.
@@ -34,6 +36,7 @@ W band keys per query block, G global tokens (max over the batch).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -44,6 +47,11 @@ from torch import Tensor, nn
 from advarch.models.blocks.band_attention import BandAttention, BandLayout, in_band
 from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.rotary import Rotary
+
+CAUSAL_GLOBAL_TOKENS = (
+    "model.swa.global_tokens={} needs bidirectional attention: global tokens attend to the "
+    "future (use them with a classifier, a regressor or a seq2seq encoder)"
+)
 
 
 def _check(window: int, causal: bool, global_mask: Tensor | None, prefix: str = "") -> None:
@@ -249,6 +257,8 @@ class SlidingWindowAttention(nn.Module):
         num_heads: H; D must be divisible by H (and D / H even when ``rotary``).
         window: w, see the module docstring for the exact key set.
         causal: causal band (decoders, supports ``step``) or centred band with global tokens.
+        global_tokens: positions global in every sequence (bidirectional only; those beyond
+            a sequence's length are left out, padding ones are never attended).
         rotary: apply RoPE to queries and keys at their absolute positions.
         dropout: dropout on attention probabilities (training only).
         block_size: queries per block of the blocked kernel (speed knob, not semantics).
@@ -263,15 +273,19 @@ class SlidingWindowAttention(nn.Module):
         rotary: bool = True,
         dropout: float = 0.0,
         block_size: int | None = None,
+        global_tokens: Sequence[int] = (),
     ) -> None:
         super().__init__()
         config = SlidingWindowConfig(
-            window=window, num_heads=num_heads, rotary=rotary, block_size=block_size
-        )
+            window=window, num_heads=num_heads, rotary=rotary, block_size=block_size,
+            global_tokens=tuple(global_tokens),
+        )  # fmt: skip
         config.validate(ModelShape(dim=dim, dropout=dropout))
+        if causal and global_tokens:
+            raise ValueError(CAUSAL_GLOBAL_TOKENS.format(list(global_tokens)))
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window, self.causal, self.dropout = window, causal, dropout
-        self.block_size = block_size
+        self.block_size, self.global_tokens = block_size, sorted(global_tokens)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.rotary = Rotary(self.head_dim) if rotary else None
@@ -295,7 +309,17 @@ class SlidingWindowAttention(nn.Module):
         """x (B, T, D); pad_mask / global_mask (B, T) bool → (B, T, D), zeros at padding."""
         _check(self.window, self.causal, global_mask, prefix="model.swa.")
         q, k, v = self._qkv(x, torch.arange(x.shape[1], device=x.device))
-        return self._attend(q, k, v, pad_mask, global_mask)
+        return self._attend(q, k, v, pad_mask, self._with_global_tokens(global_mask, x))
+
+    def _with_global_tokens(self, global_mask: Tensor | None, x: Tensor) -> Tensor | None:
+        """`global_mask` with this module's `global_tokens` (those inside the sequence) set."""
+        B, T, _ = x.shape
+        positions = [p for p in self.global_tokens if p < T]
+        if not positions:
+            return global_mask
+        fixed = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        fixed[:, positions] = True
+        return fixed if global_mask is None else global_mask | fixed
 
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, pad_mask: Tensor | None, global_mask: Tensor | None
@@ -354,6 +378,9 @@ class SlidingWindowConfig(BlockConfig):
     """`model.swa`: sliding-window attention options (see `SlidingWindowAttention`).
 
     `num_heads` None takes `model.num_heads`; causality and dropout come from the model.
+    `global_tokens` are positions global in every sequence of a bidirectional stack (a
+    classifier's or regressor's encoder, a seq2seq encoder; a seq2seq decoder, causal, has
+    none; a language model refuses them).
     """
 
     name: ClassVar[str] = "swa"
@@ -362,6 +389,7 @@ class SlidingWindowConfig(BlockConfig):
     num_heads: int | None = None
     rotary: bool = True
     block_size: int | None = None
+    global_tokens: Sequence[int] = ()
 
     def heads(self, shape: ModelShape) -> int:
         return shape.num_heads if self.num_heads is None else self.num_heads
@@ -382,6 +410,11 @@ class SlidingWindowConfig(BlockConfig):
             self.block_size is None or self.block_size >= 1,
             f"{self.key('block_size')}={self.block_size} must be >= 1 or null",
         )
+        positions = list(self.global_tokens)
+        yield (
+            all(p >= 0 for p in positions) and len(set(positions)) == len(positions),
+            f"{self.key('global_tokens')}={positions} must be distinct positions >= 0",
+        )
 
     def build(self, shape: ModelShape, causal: bool = True) -> SlidingWindowAttention:
         """The attention mixer of a layer of `shape`."""
@@ -393,4 +426,5 @@ class SlidingWindowConfig(BlockConfig):
             rotary=self.rotary,
             dropout=shape.dropout,
             block_size=self.block_size,
+            global_tokens=() if causal else self.global_tokens,
         )

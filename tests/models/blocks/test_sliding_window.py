@@ -215,6 +215,8 @@ def test_dropout_only_in_training():
         (dict(dim=12, num_heads=4), r"must be even for model\.swa\.rotary"),
         (dict(dropout=1.0), r"model\.dropout=1\.0"),  # model.dropout: the key a user sets
         (dict(block_size=0), r"model\.swa\.block_size=0"),
+        (dict(global_tokens=[-1]), r"model\.swa\.global_tokens=\[-1\] must be distinct"),
+        (dict(global_tokens=[2, 2]), r"model\.swa\.global_tokens=\[2, 2\] must be distinct"),
     ],
 )
 def test_invalid_config_names_the_key(kwargs, match):
@@ -222,7 +224,33 @@ def test_invalid_config_names_the_key(kwargs, match):
         SlidingWindowAttention(**{"dim": 16, "num_heads": 2, **kwargs})
 
 
+def test_global_tokens_are_a_global_mask_at_those_positions():
+    # `model.swa.global_tokens`: the positions global in every row (one beyond T left out),
+    # added to a caller's mask; outputs and parameter gradients as with that mask
+    torch.manual_seed(0)
+    fixed = SlidingWindowAttention(
+        16, 4, window=4, causal=False, block_size=4, global_tokens=[7, 0, 40]
+    ).double()
+    plain = SlidingWindowAttention(16, 4, window=4, causal=False, block_size=4).double()
+    plain.load_state_dict(fixed.state_dict())
+    x = torch.randn(3, 19, 16, dtype=F64)
+    pad_mask, given = masks(3, 19, pad=True, glob=True)
+    at = torch.zeros(3, 19, dtype=torch.bool)
+    at[:, [0, 7]] = True
+    for caller, expected in ((None, at), (given, given | at)):
+        out = fixed(x, pad_mask=pad_mask, global_mask=caller)
+        ref = plain(x, pad_mask=pad_mask, global_mask=expected)
+        torch.testing.assert_close(out, ref)
+        grads = torch.autograd.grad(out.square().sum(), list(fixed.parameters()))
+        refs = torch.autograd.grad(ref.square().sum(), list(plain.parameters()))
+        for g, g_ref in zip(grads, refs, strict=True):
+            torch.testing.assert_close(g, g_ref)
+    assert not torch.allclose(fixed(x), plain(x))  # (window 4 of 19: they change every row)
+
+
 def test_global_tokens_rejected_when_causal():
+    with pytest.raises(ValueError, match=r"model\.swa\.global_tokens=\[0\] needs bidirectional"):
+        SlidingWindowAttention(16, 2, window=4, causal=True, global_tokens=[0])
     swa = SlidingWindowAttention(16, 2, window=4, causal=True)
     with pytest.raises(ValueError, match=r"model\.swa\.causal=false"):
         swa(torch.randn(1, 5, 16), global_mask=torch.ones(1, 5, dtype=torch.bool))
