@@ -63,6 +63,7 @@ class Routing(NamedTuple):
     balance: torch.Tensor  # () Switch balance loss, 1.0 at perfect balance
     z_loss: torch.Tensor  # () mean squared logsumexp of the logits
     routed: torch.Tensor | None = None  # (E,) slots of real tokens per expert (None: = counts)
+    reach: torch.Tensor | None = None  # () experts the real tokens may reach (None: all E)
 
 
 class MoE(nn.Module):
@@ -207,8 +208,9 @@ class MoE(nn.Module):
         if self.soft:
             probs = logits.softmax(-1)  # (N, E)
             y, dropped = self._soft_mixture(xf, probs), None
-            load = _token_mean(probs, real)
-            aux_loss, load, entropy, balance, z_loss = self._losses(logits, probs, load, real)
+            load, reach = _token_mean(probs, real), _reach(allowed, real)
+            losses = self._losses(logits, probs, load, real, reach)
+            aux_loss, load, entropy, balance, z_loss = losses
         else:
             route = self._route(logits, allowed, real)
             if self.training and self.load_counts is not None:
@@ -269,7 +271,7 @@ class MoE(nn.Module):
         (bincount would read its maximum back to the host).
         """
         N, K, E = logits.shape[0], self.top_k, self.num_experts
-        fusable = real is None and logits.dtype == torch.float32 and E <= 512
+        fusable = real is None and allowed is None and logits.dtype == torch.float32 and E <= 512
         if fusable and self._triton(logits):
             fused = triton_module("moe_routing_triton").FusedRouting.apply
             weights = (self.balance_loss_weight, self.z_loss_weight)
@@ -290,15 +292,21 @@ class MoE(nn.Module):
             0, order, torch.arange(N * K, device=order.device)
         )
         load = routed.to(probs.dtype) / routed.sum().clamp(min=1)
-        losses = self._losses(logits, probs, load, real)
+        reach = _reach(allowed, real)
+        losses = self._losses(logits, probs, load, real, reach)
         offsets = expert_offsets(counts)
-        return Routing(expert, gates, counts, offsets, order, inverse, *losses, routed=routed)
+        return Routing(expert, gates, counts, offsets, order, inverse, *losses, routed=routed,
+                       reach=reach)  # fmt: skip
 
     def _losses(self, logits: torch.Tensor, probs: torch.Tensor, load: torch.Tensor,
-                real: torch.Tensor | None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+                real: torch.Tensor | None, reach: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:  # fmt: skip
         """(aux loss, load, entropy, balance loss, z-loss) of the router's softmax `probs`, means
-        over the `real` tokens (all without a padding mask)."""
-        balance = self.num_experts * torch.dot(load.detach(), _token_mean(probs, real))
+        over the `real` tokens (all without a padding mask); the balance loss scaled by the
+        experts the tokens may reach (`_reach`), so it is 1.0 at perfect balance under a mask too
+        (Fedus et al. 2021, eq. 4: N experts)."""
+        experts = self.num_experts if reach is None else reach
+        balance = experts * torch.dot(load.detach(), _token_mean(probs, real))
         z_loss = _token_mean(torch.logsumexp(logits, -1).square(), real)
         aux_loss = self.balance_loss_weight * balance + self.z_loss_weight * z_loss
         with torch.no_grad():
@@ -337,8 +345,10 @@ class MoE(nn.Module):
         dtype = self._compute_dtype(xf)  # rows move in it (bf16 under autocast)
         if self.capacity_factor is None or not self.training:  # evaluation never drops
             return self._dropless(xf, route, dtype), None
-        # C = ceil(cf · K · N / E) over the real tokens' K·N slots (padding is no token)
-        capacity = torch.ceil(self.capacity_factor * routed.sum() / E).long()
+        # C = ceil(cf · K · N / E) over the real tokens' K·N slots (padding is no token), E the
+        # experts they may reach: under an expert mask, the allowed ones
+        reach = E if route.reach is None else route.reach
+        capacity = torch.ceil(self.capacity_factor * routed.sum() / reach).long()
         start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
         rank = torch.arange(N * K, device=xf.device) - start[flat[order]]  # (N·K,)
         kept = routed.clamp(max=capacity)
@@ -473,6 +483,15 @@ def _bincount(index: torch.Tensor, weight: torch.Tensor | None, size: int) -> to
     scatter-add (`torch.bincount` reads its maximum back to the host)."""
     ones = torch.ones_like(index) if weight is None else weight.long()
     return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, ones)
+
+
+def _reach(allowed: torch.Tensor | None, real: torch.Tensor | None) -> torch.Tensor | None:
+    """() the experts that at least one real token may be routed to under the (N, E) mask
+    `allowed`: where the token-slots spread, for GShard's capacity and Switch's balance loss
+    (None without a mask: all of them). On the device: no host read."""
+    if allowed is None:
+        return None
+    return (allowed if real is None else allowed & real[:, None]).any(0).sum()
 
 
 def _token_mean(values: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:

@@ -257,6 +257,40 @@ def test_masked_experts_are_never_selected(seed: int) -> None:
         torch.testing.assert_close(y[b : b + 1], y_b)
 
 
+@pytest.mark.parametrize(
+    ("top_k", "capacity_factor", "soft"),
+    [(1, None, False), (2, None, False), (1, 1.25, False), (2, 1.25, False), (1, None, True)],
+)
+def test_an_expert_mask_routes_as_a_moe_of_its_allowed_experts(
+    top_k: int, capacity_factor: float | None, soft: bool
+) -> None:
+    # hunter 39: under a mask, GShard's capacity was computed for all E experts (cf 1.25 with
+    # 2 of 8 allowed dropped 69% of the slots, a MoE of those 2 none) and the balance loss
+    # read E / allowed = 4 at perfect balance (a router gradient 4× too large)
+    torch.manual_seed(0)
+    options = dict(top_k=top_k, capacity_factor=capacity_factor, soft=soft)
+    big = MoE(16, 32, num_experts=8, **options).train()
+    small = MoE(16, 32, num_experts=3, **options).train()
+    allowed = [1, 4, 6]
+    with torch.no_grad():
+        for name in ("router", "w_in", "w_out"):
+            getattr(small, name).copy_(getattr(big, name)[allowed])
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[allowed] = True
+    x = torch.randn(4, 64, 16)
+    pad_mask = torch.arange(64) >= torch.tensor([64, 50, 33, 7])[:, None]  # (4, 64)
+    y, aux_loss, stats = big(x, pad_mask=pad_mask, expert_mask=mask)
+    y_ref, aux_ref, ref = small(x, pad_mask=pad_mask)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(aux_loss, aux_ref)
+    for key in ("dropped", "balance_loss", "z_loss", "entropy"):
+        torch.testing.assert_close(stats[key], ref[key], msg=key)
+    torch.testing.assert_close(stats["load"][allowed], ref["load"])
+    gradients = [torch.autograd.grad(loss, moe.router) for loss, moe in
+                 ((aux_loss, big), (aux_ref, small))]  # fmt: skip
+    torch.testing.assert_close(gradients[0][0][allowed], gradients[1][0])
+
+
 def test_mask_allowing_too_few_experts_raises() -> None:
     moe = MoE(8, 16, num_experts=4, top_k=2)
     with pytest.raises(ValueError, match="fewer than 2"):
