@@ -9,9 +9,10 @@ devices' peaks.
 The first batch (compilation, cuDNN autotuning, allocator warm-up) is excluded from the run
 totals. MFU = `training_flops_per_token` × tokens/s ÷ the device's dense peak for the
 trainer's precision (the table below; else Lightning's; unknown, e.g. CPUs: MFU not logged
-unless `peak_flops` is given). Each window's rates are logged as `train/tokens_per_s`,
-`train/samples_per_s`, `train/mfu`; the run's totals replace them in `trainer.callback_metrics`
-(which the run summary prints) and in the W&B run's summary.
+unless `peak_flops` is given), times the model passes a strategy makes per counted example
+where it says (`model_passes(batch)`: first-order MAML's inner loop). Each window's rates are
+logged as `train/tokens_per_s`, `train/samples_per_s`, `train/mfu`; the run's totals replace
+them in `trainer.callback_metrics` (which the run summary prints) and in the W&B run's summary.
 """
 
 from __future__ import annotations
@@ -107,9 +108,10 @@ class ThroughputCallback(L.Callback):
         samples, tokens = batch_counts(batch, self._feature_tokens)
         if self.flops_per_token is None and samples:
             seq_len = max(tokens // samples, 1)
+            passes = getattr(pl_module, "model_passes", None)  # (few-shot inner loops)
             self.flops_per_token = training_flops_per_token(
                 getattr(pl_module, "model", pl_module), seq_len
-            )
+            ) * (1.0 if passes is None else passes(batch))
         self._batches += 1
         if self._batches == 1:  # warm-up batch: restart the clock after it
             self._elapsed(pl_module.device)

@@ -245,6 +245,15 @@ class FewShotStrategy(BaseStrategy):
             out = ModelOutput(out.logits.detach(), out.aux_loss.detach(), out.stats)
         return out
 
+    def model_passes(self, episode: Mapping[str, torch.Tensor]) -> float:
+        """Forward + backward passes of the model per example a training episode counts
+        (MFU's FLOPs): first-order MAML adapts on the support `adapt_steps` times besides the
+        pass over support and query that the others make."""
+        if self.hparams.adaptation != "fomaml":
+            return 1.0
+        shots, queries = len(episode["support"]), len(episode["query"])
+        return 1.0 + self.hparams.adapt_steps * shots / (shots + queries)
+
     # -- steps --------------------------------------------------------------------------------
     def shared_step(
         self, batch: dict[str, torch.Tensor], split: str

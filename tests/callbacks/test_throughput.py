@@ -116,6 +116,33 @@ def test_seq2seq_flops_count_the_decoders_cross_attention() -> None:
     assert training_flops_per_token(model, 12) == pytest.approx(counted / source.numel())
 
 
+def test_fomaml_counts_its_inner_loop_in_the_flops() -> None:
+    # hunter 39: MFU counted one pass over support and query; first-order MAML runs 10 more
+    # over the support (1-shot 5-way, 15 queries a class: 1.6x the FLOPs, 5-shot 3.4x)
+    from torch.nn.functional import cross_entropy
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tests.strategies.test_fewshot import small_episodes, small_fewshot
+
+    (episode,) = small_episodes(1)
+    counted = {}
+    for adaptation in ("none", "fomaml"):
+        strategy = small_fewshot(adaptation)
+        strategy.hparams.adapt_steps = 10
+        with FlopCounterMode(display=False) as counter:  # one training step's passes
+            logits = strategy.episode_logits(episode).logits
+            cross_entropy(logits, episode["query_labels"]).backward()
+        counted[adaptation] = counter.get_total_flops()
+        callback = ThroughputCallback()
+        callback.on_train_batch_end(object(), strategy, None, episode, 0)
+        assert callback.flops_per_token == pytest.approx(
+            training_flops_per_token(strategy.model, 1) * strategy.model_passes(episode)
+        )
+    assert strategy.model_passes(episode) == pytest.approx(1 + 10 * 5 / 80)
+    ratio = counted["fomaml"] / counted["none"]  # (the head's matmuls aside)
+    assert ratio == pytest.approx(strategy.model_passes(episode), rel=0.02)
+
+
 def test_summary_line_shows_mfu_when_known() -> None:
     line = throughput_line({"train/tokens_per_s": 12345.6, "train/samples_per_s": 3.25})
     assert line == "training throughput 12,346 tokens/s · 3.2 samples/s"
