@@ -68,8 +68,8 @@ def _differences(
 
 def with_block_defaults(model: Any) -> Any:
     """A model config whose block sections (`moe`, `ssm`, …) hold every option, the block's
-    default where absent: a config written before its YAML listed an option ran with that
-    default, which is no difference."""
+    default where absent (as YAML writes it: a list for a tuple): a config written before its
+    YAML listed an option ran with that default, which is no difference."""
     if not isinstance(model, Mapping):
         return model
     from advarch.models.registry import BLOCKS  # (torch: by then imported for the checkpoint)
@@ -77,7 +77,8 @@ def with_block_defaults(model: Any) -> Any:
     filled = dict(model)
     for name, block in BLOCKS.items():
         if block.config.name and isinstance(filled.get(name), Mapping):
-            defaults = {f.name: f.default for f in dataclasses.fields(block.config)}
+            defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+                        for f in dataclasses.fields(block.config)}  # fmt: skip
             filled[name] = {**defaults, **filled[name]}
     return filled
 
