@@ -295,6 +295,19 @@ def test_every_hint_of_every_model_and_strategy_passes(
             assert combination_error(group_nodes, monkeypatch, fixed) is None, (error, fixed)
 
 
+def test_global_tokens_refuse_a_language_model_only_where_it_has_swa_layers(
+    group_nodes, monkeypatch
+) -> None:
+    # review 39: the check read model.layers as written; model=hybrid model.depth=2 builds
+    # [ssm, attn], no swa layer, yet was refused
+    tokens = "model.swa.global_tokens=[0]"
+    refused = combination_error(group_nodes, monkeypatch, ["model=hybrid", tokens])
+    assert refused.startswith("model=hybrid data=text: model=hybrid has global tokens"), refused
+    for command in (["model=hybrid", "model.depth=2", tokens],
+                    ["model=longformer", "data=digits", tokens]):  # fmt: skip
+        assert combination_error(group_nodes, monkeypatch, command) is None, command
+
+
 def test_retrofit_onto_a_model_without_retro_says_so_before_asking_for_the_base(
     make_cfg, tmp_path: Path
 ) -> None:

@@ -215,6 +215,42 @@ def test_a_signal_at_any_batch_resumes_as_the_uninterrupted_run(
         assert (Path(stopped.paths.output_dir) / "checkpoints" / "best-3.ckpt").is_file()
 
 
+def test_a_chain_of_stops_at_epoch_ends_resumes_as_the_uninterrupted_run(
+    make_cfg, tmp_path: Path
+) -> None:
+    # review 39: a run resumed from a save as an epoch started (a stop at the last batch of
+    # an epoch that validates every other epoch) kept one of Lightning's epoch counters a step
+    # behind; its next such save then read as a finished epoch, and a mid-epoch stop after
+    # that resumed as no restart at all: other batches (test/loss 4.7793837 for 4.7793474)
+    common = ["debug=tiny", "trainer.max_steps=-1", "trainer.max_epochs=5",
+              "trainer.check_val_every_n_epoch=2", "trainer.deterministic=true",
+              *STOCHASTIC]  # fmt: skip
+    full = make_cfg(common, output_dir=tmp_path / "full")
+    full_metrics = run(full)
+    ckpt = None
+    for part, (batch, saved_at) in enumerate([(2, 3), (8, 9), (10, 11), (None, None)]):
+        resume = [] if ckpt is None else [f"ckpt_path={ckpt}"]
+        stop = [] if batch is None else [
+            "+callbacks.stop._target_=tests.helpers.SignalAtBatch",
+            f"+callbacks.stop.batch={batch}",
+            f"+callbacks.stop.signum={int(signal.SIGTERM)}"]  # fmt: skip
+        cfg = make_cfg([*common, *resume, *stop], output_dir=tmp_path / f"part{part}")
+        if batch is None:
+            metrics = run(cfg)
+            break
+        with pytest.raises(Interrupted):
+            run(cfg)
+        ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        assert torch.load(ckpt, weights_only=False)["global_step"] == saved_at
+    timing = ("train/tokens_per_s", "train/samples_per_s")
+    full_rows, resumed_rows = (
+        [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(run_dir)]
+        for run_dir in (Path(full.paths.output_dir), Path(cfg.paths.output_dir))
+    )
+    assert resumed_rows == full_rows
+    assert metrics["test/loss"] == full_metrics["test/loss"]
+
+
 def best_score(callback_states: dict) -> float:
     """The best validation score a checkpoint's `RankedCheckpoint` state holds."""
     (state,) = [v for k, v in callback_states.items() if k.startswith("RankedCheckpoint")]

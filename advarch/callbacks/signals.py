@@ -5,9 +5,10 @@ Schedulers send SIGTERM before preemption; SLURM sends a chosen signal before th
 signal; at the end of the current training batch (after its optimizer step, where periodic
 checkpoints are written too; after the step's validation where one is due, as Lightning's
 checkpoints after a validation; at a validation's end when heard during it, where no
-accumulation is half done) the callback writes `last.ckpt`, prints one line naming it,
-and raises `Interrupted`, which the entry point turns into exit code 128 + the signal number
-(143 SIGTERM, 130 SIGINT, 138 SIGUSR1, 140 SIGUSR2). Resuming from that checkpoint
+accumulation is half done; as the next epoch starts when heard at an epoch's last batch or in
+its end hooks, which then have logged its aggregates) the callback writes `last.ckpt`, prints
+one line naming it, and raises `Interrupted`, which the entry point turns into exit code 128 +
+the signal number (143 SIGTERM, 130 SIGINT, 138 SIGUSR1, 140 SIGUSR2). Resuming from that checkpoint
 (`ckpt_path=auto`) continues exactly where the signal arrived: its curves, best checkpoint and
 early stopping are the uninterrupted run's. SIGUSR1/2 inside a SLURM job
 also requeue the job (`scontrol requeue`). A second Ctrl-C stops at once, without saving.

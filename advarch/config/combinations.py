@@ -461,7 +461,7 @@ def _model_need(model: Mapping[str, Any]) -> Need | None:
             lacking="has none",
         )
     global_tokens = (model.get("swa") or {}).get("global_tokens")
-    if global_tokens and "swa" in _names(model.get("layers")):
+    if global_tokens and "swa" in _layers(model.get("layers"), model.get("depth")):
         return Need(
             f"has global tokens (model.swa.global_tokens={list(global_tokens)}), which need "
             "bidirectional attention",
@@ -471,9 +471,12 @@ def _model_need(model: Mapping[str, Any]) -> Need | None:
     return None
 
 
-def _names(pattern: Any) -> list[str]:
-    """The block names of a `model.layers` pattern (a name or a list of them)."""
-    return [pattern] if isinstance(pattern, str) else [str(p) for p in pattern or ()]
+def _layers(pattern: Any, depth: Any) -> list[str]:
+    """The mixers a `model.layers` pattern (a name or a list of them) gives `model.depth`
+    layers: cycled to it, or cut (`model=hybrid model.depth=2`: no swa layer)."""
+    names = [pattern] if isinstance(pattern, str) else [str(p) for p in pattern or ()]
+    count = depth if isinstance(depth, int) and depth > 0 else len(names)
+    return [names[i % len(names)] for i in range(count)] if names else []
 
 
 def _feature_vectors(facts: DataFacts, data: Mapping[str, Any]) -> bool:

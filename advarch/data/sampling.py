@@ -163,6 +163,8 @@ def resume_train_epoch(trainer: object) -> None:
     if loop.restarted_mid_epoch and progress.total.processed == progress.total.started:
         loop.reset_restart_stage()
     ended = progress.total.completed == progress.total.ready  # (no epoch was in progress)
+    if loop.restarted_on_epoch_start:  # (Lightning's reset_on_restart left current.ready behind)
+        progress.current.ready = progress.current.completed + 1
     if (ended or loop.restarted_on_epoch_start) and loop.epoch_loop.restarted_on_last:
         loop.epoch_loop.reset_restart_stage()
         loop.epoch_loop.restarting = False

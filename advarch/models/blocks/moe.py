@@ -18,7 +18,8 @@ Implements:
   among the experts open to it (a masked-out expert's zero load is its fair load: counting
   it in a mean made every allowed expert look overloaded, and they never balanced).
 - GShard capacity (Lepikhin et al. 2020): C = ceil(cf · K · N / E) token-slots per expert, N
-  the real tokens (padding is none).
+  the real tokens (padding is none), E the experts they may reach (under a mask, the allowed
+  ones; so is the balance loss's N of experts).
 
 Shapes: B batch, T time, N = B·T tokens, D model dim, H expert hidden (2H for SwiGLU's fused
 gate and up projections), E experts, K experts per token, S = kept token-slots (≤ N·K).
@@ -118,7 +119,7 @@ class MoE(nn.Module):
                 `num_shared_experts · shared_hidden` (the sum of n MLPs equals one wider MLP).
             shared_hidden: hidden width of each shared expert; defaults to `hidden`.
             capacity_factor: None = dropless; else slots per expert C = ceil(cf · K · N / E),
-                N the tokens that are not padding.
+                N the tokens that are not padding, E the experts they may reach.
             soft: dense mixture weighted by the full softmax instead of top-k.
             router_jitter: ε of the multiplicative U(1−ε, 1+ε) noise on router inputs in training.
             balance_loss_weight: weight of the Switch balance loss in `aux_loss`.
@@ -352,7 +353,7 @@ class MoE(nn.Module):
         start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
         rank = torch.arange(N * K, device=xf.device) - start[flat[order]]  # (N·K,)
         kept = routed.clamp(max=capacity)
-        dropped = 1.0 - kept.sum() / routed.sum().clamp(min=1)
+        dropped = (routed.sum() - kept.sum()) / routed.sum().clamp(min=1)  # (0 of no slot)
         fits = rank < routed[flat[order]].clamp(max=capacity)  # real slots within capacity
         if torch.compiler.is_compiling():  # static shapes: every slot runs, dropped ones gated 0
             keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(0, order, fits)
@@ -490,8 +491,8 @@ def _reach(allowed: torch.Tensor | None, real: torch.Tensor | None) -> torch.Ten
     `allowed`: where the token-slots spread, for GShard's capacity and Switch's balance loss
     (None without a mask: all of them). On the device: no host read."""
     if allowed is None:
-        return None
-    return (allowed if real is None else allowed & real[:, None]).any(0).sum()
+        return None  # (at least 1: a micro-batch of padding alone reaches none)
+    return (allowed if real is None else allowed & real[:, None]).any(0).sum().clamp(min=1)
 
 
 def _token_mean(values: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:

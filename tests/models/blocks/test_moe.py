@@ -291,6 +291,16 @@ def test_an_expert_mask_routes_as_a_moe_of_its_allowed_experts(
     torch.testing.assert_close(gradients[0][0][allowed], gradients[1][0])
 
 
+def test_a_masked_micro_batch_of_padding_alone_drops_nothing() -> None:
+    # review 39: it reached no expert, so the capacity divided by 0 (NaN) and the forward raised
+    moe = MoE(16, 32, num_experts=8, top_k=2, capacity_factor=1.25).train()
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[:2] = True
+    x = torch.randn(2, 5, 16)
+    y, aux_loss, stats = moe(x, pad_mask=torch.ones(2, 5, dtype=torch.bool), expert_mask=mask)
+    assert torch.isfinite(y).all() and torch.isfinite(aux_loss) and stats["dropped"] == 0
+
+
 def test_mask_allowing_too_few_experts_raises() -> None:
     moe = MoE(8, 16, num_experts=4, top_k=2)
     with pytest.raises(ValueError, match="fewer than 2"):
