@@ -22,6 +22,18 @@ class CrashAtStep(L.Callback):
             raise RuntimeError(f"simulated crash at step {self.step}")
 
 
+class CrashInValidation(L.Callback):
+    """Raise after the first batch of `fit`'s validation at optimizer step `step`, like a
+    machine dying there."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            raise RuntimeError(f"simulated crash in the validation at step {self.step}")
+
+
 class IdleSteps(L.Callback):
     """Sleep `seconds` after every optimizer step: a long run that leaves the CPU to others."""
 

@@ -215,6 +215,36 @@ def test_a_signal_at_any_batch_resumes_as_the_uninterrupted_run(
         assert (Path(stopped.paths.output_dir) / "checkpoints" / "best-3.ckpt").is_file()
 
 
+def test_a_crash_in_a_validation_resumes_as_the_uninterrupted_run(make_cfg, tmp_path: Path
+                                                                   ) -> None:  # fmt: skip
+    # new user 39: last.ckpt was written as step 6 ended, before its validation; a run killed
+    # in that validation resumed past it (Lightning counts a step's validation done with the
+    # step): no val row, no train/*_epoch row, its weights never ranked. It is written after
+    # the validation now, so the resume starts at step 3's and runs step 6's again
+    common = ["debug=tiny", "trainer.max_steps=9", "trainer.deterministic=true", *STOCHASTIC]
+    full = make_cfg(common, output_dir=tmp_path / "full")
+    full_metrics = run(full)
+    crash = ["+callbacks.crash._target_=tests.helpers.CrashInValidation",
+             "+callbacks.crash.step=6"]  # fmt: skip
+    crashed = make_cfg([*common, *crash], output_dir=tmp_path / "crashed")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crashed)
+    last = Path(crashed.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    resumed = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
+    resumed_metrics = run(resumed)
+    timing = ("train/tokens_per_s", "train/samples_per_s")
+    full_rows, resumed_rows = (
+        [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(run_dir)]
+        for run_dir in (Path(full.paths.output_dir), Path(resumed.paths.output_dir))
+    )
+    assert resumed_rows == full_rows
+    assert resumed_metrics["test/loss"] == full_metrics["test/loss"]
+    best = [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+            ["callbacks"] for c in (full, resumed)]  # fmt: skip
+    assert best_score(best[1]) == best_score(best[0])
+
+
 def test_a_chain_of_stops_at_epoch_ends_resumes_as_the_uninterrupted_run(
     make_cfg, tmp_path: Path
 ) -> None:

@@ -5,10 +5,14 @@ Lightning's step-triggered save (`every_n_train_steps`) runs in `on_train_batch_
 that step's validation: mid-epoch it ranks the new weights by the previous validation's score
 (`best-200.ckpt` scored by step 100's weights), and a run that ends off the validation
 cadence (`max_steps`, `max_epochs`, `max_time`, early stopping) never ranks its final weights.
-Here a step-triggered save, or the stop's, writes `last.ckpt` (the resume point) at once and
-ranks the weights at the end of the next validation, which Lightning runs when a stop is asked
-for (`ValidateAtLastStep` asks at the run's last step). Lightning orders checkpoint callbacks
-last, so the others have asked by then.
+Here a step-triggered save, or the stop's, ranks the weights at the end of the next
+validation, which Lightning runs when a stop is asked for (`ValidateAtLastStep` asks at the
+run's last step), and writes `last.ckpt` (the resume point) after the validation of its step,
+or at once where none follows: a run killed in that validation resumes from the checkpoint
+before and runs it again, where one resumed from a checkpoint written before it skipped it
+(Lightning counts a step's validation done with the step: its row, its ranking and early
+stopping's count were lost). Lightning orders checkpoint callbacks last, so the others have
+asked by then.
 
 Its state (the best-k record) is keyed by the metric and direction it ranks, not by the
 cadence: a resume that checkpoints more or less often keeps the record.
@@ -71,7 +75,11 @@ class RankedCheckpoint(ModelCheckpoint):
         if self.monitor is None or not (due or final) or skip:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        loop = trainer.fit_loop
+        if not loop.epoch_loop._should_check_val_fx(loop._data_fetcher):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # else the validation this step runs saves it: a resume of a checkpoint written
+        # before it would skip it (Lightning counts a step's validation done with the step)
         self._rank_at_validation = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
