@@ -320,10 +320,11 @@ def main() -> None:
         from advarch.run_lock import process_rank
 
         if process_rank() == 0:  # (every process of a DDP job gets the signal)
-            sweep = any(a in ("-m", "--multirun") for a in sys.argv[1:])
-            if sweep:
-                from advarch.sweeps import show_running_sweep
+            from advarch.sweeps import RUNNING_SWEEP, show_running_sweep
 
+            # (a config may ask for the sweep: hparams_search=… sets hydra.mode=MULTIRUN)
+            sweep = bool(RUNNING_SWEEP) or any(a in ("-m", "--multirun") for a in sys.argv[1:])
+            if sweep:
                 show_running_sweep()  # the trials so far
             print(stopped_line(signum, sweep), file=sys.stderr)
             requeue(signum)

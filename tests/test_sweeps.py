@@ -192,13 +192,21 @@ def test_the_console_table_shows_values_in_brackets(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_signal_between_trials_stops_the_sweep_with_its_table(project: Project) -> None:
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        "-m model.depth=1,2 debug=tiny",
+        # a sweep its config asks for, without -m (new user 39: "before training started:
+        # stopped, nothing saved", no table)
+        "hparams_search=optuna debug=tiny hydra.sweeper.n_trials=2",
+    ],
+)
+def test_a_signal_between_trials_stops_the_sweep_with_its_table(
+    project: Project, sweep: str
+) -> None:
     # SIGTERM as trial 0 has ended: while Hydra composes trial 1, or as it starts
     wait = "until [ -f outputs/multiruns/*/0/result.json ]; do sleep 0.02; done"
-    stopped = project.shell(
-        f"python train.py -m model.depth=1,2 debug=tiny & pid=$!; {wait}; kill -TERM $pid; "
-        "wait $pid"
-    )
+    stopped = project.shell(f"python train.py {sweep} & pid=$!; {wait}; kill -TERM $pid; wait $pid")
     assert stopped.rc == 143 and "Traceback" not in stopped.output, stopped.output[-3000:]
     assert stopped.output.rstrip().endswith(
         "SIGTERM received: sweep stopped (its trials keep what they saved); rerun the same "
