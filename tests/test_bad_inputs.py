@@ -292,6 +292,11 @@ ROWS: list[tuple[str, list[str], str]] = [
     # (tester 33: accepted, then a traceback inside training, or a NaN loss blaming optimizer.lr)
     ("train", ["strategy=fewshot", "data=fewshot_synthetic", "data.k_shot=0"], "data.k_shot=0"),
     ("train", ["strategy=fewshot", "data=fewshot_synthetic", "data.n_query=0"], "data.n_query=0"),
+    (  # (new user 39: torchmetrics' "Expected argument `num_classes` … larger than 1")
+        "train",
+        ["strategy=fewshot", "data=fewshot_synthetic", "data.n_way=1"],
+        "data.n_way=1 must be >= 2",
+    ),
     (
         "train",
         ["strategy=fewshot", "data=fewshot_synthetic", "data.n_way=500"],

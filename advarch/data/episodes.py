@@ -129,6 +129,8 @@ def check_episodes(n_way: int, k_shot: int, n_query: int, class_sizes: Sequence[
         raise ValueError(
             f"data.n_way={n_way}, data.k_shot={k_shot}, data.n_query={n_query} must be >= 1"
         )
+    if n_way < 2:  # (one class: nothing to tell apart; torchmetrics' accuracy refuses it)
+        raise ValueError(f"data.n_way={n_way} must be >= 2: an episode tells classes apart")
     where = f" of the {split} split" if split else ""
     if n_way > len(class_sizes):
         raise ValueError(f"data.n_way={n_way} exceeds the {len(class_sizes)} classes{where}")
