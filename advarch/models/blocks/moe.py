@@ -489,9 +489,10 @@ def _bincount(index: torch.Tensor, weight: torch.Tensor | None, size: int) -> to
 def _reach(allowed: torch.Tensor | None, real: torch.Tensor | None) -> torch.Tensor | None:
     """() the experts that at least one real token may be routed to under the (N, E) mask
     `allowed`: where the token-slots spread, for GShard's capacity and Switch's balance loss
-    (None without a mask: all of them). On the device: no host read."""
+    (None without a mask: all of them); at least 1, as a micro-batch of padding alone reaches
+    none. On the device: no host read."""
     if allowed is None:
-        return None  # (at least 1: a micro-batch of padding alone reaches none)
+        return None
     return (allowed if real is None else allowed & real[:, None]).any(0).sum().clamp(min=1)
 
 
