@@ -201,12 +201,7 @@ def test_a_signal_at_any_batch_resumes_as_the_uninterrupted_run(
         assert torch.load(last, weights_only=False)["global_step"] == saved_at
     resumed = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
     resumed_metrics = run(resumed)
-    timing = ("train/tokens_per_s", "train/samples_per_s")
-    full_rows, resumed_rows = (
-        [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(run_dir)]
-        for run_dir in (Path(full.paths.output_dir), Path(resumed.paths.output_dir))
-    )
-    assert resumed_rows == full_rows
+    assert untimed_rows(resumed) == untimed_rows(full)
     assert resumed_metrics["test/loss"] == full_metrics["test/loss"]
     best = [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
             ["callbacks"] for c in (full, resumed)]  # fmt: skip
@@ -233,12 +228,7 @@ def test_a_crash_in_a_validation_resumes_as_the_uninterrupted_run(make_cfg, tmp_
     assert torch.load(last, weights_only=False)["global_step"] == 3
     resumed = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
     resumed_metrics = run(resumed)
-    timing = ("train/tokens_per_s", "train/samples_per_s")
-    full_rows, resumed_rows = (
-        [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(run_dir)]
-        for run_dir in (Path(full.paths.output_dir), Path(resumed.paths.output_dir))
-    )
-    assert resumed_rows == full_rows
+    assert untimed_rows(resumed) == untimed_rows(full)
     assert resumed_metrics["test/loss"] == full_metrics["test/loss"]
     best = [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
             ["callbacks"] for c in (full, resumed)]  # fmt: skip
@@ -272,13 +262,15 @@ def test_a_chain_of_stops_at_epoch_ends_resumes_as_the_uninterrupted_run(
             run(cfg)
         ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
         assert torch.load(ckpt, weights_only=False)["global_step"] == saved_at
-    timing = ("train/tokens_per_s", "train/samples_per_s")
-    full_rows, resumed_rows = (
-        [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(run_dir)]
-        for run_dir in (Path(full.paths.output_dir), Path(cfg.paths.output_dir))
-    )
-    assert resumed_rows == full_rows
+    assert untimed_rows(cfg) == untimed_rows(full)
     assert metrics["test/loss"] == full_metrics["test/loss"]
+
+
+def untimed_rows(cfg) -> list[dict[str, float]]:
+    """A run's CSV rows without its timing columns, which differ between any two runs."""
+    timing = ("train/tokens_per_s", "train/samples_per_s")
+    rows = read_metrics(Path(cfg.paths.output_dir))
+    return [{k: v for k, v in row.items() if k not in timing} for row in rows]
 
 
 def best_score(callback_states: dict) -> float:
@@ -324,12 +316,8 @@ def test_resume_from_a_checkpoint_at_an_epochs_last_batch(make_cfg, tmp_path: Pa
     resumed_metrics = run(resumed)
     losses = [series(read_metrics(Path(c.paths.output_dir)), "train/loss") for c in (full, resumed)]
     assert losses[1] == losses[0]  # steps 0-2 carried from the run's CSV, 3-6 on the same batches
-    timing = ("train/tokens_per_s", "train/samples_per_s")
-    full_rows, resumed_rows = (
-        [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(run_dir)]
-        for run_dir in (Path(full.paths.output_dir), Path(resumed.paths.output_dir))
-    )
-    assert resumed_rows == full_rows  # (epoch 0's end, carried and logged again, once)
+    # (epoch 0's end, carried and logged again, once)
+    assert untimed_rows(resumed) == untimed_rows(full)
     for key in ("val/loss", "test/loss", "test/acc"):
         if key in full_metrics:  # (multitask: per-task MSE, no accuracy)
             assert resumed_metrics[key] == full_metrics[key], key
