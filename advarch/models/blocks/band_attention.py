@@ -42,6 +42,17 @@ def in_band(offset: Tensor, window: int, causal: bool) -> Tensor:
     return offset.abs() <= window // 2
 
 
+def with_global_positions(
+    global_mask: Tensor | None, positions: tuple[int, ...], batch: int, length: int, device
+) -> Tensor | None:
+    """``global_mask`` (B, T) with ``positions`` (global in every row, all < T) set as well."""
+    if not positions:
+        return global_mask
+    fixed = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    fixed[:, list(positions)] = True
+    return fixed if global_mask is None else global_mask | fixed
+
+
 @dataclass(frozen=True)
 class BandLayout:
     """Block geometry and masks of one call (see the module docstring for the symbols)."""

@@ -4,9 +4,11 @@
 128 × 128 tile its block mask marks empty, so time and memory are O(T·w) like the blocked path
 of `sliding_window`, on tensor cores. The mask is the same key set as
 `sliding_window_mask`: the band (`in_band`), ∪ global tokens as queries and as keys, − padding
-keys; padded query rows are zeroed afterwards. The block mask of a plain band depends only on
-(T, w, causal, device) and is built once and cached; with padding or global tokens it depends
-on the batch and is built per call (compiled, without a T × T tensor).
+keys; padded query rows are zeroed afterwards. The block mask of a band with global positions
+fixed for every row (a model's ``global_tokens``) depends only on (T, w, causal, positions,
+device) and is built once and cached. With padding or a per-row ``global_mask`` it depends on
+the batch: it is built (compiled, without a T × T tensor) when those mask tensors change, so a
+forward whose layers pass the same masks builds it once, not once per layer.
 
 No dropout: the caller falls back to the blocked path when attention dropout is on.
 """
@@ -15,12 +17,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from advarch.models.blocks.band_attention import in_band
+from advarch.models.blocks.band_attention import in_band, with_global_positions
 
 
 def window_mask_mod(
@@ -28,22 +31,82 @@ def window_mask_mod(
 ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """FlexAttention mask_mod: True where query ``q`` of row ``b`` may attend key ``kv``.
 
-    ``keep`` (B, T) is False at padding; ``glob`` (B, T) True at (non-padding) global tokens.
+    ``keep`` (B, T) is False at padding; ``glob`` True at (non-padding) global tokens, (B, T)
+    or (T,) where they are the same in every row.
     """
 
     def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         allowed = in_band(q - kv, window, causal)
         if glob is not None:
-            allowed = allowed | glob[b, q] | glob[b, kv]
+            row = glob if glob.dim() == 1 else glob[b]
+            allowed = allowed | row[q] | row[kv]
         return allowed if keep is None else allowed & keep[b, kv]
 
     return mask_mod
 
 
 @functools.lru_cache(maxsize=32)
-def band_block_mask(length: int, window: int, causal: bool, device: torch.device) -> BlockMask:
-    """The block mask of a plain band, built once per (T, w, causal, device)."""
-    return _block_mask(window_mask_mod(window, causal), None, length, device)
+def band_block_mask(
+    length: int, window: int, causal: bool, device: torch.device, positions: tuple[int, ...] = ()
+) -> BlockMask:
+    """The block mask of a band ∪ global ``positions`` (all < T), built once per argument set."""
+    glob = with_global_positions(None, positions, 1, length, device)
+    glob = None if glob is None else glob[0]
+    return _block_mask(window_mask_mod(window, causal, glob=glob), None, length, device)
+
+
+@dataclass
+class _BatchBlockMask:
+    """A per-batch block mask and what it was built from: the mask tensors themselves (held, so
+    their ids stay theirs) and their version counters (an in-place change invalidates it)."""
+
+    masks: tuple[Tensor | None, Tensor | None]
+    versions: tuple[int, ...]
+    shape: tuple
+    block_mask: BlockMask
+
+    def serves(self, masks: tuple[Tensor | None, Tensor | None], shape: tuple) -> bool:
+        return (
+            shape == self.shape
+            and all(a is b for a, b in zip(masks, self.masks, strict=True))
+            and _versions(masks) == self.versions
+        )
+
+
+def _versions(masks: tuple[Tensor | None, ...]) -> tuple[int, ...]:
+    return tuple(-1 if m is None else m._version for m in masks)
+
+
+_last_batch_mask: list[_BatchBlockMask] = []  # at most one: the last forward's
+
+
+def batch_block_mask(
+    window: int,
+    causal: bool,
+    pad_mask: Tensor | None,
+    global_mask: Tensor | None,
+    positions: tuple[int, ...],
+    length: int,
+    device: torch.device,
+) -> BlockMask:
+    """The block mask of a band ∪ global tokens − padding keys for this batch's masks, reused
+    while the next call passes the same (unchanged) mask tensors: every layer of a forward."""
+    masks = (pad_mask, global_mask)
+    shape = (window, causal, positions, length, device)
+    memo = not torch.compiler.is_compiling() and not any(
+        m is not None and m.is_inference()
+        for m in masks  # inference tensors keep no version
+    )
+    if memo and _last_batch_mask and _last_batch_mask[0].serves(masks, shape):
+        return _last_batch_mask[0].block_mask
+    batch = next(m.shape[0] for m in masks if m is not None)
+    keep = None if pad_mask is None else ~pad_mask
+    glob = with_global_positions(global_mask, positions, batch, length, device)
+    glob = glob if keep is None or glob is None else glob & keep
+    block_mask = _block_mask(window_mask_mod(window, causal, keep, glob), batch, length, device)
+    if memo:
+        _last_batch_mask[:] = [_BatchBlockMask(masks, _versions(masks), shape, block_mask)]
+    return block_mask
 
 
 def _block_mask(mask_mod: Callable, batch: int | None, length: int, device) -> BlockMask:
@@ -84,20 +147,22 @@ def flex_window_attention(
     causal: bool,
     pad_mask: Tensor | None = None,
     global_mask: Tensor | None = None,
+    global_positions: tuple[int, ...] = (),
     compiled: bool = True,
 ) -> Tensor:
-    """`sliding_window_attention` semantics through FlexAttention; q, k, v (B, H, T, Dh).
+    """`sliding_window_attention` semantics through FlexAttention; q, k, v (B, H, T, Dh);
+    ``global_positions`` sorted, distinct and < T.
 
     ``compiled=False`` runs FlexAttention eagerly (CPU, forward only: what tests can check
     without a GPU).
     """
-    B, _, T, _ = q.shape
+    T = q.shape[2]
     if pad_mask is None and global_mask is None:
-        block_mask = band_block_mask(T, window, causal, q.device)
+        block_mask = band_block_mask(T, window, causal, q.device, global_positions)
     else:
-        keep = None if pad_mask is None else ~pad_mask
-        glob = None if global_mask is None else global_mask if keep is None else global_mask & keep
-        block_mask = _block_mask(window_mask_mod(window, causal, keep, glob), B, T, q.device)
+        block_mask = batch_block_mask(
+            window, causal, pad_mask, global_mask, global_positions, T, q.device
+        )
     attend = _compiled(flex_attention) if compiled else flex_attention
     out = attend(q, k, v, block_mask=block_mask)
     return out if pad_mask is None else out.masked_fill(pad_mask[:, None, :, None], 0.0)

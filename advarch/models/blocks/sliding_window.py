@@ -44,7 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advarch.models.blocks.band_attention import BandAttention, BandLayout, in_band
+from advarch.models.blocks.band_attention import (
+    BandAttention,
+    BandLayout,
+    in_band,
+    with_global_positions,
+)
 from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
 from advarch.models.blocks.rotary import Rotary
 
@@ -54,10 +59,10 @@ CAUSAL_GLOBAL_TOKENS = (
 )
 
 
-def _check(window: int, causal: bool, global_mask: Tensor | None, prefix: str = "") -> None:
+def _check(window: int, causal: bool, has_globals: bool, prefix: str = "") -> None:
     if window < 1:
         raise ValueError(f"{prefix}window={window} must be >= 1")
-    if causal and global_mask is not None:
+    if causal and has_globals:
         raise ValueError(
             f"global_mask needs bidirectional attention ({prefix}causal=false): global tokens "
             "attend to the future"
@@ -123,23 +128,30 @@ def sliding_window_attention(
     causal: bool,
     pad_mask: Tensor | None = None,
     global_mask: Tensor | None = None,
+    global_positions: Sequence[int] = (),
     block_size: int | None = None,
     dropout: float = 0.0,
 ) -> Tensor:
     """Sliding-window + global attention: FlexAttention on CUDA, the blocked path elsewhere.
 
+    ``global_positions`` are global in every row (those ≥ T left out), as if set in
+    ``global_mask``; given apart, a CUDA call without masks reuses one block mask per shape.
     CUDA calls without attention dropout and with a power-of-two head dim ≥ 16 go to
     `flex_window.flex_window_attention` (compiled FlexAttention, a cached block mask); the rest,
     CPU included, to `sliding_window_attention_blocked`. Same arguments and result as the latter.
     """
-    _check(window, causal, global_mask)
+    B, _, T, _ = q.shape
+    positions = tuple(sorted({p for p in global_positions if p < T}))
+    _check(window, causal, global_mask is not None or bool(positions))
     if q.device.type == "cuda":
         from advarch.models.blocks import flex_window  # imports FlexAttention where it is used
 
         if flex_window.flex_supported(q, dropout):
             return flex_window.flex_window_attention(
-                q, k, v, window=window, causal=causal, pad_mask=pad_mask, global_mask=global_mask
-            )
+                q, k, v, window=window, causal=causal, pad_mask=pad_mask, global_mask=global_mask,
+                global_positions=positions,
+            )  # fmt: skip
+    global_mask = with_global_positions(global_mask, positions, B, T, q.device)
     return sliding_window_attention_blocked(
         q, k, v, window=window, causal=causal, pad_mask=pad_mask, global_mask=global_mask,
         block_size=block_size, dropout=dropout,
@@ -177,7 +189,7 @@ def sliding_window_attention_blocked(
     Returns:
         (B, H, T, Dh) attention output; zeros at padded query rows.
     """
-    _check(window, causal, global_mask)
+    _check(window, causal, global_mask is not None)
     B, H, T, Dh = q.shape
     keep = torch.ones(B, T, dtype=torch.bool, device=q.device) if pad_mask is None else ~pad_mask
     g = None if global_mask is None else _Globals.of(global_mask & keep)
@@ -229,7 +241,7 @@ def sliding_window_attention_reference(
     global_mask: Tensor | None = None,
 ) -> Tensor:
     """Dense O(T²) SDPA with the equivalent full mask; the ground truth for tests and benchmarks."""
-    _check(window, causal, global_mask)
+    _check(window, causal, global_mask is not None)
     T = q.shape[2]
     allowed = sliding_window_mask(
         T, window=window, causal=causal, pad_mask=pad_mask, global_mask=global_mask, device=q.device
@@ -307,19 +319,9 @@ class SlidingWindowAttention(nn.Module):
         self, x: Tensor, *, pad_mask: Tensor | None = None, global_mask: Tensor | None = None
     ) -> Tensor:
         """x (B, T, D); pad_mask / global_mask (B, T) bool → (B, T, D), zeros at padding."""
-        _check(self.window, self.causal, global_mask, prefix="model.swa.")
+        _check(self.window, self.causal, global_mask is not None, prefix="model.swa.")
         q, k, v = self._qkv(x, torch.arange(x.shape[1], device=x.device))
-        return self._attend(q, k, v, pad_mask, self._with_global_tokens(global_mask, x))
-
-    def _with_global_tokens(self, global_mask: Tensor | None, x: Tensor) -> Tensor | None:
-        """`global_mask` with this module's `global_tokens` (those inside the sequence) set."""
-        B, T, _ = x.shape
-        positions = [p for p in self.global_tokens if p < T]
-        if not positions:
-            return global_mask
-        fixed = torch.zeros(B, T, dtype=torch.bool, device=x.device)
-        fixed[:, positions] = True
-        return fixed if global_mask is None else global_mask | fixed
+        return self._attend(q, k, v, pad_mask, global_mask)
 
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, pad_mask: Tensor | None, global_mask: Tensor | None
@@ -333,6 +335,7 @@ class SlidingWindowAttention(nn.Module):
             causal=self.causal,
             pad_mask=pad_mask,
             global_mask=global_mask,
+            global_positions=self.global_tokens,
             block_size=self.block_size,
             dropout=self.dropout if self.training else 0.0,
         )

@@ -53,6 +53,53 @@ def test_eager_flex_matches_reference_on_cpu(kw, masked):
     torch.testing.assert_close(out, sliding_window_attention_reference(q, k, v, **kw, **masks))
 
 
+def _with_positions(masks: dict, positions: tuple[int, ...], T: int) -> dict:
+    """``masks`` with ``positions`` global in every row, as the reference takes them."""
+    glob = masks.get("global_mask", torch.zeros(2, T, dtype=torch.bool)).clone()
+    glob[:, list(positions)] = True
+    return {**masks, "global_mask": glob}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_eager_flex_with_fixed_global_positions_matches_reference_on_cpu(masked):
+    T, kw, positions = 150, dict(window=9, causal=False), (0, 77, 149)
+    q, k, v = _qkv(T, seed=6)
+    masks = _masks(T, seed=7) if masked else {}
+    with torch.no_grad():
+        out = flex_window_attention(
+            q, k, v, compiled=False, global_positions=positions, **kw, **masks
+        )
+    ref = sliding_window_attention_reference(q, k, v, **kw, **_with_positions(masks, positions, T))
+    torch.testing.assert_close(out, ref)
+
+
+def test_a_forwards_layers_build_one_block_mask(monkeypatch):
+    """Every layer of a forward passes the same mask tensors: one block mask for all of them,
+    a new one for the next batch's masks or after an in-place change; fixed global positions
+    without masks are a per-shape mask, cached like the plain band."""
+    built = []
+    real = flex_window._block_mask
+    monkeypatch.setattr(flex_window, "_block_mask", lambda *a: built.append(a) or real(*a))
+    T, kw = 150, dict(window=9, causal=False)
+    q, k, v = _qkv(T, seed=8)
+    masks = _masks(T, seed=9)
+    with torch.no_grad():
+        for _ in range(3):  # three layers
+            flex_window_attention(q, k, v, compiled=False, global_positions=(0,), **kw, **masks)
+        assert len(built) == 1
+        masks["pad_mask"][1, -1] = True  # the caller changed its mask in place
+        out = flex_window_attention(q, k, v, compiled=False, global_positions=(0,), **kw, **masks)
+        assert len(built) == 2
+        ref = sliding_window_attention_reference(q, k, v, **kw, **_with_positions(masks, (0,), T))
+        torch.testing.assert_close(out, ref)
+        flex_window_attention(q, k, v, compiled=False, **kw, **_masks(T, seed=9))  # next batch
+        assert len(built) == 3
+        band_block_mask.cache_clear()
+        for _ in range(2):
+            flex_window_attention(q, k, v, compiled=False, global_positions=(0,), **kw)
+        assert len(built) == 4
+
+
 def test_band_block_mask_is_built_once_per_shape():
     band_block_mask.cache_clear()
     for _ in range(2):
@@ -93,6 +140,19 @@ def test_compiled_flex_on_cuda_matches_reference_with_gradients(kw, masked):
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-3, atol=1e-4)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g.cpu().double(), r, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_module_with_global_tokens_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    attn = SlidingWindowAttention(64, 4, window=16, causal=False, global_tokens=(0, 150, 999))
+    x = torch.randn(2, 200, 64)
+    pad = torch.zeros(2, 200, dtype=torch.bool)
+    pad[1, 180:] = True
+    refs = [attn(x), attn(x, pad_mask=pad)]
+    attn.cuda()
+    for masks, ref in zip(({}, {"pad_mask": pad.cuda()}), refs, strict=True):
+        torch.testing.assert_close(attn(x.cuda(), **masks).cpu(), ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
