@@ -147,11 +147,12 @@ def discard_run_folder(folder: Path | None = None) -> None:
     for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
         with contextlib.suppress(OSError):
             sub.rmdir()  # empty folders a logger made before the error (csv/version_0)
-    # the folder and its run-name parent, then (under the folder the command runs in) the
-    # parents left empty: outputs/runs, outputs
-    top = Path.cwd().resolve()
-    for depth, path in enumerate((folder.resolve(), *folder.resolve().parents)):
-        if depth >= 2 and (path == top or top not in path.parents):
+    # the folder, then the parents it leaves empty inside the folder the command runs in
+    # (outputs/runs/<run name>, outputs/runs, outputs): never that folder or one above it (the
+    # shell's working folder went with them), nor a parent outside it (the user's own)
+    top, run = Path.cwd().resolve(), folder.resolve()
+    for path in (run, *run.parents):
+        if path == top or path in top.parents or (path != run and top not in path.parents):
             break
         try:
             path.rmdir()  # only when empty
