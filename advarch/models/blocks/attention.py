@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
+from advarch.models.blocks.config import BlockConfig, Checks, ModelShape, heads_check
 from advarch.models.blocks.rotary import Rotary
 
 
 def check_heads(dim: int, num_heads: int, key: str = "model.num_heads") -> int:
     """Per-head width of `dim` over `num_heads`; ValueError naming `key` unless it divides."""
-    if num_heads < 1 or dim % num_heads:
-        raise ValueError(f"{key}={num_heads} must divide model.dim={dim}")
+    ok, message = heads_check(dim, num_heads, key)
+    if not ok:
+        raise ValueError(message)
     return dim // num_heads
 
 

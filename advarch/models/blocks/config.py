@@ -27,6 +27,14 @@ ACTIVATIONS = ("gelu", "swiglu")
 NORMS = ("rmsnorm", "layernorm")
 
 
+def heads_check(dim: int, heads: int, key: str) -> tuple[bool, str]:
+    """Whether `heads` (the config's `key`) splits `model.dim` into equal heads, and the line
+    naming it if not: the check of every attention block's head count."""
+    if heads < 1:
+        return False, f"{key}={heads} must be >= 1"
+    return dim % heads == 0, f"{key}={heads} must divide model.dim={dim}"
+
+
 def raise_first(checks: Checks) -> None:
     """ValueError with the message of the first check that does not hold (later ones unrun)."""
     for ok, message in checks:
@@ -75,8 +83,7 @@ class ModelShape:
 
     def heads_check(self) -> tuple[bool, str]:
         """`model.num_heads` divides `model.dim`: checked by the blocks that attend with it."""
-        heads_ok = self.num_heads >= 1 and self.dim % self.num_heads == 0
-        return heads_ok, f"model.num_heads={self.num_heads} must divide model.dim={self.dim}"
+        return heads_check(self.dim, self.num_heads, "model.num_heads")
 
     def validate(self) -> None:
         raise_first(self.checks())

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advarch.models.blocks.attention import check_heads
 from advarch.models.blocks.ffn import FeedForward
 from advarch.models.blocks.norm import make_norm
 from advarch.models.blocks.rotary import Rotary
@@ -45,8 +46,7 @@ from advarch.models.blocks.rotary import Rotary
 def _check_args(dim: int, num_heads: int, rotary: bool, chunk_size: int) -> None:
     if chunk_size <= 0:
         raise ValueError(f"model.retro.chunk_size={chunk_size} must be positive")
-    if num_heads <= 0 or dim % num_heads:
-        raise ValueError(f"model.retro.num_heads={num_heads} must divide model.dim={dim}")
+    check_heads(dim, num_heads, "model.retro.num_heads")
     if rotary and (dim // num_heads) % 2:
         raise ValueError(f"model.retro.rotary needs an even head dim, got {dim // num_heads}")
 

@@ -50,7 +50,7 @@ from advarch.models.blocks.band_attention import (
     in_band,
     with_global_positions,
 )
-from advarch.models.blocks.config import BlockConfig, Checks, ModelShape
+from advarch.models.blocks.config import BlockConfig, Checks, ModelShape, heads_check
 from advarch.models.blocks.rotary import Rotary
 
 CAUSAL_GLOBAL_TOKENS = (
@@ -400,14 +400,11 @@ class SlidingWindowConfig(BlockConfig):
     def checks(self, shape: ModelShape) -> Checks:
         yield self.window >= 1, f"{self.key('window')}={self.window} must be >= 1"
         heads, dim = self.heads(shape), shape.dim
-        yield (
-            heads >= 1 and dim % heads == 0,
-            f"model.dim={dim} is not divisible by {self.key('num_heads')}={heads}",
-        )
+        heads_key = "model.num_heads" if self.num_heads is None else self.key("num_heads")
+        yield heads_check(dim, heads, heads_key)
         yield (
             not self.rotary or (dim // heads) % 2 == 0,
-            f"model.dim / {self.key('num_heads')} = {dim // heads} must be even for "
-            f"{self.key('rotary')}=true",
+            f"model.dim / {heads_key} = {dim // heads} must be even for {self.key('rotary')}=true",
         )
         yield (
             self.block_size is None or self.block_size >= 1,

@@ -58,7 +58,7 @@ def test_model_keys_name_themselves(shape: dict, expected: str) -> None:
     ("shape", "expected"),
     [
         (dict(dim=30, num_heads=4), "model.num_heads=4 must divide model.dim=30"),
-        (dict(num_heads=0), "model.num_heads=0 must divide model.dim=256"),
+        (dict(num_heads=0), "model.num_heads=0 must be >= 1"),
     ],
 )
 def test_num_heads_is_checked_by_the_blocks_that_attend(shape: dict, expected: str) -> None:
@@ -80,10 +80,9 @@ def test_num_heads_is_checked_by_the_blocks_that_attend(shape: dict, expected: s
         (MoEConfig(soft=True, aux_free_bias=True), "model.moe.aux_free_bias=True needs top-k"),
         (MoEConfig(bias_update_rate=0.0), "model.moe.bias_update_rate=0.0 must be > 0"),
         (SlidingWindowConfig(window=0), "model.swa.window=0 must be >= 1"),
-        (
-            SlidingWindowConfig(num_heads=3),
-            "model.dim=32 is not divisible by model.swa.num_heads=3",
-        ),
+        (SlidingWindowConfig(num_heads=3), "model.swa.num_heads=3 must divide model.dim=32"),
+        (SlidingWindowConfig(num_heads=0), "model.swa.num_heads=0 must be >= 1"),
+        (SlidingWindowConfig(num_heads=-2), "model.swa.num_heads=-2 must be >= 1"),
         (SlidingWindowConfig(num_heads=32), "model.dim / model.swa.num_heads = 1 must be even"),
         (SlidingWindowConfig(block_size=0), "model.swa.block_size=0 must be >= 1 or null"),
         (SSMConfig(d_conv=0), "model.ssm.d_conv=0 must be >= 1"),
