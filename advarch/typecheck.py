@@ -48,7 +48,12 @@ def matches(value: Any, hint: Any) -> bool:
 
 
 def wrong_type(key: str, value: Any, hint: Any) -> str:
-    """`<key>=<value> has the wrong type (expected <hint>)`, plus `quote_hint`'s advice."""
+    """`<key>=<value> has the wrong type (expected <hint>)`, plus `quote_hint`'s advice; `is
+    not one of: <choices>` where the hint is a set of choices and the value of a choice's type
+    (`trainer.precision='16x'`: a wrong value, not a wrong type)."""
+    choices, names = _literal_choices(hint)
+    if any(type(c) is type(value) for c in choices) and set(names) <= {"null"}:
+        return f"{key}={value!r} is not one of: {hint_name(hint).removeprefix('one of ')}"
     advice = quote_hint(key, value, hint)
     if isinstance(value, float) and value.is_integer() and matches(int(value), hint):
         advice = f": write {key}={int(value)}"  # (`1e3` reads as a float)

@@ -93,7 +93,8 @@ def test_a_valid_node_passes_and_skipped_keys_are_not_checked() -> None:
     ("options", "expected"),
     [
         ({"size": "big"}, "thing.size='big' has the wrong type (expected int)"),
-        ({"size": 1, "mode": "mid"}, "thing.mode='mid' has the wrong type (expected one of 'min'"),
+        ({"size": 1, "mode": "mid"}, "thing.mode='mid' is not one of: 'min', 'max'"),
+        ({"size": 1, "mode": 3}, "thing.mode=3 has the wrong type (expected one of 'min', 'max'"),
         ({"size": 1, "flag": "yes"}, "thing.flag='yes' has the wrong type (expected bool)"),
         ({"size": 1, "layers": 3}, "thing.layers=3 has the wrong type"),
         ({"size": 1, "bogus": 2}, f"thing.bogus is not an option of {TARGET} (options: size,"),
