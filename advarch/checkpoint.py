@@ -10,11 +10,12 @@ checksums: `check_checksums` does, once per file version).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shlex
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,17 +134,23 @@ def check_checksums(file: Path, where: str) -> None:
     _CHECKED.add(version)
 
 
-def checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
+def checkpoint_file(
+    path: str | os.PathLike, key: str = "ckpt_path", words: Sequence[str] = ()
+) -> Path:
     """The file at `path`, or one CheckpointError line naming `key` and the file: missing, a
     folder, empty, or not written by `torch.save` (a text file: torch's unpickler says
     `Memo value not found at index 101`, or with mmap that the file was not saved with
     `_use_new_zipfile_serialization=True`). Reads a few bytes, without torch: the checks
-    before a run imports it use this too."""
+    before a run imports it use this too. `words`: what `key` takes besides a path (train.py's
+    `auto`), suggested for a missing path close to one."""
     file = Path(path).expanduser()
     where = _named(path, key)
     if not file.exists():
-        auto = " (auto, the newest run's last.ckpt, is train.py's)" if str(path) == "auto" else ""
-        raise CheckpointError(f"{where} is not a file{auto}")
+        close = difflib.get_close_matches(str(path), words, n=1)
+        hint = f" (did you mean {key}={close[0]}?)" if close else ""
+        if str(path) == "auto":
+            hint = " (auto, the newest run's last.ckpt, is train.py's)"
+        raise CheckpointError(f"{where} is not a file{hint}")
     if file.is_dir():
         raise CheckpointError(f"{where} is a folder, not a checkpoint file")
     if file.stat().st_size == 0:

@@ -390,7 +390,7 @@ def _job(cfg: DictConfig) -> float | None:
             check_combination(cfg)
             check_writable(Path(cfg.paths.cache_dir), "paths.cache_dir", keep=False)
             if cfg.get("ckpt_path") not in (None, "auto"):
-                checkpoint_file(cfg.ckpt_path, "ckpt_path")
+                checkpoint_file(cfg.ckpt_path, "ckpt_path", words=("auto",))
         except (ConfigError, CheckpointError) as err:
             discard_run_folder(Path(cfg.paths.output_dir))
             sys.exit(f"error: {err}")

@@ -580,6 +580,8 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["data.tokenizer_from={f}/notes.txt"], "data.tokenizer_from='{f}/notes.txt' is not"),
     ("eval", ["ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt'"),
     ("eval", ["ckpt_path=auto"], "ckpt_path='auto' is not a file (auto, the newest run's"),
+    ("train", ["ckpt_path=autoo"], "ckpt_path='autoo' is not a file (did you mean ckpt_path=auto"),
+    ("eval", ["ckpt_path=autoo"], "ckpt_path='autoo' is not a file"),  # (auto is train.py's)
     ("eval", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),
     ("eval", ["ckpt_path={f}/truncated.ckpt"], "truncated.ckpt"),
     (  # (torch read the changed bytes as weights, silently)
