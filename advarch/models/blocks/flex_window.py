@@ -93,10 +93,8 @@ def batch_block_mask(
     while the next call passes the same (unchanged) mask tensors: every layer of a forward."""
     masks = (pad_mask, global_mask)
     shape = (window, causal, positions, length, device)
-    memo = not torch.compiler.is_compiling() and not any(
-        m is not None and m.is_inference()
-        for m in masks  # inference tensors keep no version
-    )
+    inference = any(m is not None and m.is_inference() for m in masks)  # (they keep no version)
+    memo = not torch.compiler.is_compiling() and not inference
     if memo and _last_batch_mask and _last_batch_mask[0].serves(masks, shape):
         return _last_batch_mask[0].block_mask
     batch = next(m.shape[0] for m in masks if m is not None)
