@@ -102,6 +102,9 @@ ROWS: list[tuple[str, list[str], str]] = [
         "turn for data.steps_per_task (data.domains sets the tasks); set those instead",
     ),
     ("train", ["strategy=ewc", *STREAM, "trainer.max_steps=5"], "for data.epochs_per_task (data"),
+    # (a traceback: the plain strategy's hint named the first of no domains)
+    ("train", ["data=text_domains", "data.domains=[]"], "data.domains=[] must name at least one"),
+    ("train", ["strategy=naive", "data.domains=[]"], "error: data.domains=[] must name at least"),
     ("train", ["strategy=naive", "+trainer.max_time=00:00:00:06"], "trainer.max_time=00:00:00:06:"),
     (  # (the checkpoint's tokenizer won, and the run's config said 1024)
         "train",
