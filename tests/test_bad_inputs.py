@@ -223,6 +223,13 @@ ROWS: list[tuple[str, list[str], str]] = [
     # model
     ("train", ["model=bogus"], "model=bogus is not a model config (options: hybrid, "),
     ("train", ["model=moee"], "model=moee is not a model config (did you mean model=moe? "),
+    (  # (Hydra's 14 lines: its config search path and the HYDRA_FULL_ERROR advice)
+        "train",
+        ["-m", "hydra/launcher=local_paralel", "model.depth=1,2"],
+        "error: hydra/launcher=local_paralel is not a hydra/launcher config (did you mean "
+        "hydra/launcher=local_parallel? options: basic, joblib, local_parallel,",
+    ),
+    ("train", ["hydra/sweeper=optun"], "error: hydra/sweeper=optun is not a hydra/sweeper config"),
     ("train", ["logger=null"], "logger=null is not a choice: write ~logger to leave it out"),
     ("train", ["strategy=naive,ewcc"], "strategy=ewcc is not a strategy config (did you mean"),
     ("train", ["model.num_heads=5"], "model.num_heads=5"),

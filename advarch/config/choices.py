@@ -191,10 +191,12 @@ def check_group_choices(argv: list[str]) -> None:
         if "=" not in override or override.startswith(("-", "+", "~")):
             continue
         group, value = override.split("=", 1)
-        if group.startswith("hydra") or "@" in group or any(c in value for c in "()*$"):
+        if group.startswith("hydra.") or "@" in group or any(c in value for c in "()*$"):
             continue
         # option → its file (a `--config-dir` file, searched first by Hydra, over ours)
         files = {_option(p, f / group): p for f in folders for p in (f / group).rglob("*.yaml")}
+        if group.startswith("hydra/"):  # (Hydra's and its plugins' options: no file to check)
+            files = dict.fromkeys(_hydra_group_options(group), None) | files
         for choice in (v.strip() for v in value.split(",")):
             if files and choice == "null":
                 raise ConfigError(f"{group}=null is not a choice: write ~{group} to leave it out")
@@ -206,8 +208,21 @@ def check_group_choices(argv: list[str]) -> None:
                     f"{group}={choice} is not {article} {group} config ({hint}options: "
                     f"{', '.join(sorted(files))})"
                 )
-            if choice in files:  # (a sweep's jobs would each end in the parser's traceback)
+            if files.get(choice) is not None:  # (each of a sweep's jobs: a parser traceback)
                 check_yaml(files[choice])
+
+
+def _hydra_group_options(group: str) -> list[str]:
+    """The options of a `hydra/…` group (`hydra/launcher`, `hydra/sweeper`): Hydra's, its
+    plugins' (registered as they load) and ours, as Hydra searches them."""
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # (plugins store their configs, e.g. hydra/launcher/joblib, on loading)
+    return ConfigRepository(create_config_search_path(str(PACKAGE_CONFIGS))).get_group_options(
+        group
+    )
 
 
 def _option(path: Path, group_dir: Path) -> str:
