@@ -230,6 +230,12 @@ ROWS: list[tuple[str, list[str], str]] = [
         "hydra/launcher=local_parallel? options: basic, joblib, local_parallel,",
     ),
     ("train", ["hydra/sweeper=optun"], "error: hydra/sweeper=optun is not a hydra/sweeper config"),
+    (  # (it said "keys: )", nothing of the launcher that has the key)
+        "train",
+        ["-m", "hydra.launcher.n_jobs=2", "model.depth=1,2"],
+        "error: hydra.launcher.n_jobs is not a key of hydra.launcher (hydra/launcher=joblib or "
+        "hydra/launcher=local_parallel have it; hydra.launcher has no keys)",
+    ),
     ("train", ["logger=null"], "logger=null is not a choice: write ~logger to leave it out"),
     ("train", ["strategy=naive,ewcc"], "strategy=ewcc is not a strategy config (did you mean"),
     ("train", ["model.num_heads=5"], "model.num_heads=5"),
@@ -395,7 +401,8 @@ ROWS: list[tuple[str, list[str], str]] = [
     (
         "train",
         ["-m", "hydra.sweeper.n_trials=2"],
-        "hydra.sweeper.n_trials is not a key of hydra.sweeper (keys: max_batch_size, params)",
+        "hydra.sweeper.n_trials is not a key of hydra.sweeper (hydra/sweeper=optuna has it; "
+        "keys: max_batch_size, params)",
     ),
     (
         "train",

@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +29,9 @@ from omegaconf.errors import ConfigTypeError
 from advarch.config.combinations import PACKAGE_CONFIGS, packaged_config
 from advarch.config.compose import check_yaml, compose_packaged, pattern_entries
 from advarch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hydra._internal.config_repository import ConfigRepository
 
 MODEL = "advarch.models.Model"
 # block → the layer pattern (`model.<key>`) whose entries name it, for the blocks with options
@@ -196,7 +199,7 @@ def check_group_choices(argv: list[str]) -> None:
         # option → its file (a `--config-dir` file, searched first by Hydra, over ours)
         files = {_option(p, f / group): p for f in folders for p in (f / group).rglob("*.yaml")}
         if group.startswith("hydra/"):  # (Hydra's and its plugins' options: no file to check)
-            files = dict.fromkeys(_hydra_group_options(group), None) | files
+            files = dict.fromkeys(_hydra_repository().get_group_options(group), None) | files
         for choice in (v.strip() for v in value.split(",")):
             if files and choice == "null":
                 raise ConfigError(f"{group}=null is not a choice: write ~{group} to leave it out")
@@ -212,17 +215,15 @@ def check_group_choices(argv: list[str]) -> None:
                 check_yaml(files[choice])
 
 
-def _hydra_group_options(group: str) -> list[str]:
-    """The options of a `hydra/…` group (`hydra/launcher`, `hydra/sweeper`): Hydra's, its
-    plugins' (registered as they load) and ours, as Hydra searches them."""
+def _hydra_repository() -> ConfigRepository:
+    """The configs Hydra searches: ours, Hydra's (`hydra/launcher`, `hydra/sweeper`, …) and its
+    plugins' (stored as they load)."""
     from hydra._internal.config_repository import ConfigRepository
     from hydra._internal.utils import create_config_search_path
     from hydra.core.plugins import Plugins
 
     Plugins.instance()  # (plugins store their configs, e.g. hydra/launcher/joblib, on loading)
-    return ConfigRepository(create_config_search_path(str(PACKAGE_CONFIGS))).get_group_options(
-        group
-    )
+    return ConfigRepository(create_config_search_path(str(PACKAGE_CONFIGS)))
 
 
 def _option(path: Path, group_dir: Path) -> str:
@@ -585,18 +586,24 @@ def unknown_key(parent: str, leaf: str, node: Iterable, owner: str | None = None
     hint = f"did you mean {prefix}{close[0]}? " if close else ""
     if not close and (having := _options_with(parent, leaf)):  # strategy=ewc for ewc_lambda
         verb = "has" if len(having) == 1 else "have"
-        hint = f"{' or '.join(f'{parent}={o}' for o in having)} {verb} it; "
-    return ConfigError(
-        f"{prefix}{leaf} is not a key of {owner or parent} ({hint}keys: {', '.join(keys)})"
-    )
+        hint = f"{' or '.join(having)} {verb} it; "
+    listed = f"keys: {', '.join(keys)}" if keys else f"{owner or parent} has no keys"
+    return ConfigError(f"{prefix}{leaf} is not a key of {owner or parent} ({hint}{listed})")
 
 
-def _options_with(group: str, key: str) -> list[str]:
-    """The packaged options of config group `group` that have the top-level `key`."""
-    if group not in _packaged_groups():
+def _options_with(parent: str, key: str) -> list[str]:
+    """`group=option` for each option of the config group at `parent` (packaged, or Hydra's
+    `hydra.launcher` and `hydra.sweeper`) that has the top-level `key`."""
+    if parent.startswith("hydra."):
+        group = parent.replace(".", "/")
+        repository = _hydra_repository()
+        options = repository.get_group_options(group)
+        found = [o for o in options if key in repository.load_config(f"{group}/{o}").config]
+        return [f"{group}={o}" for o in found]
+    if parent not in _packaged_groups():
         return []
-    options = sorted(p.stem for p in (PACKAGE_CONFIGS / group).glob("*.yaml"))
-    return [o for o in options if key in packaged_config(group, o)]
+    options = sorted(p.stem for p in (PACKAGE_CONFIGS / parent).glob("*.yaml"))
+    return [f"{parent}={o}" for o in options if key in packaged_config(parent, o)]
 
 
 def _compose_or_unknown_key(
