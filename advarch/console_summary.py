@@ -64,9 +64,9 @@ SUMMARY_KEYS = (  # the metrics a run summary and a sweep table show, when a run
 def throughput_line(metrics: dict[str, float]) -> str:
     """`training throughput 12,345 tokens/s · 96.4 samples/s · MFU 41.2%` (MFU when known;
     samples/s alone where a sample is not a token sequence, e.g. an image: the rates match)."""
-    tokens, samples = metrics["train/tokens_per_s"], metrics.get("train/samples_per_s")
+    tokens, samples = metrics.get("train/tokens_per_s"), metrics.get("train/samples_per_s")
     rates = [f"{samples:,.1f} samples/s"] if samples is not None else []
-    if samples is None or not math.isclose(tokens, samples, rel_tol=1e-6):
+    if tokens is not None and (samples is None or not math.isclose(tokens, samples, rel_tol=1e-6)):
         rates.insert(0, f"{tokens:,.0f} tokens/s")
     mfu = [f"MFU {metrics['train/mfu']:.1%}"] if "train/mfu" in metrics else []
     return "training throughput " + " · ".join(rates + mfu)
@@ -174,7 +174,7 @@ def print_summary(
         if key in metrics and not shown:
             lines.append(f"{key} = {metrics[key]:.4f}")
     lines += matrix + table
-    if "train/tokens_per_s" in metrics:
+    if "train/tokens_per_s" in metrics or "train/samples_per_s" in metrics:
         lines.append(throughput_line(metrics))
     lines.append(f"checkpoint: {output_dir / 'checkpoints' / 'last.ckpt'}")
     profiles = sorted(output_dir.glob("*-profile.txt"))  # (debug=profiler's, per stage)

@@ -11,7 +11,8 @@ totals. MFU = `training_flops_per_token` × tokens/s ÷ the device's dense peak 
 trainer's precision (the table below; else Lightning's; unknown, e.g. CPUs: MFU not logged
 unless `peak_flops` is given), times the model passes a strategy makes per counted example
 where it says (`model_passes(batch)`: first-order MAML's inner loop). Each window's rates are
-logged as `train/tokens_per_s`, `train/samples_per_s`, `train/mfu`; the run's totals replace
+logged as `train/tokens_per_s` (unless a sample is one token: a feature vector, an episode's
+example), `train/samples_per_s`, `train/mfu`; the run's totals replace
 them in `trainer.callback_metrics` (which the run summary prints) and in the W&B run's summary.
 """
 
@@ -138,6 +139,8 @@ class ThroughputCallback(L.Callback):
         if self.peak and self.flops_per_token:
             peak = self.peak * self._processes
             rates["mfu"] = rates["tokens_per_s"] * self.flops_per_token / peak
+        if tokens == samples:  # a sample is one token (a feature vector): one rate, not twice
+            del rates["tokens_per_s"]
         return rates
 
     def _pause(self, device: torch.device) -> None:

@@ -149,6 +149,17 @@ def test_summary_line_shows_mfu_when_known() -> None:
     assert throughput_line({"train/tokens_per_s": 1.0, "train/mfu": 0.4123}).endswith("MFU 41.2%")
     images = throughput_line({"train/tokens_per_s": 233.0, "train/samples_per_s": 233.0})
     assert images == "training throughput 233.0 samples/s"  # a sample is not a token sequence
+    assert throughput_line({"train/samples_per_s": 233.0}) == images
+
+
+def test_a_sample_of_one_token_logs_no_token_rate() -> None:
+    """Feature vectors (a few-shot episode's examples, MMoE's rows) are one token a sample:
+    `train/tokens_per_s` equalled samples/s in the CSV, summary.json and report, a series
+    that read as a token count. MFU still counts their FLOPs."""
+    callback = ThroughputCallback(peak_flops=1e9)
+    callback.flops_per_token = 10.0
+    assert callback._rates([4, 4, 2.0]) == {"samples_per_s": 2.0, "mfu": 2.0 * 10 / 1e9}
+    assert callback._rates([4, 32, 2.0])["tokens_per_s"] == 16.0  # digits: 8 patches each
 
 
 def test_every_run_reports_throughput(make_cfg, capsys) -> None:
