@@ -95,6 +95,13 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["trainer.accelerator=bogus"], "trainer.accelerator='bogus'"),
     ("train", ["trainer.accelerator=gpu"], "trainer.accelerator=gpu"),
     ("train", ["trainer.accelerator=tpu"], "trainer.accelerator=tpu but this machine has no TPU"),
+    (  # (Lightning's two raw warnings, then bf16 in its place)
+        "train",
+        ["trainer.precision=16"],
+        "error: trainer.precision=16 (float16 mixed precision) needs a CUDA GPU; on a CPU use "
+        "trainer.precision=bf16-mixed (or 32)",
+    ),
+    ("train", ["trainer.precision=16-mixed"], "error: trainer.precision=16-mixed (float16 mixed"),
     (  # (the stream's own length won, and the console said "max_epochs=4 reached")
         "train",
         ["strategy=naive", "trainer.max_epochs=2"],

@@ -92,7 +92,7 @@ def check_trainer(node: DictConfig) -> None:
         check_batch_limit(cfg.get(key), f"trainer.{key}")
     _check_devices(cfg.get("accelerator", "auto"), cfg.get("devices", "auto"))
     _check_strategy(cfg.get("strategy", "auto"))
-    _check_precision(cfg.get("precision"))
+    _check_precision(cfg.get("precision"), cfg.get("accelerator", "auto"))
 
 
 def check_batch_limit(value: Any, key: str) -> None:
@@ -183,11 +183,20 @@ def _check_devices(accelerator: Any, devices: Any) -> None:
         )
 
 
-def _check_precision(precision: Any) -> None:
+def _check_precision(precision: Any, accelerator: Any) -> None:
     """16-bit weights (`bf16-true`, `16-true`): Lightning casts the whole module, so running
     metrics and statistics sum in 16 bits too (an epoch's mean stops counting after ~256
     batches: train/loss_epoch 4.0 for a mean of 3.0), as do optimizer updates and RoPE's
-    frequencies; advarch trains 16-bit compute with 32-bit weights (`*-mixed`)."""
+    frequencies; advarch trains 16-bit compute with 32-bit weights (`*-mixed`). float16 on a
+    CPU: Lightning's two raw warnings, then bfloat16 in its place."""
+    import torch
+
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.device_count())
+    if str(precision) in ("16", "16-mixed") and on_cpu and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"trainer.precision={precision} (float16 mixed precision) needs a CUDA GPU; on a "
+            "CPU use trainer.precision=bf16-mixed (or 32)"
+        )
     if str(precision) in ("bf16-true", "16-true"):
         mixed = "16-mixed" if str(precision).startswith("16") else "bf16-mixed"
         raise ConfigError(
