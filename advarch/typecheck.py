@@ -77,7 +77,7 @@ def hint_name(hint: Any) -> str:
     if choices:
         shown = [repr(c) for c in choices] + [n for n in names if n != "null"]
         return "one of " + ", ".join(shown) + (", null" if "null" in names else "")
-    return " or ".join(names)
+    return " or ".join(dict.fromkeys(names))  # (Sequence[str] | list[str]: said once)
 
 
 def _name(hint: Any) -> str:

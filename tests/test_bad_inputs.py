@@ -532,6 +532,12 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("generate", ["promt=x"], "promt is not a key of the generate config (did you mean prompt?"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "max_new_tokens=abc"], "max_new_tokens='abc' has the"),
     ("generate", ["ckpt_path={f}/ok.ckpt", "greedy=maybe"], "greedy='maybe' has the wrong type"),
+    ("generate", ["ckpt_path={f}/ok.ckpt", "max_new_tokens=0"], "max_new_tokens=0 generates no"),
+    (  # (it said "expected list of str or list of str")
+        "train",
+        ["strategy=naive", "data.domains=text"],
+        "data.domains='text' has the wrong type (expected list of str)",
+    ),
     (
         "generate",
         ["ckpt_path={f}/ok.ckpt", "prompt=42"],

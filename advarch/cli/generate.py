@@ -58,6 +58,8 @@ def check_settings(cfg: DictConfig) -> None:
 
     check_fields(cfg, GenerateSettings)
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.max_new_tokens == 0 and not cfg.get("bench"):  # (it printed an empty line)
+        raise ConfigError("max_new_tokens=0 generates nothing: it must be >= 1")
     try:
         device = torch.device(cfg.device)
     except RuntimeError as err:
