@@ -85,7 +85,11 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     try:
         datamodule, spec, module = build_all(saved)
     except ConfigError as err:  # (its own files gone: say where to point it)
-        moved = cfg.get("data") is None and "data.files=" in str(err) and "matches no" in str(err)
+        moved = (
+            cfg.get("data") is None
+            and str(err).startswith("data.files")
+            and "matches no" in str(err)
+        )
         if not moved:
             raise
         raise ConfigError(f"{err}; the run read its text there: give data.files=<where the files "

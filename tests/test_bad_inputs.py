@@ -176,6 +176,8 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", ["data.val_fraction=1.5"], "data.val_fraction=1.5"),
     ("train", ["+data.bogus=1"], "data.bogus"),
     ("train", ["data.files=/nonexistent/*.txt"], "data.files='/nonexistent/*.txt'"),
+    ("train", ["data.files=[{f}/jsonl/*,/none/*.txt]"], "data.files[1]='/none/*.txt' matches no"),
+    ("train", ["data.files=[]"], "data.files=[] names no file (null: the embedded corpus)"),
     (
         "train",
         ["data.files={f}/tiny"],

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +39,22 @@ def stdlib_files() -> list[Path]:
     return sorted(files)
 
 
-def matched_files(pattern: str) -> list[str]:
-    """The files a `data.files` glob matches (`~` expanded, `**` recursive), sorted; the
-    folders a recursive glob also matches are not documents."""
-    return sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                  if os.path.isfile(p))  # fmt: skip
+def matched_files(patterns: str | Sequence[str]) -> list[str]:
+    """The files `data.files` matches, a glob or a list of them (`~` expanded, `**`
+    recursive), sorted, each once; the folders a recursive glob also matches are not
+    documents."""
+    return sorted({p for p in _globbed(patterns) if os.path.isfile(p)})
 
 
-def broken_links(pattern: str) -> list[str]:
-    """The links a `data.files` glob matches whose target is gone (not in `matched_files`)."""
-    return sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                  if os.path.islink(p) and not os.path.exists(p))  # fmt: skip
+def broken_links(patterns: str | Sequence[str]) -> list[str]:
+    """The links `data.files` matches whose target is gone (not in `matched_files`)."""
+    return sorted({p for p in _globbed(patterns) if os.path.islink(p) and not os.path.exists(p)})
+
+
+def _globbed(patterns: str | Sequence[str]) -> list[str]:
+    """Every path the globs match (a link to nothing too)."""
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    return [p for g in patterns for p in glob.glob(os.path.expanduser(g), recursive=True)]
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        files: str | None = None,
+        files: str | Sequence[str] | None = None,
         dataset: str | None = None,
         text_field: str = "text",
         tokenizer: str = "byte",
@@ -103,17 +104,9 @@ class TextDataModule(L.LightningDataModule):
                 f"data.files={files!r} and data.dataset={dataset!r} both name the text: give "
                 "one of them"
             )
-        if files is not None and not matched_files(files):
-            folder = isinstance(files, str) and Path(files).expanduser().is_dir()
-            broken = broken_links(files)
-            hint = (
-                f"; it is a folder: its files are data.files='{files.rstrip('/')}/*'"
-                if folder
-                else f" but {len(broken)} broken link(s), e.g. {_link(broken[0])}"
-                if broken
-                else ""
-            )
-            raise FileNotFoundError(f"data.files={files!r} matches no file{hint}")
+        if files is not None:
+            files = files if isinstance(files, str) else list(files)
+            _check_files(files)
         self.files, self.dataset_name, self.text_field = files, dataset, text_field
         self.local_dataset = local_dataset(dataset) if dataset is not None else None
         tokenizer, self.given_tokenizer = chosen_tokenizer(tokenizer, tokenizer_from)
@@ -289,6 +282,26 @@ class TextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self._prepare()
         return self._loader(self._eval_subset("test"), False, "test")
+
+
+def _check_files(files: str | list[str]) -> None:
+    """FileNotFoundError naming the `data.files` glob (or list element) that matches no file."""
+    if not files:
+        raise FileNotFoundError("data.files=[] names no file (null: the embedded corpus)")
+    for i, pattern in enumerate([files] if isinstance(files, str) else files):
+        if matched_files(pattern):
+            continue
+        key = "data.files" if isinstance(files, str) else f"data.files[{i}]"
+        folder = Path(pattern).expanduser().is_dir()
+        broken = broken_links(pattern)
+        hint = (
+            f"; it is a folder: its files are {key}='{pattern.rstrip('/')}/*'"
+            if folder
+            else f" but {len(broken)} broken link(s), e.g. {_link(broken[0])}"
+            if broken
+            else ""
+        )
+        raise FileNotFoundError(f"{key}={pattern!r} matches no file{hint}")
 
 
 def _link(path: str) -> str:

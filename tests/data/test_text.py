@@ -47,6 +47,24 @@ def test_local_text_jsonl_parquet_are_all_read(tmp_path: Path) -> None:
     assert any(w in text for w in WORDS)
 
 
+def test_a_list_of_globs_reads_what_they_match_each_file_once(tmp_path: Path) -> None:
+    """`data.files=[a.csv,b.json]`: files no one glob names alone (Python's glob has no {a,b})."""
+    write_corpus(tmp_path / "corpus")
+    corpus = tmp_path / "corpus"
+    whole = TextDataModule(files=str(corpus / "*"), seq_len=32, cache_dir=str(tmp_path / "c"))
+    listed = TextDataModule(
+        files=[str(corpus / "*.txt"), str(corpus / "more.jsonl"), str(corpus / "*.parquet"),
+               str(corpus / "d0.txt")],  # (d0.txt twice: read once)
+        seq_len=32, cache_dir=str(tmp_path / "c2"),
+    )  # fmt: skip
+    whole.setup(), listed.setup()
+    assert listed.meta["documents"] == whole.meta["documents"]
+    with pytest.raises(
+        FileNotFoundError, match=r"^data\.files\[1\]='.*nothing\*' matches no file$"
+    ):
+        TextDataModule(files=[str(corpus / "*.txt"), str(corpus / "nothing*")])
+
+
 def test_dedupe_drops_byte_identical_documents_before_the_split(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     write_corpus(corpus)
