@@ -101,7 +101,11 @@ ROWS: list[tuple[str, list[str], str]] = [
         "error: trainer.precision=16 (float16 mixed precision) needs a CUDA GPU; on a CPU use "
         "trainer.precision=bf16-mixed (or 32)",
     ),
-    ("train", ["trainer.precision=16-mixed"], "error: trainer.precision=16-mixed (float16 mixed"),
+    (
+        "train",
+        ["trainer.accelerator=cpu", "trainer.precision=16-mixed"],
+        "error: trainer.precision=16-mixed (float16 mixed",
+    ),
     (  # (the stream's own length won, and the console said "max_epochs=4 reached")
         "train",
         ["strategy=naive", "trainer.max_epochs=2"],
