@@ -8,13 +8,15 @@ keys; padded query rows are zeroed afterwards. The block mask of a band with glo
 fixed for every row (a model's ``global_tokens``) depends only on (T, w, causal, positions,
 device) and is built once and cached. With padding or a per-row ``global_mask`` it depends on
 the batch: it is built (compiled, without a T × T tensor) when those mask tensors change, so a
-forward whose layers pass the same masks builds it once, not once per layer.
+training forward whose layers pass the same masks builds it once, not once per layer (in
+inference mode, and inside a compiled graph, each layer builds its own).
 
 No dropout: the caller falls back to the blocked path when attention dropout is on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,10 +51,14 @@ def window_mask_mod(
 def band_block_mask(
     length: int, window: int, causal: bool, device: torch.device, positions: tuple[int, ...] = ()
 ) -> BlockMask:
-    """The block mask of a band ∪ global ``positions`` (all < T), built once per argument set."""
-    glob = with_global_positions(None, positions, 1, length, device)
-    glob = None if glob is None else glob[0]
-    return _block_mask(window_mask_mod(window, causal, glob=glob), None, length, device)
+    """The block mask of a band ∪ global ``positions`` (all < T), built once per argument set,
+    of normal tensors even when first asked for in inference mode (validation's sanity check
+    before training): FlexAttention saves them for the backward of every later training step,
+    which inference tensors refuse."""
+    with contextlib.nullcontext() if torch.compiler.is_compiling() else torch.inference_mode(False):
+        glob = with_global_positions(None, positions, 1, length, device)
+        glob = None if glob is None else glob[0]
+        return _block_mask(window_mask_mod(window, causal, glob=glob), None, length, device)
 
 
 @dataclass
@@ -71,6 +77,16 @@ class _BatchBlockMask:
             and all(a is b for a, b in zip(masks, self.masks, strict=True))
             and _versions(masks) == self.versions
         )
+
+
+def _memoizable(masks: tuple[Tensor | None, ...]) -> bool:
+    """Whether a per-batch block mask of ``masks`` may be kept for the next call: not while
+    compiling (Dynamo traces none of this: the graph builds it), nor in inference mode (its
+    tensors could not be saved for a later training step's backward), nor for inference
+    tensors (they keep no version counter)."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return False
+    return not any(m is not None and m.is_inference() for m in masks)
 
 
 def _versions(masks: tuple[Tensor | None, ...]) -> tuple[int, ...]:
@@ -93,10 +109,10 @@ def batch_block_mask(
     while the next call passes the same (unchanged) mask tensors: every layer of a forward."""
     masks = (pad_mask, global_mask)
     shape = (window, causal, positions, length, device)
-    inference = any(m is not None and m.is_inference() for m in masks)  # (they keep no version)
-    memo = not torch.compiler.is_compiling() and not inference
-    if memo and _last_batch_mask and _last_batch_mask[0].serves(masks, shape):
-        return _last_batch_mask[0].block_mask
+    memo = _memoizable(masks)
+    last = _last_batch_mask[0] if memo and _last_batch_mask else None  # (read once: threads)
+    if last is not None and last.serves(masks, shape):
+        return last.block_mask
     batch = next(m.shape[0] for m in masks if m is not None)
     keep = None if pad_mask is None else ~pad_mask
     glob = with_global_positions(global_mask, positions, batch, length, device)

@@ -100,6 +100,36 @@ def test_a_forwards_layers_build_one_block_mask(monkeypatch):
         assert len(built) == 4
 
 
+def test_batch_block_masks_trace_without_graph_breaks():
+    """Under `model.compile=true` the layers build their batch's block mask in the graph: the
+    memo's checks must not break it (`Tensor.is_inference()` does, in every layer)."""
+    pad = torch.zeros(2, 150, dtype=torch.bool)
+
+    def layers(pad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):
+            mask = flex_window.batch_block_mask(9, False, pad, None, (0,), 150, x.device)
+            x = x + mask.kv_num_blocks.sum()
+        return x
+
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(layers)(pad, torch.ones(2)).graph_break_count == 0
+
+
+def test_no_block_mask_kept_from_inference_mode_holds_inference_tensors():
+    """A mask first built in inference mode (validation's sanity check before training) and
+    kept for later calls must be of normal tensors: FlexAttention saves them for a training
+    step's backward, which inference tensors refuse."""
+    band_block_mask.cache_clear()
+    pad = torch.zeros(2, 150, dtype=torch.bool)
+    with torch.inference_mode():
+        kept = band_block_mask(150, 9, False, torch.device("cpu"), (0,))
+        flex_window.batch_block_mask(9, False, pad, None, (), 150, torch.device("cpu"))
+    assert not kept.kv_num_blocks.is_inference() and not kept.kv_indices.is_inference()
+    trained = flex_window.batch_block_mask(9, False, pad, None, (), 150, torch.device("cpu"))
+    assert not trained.kv_num_blocks.is_inference()
+    band_block_mask.cache_clear()
+
+
 def test_band_block_mask_is_built_once_per_shape():
     band_block_mask.cache_clear()
     for _ in range(2):
