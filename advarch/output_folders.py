@@ -126,10 +126,11 @@ def stamped_folder(parent: Path) -> Path:
     return Path(parent) / OmegaConf.create({"name": pattern}).name
 
 
-def discard_run_folder(folder: Path | None = None) -> None:
+def discard_run_folder(folder: Path | None = None, root: Path | None = None) -> None:
     """Remove what Hydra and advarch wrote into a run folder that keeps no results (a config
     error; any generate.py call): `.hydra/`, the job log and the config tree, then the folder
-    itself (with the empty folders in it) and the parents it leaves empty (`outputs/runs/…`).
+    itself (with the empty folders in it) and the parents it leaves empty inside `root`
+    (`outputs/runs/…`; default: the folder the command was started in, Hydra's runtime.cwd).
     `folder` defaults to the current Hydra job's output folder (eval, generate, merge)."""
     import shutil
 
@@ -147,12 +148,14 @@ def discard_run_folder(folder: Path | None = None) -> None:
     for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
         with contextlib.suppress(OSError):
             sub.rmdir()  # empty folders a logger made before the error (csv/version_0)
-    # the folder, then the parents it leaves empty inside the folder the command runs in
-    # (outputs/runs/<run name>, outputs/runs, outputs): never that folder or one above it (the
-    # shell's working folder went with them), nor a parent outside it (the user's own)
-    top, run = Path.cwd().resolve(), folder.resolve()
+    # the folder, then the parents it leaves empty inside root (outputs/runs/<run name>,
+    # outputs/runs, outputs): never root, the folder the command was started in (the shell's
+    # working folder went with them) or one above them, nor a parent outside root (the user's)
+    shell = Path(job.runtime.cwd if job is not None else Path.cwd()).resolve()
+    top, run = (shell if root is None else Path(root)).resolve(), folder.resolve()
+    kept = {top, shell, *top.parents, *shell.parents}
     for path in (run, *run.parents):
-        if path == top or path in top.parents or (path != run and top not in path.parents):
+        if path in kept or (path != run and top not in path.parents):
             break
         try:
             path.rmdir()  # only when empty

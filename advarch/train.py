@@ -282,6 +282,11 @@ def scalar_metrics(trainer: Any) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
+def _discard_run_folder(cfg: DictConfig) -> None:
+    """`discard_run_folder` of this run's folder, with its empty parents inside paths.root_dir."""
+    discard_run_folder(Path(cfg.paths.output_dir), Path(cfg.paths.root_dir))
+
+
 def main() -> None:
     """The command line: config folders and group choices checked (`check_config_dirs`,
     `check_group_choices`), the strategy's default data and optimisation added
@@ -352,12 +357,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
                 return _job(cfg)  # (else its parallel sweep stops: not begun)
     except (KeyboardInterrupt, Stopped):  # outside training's handlers (imports, data)
         if stop_file is None:  # (a parallel trial returns: its launcher stops the sweep)
-            discard_run_folder(Path(cfg.paths.output_dir))  # (a folder with checkpoints stays)
+            _discard_run_folder(cfg)  # (a folder with checkpoints stays)
             raise
     finally:
         if launcher_gone():  # (its trial recorded: nothing waits for this worker)
             os._exit(128 + signal.SIGTERM)
-    discard_run_folder(Path(cfg.paths.output_dir))
+    _discard_run_folder(cfg)
     return None
 
 
@@ -392,7 +397,7 @@ def _job(cfg: DictConfig) -> float | None:
             if cfg.get("ckpt_path") not in (None, "auto"):
                 checkpoint_file(cfg.ckpt_path, "ckpt_path", words=("auto",))
         except (ConfigError, CheckpointError) as err:
-            discard_run_folder(Path(cfg.paths.output_dir))
+            _discard_run_folder(cfg)
             sys.exit(f"error: {err}")
     with signals_held():  # torch's imports run Python inside C++, where a raise would abort
         from advarch.callbacks.signals import Interrupted  # (Lightning and torch with it)
@@ -407,14 +412,14 @@ def _job(cfg: DictConfig) -> float | None:
         sys.exit(err.exit_code)  # the checkpoint line was printed when it was saved
     except (ConfigError, CheckpointError, FloatingPointError) as err:
         if not isinstance(err, FloatingPointError | FolderInUse):  # (another run's folder)
-            discard_run_folder(Path(cfg.paths.output_dir))
+            _discard_run_folder(cfg)
         sys.exit(f"error: {err}")
     except OSError as err:  # a full or read-only disk, a folder without write permission
         if err.errno not in WRITE_ERRORS:
             raise
         finish_wandb()
         where = err.filename or cfg.paths.output_dir
-        discard_run_folder(Path(cfg.paths.output_dir))  # (one that holds checkpoints stays)
+        _discard_run_folder(cfg)  # (one that holds checkpoints stays)
         saved = sorted(Path(cfg.paths.output_dir).glob("checkpoints/*.ckpt"))
         kept = f"{saved[-1].parent} keeps its complete checkpoints" if saved else "nothing saved"
         sys.exit(f"error: cannot write {where}: {err.strerror} ({kept}; free space, allow "

@@ -843,15 +843,24 @@ def test_real_cli_subset(
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("run_dir", ["run", "{cwd}/run", "{mine}/run"])
-def test_a_refused_run_keeps_the_folders_it_did_not_make(run_dir: str, tmp_path: Path) -> None:
-    """A refused run removes its run folder, not the empty folder the user ran it in (their
-    shell's working folder: every later command there failed on `os.getcwd()`) nor an empty
-    folder of theirs above the run folder."""
+@pytest.mark.parametrize(
+    "where",
+    [
+        "hydra.run.dir=run",
+        "hydra.run.dir={cwd}/run",
+        "hydra.run.dir={mine}/run",
+        "hydra.job.chdir=true",  # (the process's folder is the run folder)
+        "paths.root_dir={mine}",  # (runs in mine/outputs/runs/<run name>/)
+    ],
+)
+def test_a_refused_run_keeps_the_folders_it_did_not_make(where: str, tmp_path: Path) -> None:
+    """A refused run removes its run folder and the parents it made, not the empty folder the
+    user ran it in (their shell's working folder: every later command there failed on
+    `os.getcwd()`) nor an empty folder of theirs above the run folder."""
     cwd, mine = tmp_path / "work", tmp_path / "mine"
     cwd.mkdir(), mine.mkdir()
-    run_dir = run_dir.format(cwd=cwd, mine=mine)
-    out = run_python([str(ROOT / "train.py"), "seed=abc", f"hydra.run.dir={run_dir}"], cwd=cwd)
+    where = where.format(cwd=cwd, mine=mine)
+    out = run_python([str(ROOT / "train.py"), "seed=abc", where], cwd=cwd)
     assert out.stderr.strip().splitlines()[-1].startswith("error: seed='abc'"), out.stderr[-2000:]
     assert cwd.is_dir() and mine.is_dir()
     assert not any(cwd.iterdir()) and not any(mine.iterdir())
