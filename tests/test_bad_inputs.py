@@ -866,6 +866,22 @@ def test_a_refused_run_keeps_the_folders_it_did_not_make(where: str, tmp_path: P
     assert not any(cwd.iterdir()) and not any(mine.iterdir())
 
 
+def test_a_projects_own_launcher_is_a_launcher_config(tmp_path: Path) -> None:
+    """`hydra/launcher=mine` of a `hydra_plugins/` package in the folder the command runs in
+    (review 40: the launcher check loaded Hydra's plugins before that folder was importable,
+    and refused it). A cold interpreter: Hydra scans its plugins once a process."""
+    plugin = tmp_path / "hydra_plugins" / "my_launcher"
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text(
+        "from hydra.core.config_store import ConfigStore\n"
+        "ConfigStore.instance().store(group='hydra/launcher', name='mine', node={'_target_': "
+        "'hydra._internal.core_plugins.basic_launcher.BasicLauncher'}, provider='mine')\n"
+    )
+    args = [str(ROOT / "train.py"), "hydra/launcher=mine", "seed=abc", "hydra.run.dir=run"]
+    out = run_python(args, cwd=tmp_path, warm=False)
+    assert out.stderr.strip().splitlines()[-1].startswith("error: seed='abc'"), out.stderr[-2000:]
+
+
 def test_table_is_large_enough() -> None:
     assert len(ROWS) >= 70
     assert len({(e, tuple(a)) for e, a, _ in ROWS}) == len(ROWS)

@@ -4,8 +4,9 @@ before Hydra runs.
 Hydra answers a choice no config folder has with its error and every option, a screenful, and
 a key the config lacks with advice to append it (`+model.dimm=64`), which the run then rejects;
 these say it in one line, with the nearest option or key. Only plain `group=a[,b]` assignments
-of advarch's groups are checked (plus those of `--config-dir` folders); Hydra's own groups
-(`hydra/...`), `+`/`~` edits, `@` packages and sweep functions pass through to Hydra; keys are
+are checked: of advarch's groups (plus those of `--config-dir` folders) and of Hydra's
+`hydra/...` groups (with its plugins' options); `+`/`~` edits, `@` packages and sweep
+functions pass through to Hydra; keys are
 checked for single runs of the packaged configs, where a `+key` must add to a top-level key the
 config has (`+modle.dim=3` would be read by nothing), a block's options (`model.swa.*`) need
 a layer of that block in the model's layer pattern, and an option of one mode needs that mode
@@ -222,6 +223,9 @@ def _hydra_repository() -> ConfigRepository:
     from hydra._internal.utils import create_config_search_path
     from hydra.core.plugins import Plugins
 
+    from advarch.config.validate import import_from_working_dir
+
+    import_from_working_dir()  # (a project's own hydra_plugins/, as Hydra will see them)
     Plugins.instance()  # (plugins store their configs, e.g. hydra/launcher/joblib, on loading)
     return ConfigRepository(create_config_search_path(str(PACKAGE_CONFIGS)))
 
