@@ -146,7 +146,8 @@ def checkpoint_file(
     file = Path(path).expanduser()
     where = _named(path, key)
     if not file.exists():
-        close = difflib.get_close_matches(str(path), words, n=1)
+        bare = not file.suffix and len(file.parts) == 1  # (auto.ckpt, runs/auto: a path)
+        close = difflib.get_close_matches(str(path), words, n=1) if bare else []
         hint = f" (did you mean {key}={close[0]}?)" if close else ""
         if str(path) == "auto":
             hint = " (auto, the newest run's last.ckpt, is train.py's)"

@@ -7,6 +7,7 @@ It sits on its own so models and the Hydra edge can share it without importing e
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import types
 import typing
@@ -53,7 +54,9 @@ def wrong_type(key: str, value: Any, hint: Any) -> str:
     (`trainer.precision='16x'`: a wrong value, not a wrong type)."""
     choices, names = _literal_choices(hint)
     if any(type(c) is type(value) for c in choices) and set(names) <= {"null"}:
-        return f"{key}={value!r} is not one of: {hint_name(hint).removeprefix('one of ')}"
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        nearest = f" (did you mean {key}={close[0]}?)" if close else ""
+        return f"{key}={value!r} is not one of: {hint_name(hint).removeprefix('one of ')}{nearest}"
     advice = quote_hint(key, value, hint)
     if isinstance(value, float) and value.is_integer() and matches(int(value), hint):
         advice = f": write {key}={int(value)}"  # (`1e3` reads as a float)

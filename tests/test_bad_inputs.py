@@ -618,6 +618,8 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval", ["ckpt_path=auto"], "ckpt_path='auto' is not a file (auto, the newest run's"),
     ("train", ["ckpt_path=autoo"], "ckpt_path='autoo' is not a file (did you mean ckpt_path=auto"),
     ("eval", ["ckpt_path=autoo"], "ckpt_path='autoo' is not a file"),  # (auto is train.py's)
+    ("train", ["trainer.precision=bf16mixed"], "(did you mean trainer.precision=bf16-mixed?)"),
+    ("train", ["-m", "hydra/launcher=null"], "hydra/launcher=null is not a hydra/launcher config"),
     ("eval", ["ckpt_path={f}/garbage.ckpt"], "garbage.ckpt"),
     ("eval", ["ckpt_path={f}/truncated.ckpt"], "truncated.ckpt"),
     (  # (torch read the changed bytes as weights, silently)

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from advarch.checkpoint import CheckpointError, describe, newest_readable, read_checkpoint
+from advarch.checkpoint import (
+    CheckpointError,
+    checkpoint_file,
+    describe,
+    newest_readable,
+    read_checkpoint,
+)
 
 
 def test_broken_files_name_the_key_and_the_file(tmp_path: Path) -> None:
@@ -94,3 +100,17 @@ def test_a_reason_is_cut_at_a_sentence_not_mid_word() -> None:
     )
     assert short_reason(ValueError("x " * 200)).endswith("x…")
     assert short_reason(EOFError()) == "EOFError"
+
+
+@pytest.mark.parametrize(
+    ("path", "said"),
+    [
+        ("autoo", "ckpt_path='autoo' is not a file (did you mean ckpt_path=auto?)"),
+        ("auto.ckpt", "ckpt_path='auto.ckpt' is not a file"),  # (a file's name, not a typo)
+        ("runs/auto", "ckpt_path='runs/auto' is not a file"),
+    ],
+)
+def test_a_missing_path_close_to_a_word_suggests_it_only_when_bare(path: str, said: str) -> None:
+    with pytest.raises(CheckpointError) as missing:
+        checkpoint_file(path, "ckpt_path", words=("auto",))
+    assert str(missing.value) == said

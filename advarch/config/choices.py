@@ -202,7 +202,7 @@ def check_group_choices(argv: list[str]) -> None:
         if group.startswith("hydra/"):  # (Hydra's and its plugins' options: no file to check)
             files = dict.fromkeys(_hydra_repository().get_group_options(group), None) | files
         for choice in (v.strip() for v in value.split(",")):
-            if files and choice == "null":
+            if files and choice == "null" and not group.startswith("hydra/"):  # (~hydra/x fails)
                 raise ConfigError(f"{group}=null is not a choice: write ~{group} to leave it out")
             if files and choice not in files:
                 close = difflib.get_close_matches(choice, sorted(files), n=1)

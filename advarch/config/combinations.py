@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from advarch.checkpoint import checkpoint_file
 from advarch.config.typed import typed_overrides
@@ -362,8 +362,8 @@ def check_combination(cfg: DictConfig) -> None:
     if strategy_target == FINETUNE:
         _check_retrofit(strategy, model, names)
     facts = DATA.get(data.get("_target_"))
-    if "domains" in data and not data.get("domains"):  # (before a hint names its first one)
-        raise ConfigError(f"data.domains={data.get('domains')} must name at least one domain")
+    if OmegaConf.is_list(data.get("domains")) and not data.get("domains"):  # (a hint names [0])
+        raise ConfigError("data.domains=[] must name at least one domain")
     if facts is not None:
         _check_data(strategy_target, model, facts, data, names)
     if facts is not None and facts.stream:
