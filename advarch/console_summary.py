@@ -63,7 +63,8 @@ SUMMARY_KEYS = (  # the metrics a run summary and a sweep table show, when a run
 
 def throughput_line(metrics: dict[str, float]) -> str:
     """`training throughput 12,345 tokens/s · 96.4 samples/s · MFU 41.2%` (MFU when known;
-    samples/s alone where a sample is not a token sequence, e.g. an image: the rates match)."""
+    samples/s alone where a sample is one token, a feature vector: runs log no token rate
+    then, and older runs' summaries logged the same rate twice)."""
     tokens, samples = metrics.get("train/tokens_per_s"), metrics.get("train/samples_per_s")
     rates = [f"{samples:,.1f} samples/s"] if samples is not None else []
     if tokens is not None and (samples is None or not math.isclose(tokens, samples, rel_tol=1e-6)):

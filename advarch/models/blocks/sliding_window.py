@@ -64,8 +64,8 @@ def _check(window: int, causal: bool, has_globals: bool, prefix: str = "") -> No
         raise ValueError(f"{prefix}window={window} must be >= 1")
     if causal and has_globals:
         raise ValueError(
-            f"global_mask needs bidirectional attention ({prefix}causal=false): global tokens "
-            "attend to the future"
+            f"global tokens need bidirectional attention ({prefix}causal=false): they attend to "
+            "the future"
         )
 
 

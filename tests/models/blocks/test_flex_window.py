@@ -181,8 +181,11 @@ def test_module_with_global_tokens_on_cuda_matches_cpu():
     pad[1, 180:] = True
     refs = [attn(x), attn(x, pad_mask=pad)]
     attn.cuda()
+    band_block_mask.cache_clear()
     for masks, ref in zip(({}, {"pad_mask": pad.cuda()}), refs, strict=True):
         torch.testing.assert_close(attn(x.cuda(), **masks).cpu(), ref, rtol=1e-4, atol=1e-5)
+    attn(x.cuda())
+    assert band_block_mask.cache_info().hits == 1  # the global tokens' mask, built once
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
