@@ -601,9 +601,10 @@ def _options_with(parent: str, key: str) -> list[str]:
     if parent.startswith("hydra."):
         group = parent.replace(".", "/")
         repository = _hydra_repository()
-        options = repository.get_group_options(group)
-        found = [o for o in options if key in repository.load_config(f"{group}/{o}").config]
-        return [f"{group}={o}" for o in found]
+        loaded = {
+            o: repository.load_config(f"{group}/{o}") for o in repository.get_group_options(group)
+        }
+        return [f"{group}={o}" for o, c in loaded.items() if c is not None and key in c.config]
     if parent not in _packaged_groups():
         return []
     options = sorted(p.stem for p in (PACKAGE_CONFIGS / parent).glob("*.yaml"))
