@@ -114,8 +114,13 @@ ROWS: list[tuple[str, list[str], str]] = [
     ),
     ("train", ["strategy=ewc", *STREAM, "trainer.max_steps=5"], "for data.epochs_per_task (data"),
     # (a traceback: the plain strategy's hint named the first of no domains)
-    ("train", ["data=text_domains", "data.domains=[]"], "data.domains=[] must name at least one"),
-    ("train", ["strategy=naive", "data.domains=[]"], "error: data.domains=[] must name at least"),
+    ("train", ["data=text_domains", "data.domains=[]"], "error: data.domains=[] must be distinct"),
+    ("train", ["strategy=naive", "data.domains=[]"], "error: data.domains=[] must be distinct"),
+    (  # (behind the strategy/stream combination's error: found only after following it)
+        "train",
+        ["data=text_domains", "data.domains=[text,foo]"],
+        "error: data.domains=['text', 'foo'] must be distinct names from: text, net,",
+    ),
     ("train", ["strategy=naive", "+trainer.max_time=00:00:00:06"], "trainer.max_time=00:00:00:06:"),
     (  # (the checkpoint's tokenizer won, and the run's config said 1024)
         "train",

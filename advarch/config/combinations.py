@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from advarch.checkpoint import checkpoint_file
 from advarch.config.typed import typed_overrides
+from advarch.data.stdlib_domains import check_domains
 from advarch.errors import ConfigError
 
 # strategy → data when the user names none (strategies not listed keep train.yaml's `text`)
@@ -88,9 +89,10 @@ class DataFacts:
 
 
 DIGITS = "advarch.data.digits."
+TEXT_DOMAINS = "advarch.data.text_domains.TextDomainsDataModule"
 DATA: dict[str, DataFacts] = {
     "advarch.data.text.TextDataModule": DataFacts("lm"),
-    "advarch.data.text_domains.TextDomainsDataModule": DataFacts("lm", stream=True),
+    TEXT_DOMAINS: DataFacts("lm", stream=True),
     "advarch.data.retro_lookup.RetroLookupDataModule": DataFacts("lm", retrieval=True),
     DIGITS + "DigitsDataModule": DataFacts("classification", features=None),
     DIGITS + "PermutedDigitsDataModule": DataFacts("classification", stream=True, features=None),
@@ -362,8 +364,11 @@ def check_combination(cfg: DictConfig) -> None:
     if strategy_target == FINETUNE:
         _check_retrofit(strategy, model, names)
     facts = DATA.get(data.get("_target_"))
-    if OmegaConf.is_list(data.get("domains")) and not data.get("domains"):  # (a hint names [0])
-        raise ConfigError("data.domains=[] must name at least one domain")
+    if data.get("_target_") == TEXT_DOMAINS and OmegaConf.is_list(data.get("domains")):
+        try:  # (before the strategy's fit: its hint names the first domain)
+            check_domains(list(data.domains))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if facts is not None:
         _check_data(strategy_target, model, facts, data, names)
     if facts is not None and facts.stream:
