@@ -386,6 +386,11 @@ ROWS: list[tuple[str, list[str], str]] = [
         ["strategy=finetune", "strategy.pretrained={f}/other_model.ckpt"],
         "other_model.ckpt' was trained with model.dim=999, this run has model.dim=32: a fine-tune",
     ),
+    (  # (it named the first model key that differs: model.layers=['none'], this run ['attn'])
+        "train",
+        ["strategy=finetune", "strategy.pretrained={f}/digits_moe.ckpt"],
+        "digits_moe.ckpt' is a classification model, this run language modelling: a fine-tune",
+    ),
     # Hydra's own grammar
     ("train", ["model.dim=[1,"], "'[1,'"),
     # a key the config does not have: the nearest one, not Hydra's advice to append it

@@ -162,8 +162,14 @@ def check_base_fits(cfg: DictConfig) -> None:
     pretrained = OmegaConf.select(cfg, "strategy.pretrained")
     if not pretrained:
         return
-    base = saved_config(read_checkpoint(pretrained, "strategy.pretrained", mmap=True), pretrained,
-                        "strategy.pretrained")  # fmt: skip
+    ckpt = read_checkpoint(pretrained, "strategy.pretrained", mmap=True)
+    base = saved_config(ckpt, pretrained, "strategy.pretrained")
+    kinds = task_kinds(ckpt, base, cfg)  # (else its first model key: model.layers=['none'])
+    if kinds:
+        raise CheckpointError(
+            f"strategy.pretrained={pretrained!r} is {kinds}: a fine-tune goes on with its "
+            f"base's task, on data of that kind{ran_with(Path(pretrained).expanduser())}"
+        )
     take_base_tokenizer(cfg, base, str(pretrained))
     differs = architecture_difference(base, cfg)
     if differs:
