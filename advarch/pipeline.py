@@ -6,6 +6,7 @@ exactly the module that wrote it.
 
 from __future__ import annotations
 
+import logging
 import re
 from fnmatch import fnmatchcase
 from typing import Any
@@ -25,6 +26,8 @@ from advarch.models.model import Model
 from advarch.reasons import first_line
 from advarch.spec import DataSpec
 from advarch.strategies.base import BaseStrategy
+
+log = logging.getLogger("advarch")
 
 BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ConnectionError)
 SUPPLIED_TO = {  # arguments the code passes, not the config
@@ -107,6 +110,8 @@ def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
         raise unimportable_target(options.get("_target_"), "model", err) from err
     except (ValueError, TypeError) as err:  # a constructor's complaint (your own model's too)
         raise ConfigError(naming("model", err)) from err
+    for note in model.reach_notes() if isinstance(model, Model) else ():
+        log.warning(note)
     if compile_model:
         model.compile()
     return model

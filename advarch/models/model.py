@@ -24,9 +24,13 @@ from torch import nn
 from advarch.models.blocks.attention import Attention
 from advarch.models.blocks.moe import MoEConfig
 from advarch.models.blocks.norm import make_norm
-from advarch.models.blocks.sliding_window import CAUSAL_GLOBAL_TOKENS, SlidingWindowConfig
-from advarch.models.blocks.ssd import SSDConfig
-from advarch.models.blocks.ssm import SSMConfig
+from advarch.models.blocks.sliding_window import (
+    CAUSAL_GLOBAL_TOKENS,
+    SlidingWindowAttention,
+    SlidingWindowConfig,
+)
+from advarch.models.blocks.ssd import Mamba2, SSDConfig
+from advarch.models.blocks.ssm import SelectiveSSM, SSMConfig
 from advarch.models.layers import Layer, LayerContext, RoutedFFN
 from advarch.models.output import ModelOutput
 from advarch.models.registry import build_block, check_model, expand_pattern
@@ -108,6 +112,33 @@ class Model(nn.Module):
         self.retro = self._make_retro(spec) if retro else None
         self.head, self.num_heads_out = self._make_head(spec, heads, tie_embeddings)
         self.apply(self._init_weights)
+
+    def reach_notes(self) -> list[str]:
+        """A line per kind of layer that sees other tokens than its stack suggests: sliding
+        windows that cover the whole sequence (full attention, at the window's cost), and
+        recurrences (ssm, ssd) in a seq2seq encoder, which read the source left to right."""
+        T, notes = self.spec.seq_len, []
+        covering = [
+            m.window
+            for m in self.modules()
+            if isinstance(m, SlidingWindowAttention)
+            and (m.window >= T if m.causal else m.window // 2 >= T - 1)
+        ]
+        if T > 1 and covering:
+            notes.append(
+                f"model.swa.window={max(covering)} covers the data's {T}-token sequences: the "
+                f"sliding-window layers attend to all of them (full attention); set "
+                f"model.swa.window below {T} for a window"
+            )
+        encoder = getattr(self, "encoder", None)
+        if encoder is not None and any(
+            isinstance(m, SelectiveSSM | Mamba2) for m in encoder.modules()
+        ):
+            notes.append(
+                "the seq2seq encoder's ssm/ssd layers read the source left to right (a "
+                "recurrence): each source token sees only those before it"
+            )
+        return notes
 
     # -- construction -------------------------------------------------------------------------
     @staticmethod

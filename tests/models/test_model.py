@@ -144,3 +144,21 @@ def test_seq2seq_encoder_depth_below_one_is_refused(encoder_depth: int) -> None:
         Model.check_options(**SMALL, encoder_depth=encoder_depth)  # pipeline.validate's check
     with pytest.raises(ValueError, match=f"model.encoder_depth={encoder_depth}"):
         Model(spec, **SMALL, encoder_depth=encoder_depth)
+
+
+def test_reach_notes_name_windows_that_cover_the_sequence_and_recurrent_encoders() -> None:
+    # new user 40: `model=transformer 'model.layers=[swa]'` took the block's default window
+    # (256) over 256-token sequences, full attention without a word; an ssm layer in a
+    # seq2seq encoder reads the source left to right, where the README says bidirectional
+    assert (
+        "model.swa.window=16 covers the data's 16-token"
+        in Model(LM, **SMALL, layers=["swa"], swa={"window": 16}).reach_notes()[0]
+    )
+    assert Model(LM, **SMALL, layers=["swa"], swa={"window": 15}).reach_notes() == []
+    assert Model(CLS, **SMALL).reach_notes() == []
+    seq2seq = DataSpec(kind="seq2seq", vocab_size=30, seq_len=9, target_len=5, pad_id=0, bos_id=1)
+    notes = Model(seq2seq, **SMALL, layers=["ssm", "attn"]).reach_notes()
+    assert notes == [
+        "the seq2seq encoder's ssm/ssd layers read the source left to right (a recurrence): "
+        "each source token sees only those before it"
+    ]
