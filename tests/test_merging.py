@@ -587,3 +587,21 @@ def test_script_overrides_change_the_merge_of_trained_checkpoints(
         assert kept == pytest.approx(0.2, abs=0.01), k
     bad = project.run("method=ties", *common, "density=1.5", f"out={outs['ties']}", script=merge)
     assert bad.rc != 0 and "density=1.5 must be in (0, 1]" in bad.stderr
+
+
+def test_models_of_other_model_options_are_merged_with_a_warning(tmp_path, caplog) -> None:
+    # new user 40b: a soft MoE and a top-1 MoE merged into a top-2 base without a word (their
+    # tensors have the same shapes); the merged checkpoint runs with the base's options
+    from advarch.cli.merge import check_one_architecture
+
+    for name, moe in (("base", {}), ("same", {"top_k": 2}), ("soft", {"soft": True})):
+        cfg = {"model": {"_target_": "advarch.models.Model", "ffn": "moe", "moe": moe}}
+        torch.save({"state_dict": {}, "hyper_parameters": {"cfg": cfg}}, tmp_path / f"{name}.ckpt")
+    with caplog.at_level("WARNING", logger="advarch"):
+        check_one_architecture(str(tmp_path / "base.ckpt"), [str(tmp_path / "same.ckpt")])
+        assert not caplog.records  # (top_k=2 is the block's default: the same options)
+        check_one_architecture(str(tmp_path / "base.ckpt"), [str(tmp_path / "soft.ckpt")])
+    assert caplog.messages == [
+        f"models[0]={str(tmp_path / 'soft.ckpt')!r} differs from base in its model options "
+        "(model.moe.soft=True there, False in base): the merged checkpoint runs with base's"
+    ]

@@ -57,9 +57,13 @@ def hydra_main(cfg: DictConfig) -> None:
 def check_one_architecture(base: str, models: list[str]) -> None:
     """ValueError naming the first model checkpoint whose saved config builds another
     architecture than the base's (a tensor-by-tensor error would suggest a rule instead), or
-    that was trained on another tokenizer (its token ids mean other text)."""
+    that was trained on another tokenizer (its token ids mean other text); a warning line for
+    one whose other model options differ (a soft MoE's experts under a top-2 router: the
+    merged checkpoint runs with the base's)."""
+    import logging
+
     from advarch.checkpoint import TOKENIZER, read_checkpoint, saved_hparam
-    from advarch.config.runs import architecture_difference
+    from advarch.config.runs import architecture_difference, model_option_difference
     from advarch.data.tokenizer import tokenizer_difference
 
     def saved(path: str, key: str) -> tuple[Any, Any]:
@@ -77,6 +81,12 @@ def check_one_architecture(base: str, models: list[str]) -> None:
                 f"{here} in base={base!r}): merging needs checkpoints of one model, e.g. "
                 "fine-tunes of one base"
             )
+        options = base_cfg and model_cfg and model_option_difference(model_cfg, base_cfg)
+        if options:
+            logging.getLogger("advarch").warning(
+                "models[%d]=%r differs from base in its model options (%s in base): the merged "
+                "checkpoint runs with base's", i, path, options.removesuffix(" now"),
+            )  # fmt: skip
         other = tokenizer_difference(tokenizer, base_tokenizer)
         if other:
             raise ValueError(

@@ -229,6 +229,13 @@ def use_resumed_tokenizer(cfg: DictConfig, ckpt: Path | None) -> None:
     data.tokenizer_from = str(ckpt) if (saved.get("data") or {}).get("tokenizer_from") else None
 
 
+def model_option_difference(first: Any, second: Any) -> str | None:
+    """`model.<key>=<first's> there, <second's> now` for the first model option (block
+    defaults filled in) that differs between two run configs, or None."""
+    first, second = (with_block_defaults(_container(c).get("model")) for c in (first, second))
+    return _differences(first, second, "model", {})
+
+
 def architecture_difference(first: Any, second: Any) -> tuple[str, str, str] | None:
     """The first of `BASE_MUST_MATCH` whose value differs between two run configs: (key, its
     value in `first`, in `second`), or None when they build the same architecture."""
