@@ -54,7 +54,8 @@ _SAID_NOTHING = re.compile(
     r"|Restoring states from the checkpoint path|Restored all states from the checkpoint"
     r"|Initializing distributed: GLOBAL_RANK|-{20,}\ndistributed_backend="
     r"|`Trainer\.fit` stopped: `max_(?:steps|epochs)=-?\d+` reached\.$"
-    r"|Running in `fast_dev_run` mode: )"
+    r"|Running in `fast_dev_run` mode: "
+    r"|Using (?:16bit|bfloat16) Automatic Mixed Precision \(AMP\)$)"
 )
 
 

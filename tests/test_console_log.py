@@ -28,7 +28,8 @@ BANNER = "-" * 100 + "\ndistributed_backend=gloo\nAll distributed processes regi
      "`Trainer.fit` stopped: `max_steps=6` reached.",  # (the run summary follows)
      "`Trainer.fit` stopped: `max_epochs=4` reached.",
      "Running in `fast_dev_run` mode: will run the requested loop using 1 batch(es). Logging "
-     "and checkpointing is suppressed."],  # (debug=fdr: advarch writes last.ckpt regardless)
+     "and checkpointing is suppressed.",  # (debug=fdr: advarch writes last.ckpt regardless)
+     "Using bfloat16 Automatic Mixed Precision (AMP)"],  # (trainer.precision says it: new user 40b)
 )  # fmt: skip
 def test_announcements_stay_off_the_console(message: str) -> None:
     record = logging.LogRecord("lightning", logging.INFO, __file__, 1, message, None, None)
