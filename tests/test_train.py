@@ -199,12 +199,7 @@ def test_a_signal_at_any_batch_resumes_as_the_uninterrupted_run(
     last = Path(stopped.paths.output_dir) / "checkpoints" / "last.ckpt"
     if saved_at is not None:
         assert torch.load(last, weights_only=False)["global_step"] == saved_at
-    resumed = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
-    resumed_metrics = run(resumed)
-    assert untimed_rows(resumed) == untimed_rows(full)
-    assert resumed_metrics["test/loss"] == full_metrics["test/loss"]
-    best = [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-            ["callbacks"] for c in (full, resumed)]  # fmt: skip
+    best = resume_as_uninterrupted(make_cfg, common, last, tmp_path, full, full_metrics)
     assert [best_score(states) for states in best] == [best_score(best[0])] * 2
     if not extra:  # (not accumulating) step 3's validation ranked its weights before the stop
         assert (Path(stopped.paths.output_dir) / "checkpoints" / "best-3.ckpt").is_file()
@@ -226,12 +221,7 @@ def test_a_crash_in_a_validation_resumes_as_the_uninterrupted_run(make_cfg, tmp_
         run(crashed)
     last = Path(crashed.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3
-    resumed = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
-    resumed_metrics = run(resumed)
-    assert untimed_rows(resumed) == untimed_rows(full)
-    assert resumed_metrics["test/loss"] == full_metrics["test/loss"]
-    best = [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-            ["callbacks"] for c in (full, resumed)]  # fmt: skip
+    best = resume_as_uninterrupted(make_cfg, common, last, tmp_path, full, full_metrics)
     assert best_score(best[1]) == best_score(best[0])
 
 
@@ -271,6 +261,19 @@ def untimed_rows(cfg) -> list[dict[str, float]]:
     timing = ("train/tokens_per_s", "train/samples_per_s")
     rows = read_metrics(Path(cfg.paths.output_dir))
     return [{k: v for k, v in row.items() if k not in timing} for row in rows]
+
+
+def resume_as_uninterrupted(
+    make_cfg, common: list[str], last: Path, tmp_path: Path, full, full_metrics: dict
+) -> list[dict]:
+    """Resume `common` from `last`; its CSV rows and test/loss must equal the uninterrupted
+    run `full`'s. The `RankedCheckpoint` states of both runs' last.ckpt, to compare."""
+    resumed = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
+    resumed_metrics = run(resumed)
+    assert untimed_rows(resumed) == untimed_rows(full)
+    assert resumed_metrics["test/loss"] == full_metrics["test/loss"]
+    return [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+            ["callbacks"] for c in (full, resumed)]  # fmt: skip
 
 
 def best_score(callback_states: dict) -> float:
