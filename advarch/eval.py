@@ -247,9 +247,12 @@ def _changed(saved: DictConfig, changes: DictConfig, group: str) -> DictConfig:
 
 def checkpoint_overrides(argv: list[str]) -> list[str]:
     """`strategy.<key>=…`, and `data.<key>=…` typed without a `data=` choice, change the
-    checkpoint's own strategy and data: Hydra gets them as `+strategy_overrides.<key>=…` and
-    `+data_overrides.<key>=…` (eval.yaml has neither group to change; `+data.<key>` made a data
-    node without a datamodule), as it does those keys typed without their `+`."""
+    checkpoint's own strategy and data, a key at a time (a whole mapping is one line): Hydra
+    gets them as `+strategy_overrides.<key>=…` and `+data_overrides.<key>=…` (eval.yaml has
+    neither group to change; `+data.<key>` made a data node without a datamodule), as it does
+    those keys typed without their `+`."""
+    from advarch.config.choices import key_by_key
+
     data_chosen = any(a.lstrip("+").startswith("data=") for a in argv)
     groups = ["strategy"] if data_chosen else ["strategy", "data"]
     removed = next(
@@ -259,6 +262,13 @@ def checkpoint_overrides(argv: list[str]) -> list[str]:
         group = removed[1:].split(".", 1)[0].removesuffix("_overrides")
         raise ConfigError(f"{removed}: eval.py changes the checkpoint's {group} keys "
                           f"({group}.<key>=…) and removes none")  # fmt: skip
+    whole = next(
+        (a for a in argv if re.match(rf"^\+{{0,2}}({'|'.join(groups)})(_overrides)?=\s*{{", a)),
+        None,
+    )
+    if whole is not None:  # (Hydra: "Could not override …", four lines)
+        group = whole.lstrip("+").split("=", 1)[0].removesuffix("_overrides")
+        raise key_by_key(whole, f"eval.py changes the checkpoint's {group}", group)
     own = re.compile(rf"^\+{{0,2}}({'|'.join(groups)})(_overrides)?\.")
     return [own.sub(r"+\1_overrides.", a) if own.match(a) else a for a in argv]
 

@@ -248,6 +248,13 @@ ROWS: list[tuple[str, list[str], str]] = [
         "hydra/launcher=local_parallel? options: basic, joblib, local_parallel,",
     ),
     ("train", ["hydra/sweeper=optun"], "error: hydra/sweeper=optun is not a hydra/sweeper config"),
+    (  # (it said "trainer={max_steps: 3 is not a trainer config": the mapping cut at its comma)
+        "train",
+        ["trainer={max_steps: 3, deterministic: true}"],
+        "error: trainer={max_steps: 3, deterministic: true}: trainer is a config group (options: "
+        "cpu, ddp, ddp_sim, default, fsdp, gpu); set its keys one at a time: trainer.max_steps=3 "
+        "trainer.deterministic=true",
+    ),
     (  # (it said "keys: )", nothing of the launcher that has the key)
         "train",
         ["-m", "hydra.launcher.n_jobs=2", "model.depth=1,2"],
@@ -618,6 +625,18 @@ ROWS: list[tuple[str, list[str], str]] = [
     ),  # fmt: skip
     ("eval", ["ckpt_path={f}/ok.ckpt", "limit_test_batches=-1"], "limit_test_batches=-1 must be"),
     ("eval", ["ckpt_path={f}/text_moe.ckpt", "+data.foo=1"], "data.foo is not a key of the"),
+    (  # (new user 40b: Hydra's four lines, "Key 'seq_len' is not in struct")
+        "eval",
+        ["ckpt_path={f}/text_moe.ckpt", "data_overrides={seq_len: 64}"],
+        "error: data_overrides={seq_len: 64}: eval.py changes the checkpoint's data; set its "
+        "keys one at a time: data.seq_len=64",
+    ),
+    (
+        "eval",
+        ["ckpt_path={f}/text_moe.ckpt", "strategy={adaptation: none, adapt_lr: 0.1}"],
+        "error: strategy={adaptation: none, adapt_lr: 0.1}: eval.py changes the checkpoint's "
+        "strategy; set its keys one at a time: strategy.adaptation=none strategy.adapt_lr=0.1",
+    ),
     (  # (a node nothing read: the run's 2 batches were tested, silently)
         "eval",
         ["ckpt_path={f}/ok.ckpt", "+trainer.limit_test_batches=1.0"],

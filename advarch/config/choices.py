@@ -201,6 +201,9 @@ def check_group_choices(argv: list[str]) -> None:
         files = {_option(p, f / group): p for f in folders for p in (f / group).rglob("*.yaml")}
         if group.startswith("hydra/"):  # (Hydra's and its plugins' options: no file to check)
             files = dict.fromkeys(_hydra_repository().get_group_options(group), None) | files
+        if files and value.lstrip().startswith("{"):
+            options = ", ".join(sorted(files))
+            raise key_by_key(override, f"{group} is a config group (options: {options})")
         for choice in (v.strip() for v in value.split(",")):
             if files and choice == "null" and not group.startswith("hydra/"):  # (~hydra/x fails)
                 raise ConfigError(f"{group}=null is not a choice: write ~{group} to leave it out")
@@ -214,6 +217,23 @@ def check_group_choices(argv: list[str]) -> None:
                 )
             if files.get(choice) is not None:  # (each of a sweep's jobs: a parser traceback)
                 check_yaml(files[choice])
+
+
+def key_by_key(override: str, what: str, key: str | None = None) -> ConfigError:
+    """The one line for a whole mapping typed where keys are set one at a time
+    (`trainer={max_steps: 3}`): `what` the key is, then the mapping written out key by key
+    under `key` (default: the override's own)."""
+    import yaml
+
+    typed_key, value = override.lstrip("+").split("=", 1)
+    key = key or typed_key
+    try:
+        mapping = yaml.safe_load(value)
+    except yaml.YAMLError:
+        mapping = None
+    keys = mapping.items() if isinstance(mapping, dict) and mapping else [("<key>", "…")]
+    typed = " ".join(f"{key}.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in keys)
+    return ConfigError(f"{override}: {what}; set its keys one at a time: {typed}")
 
 
 def _hydra_repository() -> ConfigRepository:
