@@ -137,6 +137,17 @@ def split_table_lines(
     return lines
 
 
+def weighting_lines(cfg: DictConfig, table: list[str]) -> list[str]:
+    """What a task table's `loss` over all tasks is where `strategy.task_weights` weighs it
+    (the mean of the tasks' losses so weighted, not of every example's: beside a plain `mse`)."""
+    weights = OmegaConf.select(cfg, "strategy.task_weights", default=None)
+    if not table or weights is None:
+        return []
+    weighted = f"strategy.task_weights={list(weights)}"
+    return [f"loss (all) = the tasks' losses weighted by {weighted} (the objective trained); "
+            "other rows weigh every example alike"]  # fmt: skip
+
+
 def unigram_baseline(spec: DataSpec, metrics: dict[str, float]) -> float | None:
     """The unigram model's validation bits per byte: on the tokens validation scored
     (`val/unigram_bpb`), else (a checkpoint from before it) on the whole validation split."""
@@ -174,7 +185,7 @@ def print_summary(
         shown = shown or (bool(table) and key.startswith("test/"))
         if key in metrics and not shown:
             lines.append(f"{key} = {metrics[key]:.4f}")
-    lines += matrix + table
+    lines += matrix + table + weighting_lines(cfg, table)
     if "train/tokens_per_s" in metrics or "train/samples_per_s" in metrics:
         lines.append(throughput_line(metrics))
     lines.append(f"checkpoint: {output_dir / 'checkpoints' / 'last.ckpt'}")

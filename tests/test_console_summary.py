@@ -112,3 +112,20 @@ def test_a_resumed_sweep_trial_names_its_part_in_the_earlier_sweep(tmp_path: Pat
     # (a folder linked into the sweeps holds the same parts: named once)
     (sweeps / "linked").symlink_to(first.parents[2], target_is_directory=True)
     assert sync_hint(again.parents[1]) == f"sync to W&B later: wandb sync --id a7 {first} {again}"
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0]])
+def test_a_weighted_multitask_table_says_what_its_overall_loss_is(
+    tmp_path: Path, capsys, weights: list[float] | None
+) -> None:
+    # (new user 40b: `loss` 1.3336 beside `mse` 1.3452 in the "all" column, equal in each task's)
+    spec = DataSpec(kind="regression", num_features=8, task_names=("task_a", "task_b"))
+    test = {"test/loss": 1.3336, "test/mse": 1.3452, "test/task_a/loss": 1.3802,
+            "test/task_a/mse": 1.3802, "test/task_b/loss": 1.3102,
+            "test/task_b/mse": 1.3102}  # fmt: skip
+    cfg = OmegaConf.create({"strategy": {"task_weights": weights}})
+    print_summary(cfg, spec, {"val/loss": 1.3, **test}, tmp_path)
+    out = capsys.readouterr().out
+    said = ("loss (all) = the tasks' losses weighted by strategy.task_weights=[1.0, 2.0] (the "
+            "objective trained); other rows weigh every example alike")  # fmt: skip
+    assert (said in out) is (weights is not None), out
