@@ -45,10 +45,12 @@ class StepBudgetProgressBar(RichProgressBar):
         super().__init__(*args, console_kwargs=console_kwargs, **kwargs)
 
     def _step_budget(self) -> int | None:
-        """The run's training batches when `max_steps` alone bounds it, else None."""
+        """The run's training batches when `max_steps` alone bounds it, else None: under
+        gradient accumulation an epoch's last batch steps too (`steps_budget_batches`)."""
         trainer = self.trainer
         if trainer.max_steps > 0 and (trainer.max_epochs is None or trainer.max_epochs < 0):
-            return trainer.max_steps * trainer.accumulate_grad_batches
+            epoch = trainer.num_training_batches
+            return steps_budget_batches(trainer.max_steps, trainer.accumulate_grad_batches, epoch)
         return None
 
     @property
@@ -125,6 +127,16 @@ class StepBudgetProgressBar(RichProgressBar):
 def _decimals(value: float) -> str:
     """3 decimals in every line (`4.600`, not `4.6` beside `4.13`); a tiny value in E form."""
     return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2e}"
+
+
+def steps_budget_batches(max_steps: int, accumulate: int, epoch_batches: int | float) -> int:
+    """The batches `max_steps` optimizer steps take, `accumulate` batches a step, where every
+    epoch of `epoch_batches` ends with a step (3 batches by 2: 2 steps, so 6 steps take 9)."""
+    if not math.isfinite(epoch_batches) or epoch_batches < 1:  # (an iterable of unknown length)
+        return max_steps * accumulate
+    epoch_steps = math.ceil(epoch_batches / accumulate)
+    epochs, steps = divmod(max_steps, epoch_steps)
+    return int(epochs * epoch_batches + min(steps * accumulate, epoch_batches))
 
 
 def task_label(datamodule: Any, epoch: int) -> str:

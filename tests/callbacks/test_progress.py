@@ -59,8 +59,13 @@ def test_the_bar_shows_no_logger_version(monkeypatch) -> None:
     assert StepBudgetProgressBar().get_metrics(None, None) == {"train/loss": 1.0}
 
 
-def test_a_step_budget_over_several_epochs_is_one_bar_to_its_end(tmp_path) -> None:
-    # (the bar and its time left counted to the end of each epoch: 4 minutes left shown for 8)
+@pytest.mark.parametrize(("max_steps", "accumulate", "batches"), [(7, 1, 7), (6, 2, 9), (5, 2, 8)])
+def test_a_step_budget_over_several_epochs_is_one_bar_to_its_end(
+    tmp_path, max_steps: int, accumulate: int, batches: int
+) -> None:
+    # (the bar and its time left counted to the end of each epoch: 4 minutes left shown for 8);
+    # new user 40b: accumulating 2 batches a step over epochs of 3, the bar ended at 9/12 (each
+    # epoch's odd last batch steps too: 6 steps take 9 batches)
     bar = StepBudgetProgressBar()
     counts, totals = [], []
     update, add_task = bar._update, bar._add_task
@@ -73,16 +78,18 @@ def test_a_step_budget_over_several_epochs_is_one_bar_to_its_end(tmp_path) -> No
 
     bar._update = _update
     trainer = L.Trainer(
-        max_steps=7,
+        max_steps=max_steps,
         limit_train_batches=3,
         limit_val_batches=0,
+        accumulate_grad_batches=accumulate,
         callbacks=[bar],
         logger=False,
         enable_checkpointing=False,
         default_root_dir=tmp_path,
     )
     trainer.fit(BoringModel())
-    assert totals[0] == 7 and counts == list(range(1, 8))  # epochs of 3, 3 and 1 batches
+    assert trainer.global_step == max_steps
+    assert totals[0] == batches and counts == list(range(1, batches + 1))  # (7: 3, 3 and 1)
 
 
 def test_in_a_log_file_every_tenth_of_the_run_is_a_progress_line(tmp_path, monkeypatch,
@@ -105,6 +112,7 @@ def at_step_6_of_60(is_global_zero: bool = True) -> SimpleNamespace:
     loop = SimpleNamespace(epoch_loop=SimpleNamespace(total_batch_idx=5))
     return SimpleNamespace(estimated_stepping_batches=60, global_step=6, max_steps=60,
                            max_epochs=-1, accumulate_grad_batches=1, callback_metrics={},
+                           num_training_batches=float("inf"),
                            is_global_zero=is_global_zero, fit_loop=loop)  # fmt: skip
 
 
