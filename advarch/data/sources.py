@@ -95,18 +95,24 @@ def json_kind(path: str, field: str) -> str:
     return "no rows" if value == [] else "rows"
 
 
+CSV_CELL_LIMIT = 2**31 - 1  # characters a CSV cell may hold: any document (a C long's bound)
+
+
 def csv_delimiter(f: Any, field: str) -> str:
     """The separator of a CSV file: the first of `,`, `;`, tab and `|` whose split of the
-    header names `field` (a comma where none does); `f` is left at its start."""
+    header names `field` (where none does, the one that splits it most: an error lists its
+    columns); `f` is left at its start."""
     header = f.readline()
     f.seek(0)
-    fits = (d for d in ",;\t|" if field in next(csv.reader([header], delimiter=d), []))
-    return next(fits, ",")
+    columns = {d: next(csv.reader([header], delimiter=d), []) for d in ",;\t|"}
+    fits = (d for d, names in columns.items() if field in names)
+    return next(fits, max(columns, key=lambda d: len(columns[d])))
 
 
 def csv_texts(path: str, field: str) -> dict[int, str]:
     """Row number → `field` cell of a CSV file's rows with text (`rows_with_text`), as typed: a
     table reader would guess types (an all-number column became ints)."""
+    csv.field_size_limit(CSV_CELL_LIMIT)  # (Python's default, 128 KiB, refused long documents)
     with open(path, newline="", encoding="utf-8-sig") as f:
         try:
             reader = csv.DictReader(f, delimiter=csv_delimiter(f, field))

@@ -247,6 +247,22 @@ def test_a_csv_file_is_a_table_of_its_text_column(tmp_path: Path) -> None:
         docs_of(str(table), tmp_path)
 
 
+def test_a_csv_cell_of_any_length_is_read_and_a_missing_column_lists_the_columns(
+    tmp_path: Path,
+) -> None:
+    # new user 41: a cell over 131,072 characters (a long source file) stopped the run ("field
+    # larger than field limit"), and a `;` table's columns were listed as one, `id;body`
+    from advarch.data.sources import file_documents
+
+    long = " ".join(WORDS) * 20_000  # (~1 MB)
+    (tmp_path / "long.csv").write_text(f'id,text\n1,"{long}"\n2,short\n')
+    names, texts = file_documents([str(tmp_path / "long.csv")], "text")
+    assert texts == [long, "short"]
+    (tmp_path / "semi.csv").write_text("id;body\n1;text\n")
+    with pytest.raises(ValueError, match=r"is not a column of '.*semi\.csv' \(columns: id, body\)"):
+        file_documents([str(tmp_path / "semi.csv")], "text")
+
+
 def test_empty_files_are_left_out_in_one_line(caplog) -> None:
     # a code folder's empty __init__.py stopped the run
     from advarch.data.sources import file_documents
