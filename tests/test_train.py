@@ -8,6 +8,7 @@ import re
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,7 +189,7 @@ def test_a_signal_at_any_batch_resumes_as_the_uninterrupted_run(
     # at an epoch's last batch, no validation due, saved before the epoch's end hooks, which
     # the resume skipped: its train/*_epoch row was lost; one in those hooks saved a batch later
     common = ["debug=tiny", "trainer.max_steps=6", "trainer.deterministic=true", *STOCHASTIC,
-              *extra]  # fmt: skip
+              "callbacks.expert_load.every_n_steps=2", *extra]  # fmt: skip
     full = make_cfg(common, output_dir=tmp_path / "full")
     full_metrics = run(full)
     stop = [f"+callbacks.stop._target_=tests.helpers.{signal_at[0]}", *signal_at[1:],
@@ -266,12 +267,23 @@ def untimed_rows(cfg) -> list[dict[str, float]]:
 def resume_as_uninterrupted(
     make_cfg, common: list[str], last: Path, tmp_path: Path, full, full_metrics: dict
 ) -> list[dict]:
-    """Resume `common` from `last`; its CSV rows and test/loss must equal the uninterrupted
-    run `full`'s. The `RankedCheckpoint` states of both runs' last.ckpt, to compare."""
+    """Resume `common` from `last`; its CSV rows, test/loss and expert-load history (and
+    heatmaps) must equal the uninterrupted run `full`'s. The `RankedCheckpoint` states of both
+    runs' last.ckpt, to compare."""
     resumed = make_cfg([*common, f"ckpt_path={last}"], output_dir=tmp_path / "resumed")
     resumed_metrics = run(resumed)
     assert untimed_rows(resumed) == untimed_rows(full)
     assert resumed_metrics["test/loss"] == full_metrics["test/loss"]
+    # new user 41: the resumed history lacked the windows before the checkpoint, and the one
+    # across it averaged the resumed batches alone
+    plots = [Path(c.paths.output_dir) / "plots" for c in (full, resumed)]
+    histories = [dict(np.load(p / "expert_load_history.npz")) for p in plots]
+    assert histories[0].keys() == histories[1].keys() == {"steps", "load", "layers"}
+    for key, value in histories[0].items():
+        np.testing.assert_array_equal(histories[1][key], value, err_msg=key)
+    assert [sorted(f.name for f in p.glob("*.png")) for p in plots][0] == sorted(
+        f.name for f in plots[1].glob("*.png")
+    )
     return [torch.load(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
             ["callbacks"] for c in (full, resumed)]  # fmt: skip
 

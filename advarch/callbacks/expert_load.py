@@ -13,12 +13,15 @@ import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import WandbLogger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from advarch.checkpoint import run_dir_of
 
 LOAD_KEY = re.compile(r"moe/layer(\d+)/load$")
 MAX_ANNOTATED_CELLS = 256  # beyond this the numbers are unreadable; the colours remain
@@ -84,6 +87,7 @@ class ExpertLoadCallback(L.Callback):
         self.plot_dir = plot_dir
         self.history_steps: list[int] = []
         self.history: list[np.ndarray] = []  # one (layers, E) mean load per window
+        self.window_batches: list[int] = []  # the batches each window averaged
         self.layers: list[int] = []
         self._window_sum: dict[int, np.ndarray] = {}
         self._window_batches = 0
@@ -91,6 +95,34 @@ class ExpertLoadCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step  # (a resume's: no window closes before a step)
+        if self.history and trainer.is_global_zero:  # resumed: its folder gets the earlier ones
+            folder = self._folder(trainer)
+            if trainer.ckpt_path:  # (heatmaps take ~0.4 s each to draw again: copied)
+                earlier = self._folder(trainer, run_dir_of(Path(trainer.ckpt_path)))
+                self._carry_heatmaps(earlier, folder)
+            self._save_history(folder)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The windows so far and the open one's sums: a resumed run's history is the
+        uninterrupted run's (plain lists: a checkpoint loads without numpy's pickles)."""
+        return {
+            "history_steps": list(self.history_steps),
+            "history": [h.tolist() for h in self.history],
+            "layers": list(self.layers),
+            "window_batches": list(self.window_batches),
+            "window_sum": {layer: s.tolist() for layer, s in self._window_sum.items()},
+            "open_window_batches": self._window_batches,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history_steps = list(state_dict["history_steps"])
+        self.history = [np.asarray(h, dtype=float) for h in state_dict["history"]]
+        self.layers = list(state_dict["layers"])
+        self.window_batches = list(state_dict["window_batches"])
+        self._window_sum = {
+            int(k): np.asarray(s, dtype=np.float32) for k, s in state_dict["window_sum"].items()
+        }
+        self._window_batches = int(state_dict["open_window_batches"])
 
     def on_train_batch_end(
         self,
@@ -128,23 +160,43 @@ class ExpertLoadCallback(L.Callback):
         mean = [self._window_sum[i] / batches for i in self.layers]
         self.history_steps.append(step)
         self.history.append(_stack_rows(mean))
+        self.window_batches.append(batches)
         self._window_sum, self._window_batches, self._last_step = {}, 0, step
         if not trainer.is_global_zero:
             return
-        folder = Path(self.plot_dir or Path(trainer.default_root_dir) / "plots")
+        folder = self._folder(trainer)
         title = f"expert load, step {step} (mean over {batches} batch{'es' * (batches != 1)})"
         path = folder / f"expert_load_step{step}.png"
         plot_expert_load(self.history[-1], path, title, self.layers)
         shutil.copyfile(path, folder / "expert_load_latest.png")
+        self._save_history(folder)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="moe/expert_load", images=[str(path)])
+
+    def _folder(self, trainer: L.Trainer, run_dir: Path | None = None) -> Path:
+        """The heatmaps' folder: `plot_dir`, else `plots/` of the run (this one's)."""
+        return Path(self.plot_dir or Path(run_dir or trainer.default_root_dir) / "plots")
+
+    def _carry_heatmaps(self, earlier: Path, folder: Path) -> None:
+        """Copy the heatmaps of the windows before a resume, missing in `folder`, from the
+        `earlier` run's (the last of them as the latest)."""
+        names = [f"expert_load_step{step}.png" for step in self.history_steps]
+        for name in names:
+            if (earlier / name).is_file() and not (folder / name).exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(earlier / name, folder / name)
+        if (folder / names[-1]).is_file():
+            shutil.copyfile(folder / names[-1], folder / "expert_load_latest.png")
+
+    def _save_history(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
         np.savez(
             folder / "expert_load_history.npz",
             steps=np.asarray(self.history_steps),
             load=self.history_array(),
             layers=np.asarray(self.layers),
         )
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="moe/expert_load", images=[str(path)])
 
     def history_array(self) -> np.ndarray:
         """History as (steps, layers, E), NaN-padded where a window had fewer layers/experts."""
