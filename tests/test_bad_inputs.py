@@ -240,6 +240,13 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train", [*RETRIEVAL, "data.retrieval.ngrams=[]"], "data.retrieval.ngrams=[] must be"),
     # model
     ("train", ["model=bogus"], "model=bogus is not a model config (options: hybrid, "),
+    (  # (new user 41: "or leave data= out", which no one typed; the strategy's data not brought)
+        "train",
+        ["hydra.searchpath=[file://{f}/confs]", "experiment=ewc_alone"],
+        "error: strategy=ewc data=text: strategy=ewc trains a task stream, but data=text is one "
+        "language-modelling corpus; use data=text_domains or data=permuted_digits (typed, or in "
+        "experiment=ewc_alone: override /data: text_domains)",
+    ),
     ("train", ["model=moee"], "model=moee is not a model config (did you mean model=moe? "),
     (  # (Hydra's 14 lines: its config search path and the HYDRA_FULL_ERROR advice)
         "train",
@@ -748,6 +755,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rows = datasets.Dataset.from_dict({"text": good})
     rows.save_to_disk(str(f / "saved"))
     datasets.DatasetDict({"validation": rows}).save_to_disk(str(f / "splits"))
+    (f / "confs" / "experiment").mkdir(parents=True)  # a user's experiment: a strategy alone
+    (f / "confs" / "experiment" / "ewc_alone.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /strategy: ewc\n"
+    )
     (f / "tiny").mkdir()
     for i in range(4):
         (f / "tiny" / f"s{i}.txt").write_text(f"tiny doc {i}")
@@ -794,6 +805,15 @@ def test_bad_input_is_one_line_naming_it(
     assert expected in text, (line, text[-1500:])
     if entry == "train":
         assert not out_dir.exists() or not any(out_dir.iterdir()), list(out_dir.iterdir())
+
+
+def test_data_typed_beside_an_experiment_is_not_told_to_leave_data_out(
+    files: Path, tmp_path: Path, capsys
+) -> None:
+    # (leaving it out, the experiment's own data=text would be refused the same)
+    args = [*TINY, f"hydra.searchpath=[file://{files}/confs]", "experiment=ewc_alone", "data=text"]
+    code, line, _ = call_entry("train", args, tmp_path / "runs" / "bad", capsys)
+    assert code == 1 and line.endswith("; use data=text_domains or data=permuted_digits"), line
 
 
 REAL_CLI = [

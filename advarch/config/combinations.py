@@ -319,6 +319,17 @@ def _choices() -> dict[str, str]:
         return {}
 
 
+def _typed_groups() -> set[str]:
+    """The config groups the command line chose (`data` for `data=text`), if Hydra knows it."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = HydraConfig.get().overrides.task
+    except (ValueError, AttributeError):
+        return set()
+    return {o.lstrip("+").split("=", 1)[0] for o in task if "=" in o}
+
+
 def _check_stream_length(data: Mapping[str, Any], name: str) -> None:
     """A task stream trains every task in turn for a length of its own (`TaskStream`): a
     typed `trainer.max_steps` or `trainer.max_epochs` would be overridden without a word, and
@@ -359,6 +370,8 @@ def check_combination(cfg: DictConfig) -> None:
         for g in ("data", "model", "strategy")
         if cfg.get(g) is not None
     }
+    if choices.get("experiment"):  # (no strategy default replaces its data choice)
+        names["experiment"] = choices["experiment"]
     strategy, data, model = (cfg.get(g) or {} for g in ("strategy", "data", "model"))
     strategy_target = strategy.get("_target_")
     if strategy_target == FINETUNE:
@@ -421,6 +434,13 @@ def _check_needs(
     if not strategy_ok:
         options = _serving(wanted, needed) if needed is not None else list(wanted.options)
         leave = ", or leave data= out" if STRATEGY_DATA.get(strategy) in options else ""
+        if "experiment" in names:  # (typed, or its file's choice: no strategy default)
+            own = "data" not in _typed_groups()
+            leave = (
+                f" (typed, or in experiment={names['experiment']}: override /data: {options[0]})"
+                if own
+                else ""
+            )
         hint = " or ".join(f"data={o}" for o in options) + leave
         if wanted.instead is not None and model_ok:  # (else other data serves the model too)
             hint = wanted.instead.format(one_task=_one_task_key(data))
