@@ -331,11 +331,29 @@ def ran_with(checkpoint: Path) -> str:
     (`'data.curriculum=[{seq_len: 64}]'`); empty where the run folder has no record."""
     import yaml
 
-    record = run_dir_of(checkpoint) / ".hydra" / "overrides.yaml"
+    run_dir = run_dir_of(checkpoint)
     try:
-        overrides = yaml.safe_load(record.read_text())
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return ""
     if not isinstance(overrides, list):
         return ""
-    return f" (its run: {shlex.join(['python', 'train.py', *map(str, overrides)])})"
+    words = ["python", "train.py", *config_dir_options(run_dir), *map(str, overrides)]
+    return f" (its run: {shlex.join(words)})"
+
+
+def config_dir_options(run_dir: Path) -> list[str]:
+    """`--config-dir <folder>` for each config folder the run's command line added to Hydra's
+    search path (`.hydra/hydra.yaml`): its overrides may choose configs only they hold."""
+    import yaml
+
+    try:
+        record = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())
+        sources = record["hydra"]["runtime"]["config_sources"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return []
+    typed = ("command-line", "hydra.searchpath in command-line")
+    folders = [
+        s["path"] for s in sources if s.get("schema") == "file" and s.get("provider") in typed
+    ]
+    return [word for folder in folders for word in ("--config-dir", str(folder))]

@@ -14,6 +14,7 @@ import numpy as np
 import yaml
 
 from advarch.callbacks.expert_load import plot_expert_load
+from advarch.checkpoint import config_dir_options
 from advarch.config.resolvers import sweep_direction
 from advarch.console_summary import SUMMARY_FILE, SUMMARY_KEYS, with_task_names
 from advarch.continual_metrics import (
@@ -101,7 +102,9 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
     overrides = run_overrides(run_dir)
     report.config = {"run": str(run_dir), "overrides": list(overrides)}
     if overrides:
-        report.lines += ["Overrides: " + " ".join(f"`{o}`" for o in overrides), ""]
+        folders = config_dir_options(run_dir)  # (the configs its overrides may choose)
+        typed = [" ".join(folders[i : i + 2]) for i in range(0, len(folders), 2)] + overrides
+        report.lines += ["Overrides: " + " ".join(f"`{o}`" for o in typed), ""]
     stopped = unfinished(run_dir, metrics)
     note = []  # a run that did not finish: its "final" metrics are the last it logged
     if stopped:

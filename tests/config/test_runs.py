@@ -14,6 +14,7 @@ from advarch.config.runs import (
     config_mismatch,
     previous_wandb_id,
 )
+from tests.cli import Project
 
 
 @pytest.mark.parametrize(
@@ -216,3 +217,33 @@ def test_the_run_a_refusal_names_is_a_command_a_shell_takes(tmp_path: Path) -> N
     said = ran_with(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert said == f" (its run: python train.py model=ssm '{curriculum}')"
     assert shlex.split(said[len(" (its run: ") : -1])[3] == curriculum
+
+
+def test_the_run_a_refusal_names_keeps_its_config_folder(project: Project) -> None:
+    # new user 41: "its run: python train.py experiment=mine …" left out `--config-dir myconf`,
+    # and the command pasted was refused (`experiment=mine is not an experiment config`); so was
+    # report.md's Overrides line
+    import shlex
+
+    from advarch.reports.markdown import run_report
+
+    experiment = project.root / "myconf" / "experiment"
+    experiment.mkdir(parents=True)
+    (experiment / "mine.yaml").write_text("# @package _global_\nrun_name: mine\n")
+    first = project.run("--config-dir", "myconf", "experiment=mine", "debug=tiny",
+                        "trainer.max_steps=1").check()  # fmt: skip
+    last = first.run_dir / "checkpoints" / "last.ckpt"
+    refused = project.run("--config-dir", "myconf", "experiment=mine", "debug=tiny",
+                          f"ckpt_path={last}", "seed=3")  # fmt: skip
+    assert refused.rc == 1, refused.output[-2000:]
+    folder = project.root / "myconf"
+    named = f"(its run: python train.py --config-dir {folder} experiment=mine debug=tiny "
+    assert named in refused.stderr, refused.stderr[-2000:]
+    command = refused.stderr.split("(its run: ", 1)[1].split(")", 1)[0]
+    assert shlex.split(command)[2:4] == ["--config-dir", str(folder)]
+    project.shell(f"{command} ckpt_path={last}").check()  # (pasted: it resumes that run)
+    report = run_report(first.run_dir)
+    overrides = (
+        f"Overrides: `--config-dir {folder}` `experiment=mine` `debug=tiny` `trainer.max_steps=1`"
+    )
+    assert overrides in report.lines, report.lines[:4]
