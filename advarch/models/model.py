@@ -13,6 +13,7 @@ Hybrid stacks come from the `layers` (mixers) and `ffn` patterns, repeated to `d
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advarch.models.blocks.attention import Attention
+from advarch.models.blocks.config import BlockConfig
 from advarch.models.blocks.moe import MoEConfig
 from advarch.models.blocks.norm import make_norm
 from advarch.models.blocks.sliding_window import (
@@ -33,7 +35,7 @@ from advarch.models.blocks.ssd import Mamba2, SSDConfig
 from advarch.models.blocks.ssm import SelectiveSSM, SSMConfig
 from advarch.models.layers import Layer, LayerContext, RoutedFFN
 from advarch.models.output import ModelOutput
-from advarch.models.registry import build_block, check_model, expand_pattern
+from advarch.models.registry import BLOCKS, build_block, check_model, expand_pattern
 from advarch.models.retro_lm import RetroConfig
 from advarch.spec import DataSpec
 
@@ -66,11 +68,13 @@ class Model(nn.Module):
         ssm: SSMConfig | Options | None = None,
         ssd: SSDConfig | Options | None = None,
         retro: RetroConfig | Options | None = None,
+        **blocks: BlockConfig | Options | None,
     ) -> None:
         """Check every option (`check_model`), then build input, layers, norm and head.
 
-        Block options (`moe`, `swa`, `ssm`, `ssd`, `retro`) are typed configs or the YAML
-        mappings they parse; `retro` left empty builds no RETRO adapter.
+        Block options (`moe`, `swa`, `ssm`, `ssd`, `retro`, and `blocks`: those of blocks a
+        project registers itself in `BLOCKS`, by name) are typed configs or the YAML mappings
+        they parse; `retro` left empty builds no RETRO adapter.
         """
         super().__init__()
         self.shape, self.block_configs = check_model(
@@ -78,6 +82,7 @@ class Model(nn.Module):
                 dim=dim, depth=depth, num_heads=num_heads, layers=layers, ffn=ffn,
                 ffn_hidden=ffn_hidden, activation=activation, norm=norm, dropout=dropout,
                 encoder_depth=encoder_depth, moe=moe, swa=swa, ssm=ssm, ssd=ssd, retro=retro,
+                **self.registered(blocks),
             )
         )  # fmt: skip
         self.spec, self.dim = spec, dim
@@ -337,7 +342,22 @@ class Model(nn.Module):
         what `advarch.pipeline.validate` runs before any data is read."""
         bound = inspect.signature(cls).bind_partial(**options)
         bound.apply_defaults()
-        check_model(bound.arguments)
+        arguments = dict(bound.arguments)
+        check_model({**arguments, **cls.registered(arguments.pop("blocks", {}))})
+
+    @staticmethod
+    def registered(blocks: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`blocks` (the keywords beyond the named ones), each a block in `BLOCKS`; else a
+        ValueError naming the first other one, as an unknown option of the model."""
+        unknown = [name for name in blocks if name not in BLOCKS]
+        if unknown:
+            named = [p for p in inspect.signature(Model).parameters if p not in ("spec", "blocks")]
+            own = [n for n, b in BLOCKS.items() if n not in named and dataclasses.fields(b.config)]
+            known = ", ".join([*named, *own])  # (blocks with options: attn and dense have none)
+            raise ValueError(
+                f"model.{unknown[0]} is not an option of advarch.models.Model (options: {known})"
+            )
+        return blocks
 
 
 class FeaturePatches(nn.Module):

@@ -4,8 +4,10 @@
 adds RETRO's adapter. Each entry pairs the block class with its config class
 (`advarch/models/blocks/config.py`): the config parses the `model.<name>` options, checks them
 against the model's shape and builds the block. Adding a block is a class, its config and one
-line in `BLOCKS`. `check_model` runs every check a `Model` makes on its options; the model
-builder and the pre-run validation (`advarch.pipeline.validate`) both call it.
+line in `BLOCKS`, here or from a project's own module (`examples/own_block`: `Model` takes the
+options of every registered block by its name). `check_model` runs every check a `Model` makes
+on its options; the model builder and the pre-run validation (`advarch.pipeline.validate`)
+both call it.
 """
 
 from __future__ import annotations
