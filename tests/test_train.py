@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import signal
 from pathlib import Path
@@ -371,8 +372,10 @@ def test_a_resume_on_changed_files_stops_and_eval_warns(make_cfg, tmp_path: Path
     with caplog.at_level("INFO", logger="advarch"), pytest.raises(
         CheckpointError, match="its data changed since it was written .* may have moved between "
         "train, val and test"
-    ):  # fmt: skip
+    ) as refused:  # fmt: skip
         run(resume)
+    # new user 41: it named no file ("files added, removed or edited")
+    assert f" now: {corpus}/added.txt added), so documents" in str(refused.value)
     assert "resuming" not in caplog.text  # (it said "resuming <ckpt> (step 6, …)" first)
     # … nor what its longer schedule would change (new user 38 L9: said, then refused)
     assert "learning rate" not in caplog.text
@@ -380,7 +383,18 @@ def test_a_resume_on_changed_files_stops_and_eval_warns(make_cfg, tmp_path: Path
     with caplog.at_level("WARNING", logger="advarch"):
         evaluate(make_cfg([f"ckpt_path={last}", "wandb=false"], "eval", tmp_path / "eval"))
     assert "its data changed since it was written" in caplog.text
-    (corpus / "added.txt").unlink()  # the same files again: resumes
+    (corpus / "added.txt").unlink()
+    (corpus / "d0.txt").rename(corpus / "moved.txt")
+    with pytest.raises(CheckpointError, match=f" now: {corpus}/moved.txt added, {corpus}/d0.txt "
+                       "removed\\), so documents"):  # fmt: skip
+        run(resume)
+    original, stat = (corpus / "moved.txt").read_text(), (corpus / "moved.txt").stat()
+    (corpus / "moved.txt").rename(corpus / "d0.txt")
+    (corpus / "d0.txt").write_text("an edit " * 40)  # the same names: said as edited
+    with pytest.raises(CheckpointError, match=" now: files edited\\), so documents"):
+        run(resume)
+    (corpus / "d0.txt").write_text(original)  # the same files again: resumes
+    os.utime(corpus / "d0.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     caplog.clear()
     with caplog.at_level("INFO", logger="advarch"):
         assert run(resume)

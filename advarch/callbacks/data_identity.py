@@ -42,9 +42,34 @@ def data_changed(checkpoint: dict[str, Any], datamodule: Any) -> str | None:
     saved, now = checkpoint.get(KEY), data_cache(datamodule)
     if saved is None or now is None or saved == now:
         return None
-    return (f"its data changed since it was written (cache {saved} then, {now} now: files "
-            "added, removed or edited), so documents may have moved between train, val and "
-            "test and a BPE tokenizer may give other ids")  # fmt: skip
+    return (f"its data changed since it was written (cache {saved} then, {now} now: "
+            f"{_file_changes(saved, datamodule)}), so documents may have moved between train, "
+            "val and test and a BPE tokenizer may give other ids")  # fmt: skip
+
+
+def _file_changes(saved: str, datamodule: Any) -> str:
+    """Which files the data gained and lost since the cache `saved` was built (`data/b.txt
+    added`), read from both caches' document names where the old one is still beside this
+    one's; else (or where the same files were edited) what may have happened."""
+
+    def files(meta: dict[str, Any]) -> set[str]:  # (a table's rows are `<file>#<row>`)
+        return {n.rsplit("#", 1)[0] for names in split_documents_of(meta).values() for n in names}
+
+    try:
+        meta = json.loads((Path(datamodule.cache_dir).parent / saved / "meta.json").read_text())
+    except (OSError, ValueError):
+        return "files added, removed or edited"
+    then, now = files(meta), files(getattr(datamodule, "meta", None) or {})
+    changes = [(sorted(now - then), "added"), (sorted(then - now), "removed")]
+    said = [f"{_some(names)} {verb}" for names, verb in changes if names]
+    return ", ".join(said) if said else "files edited"
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """`a.txt`, `a.txt, b.txt` … or `5 files (a.txt, b.txt, c.txt, …)`."""
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{len(names)} files ({', '.join(names[:shown])}, …)"
 
 
 def held_out_trained_on(checkpoint: dict[str, Any], datamodule: Any) -> dict[str, list[str]]:
