@@ -71,7 +71,7 @@ def table_rows(path: str, field: str) -> dict[int, str] | None:
     suffix = Path(path).suffix.lower()
     if suffix == ".jsonl":
         return read_jsonl(path, field)
-    if suffix == ".csv":
+    if suffix in (".csv", ".tsv"):
         return csv_texts(path, field)
     builder = TABLE_BUILDERS.get(suffix)
     kind = json_kind(path, field) if suffix == ".json" else "rows"
@@ -91,6 +91,12 @@ def json_kind(path: str, field: str) -> str:
     except json.JSONDecodeError:  # (JSON lines in a .json file: rows)
         return "rows"
     if isinstance(value, dict) and field not in value:
+        nested = [k for k, v in value.items() if isinstance(v, list) and v
+                  and all(isinstance(row, dict) for row in v)]  # fmt: skip
+        if nested:  # (rows under a key, as HF and SQuAD files hold them: trained on as text)
+            log.warning("data.files: %s holds rows under %r, not a list of rows: read as one "
+                        "text document (a list of rows or JSON lines is a table)", path,
+                        nested[0])  # fmt: skip
         return "document"
     return "no rows" if value == [] else "rows"
 

@@ -1,6 +1,6 @@
 """Language-model data: documents → train/val/test split by document → tokens → packed sequences.
 
-Sources, in order of precedence: `files` (a glob: .jsonl/.json/.csv/.parquet/.arrow files are
+Sources, in order of precedence: `files` (a glob: .jsonl/.json/.csv/.tsv/.parquet/.arrow are
 tables of one document per row, any other file one UTF-8 text document), `dataset` (a folder
 written by `save_to_disk`, or a Hugging Face Hub name: fails fast offline), or the default
 embedded corpus: the running interpreter's own standard-library sources (~11 MB of real text,

@@ -263,6 +263,22 @@ def test_a_csv_cell_of_any_length_is_read_and_a_missing_column_lists_the_columns
         file_documents([str(tmp_path / "semi.csv")], "text")
 
 
+def test_a_tsv_is_a_table_and_rows_under_a_key_are_said(tmp_path: Path, caplog) -> None:
+    # new user 41: both were trained on as raw TSV / JSON text, said only as "1 document"
+    from advarch.data.sources import file_documents
+
+    (tmp_path / "t.tsv").write_text("id\ttext\n1\tfirst row\n2\tsecond, row\n")
+    (tmp_path / "squad.json").write_text('{"version": 1, "data": [{"text": "a"}, {"text": "b"}]}')
+    with caplog.at_level(logging.INFO, logger="advarch"):
+        names, texts = file_documents([str(tmp_path / n) for n in ("t.tsv", "squad.json")], "text")
+    assert texts[:2] == ["first row", "second, row"] and names[0].endswith("t.tsv#0")
+    assert texts[2].startswith('{"version": 1')  # (the documented rule: one text document)
+    assert (
+        f"data.files: {tmp_path}/squad.json holds rows under 'data', not a list of rows: "
+        "read as one text document (a list of rows or JSON lines is a table)"
+    ) in caplog.text
+
+
 def test_empty_files_are_left_out_in_one_line(caplog) -> None:
     # a code folder's empty __init__.py stopped the run
     from advarch.data.sources import file_documents
