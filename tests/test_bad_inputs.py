@@ -759,6 +759,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (f / "confs" / "experiment" / "ewc_alone.yaml").write_text(
         "# @package _global_\ndefaults:\n  - override /strategy: ewc\n"
     )
+    (f / "confs" / "data").mkdir()  # a user's data config: some of its class's keywords
+    (f / "confs" / "data" / "few_keys.yaml").write_text(
+        "_target_: advarch.data.digits.PermutedDigitsDataModule\nnum_tasks: 2\n"
+    )
     (f / "tiny").mkdir()
     for i in range(4):
         (f / "tiny" / f"s{i}.txt").write_text(f"tiny doc {i}")
@@ -814,6 +818,19 @@ def test_data_typed_beside_an_experiment_is_not_told_to_leave_data_out(
     args = [*TINY, f"hydra.searchpath=[file://{files}/confs]", "experiment=ewc_alone", "data=text"]
     code, line, _ = call_entry("train", args, tmp_path / "runs" / "bad", capsys)
     assert code == 1 and line.endswith("; use data=text_domains or data=permuted_digits"), line
+
+
+def test_a_keyword_a_users_data_config_leaves_out_is_told_to_add_it(
+    files: Path, tmp_path: Path, capsys
+) -> None:
+    # new user 41: "data.n is not a key of data (keys: …)" for a keyword of their own class,
+    # with no word of the `+data.n=…` that works
+    args = ["--config-dir", f"{files}/confs", "debug=tiny", "data=few_keys", "data.batch_size=8"]
+    code, line, _ = call_entry("train", args, tmp_path / "runs" / "bad", capsys)
+    assert code == 1 and line == (
+        "error: data.batch_size is not a key of data (keys: num_tasks) but a keyword of "
+        "advarch.data.digits.PermutedDigitsDataModule: +data.batch_size=8 adds it"
+    ), line
 
 
 REAL_CLI = [

@@ -390,6 +390,11 @@ def _check_trial(
             unknown = unknown_key(
                 parent, leaf, node, None if parent else f"the {config_name} config"
             )
+            if parent and _takes_keyword(node, parent, leaf):  # (its YAML leaves it out)
+                override = next(o for o in assigned if o.split("=", 1)[0] == key)
+                keys = ", ".join(sorted(str(k) for k in node if not str(k).startswith("_")))
+                raise ConfigError(f"{key} is not a key of {parent} (keys: {keys}) but a keyword "
+                                  f"of {node['_target_']}: +{override} adds it")  # fmt: skip
             own = CHECKPOINT_PROGRAMS.get(config_name)
             if parent or own is None or leaf not in _packaged_groups():
                 raise unknown
@@ -426,6 +431,18 @@ def _check_trial(
             raise ConfigError(f"+{added}: {unknown}")
     unused = (unused_block(o, cfg) or unused_option(o, cfg) for o in overrides)
     return cfg, next((error for error in unused if error), None)
+
+
+def _takes_keyword(node: Any, key: str, name: str) -> bool:
+    """Whether config `node` (at `key`) builds a `_target_` that takes the keyword `name`."""
+    from advarch.config.validate import takes_option
+
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return False
+    try:
+        return takes_option(node, key, name)
+    except ConfigError:  # (a target that cannot be imported: Hydra's to report)
+        return False
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:
