@@ -247,14 +247,13 @@ def _changed(saved: DictConfig, changes: DictConfig, group: str) -> DictConfig:
 
 def checkpoint_overrides(argv: list[str]) -> list[str]:
     """`strategy.<key>=…`, and `data.<key>=…` typed without a `data=` choice, change the
-    checkpoint's own strategy and data, a key at a time (a whole mapping is one line): Hydra
-    gets them as `+strategy_overrides.<key>=…` and `+data_overrides.<key>=…` (eval.yaml has
-    neither group to change; `+data.<key>` made a data node without a datamodule), as it does
-    those keys typed without their `+`."""
-    from advarch.config.choices import key_by_key
-
-    data_chosen = any(a.lstrip("+").startswith("data=") for a in argv)
+    checkpoint's own strategy and data: Hydra gets them as `+strategy_overrides.<key>=…` and
+    `+data_overrides.<key>=…` (eval.yaml has neither group to change; `+data.<key>` made a data
+    node without a datamodule), as it does those keys typed without their `+`, and a mapping
+    (`data={seq_len: 64}`, as `train.py` takes it) key by key."""
+    data_chosen = any(re.match(r"^\+{0,2}data=\s*[^{\s]", a) for a in argv)
     groups = ["strategy"] if data_chosen else ["strategy", "data"]
+    argv = [one for a in argv for one in _key_by_key(a, groups)]
     removed = next(
         (a for a in argv if re.match(rf"^~({'|'.join(groups)})(_overrides)?\.", a)), None
     )
@@ -262,15 +261,27 @@ def checkpoint_overrides(argv: list[str]) -> list[str]:
         group = removed[1:].split(".", 1)[0].removesuffix("_overrides")
         raise ConfigError(f"{removed}: eval.py changes the checkpoint's {group} keys "
                           f"({group}.<key>=…) and removes none")  # fmt: skip
-    whole = next(
-        (a for a in argv if re.match(rf"^\+{{0,2}}({'|'.join(groups)})(_overrides)?=\s*{{", a)),
-        None,
-    )
-    if whole is not None:  # (Hydra: "Could not override …", four lines)
-        group = whole.lstrip("+").split("=", 1)[0].removesuffix("_overrides")
-        raise key_by_key(whole, f"eval.py changes the checkpoint's {group}", group)
     own = re.compile(rf"^\+{{0,2}}({'|'.join(groups)})(_overrides)?\.")
     return [own.sub(r"+\1_overrides.", a) if own.match(a) else a for a in argv]
+
+
+def _key_by_key(arg: str, groups: list[str]) -> list[str]:
+    """`group={a: 1, b: 2}` (or `group_overrides={…}`) of `groups` as `group.a=1 group.b=2`;
+    any other argument as it is."""
+    import yaml
+
+    from advarch.config.choices import hydra_value
+
+    whole = re.match(rf"^\+{{0,2}}({'|'.join(groups)})(?:_overrides)?=(\s*{{.*)$", arg, re.S)
+    if whole is None:
+        return [arg]
+    try:
+        mapping = yaml.safe_load(whole.group(2))
+    except yaml.YAMLError:
+        mapping = None
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{arg}: not a mapping ({whole.group(1)}.<key>=… sets one key)")
+    return [f"{whole.group(1)}.{k}={hydra_value(v)}" for k, v in mapping.items()]
 
 
 def main() -> None:

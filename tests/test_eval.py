@@ -354,7 +354,11 @@ def test_strategy_keys_change_the_checkpoints_own_strategy(
     own = eval_metrics(project, monkeypatch, ckpt)
     typed = [eval_metrics(project, monkeypatch, ckpt, f"{key}.adaptation=finetune_head")
              for key in ("strategy", "strategy_overrides", "+strategy_overrides")]  # fmt: skip
-    assert typed[0] == typed[1] == typed[2] and typed[0]["test/loss"] != own["test/loss"]
+    # (new user 40b: a mapping, as train.py takes one for a group, was Hydra's four lines)
+    typed.append(eval_metrics(project, monkeypatch, ckpt, "strategy={adaptation: finetune_head}"))
+    assert (
+        typed[0] == typed[1] == typed[2] == typed[3] and typed[0]["test/loss"] != own["test/loss"]
+    )
     with pytest.raises(SystemExit, match="^error: strategy.adaptations is not a key of the chec"):
         eval_metrics(project, monkeypatch, ckpt, "strategy.adaptations=none")  # (did you mean)
     line = ("strategy=ewc: eval.py evaluates the checkpoint's own strategy; change its keys with "

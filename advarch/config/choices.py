@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import shlex
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -201,9 +202,9 @@ def check_group_choices(argv: list[str]) -> None:
         files = {_option(p, f / group): p for f in folders for p in (f / group).rglob("*.yaml")}
         if group.startswith("hydra/"):  # (Hydra's and its plugins' options: no file to check)
             files = dict.fromkeys(_hydra_repository().get_group_options(group), None) | files
-        if files and value.lstrip().startswith("{"):
-            options = ", ".join(sorted(files))
-            raise key_by_key(override, f"{group} is a config group (options: {options})")
+        if files and value.lstrip().startswith("{"):  # (Hydra merges it into the group's keys)
+            _check_mapping(override, group, files)
+            continue
         for choice in (v.strip() for v in value.split(",")):
             if files and choice == "null" and not group.startswith("hydra/"):  # (~hydra/x fails)
                 raise ConfigError(f"{group}=null is not a choice: write ~{group} to leave it out")
@@ -219,6 +220,21 @@ def check_group_choices(argv: list[str]) -> None:
                 check_yaml(files[choice])
 
 
+GLOBAL_PACKAGE = "@package _global_"  # (experiment=, debug=: options that set keys anywhere)
+
+
+def _check_mapping(override: str, group: str, files: dict[str, Path | None]) -> None:
+    """`group={key: value, …}` sets those keys of the group's chosen option (Hydra merges
+    it); a group whose options set keys anywhere (`experiment`) or Hydra's own (`hydra/…`)
+    has no node to merge into (Hydra: "Could not override"): one line instead."""
+    what = f"{group} is a config group (options: {', '.join(sorted(files))})"
+    if group.startswith("hydra/"):
+        raise key_by_key(override, what, group.replace("/", "."))
+    if any(p is not None and GLOBAL_PACKAGE in p.read_text() for p in files.values()):
+        raise ConfigError(f"{override}: {what} whose options set keys all over the config: "
+                          f"choose one, {group}=<option>")  # fmt: skip
+
+
 def key_by_key(override: str, what: str, key: str | None = None) -> ConfigError:
     """The one line for a whole mapping typed where keys are set one at a time
     (`trainer={max_steps: 3}`): `what` the key is, then the mapping written out key by key
@@ -231,9 +247,26 @@ def key_by_key(override: str, what: str, key: str | None = None) -> ConfigError:
         mapping = yaml.safe_load(value)
     except yaml.YAMLError:
         mapping = None
-    keys = mapping.items() if isinstance(mapping, dict) and mapping else [("<key>", "…")]
-    typed = " ".join(f"{key}.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in keys)
+    if not isinstance(mapping, dict) or not mapping:
+        return ConfigError(f"{override}: {what}; set its keys one at a time: {key}.<key>=…")
+    typed = " ".join(shlex.quote(f"{key}.{k}={hydra_value(v)}") for k, v in mapping.items())
     return ConfigError(f"{override}: {what}; set its keys one at a time: {typed}")
+
+
+def hydra_value(value: Any) -> str:
+    """`value` in Hydra's override grammar: `true`, `null`, `[a, b]`, `{k: v}`, and a string
+    quoted where it would read as something else (`'64'`, `'a, b'`)."""
+    import yaml
+
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(hydra_value(v) for v in value) + "]"
+    if not isinstance(value, str):
+        return json.dumps(value)  # (true, false, null, numbers)
+    if re.fullmatch(r"[\w./:@*+-]+", value) and yaml.safe_load(value) == value:
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _hydra_repository() -> ConfigRepository:
@@ -376,10 +409,10 @@ def _check_trial(
     one trial of several, whose configs may differ); returns its config (the `+` edits aside)
     and the `unused_block` error of its first override that sets a block no layer has, if any."""
     assigned = [o for o in overrides if not o.startswith("+")]  # (`+` edits always compose)
-    cfg, key = _compose_or_unknown_key(assigned, config_name)
+    cfg, key, lacked = _compose_or_unknown_key(assigned, config_name)
     if key is not None:
         cfg = compose_packaged([o for o in assigned if o.split("=", 1)[0] != key], config_name)
-        parts, depth = key.split("."), 0  # the first part the config lacks
+        parts, depth = lacked.split("."), 0  # the first part the config lacks
         while depth < len(parts) - 1 and isinstance(
             OmegaConf.select(cfg, ".".join(parts[: depth + 1])), DictConfig
         ):
@@ -392,9 +425,10 @@ def _check_trial(
             )
             if parent and _takes_keyword(node, parent, leaf):  # (its YAML leaves it out)
                 override = next(o for o in assigned if o.split("=", 1)[0] == key)
+                adding = override if lacked == key else f"{lacked}=…"  # (in a mapping: its key)
                 keys = ", ".join(sorted(str(k) for k in node if not str(k).startswith("_")))
-                raise ConfigError(f"{key} is not a key of {parent} (keys: {keys}) but a keyword "
-                                  f"of {node['_target_']}: +{override} adds it")  # fmt: skip
+                raise ConfigError(f"{lacked} is not a key of {parent} (keys: {keys}) but a "
+                                  f"keyword of {node['_target_']}: +{adding} adds it")  # fmt: skip
             own = CHECKPOINT_PROGRAMS.get(config_name)
             if parent or own is None or leaf not in _packaged_groups():
                 raise unknown
@@ -650,11 +684,12 @@ def _options_with(parent: str, key: str) -> list[str]:
 
 def _compose_or_unknown_key(
     overrides: list[str], config_name: str
-) -> tuple[DictConfig | None, str | None]:
-    """(the composed config, None), or (None, the dotted key Hydra could not override because
-    the config lacks it); any other composition error raises (Hydra's to report)."""
+) -> tuple[DictConfig | None, str | None, str | None]:
+    """(the composed config, None, None), or (None, the dotted key of the override Hydra could
+    not apply, the key the config lacks: that one, or one in the mapping it gives,
+    `trainer.foo` of `trainer={foo: 1}`); any other composition error raises (Hydra's)."""
     try:
-        return compose_packaged(overrides, config_name), None
+        return compose_packaged(overrides, config_name), None, None
     except ConfigCompositionException as err:
         found = re.match(r"Could not override '([^']+)'", str(err))
         if found is None:
@@ -662,7 +697,8 @@ def _compose_or_unknown_key(
             if mismatched is None:
                 raise
             raise mismatched from None
-        return None, found.group(1)
+        key, lacked = found.group(1), str(getattr(err.__cause__, "full_key", None) or "")
+        return None, key, lacked if lacked.startswith(f"{key}.") else key
 
 
 def _mismatched_shape(err: ConfigCompositionException) -> ConfigError | None:

@@ -347,13 +347,14 @@ class Model(nn.Module):
 
     @staticmethod
     def registered(blocks: Mapping[str, Any]) -> Mapping[str, Any]:
-        """`blocks` (the keywords beyond the named ones), each a block in `BLOCKS`; else a
-        ValueError naming the first other one, as an unknown option of the model."""
-        unknown = [name for name in blocks if name not in BLOCKS]
+        """`blocks` (the keywords beyond the named ones), each a block in `BLOCKS` that has
+        options (`attn` and `dense` have none); else a ValueError naming the first other one,
+        as an unknown option of the model."""
+        named = [p for p in inspect.signature(Model).parameters if p not in ("spec", "blocks")]
+        own = [n for n, b in BLOCKS.items() if n not in named and dataclasses.fields(b.config)]
+        unknown = [name for name in blocks if name not in own]
         if unknown:
-            named = [p for p in inspect.signature(Model).parameters if p not in ("spec", "blocks")]
-            own = [n for n, b in BLOCKS.items() if n not in named and dataclasses.fields(b.config)]
-            known = ", ".join([*named, *own])  # (blocks with options: attn and dense have none)
+            known = ", ".join([*named, *own])
             raise ValueError(
                 f"model.{unknown[0]} is not an option of advarch.models.Model (options: {known})"
             )

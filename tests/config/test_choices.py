@@ -275,3 +275,28 @@ def test_another_librarys_name_for_a_key_gets_ours(typed: str, meant: str) -> No
     # new-user 37 F12: no spelling of learning_rate is near lr: no did-you-mean
     with pytest.raises(ConfigError, match=f"did you mean {re.escape(meant)}\\?"):
         check_override_keys([typed])
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["plain", "64", "a, b", "it's", "my docs/*.txt", "", True, None, 0.001, [0, 1],
+     {"seq_len": 16, "tokens": ["x y", "2"]}, [{"seq_len": 64, "num_tokens_to_copy": 8}]],
+)  # fmt: skip
+def test_a_value_written_for_an_override_reads_back_as_itself(value: object) -> None:
+    # (review 41: a suggested `data.curriculum=[{"seq_len": 16}]` was JSON, which Hydra refuses)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from advarch.config.choices import hydra_value
+
+    override = OverridesParser.create().parse_override(f"key={hydra_value(value)}")
+    assert override.value() == value
+
+
+def test_a_mapping_for_a_group_sets_its_keys_and_an_unknown_one_is_named() -> None:
+    # Hydra merges `trainer={max_steps: 2}` into the chosen trainer's keys; it was refused
+    # ("trainer={max_steps: 2} is not a trainer config"), and a mapping of two keys was cut at
+    # its comma
+    check_override_keys(["trainer={max_steps: 2, deterministic: true}"])
+    check_group_choices(["trainer={max_steps: 2, deterministic: true}"])
+    with pytest.raises(ConfigError, match=r"^trainer\.foo is not a key of trainer \(keys: acc"):
+        check_override_keys(["trainer={max_steps: 2, foo: 1}"])

@@ -49,3 +49,6 @@ def test_an_own_blocks_bad_option_is_one_line_naming_its_key(own) -> None:
         own.GRUHybridModel.check_options(layers=["gru"], gru={"width": 2})
     with pytest.raises(ValueError, match=r"^model\.lstm is not an option of advarch\.models\.Mo"):
         own.GRUHybridModel(SPEC, layers=["gru"], lstm={})  # (neither a keyword nor registered)
+    for optionless in ("attn", "dense"):  # (review 41: `model..foo is not an option of model.`)
+        with pytest.raises(ValueError, match=rf"^model\.{optionless} is not an option of adv"):
+            own.GRUHybridModel.check_options(**{optionless: {"foo": 1}})
