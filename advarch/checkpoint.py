@@ -338,13 +338,15 @@ def ran_with(checkpoint: Path) -> str:
         return ""
     if not isinstance(overrides, list):
         return ""
-    words = ["python", "train.py", *config_dir_options(run_dir), *map(str, overrides)]
+    folders = [word for option in config_dir_options(run_dir) for word in option]
+    words = ["python", "train.py", *folders, *map(str, overrides)]
     return f" (its run: {shlex.join(words)})"
 
 
-def config_dir_options(run_dir: Path) -> list[str]:
-    """`--config-dir <folder>` for each config folder the run's command line added to Hydra's
-    search path (`.hydra/hydra.yaml`): its overrides may choose configs only they hold."""
+def config_dir_options(run_dir: Path) -> list[list[str]]:
+    """The words of each option by which the run's command line added config folders to
+    Hydra's search path (`.hydra/hydra.yaml`), its overrides may choose configs only they
+    hold: `--config-dir <folder>`, and `hydra.searchpath=[…]` as typed."""
     import yaml
 
     try:
@@ -352,8 +354,7 @@ def config_dir_options(run_dir: Path) -> list[str]:
         sources = record["hydra"]["runtime"]["config_sources"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return []
-    typed = ("command-line", "hydra.searchpath in command-line")
-    folders = [
-        s["path"] for s in sources if s.get("schema") == "file" and s.get("provider") in typed
-    ]
-    return [word for folder in folders for word in ("--config-dir", str(folder))]
+    options = [["--config-dir", str(s["path"])] for s in sources if s["provider"] == "command-line"]
+    typed = "hydra.searchpath in command-line"
+    searched = [f"{s['schema']}://{s['path']}" for s in sources if s["provider"] == typed]
+    return options + ([[f"hydra.searchpath=[{','.join(searched)}]"]] if searched else [])

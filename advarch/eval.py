@@ -28,11 +28,12 @@ log = logging.getLogger("advarch")
 
 
 class Evaluation(NamedTuple):
-    """A checkpoint's test metrics (a task stream's per task as well: `test/task_<j>/…`) and
-    the names of the data's tasks."""
+    """A checkpoint's test metrics (a task stream's per task as well: `test/task_<j>/…`), the
+    names of the data's tasks and the config it was tested with (the run's, as changed)."""
 
     metrics: dict[str, float]
     task_names: tuple[str, ...]
+    config: DictConfig | None = None
 
 
 def evaluate(cfg: DictConfig) -> Evaluation:
@@ -129,7 +130,8 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     changed = data_changed(ckpt, datamodule) if own_data else None
     if changed:  # its own data, rebuilt from files that are not those it trained on
         log.warning("ckpt_path=%s: %s; these metrics are not the run's", cfg.ckpt_path, changed)
-    return Evaluation({k: float(v) for r in results for k, v in r.items()}, spec.task_names)
+    metrics = {k: float(v) for r in results for k, v in r.items()}
+    return Evaluation(metrics, spec.task_names, saved)
 
 
 # data keys that decide what a text datamodule learns its tokenizer from (others, such as
@@ -353,7 +355,7 @@ def eval_wandb_logger(cfg: DictConfig, saved: DictConfig, module: Any, ckpt: dic
 def hydra_main(cfg: DictConfig) -> None:
     from advarch.checkpoint import CheckpointError, checkpoint_file
     from advarch.config.validate import import_from_working_dir
-    from advarch.console_summary import split_table_lines
+    from advarch.console_summary import split_table_lines, weighting_lines
     from advarch.output_folders import check_writable, discard_run_folder
     from advarch.tracking import finish_wandb, sync_hint
 
@@ -365,7 +367,7 @@ def hydra_main(cfg: DictConfig) -> None:
             )
         checkpoint_file(cfg.ckpt_path, "ckpt_path")  # a mistyped path: said before torch loads
         check_writable(Path(cfg.paths.cache_dir), "paths.cache_dir", keep=False)
-        metrics, task_names = _evaluate_until_stopped(cfg)
+        metrics, task_names, tested = _evaluate_until_stopped(cfg)
     except (ConfigError, CheckpointError) as err:
         discard_run_folder()
         sys.exit(f"error: {err}")
@@ -374,7 +376,8 @@ def hydra_main(cfg: DictConfig) -> None:
         raise
     finally:
         finish_wandb()
-    print("\n".join(split_table_lines(metrics, "test", task_names)))
+    table = split_table_lines(metrics, "test", task_names)
+    print("\n".join(table + weighting_lines(tested, table)))  # (the run summary's lines)
     out = Path(cfg.paths.output_dir) / "metrics.json"
     out.write_text(json.dumps(metrics, indent=2))
     log.info("test metrics written to %s", out)

@@ -822,6 +822,10 @@ def test_data_typed_beside_an_experiment_is_not_told_to_leave_data_out(
     args = [*TINY, f"hydra.searchpath=[file://{files}/confs]", "experiment=ewc_alone", "data=text"]
     code, line, _ = call_entry("train", args, tmp_path / "runs" / "bad", capsys)
     assert code == 1 and line.endswith("; use data=text_domains or data=permuted_digits"), line
+    # (review 41: nor to edit a packaged experiment's file)
+    args = ["debug=tiny", "experiment=mmoe_synthetic", "strategy=ewc"]
+    code, line, _ = call_entry("train", args, tmp_path / "runs" / "bad", capsys)
+    assert code == 1 and line.endswith("is multi-task regression data; use data=permuted_digits")
 
 
 def test_a_keyword_a_users_data_config_leaves_out_is_told_to_add_it(

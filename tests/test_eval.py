@@ -319,9 +319,13 @@ def test_eval_wandb_run_lands_in_the_training_runs_group(project: Project) -> No
     # mmoe_synthetic-mmoe-p1.0) the evaluation sat in a group of its own.
     from tests.wandb_offline import offline_run
 
-    train = project.run("experiment=mmoe_synthetic", "debug=tiny", "logger=wandb").check()
+    weighted = "strategy.task_weights=[1.0,2.0]"
+    train = project.run("experiment=mmoe_synthetic", "debug=tiny", "logger=wandb", weighted).check()
     ckpt = train.run_dir / "checkpoints" / "last.ckpt"
     evaluated = project.run(f"ckpt_path={ckpt}", script="eval.py").check()
+    # (review 41) eval.py's table says what its overall loss is, as the run's summary does
+    said = "loss (all) = the tasks' losses weighted by strategy.task_weights=[1.0, 2.0] (the"
+    assert said in train.stdout and said in evaluated.stdout, evaluated.stdout[-2000:]
     run, eval_run = offline_run(train.run_dir), offline_run(evaluated.run_dir)
     assert run["group"] == "mmoe_synthetic"  # (train.py: the experiment's name)
     assert eval_run["job_type"] == "eval"

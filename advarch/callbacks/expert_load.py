@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.loggers import WandbLogger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -87,7 +88,6 @@ class ExpertLoadCallback(L.Callback):
         self.plot_dir = plot_dir
         self.history_steps: list[int] = []
         self.history: list[np.ndarray] = []  # one (layers, E) mean load per window
-        self.window_batches: list[int] = []  # the batches each window averaged
         self.layers: list[int] = []
         self._window_sum: dict[int, np.ndarray] = {}
         self._window_batches = 0
@@ -104,25 +104,22 @@ class ExpertLoadCallback(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The windows so far and the open one's sums: a resumed run's history is the
-        uninterrupted run's (plain lists: a checkpoint loads without numpy's pickles)."""
+        uninterrupted run's (tensors: a checkpoint loads without numpy's pickles)."""
+        history = torch.from_numpy(self.history_array()) if self.history else torch.empty(0)
         return {
             "history_steps": list(self.history_steps),
-            "history": [h.tolist() for h in self.history],
+            "history": history,  # (S, layers, E) float64, NaN-padded
             "layers": list(self.layers),
-            "window_batches": list(self.window_batches),
-            "window_sum": {layer: s.tolist() for layer, s in self._window_sum.items()},
-            "open_window_batches": self._window_batches,
+            "window_sum": {layer: torch.from_numpy(s) for layer, s in self._window_sum.items()},
+            "window_batches": self._window_batches,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history_steps = list(state_dict["history_steps"])
-        self.history = [np.asarray(h, dtype=float) for h in state_dict["history"]]
+        self.history = list(state_dict["history"].numpy())
         self.layers = list(state_dict["layers"])
-        self.window_batches = list(state_dict["window_batches"])
-        self._window_sum = {
-            int(k): np.asarray(s, dtype=np.float32) for k, s in state_dict["window_sum"].items()
-        }
-        self._window_batches = int(state_dict["open_window_batches"])
+        self._window_sum = {int(k): s.numpy() for k, s in state_dict["window_sum"].items()}
+        self._window_batches = int(state_dict["window_batches"])
 
     def on_train_batch_end(
         self,
@@ -160,7 +157,6 @@ class ExpertLoadCallback(L.Callback):
         mean = [self._window_sum[i] / batches for i in self.layers]
         self.history_steps.append(step)
         self.history.append(_stack_rows(mean))
-        self.window_batches.append(batches)
         self._window_sum, self._window_batches, self._last_step = {}, 0, step
         if not trainer.is_global_zero:
             return

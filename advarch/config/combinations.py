@@ -435,12 +435,11 @@ def _check_needs(
         options = _serving(wanted, needed) if needed is not None else list(wanted.options)
         leave = ", or leave data= out" if STRATEGY_DATA.get(strategy) in options else ""
         if "experiment" in names:  # (typed, or its file's choice: no strategy default)
-            own = "data" not in _typed_groups()
-            leave = (
-                f" (typed, or in experiment={names['experiment']}: override /data: {options[0]})"
-                if own
-                else ""
-            )
+            experiment = names["experiment"]
+            packaged = (PACKAGE_CONFIGS / "experiment" / f"{experiment}.yaml").is_file()
+            chose_data = "data" not in _typed_groups()  # (its file did, a user's own to edit)
+            edit = f" (typed, or in experiment={experiment}: override /data: {options[0]})"
+            leave = edit if chose_data and not packaged else ""
         hint = " or ".join(f"data={o}" for o in options) + leave
         if wanted.instead is not None and model_ok:  # (else other data serves the model too)
             hint = wanted.instead.format(one_task=_one_task_key(data))

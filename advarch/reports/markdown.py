@@ -102,8 +102,8 @@ def run_report(run_dir: Path, out: Path | None = None) -> Report:
     overrides = run_overrides(run_dir)
     report.config = {"run": str(run_dir), "overrides": list(overrides)}
     if overrides:
-        folders = config_dir_options(run_dir)  # (the configs its overrides may choose)
-        typed = [" ".join(folders[i : i + 2]) for i in range(0, len(folders), 2)] + overrides
+        folders = [" ".join(o) for o in config_dir_options(run_dir)]  # (configs it may choose)
+        typed = folders + overrides
         report.lines += ["Overrides: " + " ".join(f"`{o}`" for o in typed), ""]
     stopped = unfinished(run_dir, metrics)
     note = []  # a run that did not finish: its "final" metrics are the last it logged

@@ -247,3 +247,20 @@ def test_the_run_a_refusal_names_keeps_its_config_folder(project: Project) -> No
         f"Overrides: `--config-dir {folder}` `experiment=mine` `debug=tiny` `trainer.max_steps=1`"
     )
     assert overrides in report.lines, report.lines[:4]
+
+
+def test_a_typed_search_path_is_named_as_typed_beside_the_config_dir(tmp_path: Path) -> None:
+    # (review 41: both were named `--config-dir`, of which Hydra keeps the last)
+    from advarch.checkpoint import config_dir_options
+
+    (tmp_path / ".hydra").mkdir()
+    sources = [("hydra.conf", "pkg", "hydra"), ("advarch.configs", "pkg", "main"),
+               ("/a", "file", "command-line"), ("/b", "file", "hydra.searchpath in command-line"),
+               ("my.pkg", "pkg", "hydra.searchpath in command-line")]  # fmt: skip
+    record = {"hydra": {"runtime": {"config_sources": [
+        {"path": p, "schema": s, "provider": v} for p, s, v in sources]}}}  # fmt: skip
+    (tmp_path / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml(record))
+    assert config_dir_options(tmp_path) == [
+        ["--config-dir", "/a"],
+        ["hydra.searchpath=[file:///b,pkg://my.pkg]"],
+    ]
