@@ -270,20 +270,15 @@ def checkpoint_overrides(argv: list[str]) -> list[str]:
 def _key_by_key(arg: str, groups: list[str]) -> list[str]:
     """`group={a: 1, b: 2}` (or `group_overrides={…}`) of `groups` as `group.a=1 group.b=2`;
     any other argument as it is."""
-    import yaml
-
-    from advarch.config.choices import hydra_value
+    from advarch.config.choices import mapping_overrides
 
     whole = re.match(rf"^\+{{0,2}}({'|'.join(groups)})(?:_overrides)?=(\s*{{.*)$", arg, re.S)
     if whole is None:
         return [arg]
-    try:
-        mapping = yaml.safe_load(whole.group(2))
-    except yaml.YAMLError:
-        mapping = None
-    if not isinstance(mapping, dict):
+    overrides = mapping_overrides(whole.group(1), whole.group(2))
+    if overrides is None:
         raise ConfigError(f"{arg}: not a mapping ({whole.group(1)}.<key>=… sets one key)")
-    return [f"{whole.group(1)}.{k}={hydra_value(v)}" for k, v in mapping.items()]
+    return overrides
 
 
 def main() -> None:

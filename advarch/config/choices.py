@@ -235,22 +235,27 @@ def _check_mapping(override: str, group: str, files: dict[str, Path | None]) -> 
                           f"choose one, {group}=<option>")  # fmt: skip
 
 
-def key_by_key(override: str, what: str, key: str | None = None) -> ConfigError:
+def key_by_key(override: str, what: str, key: str) -> ConfigError:
     """The one line for a whole mapping typed where keys are set one at a time
-    (`trainer={max_steps: 3}`): `what` the key is, then the mapping written out key by key
-    under `key` (default: the override's own)."""
+    (`hydra/launcher={n_jobs: 2}`): `what` the key is, then the mapping written out key by key
+    under `key` (`hydra.launcher.n_jobs=2`), quoted for a shell."""
+    typed = mapping_overrides(key, override.split("=", 1)[1]) or [f"{key}.<key>=…"]
+    return ConfigError(f"{override}: {what}; set its keys one at a time: "
+                       f"{' '.join(map(shlex.quote, typed))}")  # fmt: skip
+
+
+def mapping_overrides(key: str, value: str) -> list[str] | None:
+    """A mapping typed as one value (`{a: 1, b: [x, y]}`) as an override of each of its keys
+    under `key` (`key.a=1`, `key.b=[x, y]`); None where `value` is no mapping."""
     import yaml
 
-    typed_key, value = override.lstrip("+").split("=", 1)
-    key = key or typed_key
     try:
         mapping = yaml.safe_load(value)
     except yaml.YAMLError:
-        mapping = None
-    if not isinstance(mapping, dict) or not mapping:
-        return ConfigError(f"{override}: {what}; set its keys one at a time: {key}.<key>=…")
-    typed = " ".join(shlex.quote(f"{key}.{k}={hydra_value(v)}") for k, v in mapping.items())
-    return ConfigError(f"{override}: {what}; set its keys one at a time: {typed}")
+        return None
+    if not isinstance(mapping, dict):
+        return None
+    return [f"{key}.{k}={hydra_value(v)}" for k, v in mapping.items()]
 
 
 def hydra_value(value: Any) -> str:
