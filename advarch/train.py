@@ -157,6 +157,10 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):  # (`callbacks=none`)
         # no Lightning default checkpointing into the logger's folder: last.ckpt is written below
         overrides = {**overrides, "enable_checkpointing": False}
+    if cfg.model.get("compile") is True and "inference_mode" not in cfg.trainer:
+        # testing under no_grad, as fit's validations run, reuses their compiled graph:
+        # inference mode (Lightning's default for test) would compile the model a third time
+        overrides = {**overrides, "inference_mode": False}
     trainer: L.Trainer = instantiate_checked(
         cfg.trainer,
         "trainer",

@@ -77,11 +77,12 @@ def prototype_head(protos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return 2 * protos, -protos.pow(2).sum(-1)
 
 
-def mean_ci95(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and 95% confidence half-width 1.96 · std(ddof=1) / √n of per-episode values."""
+def mean_ci95(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean and 95% confidence half-width 1.96 · std(ddof=1) / √n of per-episode values;
+    no half-width for one episode (its spread is unknown, not 0)."""
     values = values.double().flatten()
     if values.numel() < 2:
-        return values.mean(), values.new_zeros(())
+        return values.mean(), None
     return values.mean(), 1.96 * values.std() / math.sqrt(values.numel())
 
 
@@ -293,7 +294,7 @@ class FewShotStrategy(BaseStrategy):
             metric.reset()
         suffix = "_epoch" if split == "train" else ""  # apart from the per-step train/loss
         self.log_dict(
-            {f"{split}/{k}{suffix}": v.float() for k, v in values.items()},
+            {f"{split}/{k}{suffix}": v.float() for k, v in values.items() if v is not None},
             prog_bar=split == "val",
         )
 

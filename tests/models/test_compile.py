@@ -17,6 +17,7 @@ from torch._dynamo.testing import CompileCounter
 
 from advarch.errors import ConfigError
 from advarch.pipeline import build_datamodule, build_model
+from advarch.train import run
 from tests.conftest import SMALL_TEXT
 
 FAMILIES = [
@@ -68,3 +69,11 @@ def test_compile_must_be_a_boolean(make_cfg) -> None:
     cfg = make_cfg(["debug=tiny", *SMALL_TEXT, "model.compile=yes"])
     with pytest.raises(ConfigError, match="model.compile='yes' must be true or false"):
         build_model(cfg, build_datamodule(cfg)[1])
+
+
+def test_a_compiled_run_compiles_once_to_train_and_once_to_evaluate(make_cfg, eager_backend):
+    """Fit's validations run under no_grad; so does testing (not inference mode, which
+    would compile the model a third time: minutes for a large model on a GPU)."""
+    metrics = run(make_cfg(["debug=tiny", *SMALL_TEXT, "model.compile=true", "~logger"]))
+    assert metrics["test/loss"] > 0
+    assert eager_backend.frame_count == 2
