@@ -48,8 +48,10 @@ def load_or_build(
 ) -> tuple[dict[str, Any], T]:
     """(meta.json, `load(cache)`) of a cache folder. A missing folder is built: `build(tmp)`
     fills a temporary folder and returns the meta, and the folder is moved into place
-    atomically. A damaged one (unreadable meta, a missing or truncated file) is built again,
-    with a warning naming it; so are the temporary folders of builds that were killed."""
+    atomically, unless another process (a parallel trial) put its own there first: that one
+    is read, never deleted under its readers. A damaged one (unreadable meta, a missing or
+    truncated file) is built again, with a warning naming it; so are the temporary folders of
+    builds that were killed."""
     _remove_abandoned_builds(cache)
     if (cache / "meta.json").exists():
         try:
@@ -69,8 +71,19 @@ def load_or_build(
         if isinstance(err, OSError) and err.filename is None and err.errno in UNWRITABLE:
             raise type(err)(err.errno, err.strerror, str(cache)) from err  # (a write(): names
         raise  # the cache, not the run folder)
-    shutil.rmtree(cache, ignore_errors=True)
-    os.replace(tmp, cache)
+    try:
+        os.rename(tmp, cache)  # (never over a folder that another run built meanwhile)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        try:  # another run (a parallel sweep's trial) built it first, and may be reading it
+            found = json.loads((cache / "meta.json").read_text()), load(cache)
+        except Exception:  # noqa: BLE001  (the damaged folder this build replaces)
+            shutil.rmtree(cache, ignore_errors=True)
+            os.replace(tmp, cache)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return found
     return json.loads((cache / "meta.json").read_text()), load(cache)
 
 

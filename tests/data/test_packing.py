@@ -61,6 +61,25 @@ def test_a_cache_folder_is_built_once(tmp_path: Path) -> None:
     assert load_or_build(cache, build, load) == ({"n": 1}, "x") and len(calls) == 2
 
 
+def test_a_cache_another_run_built_meanwhile_is_read_not_replaced(tmp_path: Path) -> None:
+    # new user 42: two runs building one new cache at once (a parallel sweep's trials): the
+    # second to finish deleted the first's folder as the first read it (`Directory …/train not
+    # found`); now it reads that folder and drops its own build
+    cache, theirs = tmp_path / "cache", []
+
+    def build(folder: Path) -> dict:
+        (folder / "data.txt").write_text("ours")
+        cache.mkdir()  # the other run finishes first
+        (cache / "data.txt").write_text("theirs")
+        (cache / "meta.json").write_text('{"n": 2}')
+        theirs.append(cache.stat().st_ino)
+        return {"n": 1}
+
+    result = load_or_build(cache, build, lambda folder: (folder / "data.txt").read_text())
+    assert result == ({"n": 2}, "theirs") and cache.stat().st_ino == theirs[0]  # not replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nor our build left behind
+
+
 def test_a_failed_build_leaves_nothing_and_killed_ones_are_cleared(tmp_path: Path) -> None:
     def failing(folder: Path) -> dict:
         (folder / "half.txt").write_text("x")
