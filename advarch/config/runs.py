@@ -171,7 +171,7 @@ def check_base_fits(cfg: DictConfig) -> None:
             f"base's task, on data of that kind{ran_with(Path(pretrained).expanduser())}"
         )
     take_base_tokenizer(cfg, base, str(pretrained))
-    differs = architecture_difference(base, cfg)
+    differs = architecture_difference(base, cfg, untied=True)
     if differs:
         key, there, here = differs
         raise CheckpointError(
@@ -236,15 +236,21 @@ def model_option_difference(first: Any, second: Any) -> str | None:
     return _differences(first, second, "model", {})
 
 
-def architecture_difference(first: Any, second: Any) -> tuple[str, str, str] | None:
+def architecture_difference(
+    first: Any, second: Any, untied: bool = False
+) -> tuple[str, str, str] | None:
     """The first of `BASE_MUST_MATCH` whose value differs between two run configs: (key, its
-    value in `first`, in `second`), or None when they build the same architecture."""
+    value in `first`, in `second`), or None when they build the same architecture; `untied`:
+    `second` may untie the head from the input embeddings that `first` tied (its weights fit
+    the untied model: the head starts as a copy of the embeddings)."""
     first, second = (
         OmegaConf.create({**c, "model": with_block_defaults(c.get("model"))})
         for c in (_container(first), _container(second))
     )
     for key in BASE_MUST_MATCH:
         there, here = OmegaConf.select(first, key), OmegaConf.select(second, key)
+        if untied and key == "model.tie_embeddings" and there is True and here is False:
+            continue
         if there != here:
             if key.startswith("data.") and None in (there, here):
                 key = _other_data(first, second) or key
@@ -313,7 +319,7 @@ def resolve_checkpoint(
             )
             # a fine-tune of it only where one would be accepted (`check_base_fits`)
             base = saved_hparam(ckpt, "cfg")
-            fits = base is not None and architecture_difference(base, cfg) is None
+            fits = base is not None and architecture_difference(base, cfg, untied=True) is None
             finetune = (f", or start from its weights with strategy=finetune "
                         f"strategy.pretrained={ckpt_path}") if fits else ""  # fmt: skip
             raise CheckpointError(

@@ -69,6 +69,7 @@ from advarch.strategies.finetune_plan import (
     frozen_modules,
     frozen_snapshots,
     prepare_model,
+    tied_and_trained,
 )
 from advarch.strategies.freezing import FrozenSlice
 
@@ -119,6 +120,12 @@ class FinetuneStrategy(BaseStrategy):
         open_experts = None if ckpt is None else saved_open_experts(ckpt)
         self.plan = prepare_model(model, state, pretrained=pretrained, open_experts=open_experts,
                                   **self.options)  # fmt: skip
+        for names in tied_and_trained(model, self.plan):  # (the base is not frozen then)
+            log.warning(
+                "finetune: %s are one tensor (model.tie_embeddings=true): training one trains "
+                "the other; model.tie_embeddings=false trains a head of its own on frozen "
+                "embeddings", " and ".join(names),
+            )  # fmt: skip
         self.base_experts = next((m.num_experts - new_experts for m in model.moe_layers()), 0)
         self._snapshots = frozen_snapshots(model, self.plan)
         self._bind_frozen()

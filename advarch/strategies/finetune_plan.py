@@ -152,6 +152,15 @@ def prepare_model(
     return plan
 
 
+def tied_and_trained(model: nn.Module, plan: Plan) -> list[list[str]]:
+    """The names of each tensor the plan trains that the model uses under several names (a
+    head tied to the input embeddings: training one trains the other)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(PREFIX + name)
+    return [group for group in names.values() if len(group) > 1 and group[0] in plan]
+
+
 def _grouped(names: Sequence[str], depth: int = 4) -> str:
     """`a.b.c.d.* (24), a.e.f (1)`: tensor names grouped by their first `depth` components."""
     groups: dict[str, int] = {}

@@ -264,3 +264,29 @@ def test_a_typed_search_path_is_named_as_typed_beside_the_config_dir(tmp_path: P
         ["--config-dir", "/a"],
         ["hydra.searchpath=[file:///b,pkg://my.pkg]"],
     ]
+
+
+def test_a_fine_tune_may_untie_its_bases_head_but_not_tie_it(make_cfg, tmp_path: Path) -> None:
+    # new user 42: `model.tie_embeddings=false` trains a head of its own on frozen embeddings
+    # (a tied base's weights fit the untied model); the reverse would drop the base's head
+    import torch
+
+    from advarch.checkpoint import CheckpointError
+    from advarch.config.runs import check_base_fits
+
+    for tied, untie in ((True, True), (False, False)):
+        base = make_cfg(["debug=tiny", f"model.tie_embeddings={tied}"])
+        ckpt = tmp_path / f"{tied}.ckpt"
+        saved = OmegaConf.to_container(base, resolve=True)
+        torch.save({"state_dict": {}, "hyper_parameters": {"cfg": saved}}, ckpt)
+        cfg = make_cfg(["debug=tiny", "strategy=finetune", f"strategy.pretrained={ckpt}",
+                        f"model.tie_embeddings={not tied}"])  # fmt: skip
+        if untie:
+            check_base_fits(cfg)
+        else:
+            with pytest.raises(
+                CheckpointError,
+                match="trained with model.tie_embeddings=False, "
+                "this run has model.tie_embeddings=True",
+            ):
+                check_base_fits(cfg)

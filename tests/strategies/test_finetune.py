@@ -119,9 +119,10 @@ def test_plan_freezes_what_it_should_and_counts_rows(tmp_path: Path, capsys) -> 
     assert module.parameter_counts()["params/trainable"] == expected  # the model summary's count
 
 
-def test_default_head_glob_trains_a_language_models_tied_head(tmp_path: Path) -> None:
+def test_default_head_glob_trains_a_language_models_tied_head(tmp_path: Path, caplog) -> None:
     # strategy=finetune's default trainable ["model.head.*"] on an LM whose head is its
-    # input embedding: the shared matrix trains (it matched nothing before)
+    # input embedding: the shared matrix trains (it matched nothing before), and a warning
+    # says so (new user 42: the "frozen base" moved) and how to untie it
     lm_spec = DataSpec(kind="lm", vocab_size=40, seq_len=8)
     torch.manual_seed(0)
     model = Model(lm_spec, dim=16, depth=1, num_heads=2, ffn_hidden=8)
@@ -131,6 +132,21 @@ def test_default_head_glob_trains_a_language_models_tied_head(tmp_path: Path) ->
     assert list(module.plan) == ["model.input.weight"]
     trained = [n for n, p in module.model.named_parameters() if p.requires_grad]
     assert trained == ["input.weight"] and module.model.head.weight.requires_grad
+    assert caplog.messages == [
+        "finetune: model.input.weight and model.head.weight are one tensor "
+        "(model.tie_embeddings=true): training one trains the other; "
+        "model.tie_embeddings=false trains a head of its own on frozen embeddings"
+    ]
+
+    # model.tie_embeddings=false: the tied base loads (the head starts as the embeddings),
+    # the head alone trains, nothing is said
+    caplog.clear()
+    torch.manual_seed(1)
+    untied = Model(lm_spec, dim=16, depth=1, num_heads=2, ffn_hidden=8, tie_embeddings=False)
+    module = FinetuneStrategy(untied, lm_spec, pretrained=str(tmp_path / "lm.ckpt"))
+    assert list(module.plan) == ["model.head.weight"] and not caplog.messages
+    assert torch.equal(untied.head.weight, base["model.input.weight"])
+    assert not untied.input.weight.requires_grad
 
 
 def test_eval_rebuild_without_pretrained_has_the_same_architecture(tmp_path: Path) -> None:
