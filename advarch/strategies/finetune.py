@@ -120,12 +120,6 @@ class FinetuneStrategy(BaseStrategy):
         open_experts = None if ckpt is None else saved_open_experts(ckpt)
         self.plan = prepare_model(model, state, pretrained=pretrained, open_experts=open_experts,
                                   **self.options)  # fmt: skip
-        for names in tied_and_trained(model, self.plan):  # (the base is not frozen then)
-            log.warning(
-                "finetune: %s are one tensor (model.tie_embeddings=true): training one trains "
-                "the other; model.tie_embeddings=false trains a head of its own on frozen "
-                "embeddings", " and ".join(names),
-            )  # fmt: skip
         self.base_experts = next((m.num_experts - new_experts for m in model.moe_layers()), 0)
         self._snapshots = frozen_snapshots(model, self.plan)
         self._bind_frozen()
@@ -204,6 +198,12 @@ class FinetuneStrategy(BaseStrategy):
 
     def on_fit_start(self) -> None:
         self._bind_frozen()
+        for names in tied_and_trained(self.model, self.plan):  # (the base is not frozen then)
+            log.warning(
+                "finetune: %s are one tensor (model.tie_embeddings=true): training one trains "
+                "the other; model.tie_embeddings=false trains a head of its own on frozen "
+                "embeddings", " and ".join(names),
+            )  # fmt: skip
 
     def on_train_start(self) -> None:
         super().on_train_start()

@@ -132,6 +132,8 @@ def test_default_head_glob_trains_a_language_models_tied_head(tmp_path: Path, ca
     assert list(module.plan) == ["model.input.weight"]
     trained = [n for n, p in module.model.named_parameters() if p.requires_grad]
     assert trained == ["input.weight"] and module.model.head.weight.requires_grad
+    assert not caplog.messages  # (eval.py, generate.py build it too: said as training starts)
+    module.on_fit_start()
     assert caplog.messages == [
         "finetune: model.input.weight and model.head.weight are one tensor "
         "(model.tie_embeddings=true): training one trains the other; "
@@ -144,6 +146,7 @@ def test_default_head_glob_trains_a_language_models_tied_head(tmp_path: Path, ca
     torch.manual_seed(1)
     untied = Model(lm_spec, dim=16, depth=1, num_heads=2, ffn_hidden=8, tie_embeddings=False)
     module = FinetuneStrategy(untied, lm_spec, pretrained=str(tmp_path / "lm.ckpt"))
+    module.on_fit_start()
     assert list(module.plan) == ["model.head.weight"] and not caplog.messages
     assert torch.equal(untied.head.weight, base["model.input.weight"])
     assert not untied.input.weight.requires_grad
