@@ -318,3 +318,30 @@ def test_checkpoint_names_are_the_readmes(make_cfg) -> None:
         want = "epoch-{epoch}" if experiment in epochs else "best-{step}"
         assert checkpoint.filename == want, experiment
         assert (checkpoint.every_n_epochs == 1) == (experiment in epochs), experiment
+
+
+@pytest.mark.parametrize("name", options("strategy"))
+def test_a_strategy_configs_values_are_its_classs_defaults(make_cfg, name: str) -> None:
+    """Building a strategy in Python (as the README invites) gives the documented defaults
+    (review 42: EWCStrategy's λ was 100, its config's 10⁴). A config that derives from
+    another of the same class (retrofit: finetune's) sets its own values on purpose."""
+    import importlib
+    import inspect
+
+    own = yaml.safe_load((CONFIGS / "strategy" / f"{name}.yaml").read_text())
+    values = OmegaConf.to_container(make_cfg([f"strategy={name}"]).strategy, resolve=True)
+    module, _, cls = values["_target_"].rpartition(".")
+    target = getattr(importlib.import_module(module), cls)
+    parents = [p for p in own.get("defaults", []) if isinstance(p, str) and p != "_self_"]
+    if any(yaml.safe_load((CONFIGS / "strategy" / f"{p}.yaml").read_text()).get("_target_")
+           == values["_target_"] for p in parents):  # fmt: skip
+        pytest.skip(f"strategy={name} is a variant of {parents[0]}'s class")
+    defaults = {
+        p.name: p.default
+        for c in reversed(target.__mro__) if "__init__" in vars(c)
+        for p in inspect.signature(c.__init__).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    }  # fmt: skip
+    tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    differ = {k: (v, defaults[k]) for k, v in tuples.items() if k in defaults and v != defaults[k]}
+    assert not differ, f"config vs {cls} default: {differ}"

@@ -275,9 +275,7 @@ class ContinualStrategy(BaseStrategy):
         if self.task_metric == "acc":
             logits = select_task_logits(out.logits, batch.get("task"))
             return (logits.argmax(-1) == batch["labels"]).float()
-        labels = batch["labels"].flatten()
-        if self.spec.pad_id >= 0:
-            labels = labels.masked_fill(labels == self.spec.pad_id, IGNORE)
+        labels = self.scored_labels(batch["labels"]).flatten()
         nll = F.cross_entropy(
             out.logits.flatten(0, 1).float(), labels, ignore_index=IGNORE, reduction="none"
         )
@@ -285,6 +283,12 @@ class ContinualStrategy(BaseStrategy):
         if not self.scored_bytes:
             return nll[scored]
         return torch.stack([nll[scored], self.objective.token_bytes[labels[scored]]], -1)
+
+    def scored_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """A language model's target tokens with padding set to IGNORE (not scored)."""
+        if self.task_metric == "acc" or self.spec.pad_id < 0:
+            return labels
+        return labels.masked_fill(labels == self.spec.pad_id, IGNORE)
 
     def score_width(self) -> int:
         """Values per item of `task_scores`: 2 for bits per byte over the scored bytes."""

@@ -68,11 +68,11 @@ class EWCStrategy(ContinualStrategy):
         model: nn.Module,
         spec: DataSpec,
         *,
-        ewc_lambda: float = 100.0,
+        ewc_lambda: float = 10000.0,
         mode: Mode = "separate",
         gamma: float = 1.0,
         fisher_estimator: Estimator = "empirical",
-        fisher_samples: int = 512,
+        fisher_samples: int = 64,
         fisher_chunk_size: int = 32,
         **continual: Any,
     ) -> None:
@@ -96,7 +96,8 @@ class EWCStrategy(ContinualStrategy):
         """Estimate F on task `task`'s training data and anchor θ* at the current weights."""
         seed = self._stream().seed + task
         loader = self.task_train_loader(task, self.hparams.fisher_chunk_size, seed)
-        fisher = self.fisher(self.model, self._batches(loader), self.log_probs, seed=seed)
+        batches = ({**b, "labels": self.scored_labels(b["labels"])} for b in self._batches(loader))
+        fisher = self.fisher(self.model, batches, self.log_probs, seed=seed)
         anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in fisher}
         self.add_consolidation(fisher, anchor)
 

@@ -148,6 +148,30 @@ def test_moe_model_falls_back_to_loop_and_matches_reference(caplog) -> None:
     assert_close(got, fisher_reference(model, batch, batch["labels"]))
 
 
+@pytest.mark.parametrize("vectorized", [None, False])
+def test_a_language_models_padding_takes_no_part_in_its_fisher(vectorized) -> None:
+    # review 42: a sequence's log-likelihood counted its padding (and -100 targets failed);
+    # padded after position 5, a causal LM's sequence has the Fisher of its first 5 tokens
+    spec = DataSpec(kind="lm", vocab_size=11, seq_len=8)
+    torch.manual_seed(0)
+    model = Model(spec, dim=8, depth=1, num_heads=2, ffn_hidden=16).double()
+
+    def lm_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(batch["input_ids"]).logits.log_softmax(-1)
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 11, (3, 8), generator=g)
+    labels = torch.randint(0, 11, (3, 8), generator=g)
+    padded = {"input_ids": ids, "labels": labels.masked_fill(torch.arange(8) >= 5, -100)}
+    cut = {"input_ids": ids[:, :5], "labels": labels[:, :5]}
+    fishers = []
+    for batch in (padded, cut):
+        estimator = FisherEstimator("empirical", num_samples=3)
+        estimator.vectorized = vectorized
+        fishers.append(estimator(model, [batch], lm_log_probs))
+    assert_close(*fishers)
+
+
 def test_take_samples_rechunks_and_caps() -> None:
     batches = [make_batch(5, seed=s) for s in range(3)]
     chunks = list(take_samples(batches, num_samples=12, chunk_size=4))
