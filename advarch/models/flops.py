@@ -14,6 +14,8 @@ of the encoder (over R and over the chunk's m) and of CCA (over K·R). Mamba-2's
 is matmuls too (`ssd_chunked`: its multiply-adds per token below, 6 FLOPs each); an MMoE's
 experts, gates and towers are einsums over its weights, plus each gate's mix of the experts.
 Mamba's selective scan, norms and activations are elementwise and left out, as in those papers.
+A frozen weight (a fine-tune's base) costs 2 forward, and 2 more only where the backward
+passes through it on its way to a trained tensor before it; it needs no gradient of its own.
 """
 
 from __future__ import annotations
@@ -29,36 +31,49 @@ from advarch.models.model import FeaturePatches
 from advarch.models.retro_lm import RetroAdapter
 
 
-def _matmul_weights(model: nn.Module) -> float:
-    """Weights a token multiplies through, MoE experts scaled by the routed fraction and
-    RETRO's by the neighbour tokens they see per decoder token."""
-    total, rates = 0.0, _neighbour_rates(model)
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d)):
-            total += rates.get(id(module), 1.0) * module.weight.numel()
-        elif isinstance(module, MoE):
-            active = 1.0 if module.soft else module.top_k / module.num_experts
-            total += module.router.numel() + active * (module.w_in.numel() + module.w_out.numel())
-        elif isinstance(module, MultiGateMoE):  # per example; every expert runs on each
-            weights = [module.expert_in, module.tower_in, module.tower_out]
-            total += sum(w.numel() for w in weights)
-            if module.gate is not None:  # its weights, and each gate's sum of the experts' outputs
-                total += module.gate.numel() + module.gate.shape[0] * module.expert_bias.numel()
-    return total
+def _weight_multiply_adds(module: nn.Module, rates: dict[int, float]) -> tuple[float, float]:
+    """(all, trained) multiply-adds per token through `module`'s own weights: MoE experts
+    scaled by the routed fraction, RETRO's by the neighbour tokens they see per decoder token;
+    0 for modules without matmul weights (embedding lookups are free)."""
+    if isinstance(module, (nn.Linear, nn.Conv1d)):
+        parts = [(rates.get(id(module), 1.0), module.weight)]
+    elif isinstance(module, MoE):
+        active = 1.0 if module.soft else module.top_k / module.num_experts
+        parts = [(1.0, module.router), (active, module.w_in), (active, module.w_out)]
+    elif isinstance(module, MultiGateMoE):  # per example; every expert runs on each
+        parts = [(1.0, w) for w in (module.expert_in, module.tower_in, module.tower_out)]
+        if module.gate is not None:  # its weights, and each gate's sum of the experts' outputs
+            mix = module.gate.shape[0] * module.expert_bias.numel()
+            parts.append((1.0 + mix / module.gate.numel(), module.gate))
+    else:
+        return 0.0, 0.0
+    return (
+        sum(r * w.numel() for r, w in parts),
+        sum(r * w.numel() for r, w in parts if w.requires_grad),
+    )
 
 
-def _ssd_multiply_adds(model: nn.Module, seq_len: int) -> float:
-    """Multiply-adds per token of every Mamba-2 layer's chunked SSD at chunks of L = min(chunk,
+def _product_multiply_adds(module: nn.Module, seq_len: int, retro: set[int]) -> float:
+    """Multiply-adds per token between activations in `module` (no weights): attention's
+    scores and weighted values, Mamba-2's chunked SSD, a RETRO adapter's attention."""
+    if isinstance(module, (Attention, SlidingWindowAttention)) and id(module) not in retro:
+        return 2 * module.num_heads * module.head_dim * _attention_context(module, seq_len)
+    if isinstance(module, Mamba2):
+        return _ssd_multiply_adds(module, seq_len)
+    if isinstance(module, RetroAdapter):
+        return _retrieval_attention(module) / 6
+    return 0.0
+
+
+def _ssd_multiply_adds(m: Mamba2, seq_len: int) -> float:
+    """Multiply-adds per token of a Mamba-2 layer's chunked SSD at chunks of L = min(chunk,
     T), c = ⌈T / L⌉ of them, inner width I, state N: C Bᵀ within a chunk (L·N), its weighted
     sum of x (I·L), each chunk's state (I·N), the recurrence over the c + 1 chunk states
     ((c + 1)²·I·N per sequence) and the carried states' share of the outputs (I·N)."""
-    total = 0.0
-    for m in (m for m in model.modules() if isinstance(m, Mamba2)):
-        L = min(m.chunk_size, seq_len)
-        chunks = -(-seq_len // L)
-        inner, N = m.inner, m.d_state
-        total += L * N + inner * L + 2 * inner * N + (chunks + 1) ** 2 * inner * N / seq_len
-    return total
+    L = min(m.chunk_size, seq_len)
+    chunks = -(-seq_len // L)
+    inner, N = m.inner, m.d_state
+    return L * N + inner * L + 2 * inner * N + (chunks + 1) ** 2 * inner * N / seq_len
 
 
 def _neighbour_rates(model: nn.Module) -> dict[int, float]:
@@ -75,17 +90,14 @@ def _neighbour_rates(model: nn.Module) -> dict[int, float]:
     return rates
 
 
-def _retrieval_attention(model: nn.Module) -> float:
-    """RETRO's attention FLOPs per decoder token: the encoder's self-attention over a
+def _retrieval_attention(adapter: RetroAdapter) -> float:
+    """A RETRO adapter's attention FLOPs per decoder token: the encoder's self-attention over a
     neighbour's R tokens and cross-attention over its chunk's m, for K·R/m neighbour tokens,
     and each CCA sub-layer's over the K·R neighbour tokens."""
-    total = 0.0
-    for adapter in (m for m in model.modules() if isinstance(m, RetroAdapter)):
-        k, r, m = adapter.neighbours, adapter.neighbour_len, adapter.encoder.chunk_size
-        dim = adapter.encoder.layers[0].self_attn.to_q.in_features
-        total += len(adapter.encoder.layers) * 12 * dim * (r + m) * k * r / m
-        total += len(adapter.cca) * 12 * dim * k * r
-    return total
+    k, r, m = adapter.neighbours, adapter.neighbour_len, adapter.encoder.chunk_size
+    dim = adapter.encoder.layers[0].self_attn.to_q.in_features
+    encoder = len(adapter.encoder.layers) * 12 * dim * (r + m) * k * r / m
+    return encoder + len(adapter.cca) * 12 * dim * k * r
 
 
 def _attention_context(module: nn.Module, seq_len: int) -> int:
@@ -105,12 +117,34 @@ def feature_tokens(model: nn.Module) -> int:
 
 
 def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Forward + backward FLOPs per token at sequence length ``seq_len``."""
+    """Forward + backward FLOPs per token at sequence length ``seq_len``, in forward order: a
+    trained weight's multiply-add 6 FLOPs; a frozen one's 2 forward, plus 2 for its input's
+    gradient where a trained tensor lies before it (a frozen base's layers below the first
+    trained one run forward only); the products of activations (attention, SSD) 2 forward,
+    plus 4 backward where the gradient passes through them."""
     retro = {id(m) for a in model.modules() if isinstance(a, RetroAdapter) for m in a.modules()}
-    attention = sum(
-        12 * m.num_heads * m.head_dim * _attention_context(m, seq_len)
-        for m in model.modules()
-        if isinstance(m, (Attention, SlidingWindowAttention)) and id(m) not in retro
-    )  # (RETRO's: `_retrieval_attention`)
-    matmuls = _matmul_weights(model) + _ssd_multiply_adds(model, seq_len)
-    return 6 * matmuls + attention + _retrieval_attention(model)
+    rates = _neighbour_rates(model)
+    total, flowing = 0.0, False  # (flowing: a trained tensor lies before, so gradients flow)
+    for module in _forward_order(model):
+        weights, trained = _weight_multiply_adds(module, rates)
+        total += 6 * trained + (2 + 2 * flowing) * (weights - trained)
+        products = _product_multiply_adds(module, seq_len, retro)
+        if products:
+            passes = flowing or any(p.requires_grad for p in module.parameters())
+            total += (2 + 4 * passes) * products
+        flowing = flowing or any(p.requires_grad for p in module.parameters(recurse=False))
+    return total
+
+
+def _forward_order(model: nn.Module) -> list[nn.Module]:
+    """`model`'s modules in the order its forward reaches them: registration order, but for
+    a RETRO adapter, which runs within the decoder from its first CCA layer on."""
+    modules = list(model.modules())
+    adapter = next((m for m in modules if isinstance(m, RetroAdapter)), None)
+    layers = getattr(model, "layers", None)
+    if adapter is None or not isinstance(layers, nn.ModuleList):
+        return modules
+    inside = {id(m) for m in adapter.modules()}
+    modules = [m for m in modules if id(m) not in inside]
+    first = modules.index(layers[adapter.cca_layers[0]])
+    return [*modules[:first], *adapter.modules(), *modules[first:]]

@@ -116,6 +116,35 @@ def test_seq2seq_flops_count_the_decoders_cross_attention() -> None:
     assert training_flops_per_token(model, 12) == pytest.approx(counted / source.numel())
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_frozen_base_counts_no_gradients_of_its_own(tied: bool) -> None:
+    # new user 42: a head-only fine-tune's MFU counted every frozen weight's gradients (14%
+    # high with a tied head, 2.4x with an untied one): torch's count of the same step, with
+    # only the head trained; a tied head trains the input embeddings, so the whole body
+    # passes its gradient back
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from advarch.models.model import Model
+
+    spec = DataSpec(kind="lm", vocab_size=50, seq_len=12)
+    model = Model(spec, dim=16, depth=2, num_heads=2, tie_embeddings=tied).double()
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)  # (tied: model.input.weight, the same tensor)
+    ids = torch.randint(0, 50, (2, 12))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids).logits.sum().backward()
+    counted = counter.get_total_flops() / ids.numel()
+    # (a trained weight counts 6 per multiply-add, as in 6·P: its input's gradient too, which
+    # torch computes only where a trained tensor lies before it; the untied head's has none)
+    convention = 0 if tied else 2 * model.head.weight.numel()
+    assert training_flops_per_token(model, 12) == pytest.approx(counted + convention)
+    full = Model(spec, dim=16, depth=2, num_heads=2, tie_embeddings=tied)
+    assert training_flops_per_token(model, 12) < training_flops_per_token(full, 12) * (
+        0.9 if tied else 0.5
+    )
+
+
 def test_fomaml_counts_its_inner_loop_in_the_flops() -> None:
     # hunter 39: MFU counted one pass over support and query; first-order MAML runs 10 more
     # over the support (1-shot 5-way, 15 queries a class: 1.6x the FLOPs, 5-shot 3.4x)
