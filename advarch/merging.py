@@ -632,6 +632,26 @@ def merge_state_dicts(
     return out
 
 
+HEAD, EMBEDDING = "model.head.weight", "model.input.weight"
+
+
+def untie_merged_head(out: dict[str, Any], base: Mapping[str, Tensor]) -> None:
+    """A base whose output head is its input embedding, merged with fine-tunes that trained a
+    head of their own (`model.tie_embeddings=false`): the merged head and embedding differ, so
+    the merged checkpoint's config unties them too (loading it tied would keep one of them)."""
+    state, cfg = out["state_dict"], (out.get("hyper_parameters") or {}).get("cfg")
+    if HEAD not in base or EMBEDDING not in base or not isinstance(cfg, dict):
+        return
+    if base[HEAD].data_ptr() != base[EMBEDDING].data_ptr() or torch.equal(
+        state[HEAD], state[EMBEDDING]
+    ):
+        return
+    out["hyper_parameters"] = {
+        **out["hyper_parameters"],
+        "cfg": {**cfg, "model": {**cfg["model"], "tie_embeddings": False}},
+    }
+
+
 def merge_checkpoints(
     base_path: str | os.PathLike,
     model_paths: Sequence[str | os.PathLike],
@@ -677,6 +697,7 @@ def merge_checkpoints(
     )
     out = {k: v for k, v in checkpoints[0].items() if k not in DROPPED_CHECKPOINT_KEYS}
     out["state_dict"] = state
+    untie_merged_head(out, checkpoints[0]["state_dict"])
     out["advarch_merge"] = {
         "base": str(base_path),
         "models": [str(p) for p in model_paths],

@@ -605,3 +605,35 @@ def test_models_of_other_model_options_are_merged_with_a_warning(tmp_path, caplo
         f"models[0]={str(tmp_path / 'soft.ckpt')!r} differs from base in its model options "
         "(model.moe.soft=True there, False in base): the merged checkpoint runs with base's"
     ]
+
+
+def test_a_fine_tune_that_untied_its_head_merges_untied(tmp_path: Path) -> None:
+    # review 42: a fine-tune with model.tie_embeddings=false (the README's frozen-embeddings
+    # head) was "another architecture than base"; merged, its head must not fold back into
+    # the base's embeddings as the base's tied config is loaded
+    from advarch.cli.merge import check_one_architecture
+
+    def save(name: str, tied: bool, state: dict) -> str:
+        cfg = {"model": {"_target_": "advarch.models.Model", "tie_embeddings": tied}}
+        torch.save({"state_dict": state, "hyper_parameters": {"cfg": cfg}}, tmp_path / name)
+        return str(tmp_path / name)
+
+    g = torch.Generator().manual_seed(0)
+    embedding = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    base = save("base.ckpt", True, {"model.input.weight": embedding,
+                                    "model.head.weight": embedding})  # fmt: skip
+    head = embedding + torch.randn(5, 3, generator=g, dtype=torch.float64)
+    untied = save("untied.ckpt", False, {"model.input.weight": embedding.clone(),
+                                         "model.head.weight": head})  # fmt: skip
+    check_one_architecture(base, [untied])
+    with pytest.raises(ValueError, match=r"model.tie_embeddings=True there, False in base"):
+        check_one_architecture(untied, [base])  # (tying an untied base drops its head)
+    cfg = MergeConfig(method="task_arithmetic", lam=0.5)
+    out = torch.load(merge_checkpoints(base, [untied], cfg, tmp_path / "out.ckpt"),
+                     weights_only=False)  # fmt: skip
+    assert out["hyper_parameters"]["cfg"]["model"]["tie_embeddings"] is False
+    torch.testing.assert_close(out["state_dict"]["model.input.weight"], embedding)
+    torch.testing.assert_close(out["state_dict"]["model.head.weight"], (embedding + head) / 2)
+    same = torch.load(merge_checkpoints(base, [base], cfg, tmp_path / "same.ckpt"),
+                      weights_only=False)  # fmt: skip
+    assert same["hyper_parameters"]["cfg"]["model"]["tie_embeddings"] is True  # (still one)

@@ -73,9 +73,10 @@ def check_one_architecture(base: str, models: list[str]) -> None:
     base_cfg, base_tokenizer = saved(base, "base")
     for i, path in enumerate(models):
         model_cfg, tokenizer = saved(path, f"models[{i}]")
-        differs = base_cfg and model_cfg and architecture_difference(model_cfg, base_cfg)
+        # (a fine-tune may untie its base's head: `merging.untie_merged_head`)
+        differs = base_cfg and model_cfg and architecture_difference(base_cfg, model_cfg, True)
         if differs:
-            key, there, here = differs
+            key, here, there = differs
             raise ValueError(
                 f"models[{i}]={path!r} is another architecture than base ({key}={there} there, "
                 f"{here} in base={base!r}): merging needs checkpoints of one model, e.g. "

@@ -198,7 +198,8 @@ class FinetuneStrategy(BaseStrategy):
 
     def on_fit_start(self) -> None:
         self._bind_frozen()
-        for names in tied_and_trained(self.model, self.plan):  # (the base is not frozen then)
+        tied = tied_and_trained(self.model, self.plan, self.options["trainable"])
+        for names in tied:  # (the base is not frozen then)
             log.warning(
                 "finetune: %s are one tensor (model.tie_embeddings=true): training one trains "
                 "the other; model.tie_embeddings=false trains a head of its own on frozen "

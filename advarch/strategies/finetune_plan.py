@@ -152,13 +152,20 @@ def prepare_model(
     return plan
 
 
-def tied_and_trained(model: nn.Module, plan: Plan) -> list[list[str]]:
+def tied_and_trained(model: nn.Module, plan: Plan, trainable: Sequence[str]) -> list[list[str]]:
     """The names of each tensor the plan trains that the model uses under several names (a
-    head tied to the input embeddings: training one trains the other)."""
+    head tied to the input embeddings: training one trains the other), where the `trainable`
+    globs do not name each of them (`["*"]` trains the embeddings on purpose)."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(PREFIX + name)
-    return [group for group in names.values() if len(group) > 1 and group[0] in plan]
+    return [
+        group
+        for group in names.values()
+        if len(group) > 1
+        and group[0] in plan
+        and not all(any(fnmatchcase(n, glob) for glob in trainable) for n in group)
+    ]
 
 
 def _grouped(names: Sequence[str], depth: int = 4) -> str:

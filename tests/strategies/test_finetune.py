@@ -140,6 +140,12 @@ def test_default_head_glob_trains_a_language_models_tied_head(tmp_path: Path, ca
         "model.tie_embeddings=false trains a head of its own on frozen embeddings"
     ]
 
+    caplog.clear()  # ["*"] trains the embeddings on purpose: nothing to say
+    everything = FinetuneStrategy(model, lm_spec, pretrained=str(tmp_path / "lm.ckpt"),
+                                  trainable=["*"])  # fmt: skip
+    everything.on_fit_start()
+    assert not caplog.messages
+
     # model.tie_embeddings=false: the tied base loads (the head starts as the embeddings),
     # the head alone trains, nothing is said
     caplog.clear()
