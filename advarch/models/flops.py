@@ -26,6 +26,7 @@ from advarch.models.blocks.attention import Attention
 from advarch.models.blocks.moe import MoE
 from advarch.models.blocks.sliding_window import SlidingWindowAttention
 from advarch.models.blocks.ssd import Mamba2
+from advarch.models.layers import Layer
 from advarch.models.mmoe import MultiGateMoE
 from advarch.models.model import FeaturePatches
 from advarch.models.retro_lm import RetroAdapter
@@ -137,14 +138,32 @@ def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 
 def _forward_order(model: nn.Module) -> list[nn.Module]:
-    """`model`'s modules in the order its forward reaches them: registration order, but for
-    a RETRO adapter, which runs within the decoder from its first CCA layer on."""
-    modules = list(model.modules())
-    adapter = next((m for m in modules if isinstance(m, RetroAdapter)), None)
-    layers = getattr(model, "layers", None)
-    if adapter is None or not isinstance(layers, nn.ModuleList):
-        return modules
-    inside = {id(m) for m in adapter.modules()}
-    modules = [m for m in modules if id(m) not in inside]
-    first = modules.index(layers[adapter.cca_layers[0]])
-    return [*modules[:first], *adapter.modules(), *modules[first:]]
+    """`model`'s modules in the order its forward reaches them: registration order, but a
+    layer's norm before its sub-layer (mixer, cross-attention, FFN) and a RETRO adapter's
+    encoder and CCA sub-layers between the mixer and the FFN of their decoder layers."""
+    adapter = next((m for m in model.modules() if isinstance(m, RetroAdapter)), None)
+    inserted: dict[int, list[nn.Module]] = {}  # a decoder layer → what runs after its mixer
+    if adapter is not None and isinstance(getattr(model, "layers", None), nn.ModuleList):
+        for i in adapter.cca_layers:
+            first = [adapter, adapter.encoder] if i == adapter.cca_layers[0] else []
+            inserted[id(model.layers[i])] = [*first, adapter.cca_norm[str(i)], adapter.cca[str(i)]]
+    order: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module | None) -> None:
+        if module is None or id(module) in order:
+            return
+        order[id(module)] = module
+        if isinstance(module, RetroAdapter):
+            return  # (its parts: where the decoder runs them)
+        if isinstance(module, Layer):
+            parts = [module.mixer_norm, module.mixer, module.cross_norm, module.cross,
+                     *inserted.get(id(module), []), module.ffn_norm, module.ffn]  # fmt: skip
+        else:
+            parts = list(module.children())
+        for part in parts:
+            visit(part)
+
+    visit(model)
+    for module in model.modules():  # (a project's own layer with other parts: in registration)
+        visit(module)
+    return list(order.values())
