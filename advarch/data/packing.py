@@ -71,20 +71,23 @@ def load_or_build(
         if isinstance(err, OSError) and err.filename is None and err.errno in UNWRITABLE:
             raise type(err)(err.errno, err.strerror, str(cache)) from err  # (a write(): names
         raise  # the cache, not the run folder)
-    try:
-        os.rename(tmp, cache)  # (never over a folder that another run built meanwhile)
-    except OSError as err:
-        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
+    for _ in range(3):  # (a damaged folder that another run replaces too: theirs is read)
+        try:
+            os.rename(tmp, cache)  # (never over a folder that another run built meanwhile)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        else:
+            return json.loads((cache / "meta.json").read_text()), load(cache)
         try:  # another run (a parallel sweep's trial) built it first, and may be reading it
             found = json.loads((cache / "meta.json").read_text()), load(cache)
         except Exception:  # noqa: BLE001  (the damaged folder this build replaces)
             shutil.rmtree(cache, ignore_errors=True)
-            os.replace(tmp, cache)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
             return found
-    return json.loads((cache / "meta.json").read_text()), load(cache)
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise OSError(errno.ENOTEMPTY, "other runs keep replacing this data cache", str(cache))
 
 
 def _remove_abandoned_builds(cache: Path) -> None:

@@ -3,6 +3,7 @@ baseline and the atomic cache folder."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import datasets
@@ -78,6 +79,34 @@ def test_a_cache_another_run_built_meanwhile_is_read_not_replaced(tmp_path: Path
     result = load_or_build(cache, build, lambda folder: (folder / "data.txt").read_text())
     assert result == ({"n": 2}, "theirs") and cache.stat().st_ino == theirs[0]  # not replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nor our build left behind
+
+
+def test_a_damaged_cache_two_runs_rebuild_at_once_is_theirs_or_ours(tmp_path, monkeypatch):
+    # review 42b: both runs found the cache damaged and rebuilt it; the other run's folder
+    # landed between this one's removal of the damaged folder and its rename: `[Errno 39]
+    # Directory not empty`, and its temporary folder stayed behind
+    import advarch.data.packing as packing
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "meta.json").write_text("{damaged")
+    real_rmtree = shutil.rmtree
+
+    def rmtree_then_theirs_lands(path, *args, **kwargs) -> None:
+        real_rmtree(path, *args, **kwargs)
+        if Path(path) == cache:
+            cache.mkdir()
+            (cache / "data.txt").write_text("theirs")
+            (cache / "meta.json").write_text('{"n": 2}')
+
+    def build(folder: Path) -> dict:
+        (folder / "data.txt").write_text("ours")
+        return {"n": 1}
+
+    monkeypatch.setattr(packing.shutil, "rmtree", rmtree_then_theirs_lands)
+    result = load_or_build(cache, build, lambda folder: (folder / "data.txt").read_text())
+    assert result == ({"n": 2}, "theirs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
 def test_a_failed_build_leaves_nothing_and_killed_ones_are_cleared(tmp_path: Path) -> None:
