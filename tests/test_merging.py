@@ -626,6 +626,12 @@ def test_a_fine_tune_that_untied_its_head_merges_untied(tmp_path: Path) -> None:
     untied = save("untied.ckpt", False, {"model.input.weight": embedding.clone(),
                                          "model.head.weight": head})  # fmt: skip
     check_one_architecture(base, [untied])
+    retro = {"model": {"_target_": "advarch.models.Model", "tie_embeddings": True,
+                       "retro": {"encoder_depth": 2}}}  # fmt: skip
+    torch.save({"state_dict": {}, "hyper_parameters": {"cfg": retro}}, tmp_path / "retro.ckpt")
+    with pytest.raises(ValueError, match=r"is another architecture than base \(model.retro="
+                                         r"\{…\} there, null in base"):  # fmt: skip
+        check_one_architecture(base, [str(tmp_path / "retro.ckpt")])  # (new user 42b: a warning)
     with pytest.raises(ValueError, match=r"model.tie_embeddings=True there, False in base"):
         check_one_architecture(untied, [base])  # (tying an untied base drops its head)
     cfg = MergeConfig(method="task_arithmetic", lam=0.5)

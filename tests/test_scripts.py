@@ -188,6 +188,9 @@ def test_report_scripts_say_a_bad_override_in_one_line(project: Project) -> None
          "model.dim? "),  # (Hydra's advice: append +model.dimm=3)
         (["--unfreeze", "debug=tiny"],  # (ignored: exit 0)
          "--unfreeze trains the decoder of a retrofit: add --retrofit"),
+        (["debug=tiny", "model=transformer"],  # (new user 42b: a report of "RETRO" rows)
+         "model=transformer has no RETRO adapter (model.retro is null): this report compares "
+         "RETRO (model=retro or model=retro_moe) with a plain decoder"),
     ],
 )  # fmt: skip
 def test_retro_report_says_a_bad_option_before_training(

@@ -75,6 +75,10 @@ def check_one_architecture(base: str, models: list[str]) -> None:
         model_cfg, tokenizer = saved(path, f"models[{i}]")
         # (a fine-tune may untie its base's head: `merging.untie_merged_head`)
         differs = base_cfg and model_cfg and architecture_difference(base_cfg, model_cfg, True)
+        # RETRO's encoder and CCA beside a model without them: not an option of one model
+        retro = [(c.get("model") or {}).get("retro") for c in (base_cfg or {}, model_cfg or {})]
+        if base_cfg and model_cfg and (retro[0] is None) != (retro[1] is None):
+            differs = ("model.retro", *("{…}" if r else "null" for r in retro))
         if differs:
             key, here, there = differs
             raise ValueError(

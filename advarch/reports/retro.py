@@ -236,6 +236,13 @@ def check_options(
     if args.plain_ckpt is not None:  # a file of train.py's, with its config, as evaluate reads
         plain_ckpt, _ = load_with_config(args.plain_ckpt, "--plain-ckpt")
     check_command_line(with_strategy_defaults(overrides), "train")  # as train.py checks its own
+    retro = compose_run(with_strategy_defaults(overrides), Path("outputs/retro_report/retro"))
+    if OmegaConf.select(retro, "model.retro") is None:  # (its rows were a plain model's)
+        model = next((o for o in reversed(overrides) if o.startswith("model=")), "the model")
+        sys.exit(
+            f"error: {model} has no RETRO adapter (model.retro is null): this report "
+            "compares RETRO (model=retro or model=retro_moe) with a plain decoder"
+        )
     if plain_ckpt is not None and plain:  # (its sizes and data are what is compared)
         expected = compose_run(list(plain), Path("outputs/retro_report/plain"))
         other = config_mismatch(plain_ckpt, expected, ("model", "data"))
