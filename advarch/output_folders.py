@@ -73,8 +73,14 @@ def check_writable(folder: Path, key: str, keep: bool = True) -> None:
         raise ConfigError(f"cannot write {key}={folder}: it {problem} (choose another {key})")
     made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_probe(folder)
+        for tries_left in (2, 1, 0):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                _write_probe(folder)
+                break
+            except FileNotFoundError:  # a run starting beside this one found no folder either,
+                if not tries_left:  # made it, probed it and removed it again: make it anew
+                    raise
     except OSError as err:
         reason = err.strerror or type(err).__name__
         free = "free space, or " if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
