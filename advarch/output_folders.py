@@ -21,6 +21,7 @@ from hydra.core.utils import setup_globals
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from advarch.atomic import write_atomic
 from advarch.config.compose import CONFIG_DIR
 from advarch.config.resolvers import register_resolvers
 from advarch.errors import ConfigError
@@ -132,6 +133,18 @@ def stamped_folder(parent: Path) -> Path:
     return Path(parent) / OmegaConf.create({"name": pattern}).name
 
 
+RECORDS: dict[Path, dict[Path, bytes]] = {}  # a typed run folder → its `.hydra/*.yaml` as found
+
+
+def remember_record(folder: Path) -> None:
+    """Keep the `.hydra/` files of a run folder this command goes into (a resume typed into
+    it): Hydra rewrites them as the job starts, and a refusal puts them back
+    (`discard_run_folder`), so that the folder keeps the record of the run it holds."""
+    files = {path: path.read_bytes() for path in (folder / ".hydra").glob("*.yaml")}
+    if files:
+        RECORDS[folder.resolve()] = files
+
+
 def discard_run_folder(folder: Path | None = None, root: Path | None = None) -> None:
     """Remove what Hydra and advarch wrote into a run folder that keeps no results (a config
     error; any generate.py call): `.hydra/`, the job log and the config tree, then the folder
@@ -145,7 +158,10 @@ def discard_run_folder(folder: Path | None = None, root: Path | None = None) -> 
         if job is None:
             return
         folder = Path(job.runtime.output_dir)
-    if (folder / "checkpoints").exists():
+    record = RECORDS.pop(folder.resolve(), None)
+    for path, data in (record or {}).items():  # (a folder that held a run: its own record)
+        write_atomic(path, lambda tmp, data=data: tmp.write_bytes(data))
+    if record or (folder / "checkpoints").exists():
         return
     shutil.rmtree(folder / ".hydra", ignore_errors=True)
     logs = {"train.log", f"{job.job.name}.log"} if job is not None else {"train.log"}

@@ -124,6 +124,15 @@ def earlier_run_file(folder: Path, sweep: bool = False) -> Path | None:
     return next((f for p in patterns for f in sorted(folder.glob(p))), None)
 
 
+def typed_run_folder(argv: list[str]) -> Path | None:
+    """The folder a single run's command line names (`hydra.run.dir=…`, no interpolation)."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return None
+    given = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith(("-", "+")))
+    folder = given.get("hydra.run.dir", "").strip("'\"")
+    return Path(folder) if folder and "${" not in folder else None
+
+
 def check_new_folder(argv: list[str]) -> None:
     """Raise `ConfigError` for a command line that puts a new run in a folder holding another
     (`hydra.run.dir=x` typed twice, a sweep's `hydra.sweep.dir`): its CSV got both runs' rows,
@@ -145,6 +154,9 @@ def check_new_folder(argv: list[str]) -> None:
     if not folder_text or "${" in folder_text:
         return
     folder, ckpt = Path(folder_text), given.get("ckpt_path", "").strip("'\"")  # (Hydra: no ~)
+    pid = None if sweep else holder(folder)
+    if pid is not None:  # (a resume too: Hydra would rewrite its .hydra/ before the job refused)
+        raise FolderInUse(in_use(folder, pid, key))
     if (
         ckpt == "auto"
         or ckpt

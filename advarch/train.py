@@ -304,7 +304,8 @@ def main() -> None:
         check_single_run,
     )
     from advarch.errors import ConfigError
-    from advarch.run_lock import check_new_folder
+    from advarch.output_folders import remember_record
+    from advarch.run_lock import check_new_folder, process_rank, typed_run_folder
 
     try:
         check_config_dirs(sys.argv[1:])  # before its options are called unknown
@@ -317,6 +318,8 @@ def main() -> None:
         check_new_folder(sys.argv[1:])  # not into a folder holding another run
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    if (folder := typed_run_folder(sys.argv[1:])) is not None and process_rank() == 0:
+        remember_record(folder)  # (a refused resume there puts back the run's .hydra/)
     import_from_working_dir()
     # before Hydra builds a sweeper: Optuna's storage announces alembic's plugins at INFO
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -326,8 +329,6 @@ def main() -> None:
         ended_as_held = list(HELD)
     except (KeyboardInterrupt, Stopped) as err:  # outside training's handlers (imports, data)
         signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
-        from advarch.run_lock import process_rank
-
         if process_rank() == 0:  # (every process of a DDP job gets the signal)
             from advarch.sweeps import RUNNING_SWEEP, show_running_sweep
 

@@ -188,6 +188,10 @@ def test_a_folder_or_checkpoint_in_use_by_a_running_run_is_refused(project: Proj
         )
         # the running run's recorded config and log untouched (they were rewritten or deleted)
         assert {p.name: p.read_bytes() for p in folder.glob(".hydra/*")} == before
+        # fault pass 42c: a resume typed into it was refused after Hydra rewrote its .hydra/
+        typed = project.run("debug=tiny", "seed=77", f"hydra.run.dir={folder}", "ckpt_path=auto")
+        assert typed.rc == 1 and typed.stderr.strip().startswith(f"error: {folder} is in use")
+        assert {p.name: p.read_bytes() for p in folder.glob(".hydra/*")} == before
         assert (folder / "train.log").is_file() and (folder / "config_tree.txt").is_file()
         auto = project.run("debug=tiny", "run_name=busy", "ckpt_path=auto")
         assert auto.rc == 1 and "Traceback" not in auto.stderr

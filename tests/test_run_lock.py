@@ -96,6 +96,17 @@ def test_a_new_run_in_a_folder_holding_another_is_one_line(project) -> None:
     assert (folder / ".hydra" / "config.yaml").read_text() == "the first run's"  # untouched
 
 
+def test_a_refused_resume_typed_into_a_runs_folder_keeps_its_record(project) -> None:
+    # fault pass 42c: `hydra.run.dir=<a finished run> ckpt_path=auto seed=99` was refused in one
+    # line after Hydra had rewritten the folder's .hydra/: it said seed=99, trained with 42
+    folder = project.root / "finished"
+    project.run("debug=tiny", f"hydra.run.dir={folder}").check()
+    before = {p.name: p.read_bytes() for p in folder.glob(".hydra/*")}
+    again = project.run("debug=tiny", f"hydra.run.dir={folder}", "ckpt_path=auto", "seed=99")
+    assert again.rc == 1 and "found no checkpoint of this configuration" in again.stderr
+    assert {p.name: p.read_bytes() for p in folder.glob(".hydra/*")} == before
+
+
 def test_the_readmes_grid_sweep_twice_as_written_gets_two_folders(project) -> None:
     # by default (no hydra.sweep.dir typed) a rerun is a new sweep beside the first
     first, second = (project.run("-m", "model.depth=2,4", "debug=tiny").check() for _ in "ab")
