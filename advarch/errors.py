@@ -5,8 +5,13 @@ raise it without loading the config layer."""
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
+
+# a disk's refusals, said in one line naming the file: full, over quota, a file-size limit
+# (`ulimit -f`, FAT32's 4 GiB), read-only, a folder without write permission
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
 
 
 class ConfigError(ValueError):

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import advarch.config.resolvers  # noqa: F401  (registers ${unique:})
 from advarch.config.combinations import check_combination, with_strategy_defaults
 from advarch.config.validate import import_from_working_dir
+from advarch.errors import WRITE_ERRORS
 from advarch.output_folders import check_writable, discard_run_folder
 from advarch.reasons import first_line
 from advarch.slurm import requeue
@@ -42,7 +42,6 @@ from advarch.stop_signals import (
 from advarch.tracking import RunIdentity, finish_wandb, tracker_group
 
 log = logging.getLogger("advarch")
-WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)  # one line, no traceback
 
 
 def run(

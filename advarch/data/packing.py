@@ -29,10 +29,10 @@ import torch
 
 from advarch.data.corpus import SPLITS
 from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
+from advarch.errors import WRITE_ERRORS
 from advarch.reasons import short_reason
 
 log = logging.getLogger("advarch")
-UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # a disk's, not data's
 T = TypeVar("T")
 UNIGRAM = "train_unigram_counts.npy"  # a cache folder's counts of its training targets
 
@@ -68,7 +68,7 @@ def load_or_build(
         shutil.rmtree(tmp, ignore_errors=True)
         with contextlib.suppress(OSError):
             cache.parent.rmdir()  # nor a cache folder this build made and left empty
-        if isinstance(err, OSError) and err.filename is None and err.errno in UNWRITABLE:
+        if isinstance(err, OSError) and err.filename is None and err.errno in WRITE_ERRORS:
             raise type(err)(err.errno, err.strerror, str(cache)) from err  # (a write(): names
         raise  # the cache, not the run folder)
     for _ in range(3):  # (a damaged folder that another run replaces too: theirs is read)
