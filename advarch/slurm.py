@@ -11,7 +11,10 @@ import os
 import signal
 import subprocess
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # save and stop
+# save and stop; SIGHUP too (a closed terminal, a dropped ssh session), unless the command
+# runs under `nohup`, which asks for it to be ignored
+HANGUP = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, *HANGUP)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 

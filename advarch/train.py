@@ -306,24 +306,24 @@ def main() -> None:
     from advarch.output_folders import remember_record
     from advarch.run_lock import check_new_folder, process_rank, typed_run_folder
 
+    stop_on_signals()  # (a Ctrl-C while the command line is checked: the one line below)
     try:
-        check_config_dirs(sys.argv[1:])  # before its options are called unknown
-        check_override_syntax(sys.argv[1:])  # `run_name=a(b)` quoted, not Hydra's parser error
-        check_group_choices(sys.argv[1:])  # a misspelt `model=moee` in one line, not a screenful
-        check_single_run(sys.argv[1:])  # `model.depth=2,4` without -m
-        check_launcher_at_hand(sys.argv[1:])  # hydra/launcher=slurm off a cluster
-        sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
-        check_override_keys(sys.argv[1:])  # and `model.dimm=64`
-        check_new_folder(sys.argv[1:])  # not into a folder holding another run
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    if (folder := typed_run_folder(sys.argv[1:])) is not None and process_rank() == 0:
-        remember_record(folder)  # (a refused resume there puts back the run's .hydra/)
-    import_from_working_dir()
-    # before Hydra builds a sweeper: Optuna's storage announces alembic's plugins at INFO
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    stop_on_signals()
-    try:
+        try:
+            check_config_dirs(sys.argv[1:])  # before its options are called unknown
+            check_override_syntax(sys.argv[1:])  # `run_name=a(b)` quoted, not Hydra's error
+            check_group_choices(sys.argv[1:])  # a misspelt `model=moee` in one line
+            check_single_run(sys.argv[1:])  # `model.depth=2,4` without -m
+            check_launcher_at_hand(sys.argv[1:])  # hydra/launcher=slurm off a cluster
+            sys.argv[1:] = with_strategy_defaults(sys.argv[1:])
+            check_override_keys(sys.argv[1:])  # and `model.dimm=64`
+            check_new_folder(sys.argv[1:])  # not into a folder holding another run
+        except ConfigError as err:
+            sys.exit(f"error: {err}")
+        if (folder := typed_run_folder(sys.argv[1:])) is not None and process_rank() == 0:
+            remember_record(folder)  # (a refused resume there puts back the run's .hydra/)
+        import_from_working_dir()
+        # before Hydra builds a sweeper: Optuna's storage announces alembic's plugins at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         hydra_main()
         ended_as_held = list(HELD)
     except (KeyboardInterrupt, Stopped) as err:  # outside training's handlers (imports, data)

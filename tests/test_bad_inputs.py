@@ -795,6 +795,20 @@ def call_entry(entry: str, args: list[str], out_dir: Path, capsys) -> tuple[int,
     return code or 0, (lines[-1] if lines else ""), text
 
 
+def test_a_ctrl_c_while_the_command_line_is_checked_is_one_line(tmp_path, capsys, monkeypatch):
+    # fault pass 42c: Ctrl-C in the first second (the checks before Hydra) was a
+    # KeyboardInterrupt traceback and exit -2, not the one line and 130 of a later Ctrl-C
+    import advarch.config.choices as choices
+
+    def interrupted(argv: list[str]) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(choices, "check_override_keys", interrupted)
+    code, line, text = call_entry("train", ["debug=tiny"], tmp_path / "runs" / "run", capsys)
+    assert code == 130 and "Traceback" not in text, text[-2000:]
+    assert line.startswith("SIGINT received") and line.endswith("stopped, nothing saved"), line
+
+
 @pytest.mark.parametrize(
     ("entry", "args", "expected"), ROWS, ids=[f"{e}:{' '.join(a)}" for e, a, _ in ROWS]
 )
