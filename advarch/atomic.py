@@ -38,6 +38,28 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def remove_abandoned_writes(folder: Path) -> None:
+    """Delete the temporary files of `write_atomic` in `folder` whose process is gone (killed
+    with -9 mid-write: a checkpoint's is as large as the checkpoint, and nothing else reads
+    it)."""
+    for tmp in folder.glob(".*.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and tmp.is_file() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """`path.write_text(text)` atomically."""
     return write_atomic(path, lambda tmp: tmp.write_text(text))

@@ -73,7 +73,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
 
-    from advarch.atomic import write_text_atomic
+    from advarch.atomic import remove_abandoned_writes, write_text_atomic
     from advarch.callbacks.checkpoint_io import AtomicCheckpointIO
     from advarch.callbacks.final_validation import ValidateAtLastStep
     from advarch.callbacks.run_config import LogRunConfig
@@ -126,6 +126,7 @@ def _run(cfg: DictConfig, identity: RunIdentity | None, earlier_trials: Sequence
             "add to its CSV and checkpoints; give it an empty folder"
         )
     last = output_dir / "checkpoints" / "last.ckpt"
+    remove_abandoned_writes(last.parent)  # (a checkpoint's half, of a run killed mid-write)
     final_validation = ValidateAtLastStep()  # the final weights compete for best-*.ckpt
     changes = [] if ckpt is None else [schedule_change(ckpt, cfg), evaluation_change(ckpt, cfg)]
     callbacks = [

@@ -31,6 +31,18 @@ def test_fast_dev_run_plain_transformer(make_cfg) -> None:
     assert saved == ["last.ckpt"]
 
 
+def test_a_checkpoints_half_written_by_a_killed_run_is_removed(make_cfg) -> None:
+    # fault pass 42c: kill -9 during a checkpoint's write left `.last.ckpt.tmp<pid>` (as large
+    # as the checkpoint) for good; one of a live process (writing now) stays
+    cfg = make_cfg([*TINY, "~logger", "trainer.max_steps=1"])
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    folder.mkdir(parents=True)
+    dead, live = folder / ".last.ckpt.tmp999999999", folder / f".last.ckpt.tmp{os.getppid()}"
+    dead.write_bytes(b"half"), live.write_bytes(b"being written")
+    run(cfg)
+    assert not dead.exists() and live.exists()
+
+
 def test_a_run_without_loggers_trains_and_summarises(make_cfg) -> None:
     """`~logger`: no logger, so no learning-rate monitor (it refuses such a Trainer)."""
     cfg = make_cfg([*TINY, "~logger"])

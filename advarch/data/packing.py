@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from advarch.atomic import process_alive
 from advarch.data.corpus import SPLITS
 from advarch.data.tokenizer import BPETokenizer, ByteTokenizer
 from advarch.errors import WRITE_ERRORS
@@ -95,18 +96,8 @@ def _remove_abandoned_builds(cache: Path) -> None:
     killed midway, whatever data it was for)."""
     for tmp in cache.parent.glob("*.tmp*"):
         pid = tmp.name.rsplit(".tmp", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
 
 
 def eval_subset(ds: Any, n: int | None) -> Any:
