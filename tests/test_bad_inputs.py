@@ -799,11 +799,13 @@ def test_a_ctrl_c_while_the_command_line_is_checked_is_one_line(tmp_path, capsys
     # fault pass 42c: Ctrl-C in the first second (the checks before Hydra) was a
     # KeyboardInterrupt traceback and exit -2, not the one line and 130 of a later Ctrl-C
     import advarch.config.choices as choices
+    from advarch.stop_signals import PHASE
 
     def interrupted(argv: list[str]) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(choices, "check_override_keys", interrupted)
+    monkeypatch.setitem(PHASE, "training_started", False)  # (a new process's: earlier tests')
     code, line, text = call_entry("train", ["debug=tiny"], tmp_path / "runs" / "run", capsys)
     assert code == 130 and "Traceback" not in text, text[-2000:]
     assert line.startswith("SIGINT received") and line.endswith("stopped, nothing saved"), line
