@@ -124,11 +124,16 @@ def earlier_run_file(folder: Path, sweep: bool = False) -> Path | None:
     return next((f for p in patterns for f in sorted(folder.glob(p))), None)
 
 
+def _typed_values(argv: list[str]) -> dict[str, str]:
+    """key → value of a command line's plain overrides (not flags, not `+key=`)."""
+    return dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith(("-", "+")))
+
+
 def typed_run_folder(argv: list[str]) -> Path | None:
     """The folder a single run's command line names (`hydra.run.dir=…`, no interpolation)."""
     if any(a in ("-m", "--multirun") for a in argv):
         return None
-    given = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith(("-", "+")))
+    given = _typed_values(argv)
     folder = given.get("hydra.run.dir", "").strip("'\"")
     return Path(folder) if folder and "${" not in folder else None
 
@@ -141,7 +146,7 @@ def check_new_folder(argv: list[str]) -> None:
     `paths.output_dir`, which moved the checkpoints and CSV but not `.hydra/` or `train.log`."""
     if process_rank() != 0 or set(argv) & PRINT_ONLY:  # (DDP's other processes: rank 0's)
         return
-    given = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith(("-", "+")))
+    given = _typed_values(argv)
     if "paths.output_dir" in given:
         raise ConfigError(
             f"paths.output_dir={given['paths.output_dir']}: a run's folder is the one Hydra makes "
